@@ -67,8 +67,8 @@ code_point! {
         WELCOME = 0x02 => "WELCOME",
         /// Refusal of a handshake, with the reason and what the sender supports.
         REJECT = 0x03 => "REJECT",
-        /// Client's authentication proof.
-        AUTH = 0x04 => "AUTH",
+        /// Client's acceptance of the WELCOME, with its proof when authenticating.
+        CONFIRM = 0x04 => "CONFIRM",
         /// Server's confirmation that the channel may carry pages.
         READY = 0x05 => "READY",
         /// Guest memory layout.

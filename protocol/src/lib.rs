@@ -1,6 +1,20 @@
-//! pagewire's wire format (see `PROTOCOL.md` beside this crate).
+//! pagewire's wire format: the handshake, the frames and their codec ids, encoded and
+//! decoded without any I/O. `PROTOCOL.md` beside this crate is the specification.
 #![forbid(unsafe_code)]
 
+pub mod error;
+pub mod frame;
 pub mod ids;
+pub mod limits;
+pub mod stream;
+pub mod wire;
 
+pub use error::DecodeError;
+pub use frame::{
+    Abort, Ack, Complete, Confirm, DeviceState, EndOfRound, Envelope, Frame, Hello, LayoutFrame,
+    PageFrame, PayloadLayout, Reject, Welcome, payload_layout,
+};
 pub use ids::*;
+pub use limits::{CodecSet, Limits, Phase};
+pub use stream::FrameDecoder;
+pub use wire::{EncodeError, PageRun, RegionDesc, WireList};

@@ -1,0 +1,1180 @@
+//! Frames: the envelope, every frame type, and their encoding and decoding.
+//!
+//! Decoding borrows from the bytes it is given (lists, names and payloads are slices of
+//! the frame); encoding appends to a caller-owned `Vec<u8>`.
+
+use crate::error::DecodeError;
+use crate::ids::{
+    AbortReason, AckKind, AuthMethod, ChannelId, ChecksumId, CodecId, FrameType, RegionId,
+    RejectReason, Round, SessionId, Version,
+};
+use crate::limits::{Limits, MAGIC, Phase};
+use crate::wire::{
+    EncodeError, PageRun, Reader, RegionDesc, WireList, put_bytes_u8, put_count_u16, put_list_u8,
+    put_u16, put_u32, put_u64,
+};
+
+/// The 8 bytes in front of every frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Envelope {
+    /// The frame's type.
+    pub frame_type: FrameType,
+    /// Per-type flags.
+    pub flags: u8,
+    /// Body length in bytes.
+    pub length: u32,
+}
+
+impl Envelope {
+    /// Encoded size.
+    pub const LEN: usize = 8;
+
+    /// Parses and checks an envelope against the limits in force: the frame limit, the
+    /// frame type (unknown types below `0x80` are errors) and the phase.
+    ///
+    /// # Errors
+    /// `ReservedNotZero`, `FrameTooLarge`, `UnknownFrameType`, `UnexpectedFrame`.
+    pub fn parse(bytes: &[u8; Self::LEN], limits: &Limits) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(bytes);
+        let frame_type = FrameType(r.u8()?);
+        let flags = r.u8()?;
+        r.reserved_u16("envelope reserved")?;
+        let length = r.u32()?;
+        let total = u64::from(length) + Self::LEN as u64;
+        if total > u64::from(limits.max_frame_bytes) {
+            return Err(DecodeError::FrameTooLarge {
+                len: total,
+                max: limits.max_frame_bytes,
+            });
+        }
+        if !frame_type.is_known() {
+            if frame_type.is_skippable() {
+                return Ok(Self {
+                    frame_type,
+                    flags,
+                    length,
+                });
+            }
+            return Err(DecodeError::UnknownFrameType(frame_type));
+        }
+        let handshake = matches!(
+            frame_type,
+            FrameType::HELLO
+                | FrameType::WELCOME
+                | FrameType::REJECT
+                | FrameType::CONFIRM
+                | FrameType::READY
+        );
+        if handshake != (limits.phase == Phase::Handshake) {
+            return Err(DecodeError::UnexpectedFrame(frame_type));
+        }
+        Ok(Self {
+            frame_type,
+            flags,
+            length,
+        })
+    }
+
+    /// Total frame length, envelope included.
+    pub fn frame_len(&self) -> usize {
+        Self::LEN + self.length as usize
+    }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        out.push(self.frame_type.0);
+        out.push(self.flags);
+        put_u16(out, 0);
+        put_u32(out, self.length);
+    }
+}
+
+/// PAGES flag: the payload has a per-page length table.
+pub const FLAG_PER_PAGE: u8 = 0x01;
+/// PAGES flag: the frame carries a CRC32C of its payload.
+pub const FLAG_CRC32C: u8 = 0x02;
+
+/// The size of a HELLO/WELCOME/CONFIRM nonce or proof.
+pub const NONCE_LEN: usize = 32;
+
+/// HELLO: the source's opening message on every channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hello<'a> {
+    /// Lowest version the source speaks.
+    pub version_min: Version,
+    /// Highest version the source speaks.
+    pub version_max: Version,
+    /// Session id.
+    pub session: SessionId,
+    /// This channel's index.
+    pub channel: ChannelId,
+    /// Channels in the session.
+    pub channel_count: u16,
+    /// Transfer page size.
+    pub page_size: u32,
+    /// Most pages per PAGES frame.
+    pub max_pages: u32,
+    /// Largest frame the source accepts.
+    pub max_frame_bytes: u32,
+    /// Fresh random bytes.
+    pub nonce: [u8; NONCE_LEN],
+    /// Codecs the source can decode.
+    pub codecs: WireList<'a, CodecId>,
+    /// Checksums the source supports.
+    pub checksums: WireList<'a, ChecksumId>,
+    /// Authentication methods the source can perform.
+    pub auth: WireList<'a, AuthMethod>,
+}
+
+/// WELCOME: the destination accepts and states the negotiated parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Welcome<'a> {
+    /// The chosen version.
+    pub version: Version,
+    /// Transfer page size (equal to the HELLO's).
+    pub page_size: u32,
+    /// Negotiated most pages per frame.
+    pub max_pages: u32,
+    /// Negotiated frame limit.
+    pub max_frame_bytes: u32,
+    /// Fresh random bytes from the destination.
+    pub nonce: [u8; NONCE_LEN],
+    /// Codecs both sides decode.
+    pub codecs: WireList<'a, CodecId>,
+    /// Chosen checksum.
+    pub checksum: Option<ChecksumId>,
+    /// Chosen authentication method.
+    pub auth: Option<AuthMethod>,
+    /// The destination's proof, present exactly when `auth` is.
+    pub proof: Option<[u8; NONCE_LEN]>,
+}
+
+/// REJECT: a handshake refused, with the reason and what the sender supports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reject<'a> {
+    /// Why.
+    pub reason: RejectReason,
+    /// The sender's lowest version.
+    pub version_min: Version,
+    /// The sender's highest version.
+    pub version_max: Version,
+    /// The sender's page size.
+    pub page_size: u32,
+    /// Codecs the sender decodes.
+    pub codecs: WireList<'a, CodecId>,
+    /// Checksums the sender supports.
+    pub checksums: WireList<'a, ChecksumId>,
+    /// Authentication methods the sender can perform.
+    pub auth: WireList<'a, AuthMethod>,
+    /// Human-readable detail.
+    pub message: &'a str,
+}
+
+/// CONFIRM: the source accepts the WELCOME, with its proof when authentication was
+/// negotiated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Confirm {
+    /// The source's proof.
+    pub proof: Option<[u8; NONCE_LEN]>,
+}
+
+/// LAYOUT: the guest memory regions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayoutFrame<'a> {
+    /// The regions, as sent.
+    pub regions: WireList<'a, RegionDesc>,
+}
+
+/// PAGES: guest pages of one region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageFrame<'a> {
+    /// Payload format.
+    pub codec: CodecId,
+    /// Region the pages belong to.
+    pub region: RegionId,
+    /// Round the pages belong to.
+    pub round: Round,
+    /// Pages carried in the payload, in payload order.
+    pub data_runs: WireList<'a, PageRun>,
+    /// Pages to set to zero.
+    pub zero_runs: WireList<'a, PageRun>,
+    /// Per-page payload lengths, for per-page codecs.
+    pub lengths: Option<WireList<'a, u32>>,
+    /// CRC32C of the payload.
+    pub crc: Option<u32>,
+    /// The payload.
+    pub payload: &'a [u8],
+}
+
+/// END_OF_ROUND: one channel's last frame of a round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndOfRound {
+    /// The round that ended.
+    pub round: Round,
+    /// PAGES frames this channel sent in the round.
+    pub frames: u32,
+    /// Pages (data and zero) in those frames.
+    pub pages: u64,
+}
+
+/// ACK: what the destination has applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ack {
+    /// What is acknowledged.
+    pub kind: AckKind,
+    /// Round number or frame count, per `kind`.
+    pub value: u64,
+}
+
+/// DEVICE_STATE: a chunk of a named device-state section.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceState<'a> {
+    /// Instance number.
+    pub instance: u32,
+    /// Section name, 1..=255 bytes of UTF-8.
+    pub name: &'a str,
+    /// The section's full length.
+    pub total: u64,
+    /// Where this chunk starts.
+    pub offset: u64,
+    /// The chunk.
+    pub data: &'a [u8],
+}
+
+/// COMPLETE: the source has sent everything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Complete {
+    /// The last round.
+    pub final_round: Round,
+    /// Device-state sections sent.
+    pub sections: u32,
+}
+
+/// ABORT: the migration is abandoned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Abort<'a> {
+    /// Why.
+    pub reason: AbortReason,
+    /// Human-readable detail.
+    pub message: &'a str,
+}
+
+/// Any frame.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Frame<'a> {
+    /// HELLO.
+    Hello(Hello<'a>),
+    /// WELCOME.
+    Welcome(Welcome<'a>),
+    /// REJECT.
+    Reject(Reject<'a>),
+    /// CONFIRM.
+    Confirm(Confirm),
+    /// READY.
+    Ready,
+    /// LAYOUT.
+    Layout(LayoutFrame<'a>),
+    /// PAGES.
+    Pages(PageFrame<'a>),
+    /// END_OF_ROUND.
+    EndOfRound(EndOfRound),
+    /// ACK.
+    Ack(Ack),
+    /// DEVICE_STATE.
+    DeviceState(DeviceState<'a>),
+    /// COMPLETE.
+    Complete(Complete),
+    /// ABORT.
+    Abort(Abort<'a>),
+    /// An extension frame (type `0x80..=0xff`) this version does not know: skip it.
+    Extension {
+        /// Its type.
+        frame_type: FrameType,
+        /// Its flags.
+        flags: u8,
+        /// Its body.
+        body: &'a [u8],
+    },
+}
+
+/// How a codec lays out its payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PayloadLayout {
+    /// No data pages, no payload (`zero`).
+    Empty,
+    /// One block for the frame.
+    Block,
+    /// A length table and one entry per data page.
+    PerPage,
+}
+
+/// The payload layout `PROTOCOL.md` fixes for a codec, `None` for codecs this crate does
+/// not know (a private codec may use either).
+pub fn payload_layout(codec: CodecId) -> Option<PayloadLayout> {
+    match codec {
+        CodecId::ZERO => Some(PayloadLayout::Empty),
+        CodecId::RAW | CodecId::ZSTD | CodecId::LZ4 => Some(PayloadLayout::Block),
+        CodecId::DEFLATE | CodecId::DELTA => Some(PayloadLayout::PerPage),
+        _ => None,
+    }
+}
+
+fn flags_only(frame: FrameType, flags: u8, allowed: u8) -> Result<(), DecodeError> {
+    if flags & !allowed != 0 {
+        return Err(DecodeError::UnknownFlags { frame, flags });
+    }
+    Ok(())
+}
+
+fn utf8<'a>(bytes: &'a [u8], field: &'static str) -> Result<&'a str, DecodeError> {
+    core::str::from_utf8(bytes).map_err(|e| DecodeError::InvalidField {
+        field,
+        value: e.valid_up_to() as u64,
+    })
+}
+
+fn opt_code<T>(v: u8, f: impl FnOnce(u8) -> T) -> Option<T> {
+    (v != 0).then(|| f(v))
+}
+
+impl<'a> Frame<'a> {
+    /// Decodes one frame body whose envelope has been parsed with
+    /// [`Envelope::parse`] under the same `limits`.
+    ///
+    /// # Errors
+    /// Any [`DecodeError`]: the body is checked field by field, leftover bytes included.
+    pub fn decode(
+        env: Envelope,
+        body: &'a [u8],
+        limits: &Limits,
+    ) -> Result<Frame<'a>, DecodeError> {
+        if body.len() != env.length as usize {
+            return Err(DecodeError::LengthMismatch {
+                field: "frame body",
+                expected: env.length.into(),
+                actual: body.len() as u64,
+            });
+        }
+        let ty = env.frame_type;
+        let mut r = Reader::new(body);
+        let frame = match ty {
+            FrameType::HELLO => {
+                flags_only(ty, env.flags, 0)?;
+                if r.array::<8>()? != MAGIC {
+                    return Err(DecodeError::BadMagic);
+                }
+                Frame::Hello(Hello {
+                    version_min: Version(r.u16()?),
+                    version_max: Version(r.u16()?),
+                    session: SessionId(r.array()?),
+                    channel: ChannelId(r.u16()?),
+                    channel_count: r.u16()?,
+                    page_size: r.u32()?,
+                    max_pages: r.u32()?,
+                    max_frame_bytes: r.u32()?,
+                    nonce: r.array()?,
+                    codecs: r.list_u8()?,
+                    checksums: r.list_u8()?,
+                    auth: r.list_u8()?,
+                })
+            }
+            FrameType::WELCOME => {
+                flags_only(ty, env.flags, 0)?;
+                let version = Version(r.u16()?);
+                let page_size = r.u32()?;
+                let max_pages = r.u32()?;
+                let max_frame_bytes = r.u32()?;
+                let nonce = r.array()?;
+                let codecs = r.list_u8()?;
+                let checksum = opt_code(r.u8()?, ChecksumId);
+                let auth = opt_code(r.u8()?, AuthMethod);
+                let proof = match auth {
+                    Some(_) => Some(r.array()?),
+                    None => None,
+                };
+                Frame::Welcome(Welcome {
+                    version,
+                    page_size,
+                    max_pages,
+                    max_frame_bytes,
+                    nonce,
+                    codecs,
+                    checksum,
+                    auth,
+                    proof,
+                })
+            }
+            FrameType::REJECT => {
+                flags_only(ty, env.flags, 0)?;
+                Frame::Reject(Reject {
+                    reason: RejectReason(r.u16()?),
+                    version_min: Version(r.u16()?),
+                    version_max: Version(r.u16()?),
+                    page_size: r.u32()?,
+                    codecs: r.list_u8()?,
+                    checksums: r.list_u8()?,
+                    auth: r.list_u8()?,
+                    message: utf8(r.bytes_u8()?, "reject message")?,
+                })
+            }
+            FrameType::CONFIRM => {
+                flags_only(ty, env.flags, 0)?;
+                let proof = match r.remaining() {
+                    0 => None,
+                    _ => Some(r.array()?),
+                };
+                Frame::Confirm(Confirm { proof })
+            }
+            FrameType::READY => {
+                flags_only(ty, env.flags, 0)?;
+                Frame::Ready
+            }
+            FrameType::LAYOUT => {
+                flags_only(ty, env.flags, 0)?;
+                let count = r.u32()?;
+                let regions: WireList<'a, RegionDesc> = r.list(count as usize)?;
+                for region in regions.iter() {
+                    check_region(&region, limits.page_size)?;
+                }
+                Frame::Layout(LayoutFrame { regions })
+            }
+            FrameType::PAGES => Frame::Pages(decode_pages(env.flags, &mut r, limits)?),
+            FrameType::END_OF_ROUND => {
+                flags_only(ty, env.flags, 0)?;
+                Frame::EndOfRound(EndOfRound {
+                    round: Round(r.u32()?),
+                    frames: r.u32()?,
+                    pages: r.u64()?,
+                })
+            }
+            FrameType::ACK => {
+                flags_only(ty, env.flags, 0)?;
+                let kind = AckKind(r.u8()?);
+                if r.array::<3>()? != [0; 3] {
+                    return Err(DecodeError::ReservedNotZero {
+                        field: "ack reserved",
+                    });
+                }
+                Frame::Ack(Ack {
+                    kind,
+                    value: r.u64()?,
+                })
+            }
+            FrameType::DEVICE_STATE => {
+                flags_only(ty, env.flags, 0)?;
+                let instance = r.u32()?;
+                let name = utf8(r.bytes_u8()?, "device state name")?;
+                if name.is_empty() {
+                    return Err(DecodeError::InvalidField {
+                        field: "device state name length",
+                        value: 0,
+                    });
+                }
+                let total = r.u64()?;
+                let offset = r.u64()?;
+                let data = r.rest();
+                let end = offset.checked_add(data.len() as u64);
+                if end.is_none_or(|end| end > total) {
+                    return Err(DecodeError::InvalidField {
+                        field: "device state offset",
+                        value: offset,
+                    });
+                }
+                Frame::DeviceState(DeviceState {
+                    instance,
+                    name,
+                    total,
+                    offset,
+                    data,
+                })
+            }
+            FrameType::COMPLETE => {
+                flags_only(ty, env.flags, 0)?;
+                Frame::Complete(Complete {
+                    final_round: Round(r.u32()?),
+                    sections: r.u32()?,
+                })
+            }
+            FrameType::ABORT => {
+                flags_only(ty, env.flags, 0)?;
+                Frame::Abort(Abort {
+                    reason: AbortReason(r.u16()?),
+                    message: utf8(r.bytes_u8()?, "abort message")?,
+                })
+            }
+            _ if ty.is_skippable() => Frame::Extension {
+                frame_type: ty,
+                flags: env.flags,
+                body: r.rest(),
+            },
+            _ => return Err(DecodeError::UnknownFrameType(ty)),
+        };
+        r.finish(ty)?;
+        Ok(frame)
+    }
+
+    /// The frame's type.
+    pub fn frame_type(&self) -> FrameType {
+        match self {
+            Frame::Hello(_) => FrameType::HELLO,
+            Frame::Welcome(_) => FrameType::WELCOME,
+            Frame::Reject(_) => FrameType::REJECT,
+            Frame::Confirm(_) => FrameType::CONFIRM,
+            Frame::Ready => FrameType::READY,
+            Frame::Layout(_) => FrameType::LAYOUT,
+            Frame::Pages(_) => FrameType::PAGES,
+            Frame::EndOfRound(_) => FrameType::END_OF_ROUND,
+            Frame::Ack(_) => FrameType::ACK,
+            Frame::DeviceState(_) => FrameType::DEVICE_STATE,
+            Frame::Complete(_) => FrameType::COMPLETE,
+            Frame::Abort(_) => FrameType::ABORT,
+            Frame::Extension { frame_type, .. } => *frame_type,
+        }
+    }
+
+    fn flags(&self) -> u8 {
+        match self {
+            Frame::Pages(p) => p.flags(),
+            Frame::Extension { flags, .. } => *flags,
+            _ => 0,
+        }
+    }
+
+    /// Appends the whole frame, envelope included, to `out`.
+    ///
+    /// Encoding does not check the protocol's rules (that is the decoder's job on the
+    /// other side); it fails only when a value does not fit its field.
+    ///
+    /// # Errors
+    /// [`EncodeError`] when a list, string or the body is too long for its field;
+    /// `out` is left as it was.
+    pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+        let start = out.len();
+        Envelope {
+            frame_type: self.frame_type(),
+            flags: self.flags(),
+            length: 0,
+        }
+        .write(out);
+        let res = self.encode_body(out);
+        let body_len = out.len() - start - Envelope::LEN;
+        let res = res.and_then(|()| {
+            u32::try_from(body_len).map_err(|_| EncodeError::BodyTooLarge(body_len))
+        });
+        match res {
+            Ok(len) => {
+                out[start + 4..start + 8].copy_from_slice(&len.to_le_bytes());
+                Ok(())
+            }
+            Err(e) => {
+                out.truncate(start);
+                Err(e)
+            }
+        }
+    }
+
+    fn encode_body(&self, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+        match self {
+            Frame::Hello(h) => h.encode_body(out)?,
+            Frame::Welcome(w) => w.encode_body(out, true)?,
+            Frame::Reject(j) => {
+                put_u16(out, j.reason.0);
+                put_u16(out, j.version_min.0);
+                put_u16(out, j.version_max.0);
+                put_u32(out, j.page_size);
+                put_list_u8(out, "codecs", &j.codecs)?;
+                put_list_u8(out, "checksums", &j.checksums)?;
+                put_list_u8(out, "auth", &j.auth)?;
+                put_bytes_u8(out, "reject message", j.message.as_bytes())?;
+            }
+            Frame::Confirm(c) => {
+                if let Some(p) = &c.proof {
+                    out.extend_from_slice(p);
+                }
+            }
+            Frame::Ready => {}
+            Frame::Layout(l) => {
+                let n = u32::try_from(l.regions.len()).map_err(|_| EncodeError::TooLong {
+                    field: "regions",
+                    len: l.regions.len(),
+                    max: u32::MAX as usize,
+                })?;
+                put_u32(out, n);
+                l.regions.write(out);
+            }
+            Frame::Pages(p) => {
+                p.encode_fields(out)?;
+                out.extend_from_slice(p.payload);
+            }
+            Frame::EndOfRound(e) => {
+                put_u32(out, e.round.0);
+                put_u32(out, e.frames);
+                put_u64(out, e.pages);
+            }
+            Frame::Ack(a) => {
+                out.push(a.kind.0);
+                out.extend_from_slice(&[0; 3]);
+                put_u64(out, a.value);
+            }
+            Frame::DeviceState(d) => {
+                put_u32(out, d.instance);
+                put_bytes_u8(out, "device state name", d.name.as_bytes())?;
+                put_u64(out, d.total);
+                put_u64(out, d.offset);
+                out.extend_from_slice(d.data);
+            }
+            Frame::Complete(c) => {
+                put_u32(out, c.final_round.0);
+                put_u32(out, c.sections);
+            }
+            Frame::Abort(a) => {
+                put_u16(out, a.reason.0);
+                put_bytes_u8(out, "abort message", a.message.as_bytes())?;
+            }
+            Frame::Extension { body, .. } => out.extend_from_slice(body),
+        }
+        Ok(())
+    }
+}
+
+impl Hello<'_> {
+    pub(crate) fn encode_body(&self, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+        out.extend_from_slice(&MAGIC);
+        put_u16(out, self.version_min.0);
+        put_u16(out, self.version_max.0);
+        out.extend_from_slice(&self.session.0);
+        put_u16(out, self.channel.0);
+        put_u16(out, self.channel_count);
+        put_u32(out, self.page_size);
+        put_u32(out, self.max_pages);
+        put_u32(out, self.max_frame_bytes);
+        out.extend_from_slice(&self.nonce);
+        put_list_u8(out, "codecs", &self.codecs)?;
+        put_list_u8(out, "checksums", &self.checksums)?;
+        put_list_u8(out, "auth", &self.auth)
+    }
+}
+
+impl Welcome<'_> {
+    /// The body, with or without the trailing proof (the proof covers the rest).
+    pub(crate) fn encode_body(
+        &self,
+        out: &mut Vec<u8>,
+        with_proof: bool,
+    ) -> Result<(), EncodeError> {
+        put_u16(out, self.version.0);
+        put_u32(out, self.page_size);
+        put_u32(out, self.max_pages);
+        put_u32(out, self.max_frame_bytes);
+        out.extend_from_slice(&self.nonce);
+        put_list_u8(out, "codecs", &self.codecs)?;
+        out.push(self.checksum.map_or(0, |c| c.0));
+        out.push(self.auth.map_or(0, |a| a.0));
+        if with_proof && self.auth.is_some() {
+            out.extend_from_slice(&self.proof.unwrap_or([0; NONCE_LEN]));
+        }
+        Ok(())
+    }
+}
+
+fn check_region(region: &RegionDesc, page_size: u32) -> Result<(), DecodeError> {
+    let ps = u64::from(page_size);
+    let bad = |field, value| Err(DecodeError::InvalidField { field, value });
+    if region.length == 0 || region.length % ps != 0 {
+        return bad("region length", region.length);
+    }
+    if region.guest_addr.0 % ps != 0 || region.guest_addr.0.checked_add(region.length).is_none() {
+        return bad("region guest address", region.guest_addr.0);
+    }
+    if !region.backing_page_size.is_power_of_two() || region.backing_page_size < page_size {
+        return bad("region backing page size", region.backing_page_size.into());
+    }
+    Ok(())
+}
+
+/// Checks one run list: non-empty runs, ascending, neither overlapping nor touching.
+/// Returns the number of pages.
+fn check_runs(runs: &WireList<'_, PageRun>) -> Result<u64, DecodeError> {
+    let mut pages = 0u64;
+    let mut prev_end: Option<u64> = None;
+    for run in runs.iter() {
+        let end = run.end().ok_or(DecodeError::RunsNotCanonical)?;
+        if run.count == 0 || prev_end.is_some_and(|p| run.start.0 <= p) {
+            return Err(DecodeError::RunsNotCanonical);
+        }
+        prev_end = Some(end);
+        pages += u64::from(run.count);
+    }
+    Ok(pages)
+}
+
+/// Whether two canonical run lists share a page (linear merge).
+fn runs_intersect(a: &WireList<'_, PageRun>, b: &WireList<'_, PageRun>) -> bool {
+    let (mut ia, mut ib) = (a.iter(), b.iter());
+    let (mut ra, mut rb) = (ia.next(), ib.next());
+    while let (Some(x), Some(y)) = (ra, rb) {
+        // Both runs are checked not to overflow.
+        let (xe, ye) = (
+            x.start.0 + u64::from(x.count),
+            y.start.0 + u64::from(y.count),
+        );
+        if x.start.0 < ye && y.start.0 < xe {
+            return true;
+        }
+        if xe <= y.start.0 {
+            ra = ia.next();
+        } else {
+            rb = ib.next();
+        }
+    }
+    false
+}
+
+fn decode_pages<'a>(
+    flags: u8,
+    r: &mut Reader<'a>,
+    limits: &Limits,
+) -> Result<PageFrame<'a>, DecodeError> {
+    flags_only(FrameType::PAGES, flags, FLAG_PER_PAGE | FLAG_CRC32C)?;
+    let codec = CodecId(r.u16()?);
+    r.reserved_u16("pages reserved")?;
+    let region = RegionId(r.u32()?);
+    let round = Round(r.u32()?);
+    let n_data = r.u16()?;
+    let n_zero = r.u16()?;
+    let data_runs: WireList<'a, PageRun> = r.list(n_data.into())?;
+    let zero_runs: WireList<'a, PageRun> = r.list(n_zero.into())?;
+    let data_pages = check_runs(&data_runs)?;
+    let zero_pages = check_runs(&zero_runs)?;
+    if runs_intersect(&data_runs, &zero_runs) {
+        return Err(DecodeError::RunsNotCanonical);
+    }
+    let pages = data_pages + zero_pages;
+    if pages == 0 || pages > u64::from(limits.max_pages) {
+        return Err(DecodeError::PageCount {
+            pages,
+            max: limits.max_pages,
+        });
+    }
+    if !limits.codecs.contains(codec) {
+        return Err(DecodeError::CodecNotNegotiated(codec));
+    }
+    let per_page = flags & FLAG_PER_PAGE != 0;
+    let layout_ok = match payload_layout(codec) {
+        Some(PayloadLayout::Empty) => !per_page && data_pages == 0,
+        Some(PayloadLayout::Block) => !per_page && data_pages > 0,
+        Some(PayloadLayout::PerPage) => per_page && data_pages > 0,
+        None => data_pages > 0,
+    };
+    if !layout_ok {
+        return Err(DecodeError::LayoutMismatch(codec));
+    }
+    // data_pages <= max_pages <= 65536, so these products cannot overflow.
+    let page_size = u64::from(limits.page_size);
+    let lengths = if per_page {
+        Some(r.list::<u32>(data_pages as usize)?)
+    } else {
+        None
+    };
+    let crc = match (flags & FLAG_CRC32C != 0, limits.checksum) {
+        (true, Some(ChecksumId::CRC32C)) => Some(r.u32()?),
+        (true, _) => return Err(DecodeError::ChecksumNotNegotiated),
+        (false, Some(_)) => return Err(DecodeError::ChecksumMissing),
+        (false, None) => None,
+    };
+    let payload = r.rest();
+    let payload_len = payload.len() as u64;
+    if let Some(lengths) = &lengths {
+        let mut sum = 0u64;
+        for len in lengths.iter() {
+            let len = u64::from(len);
+            if len > page_size || (len == 0 && codec != CodecId::DELTA) {
+                return Err(DecodeError::InvalidField {
+                    field: "page length",
+                    value: len,
+                });
+            }
+            sum += len;
+        }
+        if sum != payload_len {
+            return Err(DecodeError::LengthMismatch {
+                field: "page length table",
+                expected: sum,
+                actual: payload_len,
+            });
+        }
+    } else {
+        let data_bytes = data_pages * page_size;
+        let ok = match codec {
+            CodecId::RAW => payload_len == data_bytes,
+            CodecId::ZERO => payload_len == 0,
+            _ => payload_len > 0 && payload_len <= data_bytes,
+        };
+        if !ok {
+            return Err(DecodeError::LengthMismatch {
+                field: "payload",
+                expected: data_bytes,
+                actual: payload_len,
+            });
+        }
+    }
+    if let Some(expected) = crc {
+        let actual = crc32c::crc32c(payload);
+        if actual != expected {
+            return Err(DecodeError::ChecksumMismatch { expected, actual });
+        }
+    }
+    Ok(PageFrame {
+        codec,
+        region,
+        round,
+        data_runs,
+        zero_runs,
+        lengths,
+        crc,
+        payload,
+    })
+}
+
+impl PageFrame<'_> {
+    /// The envelope flags this frame is encoded with.
+    pub fn flags(&self) -> u8 {
+        let mut f = 0;
+        if self.lengths.is_some() {
+            f |= FLAG_PER_PAGE;
+        }
+        if self.crc.is_some() {
+            f |= FLAG_CRC32C;
+        }
+        f
+    }
+
+    /// Pages carried in the payload.
+    pub fn data_pages(&self) -> u64 {
+        self.data_runs.iter().map(|r| u64::from(r.count)).sum()
+    }
+
+    /// Pages to be zeroed.
+    pub fn zero_pages(&self) -> u64 {
+        self.zero_runs.iter().map(|r| u64::from(r.count)).sum()
+    }
+
+    /// Every data page index in payload order.
+    pub fn data_page_indices(&self) -> impl Iterator<Item = u64> + '_ {
+        self.data_runs
+            .iter()
+            .flat_map(|r| r.start.0..r.start.0.saturating_add(u64::from(r.count)))
+    }
+
+    fn encode_fields(&self, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+        put_u16(out, self.codec.0);
+        put_u16(out, 0);
+        put_u32(out, self.region.0);
+        put_u32(out, self.round.0);
+        put_count_u16(out, "data runs", self.data_runs.len())?;
+        put_count_u16(out, "zero runs", self.zero_runs.len())?;
+        self.data_runs.write(out);
+        self.zero_runs.write(out);
+        if let Some(l) = &self.lengths {
+            l.write(out);
+        }
+        if let Some(crc) = self.crc {
+            put_u32(out, crc);
+        }
+        Ok(())
+    }
+
+    /// Bytes of envelope and header in front of the payload.
+    pub fn header_len(&self) -> usize {
+        Envelope::LEN
+            + 16
+            + self.data_runs.encoded_len()
+            + self.zero_runs.encoded_len()
+            + self.lengths.as_ref().map_or(0, |l| l.encoded_len())
+            + if self.crc.is_some() { 4 } else { 0 }
+    }
+
+    /// Appends the envelope and header for a payload of `payload_len` bytes that the
+    /// caller sends separately (for example straight from guest memory); the frame's own
+    /// `payload` field is ignored.
+    ///
+    /// # Errors
+    /// [`EncodeError`] when a run list or the frame is too long for its field.
+    pub fn encode_header(&self, payload_len: usize, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+        let body_len = self.header_len() - Envelope::LEN + payload_len;
+        let length = u32::try_from(body_len).map_err(|_| EncodeError::BodyTooLarge(body_len))?;
+        let start = out.len();
+        Envelope {
+            frame_type: FrameType::PAGES,
+            flags: self.flags(),
+            length,
+        }
+        .write(out);
+        self.encode_fields(out).inspect_err(|_| out.truncate(start))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::CodecSet;
+    use crate::{GuestAddr, PageIndex};
+
+    fn limits() -> Limits {
+        Limits::session(4096, 128, 1 << 20, CodecSet::all_known(), None).unwrap()
+    }
+
+    fn run(start: u64, count: u32) -> PageRun {
+        PageRun {
+            start: PageIndex(start),
+            count,
+        }
+    }
+
+    fn decode_one<'a>(bytes: &'a [u8], limits: &Limits) -> Result<Frame<'a>, DecodeError> {
+        let env = Envelope::parse(bytes[..8].try_into().unwrap(), limits)?;
+        Frame::decode(env, &bytes[8..], limits)
+    }
+
+    fn encode(frame: &Frame<'_>) -> Vec<u8> {
+        let mut out = Vec::new();
+        frame.encode(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn raw_pages_round_trip_and_payload_is_borrowed() {
+        let payload = vec![7u8; 3 * 4096];
+        let runs = [run(0, 2), run(5, 1)];
+        let zeros = [run(3, 2)];
+        let f = Frame::Pages(PageFrame {
+            codec: CodecId::RAW,
+            region: RegionId(1),
+            round: Round(2),
+            data_runs: (&runs).into(),
+            zero_runs: (&zeros).into(),
+            lengths: None,
+            crc: None,
+            payload: &payload,
+        });
+        let bytes = encode(&f);
+        let back = decode_one(&bytes, &limits()).unwrap();
+        assert_eq!(back, f);
+        let Frame::Pages(p) = back else { panic!() };
+        assert_eq!(
+            p.payload.as_ptr(),
+            bytes[bytes.len() - payload.len()..].as_ptr()
+        );
+        assert_eq!(p.data_page_indices().collect::<Vec<_>>(), [0, 1, 5]);
+        assert_eq!(p.header_len(), bytes.len() - payload.len());
+    }
+
+    #[test]
+    fn pages_rules_are_enforced() {
+        let l = limits();
+        let payload = vec![1u8; 4096];
+        let base = PageFrame {
+            codec: CodecId::RAW,
+            region: RegionId(0),
+            round: Round(0),
+            data_runs: WireList::Slice(&[]),
+            zero_runs: WireList::Slice(&[]),
+            lengths: None,
+            crc: None,
+            payload: &payload,
+        };
+        let check = |p: PageFrame<'_>| decode_one(&encode(&Frame::Pages(p)), &l).map(|_| ());
+        let one = [run(4, 1)];
+        let ok = PageFrame {
+            data_runs: (&one).into(),
+            ..base
+        };
+        assert_eq!(check(ok), Ok(()));
+        // No pages at all.
+        assert!(matches!(check(base), Err(DecodeError::PageCount { .. })));
+        // Touching runs must be merged.
+        let touching = [run(0, 1), run(1, 1)];
+        let two = vec![0u8; 8192];
+        let p = PageFrame {
+            data_runs: (&touching).into(),
+            payload: &two,
+            ..base
+        };
+        assert_eq!(check(p), Err(DecodeError::RunsNotCanonical));
+        // A page both data and zero.
+        let p = PageFrame {
+            data_runs: (&one).into(),
+            zero_runs: (&one).into(),
+            ..base
+        };
+        assert_eq!(check(p), Err(DecodeError::RunsNotCanonical));
+        // Raw payload of the wrong size.
+        let p = PageFrame {
+            data_runs: (&one).into(),
+            payload: &two,
+            ..base
+        };
+        assert!(matches!(check(p), Err(DecodeError::LengthMismatch { .. })));
+        // Too many pages.
+        let many = [run(0, 129)];
+        let p = PageFrame {
+            codec: CodecId::ZERO,
+            zero_runs: (&many).into(),
+            payload: &[],
+            ..base
+        };
+        assert!(matches!(check(p), Err(DecodeError::PageCount { .. })));
+        // Deflate needs a length table.
+        let p = PageFrame {
+            codec: CodecId::DEFLATE,
+            data_runs: (&one).into(),
+            payload: &payload[..100],
+            ..base
+        };
+        assert_eq!(check(p), Err(DecodeError::LayoutMismatch(CodecId::DEFLATE)));
+        // A codec that was not negotiated.
+        let p = PageFrame {
+            codec: CodecId(0x2a),
+            data_runs: (&one).into(),
+            ..base
+        };
+        assert_eq!(
+            check(p),
+            Err(DecodeError::CodecNotNegotiated(CodecId(0x2a)))
+        );
+        // Checksum present but not negotiated.
+        let p = PageFrame {
+            data_runs: (&one).into(),
+            crc: Some(crc32c::crc32c(&payload)),
+            ..base
+        };
+        assert_eq!(check(p), Err(DecodeError::ChecksumNotNegotiated));
+    }
+
+    #[test]
+    fn crc_is_verified_when_negotiated() {
+        let mut l = limits();
+        l.checksum = Some(ChecksumId::CRC32C);
+        let payload = vec![9u8; 4096];
+        let one = [run(0, 1)];
+        let mut p = PageFrame {
+            codec: CodecId::RAW,
+            region: RegionId(0),
+            round: Round(0),
+            data_runs: (&one).into(),
+            zero_runs: WireList::Slice(&[]),
+            lengths: None,
+            crc: Some(crc32c::crc32c(&payload)),
+            payload: &payload,
+        };
+        assert!(decode_one(&encode(&Frame::Pages(p)), &l).is_ok());
+        let mut bytes = encode(&Frame::Pages(p));
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        assert!(matches!(
+            decode_one(&bytes, &l),
+            Err(DecodeError::ChecksumMismatch { .. })
+        ));
+        p.crc = None;
+        assert_eq!(
+            decode_one(&encode(&Frame::Pages(p)), &l),
+            Err(DecodeError::ChecksumMissing)
+        );
+    }
+
+    #[test]
+    fn phase_and_unknown_types() {
+        let l = limits();
+        let ready = encode(&Frame::Ready);
+        assert_eq!(
+            decode_one(&ready, &l),
+            Err(DecodeError::UnexpectedFrame(FrameType::READY))
+        );
+        assert_eq!(decode_one(&ready, &Limits::handshake()), Ok(Frame::Ready));
+        let unknown = [0x40, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(
+            decode_one(&unknown, &l),
+            Err(DecodeError::UnknownFrameType(FrameType(0x40)))
+        );
+        let ext = [0x90, 3, 0, 0, 2, 0, 0, 0, 0xaa, 0xbb];
+        assert_eq!(
+            decode_one(&ext, &l),
+            Ok(Frame::Extension {
+                frame_type: FrameType(0x90),
+                flags: 3,
+                body: &[0xaa, 0xbb]
+            })
+        );
+        let big = [FrameType::ACK.0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff];
+        assert!(matches!(
+            decode_one(&big, &l),
+            Err(DecodeError::FrameTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn trailing_bytes_and_reserved_fields_are_errors() {
+        let l = limits();
+        let mut bytes = encode(&Frame::Complete(Complete {
+            final_round: Round(3),
+            sections: 1,
+        }));
+        bytes.push(0);
+        bytes[4] += 1;
+        assert_eq!(
+            decode_one(&bytes, &l),
+            Err(DecodeError::TrailingBytes {
+                frame: FrameType::COMPLETE,
+                extra: 1
+            })
+        );
+        let mut ack = encode(&Frame::Ack(Ack {
+            kind: AckKind::ROUND,
+            value: 1,
+        }));
+        ack[9] = 1;
+        assert!(matches!(
+            decode_one(&ack, &l),
+            Err(DecodeError::ReservedNotZero { .. })
+        ));
+    }
+
+    #[test]
+    fn layout_regions_are_checked() {
+        let l = limits();
+        let good = [RegionDesc {
+            id: RegionId(0),
+            backing_page_size: 2 << 20,
+            guest_addr: GuestAddr(1 << 30),
+            length: 1 << 30,
+        }];
+        let f = Frame::Layout(LayoutFrame {
+            regions: (&good).into(),
+        });
+        assert_eq!(decode_one(&encode(&f), &l), Ok(f));
+        let bad = [RegionDesc {
+            length: 100,
+            ..good[0]
+        }];
+        let f = Frame::Layout(LayoutFrame {
+            regions: (&bad).into(),
+        });
+        assert!(decode_one(&encode(&f), &l).is_err());
+    }
+
+    #[test]
+    fn device_state_bounds() {
+        let l = limits();
+        let f = Frame::DeviceState(DeviceState {
+            instance: 0,
+            name: "virtio-net",
+            total: 4,
+            offset: 2,
+            data: &[1, 2, 3],
+        });
+        assert!(matches!(
+            decode_one(&encode(&f), &l),
+            Err(DecodeError::InvalidField { .. })
+        ));
+    }
+}
