@@ -40,25 +40,36 @@ impl Envelope {
         let flags = r.u8()?;
         r.reserved_u16("envelope reserved")?;
         let length = r.u32()?;
-        let total = u64::from(length) + Self::LEN as u64;
+        let env = Self {
+            frame_type,
+            flags,
+            length,
+        };
+        env.check(limits)?;
+        Ok(env)
+    }
+
+    /// Checks an envelope against the limits in force.
+    ///
+    /// # Errors
+    /// `FrameTooLarge`, `UnknownFrameType`, `UnexpectedFrame`.
+    pub fn check(&self, limits: &Limits) -> Result<(), DecodeError> {
+        let total = u64::from(self.length) + Self::LEN as u64;
         if total > u64::from(limits.max_frame_bytes) {
             return Err(DecodeError::FrameTooLarge {
                 len: total,
                 max: limits.max_frame_bytes,
             });
         }
-        if !frame_type.is_known() {
-            if frame_type.is_skippable() {
-                return Ok(Self {
-                    frame_type,
-                    flags,
-                    length,
-                });
-            }
-            return Err(DecodeError::UnknownFrameType(frame_type));
+        let ty = self.frame_type;
+        if !ty.is_known() {
+            return match ty.is_skippable() {
+                true => Ok(()),
+                false => Err(DecodeError::UnknownFrameType(ty)),
+            };
         }
         let handshake = matches!(
-            frame_type,
+            ty,
             FrameType::HELLO
                 | FrameType::WELCOME
                 | FrameType::REJECT
@@ -66,13 +77,9 @@ impl Envelope {
                 | FrameType::READY
         );
         if handshake != (limits.phase == Phase::Handshake) {
-            return Err(DecodeError::UnexpectedFrame(frame_type));
+            return Err(DecodeError::UnexpectedFrame(ty));
         }
-        Ok(Self {
-            frame_type,
-            flags,
-            length,
-        })
+        Ok(())
     }
 
     /// Total frame length, envelope included.
@@ -348,6 +355,7 @@ impl<'a> Frame<'a> {
         body: &'a [u8],
         limits: &Limits,
     ) -> Result<Frame<'a>, DecodeError> {
+        env.check(limits)?;
         if body.len() != env.length as usize {
             return Err(DecodeError::LengthMismatch {
                 field: "frame body",
@@ -680,10 +688,12 @@ impl Welcome<'_> {
 fn check_region(region: &RegionDesc, page_size: u32) -> Result<(), DecodeError> {
     let ps = u64::from(page_size);
     let bad = |field, value| Err(DecodeError::InvalidField { field, value });
-    if region.length == 0 || region.length % ps != 0 {
+    if region.length == 0 || !region.length.is_multiple_of(ps) {
         return bad("region length", region.length);
     }
-    if region.guest_addr.0 % ps != 0 || region.guest_addr.0.checked_add(region.length).is_none() {
+    if !region.guest_addr.0.is_multiple_of(ps)
+        || region.guest_addr.0.checked_add(region.length).is_none()
+    {
         return bad("region guest address", region.guest_addr.0);
     }
     if !region.backing_page_size.is_power_of_two() || region.backing_page_size < page_size {
