@@ -2,7 +2,7 @@
 
 use core::fmt;
 
-use crate::ids::{CodecId, FrameType};
+use crate::ids::{CodecId, FrameType, RegionId};
 
 /// What was wrong with bytes received from a peer.
 ///
@@ -92,6 +92,17 @@ pub enum DecodeError {
     },
     /// A region id appears twice in a layout, or regions overlap.
     LayoutConflict,
+    /// A frame names a region the layout does not have.
+    UnknownRegion(RegionId),
+    /// A page lies outside its region.
+    PageOutOfRange {
+        /// The region.
+        region: RegionId,
+        /// One past the highest page the frame names.
+        end: u64,
+        /// Pages in the region.
+        pages: u64,
+    },
 }
 
 impl fmt::Display for DecodeError {
@@ -138,6 +149,11 @@ impl fmt::Display for DecodeError {
             Self::LayoutConflict => {
                 f.write_str("memory layout has a duplicate region id or overlapping regions")
             }
+            Self::UnknownRegion(r) => write!(f, "{r:?} is not in the memory layout"),
+            Self::PageOutOfRange { region, end, pages } => write!(
+                f,
+                "frame names pages up to {end} of {region:?}, which has {pages} pages"
+            ),
         }
     }
 }

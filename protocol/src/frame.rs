@@ -685,7 +685,7 @@ impl Welcome<'_> {
     }
 }
 
-fn check_region(region: &RegionDesc, page_size: u32) -> Result<(), DecodeError> {
+pub(crate) fn check_region(region: &RegionDesc, page_size: u32) -> Result<(), DecodeError> {
     let ps = u64::from(page_size);
     let bad = |field, value| Err(DecodeError::InvalidField { field, value });
     if region.length == 0 || !region.length.is_multiple_of(ps) {

@@ -4,7 +4,9 @@
 
 pub mod error;
 pub mod frame;
+pub mod handshake;
 pub mod ids;
+pub mod layout;
 pub mod limits;
 pub mod stream;
 pub mod wire;
@@ -14,7 +16,12 @@ pub use frame::{
     Abort, Ack, Complete, Confirm, DeviceState, EndOfRound, Envelope, Frame, Hello, LayoutFrame,
     PageFrame, PayloadLayout, Reject, Welcome, payload_layout,
 };
+pub use handshake::{
+    Authentication, Capabilities, ClientConfig, ClientHandshake, HandshakeError, Negotiated,
+    ServerConfig, ServerHandshake, SessionKey,
+};
 pub use ids::*;
+pub use layout::MemoryLayout;
 pub use limits::{CodecSet, Limits, Phase};
 pub use stream::FrameDecoder;
 pub use wire::{EncodeError, PageRun, RegionDesc, WireList};

@@ -1,0 +1,903 @@
+//! The channel handshake as two sans-IO state machines.
+//!
+//! The caller moves bytes: it sends what [`ClientHandshake::take_output`] hands it,
+//! feeds what it receives to [`ClientHandshake::receive`], and stops when the handshake
+//! is done or has failed. After a failure it still sends the pending output (a REJECT
+//! telling the peer why) and then closes the channel. Randomness comes in as an
+//! argument: the nonce must be fresh random bytes for every channel.
+//!
+//! ```
+//! use pagewire_protocol::handshake::*;
+//! use pagewire_protocol::{ChannelId, SessionId};
+//!
+//! let key = SessionKey::new(*b"a pre-shared key of 32 bytes....").unwrap();
+//! let caps = Capabilities::new(4096);
+//! let session = SessionId([7; 16]);
+//! let mut client = ClientHandshake::new(
+//!     ClientConfig { caps, session, channel: ChannelId(0), channel_count: 1,
+//!                    auth: Authentication::PreSharedKey(key.clone()) },
+//!     [1; 32],
+//! ).unwrap();
+//! let mut server = ServerHandshake::new(
+//!     ServerConfig { caps, session: Some(session),
+//!                    auth: Authentication::PreSharedKey(key) },
+//!     [2; 32],
+//! ).unwrap();
+//!
+//! let mut wire = Vec::new();
+//! while !(client.is_done() && server.is_done()) {
+//!     client.take_output(&mut wire);
+//!     server.receive(&wire).unwrap();
+//!     wire.clear();
+//!     server.take_output(&mut wire);
+//!     client.receive(&wire).unwrap();
+//!     wire.clear();
+//! }
+//! assert_eq!(client.negotiated(), server.negotiated());
+//! ```
+
+use core::fmt;
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::error::DecodeError;
+use crate::frame::{Confirm, Frame, Hello, NONCE_LEN, Reject, Welcome};
+use crate::ids::{AuthMethod, ChannelId, ChecksumId, CodecId, RejectReason, SessionId, Version};
+use crate::limits::{
+    CodecSet, Limits, MAX_FRAME_BYTES, MAX_PAGES_PER_FRAME, SUPPORTED_VERSIONS, min_frame_bytes,
+    valid_page_size,
+};
+use crate::stream::FrameDecoder;
+use crate::wire::WireList;
+
+type HmacSha256 = Hmac<Sha256>;
+
+const DESTINATION_LABEL: &[u8] = b"pagewire v1 destination proof";
+const SOURCE_LABEL: &[u8] = b"pagewire v1 source proof";
+
+/// A pre-shared session key. Its bytes never appear in `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SessionKey(Vec<u8>);
+
+impl SessionKey {
+    /// The shortest key accepted.
+    pub const MIN_LEN: usize = 16;
+
+    /// A key of at least [`Self::MIN_LEN`] bytes.
+    ///
+    /// # Errors
+    /// `Config` when the key is too short.
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Result<Self, HandshakeError> {
+        let bytes = bytes.into();
+        if bytes.len() < Self::MIN_LEN {
+            return Err(HandshakeError::Config(
+                "a session key must be at least 16 bytes",
+            ));
+        }
+        Ok(Self(bytes))
+    }
+
+    fn proof(&self, label: &[u8], hello: &[u8], welcome: &[u8]) -> HmacSha256 {
+        // HMAC takes keys of any length, so this cannot fail.
+        let mut mac = HmacSha256::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!());
+        mac.update(label);
+        mac.update(hello);
+        mac.update(welcome);
+        mac
+    }
+}
+
+impl fmt::Debug for SessionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SessionKey(<redacted>)")
+    }
+}
+
+/// Whether a side authenticates. There is deliberately no default: a listener without
+/// authentication must say `Authentication::None`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Authentication {
+    /// No authentication: anyone who can connect can write guest memory. Only for
+    /// trusted networks and tests.
+    None,
+    /// Require the peer to prove knowledge of this key (HMAC-SHA256 challenge-response).
+    PreSharedKey(SessionKey),
+}
+
+impl Authentication {
+    fn key(&self) -> Option<&SessionKey> {
+        match self {
+            Self::None => None,
+            Self::PreSharedKey(k) => Some(k),
+        }
+    }
+}
+
+/// What one side can do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Versions spoken, `(min, max)`; within [`SUPPORTED_VERSIONS`].
+    pub versions: (Version, Version),
+    /// Transfer page size.
+    pub page_size: u32,
+    /// Most pages per PAGES frame.
+    pub max_pages: u32,
+    /// Largest frame accepted.
+    pub max_frame_bytes: u32,
+    /// Codecs this side can decode; must include raw and zero.
+    pub codecs: CodecSet,
+    /// Whether this side supports CRC32C on page payloads.
+    pub checksum: bool,
+}
+
+impl Capabilities {
+    /// Defaults for a page size: every supported version, 128 pages and 4 MiB per frame,
+    /// every known codec, no checksum.
+    pub fn new(page_size: u32) -> Self {
+        Self {
+            versions: SUPPORTED_VERSIONS,
+            page_size,
+            max_pages: 128,
+            max_frame_bytes: 4 << 20,
+            codecs: CodecSet::all_known(),
+            checksum: false,
+        }
+    }
+
+    fn validate(&self) -> Result<(), HandshakeError> {
+        let (min, max) = self.versions;
+        if min > max || min < SUPPORTED_VERSIONS.0 || max > SUPPORTED_VERSIONS.1 {
+            return Err(HandshakeError::Config(
+                "versions must be a range within SUPPORTED_VERSIONS",
+            ));
+        }
+        if !valid_page_size(self.page_size) {
+            return Err(HandshakeError::Config(
+                "page size must be a power of two from 4 KiB to 2 MiB",
+            ));
+        }
+        if !(1..=MAX_PAGES_PER_FRAME).contains(&self.max_pages) {
+            return Err(HandshakeError::Config("max_pages must be 1..=65536"));
+        }
+        if !(min_frame_bytes(self.page_size)..=MAX_FRAME_BYTES).contains(&self.max_frame_bytes) {
+            return Err(HandshakeError::Config(
+                "max_frame_bytes must be page size + 1024 ..= 64 MiB",
+            ));
+        }
+        if !self.codecs.contains(CodecId::RAW) || !self.codecs.contains(CodecId::ZERO) {
+            return Err(HandshakeError::Config("codecs must include raw and zero"));
+        }
+        Ok(())
+    }
+
+    fn checksums(&self) -> &'static [ChecksumId] {
+        if self.checksum {
+            &[ChecksumId::CRC32C]
+        } else {
+            &[]
+        }
+    }
+}
+
+fn auth_methods(auth: &Authentication) -> &'static [AuthMethod] {
+    match auth {
+        Authentication::None => &[],
+        Authentication::PreSharedKey(_) => &[AuthMethod::HMAC_SHA256],
+    }
+}
+
+/// The source's side of a channel.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// What the source can do.
+    pub caps: Capabilities,
+    /// The session this channel belongs to.
+    pub session: SessionId,
+    /// This channel's index.
+    pub channel: ChannelId,
+    /// Channels in the session.
+    pub channel_count: u16,
+    /// Authentication.
+    pub auth: Authentication,
+}
+
+/// The destination's side of a channel.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// What the destination can do.
+    pub caps: Capabilities,
+    /// The session expected, or `None` to accept any (the caller then sorts channels by
+    /// [`Negotiated::session`]).
+    pub session: Option<SessionId>,
+    /// Authentication.
+    pub auth: Authentication,
+}
+
+/// The parameters both sides agreed on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Negotiated {
+    /// Protocol version.
+    pub version: Version,
+    /// Session id.
+    pub session: SessionId,
+    /// This channel.
+    pub channel: ChannelId,
+    /// Channels in the session.
+    pub channel_count: u16,
+    /// Transfer page size.
+    pub page_size: u32,
+    /// Most pages per frame.
+    pub max_pages: u32,
+    /// Frame limit.
+    pub max_frame_bytes: u32,
+    /// Codecs either side may send.
+    pub codecs: CodecSet,
+    /// Checksum carried by every PAGES frame.
+    pub checksum: Option<ChecksumId>,
+    /// Authentication performed.
+    pub auth: Option<AuthMethod>,
+}
+
+impl Negotiated {
+    /// The decoder limits for the rest of the channel.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            phase: crate::limits::Phase::Session,
+            max_frame_bytes: self.max_frame_bytes,
+            page_size: self.page_size,
+            max_pages: self.max_pages,
+            codecs: self.codecs,
+            checksum: self.checksum,
+        }
+    }
+}
+
+/// Why a handshake failed.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HandshakeError {
+    /// A handshake frame did not decode.
+    #[error("handshake frame rejected: {0}")]
+    Decode(#[from] DecodeError),
+    /// The peer sent REJECT.
+    #[error(
+        "peer refused the handshake: {reason} (peer speaks versions {version_min}..={version_max}, page size {page_size})"
+    )]
+    Rejected {
+        /// The peer's reason.
+        reason: RejectReason,
+        /// The peer's lowest version.
+        version_min: Version,
+        /// The peer's highest version.
+        version_max: Version,
+        /// The peer's page size.
+        page_size: u32,
+    },
+    /// No version in common.
+    #[error(
+        "no common protocol version: this side speaks {ours_min}..={ours_max}, the peer {theirs_min}..={theirs_max}"
+    )]
+    VersionMismatch {
+        /// Our lowest.
+        ours_min: Version,
+        /// Our highest.
+        ours_max: Version,
+        /// The peer's lowest.
+        theirs_min: Version,
+        /// The peer's highest.
+        theirs_max: Version,
+    },
+    /// Different page sizes.
+    #[error("page size mismatch: this side uses {ours}, the peer {theirs}")]
+    PageSizeMismatch {
+        /// Ours.
+        ours: u32,
+        /// The peer's.
+        theirs: u32,
+    },
+    /// The codec intersection lacks raw or zero.
+    #[error("no common codec: both sides must decode raw and zero")]
+    NoCommonCodec,
+    /// This side requires authentication and the peer offered none.
+    #[error("the peer offers no authentication and this side requires a pre-shared key")]
+    AuthRequired,
+    /// This side has a key and the peer did not authenticate.
+    #[error("the peer does not authenticate; configure the same pre-shared key on both sides")]
+    PeerNotAuthenticated,
+    /// A proof did not verify.
+    #[error("authentication failed: the peer's proof does not match (different keys?)")]
+    AuthFailed,
+    /// The session id is not the one expected.
+    #[error("unknown session {0:?}")]
+    UnknownSession(SessionId),
+    /// Invalid channel index or count.
+    #[error("bad channel {channel:?} of {count}")]
+    BadChannel {
+        /// The index.
+        channel: ChannelId,
+        /// The count.
+        count: u16,
+    },
+    /// A handshake value is out of range.
+    #[error("bad handshake parameter: {0}")]
+    BadParameters(&'static str),
+    /// The peer broke the handshake's rules.
+    #[error("handshake protocol error: {0}")]
+    ProtocolError(&'static str),
+    /// This side's configuration is invalid.
+    #[error("invalid handshake configuration: {0}")]
+    Config(&'static str),
+}
+
+impl HandshakeError {
+    /// The reason code to send the peer for a failure found on this side, if any.
+    fn reject_reason(&self) -> Option<RejectReason> {
+        Some(match self {
+            Self::Rejected { .. } | Self::Config(_) => return None,
+            Self::Decode(_) | Self::ProtocolError(_) => RejectReason::PROTOCOL_ERROR,
+            Self::VersionMismatch { .. } => RejectReason::UNSUPPORTED_VERSION,
+            Self::PageSizeMismatch { .. } => RejectReason::PAGE_SIZE_MISMATCH,
+            Self::NoCommonCodec => RejectReason::NO_COMMON_CODEC,
+            Self::AuthRequired => RejectReason::AUTH_REQUIRED,
+            Self::PeerNotAuthenticated => RejectReason::PEER_NOT_AUTHENTICATED,
+            Self::AuthFailed => RejectReason::AUTH_FAILED,
+            Self::UnknownSession(_) => RejectReason::UNKNOWN_SESSION,
+            Self::BadChannel { .. } => RejectReason::BAD_CHANNEL,
+            Self::BadParameters(_) => RejectReason::BAD_PARAMETERS,
+        })
+    }
+}
+
+/// What both state machines share: framing, output, failure.
+#[derive(Debug)]
+struct Common {
+    caps: Capabilities,
+    auth: Authentication,
+    nonce: [u8; NONCE_LEN],
+    out: Vec<u8>,
+    failed: Option<HandshakeError>,
+    peer_message: Option<String>,
+}
+
+impl Common {
+    fn new(
+        caps: Capabilities,
+        auth: Authentication,
+        nonce: [u8; NONCE_LEN],
+    ) -> Result<Self, HandshakeError> {
+        caps.validate()?;
+        Ok(Self {
+            caps,
+            auth,
+            nonce,
+            out: Vec::new(),
+            failed: None,
+            peer_message: None,
+        })
+    }
+
+    fn send(&mut self, frame: &Frame<'_>) {
+        // Handshake frames built here are far below every field's limit.
+        if frame.encode(&mut self.out).is_err() {
+            unreachable!("handshake frame too large to encode");
+        }
+    }
+
+    /// Records a failure and queues a REJECT for the peer when the failure is ours to
+    /// report.
+    fn fail(&mut self, e: HandshakeError) -> HandshakeError {
+        if let Some(reason) = e.reject_reason() {
+            let message = e.to_string();
+            let message = truncate_utf8(&message, 255);
+            let caps = self.caps;
+            let auth = auth_methods(&self.auth);
+            self.send(&Frame::Reject(Reject {
+                reason,
+                version_min: caps.versions.0,
+                version_max: caps.versions.1,
+                page_size: caps.page_size,
+                codecs: WireList::Slice(caps.codecs.as_slice()),
+                checksums: WireList::Slice(caps.checksums()),
+                auth: WireList::Slice(auth),
+                message,
+            }));
+        }
+        self.failed = Some(e);
+        e
+    }
+
+    fn rejected(&mut self, r: &Reject<'_>) -> HandshakeError {
+        self.peer_message = Some(r.message.to_owned());
+        let e = HandshakeError::Rejected {
+            reason: r.reason,
+            version_min: r.version_min,
+            version_max: r.version_max,
+            page_size: r.page_size,
+        };
+        self.failed = Some(e);
+        e
+    }
+}
+
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Feeds `input` to `decoder` one frame at a time, handing each frame to `on_frame`
+/// until `done()` says the handshake needs no more; returns the bytes consumed, so
+/// bytes after the handshake stay with the caller.
+fn drive(
+    decoder: &mut FrameDecoder,
+    common: &mut Common,
+    input: &[u8],
+    mut on_frame: impl FnMut(&mut Common, Frame<'_>) -> Result<bool, HandshakeError>,
+) -> Result<usize, HandshakeError> {
+    if let Some(e) = common.failed {
+        return Err(e);
+    }
+    let mut used = 0;
+    while used < input.len() {
+        let (n, frame) = match decoder.decode(&input[used..]) {
+            Ok(x) => x,
+            Err(e) => return Err(common.fail(e.into())),
+        };
+        used += n;
+        if let Some(frame) = frame {
+            match on_frame(common, frame) {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(e) => {
+                    if common.failed.is_none() {
+                        return Err(common.fail(e));
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(used)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ClientState {
+    AwaitWelcome,
+    AwaitReady,
+    Done,
+}
+
+/// The source's handshake on one channel.
+#[derive(Debug)]
+pub struct ClientHandshake {
+    common: Common,
+    decoder: FrameDecoder,
+    session: SessionId,
+    channel: ChannelId,
+    channel_count: u16,
+    hello: Vec<u8>,
+    state: ClientState,
+    negotiated: Option<Negotiated>,
+}
+
+impl ClientHandshake {
+    /// Starts a handshake; HELLO is queued at once.
+    ///
+    /// # Errors
+    /// `Config` when the configuration is invalid.
+    pub fn new(config: ClientConfig, nonce: [u8; NONCE_LEN]) -> Result<Self, HandshakeError> {
+        if config.channel_count == 0 || config.channel.0 >= config.channel_count {
+            return Err(HandshakeError::Config("channel must be < channel_count"));
+        }
+        let mut common = Common::new(config.caps, config.auth, nonce)?;
+        let caps = common.caps;
+        let hello = Hello {
+            version_min: caps.versions.0,
+            version_max: caps.versions.1,
+            session: config.session,
+            channel: config.channel,
+            channel_count: config.channel_count,
+            page_size: caps.page_size,
+            max_pages: caps.max_pages,
+            max_frame_bytes: caps.max_frame_bytes,
+            nonce,
+            codecs: WireList::Slice(caps.codecs.as_slice()),
+            checksums: WireList::Slice(caps.checksums()),
+            auth: WireList::Slice(auth_methods(&common.auth)),
+        };
+        let mut body = Vec::new();
+        hello
+            .encode_body(&mut body)
+            .map_err(|_| HandshakeError::Config("too many codecs"))?;
+        common.send(&Frame::Hello(hello));
+        Ok(Self {
+            common,
+            decoder: FrameDecoder::new(Limits::handshake()),
+            session: config.session,
+            channel: config.channel,
+            channel_count: config.channel_count,
+            hello: body,
+            state: ClientState::AwaitWelcome,
+            negotiated: None,
+        })
+    }
+
+    /// Appends the bytes to send to `out`.
+    pub fn take_output(&mut self, out: &mut Vec<u8>) {
+        out.append(&mut self.common.out);
+    }
+
+    /// Whether bytes are waiting to be sent.
+    pub fn has_output(&self) -> bool {
+        !self.common.out.is_empty()
+    }
+
+    /// Whether the channel is open for pages.
+    pub fn is_done(&self) -> bool {
+        self.state == ClientState::Done
+    }
+
+    /// The agreed parameters, once done (they are final only when READY arrives).
+    pub fn negotiated(&self) -> Option<&Negotiated> {
+        self.negotiated.as_ref().filter(|_| self.is_done())
+    }
+
+    /// The message of the peer's REJECT, if it sent one.
+    pub fn peer_message(&self) -> Option<&str> {
+        self.common.peer_message.as_deref()
+    }
+
+    /// Consumes received bytes; returns how many belong to the handshake (bytes after
+    /// its last frame are left to the caller).
+    ///
+    /// # Errors
+    /// Any [`HandshakeError`]; the handshake then stays failed. Send the pending output
+    /// (a REJECT) before closing.
+    pub fn receive(&mut self, input: &[u8]) -> Result<usize, HandshakeError> {
+        if self.state == ClientState::Done {
+            return Ok(0);
+        }
+        let Self {
+            common,
+            decoder,
+            session,
+            channel,
+            channel_count,
+            hello,
+            state,
+            negotiated,
+        } = self;
+        drive(decoder, common, input, |common, frame| {
+            match (*state, frame) {
+                (_, Frame::Reject(r)) => Err(common.rejected(&r)),
+                (ClientState::AwaitWelcome, Frame::Welcome(w)) => {
+                    let n = check_welcome(common, &w, hello, *session, *channel, *channel_count)?;
+                    *negotiated = Some(n);
+                    *state = ClientState::AwaitReady;
+                    Ok(false)
+                }
+                (ClientState::AwaitReady, Frame::Ready) => {
+                    *state = ClientState::Done;
+                    Ok(true)
+                }
+                (_, f) => Err(DecodeError::UnexpectedFrame(f.frame_type()).into()),
+            }
+        })
+        .inspect_err(|_| *negotiated = None)
+    }
+}
+
+fn check_welcome(
+    common: &mut Common,
+    w: &Welcome<'_>,
+    hello: &[u8],
+    session: SessionId,
+    channel: ChannelId,
+    channel_count: u16,
+) -> Result<Negotiated, HandshakeError> {
+    let caps = common.caps;
+    let proto = |what| Err(HandshakeError::ProtocolError(what));
+    if w.version < caps.versions.0 || w.version > caps.versions.1 {
+        return proto("WELCOME chose a version this side did not offer");
+    }
+    if w.page_size != caps.page_size {
+        return Err(HandshakeError::PageSizeMismatch {
+            ours: caps.page_size,
+            theirs: w.page_size,
+        });
+    }
+    if w.max_pages == 0 || w.max_pages > caps.max_pages {
+        return proto("WELCOME max_pages is outside this side's limit");
+    }
+    if w.max_frame_bytes < min_frame_bytes(caps.page_size)
+        || w.max_frame_bytes > caps.max_frame_bytes
+    {
+        return proto("WELCOME max_frame_bytes is outside this side's limit");
+    }
+    let mut codecs = CodecSet::empty();
+    for c in w.codecs.iter() {
+        if !caps.codecs.contains(c) {
+            return proto("WELCOME lists a codec this side did not offer");
+        }
+        codecs.insert(c);
+    }
+    if !codecs.contains(CodecId::RAW) || !codecs.contains(CodecId::ZERO) {
+        return Err(HandshakeError::NoCommonCodec);
+    }
+    match w.checksum {
+        None => {}
+        Some(ChecksumId::CRC32C) if caps.checksum => {}
+        Some(_) => return proto("WELCOME chose a checksum this side did not offer"),
+    }
+    let mut welcome = Vec::new();
+    if w.encode_body(&mut welcome, false).is_err() {
+        return proto("WELCOME does not re-encode");
+    }
+    let proof = match (common.auth.key(), w.auth, w.proof) {
+        (None, None, _) => None,
+        (None, Some(_), _) => return proto("WELCOME chose authentication this side did not offer"),
+        (Some(_), None, _) => return Err(HandshakeError::PeerNotAuthenticated),
+        (Some(key), Some(AuthMethod::HMAC_SHA256), Some(proof_d)) => {
+            if key
+                .proof(DESTINATION_LABEL, hello, &welcome)
+                .verify_slice(&proof_d)
+                .is_err()
+            {
+                return Err(HandshakeError::AuthFailed);
+            }
+            let proof_s: [u8; NONCE_LEN] = key
+                .proof(SOURCE_LABEL, hello, &welcome)
+                .finalize()
+                .into_bytes()
+                .into();
+            Some(proof_s)
+        }
+        (Some(_), Some(_), _) => return proto("WELCOME chose an unknown authentication method"),
+    };
+    common.send(&Frame::Confirm(Confirm { proof }));
+    Ok(Negotiated {
+        version: w.version,
+        session,
+        channel,
+        channel_count,
+        page_size: w.page_size,
+        max_pages: w.max_pages,
+        max_frame_bytes: w.max_frame_bytes,
+        codecs,
+        checksum: w.checksum,
+        auth: w.auth,
+    })
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ServerState {
+    AwaitHello,
+    AwaitConfirm,
+    Done,
+}
+
+/// The destination's handshake on one accepted channel.
+#[derive(Debug)]
+pub struct ServerHandshake {
+    common: Common,
+    decoder: FrameDecoder,
+    expected_session: Option<SessionId>,
+    /// HELLO body and WELCOME body without proof: what the source proves.
+    transcript: (Vec<u8>, Vec<u8>),
+    state: ServerState,
+    pending: Option<Negotiated>,
+    negotiated: Option<Negotiated>,
+}
+
+impl ServerHandshake {
+    /// Waits for a HELLO.
+    ///
+    /// # Errors
+    /// `Config` when the configuration is invalid.
+    pub fn new(config: ServerConfig, nonce: [u8; NONCE_LEN]) -> Result<Self, HandshakeError> {
+        Ok(Self {
+            common: Common::new(config.caps, config.auth, nonce)?,
+            decoder: FrameDecoder::new(Limits::handshake()),
+            expected_session: config.session,
+            transcript: (Vec::new(), Vec::new()),
+            state: ServerState::AwaitHello,
+            pending: None,
+            negotiated: None,
+        })
+    }
+
+    /// Appends the bytes to send to `out`.
+    pub fn take_output(&mut self, out: &mut Vec<u8>) {
+        out.append(&mut self.common.out);
+    }
+
+    /// Whether bytes are waiting to be sent.
+    pub fn has_output(&self) -> bool {
+        !self.common.out.is_empty()
+    }
+
+    /// Whether the channel is open for pages (READY is queued).
+    pub fn is_done(&self) -> bool {
+        self.state == ServerState::Done
+    }
+
+    /// The agreed parameters, once done.
+    pub fn negotiated(&self) -> Option<&Negotiated> {
+        self.negotiated.as_ref()
+    }
+
+    /// The message of the peer's REJECT, if it sent one.
+    pub fn peer_message(&self) -> Option<&str> {
+        self.common.peer_message.as_deref()
+    }
+
+    /// Consumes received bytes; returns how many belong to the handshake.
+    ///
+    /// # Errors
+    /// Any [`HandshakeError`]; the handshake then stays failed. Send the pending output
+    /// (a REJECT) before closing.
+    pub fn receive(&mut self, input: &[u8]) -> Result<usize, HandshakeError> {
+        if self.state == ServerState::Done {
+            return Ok(0);
+        }
+        let Self {
+            common,
+            decoder,
+            expected_session,
+            transcript,
+            state,
+            pending,
+            negotiated,
+        } = self;
+        drive(decoder, common, input, |common, frame| {
+            match (*state, frame) {
+                (_, Frame::Reject(r)) => Err(common.rejected(&r)),
+                (ServerState::AwaitHello, Frame::Hello(h)) => {
+                    *pending = Some(answer_hello(common, &h, *expected_session, transcript)?);
+                    *state = ServerState::AwaitConfirm;
+                    Ok(false)
+                }
+                (ServerState::AwaitConfirm, Frame::Confirm(c)) => {
+                    let n = pending
+                        .take()
+                        .ok_or(HandshakeError::ProtocolError("CONFIRM before WELCOME"))?;
+                    match (common.auth.key(), c.proof) {
+                        (None, None) => {}
+                        (None, Some(_)) => {
+                            return Err(HandshakeError::ProtocolError(
+                                "CONFIRM carries a proof that was not negotiated",
+                            ));
+                        }
+                        (Some(_), None) => return Err(HandshakeError::AuthFailed),
+                        (Some(key), Some(proof_s)) => {
+                            let (hello, welcome) = transcript;
+                            if key
+                                .proof(SOURCE_LABEL, hello, welcome)
+                                .verify_slice(&proof_s)
+                                .is_err()
+                            {
+                                return Err(HandshakeError::AuthFailed);
+                            }
+                        }
+                    }
+                    common.send(&Frame::Ready);
+                    *negotiated = Some(n);
+                    *state = ServerState::Done;
+                    Ok(true)
+                }
+                (_, f) => Err(DecodeError::UnexpectedFrame(f.frame_type()).into()),
+            }
+        })
+    }
+}
+
+fn answer_hello(
+    common: &mut Common,
+    h: &Hello<'_>,
+    expected_session: Option<SessionId>,
+    transcript: &mut (Vec<u8>, Vec<u8>),
+) -> Result<Negotiated, HandshakeError> {
+    let caps = common.caps;
+    if h.version_min.0 == 0 || h.version_min > h.version_max {
+        return Err(HandshakeError::BadParameters(
+            "HELLO version range is empty",
+        ));
+    }
+    let lo = caps.versions.0.max(h.version_min);
+    let hi = caps.versions.1.min(h.version_max);
+    if lo > hi {
+        return Err(HandshakeError::VersionMismatch {
+            ours_min: caps.versions.0,
+            ours_max: caps.versions.1,
+            theirs_min: h.version_min,
+            theirs_max: h.version_max,
+        });
+    }
+    if expected_session.is_some_and(|s| s != h.session) {
+        return Err(HandshakeError::UnknownSession(h.session));
+    }
+    if h.channel_count == 0 || h.channel.0 >= h.channel_count {
+        return Err(HandshakeError::BadChannel {
+            channel: h.channel,
+            count: h.channel_count,
+        });
+    }
+    if !valid_page_size(h.page_size) {
+        return Err(HandshakeError::BadParameters("HELLO page size"));
+    }
+    if h.page_size != caps.page_size {
+        return Err(HandshakeError::PageSizeMismatch {
+            ours: caps.page_size,
+            theirs: h.page_size,
+        });
+    }
+    if !(1..=MAX_PAGES_PER_FRAME).contains(&h.max_pages) {
+        return Err(HandshakeError::BadParameters("HELLO max_pages"));
+    }
+    if !(min_frame_bytes(h.page_size)..=MAX_FRAME_BYTES).contains(&h.max_frame_bytes) {
+        return Err(HandshakeError::BadParameters("HELLO max_frame_bytes"));
+    }
+    let mut codecs = CodecSet::empty();
+    for c in h.codecs.iter() {
+        if caps.codecs.contains(c) {
+            codecs.insert(c);
+        }
+    }
+    if !codecs.contains(CodecId::RAW) || !codecs.contains(CodecId::ZERO) {
+        return Err(HandshakeError::NoCommonCodec);
+    }
+    let checksum =
+        (caps.checksum && h.checksums.contains(ChecksumId::CRC32C)).then_some(ChecksumId::CRC32C);
+    let key = common.auth.key().cloned();
+    let auth = match &key {
+        None => None,
+        Some(_) if h.auth.contains(AuthMethod::HMAC_SHA256) => Some(AuthMethod::HMAC_SHA256),
+        Some(_) => return Err(HandshakeError::AuthRequired),
+    };
+    let mut welcome = Welcome {
+        version: hi,
+        page_size: caps.page_size,
+        max_pages: caps.max_pages.min(h.max_pages),
+        max_frame_bytes: caps.max_frame_bytes.min(h.max_frame_bytes),
+        nonce: common.nonce,
+        codecs: WireList::Slice(codecs.as_slice()),
+        checksum,
+        auth,
+        proof: None,
+    };
+    let (hello_body, welcome_body) = transcript;
+    hello_body.clear();
+    welcome_body.clear();
+    if Frame::Hello(*h).encode(hello_body).is_err() {
+        return Err(HandshakeError::ProtocolError("HELLO does not re-encode"));
+    }
+    // Keep only the body: the transcript covers bodies, not envelopes.
+    hello_body.drain(..crate::frame::Envelope::LEN);
+    if welcome.encode_body(welcome_body, false).is_err() {
+        unreachable!("WELCOME within field limits");
+    }
+    if let Some(key) = &key {
+        welcome.proof = Some(
+            key.proof(DESTINATION_LABEL, hello_body, welcome_body)
+                .finalize()
+                .into_bytes()
+                .into(),
+        );
+    }
+    common.send(&Frame::Welcome(welcome));
+    Ok(Negotiated {
+        version: hi,
+        session: h.session,
+        channel: h.channel,
+        channel_count: h.channel_count,
+        page_size: welcome.page_size,
+        max_pages: welcome.max_pages,
+        max_frame_bytes: welcome.max_frame_bytes,
+        codecs,
+        checksum,
+        auth,
+    })
+}

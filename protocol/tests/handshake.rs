@@ -1,0 +1,484 @@
+//! The handshake matrix: versions, codecs, checksums, keys, truncation, garbage.
+
+use pagewire_protocol::frame::{Confirm, Hello, NONCE_LEN, Welcome};
+use pagewire_protocol::*;
+
+const SESSION: SessionId = SessionId([0x42; 16]);
+
+fn key(b: u8) -> Authentication {
+    Authentication::PreSharedKey(SessionKey::new(vec![b; 32]).unwrap())
+}
+
+fn client_with(caps: Capabilities, auth: Authentication) -> ClientHandshake {
+    ClientHandshake::new(
+        ClientConfig {
+            caps,
+            session: SESSION,
+            channel: ChannelId(1),
+            channel_count: 2,
+            auth,
+        },
+        [0xc1; NONCE_LEN],
+    )
+    .unwrap()
+}
+
+fn server_with(caps: Capabilities, auth: Authentication) -> ServerHandshake {
+    ServerHandshake::new(
+        ServerConfig {
+            caps,
+            session: Some(SESSION),
+            auth,
+        },
+        [0x5e; NONCE_LEN],
+    )
+    .unwrap()
+}
+
+type Outcome = (Result<(), HandshakeError>, Result<(), HandshakeError>);
+
+/// Moves bytes between the two until both are done or one has failed and its last
+/// words were delivered; bounded, never hangs.
+fn pump(c: &mut ClientHandshake, s: &mut ServerHandshake, chunk: usize) -> Outcome {
+    let (mut cr, mut sr) = (Ok(()), Ok(()));
+    for _ in 0..8 {
+        let mut wire = Vec::new();
+        c.take_output(&mut wire);
+        for piece in wire.chunks(chunk) {
+            if sr.is_ok() {
+                sr = s.receive(piece).map(|_| ());
+            }
+        }
+        let mut wire = Vec::new();
+        s.take_output(&mut wire);
+        for piece in wire.chunks(chunk) {
+            if cr.is_ok() {
+                cr = c.receive(piece).map(|_| ());
+            }
+        }
+        let settled = |r: &Result<(), _>, done: bool| r.is_err() || done;
+        if settled(&cr, c.is_done()) && settled(&sr, s.is_done()) && !c.has_output() {
+            break;
+        }
+    }
+    (cr, sr)
+}
+
+fn handshake(
+    ccaps: Capabilities,
+    cauth: Authentication,
+    scaps: Capabilities,
+    sauth: Authentication,
+) -> (ClientHandshake, ServerHandshake, Outcome) {
+    let mut c = client_with(ccaps, cauth);
+    let mut s = server_with(scaps, sauth);
+    let out = pump(&mut c, &mut s, usize::MAX);
+    (c, s, out)
+}
+
+fn caps() -> Capabilities {
+    Capabilities::new(4096)
+}
+
+fn hello_bytes(min: u16, max: u16, codecs: &[CodecId]) -> Vec<u8> {
+    let mut out = Vec::new();
+    Frame::Hello(Hello {
+        version_min: Version(min),
+        version_max: Version(max),
+        session: SESSION,
+        channel: ChannelId(0),
+        channel_count: 1,
+        page_size: 4096,
+        max_pages: 64,
+        max_frame_bytes: 1 << 20,
+        nonce: [9; NONCE_LEN],
+        codecs: WireList::Slice(codecs),
+        checksums: WireList::Slice(&[]),
+        auth: WireList::Slice(&[]),
+    })
+    .encode(&mut out)
+    .unwrap();
+    out
+}
+
+/// Decodes the single handshake frame in `bytes`.
+fn only_frame(bytes: &[u8]) -> Frame<'_> {
+    let env = Envelope::parse(bytes[..8].try_into().unwrap(), &Limits::handshake()).unwrap();
+    assert_eq!(env.frame_len(), bytes.len(), "exactly one frame");
+    Frame::decode(env, &bytes[8..], &Limits::handshake()).unwrap()
+}
+
+#[test]
+fn equal_versions_without_keys() {
+    let (c, s, (cr, sr)) = handshake(caps(), Authentication::None, caps(), Authentication::None);
+    assert_eq!((cr, sr), (Ok(()), Ok(())));
+    let n = *c.negotiated().unwrap();
+    assert_eq!(Some(&n), s.negotiated());
+    assert_eq!(n.version, Version(1));
+    assert_eq!(n.channel, ChannelId(1));
+    assert_eq!(n.channel_count, 2);
+    assert_eq!(n.auth, None);
+    assert_eq!(n.checksum, None);
+    assert_eq!(n.codecs, CodecSet::all_known());
+}
+
+#[test]
+fn same_key_authenticates_both_ways_and_limits_take_the_minimum() {
+    let mut sc = caps();
+    sc.max_pages = 32;
+    sc.checksum = true;
+    let mut cc = caps();
+    cc.max_frame_bytes = 1 << 20;
+    cc.checksum = true;
+    let (c, s, (cr, sr)) = handshake(cc, key(1), sc, key(1));
+    assert_eq!((cr, sr), (Ok(()), Ok(())));
+    let n = c.negotiated().unwrap();
+    assert_eq!(Some(n), s.negotiated());
+    assert_eq!(n.auth, Some(AuthMethod::HMAC_SHA256));
+    assert_eq!(n.checksum, Some(ChecksumId::CRC32C));
+    assert_eq!((n.max_pages, n.max_frame_bytes), (32, 1 << 20));
+}
+
+#[test]
+fn one_byte_at_a_time() {
+    let mut c = client_with(caps(), key(3));
+    let mut s = server_with(caps(), key(3));
+    assert_eq!(pump(&mut c, &mut s, 1), (Ok(()), Ok(())));
+    assert!(c.is_done() && s.is_done());
+}
+
+#[test]
+fn overlapping_ranges_pick_the_highest_common_version() {
+    // A future source speaking 1..=9 meets this destination (1..=1).
+    let mut s = server_with(caps(), Authentication::None);
+    let hello = hello_bytes(1, 9, &[CodecId::RAW, CodecId::ZERO, CodecId(0xf00d)]);
+    assert_eq!(s.receive(&hello), Ok(hello.len()));
+    let mut out = Vec::new();
+    s.take_output(&mut out);
+    let Frame::Welcome(w) = only_frame(&out) else {
+        panic!("expected WELCOME")
+    };
+    assert_eq!(w.version, Version(1));
+    // Unknown private codec dropped from the intersection.
+    assert_eq!(w.codecs.to_vec(), [CodecId::RAW, CodecId::ZERO]);
+}
+
+#[test]
+fn disjoint_ranges_fail_clearly_on_both_sides() {
+    // A future source that dropped version 1.
+    let mut s = server_with(caps(), Authentication::None);
+    let err = s.receive(&hello_bytes(2, 4, &[CodecId::RAW, CodecId::ZERO]));
+    assert_eq!(
+        err,
+        Err(HandshakeError::VersionMismatch {
+            ours_min: Version(1),
+            ours_max: Version(1),
+            theirs_min: Version(2),
+            theirs_max: Version(4)
+        })
+    );
+    let mut out = Vec::new();
+    s.take_output(&mut out);
+    let Frame::Reject(r) = only_frame(&out) else {
+        panic!("expected REJECT")
+    };
+    assert_eq!(r.reason, RejectReason::UNSUPPORTED_VERSION);
+    assert_eq!((r.version_min, r.version_max), (Version(1), Version(1)));
+    assert!(r.message.contains("version"), "{}", r.message);
+    // The failure is sticky.
+    assert!(s.receive(&[0]).is_err());
+
+    // This source meets a future destination that answers with its own REJECT.
+    let mut c = client_with(caps(), Authentication::None);
+    let mut reject = Vec::new();
+    Frame::Reject(Reject {
+        reason: RejectReason::UNSUPPORTED_VERSION,
+        version_min: Version(2),
+        version_max: Version(3),
+        page_size: 4096,
+        codecs: WireList::Slice(&[CodecId::RAW, CodecId::ZERO]),
+        checksums: WireList::Slice(&[]),
+        auth: WireList::Slice(&[]),
+        message: "speaks 2..=3",
+    })
+    .encode(&mut reject)
+    .unwrap();
+    let e = c.receive(&reject).unwrap_err();
+    assert_eq!(
+        e,
+        HandshakeError::Rejected {
+            reason: RejectReason::UNSUPPORTED_VERSION,
+            version_min: Version(2),
+            version_max: Version(3),
+            page_size: 4096
+        }
+    );
+    assert!(e.to_string().contains("2..=3"), "{e}");
+    assert_eq!(c.peer_message(), Some("speaks 2..=3"));
+}
+
+#[test]
+fn welcome_with_a_version_not_offered_is_refused() {
+    let mut c = client_with(caps(), Authentication::None);
+    let mut out = Vec::new();
+    Frame::Welcome(Welcome {
+        version: Version(2),
+        page_size: 4096,
+        max_pages: 64,
+        max_frame_bytes: 1 << 20,
+        nonce: [0; NONCE_LEN],
+        codecs: WireList::Slice(&[CodecId::RAW, CodecId::ZERO]),
+        checksum: None,
+        auth: None,
+        proof: None,
+    })
+    .encode(&mut out)
+    .unwrap();
+    assert!(matches!(
+        c.receive(&out),
+        Err(HandshakeError::ProtocolError(_))
+    ));
+    assert!(c.has_output(), "a REJECT tells the destination why");
+}
+
+#[test]
+fn codecs_missing_on_one_side_are_not_negotiated() {
+    let mut cc = caps();
+    cc.codecs = CodecSet::from_ids([CodecId::RAW, CodecId::ZERO, CodecId::ZSTD]).unwrap();
+    let mut sc = caps();
+    sc.codecs = CodecSet::from_ids([CodecId::RAW, CodecId::ZERO, CodecId::LZ4]).unwrap();
+    let (c, _s, (cr, sr)) = handshake(cc, Authentication::None, sc, Authentication::None);
+    assert_eq!((cr, sr), (Ok(()), Ok(())));
+    let n = c.negotiated().unwrap();
+    assert_eq!(n.codecs.as_slice(), &[CodecId::RAW, CodecId::ZERO]);
+    // A zstd frame is then refused by the receiver.
+    let payload = [1u8; 100];
+    let runs = [PageRun {
+        start: PageIndex(0),
+        count: 1,
+    }];
+    let mut bytes = Vec::new();
+    Frame::Pages(PageFrame {
+        codec: CodecId::ZSTD,
+        region: RegionId(0),
+        round: Round(0),
+        data_runs: WireList::Slice(&runs),
+        zero_runs: WireList::Slice(&[]),
+        lengths: None,
+        crc: None,
+        payload: &payload,
+    })
+    .encode(&mut bytes)
+    .unwrap();
+    let mut dec = FrameDecoder::new(n.limits());
+    assert_eq!(
+        dec.decode(&bytes).map(|_| ()),
+        Err(DecodeError::CodecNotNegotiated(CodecId::ZSTD))
+    );
+}
+
+#[test]
+fn no_raw_in_common_is_rejected() {
+    let mut s = server_with(caps(), Authentication::None);
+    assert_eq!(
+        s.receive(&hello_bytes(1, 1, &[CodecId::ZSTD])),
+        Err(HandshakeError::NoCommonCodec)
+    );
+    let mut out = Vec::new();
+    s.take_output(&mut out);
+    let Frame::Reject(r) = only_frame(&out) else {
+        panic!()
+    };
+    assert_eq!(r.reason, RejectReason::NO_COMMON_CODEC);
+    assert_eq!(r.codecs.to_vec(), CodecSet::all_known().as_slice());
+}
+
+#[test]
+fn wrong_key_fails_on_both_sides() {
+    let (c, s, (cr, sr)) = handshake(caps(), key(1), caps(), key(2));
+    assert_eq!(cr, Err(HandshakeError::AuthFailed));
+    assert!(matches!(
+        sr,
+        Err(HandshakeError::Rejected {
+            reason: RejectReason::AUTH_FAILED,
+            ..
+        })
+    ));
+    assert!(c.negotiated().is_none() && s.negotiated().is_none());
+}
+
+#[test]
+fn forged_source_proof_is_refused_before_any_page() {
+    let mut c = client_with(caps(), key(1));
+    let mut s = server_with(caps(), key(1));
+    let mut wire = Vec::new();
+    c.take_output(&mut wire);
+    s.receive(&wire).unwrap();
+    // The source never answers; an attacker replays a CONFIRM with a made-up proof.
+    let mut forged = Vec::new();
+    Frame::Confirm(Confirm {
+        proof: Some([0xaa; NONCE_LEN]),
+    })
+    .encode(&mut forged)
+    .unwrap();
+    assert_eq!(s.receive(&forged), Err(HandshakeError::AuthFailed));
+    assert!(!s.is_done() && s.negotiated().is_none());
+    // A CONFIRM without any proof is refused too.
+    let mut s = server_with(caps(), key(1));
+    s.receive(&wire).unwrap();
+    let mut bare = Vec::new();
+    Frame::Confirm(Confirm { proof: None })
+        .encode(&mut bare)
+        .unwrap();
+    assert_eq!(s.receive(&bare), Err(HandshakeError::AuthFailed));
+}
+
+#[test]
+fn key_on_the_destination_only() {
+    let (_c, _s, (cr, sr)) = handshake(caps(), Authentication::None, caps(), key(1));
+    assert_eq!(sr, Err(HandshakeError::AuthRequired));
+    assert!(matches!(
+        cr,
+        Err(HandshakeError::Rejected {
+            reason: RejectReason::AUTH_REQUIRED,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn key_on_the_source_only() {
+    let (_c, s, (cr, sr)) = handshake(caps(), key(1), caps(), Authentication::None);
+    assert_eq!(cr, Err(HandshakeError::PeerNotAuthenticated));
+    assert!(matches!(
+        sr,
+        Err(HandshakeError::Rejected {
+            reason: RejectReason::PEER_NOT_AUTHENTICATED,
+            ..
+        })
+    ));
+    assert!(!s.is_done(), "the destination never opened the channel");
+}
+
+#[test]
+fn page_size_session_and_channel_mismatches() {
+    let (_, _, (cr, sr)) = handshake(
+        Capabilities::new(65536),
+        Authentication::None,
+        caps(),
+        Authentication::None,
+    );
+    assert_eq!(
+        sr,
+        Err(HandshakeError::PageSizeMismatch {
+            ours: 4096,
+            theirs: 65536
+        })
+    );
+    assert!(matches!(
+        cr,
+        Err(HandshakeError::Rejected {
+            reason: RejectReason::PAGE_SIZE_MISMATCH,
+            ..
+        })
+    ));
+
+    let mut s = ServerHandshake::new(
+        ServerConfig {
+            caps: caps(),
+            session: Some(SessionId([1; 16])),
+            auth: Authentication::None,
+        },
+        [0; NONCE_LEN],
+    )
+    .unwrap();
+    assert_eq!(
+        s.receive(&hello_bytes(1, 1, &[CodecId::RAW, CodecId::ZERO])),
+        Err(HandshakeError::UnknownSession(SESSION))
+    );
+
+    let mut bad = hello_bytes(1, 1, &[CodecId::RAW, CodecId::ZERO]);
+    // channel (offset 8 + 8 + 4 + 16) = 5 of channel_count 1.
+    bad[36] = 5;
+    let mut s = server_with(caps(), Authentication::None);
+    assert!(matches!(
+        s.receive(&bad),
+        Err(HandshakeError::BadChannel { .. })
+    ));
+}
+
+#[test]
+fn truncated_handshake_waits_and_garbage_fails() {
+    let mut c = client_with(caps(), Authentication::None);
+    let mut s = server_with(caps(), Authentication::None);
+    let mut hello = Vec::new();
+    c.take_output(&mut hello);
+    // Half a HELLO: consumed, no answer, no error, not done.
+    let half = &hello[..hello.len() / 2];
+    assert_eq!(s.receive(half), Ok(half.len()));
+    assert!(!s.is_done() && !s.has_output());
+    // The rest completes it.
+    assert!(s.receive(&hello[hello.len() / 2..]).is_ok());
+    assert!(s.has_output());
+
+    // Something that is not pagewire at all.
+    let mut s = server_with(caps(), Authentication::None);
+    let e = s.receive(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap_err();
+    assert!(matches!(e, HandshakeError::Decode(_)), "{e:?}");
+    // A HELLO with the wrong magic.
+    let mut s = server_with(caps(), Authentication::None);
+    let mut bad = hello.clone();
+    bad[8] = b'X';
+    assert_eq!(
+        s.receive(&bad),
+        Err(HandshakeError::Decode(DecodeError::BadMagic))
+    );
+}
+
+#[test]
+fn bytes_after_the_handshake_stay_with_the_caller() {
+    let mut c = client_with(caps(), Authentication::None);
+    let mut s = server_with(caps(), Authentication::None);
+    let mut wire = Vec::new();
+    c.take_output(&mut wire);
+    s.receive(&wire).unwrap();
+    wire.clear();
+    s.take_output(&mut wire);
+    c.receive(&wire).unwrap();
+    wire.clear();
+    c.take_output(&mut wire);
+    let confirm_len = wire.len();
+    Frame::Complete(Complete {
+        final_round: Round(0),
+        sections: 0,
+    })
+    .encode(&mut wire)
+    .unwrap();
+    assert_eq!(s.receive(&wire), Ok(confirm_len));
+    assert!(s.is_done());
+    let mut dec = FrameDecoder::new(s.negotiated().unwrap().limits());
+    let (_, f) = dec.decode(&wire[confirm_len..]).unwrap();
+    assert!(matches!(f, Some(Frame::Complete(_))));
+}
+
+#[test]
+fn configurations_are_checked() {
+    let mut bad = caps();
+    bad.codecs = CodecSet::from_ids([CodecId::ZSTD]).unwrap();
+    assert!(matches!(
+        ServerHandshake::new(
+            ServerConfig {
+                caps: bad,
+                session: None,
+                auth: Authentication::None
+            },
+            [0; NONCE_LEN]
+        ),
+        Err(HandshakeError::Config(_))
+    ));
+    assert!(SessionKey::new(vec![0; 8]).is_err());
+    assert_eq!(
+        format!("{:?}", SessionKey::new(vec![7; 16]).unwrap()),
+        "SessionKey(<redacted>)"
+    );
+}
