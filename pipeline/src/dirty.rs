@@ -1,0 +1,219 @@
+//! Dirty-page sets and the trait through which a VMM hands over its dirty log.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use pagewire_protocol::RegionId;
+
+/// One bit per page of a region. Setting bits is lock-free, so a VMM's own tracking (or
+/// a test's writer thread) can mark pages from any thread.
+#[derive(Debug)]
+pub struct DirtyBitmap {
+    words: Vec<AtomicU64>,
+    pages: u64,
+}
+
+impl DirtyBitmap {
+    /// An empty bitmap for `pages` pages.
+    pub fn new(pages: u64) -> Self {
+        let words = pages.div_ceil(64) as usize;
+        Self {
+            words: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            pages,
+        }
+    }
+
+    /// A bitmap with every page set (the first round sends everything).
+    pub fn full(pages: u64) -> Self {
+        let b = Self::new(pages);
+        b.set_range(0, pages);
+        b
+    }
+
+    /// Pages covered.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// Marks one page; pages past the end are ignored.
+    pub fn set(&self, page: u64) {
+        if page < self.pages {
+            self.words[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Relaxed);
+        }
+    }
+
+    /// Marks `count` pages from `start` (clipped to the bitmap).
+    pub fn set_range(&self, start: u64, count: u64) {
+        let end = start.saturating_add(count).min(self.pages);
+        let mut p = start;
+        while p < end {
+            let bit = p % 64;
+            let n = (64 - bit).min(end - p);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            self.words[(p / 64) as usize].fetch_or(mask, Ordering::Relaxed);
+            p += n;
+        }
+    }
+
+    /// Whether a page is marked.
+    pub fn is_set(&self, page: u64) -> bool {
+        page < self.pages
+            && self.words[(page / 64) as usize].load(Ordering::Relaxed) & (1 << (page % 64)) != 0
+    }
+
+    /// Marked pages.
+    pub fn count(&self) -> u64 {
+        self.words
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+            .sum()
+    }
+
+    /// Moves every mark into `into` (OR) and clears this bitmap, word by word
+    /// atomically, so no mark set concurrently is lost.
+    pub fn drain_into(&self, into: &DirtyBitmap) {
+        for (w, d) in self.words.iter().zip(&into.words) {
+            let bits = w.swap(0, Ordering::AcqRel);
+            if bits != 0 {
+                d.fetch_or(bits, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// ORs a KVM-style bitmap (little-endian u64 words, bit n = page n) into this one.
+    pub fn merge_words(&self, words: &[u64]) {
+        for (w, &bits) in self.words.iter().zip(words) {
+            if bits != 0 {
+                w.fetch_or(bits, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Clears every mark.
+    pub fn clear(&self) {
+        for w in &self.words {
+            w.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// The marked pages as maximal runs `(start, count)`, ascending.
+    pub fn runs(&self) -> Runs<'_> {
+        Runs {
+            bitmap: self,
+            next: 0,
+        }
+    }
+}
+
+/// Iterator over the runs of marked pages of a [`DirtyBitmap`].
+#[derive(Debug)]
+pub struct Runs<'a> {
+    bitmap: &'a DirtyBitmap,
+    next: u64,
+}
+
+impl Runs<'_> {
+    /// First page at or after `from` whose bit equals `want`, or the bitmap's end.
+    fn seek(&self, from: u64, want: bool) -> u64 {
+        let b = self.bitmap;
+        let mut p = from;
+        while p < b.pages {
+            let w = b.words[(p / 64) as usize].load(Ordering::Relaxed);
+            let w = if want { w } else { !w } >> (p % 64);
+            if w != 0 {
+                return (p + u64::from(w.trailing_zeros())).min(b.pages);
+            }
+            p = (p / 64 + 1) * 64;
+        }
+        b.pages
+    }
+}
+
+impl Iterator for Runs<'_> {
+    type Item = (u64, u64);
+    fn next(&mut self) -> Option<(u64, u64)> {
+        let start = self.seek(self.next, true);
+        if start >= self.bitmap.pages {
+            self.next = start;
+            return None;
+        }
+        let end = self.seek(start, false);
+        self.next = end;
+        Some((start, end - start))
+    }
+}
+
+/// Errors a VMM's dirty log reports; boxed so any VMM error type fits.
+pub type DirtyLogError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What the pre-copy driver needs from the VMM: its dirty log and control of the vCPUs.
+///
+/// Implemented over KVM's dirty log (`KVM_GET_DIRTY_LOG`/`KVM_CLEAR_DIRTY_LOG`), a dirty
+/// ring, or the VMM's own tracking.
+pub trait DirtyLog: Send {
+    /// Adds the pages of `region` dirtied since the last call to `into` (OR, without
+    /// clearing `into`), and clears them in the log: after this call, a guest write marks
+    /// the page again. Called before the pages are read.
+    ///
+    /// # Errors
+    /// Whatever the VMM's log reports; the migration fails and the guest keeps running.
+    fn sync_and_clear(&mut self, region: RegionId, into: &DirtyBitmap)
+    -> Result<(), DirtyLogError>;
+
+    /// Stops the vCPUs for the final round.
+    ///
+    /// # Errors
+    /// The VMM could not pause the guest.
+    fn pause(&mut self) -> Result<(), DirtyLogError>;
+
+    /// Restarts the vCPUs (after a failed migration, the guest keeps running here).
+    ///
+    /// # Errors
+    /// The VMM could not resume the guest.
+    fn resume(&mut self) -> Result<(), DirtyLogError>;
+
+    /// Slows the guest to `percent` of its CPU time (100 = unthrottled), when a migration
+    /// does not converge. Optional.
+    ///
+    /// # Errors
+    /// The VMM could not throttle.
+    fn throttle(&mut self, percent: u8) -> Result<(), DirtyLogError> {
+        let _ = percent;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_are_maximal_and_cross_words() {
+        let b = DirtyBitmap::new(200);
+        b.set_range(3, 2);
+        b.set_range(60, 10);
+        b.set(199);
+        b.set(500);
+        assert_eq!(b.runs().collect::<Vec<_>>(), [(3, 2), (60, 10), (199, 1)]);
+        assert_eq!(b.count(), 13);
+        let f = DirtyBitmap::full(130);
+        assert_eq!(f.runs().collect::<Vec<_>>(), [(0, 130)]);
+        assert_eq!(DirtyBitmap::new(64).runs().count(), 0);
+    }
+
+    #[test]
+    fn drain_moves_marks_and_clears() {
+        let a = DirtyBitmap::new(100);
+        let b = DirtyBitmap::new(100);
+        a.set(5);
+        b.set(7);
+        a.drain_into(&b);
+        assert_eq!(a.count(), 0);
+        assert_eq!(b.runs().collect::<Vec<_>>(), [(5, 1), (7, 1)]);
+        b.merge_words(&[1 << 9]);
+        assert!(b.is_set(9));
+    }
+}

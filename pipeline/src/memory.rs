@@ -1,0 +1,374 @@
+//! Guest memory as the VMM describes it: regions of host virtual memory that the guest
+//! may write at any moment.
+//!
+//! pagewire never builds a `&[u8]` or `&mut [u8]` that outlives one copy over guest
+//! memory: pages are read and written through raw pointers, one page at a time, the way
+//! vm-memory's volatile slices do. A page read while the guest writes it may be torn;
+//! that is harmless because the write also marks the page dirty, so a later round (or
+//! the final, paused one) sends it again.
+
+use std::io;
+use std::ptr::NonNull;
+
+use pagewire_protocol::{GuestAddr, MemoryLayout, RegionDesc, RegionId};
+
+/// Errors describing guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// A region's parameters are not acceptable.
+    #[error("region {id:?}: {what}")]
+    BadRegion {
+        /// The region.
+        id: RegionId,
+        /// What is wrong.
+        what: &'static str,
+    },
+    /// The regions do not form a valid layout (duplicate ids or overlap).
+    #[error("invalid memory layout: {0}")]
+    Layout(#[from] pagewire_protocol::DecodeError),
+    /// Mapping anonymous memory failed.
+    #[error("mmap of {len} bytes failed")]
+    Map {
+        /// Bytes requested.
+        len: u64,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// One region as the VMM describes it.
+#[derive(Clone, Copy, Debug)]
+pub struct RegionSpec {
+    /// Region id, unique in the session.
+    pub id: RegionId,
+    /// Host virtual address of the region's first byte.
+    pub host_addr: *mut u8,
+    /// Guest physical address of the first byte.
+    pub guest_addr: GuestAddr,
+    /// Length in bytes, a multiple of the page size.
+    pub len: u64,
+    /// Page size backing the region (4 KiB, 2 MiB, 1 GiB).
+    pub backing_page_size: u32,
+}
+
+#[derive(Debug)]
+struct Region {
+    desc: RegionDesc,
+    host: NonNull<u8>,
+}
+
+/// The guest memory a migration reads (source) or writes (destination).
+#[derive(Debug)]
+pub struct GuestMemory {
+    page_size: u32,
+    regions: Vec<Region>,
+    layout: MemoryLayout,
+    /// Mappings this value owns and unmaps on drop.
+    owned: Vec<(NonNull<u8>, usize)>,
+}
+
+// SAFETY: the regions are plain memory whose validity `GuestMemory::new`'s caller
+// guarantees for the value's lifetime; all access goes through raw-pointer copies that
+// tolerate concurrent writers (see the module docs), so sharing between threads adds
+// no hazard beyond what the guest itself already does.
+unsafe impl Send for GuestMemory {}
+// SAFETY: as above; `&GuestMemory` only hands out copies and raw pointers.
+unsafe impl Sync for GuestMemory {}
+
+impl GuestMemory {
+    /// Describes guest memory at host addresses the VMM owns.
+    ///
+    /// # Safety
+    /// For every region, `host_addr..host_addr + len` must be mapped readable and
+    /// writable for as long as this value (and any migration using it) lives, and must
+    /// not be unmapped or remapped meanwhile. The memory may be written concurrently by
+    /// the guest or other threads: pagewire accesses it only through raw-pointer copies
+    /// and never keeps references to it.
+    ///
+    /// # Errors
+    /// `BadRegion` for a null, unaligned or empty region; `Layout` for duplicate ids or
+    /// overlapping guest ranges.
+    pub unsafe fn new(page_size: u32, specs: &[RegionSpec]) -> Result<Self, MemoryError> {
+        let mut regions = Vec::with_capacity(specs.len());
+        for s in specs {
+            let bad = |what| MemoryError::BadRegion { id: s.id, what };
+            let host = NonNull::new(s.host_addr).ok_or(bad("null host address"))?;
+            if s.len == 0 || !s.len.is_multiple_of(u64::from(page_size)) {
+                return Err(bad("length must be a non-zero multiple of the page size"));
+            }
+            if !(s.host_addr as usize).is_multiple_of(page_size as usize) {
+                return Err(bad("host address must be page aligned"));
+            }
+            if usize::try_from(s.len).is_err() {
+                return Err(bad("length does not fit the address space"));
+            }
+            regions.push(Region {
+                desc: RegionDesc {
+                    id: s.id,
+                    backing_page_size: s.backing_page_size,
+                    guest_addr: s.guest_addr,
+                    length: s.len,
+                },
+                host,
+            });
+        }
+        let layout = MemoryLayout::new(page_size, regions.iter().map(|r| r.desc))?;
+        regions.sort_by_key(|r| r.desc.id);
+        Ok(Self {
+            page_size,
+            regions,
+            layout,
+            owned: Vec::new(),
+        })
+    }
+
+    /// Allocates zero-filled anonymous memory for `layout`'s regions (a destination's
+    /// guest memory, or a test's). The mappings are private, lazily backed, and
+    /// unmapped on drop.
+    ///
+    /// # Errors
+    /// `Map` when the kernel refuses the mapping; `BadRegion` as [`GuestMemory::new`].
+    pub fn anonymous(layout: &MemoryLayout) -> Result<Self, MemoryError> {
+        let mut owned = Vec::new();
+        let mut specs = Vec::new();
+        for r in layout.regions() {
+            let len = usize::try_from(r.length).map_err(|_| MemoryError::BadRegion {
+                id: r.id,
+                what: "length does not fit the address space",
+            })?;
+            // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                let source = io::Error::last_os_error();
+                free_mappings(&owned);
+                return Err(MemoryError::Map {
+                    len: r.length,
+                    source,
+                });
+            }
+            let p = p.cast::<u8>();
+            // mmap never returns null on success for a non-fixed mapping.
+            owned.push((NonNull::new(p).unwrap_or(NonNull::dangling()), len));
+            specs.push(RegionSpec {
+                id: r.id,
+                host_addr: p,
+                guest_addr: r.guest_addr,
+                len: r.length,
+                backing_page_size: r.backing_page_size,
+            });
+        }
+        // SAFETY: the mappings were just created, are readable and writable, and are
+        // owned by the value returned, which unmaps them only when dropped.
+        match unsafe { Self::new(layout.page_size(), &specs) } {
+            Ok(mut m) => {
+                m.owned = owned;
+                Ok(m)
+            }
+            Err(e) => {
+                free_mappings(&owned);
+                Err(e)
+            }
+        }
+    }
+
+    /// The layout sent to the destination.
+    pub fn layout(&self) -> &MemoryLayout {
+        &self.layout
+    }
+
+    /// The page size.
+    pub fn page_size(&self) -> u32 {
+        self.page_size
+    }
+
+    /// Region ids in ascending order.
+    pub fn region_ids(&self) -> impl Iterator<Item = RegionId> + '_ {
+        self.regions.iter().map(|r| r.desc.id)
+    }
+
+    /// Pages in a region.
+    pub fn pages(&self, region: RegionId) -> Option<u64> {
+        self.layout.pages(region)
+    }
+
+    fn region(&self, id: RegionId) -> Option<&Region> {
+        self.regions
+            .binary_search_by_key(&id, |r| r.desc.id)
+            .ok()
+            .map(|i| &self.regions[i])
+    }
+
+    /// A raw pointer to a page, or `None` when it is outside the memory. Dereferencing it
+    /// is the caller's unsafe step: the memory is shared with the guest.
+    pub fn page_ptr(&self, region: RegionId, page: u64) -> Option<NonNull<u8>> {
+        let r = self.region(region)?;
+        let off = page.checked_mul(u64::from(self.page_size))?;
+        if off >= r.desc.length {
+            return None;
+        }
+        // SAFETY: `off < length`, so the result stays inside the region's mapping, whose
+        // length fits `usize` (checked in `new`).
+        Some(unsafe { r.host.add(off as usize) })
+    }
+
+    /// Copies `pages` consecutive pages starting at `page` into `dst`.
+    ///
+    /// Returns `false` (copying nothing) when the range is outside the region or `dst`
+    /// is not exactly that long.
+    pub fn read_pages(&self, region: RegionId, page: u64, pages: u64, dst: &mut [u8]) -> bool {
+        let Some((src, len)) = self.span(region, page, pages) else {
+            return false;
+        };
+        if dst.len() != len {
+            return false;
+        }
+        // SAFETY: `span` checked that `src..src+len` lies inside a mapped region; `dst` is
+        // a distinct Rust buffer of the same length. Concurrent guest writes can tear the
+        // copy, which the dirty log makes harmless (module docs).
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_mut_ptr(), len) };
+        true
+    }
+
+    /// Copies `src` into consecutive pages starting at `page`.
+    ///
+    /// Returns `false` (writing nothing) when the range is outside the region or `src` is
+    /// not a whole number of pages.
+    pub fn write_pages(&self, region: RegionId, page: u64, src: &[u8]) -> bool {
+        let ps = self.page_size as usize;
+        if src.is_empty() || !src.len().is_multiple_of(ps) {
+            return false;
+        }
+        let Some((dst, len)) = self.span(region, page, (src.len() / ps) as u64) else {
+            return false;
+        };
+        // SAFETY: `span` checked the destination range lies inside a mapped region, and
+        // `src` is a separate buffer of exactly `len` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_ptr(), len) };
+        true
+    }
+
+    /// Fills consecutive pages with zeros.
+    pub fn zero_pages(&self, region: RegionId, page: u64, pages: u64) -> bool {
+        let Some((dst, len)) = self.span(region, page, pages) else {
+            return false;
+        };
+        // SAFETY: `span` checked the range lies inside a mapped region.
+        unsafe { std::ptr::write_bytes(dst.as_ptr(), 0, len) };
+        true
+    }
+
+    /// The host range of `pages` pages from `page`, bounds-checked.
+    pub fn span(&self, region: RegionId, page: u64, pages: u64) -> Option<(NonNull<u8>, usize)> {
+        let r = self.region(region)?;
+        let ps = u64::from(self.page_size);
+        let off = page.checked_mul(ps)?;
+        let len = pages.checked_mul(ps)?;
+        if pages == 0 || off.checked_add(len)? > r.desc.length {
+            return None;
+        }
+        // SAFETY: `off + len <= length`, inside the mapping (its length fits usize).
+        Some((unsafe { r.host.add(off as usize) }, len as usize))
+    }
+
+    /// Asks the kernel to back every page now (MADV_POPULATE_WRITE), so a destination
+    /// does not take page faults during downtime. Errors are ignored where the kernel
+    /// does not support the advice: it is an optimisation.
+    pub fn prefault(&self) {
+        for r in &self.regions {
+            // SAFETY: advising over our own mapped range; POPULATE_WRITE only faults pages
+            // in, it does not change contents.
+            unsafe {
+                libc::madvise(
+                    r.host.as_ptr().cast(),
+                    r.desc.length as usize,
+                    libc::MADV_POPULATE_WRITE,
+                );
+            }
+        }
+    }
+}
+
+fn free_mappings(owned: &[(NonNull<u8>, usize)]) {
+    for &(p, len) in owned {
+        // SAFETY: each entry is a mapping this module created with this length and no
+        // longer uses.
+        unsafe { libc::munmap(p.as_ptr().cast(), len) };
+    }
+}
+
+impl Drop for GuestMemory {
+    fn drop(&mut self) {
+        free_mappings(&self.owned);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> MemoryLayout {
+        MemoryLayout::new(
+            4096,
+            [
+                RegionDesc {
+                    id: RegionId(0),
+                    backing_page_size: 4096,
+                    guest_addr: GuestAddr(0),
+                    length: 16 * 4096,
+                },
+                RegionDesc {
+                    id: RegionId(7),
+                    backing_page_size: 4096,
+                    guest_addr: GuestAddr(1 << 30),
+                    length: 4 * 4096,
+                },
+            ],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn pages_copy_in_and_out_within_bounds() {
+        let m = GuestMemory::anonymous(&layout()).unwrap();
+        let page = vec![0xab; 2 * 4096];
+        assert!(m.write_pages(RegionId(7), 2, &page));
+        let mut back = vec![0; 2 * 4096];
+        assert!(m.read_pages(RegionId(7), 2, 2, &mut back));
+        assert_eq!(back, page);
+        // Out of bounds and wrong sizes write nothing.
+        assert!(!m.write_pages(RegionId(7), 3, &page));
+        assert!(!m.write_pages(RegionId(7), 0, &page[..100]));
+        assert!(!m.read_pages(RegionId(9), 0, 1, &mut back[..4096]));
+        assert!(m.page_ptr(RegionId(7), 4).is_none());
+        assert!(m.zero_pages(RegionId(7), 2, 1));
+        assert!(m.read_pages(RegionId(7), 2, 1, &mut back[..4096]));
+        assert!(back[..4096].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn bad_regions_are_refused() {
+        let mut buf = vec![0u8; 3 * 4096];
+        let spec = RegionSpec {
+            id: RegionId(0),
+            host_addr: buf.as_mut_ptr(),
+            guest_addr: GuestAddr(0),
+            len: 4096 + 1,
+            backing_page_size: 4096,
+        };
+        // SAFETY: the test buffer outlives the value (which is an error anyway).
+        assert!(matches!(
+            unsafe { GuestMemory::new(4096, &[spec]) },
+            Err(MemoryError::BadRegion { .. })
+        ));
+    }
+}

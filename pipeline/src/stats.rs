@@ -1,0 +1,388 @@
+//! Migration statistics: a plain struct the VMM reads at any time, a one-screen text
+//! table in the spirit of QEMU's `info migrate`, and JSON.
+
+use std::fmt;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Pages sent, by how they were sent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PageCounts {
+    /// Sent compressed.
+    pub compressed: u64,
+    /// Sent as zero-page offsets only.
+    pub zero: u64,
+    /// Sent as a delta against the previous version.
+    pub delta: u64,
+    /// Sent raw because compression did not shrink them (or raw was chosen).
+    pub raw: u64,
+}
+
+impl PageCounts {
+    /// All pages.
+    pub fn total(&self) -> u64 {
+        self.compressed + self.zero + self.delta + self.raw
+    }
+
+    /// Adds another count.
+    pub fn add(&mut self, o: &PageCounts) {
+        self.compressed += o.compressed;
+        self.zero += o.zero;
+        self.delta += o.delta;
+        self.raw += o.raw;
+    }
+}
+
+/// What one codec did.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct CodecStats {
+    /// The codec's name (`zstd`, `raw`, ...).
+    pub codec: String,
+    /// Frames sent with it.
+    pub frames: u64,
+    /// Guest pages those frames carried.
+    pub pages: u64,
+    /// Guest bytes in.
+    pub guest_bytes: u64,
+    /// Payload bytes out.
+    pub payload_bytes: u64,
+}
+
+impl CodecStats {
+    /// Guest bytes over payload bytes.
+    pub fn ratio(&self) -> f64 {
+        ratio(self.guest_bytes, self.payload_bytes)
+    }
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 { 0.0 } else { a as f64 / b as f64 }
+}
+
+/// One round of pre-copy (or the final, paused one).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct RoundStats {
+    /// Round number.
+    pub round: u32,
+    /// Whether the guest was paused (the last round).
+    pub paused: bool,
+    /// Wall time of the round, ms.
+    pub duration_ms: f64,
+    /// Dirty pages found at the start of the round.
+    pub dirty_pages: u64,
+    /// Pages sent, by kind.
+    pub pages: PageCounts,
+    /// PAGES frames sent.
+    pub frames: u64,
+    /// Guest memory bytes covered.
+    pub guest_bytes: u64,
+    /// Bytes written to the channels (frames and headers).
+    pub wire_bytes: u64,
+    /// Pages dirtied per second during the round, as measured at its end.
+    pub dirty_rate_pages_per_s: f64,
+    /// Wire bandwidth achieved in the round, Mbit/s.
+    pub mbit_per_s: f64,
+}
+
+/// A latency distribution, in microseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct LatencySummary {
+    /// Samples.
+    pub count: u64,
+    /// Median.
+    pub p50_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// Largest.
+    pub max_us: u64,
+}
+
+/// A concurrent latency histogram (1 µs to 60 s, 3 significant digits).
+#[derive(Debug)]
+pub struct Latency(Mutex<Histogram<u64>>);
+
+impl Default for Latency {
+    fn default() -> Self {
+        // Bounds are constants that hdrhistogram accepts.
+        let h = Histogram::new_with_bounds(1, 60_000_000, 3)
+            .unwrap_or_else(|_| unreachable!("valid histogram bounds"));
+        Self(Mutex::new(h))
+    }
+}
+
+impl Latency {
+    /// Records one sample.
+    pub fn record(&self, d: Duration) {
+        let us = (d.as_micros() as u64).clamp(1, 60_000_000);
+        if let Ok(mut h) = self.0.lock() {
+            let _ = h.record(us);
+        }
+    }
+
+    /// The distribution so far.
+    pub fn summary(&self) -> LatencySummary {
+        match self.0.lock() {
+            Ok(h) if !h.is_empty() => LatencySummary {
+                count: h.len(),
+                p50_us: h.value_at_quantile(0.5),
+                p99_us: h.value_at_quantile(0.99),
+                max_us: h.max(),
+            },
+            _ => LatencySummary::default(),
+        }
+    }
+}
+
+/// Where the downtime went.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct DowntimeBreakdown {
+    /// Pausing the guest and syncing the last dirty log, ms.
+    pub pause_ms: f64,
+    /// Sending the last dirty pages, ms.
+    pub last_pages_ms: f64,
+    /// Sending device state, ms.
+    pub device_state_ms: f64,
+    /// Waiting for the destination to confirm everything is applied, ms.
+    pub completion_ms: f64,
+}
+
+/// The codec engine's view.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct EngineSummary {
+    /// Time with work queued over wall time, 0..=1.
+    pub busy_rate: f64,
+    /// Mean jobs queued when a job was submitted.
+    pub mean_queue_depth: f64,
+    /// Most jobs queued at once.
+    pub max_queue_depth: u64,
+    /// Jobs a hardware backend handed back to software.
+    pub hw_fallbacks: u64,
+}
+
+/// Zero-copy sends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ZeroCopySummary {
+    /// Sends the kernel completed without copying.
+    pub zero_copy: u64,
+    /// Sends the kernel had to copy.
+    pub copied: u64,
+}
+
+/// Everything about a migration, per round and in total.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct MigrationStats {
+    /// `active`, `completed` or `failed`.
+    pub status: String,
+    /// Transport backend.
+    pub transport: String,
+    /// Channels.
+    pub channels: u16,
+    /// Codec asked for.
+    pub codec: String,
+    /// Since the start, ms.
+    pub total_ms: f64,
+    /// Connecting and handshaking, ms.
+    pub setup_ms: f64,
+    /// Guest paused, ms.
+    pub downtime_ms: f64,
+    /// Where the downtime went.
+    pub downtime: DowntimeBreakdown,
+    /// Downtime expected from the last round's dirty set and bandwidth, ms.
+    pub expected_downtime_ms: f64,
+    /// Rounds, the final one included.
+    pub rounds: u32,
+    /// Pages dirtied per second, as measured in the last pre-copy round.
+    pub dirty_rate_pages_per_s: f64,
+    /// Pages sent, by kind.
+    pub pages: PageCounts,
+    /// Guest memory bytes transferred (pages × page size).
+    pub guest_bytes: u64,
+    /// Bytes written to the channels.
+    pub wire_bytes: u64,
+    /// Guest bytes over wire bytes.
+    pub compression_ratio: f64,
+    /// Per codec.
+    pub codecs: Vec<CodecStats>,
+    /// Wire throughput over the total time, Mbit/s.
+    pub mbit_per_s: f64,
+    /// Guest pages per second over the total time.
+    pub pages_per_s: f64,
+    /// Bytes written per channel.
+    pub channel_bytes: Vec<u64>,
+    /// Codec engine.
+    pub engine: EngineSummary,
+    /// Zero-copy sends.
+    pub zero_copy: ZeroCopySummary,
+    /// Frame encode latency.
+    pub encode_latency: LatencySummary,
+    /// Send-completion latency.
+    pub send_latency: LatencySummary,
+    /// Destination apply latency.
+    pub apply_latency: LatencySummary,
+    /// Per round.
+    pub per_round: Vec<RoundStats>,
+}
+
+impl MigrationStats {
+    /// The statistics as JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+}
+
+impl fmt::Display for MigrationStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        writeln!(f, "Migration status:      {}", self.status)?;
+        writeln!(
+            f,
+            "transport:             {} x{}   codec: {}",
+            self.transport, self.channels, self.codec
+        )?;
+        writeln!(f, "total time:            {:.0} ms", self.total_ms)?;
+        writeln!(f, "setup:                 {:.1} ms", self.setup_ms)?;
+        writeln!(
+            f,
+            "downtime:              {:.1} ms (expected {:.1} ms; pause {:.1}, last pages {:.1}, state {:.1}, completion {:.1})",
+            self.downtime_ms,
+            self.expected_downtime_ms,
+            self.downtime.pause_ms,
+            self.downtime.last_pages_ms,
+            self.downtime.device_state_ms,
+            self.downtime.completion_ms
+        )?;
+        writeln!(f, "rounds:                {}", self.rounds)?;
+        writeln!(
+            f,
+            "dirty pages rate:      {:.0} pages/s",
+            self.dirty_rate_pages_per_s
+        )?;
+        writeln!(
+            f,
+            "pages:                 {} total: {} compressed, {} zero, {} delta, {} raw",
+            self.pages.total(),
+            self.pages.compressed,
+            self.pages.zero,
+            self.pages.delta,
+            self.pages.raw
+        )?;
+        writeln!(
+            f,
+            "guest memory:          {:.1} MiB   on the wire: {:.1} MiB   ratio {:.2}",
+            mib(self.guest_bytes),
+            mib(self.wire_bytes),
+            self.compression_ratio
+        )?;
+        writeln!(
+            f,
+            "throughput:            {:.0} Mbit/s   {:.0} pages/s",
+            self.mbit_per_s, self.pages_per_s
+        )?;
+        for c in &self.codecs {
+            writeln!(
+                f,
+                "  codec {:<8}       {} frames, {} pages, {:.1} MiB -> {:.1} MiB, ratio {:.2}",
+                c.codec,
+                c.frames,
+                c.pages,
+                mib(c.guest_bytes),
+                mib(c.payload_bytes),
+                c.ratio()
+            )?;
+        }
+        let per_channel: Vec<String> = self
+            .channel_bytes
+            .iter()
+            .map(|b| format!("{:.1}", mib(*b)))
+            .collect();
+        writeln!(f, "per channel MiB:       [{}]", per_channel.join(", "))?;
+        writeln!(
+            f,
+            "codec engine:          busy {:.0}%, queue depth mean {:.1} max {}, hw fallbacks {}",
+            self.engine.busy_rate * 100.0,
+            self.engine.mean_queue_depth,
+            self.engine.max_queue_depth,
+            self.engine.hw_fallbacks
+        )?;
+        writeln!(
+            f,
+            "zero-copy sends:       {} zero-copy, {} copied",
+            self.zero_copy.zero_copy, self.zero_copy.copied
+        )?;
+        for (name, l) in [
+            ("encode", &self.encode_latency),
+            ("send", &self.send_latency),
+            ("apply", &self.apply_latency),
+        ] {
+            writeln!(
+                f,
+                "latency {:<7}        n={} p50 {} us  p99 {} us  max {} us",
+                name, l.count, l.p50_us, l.p99_us, l.max_us
+            )?;
+        }
+        writeln!(
+            f,
+            "round  paused  dirty      sent       zero       wire MiB   ms       Mbit/s"
+        )?;
+        for r in &self.per_round {
+            writeln!(
+                f,
+                "{:<6} {:<7} {:<10} {:<10} {:<10} {:<10.1} {:<8.1} {:.0}",
+                r.round,
+                if r.paused { "yes" } else { "no" },
+                r.dirty_pages,
+                r.pages.total(),
+                r.pages.zero,
+                mib(r.wire_bytes),
+                r.duration_ms,
+                r.mbit_per_s
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_and_json_carry_the_figures() {
+        let s = MigrationStats {
+            status: "completed".into(),
+            rounds: 3,
+            guest_bytes: 8 << 20,
+            wire_bytes: 2 << 20,
+            compression_ratio: 4.0,
+            codecs: vec![CodecStats {
+                codec: "zstd".into(),
+                frames: 10,
+                pages: 2048,
+                guest_bytes: 8 << 20,
+                payload_bytes: 2 << 20,
+            }],
+            per_round: vec![RoundStats {
+                round: 0,
+                dirty_pages: 2048,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let t = s.to_string();
+        assert!(t.contains("completed") && t.contains("ratio 4.00"), "{t}");
+        let j: serde_json::Value = serde_json::from_str(&s.to_json()).unwrap();
+        assert_eq!(j["rounds"], 3);
+        assert_eq!(j["codecs"][0]["pages"], 2048);
+        let l = Latency::default();
+        for us in [10, 20, 30, 1000] {
+            l.record(Duration::from_micros(us));
+        }
+        let sum = l.summary();
+        assert_eq!(sum.count, 4);
+        assert!(sum.p50_us >= 19 && sum.p50_us <= 21, "{sum:?}");
+        assert!(sum.max_us >= 999);
+    }
+}
