@@ -366,9 +366,7 @@ mod tests {
             backing_page_size: 4096,
         };
         // SAFETY: the test buffer outlives the value (which is an error anyway).
-        assert!(matches!(
-            unsafe { GuestMemory::new(4096, &[spec]) },
-            Err(MemoryError::BadRegion { .. })
-        ));
+        let res = unsafe { GuestMemory::new(4096, &[spec]) };
+        assert!(matches!(res, Err(MemoryError::BadRegion { .. })));
     }
 }
