@@ -3,7 +3,9 @@
 #![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
 pub mod dirty;
+pub mod limit;
 pub mod memory;
+pub mod precopy;
 pub mod stats;
 
 pub use pagewire_protocol as protocol;
