@@ -5,6 +5,7 @@
 pub mod dirty;
 pub mod limit;
 pub mod memory;
+pub mod plan;
 pub mod precopy;
 pub mod stats;
 
