@@ -7,6 +7,8 @@
 pub mod cache;
 pub mod codec;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod page;
 pub mod pages;
 pub mod pool;
