@@ -320,7 +320,7 @@ fn decode_jobs_write_the_destination_and_count_bytes() {
     engine.submit(&mut batch).expect("submit");
     let mut c = drain(&mut engine, 1).pop().expect("completion");
     c.status().expect("decoded");
-    assert!(&c.take_dest().expect("dest")[..] == &input[..]);
+    assert!(c.take_dest().expect("dest")[..] == input[..]);
     let stats = engine.stats();
     let d = stats
         .decode_of(CodecId::DEFLATE)
