@@ -1,0 +1,457 @@
+//! The sender's delta cache: the content last sent for recently sent pages.
+//!
+//! A bounded LRU of page copies, keyed by [`PageKey`], split into shards (each behind
+//! its own mutex, chosen by key hash) so worker threads encoding different pages
+//! rarely meet; there is no global lock. All memory is allocated when the cache is
+//! built. Hits, misses, overflows (deltas above the threshold) and evictions are
+//! counted.
+//!
+//! # Contract with the caller
+//! The cache holds what the destination *will* hold once the frames are applied, so:
+//! - a page must not be in two delta jobs in flight at once, and its frames must be
+//!   sent in the order their jobs completed;
+//! - when a frame is not delivered (a failed channel), [`DeltaCache::invalidate`] its
+//!   pages or [`DeltaCache::clear`] the cache, so the next version goes without delta.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::page::{PageKey, PageSize};
+
+/// Why a delta cache could not be built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CacheError {
+    /// The threshold is 0 or not below the page size.
+    #[error("delta threshold {threshold} must be in 1..{page_size}")]
+    BadThreshold {
+        /// The configured threshold.
+        threshold: u32,
+        /// The page size.
+        page_size: PageSize,
+    },
+    /// The cache would hold no page, or more than this machine can address.
+    #[error("delta cache of {pages} pages is out of range (1..=2^31 pages that fit in memory)")]
+    BadSize {
+        /// The configured number of pages.
+        pages: usize,
+    },
+}
+
+/// How a delta cache is sized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeltaConfig {
+    /// Page size of the session.
+    pub page_size: PageSize,
+    /// Most pages the cache holds (the memory is `pages × page_size`).
+    pub pages: usize,
+    /// Largest delta, in bytes, worth sending; a larger one is an overflow and the page
+    /// goes raw. Must be in `1..page_size`.
+    pub threshold: u32,
+    /// Number of independently locked shards (rounded to at least 1).
+    pub shards: usize,
+}
+
+impl DeltaConfig {
+    /// A cache of `pages` pages with a threshold of half a page and 16 shards.
+    pub fn new(page_size: PageSize, pages: usize) -> Self {
+        Self {
+            page_size,
+            pages,
+            threshold: page_size.get() / 2,
+            shards: 16,
+        }
+    }
+}
+
+/// Counters of a [`DeltaCache`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeltaStats {
+    /// Pages found in the cache.
+    pub hits: u64,
+    /// Pages not in the cache (sent raw, then inserted).
+    pub misses: u64,
+    /// Pages found but whose delta exceeded the threshold (sent raw).
+    pub overflows: u64,
+    /// Pages evicted to make room.
+    pub evictions: u64,
+    /// Pages the cache holds now.
+    pub resident: u64,
+}
+
+/// What the cache did for one page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DeltaOutcome {
+    /// A delta of this many bytes was written (0: unchanged).
+    Delta(usize),
+    /// The page must go raw (miss or overflow); the cache now holds it.
+    Raw,
+}
+
+const NIL: u32 = u32::MAX;
+
+#[derive(Clone, Copy)]
+struct Slot {
+    key: u64,
+    prev: u32,
+    next: u32,
+    live: bool,
+}
+
+/// A multiplicative hash: keys are already well spread page numbers.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (v ^ (v >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+struct Shard {
+    map: HashMap<u64, u32, BuildHasherDefault<KeyHasher>>,
+    slots: Vec<Slot>,
+    data: Vec<u8>,
+    head: u32, // most recently used
+    tail: u32, // least recently used
+    used: u32,
+    capacity: u32,
+}
+
+impl Shard {
+    fn new(capacity: u32, page: usize) -> Shard {
+        Shard {
+            map: HashMap::with_capacity_and_hasher(capacity as usize, Default::default()),
+            slots: vec![
+                Slot {
+                    key: 0,
+                    prev: NIL,
+                    next: NIL,
+                    live: false
+                };
+                capacity as usize
+            ],
+            data: vec![0; capacity as usize * page],
+            head: NIL,
+            tail: NIL,
+            used: 0,
+            capacity,
+        }
+    }
+
+    fn unlink(&mut self, s: u32) {
+        let Slot { prev, next, .. } = self.slots[s as usize];
+        if prev == NIL {
+            self.head = next;
+        } else {
+            self.slots[prev as usize].next = next;
+        }
+        if next == NIL {
+            self.tail = prev;
+        } else {
+            self.slots[next as usize].prev = prev;
+        }
+    }
+
+    fn push_front(&mut self, s: u32) {
+        self.slots[s as usize].prev = NIL;
+        self.slots[s as usize].next = self.head;
+        if self.head != NIL {
+            self.slots[self.head as usize].prev = s;
+        }
+        self.head = s;
+        if self.tail == NIL {
+            self.tail = s;
+        }
+    }
+
+    /// A slot for a new key: a never-used one, or the LRU one (evicted).
+    fn take_slot(&mut self, key: u64) -> (u32, bool) {
+        let (s, evicted) = if self.used < self.capacity {
+            self.used += 1;
+            (self.used - 1, false)
+        } else {
+            let s = self.tail;
+            self.unlink(s);
+            let old = self.slots[s as usize];
+            if old.live {
+                self.map.remove(&old.key);
+            }
+            (s, old.live)
+        };
+        self.slots[s as usize].key = key;
+        self.slots[s as usize].live = true;
+        self.map.insert(key, s);
+        self.push_front(s);
+        (s, evicted)
+    }
+}
+
+/// The sender's bounded LRU cache of previously sent pages (see the module docs).
+pub struct DeltaCache {
+    shards: Box<[Mutex<Shard>]>,
+    page: usize,
+    threshold: usize,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    overflows: AtomicU64,
+    evictions: AtomicU64,
+}
+
+impl core::fmt::Debug for DeltaCache {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("DeltaCache")
+            .field("page", &self.page)
+            .field("threshold", &self.threshold)
+            .field("shards", &self.shards.len())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl DeltaCache {
+    /// Builds a cache and allocates all its memory.
+    ///
+    /// # Errors
+    /// [`CacheError`] when the threshold or size is out of range.
+    pub fn new(config: DeltaConfig) -> Result<DeltaCache, CacheError> {
+        let page = config.page_size.bytes();
+        if config.threshold == 0 || config.threshold >= config.page_size.get() {
+            return Err(CacheError::BadThreshold {
+                threshold: config.threshold,
+                page_size: config.page_size,
+            });
+        }
+        if config.pages == 0 || config.pages > 1 << 31 || config.pages.checked_mul(page).is_none() {
+            return Err(CacheError::BadSize {
+                pages: config.pages,
+            });
+        }
+        let shards = config.shards.clamp(1, config.pages);
+        let base = config.pages / shards;
+        let extra = config.pages % shards;
+        let shards = (0..shards)
+            .map(|i| Mutex::new(Shard::new((base + usize::from(i < extra)) as u32, page)))
+            .collect();
+        Ok(DeltaCache {
+            shards,
+            page,
+            threshold: config.threshold as usize,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            overflows: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+        })
+    }
+
+    /// The page size in bytes.
+    pub fn page_bytes(&self) -> usize {
+        self.page
+    }
+
+    /// The largest delta worth sending.
+    pub fn threshold(&self) -> usize {
+        self.threshold
+    }
+
+    fn shard(&self, key: PageKey) -> std::sync::MutexGuard<'_, Shard> {
+        let mut h = KeyHasher::default();
+        h.write_u64(key.0);
+        let i = (h.finish() >> 32) as usize % self.shards.len();
+        // A panic while a shard was locked leaves it consistent (no update is
+        // half-done across an unwinding point), so a poisoned lock is still usable.
+        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Encodes `page` (a private snapshot of the page, `page_bytes` long) as a delta
+    /// against the cached version into `out`, at most `threshold` bytes, and stores
+    /// `page` as the new cached version.
+    pub(crate) fn encode(&self, key: PageKey, page: &[u8], out: &mut [u8]) -> DeltaOutcome {
+        debug_assert_eq!(page.len(), self.page);
+        let mut shard = self.shard(key);
+        let page_len = self.page;
+        if let Some(&s) = shard.map.get(&key.0) {
+            shard.unlink(s);
+            shard.push_front(s);
+            let at = s as usize * page_len;
+            let old = &mut shard.data[at..at + page_len];
+            let limit = self.threshold.min(out.len());
+            let outcome = match super::codec::delta::encode(old, page, &mut out[..limit]) {
+                Some(n) => {
+                    self.hits.fetch_add(1, Ordering::Relaxed);
+                    DeltaOutcome::Delta(n)
+                }
+                None => {
+                    self.overflows.fetch_add(1, Ordering::Relaxed);
+                    DeltaOutcome::Raw
+                }
+            };
+            old.copy_from_slice(page);
+            outcome
+        } else {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+            let (s, evicted) = shard.take_slot(key.0);
+            if evicted {
+                self.evictions.fetch_add(1, Ordering::Relaxed);
+            }
+            let at = s as usize * page_len;
+            shard.data[at..at + page_len].copy_from_slice(page);
+            DeltaOutcome::Raw
+        }
+    }
+
+    /// Forgets a page, so its next version goes without delta.
+    pub fn invalidate(&self, key: PageKey) {
+        let mut shard = self.shard(key);
+        if let Some(s) = shard.map.remove(&key.0) {
+            shard.unlink(s);
+            // Move the freed slot to the LRU end so it is reused first; it is no
+            // longer live, so reusing it evicts nothing.
+            let tail = shard.tail;
+            shard.slots[s as usize].live = false;
+            shard.slots[s as usize].prev = tail;
+            shard.slots[s as usize].next = NIL;
+            if tail == NIL {
+                shard.head = s;
+            } else {
+                shard.slots[tail as usize].next = s;
+            }
+            shard.tail = s;
+        }
+    }
+
+    /// Forgets every page.
+    pub fn clear(&self) {
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            shard.map.clear();
+            shard.head = NIL;
+            shard.tail = NIL;
+            shard.used = 0;
+        }
+    }
+
+    /// Whether the cache holds a version of the page.
+    pub fn contains(&self, key: PageKey) -> bool {
+        self.shard(key).map.contains_key(&key.0)
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> DeltaStats {
+        let resident = self
+            .shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).map.len() as u64)
+            .sum();
+        DeltaStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            overflows: self.overflows.load(Ordering::Relaxed),
+            evictions: self.evictions.load(Ordering::Relaxed),
+            resident,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(pages: usize, shards: usize) -> DeltaCache {
+        let mut config = DeltaConfig::new(PageSize::KIB4, pages);
+        config.shards = shards;
+        DeltaCache::new(config).unwrap()
+    }
+
+    #[test]
+    fn miss_then_hit_then_overflow() {
+        let c = cache(4, 1);
+        let mut out = vec![0u8; 4096];
+        let mut page = vec![0u8; 4096];
+        assert_eq!(c.encode(PageKey(1), &page, &mut out), DeltaOutcome::Raw);
+        assert_eq!(
+            c.encode(PageKey(1), &page, &mut out),
+            DeltaOutcome::Delta(0)
+        );
+        page[10] = 1;
+        assert_eq!(
+            c.encode(PageKey(1), &page, &mut out),
+            DeltaOutcome::Delta(3)
+        );
+        assert_eq!(&out[..3], &[10, 1, 1]);
+        page.iter_mut().for_each(|b| *b = 0x55);
+        assert_eq!(c.encode(PageKey(1), &page, &mut out), DeltaOutcome::Raw);
+        // The overflowed version is now the cached one.
+        assert_eq!(
+            c.encode(PageKey(1), &page, &mut out),
+            DeltaOutcome::Delta(0)
+        );
+        let s = c.stats();
+        assert_eq!(
+            (s.hits, s.misses, s.overflows, s.evictions, s.resident),
+            (3, 1, 1, 0, 1)
+        );
+    }
+
+    #[test]
+    fn least_recently_used_is_evicted() {
+        let c = cache(2, 1);
+        let mut out = vec![0u8; 4096];
+        let page = vec![0u8; 4096];
+        c.encode(PageKey(1), &page, &mut out);
+        c.encode(PageKey(2), &page, &mut out);
+        c.encode(PageKey(1), &page, &mut out); // 1 is now the most recent
+        c.encode(PageKey(3), &page, &mut out); // evicts 2
+        assert!(c.contains(PageKey(1)));
+        assert!(!c.contains(PageKey(2)));
+        assert!(c.contains(PageKey(3)));
+        assert_eq!(c.stats().evictions, 1);
+        c.invalidate(PageKey(1));
+        assert!(!c.contains(PageKey(1)));
+        c.encode(PageKey(4), &page, &mut out); // reuses 1's slot: no eviction
+        assert!(c.contains(PageKey(3)) && c.contains(PageKey(4)));
+        assert_eq!(c.stats().evictions, 1);
+        c.clear();
+        assert_eq!(c.stats().resident, 0);
+        assert_eq!(c.encode(PageKey(3), &page, &mut out), DeltaOutcome::Raw);
+    }
+
+    #[test]
+    fn many_keys_over_shards_stay_bounded() {
+        let c = cache(64, 8);
+        let mut out = vec![0u8; 4096];
+        let page = vec![3u8; 4096];
+        for k in 0..1000u64 {
+            c.encode(PageKey(k), &page, &mut out);
+        }
+        let s = c.stats();
+        assert!(s.resident <= 64);
+        assert_eq!(s.misses, 1000);
+        assert_eq!(s.evictions, 1000 - s.resident);
+    }
+
+    #[test]
+    fn bad_configs_are_refused() {
+        let mut config = DeltaConfig::new(PageSize::KIB4, 0);
+        assert!(matches!(
+            DeltaCache::new(config),
+            Err(CacheError::BadSize { .. })
+        ));
+        config.pages = 1;
+        config.threshold = 4096;
+        assert!(matches!(
+            DeltaCache::new(config),
+            Err(CacheError::BadThreshold { .. })
+        ));
+    }
+}

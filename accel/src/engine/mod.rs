@@ -1,0 +1,852 @@
+//! The batched codec engine: the accelerator request model (DPDK compressdev, QPL
+//! jobs, QAT's request cache) over any [`Backend`].
+//!
+//! - [`Engine::job`] hands out a pre-allocated request ([`Job`]); the caller describes
+//!   the work (an encode of a [`PageList`] or a decode into a [`PageListMut`]) and
+//!   tags it.
+//! - [`Engine::submit`] passes a batch to the backend, which may accept only part of
+//!   it (its queue is full, or no output buffer is free): the rest stays in the batch,
+//!   in order, for the caller to retry.
+//! - [`Engine::poll`] returns [`Completion`]s, matched to jobs by [`Tag`], possibly
+//!   out of order. Each records the backend that ran it. Dropping a completion
+//!   recycles its request; its payload buffer ([`PoolBuf`]) goes back to its pool only
+//!   when every handle (codec output, then the transport's pending send) is dropped.
+//!
+//! Nothing is allocated per job once the engine is built. A [`Probe`] tells, before
+//! use, what the backend supports; jobs it cannot run complete at once with an error.
+//! The engine keeps [`EngineStats`].
+//!
+//! ```
+//! use std::collections::VecDeque;
+//! use pagewire_accel::{Engine, EngineConfig, EncodeParams, Level, PageKey, PoolBuf, SoftwareConfig, Tag};
+//! use pagewire_protocol::CodecId;
+//!
+//! let mut engine = Engine::software(EngineConfig::default(), SoftwareConfig { threads: 1, ..Default::default() })?;
+//! let mut job = engine.job().expect("a free request");
+//! job.encode_buf(Tag(7), EncodeParams::new(CodecId::LZ4, Level::DEFAULT), PoolBuf::from_vec(vec![1u8; 4096]), PageKey(0))?;
+//! let mut batch = VecDeque::from([job]);
+//! engine.submit(&mut batch)?;
+//! let mut done = Vec::new();
+//! while done.is_empty() {
+//!     engine.poll(&mut done, 16, Some(std::time::Duration::from_millis(100)))?;
+//! }
+//! assert_eq!(done[0].tag(), Tag(7));
+//! assert_eq!(done[0].encoded().map(|e| e.codec), Some(CodecId::LZ4));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod software;
+
+use core::fmt;
+use core::time::Duration;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_queue::ArrayQueue;
+use pagewire_protocol::CodecId;
+
+use crate::cache::DeltaCache;
+use crate::codec::{CodecError, Codecs, EncodeOutcome, EncodeParams, Level, max_payload_len};
+use crate::page::{PageKey, PageSize};
+use crate::pages::{PageList, PageListMut, PagesError};
+use crate::pool::{BufPool, PoolBuf};
+use crate::stats::{EngineStats, StatsCounter};
+
+pub use software::{SoftwareBackend, SoftwareConfig};
+
+/// The caller's name for a job, returned with its completion.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Tag(pub u64);
+
+impl fmt::Debug for Tag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Tag({})", self.0)
+    }
+}
+
+/// Which backend ran a job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum BackendKind {
+    /// The software codecs (worker threads or inline).
+    Software,
+    /// Intel In-Memory Analytics Accelerator.
+    Iaa,
+    /// Intel QuickAssist Technology.
+    Qat,
+}
+
+/// What a backend can do with one format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FormatCaps {
+    /// The format.
+    pub codec: CodecId,
+    /// Whether it can encode it.
+    pub encode: bool,
+    /// Whether it can decode it.
+    pub decode: bool,
+    /// Lowest encode level.
+    pub min_level: Level,
+    /// Highest encode level.
+    pub max_level: Level,
+}
+
+/// What a backend supports, asked before use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Probe {
+    /// The backend.
+    pub backend: BackendKind,
+    /// The formats it handles.
+    pub formats: Vec<FormatCaps>,
+    /// Most pages in one job.
+    pub max_job_pages: usize,
+    /// Most input bytes in one job.
+    pub max_job_bytes: usize,
+    /// Most jobs in flight at once.
+    pub queue_depth: usize,
+    /// Whether it can encode delta (it needs the sender's delta cache).
+    pub delta_cache: bool,
+}
+
+impl Probe {
+    fn caps(&self, codec: CodecId) -> Option<&FormatCaps> {
+        self.formats.iter().find(|f| f.codec == codec)
+    }
+
+    /// Whether the backend can encode `codec` at `level`.
+    pub fn can_encode(&self, codec: CodecId, level: Level) -> bool {
+        self.caps(codec)
+            .is_some_and(|c| c.encode && level >= c.min_level && level <= c.max_level)
+            && (codec != CodecId::DELTA || self.delta_cache)
+    }
+
+    /// Whether the backend can decode `codec`.
+    pub fn can_decode(&self, codec: CodecId) -> bool {
+        self.caps(codec).is_some_and(|c| c.decode)
+    }
+}
+
+/// Why the engine or a backend failed (job-level failures are [`CodecError`]s in the
+/// completion instead).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// A configuration value out of range.
+    #[error("bad engine configuration: {0}")]
+    Config(&'static str),
+    /// A worker thread could not be started.
+    #[error("could not start a codec worker thread; lower the thread count")]
+    Spawn(#[source] std::io::Error),
+    /// The backend's workers are gone (a worker panicked).
+    #[error("{0:?} backend workers stopped; the engine must be rebuilt")]
+    Disconnected(BackendKind),
+    /// A page list refused a run.
+    #[error(transparent)]
+    Pages(#[from] PagesError),
+    /// A job misuse caught before submission.
+    #[error("job error: {0}")]
+    Job(&'static str),
+    /// A backend-specific failure.
+    #[error("{backend:?} backend failed")]
+    Backend {
+        /// The backend.
+        backend: BackendKind,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A batched codec backend: software workers, or a hardware queue.
+///
+/// A backend owns the jobs it accepted until it returns them as completions; it may
+/// complete them in any order.
+pub trait Backend: Send {
+    /// Which backend this is.
+    fn kind(&self) -> BackendKind;
+    /// What it supports.
+    fn probe(&self) -> Probe;
+    /// Takes jobs from the front of `jobs` while it has room and returns how many it
+    /// took; the rest stay in `jobs`, in order.
+    ///
+    /// # Errors
+    /// [`EngineError`] when the backend cannot take any job again.
+    fn submit(&mut self, jobs: &mut VecDeque<Job>) -> Result<usize, EngineError>;
+    /// Appends up to `max` completions to `done` and returns how many. With a
+    /// `timeout`, waits up to that long for the first when none is ready.
+    ///
+    /// # Errors
+    /// [`EngineError`] when the backend cannot complete jobs any more.
+    fn poll(
+        &mut self,
+        done: &mut Vec<Completion>,
+        max: usize,
+        timeout: Option<Duration>,
+    ) -> Result<usize, EngineError>;
+    /// Jobs accepted and not yet returned.
+    fn in_flight(&self) -> usize;
+}
+
+/// What a job does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobOp {
+    /// Not set up yet.
+    Idle,
+    /// Encode the input pages.
+    Encode(EncodeParams),
+    /// Decode the payload into the destination pages.
+    Decode(CodecId),
+}
+
+/// A request's state; boxed once, recycled forever.
+pub(crate) struct Request {
+    tag: Tag,
+    op: JobOp,
+    input: PageList<'static>,
+    input_keep: Option<PoolBuf>,
+    dest: PageListMut<'static>,
+    dest_keep: Option<PoolBuf>,
+    payload: Option<PoolBuf>,
+    lengths: Vec<u32>,
+    result: Result<Option<EncodeOutcome>, CodecError>,
+    backend: BackendKind,
+}
+
+impl Request {
+    fn new(page_size: PageSize, max_pages: usize) -> Request {
+        Request {
+            tag: Tag(0),
+            op: JobOp::Idle,
+            input: PageList::with_capacity(page_size, 16),
+            input_keep: None,
+            dest: PageListMut::with_capacity(page_size, 16),
+            dest_keep: None,
+            payload: None,
+            lengths: Vec::with_capacity(max_pages),
+            result: Ok(None),
+            backend: BackendKind::Software,
+        }
+    }
+
+    fn reset(&mut self) {
+        let ps = self.input.page_size();
+        self.op = JobOp::Idle;
+        self.input.reset(ps);
+        self.dest.reset(ps);
+        self.input_keep = None;
+        self.dest_keep = None;
+        self.payload = None;
+        self.lengths.clear();
+        self.result = Ok(None);
+    }
+}
+
+type Home = Arc<ArrayQueue<Box<Request>>>;
+
+/// Owns a request and sends it home when dropped.
+struct Handle {
+    req: Option<Box<Request>>,
+    home: Home,
+}
+
+impl Handle {
+    fn req(&self) -> &Request {
+        // Present from construction until drop.
+        self.req.as_deref().expect("request present until drop")
+    }
+    fn req_mut(&mut self) -> &mut Request {
+        self.req.as_deref_mut().expect("request present until drop")
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        if let Some(mut req) = self.req.take() {
+            req.reset();
+            // The queue has room for every request of the engine.
+            let _ = self.home.push(req);
+        }
+    }
+}
+
+/// A request being set up or in flight (see the module documentation).
+pub struct Job {
+    h: Handle,
+}
+
+impl fmt::Debug for Job {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = self.h.req();
+        f.debug_struct("Job")
+            .field("tag", &r.tag)
+            .field("op", &r.op)
+            .field("pages", &r.input.pages())
+            .finish()
+    }
+}
+
+impl Job {
+    /// The job's tag.
+    pub fn tag(&self) -> Tag {
+        self.h.req().tag
+    }
+
+    /// What the job does.
+    pub fn op(&self) -> JobOp {
+        self.h.req().op
+    }
+
+    /// Makes this an encode job and returns its (empty) input list, to fill with
+    /// [`PageList::push_raw`] runs of guest memory.
+    pub fn encode(&mut self, tag: Tag, params: EncodeParams) -> &mut PageList<'static> {
+        let r = self.h.req_mut();
+        r.reset();
+        r.tag = tag;
+        r.op = JobOp::Encode(params);
+        &mut r.input
+    }
+
+    /// Makes this an encode job over the pages held by `pages` (a whole number of
+    /// pages), which the job keeps alive until its completion is dropped.
+    ///
+    /// # Errors
+    /// [`EngineError::Pages`] when `pages` is empty or not whole pages.
+    pub fn encode_buf(
+        &mut self,
+        tag: Tag,
+        params: EncodeParams,
+        pages: PoolBuf,
+        key: PageKey,
+    ) -> Result<(), EngineError> {
+        let input = self.encode(tag, params);
+        // SAFETY: the buffer's bytes stay allocated and unchanged (shared handles
+        // never write) for as long as the job or its completion holds `pages`, which
+        // is stored right below and dropped only when the request is reset.
+        unsafe { push_buf(input, &pages, key)? };
+        self.h.req_mut().input_keep = Some(pages);
+        Ok(())
+    }
+
+    /// Makes this a decode job of `payload` (format `codec`, per-page table `lengths`,
+    /// empty for block formats) and returns its (empty) destination list, to fill
+    /// with [`PageListMut::push_raw`] runs.
+    pub fn decode(
+        &mut self,
+        tag: Tag,
+        codec: CodecId,
+        payload: PoolBuf,
+        lengths: &[u32],
+    ) -> &mut PageListMut<'static> {
+        let r = self.h.req_mut();
+        r.reset();
+        r.tag = tag;
+        r.op = JobOp::Decode(codec);
+        r.payload = Some(payload);
+        r.lengths.extend_from_slice(lengths);
+        &mut r.dest
+    }
+
+    /// Makes this a decode job into `dest`, a uniquely held buffer of whole pages that
+    /// comes back with [`Completion::take_dest`].
+    ///
+    /// # Errors
+    /// [`EngineError::Job`] when `dest` is shared; [`EngineError::Pages`] when it is
+    /// empty or not whole pages.
+    pub fn decode_buf(
+        &mut self,
+        tag: Tag,
+        codec: CodecId,
+        payload: PoolBuf,
+        lengths: &[u32],
+        mut dest: PoolBuf,
+        key: PageKey,
+    ) -> Result<(), EngineError> {
+        let list = self.decode(tag, codec, payload, lengths);
+        let ps = list.page_size().bytes();
+        let len = dest.capacity() - dest.capacity() % ps;
+        if !dest.set_len(len) {
+            return Err(EngineError::Job(
+                "a decode destination buffer must be held uniquely",
+            ));
+        }
+        let bytes = dest.get_mut().ok_or(EngineError::Job(
+            "a decode destination buffer must be held uniquely",
+        ))?;
+        let pages =
+            u32::try_from(len / ps).map_err(|_| EngineError::Job("destination too large"))?;
+        // SAFETY: `dest` is the only handle to the buffer and is moved into the
+        // request below, so nobody else reads or writes these bytes until the
+        // completion hands the buffer back; the run covers whole pages inside it.
+        unsafe { list.push_raw(bytes.as_mut_ptr(), pages, key)? };
+        self.h.req_mut().dest_keep = Some(dest);
+        Ok(())
+    }
+
+    /// The input pages of an encode job (for backends).
+    pub fn input(&self) -> &PageList<'static> {
+        &self.h.req().input
+    }
+
+    /// Runs the job on the software codecs (the reference, and every hardware
+    /// backend's fallback), storing the result for the completion.
+    pub fn run_software(&mut self, codecs: &mut Codecs, delta: Option<&DeltaCache>) {
+        let r = self.h.req_mut();
+        r.result = match r.op {
+            JobOp::Idle => Err(CodecError::Unsupported(CodecId(0))),
+            JobOp::Encode(params) => match r.payload.as_mut().and_then(PoolBuf::get_mut) {
+                None => Err(CodecError::OutputTooSmall {
+                    need: max_payload_len(r.input.pages(), r.input.page_size()),
+                    have: 0,
+                }),
+                Some(out) => match codecs.encode(&params, &r.input, delta, out, &mut r.lengths) {
+                    Ok(outcome) => {
+                        if let Some(buf) = r.payload.as_mut() {
+                            buf.set_len(outcome.payload_len);
+                        }
+                        Ok(Some(outcome))
+                    }
+                    Err(e) => Err(e),
+                },
+            },
+            JobOp::Decode(codec) => match r.payload.as_ref() {
+                None => Err(CodecError::Corrupt {
+                    codec,
+                    detail: "decode job without payload",
+                }),
+                Some(payload) => codecs
+                    .decode(codec, payload, &r.lengths, &mut r.dest)
+                    .map(|()| None),
+            },
+        };
+    }
+
+    /// Turns the finished job into its completion, recording the backend that ran it.
+    pub fn complete(mut self, backend: BackendKind) -> Completion {
+        self.h.req_mut().backend = backend;
+        Completion { h: self.h }
+    }
+
+    /// Completes the job with an error, without running it.
+    pub fn fail(mut self, backend: BackendKind, error: CodecError) -> Completion {
+        self.h.req_mut().result = Err(error);
+        self.complete(backend)
+    }
+}
+
+/// # Safety
+/// The buffer must stay alive and unwritten while the list is used.
+unsafe fn push_buf(
+    list: &mut PageList<'static>,
+    buf: &PoolBuf,
+    key: PageKey,
+) -> Result<(), PagesError> {
+    let ps = list.page_size().bytes();
+    if buf.is_empty() || !buf.len().is_multiple_of(ps) {
+        return Err(PagesError::NotWholePages {
+            len: buf.len(),
+            page_size: list.page_size(),
+        });
+    }
+    let pages = u32::try_from(buf.len() / ps).map_err(|_| PagesError::BadRunLength {
+        pages: buf.len() / ps,
+    })?;
+    // SAFETY: forwarded from this function's contract.
+    unsafe { list.push_raw(buf.as_ptr(), pages, key) }
+}
+
+/// A finished job: its result, payload, length table, and the backend that ran it.
+pub struct Completion {
+    h: Handle,
+}
+
+impl fmt::Debug for Completion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = self.h.req();
+        f.debug_struct("Completion")
+            .field("tag", &r.tag)
+            .field("op", &r.op)
+            .field("backend", &r.backend)
+            .field("result", &r.result)
+            .finish()
+    }
+}
+
+impl Completion {
+    /// The job's tag.
+    pub fn tag(&self) -> Tag {
+        self.h.req().tag
+    }
+
+    /// What the job did.
+    pub fn op(&self) -> JobOp {
+        self.h.req().op
+    }
+
+    /// The backend that ran it.
+    pub fn backend(&self) -> BackendKind {
+        self.h.req().backend
+    }
+
+    /// Whether it succeeded.
+    ///
+    /// # Errors
+    /// The job's [`CodecError`].
+    pub fn status(&self) -> Result<(), CodecError> {
+        self.h.req().result.map(|_| ())
+    }
+
+    /// For a successful encode: the format used, sizes, and whether the raw pages are
+    /// to be sent in place.
+    pub fn encoded(&self) -> Option<EncodeOutcome> {
+        self.h.req().result.ok().flatten()
+    }
+
+    /// The payload: for an encode, the output (its length is the payload length);
+    /// for a decode, the input.
+    pub fn payload(&self) -> Option<&PoolBuf> {
+        self.h.req().payload.as_ref()
+    }
+
+    /// Takes the payload handle (to give to the transport); the buffer returns to its
+    /// pool when that handle, and every clone, is dropped.
+    pub fn take_payload(&mut self) -> Option<PoolBuf> {
+        self.h.req_mut().payload.take()
+    }
+
+    /// The per-page length table (encode output, or decode input).
+    pub fn lengths(&self) -> &[u32] {
+        &self.h.req().lengths
+    }
+
+    /// The pages an encode read (for sending raw pages in place).
+    pub fn input(&self) -> &PageList<'static> {
+        &self.h.req().input
+    }
+
+    /// Takes back the destination buffer given to [`Job::decode_buf`].
+    pub fn take_dest(&mut self) -> Option<PoolBuf> {
+        self.h.req_mut().dest_keep.take()
+    }
+
+    fn pages(&self) -> usize {
+        let r = self.h.req();
+        match r.op {
+            JobOp::Decode(_) => r.dest.pages(),
+            _ => r.input.pages(),
+        }
+    }
+}
+
+/// How an engine is sized.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Page size of every job.
+    pub page_size: PageSize,
+    /// Most pages per job (a frame).
+    pub max_pages: usize,
+    /// Requests in the pool: most jobs being set up or in flight at once.
+    pub requests: usize,
+    /// Output buffers in the pool (each `max_payload_len(max_pages)` bytes); more than
+    /// `requests` lets payloads wait for the transport while new jobs run.
+    pub buffers: usize,
+    /// The sender's delta cache, needed for delta encoding.
+    pub delta: Option<Arc<DeltaCache>>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            page_size: PageSize::KIB4,
+            max_pages: 128,
+            requests: 64,
+            buffers: 128,
+            delta: None,
+        }
+    }
+}
+
+/// The batched codec engine (see the module documentation).
+pub struct Engine {
+    backend: Box<dyn Backend>,
+    probe: Probe,
+    config: EngineConfig,
+    requests: Home,
+    bufs: BufPool,
+    staging: VecDeque<Job>,
+    ready: VecDeque<Completion>,
+    in_flight: usize,
+    stats: StatsCounter,
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine")
+            .field("backend", &self.probe.backend)
+            .field("in_flight", &self.in_flight)
+            .field("free_requests", &self.requests.len())
+            .field("bufs", &self.bufs)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// An engine over the software backend.
+    ///
+    /// # Errors
+    /// [`EngineError`] for a bad configuration or a thread that failed to start.
+    pub fn software(config: EngineConfig, software: SoftwareConfig) -> Result<Engine, EngineError> {
+        let backend = SoftwareBackend::new(software, config.max_pages, config.delta.clone())?;
+        Engine::new(config, Box::new(backend))
+    }
+
+    /// An engine over any backend.
+    ///
+    /// # Errors
+    /// [`EngineError::Config`] for a size out of range.
+    pub fn new(config: EngineConfig, backend: Box<dyn Backend>) -> Result<Engine, EngineError> {
+        if config.max_pages == 0 || config.max_pages > 65536 {
+            return Err(EngineError::Config("max_pages must be in 1..=65536"));
+        }
+        if config.requests == 0 || config.buffers == 0 {
+            return Err(EngineError::Config(
+                "requests and buffers must be at least 1",
+            ));
+        }
+        if let Some(cache) = &config.delta
+            && cache.page_bytes() != config.page_size.bytes()
+        {
+            return Err(EngineError::Config(
+                "the delta cache's page size differs from the engine's",
+            ));
+        }
+        let requests = Arc::new(ArrayQueue::new(config.requests));
+        for _ in 0..config.requests {
+            let _ = requests.push(Box::new(Request::new(config.page_size, config.max_pages)));
+        }
+        let bufs = BufPool::new(
+            config.buffers,
+            max_payload_len(config.max_pages, config.page_size),
+        );
+        let probe = backend.probe();
+        Ok(Engine {
+            backend,
+            probe,
+            staging: VecDeque::with_capacity(config.requests),
+            ready: VecDeque::with_capacity(config.requests),
+            config,
+            requests,
+            bufs,
+            in_flight: 0,
+            stats: StatsCounter::new(Instant::now()),
+        })
+    }
+
+    /// What the backend supports.
+    pub fn probe(&self) -> &Probe {
+        &self.probe
+    }
+
+    /// The engine's configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// A free request, or `None` when every request is in use (poll and drop
+    /// completions to free some).
+    pub fn job(&self) -> Option<Job> {
+        let req = self.requests.pop()?;
+        Some(Job {
+            h: Handle {
+                req: Some(req),
+                home: self.requests.clone(),
+            },
+        })
+    }
+
+    /// The output buffer pool.
+    pub fn buffers(&self) -> &BufPool {
+        &self.bufs
+    }
+
+    /// Jobs submitted whose completion has not been polled.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Checks a job against the probe and the configuration.
+    fn check(&self, job: &Job) -> Result<(), CodecError> {
+        let r = job.h.req();
+        let max = self.probe.max_job_pages.min(self.config.max_pages);
+        match r.op {
+            JobOp::Idle => Err(CodecError::Unsupported(CodecId(0))),
+            JobOp::Encode(p) => {
+                let n = r.input.pages();
+                if n == 0 {
+                    return Err(CodecError::NoPages { codec: p.codec });
+                }
+                if n > max || r.input.bytes() > self.probe.max_job_bytes {
+                    return Err(CodecError::OutputTooSmall {
+                        need: max_payload_len(n, r.input.page_size()),
+                        have: self.bufs.buf_len(),
+                    });
+                }
+                if !self.probe.can_encode(p.codec, p.level) {
+                    return match crate::codec::level_range(p.codec) {
+                        Some((min, max))
+                            if p.codec != CodecId::DELTA
+                                && self.probe.caps(p.codec).is_some_and(|c| c.encode) =>
+                        {
+                            Err(CodecError::BadLevel {
+                                codec: p.codec,
+                                level: p.level,
+                                min,
+                                max,
+                            })
+                        }
+                        _ if p.codec == CodecId::DELTA && self.config.delta.is_none() => {
+                            Err(CodecError::NoDeltaCache)
+                        }
+                        _ => Err(CodecError::Unsupported(p.codec)),
+                    };
+                }
+                Ok(())
+            }
+            JobOp::Decode(codec) => {
+                if !self.probe.can_decode(codec) {
+                    return Err(CodecError::Unsupported(codec));
+                }
+                if r.dest.pages() > max {
+                    return Err(CodecError::TableEntries {
+                        entries: r.dest.pages(),
+                        pages: max,
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Submits jobs from the front of `batch`. Jobs the backend cannot run complete at
+    /// once with an error (see [`Engine::poll`]); the backend may accept only part of
+    /// the rest, or none when no output buffer is free: those stay in `batch`, in
+    /// order, to be submitted again after a poll. Returns the jobs taken from `batch`.
+    ///
+    /// # Errors
+    /// [`EngineError`] when the backend failed; the jobs not taken stay in `batch`.
+    pub fn submit(&mut self, batch: &mut VecDeque<Job>) -> Result<usize, EngineError> {
+        let start = batch.len();
+        while let Some(mut job) = batch.pop_front() {
+            if let Err(e) = self.check(&job) {
+                self.stats.rejected += 1;
+                self.ready.push_back(job.fail(self.probe.backend, e));
+                continue;
+            }
+            if let JobOp::Encode(_) = job.op()
+                && job.h.req().payload.is_none()
+            {
+                match self.bufs.take() {
+                    Some(buf) => job.h.req_mut().payload = Some(buf),
+                    None => {
+                        batch.push_front(job);
+                        break;
+                    }
+                }
+            }
+            self.staging.push_back(job);
+            if self.staging.len() == self.staging.capacity() {
+                break;
+            }
+        }
+        let staged = self.staging.len();
+        let result = self.backend.submit(&mut self.staging);
+        let accepted = staged - self.staging.len();
+        while let Some(job) = self.staging.pop_back() {
+            batch.push_front(job);
+        }
+        if !batch.is_empty() {
+            self.stats.partial_submits += 1;
+        }
+        self.stats.submitted += accepted as u64;
+        self.in_flight += accepted;
+        self.stats.set_depth(Instant::now(), self.in_flight);
+        result?;
+        Ok(start - batch.len())
+    }
+
+    /// Appends up to `max` completions to `done`, waiting up to `timeout` for the
+    /// first when none is ready (`None`: do not wait). Returns how many.
+    ///
+    /// # Errors
+    /// [`EngineError`] when the backend failed.
+    pub fn poll(
+        &mut self,
+        done: &mut Vec<Completion>,
+        max: usize,
+        timeout: Option<Duration>,
+    ) -> Result<usize, EngineError> {
+        let first = done.len();
+        while done.len() - first < max {
+            match self.ready.pop_front() {
+                Some(c) => done.push(c),
+                None => break,
+            }
+        }
+        let from_ready = done.len() - first;
+        let wait = if from_ready > 0 || self.in_flight == 0 {
+            None
+        } else {
+            timeout
+        };
+        let got = if from_ready < max && self.in_flight > 0 {
+            self.backend.poll(done, max - from_ready, wait)?
+        } else {
+            0
+        };
+        self.in_flight -= got.min(self.in_flight);
+        for c in &done[first..] {
+            let r = c.h.req();
+            let (encode, codec) = match r.op {
+                JobOp::Encode(p) => (true, p.codec),
+                JobOp::Decode(codec) => (false, codec),
+                JobOp::Idle => (false, CodecId(0)),
+            };
+            let (bytes_in, bytes_out, fallback) = match (&r.result, r.op) {
+                (Ok(Some(o)), _) => (o.bytes_in, o.bytes_out(), o.codec != codec),
+                (_, JobOp::Decode(_)) => (
+                    r.dest.bytes(),
+                    r.payload.as_ref().map_or(0, |p| p.len()),
+                    false,
+                ),
+                _ => (0, 0, false),
+            };
+            self.stats.record(
+                encode,
+                codec,
+                c.backend(),
+                r.result.is_ok(),
+                c.pages(),
+                bytes_in,
+                bytes_out,
+                fallback,
+            );
+        }
+        self.stats.set_depth(Instant::now(), self.in_flight);
+        Ok(done.len() - first)
+    }
+
+    /// A snapshot of the statistics.
+    pub fn stats(&self) -> EngineStats {
+        self.stats.snapshot(
+            Instant::now(),
+            self.config.delta.as_ref().map(|d| d.stats()),
+        )
+    }
+
+    /// Restarts the statistics from zero (the delta cache keeps its own counters).
+    pub fn reset_stats(&mut self) {
+        let now = Instant::now();
+        self.stats = StatsCounter::new(now);
+        self.stats.set_depth(now, self.in_flight);
+    }
+}

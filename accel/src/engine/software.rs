@@ -1,0 +1,267 @@
+//! The software backend: the reference codecs on worker threads, or inline on the
+//! caller's thread.
+//!
+//! With `threads > 0`, jobs travel to the workers through a bounded lock-free queue
+//! (crossbeam's array channel) and come back through another; each worker owns its
+//! [`Codecs`] contexts, so nothing is shared on the hot path except the delta cache's
+//! per-shard locks. With `threads == 0`, [`Backend::submit`] runs the jobs at once on
+//! the caller's thread and [`Backend::poll`] hands them back.
+
+use core::time::Duration;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError, bounded};
+
+use super::{Backend, BackendKind, Completion, EngineError, FormatCaps, Job, Probe};
+use crate::cache::DeltaCache;
+use crate::codec::{Codecs, SOFTWARE_FORMATS, level_range};
+
+/// How the software backend runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SoftwareConfig {
+    /// Worker threads; 0 runs every job inline, on the thread that submits it.
+    pub threads: usize,
+    /// Most jobs in flight (queued, running, or done and not yet polled).
+    pub queue_depth: usize,
+}
+
+impl Default for SoftwareConfig {
+    fn default() -> Self {
+        Self {
+            threads: 0,
+            queue_depth: 64,
+        }
+    }
+}
+
+enum Mode {
+    Inline {
+        codecs: Box<Codecs>,
+        done: VecDeque<Completion>,
+    },
+    Threads {
+        jobs: Option<Sender<Job>>,
+        done: Receiver<Completion>,
+        workers: Vec<JoinHandle<()>>,
+    },
+}
+
+/// The software backend (see the module documentation).
+pub struct SoftwareBackend {
+    mode: Mode,
+    delta: Option<Arc<DeltaCache>>,
+    queue_depth: usize,
+    max_pages: usize,
+    in_flight: usize,
+}
+
+impl core::fmt::Debug for SoftwareBackend {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("SoftwareBackend")
+            .field("queue_depth", &self.queue_depth)
+            .field("in_flight", &self.in_flight)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SoftwareBackend {
+    /// Starts the backend for jobs of at most `max_pages` pages.
+    ///
+    /// # Errors
+    /// [`EngineError::Config`] for a zero queue depth; [`EngineError::Spawn`] when a
+    /// worker thread cannot start.
+    pub fn new(
+        config: SoftwareConfig,
+        max_pages: usize,
+        delta: Option<Arc<DeltaCache>>,
+    ) -> Result<Self, EngineError> {
+        if config.queue_depth == 0 {
+            return Err(EngineError::Config(
+                "software queue_depth must be at least 1",
+            ));
+        }
+        let mode = if config.threads == 0 {
+            Mode::Inline {
+                codecs: Box::new(Codecs::new()),
+                done: VecDeque::with_capacity(config.queue_depth),
+            }
+        } else {
+            let (job_tx, job_rx) = bounded::<Job>(config.queue_depth);
+            let (done_tx, done_rx) = bounded::<Completion>(config.queue_depth);
+            let mut workers = Vec::with_capacity(config.threads);
+            for i in 0..config.threads {
+                let rx = job_rx.clone();
+                let tx = done_tx.clone();
+                let delta = delta.clone();
+                let handle = std::thread::Builder::new()
+                    .name(format!("pagewire-codec-{i}"))
+                    .spawn(move || worker(rx, tx, delta))
+                    .map_err(EngineError::Spawn)?;
+                workers.push(handle);
+            }
+            Mode::Threads {
+                jobs: Some(job_tx),
+                done: done_rx,
+                workers,
+            }
+        };
+        Ok(SoftwareBackend {
+            mode,
+            delta,
+            queue_depth: config.queue_depth,
+            max_pages,
+            in_flight: 0,
+        })
+    }
+}
+
+fn worker(jobs: Receiver<Job>, done: Sender<Completion>, delta: Option<Arc<DeltaCache>>) {
+    let mut codecs = Codecs::new();
+    while let Ok(mut job) = jobs.recv() {
+        job.run_software(&mut codecs, delta.as_deref());
+        if done.send(job.complete(BackendKind::Software)).is_err() {
+            return;
+        }
+    }
+}
+
+impl Backend for SoftwareBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Software
+    }
+
+    fn probe(&self) -> Probe {
+        let formats = SOFTWARE_FORMATS
+            .iter()
+            .filter_map(|&codec| {
+                let (min_level, max_level) = level_range(codec)?;
+                Some(FormatCaps {
+                    codec,
+                    encode: true,
+                    decode: true,
+                    min_level,
+                    max_level,
+                })
+            })
+            .collect();
+        Probe {
+            backend: BackendKind::Software,
+            formats,
+            max_job_pages: self.max_pages,
+            max_job_bytes: usize::MAX,
+            queue_depth: self.queue_depth,
+            delta_cache: self.delta.is_some(),
+        }
+    }
+
+    fn submit(&mut self, jobs: &mut VecDeque<Job>) -> Result<usize, EngineError> {
+        let mut taken = 0;
+        while self.in_flight < self.queue_depth {
+            let Some(mut job) = jobs.pop_front() else {
+                break;
+            };
+            match &mut self.mode {
+                Mode::Inline { codecs, done } => {
+                    job.run_software(codecs, self.delta.as_deref());
+                    done.push_back(job.complete(BackendKind::Software));
+                }
+                Mode::Threads { jobs: tx, .. } => {
+                    let Some(tx) = tx.as_ref() else {
+                        jobs.push_front(job);
+                        return Err(EngineError::Disconnected(BackendKind::Software));
+                    };
+                    match tx.try_send(job) {
+                        Ok(()) => {}
+                        Err(TrySendError::Full(job)) => {
+                            jobs.push_front(job);
+                            break;
+                        }
+                        Err(TrySendError::Disconnected(job)) => {
+                            jobs.push_front(job);
+                            return Err(EngineError::Disconnected(BackendKind::Software));
+                        }
+                    }
+                }
+            }
+            self.in_flight += 1;
+            taken += 1;
+        }
+        Ok(taken)
+    }
+
+    fn poll(
+        &mut self,
+        out: &mut Vec<Completion>,
+        max: usize,
+        timeout: Option<Duration>,
+    ) -> Result<usize, EngineError> {
+        let mut got = 0;
+        match &mut self.mode {
+            Mode::Inline { done, .. } => {
+                while got < max {
+                    let Some(c) = done.pop_front() else { break };
+                    out.push(c);
+                    got += 1;
+                }
+            }
+            Mode::Threads { done, .. } => {
+                while got < max {
+                    match done.try_recv() {
+                        Ok(c) => {
+                            out.push(c);
+                            got += 1;
+                        }
+                        Err(TryRecvError::Empty) => {
+                            let Some(t) = timeout.filter(|_| got == 0 && self.in_flight > 0) else {
+                                break;
+                            };
+                            match done.recv_timeout(t) {
+                                Ok(c) => {
+                                    out.push(c);
+                                    got += 1;
+                                }
+                                Err(RecvTimeoutError::Timeout) => break,
+                                Err(RecvTimeoutError::Disconnected) => {
+                                    return Err(EngineError::Disconnected(BackendKind::Software));
+                                }
+                            }
+                        }
+                        Err(TryRecvError::Disconnected) => {
+                            return Err(EngineError::Disconnected(BackendKind::Software));
+                        }
+                    }
+                }
+            }
+        }
+        self.in_flight -= got.min(self.in_flight);
+        Ok(got)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+}
+
+impl Drop for SoftwareBackend {
+    fn drop(&mut self) {
+        if let Mode::Threads {
+            jobs,
+            workers,
+            done,
+        } = &mut self.mode
+        {
+            // Closing the job queue ends each worker after its current job.
+            jobs.take();
+            // Drain completions so no worker blocks on a full completion queue.
+            for handle in workers.drain(..) {
+                while !handle.is_finished() {
+                    while done.try_recv().is_ok() {}
+                    std::thread::yield_now();
+                }
+                let _ = handle.join();
+            }
+        }
+    }
+}

@@ -1,0 +1,499 @@
+//! The engine's request model: tags, out-of-order completion, partial acceptance,
+//! pool recycling, statistics, probing, and a second backend plugged in unchanged.
+
+mod common;
+
+use std::collections::{HashSet, VecDeque};
+use std::time::Duration;
+
+use common::{Kind, PS, content};
+use pagewire_accel::{
+    Backend, BackendKind, CodecError, Codecs, Completion, EncodeParams, Engine, EngineConfig,
+    EngineError, FormatCaps, Job, Level, PageKey, PoolBuf, Probe, SoftwareConfig, Tag,
+};
+use pagewire_protocol::CodecId;
+
+const WAIT: Option<Duration> = Some(Duration::from_millis(200));
+
+fn encode_job(engine: &Engine, tag: u64, codec: CodecId, pages: &[u8]) -> Job {
+    let mut job = engine.job().expect("free request");
+    job.encode_buf(
+        Tag(tag),
+        EncodeParams::new(codec, Level::DEFAULT),
+        PoolBuf::from_vec(pages.to_vec()),
+        PageKey(tag * 64),
+    )
+    .expect("whole pages");
+    job
+}
+
+fn drain(engine: &mut Engine, want: usize) -> Vec<Completion> {
+    let mut done = Vec::new();
+    let mut idle = 0;
+    while done.len() < want {
+        let room = want - done.len();
+        if engine.poll(&mut done, room, WAIT).expect("poll") == 0 {
+            idle += 1;
+            assert!(
+                idle < 50,
+                "completions stopped arriving ({} of {want})",
+                done.len()
+            );
+        }
+    }
+    done
+}
+
+#[test]
+fn every_tag_completes_once_across_worker_threads() {
+    let config = EngineConfig {
+        max_pages: 32,
+        requests: 48,
+        buffers: 48,
+        ..Default::default()
+    };
+    let mut engine = Engine::software(
+        config,
+        SoftwareConfig {
+            threads: 2,
+            queue_depth: 16,
+        },
+    )
+    .expect("engine");
+    let kinds = [
+        Kind::Text,
+        Kind::Random,
+        Kind::Zeros,
+        Kind::Code,
+        Kind::Mixed,
+    ];
+    let inputs: Vec<Vec<u8>> = (0..40)
+        .map(|i| content(kinds[i % kinds.len()], 1 + i % 32, i as u64))
+        .collect();
+    let mut batch: VecDeque<Job> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| encode_job(&engine, i as u64, CodecId::ZSTD, p))
+        .collect();
+    let mut done = Vec::new();
+    let mut rounds = 0;
+    while !batch.is_empty() {
+        engine.submit(&mut batch).expect("submit");
+        engine.poll(&mut done, usize::MAX, WAIT).expect("poll");
+        rounds += 1;
+        assert!(rounds < 1000);
+    }
+    let rest = 40 - done.len();
+    done.extend(drain(&mut engine, rest));
+    let tags: HashSet<u64> = done.iter().map(|c| c.tag().0).collect();
+    assert_eq!(tags.len(), 40);
+    let mut codecs = Codecs::new();
+    for c in &done {
+        assert_eq!(c.backend(), BackendKind::Software);
+        let out = c.encoded().expect("encoded");
+        let input = &inputs[c.tag().0 as usize];
+        let mut back = vec![0u8; input.len()];
+        let mut dst = pagewire_accel::PageListMut::new(pagewire_accel::PageSize::KIB4);
+        dst.push_slice(&mut back, PageKey(0)).expect("pages");
+        codecs
+            .decode(
+                out.codec,
+                c.payload().expect("payload"),
+                c.lengths(),
+                &mut dst,
+            )
+            .expect("decode");
+        drop(dst);
+        assert!(&back == input, "tag {:?}", c.tag());
+    }
+    let stats = engine.stats();
+    assert_eq!((stats.submitted, stats.completed), (40, 40));
+    let z = stats.encode_of(CodecId::ZSTD).expect("zstd stats");
+    assert_eq!(z.jobs, 40);
+    assert!(
+        z.raw_fallbacks >= 8,
+        "the random frames fell back: {}",
+        z.raw_fallbacks
+    );
+    assert!(z.ratio().expect("ratio") > 1.0);
+    assert!(stats.max_queue_depth >= 1 && stats.max_queue_depth <= 16);
+    assert!(stats.busy_rate() > 0.0 && stats.busy_rate() <= 1.0);
+    assert_eq!(stats.by_backend[0], (BackendKind::Software, 40));
+    assert_eq!(stats.queue_depth, 0);
+}
+
+#[test]
+fn a_full_queue_accepts_part_of_a_batch() {
+    let config = EngineConfig {
+        requests: 8,
+        buffers: 8,
+        ..Default::default()
+    };
+    let mut engine = Engine::software(
+        config,
+        SoftwareConfig {
+            threads: 0,
+            queue_depth: 2,
+        },
+    )
+    .expect("engine");
+    let page = content(Kind::Text, 1, 0);
+    let mut batch: VecDeque<Job> = (0..5)
+        .map(|i| encode_job(&engine, i, CodecId::LZ4, &page))
+        .collect();
+    assert_eq!(engine.submit(&mut batch).expect("submit"), 2);
+    assert_eq!(
+        batch.iter().map(Job::tag).collect::<Vec<_>>(),
+        vec![Tag(2), Tag(3), Tag(4)]
+    );
+    assert_eq!(engine.submit(&mut batch).expect("submit"), 0, "still full");
+    let done = drain(&mut engine, 2);
+    assert_eq!(
+        done.iter().map(Completion::tag).collect::<Vec<_>>(),
+        vec![Tag(0), Tag(1)]
+    );
+    assert_eq!(engine.submit(&mut batch).expect("submit"), 2);
+    assert_eq!(engine.stats().partial_submits, 3);
+}
+
+#[test]
+fn buffers_return_only_when_every_user_is_done() {
+    let config = EngineConfig {
+        requests: 4,
+        buffers: 1,
+        ..Default::default()
+    };
+    let mut engine = Engine::software(config, SoftwareConfig::default()).expect("engine");
+    let page = content(Kind::Text, 2, 0);
+    let mut batch: VecDeque<Job> = (0..2)
+        .map(|i| encode_job(&engine, i, CodecId::ZSTD, &page))
+        .collect();
+    assert_eq!(
+        engine.submit(&mut batch).expect("submit"),
+        1,
+        "one output buffer"
+    );
+    let mut done = drain(&mut engine, 1);
+    let mut c = done.pop().expect("completion");
+    // The transport takes the payload; the completion is consumed.
+    let in_transport = c.take_payload().expect("payload");
+    let retransmit_copy = in_transport.clone();
+    drop(c);
+    assert_eq!(engine.buffers().available(), 0);
+    assert_eq!(
+        engine.submit(&mut batch).expect("submit"),
+        0,
+        "buffer still in use"
+    );
+    drop(in_transport);
+    assert_eq!(engine.buffers().available(), 0, "a clone still holds it");
+    drop(retransmit_copy);
+    assert_eq!(engine.buffers().available(), 1);
+    assert_eq!(engine.submit(&mut batch).expect("submit"), 1);
+    drain(&mut engine, 1);
+}
+
+#[test]
+fn requests_are_recycled() {
+    let config = EngineConfig {
+        requests: 2,
+        buffers: 4,
+        ..Default::default()
+    };
+    let mut engine = Engine::software(config, SoftwareConfig::default()).expect("engine");
+    let page = content(Kind::Code, 1, 0);
+    let a = encode_job(&engine, 1, CodecId::DEFLATE, &page);
+    let b = encode_job(&engine, 2, CodecId::DEFLATE, &page);
+    assert!(engine.job().is_none(), "both requests in use");
+    drop(b); // an unsubmitted job goes back too
+    let b = engine.job().expect("recycled");
+    drop(b);
+    let mut batch = VecDeque::from([a]);
+    engine.submit(&mut batch).expect("submit");
+    assert!(engine.job().is_some());
+    let done = drain(&mut engine, 1);
+    assert!(engine.job().is_some());
+    drop(done);
+    let j1 = engine.job().expect("1");
+    let j2 = engine.job().expect("2");
+    assert!(engine.job().is_none());
+    drop((j1, j2));
+}
+
+#[test]
+fn jobs_the_backend_cannot_run_complete_with_errors() {
+    let mut engine = Engine::software(
+        EngineConfig {
+            max_pages: 4,
+            ..Default::default()
+        },
+        SoftwareConfig::default(),
+    )
+    .expect("engine");
+    let probe = engine.probe().clone();
+    assert_eq!(probe.backend, BackendKind::Software);
+    for codec in [
+        CodecId::RAW,
+        CodecId::ZERO,
+        CodecId::ZSTD,
+        CodecId::LZ4,
+        CodecId::DEFLATE,
+        CodecId::DELTA,
+    ] {
+        assert!(probe.can_decode(codec), "{codec}");
+    }
+    assert!(
+        probe.can_encode(CodecId::ZSTD, Level(-7)) && probe.can_encode(CodecId::ZSTD, Level(22))
+    );
+    assert!(!probe.can_encode(CodecId::DEFLATE, Level(13)));
+    assert!(
+        !probe.can_encode(CodecId::DELTA, Level::DEFAULT),
+        "no delta cache configured"
+    );
+    assert!(!probe.delta_cache);
+
+    let page = content(Kind::Text, 1, 0);
+    let mut batch = VecDeque::new();
+    batch.push_back(encode_job(&engine, 1, CodecId(0x99), &page));
+    batch.push_back(encode_job(&engine, 2, CodecId::DELTA, &page));
+    let mut j = engine.job().expect("job");
+    j.encode_buf(
+        Tag(3),
+        EncodeParams::new(CodecId::ZSTD, Level(99)),
+        PoolBuf::from_vec(page.clone()),
+        PageKey(0),
+    )
+    .expect("pages");
+    batch.push_back(j);
+    batch.push_back(encode_job(
+        &engine,
+        4,
+        CodecId::LZ4,
+        &content(Kind::Text, 5, 0),
+    ));
+    batch.push_back(encode_job(&engine, 5, CodecId::LZ4, &page));
+    assert_eq!(engine.submit(&mut batch).expect("submit"), 5);
+    let mut done = drain(&mut engine, 5);
+    done.sort_by_key(Completion::tag);
+    assert!(matches!(
+        done[0].status(),
+        Err(CodecError::Unsupported(CodecId(0x99)))
+    ));
+    assert!(matches!(done[1].status(), Err(CodecError::NoDeltaCache)));
+    assert!(matches!(done[2].status(), Err(CodecError::BadLevel { .. })));
+    assert!(done[3].status().is_err(), "five pages over max_pages 4");
+    assert!(done[4].status().is_ok());
+    let stats = engine.stats();
+    assert_eq!(stats.rejected, 4);
+    assert_eq!(stats.submitted, 1);
+}
+
+#[test]
+fn decode_jobs_write_the_destination_and_count_bytes() {
+    let mut engine = Engine::software(
+        EngineConfig::default(),
+        SoftwareConfig {
+            threads: 1,
+            queue_depth: 4,
+        },
+    )
+    .expect("engine");
+    let input = content(Kind::Mixed, 6, 1);
+    let mut batch = VecDeque::from([encode_job(&engine, 1, CodecId::DEFLATE, &input)]);
+    engine.submit(&mut batch).expect("submit");
+    let mut c = drain(&mut engine, 1).pop().expect("completion");
+    let out = c.encoded().expect("encoded");
+    let payload = c.take_payload().expect("payload");
+    let lengths = c.lengths().to_vec();
+    drop(c);
+    let mut job = engine.job().expect("job");
+    job.decode_buf(
+        Tag(2),
+        out.codec,
+        payload,
+        &lengths,
+        PoolBuf::from_vec(vec![0; input.len()]),
+        PageKey(0),
+    )
+    .expect("dest");
+    let mut batch = VecDeque::from([job]);
+    engine.submit(&mut batch).expect("submit");
+    let mut c = drain(&mut engine, 1).pop().expect("completion");
+    c.status().expect("decoded");
+    assert!(c.take_dest().expect("dest")[..] == input[..]);
+    let stats = engine.stats();
+    let d = stats
+        .decode_of(CodecId::DEFLATE)
+        .expect("deflate decode stats");
+    assert_eq!((d.jobs, d.pages, d.bytes_in), (1, 6, 6 * PS as u64));
+    assert_eq!(d.bytes_out, out.payload_len as u64);
+}
+
+/// A stand-in for a hardware queue (a test double, not a device model of IAA or QAT):
+/// accepts one job per submit, finishes them in reverse order, and reports itself as
+/// QAT. It shows a second backend plugs into the engine unchanged.
+struct ReversingQueue {
+    codecs: Codecs,
+    held: Vec<Job>,
+}
+
+impl Backend for ReversingQueue {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Qat
+    }
+    fn probe(&self) -> Probe {
+        Probe {
+            backend: BackendKind::Qat,
+            formats: vec![FormatCaps {
+                codec: CodecId::DEFLATE,
+                encode: true,
+                decode: true,
+                min_level: Level(0),
+                max_level: Level(9),
+            }],
+            max_job_pages: 8,
+            max_job_bytes: 8 * PS,
+            queue_depth: 3,
+            delta_cache: false,
+        }
+    }
+    fn submit(&mut self, jobs: &mut VecDeque<Job>) -> Result<usize, EngineError> {
+        if self.held.len() >= 3 {
+            return Ok(0);
+        }
+        match jobs.pop_front() {
+            Some(job) => {
+                self.held.push(job);
+                Ok(1)
+            }
+            None => Ok(0),
+        }
+    }
+    fn poll(
+        &mut self,
+        done: &mut Vec<Completion>,
+        max: usize,
+        _timeout: Option<Duration>,
+    ) -> Result<usize, EngineError> {
+        let mut n = 0;
+        while n < max {
+            let Some(mut job) = self.held.pop() else {
+                break;
+            };
+            job.run_software(&mut self.codecs, None);
+            done.push(job.complete(BackendKind::Qat));
+            n += 1;
+        }
+        Ok(n)
+    }
+    fn in_flight(&self) -> usize {
+        self.held.len()
+    }
+}
+
+#[test]
+fn another_backend_plugs_in_and_completes_out_of_order() {
+    let backend = Box::new(ReversingQueue {
+        codecs: Codecs::new(),
+        held: Vec::new(),
+    });
+    let mut engine = Engine::new(
+        EngineConfig {
+            max_pages: 16,
+            ..Default::default()
+        },
+        backend,
+    )
+    .expect("engine");
+    assert_eq!(engine.probe().max_job_pages, 8);
+    let page = content(Kind::Text, 2, 0);
+    let mut batch: VecDeque<Job> = (0..3)
+        .map(|i| encode_job(&engine, i, CodecId::DEFLATE, &page))
+        .collect();
+    batch.push_back(encode_job(&engine, 9, CodecId::ZSTD, &page));
+    let mut accepted = 0;
+    while !batch.is_empty() {
+        accepted += engine.submit(&mut batch).expect("submit");
+    }
+    assert_eq!(accepted, 4);
+    let done = drain(&mut engine, 4);
+    let tags: Vec<u64> = done.iter().map(|c| c.tag().0).collect();
+    assert_eq!(
+        tags,
+        vec![9, 2, 1, 0],
+        "rejection first, then the device's reverse order"
+    );
+    assert!(matches!(
+        done[0].status(),
+        Err(CodecError::Unsupported(CodecId::ZSTD))
+    ));
+    for c in &done[1..] {
+        assert_eq!(c.backend(), BackendKind::Qat);
+        assert_eq!(c.encoded().map(|e| e.codec), Some(CodecId::DEFLATE));
+    }
+    let stats = engine.stats();
+    assert!(stats.by_backend.contains(&(BackendKind::Qat, 4)));
+}
+
+#[test]
+fn delta_through_the_engine_counts_cache_hits() {
+    let cache = common::delta_cache();
+    let config = EngineConfig {
+        delta: Some(cache.clone()),
+        ..Default::default()
+    };
+    let mut engine = Engine::software(
+        config,
+        SoftwareConfig {
+            threads: 2,
+            queue_depth: 8,
+        },
+    )
+    .expect("engine");
+    assert!(engine.probe().can_encode(CodecId::DELTA, Level::DEFAULT));
+    let mut v = content(Kind::Code, 4, 2);
+    for round in 0..3 {
+        let mut batch = VecDeque::from([encode_job(&engine, 0, CodecId::DELTA, &v)]);
+        engine.submit(&mut batch).expect("submit");
+        let c = drain(&mut engine, 1).pop().expect("completion");
+        let out = c.encoded().expect("encoded");
+        assert_eq!(
+            out.codec,
+            if round == 0 {
+                CodecId::RAW
+            } else {
+                CodecId::DELTA
+            }
+        );
+        v[round * 10] ^= 0x40;
+    }
+    let stats = engine.stats();
+    let d = stats.delta.expect("delta stats");
+    assert_eq!((d.misses, d.hits, d.overflows), (4, 8, 0));
+    let e = stats.encode_of(CodecId::DELTA).expect("delta");
+    assert_eq!((e.jobs, e.raw_fallbacks), (3, 1));
+}
+
+#[test]
+fn bad_configurations_are_refused() {
+    assert!(matches!(
+        Engine::software(
+            EngineConfig {
+                max_pages: 0,
+                ..Default::default()
+            },
+            SoftwareConfig::default()
+        ),
+        Err(EngineError::Config(_))
+    ));
+    assert!(matches!(
+        Engine::software(
+            EngineConfig::default(),
+            SoftwareConfig {
+                threads: 1,
+                queue_depth: 0
+            }
+        ),
+        Err(EngineError::Config(_))
+    ));
+}

@@ -1,0 +1,80 @@
+//! Zero-page scan against a plain memory-read loop over the same buffer, in the same
+//! run: zero pages (the whole page must be read), pages with data at the start (the
+//! sampled early exit), and pages whose only non-zero byte is the last one (the worst
+//! case for the early exit).
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{Criterion, Throughput};
+use pagewire_accel::zero::{ZeroKernel, is_zero_with};
+
+const PS: usize = 4096;
+
+/// The baseline: read every byte of every page once, as `u64` words folded together.
+fn read_loop(buf: &[u8]) -> u64 {
+    let mut acc = 0u64;
+    for page in buf.chunks_exact(PS) {
+        let mut a = [0u64; 8];
+        for c in page.chunks_exact(64) {
+            for (k, w) in c.chunks_exact(8).enumerate() {
+                a[k] ^= u64::from_ne_bytes(w.try_into().unwrap());
+            }
+        }
+        acc = acc.wrapping_add(a.iter().fold(0, |x, y| x ^ y));
+    }
+    acc
+}
+
+fn scan(kernel: ZeroKernel, buf: &[u8]) -> usize {
+    buf.chunks_exact(PS)
+        // SAFETY: each chunk is a readable slice of `PS` bytes.
+        .filter(|p| unsafe { is_zero_with(kernel, p.as_ptr(), p.len()) })
+        .count()
+}
+
+fn bench_zero(c: &mut Criterion) {
+    let mut kernels = vec![("portable", ZeroKernel::Portable)];
+    if ZeroKernel::Avx2.is_available() {
+        kernels.push(("avx2", ZeroKernel::Avx2));
+    }
+    // 64 MiB: far beyond the caches, so this is memory bandwidth; 256 KiB: in L2.
+    for (size_name, bytes) in [("64MiB", 64usize << 20), ("256KiB", 256 << 10)] {
+        let zeros = vec![0u8; bytes];
+        let mut data = vec![0u8; bytes];
+        for (i, page) in data.chunks_mut(PS).enumerate() {
+            page[0] = 1 + (i % 255) as u8;
+        }
+        let mut late = vec![0u8; bytes];
+        for page in late.chunks_mut(PS) {
+            page[PS - 1] = 1;
+        }
+        let mut g = c.benchmark_group(format!("zero_scan/{size_name}"));
+        g.throughput(Throughput::Bytes(bytes as u64));
+        g.bench_function("read_loop/zero_pages", |b| {
+            b.iter(|| black_box(read_loop(black_box(&zeros))))
+        });
+        for (name, kernel) in &kernels {
+            g.bench_function(format!("{name}/zero_pages"), |b| {
+                b.iter(|| assert_eq!(scan(*kernel, black_box(&zeros)), bytes / PS))
+            });
+            g.bench_function(format!("{name}/data_at_start"), |b| {
+                b.iter(|| assert_eq!(scan(*kernel, black_box(&data)), 0))
+            });
+            g.bench_function(format!("{name}/last_byte_set"), |b| {
+                b.iter(|| assert_eq!(scan(*kernel, black_box(&late)), 0))
+            });
+        }
+        g.finish();
+    }
+}
+
+fn main() {
+    let mut c = Criterion::default()
+        .measurement_time(Duration::from_millis(1500))
+        .warm_up_time(Duration::from_millis(500))
+        .sample_size(20)
+        .configure_from_args();
+    bench_zero(&mut c);
+    c.final_summary();
+}
