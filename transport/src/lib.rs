@@ -36,7 +36,6 @@ pub mod session;
 pub mod tcp;
 pub mod uring;
 
-
 pub use buf::{BufferPool, GuestMemory, GuestSlice, Payload, PoolBuf};
 pub use channel::{
     Channel, ChannelError, ChannelStats, Completed, Incoming, OutFrame, PageSink, RegionSink,

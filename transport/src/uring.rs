@@ -42,6 +42,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::mem::ManuallyDrop;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -309,7 +310,8 @@ impl BufRing {
 struct Core {
     // Declared first: dropped (closed) before any memory it may reference.
     ring: IoUring,
-    stream: TcpStream,
+    /// Closed explicitly in `Drop`, after the kernel is done with it.
+    stream: ManuallyDrop<TcpStream>,
     cfg: UringConfig,
     fixed: Vec<Fixed>,
     inflight: HashMap<u64, InFlight>,
@@ -414,7 +416,7 @@ impl UringChannel {
         }
         let mut core = Core {
             ring,
-            stream,
+            stream: ManuallyDrop::new(stream),
             cfg: cfg.clone(),
             fixed,
             inflight: HashMap::new(),
@@ -890,35 +892,59 @@ impl Core {
     }
 }
 
-impl Drop for Core {
-    fn drop(&mut self) {
-        // Nothing queued may start now.
-        self.pending.clear();
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
-        let cancel = opcode::AsyncCancel2::new(CancelBuilder::any())
-            .build()
-            .user_data(CANCEL_TAG);
-        let _ = self.push_now(&cancel);
-        let deadline = Instant::now() + Duration::from_secs(5);
+impl Core {
+    /// Forgets the sends never handed to the kernel, so their frames complete.
+    fn drop_pending(&mut self) {
+        for e in std::mem::take(&mut self.pending) {
+            let seq = e.get_user_data();
+            if let Some(f) = self.inflight.get_mut(&seq) {
+                f.ops -= 1;
+                if f.ops == 0 {
+                    self.on_send_empty(seq);
+                }
+            }
+        }
+    }
+
+    /// Waits for outstanding completions until `deadline`; `true` when none is left.
+    fn drain(&mut self, deadline: Instant) -> bool {
         while !self.inflight.is_empty() || self.armed {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero()
                 || self
                     .enter(1, Some(left.min(Duration::from_millis(100))))
                     .is_err()
+                || self.reap().is_err()
             {
-                break;
+                return false;
             }
-            if self.reap().is_err() {
-                break;
-            }
-            // Sends never started of a broken chain complete with ECANCELED, so every
-            // entry drains; the loop is bounded by the deadline regardless.
-            self.chain_left = 0;
         }
-        // Memory the kernel may still reference must outlive it: leak it.
-        for (_, f) in self.inflight.drain() {
-            std::mem::forget(f);
+        true
+    }
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        // Nothing queued may start now; cancel what the kernel has.
+        self.drop_pending();
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        let cancel = opcode::AsyncCancel2::new(CancelBuilder::any())
+            .build()
+            .user_data(CANCEL_TAG);
+        let _ = self.push_now(&cancel);
+        let drained = self.drain(Instant::now() + Duration::from_millis(500));
+        if !drained {
+            // Zero-copy notifications wait for the socket's send queue, which a peer
+            // that reads nothing never empties: reset the connection to free it.
+            let _ = socket2::SockRef::from(&*self.stream).set_linger(Some(Duration::ZERO));
+        }
+        // SAFETY: `stream` is taken exactly once, here, and not used afterwards.
+        drop(unsafe { ManuallyDrop::take(&mut self.stream) });
+        if !drained && !self.drain(Instant::now() + Duration::from_secs(5)) {
+            // Memory the kernel may still reference must outlive it: leak it.
+            for (_, f) in self.inflight.drain() {
+                std::mem::forget(f);
+            }
         }
     }
 }
