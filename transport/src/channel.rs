@@ -1,0 +1,288 @@
+//! The one interface every backend implements, and the types that cross it.
+
+use std::io;
+use std::time::Duration;
+
+use pagewire_protocol::{
+    DecodeError, EncodeError, Frame, Negotiated, PageFrame, PageRun, RegionId,
+};
+
+use crate::buf::{GuestMemory, GuestSlice, Payload};
+
+/// Identifies one [`Channel::send`]; completions report it back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SendId(pub u64);
+
+/// A frame to send: its encoded header (the whole frame for control frames) and the
+/// payload slices that follow it on the wire, in order.
+#[derive(Debug)]
+pub struct OutFrame {
+    pub(crate) header: Vec<u8>,
+    pub(crate) payload: Vec<Payload>,
+}
+
+impl OutFrame {
+    /// A frame encoded whole (control frames, or a PAGES frame whose payload is already
+    /// in a buffer of its own and small).
+    ///
+    /// # Errors
+    /// The protocol's [`EncodeError`].
+    pub fn whole(frame: &Frame<'_>) -> Result<Self, EncodeError> {
+        let mut header = Vec::new();
+        frame.encode(&mut header)?;
+        Ok(Self {
+            header,
+            payload: Vec::new(),
+        })
+    }
+
+    /// A PAGES frame whose payload is sent from `payload` (pool buffers or guest memory)
+    /// without being copied into the frame; `frame.payload` is ignored.
+    ///
+    /// # Errors
+    /// The protocol's [`EncodeError`].
+    pub fn pages(frame: &PageFrame<'_>, payload: Vec<Payload>) -> Result<Self, EncodeError> {
+        let len = payload.iter().map(Payload::len).sum();
+        let mut header = Vec::with_capacity(frame.header_len());
+        frame.encode_header(len, &mut header)?;
+        Ok(Self { header, payload })
+    }
+
+    /// Bytes on the wire.
+    pub fn wire_len(&self) -> usize {
+        self.header.len() + self.payload.iter().map(Payload::len).sum::<usize>()
+    }
+
+    /// The encoded envelope and header.
+    pub fn header(&self) -> &[u8] {
+        &self.header
+    }
+}
+
+/// A finished send: its payload slices are handed back and may be reused (the memory
+/// has been copied or released by the kernel/NIC).
+#[derive(Debug)]
+pub struct Completed {
+    /// Which send.
+    pub id: SendId,
+    /// The payload slices, back with the caller.
+    pub payload: Vec<Payload>,
+    /// Payload sends of this frame the kernel reported as zero-copy and as copied
+    /// (io_uring SEND_ZC with usage reporting; both 0 on backends that always copy).
+    pub zero_copy: (u32, u32),
+}
+
+/// A frame received.
+#[derive(Debug)]
+pub enum Incoming<'a> {
+    /// A whole frame, borrowed from the channel's receive buffer until the next call.
+    Frame(Frame<'a>),
+    /// A raw PAGES frame whose payload a [`PageSink`] placed into destination memory;
+    /// `payload` is empty here, the pages are already in place (and checksummed when a
+    /// checksum was negotiated).
+    Placed(PageFrame<'a>),
+}
+
+/// Lets the receiver place the payload of raw PAGES frames straight into destination
+/// memory, instead of into the channel's buffer.
+pub trait PageSink {
+    /// Called with the header of a raw PAGES frame (its `payload` is empty). Push
+    /// destination slices whose lengths add up to the payload length (`data_pages ×
+    /// page_size`), in payload order, and return `true`; or return `false` to receive
+    /// the frame whole as [`Incoming::Frame`].
+    fn place(&mut self, frame: &PageFrame<'_>, dest: &mut Vec<GuestSlice>) -> bool;
+}
+
+/// A [`PageSink`] that maps each region id of the layout to a [`GuestMemory`] whose
+/// page `i` is at offset `i × page_size`.
+#[derive(Clone, Debug)]
+pub struct RegionSink {
+    page_size: u32,
+    regions: Vec<(RegionId, GuestMemory)>,
+}
+
+impl RegionSink {
+    /// A sink over `regions`.
+    pub fn new(page_size: u32, regions: Vec<(RegionId, GuestMemory)>) -> Self {
+        Self { page_size, regions }
+    }
+
+    fn run_slice(&self, mem: &GuestMemory, run: PageRun) -> Option<GuestSlice> {
+        let ps = u64::from(self.page_size);
+        let off = usize::try_from(run.start.0.checked_mul(ps)?).ok()?;
+        let len = usize::try_from(u64::from(run.count).checked_mul(ps)?).ok()?;
+        mem.slice(off, len)
+    }
+}
+
+impl PageSink for RegionSink {
+    fn place(&mut self, frame: &PageFrame<'_>, dest: &mut Vec<GuestSlice>) -> bool {
+        let Some((_, mem)) = self.regions.iter().find(|(id, _)| *id == frame.region) else {
+            return false;
+        };
+        let start = dest.len();
+        for run in frame.data_runs.iter() {
+            match self.run_slice(mem, run) {
+                Some(s) => dest.push(s),
+                None => {
+                    // A page outside the region: let the caller see and reject the frame.
+                    dest.truncate(start);
+                    return false;
+                }
+            }
+        }
+        true
+    }
+}
+
+/// Counters of one channel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChannelStats {
+    /// Frames handed to `send`.
+    pub frames_sent: u64,
+    /// Bytes of those frames.
+    pub bytes_sent: u64,
+    /// Frames received (whole or placed).
+    pub frames_received: u64,
+    /// Bytes received.
+    pub bytes_received: u64,
+    /// Payload bytes placed straight into destination memory.
+    pub bytes_placed: u64,
+    /// Zero-copy sends the kernel completed without copying.
+    pub zc_sends: u64,
+    /// Zero-copy sends the kernel fell back to copying (always so on loopback).
+    pub zc_copied: u64,
+    /// Highest number of payload bytes owned by the channel at once.
+    pub peak_in_flight_bytes: u64,
+}
+
+/// Why a channel operation failed. After any error but `RecvTimeout`, the channel is
+/// unusable: close it and report the pages it did not complete.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// A system call failed.
+    #[error("{op} failed on the channel socket")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The peer stopped taking data for longer than the send timeout.
+    #[error(
+        "the peer took no data for {0:?} (send timeout): it stopped reading or the link is down"
+    )]
+    SendTimeout(Duration),
+    /// Nothing arrived within the receive timeout.
+    #[error("nothing received for {0:?} (receive timeout)")]
+    RecvTimeout(Duration),
+    /// The peer closed the connection inside a frame.
+    #[error("the peer closed the connection in the middle of a frame ({have} of {need} bytes)")]
+    PeerClosedMidFrame {
+        /// Bytes of the frame received.
+        have: usize,
+        /// Bytes of the frame expected (8 while the envelope is incomplete).
+        need: usize,
+    },
+    /// The peer's bytes are not a valid frame stream; close the channel.
+    #[error("the peer sent an invalid frame")]
+    Decode(#[source] DecodeError),
+    /// A [`PageSink`] gave destination memory of the wrong size.
+    #[error("the page sink placed {placed} bytes for a payload of {payload} bytes")]
+    BadPlacement {
+        /// Bytes of destination given.
+        placed: usize,
+        /// Payload length.
+        payload: usize,
+    },
+    /// The frame is larger than the negotiated limit.
+    #[error("frame of {len} bytes exceeds the negotiated limit of {max}")]
+    FrameTooLarge {
+        /// Frame length.
+        len: usize,
+        /// Limit.
+        max: u32,
+    },
+    /// An earlier error left the channel unusable.
+    #[error("the channel failed earlier and is closed")]
+    Failed,
+    /// The backend's completion queue reported something it did not submit.
+    #[error("io_uring completion for unknown request {0:#x}")]
+    UnknownCompletion(u64),
+}
+
+impl ChannelError {
+    pub(crate) fn io(op: &'static str, source: io::Error) -> Self {
+        Self::Io { op, source }
+    }
+
+    pub(crate) fn from_send_io(op: &'static str, e: io::Error, timeout: Duration) -> Self {
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Self::SendTimeout(timeout),
+            _ => Self::io(op, e),
+        }
+    }
+}
+
+/// A channel: one ordered stream of protocol frames after a completed handshake.
+///
+/// Each backend documents its contract (what is zero-copy, when a payload slice is
+/// handed back, how it blocks). Common to all:
+/// - `send` takes ownership of the frame's payload slices and hands them back through
+///   [`poll_completions`](Self::poll_completions) only when the memory may be reused;
+///   frames go out in `send` order;
+/// - `send` blocks while the peer does not take data and fails with
+///   [`ChannelError::SendTimeout`] after the configured send timeout, so a stalled peer
+///   holds at most the configured in-flight memory;
+/// - `recv` returns `Ok(None)` when the peer closed cleanly between frames and
+///   [`ChannelError::PeerClosedMidFrame`] when it closed inside one.
+pub trait Channel {
+    /// The handshake's result for this channel.
+    fn negotiated(&self) -> &Negotiated;
+
+    /// Queues or sends a frame; see the backend's contract for when it blocks.
+    ///
+    /// # Errors
+    /// [`ChannelError`]; the channel is unusable afterwards.
+    fn send(&mut self, frame: OutFrame) -> Result<SendId, ChannelError>;
+
+    /// Moves finished sends to `out` without blocking; returns how many.
+    ///
+    /// # Errors
+    /// [`ChannelError`].
+    fn poll_completions(&mut self, out: &mut Vec<Completed>) -> Result<usize, ChannelError>;
+
+    /// Blocks until every send has completed (payloads released), then moves them to
+    /// `out`.
+    ///
+    /// # Errors
+    /// [`ChannelError::SendTimeout`] when the peer takes nothing for the send timeout.
+    fn flush(&mut self, out: &mut Vec<Completed>) -> Result<(), ChannelError>;
+
+    /// Receives the next frame; with a sink, raw PAGES payloads go straight to
+    /// destination memory.
+    ///
+    /// # Errors
+    /// [`ChannelError`].
+    fn recv<'a>(
+        &'a mut self,
+        sink: Option<&mut dyn PageSink>,
+    ) -> Result<Option<Incoming<'a>>, ChannelError>;
+
+    /// Counters.
+    fn stats(&self) -> ChannelStats;
+
+    /// Flushes every send and closes the sending direction, so the peer's `recv`
+    /// returns `Ok(None)` after the last frame. Frames may still be received.
+    ///
+    /// # Errors
+    /// As [`flush`](Self::flush).
+    fn close(&mut self, out: &mut Vec<Completed>) -> Result<(), ChannelError>;
+}
+
+/// Sum of the payload lengths a sink placed for a frame, checked against the payload.
+pub(crate) fn placed_len(dest: &[GuestSlice]) -> usize {
+    dest.iter().map(GuestSlice::len).sum()
+}

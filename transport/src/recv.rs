@@ -1,0 +1,636 @@
+//! The receive side shared by the stream backends (TCP and io_uring): bytes in, frames
+//! out, with raw page payloads placed straight into destination memory.
+//!
+//! Frames are parsed with the protocol crate ([`Envelope::parse`], [`Frame::decode`]).
+//! The one thing the protocol crate cannot do yet is check a PAGES *header* whose
+//! payload is not in the same buffer; [`raw_header`] does that for raw frames, and
+//! anything it does not accept goes the whole-frame way, where the protocol's decoder
+//! gives the exact error.
+
+use pagewire_protocol::{
+    ChecksumId, CodecId, DecodeError, Envelope, Frame, FrameType, Limits, PageFrame, PageRun,
+    RegionId, Round, WireList,
+    frame::{FLAG_CRC32C, FLAG_PER_PAGE},
+};
+
+use crate::buf::GuestSlice;
+use crate::channel::{ChannelError, Incoming, PageSink, placed_len};
+
+/// Size of the fixed part of a PAGES body, before the run lists.
+const PAGES_FIXED: usize = 16;
+/// Size of one encoded page run.
+const RUN_LEN: usize = 12;
+/// Receive buffer size before any large frame arrives.
+const INITIAL_BUF: usize = 256 << 10;
+
+/// Where a stream backend gets its bytes.
+pub(crate) trait ByteSource {
+    /// Reads into `dst`; `Ok(0)` is end of stream.
+    fn read(&mut self, dst: &mut [u8]) -> Result<usize, ChannelError>;
+
+    /// Reads into the concatenation of `dst`, starting `skip` bytes into it; `Ok(0)` is
+    /// end of stream.
+    fn read_guest(&mut self, dst: &[GuestSlice], skip: usize) -> Result<usize, ChannelError>;
+}
+
+/// Copies `src` into the concatenation of `dst` starting at byte `skip`.
+pub(crate) fn copy_to_guest(dst: &[GuestSlice], mut skip: usize, mut src: &[u8]) {
+    for d in dst {
+        if src.is_empty() {
+            break;
+        }
+        if skip >= d.len() {
+            skip -= d.len();
+            continue;
+        }
+        let n = (d.len() - skip).min(src.len());
+        // SAFETY: `skip + n <= d.len()`, so the target lies inside the slice's region,
+        // which `GuestMemory::new`'s contract keeps mapped and writable and free of
+        // other accessors while a channel places pages; `src` is a Rust buffer that
+        // does not overlap guest memory.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), d.as_ptr().add(skip), n) };
+        src = &src[n..];
+        skip = 0;
+    }
+}
+
+/// `iovec`s over the concatenation of `dst` from byte `skip`, at most `max` of them.
+pub(crate) fn guest_iovecs(dst: &[GuestSlice], mut skip: usize, max: usize) -> Vec<libc::iovec> {
+    let mut iov = Vec::with_capacity(dst.len().min(max));
+    for d in dst {
+        if iov.len() == max {
+            break;
+        }
+        if skip >= d.len() {
+            skip -= d.len();
+            continue;
+        }
+        iov.push(libc::iovec {
+            iov_base: d.as_ptr().wrapping_add(skip).cast(),
+            iov_len: d.len() - skip,
+        });
+        skip = 0;
+    }
+    iov
+}
+
+/// The envelope-plus-header length of a PAGES frame whose first 24 bytes are `head`,
+/// for a frame without a per-page table; `None` if it cannot be computed.
+fn raw_header_len(head: &[u8], flags: u8) -> Option<usize> {
+    let b = head.get(Envelope::LEN..Envelope::LEN + PAGES_FIXED)?;
+    let runs = usize::from(u16::from_le_bytes([b[12], b[13]]))
+        + usize::from(u16::from_le_bytes([b[14], b[15]]));
+    let crc = if flags & FLAG_CRC32C != 0 { 4 } else { 0 };
+    Some(Envelope::LEN + PAGES_FIXED + runs * RUN_LEN + crc)
+}
+
+fn canonical_pages(runs: &WireList<'_, PageRun>) -> Option<u64> {
+    let mut pages = 0u64;
+    let mut prev_end: Option<u64> = None;
+    for run in runs.iter() {
+        let end = run.end()?;
+        if run.count == 0 || prev_end.is_some_and(|p| run.start.0 <= p) {
+            return None;
+        }
+        prev_end = Some(end);
+        pages += u64::from(run.count);
+    }
+    Some(pages)
+}
+
+fn intersect(a: &WireList<'_, PageRun>, b: &WireList<'_, PageRun>) -> bool {
+    let (mut ia, mut ib) = (a.iter(), b.iter());
+    let (mut ra, mut rb) = (ia.next(), ib.next());
+    while let (Some(x), Some(y)) = (ra, rb) {
+        let xe = x.start.0 + u64::from(x.count);
+        let ye = y.start.0 + u64::from(y.count);
+        if x.start.0 < ye && y.start.0 < xe {
+            return true;
+        }
+        if xe <= y.start.0 {
+            ra = ia.next();
+        } else {
+            rb = ib.next();
+        }
+    }
+    false
+}
+
+/// Parses the header of a raw PAGES frame (`header` is the body up to the payload) and
+/// checks every rule `PROTOCOL.md` sets for it, the payload length included. `None`
+/// when the frame is not a valid raw frame: the caller then decodes it whole, and the
+/// protocol's decoder names the error.
+pub(crate) fn raw_header<'a>(
+    flags: u8,
+    header: &'a [u8],
+    payload_len: usize,
+    limits: &Limits,
+) -> Option<PageFrame<'a>> {
+    if flags & !FLAG_CRC32C != 0 || header.len() < PAGES_FIXED {
+        return None;
+    }
+    let u16_at = |i: usize| u16::from_le_bytes([header[i], header[i + 1]]);
+    let u32_at = |i: usize| u32::from_le_bytes(header[i..i + 4].try_into().unwrap_or([0; 4]));
+    let codec = CodecId(u16_at(0));
+    if codec != CodecId::RAW || !limits.codecs.contains(codec) || u16_at(2) != 0 {
+        return None;
+    }
+    let (nd, nz) = (usize::from(u16_at(12)), usize::from(u16_at(14)));
+    let runs_end = PAGES_FIXED + (nd + nz) * RUN_LEN;
+    let data_runs = WireList::Wire(header.get(PAGES_FIXED..PAGES_FIXED + nd * RUN_LEN)?);
+    let zero_runs = WireList::Wire(header.get(PAGES_FIXED + nd * RUN_LEN..runs_end)?);
+    let data_pages = canonical_pages(&data_runs)?;
+    let zero_pages = canonical_pages(&zero_runs)?;
+    let pages = data_pages + zero_pages;
+    if data_pages == 0 || pages > u64::from(limits.max_pages) || intersect(&data_runs, &zero_runs) {
+        return None;
+    }
+    let crc = match (flags & FLAG_CRC32C != 0, limits.checksum) {
+        (true, Some(ChecksumId::CRC32C)) => Some(u32_at(runs_end)),
+        (false, None) => None,
+        _ => return None,
+    };
+    let expect_len = runs_end + if crc.is_some() { 4 } else { 0 };
+    if header.len() != expect_len || payload_len as u64 != data_pages * u64::from(limits.page_size)
+    {
+        return None;
+    }
+    Some(PageFrame {
+        codec,
+        region: RegionId(u32_at(4)),
+        round: Round(u32_at(8)),
+        data_runs,
+        zero_runs,
+        lengths: None,
+        crc,
+        payload: &[],
+    })
+}
+
+enum Ready {
+    Whole {
+        at: usize,
+        env: Envelope,
+    },
+    Placed {
+        at: usize,
+        hlen: usize,
+        env: Envelope,
+    },
+}
+
+/// Receive state of one stream channel.
+#[derive(Debug)]
+pub(crate) struct RxState {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    limits: Limits,
+    dest: Vec<GuestSlice>,
+    failed: bool,
+    pub(crate) frames: u64,
+    pub(crate) bytes: u64,
+    pub(crate) placed: u64,
+}
+
+impl RxState {
+    /// Starts with the bytes that followed the handshake.
+    pub(crate) fn new(limits: Limits, leftover: &[u8]) -> Self {
+        let mut buf = vec![0; INITIAL_BUF.max(leftover.len())];
+        buf[..leftover.len()].copy_from_slice(leftover);
+        Self {
+            buf,
+            start: 0,
+            end: leftover.len(),
+            limits,
+            dest: Vec::new(),
+            failed: false,
+            frames: 0,
+            bytes: 0,
+            placed: 0,
+        }
+    }
+
+    pub(crate) fn recv<'a>(
+        &'a mut self,
+        src: &mut impl ByteSource,
+        sink: Option<&mut dyn PageSink>,
+    ) -> Result<Option<Incoming<'a>>, ChannelError> {
+        if self.failed {
+            return Err(ChannelError::Failed);
+        }
+        let ready = match self.step(src, sink) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                if !matches!(e, ChannelError::RecvTimeout(_)) {
+                    self.failed = true;
+                }
+                return Err(e);
+            }
+        };
+        self.frames += 1;
+        match ready {
+            Ready::Whole { at, env } => {
+                self.bytes += env.frame_len() as u64;
+                let body = &self.buf[at + Envelope::LEN..at + env.frame_len()];
+                match Frame::decode(env, body, &self.limits) {
+                    Ok(f) => Ok(Some(Incoming::Frame(f))),
+                    Err(e) => {
+                        self.failed = true;
+                        Err(ChannelError::Decode(e))
+                    }
+                }
+            }
+            Ready::Placed { at, hlen, env } => {
+                self.bytes += env.frame_len() as u64;
+                let header = &self.buf[at + Envelope::LEN..at + hlen];
+                raw_header(env.flags, header, env.frame_len() - hlen, &self.limits)
+                    .map(|f| Some(Incoming::Placed(f)))
+                    .ok_or(ChannelError::Failed)
+            }
+        }
+    }
+
+    fn step(
+        &mut self,
+        src: &mut impl ByteSource,
+        mut sink: Option<&mut dyn PageSink>,
+    ) -> Result<Option<Ready>, ChannelError> {
+        let exact = sink.is_some();
+        loop {
+            let avail = self.end - self.start;
+            let mut frame_len = None;
+            let want = if avail >= Envelope::LEN {
+                let mut head = [0u8; Envelope::LEN];
+                head.copy_from_slice(&self.buf[self.start..self.start + Envelope::LEN]);
+                let env = Envelope::parse(&head, &self.limits).map_err(ChannelError::Decode)?;
+                let flen = env.frame_len();
+                frame_len = Some(flen);
+                let placeable = sink.is_some()
+                    && env.frame_type == FrameType::PAGES
+                    && env.flags & FLAG_PER_PAGE == 0;
+                let head_len = Envelope::LEN + PAGES_FIXED;
+                if !placeable || flen < head_len {
+                    flen
+                } else if avail < head_len {
+                    head_len
+                } else {
+                    let at = self.start;
+                    match raw_header_len(&self.buf[at..at + head_len], env.flags) {
+                        Some(h) if h <= flen && avail < h => h,
+                        Some(h) if h <= flen => {
+                            if let Some(r) = self.try_place(src, &mut sink, env, h)? {
+                                return Ok(Some(r));
+                            }
+                            flen
+                        }
+                        _ => flen,
+                    }
+                }
+            } else {
+                Envelope::LEN
+            };
+            if avail >= want {
+                // Only the whole-frame case gets here: every header case either placed
+                // the frame or asked for more bytes than are buffered.
+                let at = self.start;
+                let env_bytes: &[u8; Envelope::LEN] = self.buf[at..at + Envelope::LEN]
+                    .try_into()
+                    .map_err(|_| ChannelError::Failed)?;
+                let env = Envelope::parse(env_bytes, &self.limits).map_err(ChannelError::Decode)?;
+                self.start += want;
+                return Ok(Some(Ready::Whole { at, env }));
+            }
+            if !self.fill(src, want, exact)? {
+                if avail == 0 {
+                    return Ok(None);
+                }
+                return Err(ChannelError::PeerClosedMidFrame {
+                    have: avail,
+                    need: frame_len.unwrap_or(Envelope::LEN),
+                });
+            }
+        }
+    }
+
+    /// With the header of a PAGES frame buffered, asks the sink for destination memory
+    /// and reads the payload into it. `None` when the frame is to be received whole.
+    fn try_place(
+        &mut self,
+        src: &mut impl ByteSource,
+        sink: &mut Option<&mut dyn PageSink>,
+        env: Envelope,
+        hlen: usize,
+    ) -> Result<Option<Ready>, ChannelError> {
+        let Some(sink) = sink.as_deref_mut() else {
+            return Ok(None);
+        };
+        let at = self.start;
+        let flen = env.frame_len();
+        let payload_len = flen - hlen;
+        let header = &self.buf[at + Envelope::LEN..at + hlen];
+        let Some(frame) = raw_header(env.flags, header, payload_len, &self.limits) else {
+            return Ok(None);
+        };
+        self.dest.clear();
+        if !sink.place(&frame, &mut self.dest) {
+            self.dest.clear();
+            return Ok(None);
+        }
+        let placed = placed_len(&self.dest);
+        if placed != payload_len {
+            return Err(ChannelError::BadPlacement {
+                placed,
+                payload: payload_len,
+            });
+        }
+        let crc = frame.crc;
+        let buffered = (self.end - at - hlen).min(payload_len);
+        copy_to_guest(&self.dest, 0, &self.buf[at + hlen..at + hlen + buffered]);
+        let mut done = buffered;
+        while done < payload_len {
+            let n = src.read_guest(&self.dest, done)?;
+            if n == 0 {
+                return Err(ChannelError::PeerClosedMidFrame {
+                    have: hlen + done,
+                    need: flen,
+                });
+            }
+            done += n;
+        }
+        if let Some(expected) = crc {
+            let actual = self.dest.iter().fold(0u32, |c, d| {
+                // SAFETY: the slice lies inside a mapped region (GuestMemory contract)
+                // whose bytes were all just written by this channel, and no one else
+                // accesses destination pages while a channel places them.
+                let bytes = unsafe { std::slice::from_raw_parts(d.as_ptr(), d.len()) };
+                crc32c::crc32c_append(c, bytes)
+            });
+            if actual != expected {
+                return Err(ChannelError::Decode(DecodeError::ChecksumMismatch {
+                    expected,
+                    actual,
+                }));
+            }
+        }
+        self.dest.clear();
+        self.placed += payload_len as u64;
+        self.start = at + hlen + buffered;
+        Ok(Some(Ready::Placed { at, hlen, env }))
+    }
+
+    /// Reads more bytes so that `want` bytes of the current frame can be buffered.
+    /// Returns `false` at end of stream.
+    fn fill(
+        &mut self,
+        src: &mut impl ByteSource,
+        want: usize,
+        exact: bool,
+    ) -> Result<bool, ChannelError> {
+        if self.start + want > self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            if want > self.buf.len() {
+                // `want` is bounded by the frame limit checked in `Envelope::parse`.
+                self.buf.resize(want, 0);
+            }
+        } else if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        let limit = if exact {
+            self.start + want
+        } else {
+            self.buf.len()
+        };
+        let n = src.read(&mut self.buf[self.end..limit])?;
+        self.end += n;
+        Ok(n > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buf::GuestMemory;
+    use crate::channel::RegionSink;
+    use pagewire_protocol::{Ack, AckKind, CodecSet, PageIndex};
+
+    /// A byte source over a vector, handing out at most `chunk` bytes per read.
+    struct Bytes {
+        data: Vec<u8>,
+        pos: usize,
+        chunk: usize,
+    }
+
+    impl ByteSource for Bytes {
+        fn read(&mut self, dst: &mut [u8]) -> Result<usize, ChannelError> {
+            let n = dst.len().min(self.chunk).min(self.data.len() - self.pos);
+            dst[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+            self.pos += n;
+            Ok(n)
+        }
+        fn read_guest(&mut self, dst: &[GuestSlice], skip: usize) -> Result<usize, ChannelError> {
+            let total = placed_len(dst) - skip;
+            let n = total.min(self.chunk).min(self.data.len() - self.pos);
+            copy_to_guest(dst, skip, &self.data[self.pos..self.pos + n]);
+            self.pos += n;
+            Ok(n)
+        }
+    }
+
+    fn limits(crc: bool) -> Limits {
+        Limits::session(
+            4096,
+            64,
+            1 << 20,
+            CodecSet::all_known(),
+            crc.then_some(ChecksumId::CRC32C),
+        )
+        .unwrap()
+    }
+
+    fn pages(runs: &[PageRun], fill: u8, crc: bool) -> Vec<u8> {
+        let n: u32 = runs.iter().map(|r| r.count).sum();
+        let payload: Vec<u8> = (0..n as usize * 4096).map(|i| fill ^ (i as u8)).collect();
+        let mut out = Vec::new();
+        Frame::Pages(PageFrame {
+            codec: CodecId::RAW,
+            region: RegionId(1),
+            round: Round(2),
+            data_runs: runs.into(),
+            zero_runs: WireList::Slice(&[]),
+            lengths: None,
+            crc: crc.then(|| crc32c::crc32c(&payload)),
+            payload: &payload,
+        })
+        .encode(&mut out)
+        .unwrap();
+        out
+    }
+
+    fn run(start: u64, count: u32) -> PageRun {
+        PageRun {
+            start: PageIndex(start),
+            count,
+        }
+    }
+
+    fn ack() -> Vec<u8> {
+        let mut out = Vec::new();
+        Frame::Ack(Ack {
+            kind: AckKind::ROUND,
+            value: 9,
+        })
+        .encode(&mut out)
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn placed_and_whole_frames_in_any_split() {
+        for crc in [false, true] {
+            let runs = [run(1, 2), run(5, 3)];
+            let mut data = ack();
+            data.extend(pages(&runs, 0x33, crc));
+            data.extend(ack());
+            let whole = pages(&runs, 0x33, crc);
+            for chunk in [1, 7, 100, 4096, 1 << 20] {
+                let mem = GuestMemory::anonymous(16 * 4096).unwrap();
+                let mut sink = RegionSink::new(4096, vec![(RegionId(1), mem.clone())]);
+                let mut rx = RxState::new(limits(crc), &data[..3]);
+                let mut src = Bytes {
+                    data: data[3..].to_vec(),
+                    pos: 0,
+                    chunk,
+                };
+                let mut kinds = Vec::new();
+                while let Some(inc) = rx.recv(&mut src, Some(&mut sink)).unwrap() {
+                    kinds.push(match inc {
+                        Incoming::Frame(Frame::Ack(_)) => 'a',
+                        Incoming::Placed(p) => {
+                            assert_eq!(p.data_pages(), 5);
+                            'p'
+                        }
+                        other => panic!("unexpected {other:?}"),
+                    });
+                }
+                assert_eq!(kinds, ['a', 'p', 'a'], "chunk {chunk}");
+                // The pages landed where the runs say, byte for byte.
+                let payload = &whole[whole.len() - 5 * 4096..];
+                let mut got = vec![0; 4096];
+                for (i, page) in [1u64, 2, 5, 6, 7].into_iter().enumerate() {
+                    mem.read(page as usize * 4096, &mut got);
+                    assert_eq!(got, payload[i * 4096..(i + 1) * 4096], "page {page}");
+                }
+                assert_eq!(rx.placed, 5 * 4096);
+            }
+        }
+    }
+
+    #[test]
+    fn without_a_sink_frames_arrive_whole() {
+        let data = pages(&[run(0, 4)], 1, false);
+        let mut rx = RxState::new(limits(false), &[]);
+        let mut src = Bytes {
+            data: data.clone(),
+            pos: 0,
+            chunk: 1000,
+        };
+        match rx.recv(&mut src, None).unwrap() {
+            Some(Incoming::Frame(Frame::Pages(p))) => {
+                assert_eq!(p.payload, &data[data.len() - 4 * 4096..])
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(rx.recv(&mut src, None).unwrap().is_none());
+    }
+
+    #[test]
+    fn corrupted_placed_payload_fails_its_checksum() {
+        let mut data = pages(&[run(0, 2)], 5, true);
+        let last = data.len() - 1;
+        data[last] ^= 0xff;
+        let mem = GuestMemory::anonymous(4 * 4096).unwrap();
+        let mut sink = RegionSink::new(4096, vec![(RegionId(1), mem)]);
+        let mut rx = RxState::new(limits(true), &[]);
+        let mut src = Bytes {
+            data,
+            pos: 0,
+            chunk: 3000,
+        };
+        let err = rx.recv(&mut src, Some(&mut sink)).unwrap_err();
+        assert!(matches!(
+            err,
+            ChannelError::Decode(DecodeError::ChecksumMismatch { .. })
+        ));
+        assert!(matches!(
+            rx.recv(&mut src, Some(&mut sink)),
+            Err(ChannelError::Failed)
+        ));
+    }
+
+    #[test]
+    fn pages_outside_the_sink_region_fall_back_to_the_buffer() {
+        let data = pages(&[run(3, 2)], 5, false);
+        let mem = GuestMemory::anonymous(4 * 4096).unwrap();
+        let mut sink = RegionSink::new(4096, vec![(RegionId(1), mem)]);
+        let mut rx = RxState::new(limits(false), &[]);
+        let mut src = Bytes {
+            data,
+            pos: 0,
+            chunk: 5000,
+        };
+        assert!(matches!(
+            rx.recv(&mut src, Some(&mut sink)).unwrap(),
+            Some(Incoming::Frame(Frame::Pages(_)))
+        ));
+    }
+
+    #[test]
+    fn eof_inside_a_frame_is_an_error() {
+        let data = pages(&[run(0, 2)], 5, false);
+        for cut in [3, 8, 30, data.len() - 1] {
+            for sink_on in [false, true] {
+                let mem = GuestMemory::anonymous(4 * 4096).unwrap();
+                let mut sink = RegionSink::new(4096, vec![(RegionId(1), mem)]);
+                let mut rx = RxState::new(limits(false), &[]);
+                let mut src = Bytes {
+                    data: data[..cut].to_vec(),
+                    pos: 0,
+                    chunk: 4096,
+                };
+                let sink: Option<&mut dyn PageSink> = if sink_on { Some(&mut sink) } else { None };
+                assert!(
+                    matches!(
+                        rx.recv(&mut src, sink),
+                        Err(ChannelError::PeerClosedMidFrame { .. })
+                    ),
+                    "cut {cut}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn header_parser_agrees_with_the_protocol_decoder() {
+        // Every single-byte corruption of a raw header: whenever `raw_header` accepts
+        // the frame, the protocol's decoder must accept the same bytes too.
+        let frame = pages(&[run(1, 1), run(4, 2)], 9, false);
+        let hlen = raw_header_len(&frame[..24], frame[1]).unwrap();
+        let lim = limits(false);
+        for i in 8..hlen {
+            for v in [0u8, 1, 0x80, 0xff] {
+                let mut f = frame.clone();
+                f[i] = v;
+                let payload_len = f.len() - hlen;
+                let ours = raw_header(f[1], &f[8..hlen], payload_len, &lim).is_some();
+                let env = Envelope::parse(f[..8].try_into().unwrap(), &lim).unwrap();
+                let theirs = Frame::decode(env, &f[8..], &lim).is_ok();
+                assert!(!ours || theirs, "byte {i} = {v:#x}");
+            }
+        }
+    }
+}

@@ -1,0 +1,330 @@
+//! Faults: a peer that closes mid-frame, stops reading, sends garbage; io_uring buffer
+//! lifetime; falling back to TCP when io_uring is blocked.
+
+mod common;
+
+use std::io::Write;
+use std::time::Duration;
+
+use common::*;
+use pagewire_protocol::{CodecId, PageFrame, PageIndex, PageRun, RegionId, Round, WireList};
+use pagewire_transport::session::{AnyChannel, Backend, SessionError};
+use pagewire_transport::uring::UringError;
+use pagewire_transport::{
+    BufferPool, Channel, ChannelError, Completed, Incoming, OutFrame, Payload, RegionSink,
+};
+
+const URING: Backend = Backend::Uring {
+    fallback_to_tcp: false,
+};
+const BACKENDS: [Backend; 2] = [Backend::Tcp, URING];
+
+fn encoded(frame: OutFrame) -> Vec<u8> {
+    // The bytes a frame puts on the wire: its header, then its payload.
+    let mut out = frame.header().to_vec();
+    let mem = patterned(64, 3);
+    let mut page = vec![0u8; (frame.wire_len() - out.len()).min(64 * PAGE)];
+    mem.read(0, &mut page);
+    out.extend_from_slice(&page);
+    out
+}
+
+#[test]
+fn peer_closing_mid_frame_is_reported() {
+    for backend in BACKENDS {
+        for with_sink in [false, true] {
+            let cfg = config(20, 1);
+            let (mut src, mut dst) = pair(&cfg);
+            let mem = patterned(64, 3);
+            let bytes = encoded(raw_frame(&mem, 0, 64));
+            let mut s = src.remove(0).stream;
+            // Half a frame, then close.
+            s.write_all(&bytes[..bytes.len() / 2]).unwrap();
+            drop(s);
+            let mut ch = dst.remove(0).open(&backend, &cfg).unwrap();
+            let dst_mem = pagewire_transport::GuestMemory::anonymous(64 * PAGE).unwrap();
+            let mut sink = RegionSink::new(PAGE as u32, vec![(RegionId(0), dst_mem)]);
+            let r = if with_sink {
+                ch.recv(Some(&mut sink)).map(|_| ())
+            } else {
+                ch.recv(None).map(|_| ())
+            };
+            match r {
+                Err(ChannelError::PeerClosedMidFrame { have, need }) => {
+                    assert_eq!(need, bytes.len());
+                    assert!(have < need);
+                }
+                other => panic!("{backend:?}: expected PeerClosedMidFrame, got {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn a_peer_that_stops_reading_makes_the_sender_time_out_with_bounded_memory() {
+    for backend in BACKENDS {
+        let mut cfg = config(21, 1);
+        cfg.tcp.send_buffer = Some(64 << 10);
+        cfg.tcp.recv_buffer = Some(64 << 10);
+        cfg.tcp.send_timeout = Duration::from_millis(300);
+        cfg.uring.send_timeout = Duration::from_millis(300);
+        cfg.uring.max_in_flight_bytes = 4 << 20;
+        let (mut src, dst) = pair(&cfg);
+        let mem = patterned(128, 5);
+        let mut ch = src.remove(0).open(&backend, &cfg).unwrap();
+        let mut done: Vec<Completed> = Vec::new();
+        let mut result = Ok(());
+        let mut frames = 0;
+        // The destination holds its sockets open and reads nothing.
+        for _ in 0..1000 {
+            match ch.send(raw_frame(&mem, 0, 128)) {
+                Ok(_) => frames += 1,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+            ch.poll_completions(&mut done).unwrap();
+        }
+        let stats = ch.stats();
+        match result {
+            Err(ChannelError::SendTimeout(t)) => assert_eq!(t, Duration::from_millis(300)),
+            other => panic!("{backend:?}: expected SendTimeout, got {other:?} after {frames}"),
+        }
+        assert!(frames < 1000);
+        let frame = 128 * PAGE as u64;
+        let bound = match backend {
+            Backend::Tcp => frame,
+            _ => (4 << 20) + frame,
+        };
+        assert!(
+            stats.peak_in_flight_bytes <= bound,
+            "{backend:?}: {} bytes in flight",
+            stats.peak_in_flight_bytes
+        );
+        // The channel is failed now; later sends say so.
+        assert!(matches!(
+            ch.send(raw_frame(&mem, 0, 1)),
+            Err(ChannelError::Failed)
+        ));
+        drop(ch);
+        drop(dst);
+    }
+}
+
+#[test]
+fn garbage_on_one_channel_leaves_the_others_intact() {
+    for backend in BACKENDS {
+        let cfg = config(22, 2);
+        let (mut src, dst) = pair(&cfg);
+        let mem = patterned(256, 9);
+        let dst_mem = pagewire_transport::GuestMemory::anonymous(256 * PAGE).unwrap();
+        let receivers: Vec<_> = dst
+            .into_iter()
+            .map(|est| {
+                let (cfg, m) = (cfg.clone(), dst_mem.clone());
+                std::thread::spawn(move || {
+                    let mut ch: AnyChannel = est.open(&backend, &cfg).unwrap();
+                    let mut sink = RegionSink::new(PAGE as u32, vec![(RegionId(0), m)]);
+                    let mut frames = 0;
+                    loop {
+                        match ch.recv(Some(&mut sink)) {
+                            Ok(Some(Incoming::Placed(_))) => frames += 1,
+                            Ok(Some(other)) => panic!("{other:?}"),
+                            Ok(None) => return Ok(frames),
+                            Err(e) => return Err(e),
+                        }
+                    }
+                })
+            })
+            .collect();
+        // Channel 1: a valid frame, then garbage.
+        let mut bad = src.pop().unwrap().stream;
+        bad.write_all(&encoded(raw_frame(&mem, 0, 8))).unwrap();
+        bad.write_all(&[0x42; 64]).unwrap();
+        // Channel 0: the whole memory.
+        let c2 = cfg.clone();
+        let good = src.pop().unwrap();
+        let m2 = mem.clone();
+        let sender = std::thread::spawn(move || {
+            let mut ch = good.open(&backend, &c2).unwrap();
+            for start in (0..256).step_by(32) {
+                ch.send(raw_frame(&m2, start, 32)).unwrap();
+            }
+            ch.close(&mut Vec::new()).unwrap();
+        });
+        sender.join().unwrap();
+        let mut r = receivers.into_iter();
+        let good_frames = r.next().unwrap().join().unwrap().unwrap();
+        let bad_result = r.next().unwrap().join().unwrap();
+        drop(bad);
+        assert_eq!(good_frames, 8);
+        assert!(
+            matches!(bad_result, Err(ChannelError::Decode(_))),
+            "{bad_result:?}"
+        );
+        assert_eq!(first_difference(&mem, &dst_mem), None);
+    }
+}
+
+#[test]
+fn uring_zero_copy_buffer_is_not_released_before_its_notification() {
+    let mut cfg = config(23, 1);
+    // Small socket buffers, so a 2 MiB send cannot finish while nobody reads.
+    cfg.tcp.send_buffer = Some(64 << 10);
+    cfg.tcp.recv_buffer = Some(64 << 10);
+    let pool = BufferPool::new(1, 2 << 20).unwrap();
+    cfg.uring.pools = vec![pool.clone()];
+    let (mut src, mut dst) = pair(&cfg);
+    let mut ch = src.remove(0).open(&URING, &cfg).unwrap();
+
+    let mut buf = pool.take().unwrap();
+    let content = patterned(512, 77);
+    content.read(0, buf.spare_mut());
+    buf.set_len(2 << 20);
+    let runs = [PageRun {
+        start: PageIndex(0),
+        count: 512,
+    }];
+    let header = PageFrame {
+        codec: CodecId::RAW,
+        region: RegionId(0),
+        round: Round(1),
+        data_runs: WireList::Slice(&runs),
+        zero_runs: WireList::Slice(&[]),
+        lengths: None,
+        crc: None,
+        payload: &[],
+    };
+    let id = ch
+        .send(OutFrame::pages(&header, vec![Payload::Pool(buf)]).unwrap())
+        .unwrap();
+    let mut done = Vec::new();
+    for _ in 0..10 {
+        ch.poll_completions(&mut done).unwrap();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(done.is_empty(), "completed while the kernel still holds it");
+    assert_eq!(pool.available(), 0, "the buffer is still the channel's");
+
+    let est = dst.remove(0);
+    let c2 = cfg.clone();
+    let reader = std::thread::spawn(move || {
+        let mut rx = est.open(&Backend::Tcp, &c2).unwrap();
+        let got = match rx.recv(None).unwrap() {
+            Some(Incoming::Frame(pagewire_protocol::Frame::Pages(p))) => p.payload.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        assert!(rx.recv(None).unwrap().is_none());
+        got
+    });
+    ch.close(&mut done).unwrap();
+    let got = reader.join().unwrap();
+    assert_eq!(done.len(), 1);
+    let c = done.pop().unwrap();
+    assert_eq!(c.id, id);
+    // The notification arrived (one per zero-copy send) before the buffer came back.
+    assert_eq!(c.zero_copy.0 + c.zero_copy.1, 1);
+    assert_eq!(pool.available(), 0);
+    let Payload::Pool(back) = c.payload.into_iter().next().unwrap() else {
+        panic!("the pool buffer comes back");
+    };
+    assert!(back.as_slice() == got.as_slice());
+    drop(back);
+    assert_eq!(pool.available(), 1);
+    assert_eq!(ch.stats().zc_sends + ch.stats().zc_copied, 1);
+}
+
+/// Makes `io_uring_setup` fail with EPERM in the calling thread only, as a container's
+/// seccomp profile does.
+#[cfg(target_arch = "x86_64")]
+fn block_io_uring_in_this_thread() {
+    let filter = [
+        // Load the system call number.
+        libc::sock_filter {
+            code: 0x20,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        libc::sock_filter {
+            code: 0x15,
+            jt: 0,
+            jf: 1,
+            k: libc::SYS_io_uring_setup as u32,
+        },
+        libc::sock_filter {
+            code: 0x06,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+        },
+        libc::sock_filter {
+            code: 0x06,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ALLOW,
+        },
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr().cast_mut(),
+    };
+    // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only and affects this thread.
+    let r = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    assert_eq!(r, 0);
+    // SAFETY: `prog` points at a valid filter for the duration of the call; without
+    // SECCOMP_FILTER_FLAG_TSYNC it applies to the calling thread (and its children) only.
+    let r = unsafe {
+        libc::prctl(
+            libc::PR_SET_SECCOMP,
+            libc::SECCOMP_MODE_FILTER,
+            &prog as *const libc::sock_fprog,
+        )
+    };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn blocked_io_uring_is_named_and_falls_back_to_tcp_when_asked() {
+    let cfg = config(24, 2);
+    let (src, dst) = pair(&cfg);
+    let c2 = cfg.clone();
+    std::thread::spawn(move || {
+        block_io_uring_in_this_thread();
+        let mut src = src.into_iter();
+        let refused = src.next().unwrap().open(&URING, &c2).unwrap_err();
+        assert!(
+            matches!(refused, SessionError::Uring(UringError::Blocked(_))),
+            "{refused}"
+        );
+        assert!(refused.to_string().contains("tcp transport"));
+        let mut ch = src
+            .next()
+            .unwrap()
+            .open(
+                &Backend::Uring {
+                    fallback_to_tcp: true,
+                },
+                &c2,
+            )
+            .unwrap();
+        assert!(matches!(
+            ch,
+            AnyChannel::Fallback(_, UringError::Blocked(_))
+        ));
+        let mem = patterned(64, 11);
+        ch.send(raw_frame(&mem, 0, 64)).unwrap();
+        ch.close(&mut Vec::new()).unwrap();
+    })
+    .join()
+    .unwrap();
+    let mut dst = dst.into_iter();
+    let _first = dst.next();
+    let mut rx = dst.next().unwrap().open(&URING, &cfg).unwrap();
+    assert!(matches!(
+        rx.recv(None).unwrap(),
+        Some(Incoming::Frame(pagewire_protocol::Frame::Pages(_)))
+    ));
+}
