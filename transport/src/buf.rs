@@ -364,6 +364,27 @@ pub enum Payload {
     Guest(GuestSlice),
     /// Bytes in an ordinary vector (control data, tests).
     Bytes(Vec<u8>),
+    /// A buffer owned by another crate (for example a codec engine's output pool),
+    /// kept alive by the channel until the send completes. Never registered with
+    /// io_uring, so sent with a plain (unregistered) zero-copy or copying send.
+    Foreign(Box<dyn ForeignBuf>),
+}
+
+/// A buffer from outside this crate that a [`Payload::Foreign`] can carry.
+///
+/// # Safety
+/// `as_ptr()..as_ptr() + len()` must be readable, and must neither move nor change
+/// while the value lives: the kernel may read it at any time until the send that
+/// carries it completes, after which the channel drops the box.
+pub unsafe trait ForeignBuf: Send + std::fmt::Debug {
+    /// First byte.
+    fn as_ptr(&self) -> *const u8;
+    /// Length in bytes.
+    fn len(&self) -> usize;
+    /// Whether it is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl Payload {
@@ -373,6 +394,7 @@ impl Payload {
             Self::Pool(b) => b.len(),
             Self::Guest(s) => s.len(),
             Self::Bytes(v) => v.len(),
+            Self::Foreign(f) => f.len(),
         }
     }
 
@@ -387,6 +409,7 @@ impl Payload {
             Self::Pool(b) => b.base(),
             Self::Guest(s) => s.as_ptr(),
             Self::Bytes(v) => v.as_ptr(),
+            Self::Foreign(f) => f.as_ptr(),
         }
     }
 
@@ -395,7 +418,7 @@ impl Payload {
         match self {
             Self::Pool(b) => Some(b.pool_id()),
             Self::Guest(s) => Some(s.memory().id()),
-            Self::Bytes(_) => None,
+            Self::Bytes(_) | Self::Foreign(_) => None,
         }
     }
 }

@@ -36,7 +36,7 @@ pub mod session;
 pub mod tcp;
 pub mod uring;
 
-pub use buf::{BufferPool, GuestMemory, GuestSlice, Payload, PoolBuf};
+pub use buf::{BufferPool, ForeignBuf, GuestMemory, GuestSlice, Payload, PoolBuf};
 pub use channel::{
     Channel, ChannelError, ChannelStats, Completed, Incoming, OutFrame, PageSink, RegionSink,
     SendId,
