@@ -46,7 +46,9 @@ mod linux {
     enum Kind {
         Plain,
         Tcp,
-        Uring { zero_copy: bool },
+        Uring {
+            zero_copy: bool,
+        },
         /// io_uring (zero-copy) sender, TCP receiver.
         UringToTcp,
         /// TCP sender, io_uring receiver.
@@ -99,12 +101,7 @@ mod linux {
         let mut caps = Capabilities::new(PAGE as u32);
         caps.max_pages = (frame / PAGE) as u32;
         caps.max_frame_bytes = (frame + (64 << 10)) as u32;
-        let mut cfg = SessionConfig::new(
-            caps,
-            SessionId([9; 16]),
-            channels,
-            Authentication::None,
-        );
+        let mut cfg = SessionConfig::new(caps, SessionId([9; 16]), channels, Authentication::None);
         cfg.uring.zero_copy = zero_copy;
         cfg.uring.guest = vec![mem.src.clone()];
         cfg
@@ -112,7 +109,13 @@ mod linux {
 
     /// One backend: raw PAGES frames from guest memory, placed into destination memory.
     /// Returns payload bytes per second and the zero-copy counts (in place, copied).
-    fn channel(kind: Kind, channels: u16, frame: usize, bytes: usize, mem: &Mem) -> (f64, u64, u64) {
+    fn channel(
+        kind: Kind,
+        channels: u16,
+        frame: usize,
+        bytes: usize,
+        mem: &Mem,
+    ) -> (f64, u64, u64) {
         let uring = Backend::Uring {
             fallback_to_tcp: false,
         };
@@ -128,7 +131,10 @@ mod linux {
         let addr = l.local_addr().unwrap();
         let c = cfg.clone();
         let t = std::thread::spawn(move || session::connect(addr, &c).unwrap());
-        let dst = l.accept_session(&cfg, Duration::from_secs(20)).unwrap().channels;
+        let dst = l
+            .accept_session(&cfg, Duration::from_secs(20))
+            .unwrap()
+            .channels;
         let src = t.join().unwrap();
 
         let per = bytes / usize::from(channels) / frame;

@@ -6,7 +6,6 @@ use pagewire_protocol::RegionId;
 
 /// One bit per page of a region. Setting bits is lock-free, so a VMM's own tracking (or
 /// a test's writer thread) can mark pages from any thread.
-#[derive(Debug)]
 pub struct DirtyBitmap {
     words: Vec<AtomicU64>,
     pages: u64,
@@ -105,6 +104,26 @@ impl DirtyBitmap {
             bitmap: self,
             next: 0,
         }
+    }
+}
+
+impl std::fmt::Debug for DirtyBitmap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirtyBitmap")
+            .field("pages", &self.pages)
+            .field("marked", &self.count())
+            .finish()
+    }
+}
+
+impl Clone for DirtyBitmap {
+    fn clone(&self) -> Self {
+        let out = DirtyBitmap::new(self.pages);
+        self.words
+            .iter()
+            .zip(&out.words)
+            .for_each(|(a, b)| b.store(a.load(Ordering::Relaxed), Ordering::Relaxed));
+        out
     }
 }
 

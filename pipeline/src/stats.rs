@@ -194,6 +194,8 @@ pub struct MigrationStats {
     pub expected_downtime_ms: f64,
     /// Rounds, the final one included.
     pub rounds: u32,
+    /// Why pre-copy stopped iterating (`Converged`, `RoundCap`, `TimeCap`).
+    pub stop_reason: String,
     /// Pages dirtied per second, as measured in the last pre-copy round.
     pub dirty_rate_pages_per_s: f64,
     /// Pages sent, by kind.
@@ -254,7 +256,11 @@ impl fmt::Display for MigrationStats {
             self.downtime.device_state_ms,
             self.downtime.completion_ms
         )?;
-        writeln!(f, "rounds:                {}", self.rounds)?;
+        writeln!(
+            f,
+            "rounds:                {} (stopped: {})",
+            self.rounds, self.stop_reason
+        )?;
         writeln!(
             f,
             "dirty pages rate:      {:.0} pages/s",

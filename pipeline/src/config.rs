@@ -1,0 +1,160 @@
+//! Settings of a migration, and the handle that changes them while it runs.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use pagewire_protocol::{Authentication, CodecId, SessionId};
+use pagewire_transport::session::Backend;
+
+use crate::limit::RateLimiter;
+use crate::precopy::PrecopyConfig;
+
+/// Source settings.
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    /// Session id, the same the destination expects.
+    pub session: SessionId,
+    /// Channels to open.
+    pub channels: u16,
+    /// Codec for data pages (`raw` sends pages as they are).
+    pub codec: CodecId,
+    /// Codec level (zstd: -7..=22, deflate: 1..=12; ignored by the others).
+    pub level: i32,
+    /// Most pages per frame.
+    pub max_pages: u32,
+    /// Transport backend.
+    pub backend: Backend,
+    /// Authentication; there is no default.
+    pub auth: Authentication,
+    /// Ask for CRC32C on every page frame.
+    pub checksum: bool,
+    /// Wire bandwidth cap in bytes/s (0 = none); changeable through [`Control`].
+    pub bandwidth_limit: u64,
+    /// Pre-copy policy (the downtime limit is changeable through [`Control`]).
+    pub precopy: PrecopyConfig,
+    /// Codec worker threads per channel; 0 compresses on the channel's own thread.
+    pub codec_threads: usize,
+    /// Frames in flight in the codec engine per channel.
+    pub queue_depth: usize,
+    /// Pages kept by the sender's delta cache per channel (delta codec only).
+    pub delta_cache_pages: usize,
+    /// How long to wait for an acknowledgement before the destination counts as gone.
+    pub ack_timeout: Duration,
+}
+
+impl SourceConfig {
+    /// Defaults: 2 channels, zstd level 1, 128 pages per frame, TCP, no checksum, no
+    /// bandwidth cap, 300 ms downtime.
+    pub fn new(session: SessionId, auth: Authentication) -> Self {
+        Self {
+            session,
+            channels: 2,
+            codec: CodecId::ZSTD,
+            level: 1,
+            max_pages: 128,
+            backend: Backend::Tcp,
+            auth,
+            checksum: false,
+            bandwidth_limit: 0,
+            precopy: PrecopyConfig::default(),
+            codec_threads: 0,
+            queue_depth: 16,
+            delta_cache_pages: 64 * 1024,
+            ack_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Destination settings.
+#[derive(Clone, Debug)]
+pub struct DestinationConfig {
+    /// The session accepted.
+    pub session: SessionId,
+    /// Authentication; there is no default.
+    pub auth: Authentication,
+    /// Transfer page size.
+    pub page_size: u32,
+    /// Most pages per frame this side accepts.
+    pub max_pages: u32,
+    /// Accept CRC32C if the source asks.
+    pub checksum: bool,
+    /// Transport backend for the accepted channels.
+    pub backend: Backend,
+    /// Most device-state bytes accepted in total.
+    pub max_device_state: u64,
+    /// How long to wait for all channels to arrive.
+    pub accept_timeout: Duration,
+    /// How long a channel may stay silent before the source counts as gone.
+    pub idle_timeout: Duration,
+}
+
+impl DestinationConfig {
+    /// Defaults: 4 KiB pages, 256 pages per frame, TCP, 256 MiB of device state.
+    pub fn new(session: SessionId, auth: Authentication) -> Self {
+        Self {
+            session,
+            auth,
+            page_size: 4096,
+            max_pages: 256,
+            checksum: true,
+            backend: Backend::Tcp,
+            max_device_state: 256 << 20,
+            accept_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Changes a running migration: bandwidth cap, downtime limit, cancellation. Cheap to
+/// clone and usable from any thread.
+#[derive(Clone, Debug)]
+pub struct Control(Arc<ControlInner>);
+
+#[derive(Debug)]
+struct ControlInner {
+    limiter: RateLimiter,
+    downtime_ns: AtomicU64,
+    cancelled: AtomicBool,
+}
+
+impl Control {
+    pub(crate) fn new(bandwidth: u64, downtime: Duration) -> Self {
+        Self(Arc::new(ControlInner {
+            limiter: RateLimiter::new(bandwidth),
+            downtime_ns: AtomicU64::new(downtime.as_nanos() as u64),
+            cancelled: AtomicBool::new(false),
+        }))
+    }
+
+    /// Sets the wire bandwidth cap, bytes/s (0 = none).
+    pub fn set_bandwidth_limit(&self, bytes_per_s: u64) {
+        self.0.limiter.set_rate(bytes_per_s);
+    }
+
+    /// Sets the downtime limit used by the next convergence decision.
+    pub fn set_downtime_limit(&self, d: Duration) {
+        self.0
+            .downtime_ns
+            .store(d.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// The downtime limit in force.
+    pub fn downtime_limit(&self) -> Duration {
+        Duration::from_nanos(self.0.downtime_ns.load(Ordering::Relaxed))
+    }
+
+    /// Asks the migration to stop; it fails with `Cancelled` at the next frame.
+    pub fn cancel(&self) {
+        self.0.cancelled.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether cancellation was asked.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.cancelled.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn limiter(&self) -> &RateLimiter {
+        &self.0.limiter
+    }
+}

@@ -1,0 +1,722 @@
+//! The destination side: accepts the session's channels, learns the layout, and applies
+//! every frame straight into guest memory, one receiver thread per channel.
+//!
+//! Raw pages are placed into guest memory by the transport itself (no bounce buffer);
+//! compressed frames are decoded by the frame's codec id directly into the guest pages.
+//! Each channel applies its frames in arrival order, and the source's page-to-channel
+//! affinity keeps every version of a page on one channel, so an older version never
+//! overwrites a newer one (see [`crate::plan`]). Completion is reported only when every
+//! channel has ended the final round with the frame and page counts the source
+//! announced, and every device-state section has arrived whole.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use pagewire_accel::{Codecs, PageKey, PageListMut, PageSize};
+use pagewire_protocol::{
+    Abort, AbortReason, Ack, AckKind, Capabilities, CodecSet, Frame, LayoutFrame, MemoryLayout,
+    PageFrame,
+};
+use pagewire_transport::session::{AnyChannel, Listener, SessionConfig};
+use pagewire_transport::{Channel, Incoming, OutFrame, RegionSink};
+
+use crate::config::DestinationConfig;
+use crate::error::MigrationError;
+use crate::memory::GuestMemory;
+use crate::source::{frame_bytes, transport_views};
+use crate::stats::{Latency, LatencySummary};
+
+/// A device-state section as received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceSection {
+    /// Its name.
+    pub name: String,
+    /// Its instance number.
+    pub instance: u32,
+    /// Its bytes.
+    pub data: Vec<u8>,
+}
+
+/// What the destination measured.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct DestinationStats {
+    /// PAGES frames applied.
+    pub frames: u64,
+    /// Data pages applied.
+    pub data_pages: u64,
+    /// Zero pages applied.
+    pub zero_pages: u64,
+    /// Raw payload bytes the transport placed straight into guest memory.
+    pub placed_bytes: u64,
+    /// Time to pre-fault guest memory (in the background, during the first round), ms.
+    pub prefault_ms: f64,
+    /// Frame apply latency.
+    pub apply_latency: LatencySummary,
+}
+
+/// A migration that completed: the memory, the device state and the statistics.
+#[derive(Debug)]
+pub struct Migrated {
+    /// Guest memory as migrated.
+    pub memory: Arc<GuestMemory>,
+    /// Device-state sections, in arrival order.
+    pub device_state: Vec<DeviceSection>,
+    /// The final round.
+    pub final_round: u32,
+    /// Statistics.
+    pub stats: DestinationStats,
+}
+
+/// A bound destination, waiting for the source's channels.
+#[derive(Debug)]
+pub struct DestinationListener {
+    listener: Listener,
+    config: DestinationConfig,
+    scfg: SessionConfig,
+}
+
+impl DestinationListener {
+    /// Listens on `addr`.
+    ///
+    /// # Errors
+    /// [`MigrationError::Session`] when the socket cannot be bound.
+    pub fn bind(addr: SocketAddr, config: DestinationConfig) -> Result<Self, MigrationError> {
+        let mut caps = Capabilities::new(config.page_size);
+        caps.max_pages = config.max_pages;
+        caps.max_frame_bytes = frame_bytes(config.page_size, config.max_pages);
+        caps.checksum = config.checksum;
+        caps.codecs = CodecSet::all_known();
+        let mut scfg = SessionConfig::new(caps, config.session, 1, config.auth.clone());
+        scfg.tcp.recv_timeout = Some(config.idle_timeout);
+        scfg.uring.recv_timeout = Some(config.idle_timeout);
+        scfg.handshake_timeout = config.accept_timeout;
+        let listener = Listener::bind(addr, &scfg)?;
+        Ok(Self {
+            listener,
+            config,
+            scfg,
+        })
+    }
+
+    /// The address to give the source.
+    ///
+    /// # Errors
+    /// The socket's error.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts the session's channels and starts applying frames. With `memory`, the
+    /// source's layout must match it; without, the destination allocates guest memory
+    /// when the layout arrives and pre-faults it in the background.
+    ///
+    /// # Errors
+    /// [`MigrationError::Session`] when the channels do not all arrive in time.
+    pub fn accept(self, memory: Option<Arc<GuestMemory>>) -> Result<Destination, MigrationError> {
+        let accepted = self
+            .listener
+            .accept_session(&self.scfg, self.config.accept_timeout)?;
+        let n = accepted.channels.len() as u16;
+        let shared = Arc::new(Shared {
+            page_size: self.config.page_size,
+            max_device_state: self.config.max_device_state,
+            wait: self.config.idle_timeout,
+            memory: Mutex::new(memory.map(|m| (m, None))),
+            state: Mutex::new(State {
+                ended: vec![None; usize::from(n)],
+                failed: None,
+                complete: None,
+                sections: Vec::new(),
+                device_bytes: 0,
+            }),
+            cv: Condvar::new(),
+            apply: Latency::default(),
+            frames: AtomicU64::new(0),
+            data_pages: AtomicU64::new(0),
+            zero_pages: AtomicU64::new(0),
+            placed: AtomicU64::new(0),
+            prefault_ns: Arc::new(AtomicU64::new(0)),
+        });
+        let mut threads = Vec::new();
+        for est in accepted.channels {
+            let ch = est.negotiated.channel.0;
+            let shared2 = shared.clone();
+            let backend = self.config.backend;
+            let scfg = self.scfg.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("pagewire-dst-{ch}"))
+                .spawn(move || {
+                    // Opened here: an io_uring ring accepts submissions only from the
+                    // thread that created it.
+                    let mut channel = match est.open(&backend, &scfg) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let e = MigrationError::from(e);
+                            shared2.fail(e.to_string());
+                            return Err(e);
+                        }
+                    };
+                    let mut r = Receiver {
+                        ch,
+                        shared: shared2.clone(),
+                        codecs: Codecs::new(),
+                        lengths: Vec::new(),
+                        open_round: None,
+                        last_ended: None,
+                        frames: 0,
+                        pages: 0,
+                        partial: HashMap::new(),
+                    };
+                    let res = r.run(&mut channel);
+                    if let Err(e) = &res {
+                        r.abort(&mut channel, e);
+                        shared2.fail(e.to_string());
+                    }
+                    res
+                })
+                .map_err(|_| MigrationError::Worker(ch))?;
+            threads.push(t);
+        }
+        Ok(Destination {
+            threads,
+            shared,
+            started: Instant::now(),
+        })
+    }
+}
+
+/// A destination receiving a migration.
+#[derive(Debug)]
+pub struct Destination {
+    threads: Vec<JoinHandle<Result<(), MigrationError>>>,
+    shared: Arc<Shared>,
+    started: Instant,
+}
+
+impl Destination {
+    /// Statistics so far.
+    pub fn stats(&self) -> DestinationStats {
+        self.shared.stats()
+    }
+
+    /// Since the channels were accepted.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Waits for the migration to end. Succeeds only when the source's COMPLETE was
+    /// verified (every round on every channel, every device-state section) and
+    /// acknowledged.
+    ///
+    /// # Errors
+    /// The first channel's error, or `Protocol` when the source went away before
+    /// completing.
+    pub fn wait(self) -> Result<Migrated, MigrationError> {
+        let mut first = None;
+        for t in self.threads {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    first.get_or_insert(e);
+                }
+                Err(_) => {
+                    first.get_or_insert(MigrationError::Worker(u16::MAX));
+                }
+            }
+        }
+        let complete = self.shared.state.lock().ok().and_then(|s| s.complete);
+        match (complete, first) {
+            (Some(final_round), _) => {
+                let memory = self
+                    .shared
+                    .memory
+                    .lock()
+                    .ok()
+                    .and_then(|mut m| m.take())
+                    .map(|(m, prefault)| {
+                        if let Some(p) = prefault {
+                            let _ = p.join();
+                        }
+                        m
+                    })
+                    .ok_or(MigrationError::Worker(0))?;
+                let device_state = self
+                    .shared
+                    .state
+                    .lock()
+                    .map(|mut s| std::mem::take(&mut s.sections))
+                    .unwrap_or_default();
+                Ok(Migrated {
+                    memory,
+                    device_state,
+                    final_round,
+                    stats: self.shared.stats(),
+                })
+            }
+            (None, Some(e)) => Err(e),
+            (None, None) => Err(MigrationError::Protocol {
+                channel: 0,
+                what: "the source closed every channel without completing".into(),
+            }),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    /// Last round each channel ended.
+    ended: Vec<Option<u32>>,
+    failed: Option<String>,
+    complete: Option<u32>,
+    sections: Vec<DeviceSection>,
+    device_bytes: u64,
+}
+
+type MemorySlot = Option<(Arc<GuestMemory>, Option<JoinHandle<()>>)>;
+
+#[derive(Debug)]
+struct Shared {
+    page_size: u32,
+    max_device_state: u64,
+    wait: Duration,
+    memory: Mutex<MemorySlot>,
+    state: Mutex<State>,
+    cv: Condvar,
+    apply: Latency,
+    frames: AtomicU64,
+    data_pages: AtomicU64,
+    zero_pages: AtomicU64,
+    placed: AtomicU64,
+    prefault_ns: Arc<AtomicU64>,
+}
+
+impl Shared {
+    fn stats(&self) -> DestinationStats {
+        DestinationStats {
+            frames: self.frames.load(Ordering::Relaxed),
+            data_pages: self.data_pages.load(Ordering::Relaxed),
+            zero_pages: self.zero_pages.load(Ordering::Relaxed),
+            placed_bytes: self.placed.load(Ordering::Relaxed),
+            prefault_ms: self.prefault_ns.load(Ordering::Relaxed) as f64 / 1e6,
+            apply_latency: self.apply.summary(),
+        }
+    }
+
+    fn fail(&self, why: String) {
+        if let Ok(mut s) = self.state.lock() {
+            s.failed.get_or_insert(why);
+        }
+        self.cv.notify_all();
+    }
+
+    /// The guest memory for `layout`: the one given at accept (which must match), the
+    /// one an earlier channel created, or a new one, pre-faulted in the background.
+    fn memory_for(&self, layout: &MemoryLayout) -> Result<Arc<GuestMemory>, String> {
+        let mut slot = self.memory.lock().map_err(|_| "poisoned".to_string())?;
+        if let Some((m, _)) = slot.as_ref() {
+            if m.layout() != layout {
+                return Err("the layout differs from the guest memory already set up".into());
+            }
+            return Ok(m.clone());
+        }
+        let m = Arc::new(GuestMemory::anonymous(layout).map_err(|e| e.to_string())?);
+        let m2 = m.clone();
+        let ns = self.prefault_ns.clone();
+        let prefault = std::thread::Builder::new()
+            .name("pagewire-prefault".into())
+            .spawn(move || {
+                let t = Instant::now();
+                m2.prefault();
+                ns.store(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            })
+            .ok();
+        *slot = Some((m.clone(), prefault));
+        Ok(m)
+    }
+}
+
+struct Receiver {
+    ch: u16,
+    shared: Arc<Shared>,
+    codecs: Codecs,
+    lengths: Vec<u32>,
+    open_round: Option<u32>,
+    last_ended: Option<u32>,
+    frames: u32,
+    pages: u64,
+    partial: HashMap<(String, u32), (u64, Vec<u8>)>,
+}
+
+/// What to do after a frame, once the channel's receive buffer is released.
+enum After {
+    Nothing,
+    AckRound(u32),
+    Complete(u32, u32),
+    Closed,
+}
+
+impl Receiver {
+    fn err(&self, what: impl Into<String>) -> MigrationError {
+        MigrationError::Protocol {
+            channel: self.ch,
+            what: what.into(),
+        }
+    }
+
+    fn abort(&mut self, channel: &mut AnyChannel, e: &MigrationError) {
+        if matches!(
+            e,
+            MigrationError::Channel { .. } | MigrationError::PeerAborted { .. }
+        ) {
+            return;
+        }
+        let message = e.to_string();
+        let mut end = message.len().min(200);
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        if let Ok(f) = OutFrame::whole(&Frame::Abort(Abort {
+            reason: AbortReason::BAD_FRAME,
+            message: &message[..end],
+        })) {
+            let mut done = Vec::new();
+            let _ = channel.send(f);
+            let _ = channel.flush(&mut done);
+        }
+    }
+
+    fn run(&mut self, channel: &mut AnyChannel) -> Result<(), MigrationError> {
+        let ch = self.ch;
+        let chan = |source| MigrationError::Channel {
+            channel: ch,
+            source,
+        };
+        // The layout comes first on every channel.
+        let layout = match channel.recv(None).map_err(chan)? {
+            Some(Incoming::Frame(Frame::Layout(l))) => {
+                MemoryLayout::from_frame(&l, self.shared.page_size).map_err(|source| {
+                    MigrationError::Decode {
+                        channel: ch,
+                        source,
+                    }
+                })?
+            }
+            Some(Incoming::Frame(Frame::Abort(a))) => {
+                return Err(MigrationError::PeerAborted {
+                    reason: a.reason,
+                    message: a.message.to_owned(),
+                });
+            }
+            None => return Err(self.err("closed before sending the layout")),
+            Some(_) => return Err(self.err("the first frame is not LAYOUT")),
+        };
+        let memory = self.shared.memory_for(&layout).map_err(|e| self.err(e))?;
+        let mut sink = RegionSink::new(self.shared.page_size, transport_views(&memory));
+        loop {
+            let after = {
+                let incoming = channel.recv(Some(&mut sink)).map_err(chan)?;
+                match incoming {
+                    None => After::Closed,
+                    Some(Incoming::Placed(p)) => {
+                        let t = Instant::now();
+                        self.check_round(p.round.0)?;
+                        layout
+                            .check_pages(&p)
+                            .map_err(|source| MigrationError::Decode {
+                                channel: ch,
+                                source,
+                            })?;
+                        let data = p.data_pages();
+                        self.shared
+                            .placed
+                            .fetch_add(data * u64::from(self.shared.page_size), Ordering::Relaxed);
+                        Self::apply_zero(&memory, &p);
+                        Self::count(&self.shared, &mut self.frames, &mut self.pages, &p)?;
+                        self.shared.apply.record(t.elapsed());
+                        After::Nothing
+                    }
+                    Some(Incoming::Frame(f)) => match f {
+                        Frame::Pages(p) => {
+                            let t = Instant::now();
+                            self.check_round(p.round.0)?;
+                            layout
+                                .check_pages(&p)
+                                .map_err(|source| MigrationError::Decode {
+                                    channel: ch,
+                                    source,
+                                })?;
+                            Self::decode(&mut self.codecs, &mut self.lengths, &memory, &p)
+                                .map_err(|source| MigrationError::Codec {
+                                    channel: ch,
+                                    source,
+                                })?;
+                            Self::apply_zero(&memory, &p);
+                            Self::count(&self.shared, &mut self.frames, &mut self.pages, &p)?;
+                            self.shared.apply.record(t.elapsed());
+                            After::Nothing
+                        }
+                        Frame::EndOfRound(e) => {
+                            let round = e.round.0;
+                            if self.last_ended.is_some_and(|l| round <= l)
+                                || self.open_round.is_some_and(|o| o != round)
+                            {
+                                return Err(self.err(format!("END_OF_ROUND {round} out of order")));
+                            }
+                            if e.frames != self.frames || e.pages != self.pages {
+                                return Err(self.err(format!(
+                                    "round {round}: source sent {} frames / {} pages, {} / {} arrived",
+                                    e.frames, e.pages, self.frames, self.pages
+                                )));
+                            }
+                            self.frames = 0;
+                            self.pages = 0;
+                            self.open_round = None;
+                            self.last_ended = Some(round);
+                            After::AckRound(round)
+                        }
+                        Frame::DeviceState(d) => {
+                            self.device_state(d.name, d.instance, d.total, d.offset, d.data)?;
+                            After::Nothing
+                        }
+                        Frame::Complete(c) => After::Complete(c.final_round.0, c.sections),
+                        Frame::Abort(a) => {
+                            return Err(MigrationError::PeerAborted {
+                                reason: a.reason,
+                                message: a.message.to_owned(),
+                            });
+                        }
+                        Frame::Layout(l) => {
+                            if !same_layout(&l, &layout) {
+                                return Err(self.err("a second LAYOUT differs from the first"));
+                            }
+                            After::Nothing
+                        }
+                        Frame::Extension { .. } => After::Nothing,
+                        other => {
+                            return Err(
+                                self.err(format!("unexpected {:?} frame", other.frame_type()))
+                            );
+                        }
+                    },
+                }
+            };
+            match after {
+                After::Nothing => {}
+                After::AckRound(round) => {
+                    self.send_ack(channel, AckKind::ROUND, round)?;
+                    if let Ok(mut s) = self.shared.state.lock() {
+                        s.ended[usize::from(ch)] = Some(round);
+                    }
+                    self.shared.cv.notify_all();
+                }
+                After::Complete(final_round, sections) => {
+                    self.complete(final_round, sections)?;
+                    self.send_ack(channel, AckKind::COMPLETE, final_round)?;
+                }
+                After::Closed => {
+                    let s = self
+                        .shared
+                        .state
+                        .lock()
+                        .map_err(|_| MigrationError::Worker(ch))?;
+                    return match s.complete {
+                        Some(_) => Ok(()),
+                        None => Err(self.err("the source closed the channel before completing")),
+                    };
+                }
+            }
+        }
+    }
+
+    fn check_round(&mut self, round: u32) -> Result<(), MigrationError> {
+        if self.last_ended.is_some_and(|l| round <= l) {
+            return Err(self.err(format!("pages of round {round}, which already ended")));
+        }
+        match self.open_round {
+            Some(o) if o != round => {
+                Err(self.err(format!("pages of round {round} inside round {o}")))
+            }
+            _ => {
+                self.open_round = Some(round);
+                Ok(())
+            }
+        }
+    }
+
+    fn count(
+        shared: &Shared,
+        frames: &mut u32,
+        pages: &mut u64,
+        p: &PageFrame<'_>,
+    ) -> Result<(), MigrationError> {
+        let (data, zero) = (p.data_pages(), p.zero_pages());
+        *frames = frames.saturating_add(1);
+        *pages = pages.saturating_add(data + zero);
+        shared.frames.fetch_add(1, Ordering::Relaxed);
+        shared.data_pages.fetch_add(data, Ordering::Relaxed);
+        shared.zero_pages.fetch_add(zero, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn apply_zero(memory: &GuestMemory, p: &PageFrame<'_>) {
+        for run in p.zero_runs.iter() {
+            // Bounds were checked against the layout.
+            memory.zero_pages(p.region, run.start.0, u64::from(run.count));
+        }
+    }
+
+    /// Decodes a frame's payload by its codec id straight into the guest pages.
+    fn decode(
+        codecs: &mut Codecs,
+        lengths: &mut Vec<u32>,
+        memory: &GuestMemory,
+        p: &PageFrame<'_>,
+    ) -> Result<(), pagewire_accel::CodecError> {
+        let ps = PageSize::new(memory.page_size()).unwrap_or_default();
+        let mut dst = PageListMut::with_capacity(ps, p.data_runs.len());
+        for run in p.data_runs.iter() {
+            let Some((ptr, _)) = memory.span(p.region, run.start.0, u64::from(run.count)) else {
+                return Err(pagewire_accel::CodecError::NoPages { codec: p.codec });
+            };
+            // SAFETY: the run lies inside a region of `memory` (checked against the
+            // layout and again by `span`), which outlives `dst`; runs of a decoded frame
+            // are disjoint; the guest is not running on the destination, and page-to-
+            // channel affinity keeps other channels off these pages.
+            unsafe { dst.push_raw(ptr.as_ptr(), run.count, PageKey(run.start.0)) }
+                .map_err(|_| pagewire_accel::CodecError::NoPages { codec: p.codec })?;
+        }
+        lengths.clear();
+        if let Some(l) = &p.lengths {
+            lengths.extend(l.iter());
+        }
+        if p.data_runs.is_empty() {
+            return Ok(());
+        }
+        codecs.decode(p.codec, p.payload, lengths, &mut dst)
+    }
+
+    fn device_state(
+        &mut self,
+        name: &str,
+        instance: u32,
+        total: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), MigrationError> {
+        let key = (name.to_owned(), instance);
+        let (have_total, buf) = self
+            .partial
+            .entry(key.clone())
+            .or_insert((total, Vec::new()));
+        if *have_total != total || buf.len() as u64 != offset {
+            return Err(MigrationError::Protocol {
+                channel: self.ch,
+                what: format!("device state {name}#{instance}: chunk out of order"),
+            });
+        }
+        {
+            let mut s = self
+                .shared
+                .state
+                .lock()
+                .map_err(|_| MigrationError::Worker(self.ch))?;
+            s.device_bytes += data.len() as u64;
+            if s.device_bytes > self.shared.max_device_state || total > self.shared.max_device_state
+            {
+                return Err(MigrationError::Protocol {
+                    channel: self.ch,
+                    what: format!(
+                        "device state exceeds the {} bytes accepted",
+                        self.shared.max_device_state
+                    ),
+                });
+            }
+        }
+        buf.extend_from_slice(data);
+        if buf.len() as u64 == total {
+            let (_, data) = self.partial.remove(&key).unwrap_or_default();
+            if let Ok(mut s) = self.shared.state.lock() {
+                s.sections.push(DeviceSection {
+                    name: key.0,
+                    instance,
+                    data,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn complete(&mut self, final_round: u32, sections: u32) -> Result<(), MigrationError> {
+        if !self.partial.is_empty() {
+            return Err(self.err("COMPLETE with a device-state section unfinished"));
+        }
+        let deadline = Instant::now() + self.shared.wait;
+        let mut s = self
+            .shared
+            .state
+            .lock()
+            .map_err(|_| MigrationError::Worker(self.ch))?;
+        loop {
+            if let Some(f) = &s.failed {
+                return Err(self.err(format!("another channel failed: {f}")));
+            }
+            if s.ended.iter().all(|e| *e == Some(final_round)) {
+                break;
+            }
+            if s.ended.iter().any(|e| e.is_some_and(|r| r > final_round)) {
+                return Err(self.err("a channel ended a round after the final one"));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(self.err(format!(
+                    "channels did not all end round {final_round} in time: {:?}",
+                    s.ended
+                )));
+            }
+            s = self
+                .shared
+                .cv
+                .wait_timeout(s, deadline - now)
+                .map_err(|_| MigrationError::Worker(self.ch))?
+                .0;
+        }
+        if s.sections.len() != sections as usize {
+            return Err(self.err(format!(
+                "COMPLETE announces {sections} device-state sections, {} arrived",
+                s.sections.len()
+            )));
+        }
+        s.complete = Some(final_round);
+        Ok(())
+    }
+
+    fn send_ack(
+        &mut self,
+        channel: &mut AnyChannel,
+        kind: AckKind,
+        value: u32,
+    ) -> Result<(), MigrationError> {
+        let f = OutFrame::whole(&Frame::Ack(Ack {
+            kind,
+            value: u64::from(value),
+        }))
+        .map_err(|e| self.err(e.to_string()))?;
+        let ch = self.ch;
+        let mut done = Vec::new();
+        channel
+            .send(f)
+            .and_then(|_| channel.flush(&mut done))
+            .map_err(|source| MigrationError::Channel {
+                channel: ch,
+                source,
+            })
+    }
+}
+
+fn same_layout(frame: &LayoutFrame<'_>, layout: &MemoryLayout) -> bool {
+    MemoryLayout::from_frame(frame, layout.page_size()).is_ok_and(|l| &l == layout)
+}

@@ -1,0 +1,112 @@
+//! The pipeline's error type.
+
+use pagewire_accel::{CodecError, EngineError};
+use pagewire_protocol::{AbortReason, DecodeError, RegionId};
+use pagewire_transport::ChannelError;
+use pagewire_transport::session::SessionError;
+
+use crate::dirty::{DirtyBitmap, DirtyLogError};
+use crate::memory::MemoryError;
+
+/// Why a migration failed.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// The channels could not be opened or accepted.
+    #[error("could not set up the session")]
+    Session(#[from] SessionError),
+    /// A channel failed.
+    #[error("channel {channel} failed")]
+    Channel {
+        /// The channel.
+        channel: u16,
+        /// Why.
+        #[source]
+        source: ChannelError,
+    },
+    /// The codec engine failed.
+    #[error("codec engine failed")]
+    Engine(#[from] EngineError),
+    /// A page could not be encoded or decoded.
+    #[error("codec failed on channel {channel}")]
+    Codec {
+        /// The channel.
+        channel: u16,
+        /// Why.
+        #[source]
+        source: CodecError,
+    },
+    /// The peer broke the protocol.
+    #[error("channel {channel}: protocol violation: {what}")]
+    Protocol {
+        /// The channel.
+        channel: u16,
+        /// What happened.
+        what: String,
+    },
+    /// A frame failed a protocol check.
+    #[error("channel {channel}: bad frame")]
+    Decode {
+        /// The channel.
+        channel: u16,
+        /// Why.
+        #[source]
+        source: DecodeError,
+    },
+    /// The peer aborted the migration.
+    #[error("the peer aborted the migration: {reason} ({message})")]
+    PeerAborted {
+        /// Its reason.
+        reason: AbortReason,
+        /// Its message.
+        message: String,
+    },
+    /// The VMM's dirty log or vCPU control failed.
+    #[error("the VMM's dirty log failed")]
+    DirtyLog(#[source] DirtyLogError),
+    /// Guest memory could not be set up.
+    #[error("guest memory")]
+    Memory(#[from] MemoryError),
+    /// The configuration is not usable.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The migration was cancelled through its control handle.
+    #[error("cancelled")]
+    Cancelled,
+    /// A worker thread died.
+    #[error("worker thread for channel {0} died")]
+    Worker(u16),
+}
+
+/// A failed source-side migration: the error, and the pages whose arrival the
+/// destination never acknowledged. The VMM marks those dirty again (or simply keeps
+/// running the guest, which is what happens here: the source never stops it for good).
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct Failed {
+    /// What went wrong.
+    #[source]
+    pub error: Box<MigrationError>,
+    /// Per region, pages sent without acknowledgement (or never sent).
+    pub unacknowledged: Vec<(RegionId, DirtyBitmap)>,
+}
+
+impl Failed {
+    /// A failure with no pages outstanding.
+    pub fn bare(error: MigrationError) -> Self {
+        Self::new(error, Vec::new())
+    }
+
+    /// A failure with pages outstanding.
+    pub fn new(error: MigrationError, unacknowledged: Vec<(RegionId, DirtyBitmap)>) -> Self {
+        Self {
+            error: Box::new(error),
+            unacknowledged,
+        }
+    }
+
+    /// Pages outstanding in total.
+    pub fn unacknowledged_pages(&self) -> u64 {
+        self.unacknowledged.iter().map(|(_, b)| b.count()).sum()
+    }
+}

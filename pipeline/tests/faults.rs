@@ -1,0 +1,200 @@
+//! Ordering under channel jitter, and failures: a channel dying, the destination going
+//! away, a corrupt frame, a peer of another version.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use pagewire::protocol::{
+    Authentication, CodecId, Frame, RegionId, Reject, RejectReason, Version, WireList,
+};
+use pagewire::{
+    DestinationConfig, DestinationListener, DirtyBitmap, MigrationError, Source, SourceConfig,
+};
+
+fn destination(
+    checksum: bool,
+) -> (
+    std::net::SocketAddr,
+    std::thread::JoinHandle<Result<pagewire::Migrated, MigrationError>>,
+) {
+    let mut cfg = DestinationConfig::new(session(2), Authentication::None);
+    cfg.checksum = checksum;
+    cfg.idle_timeout = Duration::from_secs(5);
+    cfg.accept_timeout = Duration::from_secs(10);
+    let l = DestinationListener::bind(loopback(), cfg).unwrap();
+    let addr = l.local_addr().unwrap();
+    (addr, std::thread::spawn(move || l.accept(None)?.wait()))
+}
+
+fn source_config(codec: CodecId, checksum: bool) -> SourceConfig {
+    let mut cfg = SourceConfig::new(session(2), Authentication::None);
+    cfg.codec = codec;
+    cfg.checksum = checksum;
+    cfg.ack_timeout = Duration::from_secs(5);
+    cfg.precopy.downtime_limit = Duration::from_millis(20);
+    cfg.precopy.max_rounds = 6;
+    cfg
+}
+
+/// Rewrites pages `0..hot` of region 0 (spread over every channel's chunks), with
+/// content that cycles through zero, text, code, random; marks them dirty.
+fn rewrite_hot(mem: &pagewire::GuestMemory, hot: u64, round: u64) -> Vec<(RegionId, DirtyBitmap)> {
+    let bits = DirtyBitmap::new(mem.pages(RegionId(0)).unwrap());
+    let mut rng = Rng(round * 7919 + 1);
+    let mut page = vec![0u8; PAGE];
+    for p in 0..hot {
+        page_content(&mut rng, &mut page);
+        if (p + round).is_multiple_of(5) {
+            page.fill(0);
+        } else {
+            page[..16].copy_from_slice(&[(round as u8) ^ (p as u8); 16]);
+        }
+        assert!(mem.write_pages(RegionId(0), p, &page));
+        bits.set(p);
+    }
+    vec![
+        (RegionId(0), bits),
+        (
+            RegionId(1),
+            DirtyBitmap::new(mem.pages(RegionId(1)).unwrap()),
+        ),
+    ]
+}
+
+fn ordering_under_jitter(codec: CodecId) {
+    let mem = memory(8);
+    fill(&mem, 11);
+    let (addr, dst) = destination(false);
+    let proxy = Proxy::start(
+        addr,
+        Fault::Delay {
+            seed: 5,
+            max_us: 3000,
+        },
+    );
+    let mut src = Source::connect(proxy.addr, mem.clone(), source_config(codec, false)).unwrap();
+    let all: Vec<(RegionId, DirtyBitmap)> = mem
+        .region_ids()
+        .map(|id| (id, DirtyBitmap::full(mem.pages(id).unwrap())))
+        .collect();
+    src.send_round(all, false).unwrap();
+    // 1024 hot pages = 8 chunks of 128, alternating channels; every round rewrites them.
+    for round in 1..=12 {
+        let dirty = rewrite_hot(&mem, 1024, round);
+        src.send_round(dirty, round == 12).unwrap();
+    }
+    src.complete().unwrap();
+    drop(src);
+    let migrated = dst.join().unwrap().unwrap();
+    assert_eq!(migrated.final_round, 12);
+    assert_eq!(first_difference(&mem, &migrated.memory), None);
+}
+
+#[test]
+fn ordering_holds_under_random_channel_delays_zstd() {
+    ordering_under_jitter(CodecId::ZSTD);
+}
+
+#[test]
+fn ordering_holds_under_random_channel_delays_delta() {
+    ordering_under_jitter(CodecId::DELTA);
+}
+
+fn failing_migration(fault: Fault, checksum: bool) -> (pagewire::Failed, MigrationError, Guest) {
+    let mem = memory(16);
+    fill(&mem, 13);
+    let (addr, dst) = destination(checksum);
+    let proxy = Proxy::start(addr, fault);
+    let guest = Guest::start(mem.clone(), 10, 0, 9);
+    let mut src = Source::connect(
+        proxy.addr,
+        mem.clone(),
+        source_config(CodecId::ZSTD, checksum),
+    )
+    .unwrap();
+    let mut log = guest.log();
+    let err = pagewire::migrate(&mut src, &mut log, &mut Vec::new).unwrap_err();
+    drop(src);
+    let dst_err = dst.join().unwrap().unwrap_err();
+    drop(proxy);
+    assert!(guest.is_running(), "the guest keeps running on the source");
+    assert_eq!(
+        guest.pauses.load(Ordering::Relaxed),
+        guest.resumes.load(Ordering::Relaxed)
+    );
+    (err, dst_err, guest)
+}
+
+#[test]
+fn a_channel_dying_mid_round_hands_back_the_pages() {
+    let (err, dst_err, _g) = failing_migration(
+        Fault::Kill {
+            channel: 1,
+            bytes: 512 << 10,
+        },
+        false,
+    );
+    assert!(err.unacknowledged_pages() > 0, "{err:?}");
+    // Every page handed back belongs to the dead channel's share of the round.
+    eprintln!("source: {err}; destination: {dst_err}");
+}
+
+#[test]
+fn the_destination_going_away_fails_both_sides() {
+    let (err, dst_err, _g) = failing_migration(Fault::KillAll { bytes: 512 << 10 }, false);
+    assert!(err.unacknowledged_pages() > 0);
+    eprintln!("source: {err}; destination: {dst_err}");
+}
+
+#[test]
+fn a_corrupt_frame_is_refused() {
+    let (err, dst_err, _g) = failing_migration(
+        Fault::Corrupt {
+            channel: 0,
+            at: (512 << 10) + 77,
+        },
+        true,
+    );
+    eprintln!("source: {err}; destination: {dst_err}");
+    let text = format!("{dst_err:?}");
+    assert!(
+        text.contains("Checksum") || text.contains("Decode") || text.contains("Codec"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_peer_of_another_version_is_refused_clearly() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind(loopback()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).unwrap();
+        let mut out = Vec::new();
+        Frame::Reject(Reject {
+            reason: RejectReason::UNSUPPORTED_VERSION,
+            version_min: Version(2),
+            version_max: Version(3),
+            page_size: 4096,
+            codecs: WireList::Slice(&[CodecId::RAW, CodecId::ZERO]),
+            checksums: WireList::Slice(&[]),
+            auth: WireList::Slice(&[]),
+            message: "this destination speaks versions 2..=3",
+        })
+        .encode(&mut out)
+        .unwrap();
+        s.write_all(&out).unwrap();
+    });
+    let mem = memory(1);
+    let err = Source::connect(addr, mem, source_config(CodecId::ZSTD, false)).unwrap_err();
+    fake.join().unwrap();
+    let text = format!("{err}: {:?}", std::error::Error::source(&err));
+    assert!(matches!(err, MigrationError::Session(_)), "{text}");
+    assert!(text.contains("2..=3"), "{text}");
+}
