@@ -20,6 +20,7 @@ pub mod memory;
 pub mod migrate;
 pub mod plan;
 pub mod precopy;
+pub mod sim;
 pub mod source;
 pub mod stats;
 

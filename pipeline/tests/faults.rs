@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
@@ -43,7 +42,7 @@ fn source_config(codec: CodecId, checksum: bool) -> SourceConfig {
 /// content that cycles through zero, text, code, random; marks them dirty.
 fn rewrite_hot(mem: &pagewire::GuestMemory, hot: u64, round: u64) -> Vec<(RegionId, DirtyBitmap)> {
     let bits = DirtyBitmap::new(mem.pages(RegionId(0)).unwrap());
-    let mut rng = Rng(round * 7919 + 1);
+    let mut rng = Rng::new(round * 7919 + 1);
     let mut page = vec![0u8; PAGE];
     for p in 0..hot {
         page_content(&mut rng, &mut page);
@@ -108,7 +107,7 @@ fn failing_migration(fault: Fault, checksum: bool) -> (pagewire::Failed, Migrati
     fill(&mem, 13);
     let (addr, dst) = destination(checksum);
     let proxy = Proxy::start(addr, fault);
-    let guest = Guest::start(mem.clone(), 10, 0, 9);
+    let guest = guest(mem.clone(), 10_000, 9);
     let mut src = Source::connect(
         proxy.addr,
         mem.clone(),
@@ -121,10 +120,8 @@ fn failing_migration(fault: Fault, checksum: bool) -> (pagewire::Failed, Migrati
     let dst_err = dst.join().unwrap().unwrap_err();
     drop(proxy);
     assert!(guest.is_running(), "the guest keeps running on the source");
-    assert_eq!(
-        guest.pauses.load(Ordering::Relaxed),
-        guest.resumes.load(Ordering::Relaxed)
-    );
+    let (pauses, resumes) = guest.pauses_and_resumes();
+    assert_eq!(pauses, resumes);
     (err, dst_err, guest)
 }
 

@@ -22,7 +22,7 @@ fn run(codec: CodecId, checksum: bool, channels: u16, auth: Authentication) {
     let addr = listener.local_addr().unwrap();
     let dst = std::thread::spawn(move || listener.accept(None).and_then(|d| d.wait()));
 
-    let mut guest = Guest::start(src_mem.clone(), 20, 0, 3);
+    let mut guest = guest(src_mem.clone(), 20_000, 3);
     let mut cfg = SourceConfig::new(session(1), auth);
     cfg.codec = codec;
     cfg.channels = channels;
@@ -47,7 +47,7 @@ fn run(codec: CodecId, checksum: bool, channels: u16, auth: Authentication) {
     assert_eq!(migrated.device_state.len(), 1);
     assert_eq!(migrated.device_state[0].data.len(), 100_000);
     assert!(stats.rounds >= 2, "{stats}");
-    assert!(guest.writes.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    assert!(guest.writes() > 0);
     assert!(stats.pages.total() >= src_mem.pages(pagewire::protocol::RegionId(0)).unwrap());
     assert_eq!(stats.status, "completed");
 }
