@@ -181,6 +181,50 @@ impl GuestMemory {
         }
     }
 
+    /// Describes the regions of a rust-vmm `vm-memory` guest memory (for example a
+    /// `GuestMemoryMmap`), region `i` getting id `i`.
+    ///
+    /// # Safety
+    /// `mem`'s mappings must stay mapped, unchanged, for as long as the returned value
+    /// and any migration using it live (keep `mem`, or the `GuestMemoryAtomic` holding
+    /// it, alive and do not hot-unplug its regions meanwhile). As with
+    /// [`GuestMemory::new`], the guest may write the memory concurrently.
+    ///
+    /// # Errors
+    /// `BadRegion` for a region without a host mapping or not page aligned; `Layout`
+    /// for overlapping regions.
+    #[cfg(feature = "vm-memory")]
+    pub unsafe fn from_vm_memory<M: vm_memory::GuestMemoryBackend>(
+        mem: &M,
+        page_size: u32,
+    ) -> Result<Self, MemoryError> {
+        use vm_memory::{Address, GuestMemoryRegion, MemoryRegionAddress};
+        let mut specs = Vec::new();
+        for (i, r) in mem.iter().enumerate() {
+            let id = RegionId(i as u32);
+            let host =
+                r.get_host_address(MemoryRegionAddress(0))
+                    .map_err(|_| MemoryError::BadRegion {
+                        id,
+                        what: "the region has no host mapping",
+                    })?;
+            specs.push(RegionSpec {
+                id,
+                host_addr: host,
+                guest_addr: GuestAddr(r.start_addr().raw_value()),
+                len: r.len(),
+                backing_page_size: if r.is_hugetlbfs() == Some(true) {
+                    2 << 20
+                } else {
+                    page_size
+                },
+            });
+        }
+        // SAFETY: the caller keeps `mem`'s mappings alive and in place (this function's
+        // contract), which is what `new` requires.
+        unsafe { Self::new(page_size, &specs) }
+    }
+
     /// The layout sent to the destination.
     pub fn layout(&self) -> &MemoryLayout {
         &self.layout
@@ -364,6 +408,30 @@ mod tests {
         assert!(m.zero_pages(RegionId(7), 2, 1));
         assert!(m.read_pages(RegionId(7), 2, 1, &mut back[..4096]));
         assert!(back[..4096].iter().all(|&b| b == 0));
+    }
+
+    #[cfg(feature = "vm-memory")]
+    #[test]
+    fn vm_memory_regions_are_described_and_shared() {
+        use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+        let vm: GuestMemoryMmap<()> = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 8 * 4096),
+            (GuestAddress(1 << 32), 4 * 4096),
+        ])
+        .unwrap();
+        vm.write_slice(&[7u8; 4096], GuestAddress((1 << 32) + 4096))
+            .unwrap();
+        // SAFETY: `vm` outlives `m` in this test.
+        let m = unsafe { GuestMemory::from_vm_memory(&vm, 4096) }.unwrap();
+        assert_eq!(m.pages(RegionId(0)), Some(8));
+        assert_eq!(m.pages(RegionId(1)), Some(4));
+        let mut page = vec![0u8; 4096];
+        assert!(m.read_pages(RegionId(1), 1, 1, &mut page));
+        assert!(page.iter().all(|&b| b == 7));
+        assert!(m.write_pages(RegionId(0), 2, &[9u8; 4096]));
+        let mut back = [0u8; 4096];
+        vm.read_slice(&mut back, GuestAddress(2 * 4096)).unwrap();
+        assert!(back.iter().all(|&b| b == 9));
     }
 
     #[test]

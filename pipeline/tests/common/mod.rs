@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use pagewire::GuestMemory;
 use pagewire::protocol::{GuestAddr, MemoryLayout, RegionDesc, RegionId, SessionId};
+#[allow(unused_imports)]
 pub use pagewire::sim::{Content, Guest, Pattern, Rng, WriterConfig, first_difference};
 
 pub fn fill(memory: &GuestMemory, seed: u64) {
