@@ -76,3 +76,38 @@ fn raw_pages_zero_copy_from_guest_memory() {
 fn delta_encoding() {
     run(CodecId::DELTA, false, 2, Authentication::None);
 }
+
+#[test]
+fn the_bandwidth_cap_limits_wire_bytes_not_guest_bytes() {
+    // 8 MiB of mixed memory compresses about 4x; capped at 40 Mbit/s on the wire.
+    let src_mem = memory(8);
+    fill(&src_mem, 5);
+    let listener = DestinationListener::bind(
+        loopback(),
+        DestinationConfig::new(session(3), Authentication::None),
+    )
+    .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dst = std::thread::spawn(move || listener.accept(None).and_then(|d| d.wait()));
+    let mut cfg = SourceConfig::new(session(3), Authentication::None);
+    cfg.bandwidth_limit = 40_000_000 / 8;
+    cfg.precopy.max_rounds = 2;
+    let mut source = Source::connect(addr, src_mem.clone(), cfg).unwrap();
+    let mut g = guest(src_mem.clone(), 0, 1);
+    let mut log = g.log();
+    let stats = pagewire::migrate(&mut source, &mut log, &mut Vec::new).unwrap();
+    g.stop();
+    drop(source);
+    dst.join().unwrap().unwrap();
+    // An upper bound only: a slow machine can make the wire slower, never faster.
+    // Allow the limiter's 20 ms burst and the handshake/layout bytes.
+    let secs = stats.total_ms / 1e3;
+    let allowed = 40e6 / 8.0 * (secs + 0.05) + 64.0 * 1024.0;
+    assert!(
+        (stats.wire_bytes as f64) <= allowed,
+        "{} wire bytes in {secs:.2} s exceed the cap",
+        stats.wire_bytes
+    );
+    // Compression moves more guest memory than the cap.
+    assert!(stats.guest_bytes as f64 * 8.0 / secs > 40e6, "{stats}");
+}
