@@ -493,7 +493,7 @@ fn bench_codecs(c: &mut Criterion) {
 /// every round so neither always runs with the other's data in the cache.
 fn ab(rounds: usize, mut f: impl FnMut(), mut g: impl FnMut()) -> (f64, f64) {
     let (mut best_f, mut best_g) = (f64::MAX, f64::MAX);
-    let mut time = |h: &mut dyn FnMut()| {
+    let time = |h: &mut dyn FnMut()| {
         let t = Instant::now();
         h();
         t.elapsed().as_secs_f64()
