@@ -281,7 +281,10 @@ fn jobs_the_backend_cannot_run_complete_with_errors() {
     ));
     assert!(matches!(done[1].status(), Err(CodecError::NoDeltaCache)));
     assert!(matches!(done[2].status(), Err(CodecError::BadLevel { .. })));
-    assert!(done[3].status().is_err(), "five pages over max_pages 4");
+    assert!(matches!(
+        done[3].status(),
+        Err(CodecError::TooManyPages { pages: 5, max: 4 })
+    ));
     assert!(done[4].status().is_ok());
     let stats = engine.stats();
     assert_eq!(stats.rejected, 4);

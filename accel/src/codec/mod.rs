@@ -157,6 +157,14 @@ pub enum CodecError {
         /// Bytes given.
         have: usize,
     },
+    /// A job with more pages than the backend or engine takes at once.
+    #[error("a job of {pages} pages exceeds the limit of {max} pages per job")]
+    TooManyPages {
+        /// Pages in the job.
+        pages: usize,
+        /// The limit.
+        max: usize,
+    },
     /// Delta encoding without a delta cache.
     #[error("delta encoding needs a delta cache; configure one for the engine")]
     NoDeltaCache,

@@ -686,10 +686,7 @@ impl Engine {
                     return Err(CodecError::NoPages { codec: p.codec });
                 }
                 if n > max || r.input.bytes() > self.probe.max_job_bytes {
-                    return Err(CodecError::OutputTooSmall {
-                        need: max_payload_len(n, r.input.page_size()),
-                        have: self.bufs.buf_len(),
-                    });
+                    return Err(CodecError::TooManyPages { pages: n, max });
                 }
                 if !self.probe.can_encode(p.codec, p.level) {
                     return match crate::codec::level_range(p.codec) {
@@ -717,9 +714,9 @@ impl Engine {
                     return Err(CodecError::Unsupported(codec));
                 }
                 if r.dest.pages() > max {
-                    return Err(CodecError::TableEntries {
-                        entries: r.dest.pages(),
-                        pages: max,
+                    return Err(CodecError::TooManyPages {
+                        pages: r.dest.pages(),
+                        max,
                     });
                 }
                 Ok(())
