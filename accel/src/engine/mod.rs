@@ -301,7 +301,9 @@ impl Job {
     /// [`PageList::push_raw`] runs of guest memory.
     pub fn encode(&mut self, tag: Tag, params: EncodeParams) -> &mut PageList<'static> {
         let r = self.h.req_mut();
-        r.reset();
+        if r.op != JobOp::Idle {
+            r.reset();
+        }
         r.tag = tag;
         r.op = JobOp::Encode(params);
         &mut r.input
@@ -339,7 +341,9 @@ impl Job {
         lengths: &[u32],
     ) -> &mut PageListMut<'static> {
         let r = self.h.req_mut();
-        r.reset();
+        if r.op != JobOp::Idle {
+            r.reset();
+        }
         r.tag = tag;
         r.op = JobOp::Decode(codec);
         r.payload = Some(payload);
