@@ -272,8 +272,7 @@ pub fn delta_sequence(ops: &[u8]) {
                     .expect("delta encode");
                 // Apply to the receiver's pages `page..page + count`.
                 let mut dst = PageListMut::new(PageSize::KIB4);
-                let (split, pages) = (receiver.split, receiver.pages);
-                let _ = pages;
+                let split = receiver.split;
                 let (head, tail) = receiver.buf.split_at_mut(GUARD + split * PS);
                 for p in page..page + count {
                     let slice = if p < split {

@@ -161,7 +161,9 @@ pub enum EngineError {
 /// A batched codec backend: software workers, or a hardware queue.
 ///
 /// A backend owns the jobs it accepted until it returns them as completions; it may
-/// complete them in any order.
+/// complete them in any order. Jobs reach it through [`Engine::submit`], which has
+/// checked them against the backend's [`Probe`] and attached an output buffer to every
+/// encode job.
 pub trait Backend: Send {
     /// Which backend this is.
     fn kind(&self) -> BackendKind;
