@@ -324,6 +324,37 @@ fn decode_jobs_write_the_destination_and_count_bytes() {
     let mut c = drain(&mut engine, 1).pop().expect("completion");
     c.status().expect("decoded");
     assert!(c.take_dest().expect("dest")[..] == input[..]);
+    drop(c);
+    // A pool buffer as destination: its valid length sets the page count.
+    let mut dest = engine.buffers().take().expect("free buffer");
+    assert!(dest.set_len(input.len()));
+    let shared = dest.clone();
+    let mut job = engine.job().expect("job");
+    let payload = PoolBuf::from_vec(input.clone());
+    assert!(matches!(
+        job.decode_buf(
+            Tag(3),
+            CodecId::RAW,
+            payload.clone(),
+            &[],
+            shared,
+            PageKey(0)
+        ),
+        Err(EngineError::Job(_))
+    ));
+    let mut odd = PoolBuf::from_vec(vec![0; PS + 1]);
+    assert!(odd.set_len(PS + 1));
+    assert!(matches!(
+        job.decode_buf(Tag(3), CodecId::RAW, payload.clone(), &[], odd, PageKey(0)),
+        Err(EngineError::Pages(_))
+    ));
+    job.decode_buf(Tag(3), CodecId::RAW, payload, &[], dest, PageKey(0))
+        .expect("dest");
+    let mut batch = VecDeque::from([job]);
+    engine.submit(&mut batch).expect("submit");
+    let mut c = drain(&mut engine, 1).pop().expect("completion");
+    c.status().expect("decoded");
+    assert!(c.take_dest().expect("dest")[..] == input[..]);
     let stats = engine.stats();
     let d = stats
         .decode_of(CodecId::DEFLATE)

@@ -353,7 +353,8 @@ impl Job {
         &mut r.dest
     }
 
-    /// Makes this a decode job into `dest`, a uniquely held buffer of whole pages that
+    /// Makes this a decode job into `dest`, a uniquely held buffer whose valid bytes
+    /// (`len()`, set with [`PoolBuf::set_len`] for a pool buffer) are whole pages; it
     /// comes back with [`Completion::take_dest`].
     ///
     /// # Errors
@@ -370,11 +371,17 @@ impl Job {
     ) -> Result<(), EngineError> {
         let list = self.decode(tag, codec, payload, lengths);
         let ps = list.page_size().bytes();
-        let len = dest.capacity() - dest.capacity() % ps;
-        if !dest.set_len(len) {
+        let len = dest.len();
+        if !dest.is_unique() {
             return Err(EngineError::Job(
                 "a decode destination buffer must be held uniquely",
             ));
+        }
+        if !len.is_multiple_of(ps) {
+            return Err(EngineError::Pages(PagesError::NotWholePages {
+                len,
+                page_size: list.page_size(),
+            }));
         }
         let bytes = dest.get_mut().ok_or(EngineError::Job(
             "a decode destination buffer must be held uniquely",
