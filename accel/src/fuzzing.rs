@@ -224,6 +224,89 @@ pub fn roundtrip(codec: u8, level: i8, data: &[u8]) {
     }
 }
 
+/// A stateful sequence for the delta codec and its cache: a sender and a receiver
+/// each hold 6 pages; the sender's cache holds only 3 (so pages are evicted), and
+/// every 4 bytes of `ops` are one operation: change bytes of a page, rewrite a page
+/// with noise, clear it back to zeros, invalidate it in the cache, or send a frame of
+/// 1 to 3 pages as delta and apply it on the receiver. After every frame the receiver's copy of the sent pages must
+/// equal the sender's.
+pub fn delta_sequence(ops: &[u8]) {
+    const N: usize = 6;
+    let mut config = DeltaConfig::new(PageSize::KIB4, 3);
+    config.shards = 2;
+    config.threshold = 1024;
+    let cache = DeltaCache::new(config).expect("valid cache config");
+    let mut sender = vec![0u8; N * PS];
+    let mut receiver = Guarded::new(N, &[0]);
+    let mut codecs = Codecs::new();
+    let mut payload = vec![0u8; max_payload_len(3, PageSize::KIB4)];
+    let mut lengths = Vec::new();
+    for op in ops.chunks_exact(4) {
+        let page = usize::from(op[1]) % N;
+        let at = page * PS + (usize::from(op[2]) * 16).min(PS - 32);
+        match op[0] % 5 {
+            0 => {
+                let len = usize::from(op[3] % 32) + 1;
+                sender[at..at + len].fill(op[3]);
+            }
+            1 => {
+                let mut x = u64::from(op[3]) | 1;
+                for b in &mut sender[page * PS..(page + 1) * PS] {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    *b = x as u8;
+                }
+            }
+            2 => cache.invalidate(PageKey(page as u64)),
+            3 => sender[page * PS..(page + 1) * PS].fill(0),
+            _ => {
+                let count = (usize::from(op[3]) % 3 + 1).min(N - page);
+                let frame = &sender[page * PS..(page + count) * PS];
+                let mut src = PageList::new(PageSize::KIB4);
+                src.push_slice(frame, PageKey(page as u64))
+                    .expect("whole pages");
+                let params = EncodeParams::new(CodecId::DELTA, Level::DEFAULT);
+                let out = codecs
+                    .encode(&params, &src, Some(&cache), &mut payload, &mut lengths)
+                    .expect("delta encode");
+                // Apply to the receiver's pages `page..page + count`.
+                let mut dst = PageListMut::new(PageSize::KIB4);
+                let split = receiver.split;
+                let (head, tail) = receiver.buf.split_at_mut(GUARD + split * PS);
+                for p in page..page + count {
+                    let slice = if p < split {
+                        &mut head[GUARD + p * PS..GUARD + (p + 1) * PS]
+                    } else {
+                        let q = p - split;
+                        &mut tail[GUARD + q * PS..GUARD + (q + 1) * PS]
+                    };
+                    // SAFETY: each page slice is a distinct part of `receiver.buf`,
+                    // used only by `dst` until it is dropped below.
+                    unsafe {
+                        dst.push_raw(slice.as_mut_ptr(), 1, PageKey(p as u64))
+                            .expect("one page")
+                    };
+                }
+                codecs
+                    .decode(out.codec, &payload[..out.payload_len], &lengths, &mut dst)
+                    .expect("decode of our own delta");
+                drop(dst);
+                receiver.check_guards();
+                for p in page..page + count {
+                    assert_eq!(
+                        receiver.page(p),
+                        &sender[p * PS..(p + 1) * PS],
+                        "page {p} differs after a delta frame"
+                    );
+                }
+            }
+        }
+    }
+    let s = cache.stats();
+    assert!(s.resident <= 3, "cache over its bound");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,6 +413,11 @@ mod tests {
                 CodecId::ZSTD => decode_zstd(&payload, pages),
                 _ => decode_lz4(&payload, pages),
             }
+        }
+
+        #[test]
+        fn delta_sequences_keep_sender_and_receiver_equal(ops in proptest::collection::vec(any::<u8>(), 0..400)) {
+            delta_sequence(&ops);
         }
 
         #[test]

@@ -10,10 +10,20 @@
 //!
 //! # Guest memory
 //! A source's guest keeps running while its pages are compressed, so the bytes behind
-//! a [`PageList`] may change during a job. The codecs tolerate that: a compressor that
-//! reads a changing byte twice still writes a payload that decodes to *some* page
-//! content, the delta codec copies each page once before it compares, and the page
-//! was dirtied again, so the caller's dirty tracking sends it once more.
+//! a [`PageList`] may change during a job. How each consumer reads them:
+//! - the zero scan and the delta codec's snapshot read through raw pointers only
+//!   (the delta codec copies each page once, then works on its private copy, so the
+//!   cache holds exactly the bytes that were sent);
+//! - the compression libraries (zstd, lz4, libdeflate) take a `&[u8]` over the run for
+//!   the duration of one call, as every VMM's codec path does (QEMU's multifd hands
+//!   guest RAM to zlib, zstd and QPL the same way). A concurrent write may then give
+//!   a payload that decodes to a mix of old and new bytes, never an invalid payload
+//!   or a write outside the output buffer, since output bounds come from the output
+//!   buffer alone; strictly, in the Rust memory model this read is a data race,
+//!   which is the documented cost of compressing live guest memory without a copy.
+//!
+//! Either way the page was dirtied again, so the caller's dirty tracking sends it once
+//! more.
 
 use core::marker::PhantomData;
 

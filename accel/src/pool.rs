@@ -5,15 +5,16 @@
 //! holds the only handle, then clones of the handle go to whoever still needs the
 //! bytes (the transport until its send completes, a retransmit queue...). When the
 //! last handle is dropped the buffer goes back to the pool. Taking and returning are a
-//! lock-free queue operation and an atomic count; nothing is allocated.
+//! lock-free stack operation and an atomic count; nothing is allocated. The free list
+//! is a stack, so the buffer taken next is the one returned last, still warm in the
+//! cache. Every buffer is touched once when the pool is built, so no page fault is
+//! left for the hot path.
 
 use core::cell::UnsafeCell;
 use core::fmt;
 use core::ops::Deref;
-use core::sync::atomic::{AtomicUsize, Ordering, fence};
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::Arc;
-
-use crossbeam_queue::ArrayQueue;
 
 struct Slot {
     refs: AtomicUsize,
@@ -23,9 +24,72 @@ struct Slot {
     len: UnsafeCell<usize>,
 }
 
+/// A lock-free LIFO of slot indices (a Treiber stack over a fixed array). The head
+/// packs a generation tag with the top index, so a pop that raced with a pop and a
+/// push of the same index fails its compare-and-swap instead of corrupting the list.
+struct IndexStack {
+    /// `tag << 32 | (index + 1)`; index part 0 means empty.
+    head: AtomicU64,
+    next: Box<[AtomicU32]>,
+    len: AtomicUsize,
+}
+
+impl IndexStack {
+    fn new(capacity: usize) -> IndexStack {
+        IndexStack {
+            head: AtomicU64::new(0),
+            next: (0..capacity).map(|_| AtomicU32::new(0)).collect(),
+            len: AtomicUsize::new(0),
+        }
+    }
+
+    fn push(&self, idx: u32) {
+        let mut head = self.head.load(Ordering::Relaxed);
+        loop {
+            self.next[idx as usize].store(head as u32, Ordering::Relaxed);
+            let new = ((head >> 32).wrapping_add(1) << 32) | u64::from(idx + 1);
+            match self
+                .head
+                .compare_exchange_weak(head, new, Ordering::Release, Ordering::Relaxed)
+            {
+                Ok(_) => break,
+                Err(h) => head = h,
+            }
+        }
+        self.len.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn pop(&self) -> Option<u32> {
+        let mut head = self.head.load(Ordering::Acquire);
+        loop {
+            let top = head as u32;
+            if top == 0 {
+                return None;
+            }
+            let idx = top - 1;
+            let next = self.next[idx as usize].load(Ordering::Relaxed);
+            let new = ((head >> 32).wrapping_add(1) << 32) | u64::from(next);
+            match self
+                .head
+                .compare_exchange_weak(head, new, Ordering::Acquire, Ordering::Acquire)
+            {
+                Ok(_) => {
+                    self.len.fetch_sub(1, Ordering::Relaxed);
+                    return Some(idx);
+                }
+                Err(h) => head = h,
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+}
+
 struct Shared {
     slots: Box<[Slot]>,
-    free: ArrayQueue<u32>,
+    free: IndexStack,
     buf_len: usize,
 }
 
@@ -57,20 +121,31 @@ impl BufPool {
     /// Allocates `count` buffers of `buf_len` bytes each (zeroed).
     ///
     /// # Panics
-    /// When `count` exceeds `u32::MAX`.
+    /// When `count` is `u32::MAX` or more.
     pub fn new(count: usize, buf_len: usize) -> BufPool {
-        let count32 = u32::try_from(count).expect("a pool holds at most u32::MAX buffers");
+        let count32 = u32::try_from(count)
+            .ok()
+            .filter(|&c| c < u32::MAX)
+            .expect("a pool holds fewer than u32::MAX buffers");
         let slots: Box<[Slot]> = (0..count)
-            .map(|_| Slot {
-                refs: AtomicUsize::new(0),
-                data: UnsafeCell::new(vec![0u8; buf_len].into_boxed_slice()),
-                len: UnsafeCell::new(0),
+            .map(|_| {
+                let mut data = vec![0u8; buf_len].into_boxed_slice();
+                // Fault every page in now; the allocator may hand out untouched
+                // zero-mapped memory that a plain zero fill would be optimised away on.
+                for at in (0..buf_len).step_by(4096) {
+                    // SAFETY: `at < buf_len`, inside the allocation.
+                    unsafe { core::ptr::write_volatile(data.as_mut_ptr().add(at), 0) };
+                }
+                Slot {
+                    refs: AtomicUsize::new(0),
+                    data: UnsafeCell::new(data),
+                    len: UnsafeCell::new(0),
+                }
             })
             .collect();
-        let free = ArrayQueue::new(count.max(1));
-        for i in 0..count32 {
-            // The queue has room for every index.
-            let _ = free.push(i);
+        let free = IndexStack::new(count);
+        for i in (0..count32).rev() {
+            free.push(i);
         }
         BufPool {
             shared: Arc::new(Shared {
@@ -129,7 +204,7 @@ impl PoolBuf {
                 data: UnsafeCell::new(bytes.into_boxed_slice()),
                 len: UnsafeCell::new(len),
             }]),
-            free: ArrayQueue::new(1),
+            free: IndexStack::new(1),
             buf_len: len,
         });
         PoolBuf { shared, idx: 0 }
@@ -206,9 +281,7 @@ impl Drop for PoolBuf {
     fn drop(&mut self) {
         if self.slot().refs.fetch_sub(1, Ordering::Release) == 1 {
             fence(Ordering::Acquire);
-            // Each index is in the queue at most once and the queue holds them all,
-            // so the push cannot fail.
-            let _ = self.shared.free.push(self.idx);
+            self.shared.free.push(self.idx);
         }
     }
 }
@@ -265,6 +338,46 @@ mod tests {
             h.join().unwrap();
         }
         assert_eq!(pool.available(), 4);
+    }
+
+    #[test]
+    fn the_last_returned_buffer_is_taken_first() {
+        let pool = BufPool::new(3, 8);
+        let a = pool.take().unwrap();
+        let b = pool.take().unwrap();
+        let b_idx = b.idx;
+        drop(a);
+        drop(b);
+        assert_eq!(pool.take().unwrap().idx, b_idx);
+    }
+
+    #[test]
+    fn stack_survives_concurrent_take_and_return() {
+        let pool = BufPool::new(8, 8);
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let pool = pool.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..20_000 {
+                        if let Some(mut b) = pool.take() {
+                            assert!(b.get_mut().is_some(), "a taken buffer must be unique");
+                            let c = b.clone();
+                            drop(b);
+                            drop(c);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(pool.available(), 8);
+        let all: Vec<_> = (0..8).map(|_| pool.take().unwrap()).collect();
+        let mut idx: Vec<u32> = all.iter().map(|b| b.idx).collect();
+        idx.sort_unstable();
+        assert_eq!(idx, (0..8).collect::<Vec<_>>());
+        assert!(pool.take().is_none());
     }
 
     #[test]

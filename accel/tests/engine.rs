@@ -281,7 +281,10 @@ fn jobs_the_backend_cannot_run_complete_with_errors() {
     ));
     assert!(matches!(done[1].status(), Err(CodecError::NoDeltaCache)));
     assert!(matches!(done[2].status(), Err(CodecError::BadLevel { .. })));
-    assert!(done[3].status().is_err(), "five pages over max_pages 4");
+    assert!(matches!(
+        done[3].status(),
+        Err(CodecError::TooManyPages { pages: 5, max: 4 })
+    ));
     assert!(done[4].status().is_ok());
     let stats = engine.stats();
     assert_eq!(stats.rejected, 4);
@@ -316,6 +319,37 @@ fn decode_jobs_write_the_destination_and_count_bytes() {
         PageKey(0),
     )
     .expect("dest");
+    let mut batch = VecDeque::from([job]);
+    engine.submit(&mut batch).expect("submit");
+    let mut c = drain(&mut engine, 1).pop().expect("completion");
+    c.status().expect("decoded");
+    assert!(c.take_dest().expect("dest")[..] == input[..]);
+    drop(c);
+    // A pool buffer as destination: its valid length sets the page count.
+    let mut dest = engine.buffers().take().expect("free buffer");
+    assert!(dest.set_len(input.len()));
+    let shared = dest.clone();
+    let mut job = engine.job().expect("job");
+    let payload = PoolBuf::from_vec(input.clone());
+    assert!(matches!(
+        job.decode_buf(
+            Tag(3),
+            CodecId::RAW,
+            payload.clone(),
+            &[],
+            shared,
+            PageKey(0)
+        ),
+        Err(EngineError::Job(_))
+    ));
+    let mut odd = PoolBuf::from_vec(vec![0; PS + 1]);
+    assert!(odd.set_len(PS + 1));
+    assert!(matches!(
+        job.decode_buf(Tag(3), CodecId::RAW, payload.clone(), &[], odd, PageKey(0)),
+        Err(EngineError::Pages(_))
+    ));
+    job.decode_buf(Tag(3), CodecId::RAW, payload, &[], dest, PageKey(0))
+        .expect("dest");
     let mut batch = VecDeque::from([job]);
     engine.submit(&mut batch).expect("submit");
     let mut c = drain(&mut engine, 1).pop().expect("completion");
@@ -496,4 +530,83 @@ fn bad_configurations_are_refused() {
         ),
         Err(EngineError::Config(_))
     ));
+}
+
+#[test]
+fn concurrent_delta_frames_on_worker_threads_stay_consistent() {
+    let cache = common::delta_cache();
+    let config = EngineConfig {
+        max_pages: 8,
+        requests: 32,
+        buffers: 32,
+        delta: Some(cache.clone()),
+        ..Default::default()
+    };
+    let mut engine = Engine::software(
+        config,
+        SoftwareConfig {
+            threads: 2,
+            queue_depth: 16,
+        },
+    )
+    .expect("engine");
+    let frames = 16usize;
+    let mut sender = content(Kind::Mixed, frames * 8, 21);
+    let mut receiver = vec![0u8; sender.len()];
+    let mut rng = common::Rng::new(9);
+    let mut codecs = Codecs::new();
+    for round in 0..4 {
+        if round > 0 {
+            for _ in 0..200 {
+                let i = rng.below(sender.len());
+                sender[i] = sender[i].wrapping_add(1);
+            }
+        }
+        let mut batch = VecDeque::new();
+        for f in 0..frames {
+            let bytes = &sender[f * 8 * PS..(f + 1) * 8 * PS];
+            batch.push_back(encode_job_keyed(&engine, f as u64, bytes, (f * 8) as u64));
+        }
+        let mut done = Vec::new();
+        while !batch.is_empty() {
+            engine.submit(&mut batch).expect("submit");
+            engine.poll(&mut done, usize::MAX, WAIT).expect("poll");
+        }
+        let rest = frames - done.len();
+        done.extend(drain(&mut engine, rest));
+        for c in &done {
+            let f = c.tag().0 as usize;
+            let out = c.encoded().expect("encoded");
+            let mut dst = pagewire_accel::PageListMut::new(pagewire_accel::PageSize::KIB4);
+            dst.push_slice(&mut receiver[f * 8 * PS..(f + 1) * 8 * PS], PageKey(0))
+                .expect("pages");
+            codecs
+                .decode(
+                    out.codec,
+                    c.payload().expect("payload"),
+                    c.lengths(),
+                    &mut dst,
+                )
+                .expect("apply");
+        }
+        assert!(
+            receiver == sender,
+            "round {round}: receiver differs from sender"
+        );
+    }
+    let d = cache.stats();
+    assert_eq!(d.misses, (frames * 8) as u64);
+    assert_eq!(d.hits + d.overflows, 3 * (frames * 8) as u64);
+}
+
+fn encode_job_keyed(engine: &Engine, tag: u64, pages: &[u8], key: u64) -> Job {
+    let mut job = engine.job().expect("free request");
+    job.encode_buf(
+        Tag(tag),
+        EncodeParams::new(CodecId::DELTA, Level::DEFAULT),
+        PoolBuf::from_vec(pages.to_vec()),
+        PageKey(key),
+    )
+    .expect("whole pages");
+    job
 }

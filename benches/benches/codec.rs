@@ -6,7 +6,8 @@
 //! Every case processes the same 1 MiB buffer per iteration (256 one-page frames, or
 //! 8 frames of 32 pages, ...), so the figures compare directly. After the criterion
 //! groups, an interleaved A/B run prints the engine's overhead over the direct call
-//! for each case (`engine-overhead` lines) and the ratios (`ratio` lines).
+//! for each case (`engine-overhead` lines: best MB/s of each, and the median of the
+//! per-run time ratios) and the compression ratios (`ratio` lines).
 
 use std::collections::VecDeque;
 use std::hint::black_box;
@@ -286,11 +287,14 @@ struct Bench {
 }
 
 impl Bench {
-    fn new(cache: Option<std::sync::Arc<DeltaCache>>) -> Bench {
+    /// An engine for frames of `n` pages with room for one buffer's worth of frames
+    /// in flight and as many waiting for the transport, as a pipeline would size it.
+    fn new(cache: Option<std::sync::Arc<DeltaCache>>, n: usize) -> Bench {
+        let frames = PAGES / n;
         let config = EngineConfig {
-            max_pages: PAGES,
-            requests: 512,
-            buffers: 512,
+            max_pages: n,
+            requests: frames + 2,
+            buffers: 2 * frames + 2,
             delta: cache,
             ..Default::default()
         };
@@ -298,14 +302,14 @@ impl Bench {
             config,
             SoftwareConfig {
                 threads: 0,
-                queue_depth: 512,
+                queue_depth: frames + 2,
             },
         )
         .unwrap();
         Bench {
             engine,
-            batch: VecDeque::with_capacity(512),
-            done: Vec::with_capacity(512),
+            batch: VecDeque::with_capacity(frames + 2),
+            done: Vec::with_capacity(frames + 2),
         }
     }
 
@@ -431,7 +435,7 @@ fn bench_codecs(c: &mut Criterion) {
                 DeltaCache::new(DeltaConfig::new(PageSize::KIB4, PAGES)).unwrap(),
             );
             warm_cache(&cache, &a);
-            let mut engine = Bench::new(Some(cache));
+            let mut engine = Bench::new(Some(cache), n);
             let mut flip = false;
             g.bench_with_input(BenchmarkId::new("engine", n), &n, |bench, &n| {
                 bench.iter(|| {
@@ -468,30 +472,51 @@ fn bench_codecs(c: &mut Criterion) {
                     }
                 })
             });
-            let mut engine = Bench::new(None);
+            let mut engine = Bench::new(None, n);
+            // Check once that the engine gives the right bytes back.
+            let mut check = dst.clone();
+            engine.decompress(&frames, &mut check, n);
+            let want = if case.codec == CodecId::DELTA { &b } else { &a };
+            assert!(
+                &check == want,
+                "{} frame {n}: decompressed buffer differs",
+                case.name
+            );
             g.bench_with_input(BenchmarkId::new("engine", n), &n, |bench, &n| {
                 bench.iter(|| engine.decompress(&frames, &mut dst, n))
             });
-            if case.codec != CodecId::DELTA {
-                assert!(dst == a, "decompressed buffer differs");
-            }
         }
         g.finish();
     }
 }
 
-/// Best-of-`rounds` seconds for `f`, interleaved with `g`.
-fn ab(rounds: usize, mut f: impl FnMut(), mut g: impl FnMut()) -> (f64, f64) {
+/// `f` (the direct call) and `g` (the engine) run back to back `rounds` times, the
+/// order swapped every round so neither always runs with the other's data in the
+/// cache. Returns the best time of each, and the median over rounds of `g`'s time
+/// over `f`'s in the same round: a slow phase of the (shared) machine hits both
+/// halves of a round alike, so the median ratio is steadier than a ratio of bests.
+fn ab(rounds: usize, mut f: impl FnMut(), mut g: impl FnMut()) -> (f64, f64, f64) {
     let (mut best_f, mut best_g) = (f64::MAX, f64::MAX);
-    for _ in 0..rounds {
+    let mut ratios = Vec::with_capacity(rounds);
+    let time = |h: &mut dyn FnMut()| {
         let t = Instant::now();
-        f();
-        best_f = best_f.min(t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        g();
-        best_g = best_g.min(t.elapsed().as_secs_f64());
+        h();
+        t.elapsed().as_secs_f64()
+    };
+    for round in 0..rounds {
+        let (tf, tg) = if round % 2 == 0 {
+            let tf = time(&mut f);
+            (tf, time(&mut g))
+        } else {
+            let tg = time(&mut g);
+            (time(&mut f), tg)
+        };
+        best_f = best_f.min(tf);
+        best_g = best_g.min(tg);
+        ratios.push(tg / tf);
     }
-    (best_f, best_g)
+    ratios.sort_by(f64::total_cmp);
+    (best_f, best_g, ratios[ratios.len() / 2])
 }
 
 /// The engine-overhead and ratio summary (see the module documentation).
@@ -500,9 +525,17 @@ fn summary() {
     let b = touched(&a, 7);
     let mb = a.len() as f64 / 1e6;
     println!(
-        "\n== engine overhead (inline engine vs library called directly, best of 15 interleaved runs, 1 MiB mixed buffer) =="
+        "\n== engine overhead (inline engine vs library called directly, MB/s best of 31 interleaved runs, overhead the median of per-run engine/direct time ratios, 1 MiB mixed buffer) =="
     );
+    // `PAGEWIRE_SUMMARY=lz4,delta` limits the summary to some cases.
+    let only = std::env::var("PAGEWIRE_SUMMARY").ok();
     for case in CASES {
+        if only
+            .as_deref()
+            .is_some_and(|o| !o.split(',').any(|c| c == case.name))
+        {
+            continue;
+        }
         for n in FRAMES {
             let frames = if case.codec == CodecId::DELTA {
                 delta_setup(&a, &b, n)
@@ -517,10 +550,10 @@ fn summary() {
                 DeltaCache::new(DeltaConfig::new(PageSize::KIB4, PAGES)).unwrap(),
             );
             warm_cache(&cache, &a);
-            let mut engine = Bench::new(Some(cache));
+            let mut engine = Bench::new(Some(cache), n);
             let (mut f1, mut f2) = (false, false);
-            let (cd, ce) = ab(
-                15,
+            let (cd, ce, cr) = ab(
+                31,
                 || {
                     f1 = !f1;
                     let src = if f1 && case.codec == CodecId::DELTA {
@@ -548,8 +581,8 @@ fn summary() {
                 vec![0u8; a.len()]
             };
             let mut dst2 = dst.clone();
-            let (dd, de) = ab(
-                15,
+            let (dd, de, dr) = ab(
+                31,
                 || {
                     for (enc, out) in frames.iter().zip(dst.chunks_mut(n * PS)) {
                         direct.decompress(case, enc, out);
@@ -563,10 +596,10 @@ fn summary() {
                 n,
                 mb / cd,
                 mb / ce,
-                (ce / cd - 1.0) * 100.0,
+                (cr - 1.0) * 100.0,
                 mb / dd,
                 mb / de,
-                (de / dd - 1.0) * 100.0,
+                (dr - 1.0) * 100.0,
             );
             println!(
                 "ratio {:<10} frame {:>3} pages: {:.2} ({} bytes of {}; {} of {} frames raw)",

@@ -157,6 +157,14 @@ pub enum CodecError {
         /// Bytes given.
         have: usize,
     },
+    /// A job with more pages than the backend or engine takes at once.
+    #[error("a job of {pages} pages exceeds the limit of {max} pages per job")]
+    TooManyPages {
+        /// Pages in the job.
+        pages: usize,
+        /// The limit.
+        max: usize,
+    },
     /// Delta encoding without a delta cache.
     #[error("delta encoding needs a delta cache; configure one for the engine")]
     NoDeltaCache,
@@ -646,16 +654,14 @@ impl Codecs {
                     dctx.decompress(out, payload)
                         .map_err(|_| CodecError::SizeMismatch { codec, expected })
                 } else {
-                    lz4_flex::block::decompress_into(payload, out).map_err(|e| {
-                        CodecError::Corrupt {
-                            codec,
-                            detail: match e {
-                                lz4_flex::block::DecompressError::OutputTooSmall { .. } => {
-                                    "decodes to more bytes than expected"
-                                }
-                                _ => "malformed lz4 block",
-                            },
-                        }
+                    lz4_decompress(payload, out).map_err(|e| CodecError::Corrupt {
+                        codec,
+                        detail: match e {
+                            lz4_flex::block::DecompressError::OutputTooSmall { .. } => {
+                                "decodes to more bytes than expected"
+                            }
+                            _ => "malformed lz4 block",
+                        },
                     })
                 };
                 let result = match made {
@@ -709,6 +715,16 @@ impl Codecs {
             other => Err(CodecError::Unsupported(other)),
         }
     }
+}
+
+/// The lz4 block decoder, kept out of line: inlined into the large `decode` it was
+/// measurably slower.
+#[inline(never)]
+fn lz4_decompress(
+    payload: &[u8],
+    out: &mut [u8],
+) -> Result<usize, lz4_flex::block::DecompressError> {
+    lz4_flex::block::decompress_into(payload, out)
 }
 
 /// The raw fallback for a block format whose input is already one slice.

@@ -161,7 +161,9 @@ pub enum EngineError {
 /// A batched codec backend: software workers, or a hardware queue.
 ///
 /// A backend owns the jobs it accepted until it returns them as completions; it may
-/// complete them in any order.
+/// complete them in any order. Jobs reach it through [`Engine::submit`], which has
+/// checked them against the backend's [`Probe`] and attached an output buffer to every
+/// encode job.
 pub trait Backend: Send {
     /// Which backend this is.
     fn kind(&self) -> BackendKind;
@@ -301,7 +303,9 @@ impl Job {
     /// [`PageList::push_raw`] runs of guest memory.
     pub fn encode(&mut self, tag: Tag, params: EncodeParams) -> &mut PageList<'static> {
         let r = self.h.req_mut();
-        r.reset();
+        if r.op != JobOp::Idle {
+            r.reset();
+        }
         r.tag = tag;
         r.op = JobOp::Encode(params);
         &mut r.input
@@ -339,7 +343,9 @@ impl Job {
         lengths: &[u32],
     ) -> &mut PageListMut<'static> {
         let r = self.h.req_mut();
-        r.reset();
+        if r.op != JobOp::Idle {
+            r.reset();
+        }
         r.tag = tag;
         r.op = JobOp::Decode(codec);
         r.payload = Some(payload);
@@ -347,7 +353,8 @@ impl Job {
         &mut r.dest
     }
 
-    /// Makes this a decode job into `dest`, a uniquely held buffer of whole pages that
+    /// Makes this a decode job into `dest`, a uniquely held buffer whose valid bytes
+    /// (`len()`, set with [`PoolBuf::set_len`] for a pool buffer) are whole pages; it
     /// comes back with [`Completion::take_dest`].
     ///
     /// # Errors
@@ -364,11 +371,17 @@ impl Job {
     ) -> Result<(), EngineError> {
         let list = self.decode(tag, codec, payload, lengths);
         let ps = list.page_size().bytes();
-        let len = dest.capacity() - dest.capacity() % ps;
-        if !dest.set_len(len) {
+        let len = dest.len();
+        if !dest.is_unique() {
             return Err(EngineError::Job(
                 "a decode destination buffer must be held uniquely",
             ));
+        }
+        if !len.is_multiple_of(ps) {
+            return Err(EngineError::Pages(PagesError::NotWholePages {
+                len,
+                page_size: list.page_size(),
+            }));
         }
         let bytes = dest.get_mut().ok_or(EngineError::Job(
             "a decode destination buffer must be held uniquely",
@@ -686,10 +699,7 @@ impl Engine {
                     return Err(CodecError::NoPages { codec: p.codec });
                 }
                 if n > max || r.input.bytes() > self.probe.max_job_bytes {
-                    return Err(CodecError::OutputTooSmall {
-                        need: max_payload_len(n, r.input.page_size()),
-                        have: self.bufs.buf_len(),
-                    });
+                    return Err(CodecError::TooManyPages { pages: n, max });
                 }
                 if !self.probe.can_encode(p.codec, p.level) {
                     return match crate::codec::level_range(p.codec) {
@@ -717,9 +727,9 @@ impl Engine {
                     return Err(CodecError::Unsupported(codec));
                 }
                 if r.dest.pages() > max {
-                    return Err(CodecError::TableEntries {
-                        entries: r.dest.pages(),
-                        pages: max,
+                    return Err(CodecError::TooManyPages {
+                        pages: r.dest.pages(),
+                        max,
                     });
                 }
                 Ok(())

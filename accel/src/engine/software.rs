@@ -265,3 +265,82 @@ impl Drop for SoftwareBackend {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{EncodeParams, Level};
+    use crate::engine::{Engine, EngineConfig, Tag};
+    use crate::page::PageKey;
+    use crate::pool::PoolBuf;
+    use pagewire_protocol::CodecId;
+
+    fn jobs(engine: &Engine, n: u64) -> VecDeque<Job> {
+        (0..n)
+            .map(|i| {
+                let mut job = engine.job().expect("free request");
+                let pages = PoolBuf::from_vec(vec![i as u8; 8 * 4096]);
+                job.encode_buf(
+                    Tag(i),
+                    EncodeParams::new(CodecId::DEFLATE, Level(9)),
+                    pages,
+                    PageKey(0),
+                )
+                .expect("pages");
+                job
+            })
+            .collect()
+    }
+
+    #[test]
+    fn dropping_the_engine_with_jobs_in_flight_finishes_them_and_joins() {
+        let config = EngineConfig {
+            requests: 16,
+            buffers: 16,
+            ..Default::default()
+        };
+        let mut engine = Engine::software(
+            config,
+            SoftwareConfig {
+                threads: 2,
+                queue_depth: 16,
+            },
+        )
+        .expect("engine");
+        let mut batch = jobs(&engine, 12);
+        assert_eq!(engine.submit(&mut batch).expect("submit"), 12);
+        drop(engine); // must neither hang nor leave a worker reading freed memory
+    }
+
+    #[test]
+    fn inline_mode_runs_on_the_callers_thread_at_submit() {
+        let mut backend = SoftwareBackend::new(
+            SoftwareConfig {
+                threads: 0,
+                queue_depth: 3,
+            },
+            8,
+            None,
+        )
+        .expect("backend");
+        let engine =
+            Engine::software(EngineConfig::default(), SoftwareConfig::default()).expect("engine");
+        let mut batch = jobs(&engine, 5);
+        assert_eq!(backend.submit(&mut batch).expect("submit"), 3);
+        assert_eq!(backend.in_flight(), 3);
+        let mut done = Vec::new();
+        assert_eq!(backend.poll(&mut done, 2, None).expect("poll"), 2);
+        assert_eq!(backend.poll(&mut done, 8, None).expect("poll"), 1);
+        assert_eq!(backend.in_flight(), 0);
+        // Straight to the backend, the encode jobs lack the output buffer the engine
+        // attaches: they fail cleanly instead of writing anywhere.
+        assert!(done.iter().all(|c| c.backend() == BackendKind::Software
+            && matches!(
+                c.status(),
+                Err(crate::codec::CodecError::OutputTooSmall { have: 0, .. })
+            )));
+        let probe = backend.probe();
+        assert_eq!(probe.formats.len(), SOFTWARE_FORMATS.len());
+        assert!(!probe.delta_cache);
+    }
+}
