@@ -27,7 +27,7 @@ pub struct SourceConfig {
     pub backend: Backend,
     /// Authentication; there is no default.
     pub auth: Authentication,
-    /// Ask for CRC32C on every page frame.
+    /// Ask for CRC32C on every page frame (always asked with the delta codec).
     pub checksum: bool,
     /// Wire bandwidth cap in bytes/s (0 = none); changeable through [`Control`].
     pub bandwidth_limit: u64,

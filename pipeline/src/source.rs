@@ -172,7 +172,9 @@ impl Source {
         let mut caps = Capabilities::new(page_size);
         caps.max_pages = config.max_pages;
         caps.max_frame_bytes = frame_bytes(page_size, config.max_pages);
-        caps.checksum = config.checksum;
+        // Delta truncated at a record boundary is undetectable without a checksum
+        // (PROTOCOL.md), so delta always asks for one.
+        caps.checksum = config.checksum || config.codec == CodecId::DELTA;
         caps.codecs = CodecSet::all_known();
         let mut scfg =
             SessionConfig::new(caps, config.session, config.channels, config.auth.clone());
