@@ -3,8 +3,11 @@
 //!
 //! Every case moves raw PAGES frames from a 64 MiB guest region over 1, 2 and 4
 //! channels, received with direct placement into a 64 MiB destination region, and
-//! compares with the plain loop (one `write` of a frame-sized buffer per frame, one
-//! `read` into a buffer on the other side) at the same channel count and frame size.
+//! compares with the plain loop at the same channel count and frame size: one
+//! `write_all` per frame from the same source region, `read`s straight into the same
+//! destination region, no framing. `plain-hot` is the same loop over one hot buffer
+//! on each side (no guest-memory traffic), shown for reference. Ratios `(x)` are
+//! against the plain loop over guest memory.
 //! The second part repeats a few cases inside a network namespace whose loopback has a
 //! 1 Gbit/s `tc tbf` qdisc; it needs root and `ip`/`tc`, and says "skipped" otherwise.
 //!
@@ -44,9 +47,14 @@ mod linux {
 
     #[derive(Clone, Copy, Debug, PartialEq)]
     enum Kind {
+        /// The plain loop over the guest regions (the baseline).
         Plain,
+        /// The plain loop over one hot buffer (for reference).
+        PlainHot,
         Tcp,
-        Uring { zero_copy: bool },
+        Uring {
+            zero_copy: bool,
+        },
         /// io_uring (zero-copy) sender, TCP receiver.
         UringToTcp,
         /// TCP sender, io_uring receiver.
@@ -59,32 +67,67 @@ mod linux {
     }
 
     /// The plain loop: `channels` sockets, each writing `bytes / channels` in
-    /// `frame`-sized writes; the receivers read into a buffer and drop it.
-    fn plain(channels: u16, frame: usize, bytes: usize) -> f64 {
+    /// `frame`-sized `write_all`s, the receivers `read`ing until end of stream. With
+    /// `guest`, the writes come from the source region and the reads land in the
+    /// destination region (each channel its own part), so the loop moves the same
+    /// memory as the channels do; without, both ends use one hot buffer.
+    fn plain(channels: u16, frame: usize, bytes: usize, guest: Option<&Mem>) -> f64 {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let per = bytes / usize::from(channels) / frame;
+        let part = REGION / usize::from(channels);
         let start = Arc::new(Barrier::new(usize::from(channels) * 2 + 1));
         let mut threads = Vec::new();
-        for _ in 0..channels {
+        for i in 0..usize::from(channels) {
             let b = start.clone();
+            let src = guest.map(|m| m.src.slice(i * part, part).unwrap());
             threads.push(std::thread::spawn(move || {
                 let mut s = TcpStream::connect(addr).unwrap();
                 s.set_nodelay(true).unwrap();
-                let buf = vec![0x5au8; frame];
+                let hot = vec![0x5au8; frame];
                 b.wait();
-                for _ in 0..per {
-                    s.write_all(&buf).unwrap();
+                for f in 0..per {
+                    let buf = match &src {
+                        Some(g) => {
+                            let off = (f * frame) % (part - part % frame);
+                            // SAFETY: the source region is only read during the
+                            // benchmark; `off + frame <= part`, inside the slice.
+                            unsafe { std::slice::from_raw_parts(g.as_ptr().add(off), frame) }
+                        }
+                        None => &hot[..],
+                    };
+                    s.write_all(buf).unwrap();
                 }
             }));
         }
-        for _ in 0..channels {
+        for i in 0..usize::from(channels) {
             let (mut s, _) = l.accept().unwrap();
             let b = start.clone();
+            let dst = guest.map(|m| m.dst.slice(i * part, part).unwrap());
             threads.push(std::thread::spawn(move || {
-                let mut buf = vec![0u8; 256 << 10];
+                let mut hot = vec![0u8; 256 << 10];
+                let mut off = 0;
                 b.wait();
-                while s.read(&mut buf).unwrap() > 0 {}
+                loop {
+                    let buf = match &dst {
+                        Some(g) => {
+                            if off == part {
+                                off = 0;
+                            }
+                            // SAFETY: each receiver writes only its own part of the
+                            // destination region, and nothing reads it meanwhile.
+                            unsafe {
+                                std::slice::from_raw_parts_mut(g.as_ptr().add(off), part - off)
+                            }
+                        }
+                        None => &mut hot[..],
+                    };
+                    match s.read(buf).unwrap() {
+                        0 => break,
+                        n if dst.is_some() => off += n,
+                        _ => {}
+                    }
+                }
             }));
         }
         start.wait();
@@ -99,12 +142,7 @@ mod linux {
         let mut caps = Capabilities::new(PAGE as u32);
         caps.max_pages = (frame / PAGE) as u32;
         caps.max_frame_bytes = (frame + (64 << 10)) as u32;
-        let mut cfg = SessionConfig::new(
-            caps,
-            SessionId([9; 16]),
-            channels,
-            Authentication::None,
-        );
+        let mut cfg = SessionConfig::new(caps, SessionId([9; 16]), channels, Authentication::None);
         cfg.uring.zero_copy = zero_copy;
         cfg.uring.guest = vec![mem.src.clone()];
         cfg
@@ -112,7 +150,13 @@ mod linux {
 
     /// One backend: raw PAGES frames from guest memory, placed into destination memory.
     /// Returns payload bytes per second and the zero-copy counts (in place, copied).
-    fn channel(kind: Kind, channels: u16, frame: usize, bytes: usize, mem: &Mem) -> (f64, u64, u64) {
+    fn channel(
+        kind: Kind,
+        channels: u16,
+        frame: usize,
+        bytes: usize,
+        mem: &Mem,
+    ) -> (f64, u64, u64) {
         let uring = Backend::Uring {
             fallback_to_tcp: false,
         };
@@ -121,14 +165,17 @@ mod linux {
             Kind::Uring { zero_copy } => (uring, uring, zero_copy),
             Kind::UringToTcp => (uring, Backend::Tcp, true),
             Kind::TcpToUring => (Backend::Tcp, uring, false),
-            Kind::Plain => unreachable!(),
+            Kind::Plain | Kind::PlainHot => unreachable!(),
         };
         let cfg = config(channels, frame, zc, mem);
         let l = Listener::bind("127.0.0.1:0".parse().unwrap(), &cfg).unwrap();
         let addr = l.local_addr().unwrap();
         let c = cfg.clone();
         let t = std::thread::spawn(move || session::connect(addr, &c).unwrap());
-        let dst = l.accept_session(&cfg, Duration::from_secs(20)).unwrap().channels;
+        let dst = l
+            .accept_session(&cfg, Duration::from_secs(20))
+            .unwrap()
+            .channels;
         let src = t.join().unwrap();
 
         let per = bytes / usize::from(channels) / frame;
@@ -199,7 +246,8 @@ mod linux {
 
     fn run(kind: Kind, channels: u16, frame: usize, bytes: usize, mem: &Mem) -> (f64, u64, u64) {
         match kind {
-            Kind::Plain => (plain(channels, frame, bytes), 0, 0),
+            Kind::Plain => (plain(channels, frame, bytes, Some(mem)), 0, 0),
+            Kind::PlainHot => (plain(channels, frame, bytes, None), 0, 0),
             _ => channel(kind, channels, frame, bytes, mem),
         }
     }
@@ -213,6 +261,7 @@ mod linux {
     fn table(title: &str, cases: &[(u16, usize)], bytes: usize, reps: usize, mem: &Mem) {
         let kinds = [
             Kind::Plain,
+            Kind::PlainHot,
             Kind::Tcp,
             Kind::Uring { zero_copy: true },
             Kind::Uring { zero_copy: false },
@@ -221,10 +270,11 @@ mod linux {
         ];
         println!("\n{title} ({} MiB per run, median of {reps})", bytes >> 20);
         println!(
-            "{:>3} {:>6} | {:>10} | {:>16} | {:>16} | {:>16} | {:>16} | {:>16} | SEND_ZC notifications",
+            "{:>3} {:>6} | {:>10} | {:>16} | {:>16} | {:>16} | {:>16} | {:>16} | {:>16} | SEND_ZC notifications",
             "ch",
             "frame",
             "plain MB/s",
+            "plain-hot (x)",
             "tcp MB/s (x)",
             "uring-zc (x)",
             "uring-copy (x)",
@@ -247,7 +297,7 @@ mod linux {
             let m: Vec<f64> = results.into_iter().map(median).collect();
             let cell = |v: f64| format!("{:>7.0} ({:.2})", v / 1e6, v / m[0]);
             println!(
-                "{:>3} {:>5}K | {:>10.0} | {:>16} | {:>16} | {:>16} | {:>16} | {:>16} | {zc} in place, {copied} copied",
+                "{:>3} {:>5}K | {:>10.0} | {:>16} | {:>16} | {:>16} | {:>16} | {:>16} | {:>16} | {zc} in place, {copied} copied",
                 channels,
                 frame >> 10,
                 m[0] / 1e6,
@@ -256,6 +306,7 @@ mod linux {
                 cell(m[3]),
                 cell(m[4]),
                 cell(m[5]),
+                cell(m[6]),
             );
         }
     }

@@ -22,6 +22,10 @@ const PAGES_FIXED: usize = 16;
 const RUN_LEN: usize = 12;
 /// Receive buffer size before any large frame arrives.
 const INITIAL_BUF: usize = 256 << 10;
+/// With a sink, how far past the bytes it needs a read may go: enough to take a whole
+/// header (and the next small frame) in one read, little enough that the payload bytes
+/// it brings along (copied from the buffer into place) do not matter.
+const SINK_READ_AHEAD: usize = 4096;
 
 /// Where a stream backend gets its bytes.
 pub(crate) trait ByteSource {
@@ -401,7 +405,7 @@ impl RxState {
             self.end = 0;
         }
         let limit = if exact {
-            self.start + want
+            (self.start + want + SINK_READ_AHEAD).min(self.buf.len())
         } else {
             self.buf.len()
         };
