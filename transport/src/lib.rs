@@ -36,6 +36,9 @@ pub mod session;
 pub mod tcp;
 pub mod uring;
 
+#[cfg(feature = "rdma")]
+pub mod rdma;
+
 pub use buf::{BufferPool, GuestMemory, GuestSlice, Payload, PoolBuf};
 pub use channel::{
     Channel, ChannelError, ChannelStats, Completed, Incoming, OutFrame, PageSink, RegionSink,

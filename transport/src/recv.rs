@@ -215,6 +215,12 @@ impl RxState {
         }
     }
 
+    /// Bytes of an unfinished frame held.
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    pub(crate) fn buffered(&self) -> usize {
+        self.end - self.start
+    }
+
     pub(crate) fn recv<'a>(
         &'a mut self,
         src: &mut impl ByteSource,

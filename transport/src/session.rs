@@ -253,14 +253,14 @@ impl Channel for AnyChannel {
     }
 }
 
-fn nonce() -> Result<[u8; 32], SessionError> {
+pub(crate) fn nonce() -> Result<[u8; 32], SessionError> {
     let mut n = [0u8; 32];
     getrandom::fill(&mut n).map_err(SessionError::Random)?;
     Ok(n)
 }
 
 /// The two handshake machines behind one face.
-trait Handshake {
+pub(crate) trait Handshake {
     fn take_output(&mut self, out: &mut Vec<u8>);
     fn receive(&mut self, input: &[u8]) -> Result<usize, HandshakeError>;
     fn is_done(&self) -> bool;
