@@ -630,6 +630,8 @@ struct Core {
     done: Vec<Completed>,
     error: Option<ChannelError>,
     eof: bool,
+    /// Send work requests posted and not completed (at most `send_depth`).
+    outstanding: u32,
     stats: ChannelStats,
 }
 
@@ -646,6 +648,7 @@ impl Core {
             done: Vec::new(),
             error: None,
             eof: false,
+            outstanding: 0,
             stats: ChannelStats::default(),
         }
     }
@@ -739,6 +742,7 @@ impl Core {
             return Ok(());
         }
         let seq = wc.wr_id;
+        self.outstanding = self.outstanding.saturating_sub(1);
         if wc.status != ibv_wc_status::IBV_WC_SUCCESS {
             self.error.get_or_insert(ChannelError::WorkRequest(format!(
                 "send or write completed with status {}",
@@ -821,8 +825,37 @@ impl Core {
         }
     }
 
-    /// Posts a chain of work requests as one frame's.
+    /// Waits until `n` more send work requests fit the send queue.
+    fn reserve(&mut self, n: u32) -> Result<(), ChannelError> {
+        let deadline = Instant::now() + self.cfg.send_timeout;
+        while self.outstanding + n > self.cfg.send_depth {
+            if let Some(e) = self.error.take() {
+                return Err(e);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ChannelError::SendTimeout(self.cfg.send_timeout));
+            }
+            self.poll(Some(Some(left)))?;
+        }
+        Ok(())
+    }
+
+    /// Posts work requests of frame `seq`, in batches that fit the send queue.
     fn post(&mut self, seq: u64, wrs: &mut [(ibv_send_wr, ibv_sge)]) -> Result<(), ChannelError> {
+        let batch = (self.cfg.send_depth as usize / 2).max(1);
+        for chunk in wrs.chunks_mut(batch) {
+            self.reserve(chunk.len() as u32)?;
+            self.post_batch(seq, chunk)?;
+        }
+        Ok(())
+    }
+
+    fn post_batch(
+        &mut self,
+        seq: u64,
+        wrs: &mut [(ibv_send_wr, ibv_sge)],
+    ) -> Result<(), ChannelError> {
         let n = wrs.len();
         for i in 0..n {
             let (head, tail) = wrs.split_at_mut(i + 1);
@@ -839,6 +872,7 @@ impl Core {
         if let Some(p) = self.pending.get_mut(&seq) {
             p.ops += n as u32;
         }
+        self.outstanding += n as u32;
         let mut bad = ptr::null_mut();
         // SAFETY: the QP is live; every WR's SGE points into registered memory that
         // the frame's `Pending` entry (payload slices, send buffer slots) keeps
@@ -878,7 +912,6 @@ impl Core {
         imm: u32,
     ) -> Result<(), ChannelError> {
         let size = self.cfg.message_size as usize;
-        let mut wrs = Vec::new();
         let mut slots = Vec::new();
         let mut fill = 0usize;
         let total: usize = parts.iter().map(|p| p.1).sum();
@@ -908,13 +941,16 @@ impl Core {
                     part_off = 0;
                 }
             }
-            wrs.push(self.message_wr(slot, fill as u32, imm));
+            // Posted at once, so a frame larger than all send buffers together
+            // still goes out as buffers come back.
+            let mut wr = [self.message_wr(slot, fill as u32, imm)];
+            self.post(seq, &mut wr)?;
             fill = 0;
             if total == 0 {
                 break;
             }
         }
-        self.post(seq, &mut wrs)
+        Ok(())
     }
 
     fn lkey_of(&self, p: &Payload) -> Option<u32> {
