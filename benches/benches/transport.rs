@@ -38,6 +38,7 @@ mod linux {
         SessionId, WireList,
     };
     use pagewire_transport::session::{self, Backend, Listener, SessionConfig};
+    use pagewire_transport::uring::ZeroCopy;
     use pagewire_transport::{Channel, GuestMemory, OutFrame, Payload, RegionSink};
 
     const PAGE: usize = 4096;
@@ -53,7 +54,7 @@ mod linux {
         PlainHot,
         Tcp,
         Uring {
-            zero_copy: bool,
+            zero_copy: ZeroCopy,
         },
         /// io_uring (zero-copy) sender, TCP receiver.
         UringToTcp,
@@ -138,7 +139,7 @@ mod linux {
         (per * frame * usize::from(channels)) as f64 / t.elapsed().as_secs_f64()
     }
 
-    fn config(channels: u16, frame: usize, zero_copy: bool, mem: &Mem) -> SessionConfig {
+    fn config(channels: u16, frame: usize, zero_copy: ZeroCopy, mem: &Mem) -> SessionConfig {
         let mut caps = Capabilities::new(PAGE as u32);
         caps.max_pages = (frame / PAGE) as u32;
         caps.max_frame_bytes = (frame + (64 << 10)) as u32;
@@ -161,10 +162,10 @@ mod linux {
             fallback_to_tcp: false,
         };
         let (backend, dst_backend, zc) = match kind {
-            Kind::Tcp => (Backend::Tcp, Backend::Tcp, false),
+            Kind::Tcp => (Backend::Tcp, Backend::Tcp, ZeroCopy::Auto),
             Kind::Uring { zero_copy } => (uring, uring, zero_copy),
-            Kind::UringToTcp => (uring, Backend::Tcp, true),
-            Kind::TcpToUring => (Backend::Tcp, uring, false),
+            Kind::UringToTcp => (uring, Backend::Tcp, ZeroCopy::Auto),
+            Kind::TcpToUring => (Backend::Tcp, uring, ZeroCopy::Auto),
             Kind::Plain | Kind::PlainHot => unreachable!(),
         };
         let cfg = config(channels, frame, zc, mem);
@@ -263,8 +264,12 @@ mod linux {
             Kind::Plain,
             Kind::PlainHot,
             Kind::Tcp,
-            Kind::Uring { zero_copy: true },
-            Kind::Uring { zero_copy: false },
+            Kind::Uring {
+                zero_copy: ZeroCopy::Auto,
+            },
+            Kind::Uring {
+                zero_copy: ZeroCopy::Always,
+            },
             Kind::UringToTcp,
             Kind::TcpToUring,
         ];
@@ -276,8 +281,8 @@ mod linux {
             "plain MB/s",
             "plain-hot (x)",
             "tcp MB/s (x)",
+            "uring (x)",
             "uring-zc (x)",
-            "uring-copy (x)",
             "uring>tcp (x)",
             "tcp>uring (x)"
         );
@@ -288,7 +293,11 @@ mod linux {
                 for (k, kind) in kinds.iter().enumerate() {
                     let (r, a, b) = run(*kind, channels, frame, bytes, mem);
                     results[k].push(r);
-                    if *kind == (Kind::Uring { zero_copy: true }) {
+                    if *kind
+                        == (Kind::Uring {
+                            zero_copy: ZeroCopy::Always,
+                        })
+                    {
                         zc += a;
                         copied += b;
                     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use pagewire_protocol::{CodecId, PageFrame, PageIndex, PageRun, RegionId, Round, WireList};
 use pagewire_transport::session::{AnyChannel, Backend, SessionError};
-use pagewire_transport::uring::UringError;
+use pagewire_transport::uring::{UringError, ZeroCopy};
 use pagewire_transport::{
     BufferPool, Channel, ChannelError, Completed, Incoming, OutFrame, Payload, RegionSink,
 };
@@ -175,6 +175,7 @@ fn uring_zero_copy_buffer_is_not_released_before_its_notification() {
     cfg.tcp.recv_buffer = Some(64 << 10);
     let pool = BufferPool::new(1, 2 << 20).unwrap();
     cfg.uring.pools = vec![pool.clone()];
+    cfg.uring.zero_copy = ZeroCopy::Always;
     let (mut src, mut dst) = pair(&cfg);
     let mut ch = src.remove(0).open(&URING, &cfg).unwrap();
 
