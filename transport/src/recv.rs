@@ -192,6 +192,9 @@ pub(crate) struct RxState {
     limits: Limits,
     dest: Vec<GuestSlice>,
     failed: bool,
+    /// A payload is being placed: its bytes are partly in destination memory, so no
+    /// error (not even a timeout) leaves the stream resumable.
+    placing: bool,
     pub(crate) frames: u64,
     pub(crate) bytes: u64,
     pub(crate) placed: u64,
@@ -209,6 +212,7 @@ impl RxState {
             limits,
             dest: Vec::new(),
             failed: false,
+            placing: false,
             frames: 0,
             bytes: 0,
             placed: 0,
@@ -233,7 +237,7 @@ impl RxState {
             Ok(Some(r)) => r,
             Ok(None) => return Ok(None),
             Err(e) => {
-                if !matches!(e, ChannelError::RecvTimeout(_)) {
+                if self.placing || !matches!(e, ChannelError::RecvTimeout(_)) {
                     self.failed = true;
                 }
                 return Err(e);
@@ -356,6 +360,7 @@ impl RxState {
             });
         }
         let crc = frame.crc;
+        self.placing = true;
         let buffered = (self.end - at - hlen).min(payload_len);
         copy_to_guest(&self.dest, 0, &self.buf[at + hlen..at + hlen + buffered]);
         let mut done = buffered;
@@ -385,6 +390,7 @@ impl RxState {
             }
         }
         self.dest.clear();
+        self.placing = false;
         self.placed += payload_len as u64;
         self.start = at + hlen + buffered;
         Ok(Some(Ready::Placed { at, hlen, env }))

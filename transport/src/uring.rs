@@ -35,8 +35,13 @@
 //! - **Receive**: one multishot `IORING_OP_RECV` fills buffers of a provided-buffer
 //!   ring (`IORING_REGISTER_PBUF_RING`); each buffer goes back to the ring as soon as
 //!   its bytes are consumed, and the receive is re-armed when it ends (ring empty).
-//!   With a [`PageSink`], raw page payloads are copied once from the ring buffers into
-//!   destination memory (the ring is the only copy; there is no frame buffer between).
+//!   Frames are parsed from those buffers. With a [`PageSink`], a raw page payload
+//!   is placed like this: the bytes the multishot receive already took are copied
+//!   from the ring into destination memory; then, when at least 64 KiB remain, the
+//!   multishot receive is cancelled (its completions are processed up to its last)
+//!   and one `IORING_OP_RECVMSG` with `MSG_WAITALL` receives the rest straight into
+//!   destination memory; the multishot receive is re-armed for the next header. The
+//!   default ring is small (32 × 16 KiB) so little of a payload goes the copying way.
 //! - **Unavailable io_uring**: [`probe`] and [`UringChannel::new`] fail with a
 //!   [`UringError`] that says why (the `io_uring_disabled` sysctl, a seccomp or
 //!   container policy, a kernel too old for an opcode or setup flag); the session layer
@@ -60,10 +65,14 @@ use crate::buf::{BufferPool, GuestMemory, GuestSlice, Mapping, Payload};
 use crate::channel::{
     Channel, ChannelError, ChannelStats, Completed, Incoming, OutFrame, PageSink, SendId,
 };
-use crate::recv::{ByteSource, RxState, copy_to_guest};
+use crate::recv::{ByteSource, RxState, copy_to_guest, guest_iovecs};
 
 const RECV_TAG: u64 = u64::MAX;
 const CANCEL_TAG: u64 = u64::MAX - 1;
+const DIRECT_TAG: u64 = u64::MAX - 2;
+/// Smallest payload remainder received straight into destination memory; below it,
+/// the bytes come through the provided-buffer ring and are copied.
+const DIRECT_MIN: usize = 64 << 10;
 const BGID: u16 = 0;
 /// Largest fixed buffer the kernel accepts.
 const MAX_FIXED: usize = 1 << 30;
@@ -101,8 +110,8 @@ impl Default for UringConfig {
         Self {
             entries: 256,
             max_in_flight_bytes: 64 << 20,
-            recv_buffers: 64,
-            recv_buffer_size: 64 << 10,
+            recv_buffers: 32,
+            recv_buffer_size: 16 << 10,
             send_timeout: Duration::from_secs(30),
             recv_timeout: None,
             zero_copy: ZeroCopy::Auto,
@@ -349,6 +358,10 @@ struct Core {
     armed: bool,
     eof: bool,
     recv_error: Option<io::Error>,
+    /// A receive straight into destination memory, while the kernel has it.
+    direct: Option<Box<Direct>>,
+    /// Its result, once completed.
+    direct_res: Option<i32>,
     /// Copied zero-copy notifications in a row ([`ZeroCopy::Auto`]).
     zc_copied_run: u32,
     /// Frames left to send without zero-copy ([`ZeroCopy::Auto`]).
@@ -458,6 +471,8 @@ impl UringChannel {
             armed: false,
             eof: false,
             recv_error: None,
+            direct: None,
+            direct_res: None,
             zc_copied_run: 0,
             zc_pause: 0,
             stats: ChannelStats::default(),
@@ -620,6 +635,7 @@ impl Core {
             match ud {
                 RECV_TAG => self.on_recv(res, flags)?,
                 CANCEL_TAG => {}
+                DIRECT_TAG => self.direct_res = Some(res),
                 seq => self.on_send(seq, res, flags)?,
             }
         }
@@ -753,6 +769,87 @@ impl Core {
     }
 }
 
+/// A `recvmsg` into destination memory: the header and `iovec`s the kernel reads,
+/// and the slices that keep the memory mapped.
+struct Direct {
+    msg: libc::msghdr,
+    iov: Vec<libc::iovec>,
+    _dst: Vec<GuestSlice>,
+}
+
+impl Core {
+    /// Receives payload bytes straight into `dst` (from byte `skip`): stops the
+    /// multishot receive so it takes no more of the stream, then `recvmsg` with
+    /// `MSG_WAITALL` into the destination. `None` when bytes arrived through the ring
+    /// meanwhile (they come first, by copy).
+    fn recv_direct(
+        &mut self,
+        dst: &[GuestSlice],
+        skip: usize,
+    ) -> Result<Option<usize>, ChannelError> {
+        let timeout = self.cfg.recv_timeout;
+        if self.armed {
+            let cancel = opcode::AsyncCancel::new(RECV_TAG)
+                .build()
+                .user_data(CANCEL_TAG);
+            self.push_now(&cancel)
+                .map_err(|e| ChannelError::io("io_uring cancel", e))?;
+            while self.armed {
+                if !self.enter(1, timeout)? && self.ring.completion().is_empty() {
+                    return Err(ChannelError::RecvTimeout(timeout.unwrap_or_default()));
+                }
+                self.reap()?;
+            }
+        }
+        if !self.chunks.is_empty() || self.eof || self.recv_error.is_some() {
+            return Ok(None);
+        }
+        let mut d = Box::new(Direct {
+            // SAFETY: a zeroed msghdr is valid (no name, no control data).
+            msg: unsafe { std::mem::zeroed() },
+            iov: guest_iovecs(dst, skip, 1024),
+            _dst: dst.to_vec(),
+        });
+        d.msg.msg_iov = d.iov.as_mut_ptr();
+        d.msg.msg_iovlen = d.iov.len();
+        let e = opcode::RecvMsg::new(Fd(self.stream.as_raw_fd()), &raw mut d.msg)
+            .flags(libc::MSG_WAITALL as u32)
+            .build()
+            .user_data(DIRECT_TAG);
+        self.direct_res = None;
+        loop {
+            // SAFETY: the msghdr, its iovecs and the destination memory they point at
+            // live in the box (which holds the guest slices), kept in `self.direct`
+            // until the completion arrives (or leaked by `Drop` if it never does);
+            // destination pages are not accessed by anyone else while placed.
+            if unsafe { self.ring.submission().push(&e) }.is_ok() {
+                break;
+            }
+            self.ring
+                .submit()
+                .map_err(|e| ChannelError::io("io_uring_enter", e))?;
+        }
+        self.direct = Some(d);
+        loop {
+            if let Some(res) = self.direct_res.take() {
+                self.direct = None;
+                return match res {
+                    r if r >= 0 => Ok(Some(r as usize)),
+                    r => Err(ChannelError::io(
+                        "io_uring recvmsg",
+                        io::Error::from_raw_os_error(-r),
+                    )),
+                };
+            }
+            if !self.enter(1, timeout)? && self.ring.completion().is_empty() {
+                // Leave the receive with the kernel; `Drop` cancels and waits for it.
+                return Err(ChannelError::RecvTimeout(timeout.unwrap_or_default()));
+            }
+            self.reap()?;
+        }
+    }
+}
+
 impl ByteSource for Core {
     fn read(&mut self, dst: &mut [u8]) -> Result<usize, ChannelError> {
         let Some((bid, len, off)) = self.front()? else {
@@ -774,6 +871,15 @@ impl ByteSource for Core {
     }
 
     fn read_guest(&mut self, dst: &[GuestSlice], skip: usize) -> Result<usize, ChannelError> {
+        let want = dst.iter().map(GuestSlice::len).sum::<usize>() - skip;
+        if self.chunks.is_empty()
+            && want >= DIRECT_MIN
+            && !self.eof
+            && self.recv_error.is_none()
+            && let Some(n) = self.recv_direct(dst, skip)?
+        {
+            return Ok(n);
+        }
         let Some((bid, len, off)) = self.front()? else {
             return Ok(0);
         };
@@ -934,6 +1040,11 @@ impl Core {
 }
 
 impl Core {
+    /// Whether a direct receive is with the kernel.
+    fn direct_pending(&self) -> bool {
+        self.direct.is_some() && self.direct_res.is_none()
+    }
+
     /// Forgets the sends never handed to the kernel, so their frames complete.
     fn drop_pending(&mut self) {
         for e in std::mem::take(&mut self.pending) {
@@ -949,7 +1060,7 @@ impl Core {
 
     /// Waits for outstanding completions until `deadline`; `true` when none is left.
     fn drain(&mut self, deadline: Instant) -> bool {
-        while !self.inflight.is_empty() || self.armed {
+        while !self.inflight.is_empty() || self.armed || self.direct_pending() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero()
                 || self
@@ -983,6 +1094,9 @@ impl Drop for Core {
         drop(unsafe { ManuallyDrop::take(&mut self.stream) });
         if !drained && !self.drain(Instant::now() + Duration::from_secs(5)) {
             // Memory the kernel may still reference must outlive it: leak it.
+            if let Some(d) = self.direct.take() {
+                std::mem::forget(d);
+            }
             for (_, f) in self.inflight.drain() {
                 std::mem::forget(f);
             }
