@@ -402,10 +402,10 @@ mod linux {
         if let Ok(only) = std::env::var("PAGEWIRE_BENCH_CHANNELS") {
             let only: u16 = only.parse().unwrap_or(2);
             let cases: Vec<_> = cases.iter().copied().filter(|c| c.0 == only).collect();
-            table("loopback", &cases, mib << 20, 3, &mem);
+            table("loopback", &cases, mib << 20, 5, &mem);
             return;
         }
-        table("loopback", &cases, mib << 20, 3, &mem);
+        table("loopback", &cases, mib << 20, 5, &mem);
 
         match Netns::create() {
             Err(why) => println!("\n1 Gbit/s namespace: skipped: {why}"),

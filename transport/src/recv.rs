@@ -271,7 +271,7 @@ impl RxState {
         src: &mut impl ByteSource,
         mut sink: Option<&mut dyn PageSink>,
     ) -> Result<Option<Ready>, ChannelError> {
-        let exact = sink.is_some();
+        let bounded = sink.is_some();
         loop {
             let avail = self.end - self.start;
             let mut frame_len = None;
@@ -316,7 +316,7 @@ impl RxState {
                 self.start += want;
                 return Ok(Some(Ready::Whole { at, env }));
             }
-            if !self.fill(src, want, exact)? {
+            if !self.fill(src, want, bounded)? {
                 if avail == 0 {
                     return Ok(None);
                 }
@@ -402,7 +402,7 @@ impl RxState {
         &mut self,
         src: &mut impl ByteSource,
         want: usize,
-        exact: bool,
+        bounded: bool,
     ) -> Result<bool, ChannelError> {
         if self.start + want > self.buf.len() {
             self.buf.copy_within(self.start..self.end, 0);
@@ -416,7 +416,7 @@ impl RxState {
             self.start = 0;
             self.end = 0;
         }
-        let limit = if exact {
+        let limit = if bounded {
             (self.start + want + SINK_READ_AHEAD).min(self.buf.len())
         } else {
             self.buf.len()
