@@ -128,10 +128,11 @@ pub enum ZeroCopy {
     Always,
     /// Never: plain `SEND`, which copies.
     Never,
-    /// `SEND_ZC`, until the kernel reports [`ZC_AUTO_COPIED`] notifications in a row
-    /// as copied (it does on loopback, or when the NIC cannot do scatter-gather):
-    /// then plain `SEND` for the next [`ZC_AUTO_PAUSE`] frames, since a copied
-    /// zero-copy send costs more than a plain one, and `SEND_ZC` again to re-check.
+    /// Probe with [`ZC_AUTO_COPIED`] frames sent with `SEND_ZC` (plain `SEND` until
+    /// their notifications answer): one that comes back in place turns zero-copy on
+    /// for good; [`ZC_AUTO_COPIED`] copied in a row (loopback, a NIC without
+    /// scatter-gather) mean plain `SEND` for the next [`ZC_AUTO_PAUSE`] frames, since
+    /// a copied zero-copy send costs more than a plain one, and then a new probe.
     Auto,
 }
 
@@ -366,6 +367,9 @@ struct Core {
     zc_copied_run: u32,
     /// Frames left to send without zero-copy ([`ZeroCopy::Auto`]).
     zc_pause: u32,
+    /// Zero-copy sends allowed before their notifications have answered whether the
+    /// kernel copies ([`ZeroCopy::Auto`]); `u32::MAX` once one came back in place.
+    zc_budget: u32,
     stats: ChannelStats,
 }
 
@@ -475,6 +479,7 @@ impl UringChannel {
             direct_res: None,
             zc_copied_run: 0,
             zc_pause: 0,
+            zc_budget: ZC_AUTO_COPIED,
             stats: ChannelStats::default(),
         };
         core.arm().map_err(|source| UringError::Io {
@@ -674,10 +679,12 @@ impl Core {
                 if self.zc_copied_run >= ZC_AUTO_COPIED {
                     self.zc_copied_run = 0;
                     self.zc_pause = ZC_AUTO_PAUSE;
+                    self.zc_budget = ZC_AUTO_COPIED;
                 }
             } else {
                 f.zc += 1;
                 self.zc_copied_run = 0;
+                self.zc_budget = u32::MAX;
             }
         } else {
             self.chain_left = self.chain_left.saturating_sub(1);
@@ -925,13 +932,15 @@ impl Channel for UringChannel {
             );
             ops += 1;
         }
+        let mut used_zc = false;
         for p in frame.payload.iter().filter(|p| !p.is_empty()) {
             // `len` is below the frame limit (64 MiB), so it fits a u32.
             let zc = match core.cfg.zero_copy {
                 ZeroCopy::Always => true,
                 ZeroCopy::Never => false,
-                ZeroCopy::Auto => core.zc_pause == 0,
+                ZeroCopy::Auto => core.zc_pause == 0 && core.zc_budget > 0,
             };
+            used_zc |= zc;
             let e = if zc {
                 let mut op = opcode::SendZc::new(fd, p.as_ptr(), p.len() as u32)
                     .flags(wait_all)
@@ -948,7 +957,12 @@ impl Channel for UringChannel {
             core.pending.push_back(e.user_data(seq));
             ops += 1;
         }
-        core.zc_pause = core.zc_pause.saturating_sub(1);
+        if core.cfg.zero_copy == ZeroCopy::Auto {
+            if used_zc && core.zc_budget != u32::MAX {
+                core.zc_budget = core.zc_budget.saturating_sub(1);
+            }
+            core.zc_pause = core.zc_pause.saturating_sub(1);
+        }
         core.inflight.insert(
             seq,
             InFlight {
