@@ -77,7 +77,9 @@ mod linux {
         let addr = l.local_addr().unwrap();
         let per = bytes / usize::from(channels) / frame;
         let part = REGION / usize::from(channels);
-        let start = Arc::new(Barrier::new(usize::from(channels) * 2 + 1));
+        // Every thread notes when it starts and ends: on a loaded machine the main
+        // thread may run late after the barrier, so its own clock would be wrong.
+        let start = Arc::new(Barrier::new(usize::from(channels) * 2));
         let mut threads = Vec::new();
         for i in 0..usize::from(channels) {
             let b = start.clone();
@@ -87,6 +89,7 @@ mod linux {
                 s.set_nodelay(true).unwrap();
                 let hot = vec![0x5au8; frame];
                 b.wait();
+                let t0 = Instant::now();
                 for f in 0..per {
                     let buf = match &src {
                         Some(g) => {
@@ -99,6 +102,7 @@ mod linux {
                     };
                     s.write_all(buf).unwrap();
                 }
+                (t0, Instant::now())
             }));
         }
         for i in 0..usize::from(channels) {
@@ -109,6 +113,7 @@ mod linux {
                 let mut hot = vec![0u8; 256 << 10];
                 let mut off = 0;
                 b.wait();
+                let t0 = Instant::now();
                 loop {
                     let buf = match &dst {
                         Some(g) => {
@@ -129,14 +134,22 @@ mod linux {
                         _ => {}
                     }
                 }
+                (t0, Instant::now())
             }));
         }
-        start.wait();
-        let t = Instant::now();
-        for t in threads {
-            t.join().unwrap();
+        let spans: Vec<(Instant, Instant)> =
+            threads.into_iter().map(|t| t.join().unwrap()).collect();
+        (per * frame * usize::from(channels)) as f64 / span_secs(&spans)
+    }
+
+    /// Seconds from the first thread's start to the last thread's end.
+    fn span_secs(spans: &[(Instant, Instant)]) -> f64 {
+        let begin = spans.iter().map(|s| s.0).min();
+        let end = spans.iter().map(|s| s.1).max();
+        match (begin, end) {
+            (Some(b), Some(e)) => (e - b).as_secs_f64(),
+            _ => f64::NAN,
         }
-        (per * frame * usize::from(channels)) as f64 / t.elapsed().as_secs_f64()
     }
 
     fn config(channels: u16, frame: usize, zero_copy: ZeroCopy, mem: &Mem) -> SessionConfig {
@@ -181,7 +194,7 @@ mod linux {
 
         let per = bytes / usize::from(channels) / frame;
         let pages = (frame / PAGE) as u32;
-        let start = Arc::new(Barrier::new(usize::from(channels) * 2 + 1));
+        let start = Arc::new(Barrier::new(usize::from(channels) * 2));
         let mut senders = Vec::new();
         let mut receivers = Vec::new();
         for (i, est) in src.into_iter().enumerate() {
@@ -191,6 +204,7 @@ mod linux {
                 let mut done = Vec::new();
                 let frames_in_region = REGION / frame;
                 b.wait();
+                let t0 = Instant::now();
                 for f in 0..per {
                     let slot = (f * usize::from(cfg.channels) + i) % frames_in_region;
                     let runs = [PageRun {
@@ -215,7 +229,7 @@ mod linux {
                 }
                 ch.close(&mut done).unwrap();
                 let s = ch.stats();
-                (s.zc_sends, s.zc_copied)
+                (s.zc_sends, s.zc_copied, t0)
             }));
         }
         for est in dst {
@@ -224,25 +238,30 @@ mod linux {
                 let mut ch = est.open(&dst_backend, &cfg).unwrap();
                 let mut sink = RegionSink::new(PAGE as u32, vec![(RegionId(0), m)]);
                 b.wait();
+                let t0 = Instant::now();
                 let mut n = 0;
                 while ch.recv(Some(&mut sink)).unwrap().is_some() {
                     n += 1;
                 }
-                n
+                (n, t0, Instant::now())
             }));
         }
-        start.wait();
-        let t = Instant::now();
-        let frames: usize = receivers.into_iter().map(|r| r.join().unwrap()).sum();
-        let elapsed = t.elapsed().as_secs_f64();
+        let mut spans = Vec::new();
+        let mut frames = 0;
+        for r in receivers {
+            let (n, t0, t1) = r.join().unwrap();
+            frames += n;
+            spans.push((t0, t1));
+        }
         let (mut zc, mut copied) = (0, 0);
         for s in senders {
-            let (a, b) = s.join().unwrap();
+            let (a, b, t0) = s.join().unwrap();
             zc += a;
             copied += b;
+            spans.push((t0, t0));
         }
         assert_eq!(frames, per * usize::from(channels));
-        ((frames * frame) as f64 / elapsed, zc, copied)
+        ((frames * frame) as f64 / span_secs(&spans), zc, copied)
     }
 
     fn run(kind: Kind, channels: u16, frame: usize, bytes: usize, mem: &Mem) -> (f64, u64, u64) {
