@@ -41,7 +41,11 @@
 //!   multishot receive is cancelled (its completions are processed up to its last)
 //!   and one `IORING_OP_RECVMSG` with `MSG_WAITALL` receives the rest straight into
 //!   destination memory; the multishot receive is re-armed for the next header. The
-//!   default ring is small (32 × 16 KiB) so little of a payload goes the copying way.
+//!   default ring is small (16 × 8 KiB): the multishot receive takes ahead whatever
+//!   fits the ring, and that part of a payload goes the copying way (measured on
+//!   loopback with 512 KiB frames: 0.40 CPU-seconds per GB with this ring, as TCP,
+//!   against 0.46 with 32 × 16 KiB). A destination that receives mostly compressed
+//!   frames (never placed) may prefer larger buffers, for fewer completions.
 //! - **Unavailable io_uring**: [`probe`] and [`UringChannel::new`] fail with a
 //!   [`UringError`] that says why (the `io_uring_disabled` sysctl, a seccomp or
 //!   container policy, a kernel too old for an opcode or setup flag); the session layer
@@ -91,7 +95,7 @@ pub struct UringConfig {
     pub max_in_flight_bytes: usize,
     /// Buffers in the provided-buffer ring (a power of two, at most 32768).
     pub recv_buffers: u16,
-    /// Size of each receive buffer.
+    /// Size of each receive buffer (see the module docs for the trade-off).
     pub recv_buffer_size: u32,
     /// How long `send` may wait for a completion before it fails.
     pub send_timeout: Duration,
@@ -110,8 +114,8 @@ impl Default for UringConfig {
         Self {
             entries: 256,
             max_in_flight_bytes: 64 << 20,
-            recv_buffers: 32,
-            recv_buffer_size: 16 << 10,
+            recv_buffers: 16,
+            recv_buffer_size: 8 << 10,
             send_timeout: Duration::from_secs(30),
             recv_timeout: None,
             zero_copy: ZeroCopy::Auto,
