@@ -8,8 +8,9 @@
 //! soft-RoCE** (`rdma_rxe` is not in their kernel), so nothing here has exchanged a
 //! byte: what is tested without a device is device detection (the clear
 //! [`RdmaError::NoDevice`]), the planning of RDMA WRITEs from page runs and payload
-//! slices ([`plan_writes`]), and the message framing. The end-to-end test prints
-//! "skipped: no RDMA device" here and runs where a device exists.
+//! slices ([`plan_writes`]), and the encoding of the region advertisement. The
+//! end-to-end test prints "skipped: no RDMA device" here; where a device exists it
+//! runs when `PAGEWIRE_RDMA_ADDR` names an address of the RDMA interface.
 //!
 //! # Contract
 //! - **Setup**: [`connect`] resolves the address and route with rdma_cm, creates a

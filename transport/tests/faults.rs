@@ -329,3 +329,27 @@ fn blocked_io_uring_is_named_and_falls_back_to_tcp_when_asked() {
         Some(Incoming::Frame(pagewire_protocol::Frame::Pages(_)))
     ));
 }
+
+#[test]
+fn a_receive_timeout_between_frames_leaves_the_channel_usable() {
+    for backend in BACKENDS {
+        let mut cfg = config(25, 1);
+        cfg.tcp.recv_timeout = Some(Duration::from_millis(200));
+        cfg.uring.recv_timeout = Some(Duration::from_millis(200));
+        let (mut src, mut dst) = pair(&cfg);
+        let mut rx = dst.remove(0).open(&backend, &cfg).unwrap();
+        match rx.recv(None) {
+            Err(ChannelError::RecvTimeout(t)) => assert_eq!(t, Duration::from_millis(200)),
+            other => panic!("{backend:?}: expected RecvTimeout, got {other:?}"),
+        }
+        let mut tx = src.remove(0).open(&backend, &cfg).unwrap();
+        let mem = patterned(8, 4);
+        tx.send(raw_frame(&mem, 0, 8)).unwrap();
+        tx.close(&mut Vec::new()).unwrap();
+        assert!(matches!(
+            rx.recv(None).unwrap(),
+            Some(Incoming::Frame(pagewire_protocol::Frame::Pages(_)))
+        ));
+        assert!(rx.recv(None).unwrap().is_none());
+    }
+}

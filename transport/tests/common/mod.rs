@@ -23,6 +23,9 @@ pub fn config(session: u8, channels: u16) -> SessionConfig {
         Authentication::None,
     );
     cfg.handshake_timeout = Duration::from_secs(10);
+    // Every receive in the tests is bounded in time.
+    cfg.tcp.recv_timeout = Some(Duration::from_secs(60));
+    cfg.uring.recv_timeout = Some(Duration::from_secs(60));
     cfg
 }
 
