@@ -215,7 +215,7 @@ pub enum ChannelError {
     #[error("RDMA work request failed: {0}")]
     WorkRequest(String),
     /// The backend's completion queue reported something it did not submit.
-    #[error("io_uring completion for unknown request {0:#x}")]
+    #[error("completion for a request this channel did not submit ({0:#x})")]
     UnknownCompletion(u64),
 }
 
