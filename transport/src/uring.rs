@@ -378,6 +378,14 @@ struct Core {
 }
 
 /// A channel over a TCP socket driven by io_uring.
+///
+/// Bound to the thread that created it (`IORING_SETUP_SINGLE_ISSUER`), so it is not
+/// `Send`:
+///
+/// ```compile_fail
+/// fn is_send<T: Send>() {}
+/// is_send::<pagewire_transport::uring::UringChannel>();
+/// ```
 #[derive(Debug)]
 pub struct UringChannel {
     core: Core,
