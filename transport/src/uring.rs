@@ -6,6 +6,8 @@
 //!   `IORING_SETUP_DEFER_TASKRUN`, so a [`UringChannel`] is bound to the thread that
 //!   created it (the type is not `Send`). Every call that waits enters the kernel with
 //!   `GETEVENTS`, which is when deferred completions run.
+//! - **Copying sends**: a frame sent without zero-copy goes as one vectored
+//!   `IORING_OP_SENDMSG` of its header and payload.
 //! - **Registration**: the guest memory regions and buffer pools named in
 //!   [`UringConfig`] are registered once, when the channel opens, as fixed buffers (in
 //!   pieces of at most 1 GiB). A payload slice inside one of them is sent with
@@ -280,12 +282,21 @@ struct InFlight {
     id: SendId,
     /// Kept alive for the header send.
     _header: Vec<u8>,
+    /// Kept alive for a vectored send of the whole frame.
+    _msg: Option<Box<MsgHdr>>,
     payload: Vec<Payload>,
     /// Completions still expected: one per send, one per announced notification.
     ops: u32,
     zc: u32,
     copied: u32,
     bytes: usize,
+}
+
+/// A `msghdr` and its `iovec`s, at a stable address while the kernel reads them.
+#[derive(Debug)]
+struct MsgHdr {
+    msg: libc::msghdr,
+    _iov: Vec<libc::iovec>,
 }
 
 /// The provided-buffer ring and its buffers.
@@ -597,7 +608,8 @@ impl Core {
                 e = e.flags(squeue::Flags::IO_LINK);
             }
             // SAFETY: every queued send points into memory owned by its `InFlight`
-            // entry (header vector, payload slices holding their regions), which stays
+            // entry (header vector, boxed msghdr and iovecs, payload slices holding
+            // their regions), which stays
             // in `self.inflight` until all of its completions, notifications included,
             // have arrived. `room` guarantees the push succeeds.
             let pushed = unsafe { sq.push(&e) };
@@ -935,39 +947,62 @@ impl Channel for UringChannel {
         let payload_bytes = len - frame.header.len();
         let more = if payload_bytes > 0 { libc::MSG_MORE } else { 0 };
         let mut ops = 0;
-        if !frame.header.is_empty() {
-            core.pending.push_back(
-                opcode::Send::new(fd, frame.header.as_ptr(), frame.header.len() as u32)
-                    .flags(wait_all | more)
-                    .build()
-                    .user_data(seq),
-            );
-            ops += 1;
-        }
-        let mut used_zc = false;
-        for p in frame.payload.iter().filter(|p| !p.is_empty()) {
-            // `len` is below the frame limit (64 MiB), so it fits a u32.
-            let zc = match core.cfg.zero_copy {
+        let use_zc = payload_bytes > 0
+            && match core.cfg.zero_copy {
                 ZeroCopy::Always => true,
                 ZeroCopy::Never => false,
                 ZeroCopy::Auto => core.zc_pause == 0 && core.zc_budget > 0,
             };
-            used_zc |= zc;
-            let e = if zc {
-                let mut op = opcode::SendZc::new(fd, p.as_ptr(), p.len() as u32)
-                    .flags(wait_all)
-                    .zc_flags(SEND_ZC_REPORT_USAGE);
-                if let Some(i) = core.fixed_index(p) {
-                    op = op.buf_index(Some(i));
-                }
-                op.build()
-            } else {
-                opcode::Send::new(fd, p.as_ptr(), p.len() as u32)
-                    .flags(wait_all)
+        let used_zc = use_zc;
+        let mut msg = None;
+        let slices = frame.payload.iter().filter(|p| !p.is_empty()).count();
+        if !use_zc && slices < 1024 {
+            // Copying anyway: the whole frame in one vectored send.
+            let mut iov = crate::tcp::frame_iovecs(&frame);
+            let mut m = Box::new(MsgHdr {
+                // SAFETY: a zeroed msghdr is valid (no name, no control data).
+                msg: unsafe { std::mem::zeroed() },
+                _iov: Vec::new(),
+            });
+            m.msg.msg_iov = iov.as_mut_ptr();
+            m.msg.msg_iovlen = iov.len();
+            m._iov = iov;
+            core.pending.push_back(
+                opcode::SendMsg::new(fd, &raw const m.msg)
+                    .flags(wait_all as u32)
                     .build()
-            };
-            core.pending.push_back(e.user_data(seq));
+                    .user_data(seq),
+            );
+            msg = Some(m);
             ops += 1;
+        } else {
+            if !frame.header.is_empty() {
+                core.pending.push_back(
+                    opcode::Send::new(fd, frame.header.as_ptr(), frame.header.len() as u32)
+                        .flags(wait_all | more)
+                        .build()
+                        .user_data(seq),
+                );
+                ops += 1;
+            }
+            for p in frame.payload.iter().filter(|p| !p.is_empty()) {
+                // `len` is below the frame limit (64 MiB), so it fits a u32.
+                let e = if use_zc {
+                    let mut op = opcode::SendZc::new(fd, p.as_ptr(), p.len() as u32)
+                        .flags(wait_all)
+                        .zc_flags(SEND_ZC_REPORT_USAGE);
+                    if let Some(i) = core.fixed_index(p) {
+                        op = op.buf_index(Some(i));
+                    }
+                    op.build()
+                } else {
+                    opcode::Send::new(fd, p.as_ptr(), p.len() as u32)
+                        .flags(wait_all)
+                        .build()
+                };
+                core.pending.push_back(e.user_data(seq));
+                ops += 1;
+            }
         }
         if core.cfg.zero_copy == ZeroCopy::Auto {
             if used_zc && core.zc_budget != u32::MAX {
@@ -980,6 +1015,7 @@ impl Channel for UringChannel {
             InFlight {
                 id,
                 _header: frame.header,
+                _msg: msg,
                 payload: frame.payload,
                 ops,
                 zc: 0,
