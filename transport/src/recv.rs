@@ -195,6 +195,9 @@ pub(crate) struct RxState {
     /// A payload is being placed: its bytes are partly in destination memory, so no
     /// error (not even a timeout) leaves the stream resumable.
     placing: bool,
+    /// The sink declined the frame being received: it is received whole, and the
+    /// sink is not asked again.
+    declined: bool,
     pub(crate) frames: u64,
     pub(crate) bytes: u64,
     pub(crate) placed: u64,
@@ -213,6 +216,7 @@ impl RxState {
             dest: Vec::new(),
             failed: false,
             placing: false,
+            declined: false,
             frames: 0,
             bytes: 0,
             placed: 0,
@@ -282,6 +286,7 @@ impl RxState {
                 let flen = env.frame_len();
                 frame_len = Some(flen);
                 let placeable = sink.is_some()
+                    && !self.declined
                     && env.frame_type == FrameType::PAGES
                     && env.flags & FLAG_PER_PAGE == 0;
                 let head_len = Envelope::LEN + PAGES_FIXED;
@@ -297,6 +302,7 @@ impl RxState {
                             if let Some(r) = self.try_place(src, &mut sink, env, h)? {
                                 return Ok(Some(r));
                             }
+                            self.declined = true;
                             flen
                         }
                         _ => flen,
@@ -314,6 +320,7 @@ impl RxState {
                     .map_err(|_| ChannelError::Failed)?;
                 let env = Envelope::parse(env_bytes, &self.limits).map_err(ChannelError::Decode)?;
                 self.start += want;
+                self.declined = false;
                 return Ok(Some(Ready::Whole { at, env }));
             }
             if !self.fill(src, want, bounded)? {
@@ -603,6 +610,35 @@ mod tests {
             rx.recv(&mut src, Some(&mut sink)).unwrap(),
             Some(Incoming::Frame(Frame::Pages(_)))
         ));
+    }
+
+    /// Declines every frame and counts the questions.
+    struct Declining(usize);
+
+    impl PageSink for Declining {
+        fn place(&mut self, _: &PageFrame<'_>, _: &mut Vec<GuestSlice>) -> bool {
+            self.0 += 1;
+            false
+        }
+    }
+
+    #[test]
+    fn a_declining_sink_is_asked_once_per_frame() {
+        let mut data = pages(&[run(0, 4)], 1, false);
+        data.extend(pages(&[run(8, 2)], 2, false));
+        let mut rx = RxState::new(limits(false), &[]);
+        let mut src = Bytes {
+            data,
+            pos: 0,
+            chunk: 1000,
+        };
+        let mut sink = Declining(0);
+        let mut whole = 0;
+        while let Some(inc) = rx.recv(&mut src, Some(&mut sink)).unwrap() {
+            assert!(matches!(inc, Incoming::Frame(Frame::Pages(_))));
+            whole += 1;
+        }
+        assert_eq!((whole, sink.0), (2, 2));
     }
 
     #[test]
