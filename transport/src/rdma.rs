@@ -91,6 +91,15 @@ pub struct RdmaConfig {
     pub recv_timeout: Option<Duration>,
 }
 
+impl RdmaConfig {
+    fn validate(&self) -> Result<(), RdmaError> {
+        if self.message_size == 0 || self.recv_depth == 0 || self.send_depth == 0 {
+            return Err(RdmaError::Config("sizes and depths must be > 0"));
+        }
+        Ok(())
+    }
+}
+
 impl Default for RdmaConfig {
     fn default() -> Self {
         Self {
@@ -459,13 +468,27 @@ impl Verbs {
         cfg: &RdmaConfig,
         remote_write: bool,
     ) -> Result<Self, RdmaError> {
-        if cfg.message_size == 0 || cfg.recv_depth == 0 || cfg.send_depth == 0 {
-            return Err(RdmaError::Config("sizes and depths must be > 0"));
-        }
-        let send_bufs = Mapping::new(cfg.send_depth as usize * cfg.message_size as usize)
-            .map_err(|source| RdmaError::Verbs { op: "mmap", source })?;
-        let recv_bufs = Mapping::new(cfg.recv_depth as usize * cfg.message_size as usize)
-            .map_err(|source| RdmaError::Verbs { op: "mmap", source })?;
+        let bufs = cfg.validate().and_then(|()| {
+            let map = |n: u32| {
+                Mapping::new(n as usize * cfg.message_size as usize)
+                    .map_err(|source| RdmaError::Verbs { op: "mmap", source })
+            };
+            Ok((map(cfg.send_depth)?, map(cfg.recv_depth)?))
+        });
+        let (send_bufs, recv_bufs) = match bufs {
+            Ok(b) => b,
+            Err(e) => {
+                // SAFETY: `id` (and `ec` when not null) are owned by this call and
+                // destroyed once; nothing else was created on them yet.
+                unsafe {
+                    rdma_destroy_id(id);
+                    if !ec.is_null() {
+                        rdma_destroy_event_channel(ec);
+                    }
+                }
+                return Err(e);
+            }
+        };
         let mut v = Verbs {
             ec,
             id,
@@ -1177,6 +1200,7 @@ pub fn connect(
     index: u16,
     cfg: &RdmaConfig,
 ) -> Result<RdmaChannel, RdmaError> {
+    cfg.validate()?;
     require_device()?;
     let timeout_ms = i32::try_from(cfg.connect_timeout.as_millis()).unwrap_or(i32::MAX);
     // SAFETY: plain constructor; checked for null.
@@ -1346,6 +1370,7 @@ impl RdmaListener {
         session: &SessionConfig,
         cfg: &RdmaConfig,
     ) -> Result<RdmaChannel, RdmaError> {
+        cfg.validate()?;
         let id = expect_event(
             self.ec,
             rdma_cm_event_type::RDMA_CM_EVENT_CONNECT_REQUEST,
