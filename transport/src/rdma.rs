@@ -56,7 +56,7 @@ use crate::channel::{
     Channel, ChannelError, ChannelStats, Completed, Incoming, OutFrame, PageSink, SendId,
 };
 use crate::recv::{ByteSource, RxState, copy_to_guest, raw_header};
-use crate::session::{Handshake, SessionConfig, SessionError, nonce};
+use crate::session::{Handshake, SessionConfig, SessionError, nonce, wait_readable};
 
 /// Immediate data of a message: an ordinary slice of the frame stream.
 const IMM_STREAM: u32 = 0;
@@ -384,25 +384,6 @@ impl Drop for Verbs {
     }
 }
 
-/// Waits up to `timeout` for `fd` to be readable.
-fn wait_fd(fd: i32, timeout: Option<Duration>) -> io::Result<bool> {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = timeout.map_or(-1, |t| {
-        libc::c_int::try_from(t.as_millis()).unwrap_or(i32::MAX)
-    });
-    // SAFETY: one valid pollfd for the duration of the call.
-    let r = unsafe { libc::poll(&mut p, 1, ms) };
-    match r {
-        r if r < 0 => Err(io::Error::last_os_error()),
-        0 => Ok(false),
-        _ => Ok(true),
-    }
-}
-
 /// Waits for the next rdma_cm event on `ec` and checks it is `expected`; returns the
 /// event's id (for CONNECT_REQUEST: the new connection's id).
 fn expect_event(
@@ -413,7 +394,7 @@ fn expect_event(
 ) -> Result<*mut rdma_cm_id, RdmaError> {
     // SAFETY: `ec` is a live event channel owned by the caller.
     let fd = unsafe { (*ec).fd };
-    if !wait_fd(fd, Some(timeout)).map_err(|source| RdmaError::Cm {
+    if !wait_readable(fd, Some(timeout)).map_err(|source| RdmaError::Cm {
         op: "poll(event channel)",
         source,
     })? {
@@ -714,7 +695,7 @@ impl Core {
             }
             // SAFETY: `comp` is the live completion channel of the CQ.
             let fd = unsafe { (*self.v.comp).fd };
-            if !wait_fd(fd, t).map_err(|e| ChannelError::io("poll(completion channel)", e))? {
+            if !wait_readable(fd, t).map_err(|e| ChannelError::io("poll(completion channel)", e))? {
                 return Ok(false);
             }
             let (mut cq, mut ctx) = (ptr::null_mut(), ptr::null_mut());
