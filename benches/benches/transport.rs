@@ -3,8 +3,11 @@
 //!
 //! Every case moves raw PAGES frames from a 64 MiB guest region over 1, 2 and 4
 //! channels, received with direct placement into a 64 MiB destination region, and
-//! compares with the plain loop (one `write` of a frame-sized buffer per frame, one
-//! `read` into a buffer on the other side) at the same channel count and frame size.
+//! compares with the plain loop at the same channel count and frame size: one
+//! `write_all` per frame from the same source region, `read`s straight into the same
+//! destination region, no framing. `plain-hot` is the same loop over one hot buffer
+//! on each side (no guest-memory traffic), shown for reference. Ratios `(x)` are
+//! against the plain loop over guest memory.
 //! The second part repeats a few cases inside a network namespace whose loopback has a
 //! 1 Gbit/s `tc tbf` qdisc; it needs root and `ip`/`tc`, and says "skipped" otherwise.
 //!
@@ -35,6 +38,7 @@ mod linux {
         SessionId, WireList,
     };
     use pagewire_transport::session::{self, Backend, Listener, SessionConfig};
+    use pagewire_transport::uring::ZeroCopy;
     use pagewire_transport::{Channel, GuestMemory, OutFrame, Payload, RegionSink};
 
     const PAGE: usize = 4096;
@@ -44,10 +48,13 @@ mod linux {
 
     #[derive(Clone, Copy, Debug, PartialEq)]
     enum Kind {
+        /// The plain loop over the guest regions (the baseline).
         Plain,
+        /// The plain loop over one hot buffer (for reference).
+        PlainHot,
         Tcp,
         Uring {
-            zero_copy: bool,
+            zero_copy: ZeroCopy,
         },
         /// io_uring (zero-copy) sender, TCP receiver.
         UringToTcp,
@@ -61,43 +68,91 @@ mod linux {
     }
 
     /// The plain loop: `channels` sockets, each writing `bytes / channels` in
-    /// `frame`-sized writes; the receivers read into a buffer and drop it.
-    fn plain(channels: u16, frame: usize, bytes: usize) -> f64 {
+    /// `frame`-sized `write_all`s, the receivers `read`ing until end of stream. With
+    /// `guest`, the writes come from the source region and the reads land in the
+    /// destination region (each channel its own part), so the loop moves the same
+    /// memory as the channels do; without, both ends use one hot buffer.
+    fn plain(channels: u16, frame: usize, bytes: usize, guest: Option<&Mem>) -> f64 {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let per = bytes / usize::from(channels) / frame;
-        let start = Arc::new(Barrier::new(usize::from(channels) * 2 + 1));
+        let part = REGION / usize::from(channels);
+        // Every thread notes when it starts and ends: on a loaded machine the main
+        // thread may run late after the barrier, so its own clock would be wrong.
+        let start = Arc::new(Barrier::new(usize::from(channels) * 2));
         let mut threads = Vec::new();
-        for _ in 0..channels {
+        for i in 0..usize::from(channels) {
             let b = start.clone();
+            let src = guest.map(|m| m.src.slice(i * part, part).unwrap());
             threads.push(std::thread::spawn(move || {
                 let mut s = TcpStream::connect(addr).unwrap();
                 s.set_nodelay(true).unwrap();
-                let buf = vec![0x5au8; frame];
+                let hot = vec![0x5au8; frame];
                 b.wait();
-                for _ in 0..per {
-                    s.write_all(&buf).unwrap();
+                let t0 = Instant::now();
+                for f in 0..per {
+                    let buf = match &src {
+                        Some(g) => {
+                            let off = (f * frame) % (part - part % frame);
+                            // SAFETY: the source region is only read during the
+                            // benchmark; `off + frame <= part`, inside the slice.
+                            unsafe { std::slice::from_raw_parts(g.as_ptr().add(off), frame) }
+                        }
+                        None => &hot[..],
+                    };
+                    s.write_all(buf).unwrap();
                 }
+                (t0, Instant::now())
             }));
         }
-        for _ in 0..channels {
+        for i in 0..usize::from(channels) {
             let (mut s, _) = l.accept().unwrap();
             let b = start.clone();
+            let dst = guest.map(|m| m.dst.slice(i * part, part).unwrap());
             threads.push(std::thread::spawn(move || {
-                let mut buf = vec![0u8; 256 << 10];
+                let mut hot = vec![0u8; 256 << 10];
+                let mut off = 0;
                 b.wait();
-                while s.read(&mut buf).unwrap() > 0 {}
+                let t0 = Instant::now();
+                loop {
+                    let buf = match &dst {
+                        Some(g) => {
+                            if off == part {
+                                off = 0;
+                            }
+                            // SAFETY: each receiver writes only its own part of the
+                            // destination region, and nothing reads it meanwhile.
+                            unsafe {
+                                std::slice::from_raw_parts_mut(g.as_ptr().add(off), part - off)
+                            }
+                        }
+                        None => &mut hot[..],
+                    };
+                    match s.read(buf).unwrap() {
+                        0 => break,
+                        n if dst.is_some() => off += n,
+                        _ => {}
+                    }
+                }
+                (t0, Instant::now())
             }));
         }
-        start.wait();
-        let t = Instant::now();
-        for t in threads {
-            t.join().unwrap();
-        }
-        (per * frame * usize::from(channels)) as f64 / t.elapsed().as_secs_f64()
+        let spans: Vec<(Instant, Instant)> =
+            threads.into_iter().map(|t| t.join().unwrap()).collect();
+        (per * frame * usize::from(channels)) as f64 / span_secs(&spans)
     }
 
-    fn config(channels: u16, frame: usize, zero_copy: bool, mem: &Mem) -> SessionConfig {
+    /// Seconds from the first thread's start to the last thread's end.
+    fn span_secs(spans: &[(Instant, Instant)]) -> f64 {
+        let begin = spans.iter().map(|s| s.0).min();
+        let end = spans.iter().map(|s| s.1).max();
+        match (begin, end) {
+            (Some(b), Some(e)) => (e - b).as_secs_f64(),
+            _ => f64::NAN,
+        }
+    }
+
+    fn config(channels: u16, frame: usize, zero_copy: ZeroCopy, mem: &Mem) -> SessionConfig {
         let mut caps = Capabilities::new(PAGE as u32);
         caps.max_pages = (frame / PAGE) as u32;
         caps.max_frame_bytes = (frame + (64 << 10)) as u32;
@@ -120,11 +175,11 @@ mod linux {
             fallback_to_tcp: false,
         };
         let (backend, dst_backend, zc) = match kind {
-            Kind::Tcp => (Backend::Tcp, Backend::Tcp, false),
+            Kind::Tcp => (Backend::Tcp, Backend::Tcp, ZeroCopy::Auto),
             Kind::Uring { zero_copy } => (uring, uring, zero_copy),
-            Kind::UringToTcp => (uring, Backend::Tcp, true),
-            Kind::TcpToUring => (Backend::Tcp, uring, false),
-            Kind::Plain => unreachable!(),
+            Kind::UringToTcp => (uring, Backend::Tcp, ZeroCopy::Auto),
+            Kind::TcpToUring => (Backend::Tcp, uring, ZeroCopy::Auto),
+            Kind::Plain | Kind::PlainHot => unreachable!(),
         };
         let cfg = config(channels, frame, zc, mem);
         let l = Listener::bind("127.0.0.1:0".parse().unwrap(), &cfg).unwrap();
@@ -139,7 +194,7 @@ mod linux {
 
         let per = bytes / usize::from(channels) / frame;
         let pages = (frame / PAGE) as u32;
-        let start = Arc::new(Barrier::new(usize::from(channels) * 2 + 1));
+        let start = Arc::new(Barrier::new(usize::from(channels) * 2));
         let mut senders = Vec::new();
         let mut receivers = Vec::new();
         for (i, est) in src.into_iter().enumerate() {
@@ -149,6 +204,7 @@ mod linux {
                 let mut done = Vec::new();
                 let frames_in_region = REGION / frame;
                 b.wait();
+                let t0 = Instant::now();
                 for f in 0..per {
                     let slot = (f * usize::from(cfg.channels) + i) % frames_in_region;
                     let runs = [PageRun {
@@ -173,7 +229,7 @@ mod linux {
                 }
                 ch.close(&mut done).unwrap();
                 let s = ch.stats();
-                (s.zc_sends, s.zc_copied)
+                (s.zc_sends, s.zc_copied, t0)
             }));
         }
         for est in dst {
@@ -182,30 +238,36 @@ mod linux {
                 let mut ch = est.open(&dst_backend, &cfg).unwrap();
                 let mut sink = RegionSink::new(PAGE as u32, vec![(RegionId(0), m)]);
                 b.wait();
+                let t0 = Instant::now();
                 let mut n = 0;
                 while ch.recv(Some(&mut sink)).unwrap().is_some() {
                     n += 1;
                 }
-                n
+                (n, t0, Instant::now())
             }));
         }
-        start.wait();
-        let t = Instant::now();
-        let frames: usize = receivers.into_iter().map(|r| r.join().unwrap()).sum();
-        let elapsed = t.elapsed().as_secs_f64();
+        let mut spans = Vec::new();
+        let mut frames = 0;
+        for r in receivers {
+            let (n, t0, t1) = r.join().unwrap();
+            frames += n;
+            spans.push((t0, t1));
+        }
         let (mut zc, mut copied) = (0, 0);
         for s in senders {
-            let (a, b) = s.join().unwrap();
+            let (a, b, t0) = s.join().unwrap();
             zc += a;
             copied += b;
+            spans.push((t0, t0));
         }
         assert_eq!(frames, per * usize::from(channels));
-        ((frames * frame) as f64 / elapsed, zc, copied)
+        ((frames * frame) as f64 / span_secs(&spans), zc, copied)
     }
 
     fn run(kind: Kind, channels: u16, frame: usize, bytes: usize, mem: &Mem) -> (f64, u64, u64) {
         match kind {
-            Kind::Plain => (plain(channels, frame, bytes), 0, 0),
+            Kind::Plain => (plain(channels, frame, bytes, Some(mem)), 0, 0),
+            Kind::PlainHot => (plain(channels, frame, bytes, None), 0, 0),
             _ => channel(kind, channels, frame, bytes, mem),
         }
     }
@@ -219,21 +281,27 @@ mod linux {
     fn table(title: &str, cases: &[(u16, usize)], bytes: usize, reps: usize, mem: &Mem) {
         let kinds = [
             Kind::Plain,
+            Kind::PlainHot,
             Kind::Tcp,
-            Kind::Uring { zero_copy: true },
-            Kind::Uring { zero_copy: false },
+            Kind::Uring {
+                zero_copy: ZeroCopy::Auto,
+            },
+            Kind::Uring {
+                zero_copy: ZeroCopy::Always,
+            },
             Kind::UringToTcp,
             Kind::TcpToUring,
         ];
         println!("\n{title} ({} MiB per run, median of {reps})", bytes >> 20);
         println!(
-            "{:>3} {:>6} | {:>10} | {:>16} | {:>16} | {:>16} | {:>16} | {:>16} | SEND_ZC notifications",
+            "{:>3} {:>6} | {:>10} | {:>16} | {:>16} | {:>16} | {:>16} | {:>16} | {:>16} | SEND_ZC notifications",
             "ch",
             "frame",
             "plain MB/s",
+            "plain-hot (x)",
             "tcp MB/s (x)",
+            "uring (x)",
             "uring-zc (x)",
-            "uring-copy (x)",
             "uring>tcp (x)",
             "tcp>uring (x)"
         );
@@ -244,7 +312,11 @@ mod linux {
                 for (k, kind) in kinds.iter().enumerate() {
                     let (r, a, b) = run(*kind, channels, frame, bytes, mem);
                     results[k].push(r);
-                    if *kind == (Kind::Uring { zero_copy: true }) {
+                    if *kind
+                        == (Kind::Uring {
+                            zero_copy: ZeroCopy::Always,
+                        })
+                    {
                         zc += a;
                         copied += b;
                     }
@@ -253,7 +325,7 @@ mod linux {
             let m: Vec<f64> = results.into_iter().map(median).collect();
             let cell = |v: f64| format!("{:>7.0} ({:.2})", v / 1e6, v / m[0]);
             println!(
-                "{:>3} {:>5}K | {:>10.0} | {:>16} | {:>16} | {:>16} | {:>16} | {:>16} | {zc} in place, {copied} copied",
+                "{:>3} {:>5}K | {:>10.0} | {:>16} | {:>16} | {:>16} | {:>16} | {:>16} | {:>16} | {zc} in place, {copied} copied",
                 channels,
                 frame >> 10,
                 m[0] / 1e6,
@@ -262,6 +334,7 @@ mod linux {
                 cell(m[3]),
                 cell(m[4]),
                 cell(m[5]),
+                cell(m[6]),
             );
         }
     }
@@ -348,10 +421,10 @@ mod linux {
         if let Ok(only) = std::env::var("PAGEWIRE_BENCH_CHANNELS") {
             let only: u16 = only.parse().unwrap_or(2);
             let cases: Vec<_> = cases.iter().copied().filter(|c| c.0 == only).collect();
-            table("loopback", &cases, mib << 20, 3, &mem);
+            table("loopback", &cases, mib << 20, 5, &mem);
             return;
         }
-        table("loopback", &cases, mib << 20, 3, &mem);
+        table("loopback", &cases, mib << 20, 5, &mem);
 
         match Netns::create() {
             Err(why) => println!("\n1 Gbit/s namespace: skipped: {why}"),

@@ -208,8 +208,14 @@ pub enum ChannelError {
     /// An earlier error left the channel unusable.
     #[error("the channel failed earlier and is closed")]
     Failed,
+    /// The peer broke the backend's own framing (RDMA message kinds).
+    #[error("the peer broke the transport's framing: {0}")]
+    Framing(&'static str),
+    /// The NIC reported a failed work request.
+    #[error("RDMA work request failed: {0}")]
+    WorkRequest(String),
     /// The backend's completion queue reported something it did not submit.
-    #[error("io_uring completion for unknown request {0:#x}")]
+    #[error("completion for a request this channel did not submit ({0:#x})")]
     UnknownCompletion(u64),
 }
 

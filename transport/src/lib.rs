@@ -3,7 +3,7 @@
 //! A session is `channel_count` channels; each starts with the protocol's handshake
 //! ([`pagewire_protocol::ClientHandshake`] / [`pagewire_protocol::ServerHandshake`]) and
 //! then carries frames encoded and decoded by `pagewire-protocol`. This crate knows
-//! nothing of codecs: a frame is a header plus payload slices.
+//! nothing of codecs: a frame is a header plus payload slices. Linux only.
 //!
 //! - [`Channel`] is the one interface; [`tcp`], [`uring`] and `rdma` (cargo feature
 //!   `rdma`) are its backends, each with its contract in its module docs.
@@ -12,19 +12,48 @@
 //! - [`buf`] holds the memory channels send from and receive into: registered guest
 //!   memory ([`GuestMemory`]) and buffer pools ([`BufferPool`]).
 //!
+//! The source sends raw pages straight from guest memory; the destination places
+//! them straight into its own:
+//!
 //! ```no_run
-//! use pagewire_protocol::{Authentication, Capabilities, SessionId};
-//! use pagewire_transport::session::{self, Backend, SessionConfig};
-//! use pagewire_transport::{Channel, OutFrame};
+//! use std::time::Duration;
+//! use pagewire_protocol::*;
+//! use pagewire_transport::session::{self, Backend, Listener, SessionConfig};
+//! use pagewire_transport::{Channel, GuestMemory, Incoming, OutFrame, Payload, RegionSink};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let cfg = SessionConfig::new(Capabilities::new(4096), SessionId([1; 16]), 2, Authentication::None);
-//! for est in session::connect("127.0.0.1:4444".parse()?, &cfg)? {
-//!     let mut ch = est.open(&Backend::Tcp, &cfg)?;
-//!     let frame = pagewire_protocol::Frame::Ack(pagewire_protocol::Ack {
-//!         kind: pagewire_protocol::AckKind::ROUND, value: 0 });
-//!     ch.send(OutFrame::whole(&frame)?)?;
-//!     ch.close(&mut Vec::new())?;
-//! }
+//! let cfg = SessionConfig::new(Capabilities::new(4096), SessionId([1; 16]), 2,
+//!                              Authentication::None);
+//! let uring = Backend::Uring { fallback_to_tcp: true };
+//!
+//! // Destination: accept the session's channels, place pages into guest memory.
+//! let listener = Listener::bind("0.0.0.0:4444".parse()?, &cfg)?;
+//! let dst_memory = GuestMemory::anonymous(1 << 30)?;
+//! # let cfg2 = cfg.clone();
+//! std::thread::spawn(move || -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//!     for est in listener.accept_session(&cfg2, Duration::from_secs(30))?.channels {
+//!         let (cfg, memory) = (cfg2.clone(), dst_memory.clone());
+//!         std::thread::spawn(move || {
+//!             let mut ch = est.open(&uring, &cfg).expect("channel");
+//!             let mut sink = RegionSink::new(4096, vec![(RegionId(0), memory)]);
+//!             while let Some(frame) = ch.recv(Some(&mut sink)).expect("recv") {
+//!                 if let Incoming::Placed(pages) = frame { /* mark pages.data_runs received */ }
+//!             }
+//!         });
+//!     }
+//!     Ok(())
+//! });
+//!
+//! // Source: open the channels, send 64 pages of guest memory on channel 0.
+//! let src_memory = GuestMemory::anonymous(1 << 30)?;
+//! let mut ch = session::connect("10.0.0.2:4444".parse()?, &cfg)?.remove(0).open(&uring, &cfg)?;
+//! let runs = [PageRun { start: PageIndex(0), count: 64 }];
+//! let header = PageFrame { codec: CodecId::RAW, region: RegionId(0), round: Round(1),
+//!                          data_runs: WireList::Slice(&runs), zero_runs: WireList::Slice(&[]),
+//!                          lengths: None, crc: None, payload: &[] };
+//! let pages = src_memory.slice(0, 64 * 4096).expect("inside the region");
+//! ch.send(OutFrame::pages(&header, vec![Payload::Guest(pages)])?)?;
+//! let mut released = Vec::new();
+//! ch.close(&mut released)?; // every payload slice is back in `released`
 //! # Ok(()) }
 //! ```
 #![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
@@ -35,6 +64,9 @@ mod recv;
 pub mod session;
 pub mod tcp;
 pub mod uring;
+
+#[cfg(feature = "rdma")]
+pub mod rdma;
 
 pub use buf::{BufferPool, ForeignBuf, GuestMemory, GuestSlice, Payload, PoolBuf};
 pub use channel::{

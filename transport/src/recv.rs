@@ -22,6 +22,10 @@ const PAGES_FIXED: usize = 16;
 const RUN_LEN: usize = 12;
 /// Receive buffer size before any large frame arrives.
 const INITIAL_BUF: usize = 256 << 10;
+/// With a sink, how far past the bytes it needs a read may go: enough to take a whole
+/// header (and the next small frame) in one read, little enough that the payload bytes
+/// it brings along (copied from the buffer into place) do not matter.
+const SINK_READ_AHEAD: usize = 4096;
 
 /// Where a stream backend gets its bytes.
 pub(crate) trait ByteSource {
@@ -188,6 +192,12 @@ pub(crate) struct RxState {
     limits: Limits,
     dest: Vec<GuestSlice>,
     failed: bool,
+    /// A payload is being placed: its bytes are partly in destination memory, so no
+    /// error (not even a timeout) leaves the stream resumable.
+    placing: bool,
+    /// The sink declined the frame being received: it is received whole, and the
+    /// sink is not asked again.
+    declined: bool,
     pub(crate) frames: u64,
     pub(crate) bytes: u64,
     pub(crate) placed: u64,
@@ -205,10 +215,18 @@ impl RxState {
             limits,
             dest: Vec::new(),
             failed: false,
+            placing: false,
+            declined: false,
             frames: 0,
             bytes: 0,
             placed: 0,
         }
+    }
+
+    /// Bytes of an unfinished frame held.
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    pub(crate) fn buffered(&self) -> usize {
+        self.end - self.start
     }
 
     pub(crate) fn recv<'a>(
@@ -223,7 +241,7 @@ impl RxState {
             Ok(Some(r)) => r,
             Ok(None) => return Ok(None),
             Err(e) => {
-                if !matches!(e, ChannelError::RecvTimeout(_)) {
+                if self.placing || !matches!(e, ChannelError::RecvTimeout(_)) {
                     self.failed = true;
                 }
                 return Err(e);
@@ -257,7 +275,7 @@ impl RxState {
         src: &mut impl ByteSource,
         mut sink: Option<&mut dyn PageSink>,
     ) -> Result<Option<Ready>, ChannelError> {
-        let exact = sink.is_some();
+        let bounded = sink.is_some();
         loop {
             let avail = self.end - self.start;
             let mut frame_len = None;
@@ -268,6 +286,7 @@ impl RxState {
                 let flen = env.frame_len();
                 frame_len = Some(flen);
                 let placeable = sink.is_some()
+                    && !self.declined
                     && env.frame_type == FrameType::PAGES
                     && env.flags & FLAG_PER_PAGE == 0;
                 let head_len = Envelope::LEN + PAGES_FIXED;
@@ -283,6 +302,7 @@ impl RxState {
                             if let Some(r) = self.try_place(src, &mut sink, env, h)? {
                                 return Ok(Some(r));
                             }
+                            self.declined = true;
                             flen
                         }
                         _ => flen,
@@ -300,9 +320,10 @@ impl RxState {
                     .map_err(|_| ChannelError::Failed)?;
                 let env = Envelope::parse(env_bytes, &self.limits).map_err(ChannelError::Decode)?;
                 self.start += want;
+                self.declined = false;
                 return Ok(Some(Ready::Whole { at, env }));
             }
-            if !self.fill(src, want, exact)? {
+            if !self.fill(src, want, bounded)? {
                 if avail == 0 {
                     return Ok(None);
                 }
@@ -346,6 +367,7 @@ impl RxState {
             });
         }
         let crc = frame.crc;
+        self.placing = true;
         let buffered = (self.end - at - hlen).min(payload_len);
         copy_to_guest(&self.dest, 0, &self.buf[at + hlen..at + hlen + buffered]);
         let mut done = buffered;
@@ -375,6 +397,7 @@ impl RxState {
             }
         }
         self.dest.clear();
+        self.placing = false;
         self.placed += payload_len as u64;
         self.start = at + hlen + buffered;
         Ok(Some(Ready::Placed { at, hlen, env }))
@@ -386,7 +409,7 @@ impl RxState {
         &mut self,
         src: &mut impl ByteSource,
         want: usize,
-        exact: bool,
+        bounded: bool,
     ) -> Result<bool, ChannelError> {
         if self.start + want > self.buf.len() {
             self.buf.copy_within(self.start..self.end, 0);
@@ -400,8 +423,8 @@ impl RxState {
             self.start = 0;
             self.end = 0;
         }
-        let limit = if exact {
-            self.start + want
+        let limit = if bounded {
+            (self.start + want + SINK_READ_AHEAD).min(self.buf.len())
         } else {
             self.buf.len()
         };
@@ -587,6 +610,35 @@ mod tests {
             rx.recv(&mut src, Some(&mut sink)).unwrap(),
             Some(Incoming::Frame(Frame::Pages(_)))
         ));
+    }
+
+    /// Declines every frame and counts the questions.
+    struct Declining(usize);
+
+    impl PageSink for Declining {
+        fn place(&mut self, _: &PageFrame<'_>, _: &mut Vec<GuestSlice>) -> bool {
+            self.0 += 1;
+            false
+        }
+    }
+
+    #[test]
+    fn a_declining_sink_is_asked_once_per_frame() {
+        let mut data = pages(&[run(0, 4)], 1, false);
+        data.extend(pages(&[run(8, 2)], 2, false));
+        let mut rx = RxState::new(limits(false), &[]);
+        let mut src = Bytes {
+            data,
+            pos: 0,
+            chunk: 1000,
+        };
+        let mut sink = Declining(0);
+        let mut whole = 0;
+        while let Some(inc) = rx.recv(&mut src, Some(&mut sink)).unwrap() {
+            assert!(matches!(inc, Incoming::Frame(Frame::Pages(_))));
+            whole += 1;
+        }
+        assert_eq!((whole, sink.0), (2, 2));
     }
 
     #[test]

@@ -253,14 +253,14 @@ impl Channel for AnyChannel {
     }
 }
 
-fn nonce() -> Result<[u8; 32], SessionError> {
+pub(crate) fn nonce() -> Result<[u8; 32], SessionError> {
     let mut n = [0u8; 32];
     getrandom::fill(&mut n).map_err(SessionError::Random)?;
     Ok(n)
 }
 
 /// The two handshake machines behind one face.
-trait Handshake {
+pub(crate) trait Handshake {
     fn take_output(&mut self, out: &mut Vec<u8>);
     fn receive(&mut self, input: &[u8]) -> Result<usize, HandshakeError>;
     fn is_done(&self) -> bool;
@@ -480,7 +480,9 @@ impl Listener {
             }
             // Wait for a connection, at most 50 ms so finished handshakes are collected.
             let wait = (deadline - now).min(Duration::from_millis(50));
-            if !poll_readable(self.listener.as_raw_fd(), wait)? {
+            let readable = wait_readable(self.listener.as_raw_fd(), Some(wait))
+                .map_err(|source| SessionError::Io { op: "poll", source })?;
+            if !readable {
                 continue;
             }
             let (mut stream, _) = match self.listener.accept() {
@@ -554,14 +556,17 @@ fn place(
     Ok(())
 }
 
-/// Waits up to `timeout` for `fd` to become readable.
-fn poll_readable(fd: i32, timeout: Duration) -> Result<bool, SessionError> {
+/// Waits up to `timeout` (for ever with `None`) for `fd` to become readable;
+/// `Ok(false)` on timeout or interruption.
+pub(crate) fn wait_readable(fd: i32, timeout: Option<Duration>) -> io::Result<bool> {
     let mut p = libc::pollfd {
         fd,
         events: libc::POLLIN,
         revents: 0,
     };
-    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    let ms = timeout.map_or(-1, |t| {
+        libc::c_int::try_from(t.as_millis()).unwrap_or(libc::c_int::MAX)
+    });
     // SAFETY: `p` is one valid pollfd for the duration of the call.
     let r = unsafe { libc::poll(&mut p, 1, ms) };
     if r < 0 {
@@ -569,10 +574,7 @@ fn poll_readable(fd: i32, timeout: Duration) -> Result<bool, SessionError> {
         if e.kind() == io::ErrorKind::Interrupted {
             return Ok(false);
         }
-        return Err(SessionError::Io {
-            op: "poll",
-            source: e,
-        });
+        return Err(e);
     }
     Ok(r > 0)
 }

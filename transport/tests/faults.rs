@@ -9,15 +9,10 @@ use std::time::Duration;
 use common::*;
 use pagewire_protocol::{CodecId, PageFrame, PageIndex, PageRun, RegionId, Round, WireList};
 use pagewire_transport::session::{AnyChannel, Backend, SessionError};
-use pagewire_transport::uring::UringError;
+use pagewire_transport::uring::{UringError, ZeroCopy};
 use pagewire_transport::{
     BufferPool, Channel, ChannelError, Completed, Incoming, OutFrame, Payload, RegionSink,
 };
-
-const URING: Backend = Backend::Uring {
-    fallback_to_tcp: false,
-};
-const BACKENDS: [Backend; 2] = [Backend::Tcp, URING];
 
 fn encoded(frame: OutFrame) -> Vec<u8> {
     // The bytes a frame puts on the wire: its header, then its payload.
@@ -31,7 +26,7 @@ fn encoded(frame: OutFrame) -> Vec<u8> {
 
 #[test]
 fn peer_closing_mid_frame_is_reported() {
-    for backend in BACKENDS {
+    for backend in backends() {
         for with_sink in [false, true] {
             let cfg = config(20, 1);
             let (mut src, mut dst) = pair(&cfg);
@@ -62,7 +57,7 @@ fn peer_closing_mid_frame_is_reported() {
 
 #[test]
 fn a_peer_that_stops_reading_makes_the_sender_time_out_with_bounded_memory() {
-    for backend in BACKENDS {
+    for backend in backends() {
         let mut cfg = config(21, 1);
         cfg.tcp.send_buffer = Some(64 << 10);
         cfg.tcp.recv_buffer = Some(64 << 10);
@@ -114,7 +109,7 @@ fn a_peer_that_stops_reading_makes_the_sender_time_out_with_bounded_memory() {
 
 #[test]
 fn garbage_on_one_channel_leaves_the_others_intact() {
-    for backend in BACKENDS {
+    for backend in backends() {
         let cfg = config(22, 2);
         let (mut src, dst) = pair(&cfg);
         let mem = patterned(256, 9);
@@ -169,12 +164,16 @@ fn garbage_on_one_channel_leaves_the_others_intact() {
 
 #[test]
 fn uring_zero_copy_buffer_is_not_released_before_its_notification() {
+    if !uring_available() {
+        return;
+    }
     let mut cfg = config(23, 1);
     // Small socket buffers, so a 2 MiB send cannot finish while nobody reads.
     cfg.tcp.send_buffer = Some(64 << 10);
     cfg.tcp.recv_buffer = Some(64 << 10);
     let pool = BufferPool::new(1, 2 << 20).unwrap();
     cfg.uring.pools = vec![pool.clone()];
+    cfg.uring.zero_copy = ZeroCopy::Always;
     let (mut src, mut dst) = pair(&cfg);
     let mut ch = src.remove(0).open(&URING, &cfg).unwrap();
 
@@ -322,9 +321,38 @@ fn blocked_io_uring_is_named_and_falls_back_to_tcp_when_asked() {
     .unwrap();
     let mut dst = dst.into_iter();
     let _first = dst.next();
-    let mut rx = dst.next().unwrap().open(&URING, &cfg).unwrap();
+    let rx_backend = if uring_available() {
+        URING
+    } else {
+        Backend::Tcp
+    };
+    let mut rx = dst.next().unwrap().open(&rx_backend, &cfg).unwrap();
     assert!(matches!(
         rx.recv(None).unwrap(),
         Some(Incoming::Frame(pagewire_protocol::Frame::Pages(_)))
     ));
+}
+
+#[test]
+fn a_receive_timeout_between_frames_leaves_the_channel_usable() {
+    for backend in backends() {
+        let mut cfg = config(25, 1);
+        cfg.tcp.recv_timeout = Some(Duration::from_millis(200));
+        cfg.uring.recv_timeout = Some(Duration::from_millis(200));
+        let (mut src, mut dst) = pair(&cfg);
+        let mut rx = dst.remove(0).open(&backend, &cfg).unwrap();
+        match rx.recv(None) {
+            Err(ChannelError::RecvTimeout(t)) => assert_eq!(t, Duration::from_millis(200)),
+            other => panic!("{backend:?}: expected RecvTimeout, got {other:?}"),
+        }
+        let mut tx = src.remove(0).open(&backend, &cfg).unwrap();
+        let mem = patterned(8, 4);
+        tx.send(raw_frame(&mem, 0, 8)).unwrap();
+        tx.close(&mut Vec::new()).unwrap();
+        assert!(matches!(
+            rx.recv(None).unwrap(),
+            Some(Incoming::Frame(pagewire_protocol::Frame::Pages(_)))
+        ));
+        assert!(rx.recv(None).unwrap().is_none());
+    }
 }

@@ -7,11 +7,8 @@ use std::time::Duration;
 use common::*;
 use pagewire_protocol::{Frame, RegionId};
 use pagewire_transport::session::{AnyChannel, Backend, Established, SessionConfig};
+use pagewire_transport::uring::{ZC_AUTO_COPIED, ZeroCopy};
 use pagewire_transport::{Channel, Completed, Incoming, RegionSink};
-
-const URING: Backend = Backend::Uring {
-    fallback_to_tcp: false,
-};
 
 struct Outcome {
     zc: u64,
@@ -28,8 +25,10 @@ fn transfer(
     channels: u16,
     pages: usize,
     frame_pages: u32,
+    zero_copy: ZeroCopy,
 ) -> Outcome {
     let mut cfg = config(7, channels);
+    cfg.uring.zero_copy = zero_copy;
     let src_mem = patterned(pages, 42);
     let dst_mem = pagewire_transport::GuestMemory::anonymous(pages * PAGE).unwrap();
     cfg.uring.guest = vec![src_mem.clone()];
@@ -113,28 +112,69 @@ fn transfer(
 
 #[test]
 fn tcp_to_tcp_32_mib_over_3_channels() {
-    let o = transfer(Backend::Tcp, Backend::Tcp, 3, 8192, 128);
+    let o = transfer(Backend::Tcp, Backend::Tcp, 3, 8192, 128, ZeroCopy::Auto);
     assert_eq!(o.placed, 8192 * PAGE as u64);
     assert_eq!(o.zc + o.copied, 0);
 }
 
 #[test]
 fn uring_to_uring_32_mib_over_2_channels() {
-    let o = transfer(URING, URING, 2, 8192, 256);
+    if !uring_available() {
+        return;
+    }
+    let o = transfer(URING, URING, 2, 8192, 256, ZeroCopy::Always);
     assert_eq!(o.placed, 8192 * PAGE as u64);
     // Every payload send got its notification, counted as in place or copied.
     assert_eq!(o.zc + o.copied, o.payload_sends);
 }
 
 #[test]
+fn auto_zero_copy_pauses_after_copied_notifications() {
+    if !uring_available() {
+        return;
+    }
+    let cfg = config(9, 1);
+    let (mut src, mut dst) = pair(&cfg);
+    let mem = patterned(64, 2);
+    let d = dst.remove(0);
+    let c2 = cfg.clone();
+    let reader = std::thread::spawn(move || {
+        let mut ch = d.open(&Backend::Tcp, &c2).unwrap();
+        let mut n = 0;
+        while ch.recv(None).unwrap().is_some() {
+            n += 1;
+        }
+        n
+    });
+    let mut ch = src.remove(0).open(&URING, &cfg).unwrap();
+    let mut usage = Vec::new();
+    for _ in 0..ZC_AUTO_COPIED + 4 {
+        let mut done = Vec::new();
+        ch.send(raw_frame(&mem, 0, 64)).unwrap();
+        ch.flush(&mut done).unwrap();
+        usage.push(done[0].zero_copy);
+    }
+    ch.close(&mut Vec::new()).unwrap();
+    assert_eq!(reader.join().unwrap(), ZC_AUTO_COPIED + 4);
+    // Loopback copies every zero-copy send; after ZC_AUTO_COPIED of them the
+    // channel sends plainly (no notification).
+    let n = ZC_AUTO_COPIED as usize;
+    assert!(usage[..n].iter().all(|&u| u == (0, 1)), "{usage:?}");
+    assert!(usage[n..].iter().all(|&u| u == (0, 0)), "{usage:?}");
+}
+
+#[test]
 fn uring_sender_to_tcp_receiver_and_back() {
-    transfer(URING, Backend::Tcp, 2, 2048, 100);
-    transfer(Backend::Tcp, URING, 2, 2048, 100);
+    if !uring_available() {
+        return;
+    }
+    transfer(URING, Backend::Tcp, 2, 2048, 100, ZeroCopy::Auto);
+    transfer(Backend::Tcp, URING, 2, 2048, 100, ZeroCopy::Auto);
 }
 
 #[test]
 fn control_frames_arrive_whole_between_pages() {
-    for backend in [Backend::Tcp, URING] {
+    for backend in backends() {
         let cfg = config(8, 1);
         let (mut src, mut dst) = pair(&cfg);
         let (s, d) = (src.remove(0), dst.remove(0));

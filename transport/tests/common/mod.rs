@@ -7,7 +7,7 @@ use pagewire_protocol::{
     Authentication, Capabilities, CodecId, PageFrame, PageIndex, PageRun, RegionId, Round,
     SessionId, WireList,
 };
-use pagewire_transport::session::{self, Established, Listener, SessionConfig};
+use pagewire_transport::session::{self, Backend, Established, Listener, SessionConfig};
 use pagewire_transport::{GuestMemory, OutFrame, Payload};
 
 pub const PAGE: usize = 4096;
@@ -23,6 +23,9 @@ pub fn config(session: u8, channels: u16) -> SessionConfig {
         Authentication::None,
     );
     cfg.handshake_timeout = Duration::from_secs(10);
+    // Every receive in the tests is bounded in time.
+    cfg.tcp.recv_timeout = Some(Duration::from_secs(60));
+    cfg.uring.recv_timeout = Some(Duration::from_secs(60));
     cfg
 }
 
@@ -83,4 +86,31 @@ pub fn raw_frame(mem: &GuestMemory, start: u64, count: u32) -> OutFrame {
         .slice(start as usize * PAGE, count as usize * PAGE)
         .unwrap();
     OutFrame::pages(&header, vec![Payload::Guest(slice)]).unwrap()
+}
+
+/// io_uring without fallback.
+pub const URING: Backend = Backend::Uring {
+    fallback_to_tcp: false,
+};
+
+/// Whether io_uring can be used here; when not, says "skipped: ..." past the
+/// harness's output capture, so the skip is visible.
+pub fn uring_available() -> bool {
+    match pagewire_transport::uring::probe(&Default::default()) {
+        Ok(()) => true,
+        Err(e) => {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "skipped: io_uring unavailable: {e}");
+            false
+        }
+    }
+}
+
+/// The backends to run a scenario over: TCP, and io_uring where it is available.
+pub fn backends() -> Vec<Backend> {
+    let mut b = vec![Backend::Tcp];
+    if uring_available() {
+        b.push(URING);
+    }
+    b
 }
