@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use pagewire::protocol::{Authentication, CodecId, SessionKey};
+use pagewire::transport::session::Backend;
 use pagewire::{DestinationConfig, DestinationListener, DeviceSection, Source, SourceConfig};
 
 fn key() -> Authentication {
@@ -14,10 +15,15 @@ fn key() -> Authentication {
 }
 
 fn run(codec: CodecId, checksum: bool, channels: u16, auth: Authentication) {
+    run_on(codec, checksum, channels, auth, Backend::Tcp);
+}
+
+fn run_on(codec: CodecId, checksum: bool, channels: u16, auth: Authentication, backend: Backend) {
     let src_mem = memory(32);
     fill(&src_mem, 7);
     let mut dcfg = DestinationConfig::new(session(1), auth.clone());
     dcfg.checksum = checksum;
+    dcfg.backend = backend;
     let listener = DestinationListener::bind(loopback(), dcfg).unwrap();
     let addr = listener.local_addr().unwrap();
     let dst = std::thread::spawn(move || listener.accept(None).and_then(|d| d.wait()));
@@ -27,6 +33,7 @@ fn run(codec: CodecId, checksum: bool, channels: u16, auth: Authentication) {
     cfg.codec = codec;
     cfg.channels = channels;
     cfg.checksum = checksum;
+    cfg.backend = backend;
     cfg.precopy.downtime_limit = Duration::from_millis(50);
     cfg.precopy.max_rounds = 8;
     let mut source = Source::connect(addr, src_mem.clone(), cfg).unwrap();
@@ -70,6 +77,29 @@ fn deflate_three_channels() {
 #[test]
 fn raw_pages_zero_copy_from_guest_memory() {
     run(CodecId::RAW, false, 2, Authentication::None);
+}
+
+#[test]
+fn io_uring_channels() {
+    // Falls back to TCP (and says so in the statistics) where io_uring is unusable.
+    run_on(
+        CodecId::ZSTD,
+        false,
+        2,
+        Authentication::None,
+        Backend::Uring {
+            fallback_to_tcp: true,
+        },
+    );
+    run_on(
+        CodecId::RAW,
+        true,
+        2,
+        Authentication::None,
+        Backend::Uring {
+            fallback_to_tcp: true,
+        },
+    );
 }
 
 #[test]
