@@ -745,6 +745,25 @@ fn decode_pages<'a>(
     r: &mut Reader<'a>,
     limits: &Limits,
 ) -> Result<PageFrame<'a>, DecodeError> {
+    let mut frame = pages_header(flags, r, limits)?;
+    let payload = r.rest();
+    check_payload(&frame, payload.len(), limits)?;
+    if let Some(expected) = frame.crc {
+        let actual = crc32c::crc32c(payload);
+        if actual != expected {
+            return Err(DecodeError::ChecksumMismatch { expected, actual });
+        }
+    }
+    frame.payload = payload;
+    Ok(frame)
+}
+
+/// Reads and checks everything of a PAGES body before its payload.
+fn pages_header<'a>(
+    flags: u8,
+    r: &mut Reader<'a>,
+    limits: &Limits,
+) -> Result<PageFrame<'a>, DecodeError> {
     flags_only(FrameType::PAGES, flags, FLAG_PER_PAGE | FLAG_CRC32C)?;
     let codec = CodecId(r.u16()?);
     r.reserved_u16("pages reserved")?;
@@ -779,8 +798,7 @@ fn decode_pages<'a>(
     if !layout_ok {
         return Err(DecodeError::LayoutMismatch(codec));
     }
-    // data_pages <= max_pages <= 65536, so these products cannot overflow.
-    let page_size = u64::from(limits.page_size);
+    // data_pages <= max_pages <= 65536: the table length cannot overflow.
     let lengths = if per_page {
         Some(r.list::<u32>(data_pages as usize)?)
     } else {
@@ -792,9 +810,29 @@ fn decode_pages<'a>(
         (false, Some(_)) => return Err(DecodeError::ChecksumMissing),
         (false, None) => None,
     };
-    let payload = r.rest();
-    let payload_len = payload.len() as u64;
-    if let Some(lengths) = &lengths {
+    Ok(PageFrame {
+        codec,
+        region,
+        round,
+        data_runs,
+        zero_runs,
+        lengths,
+        crc,
+        payload: &[],
+    })
+}
+
+/// Checks a payload length against a PAGES header: the length table, or the codec's
+/// block rule.
+fn check_payload(
+    frame: &PageFrame<'_>,
+    payload_len: usize,
+    limits: &Limits,
+) -> Result<(), DecodeError> {
+    let page_size = u64::from(limits.page_size);
+    let payload_len = payload_len as u64;
+    let codec = frame.codec;
+    if let Some(lengths) = &frame.lengths {
         let mut sum = 0u64;
         for len in lengths.iter() {
             let len = u64::from(len);
@@ -813,37 +851,66 @@ fn decode_pages<'a>(
                 actual: payload_len,
             });
         }
-    } else {
-        let data_bytes = data_pages * page_size;
-        let ok = match codec {
-            CodecId::RAW => payload_len == data_bytes,
-            CodecId::ZERO => payload_len == 0,
-            _ => payload_len > 0 && payload_len <= data_bytes,
-        };
-        if !ok {
-            return Err(DecodeError::LengthMismatch {
-                field: "payload",
-                expected: data_bytes,
-                actual: payload_len,
-            });
-        }
+        return Ok(());
     }
-    if let Some(expected) = crc {
-        let actual = crc32c::crc32c(payload);
-        if actual != expected {
-            return Err(DecodeError::ChecksumMismatch { expected, actual });
-        }
+    // Bounded by max_pages and the page size: no overflow.
+    let data_bytes = frame.data_pages() * page_size;
+    let ok = match codec {
+        CodecId::RAW => payload_len == data_bytes,
+        CodecId::ZERO => payload_len == 0,
+        _ => payload_len > 0 && payload_len <= data_bytes,
+    };
+    if !ok {
+        return Err(DecodeError::LengthMismatch {
+            field: "payload",
+            expected: data_bytes,
+            actual: payload_len,
+        });
     }
-    Ok(PageFrame {
-        codec,
-        region,
-        round,
-        data_runs,
-        zero_runs,
-        lengths,
-        crc,
-        payload,
-    })
+    Ok(())
+}
+
+/// Bytes of PAGES body before the run lists.
+pub const PAGES_FIXED_LEN: usize = 16;
+
+impl<'a> PageFrame<'a> {
+    /// Decodes a PAGES frame's header when its payload is elsewhere (a transport placing
+    /// raw pages straight into guest memory): `header` is the body up to the payload,
+    /// exactly, and `payload_len` the payload's length. Every rule of `PROTOCOL.md` is
+    /// checked but the CRC, which the caller verifies over the payload where it lies.
+    /// The frame's `payload` is empty.
+    ///
+    /// # Errors
+    /// As [`Frame::decode`] for a PAGES frame, `TrailingBytes` when `header` holds
+    /// more than the header.
+    pub fn decode_header(
+        flags: u8,
+        header: &'a [u8],
+        payload_len: usize,
+        limits: &Limits,
+    ) -> Result<PageFrame<'a>, DecodeError> {
+        let mut r = Reader::new(header);
+        let frame = pages_header(flags, &mut r, limits)?;
+        r.finish(FrameType::PAGES)?;
+        check_payload(&frame, payload_len, limits)?;
+        Ok(frame)
+    }
+
+    /// The header length (envelope included) of a PAGES frame without a per-page table,
+    /// from its first `Envelope::LEN + PAGES_FIXED_LEN` bytes; `None` when `prefix` is
+    /// shorter or the frame has a length table (whose size depends on the runs).
+    pub fn header_len_from_prefix(flags: u8, prefix: &[u8]) -> Option<usize> {
+        if flags & FLAG_PER_PAGE != 0 {
+            return None;
+        }
+        let b = prefix.get(Envelope::LEN..Envelope::LEN + PAGES_FIXED_LEN)?;
+        let runs = usize::from(u16::from_le_bytes([b[12], b[13]]))
+            + usize::from(u16::from_le_bytes([b[14], b[15]]));
+        let crc = if flags & FLAG_CRC32C != 0 { 4 } else { 0 };
+        Some(
+            Envelope::LEN + PAGES_FIXED_LEN + runs * <PageRun as crate::wire::WireItem>::SIZE + crc,
+        )
+    }
 }
 
 impl PageFrame<'_> {

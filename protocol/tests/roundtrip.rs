@@ -434,6 +434,37 @@ fn check_round_trip(owned: &Owned, split: usize) -> Result<(), TestCaseError> {
     }
     prop_assert!(got.is_some(), "no frame decoded");
     prop_assert_eq!(&buffered_copy, &bytes);
+    // A PAGES header decodes the same apart from its payload.
+    if let Frame::Pages(p) = frame {
+        let hlen = p.header_len();
+        let head = PageFrame::decode_header(
+            bytes[1],
+            &bytes[Envelope::LEN..hlen],
+            p.payload.len(),
+            &owned.limits(),
+        )
+        .map_err(|e| TestCaseError::fail(format!("{e} decoding the header of {p:?}")))?;
+        prop_assert_eq!(head, PageFrame { payload: &[], ..p });
+        if p.lengths.is_none() {
+            prop_assert_eq!(
+                PageFrame::header_len_from_prefix(bytes[1], &bytes),
+                Some(hlen)
+            );
+        }
+        // A payload length that disagrees with the header is refused (where the
+        // header fixes it: raw, zero, per-page tables).
+        let exact = p.lengths.is_some() || p.codec == CodecId::RAW || p.codec == CodecId::ZERO;
+        prop_assert!(
+            !exact
+                || PageFrame::decode_header(
+                    bytes[1],
+                    &bytes[Envelope::LEN..hlen],
+                    p.payload.len() + 1,
+                    &owned.limits()
+                )
+                .is_err()
+        );
+    }
     Ok(())
 }
 

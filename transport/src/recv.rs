@@ -8,18 +8,13 @@
 //! gives the exact error.
 
 use pagewire_protocol::{
-    ChecksumId, CodecId, DecodeError, Envelope, Frame, FrameType, Limits, PageFrame, PageRun,
-    RegionId, Round, WireList,
-    frame::{FLAG_CRC32C, FLAG_PER_PAGE},
+    CodecId, DecodeError, Envelope, Frame, FrameType, Limits, PageFrame,
+    frame::{FLAG_PER_PAGE, PAGES_FIXED_LEN as PAGES_FIXED},
 };
 
 use crate::buf::GuestSlice;
 use crate::channel::{ChannelError, Incoming, PageSink, placed_len};
 
-/// Size of the fixed part of a PAGES body, before the run lists.
-const PAGES_FIXED: usize = 16;
-/// Size of one encoded page run.
-const RUN_LEN: usize = 12;
 /// Receive buffer size before any large frame arrives.
 const INITIAL_BUF: usize = 256 << 10;
 /// With a sink, how far past the bytes it needs a read may go: enough to take a whole
@@ -81,94 +76,23 @@ pub(crate) fn guest_iovecs(dst: &[GuestSlice], mut skip: usize, max: usize) -> V
 /// The envelope-plus-header length of a PAGES frame whose first 24 bytes are `head`,
 /// for a frame without a per-page table; `None` if it cannot be computed.
 fn raw_header_len(head: &[u8], flags: u8) -> Option<usize> {
-    let b = head.get(Envelope::LEN..Envelope::LEN + PAGES_FIXED)?;
-    let runs = usize::from(u16::from_le_bytes([b[12], b[13]]))
-        + usize::from(u16::from_le_bytes([b[14], b[15]]));
-    let crc = if flags & FLAG_CRC32C != 0 { 4 } else { 0 };
-    Some(Envelope::LEN + PAGES_FIXED + runs * RUN_LEN + crc)
-}
-
-fn canonical_pages(runs: &WireList<'_, PageRun>) -> Option<u64> {
-    let mut pages = 0u64;
-    let mut prev_end: Option<u64> = None;
-    for run in runs.iter() {
-        let end = run.end()?;
-        if run.count == 0 || prev_end.is_some_and(|p| run.start.0 <= p) {
-            return None;
-        }
-        prev_end = Some(end);
-        pages += u64::from(run.count);
-    }
-    Some(pages)
-}
-
-fn intersect(a: &WireList<'_, PageRun>, b: &WireList<'_, PageRun>) -> bool {
-    let (mut ia, mut ib) = (a.iter(), b.iter());
-    let (mut ra, mut rb) = (ia.next(), ib.next());
-    while let (Some(x), Some(y)) = (ra, rb) {
-        let xe = x.start.0 + u64::from(x.count);
-        let ye = y.start.0 + u64::from(y.count);
-        if x.start.0 < ye && y.start.0 < xe {
-            return true;
-        }
-        if xe <= y.start.0 {
-            ra = ia.next();
-        } else {
-            rb = ib.next();
-        }
-    }
-    false
+    PageFrame::header_len_from_prefix(flags, head)
 }
 
 /// Parses the header of a raw PAGES frame (`header` is the body up to the payload) and
-/// checks every rule `PROTOCOL.md` sets for it, the payload length included. `None`
-/// when the frame is not a valid raw frame: the caller then decodes it whole, and the
-/// protocol's decoder names the error.
+/// checks every rule `PROTOCOL.md` sets for it, the payload length included (the
+/// protocol crate's [`PageFrame::decode_header`]). `None` when the frame is not a
+/// valid raw frame: the caller then decodes it whole, and the protocol's decoder names
+/// the error.
 pub(crate) fn raw_header<'a>(
     flags: u8,
     header: &'a [u8],
     payload_len: usize,
     limits: &Limits,
 ) -> Option<PageFrame<'a>> {
-    if flags & !FLAG_CRC32C != 0 || header.len() < PAGES_FIXED {
-        return None;
-    }
-    let u16_at = |i: usize| u16::from_le_bytes([header[i], header[i + 1]]);
-    let u32_at = |i: usize| u32::from_le_bytes(header[i..i + 4].try_into().unwrap_or([0; 4]));
-    let codec = CodecId(u16_at(0));
-    if codec != CodecId::RAW || !limits.codecs.contains(codec) || u16_at(2) != 0 {
-        return None;
-    }
-    let (nd, nz) = (usize::from(u16_at(12)), usize::from(u16_at(14)));
-    let runs_end = PAGES_FIXED + (nd + nz) * RUN_LEN;
-    let data_runs = WireList::Wire(header.get(PAGES_FIXED..PAGES_FIXED + nd * RUN_LEN)?);
-    let zero_runs = WireList::Wire(header.get(PAGES_FIXED + nd * RUN_LEN..runs_end)?);
-    let data_pages = canonical_pages(&data_runs)?;
-    let zero_pages = canonical_pages(&zero_runs)?;
-    let pages = data_pages + zero_pages;
-    if data_pages == 0 || pages > u64::from(limits.max_pages) || intersect(&data_runs, &zero_runs) {
-        return None;
-    }
-    let crc = match (flags & FLAG_CRC32C != 0, limits.checksum) {
-        (true, Some(ChecksumId::CRC32C)) => Some(u32_at(runs_end)),
-        (false, None) => None,
-        _ => return None,
-    };
-    let expect_len = runs_end + if crc.is_some() { 4 } else { 0 };
-    if header.len() != expect_len || payload_len as u64 != data_pages * u64::from(limits.page_size)
-    {
-        return None;
-    }
-    Some(PageFrame {
-        codec,
-        region: RegionId(u32_at(4)),
-        round: Round(u32_at(8)),
-        data_runs,
-        zero_runs,
-        lengths: None,
-        crc,
-        payload: &[],
-    })
+    PageFrame::decode_header(flags, header, payload_len, limits)
+        .ok()
+        .filter(|f| f.codec == CodecId::RAW)
 }
 
 enum Ready {
@@ -439,7 +363,9 @@ mod tests {
     use super::*;
     use crate::buf::GuestMemory;
     use crate::channel::RegionSink;
-    use pagewire_protocol::{Ack, AckKind, CodecSet, PageIndex};
+    use pagewire_protocol::{
+        Ack, AckKind, ChecksumId, CodecSet, PageIndex, PageRun, RegionId, Round, WireList,
+    };
 
     /// A byte source over a vector, handing out at most `chunk` bytes per read.
     struct Bytes {
