@@ -14,11 +14,11 @@ use pagewire_transport::{
     BufferPool, Channel, ChannelError, Completed, Incoming, OutFrame, Payload, RegionSink,
 };
 
-fn encoded(frame: OutFrame) -> Vec<u8> {
-    // The bytes a frame puts on the wire: its header, then its payload.
+fn encoded(frame: OutFrame, mem: &pagewire_transport::GuestMemory) -> Vec<u8> {
+    // The bytes a frame of `mem`'s first pages puts on the wire: its header, then its
+    // payload (the same memory the frame was built from).
     let mut out = frame.header().to_vec();
-    let mem = patterned(64, 3);
-    let mut page = vec![0u8; (frame.wire_len() - out.len()).min(64 * PAGE)];
+    let mut page = vec![0u8; (frame.wire_len() - out.len()).min(mem.len())];
     mem.read(0, &mut page);
     out.extend_from_slice(&page);
     out
@@ -31,7 +31,7 @@ fn peer_closing_mid_frame_is_reported() {
             let cfg = config(20, 1);
             let (mut src, mut dst) = pair(&cfg);
             let mem = patterned(64, 3);
-            let bytes = encoded(raw_frame(&mem, 0, 64));
+            let bytes = encoded(raw_frame(&mem, 0, 64), &mem);
             let mut s = src.remove(0).stream;
             // Half a frame, then close.
             s.write_all(&bytes[..bytes.len() / 2]).unwrap();
@@ -135,7 +135,8 @@ fn garbage_on_one_channel_leaves_the_others_intact() {
             .collect();
         // Channel 1: a valid frame, then garbage.
         let mut bad = src.pop().unwrap().stream;
-        bad.write_all(&encoded(raw_frame(&mem, 0, 8))).unwrap();
+        bad.write_all(&encoded(raw_frame(&mem, 0, 8), &mem))
+            .unwrap();
         bad.write_all(&[0x42; 64]).unwrap();
         // Channel 0: the whole memory.
         let c2 = cfg.clone();
