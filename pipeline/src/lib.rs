@@ -1,7 +1,7 @@
 //! pagewire: the live-migration transport a VMM embeds.
 //!
 //! The VMM describes its guest memory once ([`GuestMemory`]), then either drives rounds
-//! itself through a [`Source`] or hands its dirty log to [`migrate`], which runs
+//! itself through a [`Source`] or hands its dirty log to [`migrate`](fn@migrate), which runs
 //! pre-copy rounds until the expected downtime fits the limit, pauses the guest, sends
 //! the last pages and the device state, and completes. On the other host a
 //! [`DestinationListener`] accepts the channels and a [`Destination`] applies every
