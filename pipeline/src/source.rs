@@ -273,7 +273,7 @@ impl Source {
                     let name = backend_name(&channel);
                     let mut w = setup.into_worker(channel);
                     // LAYOUT first on every channel.
-                    let memory = w.memory.clone();
+                    let memory = w.s.memory.clone();
                     let layout = Frame::Layout(memory.layout().frame());
                     match w.send_whole(&layout) {
                         Ok(()) => {
@@ -649,6 +649,8 @@ struct FrameMeta {
 struct WorkerSetup {
     ch: u16,
     engine: Engine,
+    /// The delta cache, when the codec is delta: pages sent another way are evicted,
+    /// so the next delta is never computed against content the destination lacks.
     delta: Option<Arc<DeltaCache>>,
     views: Vec<(RegionId, pagewire_transport::GuestMemory)>,
     memory: Arc<GuestMemory>,
@@ -666,21 +668,8 @@ struct WorkerSetup {
 impl WorkerSetup {
     fn into_worker(self, channel: AnyChannel) -> Worker {
         Worker {
-            ch: self.ch,
             channel,
-            engine: self.engine,
-            delta: self.delta,
-            views: self.views,
-            memory: self.memory,
-            affinity: self.affinity,
-            params: self.params,
-            checksum: self.checksum,
-            max_pages: self.max_pages,
-            control: self.control,
-            latency: self.latency,
-            counters: self.counters,
-            bytes_sent: self.bytes_sent,
-            engine_stats: self.engine_stats,
+            s: self,
             batch: VecDeque::new(),
             completions: Vec::new(),
             done: Vec::new(),
@@ -694,24 +683,10 @@ impl WorkerSetup {
 }
 
 struct Worker {
-    ch: u16,
-    /// Declared first: dropped before the memory its sends may point into.
+    /// Declared first: dropped before the memory its sends may point into (held by
+    /// `s`).
     channel: AnyChannel,
-    engine: Engine,
-    /// The delta cache, when the codec is delta: pages sent another way are evicted,
-    /// so the next delta is never computed against content the destination lacks.
-    delta: Option<Arc<DeltaCache>>,
-    views: Vec<(RegionId, pagewire_transport::GuestMemory)>,
-    memory: Arc<GuestMemory>,
-    affinity: Affinity,
-    params: EncodeParams,
-    checksum: Option<ChecksumId>,
-    max_pages: u32,
-    control: Control,
-    latency: Arc<SourceLatency>,
-    counters: Arc<Counters>,
-    bytes_sent: Arc<AtomicU64>,
-    engine_stats: Arc<std::sync::Mutex<pagewire_accel::EngineStats>>,
+    s: WorkerSetup,
     batch: VecDeque<pagewire_accel::Job>,
     completions: Vec<Completion>,
     done: Vec<Completed>,
@@ -744,8 +719,8 @@ impl Worker {
                     return;
                 }
             };
-            if let Ok(mut s) = self.engine_stats.lock() {
-                *s = self.engine.stats();
+            if let Ok(mut s) = self.s.engine_stats.lock() {
+                *s = self.s.engine.stats();
             }
             match res {
                 Ok(r) => {
@@ -764,7 +739,7 @@ impl Worker {
 
     fn chan_err(&self, source: pagewire_transport::ChannelError) -> MigrationError {
         MigrationError::Channel {
-            channel: self.ch,
+            channel: self.s.ch,
             source,
         }
     }
@@ -793,7 +768,7 @@ impl Worker {
 
     fn send_whole(&mut self, frame: &Frame<'_>) -> Result<(), MigrationError> {
         let out = OutFrame::whole(frame).map_err(|e| MigrationError::Protocol {
-            channel: self.ch,
+            channel: self.s.ch,
             what: e.to_string(),
         })?;
         self.send(out)?;
@@ -802,10 +777,10 @@ impl Worker {
 
     fn send(&mut self, out: OutFrame) -> Result<u64, MigrationError> {
         let len = out.wire_len() as u64;
-        self.control.limiter().acquire(len);
+        self.s.control.limiter().acquire(len);
         let id = self.channel.send(out).map_err(|e| self.chan_err(e))?;
         self.sends.push_back((id, Instant::now()));
-        self.bytes_sent.fetch_add(len, Ordering::Relaxed);
+        self.s.bytes_sent.fetch_add(len, Ordering::Relaxed);
         self.reap(false)?;
         Ok(len)
     }
@@ -819,10 +794,12 @@ impl Worker {
         };
         res.map_err(|e| self.chan_err(e))?;
         for c in self.done.drain(..) {
-            self.counters
+            self.s
+                .counters
                 .zc
                 .fetch_add(u64::from(c.zero_copy.0), Ordering::Relaxed);
-            self.counters
+            self.s
+                .counters
                 .zc_copied
                 .fetch_add(u64::from(c.zero_copy.1), Ordering::Relaxed);
             while let Some(&(id, at)) = self.sends.front() {
@@ -831,7 +808,7 @@ impl Worker {
                 }
                 self.sends.pop_front();
                 if id == c.id {
-                    self.latency.send.record(at.elapsed());
+                    self.s.latency.send.record(at.elapsed());
                 }
             }
         }
@@ -845,21 +822,22 @@ impl Worker {
     ) -> Result<ChannelRound, MigrationError> {
         self.round = ChannelRound::default();
         self.round_no = round;
-        let ps = u64::from(self.memory.page_size());
+        let ps = u64::from(self.s.memory.page_size());
         let mut data: Vec<PageRun> = Vec::new();
         let mut zero: Vec<PageRun> = Vec::new();
         for (region, bitmap) in dirty {
             let plan = self
+                .s
                 .affinity
-                .frames(*region, self.ch, bitmap, self.max_pages);
+                .frames(*region, self.s.ch, bitmap, self.s.max_pages);
             for runs in plan {
-                if self.control.is_cancelled() {
+                if self.s.control.is_cancelled() {
                     return Err(MigrationError::Cancelled);
                 }
                 data.clear();
                 zero.clear();
                 self.classify(*region, &runs, &mut data, &mut zero, ps)?;
-                if let Some(cache) = &self.delta {
+                if let Some(cache) = &self.s.delta {
                     for run in &zero {
                         for p in run.start.0..run.start.0 + u64::from(run.count) {
                             cache.invalidate(page_key(*region, p));
@@ -897,10 +875,11 @@ impl Worker {
         for run in runs {
             for p in run.start.0..run.start.0 + u64::from(run.count) {
                 let ptr =
-                    self.memory
+                    self.s
+                        .memory
                         .page_ptr(region, p)
                         .ok_or_else(|| MigrationError::Protocol {
-                            channel: self.ch,
+                            channel: self.s.ch,
                             what: format!("page {p} outside region {region:?}"),
                         })?;
                 // SAFETY: `page_ptr` returned a pointer to a whole page inside a mapped
@@ -929,7 +908,7 @@ impl Worker {
             data_runs: WireList::Slice(&[]),
             zero_runs: WireList::Slice(zero),
             lengths: None,
-            crc: self.checksum.map(|_| crc32c::crc32c(&[])),
+            crc: self.s.checksum.map(|_| crc32c::crc32c(&[])),
             payload: &[],
         });
         self.send_whole(&frame)?;
@@ -944,29 +923,30 @@ impl Worker {
         zero: &[PageRun],
     ) -> Result<(), MigrationError> {
         let mut job = loop {
-            if let Some(j) = self.engine.job() {
+            if let Some(j) = self.s.engine.job() {
                 break j;
             }
             self.drain_some(Some(Duration::from_millis(50)))?;
         };
         let tag = self.next_tag;
         self.next_tag += 1;
-        let list = job.encode(Tag(tag), self.params);
+        let list = job.encode(Tag(tag), self.s.params);
         for run in data {
             let (ptr, _) = self
+                .s
                 .memory
                 .span(region, run.start.0, u64::from(run.count))
                 .ok_or_else(|| MigrationError::Protocol {
-                    channel: self.ch,
+                    channel: self.s.ch,
                     what: format!("run {run:?} outside region {region:?}"),
                 })?;
             let key = page_key(region, run.start.0);
-            // SAFETY: the run lies inside a region of `self.memory`, which this worker
+            // SAFETY: the run lies inside a region of `self.s.memory`, which this worker
             // keeps alive (an `Arc`) beyond the job's completion; guest writes meanwhile
             // only make the encoded content stale (the page is dirty again).
             unsafe { list.push_raw(ptr.as_ptr(), run.count, key) }.map_err(|e| {
                 MigrationError::Protocol {
-                    channel: self.ch,
+                    channel: self.s.ch,
                     what: e.to_string(),
                 }
             })?;
@@ -982,7 +962,7 @@ impl Worker {
         );
         self.batch.push_back(job);
         loop {
-            self.engine.submit(&mut self.batch)?;
+            self.s.engine.submit(&mut self.batch)?;
             if self.batch.is_empty() {
                 break;
             }
@@ -995,7 +975,7 @@ impl Worker {
     fn drain_some(&mut self, wait: Option<Duration>) -> Result<(), MigrationError> {
         let mut comps = std::mem::take(&mut self.completions);
         let res = (|| {
-            self.engine.poll(&mut comps, 64, wait)?;
+            self.s.engine.poll(&mut comps, 64, wait)?;
             for c in comps.drain(..) {
                 self.send_completion(c)?;
             }
@@ -1007,9 +987,9 @@ impl Worker {
     }
 
     fn drain(&mut self) -> Result<(), MigrationError> {
-        while !self.batch.is_empty() || self.engine.in_flight() > 0 {
+        while !self.batch.is_empty() || self.s.engine.in_flight() > 0 {
             if !self.batch.is_empty() {
-                self.engine.submit(&mut self.batch)?;
+                self.s.engine.submit(&mut self.batch)?;
             }
             self.drain_some(Some(Duration::from_millis(50)))?;
         }
@@ -1021,18 +1001,18 @@ impl Worker {
             .pending
             .remove(&c.tag().0)
             .ok_or_else(|| MigrationError::Protocol {
-                channel: self.ch,
+                channel: self.s.ch,
                 what: "completion for an unknown job".into(),
             })?;
         c.status().map_err(|source| MigrationError::Codec {
-            channel: self.ch,
+            channel: self.s.ch,
             source,
         })?;
         let out = c.encoded().ok_or_else(|| MigrationError::Protocol {
-            channel: self.ch,
+            channel: self.s.ch,
             what: "encode job without an outcome".into(),
         })?;
-        self.latency.encode.record(meta.submitted.elapsed());
+        self.s.latency.encode.record(meta.submitted.elapsed());
         let per_page = pagewire_accel::layout(out.codec) == Some(Layout::PerPage);
         let lengths: Vec<u32> = if per_page {
             c.lengths().to_vec()
@@ -1041,28 +1021,29 @@ impl Worker {
         };
         let payload: Vec<Payload> = if out.in_place {
             let view = self
+                .s
                 .views
                 .iter()
                 .find(|(id, _)| *id == meta.region)
                 .map(|(_, v)| v.clone())
-                .ok_or(MigrationError::Worker(self.ch))?;
-            let ps = self.memory.page_size() as usize;
+                .ok_or(MigrationError::Worker(self.s.ch))?;
+            let ps = self.s.memory.page_size() as usize;
             meta.data_runs
                 .iter()
                 .map(|r| {
                     view.slice(r.start.0 as usize * ps, r.count as usize * ps)
                         .map(Payload::Guest)
-                        .ok_or(MigrationError::Worker(self.ch))
+                        .ok_or(MigrationError::Worker(self.s.ch))
                 })
                 .collect::<Result<_, _>>()?
         } else {
             let buf = c.take_payload().ok_or_else(|| MigrationError::Protocol {
-                channel: self.ch,
+                channel: self.s.ch,
                 what: "encode job without a payload buffer".into(),
             })?;
             if buf.len() != out.payload_len {
                 return Err(MigrationError::Protocol {
-                    channel: self.ch,
+                    channel: self.s.ch,
                     what: "payload buffer length differs from the encode outcome".into(),
                 });
             }
@@ -1072,7 +1053,7 @@ impl Worker {
             }))]
         };
         drop(c);
-        let crc = match self.checksum {
+        let crc = match self.s.checksum {
             Some(_) => {
                 let mut crc = 0u32;
                 for p in &payload {
@@ -1098,7 +1079,7 @@ impl Worker {
             payload: &[],
         };
         let outf = OutFrame::pages(&frame, payload).map_err(|e| MigrationError::Protocol {
-            channel: self.ch,
+            channel: self.s.ch,
             what: e.to_string(),
         })?;
         let data_pages: u64 = meta.data_runs.iter().map(|r| u64::from(r.count)).sum();
@@ -1115,13 +1096,13 @@ impl Worker {
     }
 
     fn account(&mut self, codec: CodecId, data: u64, zero: u64, payload: u64, wire: u64) {
-        let ps = u64::from(self.memory.page_size());
+        let ps = u64::from(self.s.memory.page_size());
         let r = &mut self.round;
         r.frames += 1;
         r.wire_bytes += wire;
         r.guest_bytes += (data + zero) * ps;
         r.pages.zero += zero;
-        let c = &self.counters;
+        let c = &self.s.counters;
         c.frames.fetch_add(1, Ordering::Relaxed);
         c.wire_bytes.fetch_add(wire, Ordering::Relaxed);
         c.guest_bytes
@@ -1153,7 +1134,7 @@ impl Worker {
     }
 
     fn await_ack(&mut self, kind: AckKind, value: u64) -> Result<(), MigrationError> {
-        let ch = self.ch;
+        let ch = self.s.ch;
         loop {
             let incoming = self
                 .channel
