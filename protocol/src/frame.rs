@@ -88,16 +88,23 @@ impl Envelope {
     }
 
     fn write(&self, out: &mut Vec<u8>) {
-        out.push(self.frame_type.0);
-        out.push(self.flags);
-        put_u16(out, 0);
-        put_u32(out, self.length);
+        let mut b = [0u8; Self::LEN];
+        self.write_into(&mut b);
+        out.extend_from_slice(&b);
+    }
+
+    /// The envelope's 8 bytes as they go on the wire.
+    pub fn write_into(&self, out: &mut [u8; Self::LEN]) {
+        out[0] = self.frame_type.0;
+        out[1] = self.flags;
+        out[2..4].copy_from_slice(&[0, 0]);
+        out[4..8].copy_from_slice(&self.length.to_le_bytes());
     }
 }
 
 /// PAGES flag: the payload has a per-page length table.
 pub const FLAG_PER_PAGE: u8 = 0x01;
-/// PAGES flag: the frame carries a CRC32C of its payload.
+/// PAGES flag: the frame carries a CRC32C of its envelope, header and payload.
 pub const FLAG_CRC32C: u8 = 0x02;
 
 /// The size of a HELLO/WELCOME/CONFIRM nonce or proof.
@@ -184,9 +191,12 @@ pub struct Confirm {
     pub proof: Option<[u8; NONCE_LEN]>,
 }
 
-/// LAYOUT: the guest memory regions.
+/// LAYOUT: the guest memory regions and the page-to-channel affinity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LayoutFrame<'a> {
+    /// Pages per affinity chunk, ≥ 1: chunk `c` of region `r` travels on channel
+    /// `(c + r) % channel_count` (see `PROTOCOL.md`, "Channel affinity").
+    pub chunk_pages: u32,
     /// The regions, as sent.
     pub regions: WireList<'a, RegionDesc>,
 }
@@ -206,7 +216,8 @@ pub struct PageFrame<'a> {
     pub zero_runs: WireList<'a, PageRun>,
     /// Per-page payload lengths, for per-page codecs.
     pub lengths: Option<WireList<'a, u32>>,
-    /// CRC32C of the payload.
+    /// CRC32C of the whole frame but this field: the envelope, the header up to this
+    /// field, and the payload (see [`PageFrame::crc_seed`]).
     pub crc: Option<u32>,
     /// The payload.
     pub payload: &'a [u8],
@@ -440,13 +451,23 @@ impl<'a> Frame<'a> {
             FrameType::LAYOUT => {
                 flags_only(ty, env.flags, 0)?;
                 let count = r.u32()?;
+                let chunk_pages = r.u32()?;
+                if chunk_pages == 0 {
+                    return Err(DecodeError::InvalidField {
+                        field: "layout chunk pages",
+                        value: 0,
+                    });
+                }
                 let regions: WireList<'a, RegionDesc> = r.list(count as usize)?;
                 for region in regions.iter() {
                     check_region(&region, limits.page_size)?;
                 }
-                Frame::Layout(LayoutFrame { regions })
+                Frame::Layout(LayoutFrame {
+                    chunk_pages,
+                    regions,
+                })
             }
-            FrameType::PAGES => Frame::Pages(decode_pages(env.flags, &mut r, limits)?),
+            FrameType::PAGES => Frame::Pages(decode_pages(env, &mut r, limits)?),
             FrameType::END_OF_ROUND => {
                 flags_only(ty, env.flags, 0)?;
                 Frame::EndOfRound(EndOfRound {
@@ -608,6 +629,7 @@ impl<'a> Frame<'a> {
                     max: u32::MAX as usize,
                 })?;
                 put_u32(out, n);
+                put_u32(out, l.chunk_pages);
                 l.regions.write(out);
             }
             Frame::Pages(p) => {
@@ -741,21 +763,34 @@ fn runs_intersect(a: &WireList<'_, PageRun>, b: &WireList<'_, PageRun>) -> bool 
 }
 
 fn decode_pages<'a>(
-    flags: u8,
+    env: Envelope,
     r: &mut Reader<'a>,
     limits: &Limits,
 ) -> Result<PageFrame<'a>, DecodeError> {
-    let mut frame = pages_header(flags, r, limits)?;
+    let body = r.peek_rest();
+    let mut frame = pages_header(env.flags, r, limits)?;
+    let header_len = body.len() - r.remaining();
     let payload = r.rest();
     check_payload(&frame, payload.len(), limits)?;
     if let Some(expected) = frame.crc {
-        let actual = crc32c::crc32c(payload);
+        let mut head = [0u8; Envelope::LEN];
+        env.write_into(&mut head);
+        // The header ends with the 4-byte crc field, which the checksum leaves out.
+        let seed = crc32c::crc32c_append(crc32c::crc32c(&head), &body[..header_len - 4]);
+        let actual = crc32c::crc32c_append(seed, payload);
         if actual != expected {
             return Err(DecodeError::ChecksumMismatch { expected, actual });
         }
     }
     frame.payload = payload;
     Ok(frame)
+}
+
+/// The CRC32C of an encoded PAGES frame's envelope and header, leaving out the crc field
+/// that ends `head`: the seed to which the payload's bytes are appended
+/// (`crc32c_append`). `head` is the frame from its first byte up to the payload.
+pub fn pages_crc_seed(head: &[u8]) -> u32 {
+    crc32c::crc32c(&head[..head.len().saturating_sub(4)])
 }
 
 /// Reads and checks everything of a PAGES body before its payload.
@@ -961,6 +996,43 @@ impl PageFrame<'_> {
         Ok(())
     }
 
+    /// The CRC32C of this frame's envelope and header (the crc field left out) for a
+    /// payload of `payload_len` bytes, as if `crc` were set: append the payload's bytes
+    /// to it with `crc32c::crc32c_append` to get the frame's checksum.
+    ///
+    /// # Errors
+    /// [`EncodeError`] when a run list or the frame is too long for its field.
+    pub fn crc_seed(&self, payload_len: usize) -> Result<u32, EncodeError> {
+        let with_crc = PageFrame {
+            crc: Some(0),
+            ..*self
+        };
+        let mut head = Vec::with_capacity(with_crc.header_len());
+        with_crc.encode_header(payload_len, &mut head)?;
+        Ok(pages_crc_seed(&head))
+    }
+
+    /// This frame with `crc` set to the checksum of its envelope, header and `payload`
+    /// (given in pieces, in payload order).
+    ///
+    /// # Errors
+    /// As [`PageFrame::crc_seed`].
+    pub fn with_crc<'p>(
+        self,
+        payload: impl IntoIterator<Item = &'p [u8]>,
+    ) -> Result<Self, EncodeError> {
+        let mut len = 0usize;
+        let parts: Vec<&[u8]> = payload.into_iter().inspect(|p| len += p.len()).collect();
+        let mut crc = self.crc_seed(len)?;
+        for p in parts {
+            crc = crc32c::crc32c_append(crc, p);
+        }
+        Ok(PageFrame {
+            crc: Some(crc),
+            ..self
+        })
+    }
+
     /// Bytes of envelope and header in front of the payload.
     pub fn header_len(&self) -> usize {
         Envelope::LEN
@@ -1141,15 +1213,43 @@ mod tests {
             data_runs: (&one).into(),
             zero_runs: WireList::Slice(&[]),
             lengths: None,
-            crc: Some(crc32c::crc32c(&payload)),
+            crc: None,
             payload: &payload,
-        };
+        }
+        .with_crc([&payload[..]])
+        .unwrap();
         assert!(decode_one(&encode(&Frame::Pages(p)), &l).is_ok());
         let mut bytes = encode(&Frame::Pages(p));
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
         assert!(matches!(
             decode_one(&bytes, &l),
+            Err(DecodeError::ChecksumMismatch { .. })
+        ));
+        // The checksum covers the header: the same payload moved to another page, round
+        // or region fails it.
+        for (at, what) in [
+            (Envelope::LEN + 4, "region"),
+            (Envelope::LEN + 8, "round"),
+            (Envelope::LEN + 16, "run start"),
+        ] {
+            let mut bytes = encode(&Frame::Pages(p));
+            bytes[at] ^= 1;
+            assert!(
+                matches!(
+                    decode_one(&bytes, &l),
+                    Err(DecodeError::ChecksumMismatch { .. })
+                ),
+                "{what}"
+            );
+        }
+        // The payload-only checksum of version 1 no longer passes.
+        let v1 = PageFrame {
+            crc: Some(crc32c::crc32c(&payload)),
+            ..p
+        };
+        assert!(matches!(
+            decode_one(&encode(&Frame::Pages(v1)), &l),
             Err(DecodeError::ChecksumMismatch { .. })
         ));
         p.crc = None;
@@ -1226,6 +1326,7 @@ mod tests {
             length: 1 << 30,
         }];
         let f = Frame::Layout(LayoutFrame {
+            chunk_pages: 128,
             regions: (&good).into(),
         });
         assert_eq!(decode_one(&encode(&f), &l), Ok(f));
@@ -1234,6 +1335,7 @@ mod tests {
             ..good[0]
         }];
         let f = Frame::Layout(LayoutFrame {
+            chunk_pages: 128,
             regions: (&bad).into(),
         });
         assert!(decode_one(&encode(&f), &l).is_err());

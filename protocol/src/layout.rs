@@ -52,11 +52,19 @@ impl MemoryLayout {
         Self::new(page_size, frame.regions.iter())
     }
 
-    /// The LAYOUT frame describing this layout.
-    pub fn frame(&self) -> LayoutFrame<'_> {
+    /// The LAYOUT frame describing this layout, with affinity chunks of `chunk_pages`.
+    pub fn frame(&self, chunk_pages: u32) -> LayoutFrame<'_> {
         LayoutFrame {
+            chunk_pages,
             regions: WireList::Slice(&self.regions),
         }
+    }
+
+    /// Guest memory bytes over all regions (saturating).
+    pub fn total_bytes(&self) -> u64 {
+        self.regions
+            .iter()
+            .fold(0u64, |t, r| t.saturating_add(r.length))
     }
 
     /// The session page size.

@@ -10,13 +10,14 @@ pub mod handshake;
 pub mod ids;
 pub mod layout;
 pub mod limits;
+pub mod session;
 pub mod stream;
 pub mod wire;
 
 pub use error::DecodeError;
 pub use frame::{
     Abort, Ack, Complete, Confirm, DeviceState, EndOfRound, Envelope, Frame, Hello, LayoutFrame,
-    PageFrame, PayloadLayout, Reject, Welcome, payload_layout,
+    PageFrame, PayloadLayout, Reject, Welcome, pages_crc_seed, payload_layout,
 };
 pub use handshake::{
     Authentication, Capabilities, ClientConfig, ClientHandshake, HandshakeError, Negotiated,
@@ -25,5 +26,9 @@ pub use handshake::{
 pub use ids::*;
 pub use layout::MemoryLayout;
 pub use limits::{CodecSet, Limits, Phase};
+pub use session::{
+    Affinity, DestinationChannel, DestinationEvent, DestinationLimits, DestinationSession,
+    SessionError, SourceChannel, SourceEvent,
+};
 pub use stream::FrameDecoder;
 pub use wire::{EncodeError, PageRun, RegionDesc, WireList};

@@ -7,10 +7,13 @@ use crate::ids::{ChecksumId, CodecId, Version};
 
 /// The 8 bytes every HELLO starts with.
 pub const MAGIC: [u8; 8] = *b"PAGEWIRE";
-/// Protocol version 1, the one `PROTOCOL.md` describes.
+/// Protocol version 1: no affinity on the wire, a payload-only PAGES checksum. No
+/// longer spoken (a destination cannot check channel affinity under it).
 pub const VERSION_1: Version = Version(1);
+/// Protocol version 2, the one `PROTOCOL.md` describes.
+pub const VERSION_2: Version = Version(2);
 /// The versions this implementation speaks.
-pub const SUPPORTED_VERSIONS: (Version, Version) = (VERSION_1, VERSION_1);
+pub const SUPPORTED_VERSIONS: (Version, Version) = (VERSION_2, VERSION_2);
 /// The frame limit while the handshake runs.
 pub const HANDSHAKE_MAX_FRAME: u32 = 4096;
 /// Smallest transfer page size.

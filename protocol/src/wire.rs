@@ -79,6 +79,11 @@ impl<'a> Reader<'a> {
         self.take(usize::from(n))
     }
 
+    /// What is left, without consuming it.
+    pub(crate) fn peek_rest(&self) -> &'a [u8] {
+        self.buf
+    }
+
     pub(crate) fn rest(&mut self) -> &'a [u8] {
         core::mem::take(&mut self.buf)
     }

@@ -1,0 +1,585 @@
+//! The destination's side of a session.
+
+use crate::frame::{Complete, DeviceState, EndOfRound, Frame, LayoutFrame, PageFrame};
+use crate::ids::{ChannelId, FrameType, Round};
+use crate::layout::MemoryLayout;
+use crate::session::{Affinity, Limit, SessionError};
+
+/// What the destination accepts from an authenticated peer. Every value bounds memory
+/// or work the peer can make the destination spend; a frame that asks for more fails
+/// the session with [`SessionError::LimitExceeded`] naming the limit.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DestinationLimits {
+    /// Guest memory over all regions of the LAYOUT, bytes. The destination never maps
+    /// more.
+    pub max_guest_bytes: u64,
+    /// Regions in the LAYOUT.
+    pub max_regions: u32,
+    /// Channels in the session.
+    pub max_channels: u16,
+    /// Device-state sections.
+    pub max_device_sections: u32,
+    /// Device-state bytes over all sections (announced totals and received data).
+    pub max_device_bytes: u64,
+}
+
+impl Default for DestinationLimits {
+    /// 16 GiB of guest memory in at most 256 regions, 64 channels, 4096 device-state
+    /// sections of 256 MiB in all.
+    fn default() -> Self {
+        Self {
+            max_guest_bytes: 16 << 30,
+            max_regions: 256,
+            max_channels: 64,
+            max_device_sections: 4096,
+            max_device_bytes: 256 << 20,
+        }
+    }
+}
+
+impl DestinationLimits {
+    fn check(limit: Limit, value: u64, max: u64) -> Result<(), SessionError> {
+        if value > max {
+            return Err(SessionError::LimitExceeded { limit, value, max });
+        }
+        Ok(())
+    }
+}
+
+/// A device-state section received whole.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Section {
+    /// Its name.
+    pub name: String,
+    /// Its instance number.
+    pub instance: u32,
+    /// Its bytes.
+    pub data: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct Partial {
+    name: String,
+    instance: u32,
+    channel: ChannelId,
+    total: u64,
+    data: Vec<u8>,
+}
+
+/// Where a COMPLETE stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompleteProgress {
+    /// Everything is applied: answer ACK COMPLETE for this round.
+    Done(Round),
+    /// Some channels have not yet ended the final round; ask again when one does.
+    Waiting,
+}
+
+/// The session-wide part of the destination: the layout, the rounds every channel has
+/// ended, device state and completion. Shared by the channels (the caller puts it
+/// behind a lock); the per-frame work is in [`DestinationChannel`].
+#[derive(Debug)]
+pub struct DestinationSession {
+    limits: DestinationLimits,
+    channels: u16,
+    page_size: u32,
+    layout: Option<(MemoryLayout, Affinity)>,
+    ended: Vec<Option<Round>>,
+    partial: Vec<Partial>,
+    done_sections: Vec<(String, u32)>,
+    device_bytes: u64,
+    complete: Option<(Round, u32)>,
+    completed: Option<Round>,
+}
+
+impl DestinationSession {
+    /// A session of `channels` channels with `page_size`.
+    ///
+    /// # Errors
+    /// [`SessionError::LimitExceeded`] when `channels` is above the limit,
+    /// [`SessionError::BadChannel`] when it is 0.
+    pub fn new(
+        channels: u16,
+        page_size: u32,
+        limits: DestinationLimits,
+    ) -> Result<Self, SessionError> {
+        if channels == 0 {
+            return Err(SessionError::BadChannel {
+                channel: ChannelId(0),
+                channels,
+            });
+        }
+        DestinationLimits::check(Limit::Channels, channels.into(), limits.max_channels.into())?;
+        Ok(Self {
+            limits,
+            channels,
+            page_size,
+            layout: None,
+            ended: vec![None; usize::from(channels)],
+            partial: Vec::new(),
+            done_sections: Vec::new(),
+            device_bytes: 0,
+            complete: None,
+            completed: None,
+        })
+    }
+
+    /// The per-channel state machine of channel `ch`.
+    ///
+    /// # Errors
+    /// [`SessionError::BadChannel`] when `ch` is outside the session.
+    pub fn channel(&self, ch: ChannelId) -> Result<DestinationChannel, SessionError> {
+        if ch.0 >= self.channels {
+            return Err(SessionError::BadChannel {
+                channel: ch,
+                channels: self.channels,
+            });
+        }
+        Ok(DestinationChannel {
+            channel: ch,
+            rules: None,
+            open_round: None,
+            last_ended: None,
+            frames: 0,
+            pages: 0,
+            completed: false,
+        })
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &DestinationLimits {
+        &self.limits
+    }
+
+    /// Channels in the session.
+    pub fn channels(&self) -> u16 {
+        self.channels
+    }
+
+    /// The layout and affinity, once a LAYOUT has been accepted.
+    pub fn layout(&self) -> Option<(&MemoryLayout, Affinity)> {
+        self.layout.as_ref().map(|(l, a)| (l, *a))
+    }
+
+    /// Takes a LAYOUT a channel received. Returns `true` for the session's first one:
+    /// the caller prepares guest memory for [`DestinationSession::layout`] now. Every
+    /// later copy must be identical.
+    ///
+    /// # Errors
+    /// `BadLayout`, `LimitExceeded` (regions, guest bytes) or `LayoutDiffers`.
+    pub fn on_layout(&mut self, frame: &LayoutFrame<'_>) -> Result<bool, SessionError> {
+        DestinationLimits::check(
+            Limit::Regions,
+            frame.regions.len() as u64,
+            self.limits.max_regions.into(),
+        )?;
+        let layout =
+            MemoryLayout::from_frame(frame, self.page_size).map_err(SessionError::BadLayout)?;
+        let affinity = Affinity::new(self.channels, frame.chunk_pages).ok_or(
+            SessionError::BadLayout(crate::DecodeError::InvalidField {
+                field: "layout chunk pages",
+                value: frame.chunk_pages.into(),
+            }),
+        )?;
+        DestinationLimits::check(
+            Limit::GuestBytes,
+            layout.total_bytes(),
+            self.limits.max_guest_bytes,
+        )?;
+        match &self.layout {
+            Some((l, a)) if *l == layout && *a == affinity => Ok(false),
+            Some(_) => Err(SessionError::LayoutDiffers),
+            None => {
+                self.layout = Some((layout, affinity));
+                Ok(true)
+            }
+        }
+    }
+
+    /// Records that `ch` ended `round` (after its [`DestinationChannel`] accepted the
+    /// END_OF_ROUND). Returns where a pending COMPLETE stands, if one is pending.
+    ///
+    /// # Errors
+    /// `RoundAfterFinal` when the channel ended a round after an announced final one.
+    pub fn on_round_ended(
+        &mut self,
+        ch: ChannelId,
+        round: Round,
+    ) -> Result<Option<CompleteProgress>, SessionError> {
+        if let Some(slot) = self.ended.get_mut(usize::from(ch.0)) {
+            *slot = Some(round);
+        }
+        match self.complete {
+            Some((final_round, _)) if round > final_round => {
+                Err(SessionError::RoundAfterFinal { round, final_round })
+            }
+            Some(_) => self.progress().map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Takes a device-state chunk received on `ch`. Returns the section when this chunk
+    /// finished it.
+    ///
+    /// # Errors
+    /// `LimitExceeded` (sections, bytes), `DeviceStateOutOfOrder`, `SectionChannel`,
+    /// `DuplicateSection`, `AfterComplete`.
+    pub fn on_device_state(
+        &mut self,
+        ch: ChannelId,
+        d: &DeviceState<'_>,
+    ) -> Result<Option<Section>, SessionError> {
+        if self.complete.is_some() {
+            return Err(SessionError::AfterComplete(FrameType::DEVICE_STATE));
+        }
+        let pos = self
+            .partial
+            .iter()
+            .position(|p| p.instance == d.instance && p.name == d.name);
+        let i = match pos {
+            Some(i) => {
+                let p = &self.partial[i];
+                if p.channel != ch {
+                    return Err(SessionError::SectionChannel {
+                        instance: d.instance,
+                        channel: ch,
+                        began: p.channel,
+                    });
+                }
+                if p.total != d.total || p.data.len() as u64 != d.offset {
+                    return Err(SessionError::DeviceStateOutOfOrder {
+                        instance: d.instance,
+                    });
+                }
+                i
+            }
+            None => {
+                if d.offset != 0 {
+                    return Err(SessionError::DeviceStateOutOfOrder {
+                        instance: d.instance,
+                    });
+                }
+                if self
+                    .done_sections
+                    .iter()
+                    .any(|(n, i)| *i == d.instance && n == d.name)
+                {
+                    return Err(SessionError::DuplicateSection {
+                        instance: d.instance,
+                    });
+                }
+                let sections = (self.done_sections.len() + self.partial.len() + 1) as u64;
+                DestinationLimits::check(
+                    Limit::DeviceSections,
+                    sections,
+                    self.limits.max_device_sections.into(),
+                )?;
+                // Announced totals count against the byte limit before any data is
+                // kept, so no section can grow past it.
+                let announced = self
+                    .partial
+                    .iter()
+                    .fold(self.device_bytes, |t, p| {
+                        t.saturating_add(p.total - p.data.len() as u64)
+                    })
+                    .saturating_add(d.total);
+                DestinationLimits::check(
+                    Limit::DeviceBytes,
+                    announced,
+                    self.limits.max_device_bytes,
+                )?;
+                self.partial.push(Partial {
+                    name: d.name.to_owned(),
+                    instance: d.instance,
+                    channel: ch,
+                    total: d.total,
+                    data: Vec::new(),
+                });
+                self.partial.len() - 1
+            }
+        };
+        let p = &mut self.partial[i];
+        // Bounded: offset + len ≤ total (checked by the decoder and above), and totals
+        // count against the byte limit.
+        p.data.extend_from_slice(d.data);
+        self.device_bytes = self.device_bytes.saturating_add(d.data.len() as u64);
+        if p.data.len() as u64 == p.total {
+            let p = self.partial.swap_remove(i);
+            self.done_sections.push((p.name.clone(), p.instance));
+            return Ok(Some(Section {
+                name: p.name,
+                instance: p.instance,
+                data: p.data,
+            }));
+        }
+        Ok(None)
+    }
+
+    /// Takes the COMPLETE that channel 0 accepted ([`DestinationEvent::Complete`]).
+    ///
+    /// # Errors
+    /// `CompleteEarly` (a section unfinished), `SectionCount`, `RoundAfterFinal`.
+    pub fn on_complete(&mut self, c: &Complete) -> Result<CompleteProgress, SessionError> {
+        if self.complete.is_some() {
+            return Err(SessionError::AfterComplete(FrameType::COMPLETE));
+        }
+        if !self.partial.is_empty() {
+            return Err(SessionError::CompleteEarly {
+                final_round: c.final_round,
+                what: "a device-state section is unfinished",
+            });
+        }
+        let received = self.done_sections.len() as u32;
+        if c.sections != received {
+            return Err(SessionError::SectionCount {
+                announced: c.sections,
+                received,
+            });
+        }
+        self.complete = Some((c.final_round, c.sections));
+        self.progress()
+    }
+
+    fn progress(&mut self) -> Result<CompleteProgress, SessionError> {
+        let Some((final_round, _)) = self.complete else {
+            return Ok(CompleteProgress::Waiting);
+        };
+        if let Some(round) = self.ended.iter().flatten().find(|r| **r > final_round) {
+            return Err(SessionError::RoundAfterFinal {
+                round: *round,
+                final_round,
+            });
+        }
+        if self.ended.iter().all(|e| *e == Some(final_round)) {
+            self.completed = Some(final_round);
+            return Ok(CompleteProgress::Done(final_round));
+        }
+        Ok(CompleteProgress::Waiting)
+    }
+
+    /// Where a received COMPLETE stands now (`Waiting` also before any COMPLETE).
+    pub fn complete_progress(&self) -> CompleteProgress {
+        match self.completed {
+            Some(r) => CompleteProgress::Done(r),
+            None => CompleteProgress::Waiting,
+        }
+    }
+
+    /// The final round, once the migration is verified complete.
+    pub fn completed(&self) -> Option<Round> {
+        self.completed
+    }
+
+    /// The last round each channel ended.
+    pub fn ended(&self) -> &[Option<Round>] {
+        &self.ended
+    }
+}
+
+/// What the caller does after a frame was accepted on a channel.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum DestinationEvent<'f, 'a> {
+    /// A LAYOUT: hand it to [`DestinationSession::on_layout`], then call
+    /// [`DestinationChannel::set_layout`].
+    Layout(&'f LayoutFrame<'a>),
+    /// A PAGES frame whose pages passed every rule: decode it into the pages it names
+    /// and zero its zero runs.
+    Apply(&'f PageFrame<'a>),
+    /// The channel ended a round: send ACK ROUND for it, and tell
+    /// [`DestinationSession::on_round_ended`].
+    AckRound(Round),
+    /// A device-state chunk: hand it to [`DestinationSession::on_device_state`].
+    DeviceState(&'f DeviceState<'a>),
+    /// A COMPLETE on channel 0 with nothing open on it: hand it to
+    /// [`DestinationSession::on_complete`].
+    Complete(&'f Complete),
+    /// An extension frame: skipped.
+    Skip,
+}
+
+#[derive(Clone, Debug)]
+struct Rules {
+    layout: MemoryLayout,
+    affinity: Affinity,
+}
+
+/// One channel of the destination: its rounds, its counts, and which pages it may
+/// carry. Lives on the channel's thread; nothing here is shared.
+#[derive(Clone, Debug)]
+pub struct DestinationChannel {
+    channel: ChannelId,
+    rules: Option<Rules>,
+    open_round: Option<Round>,
+    last_ended: Option<Round>,
+    frames: u32,
+    pages: u64,
+    completed: bool,
+}
+
+impl DestinationChannel {
+    /// This channel's index.
+    pub fn id(&self) -> ChannelId {
+        self.channel
+    }
+
+    /// Installs the session's layout and affinity after [`DestinationSession::on_layout`]
+    /// accepted this channel's LAYOUT.
+    ///
+    /// # Errors
+    /// `LayoutMissing` when the session has none.
+    pub fn set_layout(&mut self, session: &DestinationSession) -> Result<(), SessionError> {
+        let (layout, affinity) = session
+            .layout()
+            .ok_or(SessionError::LayoutMissing(FrameType::LAYOUT))?;
+        if self.rules.is_none() {
+            self.rules = Some(Rules {
+                layout: layout.clone(),
+                affinity,
+            });
+        }
+        Ok(())
+    }
+
+    /// The layout in force on this channel.
+    pub fn layout(&self) -> Option<&MemoryLayout> {
+        self.rules.as_ref().map(|r| &r.layout)
+    }
+
+    /// Checks a PAGES frame's header **before** any of its bytes are decoded or placed:
+    /// the layout is known, the pages lie inside their region, every page belongs to
+    /// this channel, and the round may carry pages. Does not count the frame.
+    ///
+    /// # Errors
+    /// `LayoutMissing`, `PagesOutsideLayout`, `WrongChannel`, `RoundEnded`,
+    /// `RoundMismatch`, `AfterComplete`.
+    pub fn check_pages(&self, p: &PageFrame<'_>) -> Result<(), SessionError> {
+        if self.completed {
+            return Err(SessionError::AfterComplete(FrameType::PAGES));
+        }
+        let rules = self
+            .rules
+            .as_ref()
+            .ok_or(SessionError::LayoutMissing(FrameType::PAGES))?;
+        rules
+            .layout
+            .check_pages(p)
+            .map_err(SessionError::PagesOutsideLayout)?;
+        for run in p.data_runs.iter().chain(p.zero_runs.iter()) {
+            rules.affinity.check_run(p.region, self.channel, run)?;
+        }
+        if self.last_ended.is_some_and(|l| p.round <= l) {
+            return Err(SessionError::RoundEnded { round: p.round });
+        }
+        match self.open_round {
+            Some(open) if open != p.round => Err(SessionError::RoundMismatch {
+                round: p.round,
+                open,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks and counts a PAGES frame whose pages a transport already placed after
+    /// [`DestinationChannel::check_pages`] allowed it.
+    ///
+    /// # Errors
+    /// As `check_pages`.
+    pub fn on_placed(&mut self, p: &PageFrame<'_>) -> Result<(), SessionError> {
+        self.check_pages(p)?;
+        self.count(p);
+        Ok(())
+    }
+
+    fn count(&mut self, p: &PageFrame<'_>) {
+        self.open_round = Some(p.round);
+        self.frames = self.frames.saturating_add(1);
+        self.pages = self
+            .pages
+            .saturating_add(p.data_pages())
+            .saturating_add(p.zero_pages());
+    }
+
+    /// Takes a frame received on this channel and says what to do with it.
+    ///
+    /// # Errors
+    /// The rule the frame broke; the channel is then finished (send ABORT and close).
+    pub fn on_frame<'f, 'a>(
+        &mut self,
+        frame: &'f Frame<'a>,
+    ) -> Result<DestinationEvent<'f, 'a>, SessionError> {
+        let ty = frame.frame_type();
+        match frame {
+            Frame::Extension { .. } => return Ok(DestinationEvent::Skip),
+            Frame::Abort(a) => return Err(SessionError::PeerAborted(a.reason)),
+            _ if self.completed => return Err(SessionError::AfterComplete(ty)),
+            Frame::Layout(l) => return Ok(DestinationEvent::Layout(l)),
+            _ if self.rules.is_none() => return Err(SessionError::LayoutMissing(ty)),
+            _ => {}
+        }
+        match frame {
+            Frame::Pages(p) => {
+                self.check_pages(p)?;
+                self.count(p);
+                Ok(DestinationEvent::Apply(p))
+            }
+            Frame::EndOfRound(e) => self.end_round(e).map(DestinationEvent::AckRound),
+            Frame::DeviceState(d) => Ok(DestinationEvent::DeviceState(d)),
+            Frame::Complete(c) => {
+                if self.channel.0 != 0 {
+                    return Err(SessionError::CompleteChannel(self.channel));
+                }
+                if self.open_round.is_some() {
+                    return Err(SessionError::CompleteEarly {
+                        final_round: c.final_round,
+                        what: "a round is open on channel 0",
+                    });
+                }
+                if self.last_ended != Some(c.final_round) {
+                    return Err(SessionError::CompleteEarly {
+                        final_round: c.final_round,
+                        what: "channel 0 has not ended that round",
+                    });
+                }
+                self.completed = true;
+                Ok(DestinationEvent::Complete(c))
+            }
+            _ => Err(SessionError::UnexpectedFrame(ty)),
+        }
+    }
+
+    fn end_round(&mut self, e: &EndOfRound) -> Result<Round, SessionError> {
+        let round = e.round;
+        if self.last_ended.is_some_and(|l| round <= l)
+            || self.open_round.is_some_and(|o| o != round)
+        {
+            return Err(SessionError::EndOfRoundOutOfOrder { round });
+        }
+        if e.frames != self.frames || e.pages != self.pages {
+            return Err(SessionError::CountMismatch {
+                round,
+                sent_frames: e.frames,
+                sent_pages: e.pages,
+                got_frames: self.frames,
+                got_pages: self.pages,
+            });
+        }
+        self.frames = 0;
+        self.pages = 0;
+        self.open_round = None;
+        self.last_ended = Some(round);
+        Ok(round)
+    }
+
+    /// Marks the session complete on this channel (another channel received COMPLETE):
+    /// any later page frame here is refused.
+    pub fn finish(&mut self) {
+        self.completed = true;
+    }
+
+    /// The last round this channel ended.
+    pub fn last_ended(&self) -> Option<Round> {
+        self.last_ended
+    }
+}

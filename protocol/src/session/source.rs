@@ -1,0 +1,223 @@
+//! The source's side of a session, one channel at a time.
+
+use crate::frame::{Complete, EndOfRound, Frame, PageFrame};
+use crate::ids::{AckKind, ChannelId, FrameType, Round};
+use crate::session::{Affinity, SessionError};
+
+/// What the source learned from a frame the destination sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SourceEvent {
+    /// Every page frame of rounds up to this one is applied on this channel.
+    RoundApplied(Round),
+    /// This many page frames of this channel are applied (cumulative).
+    FramesApplied(u64),
+    /// The destination applied the whole migration up to this final round: it owns the
+    /// guest now.
+    Complete(Round),
+    /// An extension frame: skipped.
+    Skip,
+}
+
+/// One channel of the source: checks what the source sends (LAYOUT first, rounds in
+/// order, pages on their own channel) and counts it for END_OF_ROUND, and checks the
+/// ACKs that come back against what was sent.
+#[derive(Clone, Debug)]
+pub struct SourceChannel {
+    channel: ChannelId,
+    affinity: Affinity,
+    layout_sent: bool,
+    open_round: Option<Round>,
+    last_ended: Option<Round>,
+    frames: u32,
+    pages: u64,
+    frames_total: u64,
+    acked_round: Option<Round>,
+    acked_frames: u64,
+    complete_sent: Option<Round>,
+    completed: Option<Round>,
+}
+
+impl SourceChannel {
+    /// Channel `channel` of a session with `affinity`.
+    ///
+    /// # Errors
+    /// [`SessionError::BadChannel`] when the channel is outside the session.
+    pub fn new(channel: ChannelId, affinity: Affinity) -> Result<Self, SessionError> {
+        if channel.0 >= affinity.channels() {
+            return Err(SessionError::BadChannel {
+                channel,
+                channels: affinity.channels(),
+            });
+        }
+        Ok(Self {
+            channel,
+            affinity,
+            layout_sent: false,
+            open_round: None,
+            last_ended: None,
+            frames: 0,
+            pages: 0,
+            frames_total: 0,
+            acked_round: None,
+            acked_frames: 0,
+            complete_sent: None,
+            completed: None,
+        })
+    }
+
+    /// Records that LAYOUT is being sent.
+    pub fn on_send_layout(&mut self) {
+        self.layout_sent = true;
+    }
+
+    /// Checks and counts a PAGES frame about to be sent.
+    ///
+    /// # Errors
+    /// [`SessionError::Local`] for a frame sent before LAYOUT, after COMPLETE, in a round
+    /// already ended or while another is open; `WrongChannel` for a page of another
+    /// channel.
+    pub fn on_send_pages(&mut self, p: &PageFrame<'_>) -> Result<(), SessionError> {
+        if !self.layout_sent {
+            return Err(SessionError::Local("PAGES before LAYOUT"));
+        }
+        if self.complete_sent.is_some() {
+            return Err(SessionError::Local("PAGES after COMPLETE"));
+        }
+        if self.last_ended.is_some_and(|l| p.round <= l)
+            || self.open_round.is_some_and(|o| o != p.round)
+        {
+            return Err(SessionError::Local("PAGES of a round that is not open"));
+        }
+        for run in p.data_runs.iter().chain(p.zero_runs.iter()) {
+            self.affinity.check_run(p.region, self.channel, run)?;
+        }
+        self.open_round = Some(p.round);
+        self.frames = self.frames.saturating_add(1);
+        self.frames_total = self.frames_total.saturating_add(1);
+        self.pages = self
+            .pages
+            .saturating_add(p.data_pages())
+            .saturating_add(p.zero_pages());
+        Ok(())
+    }
+
+    /// The END_OF_ROUND to send for `round`, with this channel's counts.
+    ///
+    /// # Errors
+    /// [`SessionError::Local`] when `round` cannot end now.
+    pub fn end_round(&mut self, round: Round) -> Result<EndOfRound, SessionError> {
+        if !self.layout_sent || self.complete_sent.is_some() {
+            return Err(SessionError::Local("END_OF_ROUND outside the session"));
+        }
+        if self.last_ended.is_some_and(|l| round <= l)
+            || self.open_round.is_some_and(|o| o != round)
+        {
+            return Err(SessionError::Local("END_OF_ROUND out of order"));
+        }
+        let e = EndOfRound {
+            round,
+            frames: self.frames,
+            pages: self.pages,
+        };
+        self.frames = 0;
+        self.pages = 0;
+        self.open_round = None;
+        self.last_ended = Some(round);
+        Ok(e)
+    }
+
+    /// The COMPLETE to send on channel 0 after the final round ended on every channel.
+    ///
+    /// # Errors
+    /// [`SessionError::Local`] on a channel other than 0, or before `final_round`
+    /// ended here.
+    pub fn complete(
+        &mut self,
+        final_round: Round,
+        sections: u32,
+    ) -> Result<Complete, SessionError> {
+        if self.channel.0 != 0 {
+            return Err(SessionError::Local("COMPLETE on a channel other than 0"));
+        }
+        if self.open_round.is_some() || self.last_ended != Some(final_round) {
+            return Err(SessionError::Local("COMPLETE before the final round ended"));
+        }
+        self.complete_sent = Some(final_round);
+        Ok(Complete {
+            final_round,
+            sections,
+        })
+    }
+
+    /// Takes a frame the destination sent on this channel.
+    ///
+    /// # Errors
+    /// `BadAck` for an ACK of something not sent (or going backwards),
+    /// `PeerAborted`, `UnexpectedFrame` for any frame a destination does not send.
+    pub fn on_frame(&mut self, frame: &Frame<'_>) -> Result<SourceEvent, SessionError> {
+        match frame {
+            Frame::Extension { .. } => Ok(SourceEvent::Skip),
+            Frame::Abort(a) => Err(SessionError::PeerAborted(a.reason)),
+            Frame::Ack(a) => {
+                let bad = SessionError::BadAck {
+                    kind: a.kind,
+                    value: a.value,
+                };
+                match a.kind {
+                    AckKind::ROUND => {
+                        let round = u32::try_from(a.value).map(Round).map_err(|_| bad)?;
+                        if self.last_ended.is_none_or(|l| round > l)
+                            || self.acked_round.is_some_and(|r| round <= r)
+                        {
+                            return Err(bad);
+                        }
+                        self.acked_round = Some(round);
+                        Ok(SourceEvent::RoundApplied(round))
+                    }
+                    AckKind::FRAMES => {
+                        if a.value > self.frames_total || a.value < self.acked_frames {
+                            return Err(bad);
+                        }
+                        self.acked_frames = a.value;
+                        Ok(SourceEvent::FramesApplied(a.value))
+                    }
+                    AckKind::COMPLETE => {
+                        let round = u32::try_from(a.value).map(Round).map_err(|_| bad)?;
+                        if self.complete_sent != Some(round) || self.completed.is_some() {
+                            return Err(bad);
+                        }
+                        self.completed = Some(round);
+                        Ok(SourceEvent::Complete(round))
+                    }
+                    _ => Err(bad),
+                }
+            }
+            other => Err(SessionError::UnexpectedFrame(other.frame_type())),
+        }
+    }
+
+    /// The round acknowledged last.
+    pub fn acked_round(&self) -> Option<Round> {
+        self.acked_round
+    }
+
+    /// The final round, once the destination acknowledged COMPLETE.
+    pub fn completed(&self) -> Option<Round> {
+        self.completed
+    }
+
+    /// Whether `frame_type` is one a source sends (for callers that check their own
+    /// output).
+    pub fn sends(frame_type: FrameType) -> bool {
+        matches!(
+            frame_type,
+            FrameType::LAYOUT
+                | FrameType::PAGES
+                | FrameType::END_OF_ROUND
+                | FrameType::DEVICE_STATE
+                | FrameType::COMPLETE
+                | FrameType::ABORT
+        ) || frame_type.is_skippable()
+    }
+}

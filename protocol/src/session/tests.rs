@@ -1,0 +1,413 @@
+use super::*;
+use crate::frame::{Abort, Ack, Complete, DeviceState, EndOfRound, Frame, LayoutFrame, PageFrame};
+use crate::ids::{
+    AbortReason, AckKind, ChannelId, CodecId, FrameType, GuestAddr, PageIndex, RegionId, Round,
+};
+use crate::wire::{PageRun, RegionDesc, WireList};
+
+const PS: u32 = 4096;
+
+fn regions() -> [RegionDesc; 2] {
+    [
+        RegionDesc {
+            id: RegionId(0),
+            backing_page_size: PS,
+            guest_addr: GuestAddr(0),
+            length: 1024 * u64::from(PS),
+        },
+        RegionDesc {
+            id: RegionId(1),
+            backing_page_size: PS,
+            guest_addr: GuestAddr(1 << 32),
+            length: 256 * u64::from(PS),
+        },
+    ]
+}
+
+fn run(start: u64, count: u32) -> PageRun {
+    PageRun {
+        start: PageIndex(start),
+        count,
+    }
+}
+
+fn zero_frame<'a>(region: u32, round: u32, runs: &'a [PageRun]) -> Frame<'a> {
+    Frame::Pages(PageFrame {
+        codec: CodecId::ZERO,
+        region: RegionId(region),
+        round: Round(round),
+        data_runs: WireList::Slice(&[]),
+        zero_runs: WireList::Slice(runs),
+        lengths: None,
+        crc: None,
+        payload: &[],
+    })
+}
+
+/// A session of `n` channels with the layout accepted on every channel.
+fn open(n: u16, chunk: u32) -> (DestinationSession, Vec<DestinationChannel>) {
+    let mut s = DestinationSession::new(n, PS, DestinationLimits::default()).unwrap();
+    let regions = regions();
+    let layout = Frame::Layout(LayoutFrame {
+        chunk_pages: chunk,
+        regions: WireList::Slice(&regions),
+    });
+    let mut chans = Vec::new();
+    for c in 0..n {
+        let mut ch = s.channel(ChannelId(c)).unwrap();
+        match ch.on_frame(&layout).unwrap() {
+            DestinationEvent::Layout(l) => {
+                assert_eq!(s.on_layout(l).unwrap(), c == 0);
+            }
+            e => panic!("{e:?}"),
+        }
+        ch.set_layout(&s).unwrap();
+        chans.push(ch);
+    }
+    (s, chans)
+}
+
+#[test]
+fn affinity_maps_chunks_round_robin_with_the_region_offset() {
+    let a = Affinity::new(3, 4).unwrap();
+    assert_eq!(a.channel(RegionId(0), 0), ChannelId(0));
+    assert_eq!(a.channel(RegionId(0), 4), ChannelId(1));
+    assert_eq!(a.channel(RegionId(1), 0), ChannelId(1));
+    assert_eq!(a.channel(RegionId(0), 12), ChannelId(0));
+    for region in 0..3 {
+        for ch in 0..3 {
+            for page in 0..50 {
+                let next = a.next_on(RegionId(region), ChannelId(ch), page);
+                assert!(next >= page);
+                assert_eq!(a.channel(RegionId(region), next), ChannelId(ch));
+                for p in page..next {
+                    assert_ne!(a.channel(RegionId(region), p), ChannelId(ch));
+                }
+            }
+        }
+    }
+    assert!(a.check_run(RegionId(0), ChannelId(1), run(4, 4)).is_ok());
+    assert_eq!(
+        a.check_run(RegionId(0), ChannelId(1), run(4, 5)),
+        Err(SessionError::WrongChannel {
+            region: RegionId(0),
+            page: 8,
+            channel: ChannelId(1),
+            owner: ChannelId(2),
+        })
+    );
+    // A huge run is refused after a bounded number of chunks.
+    assert!(matches!(
+        a.check_run(RegionId(0), ChannelId(0), run(0, u32::MAX)),
+        Err(SessionError::WrongChannel { page: 4, .. })
+    ));
+    assert!(Affinity::new(0, 1).is_none() && Affinity::new(1, 0).is_none());
+}
+
+#[test]
+fn a_page_on_the_wrong_channel_is_refused_before_it_is_applied() {
+    let (_, mut ch) = open(2, 8);
+    let good = [run(8, 8)];
+    let f = zero_frame(0, 0, &good);
+    let Frame::Pages(p) = &f else { unreachable!() };
+    assert!(ch[1].check_pages(p).is_ok());
+    assert!(matches!(
+        ch[0].check_pages(p),
+        Err(SessionError::WrongChannel {
+            page: 8,
+            owner: ChannelId(1),
+            ..
+        })
+    ));
+    assert!(matches!(
+        ch[0].on_frame(&f),
+        Err(SessionError::WrongChannel { .. })
+    ));
+    assert!(matches!(ch[1].on_frame(&f), Ok(DestinationEvent::Apply(_))));
+}
+
+#[test]
+fn layout_comes_first_and_extension_frames_are_skipped_anywhere() {
+    let mut s = DestinationSession::new(1, PS, DestinationLimits::default()).unwrap();
+    let mut ch = s.channel(ChannelId(0)).unwrap();
+    let ext = Frame::Extension {
+        frame_type: FrameType(0x90),
+        flags: 0,
+        body: b"x",
+    };
+    assert!(matches!(ch.on_frame(&ext), Ok(DestinationEvent::Skip)));
+    let runs = [run(0, 1)];
+    assert_eq!(
+        ch.on_frame(&zero_frame(0, 0, &runs)).err(),
+        Some(SessionError::LayoutMissing(FrameType::PAGES))
+    );
+    let (_, mut ch) = open(1, 8);
+    assert!(matches!(
+        ch[0].on_frame(&zero_frame(0, 0, &runs)),
+        Ok(DestinationEvent::Apply(_))
+    ));
+    assert!(matches!(ch[0].on_frame(&ext), Ok(DestinationEvent::Skip)));
+    let _ = &mut s;
+}
+
+#[test]
+fn a_layout_over_the_limits_or_different_is_refused() {
+    let limits = DestinationLimits {
+        max_guest_bytes: 1 << 20,
+        ..DestinationLimits::default()
+    };
+    let mut s = DestinationSession::new(1, PS, limits).unwrap();
+    let regions = regions();
+    let l = LayoutFrame {
+        chunk_pages: 1,
+        regions: WireList::Slice(&regions),
+    };
+    assert!(matches!(
+        s.on_layout(&l),
+        Err(SessionError::LimitExceeded {
+            limit: Limit::GuestBytes,
+            ..
+        })
+    ));
+    let limits = DestinationLimits {
+        max_regions: 1,
+        ..DestinationLimits::default()
+    };
+    let mut s = DestinationSession::new(1, PS, limits).unwrap();
+    assert!(matches!(
+        s.on_layout(&l),
+        Err(SessionError::LimitExceeded {
+            limit: Limit::Regions,
+            value: 2,
+            max: 1
+        })
+    ));
+    let mut s = DestinationSession::new(1, PS, DestinationLimits::default()).unwrap();
+    assert_eq!(s.on_layout(&l), Ok(true));
+    assert_eq!(s.on_layout(&l), Ok(false));
+    let other = LayoutFrame {
+        chunk_pages: 2,
+        ..l
+    };
+    assert_eq!(s.on_layout(&other), Err(SessionError::LayoutDiffers));
+    assert!(matches!(
+        DestinationSession::new(65535, PS, DestinationLimits::default()),
+        Err(SessionError::LimitExceeded {
+            limit: Limit::Channels,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn rounds_are_counted_and_ordered() {
+    let (_, mut ch) = open(1, 8);
+    let c = &mut ch[0];
+    let a = [run(0, 3)];
+    let b = [run(10, 2)];
+    c.on_frame(&zero_frame(0, 1, &a)).unwrap();
+    c.on_frame(&zero_frame(1, 1, &b)).unwrap();
+    assert!(matches!(
+        c.on_frame(&zero_frame(0, 2, &a)),
+        Err(SessionError::RoundMismatch { .. })
+    ));
+    let lost = Frame::EndOfRound(EndOfRound {
+        round: Round(1),
+        frames: 3,
+        pages: 5,
+    });
+    assert!(matches!(
+        c.clone().on_frame(&lost),
+        Err(SessionError::CountMismatch { got_frames: 2, .. })
+    ));
+    let end = Frame::EndOfRound(EndOfRound {
+        round: Round(1),
+        frames: 2,
+        pages: 5,
+    });
+    assert!(matches!(
+        c.on_frame(&end),
+        Ok(DestinationEvent::AckRound(Round(1)))
+    ));
+    assert!(matches!(
+        c.on_frame(&zero_frame(0, 1, &a)),
+        Err(SessionError::RoundEnded { .. })
+    ));
+    assert!(matches!(
+        c.on_frame(&end),
+        Err(SessionError::EndOfRoundOutOfOrder { .. })
+    ));
+}
+
+#[test]
+fn device_state_is_reassembled_within_bounds() {
+    let limits = DestinationLimits {
+        max_device_bytes: 10,
+        max_device_sections: 2,
+        ..DestinationLimits::default()
+    };
+    let mut s = DestinationSession::new(2, PS, limits).unwrap();
+    let chunk = |name, total, offset, data| DeviceState {
+        instance: 0,
+        name,
+        total,
+        offset,
+        data,
+    };
+    assert_eq!(
+        s.on_device_state(ChannelId(0), &chunk("a", 4, 0, b"ab")),
+        Ok(None)
+    );
+    assert!(matches!(
+        s.on_device_state(ChannelId(1), &chunk("a", 4, 2, b"cd")),
+        Err(SessionError::SectionChannel { .. })
+    ));
+    assert!(matches!(
+        s.on_device_state(ChannelId(0), &chunk("a", 4, 3, b"d")),
+        Err(SessionError::DeviceStateOutOfOrder { .. })
+    ));
+    let done = s
+        .on_device_state(ChannelId(0), &chunk("a", 4, 2, b"cd"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.data, b"abcd");
+    assert!(matches!(
+        s.on_device_state(ChannelId(0), &chunk("a", 0, 0, b"")),
+        Err(SessionError::DuplicateSection { .. })
+    ));
+    // Announced totals count against the byte limit before data arrives.
+    assert!(matches!(
+        s.on_device_state(ChannelId(1), &chunk("big", 7, 0, b"")),
+        Err(SessionError::LimitExceeded {
+            limit: Limit::DeviceBytes,
+            ..
+        })
+    ));
+    assert!(
+        s.on_device_state(ChannelId(1), &chunk("b", 0, 0, b""))
+            .unwrap()
+            .is_some()
+    );
+    assert!(matches!(
+        s.on_device_state(ChannelId(1), &chunk("c", 0, 0, b"")),
+        Err(SessionError::LimitExceeded {
+            limit: Limit::DeviceSections,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn complete_waits_for_every_channel_and_checks_sections() {
+    let (mut s, mut ch) = open(2, 8);
+    let end = |r| {
+        Frame::EndOfRound(EndOfRound {
+            round: Round(r),
+            frames: 0,
+            pages: 0,
+        })
+    };
+    let complete = Frame::Complete(Complete {
+        final_round: Round(0),
+        sections: 0,
+    });
+    assert!(matches!(
+        ch[0].clone().on_frame(&complete),
+        Err(SessionError::CompleteEarly { .. })
+    ));
+    assert!(matches!(
+        ch[1].clone().on_frame(&complete),
+        Err(SessionError::CompleteChannel(ChannelId(1)))
+    ));
+    ch[0].on_frame(&end(0)).unwrap();
+    s.on_round_ended(ChannelId(0), Round(0)).unwrap();
+    let DestinationEvent::Complete(c) = ch[0].on_frame(&complete).unwrap() else {
+        panic!()
+    };
+    let bad = Complete { sections: 1, ..*c };
+    let mut s2 = DestinationSession::new(1, PS, DestinationLimits::default()).unwrap();
+    assert!(matches!(
+        s2.on_complete(&bad),
+        Err(SessionError::SectionCount { .. })
+    ));
+    assert_eq!(s.on_complete(c), Ok(CompleteProgress::Waiting));
+    assert_eq!(s.completed(), None);
+    ch[1].on_frame(&end(0)).unwrap();
+    assert_eq!(
+        s.on_round_ended(ChannelId(1), Round(0)),
+        Ok(Some(CompleteProgress::Done(Round(0))))
+    );
+    assert_eq!(s.completed(), Some(Round(0)));
+    let runs = [run(0, 1)];
+    assert!(matches!(
+        ch[0].on_frame(&zero_frame(0, 1, &runs)),
+        Err(SessionError::AfterComplete(_))
+    ));
+}
+
+#[test]
+fn peer_abort_is_an_error_on_both_sides() {
+    let abort = Frame::Abort(Abort {
+        reason: AbortReason::CANCELLED,
+        message: "bye",
+    });
+    let (_, mut ch) = open(1, 8);
+    assert_eq!(
+        ch[0].on_frame(&abort).err(),
+        Some(SessionError::PeerAborted(AbortReason::CANCELLED))
+    );
+    let mut src = SourceChannel::new(ChannelId(0), Affinity::new(1, 8).unwrap()).unwrap();
+    assert_eq!(
+        src.on_frame(&abort).err(),
+        Some(SessionError::PeerAborted(AbortReason::CANCELLED))
+    );
+}
+
+#[test]
+fn the_source_checks_its_own_frames_and_the_acks() {
+    let a = Affinity::new(2, 8).unwrap();
+    let mut src = SourceChannel::new(ChannelId(0), a).unwrap();
+    let runs = [run(0, 8)];
+    let Frame::Pages(p) = zero_frame(0, 0, &runs) else {
+        unreachable!()
+    };
+    assert!(matches!(src.on_send_pages(&p), Err(SessionError::Local(_))));
+    src.on_send_layout();
+    src.on_send_pages(&p).unwrap();
+    let theirs = [run(8, 1)];
+    let Frame::Pages(q) = zero_frame(0, 0, &theirs) else {
+        unreachable!()
+    };
+    assert!(matches!(
+        src.on_send_pages(&q),
+        Err(SessionError::WrongChannel { .. })
+    ));
+    let ack = |kind, value| Frame::Ack(Ack { kind, value });
+    assert!(matches!(
+        src.on_frame(&ack(AckKind::ROUND, 0)),
+        Err(SessionError::BadAck { .. })
+    ));
+    let e = src.end_round(Round(0)).unwrap();
+    assert_eq!((e.frames, e.pages), (1, 8));
+    assert_eq!(
+        src.on_frame(&ack(AckKind::ROUND, 0)),
+        Ok(SourceEvent::RoundApplied(Round(0)))
+    );
+    assert!(src.on_frame(&ack(AckKind::ROUND, 0)).is_err());
+    assert!(src.on_frame(&ack(AckKind::COMPLETE, 0)).is_err());
+    let ext = Frame::Extension {
+        frame_type: FrameType(0xa0),
+        flags: 0,
+        body: &[],
+    };
+    assert_eq!(src.on_frame(&ext), Ok(SourceEvent::Skip));
+    src.complete(Round(0), 0).unwrap();
+    assert_eq!(
+        src.on_frame(&ack(AckKind::COMPLETE, 0)),
+        Ok(SourceEvent::Complete(Round(0)))
+    );
+    let mut other = SourceChannel::new(ChannelId(1), a).unwrap();
+    other.on_send_layout();
+    other.end_round(Round(0)).unwrap();
+    assert!(other.complete(Round(0), 0).is_err());
+}
