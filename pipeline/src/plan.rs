@@ -9,11 +9,13 @@
 //! channels, without a per-round barrier. It is also what makes delta encoding safe:
 //! the destination always holds the version the delta was computed against.
 
-use pagewire_protocol::{PageIndex, PageRun, RegionId};
+use pagewire_protocol::{ChannelId, PageIndex, PageRun, RegionId};
 
 use crate::dirty::DirtyBitmap;
 
-/// The affinity map.
+/// The affinity map. The rule itself is the protocol's
+/// ([`pagewire_protocol::Affinity`]): the chunk size travels in LAYOUT and the
+/// destination refuses a page that arrives on another channel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Affinity {
     /// Channels in the session.
@@ -23,22 +25,15 @@ pub struct Affinity {
 }
 
 impl Affinity {
-    /// The channel that carries `page` of `region`.
-    pub fn channel(&self, region: RegionId, page: u64) -> u16 {
-        let chunk = page / u64::from(self.chunk_pages.max(1));
-        ((chunk + u64::from(region.0)) % u64::from(self.channels.max(1))) as u16
+    /// The protocol's map (channels and chunk pages of at least 1).
+    pub fn wire(&self) -> pagewire_protocol::Affinity {
+        pagewire_protocol::Affinity::new(self.channels.max(1), self.chunk_pages.max(1))
+            .unwrap_or_else(|| unreachable!("both are at least 1"))
     }
 
-    /// The first page at or after `page` that `channel` carries.
-    fn next_on(&self, region: RegionId, channel: u16, page: u64) -> u64 {
-        let chunk = u64::from(self.chunk_pages.max(1));
-        let channels = u64::from(self.channels.max(1));
-        let c = page / chunk;
-        let current = (c + u64::from(region.0)) % channels;
-        match (u64::from(channel) + channels - current) % channels {
-            0 => page,
-            delta => (c + delta).saturating_mul(chunk),
-        }
+    /// The channel that carries `page` of `region`.
+    pub fn channel(&self, region: RegionId, page: u64) -> u16 {
+        self.wire().channel(region, page).0
     }
 
     /// The dirty pages of `region` that belong to `channel`, cut into frames of at most
@@ -52,13 +47,13 @@ impl Affinity {
         max_pages: u32,
     ) -> FramePlan<impl Iterator<Item = (u64, u64)> + 'a> {
         let chunk = u64::from(self.chunk_pages.max(1));
-        let this = *self;
+        let wire = self.wire();
         let runs = dirty.runs().flat_map(move |(start, count)| {
             // Split each dirty run at chunk boundaries and keep this channel's pieces.
             let end = start + count;
             let mut p = start;
             std::iter::from_fn(move || {
-                p = this.next_on(region, channel, p);
+                p = wire.next_on(region, ChannelId(channel), p);
                 if p >= end {
                     return None;
                 }

@@ -274,7 +274,7 @@ impl Source {
                     let mut w = setup.into_worker(channel);
                     // LAYOUT first on every channel.
                     let memory = w.s.memory.clone();
-                    let layout = Frame::Layout(memory.layout().frame());
+                    let layout = Frame::Layout(memory.layout().frame(w.s.affinity.chunk_pages));
                     match w.send_whole(&layout) {
                         Ok(()) => {
                             if tx_reply.send(Reply::Ready(name)).is_err() {
@@ -901,16 +901,23 @@ impl Worker {
 
     fn send_zero(&mut self, region: RegionId, zero: &[PageRun]) -> Result<(), MigrationError> {
         let pages: u64 = zero.iter().map(|r| u64::from(r.count)).sum();
-        let frame = Frame::Pages(PageFrame {
+        let mut frame = PageFrame {
             codec: CodecId::ZERO,
             region,
             round: Round(self.round_no),
             data_runs: WireList::Slice(&[]),
             zero_runs: WireList::Slice(zero),
             lengths: None,
-            crc: self.s.checksum.map(|_| crc32c::crc32c(&[])),
+            crc: None,
             payload: &[],
-        });
+        };
+        if self.s.checksum.is_some() {
+            frame = frame.with_crc([]).map_err(|e| MigrationError::Protocol {
+                channel: self.s.ch,
+                what: e.to_string(),
+            })?;
+        }
+        let frame = Frame::Pages(frame);
         self.send_whole(&frame)?;
         self.account(CodecId::ZERO, 0, pages, 0, frame_len(&frame));
         Ok(())
@@ -1053,9 +1060,27 @@ impl Worker {
             }))]
         };
         drop(c);
-        let crc = match self.s.checksum {
+        let mut frame = PageFrame {
+            codec: out.codec,
+            region: meta.region,
+            round: Round(self.round_no),
+            data_runs: WireList::Slice(&meta.data_runs),
+            zero_runs: WireList::Slice(&meta.zero_runs),
+            lengths: per_page.then_some(WireList::Slice(&lengths)),
+            crc: None,
+            payload: &[],
+        };
+        frame.crc = match self.s.checksum {
             Some(_) => {
-                let mut crc = 0u32;
+                // The checksum covers the envelope and header too (PROTOCOL.md, PAGES).
+                let payload_len = payload.iter().map(Payload::len).sum();
+                let mut crc =
+                    frame
+                        .crc_seed(payload_len)
+                        .map_err(|e| MigrationError::Protocol {
+                            channel: self.s.ch,
+                            what: e.to_string(),
+                        })?;
                 for p in &payload {
                     if let Payload::Foreign(f) = p {
                         // SAFETY: the engine buffer is readable for `len()` bytes and
@@ -1067,16 +1092,6 @@ impl Worker {
                 Some(crc)
             }
             None => None,
-        };
-        let frame = PageFrame {
-            codec: out.codec,
-            region: meta.region,
-            round: Round(self.round_no),
-            data_runs: WireList::Slice(&meta.data_runs),
-            zero_runs: WireList::Slice(&meta.zero_runs),
-            lengths: per_page.then_some(WireList::Slice(&lengths)),
-            crc,
-            payload: &[],
         };
         let outf = OutFrame::pages(&frame, payload).map_err(|e| MigrationError::Protocol {
             channel: self.s.ch,

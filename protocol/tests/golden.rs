@@ -17,15 +17,14 @@ fn run(start: u64, count: u32) -> PageRun {
     }
 }
 
-fn crc(bytes: &[u8]) -> u32 {
-    crc32c::crc32c(bytes)
-}
-
 struct Sample {
     name: &'static str,
     bytes: Vec<u8>,
     /// Fuzz selector byte: bit 0 handshake phase, bit 1 checksum.
     selector: u8,
+    /// For PAGES frames: the data pages the payload must decode to, in payload order
+    /// (delta against all-zero pages).
+    pages: Option<Vec<u8>>,
 }
 
 fn encode(f: Frame<'_>) -> Vec<u8> {
@@ -34,28 +33,76 @@ fn encode(f: Frame<'_>) -> Vec<u8> {
     out
 }
 
+/// A page of text-like bytes that compresses well, different for every `seed`.
+fn text_page(seed: u8) -> Vec<u8> {
+    let words: [&[u8]; 6] = [b"guest ", b"memory ", b"page ", b"frame ", b"round ", b"\n"];
+    let mut page = Vec::with_capacity(4096);
+    let mut i = usize::from(seed);
+    while page.len() < 4096 {
+        page.extend_from_slice(words[i % words.len()]);
+        i = (i * 7 + 3) % 1009;
+    }
+    page.truncate(4096);
+    page
+}
+
 fn samples() -> Vec<Sample> {
     let codecs = [CodecId::RAW, CodecId::ZERO, CodecId::ZSTD, CodecId::DEFLATE];
     let raw_pages: Vec<u8> = (0..2 * 4096u32).map(|i| (i % 251) as u8).collect();
-    let zstd_payload = [0x28, 0xb5, 0x2f, 0xfd, 0x00, 0x58, 0x01, 0x02, 0x03];
-    let deflate_payload: Vec<u8> = [&[0x63u8, 0x60, 0x18, 0x05][..], &[0xab; 4096][..]].concat();
+    // Real payloads, written by encoders other than the ones the pipeline uses (ruzstd,
+    // miniz_oxide, lz4_flex) and decoded back below.
+    let zstd_pages: Vec<u8> = (0..4).flat_map(text_page).collect();
+    let zstd_payload = ruzstd::encoding::compress_to_vec(
+        &zstd_pages[..],
+        ruzstd::encoding::CompressionLevel::Fastest,
+    );
+    let lz4_pages: Vec<u8> = (10..12).flat_map(text_page).collect();
+    let lz4_payload = lz4_flex::block::compress(&lz4_pages);
+    let deflate_pages: Vec<u8> = [text_page(20), raw_pages[..4096].to_vec()].concat();
+    let deflated = miniz_oxide::deflate::compress_to_vec(&deflate_pages[..4096], 6);
+    let deflate_payload: Vec<u8> = [&deflated[..], &deflate_pages[4096..]].concat();
+    let deflate_lengths = [deflated.len() as u32, 4096];
     let delta_payload = [0x00, 0x02, 0xde, 0xad, 0x10, 0x01, 0x7f];
+    let mut delta_pages = vec![0u8; 3 * 4096];
+    delta_pages[..2].copy_from_slice(&[0xde, 0xad]);
+    delta_pages[2 * 4096 + 16] = 0x7f;
+    let crc_runs = [run(5, 2)];
+    let crc_frame = PageFrame {
+        codec: CodecId::DEFLATE,
+        region: RegionId(2),
+        round: Round(7),
+        data_runs: WireList::Slice(&crc_runs),
+        zero_runs: WireList::Slice(&[]),
+        lengths: Some(WireList::Slice(&deflate_lengths)),
+        crc: None,
+        payload: &deflate_payload,
+    }
+    .with_crc([&deflate_payload[..]])
+    .unwrap();
     let hs = |name, f| Sample {
         name,
         bytes: encode(f),
         selector: 1,
+        pages: None,
     };
     let ss = |name, f| Sample {
         name,
         bytes: encode(f),
         selector: 0,
+        pages: None,
+    };
+    let ps = |name, f, pages: &[u8]| Sample {
+        name,
+        bytes: encode(f),
+        selector: 0,
+        pages: Some(pages.to_vec()),
     };
     vec![
         hs(
             "hello",
             Frame::Hello(Hello {
-                version_min: Version(1),
-                version_max: Version(1),
+                version_min: Version(2),
+                version_max: Version(2),
                 session: SessionId(*b"0123456789abcdef"),
                 channel: ChannelId(1),
                 channel_count: 2,
@@ -71,7 +118,7 @@ fn samples() -> Vec<Sample> {
         hs(
             "welcome_authenticated",
             Frame::Welcome(Welcome {
-                version: Version(1),
+                version: Version(2),
                 page_size: 4096,
                 max_pages: 64,
                 max_frame_bytes: 1 << 20,
@@ -85,7 +132,7 @@ fn samples() -> Vec<Sample> {
         hs(
             "welcome_plain",
             Frame::Welcome(Welcome {
-                version: Version(1),
+                version: Version(2),
                 page_size: 65536,
                 max_pages: 128,
                 max_frame_bytes: 4 << 20,
@@ -100,8 +147,8 @@ fn samples() -> Vec<Sample> {
             "reject",
             Frame::Reject(Reject {
                 reason: RejectReason::UNSUPPORTED_VERSION,
-                version_min: Version(1),
-                version_max: Version(1),
+                version_min: Version(2),
+                version_max: Version(2),
                 page_size: 4096,
                 codecs: WireList::Slice(&codecs),
                 checksums: WireList::Slice(&[]),
@@ -120,6 +167,7 @@ fn samples() -> Vec<Sample> {
         ss(
             "layout",
             Frame::Layout(LayoutFrame {
+                chunk_pages: 128,
                 regions: WireList::Slice(&[
                     RegionDesc {
                         id: RegionId(0),
@@ -136,7 +184,7 @@ fn samples() -> Vec<Sample> {
                 ]),
             }),
         ),
-        ss(
+        ps(
             "pages_raw",
             Frame::Pages(PageFrame {
                 codec: CodecId::RAW,
@@ -148,6 +196,7 @@ fn samples() -> Vec<Sample> {
                 crc: None,
                 payload: &raw_pages,
             }),
+            &raw_pages,
         ),
         ss(
             "pages_zero",
@@ -162,34 +211,41 @@ fn samples() -> Vec<Sample> {
                 payload: &[],
             }),
         ),
-        ss(
+        ps(
             "pages_zstd",
             Frame::Pages(PageFrame {
                 codec: CodecId::ZSTD,
                 region: RegionId(0),
                 round: Round(1),
-                data_runs: WireList::Slice(&[run(1000, 64)]),
+                data_runs: WireList::Slice(&[run(1000, 4)]),
                 zero_runs: WireList::Slice(&[]),
                 lengths: None,
                 crc: None,
                 payload: &zstd_payload,
             }),
+            &zstd_pages,
+        ),
+        ps(
+            "pages_lz4",
+            Frame::Pages(PageFrame {
+                codec: CodecId::LZ4,
+                region: RegionId(0),
+                round: Round(1),
+                data_runs: WireList::Slice(&[run(40, 1), run(42, 1)]),
+                zero_runs: WireList::Slice(&[run(41, 1)]),
+                lengths: None,
+                crc: None,
+                payload: &lz4_payload,
+            }),
+            &lz4_pages,
         ),
         Sample {
             name: "pages_deflate_crc",
-            bytes: encode(Frame::Pages(PageFrame {
-                codec: CodecId::DEFLATE,
-                region: RegionId(2),
-                round: Round(7),
-                data_runs: WireList::Slice(&[run(5, 2)]),
-                zero_runs: WireList::Slice(&[]),
-                lengths: Some(WireList::Slice(&[4, 4096])),
-                crc: Some(crc(&deflate_payload)),
-                payload: &deflate_payload,
-            })),
+            bytes: encode(Frame::Pages(crc_frame)),
             selector: 2,
+            pages: Some(deflate_pages.clone()),
         },
-        ss(
+        ps(
             "pages_delta",
             Frame::Pages(PageFrame {
                 codec: CodecId::DELTA,
@@ -201,6 +257,7 @@ fn samples() -> Vec<Sample> {
                 crc: None,
                 payload: &delta_payload,
             }),
+            &delta_pages,
         ),
         ss(
             "end_of_round",
@@ -250,6 +307,71 @@ fn samples() -> Vec<Sample> {
             },
         ),
     ]
+}
+
+/// Decodes a PAGES payload into its data pages (delta against all-zero pages), with
+/// decoders written apart from the pipeline's codecs.
+fn decode_payload(p: &PageFrame<'_>) -> Vec<u8> {
+    let ps = 4096usize;
+    let n = p.data_pages() as usize;
+    let out = match p.codec {
+        CodecId::ZERO => Vec::new(),
+        CodecId::RAW => p.payload.to_vec(),
+        CodecId::ZSTD => {
+            let mut d = ruzstd::decoding::StreamingDecoder::new(p.payload).unwrap();
+            let mut out = Vec::new();
+            std::io::Read::read_to_end(&mut d, &mut out).unwrap();
+            out
+        }
+        CodecId::LZ4 => lz4_flex::block::decompress(p.payload, n * ps).unwrap(),
+        CodecId::DEFLATE | CodecId::DELTA => {
+            let mut out = Vec::new();
+            let mut at = 0usize;
+            for len in p.lengths.unwrap().iter() {
+                let len = len as usize;
+                let bytes = &p.payload[at..at + len];
+                at += len;
+                if len == ps {
+                    out.extend_from_slice(bytes);
+                } else if p.codec == CodecId::DEFLATE {
+                    out.extend(miniz_oxide::inflate::decompress_to_vec(bytes).unwrap());
+                } else {
+                    out.extend(apply_delta(bytes, ps));
+                }
+            }
+            assert_eq!(at, p.payload.len());
+            out
+        }
+        c => panic!("no golden decoder for {c:?}"),
+    };
+    assert_eq!(out.len(), n * ps, "{:?} decodes to the frame's pages", p.codec);
+    out
+}
+
+/// PROTOCOL.md's delta format against an all-zero page.
+fn apply_delta(mut d: &[u8], ps: usize) -> Vec<u8> {
+    fn uleb(d: &mut &[u8]) -> usize {
+        let (mut v, mut shift) = (0usize, 0);
+        loop {
+            let b = d[0];
+            *d = &d[1..];
+            v |= usize::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return v;
+            }
+            shift += 7;
+        }
+    }
+    let mut page = vec![0u8; ps];
+    let mut pos = 0;
+    while !d.is_empty() {
+        pos += uleb(&mut d);
+        let len = uleb(&mut d);
+        page[pos..pos + len].copy_from_slice(&d[..len]);
+        d = &d[len..];
+        pos += len;
+    }
+    page
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -308,9 +430,18 @@ fn golden_samples_match_the_encoder_and_decode_back() {
         let mut dec = FrameDecoder::new(limits);
         let (used, frame) = dec.decode(&bytes).unwrap();
         assert_eq!(used, bytes.len());
+        let frame = frame.unwrap();
         let mut again = Vec::new();
-        frame.unwrap().encode(&mut again).unwrap();
+        frame.encode(&mut again).unwrap();
         assert_eq!(again, bytes, "{}", s.name);
+        // And the payload really decodes, with decoders independent of the pipeline's.
+        if let Frame::Pages(p) = frame {
+            let want = s.pages.as_ref().unwrap_or_else(|| {
+                assert_eq!(p.data_pages(), 0, "{}: no expected pages given", s.name);
+                const { &Vec::new() }
+            });
+            assert_eq!(decode_payload(&p), *want, "payload of {} decodes", s.name);
+        }
     }
     if bless {
         // Handshake seeds: a real client's bytes for the destination, a real

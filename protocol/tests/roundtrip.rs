@@ -38,7 +38,7 @@ enum Owned {
     },
     Confirm(Option<[u8; 32]>),
     Ready,
-    Layout(Vec<RegionDesc>),
+    Layout(u32, Vec<RegionDesc>),
     Pages {
         codec: CodecId,
         region: u32,
@@ -127,7 +127,8 @@ impl Owned {
             }),
             Owned::Confirm(proof) => Frame::Confirm(Confirm { proof: *proof }),
             Owned::Ready => Frame::Ready,
-            Owned::Layout(regions) => Frame::Layout(LayoutFrame {
+            Owned::Layout(chunk, regions) => Frame::Layout(LayoutFrame {
+                chunk_pages: *chunk,
                 regions: WireList::Slice(regions),
             }),
             Owned::Pages {
@@ -139,16 +140,26 @@ impl Owned {
                 lengths,
                 crc,
                 payload,
-            } => Frame::Pages(PageFrame {
-                codec: *codec,
-                region: RegionId(*region),
-                round: Round(*round),
-                data_runs: WireList::Slice(data),
-                zero_runs: WireList::Slice(zero),
-                lengths: lengths.as_deref().map(WireList::Slice),
-                crc: crc.then(|| crc32c_of(payload)),
-                payload,
-            }),
+            } => {
+                let mut f = PageFrame {
+                    codec: *codec,
+                    region: RegionId(*region),
+                    round: Round(*round),
+                    data_runs: WireList::Slice(data),
+                    zero_runs: WireList::Slice(zero),
+                    lengths: lengths.as_deref().map(WireList::Slice),
+                    crc: crc.then_some(0),
+                    payload,
+                };
+                if *crc {
+                    // The whole frame but the crc field, the last 4 bytes of the header.
+                    let mut bytes = Vec::new();
+                    Frame::Pages(f).encode(&mut bytes).unwrap();
+                    let hl = f.header_len();
+                    f.crc = Some(crc32c_of(&[&bytes[..hl - 4], &bytes[hl..]].concat()));
+                }
+                Frame::Pages(f)
+            }
             Owned::EndOfRound(r, f, p) => Frame::EndOfRound(EndOfRound {
                 round: Round(*r),
                 frames: *f,
@@ -385,7 +396,7 @@ fn pages_frame() -> impl Strategy<Value = Owned> {
 
 fn session_frames() -> impl Strategy<Value = Owned> {
     prop_oneof![
-        vec(region(), 0..20).prop_map(Owned::Layout),
+        (1u32.., vec(region(), 0..20)).prop_map(|(c, r)| Owned::Layout(c, r)),
         pages_frame(),
         any::<(u32, u32, u64)>().prop_map(|(r, f, p)| Owned::EndOfRound(r, f, p)),
         any::<(u8, u64)>().prop_map(|(k, v)| Owned::Ack(k, v)),

@@ -1603,7 +1603,8 @@ fn placed<'a>(
             "placed pages for a region this side did not advertise",
         ))?;
     let ps = u64::from(limits.page_size);
-    let mut crc = 0u32;
+    // The checksum covers the envelope and header too (PROTOCOL.md, PAGES).
+    let mut crc = pagewire_protocol::pages_crc_seed(bytes);
     for run in frame.data_runs.iter() {
         let start = run.start.0.checked_mul(ps);
         let len = u64::from(run.count) * ps;

@@ -290,7 +290,10 @@ impl RxState {
                 payload: payload_len,
             });
         }
-        let crc = frame.crc;
+        // The checksum covers the envelope and header too (PROTOCOL.md, PAGES).
+        let crc = frame
+            .crc
+            .map(|c| (c, pagewire_protocol::pages_crc_seed(&self.buf[at..at + hlen])));
         self.placing = true;
         let buffered = (self.end - at - hlen).min(payload_len);
         copy_to_guest(&self.dest, 0, &self.buf[at + hlen..at + hlen + buffered]);
@@ -305,8 +308,8 @@ impl RxState {
             }
             done += n;
         }
-        if let Some(expected) = crc {
-            let actual = self.dest.iter().fold(0u32, |c, d| {
+        if let Some((expected, seed)) = crc {
+            let actual = self.dest.iter().fold(seed, |c, d| {
                 // SAFETY: the slice lies inside a mapped region (GuestMemory contract)
                 // whose bytes were all just written by this channel, and no one else
                 // accesses destination pages while a channel places them.
@@ -405,18 +408,22 @@ mod tests {
         let n: u32 = runs.iter().map(|r| r.count).sum();
         let payload: Vec<u8> = (0..n as usize * 4096).map(|i| fill ^ (i as u8)).collect();
         let mut out = Vec::new();
-        Frame::Pages(PageFrame {
+        let frame = PageFrame {
             codec: CodecId::RAW,
             region: RegionId(1),
             round: Round(2),
             data_runs: runs.into(),
             zero_runs: WireList::Slice(&[]),
             lengths: None,
-            crc: crc.then(|| crc32c::crc32c(&payload)),
+            crc: None,
             payload: &payload,
-        })
-        .encode(&mut out)
-        .unwrap();
+        };
+        let frame = if crc {
+            frame.with_crc([&payload[..]]).unwrap()
+        } else {
+            frame
+        };
+        Frame::Pages(frame).encode(&mut out).unwrap();
         out
     }
 
