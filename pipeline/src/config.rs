@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use pagewire_protocol::{Authentication, CodecId, SessionId};
+use pagewire_protocol::{Authentication, CodecId, DestinationLimits, SessionId};
 use pagewire_transport::session::Backend;
 
 use crate::limit::RateLimiter;
@@ -81,8 +81,10 @@ pub struct DestinationConfig {
     pub checksum: bool,
     /// Transport backend for the accepted channels.
     pub backend: Backend,
-    /// Most device-state bytes accepted in total.
-    pub max_device_state: u64,
+    /// What the destination accepts from an authenticated source: guest memory,
+    /// regions, channels, device-state sections and bytes. The destination never maps
+    /// more guest memory than `limits.max_guest_bytes`, whatever LAYOUT says.
+    pub limits: DestinationLimits,
     /// How long to wait for all channels to arrive.
     pub accept_timeout: Duration,
     /// How long a channel may stay silent before the source counts as gone.
@@ -90,7 +92,8 @@ pub struct DestinationConfig {
 }
 
 impl DestinationConfig {
-    /// Defaults: 4 KiB pages, 256 pages per frame, TCP, 256 MiB of device state.
+    /// Defaults: 4 KiB pages, 256 pages per frame, TCP, and [`DestinationLimits`]'
+    /// defaults (16 GiB of guest memory, 64 channels, 256 MiB of device state).
     pub fn new(session: SessionId, auth: Authentication) -> Self {
         Self {
             session,
@@ -99,7 +102,7 @@ impl DestinationConfig {
             max_pages: 256,
             checksum: true,
             backend: Backend::Tcp,
-            max_device_state: 256 << 20,
+            limits: DestinationLimits::default(),
             accept_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),
         }

@@ -3,13 +3,17 @@
 //!
 //! Raw pages are placed into guest memory by the transport itself (no bounce buffer);
 //! compressed frames are decoded by the frame's codec id directly into the guest pages.
-//! Each channel applies its frames in arrival order, and the source's page-to-channel
-//! affinity keeps every version of a page on one channel, so an older version never
-//! overwrites a newer one (see [`crate::plan`]). Completion is reported only when every
-//! channel has ended the final round with the frame and page counts the source
-//! announced, and every device-state section has arrived whole.
+//! Each channel applies its frames in arrival order, and page-to-channel affinity keeps
+//! every version of a page on one channel, so an older version never overwrites a newer
+//! one (see [`crate::plan`]). Every rule of the session lives in the protocol crate's
+//! state machines ([`DestinationSession`], [`DestinationChannel`]), which this module
+//! drives: a PAGES frame is checked against the layout, the open round and the affinity
+//! carried in LAYOUT **before** a byte of it is placed or decoded, so two receiver
+//! threads never write the same page; the layout is checked against
+//! [`DestinationConfig::limits`] before any memory is mapped. Completion is reported
+//! only when every channel has ended the final round with the frame and page counts the
+//! source announced, and every device-state section has arrived whole.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -17,12 +21,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use pagewire_accel::{Codecs, PageKey, PageListMut, PageSize};
+use pagewire_protocol::session::CompleteProgress;
 use pagewire_protocol::{
-    Abort, AbortReason, Ack, AckKind, Capabilities, CodecSet, Frame, LayoutFrame, MemoryLayout,
-    PageFrame,
+    Abort, AbortReason, Ack, AckKind, Capabilities, ChannelId, CodecSet, Complete,
+    DestinationChannel, DestinationEvent, DestinationSession, Frame, MemoryLayout, PageFrame,
+    Round, SessionError,
 };
 use pagewire_transport::session::{AnyChannel, Listener, SessionConfig};
-use pagewire_transport::{Channel, Incoming, OutFrame, RegionSink};
+use pagewire_transport::{Channel, GuestSlice, Incoming, OutFrame, PageSink, RegionSink};
 
 use crate::config::DestinationConfig;
 use crate::error::MigrationError;
@@ -121,17 +127,16 @@ impl DestinationListener {
             .listener
             .accept_session(&self.scfg, self.config.accept_timeout)?;
         let n = accepted.channels.len() as u16;
+        let rules = DestinationSession::new(n, self.config.page_size, self.config.limits)
+            .map_err(|source| MigrationError::Rule { channel: 0, source })?;
         let shared = Arc::new(Shared {
             page_size: self.config.page_size,
-            max_device_state: self.config.max_device_state,
             wait: self.config.idle_timeout,
             memory: Mutex::new(memory.map(|m| (m, None))),
             state: Mutex::new(State {
-                ended: vec![None; usize::from(n)],
+                rules,
                 failed: None,
-                complete: None,
                 sections: Vec::new(),
-                device_bytes: 0,
             }),
             cv: Condvar::new(),
             apply: Latency::default(),
@@ -160,16 +165,26 @@ impl DestinationListener {
                             return Err(e);
                         }
                     };
+                    let rules = match shared2.state(ch).and_then(|s| {
+                        s.rules
+                            .channel(ChannelId(ch))
+                            .map_err(|source| MigrationError::Rule {
+                                channel: ch,
+                                source,
+                            })
+                    }) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            shared2.fail(e.to_string());
+                            return Err(e);
+                        }
+                    };
                     let mut r = Receiver {
                         ch,
                         shared: shared2.clone(),
+                        rules,
                         codecs: Codecs::new(),
                         lengths: Vec::new(),
-                        open_round: None,
-                        last_ended: None,
-                        frames: 0,
-                        pages: 0,
-                        partial: HashMap::new(),
                     };
                     let res = r.run(&mut channel);
                     if let Err(e) = &res {
@@ -228,7 +243,13 @@ impl Destination {
                 }
             }
         }
-        let complete = self.shared.state.lock().ok().and_then(|s| s.complete);
+        let complete = self
+            .shared
+            .state
+            .lock()
+            .ok()
+            .and_then(|s| s.rules.completed())
+            .map(|r| r.0);
         match (complete, first) {
             (Some(final_round), _) => {
                 let memory = self
@@ -268,12 +289,10 @@ impl Destination {
 
 #[derive(Debug)]
 struct State {
-    /// Last round each channel ended.
-    ended: Vec<Option<u32>>,
+    /// The session's rules (layout, rounds ended, device state, completion).
+    rules: DestinationSession,
     failed: Option<String>,
-    complete: Option<u32>,
     sections: Vec<DeviceSection>,
-    device_bytes: u64,
 }
 
 type MemorySlot = Option<(Arc<GuestMemory>, Option<JoinHandle<()>>)>;
@@ -281,7 +300,6 @@ type MemorySlot = Option<(Arc<GuestMemory>, Option<JoinHandle<()>>)>;
 #[derive(Debug)]
 struct Shared {
     page_size: u32,
-    max_device_state: u64,
     wait: Duration,
     memory: Mutex<MemorySlot>,
     state: Mutex<State>,
@@ -313,8 +331,13 @@ impl Shared {
         self.cv.notify_all();
     }
 
+    fn state(&self, ch: u16) -> Result<std::sync::MutexGuard<'_, State>, MigrationError> {
+        self.state.lock().map_err(|_| MigrationError::Worker(ch))
+    }
+
     /// The guest memory for `layout`: the one given at accept (which must match), the
-    /// one an earlier channel created, or a new one, pre-faulted in the background.
+    /// one an earlier channel created, or a new one, pre-faulted in the background. The
+    /// layout has passed the session's limits.
     fn memory_for(&self, layout: &MemoryLayout) -> Result<Arc<GuestMemory>, String> {
         let mut slot = self.memory.lock().map_err(|_| "poisoned".to_string())?;
         if let Some((m, _)) = slot.as_ref() {
@@ -339,23 +362,32 @@ impl Shared {
     }
 }
 
+/// A page sink that asks the channel's rules before the transport places a byte: a
+/// frame the rules refuse is received whole instead, and refused there.
+struct CheckedSink<'a> {
+    rules: &'a DestinationChannel,
+    inner: &'a mut RegionSink,
+}
+
+impl PageSink for CheckedSink<'_> {
+    fn place(&mut self, frame: &PageFrame<'_>, dest: &mut Vec<GuestSlice>) -> bool {
+        self.rules.check_pages(frame).is_ok() && self.inner.place(frame, dest)
+    }
+}
+
 struct Receiver {
     ch: u16,
     shared: Arc<Shared>,
+    rules: DestinationChannel,
     codecs: Codecs,
     lengths: Vec<u32>,
-    open_round: Option<u32>,
-    last_ended: Option<u32>,
-    frames: u32,
-    pages: u64,
-    partial: HashMap<(String, u32), (u64, Vec<u8>)>,
 }
 
 /// What to do after a frame, once the channel's receive buffer is released.
 enum After {
     Nothing,
-    AckRound(u32),
-    Complete(u32, u32),
+    AckRound(Round),
+    Complete(Complete),
     Closed,
 }
 
@@ -364,6 +396,13 @@ impl Receiver {
         MigrationError::Protocol {
             channel: self.ch,
             what: what.into(),
+        }
+    }
+
+    fn rule(&self, source: SessionError) -> MigrationError {
+        MigrationError::Rule {
+            channel: self.ch,
+            source,
         }
     }
 
@@ -395,135 +434,111 @@ impl Receiver {
             channel: ch,
             source,
         };
-        // The layout comes first on every channel.
-        let layout = match channel.recv(None).map_err(chan)? {
-            Some(Incoming::Frame(Frame::Layout(l))) => {
-                MemoryLayout::from_frame(&l, self.shared.page_size).map_err(|source| {
-                    MigrationError::Decode {
-                        channel: ch,
-                        source,
-                    }
-                })?
-            }
-            Some(Incoming::Frame(Frame::Abort(a))) => {
-                return Err(MigrationError::PeerAborted {
-                    reason: a.reason,
-                    message: a.message.to_owned(),
-                });
-            }
-            None => return Err(self.err("closed before sending the layout")),
-            Some(_) => return Err(self.err("the first frame is not LAYOUT")),
-        };
-        let memory = self.shared.memory_for(&layout).map_err(|e| self.err(e))?;
-        let mut sink = RegionSink::new(self.shared.page_size, transport_views(&memory));
+        let mut memory: Option<Arc<GuestMemory>> = None;
+        let mut sink: Option<RegionSink> = None;
         loop {
             let after = {
-                let incoming = channel.recv(Some(&mut sink)).map_err(chan)?;
+                let mut checked = sink.as_mut().map(|inner| CheckedSink {
+                    rules: &self.rules,
+                    inner,
+                });
+                let incoming = channel
+                    .recv(checked.as_mut().map(|s| s as &mut dyn PageSink))
+                    .map_err(chan)?;
+                drop(checked);
                 match incoming {
                     None => After::Closed,
                     Some(Incoming::Placed(p)) => {
                         let t = Instant::now();
-                        self.check_round(p.round.0)?;
-                        layout
-                            .check_pages(&p)
-                            .map_err(|source| MigrationError::Decode {
-                                channel: ch,
-                                source,
-                            })?;
+                        self.rules.on_placed(&p).map_err(|e| self.rule(e))?;
+                        let memory = memory.as_ref().ok_or(MigrationError::Worker(ch))?;
                         let data = p.data_pages();
                         self.shared
                             .placed
                             .fetch_add(data * u64::from(self.shared.page_size), Ordering::Relaxed);
-                        Self::apply_zero(&memory, &p);
-                        Self::count(&self.shared, &mut self.frames, &mut self.pages, &p)?;
+                        Self::apply_zero(memory, &p);
+                        self.count(&p);
                         self.shared.apply.record(t.elapsed());
                         After::Nothing
                     }
-                    Some(Incoming::Frame(f)) => match f {
-                        Frame::Pages(p) => {
-                            let t = Instant::now();
-                            self.check_round(p.round.0)?;
-                            layout
-                                .check_pages(&p)
-                                .map_err(|source| MigrationError::Decode {
-                                    channel: ch,
-                                    source,
-                                })?;
-                            Self::decode(&mut self.codecs, &mut self.lengths, &memory, &p)
-                                .map_err(|source| MigrationError::Codec {
-                                    channel: ch,
-                                    source,
-                                })?;
-                            Self::apply_zero(&memory, &p);
-                            Self::count(&self.shared, &mut self.frames, &mut self.pages, &p)?;
-                            self.shared.apply.record(t.elapsed());
-                            After::Nothing
-                        }
-                        Frame::EndOfRound(e) => {
-                            let round = e.round.0;
-                            if self.last_ended.is_some_and(|l| round <= l)
-                                || self.open_round.is_some_and(|o| o != round)
-                            {
-                                return Err(self.err(format!("END_OF_ROUND {round} out of order")));
+                    Some(Incoming::Frame(Frame::Abort(a))) => {
+                        return Err(MigrationError::PeerAborted {
+                            reason: a.reason,
+                            message: a.message.to_owned(),
+                        });
+                    }
+                    Some(Incoming::Frame(f)) => {
+                        let t = Instant::now();
+                        match self.rules.on_frame(&f).map_err(|e| self.rule(e))? {
+                            DestinationEvent::Layout(l) => {
+                                let mut s = self.shared.state(ch)?;
+                                s.rules.on_layout(l).map_err(|e| self.rule(e))?;
+                                self.rules.set_layout(&s.rules).map_err(|e| self.rule(e))?;
+                                drop(s);
+                                if memory.is_none() {
+                                    let layout =
+                                        self.rules.layout().ok_or(MigrationError::Worker(ch))?;
+                                    let m =
+                                        self.shared.memory_for(layout).map_err(|e| self.err(e))?;
+                                    sink = Some(RegionSink::new(
+                                        self.shared.page_size,
+                                        transport_views(&m),
+                                    ));
+                                    memory = Some(m);
+                                }
+                                After::Nothing
                             }
-                            if e.frames != self.frames || e.pages != self.pages {
-                                return Err(self.err(format!(
-                                    "round {round}: source sent {} frames / {} pages, {} / {} arrived",
-                                    e.frames, e.pages, self.frames, self.pages
-                                )));
+                            DestinationEvent::Apply(p) => {
+                                let memory = memory.as_ref().ok_or(MigrationError::Worker(ch))?;
+                                Self::decode(&mut self.codecs, &mut self.lengths, memory, p)
+                                    .map_err(|source| MigrationError::Codec {
+                                        channel: ch,
+                                        source,
+                                    })?;
+                                Self::apply_zero(memory, p);
+                                self.count(p);
+                                self.shared.apply.record(t.elapsed());
+                                After::Nothing
                             }
-                            self.frames = 0;
-                            self.pages = 0;
-                            self.open_round = None;
-                            self.last_ended = Some(round);
-                            After::AckRound(round)
-                        }
-                        Frame::DeviceState(d) => {
-                            self.device_state(d.name, d.instance, d.total, d.offset, d.data)?;
-                            After::Nothing
-                        }
-                        Frame::Complete(c) => After::Complete(c.final_round.0, c.sections),
-                        Frame::Abort(a) => {
-                            return Err(MigrationError::PeerAborted {
-                                reason: a.reason,
-                                message: a.message.to_owned(),
-                            });
-                        }
-                        Frame::Layout(l) => {
-                            if !same_layout(&l, &layout) {
-                                return Err(self.err("a second LAYOUT differs from the first"));
+                            DestinationEvent::AckRound(round) => After::AckRound(round),
+                            DestinationEvent::DeviceState(d) => {
+                                let mut s = self.shared.state(ch)?;
+                                if let Some(section) = s
+                                    .rules
+                                    .on_device_state(ChannelId(ch), d)
+                                    .map_err(|e| self.rule(e))?
+                                {
+                                    s.sections.push(DeviceSection {
+                                        name: section.name,
+                                        instance: section.instance,
+                                        data: section.data,
+                                    });
+                                }
+                                After::Nothing
                             }
-                            After::Nothing
+                            DestinationEvent::Complete(c) => After::Complete(*c),
+                            _ => After::Nothing,
                         }
-                        Frame::Extension { .. } => After::Nothing,
-                        other => {
-                            return Err(
-                                self.err(format!("unexpected {:?} frame", other.frame_type()))
-                            );
-                        }
-                    },
+                    }
                 }
             };
             match after {
                 After::Nothing => {}
                 After::AckRound(round) => {
-                    self.send_ack(channel, AckKind::ROUND, round)?;
-                    if let Ok(mut s) = self.shared.state.lock() {
-                        s.ended[usize::from(ch)] = Some(round);
-                    }
+                    self.send_ack(channel, AckKind::ROUND, round.0)?;
+                    let mut s = self.shared.state(ch)?;
+                    let r = s.rules.on_round_ended(ChannelId(ch), round);
+                    drop(s);
                     self.shared.cv.notify_all();
+                    r.map_err(|e| self.rule(e))?;
                 }
-                After::Complete(final_round, sections) => {
-                    self.complete(final_round, sections)?;
+                After::Complete(c) => {
+                    let final_round = self.complete(c)?;
                     self.send_ack(channel, AckKind::COMPLETE, final_round)?;
                 }
                 After::Closed => {
-                    let s = self
-                        .shared
-                        .state
-                        .lock()
-                        .map_err(|_| MigrationError::Worker(ch))?;
-                    return match s.complete {
+                    let s = self.shared.state(ch)?;
+                    return match s.rules.completed() {
                         Some(_) => Ok(()),
                         None => Err(self.err("the source closed the channel before completing")),
                     };
@@ -532,34 +547,14 @@ impl Receiver {
         }
     }
 
-    fn check_round(&mut self, round: u32) -> Result<(), MigrationError> {
-        if self.last_ended.is_some_and(|l| round <= l) {
-            return Err(self.err(format!("pages of round {round}, which already ended")));
-        }
-        match self.open_round {
-            Some(o) if o != round => {
-                Err(self.err(format!("pages of round {round} inside round {o}")))
-            }
-            _ => {
-                self.open_round = Some(round);
-                Ok(())
-            }
-        }
-    }
-
-    fn count(
-        shared: &Shared,
-        frames: &mut u32,
-        pages: &mut u64,
-        p: &PageFrame<'_>,
-    ) -> Result<(), MigrationError> {
-        let (data, zero) = (p.data_pages(), p.zero_pages());
-        *frames = frames.saturating_add(1);
-        *pages = pages.saturating_add(data + zero);
-        shared.frames.fetch_add(1, Ordering::Relaxed);
-        shared.data_pages.fetch_add(data, Ordering::Relaxed);
-        shared.zero_pages.fetch_add(zero, Ordering::Relaxed);
-        Ok(())
+    fn count(&self, p: &PageFrame<'_>) {
+        self.shared.frames.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .data_pages
+            .fetch_add(p.data_pages(), Ordering::Relaxed);
+        self.shared
+            .zero_pages
+            .fetch_add(p.zero_pages(), Ordering::Relaxed);
     }
 
     fn apply_zero(memory: &GuestMemory, p: &PageFrame<'_>) {
@@ -584,8 +579,10 @@ impl Receiver {
             };
             // SAFETY: the run lies inside a region of `memory` (checked against the
             // layout and again by `span`), which outlives `dst`; runs of a decoded frame
-            // are disjoint; the guest is not running on the destination, and page-to-
-            // channel affinity keeps other channels off these pages.
+            // are disjoint; the guest is not running on the destination; and the
+            // session's rules refused the frame unless every page belongs to this
+            // channel by the affinity carried in LAYOUT, so no other receiver thread
+            // writes these pages.
             unsafe { dst.push_raw(ptr.as_ptr(), run.count, PageKey(run.start.0)) }
                 .map_err(|_| pagewire_accel::CodecError::NoPages { codec: p.codec })?;
         }
@@ -599,99 +596,36 @@ impl Receiver {
         codecs.decode(p.codec, p.payload, lengths, &mut dst)
     }
 
-    fn device_state(
-        &mut self,
-        name: &str,
-        instance: u32,
-        total: u64,
-        offset: u64,
-        data: &[u8],
-    ) -> Result<(), MigrationError> {
-        let key = (name.to_owned(), instance);
-        let (have_total, buf) = self
-            .partial
-            .entry(key.clone())
-            .or_insert((total, Vec::new()));
-        if *have_total != total || buf.len() as u64 != offset {
-            return Err(MigrationError::Protocol {
-                channel: self.ch,
-                what: format!("device state {name}#{instance}: chunk out of order"),
-            });
-        }
-        {
-            let mut s = self
-                .shared
-                .state
-                .lock()
-                .map_err(|_| MigrationError::Worker(self.ch))?;
-            s.device_bytes += data.len() as u64;
-            if s.device_bytes > self.shared.max_device_state || total > self.shared.max_device_state
-            {
-                return Err(MigrationError::Protocol {
-                    channel: self.ch,
-                    what: format!(
-                        "device state exceeds the {} bytes accepted",
-                        self.shared.max_device_state
-                    ),
-                });
-            }
-        }
-        buf.extend_from_slice(data);
-        if buf.len() as u64 == total {
-            let (_, data) = self.partial.remove(&key).unwrap_or_default();
-            if let Ok(mut s) = self.shared.state.lock() {
-                s.sections.push(DeviceSection {
-                    name: key.0,
-                    instance,
-                    data,
-                });
-            }
-        }
-        Ok(())
-    }
-
-    fn complete(&mut self, final_round: u32, sections: u32) -> Result<(), MigrationError> {
-        if !self.partial.is_empty() {
-            return Err(self.err("COMPLETE with a device-state section unfinished"));
-        }
+    /// Waits until every channel ended the final round (the session's rules decide),
+    /// within the idle timeout.
+    fn complete(&mut self, c: Complete) -> Result<u32, MigrationError> {
+        let ch = self.ch;
         let deadline = Instant::now() + self.shared.wait;
-        let mut s = self
-            .shared
-            .state
-            .lock()
-            .map_err(|_| MigrationError::Worker(self.ch))?;
+        let mut s = self.shared.state(ch)?;
+        let mut progress = s.rules.on_complete(&c).map_err(|e| self.rule(e))?;
         loop {
+            if let CompleteProgress::Done(r) = progress {
+                return Ok(r.0);
+            }
             if let Some(f) = &s.failed {
                 return Err(self.err(format!("another channel failed: {f}")));
-            }
-            if s.ended.iter().all(|e| *e == Some(final_round)) {
-                break;
-            }
-            if s.ended.iter().any(|e| e.is_some_and(|r| r > final_round)) {
-                return Err(self.err("a channel ended a round after the final one"));
             }
             let now = Instant::now();
             if now >= deadline {
                 return Err(self.err(format!(
-                    "channels did not all end round {final_round} in time: {:?}",
-                    s.ended
+                    "channels did not all end round {} in time: {:?}",
+                    c.final_round,
+                    s.rules.ended()
                 )));
             }
             s = self
                 .shared
                 .cv
                 .wait_timeout(s, deadline - now)
-                .map_err(|_| MigrationError::Worker(self.ch))?
+                .map_err(|_| MigrationError::Worker(ch))?
                 .0;
+            progress = s.rules.complete_progress();
         }
-        if s.sections.len() != sections as usize {
-            return Err(self.err(format!(
-                "COMPLETE announces {sections} device-state sections, {} arrived",
-                s.sections.len()
-            )));
-        }
-        s.complete = Some(final_round);
-        Ok(())
     }
 
     fn send_ack(
@@ -715,8 +649,4 @@ impl Receiver {
                 source,
             })
     }
-}
-
-fn same_layout(frame: &LayoutFrame<'_>, layout: &MemoryLayout) -> bool {
-    MemoryLayout::from_frame(frame, layout.page_size()).is_ok_and(|l| &l == layout)
 }

@@ -44,6 +44,16 @@ pub enum MigrationError {
         /// What happened.
         what: String,
     },
+    /// The peer broke a rule of the session (layout, rounds, affinity, limits, device
+    /// state, completion).
+    #[error("channel {channel}: {source}")]
+    Rule {
+        /// The channel.
+        channel: u16,
+        /// The rule and its values.
+        #[source]
+        source: pagewire_protocol::SessionError,
+    },
     /// A frame failed a protocol check.
     #[error("channel {channel}: bad frame")]
     Decode {

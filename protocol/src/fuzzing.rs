@@ -4,14 +4,22 @@
 //! Every input starts with a selector byte that picks the limits; the rest is peer
 //! bytes, so a frame's encoding prefixed with a selector is a valid seed.
 
-use crate::frame::{Envelope, Frame, NONCE_LEN};
+use crate::frame::{Ack, DeviceState, Envelope, Frame, LayoutFrame, NONCE_LEN, PageFrame};
 use crate::handshake::{
     Authentication, Capabilities, ClientConfig, ClientHandshake, ServerConfig, ServerHandshake,
     SessionKey,
 };
-use crate::ids::{ChannelId, ChecksumId, CodecId, SessionId};
+use crate::ids::{
+    AckKind, ChannelId, ChecksumId, CodecId, FrameType, GuestAddr, PageIndex, RegionId, Round,
+    SessionId,
+};
 use crate::limits::{CodecSet, Limits};
+use crate::session::{
+    Affinity, CompleteProgress, DestinationChannel, DestinationEvent, DestinationLimits,
+    DestinationSession, SourceChannel, SourceEvent,
+};
 use crate::stream::FrameDecoder;
+use crate::wire::{PageRun, RegionDesc, WireList};
 
 /// A private codec id the fuzz limits accept, to reach the "unknown layout" paths.
 pub const PRIVATE_CODEC: CodecId = CodecId(0xf001);
@@ -243,4 +251,595 @@ pub fn handshake_seeds() -> Vec<(&'static str, Vec<u8>)> {
         seeds.push((sn, [&[sel, 255][..], &to_client].concat()));
     }
     seeds
+}
+
+/// Destination limits small enough for the fuzzer to reach every one of them.
+fn session_limits() -> DestinationLimits {
+    DestinationLimits {
+        max_guest_bytes: 1 << 20,
+        max_regions: 4,
+        max_channels: 4,
+        max_device_sections: 4,
+        max_device_bytes: 4096,
+    }
+}
+
+/// The page size of fuzzed sessions (the one [`limits`] uses).
+const SESSION_PAGE: u64 = 4096;
+
+/// What one run of [`session`] did, for the tests that replay it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionOutcome {
+    /// The final round, when the destination verified the session complete.
+    pub completed: Option<Round>,
+    /// The final round the source's channel 0 saw acknowledged by ACK COMPLETE.
+    pub source_completed: Option<Round>,
+    /// PAGES frames the destination applied, per channel.
+    pub applied: Vec<u64>,
+    /// Channels that failed (an error from the state machines, or an undecodable frame).
+    pub dead: Vec<bool>,
+    /// Faults injected into a generated session (0 for the frame mode).
+    pub faults: usize,
+}
+
+/// A destination driven as the pipeline drives one, with an independent record of what
+/// the session's rules allow, checked on every frame the state machines let through.
+struct FuzzDestination {
+    session: DestinationSession,
+    channels: Vec<DestinationChannel>,
+    dead: Vec<bool>,
+    /// The first accepted LAYOUT, kept here: (region id, pages) and the chunk size.
+    layout: Option<(Vec<(u32, u64)>, u32)>,
+    /// The last round each channel ended, by the AckRound events seen here.
+    ended: Vec<Option<Round>>,
+    applied: Vec<u64>,
+    /// Bytes of the device-state sections handed out whole.
+    device_bytes: u64,
+    /// ACKs to send back, per channel.
+    acks: Vec<Vec<Ack>>,
+}
+
+impl FuzzDestination {
+    fn new(channels: u16) -> Option<Self> {
+        let session = DestinationSession::new(channels, 4096, session_limits()).ok()?;
+        let chans = (0..channels)
+            .map(|c| session.channel(ChannelId(c)))
+            .collect::<Result<Vec<_>, _>>()
+            .ok()?;
+        let n = usize::from(channels);
+        Some(Self {
+            session,
+            channels: chans,
+            dead: vec![false; n],
+            layout: None,
+            ended: vec![None; n],
+            applied: vec![0; n],
+            device_bytes: 0,
+            acks: vec![Vec::new(); n],
+        })
+    }
+
+    fn kill(&mut self, c: usize) {
+        self.dead[c] = true;
+    }
+
+    /// Feeds a decoded frame to channel `c` and carries out what the machine says.
+    fn receive(&mut self, c: usize, frame: &Frame<'_>) {
+        if self.dead[c] {
+            return;
+        }
+        let id = ChannelId(c as u16);
+        let event = match self.channels[c].on_frame(frame) {
+            Ok(e) => e,
+            Err(_) => return self.kill(c),
+        };
+        let result = match event {
+            DestinationEvent::Layout(l) => self.session.on_layout(l).and_then(|first| {
+                if first {
+                    let regions = l
+                        .regions
+                        .iter()
+                        .map(|r| (r.id.0, r.length / SESSION_PAGE))
+                        .collect();
+                    self.layout = Some((regions, l.chunk_pages));
+                }
+                self.channels[c].set_layout(&self.session)
+            }),
+            DestinationEvent::Apply(p) => {
+                self.check_apply(c, p);
+                self.applied[c] += 1;
+                self.acks[c].push(Ack {
+                    kind: AckKind::FRAMES,
+                    value: self.applied[c],
+                });
+                Ok(())
+            }
+            DestinationEvent::AckRound(round) => {
+                assert!(
+                    self.ended[c].is_none_or(|e| round > e),
+                    "channel {c} ended round {round} after round {:?}",
+                    self.ended[c]
+                );
+                self.ended[c] = Some(round);
+                self.acks[c].push(Ack {
+                    kind: AckKind::ROUND,
+                    value: round.0.into(),
+                });
+                self.session
+                    .on_round_ended(id, round)
+                    .map(|p| self.progress(p))
+            }
+            DestinationEvent::DeviceState(d) => {
+                self.session.on_device_state(id, d).map(|section| {
+                    if let Some(s) = section {
+                        self.device_bytes += s.data.len() as u64;
+                        assert!(
+                            self.device_bytes <= session_limits().max_device_bytes,
+                            "device state past the byte limit"
+                        );
+                    }
+                })
+            }
+            DestinationEvent::Complete(done) => {
+                assert_eq!(c, 0, "COMPLETE accepted on channel {c}");
+                self.session
+                    .on_complete(done)
+                    .map(|p| self.progress(Some(p)))
+            }
+            DestinationEvent::Skip => Ok(()),
+        };
+        if result.is_err() {
+            self.kill(c);
+        }
+    }
+
+    /// On completion: every channel ended the final round (by the events seen here),
+    /// every channel is finished, and channel 0 answers ACK COMPLETE.
+    fn progress(&mut self, p: Option<CompleteProgress>) {
+        let Some(CompleteProgress::Done(last)) = p else {
+            return;
+        };
+        assert_eq!(self.session.completed(), Some(last));
+        assert!(
+            self.ended.iter().all(|e| *e == Some(last)),
+            "complete at round {last} but channels ended {:?}",
+            self.ended
+        );
+        for ch in &mut self.channels {
+            ch.finish();
+        }
+        self.acks[0].push(Ack {
+            kind: AckKind::COMPLETE,
+            value: last.0.into(),
+        });
+    }
+
+    /// The invariant of every applied frame, recomputed without the session module: its
+    /// pages lie inside a region of the LAYOUT, each belongs to channel `c` by
+    /// `(page / chunk + region) % channels`, and its round is still open on `c`.
+    fn check_apply(&self, c: usize, p: &PageFrame<'_>) {
+        assert!(self.session.completed().is_none(), "pages applied after completion");
+        let Some((regions, chunk)) = &self.layout else {
+            panic!("pages applied on channel {c} before any LAYOUT was accepted");
+        };
+        let Some(&(_, pages)) = regions.iter().find(|(id, _)| *id == p.region.0) else {
+            panic!("pages applied for region {} outside the LAYOUT", p.region);
+        };
+        let channels = self.channels.len() as u128;
+        for run in p.data_runs.iter().chain(p.zero_runs.iter()) {
+            let start = u128::from(run.start.0);
+            let end = start + u128::from(run.count);
+            assert!(
+                end <= u128::from(pages),
+                "run {run:?} past region {} of {pages} pages",
+                p.region
+            );
+            for page in start..end {
+                let owner = (page / u128::from(*chunk) + u128::from(p.region.0)) % channels;
+                assert_eq!(
+                    owner, c as u128,
+                    "page {page} of region {} applied on channel {c}, owner {owner}",
+                    p.region
+                );
+            }
+        }
+        assert!(
+            self.ended[c].is_none_or(|e| p.round > e),
+            "pages of round {} applied on channel {c}, which ended {:?}",
+            p.round,
+            self.ended[c]
+        );
+    }
+
+    fn outcome(&self, source_completed: Option<Round>, faults: usize) -> SessionOutcome {
+        SessionOutcome {
+            completed: self.session.completed(),
+            source_completed,
+            applied: self.applied.clone(),
+            dead: self.dead.clone(),
+            faults,
+        }
+    }
+}
+
+/// Reads fuzzer bytes as parameters; 0 once they run out.
+struct Params<'a>(&'a [u8]);
+
+impl Params<'_> {
+    fn u8(&mut self) -> u8 {
+        match self.0.split_first() {
+            Some((&b, rest)) => {
+                self.0 = rest;
+                b
+            }
+            None => 0,
+        }
+    }
+}
+
+/// The session state machines (`crate::session`) against a fuzzer.
+///
+/// Input: a selector byte (bit 0: generated-session mode, else frame mode; bit 1: CRC32C
+/// negotiated), then:
+/// - frame mode: a byte choosing 1–4 channels, then records `channel byte || frame`
+///   (a whole frame as on the wire). The frames go to a [`DestinationSession`] and its
+///   channels exactly as a destination would feed them.
+/// - generated mode: parameters of a legitimate session (channels, chunk size, regions,
+///   rounds, dirty pages, device-state sections, extension frames) that a
+///   [`SourceChannel`] per channel produces, a fault list (drop, duplicate, move to
+///   another channel, alter a run, flip a byte) and a delivery schedule (which channel's
+///   next frame the destination reads). The destination's ACKs go back to the source.
+///
+/// Invariants: nothing panics; every frame the destination applies names pages inside
+/// the LAYOUT, all on the channel that owns them by `(page / chunk + region) % channels`
+/// recomputed here, in a round that channel has not ended; a channel that failed gets
+/// no more frames. Without faults a generated session completes at its final round on
+/// both sides, with every frame applied and every ACK accepted by the source.
+///
+/// # Panics
+/// When an invariant fails.
+pub fn session(data: &[u8]) {
+    let _ = session_run(data);
+}
+
+/// [`session`], returning what happened.
+///
+/// # Panics
+/// As [`session`].
+pub fn session_run(data: &[u8]) -> SessionOutcome {
+    let Some((&selector, rest)) = data.split_first() else {
+        return SessionOutcome::default();
+    };
+    let limits = limits(selector & 2);
+    match selector & 1 {
+        0 => session_frames(&limits, rest),
+        _ => session_generated(&limits, selector & 2 != 0, rest),
+    }
+}
+
+fn session_frames(limits: &Limits, data: &[u8]) -> SessionOutcome {
+    let Some((&n, mut rest)) = data.split_first() else {
+        return SessionOutcome::default();
+    };
+    let channels = 1 + u16::from(n % 4);
+    let Some(mut dest) = FuzzDestination::new(channels) else {
+        return SessionOutcome::default();
+    };
+    while let Some((&ch, tail)) = rest.split_first() {
+        let c = usize::from(ch) % usize::from(channels);
+        let Some(env) = tail
+            .get(..Envelope::LEN)
+            .and_then(|b| <&[u8; Envelope::LEN]>::try_from(b).ok())
+            .and_then(|b| Envelope::parse(b, limits).ok())
+        else {
+            // The channel's stream cannot be framed: it fails, and the input ends.
+            dest.kill(c);
+            break;
+        };
+        let Some(body) = tail.get(Envelope::LEN..env.frame_len()) else {
+            dest.kill(c);
+            break;
+        };
+        match Frame::decode(env, body, limits) {
+            Ok(f) => dest.receive(c, &f),
+            Err(_) => dest.kill(c),
+        }
+        rest = &tail[env.frame_len()..];
+    }
+    dest.outcome(None, 0)
+}
+
+/// Canonical runs of ascending, distinct pages.
+fn runs_of(pages: &[u64]) -> Vec<PageRun> {
+    let mut runs: Vec<PageRun> = Vec::new();
+    for &p in pages {
+        match runs.last_mut() {
+            Some(r) if r.start.0 + u64::from(r.count) == p => r.count += 1,
+            _ => runs.push(PageRun {
+                start: PageIndex(p),
+                count: 1,
+            }),
+        }
+    }
+    runs
+}
+
+fn encoded(frame: &Frame<'_>) -> Vec<u8> {
+    let mut out = Vec::new();
+    frame
+        .encode(&mut out)
+        .expect("a generated frame fits its fields");
+    out
+}
+
+fn session_generated(limits: &Limits, crc: bool, data: &[u8]) -> SessionOutcome {
+    let mut r = Params(data);
+    let channels = 1 + u16::from(r.u8() % 4);
+    let n = usize::from(channels);
+    let chunk_pages = 1 + u32::from(r.u8() % 8);
+    let Some(affinity) = Affinity::new(channels, chunk_pages) else {
+        return SessionOutcome::default();
+    };
+    let owner = |region: u32, page: u64| {
+        ((page / u64::from(chunk_pages) + u64::from(region)) % u64::from(channels)) as usize
+    };
+
+    // The guest: 1–3 regions of 1–32 pages, ids ascending with gaps, apart or adjacent.
+    let mut regions = Vec::new();
+    let mut id = u32::from(r.u8() % 4);
+    let mut addr = 0u64;
+    for i in 0..1 + r.u8() % 3 {
+        if i > 0 {
+            id += 1 + u32::from(r.u8() % 4);
+        }
+        let pages = 1 + u64::from(r.u8() % 32);
+        addr += u64::from(r.u8() % 2) * SESSION_PAGE;
+        regions.push(RegionDesc {
+            id: RegionId(id),
+            backing_page_size: 4096,
+            guest_addr: GuestAddr(addr),
+            length: pages * SESSION_PAGE,
+        });
+        addr += pages * SESSION_PAGE;
+    }
+    let rounds = 1 + r.u8() % 4;
+    let per_frame = 1 + usize::from(r.u8() % 16);
+    let ext = r.u8();
+    // Device-state sections: (channel, total, chunk, round index).
+    let sections: Vec<(usize, usize, usize, u8)> = (0..r.u8() % 3)
+        .map(|_| {
+            (
+                usize::from(r.u8()) % n,
+                usize::from(r.u8() % 40),
+                1 + usize::from(r.u8() % 16),
+                r.u8() % rounds,
+            )
+        })
+        .collect();
+
+    let extension = |t: u8| {
+        encoded(&Frame::Extension {
+            frame_type: FrameType(0x80 | t),
+            flags: t,
+            body: b"extension",
+        })
+    };
+    let mut source: Vec<SourceChannel> = (0..channels)
+        .map(|c| SourceChannel::new(ChannelId(c), affinity))
+        .collect::<Result<_, _>>()
+        .expect("every channel index is inside the session");
+    let mut wire: Vec<Vec<Vec<u8>>> = vec![Vec::new(); n];
+    let mut sent = vec![0u64; n];
+    let layout = encoded(&Frame::Layout(LayoutFrame {
+        chunk_pages,
+        regions: WireList::Slice(&regions),
+    }));
+    for (c, w) in wire.iter_mut().enumerate() {
+        if ext & 1 != 0 {
+            w.push(extension(c as u8));
+        }
+        source[c].on_send_layout();
+        w.push(layout.clone());
+    }
+    let mut round = Round(0);
+    for k in 0..rounds {
+        if k > 0 {
+            round = Round(round.0 + 1 + u32::from(r.u8() % 2));
+        }
+        for region in &regions {
+            let pages = region.length / SESSION_PAGE;
+            let (mut dirty, mut bits) = (Vec::new(), 0u8);
+            for p in 0..pages {
+                if p % 8 == 0 {
+                    bits = r.u8();
+                }
+                if bits >> (p % 8) & 1 != 0 {
+                    dirty.push(p);
+                }
+            }
+            for (c, w) in wire.iter_mut().enumerate() {
+                let mine: Vec<u64> = dirty
+                    .iter()
+                    .copied()
+                    .filter(|&p| owner(region.id.0, p) == c)
+                    .collect();
+                for group in mine.chunks(per_frame) {
+                    // Which pages of the group carry data (raw) and which are zero.
+                    let mask = r.u8();
+                    let (mut data, mut zero) = (Vec::new(), Vec::new());
+                    for (i, &p) in group.iter().enumerate() {
+                        match mask >> (i % 8) & 1 {
+                            0 => zero.push(p),
+                            _ => data.push(p),
+                        }
+                    }
+                    let (data_runs, zero_runs) = (runs_of(&data), runs_of(&zero));
+                    let payload = vec![0u8; data.len() * SESSION_PAGE as usize];
+                    let mut frame = PageFrame {
+                        codec: if data.is_empty() {
+                            CodecId::ZERO
+                        } else {
+                            CodecId::RAW
+                        },
+                        region: region.id,
+                        round,
+                        data_runs: WireList::Slice(&data_runs),
+                        zero_runs: WireList::Slice(&zero_runs),
+                        lengths: None,
+                        crc: None,
+                        payload: &payload,
+                    };
+                    if crc {
+                        frame = frame
+                            .with_crc([&payload[..]])
+                            .expect("a generated frame fits its fields");
+                    }
+                    source[c]
+                        .on_send_pages(&frame)
+                        .expect("the source accepts pages routed by the affinity");
+                    w.push(encoded(&Frame::Pages(frame)));
+                    sent[c] += 1;
+                }
+            }
+        }
+        for (i, &(c, total, chunk, at)) in sections.iter().enumerate() {
+            if at != k {
+                continue;
+            }
+            let bytes: Vec<u8> = (0..total).map(|b| (b + i) as u8).collect();
+            let name = ["dev-a", "dev-b", "dev-c"][i % 3];
+            let mut offset = 0;
+            loop {
+                let end = (offset + chunk).min(total);
+                wire[c].push(encoded(&Frame::DeviceState(DeviceState {
+                    instance: i as u32,
+                    name,
+                    total: total as u64,
+                    offset: offset as u64,
+                    data: &bytes[offset..end],
+                })));
+                offset = end;
+                if offset == total {
+                    break;
+                }
+            }
+        }
+        for (c, w) in wire.iter_mut().enumerate() {
+            let e = source[c]
+                .end_round(round)
+                .expect("the source ends its open round");
+            w.push(encoded(&Frame::EndOfRound(e)));
+            if ext & 2 != 0 && c == usize::from(k) % n {
+                w.push(extension(k));
+            }
+        }
+    }
+    let complete = source[0]
+        .complete(round, sections.len() as u32)
+        .expect("channel 0 ended the final round");
+    wire[0].push(encoded(&Frame::Complete(complete)));
+
+    // Faults: (kind, channel, index, argument).
+    let nfaults = usize::from(r.u8() % 4);
+    for _ in 0..nfaults {
+        let (kind, c, idx, arg) = (r.u8() % 5, usize::from(r.u8()) % n, r.u8(), r.u8());
+        let len = wire[c].len();
+        if len == 0 {
+            continue;
+        }
+        let i = usize::from(idx) % len;
+        match kind {
+            0 => {
+                wire[c].remove(i);
+            }
+            1 => {
+                let f = wire[c][i].clone();
+                wire[c].insert(i, f);
+            }
+            2 => {
+                let f = wire[c].remove(i);
+                let to = (c + 1 + usize::from(arg)) % n;
+                let at = usize::from(idx).min(wire[to].len());
+                wire[to].insert(at, f);
+            }
+            3 => {
+                // Alter a run of a PAGES frame: move its start or grow its count.
+                let f = &mut wire[c][i];
+                if f[0] == FrameType::PAGES.0 {
+                    let runs = usize::from(u16::from_le_bytes([f[20], f[21]]))
+                        + usize::from(u16::from_le_bytes([f[22], f[23]]));
+                    if runs > 0 {
+                        let at = 24 + 12 * (usize::from(arg) % runs);
+                        let (field, width) = match arg & 0x80 {
+                            0 => (at, 8),
+                            _ => (at + 8, 4),
+                        };
+                        let mut v = [0u8; 8];
+                        v[..width].copy_from_slice(&f[field..field + width]);
+                        let bumped = u64::from_le_bytes(v).wrapping_add(1 + u64::from(arg & 7));
+                        f[field..field + width].copy_from_slice(&bumped.to_le_bytes()[..width]);
+                    }
+                }
+            }
+            _ => {
+                let f = &mut wire[c][i];
+                let at = usize::from(arg) % f.len();
+                f[at] ^= 1 << (idx % 8);
+            }
+        }
+    }
+
+    // Delivery: the schedule picks whose next frame the destination reads; then the
+    // rest, round-robin. Every ACK goes straight back to its source channel.
+    let Some(mut dest) = FuzzDestination::new(channels) else {
+        return SessionOutcome::default();
+    };
+    let mut source_ok = vec![true; n];
+    if ext & 4 != 0 {
+        for s in &mut source {
+            let f = Frame::Extension {
+                frame_type: FrameType(0xff),
+                flags: 0,
+                body: &[],
+            };
+            assert!(matches!(s.on_frame(&f), Ok(SourceEvent::Skip)));
+        }
+    }
+    let mut next = vec![0usize; n];
+    let schedule = r.0.iter().map(|&b| usize::from(b) % n);
+    let round_robin = (0..wire.iter().map(Vec::len).max().unwrap_or(0)).flat_map(|_| 0..n);
+    for c in schedule.chain(round_robin) {
+        let Some(bytes) = wire[c].get(next[c]) else {
+            continue;
+        };
+        next[c] += 1;
+        match decode_one(bytes, limits) {
+            Some((f, len)) if len == bytes.len() => dest.receive(c, &f),
+            _ => dest.kill(c),
+        }
+        for (c, acks) in dest.acks.iter_mut().enumerate() {
+            for a in acks.drain(..) {
+                if source_ok[c] {
+                    let accepted = source[c].on_frame(&Frame::Ack(a)).is_ok();
+                    assert!(
+                        accepted || nfaults > 0,
+                        "the source refused {a:?} of a faultless session on channel {c}"
+                    );
+                    source_ok[c] = accepted;
+                }
+            }
+        }
+    }
+    let out = dest.outcome(source[0].completed(), nfaults);
+    if nfaults == 0 {
+        assert_eq!(
+            out.dead,
+            vec![false; n],
+            "a faultless session failed a channel"
+        );
+        assert_eq!(out.completed, Some(round), "a faultless session did not complete");
+        assert_eq!(out.source_completed, Some(round));
+        assert_eq!(out.applied, sent, "a faultless session lost frames");
+    }
+    out
 }

@@ -344,7 +344,12 @@ fn decode_payload(p: &PageFrame<'_>) -> Vec<u8> {
         }
         c => panic!("no golden decoder for {c:?}"),
     };
-    assert_eq!(out.len(), n * ps, "{:?} decodes to the frame's pages", p.codec);
+    assert_eq!(
+        out.len(),
+        n * ps,
+        "{:?} decodes to the frame's pages",
+        p.codec
+    );
     out
 }
 

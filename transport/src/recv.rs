@@ -291,9 +291,12 @@ impl RxState {
             });
         }
         // The checksum covers the envelope and header too (PROTOCOL.md, PAGES).
-        let crc = frame
-            .crc
-            .map(|c| (c, pagewire_protocol::pages_crc_seed(&self.buf[at..at + hlen])));
+        let crc = frame.crc.map(|c| {
+            (
+                c,
+                pagewire_protocol::pages_crc_seed(&self.buf[at..at + hlen]),
+            )
+        });
         self.placing = true;
         let buffered = (self.end - at - hlen).min(payload_len);
         copy_to_guest(&self.dest, 0, &self.buf[at + hlen..at + hlen + buffered]);
