@@ -445,7 +445,6 @@ impl Receiver {
                 let incoming = channel
                     .recv(checked.as_mut().map(|s| s as &mut dyn PageSink))
                     .map_err(chan)?;
-                drop(checked);
                 match incoming {
                     None => After::Closed,
                     Some(Incoming::Placed(p)) => {
