@@ -1169,6 +1169,8 @@ impl Worker {
                     return Ok(());
                 }
                 Some(Incoming::Frame(Frame::Ack(a))) if a.kind == AckKind::FRAMES => {}
+                // Extension frames are skipped wherever they arrive (PROTOCOL.md).
+                Some(Incoming::Frame(Frame::Extension { .. })) => {}
                 Some(Incoming::Frame(Frame::Abort(a))) => {
                     return Err(MigrationError::PeerAborted {
                         reason: a.reason,

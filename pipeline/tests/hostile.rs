@@ -1,0 +1,355 @@
+//! Hostile sources against a real destination: a client written against PROTOCOL.md
+//! (the protocol crate's sans-IO handshake and frame encoder over a plain socket, none of
+//! the pipeline's source) breaks one rule at a time. Each case must end in a clear,
+//! typed error before a byte reaches guest memory where the rules forbid it, and a
+//! legitimate session must still complete.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pagewire::protocol::session::Limit;
+use pagewire::protocol::*;
+use pagewire::{DestinationConfig, DestinationListener, GuestMemory, MigrationError};
+
+const PS: u32 = 4096;
+
+/// One channel of a hand-driven source.
+struct Raw {
+    stream: TcpStream,
+    limits: Limits,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    fn connect(addr: SocketAddr, session: SessionId, channel: u16, count: u16, crc: bool) -> Raw {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut caps = Capabilities::new(PS);
+        caps.checksum = crc;
+        let mut hs = ClientHandshake::new(
+            ClientConfig {
+                caps,
+                session,
+                channel: ChannelId(channel),
+                channel_count: count,
+                auth: Authentication::None,
+            },
+            [channel as u8 + 1; 32],
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            out.clear();
+            hs.take_output(&mut out);
+            stream.write_all(&out).unwrap();
+            if hs.is_done() {
+                break;
+            }
+            let n = stream.read(&mut buf).unwrap();
+            assert!(n > 0, "destination closed during the handshake");
+            hs.receive(&buf[..n]).unwrap();
+        }
+        out.clear();
+        hs.take_output(&mut out);
+        stream.write_all(&out).unwrap();
+        let limits = hs.negotiated().unwrap().limits();
+        Raw {
+            stream,
+            limits,
+            buf: Vec::new(),
+        }
+    }
+
+    fn send(&mut self, f: Frame<'_>) {
+        let mut out = Vec::new();
+        f.encode(&mut out).unwrap();
+        self.send_bytes(&out);
+    }
+
+    fn send_bytes(&mut self, b: &[u8]) {
+        // The destination may already have closed: its verdict is what the test reads.
+        let _ = self.stream.write_all(b);
+    }
+
+    /// The next frame type and, for ACK and ABORT, its value or reason.
+    fn recv(&mut self) -> Option<(FrameType, u64)> {
+        let mut dec = FrameDecoder::new(self.limits);
+        let mut chunk = [0u8; 4096];
+        loop {
+            if !self.buf.is_empty() {
+                let (used, f) = dec.decode(&self.buf).ok()?;
+                let got = f.map(|f| match f {
+                    Frame::Ack(a) => (FrameType::ACK, a.value),
+                    Frame::Abort(a) => (FrameType::ABORT, u64::from(a.reason.0)),
+                    f => (f.frame_type(), 0),
+                });
+                self.buf.drain(..used);
+                if got.is_some() {
+                    return got;
+                }
+            }
+            let n = self.stream.read(&mut chunk).ok()?;
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+fn regions(bytes: u64) -> [RegionDesc; 1] {
+    [RegionDesc {
+        id: RegionId(0),
+        backing_page_size: PS,
+        guest_addr: GuestAddr(0),
+        length: bytes,
+    }]
+}
+
+fn memory(bytes: u64) -> Arc<GuestMemory> {
+    let layout = MemoryLayout::new(PS, regions(bytes)).unwrap();
+    Arc::new(GuestMemory::anonymous(&layout).unwrap())
+}
+
+fn run(start: u64, count: u32) -> PageRun {
+    PageRun {
+        start: PageIndex(start),
+        count,
+    }
+}
+
+fn raw_pages<'a>(runs: &'a [PageRun], payload: &'a [u8], round: u32, crc: bool) -> PageFrame<'a> {
+    let f = PageFrame {
+        codec: CodecId::RAW,
+        region: RegionId(0),
+        round: Round(round),
+        data_runs: WireList::Slice(runs),
+        zero_runs: WireList::Slice(&[]),
+        lengths: None,
+        crc: None,
+        payload,
+    };
+    if crc {
+        f.with_crc([payload]).unwrap()
+    } else {
+        f
+    }
+}
+
+/// A destination on loopback, accepting one session (optionally into `memory`).
+fn destination(
+    n: u8,
+    limits: Option<DestinationLimits>,
+    memory: Option<Arc<GuestMemory>>,
+) -> (
+    SocketAddr,
+    std::thread::JoinHandle<Result<pagewire::Migrated, MigrationError>>,
+) {
+    let mut cfg = DestinationConfig::new(common::session(n), Authentication::None);
+    cfg.idle_timeout = Duration::from_secs(10);
+    cfg.accept_timeout = Duration::from_secs(10);
+    if let Some(l) = limits {
+        cfg.limits = l;
+    }
+    let listener = DestinationListener::bind(common::loopback(), cfg).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let t = std::thread::spawn(move || listener.accept(memory)?.wait());
+    (addr, t)
+}
+
+fn rule(r: Result<pagewire::Migrated, MigrationError>) -> SessionError {
+    match r {
+        Err(MigrationError::Rule { source, .. }) => source,
+        other => panic!("expected a session rule error, got {other:?}"),
+    }
+}
+
+/// A whole legitimate session over `count` raw channels: LAYOUT (after an extension
+/// frame), one page per channel, END_OF_ROUND, COMPLETE.
+fn legitimate(n: u8, count: u16) {
+    let mem = memory(64 * u64::from(PS));
+    let (addr, t) = destination(n, None, Some(mem.clone()));
+    let mut chans: Vec<Raw> = (0..count)
+        .map(|c| Raw::connect(addr, common::session(n), c, count, true))
+        .collect();
+    let regions = regions(64 * u64::from(PS));
+    let aff = Affinity::new(count, 4).unwrap();
+    for (c, raw) in chans.iter_mut().enumerate() {
+        raw.send(Frame::Extension {
+            frame_type: FrameType(0x90),
+            flags: 0,
+            body: b"before layout",
+        });
+        raw.send(Frame::Layout(LayoutFrame {
+            chunk_pages: 4,
+            regions: WireList::Slice(&regions),
+        }));
+        let page = aff.next_on(RegionId(0), ChannelId(c as u16), 0);
+        let runs = [run(page, 1)];
+        let payload = vec![c as u8 + 1; PS as usize];
+        raw.send(Frame::Pages(raw_pages(&runs, &payload, 0, true)));
+        raw.send(Frame::Extension {
+            frame_type: FrameType(0xfe),
+            flags: 3,
+            body: &[0; 100],
+        });
+        raw.send(Frame::EndOfRound(EndOfRound {
+            round: Round(0),
+            frames: 1,
+            pages: 1,
+        }));
+        assert_eq!(raw.recv(), Some((FrameType::ACK, 0)));
+    }
+    chans[0].send(Frame::Complete(Complete {
+        final_round: Round(0),
+        sections: 0,
+    }));
+    assert_eq!(chans[0].recv(), Some((FrameType::ACK, 0)));
+    drop(chans);
+    let m = t.join().unwrap().expect("the legitimate session completes");
+    assert_eq!(m.final_round, 0);
+    for c in 0..count {
+        let page = aff.next_on(RegionId(0), ChannelId(c), 0);
+        let mut got = vec![0u8; PS as usize];
+        assert!(m.memory.read_pages(RegionId(0), page, 1, &mut got));
+        assert!(got.iter().all(|b| *b == c as u8 + 1), "page {page}");
+    }
+}
+
+#[test]
+fn extension_frames_are_skipped_and_a_legitimate_session_completes() {
+    legitimate(1, 2);
+}
+
+#[test]
+fn a_page_on_the_wrong_channel_is_refused_before_placement() {
+    let mem = memory(64 * u64::from(PS));
+    let (addr, t) = destination(2, None, Some(mem.clone()));
+    let mut c0 = Raw::connect(addr, common::session(2), 0, 2, false);
+    let mut c1 = Raw::connect(addr, common::session(2), 1, 2, false);
+    let regions = regions(64 * u64::from(PS));
+    let layout = LayoutFrame {
+        chunk_pages: 8,
+        regions: WireList::Slice(&regions),
+    };
+    c0.send(Frame::Layout(layout));
+    c1.send(Frame::Layout(layout));
+    // Page 8 is in chunk 1: channel 1's. Channel 0 sends it (a raw frame, which the
+    // transport would place straight into guest memory).
+    let runs = [run(8, 1)];
+    let payload = vec![0xaa; PS as usize];
+    c0.send(Frame::Pages(raw_pages(&runs, &payload, 0, false)));
+    assert_eq!(
+        c0.recv().map(|(t, _)| t),
+        Some(FrameType::ABORT),
+        "the destination says why"
+    );
+    let e = rule(t.join().unwrap());
+    assert_eq!(
+        e,
+        SessionError::WrongChannel {
+            region: RegionId(0),
+            page: 8,
+            channel: ChannelId(0),
+            owner: ChannelId(1),
+        }
+    );
+    let mut got = vec![0u8; PS as usize];
+    assert!(mem.read_pages(RegionId(0), 8, 1, &mut got));
+    assert!(got.iter().all(|b| *b == 0), "nothing was placed");
+    legitimate(3, 2);
+}
+
+#[test]
+fn an_oversized_layout_is_refused_by_the_limit_without_mapping_it() {
+    let rss = || {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+            .unwrap()
+    };
+    let before = rss();
+    let mut limits = DestinationLimits::default();
+    limits.max_guest_bytes = 1 << 30;
+    let (addr, t) = destination(4, Some(limits), None);
+    let mut c = Raw::connect(addr, common::session(4), 0, 1, false);
+    let regions = regions(64 << 30);
+    c.send(Frame::Layout(LayoutFrame {
+        chunk_pages: 128,
+        regions: WireList::Slice(&regions),
+    }));
+    let e = rule(t.join().unwrap());
+    assert!(matches!(
+        e,
+        SessionError::LimitExceeded {
+            limit: Limit::GuestBytes,
+            value,
+            max,
+        } if value == 64 << 30 && max == 1 << 30
+    ));
+    let grown = rss().saturating_sub(before);
+    assert!(grown < 256 << 10, "RSS grew by {grown} kB");
+    legitimate(5, 1);
+}
+
+#[test]
+fn altered_page_ranges_under_crc_are_refused() {
+    let mem = memory(64 * u64::from(PS));
+    let (addr, t) = destination(6, None, Some(mem));
+    let mut c = Raw::connect(addr, common::session(6), 0, 1, true);
+    let regions = regions(64 * u64::from(PS));
+    c.send(Frame::Layout(LayoutFrame {
+        chunk_pages: 8,
+        regions: WireList::Slice(&regions),
+    }));
+    let runs = [run(3, 1)];
+    let payload = vec![0x5a; PS as usize];
+    let mut bytes = Vec::new();
+    Frame::Pages(raw_pages(&runs, &payload, 0, true))
+        .encode(&mut bytes)
+        .unwrap();
+    // Move the frame to page 2: the run's start is the first field after the 16 fixed
+    // header bytes.
+    bytes[Envelope::LEN + 16] = 2;
+    c.send_bytes(&bytes);
+    match t.join().unwrap() {
+        Err(MigrationError::Channel { source, .. }) => assert!(
+            matches!(
+                source,
+                pagewire::transport::ChannelError::Decode(DecodeError::ChecksumMismatch { .. })
+            ),
+            "{source:?}"
+        ),
+        other => panic!("expected a checksum failure, got {other:?}"),
+    }
+    legitimate(7, 1);
+}
+
+#[test]
+fn pages_before_layout_are_refused() {
+    let (addr, t) = destination(8, None, None);
+    let mut c = Raw::connect(addr, common::session(8), 0, 1, false);
+    c.send(Frame::Pages(PageFrame {
+        codec: CodecId::ZERO,
+        region: RegionId(0),
+        round: Round(0),
+        data_runs: WireList::Slice(&[]),
+        zero_runs: WireList::Slice(&[run(0, 1)]),
+        lengths: None,
+        crc: None,
+        payload: &[],
+    }));
+    assert_eq!(
+        rule(t.join().unwrap()),
+        SessionError::LayoutMissing(FrameType::PAGES)
+    );
+}
