@@ -28,7 +28,7 @@ use pagewire_transport::{Channel, Completed, ForeignBuf, Incoming, OutFrame, Pay
 
 use crate::config::{Control, SourceConfig};
 use crate::dirty::DirtyBitmap;
-use crate::error::{Failed, MigrationError};
+use crate::error::{Failed, MigrationError, Wait};
 use crate::memory::GuestMemory;
 use crate::plan::Affinity;
 use crate::stats::{CodecStats, Latency, MigrationStats, PageCounts, RoundStats};
@@ -112,7 +112,7 @@ enum Cmd {
 }
 
 enum Reply {
-    Ready(String),
+    Ready(ChannelTransport),
     Round(ChannelRound),
     Done,
     Failed(MigrationError),
@@ -140,6 +140,7 @@ pub struct Source {
     started: Instant,
     setup: Duration,
     transport: String,
+    transports: Vec<ChannelTransport>,
     engine_stats: Vec<Arc<std::sync::Mutex<pagewire_accel::EngineStats>>>,
 }
 
@@ -165,9 +166,7 @@ impl Source {
         config: SourceConfig,
     ) -> Result<Source, MigrationError> {
         let started = Instant::now();
-        if config.channels == 0 {
-            return Err(MigrationError::Config("at least one channel".into()));
-        }
+        config.validate()?;
         let page_size = memory.page_size();
         let mut caps = Capabilities::new(page_size);
         caps.max_pages = config.max_pages;
@@ -179,12 +178,17 @@ impl Source {
         let mut scfg =
             SessionConfig::new(caps, config.session, config.channels, config.auth.clone());
         scfg.tcp.recv_timeout = Some(config.ack_timeout);
-        scfg.tcp.send_timeout = config.ack_timeout;
+        scfg.tcp.send_timeout = config.send_timeout;
+        scfg.tcp.connect_timeout = config.connect_timeout;
+        scfg.tcp.connect_attempts = config.connect_attempts;
+        scfg.tcp.retry_delay = config.connect_retry_delay;
         scfg.uring.recv_timeout = Some(config.ack_timeout);
-        scfg.uring.send_timeout = config.ack_timeout;
+        scfg.uring.send_timeout = config.send_timeout;
+        scfg.handshake_timeout = config.handshake_timeout;
         let views = transport_views(&memory);
         scfg.uring.guest = views.iter().map(|(_, v)| v.clone()).collect();
-        let established = session::connect(addr, &scfg)?;
+        let established =
+            session::connect(addr, &scfg).map_err(|e| session_error(e, &config))?;
         let control = Control::new(config.bandwidth_limit, config.precopy.downtime_limit);
         let affinity = Affinity {
             channels: config.channels,
@@ -194,6 +198,7 @@ impl Source {
         let mut workers = Vec::new();
         let mut engine_stats = Vec::new();
         let mut transport = String::new();
+        let mut transports = Vec::new();
         for est in established {
             let ch = est.negotiated.channel.0;
             let negotiated = est.negotiated;
@@ -218,13 +223,13 @@ impl Source {
                     page_size: PageSize::new(page_size)
                         .ok_or_else(|| MigrationError::Config("page size".into()))?,
                     max_pages: negotiated.max_pages as usize,
-                    requests: config.queue_depth.max(1),
-                    buffers: config.queue_depth.max(1) * 2,
+                    requests: config.queue_depth,
+                    buffers: config.queue_depth * 2,
                     delta: delta.clone(),
                 },
                 SoftwareConfig {
                     threads: config.codec_threads,
-                    queue_depth: config.queue_depth.max(1),
+                    queue_depth: config.queue_depth,
                 },
             )?;
             let counters = Arc::new(Counters::default());
@@ -253,6 +258,8 @@ impl Source {
                 counters: counters.clone(),
                 bytes_sent: bytes_sent.clone(),
                 engine_stats: estats,
+                send_timeout: config.send_timeout,
+                ack_timeout: config.ack_timeout,
             };
             let (tx, rx_cmd) = mpsc::channel();
             let (tx_reply, rx) = mpsc::channel();
@@ -270,7 +277,7 @@ impl Source {
                             return;
                         }
                     };
-                    let name = backend_name(&channel);
+                    let name = ChannelTransport::of(&channel);
                     let mut w = setup.into_worker(channel);
                     // LAYOUT first on every channel.
                     let memory = w.s.memory.clone();
@@ -290,10 +297,11 @@ impl Source {
                 })
                 .map_err(|_| MigrationError::Worker(ch))?;
             match rx.recv() {
-                Ok(Reply::Ready(name)) => {
+                Ok(Reply::Ready(kind)) => {
                     if transport.is_empty() {
-                        transport = name;
+                        transport = kind.to_string();
                     }
+                    transports.push(kind);
                 }
                 Ok(Reply::Failed(e)) => {
                     let _ = thread.join();
@@ -324,9 +332,16 @@ impl Source {
             started,
             setup: started.elapsed(),
             transport,
+            transports,
             engine_stats,
             config,
         })
+    }
+
+    /// The transport each channel runs on, in channel order: a VMM (or a test) that
+    /// asked for io_uring sees here whether it got it.
+    pub fn channel_transports(&self) -> &[ChannelTransport] {
+        &self.transports
     }
 
     /// The handle that changes bandwidth and downtime limits or cancels.
@@ -598,13 +613,74 @@ impl Drop for Source {
     }
 }
 
-fn backend_name(ch: &AnyChannel) -> String {
-    match ch {
-        AnyChannel::Tcp(_) => "tcp".into(),
-        AnyChannel::Uring(_) => "io_uring".into(),
-        AnyChannel::Fallback(..) => "tcp (io_uring unavailable)".into(),
-        #[allow(unreachable_patterns)]
-        _ => "other".into(),
+/// The transport a channel runs on.
+#[non_exhaustive]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChannelTransport {
+    /// TCP, as asked.
+    Tcp,
+    /// io_uring, as asked.
+    Uring,
+    /// TCP, because io_uring was asked for and could not be used.
+    TcpFallback {
+        /// Why io_uring could not be used.
+        reason: String,
+    },
+    /// Another backend.
+    Other,
+}
+
+impl ChannelTransport {
+    fn of(ch: &AnyChannel) -> Self {
+        match ch {
+            AnyChannel::Tcp(_) => Self::Tcp,
+            AnyChannel::Uring(_) => Self::Uring,
+            AnyChannel::Fallback(_, e) => Self::TcpFallback {
+                reason: e.to_string(),
+            },
+            #[allow(unreachable_patterns)]
+            _ => Self::Other,
+        }
+    }
+}
+
+impl std::fmt::Display for ChannelTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp => f.write_str("tcp"),
+            Self::Uring => f.write_str("io_uring"),
+            Self::TcpFallback { .. } => f.write_str("tcp (io_uring unavailable)"),
+            Self::Other => f.write_str("other"),
+        }
+    }
+}
+
+/// A session error, or [`MigrationError::Timeout`] when a connect or handshake wait
+/// ran out.
+fn session_error(e: session::SessionError, config: &SourceConfig) -> MigrationError {
+    use pagewire_transport::tcp::TcpError;
+    use session::SessionError;
+    let timed_out = |e: &std::io::Error| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+        )
+    };
+    match &e {
+        SessionError::HandshakeIo { source, .. } if timed_out(source) => MigrationError::Timeout {
+            channel: None,
+            what: Wait::Handshake,
+            after: config.handshake_timeout,
+        },
+        SessionError::Tcp(TcpError::Connect {
+            source, attempts, ..
+        }) if timed_out(source) => MigrationError::Timeout {
+            channel: None,
+            what: Wait::Connect,
+            after: config.connect_timeout * *attempts
+                + config.connect_retry_delay * attempts.saturating_sub(1),
+        },
+        _ => MigrationError::Session(e),
     }
 }
 
@@ -663,6 +739,8 @@ struct WorkerSetup {
     counters: Arc<Counters>,
     bytes_sent: Arc<AtomicU64>,
     engine_stats: Arc<std::sync::Mutex<pagewire_accel::EngineStats>>,
+    send_timeout: Duration,
+    ack_timeout: Duration,
 }
 
 impl WorkerSetup {
@@ -737,16 +815,40 @@ impl Worker {
         }
     }
 
+    /// A channel error; a send or receive timeout becomes [`MigrationError::Timeout`]
+    /// naming the wait (a receive on the source only ever waits for an ACK).
     fn chan_err(&self, source: pagewire_transport::ChannelError) -> MigrationError {
-        MigrationError::Channel {
-            channel: self.s.ch,
-            source,
+        use pagewire_transport::ChannelError;
+        let channel = Some(self.s.ch);
+        match source {
+            ChannelError::SendTimeout(after) => MigrationError::Timeout {
+                channel,
+                what: Wait::Send,
+                after,
+            },
+            ChannelError::RecvTimeout(_) => MigrationError::Timeout {
+                channel,
+                what: Wait::Ack,
+                after: self.s.ack_timeout,
+            },
+            source => MigrationError::Channel {
+                channel: self.s.ch,
+                source,
+            },
         }
     }
 
-    /// Tells the destination why, best effort, unless the channel itself broke.
+    /// Tells the destination why, best effort, unless the channel itself broke or
+    /// stalled (an ABORT would wait behind the stalled bytes for another timeout).
     fn abort(&mut self, e: &MigrationError) {
-        if matches!(e, MigrationError::Channel { .. }) {
+        if matches!(
+            e,
+            MigrationError::Channel { .. }
+                | MigrationError::Timeout {
+                    what: Wait::Send | Wait::Ack,
+                    ..
+                }
+        ) {
             return;
         }
         let reason = match e {
@@ -922,11 +1024,12 @@ impl Worker {
         data: &[PageRun],
         zero: &[PageRun],
     ) -> Result<(), MigrationError> {
+        let mut progress = Instant::now();
         let mut job = loop {
             if let Some(j) = self.s.engine.job() {
                 break j;
             }
-            self.drain_some(Some(Duration::from_millis(50)))?;
+            self.wait_engine(&mut progress)?;
         };
         let tag = self.next_tag;
         self.next_tag += 1;
@@ -966,32 +1069,85 @@ impl Worker {
             if self.batch.is_empty() {
                 break;
             }
-            self.drain_some(Some(Duration::from_millis(50)))?;
+            self.wait_engine(&mut progress)?;
         }
         // Send whatever is ready without waiting.
-        self.drain_some(None)
+        self.drain_some(None).map(drop)
     }
 
-    fn drain_some(&mut self, wait: Option<Duration>) -> Result<(), MigrationError> {
+    /// Sends the engine's finished jobs, waiting up to `wait` for the first; returns
+    /// how many.
+    fn drain_some(&mut self, wait: Option<Duration>) -> Result<usize, MigrationError> {
         let mut comps = std::mem::take(&mut self.completions);
         let res = (|| {
-            self.s.engine.poll(&mut comps, 64, wait)?;
+            let n = self.s.engine.poll(&mut comps, 64, wait)?;
             for c in comps.drain(..) {
                 self.send_completion(c)?;
             }
-            Ok(())
+            Ok(n)
         })();
         comps.clear();
         self.completions = comps;
         res
     }
 
+    /// Waits for what frees an engine request or output buffer: a finished job (sent
+    /// at once) or a finished send (whose payload buffer goes back to the engine's
+    /// pool). Buffers held by sends come back only through the channel's completions,
+    /// so those are reaped here too, and waited for when nothing else can happen
+    /// (io_uring completes sends only when asked). `progress` is when something last
+    /// came back; with nothing for `send_timeout` since, fails with
+    /// [`MigrationError::Timeout`].
+    fn wait_engine(&mut self, progress: &mut Instant) -> Result<(), MigrationError> {
+        let timeout = self.s.send_timeout;
+        let left = timeout.saturating_sub(progress.elapsed());
+        if left.is_zero() {
+            return Err(MigrationError::Timeout {
+                channel: Some(self.s.ch),
+                what: if self.s.engine.in_flight() > 0 {
+                    Wait::Engine
+                } else {
+                    Wait::Send
+                },
+                after: timeout,
+            });
+        }
+        let sends = self.sends.len();
+        let mut got = if self.s.engine.in_flight() > 0 {
+            self.drain_some(Some(left.min(Duration::from_millis(50))))?
+        } else {
+            0
+        };
+        if self.s.engine.in_flight() == 0 && got == 0 && !self.sends.is_empty() {
+            // Every buffer not in the pool is with the channel: wait for its sends
+            // (bounded by the channel's send timeout, which is `send_timeout`).
+            self.reap(true)?;
+        } else {
+            self.reap(false)?;
+        }
+        got += sends.saturating_sub(self.sends.len());
+        if got > 0 {
+            *progress = Instant::now();
+        } else if self.s.engine.in_flight() == 0 && self.sends.is_empty() {
+            // Nothing is out, yet nothing is free: the engine lost track of a buffer.
+            return Err(MigrationError::Protocol {
+                channel: self.s.ch,
+                what: format!(
+                    "the codec engine has no free request or buffer and nothing in flight ({:?})",
+                    self.s.engine
+                ),
+            });
+        }
+        Ok(())
+    }
+
     fn drain(&mut self) -> Result<(), MigrationError> {
+        let mut progress = Instant::now();
         while !self.batch.is_empty() || self.s.engine.in_flight() > 0 {
             if !self.batch.is_empty() {
                 self.s.engine.submit(&mut self.batch)?;
             }
-            self.drain_some(Some(Duration::from_millis(50)))?;
+            self.wait_engine(&mut progress)?;
         }
         Ok(())
     }
@@ -1133,46 +1289,82 @@ impl Worker {
         e.payload_bytes += payload;
     }
 
+    /// Waits for the ACK, within `ack_timeout` of the call in all: each receive gets
+    /// only the time left, however many other frames arrive meanwhile.
     fn await_ack(&mut self, kind: AckKind, value: u64) -> Result<(), MigrationError> {
         let ch = self.s.ch;
-        loop {
-            let incoming = self
-                .channel
-                .recv(None)
-                .map_err(|source| MigrationError::Channel {
-                    channel: ch,
-                    source,
-                })?;
-            match incoming {
-                None => {
-                    return Err(MigrationError::Protocol {
-                        channel: ch,
-                        what: "the destination closed the channel".into(),
-                    });
-                }
-                Some(Incoming::Frame(Frame::Ack(a))) if a.kind == kind && a.value == value => {
-                    return Ok(());
-                }
-                Some(Incoming::Frame(Frame::Ack(a))) if a.kind == AckKind::FRAMES => {}
-                Some(Incoming::Frame(Frame::Abort(a))) => {
-                    return Err(MigrationError::PeerAborted {
-                        reason: a.reason,
-                        message: a.message.to_owned(),
-                    });
-                }
-                Some(Incoming::Frame(f)) => {
-                    return Err(MigrationError::Protocol {
-                        channel: ch,
-                        what: format!("expected ACK {kind:?} {value}, got {:?}", f.frame_type()),
-                    });
-                }
-                Some(Incoming::Placed(_)) => {
-                    return Err(MigrationError::Protocol {
-                        channel: ch,
-                        what: "the destination sent pages".into(),
-                    });
-                }
+        let timeout = self.s.ack_timeout;
+        let deadline = Instant::now() + timeout;
+        let timed_out = MigrationError::Timeout {
+            channel: Some(ch),
+            what: Wait::Ack,
+            after: timeout,
+        };
+        let result = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break Err(timed_out);
             }
+            if let Err(e) = set_recv_timeout(&mut self.channel, Some(left)) {
+                break Err(self.chan_err(e));
+            }
+            match self.next_ack(kind, value) {
+                Ok(true) => break Ok(()),
+                Ok(false) => {}
+                Err(e) => break Err(e),
+            }
+        };
+        // Back to the whole timeout for the next wait (best effort: the next one sets
+        // its own).
+        let _ = set_recv_timeout(&mut self.channel, Some(timeout));
+        result
+    }
+
+    /// Receives one frame; `true` when it is the ACK waited for, `false` for a FRAMES
+    /// ACK (progress reports, skipped).
+    fn next_ack(&mut self, kind: AckKind, value: u64) -> Result<bool, MigrationError> {
+        let ch = self.s.ch;
+        {
+            let incoming = match self.channel.recv(None) {
+                Ok(i) => i,
+                Err(e) => {
+                    return Err(match e {
+                        pagewire_transport::ChannelError::RecvTimeout(_) => {
+                            MigrationError::Timeout {
+                                channel: Some(ch),
+                                what: Wait::Ack,
+                                after: self.s.ack_timeout,
+                            }
+                        }
+                        source => MigrationError::Channel {
+                            channel: ch,
+                            source,
+                        },
+                    });
+                }
+            };
+            return match incoming {
+                None => Err(MigrationError::Protocol {
+                    channel: ch,
+                    what: "the destination closed the channel".into(),
+                }),
+                Some(Incoming::Frame(Frame::Ack(a))) if a.kind == kind && a.value == value => {
+                    Ok(true)
+                }
+                Some(Incoming::Frame(Frame::Ack(a))) if a.kind == AckKind::FRAMES => Ok(false),
+                Some(Incoming::Frame(Frame::Abort(a))) => Err(MigrationError::PeerAborted {
+                    reason: a.reason,
+                    message: a.message.to_owned(),
+                }),
+                Some(Incoming::Frame(f)) => Err(MigrationError::Protocol {
+                    channel: ch,
+                    what: format!("expected ACK {kind:?} {value}, got {:?}", f.frame_type()),
+                }),
+                Some(Incoming::Placed(_)) => Err(MigrationError::Protocol {
+                    channel: ch,
+                    what: "the destination sent pages".into(),
+                }),
+            };
         }
     }
 
@@ -1221,6 +1413,22 @@ impl Worker {
             .map_err(|e| self.chan_err(e))?;
         self.done.clear();
         Ok(())
+    }
+}
+
+/// Sets how long the channel's next receive may wait.
+fn set_recv_timeout(
+    ch: &mut AnyChannel,
+    timeout: Option<Duration>,
+) -> Result<(), pagewire_transport::ChannelError> {
+    match ch {
+        AnyChannel::Tcp(c) | AnyChannel::Fallback(c, _) => c.set_recv_timeout(timeout),
+        AnyChannel::Uring(c) => {
+            c.set_recv_timeout(timeout);
+            Ok(())
+        }
+        #[allow(unreachable_patterns)]
+        _ => Ok(()),
     }
 }
 

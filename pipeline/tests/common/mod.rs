@@ -215,3 +215,41 @@ impl Drop for Proxy {
         }
     }
 }
+
+/// Whether io_uring channels can be opened here. Unavailable: prints
+/// "skipped: io_uring unavailable: <why>" and returns `false`, or panics when
+/// `PAGEWIRE_REQUIRE_URING=1` (CI sets it: io_uring works there and must be used).
+pub fn uring_available() -> bool {
+    match pagewire::transport::uring::probe(&Default::default()) {
+        Ok(()) => true,
+        Err(e) => {
+            assert!(
+                std::env::var("PAGEWIRE_REQUIRE_URING").as_deref() != Ok("1"),
+                "PAGEWIRE_REQUIRE_URING=1 but io_uring is unavailable: {e}"
+            );
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "skipped: io_uring unavailable: {e}");
+            false
+        }
+    }
+}
+
+/// Runs `f` on its own thread and returns its result, or panics after `limit`: a test
+/// whose subject hangs fails instead of hanging (the thread is left behind).
+pub fn within<T: Send + 'static>(
+    limit: Duration,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(v) => v,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{what} did not finish within {limit:?}")
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("{what} panicked"),
+    }
+}
