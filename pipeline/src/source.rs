@@ -187,8 +187,7 @@ impl Source {
         scfg.handshake_timeout = config.handshake_timeout;
         let views = transport_views(&memory);
         scfg.uring.guest = views.iter().map(|(_, v)| v.clone()).collect();
-        let established =
-            session::connect(addr, &scfg).map_err(|e| session_error(e, &config))?;
+        let established = session::connect(addr, &scfg).map_err(|e| session_error(e, &config))?;
         let control = Control::new(config.bandwidth_limit, config.precopy.downtime_limit);
         let affinity = Affinity {
             channels: config.channels,

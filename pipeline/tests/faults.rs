@@ -6,10 +6,10 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use pagewire::error::Wait;
 use pagewire::protocol::{
     Authentication, CodecId, Frame, RegionId, Reject, RejectReason, Version, WireList,
 };
-use pagewire::error::Wait;
 use pagewire::transport::session::Backend;
 use pagewire::{
     DestinationConfig, DestinationListener, DirtyBitmap, MigrationError, Source, SourceConfig,
@@ -222,10 +222,14 @@ fn a_stalled_destination_times_out(backend: Backend, codec: CodecId) {
     let guest = guest(mem.clone(), 10_000, 5);
     let mut src = Source::connect(proxy.addr, mem.clone(), cfg).unwrap();
     let mut log = guest.log();
-    let err = within(Duration::from_secs(60), "the failing migration", move || {
-        let r = pagewire::migrate(&mut src, &mut log, &mut Vec::new);
-        (r.map(|_| ()), std::time::Instant::now(), src)
-    });
+    let err = within(
+        Duration::from_secs(60),
+        "the failing migration",
+        move || {
+            let r = pagewire::migrate(&mut src, &mut log, &mut Vec::new);
+            (r.map(|_| ()), std::time::Instant::now(), src)
+        },
+    );
     let (result, failed_at, src) = err;
     let err = result.unwrap_err();
     let stalled_at = proxy.stalled_at().expect("the relay stalled");
@@ -236,12 +240,18 @@ fn a_stalled_destination_times_out(backend: Backend, codec: CodecId) {
         "{err:?}"
     );
     assert!(elapsed >= timeout, "{elapsed:?} < {timeout:?}");
-    assert!(elapsed < timeout * 2 + Duration::from_secs(2), "{elapsed:?}");
+    assert!(
+        elapsed < timeout * 2 + Duration::from_secs(2),
+        "{elapsed:?}"
+    );
     assert!(err.unacknowledged_pages() > 0, "{err:?}");
     assert!(guest.is_running(), "the guest keeps running on the source");
     drop(src);
     drop(proxy);
-    assert!(dst.join().unwrap().is_err(), "the destination never completes");
+    assert!(
+        dst.join().unwrap().is_err(),
+        "the destination never completes"
+    );
 }
 
 #[test]

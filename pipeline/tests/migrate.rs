@@ -48,7 +48,10 @@ fn run_on(codec: CodecId, checksum: bool, channels: u16, auth: Authentication, b
         Backend::Uring { .. } => ChannelTransport::Uring,
         _ => ChannelTransport::Tcp,
     };
-    assert_eq!(source.channel_transports(), vec![want; usize::from(channels)]);
+    assert_eq!(
+        source.channel_transports(),
+        vec![want; usize::from(channels)]
+    );
     let mut log = guest.log();
     let stats = pagewire::migrate(&mut source, &mut log, &mut || {
         vec![DeviceSection {
@@ -147,7 +150,10 @@ fn io_uring_zstd_with_a_small_engine_pool_completes() {
         cfg.ack_timeout = Duration::from_secs(20);
         cfg.precopy.max_rounds = 2;
         let mut source = Source::connect(addr, src_mem.clone(), cfg).unwrap();
-        assert_eq!(source.channel_transports(), vec![ChannelTransport::Uring; 2]);
+        assert_eq!(
+            source.channel_transports(),
+            vec![ChannelTransport::Uring; 2]
+        );
         let mut g = guest(src_mem.clone(), 0, 1);
         let mut log = g.log();
         let stats = pagewire::migrate(&mut source, &mut log, &mut Vec::new).unwrap();
