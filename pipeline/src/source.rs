@@ -1323,47 +1323,41 @@ impl Worker {
     /// ACK (progress reports, skipped).
     fn next_ack(&mut self, kind: AckKind, value: u64) -> Result<bool, MigrationError> {
         let ch = self.s.ch;
-        {
-            let incoming = match self.channel.recv(None) {
-                Ok(i) => i,
-                Err(e) => {
-                    return Err(match e {
-                        pagewire_transport::ChannelError::RecvTimeout(_) => {
-                            MigrationError::Timeout {
-                                channel: Some(ch),
-                                what: Wait::Ack,
-                                after: self.s.ack_timeout,
-                            }
-                        }
-                        source => MigrationError::Channel {
-                            channel: ch,
-                            source,
-                        },
-                    });
-                }
-            };
-            return match incoming {
-                None => Err(MigrationError::Protocol {
-                    channel: ch,
-                    what: "the destination closed the channel".into(),
-                }),
-                Some(Incoming::Frame(Frame::Ack(a))) if a.kind == kind && a.value == value => {
-                    Ok(true)
-                }
-                Some(Incoming::Frame(Frame::Ack(a))) if a.kind == AckKind::FRAMES => Ok(false),
-                Some(Incoming::Frame(Frame::Abort(a))) => Err(MigrationError::PeerAborted {
-                    reason: a.reason,
-                    message: a.message.to_owned(),
-                }),
-                Some(Incoming::Frame(f)) => Err(MigrationError::Protocol {
-                    channel: ch,
-                    what: format!("expected ACK {kind:?} {value}, got {:?}", f.frame_type()),
-                }),
-                Some(Incoming::Placed(_)) => Err(MigrationError::Protocol {
-                    channel: ch,
-                    what: "the destination sent pages".into(),
-                }),
-            };
+        let incoming = match self.channel.recv(None) {
+            Ok(i) => i,
+            Err(e) => {
+                return Err(match e {
+                    pagewire_transport::ChannelError::RecvTimeout(_) => MigrationError::Timeout {
+                        channel: Some(ch),
+                        what: Wait::Ack,
+                        after: self.s.ack_timeout,
+                    },
+                    source => MigrationError::Channel {
+                        channel: ch,
+                        source,
+                    },
+                });
+            }
+        };
+        match incoming {
+            None => Err(MigrationError::Protocol {
+                channel: ch,
+                what: "the destination closed the channel".into(),
+            }),
+            Some(Incoming::Frame(Frame::Ack(a))) if a.kind == kind && a.value == value => Ok(true),
+            Some(Incoming::Frame(Frame::Ack(a))) if a.kind == AckKind::FRAMES => Ok(false),
+            Some(Incoming::Frame(Frame::Abort(a))) => Err(MigrationError::PeerAborted {
+                reason: a.reason,
+                message: a.message.to_owned(),
+            }),
+            Some(Incoming::Frame(f)) => Err(MigrationError::Protocol {
+                channel: ch,
+                what: format!("expected ACK {kind:?} {value}, got {:?}", f.frame_type()),
+            }),
+            Some(Incoming::Placed(_)) => Err(MigrationError::Protocol {
+                channel: ch,
+                what: "the destination sent pages".into(),
+            }),
         }
     }
 
