@@ -7,6 +7,15 @@
 //! completion arrives (compressed payloads straight from the engine's buffer pool, raw
 //! pages straight from guest memory when no checksum is asked), marks the end of the
 //! round and waits for the destination to acknowledge it.
+//!
+//! Every wait is bounded by a [`SourceConfig`] setting and ends in
+//! [`MigrationError::Timeout`] naming it ([`Wait`]): connecting (`connect_timeout` ×
+//! `connect_attempts`), the handshake (`handshake_timeout`), the peer taking a frame
+//! or a send completing, and the codec engine freeing a buffer (`send_timeout` without
+//! progress), the destination's ACK (`ack_timeout`, one deadline for the whole wait).
+//! Engine output buffers travel with their frame to the transport and come back only
+//! when its send completes (with io_uring, when the worker reaps the completion), so a
+//! worker short of buffers reaps and, when nothing else can free one, waits for sends.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
