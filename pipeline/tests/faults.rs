@@ -319,3 +319,17 @@ fn a_silent_peer_fails_the_handshake_within_its_timeout() {
     assert!(elapsed >= Duration::from_secs(1), "{elapsed:?}");
     assert!(elapsed < Duration::from_secs(4), "{elapsed:?}");
 }
+
+#[test]
+fn a_stalled_destination_times_out_over_io_uring_with_sends_in_flight() {
+    // Raw pages: more bytes than the socket buffers hold, so sends are left in flight.
+    if !uring_available() {
+        return;
+    }
+    a_stalled_destination_times_out(
+        Backend::Uring {
+            fallback_to_tcp: false,
+        },
+        CodecId::RAW,
+    );
+}
