@@ -38,6 +38,7 @@ USAGE: demo [OPTIONS]
   --downtime MS         downtime limit (default 300)
   --max-rounds N        pre-copy round cap (default 30)
   --checksum            CRC32C on every page frame
+  --timeout SECS        source send and ACK timeout (default 30)
   --key TEXT            authenticate with this pre-shared key (16 bytes or more)
   --no-baseline         skip the plain-socket ceiling measurement
   --json                print the statistics as JSON
@@ -57,6 +58,7 @@ struct Args {
     downtime_ms: u64,
     max_rounds: u32,
     checksum: bool,
+    timeout_s: u64,
     key: Option<String>,
     baseline: bool,
     json: bool,
@@ -77,6 +79,7 @@ fn parse() -> anyhow::Result<Args> {
         downtime_ms: 300,
         max_rounds: 30,
         checksum: false,
+        timeout_s: 30,
         key: None,
         baseline: true,
         json: false,
@@ -133,6 +136,7 @@ fn parse() -> anyhow::Result<Args> {
             "--downtime" => a.downtime_ms = val()?.parse()?,
             "--max-rounds" => a.max_rounds = val()?.parse()?,
             "--checksum" => a.checksum = true,
+            "--timeout" => a.timeout_s = val()?.parse()?,
             "--key" => a.key = Some(val()?),
             "--no-baseline" => a.baseline = false,
             "--json" => a.json = true,
@@ -265,6 +269,8 @@ fn main() -> anyhow::Result<()> {
     cfg.bandwidth_limit = args.bandwidth_mbit * 1_000_000 / 8;
     cfg.precopy.downtime_limit = Duration::from_millis(args.downtime_ms);
     cfg.precopy.max_rounds = args.max_rounds;
+    cfg.send_timeout = Duration::from_secs(args.timeout_s);
+    cfg.ack_timeout = Duration::from_secs(args.timeout_s);
     let mut source = Source::connect(addr, memory.clone(), cfg)?;
     let mut log = guest.log();
     let device_state = || {

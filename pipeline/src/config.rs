@@ -7,6 +7,7 @@ use std::time::Duration;
 use pagewire_protocol::{Authentication, CodecId, DestinationLimits, SessionId};
 use pagewire_transport::session::Backend;
 
+use crate::error::MigrationError;
 use crate::limit::RateLimiter;
 use crate::precopy::PrecopyConfig;
 
@@ -39,8 +40,22 @@ pub struct SourceConfig {
     pub queue_depth: usize,
     /// Pages kept by the sender's delta cache per channel (delta codec only).
     pub delta_cache_pages: usize,
-    /// How long to wait for an acknowledgement before the destination counts as gone.
+    /// How long to wait for the destination's acknowledgement of a round (or of
+    /// COMPLETE) once every frame of it was handed over; one deadline for the whole
+    /// wait, however many frames arrive meanwhile.
     pub ack_timeout: Duration,
+    /// How long a channel may go without the peer taking a whole frame (a send
+    /// completing) before the destination counts as gone; also bounds waits for the
+    /// codec engine (a free buffer, a finished job).
+    pub send_timeout: Duration,
+    /// Time allowed for one TCP connection attempt.
+    pub connect_timeout: Duration,
+    /// Connection attempts per channel (at least 1).
+    pub connect_attempts: u32,
+    /// Pause between connection attempts.
+    pub connect_retry_delay: Duration,
+    /// Time allowed for one channel's handshake.
+    pub handshake_timeout: Duration,
 }
 
 impl SourceConfig {
@@ -62,7 +77,46 @@ impl SourceConfig {
             queue_depth: 16,
             delta_cache_pages: 64 * 1024,
             ack_timeout: Duration::from_secs(30),
+            send_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            connect_attempts: 5,
+            connect_retry_delay: Duration::from_millis(200),
+            handshake_timeout: Duration::from_secs(10),
         }
+    }
+
+    /// Checks the settings; [`Source::connect`](crate::Source::connect) calls it.
+    ///
+    /// # Errors
+    /// [`MigrationError::Config`] naming the first unusable setting: no channel, a
+    /// zero timeout or attempt count, a zero queue depth or frame size.
+    pub fn validate(&self) -> Result<(), MigrationError> {
+        let bad = |what: &str| Err(MigrationError::Config(what.into()));
+        if self.channels == 0 {
+            return bad("at least one channel");
+        }
+        if self.max_pages == 0 {
+            return bad("max_pages must be at least 1");
+        }
+        if self.queue_depth == 0 {
+            return bad("queue_depth must be at least 1");
+        }
+        if self.connect_attempts == 0 {
+            return bad("connect_attempts must be at least 1");
+        }
+        for (name, t) in [
+            ("ack_timeout", self.ack_timeout),
+            ("send_timeout", self.send_timeout),
+            ("connect_timeout", self.connect_timeout),
+            ("handshake_timeout", self.handshake_timeout),
+        ] {
+            if t.is_zero() {
+                return Err(MigrationError::Config(format!(
+                    "{name} must be longer than zero"
+                )));
+            }
+        }
+        Ok(())
     }
 }
 

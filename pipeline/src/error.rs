@@ -1,5 +1,7 @@
 //! The pipeline's error type.
 
+use std::time::Duration;
+
 use pagewire_accel::{CodecError, EngineError};
 use pagewire_protocol::{AbortReason, DecodeError, RegionId};
 use pagewire_transport::ChannelError;
@@ -86,6 +88,48 @@ pub enum MigrationError {
     /// A worker thread died.
     #[error("worker thread for channel {0} died")]
     Worker(u16),
+    /// A bounded wait of the source ran out: the setting that bounds it is named by
+    /// `what` (see [`Wait`]).
+    #[error("{}timed out after {after:?} waiting for {what}", channel.map(|c| format!("channel {c}: ")).unwrap_or_default())]
+    Timeout {
+        /// The channel, when the wait belonged to one.
+        channel: Option<u16>,
+        /// What was waited for.
+        what: Wait,
+        /// How long.
+        after: Duration,
+    },
+}
+
+/// What a source waited for when a [`MigrationError::Timeout`] expired, and the
+/// [`SourceConfig`](crate::SourceConfig) setting that bounds that wait.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// A TCP connection to the destination (`connect_timeout` per attempt, times
+    /// `connect_attempts`).
+    Connect,
+    /// A channel's handshake (`handshake_timeout`).
+    Handshake,
+    /// The peer taking a frame, or the send completion that releases its buffer
+    /// (`send_timeout`).
+    Send,
+    /// The codec engine: a free output buffer or a finished job (`send_timeout`).
+    Engine,
+    /// The destination's acknowledgement of a round or of COMPLETE (`ack_timeout`).
+    Ack,
+}
+
+impl std::fmt::Display for Wait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Wait::Connect => "a connection to the destination (connect_timeout); is it listening and reachable?",
+            Wait::Handshake => "the channel handshake (handshake_timeout); is the peer a pagewire destination?",
+            Wait::Send => "the destination to take data (send_timeout): it stopped reading or the link is down",
+            Wait::Engine => "the codec engine to free a buffer or finish a job (send_timeout)",
+            Wait::Ack => "the destination's acknowledgement (ack_timeout): it stopped or the link is down",
+        })
+    }
 }
 
 /// A failed source-side migration: the error, and the pages whose arrival the

@@ -6,9 +6,11 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use pagewire::error::Wait;
 use pagewire::protocol::{
     Authentication, CodecId, Frame, RegionId, Reject, RejectReason, Version, WireList,
 };
+use pagewire::transport::session::Backend;
 use pagewire::{
     DestinationConfig, DestinationListener, DirtyBitmap, MigrationError, Source, SourceConfig,
 };
@@ -194,4 +196,140 @@ fn a_peer_of_another_version_is_refused_clearly() {
     let text = format!("{err}: {:?}", std::error::Error::source(&err));
     assert!(matches!(err, MigrationError::Session(_)), "{text}");
     assert!(text.contains("2..=3"), "{text}");
+}
+
+/// The relay stops forwarding (both ways, sockets open) after 1 MiB: the source must
+/// fail with the timeout variant no sooner than its setting and well before the sum of
+/// several timeouts, hand the pages back, and keep the guest running.
+fn a_stalled_destination_times_out(backend: Backend, codec: CodecId) {
+    let timeout = Duration::from_secs(2);
+    let mem = memory(32);
+    fill(&mem, 17);
+    let mut dcfg = DestinationConfig::new(session(7), Authentication::None);
+    dcfg.backend = backend;
+    dcfg.idle_timeout = Duration::from_secs(30);
+    dcfg.accept_timeout = Duration::from_secs(10);
+    let l = DestinationListener::bind(loopback(), dcfg).unwrap();
+    let addr = l.local_addr().unwrap();
+    let dst = std::thread::spawn(move || l.accept(None)?.wait());
+    let proxy = Proxy::start(addr, Fault::Stall { bytes: 1 << 20 });
+    let mut cfg = SourceConfig::new(session(7), Authentication::None);
+    cfg.backend = backend;
+    cfg.codec = codec;
+    cfg.ack_timeout = timeout;
+    cfg.send_timeout = timeout;
+    cfg.precopy.max_rounds = 4;
+    let guest = guest(mem.clone(), 10_000, 5);
+    let mut src = Source::connect(proxy.addr, mem.clone(), cfg).unwrap();
+    let mut log = guest.log();
+    let err = within(
+        Duration::from_secs(60),
+        "the failing migration",
+        move || {
+            let r = pagewire::migrate(&mut src, &mut log, &mut Vec::new);
+            (r.map(|_| ()), std::time::Instant::now(), src)
+        },
+    );
+    let (result, failed_at, src) = err;
+    let err = result.unwrap_err();
+    let stalled_at = proxy.stalled_at().expect("the relay stalled");
+    let elapsed = failed_at.duration_since(stalled_at);
+    eprintln!("{backend:?} {codec:?}: {err} after {elapsed:?} (setting {timeout:?})");
+    assert!(
+        matches!(*err.error, MigrationError::Timeout { what: Wait::Send | Wait::Ack, after, .. } if after == timeout),
+        "{err:?}"
+    );
+    assert!(elapsed >= timeout, "{elapsed:?} < {timeout:?}");
+    assert!(
+        elapsed < timeout * 2 + Duration::from_secs(2),
+        "{elapsed:?}"
+    );
+    assert!(err.unacknowledged_pages() > 0, "{err:?}");
+    assert!(guest.is_running(), "the guest keeps running on the source");
+    drop(src);
+    drop(proxy);
+    assert!(
+        dst.join().unwrap().is_err(),
+        "the destination never completes"
+    );
+}
+
+#[test]
+fn a_stalled_destination_times_out_over_tcp() {
+    a_stalled_destination_times_out(Backend::Tcp, CodecId::ZSTD);
+}
+
+#[test]
+fn a_stalled_destination_times_out_over_tcp_in_the_middle_of_a_send() {
+    // Raw pages: more bytes than the socket buffers hold, so a send is what stalls.
+    a_stalled_destination_times_out(Backend::Tcp, CodecId::RAW);
+}
+
+#[test]
+fn a_stalled_destination_times_out_over_io_uring() {
+    if !uring_available() {
+        return;
+    }
+    a_stalled_destination_times_out(
+        Backend::Uring {
+            fallback_to_tcp: false,
+        },
+        CodecId::ZSTD,
+    );
+}
+
+#[test]
+fn zero_timeouts_are_refused() {
+    let mut cfg = source_config(CodecId::ZSTD, false);
+    cfg.ack_timeout = Duration::ZERO;
+    assert!(matches!(cfg.validate(), Err(MigrationError::Config(_))));
+    let mut cfg = source_config(CodecId::ZSTD, false);
+    cfg.connect_attempts = 0;
+    assert!(matches!(cfg.validate(), Err(MigrationError::Config(_))));
+    let mut cfg = source_config(CodecId::ZSTD, false);
+    cfg.handshake_timeout = Duration::ZERO;
+    let err = Source::connect(loopback(), memory(1), cfg).unwrap_err();
+    assert!(matches!(err, MigrationError::Config(_)), "{err}");
+}
+
+#[test]
+fn a_silent_peer_fails_the_handshake_within_its_timeout() {
+    // A listener that accepts and never answers.
+    let listener = std::net::TcpListener::bind(loopback()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut cfg = source_config(CodecId::ZSTD, false);
+    cfg.handshake_timeout = Duration::from_secs(1);
+    let started = std::time::Instant::now();
+    let err = within(Duration::from_secs(30), "the handshake", move || {
+        Source::connect(addr, memory(1), cfg).map(drop)
+    })
+    .unwrap_err();
+    let elapsed = started.elapsed();
+    drop(listener);
+    assert!(
+        matches!(
+            err,
+            MigrationError::Timeout {
+                what: Wait::Handshake,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(elapsed >= Duration::from_secs(1), "{elapsed:?}");
+    assert!(elapsed < Duration::from_secs(4), "{elapsed:?}");
+}
+
+#[test]
+fn a_stalled_destination_times_out_over_io_uring_with_sends_in_flight() {
+    // Raw pages: more bytes than the socket buffers hold, so sends are left in flight.
+    if !uring_available() {
+        return;
+    }
+    a_stalled_destination_times_out(
+        Backend::Uring {
+            fallback_to_tcp: false,
+        },
+        CodecId::RAW,
+    );
 }

@@ -317,9 +317,14 @@ fn run_handshake(
         if let Some(n) = hs.negotiated().filter(|_| hs.is_done()) {
             return Ok((n, Vec::new()));
         }
-        if Instant::now() >= deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
             return Err(io_err(io::ErrorKind::TimedOut.into()));
         }
+        // One deadline for the whole handshake, however the peer's bytes trickle in.
+        stream
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .map_err(io_err)?;
         let n = stream.read(&mut buf).map_err(io_err)?;
         if n == 0 {
             return Err(io_err(io::ErrorKind::UnexpectedEof.into()));

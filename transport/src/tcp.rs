@@ -24,7 +24,7 @@
 use std::io::{self, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pagewire_protocol::Negotiated;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -191,14 +191,69 @@ pub(crate) fn frame_iovecs(frame: &OutFrame) -> Vec<libc::iovec> {
         .collect()
 }
 
-/// Sends every byte of `iov` with `sendmsg(MSG_NOSIGNAL)`, advancing over short writes.
+/// Sets `SO_SNDTIMEO` of `fd` (at least 1 ms: zero would mean no timeout).
+fn set_send_timeout(fd: i32, t: Duration) -> io::Result<()> {
+    let t = t.max(Duration::from_millis(1));
+    let tv = libc::timeval {
+        tv_sec: t.as_secs().try_into().unwrap_or(libc::time_t::MAX),
+        tv_usec: t.subsec_micros().into(),
+    };
+    // SAFETY: `tv` is a valid timeval for the duration of the call, and its size is
+    // passed with it.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&raw const tv).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Sends every byte of `iov` with `sendmsg(MSG_NOSIGNAL)`, advancing over short writes,
+/// within `timeout` of the call in all (`SO_SNDTIMEO` bounds each `sendmsg`, and a
+/// `sendmsg` that times out after taking some bytes returns a short count, so the
+/// remaining time is set again after a short write; restored before returning).
 pub(crate) fn send_all(
     fd: i32,
     iov: &mut [libc::iovec],
     timeout: Duration,
 ) -> Result<(), ChannelError> {
+    let deadline = Instant::now() + timeout;
+    let mut shortened = false;
+    let r = send_all_until(fd, iov, timeout, deadline, &mut shortened);
+    if shortened {
+        let restored = set_send_timeout(fd, timeout);
+        if r.is_ok() {
+            restored.map_err(|e| ChannelError::io("setsockopt(SO_SNDTIMEO)", e))?;
+        }
+    }
+    r
+}
+
+fn send_all_until(
+    fd: i32,
+    iov: &mut [libc::iovec],
+    timeout: Duration,
+    deadline: Instant,
+    shortened: &mut bool,
+) -> Result<(), ChannelError> {
     let mut idx = 0;
     while idx < iov.len() {
+        if *shortened {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ChannelError::SendTimeout(timeout));
+            }
+            set_send_timeout(fd, left)
+                .map_err(|e| ChannelError::io("setsockopt(SO_SNDTIMEO)", e))?;
+        }
         let count = (iov.len() - idx).min(IOV_MAX);
         // SAFETY: a zeroed msghdr is valid (no name, no control data).
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -226,6 +281,8 @@ pub(crate) fn send_all(
                 n = 0;
             }
         }
+        // A short write: the rest of the frame gets only the time left.
+        *shortened |= idx < iov.len();
     }
     Ok(())
 }
@@ -322,6 +379,22 @@ impl TcpChannel {
     /// The socket (for `shutdown` from another thread, or inspection).
     pub fn stream(&self) -> &TcpStream {
         &self.stream
+    }
+
+    /// Changes how long `recv` waits for bytes (`None`: for ever), e.g. to the time
+    /// left before a deadline.
+    ///
+    /// # Errors
+    /// [`ChannelError::Io`] when the socket option cannot be set.
+    pub fn set_recv_timeout(&mut self, timeout: Option<Duration>) -> Result<(), ChannelError> {
+        if timeout == self.cfg.recv_timeout {
+            return Ok(());
+        }
+        self.stream
+            .set_read_timeout(timeout.map(|t| t.max(Duration::from_millis(1))))
+            .map_err(|e| ChannelError::io("setsockopt(SO_RCVTIMEO)", e))?;
+        self.cfg.recv_timeout = timeout;
+        Ok(())
     }
 }
 

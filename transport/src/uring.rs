@@ -517,6 +517,12 @@ impl UringChannel {
         })
     }
 
+    /// Changes how long `recv` waits for bytes (`None`: for ever), e.g. to the time
+    /// left before a deadline.
+    pub fn set_recv_timeout(&mut self, timeout: Option<Duration>) {
+        self.core.cfg.recv_timeout = timeout;
+    }
+
     /// Frames whose payload is still owned by the channel.
     pub fn in_flight(&self) -> usize {
         self.core.inflight.len()
@@ -763,7 +769,10 @@ impl Core {
     }
 
     /// The front chunk's unread bytes, waiting for one if needed. `None` at EOF.
+    /// The receive timeout runs from the call, whatever other completions (sends,
+    /// notifications) arrive meanwhile.
     fn front(&mut self) -> Result<Option<(u16, u32, u32)>, ChannelError> {
+        let deadline = self.cfg.recv_timeout.map(|t| Instant::now() + t);
         loop {
             if let Some(&c) = self.chunks.front() {
                 return Ok(Some(c));
@@ -779,7 +788,15 @@ impl Core {
                     .map_err(|e| ChannelError::io("io_uring recv", e))?;
             }
             self.pump();
-            if !self.enter(1, self.cfg.recv_timeout)? && self.ring.completion().is_empty() {
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let timed_out = match left {
+                Some(l) if l.is_zero() => {
+                    self.enter(0, None)?;
+                    self.ring.completion().is_empty()
+                }
+                _ => !self.enter(1, left)? && self.ring.completion().is_empty(),
+            };
+            if timed_out {
                 return Err(ChannelError::RecvTimeout(
                     self.cfg.recv_timeout.unwrap_or_default(),
                 ));

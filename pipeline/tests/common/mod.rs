@@ -78,6 +78,10 @@ pub enum Fault {
     KillAll { bytes: u64 },
     /// Flip one bit of source byte number `at` on connection `channel`.
     Corrupt { channel: usize, at: u64 },
+    /// Once some connection has carried `bytes` source bytes, stop reading and
+    /// forwarding in both directions on every connection, sockets left open: a
+    /// destination that stopped (SIGSTOP) or a link that went dark.
+    Stall { bytes: u64 },
 }
 
 /// A TCP relay on loopback between the source and the destination, one upstream
@@ -86,6 +90,7 @@ pub enum Fault {
 pub struct Proxy {
     pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
+    stalled: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -97,6 +102,8 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
+        let stalled = Arc::new(std::sync::Mutex::new(None));
+        let stalled2 = stalled.clone();
         let thread = std::thread::spawn(move || {
             let mut pumps = Vec::new();
             let mut index = 0usize;
@@ -113,14 +120,15 @@ impl Proxy {
                                 .unwrap();
                         }
                         let (d2, u2) = (down.try_clone().unwrap(), up.try_clone().unwrap());
-                        let st = stop2.clone();
+                        let (st, sl) = (stop2.clone(), stalled2.clone());
                         let me = index;
                         index += 1;
                         pumps.push(std::thread::spawn(move || {
-                            pump(down, up, Some((fault, me)), &st)
+                            pump(down, up, Some((fault, me)), &st, &sl)
                         }));
-                        let st = stop2.clone();
-                        pumps.push(std::thread::spawn(move || pump(u2, d2, None, &st)));
+                        let (st, sl) = (stop2.clone(), stalled2.clone());
+                        let back = matches!(fault, Fault::Stall { .. }).then_some((fault, me));
+                        pumps.push(std::thread::spawn(move || pump(u2, d2, back, &st, &sl)));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
@@ -135,6 +143,7 @@ impl Proxy {
             to: std::net::TcpStream,
             fault: Option<(Fault, usize)>,
             stop: &AtomicBool,
+            stalled: &std::sync::Mutex<Option<std::time::Instant>>,
         ) {
             use std::io::{Read, Write};
             let mut buf = vec![0u8; 64 << 10];
@@ -148,7 +157,13 @@ impl Proxy {
                 let _ = a.shutdown(Shutdown::Both);
                 let _ = b.shutdown(Shutdown::Both);
             };
+            let is_stalled = || stalled.lock().map(|s| s.is_some()).unwrap_or(true);
             while !stop.load(Ordering::Relaxed) {
+                if matches!(fault, Some((Fault::Stall { .. }, _))) && is_stalled() {
+                    // Read nothing, forward nothing, close nothing (bounded by `stop`).
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
                 let cap = match fault {
                     Some((Fault::Delay { .. }, _)) => 1 + rng.below(16 << 10) as usize,
                     _ => buf.len(),
@@ -195,6 +210,12 @@ impl Proxy {
                 if to.write_all(&buf[..n]).is_err() {
                     break;
                 }
+                if let Some((Fault::Stall { bytes }, _)) = fault
+                    && total >= bytes
+                    && let Ok(mut s) = stalled.lock()
+                {
+                    s.get_or_insert_with(std::time::Instant::now);
+                }
             }
             cut(&from, &to);
         }
@@ -202,8 +223,14 @@ impl Proxy {
         Proxy {
             addr,
             stop,
+            stalled,
             thread: Some(thread),
         }
+    }
+
+    /// When a [`Fault::Stall`] began, if it did.
+    pub fn stalled_at(&self) -> Option<std::time::Instant> {
+        self.stalled.lock().ok().and_then(|s| *s)
     }
 }
 
@@ -213,5 +240,43 @@ impl Drop for Proxy {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// Whether io_uring channels can be opened here. Unavailable: prints
+/// "skipped: io_uring unavailable: <why>" and returns `false`, or panics when
+/// `PAGEWIRE_REQUIRE_URING=1` (CI sets it: io_uring works there and must be used).
+pub fn uring_available() -> bool {
+    match pagewire::transport::uring::probe(&Default::default()) {
+        Ok(()) => true,
+        Err(e) => {
+            assert!(
+                std::env::var("PAGEWIRE_REQUIRE_URING").as_deref() != Ok("1"),
+                "PAGEWIRE_REQUIRE_URING=1 but io_uring is unavailable: {e}"
+            );
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "skipped: io_uring unavailable: {e}");
+            false
+        }
+    }
+}
+
+/// Runs `f` on its own thread and returns its result, or panics after `limit`: a test
+/// whose subject hangs fails instead of hanging (the thread is left behind).
+pub fn within<T: Send + 'static>(
+    limit: Duration,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(v) => v,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{what} did not finish within {limit:?}")
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("{what} panicked"),
     }
 }

@@ -94,11 +94,16 @@ pub const URING: Backend = Backend::Uring {
 };
 
 /// Whether io_uring can be used here; when not, says "skipped: ..." past the
-/// harness's output capture, so the skip is visible.
+/// harness's output capture, so the skip is visible, or fails the test when
+/// `PAGEWIRE_REQUIRE_URING=1` (CI sets it: io_uring works there and must be used).
 pub fn uring_available() -> bool {
     match pagewire_transport::uring::probe(&Default::default()) {
         Ok(()) => true,
         Err(e) => {
+            assert!(
+                std::env::var("PAGEWIRE_REQUIRE_URING").as_deref() != Ok("1"),
+                "PAGEWIRE_REQUIRE_URING=1 but io_uring is unavailable: {e}"
+            );
             use std::io::Write;
             let _ = writeln!(std::io::stderr(), "skipped: io_uring unavailable: {e}");
             false

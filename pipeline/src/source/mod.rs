@@ -1,0 +1,703 @@
+//! The source side: N channels, one worker thread each, sending the dirty pages of
+//! each round through the codec engine.
+//!
+//! Each worker owns its channel and its codec engine. Per round it walks the dirty
+//! pages its channel carries (page-to-channel affinity, see [`crate::plan`]), finds
+//! zero pages, submits the rest to the engine in batches, sends each frame as its
+//! completion arrives (compressed payloads straight from the engine's buffer pool, raw
+//! pages straight from guest memory when no checksum is asked), marks the end of the
+//! round and waits for the destination to acknowledge it.
+//!
+//! Every wait is bounded by a [`SourceConfig`] setting and ends in
+//! [`MigrationError::Timeout`] naming it ([`Wait`]): connecting (`connect_timeout` ×
+//! `connect_attempts`), the handshake (`handshake_timeout`), the peer taking a frame
+//! or a send completing, and the codec engine freeing a buffer (`send_timeout` without
+//! progress), the destination's ACK (`ack_timeout`, one deadline for the whole wait).
+//! Engine output buffers travel with their frame to the transport and come back only
+//! when its send completes (with io_uring, when the worker reaps the completion), so a
+//! worker short of buffers reaps and, when nothing else can free one, waits for sends.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use pagewire_accel::{
+    DeltaCache, DeltaConfig, EncodeParams, Engine, EngineConfig, Level, PageSize, SoftwareConfig,
+};
+use pagewire_protocol::{Capabilities, CodecId, CodecSet, Frame, RegionId};
+use pagewire_transport::session::{self, AnyChannel, SessionConfig};
+
+use crate::config::{Control, SourceConfig};
+use crate::dirty::DirtyBitmap;
+use crate::error::{Failed, MigrationError, Wait};
+use crate::memory::GuestMemory;
+use crate::plan::Affinity;
+use crate::stats::{CodecStats, Latency, MigrationStats, PageCounts, RoundStats};
+
+mod worker;
+
+use worker::WorkerSetup;
+
+/// Live counters of one channel, summed by [`Source::stats`].
+#[derive(Debug, Default)]
+struct Counters {
+    frames: AtomicU64,
+    wire_bytes: AtomicU64,
+    guest_bytes: AtomicU64,
+    compressed: AtomicU64,
+    zero: AtomicU64,
+    delta: AtomicU64,
+    raw: AtomicU64,
+    zc: AtomicU64,
+    zc_copied: AtomicU64,
+}
+
+impl Counters {
+    fn pages(&self) -> PageCounts {
+        PageCounts {
+            compressed: self.compressed.load(Ordering::Relaxed),
+            zero: self.zero.load(Ordering::Relaxed),
+            delta: self.delta.load(Ordering::Relaxed),
+            raw: self.raw.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Latency histograms shared by the workers.
+#[derive(Debug, Default)]
+pub(crate) struct SourceLatency {
+    pub(crate) encode: Latency,
+    pub(crate) send: Latency,
+}
+
+/// What a channel did in a round.
+#[derive(Debug, Default)]
+struct ChannelRound {
+    frames: u64,
+    pages: PageCounts,
+    wire_bytes: u64,
+    guest_bytes: u64,
+    codecs: HashMap<CodecId, CodecStats>,
+}
+
+enum Cmd {
+    Round {
+        round: u32,
+        dirty: Arc<Vec<(RegionId, DirtyBitmap)>>,
+    },
+    DeviceState {
+        name: String,
+        instance: u32,
+        data: Arc<Vec<u8>>,
+    },
+    Complete {
+        final_round: u32,
+        sections: u32,
+    },
+    Close,
+}
+
+enum Reply {
+    Ready(ChannelTransport),
+    Round(ChannelRound),
+    Done,
+    Failed(MigrationError),
+}
+
+struct WorkerHandle {
+    tx: mpsc::Sender<Cmd>,
+    rx: mpsc::Receiver<Reply>,
+    thread: Option<JoinHandle<()>>,
+    counters: Arc<Counters>,
+    bytes_sent: Arc<AtomicU64>,
+}
+
+/// A migration's source end.
+pub struct Source {
+    workers: Vec<WorkerHandle>,
+    memory: Arc<GuestMemory>,
+    config: SourceConfig,
+    control: Control,
+    affinity: Affinity,
+    latency: Arc<SourceLatency>,
+    rounds: Vec<RoundStats>,
+    next_round: u32,
+    sections: u32,
+    started: Instant,
+    setup: Duration,
+    transport: String,
+    transports: Vec<ChannelTransport>,
+    engine_stats: Vec<Arc<std::sync::Mutex<pagewire_accel::EngineStats>>>,
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source")
+            .field("channels", &self.workers.len())
+            .field("next_round", &self.next_round)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Source {
+    /// Connects `config.channels` channels to the destination at `addr`, runs the
+    /// handshake on each, and sends the memory layout on every channel.
+    ///
+    /// # Errors
+    /// [`MigrationError::Session`] when a channel cannot be opened or its handshake
+    /// fails; `Config` for an unusable configuration.
+    pub fn connect(
+        addr: SocketAddr,
+        memory: Arc<GuestMemory>,
+        config: SourceConfig,
+    ) -> Result<Source, MigrationError> {
+        let started = Instant::now();
+        config.validate()?;
+        let page_size = memory.page_size();
+        let mut caps = Capabilities::new(page_size);
+        caps.max_pages = config.max_pages;
+        caps.max_frame_bytes = frame_bytes(page_size, config.max_pages);
+        // Delta truncated at a record boundary is undetectable without a checksum
+        // (PROTOCOL.md), so delta always asks for one.
+        caps.checksum = config.checksum || config.codec == CodecId::DELTA;
+        caps.codecs = CodecSet::all_known();
+        let mut scfg =
+            SessionConfig::new(caps, config.session, config.channels, config.auth.clone());
+        scfg.tcp.recv_timeout = Some(config.ack_timeout);
+        scfg.tcp.send_timeout = config.send_timeout;
+        scfg.tcp.connect_timeout = config.connect_timeout;
+        scfg.tcp.connect_attempts = config.connect_attempts;
+        scfg.tcp.retry_delay = config.connect_retry_delay;
+        scfg.uring.recv_timeout = Some(config.ack_timeout);
+        scfg.uring.send_timeout = config.send_timeout;
+        scfg.handshake_timeout = config.handshake_timeout;
+        let views = transport_views(&memory);
+        scfg.uring.guest = views.iter().map(|(_, v)| v.clone()).collect();
+        let established = session::connect(addr, &scfg).map_err(|e| session_error(e, &config))?;
+        let control = Control::new(config.bandwidth_limit, config.precopy.downtime_limit);
+        let affinity = Affinity {
+            channels: config.channels,
+            chunk_pages: config.max_pages,
+        };
+        let latency = Arc::new(SourceLatency::default());
+        let mut workers = Vec::new();
+        let mut engine_stats = Vec::new();
+        let mut transport = String::new();
+        let mut transports = Vec::new();
+        for est in established {
+            let ch = est.negotiated.channel.0;
+            let negotiated = est.negotiated;
+            if !negotiated.codecs.contains(config.codec) {
+                return Err(MigrationError::Config(format!(
+                    "the destination cannot decode {:?}",
+                    config.codec
+                )));
+            }
+            let delta = if config.codec == CodecId::DELTA {
+                let ps = PageSize::new(page_size)
+                    .ok_or_else(|| MigrationError::Config("page size".into()))?;
+                Some(Arc::new(
+                    DeltaCache::new(DeltaConfig::new(ps, config.delta_cache_pages))
+                        .map_err(|e| MigrationError::Config(e.to_string()))?,
+                ))
+            } else {
+                None
+            };
+            let engine = Engine::software(
+                EngineConfig {
+                    page_size: PageSize::new(page_size)
+                        .ok_or_else(|| MigrationError::Config("page size".into()))?,
+                    max_pages: negotiated.max_pages as usize,
+                    requests: config.queue_depth,
+                    buffers: config.queue_depth * 2,
+                    delta: delta.clone(),
+                },
+                SoftwareConfig {
+                    threads: config.codec_threads,
+                    queue_depth: config.queue_depth,
+                },
+            )?;
+            let counters = Arc::new(Counters::default());
+            let bytes_sent = Arc::new(AtomicU64::new(0));
+            let estats = Arc::new(std::sync::Mutex::new(engine.stats()));
+            engine_stats.push(estats.clone());
+            let setup = WorkerSetup {
+                ch,
+                engine,
+                delta,
+                views: views.clone(),
+                memory: memory.clone(),
+                affinity,
+                params: EncodeParams {
+                    codec: config.codec,
+                    level: pagewire_accel::level_range(config.codec)
+                        .map_or(Level(0), |(min, max)| {
+                            Level(config.level.clamp(min.0, max.0))
+                        }),
+                    raw_in_place: negotiated.checksum.is_none(),
+                },
+                checksum: negotiated.checksum,
+                max_pages: negotiated.max_pages,
+                control: control.clone(),
+                latency: latency.clone(),
+                counters: counters.clone(),
+                bytes_sent: bytes_sent.clone(),
+                engine_stats: estats,
+                send_timeout: config.send_timeout,
+                ack_timeout: config.ack_timeout,
+            };
+            let (tx, rx_cmd) = mpsc::channel();
+            let (tx_reply, rx) = mpsc::channel();
+            let backend = config.backend;
+            let scfg2 = scfg.clone();
+            // The channel is opened on its worker thread: an io_uring ring set up with
+            // SINGLE_ISSUER accepts submissions only from the thread that created it.
+            let thread = std::thread::Builder::new()
+                .name(format!("pagewire-src-{ch}"))
+                .spawn(move || {
+                    let channel = match est.open(&backend, &scfg2) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let _ = tx_reply.send(Reply::Failed(e.into()));
+                            return;
+                        }
+                    };
+                    let name = ChannelTransport::of(&channel);
+                    let mut w = setup.into_worker(channel);
+                    // LAYOUT first on every channel.
+                    let memory = w.s.memory.clone();
+                    let layout = Frame::Layout(memory.layout().frame(w.s.affinity.chunk_pages));
+                    match w.send_whole(&layout) {
+                        Ok(()) => {
+                            if tx_reply.send(Reply::Ready(name)).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            let _ = tx_reply.send(Reply::Failed(e));
+                            return;
+                        }
+                    }
+                    w.run(rx_cmd, tx_reply);
+                })
+                .map_err(|_| MigrationError::Worker(ch))?;
+            match rx.recv() {
+                Ok(Reply::Ready(kind)) => {
+                    if transport.is_empty() {
+                        transport = kind.to_string();
+                    }
+                    transports.push(kind);
+                }
+                Ok(Reply::Failed(e)) => {
+                    let _ = thread.join();
+                    return Err(e);
+                }
+                _ => {
+                    let _ = thread.join();
+                    return Err(MigrationError::Worker(ch));
+                }
+            }
+            workers.push(WorkerHandle {
+                tx,
+                rx,
+                thread: Some(thread),
+                counters,
+                bytes_sent,
+            });
+        }
+        Ok(Source {
+            workers,
+            memory,
+            affinity,
+            control,
+            latency,
+            rounds: Vec::new(),
+            next_round: 0,
+            sections: 0,
+            started,
+            setup: started.elapsed(),
+            transport,
+            transports,
+            engine_stats,
+            config,
+        })
+    }
+
+    /// The transport each channel runs on, in channel order: a VMM (or a test) that
+    /// asked for io_uring sees here whether it got it.
+    pub fn channel_transports(&self) -> &[ChannelTransport] {
+        &self.transports
+    }
+
+    /// The handle that changes bandwidth and downtime limits or cancels.
+    pub fn control(&self) -> Control {
+        self.control.clone()
+    }
+
+    /// Guest memory being migrated.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.memory
+    }
+
+    pub(crate) fn config_precopy(&self) -> crate::precopy::PrecopyConfig {
+        self.config.precopy
+    }
+
+    /// The next round's number.
+    pub fn next_round(&self) -> u32 {
+        self.next_round
+    }
+
+    /// Sends one round: the pages set in `dirty` (one bitmap per region), on every
+    /// channel, and waits until the destination has acknowledged all of them.
+    ///
+    /// # Errors
+    /// [`Failed`] with the pages of this round that were not acknowledged.
+    pub fn send_round(
+        &mut self,
+        dirty: Vec<(RegionId, DirtyBitmap)>,
+        paused: bool,
+    ) -> Result<RoundStats, Failed> {
+        let started = Instant::now();
+        let round = self.next_round;
+        let dirty_pages: u64 = dirty.iter().map(|(_, b)| b.count()).sum();
+        let dirty = Arc::new(dirty);
+        let replies = self.broadcast(|| Cmd::Round {
+            round,
+            dirty: dirty.clone(),
+        });
+        let mut stats = RoundStats {
+            round,
+            paused,
+            dirty_pages,
+            ..Default::default()
+        };
+        let mut failed = Vec::new();
+        let mut first_error = None;
+        for (ch, reply) in replies.into_iter().enumerate() {
+            match reply {
+                Ok(Reply::Round(r)) => {
+                    stats.frames += r.frames;
+                    stats.pages.add(&r.pages);
+                    stats.wire_bytes += r.wire_bytes;
+                    stats.guest_bytes += r.guest_bytes;
+                }
+                Ok(_) => {
+                    failed.push(ch as u16);
+                    first_error.get_or_insert(MigrationError::Worker(ch as u16));
+                }
+                Err(e) => {
+                    failed.push(ch as u16);
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(error) = first_error {
+            let unacknowledged = dirty
+                .iter()
+                .map(|(region, bits)| {
+                    let out = DirtyBitmap::new(bits.pages());
+                    for (start, count) in bits.runs() {
+                        for p in start..start + count {
+                            if failed.contains(&self.affinity.channel(*region, p)) {
+                                out.set(p);
+                            }
+                        }
+                    }
+                    (*region, out)
+                })
+                .collect();
+            return Err(Failed::new(error, unacknowledged));
+        }
+        self.next_round += 1;
+        let secs = started.elapsed().as_secs_f64();
+        stats.duration_ms = secs * 1e3;
+        stats.mbit_per_s = if secs > 0.0 {
+            stats.wire_bytes as f64 * 8.0 / secs / 1e6
+        } else {
+            0.0
+        };
+        self.rounds.push(stats.clone());
+        Ok(stats)
+    }
+
+    /// Records the dirty rate measured for the last round (pages/s), for statistics.
+    pub fn note_dirty_rate(&mut self, pages_per_s: f64) {
+        if let Some(r) = self.rounds.last_mut() {
+            r.dirty_rate_pages_per_s = pages_per_s;
+        }
+    }
+
+    /// Sends one device-state section (chunked) on channel 0.
+    ///
+    /// # Errors
+    /// [`Failed`] when channel 0 fails.
+    pub fn send_device_state(
+        &mut self,
+        name: &str,
+        instance: u32,
+        data: Vec<u8>,
+    ) -> Result<(), Failed> {
+        if name.is_empty() || name.len() > 255 {
+            return Err(Failed::bare(MigrationError::Config(
+                "a device-state name is 1..=255 bytes".into(),
+            )));
+        }
+        self.sections += 1;
+        let data = Arc::new(data);
+        self.one(
+            0,
+            Cmd::DeviceState {
+                name: name.to_owned(),
+                instance,
+                data,
+            },
+        )
+    }
+
+    /// Sends COMPLETE and waits until the destination confirms that everything is
+    /// applied, then closes every channel.
+    ///
+    /// # Errors
+    /// [`Failed`] when the destination does not confirm.
+    pub fn complete(&mut self) -> Result<(), Failed> {
+        let final_round = self
+            .next_round
+            .checked_sub(1)
+            .ok_or_else(|| Failed::bare(MigrationError::Config("no round was sent".into())))?;
+        self.one(
+            0,
+            Cmd::Complete {
+                final_round,
+                sections: self.sections,
+            },
+        )?;
+        for r in self.broadcast(|| Cmd::Close) {
+            r.map_err(Failed::bare)?;
+        }
+        Ok(())
+    }
+
+    fn one(&mut self, ch: usize, cmd: Cmd) -> Result<(), Failed> {
+        let w = &self.workers[ch];
+        if w.tx.send(cmd).is_err() {
+            return Err(Failed::bare(MigrationError::Worker(ch as u16)));
+        }
+        match w.rx.recv() {
+            Ok(Reply::Done) => Ok(()),
+            Ok(Reply::Failed(e)) => Err(Failed::bare(e)),
+            _ => Err(Failed::bare(MigrationError::Worker(ch as u16))),
+        }
+    }
+
+    fn broadcast(&mut self, mut cmd: impl FnMut() -> Cmd) -> Vec<Result<Reply, MigrationError>> {
+        let sent: Vec<bool> = self
+            .workers
+            .iter()
+            .map(|w| w.tx.send(cmd()).is_ok())
+            .collect();
+        self.workers
+            .iter()
+            .zip(sent)
+            .enumerate()
+            .map(|(ch, (w, ok))| {
+                if !ok {
+                    return Err(MigrationError::Worker(ch as u16));
+                }
+                match w.rx.recv() {
+                    Ok(Reply::Failed(e)) => Err(e),
+                    Ok(r) => Ok(r),
+                    Err(_) => Err(MigrationError::Worker(ch as u16)),
+                }
+            })
+            .collect()
+    }
+
+    /// A snapshot of the statistics so far (totals are live; rounds appear as they end).
+    pub fn stats(&self) -> MigrationStats {
+        let mut s = MigrationStats {
+            status: "active".into(),
+            transport: self.transport.clone(),
+            channels: self.config.channels,
+            codec: format!("{:?}", self.config.codec),
+            total_ms: self.started.elapsed().as_secs_f64() * 1e3,
+            setup_ms: self.setup.as_secs_f64() * 1e3,
+            rounds: self.rounds.len() as u32,
+            per_round: self.rounds.clone(),
+            ..Default::default()
+        };
+        for w in &self.workers {
+            let c = &w.counters;
+            s.pages.add(&c.pages());
+            s.wire_bytes += c.wire_bytes.load(Ordering::Relaxed);
+            s.guest_bytes += c.guest_bytes.load(Ordering::Relaxed);
+            s.zero_copy.zero_copy += c.zc.load(Ordering::Relaxed);
+            s.zero_copy.copied += c.zc_copied.load(Ordering::Relaxed);
+            s.channel_bytes.push(w.bytes_sent.load(Ordering::Relaxed));
+        }
+        s.compression_ratio = if s.wire_bytes > 0 {
+            s.guest_bytes as f64 / s.wire_bytes as f64
+        } else {
+            0.0
+        };
+        let secs = s.total_ms / 1e3;
+        if secs > 0.0 {
+            s.mbit_per_s = s.wire_bytes as f64 * 8.0 / secs / 1e6;
+            s.pages_per_s = s.pages.total() as f64 / secs;
+        }
+        if let Some(r) = self.rounds.iter().rev().find(|r| !r.paused) {
+            s.dirty_rate_pages_per_s = r.dirty_rate_pages_per_s;
+        }
+        // Engine: per codec, busy rate and queue depth, summed over channels.
+        let mut codecs: HashMap<CodecId, CodecStats> = HashMap::new();
+        let mut busy = 0.0;
+        let mut depth = 0.0;
+        for e in &self.engine_stats {
+            let Ok(e) = e.lock() else { continue };
+            busy += e.busy_rate();
+            depth += e.mean_queue_depth;
+            s.engine.max_queue_depth = s.engine.max_queue_depth.max(e.max_queue_depth as u64);
+            for c in &e.encode {
+                if c.jobs == 0 {
+                    continue;
+                }
+                let entry = codecs.entry(c.codec).or_insert_with(|| CodecStats {
+                    codec: format!("{:?}", c.codec),
+                    ..Default::default()
+                });
+                entry.frames += c.jobs;
+                entry.pages += c.pages;
+                entry.guest_bytes += c.bytes_in;
+                entry.payload_bytes += c.bytes_out;
+            }
+        }
+        let n = self.engine_stats.len().max(1) as f64;
+        s.engine.busy_rate = busy / n;
+        s.engine.mean_queue_depth = depth / n;
+        s.codecs = codecs.into_values().collect();
+        s.codecs.sort_by(|a, b| a.codec.cmp(&b.codec));
+        s.encode_latency = self.latency.encode.summary();
+        s.send_latency = self.latency.send.summary();
+        s
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        for w in &self.workers {
+            let _ = w.tx.send(Cmd::Close);
+        }
+        for w in &mut self.workers {
+            // Dropping the command sender ends the worker's loop even if it missed Close.
+            let (tx, _) = mpsc::channel();
+            drop(std::mem::replace(&mut w.tx, tx));
+            if let Some(t) = w.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// The transport a channel runs on.
+#[non_exhaustive]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChannelTransport {
+    /// TCP, as asked.
+    Tcp,
+    /// io_uring, as asked.
+    Uring,
+    /// TCP, because io_uring was asked for and could not be used.
+    TcpFallback {
+        /// Why io_uring could not be used.
+        reason: String,
+    },
+    /// Another backend.
+    Other,
+}
+
+impl ChannelTransport {
+    fn of(ch: &AnyChannel) -> Self {
+        match ch {
+            AnyChannel::Tcp(_) => Self::Tcp,
+            AnyChannel::Uring(_) => Self::Uring,
+            AnyChannel::Fallback(_, e) => Self::TcpFallback {
+                reason: e.to_string(),
+            },
+            #[allow(unreachable_patterns)]
+            _ => Self::Other,
+        }
+    }
+}
+
+impl std::fmt::Display for ChannelTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp => f.write_str("tcp"),
+            Self::Uring => f.write_str("io_uring"),
+            Self::TcpFallback { .. } => f.write_str("tcp (io_uring unavailable)"),
+            Self::Other => f.write_str("other"),
+        }
+    }
+}
+
+/// A session error, or [`MigrationError::Timeout`] when a connect or handshake wait
+/// ran out.
+fn session_error(e: session::SessionError, config: &SourceConfig) -> MigrationError {
+    use pagewire_transport::tcp::TcpError;
+    use session::SessionError;
+    let timed_out = |e: &std::io::Error| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+        )
+    };
+    match &e {
+        SessionError::HandshakeIo { source, .. } if timed_out(source) => MigrationError::Timeout {
+            channel: None,
+            what: Wait::Handshake,
+            after: config.handshake_timeout,
+        },
+        SessionError::Tcp(TcpError::Connect {
+            source, attempts, ..
+        }) if timed_out(source) => MigrationError::Timeout {
+            channel: None,
+            what: Wait::Connect,
+            after: config.connect_timeout * *attempts
+                + config.connect_retry_delay * attempts.saturating_sub(1),
+        },
+        _ => MigrationError::Session(e),
+    }
+}
+
+/// The frame limit that fits `max_pages` raw pages with their headers.
+pub(crate) fn frame_bytes(page_size: u32, max_pages: u32) -> u32 {
+    let pages = u64::from(page_size) * u64::from(max_pages);
+    // Envelope, header, one run per page at worst, a length per page, CRC.
+    let overhead = 64 + 16 * u64::from(max_pages);
+    (pages + overhead).clamp(
+        u64::from(pagewire_protocol::limits::min_frame_bytes(page_size)),
+        u64::from(pagewire_protocol::limits::MAX_FRAME_BYTES),
+    ) as u32
+}
+
+/// Transport views of every region, for zero-copy sends and io_uring registration.
+pub(crate) fn transport_views(
+    memory: &Arc<GuestMemory>,
+) -> Vec<(RegionId, pagewire_transport::GuestMemory)> {
+    memory
+        .region_ids()
+        .filter_map(|id| {
+            let pages = memory.pages(id)?;
+            let (ptr, len) = memory.span(id, 0, pages)?;
+            // SAFETY: the range is a whole region of `memory`, mapped for as long as the
+            // `Arc<GuestMemory>` lives; every holder of these views (workers, channels)
+            // also holds that `Arc` and drops the views first.
+            Some((id, unsafe {
+                pagewire_transport::GuestMemory::new(ptr, len)
+            }))
+        })
+        .collect()
+}

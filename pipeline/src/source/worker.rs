@@ -1,0 +1,785 @@
+//! A source worker: one channel and its codec engine, on their own thread.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use pagewire_accel::{Completion, DeltaCache, EncodeParams, Engine, Layout, PageKey, Tag};
+use pagewire_protocol::{
+    Abort, AbortReason, AckKind, ChecksumId, CodecId, Complete, DeviceState, EndOfRound, Frame,
+    PageFrame, PageIndex, PageRun, RegionId, Round, WireList,
+};
+use pagewire_transport::session::AnyChannel;
+use pagewire_transport::{Channel, Completed, ForeignBuf, Incoming, OutFrame, Payload};
+
+use crate::config::Control;
+use crate::dirty::DirtyBitmap;
+use crate::error::{MigrationError, Wait};
+use crate::memory::GuestMemory;
+use crate::plan::Affinity;
+use crate::stats::CodecStats;
+
+use super::{ChannelRound, Cmd, Counters, Reply, SourceLatency};
+
+/// The engine's output buffer, carried to the transport without a copy.
+#[derive(Debug)]
+struct EngineBuf {
+    buf: pagewire_accel::PoolBuf,
+    len: usize,
+}
+
+// SAFETY: a pool buffer's bytes neither move nor change while any handle to it lives
+// (the pool only hands a slot out again after the last handle is dropped, and shared
+// handles never write), and `len` is at most the buffer's length.
+unsafe impl ForeignBuf for EngineBuf {
+    fn as_ptr(&self) -> *const u8 {
+        self.buf.as_ptr()
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+struct FrameMeta {
+    region: RegionId,
+    data_runs: Vec<PageRun>,
+    zero_runs: Vec<PageRun>,
+    submitted: Instant,
+}
+
+/// Everything a worker needs but its channel, which it opens on its own thread.
+pub(super) struct WorkerSetup {
+    pub(super) ch: u16,
+    pub(super) engine: Engine,
+    /// The delta cache, when the codec is delta: pages sent another way are evicted,
+    /// so the next delta is never computed against content the destination lacks.
+    pub(super) delta: Option<Arc<DeltaCache>>,
+    pub(super) views: Vec<(RegionId, pagewire_transport::GuestMemory)>,
+    pub(super) memory: Arc<GuestMemory>,
+    pub(super) affinity: Affinity,
+    pub(super) params: EncodeParams,
+    pub(super) checksum: Option<ChecksumId>,
+    pub(super) max_pages: u32,
+    pub(super) control: Control,
+    pub(super) latency: Arc<SourceLatency>,
+    pub(super) counters: Arc<Counters>,
+    pub(super) bytes_sent: Arc<AtomicU64>,
+    pub(super) engine_stats: Arc<std::sync::Mutex<pagewire_accel::EngineStats>>,
+    pub(super) send_timeout: Duration,
+    pub(super) ack_timeout: Duration,
+}
+
+impl WorkerSetup {
+    pub(super) fn into_worker(self, channel: AnyChannel) -> Worker {
+        Worker {
+            channel,
+            s: self,
+            batch: VecDeque::new(),
+            completions: Vec::new(),
+            done: Vec::new(),
+            pending: HashMap::new(),
+            sends: VecDeque::new(),
+            next_tag: 0,
+            round: ChannelRound::default(),
+            round_no: 0,
+        }
+    }
+}
+
+pub(super) struct Worker {
+    /// Declared first: dropped before the memory its sends may point into (held by
+    /// `s`).
+    channel: AnyChannel,
+    pub(super) s: WorkerSetup,
+    batch: VecDeque<pagewire_accel::Job>,
+    completions: Vec<Completion>,
+    done: Vec<Completed>,
+    pending: HashMap<u64, FrameMeta>,
+    sends: VecDeque<(pagewire_transport::SendId, Instant)>,
+    next_tag: u64,
+    round: ChannelRound,
+    round_no: u32,
+}
+
+impl Worker {
+    pub(super) fn run(mut self, rx: mpsc::Receiver<Cmd>, tx: mpsc::Sender<Reply>) {
+        while let Ok(cmd) = rx.recv() {
+            let res = match cmd {
+                Cmd::Round { round, dirty } => self.send_round(round, &dirty).map(Reply::Round),
+                Cmd::DeviceState {
+                    name,
+                    instance,
+                    data,
+                } => self
+                    .device_state(&name, instance, &data)
+                    .map(|()| Reply::Done),
+                Cmd::Complete {
+                    final_round,
+                    sections,
+                } => self.complete(final_round, sections).map(|()| Reply::Done),
+                Cmd::Close => {
+                    let r = self.close().map(|()| Reply::Done);
+                    let _ = tx.send(r.unwrap_or_else(Reply::Failed));
+                    return;
+                }
+            };
+            if let Ok(mut s) = self.s.engine_stats.lock() {
+                *s = self.s.engine.stats();
+            }
+            match res {
+                Ok(r) => {
+                    if tx.send(r).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    self.abort(&e);
+                    let _ = tx.send(Reply::Failed(e));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A channel error; a send or receive timeout becomes [`MigrationError::Timeout`]
+    /// naming the wait (a receive on the source only ever waits for an ACK).
+    fn chan_err(&self, source: pagewire_transport::ChannelError) -> MigrationError {
+        use pagewire_transport::ChannelError;
+        let channel = Some(self.s.ch);
+        match source {
+            ChannelError::SendTimeout(after) => MigrationError::Timeout {
+                channel,
+                what: Wait::Send,
+                after,
+            },
+            ChannelError::RecvTimeout(_) => MigrationError::Timeout {
+                channel,
+                what: Wait::Ack,
+                after: self.s.ack_timeout,
+            },
+            source => MigrationError::Channel {
+                channel: self.s.ch,
+                source,
+            },
+        }
+    }
+
+    /// Tells the destination why, best effort, unless the channel itself broke or
+    /// stalled (an ABORT would wait behind the stalled bytes for another timeout).
+    fn abort(&mut self, e: &MigrationError) {
+        if matches!(
+            e,
+            MigrationError::Channel { .. }
+                | MigrationError::Timeout {
+                    what: Wait::Send | Wait::Ack,
+                    ..
+                }
+        ) {
+            return;
+        }
+        let reason = match e {
+            MigrationError::Cancelled => AbortReason::CANCELLED,
+            _ => AbortReason::INTERNAL,
+        };
+        let message = e.to_string();
+        let mut end = message.len().min(200);
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        let message = &message[..end];
+        if let Ok(f) = OutFrame::whole(&Frame::Abort(Abort { reason, message })) {
+            let _ = self.channel.send(f);
+            let _ = self.channel.flush(&mut self.done);
+            self.done.clear();
+        }
+    }
+
+    pub(super) fn send_whole(&mut self, frame: &Frame<'_>) -> Result<(), MigrationError> {
+        let out = OutFrame::whole(frame).map_err(|e| MigrationError::Protocol {
+            channel: self.s.ch,
+            what: e.to_string(),
+        })?;
+        self.send(out)?;
+        Ok(())
+    }
+
+    fn send(&mut self, out: OutFrame) -> Result<u64, MigrationError> {
+        let len = out.wire_len() as u64;
+        self.s.control.limiter().acquire(len);
+        let id = self.channel.send(out).map_err(|e| self.chan_err(e))?;
+        self.sends.push_back((id, Instant::now()));
+        self.s.bytes_sent.fetch_add(len, Ordering::Relaxed);
+        self.reap(false)?;
+        Ok(len)
+    }
+
+    /// Collects finished sends (their buffers go back to their pools on drop).
+    fn reap(&mut self, all: bool) -> Result<(), MigrationError> {
+        let res = if all {
+            self.channel.flush(&mut self.done)
+        } else {
+            self.channel.poll_completions(&mut self.done).map(|_| ())
+        };
+        res.map_err(|e| self.chan_err(e))?;
+        for c in self.done.drain(..) {
+            self.s
+                .counters
+                .zc
+                .fetch_add(u64::from(c.zero_copy.0), Ordering::Relaxed);
+            self.s
+                .counters
+                .zc_copied
+                .fetch_add(u64::from(c.zero_copy.1), Ordering::Relaxed);
+            while let Some(&(id, at)) = self.sends.front() {
+                if id > c.id {
+                    break;
+                }
+                self.sends.pop_front();
+                if id == c.id {
+                    self.s.latency.send.record(at.elapsed());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn send_round(
+        &mut self,
+        round: u32,
+        dirty: &[(RegionId, DirtyBitmap)],
+    ) -> Result<ChannelRound, MigrationError> {
+        self.round = ChannelRound::default();
+        self.round_no = round;
+        let ps = u64::from(self.s.memory.page_size());
+        let mut data: Vec<PageRun> = Vec::new();
+        let mut zero: Vec<PageRun> = Vec::new();
+        for (region, bitmap) in dirty {
+            let plan = self
+                .s
+                .affinity
+                .frames(*region, self.s.ch, bitmap, self.s.max_pages);
+            for runs in plan {
+                if self.s.control.is_cancelled() {
+                    return Err(MigrationError::Cancelled);
+                }
+                data.clear();
+                zero.clear();
+                self.classify(*region, &runs, &mut data, &mut zero, ps)?;
+                if let Some(cache) = &self.s.delta {
+                    for run in &zero {
+                        for p in run.start.0..run.start.0 + u64::from(run.count) {
+                            cache.invalidate(page_key(*region, p));
+                        }
+                    }
+                }
+                if data.is_empty() {
+                    self.send_zero(*region, &zero)?;
+                } else {
+                    self.submit(*region, &data, &zero)?;
+                }
+            }
+        }
+        self.drain()?;
+        let eor = Frame::EndOfRound(EndOfRound {
+            round: Round(round),
+            frames: self.round.frames as u32,
+            pages: self.round.pages.total(),
+        });
+        self.send_whole(&eor)?;
+        self.reap(true)?;
+        self.await_ack(AckKind::ROUND, u64::from(round))?;
+        Ok(std::mem::take(&mut self.round))
+    }
+
+    /// Splits a frame's pages into data and zero runs (canonical: merged, ascending).
+    fn classify(
+        &self,
+        region: RegionId,
+        runs: &[PageRun],
+        data: &mut Vec<PageRun>,
+        zero: &mut Vec<PageRun>,
+        ps: u64,
+    ) -> Result<(), MigrationError> {
+        for run in runs {
+            for p in run.start.0..run.start.0 + u64::from(run.count) {
+                let ptr =
+                    self.s
+                        .memory
+                        .page_ptr(region, p)
+                        .ok_or_else(|| MigrationError::Protocol {
+                            channel: self.s.ch,
+                            what: format!("page {p} outside region {region:?}"),
+                        })?;
+                // SAFETY: `page_ptr` returned a pointer to a whole page inside a mapped
+                // region; the scan only reads it (a concurrent guest write makes the
+                // answer stale, and also re-dirties the page).
+                let is_zero = unsafe { pagewire_accel::is_zero_raw(ptr.as_ptr(), ps as usize) };
+                let list = if is_zero { &mut *zero } else { &mut *data };
+                match list.last_mut() {
+                    Some(last) if last.start.0 + u64::from(last.count) == p => last.count += 1,
+                    _ => list.push(PageRun {
+                        start: PageIndex(p),
+                        count: 1,
+                    }),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn send_zero(&mut self, region: RegionId, zero: &[PageRun]) -> Result<(), MigrationError> {
+        let pages: u64 = zero.iter().map(|r| u64::from(r.count)).sum();
+        let mut frame = PageFrame {
+            codec: CodecId::ZERO,
+            region,
+            round: Round(self.round_no),
+            data_runs: WireList::Slice(&[]),
+            zero_runs: WireList::Slice(zero),
+            lengths: None,
+            crc: None,
+            payload: &[],
+        };
+        if self.s.checksum.is_some() {
+            frame = frame.with_crc([]).map_err(|e| MigrationError::Protocol {
+                channel: self.s.ch,
+                what: e.to_string(),
+            })?;
+        }
+        let frame = Frame::Pages(frame);
+        self.send_whole(&frame)?;
+        self.account(CodecId::ZERO, 0, pages, 0, frame_len(&frame));
+        Ok(())
+    }
+
+    fn submit(
+        &mut self,
+        region: RegionId,
+        data: &[PageRun],
+        zero: &[PageRun],
+    ) -> Result<(), MigrationError> {
+        let mut progress = Instant::now();
+        let mut job = loop {
+            if let Some(j) = self.s.engine.job() {
+                break j;
+            }
+            self.wait_engine(&mut progress)?;
+        };
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        let list = job.encode(Tag(tag), self.s.params);
+        for run in data {
+            let (ptr, _) = self
+                .s
+                .memory
+                .span(region, run.start.0, u64::from(run.count))
+                .ok_or_else(|| MigrationError::Protocol {
+                    channel: self.s.ch,
+                    what: format!("run {run:?} outside region {region:?}"),
+                })?;
+            let key = page_key(region, run.start.0);
+            // SAFETY: the run lies inside a region of `self.s.memory`, which this worker
+            // keeps alive (an `Arc`) beyond the job's completion; guest writes meanwhile
+            // only make the encoded content stale (the page is dirty again).
+            unsafe { list.push_raw(ptr.as_ptr(), run.count, key) }.map_err(|e| {
+                MigrationError::Protocol {
+                    channel: self.s.ch,
+                    what: e.to_string(),
+                }
+            })?;
+        }
+        self.pending.insert(
+            tag,
+            FrameMeta {
+                region,
+                data_runs: data.to_vec(),
+                zero_runs: zero.to_vec(),
+                submitted: Instant::now(),
+            },
+        );
+        self.batch.push_back(job);
+        loop {
+            self.s.engine.submit(&mut self.batch)?;
+            if self.batch.is_empty() {
+                break;
+            }
+            self.wait_engine(&mut progress)?;
+        }
+        // Send whatever is ready without waiting.
+        self.drain_some(None).map(drop)
+    }
+
+    /// Sends the engine's finished jobs, waiting up to `wait` for the first; returns
+    /// how many.
+    fn drain_some(&mut self, wait: Option<Duration>) -> Result<usize, MigrationError> {
+        let mut comps = std::mem::take(&mut self.completions);
+        let res = (|| {
+            let n = self.s.engine.poll(&mut comps, 64, wait)?;
+            for c in comps.drain(..) {
+                self.send_completion(c)?;
+            }
+            Ok(n)
+        })();
+        comps.clear();
+        self.completions = comps;
+        res
+    }
+
+    /// Waits for what frees an engine request or output buffer: a finished job (sent
+    /// at once) or a finished send (whose payload buffer goes back to the engine's
+    /// pool). Buffers held by sends come back only through the channel's completions,
+    /// so those are reaped here too, and waited for when nothing else can happen
+    /// (io_uring completes sends only when asked). `progress` is when something last
+    /// came back; with nothing for `send_timeout` since, fails with
+    /// [`MigrationError::Timeout`].
+    fn wait_engine(&mut self, progress: &mut Instant) -> Result<(), MigrationError> {
+        let timeout = self.s.send_timeout;
+        let left = timeout.saturating_sub(progress.elapsed());
+        if left.is_zero() {
+            return Err(MigrationError::Timeout {
+                channel: Some(self.s.ch),
+                what: if self.s.engine.in_flight() > 0 {
+                    Wait::Engine
+                } else {
+                    Wait::Send
+                },
+                after: timeout,
+            });
+        }
+        let sends = self.sends.len();
+        let mut got = if self.s.engine.in_flight() > 0 {
+            self.drain_some(Some(left.min(Duration::from_millis(50))))?
+        } else {
+            0
+        };
+        if self.s.engine.in_flight() == 0 && got == 0 && !self.sends.is_empty() {
+            // Every buffer not in the pool is with the channel: wait for its sends
+            // (bounded by the channel's send timeout, which is `send_timeout`).
+            self.reap(true)?;
+        } else {
+            self.reap(false)?;
+        }
+        got += sends.saturating_sub(self.sends.len());
+        if got > 0 {
+            *progress = Instant::now();
+        } else if self.s.engine.in_flight() == 0 && self.sends.is_empty() {
+            // Nothing is out, yet nothing is free: the engine lost track of a buffer.
+            return Err(MigrationError::Protocol {
+                channel: self.s.ch,
+                what: format!(
+                    "the codec engine has no free request or buffer and nothing in flight ({:?})",
+                    self.s.engine
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn drain(&mut self) -> Result<(), MigrationError> {
+        let mut progress = Instant::now();
+        while !self.batch.is_empty() || self.s.engine.in_flight() > 0 {
+            if !self.batch.is_empty() {
+                self.s.engine.submit(&mut self.batch)?;
+            }
+            self.wait_engine(&mut progress)?;
+        }
+        Ok(())
+    }
+
+    fn send_completion(&mut self, mut c: Completion) -> Result<(), MigrationError> {
+        let meta = self
+            .pending
+            .remove(&c.tag().0)
+            .ok_or_else(|| MigrationError::Protocol {
+                channel: self.s.ch,
+                what: "completion for an unknown job".into(),
+            })?;
+        c.status().map_err(|source| MigrationError::Codec {
+            channel: self.s.ch,
+            source,
+        })?;
+        let out = c.encoded().ok_or_else(|| MigrationError::Protocol {
+            channel: self.s.ch,
+            what: "encode job without an outcome".into(),
+        })?;
+        self.s.latency.encode.record(meta.submitted.elapsed());
+        let per_page = pagewire_accel::layout(out.codec) == Some(Layout::PerPage);
+        let lengths: Vec<u32> = if per_page {
+            c.lengths().to_vec()
+        } else {
+            Vec::new()
+        };
+        let payload: Vec<Payload> = if out.in_place {
+            let view = self
+                .s
+                .views
+                .iter()
+                .find(|(id, _)| *id == meta.region)
+                .map(|(_, v)| v.clone())
+                .ok_or(MigrationError::Worker(self.s.ch))?;
+            let ps = self.s.memory.page_size() as usize;
+            meta.data_runs
+                .iter()
+                .map(|r| {
+                    view.slice(r.start.0 as usize * ps, r.count as usize * ps)
+                        .map(Payload::Guest)
+                        .ok_or(MigrationError::Worker(self.s.ch))
+                })
+                .collect::<Result<_, _>>()?
+        } else {
+            let buf = c.take_payload().ok_or_else(|| MigrationError::Protocol {
+                channel: self.s.ch,
+                what: "encode job without a payload buffer".into(),
+            })?;
+            if buf.len() != out.payload_len {
+                return Err(MigrationError::Protocol {
+                    channel: self.s.ch,
+                    what: "payload buffer length differs from the encode outcome".into(),
+                });
+            }
+            vec![Payload::Foreign(Box::new(EngineBuf {
+                len: out.payload_len,
+                buf,
+            }))]
+        };
+        drop(c);
+        let mut frame = PageFrame {
+            codec: out.codec,
+            region: meta.region,
+            round: Round(self.round_no),
+            data_runs: WireList::Slice(&meta.data_runs),
+            zero_runs: WireList::Slice(&meta.zero_runs),
+            lengths: per_page.then_some(WireList::Slice(&lengths)),
+            crc: None,
+            payload: &[],
+        };
+        frame.crc = match self.s.checksum {
+            Some(_) => {
+                // The checksum covers the envelope and header too (PROTOCOL.md, PAGES).
+                let payload_len = payload.iter().map(Payload::len).sum();
+                let mut crc =
+                    frame
+                        .crc_seed(payload_len)
+                        .map_err(|e| MigrationError::Protocol {
+                            channel: self.s.ch,
+                            what: e.to_string(),
+                        })?;
+                for p in &payload {
+                    if let Payload::Foreign(f) = p {
+                        // SAFETY: the engine buffer is readable for `len()` bytes and
+                        // does not change while it is held (see `EngineBuf`).
+                        let bytes = unsafe { std::slice::from_raw_parts(f.as_ptr(), f.len()) };
+                        crc = crc32c::crc32c_append(crc, bytes);
+                    }
+                }
+                Some(crc)
+            }
+            None => None,
+        };
+        let outf = OutFrame::pages(&frame, payload).map_err(|e| MigrationError::Protocol {
+            channel: self.s.ch,
+            what: e.to_string(),
+        })?;
+        let data_pages: u64 = meta.data_runs.iter().map(|r| u64::from(r.count)).sum();
+        let zero_pages: u64 = meta.zero_runs.iter().map(|r| u64::from(r.count)).sum();
+        let wire = self.send(outf)?;
+        self.account(
+            out.codec,
+            data_pages,
+            zero_pages,
+            out.bytes_out() as u64,
+            wire,
+        );
+        Ok(())
+    }
+
+    fn account(&mut self, codec: CodecId, data: u64, zero: u64, payload: u64, wire: u64) {
+        let ps = u64::from(self.s.memory.page_size());
+        let r = &mut self.round;
+        r.frames += 1;
+        r.wire_bytes += wire;
+        r.guest_bytes += (data + zero) * ps;
+        r.pages.zero += zero;
+        let c = &self.s.counters;
+        c.frames.fetch_add(1, Ordering::Relaxed);
+        c.wire_bytes.fetch_add(wire, Ordering::Relaxed);
+        c.guest_bytes
+            .fetch_add((data + zero) * ps, Ordering::Relaxed);
+        c.zero.fetch_add(zero, Ordering::Relaxed);
+        let slot = match codec {
+            CodecId::RAW => {
+                r.pages.raw += data;
+                &c.raw
+            }
+            CodecId::DELTA => {
+                r.pages.delta += data;
+                &c.delta
+            }
+            _ => {
+                r.pages.compressed += data;
+                &c.compressed
+            }
+        };
+        slot.fetch_add(data, Ordering::Relaxed);
+        let e = r.codecs.entry(codec).or_insert_with(|| CodecStats {
+            codec: format!("{codec:?}"),
+            ..Default::default()
+        });
+        e.frames += 1;
+        e.pages += data + zero;
+        e.guest_bytes += data * ps;
+        e.payload_bytes += payload;
+    }
+
+    /// Waits for the ACK, within `ack_timeout` of the call in all: each receive gets
+    /// only the time left, however many other frames arrive meanwhile.
+    fn await_ack(&mut self, kind: AckKind, value: u64) -> Result<(), MigrationError> {
+        let ch = self.s.ch;
+        let timeout = self.s.ack_timeout;
+        let deadline = Instant::now() + timeout;
+        let timed_out = MigrationError::Timeout {
+            channel: Some(ch),
+            what: Wait::Ack,
+            after: timeout,
+        };
+        let result = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break Err(timed_out);
+            }
+            if let Err(e) = set_recv_timeout(&mut self.channel, Some(left)) {
+                break Err(self.chan_err(e));
+            }
+            match self.next_ack(kind, value) {
+                Ok(true) => break Ok(()),
+                Ok(false) => {}
+                Err(e) => break Err(e),
+            }
+        };
+        // Back to the whole timeout for the next wait (best effort: the next one sets
+        // its own).
+        let _ = set_recv_timeout(&mut self.channel, Some(timeout));
+        result
+    }
+
+    /// Receives one frame; `true` when it is the ACK waited for, `false` for a FRAMES
+    /// ACK (progress reports, skipped).
+    fn next_ack(&mut self, kind: AckKind, value: u64) -> Result<bool, MigrationError> {
+        let ch = self.s.ch;
+        let incoming = match self.channel.recv(None) {
+            Ok(i) => i,
+            Err(e) => {
+                return Err(match e {
+                    pagewire_transport::ChannelError::RecvTimeout(_) => MigrationError::Timeout {
+                        channel: Some(ch),
+                        what: Wait::Ack,
+                        after: self.s.ack_timeout,
+                    },
+                    source => MigrationError::Channel {
+                        channel: ch,
+                        source,
+                    },
+                });
+            }
+        };
+        match incoming {
+            None => Err(MigrationError::Protocol {
+                channel: ch,
+                what: "the destination closed the channel".into(),
+            }),
+            Some(Incoming::Frame(Frame::Ack(a))) if a.kind == kind && a.value == value => Ok(true),
+            Some(Incoming::Frame(Frame::Ack(a))) if a.kind == AckKind::FRAMES => Ok(false),
+            // Extension frames are skipped wherever they arrive (PROTOCOL.md).
+            Some(Incoming::Frame(Frame::Extension { .. })) => Ok(false),
+            Some(Incoming::Frame(Frame::Abort(a))) => Err(MigrationError::PeerAborted {
+                reason: a.reason,
+                message: a.message.to_owned(),
+            }),
+            Some(Incoming::Frame(f)) => Err(MigrationError::Protocol {
+                channel: ch,
+                what: format!("expected ACK {kind:?} {value}, got {:?}", f.frame_type()),
+            }),
+            Some(Incoming::Placed(_)) => Err(MigrationError::Protocol {
+                channel: ch,
+                what: "the destination sent pages".into(),
+            }),
+        }
+    }
+
+    fn device_state(
+        &mut self,
+        name: &str,
+        instance: u32,
+        data: &[u8],
+    ) -> Result<(), MigrationError> {
+        let limit = self.channel.negotiated().max_frame_bytes as usize;
+        let chunk = limit
+            .saturating_sub(DEVICE_STATE_OVERHEAD + name.len())
+            .max(1);
+        let total = data.len() as u64;
+        let mut offset = 0usize;
+        loop {
+            let end = (offset + chunk).min(data.len());
+            let f = Frame::DeviceState(DeviceState {
+                instance,
+                name,
+                total,
+                offset: offset as u64,
+                data: &data[offset..end],
+            });
+            self.send_whole(&f)?;
+            offset = end;
+            if offset >= data.len() {
+                break;
+            }
+        }
+        self.reap(true)
+    }
+
+    fn complete(&mut self, final_round: u32, sections: u32) -> Result<(), MigrationError> {
+        self.send_whole(&Frame::Complete(Complete {
+            final_round: Round(final_round),
+            sections,
+        }))?;
+        self.reap(true)?;
+        self.await_ack(AckKind::COMPLETE, u64::from(final_round))
+    }
+
+    fn close(&mut self) -> Result<(), MigrationError> {
+        self.channel
+            .close(&mut self.done)
+            .map_err(|e| self.chan_err(e))?;
+        self.done.clear();
+        Ok(())
+    }
+}
+
+/// Sets how long the channel's next receive may wait.
+fn set_recv_timeout(
+    ch: &mut AnyChannel,
+    timeout: Option<Duration>,
+) -> Result<(), pagewire_transport::ChannelError> {
+    match ch {
+        AnyChannel::Tcp(c) | AnyChannel::Fallback(c, _) => c.set_recv_timeout(timeout),
+        AnyChannel::Uring(c) => {
+            c.set_recv_timeout(timeout);
+            Ok(())
+        }
+        #[allow(unreachable_patterns)]
+        _ => Ok(()),
+    }
+}
+
+/// Room for a DEVICE_STATE header (envelope, instance, name length, total, offset).
+const DEVICE_STATE_OVERHEAD: usize = 8 + 4 + 1 + 8 + 8;
+
+/// The delta cache key of a page: region id above page index.
+fn page_key(region: RegionId, page: u64) -> PageKey {
+    PageKey((u64::from(region.0) << 40) | page)
+}
+
+fn frame_len(f: &Frame<'_>) -> u64 {
+    match f {
+        Frame::Pages(p) => (p.header_len() + p.payload.len()) as u64,
+        _ => 0,
+    }
+}
