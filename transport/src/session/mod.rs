@@ -2,11 +2,16 @@
 //!
 //! The source calls [`connect`], which opens `channels` TCP connections and runs the
 //! protocol's handshake on each; the destination's [`Listener::accept_session`] accepts
-//! connections, runs the handshake on each in its own thread, and keeps the channels of
-//! the session it was asked for. A connection that sends garbage, fails
-//! authentication, names another session or repeats a channel index is refused (with
-//! a REJECT when the handshake got that far) and closed, without touching the
-//! session's other channels; the refusals are reported in [`Accepted::refused`].
+//! connections, runs all their handshakes on the calling thread (non-blocking sockets
+//! multiplexed with `mio`, each with its own deadline, at most
+//! [`ListenerConfig::max_pending`] at once), and keeps the channels of the session it
+//! was asked for. A connection that sends garbage, fails authentication, names another
+//! session, asks for too many channels, misses its deadline or repeats a channel index
+//! is refused (with a REJECT when the handshake got that far) and closed, without
+//! touching the session's other channels; the refusals are counted in
+//! [`ListenerStats`] and the last few reported in [`Accepted::refused`]. The listener
+//! survives every refusal and resource failure and can accept one session after
+//! another.
 //!
 //! A handshaken connection is an [`Established`]; turn it into a channel of the
 //! backend you want on the thread that will drive it ([`Established::open`]); io_uring
@@ -29,7 +34,7 @@ use crate::uring::{self, UringChannel, UringConfig, UringError};
 
 mod listener;
 
-pub use listener::{Accepted, Listener};
+pub use listener::{Accepted, Listener, ListenerConfig, ListenerStats, MAX_REFUSALS_KEPT};
 
 /// Which backend a channel uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,8 +64,11 @@ pub struct SessionConfig {
     pub tcp: TcpConfig,
     /// io_uring settings, for [`Backend::Uring`].
     pub uring: UringConfig,
-    /// Time allowed for one channel's handshake.
+    /// Time allowed for one channel's handshake (on the destination, counted for each
+    /// connection from its `accept`, apart from the accept window).
     pub handshake_timeout: Duration,
+    /// The destination's bounds on connections before their handshake completes.
+    pub listener: ListenerConfig,
 }
 
 impl SessionConfig {
@@ -79,6 +87,7 @@ impl SessionConfig {
             tcp: TcpConfig::default(),
             uring: UringConfig::default(),
             handshake_timeout: Duration::from_secs(10),
+            listener: ListenerConfig::default(),
         }
     }
 }
@@ -129,6 +138,21 @@ pub enum SessionError {
         /// What is wrong.
         why: &'static str,
     },
+    /// A HELLO asked for more channels than this destination accepts.
+    #[error(
+        "{peer} asked for {count} channels; this destination accepts at most {max} (ListenerConfig::max_channels)"
+    )]
+    TooManyChannels {
+        /// The peer.
+        peer: SocketAddr,
+        /// The channel count it asked for.
+        count: u16,
+        /// The limit.
+        max: u16,
+    },
+    /// A setting is invalid.
+    #[error("invalid session configuration: {0}")]
+    Config(&'static str),
     /// Not every channel arrived in time.
     #[error("only {have} of {need} channels arrived within {timeout:?}; is the source running?")]
     Incomplete {
@@ -404,6 +428,7 @@ pub fn connect_channel(
 
 /// Waits up to `timeout` (for ever with `None`) for `fd` to become readable;
 /// `Ok(false)` on timeout or interruption.
+#[cfg(feature = "rdma")]
 pub(crate) fn wait_readable(fd: i32, timeout: Option<Duration>) -> io::Result<bool> {
     let mut p = libc::pollfd {
         fd,
