@@ -85,12 +85,21 @@ pub struct DestinationConfig {
     pub max_device_state: u64,
     /// How long to wait for all channels to arrive.
     pub accept_timeout: Duration,
+    /// How long one connection may take over its handshake, counted from its accept
+    /// (a slow or silent peer is closed after this, whatever the accept window).
+    pub handshake_timeout: Duration,
+    /// Most connections whose handshake is in progress at once; more wait in the
+    /// kernel's backlog.
+    pub max_pending: usize,
+    /// Most channels a source may open; a HELLO asking for more is refused at once.
+    pub max_channels: u16,
     /// How long a channel may stay silent before the source counts as gone.
     pub idle_timeout: Duration,
 }
 
 impl DestinationConfig {
-    /// Defaults: 4 KiB pages, 256 pages per frame, TCP, 256 MiB of device state.
+    /// Defaults: 4 KiB pages, 256 pages per frame, TCP, 256 MiB of device state, 10 s
+    /// per handshake, 64 pending handshakes, 64 channels.
     pub fn new(session: SessionId, auth: Authentication) -> Self {
         Self {
             session,
@@ -101,6 +110,9 @@ impl DestinationConfig {
             backend: Backend::Tcp,
             max_device_state: 256 << 20,
             accept_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            max_pending: 64,
+            max_channels: 64,
             idle_timeout: Duration::from_secs(60),
         }
     }
