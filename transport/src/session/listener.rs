@@ -947,4 +947,29 @@ mod tests {
             "{e}"
         );
     }
+
+    #[test]
+    fn invalid_listener_settings_are_refused() {
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let mut c = cfg(5, 1, None);
+        c.listener.max_pending = 0;
+        assert!(matches!(
+            Listener::bind(addr, &c),
+            Err(SessionError::Config(_))
+        ));
+        let good = cfg(5, 1, None);
+        let l = Listener::bind(addr, &good).unwrap();
+        let mut c = good.clone();
+        c.listener.max_channels = 0;
+        assert!(matches!(
+            l.accept_session(&c, Duration::from_millis(10)),
+            Err(SessionError::Config(_))
+        ));
+        c = good;
+        c.listener.accept_backoff = Duration::ZERO;
+        assert!(matches!(
+            l.accept_session(&c, Duration::from_millis(10)),
+            Err(SessionError::Config(_))
+        ));
+    }
 }
