@@ -141,13 +141,20 @@ pub struct DestinationConfig {
     pub limits: DestinationLimits,
     /// How long to wait for all channels to arrive.
     pub accept_timeout: Duration,
+    /// How long one connection may take over its handshake, counted from its accept
+    /// (a slow or silent peer is closed after this, whatever the accept window).
+    pub handshake_timeout: Duration,
+    /// Most connections whose handshake is in progress at once; more wait in the
+    /// kernel's backlog.
+    pub max_pending: usize,
     /// How long a channel may stay silent before the source counts as gone.
     pub idle_timeout: Duration,
 }
 
 impl DestinationConfig {
-    /// Defaults: 4 KiB pages, 256 pages per frame, TCP, and [`DestinationLimits`]'
-    /// defaults (16 GiB of guest memory, 64 channels, 256 MiB of device state).
+    /// Defaults: 4 KiB pages, 256 pages per frame, TCP, [`DestinationLimits`]' defaults
+    /// (16 GiB of guest memory, 64 channels, 256 MiB of device state), 10 s per
+    /// handshake, 64 pending handshakes.
     pub fn new(session: SessionId, auth: Authentication) -> Self {
         Self {
             session,
@@ -158,6 +165,8 @@ impl DestinationConfig {
             backend: Backend::Tcp,
             limits: DestinationLimits::default(),
             accept_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            max_pending: 64,
             idle_timeout: Duration::from_secs(60),
         }
     }

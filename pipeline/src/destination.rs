@@ -89,7 +89,8 @@ impl DestinationListener {
     /// Listens on `addr`.
     ///
     /// # Errors
-    /// [`MigrationError::Session`] when the socket cannot be bound.
+    /// [`MigrationError::Session`] when the socket cannot be bound or a listener
+    /// setting (`max_pending`, `limits.max_channels`) is zero.
     pub fn bind(addr: SocketAddr, config: DestinationConfig) -> Result<Self, MigrationError> {
         let mut caps = Capabilities::new(config.page_size);
         caps.max_pages = config.max_pages;
@@ -99,7 +100,9 @@ impl DestinationListener {
         let mut scfg = SessionConfig::new(caps, config.session, 1, config.auth.clone());
         scfg.tcp.recv_timeout = Some(config.idle_timeout);
         scfg.uring.recv_timeout = Some(config.idle_timeout);
-        scfg.handshake_timeout = config.accept_timeout;
+        scfg.handshake_timeout = config.handshake_timeout;
+        scfg.listener.max_pending = config.max_pending;
+        scfg.listener.max_channels = config.limits.max_channels;
         let listener = Listener::bind(addr, &scfg)?;
         Ok(Self {
             listener,
@@ -116,13 +119,20 @@ impl DestinationListener {
         self.listener.local_addr()
     }
 
+    /// What the listener did with the connections it saw (refusals, timeouts, accept
+    /// errors); readable while [`Self::accept`] runs on another thread.
+    pub fn stats(&self) -> pagewire_transport::session::ListenerStats {
+        self.listener.stats()
+    }
+
     /// Accepts the session's channels and starts applying frames. With `memory`, the
     /// source's layout must match it; without, the destination allocates guest memory
-    /// when the layout arrives and pre-faults it in the background.
+    /// when the layout arrives and pre-faults it in the background. The listener stays
+    /// bound: after a failed or hostile attempt, call `accept` again.
     ///
     /// # Errors
     /// [`MigrationError::Session`] when the channels do not all arrive in time.
-    pub fn accept(self, memory: Option<Arc<GuestMemory>>) -> Result<Destination, MigrationError> {
+    pub fn accept(&self, memory: Option<Arc<GuestMemory>>) -> Result<Destination, MigrationError> {
         let accepted = self
             .listener
             .accept_session(&self.scfg, self.config.accept_timeout)?;

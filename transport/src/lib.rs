@@ -8,7 +8,8 @@
 //! - [`Channel`] is the one interface; [`tcp`], [`uring`] and `rdma` (cargo feature
 //!   `rdma`) are its backends, each with its contract in its module docs.
 //! - [`session`] opens the channels of a session ([`session::connect`]) and accepts
-//!   them ([`session::Listener`]), refusing channels that fail the handshake.
+//!   them ([`session::Listener`]: every pending handshake on the calling thread, each
+//!   bounded in time and memory), refusing channels that fail the handshake.
 //! - [`buf`] holds the memory channels send from and receive into: registered guest
 //!   memory ([`GuestMemory`]) and buffer pools ([`BufferPool`]).
 //!

@@ -1,0 +1,399 @@
+//! The listener as a hostile client sees it: every test floods or cheats first, then a
+//! legitimate session must still complete its handshake on the same listener.
+//!
+//! The tests that count the process's threads or lower its file-descriptor limit run
+//! in a child process (this binary re-executed with one test selected), so the other
+//! tests neither disturb the count nor suffer the limit.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use pagewire_protocol::{
+    Authentication, Capabilities, ChannelId, ClientConfig, ClientHandshake, HandshakeError,
+    RejectReason, SessionId, SessionKey,
+};
+use pagewire_transport::session::{
+    self, Accepted, Established, Listener, ListenerStats, SessionConfig, SessionError,
+};
+
+const KEY: &[u8] = b"the listener tests' pre-shared key";
+const SESSION: SessionId = SessionId([9; 16]);
+/// Channels of the legitimate session.
+const CHANNELS: u16 = 2;
+/// The accept window: long, so that only per-connection deadlines end handshakes.
+const WINDOW: Duration = Duration::from_secs(120);
+const CHILD_ENV: &str = "PAGEWIRE_LISTENER_TEST_CHILD";
+
+fn cfg(channels: u16, key: &[u8], handshake_timeout: Duration) -> SessionConfig {
+    let auth = Authentication::PreSharedKey(SessionKey::new(key.to_vec()).unwrap());
+    let mut c = SessionConfig::new(Capabilities::new(4096), SESSION, channels, auth);
+    c.handshake_timeout = handshake_timeout;
+    c
+}
+
+/// The destination's settings, with a short handshake deadline.
+fn dst(handshake_timeout: Duration) -> SessionConfig {
+    cfg(CHANNELS, KEY, handshake_timeout)
+}
+
+/// The legitimate source: generous client-side timeout, since it may wait in the
+/// backlog behind a flood.
+fn legit(addr: SocketAddr) -> Vec<Established> {
+    session::connect(addr, &cfg(CHANNELS, KEY, Duration::from_secs(60))).unwrap()
+}
+
+fn bind(cfg: &SessionConfig) -> (Listener, SocketAddr) {
+    let l = Listener::bind("127.0.0.1:0".parse().unwrap(), cfg).unwrap();
+    let addr = l.local_addr().unwrap();
+    (l, addr)
+}
+
+/// Runs `accept_session` on this thread while `client` runs on another.
+fn accept_while<T: Send>(
+    l: &Listener,
+    cfg: &SessionConfig,
+    client: impl FnOnce() -> T + Send,
+) -> (Accepted, T) {
+    std::thread::scope(|s| {
+        let c = s.spawn(client);
+        let acc = l.accept_session(cfg, WINDOW);
+        let out = c.join().unwrap();
+        (acc.unwrap(), out)
+    })
+}
+
+/// Waits (a bounded number of short sleeps) until the listener's counters satisfy `f`.
+fn wait_until(l: &Listener, f: impl Fn(&ListenerStats) -> bool) {
+    for _ in 0..6000 {
+        if f(&l.stats()) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("listener never got there: {:?}", l.stats());
+}
+
+fn assert_session(acc: &Accepted, src: &[Established]) {
+    assert_eq!(acc.channels.len(), usize::from(CHANNELS));
+    assert_eq!(src.len(), usize::from(CHANNELS));
+    for (i, e) in acc.channels.iter().enumerate() {
+        assert_eq!(usize::from(e.negotiated.channel.0), i);
+        assert!(e.negotiated.auth.is_some());
+    }
+    assert_eq!(acc.stats.established, u64::from(CHANNELS));
+}
+
+/// A whole HELLO as the legitimate source would send it.
+fn hello_bytes() -> Vec<u8> {
+    let c = cfg(CHANNELS, KEY, Duration::from_secs(1));
+    let mut hs = ClientHandshake::new(
+        ClientConfig {
+            caps: c.caps,
+            session: c.session,
+            channel: ChannelId(0),
+            channel_count: CHANNELS,
+            auth: c.auth,
+        },
+        [3; 32],
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    hs.take_output(&mut out);
+    out
+}
+
+/// Reads /proc/self/status's `Threads:` and `VmRSS:` (kB).
+fn threads_and_rss() -> (u64, u64) {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    let field = |name: &str| -> u64 {
+        s.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    };
+    (field("Threads:"), field("VmRSS:"))
+}
+
+/// Whether this process is the child that runs test `name` alone.
+fn is_child(name: &str) -> bool {
+    std::env::var(CHILD_ENV).is_ok_and(|v| v == name)
+}
+
+/// Re-executes this test binary with only test `name` selected, as a child process.
+fn spawn_child(name: &str) -> std::process::Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, name)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for the child, echoes its output, and checks it passed.
+fn finish_child(mut child: std::process::Child, mut out: impl Read) {
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+    print!("{rest}");
+    assert!(status.success(), "the child failed: {status}\n{rest}");
+}
+
+#[test]
+fn garbage_is_refused_and_the_session_still_opens() {
+    let d = dst(Duration::from_secs(10));
+    let (l, addr) = bind(&d);
+    let (acc, src) = accept_while(&l, &d, || {
+        let mut g = TcpStream::connect(addr).unwrap();
+        g.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        // The listener answers with a REJECT and closes.
+        g.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut sink = Vec::new();
+        let _ = g.read_to_end(&mut sink);
+        wait_until(&l, |s| s.refused_handshake == 1);
+        legit(addr)
+    });
+    assert_session(&acc, &src);
+    assert_eq!(acc.stats.refused_handshake, 1);
+    assert!(acc.refused.iter().any(|e| matches!(
+        e,
+        SessionError::Handshake {
+            source: HandshakeError::Decode(_),
+            ..
+        }
+    )));
+}
+
+#[test]
+fn a_wrong_key_is_refused_and_the_session_still_opens() {
+    let d = dst(Duration::from_secs(10));
+    let (l, addr) = bind(&d);
+    let (acc, (wrong, src)) = accept_while(&l, &d, || {
+        let wrong = session::connect_channel(
+            addr,
+            &cfg(
+                CHANNELS,
+                b"not the key of this session",
+                Duration::from_secs(30),
+            ),
+            0,
+        );
+        wait_until(&l, |s| s.refused_handshake + s.closed == 1);
+        (wrong, legit(addr))
+    });
+    assert!(matches!(
+        wrong,
+        Err(SessionError::Handshake {
+            source: HandshakeError::AuthFailed,
+            ..
+        })
+    ));
+    assert_session(&acc, &src);
+    assert_eq!(acc.stats.refused_handshake + acc.stats.closed, 1);
+}
+
+#[test]
+fn slow_clients_time_out_on_their_own_deadline() {
+    const SLOW: usize = 20;
+    // Deadline of one handshake: 1 s; the accept window: 120 s.
+    let d = dst(Duration::from_secs(1));
+    let (l, addr) = bind(&d);
+    let hello = hello_bytes();
+    let (acc, (closed, src)) = accept_while(&l, &d, || {
+        let closed: Vec<bool> = std::thread::scope(|s| {
+            let clients: Vec<_> = (0..SLOW)
+                .map(|_| {
+                    let hello = &hello;
+                    s.spawn(move || {
+                        // One byte of a valid HELLO a second, until the listener
+                        // closes the connection (a bounded number of tries).
+                        let mut c = TcpStream::connect(addr).unwrap();
+                        c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+                        for b in hello.iter().take(60) {
+                            if c.write_all(std::slice::from_ref(b)).is_err() {
+                                return true;
+                            }
+                            let mut buf = [0u8; 64];
+                            match c.read(&mut buf) {
+                                Ok(0) => return true,
+                                Ok(_) => return false, // an answer to half a HELLO?
+                                Err(e)
+                                    if matches!(
+                                        e.kind(),
+                                        std::io::ErrorKind::WouldBlock
+                                            | std::io::ErrorKind::TimedOut
+                                    ) => {}
+                                Err(_) => return true,
+                            }
+                        }
+                        false
+                    })
+                })
+                .collect();
+            clients.into_iter().map(|c| c.join().unwrap()).collect()
+        });
+        wait_until(&l, |s| s.timed_out == SLOW as u64);
+        (closed, legit(addr))
+    });
+    assert_eq!(closed, vec![true; SLOW], "each slow client was closed");
+    assert_session(&acc, &src);
+    assert_eq!(acc.stats.timed_out, SLOW as u64);
+    assert!(acc.refused.iter().any(|e| matches!(
+        e,
+        SessionError::HandshakeIo { source, .. } if source.kind() == std::io::ErrorKind::TimedOut
+    )));
+}
+
+#[test]
+fn a_hello_with_65535_channels_is_refused_at_once() {
+    // A long handshake deadline: the refusal must come from the HELLO, not a timeout.
+    let d = dst(Duration::from_secs(60));
+    let (l, addr) = bind(&d);
+    let (acc, (greedy, src)) = accept_while(&l, &d, || {
+        let greedy =
+            session::connect_channel(addr, &cfg(u16::MAX, KEY, Duration::from_secs(60)), 0);
+        (greedy, legit(addr))
+    });
+    assert!(
+        matches!(
+            greedy,
+            Err(SessionError::Handshake {
+                source: HandshakeError::Rejected {
+                    reason: RejectReason::BAD_CHANNEL,
+                    ..
+                },
+                peer_message: Some(_),
+                ..
+            })
+        ),
+        "{greedy:?}"
+    );
+    assert_session(&acc, &src);
+    assert_eq!(acc.stats.refused_too_many_channels, 1);
+    assert!(acc.refused.iter().any(|e| matches!(
+        e,
+        SessionError::TooManyChannels {
+            count: u16::MAX,
+            max: 64,
+            ..
+        }
+    )));
+}
+
+#[test]
+fn the_listener_serves_one_session_after_another() {
+    let d = dst(Duration::from_secs(10));
+    let (l, addr) = bind(&d);
+    // Nobody comes: the attempt fails and the listener stays.
+    let e = l
+        .accept_session(&d, Duration::from_millis(200))
+        .unwrap_err();
+    assert!(matches!(e, SessionError::Incomplete { have: 0, .. }));
+    for _ in 0..2 {
+        let (acc, src) = accept_while(&l, &d, || legit(addr));
+        assert_session(&acc, &src);
+    }
+    assert_eq!(l.stats().established, 2 * u64::from(CHANNELS));
+}
+
+#[test]
+fn idle_connections_add_no_threads() {
+    const NAME: &str = "idle_connections_add_no_threads";
+    const IDLE: usize = 500;
+    if !is_child(NAME) {
+        let mut child = spawn_child(NAME);
+        let out = child.stdout.take().unwrap();
+        return finish_child(child, out);
+    }
+    let d = dst(Duration::from_millis(300));
+    let max_pending = d.listener.max_pending as u64;
+    let (l, addr) = bind(&d);
+    let (threads0, rss0) = threads_and_rss();
+    let (acc, (idle, threads1, rss1, src)) = accept_while(&l, &d, || {
+        let idle: Vec<TcpStream> = (0..IDLE)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        wait_until(&l, |s| s.peak_pending == max_pending && s.cap_reached >= 1);
+        let (threads1, rss1) = threads_and_rss();
+        (idle, threads1, rss1, legit(addr))
+    });
+    println!(
+        "FIGURE listener with {IDLE} idle connections: threads {threads0} -> {threads1}, \
+         VmRSS {rss0} kB -> {rss1} kB"
+    );
+    drop(idle);
+    // This thread, plus the one opening the connections.
+    assert!(threads1 <= threads0 + 1, "{threads0} -> {threads1}");
+    assert_session(&acc, &src);
+    let s = acc.stats;
+    assert!(s.peak_pending <= max_pending, "{s:?}");
+    assert!(s.cap_reached >= 1, "{s:?}");
+    assert_eq!(s.accepted, IDLE as u64 + u64::from(CHANNELS), "{s:?}");
+    assert_eq!(s.timed_out + s.abandoned, IDLE as u64, "{s:?}");
+}
+
+#[test]
+fn running_out_of_file_descriptors_does_not_end_the_listener() {
+    const NAME: &str = "running_out_of_file_descriptors_does_not_end_the_listener";
+    const IDLE: usize = 300;
+    if !is_child(NAME) {
+        // The connections come from this process; the listener lives in the child,
+        // under RLIMIT_NOFILE = 256.
+        let mut child = spawn_child(NAME);
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        // The test harness prints its own lines first.
+        let mut addr = None;
+        for _ in 0..100 {
+            let mut line = String::new();
+            if out.read_line(&mut line).unwrap() == 0 {
+                break;
+            }
+            // "test <name> ... ADDR <addr>": the harness prints the name first.
+            if let Some((_, a)) = line.trim().split_once("ADDR ") {
+                addr = Some(a.parse::<SocketAddr>().unwrap());
+                break;
+            }
+        }
+        let addr = addr.expect("the child printed its address");
+        let idle: Vec<TcpStream> = (0..IDLE)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        let src = legit(addr);
+        assert_eq!(src.len(), usize::from(CHANNELS));
+        drop(idle);
+        return finish_child(child, out);
+    }
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `old` is a valid rlimit to write into.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut old) }, 0);
+    let low = libc::rlimit {
+        rlim_cur: 256,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: `low` is a valid rlimit; only the soft limit of this (child) process drops.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &low) }, 0);
+
+    let mut d = dst(Duration::from_secs(3));
+    // Above the descriptor limit, so that `accept` runs out of descriptors.
+    d.listener.max_pending = 1024;
+    let (l, addr) = bind(&d);
+    println!("ADDR {addr}");
+    std::io::stdout().flush().unwrap();
+    let acc = l.accept_session(&d, WINDOW);
+
+    // SAFETY: `old` is the limit read above.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &old) }, 0);
+    let acc = acc.unwrap();
+    let s = acc.stats;
+    println!("FIGURE under RLIMIT_NOFILE=256 with {IDLE} idle connections: {s:?}");
+    assert_eq!(acc.channels.len(), usize::from(CHANNELS));
+    assert_eq!(s.established, u64::from(CHANNELS));
+    assert!(s.accept_errors >= 1, "{s:?}");
+    assert!(s.peak_pending < 256, "{s:?}");
+}
