@@ -11,6 +11,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
+use pagewire::protocol::frame::Hello;
 use pagewire::protocol::session::Limit;
 use pagewire::protocol::*;
 use pagewire::{DestinationConfig, DestinationListener, GuestMemory, MigrationError};
@@ -143,25 +144,39 @@ fn raw_pages<'a>(runs: &'a [PageRun], payload: &'a [u8], round: u32, crc: bool) 
     }
 }
 
-/// A destination on loopback, accepting one session (optionally into `memory`).
-fn destination(
+/// A destination on loopback for session `n`; each [`Dest::accept`] serves one session
+/// on the same listener.
+struct Dest {
     n: u8,
-    limits: Option<DestinationLimits>,
-    memory: Option<Arc<GuestMemory>>,
-) -> (
-    SocketAddr,
-    std::thread::JoinHandle<Result<pagewire::Migrated, MigrationError>>,
-) {
-    let mut cfg = DestinationConfig::new(common::session(n), Authentication::None);
-    cfg.idle_timeout = Duration::from_secs(10);
-    cfg.accept_timeout = Duration::from_secs(10);
-    if let Some(l) = limits {
-        cfg.limits = l;
+    listener: Arc<DestinationListener>,
+    addr: SocketAddr,
+}
+
+type Verdict = std::thread::JoinHandle<Result<pagewire::Migrated, MigrationError>>;
+
+impl Dest {
+    fn new(n: u8, limits: Option<DestinationLimits>) -> Dest {
+        let mut cfg = DestinationConfig::new(common::session(n), Authentication::None);
+        cfg.idle_timeout = Duration::from_secs(10);
+        cfg.accept_timeout = Duration::from_secs(10);
+        cfg.handshake_timeout = Duration::from_secs(5);
+        if let Some(l) = limits {
+            cfg.limits = l;
+        }
+        let listener = Arc::new(DestinationListener::bind(common::loopback(), cfg).unwrap());
+        let addr = listener.local_addr().unwrap();
+        Dest { n, listener, addr }
     }
-    let listener = DestinationListener::bind(common::loopback(), cfg).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let t = std::thread::spawn(move || listener.accept(memory)?.wait());
-    (addr, t)
+
+    /// Accepts one session (optionally into `memory`) and waits for its end.
+    fn accept(&self, memory: Option<Arc<GuestMemory>>) -> Verdict {
+        let l = self.listener.clone();
+        std::thread::spawn(move || l.accept(memory)?.wait())
+    }
+
+    fn connect(&self, channel: u16, count: u16, crc: bool) -> Raw {
+        Raw::connect(self.addr, common::session(self.n), channel, count, crc)
+    }
 }
 
 fn rule(r: Result<pagewire::Migrated, MigrationError>) -> SessionError {
@@ -171,14 +186,12 @@ fn rule(r: Result<pagewire::Migrated, MigrationError>) -> SessionError {
     }
 }
 
-/// A whole legitimate session over `count` raw channels: LAYOUT (after an extension
-/// frame), one page per channel, END_OF_ROUND, COMPLETE.
-fn legitimate(n: u8, count: u16) {
-    let mem = memory(64 * u64::from(PS));
-    let (addr, t) = destination(n, None, Some(mem.clone()));
-    let mut chans: Vec<Raw> = (0..count)
-        .map(|c| Raw::connect(addr, common::session(n), c, count, true))
-        .collect();
+/// A whole legitimate session over `count` raw channels on `dest`'s listener: LAYOUT
+/// (after an extension frame), one page per channel, END_OF_ROUND, COMPLETE; the
+/// destination's memory is checked byte for byte.
+fn legitimate(dest: &Dest, count: u16) {
+    let t = dest.accept(None);
+    let mut chans: Vec<Raw> = (0..count).map(|c| dest.connect(c, count, true)).collect();
     let regions = regions(64 * u64::from(PS));
     let aff = Affinity::new(count, 4).unwrap();
     for (c, raw) in chans.iter_mut().enumerate() {
@@ -215,25 +228,71 @@ fn legitimate(n: u8, count: u16) {
     drop(chans);
     let m = t.join().unwrap().expect("the legitimate session completes");
     assert_eq!(m.final_round, 0);
+    let mut want = vec![0u8; 64 * PS as usize];
     for c in 0..count {
-        let page = aff.next_on(RegionId(0), ChannelId(c), 0);
-        let mut got = vec![0u8; PS as usize];
-        assert!(m.memory.read_pages(RegionId(0), page, 1, &mut got));
-        assert!(got.iter().all(|b| *b == c as u8 + 1), "page {page}");
+        let page = aff.next_on(RegionId(0), ChannelId(c), 0) as usize;
+        want[page * PS as usize..(page + 1) * PS as usize].fill(c as u8 + 1);
     }
+    let mut got = vec![0u8; want.len()];
+    assert!(m.memory.read_pages(RegionId(0), 0, 64, &mut got));
+    assert!(got == want, "the destination's memory differs");
 }
 
 #[test]
 fn extension_frames_are_skipped_and_a_legitimate_session_completes() {
-    legitimate(1, 2);
+    let dest = Dest::new(1, None);
+    legitimate(&dest, 2);
+    legitimate(&dest, 1);
+}
+
+#[test]
+fn garbage_and_a_hello_with_65535_channels_leave_the_listener_serving() {
+    let dest = Dest::new(9, None);
+    let t = dest.accept(None);
+    let mut junk = TcpStream::connect(dest.addr).unwrap();
+    junk.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let mut hello = Vec::new();
+    Frame::Hello(Hello {
+        version_min: Version(2),
+        version_max: Version(2),
+        session: common::session(9),
+        channel: ChannelId(0),
+        channel_count: 65535,
+        page_size: PS,
+        max_pages: 128,
+        max_frame_bytes: 1 << 20,
+        nonce: [7; 32],
+        codecs: WireList::Slice(&[CodecId::RAW, CodecId::ZERO]),
+        checksums: WireList::Slice(&[]),
+        auth: WireList::Slice(&[]),
+    })
+    .encode(&mut hello)
+    .unwrap();
+    let mut greedy = TcpStream::connect(dest.addr).unwrap();
+    greedy
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    greedy.write_all(&hello).unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = greedy.read(&mut answer).unwrap();
+    let env = Envelope::parse(answer[..8].try_into().unwrap(), &Limits::handshake()).unwrap();
+    let Frame::Reject(r) = Frame::decode(env, &answer[8..n], &Limits::handshake()).unwrap() else {
+        panic!("expected REJECT")
+    };
+    assert_eq!(r.reason, RejectReason::BAD_CHANNEL, "{}", r.message);
+    // The session this accept waits for never comes: it times out, listing refusals.
+    assert!(matches!(t.join().unwrap(), Err(MigrationError::Session(_))));
+    assert!(dest.listener.stats().refused_too_many_channels >= 1);
+    legitimate(&dest, 2);
 }
 
 #[test]
 fn a_page_on_the_wrong_channel_is_refused_before_placement() {
     let mem = memory(64 * u64::from(PS));
-    let (addr, t) = destination(2, None, Some(mem.clone()));
-    let mut c0 = Raw::connect(addr, common::session(2), 0, 2, false);
-    let mut c1 = Raw::connect(addr, common::session(2), 1, 2, false);
+    let dest = Dest::new(2, None);
+    let t = dest.accept(Some(mem.clone()));
+    let mut c0 = dest.connect(0, 2, false);
+    let mut c1 = dest.connect(1, 2, false);
     let regions = regions(64 * u64::from(PS));
     let layout = LayoutFrame {
         chunk_pages: 8,
@@ -264,7 +323,8 @@ fn a_page_on_the_wrong_channel_is_refused_before_placement() {
     let mut got = vec![0u8; PS as usize];
     assert!(mem.read_pages(RegionId(0), 8, 1, &mut got));
     assert!(got.iter().all(|b| *b == 0), "nothing was placed");
-    legitimate(3, 2);
+    drop((c0, c1));
+    legitimate(&dest, 2);
 }
 
 #[test]
@@ -280,8 +340,9 @@ fn an_oversized_layout_is_refused_by_the_limit_without_mapping_it() {
     let before = rss();
     let mut limits = DestinationLimits::default();
     limits.max_guest_bytes = 1 << 30;
-    let (addr, t) = destination(4, Some(limits), None);
-    let mut c = Raw::connect(addr, common::session(4), 0, 1, false);
+    let dest = Dest::new(4, Some(limits));
+    let t = dest.accept(None);
+    let mut c = dest.connect(0, 1, false);
     let regions = regions(64 << 30);
     c.send(Frame::Layout(LayoutFrame {
         chunk_pages: 128,
@@ -298,14 +359,15 @@ fn an_oversized_layout_is_refused_by_the_limit_without_mapping_it() {
     ));
     let grown = rss().saturating_sub(before);
     assert!(grown < 256 << 10, "RSS grew by {grown} kB");
-    legitimate(5, 1);
+    drop(c);
+    legitimate(&dest, 1);
 }
 
 #[test]
 fn altered_page_ranges_under_crc_are_refused() {
-    let mem = memory(64 * u64::from(PS));
-    let (addr, t) = destination(6, None, Some(mem));
-    let mut c = Raw::connect(addr, common::session(6), 0, 1, true);
+    let dest = Dest::new(6, None);
+    let t = dest.accept(None);
+    let mut c = dest.connect(0, 1, true);
     let regions = regions(64 * u64::from(PS));
     c.send(Frame::Layout(LayoutFrame {
         chunk_pages: 8,
@@ -331,13 +393,15 @@ fn altered_page_ranges_under_crc_are_refused() {
         ),
         other => panic!("expected a checksum failure, got {other:?}"),
     }
-    legitimate(7, 1);
+    drop(c);
+    legitimate(&dest, 1);
 }
 
 #[test]
 fn pages_before_layout_are_refused() {
-    let (addr, t) = destination(8, None, None);
-    let mut c = Raw::connect(addr, common::session(8), 0, 1, false);
+    let dest = Dest::new(8, None);
+    let t = dest.accept(None);
+    let mut c = dest.connect(0, 1, false);
     c.send(Frame::Pages(PageFrame {
         codec: CodecId::ZERO,
         region: RegionId(0),
@@ -352,4 +416,6 @@ fn pages_before_layout_are_refused() {
         rule(t.join().unwrap()),
         SessionError::LayoutMissing(FrameType::PAGES)
     );
+    drop(c);
+    legitimate(&dest, 1);
 }
