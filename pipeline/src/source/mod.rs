@@ -266,10 +266,17 @@ impl Source {
                         }
                     };
                     let name = ChannelTransport::of(&channel);
-                    let mut w = setup.into_worker(channel);
+                    let mut w = match setup.into_worker(channel) {
+                        Ok(w) => w,
+                        Err(e) => {
+                            let _ = tx_reply.send(Reply::Failed(e));
+                            return;
+                        }
+                    };
                     // LAYOUT first on every channel.
                     let memory = w.s.memory.clone();
                     let layout = Frame::Layout(memory.layout().frame(w.s.affinity.chunk_pages));
+                    w.rules.on_send_layout();
                     match w.send_whole(&layout) {
                         Ok(()) => {
                             if tx_reply.send(Reply::Ready(name)).is_err() {

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use pagewire_accel::{Completion, DeltaCache, EncodeParams, Engine, Layout, PageKey, Tag};
 use pagewire_protocol::{
-    Abort, AbortReason, AckKind, ChecksumId, CodecId, Complete, DeviceState, EndOfRound, Frame,
-    PageFrame, PageIndex, PageRun, RegionId, Round, WireList,
+    Abort, AbortReason, AckKind, ChannelId, ChecksumId, CodecId, DeviceState, Frame, PageFrame,
+    PageIndex, PageRun, RegionId, Round, SessionError, SourceChannel, SourceEvent, WireList,
 };
 use pagewire_transport::session::AnyChannel;
 use pagewire_transport::{Channel, Completed, ForeignBuf, Incoming, OutFrame, Payload};
@@ -70,8 +70,20 @@ pub(super) struct WorkerSetup {
 }
 
 impl WorkerSetup {
-    pub(super) fn into_worker(self, channel: AnyChannel) -> Worker {
-        Worker {
+    /// The worker for `channel`, with the session's source rules for its index.
+    ///
+    /// # Errors
+    /// [`MigrationError::Rule`] when the channel index is outside the session.
+    pub(super) fn into_worker(self, channel: AnyChannel) -> Result<Worker, MigrationError> {
+        let ch = self.ch;
+        let rules = SourceChannel::new(ChannelId(ch), self.affinity.wire()).map_err(|source| {
+            MigrationError::Rule {
+                channel: ch,
+                source,
+            }
+        })?;
+        Ok(Worker {
+            rules,
             channel,
             s: self,
             batch: VecDeque::new(),
@@ -82,7 +94,7 @@ impl WorkerSetup {
             next_tag: 0,
             round: ChannelRound::default(),
             round_no: 0,
-        }
+        })
     }
 }
 
@@ -91,6 +103,8 @@ pub(super) struct Worker {
     /// `s`).
     channel: AnyChannel,
     pub(super) s: WorkerSetup,
+    /// The session's rules for what this channel sends and the ACKs it receives.
+    pub(super) rules: SourceChannel,
     batch: VecDeque<pagewire_accel::Job>,
     completions: Vec<Completion>,
     done: Vec<Completed>,
@@ -194,6 +208,13 @@ impl Worker {
         }
     }
 
+    fn rule(&self, source: SessionError) -> MigrationError {
+        MigrationError::Rule {
+            channel: self.s.ch,
+            source,
+        }
+    }
+
     pub(super) fn send_whole(&mut self, frame: &Frame<'_>) -> Result<(), MigrationError> {
         let out = OutFrame::whole(frame).map_err(|e| MigrationError::Protocol {
             channel: self.s.ch,
@@ -280,12 +301,16 @@ impl Worker {
             }
         }
         self.drain()?;
-        let eor = Frame::EndOfRound(EndOfRound {
-            round: Round(round),
-            frames: self.round.frames as u32,
-            pages: self.round.pages.total(),
-        });
-        self.send_whole(&eor)?;
+        // The rules count what this channel sent in the round.
+        let eor = self
+            .rules
+            .end_round(Round(round))
+            .map_err(|e| self.rule(e))?;
+        debug_assert_eq!(
+            (u64::from(eor.frames), eor.pages),
+            (self.round.frames, self.round.pages.total())
+        );
+        self.send_whole(&Frame::EndOfRound(eor))?;
         self.reap(true)?;
         self.await_ack(AckKind::ROUND, u64::from(round))?;
         Ok(std::mem::take(&mut self.round))
@@ -345,6 +370,7 @@ impl Worker {
                 what: e.to_string(),
             })?;
         }
+        self.rules.on_send_pages(&frame).map_err(|e| self.rule(e))?;
         let frame = Frame::Pages(frame);
         self.send_whole(&frame)?;
         self.account(CodecId::ZERO, 0, pages, 0, frame_len(&frame));
@@ -575,6 +601,7 @@ impl Worker {
             }
             None => None,
         };
+        self.rules.on_send_pages(&frame).map_err(|e| self.rule(e))?;
         let outf = OutFrame::pages(&frame, payload).map_err(|e| MigrationError::Protocol {
             channel: self.s.ch,
             what: e.to_string(),
@@ -686,18 +713,25 @@ impl Worker {
                 channel: ch,
                 what: "the destination closed the channel".into(),
             }),
-            Some(Incoming::Frame(Frame::Ack(a))) if a.kind == kind && a.value == value => Ok(true),
-            Some(Incoming::Frame(Frame::Ack(a))) if a.kind == AckKind::FRAMES => Ok(false),
-            // Extension frames are skipped wherever they arrive (PROTOCOL.md).
-            Some(Incoming::Frame(Frame::Extension { .. })) => Ok(false),
             Some(Incoming::Frame(Frame::Abort(a))) => Err(MigrationError::PeerAborted {
                 reason: a.reason,
                 message: a.message.to_owned(),
             }),
-            Some(Incoming::Frame(f)) => Err(MigrationError::Protocol {
-                channel: ch,
-                what: format!("expected ACK {kind:?} {value}, got {:?}", f.frame_type()),
-            }),
+            // The session's rules check every ACK against what was sent and skip
+            // extension frames (PROTOCOL.md).
+            Some(Incoming::Frame(f)) => match self.rules.on_frame(&f) {
+                Ok(SourceEvent::RoundApplied(r)) => {
+                    Ok(kind == AckKind::ROUND && u64::from(r.0) == value)
+                }
+                Ok(SourceEvent::Complete(r)) => {
+                    Ok(kind == AckKind::COMPLETE && u64::from(r.0) == value)
+                }
+                Ok(_) => Ok(false),
+                Err(source) => Err(MigrationError::Rule {
+                    channel: ch,
+                    source,
+                }),
+            },
             Some(Incoming::Placed(_)) => Err(MigrationError::Protocol {
                 channel: ch,
                 what: "the destination sent pages".into(),
@@ -736,10 +770,11 @@ impl Worker {
     }
 
     fn complete(&mut self, final_round: u32, sections: u32) -> Result<(), MigrationError> {
-        self.send_whole(&Frame::Complete(Complete {
-            final_round: Round(final_round),
-            sections,
-        }))?;
+        let c = self
+            .rules
+            .complete(Round(final_round), sections)
+            .map_err(|e| self.rule(e))?;
+        self.send_whole(&Frame::Complete(c))?;
         self.reap(true)?;
         self.await_ack(AckKind::COMPLETE, u64::from(final_round))
     }
