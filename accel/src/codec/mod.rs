@@ -860,3 +860,52 @@ fn check_table(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::DeltaConfig;
+    use crate::page::PageKey;
+
+    /// Guest-memory lists are copied into the scratch buffer, which is allocated once
+    /// and then reused by every format, frame after frame.
+    #[test]
+    fn guest_pages_are_copied_into_one_reused_scratch() {
+        let ps = PageSize::KIB4;
+        let pages: Vec<u8> = (0..8 * 4096).map(|i| (i % 251) as u8).collect();
+        let cache = DeltaCache::new(DeltaConfig::new(ps, 8)).unwrap();
+        let mut codecs = Codecs::new();
+        let mut payload = vec![0u8; max_payload_len(8, ps)];
+        let mut lengths = Vec::new();
+        let mut scratch = None;
+        for round in 0..3 {
+            for codec in [
+                CodecId::ZSTD,
+                CodecId::LZ4,
+                CodecId::DEFLATE,
+                CodecId::DELTA,
+            ] {
+                let mut src = PageList::new(ps);
+                // SAFETY: `pages` outlives `src` and nothing writes it.
+                unsafe { src.push_raw(pages.as_ptr(), 8, PageKey(0)).unwrap() };
+                let out = codecs
+                    .encode(
+                        &EncodeParams::new(codec, Level::DEFAULT),
+                        &src,
+                        Some(&cache),
+                        &mut payload,
+                        &mut lengths,
+                    )
+                    .unwrap();
+                assert!(round == 0 || out.codec == codec, "{codec} round {round}");
+                let now = (codecs.scratch.as_ptr(), codecs.scratch.capacity());
+                assert!(now.1 >= 8 * 4096, "{codec}: the frame went through scratch");
+                assert_eq!(
+                    *scratch.get_or_insert(now),
+                    now,
+                    "{codec}: scratch reallocated"
+                );
+            }
+        }
+    }
+}
