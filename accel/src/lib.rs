@@ -8,7 +8,9 @@
 //! - [`zero`]: is a page all zeros, at memory speed ([`is_zero`], [`is_zero_raw`]).
 //! - [`pages`]: what a job reads ([`PageList`]) and writes ([`PageListMut`]): runs of
 //!   pages built from raw pointers into guest memory (`unsafe`, with the
-//!   volatile-memory contract) or from slices.
+//!   volatile-memory contract) or from slices. Guest pages are only ever read through
+//!   raw pointers: the codecs compress a raw-pointer copy of them, never a `&[u8]`
+//!   over memory the guest may be writing.
 //! - [`codec`]: the software codecs, the reference for every format: raw, zero, zstd,
 //!   lz4, deflate (per page, as Intel IAA and QAT write it) and delta, with
 //!   [`Codecs`] holding one thread's contexts. Output never grows: what does not

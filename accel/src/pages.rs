@@ -10,20 +10,39 @@
 //!
 //! # Guest memory
 //! A source's guest keeps running while its pages are compressed, so the bytes behind
-//! a [`PageList`] may change during a job. How each consumer reads them:
-//! - the zero scan and the delta codec's snapshot read through raw pointers only
-//!   (the delta codec copies each page once, then works on its private copy, so the
-//!   cache holds exactly the bytes that were sent);
-//! - the compression libraries (zstd, lz4, libdeflate) take a `&[u8]` over the run for
-//!   the duration of one call, as every VMM's codec path does (QEMU's multifd hands
-//!   guest RAM to zlib, zstd and QPL the same way). A concurrent write may then give
-//!   a payload that decodes to a mix of old and new bytes, never an invalid payload
-//!   or a write outside the output buffer, since output bounds come from the output
-//!   buffer alone; strictly, in the Rust memory model this read is a data race,
-//!   which is the documented cost of compressing live guest memory without a copy.
+//! a [`PageList`] built with [`PageList::push_raw`] may change during a job. Following
+//! vm-memory's volatile-memory rules, nothing in this crate builds a `&[u8]` over such
+//! memory: every read goes through a raw pointer, and there are exactly two kinds:
+//! - the zero scan ([`is_zero_raw`](crate::zero::is_zero_raw)) reads the pages in
+//!   place and keeps only a yes/no answer;
+//! - everything else copies the pages with one raw-pointer `memcpy`
+//!   (`core::ptr::copy_nonoverlapping`) into memory the codec owns: the raw codec into
+//!   the payload, zstd and lz4 into the frame's scratch buffer, deflate and delta one
+//!   page at a time into a page of scratch. The compression libraries and the delta
+//!   cache only ever see that private copy, which no other thread can change, so the
+//!   payload, the delta cache and the length table all describe the same bytes.
 //!
-//! Either way the page was dirtied again, so the caller's dirty tracking sends it once
-//! more.
+//! A page written during the copy may be copied torn (part old, part new). That is
+//! harmless: the write also dirtied the page, so the caller's dirty tracking sends it
+//! again in a later round (or the final one, with the guest paused). Strictly, Rust's
+//! memory model has no non-atomic read that may race with a write; like vm-memory (whose
+//! `VolatileSlice` copies of more than a word are a plain `memcpy`) and every VMM, this
+//! crate accepts a raw-pointer `memcpy` as that read, because no reference exists that
+//! the compiler could assume stable, and the bytes are used only after they are copied.
+//!
+//! A list built only from slices ([`PageList::push_slice`]) is a shared borrow nobody
+//! can write meanwhile, so a single-run list of slices is handed to the codecs in place,
+//! without the copy.
+//!
+//! Raw frames that the transport sends straight from guest memory (an encode with
+//! [`EncodeParams::raw_in_place`](crate::EncodeParams::raw_in_place)) stay raw pointers
+//! all the way to the kernel or the NIC, which read them like any other device.
+//!
+//! # Destination memory
+//! A [`PageListMut`] is written by one decoder at a time: on a destination the guest is
+//! not running yet, and page-to-channel affinity (a protocol rule the receiver checks
+//! before a byte reaches guest memory) keeps every other channel's thread off the pages
+//! of a frame, so the decoders may borrow those pages as `&mut [u8]` for one call.
 
 use core::marker::PhantomData;
 
@@ -70,7 +89,7 @@ fn whole_pages(len: usize, page_size: PageSize) -> Result<u32, PagesError> {
 }
 
 macro_rules! page_list_common {
-    ($name:ident) => {
+    ($name:ident { $($field:ident: $init:expr),* }) => {
         impl<'a> $name<'a> {
             /// An empty list of `page_size` pages.
             pub fn new(page_size: PageSize) -> Self {
@@ -83,6 +102,7 @@ macro_rules! page_list_common {
                     runs: Vec::with_capacity(runs),
                     pages: 0,
                     page_size,
+                    $($field: $init,)*
                     _borrow: PhantomData,
                 }
             }
@@ -118,6 +138,7 @@ macro_rules! page_list_common {
                 self.runs.clear();
                 self.pages = 0;
                 self.page_size = page_size;
+                $(self.$field = $init;)*
             }
 
             pub(crate) fn runs(&self) -> &[Run] {
@@ -178,16 +199,20 @@ pub struct PageList<'a> {
     runs: Vec<Run>,
     pages: usize,
     page_size: PageSize,
+    /// Some run came from [`PageList::push_raw`]: memory that others may write while
+    /// the list lives, read only through [`copy_out`].
+    volatile: bool,
     _borrow: PhantomData<&'a [u8]>,
 }
 
 // SAFETY: the list only holds pointers to memory that its constructors' contracts
 // (a shared borrow for `'a`, or `push_raw`'s caller) keep readable from any thread.
 unsafe impl Send for PageList<'_> {}
-// SAFETY: as above; a shared list only hands out read pointers.
+// SAFETY: as above; a shared list only reads: raw-pointer copies into the caller's
+// buffer, raw pointers, and slices of `push_slice` memory (a `&[u8]`, itself `Sync`).
 unsafe impl Sync for PageList<'_> {}
 
-page_list_common!(PageList);
+page_list_common!(PageList { volatile: false });
 
 impl<'a> PageList<'a> {
     /// Appends the whole pages of `pages`, the first with key `key`.
@@ -208,17 +233,103 @@ impl<'a> PageList<'a> {
     /// # Safety
     /// `ptr .. ptr + pages × page_size` must stay mapped and readable from any thread
     /// until the list is dropped or reset, or, for a list inside an engine job, until
-    /// the job's completion has been received. Other threads and vCPUs may write the
-    /// memory meanwhile (see the module documentation): that only makes the encoded
-    /// content stale, never undefined.
+    /// the job's completion has been received, and no `&mut` reference to it may exist
+    /// meanwhile. The guest, vCPU threads and other threads may write the memory
+    /// through raw pointers meanwhile: this crate reads it only through raw-pointer
+    /// copies (see the module documentation), so a concurrent write can make a payload
+    /// stale or torn, never invalid.
     pub unsafe fn push_raw(
         &mut self,
         ptr: *const u8,
         pages: u32,
         key: PageKey,
     ) -> Result<(), PagesError> {
-        self.push_run(ptr, pages, key)
+        self.push_run(ptr, pages, key)?;
+        self.volatile = true;
+        Ok(())
     }
+
+    /// The whole list as one slice, when it may be borrowed in place: one run, pushed
+    /// with [`PageList::push_slice`]. `None` for guest memory or several runs, which
+    /// the caller copies with [`PageList::copy_to`].
+    pub(crate) fn as_slice(&self) -> Option<&[u8]> {
+        match self.runs.as_slice() {
+            [run] if !self.volatile => {
+                // SAFETY: without a `push_raw` run, the run came from `push_slice`: a
+                // `&'a [u8]` of `run.pages` whole pages, which nobody may write for `'a`,
+                // and `'a` outlives this borrow of the list.
+                Some(unsafe {
+                    core::slice::from_raw_parts(
+                        run.ptr,
+                        run.pages as usize * self.page_size.bytes(),
+                    )
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// Page `i` as a slice, when it may be borrowed in place (a list built only with
+    /// [`PageList::push_slice`]), and its key. `None` for guest memory, which the caller
+    /// copies with [`PageList::copy_page`], or when `i` is out of range.
+    pub(crate) fn page_slice(&self, i: usize) -> Option<(&[u8], PageKey)> {
+        if self.volatile {
+            return None;
+        }
+        let (ptr, key) = self.page(i)?;
+        // SAFETY: `page` points at a whole page inside a run that came from `push_slice`
+        // (no `push_raw` run): a `&'a [u8]` nobody may write for `'a`, which outlives
+        // this borrow of the list.
+        Some((
+            unsafe { core::slice::from_raw_parts(ptr, self.page_size.bytes()) },
+            key,
+        ))
+    }
+
+    /// Copies every page of the list, in order, into `out`, which must be exactly
+    /// [`PageList::bytes`] long (else nothing is copied and `false` returned).
+    pub(crate) fn copy_to(&self, out: &mut [u8]) -> bool {
+        if out.len() != self.bytes() {
+            return false;
+        }
+        let ps = self.page_size.bytes();
+        let mut pos = 0;
+        for run in &self.runs {
+            let len = run.pages as usize * ps;
+            // SAFETY: the run is readable for `len` bytes (constructor contracts) and
+            // `out[pos..pos + len]` is in bounds since the runs sum to `out.len()`.
+            unsafe { copy_out(run.ptr, &mut out[pos..pos + len]) };
+            pos += len;
+        }
+        true
+    }
+
+    /// Copies page `i` into `out` (exactly one page long) and returns its key; `None`,
+    /// copying nothing, when `i` is out of range or `out` is not one page.
+    pub(crate) fn copy_page(&self, i: usize, out: &mut [u8]) -> Option<PageKey> {
+        if out.len() != self.page_size.bytes() {
+            return None;
+        }
+        let (ptr, key) = self.page(i)?;
+        // SAFETY: `page` points at a whole page inside a readable run (constructor
+        // contracts) and `out` is one page long.
+        unsafe { copy_out(ptr, out) };
+        Some(key)
+    }
+}
+
+/// Copies `out.len()` bytes at `src` into `out` with one raw-pointer `memcpy`: the
+/// single way this crate reads the bytes behind a [`PageList`] (the zero scan aside),
+/// safe against concurrent writers as the module documentation explains.
+///
+/// # Safety
+/// `src .. src + out.len()` must be readable: part of a run of a live list, whose
+/// constructor contracts also rule out a `&mut` to it, so it cannot overlap `out`.
+unsafe fn copy_out(src: *const u8, out: &mut [u8]) {
+    // SAFETY: `src` is readable for `out.len()` bytes (this function's contract) and
+    // `out` is an exclusive borrow, so the two ranges do not overlap. No reference to
+    // `src`'s memory is created: a concurrent write can only tear the copied bytes.
+    unsafe { core::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), out.len()) }
 }
 
 /// Pages a job writes: the destination of a decode job.
@@ -236,7 +347,7 @@ pub struct PageListMut<'a> {
 // exclusive borrow for `'a`, or `push_raw`'s caller) reserve for the list's writer.
 unsafe impl Send for PageListMut<'_> {}
 
-page_list_common!(PageListMut);
+page_list_common!(PageListMut {});
 
 impl<'a> PageListMut<'a> {
     /// Appends the whole pages of `pages`, the first with key `key`.
@@ -258,7 +369,10 @@ impl<'a> PageListMut<'a> {
     /// `ptr .. ptr + pages × page_size` must stay mapped and writable until the list is
     /// dropped or reset (for a list inside an engine job: until the job's completion
     /// has been received), must not overlap another run of this list, and nobody else
-    /// may read or write it meanwhile (on a destination the guest is not running yet).
+    /// may read or write it meanwhile: the decoders borrow it as `&mut [u8]`. On a
+    /// destination that holds because the guest is not running yet and page-to-channel
+    /// affinity, checked by the receiver, keeps other channels' threads off the pages
+    /// (see the module documentation).
     pub unsafe fn push_raw(
         &mut self,
         ptr: *mut u8,
@@ -294,6 +408,39 @@ mod tests {
         assert!(list.page(4).is_none());
         list.reset(PageSize::KIB4);
         assert!(list.is_empty());
+    }
+
+    #[test]
+    fn only_lists_of_slices_are_borrowed_in_place() {
+        let buf: Vec<u8> = (0..3 * 4096).map(|i| (i / 4096) as u8 + 1).collect();
+        let mut list = PageList::new(PageSize::KIB4);
+        list.push_slice(&buf[..8192], PageKey(0)).unwrap();
+        assert_eq!(list.as_slice(), Some(&buf[..8192]));
+        assert_eq!(list.page_slice(1), Some((&buf[4096..8192], PageKey(1))));
+        // SAFETY: `buf` outlives the list and nothing writes it.
+        unsafe { list.push_raw(buf[8192..].as_ptr(), 1, PageKey(2)).unwrap() };
+        assert_eq!(list.runs().len(), 1, "the raw run continues the slice");
+        assert_eq!(list.as_slice(), None);
+        assert_eq!(list.page_slice(0), None);
+
+        let mut out = vec![0u8; 3 * 4096];
+        assert!(!list.copy_to(&mut out[..4096]), "wrong length is refused");
+        assert!(out.iter().all(|&b| b == 0));
+        assert!(list.copy_to(&mut out));
+        assert_eq!(out, buf);
+        let mut page = vec![0u8; 4096];
+        assert_eq!(list.copy_page(3, &mut page), None);
+        assert_eq!(list.copy_page(2, &mut page[..100]), None);
+        assert_eq!(list.copy_page(2, &mut page), Some(PageKey(2)));
+        assert!(page.iter().all(|&b| b == 3));
+
+        list.reset(PageSize::KIB4);
+        list.push_slice(&buf[..4096], PageKey(0)).unwrap();
+        assert_eq!(
+            list.as_slice(),
+            Some(&buf[..4096]),
+            "reset forgets raw runs"
+        );
     }
 
     #[test]

@@ -1,11 +1,39 @@
 //! Guest memory as the VMM describes it: regions of host virtual memory that the guest
 //! may write at any moment.
 //!
-//! pagewire never builds a `&[u8]` or `&mut [u8]` that outlives one copy over guest
-//! memory: pages are read and written through raw pointers, one page at a time, the way
-//! vm-memory's volatile slices do. A page read while the guest writes it may be torn;
-//! that is harmless because the write also marks the page dirty, so a later round (or
-//! the final, paused one) sends it again.
+//! # The source: the guest is running
+//! Following vm-memory's volatile-memory rules, pagewire never builds a `&[u8]` or
+//! `&mut [u8]` over a source's guest memory. It reads the pages through raw pointers
+//! only, in these ways:
+//! - the zero scan (`pagewire_accel::is_zero_raw`) reads pages in place and keeps only
+//!   a yes/no answer;
+//! - the codecs copy a frame's pages with one raw-pointer `memcpy`
+//!   (`copy_nonoverlapping`) into their own reused scratch buffer, or for a raw frame
+//!   into the payload, and compress that private copy (`pagewire_accel::pages`, "Guest
+//!   memory"), so the payload, the delta cache and the length table describe the same
+//!   bytes;
+//! - a raw frame sent without a copy (iovec sends, io_uring SEND_ZC, RDMA) hands the raw
+//!   pointers to the kernel or the NIC, which reads them like any other device;
+//! - [`GuestMemory::read_pages`] copies with `copy_nonoverlapping`.
+//!
+//! A page copied while the guest writes it may be torn; that is harmless because the
+//! write also marks the page dirty, so a later round (or the final, paused one) sends
+//! it again. Strictly, Rust's memory model has no non-atomic read that may race with a
+//! write; like vm-memory (whose `VolatileSlice` copies of more than a word are a plain
+//! `memcpy`) and every VMM, pagewire accepts a raw-pointer `memcpy` as that read: no
+//! reference exists that the compiler could assume stable, and the bytes are used only
+//! once copied.
+//!
+//! # The destination: one writer per page
+//! The destination's guest does not run until the migration has completed, and
+//! page-to-channel affinity, a protocol rule that the receiver checks before a byte
+//! reaches guest memory, keeps every version of a page on one channel, whose thread
+//! applies its frames one at a time. So while a frame is placed, no other thread reads
+//! or writes its pages, and the decoder borrows them as `&mut [u8]` for one call (zstd
+//! and lz4 decompress straight into a contiguous run, deflate and delta into each page).
+//! Zero pages and raw payloads are written with raw-pointer copies
+//! ([`GuestMemory::zero_pages`], [`GuestMemory::write_pages`]); [`GuestMemory::prefault`]
+//! only asks the kernel to back pages and changes no byte.
 
 use std::io;
 use std::ptr::NonNull;
@@ -69,9 +97,11 @@ pub struct GuestMemory {
 }
 
 // SAFETY: the regions are plain memory whose validity `GuestMemory::new`'s caller
-// guarantees for the value's lifetime; all access goes through raw-pointer copies that
-// tolerate concurrent writers (see the module docs), so sharing between threads adds
-// no hazard beyond what the guest itself already does.
+// guarantees for the value's lifetime. This type only hands out raw pointers and makes
+// raw-pointer copies, which tolerate concurrent writers; the one place a reference is
+// built over guest memory (a destination's decoder) relies on channel affinity to have
+// the pages to itself (see the module docs). So sharing between threads adds no hazard
+// beyond what the guest itself already does.
 unsafe impl Send for GuestMemory {}
 // SAFETY: as above; `&GuestMemory` only hands out copies and raw pointers.
 unsafe impl Sync for GuestMemory {}
@@ -82,9 +112,12 @@ impl GuestMemory {
     /// # Safety
     /// For every region, `host_addr..host_addr + len` must be mapped readable and
     /// writable for as long as this value (and any migration using it) lives, and must
-    /// not be unmapped or remapped meanwhile. The memory may be written concurrently by
-    /// the guest or other threads: pagewire accesses it only through raw-pointer copies
-    /// and never keeps references to it.
+    /// not be unmapped or remapped meanwhile, and no `&mut` reference to it may exist
+    /// while a migration uses it. The guest and other threads may write the memory of a
+    /// source concurrently (through raw pointers, as vCPUs do): pagewire reads it only
+    /// through raw pointers (mostly copies) and never builds a reference over it. A destination's
+    /// memory must not be accessed by anyone else until the migration has completed:
+    /// pagewire's decoders borrow the pages they place (see the module docs).
     ///
     /// # Errors
     /// `BadRegion` for a null, unaligned or empty region; `Layout` for duplicate ids or

@@ -13,6 +13,13 @@
 //! payload against the exact number of bytes the destination holds and never writes
 //! outside it.
 //!
+//! No codec library borrows guest memory: the pages of a list built with
+//! [`PageList::push_raw`] are copied with a raw-pointer `memcpy` into the contexts'
+//! scratch buffer first (the whole frame for zstd and lz4, one page at a time for
+//! deflate and delta; raw copies straight into the payload), and the library compresses
+//! that private copy (see [`crate::pages`], "Guest memory"). The scratch buffer is
+//! reused, so the copy allocates nothing once warm.
+//!
 //! ```
 //! use pagewire_accel::{Codecs, EncodeParams, Level, PageKey, PageList, PageListMut, PageSize};
 //! use pagewire_protocol::CodecId;
@@ -323,35 +330,42 @@ fn check_level(codec: CodecId, level: Level) -> Result<(), CodecError> {
     Ok(())
 }
 
-/// The input as one slice: the run itself when the list is contiguous, else the pages
-/// gathered into `scratch`.
-fn contiguous<'s>(src: &'s PageList<'_>, scratch: &'s mut Vec<u8>) -> &'s [u8] {
-    let runs = src.runs();
-    let ps = src.page_size().bytes();
-    if let [run] = runs {
-        // SAFETY: the list's contract keeps `run.pages` pages at `run.ptr` readable
-        // until the list is dropped or reset, which `'s` (borrowing `src`) outlives.
-        return unsafe { core::slice::from_raw_parts(run.ptr, run.pages as usize * ps) };
+/// `scratch` as a buffer of `len` bytes. It grows (zero-filled) only past its largest
+/// size so far, so a warm [`Codecs`] neither allocates nor clears per frame.
+fn scratch_of(scratch: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if scratch.len() < len {
+        scratch.resize(len, 0);
     }
-    scratch.clear();
-    scratch.reserve(src.bytes());
-    for run in runs {
-        // SAFETY: as above, the run is readable for its length.
-        let bytes = unsafe { core::slice::from_raw_parts(run.ptr, run.pages as usize * ps) };
-        scratch.extend_from_slice(bytes);
-    }
-    scratch
+    &mut scratch[..len]
 }
 
-/// Page `i` of a list as a slice.
-fn page_slice<'s>(src: &'s PageList<'_>, i: usize) -> Option<(&'s [u8], crate::PageKey)> {
-    let (ptr, key) = src.page(i)?;
-    // SAFETY: `page` returned a pointer to a whole page inside one of the list's runs,
-    // readable for as long as the list (`'s`).
-    Some((
-        unsafe { core::slice::from_raw_parts(ptr, src.page_size().bytes()) },
-        key,
-    ))
+/// The input of a block codec as one slice the codec library may borrow: the list
+/// itself when it is one run of borrowed slices, else (guest memory, several runs) its
+/// pages copied into `scratch` (see [`crate::pages`] "Guest memory").
+fn frame_input<'s>(src: &'s PageList<'_>, scratch: &'s mut Vec<u8>) -> &'s [u8] {
+    if let Some(bytes) = src.as_slice() {
+        return bytes;
+    }
+    let out = scratch_of(scratch, src.bytes());
+    // `out` is exactly `src.bytes()` long, so the copy cannot be refused.
+    let copied = src.copy_to(out);
+    debug_assert!(copied);
+    out
+}
+
+/// Page `i` of a list as a slice a codec may borrow, and its key: in place for
+/// borrowed slices, else copied into `scratch` (see [`crate::pages`] "Guest memory").
+fn page_input<'s>(
+    src: &'s PageList<'_>,
+    i: usize,
+    scratch: &'s mut Vec<u8>,
+) -> Option<(&'s [u8], crate::PageKey)> {
+    if let Some(page) = src.page_slice(i) {
+        return Some(page);
+    }
+    let out = scratch_of(scratch, src.page_size().bytes());
+    let key = src.copy_page(i, out)?;
+    Some((out, key))
 }
 
 impl Codecs {
@@ -411,7 +425,9 @@ impl Codecs {
                 let all_zero = src.runs().iter().all(|run| {
                     (0..run.pages as usize).all(|i| {
                         // SAFETY: page `i` of the run lies inside it; the list's
-                        // contract keeps it readable.
+                        // contract keeps it readable. The scan reads through the raw
+                        // pointer and keeps only a yes/no answer, so a concurrent guest
+                        // write can change the answer, not make it undefined.
                         unsafe { zero::is_zero_raw(run.ptr.wrapping_add(i * ps), ps) }
                     })
                 });
@@ -433,7 +449,7 @@ impl Codecs {
                     );
                     self.zstd_level = None;
                 }
-                let input = contiguous(src, &mut self.scratch);
+                let input = frame_input(src, &mut self.scratch);
                 let cctx = self
                     .zstd_c
                     .as_mut()
@@ -455,7 +471,7 @@ impl Codecs {
                 }
             }
             CodecId::LZ4 => {
-                let input = contiguous(src, &mut self.scratch);
+                let input = frame_input(src, &mut self.scratch);
                 let table = self
                     .lz4_table
                     .get_or_insert_with(lz4_flex::block::CompressTable::large);
@@ -485,7 +501,8 @@ impl Codecs {
                 let comp = slot.as_mut().ok_or(CodecError::OutOfMemory { codec })?;
                 let mut pos = 0;
                 for i in 0..n {
-                    let (page, _) = page_slice(src, i).ok_or(CodecError::NoPages { codec })?;
+                    let (page, _) = page_input(src, i, &mut self.scratch)
+                        .ok_or(CodecError::NoPages { codec })?;
                     let len = match comp.deflate_compress(page, &mut payload[pos..pos + ps - 1]) {
                         Ok(len) => len,
                         Err(_) => {
@@ -506,15 +523,12 @@ impl Codecs {
                         job: ps,
                     });
                 }
-                self.scratch.resize(ps, 0);
                 let mut pos = 0;
                 for i in 0..n {
-                    let (ptr, key) = src.page(i).ok_or(CodecError::NoPages { codec })?;
-                    // Snapshot the page once: the cache must hold exactly the bytes sent.
-                    // SAFETY: `ptr` is a whole readable page of the list; `scratch` is
-                    // a distinct allocation of `ps` bytes.
-                    unsafe { core::ptr::copy_nonoverlapping(ptr, self.scratch.as_mut_ptr(), ps) };
-                    let snap = &self.scratch[..ps];
+                    // One stable snapshot of the page: the cache must hold exactly the
+                    // bytes sent.
+                    let (snap, key) = page_input(src, i, &mut self.scratch)
+                        .ok_or(CodecError::NoPages { codec })?;
                     let len = match cache.encode(key, snap, &mut payload[pos..pos + ps - 1]) {
                         DeltaOutcome::Delta(len) => len,
                         DeltaOutcome::Raw => {
@@ -546,21 +560,13 @@ impl Codecs {
                 bytes_in,
             };
         }
-        let ps = src.page_size().bytes();
-        let mut pos = 0;
-        for run in src.runs() {
-            let len = run.pages as usize * ps;
-            // SAFETY: the run is readable for `len` bytes (list contract) and
-            // `payload` holds at least `bytes_in` bytes (checked by `encode`); the
-            // payload is a distinct `&mut` so they do not overlap.
-            unsafe {
-                core::ptr::copy_nonoverlapping(run.ptr, payload[pos..pos + len].as_mut_ptr(), len)
-            };
-            pos += len;
-        }
+        // `payload` holds at least `bytes_in` bytes (checked by `encode`), so the copy
+        // cannot be refused.
+        let copied = src.copy_to(&mut payload[..bytes_in]);
+        debug_assert!(copied);
         EncodeOutcome {
             codec: CodecId::RAW,
-            payload_len: pos,
+            payload_len: bytes_in,
             in_place: false,
             bytes_in,
         }
@@ -639,12 +645,12 @@ impl Codecs {
                 let out: &mut [u8] = if contiguous {
                     let run = dst.runs()[0];
                     // SAFETY: the single run is writable for `expected` bytes and
-                    // reserved for this list's writer (list contract); the slice
-                    // lives only for this call.
+                    // reserved for this list's writer: nobody else reads or writes it
+                    // while the list lives (`PageListMut::push_raw`'s contract; on a
+                    // destination, channel affinity). The slice lives only for this call.
                     unsafe { core::slice::from_raw_parts_mut(run.ptr.cast_mut(), expected) }
                 } else {
-                    scratch.resize(expected, 0);
-                    &mut scratch[..]
+                    scratch_of(&mut scratch, expected)
                 };
                 let made = if codec == CodecId::ZSTD {
                     let dctx = self
@@ -690,8 +696,10 @@ impl Codecs {
                     pos += len;
                     let ptr = dst.page_mut(i).ok_or(CodecError::NoPages { codec })?;
                     // SAFETY: `page_mut` points at a whole page inside a run that is
-                    // writable and reserved for this list's writer; the slice lives
-                    // only for this iteration and no other slice covers the page.
+                    // writable and reserved for this list's writer (nobody else reads or
+                    // writes it: `PageListMut::push_raw`'s contract; on a destination,
+                    // channel affinity); the slice lives only for this iteration and no
+                    // other slice covers the page.
                     let page = unsafe { core::slice::from_raw_parts_mut(ptr, ps) };
                     if len == ps {
                         page.copy_from_slice(part);
@@ -851,4 +859,53 @@ fn check_table(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::DeltaConfig;
+    use crate::page::PageKey;
+
+    /// Guest-memory lists are copied into the scratch buffer, which is allocated once
+    /// and then reused by every format, frame after frame.
+    #[test]
+    fn guest_pages_are_copied_into_one_reused_scratch() {
+        let ps = PageSize::KIB4;
+        let pages: Vec<u8> = (0..8 * 4096).map(|i| (i % 251) as u8).collect();
+        let cache = DeltaCache::new(DeltaConfig::new(ps, 8)).unwrap();
+        let mut codecs = Codecs::new();
+        let mut payload = vec![0u8; max_payload_len(8, ps)];
+        let mut lengths = Vec::new();
+        let mut scratch = None;
+        for round in 0..3 {
+            for codec in [
+                CodecId::ZSTD,
+                CodecId::LZ4,
+                CodecId::DEFLATE,
+                CodecId::DELTA,
+            ] {
+                let mut src = PageList::new(ps);
+                // SAFETY: `pages` outlives `src` and nothing writes it.
+                unsafe { src.push_raw(pages.as_ptr(), 8, PageKey(0)).unwrap() };
+                let out = codecs
+                    .encode(
+                        &EncodeParams::new(codec, Level::DEFAULT),
+                        &src,
+                        Some(&cache),
+                        &mut payload,
+                        &mut lengths,
+                    )
+                    .unwrap();
+                assert!(round == 0 || out.codec == codec, "{codec} round {round}");
+                let now = (codecs.scratch.as_ptr(), codecs.scratch.capacity());
+                assert!(now.1 >= 8 * 4096, "{codec}: the frame went through scratch");
+                assert_eq!(
+                    *scratch.get_or_insert(now),
+                    now,
+                    "{codec}: scratch reallocated"
+                );
+            }
+        }
+    }
 }
