@@ -404,8 +404,11 @@ impl Worker {
                 })?;
             let key = page_key(region, run.start.0);
             // SAFETY: the run lies inside a region of `self.s.memory`, which this worker
-            // keeps alive (an `Arc`) beyond the job's completion; guest writes meanwhile
-            // only make the encoded content stale (the page is dirty again).
+            // keeps alive (an `Arc`) beyond the job's completion; nothing holds a `&mut`
+            // to guest memory, and accel reads these pages only through raw-pointer
+            // copies into its scratch and the zero scan, never as a `&[u8]`. Guest
+            // writes meanwhile make the encoded content stale or torn, and re-dirty the
+            // page, so its next round sends it again.
             unsafe { list.push_raw(ptr.as_ptr(), run.count, key) }.map_err(|e| {
                 MigrationError::Protocol {
                     channel: self.s.ch,
