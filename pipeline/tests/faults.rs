@@ -95,6 +95,30 @@ fn ordering_under_jitter(codec: CodecId) {
 }
 
 #[test]
+fn extension_frames_in_both_directions_are_skipped() {
+    let mem = memory(4);
+    fill(&mem, 3);
+    let (addr, dst) = destination(true);
+    let proxy = Proxy::start(addr, Fault::Extensions);
+    let mut src = Source::connect(proxy.addr, mem.clone(), source_config(CodecId::LZ4, true))
+        .expect("handshakes with extension frames after CONFIRM and READY");
+    let all: Vec<(RegionId, DirtyBitmap)> = mem
+        .region_ids()
+        .map(|id| (id, DirtyBitmap::full(mem.pages(id).unwrap())))
+        .collect();
+    src.send_round(all, false).unwrap();
+    for round in 1..=3 {
+        let dirty = rewrite_hot(&mem, 512, round);
+        src.send_round(dirty, round == 3).unwrap();
+    }
+    src.complete().unwrap();
+    drop(src);
+    let migrated = dst.join().unwrap().unwrap();
+    assert_eq!(migrated.final_round, 3);
+    assert_eq!(first_difference(&mem, &migrated.memory), None);
+}
+
+#[test]
 fn ordering_holds_under_random_channel_delays_zstd() {
     ordering_under_jitter(CodecId::ZSTD);
 }

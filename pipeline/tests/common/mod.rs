@@ -82,7 +82,14 @@ pub enum Fault {
     /// forwarding in both directions on every connection, sockets left open: a
     /// destination that stopped (SIGSTOP) or a link that went dark.
     Stall { bytes: u64 },
+    /// Insert an extension frame (type 0x9a) after every CONFIRM and END_OF_ROUND the
+    /// source sends and every READY and ACK the destination sends: both sides must
+    /// skip them (PROTOCOL.md, "Extension frames").
+    Extensions,
 }
+
+/// The extension frame a [`Fault::Extensions`] relay inserts.
+pub const INSERTED_EXTENSION: [u8; 12] = [0x9a, 0x01, 0, 0, 4, 0, 0, 0, b'e', b'x', b't', b'!'];
 
 /// A TCP relay on loopback between the source and the destination, one upstream
 /// connection per accepted one (so connection order is channel order). Every thread
@@ -127,7 +134,8 @@ impl Proxy {
                             pump(down, up, Some((fault, me)), &st, &sl)
                         }));
                         let (st, sl) = (stop2.clone(), stalled2.clone());
-                        let back = matches!(fault, Fault::Stall { .. }).then_some((fault, me));
+                        let back = matches!(fault, Fault::Stall { .. } | Fault::Extensions)
+                            .then_some((fault, me));
                         pumps.push(std::thread::spawn(move || pump(u2, d2, back, &st, &sl)));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
@@ -158,6 +166,11 @@ impl Proxy {
                 let _ = b.shutdown(Shutdown::Both);
             };
             let is_stalled = || stalled.lock().map(|s| s.is_some()).unwrap_or(true);
+            if matches!(fault, Some((Fault::Extensions, _))) {
+                forward_frames(&mut from, &mut to, stop);
+                cut(&from, &to);
+                return;
+            }
             while !stop.load(Ordering::Relaxed) {
                 if matches!(fault, Some((Fault::Stall { .. }, _))) && is_stalled() {
                     // Read nothing, forward nothing, close nothing (bounded by `stop`).
@@ -218,6 +231,52 @@ impl Proxy {
                 }
             }
             cut(&from, &to);
+        }
+
+        /// Forwards whole frames, inserting [`INSERTED_EXTENSION`] after CONFIRM,
+        /// READY, END_OF_ROUND and ACK.
+        fn forward_frames(
+            from: &mut std::net::TcpStream,
+            to: &mut std::net::TcpStream,
+            stop: &AtomicBool,
+        ) {
+            use std::io::{Read, Write};
+            let mut pending: Vec<u8> = Vec::new();
+            let mut buf = vec![0u8; 64 << 10];
+            while !stop.load(Ordering::Relaxed) {
+                let n = match from.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => n,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        continue;
+                    }
+                    Err(_) => return,
+                };
+                pending.extend_from_slice(&buf[..n]);
+                let mut at = 0;
+                let mut out = Vec::new();
+                while pending.len() - at >= 8 {
+                    let len = u32::from_le_bytes(pending[at + 4..at + 8].try_into().unwrap());
+                    let end = at + 8 + len as usize;
+                    if pending.len() < end {
+                        break;
+                    }
+                    out.extend_from_slice(&pending[at..end]);
+                    if matches!(pending[at], 0x04 | 0x05 | 0x12 | 0x13) {
+                        out.extend_from_slice(&INSERTED_EXTENSION);
+                    }
+                    at = end;
+                }
+                pending.drain(..at);
+                if to.write_all(&out).is_err() {
+                    return;
+                }
+            }
         }
 
         Proxy {
