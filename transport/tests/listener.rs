@@ -397,3 +397,103 @@ fn running_out_of_file_descriptors_does_not_end_the_listener() {
     assert!(s.accept_errors >= 1, "{s:?}");
     assert!(s.peak_pending < 256, "{s:?}");
 }
+
+/// A writable pids cgroup directory for this test, if the machine has one (cgroup v1's
+/// `pids` hierarchy, or cgroup v2 with the pids controller enabled at the root).
+fn pids_cgroup() -> Option<std::path::PathBuf> {
+    let name = format!("pagewire-test-{}", std::process::id());
+    for root in ["/sys/fs/cgroup/pids", "/sys/fs/cgroup"] {
+        let root = std::path::Path::new(root);
+        if !root.join("cgroup.procs").exists() {
+            continue;
+        }
+        let dir = root.join(&name);
+        if std::fs::create_dir(&dir).is_ok() {
+            if dir.join("pids.max").exists() {
+                return Some(dir);
+            }
+            let _ = std::fs::remove_dir(&dir);
+        }
+    }
+    None
+}
+
+#[test]
+fn a_small_pids_limit_does_not_end_the_listener() {
+    const NAME: &str = "a_small_pids_limit_does_not_end_the_listener";
+    const IDLE: usize = 300;
+    if !is_child(NAME) {
+        let Some(dir) = pids_cgroup() else {
+            println!("skipped: no writable pids cgroup (needs root and the pids controller)");
+            return;
+        };
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, NAME)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        std::fs::write(dir.join("cgroup.procs"), child.id().to_string()).unwrap();
+        // Let the child's harness start its threads, then allow one more task only.
+        std::thread::sleep(Duration::from_millis(300));
+        let current: u64 = std::fs::read_to_string(dir.join("pids.current"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        std::fs::write(dir.join("pids.max"), (current + 1).to_string()).unwrap();
+        writeln!(child.stdin.take().unwrap(), "GO").unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut addr = None;
+        for _ in 0..100 {
+            let mut line = String::new();
+            if out.read_line(&mut line).unwrap() == 0 {
+                break;
+            }
+            if let Some((_, a)) = line.trim().split_once("ADDR ") {
+                addr = Some(a.parse::<SocketAddr>().unwrap());
+                break;
+            }
+        }
+        let result = std::panic::catch_unwind(|| {
+            let addr = addr.expect("the child printed its address");
+            let idle: Vec<TcpStream> = (0..IDLE)
+                .map(|_| TcpStream::connect(addr).unwrap())
+                .collect();
+            let src = legit(addr);
+            assert_eq!(src.len(), usize::from(CHANNELS));
+            drop(idle);
+        });
+        finish_child(child, out);
+        let _ = std::fs::remove_dir(&dir);
+        if let Err(p) = result {
+            std::panic::resume_unwind(p);
+        }
+        return;
+    }
+    let mut go = String::new();
+    std::io::stdin().read_line(&mut go).unwrap();
+    assert_eq!(go.trim(), "GO");
+    // The limit is in force: a few threads cannot all be had.
+    let spawned: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::Builder::new().spawn(|| std::thread::sleep(Duration::from_millis(200)))
+        })
+        .collect();
+    let refused = spawned.iter().filter(|s| s.is_err()).count();
+    for t in spawned.into_iter().flatten() {
+        t.join().unwrap();
+    }
+    assert!(refused >= 1, "the pids limit is not in force");
+    let d = dst(Duration::from_secs(3));
+    let (l, addr) = bind(&d);
+    println!("ADDR {addr}");
+    std::io::stdout().flush().unwrap();
+    let acc = l.accept_session(&d, WINDOW).unwrap();
+    let s = acc.stats;
+    println!("FIGURE under a pids limit with {IDLE} idle connections: {s:?}");
+    assert_eq!(acc.channels.len(), usize::from(CHANNELS));
+    assert_eq!(s.established, u64::from(CHANNELS));
+}
