@@ -785,21 +785,25 @@ fn session_generated(limits: &Limits, crc: bool, data: &[u8]) -> SessionOutcome 
                 wire[to].insert(at, f);
             }
             3 => {
-                // Alter a run of a PAGES frame: move its start or grow its count.
+                // Alter a run of a PAGES frame: move its start or grow its count. An
+                // earlier fault may have flipped the type or the run counts: the bytes
+                // are only trusted as far as they reach.
                 let f = &mut wire[c][i];
-                if f[0] == FrameType::PAGES.0 {
-                    let runs = usize::from(u16::from_le_bytes([f[20], f[21]]))
-                        + usize::from(u16::from_le_bytes([f[22], f[23]]));
-                    if runs > 0 {
+                if let (Some(&ty), Some(counts)) = (f.first(), f.get(20..24)) {
+                    let runs = usize::from(u16::from_le_bytes([counts[0], counts[1]]))
+                        + usize::from(u16::from_le_bytes([counts[2], counts[3]]));
+                    if ty == FrameType::PAGES.0 && runs > 0 {
                         let at = 24 + 12 * (usize::from(arg) % runs);
                         let (field, width) = match arg & 0x80 {
                             0 => (at, 8),
                             _ => (at + 8, 4),
                         };
-                        let mut v = [0u8; 8];
-                        v[..width].copy_from_slice(&f[field..field + width]);
-                        let bumped = u64::from_le_bytes(v).wrapping_add(1 + u64::from(arg & 7));
-                        f[field..field + width].copy_from_slice(&bumped.to_le_bytes()[..width]);
+                        if let Some(bytes) = f.get_mut(field..field + width) {
+                            let mut v = [0u8; 8];
+                            v[..width].copy_from_slice(bytes);
+                            let bumped = u64::from_le_bytes(v).wrapping_add(1 + u64::from(arg & 7));
+                            bytes.copy_from_slice(&bumped.to_le_bytes()[..width]);
+                        }
                     }
                 }
             }
@@ -1155,6 +1159,19 @@ mod tests {
             s.on_round_ended(ChannelId(1), Round(0)),
             Ok(Some(CompleteProgress::Done(Round(0))))
         );
+    }
+
+    /// Found by the fuzzer in this harness: a byte flip that turned run counts (or a
+    /// COMPLETE's type) into nonsense made the run-altering fault index past the frame.
+    #[test]
+    fn a_fault_after_a_byte_flip_stays_inside_the_frame() {
+        let input = [
+            53, 3, 3, 144, 144, 144, 1, 128, 144, 144, 50, 144, 144, 144, 144, 0, 0, 144, 144, 144,
+            3, 3, 0, 0, 15, 240, 102, 1, 71, 0, 0, 55, 255, 255, 240, 240, 240, 240, 0, 0, 129, 2,
+            154, 63, 154, 154, 154, 154, 154, 1, 1, 1, 1, 1, 129, 3, 43, 2, 1, 153, 128, 38, 144,
+            144, 39, 39,
+        ];
+        assert!(session_run(&input).faults > 0);
     }
 
     #[test]
