@@ -495,7 +495,9 @@ impl Params<'_> {
 /// negotiated), then:
 /// - frame mode: a byte choosing 1–4 channels, then records `channel byte || frame`
 ///   (a whole frame as on the wire). The frames go to a [`DestinationSession`] and its
-///   channels exactly as a destination would feed them.
+///   channels exactly as a destination would feed them; with bit 7 of the channel byte
+///   set, to a [`SourceChannel`] that sent nothing yet, which must accept no ACK but
+///   FRAMES 0.
 /// - generated mode: parameters of a legitimate session (channels, chunk size, regions,
 ///   rounds, dirty pages, device-state sections, extension frames) that a
 ///   [`SourceChannel`] per channel produces, a fault list (drop, duplicate, move to
@@ -540,8 +542,19 @@ fn session_frames(limits: &Limits, data: &[u8]) -> SessionOutcome {
     let Some(mut dest) = FuzzDestination::new(channels) else {
         return SessionOutcome::default();
     };
+    // Source channels that sent nothing but LAYOUT, for frames with bit 7 of their
+    // channel byte set: they must accept no ACK but FRAMES 0.
+    let mut sources: Vec<SourceChannel> = match Affinity::new(channels, 1) {
+        Some(a) => (0..channels)
+            .filter_map(|c| SourceChannel::new(ChannelId(c), a).ok())
+            .collect(),
+        None => Vec::new(),
+    };
+    for s in &mut sources {
+        s.on_send_layout();
+    }
     while let Some((&ch, tail)) = rest.split_first() {
-        let c = usize::from(ch) % usize::from(channels);
+        let c = usize::from(ch & 0x7f) % usize::from(channels);
         let Some(env) = tail
             .get(..Envelope::LEN)
             .and_then(|b| <&[u8; Envelope::LEN]>::try_from(b).ok())
@@ -555,9 +568,19 @@ fn session_frames(limits: &Limits, data: &[u8]) -> SessionOutcome {
             dest.kill(c, None);
             break;
         };
-        match Frame::decode(env, body, limits) {
-            Ok(f) => dest.receive(c, &f),
-            Err(_) => dest.kill(c, None),
+        match (Frame::decode(env, body, limits), sources.get_mut(c)) {
+            (Ok(f), Some(s)) if ch & 0x80 != 0 => {
+                let event = s.on_frame(&f);
+                match f {
+                    Frame::Ack(a) if a.kind == AckKind::FRAMES && a.value == 0 => {
+                        assert_eq!(event, Ok(SourceEvent::FramesApplied(0)));
+                    }
+                    Frame::Extension { .. } => assert_eq!(event, Ok(SourceEvent::Skip)),
+                    _ => assert!(event.is_err(), "a source that sent nothing took {f:?}"),
+                }
+            }
+            (Ok(f), _) => dest.receive(c, &f),
+            (Err(_), _) => dest.kill(c, None),
         }
         rest = &tail[env.frame_len()..];
     }
@@ -890,6 +913,18 @@ fn session_generated(limits: &Limits, crc: bool, data: &[u8]) -> SessionOutcome 
         );
         assert_eq!(out.source_completed, Some(round));
         assert_eq!(out.applied, sent, "a faultless session lost frames");
+        // And the source still refuses what was never sent or goes backwards.
+        for (c, s) in source.iter_mut().enumerate() {
+            for (kind, value) in [
+                (AckKind::ROUND, u64::from(round.0)),
+                (AckKind::ROUND, u64::from(round.0) + 1),
+                (AckKind::FRAMES, sent[c] + 1),
+                (AckKind::COMPLETE, u64::from(round.0)),
+            ] {
+                let a = Frame::Ack(Ack { kind, value });
+                assert!(s.on_frame(&a).is_err(), "channel {c} took {a:?}");
+            }
+        }
     }
     out
 }
@@ -1009,9 +1044,32 @@ pub fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
     record(&mut wrong, 0, &zero(0, &ch0_zero[..]));
     record(&mut wrong, 0, &end(1, 3));
 
+    // ACKs and an extension frame for sources that sent nothing (bit 7 of the channel
+    // byte), then a LAYOUT for the destination.
+    let mut acks = vec![0, 1];
+    for (ch, kind, value) in [
+        (0x80, AckKind::FRAMES, 0),
+        (0x81, AckKind::ROUND, 0),
+        (0x80, AckKind::FRAMES, 1),
+        (0x81, AckKind::COMPLETE, 0),
+    ] {
+        record(&mut acks, ch, &Frame::Ack(Ack { kind, value }));
+    }
+    record(
+        &mut acks,
+        0x81,
+        &Frame::Extension {
+            frame_type: FrameType(0xfe),
+            flags: 0,
+            body: &[],
+        },
+    );
+    record(&mut acks, 0, &layout);
+
     vec![
         ("seed-frames-complete", complete),
         ("seed-frames-wrong-channel", wrong),
+        ("seed-frames-acks-to-idle-source", acks),
         // 2 channels, chunks of 2, two regions of 8 and 4 pages, 2 rounds, up to 4
         // pages a frame, extension frames everywhere; no sections, no faults.
         (
@@ -1087,6 +1145,12 @@ mod tests {
         assert_eq!(out.dead, [false, false]);
         assert_eq!(out.applied, [1, 3]);
         assert_eq!(out.completed, Some(Round(0)));
+    }
+
+    #[test]
+    fn an_idle_source_takes_only_frames_0_and_extension_frames() {
+        let out = session_run(&seed("seed-frames-acks-to-idle-source"));
+        assert_eq!(out.dead, [false, false]);
     }
 
     #[test]
