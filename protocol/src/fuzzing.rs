@@ -390,6 +390,11 @@ impl FuzzDestination {
             }
             DestinationEvent::Complete(done) => {
                 assert_eq!(c, 0, "COMPLETE accepted on channel {c}");
+                assert_eq!(
+                    self.ended[0],
+                    Some(done.final_round),
+                    "COMPLETE accepted before channel 0 ended its final round"
+                );
                 self.session
                     .on_complete(done)
                     .map(|p| self.progress(Some(p)))
@@ -1236,6 +1241,61 @@ mod tests {
             144, 39, 39,
         ];
         assert!(session_run(&input).faults > 0);
+    }
+
+    /// A channel that ended the final round and then opened a later one (its pages
+    /// applied) does not stop the session from completing.
+    #[test]
+    #[ignore = "protocol/src/session/destination.rs: pages of a round after the final round are applied and the session still completes"]
+    fn pages_after_the_final_round_fail_completion() {
+        let regions = [RegionDesc {
+            id: RegionId(0),
+            backing_page_size: 4096,
+            guest_addr: GuestAddr(0),
+            length: 4 * SESSION_PAGE,
+        }];
+        let layout = Frame::Layout(LayoutFrame {
+            chunk_pages: 1,
+            regions: WireList::Slice(&regions),
+        });
+        let runs = [PageRun {
+            start: PageIndex(1),
+            count: 1,
+        }];
+        let end = Frame::EndOfRound(EndOfRound {
+            round: Round(0),
+            frames: 0,
+            pages: 0,
+        });
+        let late = Frame::Pages(PageFrame {
+            codec: CodecId::ZERO,
+            region: RegionId(0),
+            round: Round(1),
+            data_runs: WireList::Slice(&[]),
+            zero_runs: WireList::Slice(&runs),
+            lengths: None,
+            crc: None,
+            payload: &[],
+        });
+        let complete = Frame::Complete(Complete {
+            final_round: Round(0),
+            sections: 0,
+        });
+        let mut input = vec![0, 1];
+        for (ch, f) in [
+            (0, &layout),
+            (1, &layout),
+            (0, &end),
+            (1, &end),
+            (1, &late),
+            (0, &complete),
+        ] {
+            input.push(ch);
+            input.extend_from_slice(&encoded(f));
+        }
+        let out = session_run(&input);
+        assert_eq!(out.applied, [0, 1]);
+        assert_eq!(out.completed, None, "{out:?}");
     }
 
     #[test]
