@@ -7,9 +7,12 @@
 //! `copy_nonoverlapping`, and a [`GuestSlice`] keeps its region mapped (it holds a
 //! reference to it) until the channel reports the send complete.
 
+use std::num::NonZeroUsize;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+use nix::sys::mman::{self, MapFlags, ProtFlags};
 
 /// An anonymous private mapping, unmapped on drop.
 #[derive(Debug)]
@@ -20,34 +23,30 @@ pub(crate) struct Mapping {
 
 impl Mapping {
     pub(crate) fn new(len: usize) -> std::io::Result<Self> {
-        let len = len.max(1);
-        // SAFETY: an anonymous private mapping with a null hint has no preconditions;
-        // the result is checked against MAP_FAILED before use.
+        let len = NonZeroUsize::new(len).unwrap_or(NonZeroUsize::MIN);
+        // SAFETY: a fresh private anonymous mapping with no address hint; no existing
+        // memory is affected.
         let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
+            mman::mmap_anonymous(
+                None,
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_PRIVATE,
             )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(std::io::Error::last_os_error)?;
-        Ok(Self { ptr, len })
+        }?;
+        Ok(Self {
+            ptr: ptr.cast(),
+            len: len.get(),
+        })
     }
 }
 
 impl Drop for Mapping {
     fn drop(&mut self) {
+        // A failed munmap leaves nothing to undo, so its result is ignored.
         // SAFETY: `ptr`/`len` are exactly what mmap returned and nothing refers to the
         // mapping any more (every user holds an `Arc` to its owner).
-        unsafe {
-            libc::munmap(self.ptr.as_ptr().cast(), self.len);
-        }
+        let _ = unsafe { mman::munmap(self.ptr.cast(), self.len) };
     }
 }
 
