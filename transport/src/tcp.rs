@@ -235,6 +235,7 @@ fn send_all_until(
                 .map_err(|e| ChannelError::io("setsockopt(SO_SNDTIMEO)", e))?;
         }
         let count = (iov.len() - idx).min(IOV_MAX);
+        // Raw sendmsg, not nix's or std's: payload iovecs cover guest memory, not Rust slices.
         // SAFETY: a zeroed msghdr is valid (no name, no control data).
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_iov = iov[idx..].as_mut_ptr();
@@ -296,6 +297,7 @@ impl ByteSource for TcpSource<'_> {
 
     fn read_guest(&mut self, dst: &[GuestSlice], skip: usize) -> Result<usize, ChannelError> {
         let iov = guest_iovecs(dst, skip, IOV_MAX);
+        // Raw readv, not nix's or std's: the iovecs cover guest memory, not Rust slices.
         loop {
             // SAFETY: the iovecs cover destination guest memory that the slices keep
             // mapped and that no one else accesses while the channel places pages
