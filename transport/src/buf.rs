@@ -363,27 +363,12 @@ pub enum Payload {
     Guest(GuestSlice),
     /// Bytes in an ordinary vector (control data, tests).
     Bytes(Vec<u8>),
-    /// A buffer owned by another crate (for example a codec engine's output pool),
-    /// kept alive by the channel until the send completes. Never registered with
-    /// io_uring, so sent with a plain (unregistered) zero-copy or copying send.
-    Foreign(Box<dyn ForeignBuf>),
-}
-
-/// A buffer from outside this crate that a [`Payload::Foreign`] can carry.
-///
-/// # Safety
-/// `as_ptr()..as_ptr() + len()` must be readable, and must neither move nor change
-/// while the value lives: the kernel may read it at any time until the send that
-/// carries it completes, after which the channel drops the box.
-pub unsafe trait ForeignBuf: Send + std::fmt::Debug {
-    /// First byte.
-    fn as_ptr(&self) -> *const u8;
-    /// Length in bytes.
-    fn len(&self) -> usize;
-    /// Whether it is empty.
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
+    /// A buffer owned by another crate (for example a codec engine's output pool,
+    /// wrapped with [`Bytes::from_owner`](bytes::Bytes::from_owner)), kept alive by the
+    /// channel until the send completes: a `Bytes` never moves or changes its bytes, so
+    /// the kernel may read them until then. Never registered with io_uring, so sent
+    /// with a plain (unregistered) zero-copy or copying send.
+    Foreign(bytes::Bytes),
 }
 
 impl Payload {
