@@ -36,8 +36,11 @@
 //! only asks the kernel to back pages and changes no byte.
 
 use std::io;
+use std::num::NonZeroUsize;
 use std::ptr::NonNull;
 
+use nix::errno::Errno;
+use nix::sys::mman::{self, MapFlags, MmapAdvise, ProtFlags};
 use pagewire_protocol::{GuestAddr, MemoryLayout, RegionDesc, RegionId};
 
 /// Errors describing guest memory.
@@ -170,31 +173,38 @@ impl GuestMemory {
                 id: r.id,
                 what: "length does not fit the address space",
             })?;
-            // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                    -1,
-                    0,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                let source = io::Error::last_os_error();
+            // A layout's regions are never empty; mmap would refuse a zero length.
+            let Some(nz_len) = NonZeroUsize::new(len) else {
                 free_mappings(&owned);
                 return Err(MemoryError::Map {
                     len: r.length,
-                    source,
+                    source: Errno::EINVAL.into(),
                 });
-            }
-            let p = p.cast::<u8>();
-            // mmap never returns null on success for a non-fixed mapping.
-            owned.push((NonNull::new(p).unwrap_or(NonNull::dangling()), len));
+            };
+            // SAFETY: a fresh private anonymous mapping with no address hint; no existing
+            // memory is affected.
+            let mapped = unsafe {
+                mman::mmap_anonymous(
+                    None,
+                    nz_len,
+                    ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                    MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE,
+                )
+            };
+            let p = match mapped {
+                Ok(p) => p.cast::<u8>(),
+                Err(e) => {
+                    free_mappings(&owned);
+                    return Err(MemoryError::Map {
+                        len: r.length,
+                        source: e.into(),
+                    });
+                }
+            };
+            owned.push((p, len));
             specs.push(RegionSpec {
                 id: r.id,
-                host_addr: p,
+                host_addr: p.as_ptr(),
                 guest_addr: r.guest_addr,
                 len: r.length,
                 backing_page_size: r.backing_page_size,
@@ -371,13 +381,9 @@ impl GuestMemory {
                 // SAFETY: advising over a range inside our own mapped region;
                 // POPULATE_WRITE only faults pages in, it does not change contents.
                 let rc = unsafe {
-                    libc::madvise(
-                        r.host.as_ptr().add(off).cast(),
-                        n,
-                        libc::MADV_POPULATE_WRITE,
-                    )
+                    mman::madvise(r.host.add(off).cast(), n, MmapAdvise::MADV_POPULATE_WRITE)
                 };
-                if rc != 0 {
+                if rc.is_err() {
                     return;
                 }
                 off += n;
@@ -388,9 +394,10 @@ impl GuestMemory {
 
 fn free_mappings(owned: &[(NonNull<u8>, usize)]) {
     for &(p, len) in owned {
+        // A failed munmap leaves nothing to undo, so its result is ignored.
         // SAFETY: each entry is a mapping this module created with this length and no
         // longer uses.
-        unsafe { libc::munmap(p.as_ptr().cast(), len) };
+        let _ = unsafe { mman::munmap(p.cast(), len) };
     }
 }
 

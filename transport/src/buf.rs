@@ -7,9 +7,12 @@
 //! `copy_nonoverlapping`, and a [`GuestSlice`] keeps its region mapped (it holds a
 //! reference to it) until the channel reports the send complete.
 
+use std::num::NonZeroUsize;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+use nix::sys::mman::{self, MapFlags, ProtFlags};
 
 /// An anonymous private mapping, unmapped on drop.
 #[derive(Debug)]
@@ -20,34 +23,30 @@ pub(crate) struct Mapping {
 
 impl Mapping {
     pub(crate) fn new(len: usize) -> std::io::Result<Self> {
-        let len = len.max(1);
-        // SAFETY: an anonymous private mapping with a null hint has no preconditions;
-        // the result is checked against MAP_FAILED before use.
+        let len = NonZeroUsize::new(len).unwrap_or(NonZeroUsize::MIN);
+        // SAFETY: a fresh private anonymous mapping with no address hint; no existing
+        // memory is affected.
         let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
+            mman::mmap_anonymous(
+                None,
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_PRIVATE,
             )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(std::io::Error::last_os_error)?;
-        Ok(Self { ptr, len })
+        }?;
+        Ok(Self {
+            ptr: ptr.cast(),
+            len: len.get(),
+        })
     }
 }
 
 impl Drop for Mapping {
     fn drop(&mut self) {
+        // A failed munmap leaves nothing to undo, so its result is ignored.
         // SAFETY: `ptr`/`len` are exactly what mmap returned and nothing refers to the
         // mapping any more (every user holds an `Arc` to its owner).
-        unsafe {
-            libc::munmap(self.ptr.as_ptr().cast(), self.len);
-        }
+        let _ = unsafe { mman::munmap(self.ptr.cast(), self.len) };
     }
 }
 
@@ -364,27 +363,12 @@ pub enum Payload {
     Guest(GuestSlice),
     /// Bytes in an ordinary vector (control data, tests).
     Bytes(Vec<u8>),
-    /// A buffer owned by another crate (for example a codec engine's output pool),
-    /// kept alive by the channel until the send completes. Never registered with
-    /// io_uring, so sent with a plain (unregistered) zero-copy or copying send.
-    Foreign(Box<dyn ForeignBuf>),
-}
-
-/// A buffer from outside this crate that a [`Payload::Foreign`] can carry.
-///
-/// # Safety
-/// `as_ptr()..as_ptr() + len()` must be readable, and must neither move nor change
-/// while the value lives: the kernel may read it at any time until the send that
-/// carries it completes, after which the channel drops the box.
-pub unsafe trait ForeignBuf: Send + std::fmt::Debug {
-    /// First byte.
-    fn as_ptr(&self) -> *const u8;
-    /// Length in bytes.
-    fn len(&self) -> usize;
-    /// Whether it is empty.
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
+    /// A buffer owned by another crate (for example a codec engine's output pool,
+    /// wrapped with [`Bytes::from_owner`](bytes::Bytes::from_owner)), kept alive by the
+    /// channel until the send completes: a `Bytes` never moves or changes its bytes, so
+    /// the kernel may read them until then. Never registered with io_uring, so sent
+    /// with a plain (unregistered) zero-copy or copying send.
+    Foreign(bytes::Bytes),
 }
 
 impl Payload {

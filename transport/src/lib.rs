@@ -69,7 +69,7 @@ pub mod uring;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 
-pub use buf::{BufferPool, ForeignBuf, GuestMemory, GuestSlice, Payload, PoolBuf};
+pub use buf::{BufferPool, GuestMemory, GuestSlice, Payload, PoolBuf};
 pub use channel::{
     Channel, ChannelError, ChannelStats, Completed, Incoming, OutFrame, PageSink, RegionSink,
     SendId,

@@ -42,6 +42,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::BorrowedFd;
 use std::ptr;
 use std::time::{Duration, Instant};
 
@@ -392,8 +393,9 @@ fn expect_event(
     name: &'static str,
     timeout: Duration,
 ) -> Result<*mut rdma_cm_id, RdmaError> {
-    // SAFETY: `ec` is a live event channel owned by the caller.
-    let fd = unsafe { (*ec).fd };
+    // SAFETY: `ec` is a live event channel owned by the caller, and its fd stays open
+    // while the channel lives, which is longer than this borrow.
+    let fd = unsafe { BorrowedFd::borrow_raw((*ec).fd) };
     if !wait_readable(fd, Some(timeout)).map_err(|source| RdmaError::Cm {
         op: "poll(event channel)",
         source,
@@ -693,8 +695,9 @@ impl Core {
             if any {
                 break;
             }
-            // SAFETY: `comp` is the live completion channel of the CQ.
-            let fd = unsafe { (*self.v.comp).fd };
+            // SAFETY: `comp` is the live completion channel of the CQ, and its fd stays
+            // open while the channel lives, which is longer than this borrow.
+            let fd = unsafe { BorrowedFd::borrow_raw((*self.v.comp).fd) };
             if !wait_readable(fd, t).map_err(|e| ChannelError::io("poll(completion channel)", e))? {
                 return Ok(false);
             }

@@ -191,29 +191,9 @@ pub(crate) fn frame_iovecs(frame: &OutFrame) -> Vec<libc::iovec> {
         .collect()
 }
 
-/// Sets `SO_SNDTIMEO` of `fd` (at least 1 ms: zero would mean no timeout).
-fn set_send_timeout(fd: i32, t: Duration) -> io::Result<()> {
-    let t = t.max(Duration::from_millis(1));
-    let tv = libc::timeval {
-        tv_sec: t.as_secs().try_into().unwrap_or(libc::time_t::MAX),
-        tv_usec: t.subsec_micros().into(),
-    };
-    // SAFETY: `tv` is a valid timeval for the duration of the call, and its size is
-    // passed with it.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_SNDTIMEO,
-            (&raw const tv).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+/// Sets `SO_SNDTIMEO` of `stream` (at least 1 ms: zero would mean no timeout).
+fn set_send_timeout(stream: &TcpStream, t: Duration) -> io::Result<()> {
+    stream.set_write_timeout(Some(t.max(Duration::from_millis(1))))
 }
 
 /// Sends every byte of `iov` with `sendmsg(MSG_NOSIGNAL)`, advancing over short writes,
@@ -221,15 +201,15 @@ fn set_send_timeout(fd: i32, t: Duration) -> io::Result<()> {
 /// `sendmsg` that times out after taking some bytes returns a short count, so the
 /// remaining time is set again after a short write; restored before returning).
 pub(crate) fn send_all(
-    fd: i32,
+    stream: &TcpStream,
     iov: &mut [libc::iovec],
     timeout: Duration,
 ) -> Result<(), ChannelError> {
     let deadline = Instant::now() + timeout;
     let mut shortened = false;
-    let r = send_all_until(fd, iov, timeout, deadline, &mut shortened);
+    let r = send_all_until(stream, iov, timeout, deadline, &mut shortened);
     if shortened {
-        let restored = set_send_timeout(fd, timeout);
+        let restored = set_send_timeout(stream, timeout);
         if r.is_ok() {
             restored.map_err(|e| ChannelError::io("setsockopt(SO_SNDTIMEO)", e))?;
         }
@@ -238,7 +218,7 @@ pub(crate) fn send_all(
 }
 
 fn send_all_until(
-    fd: i32,
+    stream: &TcpStream,
     iov: &mut [libc::iovec],
     timeout: Duration,
     deadline: Instant,
@@ -251,10 +231,11 @@ fn send_all_until(
             if left.is_zero() {
                 return Err(ChannelError::SendTimeout(timeout));
             }
-            set_send_timeout(fd, left)
+            set_send_timeout(stream, left)
                 .map_err(|e| ChannelError::io("setsockopt(SO_SNDTIMEO)", e))?;
         }
         let count = (iov.len() - idx).min(IOV_MAX);
+        // Raw sendmsg, not nix's or std's: payload iovecs cover guest memory, not Rust slices.
         // SAFETY: a zeroed msghdr is valid (no name, no control data).
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_iov = iov[idx..].as_mut_ptr();
@@ -262,7 +243,7 @@ fn send_all_until(
         // SAFETY: every iovec points into memory the caller keeps alive and readable for
         // the duration of the call (an `OutFrame`'s header and payload, which it owns);
         // `msg` points at `count` of them.
-        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
+        let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -316,6 +297,7 @@ impl ByteSource for TcpSource<'_> {
 
     fn read_guest(&mut self, dst: &[GuestSlice], skip: usize) -> Result<usize, ChannelError> {
         let iov = guest_iovecs(dst, skip, IOV_MAX);
+        // Raw readv, not nix's or std's: the iovecs cover guest memory, not Rust slices.
         loop {
             // SAFETY: the iovecs cover destination guest memory that the slices keep
             // mapped and that no one else accesses while the channel places pages
@@ -415,7 +397,7 @@ impl Channel for TcpChannel {
             });
         }
         let mut iov = frame_iovecs(&frame);
-        if let Err(e) = send_all(self.stream.as_raw_fd(), &mut iov, self.cfg.send_timeout) {
+        if let Err(e) = send_all(&self.stream, &mut iov, self.cfg.send_timeout) {
             self.failed = true;
             return Err(e);
         }

@@ -293,6 +293,7 @@ struct InFlight {
 }
 
 /// A `msghdr` and its `iovec`s, at a stable address while the kernel reads them.
+/// Raw libc types, not nix's: payload iovecs cover guest memory, not Rust slices.
 #[derive(Debug)]
 struct MsgHdr {
     msg: libc::msghdr,
@@ -819,6 +820,7 @@ impl Core {
 
 /// A `recvmsg` into destination memory: the header and `iovec`s the kernel reads,
 /// and the slices that keep the memory mapped.
+/// Raw libc types, not nix's: the iovecs cover guest memory, not Rust slices.
 struct Direct {
     msg: libc::msghdr,
     iov: Vec<libc::iovec>,

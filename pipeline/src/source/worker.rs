@@ -5,13 +5,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use pagewire_accel::{Completion, DeltaCache, EncodeParams, Engine, Layout, PageKey, Tag};
 use pagewire_protocol::{
     Abort, AbortReason, AckKind, ChannelId, ChecksumId, CodecId, DeviceState, Frame, PageFrame,
     PageIndex, PageRun, RegionId, Round, SessionError, SourceChannel, SourceEvent, WireList,
 };
 use pagewire_transport::session::AnyChannel;
-use pagewire_transport::{Channel, Completed, ForeignBuf, Incoming, OutFrame, Payload};
+use pagewire_transport::{Channel, Completed, Incoming, OutFrame, Payload};
 
 use crate::config::Control;
 use crate::dirty::DirtyBitmap;
@@ -22,22 +23,15 @@ use crate::stats::CodecStats;
 
 use super::{ChannelRound, Cmd, Counters, Reply, SourceLatency};
 
-/// The engine's output buffer, carried to the transport without a copy.
-#[derive(Debug)]
-struct EngineBuf {
-    buf: pagewire_accel::PoolBuf,
-    len: usize,
-}
+/// The engine's output buffer, carried to the transport without a copy (as the owner
+/// of a [`Bytes`]). Its bytes neither move nor change while the handle lives: the pool
+/// hands a slot out again only after its last handle drops, and shared handles never
+/// write.
+struct EngineBuf(pagewire_accel::PoolBuf);
 
-// SAFETY: a pool buffer's bytes neither move nor change while any handle to it lives
-// (the pool only hands a slot out again after the last handle is dropped, and shared
-// handles never write), and `len` is at most the buffer's length.
-unsafe impl ForeignBuf for EngineBuf {
-    fn as_ptr(&self) -> *const u8 {
-        self.buf.as_ptr()
-    }
-    fn len(&self) -> usize {
-        self.len
+impl AsRef<[u8]> for EngineBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
     }
 }
 struct FrameMeta {
@@ -565,10 +559,7 @@ impl Worker {
                     what: "payload buffer length differs from the encode outcome".into(),
                 });
             }
-            vec![Payload::Foreign(Box::new(EngineBuf {
-                len: out.payload_len,
-                buf,
-            }))]
+            vec![Payload::Foreign(Bytes::from_owner(EngineBuf(buf)))]
         };
         drop(c);
         let mut frame = PageFrame {
@@ -593,10 +584,7 @@ impl Worker {
                             what: e.to_string(),
                         })?;
                 for p in &payload {
-                    if let Payload::Foreign(f) = p {
-                        // SAFETY: the engine buffer is readable for `len()` bytes and
-                        // does not change while it is held (see `EngineBuf`).
-                        let bytes = unsafe { std::slice::from_raw_parts(f.as_ptr(), f.len()) };
+                    if let Payload::Foreign(bytes) = p {
                         crc = crc32c::crc32c_append(crc, bytes);
                     }
                 }

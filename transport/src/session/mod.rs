@@ -434,23 +434,17 @@ pub fn connect_channel(
 /// Waits up to `timeout` (for ever with `None`) for `fd` to become readable;
 /// `Ok(false)` on timeout or interruption.
 #[cfg(feature = "rdma")]
-pub(crate) fn wait_readable(fd: i32, timeout: Option<Duration>) -> io::Result<bool> {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = timeout.map_or(-1, |t| {
-        libc::c_int::try_from(t.as_millis()).unwrap_or(libc::c_int::MAX)
+pub(crate) fn wait_readable(
+    fd: std::os::fd::BorrowedFd<'_>,
+    timeout: Option<Duration>,
+) -> io::Result<bool> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let timeout = timeout.map_or(PollTimeout::NONE, |t| {
+        PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX)
     });
-    // SAFETY: `p` is one valid pollfd for the duration of the call.
-    let r = unsafe { libc::poll(&mut p, 1, ms) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            return Ok(false);
-        }
-        return Err(e);
+    match poll(&mut [PollFd::new(fd, PollFlags::POLLIN)], timeout) {
+        Ok(n) => Ok(n > 0),
+        Err(nix::errno::Errno::EINTR) => Ok(false),
+        Err(e) => Err(e.into()),
     }
-    Ok(r > 0)
 }
