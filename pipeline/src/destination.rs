@@ -460,6 +460,7 @@ impl Receiver {
                     Some(Incoming::Placed(p)) => {
                         let t = Instant::now();
                         self.rules.on_placed(&p).map_err(|e| self.rule(e))?;
+                        self.round_opened()?;
                         let memory = memory.as_ref().ok_or(MigrationError::Worker(ch))?;
                         let data = p.data_pages();
                         self.shared
@@ -498,6 +499,7 @@ impl Receiver {
                                 After::Nothing
                             }
                             DestinationEvent::Apply(p) => {
+                                self.round_opened()?;
                                 let memory = memory.as_ref().ok_or(MigrationError::Worker(ch))?;
                                 Self::decode(&mut self.codecs, &mut self.lengths, memory, p)
                                     .map_err(|source| MigrationError::Codec {
@@ -523,6 +525,9 @@ impl Receiver {
                                         data: section.data,
                                     });
                                 }
+                                drop(s);
+                                // A COMPLETE may have been waiting for this section.
+                                self.shared.cv.notify_all();
                                 After::Nothing
                             }
                             DestinationEvent::Complete(c) => After::Complete(*c),
@@ -554,6 +559,18 @@ impl Receiver {
                 }
             }
         }
+    }
+
+    /// Tells the session when this channel opened a round (once per round).
+    fn round_opened(&mut self) -> Result<(), MigrationError> {
+        if let Some(round) = self.rules.take_opened() {
+            let mut s = self.shared.state(self.ch)?;
+            let r = s.rules.on_round_opened(ChannelId(self.ch), round);
+            drop(s);
+            self.shared.cv.notify_all();
+            r.map_err(|e| self.rule(e))?;
+        }
+        Ok(())
     }
 
     fn count(&self, p: &PageFrame<'_>) {
@@ -621,10 +638,15 @@ impl Receiver {
             }
             let now = Instant::now();
             if now >= deadline {
+                let (ended, sections, partial) = s.rules.waiting_for();
                 return Err(self.err(format!(
-                    "channels did not all end round {} in time: {:?}",
+                    "COMPLETE for round {} not satisfied within {:?}: {ended} of {} channels \
+                     ended it, {sections} of {} device-state sections arrived, {partial} \
+                     unfinished",
                     c.final_round,
-                    s.rules.ended()
+                    self.shared.wait,
+                    s.rules.channels(),
+                    c.sections
                 )));
             }
             s = self

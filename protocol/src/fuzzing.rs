@@ -355,6 +355,11 @@ impl FuzzDestination {
             }),
             DestinationEvent::Apply(p) => {
                 self.check_apply(c, p);
+                if let Some(round) = self.channels[c].take_opened()
+                    && let Err(e) = self.session.on_round_opened(id, round)
+                {
+                    return self.kill(c, Some(e));
+                }
                 self.applied[c] += 1;
                 self.acks[c].push(Ack {
                     kind: AckKind::FRAMES,
@@ -1193,10 +1198,9 @@ mod tests {
     /// source sends a device-state section on channel 1, ends the round there and on
     /// channel 0, then COMPLETE on channel 0. Channels are read independently, so the
     /// destination may take COMPLETE before channel 1's section; it then refuses it
-    /// (`SectionCount`), although it waits for channel 1's round in the same situation.
-    /// Un-ignore once `DestinationSession` waits for sections as it waits for rounds.
+    /// (`SectionCount`), although it waited for channel 1's round in the same situation.
+    /// The session now waits for sections as it waits for rounds.
     #[test]
-    #[ignore = "protocol/src/session/destination.rs: COMPLETE does not wait for device state still travelling on another channel"]
     fn complete_waits_for_a_section_still_travelling_on_another_channel() {
         let mut s = DestinationSession::new(2, 4096, session_limits()).unwrap();
         let regions = [RegionDesc {
@@ -1246,7 +1250,6 @@ mod tests {
     /// A channel that ended the final round and then opened a later one (its pages
     /// applied) does not stop the session from completing.
     #[test]
-    #[ignore = "protocol/src/session/destination.rs: pages of a round after the final round are applied and the session still completes"]
     fn pages_after_the_final_round_fail_completion() {
         let regions = [RegionDesc {
             id: RegionId(0),

@@ -86,6 +86,8 @@ pub struct DestinationSession {
     page_size: u32,
     layout: Option<(MemoryLayout, Affinity)>,
     ended: Vec<Option<Round>>,
+    /// The last round each channel opened (sent pages of).
+    opened: Vec<Option<Round>>,
     partial: Vec<Partial>,
     done_sections: Vec<(String, u32)>,
     device_bytes: u64,
@@ -117,6 +119,7 @@ impl DestinationSession {
             page_size,
             layout: None,
             ended: vec![None; usize::from(channels)],
+            opened: vec![None; usize::from(channels)],
             partial: Vec::new(),
             done_sections: Vec::new(),
             device_bytes: 0,
@@ -139,6 +142,7 @@ impl DestinationSession {
         Ok(DestinationChannel {
             channel: ch,
             rules: None,
+            opened: None,
             open_round: None,
             last_ended: None,
             frames: 0,
@@ -210,10 +214,28 @@ impl DestinationSession {
         if let Some(slot) = self.ended.get_mut(usize::from(ch.0)) {
             *slot = Some(round);
         }
+        self.settle()
+    }
+
+    /// Records that `ch` opened `round`: its first page frame of that round passed
+    /// the channel's rules ([`DestinationChannel::take_opened`]). Pages of a round after
+    /// an announced final round fail the session.
+    ///
+    /// # Errors
+    /// `RoundAfterFinal`, or `AfterComplete` once the session completed.
+    pub fn on_round_opened(&mut self, ch: ChannelId, round: Round) -> Result<(), SessionError> {
+        if self.completed.is_some() {
+            return Err(SessionError::AfterComplete(FrameType::PAGES));
+        }
+        if let Some(slot) = self.opened.get_mut(usize::from(ch.0)) {
+            *slot = Some(round);
+        }
+        self.settle().map(|_| ())
+    }
+
+    /// Re-evaluates a pending COMPLETE.
+    fn settle(&mut self) -> Result<Option<CompleteProgress>, SessionError> {
         match self.complete {
-            Some((final_round, _)) if round > final_round => {
-                Err(SessionError::RoundAfterFinal { round, final_round })
-            }
             Some(_) => self.progress().map(Some),
             None => Ok(None),
         }
@@ -230,7 +252,7 @@ impl DestinationSession {
         ch: ChannelId,
         d: &DeviceState<'_>,
     ) -> Result<Option<Section>, SessionError> {
-        if self.complete.is_some() {
+        if self.completed.is_some() {
             return Err(SessionError::AfterComplete(FrameType::DEVICE_STATE));
         }
         let pos = self
@@ -307,6 +329,7 @@ impl DestinationSession {
         if p.data.len() as u64 == p.total {
             let p = self.partial.swap_remove(i);
             self.done_sections.push((p.name.clone(), p.instance));
+            self.settle()?;
             return Ok(Some(Section {
                 name: p.name,
                 instance: p.instance,
@@ -317,45 +340,57 @@ impl DestinationSession {
     }
 
     /// Takes the COMPLETE that channel 0 accepted ([`DestinationEvent::Complete`]).
+    /// The session completes once every channel has ended the final round, no channel
+    /// opened a later one, and exactly the announced device-state sections arrived
+    /// whole: other channels are independent streams, so their last rounds and
+    /// sections may still be on their way.
     ///
     /// # Errors
-    /// `CompleteEarly` (a section unfinished), `SectionCount`, `RoundAfterFinal`.
+    /// `SectionCount` (more sections than announced), `RoundAfterFinal`.
     pub fn on_complete(&mut self, c: &Complete) -> Result<CompleteProgress, SessionError> {
         if self.complete.is_some() {
             return Err(SessionError::AfterComplete(FrameType::COMPLETE));
-        }
-        if !self.partial.is_empty() {
-            return Err(SessionError::CompleteEarly {
-                final_round: c.final_round,
-                what: "a device-state section is unfinished",
-            });
-        }
-        let received = self.done_sections.len() as u32;
-        if c.sections != received {
-            return Err(SessionError::SectionCount {
-                announced: c.sections,
-                received,
-            });
         }
         self.complete = Some((c.final_round, c.sections));
         self.progress()
     }
 
     fn progress(&mut self) -> Result<CompleteProgress, SessionError> {
-        let Some((final_round, _)) = self.complete else {
+        let Some((final_round, sections)) = self.complete else {
             return Ok(CompleteProgress::Waiting);
         };
-        if let Some(round) = self.ended.iter().flatten().find(|r| **r > final_round) {
+        let later = self.ended.iter().chain(self.opened.iter()).flatten();
+        if let Some(round) = later.filter(|r| **r > final_round).max() {
             return Err(SessionError::RoundAfterFinal {
                 round: *round,
                 final_round,
             });
         }
-        if self.ended.iter().all(|e| *e == Some(final_round)) {
+        let received = self.done_sections.len() as u32;
+        if received > sections {
+            return Err(SessionError::SectionCount {
+                announced: sections,
+                received,
+            });
+        }
+        if self.ended.iter().all(|e| *e == Some(final_round))
+            && received == sections
+            && self.partial.is_empty()
+        {
             self.completed = Some(final_round);
             return Ok(CompleteProgress::Done(final_round));
         }
         Ok(CompleteProgress::Waiting)
+    }
+
+    /// What a COMPLETE still waits for, for an error message.
+    pub fn waiting_for(&self) -> (usize, u32, usize) {
+        let ended = self
+            .ended
+            .iter()
+            .filter(|e| self.complete.is_some_and(|(f, _)| **e == Some(f)))
+            .count();
+        (ended, self.done_sections.len() as u32, self.partial.len())
     }
 
     /// Where a received COMPLETE stands now (`Waiting` also before any COMPLETE).
@@ -411,6 +446,8 @@ struct Rules {
 pub struct DestinationChannel {
     channel: ChannelId,
     rules: Option<Rules>,
+    /// A round opened since [`DestinationChannel::take_opened`] was last asked.
+    opened: Option<Round>,
     open_round: Option<Round>,
     last_ended: Option<Round>,
     frames: u32,
@@ -493,12 +530,21 @@ impl DestinationChannel {
     }
 
     fn count(&mut self, p: &PageFrame<'_>) {
+        if self.open_round.is_none() {
+            self.opened = Some(p.round);
+        }
         self.open_round = Some(p.round);
         self.frames = self.frames.saturating_add(1);
         self.pages = self
             .pages
             .saturating_add(p.data_pages())
             .saturating_add(p.zero_pages());
+    }
+
+    /// The round this channel opened with the frame just accepted, once: hand it to
+    /// [`DestinationSession::on_round_opened`].
+    pub fn take_opened(&mut self) -> Option<Round> {
+        self.opened.take()
     }
 
     /// Takes a frame received on this channel and says what to do with it.

@@ -325,10 +325,28 @@ fn complete_waits_for_every_channel_and_checks_sections() {
         panic!()
     };
     let bad = Complete { sections: 1, ..*c };
+    // A section announced but not yet arrived (another channel's stream) is waited for.
     let mut s2 = DestinationSession::new(1, PS, DestinationLimits::default()).unwrap();
+    s2.on_round_ended(ChannelId(0), Round(0)).unwrap();
+    assert_eq!(s2.on_complete(&bad), Ok(CompleteProgress::Waiting));
+    let section = DeviceState {
+        instance: 1,
+        name: "cpu",
+        total: 1,
+        offset: 0,
+        data: b"x",
+    };
+    s2.on_device_state(ChannelId(0), &section).unwrap();
+    assert_eq!(s2.completed(), Some(Round(0)));
+    // More sections than announced fail.
+    let mut s3 = DestinationSession::new(1, PS, DestinationLimits::default()).unwrap();
+    s3.on_device_state(ChannelId(0), &section).unwrap();
     assert!(matches!(
-        s2.on_complete(&bad),
-        Err(SessionError::SectionCount { .. })
+        s3.on_complete(c),
+        Err(SessionError::SectionCount {
+            announced: 0,
+            received: 1
+        })
     ));
     assert_eq!(s.on_complete(c), Ok(CompleteProgress::Waiting));
     assert_eq!(s.completed(), None);
@@ -410,4 +428,40 @@ fn the_source_checks_its_own_frames_and_the_acks() {
     other.on_send_layout();
     other.end_round(Round(0)).unwrap();
     assert!(other.complete(Round(0), 0).is_err());
+}
+
+#[test]
+fn pages_of_a_round_after_the_final_one_fail_completion() {
+    let (mut s, mut ch) = open(2, 1);
+    let end = Frame::EndOfRound(EndOfRound {
+        round: Round(0),
+        frames: 0,
+        pages: 0,
+    });
+    for (i, c) in ch.iter_mut().enumerate() {
+        c.on_frame(&end).unwrap();
+        s.on_round_ended(ChannelId(i as u16), Round(0)).unwrap();
+    }
+    let runs = [run(1, 1)];
+    assert!(matches!(
+        ch[1].on_frame(&zero_frame(0, 1, &runs)),
+        Ok(DestinationEvent::Apply(_))
+    ));
+    assert_eq!(ch[1].take_opened(), Some(Round(1)));
+    assert_eq!(ch[1].take_opened(), None);
+    s.on_round_opened(ChannelId(1), Round(1)).unwrap();
+    let complete = Frame::Complete(Complete {
+        final_round: Round(0),
+        sections: 0,
+    });
+    let DestinationEvent::Complete(c) = ch[0].on_frame(&complete).unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        s.on_complete(c),
+        Err(SessionError::RoundAfterFinal {
+            round: Round(1),
+            final_round: Round(0)
+        })
+    );
 }
