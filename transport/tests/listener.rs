@@ -133,6 +133,21 @@ fn spawn_child(name: &str) -> std::process::Child {
         .unwrap()
 }
 
+/// The listening address the child printed as `ADDR <addr>` (the test harness prints
+/// its own lines first, and the test's name before it on the same line).
+fn child_addr(out: &mut impl BufRead) -> Option<SocketAddr> {
+    for _ in 0..100 {
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap() == 0 {
+            return None;
+        }
+        if let Some((_, a)) = line.trim().split_once("ADDR ") {
+            return Some(a.parse().unwrap());
+        }
+    }
+    None
+}
+
 /// Waits for the child, echoes its output, and checks it passed.
 fn finish_child(mut child: std::process::Child, mut out: impl Read) {
     let mut rest = String::new();
@@ -344,20 +359,7 @@ fn running_out_of_file_descriptors_does_not_end_the_listener() {
         // under RLIMIT_NOFILE = 256.
         let mut child = spawn_child(NAME);
         let mut out = BufReader::new(child.stdout.take().unwrap());
-        // The test harness prints its own lines first.
-        let mut addr = None;
-        for _ in 0..100 {
-            let mut line = String::new();
-            if out.read_line(&mut line).unwrap() == 0 {
-                break;
-            }
-            // "test <name> ... ADDR <addr>": the harness prints the name first.
-            if let Some((_, a)) = line.trim().split_once("ADDR ") {
-                addr = Some(a.parse::<SocketAddr>().unwrap());
-                break;
-            }
-        }
-        let addr = addr.expect("the child printed its address");
+        let addr = child_addr(&mut out).expect("the child printed its address");
         let idle: Vec<TcpStream> = (0..IDLE)
             .map(|_| TcpStream::connect(addr).unwrap())
             .collect();
@@ -446,17 +448,7 @@ fn a_small_pids_limit_does_not_end_the_listener() {
         std::fs::write(dir.join("pids.max"), (current + 1).to_string()).unwrap();
         writeln!(child.stdin.take().unwrap(), "GO").unwrap();
         let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut addr = None;
-        for _ in 0..100 {
-            let mut line = String::new();
-            if out.read_line(&mut line).unwrap() == 0 {
-                break;
-            }
-            if let Some((_, a)) = line.trim().split_once("ADDR ") {
-                addr = Some(a.parse::<SocketAddr>().unwrap());
-                break;
-            }
-        }
+        let addr = child_addr(&mut out);
         let result = std::panic::catch_unwind(|| {
             let addr = addr.expect("the child printed its address");
             let idle: Vec<TcpStream> = (0..IDLE)
