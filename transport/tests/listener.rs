@@ -489,3 +489,130 @@ fn a_small_pids_limit_does_not_end_the_listener() {
     assert_eq!(acc.channels.len(), usize::from(CHANNELS));
     assert_eq!(s.established, u64::from(CHANNELS));
 }
+
+/// A session of its own: id `[id; 16]`, `channels` channels, its own key.
+fn session_cfg(id: u8, channels: u16, key: &[u8]) -> SessionConfig {
+    let auth = Authentication::PreSharedKey(SessionKey::new(key.to_vec()).unwrap());
+    let mut c = SessionConfig::new(Capabilities::new(4096), SessionId([id; 16]), channels, auth);
+    c.handshake_timeout = Duration::from_secs(60);
+    c
+}
+
+/// Each source channel writes `[session byte, index]`; each accepted channel must read
+/// the bytes of its own session and index, so the sockets themselves were paired right.
+fn assert_own_channels(acc: &Accepted, src: &[Established], cfg: &SessionConfig) {
+    assert_eq!(acc.channels.len(), usize::from(cfg.channels));
+    for (i, e) in acc.channels.iter().enumerate() {
+        assert_eq!(e.negotiated.session, cfg.session);
+        assert_eq!(e.negotiated.channel_count, cfg.channels);
+        assert_eq!(usize::from(e.negotiated.channel.0), i);
+        assert!(e.negotiated.auth.is_some());
+    }
+    for s in src.iter().filter(|s| s.negotiated.session == cfg.session) {
+        (&s.stream)
+            .write_all(&[cfg.session.0[0], s.negotiated.channel.0 as u8])
+            .unwrap();
+    }
+    for (i, e) in acc.channels.iter().enumerate() {
+        let mut tag = e.leftover.clone();
+        let mut byte = [0u8; 1];
+        while tag.len() < 2 {
+            (&e.stream).read_exact(&mut byte).unwrap();
+            tag.push(byte[0]);
+        }
+        assert_eq!(tag, [cfg.session.0[0], i as u8]);
+    }
+}
+
+#[test]
+fn two_sessions_are_accepted_concurrently_and_a_third_is_refused() {
+    let a = session_cfg(0xa1, 2, b"session a's own pre-shared key");
+    let b = session_cfg(0xb2, 3, b"session b's quite different key");
+    let mut d = a.clone();
+    d.listener.max_sessions = 2;
+    let (l, addr) = bind(&d);
+    std::thread::scope(|s| {
+        let ta = s.spawn(|| l.accept_session(&a, WINDOW));
+        let tb = s.spawn(|| l.accept_session(&b, WINDOW));
+        for _ in 0..6000 {
+            if l.accepting() == 2 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(l.accepting(), 2);
+        // A third session, and a second call for a session already being accepted,
+        // are refused at once.
+        let c = session_cfg(0xc3, 1, b"session c has a key as well");
+        let t0 = std::time::Instant::now();
+        let e = l.accept_session(&c, WINDOW).unwrap_err();
+        assert!(matches!(e, SessionError::TooManySessions { max: 2 }), "{e}");
+        let e = l.accept_session(&a, WINDOW).unwrap_err();
+        assert!(
+            matches!(e, SessionError::SessionInUse { session } if session == a.session),
+            "{e}"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(1));
+        // One source thread opens the channels of both sessions interleaved.
+        let order = [(&a, 0), (&b, 0), (&b, 1), (&a, 1), (&b, 2)];
+        let src: Vec<Established> = order
+            .iter()
+            .map(|&(cfg, i)| session::connect_channel(addr, cfg, i).unwrap())
+            .collect();
+        let acc_a = ta.join().unwrap().unwrap();
+        let acc_b = tb.join().unwrap().unwrap();
+        assert_own_channels(&acc_a, &src, &a);
+        assert_own_channels(&acc_b, &src, &b);
+    });
+    assert_eq!(l.accepting(), 0);
+    assert_eq!(l.stats().established, 5);
+    // Afterwards a session still opens on the same listener.
+    let (acc, src) = accept_while(&l, &d, || legit_with(addr, &a));
+    assert_own_channels(&acc, &src, &a);
+}
+
+fn legit_with(addr: SocketAddr, cfg: &SessionConfig) -> Vec<Established> {
+    session::connect(addr, cfg).unwrap()
+}
+
+#[test]
+fn a_hello_of_a_session_nobody_accepts_is_refused_while_two_are_accepted() {
+    let a = session_cfg(0xa4, 1, b"session a's own pre-shared key");
+    let b = session_cfg(0xb5, 1, b"session b's quite different key");
+    let (l, addr) = bind(&a);
+    std::thread::scope(|s| {
+        let ta = s.spawn(|| l.accept_session(&a, WINDOW));
+        let tb = s.spawn(|| l.accept_session(&b, WINDOW));
+        while l.accepting() < 2 {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let stranger = session_cfg(0xd6, 1, b"session a's own pre-shared key");
+        let e = session::connect_channel(addr, &stranger, 0).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                SessionError::Handshake {
+                    source: HandshakeError::Rejected {
+                        reason: RejectReason::UNKNOWN_SESSION,
+                        ..
+                    },
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let src_b = session::connect(addr, &b).unwrap();
+        let src_a = session::connect(addr, &a).unwrap();
+        let acc_a = ta.join().unwrap().unwrap();
+        let acc_b = tb.join().unwrap().unwrap();
+        assert_own_channels(&acc_a, &src_a, &a);
+        assert_own_channels(&acc_b, &src_b, &b);
+        assert!(acc_a.refused.iter().any(|e| matches!(
+            e,
+            SessionError::Handshake {
+                source: HandshakeError::UnknownSession(_),
+                ..
+            }
+        )));
+    });
+}

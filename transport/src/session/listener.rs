@@ -1,8 +1,8 @@
 //! The destination's side: accepting the channels of a session.
 //!
 //! Before its handshake completes a connection is anyone on the network, so everything
-//! it can hold is bounded. [`Listener::accept_session`] runs every pending handshake on
-//! the calling thread, multiplexed with `mio` over non-blocking sockets; no thread is
+//! it can hold is bounded. [`Listener::accept_session`] runs the pending handshakes on
+//! the calling threads, multiplexed with `mio` over non-blocking sockets; no thread is
 //! spawned per connection. Each pending connection has
 //!
 //! - a deadline of its own ([`SessionConfig::handshake_timeout`]), separate from the
@@ -21,6 +21,19 @@
 //!
 //! The listener is not consumed: after a session was accepted, or after an attempt
 //! failed, [`Listener::accept_session`] can be called again on the same socket.
+//!
+//! Several sessions can be accepted at once, each by its own call on its own thread
+//! with its own [`SessionConfig`] (session id and authentication), up to
+//! [`ListenerConfig::max_sessions`]; a call beyond it fails at once with
+//! [`SessionError::TooManySessions`], and a second call for a session id already being
+//! accepted with [`SessionError::SessionInUse`]. The calls share one poll, the pending
+//! handshakes and a registry of the sessions being accepted, behind one mutex; each
+//! call drives the poll for a slice of at most 50 ms, then lets the others have a
+//! turn, and returns when its own session's channels are all there. A pending
+//! connection belongs to the session its HELLO names: only then is its handshake built,
+//! with that session's settings; a HELLO of a session nobody is accepting is refused
+//! (`UNKNOWN_SESSION`). A refusal is listed with the session the connection named, or
+//! with every session being accepted when it named none of them.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -34,8 +47,8 @@ use mio::net::{TcpListener as MioListener, TcpStream as MioStream};
 use mio::{Events, Interest, Poll, Token};
 use pagewire_protocol::limits::HANDSHAKE_MAX_FRAME;
 use pagewire_protocol::{
-    AuthMethod, Authentication, Capabilities, ChecksumId, Frame, FrameDecoder, HandshakeError,
-    Limits, Reject, RejectReason, ServerConfig, ServerHandshake, WireList,
+    AuthMethod, Authentication, ChecksumId, Frame, FrameDecoder, HandshakeError, Limits, Reject,
+    RejectReason, ServerConfig, ServerHandshake, SessionId, WireList,
 };
 
 use super::{Established, SessionConfig, SessionError, nonce};
@@ -62,16 +75,21 @@ pub struct ListenerConfig {
     /// Pause before retrying an `accept` that failed for lack of resources
     /// (file descriptors, memory). More than zero.
     pub accept_backoff: Duration,
+    /// Most sessions accepted at once ([`Listener::accept_session`] calls running
+    /// together on different threads); taken when the listener is bound. At least 1.
+    pub max_sessions: usize,
 }
 
 impl Default for ListenerConfig {
-    /// 64 pending handshakes, 64 channels, a backlog of 1024, 50 ms back-off.
+    /// 64 pending handshakes, 64 channels, a backlog of 1024, 50 ms back-off, 8
+    /// sessions at once.
     fn default() -> Self {
         Self {
             max_pending: 64,
             max_channels: 64,
             backlog: 1024,
             accept_backoff: Duration::from_millis(50),
+            max_sessions: 8,
         }
     }
 }
@@ -90,6 +108,9 @@ impl ListenerConfig {
         }
         if self.accept_backoff.is_zero() {
             return Err(bad("ListenerConfig::accept_backoff must be more than zero"));
+        }
+        if self.max_sessions == 0 {
+            return Err(bad("ListenerConfig::max_sessions must be at least 1"));
         }
         Ok(())
     }
@@ -191,26 +212,34 @@ impl Counters {
 pub struct Accepted {
     /// The channels, in index order.
     pub channels: Vec<Established>,
-    /// The last [`MAX_REFUSALS_KEPT`] connections refused meanwhile, with the reason
-    /// (all of them are counted in `stats`).
+    /// The last [`MAX_REFUSALS_KEPT`] connections refused meanwhile that named this
+    /// session or no session being accepted, with the reason (all refusals are counted
+    /// in `stats`).
     pub refused: Vec<SessionError>,
-    /// What happened to the connections seen during this call.
+    /// What happened to the connections the listener saw during this call (those of
+    /// sessions accepted at the same time included).
     pub stats: ListenerStats,
 }
 
-/// Accepts the channels of sessions, one session after another, on one socket.
+/// The longest a call drives the shared poll before it lets other calls have a turn.
+const SLICE: Duration = Duration::from_millis(50);
+
+/// Accepts the channels of sessions on one socket: one session after another, and up
+/// to [`ListenerConfig::max_sessions`] at once from different threads.
 #[derive(Debug)]
 pub struct Listener {
     socket: MioListener,
-    /// Held for the whole of an [`accept_session`](Self::accept_session) call: one
-    /// call at a time.
-    poll: Mutex<Poll>,
+    /// The poll, the pending handshakes and the sessions being accepted. A call holds
+    /// it for one slice (at most [`SLICE`]) at a time.
+    shared: Mutex<Shared>,
     counters: Counters,
+    /// [`ListenerConfig::max_sessions`] as bound.
+    max_sessions: usize,
 }
 
 impl Listener {
-    /// Listens on `addr` with the socket settings of `cfg` and its
-    /// [`ListenerConfig::backlog`].
+    /// Listens on `addr` with the socket settings of `cfg`, its
+    /// [`ListenerConfig::backlog`] and its [`ListenerConfig::max_sessions`].
     ///
     /// # Errors
     /// [`SessionError::Tcp`] when the socket cannot be bound, [`SessionError::Config`]
@@ -234,8 +263,20 @@ impl Listener {
             .map_err(io_err("epoll_ctl"))?;
         Ok(Self {
             socket,
-            poll: Mutex::new(poll),
+            shared: Mutex::new(Shared {
+                poll,
+                events: Events::with_capacity(256),
+                conns: Vec::new(),
+                free: Vec::new(),
+                pending: 0,
+                listener_ready: true,
+                retry_at: None,
+                at_cap: false,
+                sessions: Vec::new(),
+                scratch: vec![0u8; HANDSHAKE_MAX_FRAME as usize],
+            }),
             counters: Counters::default(),
+            max_sessions: cfg.listener.max_sessions,
         })
     }
 
@@ -253,19 +294,31 @@ impl Listener {
         self.counters.snapshot()
     }
 
+    /// How many sessions are being accepted right now ([`Self::accept_session`] calls
+    /// in progress).
+    pub fn accepting(&self) -> usize {
+        self.lock().sessions.len()
+    }
+
     /// Accepts connections until every channel of session `cfg.session` has completed
-    /// its handshake, or `timeout` passes. Connections of other sessions, garbage,
-    /// failed authentication, too many channels and handshakes that miss their
-    /// deadline are refused, counted in [`Accepted::stats`] and [`Self::stats`], and the
-    /// last few listed in [`Accepted::refused`]. Handshakes still in progress when the
-    /// call returns are closed. Calls are served one at a time; the listener can be
-    /// called again after any outcome.
+    /// its handshake, or `timeout` passes. Each connection is matched to a session by
+    /// the id in its HELLO: other calls running at the same time on other threads
+    /// (up to [`ListenerConfig::max_sessions`], each with its own session id and
+    /// authentication) get their own channels, and a HELLO of a session nobody is
+    /// accepting is refused (`UNKNOWN_SESSION`). Garbage, failed authentication, too
+    /// many channels and handshakes that miss their deadline are refused too, counted
+    /// in [`Accepted::stats`] and [`Self::stats`], and the last few listed in
+    /// [`Accepted::refused`]. When the call returns, handshakes in progress for its
+    /// session (all of them, when no other call is accepting) are closed. The listener
+    /// can be called again after any outcome.
     ///
     /// # Errors
-    /// [`SessionError::Incomplete`] when the channels do not all arrive in time;
-    /// [`SessionError::Config`] or [`SessionError::Handshake`] for an invalid `cfg`;
-    /// [`SessionError::Random`] when no nonce can be drawn; [`SessionError::Io`] when
-    /// epoll fails or `accept` fails for a reason other than a lack of resources.
+    /// [`SessionError::TooManySessions`] at once when `max_sessions` calls are already
+    /// accepting; [`SessionError::SessionInUse`] at once when another call is accepting
+    /// the same session id; [`SessionError::Incomplete`] when the channels do not all
+    /// arrive in time; [`SessionError::Config`] or [`SessionError::Handshake`] for an
+    /// invalid `cfg`; [`SessionError::Io`] when epoll fails or `accept` fails for a
+    /// reason other than a lack of resources.
     pub fn accept_session(
         &self,
         cfg: &SessionConfig,
@@ -288,30 +341,126 @@ impl Listener {
                 source,
             }
         })?;
-        let mut poll = self.poll.lock().unwrap_or_else(PoisonError::into_inner);
+        let deadline = Instant::now() + timeout;
         let before = self.counters.snapshot();
-        let mut run = Run {
-            cfg,
-            server,
-            counters: &self.counters,
-            conns: Vec::new(),
-            free: Vec::new(),
-            pending: 0,
-            peak: 0,
-            slots: Vec::new(),
-            count: None,
-            refused: VecDeque::new(),
-            scratch: vec![0u8; HANDSHAKE_MAX_FRAME as usize],
-        };
-        let result = run.serve(&self.socket, &mut poll, Instant::now() + timeout, timeout);
-        run.abandon_all(poll.registry());
-        let stats = self.counters.snapshot().since(&before, run.peak);
-        let refused = run.refused.into();
-        result.map(|channels| Accepted {
-            channels,
-            refused,
-            stats,
-        })
+        {
+            let mut sh = self.lock();
+            if sh
+                .sessions
+                .iter()
+                .any(|s| s.server.session == Some(cfg.session))
+            {
+                return Err(SessionError::SessionInUse {
+                    session: cfg.session,
+                });
+            }
+            if sh.sessions.len() >= self.max_sessions {
+                return Err(SessionError::TooManySessions {
+                    max: self.max_sessions,
+                });
+            }
+            sh.sessions.push(Entry {
+                server: server.clone(),
+                max_channels: cfg.listener.max_channels,
+                slots: Vec::new(),
+                count: None,
+                refused: VecDeque::new(),
+                peak: 0,
+            });
+            // Connections may have queued while no call was running: try at once.
+            sh.listener_ready = true;
+        }
+        let id = cfg.session;
+        loop {
+            let mut sh = self.lock();
+            let done = sh.entry(id).is_some_and(Entry::is_complete);
+            let now = Instant::now();
+            let result = if done {
+                Some(Ok(()))
+            } else if now >= deadline {
+                let e = sh.entry(id);
+                Some(Err(SessionError::Incomplete {
+                    have: e.map_or(0, |e| e.slots.iter().flatten().count()),
+                    need: e.and_then(|e| e.count).map_or(0, usize::from),
+                    timeout,
+                }))
+            } else {
+                let lim = Turn {
+                    listener: cfg.listener,
+                    handshake_timeout: cfg.handshake_timeout,
+                    server: &server,
+                };
+                sh.step(
+                    &self.socket,
+                    &self.counters,
+                    &lim,
+                    deadline.min(now + SLICE),
+                )
+                .err()
+                .map(Err)
+            };
+            if let Some(result) = result {
+                let entry = sh.unregister(id, &self.counters);
+                drop(sh);
+                let (channels, refused, peak) = entry.map_or_else(Default::default, |e| {
+                    (
+                        e.slots.into_iter().flatten().collect(),
+                        e.refused.into(),
+                        e.peak,
+                    )
+                });
+                let stats = self.counters.snapshot().since(&before, peak);
+                return result.map(|()| Accepted {
+                    channels,
+                    refused,
+                    stats,
+                });
+            }
+            let others = sh.sessions.len() > 1;
+            drop(sh);
+            if others {
+                // Let a call waiting for the lock take its turn (std's mutex is not fair).
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The settings of the call driving the poll for a slice.
+struct Turn<'a> {
+    listener: ListenerConfig,
+    handshake_timeout: Duration,
+    /// Answers connections that name no session being accepted (or send garbage).
+    server: &'a ServerConfig,
+}
+
+/// A session being accepted by one call.
+#[derive(Debug)]
+struct Entry {
+    /// Its handshake settings (`session` is always `Some`).
+    server: ServerConfig,
+    max_channels: u16,
+    slots: Vec<Option<Established>>,
+    count: Option<u16>,
+    refused: VecDeque<SessionError>,
+    peak: u64,
+}
+
+impl Entry {
+    fn is_complete(&self) -> bool {
+        self.count.is_some() && self.slots.iter().all(Option::is_some)
+    }
+
+    /// Keeps the reason, dropping the oldest beyond [`MAX_REFUSALS_KEPT`].
+    fn refuse(&mut self, e: SessionError) {
+        if self.refused.len() == MAX_REFUSALS_KEPT {
+            self.refused.pop_front();
+        }
+        self.refused.push_back(e);
     }
 }
 
@@ -331,10 +480,16 @@ enum Phase {
 struct Pending {
     stream: MioStream,
     peer: SocketAddr,
-    hs: ServerHandshake,
-    /// Reads the first frame alongside the handshake, to refuse a HELLO that asks for
-    /// too many channels before the handshake answers it; `None` once it was seen.
+    /// Built once the first frame arrived, for the session it names.
+    hs: Option<ServerHandshake>,
+    /// The session being accepted that the HELLO named, if any.
+    session: Option<SessionId>,
+    /// Reads the first frame, to pick the session and refuse a HELLO that asks for too
+    /// many channels before the handshake answers it; `None` once it was seen.
     hello: Option<FrameDecoder>,
+    /// The bytes received before the first frame was complete (at most one frame and
+    /// one read), fed to the handshake once it is built.
+    early: Vec<u8>,
     /// Output not yet written.
     out: Vec<u8>,
     /// Bytes received after the handshake's last frame.
@@ -353,169 +508,176 @@ enum Outcome {
     Refused(SessionError),
 }
 
-/// The state of one [`Listener::accept_session`] call.
-struct Run<'a> {
-    cfg: &'a SessionConfig,
-    server: ServerConfig,
-    counters: &'a Counters,
+/// The state the calls of one [`Listener`] share.
+#[derive(Debug)]
+struct Shared {
+    poll: Poll,
+    events: Events,
     conns: Vec<Option<Pending>>,
     free: Vec<usize>,
     pending: usize,
-    peak: u64,
-    slots: Vec<Option<Established>>,
-    count: Option<u16>,
-    refused: VecDeque<SessionError>,
+    listener_ready: bool,
+    retry_at: Option<Instant>,
+    at_cap: bool,
+    sessions: Vec<Entry>,
     scratch: Vec<u8>,
 }
 
-impl Run<'_> {
-    fn serve(
+impl Shared {
+    fn entry(&self, id: SessionId) -> Option<&Entry> {
+        self.sessions.iter().find(|s| s.server.session == Some(id))
+    }
+
+    fn entry_mut(&mut self, id: SessionId) -> Option<&mut Entry> {
+        self.sessions
+            .iter_mut()
+            .find(|s| s.server.session == Some(id))
+    }
+
+    /// Removes session `id`, closing the handshakes in progress for it (all of them
+    /// when no other session is being accepted).
+    fn unregister(&mut self, id: SessionId, counters: &Counters) -> Option<Entry> {
+        let pos = self
+            .sessions
+            .iter()
+            .position(|s| s.server.session == Some(id));
+        let entry = pos.map(|p| self.sessions.swap_remove(p));
+        let last = self.sessions.is_empty();
+        for i in 0..self.conns.len() {
+            let ours = self.conns[i]
+                .as_ref()
+                .is_some_and(|c| last || c.session == Some(id));
+            if ours && let Some(mut c) = self.conns[i].take() {
+                let _ = self.poll.registry().deregister(&mut c.stream);
+                self.free.push(i);
+                self.pending -= 1;
+                bump(&counters.abandoned);
+            }
+        }
+        entry
+    }
+
+    /// Accepts what waits, closes what missed its deadline, polls once (until `until`
+    /// at the latest) and drives the connections that became ready.
+    fn step(
         &mut self,
         socket: &MioListener,
-        poll: &mut Poll,
-        deadline: Instant,
-        timeout: Duration,
-    ) -> Result<Vec<Established>, SessionError> {
-        let limits = self.cfg.listener;
-        let mut events = Events::with_capacity(256);
-        // Connections may have queued while no call was running: try at once.
-        let mut listener_ready = true;
-        let mut retry_at: Option<Instant> = None;
-        let mut at_cap = false;
-        loop {
-            if self.count.is_some() && self.slots.iter().all(Option::is_some) {
-                return Ok(std::mem::take(&mut self.slots)
-                    .into_iter()
-                    .flatten()
-                    .collect());
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(SessionError::Incomplete {
-                    have: self.slots.iter().flatten().count(),
-                    need: self.count.map_or(0, usize::from),
-                    timeout,
-                });
-            }
-            if listener_ready && retry_at.is_none_or(|t| now >= t) {
-                retry_at = None;
-                loop {
-                    if self.pending >= limits.max_pending {
-                        if !at_cap {
-                            at_cap = true;
-                            bump(&self.counters.cap_reached);
-                        }
+        counters: &Counters,
+        lim: &Turn<'_>,
+        until: Instant,
+    ) -> Result<(), SessionError> {
+        let limits = lim.listener;
+        let now = Instant::now();
+        if self.listener_ready && self.retry_at.is_none_or(|t| now >= t) {
+            self.retry_at = None;
+            loop {
+                if self.pending >= limits.max_pending {
+                    if !self.at_cap {
+                        self.at_cap = true;
+                        bump(&counters.cap_reached);
+                    }
+                    break;
+                }
+                match socket.accept() {
+                    Ok((stream, peer)) => {
+                        self.at_cap = false;
+                        bump(&counters.accepted);
+                        self.start(counters, stream, peer, now + lim.handshake_timeout);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.listener_ready = false;
                         break;
                     }
-                    match socket.accept() {
-                        Ok((stream, peer)) => {
-                            at_cap = false;
-                            bump(&self.counters.accepted);
-                            self.start(poll, stream, peer, now)?;
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            listener_ready = false;
-                            break;
-                        }
-                        Err(e) if is_transient(&e) => {}
-                        Err(e) if is_fatal(&e) => {
-                            return Err(SessionError::Io {
-                                op: "accept",
-                                source: e,
-                            });
-                        }
-                        Err(_) => {
-                            // Out of descriptors, memory or buffers: the connection
-                            // stays in the backlog; try again after a pause.
-                            bump(&self.counters.accept_errors);
-                            retry_at = Some(now + limits.accept_backoff);
-                            break;
-                        }
+                    Err(e) if is_transient(&e) => {}
+                    Err(e) if is_fatal(&e) => {
+                        return Err(SessionError::Io {
+                            op: "accept",
+                            source: e,
+                        });
                     }
-                }
-            }
-            let mut wake = deadline;
-            for i in 0..self.conns.len() {
-                let Some(c) = &self.conns[i] else { continue };
-                if c.deadline <= now {
-                    let peer = c.peer;
-                    bump(&self.counters.timed_out);
-                    self.close(
-                        poll,
-                        i,
-                        Some(SessionError::HandshakeIo {
-                            peer,
-                            source: io::ErrorKind::TimedOut.into(),
-                        }),
-                    );
-                } else {
-                    wake = wake.min(c.deadline);
-                }
-            }
-            if listener_ready && self.pending < limits.max_pending {
-                wake = wake.min(retry_at.unwrap_or(now));
-            }
-            match poll.poll(&mut events, Some(wake.saturating_duration_since(now))) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(source) => {
-                    return Err(SessionError::Io {
-                        op: "epoll_wait",
-                        source,
-                    });
-                }
-            }
-            for ev in &events {
-                match ev.token() {
-                    LISTENER => listener_ready = true,
-                    Token(i) => self.drive(poll, i),
+                    Err(_) => {
+                        // Out of descriptors, memory or buffers: the connection stays
+                        // in the backlog; try again after a pause.
+                        bump(&counters.accept_errors);
+                        self.retry_at = Some(now + limits.accept_backoff);
+                        break;
+                    }
                 }
             }
         }
+        let mut wake = until;
+        for i in 0..self.conns.len() {
+            let Some(c) = &self.conns[i] else { continue };
+            if c.deadline <= now {
+                let peer = c.peer;
+                bump(&counters.timed_out);
+                self.close(
+                    i,
+                    Some(SessionError::HandshakeIo {
+                        peer,
+                        source: io::ErrorKind::TimedOut.into(),
+                    }),
+                );
+            } else {
+                wake = wake.min(c.deadline);
+            }
+        }
+        if self.listener_ready && self.pending < limits.max_pending {
+            wake = wake.min(self.retry_at.unwrap_or(now));
+        }
+        match self
+            .poll
+            .poll(&mut self.events, Some(wake.saturating_duration_since(now)))
+        {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            Err(source) => {
+                return Err(SessionError::Io {
+                    op: "epoll_wait",
+                    source,
+                });
+            }
+        }
+        let ready: Vec<Token> = self.events.iter().map(|ev| ev.token()).collect();
+        for token in ready {
+            match token {
+                LISTENER => self.listener_ready = true,
+                Token(i) => self.drive(counters, lim, i),
+            }
+        }
+        Ok(())
     }
 
     /// Takes a new connection into a free place and registers it.
     fn start(
         &mut self,
-        poll: &Poll,
+        counters: &Counters,
         mut stream: MioStream,
         peer: SocketAddr,
-        now: Instant,
-    ) -> Result<(), SessionError> {
-        let hs = match ServerHandshake::new(self.server.clone(), nonce()?) {
-            Ok(hs) => hs,
-            Err(source) => {
-                // Checked when the call began; counted all the same should it happen.
-                bump(&self.counters.refused_handshake);
-                self.refuse(SessionError::Handshake {
-                    channel: None,
-                    peer,
-                    peer_message: None,
-                    source,
-                });
-                return Ok(());
-            }
-        };
+        deadline: Instant,
+    ) {
         let i = self.free.pop().unwrap_or(self.conns.len());
-        if let Err(source) = poll.registry().register(
+        if let Err(source) = self.poll.registry().register(
             &mut stream,
             Token(i),
             Interest::READABLE | Interest::WRITABLE,
         ) {
             // Not a resource we may panic on: refuse this connection only.
-            bump(&self.counters.closed);
+            bump(&counters.closed);
             self.free.push(i);
-            self.refuse(SessionError::HandshakeIo { peer, source });
-            return Ok(());
+            self.refuse(None, SessionError::HandshakeIo { peer, source });
+            return;
         }
         let c = Pending {
             stream,
             peer,
-            hs,
+            hs: None,
+            session: None,
             hello: Some(FrameDecoder::new(Limits::handshake())),
+            early: Vec::new(),
             out: Vec::new(),
             leftover: Vec::new(),
-            deadline: now + self.cfg.handshake_timeout,
+            deadline,
             phase: Phase::Running,
         };
         if i == self.conns.len() {
@@ -524,60 +686,65 @@ impl Run<'_> {
             self.conns[i] = Some(c);
         }
         self.pending += 1;
-        self.peak = self.peak.max(self.pending as u64);
-        self.counters
-            .peak_pending
-            .fetch_max(self.pending as u64, Ordering::Relaxed);
-        Ok(())
+        let pending = self.pending as u64;
+        for s in &mut self.sessions {
+            s.peak = s.peak.max(pending);
+        }
+        counters.peak_pending.fetch_max(pending, Ordering::Relaxed);
     }
 
     /// Moves a connection's handshake on after its socket became ready.
-    fn drive(&mut self, poll: &Poll, i: usize) {
-        let max_channels = self.cfg.listener.max_channels;
-        let caps = self.cfg.caps;
+    fn drive(&mut self, counters: &Counters, lim: &Turn<'_>, i: usize) {
         let Some(Some(c)) = self.conns.get_mut(i) else {
             return;
         };
-        let outcome = drive_one(c, &mut self.scratch, max_channels, &self.server.auth, caps);
+        let fallback = (lim.server, lim.listener.max_channels);
+        let outcome = drive_one(c, &mut self.scratch, &self.sessions, fallback);
         match outcome {
             Outcome::Wait => {}
-            Outcome::Established => self.establish(poll, i),
+            Outcome::Established => self.establish(counters, i),
             Outcome::Refused(e) => {
                 let counter = match &e {
-                    SessionError::TooManyChannels { .. } => {
-                        &self.counters.refused_too_many_channels
-                    }
-                    SessionError::Handshake { .. } => &self.counters.refused_handshake,
-                    _ => &self.counters.closed,
+                    SessionError::TooManyChannels { .. } => &counters.refused_too_many_channels,
+                    SessionError::Handshake { .. } => &counters.refused_handshake,
+                    _ => &counters.closed,
                 };
                 bump(counter);
-                self.close(poll, i, Some(e));
+                self.close(i, Some(e));
             }
         }
     }
 
-    /// Hands a handshaken connection to its slot in the session.
-    fn establish(&mut self, poll: &Poll, i: usize) {
+    /// Hands a handshaken connection to its slot in its session.
+    fn establish(&mut self, counters: &Counters, i: usize) {
         let Some(mut c) = self.conns.get_mut(i).and_then(Option::take) else {
             return;
         };
         self.free.push(i);
         self.pending -= 1;
-        let _ = poll.registry().deregister(&mut c.stream);
-        let Some(negotiated) = c.hs.negotiated().copied() else {
-            bump(&self.counters.refused_handshake);
-            self.refuse(SessionError::Handshake {
-                channel: None,
-                peer: c.peer,
-                peer_message: None,
-                source: HandshakeError::ProtocolError("handshake done without an agreement"),
-            });
+        let _ = self.poll.registry().deregister(&mut c.stream);
+        let Some(negotiated) = c.hs.as_ref().and_then(|hs| hs.negotiated().copied()) else {
+            bump(&counters.refused_handshake);
+            self.refuse(
+                c.session,
+                SessionError::Handshake {
+                    channel: None,
+                    peer: c.peer,
+                    peer_message: None,
+                    source: HandshakeError::ProtocolError("handshake done without an agreement"),
+                },
+            );
             return;
         };
-        let max = self.cfg.listener.max_channels;
+        let Some(entry) = self.entry_mut(negotiated.session) else {
+            // Its call returned while the handshake finished.
+            bump(&counters.abandoned);
+            return;
+        };
+        let max = entry.max_channels;
         if negotiated.channel_count > max {
-            bump(&self.counters.refused_too_many_channels);
-            self.refuse(SessionError::TooManyChannels {
+            bump(&counters.refused_too_many_channels);
+            entry.refuse(SessionError::TooManyChannels {
                 peer: c.peer,
                 count: negotiated.channel_count,
                 max,
@@ -586,8 +753,8 @@ impl Run<'_> {
         }
         let stream = std::net::TcpStream::from(OwnedFd::from(c.stream));
         if let Err(source) = stream.set_nonblocking(false) {
-            bump(&self.counters.closed);
-            self.refuse(SessionError::HandshakeIo {
+            bump(&counters.closed);
+            entry.refuse(SessionError::HandshakeIo {
                 peer: c.peer,
                 source,
             });
@@ -598,54 +765,97 @@ impl Run<'_> {
             negotiated,
             leftover: c.leftover,
         };
-        match place(&mut self.slots, &mut self.count, est, c.peer) {
-            Ok(()) => bump(&self.counters.established),
+        match place(&mut entry.slots, &mut entry.count, est, c.peer) {
+            Ok(()) => bump(&counters.established),
             Err(e) => {
-                bump(&self.counters.refused_channel);
-                self.refuse(e);
+                bump(&counters.refused_channel);
+                entry.refuse(e);
             }
         }
     }
 
     /// Closes a pending connection, recording why.
-    fn close(&mut self, poll: &Poll, i: usize, why: Option<SessionError>) {
+    fn close(&mut self, i: usize, why: Option<SessionError>) {
+        let mut session = None;
         if let Some(mut c) = self.conns.get_mut(i).and_then(Option::take) {
-            let _ = poll.registry().deregister(&mut c.stream);
+            let _ = self.poll.registry().deregister(&mut c.stream);
             self.free.push(i);
             self.pending -= 1;
+            session = c.session;
         }
         if let Some(e) = why {
-            self.refuse(e);
+            self.refuse(session, e);
         }
     }
 
-    /// Closes every handshake still in progress.
-    fn abandon_all(&mut self, registry: &mio::Registry) {
-        for c in self.conns.iter_mut().filter_map(Option::take) {
-            let mut stream = c.stream;
-            let _ = registry.deregister(&mut stream);
-            bump(&self.counters.abandoned);
+    /// Keeps a refusal with the session the connection named, or, when it named none
+    /// being accepted, with every session being accepted.
+    fn refuse(&mut self, session: Option<SessionId>, e: SessionError) {
+        if let Some(entry) = session.and_then(|id| self.entry_mut(id)) {
+            entry.refuse(e);
+            return;
         }
-        self.pending = 0;
+        let Some((last, rest)) = self.sessions.split_last_mut() else {
+            return;
+        };
+        for s in rest {
+            s.refuse(copy_refusal(&e));
+        }
+        last.refuse(e);
     }
+}
 
-    /// Keeps the reason, dropping the oldest beyond [`MAX_REFUSALS_KEPT`].
-    fn refuse(&mut self, e: SessionError) {
-        if self.refused.len() == MAX_REFUSALS_KEPT {
-            self.refused.pop_front();
-        }
-        self.refused.push_back(e);
+/// A copy of a refusal for another session's list (an `io::Error` keeps its kind and
+/// message only).
+fn copy_refusal(e: &SessionError) -> SessionError {
+    let io = |s: &io::Error| io::Error::new(s.kind(), s.to_string());
+    match e {
+        SessionError::Handshake {
+            channel,
+            peer,
+            peer_message,
+            source,
+        } => SessionError::Handshake {
+            channel: *channel,
+            peer: *peer,
+            peer_message: peer_message.clone(),
+            source: *source,
+        },
+        SessionError::HandshakeIo { peer, source } => SessionError::HandshakeIo {
+            peer: *peer,
+            source: io(source),
+        },
+        SessionError::BadChannel {
+            channel,
+            count,
+            peer,
+            why,
+        } => SessionError::BadChannel {
+            channel: *channel,
+            count: *count,
+            peer: *peer,
+            why,
+        },
+        SessionError::TooManyChannels { peer, count, max } => SessionError::TooManyChannels {
+            peer: *peer,
+            count: *count,
+            max: *max,
+        },
+        other => SessionError::Io {
+            op: "handshake",
+            source: io::Error::other(other.to_string()),
+        },
     }
 }
 
 /// Writes pending output, reads and feeds the handshake until the socket would block
-/// or the handshake ends.
+/// or the handshake ends. `fallback` answers a first frame that names no session being
+/// accepted.
 fn drive_one(
     c: &mut Pending,
     scratch: &mut [u8],
-    max_channels: u16,
-    auth: &Authentication,
-    caps: Capabilities,
+    sessions: &[Entry],
+    fallback: (&ServerConfig, u16),
 ) -> Outcome {
     let peer = c.peer;
     let io_err = |source| SessionError::HandshakeIo { peer, source };
@@ -680,25 +890,56 @@ fn drive_one(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Outcome::Refused(io_err(e)),
         };
-        let input = &scratch[..n];
-        if let Some(why) = check_hello(c, input, max_channels, auth, caps) {
-            c.phase = Phase::Failing(why);
+        let early;
+        let input: &[u8] = if c.hs.is_none() {
+            c.early.extend_from_slice(&scratch[..n]);
+            let first = match first_frame(c, &scratch[..n]) {
+                First::Incomplete => continue,
+                First::Hello { session, count } => Some((session, count)),
+                First::Other => None,
+            };
+            let known = first.and_then(|(session, _)| {
+                sessions.iter().find(|s| s.server.session == Some(session))
+            });
+            let (server, max_channels) = known.map_or(fallback, |s| (&s.server, s.max_channels));
+            c.session = known.and(first.map(|(session, _)| session));
+            if let Some(count) = first.map(|(_, n)| n).filter(|&n| n > max_channels) {
+                c.phase = Phase::Failing(reject_too_many(c, count, max_channels, server));
+                continue;
+            }
+            match nonce().and_then(|n| {
+                ServerHandshake::new(server.clone(), n).map_err(|source| SessionError::Handshake {
+                    channel: None,
+                    peer,
+                    peer_message: None,
+                    source,
+                })
+            }) {
+                Ok(hs) => c.hs = Some(hs),
+                Err(e) => return Outcome::Refused(e),
+            }
+            early = std::mem::take(&mut c.early);
+            &early
+        } else {
+            &scratch[..n]
+        };
+        let Some(hs) = c.hs.as_mut() else {
             continue;
-        }
-        match c.hs.receive(input) {
-            Ok(used) if c.hs.is_done() => {
-                c.hs.take_output(&mut c.out);
+        };
+        match hs.receive(input) {
+            Ok(used) if hs.is_done() => {
+                hs.take_output(&mut c.out);
                 c.leftover = input[used..].to_vec();
                 c.phase = Phase::Done;
             }
-            Ok(_) => c.hs.take_output(&mut c.out),
+            Ok(_) => hs.take_output(&mut c.out),
             Err(source) => {
                 // Tell the peer why (a REJECT is queued), then close.
-                c.hs.take_output(&mut c.out);
+                hs.take_output(&mut c.out);
                 c.phase = Phase::Failing(SessionError::Handshake {
                     channel: None,
                     peer,
-                    peer_message: c.hs.peer_message().map(str::to_owned),
+                    peer_message: hs.peer_message().map(str::to_owned),
                     source,
                 });
             }
@@ -706,43 +947,58 @@ fn drive_one(
     }
 }
 
-/// Reads `input` with the first-frame decoder; when it completes a HELLO that asks for
-/// more than `max_channels` channels, queues a REJECT (`BAD_CHANNEL`, naming the limit)
-/// and returns the refusal, before the handshake answers the HELLO.
-fn check_hello(
-    c: &mut Pending,
-    input: &[u8],
-    max_channels: u16,
-    auth: &Authentication,
-    caps: Capabilities,
-) -> Option<SessionError> {
-    let dec = c.hello.as_mut()?;
+/// What the first frame of a connection is.
+enum First {
+    /// Not complete yet.
+    Incomplete,
+    /// A HELLO for `session` asking for `count` channels.
+    Hello { session: SessionId, count: u16 },
+    /// Another frame, or garbage: the handshake itself refuses it.
+    Other,
+}
+
+/// Reads `input` with the first-frame decoder.
+fn first_frame(c: &mut Pending, input: &[u8]) -> First {
+    let Some(dec) = c.hello.as_mut() else {
+        return First::Other;
+    };
     let mut rest = input;
-    let mut asked = None;
-    let mut seen = false;
+    let mut first = First::Incomplete;
     while !rest.is_empty() {
         match dec.decode(rest) {
             Ok((_, Some(Frame::Hello(h)))) => {
-                asked = Some(h.channel_count);
-                seen = true;
+                first = First::Hello {
+                    session: h.session,
+                    count: h.channel_count,
+                };
                 break;
             }
-            // Another frame first, or garbage: the handshake itself refuses it.
             Ok((_, Some(_))) | Err(_) => {
-                seen = true;
+                first = First::Other;
                 break;
             }
             Ok((0, None)) => break,
             Ok((used, None)) => rest = &rest[used..],
         }
     }
-    if seen {
+    if !matches!(first, First::Incomplete) {
         c.hello = None;
     }
-    let count = asked.filter(|&n| n > max_channels)?;
+    first
+}
+
+/// Queues a REJECT (`BAD_CHANNEL`, naming the limit) for a HELLO that asks for more
+/// than `max_channels` channels, before any handshake answers it; returns the refusal.
+fn reject_too_many(
+    c: &mut Pending,
+    count: u16,
+    max_channels: u16,
+    server: &ServerConfig,
+) -> SessionError {
+    let caps = server.caps;
     let message =
         format!("{count} channels asked for; this destination accepts at most {max_channels}");
-    let auth_methods: &[AuthMethod] = match auth {
+    let auth_methods: &[AuthMethod] = match server.auth {
         Authentication::None => &[],
         Authentication::PreSharedKey(_) => &[AuthMethod::HMAC_SHA256],
     };
@@ -763,11 +1019,11 @@ fn check_hello(
     });
     // A REJECT of this size always encodes; were it not to, the peer just sees a close.
     let _ = reject.encode(&mut c.out);
-    Some(SessionError::TooManyChannels {
+    SessionError::TooManyChannels {
         peer: c.peer,
         count,
         max: max_channels,
-    })
+    }
 }
 
 /// An `accept` error that concerns only the connection being accepted (accept(2) says
@@ -953,6 +1209,12 @@ mod tests {
         let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let mut c = cfg(5, 1, None);
         c.listener.max_pending = 0;
+        assert!(matches!(
+            Listener::bind(addr, &c),
+            Err(SessionError::Config(_))
+        ));
+        c = cfg(5, 1, None);
+        c.listener.max_sessions = 0;
         assert!(matches!(
             Listener::bind(addr, &c),
             Err(SessionError::Config(_))

@@ -11,7 +11,9 @@
 //! touching the session's other channels; the refusals are counted in
 //! [`ListenerStats`] and the last few reported in [`Accepted::refused`]. The listener
 //! survives every refusal and resource failure and can accept one session after
-//! another.
+//! another, and several at once from different threads (each call with its own session
+//! id and key, up to [`ListenerConfig::max_sessions`]); each connection goes to the
+//! session its HELLO names.
 //!
 //! A handshaken connection is an [`Established`]; turn it into a channel of the
 //! backend you want on the thread that will drive it ([`Established::open`]); io_uring
@@ -54,7 +56,7 @@ pub enum Backend {
 pub struct SessionConfig {
     /// What this side can do.
     pub caps: Capabilities,
-    /// The session id (the destination accepts only this one).
+    /// The session id (a destination's call accepts only this one's channels).
     pub session: SessionId,
     /// Channels the source opens.
     pub channels: u16,
@@ -149,6 +151,20 @@ pub enum SessionError {
         count: u16,
         /// The limit.
         max: u16,
+    },
+    /// [`ListenerConfig::max_sessions`] sessions are already being accepted.
+    #[error(
+        "{max} sessions are already being accepted on this listener (ListenerConfig::max_sessions); try again when one is done"
+    )]
+    TooManySessions {
+        /// The limit.
+        max: usize,
+    },
+    /// Another call is already accepting this session id on the listener.
+    #[error("session {session:?} is already being accepted on this listener")]
+    SessionInUse {
+        /// The session id.
+        session: SessionId,
     },
     /// A setting is invalid.
     #[error("invalid session configuration: {0}")]
