@@ -147,6 +147,15 @@ pub struct DestinationConfig {
     /// Most connections whose handshake is in progress at once; more wait in the
     /// kernel's backlog.
     pub max_pending: usize,
+    /// Most sessions accepted at once on one [`DestinationListener`]
+    /// ([`DestinationListener::accept`]/[`DestinationListener::accept_with`] calls
+    /// running together on different threads); taken when the listener is bound. At
+    /// least 1.
+    ///
+    /// [`DestinationListener`]: crate::DestinationListener
+    /// [`DestinationListener::accept`]: crate::DestinationListener::accept
+    /// [`DestinationListener::accept_with`]: crate::DestinationListener::accept_with
+    pub max_sessions: usize,
     /// How long a channel may stay silent before the source counts as gone.
     pub idle_timeout: Duration,
 }
@@ -154,7 +163,7 @@ pub struct DestinationConfig {
 impl DestinationConfig {
     /// Defaults: 4 KiB pages, 256 pages per frame, TCP, [`DestinationLimits`]' defaults
     /// (16 GiB of guest memory, 64 channels, 256 MiB of device state), 10 s per
-    /// handshake, 64 pending handshakes.
+    /// handshake, 64 pending handshakes, 8 sessions at once.
     pub fn new(session: SessionId, auth: Authentication) -> Self {
         Self {
             session,
@@ -167,6 +176,7 @@ impl DestinationConfig {
             accept_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             max_pending: 64,
+            max_sessions: 8,
             idle_timeout: Duration::from_secs(60),
         }
     }

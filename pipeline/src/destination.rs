@@ -13,6 +13,11 @@
 //! [`DestinationConfig::limits`] before any memory is mapped. Completion is reported
 //! only when every channel has ended the final round with the frame and page counts the
 //! source announced, and every device-state section has arrived whole.
+//!
+//! One bound [`DestinationListener`] serves one session after another, and, shared
+//! between threads, up to [`DestinationConfig::max_sessions`] at once:
+//! [`DestinationListener::accept`] for the session it was bound with,
+//! [`DestinationListener::accept_with`] for any other id and key.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -90,19 +95,9 @@ impl DestinationListener {
     ///
     /// # Errors
     /// [`MigrationError::Session`] when the socket cannot be bound or a listener
-    /// setting (`max_pending`, `limits.max_channels`) is zero.
+    /// setting (`max_pending`, `max_sessions`, `limits.max_channels`) is zero.
     pub fn bind(addr: SocketAddr, config: DestinationConfig) -> Result<Self, MigrationError> {
-        let mut caps = Capabilities::new(config.page_size);
-        caps.max_pages = config.max_pages;
-        caps.max_frame_bytes = frame_bytes(config.page_size, config.max_pages);
-        caps.checksum = config.checksum;
-        caps.codecs = CodecSet::all_known();
-        let mut scfg = SessionConfig::new(caps, config.session, 1, config.auth.clone());
-        scfg.tcp.recv_timeout = Some(config.idle_timeout);
-        scfg.uring.recv_timeout = Some(config.idle_timeout);
-        scfg.handshake_timeout = config.handshake_timeout;
-        scfg.listener.max_pending = config.max_pending;
-        scfg.listener.max_channels = config.limits.max_channels;
+        let scfg = session_config(&config);
         let listener = Listener::bind(addr, &scfg)?;
         Ok(Self {
             listener,
@@ -125,23 +120,55 @@ impl DestinationListener {
         self.listener.stats()
     }
 
+    /// How many sessions are being accepted right now ([`Self::accept`] and
+    /// [`Self::accept_with`] calls in progress).
+    pub fn accepting(&self) -> usize {
+        self.listener.accepting()
+    }
+
     /// Accepts the session's channels and starts applying frames. With `memory`, the
     /// source's layout must match it; without, the destination allocates guest memory
     /// when the layout arrives and pre-faults it in the background. The listener stays
     /// bound: after a failed or hostile attempt, call `accept` again.
     ///
     /// # Errors
-    /// [`MigrationError::Session`] when the channels do not all arrive in time.
+    /// [`MigrationError::Session`] when the channels do not all arrive in time, or when
+    /// this session is already being accepted or `max_sessions` sessions are.
     pub fn accept(&self, memory: Option<Arc<GuestMemory>>) -> Result<Destination, MigrationError> {
-        let accepted = self
-            .listener
-            .accept_session(&self.scfg, self.config.accept_timeout)?;
+        self.accept_session(&self.config, &self.scfg, memory)
+    }
+
+    /// Accepts the channels of the session `config` describes (its own session id,
+    /// authentication, page size, limits, timeouts and backend) on this bound listener,
+    /// like [`Self::accept`]. Share the listener (e.g. in an `Arc`) and call this from
+    /// one thread per incoming migration to accept several at once, up to the
+    /// `max_sessions` the listener was bound with; each connection goes to the session
+    /// its handshake names. `config.max_sessions` is not used here.
+    ///
+    /// # Errors
+    /// As [`Self::accept`]; [`MigrationError::Session`] also for a `config` whose
+    /// listener settings are zero.
+    pub fn accept_with(
+        &self,
+        config: &DestinationConfig,
+        memory: Option<Arc<GuestMemory>>,
+    ) -> Result<Destination, MigrationError> {
+        self.accept_session(config, &session_config(config), memory)
+    }
+
+    fn accept_session(
+        &self,
+        config: &DestinationConfig,
+        scfg: &SessionConfig,
+        memory: Option<Arc<GuestMemory>>,
+    ) -> Result<Destination, MigrationError> {
+        let accepted = self.listener.accept_session(scfg, config.accept_timeout)?;
         let n = accepted.channels.len() as u16;
-        let rules = DestinationSession::new(n, self.config.page_size, self.config.limits)
+        let rules = DestinationSession::new(n, config.page_size, config.limits)
             .map_err(|source| MigrationError::Rule { channel: 0, source })?;
         let shared = Arc::new(Shared {
-            page_size: self.config.page_size,
-            wait: self.config.idle_timeout,
+            page_size: config.page_size,
+            wait: config.idle_timeout,
             memory: Mutex::new(memory.map(|m| (m, None))),
             state: Mutex::new(State {
                 rules,
@@ -160,8 +187,8 @@ impl DestinationListener {
         for est in accepted.channels {
             let ch = est.negotiated.channel.0;
             let shared2 = shared.clone();
-            let backend = self.config.backend;
-            let scfg = self.scfg.clone();
+            let backend = config.backend;
+            let scfg = scfg.clone();
             let t = std::thread::Builder::new()
                 .name(format!("pagewire-dst-{ch}"))
                 .spawn(move || {
@@ -212,6 +239,23 @@ impl DestinationListener {
             started: Instant::now(),
         })
     }
+}
+
+/// The transport's settings for the session `config` describes.
+fn session_config(config: &DestinationConfig) -> SessionConfig {
+    let mut caps = Capabilities::new(config.page_size);
+    caps.max_pages = config.max_pages;
+    caps.max_frame_bytes = frame_bytes(config.page_size, config.max_pages);
+    caps.checksum = config.checksum;
+    caps.codecs = CodecSet::all_known();
+    let mut scfg = SessionConfig::new(caps, config.session, 1, config.auth.clone());
+    scfg.tcp.recv_timeout = Some(config.idle_timeout);
+    scfg.uring.recv_timeout = Some(config.idle_timeout);
+    scfg.handshake_timeout = config.handshake_timeout;
+    scfg.listener.max_pending = config.max_pending;
+    scfg.listener.max_channels = config.limits.max_channels;
+    scfg.listener.max_sessions = config.max_sessions;
+    scfg
 }
 
 /// A destination receiving a migration.
