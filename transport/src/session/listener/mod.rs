@@ -1,0 +1,502 @@
+//! The destination's side: accepting the channels of a session.
+//!
+//! Before its handshake completes a connection is anyone on the network, so everything
+//! it can hold is bounded. [`Listener::accept_session`] runs the pending handshakes on
+//! the calling threads, multiplexed with `mio` over non-blocking sockets; no thread is
+//! spawned per connection. Each pending connection has
+//!
+//! - a deadline of its own ([`SessionConfig::handshake_timeout`]), separate from the
+//!   accept window,
+//! - at most one handshake frame of buffered input (the protocol's 4096-byte handshake
+//!   frame limit) and the few frames of its own replies,
+//! - a place among at most [`ListenerConfig::max_pending`] pending connections; while
+//!   they are all taken, new connections wait in the kernel's backlog
+//!   ([`ListenerConfig::backlog`]) and are accepted as places free up.
+//!
+//! A HELLO that asks for more than [`ListenerConfig::max_channels`] channels is refused
+//! with a REJECT (`BAD_CHANNEL`) as soon as it arrives. A failing `accept` (out of file
+//! descriptors, memory or socket buffers) is counted and retried after
+//! [`ListenerConfig::accept_backoff`]; it ends neither the call nor the listener.
+//! Refusals are counted in [`ListenerStats`]; only the last few reasons are kept.
+//!
+//! The listener is not consumed: after a session was accepted, or after an attempt
+//! failed, [`Listener::accept_session`] can be called again on the same socket.
+//!
+//! Several sessions can be accepted at once, each by its own call on its own thread
+//! with its own [`SessionConfig`] (session id and authentication), up to
+//! [`ListenerConfig::max_sessions`]; a call beyond it fails at once with
+//! [`SessionError::TooManySessions`], and a second call for a session id already being
+//! accepted with [`SessionError::SessionInUse`]. The calls share one poll, the pending
+//! handshakes and a registry of the sessions being accepted, behind one mutex; each
+//! call drives the poll for a slice of at most 50 ms, then lets the others have a
+//! turn, and returns when its own session's channels are all there. A pending
+//! connection belongs to the session its HELLO names: only then is its handshake built,
+//! with that session's settings; a HELLO of a session nobody is accepting is refused
+//! (`UNKNOWN_SESSION`). A refusal is listed with the session the connection named, or
+//! with every session being accepted when it named none of them. The bounds on
+//! connections before their HELLO (`max_pending`, `accept_backoff`, the handshake
+//! deadline) are those of the call driving the poll when the connection is accepted;
+//! after its HELLO, a connection is held to its own session's `max_channels`.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use mio::net::TcpListener as MioListener;
+use mio::{Events, Interest, Poll, Token};
+use pagewire_protocol::limits::HANDSHAKE_MAX_FRAME;
+use pagewire_protocol::{ServerConfig, ServerHandshake};
+
+use super::{Established, SessionConfig, SessionError};
+use crate::tcp;
+
+mod pending;
+mod shared;
+mod stats;
+
+use shared::{Entry, Shared};
+use stats::Counters;
+pub use stats::ListenerStats;
+
+/// How many refusal reasons [`Accepted::refused`] keeps (the most recent ones).
+pub const MAX_REFUSALS_KEPT: usize = 16;
+
+const LISTENER: Token = Token(usize::MAX);
+
+/// Bounds of a [`Listener`] on connections that have not completed their handshake.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenerConfig {
+    /// Most connections whose handshake is in progress at once; further connections
+    /// wait in the kernel's backlog. At least 1.
+    pub max_pending: usize,
+    /// Most channels a session may have; a HELLO asking for more is refused at once.
+    /// At least 1.
+    pub max_channels: u16,
+    /// The `listen(2)` backlog: connections the kernel holds while `max_pending` are
+    /// in progress (the kernel caps it at `net.core.somaxconn`). At least 1.
+    pub backlog: u32,
+    /// Pause before retrying an `accept` that failed for lack of resources
+    /// (file descriptors, memory). More than zero.
+    pub accept_backoff: Duration,
+    /// Most sessions accepted at once ([`Listener::accept_session`] calls running
+    /// together on different threads); taken when the listener is bound. At least 1.
+    pub max_sessions: usize,
+}
+
+impl Default for ListenerConfig {
+    /// 64 pending handshakes, 64 channels, a backlog of 1024, 50 ms back-off, 8
+    /// sessions at once.
+    fn default() -> Self {
+        Self {
+            max_pending: 64,
+            max_channels: 64,
+            backlog: 1024,
+            accept_backoff: Duration::from_millis(50),
+            max_sessions: 8,
+        }
+    }
+}
+
+impl ListenerConfig {
+    fn validate(&self) -> Result<(), SessionError> {
+        let bad = SessionError::Config;
+        if self.max_pending == 0 {
+            return Err(bad("ListenerConfig::max_pending must be at least 1"));
+        }
+        if self.max_channels == 0 {
+            return Err(bad("ListenerConfig::max_channels must be at least 1"));
+        }
+        if self.backlog == 0 || i32::try_from(self.backlog).is_err() {
+            return Err(bad("ListenerConfig::backlog must be 1..=i32::MAX"));
+        }
+        if self.accept_backoff.is_zero() {
+            return Err(bad("ListenerConfig::accept_backoff must be more than zero"));
+        }
+        if self.max_sessions == 0 {
+            return Err(bad("ListenerConfig::max_sessions must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// The channels of one session, and what was refused while waiting for them.
+#[derive(Debug)]
+pub struct Accepted {
+    /// The channels, in index order.
+    pub channels: Vec<Established>,
+    /// The last [`MAX_REFUSALS_KEPT`] connections refused meanwhile that named this
+    /// session or no session being accepted, with the reason (all refusals are counted
+    /// in `stats`).
+    pub refused: Vec<SessionError>,
+    /// What happened to the connections the listener saw during this call (those of
+    /// sessions accepted at the same time included).
+    pub stats: ListenerStats,
+}
+
+/// The longest a call drives the shared poll before it lets other calls have a turn.
+const SLICE: Duration = Duration::from_millis(50);
+
+/// Accepts the channels of sessions on one socket: one session after another, and up
+/// to [`ListenerConfig::max_sessions`] at once from different threads.
+#[derive(Debug)]
+pub struct Listener {
+    socket: MioListener,
+    /// The poll, the pending handshakes and the sessions being accepted. A call holds
+    /// it for one slice (at most [`SLICE`]) at a time.
+    shared: Mutex<Shared>,
+    counters: Counters,
+    /// [`ListenerConfig::max_sessions`] as bound.
+    max_sessions: usize,
+}
+
+impl Listener {
+    /// Listens on `addr` with the socket settings of `cfg`, its
+    /// [`ListenerConfig::backlog`] and its [`ListenerConfig::max_sessions`].
+    ///
+    /// # Errors
+    /// [`SessionError::Tcp`] when the socket cannot be bound, [`SessionError::Config`]
+    /// for an invalid [`ListenerConfig`], [`SessionError::Io`] when epoll cannot be set
+    /// up.
+    pub fn bind(addr: SocketAddr, cfg: &SessionConfig) -> Result<Self, SessionError> {
+        cfg.listener.validate()?;
+        let io_err = |op| move |source| SessionError::Io { op, source };
+        let std_listener = tcp::listen(addr, &cfg.tcp)?;
+        // Listening again only changes the backlog (validated to fit an i32).
+        socket2::SockRef::from(&std_listener)
+            .listen(cfg.listener.backlog as i32)
+            .map_err(io_err("listen"))?;
+        std_listener
+            .set_nonblocking(true)
+            .map_err(io_err("fcntl(O_NONBLOCK)"))?;
+        let mut socket = MioListener::from_std(std_listener);
+        let poll = Poll::new().map_err(io_err("epoll_create"))?;
+        poll.registry()
+            .register(&mut socket, LISTENER, Interest::READABLE)
+            .map_err(io_err("epoll_ctl"))?;
+        Ok(Self {
+            socket,
+            shared: Mutex::new(Shared {
+                poll,
+                events: Events::with_capacity(256),
+                conns: Vec::new(),
+                free: Vec::new(),
+                pending: 0,
+                listener_ready: true,
+                retry_at: None,
+                at_cap: false,
+                sessions: Vec::new(),
+                scratch: vec![0u8; HANDSHAKE_MAX_FRAME as usize],
+            }),
+            counters: Counters::default(),
+            max_sessions: cfg.listener.max_sessions,
+        })
+    }
+
+    /// The address listened on.
+    ///
+    /// # Errors
+    /// `getsockname`'s error.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// What the listener did with the connections it saw since it was bound; readable
+    /// from any thread, also while a call is accepting.
+    pub fn stats(&self) -> ListenerStats {
+        self.counters.snapshot()
+    }
+
+    /// How many sessions are being accepted right now ([`Self::accept_session`] calls
+    /// in progress).
+    pub fn accepting(&self) -> usize {
+        self.lock().sessions.len()
+    }
+
+    /// Accepts connections until every channel of session `cfg.session` has completed
+    /// its handshake, or `timeout` passes. Each connection is matched to a session by
+    /// the id in its HELLO: other calls running at the same time on other threads
+    /// (up to [`ListenerConfig::max_sessions`], each with its own session id and
+    /// authentication) get their own channels, and a HELLO of a session nobody is
+    /// accepting is refused (`UNKNOWN_SESSION`). Garbage, failed authentication, too
+    /// many channels and handshakes that miss their deadline are refused too, counted
+    /// in [`Accepted::stats`] and [`Self::stats`], and the last few listed in
+    /// [`Accepted::refused`]. When the call returns, handshakes in progress for its
+    /// session (all of them, when no other call is accepting) are closed. The listener
+    /// can be called again after any outcome.
+    ///
+    /// # Errors
+    /// [`SessionError::TooManySessions`] at once when `max_sessions` calls are already
+    /// accepting; [`SessionError::SessionInUse`] at once when another call is accepting
+    /// the same session id; [`SessionError::Incomplete`] when the channels do not all
+    /// arrive in time; [`SessionError::Config`] or [`SessionError::Handshake`] for an
+    /// invalid `cfg`; [`SessionError::Io`] when epoll fails or `accept` fails for a
+    /// reason other than a lack of resources.
+    pub fn accept_session(
+        &self,
+        cfg: &SessionConfig,
+        timeout: Duration,
+    ) -> Result<Accepted, SessionError> {
+        cfg.listener.validate()?;
+        let server = ServerConfig {
+            caps: cfg.caps,
+            session: Some(cfg.session),
+            auth: cfg.auth.clone(),
+        };
+        // A configuration the handshake refuses is this side's fault: say so now.
+        ServerHandshake::new(server.clone(), [0; 32]).map_err(|source| {
+            SessionError::Handshake {
+                channel: None,
+                peer: self
+                    .local_addr()
+                    .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into()),
+                peer_message: None,
+                source,
+            }
+        })?;
+        let deadline = Instant::now() + timeout;
+        let before = self.counters.snapshot();
+        {
+            let mut sh = self.lock();
+            if sh
+                .sessions
+                .iter()
+                .any(|s| s.server.session == Some(cfg.session))
+            {
+                return Err(SessionError::SessionInUse {
+                    session: cfg.session,
+                });
+            }
+            if sh.sessions.len() >= self.max_sessions {
+                return Err(SessionError::TooManySessions {
+                    max: self.max_sessions,
+                });
+            }
+            sh.sessions.push(Entry {
+                server: server.clone(),
+                max_channels: cfg.listener.max_channels,
+                slots: Vec::new(),
+                count: None,
+                refused: VecDeque::new(),
+                peak: 0,
+            });
+            // Connections may have queued while no call was running: try at once.
+            sh.listener_ready = true;
+        }
+        let id = cfg.session;
+        loop {
+            let mut sh = self.lock();
+            let done = sh.entry(id).is_some_and(Entry::is_complete);
+            let now = Instant::now();
+            let result = if done {
+                Some(Ok(()))
+            } else if now >= deadline {
+                let e = sh.entry(id);
+                Some(Err(SessionError::Incomplete {
+                    have: e.map_or(0, |e| e.slots.iter().flatten().count()),
+                    need: e.and_then(|e| e.count).map_or(0, usize::from),
+                    timeout,
+                }))
+            } else {
+                let lim = Turn {
+                    listener: cfg.listener,
+                    handshake_timeout: cfg.handshake_timeout,
+                    server: &server,
+                };
+                sh.step(
+                    &self.socket,
+                    &self.counters,
+                    &lim,
+                    deadline.min(now + SLICE),
+                )
+                .err()
+                .map(Err)
+            };
+            if let Some(result) = result {
+                let entry = sh.unregister(id, &self.counters);
+                drop(sh);
+                let (channels, refused, peak) = entry.map_or_else(Default::default, |e| {
+                    (
+                        e.slots.into_iter().flatten().collect(),
+                        e.refused.into(),
+                        e.peak,
+                    )
+                });
+                let stats = self.counters.snapshot().since(&before, peak);
+                return result.map(|()| Accepted {
+                    channels,
+                    refused,
+                    stats,
+                });
+            }
+            let others = sh.sessions.len() > 1;
+            drop(sh);
+            if others {
+                // Let a call waiting for the lock take its turn (std's mutex is not fair).
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The settings of the call driving the poll for a slice.
+struct Turn<'a> {
+    listener: ListenerConfig,
+    handshake_timeout: Duration,
+    /// Answers connections that name no session being accepted (or send garbage).
+    server: &'a ServerConfig,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::connect;
+    use crate::session::connect_channel;
+    use pagewire_protocol::SessionKey;
+    use pagewire_protocol::{Authentication, Capabilities, HandshakeError, SessionId};
+    use std::io::Write;
+    use std::net::TcpStream;
+
+    fn cfg(session: u8, channels: u16, key: Option<&[u8]>) -> SessionConfig {
+        let auth = match key {
+            Some(k) => Authentication::PreSharedKey(SessionKey::new(k.to_vec()).unwrap()),
+            None => Authentication::None,
+        };
+        let mut c = SessionConfig::new(
+            Capabilities::new(4096),
+            SessionId([session; 16]),
+            channels,
+            auth,
+        );
+        c.handshake_timeout = Duration::from_secs(5);
+        c
+    }
+
+    #[test]
+    fn channels_arrive_in_order_and_strangers_are_refused() {
+        let key = b"0123456789abcdef0123";
+        let dst = cfg(1, 3, Some(key));
+        let l = Listener::bind("127.0.0.1:0".parse().unwrap(), &dst).unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            // Garbage, a wrong key and another session first; then the real channels.
+            let mut g = TcpStream::connect(addr).unwrap();
+            g.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+            let wrong = connect_channel(addr, &cfg(1, 3, Some(b"another key of 20 b")), 0);
+            let other = connect_channel(addr, &cfg(2, 3, Some(key)), 0);
+            let good = connect(addr, &cfg(1, 3, Some(key))).unwrap();
+            (wrong.unwrap_err(), other.unwrap_err(), good)
+        });
+        let acc = l.accept_session(&dst, Duration::from_secs(20)).unwrap();
+        let (wrong, other, good) = t.join().unwrap();
+        assert_eq!(acc.channels.len(), 3);
+        for (i, e) in acc.channels.iter().enumerate() {
+            assert_eq!(e.negotiated.channel.0 as usize, i);
+            assert!(e.negotiated.auth.is_some());
+        }
+        assert_eq!(good.len(), 3);
+        assert!(
+            matches!(
+                wrong,
+                SessionError::Handshake {
+                    source: HandshakeError::AuthFailed,
+                    ..
+                }
+            ),
+            "{wrong}"
+        );
+        assert!(
+            matches!(
+                other,
+                SessionError::Handshake {
+                    source: HandshakeError::Rejected { .. },
+                    ..
+                }
+            ),
+            "{other}"
+        );
+        assert!(acc.refused.len() >= 2, "{:?}", acc.refused);
+    }
+
+    #[test]
+    fn a_duplicate_channel_is_refused() {
+        let dst = cfg(3, 2, None);
+        let l = Listener::bind("127.0.0.1:0".parse().unwrap(), &dst).unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            let src = cfg(3, 2, None);
+            let a = connect_channel(addr, &src, 0).unwrap();
+            let dup = connect_channel(addr, &src, 0).unwrap();
+            let b = connect_channel(addr, &src, 1).unwrap();
+            (a, dup, b)
+        });
+        let acc = l.accept_session(&dst, Duration::from_secs(20)).unwrap();
+        let _keep = t.join().unwrap();
+        assert_eq!(acc.channels.len(), 2);
+        assert!(
+            acc.refused
+                .iter()
+                .any(|e| matches!(e, SessionError::BadChannel { channel: 0, .. }))
+        );
+    }
+
+    #[test]
+    fn missing_channels_time_out_with_a_count() {
+        let dst = cfg(4, 2, None);
+        let l = Listener::bind("127.0.0.1:0".parse().unwrap(), &dst).unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || connect_channel(addr, &cfg(4, 2, None), 1).unwrap());
+        let e = l
+            .accept_session(&dst, Duration::from_millis(1500))
+            .unwrap_err();
+        let _keep = t.join().unwrap();
+        assert!(
+            matches!(
+                e,
+                SessionError::Incomplete {
+                    have: 1,
+                    need: 2,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn invalid_listener_settings_are_refused() {
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let mut c = cfg(5, 1, None);
+        c.listener.max_pending = 0;
+        assert!(matches!(
+            Listener::bind(addr, &c),
+            Err(SessionError::Config(_))
+        ));
+        c = cfg(5, 1, None);
+        c.listener.max_sessions = 0;
+        assert!(matches!(
+            Listener::bind(addr, &c),
+            Err(SessionError::Config(_))
+        ));
+        let good = cfg(5, 1, None);
+        let l = Listener::bind(addr, &good).unwrap();
+        let mut c = good.clone();
+        c.listener.max_channels = 0;
+        assert!(matches!(
+            l.accept_session(&c, Duration::from_millis(10)),
+            Err(SessionError::Config(_))
+        ));
+        c = good;
+        c.listener.accept_backoff = Duration::ZERO;
+        assert!(matches!(
+            l.accept_session(&c, Duration::from_millis(10)),
+            Err(SessionError::Config(_))
+        ));
+    }
+}

@@ -1,0 +1,446 @@
+//! What the calls of one listener share: the poll, the pending connections and the
+//! sessions being accepted.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use mio::net::{TcpListener as MioListener, TcpStream as MioStream};
+use mio::{Events, Interest, Poll, Token};
+use pagewire_protocol::{FrameDecoder, HandshakeError, Limits, ServerConfig, SessionId};
+
+use super::pending::{Outcome, Pending, Phase, drive_one};
+use super::stats::{Counters, bump};
+use super::{LISTENER, MAX_REFUSALS_KEPT, Turn};
+use crate::session::{Established, SessionError};
+
+/// A session being accepted by one call.
+#[derive(Debug)]
+pub(super) struct Entry {
+    /// Its handshake settings (`session` is always `Some`).
+    pub(super) server: ServerConfig,
+    pub(super) max_channels: u16,
+    pub(super) slots: Vec<Option<Established>>,
+    pub(super) count: Option<u16>,
+    pub(super) refused: VecDeque<SessionError>,
+    pub(super) peak: u64,
+}
+
+impl Entry {
+    pub(super) fn is_complete(&self) -> bool {
+        self.count.is_some() && self.slots.iter().all(Option::is_some)
+    }
+
+    /// Keeps the reason, dropping the oldest beyond [`MAX_REFUSALS_KEPT`].
+    pub(super) fn refuse(&mut self, e: SessionError) {
+        if self.refused.len() == MAX_REFUSALS_KEPT {
+            self.refused.pop_front();
+        }
+        self.refused.push_back(e);
+    }
+}
+
+/// The state the calls of one [`Listener`] share.
+#[derive(Debug)]
+pub(super) struct Shared {
+    pub(super) poll: Poll,
+    pub(super) events: Events,
+    pub(super) conns: Vec<Option<Pending>>,
+    pub(super) free: Vec<usize>,
+    pub(super) pending: usize,
+    pub(super) listener_ready: bool,
+    pub(super) retry_at: Option<Instant>,
+    pub(super) at_cap: bool,
+    pub(super) sessions: Vec<Entry>,
+    pub(super) scratch: Vec<u8>,
+}
+
+impl Shared {
+    pub(super) fn entry(&self, id: SessionId) -> Option<&Entry> {
+        self.sessions.iter().find(|s| s.server.session == Some(id))
+    }
+
+    fn entry_mut(&mut self, id: SessionId) -> Option<&mut Entry> {
+        self.sessions
+            .iter_mut()
+            .find(|s| s.server.session == Some(id))
+    }
+
+    /// Removes session `id`, closing the handshakes in progress for it (all of them
+    /// when no other session is being accepted).
+    pub(super) fn unregister(&mut self, id: SessionId, counters: &Counters) -> Option<Entry> {
+        let pos = self
+            .sessions
+            .iter()
+            .position(|s| s.server.session == Some(id));
+        let entry = pos.map(|p| self.sessions.swap_remove(p));
+        let last = self.sessions.is_empty();
+        for i in 0..self.conns.len() {
+            let ours = self.conns[i]
+                .as_ref()
+                .is_some_and(|c| last || c.session == Some(id));
+            if ours && let Some(mut c) = self.conns[i].take() {
+                let _ = self.poll.registry().deregister(&mut c.stream);
+                self.free.push(i);
+                self.pending -= 1;
+                bump(&counters.abandoned);
+            }
+        }
+        entry
+    }
+
+    /// Accepts what waits, closes what missed its deadline, polls once (until `until`
+    /// at the latest) and drives the connections that became ready.
+    pub(super) fn step(
+        &mut self,
+        socket: &MioListener,
+        counters: &Counters,
+        lim: &Turn<'_>,
+        until: Instant,
+    ) -> Result<(), SessionError> {
+        let limits = lim.listener;
+        let now = Instant::now();
+        if self.listener_ready && self.retry_at.is_none_or(|t| now >= t) {
+            self.retry_at = None;
+            loop {
+                if self.pending >= limits.max_pending {
+                    if !self.at_cap {
+                        self.at_cap = true;
+                        bump(&counters.cap_reached);
+                    }
+                    break;
+                }
+                match socket.accept() {
+                    Ok((stream, peer)) => {
+                        self.at_cap = false;
+                        bump(&counters.accepted);
+                        self.start(counters, stream, peer, now + lim.handshake_timeout);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.listener_ready = false;
+                        break;
+                    }
+                    Err(e) if is_transient(&e) => {}
+                    Err(e) if is_fatal(&e) => {
+                        return Err(SessionError::Io {
+                            op: "accept",
+                            source: e,
+                        });
+                    }
+                    Err(_) => {
+                        // Out of descriptors, memory or buffers: the connection stays
+                        // in the backlog; try again after a pause.
+                        bump(&counters.accept_errors);
+                        self.retry_at = Some(now + limits.accept_backoff);
+                        break;
+                    }
+                }
+            }
+        }
+        let mut wake = until;
+        for i in 0..self.conns.len() {
+            let Some(c) = &self.conns[i] else { continue };
+            if c.deadline <= now {
+                let peer = c.peer;
+                bump(&counters.timed_out);
+                self.close(
+                    i,
+                    Some(SessionError::HandshakeIo {
+                        peer,
+                        source: io::ErrorKind::TimedOut.into(),
+                    }),
+                );
+            } else {
+                wake = wake.min(c.deadline);
+            }
+        }
+        if self.listener_ready && self.pending < limits.max_pending {
+            wake = wake.min(self.retry_at.unwrap_or(now));
+        }
+        match self
+            .poll
+            .poll(&mut self.events, Some(wake.saturating_duration_since(now)))
+        {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            Err(source) => {
+                return Err(SessionError::Io {
+                    op: "epoll_wait",
+                    source,
+                });
+            }
+        }
+        let ready: Vec<Token> = self.events.iter().map(|ev| ev.token()).collect();
+        for token in ready {
+            match token {
+                LISTENER => self.listener_ready = true,
+                Token(i) => self.drive(counters, lim, i),
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes a new connection into a free place and registers it.
+    fn start(
+        &mut self,
+        counters: &Counters,
+        mut stream: MioStream,
+        peer: SocketAddr,
+        deadline: Instant,
+    ) {
+        let i = self.free.pop().unwrap_or(self.conns.len());
+        if let Err(source) = self.poll.registry().register(
+            &mut stream,
+            Token(i),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            // Not a resource we may panic on: refuse this connection only.
+            bump(&counters.closed);
+            self.free.push(i);
+            self.refuse(None, SessionError::HandshakeIo { peer, source });
+            return;
+        }
+        let c = Pending {
+            stream,
+            peer,
+            hs: None,
+            session: None,
+            hello: Some(FrameDecoder::new(Limits::handshake())),
+            early: Vec::new(),
+            out: Vec::new(),
+            leftover: Vec::new(),
+            deadline,
+            phase: Phase::Running,
+        };
+        if i == self.conns.len() {
+            self.conns.push(Some(c));
+        } else {
+            self.conns[i] = Some(c);
+        }
+        self.pending += 1;
+        let pending = self.pending as u64;
+        for s in &mut self.sessions {
+            s.peak = s.peak.max(pending);
+        }
+        counters.peak_pending.fetch_max(pending, Ordering::Relaxed);
+    }
+
+    /// Moves a connection's handshake on after its socket became ready.
+    fn drive(&mut self, counters: &Counters, lim: &Turn<'_>, i: usize) {
+        let Some(Some(c)) = self.conns.get_mut(i) else {
+            return;
+        };
+        let fallback = (lim.server, lim.listener.max_channels);
+        let outcome = drive_one(c, &mut self.scratch, &self.sessions, fallback);
+        match outcome {
+            Outcome::Wait => {}
+            Outcome::Established => self.establish(counters, i),
+            Outcome::Refused(e) => {
+                let counter = match &e {
+                    SessionError::TooManyChannels { .. } => &counters.refused_too_many_channels,
+                    SessionError::Handshake { .. } => &counters.refused_handshake,
+                    _ => &counters.closed,
+                };
+                bump(counter);
+                self.close(i, Some(e));
+            }
+        }
+    }
+
+    /// Hands a handshaken connection to its slot in its session.
+    fn establish(&mut self, counters: &Counters, i: usize) {
+        let Some(mut c) = self.conns.get_mut(i).and_then(Option::take) else {
+            return;
+        };
+        self.free.push(i);
+        self.pending -= 1;
+        let _ = self.poll.registry().deregister(&mut c.stream);
+        let Some(negotiated) = c.hs.as_ref().and_then(|hs| hs.negotiated().copied()) else {
+            bump(&counters.refused_handshake);
+            self.refuse(
+                c.session,
+                SessionError::Handshake {
+                    channel: None,
+                    peer: c.peer,
+                    peer_message: None,
+                    source: HandshakeError::ProtocolError("handshake done without an agreement"),
+                },
+            );
+            return;
+        };
+        let Some(entry) = self.entry_mut(negotiated.session) else {
+            // Its call returned while the handshake finished.
+            bump(&counters.abandoned);
+            return;
+        };
+        let max = entry.max_channels;
+        if negotiated.channel_count > max {
+            bump(&counters.refused_too_many_channels);
+            entry.refuse(SessionError::TooManyChannels {
+                peer: c.peer,
+                count: negotiated.channel_count,
+                max,
+            });
+            return;
+        }
+        let stream = std::net::TcpStream::from(OwnedFd::from(c.stream));
+        if let Err(source) = stream.set_nonblocking(false) {
+            bump(&counters.closed);
+            entry.refuse(SessionError::HandshakeIo {
+                peer: c.peer,
+                source,
+            });
+            return;
+        }
+        let est = Established {
+            stream,
+            negotiated,
+            leftover: c.leftover,
+        };
+        match place(&mut entry.slots, &mut entry.count, est, c.peer) {
+            Ok(()) => bump(&counters.established),
+            Err(e) => {
+                bump(&counters.refused_channel);
+                entry.refuse(e);
+            }
+        }
+    }
+
+    /// Closes a pending connection, recording why.
+    fn close(&mut self, i: usize, why: Option<SessionError>) {
+        let mut session = None;
+        if let Some(mut c) = self.conns.get_mut(i).and_then(Option::take) {
+            let _ = self.poll.registry().deregister(&mut c.stream);
+            self.free.push(i);
+            self.pending -= 1;
+            session = c.session;
+        }
+        if let Some(e) = why {
+            self.refuse(session, e);
+        }
+    }
+
+    /// Keeps a refusal with the session the connection named, or, when it named none
+    /// being accepted, with every session being accepted.
+    fn refuse(&mut self, session: Option<SessionId>, e: SessionError) {
+        if let Some(entry) = session.and_then(|id| self.entry_mut(id)) {
+            entry.refuse(e);
+            return;
+        }
+        let Some((last, rest)) = self.sessions.split_last_mut() else {
+            return;
+        };
+        for s in rest {
+            s.refuse(copy_refusal(&e));
+        }
+        last.refuse(e);
+    }
+}
+
+/// A copy of a refusal for another session's list (an `io::Error` keeps its kind and
+/// message only).
+fn copy_refusal(e: &SessionError) -> SessionError {
+    let io = |s: &io::Error| io::Error::new(s.kind(), s.to_string());
+    match e {
+        SessionError::Handshake {
+            channel,
+            peer,
+            peer_message,
+            source,
+        } => SessionError::Handshake {
+            channel: *channel,
+            peer: *peer,
+            peer_message: peer_message.clone(),
+            source: *source,
+        },
+        SessionError::HandshakeIo { peer, source } => SessionError::HandshakeIo {
+            peer: *peer,
+            source: io(source),
+        },
+        SessionError::BadChannel {
+            channel,
+            count,
+            peer,
+            why,
+        } => SessionError::BadChannel {
+            channel: *channel,
+            count: *count,
+            peer: *peer,
+            why,
+        },
+        SessionError::TooManyChannels { peer, count, max } => SessionError::TooManyChannels {
+            peer: *peer,
+            count: *count,
+            max: *max,
+        },
+        other => SessionError::Io {
+            op: "handshake",
+            source: io::Error::other(other.to_string()),
+        },
+    }
+}
+
+/// An `accept` error that concerns only the connection being accepted (accept(2) says
+/// to treat these like `EAGAIN` and go on).
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::Interrupted
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    ) || matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ENETDOWN
+                | libc::EPROTO
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::ENETUNREACH
+        )
+    )
+}
+
+/// An `accept` error that waiting will not cure: the socket itself is unusable.
+fn is_fatal(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EBADF | libc::EINVAL | libc::ENOTSOCK | libc::EOPNOTSUPP | libc::EFAULT)
+    )
+}
+
+/// Puts a handshaken channel into its slot, refusing duplicates and disagreeing counts.
+fn place(
+    slots: &mut Vec<Option<Established>>,
+    count: &mut Option<u16>,
+    est: Established,
+    peer: SocketAddr,
+) -> Result<(), SessionError> {
+    let n = est.negotiated;
+    let bad = |why| SessionError::BadChannel {
+        channel: n.channel.0,
+        count: n.channel_count,
+        peer,
+        why,
+    };
+    match *count {
+        None => {
+            *count = Some(n.channel_count);
+            slots.resize_with(usize::from(n.channel_count), || None);
+        }
+        Some(c) if c != n.channel_count => return Err(bad("its channel count differs")),
+        Some(_) => {}
+    }
+    let slot = slots
+        .get_mut(usize::from(n.channel.0))
+        .ok_or_else(|| bad("index out of range"))?;
+    if slot.is_some() {
+        return Err(bad("that index is already open"));
+    }
+    *slot = Some(est);
+    Ok(())
+}
