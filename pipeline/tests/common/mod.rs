@@ -153,7 +153,7 @@ impl Proxy {
             stop: &AtomicBool,
             stalled: &std::sync::Mutex<Option<std::time::Instant>>,
         ) {
-            use std::io::{Read, Write};
+            use std::io::Write;
             let mut buf = vec![0u8; 64 << 10];
             let mut total = 0u64;
             let mut rng = Rng::new(match fault {
@@ -181,18 +181,10 @@ impl Proxy {
                     Some((Fault::Delay { .. }, _)) => 1 + rng.below(16 << 10) as usize,
                     _ => buf.len(),
                 };
-                let n = match from.read(&mut buf[..cap]) {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                        ) =>
-                    {
-                        continue;
-                    }
-                    Err(_) => break,
+                let n = match read_some(&mut from, &mut buf[..cap]) {
+                    Some(0) => continue,
+                    Some(n) => n,
+                    None => break,
                 };
                 let mut n = n;
                 let cut_at = match fault {
@@ -233,6 +225,25 @@ impl Proxy {
             cut(&from, &to);
         }
 
+        /// Reads what is there: `Some(0)` when the read timed out (nothing yet), `None`
+        /// when the connection closed or failed.
+        fn read_some(from: &mut std::net::TcpStream, buf: &mut [u8]) -> Option<usize> {
+            use std::io::Read;
+            match from.read(buf) {
+                Ok(0) => None,
+                Ok(n) => Some(n),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    Some(0)
+                }
+                Err(_) => None,
+            }
+        }
+
         /// Forwards whole frames, inserting [`INSERTED_EXTENSION`] after CONFIRM,
         /// READY, END_OF_ROUND and ACK.
         fn forward_frames(
@@ -240,22 +251,14 @@ impl Proxy {
             to: &mut std::net::TcpStream,
             stop: &AtomicBool,
         ) {
-            use std::io::{Read, Write};
+            use std::io::Write;
             let mut pending: Vec<u8> = Vec::new();
             let mut buf = vec![0u8; 64 << 10];
             while !stop.load(Ordering::Relaxed) {
-                let n = match from.read(&mut buf) {
-                    Ok(0) => return,
-                    Ok(n) => n,
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                        ) =>
-                    {
-                        continue;
-                    }
-                    Err(_) => return,
+                let n = match read_some(from, &mut buf) {
+                    Some(0) => continue,
+                    Some(n) => n,
+                    None => return,
                 };
                 pending.extend_from_slice(&buf[..n]);
                 let mut at = 0;
