@@ -138,7 +138,7 @@ fn raw_pages<'a>(runs: &'a [PageRun], payload: &'a [u8], round: u32, crc: bool) 
         payload,
     };
     if crc {
-        f.with_crc([payload]).unwrap()
+        f.with_crc(&[payload]).unwrap()
     } else {
         f
     }

@@ -1017,14 +1017,10 @@ impl PageFrame<'_> {
     ///
     /// # Errors
     /// As [`PageFrame::crc_seed`].
-    pub fn with_crc<'p>(
-        self,
-        payload: impl IntoIterator<Item = &'p [u8]>,
-    ) -> Result<Self, EncodeError> {
-        let mut len = 0usize;
-        let parts: Vec<&[u8]> = payload.into_iter().inspect(|p| len += p.len()).collect();
+    pub fn with_crc(self, payload: &[&[u8]]) -> Result<Self, EncodeError> {
+        let len = payload.iter().map(|p| p.len()).sum();
         let mut crc = self.crc_seed(len)?;
-        for p in parts {
+        for p in payload {
             crc = crc32c::crc32c_append(crc, p);
         }
         Ok(PageFrame {
@@ -1216,7 +1212,7 @@ mod tests {
             crc: None,
             payload: &payload,
         }
-        .with_crc([&payload[..]])
+        .with_crc(&[&payload[..]])
         .unwrap();
         assert!(decode_one(&encode(&Frame::Pages(p)), &l).is_ok());
         let mut bytes = encode(&Frame::Pages(p));

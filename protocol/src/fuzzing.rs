@@ -744,7 +744,7 @@ fn session_generated(limits: &Limits, crc: bool, data: &[u8]) -> SessionOutcome 
                     };
                     if crc {
                         frame = frame
-                            .with_crc([&payload[..]])
+                            .with_crc(&[&payload[..]])
                             .expect("a generated frame fits its fields");
                     }
                     source[c]

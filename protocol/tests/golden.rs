@@ -77,7 +77,7 @@ fn samples() -> Vec<Sample> {
         crc: None,
         payload: &deflate_payload,
     }
-    .with_crc([&deflate_payload[..]])
+    .with_crc(&[&deflate_payload[..]])
     .unwrap();
     let hs = |name, f| Sample {
         name,

@@ -422,7 +422,7 @@ mod tests {
             payload: &payload,
         };
         let frame = if crc {
-            frame.with_crc([&payload[..]]).unwrap()
+            frame.with_crc(&[&payload[..]]).unwrap()
         } else {
             frame
         };

@@ -359,7 +359,7 @@ impl Worker {
             payload: &[],
         };
         if self.s.checksum.is_some() {
-            frame = frame.with_crc([]).map_err(|e| MigrationError::Protocol {
+            frame = frame.with_crc(&[]).map_err(|e| MigrationError::Protocol {
                 channel: self.s.ch,
                 what: e.to_string(),
             })?;
