@@ -16,9 +16,7 @@ use pagewire::protocol::{
 };
 use pagewire::sim::{self, Content, Guest, Pattern, WriterConfig};
 use pagewire::transport::session::Backend;
-use pagewire::{
-    DestinationConfig, DestinationListener, DeviceSection, GuestMemory, Source, SourceConfig,
-};
+use pagewire::{DestinationConfig, DestinationListener, GuestMemory, Source, SourceConfig};
 
 const HELP: &str = "\
 pagewire demo: live-migrate a simulated guest over loopback and print the statistics
@@ -273,15 +271,14 @@ fn main() -> anyhow::Result<()> {
     cfg.ack_timeout = Duration::from_secs(args.timeout_s);
     let mut source = Source::connect(addr, memory.clone(), cfg)?;
     let mut log = guest.log();
-    let device_state = || {
-        vec![DeviceSection {
-            name: "demo-vcpu0".into(),
-            instance: 0,
-            data: (0..64 * 1024u32).flat_map(|i| i.to_le_bytes()).collect(),
-        }]
-    };
-    let mut device_state = device_state;
-    let result = pagewire::migrate(&mut source, &mut log, &mut device_state);
+    let mut vcpus = guest.vcpus();
+    let vcpu0: Vec<u8> = (0..64 * 1024u32).flat_map(|i| i.to_le_bytes()).collect();
+    let mut device_state =
+        |out: &mut pagewire::DeviceStateWriter<'_>| -> Result<(), pagewire::DirtyLogError> {
+            out.write_section("demo-vcpu0", 0, &vcpu0)?;
+            Ok(())
+        };
+    let result = pagewire::migrate(&mut source, &mut log, &mut vcpus, &mut device_state);
     guest.stop();
     drop(source);
     let mut stats = match result {
@@ -304,7 +301,7 @@ fn main() -> anyhow::Result<()> {
     if let Some((region, page)) = diff {
         bail!("destination differs from the source at {region:?} page {page}");
     }
-    if migrated.device_state.len() != 1 || migrated.device_state[0].data != device_state()[0].data {
+    if migrated.device_state.len() != 1 || migrated.device_state[0].data != vcpu0 {
         bail!("device state did not arrive intact");
     }
     stats.apply_latency = migrated.stats.apply_latency;

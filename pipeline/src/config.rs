@@ -12,6 +12,7 @@ use crate::limit::RateLimiter;
 use crate::precopy::PrecopyConfig;
 
 /// Source settings.
+#[non_exhaustive]
 #[derive(Clone, Debug)]
 pub struct SourceConfig {
     /// Session id, the same the destination expects.
@@ -121,6 +122,7 @@ impl SourceConfig {
 }
 
 /// Destination settings.
+#[non_exhaustive]
 #[derive(Clone, Debug)]
 pub struct DestinationConfig {
     /// The session accepted.

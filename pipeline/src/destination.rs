@@ -53,7 +53,9 @@ pub struct DeviceSection {
 }
 
 /// What the destination measured.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+#[non_exhaustive]
+#[derive(Clone, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct DestinationStats {
     /// PAGES frames applied.
     pub frames: u64,
@@ -70,6 +72,7 @@ pub struct DestinationStats {
 }
 
 /// A migration that completed: the memory, the device state and the statistics.
+#[non_exhaustive]
 #[derive(Debug)]
 pub struct Migrated {
     /// Guest memory as migrated.

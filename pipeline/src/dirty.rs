@@ -83,12 +83,14 @@ impl DirtyBitmap {
     }
 
     /// ORs a KVM-style bitmap (little-endian u64 words, bit n = page n) into this one.
+    /// Bits past the last page are dropped.
     pub fn merge_words(&self, words: &[u64]) {
         for (w, &bits) in self.words.iter().zip(words) {
             if bits != 0 {
                 w.fetch_or(bits, Ordering::Relaxed);
             }
         }
+        self.clear_tail();
     }
 
     /// Clears every mark.
@@ -165,43 +167,92 @@ impl Iterator for Runs<'_> {
     }
 }
 
-/// Errors a VMM's dirty log reports; boxed so any VMM error type fits.
+/// Errors a VMM's dirty log, vCPU control or device state reports; boxed so any VMM
+/// error type fits.
 pub type DirtyLogError = Box<dyn std::error::Error + Send + Sync>;
 
-/// What the pre-copy driver needs from the VMM: its dirty log and control of the vCPUs.
+/// The VMM's dirty-page log: KVM's dirty bitmap (`KVM_GET_DIRTY_LOG` with
+/// `KVM_CLEAR_DIRTY_LOG`), a dirty ring, or the VMM's own tracking (see
+/// [`DirtyBitmap::merge_vm_memory`] for vm-memory's `AtomicBitmap`).
 ///
-/// Implemented over KVM's dirty log (`KVM_GET_DIRTY_LOG`/`KVM_CLEAR_DIRTY_LOG`), a dirty
-/// ring, or the VMM's own tracking.
+/// [`Migration`](crate::Migration) calls [`start`](Self::start) before the first
+/// round and [`stop`](Self::stop) on every way out (success, failure, cancellation),
+/// so logging never stays on after a migration.
 pub trait DirtyLog: Send {
-    /// Adds the pages of `region` dirtied since the last call to `into` (OR, without
-    /// clearing `into`), and clears them in the log: after this call, a guest write marks
-    /// the page again. Called before the pages are read.
+    /// Turns logging on (e.g. sets `KVM_MEM_LOG_DIRTY_PAGES` on every memslot). Pages
+    /// written from now on are reported by [`sync_and_clear`](Self::sync_and_clear).
+    ///
+    /// # Errors
+    /// Whatever the VMM reports; the migration fails before anything is sent.
+    fn start(&mut self) -> Result<(), DirtyLogError>;
+
+    /// Turns logging off again. Called once per [`start`](Self::start), whatever the
+    /// outcome; an error here is reported in the statistics, not as a failure.
+    ///
+    /// # Errors
+    /// Whatever the VMM reports.
+    fn stop(&mut self) -> Result<(), DirtyLogError>;
+
+    /// Adds the pages of `region` dirtied since the last call (or since
+    /// [`start`](Self::start)) to `into` (OR, without clearing `into`), and clears them
+    /// in the log: after this call, a guest write marks the page again. Called before
+    /// the pages are read.
     ///
     /// # Errors
     /// Whatever the VMM's log reports; the migration fails and the guest keeps running.
     fn sync_and_clear(&mut self, region: RegionId, into: &DirtyBitmap)
     -> Result<(), DirtyLogError>;
+}
 
-    /// Stops the vCPUs for the final round.
+/// The VMM's control of its vCPUs.
+pub trait VcpuControl: Send {
+    /// Stops every vCPU for the final round (they must not write guest memory until
+    /// [`resume`](Self::resume)).
     ///
     /// # Errors
-    /// The VMM could not pause the guest.
+    /// The VMM could not pause the guest; the migration fails, the guest keeps running.
     fn pause(&mut self) -> Result<(), DirtyLogError>;
 
-    /// Restarts the vCPUs (after a failed migration, the guest keeps running here).
+    /// Restarts the vCPUs after a failed migration, when the destination cannot be
+    /// running the guest.
     ///
     /// # Errors
     /// The VMM could not resume the guest.
     fn resume(&mut self) -> Result<(), DirtyLogError>;
 
-    /// Slows the guest to `percent` of its CPU time (100 = unthrottled), when a migration
-    /// does not converge. Optional.
+    /// Slows the guest to `percent` of its CPU time (100 = unthrottled), when a
+    /// migration does not converge and auto-converge is on. Optional.
     ///
     /// # Errors
     /// The VMM could not throttle.
     fn throttle(&mut self, percent: u8) -> Result<(), DirtyLogError> {
         let _ = percent;
         Ok(())
+    }
+}
+
+#[cfg(feature = "vm-memory")]
+impl DirtyBitmap {
+    /// Moves the marks of a vm-memory `AtomicBitmap` (the VMM's own writes to guest
+    /// memory through vm-memory, e.g. device emulation) into this bitmap and clears
+    /// them there. The `AtomicBitmap` must track the same region with the same page
+    /// size as this bitmap (one bit per transfer page); marks past this bitmap's end
+    /// are ignored.
+    pub fn merge_vm_memory(&self, bitmap: &vm_memory::bitmap::AtomicBitmap) {
+        self.merge_words(&bitmap.get_and_reset());
+        self.clear_tail();
+    }
+}
+
+impl DirtyBitmap {
+    /// Clears bits past the last page (a merged word may carry them).
+    fn clear_tail(&self) {
+        let rem = self.pages % 64;
+        if rem != 0
+            && let Some(last) = self.words.last()
+        {
+            last.fetch_and((1u64 << rem) - 1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -234,5 +285,20 @@ mod tests {
         assert_eq!(b.runs().collect::<Vec<_>>(), [(5, 1), (7, 1)]);
         b.merge_words(&[1 << 9]);
         assert!(b.is_set(9));
+    }
+
+    #[cfg(feature = "vm-memory")]
+    #[test]
+    fn vm_memory_bitmap_marks_move_over_and_are_cleared() {
+        use std::num::NonZeroUsize;
+        let vmm =
+            vm_memory::bitmap::AtomicBitmap::new(100 * 4096, NonZeroUsize::new(4096).unwrap());
+        vmm.set_addr_range(5 * 4096, 2 * 4096);
+        vmm.set_addr_range(99 * 4096, 4096);
+        let b = DirtyBitmap::new(64);
+        b.merge_vm_memory(&vmm);
+        // Page 99 is past this 64-page bitmap: dropped, not carried in a spare bit.
+        assert_eq!(b.runs().collect::<Vec<_>>(), [(5, 2)]);
+        assert!(!vmm.is_addr_set(5 * 4096), "cleared in the VMM's bitmap");
     }
 }

@@ -15,10 +15,10 @@ use crate::memory::MemoryError;
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
     /// The channels could not be opened or accepted.
-    #[error("could not set up the session")]
+    #[error("could not set up the session: {0}")]
     Session(#[from] SessionError),
     /// A channel failed.
-    #[error("channel {channel} failed")]
+    #[error("channel {channel} failed: {source}")]
     Channel {
         /// The channel.
         channel: u16,
@@ -27,10 +27,10 @@ pub enum MigrationError {
         source: ChannelError,
     },
     /// The codec engine failed.
-    #[error("codec engine failed")]
+    #[error("codec engine failed: {0}")]
     Engine(#[from] EngineError),
     /// A page could not be encoded or decoded.
-    #[error("codec failed on channel {channel}")]
+    #[error("codec failed on channel {channel}: {source}")]
     Codec {
         /// The channel.
         channel: u16,
@@ -57,7 +57,7 @@ pub enum MigrationError {
         source: pagewire_protocol::SessionError,
     },
     /// A frame failed a protocol check.
-    #[error("channel {channel}: bad frame")]
+    #[error("channel {channel}: bad frame: {source}")]
     Decode {
         /// The channel.
         channel: u16,
@@ -73,11 +73,31 @@ pub enum MigrationError {
         /// Its message.
         message: String,
     },
-    /// The VMM's dirty log or vCPU control failed.
-    #[error("the VMM's dirty log failed")]
+    /// The VMM's dirty log failed.
+    #[error("the VMM's dirty log failed: {0}")]
     DirtyLog(#[source] DirtyLogError),
+    /// The VMM's vCPU control (pause, resume, throttle) failed.
+    #[error("the VMM's vCPU control failed: {0}")]
+    Vcpu(#[source] DirtyLogError),
+    /// The VMM's device state failed to save (or a section it wrote was malformed).
+    #[error("the VMM's device state failed: {0}")]
+    DeviceState(#[source] DirtyLogError),
+    /// Pre-copy hit its round or time cap before the expected downtime fit the limit,
+    /// and [`CapPolicy::Fail`](crate::CapPolicy::Fail) was asked: the guest was never
+    /// paused.
+    #[error(
+        "pre-copy did not converge: {reason}; expected downtime {expected_downtime:?} over the limit of {limit:?}"
+    )]
+    NotConverged {
+        /// Which cap.
+        reason: crate::precopy::StopReason,
+        /// The downtime stopping now would have cost.
+        expected_downtime: Duration,
+        /// The limit in force.
+        limit: Duration,
+    },
     /// Guest memory could not be set up.
-    #[error("guest memory")]
+    #[error("guest memory: {0}")]
     Memory(#[from] MemoryError),
     /// The configuration is not usable.
     #[error("invalid configuration: {0}")]
@@ -132,17 +152,24 @@ impl std::fmt::Display for Wait {
     }
 }
 
-/// A failed source-side migration: the error, and the pages whose arrival the
-/// destination never acknowledged. The VMM marks those dirty again (or simply keeps
-/// running the guest, which is what happens here: the source never stops it for good).
+/// A failed source-side migration: the error, the pages whose arrival the destination
+/// never acknowledged (the VMM marks those dirty again if it retries), and whether the
+/// guest runs on the source again.
+#[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
-#[error("{error}")]
+#[error("{error}{}", if *running_on_source { "" } else { " (the guest is NOT running on the source)" })]
 pub struct Failed {
     /// What went wrong.
     #[source]
     pub error: Box<MigrationError>,
     /// Per region, pages sent without acknowledgement (or never sent).
     pub unacknowledged: Vec<(RegionId, DirtyBitmap)>,
+    /// Whether the guest runs on the source after this failure: it was never paused,
+    /// or [`Migration`](crate::Migration) resumed it. `false` when resuming failed
+    /// (`resume_error`) or was not safe.
+    pub running_on_source: bool,
+    /// Why resuming the vCPUs failed, when it did.
+    pub resume_error: Option<String>,
 }
 
 impl Failed {
@@ -156,7 +183,14 @@ impl Failed {
         Self {
             error: Box::new(error),
             unacknowledged,
+            running_on_source: false,
+            resume_error: None,
         }
+    }
+
+    pub(crate) fn with_resumed(mut self, running: bool) -> Self {
+        self.running_on_source = running;
+        self
     }
 
     /// Pages outstanding in total.

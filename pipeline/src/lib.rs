@@ -13,6 +13,7 @@
 
 pub mod config;
 pub mod destination;
+pub mod device;
 pub mod dirty;
 pub mod error;
 pub mod limit;
@@ -20,6 +21,7 @@ pub mod memory;
 pub mod migrate;
 pub mod plan;
 pub mod precopy;
+pub mod progress;
 pub mod sim;
 pub mod source;
 pub mod stats;
@@ -28,11 +30,14 @@ pub use config::{Control, DestinationConfig, SourceConfig};
 pub use destination::{
     Destination, DestinationListener, DestinationStats, DeviceSection, Migrated,
 };
-pub use dirty::{DirtyBitmap, DirtyLog, DirtyLogError};
+pub use device::{DeviceState, DeviceStateWriter, NoDeviceState, SectionWriter};
+pub use dirty::{DirtyBitmap, DirtyLog, DirtyLogError, VcpuControl};
 pub use error::{Failed, MigrationError};
 pub use memory::{GuestMemory, MemoryError, RegionSpec};
-pub use migrate::migrate;
-pub use precopy::PrecopyConfig;
+pub use migrate::{Migration, migrate};
+pub use pagewire_protocol::RegionId;
+pub use precopy::{CapPolicy, PrecopyConfig, StopReason};
+pub use progress::{Phase, Progress, ProgressSnapshot, RoundAction};
 pub use source::Source;
 pub use stats::MigrationStats;
 

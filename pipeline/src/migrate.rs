@@ -1,133 +1,357 @@
 //! The pre-copy driver: rounds over the VMM's dirty log until the expected downtime
-//! fits the limit, then pause, the last pages, device state, completion.
+//! fits the limit, then pause, the last pages, device state, and the switchover.
+//!
+//! ```no_run
+//! # use std::sync::Arc;
+//! # use pagewire::{DirtyBitmap, DirtyLogError, RegionId, VcpuControl, DirtyLog};
+//! # struct Vm { log: Log, vcpus: Vcpus }
+//! # struct Log; struct Vcpus;
+//! # impl DirtyLog for Log {
+//! #   fn start(&mut self) -> Result<(), DirtyLogError> { Ok(()) }
+//! #   fn stop(&mut self) -> Result<(), DirtyLogError> { Ok(()) }
+//! #   fn sync_and_clear(&mut self, _: RegionId, _: &DirtyBitmap) -> Result<(), DirtyLogError> { Ok(()) }
+//! # }
+//! # impl VcpuControl for Vcpus {
+//! #   fn pause(&mut self) -> Result<(), DirtyLogError> { Ok(()) }
+//! #   fn resume(&mut self) -> Result<(), DirtyLogError> { Ok(()) }
+//! # }
+//! # impl Vcpus { fn save_state(&self) -> Vec<u8> { Vec::new() } }
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let mut source: pagewire::Source = unimplemented!();
+//! # let mut vm = Vm { log: Log, vcpus: Vcpus };
+//! use pagewire::{DeviceStateWriter, Migration, RoundAction};
+//!
+//! let progress = source.progress(); // clone it into a thread that reports progress
+//! let Vm { log, vcpus } = &mut vm;
+//! let saved = vcpus.save_state();
+//! let mut devices = |out: &mut DeviceStateWriter<'_>| -> Result<(), DirtyLogError> {
+//!     out.write_section("cpu", 0, &saved)?;
+//!     Ok(())
+//! };
+//! let stats = Migration::new(&mut source, log, vcpus)
+//!     .device_state(&mut devices)
+//!     .on_round(|p| {
+//!         println!("round {}: {} dirty pages", p.round, p.dirty_pages);
+//!         RoundAction::Continue
+//!     })
+//!     .run()?;
+//! println!("{stats}");
+//! # drop(progress);
+//! # Ok(()) }
+//! ```
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use pagewire_protocol::RegionId;
 
-use crate::destination::DeviceSection;
-use crate::dirty::{DirtyBitmap, DirtyLog};
+use crate::device::{DeviceState, DeviceStateWriter, NoDeviceState};
+use crate::dirty::{DirtyBitmap, DirtyLog, VcpuControl};
 use crate::error::{Failed, MigrationError};
-use crate::precopy::{Decision, Estimator, StopReason};
+use crate::precopy::{CapPolicy, Decision, Estimator, StopReason};
+use crate::progress::{Phase, ProgressSnapshot, RoundAction};
 use crate::source::Source;
 use crate::stats::{DowntimeBreakdown, MigrationStats};
 
-/// Live-migrates the source's guest memory: pre-copy rounds over `log`, then the paused
-/// final round and `device_state()` (called while the guest is paused), then COMPLETE.
+type RoundCallback<'a> = Box<dyn FnMut(&ProgressSnapshot) -> RoundAction + 'a>;
+
+/// A live migration of the source's guest: pre-copy rounds over the dirty log, the
+/// paused final round and the device state, then the switchover.
 ///
-/// The guest is resumed on the source if anything fails after it was paused; it keeps
-/// running throughout pre-copy.
+/// The guest keeps running throughout pre-copy; it runs on the source again after
+/// any failure that leaves the destination unable to run it. Dirty logging is started
+/// at the beginning and stopped on every way out.
+pub struct Migration<'a> {
+    source: &'a mut Source,
+    log: &'a mut dyn DirtyLog,
+    vcpus: &'a mut dyn VcpuControl,
+    devices: Option<&'a mut dyn DeviceState>,
+    on_round: Option<RoundCallback<'a>>,
+}
+
+impl std::fmt::Debug for Migration<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Migration")
+            .field("source", &self.source)
+            .field("device_state", &self.devices.is_some())
+            .field("on_round", &self.on_round.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> Migration<'a> {
+    /// A migration of `source`'s memory, tracked by `log`, of the guest whose vCPUs
+    /// `vcpus` controls; no device state unless [`Self::device_state`] adds it.
+    pub fn new(
+        source: &'a mut Source,
+        log: &'a mut dyn DirtyLog,
+        vcpus: &'a mut dyn VcpuControl,
+    ) -> Self {
+        Self {
+            source,
+            log,
+            vcpus,
+            devices: None,
+            on_round: None,
+        }
+    }
+
+    /// The VMM's device state, streamed (and, for devices with a pre-copy phase, sent
+    /// while the guest runs).
+    pub fn device_state(mut self, devices: &'a mut dyn DeviceState) -> Self {
+        self.devices = Some(devices);
+        self
+    }
+
+    /// Called after every pre-copy round with the progress so far; its answer can
+    /// switch over now or cancel.
+    pub fn on_round(mut self, f: impl FnMut(&ProgressSnapshot) -> RoundAction + 'a) -> Self {
+        self.on_round = Some(Box::new(f));
+        self
+    }
+
+    /// Runs the migration to its end.
+    ///
+    /// # Errors
+    /// [`Failed`], with the pages the destination never acknowledged and whether the
+    /// guest runs on the source again ([`Failed::running_on_source`]).
+    pub fn run(self) -> Result<MigrationStats, Failed> {
+        let Migration {
+            source,
+            log,
+            vcpus,
+            devices,
+            on_round,
+        } = self;
+        let mut none = NoDeviceState;
+        let devices: &mut dyn DeviceState = match devices {
+            Some(d) => d,
+            None => &mut none,
+        };
+        if let Err(e) = log.start() {
+            source.set_phase(Phase::Failed);
+            return Err(Failed::bare(MigrationError::DirtyLog(e)).with_resumed(true));
+        }
+        let mut run = Run {
+            source,
+            log: &mut *log,
+            vcpus,
+            devices,
+            on_round,
+            sections: HashSet::new(),
+        };
+        let result = run.run();
+        let stopped = log.stop();
+        match result {
+            Ok(mut stats) => {
+                if let Err(e) = stopped {
+                    stats
+                        .warnings
+                        .push(format!("stopping the dirty log failed: {e}"));
+                }
+                Ok(stats)
+            }
+            Err(f) => Err(f),
+        }
+    }
+}
+
+/// Live-migrates the source's guest memory with no per-round callback: shorthand for
+/// [`Migration::new`]`(source, log, vcpus).device_state(devices).run()`.
 ///
 /// # Errors
-/// [`Failed`] with the pages the destination never acknowledged.
+/// As [`Migration::run`].
 pub fn migrate(
     source: &mut Source,
     log: &mut dyn DirtyLog,
-    device_state: &mut dyn FnMut() -> Vec<DeviceSection>,
+    vcpus: &mut dyn VcpuControl,
+    devices: &mut dyn DeviceState,
 ) -> Result<MigrationStats, Failed> {
-    let started = Instant::now();
-    let config = source.config_precopy();
-    let control = source.control();
-    let regions: Vec<(RegionId, u64)> = source
-        .memory()
-        .region_ids()
-        .filter_map(|id| source.memory().pages(id).map(|n| (id, n)))
-        .collect();
-    // Start from a clean log: round 0 sends everything.
-    let scratch: Vec<DirtyBitmap> = regions.iter().map(|(_, n)| DirtyBitmap::new(*n)).collect();
-    sync(log, &regions, &scratch)?;
-    let mut dirty: Vec<(RegionId, DirtyBitmap)> = regions
-        .iter()
-        .map(|(id, n)| (*id, DirtyBitmap::full(*n)))
-        .collect();
-    let mut est = Estimator::default();
-    let mut round = 0u32;
-    let (reason, expected): (StopReason, Duration) = loop {
-        if control.is_cancelled() {
-            return Err(Failed::new(MigrationError::Cancelled, dirty));
-        }
-        let t = Instant::now();
-        let stats = source.send_round(dirty, false)?;
-        let took = t.elapsed();
-        est.round_done(stats.wire_bytes, stats.pages.total(), took);
-        dirty = regions
-            .iter()
-            .map(|(id, n)| (*id, DirtyBitmap::new(*n)))
-            .collect();
-        let bitmaps: Vec<&DirtyBitmap> = dirty.iter().map(|(_, b)| b).collect();
-        sync_into(log, &regions, &bitmaps).map_err(|e| Failed::new(e, Vec::new()))?;
-        let left: u64 = dirty.iter().map(|(_, b)| b.count()).sum();
-        est.dirty_found(left, took);
-        source.note_dirty_rate(est.dirty_rate());
-        let mut cfg = config;
-        cfg.downtime_limit = control.downtime_limit();
-        let expected = est.expected_downtime(left);
-        match est.decide(&cfg, round, left, started.elapsed()) {
-            Decision::Continue { throttle } => {
-                if let Some(pct) = throttle {
-                    log.throttle(pct)
-                        .map_err(|e| Failed::new(MigrationError::DirtyLog(e), Vec::new()))?;
-                }
-            }
-            Decision::Stop(r) => break (r, expected),
-        }
-        round += 1;
-    };
-    // Stop and copy.
-    let pause_at = Instant::now();
-    log.pause()
-        .map_err(|e| Failed::new(MigrationError::DirtyLog(e), Vec::new()))?;
-    let resume_on_error = |log: &mut dyn DirtyLog, f: Failed| {
-        let _ = log.resume();
-        f
-    };
-    let bitmaps: Vec<&DirtyBitmap> = dirty.iter().map(|(_, b)| b).collect();
-    if let Err(e) = sync_into(log, &regions, &bitmaps) {
-        return Err(resume_on_error(log, Failed::new(e, dirty)));
-    }
-    let pause_ms = pause_at.elapsed().as_secs_f64() * 1e3;
-    let t = Instant::now();
-    if let Err(f) = source.send_round(dirty, true) {
-        return Err(resume_on_error(log, f));
-    }
-    let last_pages_ms = t.elapsed().as_secs_f64() * 1e3;
-    let t = Instant::now();
-    for s in device_state() {
-        if let Err(f) = source.send_device_state(&s.name, s.instance, s.data) {
-            return Err(resume_on_error(log, f));
-        }
-    }
-    let device_state_ms = t.elapsed().as_secs_f64() * 1e3;
-    let t = Instant::now();
-    if let Err(f) = source.complete() {
-        return Err(resume_on_error(log, f));
-    }
-    let completion_ms = t.elapsed().as_secs_f64() * 1e3;
-    let mut stats = source.stats();
-    stats.status = "completed".into();
-    stats.downtime_ms = pause_at.elapsed().as_secs_f64() * 1e3;
-    stats.downtime = DowntimeBreakdown {
-        pause_ms,
-        last_pages_ms,
-        device_state_ms,
-        completion_ms,
-    };
-    stats.stop_reason = format!("{reason:?}");
-    stats.expected_downtime_ms = if expected == Duration::MAX {
-        f64::INFINITY
-    } else {
-        expected.as_secs_f64() * 1e3
-    };
-    Ok(stats)
+    Migration::new(source, log, vcpus)
+        .device_state(devices)
+        .run()
 }
 
-fn sync(
-    log: &mut dyn DirtyLog,
-    regions: &[(RegionId, u64)],
-    into: &[DirtyBitmap],
-) -> Result<(), Failed> {
-    let refs: Vec<&DirtyBitmap> = into.iter().collect();
-    sync_into(log, regions, &refs).map_err(Failed::bare)
+struct Run<'a, 'b> {
+    source: &'b mut Source,
+    log: &'b mut dyn DirtyLog,
+    vcpus: &'b mut dyn VcpuControl,
+    devices: &'b mut dyn DeviceState,
+    on_round: Option<RoundCallback<'a>>,
+    sections: HashSet<(String, u32)>,
+}
+
+impl Run<'_, '_> {
+    /// A failure while the guest runs on the source (before the pause).
+    fn running(&self, error: MigrationError, pages: Vec<(RegionId, DirtyBitmap)>) -> Failed {
+        self.source.set_phase(Phase::Failed);
+        Failed::new(error, pages).with_resumed(true)
+    }
+
+    /// A failure after the pause, while the destination cannot run the guest: resume it
+    /// here.
+    fn paused(&mut self, mut f: Failed) -> Failed {
+        self.source.set_phase(Phase::Failed);
+        match self.vcpus.resume() {
+            Ok(()) => f.with_resumed(true),
+            Err(e) => {
+                f.resume_error = Some(e.to_string());
+                f.with_resumed(false)
+            }
+        }
+    }
+
+    fn device_step(&mut self, save: bool) -> Result<(), Failed> {
+        let mut w = DeviceStateWriter::new(self.source, &mut self.sections);
+        let res = if save {
+            self.devices.save(&mut w)
+        } else {
+            self.devices.precopy(&mut w)
+        };
+        // A failed send fails the migration whatever the VMM made of it.
+        if let Some(f) = w.into_failure() {
+            return Err(f);
+        }
+        res.map_err(|e| Failed::bare(MigrationError::DeviceState(e)))
+    }
+
+    fn run(&mut self) -> Result<MigrationStats, Failed> {
+        let started = Instant::now();
+        let config = self.source.config_precopy();
+        let control = self.source.control();
+        let progress = self.source.progress();
+        let regions: Vec<(RegionId, u64)> = self
+            .source
+            .memory()
+            .region_ids()
+            .filter_map(|id| self.source.memory().pages(id).map(|n| (id, n)))
+            .collect();
+        // Start from a clean log: round 0 sends everything.
+        let scratch: Vec<DirtyBitmap> = regions.iter().map(|(_, n)| DirtyBitmap::new(*n)).collect();
+        let refs: Vec<&DirtyBitmap> = scratch.iter().collect();
+        if let Err(e) = sync_into(self.log, &regions, &refs) {
+            return Err(self.running(e, Vec::new()));
+        }
+        drop(scratch);
+        let mut dirty: Vec<(RegionId, DirtyBitmap)> = regions
+            .iter()
+            .map(|(id, n)| (*id, DirtyBitmap::full(*n)))
+            .collect();
+        let mut est = Estimator::default();
+        let mut round = 0u32;
+        let (reason, expected): (StopReason, Duration) = loop {
+            if control.is_cancelled() {
+                return Err(self.running(MigrationError::Cancelled, dirty));
+            }
+            let t = Instant::now();
+            let stats = match self.source.send_round(dirty, false) {
+                Ok(s) => s,
+                Err(f) => return Err(f.with_resumed(true)),
+            };
+            let took = t.elapsed();
+            est.round_done(stats.wire_bytes, stats.pages.total(), took);
+            dirty = regions
+                .iter()
+                .map(|(id, n)| (*id, DirtyBitmap::new(*n)))
+                .collect();
+            let bitmaps: Vec<&DirtyBitmap> = dirty.iter().map(|(_, b)| b).collect();
+            if let Err(e) = sync_into(self.log, &regions, &bitmaps) {
+                return Err(self.running(e, dirty));
+            }
+            if let Err(f) = self.device_step(false) {
+                return Err(f.with_resumed(true));
+            }
+            let left: u64 = dirty.iter().map(|(_, b)| b.count()).sum();
+            est.dirty_found(left, took);
+            est.set_extra_bytes(self.devices.pending_bytes());
+            self.source.note_dirty_rate(est.dirty_rate());
+            let expected = est.expected_downtime(left);
+            progress.set_dirty(left, est.dirty_rate(), expected);
+            let mut cfg = config;
+            cfg.downtime_limit = control.downtime_limit();
+            let asked = match self.on_round.as_mut() {
+                Some(f) => f(&progress.snapshot()),
+                None => RoundAction::Continue,
+            };
+            let decision = match asked {
+                RoundAction::Cancel => {
+                    return Err(self.running(MigrationError::Cancelled, dirty));
+                }
+                RoundAction::SwitchOver => Decision::Stop(StopReason::Requested),
+                _ => est.decide(&cfg, round, left, started.elapsed()),
+            };
+            match decision {
+                Decision::Continue { throttle } => {
+                    if let Some(pct) = throttle
+                        && let Err(e) = self.vcpus.throttle(pct)
+                    {
+                        return Err(self.running(MigrationError::Vcpu(e), dirty));
+                    }
+                }
+                Decision::Stop(r @ (StopReason::RoundCap | StopReason::TimeCap))
+                    if cfg.on_cap == CapPolicy::Fail =>
+                {
+                    let e = MigrationError::NotConverged {
+                        reason: r,
+                        expected_downtime: expected,
+                        limit: cfg.downtime_limit,
+                    };
+                    return Err(self.running(e, dirty));
+                }
+                Decision::Stop(r) => break (r, expected),
+            }
+            round += 1;
+        };
+        // Stop and copy.
+        let pause_at = Instant::now();
+        if let Err(e) = self.vcpus.pause() {
+            // Some vCPUs may have stopped: resume them all.
+            return Err(self.paused(Failed::new(MigrationError::Vcpu(e), dirty)));
+        }
+        self.source.set_phase(Phase::StopAndCopy);
+        let bitmaps: Vec<&DirtyBitmap> = dirty.iter().map(|(_, b)| b).collect();
+        if let Err(e) = sync_into(self.log, &regions, &bitmaps) {
+            return Err(self.paused(Failed::new(e, dirty)));
+        }
+        let pause_ms = ms(pause_at.elapsed());
+        let t = Instant::now();
+        if let Err(f) = self.source.send_round(dirty, true) {
+            return Err(self.paused(f));
+        }
+        let last_pages_ms = ms(t.elapsed());
+        let t = Instant::now();
+        if let Err(f) = self.device_step(true) {
+            return Err(self.paused(f));
+        }
+        let device_state_ms = ms(t.elapsed());
+        let t = Instant::now();
+        self.source.set_phase(Phase::Switchover);
+        if let Err(f) = self.source.complete() {
+            return Err(self.paused(f));
+        }
+        self.source.set_phase(Phase::Completed);
+        let completion_ms = ms(t.elapsed());
+        let mut stats = self.source.stats();
+        stats.status = "completed".into();
+        stats.downtime_ms = ms(pause_at.elapsed());
+        stats.downtime = DowntimeBreakdown {
+            pause_ms,
+            last_pages_ms,
+            device_state_ms,
+            completion_ms,
+        };
+        stats.stop_reason = format!("{reason:?}");
+        stats.expected_downtime_ms = if expected == Duration::MAX {
+            f64::INFINITY
+        } else {
+            ms(expected)
+        };
+        Ok(stats)
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 fn sync_into(

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 /// How the pre-copy driver decides to stop iterating.
+#[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PrecopyConfig {
     /// The longest pause acceptable; iteration stops once the expected downtime is under it.
@@ -14,6 +15,9 @@ pub struct PrecopyConfig {
     /// Throttle the guest (through [`DirtyLog::throttle`](crate::dirty::DirtyLog::throttle))
     /// when rounds stop shrinking, like QEMU's auto-converge.
     pub auto_converge: bool,
+    /// What to do when `max_rounds` or `max_time` is reached before the expected
+    /// downtime fits the limit.
+    pub on_cap: CapPolicy,
 }
 
 impl Default for PrecopyConfig {
@@ -23,12 +27,27 @@ impl Default for PrecopyConfig {
             max_rounds: 30,
             max_time: Duration::from_secs(300),
             auto_converge: false,
+            on_cap: CapPolicy::SwitchOver,
         }
     }
 }
 
+/// What pre-copy does when a round or time cap is hit before it converged.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CapPolicy {
+    /// Pause the guest and switch over anyway, whatever the expected downtime (QEMU's
+    /// behaviour).
+    #[default]
+    SwitchOver,
+    /// Fail with [`MigrationError::NotConverged`](crate::MigrationError::NotConverged);
+    /// the guest never paused and keeps running on the source.
+    Fail,
+}
+
 /// Why iteration stopped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub enum StopReason {
     /// The expected downtime is under the limit.
     Converged,
@@ -36,6 +55,19 @@ pub enum StopReason {
     RoundCap,
     /// The time cap was reached.
     TimeCap,
+    /// The VMM's per-round callback asked to switch over.
+    Requested,
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StopReason::Converged => "the expected downtime fits the limit",
+            StopReason::RoundCap => "the round cap (max_rounds) was reached",
+            StopReason::TimeCap => "the time cap (max_time) was reached",
+            StopReason::Requested => "the VMM asked to switch over",
+        })
+    }
 }
 
 /// The policy's answer after a round.
@@ -61,6 +93,8 @@ pub struct Estimator {
     dirty_rate: f64,
     throttle: u8,
     last_dirty: Option<u64>,
+    /// Bytes sent during downtime besides pages (device state still pending).
+    extra_bytes: u64,
 }
 
 impl Estimator {
@@ -94,15 +128,22 @@ impl Estimator {
         self.dirty_rate
     }
 
+    /// Sets the bytes that downtime sends besides pages (device state a device still
+    /// has to send), counted in [`Self::expected_downtime`].
+    pub fn set_extra_bytes(&mut self, bytes: u64) {
+        self.extra_bytes = bytes;
+    }
+
     /// Downtime expected if the guest were paused with `dirty` pages left.
     pub fn expected_downtime(&self, dirty: u64) -> Duration {
-        if dirty == 0 {
+        if dirty == 0 && self.extra_bytes == 0 {
             return Duration::ZERO;
         }
-        if self.bandwidth <= 0.0 || self.bytes_per_page <= 0.0 {
+        if self.bandwidth <= 0.0 || (dirty > 0 && self.bytes_per_page <= 0.0) {
             return Duration::MAX;
         }
-        Duration::from_secs_f64((dirty as f64 * self.bytes_per_page / self.bandwidth).min(1e9))
+        let bytes = dirty as f64 * self.bytes_per_page + self.extra_bytes as f64;
+        Duration::from_secs_f64((bytes / self.bandwidth).min(1e9))
     }
 
     /// Decides after round `round` (0-based, pre-copy rounds done so far = round + 1),
@@ -173,6 +214,7 @@ mod tests {
             max_rounds: 3,
             max_time: Duration::from_secs(10),
             auto_converge: true,
+            on_cap: CapPolicy::SwitchOver,
         };
         let mut e = Estimator::default();
         e.round_done(1_000_000, 1000, Duration::from_secs(1));

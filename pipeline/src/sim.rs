@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use pagewire_protocol::RegionId;
 
-use crate::dirty::{DirtyBitmap, DirtyLog, DirtyLogError};
+use crate::dirty::{DirtyBitmap, DirtyLog, DirtyLogError, VcpuControl};
 use crate::memory::GuestMemory;
 
 /// A small deterministic generator (xorshift64).
@@ -184,6 +184,7 @@ pub struct Guest {
     writes: Arc<AtomicU64>,
     pauses: Arc<AtomicU64>,
     resumes: Arc<AtomicU64>,
+    logging: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -211,6 +212,7 @@ impl Guest {
             writes,
             pauses: Arc::new(AtomicU64::new(0)),
             resumes: Arc::new(AtomicU64::new(0)),
+            logging: Arc::new(AtomicBool::new(false)),
             thread,
         }
     }
@@ -219,10 +221,23 @@ impl Guest {
     pub fn log(&self) -> Log {
         Log {
             marks: self.marks.clone(),
+            logging: self.logging.clone(),
+        }
+    }
+
+    /// The control of the simulated vCPUs (pause, resume).
+    pub fn vcpus(&self) -> Vcpus {
+        Vcpus {
             running: self.running.clone(),
             pauses: self.pauses.clone(),
             resumes: self.resumes.clone(),
         }
+    }
+
+    /// Whether dirty logging is on ([`DirtyLog::start`] was called and
+    /// [`DirtyLog::stop`] was not).
+    pub fn is_logging(&self) -> bool {
+        self.logging.load(Ordering::Relaxed)
     }
 
     /// Pages written so far.
@@ -314,21 +329,35 @@ fn write_loop(
     }
 }
 
-/// The simulated guest's dirty log.
+/// The simulated guest's dirty log. The writer marks every page it writes; the log
+/// reports them while logging is on.
 #[derive(Debug)]
 pub struct Log {
     marks: Arc<Vec<(RegionId, DirtyBitmap)>>,
-    running: Arc<Mutex<bool>>,
-    pauses: Arc<AtomicU64>,
-    resumes: Arc<AtomicU64>,
+    logging: Arc<AtomicBool>,
 }
 
 impl DirtyLog for Log {
+    fn start(&mut self) -> Result<(), DirtyLogError> {
+        if self.logging.swap(true, Ordering::Relaxed) {
+            return Err("dirty logging is already on".into());
+        }
+        Ok(())
+    }
+
+    fn stop(&mut self) -> Result<(), DirtyLogError> {
+        self.logging.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+
     fn sync_and_clear(
         &mut self,
         region: RegionId,
         into: &DirtyBitmap,
     ) -> Result<(), DirtyLogError> {
+        if !self.logging.load(Ordering::Relaxed) {
+            return Err("dirty logging is off".into());
+        }
         let (_, bits) = self
             .marks
             .iter()
@@ -337,7 +366,17 @@ impl DirtyLog for Log {
         bits.drain_into(into);
         Ok(())
     }
+}
 
+/// The simulated guest's vCPUs: pausing stops the writer.
+#[derive(Debug)]
+pub struct Vcpus {
+    running: Arc<Mutex<bool>>,
+    pauses: Arc<AtomicU64>,
+    resumes: Arc<AtomicU64>,
+}
+
+impl VcpuControl for Vcpus {
     fn pause(&mut self) -> Result<(), DirtyLogError> {
         *self.running.lock().map_err(|_| "poisoned")? = false;
         self.pauses.fetch_add(1, Ordering::Relaxed);
@@ -380,11 +419,13 @@ mod tests {
             },
         );
         let mut log = g.log();
+        let mut vcpus = g.vcpus();
+        log.start().unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while g.writes() < 100 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
         }
-        log.pause().unwrap();
+        vcpus.pause().unwrap();
         let marked = DirtyBitmap::new(64);
         log.sync_and_clear(RegionId(0), &marked).unwrap();
         assert!(marked.count() > 0);

@@ -6,10 +6,11 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
 
 /// Pages sent, by how they were sent.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct PageCounts {
     /// Sent compressed.
     pub compressed: u64,
@@ -37,7 +38,9 @@ impl PageCounts {
 }
 
 /// What one codec did.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[non_exhaustive]
+#[derive(Clone, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct CodecStats {
     /// The codec's name (`zstd`, `raw`, ...).
     pub codec: String,
@@ -63,7 +66,9 @@ fn ratio(a: u64, b: u64) -> f64 {
 }
 
 /// One round of pre-copy (or the final, paused one).
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[non_exhaustive]
+#[derive(Clone, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct RoundStats {
     /// Round number.
     pub round: u32,
@@ -88,7 +93,9 @@ pub struct RoundStats {
 }
 
 /// A latency distribution, in microseconds.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct LatencySummary {
     /// Samples.
     pub count: u64,
@@ -137,7 +144,9 @@ impl Latency {
 }
 
 /// Where the downtime went.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct DowntimeBreakdown {
     /// Pausing the guest and syncing the last dirty log, ms.
     pub pause_ms: f64,
@@ -150,7 +159,9 @@ pub struct DowntimeBreakdown {
 }
 
 /// The codec engine's view.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct EngineSummary {
     /// Time with work queued over wall time, 0..=1.
     pub busy_rate: f64,
@@ -163,7 +174,9 @@ pub struct EngineSummary {
 }
 
 /// Zero-copy sends.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct ZeroCopySummary {
     /// Sends the kernel completed without copying.
     pub zero_copy: u64,
@@ -172,7 +185,9 @@ pub struct ZeroCopySummary {
 }
 
 /// Everything about a migration, per round and in total.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[non_exhaustive]
+#[derive(Clone, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct MigrationStats {
     /// `active`, `completed` or `failed`.
     pub status: String,
@@ -226,8 +241,12 @@ pub struct MigrationStats {
     pub apply_latency: LatencySummary,
     /// Per round.
     pub per_round: Vec<RoundStats>,
+    /// Things that went wrong without failing the migration (e.g. stopping the dirty
+    /// log).
+    pub warnings: Vec<String>,
 }
 
+#[cfg(feature = "serde")]
 impl MigrationStats {
     /// The statistics as JSON.
     pub fn to_json(&self) -> String {
@@ -379,9 +398,12 @@ mod tests {
         };
         let t = s.to_string();
         assert!(t.contains("completed") && t.contains("ratio 4.00"), "{t}");
-        let j: serde_json::Value = serde_json::from_str(&s.to_json()).unwrap();
-        assert_eq!(j["rounds"], 3);
-        assert_eq!(j["codecs"][0]["pages"], 2048);
+        #[cfg(feature = "serde")]
+        {
+            let j: serde_json::Value = serde_json::from_str(&s.to_json()).unwrap();
+            assert_eq!(j["rounds"], 3);
+            assert_eq!(j["codecs"][0]["pages"], 2048);
+        }
         let l = Latency::default();
         for us in [10, 20, 30, 1000] {
             l.record(Duration::from_micros(us));

@@ -38,7 +38,9 @@ fn migrate_once(fault: Option<Fault>) -> bool {
     cfg.ack_timeout = Duration::from_secs(5);
     let mut src = Source::connect(target, mem, cfg).unwrap();
     let mut log = g.log();
-    let ok = pagewire::migrate(&mut src, &mut log, &mut Vec::new).is_ok();
+    let mut vcpus = g.vcpus();
+    let ok =
+        pagewire::migrate(&mut src, &mut log, &mut vcpus, &mut pagewire::NoDeviceState).is_ok();
     drop(src);
     let dst_ok = dst.join().unwrap().is_ok();
     drop(proxy);

@@ -141,7 +141,9 @@ fn failing_migration(fault: Fault, checksum: bool) -> (pagewire::Failed, Migrati
     )
     .unwrap();
     let mut log = guest.log();
-    let err = pagewire::migrate(&mut src, &mut log, &mut Vec::new).unwrap_err();
+    let mut vcpus = guest.vcpus();
+    let err = pagewire::migrate(&mut src, &mut log, &mut vcpus, &mut pagewire::NoDeviceState)
+        .unwrap_err();
     drop(src);
     let dst_err = dst.join().unwrap().unwrap_err();
     drop(proxy);
@@ -246,11 +248,12 @@ fn a_stalled_destination_times_out(backend: Backend, codec: CodecId) {
     let guest = guest(mem.clone(), 10_000, 5);
     let mut src = Source::connect(proxy.addr, mem.clone(), cfg).unwrap();
     let mut log = guest.log();
+    let mut vcpus = guest.vcpus();
     let err = within(
         Duration::from_secs(60),
         "the failing migration",
         move || {
-            let r = pagewire::migrate(&mut src, &mut log, &mut Vec::new);
+            let r = pagewire::migrate(&mut src, &mut log, &mut vcpus, &mut pagewire::NoDeviceState);
             (r.map(|_| ()), std::time::Instant::now(), src)
         },
     );

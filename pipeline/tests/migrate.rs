@@ -9,7 +9,7 @@ use common::*;
 use pagewire::protocol::{Authentication, CodecId, SessionKey};
 use pagewire::source::ChannelTransport;
 use pagewire::transport::session::Backend;
-use pagewire::{DestinationConfig, DestinationListener, DeviceSection, Source, SourceConfig};
+use pagewire::{DestinationConfig, DestinationListener, Source, SourceConfig};
 
 fn key() -> Authentication {
     Authentication::PreSharedKey(SessionKey::new(*b"migration test key, 32 bytes...").unwrap())
@@ -53,14 +53,18 @@ fn run_on(codec: CodecId, checksum: bool, channels: u16, auth: Authentication, b
         vec![want; usize::from(channels)]
     );
     let mut log = guest.log();
-    let stats = pagewire::migrate(&mut source, &mut log, &mut || {
-        vec![DeviceSection {
-            name: "cpu".into(),
-            instance: 0,
-            data: (0..100_000u32).map(|i| i as u8).collect(),
-        }]
-    })
-    .unwrap();
+    let mut vcpus = guest.vcpus();
+    let cpu: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+    let mut devices =
+        |out: &mut pagewire::DeviceStateWriter<'_>| -> Result<(), pagewire::DirtyLogError> {
+            out.write_section("cpu", 0, &cpu)?;
+            Ok(())
+        };
+    let stats = pagewire::migrate(&mut source, &mut log, &mut vcpus, &mut devices).unwrap();
+    assert!(
+        !guest.is_logging(),
+        "dirty logging is off after the migration"
+    );
     assert!(!guest.is_running(), "the guest stays paused after success");
     guest.stop();
     drop(source);
@@ -156,7 +160,14 @@ fn io_uring_zstd_with_a_small_engine_pool_completes() {
         );
         let mut g = guest(src_mem.clone(), 0, 1);
         let mut log = g.log();
-        let stats = pagewire::migrate(&mut source, &mut log, &mut Vec::new).unwrap();
+        let mut vcpus = g.vcpus();
+        let stats = pagewire::migrate(
+            &mut source,
+            &mut log,
+            &mut vcpus,
+            &mut pagewire::NoDeviceState,
+        )
+        .unwrap();
         g.stop();
         drop(source);
         let migrated = dst.join().unwrap().unwrap();
@@ -188,7 +199,14 @@ fn the_bandwidth_cap_limits_wire_bytes_not_guest_bytes() {
     let mut source = Source::connect(addr, src_mem.clone(), cfg).unwrap();
     let mut g = guest(src_mem.clone(), 0, 1);
     let mut log = g.log();
-    let stats = pagewire::migrate(&mut source, &mut log, &mut Vec::new).unwrap();
+    let mut vcpus = g.vcpus();
+    let stats = pagewire::migrate(
+        &mut source,
+        &mut log,
+        &mut vcpus,
+        &mut pagewire::NoDeviceState,
+    )
+    .unwrap();
     g.stop();
     drop(source);
     dst.join().unwrap().unwrap();

@@ -162,7 +162,7 @@ pub struct ChannelStats {
 #[derive(Debug, thiserror::Error)]
 pub enum ChannelError {
     /// A system call failed.
-    #[error("{op} failed on the channel socket")]
+    #[error("{op} failed on the channel socket: {source}")]
     Io {
         /// What was being done.
         op: &'static str,
@@ -187,7 +187,7 @@ pub enum ChannelError {
         need: usize,
     },
     /// The peer's bytes are not a valid frame stream; close the channel.
-    #[error("the peer sent an invalid frame")]
+    #[error("the peer sent an invalid frame: {0}")]
     Decode(#[source] DecodeError),
     /// A [`PageSink`] gave destination memory of the wrong size.
     #[error("the page sink placed {placed} bytes for a payload of {payload} bytes")]

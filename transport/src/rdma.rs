@@ -153,10 +153,10 @@ pub enum RdmaError {
         status: i32,
     },
     /// The protocol handshake failed.
-    #[error("handshake over RDMA failed")]
+    #[error("handshake over RDMA failed: {0}")]
     Handshake(#[source] HandshakeError),
     /// The channel failed during setup.
-    #[error("RDMA channel failed during setup")]
+    #[error("RDMA channel failed during setup: {0}")]
     Channel(#[from] ChannelError),
     /// A session-level failure (random nonce).
     #[error(transparent)]

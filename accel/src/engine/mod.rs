@@ -136,7 +136,7 @@ pub enum EngineError {
     #[error("bad engine configuration: {0}")]
     Config(&'static str),
     /// A worker thread could not be started.
-    #[error("could not start a codec worker thread; lower the thread count")]
+    #[error("could not start a codec worker thread ({0}); lower the thread count")]
     Spawn(#[source] std::io::Error),
     /// The backend's workers are gone (a worker panicked).
     #[error("{0:?} backend workers stopped; the engine must be rebuilt")]

@@ -35,28 +35,29 @@ use crate::dirty::DirtyBitmap;
 use crate::error::{Failed, MigrationError, Wait};
 use crate::memory::GuestMemory;
 use crate::plan::Affinity;
+use crate::progress::{Phase, Progress};
 use crate::stats::{CodecStats, Latency, MigrationStats, PageCounts, RoundStats};
 
 mod worker;
 
 use worker::WorkerSetup;
 
-/// Live counters of one channel, summed by [`Source::stats`].
+/// Live counters of one channel, summed by [`Source::stats`] and [`Progress`].
 #[derive(Debug, Default)]
-struct Counters {
-    frames: AtomicU64,
-    wire_bytes: AtomicU64,
-    guest_bytes: AtomicU64,
-    compressed: AtomicU64,
-    zero: AtomicU64,
-    delta: AtomicU64,
-    raw: AtomicU64,
-    zc: AtomicU64,
-    zc_copied: AtomicU64,
+pub(crate) struct Counters {
+    pub(crate) frames: AtomicU64,
+    pub(crate) wire_bytes: AtomicU64,
+    pub(crate) guest_bytes: AtomicU64,
+    pub(crate) compressed: AtomicU64,
+    pub(crate) zero: AtomicU64,
+    pub(crate) delta: AtomicU64,
+    pub(crate) raw: AtomicU64,
+    pub(crate) zc: AtomicU64,
+    pub(crate) zc_copied: AtomicU64,
 }
 
 impl Counters {
-    fn pages(&self) -> PageCounts {
+    pub(crate) fn pages(&self) -> PageCounts {
         PageCounts {
             compressed: self.compressed.load(Ordering::Relaxed),
             zero: self.zero.load(Ordering::Relaxed),
@@ -91,7 +92,9 @@ enum Cmd {
     DeviceState {
         name: String,
         instance: u32,
-        data: Arc<Vec<u8>>,
+        total: u64,
+        offset: u64,
+        data: Vec<u8>,
     },
     Complete {
         final_round: u32,
@@ -131,6 +134,7 @@ pub struct Source {
     transport: String,
     transports: Vec<ChannelTransport>,
     engine_stats: Vec<Arc<std::sync::Mutex<pagewire_accel::EngineStats>>>,
+    progress: Progress,
 }
 
 impl std::fmt::Debug for Source {
@@ -315,7 +319,12 @@ impl Source {
                 bytes_sent,
             });
         }
+        let progress = Progress::new(
+            started,
+            workers.iter().map(|w| w.counters.clone()).collect(),
+        );
         Ok(Source {
+            progress,
             workers,
             memory,
             affinity,
@@ -337,6 +346,16 @@ impl Source {
     /// asked for io_uring sees here whether it got it.
     pub fn channel_transports(&self) -> &[ChannelTransport] {
         &self.transports
+    }
+
+    /// A handle on this migration's progress (phase, round, pages, bytes, rates,
+    /// expected downtime), readable from any thread while a [`crate::Migration`] runs.
+    pub fn progress(&self) -> Progress {
+        self.progress.clone()
+    }
+
+    pub(crate) fn set_phase(&self, phase: Phase) {
+        self.progress.set_phase(phase);
     }
 
     /// The handle that changes bandwidth and downtime limits or cancels.
@@ -370,6 +389,10 @@ impl Source {
     ) -> Result<RoundStats, Failed> {
         let started = Instant::now();
         let round = self.next_round;
+        self.progress.set_round(round);
+        if !paused && round == 0 {
+            self.progress.set_phase(Phase::Precopy);
+        }
         let dirty_pages: u64 = dirty.iter().map(|(_, b)| b.count()).sum();
         let dirty = Arc::new(dirty);
         let replies = self.broadcast(|| Cmd::Round {
@@ -427,6 +450,7 @@ impl Source {
         } else {
             0.0
         };
+        self.progress.round_done(stats.mbit_per_s);
         self.rounds.push(stats.clone());
         Ok(stats)
     }
@@ -438,29 +462,48 @@ impl Source {
         }
     }
 
-    /// Sends one device-state section (chunked) on channel 0.
+    /// Sends one whole device-state section (chunked) on channel 0. For sections
+    /// streamed as they are produced, see [`crate::DeviceStateWriter`].
     ///
     /// # Errors
-    /// [`Failed`] when channel 0 fails.
+    /// [`Failed`] when channel 0 fails or the name is not 1..=255 bytes.
     pub fn send_device_state(
         &mut self,
         name: &str,
         instance: u32,
         data: Vec<u8>,
     ) -> Result<(), Failed> {
+        self.send_device_chunk(name, instance, data.len() as u64, 0, &data)
+    }
+
+    /// Sends the part of a device-state section that starts at `offset`, of a section
+    /// `total` bytes long, on channel 0. A section's chunks go in order, from offset 0
+    /// to `total` (PROTOCOL.md, DEVICE_STATE).
+    pub(crate) fn send_device_chunk(
+        &mut self,
+        name: &str,
+        instance: u32,
+        total: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), Failed> {
         if name.is_empty() || name.len() > 255 {
             return Err(Failed::bare(MigrationError::Config(
                 "a device-state name is 1..=255 bytes".into(),
             )));
         }
-        self.sections += 1;
-        let data = Arc::new(data);
+        if offset == 0 {
+            self.sections += 1;
+        }
+        self.progress.add_device_bytes(data.len() as u64);
         self.one(
             0,
             Cmd::DeviceState {
                 name: name.to_owned(),
                 instance,
-                data,
+                total,
+                offset,
+                data: data.to_vec(),
             },
         )
     }

@@ -117,9 +117,11 @@ impl Worker {
                 Cmd::DeviceState {
                     name,
                     instance,
+                    total,
+                    offset,
                     data,
                 } => self
-                    .device_state(&name, instance, &data)
+                    .device_state(&name, instance, total, offset, &data)
                     .map(|()| Reply::Done),
                 Cmd::Complete {
                     final_round,
@@ -734,13 +736,14 @@ impl Worker {
         &mut self,
         name: &str,
         instance: u32,
+        total: u64,
+        start: u64,
         data: &[u8],
     ) -> Result<(), MigrationError> {
         let limit = self.channel.negotiated().max_frame_bytes as usize;
         let chunk = limit
             .saturating_sub(DEVICE_STATE_OVERHEAD + name.len())
             .max(1);
-        let total = data.len() as u64;
         let mut offset = 0usize;
         loop {
             let end = (offset + chunk).min(data.len());
@@ -748,7 +751,7 @@ impl Worker {
                 instance,
                 name,
                 total,
-                offset: offset as u64,
+                offset: start + offset as u64,
                 data: &data[offset..end],
             });
             self.send_whole(&f)?;

@@ -1,0 +1,337 @@
+//! The embedding API as a VMM uses it: progress while `Migration::run` holds the
+//! source, the per-round callback, the cap policy, streamed and fallible device state,
+//! dirty logging switched off on every way out, and errors that print their cause.
+
+mod common;
+
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::*;
+use pagewire::protocol::{Authentication, CodecId};
+use pagewire::{
+    CapPolicy, DestinationConfig, DestinationListener, DeviceState, DeviceStateWriter, DirtyBitmap,
+    DirtyLog, DirtyLogError, Failed, GuestMemory, Migrated, Migration, MigrationError,
+    NoDeviceState, Phase, RegionId, RoundAction, Source, SourceConfig, StopReason,
+};
+
+type DestinationThread = std::thread::JoinHandle<Result<Migrated, MigrationError>>;
+
+/// A destination for `mem`'s layout and a connected source.
+fn pair(
+    mem: &Arc<GuestMemory>,
+    n: u8,
+    tune: impl FnOnce(&mut SourceConfig),
+) -> (Source, DestinationThread) {
+    let mut dcfg = DestinationConfig::new(session(n), Authentication::None);
+    dcfg.idle_timeout = Duration::from_secs(10);
+    let l = DestinationListener::bind(loopback(), dcfg).unwrap();
+    let addr = l.local_addr().unwrap();
+    let dst = std::thread::spawn(move || l.accept(None)?.wait());
+    let mut cfg = SourceConfig::new(session(n), Authentication::None);
+    cfg.codec = CodecId::LZ4;
+    cfg.ack_timeout = Duration::from_secs(10);
+    cfg.precopy.max_rounds = 6;
+    tune(&mut cfg);
+    (Source::connect(addr, mem.clone(), cfg).unwrap(), dst)
+}
+
+#[test]
+fn progress_is_readable_while_the_migration_runs() {
+    let mem = memory(16);
+    fill(&mem, 1);
+    let g = guest(mem.clone(), 5_000, 1);
+    let (mut src, dst) = pair(&mem, 40, |c| c.bandwidth_limit = 40 << 20);
+    let progress = src.progress();
+    assert_eq!(progress.phase(), Phase::Setup);
+    let done = Arc::new(AtomicBool::new(false));
+    let (p2, d2) = (progress.clone(), done.clone());
+    let watcher = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for _ in 0..100_000 {
+            let s = p2.snapshot();
+            if seen.last().is_none_or(|(ph, _)| *ph != s.phase) {
+                seen.push((s.phase, s.pages));
+            }
+            if d2.load(Ordering::Relaxed) {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        seen
+    });
+    let (mut log, mut vcpus) = (g.log(), g.vcpus());
+    let mut rounds = Vec::new();
+    let stats = Migration::new(&mut src, &mut log, &mut vcpus)
+        .on_round(|p| {
+            rounds.push((p.round, p.pages, p.dirty_pages, p.expected_downtime));
+            RoundAction::Continue
+        })
+        .run()
+        .unwrap();
+    done.store(true, Ordering::Relaxed);
+    let seen = watcher.join().unwrap();
+    drop(src);
+    dst.join().unwrap().unwrap();
+    let phases: Vec<Phase> = seen.iter().map(|(p, _)| *p).collect();
+    assert!(phases.contains(&Phase::Precopy), "{seen:?}");
+    assert_eq!(progress.phase(), Phase::Completed);
+    assert_eq!(progress.snapshot().pages, stats.pages.total());
+    // The callback ran after every pre-copy round with growing totals.
+    assert_eq!(rounds.len() as u32 + 1, stats.rounds, "{rounds:?}");
+    assert!(rounds.windows(2).all(|w| w[1].1 > w[0].1), "{rounds:?}");
+    assert!(rounds[0].1 >= mem.pages(RegionId(0)).unwrap());
+    assert!(rounds[0].3.is_some(), "an estimate after the first round");
+}
+
+#[test]
+fn the_round_callback_can_switch_over_or_cancel() {
+    let mem = memory(8);
+    fill(&mem, 2);
+    // Switch over after the first round, whatever the estimate.
+    let g = guest(mem.clone(), 20_000, 2);
+    let (mut src, dst) = pair(&mem, 41, |c| {
+        c.precopy.downtime_limit = Duration::from_nanos(1);
+    });
+    let (mut log, mut vcpus) = (g.log(), g.vcpus());
+    let stats = Migration::new(&mut src, &mut log, &mut vcpus)
+        .on_round(|_| RoundAction::SwitchOver)
+        .run()
+        .unwrap();
+    drop(src);
+    let migrated = dst.join().unwrap().unwrap();
+    assert_eq!(stats.rounds, 2);
+    assert_eq!(stats.stop_reason, format!("{:?}", StopReason::Requested));
+    assert_eq!(first_difference(&mem, &migrated.memory), None);
+    drop(g);
+
+    // Cancel: the guest never paused, logging is off, the destination does not succeed.
+    let g = guest(mem.clone(), 20_000, 3);
+    let (mut src, dst) = pair(&mem, 42, |_| {});
+    let (mut log, mut vcpus) = (g.log(), g.vcpus());
+    let f = Migration::new(&mut src, &mut log, &mut vcpus)
+        .on_round(|_| RoundAction::Cancel)
+        .run()
+        .unwrap_err();
+    assert!(matches!(*f.error, MigrationError::Cancelled), "{f}");
+    assert!(f.running_on_source);
+    assert_eq!(g.pauses_and_resumes(), (0, 0));
+    assert!(!g.is_logging());
+    assert_eq!(src.progress().phase(), Phase::Failed);
+    drop(src);
+    assert!(dst.join().unwrap().is_err());
+}
+
+#[test]
+fn a_cap_with_the_fail_policy_fails_with_the_guest_running() {
+    let mem = memory(8);
+    fill(&mem, 4);
+    let g = guest(mem.clone(), 50_000, 4);
+    let (mut src, dst) = pair(&mem, 43, |c| {
+        c.precopy.downtime_limit = Duration::from_nanos(1);
+        c.precopy.max_rounds = 2;
+        c.precopy.on_cap = CapPolicy::Fail;
+    });
+    let (mut log, mut vcpus) = (g.log(), g.vcpus());
+    let f = pagewire::migrate(&mut src, &mut log, &mut vcpus, &mut NoDeviceState).unwrap_err();
+    let text = f.to_string();
+    assert!(
+        matches!(
+            *f.error,
+            MigrationError::NotConverged {
+                reason: StopReason::RoundCap,
+                ..
+            }
+        ),
+        "{f:?}"
+    );
+    assert!(text.contains("round cap"), "{text}");
+    assert!(f.running_on_source);
+    assert_eq!(g.pauses_and_resumes(), (0, 0), "never paused");
+    assert!(g.is_running() && !g.is_logging());
+    drop(src);
+    assert!(dst.join().unwrap().is_err());
+}
+
+/// A device with a pre-copy phase: 3 MiB streamed in odd-sized writes over two
+/// pre-copy pieces, then a final section.
+struct Streamer {
+    pieces: u32,
+    fail_save: bool,
+}
+
+fn blob(seed: u32, len: usize) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) ^ seed) as u8)
+        .collect()
+}
+
+impl DeviceState for Streamer {
+    fn precopy(&mut self, out: &mut DeviceStateWriter<'_>) -> Result<(), DirtyLogError> {
+        if self.pieces < 2 {
+            let data = blob(self.pieces, 3 << 20);
+            let mut s = out.section("vfio-precopy", self.pieces, data.len() as u64)?;
+            for c in data.chunks(7777) {
+                s.write_all(c)?;
+            }
+            s.finish()?;
+            self.pieces += 1;
+        }
+        Ok(())
+    }
+
+    fn pending_bytes(&self) -> u64 {
+        4096
+    }
+
+    fn save(&mut self, out: &mut DeviceStateWriter<'_>) -> Result<(), DirtyLogError> {
+        if self.fail_save {
+            return Err("the device would not quiesce".into());
+        }
+        out.write_section("vfio-final", 0, &blob(99, 4096))?;
+        out.write_section("empty", 0, &[])?;
+        Ok(())
+    }
+}
+
+#[test]
+fn device_state_streams_in_precopy_and_at_downtime() {
+    let mem = memory(8);
+    fill(&mem, 5);
+    let g = guest(mem.clone(), 10_000, 5);
+    let (mut src, dst) = pair(&mem, 44, |c| {
+        c.precopy.max_rounds = 4;
+        c.precopy.downtime_limit = Duration::from_nanos(1);
+    });
+    let (mut log, mut vcpus) = (g.log(), g.vcpus());
+    let mut dev = Streamer {
+        pieces: 0,
+        fail_save: false,
+    };
+    let stats = Migration::new(&mut src, &mut log, &mut vcpus)
+        .device_state(&mut dev)
+        .on_round(|p| {
+            if p.round >= 2 {
+                RoundAction::SwitchOver
+            } else {
+                RoundAction::Continue
+            }
+        })
+        .run()
+        .unwrap();
+    assert_eq!(
+        src.progress().snapshot().device_state_bytes,
+        2 * (3 << 20) + 4096
+    );
+    drop(src);
+    let m = dst.join().unwrap().unwrap();
+    assert_eq!(first_difference(&mem, &m.memory), None, "{stats}");
+    let names: Vec<(&str, u32, usize)> = m
+        .device_state
+        .iter()
+        .map(|s| (s.name.as_str(), s.instance, s.data.len()))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("vfio-precopy", 0, 3 << 20),
+            ("vfio-precopy", 1, 3 << 20),
+            ("vfio-final", 0, 4096),
+            ("empty", 0, 0)
+        ]
+    );
+    assert_eq!(m.device_state[1].data, blob(1, 3 << 20));
+}
+
+fn failing_device(
+    n: u8,
+    dev: &mut dyn DeviceState,
+) -> (Failed, Result<Migrated, MigrationError>, Guest) {
+    let mem = memory(4);
+    fill(&mem, 6);
+    let g = guest(mem.clone(), 5_000, 6);
+    let (mut src, dst) = pair(&mem, n, |c| c.precopy.max_rounds = 2);
+    let (mut log, mut vcpus) = (g.log(), g.vcpus());
+    let f = pagewire::migrate(&mut src, &mut log, &mut vcpus, dev).unwrap_err();
+    drop(src);
+    (f, dst.join().unwrap(), g)
+}
+
+#[test]
+fn device_state_errors_fail_cleanly_and_resume_the_guest() {
+    // The VMM's own error at downtime: resumed, logging off, destination fails.
+    let mut dev = Streamer {
+        pieces: 2,
+        fail_save: true,
+    };
+    let (f, dst, g) = failing_device(45, &mut dev);
+    assert!(matches!(*f.error, MigrationError::DeviceState(_)), "{f:?}");
+    assert!(f.to_string().contains("would not quiesce"), "{f}");
+    assert!(f.running_on_source && g.is_running() && !g.is_logging());
+    assert_eq!(g.pauses_and_resumes(), (1, 1));
+    assert!(dst.is_err());
+
+    // A section shorter than announced.
+    let mut short = |out: &mut DeviceStateWriter<'_>| -> Result<(), DirtyLogError> {
+        let mut s = out.section("cpu", 0, 100)?;
+        s.write_all(&[1; 99])?;
+        s.finish()?;
+        Ok(())
+    };
+    let (f, dst, g) = failing_device(46, &mut short);
+    assert!(f.to_string().contains("99 bytes written of the 100"), "{f}");
+    assert!(g.is_running() && dst.is_err());
+
+    // The same section twice: refused here, before the destination has to.
+    let mut twice = |out: &mut DeviceStateWriter<'_>| -> Result<(), DirtyLogError> {
+        out.write_section("cpu", 0, &[1])?;
+        out.write_section("cpu", 0, &[2])?;
+        Ok(())
+    };
+    let (f, _, g) = failing_device(47, &mut twice);
+    assert!(f.to_string().contains("already sent"), "{f}");
+    assert!(g.is_running());
+
+    // A VMM that ignores a write error still fails: the writer remembers it.
+    let mut ignores = |out: &mut DeviceStateWriter<'_>| -> Result<(), DirtyLogError> {
+        let _ = out.write_section("", 0, &[1]);
+        Ok(())
+    };
+    let (f, _, g) = failing_device(48, &mut ignores);
+    assert!(f.to_string().contains("1..=255"), "{f}");
+    assert!(g.is_running());
+}
+
+/// A dirty log that refuses to start.
+struct Broken;
+
+impl DirtyLog for Broken {
+    fn start(&mut self) -> Result<(), DirtyLogError> {
+        Err("KVM_SET_USER_MEMORY_REGION: no space left".into())
+    }
+    fn stop(&mut self) -> Result<(), DirtyLogError> {
+        panic!("stop without start");
+    }
+    fn sync_and_clear(&mut self, _: RegionId, _: &DirtyBitmap) -> Result<(), DirtyLogError> {
+        panic!("sync without start");
+    }
+}
+
+#[test]
+fn a_dirty_log_that_cannot_start_fails_before_anything_is_sent() {
+    let mem = memory(4);
+    let g = guest(mem.clone(), 0, 7);
+    let (mut src, dst) = pair(&mem, 49, |_| {});
+    let mut vcpus = g.vcpus();
+    let f = pagewire::migrate(&mut src, &mut Broken, &mut vcpus, &mut NoDeviceState).unwrap_err();
+    assert!(
+        f.to_string().contains("no space left"),
+        "the cause is printed: {f}"
+    );
+    assert!(f.running_on_source);
+    assert_eq!(src.progress().snapshot().pages, 0);
+    drop(src);
+    assert!(dst.join().unwrap().is_err());
+}
