@@ -35,7 +35,12 @@ pub use dirty::{DirtyBitmap, DirtyLog, DirtyLogError, VcpuControl};
 pub use error::{Failed, MigrationError};
 pub use memory::{GuestMemory, MemoryError, RegionSpec};
 pub use migrate::{Migration, migrate};
-pub use pagewire_protocol::RegionId;
+pub use pagewire_protocol::{Authentication, RegionId, SessionId, SessionKey};
+
+/// The README's code, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
 pub use precopy::{CapPolicy, PrecopyConfig, StopReason};
 pub use progress::{Phase, Progress, ProgressSnapshot, RoundAction};
 pub use source::Source;
