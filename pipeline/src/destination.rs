@@ -37,7 +37,7 @@ use pagewire_transport::{Channel, GuestSlice, Incoming, OutFrame, PageSink, Regi
 
 use crate::config::DestinationConfig;
 use crate::error::MigrationError;
-use crate::memory::GuestMemory;
+use crate::memory::{DestinationMemory, GuestMemory};
 use crate::source::{frame_bytes, transport_views};
 use crate::stats::{Latency, LatencySummary};
 
@@ -138,6 +138,16 @@ impl DestinationListener {
     /// [`MigrationError::Session`] when the channels do not all arrive in time, or when
     /// this session is already being accepted or `max_sessions` sessions are.
     pub fn accept(&self, memory: Option<Arc<GuestMemory>>) -> Result<Destination, MigrationError> {
+        self.accept_session(&self.config, &self.scfg, memory.into())
+    }
+
+    /// As [`Self::accept`], with the guest memory chosen by `memory`: anonymous, given,
+    /// or asked of the VMM's [`MemoryProvider`](crate::MemoryProvider) once the layout
+    /// arrived.
+    ///
+    /// # Errors
+    /// As [`Self::accept`].
+    pub fn accept_into(&self, memory: DestinationMemory) -> Result<Destination, MigrationError> {
         self.accept_session(&self.config, &self.scfg, memory)
     }
 
@@ -156,6 +166,18 @@ impl DestinationListener {
         config: &DestinationConfig,
         memory: Option<Arc<GuestMemory>>,
     ) -> Result<Destination, MigrationError> {
+        self.accept_session(config, &session_config(config), memory.into())
+    }
+
+    /// [`Self::accept_with`] with the memory chosen as in [`Self::accept_into`].
+    ///
+    /// # Errors
+    /// As [`Self::accept_with`].
+    pub fn accept_with_into(
+        &self,
+        config: &DestinationConfig,
+        memory: DestinationMemory,
+    ) -> Result<Destination, MigrationError> {
         self.accept_session(config, &session_config(config), memory)
     }
 
@@ -163,7 +185,7 @@ impl DestinationListener {
         &self,
         config: &DestinationConfig,
         scfg: &SessionConfig,
-        memory: Option<Arc<GuestMemory>>,
+        memory: DestinationMemory,
     ) -> Result<Destination, MigrationError> {
         let accepted = self.listener.accept_session(scfg, config.accept_timeout)?;
         let n = accepted.channels.len() as u16;
@@ -172,7 +194,14 @@ impl DestinationListener {
         let shared = Arc::new(Shared {
             page_size: config.page_size,
             wait: config.idle_timeout,
-            memory: Mutex::new(memory.map(|m| (m, None))),
+            provider: match &memory {
+                DestinationMemory::Provider(_) => memory.clone(),
+                _ => DestinationMemory::Anonymous,
+            },
+            memory: Mutex::new(match memory {
+                DestinationMemory::Given(m) => Some((m, None)),
+                _ => None,
+            }),
             state: Mutex::new(State {
                 rules,
                 failed: None,
@@ -359,6 +388,8 @@ struct Shared {
     page_size: u32,
     wait: Duration,
     memory: Mutex<MemorySlot>,
+    /// `Provider` when the VMM chooses the memory, `Anonymous` otherwise.
+    provider: DestinationMemory,
     state: Mutex<State>,
     cv: Condvar,
     apply: Latency,
@@ -402,6 +433,16 @@ impl Shared {
                 return Err("the layout differs from the guest memory already set up".into());
             }
             return Ok(m.clone());
+        }
+        if let DestinationMemory::Provider(p) = &self.provider {
+            let m = p
+                .memory_for(layout)
+                .map_err(|e| format!("the VMM's memory provider refused the layout: {e}"))?;
+            if m.layout() != layout {
+                return Err("the VMM's memory provider returned memory of another layout".into());
+            }
+            *slot = Some((m.clone(), None));
+            return Ok(m);
         }
         let m = Arc::new(GuestMemory::anonymous(layout).map_err(|e| e.to_string())?);
         let m2 = m.clone();

@@ -33,7 +33,7 @@ pub use destination::{
 pub use device::{DeviceState, DeviceStateWriter, NoDeviceState, SectionWriter};
 pub use dirty::{DirtyBitmap, DirtyLog, DirtyLogError, VcpuControl};
 pub use error::{Failed, MigrationError};
-pub use memory::{GuestMemory, MemoryError, RegionSpec};
+pub use memory::{DestinationMemory, GuestMemory, MemoryError, MemoryProvider, RegionSpec};
 pub use migrate::{Migration, migrate};
 pub use pagewire_protocol::{Authentication, RegionId, SessionId, SessionKey};
 

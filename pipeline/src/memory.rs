@@ -39,9 +39,13 @@ use std::io;
 use std::num::NonZeroUsize;
 use std::ptr::NonNull;
 
+use std::sync::Arc;
+
 use nix::errno::Errno;
 use nix::sys::mman::{self, MapFlags, MmapAdvise, ProtFlags};
 use pagewire_protocol::{GuestAddr, MemoryLayout, RegionDesc, RegionId};
+
+use crate::dirty::DirtyLogError;
 
 /// Errors describing guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -90,13 +94,25 @@ struct Region {
 }
 
 /// The guest memory a migration reads (source) or writes (destination).
-#[derive(Debug)]
 pub struct GuestMemory {
     page_size: u32,
     regions: Vec<Region>,
     layout: MemoryLayout,
     /// Mappings this value owns and unmaps on drop.
     owned: Vec<(NonNull<u8>, usize)>,
+    /// What keeps the VMM's mappings alive ([`GuestMemory::keeping`]).
+    owner: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+impl std::fmt::Debug for GuestMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestMemory")
+            .field("page_size", &self.page_size)
+            .field("layout", &self.layout)
+            .field("owns_mappings", &!self.owned.is_empty())
+            .field("has_owner", &self.owner.is_some())
+            .finish()
+    }
 }
 
 // SAFETY: the regions are plain memory whose validity `GuestMemory::new`'s caller
@@ -156,6 +172,7 @@ impl GuestMemory {
             regions,
             layout,
             owned: Vec::new(),
+            owner: None,
         })
     }
 
@@ -266,6 +283,15 @@ impl GuestMemory {
         // SAFETY: the caller keeps `mem`'s mappings alive and in place (this function's
         // contract), which is what `new` requires.
         unsafe { Self::new(page_size, &specs) }
+    }
+
+    /// Keeps `owner` (e.g. the VMM's `GuestMemoryMmap`, or its memfd mappings) alive
+    /// as long as this value, so the mappings it describes cannot go away under a
+    /// migration (or a destination's [`crate::Migrated`]).
+    #[must_use]
+    pub fn keeping(mut self, owner: impl std::any::Any + Send + Sync) -> Self {
+        self.owner = Some(Box::new(owner));
+        self
     }
 
     /// The layout sent to the destination.
@@ -404,6 +430,60 @@ fn free_mappings(owned: &[(NonNull<u8>, usize)]) {
 impl Drop for GuestMemory {
     fn drop(&mut self) {
         free_mappings(&self.owned);
+        // `owner` (the VMM's mappings) drops after the last use of the pointers.
+    }
+}
+
+/// The VMM's memory for an incoming migration, chosen once the source's LAYOUT has
+/// arrived and passed [`DestinationConfig::limits`](crate::DestinationConfig::limits):
+/// e.g. memfd or hugetlbfs memslots of exactly that layout. A closure
+/// `Fn(&MemoryLayout) -> Result<Arc<GuestMemory>, DirtyLogError>` is a provider.
+pub trait MemoryProvider: Send + Sync {
+    /// Returns guest memory with exactly `layout`'s regions, or refuses it (the
+    /// migration fails and the source is told why).
+    ///
+    /// # Errors
+    /// The VMM's reason for refusing.
+    fn memory_for(&self, layout: &MemoryLayout) -> Result<Arc<GuestMemory>, DirtyLogError>;
+}
+
+impl<F> MemoryProvider for F
+where
+    F: Fn(&MemoryLayout) -> Result<Arc<GuestMemory>, DirtyLogError> + Send + Sync,
+{
+    fn memory_for(&self, layout: &MemoryLayout) -> Result<Arc<GuestMemory>, DirtyLogError> {
+        self(layout)
+    }
+}
+
+/// Where a destination puts the guest's memory.
+#[non_exhaustive]
+#[derive(Clone, Default)]
+pub enum DestinationMemory {
+    /// Private anonymous memory mapped for the source's layout and pre-faulted in the
+    /// background (the default).
+    #[default]
+    Anonymous,
+    /// This memory; the source's layout must match it exactly.
+    Given(Arc<GuestMemory>),
+    /// Asked of the VMM when the layout arrives; not pre-faulted (the VMM backs it as
+    /// it likes).
+    Provider(Arc<dyn MemoryProvider>),
+}
+
+impl std::fmt::Debug for DestinationMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DestinationMemory::Anonymous => f.write_str("Anonymous"),
+            DestinationMemory::Given(m) => f.debug_tuple("Given").field(m.layout()).finish(),
+            DestinationMemory::Provider(_) => f.write_str("Provider(..)"),
+        }
+    }
+}
+
+impl From<Option<Arc<GuestMemory>>> for DestinationMemory {
+    fn from(m: Option<Arc<GuestMemory>>) -> Self {
+        m.map_or(DestinationMemory::Anonymous, DestinationMemory::Given)
     }
 }
 

@@ -335,3 +335,83 @@ fn a_dirty_log_that_cannot_start_fails_before_anything_is_sent() {
     drop(src);
     assert!(dst.join().unwrap().is_err());
 }
+
+/// Dropped when the memory keeping it drops.
+struct Owner(Arc<AtomicBool>);
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn the_vmm_provides_destination_memory_for_the_layout() {
+    use pagewire::DestinationMemory;
+    use pagewire::protocol::MemoryLayout;
+    let mem = memory(8);
+    fill(&mem, 8);
+    let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let dropped = Arc::new(AtomicBool::new(false));
+    let (a2, d2) = (asked.clone(), dropped.clone());
+    let provider = move |layout: &MemoryLayout| -> Result<Arc<GuestMemory>, DirtyLogError> {
+        a2.lock().unwrap().push(layout.total_bytes());
+        let m = GuestMemory::anonymous(layout)?.keeping(Owner(d2.clone()));
+        Ok(Arc::new(m))
+    };
+    let mut dcfg = DestinationConfig::new(session(50), Authentication::None);
+    dcfg.idle_timeout = Duration::from_secs(10);
+    let l = DestinationListener::bind(loopback(), dcfg).unwrap();
+    let addr = l.local_addr().unwrap();
+    let dst = std::thread::spawn(move || {
+        l.accept_into(DestinationMemory::Provider(Arc::new(provider)))?
+            .wait()
+    });
+    let mut cfg = SourceConfig::new(session(50), Authentication::None);
+    cfg.precopy.max_rounds = 2;
+    let mut src = Source::connect(addr, mem.clone(), cfg).unwrap();
+    let g = guest(mem.clone(), 2_000, 8);
+    let (mut log, mut vcpus) = (g.log(), g.vcpus());
+    pagewire::migrate(&mut src, &mut log, &mut vcpus, &mut NoDeviceState).unwrap();
+    drop(src);
+    let m = dst.join().unwrap().unwrap();
+    assert_eq!(
+        *asked.lock().unwrap(),
+        [mem.layout().total_bytes()],
+        "asked once, with the layout"
+    );
+    assert_eq!(first_difference(&mem, &m.memory), None);
+    assert!(!dropped.load(Ordering::Relaxed));
+    drop(m);
+    assert!(
+        dropped.load(Ordering::Relaxed),
+        "the owner lives as long as the memory"
+    );
+
+    // A provider that refuses: both sides fail, the source says why.
+    let mut dcfg = DestinationConfig::new(session(51), Authentication::None);
+    dcfg.idle_timeout = Duration::from_secs(10);
+    let l = DestinationListener::bind(loopback(), dcfg).unwrap();
+    let addr = l.local_addr().unwrap();
+    let refuse = |_: &MemoryLayout| -> Result<Arc<GuestMemory>, DirtyLogError> {
+        Err("no hugetlbfs pages left".into())
+    };
+    let dst = std::thread::spawn(move || {
+        l.accept_into(DestinationMemory::Provider(Arc::new(refuse)))?
+            .wait()
+    });
+    let mut cfg = SourceConfig::new(session(51), Authentication::None);
+    cfg.precopy.max_rounds = 2;
+    let mut src = Source::connect(addr, mem.clone(), cfg).unwrap();
+    drop(g);
+    let g = guest(mem.clone(), 2_000, 9);
+    let (mut log, mut vcpus) = (g.log(), g.vcpus());
+    let f = pagewire::migrate(&mut src, &mut log, &mut vcpus, &mut NoDeviceState).unwrap_err();
+    drop(src);
+    let e = dst.join().unwrap().unwrap_err();
+    assert!(e.to_string().contains("no hugetlbfs pages left"), "{e}");
+    // The source fails too; it hears the ABORT's reason only when it reads before
+    // its next send hits the closed connection.
+    eprintln!("source: {f}");
+    assert!(f.running_on_source && g.is_running());
+}
