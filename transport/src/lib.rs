@@ -61,6 +61,7 @@
 
 pub mod buf;
 pub mod channel;
+pub mod endpoint;
 mod recv;
 pub mod session;
 pub mod tcp;
@@ -74,3 +75,4 @@ pub use channel::{
     Channel, ChannelError, ChannelStats, Completed, Incoming, OutFrame, PageSink, RegionSink,
     SendId,
 };
+pub use endpoint::{Endpoint, Stream, StreamListener};

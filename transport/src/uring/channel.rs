@@ -4,7 +4,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::mem::ManuallyDrop;
-use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
@@ -19,6 +18,7 @@ use super::{
 use crate::channel::{
     Channel, ChannelError, ChannelStats, Completed, Incoming, OutFrame, PageSink, SendId,
 };
+use crate::endpoint::Stream;
 use crate::recv::RxState;
 
 impl UringChannel {
@@ -28,16 +28,20 @@ impl UringChannel {
     /// # Errors
     /// [`UringError`].
     pub fn new(
-        stream: TcpStream,
+        stream: impl Into<Stream>,
         negotiated: Negotiated,
         leftover: &[u8],
         cfg: &UringConfig,
     ) -> Result<Self, UringError> {
+        let stream = stream.into();
         let ring = build_ring(cfg)?;
-        stream.set_nodelay(true).map_err(|source| UringError::Io {
-            op: "setsockopt(TCP_NODELAY)",
-            source,
-        })?;
+        if let Stream::Tcp(s) = &stream {
+            s.set_nodelay(true).map_err(|source| UringError::Io {
+                op: "setsockopt(TCP_NODELAY)",
+                source,
+            })?;
+        }
+        let zc_capable = stream.is_tcp();
         let mut iovecs = Vec::new();
         let mut fixed = Vec::new();
         let regions = cfg
@@ -100,6 +104,7 @@ impl UringChannel {
         let mut core = Core {
             ring,
             stream: ManuallyDrop::new(stream),
+            zc_capable,
             cfg: cfg.clone(),
             fixed,
             inflight: HashMap::new(),
@@ -194,15 +199,23 @@ impl Channel for UringChannel {
         let payload_bytes = len - frame.header.len();
         let more = if payload_bytes > 0 { libc::MSG_MORE } else { 0 };
         let mut ops = 0;
-        let use_zc = payload_bytes > 0
+        let want_zc = payload_bytes > 0
             && match core.cfg.zero_copy {
                 ZeroCopy::Always => true,
                 ZeroCopy::Never => false,
                 ZeroCopy::Auto => core.zc_pause == 0 && core.zc_budget > 0,
             };
-        let used_zc = use_zc;
+        let used_zc = want_zc;
+        let use_zc = want_zc && core.zc_capable;
         let mut msg = None;
         let slices = frame.payload.iter().filter(|p| !p.is_empty()).count();
+        // A socket that cannot send in place (Unix): the payload goes by copy, and each
+        // send the policy wanted zero-copy counts as copied, like a copied notification.
+        let copied_anyway = if want_zc && !use_zc {
+            u32::try_from(slices).unwrap_or(u32::MAX)
+        } else {
+            0
+        };
         if !use_zc && slices < 1024 {
             // Copying anyway: the whole frame in one vectored send.
             let mut iov = crate::tcp::frame_iovecs(&frame);
@@ -257,6 +270,9 @@ impl Channel for UringChannel {
             }
             core.zc_pause = core.zc_pause.saturating_sub(1);
         }
+        for _ in 0..copied_anyway {
+            core.note_zc_usage(true);
+        }
         core.inflight.insert(
             seq,
             InFlight {
@@ -266,7 +282,7 @@ impl Channel for UringChannel {
                 payload: frame.payload,
                 ops,
                 zc: 0,
-                copied: 0,
+                copied: copied_anyway,
                 bytes: payload_bytes,
             },
         );

@@ -30,6 +30,12 @@
 //!   about 0.13 CPU-seconds more per GB), so with [`ZeroCopy::Auto`] (the default) a
 //!   channel whose sends keep coming back copied switches to plain `SEND` for a while
 //!   and then checks again.
+//! - **Unix sockets**: a channel over a Unix stream socket ([`Stream::Unix`]) works the
+//!   same way, but the kernel cannot send on it in place (it refuses `SEND_ZC`): a
+//!   payload the policy would send zero-copy goes by plain send instead and is counted
+//!   as a copied zero-copy send ([`Completed::zero_copy`], `ChannelStats::zc_copied`),
+//!   exactly as a copied notification over loopback, so [`ZeroCopy::Auto`] pauses
+//!   after [`ZC_AUTO_COPIED`] of them.
 //! - **Backpressure**: `send` queues and returns at once while the payload bytes owned
 //!   by the channel are under `max_in_flight_bytes`; above that it waits for
 //!   completions and fails with [`ChannelError::SendTimeout`](crate::ChannelError::SendTimeout) when none comes within
@@ -58,7 +64,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::mem::ManuallyDrop;
-use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
@@ -67,6 +72,7 @@ use pagewire_protocol::Negotiated;
 
 use crate::buf::{BufferPool, GuestMemory, GuestSlice, Mapping, Payload};
 use crate::channel::{ChannelStats, Completed, SendId};
+use crate::endpoint::Stream;
 use crate::recv::RxState;
 
 mod channel;
@@ -315,7 +321,10 @@ struct Core {
     // Declared first: dropped (closed) before any memory it may reference.
     ring: IoUring,
     /// Closed explicitly in `Drop`, after the kernel is done with it.
-    stream: ManuallyDrop<TcpStream>,
+    stream: ManuallyDrop<Stream>,
+    /// Whether the socket can send in place (`SEND_ZC`): TCP can, a Unix socket
+    /// cannot (the kernel refuses `SEND_ZC` on it).
+    zc_capable: bool,
     cfg: UringConfig,
     fixed: Vec<Fixed>,
     inflight: HashMap<u64, InFlight>,
@@ -344,7 +353,7 @@ struct Core {
     stats: ChannelStats,
 }
 
-/// A channel over a TCP socket driven by io_uring.
+/// A channel over a TCP or Unix stream socket driven by io_uring.
 ///
 /// Bound to the thread that created it (`IORING_SETUP_SINGLE_ISSUER`), so it is not
 /// `Send`:

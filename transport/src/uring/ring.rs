@@ -197,24 +197,21 @@ impl Core {
     }
 
     pub(super) fn on_send(&mut self, seq: u64, res: i32, flags: u32) -> Result<(), ChannelError> {
+        let notif = cqueue::notif(flags);
+        let copied = res as u32 & NOTIF_USAGE_ZC_COPIED != 0;
+        if notif && self.inflight.contains_key(&seq) {
+            self.note_zc_usage(copied);
+        }
         let f = self
             .inflight
             .get_mut(&seq)
             .ok_or(ChannelError::UnknownCompletion(seq))?;
         f.ops -= 1;
-        if cqueue::notif(flags) {
-            if res as u32 & NOTIF_USAGE_ZC_COPIED != 0 {
+        if notif {
+            if copied {
                 f.copied += 1;
-                self.zc_copied_run += 1;
-                if self.zc_copied_run >= ZC_AUTO_COPIED {
-                    self.zc_copied_run = 0;
-                    self.zc_pause = ZC_AUTO_PAUSE;
-                    self.zc_budget = ZC_AUTO_COPIED;
-                }
             } else {
                 f.zc += 1;
-                self.zc_copied_run = 0;
-                self.zc_budget = u32::MAX;
             }
         } else {
             self.chain_left = self.chain_left.saturating_sub(1);
@@ -238,6 +235,22 @@ impl Core {
             });
         }
         Ok(())
+    }
+
+    /// Feeds [`ZeroCopy::Auto`](super::ZeroCopy::Auto) one zero-copy send's outcome:
+    /// [`ZC_AUTO_COPIED`] copied in a row pause zero-copy, one in place turns it on.
+    pub(super) fn note_zc_usage(&mut self, copied: bool) {
+        if copied {
+            self.zc_copied_run += 1;
+            if self.zc_copied_run >= ZC_AUTO_COPIED {
+                self.zc_copied_run = 0;
+                self.zc_pause = ZC_AUTO_PAUSE;
+                self.zc_budget = ZC_AUTO_COPIED;
+            }
+        } else {
+            self.zc_copied_run = 0;
+            self.zc_budget = u32::MAX;
+        }
     }
 
     /// Waits until at most `limit` payload bytes are in flight; the send timeout runs
