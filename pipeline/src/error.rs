@@ -15,7 +15,7 @@ use crate::memory::MemoryError;
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
     /// The channels could not be opened or accepted.
-    #[error("could not set up the session")]
+    #[error("could not set up the session: {0}")]
     Session(#[from] SessionError),
     /// A channel failed.
     #[error("channel {channel} failed")]
