@@ -1,5 +1,6 @@
-//! Live-migrates a simulated guest to a destination in the same process over loopback,
-//! verifies the destination byte for byte, and prints the statistics.
+//! Live-migrates a simulated guest to a destination in the same process over loopback
+//! (or a Unix socket with `--unix PATH`), verifies the destination byte for byte, and
+//! prints the statistics.
 //!
 //! ```sh
 //! cargo run --release -p pagewire-examples --example demo -- --help
@@ -7,6 +8,8 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,10 +19,13 @@ use pagewire::protocol::{
 };
 use pagewire::sim::{self, Content, Guest, Pattern, WriterConfig};
 use pagewire::transport::session::Backend;
-use pagewire::{DestinationConfig, DestinationListener, GuestMemory, Source, SourceConfig};
+use pagewire::{
+    DestinationConfig, DestinationListener, Endpoint, GuestMemory, Source, SourceConfig,
+};
 
 const HELP: &str = "\
-pagewire demo: live-migrate a simulated guest over loopback and print the statistics
+pagewire demo: live-migrate a simulated guest over loopback (or a Unix socket) and print
+the statistics
 
 USAGE: demo [OPTIONS]
 
@@ -32,6 +38,9 @@ USAGE: demo [OPTIONS]
   --codec C             zstd | lz4 | deflate | delta | raw | none (default zstd)
   --level N             codec level (zstd default 1, deflate 1)
   --transport T         tcp | uring (default tcp; uring falls back to tcp if unusable)
+  --unix PATH           migrate over a Unix socket at PATH (must not exist; removed
+                        afterwards) instead of TCP loopback; the ceiling is measured
+                        over a Unix socket at PATH.ceiling
   --bandwidth MBIT      wire bandwidth cap in Mbit/s (default: none)
   --downtime MS         downtime limit (default 300)
   --max-rounds N        pre-copy round cap (default 30)
@@ -52,6 +61,7 @@ struct Args {
     codec: CodecId,
     level: Option<i32>,
     uring: bool,
+    unix: Option<PathBuf>,
     bandwidth_mbit: u64,
     downtime_ms: u64,
     max_rounds: u32,
@@ -73,6 +83,7 @@ fn parse() -> anyhow::Result<Args> {
         codec: CodecId::ZSTD,
         level: None,
         uring: false,
+        unix: None,
         bandwidth_mbit: 0,
         downtime_ms: 300,
         max_rounds: 30,
@@ -130,6 +141,7 @@ fn parse() -> anyhow::Result<Args> {
                     o => bail!("unknown transport {o}"),
                 }
             }
+            "--unix" => a.unix = Some(val()?.into()),
             "--bandwidth" => a.bandwidth_mbit = val()?.parse()?,
             "--downtime" => a.downtime_ms = val()?.parse()?,
             "--max-rounds" => a.max_rounds = val()?.parse()?,
@@ -147,15 +159,44 @@ fn parse() -> anyhow::Result<Args> {
     Ok(a)
 }
 
-/// Plain blocking-socket copy loop over loopback with `channels` connections: the
-/// link's ceiling in this run, Mbit/s.
-fn socket_ceiling(channels: u16, for_how_long: Duration) -> anyhow::Result<f64> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
+/// Plain blocking-socket copy loop with `channels` connections over loopback, or over a
+/// Unix socket at `unix`: the link's ceiling in this run, Mbit/s.
+fn socket_ceiling(
+    channels: u16,
+    for_how_long: Duration,
+    unix: Option<&Path>,
+) -> anyhow::Result<f64> {
+    type Accept = Box<dyn FnMut() -> std::io::Result<Box<dyn Read + Send>> + Send>;
+    type Connect = Arc<dyn Fn() -> std::io::Result<Box<dyn Write + Send>> + Send + Sync>;
+    let (mut accept, connect): (Accept, Connect) = match unix {
+        None => {
+            let listener = TcpListener::bind("127.0.0.1:0")?;
+            let addr = listener.local_addr()?;
+            (
+                Box::new(move || Ok(Box::new(listener.accept()?.0) as Box<dyn Read + Send>)),
+                Arc::new(move || {
+                    let s = TcpStream::connect(addr)?;
+                    s.set_nodelay(true)?;
+                    Ok(Box::new(s) as Box<dyn Write + Send>)
+                }),
+            )
+        }
+        Some(path) => {
+            let listener =
+                UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+            let path = path.to_owned();
+            (
+                Box::new(move || Ok(Box::new(listener.accept()?.0) as Box<dyn Read + Send>)),
+                Arc::new(
+                    move || Ok(Box::new(UnixStream::connect(&path)?) as Box<dyn Write + Send>),
+                ),
+            )
+        }
+    };
     let readers = std::thread::spawn(move || -> anyhow::Result<u64> {
         let mut handles = Vec::new();
         for _ in 0..channels {
-            let (mut s, _) = listener.accept()?;
+            let mut s = accept()?;
             handles.push(std::thread::spawn(move || {
                 let mut buf = vec![0u8; 1 << 20];
                 let mut total = 0u64;
@@ -173,9 +214,9 @@ fn socket_ceiling(channels: u16, for_how_long: Duration) -> anyhow::Result<f64> 
     let start = Instant::now();
     let writers: Vec<_> = (0..channels)
         .map(|_| {
+            let connect = connect.clone();
             std::thread::spawn(move || -> anyhow::Result<()> {
-                let mut s = TcpStream::connect(addr)?;
-                s.set_nodelay(true)?;
+                let mut s = connect()?;
                 let buf = vec![0x5au8; 1 << 20];
                 while start.elapsed() < for_how_long {
                     s.write_all(&buf)?;
@@ -196,7 +237,16 @@ fn socket_ceiling(channels: u16, for_how_long: Duration) -> anyhow::Result<f64> 
 fn main() -> anyhow::Result<()> {
     let args = parse()?;
     let ceiling = if args.baseline {
-        Some(socket_ceiling(args.channels, Duration::from_millis(700))?)
+        let at = args.unix.as_ref().map(|p| {
+            let mut c = p.clone().into_os_string();
+            c.push(".ceiling");
+            PathBuf::from(c)
+        });
+        let c = socket_ceiling(args.channels, Duration::from_millis(700), at.as_deref());
+        if let Some(at) = &at {
+            let _ = std::fs::remove_file(at);
+        }
+        Some(c?)
     } else {
         None
     };
@@ -225,11 +275,14 @@ fn main() -> anyhow::Result<()> {
     }
     if !args.json {
         eprintln!(
-            "filled {} MiB in {:.2} s; migrating with {} channel(s), codec {:?}",
+            "filled {} MiB in {:.2} s; migrating with {} channel(s), codec {:?}, over {}",
             args.memory_mib,
             t.elapsed().as_secs_f64(),
             args.channels,
-            args.codec
+            args.codec,
+            args.unix
+                .as_ref()
+                .map_or("TCP loopback".into(), |p| format!("unix:{}", p.display()))
         );
     }
 
@@ -243,8 +296,15 @@ fn main() -> anyhow::Result<()> {
     let mut dcfg = DestinationConfig::new(session, auth.clone());
     dcfg.backend = backend;
     dcfg.checksum = args.checksum;
-    let listener = DestinationListener::bind("127.0.0.1:0".parse()?, dcfg)?;
-    let addr = listener.local_addr()?;
+    let endpoint = match &args.unix {
+        Some(path) => Endpoint::Unix(path.clone()),
+        None => Endpoint::Tcp("127.0.0.1:0".parse()?),
+    };
+    let listener = DestinationListener::bind_endpoint(&endpoint, dcfg)
+        .with_context(|| format!("listening on {endpoint}"))?;
+    // The socket file is ours from here on: removed when main returns, however.
+    let _unlink = args.unix.clone().map(Unlink);
+    let endpoint = listener.local_endpoint()?;
     let destination = std::thread::spawn(move || listener.accept(None)?.wait());
 
     let mut guest = Guest::start(
@@ -269,7 +329,7 @@ fn main() -> anyhow::Result<()> {
     cfg.precopy.max_rounds = args.max_rounds;
     cfg.send_timeout = Duration::from_secs(args.timeout_s);
     cfg.ack_timeout = Duration::from_secs(args.timeout_s);
-    let mut source = Source::connect(addr, memory.clone(), cfg)?;
+    let mut source = Source::connect_to(&endpoint, memory.clone(), cfg)?;
     let mut log = guest.log();
     let mut vcpus = guest.vcpus();
     let vcpu0: Vec<u8> = (0..64 * 1024u32).flat_map(|i| i.to_le_bytes()).collect();
@@ -337,4 +397,13 @@ fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Removes a Unix socket's path when dropped.
+struct Unlink(PathBuf);
+
+impl Drop for Unlink {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }

@@ -33,7 +33,9 @@ use pagewire_protocol::{
     Round, SessionError,
 };
 use pagewire_transport::session::{AnyChannel, Listener, SessionConfig};
-use pagewire_transport::{Channel, GuestSlice, Incoming, OutFrame, PageSink, RegionSink};
+use pagewire_transport::{
+    Channel, Endpoint, GuestSlice, Incoming, OutFrame, PageSink, RegionSink, StreamListener,
+};
 
 use crate::config::DestinationConfig;
 use crate::error::MigrationError;
@@ -94,14 +96,26 @@ pub struct DestinationListener {
 }
 
 impl DestinationListener {
-    /// Listens on `addr`.
+    /// Listens on the TCP address `addr`.
     ///
     /// # Errors
     /// [`MigrationError::Session`] when the socket cannot be bound or a listener
     /// setting (`max_pending`, `max_sessions`, `limits.max_channels`) is zero.
     pub fn bind(addr: SocketAddr, config: DestinationConfig) -> Result<Self, MigrationError> {
+        Self::bind_endpoint(&Endpoint::Tcp(addr), config)
+    }
+
+    /// Listens on `endpoint`: a TCP address, or a Unix socket path (local migrations;
+    /// the path must not exist, and is not removed when the listener is dropped).
+    ///
+    /// # Errors
+    /// As [`Self::bind`].
+    pub fn bind_endpoint(
+        endpoint: &Endpoint,
+        config: DestinationConfig,
+    ) -> Result<Self, MigrationError> {
         let scfg = session_config(&config);
-        let listener = Listener::bind(addr, &scfg)?;
+        let listener = Listener::bind_endpoint(endpoint, &scfg)?;
         Ok(Self {
             listener,
             config,
@@ -109,12 +123,41 @@ impl DestinationListener {
         })
     }
 
-    /// The address to give the source.
+    /// Accepts on a listening socket the caller bound (e.g. handed over by a
+    /// management layer): a `std::net::TcpListener` or a
+    /// `std::os::unix::net::UnixListener`, blocking or not. Every setting of `config`
+    /// applies as with [`Self::bind`] (the backlog is set on the socket again).
+    ///
+    /// # Errors
+    /// As [`Self::bind`].
+    pub fn from_listener(
+        listener: impl Into<StreamListener>,
+        config: DestinationConfig,
+    ) -> Result<Self, MigrationError> {
+        let scfg = session_config(&config);
+        let listener = Listener::from_listener(listener, &scfg)?;
+        Ok(Self {
+            listener,
+            config,
+            scfg,
+        })
+    }
+
+    /// The TCP address to give the source.
+    ///
+    /// # Errors
+    /// The socket's error; `InvalidInput` on a Unix socket (see
+    /// [`Self::local_endpoint`]).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The endpoint to give the source: the TCP address or the Unix socket's path.
     ///
     /// # Errors
     /// The socket's error.
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+    pub fn local_endpoint(&self) -> std::io::Result<Endpoint> {
+        self.listener.local_endpoint()
     }
 
     /// What the listener did with the connections it saw (refusals, timeouts, accept

@@ -6,6 +6,9 @@
 //! the last pages and the device state, and completes. On the other host a
 //! [`DestinationListener`] accepts the channels and a [`Destination`] applies every
 //! frame straight into guest memory, reporting success only when everything arrived.
+//! Channels run over TCP or Unix stream sockets ([`Endpoint`]), bound and connected by
+//! pagewire or handed to it already connected ([`Stream`]) or listening
+//! ([`StreamListener`]).
 //!
 //! Layers: this crate joins `pagewire-protocol` (the wire format), `pagewire-accel`
 //! (codecs and the batched engine) and `pagewire-transport` (channels).
@@ -45,6 +48,8 @@ pub use precopy::{CapPolicy, PrecopyConfig, StopReason};
 pub use progress::{Phase, Progress, ProgressSnapshot, RoundAction};
 pub use source::Source;
 pub use stats::MigrationStats;
+
+pub use pagewire_transport::{Endpoint, Stream, StreamListener};
 
 pub use pagewire_accel as accel;
 pub use pagewire_protocol as protocol;

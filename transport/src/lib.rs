@@ -10,6 +10,10 @@
 //! - [`session`] opens the channels of a session ([`session::connect`]) and accepts
 //!   them ([`session::Listener`]: every pending handshake on the calling thread, each
 //!   bounded in time and memory), refusing channels that fail the handshake.
+//! - [`endpoint`] says where channels run: TCP or Unix stream sockets ([`Endpoint`]),
+//!   bound and connected by [`session`] or handed over by the caller already connected
+//!   ([`Stream`], [`session::connect_streams`]) or listening ([`StreamListener`],
+//!   [`session::Listener::from_listener`]).
 //! - [`buf`] holds the memory channels send from and receive into: registered guest
 //!   memory ([`GuestMemory`]) and buffer pools ([`BufferPool`]).
 //!
@@ -61,6 +65,7 @@
 
 pub mod buf;
 pub mod channel;
+pub mod endpoint;
 mod recv;
 pub mod session;
 pub mod tcp;
@@ -74,3 +79,4 @@ pub use channel::{
     Channel, ChannelError, ChannelStats, Completed, Incoming, OutFrame, PageSink, RegionSink,
     SendId,
 };
+pub use endpoint::{Endpoint, Stream, StreamListener};

@@ -15,6 +15,9 @@
 //! - Sockets have `TCP_NODELAY`, the configured `SO_SNDBUF`/`SO_RCVBUF` (set before
 //!   `connect`/`listen` so window scaling follows them), and `connect` retries with a
 //!   timeout per attempt.
+//! - The same channel runs over a Unix stream socket ([`Stream::Unix`]): the framing,
+//!   the timeouts and the receive into destination memory are the same; the TCP
+//!   options are not set.
 //!
 //! Blocking sockets were chosen over mio: a channel is one ordered stream driven by one
 //! thread, so readiness polling would add an `epoll_wait` per write without adding
@@ -33,12 +36,14 @@ use crate::buf::GuestSlice;
 use crate::channel::{
     Channel, ChannelError, ChannelStats, Completed, Incoming, OutFrame, PageSink, SendId,
 };
+use crate::endpoint::{self, Endpoint, Stream};
 use crate::recv::{ByteSource, RxState, guest_iovecs};
 
 /// Most `iovec`s handed to one system call (`IOV_MAX` on Linux).
 const IOV_MAX: usize = 1024;
 
-/// Socket settings.
+/// Socket settings. The timeouts, attempts and retry delay apply to Unix sockets too;
+/// the buffer sizes (and `TCP_NODELAY`) only to TCP.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TcpConfig {
     /// `SO_SNDBUF`, or the kernel's autotuning when `None`.
@@ -80,8 +85,8 @@ pub enum TcpError {
         "could not connect to {addr} after {attempts} attempts; is the destination listening and reachable?"
     )]
     Connect {
-        /// The address.
-        addr: SocketAddr,
+        /// The endpoint.
+        addr: Endpoint,
         /// Attempts made.
         attempts: u32,
         /// The last attempt's error.
@@ -143,7 +148,7 @@ pub fn connect(addr: SocketAddr, cfg: &TcpConfig) -> Result<TcpStream, TcpError>
         }
     }
     Err(TcpError::Connect {
-        addr,
+        addr: Endpoint::Tcp(addr),
         attempts,
         source: last.unwrap_or_else(|| io::Error::other("no attempt made")),
     })
@@ -192,7 +197,7 @@ pub(crate) fn frame_iovecs(frame: &OutFrame) -> Vec<libc::iovec> {
 }
 
 /// Sets `SO_SNDTIMEO` of `stream` (at least 1 ms: zero would mean no timeout).
-fn set_send_timeout(stream: &TcpStream, t: Duration) -> io::Result<()> {
+fn set_send_timeout(stream: &Stream, t: Duration) -> io::Result<()> {
     stream.set_write_timeout(Some(t.max(Duration::from_millis(1))))
 }
 
@@ -201,7 +206,7 @@ fn set_send_timeout(stream: &TcpStream, t: Duration) -> io::Result<()> {
 /// `sendmsg` that times out after taking some bytes returns a short count, so the
 /// remaining time is set again after a short write; restored before returning).
 pub(crate) fn send_all(
-    stream: &TcpStream,
+    stream: &Stream,
     iov: &mut [libc::iovec],
     timeout: Duration,
 ) -> Result<(), ChannelError> {
@@ -218,7 +223,7 @@ pub(crate) fn send_all(
 }
 
 fn send_all_until(
-    stream: &TcpStream,
+    stream: &Stream,
     iov: &mut [libc::iovec],
     timeout: Duration,
     deadline: Instant,
@@ -269,7 +274,7 @@ fn send_all_until(
 }
 
 struct TcpSource<'a> {
-    stream: &'a TcpStream,
+    stream: &'a Stream,
     timeout: Option<Duration>,
 }
 
@@ -287,7 +292,7 @@ impl TcpSource<'_> {
 impl ByteSource for TcpSource<'_> {
     fn read(&mut self, dst: &mut [u8]) -> Result<usize, ChannelError> {
         loop {
-            match self.stream.read(dst) {
+            match { self.stream }.read(dst) {
                 Ok(n) => return Ok(n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(self.map_err(e)),
@@ -320,10 +325,10 @@ impl ByteSource for TcpSource<'_> {
     }
 }
 
-/// A channel over a TCP socket whose handshake is done.
+/// A channel over a TCP or Unix stream socket whose handshake is done.
 #[derive(Debug)]
 pub struct TcpChannel {
-    stream: TcpStream,
+    stream: Stream,
     negotiated: Negotiated,
     cfg: TcpConfig,
     rx: RxState,
@@ -340,12 +345,13 @@ impl TcpChannel {
     /// # Errors
     /// [`TcpError::Socket`] when the socket options cannot be set.
     pub fn new(
-        stream: TcpStream,
+        stream: impl Into<Stream>,
         negotiated: Negotiated,
         leftover: &[u8],
         cfg: &TcpConfig,
     ) -> Result<Self, TcpError> {
-        configure(&stream, cfg)?;
+        let stream = stream.into();
+        endpoint::configure(&stream, cfg)?;
         Ok(Self {
             stream,
             rx: RxState::new(negotiated.limits(), leftover),
@@ -359,7 +365,7 @@ impl TcpChannel {
     }
 
     /// The socket (for `shutdown` from another thread, or inspection).
-    pub fn stream(&self) -> &TcpStream {
+    pub fn stream(&self) -> &Stream {
         &self.stream
     }
 
@@ -474,6 +480,7 @@ mod tests {
         };
         let err = connect(port, &cfg).unwrap_err();
         assert!(matches!(err, TcpError::Connect { attempts: 3, .. }));
+        assert!(matches!(&err, TcpError::Connect { addr, .. } if *addr == Endpoint::Tcp(port)));
         assert!(err.to_string().contains(&port.to_string()));
     }
 

@@ -28,7 +28,8 @@ use pagewire_accel::{
     DeltaCache, DeltaConfig, EncodeParams, Engine, EngineConfig, Level, PageSize, SoftwareConfig,
 };
 use pagewire_protocol::{Capabilities, CodecId, CodecSet, Frame, RegionId};
-use pagewire_transport::session::{self, AnyChannel, SessionConfig};
+use pagewire_transport::session::{self, AnyChannel, Established, SessionConfig};
+use pagewire_transport::{Endpoint, Stream};
 
 use crate::config::{Control, SourceConfig};
 use crate::dirty::DirtyBitmap;
@@ -147,8 +148,9 @@ impl std::fmt::Debug for Source {
 }
 
 impl Source {
-    /// Connects `config.channels` channels to the destination at `addr`, runs the
-    /// handshake on each, and sends the memory layout on every channel.
+    /// Connects `config.channels` channels to the destination at the TCP address
+    /// `addr`, runs the handshake on each, and sends the memory layout on every
+    /// channel ([`Self::connect_to`] with [`Endpoint::Tcp`]).
     ///
     /// # Errors
     /// [`MigrationError::Session`] when a channel cannot be opened or its handshake
@@ -157,6 +159,59 @@ impl Source {
         addr: SocketAddr,
         memory: Arc<GuestMemory>,
         config: SourceConfig,
+    ) -> Result<Source, MigrationError> {
+        Self::connect_to(&Endpoint::Tcp(addr), memory, config)
+    }
+
+    /// Connects `config.channels` channels to the destination at `endpoint`, a TCP
+    /// address or a Unix socket path (local migrations), like [`Self::connect`]: each
+    /// connection within `connect_timeout`, `connect_attempts` times
+    /// `connect_retry_delay` apart, each handshake within `handshake_timeout`.
+    ///
+    /// # Errors
+    /// As [`Self::connect`]; [`MigrationError::Timeout`] (`Wait::Connect`) when every
+    /// attempt timed out, [`MigrationError::Session`] when they failed otherwise (a
+    /// Unix path that does not exist: `NotFound`).
+    pub fn connect_to(
+        endpoint: &Endpoint,
+        memory: Arc<GuestMemory>,
+        config: SourceConfig,
+    ) -> Result<Source, MigrationError> {
+        Self::open(memory, config, |scfg| session::connect_to(endpoint, scfg))
+    }
+
+    /// Runs the migration over streams the caller already connected (e.g. sockets a
+    /// management layer handed to the VMM), TCP or Unix: `streams[i]` becomes channel
+    /// `i`, and there must be exactly `config.channels` of them. The handshake runs on
+    /// each within `handshake_timeout`; the send and ACK timeouts apply as for
+    /// [`Self::connect`] (the connect settings have nothing to do).
+    ///
+    /// # Errors
+    /// [`MigrationError::Config`] when the number of streams is not
+    /// `config.channels` (nothing is sent then); otherwise as [`Self::connect`].
+    pub fn from_streams(
+        streams: Vec<Stream>,
+        memory: Arc<GuestMemory>,
+        config: SourceConfig,
+    ) -> Result<Source, MigrationError> {
+        if streams.len() != usize::from(config.channels) {
+            return Err(MigrationError::Config(format!(
+                "{} pre-connected streams were given for {} channels (SourceConfig::channels); give one stream per channel",
+                streams.len(),
+                config.channels
+            )));
+        }
+        Self::open(memory, config, |scfg| {
+            session::connect_streams(streams, scfg)
+        })
+    }
+
+    /// Opens the channels with `open`, then starts a worker per channel and sends the
+    /// layout.
+    fn open(
+        memory: Arc<GuestMemory>,
+        config: SourceConfig,
+        open: impl FnOnce(&SessionConfig) -> Result<Vec<Established>, session::SessionError>,
     ) -> Result<Source, MigrationError> {
         let started = Instant::now();
         config.validate()?;
@@ -180,7 +235,7 @@ impl Source {
         scfg.handshake_timeout = config.handshake_timeout;
         let views = transport_views(&memory);
         scfg.uring.guest = views.iter().map(|(_, v)| v.clone()).collect();
-        let established = session::connect(addr, &scfg).map_err(|e| session_error(e, &config))?;
+        let established = open(&scfg).map_err(|e| session_error(e, &config))?;
         let control = Control::new(config.bandwidth_limit, config.precopy.downtime_limit);
         let affinity = Affinity {
             channels: config.channels,

@@ -1,11 +1,15 @@
 //! Sessions: opening the channels of a migration and accepting them.
 //!
-//! The source calls [`connect`], which opens `channels` TCP connections and runs the
-//! protocol's handshake on each; the destination's [`Listener::accept_session`] accepts
+//! The source calls [`connect`] (a TCP address) or [`connect_to`] (any [`Endpoint`],
+//! TCP or a Unix socket path), which opens `channels` connections and runs the
+//! protocol's handshake on each, or [`connect_streams`] with one already-connected
+//! [`Stream`] per channel (sockets handed over by a management layer); the destination's [`Listener::accept_session`] accepts
 //! connections, runs all their handshakes on the calling thread (non-blocking sockets
 //! multiplexed with `mio`, each with its own deadline, at most
 //! [`ListenerConfig::max_pending`] at once), and keeps the channels of the session it
-//! was asked for. A connection that sends garbage, fails authentication, names another
+//! was asked for; it listens on a TCP or Unix socket it binds ([`Listener::bind`],
+//! [`Listener::bind_endpoint`]) or on one it is given ([`Listener::from_listener`]).
+//! A connection that sends garbage, fails authentication, names another
 //! session, asks for too many channels, misses its deadline or repeats a channel index
 //! is refused (with a REJECT when the handshake got that far) and closed, without
 //! touching the session's other channels; the refusals are counted in
@@ -20,7 +24,7 @@
 //! channels are bound to the thread that creates them.
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use pagewire_protocol::{
@@ -31,7 +35,8 @@ use pagewire_protocol::{
 use crate::channel::{
     Channel, ChannelError, ChannelStats, Completed, Incoming, OutFrame, PageSink, SendId,
 };
-use crate::tcp::{self, TcpChannel, TcpConfig, TcpError};
+use crate::endpoint::{self, Endpoint, Stream};
+use crate::tcp::{TcpChannel, TcpConfig, TcpError};
 use crate::uring::{self, UringChannel, UringConfig, UringError};
 
 mod listener;
@@ -110,7 +115,7 @@ pub enum SessionError {
         /// The channel index, when known.
         channel: Option<u16>,
         /// The peer.
-        peer: SocketAddr,
+        peer: Endpoint,
         /// The REJECT message the peer sent, if any.
         peer_message: Option<String>,
         /// Why.
@@ -121,7 +126,7 @@ pub enum SessionError {
     #[error("{peer} closed the connection or timed out during the handshake")]
     HandshakeIo {
         /// The peer.
-        peer: SocketAddr,
+        peer: Endpoint,
         /// The error (`UnexpectedEof` for a close).
         #[source]
         source: io::Error,
@@ -136,7 +141,7 @@ pub enum SessionError {
         /// Its channel count.
         count: u16,
         /// The peer.
-        peer: SocketAddr,
+        peer: Endpoint,
         /// What is wrong.
         why: &'static str,
     },
@@ -146,7 +151,7 @@ pub enum SessionError {
     )]
     TooManyChannels {
         /// The peer.
-        peer: SocketAddr,
+        peer: Endpoint,
         /// The channel count it asked for.
         count: u16,
         /// The limit.
@@ -169,6 +174,16 @@ pub enum SessionError {
     /// A setting is invalid.
     #[error("invalid session configuration: {0}")]
     Config(&'static str),
+    /// The number of pre-connected streams is not the session's channel count.
+    #[error(
+        "{given} pre-connected streams were given for a session of {channels} channels; give one stream per channel"
+    )]
+    StreamCount {
+        /// Streams given.
+        given: usize,
+        /// [`SessionConfig::channels`].
+        channels: u16,
+    },
     /// Not every channel arrived in time.
     #[error("only {have} of {need} channels arrived within {timeout:?}; is the source running?")]
     Incomplete {
@@ -196,8 +211,8 @@ pub enum SessionError {
 /// A connection whose handshake completed.
 #[derive(Debug)]
 pub struct Established {
-    /// The socket.
-    pub stream: TcpStream,
+    /// The socket (TCP or Unix).
+    pub stream: Stream,
     /// What was agreed.
     pub negotiated: Negotiated,
     /// Bytes received after the handshake's last frame.
@@ -205,7 +220,7 @@ pub struct Established {
 }
 
 impl Established {
-    /// A TCP channel.
+    /// A channel of the plain-socket backend (TCP or Unix socket alike).
     ///
     /// # Errors
     /// [`TcpError`] when the socket options cannot be set.
@@ -337,16 +352,19 @@ impl_handshake!(ServerHandshake);
 /// Runs a handshake over a blocking socket until it is done; returns the agreement and
 /// the bytes that followed it.
 fn run_handshake(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     hs: &mut dyn Handshake,
     timeout: Duration,
     channel: Option<u16>,
 ) -> Result<(Negotiated, Vec<u8>), SessionError> {
-    let peer = stream.peer_addr().map_err(|source| SessionError::Io {
+    let peer = stream.peer().map_err(|source| SessionError::Io {
         op: "getpeername",
         source,
     })?;
-    let io_err = |source| SessionError::HandshakeIo { peer, source };
+    let io_err = |source| SessionError::HandshakeIo {
+        peer: peer.clone(),
+        source,
+    };
     stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
     stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
     let deadline = Instant::now() + timeout;
@@ -389,7 +407,7 @@ fn run_handshake(
                 let _ = stream.write_all(&out);
                 return Err(SessionError::Handshake {
                     channel,
-                    peer,
+                    peer: peer.clone(),
                     peer_message: hs.peer_message(),
                     source,
                 });
@@ -398,21 +416,80 @@ fn run_handshake(
     }
 }
 
-/// Opens the session's channels to `addr`: connects each (with the configured retry),
-/// runs the handshake, and returns them in channel order.
+/// Opens the session's channels to the TCP address `addr`: connects each (with the
+/// configured retry), runs the handshake, and returns them in channel order.
 ///
 /// # Errors
 /// The first channel that fails; channels already open are closed.
 pub fn connect(addr: SocketAddr, cfg: &SessionConfig) -> Result<Vec<Established>, SessionError> {
-    let mut out = Vec::with_capacity(usize::from(cfg.channels));
-    for i in 0..cfg.channels {
-        out.push(connect_channel(addr, cfg, i)?);
-    }
-    Ok(out)
+    connect_to(&Endpoint::Tcp(addr), cfg)
 }
 
-/// Opens channel `index` of the session (to re-open a failed channel, or to open
-/// channels from several threads).
+/// Opens the session's channels to `endpoint`, a TCP address or a Unix socket path:
+/// connects each with [`TcpConfig::connect_timeout`], [`TcpConfig::connect_attempts`]
+/// and [`TcpConfig::retry_delay`], runs the handshake within
+/// [`SessionConfig::handshake_timeout`], and returns them in channel order.
+///
+/// # Errors
+/// The first channel that fails ([`SessionError::Tcp`] with [`TcpError::Connect`] when
+/// every attempt failed); channels already open are closed.
+pub fn connect_to(
+    endpoint: &Endpoint,
+    cfg: &SessionConfig,
+) -> Result<Vec<Established>, SessionError> {
+    (0..cfg.channels)
+        .map(|i| connect_channel_to(endpoint, cfg, i))
+        .collect()
+}
+
+/// Opens the session's channels over already-connected streams, one per channel in
+/// channel order (`streams[i]` becomes channel `i`): sets the socket options that
+/// apply (on TCP the buffer sizes, set after `connect` here, and `TCP_NODELAY`; on
+/// both the send and receive timeouts) and runs the handshake on each within
+/// [`SessionConfig::handshake_timeout`].
+///
+/// # Errors
+/// [`SessionError::StreamCount`] when there are not [`SessionConfig::channels`]
+/// streams (nothing is sent then); else the first channel that fails, as
+/// [`connect_to`]. Every stream is closed on error.
+pub fn connect_streams(
+    streams: Vec<Stream>,
+    cfg: &SessionConfig,
+) -> Result<Vec<Established>, SessionError> {
+    if streams.len() != usize::from(cfg.channels) {
+        return Err(SessionError::StreamCount {
+            given: streams.len(),
+            channels: cfg.channels,
+        });
+    }
+    (0..cfg.channels)
+        .zip(streams)
+        .map(|(i, stream)| connect_stream(stream, cfg, i))
+        .collect()
+}
+
+/// Opens channel `index` of the session over an already-connected stream, as
+/// [`connect_streams`] does for each of its streams.
+///
+/// # Errors
+/// [`SessionError`].
+pub fn connect_stream(
+    stream: impl Into<Stream>,
+    cfg: &SessionConfig,
+    index: u16,
+) -> Result<Established, SessionError> {
+    let stream = stream.into();
+    endpoint::set_buffers(&stream, &cfg.tcp)?;
+    endpoint::configure(&stream, &cfg.tcp)?;
+    let peer = stream.peer().map_err(|source| SessionError::Io {
+        op: "getpeername",
+        source,
+    })?;
+    handshake(stream, peer, cfg, index)
+}
+
+/// Opens channel `index` of the session to the TCP address `addr` (to re-open a failed
+/// channel, or to open channels from several threads).
 ///
 /// # Errors
 /// [`SessionError`].
@@ -421,7 +498,29 @@ pub fn connect_channel(
     cfg: &SessionConfig,
     index: u16,
 ) -> Result<Established, SessionError> {
-    let mut stream = tcp::connect(addr, &cfg.tcp)?;
+    connect_channel_to(&Endpoint::Tcp(addr), cfg, index)
+}
+
+/// Opens channel `index` of the session to `endpoint`, as [`connect_to`] does for each.
+///
+/// # Errors
+/// [`SessionError`].
+pub fn connect_channel_to(
+    endpoint: &Endpoint,
+    cfg: &SessionConfig,
+    index: u16,
+) -> Result<Established, SessionError> {
+    let stream = endpoint.connect(&cfg.tcp)?;
+    handshake(stream, endpoint.clone(), cfg, index)
+}
+
+/// Runs the source's handshake for channel `index` on a connected stream.
+fn handshake(
+    mut stream: Stream,
+    peer: Endpoint,
+    cfg: &SessionConfig,
+    index: u16,
+) -> Result<Established, SessionError> {
     let mut hs = ClientHandshake::new(
         ClientConfig {
             caps: cfg.caps,
@@ -434,7 +533,7 @@ pub fn connect_channel(
     )
     .map_err(|source| SessionError::Handshake {
         channel: Some(index),
-        peer: addr,
+        peer,
         peer_message: None,
         source,
     })?;

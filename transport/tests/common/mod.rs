@@ -1,14 +1,18 @@
-//! Helpers shared by the scenario tests: a session over loopback, and pages to send.
+//! Helpers shared by the scenario tests: a session over loopback or a Unix socket, and
+//! pages to send.
 #![allow(dead_code)]
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use pagewire_protocol::{
     Authentication, Capabilities, CodecId, PageFrame, PageIndex, PageRun, RegionId, Round,
     SessionId, WireList,
 };
-use pagewire_transport::session::{self, Backend, Established, Listener, SessionConfig};
-use pagewire_transport::{GuestMemory, OutFrame, Payload};
+use pagewire_transport::session::{
+    self, Backend, Established, Listener, SessionConfig, SessionError,
+};
+use pagewire_transport::{Endpoint, GuestMemory, OutFrame, Payload, Stream, StreamListener};
 
 pub const PAGE: usize = 4096;
 
@@ -37,6 +41,97 @@ pub fn pair(cfg: &SessionConfig) -> (Vec<Established>, Vec<Established>) {
     let t = std::thread::spawn(move || session::connect(addr, &c).unwrap());
     let acc = l.accept_session(cfg, Duration::from_secs(20)).unwrap();
     (t.join().unwrap(), acc.channels)
+}
+
+/// How the two ends of a session find each other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Link {
+    /// TCP over loopback, bound and connected by the transport.
+    Loopback,
+    /// A Unix socket in a temporary directory, bound and connected by the transport.
+    Unix,
+    /// A TCP listener bound by the caller, and streams connected by the caller.
+    TcpGiven,
+    /// A Unix listener bound by the caller, and streams connected by the caller.
+    UnixGiven,
+}
+
+/// Opens the source's channels of a session.
+type Connect = Box<dyn FnOnce(&SessionConfig) -> Result<Vec<Established>, SessionError> + Send>;
+
+/// Source and destination ends of `cfg.channels` channels over `link`, in index order.
+pub fn pair_over(link: Link, cfg: &SessionConfig) -> (Vec<Established>, Vec<Established>) {
+    let dir = TempDir::new();
+    let path = dir.path.join("dst.sock");
+    let (l, connect): (Listener, Connect) = match link {
+        Link::Loopback => return pair(cfg),
+        Link::Unix => {
+            let ep = Endpoint::Unix(path);
+            let l = Listener::bind_endpoint(&ep, cfg).unwrap();
+            assert_eq!(l.local_endpoint().unwrap(), ep);
+            (l, Box::new(move |c| session::connect_to(&ep, c)))
+        }
+        Link::TcpGiven => {
+            let std_l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = std_l.local_addr().unwrap();
+            let l = Listener::from_listener(std_l, cfg).unwrap();
+            let n = cfg.channels;
+            (
+                l,
+                Box::new(move |c| {
+                    let s = (0..n)
+                        .map(|_| Stream::from(std::net::TcpStream::connect(addr).unwrap()))
+                        .collect();
+                    session::connect_streams(s, c)
+                }),
+            )
+        }
+        Link::UnixGiven => {
+            let std_l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+            let l = Listener::from_listener(StreamListener::from(std_l), cfg).unwrap();
+            let n = cfg.channels;
+            (
+                l,
+                Box::new(move |c| {
+                    let s = (0..n)
+                        .map(|_| {
+                            Stream::from(std::os::unix::net::UnixStream::connect(&path).unwrap())
+                        })
+                        .collect();
+                    session::connect_streams(s, c)
+                }),
+            )
+        }
+    };
+    let c = cfg.clone();
+    let t = std::thread::spawn(move || connect(&c).unwrap());
+    let acc = l.accept_session(cfg, Duration::from_secs(20)).unwrap();
+    (t.join().unwrap(), acc.channels)
+}
+
+/// A directory removed when dropped.
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "pagewire-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir { path }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
 }
 
 /// Guest memory of `pages` pages, each filled with a pattern from its index and `seed`.

@@ -44,19 +44,21 @@ use std::net::SocketAddr;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use mio::net::TcpListener as MioListener;
 use mio::{Events, Interest, Poll, Token};
 use pagewire_protocol::limits::HANDSHAKE_MAX_FRAME;
 use pagewire_protocol::{ServerConfig, ServerHandshake};
 
 use super::{Established, SessionConfig, SessionError};
-use crate::tcp;
+use crate::endpoint::{Endpoint, StreamListener};
+use crate::tcp::TcpError;
 
 mod pending;
 mod shared;
+mod socket;
 mod stats;
 
 use shared::{Entry, Shared};
+use socket::Socket;
 use stats::Counters;
 pub use stats::ListenerStats;
 
@@ -143,7 +145,7 @@ const SLICE: Duration = Duration::from_millis(50);
 /// to [`ListenerConfig::max_sessions`] at once from different threads.
 #[derive(Debug)]
 pub struct Listener {
-    socket: MioListener,
+    socket: Socket,
     /// The poll, the pending handshakes and the sessions being accepted. A call holds
     /// it for one slice (at most [`SLICE`]) at a time.
     shared: Mutex<Shared>,
@@ -153,7 +155,7 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Listens on `addr` with the socket settings of `cfg`, its
+    /// Listens on the TCP address `addr` with the socket settings of `cfg`, its
     /// [`ListenerConfig::backlog`] and its [`ListenerConfig::max_sessions`].
     ///
     /// # Errors
@@ -161,17 +163,56 @@ impl Listener {
     /// for an invalid [`ListenerConfig`], [`SessionError::Io`] when epoll cannot be set
     /// up.
     pub fn bind(addr: SocketAddr, cfg: &SessionConfig) -> Result<Self, SessionError> {
+        Self::bind_endpoint(&Endpoint::Tcp(addr), cfg)
+    }
+
+    /// Listens on `endpoint`, a TCP address or a Unix socket path (which must not
+    /// exist yet, and is not removed when the listener is dropped), as [`Self::bind`].
+    ///
+    /// # Errors
+    /// As [`Self::bind`].
+    pub fn bind_endpoint(endpoint: &Endpoint, cfg: &SessionConfig) -> Result<Self, SessionError> {
         cfg.listener.validate()?;
+        let listener = endpoint.listen(&cfg.tcp)?;
+        Self::listen_on(listener, cfg)
+    }
+
+    /// Accepts on a listening socket bound by the caller (e.g. handed over by a
+    /// management layer): a `std::net::TcpListener` or `std::os::unix::net::UnixListener`
+    /// (blocking or not; it is made non-blocking). Its backlog becomes
+    /// [`ListenerConfig::backlog`]; on TCP, the buffer sizes of `cfg` are set on it and
+    /// apply to the connections accepted from now on.
+    ///
+    /// # Errors
+    /// As [`Self::bind`].
+    pub fn from_listener(
+        listener: impl Into<StreamListener>,
+        cfg: &SessionConfig,
+    ) -> Result<Self, SessionError> {
+        cfg.listener.validate()?;
+        let listener = listener.into();
+        if let StreamListener::Tcp(l) = &listener {
+            let sock = socket2::SockRef::from(l);
+            let err = |op| move |source| TcpError::Socket { op, source };
+            if let Some(n) = cfg.tcp.send_buffer {
+                sock.set_send_buffer_size(n)
+                    .map_err(err("setsockopt(SO_SNDBUF)"))?;
+            }
+            if let Some(n) = cfg.tcp.recv_buffer {
+                sock.set_recv_buffer_size(n)
+                    .map_err(err("setsockopt(SO_RCVBUF)"))?;
+            }
+        }
+        Self::listen_on(listener, cfg)
+    }
+
+    fn listen_on(listener: StreamListener, cfg: &SessionConfig) -> Result<Self, SessionError> {
         let io_err = |op| move |source| SessionError::Io { op, source };
-        let std_listener = tcp::listen(addr, &cfg.tcp)?;
         // Listening again only changes the backlog (validated to fit an i32).
-        socket2::SockRef::from(&std_listener)
+        socket2::SockRef::from(&listener)
             .listen(cfg.listener.backlog as i32)
             .map_err(io_err("listen"))?;
-        std_listener
-            .set_nonblocking(true)
-            .map_err(io_err("fcntl(O_NONBLOCK)"))?;
-        let mut socket = MioListener::from_std(std_listener);
+        let mut socket = Socket::new(listener).map_err(io_err("fcntl(O_NONBLOCK)"))?;
         let poll = Poll::new().map_err(io_err("epoll_create"))?;
         poll.registry()
             .register(&mut socket, LISTENER, Interest::READABLE)
@@ -195,12 +236,27 @@ impl Listener {
         })
     }
 
-    /// The address listened on.
+    /// The TCP address listened on.
+    ///
+    /// # Errors
+    /// `getsockname`'s error; `InvalidInput` for a Unix socket (see
+    /// [`Self::local_endpoint`]).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        match self.local_endpoint()? {
+            Endpoint::Tcp(a) => Ok(a),
+            Endpoint::Unix(_) => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a Unix socket has no IP address; use local_endpoint",
+            )),
+        }
+    }
+
+    /// The endpoint listened on: the TCP address, or the Unix socket's path.
     ///
     /// # Errors
     /// `getsockname`'s error.
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.socket.local_addr()
+    pub fn local_endpoint(&self) -> io::Result<Endpoint> {
+        self.socket.local_endpoint()
     }
 
     /// What the listener did with the connections it saw since it was bound; readable
@@ -250,8 +306,8 @@ impl Listener {
             SessionError::Handshake {
                 channel: None,
                 peer: self
-                    .local_addr()
-                    .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into()),
+                    .local_endpoint()
+                    .unwrap_or_else(|_| Endpoint::Tcp(([0, 0, 0, 0], 0).into())),
                 peer_message: None,
                 source,
             }

@@ -2,16 +2,16 @@
 //! then the handshake runs over the non-blocking socket.
 
 use std::io::{self, Read, Write};
-use std::net::SocketAddr;
 use std::time::Instant;
 
-use mio::net::TcpStream as MioStream;
 use pagewire_protocol::{
     AuthMethod, Authentication, ChecksumId, Frame, FrameDecoder, Reject, RejectReason,
     ServerConfig, ServerHandshake, SessionId, WireList,
 };
 
 use super::shared::Entry;
+use super::socket::Conn;
+use crate::endpoint::Endpoint;
 use crate::session::{SessionError, nonce};
 
 /// Where a pending handshake stands.
@@ -28,8 +28,8 @@ pub(super) enum Phase {
 /// A connection whose handshake is in progress.
 #[derive(Debug)]
 pub(super) struct Pending {
-    pub(super) stream: MioStream,
-    pub(super) peer: SocketAddr,
+    pub(super) stream: Conn,
+    pub(super) peer: Endpoint,
     /// Built once the first frame arrived, for the session it names.
     pub(super) hs: Option<ServerHandshake>,
     /// The session being accepted that the HELLO named, if any.
@@ -67,8 +67,11 @@ pub(super) fn drive_one(
     sessions: &[Entry],
     fallback: (&ServerConfig, u16),
 ) -> Outcome {
-    let peer = c.peer;
-    let io_err = |source| SessionError::HandshakeIo { peer, source };
+    let peer = c.peer.clone();
+    let io_err = |source| SessionError::HandshakeIo {
+        peer: peer.clone(),
+        source,
+    };
     loop {
         while !c.out.is_empty() {
             match c.stream.write(&c.out) {
@@ -120,7 +123,7 @@ pub(super) fn drive_one(
             match nonce().and_then(|n| {
                 ServerHandshake::new(server.clone(), n).map_err(|source| SessionError::Handshake {
                     channel: None,
-                    peer,
+                    peer: peer.clone(),
                     peer_message: None,
                     source,
                 })
@@ -148,7 +151,7 @@ pub(super) fn drive_one(
                 hs.take_output(&mut c.out);
                 c.phase = Phase::Failing(SessionError::Handshake {
                     channel: None,
-                    peer,
+                    peer: peer.clone(),
                     peer_message: hs.peer_message().map(str::to_owned),
                     source,
                 });
@@ -230,7 +233,7 @@ fn reject_too_many(
     // A REJECT of this size always encodes; were it not to, the peer just sees a close.
     let _ = reject.encode(&mut c.out);
     SessionError::TooManyChannels {
-        peer: c.peer,
+        peer: c.peer.clone(),
         count,
         max: max_channels,
     }

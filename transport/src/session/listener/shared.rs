@@ -3,18 +3,17 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use mio::net::{TcpListener as MioListener, TcpStream as MioStream};
 use mio::{Events, Interest, Poll, Token};
 use pagewire_protocol::{FrameDecoder, HandshakeError, Limits, ServerConfig, SessionId};
 
 use super::pending::{Outcome, Pending, Phase, drive_one};
+use super::socket::{Conn, Socket};
 use super::stats::{Counters, bump};
 use super::{LISTENER, MAX_REFUSALS_KEPT, Turn};
+use crate::endpoint::Endpoint;
 use crate::session::{Established, SessionError};
 
 /// A session being accepted by one call.
@@ -96,7 +95,7 @@ impl Shared {
     /// at the latest) and drives the connections that became ready.
     pub(super) fn step(
         &mut self,
-        socket: &MioListener,
+        socket: &Socket,
         counters: &Counters,
         lim: &Turn<'_>,
         until: Instant,
@@ -144,7 +143,7 @@ impl Shared {
         for i in 0..self.conns.len() {
             let Some(c) = &self.conns[i] else { continue };
             if c.deadline <= now {
-                let peer = c.peer;
+                let peer = c.peer.clone();
                 bump(&counters.timed_out);
                 self.close(
                     i,
@@ -184,13 +183,7 @@ impl Shared {
     }
 
     /// Takes a new connection into a free place and registers it.
-    fn start(
-        &mut self,
-        counters: &Counters,
-        mut stream: MioStream,
-        peer: SocketAddr,
-        deadline: Instant,
-    ) {
+    fn start(&mut self, counters: &Counters, mut stream: Conn, peer: Endpoint, deadline: Instant) {
         let i = self.free.pop().unwrap_or(self.conns.len());
         if let Err(source) = self.poll.registry().register(
             &mut stream,
@@ -286,15 +279,17 @@ impl Shared {
             });
             return;
         }
-        let stream = std::net::TcpStream::from(OwnedFd::from(c.stream));
-        if let Err(source) = stream.set_nonblocking(false) {
-            bump(&counters.closed);
-            entry.refuse(SessionError::HandshakeIo {
-                peer: c.peer,
-                source,
-            });
-            return;
-        }
+        let stream = match c.stream.into_stream() {
+            Ok(s) => s,
+            Err(source) => {
+                bump(&counters.closed);
+                entry.refuse(SessionError::HandshakeIo {
+                    peer: c.peer,
+                    source,
+                });
+                return;
+            }
+        };
         let est = Established {
             stream,
             negotiated,
@@ -352,12 +347,12 @@ fn copy_refusal(e: &SessionError) -> SessionError {
             source,
         } => SessionError::Handshake {
             channel: *channel,
-            peer: *peer,
+            peer: peer.clone(),
             peer_message: peer_message.clone(),
             source: *source,
         },
         SessionError::HandshakeIo { peer, source } => SessionError::HandshakeIo {
-            peer: *peer,
+            peer: peer.clone(),
             source: io(source),
         },
         SessionError::BadChannel {
@@ -368,11 +363,11 @@ fn copy_refusal(e: &SessionError) -> SessionError {
         } => SessionError::BadChannel {
             channel: *channel,
             count: *count,
-            peer: *peer,
+            peer: peer.clone(),
             why,
         },
         SessionError::TooManyChannels { peer, count, max } => SessionError::TooManyChannels {
-            peer: *peer,
+            peer: peer.clone(),
             count: *count,
             max: *max,
         },
@@ -418,13 +413,13 @@ fn place(
     slots: &mut Vec<Option<Established>>,
     count: &mut Option<u16>,
     est: Established,
-    peer: SocketAddr,
+    peer: Endpoint,
 ) -> Result<(), SessionError> {
     let n = est.negotiated;
     let bad = |why| SessionError::BadChannel {
         channel: n.channel.0,
         count: n.channel_count,
-        peer,
+        peer: peer.clone(),
         why,
     };
     match *count {

@@ -1,0 +1,357 @@
+//! [`UringChannel`]: setting up the ring and registering memory, and the
+//! [`Channel`] operations.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::mem::ManuallyDrop;
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use io_uring::opcode;
+use io_uring::types::Fd;
+use pagewire_protocol::Negotiated;
+
+use super::{
+    BGID, BufRing, Core, Fixed, InFlight, MAX_FIXED, MsgHdr, SEND_ZC_REPORT_USAGE, UringChannel,
+    UringConfig, UringError, ZC_AUTO_COPIED, ZeroCopy, build_ring,
+};
+use crate::channel::{
+    Channel, ChannelError, ChannelStats, Completed, Incoming, OutFrame, PageSink, SendId,
+};
+use crate::endpoint::Stream;
+use crate::recv::RxState;
+
+impl UringChannel {
+    /// Takes a connected socket after its handshake (`leftover`: bytes received after
+    /// it), sets up the ring on the calling thread and registers the configured memory.
+    ///
+    /// # Errors
+    /// [`UringError`].
+    pub fn new(
+        stream: impl Into<Stream>,
+        negotiated: Negotiated,
+        leftover: &[u8],
+        cfg: &UringConfig,
+    ) -> Result<Self, UringError> {
+        let stream = stream.into();
+        let ring = build_ring(cfg)?;
+        if let Stream::Tcp(s) = &stream {
+            s.set_nodelay(true).map_err(|source| UringError::Io {
+                op: "setsockopt(TCP_NODELAY)",
+                source,
+            })?;
+        }
+        let zc_capable = stream.is_tcp();
+        let mut iovecs = Vec::new();
+        let mut fixed = Vec::new();
+        let regions = cfg
+            .guest
+            .iter()
+            .map(|g| (g.id(), g.as_ptr(), g.len()))
+            .chain(cfg.pools.iter().map(|p| {
+                let (ptr, len) = p.region();
+                (p.id(), ptr, len)
+            }));
+        for (memory, ptr, len) in regions {
+            let mut off = 0;
+            while off < len {
+                let n = (len - off).min(MAX_FIXED);
+                iovecs.push(libc::iovec {
+                    iov_base: ptr.wrapping_add(off).cast(),
+                    iov_len: n,
+                });
+                fixed.push(Fixed {
+                    memory,
+                    base: ptr as usize + off,
+                    len: n,
+                });
+                off += n;
+            }
+        }
+        if fixed.len() > usize::from(u16::MAX) {
+            return Err(UringError::Config("too many fixed buffers"));
+        }
+        if !iovecs.is_empty() {
+            // SAFETY: each iovec covers memory owned by a GuestMemory or BufferPool
+            // kept in `cfg`, which the channel holds (in `Core::cfg`) for as long as the
+            // ring lives; the ring is dropped first.
+            unsafe { ring.submitter().register_buffers(&iovecs) }.map_err(|source| {
+                UringError::Register {
+                    what: "guest memory and buffer pools",
+                    source,
+                }
+            })?;
+        }
+        let mut br = BufRing::new(cfg.recv_buffers, cfg.recv_buffer_size)
+            .map_err(|source| UringError::Io { op: "mmap", source })?;
+        // SAFETY: the ring mapping is page-aligned, `recv_buffers` entries long, and
+        // lives in `Core::br`, which is dropped after `Core::ring`.
+        unsafe {
+            ring.submitter().register_buf_ring_with_flags(
+                br.ring.ptr.as_ptr() as u64,
+                cfg.recv_buffers,
+                BGID,
+                0,
+            )
+        }
+        .map_err(|source| UringError::Register {
+            what: "the provided-buffer ring",
+            source,
+        })?;
+        for bid in 0..cfg.recv_buffers {
+            br.push(bid);
+        }
+        let mut core = Core {
+            ring,
+            stream: ManuallyDrop::new(stream),
+            zc_capable,
+            cfg: cfg.clone(),
+            fixed,
+            inflight: HashMap::new(),
+            next_seq: 0,
+            pending: VecDeque::new(),
+            chain_left: 0,
+            in_flight_bytes: 0,
+            done: Vec::new(),
+            send_error: None,
+            br,
+            chunks: VecDeque::new(),
+            armed: false,
+            eof: false,
+            recv_error: None,
+            direct: None,
+            direct_res: None,
+            zc_copied_run: 0,
+            zc_pause: 0,
+            zc_budget: ZC_AUTO_COPIED,
+            stats: ChannelStats::default(),
+        };
+        core.arm().map_err(|source| UringError::Io {
+            op: "arming the multishot receive",
+            source,
+        })?;
+        Ok(Self {
+            core,
+            rx: RxState::new(negotiated.limits(), leftover),
+            negotiated,
+            failed: false,
+        })
+    }
+
+    /// Changes how long `recv` waits for bytes (`None`: for ever), e.g. to the time
+    /// left before a deadline.
+    pub fn set_recv_timeout(&mut self, timeout: Option<Duration>) {
+        self.core.cfg.recv_timeout = timeout;
+    }
+
+    /// Frames whose payload is still owned by the channel.
+    pub fn in_flight(&self) -> usize {
+        self.core.inflight.len()
+    }
+
+    /// Payload bytes still owned by the channel.
+    pub fn in_flight_bytes(&self) -> usize {
+        self.core.in_flight_bytes
+    }
+
+    /// Processes completions that are ready, without waiting.
+    ///
+    /// # Errors
+    /// A failed system call.
+    pub fn progress(&mut self) -> Result<(), ChannelError> {
+        self.core.pump();
+        self.core.enter(0, None)?;
+        self.core.reap()
+    }
+
+    fn check(&mut self) -> Result<(), ChannelError> {
+        if self.failed {
+            return Err(ChannelError::Failed);
+        }
+        if let Some(e) = self.core.send_error.take() {
+            self.failed = true;
+            return Err(ChannelError::io("io_uring send", e));
+        }
+        Ok(())
+    }
+}
+
+impl Channel for UringChannel {
+    fn negotiated(&self) -> &Negotiated {
+        &self.negotiated
+    }
+
+    fn send(&mut self, frame: OutFrame) -> Result<SendId, ChannelError> {
+        self.check()?;
+        let len = frame.wire_len();
+        if len > self.negotiated.max_frame_bytes as usize {
+            return Err(ChannelError::FrameTooLarge {
+                len,
+                max: self.negotiated.max_frame_bytes,
+            });
+        }
+        let core = &mut self.core;
+        let seq = core.next_seq;
+        core.next_seq += 1;
+        let id = SendId(seq);
+        let fd = Fd(core.stream.as_raw_fd());
+        let wait_all = libc::MSG_WAITALL | libc::MSG_NOSIGNAL;
+        let payload_bytes = len - frame.header.len();
+        let more = if payload_bytes > 0 { libc::MSG_MORE } else { 0 };
+        let mut ops = 0;
+        let want_zc = payload_bytes > 0
+            && match core.cfg.zero_copy {
+                ZeroCopy::Always => true,
+                ZeroCopy::Never => false,
+                ZeroCopy::Auto => core.zc_pause == 0 && core.zc_budget > 0,
+            };
+        let used_zc = want_zc;
+        let use_zc = want_zc && core.zc_capable;
+        let mut msg = None;
+        let slices = frame.payload.iter().filter(|p| !p.is_empty()).count();
+        // A socket that cannot send in place (Unix): the payload goes by copy, and each
+        // send the policy wanted zero-copy counts as copied, like a copied notification.
+        let copied_anyway = if want_zc && !use_zc {
+            u32::try_from(slices).unwrap_or(u32::MAX)
+        } else {
+            0
+        };
+        if !use_zc && slices < 1024 {
+            // Copying anyway: the whole frame in one vectored send.
+            let mut iov = crate::tcp::frame_iovecs(&frame);
+            let mut m = Box::new(MsgHdr {
+                // SAFETY: a zeroed msghdr is valid (no name, no control data).
+                msg: unsafe { std::mem::zeroed() },
+                _iov: Vec::new(),
+            });
+            m.msg.msg_iov = iov.as_mut_ptr();
+            m.msg.msg_iovlen = iov.len();
+            m._iov = iov;
+            core.pending.push_back(
+                opcode::SendMsg::new(fd, &raw const m.msg)
+                    .flags(wait_all as u32)
+                    .build()
+                    .user_data(seq),
+            );
+            msg = Some(m);
+            ops += 1;
+        } else {
+            if !frame.header.is_empty() {
+                core.pending.push_back(
+                    opcode::Send::new(fd, frame.header.as_ptr(), frame.header.len() as u32)
+                        .flags(wait_all | more)
+                        .build()
+                        .user_data(seq),
+                );
+                ops += 1;
+            }
+            for p in frame.payload.iter().filter(|p| !p.is_empty()) {
+                // `len` is below the frame limit (64 MiB), so it fits a u32.
+                let e = if use_zc {
+                    let mut op = opcode::SendZc::new(fd, p.as_ptr(), p.len() as u32)
+                        .flags(wait_all)
+                        .zc_flags(SEND_ZC_REPORT_USAGE);
+                    if let Some(i) = core.fixed_index(p) {
+                        op = op.buf_index(Some(i));
+                    }
+                    op.build()
+                } else {
+                    opcode::Send::new(fd, p.as_ptr(), p.len() as u32)
+                        .flags(wait_all)
+                        .build()
+                };
+                core.pending.push_back(e.user_data(seq));
+                ops += 1;
+            }
+        }
+        if core.cfg.zero_copy == ZeroCopy::Auto {
+            if used_zc && core.zc_budget != u32::MAX {
+                core.zc_budget = core.zc_budget.saturating_sub(1);
+            }
+            core.zc_pause = core.zc_pause.saturating_sub(1);
+        }
+        for _ in 0..copied_anyway {
+            core.note_zc_usage(true);
+        }
+        core.inflight.insert(
+            seq,
+            InFlight {
+                id,
+                _header: frame.header,
+                _msg: msg,
+                payload: frame.payload,
+                ops,
+                zc: 0,
+                copied: copied_anyway,
+                bytes: payload_bytes,
+            },
+        );
+        core.in_flight_bytes += payload_bytes;
+        core.stats.peak_in_flight_bytes = core
+            .stats
+            .peak_in_flight_bytes
+            .max(core.in_flight_bytes as u64);
+        core.stats.frames_sent += 1;
+        core.stats.bytes_sent += len as u64;
+        if ops == 0 {
+            // Nothing to send (cannot happen for a real frame); complete at once.
+            core.on_send_empty(seq);
+        }
+        self.progress()?;
+        let limit = self.core.cfg.max_in_flight_bytes;
+        if let Err(e) = self.core.wait_in_flight(limit) {
+            self.failed = true;
+            return Err(e);
+        }
+        self.check()?;
+        Ok(id)
+    }
+
+    fn poll_completions(&mut self, out: &mut Vec<Completed>) -> Result<usize, ChannelError> {
+        // The last `send` entered the kernel already; enter again only when that
+        // brought nothing back.
+        self.core.reap()?;
+        if self.core.done.is_empty() {
+            self.progress()?;
+        }
+        let n = self.core.done.len();
+        out.append(&mut self.core.done);
+        self.check()?;
+        Ok(n)
+    }
+
+    fn flush(&mut self, out: &mut Vec<Completed>) -> Result<(), ChannelError> {
+        self.check()?;
+        if let Err(e) = self.core.wait_in_flight(0) {
+            self.failed = true;
+            return Err(e);
+        }
+        out.append(&mut self.core.done);
+        self.check()
+    }
+
+    fn recv<'a>(
+        &'a mut self,
+        sink: Option<&mut dyn PageSink>,
+    ) -> Result<Option<Incoming<'a>>, ChannelError> {
+        self.rx.recv(&mut self.core, sink)
+    }
+
+    fn stats(&self) -> ChannelStats {
+        ChannelStats {
+            frames_received: self.rx.frames,
+            bytes_received: self.rx.bytes,
+            bytes_placed: self.rx.placed,
+            ..self.core.stats
+        }
+    }
+
+    fn close(&mut self, out: &mut Vec<Completed>) -> Result<(), ChannelError> {
+        self.flush(out)?;
+        match self.core.stream.shutdown(std::net::Shutdown::Write) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+            Err(e) => Err(ChannelError::io("shutdown", e)),
+        }
+    }
+}
