@@ -20,7 +20,7 @@
 //! [`DestinationListener::accept_with`] for any other id and key.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -34,7 +34,7 @@ use pagewire_protocol::{
 };
 use pagewire_transport::session::{AnyChannel, Listener, SessionConfig};
 use pagewire_transport::{
-    Channel, Endpoint, GuestSlice, Incoming, OutFrame, PageSink, RegionSink, StreamListener,
+    Channel, Endpoint, GuestSlice, Incoming, OutFrame, PageSink, RegionSink, Stream, StreamListener,
 };
 
 use crate::config::DestinationConfig;
@@ -241,6 +241,8 @@ impl DestinationListener {
                 DestinationMemory::Provider(_) => memory.clone(),
                 _ => DestinationMemory::Anonymous,
             },
+            sockets: Mutex::new(Vec::new()),
+            cancelled: AtomicBool::new(false),
             memory: Mutex::new(match memory {
                 DestinationMemory::Given(m) => Some((m, None)),
                 _ => None,
@@ -261,6 +263,9 @@ impl DestinationListener {
         let mut threads = Vec::new();
         for est in accepted.channels {
             let ch = est.negotiated.channel.0;
+            if let (Ok(mut sockets), Ok(dup)) = (shared.sockets.lock(), est.stream.try_clone()) {
+                sockets.push(dup);
+            }
             let shared2 = shared.clone();
             let backend = config.backend;
             let scfg = scfg.clone();
@@ -333,6 +338,40 @@ fn session_config(config: &DestinationConfig) -> SessionConfig {
     scfg
 }
 
+/// Cancels a destination's migration from any thread: [`Destination::wait`] then
+/// returns [`MigrationError::Cancelled`] and never reports success, and the guest
+/// must not be started. Every blocked wait wakes (the channels' sockets are shut down,
+/// the wait for other channels at COMPLETE is woken), and the source sees its
+/// channels close.
+#[derive(Clone)]
+pub struct DestinationControl(Arc<Shared>);
+
+impl std::fmt::Debug for DestinationControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DestinationControl")
+            .field("cancelled", &self.is_cancelled())
+            .finish()
+    }
+}
+
+impl DestinationControl {
+    /// Cancels the migration (idempotent).
+    pub fn cancel(&self) {
+        self.0.cancelled.store(true, Ordering::SeqCst);
+        self.0.fail("cancelled by the destination's VMM".into());
+        if let Ok(sockets) = self.0.sockets.lock() {
+            for s in sockets.iter() {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
+    /// Whether [`Self::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.cancelled.load(Ordering::SeqCst)
+    }
+}
+
 /// A destination receiving a migration.
 #[derive(Debug)]
 pub struct Destination {
@@ -345,6 +384,11 @@ impl Destination {
     /// Statistics so far.
     pub fn stats(&self) -> DestinationStats {
         self.shared.stats()
+    }
+
+    /// A handle that cancels this migration from any thread.
+    pub fn control(&self) -> DestinationControl {
+        DestinationControl(self.shared.clone())
     }
 
     /// Since the channels were accepted.
@@ -371,6 +415,9 @@ impl Destination {
                     first.get_or_insert(MigrationError::Worker(u16::MAX));
                 }
             }
+        }
+        if self.shared.cancelled.load(Ordering::SeqCst) {
+            return Err(MigrationError::Cancelled);
         }
         let complete = self
             .shared
@@ -433,6 +480,10 @@ struct Shared {
     memory: Mutex<MemorySlot>,
     /// `Provider` when the VMM chooses the memory, `Anonymous` otherwise.
     provider: DestinationMemory,
+    /// Second handles on the channels' sockets, shut down by
+    /// [`DestinationControl::cancel`] to wake receivers blocked on them.
+    sockets: Mutex<Vec<Stream>>,
+    cancelled: AtomicBool,
     state: Mutex<State>,
     cv: Condvar,
     apply: Latency,

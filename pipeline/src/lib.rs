@@ -31,7 +31,7 @@ pub mod stats;
 
 pub use config::{Control, DestinationConfig, SourceConfig};
 pub use destination::{
-    Destination, DestinationListener, DestinationStats, DeviceSection, Migrated,
+    Destination, DestinationControl, DestinationListener, DestinationStats, DeviceSection, Migrated,
 };
 pub use device::{DeviceState, DeviceStateWriter, NoDeviceState, SectionWriter};
 pub use dirty::{DirtyBitmap, DirtyLog, DirtyLogError, VcpuControl};

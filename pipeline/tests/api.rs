@@ -415,3 +415,54 @@ fn the_vmm_provides_destination_memory_for_the_layout() {
     eprintln!("source: {f}");
     assert!(f.running_on_source && g.is_running());
 }
+
+#[test]
+fn the_destination_cancels_and_its_waits_wake() {
+    let mem = memory(16);
+    fill(&mem, 10);
+    let mut dcfg = DestinationConfig::new(session(52), Authentication::None);
+    // Long enough that only the cancel can end the waits in time.
+    dcfg.idle_timeout = Duration::from_secs(120);
+    let l = DestinationListener::bind(loopback(), dcfg).unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let dst = std::thread::spawn(move || {
+        let d = l.accept(None)?;
+        tx.send(d.control()).unwrap();
+        d.wait()
+    });
+    let mut cfg = SourceConfig::new(session(52), Authentication::None);
+    cfg.bandwidth_limit = 4 << 20; // 16 MiB take seconds: cancel lands mid-round
+    cfg.ack_timeout = Duration::from_secs(120);
+    cfg.send_timeout = Duration::from_secs(120);
+    let mut src = Source::connect(addr, mem.clone(), cfg).unwrap();
+    let control = rx.recv().unwrap();
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        let t = std::time::Instant::now();
+        control.cancel();
+        (t, control)
+    });
+    let g = guest(mem.clone(), 1_000, 10);
+    let (mut log, mut vcpus) = (g.log(), g.vcpus());
+    let f = within(
+        Duration::from_secs(60),
+        "the cancelled migration",
+        move || {
+            let r = pagewire::migrate(&mut src, &mut log, &mut vcpus, &mut NoDeviceState);
+            (r.map(|_| ()).unwrap_err().to_string(), src)
+        },
+    );
+    let e = dst.join().unwrap().unwrap_err();
+    let (cancelled_at, control) = canceller.join().unwrap();
+    let took = cancelled_at.elapsed();
+    eprintln!(
+        "source: {}; destination: {e}; both ended {took:?} after the cancel",
+        f.0
+    );
+    assert!(matches!(e, MigrationError::Cancelled), "{e}");
+    assert!(control.is_cancelled());
+    assert!(g.is_running(), "the source guest keeps running");
+    // Far below every timeout configured (120 s): the cancel woke the waits.
+    assert!(took < Duration::from_secs(60), "{took:?}");
+}

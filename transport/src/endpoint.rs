@@ -249,6 +249,18 @@ impl Stream {
             Self::Unix(s) => s.shutdown(how),
         }
     }
+
+    /// A second handle on the same socket (`dup(2)`), e.g. to shut it down from
+    /// another thread while a channel blocks on it.
+    ///
+    /// # Errors
+    /// `dup`'s error.
+    pub fn try_clone(&self) -> io::Result<Stream> {
+        match self {
+            Self::Tcp(s) => s.try_clone().map(Self::Tcp),
+            Self::Unix(s) => s.try_clone().map(Self::Unix),
+        }
+    }
 }
 
 impl Read for &Stream {
