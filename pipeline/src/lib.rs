@@ -23,6 +23,7 @@ pub mod precopy;
 pub mod sim;
 pub mod source;
 pub mod stats;
+pub mod switchover;
 
 pub use config::{Control, DestinationConfig, SourceConfig};
 pub use destination::{
@@ -35,6 +36,7 @@ pub use migrate::migrate;
 pub use precopy::PrecopyConfig;
 pub use source::Source;
 pub use stats::MigrationStats;
+pub use switchover::Switchover;
 
 pub use pagewire_accel as accel;
 pub use pagewire_protocol as protocol;

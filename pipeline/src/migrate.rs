@@ -11,15 +11,19 @@ use crate::error::{Failed, MigrationError};
 use crate::precopy::{Decision, Estimator, StopReason};
 use crate::source::Source;
 use crate::stats::{DowntimeBreakdown, MigrationStats};
+use crate::switchover::Switchover;
 
 /// Live-migrates the source's guest memory: pre-copy rounds over `log`, then the paused
 /// final round and `device_state()` (called while the guest is paused), then COMPLETE.
 ///
-/// The guest is resumed on the source if anything fails after it was paused; it keeps
-/// running throughout pre-copy.
+/// The guest is resumed on the source if anything fails after it was paused, unless the
+/// outcome of the switchover is unknown ([`Failed::may_resume_source`] is `false`): then
+/// the destination may run it, and it stays paused here. It keeps running throughout
+/// pre-copy.
 ///
 /// # Errors
-/// [`Failed`] with the pages the destination never acknowledged.
+/// [`Failed`] with the pages the destination never acknowledged, or with
+/// [`MigrationError::OutcomeUnknown`] when COMMIT went out unacknowledged.
 pub fn migrate(
     source: &mut Source,
     log: &mut dyn DirtyLog,
@@ -78,7 +82,9 @@ pub fn migrate(
     log.pause()
         .map_err(|e| Failed::new(MigrationError::DirtyLog(e), Vec::new()))?;
     let resume_on_error = |log: &mut dyn DirtyLog, f: Failed| {
-        let _ = log.resume();
+        if f.may_resume_source() {
+            let _ = log.resume();
+        }
         f
     };
     let bitmaps: Vec<&DirtyBitmap> = dirty.iter().map(|(_, b)| b).collect();
@@ -99,7 +105,8 @@ pub fn migrate(
     }
     let device_state_ms = t.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
-    if let Err(f) = source.complete() {
+    // Outcome unknown: the destination may run the guest, so it stays paused here.
+    if let Err(f) = source.complete().and_then(Switchover::into_result) {
         return Err(resume_on_error(log, f));
     }
     let completion_ms = t.elapsed().as_secs_f64() * 1e3;

@@ -187,8 +187,8 @@ fn rule(r: Result<pagewire::Migrated, MigrationError>) -> SessionError {
 }
 
 /// A whole legitimate session over `count` raw channels on `dest`'s listener: LAYOUT
-/// (after an extension frame), one page per channel, END_OF_ROUND, COMPLETE; the
-/// destination's memory is checked byte for byte.
+/// (after an extension frame), one page per channel, END_OF_ROUND, COMPLETE, COMMIT;
+/// the destination's memory is checked byte for byte.
 fn legitimate(dest: &Dest, count: u16) {
     let t = dest.accept(None);
     let mut chans: Vec<Raw> = (0..count).map(|c| dest.connect(c, count, true)).collect();
@@ -225,6 +225,10 @@ fn legitimate(dest: &Dest, count: u16) {
         sections: 0,
     }));
     assert_eq!(chans[0].recv(), Some((FrameType::ACK, 0)));
+    chans[0].send(Frame::Commit(Commit {
+        final_round: Round(0),
+    }));
+    assert_eq!(chans[0].recv(), Some((FrameType::ACK, 0)));
     drop(chans);
     let m = t.join().unwrap().expect("the legitimate session completes");
     assert_eq!(m.final_round, 0);
@@ -253,8 +257,8 @@ fn garbage_and_a_hello_with_65535_channels_leave_the_listener_serving() {
     junk.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
     let mut hello = Vec::new();
     Frame::Hello(Hello {
-        version_min: Version(2),
-        version_max: Version(2),
+        version_min: Version(3),
+        version_max: Version(3),
         session: common::session(9),
         channel: ChannelId(0),
         channel_count: 65535,
