@@ -33,7 +33,7 @@ enum Last {
 
 impl Last {
     /// Whether the frame travels from the source to the destination.
-    fn from_source(self) -> bool {
+    fn sent_by_source(self) -> bool {
         matches!(self, Last::Complete | Last::Commit)
     }
 
@@ -102,7 +102,7 @@ impl Relay {
                     (down.try_clone().unwrap(), up.try_clone().unwrap(), true),
                     (up, down, false),
                 ] {
-                    let lose = (last.from_source() == from_source).then_some((last, loss));
+                    let lose = (last.sent_by_source() == from_source).then_some((last, loss));
                     let (stop, lost, channel) = (stop2.clone(), lost2.clone(), channel.clone());
                     pumps.push(std::thread::spawn(move || {
                         pump(from, to, from_source, lose, &channel, &stop, &lost)

@@ -704,6 +704,15 @@ impl DestinationChannel {
         }
     }
 
+    /// The final round while this channel (0) sent ACK COMPLETE and waits for COMMIT: a
+    /// failure now means the guest was not handed over.
+    pub fn awaiting_commit(&self) -> Option<Round> {
+        match self.handover {
+            Handover::Acked(r) => Some(r),
+            _ => None,
+        }
+    }
+
     /// The final round, once this channel (0) took a valid COMMIT.
     pub fn committed(&self) -> Option<Round> {
         match self.handover {

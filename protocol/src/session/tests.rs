@@ -537,6 +537,7 @@ fn the_destination_takes_commit_only_after_its_ack_complete() {
         Err(SessionError::Local(_))
     ));
     assert_eq!(s.committed(), None, "ACK COMPLETE alone hands nothing over");
+    assert_eq!(ch[0].awaiting_commit(), Some(Round(3)));
     assert_eq!(
         ch[0].clone().on_frame(&commit(4)).err(),
         Some(SessionError::CommitMismatch {
@@ -549,6 +550,7 @@ fn the_destination_takes_commit_only_after_its_ack_complete() {
         panic!()
     };
     assert_eq!(ch[0].committed(), Some(Round(3)));
+    assert_eq!(ch[0].awaiting_commit(), None);
     assert_eq!(
         s.on_commit(c),
         Ok(Ack {
