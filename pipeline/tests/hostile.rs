@@ -423,3 +423,69 @@ fn pages_before_layout_are_refused() {
     drop(c);
     legitimate(&dest, 1);
 }
+
+/// One channel through LAYOUT and an empty round 0, acknowledged.
+fn up_to_the_final_round(dest: &Dest) -> Raw {
+    let mut c = dest.connect(0, 1, false);
+    let regions = regions(64 * u64::from(PS));
+    c.send(Frame::Layout(LayoutFrame {
+        chunk_pages: 4,
+        regions: WireList::Slice(&regions),
+    }));
+    c.send(Frame::EndOfRound(EndOfRound {
+        round: Round(0),
+        frames: 0,
+        pages: 0,
+    }));
+    assert_eq!(c.recv(), Some((FrameType::ACK, 0)));
+    c
+}
+
+#[test]
+fn a_commit_before_ack_complete_is_refused() {
+    let dest = Dest::new(10, None);
+    let t = dest.accept(None);
+    let mut c = up_to_the_final_round(&dest);
+    c.send(Frame::Commit(Commit {
+        final_round: Round(0),
+    }));
+    assert_eq!(
+        rule(t.join().unwrap()),
+        SessionError::CommitEarly {
+            final_round: Round(0)
+        }
+    );
+    assert_eq!(
+        c.recv(),
+        Some((FrameType::ABORT, u64::from(AbortReason::BAD_FRAME.0)))
+    );
+    drop(c);
+    legitimate(&dest, 1);
+}
+
+#[test]
+fn an_abort_instead_of_commit_never_lets_the_destination_succeed() {
+    let dest = Dest::new(11, None);
+    let t = dest.accept(None);
+    let mut c = up_to_the_final_round(&dest);
+    c.send(Frame::Complete(Complete {
+        final_round: Round(0),
+        sections: 0,
+    }));
+    assert_eq!(c.recv(), Some((FrameType::ACK, 0)));
+    c.send(Frame::Abort(Abort {
+        reason: AbortReason::CANCELLED,
+        message: "changed my mind",
+    }));
+    let r = t.join().unwrap();
+    assert!(
+        matches!(
+            &r,
+            Err(MigrationError::NoCommit { final_round: 0, source })
+                if matches!(**source, MigrationError::PeerAborted { .. })
+        ),
+        "{r:?}"
+    );
+    drop(c);
+    legitimate(&dest, 1);
+}

@@ -2,7 +2,8 @@
 //! real source and a real destination loses one of the four last frames on channel 0
 //! (COMPLETE, ACK COMPLETE, COMMIT, ACK COMMITTED): it swallows the frame and keeps the
 //! connection open, cuts the connection right before it, or cuts it in the middle of
-//! the frame's bytes. In every case the invariant holds: never does the destination
+//! the frame's bytes (and, for COMMIT, swallows it and the source's close too, so only
+//! the destination's idle timeout ends its wait). In every case the invariant holds: never does the destination
 //! report success while the source may resume the guest (or resumed it). And each case
 //! ends on both sides as PROTOCOL.md's table says.
 
@@ -60,6 +61,10 @@ enum Loss {
     CutBefore,
     /// Half the frame's bytes go through, then the connection is cut.
     CutInside,
+    /// The frame is dropped, and so is the sender's close: the receiver's side of the
+    /// connection stays open and silent until the relay drops (its idle timeout ends
+    /// the wait).
+    SwallowAndHold,
 }
 
 /// A frame-aware TCP relay: forwards whole frames both ways, and on channel 0 loses
@@ -152,7 +157,12 @@ fn pump(
     };
     let mut pending: Vec<u8> = Vec::new();
     let mut buf = vec![0u8; 64 << 10];
+    let mut hold = false;
     while !stop.load(Ordering::Relaxed) {
+        if hold {
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        }
         let n = match from.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => n,
@@ -194,6 +204,7 @@ fn pump(
                     match loss {
                         Loss::None => out.extend_from_slice(frame),
                         Loss::Swallow => {}
+                        Loss::SwallowAndHold => hold = true,
                         Loss::CutBefore | Loss::CutInside => {
                             if loss == Loss::CutInside {
                                 out.extend_from_slice(&frame[..frame.len() / 2]);
@@ -368,6 +379,18 @@ fn case(last: Last, loss: Loss) {
                 "{name}: {:?}",
                 e.destination.err()
             );
+            if loss == Loss::SwallowAndHold {
+                // Nothing closed channel 0: the idle timeout ended the wait.
+                assert!(
+                    matches!(
+                        &e.destination,
+                        Err(MigrationError::NoCommit { source, .. })
+                            if matches!(**source, MigrationError::Channel { .. })
+                    ),
+                    "{name}: {:?}",
+                    e.destination.err()
+                );
+            }
         }
         // ACK COMMITTED lost: the destination owns the guest, the source does not know.
         (_, Last::AckCommitted) => {
@@ -401,7 +424,12 @@ fn ack_complete_lost() {
 
 #[test]
 fn commit_lost() {
-    for loss in [Loss::Swallow, Loss::CutBefore, Loss::CutInside] {
+    for loss in [
+        Loss::Swallow,
+        Loss::CutBefore,
+        Loss::CutInside,
+        Loss::SwallowAndHold,
+    ] {
         case(Last::Commit, loss);
     }
 }
