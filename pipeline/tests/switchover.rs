@@ -273,7 +273,7 @@ fn destination() -> (SocketAddr, JoinHandle<Result<Migrated, MigrationError>>) {
 fn source_config() -> SourceConfig {
     let mut cfg = SourceConfig::new(session(SESSION), Authentication::None);
     cfg.channels = 2;
-    cfg.ack_timeout = Duration::from_secs(1);
+    cfg.ack_timeout = Duration::from_secs(2);
     cfg.send_timeout = Duration::from_secs(2);
     cfg.precopy.max_rounds = 3;
     cfg
