@@ -14,6 +14,9 @@ use crate::error::{Failed, MigrationError};
 /// | `Err(Failed)` | failed, cannot run the guest | may resume the guest |
 /// | `Ok(Switchover::Committed)` | owns and runs the guest | discards the guest |
 /// | `Ok(Switchover::Unknown { .. })` | may or may not run it | keeps it paused, neither resumes nor discards it, and asks the management layer |
+///
+/// Deliberately not `#[non_exhaustive]`: a VMM matches every outcome, and a new one
+/// would not fall silently into a catch-all arm.
 #[must_use = "on Switchover::Unknown the guest must stay paused: resuming it may run it on both hosts"]
 #[derive(Debug)]
 pub enum Switchover {
