@@ -10,9 +10,10 @@
 //! drives: a PAGES frame is checked against the layout, the open round and the affinity
 //! carried in LAYOUT **before** a byte of it is placed or decoded, so two receiver
 //! threads never write the same page; the layout is checked against
-//! [`DestinationConfig::limits`] before any memory is mapped. Completion is reported
+//! [`DestinationConfig::limits`] before any memory is mapped. Completion is verified
 //! only when every channel has ended the final round with the frame and page counts the
-//! source announced, and every device-state section has arrived whole.
+//! source announced, and every device-state section has arrived whole; success is
+//! reported only after that, once the source's COMMIT hands the guest over.
 //!
 //! One bound [`DestinationListener`] serves one session after another, and, shared
 //! between threads, up to [`DestinationConfig::max_sessions`] at once:
@@ -28,7 +29,7 @@ use std::time::{Duration, Instant};
 use pagewire_accel::{Codecs, PageKey, PageListMut, PageSize};
 use pagewire_protocol::session::CompleteProgress;
 use pagewire_protocol::{
-    Abort, AbortReason, Ack, AckKind, Capabilities, ChannelId, CodecSet, Complete,
+    Abort, AbortReason, Ack, AckKind, Capabilities, ChannelId, CodecSet, Commit, Complete,
     DestinationChannel, DestinationEvent, DestinationSession, Frame, MemoryLayout, PageFrame,
     Round, SessionError,
 };
@@ -398,11 +399,13 @@ impl Destination {
 
     /// Waits for the migration to end. Succeeds only when the source's COMPLETE was
     /// verified (every round on every channel, every device-state section) and
-    /// acknowledged.
+    /// acknowledged, **and** the source's COMMIT then arrived: only then is the guest
+    /// this side's to run (PROTOCOL.md, Switchover). Start its vCPUs after this returns
+    /// `Ok`, never before.
     ///
     /// # Errors
-    /// The first channel's error, or `Protocol` when the source went away before
-    /// completing.
+    /// The first channel's error ([`MigrationError::NoCommit`] when COMMIT did not
+    /// follow ACK COMPLETE), or `Protocol` when the source went away before completing.
     pub fn wait(self) -> Result<Migrated, MigrationError> {
         let mut first = None;
         for t in self.threads {
@@ -419,14 +422,14 @@ impl Destination {
         if self.shared.cancelled.load(Ordering::SeqCst) {
             return Err(MigrationError::Cancelled);
         }
-        let complete = self
+        let committed = self
             .shared
             .state
             .lock()
             .ok()
-            .and_then(|s| s.rules.completed())
+            .and_then(|s| s.rules.committed())
             .map(|r| r.0);
-        match (complete, first) {
+        match (committed, first) {
             (Some(final_round), _) => {
                 let memory = self
                     .shared
@@ -457,7 +460,7 @@ impl Destination {
             (None, Some(e)) => Err(e),
             (None, None) => Err(MigrationError::Protocol {
                 channel: 0,
-                what: "the source closed every channel without completing".into(),
+                what: "the source closed every channel without committing".into(),
             }),
         }
     }
@@ -580,6 +583,7 @@ enum After {
     Nothing,
     AckRound(Round),
     Complete(Complete),
+    Commit(Commit),
     Closed,
 }
 
@@ -599,6 +603,10 @@ impl Receiver {
     }
 
     fn abort(&mut self, channel: &mut AnyChannel, e: &MigrationError) {
+        let e = match e {
+            MigrationError::NoCommit { source, .. } => source,
+            e => e,
+        };
         if matches!(
             e,
             MigrationError::Channel { .. } | MigrationError::PeerAborted { .. }
@@ -620,7 +628,20 @@ impl Receiver {
         }
     }
 
+    /// Receives until the source closes the channel. A failure while channel 0 waits
+    /// for COMMIT after its ACK COMPLETE is [`MigrationError::NoCommit`].
     fn run(&mut self, channel: &mut AnyChannel) -> Result<(), MigrationError> {
+        self.receive(channel)
+            .map_err(|e| match self.rules.awaiting_commit() {
+                Some(round) => MigrationError::NoCommit {
+                    final_round: round.0,
+                    source: Box::new(e),
+                },
+                None => e,
+            })
+    }
+
+    fn receive(&mut self, channel: &mut AnyChannel) -> Result<(), MigrationError> {
         let ch = self.ch;
         let chan = |source| MigrationError::Channel {
             channel: ch,
@@ -713,6 +734,7 @@ impl Receiver {
                                 After::Nothing
                             }
                             DestinationEvent::Complete(c) => After::Complete(*c),
+                            DestinationEvent::Commit(c) => After::Commit(*c),
                             _ => After::Nothing,
                         }
                     }
@@ -721,7 +743,11 @@ impl Receiver {
             match after {
                 After::Nothing => {}
                 After::AckRound(round) => {
-                    self.send_ack(channel, AckKind::ROUND, round.0)?;
+                    let ack = Ack {
+                        kind: AckKind::ROUND,
+                        value: round.0.into(),
+                    };
+                    self.send_ack(channel, ack)?;
                     let mut s = self.shared.state(ch)?;
                     let r = s.rules.on_round_ended(ChannelId(ch), round);
                     drop(s);
@@ -729,14 +755,37 @@ impl Receiver {
                     r.map_err(|e| self.rule(e))?;
                 }
                 After::Complete(c) => {
-                    let final_round = self.complete(c)?;
-                    self.send_ack(channel, AckKind::COMPLETE, final_round)?;
+                    self.complete(c)?;
+                    let s = self.shared.state(ch)?;
+                    let ack = self.rules.ack_complete(&s.rules).map_err(|e| self.rule(e));
+                    drop(s);
+                    // Still not this side's guest: channel 0 now waits for COMMIT.
+                    self.send_ack(channel, ack?)?;
+                }
+                After::Commit(c) => {
+                    let mut s = self.shared.state(ch)?;
+                    let ack = s.rules.on_commit(&c).map_err(|e| self.rule(e));
+                    drop(s);
+                    self.shared.cv.notify_all();
+                    // The guest is this side's now; ACK COMMITTED is best effort: a source
+                    // that misses it reports the outcome unknown and keeps the guest
+                    // paused (PROTOCOL.md, Switchover).
+                    let _ = self.send_ack(channel, ack?);
                 }
                 After::Closed => {
                     let s = self.shared.state(ch)?;
-                    return match s.rules.completed() {
-                        Some(_) => Ok(()),
-                        None => Err(self.err("the source closed the channel before completing")),
+                    let done = match ch {
+                        0 => s.rules.committed(),
+                        _ => s.rules.completed(),
+                    };
+                    return match (done, s.rules.completed()) {
+                        (Some(_), _) => Ok(()),
+                        (None, Some(_)) => {
+                            Err(self.err("the source closed the channel without COMMIT"))
+                        }
+                        (None, None) => {
+                            Err(self.err("the source closed the channel before completing"))
+                        }
                     };
                 }
             }
@@ -841,17 +890,8 @@ impl Receiver {
         }
     }
 
-    fn send_ack(
-        &mut self,
-        channel: &mut AnyChannel,
-        kind: AckKind,
-        value: u32,
-    ) -> Result<(), MigrationError> {
-        let f = OutFrame::whole(&Frame::Ack(Ack {
-            kind,
-            value: u64::from(value),
-        }))
-        .map_err(|e| self.err(e.to_string()))?;
+    fn send_ack(&mut self, channel: &mut AnyChannel, ack: Ack) -> Result<(), MigrationError> {
+        let f = OutFrame::whole(&Frame::Ack(ack)).map_err(|e| self.err(e.to_string()))?;
         let ch = self.ch;
         let mut done = Vec::new();
         channel

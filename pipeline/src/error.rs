@@ -108,6 +108,34 @@ pub enum MigrationError {
     /// A worker thread died.
     #[error("worker thread for channel {0} died")]
     Worker(u16),
+    /// The source handed COMMIT to channel 0 (whole or in part) but ACK COMMITTED did
+    /// not arrive: the destination may be running the guest. The guest must stay paused
+    /// on the source, neither resumed nor discarded, until the management layer asks the
+    /// destination whether it reported success (PROTOCOL.md, Switchover).
+    #[error(
+        "the migration's outcome is unknown: COMMIT was sent but not acknowledged ({source}); \
+         the destination may be running the guest, so do not resume it here before asking \
+         the destination"
+    )]
+    OutcomeUnknown {
+        /// Why ACK COMMITTED did not arrive.
+        #[source]
+        source: Box<MigrationError>,
+    },
+    /// The destination verified the migration and sent ACK COMPLETE, but no COMMIT
+    /// followed (the channel closed or failed, the source aborted, or the idle timeout
+    /// ran out): the guest was not handed over and must not run on the destination.
+    #[error(
+        "no COMMIT after ACK COMPLETE for round {final_round}: {source}; the guest was not \
+         handed over and must not run here"
+    )]
+    NoCommit {
+        /// The final round acknowledged by ACK COMPLETE.
+        final_round: u32,
+        /// What ended the wait for COMMIT.
+        #[source]
+        source: Box<MigrationError>,
+    },
     /// A bounded wait of the source ran out: the setting that bounds it is named by
     /// `what` (see [`Wait`]).
     #[error("{}timed out after {after:?} waiting for {what}", channel.map(|c| format!("channel {c}: ")).unwrap_or_default())]
@@ -154,7 +182,9 @@ impl std::fmt::Display for Wait {
 
 /// A failed source-side migration: the error, the pages whose arrival the destination
 /// never acknowledged (the VMM marks those dirty again if it retries), and whether the
-/// guest runs on the source again.
+/// guest runs on the source again. When the outcome of the switchover is unknown
+/// ([`Failed::may_resume_source`] is false), the destination may be running the guest
+/// and the source must not: [`Migration`](crate::Migration) leaves it paused.
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 #[error("{error}{}", if *running_on_source { "" } else { " (the guest is NOT running on the source)" })]
@@ -191,6 +221,14 @@ impl Failed {
     pub(crate) fn with_resumed(mut self, running: bool) -> Self {
         self.running_on_source = running;
         self
+    }
+
+    /// Whether the guest may be resumed on the source: `true` unless the outcome of the
+    /// switchover is unknown ([`MigrationError::OutcomeUnknown`]), when the destination
+    /// may already run it and only the management layer can tell (PROTOCOL.md,
+    /// Switchover).
+    pub fn may_resume_source(&self) -> bool {
+        !matches!(*self.error, MigrationError::OutcomeUnknown { .. })
     }
 
     /// Pages outstanding in total.

@@ -28,6 +28,7 @@ pub mod progress;
 pub mod sim;
 pub mod source;
 pub mod stats;
+pub mod switchover;
 
 pub use config::{Control, DestinationConfig, SourceConfig};
 pub use destination::{
@@ -48,6 +49,7 @@ pub use precopy::{CapPolicy, PrecopyConfig, StopReason};
 pub use progress::{Phase, Progress, ProgressSnapshot, RoundAction};
 pub use source::Source;
 pub use stats::MigrationStats;
+pub use switchover::Switchover;
 
 pub use pagewire_transport::{Endpoint, Stream, StreamListener};
 

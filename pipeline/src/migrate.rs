@@ -52,6 +52,7 @@ use crate::precopy::{CapPolicy, Decision, Estimator, StopReason};
 use crate::progress::{Phase, ProgressSnapshot, RoundAction};
 use crate::source::Source;
 use crate::stats::{DowntimeBreakdown, MigrationStats};
+use crate::switchover::Switchover;
 
 type RoundCallback<'a> = Box<dyn FnMut(&ProgressSnapshot) -> RoundAction + 'a>;
 
@@ -110,11 +111,17 @@ impl<'a> Migration<'a> {
         self
     }
 
-    /// Runs the migration to its end.
+    /// Runs the migration to its end: `Ok` once the destination acknowledged COMMIT
+    /// and owns the guest (discard it here).
     ///
     /// # Errors
     /// [`Failed`], with the pages the destination never acknowledged and whether the
-    /// guest runs on the source again ([`Failed::running_on_source`]).
+    /// guest runs on the source again ([`Failed::running_on_source`]). When COMMIT
+    /// went out but its acknowledgement did not come back, the error is
+    /// [`MigrationError::OutcomeUnknown`] ([`Failed::may_resume_source`] is false):
+    /// the guest stays paused here, neither resumed nor discarded, until the
+    /// management layer learns from the destination whether it reported success
+    /// (PROTOCOL.md, Switchover).
     pub fn run(self) -> Result<MigrationStats, Failed> {
         let Migration {
             source,
@@ -326,8 +333,16 @@ impl Run<'_, '_> {
         let device_state_ms = ms(t.elapsed());
         let t = Instant::now();
         self.source.set_phase(Phase::Switchover);
-        if let Err(f) = self.source.complete() {
-            return Err(self.paused(f));
+        match self.source.complete() {
+            // COMMIT never left: the destination cannot run the guest.
+            Err(f) => return Err(self.paused(f)),
+            Ok(Switchover::Committed) => {}
+            // The destination may run the guest: it stays paused here.
+            Ok(Switchover::Unknown { error }) => {
+                self.source.set_phase(Phase::OutcomeUnknown);
+                let e = MigrationError::OutcomeUnknown { source: error };
+                return Err(Failed::bare(e).with_resumed(false));
+            }
         }
         self.source.set_phase(Phase::Completed);
         let completion_ms = ms(t.elapsed());

@@ -48,7 +48,7 @@ fn migrate(addr: std::net::SocketAddr, mem: Arc<GuestMemory>, n: u8, k: &[u8], c
     let region1 = DirtyBitmap::new(mem.pages(RegionId(1)).unwrap());
     src.send_round(vec![(RegionId(0), bits), (RegionId(1), region1)], true)
         .unwrap();
-    src.complete().unwrap();
+    assert!(src.complete().unwrap().is_committed());
 }
 
 #[test]

@@ -255,7 +255,7 @@ fn regions_arrive_whole_over_a_unix_socket_without_a_writer() {
         .map(|id| (id, pagewire::DirtyBitmap::full(src_mem.pages(id).unwrap())))
         .collect();
     src.send_round(all, true).unwrap();
-    src.complete().unwrap();
+    assert!(src.complete().unwrap().is_committed());
     let migrated = dst.join().unwrap().unwrap();
     assert_eq!(first_difference(&src_mem, &migrated.memory), None);
     assert_eq!(

@@ -87,7 +87,7 @@ fn ordering_under_jitter(codec: CodecId) {
         let dirty = rewrite_hot(&mem, 1024, round);
         src.send_round(dirty, round == 12).unwrap();
     }
-    src.complete().unwrap();
+    assert!(src.complete().unwrap().is_committed());
     drop(src);
     let migrated = dst.join().unwrap().unwrap();
     assert_eq!(migrated.final_round, 12);
@@ -111,7 +111,7 @@ fn extension_frames_in_both_directions_are_skipped() {
         let dirty = rewrite_hot(&mem, 512, round);
         src.send_round(dirty, round == 3).unwrap();
     }
-    src.complete().unwrap();
+    assert!(src.complete().unwrap().is_committed());
     drop(src);
     let migrated = dst.join().unwrap().unwrap();
     assert_eq!(migrated.final_round, 3);

@@ -187,8 +187,8 @@ fn rule(r: Result<pagewire::Migrated, MigrationError>) -> SessionError {
 }
 
 /// A whole legitimate session over `count` raw channels on `dest`'s listener: LAYOUT
-/// (after an extension frame), one page per channel, END_OF_ROUND, COMPLETE; the
-/// destination's memory is checked byte for byte.
+/// (after an extension frame), one page per channel, END_OF_ROUND, COMPLETE, COMMIT;
+/// the destination's memory is checked byte for byte.
 fn legitimate(dest: &Dest, count: u16) {
     let t = dest.accept(None);
     let mut chans: Vec<Raw> = (0..count).map(|c| dest.connect(c, count, true)).collect();
@@ -225,6 +225,10 @@ fn legitimate(dest: &Dest, count: u16) {
         sections: 0,
     }));
     assert_eq!(chans[0].recv(), Some((FrameType::ACK, 0)));
+    chans[0].send(Frame::Commit(Commit {
+        final_round: Round(0),
+    }));
+    assert_eq!(chans[0].recv(), Some((FrameType::ACK, 0)));
     drop(chans);
     let m = t.join().unwrap().expect("the legitimate session completes");
     assert_eq!(m.final_round, 0);
@@ -253,8 +257,8 @@ fn garbage_and_a_hello_with_65535_channels_leave_the_listener_serving() {
     junk.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
     let mut hello = Vec::new();
     Frame::Hello(Hello {
-        version_min: Version(2),
-        version_max: Version(2),
+        version_min: Version(3),
+        version_max: Version(3),
         session: common::session(9),
         channel: ChannelId(0),
         channel_count: 65535,
@@ -415,6 +419,72 @@ fn pages_before_layout_are_refused() {
     assert_eq!(
         rule(t.join().unwrap()),
         SessionError::LayoutMissing(FrameType::PAGES)
+    );
+    drop(c);
+    legitimate(&dest, 1);
+}
+
+/// One channel through LAYOUT and an empty round 0, acknowledged.
+fn up_to_the_final_round(dest: &Dest) -> Raw {
+    let mut c = dest.connect(0, 1, false);
+    let regions = regions(64 * u64::from(PS));
+    c.send(Frame::Layout(LayoutFrame {
+        chunk_pages: 4,
+        regions: WireList::Slice(&regions),
+    }));
+    c.send(Frame::EndOfRound(EndOfRound {
+        round: Round(0),
+        frames: 0,
+        pages: 0,
+    }));
+    assert_eq!(c.recv(), Some((FrameType::ACK, 0)));
+    c
+}
+
+#[test]
+fn a_commit_before_ack_complete_is_refused() {
+    let dest = Dest::new(10, None);
+    let t = dest.accept(None);
+    let mut c = up_to_the_final_round(&dest);
+    c.send(Frame::Commit(Commit {
+        final_round: Round(0),
+    }));
+    assert_eq!(
+        rule(t.join().unwrap()),
+        SessionError::CommitEarly {
+            final_round: Round(0)
+        }
+    );
+    assert_eq!(
+        c.recv(),
+        Some((FrameType::ABORT, u64::from(AbortReason::BAD_FRAME.0)))
+    );
+    drop(c);
+    legitimate(&dest, 1);
+}
+
+#[test]
+fn an_abort_instead_of_commit_never_lets_the_destination_succeed() {
+    let dest = Dest::new(11, None);
+    let t = dest.accept(None);
+    let mut c = up_to_the_final_round(&dest);
+    c.send(Frame::Complete(Complete {
+        final_round: Round(0),
+        sections: 0,
+    }));
+    assert_eq!(c.recv(), Some((FrameType::ACK, 0)));
+    c.send(Frame::Abort(Abort {
+        reason: AbortReason::CANCELLED,
+        message: "changed my mind",
+    }));
+    let r = t.join().unwrap();
+    assert!(
+        matches!(
+            &r,
+            Err(MigrationError::NoCommit { final_round: 0, source })
+                if matches!(**source, MigrationError::PeerAborted { .. })
+        ),
+        "{r:?}"
     );
     drop(c);
     legitimate(&dest, 1);

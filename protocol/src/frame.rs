@@ -267,6 +267,13 @@ pub struct Complete {
     pub sections: u32,
 }
 
+/// COMMIT: the source hands the guest over to the destination (after ACK COMPLETE).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Commit {
+    /// The final round, as in COMPLETE and its ACK.
+    pub final_round: Round,
+}
+
 /// ABORT: the migration is abandoned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Abort<'a> {
@@ -304,6 +311,8 @@ pub enum Frame<'a> {
     Complete(Complete),
     /// ABORT.
     Abort(Abort<'a>),
+    /// COMMIT.
+    Commit(Commit),
     /// An extension frame (type `0x80..=0xff`) this version does not know: skip it.
     Extension {
         /// Its type.
@@ -531,6 +540,12 @@ impl<'a> Frame<'a> {
                     message: utf8(r.bytes_u8()?, "abort message")?,
                 })
             }
+            FrameType::COMMIT => {
+                flags_only(ty, env.flags, 0)?;
+                Frame::Commit(Commit {
+                    final_round: Round(r.u32()?),
+                })
+            }
             _ if ty.is_skippable() => Frame::Extension {
                 frame_type: ty,
                 flags: env.flags,
@@ -557,6 +572,7 @@ impl<'a> Frame<'a> {
             Frame::DeviceState(_) => FrameType::DEVICE_STATE,
             Frame::Complete(_) => FrameType::COMPLETE,
             Frame::Abort(_) => FrameType::ABORT,
+            Frame::Commit(_) => FrameType::COMMIT,
             Frame::Extension { frame_type, .. } => *frame_type,
         }
     }
@@ -661,6 +677,7 @@ impl<'a> Frame<'a> {
                 put_u16(out, a.reason.0);
                 put_bytes_u8(out, "abort message", a.message.as_bytes())?;
             }
+            Frame::Commit(c) => put_u32(out, c.final_round.0),
             Frame::Extension { body, .. } => out.extend_from_slice(body),
         }
         Ok(())

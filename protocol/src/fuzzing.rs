@@ -5,7 +5,8 @@
 //! bytes, so a frame's encoding prefixed with a selector is a valid seed.
 
 use crate::frame::{
-    Ack, Complete, DeviceState, EndOfRound, Envelope, Frame, LayoutFrame, NONCE_LEN, PageFrame,
+    Ack, Commit, Complete, DeviceState, EndOfRound, Envelope, Frame, LayoutFrame, NONCE_LEN,
+    PageFrame,
 };
 use crate::handshake::{
     Authentication, Capabilities, ClientConfig, ClientHandshake, ServerConfig, ServerHandshake,
@@ -276,6 +277,14 @@ pub struct SessionOutcome {
     pub completed: Option<Round>,
     /// The final round the source's channel 0 saw acknowledged by ACK COMPLETE.
     pub source_completed: Option<Round>,
+    /// The final round, when the destination took a valid COMMIT: it reports success
+    /// and runs the guest.
+    pub committed: Option<Round>,
+    /// The final round of the COMMIT the source's channel 0 sent (or began to send):
+    /// from then on it must not resume the guest.
+    pub source_commit_sent: Option<Round>,
+    /// The final round the source's channel 0 saw acknowledged by ACK COMMITTED.
+    pub source_committed: Option<Round>,
     /// PAGES frames the destination applied, per channel.
     pub applied: Vec<u64>,
     /// Channels that failed (an error from the state machines, or an undecodable frame).
@@ -303,6 +312,8 @@ struct FuzzDestination {
     device_bytes: u64,
     /// ACKs to send back, per channel.
     acks: Vec<Vec<Ack>>,
+    /// Whether channel 0 sent ACK COMPLETE (by the events seen here).
+    ack_complete_sent: bool,
 }
 
 impl FuzzDestination {
@@ -323,6 +334,7 @@ impl FuzzDestination {
             applied: vec![0; n],
             device_bytes: 0,
             acks: vec![Vec::new(); n],
+            ack_complete_sent: false,
         })
     }
 
@@ -404,6 +416,18 @@ impl FuzzDestination {
                     .on_complete(done)
                     .map(|p| self.progress(Some(p)))
             }
+            DestinationEvent::Commit(commit) => {
+                assert_eq!(c, 0, "COMMIT accepted on channel {c}");
+                assert!(
+                    self.ack_complete_sent,
+                    "COMMIT accepted before ACK COMPLETE was sent"
+                );
+                assert_eq!(self.session.completed(), Some(commit.final_round));
+                self.session.on_commit(commit).map(|ack| {
+                    assert_eq!(self.session.committed(), Some(commit.final_round));
+                    self.acks[0].push(ack);
+                })
+            }
             DestinationEvent::Skip => Ok(()),
         };
         if let Err(e) = result {
@@ -426,10 +450,21 @@ impl FuzzDestination {
         for ch in &mut self.channels {
             ch.finish();
         }
-        self.acks[0].push(Ack {
-            kind: AckKind::COMPLETE,
-            value: last.0.into(),
-        });
+        if self.dead[0] {
+            return;
+        }
+        let ack = self.channels[0]
+            .ack_complete(&self.session)
+            .expect("channel 0 took the COMPLETE the session verified");
+        assert_eq!(
+            ack,
+            Ack {
+                kind: AckKind::COMPLETE,
+                value: last.0.into(),
+            }
+        );
+        self.ack_complete_sent = true;
+        self.acks[0].push(ack);
     }
 
     /// The invariant of every applied frame, recomputed without the session module: its
@@ -472,10 +507,18 @@ impl FuzzDestination {
         );
     }
 
-    fn outcome(&self, source_completed: Option<Round>, faults: usize) -> SessionOutcome {
+    fn outcome(&self, source: Option<&SourceChannel>, faults: usize) -> SessionOutcome {
+        let committed = self.session.committed();
+        assert!(
+            committed.is_none() || committed == self.session.completed(),
+            "committed {committed:?} without completing at that round"
+        );
         SessionOutcome {
             completed: self.session.completed(),
-            source_completed,
+            source_completed: source.and_then(SourceChannel::completed),
+            committed,
+            source_commit_sent: source.and_then(SourceChannel::commit_sent),
+            source_committed: source.and_then(SourceChannel::committed),
             applied: self.applied.clone(),
             dead: self.dead.clone(),
             errors: self.errors.clone(),
@@ -512,14 +555,19 @@ impl Params<'_> {
 ///   rounds, dirty pages, device-state sections, extension frames) that a
 ///   [`SourceChannel`] per channel produces, a fault list (drop, duplicate, move to
 ///   another channel, alter a run, flip a byte) and a delivery schedule (which channel's
-///   next frame the destination reads). The destination's ACKs go back to the source.
+///   next frame the destination reads). The destination's ACKs go back to the source,
+///   which sends COMMIT once ACK COMPLETE arrived. A session with faults may also lose
+///   COMMIT or ACK COMMITTED, or send a COMMIT too early (bits 3 and 4 of its
+///   extension byte).
 ///
 /// Invariants: nothing panics; every frame the destination applies names pages inside
 /// the LAYOUT, all on the channel that owns them by `(page / chunk + region) % channels`
 /// recomputed here, in a round that channel has not ended; a channel that failed gets
-/// no more frames. Without faults a generated session completes at its final round on
-/// both sides, with every frame applied and every ACK accepted by the source, whatever
-/// the schedule. The generated source holds COMPLETE back until every device-state
+/// no more frames; the destination takes COMMIT only on channel 0 after it sent ACK
+/// COMPLETE, and unless frames were altered or COMMIT sent early, it never owns the
+/// guest while the source may still resume it (has not sent COMMIT). Without faults a
+/// generated session completes and commits at its final round on both sides, with every
+/// frame applied and every ACK accepted by the source, whatever the schedule. The generated source holds COMPLETE back until every device-state
 /// section sent on another channel than 0 is acknowledged by a later ROUND ACK there,
 /// as `PROTOCOL.md` asks (COMPLETE).
 ///
@@ -794,10 +842,19 @@ fn session_generated(limits: &Limits, crc: bool, data: &[u8]) -> SessionOutcome 
         .complete(round, sections.len() as u32)
         .expect("channel 0 ended the final round");
     wire[0].push(encoded(&Frame::Complete(complete)));
+    // The switchover, disturbed only in sessions with faults (bits 3 and 4 of `ext`): 0
+    // as it should go, 1 COMMIT lost, 2 ACK COMMITTED lost, 3 a COMMIT sent too early,
+    // right after COMPLETE (a buggy source: refused unless ACK COMPLETE went out first).
+    let handover = if nfaults > 0 { (ext >> 3) & 3 } else { 0 };
+    if handover == 3 {
+        wire[0].push(encoded(&Frame::Commit(Commit { final_round: round })));
+    }
 
     // Faults: (kind, channel, index, argument).
+    let mut altered = false;
     for _ in 0..nfaults {
         let (kind, c, idx, arg) = (r.u8() % 5, usize::from(r.u8()) % n, r.u8(), r.u8());
+        altered |= kind >= 3;
         let len = wire[c].len();
         if len == 0 {
             continue;
@@ -898,6 +955,9 @@ fn session_generated(limits: &Limits, crc: bool, data: &[u8]) -> SessionOutcome 
         }
         for (c, acks) in dest.acks.iter_mut().enumerate() {
             for a in acks.drain(..) {
+                if handover == 2 && a.kind == AckKind::COMMITTED {
+                    continue;
+                }
                 if source_ok[c] {
                     let accepted = source[c].on_frame(&Frame::Ack(a)).is_ok();
                     assert!(
@@ -908,8 +968,30 @@ fn session_generated(limits: &Limits, crc: bool, data: &[u8]) -> SessionOutcome 
                 }
             }
         }
+        // ACK COMPLETE arrived: the source hands the guest over.
+        if source_ok[0] && source[0].completed().is_some() && source[0].commit_sent().is_none() {
+            let commit = source[0]
+                .commit()
+                .expect("the source commits after ACK COMPLETE");
+            if handover != 1 {
+                wire[0].push(encoded(&Frame::Commit(commit)));
+            }
+        }
     }
-    let out = dest.outcome(source[0].completed(), nfaults);
+    let out = dest.outcome(Some(&source[0]), nfaults);
+    // The switchover's invariant: the destination never runs the guest while the source
+    // may resume it (it has not begun to send COMMIT). Only a COMMIT that the source did
+    // not send (forged by altered bytes, or sent too early) could break it.
+    if !altered && handover != 3 {
+        assert!(
+            out.committed.is_none() || out.source_commit_sent.is_some(),
+            "both sides may run the guest: {out:?}"
+        );
+    }
+    assert!(
+        out.source_committed.is_none() || out.source_committed == out.committed,
+        "the source saw ACK COMMITTED the destination did not send: {out:?}"
+    );
     if nfaults == 0 {
         assert!(
             out.errors.is_empty(),
@@ -922,6 +1004,12 @@ fn session_generated(limits: &Limits, crc: bool, data: &[u8]) -> SessionOutcome 
             "a faultless session did not complete"
         );
         assert_eq!(out.source_completed, Some(round));
+        assert_eq!(
+            out.committed,
+            Some(round),
+            "a faultless session did not commit"
+        );
+        assert_eq!(out.source_committed, Some(round));
         assert_eq!(out.applied, sent, "a faultless session lost frames");
         // And the source still refuses what was never sent or goes backwards.
         for (c, s) in source.iter_mut().enumerate() {
@@ -930,6 +1018,7 @@ fn session_generated(limits: &Limits, crc: bool, data: &[u8]) -> SessionOutcome 
                 (AckKind::ROUND, u64::from(round.0) + 1),
                 (AckKind::FRAMES, sent[c] + 1),
                 (AckKind::COMPLETE, u64::from(round.0)),
+                (AckKind::COMMITTED, u64::from(round.0)),
             ] {
                 let a = Frame::Ack(Ack { kind, value });
                 assert!(s.on_frame(&a).is_err(), "channel {c} took {a:?}");
@@ -1037,14 +1126,24 @@ pub fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
     );
     record(&mut complete, 0, &end(1, 3));
     record(&mut complete, 1, &end(3, 7));
-    record(
-        &mut complete,
-        0,
-        &Frame::Complete(Complete {
-            final_round: Round(0),
-            sections: 1,
-        }),
-    );
+    let complete_frame = Frame::Complete(Complete {
+        final_round: Round(0),
+        sections: 1,
+    });
+    let commit = Frame::Commit(Commit {
+        final_round: Round(0),
+    });
+    // The same session up to COMPLETE, with COMMITs the destination must refuse: on
+    // channel 1, and on channel 0 before ACK COMPLETE (channel 1 has not ended the
+    // round yet).
+    let mut early = complete.clone();
+    let at = early.len() - 1 - encoded(&end(3, 7)).len();
+    early.truncate(at);
+    record(&mut early, 1, &commit);
+    record(&mut early, 0, &complete_frame);
+    record(&mut early, 0, &commit);
+    record(&mut complete, 0, &complete_frame);
+    record(&mut complete, 0, &commit);
 
     let mut wrong = vec![0, 1];
     record(&mut wrong, 0, &layout);
@@ -1062,6 +1161,7 @@ pub fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
         (0x81, AckKind::ROUND, 0),
         (0x80, AckKind::FRAMES, 1),
         (0x81, AckKind::COMPLETE, 0),
+        (0x80, AckKind::COMMITTED, 0),
     ] {
         record(&mut acks, ch, &Frame::Ack(Ack { kind, value }));
     }
@@ -1078,6 +1178,7 @@ pub fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
 
     vec![
         ("seed-frames-complete", complete),
+        ("seed-frames-commit-early", early),
         ("seed-frames-wrong-channel", wrong),
         ("seed-frames-acks-to-idle-source", acks),
         // 2 channels, chunks of 2, two regions of 8 and 4 pages, 2 rounds, up to 4
@@ -1155,43 +1256,73 @@ mod tests {
         assert_eq!(out.dead, [false, false]);
         assert_eq!(out.applied, [1, 3]);
         assert_eq!(out.completed, Some(Round(0)));
+        assert_eq!(out.committed, Some(Round(0)));
     }
 
     #[test]
-    fn an_idle_source_takes_only_frames_0_and_extension_frames() {
-        let out = session_run(&seed("seed-frames-acks-to-idle-source"));
-        assert_eq!(out.dead, [false, false]);
+    fn commit_is_refused_on_another_channel_and_before_ack_complete() {
+        let out = session_run(&seed("seed-frames-commit-early"));
+        assert_eq!(out.dead, [true, true]);
+        assert_eq!(
+            out.errors,
+            [
+                (1, Some(SessionError::CommitChannel(ChannelId(1)))),
+                (
+                    0,
+                    Some(SessionError::CommitEarly {
+                        final_round: Round(0)
+                    })
+                ),
+            ]
+        );
+        assert_eq!(out.committed, None);
     }
 
+    /// Faults in the switchover (bits 3 and 4 of the generated session's `ext` byte)
+    /// never leave both sides free to run the guest, and each loss ends as
+    /// PROTOCOL.md's table says.
     #[test]
-    fn session_refuses_pages_of_another_channel_before_applying_them() {
-        let out = session_run(&seed("seed-frames-wrong-channel"));
-        assert_eq!(out.dead, [false, true]);
-        assert_eq!(out.applied, [1, 0]);
-        assert_eq!(out.completed, None);
-    }
-
-    #[test]
-    fn faultless_generated_sessions_complete_on_both_sides() {
-        for name in ["seed-generated", "seed-generated-crc-section"] {
-            let out = session_run(&seed(name));
-            assert_eq!(out.faults, 0, "{name}");
-            assert!(out.completed.is_some(), "{name}: {out:?}");
-            assert_eq!(out.source_completed, out.completed, "{name}");
-            assert!(out.applied.iter().sum::<u64>() > 0, "{name}: {out:?}");
+    fn switchover_losses_never_let_both_sides_run_the_guest() {
+        for mode in 0..4u8 {
+            // One channel, one region of one page, one round; extension frames before
+            // LAYOUT; one fault, read from exhausted input as zeros: drop channel 0's
+            // first frame (the extension frame). Then the switchover `mode`.
+            let ext = 1 | (mode << 3);
+            let input = [1, 0, 1, 0, 0, 0, 0, 0, 0, 0, ext, 0, 1];
+            let out = session_run(&input);
+            assert_eq!(out.faults, 1, "mode {mode}");
+            assert!(out.completed.is_some(), "mode {mode}: {out:?}");
+            match mode {
+                0 => {
+                    assert_eq!(out.committed, out.completed, "{out:?}");
+                    assert_eq!(out.source_committed, out.completed);
+                }
+                1 => {
+                    // COMMIT lost: the destination never runs the guest; the source sent
+                    // COMMIT, so it must not resume it either (outcome unknown).
+                    assert_eq!(out.committed, None, "{out:?}");
+                    assert_eq!(out.source_commit_sent, out.completed);
+                    assert_eq!(out.source_committed, None);
+                }
+                2 => {
+                    // ACK COMMITTED lost: the destination runs the guest, the source does
+                    // not know it.
+                    assert_eq!(out.committed, out.completed, "{out:?}");
+                    assert_eq!(out.source_commit_sent, out.completed);
+                    assert_eq!(out.source_committed, None);
+                }
+                _ => {
+                    // With one channel ACK COMPLETE goes out at COMPLETE, so the early
+                    // COMMIT right behind it is taken, and the source's own COMMIT is
+                    // refused as a second one.
+                    assert_eq!(out.committed, out.completed, "{out:?}");
+                    assert!(
+                        out.errors
+                            .contains(&(0, Some(SessionError::AfterCommit(FrameType::COMMIT))))
+                    );
+                }
+            }
         }
-        // Every schedule of a faultless session completes, here the reverse order.
-        let mut s = seed("seed-generated");
-        s.extend_from_slice(&[1; 40]);
-        assert!(session_run(&s).completed.is_some());
-    }
-
-    #[test]
-    fn faults_fail_channels_without_misplacing_pages() {
-        let out = session_run(&seed("seed-generated-faults"));
-        assert!(out.faults > 0);
-        assert!(out.dead.iter().any(|d| *d), "{out:?}");
-        assert_eq!(out.completed, None);
     }
 
     /// Found by the `session` fuzz target (before its source learnt to wait): a legitimate

@@ -85,6 +85,8 @@ code_point! {
         COMPLETE = 0x15 => "COMPLETE",
         /// Either side gives up, with a reason.
         ABORT = 0x16 => "ABORT",
+        /// The source hands the guest over: the destination may run it.
+        COMMIT = 0x17 => "COMMIT",
     }
 }
 
@@ -185,8 +187,11 @@ code_point! {
         ROUND = 0x01 => "round",
         /// `value` page frames received on this channel have been applied (cumulative).
         FRAMES = 0x02 => "frames",
-        /// The whole migration, ending at round `value`, is applied: success.
+        /// The whole migration, ending at round `value`, is applied; the destination
+        /// waits for COMMIT before it runs the guest.
         COMPLETE = 0x03 => "complete",
+        /// COMMIT for final round `value` arrived: the destination owns the guest.
+        COMMITTED = 0x04 => "committed",
     }
 }
 

@@ -16,8 +16,8 @@ pub mod wire;
 
 pub use error::DecodeError;
 pub use frame::{
-    Abort, Ack, Complete, Confirm, DeviceState, EndOfRound, Envelope, Frame, Hello, LayoutFrame,
-    PageFrame, PayloadLayout, Reject, Welcome, pages_crc_seed, payload_layout,
+    Abort, Ack, Commit, Complete, Confirm, DeviceState, EndOfRound, Envelope, Frame, Hello,
+    LayoutFrame, PageFrame, PayloadLayout, Reject, Welcome, pages_crc_seed, payload_layout,
 };
 pub use handshake::{
     Authentication, Capabilities, ClientConfig, ClientHandshake, HandshakeError, Negotiated,

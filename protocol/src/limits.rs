@@ -10,10 +10,13 @@ pub const MAGIC: [u8; 8] = *b"PAGEWIRE";
 /// Protocol version 1: no affinity on the wire, a payload-only PAGES checksum. No
 /// longer spoken (a destination cannot check channel affinity under it).
 pub const VERSION_1: Version = Version(1);
-/// Protocol version 2, the one `PROTOCOL.md` describes.
+/// Protocol version 2: no ownership hand-over at the end. No longer spoken (a lost ACK
+/// COMPLETE lets both hosts run the guest).
 pub const VERSION_2: Version = Version(2);
+/// Protocol version 3, the one `PROTOCOL.md` describes: COMMIT hands the guest over.
+pub const VERSION_3: Version = Version(3);
 /// The versions this implementation speaks.
-pub const SUPPORTED_VERSIONS: (Version, Version) = (VERSION_2, VERSION_2);
+pub const SUPPORTED_VERSIONS: (Version, Version) = (VERSION_3, VERSION_3);
 /// The frame limit while the handshake runs.
 pub const HANDSHAKE_MAX_FRAME: u32 = 4096;
 /// Smallest transfer page size.
@@ -42,7 +45,7 @@ pub fn min_frame_bytes(page_size: u32) -> u32 {
 pub enum Phase {
     /// Only HELLO, WELCOME, REJECT, CONFIRM and READY (and extension frames).
     Handshake,
-    /// Every frame after the handshake (LAYOUT to ABORT, and extension frames).
+    /// Every frame after the handshake (LAYOUT to COMMIT, and extension frames).
     Session,
 }
 

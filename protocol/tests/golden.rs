@@ -2,7 +2,8 @@
 //! `tests/golden/`. A change to the wire shows as a diff of those files.
 //!
 //! `PAGEWIRE_BLESS=1 cargo test -p pagewire-protocol --test golden` rewrites them, and
-//! the fuzz seed corpus (`fuzz/corpus/*/seed-*`) made from them.
+//! the fuzz seed corpus (`fuzz/corpus/*/seed-*`) made from them and from
+//! `fuzzing::{handshake_seeds, session_seeds}`.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -101,8 +102,8 @@ fn samples() -> Vec<Sample> {
         hs(
             "hello",
             Frame::Hello(Hello {
-                version_min: Version(2),
-                version_max: Version(2),
+                version_min: Version(3),
+                version_max: Version(3),
                 session: SessionId(*b"0123456789abcdef"),
                 channel: ChannelId(1),
                 channel_count: 2,
@@ -118,7 +119,7 @@ fn samples() -> Vec<Sample> {
         hs(
             "welcome_authenticated",
             Frame::Welcome(Welcome {
-                version: Version(2),
+                version: Version(3),
                 page_size: 4096,
                 max_pages: 64,
                 max_frame_bytes: 1 << 20,
@@ -132,7 +133,7 @@ fn samples() -> Vec<Sample> {
         hs(
             "welcome_plain",
             Frame::Welcome(Welcome {
-                version: Version(2),
+                version: Version(3),
                 page_size: 65536,
                 max_pages: 128,
                 max_frame_bytes: 4 << 20,
@@ -147,8 +148,8 @@ fn samples() -> Vec<Sample> {
             "reject",
             Frame::Reject(Reject {
                 reason: RejectReason::UNSUPPORTED_VERSION,
-                version_min: Version(2),
-                version_max: Version(2),
+                version_min: Version(3),
+                version_max: Version(3),
                 page_size: 4096,
                 codecs: WireList::Slice(&codecs),
                 checksums: WireList::Slice(&[]),
@@ -289,6 +290,19 @@ fn samples() -> Vec<Sample> {
             Frame::Complete(Complete {
                 final_round: Round(9),
                 sections: 3,
+            }),
+        ),
+        ss(
+            "commit",
+            Frame::Commit(Commit {
+                final_round: Round(9),
+            }),
+        ),
+        ss(
+            "ack_committed",
+            Frame::Ack(Ack {
+                kind: AckKind::COMMITTED,
+                value: 9,
             }),
         ),
         ss(
@@ -457,6 +471,13 @@ fn golden_samples_match_the_encoder_and_decode_back() {
         for (name, seed) in seeds {
             std::fs::write(d.join(name), &seed).unwrap();
             fuzzing::handshake(&seed);
+        }
+        // Session seeds: frame streams and generated sessions (fuzzing::session_seeds).
+        let d = fuzz.join("session");
+        std::fs::create_dir_all(&d).unwrap();
+        for (name, seed) in fuzzing::session_seeds() {
+            std::fs::write(d.join(name), &seed).unwrap();
+            fuzzing::session(&seed);
         }
     }
     // Every frame type has a sample.

@@ -59,6 +59,7 @@ enum Owned {
         data: Vec<u8>,
     },
     Complete(u32, u32),
+    Commit(u32),
     Abort(u16, String),
     Extension(u8, u8, Vec<u8>),
 }
@@ -185,6 +186,9 @@ impl Owned {
             Owned::Complete(r, s) => Frame::Complete(Complete {
                 final_round: Round(*r),
                 sections: *s,
+            }),
+            Owned::Commit(r) => Frame::Commit(Commit {
+                final_round: Round(*r),
             }),
             Owned::Abort(r, m) => Frame::Abort(Abort {
                 reason: AbortReason(*r),
@@ -419,6 +423,7 @@ fn session_frames() -> impl Strategy<Value = Owned> {
                 }
             }),
         any::<(u32, u32)>().prop_map(|(r, s)| Owned::Complete(r, s)),
+        any::<u32>().prop_map(Owned::Commit),
         (any::<u16>(), utf8(60)).prop_map(|(r, m)| Owned::Abort(r, m)),
         (0x80u8.., any::<u8>(), vec(any::<u8>(), 0..100))
             .prop_map(|(t, f, b)| Owned::Extension(t, f, b)),

@@ -38,6 +38,7 @@ use crate::memory::GuestMemory;
 use crate::plan::Affinity;
 use crate::progress::{Phase, Progress};
 use crate::stats::{CodecStats, Latency, MigrationStats, PageCounts, RoundStats};
+use crate::switchover::Switchover;
 
 mod worker;
 
@@ -109,6 +110,8 @@ enum Reply {
     Round(ChannelRound),
     Done,
     Failed(MigrationError),
+    /// COMMIT went to the channel (whole or in part) and ACK COMMITTED did not come.
+    Unknown(MigrationError),
 }
 
 struct WorkerHandle {
@@ -563,27 +566,48 @@ impl Source {
         )
     }
 
-    /// Sends COMPLETE and waits until the destination confirms that everything is
-    /// applied, then closes every channel.
+    /// Hands the guest over (PROTOCOL.md, Switchover): sends COMPLETE, waits until the
+    /// destination confirms that everything is applied (ACK COMPLETE), sends COMMIT and
+    /// waits for ACK COMMITTED, then closes every channel. Call it with the guest
+    /// paused, after the final round and the device state.
+    ///
+    /// - `Ok(Switchover::Committed)`: the destination owns and runs the guest; discard
+    ///   it here.
+    /// - `Ok(Switchover::Unknown { .. })`: COMMIT may have reached the destination, and
+    ///   its answer did not come back. Keep the guest paused, neither resume nor discard
+    ///   it, and let the management layer ask the destination.
+    /// - `Err(Failed)`: COMMIT never left, so the destination cannot run the guest; the
+    ///   guest may be resumed here ([`Failed::may_resume_source`] is `true`).
     ///
     /// # Errors
-    /// [`Failed`] when the destination does not confirm.
-    pub fn complete(&mut self) -> Result<(), Failed> {
+    /// [`Failed`] when the migration failed before COMMIT: the destination did not
+    /// confirm COMPLETE (or no round was sent).
+    pub fn complete(&mut self) -> Result<Switchover, Failed> {
         let final_round = self
             .next_round
             .checked_sub(1)
             .ok_or_else(|| Failed::bare(MigrationError::Config("no round was sent".into())))?;
-        self.one(
-            0,
-            Cmd::Complete {
-                final_round,
-                sections: self.sections,
-            },
-        )?;
-        for r in self.broadcast(|| Cmd::Close) {
-            r.map_err(Failed::bare)?;
+        let w = &self.workers[0];
+        let cmd = Cmd::Complete {
+            final_round,
+            sections: self.sections,
+        };
+        if w.tx.send(cmd).is_err() {
+            // The worker was gone before it got the command: nothing was sent.
+            return Err(Failed::bare(MigrationError::Worker(0)));
         }
-        Ok(())
+        let switchover = match w.rx.recv() {
+            Ok(Reply::Done) => Switchover::Committed,
+            Ok(Reply::Unknown(e)) => Switchover::Unknown { error: Box::new(e) },
+            Ok(Reply::Failed(e)) => return Err(Failed::bare(e)),
+            // The worker died without a word: it may have sent COMMIT.
+            _ => Switchover::Unknown {
+                error: Box::new(MigrationError::Worker(0)),
+            },
+        };
+        // Closing cannot change who owns the guest; its errors are not the migration's.
+        let _ = self.broadcast(|| Cmd::Close);
+        Ok(switchover)
     }
 
     fn one(&mut self, ch: usize, cmd: Cmd) -> Result<(), Failed> {

@@ -126,7 +126,7 @@ impl Worker {
                 Cmd::Complete {
                     final_round,
                     sections,
-                } => self.complete(final_round, sections).map(|()| Reply::Done),
+                } => self.complete(final_round, sections),
                 Cmd::Close => {
                     let r = self.close().map(|()| Reply::Done);
                     let _ = tx.send(r.unwrap_or_else(Reply::Failed));
@@ -177,6 +177,10 @@ impl Worker {
     /// Tells the destination why, best effort, unless the channel itself broke or
     /// stalled (an ABORT would wait behind the stalled bytes for another timeout).
     fn abort(&mut self, e: &MigrationError) {
+        // After COMMIT an ABORT could not take the guest back (PROTOCOL.md, COMMIT).
+        if self.rules.commit_sent().is_some() {
+            return;
+        }
         if matches!(
             e,
             MigrationError::Channel { .. }
@@ -719,6 +723,9 @@ impl Worker {
                 Ok(SourceEvent::Complete(r)) => {
                     Ok(kind == AckKind::COMPLETE && u64::from(r.0) == value)
                 }
+                Ok(SourceEvent::Committed(r)) => {
+                    Ok(kind == AckKind::COMMITTED && u64::from(r.0) == value)
+                }
                 Ok(_) => Ok(false),
                 Err(source) => Err(MigrationError::Rule {
                     channel: ch,
@@ -763,14 +770,35 @@ impl Worker {
         self.reap(true)
     }
 
-    fn complete(&mut self, final_round: u32, sections: u32) -> Result<(), MigrationError> {
+    /// The switchover (PROTOCOL.md): COMPLETE, ACK COMPLETE, COMMIT, ACK COMMITTED. An
+    /// error before a byte of COMMIT reached the channel is the migration's failure (the
+    /// destination cannot run the guest; the source may resume it). From then on the
+    /// destination may own the guest: ACK COMMITTED gives [`Reply::Done`], anything else
+    /// [`Reply::Unknown`], and no ABORT is sent.
+    fn complete(&mut self, final_round: u32, sections: u32) -> Result<Reply, MigrationError> {
         let c = self
             .rules
             .complete(Round(final_round), sections)
             .map_err(|e| self.rule(e))?;
         self.send_whole(&Frame::Complete(c))?;
         self.reap(true)?;
-        self.await_ack(AckKind::COMPLETE, u64::from(final_round))
+        self.await_ack(AckKind::COMPLETE, u64::from(final_round))?;
+        let commit = self.rules.commit().map_err(|e| self.rule(e))?;
+        let out =
+            OutFrame::whole(&Frame::Commit(commit)).map_err(|e| MigrationError::Protocol {
+                channel: self.s.ch,
+                what: e.to_string(),
+            })?;
+        // The first byte of COMMIT may leave with this send: the outcome is unknown until
+        // ACK COMMITTED arrives.
+        let committed = self
+            .send(out)
+            .and_then(|_| self.reap(true))
+            .and_then(|()| self.await_ack(AckKind::COMMITTED, u64::from(final_round)));
+        Ok(match committed {
+            Ok(()) => Reply::Done,
+            Err(e) => Reply::Unknown(e),
+        })
     }
 
     fn close(&mut self) -> Result<(), MigrationError> {

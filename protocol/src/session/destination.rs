@@ -1,7 +1,7 @@
 //! The destination's side of a session.
 
-use crate::frame::{Complete, DeviceState, EndOfRound, Frame, LayoutFrame, PageFrame};
-use crate::ids::{ChannelId, FrameType, Round};
+use crate::frame::{Ack, Commit, Complete, DeviceState, EndOfRound, Frame, LayoutFrame, PageFrame};
+use crate::ids::{AckKind, ChannelId, FrameType, Round};
 use crate::layout::MemoryLayout;
 use crate::session::{Affinity, Limit, SessionError};
 
@@ -93,6 +93,7 @@ pub struct DestinationSession {
     device_bytes: u64,
     complete: Option<(Round, u32)>,
     completed: Option<Round>,
+    committed: Option<Round>,
 }
 
 impl DestinationSession {
@@ -125,6 +126,7 @@ impl DestinationSession {
             device_bytes: 0,
             complete: None,
             completed: None,
+            committed: None,
         })
     }
 
@@ -148,6 +150,7 @@ impl DestinationSession {
             frames: 0,
             pages: 0,
             completed: false,
+            handover: Handover::Open,
         })
     }
 
@@ -401,9 +404,46 @@ impl DestinationSession {
         }
     }
 
-    /// The final round, once the migration is verified complete.
+    /// The final round, once the migration is verified complete. The guest must not run
+    /// here yet: that waits for COMMIT ([`DestinationSession::committed`]).
     pub fn completed(&self) -> Option<Round> {
         self.completed
+    }
+
+    /// Takes the COMMIT that channel 0 accepted ([`DestinationEvent::Commit`]) and
+    /// returns the ACK COMMITTED to send back (best effort: the source that misses it
+    /// reports the outcome unknown and keeps the guest paused). From here on
+    /// [`DestinationSession::committed`] says the guest is this side's to run.
+    ///
+    /// # Errors
+    /// `CommitEarly` before the session completed, `CommitMismatch` for another round
+    /// than the final one, `AfterCommit` for a second COMMIT.
+    pub fn on_commit(&mut self, c: &Commit) -> Result<Ack, SessionError> {
+        if self.committed.is_some() {
+            return Err(SessionError::AfterCommit(FrameType::COMMIT));
+        }
+        match self.completed {
+            Some(r) if r == c.final_round => {
+                self.committed = Some(r);
+                Ok(Ack {
+                    kind: AckKind::COMMITTED,
+                    value: r.0.into(),
+                })
+            }
+            Some(r) => Err(SessionError::CommitMismatch {
+                final_round: r,
+                commit: c.final_round,
+            }),
+            None => Err(SessionError::CommitEarly {
+                final_round: c.final_round,
+            }),
+        }
+    }
+
+    /// The final round, once a valid COMMIT arrived: only then does the destination
+    /// report success and run the guest (PROTOCOL.md, Switchover).
+    pub fn committed(&self) -> Option<Round> {
+        self.committed
     }
 
     /// The last round each channel ended.
@@ -428,10 +468,28 @@ pub enum DestinationEvent<'f, 'a> {
     /// A device-state chunk: hand it to [`DestinationSession::on_device_state`].
     DeviceState(&'f DeviceState<'a>),
     /// A COMPLETE on channel 0 with nothing open on it: hand it to
-    /// [`DestinationSession::on_complete`].
+    /// [`DestinationSession::on_complete`]; once that says
+    /// [`CompleteProgress::Done`], send the ACK COMPLETE that
+    /// [`DestinationChannel::ack_complete`] returns.
     Complete(&'f Complete),
+    /// A COMMIT on channel 0 after its ACK COMPLETE, for the final round: hand it to
+    /// [`DestinationSession::on_commit`], which hands the guest to this side.
+    Commit(&'f Commit),
     /// An extension frame: skipped.
     Skip,
+}
+
+/// Where channel 0 stands in the switchover (PROTOCOL.md, Switchover).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Handover {
+    /// No COMPLETE yet (always, on other channels).
+    Open,
+    /// COMPLETE taken for this final round; the session verifies it.
+    Completed(Round),
+    /// ACK COMPLETE sent: COMMIT may come.
+    Acked(Round),
+    /// COMMIT taken: only ABORT and extension frames may follow, and change nothing.
+    Committed(Round),
 }
 
 #[derive(Clone, Debug)]
@@ -453,6 +511,7 @@ pub struct DestinationChannel {
     frames: u32,
     pages: u64,
     completed: bool,
+    handover: Handover,
 }
 
 impl DestinationChannel {
@@ -559,6 +618,10 @@ impl DestinationChannel {
         match frame {
             Frame::Extension { .. } => return Ok(DestinationEvent::Skip),
             Frame::Abort(a) => return Err(SessionError::PeerAborted(a.reason)),
+            _ if matches!(self.handover, Handover::Committed(_)) => {
+                return Err(SessionError::AfterCommit(ty));
+            }
+            Frame::Commit(c) => return self.commit(c).map(|()| DestinationEvent::Commit(c)),
             _ if self.completed => return Err(SessionError::AfterComplete(ty)),
             Frame::Layout(l) => return Ok(DestinationEvent::Layout(l)),
             _ if self.rules.is_none() => return Err(SessionError::LayoutMissing(ty)),
@@ -589,9 +652,72 @@ impl DestinationChannel {
                     });
                 }
                 self.completed = true;
+                self.handover = Handover::Completed(c.final_round);
                 Ok(DestinationEvent::Complete(c))
             }
             _ => Err(SessionError::UnexpectedFrame(ty)),
+        }
+    }
+
+    fn commit(&mut self, c: &Commit) -> Result<(), SessionError> {
+        if self.channel.0 != 0 {
+            return Err(SessionError::CommitChannel(self.channel));
+        }
+        match self.handover {
+            Handover::Acked(r) if r == c.final_round => {
+                self.handover = Handover::Committed(r);
+                Ok(())
+            }
+            Handover::Acked(r) => Err(SessionError::CommitMismatch {
+                final_round: r,
+                commit: c.final_round,
+            }),
+            _ => Err(SessionError::CommitEarly {
+                final_round: c.final_round,
+            }),
+        }
+    }
+
+    /// The ACK COMPLETE to send on channel 0 once the session verified the COMPLETE
+    /// this channel took ([`CompleteProgress::Done`]); records it as sent, after which
+    /// this channel accepts COMMIT.
+    ///
+    /// # Errors
+    /// [`SessionError::Local`] on a channel that took no COMPLETE (any but 0), before
+    /// the session completed at that round, or a second time.
+    pub fn ack_complete(&mut self, session: &DestinationSession) -> Result<Ack, SessionError> {
+        match self.handover {
+            Handover::Completed(r) if session.completed() == Some(r) => {
+                self.handover = Handover::Acked(r);
+                Ok(Ack {
+                    kind: AckKind::COMPLETE,
+                    value: r.0.into(),
+                })
+            }
+            Handover::Completed(_) => Err(SessionError::Local(
+                "ACK COMPLETE before the session verified COMPLETE",
+            )),
+            Handover::Open => Err(SessionError::Local("ACK COMPLETE without a COMPLETE")),
+            Handover::Acked(_) | Handover::Committed(_) => {
+                Err(SessionError::Local("ACK COMPLETE sent twice"))
+            }
+        }
+    }
+
+    /// The final round while this channel (0) sent ACK COMPLETE and waits for COMMIT: a
+    /// failure now means the guest was not handed over.
+    pub fn awaiting_commit(&self) -> Option<Round> {
+        match self.handover {
+            Handover::Acked(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// The final round, once this channel (0) took a valid COMMIT.
+    pub fn committed(&self) -> Option<Round> {
+        match self.handover {
+            Handover::Committed(r) => Some(r),
+            _ => None,
         }
     }
 

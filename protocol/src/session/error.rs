@@ -161,6 +161,28 @@ pub enum SessionError {
     /// A frame after the session completed.
     #[error("{0:?} after COMPLETE")]
     AfterComplete(FrameType),
+    /// COMMIT on a channel other than 0.
+    #[error("COMMIT on channel {0}; it belongs on channel 0")]
+    CommitChannel(ChannelId),
+    /// COMMIT before this side sent ACK COMPLETE: the source cannot hand over a guest
+    /// the destination has not confirmed whole.
+    #[error("COMMIT for round {final_round} before ACK COMPLETE was sent")]
+    CommitEarly {
+        /// The round the COMMIT names.
+        final_round: Round,
+    },
+    /// COMMIT names another round than the final one acknowledged by ACK COMPLETE.
+    #[error("COMMIT for round {commit}, but the final round is {final_round}")]
+    CommitMismatch {
+        /// The final round of COMPLETE and its ACK.
+        final_round: Round,
+        /// The round the COMMIT names.
+        commit: Round,
+    },
+    /// A frame after COMMIT (a second COMMIT included): only ABORT and extension frames
+    /// may follow it, and they change nothing.
+    #[error("{0:?} after COMMIT")]
+    AfterCommit(FrameType),
     /// A frame the receiving side never accepts in a session (a handshake frame, or a
     /// frame of the other direction).
     #[error("unexpected {0:?} frame")]

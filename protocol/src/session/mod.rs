@@ -6,14 +6,17 @@
 //! names the broken rule. The pipeline's threads are the I/O around them.
 //!
 //! On the destination a session has one shared [`DestinationSession`] (the layout, the
-//! rounds every channel has ended, device state, completion) and one
+//! rounds every channel has ended, device state, completion, and the COMMIT that hands
+//! the guest over) and one
 //! [`DestinationChannel`] per channel (its rounds and counts, and the pages it may
 //! carry). The per-channel part is what the hot path touches: a PAGES frame is checked
 //! by [`DestinationChannel::check_pages`] **before** a byte of it is decoded or placed,
 //! against the layout's regions, the open round and the channel affinity.
 //!
 //! On the source a [`SourceChannel`] checks the frames the source sends (so a bug on our
-//! side is caught before a peer sees it) and the ACKs it receives.
+//! side is caught before a peer sees it) and the ACKs it receives, and on channel 0 runs
+//! the switchover: COMPLETE, ACK COMPLETE, COMMIT, ACK COMMITTED (`PROTOCOL.md`,
+//! Switchover).
 //!
 //! ```
 //! use pagewire_protocol::session::{Affinity, DestinationChannel, DestinationEvent,

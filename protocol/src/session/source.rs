@@ -1,6 +1,6 @@
 //! The source's side of a session, one channel at a time.
 
-use crate::frame::{Complete, EndOfRound, Frame, PageFrame};
+use crate::frame::{Commit, Complete, EndOfRound, Frame, PageFrame};
 use crate::ids::{AckKind, ChannelId, FrameType, Round};
 use crate::session::{Affinity, SessionError};
 
@@ -12,9 +12,11 @@ pub enum SourceEvent {
     RoundApplied(Round),
     /// This many page frames of this channel are applied (cumulative).
     FramesApplied(u64),
-    /// The destination applied the whole migration up to this final round: it owns the
-    /// guest now.
+    /// The destination applied the whole migration up to this final round. It does not
+    /// run the guest until COMMIT ([`SourceChannel::commit`]).
     Complete(Round),
+    /// The destination took COMMIT for this final round: it owns the guest now.
+    Committed(Round),
     /// An extension frame: skipped.
     Skip,
 }
@@ -36,6 +38,8 @@ pub struct SourceChannel {
     acked_frames: u64,
     complete_sent: Option<Round>,
     completed: Option<Round>,
+    commit_sent: Option<Round>,
+    committed: Option<Round>,
 }
 
 impl SourceChannel {
@@ -63,6 +67,8 @@ impl SourceChannel {
             acked_frames: 0,
             complete_sent: None,
             completed: None,
+            commit_sent: None,
+            committed: None,
         })
     }
 
@@ -150,6 +156,25 @@ impl SourceChannel {
         })
     }
 
+    /// The COMMIT to send on channel 0 once ACK COMPLETE arrived: it hands the guest to
+    /// the destination. From the moment its first byte may have left, the source must
+    /// not resume the guest: without ACK COMMITTED the outcome is unknown (PROTOCOL.md,
+    /// Switchover).
+    ///
+    /// # Errors
+    /// [`SessionError::Local`] before ACK COMPLETE arrived (so on any channel but 0),
+    /// or a second time.
+    pub fn commit(&mut self) -> Result<Commit, SessionError> {
+        let Some(final_round) = self.completed else {
+            return Err(SessionError::Local("COMMIT before ACK COMPLETE"));
+        };
+        if self.commit_sent.is_some() {
+            return Err(SessionError::Local("COMMIT sent twice"));
+        }
+        self.commit_sent = Some(final_round);
+        Ok(Commit { final_round })
+    }
+
     /// Takes a frame the destination sent on this channel.
     ///
     /// # Errors
@@ -190,6 +215,14 @@ impl SourceChannel {
                         self.completed = Some(round);
                         Ok(SourceEvent::Complete(round))
                     }
+                    AckKind::COMMITTED => {
+                        let round = u32::try_from(a.value).map(Round).map_err(|_| bad)?;
+                        if self.commit_sent != Some(round) || self.committed.is_some() {
+                            return Err(bad);
+                        }
+                        self.committed = Some(round);
+                        Ok(SourceEvent::Committed(round))
+                    }
                     _ => Err(bad),
                 }
             }
@@ -207,6 +240,17 @@ impl SourceChannel {
         self.completed
     }
 
+    /// The final round, once COMMIT was handed out by [`SourceChannel::commit`]: from
+    /// then on the destination may own the guest.
+    pub fn commit_sent(&self) -> Option<Round> {
+        self.commit_sent
+    }
+
+    /// The final round, once the destination acknowledged COMMIT: it owns the guest.
+    pub fn committed(&self) -> Option<Round> {
+        self.committed
+    }
+
     /// Whether `frame_type` is one a source sends (for callers that check their own
     /// output).
     pub fn sends(frame_type: FrameType) -> bool {
@@ -217,6 +261,7 @@ impl SourceChannel {
                 | FrameType::END_OF_ROUND
                 | FrameType::DEVICE_STATE
                 | FrameType::COMPLETE
+                | FrameType::COMMIT
                 | FrameType::ABORT
         ) || frame_type.is_skippable()
     }

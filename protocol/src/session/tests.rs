@@ -1,5 +1,7 @@
 use super::*;
-use crate::frame::{Abort, Ack, Complete, DeviceState, EndOfRound, Frame, LayoutFrame, PageFrame};
+use crate::frame::{
+    Abort, Ack, Commit, Complete, DeviceState, EndOfRound, Frame, LayoutFrame, PageFrame,
+};
 use crate::ids::{
     AbortReason, AckKind, ChannelId, CodecId, FrameType, GuestAddr, PageIndex, RegionId, Round,
 };
@@ -464,4 +466,211 @@ fn pages_of_a_round_after_the_final_one_fail_completion() {
             final_round: Round(0)
         })
     );
+}
+
+/// One channel that ended round 3 and took COMPLETE for it, verified by the session.
+fn completed_session(n: u16) -> (DestinationSession, Vec<DestinationChannel>) {
+    let (mut s, mut ch) = open(n, 8);
+    let end = Frame::EndOfRound(EndOfRound {
+        round: Round(3),
+        frames: 0,
+        pages: 0,
+    });
+    for (i, c) in ch.iter_mut().enumerate() {
+        c.on_frame(&end).unwrap();
+        s.on_round_ended(ChannelId(i as u16), Round(3)).unwrap();
+    }
+    let complete = Frame::Complete(Complete {
+        final_round: Round(3),
+        sections: 0,
+    });
+    let DestinationEvent::Complete(c) = ch[0].on_frame(&complete).unwrap() else {
+        panic!()
+    };
+    assert_eq!(s.on_complete(c), Ok(CompleteProgress::Done(Round(3))));
+    (s, ch)
+}
+
+fn commit(round: u32) -> Frame<'static> {
+    Frame::Commit(Commit {
+        final_round: Round(round),
+    })
+}
+
+#[test]
+fn the_destination_takes_commit_only_after_its_ack_complete() {
+    let (mut s, mut ch) = completed_session(2);
+    // Before ACK COMPLETE went out: refused, and the guest is not this side's.
+    assert_eq!(
+        ch[0].clone().on_frame(&commit(3)).err(),
+        Some(SessionError::CommitEarly {
+            final_round: Round(3)
+        })
+    );
+    assert_eq!(
+        s.on_commit(&Commit {
+            final_round: Round(2)
+        }),
+        Err(SessionError::CommitMismatch {
+            final_round: Round(3),
+            commit: Round(2)
+        })
+    );
+    // Only channel 0 answers COMPLETE and takes COMMIT.
+    assert!(matches!(
+        ch[1].ack_complete(&s),
+        Err(SessionError::Local(_))
+    ));
+    assert_eq!(
+        ch[1].on_frame(&commit(3)).err(),
+        Some(SessionError::CommitChannel(ChannelId(1)))
+    );
+    assert_eq!(
+        ch[0].ack_complete(&s),
+        Ok(Ack {
+            kind: AckKind::COMPLETE,
+            value: 3
+        })
+    );
+    assert!(matches!(
+        ch[0].ack_complete(&s),
+        Err(SessionError::Local(_))
+    ));
+    assert_eq!(s.committed(), None, "ACK COMPLETE alone hands nothing over");
+    assert_eq!(ch[0].awaiting_commit(), Some(Round(3)));
+    assert_eq!(
+        ch[0].clone().on_frame(&commit(4)).err(),
+        Some(SessionError::CommitMismatch {
+            final_round: Round(3),
+            commit: Round(4)
+        })
+    );
+    let frame = commit(3);
+    let DestinationEvent::Commit(c) = ch[0].on_frame(&frame).unwrap() else {
+        panic!()
+    };
+    assert_eq!(ch[0].committed(), Some(Round(3)));
+    assert_eq!(ch[0].awaiting_commit(), None);
+    assert_eq!(
+        s.on_commit(c),
+        Ok(Ack {
+            kind: AckKind::COMMITTED,
+            value: 3
+        })
+    );
+    assert_eq!(s.committed(), Some(Round(3)));
+    assert_eq!(
+        s.on_commit(c),
+        Err(SessionError::AfterCommit(FrameType::COMMIT))
+    );
+    // After COMMIT: a second one and every other frame but ABORT and extension frames
+    // are refused; ABORT changes nothing the session already decided.
+    assert_eq!(
+        ch[0].on_frame(&commit(3)).err(),
+        Some(SessionError::AfterCommit(FrameType::COMMIT))
+    );
+    let runs = [run(0, 1)];
+    assert_eq!(
+        ch[0].on_frame(&zero_frame(0, 4, &runs)).err(),
+        Some(SessionError::AfterCommit(FrameType::PAGES))
+    );
+    let ext = Frame::Extension {
+        frame_type: FrameType(0x85),
+        flags: 0,
+        body: &[],
+    };
+    assert!(matches!(ch[0].on_frame(&ext), Ok(DestinationEvent::Skip)));
+    let abort = Frame::Abort(Abort {
+        reason: AbortReason::CANCELLED,
+        message: "",
+    });
+    assert!(matches!(
+        ch[0].on_frame(&abort),
+        Err(SessionError::PeerAborted(_))
+    ));
+    assert_eq!(s.committed(), Some(Round(3)));
+}
+
+#[test]
+fn ack_complete_waits_for_the_session_to_verify_complete() {
+    let (mut s, mut ch) = open(2, 8);
+    let end = Frame::EndOfRound(EndOfRound {
+        round: Round(0),
+        frames: 0,
+        pages: 0,
+    });
+    ch[0].on_frame(&end).unwrap();
+    s.on_round_ended(ChannelId(0), Round(0)).unwrap();
+    assert!(matches!(
+        ch[0].ack_complete(&s),
+        Err(SessionError::Local(_))
+    ));
+    let complete = Frame::Complete(Complete {
+        final_round: Round(0),
+        sections: 0,
+    });
+    let DestinationEvent::Complete(c) = ch[0].on_frame(&complete).unwrap() else {
+        panic!()
+    };
+    assert_eq!(s.on_complete(c), Ok(CompleteProgress::Waiting));
+    // Channel 1 has not ended the round: no ACK COMPLETE, so no COMMIT either.
+    assert!(matches!(
+        ch[0].ack_complete(&s),
+        Err(SessionError::Local(_))
+    ));
+    assert_eq!(
+        ch[0].clone().on_frame(&commit(0)).err(),
+        Some(SessionError::CommitEarly {
+            final_round: Round(0)
+        })
+    );
+    ch[1].on_frame(&end).unwrap();
+    s.on_round_ended(ChannelId(1), Round(0)).unwrap();
+    assert!(ch[0].ack_complete(&s).is_ok());
+    assert!(matches!(
+        ch[0].on_frame(&commit(0)),
+        Ok(DestinationEvent::Commit(_))
+    ));
+}
+
+#[test]
+fn the_source_commits_after_ack_complete_and_checks_ack_committed() {
+    let mut src = SourceChannel::new(ChannelId(0), Affinity::new(1, 8).unwrap()).unwrap();
+    let ack = |kind, value| Frame::Ack(Ack { kind, value });
+    src.on_send_layout();
+    src.end_round(Round(2)).unwrap();
+    src.complete(Round(2), 0).unwrap();
+    assert!(matches!(src.commit(), Err(SessionError::Local(_))));
+    assert!(matches!(
+        src.on_frame(&ack(AckKind::COMMITTED, 2)),
+        Err(SessionError::BadAck { .. })
+    ));
+    assert_eq!(
+        src.on_frame(&ack(AckKind::COMPLETE, 2)),
+        Ok(SourceEvent::Complete(Round(2)))
+    );
+    assert_eq!(src.commit_sent(), None);
+    assert_eq!(
+        src.commit(),
+        Ok(Commit {
+            final_round: Round(2)
+        })
+    );
+    assert_eq!(src.commit_sent(), Some(Round(2)));
+    assert!(matches!(src.commit(), Err(SessionError::Local(_))));
+    assert!(matches!(
+        src.on_frame(&ack(AckKind::COMMITTED, 1)),
+        Err(SessionError::BadAck { .. })
+    ));
+    assert_eq!(src.committed(), None);
+    assert_eq!(
+        src.on_frame(&ack(AckKind::COMMITTED, 2)),
+        Ok(SourceEvent::Committed(Round(2)))
+    );
+    assert_eq!(src.committed(), Some(Round(2)));
+    assert!(matches!(
+        src.on_frame(&ack(AckKind::COMMITTED, 2)),
+        Err(SessionError::BadAck { .. })
+    ));
+    assert!(SourceChannel::sends(FrameType::COMMIT));
 }

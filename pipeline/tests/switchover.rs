@@ -1,0 +1,485 @@
+//! The switchover under loss (PROTOCOL.md, Switchover): a relay on 127.0.0.1 between a
+//! real source and a real destination loses one of the four last frames on channel 0
+//! (COMPLETE, ACK COMPLETE, COMMIT, ACK COMMITTED): it swallows the frame and keeps the
+//! connection open, cuts the connection right before it, or cuts it in the middle of
+//! the frame's bytes (and, for COMMIT, swallows it and the source's close too, so only
+//! the destination's idle timeout ends its wait). In every case the invariant holds: never does the destination
+//! report success while the source may resume the guest (or resumed it). And each case
+//! ends on both sides as PROTOCOL.md's table says.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use common::*;
+use pagewire::protocol::{AckKind, Authentication, Envelope, Frame, FrameType, Limits};
+use pagewire::{
+    DestinationConfig, DestinationListener, DirtyBitmap, Failed, Migrated, MigrationError, Source,
+    SourceConfig, Switchover,
+};
+
+/// One of the last four frames on channel 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Last {
+    Complete,
+    AckComplete,
+    Commit,
+    AckCommitted,
+}
+
+impl Last {
+    /// Whether the frame travels from the source to the destination.
+    fn sent_by_source(self) -> bool {
+        matches!(self, Last::Complete | Last::Commit)
+    }
+
+    /// Whether `frame` (whole, envelope first) is this one.
+    fn is(self, frame: &[u8]) -> bool {
+        let ack = |kind: AckKind| frame[0] == FrameType::ACK.0 && frame.get(8) == Some(&kind.0);
+        match self {
+            Last::Complete => frame[0] == FrameType::COMPLETE.0,
+            Last::Commit => frame[0] == FrameType::COMMIT.0,
+            Last::AckComplete => ack(AckKind::COMPLETE),
+            Last::AckCommitted => ack(AckKind::COMMITTED),
+        }
+    }
+}
+
+/// How the relay loses the frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Loss {
+    /// Nothing lost: the reference run.
+    None,
+    /// The frame is dropped; the connection stays open (the sides' timeouts end it).
+    Swallow,
+    /// The connection is cut (both ways) right before the frame.
+    CutBefore,
+    /// Half the frame's bytes go through, then the connection is cut.
+    CutInside,
+    /// The frame is dropped, and so is the sender's close: the receiver's side of the
+    /// connection stays open and silent until the relay drops (its idle timeout ends
+    /// the wait).
+    SwallowAndHold,
+}
+
+/// A frame-aware TCP relay: forwards whole frames both ways, and on channel 0 loses
+/// `last` as `loss` says. Every thread ends when its sockets close or the relay drops.
+struct Relay {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    /// Set once the relay lost the frame.
+    lost: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Relay {
+    fn start(upstream: SocketAddr, last: Last, loss: Loss) -> Relay {
+        let listener = TcpListener::bind(loopback()).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let lost = Arc::new(AtomicBool::new(false));
+        let (stop2, lost2) = (stop.clone(), lost.clone());
+        let thread = std::thread::spawn(move || {
+            let mut pumps = Vec::new();
+            while !stop2.load(Ordering::Relaxed) {
+                let Ok((down, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                down.set_nonblocking(false).unwrap();
+                let Ok(up) = TcpStream::connect(upstream) else {
+                    continue;
+                };
+                for s in [&down, &up] {
+                    s.set_nodelay(true).unwrap();
+                    s.set_read_timeout(Some(Duration::from_millis(100)))
+                        .unwrap();
+                }
+                // The channel index, from the HELLO the source sends first.
+                let channel = Arc::new(Mutex::new(None));
+                for (from, to, from_source) in [
+                    (down.try_clone().unwrap(), up.try_clone().unwrap(), true),
+                    (up, down, false),
+                ] {
+                    let lose = (last.sent_by_source() == from_source).then_some((last, loss));
+                    let (stop, lost, channel) = (stop2.clone(), lost2.clone(), channel.clone());
+                    pumps.push(std::thread::spawn(move || {
+                        pump(from, to, from_source, lose, &channel, &stop, &lost)
+                    }));
+                }
+            }
+            for p in pumps {
+                let _ = p.join();
+            }
+        });
+        Relay {
+            addr,
+            stop,
+            lost,
+            thread: Some(thread),
+        }
+    }
+
+    fn lost(&self) -> bool {
+        self.lost.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Forwards whole frames from `from` to `to`; on channel 0 loses the frame `lose`
+/// names (once).
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    from_source: bool,
+    lose: Option<(Last, Loss)>,
+    channel: &Mutex<Option<u16>>,
+    stop: &AtomicBool,
+    lost: &AtomicBool,
+) {
+    let cut = |a: &TcpStream, b: &TcpStream| {
+        let _ = a.shutdown(Shutdown::Both);
+        let _ = b.shutdown(Shutdown::Both);
+    };
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut hold = false;
+    while !stop.load(Ordering::Relaxed) {
+        if hold {
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        }
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue;
+            }
+            Err(_) => break,
+        };
+        pending.extend_from_slice(&buf[..n]);
+        let mut at = 0;
+        let mut out = Vec::new();
+        while pending.len() - at >= Envelope::LEN {
+            let len = u32::from_le_bytes(pending[at + 4..at + 8].try_into().unwrap());
+            let end = at + Envelope::LEN + len as usize;
+            if pending.len() < end {
+                break;
+            }
+            let frame = &pending[at..end];
+            at = end;
+            if from_source && frame[0] == FrameType::HELLO.0 {
+                let env = Envelope::parse(frame[..8].try_into().unwrap(), &Limits::handshake());
+                if let Ok(Frame::Hello(h)) =
+                    env.and_then(|e| Frame::decode(e, &frame[8..], &Limits::handshake()))
+                {
+                    *channel.lock().unwrap() = Some(h.channel.0);
+                }
+            }
+            let on_channel_0 = *channel.lock().unwrap() == Some(0);
+            match lose {
+                Some((last, loss))
+                    if on_channel_0 && last.is(frame) && !lost.load(Ordering::Relaxed) =>
+                {
+                    lost.store(true, Ordering::Relaxed);
+                    match loss {
+                        Loss::None => out.extend_from_slice(frame),
+                        Loss::Swallow => {}
+                        Loss::SwallowAndHold => hold = true,
+                        Loss::CutBefore | Loss::CutInside => {
+                            if loss == Loss::CutInside {
+                                out.extend_from_slice(&frame[..frame.len() / 2]);
+                            }
+                            let _ = to.write_all(&out);
+                            cut(&from, &to);
+                            return;
+                        }
+                    }
+                }
+                _ => out.extend_from_slice(frame),
+            }
+        }
+        pending.drain(..at);
+        if to.write_all(&out).is_err() {
+            break;
+        }
+    }
+    cut(&from, &to);
+}
+
+/// How a case ended on both sides.
+struct Ended {
+    destination: Result<Migrated, MigrationError>,
+    /// `migrate`'s result on the source.
+    source: Result<(), Failed>,
+    /// Whether the simulated guest runs on the source afterwards.
+    running_on_source: bool,
+    lost: bool,
+}
+
+impl Ended {
+    /// The invariant: the destination's success and a guest the source may run never
+    /// come together.
+    fn check_invariant(&self, case: &str) {
+        let source_may_run = match &self.source {
+            Ok(()) => false,
+            Err(f) => f.may_resume_source(),
+        };
+        if self.destination.is_ok() {
+            assert!(
+                !source_may_run,
+                "{case}: the destination runs the guest and the source may resume it"
+            );
+            assert!(
+                !self.running_on_source,
+                "{case}: the guest runs on both hosts"
+            );
+        }
+        // The source resumes exactly when it may.
+        assert_eq!(self.running_on_source, source_may_run, "{case}");
+    }
+}
+
+const SESSION: u8 = 31;
+
+fn destination() -> (SocketAddr, JoinHandle<Result<Migrated, MigrationError>>) {
+    let mut cfg = DestinationConfig::new(session(SESSION), Authentication::None);
+    cfg.idle_timeout = Duration::from_secs(2);
+    cfg.accept_timeout = Duration::from_secs(10);
+    let l = DestinationListener::bind(loopback(), cfg).unwrap();
+    let addr = l.local_addr().unwrap();
+    (addr, std::thread::spawn(move || l.accept(None)?.wait()))
+}
+
+fn source_config() -> SourceConfig {
+    let mut cfg = SourceConfig::new(session(SESSION), Authentication::None);
+    cfg.channels = 2;
+    cfg.ack_timeout = Duration::from_secs(2);
+    cfg.send_timeout = Duration::from_secs(2);
+    cfg.precopy.max_rounds = 3;
+    cfg
+}
+
+/// A whole migration (`pagewire::migrate` with a running simulated guest and one
+/// device-state section) through a relay that loses `last` as `loss` says.
+fn run(last: Last, loss: Loss) -> Ended {
+    let mem = memory(1);
+    fill(&mem, 7);
+    let (addr, dst) = destination();
+    let relay = Relay::start(addr, last, loss);
+    let guest = guest(mem.clone(), 2_000, 3);
+    let mut log = guest.log();
+    let mut vcpus = guest.vcpus();
+    let src = Source::connect(relay.addr, mem, source_config()).unwrap();
+    let (source, src) = within(Duration::from_secs(60), "the migration", move || {
+        let mut src = src;
+        let mut device =
+            |out: &mut pagewire::DeviceStateWriter<'_>| -> Result<(), pagewire::DirtyLogError> {
+                out.write_section("cpu", 0, &[0x5a; 300])?;
+                Ok(())
+            };
+        let r = pagewire::migrate(&mut src, &mut log, &mut vcpus, &mut device).map(drop);
+        (r, src)
+    });
+    // The source closes its channels: a destination still waiting learns it now.
+    drop(src);
+    let destination = within(Duration::from_secs(60), "the destination", move || {
+        dst.join().unwrap()
+    });
+    let (pauses, resumes) = guest.pauses_and_resumes();
+    assert_eq!(pauses, 1, "the guest was paused once, for the final round");
+    let ended = Ended {
+        destination,
+        source,
+        running_on_source: guest.is_running(),
+        lost: relay.lost(),
+    };
+    assert_eq!(resumes, u64::from(ended.running_on_source));
+    drop(relay);
+    ended
+}
+
+fn is_unknown(source: &Result<(), Failed>) -> bool {
+    matches!(source, Err(f) if matches!(*f.error, MigrationError::OutcomeUnknown { .. }))
+}
+
+/// Runs one case, checks the invariant and the outcome PROTOCOL.md's table gives.
+fn case(last: Last, loss: Loss) {
+    let name = format!("{last:?} {loss:?}");
+    let e = run(last, loss);
+    eprintln!(
+        "{name}: destination {:?}; source {:?}",
+        e.destination.as_ref().map(|m| m.final_round),
+        e.source.as_ref().map_err(|f| f.to_string())
+    );
+    assert!(
+        e.lost || loss == Loss::None,
+        "{name}: the relay saw the frame"
+    );
+    e.check_invariant(&name);
+    let no_commit =
+        |d: &Result<Migrated, MigrationError>| matches!(d, Err(MigrationError::NoCommit { .. }));
+    match (loss, last) {
+        (Loss::None, _) => {
+            assert!(e.destination.is_ok(), "{name}");
+            assert!(e.source.is_ok(), "{name}");
+        }
+        // No ACK COMPLETE: the source fails before COMMIT and resumes the guest; the
+        // destination never runs it.
+        (_, Last::Complete) => {
+            let Err(f) = &e.source else {
+                panic!("{name}: the source succeeded")
+            };
+            assert!(f.may_resume_source(), "{name}: {f}");
+            assert!(e.running_on_source, "{name}");
+            assert!(e.destination.is_err(), "{name}");
+            assert!(
+                !no_commit(&e.destination),
+                "{name}: it never sent ACK COMPLETE"
+            );
+        }
+        (_, Last::AckComplete) => {
+            let Err(f) = &e.source else {
+                panic!("{name}: the source succeeded")
+            };
+            assert!(f.may_resume_source(), "{name}: {f}");
+            assert!(e.running_on_source, "{name}");
+            assert!(
+                no_commit(&e.destination),
+                "{name}: {:?}",
+                e.destination.err()
+            );
+        }
+        // COMMIT lost: the destination fails, the source does not know.
+        (_, Last::Commit) => {
+            assert!(is_unknown(&e.source), "{name}");
+            assert!(!e.running_on_source, "{name}");
+            assert!(
+                no_commit(&e.destination),
+                "{name}: {:?}",
+                e.destination.err()
+            );
+            if loss == Loss::SwallowAndHold {
+                // Nothing closed channel 0: the idle timeout ended the wait.
+                assert!(
+                    matches!(
+                        &e.destination,
+                        Err(MigrationError::NoCommit { source, .. })
+                            if matches!(**source, MigrationError::Channel { .. })
+                    ),
+                    "{name}: {:?}",
+                    e.destination.err()
+                );
+            }
+        }
+        // ACK COMMITTED lost: the destination owns the guest, the source does not know.
+        (_, Last::AckCommitted) => {
+            assert!(is_unknown(&e.source), "{name}");
+            assert!(!e.running_on_source, "{name}");
+            let m = e.destination.as_ref().expect("the destination took COMMIT");
+            assert!(m.final_round > 0);
+            assert_eq!(m.device_state.len(), 1);
+        }
+    }
+}
+
+#[test]
+fn nothing_lost_hands_the_guest_over() {
+    case(Last::Commit, Loss::None);
+}
+
+#[test]
+fn complete_lost() {
+    for loss in [Loss::Swallow, Loss::CutBefore, Loss::CutInside] {
+        case(Last::Complete, loss);
+    }
+}
+
+#[test]
+fn ack_complete_lost() {
+    for loss in [Loss::Swallow, Loss::CutBefore, Loss::CutInside] {
+        case(Last::AckComplete, loss);
+    }
+}
+
+#[test]
+fn commit_lost() {
+    for loss in [
+        Loss::Swallow,
+        Loss::CutBefore,
+        Loss::CutInside,
+        Loss::SwallowAndHold,
+    ] {
+        case(Last::Commit, loss);
+    }
+}
+
+#[test]
+fn ack_committed_lost() {
+    for loss in [Loss::Swallow, Loss::CutBefore, Loss::CutInside] {
+        case(Last::AckCommitted, loss);
+    }
+}
+
+/// The source's own API, without `migrate`: `complete()` tells the three outcomes apart
+/// by type.
+#[test]
+fn complete_returns_the_switchover() {
+    for (last, loss) in [
+        (Last::Commit, Loss::None),
+        (Last::AckCommitted, Loss::CutInside),
+        (Last::AckComplete, Loss::CutInside),
+    ] {
+        let mem = memory(1);
+        fill(&mem, 9);
+        let (addr, dst) = destination();
+        let relay = Relay::start(addr, last, loss);
+        let mut src = Source::connect(relay.addr, mem.clone(), source_config()).unwrap();
+        let all: Vec<_> = mem
+            .region_ids()
+            .map(|id| (id, DirtyBitmap::full(mem.pages(id).unwrap())))
+            .collect();
+        src.send_round(all, true).unwrap();
+        let result = src.complete();
+        drop(src);
+        let destination = dst.join().unwrap();
+        match (last, loss) {
+            (_, Loss::None) => {
+                assert!(matches!(result, Ok(Switchover::Committed)), "{result:?}");
+                assert!(destination.is_ok());
+            }
+            (Last::AckCommitted, _) => {
+                let Ok(Switchover::Unknown { error }) = result else {
+                    panic!("{result:?}")
+                };
+                eprintln!("unknown: {error}");
+                assert!(destination.is_ok());
+            }
+            _ => {
+                let f = result.expect_err("no ACK COMPLETE");
+                assert!(f.may_resume_source());
+                assert!(matches!(destination, Err(MigrationError::NoCommit { .. })));
+            }
+        }
+        drop(relay);
+    }
+}
