@@ -14,13 +14,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use pagewire::protocol::{
-    Authentication, CodecId, GuestAddr, MemoryLayout, RegionDesc, RegionId, SessionId, SessionKey,
-};
 use pagewire::sim::{self, Content, Guest, Pattern, WriterConfig};
-use pagewire::transport::session::Backend;
 use pagewire::{
-    DestinationConfig, DestinationListener, Endpoint, GuestMemory, Source, SourceConfig,
+    Authentication, Backend, CodecId, DestinationConfig, DestinationListener, Endpoint, GuestAddr,
+    GuestMemory, MemoryLayout, RegionDesc, RegionId, SessionId, SessionKey, Source, SourceConfig,
 };
 
 const HELP: &str = "\

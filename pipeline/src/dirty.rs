@@ -173,7 +173,7 @@ pub type DirtyLogError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The VMM's dirty-page log: KVM's dirty bitmap (`KVM_GET_DIRTY_LOG` with
 /// `KVM_CLEAR_DIRTY_LOG`), a dirty ring, or the VMM's own tracking (see
-/// [`DirtyBitmap::merge_vm_memory`] for vm-memory's `AtomicBitmap`).
+/// `DirtyBitmap::merge_vm_memory` (feature `vm-memory`) for vm-memory's `AtomicBitmap`).
 ///
 /// [`Migration`](crate::Migration) calls [`start`](Self::start) before the first
 /// round and [`stop`](Self::stop) on every way out (success, failure, cancellation),

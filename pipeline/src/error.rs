@@ -2,10 +2,12 @@
 
 use std::time::Duration;
 
-use pagewire_accel::{CodecError, EngineError};
-use pagewire_protocol::{AbortReason, DecodeError, RegionId};
-use pagewire_transport::ChannelError;
-use pagewire_transport::session::SessionError;
+pub use pagewire_accel::{CodecError, EngineError};
+pub use pagewire_protocol::{AbortReason, DecodeError, SessionError as RuleError};
+pub use pagewire_transport::ChannelError;
+pub use pagewire_transport::session::SessionError;
+
+use pagewire_protocol::RegionId;
 
 use crate::dirty::{DirtyBitmap, DirtyLogError};
 use crate::memory::MemoryError;
@@ -54,7 +56,7 @@ pub enum MigrationError {
         channel: u16,
         /// The rule and its values.
         #[source]
-        source: pagewire_protocol::SessionError,
+        source: RuleError,
     },
     /// A frame failed a protocol check.
     #[error("channel {channel}: bad frame: {source}")]

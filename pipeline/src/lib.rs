@@ -53,6 +53,7 @@ pub use switchover::Switchover;
 
 pub use pagewire_transport::{Endpoint, Stream, StreamListener};
 
-pub use pagewire_accel as accel;
-pub use pagewire_protocol as protocol;
-pub use pagewire_transport as transport;
+// The few lower-layer types a VMM needs (the lower crates themselves stay available
+// as `pagewire-protocol`, `pagewire-transport` and `pagewire-accel`).
+pub use pagewire_protocol::{CodecId, DestinationLimits, GuestAddr, MemoryLayout, RegionDesc};
+pub use pagewire_transport::session::{Backend, ListenerStats};

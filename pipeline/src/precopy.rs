@@ -12,7 +12,7 @@ pub struct PrecopyConfig {
     pub max_rounds: u32,
     /// Stop iterating after this long whatever the estimate.
     pub max_time: Duration,
-    /// Throttle the guest (through [`DirtyLog::throttle`](crate::dirty::DirtyLog::throttle))
+    /// Throttle the guest (through [`VcpuControl::throttle`](crate::dirty::VcpuControl::throttle))
     /// when rounds stop shrinking, like QEMU's auto-converge.
     pub auto_converge: bool,
     /// What to do when `max_rounds` or `max_time` is reached before the expected

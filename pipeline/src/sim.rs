@@ -5,7 +5,7 @@
 //! The writer writes a page first and marks it dirty second, as a hardware dirty log
 //! observes writes, so a page synced in between is sent again in the next round.
 //! Pausing takes the lock each write holds, so no write is in progress or starts once
-//! [`DirtyLog::pause`] returns.
+//! [`VcpuControl::pause`] returns.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -10,12 +10,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::*;
-use pagewire::protocol::{Authentication, CodecId};
 use pagewire::{
     CapPolicy, DestinationConfig, DestinationListener, DeviceState, DeviceStateWriter, DirtyBitmap,
     DirtyLog, DirtyLogError, Failed, GuestMemory, Migrated, Migration, MigrationError,
     NoDeviceState, Phase, RegionId, RoundAction, Source, SourceConfig, StopReason,
 };
+use pagewire_protocol::{Authentication, CodecId};
 
 type DestinationThread = std::thread::JoinHandle<Result<Migrated, MigrationError>>;
 
@@ -348,7 +348,7 @@ impl Drop for Owner {
 #[test]
 fn the_vmm_provides_destination_memory_for_the_layout() {
     use pagewire::DestinationMemory;
-    use pagewire::protocol::MemoryLayout;
+    use pagewire_protocol::MemoryLayout;
     let mem = memory(8);
     fill(&mem, 8);
     let asked = Arc::new(std::sync::Mutex::new(Vec::new()));

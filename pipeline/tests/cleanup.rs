@@ -6,8 +6,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use pagewire::protocol::{Authentication, CodecId};
 use pagewire::{DestinationConfig, DestinationListener, Source, SourceConfig};
+use pagewire_protocol::{Authentication, CodecId};
 
 fn threads() -> usize {
     std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())

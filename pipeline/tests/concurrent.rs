@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use pagewire::protocol::{Authentication, RegionId, SessionKey};
 use pagewire::{
     DestinationConfig, DestinationListener, DirtyBitmap, GuestMemory, Migrated, MigrationError,
     Source, SourceConfig,
 };
+use pagewire_protocol::{Authentication, RegionId, SessionKey};
 
 fn key(k: &[u8]) -> Authentication {
     Authentication::PreSharedKey(SessionKey::new(k.to_vec()).unwrap())

@@ -10,14 +10,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use pagewire::protocol::{Authentication, RegionId, SessionKey};
 use pagewire::source::ChannelTransport;
-use pagewire::transport::session::{Backend, SessionError};
-use pagewire::transport::tcp::TcpError;
 use pagewire::{
     DestinationConfig, DestinationListener, Endpoint, GuestMemory, MigrationError, Source,
     SourceConfig, Stream,
 };
+use pagewire_protocol::{Authentication, RegionId, SessionKey};
+use pagewire_transport::session::{Backend, SessionError};
+use pagewire_transport::tcp::TcpError;
 
 const CHANNELS: u16 = 3;
 

@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use common::*;
 use pagewire::error::Wait;
-use pagewire::protocol::{
-    Authentication, CodecId, Frame, RegionId, Reject, RejectReason, Version, WireList,
-};
-use pagewire::transport::session::Backend;
 use pagewire::{
     DestinationConfig, DestinationListener, DirtyBitmap, MigrationError, Source, SourceConfig,
 };
+use pagewire_protocol::{
+    Authentication, CodecId, Frame, RegionId, Reject, RejectReason, Version, WireList,
+};
+use pagewire_transport::session::Backend;
 
 fn destination(
     checksum: bool,

@@ -11,10 +11,10 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pagewire::protocol::frame::Hello;
-use pagewire::protocol::session::Limit;
-use pagewire::protocol::*;
 use pagewire::{DestinationConfig, DestinationListener, GuestMemory, MigrationError};
+use pagewire_protocol::frame::Hello;
+use pagewire_protocol::session::Limit;
+use pagewire_protocol::*;
 
 const PS: u32 = 4096;
 
@@ -391,7 +391,7 @@ fn altered_page_ranges_under_crc_are_refused() {
         Err(MigrationError::Channel { source, .. }) => assert!(
             matches!(
                 source,
-                pagewire::transport::ChannelError::Decode(DecodeError::ChecksumMismatch { .. })
+                pagewire_transport::ChannelError::Decode(DecodeError::ChecksumMismatch { .. })
             ),
             "{source:?}"
         ),

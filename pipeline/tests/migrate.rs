@@ -6,10 +6,10 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use pagewire::protocol::{Authentication, CodecId, SessionKey};
 use pagewire::source::ChannelTransport;
-use pagewire::transport::session::Backend;
 use pagewire::{DestinationConfig, DestinationListener, Source, SourceConfig};
+use pagewire_protocol::{Authentication, CodecId, SessionKey};
+use pagewire_transport::session::Backend;
 
 fn key() -> Authentication {
     Authentication::PreSharedKey(SessionKey::new(*b"migration test key, 32 bytes...").unwrap())
@@ -74,7 +74,7 @@ fn run_on(codec: CodecId, checksum: bool, channels: u16, auth: Authentication, b
     assert_eq!(migrated.device_state[0].data.len(), 100_000);
     assert!(stats.rounds >= 2, "{stats}");
     assert!(guest.writes() > 0);
-    assert!(stats.pages.total() >= src_mem.pages(pagewire::protocol::RegionId(0)).unwrap());
+    assert!(stats.pages.total() >= src_mem.pages(pagewire_protocol::RegionId(0)).unwrap());
     assert_eq!(stats.status, "completed");
     if matches!(backend, Backend::Uring { .. }) {
         assert_eq!(stats.transport, "io_uring", "{stats}");

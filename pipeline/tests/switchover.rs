@@ -17,11 +17,11 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use common::*;
-use pagewire::protocol::{AckKind, Authentication, Envelope, Frame, FrameType, Limits};
 use pagewire::{
     DestinationConfig, DestinationListener, DirtyBitmap, Failed, Migrated, MigrationError, Source,
     SourceConfig, Switchover,
 };
+use pagewire_protocol::{AckKind, Authentication, Envelope, Frame, FrameType, Limits};
 
 /// One of the last four frames on channel 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

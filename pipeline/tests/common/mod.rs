@@ -9,9 +9,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use pagewire::GuestMemory;
-use pagewire::protocol::{GuestAddr, MemoryLayout, RegionDesc, RegionId, SessionId};
 #[allow(unused_imports)]
 pub use pagewire::sim::{Content, Guest, Pattern, Rng, WriterConfig, first_difference};
+use pagewire_protocol::{GuestAddr, MemoryLayout, RegionDesc, RegionId, SessionId};
 
 pub fn fill(memory: &GuestMemory, seed: u64) {
     pagewire::sim::fill(memory, Content::Mixed, seed);
@@ -309,7 +309,7 @@ impl Drop for Proxy {
 /// "skipped: io_uring unavailable: <why>" and returns `false`, or panics when
 /// `PAGEWIRE_REQUIRE_URING=1` (CI sets it: io_uring works there and must be used).
 pub fn uring_available() -> bool {
-    match pagewire::transport::uring::probe(&Default::default()) {
+    match pagewire_transport::uring::probe(&Default::default()) {
         Ok(()) => true,
         Err(e) => {
             assert!(
