@@ -143,12 +143,46 @@ impl Worker {
                     }
                 }
                 Err(e) => {
+                    let e = self.peer_reason(e);
                     self.abort(&e);
                     let _ = tx.send(Reply::Failed(e));
                     return;
                 }
             }
         }
+    }
+
+    /// A send that failed because the destination closed the connection: the
+    /// destination usually said why first (an ABORT naming the rule or its VMM's
+    /// refusal), so look for that ABORT among the bytes already received, briefly, and
+    /// report it instead of the bare broken pipe.
+    fn peer_reason(&mut self, e: MigrationError) -> MigrationError {
+        use std::io::ErrorKind;
+        let closed = matches!(
+            &e,
+            MigrationError::Channel {
+                source: pagewire_transport::ChannelError::Io { source, .. },
+                ..
+            } if matches!(source.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset)
+        );
+        if !closed || set_recv_timeout(&mut self.channel, Some(Duration::from_millis(200))).is_err()
+        {
+            return e;
+        }
+        // Bounded: a few frames (ACKs may precede the ABORT), each within the timeout.
+        for _ in 0..16 {
+            match self.channel.recv(None) {
+                Ok(Some(Incoming::Frame(Frame::Abort(a)))) => {
+                    return MigrationError::PeerAborted {
+                        reason: a.reason,
+                        message: a.message.to_owned(),
+                    };
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+        e
     }
 
     /// A channel error; a send or receive timeout becomes [`MigrationError::Timeout`]
