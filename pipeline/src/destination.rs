@@ -182,7 +182,12 @@ impl DestinationListener {
     /// [`MigrationError::Session`] when the channels do not all arrive in time, or when
     /// this session is already being accepted or `max_sessions` sessions are.
     pub fn accept(&self, memory: Option<Arc<GuestMemory>>) -> Result<Destination, MigrationError> {
-        self.accept_session(&self.config, &self.scfg, memory.into())
+        self.accept_session(
+            &self.config,
+            &self.scfg,
+            memory.into(),
+            &DestinationControl::new(),
+        )
     }
 
     /// As [`Self::accept`], with the guest memory chosen by `memory`: anonymous, given,
@@ -192,7 +197,7 @@ impl DestinationListener {
     /// # Errors
     /// As [`Self::accept`].
     pub fn accept_into(&self, memory: DestinationMemory) -> Result<Destination, MigrationError> {
-        self.accept_session(&self.config, &self.scfg, memory)
+        self.accept_session(&self.config, &self.scfg, memory, &DestinationControl::new())
     }
 
     /// Accepts the channels of the session `config` describes (its own session id,
@@ -210,7 +215,12 @@ impl DestinationListener {
         config: &DestinationConfig,
         memory: Option<Arc<GuestMemory>>,
     ) -> Result<Destination, MigrationError> {
-        self.accept_session(config, &session_config(config), memory.into())
+        self.accept_session(
+            config,
+            &session_config(config),
+            memory.into(),
+            &DestinationControl::new(),
+        )
     }
 
     /// [`Self::accept_with`] with the memory chosen as in [`Self::accept_into`].
@@ -222,7 +232,29 @@ impl DestinationListener {
         config: &DestinationConfig,
         memory: DestinationMemory,
     ) -> Result<Destination, MigrationError> {
-        self.accept_session(config, &session_config(config), memory)
+        self.accept_session(
+            config,
+            &session_config(config),
+            memory,
+            &DestinationControl::new(),
+        )
+    }
+
+    /// The most general accept: the session `config` describes, the memory `memory`
+    /// chooses, and a `control` made beforehand ([`DestinationControl::new`]) that can
+    /// cancel the migration from another thread at any point, while the channels are
+    /// still being accepted (this call then returns [`MigrationError::Cancelled`]) or
+    /// afterwards (as [`Destination::control`]).
+    ///
+    /// # Errors
+    /// As [`Self::accept_with`], and [`MigrationError::Cancelled`].
+    pub fn accept_controlled(
+        &self,
+        config: &DestinationConfig,
+        memory: DestinationMemory,
+        control: &DestinationControl,
+    ) -> Result<Destination, MigrationError> {
+        self.accept_session(config, &session_config(config), memory, control)
     }
 
     fn accept_session(
@@ -230,8 +262,15 @@ impl DestinationListener {
         config: &DestinationConfig,
         scfg: &SessionConfig,
         memory: DestinationMemory,
+        control: &DestinationControl,
     ) -> Result<Destination, MigrationError> {
-        let accepted = self.listener.accept_session(scfg, config.accept_timeout)?;
+        let accepted = self
+            .listener
+            .accept_session_until(scfg, config.accept_timeout, &|| control.is_cancelled())
+            .map_err(|e| match e {
+                pagewire_transport::session::SessionError::Cancelled => MigrationError::Cancelled,
+                e => MigrationError::Session(e),
+            })?;
         let n = accepted.channels.len() as u16;
         let rules = DestinationSession::new(n, config.page_size, config.limits)
             .map_err(|source| MigrationError::Rule { channel: 0, source })?;
@@ -314,9 +353,11 @@ impl DestinationListener {
                 .map_err(|_| MigrationError::Worker(ch))?;
             threads.push(t);
         }
+        control.attach(&shared);
         Ok(Destination {
             threads,
             shared,
+            control: control.clone(),
             started: Instant::now(),
         })
     }
@@ -339,13 +380,20 @@ fn session_config(config: &DestinationConfig) -> SessionConfig {
     scfg
 }
 
-/// Cancels a destination's migration from any thread: [`Destination::wait`] then
-/// returns [`MigrationError::Cancelled`] and never reports success, and the guest
-/// must not be started. Every blocked wait wakes (the channels' sockets are shut down,
-/// the wait for other channels at COMPLETE is woken), and the source sees its
-/// channels close.
-#[derive(Clone)]
-pub struct DestinationControl(Arc<Shared>);
+/// Cancels an incoming migration from any thread: [`Destination::wait`] (or an
+/// [`accept_controlled`](DestinationListener::accept_controlled) still waiting for the
+/// channels) then returns [`MigrationError::Cancelled`] and never reports success, and
+/// the guest must not be started. Every blocked wait wakes: the channels' sockets are
+/// shut down (so the source sees them close), the wait for other channels at COMPLETE
+/// is woken, and an accept in progress stops within 50 ms.
+#[derive(Clone, Default)]
+pub struct DestinationControl(Arc<ControlInner>);
+
+#[derive(Default)]
+struct ControlInner {
+    cancelled: AtomicBool,
+    session: Mutex<Option<std::sync::Weak<Shared>>>,
+}
 
 impl std::fmt::Debug for DestinationControl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -356,20 +404,34 @@ impl std::fmt::Debug for DestinationControl {
 }
 
 impl DestinationControl {
+    /// A control for a migration not accepted yet
+    /// ([`DestinationListener::accept_controlled`]).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
     /// Cancels the migration (idempotent).
     pub fn cancel(&self) {
         self.0.cancelled.store(true, Ordering::SeqCst);
-        self.0.fail("cancelled by the destination's VMM".into());
-        if let Ok(sockets) = self.0.sockets.lock() {
-            for s in sockets.iter() {
-                let _ = s.shutdown(std::net::Shutdown::Both);
-            }
+        let session = self.0.session.lock().ok().and_then(|s| s.clone());
+        if let Some(shared) = session.and_then(|w| w.upgrade()) {
+            shared.cancel();
         }
     }
 
     /// Whether [`Self::cancel`] was called.
     pub fn is_cancelled(&self) -> bool {
         self.0.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// Binds the accepted session; a cancel that came meanwhile applies at once.
+    fn attach(&self, shared: &Arc<Shared>) {
+        if let Ok(mut s) = self.0.session.lock() {
+            *s = Some(Arc::downgrade(shared));
+        }
+        if self.is_cancelled() {
+            shared.cancel();
+        }
     }
 }
 
@@ -378,6 +440,7 @@ impl DestinationControl {
 pub struct Destination {
     threads: Vec<JoinHandle<Result<(), MigrationError>>>,
     shared: Arc<Shared>,
+    control: DestinationControl,
     started: Instant,
 }
 
@@ -389,7 +452,7 @@ impl Destination {
 
     /// A handle that cancels this migration from any thread.
     pub fn control(&self) -> DestinationControl {
-        DestinationControl(self.shared.clone())
+        self.control.clone()
     }
 
     /// Since the channels were accepted.
@@ -506,6 +569,16 @@ impl Shared {
             placed_bytes: self.placed.load(Ordering::Relaxed),
             prefault_ms: self.prefault_ns.load(Ordering::Relaxed) as f64 / 1e6,
             apply_latency: self.apply.summary(),
+        }
+    }
+
+    fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+        self.fail("cancelled by the destination's VMM".into());
+        if let Ok(sockets) = self.sockets.lock() {
+            for s in sockets.iter() {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
         }
     }
 

@@ -468,3 +468,50 @@ fn the_destination_cancels_and_its_waits_wake() {
     // Far below every timeout configured (120 s): the cancel woke the waits.
     assert!(took < Duration::from_secs(60), "{took:?}");
 }
+
+#[test]
+fn a_cancel_ends_an_accept_that_waits_for_channels() {
+    use pagewire::{DestinationControl, DestinationMemory};
+    let mut dcfg = DestinationConfig::new(session(53), Authentication::None);
+    dcfg.accept_timeout = Duration::from_secs(120);
+    let l = DestinationListener::bind(loopback(), dcfg.clone()).unwrap();
+    let control = DestinationControl::new();
+    let c2 = control.clone();
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        c2.cancel();
+        std::time::Instant::now()
+    });
+    let r = within(Duration::from_secs(60), "the cancelled accept", move || {
+        let r = l.accept_controlled(&dcfg, DestinationMemory::Anonymous, &control);
+        (r.map(|_| ()), std::time::Instant::now(), l)
+    });
+    let cancelled_at = canceller.join().unwrap();
+    assert!(matches!(r.0, Err(MigrationError::Cancelled)), "{:?}", r.0);
+    eprintln!("the accept ended {:?} after the cancel", r.1 - cancelled_at);
+    // The listener accepts the next session as usual.
+    let l = r.2;
+    let addr = l.local_addr().unwrap();
+    let mem = memory(2);
+    fill(&mem, 11);
+    let mut dcfg = DestinationConfig::new(session(54), Authentication::None);
+    dcfg.idle_timeout = Duration::from_secs(10);
+    let dst = std::thread::spawn(move || {
+        l.accept_with_into(&dcfg, DestinationMemory::Anonymous)?
+            .wait()
+    });
+    let mut src = Source::connect(
+        addr,
+        mem.clone(),
+        SourceConfig::new(session(54), Authentication::None),
+    )
+    .unwrap();
+    let g = guest(mem.clone(), 0, 11);
+    let (mut log, mut vcpus) = (g.log(), g.vcpus());
+    pagewire::migrate(&mut src, &mut log, &mut vcpus, &mut NoDeviceState).unwrap();
+    drop(src);
+    assert_eq!(
+        first_difference(&mem, &dst.join().unwrap().unwrap().memory),
+        None
+    );
+}

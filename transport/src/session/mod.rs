@@ -174,6 +174,10 @@ pub enum SessionError {
     /// A setting is invalid.
     #[error("invalid session configuration: {0}")]
     Config(&'static str),
+    /// The caller cancelled the accept
+    /// ([`Listener::accept_session_until`]).
+    #[error("accepting the session was cancelled")]
+    Cancelled,
     /// The number of pre-connected streams is not the session's channel count.
     #[error(
         "{given} pre-connected streams were given for a session of {channels} channels; give one stream per channel"

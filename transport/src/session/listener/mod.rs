@@ -295,6 +295,20 @@ impl Listener {
         cfg: &SessionConfig,
         timeout: Duration,
     ) -> Result<Accepted, SessionError> {
+        self.accept_session_until(cfg, timeout, &|| false)
+    }
+
+    /// [`Self::accept_session`], also ended early, with [`SessionError::Cancelled`],
+    /// once `cancelled()` returns true (checked at least every 50 ms).
+    ///
+    /// # Errors
+    /// As [`Self::accept_session`], and [`SessionError::Cancelled`].
+    pub fn accept_session_until(
+        &self,
+        cfg: &SessionConfig,
+        timeout: Duration,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Accepted, SessionError> {
         cfg.listener.validate()?;
         let server = ServerConfig {
             caps: cfg.caps,
@@ -348,6 +362,8 @@ impl Listener {
             let now = Instant::now();
             let result = if done {
                 Some(Ok(()))
+            } else if cancelled() {
+                Some(Err(SessionError::Cancelled))
             } else if now >= deadline {
                 let e = sh.entry(id);
                 Some(Err(SessionError::Incomplete {
