@@ -291,6 +291,7 @@ impl SourcePause<'_> {
         } else {
             None
         };
+        let digested = realtime_ns();
         let hb = self.m.monitor.heartbeats();
         sections.push(Section {
             name: "vmm".into(),
@@ -300,6 +301,7 @@ impl SourcePause<'_> {
                 "pause_begin_ns": pause_begin,
                 "paused_ns": paused,
                 "saved_ns": saved,
+                "digested_ns": digested,
                 "heartbeats": hb.count,
                 "guest_pages_written": hb.pages_written,
                 "digest": digest,
@@ -450,17 +452,26 @@ fn destination(args: &Args, addr: std::net::SocketAddr) -> anyhow::Result<ExitCo
         "guest_downtime_ms": ms(first.saturating_sub(last)),
         "last_heartbeat_to_paused_ms": ms(ns("paused_ns").saturating_sub(last)),
         "vcpu_state_save_ms": ms(ns("saved_ns").saturating_sub(ns("paused_ns"))),
-        "last_pages_device_state_switchover_ms": ms(completed.saturating_sub(ns("saved_ns"))),
+        "source_digest_ms": ms(ns("digested_ns").saturating_sub(ns("saved_ns"))),
+        "last_pages_device_state_switchover_ms": ms(completed.saturating_sub(ns("digested_ns"))),
         "restore_ms": ms(restored.saturating_sub(completed)),
         "digest_ms": ms(start.saturating_sub(restored)),
         "resume_to_first_heartbeat_ms": ms(first.saturating_sub(start)),
     });
     say(format!(
         "guest downtime (source's last heartbeat to destination's first): {:.2} ms \
-         = pause {:.2} + vcpu save {:.2} + last pages/device state/switchover {:.2} + restore {:.2}{} + resume {:.2}",
+         = pause {:.2} + vcpu save {:.2}{} + last pages/device state/switchover {:.2} + restore {:.2}{} + resume {:.2}",
         downtime["guest_downtime_ms"].as_f64().unwrap_or(0.0),
         downtime["last_heartbeat_to_paused_ms"].as_f64().unwrap_or(0.0),
         downtime["vcpu_state_save_ms"].as_f64().unwrap_or(0.0),
+        if args.digest {
+            format!(
+                " + source digest {:.2}",
+                downtime["source_digest_ms"].as_f64().unwrap_or(0.0)
+            )
+        } else {
+            String::new()
+        },
         downtime["last_pages_device_state_switchover_ms"]
             .as_f64()
             .unwrap_or(0.0),
