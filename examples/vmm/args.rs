@@ -87,7 +87,9 @@ pub struct Args {
 }
 
 fn secs(v: &str) -> anyhow::Result<Duration> {
-    let s: f64 = v.parse().with_context(|| format!("{v} is not a number of seconds"))?;
+    let s: f64 = v
+        .parse()
+        .with_context(|| format!("{v} is not a number of seconds"))?;
     Duration::try_from_secs_f64(s).with_context(|| format!("{v} is not a duration"))
 }
 

@@ -140,7 +140,12 @@ pub struct DirtyTracker {
 impl DirtyTracker {
     /// A tracker for `vm`'s slots; in ring mode, attach every vCPU before it runs.
     pub fn new(vm: Arc<Vm>) -> Self {
-        let marks = || vm.slots.iter().map(|s| PageBitmap::new(s.pages())).collect();
+        let marks = || {
+            vm.slots
+                .iter()
+                .map(|s| PageBitmap::new(s.pages()))
+                .collect()
+        };
         Self {
             ring_marks: marks(),
             vmm_marks: marks(),
@@ -177,9 +182,11 @@ impl DirtyTracker {
     /// Empties every vCPU's dirty ring into the marks and lets KVM reuse the entries
     /// (on `KVM_EXIT_DIRTY_RING_FULL`, and before reading the marks).
     ///
+    /// Returns the entries harvested.
+    ///
     /// # Errors
     /// `KVM_RESET_DIRTY_RINGS` failed.
-    pub fn harvest(&self) -> io::Result<()> {
+    pub fn harvest(&self) -> io::Result<u32> {
         let mut any = 0;
         for r in &self.rings {
             let mut ring = r.lock().map_err(|_| io::Error::other("dirty ring lock"))?;
@@ -196,7 +203,7 @@ impl DirtyTracker {
                 return Err(io::Error::last_os_error());
             }
         }
-        Ok(())
+        Ok(any)
     }
 
     /// The pages of `slot` dirtied since the last call (bit n = page n of the slot),

@@ -145,12 +145,9 @@ fn digest_line(who: &str, ram: &memory::Ram) -> anyhow::Result<u32> {
 }
 
 fn check_and_report(m: &Machine) -> anyhow::Result<(u64, u64)> {
-    let (checked, wrong) = m.monitor.self_check(
-        &m.ram,
-        &m.dirty,
-        m.shape.vcpus as usize,
-        CHECK_TIMEOUT,
-    )?;
+    let (checked, wrong) =
+        m.monitor
+            .self_check(&m.ram, &m.dirty, m.shape.vcpus as usize, CHECK_TIMEOUT)?;
     say(format!(
         "guest self-check: {checked} pages checked, {wrong} wrong: {}",
         if wrong == 0 { "PASS" } else { "FAIL" }
@@ -245,9 +242,11 @@ fn restore_test(args: &Args) -> anyhow::Result<ExitCode> {
     drop(printer);
     vb.stop()?;
     let ok = wrong == 0 && da == db;
-    say(json!({"role": "restore-test", "status": if ok {"passed"} else {"failed"},
+    say(
+        json!({"role": "restore-test", "status": if ok {"passed"} else {"failed"},
         "digest_equal": da == db, "self_check": {"checked": checked, "wrong": wrong}})
-    .to_string());
+        .to_string(),
+    );
     Ok(if ok {
         ExitCode::SUCCESS
     } else {
@@ -338,15 +337,9 @@ fn source(args: &Args, to: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
         digest: args.digest,
         save_ms: 0.0,
     };
-    let report = migration::migrate_out(
-        args,
-        to,
-        &m.ram,
-        &m.dirty,
-        &vcpus,
-        &mut hook,
-        &mut || say("migration: started"),
-    );
+    let report = migration::migrate_out(args, to, &m.ram, &m.dirty, &vcpus, &mut hook, &mut || {
+        say("migration: started")
+    });
     let save_ms = hook.save_ms;
     let total_ms = t.elapsed().as_secs_f64() * 1e3;
     if report.completed {
@@ -365,9 +358,11 @@ fn source(args: &Args, to: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
             s["downtime"]["completion_ms"].as_f64().unwrap_or(0.0),
             s["pages_per_s"].as_f64().unwrap_or(0.0),
         ));
-        say(json!({"role": "source", "status": "completed", "total_ms": total_ms,
+        say(
+            json!({"role": "source", "status": "completed", "total_ms": total_ms,
             "vcpu_state_save_ms": save_ms, "pagewire": report.stats})
-        .to_string());
+            .to_string(),
+        );
         return Ok(ExitCode::SUCCESS);
     }
     // The guest runs on: pagewire resumed it if it had been paused.
@@ -402,9 +397,11 @@ fn destination(args: &Args, addr: std::net::SocketAddr) -> anyhow::Result<ExitCo
             say(format!(
                 "migration failed: {e:#}; the guest was not started"
             ));
-            say(json!({"role": "destination", "status": "failed", "error": format!("{e:#}"),
+            say(
+                json!({"role": "destination", "status": "failed", "error": format!("{e:#}"),
                 "vcpus_started": false})
-            .to_string());
+                .to_string(),
+            );
             return Ok(ExitCode::from(1));
         }
     };
@@ -416,9 +413,11 @@ fn destination(args: &Args, addr: std::net::SocketAddr) -> anyhow::Result<ExitCo
         say(format!(
             "restoring the guest failed: {e:#}; the guest was not started"
         ));
-        say(json!({"role": "destination", "status": "failed", "error": format!("{e:#}"),
+        say(
+            json!({"role": "destination", "status": "failed", "error": format!("{e:#}"),
             "vcpus_started": false})
-        .to_string());
+            .to_string(),
+        );
         return Ok(ExitCode::from(1));
     }
     let restored = realtime_ns();
@@ -462,7 +461,9 @@ fn destination(args: &Args, addr: std::net::SocketAddr) -> anyhow::Result<ExitCo
         "guest downtime (source's last heartbeat to destination's first): {:.2} ms \
          = pause {:.2} + vcpu save {:.2}{} + last pages/device state/switchover {:.2} + restore {:.2}{} + resume {:.2}",
         downtime["guest_downtime_ms"].as_f64().unwrap_or(0.0),
-        downtime["last_heartbeat_to_paused_ms"].as_f64().unwrap_or(0.0),
+        downtime["last_heartbeat_to_paused_ms"]
+            .as_f64()
+            .unwrap_or(0.0),
         downtime["vcpu_state_save_ms"].as_f64().unwrap_or(0.0),
         if args.digest {
             format!(
@@ -494,11 +495,13 @@ fn destination(args: &Args, addr: std::net::SocketAddr) -> anyhow::Result<ExitCo
     vcpus.stop()?;
     let hb = m.monitor.heartbeats();
     let ok = wrong == 0;
-    say(json!({"role": "destination", "status": if ok {"completed"} else {"check-failed"},
+    say(
+        json!({"role": "destination", "status": if ok {"completed"} else {"check-failed"},
         "vcpus_started": true, "downtime": downtime, "receive_ms": received.receive_ms,
         "self_check": {"checked": checked, "wrong": wrong}, "digest": digest,
         "heartbeats": hb.count, "source": vmm, "pagewire": received.stats})
-    .to_string());
+        .to_string(),
+    );
     Ok(if ok {
         ExitCode::SUCCESS
     } else {

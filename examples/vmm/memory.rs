@@ -133,12 +133,18 @@ fn fill_data_pages(ram: &Ram, mem_bytes: u64) -> anyhow::Result<()> {
     let mut page = first;
     while page < end {
         let n = CHUNK.min(end - page);
-        for (i, w) in buf[..(n * guest::PAGE) as usize].chunks_exact_mut(8).enumerate() {
+        for (i, w) in buf[..(n * guest::PAGE) as usize]
+            .chunks_exact_mut(8)
+            .enumerate()
+        {
             let i = i as u64;
             let p = page + i / (guest::PAGE / 8);
             w.copy_from_slice(&guest::page_word(p, 0, i % (guest::PAGE / 8)).to_le_bytes());
         }
-        ram.write_slice(&buf[..(n * guest::PAGE) as usize], GuestAddress(page * guest::PAGE))?;
+        ram.write_slice(
+            &buf[..(n * guest::PAGE) as usize],
+            GuestAddress(page * guest::PAGE),
+        )?;
         page += n;
     }
     Ok(())

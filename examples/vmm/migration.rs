@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow};
 use pagewire::protocol::{Authentication, CodecId, RegionId, SessionId, SessionKey};
 use pagewire::{
-    DestinationConfig, DestinationListener, DeviceSection, DirtyBitmap, DirtyLog,
-    DirtyLogError, GuestMemory, Source, SourceConfig,
+    DestinationConfig, DestinationListener, DeviceSection, DirtyBitmap, DirtyLog, DirtyLogError,
+    GuestMemory, Source, SourceConfig,
 };
 
 use crate::args::{Args, Codec};
@@ -41,8 +41,8 @@ const DEFAULT_KEY: &[u8] = b"pagewire-vmm built-in test key; use --key-file";
 fn auth(args: &Args) -> anyhow::Result<Authentication> {
     let key = match &args.key_file {
         Some(p) => {
-            let mut k =
-                std::fs::read(p).with_context(|| format!("reading the key file {}", p.display()))?;
+            let mut k = std::fs::read(p)
+                .with_context(|| format!("reading the key file {}", p.display()))?;
             while k.last().is_some_and(|b| b.is_ascii_whitespace()) {
                 k.pop();
             }

@@ -8,8 +8,8 @@
 use anyhow::{Context, anyhow, bail};
 use kvm_bindings::{
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Msrs, kvm_clock_data,
-    kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
-    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use zerocopy::{FromBytes, IntoBytes};
@@ -38,9 +38,7 @@ const MSRS: [u32; 14] = [
 /// # Errors
 /// `KVM_GET_MSR_INDEX_LIST` failed.
 pub fn msr_indices(kvm: &Kvm) -> anyhow::Result<Vec<u32>> {
-    let list = kvm
-        .get_msr_index_list()
-        .context("KVM_GET_MSR_INDEX_LIST")?;
+    let list = kvm.get_msr_index_list().context("KVM_GET_MSR_INDEX_LIST")?;
     let have = list.as_slice();
     Ok(MSRS.iter().copied().filter(|m| have.contains(m)).collect())
 }
@@ -113,8 +111,7 @@ impl VcpuState {
     /// # Errors
     /// A KVM set ioctl failed.
     pub fn restore(&self, fd: &VcpuFd) -> anyhow::Result<()> {
-        fd.set_mp_state(self.mp_state)
-            .context("KVM_SET_MP_STATE")?;
+        fd.set_mp_state(self.mp_state).context("KVM_SET_MP_STATE")?;
         fd.set_regs(&self.regs).context("KVM_SET_REGS")?;
         fd.set_sregs(&self.sregs).context("KVM_SET_SREGS")?;
         // SAFETY: `kvm_xsave` is the 4 KiB legacy area, which is all KVM reads when

@@ -22,6 +22,14 @@ const TICK: Duration = Duration::from_millis(1);
 const MAX_BATCH: f64 = 4096.0;
 /// vCPU 0 writes the host wall clock into the mailbox every this many heartbeats.
 const WALLCLOCK_EVERY: u64 = 100;
+/// Each vCPU empties the dirty rings every this many heartbeats. KVM asks for that
+/// itself (`KVM_EXIT_DIRTY_RING_FULL`) near the ring's end, but on this host's nested
+/// KVM that exit came too late and the ring overflowed (entries lost); harvesting
+/// often, like QEMU's dirty-ring reaper, keeps the rings nearly empty.
+const RING_HARVEST_EVERY: u64 = 4;
+/// Consecutive `KVM_EXIT_DIRTY_RING_FULL` exits that harvest nothing before the vCPU
+/// gives up (the ring's indices no longer agree with KVM's).
+const EMPTY_RING_FULL_LIMIT: u32 = 1000;
 /// How long pausing may take before it counts as failed.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
@@ -411,12 +419,7 @@ impl Pacer {
     }
 }
 
-fn run_vcpu(
-    id: usize,
-    fd: &Mutex<VcpuFd>,
-    shared: &Shared,
-    ctx: &GuestCtx,
-) -> anyhow::Result<()> {
+fn run_vcpu(id: usize, fd: &Mutex<VcpuFd>, shared: &Shared, ctx: &GuestCtx) -> anyhow::Result<()> {
     {
         let mut v = fd.lock().map_err(|_| anyhow!("vCPU lock poisoned"))?;
         let run = v.get_kvm_run();
@@ -430,6 +433,7 @@ fn run_vcpu(
     let mut pacer = Pacer::new(ctx.pages_per_s);
     let mut checked = 0u32;
     let mut ticks = 0u64;
+    let mut empty_full = 0u32;
     // Ends when the VMM asks (EXIT) or on an error.
     loop {
         if shared.want() != RUN {
@@ -448,6 +452,9 @@ fn run_vcpu(
                 if id == 0 && ticks.is_multiple_of(WALLCLOCK_EVERY) {
                     write_wallclock(ctx)?;
                 }
+                if ticks.is_multiple_of(RING_HARVEST_EVERY) {
+                    ctx.dirty.harvest().context("harvesting the dirty rings")?;
+                }
                 let n = pacer.next(shared);
                 ctx.monitor
                     .pages_written
@@ -461,7 +468,14 @@ fn run_vcpu(
                 ctx.monitor.report_check(checked, le32(data));
             }
             Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => {
-                ctx.dirty.harvest().context("harvesting the dirty ring")?;
+                if ctx.dirty.harvest().context("harvesting the dirty rings")? == 0 {
+                    empty_full += 1;
+                    if empty_full >= EMPTY_RING_FULL_LIMIT {
+                        bail!("vcpu{id}: the dirty ring is full but holds no harvestable entry");
+                    }
+                } else {
+                    empty_full = 0;
+                }
             }
             Ok(e) => bail!("vcpu{id}: unexpected exit {e:?}"),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {

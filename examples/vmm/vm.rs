@@ -66,7 +66,8 @@ impl Vm {
     pub unsafe fn new(slots: Vec<Slot>, dirty: DirtyMode) -> anyhow::Result<Self> {
         let kvm = Kvm::new().context("opening /dev/kvm")?;
         let fd = kvm.create_vm().context("KVM_CREATE_VM")?;
-        fd.set_tss_address(0xfffb_d000).context("KVM_SET_TSS_ADDR")?;
+        fd.set_tss_address(0xfffb_d000)
+            .context("KVM_SET_TSS_ADDR")?;
         fd.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
         let ring_bytes = match dirty {
             DirtyMode::Bitmap => {
