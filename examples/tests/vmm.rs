@@ -262,6 +262,34 @@ fn restores_a_saved_guest_within_one_process() {
     assert_eq!(j["self_check"]["wrong"], 0);
 }
 
+#[test]
+fn the_guest_self_check_finds_a_damaged_page() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kvm_or_skip("the_guest_self_check_finds_a_damaged_page") {
+        return;
+    }
+    let mut v = Vmm::spawn(
+        "restore-test",
+        &[
+            "--restore-test",
+            "--corrupt-first-page",
+            "--mem-mib",
+            "64",
+            "--dirty-mbps",
+            "20",
+            "--after",
+            "0.5",
+            "--run-after",
+            "0",
+        ],
+    );
+    let s = v.wait_exit();
+    assert_eq!(s.code(), Some(2), "{:#?}", v.all());
+    let j = v.summary();
+    assert_eq!(j["digest_equal"], false);
+    assert_eq!(j["self_check"]["wrong"], 1, "{j}");
+}
+
 /// A migration slow enough to be interrupted: a 2 MB/s wire for ~30 MiB of pages.
 const SLOW: [&str; 8] = [
     "--mem-mib",

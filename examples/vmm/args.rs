@@ -39,6 +39,8 @@ MIGRATION:
   --max-rounds N       pre-copy round cap (default 30)
   --timeout SECS       source: send/ack timeout (default 10)
   --accept-timeout S   destination: wait this long for the source (default 60)
+  --corrupt-first-page restore test only: damage the first page vCPU 0 wrote in the
+                       copy before it resumes (the self-check must find it)
   --digest             print a CRC32C of all guest memory while the vCPUs are stopped
                        (source at the pause, destination before resuming)
 ";
@@ -84,6 +86,7 @@ pub struct Args {
     pub timeout: Duration,
     pub accept_timeout: Duration,
     pub digest: bool,
+    pub corrupt: bool,
 }
 
 fn secs(v: &str) -> anyhow::Result<Duration> {
@@ -113,6 +116,7 @@ pub fn parse() -> anyhow::Result<Args> {
         timeout: Duration::from_secs(10),
         accept_timeout: Duration::from_secs(60),
         digest: false,
+        corrupt: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -161,6 +165,7 @@ pub fn parse() -> anyhow::Result<Args> {
             "--timeout" => a.timeout = secs(&val()?)?,
             "--accept-timeout" => a.accept_timeout = secs(&val()?)?,
             "--digest" => a.digest = true,
+            "--corrupt-first-page" => a.corrupt = true,
             o => bail!("unknown option {o}; see --help"),
         }
     }

@@ -227,6 +227,14 @@ fn restore_test(args: &Args) -> anyhow::Result<ExitCode> {
     let da = digest_line("VM A (paused)", &a.ram)?;
     let mut b = Machine::build(shape(args))?;
     copy_ram(&a.ram, &b.ram)?;
+    if args.corrupt {
+        let (first, _) = guest::vcpu_pages(shape(args).mem_bytes, u64::from(args.vcpus), 0);
+        let at = first * guest::PAGE + (guest::GEN_STRIDE - 1) * 8;
+        b.ram
+            .write_obj(!0u64, vm_memory::GuestAddress(at))
+            .context("corrupting a page")?;
+        say(format!("corrupted guest page {first} in VM B"));
+    }
     b.restore(&sections)?;
     let db = digest_line("VM B (restored)", &b.ram)?;
     va.stop()?;
