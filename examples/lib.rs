@@ -1,4 +1,8 @@
-//! Runnable programs live in `examples/examples/`:
+//! Runnable programs:
 //!
-//! - `demo`: a live migration of a simulated guest over loopback, printing its
-//!   statistics (`cargo run --release -p pagewire-examples --example demo -- --help`).
+//! - `demo` (`examples/examples/demo.rs`): a live migration of a simulated guest over
+//!   loopback, printing its statistics
+//!   (`cargo run --release -p pagewire-examples --example demo -- --help`).
+//! - `pagewire-vmm` (`examples/vmm/`): a small KVM VMM (kvm-ioctls, vm-memory) whose
+//!   running guest live-migrates between two processes; see `examples/VMM.md`
+//!   (`cargo run --release -p pagewire-examples --bin pagewire-vmm -- --help`).

@@ -1,0 +1,364 @@
+//! pagewire-vmm end to end on real KVM: two processes on 127.0.0.1, a running guest
+//! migrated between them, and the failure cases (either side killed mid-migration).
+//!
+//! Without a usable /dev/kvm each test prints a SKIP line and returns, unless
+//! `PAGEWIRE_REQUIRE_KVM=1`, when it fails.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const VMM: &str = env!("CARGO_BIN_EXE_pagewire-vmm");
+/// Generous bound on any wait: the tests never judge speed, they only must end.
+const BOUND: Duration = Duration::from_secs(120);
+
+/// The guests are CPU-heavy on a small machine: one test at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn kvm_or_skip(test: &str) -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        assert!(
+            std::env::var("PAGEWIRE_REQUIRE_KVM").as_deref() != Ok("1"),
+            "{test}: /dev/kvm is not usable and PAGEWIRE_REQUIRE_KVM=1"
+        );
+        eprintln!("SKIP {test}: /dev/kvm is not usable");
+    }
+    ok
+}
+
+/// A pagewire-vmm child process, killed on drop, with its stdout collected.
+struct Vmm {
+    name: &'static str,
+    child: Child,
+    lines: Receiver<String>,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Vmm {
+    fn spawn(name: &'static str, args: &[&str]) -> Self {
+        let mut child = Command::new(VMM)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawning pagewire-vmm");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, lines) = channel();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen2 = seen.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                seen2.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        Self {
+            name,
+            child,
+            lines,
+            seen,
+        }
+    }
+
+    /// The next line (from now on) that satisfies `pred`.
+    fn wait_line(&self, pred: impl Fn(&str) -> bool) -> String {
+        let end = Instant::now() + BOUND;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if pred(&l) => return l,
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "{}: no such line within {BOUND:?}: {:#?}",
+                        self.name,
+                        self.all()
+                    )
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!(
+                        "{}: exited without such a line: {:#?}",
+                        self.name,
+                        self.all()
+                    )
+                }
+            }
+        }
+    }
+
+    fn wait_exit(&mut self) -> ExitStatus {
+        let end = Instant::now() + BOUND;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                // Let the reader thread drain the pipe.
+                let _ = self.lines.recv_timeout(Duration::from_secs(5));
+                while self.lines.try_recv().is_ok() {}
+                return s;
+            }
+            assert!(
+                Instant::now() < end,
+                "{}: still running after {BOUND:?}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    fn all(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// The JSON summary: the last line that parses as a JSON object.
+    fn summary(&self) -> serde_json::Value {
+        self.all()
+            .iter()
+            .rev()
+            .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .unwrap_or_else(|| panic!("{}: no JSON summary: {:#?}", self.name, self.all()))
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn listen(extra: &[&str]) -> (Vmm, String) {
+    let mut args = vec!["--listen", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    let dst = Vmm::spawn("destination", &args);
+    let line = dst.wait_line(|l| l.starts_with("listening on "));
+    let addr = line["listening on ".len()..].trim().to_string();
+    (dst, addr)
+}
+
+fn digest(v: &Vmm, prefix: &str) -> String {
+    let line = v
+        .all()
+        .into_iter()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("{}: no '{prefix}' line: {:#?}", v.name, v.all()));
+    let at = line.find("crc32c=").expect("crc32c=") + "crc32c=".len();
+    line[at..at + 8].to_string()
+}
+
+fn migrate_and_verify(guest: &[&str], migration: &[&str]) {
+    let dst_args: Vec<&str> = guest
+        .iter()
+        .copied()
+        .chain(["--digest", "--run-after", "0.5"])
+        .collect();
+    let (mut dst, addr) = listen(&dst_args);
+    let mut src_args: Vec<&str> = vec!["--migrate-to", &addr, "--after", "1", "--digest"];
+    src_args.extend_from_slice(guest);
+    src_args.extend_from_slice(migration);
+    let mut src = Vmm::spawn("source", &src_args);
+    let s = src.wait_exit();
+    let d = dst.wait_exit();
+    assert!(s.success(), "source: {s}: {:#?}", src.all());
+    assert!(d.success(), "destination: {d}: {:#?}", dst.all());
+    let (ss, ds) = (src.summary(), dst.summary());
+    assert_eq!(ss["status"], "completed");
+    assert_eq!(ds["status"], "completed");
+    assert_eq!(ds["vcpus_started"], true);
+    // Memory byte for byte: both digests taken with the vCPUs stopped.
+    assert_eq!(
+        digest(&src, "source (paused) memory digest"),
+        digest(&dst, "destination (before resume) memory digest")
+    );
+    // The guest checked its pages on the destination and found them right.
+    assert_eq!(ds["self_check"]["wrong"], 0, "{ds}");
+    assert!(ds["self_check"]["checked"].as_u64().unwrap() > 0, "{ds}");
+    // It ran there: heartbeats after the resume, and a guest-seen downtime.
+    assert!(ds["heartbeats"].as_u64().unwrap() > 0);
+    assert!(ds["downtime"]["guest_downtime_ms"].as_f64().unwrap() > 0.0);
+    assert!(dst.all().iter().any(|l| l.starts_with("heartbeat:")));
+}
+
+#[test]
+fn migrates_a_running_guest_bitmap_one_vcpu_memfd_zstd() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kvm_or_skip("migrates_a_running_guest_bitmap_one_vcpu_memfd_zstd") {
+        return;
+    }
+    migrate_and_verify(
+        &[
+            "--mem-mib",
+            "128",
+            "--dirty-mbps",
+            "20",
+            "--dirty",
+            "bitmap",
+        ],
+        &["--codec", "zstd", "--channels", "2"],
+    );
+}
+
+#[test]
+fn migrates_a_running_guest_ring_two_vcpus_two_slots_anon_lz4() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kvm_or_skip("migrates_a_running_guest_ring_two_vcpus_two_slots_anon_lz4") {
+        return;
+    }
+    migrate_and_verify(
+        &[
+            "--mem-mib",
+            "128",
+            "--slots",
+            "2",
+            "--vcpus",
+            "2",
+            "--backing",
+            "anon",
+            "--dirty-mbps",
+            "30",
+            "--dirty",
+            "ring",
+        ],
+        &["--codec", "lz4", "--channels", "3"],
+    );
+}
+
+#[test]
+fn restores_a_saved_guest_within_one_process() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kvm_or_skip("restores_a_saved_guest_within_one_process") {
+        return;
+    }
+    let mut v = Vmm::spawn(
+        "restore-test",
+        &[
+            "--restore-test",
+            "--mem-mib",
+            "64",
+            "--vcpus",
+            "2",
+            "--dirty-mbps",
+            "20",
+            "--after",
+            "0.5",
+            "--run-after",
+            "0.2",
+        ],
+    );
+    let s = v.wait_exit();
+    assert!(s.success(), "{s}: {:#?}", v.all());
+    let j = v.summary();
+    assert_eq!(j["digest_equal"], true);
+    assert_eq!(j["self_check"]["wrong"], 0);
+}
+
+#[test]
+fn the_guest_self_check_finds_a_damaged_page() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kvm_or_skip("the_guest_self_check_finds_a_damaged_page") {
+        return;
+    }
+    let mut v = Vmm::spawn(
+        "restore-test",
+        &[
+            "--restore-test",
+            "--corrupt-first-page",
+            "--mem-mib",
+            "64",
+            "--dirty-mbps",
+            "20",
+            "--after",
+            "0.5",
+            "--run-after",
+            "0",
+        ],
+    );
+    let s = v.wait_exit();
+    assert_eq!(s.code(), Some(2), "{:#?}", v.all());
+    let j = v.summary();
+    assert_eq!(j["digest_equal"], false);
+    assert_eq!(j["self_check"]["wrong"], 1, "{j}");
+}
+
+/// A migration slow enough to be interrupted: a 2 MB/s wire for ~30 MiB of pages.
+const SLOW: [&str; 8] = [
+    "--mem-mib",
+    "128",
+    "--dirty-mbps",
+    "10",
+    "--bandwidth-mbit",
+    "16",
+    "--timeout",
+    "5",
+];
+
+#[test]
+fn destination_killed_mid_round_leaves_the_source_guest_running() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kvm_or_skip("destination_killed_mid_round_leaves_the_source_guest_running") {
+        return;
+    }
+    let (mut dst, addr) = listen(&["--mem-mib", "128", "--dirty-mbps", "10"]);
+    let mut args = vec![
+        "--migrate-to",
+        &addr,
+        "--after",
+        "0.5",
+        "--run-after",
+        "600",
+    ];
+    args.extend_from_slice(&SLOW);
+    let mut src = Vmm::spawn("source", &args);
+    dst.wait_line(|l| l.starts_with("migration: accepted"));
+    std::thread::sleep(Duration::from_millis(300));
+    dst.child.kill().expect("killing the destination");
+    dst.wait_exit();
+    src.wait_line(|l| l.starts_with("migration failed"));
+    // The guest keeps heartbeating after the failure.
+    let first = src.wait_line(|l| l.starts_with("heartbeat:"));
+    let second = src.wait_line(|l| l.starts_with("heartbeat:"));
+    assert_ne!(first, second);
+    src.signal(libc::SIGTERM);
+    let s = src.wait_exit();
+    assert_eq!(s.code(), Some(3), "{:#?}", src.all());
+    let j = src.summary();
+    assert_eq!(j["status"], "failed");
+    assert_eq!(j["guest_kept_running"], true, "{j}");
+    assert!(j["heartbeats_after_failure"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn source_killed_mid_migration_the_destination_never_starts_the_guest() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kvm_or_skip("source_killed_mid_migration_the_destination_never_starts_the_guest") {
+        return;
+    }
+    let (mut dst, addr) = listen(&["--mem-mib", "128", "--dirty-mbps", "10"]);
+    let mut args = vec!["--migrate-to", &addr, "--after", "0.5"];
+    args.extend_from_slice(&SLOW);
+    let mut src = Vmm::spawn("source", &args);
+    dst.wait_line(|l| l.starts_with("migration: accepted"));
+    std::thread::sleep(Duration::from_millis(300));
+    src.child.kill().expect("killing the source");
+    src.wait_exit();
+    let d = dst.wait_exit();
+    assert_eq!(d.code(), Some(1), "{:#?}", dst.all());
+    let j = dst.summary();
+    assert_eq!(j["status"], "failed");
+    assert_eq!(j["vcpus_started"], false);
+    assert!(
+        !dst.all().iter().any(|l| l.starts_with("heartbeat:")),
+        "the destination's guest ran: {:#?}",
+        dst.all()
+    );
+}

@@ -1,0 +1,191 @@
+//! A machine: guest RAM, the VM and its vCPUs, dirty tracking and the guest monitor,
+//! put together; its state as device sections; the two ways it starts (boot, or
+//! restore from sections).
+
+use std::sync::Arc;
+
+use anyhow::{Context, anyhow, bail};
+use kvm_ioctls::VcpuFd;
+
+use crate::dirty::DirtyTracker;
+use crate::memory::{self, Backing, Ram};
+use crate::state::{VcpuState, VmState};
+use crate::vcpu::{GuestCtx, Monitor, Vcpus};
+use crate::vm::{DirtyMode, Slot, Vm, boot_vcpu};
+
+/// The machine's shape; the destination must be built with the source's.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    /// Guest RAM in bytes.
+    pub mem_bytes: u64,
+    /// Memslots.
+    pub slots: u32,
+    /// vCPUs (1 or 2).
+    pub vcpus: u32,
+    /// RAM backing.
+    pub backing: Backing,
+    /// Dirty tracking.
+    pub dirty: DirtyMode,
+    /// Guest page writes, bytes per second over all vCPUs.
+    pub dirty_bytes_per_s: u64,
+}
+
+/// One piece of device state, named like a pagewire device section.
+#[derive(Clone, Debug)]
+pub struct Section {
+    /// Device name ("vcpu", "vm", "vmm").
+    pub name: String,
+    /// Instance (the vCPU index for "vcpu").
+    pub instance: u32,
+    /// The bytes.
+    pub data: Vec<u8>,
+}
+
+/// A built machine whose vCPUs have not started.
+pub struct Machine {
+    /// Its shape.
+    pub shape: Shape,
+    /// Guest RAM (kept alive as long as the VM and any migration).
+    pub ram: Arc<Ram>,
+    /// The VM.
+    pub vm: Arc<Vm>,
+    /// Dirty pages (KVM's and the VMM's).
+    pub dirty: Arc<DirtyTracker>,
+    /// Heartbeats and self-check reports.
+    pub monitor: Arc<Monitor>,
+    msrs: Vec<u32>,
+    fds: Vec<VcpuFd>,
+}
+
+impl Machine {
+    /// Allocates RAM, creates the VM with its memslots and the vCPUs (CPUID set).
+    ///
+    /// # Errors
+    /// A bad shape, or KVM or the kernel refusing something.
+    pub fn build(shape: Shape) -> anyhow::Result<Self> {
+        if !(1..=2).contains(&shape.vcpus) {
+            bail!("--vcpus must be 1 or 2");
+        }
+        let ram = Arc::new(memory::create(shape.mem_bytes, shape.slots, shape.backing)?);
+        let slots = memory::regions(&ram)
+            .into_iter()
+            .map(|(host, guest, len)| Slot { host, guest, len })
+            .collect();
+        // SAFETY: `ram` is kept in the machine next to the VM (and outlives it: the
+        // VM's Arc is dropped with the machine, and the RAM's Arc with it or later).
+        let vm = Arc::new(unsafe { Vm::new(slots, shape.dirty)? });
+        if !vm.xsave_fits() {
+            bail!("this host's XSAVE state does not fit kvm_xsave (KVM_CAP_XSAVE2 > 4096)");
+        }
+        let msrs = crate::state::msr_indices(&vm.kvm)?;
+        let mut dirty = DirtyTracker::new(vm.clone());
+        let mut fds = Vec::new();
+        for id in 0..shape.vcpus {
+            let fd = vm.create_vcpu(u64::from(id))?;
+            dirty.attach(&fd).context("mapping the dirty ring")?;
+            fds.push(fd);
+        }
+        Ok(Self {
+            shape,
+            ram,
+            vm,
+            dirty: Arc::new(dirty),
+            monitor: Arc::new(Monitor::default()),
+            msrs,
+            fds,
+        })
+    }
+
+    /// Loads the guest program and puts every vCPU at its entry.
+    ///
+    /// # Errors
+    /// Loading or a KVM register set failed.
+    pub fn boot(&self) -> anyhow::Result<()> {
+        memory::load_guest(&self.ram, self.shape.mem_bytes)?;
+        for (id, fd) in self.fds.iter().enumerate() {
+            boot_vcpu(
+                fd,
+                self.shape.mem_bytes,
+                u64::from(self.shape.vcpus),
+                id as u64,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Loads VM and vCPU state from `sections` (from [`Machine::save`]).
+    ///
+    /// # Errors
+    /// A section is missing or malformed, or KVM refused it.
+    pub fn restore(&self, sections: &[Section]) -> anyhow::Result<()> {
+        let find = |name: &str, instance: u32| {
+            sections
+                .iter()
+                .find(|s| s.name == name && s.instance == instance)
+                .ok_or_else(|| anyhow!("device state has no {name}/{instance}"))
+        };
+        let vcpus = sections.iter().filter(|s| s.name == "vcpu").count();
+        if vcpus != self.fds.len() {
+            bail!(
+                "device state has {vcpus} vCPUs, this machine {}",
+                self.fds.len()
+            );
+        }
+        VmState::decode(&find("vm", 0)?.data)?.restore(&self.vm.fd)?;
+        for (id, fd) in self.fds.iter().enumerate() {
+            VcpuState::decode(&find("vcpu", id as u32)?.data)
+                .with_context(|| format!("vcpu {id} state"))?
+                .restore(fd)
+                .with_context(|| format!("restoring vcpu {id}"))?;
+        }
+        Ok(())
+    }
+
+    /// Starts the vCPU threads.
+    ///
+    /// # Errors
+    /// A thread could not be spawned.
+    pub fn start(&mut self) -> anyhow::Result<Vcpus> {
+        let ctx = Arc::new(GuestCtx {
+            ram: self.ram.clone(),
+            dirty: self.dirty.clone(),
+            monitor: self.monitor.clone(),
+            pages_per_s: self.shape.dirty_bytes_per_s as f64
+                / crate::guest::PAGE as f64
+                / f64::from(self.shape.vcpus),
+        });
+        Vcpus::start(std::mem::take(&mut self.fds), ctx)
+    }
+
+    /// The VM's and every vCPU's state, as sections; `vcpus` must be paused.
+    ///
+    /// # Errors
+    /// A KVM get ioctl failed.
+    pub fn save(&self, vcpus: &Vcpus) -> anyhow::Result<Vec<Section>> {
+        let mut out = vec![Section {
+            name: "vm".into(),
+            instance: 0,
+            data: VmState::save(&self.vm.fd)?.encode(),
+        }];
+        vcpus.with_fds(|fds| {
+            for (id, fd) in fds.iter().enumerate() {
+                out.push(Section {
+                    name: "vcpu".into(),
+                    instance: id as u32,
+                    data: VcpuState::save(fd, &self.msrs)?.encode(),
+                });
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Dirty logging on or off in every memslot.
+    ///
+    /// # Errors
+    /// KVM refused the memslot update.
+    pub fn set_dirty_logging(&self, on: bool) -> anyhow::Result<()> {
+        // SAFETY: the slots' memory is `self.ram`, alive as long as `self`.
+        unsafe { self.vm.set_logging(on) }
+    }
+}
