@@ -362,3 +362,191 @@ fn source_killed_mid_migration_the_destination_never_starts_the_guest() {
         dst.all()
     );
 }
+
+/// One of the four last frames of a migration (PROTOCOL.md, Switchover).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Last {
+    /// COMPLETE (0x15), source → destination.
+    Complete,
+    /// ACK COMPLETE (ACK 0x13, kind 3), destination → source.
+    AckComplete,
+    /// COMMIT (0x17), source → destination.
+    Commit,
+    /// ACK COMMITTED (ACK 0x13, kind 4), destination → source.
+    AckCommitted,
+}
+
+impl Last {
+    /// Whether the frame (envelope and body) is this one, and the direction it goes.
+    fn is(self, to_destination: bool, envelope: &[u8; 8], body: &[u8]) -> bool {
+        let ack = |kind| !to_destination && envelope[0] == 0x13 && body.first() == Some(&kind);
+        match self {
+            Last::Complete => to_destination && envelope[0] == 0x15,
+            Last::AckComplete => ack(3),
+            Last::Commit => to_destination && envelope[0] == 0x17,
+            Last::AckCommitted => ack(4),
+        }
+    }
+}
+
+/// A TCP relay between the two processes that follows the frames and, at the first
+/// `cut` frame it sees, drops it and closes that connection both ways: the frame is
+/// lost with the connection, as when a link dies.
+struct Relay {
+    addr: String,
+    cut_done: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    fn start(to: String, cut: Last) -> Relay {
+        use std::net::{TcpListener, TcpStream};
+        use std::sync::atomic::AtomicBool;
+        let l = TcpListener::bind("127.0.0.1:0").expect("relay bind");
+        let addr = l.local_addr().unwrap().to_string();
+        let cut_done = Arc::new(AtomicBool::new(false));
+        let done = cut_done.clone();
+        std::thread::spawn(move || {
+            // Ends when the test drops the relay's last connection (process exit).
+            for client in l.incoming().map_while(Result::ok) {
+                let Ok(server) = TcpStream::connect(&to) else {
+                    return;
+                };
+                for (from, into, to_destination) in [
+                    (
+                        client.try_clone().unwrap(),
+                        server.try_clone().unwrap(),
+                        true,
+                    ),
+                    (
+                        server.try_clone().unwrap(),
+                        client.try_clone().unwrap(),
+                        false,
+                    ),
+                ] {
+                    let (client, server, done) = (
+                        client.try_clone().unwrap(),
+                        server.try_clone().unwrap(),
+                        done.clone(),
+                    );
+                    std::thread::spawn(move || {
+                        pump(from, into, to_destination, cut, &done);
+                        let _ = client.shutdown(std::net::Shutdown::Both);
+                        let _ = server.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Relay { addr, cut_done }
+    }
+}
+
+/// Forwards whole frames from `from` to `into` until either side closes, or the cut
+/// frame shows up (then it is not forwarded).
+fn pump(
+    mut from: std::net::TcpStream,
+    mut into: std::net::TcpStream,
+    to_destination: bool,
+    cut: Last,
+    done: &std::sync::atomic::AtomicBool,
+) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    loop {
+        let mut envelope = [0u8; 8];
+        if from.read_exact(&mut envelope).is_err() {
+            return;
+        }
+        let len = u32::from_le_bytes(envelope[4..8].try_into().unwrap()) as usize;
+        // Frames are bounded by the negotiated frame limit (a few MiB at most here).
+        let mut body = vec![0u8; len];
+        if from.read_exact(&mut body).is_err() {
+            return;
+        }
+        if !done.load(Ordering::SeqCst) && cut.is(to_destination, &envelope, &body) {
+            done.store(true, Ordering::SeqCst);
+            return;
+        }
+        if into.write_all(&envelope).is_err() || into.write_all(&body).is_err() {
+            return;
+        }
+    }
+}
+
+/// Migrates through a relay that loses `cut` with its connection, and checks the one
+/// rule that matters: never does the guest run on both sides.
+fn lose_at_switchover(cut: Last) {
+    let guest = ["--mem-mib", "64", "--dirty-mbps", "10"];
+    let dst_args: Vec<&str> = guest
+        .iter()
+        .copied()
+        .chain(["--run-after", "0.5", "--timeout", "5"])
+        .collect();
+    let (mut dst, addr) = listen(&dst_args);
+    let relay = Relay::start(addr, cut);
+    let mut src_args: Vec<&str> = vec![
+        "--migrate-to",
+        &relay.addr,
+        "--after",
+        "0.5",
+        "--run-after",
+        "1",
+        "--timeout",
+        "5",
+        "--channels",
+        "2",
+    ];
+    src_args.extend_from_slice(&guest);
+    let mut src = Vmm::spawn("source", &src_args);
+    let s = src.wait_exit();
+    let d = dst.wait_exit();
+    let (ss, ds) = (src.summary(), dst.summary());
+    eprintln!(
+        "{cut:?}: source {s} {}; destination {d} {}",
+        ss["status"], ds["status"]
+    );
+    assert!(
+        relay.cut_done.load(std::sync::atomic::Ordering::SeqCst),
+        "{cut:?} was never seen"
+    );
+    let destination_runs = ds["vcpus_started"] == true;
+    let source_runs = ss["status"] == "failed" && ss["guest_kept_running"] == true;
+    assert!(
+        !(destination_runs && source_runs),
+        "{cut:?}: the guest runs on both hosts: {ss} / {ds}"
+    );
+    // And each side did what PROTOCOL.md's table says.
+    let (src_status, dst_started) = match cut {
+        Last::Complete | Last::AckComplete => ("failed", false),
+        Last::Commit => ("outcome-unknown", false),
+        Last::AckCommitted => ("outcome-unknown", true),
+    };
+    assert_eq!(ss["status"], src_status, "{cut:?}: {ss}");
+    assert_eq!(ds["vcpus_started"], dst_started, "{cut:?}: {ds}");
+    if src_status == "outcome-unknown" {
+        assert_eq!(s.code(), Some(4));
+        assert_eq!(ss["guest_kept_running"], false, "paused: {ss}");
+    } else {
+        assert_eq!(ss["guest_kept_running"], true, "resumed: {ss}");
+    }
+    if dst_started {
+        assert_eq!(ds["self_check"]["wrong"], 0, "{ds}");
+    } else {
+        assert!(!dst.all().iter().any(|l| l.starts_with("heartbeat:")));
+    }
+}
+
+#[test]
+fn the_final_frames_lost_one_by_one_never_leave_two_running_guests() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kvm_or_skip("the_final_frames_lost_one_by_one_never_leave_two_running_guests") {
+        return;
+    }
+    for cut in [
+        Last::Complete,
+        Last::AckComplete,
+        Last::Commit,
+        Last::AckCommitted,
+    ] {
+        lose_at_switchover(cut);
+    }
+}
