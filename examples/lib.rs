@@ -4,5 +4,5 @@
 //!   loopback, printing its statistics
 //!   (`cargo run --release -p pagewire-examples --example demo -- --help`).
 //! - `pagewire-vmm` (`examples/vmm/`): a small KVM VMM (kvm-ioctls, vm-memory) whose
-//!   running guest live-migrates between two processes; see `examples/VMM.md`
+//!   running guest live-migrates between two processes; see the README, "A real guest"
 //!   (`cargo run --release -p pagewire-examples --bin pagewire-vmm -- --help`).

@@ -297,6 +297,7 @@ impl migration::SourceVm for SourcePause<'_> {
     }
 
     fn save(&self) -> anyhow::Result<Vec<Section>> {
+        let save_begin = realtime_ns();
         let (pause_begin, paused) = *self.paused.lock().map_err(|_| anyhow!("lock"))?;
         let t = Instant::now();
         let mut sections = self.m.save(self.vcpus)?;
@@ -316,6 +317,7 @@ impl migration::SourceVm for SourcePause<'_> {
                 "last_heartbeat_ns": hb.last_ns,
                 "pause_begin_ns": pause_begin,
                 "paused_ns": paused,
+                "save_begin_ns": save_begin,
                 "saved_ns": saved,
                 "digested_ns": digested,
                 "heartbeats": hb.count,
@@ -437,16 +439,17 @@ fn destination(args: &Args, addr: std::net::SocketAddr) -> anyhow::Result<ExitCo
                     control.cancel();
                     break;
                 }
-                std::thread::sleep(Duration::from_millis(20));
+                std::thread::park_timeout(Duration::from_millis(20));
             }
         })
     };
     let received = incoming.receive(&m.ram, &mut || {
         say("migration: accepted the source's channels")
     });
-    receiving.store(false, Ordering::Relaxed);
-    let _ = watcher.join();
     let completed = realtime_ns();
+    receiving.store(false, Ordering::Relaxed);
+    watcher.thread().unpark();
+    let _ = watcher.join();
     let received = match received {
         Ok(r) => r,
         Err(e) => {
@@ -503,47 +506,51 @@ fn destination(args: &Args, addr: std::net::SocketAddr) -> anyhow::Result<ExitCo
     let printer = HeartbeatPrinter::start(m.monitor.clone());
     let ns = |k: &str| vmm[k].as_u64().unwrap_or(0);
     let last = ns("last_heartbeat_ns");
-    let downtime = json!({
-        "guest_downtime_ms": ms(first.saturating_sub(last)),
-        "last_heartbeat_to_paused_ms": ms(ns("paused_ns").saturating_sub(last)),
-        "vcpu_state_save_ms": ms(ns("saved_ns").saturating_sub(ns("paused_ns"))),
-        "source_digest_ms": ms(ns("digested_ns").saturating_sub(ns("saved_ns"))),
-        "last_pages_device_state_switchover_ms": ms(completed.saturating_sub(ns("digested_ns"))),
-        "restore_ms": ms(restored.saturating_sub(completed)),
-        "digest_ms": ms(start.saturating_sub(restored)),
-        "resume_to_first_heartbeat_ms": ms(first.saturating_sub(start)),
-    });
+    // The source's stamps, in order: its last heartbeat, every vCPU stopped, the last
+    // pages sent (device state begins), vCPU state saved, memory digested (optional);
+    // then this side's: migration committed, state restored, memory digested
+    // (optional), vCPUs started, first heartbeat.
+    let parts = [
+        ("pause", ns("paused_ns").saturating_sub(last)),
+        (
+            "last pages",
+            ns("save_begin_ns").saturating_sub(ns("paused_ns")),
+        ),
+        (
+            "vcpu save",
+            ns("saved_ns").saturating_sub(ns("save_begin_ns")),
+        ),
+        (
+            "source digest",
+            ns("digested_ns").saturating_sub(ns("saved_ns")),
+        ),
+        (
+            "device state + switchover",
+            completed.saturating_sub(ns("digested_ns")),
+        ),
+        ("restore", restored.saturating_sub(completed)),
+        ("digest", start.saturating_sub(restored)),
+        ("resume", first.saturating_sub(start)),
+    ];
+    let mut downtime = serde_json::Map::new();
+    downtime.insert(
+        "guest_downtime_ms".into(),
+        json!(ms(first.saturating_sub(last))),
+    );
+    let mut text = Vec::new();
+    for (name, d) in parts {
+        if name.contains("digest") && !args.digest {
+            continue;
+        }
+        let key = format!("{}_ms", name.replace(" + ", "_").replace(' ', "_"));
+        downtime.insert(key, json!(ms(d)));
+        text.push(format!("{name} {:.2}", ms(d)));
+    }
+    let downtime = serde_json::Value::Object(downtime);
     say(format!(
-        "guest downtime (source's last heartbeat to destination's first): {:.2} ms \
-         = pause {:.2} + vcpu save {:.2}{} + last pages/device state/switchover {:.2} + restore {:.2}{} + resume {:.2}",
-        downtime["guest_downtime_ms"].as_f64().unwrap_or(0.0),
-        downtime["last_heartbeat_to_paused_ms"]
-            .as_f64()
-            .unwrap_or(0.0),
-        downtime["vcpu_state_save_ms"].as_f64().unwrap_or(0.0),
-        if args.digest {
-            format!(
-                " + source digest {:.2}",
-                downtime["source_digest_ms"].as_f64().unwrap_or(0.0)
-            )
-        } else {
-            String::new()
-        },
-        downtime["last_pages_device_state_switchover_ms"]
-            .as_f64()
-            .unwrap_or(0.0),
-        downtime["restore_ms"].as_f64().unwrap_or(0.0),
-        if args.digest {
-            format!(
-                " + digest {:.2}",
-                downtime["digest_ms"].as_f64().unwrap_or(0.0)
-            )
-        } else {
-            String::new()
-        },
-        downtime["resume_to_first_heartbeat_ms"]
-            .as_f64()
-            .unwrap_or(0.0),
+        "guest downtime (source's last heartbeat to destination's first): {:.2} ms = {}",
+        ms(first.saturating_sub(last)),
+        text.join(" + ")
     ));
     let (checked, wrong) = check_and_report(&m)?;
     wait(args.run_after, || false);
