@@ -387,13 +387,13 @@ fn source(args: &Args, to: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
         print!("{}", report.text);
         let s = &report.stats;
         say(format!(
-            "migration: completed in {:.1} ms; source-side downtime {:.2} ms (pause+save {:.2} [save {:.2}], last pages {:.2}, device state {:.2}, switchover {:.2}); {:.0} pages/s",
+            "migration: completed in {:.1} ms; source-side downtime {:.2} ms (pause {:.2}, last pages {:.2}, device state {:.2} [vCPU save {:.2}], switchover {:.2}); {:.0} pages/s",
             s["total_ms"].as_f64().unwrap_or(0.0),
             s["downtime_ms"].as_f64().unwrap_or(0.0),
             s["downtime"]["pause_ms"].as_f64().unwrap_or(0.0),
-            save_ms,
             s["downtime"]["last_pages_ms"].as_f64().unwrap_or(0.0),
             s["downtime"]["device_state_ms"].as_f64().unwrap_or(0.0),
+            save_ms,
             s["downtime"]["completion_ms"].as_f64().unwrap_or(0.0),
             s["pages_per_s"].as_f64().unwrap_or(0.0),
         ));

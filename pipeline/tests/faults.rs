@@ -140,10 +140,7 @@ fn failing_migration(fault: Fault, checksum: bool) -> (pagewire::Failed, Migrati
         source_config(CodecId::ZSTD, checksum),
     )
     .unwrap();
-    let mut log = guest.log();
-    let mut vcpus = guest.vcpus();
-    let err = pagewire::migrate(&mut src, &mut log, &mut vcpus, &mut pagewire::NoDeviceState)
-        .unwrap_err();
+    let err = migrate_sim(&mut src, &guest).unwrap_err();
     drop(src);
     let dst_err = dst.join().unwrap().unwrap_err();
     drop(proxy);

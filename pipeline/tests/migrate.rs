@@ -159,15 +159,7 @@ fn io_uring_zstd_with_a_small_engine_pool_completes() {
             vec![ChannelTransport::Uring; 2]
         );
         let mut g = guest(src_mem.clone(), 0, 1);
-        let mut log = g.log();
-        let mut vcpus = g.vcpus();
-        let stats = pagewire::migrate(
-            &mut source,
-            &mut log,
-            &mut vcpus,
-            &mut pagewire::NoDeviceState,
-        )
-        .unwrap();
+        let stats = migrate_sim(&mut source, &g).unwrap();
         g.stop();
         drop(source);
         let migrated = dst.join().unwrap().unwrap();
@@ -198,15 +190,7 @@ fn the_bandwidth_cap_limits_wire_bytes_not_guest_bytes() {
     cfg.precopy.max_rounds = 2;
     let mut source = Source::connect(addr, src_mem.clone(), cfg).unwrap();
     let mut g = guest(src_mem.clone(), 0, 1);
-    let mut log = g.log();
-    let mut vcpus = g.vcpus();
-    let stats = pagewire::migrate(
-        &mut source,
-        &mut log,
-        &mut vcpus,
-        &mut pagewire::NoDeviceState,
-    )
-    .unwrap();
+    let stats = migrate_sim(&mut source, &g).unwrap();
     g.stop();
     drop(source);
     dst.join().unwrap().unwrap();

@@ -158,16 +158,7 @@ fn auto_zero_copy_pauses_after_copied_notifications() {
     let cfg = config(9, 1);
     let (mut src, mut dst) = pair(&cfg);
     let mem = patterned(64, 2);
-    let d = dst.remove(0);
-    let c2 = cfg.clone();
-    let reader = std::thread::spawn(move || {
-        let mut ch = d.open(&Backend::Tcp, &c2).unwrap();
-        let mut n = 0;
-        while ch.recv(None).unwrap().is_some() {
-            n += 1;
-        }
-        n
-    });
+    let reader = count_frames(dst.remove(0), &cfg);
     let mut ch = src.remove(0).open(&URING, &cfg).unwrap();
     let mut usage = Vec::new();
     for _ in 0..ZC_AUTO_COPIED + 4 {
@@ -309,16 +300,7 @@ fn auto_zero_copy_over_a_unix_socket_pauses_like_loopback() {
     let cfg = config(10, 1);
     let (mut src, mut dst) = pair_over(Link::Unix, &cfg);
     let mem = patterned(64, 3);
-    let d = dst.remove(0);
-    let c2 = cfg.clone();
-    let reader = std::thread::spawn(move || {
-        let mut ch = d.open(&Backend::Tcp, &c2).unwrap();
-        let mut n = 0;
-        while ch.recv(None).unwrap().is_some() {
-            n += 1;
-        }
-        n
-    });
+    let reader = count_frames(dst.remove(0), &cfg);
     let mut ch = src.remove(0).open(&URING, &cfg).unwrap();
     assert!(matches!(ch, AnyChannel::Uring(_)));
     let mut usage = Vec::new();
@@ -334,4 +316,17 @@ fn auto_zero_copy_over_a_unix_socket_pauses_like_loopback() {
     assert!(usage[..n].iter().all(|&u| u == (0, 1)), "{usage:?}");
     assert!(usage[n..].iter().all(|&u| u == (0, 0)), "{usage:?}");
     assert_eq!(ch.stats().zc_copied, ZC_AUTO_COPIED as u64);
+}
+
+/// Receives on `d` over plain sockets until the peer closes; the frames counted.
+fn count_frames(d: Established, cfg: &SessionConfig) -> std::thread::JoinHandle<u32> {
+    let cfg = cfg.clone();
+    std::thread::spawn(move || {
+        let mut ch = d.open(&Backend::Tcp, &cfg).unwrap();
+        let mut n = 0;
+        while ch.recv(None).unwrap().is_some() {
+            n += 1;
+        }
+        n
+    })
 }

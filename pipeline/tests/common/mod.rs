@@ -366,3 +366,13 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.path);
     }
 }
+
+/// `pagewire::migrate` over the simulated guest `g` (its dirty log and vCPUs), with no
+/// device state.
+pub fn migrate_sim(
+    source: &mut pagewire::Source,
+    g: &Guest,
+) -> Result<pagewire::MigrationStats, pagewire::Failed> {
+    let (mut log, mut vcpus) = (g.log(), g.vcpus());
+    pagewire::migrate(source, &mut log, &mut vcpus, &mut pagewire::NoDeviceState)
+}
