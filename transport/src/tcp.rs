@@ -82,7 +82,7 @@ impl Default for TcpConfig {
 pub enum TcpError {
     /// Every connection attempt failed.
     #[error(
-        "could not connect to {addr} after {attempts} attempts; is the destination listening and reachable?"
+        "could not connect to {addr} after {attempts} attempts ({source}); is the destination listening and reachable?"
     )]
     Connect {
         /// The endpoint.
@@ -94,7 +94,7 @@ pub enum TcpError {
         source: io::Error,
     },
     /// A socket call failed.
-    #[error("{op} failed")]
+    #[error("{op} failed: {source}")]
     Socket {
         /// Which call.
         op: &'static str,

@@ -148,7 +148,7 @@ pub enum EngineError {
     #[error("job error: {0}")]
     Job(&'static str),
     /// A backend-specific failure.
-    #[error("{backend:?} backend failed")]
+    #[error("{backend:?} backend failed: {source}")]
     Backend {
         /// The backend.
         backend: BackendKind,

@@ -110,7 +110,7 @@ pub enum SessionError {
     #[error(transparent)]
     Uring(#[from] UringError),
     /// The handshake failed.
-    #[error("handshake of channel {channel:?} with {peer} failed{}", peer_message.as_deref().map(|m| format!(" (peer says: {m})")).unwrap_or_default())]
+    #[error("handshake of channel {channel:?} with {peer} failed: {source}{}", peer_message.as_deref().map(|m| format!(" (peer says: {m})")).unwrap_or_default())]
     Handshake {
         /// The channel index, when known.
         channel: Option<u16>,
@@ -123,7 +123,7 @@ pub enum SessionError {
         source: HandshakeError,
     },
     /// The peer closed the connection or went silent during the handshake.
-    #[error("{peer} closed the connection or timed out during the handshake")]
+    #[error("{peer} closed the connection or timed out during the handshake: {source}")]
     HandshakeIo {
         /// The peer.
         peer: Endpoint,
@@ -202,7 +202,7 @@ pub enum SessionError {
     #[error("the system random number generator failed: {0}")]
     Random(getrandom::Error),
     /// A socket call failed.
-    #[error("{op} failed")]
+    #[error("{op} failed: {source}")]
     Io {
         /// Which call.
         op: &'static str,

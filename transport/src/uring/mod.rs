@@ -164,7 +164,7 @@ pub enum UringError {
     Disabled(u8),
     /// `io_uring_setup` was refused although the sysctl allows it.
     #[error(
-        "io_uring_setup was refused: a seccomp filter or container policy blocks io_uring; allow it or use the tcp transport"
+        "io_uring_setup was refused ({0}): a seccomp filter or container policy blocks io_uring; allow it or use the tcp transport"
     )]
     Blocked(#[source] io::Error),
     /// The kernel lacks something this backend needs.
@@ -178,7 +178,7 @@ pub enum UringError {
     },
     /// Memory could not be registered.
     #[error(
-        "registering {what} with io_uring failed; if ENOMEM, raise RLIMIT_MEMLOCK (ulimit -l) or register less memory"
+        "registering {what} with io_uring failed ({source}); if ENOMEM, raise RLIMIT_MEMLOCK (ulimit -l) or register less memory"
     )]
     Register {
         /// What was registered.
@@ -191,7 +191,7 @@ pub enum UringError {
     #[error("invalid io_uring configuration: {0}")]
     Config(&'static str),
     /// Another system call failed.
-    #[error("{op} failed")]
+    #[error("{op} failed: {source}")]
     Io {
         /// Which call.
         op: &'static str,
