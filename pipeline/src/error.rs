@@ -189,7 +189,7 @@ impl std::fmt::Display for Wait {
 /// and the source must not: [`Migration`](crate::Migration) leaves it paused.
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
-#[error("{error}{}", if *running_on_source { "" } else { " (the guest is NOT running on the source)" })]
+#[error("{error}{}", resume_error.as_deref().map(|e| format!(" (and resuming the guest failed: {e})")).unwrap_or_default())]
 pub struct Failed {
     /// What went wrong.
     #[source]
