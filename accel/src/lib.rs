@@ -64,6 +64,7 @@
 
 pub mod cache;
 pub mod codec;
+pub mod cpu;
 pub mod engine;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -78,6 +79,7 @@ pub use codec::{
     CodecError, Codecs, EncodeOutcome, EncodeParams, Layout, Level, SOFTWARE_FORMATS, layout,
     level_range, max_payload_len,
 };
+pub use cpu::thread_cpu_time;
 pub use engine::{
     Backend, BackendKind, Completion, Engine, EngineConfig, EngineError, FormatCaps, Job, JobOp,
     Probe, SoftwareBackend, SoftwareConfig, Tag,

@@ -77,6 +77,9 @@ pub struct EngineStats {
     pub mean_queue_depth: f64,
     /// The delta cache's counters, when the engine has one.
     pub delta: Option<DeltaStats>,
+    /// CPU time of the backend's own worker threads (software codec threads); zero
+    /// when jobs run on the caller's thread, whose CPU time is the caller's to count.
+    pub worker_cpu: Duration,
 }
 
 impl EngineStats {
@@ -243,6 +246,7 @@ impl StatsCounter {
                 integral / wall.as_secs_f64()
             },
             delta,
+            worker_cpu: Duration::ZERO,
         }
     }
 }

@@ -362,6 +362,7 @@ fn main() -> anyhow::Result<()> {
         bail!("device state did not arrive intact");
     }
     stats.apply_latency = migrated.stats.apply_latency;
+    stats.destination_cpu = Some(migrated.stats.cpu);
     if args.json {
         let mut v = serde_json::to_value(&stats)?;
         v["verified"] = serde_json::Value::Bool(true);

@@ -72,6 +72,9 @@ pub struct DestinationStats {
     pub prefault_ms: f64,
     /// Frame apply latency.
     pub apply_latency: LatencySummary,
+    /// CPU the destination's threads used (receivers and the pre-fault thread; the
+    /// receivers' share is counted when each ends).
+    pub cpu: crate::stats::CpuSummary,
 }
 
 /// A migration that completed: the memory, the device state and the statistics.
@@ -299,6 +302,8 @@ impl DestinationListener {
             zero_pages: AtomicU64::new(0),
             placed: AtomicU64::new(0),
             prefault_ns: Arc::new(AtomicU64::new(0)),
+            cpu_ns: Arc::new(AtomicU64::new(0)),
+            started: Instant::now(),
         });
         let mut threads = Vec::new();
         for est in accepted.channels {
@@ -343,7 +348,9 @@ impl DestinationListener {
                         codecs: Codecs::new(),
                         lengths: Vec::new(),
                     };
+                    let cpu = pagewire_accel::thread_cpu_time();
                     let res = r.run(&mut channel);
+                    shared2.add_cpu(pagewire_accel::thread_cpu_time().saturating_sub(cpu));
                     if let Err(e) = &res {
                         r.abort(&mut channel, e);
                         shared2.fail(e.to_string());
@@ -558,11 +565,29 @@ struct Shared {
     zero_pages: AtomicU64,
     placed: AtomicU64,
     prefault_ns: Arc<AtomicU64>,
+    /// CPU nanoseconds of the receiver and pre-fault threads.
+    cpu_ns: Arc<AtomicU64>,
+    /// When the channels were accepted.
+    started: Instant,
 }
 
 impl Shared {
+    fn add_cpu(&self, d: Duration) {
+        self.cpu_ns.fetch_add(
+            u64::try_from(d.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
     fn stats(&self) -> DestinationStats {
+        let pages =
+            self.data_pages.load(Ordering::Relaxed) + self.zero_pages.load(Ordering::Relaxed);
         DestinationStats {
+            cpu: crate::stats::CpuSummary::new(
+                Duration::from_nanos(self.cpu_ns.load(Ordering::Relaxed)),
+                self.started.elapsed(),
+                pages * u64::from(self.page_size),
+            ),
             frames: self.frames.load(Ordering::Relaxed),
             data_pages: self.data_pages.load(Ordering::Relaxed),
             zero_pages: self.zero_pages.load(Ordering::Relaxed),
@@ -617,12 +642,19 @@ impl Shared {
         let m = Arc::new(GuestMemory::anonymous(layout).map_err(|e| e.to_string())?);
         let m2 = m.clone();
         let ns = self.prefault_ns.clone();
+        let shared_cpu = self.cpu_ns.clone();
         let prefault = std::thread::Builder::new()
             .name("pagewire-prefault".into())
             .spawn(move || {
                 let t = Instant::now();
+                let cpu = pagewire_accel::thread_cpu_time();
                 m2.prefault();
                 ns.store(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                let used = pagewire_accel::thread_cpu_time().saturating_sub(cpu);
+                shared_cpu.fetch_add(
+                    u64::try_from(used.as_nanos()).unwrap_or(u64::MAX),
+                    Ordering::Relaxed,
+                );
             })
             .ok();
         *slot = Some((m.clone(), prefault));

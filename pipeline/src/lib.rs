@@ -48,7 +48,7 @@ pub struct ReadmeDoctests;
 pub use precopy::{CapPolicy, PrecopyConfig, StopReason};
 pub use progress::{Phase, Progress, ProgressSnapshot, RoundAction};
 pub use source::Source;
-pub use stats::MigrationStats;
+pub use stats::{CpuSummary, MigrationStats};
 pub use switchover::Switchover;
 
 pub use pagewire_transport::{Endpoint, Stream, StreamListener};

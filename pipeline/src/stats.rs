@@ -90,6 +90,40 @@ pub struct RoundStats {
     pub dirty_rate_pages_per_s: f64,
     /// Wire bandwidth achieved in the round, Mbit/s.
     pub mbit_per_s: f64,
+    /// CPU-seconds the source's threads used in the round.
+    pub cpu_s: f64,
+}
+
+/// CPU time one side of a migration used: its channel threads (and codec threads,
+/// when it has any), user and system time, from each thread's own CPU clock.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct CpuSummary {
+    /// CPU-seconds.
+    pub seconds: f64,
+    /// CPU-seconds over wall time, as % of one core (200 = two cores busy).
+    pub percent_of_core: f64,
+    /// CPU-seconds per GiB of guest memory moved (pages × page size).
+    pub seconds_per_gib: f64,
+}
+
+impl CpuSummary {
+    /// The summary of `cpu` spent over `wall` while `guest_bytes` moved.
+    pub fn new(cpu: Duration, wall: Duration, guest_bytes: u64) -> Self {
+        let seconds = cpu.as_secs_f64();
+        let wall = wall.as_secs_f64();
+        let gib = guest_bytes as f64 / f64::from(1u32 << 30);
+        Self {
+            seconds,
+            percent_of_core: if wall > 0.0 {
+                seconds / wall * 100.0
+            } else {
+                0.0
+            },
+            seconds_per_gib: if gib > 0.0 { seconds / gib } else { 0.0 },
+        }
+    }
 }
 
 /// A latency distribution, in microseconds.
@@ -241,6 +275,12 @@ pub struct MigrationStats {
     pub apply_latency: LatencySummary,
     /// Per round.
     pub per_round: Vec<RoundStats>,
+    /// CPU the source's threads used.
+    pub cpu: CpuSummary,
+    /// CPU the destination's threads used, when the caller has the destination's
+    /// statistics (same process) and copies them in
+    /// ([`DestinationStats::cpu`](crate::DestinationStats::cpu)).
+    pub destination_cpu: Option<CpuSummary>,
     /// Things that went wrong without failing the migration (e.g. stopping the dirty
     /// log).
     pub warnings: Vec<String>,
@@ -306,6 +346,21 @@ impl fmt::Display for MigrationStats {
             "throughput:            {:.0} Mbit/s   {:.0} pages/s",
             self.mbit_per_s, self.pages_per_s
         )?;
+        let cpu = |c: &CpuSummary| {
+            format!(
+                "{:.2} CPU-s ({:.0}% of a core, {:.2} CPU-s/GiB)",
+                c.seconds, c.percent_of_core, c.seconds_per_gib
+            )
+        };
+        match &self.destination_cpu {
+            Some(d) => writeln!(
+                f,
+                "CPU:                   source {}; destination {}",
+                cpu(&self.cpu),
+                cpu(d)
+            )?,
+            None => writeln!(f, "CPU:                   source {}", cpu(&self.cpu))?,
+        }
         for c in &self.codecs {
             writeln!(
                 f,
@@ -350,12 +405,12 @@ impl fmt::Display for MigrationStats {
         }
         writeln!(
             f,
-            "round  paused  dirty      sent       zero       wire MiB   ms       Mbit/s"
+            "round  paused  dirty      sent       zero       wire MiB   ms       Mbit/s   CPU-s"
         )?;
         for r in &self.per_round {
             writeln!(
                 f,
-                "{:<6} {:<7} {:<10} {:<10} {:<10} {:<10.1} {:<8.1} {:.0}",
+                "{:<6} {:<7} {:<10} {:<10} {:<10} {:<10.1} {:<8.1} {:<8.0} {:.2}",
                 r.round,
                 if r.paused { "yes" } else { "no" },
                 r.dirty_pages,
@@ -363,7 +418,8 @@ impl fmt::Display for MigrationStats {
                 r.pages.zero,
                 mib(r.wire_bytes),
                 r.duration_ms,
-                r.mbit_per_s
+                r.mbit_per_s,
+                r.cpu_s
             )?;
         }
         Ok(())
@@ -373,6 +429,16 @@ impl fmt::Display for MigrationStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_summary_as_share_of_a_core_and_per_gib() {
+        let c = CpuSummary::new(Duration::from_secs(3), Duration::from_secs(2), 2 << 30);
+        assert_eq!(c.seconds, 3.0);
+        assert_eq!(c.percent_of_core, 150.0);
+        assert_eq!(c.seconds_per_gib, 1.5);
+        let z = CpuSummary::new(Duration::from_secs(1), Duration::ZERO, 0);
+        assert_eq!((z.percent_of_core, z.seconds_per_gib), (0.0, 0.0));
+    }
 
     #[test]
     fn table_and_json_carry_the_figures() {

@@ -515,3 +515,22 @@ fn a_cancel_ends_an_accept_that_waits_for_channels() {
         None
     );
 }
+
+#[test]
+fn both_sides_count_their_cpu_time() {
+    let mem = memory(16);
+    fill(&mem, 12);
+    let g = guest(mem.clone(), 2_000, 12);
+    let (mut src, dst) = pair(&mem, 55, |c| c.codec = CodecId::ZSTD);
+    let stats = migrate_sim(&mut src, &g).unwrap();
+    drop(src);
+    let m = dst.join().unwrap().unwrap();
+    // zstd over 16 MiB takes measurable CPU on both sides; the share of a core is
+    // CPU over wall time, the per-GiB figure CPU over the memory moved.
+    assert!(stats.cpu.seconds > 0.0, "{stats}");
+    assert!(m.stats.cpu.seconds > 0.0, "{:?}", m.stats);
+    let total: f64 = stats.per_round.iter().map(|r| r.cpu_s).sum();
+    assert!(total > 0.0 && total <= stats.cpu.seconds + 1e-9, "{stats}");
+    let gib = stats.guest_bytes as f64 / f64::from(1u32 << 30);
+    assert!((stats.cpu.seconds_per_gib - stats.cpu.seconds / gib).abs() < 1e-9);
+}

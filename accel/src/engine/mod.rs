@@ -165,6 +165,12 @@ pub enum EngineError {
 /// checked them against the backend's [`Probe`] and attached an output buffer to every
 /// encode job.
 pub trait Backend: Send {
+    /// CPU time of the backend's own worker threads so far (zero for a backend that
+    /// runs jobs on the caller's thread or on a device).
+    fn worker_cpu(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
+
     /// Which backend this is.
     fn kind(&self) -> BackendKind;
     /// What it supports.
@@ -847,10 +853,12 @@ impl Engine {
 
     /// A snapshot of the statistics.
     pub fn stats(&self) -> EngineStats {
-        self.stats.snapshot(
+        let mut s = self.stats.snapshot(
             Instant::now(),
             self.config.delta.as_ref().map(|d| d.stats()),
-        )
+        );
+        s.worker_cpu = self.backend.worker_cpu();
+        s
     }
 
     /// Restarts the statistics from zero (the delta cache keeps its own counters).

@@ -10,6 +10,7 @@
 use core::time::Duration;
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError, bounded};
@@ -55,6 +56,8 @@ pub struct SoftwareBackend {
     queue_depth: usize,
     max_pages: usize,
     in_flight: usize,
+    /// CPU nanoseconds the worker threads spent on jobs.
+    cpu_ns: Arc<AtomicU64>,
 }
 
 impl core::fmt::Debug for SoftwareBackend {
@@ -82,6 +85,7 @@ impl SoftwareBackend {
                 "software queue_depth must be at least 1",
             ));
         }
+        let cpu_ns = Arc::new(AtomicU64::new(0));
         let mode = if config.threads == 0 {
             Mode::Inline {
                 codecs: Box::new(Codecs::new()),
@@ -95,9 +99,10 @@ impl SoftwareBackend {
                 let rx = job_rx.clone();
                 let tx = done_tx.clone();
                 let delta = delta.clone();
+                let cpu = cpu_ns.clone();
                 let handle = std::thread::Builder::new()
                     .name(format!("pagewire-codec-{i}"))
-                    .spawn(move || worker(rx, tx, delta))
+                    .spawn(move || worker(rx, tx, delta, &cpu))
                     .map_err(EngineError::Spawn)?;
                 workers.push(handle);
             }
@@ -113,14 +118,27 @@ impl SoftwareBackend {
             queue_depth: config.queue_depth,
             max_pages,
             in_flight: 0,
+            cpu_ns,
         })
     }
 }
 
-fn worker(jobs: Receiver<Job>, done: Sender<Completion>, delta: Option<Arc<DeltaCache>>) {
+fn worker(
+    jobs: Receiver<Job>,
+    done: Sender<Completion>,
+    delta: Option<Arc<DeltaCache>>,
+    cpu_ns: &AtomicU64,
+) {
     let mut codecs = Codecs::new();
+    let mut counted = crate::cpu::thread_cpu_time();
     while let Ok(mut job) = jobs.recv() {
         job.run_software(&mut codecs, delta.as_deref());
+        let now = crate::cpu::thread_cpu_time();
+        cpu_ns.fetch_add(
+            u64::try_from(now.saturating_sub(counted).as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        counted = now;
         if done.send(job.complete(BackendKind::Software)).is_err() {
             return;
         }
@@ -130,6 +148,10 @@ fn worker(jobs: Receiver<Job>, done: Sender<Completion>, delta: Option<Arc<Delta
 impl Backend for SoftwareBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Software
+    }
+
+    fn worker_cpu(&self) -> Duration {
+        Duration::from_nanos(self.cpu_ns.load(Ordering::Relaxed))
     }
 
     fn probe(&self) -> Probe {

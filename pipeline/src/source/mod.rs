@@ -56,6 +56,8 @@ pub(crate) struct Counters {
     pub(crate) raw: AtomicU64,
     pub(crate) zc: AtomicU64,
     pub(crate) zc_copied: AtomicU64,
+    /// CPU time of the channel's worker thread so far, ns.
+    pub(crate) cpu_ns: AtomicU64,
 }
 
 impl Counters {
@@ -446,6 +448,7 @@ impl Source {
         paused: bool,
     ) -> Result<RoundStats, Failed> {
         let started = Instant::now();
+        let cpu_before = self.cpu_time();
         let round = self.next_round;
         self.progress.set_round(round);
         if !paused && round == 0 {
@@ -508,6 +511,7 @@ impl Source {
         } else {
             0.0
         };
+        stats.cpu_s = self.cpu_time().saturating_sub(cpu_before).as_secs_f64();
         self.progress.round_done(stats.mbit_per_s);
         self.rounds.push(stats.clone());
         Ok(stats)
@@ -645,6 +649,21 @@ impl Source {
             .collect()
     }
 
+    /// CPU time of the source's threads so far: channel workers and codec threads.
+    fn cpu_time(&self) -> Duration {
+        let workers: u64 = self
+            .workers
+            .iter()
+            .map(|w| w.counters.cpu_ns.load(Ordering::Relaxed))
+            .sum();
+        let codecs: Duration = self
+            .engine_stats
+            .iter()
+            .filter_map(|e| e.lock().ok().map(|e| e.worker_cpu))
+            .sum();
+        Duration::from_nanos(workers) + codecs
+    }
+
     /// A snapshot of the statistics so far (totals are live; rounds appear as they end).
     pub fn stats(&self) -> MigrationStats {
         let mut s = MigrationStats {
@@ -708,6 +727,8 @@ impl Source {
         s.engine.mean_queue_depth = depth / n;
         s.codecs = codecs.into_values().collect();
         s.codecs.sort_by(|a, b| a.codec.cmp(&b.codec));
+        s.cpu =
+            crate::stats::CpuSummary::new(self.cpu_time(), self.started.elapsed(), s.guest_bytes);
         s.encode_latency = self.latency.encode.summary();
         s.send_latency = self.latency.send.summary();
         s

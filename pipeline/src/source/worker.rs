@@ -112,6 +112,7 @@ pub(super) struct Worker {
 impl Worker {
     pub(super) fn run(mut self, rx: mpsc::Receiver<Cmd>, tx: mpsc::Sender<Reply>) {
         while let Ok(cmd) = rx.recv() {
+            let cpu = pagewire_accel::thread_cpu_time();
             let res = match cmd {
                 Cmd::Round { round, dirty } => self.send_round(round, &dirty).map(Reply::Round),
                 Cmd::DeviceState {
@@ -136,6 +137,15 @@ impl Worker {
             if let Ok(mut s) = self.s.engine_stats.lock() {
                 *s = self.s.engine.stats();
             }
+            self.s.counters.cpu_ns.fetch_add(
+                u64::try_from(
+                    pagewire_accel::thread_cpu_time()
+                        .saturating_sub(cpu)
+                        .as_nanos(),
+                )
+                .unwrap_or(u64::MAX),
+                Ordering::Relaxed,
+            );
             match res {
                 Ok(r) => {
                     if tx.send(r).is_err() {
