@@ -160,6 +160,15 @@ pub enum Pattern {
     Hot(u64),
     /// Sweeps memory in order, wrapping.
     Sequential,
+    /// `hot_percent` of the writes go to the first `hot_pages` pages of the first
+    /// region, the rest uniformly over all memory (a key-value cache: a small share of
+    /// pages written most often).
+    Skewed {
+        /// Pages in the hot set.
+        hot_pages: u64,
+        /// Share of the writes that go to the hot set, 0..=100.
+        hot_percent: u8,
+    },
 }
 
 /// Settings of the simulated vCPUs.
@@ -305,6 +314,16 @@ fn write_loop(
                 Pattern::Sequential => {
                     sweep = (sweep + 1) % total;
                     sweep
+                }
+                Pattern::Skewed {
+                    hot_pages,
+                    hot_percent,
+                } => {
+                    if rng.below(100) < u64::from(hot_percent) {
+                        rng.below(hot_pages.min(marks[0].1.pages()))
+                    } else {
+                        rng.below(total)
+                    }
                 }
             };
             let (mut idx, mut p) = (0, global);
