@@ -461,18 +461,16 @@ impl RunArgs {
             bail!("--max-rounds: at least 1");
         }
         let bisect = (self.find_max_dirty_rate || q).then(|| BisectPlan {
-            max_mbps: self
-                .bisect_max_mbps
-                .unwrap_or(if q { 400.0 } else { 1000.0 }),
+            max_mbps: self.bisect_max_mbps.unwrap_or(2000.0),
             resolution_mbps: self
                 .bisect_resolution_mbps
-                .unwrap_or(if q { 100.0 } else { 25.0 }),
-            max_steps: self.bisect_steps.unwrap_or(if q { 3 } else { 8 }),
+                .unwrap_or(if q { 250.0 } else { 25.0 }),
+            max_steps: self.bisect_steps.unwrap_or(if q { 5 } else { 10 }),
         });
-        if let Some(b) = &bisect {
-            if b.max_mbps <= 0.0 || b.resolution_mbps <= 0.0 {
-                bail!("--bisect-max-mbps and --bisect-resolution-mbps: more than 0");
-            }
+        if let Some(b) = &bisect
+            && (b.max_mbps <= 0.0 || b.resolution_mbps <= 0.0)
+        {
+            bail!("--bisect-max-mbps and --bisect-resolution-mbps: more than 0");
         }
         Ok(Plan {
             mode,
@@ -487,8 +485,8 @@ impl RunArgs {
             links,
             transports,
             repeat,
-            mem_mib: self.mem_mib.unwrap_or(if q { 192 } else { 1024 }),
-            downtime_ms: self.downtime_ms.unwrap_or(if q { 100 } else { 300 }),
+            mem_mib: self.mem_mib.unwrap_or(if q { 256 } else { 1024 }),
+            downtime_ms: self.downtime_ms.unwrap_or(if q { 20 } else { 300 }),
             max_rounds,
             bisect,
             baseline_ms: self.baseline_ms.unwrap_or(if q { 300 } else { 700 }),

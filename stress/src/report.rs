@@ -240,10 +240,19 @@ fn bisection_table(r: &Report) -> String {
             (Some(v), None) => format!("{v:.0} MB/s"),
             (None, None) => "none up to the top".into(),
         };
+        // Each step with the rate the writer achieved when it fell short (it shares
+        // the machine with both ends).
         let steps: Vec<String> = b
             .steps
             .iter()
-            .map(|(x, ok)| format!("{x:.0}{}", if *ok { " ok" } else { " no" }))
+            .zip(b.runs.iter().map(Some).chain(std::iter::repeat(None)))
+            .map(|((x, ok), run)| {
+                let got = run
+                    .map(|r| r.dirty_mbps_achieved)
+                    .filter(|a| *x > 0.0 && *a < 0.9 * x)
+                    .map_or(String::new(), |a| format!(" (got {a:.0})"));
+                format!("{x:.0}{got} {}", if *ok { "ok" } else { "no" })
+            })
             .collect();
         let _ = writeln!(
             out,
