@@ -108,7 +108,8 @@ pub fn markdown(r: &Report) -> String {
         })
         .collect();
     let _ = writeln!(out, "{}.\n", b.join("; "));
-    out.push_str(&matrix_table(&r.cells));
+    let remote = (r.mode != "local").then(|| format!("to {}", r.mode));
+    out.push_str(&matrix_table(&r.cells, remote.as_deref()));
     let failures: Vec<String> = r
         .cells
         .iter()
@@ -130,8 +131,9 @@ pub fn markdown(r: &Report) -> String {
     out
 }
 
-/// The matrix table. Columns for frame size and transport appear when they vary.
-pub fn matrix_table(cells: &[CellReport]) -> String {
+/// The matrix table. Columns for frame size and transport appear when they vary; the
+/// link column says `remote` (e.g. `to 10.0.0.2:7100`) for a run against a serve end.
+pub fn matrix_table(cells: &[CellReport], remote: Option<&str>) -> String {
     let varies = |f: &dyn Fn(&CellReport) -> String| {
         let mut v: Vec<String> = cells.iter().map(f).collect();
         v.dedup();
@@ -165,7 +167,8 @@ pub fn matrix_table(cells: &[CellReport]) -> String {
     for c in cells {
         let g = good(c);
         let s = &c.spec;
-        let mut row = vec![s.codec.name().to_string(), s.link.to_string()];
+        let link = remote.map_or_else(|| s.link.to_string(), str::to_string);
+        let mut row = vec![s.codec.name().to_string(), link];
         if transport {
             row.push(s.transport.name().into());
         }

@@ -356,7 +356,10 @@ pub fn run(plan: &Plan, runner: &mut dyn Runner) -> anyhow::Result<Report> {
         };
         ceiling.insert((link.to_string(), *channels), gbit);
         baselines.push(Baseline {
-            link: link.to_string(),
+            link: match plan.mode {
+                Mode::Local => link.to_string(),
+                Mode::Remote(a) => format!("to {a}"),
+            },
             channels: *channels,
             gbit_per_s: gbit,
             error,

@@ -134,6 +134,7 @@ fn serve_and_run_over_loopback_verify_each_migration() {
         "{:?}",
         r.baselines
     );
+    assert!(report::markdown(&r).contains(&format!("| lz4 | to {addr} | 2 | 10 MB/s")));
     for c in &r.cells {
         let run = &c.runs[0];
         assert_eq!(run.outcome, Outcome::Completed, "{:?}", run.error);
