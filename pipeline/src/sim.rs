@@ -160,6 +160,15 @@ pub enum Pattern {
     Hot(u64),
     /// Sweeps memory in order, wrapping.
     Sequential,
+    /// `hot_percent` of the writes go to the first `hot_pages` pages of the first
+    /// region, the rest uniformly over all memory (a key-value cache: a small share of
+    /// pages written most often).
+    Skewed {
+        /// Pages in the hot set.
+        hot_pages: u64,
+        /// Share of the writes that go to the hot set, 0..=100.
+        hot_percent: u8,
+    },
 }
 
 /// Settings of the simulated vCPUs.
@@ -306,6 +315,16 @@ fn write_loop(
                     sweep = (sweep + 1) % total;
                     sweep
                 }
+                Pattern::Skewed {
+                    hot_pages,
+                    hot_percent,
+                } => {
+                    if rng.below(100) < u64::from(hot_percent) {
+                        rng.below(hot_pages.min(marks[0].1.pages()))
+                    } else {
+                        rng.below(total)
+                    }
+                }
             };
             let (mut idx, mut p) = (0, global);
             while idx + 1 < marks.len() && p >= marks[idx].1.pages() {
@@ -394,6 +413,47 @@ impl VcpuControl for Vcpus {
 mod tests {
     use super::*;
     use pagewire_protocol::{GuestAddr, MemoryLayout, RegionDesc};
+
+    #[test]
+    fn skewed_writes_stay_in_the_hot_set_when_all_are_hot() {
+        let layout = MemoryLayout::new(
+            4096,
+            [RegionDesc {
+                id: RegionId(0),
+                backing_page_size: 4096,
+                guest_addr: GuestAddr(0),
+                length: 64 * 4096,
+            }],
+        )
+        .unwrap();
+        let mem = Arc::new(GuestMemory::anonymous(&layout).unwrap());
+        let mut g = Guest::start(
+            mem,
+            WriterConfig {
+                pages_per_s: 50_000,
+                pattern: Pattern::Skewed {
+                    hot_pages: 8,
+                    hot_percent: 100,
+                },
+                content: Content::Random,
+                seed: 3,
+            },
+        );
+        let mut log = g.log();
+        log.start().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while g.writes() < 200 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        g.stop();
+        let marked = DirtyBitmap::new(64);
+        log.sync_and_clear(RegionId(0), &marked).unwrap();
+        assert!(marked.count() > 0);
+        assert!(
+            (8..64).all(|p| !marked.is_set(p)),
+            "a write left the hot set"
+        );
+    }
 
     #[test]
     fn writer_marks_what_it_writes_and_stops_when_paused() {
