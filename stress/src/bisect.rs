@@ -13,13 +13,11 @@
 //! `repeats` times (an odd number) and takes the majority, stopping a probe as soon as
 //! one side has it.
 //!
-//! ```
-//! # use pagewire_stress_modules::bisect::bisect;
+//! ```text
 //! // Converges up to 300 (say MiB/s of dirtying), not above.
 //! let b = bisect(0.0, 1000.0, 1.0, 40, |rate| Ok(rate <= 300.0))?;
 //! let ok = b.largest_ok.unwrap();
 //! assert!(ok <= 300.0 && 300.0 - ok <= 1.0);
-//! # Ok::<(), anyhow::Error>(())
 //! ```
 
 use anyhow::{Context, Result, bail};
@@ -175,6 +173,13 @@ mod tests {
         for &(x, v) in &b.steps {
             assert_eq!(v, x <= ok, "{x}");
         }
+    }
+
+    #[test]
+    fn module_example() {
+        let b = bisect(0.0, 1000.0, 1.0, 40, |rate| Ok(rate <= 300.0)).unwrap();
+        let ok = b.largest_ok.unwrap();
+        assert!(ok <= 300.0 && 300.0 - ok <= 1.0);
     }
 
     #[test]
