@@ -149,6 +149,11 @@ struct Netns {
 
 impl Netns {
     fn add(name: String) -> Result<Self> {
+        // Names carry this process' pid and a counter of this process, so one that
+        // exists already was left by a killed run whose pid has come round again.
+        if std::path::Path::new(NETNS_DIR).join(&name).exists() {
+            run("ip", &["netns", "del", &name])?;
+        }
         run("ip", &["netns", "add", &name])?;
         Ok(Self { name })
     }
@@ -619,6 +624,41 @@ mod tests {
             });
         });
         assert!(TcpListener::bind(addr).is_err());
+    }
+
+    #[test]
+    fn both_ends_are_capped() {
+        if !root("both_ends_are_capped") {
+            return;
+        }
+        let link = Link::up(&"500mbit".parse().unwrap()).unwrap();
+        let (s, d) = link.namespaces().unwrap();
+        for (ns, dev) in [(s, "veth-src"), (d, "veth-dst")] {
+            let out = Command::new("tc")
+                .args(["-n", ns, "qdisc", "show", "dev", dev])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                text.contains("qdisc tbf") && text.contains("rate 500Mbit"),
+                "{ns} {dev}: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_leftover_with_our_own_name_is_replaced() {
+        if !root("a_leftover_with_our_own_name_is_replaced") {
+            return;
+        }
+        // As if a killed run with this pid had left it (a counter value this process
+        // never reaches in its tests).
+        let name = format!("{PREFIX}{}-999999-src", std::process::id());
+        run("ip", &["netns", "add", &name]).unwrap();
+        let ns = Netns::add(name.clone()).unwrap();
+        assert!(netns_exists(&name));
+        drop(ns);
+        assert!(!netns_exists(&name));
     }
 
     #[test]
