@@ -10,20 +10,20 @@
 //! JSON, CSV and charts. [`serve`] is the destination end for runs across hosts.
 #![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
+pub mod bisect;
 pub mod cell;
+pub mod chart;
 pub mod cli;
 pub mod cpu;
+pub mod link;
 pub mod report;
 pub mod serve;
-mod standins;
 pub mod sweep;
 pub mod workload;
 
-// STAND-INS until link.rs, bisect.rs and chart.rs land from the other branch: swap
-// each line to `pub use crate::link::...` (etc.) and delete standins.rs.
-pub use crate::standins::{Bisection, bisect};
-pub use crate::standins::{Link, LinkSpec};
-pub use crate::standins::{Series, bar_chart, line_chart};
+pub use crate::bisect::{Bisection, bisect};
+pub use crate::chart::{Series, bar_chart, line_chart};
+pub use crate::link::{Link, LinkSpec};
 
 use std::io::Read;
 
