@@ -424,6 +424,10 @@ pub fn result_from(
             r.guest_bytes = s.guest_bytes;
             r.wire_bytes = s.wire_bytes;
             r.compression_ratio = s.compression_ratio;
+            // The library's own accounting (each thread's CPU clock) when it has it.
+            if s.cpu.seconds > 0.0 {
+                r.cpu_source_s = s.cpu.seconds;
+            }
             if s.total_ms > 0.0 {
                 r.guest_gbit_per_s = s.guest_bytes as f64 * 8.0 / (s.total_ms / 1e3) / 1e9;
                 r.wire_gbit_per_s = s.wire_bytes as f64 * 8.0 / (s.total_ms / 1e3) / 1e9;
@@ -565,6 +569,10 @@ pub fn run_local(
                 r.verified = true;
                 if let Some(s) = r.stats.as_mut() {
                     s.apply_latency = m.stats.apply_latency;
+                    s.destination_cpu = Some(m.stats.cpu);
+                }
+                if m.stats.cpu.seconds > 0.0 {
+                    r.cpu_destination_s = m.stats.cpu.seconds;
                 }
                 r.destination_stats = serde_json::to_value(&m.stats).ok();
             }
