@@ -460,8 +460,14 @@ pub fn write_charts(r: &Report, dir: &Path) -> anyhow::Result<()> {
         &series(cells, |c| c.spec.dirty_mbps, by_dirty, |r| r.downtime_ms),
     )?;
     let mut bars: Vec<(String, f64)> = Vec::new();
-    let mut codecs: Vec<&str> = cells.iter().map(|c| c.spec.codec.name()).collect();
-    codecs.dedup();
+    // Each codec once, in the order of the matrix (cells of one codec need not be
+    // adjacent: the link or channel axis may vary faster).
+    let mut codecs: Vec<&str> = Vec::new();
+    for c in cells {
+        if !codecs.contains(&c.spec.codec.name()) {
+            codecs.push(c.spec.codec.name());
+        }
+    }
     for codec in codecs {
         let runs: Vec<&RunResult> = cells
             .iter()
