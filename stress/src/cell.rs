@@ -77,11 +77,19 @@ fn pattern_name<S: serde::Serializer>(v: &WritePattern, s: S) -> Result<S::Ok, S
 }
 
 impl CellSpec {
+    /// The codec with its level when one was set (`zstd:3`).
+    pub fn codec_label(&self) -> String {
+        match self.level {
+            Some(l) => format!("{}:{l}", self.codec.name()),
+            None => self.codec.name().to_string(),
+        }
+    }
+
     /// A short label (`zstd x2 f128 50MB/s loopback tcp`).
     pub fn label(&self) -> String {
         format!(
             "{} x{} f{} {}MB/s {} {}",
-            self.codec.name(),
+            self.codec_label(),
             self.channels,
             self.frame_pages,
             self.dirty_mbps,

@@ -86,9 +86,10 @@ pub struct RunArgs {
     /// Codecs: none, lz4, zstd, deflate, delta, auto.
     #[arg(long, value_parser = List::<CodecChoice>::parse)]
     pub codec: Option<List<CodecChoice>>,
-    /// Codec level (zstd, deflate).
-    #[arg(long, allow_negative_numbers = true)]
-    pub level: Option<i32>,
+    /// Codec levels (zstd: -7..=22, deflate: 1..=12), e.g. -3,1,3; codecs without
+    /// levels run once.
+    #[arg(long, allow_hyphen_values = true, value_parser = List::<i32>::parse)]
+    pub level: Option<List<i32>>,
     /// Channels, e.g. 1,2,4,8.
     #[arg(long, value_parser = List::<u16>::parse)]
     pub channels: Option<List<u16>>,
@@ -206,6 +207,20 @@ impl CodecChoice {
             CodecChoice::Delta => CodecId::DELTA,
             CodecChoice::Auto => return None,
         })
+    }
+
+    /// Whether the codec takes a level (zstd, deflate).
+    pub fn has_levels(self) -> bool {
+        self.level_range().is_some()
+    }
+
+    /// The levels the codec takes (pagewire clamps others into this range).
+    pub fn level_range(self) -> Option<(i32, i32)> {
+        match self {
+            CodecChoice::Zstd => Some((-7, 22)),
+            CodecChoice::Deflate => Some((1, 12)),
+            _ => None,
+        }
     }
 
     /// Its name on the command line.
@@ -369,8 +384,8 @@ pub struct Plan {
     pub pattern: WritePattern,
     /// Codecs.
     pub codecs: Vec<CodecChoice>,
-    /// Codec level.
-    pub level: Option<i32>,
+    /// Codec levels (`[None]`: the library's default).
+    pub levels: Vec<Option<i32>>,
     /// Channels.
     pub channels: Vec<u16>,
     /// Pages per frame.
@@ -478,7 +493,10 @@ impl RunArgs {
             workload,
             pattern,
             codecs,
-            level: self.level,
+            levels: self
+                .level
+                .as_ref()
+                .map_or_else(|| vec![None], |l| l.0.iter().copied().map(Some).collect()),
             channels,
             frame_pages,
             dirty_mbps,
@@ -517,6 +535,34 @@ mod tests {
     }
 
     #[test]
+    fn levels_are_an_axis_for_the_codecs_that_have_them() {
+        let p = run(&[
+            "--local",
+            "--codec",
+            "none,zstd,deflate",
+            "--level",
+            "-3,1,6",
+        ])
+        .unwrap();
+        assert_eq!(p.levels, vec![Some(-3), Some(1), Some(6)]);
+        let cells = crate::sweep::cells(&p);
+        let labels: Vec<String> = cells.iter().map(|c| c.codec_label()).collect();
+        // Levels outside a codec's range are clamped into it, as pagewire does, once.
+        assert_eq!(
+            labels,
+            [
+                "none",
+                "zstd:-3",
+                "zstd:1",
+                "zstd:6",
+                "deflate:1",
+                "deflate:6"
+            ]
+        );
+        assert!(run(&["--local", "--level", "1,x"]).is_err());
+    }
+
+    #[test]
     fn lists_become_the_matrix_axes() {
         let p = run(&[
             "--local",
@@ -535,6 +581,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(p.codecs.len(), 4);
+        assert_eq!(p.levels, vec![None]);
         assert_eq!(p.channels, vec![1, 2, 4, 8]);
         assert_eq!(p.frame_pages, vec![32, 128, 256]);
         assert_eq!(p.dirty_mbps, vec![0.0, 50.0, 1000.0]);

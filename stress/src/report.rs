@@ -168,7 +168,7 @@ pub fn matrix_table(cells: &[CellReport], remote: Option<&str>) -> String {
         let g = good(c);
         let s = &c.spec;
         let link = remote.map_or_else(|| s.link.to_string(), str::to_string);
-        let mut row = vec![s.codec.name().to_string(), link];
+        let mut row = vec![s.codec_label(), link];
         if transport {
             row.push(s.transport.name().into());
         }
@@ -260,7 +260,7 @@ fn bisection_table(r: &Report) -> String {
         let _ = writeln!(
             out,
             "| {} | {} | {} | {} ms | {} | {ok} | {fail} | {} |",
-            s.codec.name(),
+            s.codec_label(),
             s.link,
             s.channels,
             s.downtime_ms,
@@ -416,7 +416,7 @@ pub fn write_charts(r: &Report, dir: &Path) -> anyhow::Result<()> {
     let by_channels = |c: &CellReport| {
         format!(
             "{} {} {} f{} {}MB/s",
-            c.spec.codec.name(),
+            c.spec.codec_label(),
             c.spec.link,
             c.spec.transport.name(),
             c.spec.frame_pages,
@@ -426,7 +426,7 @@ pub fn write_charts(r: &Report, dir: &Path) -> anyhow::Result<()> {
     let by_dirty = |c: &CellReport| {
         format!(
             "{} {} {} x{} f{}",
-            c.spec.codec.name(),
+            c.spec.codec_label(),
             c.spec.link,
             c.spec.transport.name(),
             c.spec.channels,
@@ -462,16 +462,16 @@ pub fn write_charts(r: &Report, dir: &Path) -> anyhow::Result<()> {
     let mut bars: Vec<(String, f64)> = Vec::new();
     // Each codec once, in the order of the matrix (cells of one codec need not be
     // adjacent: the link or channel axis may vary faster).
-    let mut codecs: Vec<&str> = Vec::new();
+    let mut codecs: Vec<String> = Vec::new();
     for c in cells {
-        if !codecs.contains(&c.spec.codec.name()) {
-            codecs.push(c.spec.codec.name());
+        if !codecs.contains(&c.spec.codec_label()) {
+            codecs.push(c.spec.codec_label());
         }
     }
     for codec in codecs {
         let runs: Vec<&RunResult> = cells
             .iter()
-            .filter(|c| c.spec.codec.name() == codec)
+            .filter(|c| c.spec.codec_label() == codec)
             .flat_map(good)
             .collect();
         if let (Some(s), Some(d)) = (

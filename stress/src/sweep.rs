@@ -108,25 +108,40 @@ pub fn cells(plan: &Plan) -> Vec<CellSpec> {
     for link in &plan.links {
         for transport in &plan.transports {
             for codec in &plan.codecs {
-                for frame_pages in &plan.frame_pages {
-                    for channels in &plan.channels {
-                        for dirty in &plan.dirty_mbps {
-                            out.push(CellSpec {
-                                workload: plan.workload.clone(),
-                                pattern: plan.pattern,
-                                codec: *codec,
-                                level: plan.level,
-                                channels: *channels,
-                                frame_pages: *frame_pages,
-                                dirty_mbps: *dirty,
-                                link: *link,
-                                transport: *transport,
-                                mem_mib: plan.mem_mib,
-                                downtime_ms: plan.downtime_ms,
-                                max_rounds: plan.max_rounds,
-                                fail_on_cap: false,
-                                timeout_s: plan.timeout_s,
-                            });
+                // A codec without levels runs once, whatever the level list.
+                let levels = match codec.level_range() {
+                    Some((lo, hi)) => {
+                        let mut ls: Vec<Option<i32>> = Vec::new();
+                        for l in plan.levels.iter().map(|l| l.map(|l| l.clamp(lo, hi))) {
+                            if !ls.contains(&l) {
+                                ls.push(l);
+                            }
+                        }
+                        ls
+                    }
+                    None => vec![None],
+                };
+                for level in levels {
+                    for frame_pages in &plan.frame_pages {
+                        for channels in &plan.channels {
+                            for dirty in &plan.dirty_mbps {
+                                out.push(CellSpec {
+                                    workload: plan.workload.clone(),
+                                    pattern: plan.pattern,
+                                    codec: *codec,
+                                    level,
+                                    channels: *channels,
+                                    frame_pages: *frame_pages,
+                                    dirty_mbps: *dirty,
+                                    link: *link,
+                                    transport: *transport,
+                                    mem_mib: plan.mem_mib,
+                                    downtime_ms: plan.downtime_ms,
+                                    max_rounds: plan.max_rounds,
+                                    fail_on_cap: false,
+                                    timeout_s: plan.timeout_s,
+                                });
+                            }
                         }
                     }
                 }
@@ -462,7 +477,11 @@ pub fn bisection_cells(plan: &Plan) -> Vec<CellSpec> {
                 workload: plan.workload.clone(),
                 pattern: plan.pattern,
                 codec: *codec,
-                level: plan.level,
+                level: if let Some((lo, hi)) = codec.level_range() {
+                    plan.levels[0].map(|l| l.clamp(lo, hi))
+                } else {
+                    None
+                },
                 channels: plan.channels[0],
                 frame_pages: plan.frame_pages[0],
                 dirty_mbps: 0.0,
