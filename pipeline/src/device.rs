@@ -163,7 +163,7 @@ impl<'a> DeviceStateWriter<'a> {
         instance: u32,
         total: u64,
         offset: u64,
-        data: &[u8],
+        data: Vec<u8>,
     ) -> io::Result<()> {
         self.check()?;
         match self
@@ -204,14 +204,17 @@ impl std::fmt::Debug for SectionWriter<'_, '_> {
 }
 
 impl SectionWriter<'_, '_> {
+    /// Hands the buffered bytes to the channel (moved, not copied) and starts a new
+    /// buffer for the rest of the section.
     fn flush_chunk(&mut self) -> io::Result<()> {
-        let data = std::mem::take(&mut self.buf);
+        let len = self.buf.len() as u64;
+        let rest = self.total.saturating_sub(self.offset + len);
+        let next = Vec::with_capacity(usize::try_from(rest).map_or(CHUNK, |r| r.min(CHUNK)));
+        let data = std::mem::replace(&mut self.buf, next);
         self.writer
-            .send(&self.name, self.instance, self.total, self.offset, &data)?;
+            .send(&self.name, self.instance, self.total, self.offset, data)?;
         self.opened = true;
-        self.offset += data.len() as u64;
-        self.buf = data;
-        self.buf.clear();
+        self.offset += len;
         Ok(())
     }
 

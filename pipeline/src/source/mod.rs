@@ -535,7 +535,7 @@ impl Source {
         instance: u32,
         data: Vec<u8>,
     ) -> Result<(), Failed> {
-        self.send_device_chunk(name, instance, data.len() as u64, 0, &data)
+        self.send_device_chunk(name, instance, data.len() as u64, 0, data)
     }
 
     /// Sends the part of a device-state section that starts at `offset`, of a section
@@ -547,7 +547,7 @@ impl Source {
         instance: u32,
         total: u64,
         offset: u64,
-        data: &[u8],
+        data: Vec<u8>,
     ) -> Result<(), Failed> {
         if name.is_empty() || name.len() > 255 {
             return Err(Failed::bare(MigrationError::Config(
@@ -565,7 +565,7 @@ impl Source {
                 instance,
                 total,
                 offset,
-                data: data.to_vec(),
+                data,
             },
         )
     }
