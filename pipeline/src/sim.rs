@@ -414,18 +414,23 @@ mod tests {
     use super::*;
     use pagewire_protocol::{GuestAddr, MemoryLayout, RegionDesc};
 
-    #[test]
-    fn skewed_writes_stay_in_the_hot_set_when_all_are_hot() {
-        let layout = MemoryLayout::new(
+    /// A layout of one region of `pages` 4 KiB pages.
+    fn one_region(pages: u64) -> MemoryLayout {
+        MemoryLayout::new(
             4096,
             [RegionDesc {
                 id: RegionId(0),
                 backing_page_size: 4096,
                 guest_addr: GuestAddr(0),
-                length: 64 * 4096,
+                length: pages * 4096,
             }],
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn skewed_writes_stay_in_the_hot_set_when_all_are_hot() {
+        let layout = one_region(64);
         let mem = Arc::new(GuestMemory::anonymous(&layout).unwrap());
         let mut g = Guest::start(
             mem,
@@ -457,16 +462,7 @@ mod tests {
 
     #[test]
     fn writer_marks_what_it_writes_and_stops_when_paused() {
-        let layout = MemoryLayout::new(
-            4096,
-            [RegionDesc {
-                id: RegionId(0),
-                backing_page_size: 4096,
-                guest_addr: GuestAddr(0),
-                length: 64 * 4096,
-            }],
-        )
-        .unwrap();
+        let layout = one_region(64);
         let mem = Arc::new(GuestMemory::anonymous(&layout).unwrap());
         let copy = GuestMemory::anonymous(&layout).unwrap();
         let mut g = Guest::start(

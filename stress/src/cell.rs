@@ -462,6 +462,17 @@ pub fn session_id() -> SessionId {
     SessionId(id)
 }
 
+/// The failed result of a cell pagewire cannot run (codec `auto`), or `None`.
+pub fn unsupported(spec: &CellSpec, repetition: u32) -> Option<RunResult> {
+    spec.codec.id().is_none().then(|| {
+        RunResult::failed(
+            repetition,
+            spec,
+            &anyhow::anyhow!("codec auto is not supported by pagewire yet"),
+        )
+    })
+}
+
 /// Runs one repetition of `spec` with both ends in this process, over `link`.
 ///
 /// # Errors
@@ -476,12 +487,8 @@ pub fn run_local(
     auth: &Authentication,
 ) -> anyhow::Result<RunResult> {
     guest.prepare();
-    if spec.codec.id().is_none() {
-        return Ok(RunResult::failed(
-            repetition,
-            spec,
-            &anyhow::anyhow!("codec auto is not supported by pagewire yet"),
-        ));
+    if let Some(r) = unsupported(spec, repetition) {
+        return Ok(r);
     }
     let session = session_id();
     let dcfg = destination_config(

@@ -500,12 +500,8 @@ impl Client {
         auth: &Authentication,
     ) -> anyhow::Result<RunResult> {
         guest.prepare();
-        if spec.codec.id().is_none() {
-            return Ok(RunResult::failed(
-                repetition,
-                spec,
-                &anyhow::anyhow!("codec auto is not supported by pagewire yet"),
-            ));
+        if let Some(r) = crate::cell::unsupported(spec, repetition) {
+            return Ok(r);
         }
         let session = session_id();
         self.conn.send(&Request::Cell {
