@@ -13,10 +13,13 @@ pub const VERSION_1: Version = Version(1);
 /// Protocol version 2: no ownership hand-over at the end. No longer spoken (a lost ACK
 /// COMPLETE lets both hosts run the guest).
 pub const VERSION_2: Version = Version(2);
-/// Protocol version 3, the one `PROTOCOL.md` describes: COMMIT hands the guest over.
+/// Protocol version 3: COMMIT hands the guest over. No longer spoken (version 4 changed
+/// frames; the project had not been released under version 3).
 pub const VERSION_3: Version = Version(3);
+/// Protocol version 4, the one `PROTOCOL.md` describes.
+pub const VERSION_4: Version = Version(4);
 /// The versions this implementation speaks.
-pub const SUPPORTED_VERSIONS: (Version, Version) = (VERSION_3, VERSION_3);
+pub const SUPPORTED_VERSIONS: (Version, Version) = (VERSION_4, VERSION_4);
 /// The frame limit while the handshake runs.
 pub const HANDSHAKE_MAX_FRAME: u32 = 4096;
 /// Smallest transfer page size.

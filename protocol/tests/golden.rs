@@ -102,8 +102,8 @@ fn samples() -> Vec<Sample> {
         hs(
             "hello",
             Frame::Hello(Hello {
-                version_min: Version(3),
-                version_max: Version(3),
+                version_min: Version(4),
+                version_max: Version(4),
                 session: SessionId(*b"0123456789abcdef"),
                 channel: ChannelId(1),
                 channel_count: 2,
@@ -119,7 +119,7 @@ fn samples() -> Vec<Sample> {
         hs(
             "welcome_authenticated",
             Frame::Welcome(Welcome {
-                version: Version(3),
+                version: Version(4),
                 page_size: 4096,
                 max_pages: 64,
                 max_frame_bytes: 1 << 20,
@@ -133,7 +133,7 @@ fn samples() -> Vec<Sample> {
         hs(
             "welcome_plain",
             Frame::Welcome(Welcome {
-                version: Version(3),
+                version: Version(4),
                 page_size: 65536,
                 max_pages: 128,
                 max_frame_bytes: 4 << 20,
@@ -148,8 +148,8 @@ fn samples() -> Vec<Sample> {
             "reject",
             Frame::Reject(Reject {
                 reason: RejectReason::UNSUPPORTED_VERSION,
-                version_min: Version(3),
-                version_max: Version(3),
+                version_min: Version(4),
+                version_max: Version(4),
                 page_size: 4096,
                 codecs: WireList::Slice(&codecs),
                 checksums: WireList::Slice(&[]),
