@@ -9,8 +9,8 @@ use crate::frame::{
     PageFrame,
 };
 use crate::handshake::{
-    Authentication, Capabilities, ClientConfig, ClientHandshake, ServerConfig, ServerHandshake,
-    SessionKey,
+    Authentication, Capabilities, ChannelBinding, ClientConfig, ClientHandshake, ServerConfig,
+    ServerHandshake, SessionKey,
 };
 use crate::ids::{
     AckKind, ChannelId, ChecksumId, CodecId, FrameType, GuestAddr, PageIndex, RegionId, Round,
@@ -146,16 +146,19 @@ pub fn handshake(data: &[u8]) {
     };
     let mut caps = Capabilities::new(4096);
     caps.checksum = selector & 4 != 0;
+    // Bit 3: the channel is bound to a TLS exporter value the fuzzer does not know.
+    let binding = (selector & 8 != 0).then_some(ChannelBinding([0x5a; 32]));
     let session = SessionId([0x11; 16]);
     let mut out = Vec::new();
     if selector & 1 != 0 {
-        let Ok(mut s) = ServerHandshake::new(
+        let Ok(mut s) = ServerHandshake::with_binding(
             ServerConfig {
                 caps,
                 session: Some(session),
                 auth,
             },
             [3; NONCE_LEN],
+            binding,
         ) else {
             return;
         };
@@ -171,7 +174,7 @@ pub fn handshake(data: &[u8]) {
             }
         }
     } else {
-        let Ok(mut c) = ClientHandshake::new(
+        let Ok(mut c) = ClientHandshake::with_binding(
             ClientConfig {
                 caps,
                 session,
@@ -180,6 +183,7 @@ pub fn handshake(data: &[u8]) {
                 auth,
             },
             [4; NONCE_LEN],
+            binding,
         ) else {
             return;
         };

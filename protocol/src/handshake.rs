@@ -78,10 +78,22 @@ impl SessionKey {
         Ok(Self(bytes))
     }
 
-    fn proof(&self, label: &[u8], hello: &[u8], welcome: &[u8]) -> HmacSha256 {
+    /// The proof's MAC: `HMAC(key, label || binding || hello || welcome)`, where
+    /// `binding` is the channel's TLS exporter value (32 bytes) for
+    /// `hmac-sha256-tls-exporter` and empty for `hmac-sha256`.
+    fn proof(
+        &self,
+        label: &[u8],
+        binding: Option<&ChannelBinding>,
+        hello: &[u8],
+        welcome: &[u8],
+    ) -> HmacSha256 {
         // HMAC takes keys of any length, so this cannot fail.
         let mut mac = HmacSha256::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!());
         mac.update(label);
+        if let Some(b) = binding {
+            mac.update(&b.0);
+        }
         mac.update(hello);
         mac.update(welcome);
         mac
@@ -91,6 +103,27 @@ impl SessionKey {
 impl fmt::Debug for SessionKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("SessionKey(<redacted>)")
+    }
+}
+
+/// A value both ends of one secure channel computed and nobody else can: the TLS
+/// exporter (RFC 8446 §7.5) with label [`ChannelBinding::TLS_EXPORTER_LABEL`], an
+/// empty context and 32 bytes of output. Given to
+/// [`ClientHandshake::with_binding`] / [`ServerHandshake::with_binding`] on a channel
+/// inside TLS, it turns authentication with a pre-shared key into
+/// `hmac-sha256-tls-exporter`, whose proofs cover it: a proof made inside one TLS
+/// session does not verify inside another, so a relay cannot splice two of them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct ChannelBinding(pub [u8; 32]);
+
+impl ChannelBinding {
+    /// The TLS exporter label (PROTOCOL.md, "Channel binding").
+    pub const TLS_EXPORTER_LABEL: &'static [u8] = b"EXPORTER-pagewire-channel-binding";
+}
+
+impl fmt::Debug for ChannelBinding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ChannelBinding(<redacted>)")
     }
 }
 
@@ -180,10 +213,50 @@ impl Capabilities {
     }
 }
 
-fn auth_methods(auth: &Authentication) -> &'static [AuthMethod] {
-    match auth {
-        Authentication::None => &[],
-        Authentication::PreSharedKey(_) => &[AuthMethod::HMAC_SHA256],
+/// The authentication methods a side offers: none without a key; with a key,
+/// `hmac-sha256` on a plain channel and only `hmac-sha256-tls-exporter` on a channel
+/// bound to TLS (a keyed side inside TLS requires the binding).
+pub fn auth_methods(auth: &Authentication, bound: bool) -> &'static [AuthMethod] {
+    match (auth, bound) {
+        (Authentication::None, _) => &[],
+        (Authentication::PreSharedKey(_), false) => &[AuthMethod::HMAC_SHA256],
+        (Authentication::PreSharedKey(_), true) => &[AuthMethod::HMAC_SHA256_TLS_EXPORTER],
+    }
+}
+
+/// Appends a REJECT with `reason` and `message` (cut to 255 bytes) that describes a
+/// side with `caps` and `auth` (`bound`: on a channel bound to TLS), for refusals made
+/// outside a handshake machine: a listener's channel limit, or a connection that
+/// spoke plaintext to a side that requires TLS and the reverse
+/// ([`RejectReason::ENCRYPTION_REQUIRED`], [`RejectReason::ENCRYPTION_UNSUPPORTED`]).
+pub fn encode_reject(
+    caps: &Capabilities,
+    auth: &Authentication,
+    bound: bool,
+    reason: RejectReason,
+    message: &str,
+    out: &mut Vec<u8>,
+) {
+    let reject = Frame::Reject(Reject {
+        reason,
+        version_min: caps.versions.0,
+        version_max: caps.versions.1,
+        page_size: caps.page_size,
+        codecs: WireList::Slice(caps.codecs.as_slice()),
+        checksums: WireList::Slice(caps.checksums()),
+        auth: WireList::Slice(auth_methods(auth, bound)),
+        message: truncate_utf8(message, 255),
+    });
+    // A REJECT within these limits always encodes; were it not to, the peer sees a close.
+    let _ = reject.encode(out);
+}
+
+/// The method a keyed side uses, bound to TLS or not.
+fn keyed_method(binding: Option<&ChannelBinding>) -> AuthMethod {
+    if binding.is_some() {
+        AuthMethod::HMAC_SHA256_TLS_EXPORTER
+    } else {
+        AuthMethod::HMAC_SHA256
     }
 }
 
@@ -354,6 +427,7 @@ impl HandshakeError {
 struct Common {
     caps: Capabilities,
     auth: Authentication,
+    binding: Option<ChannelBinding>,
     nonce: [u8; NONCE_LEN],
     out: Vec<u8>,
     failed: Option<HandshakeError>,
@@ -370,6 +444,7 @@ impl Common {
         Ok(Self {
             caps,
             auth,
+            binding: None,
             nonce,
             out: Vec::new(),
             failed: None,
@@ -389,19 +464,15 @@ impl Common {
     fn fail(&mut self, e: HandshakeError) -> HandshakeError {
         if let Some(reason) = e.reject_reason() {
             let message = e.to_string();
-            let message = truncate_utf8(&message, 255);
-            let caps = self.caps;
-            let auth = auth_methods(&self.auth);
-            self.send(&Frame::Reject(Reject {
+            let bound = self.binding.is_some();
+            encode_reject(
+                &self.caps,
+                &self.auth,
+                bound,
                 reason,
-                version_min: caps.versions.0,
-                version_max: caps.versions.1,
-                page_size: caps.page_size,
-                codecs: WireList::Slice(caps.codecs.as_slice()),
-                checksums: WireList::Slice(caps.checksums()),
-                auth: WireList::Slice(auth),
-                message,
-            }));
+                &message,
+                &mut self.out,
+            );
         }
         self.failed = Some(e);
         e
@@ -489,10 +560,25 @@ impl ClientHandshake {
     /// # Errors
     /// `Config` when the configuration is invalid.
     pub fn new(config: ClientConfig, nonce: [u8; NONCE_LEN]) -> Result<Self, HandshakeError> {
+        Self::with_binding(config, nonce, None)
+    }
+
+    /// Starts a handshake on a channel inside TLS whose exporter value is `binding`
+    /// (`None`: as [`Self::new`]); with a pre-shared key, HELLO offers only
+    /// `hmac-sha256-tls-exporter`.
+    ///
+    /// # Errors
+    /// `Config` when the configuration is invalid.
+    pub fn with_binding(
+        config: ClientConfig,
+        nonce: [u8; NONCE_LEN],
+        binding: Option<ChannelBinding>,
+    ) -> Result<Self, HandshakeError> {
         if config.channel_count == 0 || config.channel.0 >= config.channel_count {
             return Err(HandshakeError::Config("channel must be < channel_count"));
         }
         let mut common = Common::new(config.caps, config.auth, nonce)?;
+        common.binding = binding;
         let caps = common.caps;
         let hello = Hello {
             version_min: caps.versions.0,
@@ -506,7 +592,7 @@ impl ClientHandshake {
             nonce,
             codecs: WireList::Slice(caps.codecs.as_slice()),
             checksums: WireList::Slice(caps.checksums()),
-            auth: WireList::Slice(auth_methods(&common.auth)),
+            auth: WireList::Slice(auth_methods(&common.auth, binding.is_some())),
         };
         let mut body = Vec::new();
         hello
@@ -636,26 +722,29 @@ fn check_welcome(
     if w.encode_body(&mut welcome, false).is_err() {
         return proto("WELCOME does not re-encode");
     }
+    let binding = common.binding;
     let proof = match (common.auth.key(), w.auth, w.proof) {
         (None, None, _) => None,
         (None, Some(_), _) => return proto("WELCOME chose authentication this side did not offer"),
         (Some(_), None, _) => return Err(HandshakeError::PeerNotAuthenticated),
-        (Some(key), Some(AuthMethod::HMAC_SHA256), Some(proof_d)) => {
+        (Some(key), Some(m), Some(proof_d)) if m == keyed_method(binding.as_ref()) => {
             if key
-                .proof(DESTINATION_LABEL, hello, &welcome)
+                .proof(DESTINATION_LABEL, binding.as_ref(), hello, &welcome)
                 .verify_slice(&proof_d)
                 .is_err()
             {
                 return Err(HandshakeError::AuthFailed);
             }
             let proof_s: [u8; NONCE_LEN] = key
-                .proof(SOURCE_LABEL, hello, &welcome)
+                .proof(SOURCE_LABEL, binding.as_ref(), hello, &welcome)
                 .finalize()
                 .into_bytes()
                 .into();
             Some(proof_s)
         }
-        (Some(_), Some(_), _) => return proto("WELCOME chose an unknown authentication method"),
+        (Some(_), Some(_), _) => {
+            return proto("WELCOME chose an authentication method this side did not offer");
+        }
     };
     common.send(&Frame::Confirm(Confirm { proof }));
     Ok(Negotiated {
@@ -698,8 +787,24 @@ impl ServerHandshake {
     /// # Errors
     /// `Config` when the configuration is invalid.
     pub fn new(config: ServerConfig, nonce: [u8; NONCE_LEN]) -> Result<Self, HandshakeError> {
+        Self::with_binding(config, nonce, None)
+    }
+
+    /// Waits for a HELLO on a channel inside TLS whose exporter value is `binding`
+    /// (`None`: as [`Self::new`]); with a pre-shared key, only
+    /// `hmac-sha256-tls-exporter` is accepted.
+    ///
+    /// # Errors
+    /// `Config` when the configuration is invalid.
+    pub fn with_binding(
+        config: ServerConfig,
+        nonce: [u8; NONCE_LEN],
+        binding: Option<ChannelBinding>,
+    ) -> Result<Self, HandshakeError> {
+        let mut common = Common::new(config.caps, config.auth, nonce)?;
+        common.binding = binding;
         Ok(Self {
-            common: Common::new(config.caps, config.auth, nonce)?,
+            common,
             decoder: FrameDecoder::new(Limits::handshake()),
             expected_session: config.session,
             transcript: (Vec::new(), Vec::new()),
@@ -775,7 +880,7 @@ impl ServerHandshake {
                         (Some(key), Some(proof_s)) => {
                             let (hello, welcome) = transcript;
                             if key
-                                .proof(SOURCE_LABEL, hello, welcome)
+                                .proof(SOURCE_LABEL, common.binding.as_ref(), hello, welcome)
                                 .verify_slice(&proof_s)
                                 .is_err()
                             {
@@ -852,9 +957,10 @@ fn answer_hello(
     let checksum =
         (caps.checksum && h.checksums.contains(ChecksumId::CRC32C)).then_some(ChecksumId::CRC32C);
     let key = common.auth.key().cloned();
+    let method = keyed_method(common.binding.as_ref());
     let auth = match &key {
         None => None,
-        Some(_) if h.auth.contains(AuthMethod::HMAC_SHA256) => Some(AuthMethod::HMAC_SHA256),
+        Some(_) if h.auth.contains(method) => Some(method),
         Some(_) => return Err(HandshakeError::AuthRequired),
     };
     let mut welcome = Welcome {
@@ -881,10 +987,15 @@ fn answer_hello(
     }
     if let Some(key) = &key {
         welcome.proof = Some(
-            key.proof(DESTINATION_LABEL, hello_body, welcome_body)
-                .finalize()
-                .into_bytes()
-                .into(),
+            key.proof(
+                DESTINATION_LABEL,
+                common.binding.as_ref(),
+                hello_body,
+                welcome_body,
+            )
+            .finalize()
+            .into_bytes()
+            .into(),
         );
     }
     common.send(&Frame::Welcome(welcome));

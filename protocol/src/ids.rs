@@ -133,6 +133,9 @@ code_point! {
     AuthMethod(u8), "Auth" {
         /// Challenge-response with HMAC-SHA256 keyed by a pre-shared session key.
         HMAC_SHA256 = 0x01 => "hmac-sha256",
+        /// HMAC-SHA256 challenge-response whose proofs also cover the channel's TLS
+        /// exporter value (PROTOCOL.md, "Channel binding"); offered only inside TLS.
+        HMAC_SHA256_TLS_EXPORTER = 0x02 => "hmac-sha256-tls-exporter",
     }
 }
 
@@ -159,6 +162,12 @@ code_point! {
         PROTOCOL_ERROR = 0x0009 => "protocol error",
         /// The peer does not authenticate but this side requires it.
         PEER_NOT_AUTHENTICATED = 0x000a => "peer does not authenticate",
+        /// This side requires TLS and the peer spoke plaintext (sent in clear, before
+        /// any TLS; PROTOCOL.md, "TLS").
+        ENCRYPTION_REQUIRED = 0x000b => "encryption required",
+        /// The peer opened TLS and this side is configured for plaintext (sent in
+        /// clear, in answer to the TLS ClientHello).
+        ENCRYPTION_UNSUPPORTED = 0x000c => "encryption unsupported",
     }
 }
 

@@ -20,8 +20,8 @@ pub use frame::{
     LayoutFrame, PageFrame, PayloadLayout, Reject, Welcome, pages_crc_seed, payload_layout,
 };
 pub use handshake::{
-    Authentication, Capabilities, ClientConfig, ClientHandshake, HandshakeError, Negotiated,
-    ServerConfig, ServerHandshake, SessionKey,
+    Authentication, Capabilities, ChannelBinding, ClientConfig, ClientHandshake, HandshakeError,
+    Negotiated, ServerConfig, ServerHandshake, SessionKey, auth_methods, encode_reject,
 };
 pub use ids::*;
 pub use layout::MemoryLayout;

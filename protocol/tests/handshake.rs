@@ -498,3 +498,125 @@ fn configurations_are_checked() {
         "SessionKey(<redacted>)"
     );
 }
+
+fn bound_pair(
+    auth_c: Authentication,
+    bind_c: Option<ChannelBinding>,
+    auth_s: Authentication,
+    bind_s: Option<ChannelBinding>,
+) -> (ClientHandshake, ServerHandshake) {
+    let c = ClientHandshake::with_binding(
+        ClientConfig {
+            caps: caps(),
+            session: SESSION,
+            channel: ChannelId(0),
+            channel_count: 1,
+            auth: auth_c,
+        },
+        [0xc1; NONCE_LEN],
+        bind_c,
+    )
+    .unwrap();
+    let s = ServerHandshake::with_binding(
+        ServerConfig {
+            caps: caps(),
+            session: Some(SESSION),
+            auth: auth_s,
+        },
+        [0x5e; NONCE_LEN],
+        bind_s,
+    )
+    .unwrap();
+    (c, s)
+}
+
+#[test]
+fn tls_bound_keys_negotiate_the_exporter_method() {
+    let b = Some(ChannelBinding([7; 32]));
+    let (mut c, mut s) = bound_pair(key(1), b, key(1), b);
+    let mut hello = Vec::new();
+    c.take_output(&mut hello);
+    let Frame::Hello(h) = only_frame(&hello) else {
+        panic!("no HELLO")
+    };
+    assert_eq!(
+        h.auth.iter().collect::<Vec<_>>(),
+        [AuthMethod::HMAC_SHA256_TLS_EXPORTER]
+    );
+    s.receive(&hello).unwrap();
+    let mut rest = Vec::new();
+    s.take_output(&mut rest);
+    c.receive(&rest).unwrap();
+    rest.clear();
+    c.take_output(&mut rest);
+    s.receive(&rest).unwrap();
+    assert!(s.is_done());
+    assert_eq!(
+        s.negotiated().unwrap().auth,
+        Some(AuthMethod::HMAC_SHA256_TLS_EXPORTER)
+    );
+    // Without a key, the binding adds no method: certificates authenticate.
+    let (mut c, mut s) = bound_pair(Authentication::None, b, Authentication::None, b);
+    assert_eq!(pump(&mut c, &mut s, 1000), (Ok(()), Ok(())));
+    assert_eq!(s.negotiated().unwrap().auth, None);
+}
+
+#[test]
+fn a_spliced_relay_fails_the_proofs() {
+    // Same key, but each end saw a different TLS session (a relay terminating both):
+    // the exporters differ and the destination's proof does not verify at the source.
+    let (mut c, mut s) = bound_pair(
+        key(1),
+        Some(ChannelBinding([1; 32])),
+        key(1),
+        Some(ChannelBinding([2; 32])),
+    );
+    let (cr, _) = pump(&mut c, &mut s, 1000);
+    assert_eq!(cr, Err(HandshakeError::AuthFailed));
+    assert!(!s.is_done());
+}
+
+#[test]
+fn a_bound_side_refuses_an_unbound_keyed_peer() {
+    // A keyed destination inside TLS requires the exporter method.
+    let b = Some(ChannelBinding([3; 32]));
+    let (mut c, mut s) = bound_pair(key(1), None, key(1), b);
+    let (cr, sr) = pump(&mut c, &mut s, 1000);
+    assert_eq!(sr, Err(HandshakeError::AuthRequired));
+    assert!(matches!(
+        cr,
+        Err(HandshakeError::Rejected {
+            reason: RejectReason::AUTH_REQUIRED,
+            ..
+        })
+    ));
+    // A bound source does not accept a plain method either.
+    let (mut c, mut s) = bound_pair(key(1), b, key(1), None);
+    let (_, sr) = pump(&mut c, &mut s, 1000);
+    assert_eq!(sr, Err(HandshakeError::AuthRequired));
+}
+
+#[test]
+fn encryption_rejects_decode_with_their_reason() {
+    for reason in [
+        RejectReason::ENCRYPTION_REQUIRED,
+        RejectReason::ENCRYPTION_UNSUPPORTED,
+    ] {
+        let mut out = Vec::new();
+        encode_reject(&caps(), &key(1), true, reason, "say why", &mut out);
+        let Frame::Reject(r) = only_frame(&out) else {
+            panic!("no REJECT")
+        };
+        assert_eq!((r.reason, r.message), (reason, "say why"));
+        assert_eq!(
+            r.auth.iter().collect::<Vec<_>>(),
+            [AuthMethod::HMAC_SHA256_TLS_EXPORTER]
+        );
+        // The source's handshake reports it as a refusal with that reason.
+        let mut c = client_with(caps(), key(1));
+        assert!(matches!(
+            c.receive(&out),
+            Err(HandshakeError::Rejected { reason: r, .. }) if r == reason
+        ));
+    }
+}
