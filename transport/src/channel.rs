@@ -154,6 +154,14 @@ pub struct ChannelStats {
     pub zc_copied: u64,
     /// Highest number of payload bytes owned by the channel at once.
     pub peak_in_flight_bytes: u64,
+    /// TLS: plaintext bytes sealed into records (frames sent, handshake included).
+    pub tls_bytes_sealed: u64,
+    /// TLS: plaintext bytes opened from records (frames received).
+    pub tls_bytes_opened: u64,
+    /// TLS: bytes copied in user space on the TLS path, by rustls and by pagewire
+    /// (see the `tls` module's contract); 0 without TLS. Divided by the pages moved,
+    /// the copies TLS costs per page.
+    pub tls_bytes_copied: u64,
 }
 
 /// Why a channel operation failed. After any error but `RecvTimeout`, the channel is
@@ -211,6 +219,14 @@ pub enum ChannelError {
     /// The peer broke the backend's own framing (RDMA message kinds).
     #[error("the peer broke the transport's framing: {0}")]
     Framing(&'static str),
+    /// TLS failed: a record that does not authenticate (tampering: rustls'
+    /// `DecryptError`), an alert from the peer, or a TLS protocol violation.
+    #[error("TLS record layer failed: {0}; the channel is closed (tampering or a broken peer)")]
+    Tls(#[source] crate::tls::TlsError),
+    /// The peer closed a TLS channel without `close_notify`: the stream may have been
+    /// cut short by someone on the path.
+    #[error("the peer closed the TLS channel without close_notify (truncated stream)")]
+    TlsTruncated,
     /// The NIC reported a failed work request.
     #[error("RDMA work request failed: {0}")]
     WorkRequest(String),

@@ -69,6 +69,7 @@ pub mod endpoint;
 mod recv;
 pub mod session;
 pub mod tcp;
+pub mod tls;
 pub mod uring;
 
 #[cfg(feature = "rdma")]
@@ -80,3 +81,4 @@ pub use channel::{
     SendId,
 };
 pub use endpoint::{Endpoint, Stream, StreamListener};
+pub use tls::{Encryption, PemFiles, TlsConfig, TlsError};

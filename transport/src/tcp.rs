@@ -38,6 +38,7 @@ use crate::channel::{
 };
 use crate::endpoint::{self, Endpoint, Stream};
 use crate::recv::{ByteSource, RxState, guest_iovecs};
+use crate::tls::{TlsSession, TlsSource};
 
 /// Most `iovec`s handed to one system call (`IOV_MAX` on Linux).
 const IOV_MAX: usize = 1024;
@@ -273,6 +274,52 @@ fn send_all_until(
     Ok(())
 }
 
+/// `io::Write` over [`send_all`], for rustls to write sealed records straight from its
+/// buffers with one `sendmsg` per batch; keeps the channel error.
+pub(crate) struct SockWriter<'a> {
+    pub(crate) stream: &'a Stream,
+    pub(crate) timeout: Duration,
+    pub(crate) err: Option<ChannelError>,
+}
+
+impl SockWriter<'_> {
+    fn send(&mut self, iov: &mut [libc::iovec]) -> io::Result<usize> {
+        let total = iov.iter().map(|v| v.iov_len).sum();
+        send_all(self.stream, iov, self.timeout).map_err(|e| {
+            self.err = Some(e);
+            io::Error::other("channel send failed")
+        })?;
+        Ok(total)
+    }
+
+    /// The channel error behind an `io::Error` this writer returned.
+    pub(crate) fn error(&mut self, e: io::Error) -> ChannelError {
+        self.err.take().unwrap_or(ChannelError::io("TLS write", e))
+    }
+}
+
+impl io::Write for SockWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_vectored(&[io::IoSlice::new(buf)])
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        let mut iov: Vec<libc::iovec> = bufs
+            .iter()
+            .filter(|b| !b.is_empty())
+            .map(|b| libc::iovec {
+                iov_base: b.as_ptr().cast_mut().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        self.send(&mut iov)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 struct TcpSource<'a> {
     stream: &'a Stream,
     timeout: Option<Duration>,
@@ -336,6 +383,7 @@ pub struct TcpChannel {
     done: Vec<Completed>,
     stats: ChannelStats,
     failed: bool,
+    tls: Option<Box<TlsSession>>,
 }
 
 impl TcpChannel {
@@ -361,7 +409,33 @@ impl TcpChannel {
             done: Vec::new(),
             stats: ChannelStats::default(),
             failed: false,
+            tls: None,
         })
+    }
+
+    /// Runs the channel inside the TLS session its handshake ran in.
+    pub(crate) fn with_tls(mut self, tls: Option<Box<TlsSession>>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// Whether frames go inside TLS.
+    pub fn is_encrypted(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    fn send_tls(&mut self, frame: &OutFrame) -> Result<(), ChannelError> {
+        let Some(tls) = self.tls.as_deref_mut() else {
+            let mut iov = frame_iovecs(frame);
+            return send_all(&self.stream, &mut iov, self.cfg.send_timeout);
+        };
+        tls.seal_frame(frame)?;
+        let mut w = SockWriter {
+            stream: &self.stream,
+            timeout: self.cfg.send_timeout,
+            err: None,
+        };
+        tls.write_to(&mut w).map_err(|e| w.error(e))
     }
 
     /// The socket (for `shutdown` from another thread, or inspection).
@@ -402,8 +476,7 @@ impl Channel for TcpChannel {
                 max: self.negotiated.max_frame_bytes,
             });
         }
-        let mut iov = frame_iovecs(&frame);
-        if let Err(e) = send_all(&self.stream, &mut iov, self.cfg.send_timeout) {
+        if let Err(e) = self.send_tls(&frame) {
             self.failed = true;
             return Err(e);
         }
@@ -439,20 +512,43 @@ impl Channel for TcpChannel {
             stream: &self.stream,
             timeout: self.cfg.recv_timeout,
         };
-        self.rx.recv(&mut src, sink)
+        match self.tls.as_deref_mut() {
+            Some(tls) => {
+                let mut src = TlsSource {
+                    inner: &mut src,
+                    tls,
+                    staged: true,
+                };
+                self.rx.recv(&mut src, sink)
+            }
+            None => self.rx.recv(&mut src, sink),
+        }
     }
 
     fn stats(&self) -> ChannelStats {
+        let tls = self.tls.as_ref().map(|t| t.counters).unwrap_or_default();
         ChannelStats {
             frames_received: self.rx.frames,
             bytes_received: self.rx.bytes,
             bytes_placed: self.rx.placed,
+            tls_bytes_sealed: tls.sealed,
+            tls_bytes_opened: tls.opened,
+            tls_bytes_copied: tls.copied,
             ..self.stats
         }
     }
 
     fn close(&mut self, out: &mut Vec<Completed>) -> Result<(), ChannelError> {
         self.flush(out)?;
+        if let Some(tls) = self.tls.as_deref_mut() {
+            tls.close();
+            let mut w = SockWriter {
+                stream: &self.stream,
+                timeout: self.cfg.send_timeout,
+                err: None,
+            };
+            tls.write_to(&mut w).map_err(|e| w.error(e))?;
+        }
         match self.stream.shutdown(std::net::Shutdown::Write) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),

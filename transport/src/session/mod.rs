@@ -28,8 +28,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use pagewire_protocol::{
-    Authentication, Capabilities, ChannelId, ClientConfig, ClientHandshake, HandshakeError,
-    Negotiated, ServerHandshake, SessionId,
+    Authentication, Capabilities, ChannelId, ClientConfig, ClientHandshake, Frame, FrameDecoder,
+    HandshakeError, Limits, Negotiated, ServerHandshake, SessionId,
 };
 
 use crate::channel::{
@@ -37,6 +37,7 @@ use crate::channel::{
 };
 use crate::endpoint::{self, Endpoint, Stream};
 use crate::tcp::{TcpChannel, TcpConfig, TcpError};
+use crate::tls::{Encryption, TlsError, TlsSession, is_tls_record_type};
 use crate::uring::{self, UringChannel, UringConfig, UringError};
 
 mod listener;
@@ -76,6 +77,10 @@ pub struct SessionConfig {
     pub handshake_timeout: Duration,
     /// The destination's bounds on connections before their handshake completes.
     pub listener: ListenerConfig,
+    /// TLS 1.3 around every channel, or plaintext ([`Encryption::Plaintext`], the
+    /// default of [`Self::new`]). A destination's listener takes it from the
+    /// configuration it is bound with, and every session accepted on it must agree.
+    pub encryption: Encryption,
 }
 
 impl SessionConfig {
@@ -95,7 +100,15 @@ impl SessionConfig {
             uring: UringConfig::default(),
             handshake_timeout: Duration::from_secs(10),
             listener: ListenerConfig::default(),
+            encryption: Encryption::Plaintext,
         }
+    }
+
+    /// This configuration with its channels inside TLS 1.3.
+    #[must_use]
+    pub fn with_tls(mut self, tls: crate::tls::TlsConfig) -> Self {
+        self.encryption = Encryption::Tls(tls);
+        self
     }
 }
 
@@ -198,6 +211,33 @@ pub enum SessionError {
         /// The wait.
         timeout: Duration,
     },
+    /// TLS could not be set up or its handshake failed (unknown CA, expired or missing
+    /// certificate, wrong server name, an alert from the peer).
+    #[error("TLS with {peer} failed: {source}")]
+    Tls {
+        /// The peer.
+        peer: Endpoint,
+        /// Why.
+        #[source]
+        source: TlsError,
+    },
+    /// The connection spoke plaintext to a TLS destination, or TLS to a plaintext one;
+    /// it was refused with a plaintext REJECT of `reason` (`ENCRYPTION_REQUIRED` or
+    /// `ENCRYPTION_UNSUPPORTED`).
+    #[error("{peer} refused: {reason}; configure encryption alike on both sides")]
+    Encryption {
+        /// The peer.
+        peer: Endpoint,
+        /// The REJECT reason sent.
+        reason: pagewire_protocol::RejectReason,
+    },
+    /// A TLS source's ClientHello was answered with bytes that are neither TLS nor a
+    /// pagewire REJECT.
+    #[error("{peer} answered the TLS ClientHello with neither TLS nor a pagewire REJECT")]
+    NotTls {
+        /// The peer.
+        peer: Endpoint,
+    },
     /// No random nonce could be drawn.
     #[error("the system random number generator failed: {0}")]
     Random(getrandom::Error),
@@ -219,8 +259,11 @@ pub struct Established {
     pub stream: Stream,
     /// What was agreed.
     pub negotiated: Negotiated,
-    /// Bytes received after the handshake's last frame.
+    /// Bytes received after the handshake's last frame (decrypted, on a TLS channel).
     pub leftover: Vec<u8>,
+    /// The TLS session the channel runs in, when encrypted; the channels opened from
+    /// this connection keep using it.
+    pub tls: Option<Box<TlsSession>>,
 }
 
 impl Established {
@@ -229,7 +272,7 @@ impl Established {
     /// # Errors
     /// [`TcpError`] when the socket options cannot be set.
     pub fn into_tcp(self, cfg: &TcpConfig) -> Result<TcpChannel, TcpError> {
-        TcpChannel::new(self.stream, self.negotiated, &self.leftover, cfg)
+        Ok(TcpChannel::new(self.stream, self.negotiated, &self.leftover, cfg)?.with_tls(self.tls))
     }
 
     /// An io_uring channel, bound to the calling thread.
@@ -237,7 +280,10 @@ impl Established {
     /// # Errors
     /// [`UringError`], which says when io_uring is disabled, blocked or too old.
     pub fn into_uring(self, cfg: &UringConfig) -> Result<UringChannel, UringError> {
-        UringChannel::new(self.stream, self.negotiated, &self.leftover, cfg)
+        Ok(
+            UringChannel::new(self.stream, self.negotiated, &self.leftover, cfg)?
+                .with_tls(self.tls),
+        )
     }
 
     /// A channel of `backend`, falling back from io_uring to TCP when asked to and
@@ -353,13 +399,64 @@ macro_rules! impl_handshake {
 impl_handshake!(ClientHandshake);
 impl_handshake!(ServerHandshake);
 
-/// Runs a handshake over a blocking socket until it is done; returns the agreement and
-/// the bytes that followed it.
+/// Writes handshake output: in clear, or sealed into TLS records.
+fn hs_write(stream: &mut Stream, tls: Option<&mut TlsSession>, out: &[u8]) -> io::Result<()> {
+    match tls {
+        None => stream.write_all(out),
+        Some(tls) => {
+            tls.seal_bytes(out)?;
+            tls.write_to(stream)
+        }
+    }
+}
+
+/// Why reading handshake bytes failed.
+enum HsReadError {
+    Io(io::Error),
+    Tls(TlsError),
+}
+
+/// Reads handshake input: in clear, or the plaintext of TLS records.
+fn hs_read(
+    stream: &mut Stream,
+    tls: Option<&mut TlsSession>,
+    buf: &mut [u8],
+) -> Result<usize, HsReadError> {
+    let Some(tls) = tls else {
+        return stream.read(buf).map_err(HsReadError::Io);
+    };
+    let mut raw = [0u8; 4096];
+    loop {
+        match tls.read_plain(buf) {
+            Ok(Some(n)) => return Ok(n),
+            Ok(None) => {}
+            Err(e) => return Err(HsReadError::Io(e)),
+        }
+        let n = stream.read(&mut raw).map_err(HsReadError::Io)?;
+        if n == 0 {
+            return Ok(0);
+        }
+        let mut fed = 0;
+        while fed < n {
+            let used = tls.feed(&raw[fed..n]).map_err(HsReadError::Tls)?;
+            if used == 0 {
+                break;
+            }
+            fed += used;
+        }
+        // An alert (e.g. the peer refusing this side's certificate) may be queued.
+        let _ = tls.write_to(stream);
+    }
+}
+
+/// Runs a handshake over a blocking socket (inside `tls` when given) until it is
+/// done; returns the agreement and the bytes that followed it.
 fn run_handshake(
     stream: &mut Stream,
     hs: &mut dyn Handshake,
     timeout: Duration,
     channel: Option<u16>,
+    mut tls: Option<&mut TlsSession>,
 ) -> Result<(Negotiated, Vec<u8>), SessionError> {
     let peer = stream.peer().map_err(|source| SessionError::Io {
         op: "getpeername",
@@ -377,7 +474,7 @@ fn run_handshake(
     loop {
         out.clear();
         hs.take_output(&mut out);
-        stream.write_all(&out).map_err(io_err)?;
+        hs_write(stream, tls.as_deref_mut(), &out).map_err(io_err)?;
         if let Some(n) = hs.negotiated().filter(|_| hs.is_done()) {
             return Ok((n, Vec::new()));
         }
@@ -389,7 +486,16 @@ fn run_handshake(
         stream
             .set_read_timeout(Some(left.max(Duration::from_millis(1))))
             .map_err(io_err)?;
-        let n = stream.read(&mut buf).map_err(io_err)?;
+        let n = match hs_read(stream, tls.as_deref_mut(), &mut buf) {
+            Ok(n) => n,
+            Err(HsReadError::Io(e)) => return Err(io_err(e)),
+            Err(HsReadError::Tls(source)) => {
+                return Err(SessionError::Tls {
+                    peer: peer.clone(),
+                    source,
+                });
+            }
+        };
         if n == 0 {
             return Err(io_err(io::ErrorKind::UnexpectedEof.into()));
         }
@@ -397,7 +503,7 @@ fn run_handshake(
             Ok(used) if hs.is_done() => {
                 out.clear();
                 hs.take_output(&mut out);
-                stream.write_all(&out).map_err(io_err)?;
+                hs_write(stream, tls.as_deref_mut(), &out).map_err(io_err)?;
                 let n_ = hs
                     .negotiated()
                     .ok_or_else(|| io_err(io::ErrorKind::InvalidData.into()))?;
@@ -408,7 +514,7 @@ fn run_handshake(
                 // Tell the peer why (a REJECT is queued), then give up.
                 out.clear();
                 hs.take_output(&mut out);
-                let _ = stream.write_all(&out);
+                let _ = hs_write(stream, tls.as_deref_mut(), &out);
                 return Err(SessionError::Handshake {
                     channel,
                     peer: peer.clone(),
@@ -418,6 +524,111 @@ fn run_handshake(
             }
         }
     }
+}
+
+/// Runs a TLS source's TLS handshake on a blocking socket. The first byte of the
+/// destination's answer is looked at before rustls sees it: a plaintext destination
+/// answers a ClientHello with a pagewire REJECT (`ENCRYPTION_UNSUPPORTED`), reported
+/// as that refusal.
+fn tls_client_handshake(
+    stream: &mut Stream,
+    cfg: &crate::tls::TlsConfig,
+    timeout: Duration,
+    peer: &Endpoint,
+    channel: u16,
+) -> Result<Box<TlsSession>, SessionError> {
+    let tls_err = |source| SessionError::Tls {
+        peer: peer.clone(),
+        source,
+    };
+    let io_err = |source| SessionError::HandshakeIo {
+        peer: peer.clone(),
+        source,
+    };
+    let mut tls = Box::new(TlsSession::client(cfg).map_err(tls_err)?);
+    let deadline = Instant::now() + timeout;
+    let mut buf = vec![0u8; 16 << 10];
+    let mut first = true;
+    loop {
+        tls.write_to(stream).map_err(io_err)?;
+        if !tls.is_handshaking() {
+            return Ok(tls);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io_err(io::ErrorKind::TimedOut.into()));
+        }
+        stream
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .map_err(io_err)?;
+        let n = stream.read(&mut buf).map_err(io_err)?;
+        if n == 0 {
+            return Err(io_err(io::ErrorKind::UnexpectedEof.into()));
+        }
+        if std::mem::take(&mut first) && !is_tls_record_type(buf[0]) {
+            return Err(plaintext_answer(stream, &buf[..n], deadline, peer, channel));
+        }
+        let mut fed = 0;
+        while fed < n {
+            match tls.feed(&buf[fed..n]) {
+                Ok(0) => break,
+                Ok(used) => fed += used,
+                Err(e) => {
+                    // Send the alert that says why, then give up.
+                    let _ = tls.write_to(stream);
+                    return Err(tls_err(e));
+                }
+            }
+        }
+    }
+}
+
+/// Reads the pagewire frame a plaintext destination answered a ClientHello with
+/// (`input` and what follows, up to one handshake frame before the deadline).
+fn plaintext_answer(
+    stream: &mut Stream,
+    input: &[u8],
+    deadline: Instant,
+    peer: &Endpoint,
+    channel: u16,
+) -> SessionError {
+    let not_tls = || SessionError::NotTls { peer: peer.clone() };
+    let mut dec = FrameDecoder::new(Limits::handshake());
+    let mut bytes = input.to_vec();
+    let mut buf = [0u8; 4096];
+    for _ in 0..8 {
+        let mut rest = &bytes[..];
+        loop {
+            match dec.decode(rest) {
+                Ok((_, Some(Frame::Reject(r)))) => {
+                    return SessionError::Handshake {
+                        channel: Some(channel),
+                        peer: peer.clone(),
+                        peer_message: Some(r.message.to_owned()),
+                        source: HandshakeError::Rejected {
+                            reason: r.reason,
+                            version_min: r.version_min,
+                            version_max: r.version_max,
+                            page_size: r.page_size,
+                        },
+                    };
+                }
+                Ok((_, Some(_))) | Err(_) => return not_tls(),
+                Ok((0, None)) => break,
+                Ok((used, None)) => rest = &rest[used..],
+            }
+        }
+        bytes.clear();
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return not_tls();
+        }
+        match stream.read(&mut buf) {
+            Ok(n) if n > 0 => bytes.extend_from_slice(&buf[..n]),
+            _ => return not_tls(),
+        }
+    }
+    not_tls()
 }
 
 /// Opens the session's channels to the TCP address `addr`: connects each (with the
@@ -525,7 +736,24 @@ fn handshake(
     cfg: &SessionConfig,
     index: u16,
 ) -> Result<Established, SessionError> {
-    let mut hs = ClientHandshake::new(
+    let mut tls = match cfg.encryption.tls() {
+        Some(t) => Some(tls_client_handshake(
+            &mut stream,
+            t,
+            cfg.handshake_timeout,
+            &peer,
+            index,
+        )?),
+        None => None,
+    };
+    let binding = match tls.as_deref() {
+        Some(t) => Some(t.binding().map_err(|source| SessionError::Tls {
+            peer: peer.clone(),
+            source,
+        })?),
+        None => None,
+    };
+    let mut hs = ClientHandshake::with_binding(
         ClientConfig {
             caps: cfg.caps,
             session: cfg.session,
@@ -534,6 +762,7 @@ fn handshake(
             auth: cfg.auth.clone(),
         },
         nonce()?,
+        binding,
     )
     .map_err(|source| SessionError::Handshake {
         channel: Some(index),
@@ -541,12 +770,18 @@ fn handshake(
         peer_message: None,
         source,
     })?;
-    let (negotiated, leftover) =
-        run_handshake(&mut stream, &mut hs, cfg.handshake_timeout, Some(index))?;
+    let (negotiated, leftover) = run_handshake(
+        &mut stream,
+        &mut hs,
+        cfg.handshake_timeout,
+        Some(index),
+        tls.as_deref_mut(),
+    )?;
     Ok(Established {
         stream,
         negotiated,
         leftover,
+        tls,
     })
 }
 

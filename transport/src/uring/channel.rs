@@ -15,6 +15,7 @@ use super::{
     BGID, BufRing, Core, Fixed, InFlight, MAX_FIXED, MsgHdr, SEND_ZC_REPORT_USAGE, UringChannel,
     UringConfig, UringError, ZC_AUTO_COPIED, ZeroCopy, build_ring,
 };
+use crate::buf::Payload;
 use crate::channel::{
     Channel, ChannelError, ChannelStats, Completed, Incoming, OutFrame, PageSink, SendId,
 };
@@ -135,7 +136,38 @@ impl UringChannel {
             rx: RxState::new(negotiated.limits(), leftover),
             negotiated,
             failed: false,
+            tls: None,
         })
+    }
+
+    /// Runs the channel inside the TLS session its handshake ran in.
+    pub(crate) fn with_tls(mut self, tls: Option<Box<crate::tls::TlsSession>>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// Whether frames go inside TLS.
+    pub fn is_encrypted(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// With TLS, the frame sealed: one buffer of records to send, and the payload
+    /// slices to hold until it is sent. Without, the frame as it is.
+    fn seal(&mut self, frame: OutFrame) -> Result<(OutFrame, Vec<Payload>), ChannelError> {
+        let Some(tls) = self.tls.as_deref_mut() else {
+            return Ok((frame, Vec::new()));
+        };
+        tls.seal_frame(&frame)?;
+        let len = frame.wire_len();
+        // Records of at most 16 KiB, 22 bytes of overhead each.
+        let mut records = Vec::with_capacity(len + (len / (16 << 10) + 2) * 22);
+        tls.write_to_vec(&mut records);
+        tls.counters.copied += records.len() as u64;
+        let wire = OutFrame {
+            header: records,
+            payload: Vec::new(),
+        };
+        Ok((wire, frame.payload))
     }
 
     /// Changes how long `recv` waits for bytes (`None`: for ever), e.g. to the time
@@ -190,13 +222,20 @@ impl Channel for UringChannel {
                 max: self.negotiated.max_frame_bytes,
             });
         }
+        let (frame, held) = match self.seal(frame) {
+            Ok(f) => f,
+            Err(e) => {
+                self.failed = true;
+                return Err(e);
+            }
+        };
         let core = &mut self.core;
         let seq = core.next_seq;
         core.next_seq += 1;
         let id = SendId(seq);
         let fd = Fd(core.stream.as_raw_fd());
         let wait_all = libc::MSG_WAITALL | libc::MSG_NOSIGNAL;
-        let payload_bytes = len - frame.header.len();
+        let payload_bytes = frame.wire_len() - frame.header.len();
         let more = if payload_bytes > 0 { libc::MSG_MORE } else { 0 };
         let mut ops = 0;
         let want_zc = payload_bytes > 0
@@ -273,20 +312,28 @@ impl Channel for UringChannel {
         for _ in 0..copied_anyway {
             core.note_zc_usage(true);
         }
+        // With TLS the records buffer is what the kernel holds.
+        let held_bytes = if held.is_empty() {
+            payload_bytes
+        } else {
+            frame.header.len()
+        };
+        let mut payload = frame.payload;
+        payload.extend(held);
         core.inflight.insert(
             seq,
             InFlight {
                 id,
                 _header: frame.header,
                 _msg: msg,
-                payload: frame.payload,
+                payload,
                 ops,
                 zc: 0,
                 copied: copied_anyway,
-                bytes: payload_bytes,
+                bytes: held_bytes,
             },
         );
-        core.in_flight_bytes += payload_bytes;
+        core.in_flight_bytes += held_bytes;
         core.stats.peak_in_flight_bytes = core
             .stats
             .peak_in_flight_bytes
@@ -334,20 +381,44 @@ impl Channel for UringChannel {
         &'a mut self,
         sink: Option<&mut dyn PageSink>,
     ) -> Result<Option<Incoming<'a>>, ChannelError> {
-        self.rx.recv(&mut self.core, sink)
+        match self.tls.as_deref_mut() {
+            Some(tls) => {
+                let mut src = crate::tls::TlsSource {
+                    inner: &mut self.core,
+                    tls,
+                    staged: false,
+                };
+                self.rx.recv(&mut src, sink)
+            }
+            None => self.rx.recv(&mut self.core, sink),
+        }
     }
 
     fn stats(&self) -> ChannelStats {
+        let tls = self.tls.as_ref().map(|t| t.counters).unwrap_or_default();
         ChannelStats {
             frames_received: self.rx.frames,
             bytes_received: self.rx.bytes,
             bytes_placed: self.rx.placed,
+            tls_bytes_sealed: tls.sealed,
+            tls_bytes_opened: tls.opened,
+            tls_bytes_copied: tls.copied,
             ..self.core.stats
         }
     }
 
     fn close(&mut self, out: &mut Vec<Completed>) -> Result<(), ChannelError> {
         self.flush(out)?;
+        if let Some(tls) = self.tls.as_deref_mut() {
+            // Every send has completed: close_notify goes last, written directly.
+            tls.close();
+            let mut w = crate::tcp::SockWriter {
+                stream: &self.core.stream,
+                timeout: self.core.cfg.send_timeout,
+                err: None,
+            };
+            tls.write_to(&mut w).map_err(|e| w.error(e))?;
+        }
         match self.core.stream.shutdown(std::net::Shutdown::Write) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),

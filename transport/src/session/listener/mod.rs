@@ -207,6 +207,13 @@ impl Listener {
     }
 
     fn listen_on(listener: StreamListener, cfg: &SessionConfig) -> Result<Self, SessionError> {
+        if let Some(t) = cfg.encryption.tls() {
+            // A destination needs the server role: say so now, not per connection.
+            t.server_config().map_err(|source| SessionError::Tls {
+                peer: Endpoint::Tcp(([0, 0, 0, 0], 0).into()),
+                source,
+            })?;
+        }
         let io_err = |op| move |source| SessionError::Io { op, source };
         // Listening again only changes the backlog (validated to fit an i32).
         socket2::SockRef::from(&listener)
@@ -230,6 +237,7 @@ impl Listener {
                 at_cap: false,
                 sessions: Vec::new(),
                 scratch: vec![0u8; HANDSHAKE_MAX_FRAME as usize],
+                tls: cfg.encryption.tls().cloned(),
             }),
             counters: Counters::default(),
             max_sessions: cfg.listener.max_sessions,
@@ -330,6 +338,11 @@ impl Listener {
         let before = self.counters.snapshot();
         {
             let mut sh = self.lock();
+            if sh.tls.is_some() != cfg.encryption.tls().is_some() {
+                return Err(SessionError::Config(
+                    "the session's encryption differs from the listener's (bind the listener with the same Encryption)",
+                ));
+            }
             if sh
                 .sessions
                 .iter()

@@ -5,14 +5,15 @@ use std::io::{self, Read, Write};
 use std::time::Instant;
 
 use pagewire_protocol::{
-    AuthMethod, Authentication, ChecksumId, Frame, FrameDecoder, Reject, RejectReason,
-    ServerConfig, ServerHandshake, SessionId, WireList,
+    ChannelBinding, Frame, FrameDecoder, RejectReason, ServerConfig, ServerHandshake, SessionId,
+    encode_reject,
 };
 
 use super::shared::Entry;
 use super::socket::Conn;
 use crate::endpoint::Endpoint;
 use crate::session::{SessionError, nonce};
+use crate::tls::{TlsConfig, TlsSession, looks_like_tls};
 
 /// Where a pending handshake stands.
 #[derive(Debug)]
@@ -46,6 +47,98 @@ pub(super) struct Pending {
     pub(super) leftover: Vec<u8>,
     pub(super) deadline: Instant,
     pub(super) phase: Phase,
+    /// The first bytes were seen and matched the listener's encryption.
+    pub(super) mode_checked: bool,
+    /// The TLS session, on a TLS listener.
+    pub(super) tls: Option<Box<TlsSession>>,
+    /// The TLS exporter value, once the TLS handshake is done.
+    pub(super) binding: Option<ChannelBinding>,
+}
+
+impl Pending {
+    /// Queues handshake output: in clear, or sealed into TLS records.
+    fn emit(&mut self, plain: &[u8]) {
+        match self.tls.as_deref_mut() {
+            None => self.out.extend_from_slice(plain),
+            Some(tls) => {
+                // Sealing into rustls' queue of a small frame cannot fail; were it to,
+                // the peer sees a close.
+                let _ = tls.seal_bytes(plain);
+                tls.write_to_vec(&mut self.out);
+            }
+        }
+    }
+
+    /// Queues the handshake's output.
+    fn emit_from(&mut self, hs_out: impl FnOnce(&mut Vec<u8>)) {
+        let mut plain = Vec::new();
+        hs_out(&mut plain);
+        self.emit(&plain);
+    }
+
+    /// Checks the first bytes against the listener's encryption; on a TLS listener
+    /// starts the TLS session. `Err` is the refusal (a plaintext REJECT is queued).
+    fn check_mode(
+        &mut self,
+        first: &[u8],
+        tls: Option<&TlsConfig>,
+        server: &ServerConfig,
+    ) -> Result<(), SessionError> {
+        self.mode_checked = true;
+        let (reason, message) = match (tls, looks_like_tls(first)) {
+            (Some(cfg), true) => {
+                let t = TlsSession::server(cfg).map_err(|source| SessionError::Tls {
+                    peer: self.peer.clone(),
+                    source,
+                })?;
+                self.tls = Some(Box::new(t));
+                return Ok(());
+            }
+            (None, false) => return Ok(()),
+            (Some(_), false) => (
+                RejectReason::ENCRYPTION_REQUIRED,
+                "this destination requires TLS 1.3; configure the source with TLS",
+            ),
+            (None, true) => (
+                RejectReason::ENCRYPTION_UNSUPPORTED,
+                "this destination is configured for plaintext; configure both sides alike",
+            ),
+        };
+        encode_reject(
+            &server.caps,
+            &server.auth,
+            false,
+            reason,
+            message,
+            &mut self.out,
+        );
+        Err(SessionError::Encryption {
+            peer: self.peer.clone(),
+            reason,
+        })
+    }
+
+    /// Feeds ciphertext to the TLS session and returns the plaintext it yields (empty
+    /// while the TLS handshake runs); queues what rustls has to send.
+    fn open(&mut self, input: &[u8]) -> Result<Vec<u8>, SessionError> {
+        let Some(tls) = self.tls.as_deref_mut() else {
+            return Ok(input.to_vec());
+        };
+        let peer = &self.peer;
+        let tls_err = |source| SessionError::Tls {
+            peer: peer.clone(),
+            source,
+        };
+        let mut plain = Vec::new();
+        let r = tls.feed_all(input, &mut plain);
+        // Handshake records, or the alert that says why it failed.
+        tls.write_to_vec(&mut self.out);
+        r.map_err(tls_err)?;
+        if !tls.is_handshaking() && self.binding.is_none() {
+            self.binding = Some(tls.binding().map_err(tls_err)?);
+        }
+        Ok(plain)
+    }
 }
 
 /// What driving a connection came to.
@@ -66,6 +159,7 @@ pub(super) fn drive_one(
     scratch: &mut [u8],
     sessions: &[Entry],
     fallback: (&ServerConfig, u16),
+    tls: Option<&TlsConfig>,
 ) -> Outcome {
     let peer = c.peer.clone();
     let io_err = |source| SessionError::HandshakeIo {
@@ -103,10 +197,26 @@ pub(super) fn drive_one(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Outcome::Refused(io_err(e)),
         };
+        if !c.mode_checked
+            && let Err(why) = c.check_mode(&scratch[..n], tls, fallback.0)
+        {
+            c.phase = Phase::Failing(why);
+            continue;
+        }
+        let plain = match c.open(&scratch[..n]) {
+            Ok(p) => p,
+            Err(why) => {
+                c.phase = Phase::Failing(why);
+                continue;
+            }
+        };
+        if plain.is_empty() {
+            continue;
+        }
         let early;
         let input: &[u8] = if c.hs.is_none() {
-            c.early.extend_from_slice(&scratch[..n]);
-            let first = match first_frame(c, &scratch[..n]) {
+            c.early.extend_from_slice(&plain);
+            let first = match first_frame(c, &plain) {
                 First::Incomplete => continue,
                 First::Hello { session, count } => Some((session, count)),
                 First::Other => None,
@@ -120,12 +230,15 @@ pub(super) fn drive_one(
                 c.phase = Phase::Failing(reject_too_many(c, count, max_channels, server));
                 continue;
             }
+            let binding = c.binding;
             match nonce().and_then(|n| {
-                ServerHandshake::new(server.clone(), n).map_err(|source| SessionError::Handshake {
-                    channel: None,
-                    peer: peer.clone(),
-                    peer_message: None,
-                    source,
+                ServerHandshake::with_binding(server.clone(), n, binding).map_err(|source| {
+                    SessionError::Handshake {
+                        channel: None,
+                        peer: peer.clone(),
+                        peer_message: None,
+                        source,
+                    }
                 })
             }) {
                 Ok(hs) => c.hs = Some(hs),
@@ -134,21 +247,21 @@ pub(super) fn drive_one(
             early = std::mem::take(&mut c.early);
             &early
         } else {
-            &scratch[..n]
+            &plain
         };
-        let Some(hs) = c.hs.as_mut() else {
+        let Some(mut hs) = c.hs.take() else {
             continue;
         };
         match hs.receive(input) {
             Ok(used) if hs.is_done() => {
-                hs.take_output(&mut c.out);
+                c.emit_from(|o| hs.take_output(o));
                 c.leftover = input[used..].to_vec();
                 c.phase = Phase::Done;
             }
-            Ok(_) => hs.take_output(&mut c.out),
+            Ok(_) => c.emit_from(|o| hs.take_output(o)),
             Err(source) => {
                 // Tell the peer why (a REJECT is queued), then close.
-                hs.take_output(&mut c.out);
+                c.emit_from(|o| hs.take_output(o));
                 c.phase = Phase::Failing(SessionError::Handshake {
                     channel: None,
                     peer: peer.clone(),
@@ -157,6 +270,7 @@ pub(super) fn drive_one(
                 });
             }
         }
+        c.hs = Some(hs);
     }
 }
 
@@ -208,30 +322,19 @@ fn reject_too_many(
     max_channels: u16,
     server: &ServerConfig,
 ) -> SessionError {
-    let caps = server.caps;
     let message =
         format!("{count} channels asked for; this destination accepts at most {max_channels}");
-    let auth_methods: &[AuthMethod] = match server.auth {
-        Authentication::None => &[],
-        Authentication::PreSharedKey(_) => &[AuthMethod::HMAC_SHA256],
-    };
-    let checksums: &[ChecksumId] = if caps.checksum {
-        &[ChecksumId::CRC32C]
-    } else {
-        &[]
-    };
-    let reject = Frame::Reject(Reject {
-        reason: RejectReason::BAD_CHANNEL,
-        version_min: caps.versions.0,
-        version_max: caps.versions.1,
-        page_size: caps.page_size,
-        codecs: WireList::Slice(caps.codecs.as_slice()),
-        checksums: WireList::Slice(checksums),
-        auth: WireList::Slice(auth_methods),
-        message: &message,
-    });
-    // A REJECT of this size always encodes; were it not to, the peer just sees a close.
-    let _ = reject.encode(&mut c.out);
+    let mut reject = Vec::new();
+    let bound = c.binding.is_some();
+    encode_reject(
+        &server.caps,
+        &server.auth,
+        bound,
+        RejectReason::BAD_CHANNEL,
+        &message,
+        &mut reject,
+    );
+    c.emit(&reject);
     SessionError::TooManyChannels {
         peer: c.peer.clone(),
         count,

@@ -55,6 +55,9 @@ pub(super) struct Shared {
     pub(super) at_cap: bool,
     pub(super) sessions: Vec<Entry>,
     pub(super) scratch: Vec<u8>,
+    /// TLS settings of a TLS listener (taken from the configuration it was bound
+    /// with); `None` for a plaintext listener.
+    pub(super) tls: Option<crate::tls::TlsConfig>,
 }
 
 impl Shared {
@@ -207,6 +210,9 @@ impl Shared {
             leftover: Vec::new(),
             deadline,
             phase: Phase::Running,
+            mode_checked: false,
+            tls: None,
+            binding: None,
         };
         if i == self.conns.len() {
             self.conns.push(Some(c));
@@ -227,14 +233,22 @@ impl Shared {
             return;
         };
         let fallback = (lim.server, lim.listener.max_channels);
-        let outcome = drive_one(c, &mut self.scratch, &self.sessions, fallback);
+        let outcome = drive_one(
+            c,
+            &mut self.scratch,
+            &self.sessions,
+            fallback,
+            self.tls.as_ref(),
+        );
         match outcome {
             Outcome::Wait => {}
             Outcome::Established => self.establish(counters, i),
             Outcome::Refused(e) => {
                 let counter = match &e {
                     SessionError::TooManyChannels { .. } => &counters.refused_too_many_channels,
-                    SessionError::Handshake { .. } => &counters.refused_handshake,
+                    SessionError::Handshake { .. }
+                    | SessionError::Encryption { .. }
+                    | SessionError::Tls { .. } => &counters.refused_handshake,
                     _ => &counters.closed,
                 };
                 bump(counter);
@@ -294,6 +308,7 @@ impl Shared {
             stream,
             negotiated,
             leftover: c.leftover,
+            tls: c.tls,
         };
         match place(&mut entry.slots, &mut entry.count, est, c.peer) {
             Ok(()) => bump(&counters.established),

@@ -1,0 +1,204 @@
+//! What a side needs to speak TLS 1.3: rustls configurations for either role, built
+//! from PEM files or handed over by the VMM.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, version::TLS13};
+
+use super::TlsError;
+
+/// Whether a session's channels are encrypted. There is no automatic choice: a side is
+/// either configured for TLS, and then refuses plaintext peers
+/// ([`RejectReason::ENCRYPTION_REQUIRED`](pagewire_protocol::RejectReason::ENCRYPTION_REQUIRED)),
+/// or declared plaintext, and then refuses TLS peers
+/// ([`RejectReason::ENCRYPTION_UNSUPPORTED`](pagewire_protocol::RejectReason::ENCRYPTION_UNSUPPORTED)).
+#[derive(Clone, Debug, Default)]
+pub enum Encryption {
+    /// Frames cross the network in clear and unauthenticated after the handshake
+    /// (PROTOCOL.md, "Security considerations"): only for trusted networks.
+    #[default]
+    Plaintext,
+    /// TLS 1.3 with mutual X.509 authentication around every channel.
+    Tls(TlsConfig),
+}
+
+impl Encryption {
+    /// The TLS settings, when encrypted.
+    pub fn tls(&self) -> Option<&TlsConfig> {
+        match self {
+            Self::Plaintext => None,
+            Self::Tls(t) => Some(t),
+        }
+    }
+}
+
+/// TLS 1.3 settings of one side: the rustls configuration of its role (a source is a
+/// TLS client, a destination a TLS server) and, for a source, the name the
+/// destination's certificate must carry.
+///
+/// Both roles may be set (one `TlsConfig` for a VMM that is source and destination);
+/// a side uses the one of its role and fails with [`TlsError::Config`] when it is
+/// missing. Every configuration must allow TLS 1.3 (configurations built here allow
+/// only TLS 1.3), and a channel that negotiated anything else is refused.
+#[derive(Clone)]
+pub struct TlsConfig {
+    client: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    server: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("client", &self.client.as_ref().map(|(_, name)| name))
+            .field("server", &self.server.is_some())
+            .finish()
+    }
+}
+
+/// PEM inputs of one side: the CA that signs the peer's certificate, this side's
+/// certificate chain and its private key.
+#[derive(Clone, Debug)]
+pub struct PemFiles<'a> {
+    /// The CA certificate(s) the peer's certificate must chain to.
+    pub ca: &'a Path,
+    /// This side's certificate chain, leaf first.
+    pub cert: &'a Path,
+    /// This side's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: &'a Path,
+}
+
+impl TlsConfig {
+    /// A source's settings from a rustls client configuration (which must present a
+    /// client certificate: destinations require one) and the name the destination's
+    /// certificate must be valid for.
+    pub fn client(config: Arc<rustls::ClientConfig>, server_name: ServerName<'static>) -> Self {
+        Self {
+            client: Some((config, server_name)),
+            server: None,
+        }
+    }
+
+    /// A destination's settings from a rustls server configuration (whose client
+    /// verifier should require a certificate: with one that does not, a source without
+    /// a certificate is let in).
+    pub fn server(config: Arc<rustls::ServerConfig>) -> Self {
+        Self {
+            client: None,
+            server: Some(config),
+        }
+    }
+
+    /// Both roles from PEM files: this side's certificate and key, used as client
+    /// certificate and as server certificate, and the CA that must have signed the
+    /// peer's certificate (and, for a source, that certificate must be valid for
+    /// `server_name`, a DNS name or an IP address). TLS 1.3 only, ring's cipher suites.
+    ///
+    /// # Errors
+    /// [`TlsError::Pem`] when a file cannot be read or holds no usable item,
+    /// [`TlsError::Config`] when rustls refuses the certificates or key.
+    pub fn from_pem_files(files: &PemFiles<'_>, server_name: &str) -> Result<Self, TlsError> {
+        let read = |what: &'static str, path: &Path| {
+            std::fs::read(path).map_err(|source| TlsError::Pem {
+                what,
+                path: path.display().to_string(),
+                source,
+            })
+        };
+        Self::from_pem(
+            &read("CA certificate", files.ca)?,
+            &read("certificate chain", files.cert)?,
+            &read("private key", files.key)?,
+            server_name,
+        )
+    }
+
+    /// As [`Self::from_pem_files`], from PEM text in memory.
+    ///
+    /// # Errors
+    /// As [`Self::from_pem_files`].
+    pub fn from_pem(
+        ca: &[u8],
+        cert_chain: &[u8],
+        key: &[u8],
+        server_name: &str,
+    ) -> Result<Self, TlsError> {
+        let pem_err = |what: &'static str| {
+            move |e: rustls::pki_types::pem::Error| TlsError::Pem {
+                what,
+                path: "(in memory)".into(),
+                source: std::io::Error::other(e.to_string()),
+            }
+        };
+        let mut roots = RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(ca) {
+            roots
+                .add(c.map_err(pem_err("CA certificate"))?)
+                .map_err(TlsError::Config)?;
+        }
+        if roots.is_empty() {
+            return Err(pem_err("CA certificate")(
+                rustls::pki_types::pem::Error::NoItemsFound,
+            ));
+        }
+        let chain = CertificateDer::pem_slice_iter(cert_chain)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(pem_err("certificate chain"))?;
+        if chain.is_empty() {
+            return Err(pem_err("certificate chain")(
+                rustls::pki_types::pem::Error::NoItemsFound,
+            ));
+        }
+        let key = PrivateKeyDer::from_pem_slice(key).map_err(pem_err("private key"))?;
+        let name = ServerName::try_from(server_name.to_owned())
+            .map_err(|_| TlsError::ServerName(server_name.to_owned()))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let roots = Arc::new(roots);
+        let client = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&TLS13])
+            .map_err(TlsError::Config)?
+            .with_root_certificates(roots.clone())
+            .with_client_auth_cert(chain.clone(), key.clone_key())
+            .map_err(TlsError::Config)?;
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let mut server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&TLS13])
+            .map_err(TlsError::Config)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(TlsError::Config)?;
+        // A channel is one long connection: no resumption tickets to send.
+        server.send_tls13_tickets = 0;
+        Ok(Self {
+            client: Some((Arc::new(client), name)),
+            server: Some(Arc::new(server)),
+        })
+    }
+
+    /// The rustls client configuration and the expected server name, if set.
+    pub fn rustls_client(&self) -> Option<(&Arc<rustls::ClientConfig>, &ServerName<'static>)> {
+        self.client.as_ref().map(|(c, n)| (c, n))
+    }
+
+    /// The rustls server configuration, if set.
+    pub fn rustls_server(&self) -> Option<&Arc<rustls::ServerConfig>> {
+        self.server.as_ref()
+    }
+
+    /// The source's configuration and the destination's expected name.
+    pub(crate) fn client_config(
+        &self,
+    ) -> Result<&(Arc<rustls::ClientConfig>, ServerName<'static>), TlsError> {
+        self.client.as_ref().ok_or(TlsError::MissingRole("client"))
+    }
+
+    /// The destination's configuration.
+    pub(crate) fn server_config(&self) -> Result<&Arc<rustls::ServerConfig>, TlsError> {
+        self.server.as_ref().ok_or(TlsError::MissingRole("server"))
+    }
+}
