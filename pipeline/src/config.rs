@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use pagewire_protocol::{Authentication, CodecId, DestinationLimits, SessionId};
+use pagewire_transport::Encryption;
 use pagewire_transport::session::Backend;
 
 use crate::error::MigrationError;
@@ -29,6 +30,12 @@ pub struct SourceConfig {
     pub backend: Backend,
     /// Authentication; there is no default.
     pub auth: Authentication,
+    /// TLS 1.3 around every channel ([`Encryption::Tls`], with this side's
+    /// certificate and the destination's expected name), or
+    /// [`Encryption::Plaintext`] (the default of [`Self::new`]): the destination must
+    /// be configured alike, or it refuses the channels (`ENCRYPTION_REQUIRED`,
+    /// `ENCRYPTION_UNSUPPORTED`).
+    pub encryption: Encryption,
     /// Ask for CRC32C on every page frame (always asked with the delta codec).
     pub checksum: bool,
     /// Wire bandwidth cap in bytes/s (0 = none); changeable through [`Control`].
@@ -71,6 +78,7 @@ impl SourceConfig {
             max_pages: 128,
             backend: Backend::Tcp,
             auth,
+            encryption: Encryption::Plaintext,
             checksum: false,
             bandwidth_limit: 0,
             precopy: PrecopyConfig::default(),
@@ -129,6 +137,9 @@ pub struct DestinationConfig {
     pub session: SessionId,
     /// Authentication; there is no default.
     pub auth: Authentication,
+    /// TLS 1.3 around every channel, or [`Encryption::Plaintext`] (the default of
+    /// [`Self::new`]); a listener takes it from the configuration it is bound with.
+    pub encryption: Encryption,
     /// Transfer page size.
     pub page_size: u32,
     /// Most pages per frame this side accepts.
@@ -170,6 +181,7 @@ impl DestinationConfig {
         Self {
             session,
             auth,
+            encryption: Encryption::Plaintext,
             page_size: 4096,
             max_pages: 256,
             checksum: true,

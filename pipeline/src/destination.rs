@@ -68,6 +68,12 @@ pub struct DestinationStats {
     pub zero_pages: u64,
     /// Raw payload bytes the transport placed straight into guest memory.
     pub placed_bytes: u64,
+    /// TLS: plaintext bytes opened from records (0 in clear), counted as each
+    /// channel ends.
+    pub tls_opened_bytes: u64,
+    /// TLS: bytes copied in user space on the TLS receive path (0 in clear); over
+    /// `data_pages`, the copies TLS costs per page. Counted as each channel ends.
+    pub tls_copied_bytes: u64,
     /// Time to pre-fault guest memory (in the background, during the first round), ms.
     pub prefault_ms: f64,
     /// Frame apply latency.
@@ -301,6 +307,8 @@ impl DestinationListener {
             data_pages: AtomicU64::new(0),
             zero_pages: AtomicU64::new(0),
             placed: AtomicU64::new(0),
+            tls_opened: AtomicU64::new(0),
+            tls_copied: AtomicU64::new(0),
             prefault_ns: Arc::new(AtomicU64::new(0)),
             cpu_ns: Arc::new(AtomicU64::new(0)),
             started: Instant::now(),
@@ -351,6 +359,13 @@ impl DestinationListener {
                     let cpu = pagewire_accel::thread_cpu_time();
                     let res = r.run(&mut channel);
                     shared2.add_cpu(pagewire_accel::thread_cpu_time().saturating_sub(cpu));
+                    let st = channel.stats();
+                    shared2
+                        .tls_opened
+                        .fetch_add(st.tls_bytes_opened, Ordering::Relaxed);
+                    shared2
+                        .tls_copied
+                        .fetch_add(st.tls_bytes_copied, Ordering::Relaxed);
                     if let Err(e) = &res {
                         r.abort(&mut channel, e);
                         shared2.fail(e.to_string());
@@ -384,6 +399,7 @@ fn session_config(config: &DestinationConfig) -> SessionConfig {
     scfg.listener.max_pending = config.max_pending;
     scfg.listener.max_channels = config.limits.max_channels;
     scfg.listener.max_sessions = config.max_sessions;
+    scfg.encryption = config.encryption.clone();
     scfg
 }
 
@@ -564,6 +580,9 @@ struct Shared {
     data_pages: AtomicU64,
     zero_pages: AtomicU64,
     placed: AtomicU64,
+    /// TLS bytes opened and copied, added as each channel ends.
+    tls_opened: AtomicU64,
+    tls_copied: AtomicU64,
     prefault_ns: Arc<AtomicU64>,
     /// CPU nanoseconds of the receiver and pre-fault threads.
     cpu_ns: Arc<AtomicU64>,
@@ -592,6 +611,8 @@ impl Shared {
             data_pages: self.data_pages.load(Ordering::Relaxed),
             zero_pages: self.zero_pages.load(Ordering::Relaxed),
             placed_bytes: self.placed.load(Ordering::Relaxed),
+            tls_opened_bytes: self.tls_opened.load(Ordering::Relaxed),
+            tls_copied_bytes: self.tls_copied.load(Ordering::Relaxed),
             prefault_ms: self.prefault_ns.load(Ordering::Relaxed) as f64 / 1e6,
             apply_latency: self.apply.summary(),
         }

@@ -48,9 +48,10 @@ pub struct ReadmeDoctests;
 pub use precopy::{CapPolicy, PrecopyConfig, StopReason};
 pub use progress::{Phase, Progress, ProgressSnapshot, RoundAction};
 pub use source::Source;
-pub use stats::{CpuSummary, MigrationStats};
+pub use stats::{CpuSummary, MigrationStats, TlsSummary};
 pub use switchover::Switchover;
 
+pub use pagewire_transport::tls::{self, Encryption, PemFiles, TlsConfig};
 pub use pagewire_transport::{Endpoint, Stream, StreamListener};
 
 // The few lower-layer types a VMM needs (the lower crates themselves stay available

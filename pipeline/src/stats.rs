@@ -218,6 +218,21 @@ pub struct ZeroCopySummary {
     pub copied: u64,
 }
 
+/// TLS on the source's channels.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct TlsSummary {
+    /// Whether the channels run inside TLS 1.3.
+    pub encrypted: bool,
+    /// Plaintext bytes sealed into records.
+    pub sealed_bytes: u64,
+    /// Bytes copied in user space on the TLS send path (by rustls and pagewire).
+    pub copied_bytes: u64,
+    /// `copied_bytes` over the pages sent.
+    pub copied_per_page: f64,
+}
+
 /// Everything about a migration, per round and in total.
 #[non_exhaustive]
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -267,6 +282,8 @@ pub struct MigrationStats {
     pub engine: EngineSummary,
     /// Zero-copy sends.
     pub zero_copy: ZeroCopySummary,
+    /// TLS: whether encrypted, and what sealing copied.
+    pub tls: TlsSummary,
     /// Frame encode latency.
     pub encode_latency: LatencySummary,
     /// Send-completion latency.
@@ -392,6 +409,17 @@ impl fmt::Display for MigrationStats {
             "zero-copy sends:       {} zero-copy, {} copied",
             self.zero_copy.zero_copy, self.zero_copy.copied
         )?;
+        if self.tls.encrypted {
+            writeln!(
+                f,
+                "TLS 1.3:               {:.1} MiB sealed, {:.1} MiB copied ({:.0} bytes per page)",
+                mib(self.tls.sealed_bytes),
+                mib(self.tls.copied_bytes),
+                self.tls.copied_per_page
+            )?;
+        } else {
+            writeln!(f, "TLS:                   none (plaintext channels)")?;
+        }
         for (name, l) in [
             ("encode", &self.encode_latency),
             ("send", &self.send_latency),

@@ -20,9 +20,25 @@ fn run(codec: CodecId, checksum: bool, channels: u16, auth: Authentication) {
 }
 
 fn run_on(codec: CodecId, checksum: bool, channels: u16, auth: Authentication, backend: Backend) {
+    run_tls(codec, checksum, channels, auth, backend, false);
+}
+
+/// [`run_on`], inside TLS 1.3 when `tls` (certificates made for the run).
+fn run_tls(
+    codec: CodecId,
+    checksum: bool,
+    channels: u16,
+    auth: Authentication,
+    backend: Backend,
+    tls: bool,
+) {
     let src_mem = memory(32);
     fill(&src_mem, 7);
+    let pki = tls.then(|| pagewire::tls::generate::pki("test CA", &["localhost"]).unwrap());
     let mut dcfg = DestinationConfig::new(session(1), auth.clone());
+    if let Some(p) = &pki {
+        dcfg.encryption = pagewire::Encryption::Tls(p.destination_config().unwrap());
+    }
     dcfg.checksum = checksum;
     // A destination asked for io_uring gets it or fails: it never falls back silently.
     dcfg.backend = match backend {
@@ -41,6 +57,9 @@ fn run_on(codec: CodecId, checksum: bool, channels: u16, auth: Authentication, b
     cfg.channels = channels;
     cfg.checksum = checksum;
     cfg.backend = backend;
+    if let Some(p) = &pki {
+        cfg.encryption = pagewire::Encryption::Tls(p.source_config("localhost").unwrap());
+    }
     cfg.precopy.downtime_limit = Duration::from_millis(50);
     cfg.precopy.max_rounds = 8;
     let mut source = Source::connect(addr, src_mem.clone(), cfg).unwrap();
@@ -79,6 +98,39 @@ fn run_on(codec: CodecId, checksum: bool, channels: u16, auth: Authentication, b
     if matches!(backend, Backend::Uring { .. }) {
         assert_eq!(stats.transport, "io_uring", "{stats}");
     }
+    assert_eq!(stats.tls.encrypted, tls, "{stats}");
+    if tls {
+        // Every byte written went through TLS: sealed at least the wire bytes.
+        assert!(stats.tls.sealed_bytes >= stats.wire_bytes, "{stats}");
+        assert!(migrated.stats.tls_opened_bytes >= stats.wire_bytes);
+    } else {
+        assert_eq!(stats.tls.sealed_bytes + migrated.stats.tls_opened_bytes, 0);
+    }
+}
+
+#[test]
+fn encrypted_migration_over_tcp() {
+    run_tls(CodecId::ZSTD, false, 2, key(), Backend::Tcp, true);
+    run_tls(
+        CodecId::RAW,
+        true,
+        2,
+        Authentication::None,
+        Backend::Tcp,
+        true,
+    );
+}
+
+#[test]
+fn encrypted_migration_over_io_uring() {
+    if !uring_available() {
+        return;
+    }
+    let uring = Backend::Uring {
+        fallback_to_tcp: false,
+    };
+    run_tls(CodecId::ZSTD, false, 2, key(), uring, true);
+    run_tls(CodecId::RAW, false, 2, Authentication::None, uring, true);
 }
 
 #[test]

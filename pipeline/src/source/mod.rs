@@ -56,6 +56,9 @@ pub(crate) struct Counters {
     pub(crate) raw: AtomicU64,
     pub(crate) zc: AtomicU64,
     pub(crate) zc_copied: AtomicU64,
+    /// The channel's TLS byte counters so far (sealed, copied; 0 in clear).
+    pub(crate) tls_sealed: AtomicU64,
+    pub(crate) tls_copied: AtomicU64,
     /// CPU time of the channel's worker thread so far, ns.
     pub(crate) cpu_ns: AtomicU64,
 }
@@ -238,6 +241,7 @@ impl Source {
         scfg.uring.recv_timeout = Some(config.ack_timeout);
         scfg.uring.send_timeout = config.send_timeout;
         scfg.handshake_timeout = config.handshake_timeout;
+        scfg.encryption = config.encryption.clone();
         let views = transport_views(&memory);
         scfg.uring.guest = views.iter().map(|(_, v)| v.clone()).collect();
         let established = open(&scfg).map_err(|e| session_error(e, &config))?;
@@ -684,6 +688,8 @@ impl Source {
             s.guest_bytes += c.guest_bytes.load(Ordering::Relaxed);
             s.zero_copy.zero_copy += c.zc.load(Ordering::Relaxed);
             s.zero_copy.copied += c.zc_copied.load(Ordering::Relaxed);
+            s.tls.sealed_bytes += c.tls_sealed.load(Ordering::Relaxed);
+            s.tls.copied_bytes += c.tls_copied.load(Ordering::Relaxed);
             s.channel_bytes.push(w.bytes_sent.load(Ordering::Relaxed));
         }
         s.compression_ratio = if s.wire_bytes > 0 {
@@ -691,6 +697,11 @@ impl Source {
         } else {
             0.0
         };
+        s.tls.encrypted = self.config.encryption.tls().is_some();
+        let pages = s.pages.total();
+        if pages > 0 {
+            s.tls.copied_per_page = s.tls.copied_bytes as f64 / pages as f64;
+        }
         let secs = s.total_ms / 1e3;
         if secs > 0.0 {
             s.mbit_per_s = s.wire_bytes as f64 * 8.0 / secs / 1e6;

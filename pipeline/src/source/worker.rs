@@ -286,6 +286,14 @@ impl Worker {
             self.channel.poll_completions(&mut self.done).map(|_| ())
         };
         res.map_err(|e| self.chan_err(e))?;
+        let st = self.channel.stats();
+        let counters = &self.s.counters;
+        counters
+            .tls_sealed
+            .store(st.tls_bytes_sealed, Ordering::Relaxed);
+        counters
+            .tls_copied
+            .store(st.tls_bytes_copied, Ordering::Relaxed);
         for c in self.done.drain(..) {
             self.s
                 .counters
