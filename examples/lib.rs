@@ -6,3 +6,8 @@
 //! - `pagewire-vmm` (`examples/vmm/`): a small KVM VMM (kvm-ioctls, vm-memory) whose
 //!   running guest live-migrates between two processes; see the README, "A real guest"
 //!   (`cargo run --release -p pagewire-examples --bin pagewire-vmm -- --help`).
+//!
+//! Both take `--tls` (see [`tls`]): TLS 1.3 around every channel, with certificates
+//! made for the run unless PEM files are given.
+
+pub mod tls;

@@ -16,9 +16,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use pagewire::sim::{self, Content, Guest, Pattern, WriterConfig};
 use pagewire::{
-    Authentication, Backend, CodecId, DestinationConfig, DestinationListener, Endpoint, GuestAddr,
-    GuestMemory, MemoryLayout, RegionDesc, RegionId, SessionId, SessionKey, Source, SourceConfig,
+    Authentication, Backend, CodecId, DestinationConfig, DestinationListener, Encryption, Endpoint,
+    GuestAddr, GuestMemory, MemoryLayout, RegionDesc, RegionId, SessionId, SessionKey, Source,
+    SourceConfig,
 };
+use pagewire_examples::tls::{self, TlsArgs};
 
 const HELP: &str = "\
 pagewire demo: live-migrate a simulated guest over loopback (or a Unix socket) and print
@@ -46,6 +48,8 @@ USAGE: demo [OPTIONS]
   --key TEXT            authenticate with this pre-shared key (16 bytes or more)
   --no-baseline         skip the plain-socket ceiling measurement
   --json                print the statistics as JSON
+
+TLS (both sides in this process; with PEM files, one identity serves both):
 ";
 
 struct Args {
@@ -67,6 +71,7 @@ struct Args {
     key: Option<String>,
     baseline: bool,
     json: bool,
+    tls: TlsArgs,
 }
 
 fn parse() -> anyhow::Result<Args> {
@@ -89,13 +94,14 @@ fn parse() -> anyhow::Result<Args> {
         key: None,
         baseline: true,
         json: false,
+        tls: TlsArgs::default(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut val = || it.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--help" | "-h" => {
-                print!("{HELP}");
+                print!("{HELP}{}", tls::HELP);
                 std::process::exit(0);
             }
             "--memory" => a.memory_mib = val()?.parse()?,
@@ -147,6 +153,7 @@ fn parse() -> anyhow::Result<Args> {
             "--key" => a.key = Some(val()?),
             "--no-baseline" => a.baseline = false,
             "--json" => a.json = true,
+            o if a.tls.take(o, &mut val)? => {}
             o => bail!("unknown option {o}; see --help"),
         }
     }
@@ -270,16 +277,22 @@ fn main() -> anyhow::Result<()> {
         }
         None => sim::fill(&memory, args.fill, 42),
     }
+    let tls = if args.tls.enabled {
+        Some(args.tls.pair()?)
+    } else {
+        None
+    };
     if !args.json {
         eprintln!(
-            "filled {} MiB in {:.2} s; migrating with {} channel(s), codec {:?}, over {}",
+            "filled {} MiB in {:.2} s; migrating with {} channel(s), codec {:?}, over {}{}",
             args.memory_mib,
             t.elapsed().as_secs_f64(),
             args.channels,
             args.codec,
             args.unix
                 .as_ref()
-                .map_or("TCP loopback".into(), |p| format!("unix:{}", p.display()))
+                .map_or("TCP loopback".into(), |p| format!("unix:{}", p.display())),
+            if tls.is_some() { " inside TLS 1.3" } else { "" }
         );
     }
 
@@ -293,6 +306,9 @@ fn main() -> anyhow::Result<()> {
     let mut dcfg = DestinationConfig::new(session, auth.clone());
     dcfg.backend = backend;
     dcfg.checksum = args.checksum;
+    if let Some((_, d)) = &tls {
+        dcfg.encryption = Encryption::Tls(d.clone());
+    }
     let endpoint = match &args.unix {
         Some(path) => Endpoint::Unix(path.clone()),
         None => Endpoint::Tcp("127.0.0.1:0".parse()?),
@@ -321,6 +337,9 @@ fn main() -> anyhow::Result<()> {
     }
     cfg.backend = backend;
     cfg.checksum = args.checksum;
+    if let Some((s, _)) = tls {
+        cfg.encryption = Encryption::Tls(s);
+    }
     cfg.bandwidth_limit = args.bandwidth_mbit * 1_000_000 / 8;
     cfg.precopy.downtime_limit = Duration::from_millis(args.downtime_ms);
     cfg.precopy.max_rounds = args.max_rounds;
@@ -380,6 +399,14 @@ fn main() -> anyhow::Result<()> {
             migrated.stats.placed_bytes as f64 / (1 << 20) as f64,
             migrated.stats.prefault_ms
         );
+        if args.tls.enabled {
+            println!(
+                "destination TLS:       {:.1} MiB opened, {:.1} MiB copied ({:.0} bytes per data page)",
+                migrated.stats.tls_opened_bytes as f64 / (1 << 20) as f64,
+                migrated.stats.tls_copied_bytes as f64 / (1 << 20) as f64,
+                migrated.stats.tls_copied_bytes as f64 / migrated.stats.data_pages.max(1) as f64
+            );
+        }
         if let Some(c) = ceiling {
             println!(
                 "plain-socket ceiling:  {c:.0} Mbit/s with {} connection(s) in this run; migration moved guest memory at {:.0} Mbit/s ({:.2}x the ceiling)",

@@ -157,6 +157,11 @@ fn digest(v: &Vmm, prefix: &str) -> String {
 }
 
 fn migrate_and_verify(guest: &[&str], migration: &[&str]) {
+    migrate_and_verify_with(guest, migration);
+}
+
+/// [`migrate_and_verify`], returning the source's JSON summary.
+fn migrate_and_verify_with(guest: &[&str], migration: &[&str]) -> serde_json::Value {
     let dst_args: Vec<&str> = guest
         .iter()
         .copied()
@@ -187,6 +192,7 @@ fn migrate_and_verify(guest: &[&str], migration: &[&str]) {
     assert!(ds["heartbeats"].as_u64().unwrap() > 0);
     assert!(ds["downtime"]["guest_downtime_ms"].as_f64().unwrap() > 0.0);
     assert!(dst.all().iter().any(|l| l.starts_with("heartbeat:")));
+    ss
 }
 
 #[test]
@@ -206,6 +212,32 @@ fn migrates_a_running_guest_bitmap_one_vcpu_memfd_zstd() {
         ],
         &["--codec", "zstd", "--channels", "2"],
     );
+}
+
+#[test]
+fn migrates_a_running_guest_inside_tls_with_certificates_made_for_the_run() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kvm_or_skip("migrates_a_running_guest_inside_tls_with_certificates_made_for_the_run") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("pagewire-vmm-tls-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let dir_s = dir.to_str().unwrap().to_owned();
+    let summary = migrate_and_verify_with(
+        &[
+            "--mem-mib",
+            "128",
+            "--dirty-mbps",
+            "20",
+            "--tls",
+            "--tls-dir",
+            &dir_s,
+        ],
+        &["--codec", "zstd", "--channels", "2"],
+    );
+    assert_eq!(summary["pagewire"]["tls"]["encrypted"], true, "{summary}");
+    assert!(summary["pagewire"]["tls"]["sealed_bytes"].as_u64().unwrap() > 0);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

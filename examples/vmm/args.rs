@@ -43,6 +43,9 @@ MIGRATION:
                        copy before it resumes (the self-check must find it)
   --digest             print a CRC32C of all guest memory while the vCPUs are stopped
                        (source at the pause, destination before resuming)
+
+TLS (give both processes the same options; made certificates are shared through
+--tls-dir, default $TMPDIR/pagewire-tls):
 ";
 
 /// What this process does.
@@ -87,6 +90,7 @@ pub struct Args {
     pub accept_timeout: Duration,
     pub digest: bool,
     pub corrupt: bool,
+    pub tls: pagewire_examples::tls::TlsArgs,
 }
 
 fn secs(v: &str) -> anyhow::Result<Duration> {
@@ -117,13 +121,14 @@ pub fn parse() -> anyhow::Result<Args> {
         accept_timeout: Duration::from_secs(60),
         digest: false,
         corrupt: false,
+        tls: Default::default(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut val = || it.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--help" | "-h" => {
-                print!("{HELP}");
+                print!("{HELP}{}", pagewire_examples::tls::HELP);
                 std::process::exit(0);
             }
             "--listen" => a.role = Role::Listen(val()?.parse()?),
@@ -166,6 +171,7 @@ pub fn parse() -> anyhow::Result<Args> {
             "--accept-timeout" => a.accept_timeout = secs(&val()?)?,
             "--digest" => a.digest = true,
             "--corrupt-first-page" => a.corrupt = true,
+            o if a.tls.take(o, &mut val)? => {}
             o => bail!("unknown option {o}; see --help"),
         }
     }

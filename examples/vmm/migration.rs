@@ -188,6 +188,12 @@ pub fn migrate_out(
         Ok(a) => SourceConfig::new(SESSION, a),
         Err(e) => return fail(format!("{e:#}")),
     };
+    if args.tls.enabled {
+        match args.tls.side(true) {
+            Ok(t) => cfg.encryption = pagewire::Encryption::Tls(t),
+            Err(e) => return fail(format!("TLS: {e:#}")),
+        }
+    }
     cfg.channels = args.channels;
     cfg.codec = match args.codec {
         Codec::Zstd => CodecId::ZSTD,
@@ -271,6 +277,9 @@ impl Incoming {
     /// Binding failed.
     pub fn bind(args: &Args, addr: SocketAddr) -> anyhow::Result<Self> {
         let mut cfg = DestinationConfig::new(SESSION, auth(args)?);
+        if args.tls.enabled {
+            cfg.encryption = pagewire::Encryption::Tls(args.tls.side(false)?);
+        }
         cfg.accept_timeout = args.accept_timeout;
         cfg.idle_timeout = args.timeout;
         let listener = DestinationListener::bind(addr, cfg.clone())?;
