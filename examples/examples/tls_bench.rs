@@ -1,0 +1,221 @@
+//! What TLS costs a migration: the same memory migrated in clear and inside TLS 1.3,
+//! for codec none (raw pages) and zstd, over loopback in one process, with the ratios
+//! against the plaintext run of the same codec in the same run; and, as the bound for
+//! raw pages, rustls' own sealing and opening speed on one core (the same crypto
+//! provider, in memory) against a plain `memcpy` of the same bytes.
+//!
+//! ```sh
+//! cargo run --release -p pagewire-examples --example tls_bench -- --memory 512 --repeat 3
+//! ```
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use pagewire::sim::{self, Content, Guest, Pattern, WriterConfig};
+use pagewire::tls::generate;
+use pagewire::{
+    Authentication, CodecId, DestinationConfig, DestinationListener, Encryption, GuestAddr,
+    GuestMemory, MemoryLayout, RegionDesc, RegionId, SessionId, Source, SourceConfig, TlsConfig,
+};
+
+struct Cell {
+    pages_per_s: f64,
+    cpu_s_per_gib: f64,
+    copied_per_page: f64,
+}
+
+fn migrate(
+    memory: &Arc<GuestMemory>,
+    codec: CodecId,
+    tls: Option<&(TlsConfig, TlsConfig)>,
+    n: u8,
+) -> anyhow::Result<Cell> {
+    let session = SessionId([n; 16]);
+    let mut dcfg = DestinationConfig::new(session, Authentication::None);
+    let mut cfg = SourceConfig::new(session, Authentication::None);
+    if let Some((s, d)) = tls {
+        dcfg.encryption = Encryption::Tls(d.clone());
+        cfg.encryption = Encryption::Tls(s.clone());
+    }
+    let listener = DestinationListener::bind("127.0.0.1:0".parse()?, dcfg)?;
+    let addr = listener.local_addr()?;
+    let destination = std::thread::spawn(move || listener.accept(None)?.wait());
+    // An idle guest: every cell moves exactly the same pages once.
+    let mut guest = Guest::start(
+        memory.clone(),
+        WriterConfig {
+            pages_per_s: 0,
+            pattern: Pattern::Random,
+            content: Content::Mixed,
+            seed: 1,
+        },
+    );
+    cfg.codec = codec;
+    cfg.channels = 2;
+    let mut source = Source::connect(addr, memory.clone(), cfg)?;
+    let mut log = guest.log();
+    let mut vcpus = guest.vcpus();
+    let mut devices = |_: &mut pagewire::DeviceStateWriter<'_>| Ok(());
+    let stats = pagewire::migrate(&mut source, &mut log, &mut vcpus, &mut devices)
+        .map_err(|f| anyhow::anyhow!("migration failed: {}", f.error))?;
+    guest.stop();
+    drop(source);
+    let migrated = destination
+        .join()
+        .map_err(|_| anyhow::anyhow!("destination panicked"))??;
+    if sim::first_difference(memory, &migrated.memory).is_some() {
+        bail!("destination differs from the source");
+    }
+    let gib = stats.guest_bytes as f64 / f64::from(1u32 << 30);
+    let pages = stats.pages.total().max(1) as f64;
+    Ok(Cell {
+        pages_per_s: stats.pages_per_s,
+        cpu_s_per_gib: (stats.cpu.seconds + migrated.stats.cpu.seconds) / gib,
+        copied_per_page: (stats.tls.copied_bytes + migrated.stats.tls_copied_bytes) as f64
+            / pages,
+    })
+}
+
+/// rustls sealing and opening `total` bytes in 16 KiB writes on this thread, GB/s,
+/// and the cipher suite; against `memcpy` of the same bytes.
+fn crypto_speed(tls: &(TlsConfig, TlsConfig), total: usize) -> anyhow::Result<(String, f64, f64)> {
+    let (c, name) = tls.0.rustls_client().context("client config")?;
+    let s = tls.1.rustls_server().context("server config")?;
+    let mut client = rustls::ClientConnection::new(c.clone(), name.clone())?;
+    let mut server = rustls::ServerConnection::new(s.clone())?;
+    for _ in 0..10 {
+        let mut buf = Vec::new();
+        client.write_tls(&mut buf)?;
+        server.read_tls(&mut &buf[..])?;
+        server.process_new_packets()?;
+        buf.clear();
+        server.write_tls(&mut buf)?;
+        client.read_tls(&mut &buf[..])?;
+        client.process_new_packets()?;
+    }
+    if client.is_handshaking() || server.is_handshaking() {
+        bail!("in-memory TLS handshake did not finish");
+    }
+    let suite = format!(
+        "{:?}",
+        client
+            .negotiated_cipher_suite()
+            .context("no suite")?
+            .suite()
+    );
+    let chunk = vec![0x5au8; 16 << 10];
+    let mut wire = Vec::with_capacity(64 << 10);
+    let mut plain = vec![0u8; 16 << 10];
+    let (mut seal, mut open) = (Duration::ZERO, Duration::ZERO);
+    let mut done = 0;
+    while done < total {
+        let t = Instant::now();
+        client.writer().write_all(&chunk)?;
+        wire.clear();
+        client.write_tls(&mut wire)?;
+        seal += t.elapsed();
+        let t = Instant::now();
+        let mut rd = &wire[..];
+        while !rd.is_empty() {
+            server.read_tls(&mut rd)?;
+            server.process_new_packets()?;
+            while server.reader().read(&mut plain).is_ok_and(|n| n > 0) {}
+        }
+        open += t.elapsed();
+        done += chunk.len();
+    }
+    let gbs = |d: Duration| done as f64 / d.as_secs_f64() / 1e9;
+    Ok((suite, gbs(seal), gbs(open)))
+}
+
+fn memcpy_speed(total: usize) -> f64 {
+    let src = vec![0x5au8; 16 << 20];
+    let mut dst = vec![0u8; 16 << 20];
+    let t = Instant::now();
+    let mut done = 0;
+    while done < total {
+        dst.copy_from_slice(&src);
+        std::hint::black_box(&mut dst);
+        done += src.len();
+    }
+    done as f64 / t.elapsed().as_secs_f64() / 1e9
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut memory_mib = 512u64;
+    let mut repeat = 3usize;
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--memory" => memory_mib = val()?.parse()?,
+            "--repeat" => repeat = val()?.parse()?,
+            "--help" | "-h" => {
+                println!("tls_bench [--memory MIB (512)] [--repeat N (3)]");
+                return Ok(());
+            }
+            o => bail!("unknown option {o}"),
+        }
+    }
+    let layout = MemoryLayout::new(
+        4096,
+        [RegionDesc {
+            id: RegionId(0),
+            backing_page_size: 2 << 20,
+            guest_addr: GuestAddr(0),
+            length: memory_mib << 20,
+        }],
+    )?;
+    let memory = Arc::new(GuestMemory::anonymous(&layout)?);
+    sim::fill(&memory, Content::Mixed, 42);
+    let pki = generate::pki("bench CA", &["localhost"])?;
+    let tls = (pki.source_config("localhost")?, pki.destination_config()?);
+    println!(
+        "{memory_mib} MiB of mixed memory, 2 channels over TCP loopback, idle guest; {repeat} repetitions, plain and TLS alternating"
+    );
+    let mut n = 0u8;
+    for (codec, name) in [(CodecId::RAW, "none"), (CodecId::ZSTD, "zstd")] {
+        let (mut plain, mut enc) = (Vec::new(), Vec::new());
+        for r in 0..repeat {
+            for tls_first in [r % 2 == 1, r % 2 == 0] {
+                n = n.wrapping_add(1);
+                let cell = migrate(&memory, codec, tls_first.then_some(&tls), n)?;
+                if tls_first {
+                    enc.push(cell);
+                } else {
+                    plain.push(cell);
+                }
+            }
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let col = |v: &[Cell], f: fn(&Cell) -> f64| median(&mut v.iter().map(f).collect());
+        let (pp, ep) = (col(&plain, |c| c.pages_per_s), col(&enc, |c| c.pages_per_s));
+        let (pc, ec) = (col(&plain, |c| c.cpu_s_per_gib), col(&enc, |c| c.cpu_s_per_gib));
+        let copied = col(&enc, |c| c.copied_per_page);
+        println!(
+            "codec {name:<5} plain: {pp:>9.0} pages/s {pc:.2} CPU-s/GiB | TLS: {ep:>9.0} pages/s {ec:.2} CPU-s/GiB, {copied:.0} B copied/page | TLS/plain: throughput {:.3}, CPU {:.3}",
+            ep / pp,
+            ec / pc
+        );
+        for (i, (p, e)) in plain.iter().zip(&enc).enumerate() {
+            println!(
+                "  run {i}: plain {:.0} pages/s {:.2} CPU-s/GiB, TLS {:.0} pages/s {:.2} CPU-s/GiB",
+                p.pages_per_s, p.cpu_s_per_gib, e.pages_per_s, e.cpu_s_per_gib
+            );
+        }
+    }
+    let total = 1 << 30;
+    let (suite, seal, open) = crypto_speed(&tls, total)?;
+    let copy = memcpy_speed(total);
+    println!(
+        "one core: rustls {suite} seal {seal:.2} GB/s, open {open:.2} GB/s; memcpy {copy:.2} GB/s (seal/memcpy {:.3}, open/memcpy {:.3})",
+        seal / copy,
+        open / copy
+    );
+    Ok(())
+}
