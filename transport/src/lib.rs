@@ -16,6 +16,11 @@
 //!   [`session::Listener::from_listener`]).
 //! - [`buf`] holds the memory channels send from and receive into: registered guest
 //!   memory ([`GuestMemory`]) and buffer pools ([`BufferPool`]).
+//! - [`tls`] puts TLS 1.3 (rustls) around the stream channels: a session is either
+//!   [`Encryption::Tls`] (mutual X.509, the handshake bound to the TLS session) or
+//!   declared [`Encryption::Plaintext`], set in
+//!   [`session::SessionConfig::encryption`]; a mismatch is refused with a REJECT that
+//!   says so.
 //!
 //! The source sends raw pages straight from guest memory; the destination places
 //! them straight into its own:

@@ -23,13 +23,13 @@
 //! backend you want on the thread that will drive it ([`Established::open`]); io_uring
 //! channels are bound to the thread that creates them.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use pagewire_protocol::{
-    Authentication, Capabilities, ChannelId, ClientConfig, ClientHandshake, Frame, FrameDecoder,
-    HandshakeError, Limits, Negotiated, ServerHandshake, SessionId,
+    Authentication, Capabilities, ChannelId, ClientConfig, ClientHandshake, HandshakeError,
+    Negotiated, ServerHandshake, SessionId,
 };
 
 use crate::channel::{
@@ -37,10 +37,13 @@ use crate::channel::{
 };
 use crate::endpoint::{self, Endpoint, Stream};
 use crate::tcp::{TcpChannel, TcpConfig, TcpError};
-use crate::tls::{Encryption, TlsError, TlsSession, is_tls_record_type};
+use crate::tls::{Encryption, TlsError, TlsSession};
 use crate::uring::{self, UringChannel, UringConfig, UringError};
 
 mod listener;
+mod secure;
+
+use secure::{HsReadError, hs_read, hs_write, tls_client_handshake};
 
 pub use listener::{Accepted, Listener, ListenerConfig, ListenerStats, MAX_REFUSALS_KEPT};
 
@@ -399,56 +402,6 @@ macro_rules! impl_handshake {
 impl_handshake!(ClientHandshake);
 impl_handshake!(ServerHandshake);
 
-/// Writes handshake output: in clear, or sealed into TLS records.
-fn hs_write(stream: &mut Stream, tls: Option<&mut TlsSession>, out: &[u8]) -> io::Result<()> {
-    match tls {
-        None => stream.write_all(out),
-        Some(tls) => {
-            tls.seal_bytes(out)?;
-            tls.write_to(stream)
-        }
-    }
-}
-
-/// Why reading handshake bytes failed.
-enum HsReadError {
-    Io(io::Error),
-    Tls(TlsError),
-}
-
-/// Reads handshake input: in clear, or the plaintext of TLS records.
-fn hs_read(
-    stream: &mut Stream,
-    tls: Option<&mut TlsSession>,
-    buf: &mut [u8],
-) -> Result<usize, HsReadError> {
-    let Some(tls) = tls else {
-        return stream.read(buf).map_err(HsReadError::Io);
-    };
-    let mut raw = [0u8; 4096];
-    loop {
-        match tls.read_plain(buf) {
-            Ok(Some(n)) => return Ok(n),
-            Ok(None) => {}
-            Err(e) => return Err(HsReadError::Io(e)),
-        }
-        let n = stream.read(&mut raw).map_err(HsReadError::Io)?;
-        if n == 0 {
-            return Ok(0);
-        }
-        let mut fed = 0;
-        while fed < n {
-            let used = tls.feed(&raw[fed..n]).map_err(HsReadError::Tls)?;
-            if used == 0 {
-                break;
-            }
-            fed += used;
-        }
-        // An alert (e.g. the peer refusing this side's certificate) may be queued.
-        let _ = tls.write_to(stream);
-    }
-}
-
 /// Runs a handshake over a blocking socket (inside `tls` when given) until it is
 /// done; returns the agreement and the bytes that followed it.
 fn run_handshake(
@@ -524,111 +477,6 @@ fn run_handshake(
             }
         }
     }
-}
-
-/// Runs a TLS source's TLS handshake on a blocking socket. The first byte of the
-/// destination's answer is looked at before rustls sees it: a plaintext destination
-/// answers a ClientHello with a pagewire REJECT (`ENCRYPTION_UNSUPPORTED`), reported
-/// as that refusal.
-fn tls_client_handshake(
-    stream: &mut Stream,
-    cfg: &crate::tls::TlsConfig,
-    timeout: Duration,
-    peer: &Endpoint,
-    channel: u16,
-) -> Result<Box<TlsSession>, SessionError> {
-    let tls_err = |source| SessionError::Tls {
-        peer: peer.clone(),
-        source,
-    };
-    let io_err = |source| SessionError::HandshakeIo {
-        peer: peer.clone(),
-        source,
-    };
-    let mut tls = Box::new(TlsSession::client(cfg).map_err(tls_err)?);
-    let deadline = Instant::now() + timeout;
-    let mut buf = vec![0u8; 16 << 10];
-    let mut first = true;
-    loop {
-        tls.write_to(stream).map_err(io_err)?;
-        if !tls.is_handshaking() {
-            return Ok(tls);
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io_err(io::ErrorKind::TimedOut.into()));
-        }
-        stream
-            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
-            .map_err(io_err)?;
-        let n = stream.read(&mut buf).map_err(io_err)?;
-        if n == 0 {
-            return Err(io_err(io::ErrorKind::UnexpectedEof.into()));
-        }
-        if std::mem::take(&mut first) && !is_tls_record_type(buf[0]) {
-            return Err(plaintext_answer(stream, &buf[..n], deadline, peer, channel));
-        }
-        let mut fed = 0;
-        while fed < n {
-            match tls.feed(&buf[fed..n]) {
-                Ok(0) => break,
-                Ok(used) => fed += used,
-                Err(e) => {
-                    // Send the alert that says why, then give up.
-                    let _ = tls.write_to(stream);
-                    return Err(tls_err(e));
-                }
-            }
-        }
-    }
-}
-
-/// Reads the pagewire frame a plaintext destination answered a ClientHello with
-/// (`input` and what follows, up to one handshake frame before the deadline).
-fn plaintext_answer(
-    stream: &mut Stream,
-    input: &[u8],
-    deadline: Instant,
-    peer: &Endpoint,
-    channel: u16,
-) -> SessionError {
-    let not_tls = || SessionError::NotTls { peer: peer.clone() };
-    let mut dec = FrameDecoder::new(Limits::handshake());
-    let mut bytes = input.to_vec();
-    let mut buf = [0u8; 4096];
-    for _ in 0..8 {
-        let mut rest = &bytes[..];
-        loop {
-            match dec.decode(rest) {
-                Ok((_, Some(Frame::Reject(r)))) => {
-                    return SessionError::Handshake {
-                        channel: Some(channel),
-                        peer: peer.clone(),
-                        peer_message: Some(r.message.to_owned()),
-                        source: HandshakeError::Rejected {
-                            reason: r.reason,
-                            version_min: r.version_min,
-                            version_max: r.version_max,
-                            page_size: r.page_size,
-                        },
-                    };
-                }
-                Ok((_, Some(_))) | Err(_) => return not_tls(),
-                Ok((0, None)) => break,
-                Ok((used, None)) => rest = &rest[used..],
-            }
-        }
-        bytes.clear();
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
-            return not_tls();
-        }
-        match stream.read(&mut buf) {
-            Ok(n) if n > 0 => bytes.extend_from_slice(&buf[..n]),
-            _ => return not_tls(),
-        }
-    }
-    not_tls()
 }
 
 /// Opens the session's channels to the TCP address `addr`: connects each (with the

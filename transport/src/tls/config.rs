@@ -71,6 +71,22 @@ pub struct PemFiles<'a> {
     pub key: &'a Path,
 }
 
+/// ring's TLS 1.3 suites, AES-128-GCM first: as safe in TLS 1.3 and the fastest to
+/// seal and open on CPUs with AES instructions (what a migration spends on TLS).
+fn provider() -> rustls::crypto::CryptoProvider {
+    use rustls::crypto::ring::cipher_suite::{
+        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
+    };
+    rustls::crypto::CryptoProvider {
+        cipher_suites: vec![
+            TLS13_AES_128_GCM_SHA256,
+            TLS13_AES_256_GCM_SHA384,
+            TLS13_CHACHA20_POLY1305_SHA256,
+        ],
+        ..rustls::crypto::ring::default_provider()
+    }
+}
+
 impl TlsConfig {
     /// A source's settings from a rustls client configuration (which must present a
     /// client certificate: destinations require one) and the name the destination's
@@ -95,7 +111,8 @@ impl TlsConfig {
     /// Both roles from PEM files: this side's certificate and key, used as client
     /// certificate and as server certificate, and the CA that must have signed the
     /// peer's certificate (and, for a source, that certificate must be valid for
-    /// `server_name`, a DNS name or an IP address). TLS 1.3 only, ring's cipher suites.
+    /// `server_name`, a DNS name or an IP address). TLS 1.3 only, ring's cipher suites
+    /// with AES-128-GCM preferred.
     ///
     /// # Errors
     /// [`TlsError::Pem`] when a file cannot be read or holds no usable item,
@@ -155,7 +172,7 @@ impl TlsConfig {
         let key = PrivateKeyDer::from_pem_slice(key).map_err(pem_err("private key"))?;
         let name = ServerName::try_from(server_name.to_owned())
             .map_err(|_| TlsError::ServerName(server_name.to_owned()))?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(provider());
         let roots = Arc::new(roots);
         let client = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&TLS13])

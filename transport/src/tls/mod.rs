@@ -37,9 +37,9 @@
 //!   Every such copy is counted in [`ChannelStats`](crate::ChannelStats)
 //!   (`tls_bytes_copied`, with `tls_bytes_sealed` and `tls_bytes_opened`).
 //! - **Failure**: a record whose tag does not verify (tampering) fails the channel with
-//!   [`ChannelError::Tls`](crate::ChannelError::Tls) (`DecryptError`); the frame it
+//!   [`ChannelError::Tls`] (`DecryptError`); the frame it
 //!   belongs to is never reported placed. A peer that closes without `close_notify`
-//!   fails with [`ChannelError::TlsTruncated`](crate::ChannelError::TlsTruncated), so
+//!   fails with [`ChannelError::TlsTruncated`], so
 //!   truncation is never taken for a clean end.
 
 use std::io::{self, BufRead, Read, Write};

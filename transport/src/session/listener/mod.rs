@@ -19,6 +19,13 @@
 //! [`ListenerConfig::accept_backoff`]; it ends neither the call nor the listener.
 //! Refusals are counted in [`ListenerStats`]; only the last few reasons are kept.
 //!
+//! A listener bound with [`Encryption::Tls`](crate::Encryption::Tls) runs the TLS
+//! handshake of each connection first, in the same non-blocking loop and within the
+//! same deadline, and answers a plaintext HELLO with a plaintext REJECT
+//! (`ENCRYPTION_REQUIRED`); a plaintext listener answers a TLS ClientHello with REJECT
+//! `ENCRYPTION_UNSUPPORTED`. Every session accepted on a listener must have its
+//! encryption ([`SessionError::Config`] otherwise).
+//!
 //! The listener is not consumed: after a session was accepted, or after an attempt
 //! failed, [`Listener::accept_session`] can be called again on the same socket.
 //!
