@@ -517,7 +517,6 @@ impl Channel for TcpChannel {
                 let mut src = TlsSource {
                     inner: &mut src,
                     tls,
-                    staged: true,
                 };
                 self.rx.recv(&mut src, sink)
             }
@@ -541,7 +540,7 @@ impl Channel for TcpChannel {
     fn close(&mut self, out: &mut Vec<Completed>) -> Result<(), ChannelError> {
         self.flush(out)?;
         if let Some(tls) = self.tls.as_deref_mut() {
-            tls.close();
+            tls.close().map_err(ChannelError::Tls)?;
             let mut w = SockWriter {
                 stream: &self.stream,
                 timeout: self.cfg.send_timeout,

@@ -20,7 +20,7 @@ pub(super) fn hs_write(
     match tls {
         None => stream.write_all(out),
         Some(tls) => {
-            tls.seal_bytes(out)?;
+            tls.seal_bytes(out).map_err(io::Error::other)?;
             tls.write_to(stream)
         }
     }
@@ -46,7 +46,7 @@ pub(super) fn hs_read(
         match tls.read_plain(buf) {
             Ok(Some(n)) => return Ok(n),
             Ok(None) => {}
-            Err(e) => return Err(HsReadError::Io(e)),
+            Err(e) => return Err(HsReadError::Tls(e)),
         }
         let n = stream.read(&mut raw).map_err(HsReadError::Io)?;
         if n == 0 {

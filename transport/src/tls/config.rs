@@ -90,10 +90,13 @@ fn provider() -> rustls::crypto::CryptoProvider {
 impl TlsConfig {
     /// A source's settings from a rustls client configuration (which must present a
     /// client certificate: destinations require one) and the name the destination's
-    /// certificate must be valid for.
+    /// certificate must be valid for. The configuration is used with secret
+    /// extraction enabled (the record layer runs outside rustls after the handshake).
     pub fn client(config: Arc<rustls::ClientConfig>, server_name: ServerName<'static>) -> Self {
+        let mut c = (*config).clone();
+        c.enable_secret_extraction = true;
         Self {
-            client: Some((config, server_name)),
+            client: Some((Arc::new(c), server_name)),
             server: None,
         }
     }
@@ -101,10 +104,17 @@ impl TlsConfig {
     /// A destination's settings from a rustls server configuration (whose client
     /// verifier should require a certificate: with one that does not, a source without
     /// a certificate is let in).
+    ///
+    /// The configuration is used with secret extraction enabled and without session
+    /// tickets (the record layer runs outside rustls after the handshake; a channel
+    /// is never resumed).
     pub fn server(config: Arc<rustls::ServerConfig>) -> Self {
+        let mut c = (*config).clone();
+        c.enable_secret_extraction = true;
+        c.send_tls13_tickets = 0;
         Self {
             client: None,
-            server: Some(config),
+            server: Some(Arc::new(c)),
         }
     }
 
@@ -180,6 +190,8 @@ impl TlsConfig {
             .with_root_certificates(roots.clone())
             .with_client_auth_cert(chain.clone(), key.clone_key())
             .map_err(TlsError::Config)?;
+        let mut client = client;
+        client.enable_secret_extraction = true;
         let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
             .build()
             .map_err(|e| TlsError::Verifier(e.to_string()))?;
@@ -191,6 +203,7 @@ impl TlsConfig {
             .map_err(TlsError::Config)?;
         // A channel is one long connection: no resumption tickets to send.
         server.send_tls13_tickets = 0;
+        server.enable_secret_extraction = true;
         Ok(Self {
             client: Some((Arc::new(client), name)),
             server: Some(Arc::new(server)),

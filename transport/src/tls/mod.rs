@@ -20,29 +20,38 @@
 //!   the pagewire handshake, which then negotiates `hmac-sha256-tls-exporter` when a
 //!   pre-shared key is configured: the key and the certificates are two independent
 //!   factors, and a relay that terminates two TLS sessions cannot splice them.
-//! - **Records and copies**: rustls 0.23 with the `ring` provider. rustls' *unbuffered*
-//!   API offers no exporter in 0.23 and copies the same bytes internally (decrypted
-//!   records leave through a `Vec`, sealed records through a `Vec` copied into the
-//!   caller's buffer), so the buffered connection is driven without its own IO:
+//! - **Records and copies**: rustls 0.23 (the `ring` provider) runs the TLS handshake;
+//!   at its end it hands over the traffic keys, and pagewire's own record layer
+//!   (`record.rs`, RFC 8446 §5, ring's AEADs) seals and opens every record after it.
+//!   rustls' *unbuffered* API, meant for this, has no exporter in 0.23, and in 0.23 it
+//!   and the buffered API copy every byte internally once more (plaintext leaves
+//!   through a `Vec`); the handshake is therefore fed to the buffered connection one
+//!   whole record at a time, so that rustls never holds application data, and the
+//!   keys are taken from it (`dangerous_extract_secrets`) once the exporter value is.
 //!   - send: each frame's header and payload slices (guest pages, codec output) are
-//!     handed to rustls, which copies them once into a record buffer and seals it
-//!     there; the TCP backend writes the sealed records with `sendmsg` straight from
-//!     rustls' buffers, the io_uring backend first gathers them into one buffer that
-//!     stays alive until the send completes (one more copy);
-//!   - receive: ciphertext is read in large chunks and fed to rustls (one copy into its
-//!     record buffer), which decrypts in place and queues the plaintext (one copy);
-//!     pagewire copies it from there to where it is decoded, or for raw pages straight
-//!     into destination memory (one copy), only after the record's tag verified.
+//!     copied once into the record buffer and sealed there in place; that buffer is
+//!     what is sent (one `sendmsg` on TCP; the io_uring send keeps it until it
+//!     completes). One copy per byte, against none for a plaintext send (whose copy
+//!     the kernel makes).
+//!   - receive: ciphertext is read in chunks of up to 256 KiB into the session's
+//!     buffer and each record is opened in place there; its plaintext is copied to
+//!     where it is decoded, or for raw pages straight into destination memory, only
+//!     after the record's tag verified. One copy per byte, plus the tail of a partial
+//!     record moved to the front of the buffer between reads (at most one record per
+//!     256 KiB read).
 //!
 //!   Every such copy is counted in [`ChannelStats`](crate::ChannelStats)
-//!   (`tls_bytes_copied`, with `tls_bytes_sealed` and `tls_bytes_opened`).
+//!   (`tls_bytes_copied`, with `tls_bytes_sealed` and `tls_bytes_opened`). The record
+//!   layer never rekeys (see `record.rs`): a KeyUpdate from the peer fails the channel,
+//!   and a direction that reaches 2^24 records under one key (256 GiB) fails with
+//!   [`TlsError::RecordLimit`].
 //! - **Failure**: a record whose tag does not verify (tampering) fails the channel with
 //!   [`ChannelError::Tls`] (`DecryptError`); the frame it
 //!   belongs to is never reported placed. A peer that closes without `close_notify`
 //!   fails with [`ChannelError::TlsTruncated`], so
 //!   truncation is never taken for a clean end.
 
-use std::io::{self, BufRead, Read, Write};
+use std::io::{self, Write};
 
 use pagewire_protocol::ChannelBinding;
 use rustls::pki_types::ServerName;
@@ -51,16 +60,18 @@ use std::sync::Arc;
 use crate::buf::{GuestSlice, Payload};
 use crate::channel::{ChannelError, OutFrame};
 use crate::recv::{ByteSource, copy_to_guest};
+use record::{HEADER, MAX_RECORD, Opened, Records};
 
 mod config;
 pub mod generate;
+mod record;
 
 pub use config::{Encryption, PemFiles, TlsConfig};
 
 /// The first byte of a TLS handshake record (`ContentType::handshake`).
 const TLS_HANDSHAKE: u8 = 0x16;
-/// How much ciphertext one socket read takes on the TCP backend.
-const CIPHER_READ: usize = 256 << 10;
+/// Size of the ciphertext buffer: one socket read takes up to this much.
+const CIPHER_BUF: usize = 256 << 10;
 
 /// Whether the first bytes of a connection are a TLS record rather than a pagewire
 /// frame (a TLS ClientHello or ServerHello: content type 22, then version major 3).
@@ -114,6 +125,15 @@ pub enum TlsError {
     /// The peer negotiated something else than TLS 1.3.
     #[error("the peer negotiated a TLS version other than 1.3")]
     NotTls13,
+    /// The record layer met something it does not support.
+    #[error("unsupported by the record layer: {0}")]
+    Unsupported(&'static str),
+    /// A direction sealed or opened 2^24 records under one key, and this record layer
+    /// does not rekey (see the module docs).
+    #[error(
+        "2^24 TLS records under one key on this channel (256 GiB): the record layer does not rekey; use more channels"
+    )]
+    RecordLimit,
 }
 
 /// Byte counters of one TLS channel.
@@ -124,14 +144,24 @@ pub(crate) struct TlsCounters {
     pub(crate) copied: u64,
 }
 
-/// One channel's TLS connection after its handshake, driven without IO of its own:
-/// the channel reads and writes the socket, rustls seals and opens records.
+/// One channel's TLS session, driven without IO of its own (the channel reads and
+/// writes the socket). rustls runs the TLS handshake; then pagewire's record layer seals and opens
+/// the records on the secrets rustls hands over.
 pub struct TlsSession {
-    conn: rustls::Connection,
-    /// Ciphertext read from the socket and not yet given to rustls.
+    /// The handshake, until it completes.
+    hs: Option<rustls::Connection>,
+    /// The record layer, after it.
+    records: Option<Records>,
+    binding: Option<ChannelBinding>,
+    /// Ciphertext received: `cbuf[cstart..cend]` not processed yet;
+    /// `cbuf[pstart..pend]` plaintext opened in place and not handed out yet.
     cbuf: Vec<u8>,
     cstart: usize,
     cend: usize,
+    pstart: usize,
+    pend: usize,
+    /// Sealed records (and, during the handshake, rustls' records) to send.
+    out: Vec<u8>,
     /// The peer sent `close_notify`.
     closed: bool,
     pub(crate) counters: TlsCounters,
@@ -140,10 +170,15 @@ pub struct TlsSession {
 impl std::fmt::Debug for TlsSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsSession")
-            .field("handshaking", &self.conn.is_handshaking())
+            .field("handshaking", &self.is_handshaking())
             .field("counters", &self.counters)
             .finish()
     }
+}
+
+/// rustls' error for a record layer that is not there (a call out of order).
+fn not_ready() -> TlsError {
+    TlsError::Protocol(rustls::Error::HandshakeNotComplete)
 }
 
 impl TlsSession {
@@ -163,15 +198,17 @@ impl TlsSession {
         Ok(Self::new(conn.into()))
     }
 
-    fn new(mut conn: rustls::Connection) -> Self {
-        // A whole frame is sealed before it is written: no limit on queued records
-        // (a frame is bounded by the negotiated frame limit).
-        conn.set_buffer_limit(None);
+    fn new(conn: rustls::Connection) -> Self {
         Self {
-            conn,
-            cbuf: Vec::new(),
+            hs: Some(conn),
+            records: None,
+            binding: None,
+            cbuf: vec![0; CIPHER_BUF],
             cstart: 0,
             cend: 0,
+            pstart: 0,
+            pend: 0,
+            out: Vec::new(),
             closed: false,
             counters: TlsCounters::default(),
         }
@@ -179,43 +216,108 @@ impl TlsSession {
 
     /// Whether the TLS handshake is still running.
     pub(crate) fn is_handshaking(&self) -> bool {
-        self.conn.is_handshaking()
+        self.records.is_none()
     }
 
-    /// The channel binding (exporter value) once the handshake is done; checks that
-    /// the version is TLS 1.3.
+    /// The channel binding (exporter value), once the handshake is done.
     pub(crate) fn binding(&self) -> Result<ChannelBinding, TlsError> {
-        if self.conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
-            return Err(TlsError::NotTls13);
-        }
-        self.conn
-            .export_keying_material([0u8; 32], ChannelBinding::TLS_EXPORTER_LABEL, None)
-            .map(ChannelBinding)
-            .map_err(TlsError::Protocol)
+        self.binding.ok_or_else(not_ready)
     }
 
-    /// Feeds ciphertext and processes it; returns the bytes taken from `input` (all of
-    /// them unless rustls' buffer is full, which cannot happen with plaintext drained).
+    /// Room for more ciphertext at the end of the buffer, after moving what is left
+    /// of a partial record to its front (counted as copied).
+    fn spare(&mut self) -> &mut [u8] {
+        if self.pstart == self.pend && self.cstart > 0 && self.cbuf.len() - self.cend < MAX_RECORD {
+            let left = self.cend - self.cstart;
+            self.cbuf.copy_within(self.cstart..self.cend, 0);
+            self.counters.copied += left as u64;
+            self.cstart = 0;
+            self.cend = left;
+            self.pstart = 0;
+            self.pend = 0;
+        }
+        &mut self.cbuf[self.cend..]
+    }
+
+    /// Takes ciphertext from the peer (handshake phase: small).
     pub(crate) fn feed(&mut self, mut input: &[u8]) -> Result<usize, TlsError> {
         let total = input.len();
         while !input.is_empty() {
-            // An error means rustls' buffer is full: process what it has first.
-            let n = self.conn.read_tls(&mut input).unwrap_or_default();
-            self.counters.copied += n as u64;
-            let state = self
-                .conn
-                .process_new_packets()
-                .map_err(TlsError::Protocol)?;
-            self.closed |= state.peer_has_closed();
-            if n == 0 {
+            let spare = self.spare();
+            if spare.is_empty() {
+                // Undelivered plaintext fills the buffer: let the caller drain it.
                 break;
             }
+            let n = spare.len().min(input.len());
+            spare[..n].copy_from_slice(&input[..n]);
+            self.cend += n;
+            self.counters.copied += n as u64;
+            input = &input[n..];
+            self.handshake()?;
         }
         Ok(total - input.len())
     }
 
-    /// Feeds all of `input`, moving the plaintext it yields to `plain` as it goes (so
-    /// rustls' plaintext queue never blocks the input).
+    /// Gives rustls the whole records received while the handshake runs, one at a
+    /// time, and moves to the record layer as soon as it completes (so rustls never
+    /// holds application data).
+    fn handshake(&mut self) -> Result<(), TlsError> {
+        let Some(conn) = self.hs.as_mut() else {
+            return Ok(());
+        };
+        while conn.is_handshaking() {
+            let Some(&[_, _, _, hi, lo]) = self.cbuf.get(self.cstart..self.cstart + HEADER) else {
+                break;
+            };
+            let end = self.cstart + HEADER + usize::from(u16::from_be_bytes([hi, lo]));
+            if end > self.cend {
+                break;
+            }
+            let mut rec = &self.cbuf[self.cstart..end];
+            while !rec.is_empty() {
+                if conn
+                    .read_tls(&mut rec)
+                    .map_err(|e| TlsError::Protocol(rustls::Error::General(e.to_string())))?
+                    == 0
+                {
+                    break;
+                }
+                conn.process_new_packets().map_err(TlsError::Protocol)?;
+            }
+            self.cstart = end;
+        }
+        self.pull_handshake_output();
+        let Some(conn) = self.hs.as_mut() else {
+            return Ok(());
+        };
+        if conn.is_handshaking() {
+            return Ok(());
+        }
+        if conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
+            return Err(TlsError::NotTls13);
+        }
+        let binding = conn
+            .export_keying_material([0u8; 32], ChannelBinding::TLS_EXPORTER_LABEL, None)
+            .map_err(TlsError::Protocol)?;
+        self.binding = Some(ChannelBinding(binding));
+        let conn = self.hs.take().ok_or_else(not_ready)?;
+        self.records = Some(Records::new(conn)?);
+        Ok(())
+    }
+
+    /// Moves rustls' own records (handshake messages, an alert) to the records to
+    /// send.
+    fn pull_handshake_output(&mut self) {
+        if let Some(conn) = self.hs.as_mut() {
+            while conn.wants_write() {
+                if conn.write_tls(&mut self.out).unwrap_or(0) == 0 {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Feeds all of `input`, moving the plaintext it yields to `plain` as it goes.
     pub(crate) fn feed_all(
         &mut self,
         mut input: &[u8],
@@ -226,10 +328,7 @@ impl TlsSession {
             let used = self.feed(input)?;
             input = &input[used..];
             let mut drained = false;
-            while let Some(n) = self
-                .read_plain(&mut buf)
-                .map_err(|e| TlsError::Protocol(rustls::Error::General(e.to_string())))?
-            {
+            while let Some(n) = self.read_plain(&mut buf)? {
                 if n == 0 {
                     break;
                 }
@@ -242,216 +341,163 @@ impl TlsSession {
         }
     }
 
-    /// Appends the records rustls wants to send (handshake messages, alerts, sealed
-    /// data) to `out`.
-    pub(crate) fn write_to_vec(&mut self, out: &mut Vec<u8>) {
-        while self.conn.wants_write() {
-            // Writing into a Vec cannot fail.
-            match self.conn.write_tls(out) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
+    /// Opens records until plaintext is available; `false` when a whole record is
+    /// missing or the peer closed.
+    fn fill_plain(&mut self) -> Result<bool, TlsError> {
+        if self.pstart < self.pend {
+            return Ok(true);
+        }
+        let Some(records) = self.records.as_mut() else {
+            return Ok(false);
+        };
+        loop {
+            match records.open(&mut self.cbuf[self.cstart..self.cend])? {
+                Opened::NeedMore => return Ok(false),
+                Opened::Data { consumed, len } => {
+                    self.pstart = self.cstart + HEADER;
+                    self.pend = self.pstart + len;
+                    self.cstart += consumed;
+                    self.counters.opened += len as u64;
+                    if len > 0 {
+                        return Ok(true);
+                    }
+                }
+                Opened::Control { consumed } => self.cstart += consumed,
+                Opened::Closed { consumed } => {
+                    self.cstart += consumed;
+                    self.closed = true;
+                    return Ok(false);
+                }
             }
         }
     }
 
-    /// Writes the records rustls wants to send to `w`.
-    pub(crate) fn write_to(&mut self, w: &mut dyn Write) -> io::Result<()> {
-        while self.conn.wants_write() {
-            if self.conn.write_tls(w)? == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
+    /// Decrypted bytes into `buf` (handshake frames); `None` when none are ready
+    /// (`Some(0)`: the peer closed).
+    pub(crate) fn read_plain(&mut self, buf: &mut [u8]) -> Result<Option<usize>, TlsError> {
+        if self.fill_plain()? {
+            return Ok(Some(self.copy_plain(buf)));
         }
+        Ok(self.closed.then_some(0))
+    }
+
+    /// Copies opened plaintext into `dst`.
+    fn copy_plain(&mut self, dst: &mut [u8]) -> usize {
+        let n = dst.len().min(self.pend - self.pstart);
+        dst[..n].copy_from_slice(&self.cbuf[self.pstart..self.pstart + n]);
+        self.pstart += n;
+        self.counters.copied += n as u64;
+        n
+    }
+
+    /// Copies opened plaintext into the concatenation of `dst` from byte `skip`.
+    fn copy_plain_guest(&mut self, dst: &[GuestSlice], skip: usize) -> usize {
+        let want = dst.iter().map(GuestSlice::len).sum::<usize>() - skip;
+        let n = want.min(self.pend - self.pstart);
+        copy_to_guest(dst, skip, &self.cbuf[self.pstart..self.pstart + n]);
+        self.pstart += n;
+        self.counters.copied += n as u64;
+        n
+    }
+
+    /// Appends the records to send to `out`.
+    pub(crate) fn write_to_vec(&mut self, out: &mut Vec<u8>) {
+        self.pull_handshake_output();
+        out.append(&mut self.out);
+    }
+
+    /// The records to send, taken (an io_uring send keeps them until it completes).
+    pub(crate) fn take_records(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// Writes the records to send to `w`.
+    pub(crate) fn write_to(&mut self, w: &mut dyn Write) -> io::Result<()> {
+        self.pull_handshake_output();
+        let r = w.write_all(&self.out);
+        self.out.clear();
+        r
+    }
+
+    /// Seals `plain` (handshake frames): copied once into the records to send.
+    pub(crate) fn seal_bytes(&mut self, plain: &[u8]) -> Result<(), TlsError> {
+        let records = self.records.as_mut().ok_or_else(not_ready)?;
+        records.seal(plain, &mut self.out)?;
+        self.counters.sealed += plain.len() as u64;
+        self.counters.copied += plain.len() as u64;
         Ok(())
     }
 
-    /// Seals `plain` (handshake frames; small).
-    pub(crate) fn seal_bytes(&mut self, plain: &[u8]) -> io::Result<()> {
-        self.counters.sealed += plain.len() as u64;
-        self.counters.copied += plain.len() as u64;
-        self.conn.writer().write_all(plain)
-    }
-
-    /// Seals a frame: its header and payload slices, in order, each read once by
-    /// rustls as it copies them into records.
+    /// Seals a frame: its header and payload slices, in order, each copied once into
+    /// the records to send and sealed there.
     pub(crate) fn seal_frame(&mut self, frame: &OutFrame) -> Result<(), ChannelError> {
-        let seal_err = |e| ChannelError::io("TLS seal", e);
-        self.seal_bytes(&frame.header).map_err(seal_err)?;
+        self.out
+            .reserve(frame.wire_len() + (frame.wire_len() / record::MAX_PLAIN + 2) * 22);
+        self.seal_bytes(&frame.header).map_err(ChannelError::Tls)?;
         for p in frame.payload.iter().filter(|p| !p.is_empty()) {
-            let bytes = payload_bytes(p);
-            self.seal_bytes(bytes).map_err(seal_err)?;
+            self.seal_bytes(payload_bytes(p))
+                .map_err(ChannelError::Tls)?;
         }
         Ok(())
     }
 
     /// Queues `close_notify`.
-    pub(crate) fn close(&mut self) {
-        self.conn.send_close_notify();
-    }
-
-    /// Decrypted bytes into `buf` (handshake frames); `None` when rustls holds none.
-    pub(crate) fn read_plain(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        match self.conn.reader().read(buf) {
-            Ok(n) => {
-                self.counters.opened += n as u64;
-                self.counters.copied += 2 * n as u64;
-                Ok(Some(n))
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Moves decrypted bytes into `dst`; `None` when rustls holds none.
-    fn take_plain(&mut self, dst: &mut [u8]) -> Result<Option<usize>, ChannelError> {
-        match self.conn.reader().read(dst) {
-            Ok(0) if !dst.is_empty() => Ok(Some(0)),
-            Ok(n) => {
-                self.counters.opened += n as u64;
-                // rustls queued the record's plaintext (one copy) and it was copied out.
-                self.counters.copied += 2 * n as u64;
-                Ok(Some(n))
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(ChannelError::TlsTruncated),
-            Err(e) => Err(ChannelError::io("TLS read", e)),
-        }
-    }
-
-    /// Moves decrypted bytes into the concatenation of `dst` from byte `skip`.
-    fn take_plain_guest(
-        &mut self,
-        dst: &[GuestSlice],
-        skip: usize,
-    ) -> Result<Option<usize>, ChannelError> {
-        let want = dst.iter().map(GuestSlice::len).sum::<usize>() - skip;
-        let mut reader = self.conn.reader();
-        let chunk = match reader.fill_buf() {
-            Ok(c) => c,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                return Err(ChannelError::TlsTruncated);
-            }
-            Err(e) => return Err(ChannelError::io("TLS read", e)),
-        };
-        let n = chunk.len().min(want);
-        copy_to_guest(dst, skip, &chunk[..n]);
-        reader.consume(n);
-        self.counters.opened += n as u64;
-        self.counters.copied += 2 * n as u64;
-        Ok(Some(n))
+    pub(crate) fn close(&mut self) -> Result<(), TlsError> {
+        let records = self.records.as_mut().ok_or_else(not_ready)?;
+        records.close_notify(&mut self.out)
     }
 }
 
-/// The bytes of a payload slice, for rustls to seal.
+/// The bytes of a payload slice, to be sealed.
 fn payload_bytes(p: &Payload) -> &[u8] {
     // SAFETY: the payload owns or borrows memory that stays mapped and readable while
     // the frame is being sent (a pool buffer, a vector, a `Bytes`, or guest memory
     // under `GuestMemory::new`'s contract). Guest pages may change under a running
-    // guest while rustls reads them; it reads each byte once, like the kernel's copy
-    // of a plaintext send, and a page changed meanwhile is dirty and sent again.
+    // guest while they are copied into the record; each byte is read once, like the
+    // kernel's copy of a plaintext send, and a page changed meanwhile is dirty and
+    // sent again.
     unsafe { std::slice::from_raw_parts(p.as_ptr(), p.len()) }
 }
 
-/// A [`ByteSource`] that reads TLS records from `inner` and hands out their
-/// plaintext. With `staged`, ciphertext is read in chunks of up to 256 KiB into the
-/// session's buffer before rustls takes it (one system call per chunk, not per 4 KiB
-/// as rustls' own reads would make); without it, rustls reads from `inner` directly
-/// (for a source whose `read` already copies from memory, as io_uring's ring).
+/// A [`ByteSource`] that reads TLS records from `inner` into the session's buffer,
+/// opens them in place and hands out their plaintext.
 pub(crate) struct TlsSource<'a, S> {
     pub(crate) inner: &'a mut S,
     pub(crate) tls: &'a mut TlsSession,
-    pub(crate) staged: bool,
-}
-
-/// `io::Read` over a [`ByteSource`], keeping its error.
-struct ReadAdapter<'a, S> {
-    inner: &'a mut S,
-    err: Option<ChannelError>,
-}
-
-impl<S: ByteSource> Read for ReadAdapter<'_, S> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.inner.read(buf).map_err(|e| {
-            self.err = Some(e);
-            io::Error::other("channel read failed")
-        })
-    }
 }
 
 impl<S: ByteSource> TlsSource<'_, S> {
-    /// Reads more ciphertext and processes it; `false` at end of stream.
-    fn more(&mut self) -> Result<bool, ChannelError> {
-        let tls = &mut *self.tls;
-        if tls.closed {
-            return Ok(false);
-        }
-        let n = if self.staged {
-            if tls.cstart == tls.cend {
-                tls.cstart = 0;
-                tls.cend = 0;
-                if tls.cbuf.len() < CIPHER_READ {
-                    tls.cbuf.resize(CIPHER_READ, 0);
-                }
-                let n = self.inner.read(&mut tls.cbuf)?;
-                tls.cend = n;
-                if n == 0 {
-                    return Ok(false);
-                }
+    /// Opens records, reading more ciphertext as needed, until plaintext is there;
+    /// `false` at the peer's `close_notify`.
+    fn ready(&mut self) -> Result<bool, ChannelError> {
+        loop {
+            if self.tls.fill_plain().map_err(ChannelError::Tls)? {
+                return Ok(true);
             }
-            let cbuf = std::mem::take(&mut tls.cbuf);
-            let used = tls.feed(&cbuf[tls.cstart..tls.cend]);
-            tls.cbuf = cbuf;
-            let used = used.map_err(ChannelError::Tls)?;
-            tls.cstart += used;
-            used
-        } else {
-            let mut rd = ReadAdapter {
-                inner: &mut *self.inner,
-                err: None,
-            };
-            let n = match tls.conn.read_tls(&mut rd) {
-                Ok(n) => n,
-                Err(e) => return Err(rd.err.take().unwrap_or(ChannelError::io("TLS read", e))),
-            };
-            if n == 0 {
+            if self.tls.closed {
                 return Ok(false);
             }
-            tls.counters.copied += n as u64;
-            let state = tls
-                .conn
-                .process_new_packets()
-                .map_err(|e| ChannelError::Tls(TlsError::Protocol(e)))?;
-            tls.closed |= state.peer_has_closed();
-            n
-        };
-        Ok(n > 0 || self.tls.closed)
+            let n = self.inner.read(self.tls.spare())?;
+            if n == 0 {
+                return Err(ChannelError::TlsTruncated);
+            }
+            self.tls.cend += n;
+        }
     }
 }
 
 impl<S: ByteSource> ByteSource for TlsSource<'_, S> {
     fn read(&mut self, dst: &mut [u8]) -> Result<usize, ChannelError> {
-        loop {
-            if let Some(n) = self.tls.take_plain(dst)? {
-                return Ok(n);
-            }
-            if !self.more()? {
-                // rustls says whether the end was clean (close_notify).
-                return self.tls.take_plain(dst)?.ok_or(ChannelError::TlsTruncated);
-            }
+        if !self.ready()? {
+            return Ok(0);
         }
+        Ok(self.tls.copy_plain(dst))
     }
 
     fn read_guest(&mut self, dst: &[GuestSlice], skip: usize) -> Result<usize, ChannelError> {
-        loop {
-            if let Some(n) = self.tls.take_plain_guest(dst, skip)? {
-                return Ok(n);
-            }
-            if !self.more()? {
-                return self
-                    .tls
-                    .take_plain_guest(dst, skip)?
-                    .ok_or(ChannelError::TlsTruncated);
-            }
+        if !self.ready()? {
+            return Ok(0);
         }
+        Ok(self.tls.copy_plain_guest(dst, skip))
     }
 }

@@ -158,13 +158,9 @@ impl UringChannel {
             return Ok((frame, Vec::new()));
         };
         tls.seal_frame(&frame)?;
-        let len = frame.wire_len();
-        // Records of at most 16 KiB, 22 bytes of overhead each.
-        let mut records = Vec::with_capacity(len + (len / (16 << 10) + 2) * 22);
-        tls.write_to_vec(&mut records);
-        tls.counters.copied += records.len() as u64;
+        // The buffer the records were sealed in is the one sent.
         let wire = OutFrame {
-            header: records,
+            header: tls.take_records(),
             payload: Vec::new(),
         };
         Ok((wire, frame.payload))
@@ -386,7 +382,6 @@ impl Channel for UringChannel {
                 let mut src = crate::tls::TlsSource {
                     inner: &mut self.core,
                     tls,
-                    staged: false,
                 };
                 self.rx.recv(&mut src, sink)
             }
@@ -411,7 +406,7 @@ impl Channel for UringChannel {
         self.flush(out)?;
         if let Some(tls) = self.tls.as_deref_mut() {
             // Every send has completed: close_notify goes last, written directly.
-            tls.close();
+            tls.close().map_err(ChannelError::Tls)?;
             let mut w = crate::tcp::SockWriter {
                 stream: &self.core.stream,
                 timeout: self.core.cfg.send_timeout,

@@ -58,11 +58,11 @@
 //!   [`UringError`] that says why (the `io_uring_disabled` sysctl, a seccomp or
 //!   container policy, a kernel too old for an opcode or setup flag); the session layer
 //!   can fall back to TCP ([`crate::session::Backend::Uring`]).
-//! - **TLS** (`crate::tls`): a frame is sealed by rustls and its records gathered
-//!   into one buffer, sent with one copying `SENDMSG` (never `SEND_ZC`: the records
-//!   are a fresh buffer, and loopback copies anyway); the frame's payload slices are
-//!   handed back when that send completes. Received records are read from the
-//!   provided-buffer ring into rustls; raw pages are placed from the decrypted records
+//! - **TLS** (`crate::tls`): a frame is sealed into one buffer of records, sent with
+//!   one `SENDMSG` (never `SEND_ZC`: the records are a fresh buffer, and loopback
+//!   copies anyway) and kept until it completes; the frame's payload slices are handed
+//!   back then. Received records are copied from the provided-buffer ring into the
+//!   session's buffer and opened there; raw pages are placed from the opened records
 //!   (no direct receive into destination memory: ciphertext must be authenticated
 //!   before a byte is placed).
 //! - **Drop**: cancels what is in the kernel, shuts the socket and waits (bounded) for
