@@ -64,6 +64,12 @@ use record::{HEADER, MAX_RECORD, Opened, Records};
 
 mod config;
 pub mod generate;
+
+/// Entry points for the cargo-fuzz targets in `fuzz/`.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::record::fuzz as records;
+}
 mod record;
 
 pub use config::{Encryption, PemFiles, TlsConfig};
@@ -203,7 +209,9 @@ impl TlsSession {
             hs: Some(conn),
             records: None,
             binding: None,
-            cbuf: vec![0; CIPHER_BUF],
+            // Room for one record and a read while the handshake runs: a connection
+            // that has not authenticated holds little (see `grow`).
+            cbuf: vec![0; MAX_RECORD + 4096],
             cstart: 0,
             cend: 0,
             pstart: 0,
@@ -222,6 +230,13 @@ impl TlsSession {
     /// The channel binding (exporter value), once the handshake is done.
     pub(crate) fn binding(&self) -> Result<ChannelBinding, TlsError> {
         self.binding.ok_or_else(not_ready)
+    }
+
+    /// Gives the ciphertext buffer its full size, once the channel runs.
+    fn grow(&mut self) {
+        if self.cbuf.len() < CIPHER_BUF {
+            self.cbuf.resize(CIPHER_BUF, 0);
+        }
     }
 
     /// Room for more ciphertext at the end of the buffer, after moving what is left
@@ -477,6 +492,7 @@ impl<S: ByteSource> TlsSource<'_, S> {
             if self.tls.closed {
                 return Ok(false);
             }
+            self.tls.grow();
             let n = self.inner.read(self.tls.spare())?;
             if n == 0 {
                 return Err(ChannelError::TlsTruncated);
