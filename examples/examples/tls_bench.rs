@@ -16,7 +16,7 @@ use anyhow::{Context, bail};
 use pagewire::sim::{self, Content, Guest, Pattern, WriterConfig};
 use pagewire::tls::generate;
 use pagewire::{
-    Authentication, CodecId, DestinationConfig, DestinationListener, Encryption, GuestAddr,
+    Authentication, Backend, CodecId, DestinationConfig, DestinationListener, Encryption, GuestAddr,
     GuestMemory, MemoryLayout, RegionDesc, RegionId, SessionId, Source, SourceConfig, TlsConfig,
 };
 
@@ -30,11 +30,14 @@ fn migrate(
     memory: &Arc<GuestMemory>,
     codec: CodecId,
     tls: Option<&(TlsConfig, TlsConfig)>,
+    backend: Backend,
     n: u8,
 ) -> anyhow::Result<Cell> {
     let session = SessionId([n; 16]);
     let mut dcfg = DestinationConfig::new(session, Authentication::None);
     let mut cfg = SourceConfig::new(session, Authentication::None);
+    dcfg.backend = backend;
+    cfg.backend = backend;
     if let Some((s, d)) = tls {
         dcfg.encryption = Encryption::Tls(d.clone());
         cfg.encryption = Encryption::Tls(s.clone());
@@ -147,14 +150,20 @@ fn memcpy_speed(total: usize) -> f64 {
 fn main() -> anyhow::Result<()> {
     let mut memory_mib = 512u64;
     let mut repeat = 3usize;
+    let mut backend = Backend::Tcp;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut val = || it.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--memory" => memory_mib = val()?.parse()?,
             "--repeat" => repeat = val()?.parse()?,
+            "--uring" => {
+                backend = Backend::Uring {
+                    fallback_to_tcp: false,
+                }
+            }
             "--help" | "-h" => {
-                println!("tls_bench [--memory MIB (512)] [--repeat N (3)]");
+                println!("tls_bench [--memory MIB (512)] [--repeat N (3)] [--uring]");
                 return Ok(());
             }
             o => bail!("unknown option {o}"),
@@ -174,7 +183,8 @@ fn main() -> anyhow::Result<()> {
     let pki = generate::pki("bench CA", &["localhost"])?;
     let tls = (pki.source_config("localhost")?, pki.destination_config()?);
     println!(
-        "{memory_mib} MiB of mixed memory, 2 channels over TCP loopback, idle guest; {repeat} repetitions, plain and TLS alternating"
+        "{memory_mib} MiB of mixed memory, 2 channels over loopback ({}), idle guest; {repeat} repetitions, plain and TLS alternating",
+        if backend == Backend::Tcp { "tcp" } else { "io_uring" }
     );
     let mut n = 0u8;
     for (codec, name) in [(CodecId::RAW, "none"), (CodecId::ZSTD, "zstd")] {
@@ -182,7 +192,7 @@ fn main() -> anyhow::Result<()> {
         for r in 0..repeat {
             for tls_first in [r % 2 == 1, r % 2 == 0] {
                 n = n.wrapping_add(1);
-                let cell = migrate(&memory, codec, tls_first.then_some(&tls), n)?;
+                let cell = migrate(&memory, codec, tls_first.then_some(&tls), backend, n)?;
                 if tls_first {
                     enc.push(cell);
                 } else {
