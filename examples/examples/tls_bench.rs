@@ -16,8 +16,9 @@ use anyhow::{Context, bail};
 use pagewire::sim::{self, Content, Guest, Pattern, WriterConfig};
 use pagewire::tls::generate;
 use pagewire::{
-    Authentication, Backend, CodecId, DestinationConfig, DestinationListener, Encryption, GuestAddr,
-    GuestMemory, MemoryLayout, RegionDesc, RegionId, SessionId, Source, SourceConfig, TlsConfig,
+    Authentication, Backend, CodecId, DestinationConfig, DestinationListener, Encryption,
+    GuestAddr, GuestMemory, MemoryLayout, RegionDesc, RegionId, SessionId, Source, SourceConfig,
+    TlsConfig,
 };
 
 struct Cell {
@@ -184,7 +185,11 @@ fn main() -> anyhow::Result<()> {
     let tls = (pki.source_config("localhost")?, pki.destination_config()?);
     println!(
         "{memory_mib} MiB of mixed memory, 2 channels over loopback ({}), idle guest; {repeat} repetitions, plain and TLS alternating",
-        if backend == Backend::Tcp { "tcp" } else { "io_uring" }
+        if backend == Backend::Tcp {
+            "tcp"
+        } else {
+            "io_uring"
+        }
     );
     let mut n = 0u8;
     for (codec, name) in [(CodecId::RAW, "none"), (CodecId::ZSTD, "zstd")] {

@@ -15,6 +15,10 @@
 //! - Sockets have `TCP_NODELAY`, the configured `SO_SNDBUF`/`SO_RCVBUF` (set before
 //!   `connect`/`listen` so window scaling follows them), and `connect` retries with a
 //!   timeout per attempt.
+//! - **TLS** ([`crate::tls`]): a frame is sealed into one buffer of records and sent
+//!   with one `sendmsg`; received records are read in chunks of up to 256 KiB, opened
+//!   in place, and their plaintext copied to the receive buffer or, for raw pages,
+//!   into destination memory.
 //! - The same channel runs over a Unix stream socket ([`Stream::Unix`]): the framing,
 //!   the timeouts and the receive into destination memory are the same; the TCP
 //!   options are not set.

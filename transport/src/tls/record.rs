@@ -391,6 +391,20 @@ mod tests {
     }
 
     #[test]
+    fn a_key_at_its_record_limit_is_never_used() {
+        let (mut a, mut b) = pair();
+        let mut wire = Vec::new();
+        a.seal(b"last", &mut wire).unwrap();
+        a.tx.seq = a.tx.limit;
+        assert!(matches!(
+            a.seal(b"one too many", &mut Vec::new()),
+            Err(TlsError::RecordLimit)
+        ));
+        b.rx.seq = b.rx.limit;
+        assert!(matches!(b.open(&mut wire), Err(TlsError::RecordLimit)));
+    }
+
+    #[test]
     fn nonces_follow_the_sequence_number() {
         let mut k = Keys::new(keys(1)).unwrap();
         let first = *k.nonce().as_ref();
