@@ -255,6 +255,9 @@ fn the_bandwidth_cap_limits_wire_bytes_not_guest_bytes() {
         "{} wire bytes in {secs:.2} s exceed the cap",
         stats.wire_bytes
     );
-    // Compression moves more guest memory than the cap.
-    assert!(stats.guest_bytes as f64 * 8.0 / secs > 40e6, "{stats}");
+    // Compression moves more guest memory than the cap. Measured over the transfer
+    // alone: on a loaded machine the setup (connecting, pre-faulting) can take a second
+    // and says nothing about the cap.
+    let transfer = (stats.total_ms - stats.setup_ms).max(1.0) / 1e3;
+    assert!(stats.guest_bytes as f64 * 8.0 / transfer > 40e6, "{stats}");
 }
