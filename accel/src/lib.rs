@@ -81,8 +81,9 @@ pub use codec::{
 };
 pub use cpu::thread_cpu_time;
 pub use engine::{
-    Backend, BackendKind, Completion, Engine, EngineConfig, EngineError, FormatCaps, Job, JobOp,
-    Probe, SoftwareBackend, SoftwareConfig, Tag,
+    Backend, BackendChoice, BackendKind, BadChoice, Completion, Engine, EngineConfig, EngineError,
+    FallbackCause, FallbackCounts, FormatCaps, IaaPortal, Job, JobOp, JobParts, ModelFault,
+    ModelFaults, Probe, SoftwareBackend, SoftwareConfig, Tag,
 };
 pub use page::{PageKey, PageSize};
 pub use pages::{PageList, PageListMut, PagesError};

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use pagewire_accel::BackendChoice;
 use pagewire_protocol::{Authentication, CodecId, DestinationLimits, SessionId};
 use pagewire_transport::session::Backend;
 
@@ -35,6 +36,11 @@ pub struct SourceConfig {
     pub bandwidth_limit: u64,
     /// Pre-copy policy (the downtime limit is changeable through [`Control`]).
     pub precopy: PrecopyConfig,
+    /// Codec engine backend per channel: auto (an accelerator when one is usable,
+    /// else software), software, IAA (kernel work queue, VFIO or the device model) or
+    /// QAT. Jobs a hardware backend gives up on run on software, counted in
+    /// [`EngineSummary::hw_fallbacks`](crate::stats::EngineSummary::hw_fallbacks).
+    pub accel: BackendChoice,
     /// Codec worker threads per channel; 0 compresses on the channel's own thread.
     pub codec_threads: usize,
     /// Frames in flight in the codec engine per channel.
@@ -74,6 +80,7 @@ impl SourceConfig {
             checksum: false,
             bandwidth_limit: 0,
             precopy: PrecopyConfig::default(),
+            accel: BackendChoice::Auto,
             codec_threads: 0,
             queue_depth: 16,
             delta_cache_pages: 64 * 1024,

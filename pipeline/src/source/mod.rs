@@ -270,7 +270,8 @@ impl Source {
             } else {
                 None
             };
-            let engine = Engine::software(
+            let engine = Engine::build(
+                &config.accel,
                 EngineConfig {
                     page_size: PageSize::new(page_size)
                         .ok_or_else(|| MigrationError::Config("page size".into()))?,
@@ -708,6 +709,14 @@ impl Source {
             busy += e.busy_rate();
             depth += e.mean_queue_depth;
             s.engine.max_queue_depth = s.engine.max_queue_depth.max(e.max_queue_depth as u64);
+            s.engine.hw_fallbacks += e.hw_fallbacks;
+            let name = e.backend.name();
+            s.engine.backend = match s.engine.backend {
+                "" => name,
+                same if same == name => name,
+                _ => "mixed",
+            };
+            s.engine.hw_fallback_causes.add(&e.fallback_causes);
             for c in &e.encode {
                 if c.jobs == 0 {
                     continue;
