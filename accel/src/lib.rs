@@ -71,6 +71,7 @@ pub mod fuzzing;
 pub mod page;
 pub mod pages;
 pub mod pool;
+pub mod qat;
 pub mod stats;
 pub mod zero;
 

@@ -881,9 +881,16 @@ impl Engine {
             if let Err(e) = self.check(&self.probe, &job) {
                 // A job the hardware cannot run but the software codecs can goes to
                 // software (counted), not back to the caller as an error.
-                unsupported = self.probe.backend != BackendKind::Software
-                    && self.check(&self.software_probe, &job).is_ok();
-                if !unsupported {
+                // When neither can, the software codecs' reason is the one reported
+                // (they are the reference: lz4 at a bad level is `BadLevel`, not
+                // "unsupported by the device").
+                let software = if self.probe.backend == BackendKind::Software {
+                    Err(e)
+                } else {
+                    self.check(&self.software_probe, &job)
+                };
+                unsupported = software.is_ok();
+                if let Err(e) = software {
                     self.stats.rejected += 1;
                     self.ready.push_back(job.fail(self.probe.backend, e));
                     continue;

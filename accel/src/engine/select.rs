@@ -208,17 +208,15 @@ fn iaa_auto(_config: &EngineConfig) -> Option<Box<dyn Backend>> {
     None
 }
 
-/// Opens the QAT backend.
-fn qat_backend(_config: &EngineConfig) -> Result<Box<dyn Backend>, EngineError> {
-    Err(EngineError::Unavailable {
-        backend: BackendKind::Qat,
-        reason: "this build has no QAT backend".into(),
-    })
+/// Opens the QAT backend through qatlib (or the libraries `PAGEWIRE_QATLIB` names).
+fn qat_backend(config: &EngineConfig) -> Result<Box<dyn Backend>, EngineError> {
+    let backend = crate::qat::QatBackend::new(crate::qat::QatConfig::default(), config)?;
+    Ok(Box::new(backend))
 }
 
 /// The QAT backend on the first usable instance, if any.
-fn qat_auto(_config: &EngineConfig) -> Option<Box<dyn Backend>> {
-    None
+fn qat_auto(config: &EngineConfig) -> Option<Box<dyn Backend>> {
+    qat_backend(config).ok()
 }
 
 #[cfg(test)]
