@@ -117,6 +117,10 @@ static struct inst g_inst[STANDIN_MAX_INST];
 static struct alloc *g_allocs;
 static int g_lost;
 static int g_busy, g_restarting, g_verify_fail;
+/* PAGEWIRE_QAT_STANDIN_FAULT=restarting:N or busy:N: every Nth submission answers
+ * CPA_STATUS_RESTARTING (or CPA_STATUS_RETRY), for tools such as the demo. */
+static int g_every_kind, g_every_n;
+static uint64_t g_every_count;
 /* Counters: live allocations, submitted, completed, live sessions, verify checks,
  * retries answered, instances started. */
 static uint64_t g_live_allocs, g_submitted, g_completed, g_live_sessions, g_verified,
@@ -206,6 +210,12 @@ EXPORT uint64_t qaeVirtToPhysNUMA(void *p) {
 EXPORT CpaStatus icp_sal_userStart(const char *name) {
     if (!name || g_started) return CPA_STATUS_FAIL;
     g_started = 1;
+    const char *f = getenv("PAGEWIRE_QAT_STANDIN_FAULT");
+    if (f) {
+        int n = 0;
+        if (sscanf(f, "restarting:%d", &n) == 1 && n > 0) { g_every_kind = 2; g_every_n = n; }
+        else if (sscanf(f, "busy:%d", &n) == 1 && n > 0) { g_every_kind = 1; g_every_n = n; }
+    }
     return CPA_STATUS_SUCCESS;
 }
 
@@ -366,6 +376,11 @@ static CpaStatus submit(int decompress, void *h, void *mem, CpaBufferList *src,
     if (!i->started) return CPA_STATUS_FAIL;
     if (g_lost) return CPA_STATUS_FAIL;
     if (g_restarting > 0) { g_restarting--; return CPA_STATUS_RESTARTING; }
+    if (g_every_n > 0 && ++g_every_count % (uint64_t)g_every_n == 0) {
+        if (g_every_kind == 2) return CPA_STATUS_RESTARTING;
+        g_retries++;
+        return CPA_STATUS_RETRY;
+    }
     if (g_busy > 0) { g_busy--; g_retries++; return CPA_STATUS_RETRY; }
     if (op->flushFlag != CPA_DC_FLUSH_FINAL) return CPA_STATUS_INVALID_PARAM;
     if (!good_list(i, src) || !good_list(i, dst)) return CPA_STATUS_INVALID_PARAM;
