@@ -362,7 +362,10 @@ mod tests {
         let mut b = Vec::new();
         m.encode(&mut b).unwrap();
         assert_eq!(ReadPages::decode(&b).unwrap(), m);
-        assert!(ReadPages::decode(&b[..10 + 2 * SEGMENT_LEN]).is_err(), "no header");
+        assert!(
+            ReadPages::decode(&b[..10 + 2 * SEGMENT_LEN]).is_err(),
+            "no header"
+        );
         let mut zero = b.clone();
         zero[10 + 8..10 + 12].copy_from_slice(&0u32.to_le_bytes());
         assert!(matches!(

@@ -496,7 +496,7 @@ fn golden_samples_match_the_encoder_and_decode_back() {
 /// back, the READ_PAGES header a real raw PAGES frame header; fuzz seeds on bless.
 #[test]
 fn rdma_golden_samples_match_the_encoder_and_decode_back() {
-    use pagewire_protocol::rdma::{Advert, AdvertRegion, Done, ReadPages, RdmaMsg, Segment};
+    use pagewire_protocol::rdma::{Advert, AdvertRegion, Done, RdmaMsg, ReadPages, Segment};
     let bless = std::env::var_os("PAGEWIRE_BLESS").is_some();
     let advert = Advert {
         regions: vec![
@@ -574,7 +574,13 @@ fn rdma_golden_samples_match_the_encoder_and_decode_back() {
             "{name}"
         );
     }
-    assert_eq!(Advert::decode(&unhex(&std::fs::read_to_string(dir().join("rdma_advert.hex")).unwrap())).unwrap(), advert);
+    assert_eq!(
+        Advert::decode(&unhex(
+            &std::fs::read_to_string(dir().join("rdma_advert.hex")).unwrap()
+        ))
+        .unwrap(),
+        advert
+    );
     // The READ_PAGES header is the start of a real raw PAGES frame: with the payload
     // the segments name appended, it decodes as that frame.
     let bytes = unhex(&std::fs::read_to_string(dir().join("rdma_read_pages.hex")).unwrap());
@@ -587,7 +593,10 @@ fn rdma_golden_samples_match_the_encoder_and_decode_back() {
     assert_eq!(used, whole.len());
     match f.unwrap() {
         Frame::Pages(p) => {
-            assert_eq!((p.codec, p.region, p.data_pages()), (CodecId::RAW, RegionId(1), 2));
+            assert_eq!(
+                (p.codec, p.region, p.data_pages()),
+                (CodecId::RAW, RegionId(1), 2)
+            );
         }
         other => panic!("not a PAGES frame: {other:?}"),
     }

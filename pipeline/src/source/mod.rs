@@ -240,6 +240,10 @@ impl Source {
         scfg.handshake_timeout = config.handshake_timeout;
         let views = transport_views(&memory);
         scfg.uring.guest = views.iter().map(|(_, v)| v.clone()).collect();
+        // RDMA (`Backend::Rdma`): the guest memory, registered once for all channels.
+        scfg.rdma = pagewire_transport::rdma::RdmaConfig::new(views.clone());
+        scfg.rdma.send_timeout = config.send_timeout;
+        scfg.rdma.recv_timeout = Some(config.ack_timeout);
         let established = open(&scfg).map_err(|e| session_error(e, &config))?;
         let control = Control::new(config.bandwidth_limit, config.precopy.downtime_limit);
         let affinity = Affinity {

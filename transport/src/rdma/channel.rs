@@ -246,6 +246,10 @@ impl std::fmt::Debug for RdmaListener {
     }
 }
 
+// SAFETY: the listener's id and event channel may be used from any thread; `accept`
+// takes `&self` but the acceptor serialises it behind a mutex.
+unsafe impl Send for RdmaListener {}
+
 impl Drop for RdmaListener {
     fn drop(&mut self) {
         // SAFETY: both were created by `bind` and are destroyed once, id first.

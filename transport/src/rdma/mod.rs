@@ -207,6 +207,111 @@ impl From<SessionError> for RdmaError {
     }
 }
 
+/// The destination's RDMA listener for [`Backend::Rdma`](crate::session::Backend::Rdma):
+/// bound once (so a missing device or a build without the feature shows at bind
+/// time), it hands each channel of a session the RDMA connection with that channel's
+/// index, whatever order they arrive in.
+pub struct RdmaAcceptor {
+    #[cfg(feature = "rdma")]
+    state: std::sync::Mutex<AcceptorState>,
+}
+
+#[cfg(feature = "rdma")]
+struct AcceptorState {
+    listener: RdmaListener,
+    ready: std::collections::HashMap<u16, RdmaChannel>,
+}
+
+impl std::fmt::Debug for RdmaAcceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RdmaAcceptor").finish_non_exhaustive()
+    }
+}
+
+impl RdmaAcceptor {
+    /// Listens for RDMA connections at `addr` (an address of an RDMA interface).
+    ///
+    /// # Errors
+    /// [`RdmaError::NotBuilt`] without the `rdma` feature, [`RdmaError::NoDevice`]
+    /// without a device, or the failing rdma_cm call.
+    pub fn bind(addr: std::net::SocketAddr) -> Result<RdmaAcceptor, RdmaError> {
+        #[cfg(feature = "rdma")]
+        {
+            Ok(RdmaAcceptor {
+                state: std::sync::Mutex::new(AcceptorState {
+                    listener: RdmaListener::bind(addr)?,
+                    ready: std::collections::HashMap::new(),
+                }),
+            })
+        }
+        #[cfg(not(feature = "rdma"))]
+        {
+            let _ = addr;
+            Err(RdmaError::NotBuilt)
+        }
+    }
+
+    /// The RDMA channel of session channel `index`: one accepted earlier for it, or
+    /// the next ones accepted until it comes.
+    ///
+    /// # Errors
+    /// Accept and handshake failures; `TimedOut` when it does not come within the
+    /// connect and handshake timeouts.
+    #[cfg(feature = "rdma")]
+    pub fn take(
+        &self,
+        index: u16,
+        cfg: &crate::session::SessionConfig,
+    ) -> Result<RdmaChannel, RdmaError> {
+        use crate::channel::Channel as _;
+        let deadline = std::time::Instant::now() + cfg.rdma.connect_timeout + cfg.handshake_timeout;
+        loop {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(c) = st.ready.remove(&index) {
+                return Ok(c);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(RdmaError::Cm {
+                    op: "rdma_get_cm_event (the channel's RDMA connection never came)",
+                    source: io::ErrorKind::TimedOut.into(),
+                });
+            }
+            let ch = st.listener.accept(cfg, &cfg.rdma)?;
+            let got = ch.negotiated().channel.0;
+            if got == index {
+                return Ok(ch);
+            }
+            st.ready.insert(got, ch);
+        }
+    }
+}
+
+/// [`connect`], retried until `cfg.rdma.connect_timeout` while the destination is
+/// not listening yet (its listener may be bound after the stream handshakes).
+///
+/// # Errors
+/// The last attempt's error.
+#[cfg(feature = "rdma")]
+pub fn connect_retrying(
+    addr: std::net::SocketAddr,
+    cfg: &crate::session::SessionConfig,
+    index: u16,
+) -> Result<RdmaChannel, RdmaError> {
+    let deadline = std::time::Instant::now() + cfg.rdma.connect_timeout;
+    loop {
+        match connect(addr, cfg, index, &cfg.rdma) {
+            Ok(c) => return Ok(c),
+            Err(e @ (RdmaError::Event { .. } | RdmaError::Cm { .. }))
+                if std::time::Instant::now() < deadline =>
+            {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Checks that RDMA can be used here: built in, and a device present.
 ///
 /// # Errors

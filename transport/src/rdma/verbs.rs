@@ -199,6 +199,10 @@ pub(super) struct Verbs {
     pub(super) reg: Option<Arc<Registered>>,
 }
 
+// SAFETY: libibverbs and librdmacm objects may be used from any thread; a `Verbs` is
+// owned by one channel, used through `&mut` by one thread at a time.
+unsafe impl Send for Verbs {}
+
 impl Drop for Verbs {
     fn drop(&mut self) {
         // SAFETY: every pointer is either null or an object this struct created and
