@@ -16,7 +16,7 @@ use pagewire_accel::qat::standin::{Inject, StandIn};
 use pagewire_accel::qat::{self, QatBackend, QatConfig, ffi};
 use pagewire_accel::{
     BackendKind, Codecs, Completion, EncodeParams, Engine, EngineConfig, EngineError,
-    FallbackCause, Level, PageKey, PageList, PageListMut, PageSize, PoolBuf, Tag,
+    FallbackCause, Job, Level, PageKey, PageList, PageListMut, PageSize, PoolBuf, Tag,
 };
 use pagewire_protocol::CodecId;
 
@@ -51,10 +51,9 @@ fn frame(seed: u64, pages: usize) -> Vec<u8> {
         .collect()
 }
 
-/// Encodes every frame through `engine` (all submitted as one batch), returns the
-/// completions in tag order.
-fn encode_all(engine: &mut Engine, frames: &[Vec<u8>], level: Level) -> Vec<Completion> {
-    let mut batch: VecDeque<_> = frames
+/// One deflate encode job per frame.
+fn encode_jobs(engine: &Engine, frames: &[Vec<u8>], level: Level) -> VecDeque<Job> {
+    frames
         .iter()
         .enumerate()
         .map(|(i, f)| {
@@ -68,7 +67,12 @@ fn encode_all(engine: &mut Engine, frames: &[Vec<u8>], level: Level) -> Vec<Comp
             .expect("pages");
             job
         })
-        .collect();
+        .collect()
+}
+
+/// Submits what is left of `batch` and polls until every job completed; returns the
+/// completions in tag order.
+fn drain(engine: &mut Engine, mut batch: VecDeque<Job>, expected: usize) -> Vec<Completion> {
     let mut done = Vec::new();
     for _ in 0..100_000 {
         if batch.is_empty() && engine.in_flight() == 0 {
@@ -79,9 +83,16 @@ fn encode_all(engine: &mut Engine, frames: &[Vec<u8>], level: Level) -> Vec<Comp
             .poll(&mut done, 64, Some(Duration::from_millis(5)))
             .expect("poll");
     }
-    assert_eq!(done.len(), frames.len(), "every job completed");
+    assert_eq!(done.len(), expected, "every job completed");
     done.sort_by_key(|c| c.tag());
     done
+}
+
+/// Encodes every frame through `engine` (all submitted as one batch), returns the
+/// completions in tag order.
+fn encode_all(engine: &mut Engine, frames: &[Vec<u8>], level: Level) -> Vec<Completion> {
+    let batch = encode_jobs(engine, frames, level);
+    drain(engine, batch, frames.len())
 }
 
 /// Decodes a completion's payload with the software codecs and checks the pages.
@@ -326,35 +337,10 @@ fn a_restarting_device_fails_one_job_and_a_lost_one_fails_them_all_to_software()
     }
     drop(done);
     // Lost with requests in flight: submit, lose the device, then poll.
-    let mut batch: VecDeque<_> = frames
-        .iter()
-        .enumerate()
-        .map(|(i, f)| {
-            let mut job = engine.job().expect("free request");
-            job.encode_buf(
-                Tag(i as u64),
-                EncodeParams::new(CodecId::DEFLATE, Level(1)),
-                PoolBuf::from_vec(f.clone()),
-                PageKey(0),
-            )
-            .expect("pages");
-            job
-        })
-        .collect();
+    let mut batch = encode_jobs(&engine, &frames, Level(1));
     engine.submit(&mut batch).expect("submit");
     s.inject(Inject::Lost);
-    let mut done = Vec::new();
-    for _ in 0..10_000 {
-        if batch.is_empty() && engine.in_flight() == 0 {
-            break;
-        }
-        engine.submit(&mut batch).expect("submit");
-        engine
-            .poll(&mut done, 64, Some(Duration::from_millis(5)))
-            .expect("poll");
-    }
-    done.sort_by_key(|c| c.tag());
-    assert_eq!(done.len(), frames.len());
+    let done = drain(&mut engine, batch, frames.len());
     for (c, f) in done.iter().zip(&frames) {
         assert_eq!(c.fallback(), Some(FallbackCause::DeviceLost), "{c:?}");
         software_decodes(c, f);
