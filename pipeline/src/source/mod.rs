@@ -777,6 +777,8 @@ pub enum ChannelTransport {
         /// Why io_uring could not be used.
         reason: String,
     },
+    /// RDMA (`Backend::Rdma`).
+    Rdma,
     /// Another backend.
     Other,
 }
@@ -789,6 +791,8 @@ impl ChannelTransport {
             AnyChannel::Fallback(_, e) => Self::TcpFallback {
                 reason: e.to_string(),
             },
+            #[cfg(feature = "rdma")]
+            AnyChannel::Rdma(..) => Self::Rdma,
             #[allow(unreachable_patterns)]
             _ => Self::Other,
         }
@@ -801,6 +805,7 @@ impl std::fmt::Display for ChannelTransport {
             Self::Tcp => f.write_str("tcp"),
             Self::Uring => f.write_str("io_uring"),
             Self::TcpFallback { .. } => f.write_str("tcp (io_uring unavailable)"),
+            Self::Rdma => f.write_str("rdma"),
             Self::Other => f.write_str("other"),
         }
     }
