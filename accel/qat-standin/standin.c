@@ -1,8 +1,8 @@
 /*
  * The QAT stand-in: a shared library exporting the qatlib functions pagewire's QAT
  * backend calls (icp_sal_*, cpaDc*, qaeMem*), with the same C types, that runs every
- * request in software with libdeflate. It is NOT a QAT device and NOT qatlib: it
- * exists so that the backend's whole FFI path (dlopen, discovery, instance start,
+ * request in software, with a codec the loading process installs. It is NOT a QAT
+ * device and NOT qatlib: it exists so that the backend's whole FFI path (dlopen, discovery, instance start,
  * sessions, buffer lists with library-allocated metadata, asynchronous submission,
  * polling and callbacks, error statuses) runs for real in the tests.
  *
@@ -19,7 +19,18 @@
 #include <stdlib.h>
 #include <string.h>
 #include <stdio.h>
-#include "libdeflate.h"
+
+/* The stand-in has no codec of its own (so it builds with any C compiler and no
+ * library, whatever sanitizer flags the build uses): the process that loads it gives it
+ * one through pagewire_standin_set_codec. pagewire's QAT runtime does so when it finds
+ * that function, with the libdeflate pagewire is built with.
+ * deflate: compresses `in` at `level` into at most `cap` bytes; returns the length, 0
+ * when it does not fit. inflate: 0 and the bytes consumed and produced on success, 1
+ * when the output does not fit, 2 for a bad stream. */
+typedef size_t (*standin_deflate_fn)(int level, const uint8_t *in, size_t len, uint8_t *out,
+                                     size_t cap);
+typedef int (*standin_inflate_fn)(const uint8_t *in, size_t len, uint8_t *out, size_t cap,
+                                  size_t *consumed, size_t *produced);
 
 #define EXPORT __attribute__((visibility("default")))
 
@@ -104,12 +115,12 @@ struct inst {
     CpaVirtualToPhysical v2p;
     struct req ring[STANDIN_RING];
     int head, len;
-    struct libdeflate_compressor *comp[13];
-    struct libdeflate_decompressor *decomp;
 };
 
 struct alloc { void *p; size_t len; struct alloc *next; };
 
+static standin_deflate_fn g_deflate;
+static standin_inflate_fn g_inflate;
 static int g_started;
 static int g_ninst = 2;
 static int g_contig;
@@ -125,6 +136,11 @@ static uint64_t g_every_count;
  * retries answered, instances started. */
 static uint64_t g_live_allocs, g_submitted, g_completed, g_live_sessions, g_verified,
     g_retries, g_starts;
+
+EXPORT void pagewire_standin_set_codec(standin_deflate_fn d, standin_inflate_fn i) {
+    g_deflate = d;
+    g_inflate = i;
+}
 
 EXPORT void pagewire_standin_configure(int instances, int contiguous) {
     g_ninst = instances < 0 ? 0 : (instances > STANDIN_MAX_INST ? STANDIN_MAX_INST : instances);
@@ -290,12 +306,6 @@ EXPORT CpaStatus cpaDcStopInstance(void *h) {
     struct inst *i = instance(h);
     if (!i || !i->started) return CPA_STATUS_FAIL;
     if (i->len > 0) return CPA_STATUS_RETRY; /* requests still in flight */
-    for (int l = 0; l < 13; l++) {
-        if (i->comp[l]) libdeflate_free_compressor(i->comp[l]);
-        i->comp[l] = NULL;
-    }
-    if (i->decomp) libdeflate_free_decompressor(i->decomp);
-    i->decomp = NULL;
     i->started = 0;
     return CPA_STATUS_SUCCESS;
 }
@@ -414,30 +424,25 @@ EXPORT CpaStatus cpaDcDecompressData2(void *h, void *s, CpaBufferList *src,
 static CpaStatus run(struct inst *i, struct req *r) {
     CpaFlatBuffer *in = &r->src->pBuffers[0], *out = &r->dst->pBuffers[0];
     CpaDcRqResults *res = r->res;
+    (void)i;
     memset(res, 0, sizeof *res);
-    if (g_lost) return CPA_STATUS_FAIL;
-    if (!i->decomp) i->decomp = libdeflate_alloc_decompressor();
-    if (!i->decomp) return CPA_STATUS_FAIL;
+    if (g_lost || !g_deflate || !g_inflate) return CPA_STATUS_FAIL;
     if (r->decompress) {
         size_t used = 0, made = 0;
-        enum libdeflate_result e = libdeflate_deflate_decompress_ex(
-            i->decomp, in->pData, in->dataLenInBytes, out->pData, out->dataLenInBytes,
-            &used, &made);
-        if (e == LIBDEFLATE_SUCCESS) {
+        int e = g_inflate(in->pData, in->dataLenInBytes, out->pData, out->dataLenInBytes,
+                          &used, &made);
+        if (e == 0) {
             res->status = CPA_DC_OK;
             res->consumed = (uint32_t)used;
             res->produced = (uint32_t)made;
             res->endOfLastBlock = 1;
         } else {
-            res->status = e == LIBDEFLATE_INSUFFICIENT_SPACE ? CPA_DC_OVERFLOW : CPA_DC_INVALID_CODE;
+            res->status = e == 1 ? CPA_DC_OVERFLOW : CPA_DC_INVALID_CODE;
         }
         return CPA_STATUS_SUCCESS;
     }
-    int level = r->s->level;
-    if (!i->comp[level]) i->comp[level] = libdeflate_alloc_compressor(level);
-    if (!i->comp[level]) return CPA_STATUS_FAIL;
-    size_t n = libdeflate_deflate_compress(i->comp[level], in->pData, in->dataLenInBytes,
-                                           out->pData, out->dataLenInBytes);
+    size_t n = g_deflate(r->s->level, in->pData, in->dataLenInBytes, out->pData,
+                         out->dataLenInBytes);
     if (n == 0) {
         res->status = CPA_DC_OVERFLOW;
         return CPA_STATUS_SUCCESS;

@@ -20,6 +20,13 @@ pub type CpaDcSessionHandle = *mut c_void;
 pub type CpaPhysicalAddr = u64;
 pub type CpaVirtualToPhysical = unsafe extern "C" fn(*mut c_void) -> CpaPhysicalAddr;
 pub type CpaDcCallbackFn = unsafe extern "C" fn(callback_tag: *mut c_void, status: CpaStatus);
+/// The stand-in's deflate hook: level, input, length, output, capacity → bytes
+/// written, 0 when they do not fit.
+pub type StandinDeflate = unsafe extern "C" fn(c_int, *const u8, usize, *mut u8, usize) -> usize;
+/// The stand-in's inflate hook: input, length, output, capacity, consumed, produced →
+/// 0 done, 1 output too small, 2 bad stream.
+pub type StandinInflate =
+    unsafe extern "C" fn(*const u8, usize, *mut u8, usize, *mut usize, *mut usize) -> c_int;
 
 pub const CPA_FALSE: CpaBoolean = 0;
 pub const CPA_TRUE: CpaBoolean = 1;
@@ -244,6 +251,9 @@ pub struct Lib {
     pub qaeMemAllocNUMA: unsafe extern "C" fn(usize, c_int, usize) -> *mut c_void,
     pub qaeMemFreeNUMA: unsafe extern "C" fn(*mut *mut c_void),
     pub qaeVirtToPhysNUMA: unsafe extern "C" fn(*mut c_void) -> u64,
+    /// The stand-in's codec hook (`pagewire_standin_set_codec`), present only in the
+    /// stand-in library (see `qat::standin`).
+    pub standin_set_codec: Option<unsafe extern "C" fn(StandinDeflate, StandinInflate)>,
     /// The libraries, kept loaded while the function pointers above are used.
     _libs: Vec<libloading::Library>,
     /// What was loaded, for messages.
@@ -339,6 +349,12 @@ impl Lib {
             qaeMemAllocNUMA: sym!(qaeMemAllocNUMA),
             qaeMemFreeNUMA: sym!(qaeMemFreeNUMA),
             qaeVirtToPhysNUMA: sym!(qaeVirtToPhysNUMA),
+            standin_set_codec: libs.iter().find_map(|lib| {
+                // SAFETY: only the stand-in exports this name, with this signature.
+                unsafe { lib.get(b"pagewire_standin_set_codec\0") }
+                    .ok()
+                    .map(|s| *s)
+            }),
             _libs: libs,
             paths: names,
         })

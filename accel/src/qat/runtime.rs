@@ -200,6 +200,11 @@ impl Runtime {
         // SAFETY: these are qatlib's libraries (or a stand-in with its interface): the
         // caller chose them as such; `Lib::load` checks that every symbol exists.
         let lib = Arc::new(unsafe { Lib::load(&refs)? });
+        if let Some(set) = lib.standin_set_codec {
+            // The stand-in borrows this process's libdeflate for its "device" work.
+            // SAFETY: two `extern "C"` functions valid for the program's life.
+            unsafe { set(super::standin::deflate_hook, super::standin::inflate_hook) };
+        }
         // SAFETY: a NUL-terminated section name; one start per runtime, and the
         // registry keeps one runtime per library list.
         check("icp_sal_userStart", unsafe {

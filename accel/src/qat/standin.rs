@@ -2,9 +2,107 @@
 //! tests and tools: a private copy per user, instance count, injected failures, and
 //! the counters it keeps. Not used by the backend itself.
 
+use core::cell::RefCell;
 use core::ffi::c_int;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use libdeflate_sys::{
+    libdeflate_alloc_decompressor, libdeflate_deflate_decompress_ex, libdeflate_free_decompressor,
+    libdeflate_result_LIBDEFLATE_INSUFFICIENT_SPACE, libdeflate_result_LIBDEFLATE_SUCCESS,
+};
+
+thread_local! {
+    /// The hooks' libdeflate compressors by level, per thread.
+    static COMPRESSORS: RefCell<Vec<Option<libdeflater::Compressor>>> =
+        RefCell::new((0..=12).map(|_| None).collect());
+}
+
+/// The stand-in's deflate hook (installed by the QAT runtime when it loads the
+/// stand-in): raw deflate of `len` bytes at `level` into at most `cap` bytes.
+///
+/// # Safety
+/// `input` is readable for `len` bytes and `out` writable for `cap` bytes, and neither
+/// changes during the call.
+pub(crate) unsafe extern "C" fn deflate_hook(
+    level: c_int,
+    input: *const u8,
+    len: usize,
+    out: *mut u8,
+    cap: usize,
+) -> usize {
+    if input.is_null() || out.is_null() {
+        return 0;
+    }
+    // SAFETY: the caller's contract.
+    let (input, out) = unsafe {
+        (
+            core::slice::from_raw_parts(input, len),
+            core::slice::from_raw_parts_mut(out, cap),
+        )
+    };
+    std::panic::catch_unwind(core::panic::AssertUnwindSafe(|| {
+        COMPRESSORS.with(|c| {
+            let mut c = c.borrow_mut();
+            let lvl = level.clamp(1, 12);
+            let slot = c.get_mut(lvl as usize)?;
+            if slot.is_none() {
+                *slot = Some(libdeflater::Compressor::new(
+                    libdeflater::CompressionLvl::new(lvl).ok()?,
+                ));
+            }
+            slot.as_mut()?.deflate_compress(input, out).ok()
+        })
+    }))
+    .ok()
+    .flatten()
+    .unwrap_or(0)
+}
+
+/// The stand-in's inflate hook: 0 (and the bytes consumed and produced) on success, 1
+/// when `cap` is too small, 2 for a bad stream.
+///
+/// # Safety
+/// `input` is readable for `len` bytes, `out` writable for `cap` bytes, and the two
+/// out-pointers are writable.
+pub(crate) unsafe extern "C" fn inflate_hook(
+    input: *const u8,
+    len: usize,
+    out: *mut u8,
+    cap: usize,
+    consumed: *mut usize,
+    produced: *mut usize,
+) -> c_int {
+    if input.is_null() || out.is_null() || consumed.is_null() || produced.is_null() {
+        return 2;
+    }
+    // SAFETY: plain allocation; NULL means failure.
+    let d = unsafe { libdeflate_alloc_decompressor() };
+    if d.is_null() {
+        return 2;
+    }
+    // SAFETY: the caller's contract; `d` is a live decompressor freed right after.
+    let r = unsafe {
+        let r = libdeflate_deflate_decompress_ex(
+            d,
+            input.cast(),
+            len,
+            out.cast(),
+            cap,
+            consumed,
+            produced,
+        );
+        libdeflate_free_decompressor(d);
+        r
+    };
+    if r == libdeflate_result_LIBDEFLATE_SUCCESS {
+        0
+    } else if r == libdeflate_result_LIBDEFLATE_INSUFFICIENT_SPACE {
+        1
+    } else {
+        2
+    }
+}
 
 /// A failure the stand-in injects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
