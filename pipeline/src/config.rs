@@ -26,7 +26,10 @@ pub struct SourceConfig {
     pub level: i32,
     /// Most pages per frame.
     pub max_pages: u32,
-    /// Transport backend.
+    /// Transport backend. `Backend::Rdma { addr }` (feature `rdma`) moves each
+    /// channel to an RDMA queue pair connected to the destination's RDMA address
+    /// `addr` after its stream handshake; without the feature or a device the
+    /// connection fails with an error saying which.
     pub backend: Backend,
     /// Authentication; there is no default.
     pub auth: Authentication,
@@ -142,7 +145,11 @@ pub struct DestinationConfig {
     pub max_pages: u32,
     /// Accept CRC32C if the source asks.
     pub checksum: bool,
-    /// Transport backend for the accepted channels.
+    /// Transport backend for the accepted channels. `Backend::Rdma { addr }` (feature
+    /// `rdma`) listens for RDMA connections at `addr` from the moment the listener is
+    /// bound (binding fails without the feature or a device) and needs the guest
+    /// memory given to `accept` (`DestinationMemory::Given`), registered once per
+    /// session; pages are pulled with RDMA READ after the rules are checked.
     pub backend: Backend,
     /// What the destination accepts from an authenticated source: guest memory,
     /// regions, channels, device-state sections and bytes. The destination never maps
