@@ -51,26 +51,39 @@ impl fmt::Debug for RdmaMsg {
     }
 }
 
+/// An address in the source's memory, as the source advertises it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SourceAddr(pub u64);
+
+/// A remote key: what the peer names registered memory with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RemoteKey(pub u32);
+
+/// The source's number for a READ_PAGES frame, echoed in DONE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ReadSeq(pub u64);
+
 /// One region of the source's registered memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AdvertRegion {
     /// Region id from the layout.
     pub region: RegionId,
     /// Remote key (remote READ access only).
-    pub rkey: u32,
+    pub rkey: RemoteKey,
     /// Address of the region's first byte at the source.
-    pub addr: u64,
+    pub addr: SourceAddr,
     /// Length in bytes (at least 1; `addr + len` does not overflow).
     pub len: u64,
 }
 
 impl AdvertRegion {
     /// Whether `[addr, addr + len)` lies inside the region.
-    pub fn contains(&self, addr: u64, len: u64) -> bool {
+    pub fn contains(&self, addr: SourceAddr, len: u64) -> bool {
         addr >= self.addr
             && addr
+                .0
                 .checked_add(len)
-                .is_some_and(|end| end <= self.addr + self.len)
+                .is_some_and(|end| end <= self.addr.0 + self.len)
     }
 }
 
@@ -99,8 +112,8 @@ impl Advert {
         put_u16(out, n);
         for r in &self.regions {
             put_u32(out, r.region.0);
-            put_u32(out, r.rkey);
-            put_u64(out, r.addr);
+            put_u32(out, r.rkey.0);
+            put_u64(out, r.addr.0);
             put_u64(out, r.len);
         }
         Ok(())
@@ -126,11 +139,11 @@ impl Advert {
         for _ in 0..n {
             let region = AdvertRegion {
                 region: RegionId(r.u32()?),
-                rkey: r.u32()?,
-                addr: r.u64()?,
+                rkey: RemoteKey(r.u32()?),
+                addr: SourceAddr(r.u64()?),
                 len: r.u64()?,
             };
-            if region.len == 0 || region.addr.checked_add(region.len).is_none() {
+            if region.len == 0 || region.addr.0.checked_add(region.len).is_none() {
                 return Err(DecodeError::InvalidField {
                     field: "advert region length",
                     value: region.len,
@@ -150,7 +163,7 @@ impl Advert {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Segment {
     /// Source address.
-    pub addr: u64,
+    pub addr: SourceAddr,
     /// Bytes (at least 1).
     pub len: u32,
 }
@@ -162,7 +175,7 @@ pub const SEGMENT_LEN: usize = 12;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReadPages<'a> {
     /// The source's number for the frame, returned in [`Done`].
-    pub seq: u64,
+    pub seq: ReadSeq,
     /// Where the payload is at the source, in payload order.
     pub segments: Vec<Segment>,
     /// The frame's envelope and header, without its payload: a raw PAGES frame whose
@@ -182,10 +195,10 @@ impl ReadPages<'_> {
             len: self.segments.len(),
             max: usize::from(u16::MAX),
         })?;
-        put_u64(out, self.seq);
+        put_u64(out, self.seq.0);
         put_u16(out, n);
         for s in &self.segments {
-            put_u64(out, s.addr);
+            put_u64(out, s.addr.0);
             put_u32(out, s.len);
         }
         out.extend_from_slice(self.header);
@@ -199,7 +212,7 @@ impl ReadPages<'_> {
     /// [`DecodeError`]: truncated, an empty segment, or no header bytes.
     pub fn decode(bytes: &[u8]) -> Result<ReadPages<'_>, DecodeError> {
         let mut r = Reader::new(bytes);
-        let seq = r.u64()?;
+        let seq = ReadSeq(r.u64()?);
         let n = usize::from(r.u16()?);
         let need = n * SEGMENT_LEN;
         if r.remaining() < need {
@@ -211,7 +224,7 @@ impl ReadPages<'_> {
         let mut segments = Vec::with_capacity(n);
         for _ in 0..n {
             let s = Segment {
-                addr: r.u64()?,
+                addr: SourceAddr(r.u64()?),
                 len: r.u32()?,
             };
             if s.len == 0 {
@@ -238,13 +251,13 @@ impl ReadPages<'_> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Done {
     /// The frame's `seq`.
-    pub seq: u64,
+    pub seq: ReadSeq,
 }
 
 impl Done {
     /// Appends the encoding: seq u64.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        put_u64(out, self.seq);
+        put_u64(out, self.seq.0);
     }
 
     /// Decodes a whole DONE message.
@@ -253,7 +266,7 @@ impl Done {
     /// [`DecodeError`] unless it is exactly 8 bytes.
     pub fn decode(bytes: &[u8]) -> Result<Done, DecodeError> {
         let mut r = Reader::new(bytes);
-        let seq = r.u64()?;
+        let seq = ReadSeq(r.u64()?);
         trailing("RDMA DONE", r.remaining())?;
         Ok(Done { seq })
     }
@@ -294,14 +307,14 @@ mod tests {
             regions: vec![
                 AdvertRegion {
                     region: RegionId(0),
-                    rkey: 0x1234,
-                    addr: 0x7f00_0000_0000,
+                    rkey: RemoteKey(0x1234),
+                    addr: SourceAddr(0x7f00_0000_0000),
                     len: 1 << 30,
                 },
                 AdvertRegion {
                     region: RegionId(5),
-                    rkey: 9,
-                    addr: 0x1000,
+                    rkey: RemoteKey(9),
+                    addr: SourceAddr(0x1000),
                     len: 4096,
                 },
             ],
@@ -346,14 +359,14 @@ mod tests {
     fn read_pages_and_done_round_trip() {
         let header = [0xaa; 20];
         let m = ReadPages {
-            seq: 77,
+            seq: ReadSeq(77),
             segments: vec![
                 Segment {
-                    addr: 0x5000,
+                    addr: SourceAddr(0x5000),
                     len: 8192,
                 },
                 Segment {
-                    addr: 0x9000,
+                    addr: SourceAddr(0x9000),
                     len: 4096,
                 },
             ],
@@ -373,8 +386,8 @@ mod tests {
             Err(DecodeError::InvalidField { .. })
         ));
         let mut d = Vec::new();
-        Done { seq: 77 }.encode(&mut d);
-        assert_eq!(Done::decode(&d), Ok(Done { seq: 77 }));
+        Done { seq: ReadSeq(77) }.encode(&mut d);
+        assert_eq!(Done::decode(&d), Ok(Done { seq: ReadSeq(77) }));
         assert!(Done::decode(&d[..7]).is_err());
         assert!(Done::decode(&[0; 9]).is_err());
         assert_eq!(roundtrip(RdmaMsg::DONE, &d), Some(d));
@@ -385,11 +398,15 @@ mod tests {
     fn advert_regions_contain_only_their_bytes() {
         let r = AdvertRegion {
             region: RegionId(1),
-            rkey: 1,
-            addr: 100,
+            rkey: RemoteKey(1),
+            addr: SourceAddr(100),
             len: 50,
         };
-        assert!(r.contains(100, 50) && r.contains(120, 1));
-        assert!(!r.contains(99, 2) && !r.contains(149, 2) && !r.contains(u64::MAX, 2));
+        assert!(r.contains(SourceAddr(100), 50) && r.contains(SourceAddr(120), 1));
+        assert!(
+            !r.contains(SourceAddr(99), 2)
+                && !r.contains(SourceAddr(149), 2)
+                && !r.contains(SourceAddr(u64::MAX), 2)
+        );
     }
 }

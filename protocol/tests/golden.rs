@@ -496,20 +496,22 @@ fn golden_samples_match_the_encoder_and_decode_back() {
 /// back, the READ_PAGES header a real raw PAGES frame header; fuzz seeds on bless.
 #[test]
 fn rdma_golden_samples_match_the_encoder_and_decode_back() {
-    use pagewire_protocol::rdma::{Advert, AdvertRegion, Done, RdmaMsg, ReadPages, Segment};
+    use pagewire_protocol::rdma::{
+        Advert, AdvertRegion, Done, RdmaMsg, ReadPages, ReadSeq, RemoteKey, Segment, SourceAddr,
+    };
     let bless = std::env::var_os("PAGEWIRE_BLESS").is_some();
     let advert = Advert {
         regions: vec![
             AdvertRegion {
                 region: RegionId(0),
-                rkey: 0x0001_2345,
-                addr: 0x7f12_3400_0000,
+                rkey: RemoteKey(0x0001_2345),
+                addr: SourceAddr(0x7f12_3400_0000),
                 len: 1 << 30,
             },
             AdvertRegion {
                 region: RegionId(1),
-                rkey: 0x0001_2346,
-                addr: 0x7f52_0000_0000,
+                rkey: RemoteKey(0x0001_2346),
+                addr: SourceAddr(0x7f52_0000_0000),
                 len: 0x4000_0000,
             },
         ],
@@ -529,14 +531,14 @@ fn rdma_golden_samples_match_the_encoder_and_decode_back() {
     }));
     let header = &frame[..frame.len() - payload.len()];
     let read = ReadPages {
-        seq: 41,
+        seq: ReadSeq(41),
         segments: vec![
             Segment {
-                addr: 0x7f52_0001_0000,
+                addr: SourceAddr(0x7f52_0001_0000),
                 len: 4096,
             },
             Segment {
-                addr: 0x7f52_0001_4000,
+                addr: SourceAddr(0x7f52_0001_4000),
                 len: 4096,
             },
         ],
@@ -550,7 +552,7 @@ fn rdma_golden_samples_match_the_encoder_and_decode_back() {
     read.encode(&mut b).unwrap();
     samples.push(("rdma_read_pages", RdmaMsg::READ_PAGES, b));
     let mut b = Vec::new();
-    Done { seq: 41 }.encode(&mut b);
+    Done { seq: ReadSeq(41) }.encode(&mut b);
     samples.push(("rdma_done", RdmaMsg::DONE, b));
     let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/rdma_messages");
     for (i, (name, kind, bytes)) in samples.iter().enumerate() {
@@ -585,7 +587,7 @@ fn rdma_golden_samples_match_the_encoder_and_decode_back() {
     // the segments name appended, it decodes as that frame.
     let bytes = unhex(&std::fs::read_to_string(dir().join("rdma_read_pages.hex")).unwrap());
     let m = ReadPages::decode(&bytes).unwrap();
-    assert_eq!(m.seq, 41);
+    assert_eq!(m.seq, ReadSeq(41));
     let total: u64 = m.segments.iter().map(|s| u64::from(s.len)).sum();
     let whole = [m.header, &vec![0u8; total as usize][..]].concat();
     let mut dec = FrameDecoder::new(fuzzing::limits(0));

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::ptr;
 use std::time::{Duration, Instant};
 
-use pagewire_protocol::rdma::{Advert, AdvertRegion, RdmaMsg, ReadPages};
+use pagewire_protocol::rdma::{Advert, AdvertRegion, RdmaMsg, ReadPages, RemoteKey, SourceAddr};
 use pagewire_protocol::{
     ChannelId, ClientConfig, ClientHandshake, Envelope, Negotiated, PageFrame, ServerConfig,
     ServerHandshake,
@@ -212,8 +212,8 @@ pub fn connect(
         .iter()
         .map(|m| AdvertRegion {
             region: m.region,
-            rkey: m.rkey(),
-            addr: m.memory.as_ptr() as u64,
+            rkey: RemoteKey(m.rkey()),
+            addr: SourceAddr(m.memory.as_ptr() as u64),
             len: m.memory.len() as u64,
         })
         .collect();

@@ -179,7 +179,7 @@ impl Core {
                 self.v
                     .post_recv(buf, self.cfg.message_size)
                     .map_err(|e| ChannelError::io("ibv_post_recv", e))?;
-                let seq = done?.seq;
+                let seq = done?.seq.0;
                 let p = self
                     .pending
                     .get_mut(&seq)
@@ -459,7 +459,7 @@ impl Core {
         let segments = source_segments(&slices?, &registered)?;
         let mut out = Vec::new();
         ReadPages {
-            seq,
+            seq: pagewire_protocol::rdma::ReadSeq(seq),
             segments,
             header: &frame.header,
         }
@@ -488,8 +488,8 @@ impl Core {
                     wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_READ;
                     wr.wr = wr_t {
                         rdma: rdma_t {
-                            remote_addr: r.remote,
-                            rkey: r.rkey,
+                            remote_addr: r.remote.0,
+                            rkey: r.rkey.0,
                         },
                     };
                     let sge = ibv_sge {

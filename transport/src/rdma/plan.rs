@@ -4,7 +4,7 @@
 //! work request exists.
 
 use pagewire_protocol::PageRun;
-use pagewire_protocol::rdma::{AdvertRegion, Segment};
+use pagewire_protocol::rdma::{AdvertRegion, RemoteKey, Segment, SourceAddr};
 
 /// One RDMA READ: source bytes into the destination's own memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -12,9 +12,9 @@ pub struct ReadOp {
     /// Destination address (inside the destination's region, from the frame's runs).
     pub local: u64,
     /// Source address.
-    pub remote: u64,
+    pub remote: SourceAddr,
     /// Remote key of the advertised source region that holds `remote..remote + len`.
-    pub rkey: u32,
+    pub rkey: RemoteKey,
     /// Bytes.
     pub len: u32,
 }
@@ -103,7 +103,7 @@ pub fn plan_reads(
             let n = (u64::from(s.len) - seg_off).min(left);
             ops.push(ReadOp {
                 local: dst,
-                remote: s.addr + seg_off,
+                remote: SourceAddr(s.addr.0 + seg_off),
                 rkey: keys[seg],
                 // `n <= s.len`, a u32.
                 len: n as u32,
@@ -132,7 +132,7 @@ pub fn source_segments(slices: &[(u64, u64)], registered: &[(u64, u64)]) -> Opti
                 addr >= base && addr.checked_add(len).is_some_and(|e| e <= base + size)
             });
             (inside && len > 0).then_some(Segment {
-                addr,
+                addr: SourceAddr(addr),
                 len: u32::try_from(len).ok()?,
             })
         })
@@ -153,15 +153,27 @@ mod tests {
 
     const SRC: AdvertRegion = AdvertRegion {
         region: RegionId(3),
-        rkey: 77,
-        addr: 0x10_0000,
+        rkey: RemoteKey(77),
+        addr: SourceAddr(0x10_0000),
         len: 64 * 4096,
     };
     const BASE: u64 = 0x7000_0000;
     const LEN: u64 = 64 * 4096;
 
     fn seg(addr: u64, len: u32) -> Segment {
-        Segment { addr, len }
+        Segment {
+            addr: SourceAddr(addr),
+            len,
+        }
+    }
+
+    fn op(local: u64, remote: u64, len: u32) -> ReadOp {
+        ReadOp {
+            local,
+            remote: SourceAddr(remote),
+            rkey: RemoteKey(77),
+            len,
+        }
     }
 
     fn plan(runs: &[PageRun], segs: &[Segment]) -> Result<Vec<ReadOp>, PlanError> {
@@ -177,24 +189,9 @@ mod tests {
         assert_eq!(
             ops,
             vec![
-                ReadOp {
-                    local: BASE + 2 * 4096,
-                    remote: 0x10_0000,
-                    rkey: 77,
-                    len: 8192
-                },
-                ReadOp {
-                    local: BASE + 10 * 4096,
-                    remote: 0x10_0000 + 8192,
-                    rkey: 77,
-                    len: 4096
-                },
-                ReadOp {
-                    local: BASE + 11 * 4096,
-                    remote: 0x10_0000 + 40 * 4096,
-                    rkey: 77,
-                    len: 4096
-                },
+                op(BASE + 2 * 4096, 0x10_0000, 8192),
+                op(BASE + 10 * 4096, 0x10_0000 + 8192, 4096),
+                op(BASE + 11 * 4096, 0x10_0000 + 40 * 4096, 4096),
             ]
         );
     }
