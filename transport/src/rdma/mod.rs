@@ -3,7 +3,7 @@
 //! frame names, after the destination checked the frame (`PROTOCOL.md`, "RDMA
 //! binding").
 //!
-//! The verbs code ([`connect`], [`RdmaListener`], [`RdmaChannel`]) needs the cargo
+//! The verbs code (`connect`, `RdmaListener`, `RdmaChannel`) needs the cargo
 //! feature `rdma` (libibverbs, librdmacm). Without it, this module keeps what needs no
 //! device: the settings ([`RdmaConfig`]), the errors ([`RdmaError::NotBuilt`] says
 //! how to get RDMA), and [`plan`]: the READ planning that enforces the window, which
@@ -20,12 +20,12 @@
 //! address of the RDMA interface.
 //!
 //! # Contract
-//! - **Setup**: [`connect`] resolves the address and route with rdma_cm and creates a
+//! - **Setup**: `connect` resolves the address and route with rdma_cm and creates a
 //!   completion queue (with a completion channel, so waits sleep) and an RC queue pair
 //!   on the session's protection domain. Guest memory is registered **once per
 //!   session** on each side ([`RdmaConfig::registration`] is shared by the clones of a
 //!   session's configuration): on the source for remote READ, on the destination for
-//!   local access only. [`RdmaListener::accept`] is the destination's side.
+//!   local access only. `RdmaListener::accept` is the destination's side.
 //! - **Handshake first**: the protocol handshake runs over SEND/RECV before anything
 //!   else. Only once it has completed does the source send its ADVERT (region id,
 //!   address, length, rkey of its registered memory), so a peer that fails
@@ -286,7 +286,7 @@ impl RdmaAcceptor {
     }
 }
 
-/// [`connect`], retried until `cfg.rdma.connect_timeout` while the destination is
+/// `connect`, retried until `cfg.rdma.connect_timeout` while the destination is
 /// not listening yet (its listener may be bound after the stream handshakes).
 ///
 /// # Errors
