@@ -71,6 +71,7 @@ pub mod fuzzing;
 pub mod page;
 pub mod pages;
 pub mod pool;
+pub mod qat;
 pub mod stats;
 pub mod zero;
 
@@ -81,8 +82,9 @@ pub use codec::{
 };
 pub use cpu::thread_cpu_time;
 pub use engine::{
-    Backend, BackendKind, Completion, Engine, EngineConfig, EngineError, FormatCaps, Job, JobOp,
-    Probe, SoftwareBackend, SoftwareConfig, Tag,
+    Backend, BackendChoice, BackendKind, BadChoice, Completion, Engine, EngineConfig, EngineError,
+    FallbackCause, FallbackCounts, FormatCaps, IaaPortal, Job, JobOp, JobParts, ModelFault,
+    ModelFaults, Probe, SoftwareBackend, SoftwareConfig, Tag,
 };
 pub use page::{PageKey, PageSize};
 pub use pages::{PageList, PageListMut, PagesError};

@@ -8,7 +8,7 @@ use pagewire_protocol::CodecId;
 
 use crate::cache::DeltaStats;
 use crate::codec::SOFTWARE_FORMATS;
-use crate::engine::BackendKind;
+use crate::engine::{BackendKind, FallbackCounts};
 
 /// Counters for one format, in one direction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +80,12 @@ pub struct EngineStats {
     /// CPU time of the backend's own worker threads (software codec threads); zero
     /// when jobs run on the caller's thread, whose CPU time is the caller's to count.
     pub worker_cpu: Duration,
+    /// The backend the engine runs on (jobs it handed back ran on software).
+    pub backend: BackendKind,
+    /// Jobs a hardware backend handed to the software codecs (all causes).
+    pub hw_fallbacks: u64,
+    /// Those jobs per cause.
+    pub fallback_causes: FallbackCounts,
 }
 
 impl EngineStats {
@@ -111,6 +117,7 @@ pub(crate) struct StatsCounter {
     pub(crate) completed: u64,
     pub(crate) rejected: u64,
     pub(crate) partial_submits: u64,
+    pub(crate) fallbacks: FallbackCounts,
     encode: Vec<CodecStats>,
     decode: Vec<CodecStats>,
     by_backend: Vec<(BackendKind, u64)>,
@@ -139,6 +146,7 @@ impl StatsCounter {
             completed: 0,
             rejected: 0,
             partial_submits: 0,
+            fallbacks: FallbackCounts::default(),
             encode: all(),
             decode: all(),
             by_backend: [BackendKind::Software, BackendKind::Iaa, BackendKind::Qat]
@@ -247,6 +255,9 @@ impl StatsCounter {
             },
             delta,
             worker_cpu: Duration::ZERO,
+            backend: BackendKind::Software,
+            hw_fallbacks: self.fallbacks.total(),
+            fallback_causes: self.fallbacks,
         }
     }
 }

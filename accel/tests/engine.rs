@@ -9,7 +9,8 @@ use std::time::Duration;
 use common::{Kind, PS, content};
 use pagewire_accel::{
     Backend, BackendKind, CodecError, Codecs, Completion, EncodeParams, Engine, EngineConfig,
-    EngineError, FormatCaps, Job, Level, PageKey, PoolBuf, Probe, SoftwareConfig, Tag,
+    EngineError, FallbackCause, FormatCaps, Job, Level, PageKey, PoolBuf, Probe, SoftwareConfig,
+    Tag,
 };
 use pagewire_protocol::CodecId;
 
@@ -455,18 +456,23 @@ fn another_backend_plugs_in_and_completes_out_of_order() {
     assert_eq!(
         tags,
         vec![9, 2, 1, 0],
-        "rejection first, then the device's reverse order"
+        "the software fallback first, then the device's reverse order"
     );
-    assert!(matches!(
-        done[0].status(),
-        Err(CodecError::Unsupported(CodecId::ZSTD))
-    ));
+    // zstd is not in the device's probe: the engine ran it on software, counted.
+    assert_eq!(done[0].backend(), BackendKind::Software);
+    assert_eq!(done[0].fallback(), Some(FallbackCause::Unsupported));
+    assert_eq!(done[0].encoded().map(|e| e.codec), Some(CodecId::ZSTD));
     for c in &done[1..] {
         assert_eq!(c.backend(), BackendKind::Qat);
+        assert_eq!(c.fallback(), None);
         assert_eq!(c.encoded().map(|e| e.codec), Some(CodecId::DEFLATE));
     }
     let stats = engine.stats();
-    assert!(stats.by_backend.contains(&(BackendKind::Qat, 4)));
+    assert!(stats.by_backend.contains(&(BackendKind::Qat, 3)));
+    assert!(stats.by_backend.contains(&(BackendKind::Software, 1)));
+    assert_eq!(stats.hw_fallbacks, 1);
+    assert_eq!(stats.fallback_causes.of(FallbackCause::Unsupported), 1);
+    assert_eq!(stats.rejected, 0);
 }
 
 #[test]

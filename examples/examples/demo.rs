@@ -37,6 +37,9 @@ USAGE: demo [OPTIONS]
   --codec C             zstd | lz4 | deflate | delta | raw | none (default zstd)
   --level N             codec level (zstd default 1, deflate 1)
   --transport T         tcp | uring (default tcp; uring falls back to tcp if unusable)
+  --accel A             codec engine: auto | software | qat | iaa... (default auto);
+                        PAGEWIRE_QATLIB=standin runs qat on the QAT stand-in library
+                        (software behind qatlib's interface, not a device)
   --unix PATH           migrate over a Unix socket at PATH (must not exist; removed
                         afterwards) instead of TCP loopback; the ceiling is measured
                         over a Unix socket at PATH.ceiling
@@ -62,6 +65,7 @@ struct Args {
     codec: CodecId,
     level: Option<i32>,
     uring: bool,
+    accel: pagewire::BackendChoice,
     unix: Option<PathBuf>,
     bandwidth_mbit: u64,
     downtime_ms: u64,
@@ -85,6 +89,7 @@ fn parse() -> anyhow::Result<Args> {
         codec: CodecId::ZSTD,
         level: None,
         uring: false,
+        accel: pagewire::BackendChoice::Auto,
         unix: None,
         bandwidth_mbit: 0,
         downtime_ms: 300,
@@ -144,6 +149,7 @@ fn parse() -> anyhow::Result<Args> {
                     o => bail!("unknown transport {o}"),
                 }
             }
+            "--accel" => a.accel = val()?.parse()?,
             "--unix" => a.unix = Some(val()?.into()),
             "--bandwidth" => a.bandwidth_mbit = val()?.parse()?,
             "--downtime" => a.downtime_ms = val()?.parse()?,
@@ -294,6 +300,17 @@ fn main() -> anyhow::Result<()> {
                 .map_or("TCP loopback".into(), |p| format!("unix:{}", p.display())),
             if tls.is_some() { " inside TLS 1.3" } else { "" }
         );
+        // Why QAT is or is not usable here, whatever --accel says.
+        let libraries = pagewire_accel::qat::libraries_from_env();
+        match pagewire_accel::qat::probe(&libraries) {
+            Ok(p) => eprintln!(
+                "qat: {} instance(s) through {:?}: {}",
+                p.instances.len(),
+                p.libraries,
+                p.instances.join(", ")
+            ),
+            Err(why) => eprintln!("qat: unavailable: {why}"),
+        }
     }
 
     let backend = if args.uring {
@@ -336,6 +353,7 @@ fn main() -> anyhow::Result<()> {
         cfg.level = l;
     }
     cfg.backend = backend;
+    cfg.accel = args.accel.clone();
     cfg.checksum = args.checksum;
     if let Some((s, _)) = tls {
         cfg.encryption = Encryption::Tls(s);

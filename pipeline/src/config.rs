@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use pagewire_accel::BackendChoice;
 use pagewire_protocol::{Authentication, CodecId, DestinationLimits, SessionId};
 use pagewire_transport::Encryption;
 use pagewire_transport::session::Backend;
@@ -26,7 +27,10 @@ pub struct SourceConfig {
     pub level: i32,
     /// Most pages per frame.
     pub max_pages: u32,
-    /// Transport backend.
+    /// Transport backend. `Backend::Rdma { addr }` (feature `rdma`) moves each
+    /// channel to an RDMA queue pair connected to the destination's RDMA address
+    /// `addr` after its stream handshake; without the feature or a device the
+    /// connection fails with an error saying which.
     pub backend: Backend,
     /// Authentication; there is no default.
     pub auth: Authentication,
@@ -42,6 +46,11 @@ pub struct SourceConfig {
     pub bandwidth_limit: u64,
     /// Pre-copy policy (the downtime limit is changeable through [`Control`]).
     pub precopy: PrecopyConfig,
+    /// Codec engine backend per channel: auto (an accelerator when one is usable,
+    /// else software), software, IAA (kernel work queue, VFIO or the device model) or
+    /// QAT. Jobs a hardware backend gives up on run on software, counted in
+    /// [`EngineSummary::hw_fallbacks`](crate::stats::EngineSummary::hw_fallbacks).
+    pub accel: BackendChoice,
     /// Codec worker threads per channel; 0 compresses on the channel's own thread.
     pub codec_threads: usize,
     /// Frames in flight in the codec engine per channel.
@@ -82,6 +91,7 @@ impl SourceConfig {
             checksum: false,
             bandwidth_limit: 0,
             precopy: PrecopyConfig::default(),
+            accel: BackendChoice::Auto,
             codec_threads: 0,
             queue_depth: 16,
             delta_cache_pages: 64 * 1024,
@@ -146,7 +156,11 @@ pub struct DestinationConfig {
     pub max_pages: u32,
     /// Accept CRC32C if the source asks.
     pub checksum: bool,
-    /// Transport backend for the accepted channels.
+    /// Transport backend for the accepted channels. `Backend::Rdma { addr }` (feature
+    /// `rdma`) listens for RDMA connections at `addr` from the moment the listener is
+    /// bound (binding fails without the feature or a device) and needs the guest
+    /// memory given to `accept` (`DestinationMemory::Given`), registered once per
+    /// session; pages are pulled with RDMA READ after the rules are checked.
     pub backend: Backend,
     /// What the destination accepts from an authenticated source: guest memory,
     /// regions, channels, device-state sections and bytes. The destination never maps

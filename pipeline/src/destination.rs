@@ -103,6 +103,27 @@ pub struct DestinationListener {
     listener: Listener,
     config: DestinationConfig,
     scfg: SessionConfig,
+    /// The RDMA listener, for `Backend::Rdma`, bound with the socket.
+    rdma: Option<Arc<pagewire_transport::rdma::RdmaAcceptor>>,
+}
+
+/// The RDMA listener a `Backend::Rdma` configuration asks for (bound now, so a build
+/// without RDMA or a host without a device fails here, saying which).
+fn rdma_acceptor(
+    config: &DestinationConfig,
+) -> Result<Option<Arc<pagewire_transport::rdma::RdmaAcceptor>>, MigrationError> {
+    match config.backend {
+        pagewire_transport::session::Backend::Rdma { addr } => {
+            pagewire_transport::rdma::RdmaAcceptor::bind(addr)
+                .map(|a| Some(Arc::new(a)))
+                .map_err(|e| {
+                    MigrationError::Session(pagewire_transport::session::SessionError::Rdma(
+                        Box::new(e),
+                    ))
+                })
+        }
+        _ => Ok(None),
+    }
 }
 
 impl DestinationListener {
@@ -125,11 +146,13 @@ impl DestinationListener {
         config: DestinationConfig,
     ) -> Result<Self, MigrationError> {
         let scfg = session_config(&config);
+        let rdma = rdma_acceptor(&config)?;
         let listener = Listener::bind_endpoint(endpoint, &scfg)?;
         Ok(Self {
             listener,
             config,
             scfg,
+            rdma,
         })
     }
 
@@ -145,11 +168,13 @@ impl DestinationListener {
         config: DestinationConfig,
     ) -> Result<Self, MigrationError> {
         let scfg = session_config(&config);
+        let rdma = rdma_acceptor(&config)?;
         let listener = Listener::from_listener(listener, &scfg)?;
         Ok(Self {
             listener,
             config,
             scfg,
+            rdma,
         })
     }
 
@@ -273,6 +298,26 @@ impl DestinationListener {
         memory: DestinationMemory,
         control: &DestinationControl,
     ) -> Result<Destination, MigrationError> {
+        let mut scfg = scfg.clone();
+        if let pagewire_transport::session::Backend::Rdma { .. } = config.backend {
+            // The session's registration: the given memory, registered once for all
+            // its channels (a fresh registration per session).
+            let DestinationMemory::Given(m) = &memory else {
+                return Err(MigrationError::Config(
+                    "the RDMA backend needs the destination's guest memory up front (accept with Some(memory) or DestinationMemory::Given)".into(),
+                ));
+            };
+            let Some(acceptor) = self.rdma.clone() else {
+                return Err(MigrationError::Config(
+                    "the RDMA backend must be chosen when the listener is bound".into(),
+                ));
+            };
+            scfg.rdma =
+                pagewire_transport::rdma::RdmaConfig::new(crate::source::transport_views(m));
+            scfg.rdma.recv_timeout = Some(config.idle_timeout);
+            scfg.rdma_acceptor = Some(acceptor);
+        }
+        let scfg = &scfg;
         let accepted = self
             .listener
             .accept_session_until(scfg, config.accept_timeout, &|| control.is_cancelled())

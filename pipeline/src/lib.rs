@@ -56,5 +56,6 @@ pub use pagewire_transport::{Endpoint, Stream, StreamListener};
 
 // The few lower-layer types a VMM needs (the lower crates themselves stay available
 // as `pagewire-protocol`, `pagewire-transport` and `pagewire-accel`).
+pub use pagewire_accel::{BackendChoice, FallbackCause, IaaPortal, ModelFault, ModelFaults};
 pub use pagewire_protocol::{CodecId, DestinationLimits, GuestAddr, MemoryLayout, RegionDesc};
 pub use pagewire_transport::session::{Backend, ListenerStats};

@@ -205,6 +205,62 @@ pub struct EngineSummary {
     pub max_queue_depth: u64,
     /// Jobs a hardware backend handed back to software.
     pub hw_fallbacks: u64,
+    /// Those jobs per cause.
+    pub hw_fallback_causes: FallbackSummary,
+    /// The backend of the channels' engines (`software`, `iaa`, `qat`; `mixed`
+    /// when channels differ; empty before any engine ran).
+    pub backend: &'static str,
+}
+
+/// Jobs a hardware backend handed to software, per cause (see
+/// [`FallbackCause`](pagewire_accel::FallbackCause)).
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct FallbackSummary {
+    /// The work queue stayed full after the backend's retries.
+    pub queue_full: u64,
+    /// An unresolved device page fault.
+    pub page_fault: u64,
+    /// An output overflow the backend could not settle.
+    pub output_overflow: u64,
+    /// Another device error status.
+    pub device_error: u64,
+    /// No completion in time (a hung descriptor).
+    pub timeout: u64,
+    /// The device or its queue was disabled or removed.
+    pub device_lost: u64,
+    /// A format or level the hardware does not do.
+    pub unsupported: u64,
+}
+
+impl FallbackSummary {
+    /// Adds one engine's counts.
+    pub fn add(&mut self, c: &pagewire_accel::FallbackCounts) {
+        use pagewire_accel::FallbackCause as C;
+        self.queue_full += c.of(C::QueueFull);
+        self.page_fault += c.of(C::PageFault);
+        self.output_overflow += c.of(C::OutputOverflow);
+        self.device_error += c.of(C::DeviceError);
+        self.timeout += c.of(C::Timeout);
+        self.device_lost += c.of(C::DeviceLost);
+        self.unsupported += c.of(C::Unsupported);
+    }
+
+    /// The non-zero causes, named as in the statistics text.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> {
+        [
+            ("queue-full", self.queue_full),
+            ("page-fault", self.page_fault),
+            ("output-overflow", self.output_overflow),
+            ("device-error", self.device_error),
+            ("timeout", self.timeout),
+            ("device-lost", self.device_lost),
+            ("unsupported", self.unsupported),
+        ]
+        .into_iter()
+        .filter(|&(_, n)| n > 0)
+    }
 }
 
 /// Zero-copy sends.
@@ -398,11 +454,29 @@ impl fmt::Display for MigrationStats {
         writeln!(f, "per channel MiB:       [{}]", per_channel.join(", "))?;
         writeln!(
             f,
-            "codec engine:          busy {:.0}%, queue depth mean {:.1} max {}, hw fallbacks {}",
+            "codec engine:          {}busy {:.0}%, queue depth mean {:.1} max {}, hw fallbacks {}{}",
+            if self.engine.backend.is_empty() {
+                String::new()
+            } else {
+                format!("{}, ", self.engine.backend)
+            },
             self.engine.busy_rate * 100.0,
             self.engine.mean_queue_depth,
             self.engine.max_queue_depth,
-            self.engine.hw_fallbacks
+            self.engine.hw_fallbacks,
+            {
+                let causes: Vec<String> = self
+                    .engine
+                    .hw_fallback_causes
+                    .iter()
+                    .map(|(name, n)| format!("{name} {n}"))
+                    .collect();
+                if causes.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", causes.join(", "))
+                }
+            }
         )?;
         writeln!(
             f,

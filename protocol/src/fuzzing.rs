@@ -1242,6 +1242,23 @@ pub fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
+/// The RDMA binding's messages (`rdma`): the first byte picks the kind (ADVERT,
+/// READ_PAGES, DONE), the rest is the message. Whatever decodes must encode back to
+/// the same bytes, and nothing may panic.
+pub fn rdma_messages(data: &[u8]) {
+    let Some((&sel, body)) = data.split_first() else {
+        return;
+    };
+    let kind = [
+        crate::rdma::RdmaMsg::ADVERT,
+        crate::rdma::RdmaMsg::READ_PAGES,
+        crate::rdma::RdmaMsg::DONE,
+    ][usize::from(sel) % 3];
+    if let Some(again) = crate::rdma::roundtrip(kind, body) {
+        assert_eq!(again, body, "{kind:?} re-encodes differently");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,6 +10,7 @@ pub mod handshake;
 pub mod ids;
 pub mod layout;
 pub mod limits;
+pub mod rdma;
 pub mod session;
 pub mod stream;
 pub mod wire;

@@ -5,8 +5,8 @@
 //! then carries frames encoded and decoded by `pagewire-protocol`. This crate knows
 //! nothing of codecs: a frame is a header plus payload slices. Linux only.
 //!
-//! - [`Channel`] is the one interface; [`tcp`], [`uring`] and `rdma` (cargo feature
-//!   `rdma`) are its backends, each with its contract in its module docs.
+//! - [`Channel`] is the one interface; [`tcp`], [`uring`] and [`rdma`] (its verbs code
+//!   behind the cargo feature `rdma`) are its backends, each with its contract in its module docs.
 //! - [`session`] opens the channels of a session ([`session::connect`]) and accepts
 //!   them ([`session::Listener`]: every pending handshake on the calling thread, each
 //!   bounded in time and memory), refusing channels that fail the handshake.
@@ -77,7 +77,6 @@ pub mod tcp;
 pub mod tls;
 pub mod uring;
 
-#[cfg(feature = "rdma")]
 pub mod rdma;
 
 pub use buf::{BufferPool, GuestMemory, GuestSlice, Payload, PoolBuf};

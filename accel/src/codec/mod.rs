@@ -831,7 +831,7 @@ fn check_zstd_frame(payload: &[u8], expected: usize) -> Result<(), CodecError> {
 }
 
 /// Checks a per-page length table against the format, the page count and the payload.
-fn check_table(
+pub(crate) fn check_table(
     codec: CodecId,
     payload_len: usize,
     lengths: &[u32],

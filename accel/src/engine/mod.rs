@@ -35,6 +35,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod fallback;
+pub mod select;
 pub mod software;
 
 use core::fmt;
@@ -53,6 +55,8 @@ use crate::pages::{PageList, PageListMut, PagesError};
 use crate::pool::{BufPool, PoolBuf};
 use crate::stats::{EngineStats, StatsCounter};
 
+pub use fallback::{FallbackCause, FallbackCounts};
+pub use select::{BackendChoice, BadChoice, IaaPortal, ModelFault, ModelFaults};
 pub use software::{SoftwareBackend, SoftwareConfig};
 
 /// The caller's name for a job, returned with its completion.
@@ -75,6 +79,17 @@ pub enum BackendKind {
     Iaa,
     /// Intel QuickAssist Technology.
     Qat,
+}
+
+impl BackendKind {
+    /// A short lower-case name: `software`, `iaa`, `qat`.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Software => "software",
+            BackendKind::Iaa => "iaa",
+            BackendKind::Qat => "qat",
+        }
+    }
 }
 
 /// What a backend can do with one format.
@@ -147,6 +162,14 @@ pub enum EngineError {
     /// A job misuse caught before submission.
     #[error("job error: {0}")]
     Job(&'static str),
+    /// An explicitly chosen backend cannot be used on this host.
+    #[error("{backend:?} backend unavailable: {reason}")]
+    Unavailable {
+        /// The backend.
+        backend: BackendKind,
+        /// Why, and what to do about it.
+        reason: String,
+    },
     /// A backend-specific failure.
     #[error("{backend:?} backend failed: {source}")]
     Backend {
@@ -164,6 +187,13 @@ pub enum EngineError {
 /// complete them in any order. Jobs reach it through [`Engine::submit`], which has
 /// checked them against the backend's [`Probe`] and attached an output buffer to every
 /// encode job.
+///
+/// A hardware backend that cannot finish a job on its device (queue full after its
+/// retries, an unresolved page fault, an overflow it cannot settle, a device error, a
+/// timeout, a lost device) returns it with [`Job::fall_back`] and a
+/// [`FallbackCause`]; the engine runs it on software and counts it (see
+/// [`fallback`]). It returns an `Err` only when it cannot take or complete jobs at
+/// all any more.
 pub trait Backend: Send {
     /// CPU time of the backend's own worker threads so far (zero for a backend that
     /// runs jobs on the caller's thread or on a device).
@@ -219,6 +249,10 @@ pub(crate) struct Request {
     lengths: Vec<u32>,
     result: Result<Option<EncodeOutcome>, CodecError>,
     backend: BackendKind,
+    /// Set by [`Job::fall_back`]: why the job went to software.
+    fallback: Option<FallbackCause>,
+    /// Set by [`Job::fall_back`], cleared once the engine ran the job on software.
+    fallback_pending: bool,
 }
 
 impl Request {
@@ -234,6 +268,8 @@ impl Request {
             lengths: Vec::with_capacity(max_pages),
             result: Ok(None),
             backend: BackendKind::Software,
+            fallback: None,
+            fallback_pending: false,
         }
     }
 
@@ -247,6 +283,40 @@ impl Request {
         self.payload = None;
         self.lengths.clear();
         self.result = Ok(None);
+        self.fallback = None;
+        self.fallback_pending = false;
+    }
+
+    /// Runs the request on the software codecs, storing the result.
+    fn run_software(&mut self, codecs: &mut Codecs, delta: Option<&DeltaCache>) {
+        let r = self;
+        r.result = match r.op {
+            JobOp::Idle => Err(CodecError::Unsupported(CodecId(0))),
+            JobOp::Encode(params) => match r.payload.as_mut().and_then(PoolBuf::get_mut) {
+                None => Err(CodecError::OutputTooSmall {
+                    need: max_payload_len(r.input.pages(), r.input.page_size()),
+                    have: 0,
+                }),
+                Some(out) => match codecs.encode(&params, &r.input, delta, out, &mut r.lengths) {
+                    Ok(outcome) => {
+                        if let Some(buf) = r.payload.as_mut() {
+                            buf.set_len(outcome.payload_len);
+                        }
+                        Ok(Some(outcome))
+                    }
+                    Err(e) => Err(e),
+                },
+            },
+            JobOp::Decode(codec) => match r.payload.as_ref() {
+                None => Err(CodecError::Corrupt {
+                    codec,
+                    detail: "decode job without payload",
+                }),
+                Some(payload) => codecs
+                    .decode(codec, payload, &r.lengths, &mut r.dest)
+                    .map(|()| None),
+            },
+        };
     }
 }
 
@@ -410,34 +480,7 @@ impl Job {
     /// Runs the job on the software codecs (the reference, and every hardware
     /// backend's fallback), storing the result for the completion.
     pub fn run_software(&mut self, codecs: &mut Codecs, delta: Option<&DeltaCache>) {
-        let r = self.h.req_mut();
-        r.result = match r.op {
-            JobOp::Idle => Err(CodecError::Unsupported(CodecId(0))),
-            JobOp::Encode(params) => match r.payload.as_mut().and_then(PoolBuf::get_mut) {
-                None => Err(CodecError::OutputTooSmall {
-                    need: max_payload_len(r.input.pages(), r.input.page_size()),
-                    have: 0,
-                }),
-                Some(out) => match codecs.encode(&params, &r.input, delta, out, &mut r.lengths) {
-                    Ok(outcome) => {
-                        if let Some(buf) = r.payload.as_mut() {
-                            buf.set_len(outcome.payload_len);
-                        }
-                        Ok(Some(outcome))
-                    }
-                    Err(e) => Err(e),
-                },
-            },
-            JobOp::Decode(codec) => match r.payload.as_ref() {
-                None => Err(CodecError::Corrupt {
-                    codec,
-                    detail: "decode job without payload",
-                }),
-                Some(payload) => codecs
-                    .decode(codec, payload, &r.lengths, &mut r.dest)
-                    .map(|()| None),
-            },
-        };
+        self.h.req_mut().run_software(codecs, delta);
     }
 
     /// Turns the finished job into its completion, recording the backend that ran it.
@@ -446,11 +489,60 @@ impl Job {
         Completion { h: self.h }
     }
 
+    /// Hands the job back for the engine to run on software, because the device could
+    /// not finish it for `cause` (see [`fallback`]). `backend` is the hardware backend
+    /// giving up; the completion the caller finally sees names
+    /// [`BackendKind::Software`] and reports the cause in [`Completion::fallback`].
+    /// Whatever the device wrote for this job is overwritten.
+    pub fn fall_back(mut self, backend: BackendKind, cause: FallbackCause) -> Completion {
+        let r = self.h.req_mut();
+        r.fallback = Some(cause);
+        r.fallback_pending = true;
+        r.result = Ok(None);
+        self.complete(backend)
+    }
+
+    /// Everything a backend reads and writes to run the job itself.
+    pub fn parts_mut(&mut self) -> JobParts<'_> {
+        let r = self.h.req_mut();
+        JobParts {
+            op: r.op,
+            input: &r.input,
+            dest: &mut r.dest,
+            payload: r.payload.as_mut(),
+            lengths: &mut r.lengths,
+        }
+    }
+
+    /// Stores the result of a backend that ran the job itself: for an encode the
+    /// outcome (with the payload's length set and the length table filled through
+    /// [`Job::parts_mut`]), for a decode `Ok(None)`.
+    pub fn set_result(&mut self, result: Result<Option<EncodeOutcome>, CodecError>) {
+        self.h.req_mut().result = result;
+    }
+
     /// Completes the job with an error, without running it.
     pub fn fail(mut self, backend: BackendKind, error: CodecError) -> Completion {
         self.h.req_mut().result = Err(error);
         self.complete(backend)
     }
+}
+
+/// A job's buffers, for a backend that runs it ([`Job::parts_mut`]).
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct JobParts<'a> {
+    /// What the job does.
+    pub op: JobOp,
+    /// An encode's input pages.
+    pub input: &'a PageList<'static>,
+    /// A decode's destination pages.
+    pub dest: &'a mut PageListMut<'static>,
+    /// An encode's output buffer (attached by the engine, held uniquely), or a
+    /// decode's input payload.
+    pub payload: Option<&'a mut PoolBuf>,
+    /// The per-page length table: an encode fills it, a decode reads it.
+    pub lengths: &'a mut Vec<u32>,
 }
 
 /// # Safety
@@ -472,6 +564,25 @@ unsafe fn push_buf(
     })?;
     // SAFETY: forwarded from this function's contract.
     unsafe { list.push_raw(buf.as_ptr(), pages, key) }
+}
+
+/// Runs a completion a hardware backend handed back (see [`fallback`]) on the
+/// software codecs and counts it; leaves any other completion alone.
+fn run_fallback(
+    codecs: &mut Codecs,
+    delta: Option<&DeltaCache>,
+    stats: &mut StatsCounter,
+    c: &mut Completion,
+) {
+    let r = c.h.req_mut();
+    if let Some(cause) = r.fallback
+        && r.fallback_pending
+    {
+        r.fallback_pending = false;
+        r.run_software(codecs, delta);
+        r.backend = BackendKind::Software;
+        stats.fallbacks.add(cause);
+    }
 }
 
 /// A finished job: its result, payload, length table, and the backend that ran it.
@@ -505,6 +616,12 @@ impl Completion {
     /// The backend that ran it.
     pub fn backend(&self) -> BackendKind {
         self.h.req().backend
+    }
+
+    /// Why a hardware backend handed this job to software, which then ran it (`None`
+    /// for a job run where it was submitted).
+    pub fn fallback(&self) -> Option<FallbackCause> {
+        self.h.req().fallback
     }
 
     /// Whether it succeeded.
@@ -589,6 +706,10 @@ impl Default for EngineConfig {
 pub struct Engine {
     backend: Box<dyn Backend>,
     probe: Probe,
+    /// What the software codecs can do: the jobs a hardware backend may hand back.
+    software_probe: Probe,
+    /// The software codecs that run jobs a hardware backend handed back.
+    fallback: Box<Codecs>,
     config: EngineConfig,
     requests: Home,
     bufs: BufPool,
@@ -648,9 +769,12 @@ impl Engine {
             max_payload_len(config.max_pages, config.page_size),
         );
         let probe = backend.probe();
+        let software_probe = software::probe(config.max_pages, usize::MAX, config.delta.is_some());
         Ok(Engine {
             backend,
             probe,
+            software_probe,
+            fallback: Box::new(Codecs::new()),
             staging: VecDeque::with_capacity(config.requests),
             ready: VecDeque::with_capacity(config.requests),
             config,
@@ -693,10 +817,10 @@ impl Engine {
         self.in_flight
     }
 
-    /// Checks a job against the probe and the configuration.
-    fn check(&self, job: &Job) -> Result<(), CodecError> {
+    /// Checks a job against a probe and the configuration.
+    fn check(&self, probe: &Probe, job: &Job) -> Result<(), CodecError> {
         let r = job.h.req();
-        let max = self.probe.max_job_pages.min(self.config.max_pages);
+        let max = probe.max_job_pages.min(self.config.max_pages);
         match r.op {
             JobOp::Idle => Err(CodecError::Unsupported(CodecId(0))),
             JobOp::Encode(p) => {
@@ -704,14 +828,14 @@ impl Engine {
                 if n == 0 {
                     return Err(CodecError::NoPages { codec: p.codec });
                 }
-                if n > max || r.input.bytes() > self.probe.max_job_bytes {
+                if n > max || r.input.bytes() > probe.max_job_bytes {
                     return Err(CodecError::TooManyPages { pages: n, max });
                 }
-                if !self.probe.can_encode(p.codec, p.level) {
+                if !probe.can_encode(p.codec, p.level) {
                     return match crate::codec::level_range(p.codec) {
                         Some((min, max))
                             if p.codec != CodecId::DELTA
-                                && self.probe.caps(p.codec).is_some_and(|c| c.encode) =>
+                                && probe.caps(p.codec).is_some_and(|c| c.encode) =>
                         {
                             Err(CodecError::BadLevel {
                                 codec: p.codec,
@@ -729,7 +853,7 @@ impl Engine {
                 Ok(())
             }
             JobOp::Decode(codec) => {
-                if !self.probe.can_decode(codec) {
+                if !probe.can_decode(codec) {
                     return Err(CodecError::Unsupported(codec));
                 }
                 if r.dest.pages() > max {
@@ -753,10 +877,24 @@ impl Engine {
     pub fn submit(&mut self, batch: &mut VecDeque<Job>) -> Result<usize, EngineError> {
         let start = batch.len();
         while let Some(mut job) = batch.pop_front() {
-            if let Err(e) = self.check(&job) {
-                self.stats.rejected += 1;
-                self.ready.push_back(job.fail(self.probe.backend, e));
-                continue;
+            let mut unsupported = false;
+            if let Err(e) = self.check(&self.probe, &job) {
+                // A job the hardware cannot run but the software codecs can goes to
+                // software (counted), not back to the caller as an error.
+                // When neither can, the software codecs' reason is the one reported
+                // (they are the reference: lz4 at a bad level is `BadLevel`, not
+                // "unsupported by the device").
+                let software = if self.probe.backend == BackendKind::Software {
+                    Err(e)
+                } else {
+                    self.check(&self.software_probe, &job)
+                };
+                unsupported = software.is_ok();
+                if let Err(e) = software {
+                    self.stats.rejected += 1;
+                    self.ready.push_back(job.fail(self.probe.backend, e));
+                    continue;
+                }
             }
             if let JobOp::Encode(_) = job.op()
                 && job.h.req().payload.is_none()
@@ -768,6 +906,17 @@ impl Engine {
                         break;
                     }
                 }
+            }
+            if unsupported {
+                let mut c = job.fall_back(self.probe.backend, FallbackCause::Unsupported);
+                run_fallback(
+                    &mut self.fallback,
+                    self.config.delta.as_deref(),
+                    &mut self.stats,
+                    &mut c,
+                );
+                self.ready.push_back(c);
+                continue;
             }
             self.staging.push_back(job);
             if self.staging.len() == self.staging.capacity() {
@@ -820,6 +969,14 @@ impl Engine {
             0
         };
         self.in_flight -= got.min(self.in_flight);
+        for c in &mut done[first + from_ready..] {
+            run_fallback(
+                &mut self.fallback,
+                self.config.delta.as_deref(),
+                &mut self.stats,
+                c,
+            );
+        }
         for c in &done[first..] {
             let r = c.h.req();
             let (encode, codec) = match r.op {
@@ -858,6 +1015,7 @@ impl Engine {
             self.config.delta.as_ref().map(|d| d.stats()),
         );
         s.worker_cpu = self.backend.worker_cpu();
+        s.backend = self.probe.backend;
         s
     }
 

@@ -145,6 +145,32 @@ fn worker(
     }
 }
 
+/// What the software codecs do: every format of [`SOFTWARE_FORMATS`] both ways, delta
+/// only with a delta cache.
+pub(crate) fn probe(max_pages: usize, queue_depth: usize, delta_cache: bool) -> Probe {
+    let formats = SOFTWARE_FORMATS
+        .iter()
+        .filter_map(|&codec| {
+            let (min_level, max_level) = level_range(codec)?;
+            Some(FormatCaps {
+                codec,
+                encode: true,
+                decode: true,
+                min_level,
+                max_level,
+            })
+        })
+        .collect();
+    Probe {
+        backend: BackendKind::Software,
+        formats,
+        max_job_pages: max_pages,
+        max_job_bytes: usize::MAX,
+        queue_depth,
+        delta_cache,
+    }
+}
+
 impl Backend for SoftwareBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Software
@@ -155,27 +181,7 @@ impl Backend for SoftwareBackend {
     }
 
     fn probe(&self) -> Probe {
-        let formats = SOFTWARE_FORMATS
-            .iter()
-            .filter_map(|&codec| {
-                let (min_level, max_level) = level_range(codec)?;
-                Some(FormatCaps {
-                    codec,
-                    encode: true,
-                    decode: true,
-                    min_level,
-                    max_level,
-                })
-            })
-            .collect();
-        Probe {
-            backend: BackendKind::Software,
-            formats,
-            max_job_pages: self.max_pages,
-            max_job_bytes: usize::MAX,
-            queue_depth: self.queue_depth,
-            delta_cache: self.delta.is_some(),
-        }
+        probe(self.max_pages, self.queue_depth, self.delta.is_some())
     }
 
     fn submit(&mut self, jobs: &mut VecDeque<Job>) -> Result<usize, EngineError> {

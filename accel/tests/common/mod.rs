@@ -318,11 +318,14 @@ impl Subject for Direct {
     }
 }
 
-/// The engine over the software backend (inline or with worker threads).
+/// The engine over the software backend (inline or with worker threads), or over
+/// the QAT backend on a private copy of the QAT stand-in library.
 pub struct EngineSubject {
     engine: Engine,
     threads: usize,
     next_tag: u64,
+    /// The stand-in the QAT engine runs on (kept loaded while it is used).
+    qat: Option<pagewire_accel::qat::standin::StandIn>,
 }
 
 impl EngineSubject {
@@ -346,6 +349,39 @@ impl EngineSubject {
             engine,
             threads,
             next_tag: 1,
+            qat: None,
+        }
+    }
+
+    /// The engine over the QAT backend, on its own copy of the stand-in library.
+    pub fn qat() -> EngineSubject {
+        let standin = pagewire_accel::qat::standin::StandIn::private(1, false).expect("stand-in");
+        let config = EngineConfig {
+            max_pages: 64,
+            requests: 8,
+            buffers: 8,
+            delta: Some(delta_cache()),
+            ..Default::default()
+        };
+        let mut qat = pagewire_accel::qat::QatConfig::with_libraries(vec![standin.path().into()]);
+        qat.queue_depth = 4;
+        let backend =
+            pagewire_accel::qat::QatBackend::new(qat, &config).expect("QAT on the stand-in");
+        let engine = Engine::new(config, Box::new(backend)).expect("engine starts");
+        EngineSubject {
+            engine,
+            threads: 0,
+            next_tag: 1,
+            qat: Some(standin),
+        }
+    }
+
+    /// The backend an encode of `params` must run on.
+    fn expected_backend(&self, params: &EncodeParams) -> pagewire_accel::BackendKind {
+        if self.qat.is_some() && params.codec == CodecId::DEFLATE {
+            pagewire_accel::BackendKind::Qat
+        } else {
+            pagewire_accel::BackendKind::Software
         }
     }
 
@@ -373,7 +409,11 @@ impl EngineSubject {
 
 impl Subject for EngineSubject {
     fn name(&self) -> String {
-        format!("engine({} threads)", self.threads)
+        if self.qat.is_some() {
+            "engine(QAT on the stand-in)".into()
+        } else {
+            format!("engine({} threads)", self.threads)
+        }
     }
 
     fn encode(
@@ -407,7 +447,9 @@ impl Subject for EngineSubject {
                 .expect("pages");
         }
         let mut c = self.run(job);
-        assert_eq!(c.backend(), pagewire_accel::BackendKind::Software);
+        if c.status().is_ok() {
+            assert_eq!(c.backend(), self.expected_backend(&params), "{params:?}");
+        }
         c.status()?;
         let out = c.encoded().expect("encode outcome");
         let payload = c.take_payload().expect("payload buffer");
@@ -483,5 +525,6 @@ pub fn subjects() -> Vec<Box<dyn Subject>> {
         Box::new(Direct::new()),
         Box::new(EngineSubject::new(0)),
         Box::new(EngineSubject::new(2)),
+        Box::new(EngineSubject::qat()),
     ]
 }

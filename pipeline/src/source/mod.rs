@@ -244,6 +244,10 @@ impl Source {
         scfg.encryption = config.encryption.clone();
         let views = transport_views(&memory);
         scfg.uring.guest = views.iter().map(|(_, v)| v.clone()).collect();
+        // RDMA (`Backend::Rdma`): the guest memory, registered once for all channels.
+        scfg.rdma = pagewire_transport::rdma::RdmaConfig::new(views.clone());
+        scfg.rdma.send_timeout = config.send_timeout;
+        scfg.rdma.recv_timeout = Some(config.ack_timeout);
         let established = open(&scfg).map_err(|e| session_error(e, &config))?;
         let control = Control::new(config.bandwidth_limit, config.precopy.downtime_limit);
         let affinity = Affinity {
@@ -274,7 +278,8 @@ impl Source {
             } else {
                 None
             };
-            let engine = Engine::software(
+            let engine = Engine::build(
+                &config.accel,
                 EngineConfig {
                     page_size: PageSize::new(page_size)
                         .ok_or_else(|| MigrationError::Config("page size".into()))?,
@@ -719,6 +724,14 @@ impl Source {
             busy += e.busy_rate();
             depth += e.mean_queue_depth;
             s.engine.max_queue_depth = s.engine.max_queue_depth.max(e.max_queue_depth as u64);
+            s.engine.hw_fallbacks += e.hw_fallbacks;
+            let name = e.backend.name();
+            s.engine.backend = match s.engine.backend {
+                "" => name,
+                same if same == name => name,
+                _ => "mixed",
+            };
+            s.engine.hw_fallback_causes.add(&e.fallback_causes);
             for c in &e.encode {
                 if c.jobs == 0 {
                     continue;
@@ -775,6 +788,8 @@ pub enum ChannelTransport {
         /// Why io_uring could not be used.
         reason: String,
     },
+    /// RDMA (`Backend::Rdma`).
+    Rdma,
     /// Another backend.
     Other,
 }
@@ -787,6 +802,8 @@ impl ChannelTransport {
             AnyChannel::Fallback(_, e) => Self::TcpFallback {
                 reason: e.to_string(),
             },
+            #[cfg(feature = "rdma")]
+            AnyChannel::Rdma(..) => Self::Rdma,
             #[allow(unreachable_patterns)]
             _ => Self::Other,
         }
@@ -799,6 +816,7 @@ impl std::fmt::Display for ChannelTransport {
             Self::Tcp => f.write_str("tcp"),
             Self::Uring => f.write_str("io_uring"),
             Self::TcpFallback { .. } => f.write_str("tcp (io_uring unavailable)"),
+            Self::Rdma => f.write_str("rdma"),
             Self::Other => f.write_str("other"),
         }
     }

@@ -58,6 +58,15 @@ pub enum Backend {
         /// Fall back to TCP when io_uring cannot be used.
         fallback_to_tcp: bool,
     },
+    /// RDMA ([`crate::rdma`], cargo feature `rdma`): once a channel's handshake on its
+    /// stream succeeded, its frames move to an RDMA queue pair (with a handshake of
+    /// its own) set up with rdma_cm at `addr`: the destination listens there
+    /// ([`SessionConfig::rdma_acceptor`]), the source connects to it. Without the
+    /// feature or without a device, opening fails with an error that says which.
+    Rdma {
+        /// The destination's RDMA address (an address of its RDMA interface).
+        addr: SocketAddr,
+    },
 }
 
 /// Settings of a session, for either side.
@@ -84,6 +93,11 @@ pub struct SessionConfig {
     /// default of [`Self::new`]). A destination's listener takes it from the
     /// configuration it is bound with, and every session accepted on it must agree.
     pub encryption: Encryption,
+    /// RDMA settings, for [`Backend::Rdma`]: the guest memory to register (once per
+    /// session: clones of this configuration share the registration).
+    pub rdma: crate::rdma::RdmaConfig,
+    /// The destination's RDMA listener, for [`Backend::Rdma`] (`None` on a source).
+    pub rdma_acceptor: Option<std::sync::Arc<crate::rdma::RdmaAcceptor>>,
 }
 
 impl SessionConfig {
@@ -104,6 +118,8 @@ impl SessionConfig {
             handshake_timeout: Duration::from_secs(10),
             listener: ListenerConfig::default(),
             encryption: Encryption::Plaintext,
+            rdma: crate::rdma::RdmaConfig::default(),
+            rdma_acceptor: None,
         }
     }
 
@@ -125,6 +141,9 @@ pub enum SessionError {
     /// io_uring could not be used (and no fallback was asked for).
     #[error(transparent)]
     Uring(#[from] UringError),
+    /// An RDMA channel could not be set up (not built in, no device, or a failure).
+    #[error(transparent)]
+    Rdma(Box<crate::rdma::RdmaError>),
     /// The handshake failed.
     #[error("handshake of channel {channel:?} with {peer} failed: {source}{}", peer_message.as_deref().map(|m| format!(" (peer says: {m})")).unwrap_or_default())]
     Handshake {
@@ -302,7 +321,39 @@ impl Established {
                 Err(e) if fallback_to_tcp => Ok(AnyChannel::Fallback(self.into_tcp(&cfg.tcp)?, e)),
                 Err(e) => Err(e.into()),
             },
+            // RDMA READs move pages outside the stream, so TLS would protect only the
+            // frames around them: refused rather than silently half-encrypted.
+            Backend::Rdma { .. } if self.tls.is_some() => Err(SessionError::Config(
+                "RDMA moves pages outside the TLS stream: TLS and Backend::Rdma cannot be combined",
+            )),
+            Backend::Rdma { addr } => self.into_rdma(addr, cfg),
         }
+    }
+
+    /// The RDMA channel of this handshaken connection (see [`Backend::Rdma`]).
+    #[cfg(feature = "rdma")]
+    fn into_rdma(self, addr: SocketAddr, cfg: &SessionConfig) -> Result<AnyChannel, SessionError> {
+        let rdma = |e| SessionError::Rdma(Box::new(e));
+        let index = self.negotiated.channel.0;
+        let channel = match &cfg.rdma_acceptor {
+            Some(acceptor) => acceptor.take(index, cfg).map_err(rdma)?,
+            None => crate::rdma::connect_retrying(addr, cfg, index).map_err(rdma)?,
+        };
+        // The stream stays open beside the queue pair (it carried the first
+        // handshake); the frames go over RDMA.
+        Ok(AnyChannel::Rdma(Box::new(channel), self.stream))
+    }
+
+    /// Without the `rdma` feature: the error that says so.
+    #[cfg(not(feature = "rdma"))]
+    fn into_rdma(
+        self,
+        _addr: SocketAddr,
+        _cfg: &SessionConfig,
+    ) -> Result<AnyChannel, SessionError> {
+        Err(SessionError::Rdma(Box::new(
+            crate::rdma::RdmaError::NotBuilt,
+        )))
     }
 }
 
@@ -315,6 +366,9 @@ pub enum AnyChannel {
     Uring(Box<UringChannel>),
     /// TCP, because io_uring was asked for and could not be used (the reason).
     Fallback(TcpChannel, UringError),
+    /// RDMA, beside the stream that carried the first handshake.
+    #[cfg(feature = "rdma")]
+    Rdma(Box<crate::rdma::RdmaChannel>, Stream),
 }
 
 impl AnyChannel {
@@ -322,6 +376,8 @@ impl AnyChannel {
         match self {
             Self::Tcp(c) | Self::Fallback(c, _) => c,
             Self::Uring(c) => c.as_mut(),
+            #[cfg(feature = "rdma")]
+            Self::Rdma(c, _) => c.as_mut(),
         }
     }
 
@@ -329,6 +385,8 @@ impl AnyChannel {
         match self {
             Self::Tcp(c) | Self::Fallback(c, _) => c,
             Self::Uring(c) => c.as_ref(),
+            #[cfg(feature = "rdma")]
+            Self::Rdma(c, _) => c.as_ref(),
         }
     }
 }
@@ -353,6 +411,8 @@ impl Channel for AnyChannel {
         match self {
             Self::Tcp(c) | Self::Fallback(c, _) => c.recv(sink),
             Self::Uring(c) => c.recv(sink),
+            #[cfg(feature = "rdma")]
+            Self::Rdma(c, _) => c.recv(sink),
         }
     }
     fn stats(&self) -> ChannelStats {
