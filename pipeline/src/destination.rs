@@ -66,6 +66,8 @@ pub struct DestinationStats {
     pub data_pages: u64,
     /// Zero pages applied.
     pub zero_pages: u64,
+    /// Uniform pages (one byte repeated) applied.
+    pub uniform_pages: u64,
     /// Raw payload bytes the transport placed straight into guest memory.
     pub placed_bytes: u64,
     /// Time to pre-fault guest memory (in the background, during the first round), ms.
@@ -300,6 +302,7 @@ impl DestinationListener {
             frames: AtomicU64::new(0),
             data_pages: AtomicU64::new(0),
             zero_pages: AtomicU64::new(0),
+            uniform_pages: AtomicU64::new(0),
             placed: AtomicU64::new(0),
             prefault_ns: Arc::new(AtomicU64::new(0)),
             cpu_ns: Arc::new(AtomicU64::new(0)),
@@ -563,6 +566,7 @@ struct Shared {
     frames: AtomicU64,
     data_pages: AtomicU64,
     zero_pages: AtomicU64,
+    uniform_pages: AtomicU64,
     placed: AtomicU64,
     prefault_ns: Arc<AtomicU64>,
     /// CPU nanoseconds of the receiver and pre-fault threads.
@@ -580,8 +584,9 @@ impl Shared {
     }
 
     fn stats(&self) -> DestinationStats {
-        let pages =
-            self.data_pages.load(Ordering::Relaxed) + self.zero_pages.load(Ordering::Relaxed);
+        let pages = self.data_pages.load(Ordering::Relaxed)
+            + self.zero_pages.load(Ordering::Relaxed)
+            + self.uniform_pages.load(Ordering::Relaxed);
         DestinationStats {
             cpu: crate::stats::CpuSummary::new(
                 Duration::from_nanos(self.cpu_ns.load(Ordering::Relaxed)),
@@ -591,6 +596,7 @@ impl Shared {
             frames: self.frames.load(Ordering::Relaxed),
             data_pages: self.data_pages.load(Ordering::Relaxed),
             zero_pages: self.zero_pages.load(Ordering::Relaxed),
+            uniform_pages: self.uniform_pages.load(Ordering::Relaxed),
             placed_bytes: self.placed.load(Ordering::Relaxed),
             prefault_ms: self.prefault_ns.load(Ordering::Relaxed) as f64 / 1e6,
             apply_latency: self.apply.summary(),
@@ -774,7 +780,7 @@ impl Receiver {
                         self.shared
                             .placed
                             .fetch_add(data * u64::from(self.shared.page_size), Ordering::Relaxed);
-                        Self::apply_zero(memory, &p);
+                        Self::apply_runs(memory, &p);
                         self.count(&p);
                         self.shared.apply.record(t.elapsed());
                         After::Nothing
@@ -814,7 +820,7 @@ impl Receiver {
                                         channel: ch,
                                         source,
                                     })?;
-                                Self::apply_zero(memory, p);
+                                Self::apply_runs(memory, p);
                                 self.count(p);
                                 self.shared.apply.record(t.elapsed());
                                 After::Nothing
@@ -917,12 +923,23 @@ impl Receiver {
         self.shared
             .zero_pages
             .fetch_add(p.zero_pages(), Ordering::Relaxed);
+        self.shared
+            .uniform_pages
+            .fetch_add(p.uniform_pages(), Ordering::Relaxed);
     }
 
-    fn apply_zero(memory: &GuestMemory, p: &PageFrame<'_>) {
+    /// After the data pages are in place: records them as written, and sets the zero
+    /// and uniform pages.
+    fn apply_runs(memory: &GuestMemory, p: &PageFrame<'_>) {
+        // Bounds were checked against the layout.
+        for run in p.data_runs.iter() {
+            memory.note_written(p.region, run.start.0, u64::from(run.count));
+        }
         for run in p.zero_runs.iter() {
-            // Bounds were checked against the layout.
             memory.zero_pages(p.region, run.start.0, u64::from(run.count));
+        }
+        for u in p.uniform_runs.iter() {
+            memory.fill_pages(p.region, u.run.start.0, u64::from(u.run.count), u.byte);
         }
     }
 

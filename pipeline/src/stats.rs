@@ -16,6 +16,8 @@ pub struct PageCounts {
     pub compressed: u64,
     /// Sent as zero-page offsets only.
     pub zero: u64,
+    /// Sent as uniform runs only: one byte repeated over the page.
+    pub uniform: u64,
     /// Sent as a delta against the previous version.
     pub delta: u64,
     /// Sent raw because compression did not shrink them (or raw was chosen).
@@ -25,13 +27,14 @@ pub struct PageCounts {
 impl PageCounts {
     /// All pages.
     pub fn total(&self) -> u64 {
-        self.compressed + self.zero + self.delta + self.raw
+        self.compressed + self.zero + self.uniform + self.delta + self.raw
     }
 
     /// Adds another count.
     pub fn add(&mut self, o: &PageCounts) {
         self.compressed += o.compressed;
         self.zero += o.zero;
+        self.uniform += o.uniform;
         self.delta += o.delta;
         self.raw += o.raw;
     }
@@ -327,10 +330,11 @@ impl fmt::Display for MigrationStats {
         )?;
         writeln!(
             f,
-            "pages:                 {} total: {} compressed, {} zero, {} delta, {} raw",
+            "pages:                 {} total: {} compressed, {} zero, {} uniform, {} delta, {} raw",
             self.pages.total(),
             self.pages.compressed,
             self.pages.zero,
+            self.pages.uniform,
             self.pages.delta,
             self.pages.raw
         )?;

@@ -40,6 +40,7 @@ use crate::progress::{Phase, Progress};
 use crate::stats::{CodecStats, Latency, MigrationStats, PageCounts, RoundStats};
 use crate::switchover::Switchover;
 
+mod split;
 mod worker;
 
 use worker::WorkerSetup;
@@ -52,6 +53,7 @@ pub(crate) struct Counters {
     pub(crate) guest_bytes: AtomicU64,
     pub(crate) compressed: AtomicU64,
     pub(crate) zero: AtomicU64,
+    pub(crate) uniform: AtomicU64,
     pub(crate) delta: AtomicU64,
     pub(crate) raw: AtomicU64,
     pub(crate) zc: AtomicU64,
@@ -65,6 +67,7 @@ impl Counters {
         PageCounts {
             compressed: self.compressed.load(Ordering::Relaxed),
             zero: self.zero.load(Ordering::Relaxed),
+            uniform: self.uniform.load(Ordering::Relaxed),
             delta: self.delta.load(Ordering::Relaxed),
             raw: self.raw.load(Ordering::Relaxed),
         }
