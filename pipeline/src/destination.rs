@@ -38,7 +38,7 @@ use pagewire_transport::{
     Channel, Endpoint, GuestSlice, Incoming, OutFrame, PageSink, RegionSink, Stream, StreamListener,
 };
 
-use crate::config::DestinationConfig;
+use crate::config::{DestinationConfig, Prefault};
 use crate::error::MigrationError;
 use crate::memory::{DestinationMemory, GuestMemory};
 use crate::source::{frame_bytes, transport_views};
@@ -282,6 +282,11 @@ impl DestinationListener {
         let shared = Arc::new(Shared {
             page_size: config.page_size,
             wait: config.idle_timeout,
+            // Memory the VMM gives or provides is used as it is.
+            prefault: match &memory {
+                DestinationMemory::Anonymous => config.prefault,
+                _ => Prefault::None,
+            },
             provider: match &memory {
                 DestinationMemory::Provider(_) => memory.clone(),
                 _ => DestinationMemory::Anonymous,
@@ -568,6 +573,7 @@ struct Shared {
     zero_pages: AtomicU64,
     uniform_pages: AtomicU64,
     placed: AtomicU64,
+    prefault: Prefault,
     prefault_ns: Arc<AtomicU64>,
     /// CPU nanoseconds of the receiver and pre-fault threads.
     cpu_ns: Arc<AtomicU64>,
@@ -646,6 +652,18 @@ impl Shared {
             return Ok(m);
         }
         let m = Arc::new(GuestMemory::anonymous(layout).map_err(|e| e.to_string())?);
+        match self.prefault {
+            Prefault::Thread => {}
+            Prefault::HugePages => {
+                m.advise_huge_pages();
+                *slot = Some((m.clone(), None));
+                return Ok(m);
+            }
+            _ => {
+                *slot = Some((m.clone(), None));
+                return Ok(m);
+            }
+        }
         let m2 = m.clone();
         let ns = self.prefault_ns.clone();
         let shared_cpu = self.cpu_ns.clone();
@@ -673,11 +691,27 @@ impl Shared {
 struct CheckedSink<'a> {
     rules: &'a DestinationChannel,
     inner: &'a mut RegionSink,
+    /// With [`Prefault::Ahead`]: the memory whose pages are populated before placing.
+    ahead: Option<&'a GuestMemory>,
 }
 
 impl PageSink for CheckedSink<'_> {
     fn place(&mut self, frame: &PageFrame<'_>, dest: &mut Vec<GuestSlice>) -> bool {
-        self.rules.check_pages(frame).is_ok() && self.inner.place(frame, dest)
+        if self.rules.check_pages(frame).is_err() {
+            return false;
+        }
+        if let Some(m) = self.ahead {
+            populate_data(m, frame);
+        }
+        self.inner.place(frame, dest)
+    }
+}
+
+/// Backs a frame's data pages in one call each run, before they are written
+/// ([`Prefault::Ahead`]).
+fn populate_data(memory: &GuestMemory, p: &PageFrame<'_>) {
+    for run in p.data_runs.iter() {
+        memory.populate(p.region, run.start.0, u64::from(run.count));
     }
 }
 
@@ -762,9 +796,13 @@ impl Receiver {
         let mut sink: Option<RegionSink> = None;
         loop {
             let after = {
+                let ahead = memory
+                    .as_deref()
+                    .filter(|_| self.shared.prefault == Prefault::Ahead);
                 let mut checked = sink.as_mut().map(|inner| CheckedSink {
                     rules: &self.rules,
                     inner,
+                    ahead,
                 });
                 let incoming = channel
                     .recv(checked.as_mut().map(|s| s as &mut dyn PageSink))
@@ -815,6 +853,9 @@ impl Receiver {
                             DestinationEvent::Apply(p) => {
                                 self.round_opened()?;
                                 let memory = memory.as_ref().ok_or(MigrationError::Worker(ch))?;
+                                if self.shared.prefault == Prefault::Ahead {
+                                    populate_data(memory, p);
+                                }
                                 Self::decode(&mut self.codecs, &mut self.lengths, memory, p)
                                     .map_err(|source| MigrationError::Codec {
                                         channel: ch,

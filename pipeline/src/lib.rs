@@ -31,7 +31,7 @@ pub mod source;
 pub mod stats;
 pub mod switchover;
 
-pub use config::{Control, DestinationConfig, SourceConfig};
+pub use config::{Control, DestinationConfig, Prefault, SourceConfig, codec_threads_for};
 pub use destination::{
     Destination, DestinationControl, DestinationListener, DestinationStats, DeviceSection, Migrated,
 };
@@ -49,7 +49,8 @@ pub struct ReadmeDoctests;
 pub use precopy::{CapPolicy, PrecopyConfig, StopReason};
 pub use progress::{Phase, Progress, ProgressSnapshot, RoundAction};
 pub use source::Source;
-pub use stats::{CpuSummary, MigrationStats};
+pub use source::adaptive::AdaptiveConfig;
+pub use stats::{AdaptiveStats, ChoiceStats, CodecSwitch, CpuSummary, MigrationStats};
 pub use switchover::Switchover;
 
 pub use pagewire_transport::{Endpoint, Stream, StreamListener};

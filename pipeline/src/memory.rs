@@ -441,6 +441,27 @@ impl GuestMemory {
         Some((unsafe { r.host.add(off as usize) }, len as usize))
     }
 
+    /// Asks for transparent huge pages (MADV_HUGEPAGE) on the mappings this value owns
+    /// (those of [`GuestMemory::anonymous`]); memory from elsewhere is left alone.
+    /// Errors are ignored (a kernel without THP): it is an optimisation.
+    pub fn advise_huge_pages(&self) {
+        for &(p, len) in &self.owned {
+            // SAFETY: advising over a mapping this value owns; MADV_HUGEPAGE changes
+            // how the kernel backs it, never its contents.
+            let _ = unsafe { mman::madvise(p.cast(), len, MmapAdvise::MADV_HUGEPAGE) };
+        }
+    }
+
+    /// Asks the kernel to back `pages` pages from `page` now (MADV_POPULATE_WRITE), in
+    /// one call; out-of-range requests and errors are ignored (an optimisation).
+    pub fn populate(&self, region: RegionId, page: u64, pages: u64) {
+        if let Some((ptr, len)) = self.span(region, page, pages) {
+            // SAFETY: `span` checked the range lies inside a mapped region;
+            // POPULATE_WRITE only faults pages in, it does not change contents.
+            let _ = unsafe { mman::madvise(ptr.cast(), len, MmapAdvise::MADV_POPULATE_WRITE) };
+        }
+    }
+
     /// Asks the kernel to back every page now (MADV_POPULATE_WRITE), so a destination
     /// does not take page faults during downtime. It works in 2 MiB steps so that the
     /// threads applying frames meanwhile are never held up for long. Errors are ignored
@@ -508,8 +529,9 @@ where
 #[non_exhaustive]
 #[derive(Clone, Default)]
 pub enum DestinationMemory {
-    /// Private anonymous memory mapped for the source's layout and pre-faulted in the
-    /// background (the default).
+    /// Private anonymous memory mapped for the source's layout and prepared as
+    /// [`DestinationConfig::prefault`](crate::DestinationConfig::prefault) says (the
+    /// default).
     #[default]
     Anonymous,
     /// This memory; the source's layout must match it exactly.

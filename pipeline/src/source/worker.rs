@@ -21,6 +21,7 @@ use crate::memory::GuestMemory;
 use crate::plan::Affinity;
 use crate::stats::CodecStats;
 
+use super::adaptive::Selector;
 use super::split::PageSplit;
 use super::{ChannelRound, Cmd, Counters, Reply, SourceLatency};
 
@@ -48,6 +49,8 @@ struct FrameMeta {
     data_runs: Vec<PageRun>,
     zero_runs: Vec<PageRun>,
     uniform_runs: Vec<UniformRun>,
+    /// The adaptive candidate that encoded it.
+    arm: Option<usize>,
     submitted: Instant,
 }
 
@@ -69,6 +72,10 @@ pub(super) struct WorkerSetup {
     pub(super) counters: Arc<Counters>,
     pub(super) bytes_sent: Arc<AtomicU64>,
     pub(super) engine_stats: Arc<std::sync::Mutex<pagewire_accel::EngineStats>>,
+    /// The per-frame codec choice, when adaptive.
+    pub(super) adaptive: Option<Selector>,
+    /// Its statistics, copied out at the end of each round.
+    pub(super) adaptive_stats: Arc<std::sync::Mutex<crate::stats::AdaptiveStats>>,
     pub(super) send_timeout: Duration,
     pub(super) ack_timeout: Duration,
 }
@@ -280,11 +287,17 @@ impl Worker {
 
     fn send(&mut self, out: OutFrame) -> Result<u64, MigrationError> {
         let len = out.wire_len() as u64;
+        let t = Instant::now();
         self.s.control.limiter().acquire(len);
         let id = self.channel.send(out).map_err(|e| self.chan_err(e))?;
-        self.sends.push_back((id, Instant::now()));
+        let now = Instant::now();
+        self.sends.push_back((id, now));
         self.s.bytes_sent.fetch_add(len, Ordering::Relaxed);
         self.reap(false)?;
+        if let Some(sel) = self.s.adaptive.as_mut() {
+            // Time on the cap and in the channel: the link's share of the frame.
+            sel.observe_send(len, now - t, Instant::now());
+        }
         Ok(len)
     }
 
@@ -362,6 +375,9 @@ impl Worker {
             (u64::from(eor.frames), eor.pages),
             (self.round.frames, self.round.pages.total())
         );
+        if let (Some(sel), Ok(mut st)) = (&self.s.adaptive, self.s.adaptive_stats.lock()) {
+            *st = sel.stats();
+        }
         self.send_whole(&Frame::EndOfRound(eor))?;
         self.reap(true)?;
         self.await_ack(AckKind::ROUND, u64::from(round))?;
@@ -439,7 +455,14 @@ impl Worker {
         };
         let tag = self.next_tag;
         self.next_tag += 1;
-        let list = job.encode(Tag(tag), self.s.params);
+        let (arm, params) = match &mut self.s.adaptive {
+            Some(sel) => {
+                let (i, p) = sel.choose(Instant::now());
+                (Some(i), p)
+            }
+            None => (None, self.s.params),
+        };
+        let list = job.encode(Tag(tag), params);
         for run in &split.data {
             let (ptr, _) = self
                 .s
@@ -470,6 +493,7 @@ impl Worker {
                 data_runs: split.data.clone(),
                 zero_runs: split.zero.clone(),
                 uniform_runs: split.uniform.clone(),
+                arm,
                 submitted: Instant::now(),
             },
         );
@@ -578,7 +602,8 @@ impl Worker {
             channel: self.s.ch,
             what: "encode job without an outcome".into(),
         })?;
-        self.s.latency.encode.record(meta.submitted.elapsed());
+        let took = meta.submitted.elapsed();
+        self.s.latency.encode.record(took);
         let per_page = pagewire_accel::layout(out.codec) == Some(Layout::PerPage);
         let lengths: Vec<u32> = if per_page {
             c.lengths().to_vec()
@@ -658,6 +683,10 @@ impl Worker {
             zero: sum(&mut meta.zero_runs.iter().map(|r| r.count)),
             uniform: sum(&mut meta.uniform_runs.iter().map(|u| u.run.count)),
         };
+        if let (Some(i), Some(sel)) = (meta.arm, self.s.adaptive.as_mut()) {
+            let ps = u64::from(self.s.memory.page_size());
+            sel.observe_encode(i, pages.data * ps, out.bytes_out() as u64, took);
+        }
         let wire = self.send(outf)?;
         self.account(out.codec, pages, out.bytes_out() as u64, wire);
         Ok(())

@@ -1,0 +1,514 @@
+//! Per-frame codec choice (`SourceConfig::adaptive`, `--codec auto`): each channel
+//! picks, for every frame, the codec and level that moves the most guest bytes per
+//! second given what it measured, so that neither the link nor the channel's core
+//! idles while the other is the bottleneck.
+//!
+//! The model, per candidate `c` (a codec at a level):
+//! - `cost(c)`: seconds of the channel's encode per guest byte, measured on recent
+//!   frames of this guest in wall time on the thread that encodes (so CPU taken by other
+//!   work on the same cores, the machine's headroom, is in it);
+//! - `ratio(c)`: payload bytes per guest byte on those frames;
+//! - `link`: the bytes per second the channel accepted while it was the bottleneck
+//!   (time blocked handing frames to the channel, or on the bandwidth cap, is what tells
+//!   it was); while the channel does not block, the link is at least that, and the
+//!   longer it goes without blocking the more the model credits it (twice as much
+//!   after half a second), so a cheaper codec gets tried and a link that got faster is
+//!   found; the first window that blocks measures it again.
+//!
+//! The guest bytes per second of `c` are `min(cores / cost(c), link / ratio(c))`; the
+//! best candidate is taken when it beats the current one by 5 %. One frame in
+//! `explore_every` goes to the candidate measured longest ago, so every estimate
+//! follows the content as it changes class. A destination slower than the link shows
+//! as a slower link (it accepts less), which is what matters to the source.
+//!
+//! Pure logic: time comes in as arguments, nothing here does IO.
+
+use std::time::{Duration, Instant};
+
+use pagewire_accel::{EncodeParams, Level};
+use pagewire_protocol::CodecId;
+
+use crate::stats::{AdaptiveStats, ChoiceStats, CodecSwitch};
+
+/// What the adaptive choice chooses among.
+#[non_exhaustive]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdaptiveConfig {
+    /// Codecs and levels; those the destination cannot decode are left out. Levels are
+    /// clamped into each codec's range.
+    pub candidates: Vec<(CodecId, i32)>,
+    /// One frame in this many goes to the candidate measured longest ago (at least 2).
+    pub explore_every: u32,
+}
+
+impl Default for AdaptiveConfig {
+    /// raw, lz4, zstd at -5, 1 and 3, deflate at 1; one frame in 16 explores.
+    fn default() -> Self {
+        Self {
+            candidates: vec![
+                (CodecId::RAW, 0),
+                (CodecId::LZ4, 0),
+                (CodecId::ZSTD, -5),
+                (CodecId::ZSTD, 1),
+                (CodecId::ZSTD, 3),
+                (CodecId::DEFLATE, 1),
+            ],
+            explore_every: 16,
+        }
+    }
+}
+
+/// How long the link is observed before its estimate changes.
+const WINDOW: Duration = Duration::from_millis(50);
+/// Share of a window spent blocked on the channel that marks the link as the limit.
+const BLOCKED: f64 = 0.2;
+/// How fast the credit of a link that does not block grows, per second unblocked.
+const PROBE_PER_S: f64 = 2.0;
+/// A new best must beat the current candidate by this factor.
+const HYSTERESIS: f64 = 1.05;
+/// Weight of a new sample in the moving averages.
+const ALPHA: f64 = 0.3;
+/// Switches kept in the statistics' log, per channel.
+const LOG: usize = 32;
+
+#[derive(Debug)]
+struct Arm {
+    params: EncodeParams,
+    label: String,
+    /// Seconds per guest byte.
+    cost: f64,
+    /// Payload bytes per guest byte.
+    ratio: f64,
+    /// Frame number of the last measurement (0: a prior only).
+    measured: u64,
+    stats: ChoiceStats,
+}
+
+/// A label for a codec at a level, as the statistics show it (`zstd:-5`, `lz4`).
+pub fn label(codec: CodecId, level: i32) -> String {
+    let name = match codec {
+        CodecId::RAW => "raw",
+        CodecId::LZ4 => "lz4",
+        CodecId::ZSTD => "zstd",
+        CodecId::DEFLATE => "deflate",
+        CodecId::DELTA => "delta",
+        _ => return format!("{codec:?}"),
+    };
+    match codec {
+        CodecId::ZSTD | CodecId::DEFLATE => format!("{name}:{level}"),
+        _ => name.to_string(),
+    }
+}
+
+/// A starting guess (seconds per byte, ratio) until a frame measures the candidate.
+fn prior(codec: CodecId, level: i32) -> (f64, f64) {
+    let (bytes_per_s, ratio) = match codec {
+        CodecId::RAW => (8e9, 1.0),
+        CodecId::LZ4 => (1.5e9, 0.5),
+        CodecId::ZSTD if level < 0 => (1.0e9, 0.45),
+        CodecId::ZSTD if level <= 1 => (4e8, 0.35),
+        CodecId::ZSTD => (2e8, 0.33),
+        _ => (1e8, 0.37),
+    };
+    (1.0 / bytes_per_s, ratio)
+}
+
+/// Why the choice changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// The link limits the current codec: one that compresses more moves more.
+    LinkBound,
+    /// The core limits the current codec: a cheaper one moves more.
+    CpuBound,
+    /// Another moves as much for less core time.
+    Cheaper,
+}
+
+impl Reason {
+    fn as_str(self) -> &'static str {
+        match self {
+            Reason::LinkBound => "link-bound",
+            Reason::CpuBound => "cpu-bound",
+            Reason::Cheaper => "cheaper",
+        }
+    }
+}
+
+/// One channel's selector.
+#[derive(Debug)]
+pub(crate) struct Selector {
+    arms: Vec<Arm>,
+    current: usize,
+    frame: u64,
+    explore_every: u64,
+    /// Cores that encode this channel's frames.
+    cores: f64,
+    /// Measured link bytes per second, once known.
+    link: Option<f64>,
+    limited: bool,
+    /// When a window last found the link busy.
+    last_limited: Instant,
+    /// The latest time given.
+    now: Instant,
+    window_start: Instant,
+    window_bytes: u64,
+    window_blocked: Duration,
+    started: Instant,
+    channel: u16,
+    switches: Vec<CodecSwitch>,
+    log: Vec<CodecSwitch>,
+    explored: u64,
+}
+
+impl Selector {
+    /// A selector over the candidates `usable` allows; `None` when none is.
+    pub(crate) fn new(
+        config: &AdaptiveConfig,
+        usable: impl Fn(CodecId) -> bool,
+        raw_in_place: bool,
+        cores: usize,
+        channel: u16,
+        now: Instant,
+    ) -> Option<Selector> {
+        let mut arms: Vec<Arm> = Vec::new();
+        for &(codec, level) in &config.candidates {
+            let Some((min, max)) = pagewire_accel::level_range(codec) else {
+                continue;
+            };
+            let level = level.clamp(min.0, max.0);
+            let label = label(codec, level);
+            if !usable(codec) || codec == CodecId::DELTA || arms.iter().any(|a| a.label == label) {
+                continue;
+            }
+            let (cost, ratio) = prior(codec, level);
+            arms.push(Arm {
+                params: EncodeParams {
+                    codec,
+                    level: Level(level),
+                    raw_in_place,
+                },
+                stats: ChoiceStats {
+                    choice: label.clone(),
+                    ..Default::default()
+                },
+                label,
+                cost,
+                ratio,
+                measured: 0,
+            });
+        }
+        if arms.is_empty() {
+            return None;
+        }
+        let mut s = Selector {
+            arms,
+            current: 0,
+            frame: 0,
+            explore_every: u64::from(config.explore_every.max(2)),
+            cores: cores.max(1) as f64,
+            link: None,
+            limited: false,
+            last_limited: now,
+            now,
+            window_start: now,
+            window_bytes: 0,
+            window_blocked: Duration::ZERO,
+            started: now,
+            channel,
+            switches: Vec::new(),
+            log: Vec::new(),
+            explored: 0,
+        };
+        s.current = s.best();
+        Some(s)
+    }
+
+    /// Guest bytes per second the model expects of arm `i`.
+    fn rate(&self, i: usize) -> f64 {
+        let a = &self.arms[i];
+        let cpu = self.cores / a.cost.max(1e-12);
+        let link = match (self.link, self.limited) {
+            (None, _) => f64::INFINITY,
+            (Some(l), true) => l,
+            (Some(l), false) => {
+                let free = self.now.saturating_duration_since(self.last_limited);
+                l * (1.0 + PROBE_PER_S * free.as_secs_f64())
+            }
+        };
+        cpu.min(link / a.ratio.max(1e-6))
+    }
+
+    /// The fastest candidate; among those within [`HYSTERESIS`] of it, the one that
+    /// costs the least core time (the link caps them all alike).
+    fn best(&self) -> usize {
+        let top = (0..self.arms.len())
+            .map(|i| self.rate(i))
+            .fold(f64::MIN, f64::max);
+        (0..self.arms.len())
+            .filter(|&i| self.rate(i) * HYSTERESIS >= top)
+            .min_by(|&a, &b| self.arms[a].cost.total_cmp(&self.arms[b].cost))
+            .unwrap_or(0)
+    }
+
+    /// The candidate for the next frame: its index (for [`Selector::observe_encode`])
+    /// and its parameters.
+    pub(crate) fn choose(&mut self, now: Instant) -> (usize, EncodeParams) {
+        self.frame += 1;
+        self.now = self.now.max(now);
+        if self.frame.is_multiple_of(self.explore_every) && self.arms.len() > 1 {
+            // The candidate measured longest ago, other than the current one.
+            let i = (0..self.arms.len())
+                .filter(|&i| i != self.current)
+                .min_by_key(|&i| self.arms[i].measured)
+                .unwrap_or(self.current);
+            self.explored += 1;
+            return (i, self.arms[i].params);
+        }
+        let best = self.best();
+        let (now_rate, best_rate) = (self.rate(self.current), self.rate(best));
+        let faster = best_rate > now_rate * HYSTERESIS;
+        // As fast on a busy link (whose figure is measured, not credited), for a fifth
+        // less core time at least.
+        let cheaper = self.limited
+            && best_rate * HYSTERESIS >= now_rate
+            && self.arms[best].cost < 0.8 * self.arms[self.current].cost;
+        if best != self.current && (faster || cheaper) {
+            self.switch_to(best, now, faster);
+        }
+        (self.current, self.arms[self.current].params)
+    }
+
+    fn switch_to(&mut self, to: usize, now: Instant, faster: bool) {
+        let from = self.current;
+        let a = &self.arms[from];
+        let cpu = self.cores / a.cost.max(1e-12);
+        let link_guest = self.rate(from);
+        let reason = if !faster {
+            Reason::Cheaper
+        } else if link_guest < cpu {
+            Reason::LinkBound
+        } else {
+            Reason::CpuBound
+        };
+        let detail = format!(
+            "link {} MB/s{}, {}: {:.0} MB/s of core, ratio {:.2}; {}: {:.0} MB/s of core, ratio {:.2}",
+            self.link.map_or("?".into(), |l| format!("{:.0}", l / 1e6)),
+            if self.limited { " (busy)" } else { "" },
+            a.label,
+            cpu / 1e6,
+            a.ratio,
+            self.arms[to].label,
+            self.cores / self.arms[to].cost.max(1e-12) / 1e6,
+            self.arms[to].ratio,
+        );
+        let (from_l, to_l) = (a.label.clone(), self.arms[to].label.clone());
+        match self
+            .switches
+            .iter_mut()
+            .find(|s| s.from == from_l && s.to == to_l && s.reason == reason.as_str())
+        {
+            Some(s) => s.count += 1,
+            None => self.switches.push(CodecSwitch {
+                from: from_l.clone(),
+                to: to_l.clone(),
+                reason: reason.as_str().into(),
+                count: 1,
+                ..Default::default()
+            }),
+        }
+        if self.log.len() == LOG {
+            self.log.remove(0);
+        }
+        self.log.push(CodecSwitch {
+            from: from_l,
+            to: to_l,
+            reason: reason.as_str().into(),
+            count: 1,
+            at_ms: now.saturating_duration_since(self.started).as_secs_f64() * 1e3,
+            channel: self.channel,
+            detail,
+        });
+        self.current = to;
+    }
+
+    /// What encoding frame `i`'s `guest` bytes into `payload` bytes took.
+    pub(crate) fn observe_encode(&mut self, i: usize, guest: u64, payload: u64, took: Duration) {
+        let frame = self.frame;
+        let Some(a) = self.arms.get_mut(i) else {
+            return;
+        };
+        a.stats.frames += 1;
+        a.stats.guest_bytes += guest;
+        a.stats.payload_bytes += payload;
+        if guest == 0 {
+            return;
+        }
+        let cost = took.as_secs_f64() / guest as f64;
+        let ratio = payload as f64 / guest as f64;
+        if a.measured == 0 {
+            (a.cost, a.ratio) = (cost, ratio);
+        } else {
+            a.cost += ALPHA * (cost - a.cost);
+            a.ratio += ALPHA * (ratio - a.ratio);
+        }
+        a.measured = frame.max(1);
+    }
+
+    /// `bytes` handed to the channel, of which `blocked` was spent waiting on it (or on
+    /// the bandwidth cap).
+    pub(crate) fn observe_send(&mut self, bytes: u64, blocked: Duration, now: Instant) {
+        self.window_bytes += bytes;
+        self.window_blocked += blocked;
+        let span = now.saturating_duration_since(self.window_start);
+        if span < WINDOW {
+            return;
+        }
+        let rate = self.window_bytes as f64 / span.as_secs_f64();
+        let busy = self.window_blocked.as_secs_f64() / span.as_secs_f64();
+        self.now = self.now.max(now);
+        self.limited = busy >= BLOCKED;
+        if self.limited {
+            self.last_limited = now;
+        }
+        self.link = Some(match (self.link, self.limited) {
+            // A busy link carries what it can: a drop is taken at once.
+            (Some(l), true) if rate < l => rate,
+            (Some(l), true) => l + 0.5 * (rate - l),
+            (Some(l), false) => l.max(rate),
+            (None, _) => rate,
+        });
+        self.window_start = now;
+        self.window_bytes = 0;
+        self.window_blocked = Duration::ZERO;
+    }
+
+    /// The statistics so far.
+    pub(crate) fn stats(&self) -> AdaptiveStats {
+        AdaptiveStats {
+            choices: self.arms.iter().map(|a| a.stats.clone()).collect(),
+            switches: self.switches.clone(),
+            recent: self.log.clone(),
+            explored_frames: self.explored,
+            link_bytes_per_s: self.link.unwrap_or(0.0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn selector(now: Instant) -> Selector {
+        let cfg = AdaptiveConfig::default();
+        Selector::new(&cfg, |_| true, false, 1, 0, now).unwrap()
+    }
+
+    /// Feeds `frames` frames: each candidate encodes at its `(bytes/s, ratio)` from
+    /// `speeds`, and the link carries `link` bytes/s (blocking when asked for more).
+    fn drive(
+        s: &mut Selector,
+        now: &mut Instant,
+        frames: usize,
+        speeds: &dyn Fn(&str) -> (f64, f64),
+        link: f64,
+    ) -> Vec<String> {
+        let guest = 512 * 1024u64;
+        let mut chosen = Vec::new();
+        for _ in 0..frames {
+            let (i, _) = s.choose(*now);
+            let label = s.arms[i].label.clone();
+            let (speed, ratio) = speeds(&label);
+            let took = Duration::from_secs_f64(guest as f64 / speed);
+            let payload = (guest as f64 * ratio) as u64;
+            s.observe_encode(i, guest, payload, took);
+            let send = Duration::from_secs_f64(payload as f64 / link);
+            // Sends overlap the next encode: only what exceeds it blocks.
+            let blocked = send.saturating_sub(took);
+            *now += took + blocked;
+            s.observe_send(payload, blocked, *now);
+            chosen.push(label);
+        }
+        chosen
+    }
+
+    fn tail_share(chosen: &[String], label: &str) -> f64 {
+        let tail = &chosen[chosen.len() / 2..];
+        tail.iter().filter(|l| *l == label).count() as f64 / tail.len() as f64
+    }
+
+    /// Text-like content: zstd:3 compresses most, slowly; raw is free.
+    fn text(label: &str) -> (f64, f64) {
+        match label {
+            "raw" => (10e9, 1.0),
+            "lz4" => (1.2e9, 0.45),
+            "zstd:-5" => (800e6, 0.40),
+            "zstd:1" => (350e6, 0.30),
+            "zstd:3" => (150e6, 0.28),
+            _ => (60e6, 0.32),
+        }
+    }
+
+    #[test]
+    fn a_slow_link_gets_strong_compression_and_a_fast_one_gets_raw() {
+        let mut now = Instant::now();
+        let mut s = selector(now);
+        // 1 Gbit/s: zstd:1 moves 125 MB/s / 0.30 = 416 MB/s (core 350): the best.
+        let slow = drive(&mut s, &mut now, 400, &text, 125e6);
+        assert!(tail_share(&slow, "zstd:1") > 0.6, "{slow:?}");
+        // The cap rises to 100 Gbit/s mid-run: raw.
+        let fast = drive(&mut s, &mut now, 3000, &text, 12.5e9);
+        assert!(tail_share(&fast, "raw") > 0.6, "{fast:?}");
+        let st = s.stats();
+        assert!(
+            st.switches
+                .iter()
+                .any(|w| w.to == "raw" && w.reason == "cpu-bound")
+        );
+        assert!(
+            st.switches
+                .iter()
+                .any(|w| w.from == "raw" || w.to == "zstd:1")
+        );
+        assert_eq!(
+            st.choices.iter().map(|c| c.frames).sum::<u64>(),
+            3400,
+            "{st:?}"
+        );
+        // And back down to 1 Gbit/s: compression again, for the link's sake.
+        let slow = drive(&mut s, &mut now, 1000, &text, 125e6);
+        assert!(tail_share(&slow, "zstd:1") > 0.6, "{slow:?}");
+        assert!(
+            s.stats()
+                .switches
+                .iter()
+                .any(|w| w.from == "raw" && w.reason == "link-bound")
+        );
+    }
+
+    #[test]
+    fn incompressible_content_goes_raw_even_on_a_slow_link() {
+        let mut now = Instant::now();
+        let mut s = selector(now);
+        let _ = drive(&mut s, &mut now, 300, &text, 125e6);
+        let random = |label: &str| match label {
+            "raw" => (10e9, 1.0),
+            l => (text(l).0, 1.0),
+        };
+        let chosen = drive(&mut s, &mut now, 600, &random, 125e6);
+        assert!(tail_share(&chosen, "raw") > 0.6, "{chosen:?}");
+    }
+
+    #[test]
+    fn unusable_codecs_and_delta_are_left_out() {
+        let now = Instant::now();
+        let cfg = AdaptiveConfig {
+            candidates: vec![(CodecId::DELTA, 0), (CodecId::ZSTD, 1), (CodecId::LZ4, 0)],
+            explore_every: 8,
+        };
+        let s = Selector::new(&cfg, |c| c != CodecId::LZ4, false, 1, 0, now).unwrap();
+        assert_eq!(s.arms.len(), 1);
+        assert_eq!(s.arms[0].label, "zstd:1");
+        assert!(Selector::new(&cfg, |_| false, false, 1, 0, now).is_none());
+        assert_eq!(label(CodecId::ZSTD, -5), "zstd:-5");
+    }
+}
