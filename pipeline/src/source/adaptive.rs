@@ -14,19 +14,23 @@
 //! - `link`: the bytes per second the channel accepted while it was the bottleneck
 //!   (handing bytes over took more than twice the copy, for a tenth of the window or
 //!   more: time waiting on the channel or on the bandwidth cap); while the channel
-//!   does not block, the link is at least that, and the
-//!   longer it goes without blocking the more the model credits it (twice as much
-//!   after half a second), so a cheaper codec gets tried and a link that got faster is
-//!   found; the first window that blocks measures it again.
+//!   does not block, the link is at least that, and the longer it goes without
+//!   blocking the more the model credits it (twice as much after half a second), so a
+//!   cheaper codec gets tried and a link that got faster is found; the first window
+//!   that blocks measures it again.
 //!
-//! The guest bytes per second of `c` are `1 / (max(cost(c) / cores, ratio(c) / link)
-//! + ratio(c) × copy)`: encoding overlaps the link, the copy does not. The
-//! best candidate is taken when it beats the current one by 5 % (or, on a busy link,
-//! moves as much for a fifth less core time), reconsidered at most once per 100 ms
-//! window. At most one frame in `explore_every`, and no more than 3 % of the encode
-//! time, goes to the candidate measured longest ago, so every estimate follows the
-//! content as it changes class while a slow candidate is tried seldom. A destination slower than the link shows
-//! as a slower link (it accepts less), which is what matters to the source.
+//! The guest bytes per second of `c` are
+//! `1 / (max(cost(c) / cores, ratio(c) / link) + ratio(c) * copy)`: encoding overlaps
+//! the link, the copy does not. What a candidate's frames really moved lately (encode
+//! plus hand-over, on this thread) bounds its figure, since where the link is the same
+//! cores (loopback) compression saves less than the model thinks. The best candidate
+//! is taken when it beats the current one by 5 % (or, on a busy link, moves as much
+//! for a fifth less core time), reconsidered at most once per 100 ms window. At most
+//! one frame in `explore_every`, and no more than 3 % of the encode time, goes to the
+//! candidate measured longest ago, so every estimate follows the content as it
+//! changes class while a slow candidate is tried seldom. A destination slower than
+//! the link shows as a slower link (it accepts less), which is what matters to the
+//! source.
 //!
 //! Pure logic: time comes in as arguments, nothing here does IO.
 
