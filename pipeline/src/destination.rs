@@ -70,7 +70,8 @@ pub struct DestinationStats {
     pub uniform_pages: u64,
     /// Raw payload bytes the transport placed straight into guest memory.
     pub placed_bytes: u64,
-    /// Time to pre-fault guest memory (in the background, during the first round), ms.
+    /// Time the background pre-fault thread took ([`Prefault::Thread`] only; 0
+    /// otherwise), ms.
     pub prefault_ms: f64,
     /// Frame apply latency.
     pub apply_latency: LatencySummary,

@@ -76,7 +76,7 @@ const WINDOW: Duration = Duration::from_millis(100);
 /// this factor found the link busy.
 const BLOCKED: f64 = 2.0;
 /// How long a candidate's realized rate bounds its model.
-const REALIZED_FOR: Duration = Duration::from_secs(2);
+const REALIZED_FOR: Duration = Duration::from_millis(500);
 /// The slowest copy assumed, seconds per byte (1 GB/s: slower than any memory copy
 /// and any loopback send here).
 const COPY_MAX: f64 = 1e-9;
@@ -424,8 +424,12 @@ impl Selector {
     }
 
     /// A frame of candidate `i` moved `guest` bytes in `took` (its encode) plus `sent`
-    /// (handing it to the channel).
+    /// (handing it to the channel). Only frames of the current choice count: a lone
+    /// exploring frame queues behind the others and would look slower than it is.
     pub(crate) fn observe_frame(&mut self, i: usize, guest: u64, took: Duration, sent: Duration) {
+        if i != self.current {
+            return;
+        }
         let now = self.now;
         let Some(a) = self.arms.get_mut(i) else {
             return;
