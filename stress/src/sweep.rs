@@ -533,9 +533,6 @@ pub fn bisection_cells(plan: &Plan) -> Vec<CellSpec> {
     let mut out = Vec::new();
     for link in &plan.links {
         for codec in &plan.codecs {
-            if codec.id().is_none() {
-                continue;
-            }
             out.push(CellSpec {
                 workload: plan.workload.clone(),
                 pattern: plan.pattern,
