@@ -5,7 +5,8 @@
 //! never on `pagewire-transport`.
 //!
 //! # Layers
-//! - [`zero`]: is a page all zeros, at memory speed ([`is_zero`], [`is_zero_raw`]).
+//! - [`zero`]: is a page all zeros, one byte repeated, or data, at memory speed
+//!   ([`classify`], [`is_zero`]).
 //! - [`pages`]: what a job reads ([`PageList`]) and writes ([`PageListMut`]): runs of
 //!   pages built from raw pointers into guest memory (`unsafe`, with the
 //!   volatile-memory contract) or from slices. Guest pages are only ever read through
@@ -90,4 +91,4 @@ pub use page::{PageKey, PageSize};
 pub use pages::{PageList, PageListMut, PagesError};
 pub use pool::{BufPool, PoolBuf};
 pub use stats::{CodecStats, EngineStats};
-pub use zero::{ZeroKernel, is_zero, is_zero_raw};
+pub use zero::{PageClass, ZeroKernel, classify, classify_raw, is_zero, is_zero_raw};

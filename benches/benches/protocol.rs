@@ -58,6 +58,7 @@ fn case(name: &'static str, codec: CodecId, per_page: bool, crc: bool, sparse: b
             round: Round(round),
             data_runs: WireList::Slice(&runs),
             zero_runs: WireList::Slice(&[]),
+            uniform_runs: WireList::Slice(&[]),
             lengths: lengths.as_deref().map(WireList::Slice),
             crc: crc.then(|| crc32c::crc32c(&payload)),
             payload: &payload,

@@ -217,6 +217,7 @@ mod linux {
                         round: Round(1),
                         data_runs: WireList::Slice(&runs),
                         zero_runs: WireList::Slice(&[]),
+                        uniform_runs: WireList::Slice(&[]),
                         lengths: None,
                         crc: None,
                         payload: &[],

@@ -1,5 +1,6 @@
-//! Zero-page scan against a plain memory-read loop over the same buffer, in the same
-//! run: zero pages (the whole page must be read), pages with data at the start (the
+//! Zero-page scan and the uniform-page scan (`classify`, which also finds pages of one
+//! repeated byte in the same pass) against a plain memory-read loop over the same
+//! buffer, in the same run: zero pages, uniform pages (0xCC) (the whole page must be read), pages with data at the start (the
 //! sampled early exit), and pages whose only non-zero byte sits near the end, between
 //! the sampled words (the worst case for the early exit).
 
@@ -7,7 +8,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
-use pagewire_accel::zero::{ZeroKernel, is_zero_with};
+use pagewire_accel::zero::{PageClass, ZeroKernel, classify_with, is_zero_with};
 
 const PS: usize = 4096;
 
@@ -30,6 +31,13 @@ fn scan(kernel: ZeroKernel, buf: &[u8]) -> usize {
     buf.chunks_exact(PS)
         // SAFETY: each chunk is a readable slice of `PS` bytes.
         .filter(|p| unsafe { is_zero_with(kernel, p.as_ptr(), p.len()) })
+        .count()
+}
+
+fn classify(kernel: ZeroKernel, buf: &[u8]) -> usize {
+    buf.chunks_exact(PS)
+        // SAFETY: each chunk is a readable slice of `PS` bytes.
+        .filter(|p| unsafe { classify_with(kernel, p.as_ptr(), p.len()) } != PageClass::Data)
         .count()
 }
 
@@ -71,6 +79,9 @@ fn bench_zero(c: &mut Criterion) {
             g.bench_function(format!("{name}/one_byte_late"), |b| {
                 b.iter(|| assert_eq!(scan(*kernel, black_box(&late)), 0))
             });
+            g.bench_function(format!("{name}/classify_zero_pages"), |b| {
+                b.iter(|| assert_eq!(classify(*kernel, black_box(&zeros)), bytes / PS))
+            });
         }
         g.finish();
     }
@@ -99,7 +110,9 @@ fn interleaved(rounds: usize, buf: &[u8], fs: &mut [&mut Scan<'_>]) -> Vec<f64> 
 
 /// The summary: each kernel's GiB/s as a share of the read loop's, same run.
 fn summary() {
-    println!("\n== zero scan vs plain read loop (best of 25 interleaved runs) ==");
+    println!(
+        "\n== zero scan and uniform-page classify vs plain read loop (best of 25 interleaved runs) =="
+    );
     for (size_name, bytes) in [("64MiB", 64usize << 20), ("256KiB", 256 << 10)] {
         let mut zeros = vec![1u8; bytes];
         zeros.fill(0);
@@ -112,9 +125,17 @@ fn summary() {
         for page in data.chunks_mut(PS) {
             page[0] = 1;
         }
+        let mut uniform = vec![1u8; bytes];
+        uniform.fill(0xcc);
         let avx2 = ZeroKernel::Avx2.is_available();
+        let best = if avx2 {
+            ZeroKernel::Avx2
+        } else {
+            ZeroKernel::Portable
+        };
         for (what, buf) in [
             ("zero pages", &zeros),
+            ("uniform 0xcc", &uniform),
             ("one byte late", &late),
             ("data at start", &data),
         ] {
@@ -134,15 +155,25 @@ fn summary() {
                     black_box(b),
                 ));
             };
-            let g = interleaved(25, buf, &mut [&mut base, &mut portable, &mut wide]);
+            let mut class = |b: &[u8]| {
+                black_box(classify(best, black_box(b)));
+            };
+            let g = interleaved(
+                25,
+                buf,
+                &mut [&mut base, &mut portable, &mut wide, &mut class],
+            );
             println!(
-                "zero-scan {size_name:>6} {what:<14}: read loop {:6.1} GiB/s | portable {:6.1} GiB/s ({:5.0}%) | avx2{} {:6.1} GiB/s ({:5.0}%)",
+                "zero-scan {size_name:>6} {what:<14}: read loop {:6.1} GiB/s | portable {:6.1} GiB/s ({:5.0}%) | avx2{} {:6.1} GiB/s ({:5.0}%) | classify {:6.1} GiB/s ({:5.0}% of read, {:5.0}% of zero scan)",
                 g[0],
                 g[1],
                 100.0 * g[1] / g[0],
                 if avx2 { "" } else { " (absent: portable)" },
                 g[2],
                 100.0 * g[2] / g[0],
+                g[3],
+                100.0 * g[3] / g[0],
+                100.0 * g[3] / g[2],
             );
         }
     }

@@ -34,7 +34,8 @@ USAGE: demo [OPTIONS]
   --dirty-rate N        pages the guest rewrites per second (default 20000)
   --dirty-pattern P     random | sequential | hot:N (default random)
   --channels N          channels (default 2)
-  --codec C             zstd | lz4 | deflate | delta | raw | none (default zstd)
+  --codec C             zstd | lz4 | deflate | delta | raw | none | auto (default zstd;
+                        auto: chosen per frame from the measured link and codecs)
   --level N             codec level (zstd default 1, deflate 1)
   --transport T         tcp | uring (default tcp; uring falls back to tcp if unusable)
   --accel A             codec engine: auto | software | qat | iaa... (default auto);
@@ -63,6 +64,8 @@ struct Args {
     pattern: Pattern,
     channels: u16,
     codec: CodecId,
+    /// `--codec auto`.
+    auto: bool,
     level: Option<i32>,
     uring: bool,
     accel: pagewire::BackendChoice,
@@ -87,6 +90,7 @@ fn parse() -> anyhow::Result<Args> {
         pattern: Pattern::Random,
         channels: 2,
         codec: CodecId::ZSTD,
+        auto: false,
         level: None,
         uring: false,
         accel: pagewire::BackendChoice::Auto,
@@ -138,6 +142,10 @@ fn parse() -> anyhow::Result<Args> {
                     "deflate" => CodecId::DEFLATE,
                     "delta" => CodecId::DELTA,
                     "raw" | "none" => CodecId::RAW,
+                    "auto" => {
+                        a.auto = true;
+                        CodecId::ZSTD
+                    }
                     o => bail!("unknown codec {o}"),
                 }
             }
@@ -290,11 +298,15 @@ fn main() -> anyhow::Result<()> {
     };
     if !args.json {
         eprintln!(
-            "filled {} MiB in {:.2} s; migrating with {} channel(s), codec {:?}, over {}{}",
+            "filled {} MiB in {:.2} s; migrating with {} channel(s), codec {}, over {}{}",
             args.memory_mib,
             t.elapsed().as_secs_f64(),
             args.channels,
-            args.codec,
+            if args.auto {
+                "auto".to_string()
+            } else {
+                format!("{:?}", args.codec)
+            },
             args.unix
                 .as_ref()
                 .map_or("TCP loopback".into(), |p| format!("unix:{}", p.display())),
@@ -349,6 +361,9 @@ fn main() -> anyhow::Result<()> {
     let mut cfg = SourceConfig::new(session, auth);
     cfg.channels = args.channels;
     cfg.codec = args.codec;
+    if args.auto {
+        cfg.adaptive = Some(pagewire::AdaptiveConfig::default());
+    }
     if let Some(l) = args.level {
         cfg.level = l;
     }
@@ -410,10 +425,11 @@ fn main() -> anyhow::Result<()> {
     } else {
         print!("{stats}");
         println!(
-            "destination:           {} frames, {} data + {} zero pages applied, {:.1} MiB placed raw, pre-fault {:.0} ms",
+            "destination:           {} frames, {} data + {} zero + {} uniform pages applied, {:.1} MiB placed raw, pre-fault {:.0} ms",
             migrated.stats.frames,
             migrated.stats.data_pages,
             migrated.stats.zero_pages,
+            migrated.stats.uniform_pages,
             migrated.stats.placed_bytes as f64 / (1 << 20) as f64,
             migrated.stats.prefault_ms
         );

@@ -51,8 +51,14 @@ pub struct SourceConfig {
     /// QAT. Jobs a hardware backend gives up on run on software, counted in
     /// [`EngineSummary::hw_fallbacks`](crate::stats::EngineSummary::hw_fallbacks).
     pub accel: BackendChoice,
-    /// Codec worker threads per channel; 0 compresses on the channel's own thread.
-    pub codec_threads: usize,
+    /// Choose the codec per frame (`--codec auto`) among these candidates, from the
+    /// measured link rate and codec speeds and ratios; `codec` and `level` are then
+    /// unused. `None` (the default): every frame uses `codec`.
+    pub adaptive: Option<crate::source::adaptive::AdaptiveConfig>,
+    /// Codec worker threads per channel; `Some(0)` compresses on the channel's own
+    /// thread. `None` (the default) chooses from the machine: see
+    /// [`codec_threads_for`].
+    pub codec_threads: Option<usize>,
     /// Frames in flight in the codec engine per channel.
     pub queue_depth: usize,
     /// Pages kept by the sender's delta cache per channel (delta codec only).
@@ -92,7 +98,8 @@ impl SourceConfig {
             bandwidth_limit: 0,
             precopy: PrecopyConfig::default(),
             accel: BackendChoice::Auto,
-            codec_threads: 0,
+            adaptive: None,
+            codec_threads: None,
             queue_depth: 16,
             delta_cache_pages: 64 * 1024,
             ack_timeout: Duration::from_secs(30),
@@ -185,6 +192,31 @@ pub struct DestinationConfig {
     pub max_sessions: usize,
     /// How long a channel may stay silent before the source counts as gone.
     pub idle_timeout: Duration,
+    /// How the destination prepares the anonymous guest memory it maps itself (memory
+    /// the VMM gives or provides is used as it is, never pre-faulted).
+    pub prefault: Prefault,
+}
+
+/// How a destination prepares the anonymous guest memory it maps for the source's
+/// layout. Measured with `pagewire-stress --prefault` (BENCHMARKS.md, "Destination
+/// memory"); the default is the fastest there.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Prefault {
+    /// Nothing ahead: the receivers fault pages in as they write them. Zero pages on
+    /// memory never written are not touched at all. The fastest measured here.
+    #[default]
+    None,
+    /// A background thread populates every page (`MADV_POPULATE_WRITE`) while the
+    /// first round arrives: it competes with the receivers for the cores.
+    Thread,
+    /// Transparent huge pages (`MADV_HUGEPAGE`) on the mapping: a fault backs 2 MiB at
+    /// once (where the kernel allows THP for `madvise`), no thread. Measured 3-4x
+    /// slower than `None` here (each fault zeroes and may compact 2 MiB).
+    HugePages,
+    /// Each receiver populates (`MADV_POPULATE_WRITE`) the data pages of a frame right
+    /// before it writes them: one system call per frame instead of a fault per page.
+    Ahead,
 }
 
 impl DestinationConfig {
@@ -206,6 +238,7 @@ impl DestinationConfig {
             max_pending: 64,
             max_sessions: 8,
             idle_timeout: Duration::from_secs(60),
+            prefault: Prefault::default(),
         }
     }
 }
@@ -260,5 +293,36 @@ impl Control {
 
     pub(crate) fn limiter(&self) -> &RateLimiter {
         &self.0.limiter
+    }
+}
+
+/// Codec worker threads per channel for `channels` channels on this machine: enough
+/// that the channels' own threads plus their codec threads cover every core the
+/// process may use (`std::thread::available_parallelism`, which honours the CPU
+/// affinity mask and a cgroup v2 CPU quota), and none when the channels alone already
+/// do (each channel then compresses on its own thread, and more threads would only
+/// take turns on the same cores).
+pub fn codec_threads_for(channels: u16) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    threads_per_channel(cores, usize::from(channels.max(1)))
+}
+
+fn threads_per_channel(cores: usize, channels: usize) -> usize {
+    cores.saturating_sub(channels).div_ceil(channels)
+}
+
+#[cfg(test)]
+mod codec_thread_tests {
+    use super::*;
+
+    #[test]
+    fn codec_threads_fill_the_cores_the_channels_leave() {
+        // This machine's case: two cores, two channels: compress on the channels.
+        assert_eq!(threads_per_channel(2, 2), 0);
+        assert_eq!(threads_per_channel(1, 4), 0);
+        assert_eq!(threads_per_channel(2, 1), 1);
+        assert_eq!(threads_per_channel(16, 2), 7);
+        assert_eq!(threads_per_channel(16, 3), 5);
+        assert!(codec_threads_for(0) < 4096);
     }
 }

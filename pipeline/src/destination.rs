@@ -38,7 +38,7 @@ use pagewire_transport::{
     Channel, Endpoint, GuestSlice, Incoming, OutFrame, PageSink, RegionSink, Stream, StreamListener,
 };
 
-use crate::config::DestinationConfig;
+use crate::config::{DestinationConfig, Prefault};
 use crate::error::MigrationError;
 use crate::memory::{DestinationMemory, GuestMemory};
 use crate::source::{frame_bytes, transport_views};
@@ -66,6 +66,8 @@ pub struct DestinationStats {
     pub data_pages: u64,
     /// Zero pages applied.
     pub zero_pages: u64,
+    /// Uniform pages (one byte repeated) applied.
+    pub uniform_pages: u64,
     /// Raw payload bytes the transport placed straight into guest memory.
     pub placed_bytes: u64,
     /// TLS: plaintext bytes opened from records (0 in clear), counted as each
@@ -74,7 +76,8 @@ pub struct DestinationStats {
     /// TLS: bytes copied in user space on the TLS receive path (0 in clear); over
     /// `data_pages`, the copies TLS costs per page. Counted as each channel ends.
     pub tls_copied_bytes: u64,
-    /// Time to pre-fault guest memory (in the background, during the first round), ms.
+    /// Time the background pre-fault thread took ([`Prefault::Thread`] only; 0
+    /// otherwise), ms.
     pub prefault_ms: f64,
     /// Frame apply latency.
     pub apply_latency: LatencySummary,
@@ -331,6 +334,11 @@ impl DestinationListener {
         let shared = Arc::new(Shared {
             page_size: config.page_size,
             wait: config.idle_timeout,
+            // Memory the VMM gives or provides is used as it is.
+            prefault: match &memory {
+                DestinationMemory::Anonymous => config.prefault,
+                _ => Prefault::None,
+            },
             provider: match &memory {
                 DestinationMemory::Provider(_) => memory.clone(),
                 _ => DestinationMemory::Anonymous,
@@ -351,6 +359,7 @@ impl DestinationListener {
             frames: AtomicU64::new(0),
             data_pages: AtomicU64::new(0),
             zero_pages: AtomicU64::new(0),
+            uniform_pages: AtomicU64::new(0),
             placed: AtomicU64::new(0),
             tls_opened: AtomicU64::new(0),
             tls_copied: AtomicU64::new(0),
@@ -624,10 +633,12 @@ struct Shared {
     frames: AtomicU64,
     data_pages: AtomicU64,
     zero_pages: AtomicU64,
+    uniform_pages: AtomicU64,
     placed: AtomicU64,
     /// TLS bytes opened and copied, added as each channel ends.
     tls_opened: AtomicU64,
     tls_copied: AtomicU64,
+    prefault: Prefault,
     prefault_ns: Arc<AtomicU64>,
     /// CPU nanoseconds of the receiver and pre-fault threads.
     cpu_ns: Arc<AtomicU64>,
@@ -644,8 +655,9 @@ impl Shared {
     }
 
     fn stats(&self) -> DestinationStats {
-        let pages =
-            self.data_pages.load(Ordering::Relaxed) + self.zero_pages.load(Ordering::Relaxed);
+        let pages = self.data_pages.load(Ordering::Relaxed)
+            + self.zero_pages.load(Ordering::Relaxed)
+            + self.uniform_pages.load(Ordering::Relaxed);
         DestinationStats {
             cpu: crate::stats::CpuSummary::new(
                 Duration::from_nanos(self.cpu_ns.load(Ordering::Relaxed)),
@@ -655,6 +667,7 @@ impl Shared {
             frames: self.frames.load(Ordering::Relaxed),
             data_pages: self.data_pages.load(Ordering::Relaxed),
             zero_pages: self.zero_pages.load(Ordering::Relaxed),
+            uniform_pages: self.uniform_pages.load(Ordering::Relaxed),
             placed_bytes: self.placed.load(Ordering::Relaxed),
             tls_opened_bytes: self.tls_opened.load(Ordering::Relaxed),
             tls_copied_bytes: self.tls_copied.load(Ordering::Relaxed),
@@ -706,6 +719,18 @@ impl Shared {
             return Ok(m);
         }
         let m = Arc::new(GuestMemory::anonymous(layout).map_err(|e| e.to_string())?);
+        match self.prefault {
+            Prefault::Thread => {}
+            Prefault::HugePages => {
+                m.advise_huge_pages();
+                *slot = Some((m.clone(), None));
+                return Ok(m);
+            }
+            _ => {
+                *slot = Some((m.clone(), None));
+                return Ok(m);
+            }
+        }
         let m2 = m.clone();
         let ns = self.prefault_ns.clone();
         let shared_cpu = self.cpu_ns.clone();
@@ -733,11 +758,27 @@ impl Shared {
 struct CheckedSink<'a> {
     rules: &'a DestinationChannel,
     inner: &'a mut RegionSink,
+    /// With [`Prefault::Ahead`]: the memory whose pages are populated before placing.
+    ahead: Option<&'a GuestMemory>,
 }
 
 impl PageSink for CheckedSink<'_> {
     fn place(&mut self, frame: &PageFrame<'_>, dest: &mut Vec<GuestSlice>) -> bool {
-        self.rules.check_pages(frame).is_ok() && self.inner.place(frame, dest)
+        if self.rules.check_pages(frame).is_err() {
+            return false;
+        }
+        if let Some(m) = self.ahead {
+            populate_data(m, frame);
+        }
+        self.inner.place(frame, dest)
+    }
+}
+
+/// Backs a frame's data pages in one call each run, before they are written
+/// ([`Prefault::Ahead`]).
+fn populate_data(memory: &GuestMemory, p: &PageFrame<'_>) {
+    for run in p.data_runs.iter() {
+        memory.populate(p.region, run.start.0, u64::from(run.count));
     }
 }
 
@@ -822,9 +863,13 @@ impl Receiver {
         let mut sink: Option<RegionSink> = None;
         loop {
             let after = {
+                let ahead = memory
+                    .as_deref()
+                    .filter(|_| self.shared.prefault == Prefault::Ahead);
                 let mut checked = sink.as_mut().map(|inner| CheckedSink {
                     rules: &self.rules,
                     inner,
+                    ahead,
                 });
                 let incoming = channel
                     .recv(checked.as_mut().map(|s| s as &mut dyn PageSink))
@@ -840,7 +885,7 @@ impl Receiver {
                         self.shared
                             .placed
                             .fetch_add(data * u64::from(self.shared.page_size), Ordering::Relaxed);
-                        Self::apply_zero(memory, &p);
+                        Self::apply_runs(memory, &p);
                         self.count(&p);
                         self.shared.apply.record(t.elapsed());
                         After::Nothing
@@ -875,12 +920,15 @@ impl Receiver {
                             DestinationEvent::Apply(p) => {
                                 self.round_opened()?;
                                 let memory = memory.as_ref().ok_or(MigrationError::Worker(ch))?;
+                                if self.shared.prefault == Prefault::Ahead {
+                                    populate_data(memory, p);
+                                }
                                 Self::decode(&mut self.codecs, &mut self.lengths, memory, p)
                                     .map_err(|source| MigrationError::Codec {
                                         channel: ch,
                                         source,
                                     })?;
-                                Self::apply_zero(memory, p);
+                                Self::apply_runs(memory, p);
                                 self.count(p);
                                 self.shared.apply.record(t.elapsed());
                                 After::Nothing
@@ -983,12 +1031,23 @@ impl Receiver {
         self.shared
             .zero_pages
             .fetch_add(p.zero_pages(), Ordering::Relaxed);
+        self.shared
+            .uniform_pages
+            .fetch_add(p.uniform_pages(), Ordering::Relaxed);
     }
 
-    fn apply_zero(memory: &GuestMemory, p: &PageFrame<'_>) {
+    /// After the data pages are in place: records them as written, and sets the zero
+    /// and uniform pages.
+    fn apply_runs(memory: &GuestMemory, p: &PageFrame<'_>) {
+        // Bounds were checked against the layout.
+        for run in p.data_runs.iter() {
+            memory.note_written(p.region, run.start.0, u64::from(run.count));
+        }
         for run in p.zero_runs.iter() {
-            // Bounds were checked against the layout.
             memory.zero_pages(p.region, run.start.0, u64::from(run.count));
+        }
+        for u in p.uniform_runs.iter() {
+            memory.fill_pages(p.region, u.run.start.0, u64::from(u.run.count), u.byte);
         }
     }
 

@@ -19,6 +19,7 @@ pub mod destination;
 pub mod device;
 pub mod dirty;
 pub mod error;
+mod fresh;
 pub mod limit;
 pub mod memory;
 pub mod migrate;
@@ -30,7 +31,7 @@ pub mod source;
 pub mod stats;
 pub mod switchover;
 
-pub use config::{Control, DestinationConfig, SourceConfig};
+pub use config::{Control, DestinationConfig, Prefault, SourceConfig, codec_threads_for};
 pub use destination::{
     Destination, DestinationControl, DestinationListener, DestinationStats, DeviceSection, Migrated,
 };
@@ -48,7 +49,8 @@ pub struct ReadmeDoctests;
 pub use precopy::{CapPolicy, PrecopyConfig, StopReason};
 pub use progress::{Phase, Progress, ProgressSnapshot, RoundAction};
 pub use source::Source;
-pub use stats::{CpuSummary, MigrationStats, TlsSummary};
+pub use source::adaptive::AdaptiveConfig;
+pub use stats::{AdaptiveStats, ChoiceStats, CodecSwitch, CpuSummary, MigrationStats, TlsSummary};
 pub use switchover::Switchover;
 
 pub use pagewire_transport::tls::{self, Encryption, PemFiles, TlsConfig};

@@ -5,8 +5,8 @@
 //! Following vm-memory's volatile-memory rules, pagewire never builds a `&[u8]` or
 //! `&mut [u8]` over a source's guest memory. It reads the pages through raw pointers
 //! only, in these ways:
-//! - the zero scan (`pagewire_accel::is_zero_raw`) reads pages in place and keeps only
-//!   a yes/no answer;
+//! - the zero/uniform scan (`pagewire_accel::classify_raw`) reads pages in place and keeps only
+//!   its class (zero, one byte repeated, data);
 //! - the codecs copy a frame's pages with one raw-pointer `memcpy`
 //!   (`copy_nonoverlapping`) into their own reused scratch buffer, or for a raw frame
 //!   into the payload, and compress that private copy (`pagewire_accel::pages`, "Guest
@@ -46,6 +46,7 @@ use nix::sys::mman::{self, MapFlags, MmapAdvise, ProtFlags};
 use pagewire_protocol::{GuestAddr, MemoryLayout, RegionDesc, RegionId};
 
 use crate::dirty::DirtyLogError;
+use crate::fresh::FreshPages;
 
 /// Errors describing guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +92,9 @@ pub struct RegionSpec {
 struct Region {
     desc: RegionDesc,
     host: NonNull<u8>,
+    /// For memory this value mapped itself: the pages never written since, which
+    /// still read as zeros.
+    fresh: Option<FreshPages>,
 }
 
 /// The guest memory a migration reads (source) or writes (destination).
@@ -163,6 +167,7 @@ impl GuestMemory {
                     length: s.len,
                 },
                 host,
+                fresh: None,
             });
         }
         let layout = MemoryLayout::new(page_size, regions.iter().map(|r| r.desc))?;
@@ -232,6 +237,10 @@ impl GuestMemory {
         match unsafe { Self::new(layout.page_size(), &specs) } {
             Ok(mut m) => {
                 m.owned = owned;
+                let ps = u64::from(m.page_size);
+                for r in &mut m.regions {
+                    r.fresh = Some(FreshPages::new(r.desc.length / ps));
+                }
                 Ok(m)
             }
             Err(e) => {
@@ -367,17 +376,56 @@ impl GuestMemory {
         // SAFETY: `span` checked the destination range lies inside a mapped region, and
         // `src` is a separate buffer of exactly `len` bytes.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_ptr(), len) };
+        self.note_written(region, page, (src.len() / ps) as u64);
         true
     }
 
-    /// Fills consecutive pages with zeros.
+    /// Fills consecutive pages with zeros. Pages of memory this value mapped itself
+    /// ([`GuestMemory::anonymous`]) that were never written since are left alone: they
+    /// read as zeros already, and writing them would only fault them in.
     pub fn zero_pages(&self, region: RegionId, page: u64, pages: u64) -> bool {
         let Some((dst, len)) = self.span(region, page, pages) else {
             return false;
         };
-        // SAFETY: `span` checked the range lies inside a mapped region.
-        unsafe { std::ptr::write_bytes(dst.as_ptr(), 0, len) };
+        match self.region(region).and_then(|r| r.fresh.as_ref()) {
+            Some(fresh) => {
+                let ps = self.page_size as usize;
+                for (start, count) in fresh.touched_runs(page, pages) {
+                    // `touched_runs` stays inside `page..page + pages`, which `span`
+                    // checked.
+                    let off = (start - page) as usize * ps;
+                    // SAFETY: `off + count * ps <= len`, inside the range `span` checked.
+                    unsafe { std::ptr::write_bytes(dst.as_ptr().add(off), 0, count as usize * ps) };
+                }
+            }
+            // SAFETY: `span` checked the range lies inside a mapped region.
+            None => unsafe { std::ptr::write_bytes(dst.as_ptr(), 0, len) },
+        }
         true
+    }
+
+    /// Fills consecutive pages with `byte` (a uniform run; zero pages go through
+    /// [`GuestMemory::zero_pages`]).
+    pub fn fill_pages(&self, region: RegionId, page: u64, pages: u64, byte: u8) -> bool {
+        if byte == 0 {
+            return self.zero_pages(region, page, pages);
+        }
+        let Some((dst, len)) = self.span(region, page, pages) else {
+            return false;
+        };
+        // SAFETY: `span` checked the range lies inside a mapped region.
+        unsafe { std::ptr::write_bytes(dst.as_ptr(), byte, len) };
+        self.note_written(region, page, pages);
+        true
+    }
+
+    /// Records that pages were written by other means (a codec decoding into
+    /// [`GuestMemory::span`], a transport placing a payload), so that a later zero page
+    /// there is written, not skipped.
+    pub(crate) fn note_written(&self, region: RegionId, page: u64, pages: u64) {
+        if let Some(fresh) = self.region(region).and_then(|r| r.fresh.as_ref()) {
+            fresh.touch(page, pages);
+        }
     }
 
     /// The host range of `pages` pages from `page`, bounds-checked.
@@ -391,6 +439,27 @@ impl GuestMemory {
         }
         // SAFETY: `off + len <= length`, inside the mapping (its length fits usize).
         Some((unsafe { r.host.add(off as usize) }, len as usize))
+    }
+
+    /// Asks for transparent huge pages (MADV_HUGEPAGE) on the mappings this value owns
+    /// (those of [`GuestMemory::anonymous`]); memory from elsewhere is left alone.
+    /// Errors are ignored (a kernel without THP): it is an optimisation.
+    pub fn advise_huge_pages(&self) {
+        for &(p, len) in &self.owned {
+            // SAFETY: advising over a mapping this value owns; MADV_HUGEPAGE changes
+            // how the kernel backs it, never its contents.
+            let _ = unsafe { mman::madvise(p.cast(), len, MmapAdvise::MADV_HUGEPAGE) };
+        }
+    }
+
+    /// Asks the kernel to back `pages` pages from `page` now (MADV_POPULATE_WRITE), in
+    /// one call; out-of-range requests and errors are ignored (an optimisation).
+    pub fn populate(&self, region: RegionId, page: u64, pages: u64) {
+        if let Some((ptr, len)) = self.span(region, page, pages) {
+            // SAFETY: `span` checked the range lies inside a mapped region;
+            // POPULATE_WRITE only faults pages in, it does not change contents.
+            let _ = unsafe { mman::madvise(ptr.cast(), len, MmapAdvise::MADV_POPULATE_WRITE) };
+        }
     }
 
     /// Asks the kernel to back every page now (MADV_POPULATE_WRITE), so a destination
@@ -460,8 +529,9 @@ where
 #[non_exhaustive]
 #[derive(Clone, Default)]
 pub enum DestinationMemory {
-    /// Private anonymous memory mapped for the source's layout and pre-faulted in the
-    /// background (the default).
+    /// Private anonymous memory mapped for the source's layout and prepared as
+    /// [`DestinationConfig::prefault`](crate::DestinationConfig::prefault) says (the
+    /// default).
     #[default]
     Anonymous,
     /// This memory; the source's layout must match it exactly.
@@ -528,6 +598,57 @@ mod tests {
         assert!(m.zero_pages(RegionId(7), 2, 1));
         assert!(m.read_pages(RegionId(7), 2, 1, &mut back[..4096]));
         assert!(back[..4096].iter().all(|&b| b == 0));
+    }
+
+    /// Whether the page at `ptr` is backed by memory (mincore).
+    fn resident(ptr: NonNull<u8>) -> bool {
+        let mut vec = [0u8; 1];
+        // SAFETY: `ptr` is a page-aligned address inside a live mapping, and `vec`
+        // holds the one byte mincore writes for one page.
+        let rc = unsafe { nix::libc::mincore(ptr.as_ptr().cast(), 4096, vec.as_mut_ptr()) };
+        assert_eq!(rc, 0);
+        vec[0] & 1 != 0
+    }
+
+    #[test]
+    fn zero_pages_on_fresh_memory_are_not_touched_and_written_pages_are_zeroed() {
+        let m = GuestMemory::anonymous(&layout()).unwrap();
+        let r = RegionId(0);
+        // Fresh: zeroing faults nothing in.
+        assert!(m.zero_pages(r, 0, 16));
+        assert!((0..16).all(|p| !resident(m.page_ptr(r, p).unwrap())));
+        // Written by a uniform run, a copy and a decoder: a later zero run writes them.
+        assert!(m.fill_pages(r, 1, 2, 0xcc));
+        assert!(m.write_pages(r, 5, &[7u8; 4096]));
+        let (ptr, len) = m.span(r, 9, 1).unwrap();
+        // SAFETY: `span` returned a range inside the mapping.
+        unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0x55, len) };
+        m.note_written(r, 9, 1);
+        let mut page = vec![0u8; 4096];
+        assert!(m.read_pages(r, 2, 1, &mut page));
+        assert!(page.iter().all(|&b| b == 0xcc));
+        assert!(m.zero_pages(r, 0, 16));
+        // (Reading a fresh page maps the shared zero page, so check before reading.)
+        assert!(!resident(m.page_ptr(r, 0).unwrap()));
+        assert!(!resident(m.page_ptr(r, 3).unwrap()));
+        for p in 0..16 {
+            assert!(m.read_pages(r, p, 1, &mut page));
+            assert!(page.iter().all(|&b| b == 0), "page {p}");
+        }
+        // Memory the VMM gives is never assumed zero.
+        let mut buf = vec![0xeeu8; 8 * 4096 + 4096];
+        let off = buf.as_ptr().align_offset(4096);
+        let spec = RegionSpec {
+            id: RegionId(0),
+            host_addr: buf[off..].as_mut_ptr(),
+            guest_addr: GuestAddr(0),
+            len: 8 * 4096,
+            backing_page_size: 4096,
+        };
+        // SAFETY: the buffer outlives `given`.
+        let given = unsafe { GuestMemory::new(4096, &[spec]) }.unwrap();
+        assert!(given.zero_pages(r, 0, 8));
+        assert!(buf[off..off + 8 * 4096].iter().all(|&b| b == 0));
     }
 
     #[cfg(feature = "vm-memory")]

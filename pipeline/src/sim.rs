@@ -44,8 +44,8 @@ impl Rng {
 /// What pages are filled with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Content {
-    /// A realistic mix: a fifth each of zero pages, text, code-like bytes, random bytes
-    /// and counters.
+    /// A realistic mix: a sixth each of zero pages, text, code-like bytes, random
+    /// bytes, counters, and uniform pages of 0xCC (what Linux writes into freed memory).
     Mixed,
     /// All zero.
     Zero,
@@ -58,7 +58,7 @@ pub enum Content {
 /// Fills one page with `content`.
 pub fn page_content(rng: &mut Rng, content: Content, page: &mut [u8]) {
     let kind = match content {
-        Content::Mixed => rng.below(5),
+        Content::Mixed => rng.below(6),
         Content::Zero => 0,
         Content::Text => 1,
         Content::Random => 3,
@@ -94,6 +94,7 @@ pub fn page_content(rng: &mut Rng, content: Content, page: &mut [u8]) {
                 chunk.copy_from_slice(&v[..chunk.len()]);
             }
         }
+        5 => page.fill(0xcc),
         _ => {
             let base = rng.below(1 << 20);
             for (i, chunk) in page.chunks_mut(8).enumerate() {

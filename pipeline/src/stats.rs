@@ -16,6 +16,8 @@ pub struct PageCounts {
     pub compressed: u64,
     /// Sent as zero-page offsets only.
     pub zero: u64,
+    /// Sent as uniform runs only: one byte repeated over the page.
+    pub uniform: u64,
     /// Sent as a delta against the previous version.
     pub delta: u64,
     /// Sent raw because compression did not shrink them (or raw was chosen).
@@ -25,16 +27,114 @@ pub struct PageCounts {
 impl PageCounts {
     /// All pages.
     pub fn total(&self) -> u64 {
-        self.compressed + self.zero + self.delta + self.raw
+        self.compressed + self.zero + self.uniform + self.delta + self.raw
     }
 
     /// Adds another count.
     pub fn add(&mut self, o: &PageCounts) {
         self.compressed += o.compressed;
         self.zero += o.zero;
+        self.uniform += o.uniform;
         self.delta += o.delta;
         self.raw += o.raw;
     }
+}
+
+/// The adaptive codec choice of a migration (`SourceConfig::adaptive`), over all
+/// channels.
+#[non_exhaustive]
+#[derive(Clone, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct AdaptiveStats {
+    /// Each candidate (codec at a level) and what it encoded.
+    pub choices: Vec<ChoiceStats>,
+    /// Switches between candidates, counted by (from, to, reason).
+    pub switches: Vec<CodecSwitch>,
+    /// The latest switches with their figures (up to 32 per channel).
+    pub recent: Vec<CodecSwitch>,
+    /// Frames sent with another candidate to refresh its measurements.
+    pub explored_frames: u64,
+    /// The last link rate measured, bytes/s, summed over channels.
+    pub link_bytes_per_s: f64,
+}
+
+impl AdaptiveStats {
+    /// Adds another channel's statistics.
+    pub fn add(&mut self, o: &AdaptiveStats) {
+        for c in &o.choices {
+            match self.choices.iter_mut().find(|x| x.choice == c.choice) {
+                Some(x) => {
+                    x.frames += c.frames;
+                    x.guest_bytes += c.guest_bytes;
+                    x.payload_bytes += c.payload_bytes;
+                }
+                None => self.choices.push(c.clone()),
+            }
+        }
+        for w in &o.switches {
+            match self
+                .switches
+                .iter_mut()
+                .find(|x| x.from == w.from && x.to == w.to && x.reason == w.reason)
+            {
+                Some(x) => x.count += w.count,
+                None => self.switches.push(w.clone()),
+            }
+        }
+        self.recent.extend(o.recent.iter().cloned());
+        self.recent.sort_by(|a, b| a.at_ms.total_cmp(&b.at_ms));
+        self.explored_frames += o.explored_frames;
+        self.link_bytes_per_s += o.link_bytes_per_s;
+    }
+
+    /// Share of the guest bytes encoded by `choice`, 0..=1.
+    pub fn share(&self, choice: &str) -> f64 {
+        let total: u64 = self.choices.iter().map(|c| c.guest_bytes).sum();
+        let mine: u64 = self
+            .choices
+            .iter()
+            .filter(|c| c.choice == choice)
+            .map(|c| c.guest_bytes)
+            .sum();
+        ratio(mine, total)
+    }
+}
+
+/// What one adaptive candidate encoded.
+#[non_exhaustive]
+#[derive(Clone, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct ChoiceStats {
+    /// The codec and level, e.g. `zstd:-5`, `lz4`, `raw`.
+    pub choice: String,
+    /// Frames.
+    pub frames: u64,
+    /// Guest bytes of their data pages.
+    pub guest_bytes: u64,
+    /// Payload bytes out.
+    pub payload_bytes: u64,
+}
+
+/// A switch of the adaptive codec choice.
+#[non_exhaustive]
+#[derive(Clone, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct CodecSwitch {
+    /// From this candidate.
+    pub from: String,
+    /// To this one.
+    pub to: String,
+    /// `link-bound` (more compression moves more), `cpu-bound` (a cheaper codec
+    /// moves more) or `cheaper` (another moves as much for less core time).
+    pub reason: String,
+    /// How many times (in [`AdaptiveStats::switches`]; 1 in the log).
+    pub count: u64,
+    /// When, ms after the channel started (log entries).
+    pub at_ms: f64,
+    /// The channel (log entries).
+    pub channel: u16,
+    /// The figures that decided it (log entries).
+    pub detail: String,
 }
 
 /// What one codec did.
@@ -328,6 +428,8 @@ pub struct MigrationStats {
     pub compression_ratio: f64,
     /// Per codec.
     pub codecs: Vec<CodecStats>,
+    /// The adaptive codec choice, when it was on.
+    pub adaptive: Option<AdaptiveStats>,
     /// Wire throughput over the total time, Mbit/s.
     pub mbit_per_s: f64,
     /// Guest pages per second over the total time.
@@ -400,10 +502,11 @@ impl fmt::Display for MigrationStats {
         )?;
         writeln!(
             f,
-            "pages:                 {} total: {} compressed, {} zero, {} delta, {} raw",
+            "pages:                 {} total: {} compressed, {} zero, {} uniform, {} delta, {} raw",
             self.pages.total(),
             self.pages.compressed,
             self.pages.zero,
+            self.pages.uniform,
             self.pages.delta,
             self.pages.raw
         )?;
@@ -445,6 +548,27 @@ impl fmt::Display for MigrationStats {
                 mib(c.payload_bytes),
                 c.ratio()
             )?;
+        }
+        if let Some(a) = &self.adaptive {
+            let shares: Vec<String> = a
+                .choices
+                .iter()
+                .filter(|c| c.frames > 0)
+                .map(|c| format!("{} {:.0}%", c.choice, 100.0 * a.share(&c.choice)))
+                .collect();
+            writeln!(
+                f,
+                "adaptive codec:        {} ({} frames explored)",
+                shares.join(", "),
+                a.explored_frames
+            )?;
+            for w in &a.switches {
+                writeln!(
+                    f,
+                    "  switch {} -> {} ({}): {}x",
+                    w.from, w.to, w.reason, w.count
+                )?;
+            }
         }
         let per_channel: Vec<String> = self
             .channel_bytes

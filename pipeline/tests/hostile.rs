@@ -133,6 +133,7 @@ fn raw_pages<'a>(runs: &'a [PageRun], payload: &'a [u8], round: u32, crc: bool) 
         round: Round(round),
         data_runs: WireList::Slice(runs),
         zero_runs: WireList::Slice(&[]),
+        uniform_runs: WireList::Slice(&[]),
         lengths: None,
         crc: None,
         payload,
@@ -412,6 +413,7 @@ fn pages_before_layout_are_refused() {
         round: Round(0),
         data_runs: WireList::Slice(&[]),
         zero_runs: WireList::Slice(&[run(0, 1)]),
+        uniform_runs: WireList::Slice(&[]),
         lengths: None,
         crc: None,
         payload: &[],
@@ -488,4 +490,89 @@ fn an_abort_instead_of_commit_never_lets_the_destination_succeed() {
     );
     drop(c);
     legitimate(&dest, 1);
+}
+
+/// Bad uniform runs: each fails the session with its error, and the given guest memory
+/// keeps every byte it had.
+#[test]
+fn bad_uniform_runs_are_refused_and_write_nothing() {
+    let uniform = |start, count, byte| UniformRun {
+        run: run(start, count),
+        byte,
+    };
+    let outside = [uniform(63, 2, 0xcc)];
+    let zero_byte = [uniform(5, 1, 0)];
+    let over_data = [uniform(3, 2, 0xcc)];
+    let data = [run(4, 1)];
+    let payload = vec![0x5a; PS as usize];
+    let cases: [(&[UniformRun], &[PageRun], &[u8]); 3] = [
+        (&outside, &[], &[]),
+        (&zero_byte, &[], &[]),
+        (&over_data, &data, &payload),
+    ];
+    for (i, (u, data, payload)) in cases.into_iter().enumerate() {
+        let dest = Dest::new(20 + i as u8, None);
+        let mem = memory(64 * u64::from(PS));
+        mem.write_pages(RegionId(0), 0, &vec![0x11; 64 * PS as usize]);
+        let t = dest.accept(Some(mem.clone()));
+        let mut c = dest.connect(0, 1, false);
+        let regions = regions(64 * u64::from(PS));
+        c.send(Frame::Layout(LayoutFrame {
+            chunk_pages: 4,
+            regions: WireList::Slice(&regions),
+        }));
+        c.send(Frame::Pages(PageFrame {
+            codec: if data.is_empty() {
+                CodecId::ZERO
+            } else {
+                CodecId::RAW
+            },
+            region: RegionId(0),
+            round: Round(0),
+            data_runs: WireList::Slice(data),
+            zero_runs: WireList::Slice(&[]),
+            uniform_runs: WireList::Slice(u),
+            lengths: None,
+            crc: None,
+            payload,
+        }));
+        let r = t.join().unwrap();
+        match i {
+            0 => assert!(
+                matches!(
+                    rule(r),
+                    SessionError::PagesOutsideLayout(DecodeError::PageOutOfRange { end: 65, .. })
+                ),
+                "case {i}"
+            ),
+            _ => {
+                let Err(MigrationError::Channel { source, .. }) = r else {
+                    panic!("case {i}: expected a decode error, got {r:?}");
+                };
+                let want = match i {
+                    1 => matches!(
+                        source,
+                        pagewire_transport::ChannelError::Decode(DecodeError::InvalidField {
+                            field: "uniform byte",
+                            ..
+                        })
+                    ),
+                    _ => matches!(
+                        source,
+                        pagewire_transport::ChannelError::Decode(DecodeError::RunsNotCanonical)
+                    ),
+                };
+                assert!(want, "case {i}: {source:?}");
+            }
+        }
+        let mut page = vec![0u8; PS as usize];
+        for p in 0..64 {
+            assert!(mem.read_pages(RegionId(0), p, 1, &mut page));
+            assert!(
+                page.iter().all(|&b| b == 0x11),
+                "case {i}: page {p} changed"
+            );
+        }
+        drop(c);
+    }
 }

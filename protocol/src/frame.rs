@@ -10,8 +10,8 @@ use crate::ids::{
 };
 use crate::limits::{Limits, MAGIC, Phase};
 use crate::wire::{
-    EncodeError, PageRun, Reader, RegionDesc, WireList, put_bytes_u8, put_count_u16, put_list_u8,
-    put_u16, put_u32, put_u64,
+    EncodeError, PageRun, Reader, RegionDesc, UniformRun, WireList, put_bytes_u8, put_count_u16,
+    put_list_u8, put_u16, put_u32, put_u64,
 };
 
 /// The 8 bytes in front of every frame.
@@ -214,6 +214,8 @@ pub struct PageFrame<'a> {
     pub data_runs: WireList<'a, PageRun>,
     /// Pages to set to zero.
     pub zero_runs: WireList<'a, PageRun>,
+    /// Pages to fill with one repeated non-zero byte each.
+    pub uniform_runs: WireList<'a, UniformRun>,
     /// Per-page payload lengths, for per-page codecs.
     pub lengths: Option<WireList<'a, u32>>,
     /// CRC32C of the whole frame but this field: the envelope, the header up to this
@@ -757,9 +759,37 @@ fn check_runs(runs: &WireList<'_, PageRun>) -> Result<u64, DecodeError> {
     Ok(pages)
 }
 
+/// Checks the uniform run list: non-zero bytes, non-empty runs, ascending, not
+/// overlapping, and touching only where the byte changes (so every set of uniform pages
+/// has one encoding). Returns the number of pages.
+fn check_uniform_runs(runs: &WireList<'_, UniformRun>) -> Result<u64, DecodeError> {
+    let mut pages = 0u64;
+    let mut prev: Option<(u64, u8)> = None;
+    for u in runs.iter() {
+        if u.byte == 0 {
+            return Err(DecodeError::InvalidField {
+                field: "uniform byte",
+                value: 0,
+            });
+        }
+        let end = u.run.end().ok_or(DecodeError::RunsNotCanonical)?;
+        let bad_order = prev.is_some_and(|(p_end, p_byte)| {
+            u.run.start.0 < p_end || (u.run.start.0 == p_end && u.byte == p_byte)
+        });
+        if u.run.count == 0 || bad_order {
+            return Err(DecodeError::RunsNotCanonical);
+        }
+        prev = Some((end, u.byte));
+        pages += u64::from(u.run.count);
+    }
+    Ok(pages)
+}
+
 /// Whether two canonical run lists share a page (linear merge).
-fn runs_intersect(a: &WireList<'_, PageRun>, b: &WireList<'_, PageRun>) -> bool {
-    let (mut ia, mut ib) = (a.iter(), b.iter());
+fn runs_intersect(
+    mut ia: impl Iterator<Item = PageRun>,
+    mut ib: impl Iterator<Item = PageRun>,
+) -> bool {
     let (mut ra, mut rb) = (ia.next(), ib.next());
     while let (Some(x), Some(y)) = (ra, rb) {
         // Both runs are checked not to overflow.
@@ -818,19 +848,26 @@ fn pages_header<'a>(
 ) -> Result<PageFrame<'a>, DecodeError> {
     flags_only(FrameType::PAGES, flags, FLAG_PER_PAGE | FLAG_CRC32C)?;
     let codec = CodecId(r.u16()?);
-    r.reserved_u16("pages reserved")?;
+    let n_uniform = r.u16()?;
     let region = RegionId(r.u32()?);
     let round = Round(r.u32()?);
     let n_data = r.u16()?;
     let n_zero = r.u16()?;
     let data_runs: WireList<'a, PageRun> = r.list(n_data.into())?;
     let zero_runs: WireList<'a, PageRun> = r.list(n_zero.into())?;
+    let uniform_runs: WireList<'a, UniformRun> = r.list(n_uniform.into())?;
     let data_pages = check_runs(&data_runs)?;
     let zero_pages = check_runs(&zero_runs)?;
-    if runs_intersect(&data_runs, &zero_runs) {
+    let uniform_pages = check_uniform_runs(&uniform_runs)?;
+    let uniform = || uniform_runs.iter().map(|u| u.run);
+    if runs_intersect(data_runs.iter(), zero_runs.iter())
+        || runs_intersect(data_runs.iter(), uniform())
+        || runs_intersect(zero_runs.iter(), uniform())
+    {
         return Err(DecodeError::RunsNotCanonical);
     }
-    let pages = data_pages + zero_pages;
+    // Each count is at most 65535 runs of u32 pages: the sum cannot overflow.
+    let pages = data_pages + zero_pages + uniform_pages;
     if pages == 0 || pages > u64::from(limits.max_pages) {
         return Err(DecodeError::PageCount {
             pages,
@@ -868,6 +905,7 @@ fn pages_header<'a>(
         round,
         data_runs,
         zero_runs,
+        uniform_runs,
         lengths,
         crc,
         payload: &[],
@@ -958,9 +996,14 @@ impl<'a> PageFrame<'a> {
         let b = prefix.get(Envelope::LEN..Envelope::LEN + PAGES_FIXED_LEN)?;
         let runs = usize::from(u16::from_le_bytes([b[12], b[13]]))
             + usize::from(u16::from_le_bytes([b[14], b[15]]));
+        let uniform = usize::from(u16::from_le_bytes([b[2], b[3]]));
         let crc = if flags & FLAG_CRC32C != 0 { 4 } else { 0 };
         Some(
-            Envelope::LEN + PAGES_FIXED_LEN + runs * <PageRun as crate::wire::WireItem>::SIZE + crc,
+            Envelope::LEN
+                + PAGES_FIXED_LEN
+                + runs * <PageRun as crate::wire::WireItem>::SIZE
+                + uniform * <UniformRun as crate::wire::WireItem>::SIZE
+                + crc,
         )
     }
 }
@@ -988,6 +1031,28 @@ impl PageFrame<'_> {
         self.zero_runs.iter().map(|r| u64::from(r.count)).sum()
     }
 
+    /// Pages to be filled with their byte.
+    pub fn uniform_pages(&self) -> u64 {
+        self.uniform_runs
+            .iter()
+            .map(|u| u64::from(u.run.count))
+            .sum()
+    }
+
+    /// Every page the frame names: data, zero and uniform pages.
+    pub fn pages(&self) -> u64 {
+        self.data_pages() + self.zero_pages() + self.uniform_pages()
+    }
+
+    /// Every run of the frame, data runs first, then zero runs, then uniform runs (as
+    /// plain runs): what region-bounds and channel-affinity checks walk.
+    pub fn all_runs(&self) -> impl Iterator<Item = PageRun> + '_ {
+        self.data_runs
+            .iter()
+            .chain(self.zero_runs.iter())
+            .chain(self.uniform_runs.iter().map(|u| u.run))
+    }
+
     /// Every data page index in payload order.
     pub fn data_page_indices(&self) -> impl Iterator<Item = u64> + '_ {
         self.data_runs
@@ -997,13 +1062,14 @@ impl PageFrame<'_> {
 
     fn encode_fields(&self, out: &mut Vec<u8>) -> Result<(), EncodeError> {
         put_u16(out, self.codec.0);
-        put_u16(out, 0);
+        put_count_u16(out, "uniform runs", self.uniform_runs.len())?;
         put_u32(out, self.region.0);
         put_u32(out, self.round.0);
         put_count_u16(out, "data runs", self.data_runs.len())?;
         put_count_u16(out, "zero runs", self.zero_runs.len())?;
         self.data_runs.write(out);
         self.zero_runs.write(out);
+        self.uniform_runs.write(out);
         if let Some(l) = &self.lengths {
             l.write(out);
         }
@@ -1052,6 +1118,7 @@ impl PageFrame<'_> {
             + 16
             + self.data_runs.encoded_len()
             + self.zero_runs.encoded_len()
+            + self.uniform_runs.encoded_len()
             + self.lengths.as_ref().map_or(0, |l| l.encoded_len())
             + if self.crc.is_some() { 4 } else { 0 }
     }
@@ -1115,6 +1182,7 @@ mod tests {
             round: Round(2),
             data_runs: (&runs).into(),
             zero_runs: (&zeros).into(),
+            uniform_runs: WireList::Slice(&[]),
             lengths: None,
             crc: None,
             payload: &payload,
@@ -1141,6 +1209,7 @@ mod tests {
             round: Round(0),
             data_runs: WireList::Slice(&[]),
             zero_runs: WireList::Slice(&[]),
+            uniform_runs: WireList::Slice(&[]),
             lengths: None,
             crc: None,
             payload: &payload,
@@ -1167,6 +1236,7 @@ mod tests {
         let p = PageFrame {
             data_runs: (&one).into(),
             zero_runs: (&one).into(),
+            uniform_runs: WireList::Slice(&[]),
             ..base
         };
         assert_eq!(check(p), Err(DecodeError::RunsNotCanonical));
@@ -1182,6 +1252,7 @@ mod tests {
         let p = PageFrame {
             codec: CodecId::ZERO,
             zero_runs: (&many).into(),
+            uniform_runs: WireList::Slice(&[]),
             payload: &[],
             ..base
         };
@@ -1214,6 +1285,92 @@ mod tests {
     }
 
     #[test]
+    fn uniform_runs_round_trip_and_bad_ones_are_errors() {
+        let l = limits();
+        let payload = vec![1u8; 4096];
+        let data = [run(4, 1)];
+        let zeros = [run(0, 2)];
+        let uniform = |start: u64, count: u32, byte: u8| UniformRun {
+            run: run(start, count),
+            byte,
+        };
+        let good = [
+            uniform(2, 2, 0xcc),
+            uniform(5, 1, 0xcc),
+            uniform(6, 1, 0x01),
+        ];
+        let base = PageFrame {
+            codec: CodecId::RAW,
+            region: RegionId(0),
+            round: Round(0),
+            data_runs: (&data).into(),
+            zero_runs: (&zeros).into(),
+            uniform_runs: (&good).into(),
+            lengths: None,
+            crc: None,
+            payload: &payload,
+        };
+        let bytes = encode(&Frame::Pages(base));
+        let back = decode_one(&bytes, &l).unwrap();
+        assert_eq!(back, Frame::Pages(base));
+        let Frame::Pages(p) = back else { panic!() };
+        assert_eq!(
+            (p.data_pages(), p.zero_pages(), p.uniform_pages()),
+            (1, 2, 4)
+        );
+        assert_eq!(p.pages(), 7);
+        assert_eq!(p.header_len(), bytes.len() - payload.len());
+        assert_eq!(
+            PageFrame::header_len_from_prefix(p.flags(), &bytes),
+            Some(p.header_len())
+        );
+        let check = |u: &[UniformRun]| {
+            decode_one(
+                &encode(&Frame::Pages(PageFrame {
+                    uniform_runs: u.into(),
+                    ..base
+                })),
+                &l,
+            )
+            .map(|_| ())
+        };
+        // Byte 0 is a zero run's job.
+        assert!(matches!(
+            check(&[uniform(8, 1, 0)]),
+            Err(DecodeError::InvalidField {
+                field: "uniform byte",
+                ..
+            })
+        ));
+        // Overlapping a data page, a zero page, or another uniform run.
+        for bad in [
+            &[uniform(4, 1, 0xcc)][..],
+            &[uniform(1, 1, 0xcc)],
+            &[uniform(8, 2, 0xcc), uniform(9, 1, 0xdd)],
+            // Touching runs of the same byte must be merged; out of order; empty.
+            &[uniform(8, 1, 0xcc), uniform(9, 1, 0xcc)],
+            &[uniform(9, 1, 0xcc), uniform(7, 1, 0xdd)],
+            &[uniform(8, 0, 0xcc)],
+            &[uniform(u64::MAX, 2, 0xcc)],
+        ] {
+            assert_eq!(check(bad), Err(DecodeError::RunsNotCanonical), "{bad:?}");
+        }
+        // They count against max_pages.
+        assert!(matches!(
+            check(&[uniform(8, 200, 0xcc)]),
+            Err(DecodeError::PageCount { pages: 203, .. })
+        ));
+        // A frame of uniform pages only has no payload: codec zero.
+        let only = PageFrame {
+            codec: CodecId::ZERO,
+            data_runs: WireList::Slice(&[]),
+            payload: &[],
+            ..base
+        };
+        assert!(decode_one(&encode(&Frame::Pages(only)), &l).is_ok());
+    }
+
+    #[test]
     fn crc_is_verified_when_negotiated() {
         let mut l = limits();
         l.checksum = Some(ChecksumId::CRC32C);
@@ -1225,6 +1382,7 @@ mod tests {
             round: Round(0),
             data_runs: (&one).into(),
             zero_runs: WireList::Slice(&[]),
+            uniform_runs: WireList::Slice(&[]),
             lengths: None,
             crc: None,
             payload: &payload,

@@ -22,7 +22,7 @@ use crate::session::{
     DestinationSession, SessionError, SourceChannel, SourceEvent,
 };
 use crate::stream::FrameDecoder;
-use crate::wire::{PageRun, RegionDesc, WireList};
+use crate::wire::{PageRun, RegionDesc, UniformRun, WireList};
 
 /// A private codec id the fuzz limits accept, to reach the "unknown layout" paths.
 pub const PRIVATE_CODEC: CodecId = CodecId(0xf001);
@@ -486,7 +486,7 @@ impl FuzzDestination {
             panic!("pages applied for region {} outside the LAYOUT", p.region);
         };
         let channels = self.channels.len() as u128;
-        for run in p.data_runs.iter().chain(p.zero_runs.iter()) {
+        for run in p.all_runs() {
             let start = u128::from(run.start.0);
             let end = start + u128::from(run.count);
             assert!(
@@ -770,15 +770,21 @@ fn session_generated(limits: &Limits, crc: bool, data: &[u8]) -> SessionOutcome 
                     .collect();
                 for group in mine.chunks(per_frame) {
                     // Which pages of the group carry data (raw) and which are zero.
+                    // Of the others, every third page is uniform (0xcc), the rest zero.
                     let mask = r.u8();
-                    let (mut data, mut zero) = (Vec::new(), Vec::new());
+                    let (mut data, mut zero, mut uniform) = (Vec::new(), Vec::new(), Vec::new());
                     for (i, &p) in group.iter().enumerate() {
-                        match mask >> (i % 8) & 1 {
-                            0 => zero.push(p),
+                        match (mask >> (i % 8) & 1, p % 3) {
+                            (0, 0) => uniform.push(p),
+                            (0, _) => zero.push(p),
                             _ => data.push(p),
                         }
                     }
                     let (data_runs, zero_runs) = (runs_of(&data), runs_of(&zero));
+                    let uniform_runs: Vec<UniformRun> = runs_of(&uniform)
+                        .into_iter()
+                        .map(|run| UniformRun { run, byte: 0xcc })
+                        .collect();
                     let payload = vec![0u8; data.len() * SESSION_PAGE as usize];
                     let mut frame = PageFrame {
                         codec: if data.is_empty() {
@@ -790,6 +796,7 @@ fn session_generated(limits: &Limits, crc: bool, data: &[u8]) -> SessionOutcome 
                         round,
                         data_runs: WireList::Slice(&data_runs),
                         zero_runs: WireList::Slice(&zero_runs),
+                        uniform_runs: WireList::Slice(&uniform_runs),
                         lengths: None,
                         crc: None,
                         payload: &payload,
@@ -1076,6 +1083,7 @@ pub fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
             round: Round(0),
             data_runs: WireList::Slice(&[]),
             zero_runs: WireList::Slice(runs),
+            uniform_runs: WireList::Slice(&[]),
             lengths: None,
             crc: None,
             payload: &[],
@@ -1112,6 +1120,7 @@ pub fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
             round: Round(0),
             data_runs: WireList::Slice(&data_run),
             zero_runs: WireList::Slice(&[]),
+            uniform_runs: WireList::Slice(&[]),
             lengths: None,
             crc: None,
             payload: &data_page,
@@ -1428,6 +1437,7 @@ mod tests {
             round: Round(1),
             data_runs: WireList::Slice(&[]),
             zero_runs: WireList::Slice(&runs),
+            uniform_runs: WireList::Slice(&[]),
             lengths: None,
             crc: None,
             payload: &[],

@@ -101,7 +101,7 @@ impl MemoryLayout {
             .ok_or(DecodeError::UnknownRegion(frame.region))?;
         // Runs are ascending in a decoded frame, but check every run: the frame may come
         // from a caller rather than the decoder.
-        for run in frame.data_runs.iter().chain(frame.zero_runs.iter()) {
+        for run in frame.all_runs() {
             let end = run.end().unwrap_or(u64::MAX);
             if end > pages {
                 return Err(DecodeError::PageOutOfRange {
@@ -156,6 +156,7 @@ mod tests {
             round: Round(0),
             data_runs: WireList::Slice(&[]),
             zero_runs: (&runs).into(),
+            uniform_runs: WireList::Slice(&[]),
             lengths: None,
             crc: None,
             payload: &[],

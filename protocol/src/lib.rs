@@ -32,4 +32,4 @@ pub use session::{
     SessionError, SourceChannel, SourceEvent,
 };
 pub use stream::FrameDecoder;
-pub use wire::{EncodeError, PageRun, RegionDesc, WireList};
+pub use wire::{EncodeError, PageRun, RegionDesc, UniformRun, WireList};

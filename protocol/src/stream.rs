@@ -189,6 +189,7 @@ mod tests {
                 round: Round(i),
                 data_runs: (&runs).into(),
                 zero_runs: WireList::Slice(&[]),
+                uniform_runs: WireList::Slice(&[]),
                 lengths: None,
                 crc: None,
                 payload: &payload,

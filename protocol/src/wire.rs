@@ -280,6 +280,31 @@ impl WireItem for PageRun {
     }
 }
 
+/// A run of consecutive pages that each hold one byte value repeated (a uniform
+/// page): the destination fills them with `byte`, no payload carries them. `byte` is
+/// never 0 on the wire: pages of zeros travel as zero runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UniformRun {
+    /// The pages.
+    pub run: PageRun,
+    /// The byte every byte of these pages holds.
+    pub byte: u8,
+}
+
+impl WireItem for UniformRun {
+    const SIZE: usize = 13;
+    fn read(bytes: &[u8]) -> Self {
+        UniformRun {
+            run: PageRun::read(bytes),
+            byte: bytes[12],
+        }
+    }
+    fn write(self, out: &mut Vec<u8>) {
+        self.run.write(out);
+        out.push(self.byte);
+    }
+}
+
 /// One guest memory region as the LAYOUT frame carries it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RegionDesc {

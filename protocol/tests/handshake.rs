@@ -280,6 +280,7 @@ fn codecs_missing_on_one_side_are_not_negotiated() {
         round: Round(0),
         data_runs: WireList::Slice(&runs),
         zero_runs: WireList::Slice(&[]),
+        uniform_runs: WireList::Slice(&[]),
         lengths: None,
         crc: None,
         payload: &payload,

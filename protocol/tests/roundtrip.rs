@@ -45,6 +45,7 @@ enum Owned {
         round: u32,
         data: Vec<PageRun>,
         zero: Vec<PageRun>,
+        uniform: Vec<UniformRun>,
         lengths: Option<Vec<u32>>,
         crc: bool,
         payload: Vec<u8>,
@@ -138,6 +139,7 @@ impl Owned {
                 round,
                 data,
                 zero,
+                uniform,
                 lengths,
                 crc,
                 payload,
@@ -148,6 +150,7 @@ impl Owned {
                     round: Round(*round),
                     data_runs: WireList::Slice(data),
                     zero_runs: WireList::Slice(zero),
+                    uniform_runs: WireList::Slice(uniform),
                     lengths: lengths.as_deref().map(WireList::Slice),
                     crc: crc.then_some(0),
                     payload,
@@ -318,11 +321,11 @@ fn region() -> impl Strategy<Value = RegionDesc> {
     )
 }
 
-/// A canonical pages frame: runs separated by gaps, each run data or zero, a codec
+/// A canonical pages frame: runs separated by gaps, each run data, zero or uniform, a codec
 /// and payload that fit the layout rules.
 fn pages_frame() -> impl Strategy<Value = Owned> {
     (
-        vec((1u64..1000, 1u32..20, any::<bool>()), 1..12),
+        vec((1u64..1000, 1u32..20, 0u8..3, 1u8..), 1..12),
         any::<u64>(),
         0usize..6,
         any::<(u32, u32, bool)>(),
@@ -330,15 +333,19 @@ fn pages_frame() -> impl Strategy<Value = Owned> {
     )
         .prop_map(|(runs, base, pick, (region, round, crc), seed)| {
             let mut next = base % (1 << 50);
-            let (mut data, mut zero) = (Vec::new(), Vec::new());
-            for (gap, count, is_data) in runs {
+            let (mut data, mut zero, mut uniform) = (Vec::new(), Vec::new(), Vec::new());
+            for (gap, count, kind, byte) in runs {
                 next += gap;
                 let run = PageRun {
                     start: PageIndex(next),
                     count,
                 };
                 next += u64::from(count);
-                if is_data { &mut data } else { &mut zero }.push(run);
+                match kind {
+                    0 => data.push(run),
+                    1 => zero.push(run),
+                    _ => uniform.push(UniformRun { run, byte }),
+                }
             }
             let data_pages: u32 = data.iter().map(|r| r.count).sum();
             let mut rng = seed;
@@ -391,6 +398,7 @@ fn pages_frame() -> impl Strategy<Value = Owned> {
                 round,
                 data,
                 zero,
+                uniform,
                 lengths,
                 crc,
                 payload,

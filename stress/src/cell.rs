@@ -17,9 +17,8 @@ use pagewire::sim::{self, Guest, WriterConfig};
 use pagewire::source::ChannelTransport;
 use pagewire::{
     Authentication, CapPolicy, DestinationConfig, DestinationControl, DestinationListener,
-    DestinationMemory, DeviceStateWriter, DirtyLogError, GuestAddr, GuestMemory, MemoryLayout,
-    Migrated, MigrationError, MigrationStats, RegionDesc, RegionId, SessionId, Source,
-    SourceConfig,
+    DeviceStateWriter, DirtyLogError, GuestAddr, GuestMemory, MemoryLayout, Migrated,
+    MigrationError, MigrationStats, RegionDesc, RegionId, SessionId, Source, SourceConfig,
 };
 use serde::Serialize;
 
@@ -101,18 +100,18 @@ impl CellSpec {
     /// The source's settings.
     ///
     /// # Errors
-    /// `auto` (no such codec yet).
+    /// None today; kept for settings a cell may not support.
     pub fn source_config(
         &self,
         session: SessionId,
         auth: Authentication,
     ) -> anyhow::Result<SourceConfig> {
-        let Some(codec) = self.codec.id() else {
-            bail!("codec auto is not supported by pagewire yet (no per-page codec selection)");
-        };
         let mut cfg = SourceConfig::new(session, auth);
         cfg.channels = self.channels;
-        cfg.codec = codec;
+        match self.codec.id() {
+            Some(codec) => cfg.codec = codec,
+            None => cfg.adaptive = Some(pagewire::AdaptiveConfig::default()),
+        }
         if let Some(l) = self.level {
             cfg.level = l;
         }
@@ -462,18 +461,17 @@ pub fn session_id() -> SessionId {
     SessionId(id)
 }
 
-/// The failed result of a cell pagewire cannot run (codec `auto`), or `None`.
-pub fn unsupported(spec: &CellSpec, repetition: u32) -> Option<RunResult> {
-    spec.codec.id().is_none().then(|| {
-        RunResult::failed(
-            repetition,
-            spec,
-            &anyhow::anyhow!("codec auto is not supported by pagewire yet"),
-        )
-    })
+/// How a local run's destination gets its memory (plan-wide, not an axis).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DestPrep {
+    /// Fresh or populated beforehand.
+    pub memory: crate::destmem::DestMemory,
+    /// The pre-fault policy for fresh memory (`None`: the library's default).
+    pub prefault: Option<pagewire::Prefault>,
 }
 
-/// Runs one repetition of `spec` with both ends in this process, over `link`.
+/// Runs one repetition of `spec` with both ends in this process, over `link`, into
+/// destination memory prepared as `dest` says.
 ///
 /// # Errors
 /// Only what keeps the cell from being measured at all (threads, the link); a failed
@@ -485,19 +483,21 @@ pub fn run_local(
     guest: &mut SourceGuest,
     link: &Link,
     auth: &Authentication,
+    dest: DestPrep,
 ) -> anyhow::Result<RunResult> {
     guest.prepare();
-    if let Some(r) = unsupported(spec, repetition) {
-        return Ok(r);
-    }
     let session = session_id();
-    let dcfg = destination_config(
+    let mut dcfg = destination_config(
         session,
         auth.clone(),
         spec.frame_pages,
         spec.transport,
         spec.mem_mib << 20,
     );
+    if let Some(p) = dest.prefault {
+        dcfg.prefault = p;
+    }
+    let dest_memory = crate::destmem::destination_memory(dest.memory, guest.memory.layout())?;
     let control = DestinationControl::new();
     let memory = guest.memory.clone();
     let meter = CpuMeter::start(Duration::from_millis(10));
@@ -523,8 +523,7 @@ pub fn run_local(
                     }
                 };
                 let _ = tx.send(listener.local_addr().map_err(Into::into));
-                let dest =
-                    listener.accept_controlled(&dcfg, DestinationMemory::Anonymous, &control2)?;
+                let dest = listener.accept_controlled(&dcfg, dest_memory, &control2)?;
                 Ok(dest.wait()?)
             })?;
         let addr = match rx.recv_timeout(Duration::from_secs(30)) {

@@ -132,6 +132,18 @@ pub struct RunArgs {
     /// How long the plain-socket baseline runs, ms.
     #[arg(long)]
     pub baseline_ms: Option<u64>,
+    /// Destination memory (local runs): fresh (mapped by the destination) or
+    /// populated (written beforehand and given to it).
+    #[arg(long)]
+    pub dest_memory: Option<crate::destmem::DestMemory>,
+    /// How the destination prepares fresh memory: none, thread, hugepages, ahead
+    /// (default: the library's).
+    #[arg(long, value_parser = crate::destmem::parse_prefault)]
+    pub prefault: Option<pagewire::Prefault>,
+    /// Also measure a plain-socket loop copying the guest's size into fresh and into
+    /// populated memory (local runs).
+    #[arg(long)]
+    pub memory_baseline: bool,
     /// Source send/ACK timeout, seconds.
     #[arg(long)]
     pub timeout_s: Option<u64>,
@@ -192,7 +204,7 @@ pub enum CodecChoice {
     Deflate,
     /// XOR delta against the page's previous version.
     Delta,
-    /// Choose per page; accepted, reported as unsupported until the library has it.
+    /// Choose the codec and level per frame (`SourceConfig::adaptive`).
     Auto,
 }
 
@@ -408,6 +420,12 @@ pub struct Plan {
     pub bisect: Option<BisectPlan>,
     /// Baseline duration, ms.
     pub baseline_ms: u64,
+    /// Destination memory.
+    pub dest_memory: crate::destmem::DestMemory,
+    /// Pre-fault policy for fresh destination memory (`None`: the library's default).
+    pub prefault: Option<pagewire::Prefault>,
+    /// Measure the copy-into-memory baselines.
+    pub memory_baseline: bool,
     /// Source timeouts, s.
     pub timeout_s: u64,
     /// Outputs.
@@ -464,6 +482,11 @@ impl RunArgs {
         if let Some(&f) = frame_pages.iter().find(|&&f| !(1..=4096).contains(&f)) {
             bail!("--frame-pages {f}: between 1 and 4096");
         }
+        if matches!(mode, Mode::Remote(_))
+            && (self.dest_memory.is_some() || self.prefault.is_some() || self.memory_baseline)
+        {
+            bail!("--dest-memory, --prefault and --memory-baseline apply to --local runs only");
+        }
         if matches!(mode, Mode::Remote(_)) && links.iter().any(|l| *l != LinkSpec::Loopback) {
             bail!("--link applies to --local runs only: a remote run uses the network to --to");
         }
@@ -508,6 +531,9 @@ impl RunArgs {
             max_rounds,
             bisect,
             baseline_ms: self.baseline_ms.unwrap_or(if q { 300 } else { 700 }),
+            dest_memory: self.dest_memory.unwrap_or_default(),
+            prefault: self.prefault,
+            memory_baseline: self.memory_baseline,
             timeout_s: self.timeout_s.unwrap_or(30).max(1),
             json: self.json.clone(),
             csv: self.csv.clone(),

@@ -15,6 +15,7 @@ pub mod cell;
 pub mod chart;
 pub mod cli;
 pub mod cpu;
+pub mod destmem;
 pub mod link;
 pub mod report;
 pub mod serve;

@@ -278,6 +278,35 @@ impl Link {
         })
     }
 
+    /// Changes the cap of both ends to `gbit` Gbit/s while the link is in use (a
+    /// link that got faster or slower in the middle of a migration). The spec, and
+    /// [`Link::rate_bits_per_s`], keep the rate the link was brought up with.
+    ///
+    /// # Errors
+    /// Loopback (no cap to change), a rate outside 1 Mbit/s..1 Tbit/s, or `tc`.
+    pub fn set_rate(&self, gbit: f64) -> Result<()> {
+        let Some(pair) = &self.pair else {
+            bail!("a loopback link has no cap to change");
+        };
+        let bits_f = gbit * 1e9;
+        if !(MIN_BITS..=MAX_BITS).contains(&bits_f) {
+            bail!("link rate {gbit} Gbit/s is outside 1mbit..1000gbit");
+        }
+        let bits = bits_f.round() as u64;
+        let rate = format!("{bits}bit");
+        let burst = burst_bytes(bits).to_string();
+        for (ns, dev) in [(&pair.src.name, "veth-src"), (&pair.dst.name, "veth-dst")] {
+            run(
+                "tc",
+                &[
+                    "-n", ns, "qdisc", "change", "dev", dev, "root", "tbf", "rate", &rate, "burst",
+                    &burst, "latency", "20ms",
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
     /// The spec this link was made from.
     pub fn spec(&self) -> LinkSpec {
         self.spec

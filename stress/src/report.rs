@@ -108,8 +108,30 @@ pub fn markdown(r: &Report) -> String {
         })
         .collect();
     let _ = writeln!(out, "{}.\n", b.join("; "));
+    for b in &r.baselines {
+        if let Some(m) = b.into_memory {
+            let _ = writeln!(
+                out,
+                "Plain-socket loop copying the guest's size into memory ({} x{}): fresh {:.2} Gbit/s, populated {:.2} Gbit/s.\n",
+                b.link, b.channels, m.fresh_gbit_per_s, m.populated_gbit_per_s
+            );
+        }
+    }
     let remote = (r.mode != "local").then(|| format!("to {}", r.mode));
     out.push_str(&matrix_table(&r.cells, remote.as_deref()));
+    for c in &r.cells {
+        for run in &c.runs {
+            if let Some(a) = run.stats.as_ref().and_then(|s| s.adaptive.as_ref()) {
+                let _ = writeln!(
+                    out,
+                    "\n{} #{}: {}",
+                    c.spec.label(),
+                    run.repetition + 1,
+                    adaptive_line(a)
+                );
+            }
+        }
+    }
     let failures: Vec<String> = r
         .cells
         .iter()
@@ -129,6 +151,31 @@ pub fn markdown(r: &Report) -> String {
         out.push_str(&bisection_table(r));
     }
     out
+}
+
+/// The adaptive codec's shares and switches in one line.
+fn adaptive_line(a: &pagewire::AdaptiveStats) -> String {
+    let shares: Vec<String> = a
+        .choices
+        .iter()
+        .filter(|c| c.frames > 0)
+        .map(|c| format!("{} {:.0}%", c.choice, 100.0 * a.share(&c.choice)))
+        .collect();
+    let switches: Vec<String> = a
+        .switches
+        .iter()
+        .map(|w| format!("{}→{} ({}) ×{}", w.from, w.to, w.reason, w.count))
+        .collect();
+    format!(
+        "auto chose {} of the guest bytes; {} frames explored; switches: {}",
+        shares.join(", "),
+        a.explored_frames,
+        if switches.is_empty() {
+            "none".to_string()
+        } else {
+            switches.join(", ")
+        }
+    )
 }
 
 /// The matrix table. Columns for frame size and transport appear when they vary; the
@@ -540,7 +587,7 @@ mod tests {
         let mut failed = RunResult::failed(
             0,
             &spec(CodecChoice::Auto, 2),
-            &anyhow::anyhow!("codec auto is not supported"),
+            &anyhow::anyhow!("the destination closed the channel"),
         );
         failed.dirty_mbps_set = 50.0;
         Report {
@@ -554,6 +601,7 @@ mod tests {
                 channels: 2,
                 gbit_per_s: Some(20.0),
                 error: None,
+                into_memory: None,
             }],
             cells: vec![
                 CellReport {
@@ -616,7 +664,7 @@ mod tests {
         assert!(md.contains("loopback x2: 20.00 Gbit/s"), "{md}");
         let auto = md.lines().find(|l| l.starts_with("| auto")).unwrap();
         assert!(auto.contains("**FAILED 1/1**"), "{auto}");
-        assert!(md.contains("codec auto is not supported"), "{md}");
+        assert!(md.contains("the destination closed the channel"), "{md}");
     }
 
     #[test]

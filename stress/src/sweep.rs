@@ -27,6 +27,18 @@ pub struct Baseline {
     pub gbit_per_s: Option<f64>,
     /// Why it failed.
     pub error: Option<String>,
+    /// With `--memory-baseline`: the loop copying the guest's size into fresh and into
+    /// populated memory, Gbit/s.
+    pub into_memory: Option<IntoMemory>,
+}
+
+/// A plain-socket loop copying into destination memory, Gbit/s.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct IntoMemory {
+    /// Into memory the reader mapped just before.
+    pub fresh_gbit_per_s: f64,
+    /// Into memory written beforehand.
+    pub populated_gbit_per_s: f64,
 }
 
 /// A cell and its repetitions.
@@ -159,6 +171,19 @@ pub trait Runner {
     /// The sockets.
     fn baseline(&mut self, link: &LinkSpec, channels: u16, for_ms: u64) -> anyhow::Result<f64>;
 
+    /// A plain-socket loop copying `bytes` into fresh and into populated memory.
+    ///
+    /// # Errors
+    /// Where it cannot be measured (only local runs can).
+    fn copy_into_memory(
+        &mut self,
+        _link: &LinkSpec,
+        _channels: u16,
+        _bytes: u64,
+    ) -> anyhow::Result<IntoMemory> {
+        anyhow::bail!("the copy-into-memory baseline runs locally only")
+    }
+
     /// One repetition of a cell.
     ///
     /// # Errors
@@ -172,6 +197,7 @@ pub struct LocalRunner {
     guest: SourceGuest,
     links: Vec<(LinkSpec, Link)>,
     auth: Authentication,
+    dest: cell::DestPrep,
 }
 
 impl LocalRunner {
@@ -186,7 +212,15 @@ impl LocalRunner {
             links.push((*spec, link));
         }
         let guest = SourceGuest::new(&plan.workload, plan.mem_mib)?;
-        Ok(LocalRunner { guest, links, auth })
+        Ok(LocalRunner {
+            guest,
+            links,
+            auth,
+            dest: cell::DestPrep {
+                memory: plan.dest_memory,
+                prefault: plan.prefault,
+            },
+        })
     }
 
     fn link(&self, spec: &LinkSpec) -> anyhow::Result<&Link> {
@@ -204,6 +238,20 @@ impl Runner for LocalRunner {
         socket_ceiling(link, channels, Duration::from_millis(for_ms))
     }
 
+    fn copy_into_memory(
+        &mut self,
+        link: &LinkSpec,
+        channels: u16,
+        bytes: u64,
+    ) -> anyhow::Result<IntoMemory> {
+        use crate::destmem::{DestMemory, socket_into_memory};
+        let link = self.link(link)?;
+        Ok(IntoMemory {
+            fresh_gbit_per_s: socket_into_memory(link, channels, bytes, DestMemory::Fresh)?,
+            populated_gbit_per_s: socket_into_memory(link, channels, bytes, DestMemory::Populated)?,
+        })
+    }
+
     fn run(&mut self, spec: &CellSpec, repetition: u32) -> anyhow::Result<RunResult> {
         let link = self
             .links
@@ -211,7 +259,14 @@ impl Runner for LocalRunner {
             .find(|(s, _)| *s == spec.link)
             .map(|(_, l)| l)
             .with_context(|| format!("link {} is not up", spec.link))?;
-        cell::run_local(spec, repetition, &mut self.guest, link, &self.auth)
+        cell::run_local(
+            spec,
+            repetition,
+            &mut self.guest,
+            link,
+            &self.auth,
+            self.dest,
+        )
     }
 }
 
@@ -370,6 +425,13 @@ pub fn run(plan: &Plan, runner: &mut dyn Runner) -> anyhow::Result<Report> {
             Err(e) => (None, Some(format!("{e:#}"))),
         };
         ceiling.insert((link.to_string(), *channels), gbit);
+        let into_memory = plan
+            .memory_baseline
+            .then(|| runner.copy_into_memory(link, *channels, plan.mem_mib << 20))
+            .and_then(|r| {
+                r.map_err(|e| eprintln!("copy-into-memory baseline: {e:#}"))
+                    .ok()
+            });
         baselines.push(Baseline {
             link: match plan.mode {
                 Mode::Local => link.to_string(),
@@ -378,6 +440,7 @@ pub fn run(plan: &Plan, runner: &mut dyn Runner) -> anyhow::Result<Report> {
             channels: *channels,
             gbit_per_s: gbit,
             error,
+            into_memory,
         });
         bar.inc(1);
     }
@@ -470,9 +533,6 @@ pub fn bisection_cells(plan: &Plan) -> Vec<CellSpec> {
     let mut out = Vec::new();
     for link in &plan.links {
         for codec in &plan.codecs {
-            if codec.id().is_none() {
-                continue;
-            }
             out.push(CellSpec {
                 workload: plan.workload.clone(),
                 pattern: plan.pattern,

@@ -59,7 +59,7 @@
 //! let runs = [PageRun { start: PageIndex(0), count: 64 }];
 //! let header = PageFrame { codec: CodecId::RAW, region: RegionId(0), round: Round(1),
 //!                          data_runs: WireList::Slice(&runs), zero_runs: WireList::Slice(&[]),
-//!                          lengths: None, crc: None, payload: &[] };
+//!                          uniform_runs: WireList::Slice(&[]), lengths: None, crc: None, payload: &[] };
 //! let pages = src_memory.slice(0, 64 * 4096).expect("inside the region");
 //! ch.send(OutFrame::pages(&header, vec![Payload::Guest(pages)])?)?;
 //! let mut released = Vec::new();

@@ -417,6 +417,7 @@ mod tests {
             round: Round(2),
             data_runs: runs.into(),
             zero_runs: WireList::Slice(&[]),
+            uniform_runs: WireList::Slice(&[]),
             lengths: None,
             crc: None,
             payload: &payload,

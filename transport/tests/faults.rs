@@ -197,6 +197,7 @@ fn uring_zero_copy_buffer_is_not_released_before_its_notification() {
         round: Round(1),
         data_runs: WireList::Slice(&runs),
         zero_runs: WireList::Slice(&[]),
+        uniform_runs: WireList::Slice(&[]),
         lengths: None,
         crc: None,
         payload: &[],

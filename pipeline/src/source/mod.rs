@@ -40,6 +40,8 @@ use crate::progress::{Phase, Progress};
 use crate::stats::{CodecStats, Latency, MigrationStats, PageCounts, RoundStats};
 use crate::switchover::Switchover;
 
+pub mod adaptive;
+mod split;
 mod worker;
 
 use worker::WorkerSetup;
@@ -52,6 +54,7 @@ pub(crate) struct Counters {
     pub(crate) guest_bytes: AtomicU64,
     pub(crate) compressed: AtomicU64,
     pub(crate) zero: AtomicU64,
+    pub(crate) uniform: AtomicU64,
     pub(crate) delta: AtomicU64,
     pub(crate) raw: AtomicU64,
     pub(crate) zc: AtomicU64,
@@ -68,6 +71,7 @@ impl Counters {
         PageCounts {
             compressed: self.compressed.load(Ordering::Relaxed),
             zero: self.zero.load(Ordering::Relaxed),
+            uniform: self.uniform.load(Ordering::Relaxed),
             delta: self.delta.load(Ordering::Relaxed),
             raw: self.raw.load(Ordering::Relaxed),
         }
@@ -143,6 +147,7 @@ pub struct Source {
     transport: String,
     transports: Vec<ChannelTransport>,
     engine_stats: Vec<Arc<std::sync::Mutex<pagewire_accel::EngineStats>>>,
+    adaptive_stats: Vec<Arc<std::sync::Mutex<crate::stats::AdaptiveStats>>>,
     progress: Progress,
 }
 
@@ -257,12 +262,13 @@ impl Source {
         let latency = Arc::new(SourceLatency::default());
         let mut workers = Vec::new();
         let mut engine_stats = Vec::new();
+        let mut adaptive_stats = Vec::new();
         let mut transport = String::new();
         let mut transports = Vec::new();
         for est in established {
             let ch = est.negotiated.channel.0;
             let negotiated = est.negotiated;
-            if !negotiated.codecs.contains(config.codec) {
+            if config.adaptive.is_none() && !negotiated.codecs.contains(config.codec) {
                 return Err(MigrationError::Config(format!(
                     "the destination cannot decode {:?}",
                     config.codec
@@ -289,7 +295,9 @@ impl Source {
                     delta: delta.clone(),
                 },
                 SoftwareConfig {
-                    threads: config.codec_threads,
+                    threads: config
+                        .codec_threads
+                        .unwrap_or_else(|| crate::config::codec_threads_for(config.channels)),
                     queue_depth: config.queue_depth,
                 },
             )?;
@@ -297,6 +305,30 @@ impl Source {
             let bytes_sent = Arc::new(AtomicU64::new(0));
             let estats = Arc::new(std::sync::Mutex::new(engine.stats()));
             engine_stats.push(estats.clone());
+            let threads = config
+                .codec_threads
+                .unwrap_or_else(|| crate::config::codec_threads_for(config.channels));
+            let selector = match &config.adaptive {
+                Some(a) => Some(
+                    adaptive::Selector::new(
+                        a,
+                        |c| negotiated.codecs.contains(c),
+                        negotiated.checksum.is_none(),
+                        threads.max(1),
+                        ch,
+                        Instant::now(),
+                    )
+                    .ok_or_else(|| {
+                        MigrationError::Config(
+                            "the destination decodes none of the adaptive codec's candidates"
+                                .into(),
+                        )
+                    })?,
+                ),
+                None => None,
+            };
+            let astats = Arc::new(std::sync::Mutex::new(crate::stats::AdaptiveStats::default()));
+            adaptive_stats.push(astats.clone());
             let setup = WorkerSetup {
                 ch,
                 engine,
@@ -319,6 +351,8 @@ impl Source {
                 counters: counters.clone(),
                 bytes_sent: bytes_sent.clone(),
                 engine_stats: estats,
+                adaptive: selector,
+                adaptive_stats: astats,
                 send_timeout: config.send_timeout,
                 ack_timeout: config.ack_timeout,
             };
@@ -407,6 +441,7 @@ impl Source {
             transport,
             transports,
             engine_stats,
+            adaptive_stats,
             config,
         })
     }
@@ -750,6 +785,15 @@ impl Source {
         s.engine.busy_rate = busy / n;
         s.engine.mean_queue_depth = depth / n;
         s.codecs = codecs.into_values().collect();
+        if self.config.adaptive.is_some() {
+            let mut a = crate::stats::AdaptiveStats::default();
+            for w in &self.adaptive_stats {
+                if let Ok(w) = w.lock() {
+                    a.add(&w);
+                }
+            }
+            s.adaptive = Some(a);
+        }
         s.codecs.sort_by(|a, b| a.codec.cmp(&b.codec));
         s.cpu =
             crate::stats::CpuSummary::new(self.cpu_time(), self.started.elapsed(), s.guest_bytes);

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use pagewire_accel::{Completion, DeltaCache, EncodeParams, Engine, Layout, PageKey, Tag};
 use pagewire_protocol::{
     Abort, AbortReason, AckKind, ChannelId, ChecksumId, CodecId, DeviceState, Frame, PageFrame,
-    PageIndex, PageRun, RegionId, Round, SessionError, SourceChannel, SourceEvent, WireList,
+    PageRun, RegionId, Round, SessionError, SourceChannel, SourceEvent, UniformRun, WireList,
 };
 use pagewire_transport::session::AnyChannel;
 use pagewire_transport::{Channel, Completed, Incoming, OutFrame, Payload};
@@ -21,6 +21,8 @@ use crate::memory::GuestMemory;
 use crate::plan::Affinity;
 use crate::stats::CodecStats;
 
+use super::adaptive::Selector;
+use super::split::PageSplit;
 use super::{ChannelRound, Cmd, Counters, Reply, SourceLatency};
 
 /// The engine's output buffer, carried to the transport without a copy (as the owner
@@ -34,10 +36,21 @@ impl AsRef<[u8]> for EngineBuf {
         &self.0
     }
 }
+/// Pages of one frame, by how they travel.
+#[derive(Clone, Copy)]
+struct Sent {
+    data: u64,
+    zero: u64,
+    uniform: u64,
+}
+
 struct FrameMeta {
     region: RegionId,
     data_runs: Vec<PageRun>,
     zero_runs: Vec<PageRun>,
+    uniform_runs: Vec<UniformRun>,
+    /// The adaptive candidate that encoded it.
+    arm: Option<usize>,
     submitted: Instant,
 }
 
@@ -59,6 +72,10 @@ pub(super) struct WorkerSetup {
     pub(super) counters: Arc<Counters>,
     pub(super) bytes_sent: Arc<AtomicU64>,
     pub(super) engine_stats: Arc<std::sync::Mutex<pagewire_accel::EngineStats>>,
+    /// The per-frame codec choice, when adaptive.
+    pub(super) adaptive: Option<Selector>,
+    /// Its statistics, copied out at the end of each round.
+    pub(super) adaptive_stats: Arc<std::sync::Mutex<crate::stats::AdaptiveStats>>,
     pub(super) send_timeout: Duration,
     pub(super) ack_timeout: Duration,
 }
@@ -270,11 +287,17 @@ impl Worker {
 
     fn send(&mut self, out: OutFrame) -> Result<u64, MigrationError> {
         let len = out.wire_len() as u64;
+        let t = Instant::now();
         self.s.control.limiter().acquire(len);
         let id = self.channel.send(out).map_err(|e| self.chan_err(e))?;
-        self.sends.push_back((id, Instant::now()));
+        let now = Instant::now();
+        self.sends.push_back((id, now));
         self.s.bytes_sent.fetch_add(len, Ordering::Relaxed);
         self.reap(false)?;
+        if let Some(sel) = self.s.adaptive.as_mut() {
+            // Time on the cap and in the channel: the link's share of the frame.
+            sel.observe_send(len, now - t, Instant::now());
+        }
         Ok(len)
     }
 
@@ -324,8 +347,7 @@ impl Worker {
         self.round = ChannelRound::default();
         self.round_no = round;
         let ps = u64::from(self.s.memory.page_size());
-        let mut data: Vec<PageRun> = Vec::new();
-        let mut zero: Vec<PageRun> = Vec::new();
+        let mut split = PageSplit::default();
         for (region, bitmap) in dirty {
             let plan = self
                 .s
@@ -335,20 +357,19 @@ impl Worker {
                 if self.s.control.is_cancelled() {
                     return Err(MigrationError::Cancelled);
                 }
-                data.clear();
-                zero.clear();
-                self.classify(*region, &runs, &mut data, &mut zero, ps)?;
+                split.clear();
+                self.classify(*region, &runs, &mut split, ps)?;
                 if let Some(cache) = &self.s.delta {
-                    for run in &zero {
+                    for run in split.runs_only() {
                         for p in run.start.0..run.start.0 + u64::from(run.count) {
                             cache.invalidate(page_key(*region, p));
                         }
                     }
                 }
-                if data.is_empty() {
-                    self.send_zero(*region, &zero)?;
+                if split.data.is_empty() {
+                    self.send_zero(*region, &split)?;
                 } else {
-                    self.submit(*region, &data, &zero)?;
+                    self.submit(*region, &split)?;
                 }
             }
         }
@@ -362,19 +383,22 @@ impl Worker {
             (u64::from(eor.frames), eor.pages),
             (self.round.frames, self.round.pages.total())
         );
+        if let (Some(sel), Ok(mut st)) = (&self.s.adaptive, self.s.adaptive_stats.lock()) {
+            *st = sel.stats();
+        }
         self.send_whole(&Frame::EndOfRound(eor))?;
         self.reap(true)?;
         self.await_ack(AckKind::ROUND, u64::from(round))?;
         Ok(std::mem::take(&mut self.round))
     }
 
-    /// Splits a frame's pages into data and zero runs (canonical: merged, ascending).
+    /// Splits a frame's pages into data, zero and uniform runs (canonical: merged,
+    /// ascending), with one scan of each page.
     fn classify(
         &self,
         region: RegionId,
         runs: &[PageRun],
-        data: &mut Vec<PageRun>,
-        zero: &mut Vec<PageRun>,
+        split: &mut PageSplit,
         ps: u64,
     ) -> Result<(), MigrationError> {
         for run in runs {
@@ -390,28 +414,23 @@ impl Worker {
                 // SAFETY: `page_ptr` returned a pointer to a whole page inside a mapped
                 // region; the scan only reads it (a concurrent guest write makes the
                 // answer stale, and also re-dirties the page).
-                let is_zero = unsafe { pagewire_accel::is_zero_raw(ptr.as_ptr(), ps as usize) };
-                let list = if is_zero { &mut *zero } else { &mut *data };
-                match list.last_mut() {
-                    Some(last) if last.start.0 + u64::from(last.count) == p => last.count += 1,
-                    _ => list.push(PageRun {
-                        start: PageIndex(p),
-                        count: 1,
-                    }),
-                }
+                let class = unsafe { pagewire_accel::classify_raw(ptr.as_ptr(), ps as usize) };
+                split.push(p, class);
             }
         }
         Ok(())
     }
 
-    fn send_zero(&mut self, region: RegionId, zero: &[PageRun]) -> Result<(), MigrationError> {
-        let pages: u64 = zero.iter().map(|r| u64::from(r.count)).sum();
+    /// Sends a frame of zero and uniform pages only.
+    fn send_zero(&mut self, region: RegionId, split: &PageSplit) -> Result<(), MigrationError> {
+        let (zero, uniform) = split.counts();
         let mut frame = PageFrame {
             codec: CodecId::ZERO,
             region,
             round: Round(self.round_no),
             data_runs: WireList::Slice(&[]),
-            zero_runs: WireList::Slice(zero),
+            zero_runs: WireList::Slice(&split.zero),
+            uniform_runs: WireList::Slice(&split.uniform),
             lengths: None,
             crc: None,
             payload: &[],
@@ -425,16 +444,16 @@ impl Worker {
         self.rules.on_send_pages(&frame).map_err(|e| self.rule(e))?;
         let frame = Frame::Pages(frame);
         self.send_whole(&frame)?;
-        self.account(CodecId::ZERO, 0, pages, 0, frame_len(&frame));
+        let pages = Sent {
+            data: 0,
+            zero,
+            uniform,
+        };
+        self.account(CodecId::ZERO, pages, 0, frame_len(&frame));
         Ok(())
     }
 
-    fn submit(
-        &mut self,
-        region: RegionId,
-        data: &[PageRun],
-        zero: &[PageRun],
-    ) -> Result<(), MigrationError> {
+    fn submit(&mut self, region: RegionId, split: &PageSplit) -> Result<(), MigrationError> {
         let mut progress = Instant::now();
         let mut job = loop {
             if let Some(j) = self.s.engine.job() {
@@ -444,8 +463,15 @@ impl Worker {
         };
         let tag = self.next_tag;
         self.next_tag += 1;
-        let list = job.encode(Tag(tag), self.s.params);
-        for run in data {
+        let (arm, params) = match &mut self.s.adaptive {
+            Some(sel) => {
+                let (i, p) = sel.choose(Instant::now());
+                (Some(i), p)
+            }
+            None => (None, self.s.params),
+        };
+        let list = job.encode(Tag(tag), params);
+        for run in &split.data {
             let (ptr, _) = self
                 .s
                 .memory
@@ -472,8 +498,10 @@ impl Worker {
             tag,
             FrameMeta {
                 region,
-                data_runs: data.to_vec(),
-                zero_runs: zero.to_vec(),
+                data_runs: split.data.clone(),
+                zero_runs: split.zero.clone(),
+                uniform_runs: split.uniform.clone(),
+                arm,
                 submitted: Instant::now(),
             },
         );
@@ -582,7 +610,8 @@ impl Worker {
             channel: self.s.ch,
             what: "encode job without an outcome".into(),
         })?;
-        self.s.latency.encode.record(meta.submitted.elapsed());
+        let took = meta.submitted.elapsed();
+        self.s.latency.encode.record(took);
         let per_page = pagewire_accel::layout(out.codec) == Some(Layout::PerPage);
         let lengths: Vec<u32> = if per_page {
             c.lengths().to_vec()
@@ -626,6 +655,7 @@ impl Worker {
             round: Round(self.round_no),
             data_runs: WireList::Slice(&meta.data_runs),
             zero_runs: WireList::Slice(&meta.zero_runs),
+            uniform_runs: WireList::Slice(&meta.uniform_runs),
             lengths: per_page.then_some(WireList::Slice(&lengths)),
             crc: None,
             payload: &[],
@@ -655,32 +685,46 @@ impl Worker {
             channel: self.s.ch,
             what: e.to_string(),
         })?;
-        let data_pages: u64 = meta.data_runs.iter().map(|r| u64::from(r.count)).sum();
-        let zero_pages: u64 = meta.zero_runs.iter().map(|r| u64::from(r.count)).sum();
+        let sum = |it: &mut dyn Iterator<Item = u32>| it.map(u64::from).sum();
+        let pages = Sent {
+            data: sum(&mut meta.data_runs.iter().map(|r| r.count)),
+            zero: sum(&mut meta.zero_runs.iter().map(|r| r.count)),
+            uniform: sum(&mut meta.uniform_runs.iter().map(|u| u.run.count)),
+        };
+        if let (Some(i), Some(sel)) = (meta.arm, self.s.adaptive.as_mut()) {
+            let ps = u64::from(self.s.memory.page_size());
+            sel.observe_encode(i, pages.data * ps, out.bytes_out() as u64, took);
+        }
+        let t = Instant::now();
         let wire = self.send(outf)?;
-        self.account(
-            out.codec,
-            data_pages,
-            zero_pages,
-            out.bytes_out() as u64,
-            wire,
-        );
+        if let (Some(i), Some(sel)) = (meta.arm, self.s.adaptive.as_mut()) {
+            let ps = u64::from(self.s.memory.page_size());
+            sel.observe_frame(i, pages.data * ps, took, t.elapsed());
+        }
+        self.account(out.codec, pages, out.bytes_out() as u64, wire);
         Ok(())
     }
 
-    fn account(&mut self, codec: CodecId, data: u64, zero: u64, payload: u64, wire: u64) {
+    fn account(&mut self, codec: CodecId, pages: Sent, payload: u64, wire: u64) {
+        let Sent {
+            data,
+            zero,
+            uniform,
+        } = pages;
         let ps = u64::from(self.s.memory.page_size());
+        let all = data + zero + uniform;
         let r = &mut self.round;
         r.frames += 1;
         r.wire_bytes += wire;
-        r.guest_bytes += (data + zero) * ps;
+        r.guest_bytes += all * ps;
         r.pages.zero += zero;
+        r.pages.uniform += uniform;
         let c = &self.s.counters;
         c.frames.fetch_add(1, Ordering::Relaxed);
         c.wire_bytes.fetch_add(wire, Ordering::Relaxed);
-        c.guest_bytes
-            .fetch_add((data + zero) * ps, Ordering::Relaxed);
+        c.guest_bytes.fetch_add(all * ps, Ordering::Relaxed);
         c.zero.fetch_add(zero, Ordering::Relaxed);
+        c.uniform.fetch_add(uniform, Ordering::Relaxed);
         let slot = match codec {
             CodecId::RAW => {
                 r.pages.raw += data;
@@ -701,7 +745,7 @@ impl Worker {
             ..Default::default()
         });
         e.frames += 1;
-        e.pages += data + zero;
+        e.pages += all;
         e.guest_bytes += data * ps;
         e.payload_bytes += payload;
     }

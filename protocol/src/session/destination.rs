@@ -562,7 +562,7 @@ impl DestinationChannel {
             .layout
             .check_pages(p)
             .map_err(SessionError::PagesOutsideLayout)?;
-        for run in p.data_runs.iter().chain(p.zero_runs.iter()) {
+        for run in p.all_runs() {
             rules.affinity.check_run(p.region, self.channel, run)?;
         }
         if self.last_ended.is_some_and(|l| p.round <= l) {
@@ -594,10 +594,7 @@ impl DestinationChannel {
         }
         self.open_round = Some(p.round);
         self.frames = self.frames.saturating_add(1);
-        self.pages = self
-            .pages
-            .saturating_add(p.data_pages())
-            .saturating_add(p.zero_pages());
+        self.pages = self.pages.saturating_add(p.pages());
     }
 
     /// The round this channel opened with the frame just accepted, once: hand it to

@@ -95,16 +95,13 @@ impl SourceChannel {
         {
             return Err(SessionError::Local("PAGES of a round that is not open"));
         }
-        for run in p.data_runs.iter().chain(p.zero_runs.iter()) {
+        for run in p.all_runs() {
             self.affinity.check_run(p.region, self.channel, run)?;
         }
         self.open_round = Some(p.round);
         self.frames = self.frames.saturating_add(1);
         self.frames_total = self.frames_total.saturating_add(1);
-        self.pages = self
-            .pages
-            .saturating_add(p.data_pages())
-            .saturating_add(p.zero_pages());
+        self.pages = self.pages.saturating_add(p.pages());
         Ok(())
     }
 

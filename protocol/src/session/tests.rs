@@ -5,7 +5,7 @@ use crate::frame::{
 use crate::ids::{
     AbortReason, AckKind, ChannelId, CodecId, FrameType, GuestAddr, PageIndex, RegionId, Round,
 };
-use crate::wire::{PageRun, RegionDesc, WireList};
+use crate::wire::{PageRun, RegionDesc, UniformRun, WireList};
 
 const PS: u32 = 4096;
 
@@ -40,6 +40,7 @@ fn zero_frame<'a>(region: u32, round: u32, runs: &'a [PageRun]) -> Frame<'a> {
         round: Round(round),
         data_runs: WireList::Slice(&[]),
         zero_runs: WireList::Slice(runs),
+        uniform_runs: WireList::Slice(&[]),
         lengths: None,
         crc: None,
         payload: &[],
@@ -126,6 +127,62 @@ fn a_page_on_the_wrong_channel_is_refused_before_it_is_applied() {
         Err(SessionError::WrongChannel { .. })
     ));
     assert!(matches!(ch[1].on_frame(&f), Ok(DestinationEvent::Apply(_))));
+}
+
+#[test]
+fn uniform_pages_obey_affinity_bounds_and_counts() {
+    let (_, mut ch) = open(2, 8);
+    let mine = [run(8, 2)];
+    let uniform = |start, count| {
+        [UniformRun {
+            run: run(start, count),
+            byte: 0xcc,
+        }]
+    };
+    fn frame<'a>(zeros: &'a [PageRun], u: &'a [UniformRun]) -> PageFrame<'a> {
+        PageFrame {
+            codec: CodecId::ZERO,
+            region: RegionId(0),
+            round: Round(0),
+            data_runs: WireList::Slice(&[]),
+            zero_runs: WireList::Slice(zeros),
+            uniform_runs: WireList::Slice(u),
+            lengths: None,
+            crc: None,
+            payload: &[],
+        }
+    }
+    // A uniform page of channel 0's chunk on channel 1.
+    let theirs = uniform(3, 1);
+    assert!(matches!(
+        ch[1].check_pages(&frame(&mine, &theirs)),
+        Err(SessionError::WrongChannel {
+            page: 3,
+            owner: ChannelId(0),
+            ..
+        })
+    ));
+    // Past the region's 1024 pages.
+    let outside = uniform(1030, 1);
+    assert!(matches!(
+        ch[1].check_pages(&frame(&mine, &outside)),
+        Err(SessionError::PagesOutsideLayout(
+            crate::DecodeError::PageOutOfRange { .. }
+        ))
+    ));
+    // Accepted: END_OF_ROUND must count the uniform pages too.
+    let ok = uniform(12, 3);
+    let f = Frame::Pages(frame(&mine, &ok));
+    assert!(matches!(ch[1].on_frame(&f), Ok(DestinationEvent::Apply(_))));
+    let short = Frame::EndOfRound(EndOfRound {
+        round: Round(0),
+        frames: 1,
+        pages: 2,
+    });
+    assert!(matches!(
+        ch[1].on_frame(&short),
+        Err(SessionError::CountMismatch { .. })
+    ));
 }
 
 #[test]

@@ -680,6 +680,7 @@ mod tests {
                     round: pagewire_protocol::Round(1),
                     data_runs: pagewire_protocol::WireList::Slice(&runs),
                     zero_runs: pagewire_protocol::WireList::Slice(&[]),
+                    uniform_runs: pagewire_protocol::WireList::Slice(&[]),
                     lengths: None,
                     crc: None,
                     payload: &[],

@@ -173,6 +173,7 @@ pub fn raw_frame(mem: &GuestMemory, start: u64, count: u32) -> OutFrame {
         round: Round(1),
         data_runs: WireList::Slice(&runs),
         zero_runs: WireList::Slice(&[]),
+        uniform_runs: WireList::Slice(&[]),
         lengths: None,
         crc: None,
         payload: &[],

@@ -1,0 +1,640 @@
+//! Per-frame codec choice (`SourceConfig::adaptive`, `--codec auto`): each channel
+//! picks, for every frame, the codec and level that moves the most guest bytes per
+//! second given what it measured, so that neither the link nor the channel's core
+//! idles while the other is the bottleneck.
+//!
+//! The model, per candidate `c` (a codec at a level):
+//! - `cost(c)`: seconds of the channel's encode per guest byte, measured on recent
+//!   frames of this guest in wall time on the thread that encodes (so CPU taken by other
+//!   work on the same cores, the machine's headroom, is in it);
+//! - `ratio(c)`: payload bytes per guest byte on those frames;
+//! - `copy`: seconds per byte that handing a frame to an idle channel takes (the
+//!   least seen lately, at most 1 ns): the thread's own cost of sending, on top of
+//!   encoding;
+//! - `link`: the bytes per second the channel accepted while it was the bottleneck
+//!   (handing bytes over took more than twice the copy, for a tenth of the window or
+//!   more: time waiting on the channel or on the bandwidth cap); while the channel
+//!   does not block, the link is at least that, and the longer it goes without
+//!   blocking the more the model credits it (twice as much after half a second), so a
+//!   cheaper codec gets tried and a link that got faster is found; the first window
+//!   that blocks measures it again.
+//!
+//! The guest bytes per second of `c` are
+//! `1 / (max(cost(c) / cores, ratio(c) / link) + ratio(c) * copy)`: encoding overlaps
+//! the link, the copy does not. What a candidate's frames really moved lately (encode
+//! plus hand-over, on this thread) bounds its figure, since where the link is the same
+//! cores (loopback) compression saves less than the model thinks. The best candidate
+//! is taken when it beats the current one by 5 % (or, on a busy link, moves as much
+//! for a fifth less core time), reconsidered at most once per 100 ms window. At most
+//! one frame in `explore_every`, and no more than 3 % of the encode time, goes to the
+//! candidate measured longest ago, so every estimate follows the content as it
+//! changes class while a slow candidate is tried seldom. A destination slower than
+//! the link shows as a slower link (it accepts less), which is what matters to the
+//! source.
+//!
+//! Pure logic: time comes in as arguments, nothing here does IO.
+
+use std::time::{Duration, Instant};
+
+use pagewire_accel::{EncodeParams, Level};
+use pagewire_protocol::CodecId;
+
+use crate::stats::{AdaptiveStats, ChoiceStats, CodecSwitch};
+
+/// What the adaptive choice chooses among.
+#[non_exhaustive]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdaptiveConfig {
+    /// Codecs and levels; those the destination cannot decode are left out. Levels are
+    /// clamped into each codec's range.
+    pub candidates: Vec<(CodecId, i32)>,
+    /// At most one frame in this many goes to the candidate measured longest ago (at
+    /// least 2), within 3 % of the encode time.
+    pub explore_every: u32,
+}
+
+impl Default for AdaptiveConfig {
+    /// raw, lz4, zstd at -5, 1 and 3, deflate at 1; one frame in 16 explores.
+    fn default() -> Self {
+        Self {
+            candidates: vec![
+                (CodecId::RAW, 0),
+                (CodecId::LZ4, 0),
+                (CodecId::ZSTD, -5),
+                (CodecId::ZSTD, 1),
+                (CodecId::ZSTD, 3),
+                (CodecId::DEFLATE, 1),
+            ],
+            explore_every: 16,
+        }
+    }
+}
+
+/// How long the link is observed before its estimate changes.
+const WINDOW: Duration = Duration::from_millis(100);
+/// A window whose seconds per byte handed to the channel exceed the plain copy's by
+/// this factor found the link busy.
+const BLOCKED: f64 = 2.0;
+/// How long a candidate's realized rate bounds its model.
+const REALIZED_FOR: Duration = Duration::from_millis(500);
+/// The slowest copy assumed, seconds per byte (1 GB/s: slower than any memory copy
+/// and any loopback send here).
+const COPY_MAX: f64 = 1e-9;
+/// How fast the credit of a link that does not block grows, per second unblocked.
+const PROBE_PER_S: f64 = 2.0;
+/// A new best must beat the current candidate by this factor.
+const HYSTERESIS: f64 = 1.05;
+/// Candidates within this factor of the fastest count as fast as it (estimates of
+/// candidates measured a while ago lag): the one that costs the least core wins.
+const NEAR: f64 = 1.10;
+/// Weight of a new sample in the moving averages.
+const ALPHA: f64 = 0.15;
+/// Share of the encode time that exploring other candidates may take: a slow
+/// candidate is tried less often than a fast one.
+const EXPLORE_SHARE: f64 = 0.03;
+/// Switches kept in the statistics' log, per channel.
+const LOG: usize = 32;
+
+#[derive(Debug)]
+struct Arm {
+    params: EncodeParams,
+    label: String,
+    /// Seconds per guest byte.
+    cost: f64,
+    /// Payload bytes per guest byte.
+    ratio: f64,
+    /// Frame number of the last measurement (0: a prior only).
+    measured: u64,
+    /// Guest bytes per second its frames actually moved on this thread (encode plus
+    /// handing the frame over), when measured, and when.
+    realized: Option<(f64, Instant)>,
+    stats: ChoiceStats,
+}
+
+/// A label for a codec at a level, as the statistics show it (`zstd:-5`, `lz4`).
+pub fn label(codec: CodecId, level: i32) -> String {
+    let name = match codec {
+        CodecId::RAW => "raw",
+        CodecId::LZ4 => "lz4",
+        CodecId::ZSTD => "zstd",
+        CodecId::DEFLATE => "deflate",
+        CodecId::DELTA => "delta",
+        _ => return format!("{codec:?}"),
+    };
+    match codec {
+        CodecId::ZSTD | CodecId::DEFLATE => format!("{name}:{level}"),
+        _ => name.to_string(),
+    }
+}
+
+/// A starting guess (seconds per byte, ratio) until a frame measures the candidate:
+/// on the slow side (a core shared with other work), since a frame spent on a
+/// compressor that is slower than guessed costs far more than one sent raw.
+fn prior(codec: CodecId, level: i32) -> (f64, f64) {
+    let (bytes_per_s, ratio) = match codec {
+        CodecId::RAW => (4e9, 1.0),
+        CodecId::LZ4 => (5e8, 0.5),
+        CodecId::ZSTD if level < 0 => (4e8, 0.45),
+        CodecId::ZSTD if level <= 1 => (1.5e8, 0.35),
+        CodecId::ZSTD => (8e7, 0.33),
+        _ => (4e7, 0.37),
+    };
+    (1.0 / bytes_per_s, ratio)
+}
+
+/// Why the choice changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// The link limits the current codec: one that compresses more moves more.
+    LinkBound,
+    /// The core limits the current codec: a cheaper one moves more.
+    CpuBound,
+    /// Another moves as much for less core time.
+    Cheaper,
+}
+
+impl Reason {
+    fn as_str(self) -> &'static str {
+        match self {
+            Reason::LinkBound => "link-bound",
+            Reason::CpuBound => "cpu-bound",
+            Reason::Cheaper => "cheaper",
+        }
+    }
+}
+
+/// One channel's selector.
+#[derive(Debug)]
+pub(crate) struct Selector {
+    arms: Vec<Arm>,
+    current: usize,
+    frame: u64,
+    explore_every: u64,
+    /// Cores that encode this channel's frames.
+    cores: f64,
+    /// Measured link bytes per second, once known.
+    link: Option<f64>,
+    /// Seconds per byte that handing bytes to an idle channel takes (its copy): the
+    /// least seen, creeping up 2 % a window so it follows a machine that got slower.
+    copy: Option<f64>,
+    limited: bool,
+    /// When a window last found the link busy.
+    last_limited: Instant,
+    /// The latest time given.
+    now: Instant,
+    /// The choice is reconsidered at most once a window.
+    next_decision: Instant,
+    window_start: Instant,
+    window_bytes: u64,
+    window_blocked: Duration,
+    started: Instant,
+    channel: u16,
+    switches: Vec<CodecSwitch>,
+    log: Vec<CodecSwitch>,
+    explored: u64,
+    /// Encode seconds exploring may still spend (grows with every frame).
+    explore_budget: f64,
+    /// Guest bytes of a recent frame, to price an exploration.
+    frame_bytes: f64,
+}
+
+impl Selector {
+    /// A selector over the candidates `usable` allows; `None` when none is.
+    pub(crate) fn new(
+        config: &AdaptiveConfig,
+        usable: impl Fn(CodecId) -> bool,
+        raw_in_place: bool,
+        cores: usize,
+        channel: u16,
+        now: Instant,
+    ) -> Option<Selector> {
+        let mut arms: Vec<Arm> = Vec::new();
+        for &(codec, level) in &config.candidates {
+            let Some((min, max)) = pagewire_accel::level_range(codec) else {
+                continue;
+            };
+            let level = level.clamp(min.0, max.0);
+            let label = label(codec, level);
+            if !usable(codec) || codec == CodecId::DELTA || arms.iter().any(|a| a.label == label) {
+                continue;
+            }
+            let (cost, ratio) = prior(codec, level);
+            arms.push(Arm {
+                params: EncodeParams {
+                    codec,
+                    level: Level(level),
+                    raw_in_place,
+                },
+                stats: ChoiceStats {
+                    choice: label.clone(),
+                    ..Default::default()
+                },
+                label,
+                cost,
+                ratio,
+                measured: 0,
+                realized: None,
+            });
+        }
+        if arms.is_empty() {
+            return None;
+        }
+        let mut s = Selector {
+            arms,
+            current: 0,
+            frame: 0,
+            explore_every: u64::from(config.explore_every.max(2)),
+            cores: cores.max(1) as f64,
+            link: None,
+            copy: None,
+            limited: false,
+            last_limited: now,
+            now,
+            next_decision: now,
+            window_start: now,
+            window_bytes: 0,
+            window_blocked: Duration::ZERO,
+            started: now,
+            channel,
+            switches: Vec::new(),
+            log: Vec::new(),
+            explored: 0,
+            explore_budget: 0.0,
+            frame_bytes: 0.0,
+        };
+        s.current = s.best();
+        Some(s)
+    }
+
+    /// Guest bytes per second the model expects of arm `i`.
+    fn rate(&self, i: usize) -> f64 {
+        let a = &self.arms[i];
+        let cpu = self.cores / a.cost.max(1e-12);
+        let link = match (self.link, self.limited) {
+            (None, _) => f64::INFINITY,
+            (Some(l), true) => l,
+            (Some(l), false) => {
+                let free = self.now.saturating_duration_since(self.last_limited);
+                l * (1.0 + PROBE_PER_S * free.as_secs_f64())
+            }
+        };
+        // Encoding overlaps the link (the socket buffers the previous frame), handing
+        // a frame to the channel does not: its copy is the thread's own time.
+        let ratio = a.ratio.max(1e-6);
+        let period = (1.0 / cpu).max(ratio / link) + ratio * self.copy.unwrap_or(0.0);
+        let model = 1.0 / period.max(1e-15);
+        // What its frames really moved lately bounds the model: where the link is the
+        // same cores (loopback), a compressor saves less than the model thinks.
+        match a.realized {
+            Some((r, at)) if self.now.saturating_duration_since(at) < REALIZED_FOR => {
+                model.min(r * NEAR)
+            }
+            _ => model,
+        }
+    }
+
+    /// The fastest candidate; among those within [`NEAR`] of it, the one that costs
+    /// the least core time (the link caps them all alike).
+    fn best(&self) -> usize {
+        let top = (0..self.arms.len())
+            .map(|i| self.rate(i))
+            .fold(f64::MIN, f64::max);
+        (0..self.arms.len())
+            .filter(|&i| self.rate(i) * NEAR >= top)
+            .min_by(|&a, &b| self.arms[a].cost.total_cmp(&self.arms[b].cost))
+            .unwrap_or(0)
+    }
+
+    /// The candidate for the next frame: its index (for [`Selector::observe_encode`])
+    /// and its parameters.
+    pub(crate) fn choose(&mut self, now: Instant) -> (usize, EncodeParams) {
+        self.frame += 1;
+        self.now = self.now.max(now);
+        if self.frame.is_multiple_of(self.explore_every) && self.arms.len() > 1 {
+            // The candidate measured longest ago, other than the current one, if the
+            // budget affords a frame of it.
+            let i = (0..self.arms.len())
+                .filter(|&i| i != self.current)
+                .min_by_key(|&i| self.arms[i].measured)
+                .unwrap_or(self.current);
+            let price = self.arms[i].cost * self.frame_bytes;
+            if price <= self.explore_budget {
+                self.explore_budget -= price;
+                self.explored += 1;
+                return (i, self.arms[i].params);
+            }
+        }
+        if now < self.next_decision {
+            return (self.current, self.arms[self.current].params);
+        }
+        self.next_decision = now + WINDOW;
+        let best = self.best();
+        let (now_rate, best_rate) = (self.rate(self.current), self.rate(best));
+        let faster = best_rate > now_rate * HYSTERESIS;
+        // As fast on a busy link (whose figure is measured, not credited), for a fifth
+        // less core time at least.
+        let cheaper = self.limited
+            && best_rate * NEAR >= now_rate
+            && self.arms[best].cost < 0.8 * self.arms[self.current].cost;
+        if best != self.current && (faster || cheaper) {
+            self.switch_to(best, now, faster);
+        }
+        (self.current, self.arms[self.current].params)
+    }
+
+    fn switch_to(&mut self, to: usize, now: Instant, faster: bool) {
+        let from = self.current;
+        let a = &self.arms[from];
+        let cpu = self.cores / a.cost.max(1e-12);
+        let link_guest = self.rate(from);
+        let reason = if !faster {
+            Reason::Cheaper
+        } else if link_guest < cpu {
+            Reason::LinkBound
+        } else {
+            Reason::CpuBound
+        };
+        let detail = format!(
+            "link {} MB/s{}, {}: {:.0} MB/s of core, ratio {:.2}; {}: {:.0} MB/s of core, ratio {:.2}",
+            self.link.map_or("?".into(), |l| format!("{:.0}", l / 1e6)),
+            if self.limited { " (busy)" } else { "" },
+            a.label,
+            cpu / 1e6,
+            a.ratio,
+            self.arms[to].label,
+            self.cores / self.arms[to].cost.max(1e-12) / 1e6,
+            self.arms[to].ratio,
+        );
+        let (from_l, to_l) = (a.label.clone(), self.arms[to].label.clone());
+        match self
+            .switches
+            .iter_mut()
+            .find(|s| s.from == from_l && s.to == to_l && s.reason == reason.as_str())
+        {
+            Some(s) => s.count += 1,
+            None => self.switches.push(CodecSwitch {
+                from: from_l.clone(),
+                to: to_l.clone(),
+                reason: reason.as_str().into(),
+                count: 1,
+                ..Default::default()
+            }),
+        }
+        if self.log.len() == LOG {
+            self.log.remove(0);
+        }
+        self.log.push(CodecSwitch {
+            from: from_l,
+            to: to_l,
+            reason: reason.as_str().into(),
+            count: 1,
+            at_ms: now.saturating_duration_since(self.started).as_secs_f64() * 1e3,
+            channel: self.channel,
+            detail,
+        });
+        self.current = to;
+    }
+
+    /// What encoding frame `i`'s `guest` bytes into `payload` bytes took.
+    pub(crate) fn observe_encode(&mut self, i: usize, guest: u64, payload: u64, took: Duration) {
+        let frame = self.frame;
+        if i >= self.arms.len() {
+            return;
+        }
+        if guest > 0 {
+            self.explore_budget += EXPLORE_SHARE * took.as_secs_f64();
+            self.frame_bytes += 0.2 * (guest as f64 - self.frame_bytes);
+        }
+        let a = &mut self.arms[i];
+        a.stats.frames += 1;
+        a.stats.guest_bytes += guest;
+        a.stats.payload_bytes += payload;
+        if guest == 0 {
+            return;
+        }
+        let cost = took.as_secs_f64() / guest as f64;
+        let ratio = payload as f64 / guest as f64;
+        if a.measured == 0 {
+            (a.cost, a.ratio) = (cost, ratio);
+        } else {
+            a.cost += ALPHA * (cost - a.cost);
+            a.ratio += ALPHA * (ratio - a.ratio);
+        }
+        a.measured = frame.max(1);
+    }
+
+    /// A frame of candidate `i` moved `guest` bytes in `took` (its encode) plus `sent`
+    /// (handing it to the channel). Only frames of the current choice count: a lone
+    /// exploring frame queues behind the others and would look slower than it is.
+    pub(crate) fn observe_frame(&mut self, i: usize, guest: u64, took: Duration, sent: Duration) {
+        if i != self.current {
+            return;
+        }
+        let now = self.now;
+        let Some(a) = self.arms.get_mut(i) else {
+            return;
+        };
+        let t = (took + sent).as_secs_f64();
+        if guest == 0 || t <= 0.0 {
+            return;
+        }
+        let r = self.cores * guest as f64 / t;
+        a.realized = Some(match a.realized {
+            Some((old, _)) => (old + ALPHA * (r - old), now),
+            None => (r, now),
+        });
+    }
+
+    /// `bytes` handed to the channel, of which `blocked` was spent waiting on it (or on
+    /// the bandwidth cap).
+    pub(crate) fn observe_send(&mut self, bytes: u64, blocked: Duration, now: Instant) {
+        self.window_bytes += bytes;
+        self.window_blocked += blocked;
+        let span = now.saturating_duration_since(self.window_start);
+        if span < WINDOW {
+            return;
+        }
+        let rate = self.window_bytes as f64 / span.as_secs_f64();
+        let per_byte = self.window_blocked.as_secs_f64() / self.window_bytes.max(1) as f64;
+        self.now = self.now.max(now);
+        // A link busy in every window never shows the copy alone: no copy is taken to
+        // be slower than COPY_MAX.
+        let copy = self
+            .copy
+            .map_or(per_byte, |c| (c * 1.02).min(per_byte))
+            .min(COPY_MAX);
+        self.copy = Some(copy);
+        self.limited = per_byte > BLOCKED * copy && self.window_blocked > span / 10;
+        if self.limited {
+            self.last_limited = now;
+        }
+        self.link = Some(match (self.link, self.limited) {
+            // A busy link carries what it can: a drop is taken at once.
+            (Some(l), true) if rate < l => rate,
+            (Some(l), true) => l + 0.5 * (rate - l),
+            (Some(l), false) => l.max(rate),
+            (None, _) => rate,
+        });
+        self.window_start = now;
+        self.window_bytes = 0;
+        self.window_blocked = Duration::ZERO;
+    }
+
+    /// The statistics so far.
+    pub(crate) fn stats(&self) -> AdaptiveStats {
+        AdaptiveStats {
+            choices: self.arms.iter().map(|a| a.stats.clone()).collect(),
+            switches: self.switches.clone(),
+            recent: self.log.clone(),
+            explored_frames: self.explored,
+            link_bytes_per_s: self.link.unwrap_or(0.0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn selector(now: Instant) -> Selector {
+        let cfg = AdaptiveConfig::default();
+        Selector::new(&cfg, |_| true, false, 1, 0, now).unwrap()
+    }
+
+    /// Feeds `frames` frames: each candidate encodes at its `(bytes/s, ratio)` from
+    /// `speeds`, and the link carries `link` bytes/s (blocking when asked for more).
+    fn drive(
+        s: &mut Selector,
+        now: &mut Instant,
+        frames: usize,
+        speeds: &dyn Fn(&str) -> (f64, f64),
+        link: f64,
+    ) -> Vec<String> {
+        drive_copying(s, now, frames, speeds, link, 0.0)
+    }
+
+    /// [`drive`] where handing each byte to the channel also takes `copy` seconds of
+    /// the thread (loopback: the kernel copies on the sender's core).
+    fn drive_copying(
+        s: &mut Selector,
+        now: &mut Instant,
+        frames: usize,
+        speeds: &dyn Fn(&str) -> (f64, f64),
+        link: f64,
+        copy: f64,
+    ) -> Vec<String> {
+        let guest = 512 * 1024u64;
+        let mut chosen = Vec::new();
+        for _ in 0..frames {
+            let (i, _) = s.choose(*now);
+            let label = s.arms[i].label.clone();
+            let (speed, ratio) = speeds(&label);
+            let took = Duration::from_secs_f64(guest as f64 / speed);
+            let payload = (guest as f64 * ratio) as u64;
+            s.observe_encode(i, guest, payload, took);
+            let send = Duration::from_secs_f64(payload as f64 / link);
+            // Sends overlap the next encode: only what exceeds it blocks; the copy
+            // never overlaps.
+            let blocked =
+                send.saturating_sub(took) + Duration::from_secs_f64(payload as f64 * copy);
+            *now += took + blocked;
+            s.observe_send(payload, blocked, *now);
+            s.observe_frame(i, guest, took, blocked);
+            chosen.push(label);
+        }
+        chosen
+    }
+
+    fn tail_share(chosen: &[String], label: &str) -> f64 {
+        let tail = &chosen[chosen.len() / 2..];
+        tail.iter().filter(|l| *l == label).count() as f64 / tail.len() as f64
+    }
+
+    /// Text-like content: zstd:3 compresses most, slowly; raw is free.
+    fn text(label: &str) -> (f64, f64) {
+        match label {
+            "raw" => (10e9, 1.0),
+            "lz4" => (1.2e9, 0.45),
+            "zstd:-5" => (800e6, 0.40),
+            "zstd:1" => (350e6, 0.30),
+            "zstd:3" => (150e6, 0.28),
+            _ => (60e6, 0.32),
+        }
+    }
+
+    #[test]
+    fn a_slow_link_gets_strong_compression_and_a_fast_one_gets_raw() {
+        let mut now = Instant::now();
+        let mut s = selector(now);
+        // 1 Gbit/s: zstd:1 moves 125 MB/s / 0.30 = 416 MB/s (core 350): the best;
+        // zstd:-5 (312 MB/s) is close, the probing of the link goes there at times.
+        let slow = drive(&mut s, &mut now, 400, &text, 125e6);
+        let zstd = tail_share(&slow, "zstd:1") + tail_share(&slow, "zstd:-5");
+        assert!(zstd > 0.8 && tail_share(&slow, "raw") < 0.05, "{slow:?}");
+        // The cap rises to 100 Gbit/s mid-run: raw.
+        let fast = drive(&mut s, &mut now, 3000, &text, 12.5e9);
+        assert!(tail_share(&fast, "raw") > 0.6, "{fast:?}");
+        let st = s.stats();
+        assert!(
+            st.switches
+                .iter()
+                .any(|w| w.to == "raw" && w.reason == "cpu-bound")
+        );
+        assert!(
+            st.switches
+                .iter()
+                .any(|w| w.from == "raw" || w.to == "zstd:1")
+        );
+        assert_eq!(
+            st.choices.iter().map(|c| c.frames).sum::<u64>(),
+            3400,
+            "{st:?}"
+        );
+        // And back down to 1 Gbit/s: compression again, for the link's sake.
+        let slow = drive(&mut s, &mut now, 1000, &text, 125e6);
+        let zstd = tail_share(&slow, "zstd:1") + tail_share(&slow, "zstd:-5");
+        assert!(zstd > 0.8, "{slow:?}");
+        assert!(
+            s.stats()
+                .switches
+                .iter()
+                .any(|w| w.from == "raw" && w.reason == "link-bound")
+        );
+    }
+
+    #[test]
+    fn on_loopback_the_send_copy_counts_and_raw_wins() {
+        let mut now = Instant::now();
+        let mut s = selector(now);
+        // 0.4 ns a byte to send: raw 0.1 + 0.4 ns/B, lz4 0.83 + 0.45 × 0.4 ns/B.
+        let chosen = drive_copying(&mut s, &mut now, 2000, &text, 1e12, 0.4e-9);
+        assert!(tail_share(&chosen, "raw") > 0.8, "{chosen:?}");
+    }
+
+    #[test]
+    fn incompressible_content_goes_raw_even_on_a_slow_link() {
+        let mut now = Instant::now();
+        let mut s = selector(now);
+        let _ = drive(&mut s, &mut now, 300, &text, 125e6);
+        let random = |label: &str| match label {
+            "raw" => (10e9, 1.0),
+            l => (text(l).0, 1.0),
+        };
+        let chosen = drive(&mut s, &mut now, 600, &random, 125e6);
+        assert!(tail_share(&chosen, "raw") > 0.6, "{chosen:?}");
+    }
+
+    #[test]
+    fn unusable_codecs_and_delta_are_left_out() {
+        let now = Instant::now();
+        let cfg = AdaptiveConfig {
+            candidates: vec![(CodecId::DELTA, 0), (CodecId::ZSTD, 1), (CodecId::LZ4, 0)],
+            explore_every: 8,
+        };
+        let s = Selector::new(&cfg, |c| c != CodecId::LZ4, false, 1, 0, now).unwrap();
+        assert_eq!(s.arms.len(), 1);
+        assert_eq!(s.arms[0].label, "zstd:1");
+        assert!(Selector::new(&cfg, |_| false, false, 1, 0, now).is_none());
+        assert_eq!(label(CodecId::ZSTD, -5), "zstd:-5");
+    }
+}

@@ -1,0 +1,193 @@
+//! The destination's memory in a local run: fresh anonymous memory prepared as the
+//! library's [`Prefault`] says, or memory populated beforehand and given to the
+//! destination (a VMM that backs its guest RAM before the migration); and the
+//! matching baseline, a plain-socket loop that copies the guest's size into fresh or
+//! into populated memory over the same link.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use pagewire::{DestinationMemory, GuestMemory, MemoryLayout, Prefault};
+
+use crate::Link;
+
+/// What memory the destination writes into.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DestMemory {
+    /// Anonymous memory the destination maps itself (`DestinationMemory::Anonymous`).
+    #[default]
+    Fresh,
+    /// Memory populated (every page written) before the migration, given to the
+    /// destination (`DestinationMemory::Given`).
+    Populated,
+}
+
+impl FromStr for DestMemory {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "fresh" => DestMemory::Fresh,
+            "populated" => DestMemory::Populated,
+            o => bail!("unknown destination memory {o:?}: fresh, populated"),
+        })
+    }
+}
+
+/// The library's pre-fault policy by its command-line name.
+///
+/// # Errors
+/// An unknown name.
+pub fn parse_prefault(s: &str) -> anyhow::Result<Prefault> {
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "none" => Prefault::None,
+        "thread" => Prefault::Thread,
+        "hugepages" | "thp" => Prefault::HugePages,
+        "ahead" => Prefault::Ahead,
+        o => bail!("unknown pre-fault policy {o:?}: none, thread, hugepages, ahead"),
+    })
+}
+
+/// A pre-fault policy's command-line name.
+pub fn prefault_name(p: Prefault) -> &'static str {
+    match p {
+        Prefault::None => "none",
+        Prefault::Thread => "thread",
+        Prefault::HugePages => "hugepages",
+        Prefault::Ahead => "ahead",
+        _ => "other",
+    }
+}
+
+/// The memory to hand the destination for `layout`: `Anonymous`, or anonymous memory
+/// whose every page was written beforehand.
+///
+/// # Errors
+/// Mapping the memory.
+pub fn destination_memory(
+    kind: DestMemory,
+    layout: &MemoryLayout,
+) -> anyhow::Result<DestinationMemory> {
+    Ok(match kind {
+        DestMemory::Fresh => DestinationMemory::Anonymous,
+        DestMemory::Populated => {
+            let m = GuestMemory::anonymous(layout)?;
+            touch(&m);
+            DestinationMemory::Given(Arc::new(m))
+        }
+    })
+}
+
+/// Writes one byte of every page (the kernel backs each one).
+fn touch(m: &GuestMemory) {
+    for id in m.region_ids().collect::<Vec<_>>() {
+        let pages = m.pages(id).unwrap_or(0);
+        m.populate(id, 0, pages);
+        // Where POPULATE_WRITE is missing, a write per page does the same.
+        for p in 0..pages {
+            if let Some(ptr) = m.page_ptr(id, p) {
+                // SAFETY: `page_ptr` points at a whole page inside a live mapping that
+                // nothing else uses yet.
+                unsafe { ptr.as_ptr().write_volatile(0) };
+            }
+        }
+    }
+}
+
+/// A plain-socket loop that moves `bytes` over `link` with `channels` connections,
+/// each reader `read`ing straight into its share of one anonymous mapping, fresh or
+/// populated beforehand: what pagewire's raw path is compared with. Gbit/s of the
+/// copy (the mapping is set up before the clock starts).
+///
+/// # Errors
+/// The sockets, the namespaces, the mapping.
+pub fn socket_into_memory(
+    link: &Link,
+    channels: u16,
+    bytes: u64,
+    kind: DestMemory,
+) -> anyhow::Result<f64> {
+    let share = (bytes / u64::from(channels)) as usize & !4095;
+    let layout = MemoryLayout::new(
+        4096,
+        [pagewire::RegionDesc {
+            id: pagewire::RegionId(0),
+            backing_page_size: 4096,
+            guest_addr: pagewire::GuestAddr(0),
+            length: (share * usize::from(channels)) as u64,
+        }],
+    )?;
+    let mem = GuestMemory::anonymous(&layout)?;
+    if kind == DestMemory::Populated {
+        touch(&mem);
+    }
+    let (base, _) = mem
+        .span(pagewire::RegionId(0), 0, 1)
+        .context("the baseline's memory")?;
+    let base = base.as_ptr() as usize;
+    std::thread::scope(|s| -> anyhow::Result<f64> {
+        let (tx, rx) = std::sync::mpsc::channel::<anyhow::Result<SocketAddr>>();
+        let readers = s.spawn(move || -> anyhow::Result<Instant> {
+            let listener = (|| -> anyhow::Result<TcpListener> {
+                link.enter_destination()?;
+                Ok(TcpListener::bind(link.destination_addr(0))?)
+            })();
+            let listener = match listener {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = tx.send(Err(anyhow::anyhow!("{e:#}")));
+                    return Err(e);
+                }
+            };
+            let _ = tx.send(listener.local_addr().map_err(Into::into));
+            std::thread::scope(|s2| -> anyhow::Result<()> {
+                for i in 0..usize::from(channels) {
+                    let (mut c, _) = listener.accept()?;
+                    s2.spawn(move || {
+                        // SAFETY: connection `i` alone writes bytes `i * share ..
+                        // (i + 1) * share` of the mapping, which outlives this scope.
+                        let dst = unsafe {
+                            std::slice::from_raw_parts_mut((base + i * share) as *mut u8, share)
+                        };
+                        let _ = c.read_exact(dst);
+                    });
+                }
+                Ok(())
+            })?;
+            Ok(Instant::now())
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(10))
+            .context("the baseline's reader did not bind")??;
+        let start = Instant::now();
+        let writers: Vec<_> = (0..channels)
+            .map(|_| {
+                s.spawn(move || -> anyhow::Result<()> {
+                    link.enter_source()?;
+                    let mut c = TcpStream::connect(addr)?;
+                    c.set_nodelay(true)?;
+                    let buf = vec![0x5au8; 1 << 20];
+                    let mut left = share;
+                    while left > 0 {
+                        let n = left.min(buf.len());
+                        c.write_all(&buf[..n])?;
+                        left -= n;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+        }
+        let end = readers
+            .join()
+            .map_err(|_| anyhow::anyhow!("reader panicked"))??;
+        let secs = end.duration_since(start).as_secs_f64();
+        Ok((share * usize::from(channels)) as f64 * 8.0 / secs / 1e9)
+    })
+}

@@ -1,0 +1,108 @@
+//! The adaptive codec (`--codec auto`) in a whole migration over a capped link whose
+//! cap drops in the middle of the run (20 Gbit/s, then 1 Gbit/s), on guest memory
+//! whose content changes class (three quarters compressible text, then random
+//! bytes). Needs root for the network
+//! namespaces; without it the test says SKIP (and fails with
+//! `PAGEWIRE_REQUIRE_ROOT=1`).
+
+use std::io::Write;
+use std::time::Duration;
+
+use pagewire::Authentication;
+use pagewire_stress::cell::{self, CellSpec, DestPrep, Outcome, SourceGuest};
+use pagewire_stress::cli::{CodecChoice, TransportKind};
+use pagewire_stress::workload::{Workload, WritePattern};
+use pagewire_stress::{Link, LinkSpec};
+
+fn root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var("PAGEWIRE_REQUIRE_ROOT").as_deref() != Ok("1"),
+        "{test}: needs root and PAGEWIRE_REQUIRE_ROOT=1"
+    );
+    eprintln!("SKIP {test}: needs root");
+    false
+}
+
+#[test]
+fn auto_follows_a_cap_changed_mid_run_and_content_that_changes_class() {
+    if !root("auto_follows_a_cap_changed_mid_run_and_content_that_changes_class") {
+        return;
+    }
+    const MIB: u64 = 512;
+    // The guest: three quarters English-like text, the last quarter random bytes.
+    let path = std::env::temp_dir().join(format!("pagewire-adaptive-{}", std::process::id()));
+    {
+        let mut f = std::fs::File::create(&path).unwrap();
+        let text = b"live migration moves guest memory while the guest keeps running; ";
+        let quarter = (MIB << 20) as usize / 4;
+        let mut buf: Vec<u8> = text.iter().copied().cycle().take(quarter).collect();
+        for _ in 0..3 {
+            f.write_all(&buf).unwrap();
+        }
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for b in buf.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        f.write_all(&buf).unwrap();
+    }
+    let spec = CellSpec {
+        workload: Workload::FillFrom(path.clone()),
+        pattern: WritePattern::Random,
+        codec: CodecChoice::Auto,
+        level: None,
+        channels: 2,
+        frame_pages: 128,
+        dirty_mbps: 0.0,
+        link: LinkSpec::Capped { gbit: 20.0 },
+        transport: TransportKind::Tcp,
+        mem_mib: MIB,
+        downtime_ms: 300,
+        max_rounds: 5,
+        fail_on_cap: false,
+        timeout_s: 60,
+    };
+    let mut guest = SourceGuest::new(&spec.workload, MIB).unwrap();
+    let link = Link::up(&spec.link).unwrap();
+    let r = std::thread::scope(|s| {
+        let link = &link;
+        // 20 Gbit/s for the first 150 ms, then 1 Gbit/s.
+        s.spawn(move || {
+            std::thread::sleep(Duration::from_millis(150));
+            link.set_rate(1.0).unwrap();
+        });
+        cell::run_local(
+            &spec,
+            0,
+            &mut guest,
+            link,
+            &Authentication::None,
+            DestPrep::default(),
+        )
+        .unwrap()
+    });
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(r.outcome, Outcome::Completed, "{:?}", r.error);
+    assert!(r.verified);
+    let a = r.stats.as_ref().unwrap().adaptive.clone().unwrap();
+    eprintln!("{a:#?}");
+    // Text on the slow link: compression; random bytes, which no codec shrinks: raw,
+    // the cheapest way to fill the link.
+    let compressed = 1.0 - a.share("raw");
+    assert!(a.share("raw") > 0.2, "raw for random bytes: {a:?}");
+    assert!(compressed > 0.2, "a compressor for text: {a:?}");
+    // It switched for the link (towards compression) and for the core (towards raw).
+    assert!(a.switches.iter().any(|w| w.reason == "link-bound"), "{a:?}");
+    assert!(
+        a.switches
+            .iter()
+            .any(|w| w.reason == "cpu-bound" || w.reason == "cheaper"),
+        "{a:?}"
+    );
+}
