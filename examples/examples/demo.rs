@@ -32,7 +32,8 @@ USAGE: demo [OPTIONS]
   --dirty-rate N        pages the guest rewrites per second (default 20000)
   --dirty-pattern P     random | sequential | hot:N (default random)
   --channels N          channels (default 2)
-  --codec C             zstd | lz4 | deflate | delta | raw | none (default zstd)
+  --codec C             zstd | lz4 | deflate | deflate-4k | delta | raw | none
+                        (default zstd)
   --level N             codec level (zstd default 1, deflate 1)
   --transport T         tcp | uring (default tcp; uring falls back to tcp if unusable)
   --unix PATH           migrate over a Unix socket at PATH (must not exist; removed
@@ -125,6 +126,7 @@ fn parse() -> anyhow::Result<Args> {
                     "zstd" => CodecId::ZSTD,
                     "lz4" => CodecId::LZ4,
                     "deflate" => CodecId::DEFLATE,
+                    "deflate-4k" => CodecId::DEFLATE_4K,
                     "delta" => CodecId::DELTA,
                     "raw" | "none" => CodecId::RAW,
                     o => bail!("unknown codec {o}"),
