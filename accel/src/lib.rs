@@ -68,6 +68,7 @@ pub mod cpu;
 pub mod engine;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod iaa;
 pub mod page;
 pub mod pages;
 pub mod pool;

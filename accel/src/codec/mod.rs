@@ -772,7 +772,7 @@ fn raw_from(
 
 /// A per-page frame whose pages all went raw becomes a raw frame: the same bytes
 /// without the table.
-fn per_page_done(
+pub(crate) fn per_page_done(
     codec: CodecId,
     len: usize,
     bytes_in: usize,
@@ -842,7 +842,7 @@ fn check_zstd_frame(payload: &[u8], expected: usize) -> Result<(), CodecError> {
 }
 
 /// Checks a per-page length table against the format, the page count and the payload.
-fn check_table(
+pub(crate) fn check_table(
     codec: CodecId,
     payload_len: usize,
     lengths: &[u32],

@@ -192,20 +192,35 @@ impl Engine {
 }
 
 /// Opens the IAA backend on `portal`.
-fn iaa_backend(
-    portal: &IaaPortal,
-    _config: &EngineConfig,
-) -> Result<Box<dyn Backend>, EngineError> {
-    let _ = portal;
-    Err(EngineError::Unavailable {
+fn iaa_backend(portal: &IaaPortal, config: &EngineConfig) -> Result<Box<dyn Backend>, EngineError> {
+    use crate::iaa::{DeviceModel, IaaBackend, IaaConfig, ModelConfig};
+    let unavailable = |reason: String| EngineError::Unavailable {
         backend: BackendKind::Iaa,
-        reason: "this build has no IAA backend".into(),
-    })
+        reason,
+    };
+    let iaa = IaaConfig {
+        slots: config.requests.clamp(1, 64),
+        ..IaaConfig::new(config.page_size, config.max_pages)
+    };
+    let portal: Box<dyn crate::iaa::Portal> = match portal {
+        IaaPortal::Model(faults) => Box::new(
+            DeviceModel::new(ModelConfig {
+                faults: *faults,
+                ..ModelConfig::default()
+            })
+            .map_err(EngineError::Spawn)?,
+        ),
+        IaaPortal::Wq(path) => {
+            crate::iaa::wq::open(path.as_deref()).map_err(|e| unavailable(e.to_string()))?
+        }
+        IaaPortal::Vfio(addr) => crate::iaa::open_vfio(addr).map_err(unavailable)?,
+    };
+    Ok(Box::new(IaaBackend::new(portal, iaa)?))
 }
 
 /// The IAA backend on the first usable kernel work queue, if any.
-fn iaa_auto(_config: &EngineConfig) -> Option<Box<dyn Backend>> {
-    None
+fn iaa_auto(config: &EngineConfig) -> Option<Box<dyn Backend>> {
+    iaa_backend(&IaaPortal::Wq(None), config).ok()
 }
 
 /// Opens the QAT backend.

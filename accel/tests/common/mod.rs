@@ -321,6 +321,7 @@ impl Subject for Direct {
 /// The engine over the software backend (inline or with worker threads).
 pub struct EngineSubject {
     engine: Engine,
+    /// Software worker threads, or `usize::MAX` for the IAA device model.
     threads: usize,
     next_tag: u64,
 }
@@ -349,6 +350,28 @@ impl EngineSubject {
         }
     }
 
+    /// The engine on the IAA backend over the device model (no faults).
+    pub fn iaa_model() -> EngineSubject {
+        let config = EngineConfig {
+            max_pages: 64,
+            requests: 8,
+            buffers: 8,
+            delta: Some(delta_cache()),
+            ..Default::default()
+        };
+        let choice = pagewire_accel::BackendChoice::Iaa(pagewire_accel::IaaPortal::Model(
+            pagewire_accel::ModelFaults::default(),
+        ));
+        let engine =
+            Engine::build(&choice, config, SoftwareConfig::default()).expect("engine starts");
+        assert_eq!(engine.probe().backend, pagewire_accel::BackendKind::Iaa);
+        EngineSubject {
+            engine,
+            threads: usize::MAX,
+            next_tag: 1,
+        }
+    }
+
     pub fn engine(&mut self) -> &mut Engine {
         &mut self.engine
     }
@@ -373,7 +396,11 @@ impl EngineSubject {
 
 impl Subject for EngineSubject {
     fn name(&self) -> String {
-        format!("engine({} threads)", self.threads)
+        if self.threads == usize::MAX {
+            "engine(IAA device model)".into()
+        } else {
+            format!("engine({} threads)", self.threads)
+        }
     }
 
     fn encode(
@@ -407,7 +434,22 @@ impl Subject for EngineSubject {
                 .expect("pages");
         }
         let mut c = self.run(job);
-        assert_eq!(c.backend(), pagewire_accel::BackendKind::Software);
+        if self.threads == usize::MAX {
+            // The IAA backend runs deflate itself; other formats go to software,
+            // counted as unsupported.
+            let hw = matches!(params.codec, CodecId::DEFLATE | CodecId::DEFLATE_4K);
+            let want = if hw {
+                pagewire_accel::BackendKind::Iaa
+            } else {
+                pagewire_accel::BackendKind::Software
+            };
+            if c.status().is_ok() {
+                assert_eq!(c.backend(), want, "{params:?}");
+                assert_eq!(c.fallback().is_some(), !hw, "{params:?}");
+            }
+        } else {
+            assert_eq!(c.backend(), pagewire_accel::BackendKind::Software);
+        }
         c.status()?;
         let out = c.encoded().expect("encode outcome");
         let payload = c.take_payload().expect("payload buffer");
@@ -483,5 +525,6 @@ pub fn subjects() -> Vec<Box<dyn Subject>> {
         Box::new(Direct::new()),
         Box::new(EngineSubject::new(0)),
         Box::new(EngineSubject::new(2)),
+        Box::new(EngineSubject::iaa_model()),
     ]
 }
