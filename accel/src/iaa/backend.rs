@@ -318,15 +318,27 @@ impl IaaBackend {
     /// Submits one descriptor of slot `s` with the retry budget; `false` when the
     /// queue stayed busy (or the device went away).
     fn enqueue(&mut self, s: usize, i: usize) -> bool {
-        for _ in 0..self.config.retries {
-            if self.portal.mode() == WqMode::Dedicated && self.on_device >= self.portal.size() {
+        if self.portal.mode() == WqMode::Dedicated && self.on_device >= self.portal.size() {
+            // A dedicated queue is full of our own descriptors: wait for the oldest
+            // to complete (bounded by the timeout), then count again.
+            let until = Instant::now() + self.config.timeout;
+            while self.on_device >= self.portal.size() && Instant::now() < until {
                 self.reap();
-                if self.on_device >= self.portal.size() {
-                    core::hint::spin_loop();
-                    std::thread::yield_now();
-                    continue;
+                if let Some(rec) = self.oldest_pending() {
+                    wait_record(
+                        rec,
+                        (Instant::now() + Duration::from_millis(1)).min(until),
+                        self.cpu,
+                    );
+                } else {
+                    break;
                 }
             }
+            if self.on_device >= self.portal.size() {
+                return false;
+            }
+        }
+        for _ in 0..self.config.retries {
             let desc = self.slots[s].descs[i];
             // SAFETY: the descriptor's source (guest page or payload), destination
             // (output slot or destination guest page) and record belong to slot `s`,
@@ -368,6 +380,15 @@ impl IaaBackend {
                 self.slots[s].cause = Some(cause);
             }
         }
+    }
+
+    /// The record of the oldest descriptor still on the device.
+    fn oldest_pending(&self) -> Option<&CompletionRecord> {
+        self.active.iter().find_map(|&s| {
+            let slot = &self.slots[s];
+            let i = slot.state.iter().position(|&st| st == PageState::Wait)?;
+            Some(&slot.records[i])
+        })
     }
 
     /// Processes the written records of every active slot.
@@ -623,8 +644,9 @@ impl Backend for IaaBackend {
                 self.free.push(s);
                 continue;
             }
-            self.push(s);
+            // Active before its descriptors go in: a full dedicated queue reaps them.
             self.active.push_back(s);
+            self.push(s);
         }
         Ok(taken)
     }
