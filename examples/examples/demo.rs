@@ -33,8 +33,16 @@ USAGE: demo [OPTIONS]
   --dirty-pattern P     random | sequential | hot:N (default random)
   --channels N          channels (default 2)
   --codec C             zstd | lz4 | deflate | deflate-4k | delta | raw | none
-                        (default zstd)
+                        (default zstd; deflate-4k with an IAA --accel)
   --level N             codec level (zstd default 1, deflate 1)
+  --accel A             codec engine backend on both sides: auto | software | iaa |
+                        iaa:/dev/iax/wqX.Y | vfio:PCI_ADDRESS | model |
+                        model:FAULT[/N] (the IAA device model, injecting FAULT on every
+                        Nth descriptor: queue-full, page-fault, overflow, hang,
+                        disable) | qat (default auto: hardware if usable, else
+                        software). IAA runs deflate-4k (and deflate at 4 KiB pages)
+  --probe               list the IAA devices and work queues found, say why any is
+                        unusable, and exit
   --transport T         tcp | uring (default tcp; uring falls back to tcp if unusable)
   --unix PATH           migrate over a Unix socket at PATH (must not exist; removed
                         afterwards) instead of TCP loopback; the ceiling is measured
@@ -56,7 +64,7 @@ struct Args {
     dirty_rate: u64,
     pattern: Pattern,
     channels: u16,
-    codec: CodecId,
+    codec: Option<CodecId>,
     level: Option<i32>,
     uring: bool,
     unix: Option<PathBuf>,
@@ -68,6 +76,7 @@ struct Args {
     key: Option<String>,
     baseline: bool,
     json: bool,
+    accel: pagewire::BackendChoice,
 }
 
 fn parse() -> anyhow::Result<Args> {
@@ -78,7 +87,7 @@ fn parse() -> anyhow::Result<Args> {
         dirty_rate: 20_000,
         pattern: Pattern::Random,
         channels: 2,
-        codec: CodecId::ZSTD,
+        codec: None,
         level: None,
         uring: false,
         unix: None,
@@ -90,6 +99,7 @@ fn parse() -> anyhow::Result<Args> {
         key: None,
         baseline: true,
         json: false,
+        accel: pagewire::BackendChoice::Auto,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -122,7 +132,7 @@ fn parse() -> anyhow::Result<Args> {
             }
             "--channels" => a.channels = val()?.parse()?,
             "--codec" => {
-                a.codec = match val()?.as_str() {
+                a.codec = Some(match val()?.as_str() {
                     "zstd" => CodecId::ZSTD,
                     "lz4" => CodecId::LZ4,
                     "deflate" => CodecId::DEFLATE,
@@ -130,7 +140,7 @@ fn parse() -> anyhow::Result<Args> {
                     "delta" => CodecId::DELTA,
                     "raw" | "none" => CodecId::RAW,
                     o => bail!("unknown codec {o}"),
-                }
+                })
             }
             "--level" => a.level = Some(val()?.parse()?),
             "--transport" => {
@@ -149,6 +159,11 @@ fn parse() -> anyhow::Result<Args> {
             "--key" => a.key = Some(val()?),
             "--no-baseline" => a.baseline = false,
             "--json" => a.json = true,
+            "--accel" => a.accel = val()?.parse()?,
+            "--probe" => {
+                probe();
+                std::process::exit(0);
+            }
             o => bail!("unknown option {o}; see --help"),
         }
     }
@@ -156,6 +171,40 @@ fn parse() -> anyhow::Result<Args> {
         bail!("--memory and --channels must be at least 1");
     }
     Ok(a)
+}
+
+/// `--probe`: what this host offers the IAA backend, and why any of it is unusable.
+fn probe() {
+    let d = pagewire_accel::iaa::wq::discover(
+        Path::new(pagewire_accel::iaa::wq::SYSFS_DEVICES),
+        Path::new(pagewire_accel::iaa::wq::DEV_IAX),
+    );
+    println!(
+        "IAA kernel work queues ({}):",
+        pagewire_accel::iaa::wq::SYSFS_DEVICES
+    );
+    print!("{d}");
+    match d.usable() {
+        Some(w) => println!("--accel auto will use {}", w.dev.display()),
+        None => println!(
+            "--accel auto will use the software codecs; --accel model runs the IAA backend on \
+             its device model (software standing in for the device)"
+        ),
+    }
+    let vfio = Path::new("/dev/vfio/vfio").exists();
+    println!(
+        "VFIO: /dev/vfio/vfio {}; this build {} the VFIO portal",
+        if vfio {
+            "present"
+        } else {
+            "absent (no vfio module loaded)"
+        },
+        if cfg!(feature = "vfio") {
+            "has"
+        } else {
+            "does not have"
+        }
+    );
 }
 
 /// Plain blocking-socket copy loop with `channels` connections over loopback, or over a
@@ -264,6 +313,10 @@ fn main() -> anyhow::Result<()> {
         }],
     )?;
     let memory = Arc::new(GuestMemory::anonymous(&layout)?);
+    let codec = args.codec.unwrap_or(match args.accel {
+        pagewire::BackendChoice::Iaa(_) => CodecId::DEFLATE_4K,
+        _ => CodecId::ZSTD,
+    });
     let t = Instant::now();
     match &args.fill_from {
         Some(path) => {
@@ -274,11 +327,12 @@ fn main() -> anyhow::Result<()> {
     }
     if !args.json {
         eprintln!(
-            "filled {} MiB in {:.2} s; migrating with {} channel(s), codec {:?}, over {}",
+            "filled {} MiB in {:.2} s; migrating with {} channel(s), codec {:?}, accel {:?}, over {}",
             args.memory_mib,
             t.elapsed().as_secs_f64(),
             args.channels,
-            args.codec,
+            codec,
+            args.accel,
             args.unix
                 .as_ref()
                 .map_or("TCP loopback".into(), |p| format!("unix:{}", p.display()))
@@ -317,11 +371,12 @@ fn main() -> anyhow::Result<()> {
     );
     let mut cfg = SourceConfig::new(session, auth);
     cfg.channels = args.channels;
-    cfg.codec = args.codec;
+    cfg.codec = codec;
     if let Some(l) = args.level {
         cfg.level = l;
     }
     cfg.backend = backend;
+    cfg.accel = args.accel.clone();
     cfg.checksum = args.checksum;
     cfg.bandwidth_limit = args.bandwidth_mbit * 1_000_000 / 8;
     cfg.precopy.downtime_limit = Duration::from_millis(args.downtime_ms);

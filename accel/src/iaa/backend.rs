@@ -7,10 +7,12 @@
 //!   streams are packed into the job's payload with their length table.
 //! - Decode: each compressed page is inflated by the device from the payload straight
 //!   into its destination guest page; raw pages are copied by the CPU.
-//! - Submission: `ENQCMD` on a shared queue is retried up to [`IaaConfig::retries`]
-//!   times; a dedicated queue never gets more descriptors than it has entries (the
-//!   backend reaps completions to make room, within the same retry budget). A queue
-//!   still busy after that sends the job to software at once
+//! - Submission: the backend never has more of its own descriptors on the device
+//!   than the queue has entries (it waits for its oldest to complete, which a
+//!   dedicated queue requires and which keeps a shared one from refusing it for its
+//!   own load); `ENQCMD` refused by a shared queue (other submitters) is retried up
+//!   to [`IaaConfig::retries`] times. A queue still busy after that sends the job to
+//!   software at once
 //!   ([`FallbackCause::QueueFull`]), as soon as its descriptors already on the device
 //!   have completed (their buffers are the job's).
 //! - Completion: records are polled; with a timeout, the backend waits on the oldest
@@ -33,7 +35,7 @@ use std::time::Instant;
 use pagewire_protocol::CodecId;
 
 use super::desc::{CompletionRecord, Descriptor, Status};
-use super::portal::{CpuFeatures, Enqueue, Portal, WqMode, wait_record};
+use super::portal::{CpuFeatures, Enqueue, Portal, wait_record};
 use crate::codec::{CodecError, Level, check_table, per_page_done};
 use crate::engine::{
     Backend, BackendKind, Completion, EngineError, FallbackCause, FormatCaps, Job, JobOp, Probe,
@@ -318,9 +320,11 @@ impl IaaBackend {
     /// Submits one descriptor of slot `s` with the retry budget; `false` when the
     /// queue stayed busy (or the device went away).
     fn enqueue(&mut self, s: usize, i: usize) -> bool {
-        if self.portal.mode() == WqMode::Dedicated && self.on_device >= self.portal.size() {
-            // A dedicated queue is full of our own descriptors: wait for the oldest
-            // to complete (bounded by the timeout), then count again.
+        if self.on_device >= self.portal.size() {
+            // The queue is full of our own descriptors (a dedicated queue must never
+            // get more; a shared one would only refuse them): wait for the oldest to
+            // complete (bounded by the timeout), then count again. Refusals of a
+            // shared queue then come from other submitters only.
             let until = Instant::now() + self.config.timeout;
             while self.on_device >= self.portal.size() && Instant::now() < until {
                 self.reap();
