@@ -348,6 +348,7 @@ fn main() -> anyhow::Result<()> {
     };
     let mut dcfg = DestinationConfig::new(session, auth.clone());
     dcfg.backend = backend;
+    dcfg.accel = args.accel.clone();
     dcfg.checksum = args.checksum;
     let endpoint = match &args.unix {
         Some(path) => Endpoint::Unix(path.clone()),
@@ -437,6 +438,12 @@ fn main() -> anyhow::Result<()> {
             migrated.stats.placed_bytes as f64 / (1 << 20) as f64,
             migrated.stats.prefault_ms
         );
+        if migrated.stats.hw_decodes > 0 {
+            println!(
+                "destination engine:    {} frames decoded on the hardware backend, {} handed to software",
+                migrated.stats.hw_decodes, migrated.stats.hw_fallbacks
+            );
+        }
         if let Some(c) = ceiling {
             println!(
                 "plain-socket ceiling:  {c:.0} Mbit/s with {} connection(s) in this run; migration moved guest memory at {:.0} Mbit/s ({:.2}x the ceiling)",

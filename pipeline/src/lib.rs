@@ -19,6 +19,7 @@ pub mod destination;
 pub mod device;
 pub mod dirty;
 pub mod error;
+mod hwdecode;
 pub mod limit;
 pub mod memory;
 pub mod migrate;

@@ -12,9 +12,18 @@ use pagewire_accel::BackendChoice;
 use pagewire_protocol::{Authentication, CodecId};
 
 fn migrate_on(accel: &str) -> pagewire::MigrationStats {
+    migrate_both(accel, "software").0
+}
+
+/// Migrates with the source engine on `accel` and the destination's on `dst_accel`.
+fn migrate_both(
+    accel: &str,
+    dst_accel: &str,
+) -> (pagewire::MigrationStats, pagewire::DestinationStats) {
     let src_mem = memory(16);
     fill(&src_mem, 11);
-    let dcfg = DestinationConfig::new(session(9), Authentication::None);
+    let mut dcfg = DestinationConfig::new(session(9), Authentication::None);
+    dcfg.accel = dst_accel.parse::<BackendChoice>().unwrap();
     let listener = DestinationListener::bind(loopback(), dcfg).unwrap();
     let addr = listener.local_addr().unwrap();
     let dst = std::thread::spawn(move || listener.accept(None).and_then(|d| d.wait()));
@@ -37,7 +46,17 @@ fn migrate_on(accel: &str) -> pagewire::MigrationStats {
     );
     assert_eq!(stats.status, "completed");
     assert_eq!(stats.engine.backend, "iaa", "{accel}: {stats}");
-    stats
+    (stats, migrated.stats)
+}
+
+#[test]
+fn the_destination_decodes_on_the_iaa_model_straight_into_guest_pages() {
+    let (_, d) = migrate_both("model", "model");
+    assert!(d.hw_decodes > 0, "{d:?}");
+    assert_eq!(d.hw_fallbacks, 0, "{d:?}");
+    // Faults on the destination's device: frames go to software, memory still equal.
+    let (_, d) = migrate_both("model", "model:page-fault/2");
+    assert!(d.hw_decodes > 0 && d.hw_fallbacks > 0, "{d:?}");
 }
 
 #[test]

@@ -32,7 +32,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounde
 
 use super::desc::{Completed, CompletionRecord, Descriptor, Status, opcode};
 use super::portal::{Enqueue, Portal, WqMode};
-use crate::codec::deflate::{WINDOW_4K, compress_fixed_window, inflate_max_distance};
+use crate::codec::deflate::{Inflater, WINDOW_4K, compress_fixed_window, inflate_max_distance};
 use crate::engine::{ModelFault, ModelFaults};
 
 /// Refusals in one injected queue-full burst: more than any submitter retries.
@@ -240,6 +240,7 @@ impl Drop for DeviceModel {
 fn engine(rx: &Receiver<(u64, Descriptor)>, shared: &Shared) {
     let mut src = Vec::new();
     let mut out = Vec::new();
+    let mut inflater = None;
     loop {
         let (index, desc) = match rx.recv_timeout(Duration::from_millis(50)) {
             Ok(d) => d,
@@ -257,7 +258,7 @@ fn engine(rx: &Receiver<(u64, Descriptor)>, shared: &Shared) {
             shared.counters.injected.fetch_add(1, Ordering::Relaxed);
             continue; // never completes
         }
-        let mut rec = execute(&desc, &mut src, &mut out);
+        let mut rec = execute(&desc, &mut src, &mut out, &mut inflater);
         if rec.status == Status::SUCCESS.0 && due(ModelFault::PageFault) {
             shared.counters.injected.fetch_add(1, Ordering::Relaxed);
             rec = partial_fault(&desc);
@@ -297,7 +298,12 @@ fn partial_fault(desc: &Descriptor) -> Completed {
 }
 
 /// Runs one descriptor and returns its completion record (written by the caller).
-fn execute(desc: &Descriptor, src: &mut Vec<u8>, out: &mut Vec<u8>) -> Completed {
+fn execute(
+    desc: &Descriptor,
+    src: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+    inflater: &mut Option<Option<Inflater>>,
+) -> Completed {
     let fail = |s: Status| Completed {
         status: s.0,
         ..Default::default()
@@ -333,9 +339,19 @@ fn execute(desc: &Descriptor, src: &mut Vec<u8>, out: &mut Vec<u8>) -> Completed
         }
     } else {
         // The model inflates streams whose output is exactly the destination size,
-        // which is how the backend uses the device (one page per descriptor).
-        match inflate_max_distance(src, out) {
-            Some(d) if d <= WINDOW_4K => max_dst,
+        // which is how the backend uses the device (one page per descriptor). Up to
+        // 4 KiB of output no back-reference can reach further than the history, so
+        // libdeflate does it; beyond, the checking inflater refuses longer ones.
+        let ok = if max_dst <= WINDOW_4K {
+            inflater
+                .get_or_insert_with(Inflater::new)
+                .as_mut()
+                .is_some_and(|i| i.inflate_exact(src, out))
+        } else {
+            inflate_max_distance(src, out).is_some_and(|d| d <= WINDOW_4K)
+        };
+        match ok {
+            true => max_dst,
             _ => {
                 return Completed {
                     status: Status::ANALYTICS_ERROR.0,

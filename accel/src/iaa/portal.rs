@@ -154,8 +154,8 @@ pub unsafe fn movdir64b(portal: *mut u8, desc: &Descriptor) {
 
 /// Waits until `record` is written or `until` passes: `UMONITOR` on the record and
 /// `UMWAIT` (C0.2 light sleep, bounded by a TSC deadline) when the CPU has WAITPKG,
-/// else a spin with `pause` that yields the core every 64 rounds. Returns whether the
-/// record was written.
+/// else a spin with `pause` that yields the core every 64 rounds and, after 4096
+/// rounds, sleeps 20 µs at a time. Returns whether the record was written.
 pub fn wait_record(record: &CompletionRecord, until: Instant, cpu: CpuFeatures) -> bool {
     let mut spins = 0u32;
     loop {
@@ -175,7 +175,10 @@ pub fn wait_record(record: &CompletionRecord, until: Instant, cpu: CpuFeatures) 
         }
         let _ = cpu;
         spins += 1;
-        if spins.is_multiple_of(64) {
+        if spins > 4096 {
+            // Long waits (a slow device, a shared core): stop burning the core.
+            std::thread::sleep(std::time::Duration::from_micros(20));
+        } else if spins.is_multiple_of(64) {
             std::thread::yield_now();
         } else {
             core::hint::spin_loop();
