@@ -1017,6 +1017,7 @@ impl Receiver {
         memory: &GuestMemory,
         p: &PageFrame<'_>,
     ) -> Result<bool, pagewire_accel::CodecError> {
+        hw.map(memory)?;
         runs.clear();
         for run in p.data_runs.iter() {
             let Some((ptr, _)) = memory.span(p.region, run.start.0, u64::from(run.count)) else {

@@ -20,6 +20,8 @@ use crate::error::MigrationError;
 /// One receiver's hardware decoder.
 pub(crate) struct Decoder {
     engine: Engine,
+    /// Whether guest memory was mapped for the device (once per migration).
+    mapped: bool,
 }
 
 /// The most a decode may take on the device before the receiver gives up on it.
@@ -49,7 +51,35 @@ impl Decoder {
             SoftwareConfig::default(),
         )
         .map_err(|e| MigrationError::Config(format!("destination codec engine: {e}")))?;
-        Ok((engine.probe().backend != BackendKind::Software).then_some(Decoder { engine }))
+        Ok(
+            (engine.probe().backend != BackendKind::Software).then_some(Decoder {
+                engine,
+                mapped: false,
+            }),
+        )
+    }
+
+    /// Maps guest memory for the device the first time (a no-op unless it reaches
+    /// memory through an IOMMU mapping, as IAA over VFIO does).
+    pub(crate) fn map(&mut self, memory: &crate::GuestMemory) -> Result<(), CodecError> {
+        if self.mapped {
+            return Ok(());
+        }
+        for region in memory.region_ids() {
+            let pages = memory.pages(region).unwrap_or(0);
+            if let Some((ptr, len)) = memory.span(region, 0, pages) {
+                // SAFETY: the destination's guest memory outlives its receivers (and
+                // so this engine) and is written only through raw pointers.
+                unsafe { self.engine.map_memory(ptr.as_ptr(), len) }.map_err(|_| {
+                    CodecError::Corrupt {
+                        codec: CodecId::RAW,
+                        detail: "guest memory could not be mapped for the codec device",
+                    }
+                })?;
+            }
+        }
+        self.mapped = true;
+        Ok(())
     }
 
     /// Whether the hardware decodes `codec` itself.

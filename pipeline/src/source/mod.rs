@@ -285,6 +285,18 @@ impl Source {
                     queue_depth: config.queue_depth,
                 },
             )?;
+            let mut engine = engine;
+            // A device that reaches memory through an IOMMU mapping (IAA over VFIO)
+            // gets guest memory mapped once per migration; a no-op for the others.
+            for region in memory.region_ids() {
+                let pages = memory.pages(region).unwrap_or(0);
+                if let Some((ptr, len)) = memory.span(region, 0, pages) {
+                    // SAFETY: the region stays mapped as long as `memory`, which the
+                    // workers (and so the engine) hold; the engine's backends touch it
+                    // through raw pointers only.
+                    unsafe { engine.map_memory(ptr.as_ptr(), len) }?;
+                }
+            }
             let counters = Arc::new(Counters::default());
             let bytes_sent = Arc::new(AtomicU64::new(0));
             let estats = Arc::new(std::sync::Mutex::new(engine.stats()));

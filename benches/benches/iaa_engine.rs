@@ -1,0 +1,163 @@
+//! Engine overhead per frame of the IAA hardware path (submit, poll, complete) on the
+//! IAA **device model**, against the software path, in the same run.
+//!
+//! The device model does the compression on its own threads, as a device would, so
+//! the caller-side time of the IAA path is the engine's overhead: building one
+//! descriptor per page, submitting, polling completion records, packing the streams
+//! into the payload. The software path's caller-side time is the whole encode (the
+//! inline software backend compresses on the caller's thread). Both encode the same
+//! frames with `deflate-4k`; the figures are per frame of 16 × 4 KiB pages. The
+//! model's own speed says nothing about IAA hardware; only the overhead figure
+//! transfers (the CPU work a real IAA would leave to the caller).
+//!
+//! Run: `cargo bench -p pagewire-benches --bench iaa_engine`.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use pagewire_accel::iaa::{DeviceModel, IaaBackend, IaaConfig, ModelConfig};
+use pagewire_accel::{
+    EncodeParams, Engine, EngineConfig, Level, PageKey, PageSize, PoolBuf, SoftwareConfig, Tag,
+    thread_cpu_time,
+};
+use pagewire_protocol::CodecId;
+
+const PAGES: usize = 16;
+const FRAMES: usize = 3000;
+
+fn text(seed: u64) -> Vec<u8> {
+    let words = [
+        "guest ", "memory ", "page ", "frame ", "round ", "dirty ", "\n", "0x7f3a ",
+    ];
+    let mut v = Vec::with_capacity(PAGES * 4096);
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    while v.len() < PAGES * 4096 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(words[(x % words.len() as u64) as usize].as_bytes());
+    }
+    v.truncate(PAGES * 4096);
+    v
+}
+
+struct Figures {
+    /// Caller-thread CPU inside submit and poll, per frame.
+    caller_cpu_us: f64,
+    /// Wall time inside submit and the polls that returned completions, per frame.
+    call_us: f64,
+    /// Wall time of the whole run, per frame.
+    wall_us: f64,
+    ratio: f64,
+}
+
+fn run(engine: &mut Engine, frames: &[Vec<u8>]) -> Figures {
+    let mut in_calls = Duration::ZERO;
+    let start = Instant::now();
+    let cpu0 = thread_cpu_time();
+    let mut waiting = Duration::ZERO;
+    let mut next = 0;
+    let mut done_n = 0;
+    let mut done = Vec::new();
+    let (mut bytes_in, mut bytes_out) = (0usize, 0usize);
+    let mut batch = VecDeque::new();
+    while done_n < frames.len() {
+        while next < frames.len() && batch.len() < 8 {
+            let Some(mut job) = engine.job() else { break };
+            job.encode_buf(
+                Tag(next as u64),
+                EncodeParams::new(CodecId::DEFLATE_4K, Level::DEFAULT),
+                PoolBuf::from_vec(frames[next].clone()),
+                PageKey(0),
+            )
+            .expect("pages");
+            batch.push_back(job);
+            next += 1;
+        }
+        let t = Instant::now();
+        engine.submit(&mut batch).expect("submit");
+        let n = engine.poll(&mut done, 64, None).expect("poll");
+        in_calls += t.elapsed();
+        if n == 0 {
+            // Waiting for the device is not engine overhead: sleep it off.
+            let w = Instant::now();
+            std::thread::sleep(Duration::from_micros(50));
+            waiting += w.elapsed();
+        }
+        for c in done.drain(..) {
+            let o = c.encoded().expect("encoded");
+            bytes_in += o.bytes_in;
+            bytes_out += o.bytes_out();
+            done_n += 1;
+        }
+    }
+    let cpu = thread_cpu_time().saturating_sub(cpu0);
+    let n = frames.len() as f64;
+    Figures {
+        caller_cpu_us: cpu.as_secs_f64() * 1e6 / n,
+        call_us: in_calls.as_secs_f64() * 1e6 / n,
+        wall_us: start.elapsed().as_secs_f64() * 1e6 / n,
+        ratio: bytes_in as f64 / bytes_out.max(1) as f64,
+    }
+}
+
+fn config() -> EngineConfig {
+    EngineConfig {
+        max_pages: PAGES,
+        requests: 16,
+        buffers: 32,
+        ..Default::default()
+    }
+}
+
+fn main() {
+    // `cargo bench` passes --bench; nothing else to parse.
+    let frames: Vec<Vec<u8>> = (0..FRAMES as u64).map(text).collect();
+    let mut software = Engine::software(
+        config(),
+        SoftwareConfig {
+            threads: 0,
+            queue_depth: 16,
+        },
+    )
+    .expect("engine");
+    let model = DeviceModel::new(ModelConfig::default()).expect("model");
+    let backend = IaaBackend::new(
+        Box::new(model),
+        IaaConfig {
+            slots: 16,
+            ..IaaConfig::new(PageSize::KIB4, PAGES)
+        },
+    )
+    .expect("backend");
+    let mut iaa = Engine::new(config(), Box::new(backend)).expect("engine");
+    // Warm up both, then alternate three measured runs each.
+    run(&mut software, &frames[..200]);
+    run(&mut iaa, &frames[..200]);
+    println!(
+        "engine overhead per frame ({PAGES} x 4 KiB pages, deflate-4k, {FRAMES} frames per run)"
+    );
+    println!("machine shared with other builds: figures are noisy, compare ratios within a run");
+    for round in 0..3 {
+        let sw = run(&mut software, &frames);
+        let hw = run(&mut iaa, &frames);
+        assert_eq!(
+            iaa.stats().hw_fallbacks,
+            0,
+            "the model run fell back to software"
+        );
+        println!(
+            "run {round}: software path  caller CPU {:7.1} us/frame, in calls {:7.1} us, wall {:7.1} us, ratio {:.2}",
+            sw.caller_cpu_us, sw.call_us, sw.wall_us, sw.ratio
+        );
+        println!(
+            "run {round}: IAA on model   caller CPU {:7.1} us/frame, in calls {:7.1} us, wall {:7.1} us, ratio {:.2}",
+            hw.caller_cpu_us, hw.call_us, hw.wall_us, hw.ratio
+        );
+        println!(
+            "run {round}: IAA-path engine overhead (caller CPU) = {:.3} x the software path's encode CPU; in-call time {:.3} x",
+            hw.caller_cpu_us / sw.caller_cpu_us,
+            hw.call_us / sw.call_us
+        );
+    }
+}
