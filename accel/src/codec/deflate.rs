@@ -575,3 +575,58 @@ mod window_tests {
         );
     }
 }
+
+#[cfg(test)]
+mod accept_tests {
+    use super::*;
+    use crate::codec::Codecs;
+    use crate::page::{PageKey, PageSize};
+    use crate::pages::PageListMut;
+    use pagewire_protocol::CodecId;
+
+    /// A non-final stored block of `data` (≤ 65535 bytes), as IAA writes when a
+    /// block does not compress.
+    fn stored(data: &[u8]) -> Vec<u8> {
+        let n = data.len() as u16;
+        let mut v = vec![0x00];
+        v.extend_from_slice(&n.to_le_bytes());
+        v.extend_from_slice(&(!n).to_le_bytes());
+        v.extend_from_slice(data);
+        v
+    }
+
+    #[test]
+    fn software_inflate_accepts_fixed_dynamic_and_stored_deflate_4k_pages() {
+        let page = |seed: u8| -> Vec<u8> { (0..4096u32).map(|i| (i / 7) as u8 ^ seed).collect() };
+        let pages = [page(1), page(2), page(3)];
+        let mut fixed = vec![0u8; 4096];
+        let n = compress_fixed_window(&pages[0], &mut fixed).expect("fixed fits");
+        fixed.truncate(n);
+        assert_eq!(fixed[0] & 0b111, 0b011, "BFINAL, fixed Huffman");
+        let mut c = libdeflater::Compressor::new(libdeflater::CompressionLvl::new(9).expect("lvl"));
+        let mut dynamic = vec![0u8; 4096];
+        let n = c.deflate_compress(&pages[1], &mut dynamic).expect("fits");
+        dynamic.truncate(n);
+        assert_eq!(dynamic[0] & 0b111, 0b101, "BFINAL, dynamic Huffman");
+        // A stored block of the first 1000 bytes, then a final fixed block.
+        let mut stored = stored(&pages[2][..1000]);
+        let mut rest = vec![0u8; 4096];
+        let n = compress_fixed_window(&pages[2][1000..], &mut rest).expect("fits");
+        stored.extend_from_slice(&rest[..n]);
+        assert!(stored.len() < 4096);
+        let payload = [fixed.clone(), dynamic.clone(), stored.clone()].concat();
+        let lengths = [
+            fixed.len() as u32,
+            dynamic.len() as u32,
+            stored.len() as u32,
+        ];
+        let mut back = vec![0u8; 3 * 4096];
+        let mut dst = PageListMut::new(PageSize::KIB4);
+        dst.push_slice(&mut back, PageKey(0)).expect("pages");
+        Codecs::new()
+            .decode(CodecId::DEFLATE_4K, &payload, &lengths, &mut dst)
+            .expect("every block type decodes");
+        drop(dst);
+        assert_eq!(back, pages.concat());
+    }
+}
