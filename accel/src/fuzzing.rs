@@ -129,9 +129,16 @@ pub fn decode_lz4(payload: &[u8], pages: u8) {
     drive(CodecId::LZ4, payload, &[], pages, &[]);
 }
 
-/// Drives the per-page deflate decoder with a claimed length table.
+/// Drives the per-page deflate decoder with a claimed length table; with the high bit
+/// of `pages` set, as `deflate-4k`, and the IAA device model's window-checking
+/// inflater over the payload too.
 pub fn decode_deflate(payload: &[u8], lengths: &[u32], pages: u8) {
-    drive(CodecId::DEFLATE, payload, lengths, pages, &[]);
+    if pages & 0x80 != 0 {
+        let _ = crate::codec::deflate::inflate_max_distance(payload, &mut [0u8; PS]);
+        drive(CodecId::DEFLATE_4K, payload, lengths, pages & 0x7f, &[]);
+    } else {
+        drive(CodecId::DEFLATE, payload, lengths, pages, &[]);
+    }
 }
 
 /// Drives the delta decoder; the destination pages start as `base` repeated.
