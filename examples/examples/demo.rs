@@ -440,8 +440,22 @@ fn main() -> anyhow::Result<()> {
         );
         if migrated.stats.hw_decodes > 0 {
             println!(
-                "destination engine:    {} frames decoded on the hardware backend, {} handed to software",
-                migrated.stats.hw_decodes, migrated.stats.hw_fallbacks
+                "destination engine:    {} frames given to the hardware backend, {} of them handed to software{}",
+                migrated.stats.hw_decodes,
+                migrated.stats.hw_fallbacks,
+                {
+                    let c: Vec<String> = migrated
+                        .stats
+                        .hw_fallback_causes
+                        .iter()
+                        .map(|(name, n)| format!("{name} {n}"))
+                        .collect();
+                    if c.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", c.join(", "))
+                    }
+                }
             );
         }
         if let Some(c) = ceiling {

@@ -75,12 +75,14 @@ pub struct DestinationStats {
     /// CPU the destination's threads used (receivers and the pre-fault thread; the
     /// receivers' share is counted when each ends).
     pub cpu: crate::stats::CpuSummary,
-    /// Frames decoded on a hardware codec engine ([`DestinationConfig::accel`]).
+    /// Frames given to a hardware codec engine ([`DestinationConfig::accel`]).
     ///
     /// [`DestinationConfig::accel`]: crate::DestinationConfig::accel
     pub hw_decodes: u64,
     /// Of those, frames the hardware handed to software.
     pub hw_fallbacks: u64,
+    /// Those per cause.
+    pub hw_fallback_causes: crate::stats::FallbackSummary,
 }
 
 /// A migration that completed: the memory, the device state and the statistics.
@@ -310,7 +312,7 @@ impl DestinationListener {
             prefault_ns: Arc::new(AtomicU64::new(0)),
             cpu_ns: Arc::new(AtomicU64::new(0)),
             hw_decodes: AtomicU64::new(0),
-            hw_fallbacks: AtomicU64::new(0),
+            hw_fallbacks: Mutex::new(pagewire_accel::FallbackCounts::default()),
             started: Instant::now(),
         });
         let mut threads = Vec::new();
@@ -589,7 +591,7 @@ struct Shared {
     cpu_ns: Arc<AtomicU64>,
     /// Frames decoded on hardware, and those handed to software.
     hw_decodes: AtomicU64,
-    hw_fallbacks: AtomicU64,
+    hw_fallbacks: Mutex<pagewire_accel::FallbackCounts>,
     /// When the channels were accepted.
     started: Instant,
 }
@@ -618,7 +620,14 @@ impl Shared {
             prefault_ms: self.prefault_ns.load(Ordering::Relaxed) as f64 / 1e6,
             apply_latency: self.apply.summary(),
             hw_decodes: self.hw_decodes.load(Ordering::Relaxed),
-            hw_fallbacks: self.hw_fallbacks.load(Ordering::Relaxed),
+            hw_fallbacks: self.hw_fallbacks.lock().map_or(0, |c| c.total()),
+            hw_fallback_causes: {
+                let mut s = crate::stats::FallbackSummary::default();
+                if let Ok(c) = self.hw_fallbacks.lock() {
+                    s.add(&c);
+                }
+                s
+            },
         }
     }
 
@@ -849,10 +858,10 @@ impl Receiver {
                                         )
                                         .map(|fell| {
                                             self.shared.hw_decodes.fetch_add(1, Ordering::Relaxed);
-                                            if fell {
-                                                self.shared
-                                                    .hw_fallbacks
-                                                    .fetch_add(1, Ordering::Relaxed);
+                                            if let (Some(cause), Ok(mut c)) =
+                                                (fell, self.shared.hw_fallbacks.lock())
+                                            {
+                                                c.add(cause);
                                             }
                                         })
                                     }
@@ -1009,14 +1018,14 @@ impl Receiver {
     }
 
     /// Decodes a frame on the hardware decoder, straight into the guest pages;
-    /// returns whether the hardware handed it to software.
+    /// returns why the hardware handed it to software, if it did.
     fn decode_hw(
         hw: &mut crate::hwdecode::Decoder,
         runs: &mut Vec<(*mut u8, u32, u64)>,
         lengths: &mut Vec<u32>,
         memory: &GuestMemory,
         p: &PageFrame<'_>,
-    ) -> Result<bool, pagewire_accel::CodecError> {
+    ) -> Result<Option<pagewire_accel::FallbackCause>, pagewire_accel::CodecError> {
         hw.map(memory)?;
         runs.clear();
         for run in p.data_runs.iter() {

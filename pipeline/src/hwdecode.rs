@@ -10,8 +10,8 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use pagewire_accel::{
-    BackendChoice, BackendKind, CodecError, Engine, EngineConfig, PageKey, PageSize, PoolBuf,
-    SoftwareConfig, Tag,
+    BackendChoice, BackendKind, CodecError, Engine, EngineConfig, FallbackCause, PageKey, PageSize,
+    PoolBuf, SoftwareConfig, Tag,
 };
 use pagewire_protocol::CodecId;
 
@@ -88,7 +88,7 @@ impl Decoder {
     }
 
     /// Decodes `payload` into the pages at `runs` (pointer, pages, first key) on the
-    /// device. Returns whether the hardware handed the job to software.
+    /// device. Returns why the hardware handed the job to software, if it did.
     ///
     /// # Safety
     /// Every run must be whole pages of writable memory that nobody else reads or
@@ -99,7 +99,7 @@ impl Decoder {
         payload: &[u8],
         lengths: &[u32],
         runs: &[(*mut u8, u32, u64)],
-    ) -> Result<bool, CodecError> {
+    ) -> Result<Option<FallbackCause>, CodecError> {
         let busy = CodecError::Corrupt {
             codec,
             detail: "the destination's codec engine has no free request",
@@ -141,6 +141,6 @@ impl Decoder {
         }
         let c = done.pop().ok_or(CodecError::NoPages { codec })?;
         c.status()?;
-        Ok(c.fallback().is_some())
+        Ok(c.fallback())
     }
 }

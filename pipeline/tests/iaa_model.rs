@@ -57,6 +57,7 @@ fn the_destination_decodes_on_the_iaa_model_straight_into_guest_pages() {
     // Faults on the destination's device: frames go to software, memory still equal.
     let (_, d) = migrate_both("model", "model:page-fault/2");
     assert!(d.hw_decodes > 0 && d.hw_fallbacks > 0, "{d:?}");
+    assert_eq!(d.hw_fallbacks, d.hw_fallback_causes.page_fault, "{d:?}");
 }
 
 #[test]
