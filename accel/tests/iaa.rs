@@ -165,7 +165,7 @@ fn without_faults_every_job_runs_on_the_model_and_round_trips() {
     // A shared queue with room for the batch; a dedicated queue smaller than one job
     // (the backend waits for its own descriptors to make room).
     for (mode, size) in [(WqMode::Shared, 128), (WqMode::Dedicated, 4)] {
-        let mut engine = model_engine(ModelFaults::default(), mode, size, Duration::from_secs(5));
+        let mut engine = model_engine(ModelFaults::default(), mode, size, Duration::from_secs(30));
         let causes = encode_decode(&mut engine, CodecId::DEFLATE_4K);
         assert!(causes.iter().all(Option::is_none), "{mode:?}: {causes:?}");
         let s = engine.stats();
@@ -187,7 +187,7 @@ fn queue_full_sends_the_frame_to_software_at_once() {
         fault: Some(ModelFault::QueueFull),
         every: 10,
     };
-    let mut engine = model_engine(faults, WqMode::Shared, 64, Duration::from_secs(5));
+    let mut engine = model_engine(faults, WqMode::Shared, 64, Duration::from_secs(30));
     let causes = encode_decode(&mut engine, CodecId::DEFLATE_4K);
     let n = causes
         .iter()
@@ -213,7 +213,7 @@ fn a_page_fault_is_touched_and_resubmitted_once_then_software() {
         every: 7,
     };
     let (mut engine, counters) =
-        model_engine_counted(faults, WqMode::Shared, 128, Duration::from_secs(5));
+        model_engine_counted(faults, WqMode::Shared, 128, Duration::from_secs(30));
     let causes = encode_decode(&mut engine, CodecId::DEFLATE_4K);
     let resolved = counters
         .faults_resolved
@@ -237,7 +237,7 @@ fn a_page_fault_is_touched_and_resubmitted_once_then_software() {
         fault: Some(ModelFault::PageFault),
         every: 1,
     };
-    let mut engine = model_engine(faults, WqMode::Dedicated, 16, Duration::from_secs(5));
+    let mut engine = model_engine(faults, WqMode::Dedicated, 16, Duration::from_secs(30));
     let causes = encode_decode(&mut engine, CodecId::DEFLATE_4K);
     let none = causes.iter().filter(|c| c.is_none()).count();
     assert_eq!(none, 3, "{causes:?}");
@@ -259,7 +259,7 @@ fn output_overflow_sends_a_compressed_page_raw_and_a_decode_to_software() {
         fault: Some(ModelFault::OutputOverflow),
         every: 5,
     };
-    let mut engine = model_engine(faults, WqMode::Shared, 64, Duration::from_secs(5));
+    let mut engine = model_engine(faults, WqMode::Shared, 64, Duration::from_secs(30));
     let causes = encode_decode(&mut engine, CodecId::DEFLATE_4K);
     // Encodes never fall back for an overflow (the page goes raw); decodes do.
     assert!(causes[..12].iter().all(Option::is_none), "{causes:?}");
@@ -307,7 +307,7 @@ fn a_device_disabled_mid_migration_sends_everything_after_to_software() {
         fault: Some(ModelFault::DeviceDisabled),
         every: 30,
     };
-    let mut engine = model_engine(faults, WqMode::Dedicated, 16, Duration::from_secs(5));
+    let mut engine = model_engine(faults, WqMode::Dedicated, 16, Duration::from_secs(30));
     let causes = encode_decode(&mut engine, CodecId::DEFLATE_4K);
     assert!(
         causes.iter().any(Option::is_none),

@@ -198,10 +198,15 @@ fn iaa_backend(portal: &IaaPortal, config: &EngineConfig) -> Result<Box<dyn Back
         backend: BackendKind::Iaa,
         reason,
     };
-    let iaa = IaaConfig {
+    let mut iaa = IaaConfig {
         slots: config.requests.clamp(1, 64),
         ..IaaConfig::new(config.page_size, config.max_pages)
     };
+    if let IaaPortal::Model(_) = portal {
+        // The model is software on shared cores: give its descriptors longer before
+        // calling them hung (a device takes microseconds; 2 s stays for hardware).
+        iaa.timeout = core::time::Duration::from_secs(10);
+    }
     let portal: Box<dyn crate::iaa::Portal> = match portal {
         IaaPortal::Model(faults) => Box::new(
             DeviceModel::new(ModelConfig {
