@@ -126,6 +126,9 @@ pub struct IaaBackend {
     /// Descriptors on the device (dedicated queues count them against the size).
     on_device: usize,
     lost: bool,
+    /// Descriptors were abandoned on the device (timeout, lost device): their
+    /// records and output pages must outlive anything the device might still do.
+    abandoned: bool,
     counters: Arc<IaaCounters>,
 }
 
@@ -205,6 +208,7 @@ impl IaaBackend {
             done: VecDeque::with_capacity(config.slots),
             on_device: 0,
             lost: false,
+            abandoned: false,
             counters: Arc::new(IaaCounters::default()),
             config,
         })
@@ -559,6 +563,7 @@ impl IaaBackend {
                 if !reuse {
                     // Descriptors may still be on the device: forget them, never
                     // reuse their records or output pages.
+                    self.abandoned |= self.slots[s].outstanding > 0;
                     self.on_device -= self.slots[s].outstanding.min(self.on_device);
                 }
                 self.active.remove(k);
@@ -566,6 +571,31 @@ impl IaaBackend {
             } else {
                 k += 1;
             }
+        }
+    }
+}
+
+impl Drop for IaaBackend {
+    fn drop(&mut self) {
+        // Descriptors still on the device write their records and outputs into the
+        // slots: wait for them (bounded by the timeout), and if any may still come,
+        // leak the slots rather than free memory a device could write.
+        let until = Instant::now() + self.config.timeout;
+        while self.on_device > 0 && self.portal.enabled() && Instant::now() < until {
+            self.reap();
+            match self.oldest_pending() {
+                Some(rec) => {
+                    wait_record(
+                        rec,
+                        (Instant::now() + Duration::from_millis(1)).min(until),
+                        self.cpu,
+                    );
+                }
+                None => break,
+            }
+        }
+        if self.on_device > 0 || self.abandoned {
+            std::mem::forget(std::mem::take(&mut self.slots));
         }
     }
 }
