@@ -118,8 +118,8 @@ code_point! {
         /// per-page lengths.
         DELTA = 0x0006 => "delta",
         /// Raw deflate like [`CodecId::DEFLATE`], with every back-reference at most
-        /// 4096 bytes long: the history an Intel IAA keeps, so an IAA may inflate it.
-        /// A receiver lists it to ask for streams its accelerator can take.
+        /// 4096 bytes long: the history an Intel IAA keeps, so a receiver's IAA may
+        /// inflate it (a plain deflate frame may need a 32 KiB window).
         DEFLATE_4K = 0x0007 => "deflate-4k",
     }
 }
