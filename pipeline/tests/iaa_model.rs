@@ -20,7 +20,7 @@ fn migrate_both(
     accel: &str,
     dst_accel: &str,
 ) -> (pagewire::MigrationStats, pagewire::DestinationStats) {
-    let src_mem = memory(16);
+    let src_mem = memory(8);
     fill(&src_mem, 11);
     let mut dcfg = DestinationConfig::new(session(9), Authentication::None);
     dcfg.accel = dst_accel.parse::<BackendChoice>().unwrap();
