@@ -129,9 +129,16 @@ pub fn decode_lz4(payload: &[u8], pages: u8) {
     drive(CodecId::LZ4, payload, &[], pages, &[]);
 }
 
-/// Drives the per-page deflate decoder with a claimed length table.
+/// Drives the per-page deflate decoder with a claimed length table; with the high bit
+/// of `pages` set, as `deflate-4k`, and the IAA device model's window-checking
+/// inflater over the payload too.
 pub fn decode_deflate(payload: &[u8], lengths: &[u32], pages: u8) {
-    drive(CodecId::DEFLATE, payload, lengths, pages, &[]);
+    if pages & 0x80 != 0 {
+        let _ = crate::codec::deflate::inflate_max_distance(payload, &mut [0u8; PS]);
+        drive(CodecId::DEFLATE_4K, payload, lengths, pages & 0x7f, &[]);
+    } else {
+        drive(CodecId::DEFLATE, payload, lengths, pages, &[]);
+    }
 }
 
 /// Drives the delta decoder; the destination pages start as `base` repeated.
@@ -151,12 +158,18 @@ pub fn decode_bytes(data: &[u8]) {
         1 => CodecId::ZERO,
         2 => CodecId::ZSTD,
         3 => CodecId::LZ4,
+        // The high bit of the page-count byte picks deflate-4k (same decoder, and the
+        // IAA device model's window-checking inflater over the payload).
+        4 if *pages & 0x80 != 0 => {
+            let _ = crate::codec::deflate::inflate_max_distance(rest, &mut [0u8; PS]);
+            CodecId::DEFLATE_4K
+        }
         4 => CodecId::DEFLATE,
         _ => CodecId::DELTA,
     };
     let mut lengths = [0u32; 8];
     let n = usize::from(pages % 9);
-    let (table, payload) = if codec == CodecId::DEFLATE || codec == CodecId::DELTA {
+    let (table, payload) = if crate::codec::layout(codec) == Some(crate::codec::Layout::PerPage) {
         let t = rest.len().min(2 * n);
         let (t, p) = rest.split_at(t);
         for (i, c) in t.chunks_exact(2).enumerate() {

@@ -25,7 +25,12 @@
 //!   [`Engine::poll`] completions matched by [`Tag`], out of order, each naming the
 //!   [`BackendKind`] that ran it. The [`SoftwareBackend`] runs jobs on worker threads
 //!   fed by lock-free queues, or inline; hardware backends implement [`Backend`].
-//! - [`stats`]: jobs, bytes, ratio per codec, raw fallbacks, busy rate, queue depth.
+//! - [`iaa`]: the Intel IAA backend: descriptors, portals (idxd work queue, VFIO
+//!   behind the `vfio` feature), and the IAA device model that tests it. Hardware
+//!   backends hand jobs they cannot finish back to the engine's software codecs
+//!   ([`engine::fallback`]); [`BackendChoice`] and [`Engine::build`] select a backend.
+//! - [`stats`]: jobs, bytes, ratio per codec, raw fallbacks, hardware fallbacks per
+//!   cause, busy rate, queue depth.
 //!
 //! # Driving the engine
 //! ```
@@ -69,6 +74,7 @@ pub mod cpu;
 pub mod engine;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod iaa;
 pub mod page;
 pub mod pages;
 pub mod pool;

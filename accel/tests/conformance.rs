@@ -15,6 +15,7 @@ fn compressors(pages: usize) -> Vec<EncodeParams> {
         EncodeParams::new(CodecId::LZ4, Level::DEFAULT),
         EncodeParams::new(CodecId::DEFLATE, Level(1)),
         EncodeParams::new(CodecId::DEFLATE, Level::DEFAULT),
+        EncodeParams::new(CodecId::DEFLATE_4K, Level::DEFAULT),
     ];
     if pages <= 4 {
         v.push(EncodeParams::new(CodecId::ZSTD, Level(19)));
@@ -40,7 +41,7 @@ fn check_frame(s: &dyn Subject, requested: CodecId, input: &[u8], e: &Encoded) {
             assert_eq!(e.payload, input, "{ctx}: raw payload is not the pages");
             assert!(e.lengths.is_empty(), "{ctx}: raw has no table");
         }
-        CodecId::DEFLATE | CodecId::DELTA => {
+        CodecId::DEFLATE | CodecId::DEFLATE_4K | CodecId::DELTA => {
             assert_eq!(
                 e.lengths.len(),
                 input.len() / PS,

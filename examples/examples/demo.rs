@@ -34,13 +34,21 @@ USAGE: demo [OPTIONS]
   --dirty-rate N        pages the guest rewrites per second (default 20000)
   --dirty-pattern P     random | sequential | hot:N (default random)
   --channels N          channels (default 2)
-  --codec C             zstd | lz4 | deflate | delta | raw | none | auto (default zstd;
-                        auto: chosen per frame from the measured link and codecs)
+  --codec C             zstd | lz4 | deflate | deflate-4k | delta | raw | none | auto
+                        (default zstd, deflate-4k with an IAA --accel; auto: chosen
+                        per frame from the measured link and codecs)
   --level N             codec level (zstd default 1, deflate 1)
-  --transport T         tcp | uring (default tcp; uring falls back to tcp if unusable)
-  --accel A             codec engine: auto | software | qat | iaa... (default auto);
+  --accel A             codec engine backend on both sides: auto | software | iaa |
+                        iaa:/dev/iax/wqX.Y | vfio:PCI_ADDRESS | model |
+                        model:FAULT[/N] (the IAA device model, injecting FAULT on every
+                        Nth descriptor: queue-full, page-fault, overflow, hang,
+                        disable) | qat (default auto: hardware if usable, else
+                        software). IAA runs deflate-4k (and deflate at 4 KiB pages);
                         PAGEWIRE_QATLIB=standin runs qat on the QAT stand-in library
                         (software behind qatlib's interface, not a device)
+  --probe               list the IAA devices and work queues found, say why any is
+                        unusable, and exit
+  --transport T         tcp | uring (default tcp; uring falls back to tcp if unusable)
   --unix PATH           migrate over a Unix socket at PATH (must not exist; removed
                         afterwards) instead of TCP loopback; the ceiling is measured
                         over a Unix socket at PATH.ceiling
@@ -63,7 +71,7 @@ struct Args {
     dirty_rate: u64,
     pattern: Pattern,
     channels: u16,
-    codec: CodecId,
+    codec: Option<CodecId>,
     /// `--codec auto`.
     auto: bool,
     level: Option<i32>,
@@ -89,7 +97,7 @@ fn parse() -> anyhow::Result<Args> {
         dirty_rate: 20_000,
         pattern: Pattern::Random,
         channels: 2,
-        codec: CodecId::ZSTD,
+        codec: None,
         auto: false,
         level: None,
         uring: false,
@@ -136,10 +144,11 @@ fn parse() -> anyhow::Result<Args> {
             }
             "--channels" => a.channels = val()?.parse()?,
             "--codec" => {
-                a.codec = match val()?.as_str() {
+                a.codec = Some(match val()?.as_str() {
                     "zstd" => CodecId::ZSTD,
                     "lz4" => CodecId::LZ4,
                     "deflate" => CodecId::DEFLATE,
+                    "deflate-4k" => CodecId::DEFLATE_4K,
                     "delta" => CodecId::DELTA,
                     "raw" | "none" => CodecId::RAW,
                     "auto" => {
@@ -147,7 +156,7 @@ fn parse() -> anyhow::Result<Args> {
                         CodecId::ZSTD
                     }
                     o => bail!("unknown codec {o}"),
-                }
+                })
             }
             "--level" => a.level = Some(val()?.parse()?),
             "--transport" => {
@@ -168,6 +177,10 @@ fn parse() -> anyhow::Result<Args> {
             "--no-baseline" => a.baseline = false,
             "--json" => a.json = true,
             o if a.tls.take(o, &mut val)? => {}
+            "--probe" => {
+                probe();
+                std::process::exit(0);
+            }
             o => bail!("unknown option {o}; see --help"),
         }
     }
@@ -175,6 +188,40 @@ fn parse() -> anyhow::Result<Args> {
         bail!("--memory and --channels must be at least 1");
     }
     Ok(a)
+}
+
+/// `--probe`: what this host offers the IAA backend, and why any of it is unusable.
+fn probe() {
+    let d = pagewire_accel::iaa::wq::discover(
+        Path::new(pagewire_accel::iaa::wq::SYSFS_DEVICES),
+        Path::new(pagewire_accel::iaa::wq::DEV_IAX),
+    );
+    println!(
+        "IAA kernel work queues ({}):",
+        pagewire_accel::iaa::wq::SYSFS_DEVICES
+    );
+    print!("{d}");
+    match d.usable() {
+        Some(w) => println!("--accel auto will use {}", w.dev.display()),
+        None => println!(
+            "--accel auto will use the software codecs; --accel model runs the IAA backend on \
+             its device model (software standing in for the device)"
+        ),
+    }
+    let vfio = Path::new("/dev/vfio/vfio").exists();
+    println!(
+        "VFIO: /dev/vfio/vfio {}; this build {} the VFIO portal",
+        if vfio {
+            "present"
+        } else {
+            "absent (no vfio module loaded)"
+        },
+        if cfg!(feature = "vfio") {
+            "has"
+        } else {
+            "does not have"
+        }
+    );
 }
 
 /// Plain blocking-socket copy loop with `channels` connections over loopback, or over a
@@ -283,6 +330,10 @@ fn main() -> anyhow::Result<()> {
         }],
     )?;
     let memory = Arc::new(GuestMemory::anonymous(&layout)?);
+    let codec = args.codec.unwrap_or(match args.accel {
+        pagewire::BackendChoice::Iaa(_) => CodecId::DEFLATE_4K,
+        _ => CodecId::ZSTD,
+    });
     let t = Instant::now();
     match &args.fill_from {
         Some(path) => {
@@ -298,15 +349,16 @@ fn main() -> anyhow::Result<()> {
     };
     if !args.json {
         eprintln!(
-            "filled {} MiB in {:.2} s; migrating with {} channel(s), codec {}, over {}{}",
+            "filled {} MiB in {:.2} s; migrating with {} channel(s), codec {}, accel {:?}, over {}{}",
             args.memory_mib,
             t.elapsed().as_secs_f64(),
             args.channels,
             if args.auto {
                 "auto".to_string()
             } else {
-                format!("{:?}", args.codec)
+                format!("{codec:?}")
             },
+            args.accel,
             args.unix
                 .as_ref()
                 .map_or("TCP loopback".into(), |p| format!("unix:{}", p.display())),
@@ -334,6 +386,7 @@ fn main() -> anyhow::Result<()> {
     };
     let mut dcfg = DestinationConfig::new(session, auth.clone());
     dcfg.backend = backend;
+    dcfg.accel = args.accel.clone();
     dcfg.checksum = args.checksum;
     if let Some((_, d)) = &tls {
         dcfg.encryption = Encryption::Tls(d.clone());
@@ -360,7 +413,7 @@ fn main() -> anyhow::Result<()> {
     );
     let mut cfg = SourceConfig::new(session, auth);
     cfg.channels = args.channels;
-    cfg.codec = args.codec;
+    cfg.codec = codec;
     if args.auto {
         cfg.adaptive = Some(pagewire::AdaptiveConfig::default());
     }
@@ -439,6 +492,26 @@ fn main() -> anyhow::Result<()> {
                 migrated.stats.tls_opened_bytes as f64 / (1 << 20) as f64,
                 migrated.stats.tls_copied_bytes as f64 / (1 << 20) as f64,
                 migrated.stats.tls_copied_bytes as f64 / migrated.stats.data_pages.max(1) as f64
+            );
+        }
+        if migrated.stats.hw_decodes > 0 {
+            println!(
+                "destination engine:    {} frames given to the hardware backend, {} of them handed to software{}",
+                migrated.stats.hw_decodes,
+                migrated.stats.hw_fallbacks,
+                {
+                    let c: Vec<String> = migrated
+                        .stats
+                        .hw_fallback_causes
+                        .iter()
+                        .map(|(name, n)| format!("{name} {n}"))
+                        .collect();
+                    if c.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", c.join(", "))
+                    }
+                }
             );
         }
         if let Some(c) = ceiling {

@@ -169,6 +169,13 @@ pub struct DestinationConfig {
     /// memory given to `accept` (`DestinationMemory::Given`), registered once per
     /// session; pages are pulled with RDMA READ after the rules are checked.
     pub backend: Backend,
+    /// Codec engine backend that decodes pages into guest memory: software (the
+    /// default: the receiver threads' own codecs), auto (a usable accelerator, else
+    /// software), or an IAA/QAT choice, which decodes the formats the hardware takes
+    /// (IAA: deflate-4k, and deflate at 4 KiB pages) straight into guest pages; jobs
+    /// the hardware gives up on run in software, counted in
+    /// [`DestinationStats::hw_fallbacks`](crate::DestinationStats::hw_fallbacks).
+    pub accel: BackendChoice,
     /// What the destination accepts from an authenticated source: guest memory,
     /// regions, channels, device-state sections and bytes. The destination never maps
     /// more guest memory than `limits.max_guest_bytes`, whatever LAYOUT says.
@@ -232,6 +239,7 @@ impl DestinationConfig {
             max_pages: 256,
             checksum: true,
             backend: Backend::Tcp,
+            accel: BackendChoice::Software,
             limits: DestinationLimits::default(),
             accept_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),

@@ -84,6 +84,14 @@ pub struct DestinationStats {
     /// CPU the destination's threads used (receivers and the pre-fault thread; the
     /// receivers' share is counted when each ends).
     pub cpu: crate::stats::CpuSummary,
+    /// Frames given to a hardware codec engine ([`DestinationConfig::accel`]).
+    ///
+    /// [`DestinationConfig::accel`]: crate::DestinationConfig::accel
+    pub hw_decodes: u64,
+    /// Of those, frames the hardware handed to software.
+    pub hw_fallbacks: u64,
+    /// Those per cause.
+    pub hw_fallback_causes: crate::stats::FallbackSummary,
 }
 
 /// A migration that completed: the memory, the device state and the statistics.
@@ -365,6 +373,8 @@ impl DestinationListener {
             tls_copied: AtomicU64::new(0),
             prefault_ns: Arc::new(AtomicU64::new(0)),
             cpu_ns: Arc::new(AtomicU64::new(0)),
+            hw_decodes: AtomicU64::new(0),
+            hw_fallbacks: Mutex::new(pagewire_accel::FallbackCounts::default()),
             started: Instant::now(),
         });
         let mut threads = Vec::new();
@@ -375,6 +385,8 @@ impl DestinationListener {
             }
             let shared2 = shared.clone();
             let backend = config.backend;
+            let accel = config.accel.clone();
+            let max_pages = config.max_pages;
             let scfg = scfg.clone();
             let t = std::thread::Builder::new()
                 .name(format!("pagewire-dst-{ch}"))
@@ -403,12 +415,22 @@ impl DestinationListener {
                             return Err(e);
                         }
                     };
+                    let hw =
+                        match crate::hwdecode::Decoder::new(&accel, shared2.page_size, max_pages) {
+                            Ok(d) => d,
+                            Err(e) => {
+                                shared2.fail(e.to_string());
+                                return Err(e);
+                            }
+                        };
                     let mut r = Receiver {
                         ch,
                         shared: shared2.clone(),
                         rules,
                         codecs: Codecs::new(),
                         lengths: Vec::new(),
+                        hw,
+                        runs: Vec::new(),
                     };
                     let cpu = pagewire_accel::thread_cpu_time();
                     let res = r.run(&mut channel);
@@ -642,6 +664,9 @@ struct Shared {
     prefault_ns: Arc<AtomicU64>,
     /// CPU nanoseconds of the receiver and pre-fault threads.
     cpu_ns: Arc<AtomicU64>,
+    /// Frames decoded on hardware, and those handed to software.
+    hw_decodes: AtomicU64,
+    hw_fallbacks: Mutex<pagewire_accel::FallbackCounts>,
     /// When the channels were accepted.
     started: Instant,
 }
@@ -673,6 +698,15 @@ impl Shared {
             tls_copied_bytes: self.tls_copied.load(Ordering::Relaxed),
             prefault_ms: self.prefault_ns.load(Ordering::Relaxed) as f64 / 1e6,
             apply_latency: self.apply.summary(),
+            hw_decodes: self.hw_decodes.load(Ordering::Relaxed),
+            hw_fallbacks: self.hw_fallbacks.lock().map_or(0, |c| c.total()),
+            hw_fallback_causes: {
+                let mut s = crate::stats::FallbackSummary::default();
+                if let Ok(c) = self.hw_fallbacks.lock() {
+                    s.add(&c);
+                }
+                s
+            },
         }
     }
 
@@ -788,6 +822,10 @@ struct Receiver {
     rules: DestinationChannel,
     codecs: Codecs,
     lengths: Vec<u32>,
+    /// The hardware decoder, when [`DestinationConfig::accel`] chose one.
+    hw: Option<crate::hwdecode::Decoder>,
+    /// Scratch: the frame's destination runs for the hardware decoder.
+    runs: Vec<(*mut u8, u32, u64)>,
 }
 
 /// What to do after a frame, once the channel's receive buffer is released.
@@ -923,11 +961,32 @@ impl Receiver {
                                 if self.shared.prefault == Prefault::Ahead {
                                     populate_data(memory, p);
                                 }
-                                Self::decode(&mut self.codecs, &mut self.lengths, memory, p)
-                                    .map_err(|source| MigrationError::Codec {
-                                        channel: ch,
-                                        source,
-                                    })?;
+                                let decoded = match &mut self.hw {
+                                    Some(hw) if hw.takes(p.codec) && !p.data_runs.is_empty() => {
+                                        Self::decode_hw(
+                                            hw,
+                                            &mut self.runs,
+                                            &mut self.lengths,
+                                            memory,
+                                            p,
+                                        )
+                                        .map(|fell| {
+                                            self.shared.hw_decodes.fetch_add(1, Ordering::Relaxed);
+                                            if let (Some(cause), Ok(mut c)) =
+                                                (fell, self.shared.hw_fallbacks.lock())
+                                            {
+                                                c.add(cause);
+                                            }
+                                        })
+                                    }
+                                    _ => {
+                                        Self::decode(&mut self.codecs, &mut self.lengths, memory, p)
+                                    }
+                                };
+                                decoded.map_err(|source| MigrationError::Codec {
+                                    channel: ch,
+                                    source,
+                                })?;
                                 Self::apply_runs(memory, p);
                                 self.count(p);
                                 self.shared.apply.record(t.elapsed());
@@ -1081,6 +1140,33 @@ impl Receiver {
             return Ok(());
         }
         codecs.decode(p.codec, p.payload, lengths, &mut dst)
+    }
+
+    /// Decodes a frame on the hardware decoder, straight into the guest pages;
+    /// returns why the hardware handed it to software, if it did.
+    fn decode_hw(
+        hw: &mut crate::hwdecode::Decoder,
+        runs: &mut Vec<(*mut u8, u32, u64)>,
+        lengths: &mut Vec<u32>,
+        memory: &GuestMemory,
+        p: &PageFrame<'_>,
+    ) -> Result<Option<pagewire_accel::FallbackCause>, pagewire_accel::CodecError> {
+        hw.map(memory)?;
+        runs.clear();
+        for run in p.data_runs.iter() {
+            let Some((ptr, _)) = memory.span(p.region, run.start.0, u64::from(run.count)) else {
+                return Err(pagewire_accel::CodecError::NoPages { codec: p.codec });
+            };
+            runs.push((ptr.as_ptr(), run.count, run.start.0));
+        }
+        lengths.clear();
+        if let Some(l) = &p.lengths {
+            lengths.extend(l.iter());
+        }
+        // SAFETY: as in `decode`: the runs lie inside a region of `memory`, which
+        // outlives the call; they are disjoint; the guest is not running here; and
+        // channel affinity keeps every other receiver away from these pages.
+        unsafe { hw.decode(p.codec, p.payload, lengths, runs) }
     }
 
     /// Waits until every channel ended the final round (the session's rules decide),

@@ -20,6 +20,7 @@ pub mod device;
 pub mod dirty;
 pub mod error;
 mod fresh;
+mod hwdecode;
 pub mod limit;
 pub mod memory;
 pub mod migrate;

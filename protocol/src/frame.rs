@@ -343,7 +343,7 @@ pub fn payload_layout(codec: CodecId) -> Option<PayloadLayout> {
     match codec {
         CodecId::ZERO => Some(PayloadLayout::Empty),
         CodecId::RAW | CodecId::ZSTD | CodecId::LZ4 => Some(PayloadLayout::Block),
-        CodecId::DEFLATE | CodecId::DELTA => Some(PayloadLayout::PerPage),
+        CodecId::DEFLATE | CodecId::DEFLATE_4K | CodecId::DELTA => Some(PayloadLayout::PerPage),
         _ => None,
     }
 }

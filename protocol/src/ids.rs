@@ -117,6 +117,10 @@ code_point! {
         /// XBZRLE-style delta of each page against the version the receiver holds;
         /// per-page lengths.
         DELTA = 0x0006 => "delta",
+        /// Raw deflate like [`CodecId::DEFLATE`], with every back-reference at most
+        /// 4096 bytes long: the history an Intel IAA keeps, so a receiver's IAA may
+        /// inflate it (a plain deflate frame may need a 32 KiB window).
+        DEFLATE_4K = 0x0007 => "deflate-4k",
     }
 }
 

@@ -63,6 +63,16 @@ fn samples() -> Vec<Sample> {
     let deflated = miniz_oxide::deflate::compress_to_vec(&deflate_pages[..4096], 6);
     let deflate_payload: Vec<u8> = [&deflated[..], &deflate_pages[4096..]].concat();
     let deflate_lengths = [deflated.len() as u32, 4096];
+    // deflate-4k: what an IAA writes for 4 KiB pages, a fixed-Huffman stream (miniz
+    // level 1 on a short page), a dynamic one, and a page sent raw; with 4 KiB pages
+    // no back-reference can reach past 4096 bytes.
+    let deflate_4k_pages: Vec<u8> =
+        [text_page(30), text_page(31), raw_pages[4096..].to_vec()].concat();
+    let fixed = miniz_oxide::deflate::compress_to_vec(&deflate_4k_pages[..4096], 1);
+    let dynamic = miniz_oxide::deflate::compress_to_vec(&deflate_4k_pages[4096..8192], 9);
+    let deflate_4k_payload: Vec<u8> =
+        [&fixed[..], &dynamic[..], &deflate_4k_pages[8192..]].concat();
+    let deflate_4k_lengths = [fixed.len() as u32, dynamic.len() as u32, 4096];
     let delta_payload = [0x00, 0x02, 0xde, 0xad, 0x10, 0x01, 0x7f];
     let mut delta_pages = vec![0u8; 3 * 4096];
     delta_pages[..2].copy_from_slice(&[0xde, 0xad]);
@@ -350,6 +360,21 @@ fn samples() -> Vec<Sample> {
             pages: Some(deflate_pages.clone()),
         },
         ps(
+            "pages_deflate_4k",
+            Frame::Pages(PageFrame {
+                codec: CodecId::DEFLATE_4K,
+                region: RegionId(0),
+                round: Round(1),
+                data_runs: WireList::Slice(&[run(64, 3)]),
+                zero_runs: WireList::Slice(&[]),
+                uniform_runs: WireList::Slice(&[]),
+                lengths: Some(WireList::Slice(&deflate_4k_lengths)),
+                crc: None,
+                payload: &deflate_4k_payload,
+            }),
+            &deflate_4k_pages,
+        ),
+        ps(
             "pages_delta",
             Frame::Pages(PageFrame {
                 codec: CodecId::DELTA,
@@ -442,7 +467,7 @@ fn decode_payload(p: &PageFrame<'_>) -> Vec<u8> {
             out
         }
         CodecId::LZ4 => lz4_flex::block::decompress(p.payload, n * ps).unwrap(),
-        CodecId::DEFLATE | CodecId::DELTA => {
+        CodecId::DEFLATE | CodecId::DEFLATE_4K | CodecId::DELTA => {
             let mut out = Vec::new();
             let mut at = 0usize;
             for len in p.lengths.unwrap().iter() {
@@ -451,7 +476,7 @@ fn decode_payload(p: &PageFrame<'_>) -> Vec<u8> {
                 at += len;
                 if len == ps {
                     out.extend_from_slice(bytes);
-                } else if p.codec == CodecId::DEFLATE {
+                } else if p.codec != CodecId::DELTA {
                     out.extend(miniz_oxide::inflate::decompress_to_vec(bytes).unwrap());
                 } else {
                     out.extend(apply_delta(bytes, ps));

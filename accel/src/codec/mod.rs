@@ -95,7 +95,7 @@ pub enum Layout {
 pub fn layout(codec: CodecId) -> Option<Layout> {
     match codec {
         CodecId::RAW | CodecId::ZSTD | CodecId::LZ4 => Some(Layout::Block),
-        CodecId::DEFLATE | CodecId::DELTA => Some(Layout::PerPage),
+        CodecId::DEFLATE | CodecId::DEFLATE_4K | CodecId::DELTA => Some(Layout::PerPage),
         CodecId::ZERO => Some(Layout::Empty),
         _ => None,
     }
@@ -108,7 +108,7 @@ pub fn level_range(codec: CodecId) -> Option<(Level, Level)> {
             let r = zstd::compression_level_range();
             Some((Level(*r.start()), Level(*r.end())))
         }
-        CodecId::DEFLATE => Some((Level(0), Level(12))),
+        CodecId::DEFLATE | CodecId::DEFLATE_4K => Some((Level(0), Level(12))),
         CodecId::RAW | CodecId::ZERO | CodecId::LZ4 | CodecId::DELTA => Some((Level(0), Level(0))),
         _ => None,
     }
@@ -122,6 +122,7 @@ pub const SOFTWARE_FORMATS: &[CodecId] = &[
     CodecId::LZ4,
     CodecId::DEFLATE,
     CodecId::DELTA,
+    CodecId::DEFLATE_4K,
 ];
 
 /// The payload buffer size an encode of `pages` pages needs: the raw size, or the lz4
@@ -136,7 +137,9 @@ pub fn max_payload_len(pages: usize, page_size: PageSize) -> usize {
 #[non_exhaustive]
 pub enum CodecError {
     /// A format the software codecs do not implement.
-    #[error("codec {0} is not supported; use one of raw, zero, zstd, lz4, deflate, delta")]
+    #[error(
+        "codec {0} is not supported; use one of raw, zero, zstd, lz4, deflate, delta, deflate-4k"
+    )]
     Unsupported(CodecId),
     /// A level outside the format's range.
     #[error("level {level} is out of range {min}..={max} for {codec}")]
@@ -480,7 +483,7 @@ impl Codecs {
                     _ => Ok(raw_from(params, input, payload, bytes_in)),
                 }
             }
-            CodecId::DEFLATE => {
+            CodecId::DEFLATE | CodecId::DEFLATE_4K => {
                 let lvl = if params.level == Level::DEFAULT {
                     6
                 } else {
@@ -503,9 +506,17 @@ impl Codecs {
                 for i in 0..n {
                     let (page, _) = page_input(src, i, &mut self.scratch)
                         .ok_or(CodecError::NoPages { codec })?;
-                    let len = match comp.deflate_compress(page, &mut payload[pos..pos + ps - 1]) {
+                    let out = &mut payload[pos..pos + ps - 1];
+                    // deflate-4k: libdeflate's 32 KiB window only matters on pages
+                    // longer than 4 KiB; those get the window-limited writer.
+                    let len = if codec == CodecId::DEFLATE_4K && ps > deflate::WINDOW_4K {
+                        deflate::compress_fixed_window(page, out).ok_or(())
+                    } else {
+                        comp.deflate_compress(page, out).map_err(|_| ())
+                    };
+                    let len = match len {
                         Ok(len) => len,
-                        Err(_) => {
+                        Err(()) => {
                             payload[pos..pos + ps].copy_from_slice(page);
                             ps
                         }
@@ -683,9 +694,9 @@ impl Codecs {
                 self.scratch = scratch;
                 result
             }
-            CodecId::DEFLATE | CodecId::DELTA => {
+            CodecId::DEFLATE | CodecId::DEFLATE_4K | CodecId::DELTA => {
                 check_table(codec, payload.len(), lengths, n, ps)?;
-                if codec == CodecId::DEFLATE && self.deflate_d.is_none() {
+                if codec != CodecId::DELTA && self.deflate_d.is_none() {
                     self.deflate_d =
                         Some(deflate::Inflater::new().ok_or(CodecError::OutOfMemory { codec })?);
                 }
@@ -761,7 +772,7 @@ fn raw_from(
 
 /// A per-page frame whose pages all went raw becomes a raw frame: the same bytes
 /// without the table.
-fn per_page_done(
+pub(crate) fn per_page_done(
     codec: CodecId,
     len: usize,
     bytes_in: usize,

@@ -224,6 +224,21 @@ pub trait Backend: Send {
     ) -> Result<usize, EngineError>;
     /// Jobs accepted and not yet returned.
     fn in_flight(&self) -> usize;
+
+    /// Makes `len` bytes at `addr` (guest memory, once per migration) reachable by
+    /// the backend's device; nothing to do for most backends. A VFIO device maps
+    /// them into its IOMMU container.
+    ///
+    /// # Safety
+    /// The range must stay allocated until the backend is dropped and be accessed
+    /// only through raw pointers while the device may read or write it.
+    ///
+    /// # Errors
+    /// [`EngineError::Backend`] when the mapping fails.
+    unsafe fn map_memory(&mut self, addr: *mut u8, len: usize) -> Result<(), EngineError> {
+        let _ = (addr, len);
+        Ok(())
+    }
 }
 
 /// What a job does.
@@ -880,20 +895,20 @@ impl Engine {
             let mut unsupported = false;
             if let Err(e) = self.check(&self.probe, &job) {
                 // A job the hardware cannot run but the software codecs can goes to
-                // software (counted), not back to the caller as an error.
-                // When neither can, the software codecs' reason is the one reported
-                // (they are the reference: lz4 at a bad level is `BadLevel`, not
-                // "unsupported by the device").
-                let software = if self.probe.backend == BackendKind::Software {
+                // software (counted), not back to the caller as an error; one neither
+                // can run gets the software codecs' (more precise) error.
+                let e = if self.probe.backend == BackendKind::Software {
                     Err(e)
                 } else {
                     self.check(&self.software_probe, &job)
                 };
-                unsupported = software.is_ok();
-                if let Err(e) = software {
-                    self.stats.rejected += 1;
-                    self.ready.push_back(job.fail(self.probe.backend, e));
-                    continue;
+                match e {
+                    Ok(()) => unsupported = true,
+                    Err(e) => {
+                        self.stats.rejected += 1;
+                        self.ready.push_back(job.fail(self.probe.backend, e));
+                        continue;
+                    }
                 }
             }
             if let JobOp::Encode(_) = job.op()
@@ -1006,6 +1021,19 @@ impl Engine {
         }
         self.stats.set_depth(Instant::now(), self.in_flight);
         Ok(done.len() - first)
+    }
+
+    /// Makes guest memory reachable by the backend's device (see
+    /// [`Backend::map_memory`]): call once per region per migration.
+    ///
+    /// # Safety
+    /// As [`Backend::map_memory`].
+    ///
+    /// # Errors
+    /// As [`Backend::map_memory`].
+    pub unsafe fn map_memory(&mut self, addr: *mut u8, len: usize) -> Result<(), EngineError> {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.backend.map_memory(addr, len) }
     }
 
     /// A snapshot of the statistics.

@@ -192,20 +192,40 @@ impl Engine {
 }
 
 /// Opens the IAA backend on `portal`.
-fn iaa_backend(
-    portal: &IaaPortal,
-    _config: &EngineConfig,
-) -> Result<Box<dyn Backend>, EngineError> {
-    let _ = portal;
-    Err(EngineError::Unavailable {
+fn iaa_backend(portal: &IaaPortal, config: &EngineConfig) -> Result<Box<dyn Backend>, EngineError> {
+    use crate::iaa::{DeviceModel, IaaBackend, IaaConfig, ModelConfig};
+    let unavailable = |reason: String| EngineError::Unavailable {
         backend: BackendKind::Iaa,
-        reason: "this build has no IAA backend".into(),
-    })
+        reason,
+    };
+    let mut iaa = IaaConfig {
+        slots: config.requests.clamp(1, 64),
+        ..IaaConfig::new(config.page_size, config.max_pages)
+    };
+    if let IaaPortal::Model(_) = portal {
+        // The model is software on shared cores: give its descriptors longer before
+        // calling them hung (a device takes microseconds; 2 s stays for hardware).
+        iaa.timeout = core::time::Duration::from_secs(10);
+    }
+    let portal: Box<dyn crate::iaa::Portal> = match portal {
+        IaaPortal::Model(faults) => Box::new(
+            DeviceModel::new(ModelConfig {
+                faults: *faults,
+                ..ModelConfig::default()
+            })
+            .map_err(EngineError::Spawn)?,
+        ),
+        IaaPortal::Wq(path) => {
+            crate::iaa::wq::open(path.as_deref()).map_err(|e| unavailable(e.to_string()))?
+        }
+        IaaPortal::Vfio(addr) => crate::iaa::open_vfio(addr).map_err(unavailable)?,
+    };
+    Ok(Box::new(IaaBackend::new(portal, iaa)?))
 }
 
 /// The IAA backend on the first usable kernel work queue, if any.
-fn iaa_auto(_config: &EngineConfig) -> Option<Box<dyn Backend>> {
-    None
+fn iaa_auto(config: &EngineConfig) -> Option<Box<dyn Backend>> {
+    iaa_backend(&IaaPortal::Wq(None), config).ok()
 }
 
 /// Opens the QAT backend through qatlib (or the libraries `PAGEWIRE_QATLIB` names).
@@ -274,8 +294,14 @@ mod tests {
         for choice in [BackendChoice::Software, BackendChoice::Auto] {
             let engine = Engine::build(&choice, EngineConfig::default(), SoftwareConfig::default())
                 .expect("engine");
-            // This machine has no accelerator: auto must land on software.
-            assert_eq!(engine.probe().backend, BackendKind::Software);
+            // Without a usable IAA work queue, auto lands on software.
+            let wq = crate::iaa::wq::discover(
+                std::path::Path::new(crate::iaa::wq::SYSFS_DEVICES),
+                std::path::Path::new(crate::iaa::wq::DEV_IAX),
+            );
+            if choice == BackendChoice::Software || wq.usable().is_none() {
+                assert_eq!(engine.probe().backend, BackendKind::Software);
+            }
         }
         assert!(matches!(
             Engine::build(

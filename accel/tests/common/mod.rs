@@ -322,6 +322,7 @@ impl Subject for Direct {
 /// the QAT backend on a private copy of the QAT stand-in library.
 pub struct EngineSubject {
     engine: Engine,
+    /// Software worker threads, or `usize::MAX` for the IAA device model.
     threads: usize,
     next_tag: u64,
     /// The stand-in the QAT engine runs on (kept loaded while it is used).
@@ -380,8 +381,37 @@ impl EngineSubject {
     fn expected_backend(&self, params: &EncodeParams) -> pagewire_accel::BackendKind {
         if self.qat.is_some() && params.codec == CodecId::DEFLATE {
             pagewire_accel::BackendKind::Qat
+        } else if self.threads == usize::MAX
+            && matches!(params.codec, CodecId::DEFLATE | CodecId::DEFLATE_4K)
+        {
+            // The IAA backend runs deflate itself; other formats go to software,
+            // counted as unsupported.
+            pagewire_accel::BackendKind::Iaa
         } else {
             pagewire_accel::BackendKind::Software
+        }
+    }
+
+    /// The engine on the IAA backend over the device model (no faults).
+    pub fn iaa_model() -> EngineSubject {
+        let config = EngineConfig {
+            max_pages: 64,
+            requests: 8,
+            buffers: 8,
+            delta: Some(delta_cache()),
+            ..Default::default()
+        };
+        let choice = pagewire_accel::BackendChoice::Iaa(pagewire_accel::IaaPortal::Model(
+            pagewire_accel::ModelFaults::default(),
+        ));
+        let engine =
+            Engine::build(&choice, config, SoftwareConfig::default()).expect("engine starts");
+        assert_eq!(engine.probe().backend, pagewire_accel::BackendKind::Iaa);
+        EngineSubject {
+            engine,
+            threads: usize::MAX,
+            next_tag: 1,
+            qat: None,
         }
     }
 
@@ -411,6 +441,8 @@ impl Subject for EngineSubject {
     fn name(&self) -> String {
         if self.qat.is_some() {
             "engine(QAT on the stand-in)".into()
+        } else if self.threads == usize::MAX {
+            "engine(IAA device model)".into()
         } else {
             format!("engine({} threads)", self.threads)
         }
@@ -448,7 +480,12 @@ impl Subject for EngineSubject {
         }
         let mut c = self.run(job);
         if c.status().is_ok() {
-            assert_eq!(c.backend(), self.expected_backend(&params), "{params:?}");
+            let want = self.expected_backend(&params);
+            assert_eq!(c.backend(), want, "{params:?}");
+            if self.threads == usize::MAX {
+                let hw = want == pagewire_accel::BackendKind::Iaa;
+                assert_eq!(c.fallback().is_some(), !hw, "{params:?}");
+            }
         }
         c.status()?;
         let out = c.encoded().expect("encode outcome");
@@ -526,5 +563,6 @@ pub fn subjects() -> Vec<Box<dyn Subject>> {
         Box::new(EngineSubject::new(0)),
         Box::new(EngineSubject::new(2)),
         Box::new(EngineSubject::qat()),
+        Box::new(EngineSubject::iaa_model()),
     ]
 }

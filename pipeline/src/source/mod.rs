@@ -284,23 +284,40 @@ impl Source {
             } else {
                 None
             };
-            let engine = Engine::build(
-                &config.accel,
-                EngineConfig {
-                    page_size: PageSize::new(page_size)
-                        .ok_or_else(|| MigrationError::Config("page size".into()))?,
-                    max_pages: negotiated.max_pages as usize,
-                    requests: config.queue_depth,
-                    buffers: config.queue_depth * 2,
-                    delta: delta.clone(),
-                },
-                SoftwareConfig {
-                    threads: config
-                        .codec_threads
-                        .unwrap_or_else(|| crate::config::codec_threads_for(config.channels)),
-                    queue_depth: config.queue_depth,
-                },
-            )?;
+            let engine_config = EngineConfig {
+                page_size: PageSize::new(page_size)
+                    .ok_or_else(|| MigrationError::Config("page size".into()))?,
+                max_pages: negotiated.max_pages as usize,
+                requests: config.queue_depth,
+                buffers: config.queue_depth * 2,
+                delta: delta.clone(),
+            };
+            let software = SoftwareConfig {
+                threads: config
+                    .codec_threads
+                    .unwrap_or_else(|| crate::config::codec_threads_for(config.channels)),
+                queue_depth: config.queue_depth,
+            };
+            let mut engine = Engine::build(&config.accel, engine_config.clone(), software)?;
+            // `auto` takes an accelerator only for a codec it runs itself; otherwise
+            // every frame would go through it to the software fallback.
+            if config.accel == pagewire_accel::BackendChoice::Auto
+                && engine.probe().backend != pagewire_accel::BackendKind::Software
+                && !engine.probe().can_encode(config.codec, Level::DEFAULT)
+            {
+                engine = Engine::software(engine_config, software)?;
+            }
+            // A device that reaches memory through an IOMMU mapping (IAA over VFIO)
+            // gets guest memory mapped once per migration; a no-op for the others.
+            for region in memory.region_ids() {
+                let pages = memory.pages(region).unwrap_or(0);
+                if let Some((ptr, len)) = memory.span(region, 0, pages) {
+                    // SAFETY: the region stays mapped as long as `memory`, which the
+                    // workers (and so the engine) hold; the engine's backends touch it
+                    // through raw pointers only.
+                    unsafe { engine.map_memory(ptr.as_ptr(), len) }?;
+                }
+            }
             let counters = Arc::new(Counters::default());
             let bytes_sent = Arc::new(AtomicU64::new(0));
             let estats = Arc::new(std::sync::Mutex::new(engine.stats()));

@@ -1,0 +1,373 @@
+//! The IAA **device model**: software standing in for an IAA work queue, behind the
+//! same [`Portal`] interface, for tests and `demo --accel model`. It is not a device
+//! and no figure measured on it says anything about IAA hardware.
+//!
+//! What it models:
+//! - a work queue of `size` entries, shared (a full queue refuses a submission, as
+//!   `ENQCMD` does) or dedicated (the submitter must count; an overfull submission is
+//!   a caller bug and is refused too);
+//! - `engines` worker threads that take descriptors from the queue and execute them
+//!   with the device's semantics, so completions come back out of order from
+//!   another thread: compress (0x43) with a 4 KiB history and the fixed Huffman code,
+//!   output capped at the maximum destination size (status `OUTPUT_OVERFLOW` when it
+//!   does not fit); decompress (0x42) of one complete stream into at most the maximum
+//!   destination size, refusing streams that reach back more than 4 KiB as an IAA
+//!   does (`ANALYTICS_ERROR`); any other opcode gets `BAD_OPCODE`;
+//! - memory access like a device with shared virtual addressing: it reads the source
+//!   and writes the destination and the completion record at the descriptor's
+//!   addresses, the record last with its status released;
+//! - faults on demand ([`ModelFaults`]): queue full (a burst of refusals longer than a
+//!   submitter's retry budget), a page fault with a partial completion (half the
+//!   source reported done, fault address and bytes completed set; the destination may
+//!   hold output written before the fault), an
+//!   output overflow, a hung descriptor (never completed), and the device disabled
+//!   (every later descriptor dropped, [`Portal::enabled`] false).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded};
+
+use super::desc::{Completed, CompletionRecord, Descriptor, Status, opcode};
+use super::portal::{Enqueue, Portal, WqMode};
+use crate::codec::deflate::{Inflater, WINDOW_4K, compress_fixed_window, inflate_max_distance};
+use crate::engine::{ModelFault, ModelFaults};
+
+/// Refusals in one injected queue-full burst: more than any submitter retries.
+pub const QUEUE_FULL_BURST: u64 = 1024;
+
+/// How the device model is built.
+#[derive(Clone, Copy, Debug)]
+pub struct ModelConfig {
+    /// Shared or dedicated work queue.
+    pub mode: WqMode,
+    /// Work queue entries.
+    pub size: usize,
+    /// Engines (worker threads) executing descriptors.
+    pub engines: usize,
+    /// Largest transfer per descriptor.
+    pub max_transfer: usize,
+    /// Faults to inject.
+    pub faults: ModelFaults,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            mode: WqMode::Shared,
+            size: 128,
+            engines: 2,
+            max_transfer: 2 << 20,
+            faults: ModelFaults::default(),
+        }
+    }
+}
+
+/// What the model did, for tests.
+#[derive(Debug, Default)]
+pub struct ModelCounters {
+    /// Descriptors accepted.
+    pub accepted: AtomicU64,
+    /// Submissions refused.
+    pub refused: AtomicU64,
+    /// Completion records written.
+    pub completed: AtomicU64,
+    /// Faults injected.
+    pub injected: AtomicU64,
+}
+
+struct Shared {
+    enabled: AtomicBool,
+    counters: ModelCounters,
+    faults: ModelFaults,
+    /// Refusals left in the current injected queue-full burst.
+    burst_left: AtomicU64,
+    /// The descriptor index whose queue-full burst was injected last.
+    last_burst: AtomicU64,
+}
+
+/// The device model (see the module documentation).
+pub struct DeviceModel {
+    config: ModelConfig,
+    tx: Option<Sender<(u64, Descriptor)>>,
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl core::fmt::Debug for DeviceModel {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("DeviceModel")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeviceModel {
+    /// Starts the model's engines.
+    ///
+    /// # Errors
+    /// The error of a thread that could not start.
+    pub fn new(config: ModelConfig) -> std::io::Result<DeviceModel> {
+        let (tx, rx) = bounded::<(u64, Descriptor)>(config.size.max(1));
+        let shared = Arc::new(Shared {
+            enabled: AtomicBool::new(true),
+            counters: ModelCounters::default(),
+            faults: config.faults,
+            burst_left: AtomicU64::new(0),
+            last_burst: AtomicU64::new(u64::MAX),
+        });
+        let mut workers = Vec::new();
+        for i in 0..config.engines.max(1) {
+            let rx = rx.clone();
+            let shared = shared.clone();
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("iaa-model-{i}"))
+                    .spawn(move || engine(&rx, &shared))?,
+            );
+        }
+        Ok(DeviceModel {
+            config,
+            tx: Some(tx),
+            shared,
+            workers,
+        })
+    }
+
+    /// The model's counters.
+    pub fn counters(&self) -> &ModelCounters {
+        &self.shared.counters
+    }
+
+    /// Disables the device now, as an administrator or a device error would.
+    pub fn disable(&self) {
+        self.shared.enabled.store(false, Ordering::Release);
+    }
+
+    fn fault_due(&self, index: u64, fault: ModelFault) -> bool {
+        self.shared.faults.fault == Some(fault)
+            && (index + 1).is_multiple_of(u64::from(self.shared.faults.every.max(1)))
+    }
+}
+
+impl Portal for DeviceModel {
+    fn describe(&self) -> String {
+        format!(
+            "IAA device model ({:?}, {} entries, {} engines{})",
+            self.config.mode,
+            self.config.size,
+            self.config.engines,
+            match self.config.faults.fault {
+                Some(f) => format!(
+                    ", injecting {} every {}",
+                    f.name(),
+                    self.config.faults.every
+                ),
+                None => String::new(),
+            }
+        )
+    }
+
+    fn mode(&self) -> WqMode {
+        self.config.mode
+    }
+
+    fn size(&self) -> usize {
+        self.config.size
+    }
+
+    fn max_transfer(&self) -> usize {
+        self.config.max_transfer
+    }
+
+    fn enabled(&self) -> bool {
+        self.shared.enabled.load(Ordering::Acquire)
+    }
+
+    unsafe fn submit(&mut self, desc: &Descriptor) -> Enqueue {
+        let c = &self.shared.counters;
+        if !self.enabled() {
+            c.refused.fetch_add(1, Ordering::Relaxed);
+            return Enqueue::Retry;
+        }
+        let index = c.accepted.load(Ordering::Relaxed);
+        if self.shared.burst_left.load(Ordering::Relaxed) > 0 {
+            self.shared.burst_left.fetch_sub(1, Ordering::Relaxed);
+            c.refused.fetch_add(1, Ordering::Relaxed);
+            return Enqueue::Retry;
+        }
+        if self.fault_due(index, ModelFault::QueueFull)
+            && self.shared.last_burst.swap(index, Ordering::Relaxed) != index
+        {
+            c.injected.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .burst_left
+                .store(QUEUE_FULL_BURST - 1, Ordering::Relaxed);
+            c.refused.fetch_add(1, Ordering::Relaxed);
+            return Enqueue::Retry;
+        }
+        if self.fault_due(index, ModelFault::DeviceDisabled) {
+            c.injected.fetch_add(1, Ordering::Relaxed);
+            self.disable();
+        }
+        let Some(tx) = self.tx.as_ref() else {
+            return Enqueue::Retry;
+        };
+        match tx.try_send((index, *desc)) {
+            Ok(()) => {
+                c.accepted.fetch_add(1, Ordering::Relaxed);
+                Enqueue::Accepted
+            }
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                c.refused.fetch_add(1, Ordering::Relaxed);
+                Enqueue::Retry
+            }
+        }
+    }
+}
+
+impl Drop for DeviceModel {
+    fn drop(&mut self) {
+        self.tx.take();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+fn engine(rx: &Receiver<(u64, Descriptor)>, shared: &Shared) {
+    let mut src = Vec::new();
+    let mut out = Vec::new();
+    let mut inflater = None;
+    loop {
+        let (index, desc) = match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(d) => d,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        if !shared.enabled.load(Ordering::Acquire) {
+            continue; // a disabled device drops what it holds
+        }
+        let due = |f| {
+            shared.faults.fault == Some(f)
+                && (index + 1).is_multiple_of(u64::from(shared.faults.every.max(1)))
+        };
+        if due(ModelFault::Hang) {
+            shared.counters.injected.fetch_add(1, Ordering::Relaxed);
+            continue; // never completes
+        }
+        let mut rec = execute(&desc, &mut src, &mut out, &mut inflater);
+        if rec.status == Status::SUCCESS.0 && due(ModelFault::PageFault) {
+            shared.counters.injected.fetch_add(1, Ordering::Relaxed);
+            rec = partial_fault(&desc);
+        } else if rec.status == Status::SUCCESS.0 && due(ModelFault::OutputOverflow) {
+            shared.counters.injected.fetch_add(1, Ordering::Relaxed);
+            rec = Completed {
+                status: Status::OUTPUT_OVERFLOW.0,
+                bytes_completed: desc.src1_size() / 2,
+                ..Default::default()
+            };
+        }
+        if desc.completion_addr() != 0 && desc.completion_addr().is_multiple_of(64) {
+            // SAFETY: the submitter's contract (`Portal::submit`) keeps the record
+            // live and unaccessed until it is written, which happens once, here.
+            unsafe { CompletionRecord::write_at(desc.completion_addr(), &rec) };
+            shared.counters.completed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A page fault half way through the source: the device stops there and reports
+/// what it did.
+fn partial_fault(desc: &Descriptor) -> Completed {
+    let half = desc.src1_size() / 2;
+    let on_write = desc.opcode() == opcode::DECOMPRESS;
+    Completed {
+        status: Status::PAGE_FAULT_NOBOF.0,
+        fault_on_write: on_write,
+        bytes_completed: half,
+        fault_addr: if on_write {
+            desc.dst_addr() + u64::from(desc.max_dst_size() / 2)
+        } else {
+            desc.src1_addr() + u64::from(half)
+        },
+        ..Default::default()
+    }
+}
+
+/// Runs one descriptor and returns its completion record (written by the caller).
+fn execute(
+    desc: &Descriptor,
+    src: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+    inflater: &mut Option<Option<Inflater>>,
+) -> Completed {
+    let fail = |s: Status| Completed {
+        status: s.0,
+        ..Default::default()
+    };
+    if !desc.completion_addr().is_multiple_of(64) {
+        return fail(Status::RECORD_ALIGN);
+    }
+    let op = desc.opcode();
+    if op != opcode::COMPRESS && op != opcode::DECOMPRESS {
+        return fail(Status::BAD_OPCODE);
+    }
+    let (src_len, max_dst) = (desc.src1_size() as usize, desc.max_dst_size() as usize);
+    if src_len == 0 || desc.src1_addr() == 0 || desc.dst_addr() == 0 || max_dst == 0 {
+        return fail(Status::INVALID_SIZE);
+    }
+    src.resize(src_len, 0);
+    // SAFETY: the submitter's contract makes the source readable for `src_len` bytes
+    // until the record is written; a device reads it with no regard for concurrent
+    // CPU writes, and so does this raw copy.
+    unsafe {
+        core::ptr::copy_nonoverlapping(desc.src1_addr() as *const u8, src.as_mut_ptr(), src_len)
+    };
+    out.resize(max_dst, 0);
+    let produced = if op == opcode::COMPRESS {
+        match compress_fixed_window(src, out) {
+            Some(n) => n,
+            None => {
+                return Completed {
+                    status: Status::OUTPUT_OVERFLOW.0,
+                    ..Default::default()
+                };
+            }
+        }
+    } else {
+        // The model inflates streams whose output is exactly the destination size,
+        // which is how the backend uses the device (one page per descriptor). Up to
+        // 4 KiB of output no back-reference can reach further than the history, so
+        // libdeflate does it; beyond, the checking inflater refuses longer ones.
+        let ok = if max_dst <= WINDOW_4K {
+            inflater
+                .get_or_insert_with(Inflater::new)
+                .as_mut()
+                .is_some_and(|i| i.inflate_exact(src, out))
+        } else {
+            inflate_max_distance(src, out).is_some_and(|d| d <= WINDOW_4K)
+        };
+        match ok {
+            true => max_dst,
+            _ => {
+                return Completed {
+                    status: Status::ANALYTICS_ERROR.0,
+                    error_code: 1,
+                    ..Default::default()
+                };
+            }
+        }
+    };
+    // SAFETY: the submitter's contract makes the destination writable for
+    // `max_dst` bytes (we write `produced ≤ max_dst`) and unaccessed by others.
+    unsafe { core::ptr::copy_nonoverlapping(out.as_ptr(), desc.dst_addr() as *mut u8, produced) };
+    Completed {
+        status: Status::SUCCESS.0,
+        bytes_completed: src_len as u32,
+        output_size: produced as u32,
+        ..Default::default()
+    }
+}
