@@ -64,6 +64,7 @@ use record::{HEADER, MAX_RECORD, Opened, Records};
 
 mod config;
 pub mod generate;
+mod pin;
 
 /// Entry points for the cargo-fuzz targets in `fuzz/`.
 #[doc(hidden)]
@@ -72,7 +73,8 @@ pub mod fuzzing {
 }
 mod record;
 
-pub use config::{Encryption, PemFiles, TlsConfig};
+pub use config::{Encryption, PemFiles, PinnedPemFiles, TlsConfig};
+pub use pin::NotPinned;
 
 /// The first byte of a TLS handshake record (`ContentType::handshake`).
 const TLS_HANDSHAKE: u8 = 0x16;
@@ -116,6 +118,9 @@ pub enum TlsError {
     /// The client certificate verifier could not be built (no usable CA).
     #[error("invalid TLS client verifier: {0}")]
     Verifier(String),
+    /// A certificate to pin is unusable (none given, or not a certificate).
+    #[error("cannot pin the peer certificates: {0}")]
+    Pinned(String),
     /// The server name is not a DNS name or IP address.
     #[error("{0:?} is not a valid TLS server name (a DNS name or an IP address)")]
     ServerName(String),
