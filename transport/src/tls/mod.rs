@@ -6,7 +6,10 @@
 //!   them travel inside TLS application data. Both sides authenticate with X.509
 //!   certificates (a destination requires a client certificate); the source checks
 //!   that the destination's certificate is valid for the configured server name
-//!   ([`TlsConfig`]).
+//!   ([`TlsConfig`]). Instead of a CA, a side may pin the peer's certificates
+//!   ([`TlsConfig::from_pinned_pem`]; module `pin`): then only the whole DER of a
+//!   pinned certificate is accepted, within its validity period, and the handshake
+//!   signature is verified with its key.
 //! - **No fallback**: a side is configured [`Encryption::Tls`] or
 //!   [`Encryption::Plaintext`]. A destination tells which one a connection speaks from
 //!   its first byte ([`looks_like_tls`]: a TLS handshake record starts with `0x16`, a
