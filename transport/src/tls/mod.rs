@@ -156,6 +156,8 @@ pub(crate) struct TlsCounters {
     pub(crate) sealed: u64,
     pub(crate) opened: u64,
     pub(crate) copied: u64,
+    /// Frames sealed into a records buffer too small for them (an allocation).
+    pub(crate) send_buffer_allocations: u64,
 }
 
 /// One channel's TLS session, driven without IO of its own (the channel reads and
@@ -429,9 +431,12 @@ impl TlsSession {
         out.append(&mut self.out);
     }
 
-    /// The records to send, taken (an io_uring send keeps them until it completes).
-    pub(crate) fn take_records(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.out)
+    /// The records to send, taken (an io_uring send keeps them until it completes);
+    /// `next` (emptied) receives the records sealed from now on, so that a buffer whose
+    /// send completed is sealed into again rather than a new one allocated.
+    pub(crate) fn take_records(&mut self, mut next: Vec<u8>) -> Vec<u8> {
+        next.clear();
+        std::mem::replace(&mut self.out, next)
     }
 
     /// Writes the records to send to `w`.
@@ -454,8 +459,11 @@ impl TlsSession {
     /// Seals a frame: its header and payload slices, in order, each copied once into
     /// the records to send and sealed there.
     pub(crate) fn seal_frame(&mut self, frame: &OutFrame) -> Result<(), ChannelError> {
-        self.out
-            .reserve(frame.wire_len() + (frame.wire_len() / record::MAX_PLAIN + 2) * 22);
+        let need = frame.wire_len() + (frame.wire_len() / record::MAX_PLAIN + 2) * 22;
+        if self.out.capacity() - self.out.len() < need {
+            self.counters.send_buffer_allocations += 1;
+        }
+        self.out.reserve(need);
         self.seal_bytes(&frame.header).map_err(ChannelError::Tls)?;
         for p in frame.payload.iter().filter(|p| !p.is_empty()) {
             self.seal_bytes(payload_bytes(p))
