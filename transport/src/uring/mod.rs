@@ -59,13 +59,14 @@
 //!   container policy, a kernel too old for an opcode or setup flag); the session layer
 //!   can fall back to TCP ([`crate::session::Backend::Uring`]).
 //! - **TLS** (`crate::tls`): a frame is sealed into one buffer of records, sent with
-//!   one `SENDMSG` (never `SEND_ZC`: the records are a fresh buffer, and loopback
+//!   one `SENDMSG` (never `SEND_ZC`: the records buffer is not registered, and loopback
 //!   copies anyway) and kept until it completes; the frame's payload slices are handed
-//!   back then, and the records buffer is kept (up to 4 of at most 2 MiB each) to seal a later frame into, so a
-//!   steady stream of frames allocates no new buffers. Received records are copied from the provided-buffer ring into the
-//!   session's buffer and opened there; raw pages are placed from the opened records
-//!   (no direct receive into destination memory: ciphertext must be authenticated
-//!   before a byte is placed).
+//!   back then, and the records buffer is kept (up to 4 of at most 2 MiB each) to seal
+//!   a later frame into, so a steady stream of frames allocates no new buffers.
+//!   Received records are copied from the provided-buffer ring into the session's
+//!   buffer and opened there; raw pages are placed from the opened records (no direct
+//!   receive into destination memory: ciphertext must be authenticated before a byte
+//!   is placed).
 //! - **Drop**: cancels what is in the kernel, shuts the socket and waits (bounded) for
 //!   every completion; memory the kernel still holds after that is leaked, never freed.
 
