@@ -232,16 +232,14 @@ fn a_wrong_server_name_is_refused() {
     );
 }
 
-#[test]
-fn expired_certificates_are_refused_on_either_side() {
-    // The destination's certificate expired: the source refuses it.
+/// With `configs` made from certificates of which one side's expired: the source
+/// refuses an expired destination certificate (saying it expired), the destination
+/// an expired source certificate (the source sees the alert, the destination gets no
+/// channel).
+fn expired_refused_on_either_side(session: u8, configs: impl Fn(&Pki) -> (TlsConfig, TlsConfig)) {
     let p = generate::pki_with("ca", &["localhost"], Validity::Current, Validity::Expired).unwrap();
-    let (src, dst) = tls_configs(
-        34,
-        1,
-        p.source_config("localhost").unwrap(),
-        p.destination_config().unwrap(),
-    );
+    let (s, d) = configs(&p);
+    let (src, dst) = tls_configs(session, 1, s, d);
     let e = attempt(&src, &dst).0.unwrap_err();
     assert!(
         matches!(
@@ -256,19 +254,24 @@ fn expired_certificates_are_refused_on_either_side() {
         ),
         "{e}"
     );
-    // The source's certificate expired: the destination refuses it, and says so.
     let p = generate::pki_with("ca", &["localhost"], Validity::Expired, Validity::Current).unwrap();
-    let (src, dst) = tls_configs(
-        35,
-        1,
-        p.source_config("localhost").unwrap(),
-        p.destination_config().unwrap(),
-    );
+    let (s, d) = configs(&p);
+    let (src, dst) = tls_configs(session + 1, 1, s, d);
     let (s, d) = attempt(&src, &dst);
     let e = s.unwrap_err();
     assert!(is_tls_failure(&e), "{e}");
     let d = d.unwrap_err();
     assert!(matches!(d, SessionError::Incomplete { have: 0, .. }), "{d}");
+}
+
+#[test]
+fn expired_certificates_are_refused_on_either_side() {
+    expired_refused_on_either_side(34, |p| {
+        (
+            p.source_config("localhost").unwrap(),
+            p.destination_config().unwrap(),
+        )
+    });
 }
 
 #[test]
@@ -406,40 +409,12 @@ fn a_destination_refuses_a_source_certificate_it_did_not_pin() {
 
 #[test]
 fn an_expired_pinned_certificate_is_refused_on_either_side() {
-    // The destination's pinned certificate expired: the source refuses it.
-    let p = generate::pki_with("ca", &["localhost"], Validity::Current, Validity::Expired).unwrap();
-    let (src, dst) = tls_configs(
-        40,
-        1,
-        p.source_pinned_config("localhost").unwrap(),
-        p.destination_pinned_config().unwrap(),
-    );
-    let e = attempt(&src, &dst).0.unwrap_err();
-    assert!(
-        matches!(
-            &e,
-            SessionError::Tls {
-                source: TlsError::Protocol(rustls::Error::InvalidCertificate(
-                    rustls::CertificateError::ExpiredContext { .. }
-                )),
-                ..
-            }
-        ),
-        "{e}"
-    );
-    // The source's pinned certificate expired: the destination refuses it.
-    let p = generate::pki_with("ca", &["localhost"], Validity::Expired, Validity::Current).unwrap();
-    let (src, dst) = tls_configs(
-        41,
-        1,
-        p.source_pinned_config("localhost").unwrap(),
-        p.destination_pinned_config().unwrap(),
-    );
-    let (s, d) = attempt(&src, &dst);
-    let e = s.unwrap_err();
-    assert!(is_tls_failure(&e), "{e}");
-    let d = d.unwrap_err();
-    assert!(matches!(d, SessionError::Incomplete { have: 0, .. }), "{d}");
+    expired_refused_on_either_side(40, |p| {
+        (
+            p.source_pinned_config("localhost").unwrap(),
+            p.destination_pinned_config().unwrap(),
+        )
+    });
 }
 
 #[test]
