@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use pagewire::tls::PinnedPemFiles;
 use pagewire::tls::generate::{self, Pki};
 use pagewire::{PemFiles, TlsConfig};
 
@@ -12,7 +13,10 @@ pub const HELP: &str = "\
   --tls                TLS 1.3 around every channel (mutual X.509); without PEM files,
                        certificates are made for the run (see --tls-dir)
   --tls-ca PATH        CA certificate (PEM) the peer's certificate must chain to
-  --tls-cert PATH      this side's certificate chain (PEM); needs --tls-ca, --tls-key
+  --tls-pin PATH       instead of --tls-ca: the peer certificate(s) accepted (PEM),
+                       each compared whole (DER), validity checked, no CA or name
+  --tls-cert PATH      this side's certificate chain (PEM); needs --tls-ca or
+                       --tls-pin, and --tls-key
   --tls-key PATH       this side's private key (PEM)
   --tls-server-name N  name the destination's certificate must carry (default localhost)
   --tls-dir DIR        where made certificates are kept, so that two processes share
@@ -25,6 +29,7 @@ pub struct TlsArgs {
     /// `--tls` (or any other `--tls-*` option) was given.
     pub enabled: bool,
     ca: Option<PathBuf>,
+    pin: Option<PathBuf>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
     server_name: Option<String>,
@@ -45,6 +50,7 @@ impl TlsArgs {
         match flag {
             "--tls" => {}
             "--tls-ca" => self.ca = Some(val()?.into()),
+            "--tls-pin" => self.pin = Some(val()?.into()),
             "--tls-cert" => self.cert = Some(val()?.into()),
             "--tls-key" => self.key = Some(val()?.into()),
             "--tls-server-name" => self.server_name = Some(val()?),
@@ -59,13 +65,23 @@ impl TlsArgs {
         self.server_name.as_deref().unwrap_or("localhost")
     }
 
-    /// The files given, if any; all three or none.
-    fn files(&self) -> anyhow::Result<Option<PemFiles<'_>>> {
-        match (&self.ca, &self.cert, &self.key) {
-            (Some(ca), Some(cert), Some(key)) => Ok(Some(PemFiles { ca, cert, key })),
-            (None, None, None) => Ok(None),
-            _ => bail!("--tls-ca, --tls-cert and --tls-key go together"),
-        }
+    /// The settings from the files given, if any: a CA or pinned certificates, and
+    /// this side's certificate and key; all or none.
+    fn given_files(&self) -> anyhow::Result<Option<TlsConfig>> {
+        let name = self.server_name();
+        Ok(match (&self.ca, &self.pin, &self.cert, &self.key) {
+            (Some(ca), None, Some(cert), Some(key)) => Some(TlsConfig::from_pem_files(
+                &PemFiles { ca, cert, key },
+                name,
+            )?),
+            (None, Some(pinned), Some(cert), Some(key)) => Some(TlsConfig::from_pinned_pem_files(
+                &PinnedPemFiles { pinned, cert, key },
+                name,
+            )?),
+            (None, None, None, None) => None,
+            (Some(_), Some(_), _, _) => bail!("--tls-ca and --tls-pin exclude each other"),
+            _ => bail!("--tls-cert and --tls-key go together with --tls-ca or --tls-pin"),
+        })
     }
 
     /// The source's and the destination's settings for one process that runs both
@@ -74,8 +90,7 @@ impl TlsArgs {
     /// # Errors
     /// Unreadable or unusable files, or certificate generation failing.
     pub fn pair(&self) -> anyhow::Result<(TlsConfig, TlsConfig)> {
-        if let Some(f) = self.files()? {
-            let c = TlsConfig::from_pem_files(&f, self.server_name())?;
+        if let Some(c) = self.given_files()? {
             return Ok((c.clone(), c));
         }
         let pki = match &self.dir {
@@ -95,8 +110,8 @@ impl TlsArgs {
     /// # Errors
     /// As [`Self::pair`].
     pub fn side(&self, source: bool) -> anyhow::Result<TlsConfig> {
-        if let Some(f) = self.files()? {
-            return Ok(TlsConfig::from_pem_files(&f, self.server_name())?);
+        if let Some(c) = self.given_files()? {
+            return Ok(c);
         }
         let dir = self
             .dir

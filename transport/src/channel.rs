@@ -162,6 +162,11 @@ pub struct ChannelStats {
     /// (see the `tls` module's contract); 0 without TLS. Divided by the pages moved,
     /// the copies TLS costs per page.
     pub tls_bytes_copied: u64,
+    /// TLS: frames for which the buffer of sealed records had to be allocated or grown
+    /// (TCP keeps one buffer; io_uring recycles a few, see the `uring` module); 0
+    /// without TLS. Close to the number of channels' buffers, not of frames, when
+    /// buffers are reused.
+    pub tls_send_buffer_allocations: u64,
 }
 
 /// Why a channel operation failed. After any error but `RecvTimeout`, the channel is

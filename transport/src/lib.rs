@@ -85,4 +85,4 @@ pub use channel::{
     SendId,
 };
 pub use endpoint::{Endpoint, Stream, StreamListener};
-pub use tls::{Encryption, PemFiles, TlsConfig, TlsError};
+pub use tls::{Encryption, PemFiles, PinnedPemFiles, TlsConfig, TlsError};

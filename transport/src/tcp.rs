@@ -537,6 +537,7 @@ impl Channel for TcpChannel {
             tls_bytes_sealed: tls.sealed,
             tls_bytes_opened: tls.opened,
             tls_bytes_copied: tls.copied,
+            tls_send_buffer_allocations: tls.send_buffer_allocations,
             ..self.stats
         }
     }

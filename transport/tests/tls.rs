@@ -14,6 +14,7 @@ use common::*;
 use pagewire_protocol::RegionId;
 use pagewire_protocol::{AuthMethod, Authentication, HandshakeError, RejectReason, SessionKey};
 use pagewire_transport::session::{self, Backend, Listener, SessionConfig, SessionError};
+use pagewire_transport::tls::NotPinned;
 use pagewire_transport::tls::generate::{self, Pki, Validity};
 use pagewire_transport::{
     Channel, ChannelError, Completed, GuestMemory, Incoming, RegionSink, TlsConfig, TlsError,
@@ -55,12 +56,17 @@ fn attempt(
 /// and checks they arrive byte for byte.
 fn encrypted_transfer(backend: Backend, auth: Authentication) {
     let p = pki();
-    let (mut src, mut dst) = tls_configs(
-        31,
-        2,
+    transfer_with(
+        backend,
+        auth,
         p.source_config("localhost").unwrap(),
         p.destination_config().unwrap(),
     );
+}
+
+/// As [`encrypted_transfer`], with the sides' TLS settings given.
+fn transfer_with(backend: Backend, auth: Authentication, src: TlsConfig, dst: TlsConfig) {
+    let (mut src, mut dst) = tls_configs(31, 2, src, dst);
     src.auth = auth.clone();
     dst.auth = auth.clone();
     let pages = 2048;
@@ -108,9 +114,14 @@ fn encrypted_transfer(backend: Backend, auth: Authentication) {
             std::thread::spawn(move || {
                 let mut ch = est.open(&backend, &cfg).unwrap();
                 let mut done: Vec<Completed> = Vec::new();
-                for f in (i..frames).step_by(2) {
+                for (k, f) in (i..frames).step_by(2).enumerate() {
                     ch.send(raw_frame(&mem, (f * 64) as u64, 64)).unwrap();
                     ch.poll_completions(&mut done).unwrap();
+                    if k % 2 == 1 {
+                        // At most two frames in flight: their records buffers are
+                        // reused for the next ones.
+                        ch.flush(&mut done).unwrap();
+                    }
                 }
                 ch.close(&mut done).unwrap();
                 ch.stats()
@@ -122,6 +133,14 @@ fn encrypted_transfer(backend: Backend, auth: Authentication) {
         let st = t.join().unwrap();
         sealed += st.tls_bytes_sealed;
         assert!(st.tls_bytes_copied >= st.tls_bytes_sealed);
+        // 16 frames per channel, sealed into at most a few buffers (the first frame
+        // grows the handshake's; io_uring keeps two more in flight).
+        assert!(
+            st.tls_send_buffer_allocations <= 4,
+            "{} records buffers allocated for {} frames",
+            st.tls_send_buffer_allocations,
+            st.frames_sent
+        );
     }
     let (mut placed, mut opened) = (0, 0);
     for t in receivers {
@@ -213,16 +232,14 @@ fn a_wrong_server_name_is_refused() {
     );
 }
 
-#[test]
-fn expired_certificates_are_refused_on_either_side() {
-    // The destination's certificate expired: the source refuses it.
+/// With `configs` made from certificates of which one side's expired: the source
+/// refuses an expired destination certificate (saying it expired), the destination
+/// an expired source certificate (the source sees the alert, the destination gets no
+/// channel).
+fn expired_refused_on_either_side(session: u8, configs: impl Fn(&Pki) -> (TlsConfig, TlsConfig)) {
     let p = generate::pki_with("ca", &["localhost"], Validity::Current, Validity::Expired).unwrap();
-    let (src, dst) = tls_configs(
-        34,
-        1,
-        p.source_config("localhost").unwrap(),
-        p.destination_config().unwrap(),
-    );
+    let (s, d) = configs(&p);
+    let (src, dst) = tls_configs(session, 1, s, d);
     let e = attempt(&src, &dst).0.unwrap_err();
     assert!(
         matches!(
@@ -237,19 +254,24 @@ fn expired_certificates_are_refused_on_either_side() {
         ),
         "{e}"
     );
-    // The source's certificate expired: the destination refuses it, and says so.
     let p = generate::pki_with("ca", &["localhost"], Validity::Expired, Validity::Current).unwrap();
-    let (src, dst) = tls_configs(
-        35,
-        1,
-        p.source_config("localhost").unwrap(),
-        p.destination_config().unwrap(),
-    );
+    let (s, d) = configs(&p);
+    let (src, dst) = tls_configs(session + 1, 1, s, d);
     let (s, d) = attempt(&src, &dst);
     let e = s.unwrap_err();
     assert!(is_tls_failure(&e), "{e}");
     let d = d.unwrap_err();
     assert!(matches!(d, SessionError::Incomplete { have: 0, .. }), "{d}");
+}
+
+#[test]
+fn expired_certificates_are_refused_on_either_side() {
+    expired_refused_on_either_side(34, |p| {
+        (
+            p.source_config("localhost").unwrap(),
+            p.destination_config().unwrap(),
+        )
+    });
 }
 
 #[test]
@@ -290,6 +312,109 @@ fn a_source_without_a_certificate_is_refused() {
         ),
         "{e}"
     );
+}
+
+#[test]
+fn pinned_certificates_carry_a_transfer_over_tcp_and_io_uring() {
+    let p = pki();
+    let mut backends = vec![Backend::Tcp];
+    if uring_available() {
+        backends.push(URING);
+    } else {
+        eprintln!("skipped the io_uring half: io_uring is not available");
+    }
+    for backend in backends {
+        transfer_with(
+            backend,
+            Authentication::None,
+            p.source_pinned_config("localhost").unwrap(),
+            p.destination_pinned_config().unwrap(),
+        );
+    }
+}
+
+/// Whether `e` is a TLS failure because the peer's certificate is not pinned.
+fn is_not_pinned(e: &SessionError) -> bool {
+    match e {
+        SessionError::Tls {
+            source:
+                TlsError::Protocol(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
+                    o,
+                ))),
+            ..
+        } => o.0.downcast_ref::<NotPinned>().is_some(),
+        _ => false,
+    }
+}
+
+#[test]
+fn a_source_refuses_a_destination_certificate_it_did_not_pin() {
+    let p = pki();
+    // The source pins its own certificate: signed by the same CA, valid for no
+    // destination name, not the destination's.
+    let src = TlsConfig::from_pinned_pem(
+        p.source.cert_pem.as_bytes(),
+        p.source.cert_pem.as_bytes(),
+        p.source.key_pem.as_bytes(),
+        "localhost",
+    )
+    .unwrap();
+    let (src, dst) = tls_configs(38, 1, src, p.destination_pinned_config().unwrap());
+    let (s, d) = attempt(&src, &dst);
+    let e = s.unwrap_err();
+    assert!(is_not_pinned(&e), "{e}");
+    assert!(
+        e.to_string().contains("not one of the pinned certificates"),
+        "{e}"
+    );
+    let d = d.unwrap_err();
+    assert!(matches!(d, SessionError::Incomplete { have: 0, .. }), "{d}");
+}
+
+#[test]
+fn a_destination_refuses_a_source_certificate_it_did_not_pin() {
+    let p = pki();
+    // Another source, signed by the same CA, that the destination did not pin.
+    let other = generate::pki("test CA", &["localhost"]).unwrap();
+    let stranger = TlsConfig::from_pinned_pem(
+        p.destination.cert_pem.as_bytes(),
+        other.source.cert_pem.as_bytes(),
+        other.source.key_pem.as_bytes(),
+        "localhost",
+    )
+    .unwrap();
+    let (good, dst) = tls_configs(
+        39,
+        1,
+        p.source_pinned_config("localhost").unwrap(),
+        p.destination_pinned_config().unwrap(),
+    );
+    let bad = good.clone().with_tls(stranger);
+    let l = Listener::bind("127.0.0.1:0".parse().unwrap(), &dst).unwrap();
+    let addr = l.local_addr().unwrap();
+    // The stranger first (refused), then the pinned source (accepted).
+    let t = std::thread::spawn(move || {
+        let bad = session::connect(addr, &bad);
+        (bad, session::connect(addr, &good))
+    });
+    let acc = l.accept_session(&dst, Duration::from_secs(10)).unwrap();
+    let (bad, good) = t.join().unwrap();
+    assert_eq!(good.unwrap().len(), 1);
+    assert_eq!(acc.channels.len(), 1);
+    // The destination says why it refused the stranger; the stranger hears an alert.
+    assert!(acc.refused.iter().any(is_not_pinned), "{:?}", acc.refused);
+    let e = bad.unwrap_err();
+    assert!(is_tls_failure(&e), "{e}");
+}
+
+#[test]
+fn an_expired_pinned_certificate_is_refused_on_either_side() {
+    expired_refused_on_either_side(40, |p| {
+        (
+            p.source_pinned_config("localhost").unwrap(),
+            p.destination_pinned_config().unwrap(),
+        )
+    });
 }
 
 #[test]

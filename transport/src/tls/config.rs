@@ -7,9 +7,11 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
 use rustls::{RootCertStore, version::TLS13};
 
 use super::TlsError;
+use super::pin::{PinnedCerts, PinnedClientVerifier, PinnedServerVerifier};
 
 /// Whether a session's channels are encrypted. There is no automatic choice: a side is
 /// either configured for TLS, and then refuses plaintext peers
@@ -65,6 +67,18 @@ impl std::fmt::Debug for TlsConfig {
 pub struct PemFiles<'a> {
     /// The CA certificate(s) the peer's certificate must chain to.
     pub ca: &'a Path,
+    /// This side's certificate chain, leaf first.
+    pub cert: &'a Path,
+    /// This side's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: &'a Path,
+}
+
+/// PEM inputs of a side that pins its peer's certificate instead of trusting a CA
+/// ([`TlsConfig::from_pinned_pem_files`]).
+#[derive(Clone, Debug)]
+pub struct PinnedPemFiles<'a> {
+    /// The peer certificate(s) accepted (PEM; any number, each compared whole).
+    pub pinned: &'a Path,
     /// This side's certificate chain, leaf first.
     pub cert: &'a Path,
     /// This side's private key (PKCS#8, PKCS#1 or SEC1).
@@ -128,13 +142,6 @@ impl TlsConfig {
     /// [`TlsError::Pem`] when a file cannot be read or holds no usable item,
     /// [`TlsError::Config`] when rustls refuses the certificates or key.
     pub fn from_pem_files(files: &PemFiles<'_>, server_name: &str) -> Result<Self, TlsError> {
-        let read = |what: &'static str, path: &Path| {
-            std::fs::read(path).map_err(|source| TlsError::Pem {
-                what,
-                path: path.display().to_string(),
-                source,
-            })
-        };
         Self::from_pem(
             &read("CA certificate", files.ca)?,
             &read("certificate chain", files.cert)?,
@@ -153,48 +160,85 @@ impl TlsConfig {
         key: &[u8],
         server_name: &str,
     ) -> Result<Self, TlsError> {
-        let pem_err = |what: &'static str| {
-            move |e: rustls::pki_types::pem::Error| TlsError::Pem {
-                what,
-                path: "(in memory)".into(),
-                source: std::io::Error::other(e.to_string()),
-            }
-        };
         let mut roots = RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(ca) {
-            roots
-                .add(c.map_err(pem_err("CA certificate"))?)
-                .map_err(TlsError::Config)?;
+        for c in certs(ca, "CA certificate")? {
+            roots.add(c).map_err(TlsError::Config)?;
         }
-        if roots.is_empty() {
-            return Err(pem_err("CA certificate")(
-                rustls::pki_types::pem::Error::NoItemsFound,
-            ));
-        }
-        let chain = CertificateDer::pem_slice_iter(cert_chain)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(pem_err("certificate chain"))?;
-        if chain.is_empty() {
-            return Err(pem_err("certificate chain")(
-                rustls::pki_types::pem::Error::NoItemsFound,
-            ));
-        }
+        Self::build(Trust::Ca(Arc::new(roots)), cert_chain, key, server_name)
+    }
+
+    /// Both roles from PEM files, trusting pinned certificates instead of a CA: the
+    /// peer is accepted only if its certificate is exactly (the whole DER) one of those
+    /// in [`PinnedPemFiles::pinned`], within its validity period, and it proves it
+    /// holds the certificate's key (module `pin`: no CA, name or key usage is
+    /// checked; `server_name` is only sent as SNI). Otherwise as
+    /// [`Self::from_pem_files`].
+    ///
+    /// # Errors
+    /// As [`Self::from_pem_files`]; [`TlsError::Pinned`] when a pinned certificate
+    /// does not parse.
+    pub fn from_pinned_pem_files(
+        files: &PinnedPemFiles<'_>,
+        server_name: &str,
+    ) -> Result<Self, TlsError> {
+        Self::from_pinned_pem(
+            &read("pinned certificates", files.pinned)?,
+            &read("certificate chain", files.cert)?,
+            &read("private key", files.key)?,
+            server_name,
+        )
+    }
+
+    /// As [`Self::from_pinned_pem_files`], from PEM text in memory.
+    ///
+    /// # Errors
+    /// As [`Self::from_pinned_pem_files`].
+    pub fn from_pinned_pem(
+        pinned: &[u8],
+        cert_chain: &[u8],
+        key: &[u8],
+        server_name: &str,
+    ) -> Result<Self, TlsError> {
+        let pins = PinnedCerts::new(
+            certs(pinned, "pinned certificates")?,
+            provider().signature_verification_algorithms,
+        )?;
+        Self::build(Trust::Pinned(pins), cert_chain, key, server_name)
+    }
+
+    /// Both roles: this side's identity, and how the peer's is verified.
+    fn build(
+        trust: Trust,
+        cert_chain: &[u8],
+        key: &[u8],
+        server_name: &str,
+    ) -> Result<Self, TlsError> {
+        let chain = certs(cert_chain, "certificate chain")?;
         let key = PrivateKeyDer::from_pem_slice(key).map_err(pem_err("private key"))?;
         let name = ServerName::try_from(server_name.to_owned())
             .map_err(|_| TlsError::ServerName(server_name.to_owned()))?;
         let provider = Arc::new(provider());
-        let roots = Arc::new(roots);
         let client = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&TLS13])
-            .map_err(TlsError::Config)?
-            .with_root_certificates(roots.clone())
+            .map_err(TlsError::Config)?;
+        let (client, verifier): (_, Arc<dyn ClientCertVerifier>) = match trust {
+            Trust::Ca(roots) => (
+                client.with_root_certificates(roots.clone()),
+                WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+                    .build()
+                    .map_err(|e| TlsError::Verifier(e.to_string()))?,
+            ),
+            Trust::Pinned(pins) => (
+                client
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(PinnedServerVerifier(pins.clone()))),
+                Arc::new(PinnedClientVerifier(pins)),
+            ),
+        };
+        let mut client = client
             .with_client_auth_cert(chain.clone(), key.clone_key())
             .map_err(TlsError::Config)?;
-        let mut client = client;
         client.enable_secret_extraction = true;
-        let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
-            .build()
-            .map_err(|e| TlsError::Verifier(e.to_string()))?;
         let mut server = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&TLS13])
             .map_err(TlsError::Config)?
@@ -231,4 +275,41 @@ impl TlsConfig {
     pub(crate) fn server_config(&self) -> Result<&Arc<rustls::ServerConfig>, TlsError> {
         self.server.as_ref().ok_or(TlsError::MissingRole("server"))
     }
+}
+
+/// How a side verifies its peer's certificate.
+enum Trust {
+    /// It chains to one of these CAs (and, for a destination, has the server name).
+    Ca(Arc<RootCertStore>),
+    /// It is one of these.
+    Pinned(PinnedCerts),
+}
+
+/// Reads a PEM file.
+fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Pem {
+        what,
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// [`TlsError::Pem`] for PEM text in memory.
+fn pem_err(what: &'static str) -> impl Fn(rustls::pki_types::pem::Error) -> TlsError {
+    move |e| TlsError::Pem {
+        what,
+        path: "(in memory)".into(),
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+/// The certificates in PEM text: at least one.
+fn certs(pem: &[u8], what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let v = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(pem_err(what))?;
+    if v.is_empty() {
+        return Err(pem_err(what)(rustls::pki_types::pem::Error::NoItemsFound));
+    }
+    Ok(v)
 }

@@ -146,4 +146,30 @@ impl Pki {
             "pagewire-source",
         )
     }
+
+    /// The source's [`TlsConfig`] pinning the destination's certificate (no CA).
+    ///
+    /// # Errors
+    /// [`TlsError`] from [`TlsConfig::from_pinned_pem`].
+    pub fn source_pinned_config(&self, server_name: &str) -> Result<TlsConfig, TlsError> {
+        TlsConfig::from_pinned_pem(
+            self.destination.cert_pem.as_bytes(),
+            self.source.cert_pem.as_bytes(),
+            self.source.key_pem.as_bytes(),
+            server_name,
+        )
+    }
+
+    /// The destination's [`TlsConfig`] pinning the source's certificate (no CA).
+    ///
+    /// # Errors
+    /// [`TlsError`] from [`TlsConfig::from_pinned_pem`].
+    pub fn destination_pinned_config(&self) -> Result<TlsConfig, TlsError> {
+        TlsConfig::from_pinned_pem(
+            self.source.cert_pem.as_bytes(),
+            self.destination.cert_pem.as_bytes(),
+            self.destination.key_pem.as_bytes(),
+            "pagewire-source",
+        )
+    }
 }

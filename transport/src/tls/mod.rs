@@ -6,7 +6,10 @@
 //!   them travel inside TLS application data. Both sides authenticate with X.509
 //!   certificates (a destination requires a client certificate); the source checks
 //!   that the destination's certificate is valid for the configured server name
-//!   ([`TlsConfig`]).
+//!   ([`TlsConfig`]). Instead of a CA, a side may pin the peer's certificates
+//!   ([`TlsConfig::from_pinned_pem`]; module `pin`): then only the whole DER of a
+//!   pinned certificate is accepted, within its validity period, and the handshake
+//!   signature is verified with its key.
 //! - **No fallback**: a side is configured [`Encryption::Tls`] or
 //!   [`Encryption::Plaintext`]. A destination tells which one a connection speaks from
 //!   its first byte ([`looks_like_tls`]: a TLS handshake record starts with `0x16`, a
@@ -64,6 +67,7 @@ use record::{HEADER, MAX_RECORD, Opened, Records};
 
 mod config;
 pub mod generate;
+mod pin;
 
 /// Entry points for the cargo-fuzz targets in `fuzz/`.
 #[doc(hidden)]
@@ -72,7 +76,8 @@ pub mod fuzzing {
 }
 mod record;
 
-pub use config::{Encryption, PemFiles, TlsConfig};
+pub use config::{Encryption, PemFiles, PinnedPemFiles, TlsConfig};
+pub use pin::NotPinned;
 
 /// The first byte of a TLS handshake record (`ContentType::handshake`).
 const TLS_HANDSHAKE: u8 = 0x16;
@@ -116,6 +121,9 @@ pub enum TlsError {
     /// The client certificate verifier could not be built (no usable CA).
     #[error("invalid TLS client verifier: {0}")]
     Verifier(String),
+    /// A certificate to pin is unusable (none given, or not a certificate).
+    #[error("cannot pin the peer certificates: {0}")]
+    Pinned(String),
     /// The server name is not a DNS name or IP address.
     #[error("{0:?} is not a valid TLS server name (a DNS name or an IP address)")]
     ServerName(String),
@@ -148,6 +156,8 @@ pub(crate) struct TlsCounters {
     pub(crate) sealed: u64,
     pub(crate) opened: u64,
     pub(crate) copied: u64,
+    /// Frames sealed into a records buffer too small for them (an allocation).
+    pub(crate) send_buffer_allocations: u64,
 }
 
 /// One channel's TLS session, driven without IO of its own (the channel reads and
@@ -421,9 +431,12 @@ impl TlsSession {
         out.append(&mut self.out);
     }
 
-    /// The records to send, taken (an io_uring send keeps them until it completes).
-    pub(crate) fn take_records(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.out)
+    /// The records to send, taken (an io_uring send keeps them until it completes);
+    /// `next` (emptied) receives the records sealed from now on, so that a buffer whose
+    /// send completed is sealed into again rather than a new one allocated.
+    pub(crate) fn take_records(&mut self, mut next: Vec<u8>) -> Vec<u8> {
+        next.clear();
+        std::mem::replace(&mut self.out, next)
     }
 
     /// Writes the records to send to `w`.
@@ -446,8 +459,11 @@ impl TlsSession {
     /// Seals a frame: its header and payload slices, in order, each copied once into
     /// the records to send and sealed there.
     pub(crate) fn seal_frame(&mut self, frame: &OutFrame) -> Result<(), ChannelError> {
-        self.out
-            .reserve(frame.wire_len() + (frame.wire_len() / record::MAX_PLAIN + 2) * 22);
+        let need = frame.wire_len() + (frame.wire_len() / record::MAX_PLAIN + 2) * 22;
+        if self.out.capacity() - self.out.len() < need {
+            self.counters.send_buffer_allocations += 1;
+        }
+        self.out.reserve(need);
         self.seal_bytes(&frame.header).map_err(ChannelError::Tls)?;
         for p in frame.payload.iter().filter(|p| !p.is_empty()) {
             self.seal_bytes(payload_bytes(p))

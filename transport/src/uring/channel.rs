@@ -125,6 +125,7 @@ impl UringChannel {
             zc_copied_run: 0,
             zc_pause: 0,
             zc_budget: ZC_AUTO_COPIED,
+            spare_records: Vec::new(),
             stats: ChannelStats::default(),
         };
         core.arm().map_err(|source| UringError::Io {
@@ -158,9 +159,11 @@ impl UringChannel {
             return Ok((frame, Vec::new()));
         };
         tls.seal_frame(&frame)?;
-        // The buffer the records were sealed in is the one sent.
+        // The buffer the records were sealed in is the one sent; the next frame is
+        // sealed into one whose send completed, when there is one.
+        let spare = self.core.spare_records.pop().unwrap_or_default();
         let wire = OutFrame {
-            header: tls.take_records(),
+            header: tls.take_records(spare),
             payload: Vec::new(),
         };
         Ok((wire, frame.payload))
@@ -320,7 +323,8 @@ impl Channel for UringChannel {
             seq,
             InFlight {
                 id,
-                _header: frame.header,
+                header: frame.header,
+                sealed: self.tls.is_some(),
                 _msg: msg,
                 payload,
                 ops,
@@ -398,6 +402,7 @@ impl Channel for UringChannel {
             tls_bytes_sealed: tls.sealed,
             tls_bytes_opened: tls.opened,
             tls_bytes_copied: tls.copied,
+            tls_send_buffer_allocations: tls.send_buffer_allocations,
             ..self.core.stats
         }
     }

@@ -59,12 +59,14 @@
 //!   container policy, a kernel too old for an opcode or setup flag); the session layer
 //!   can fall back to TCP ([`crate::session::Backend::Uring`]).
 //! - **TLS** (`crate::tls`): a frame is sealed into one buffer of records, sent with
-//!   one `SENDMSG` (never `SEND_ZC`: the records are a fresh buffer, and loopback
+//!   one `SENDMSG` (never `SEND_ZC`: the records buffer is not registered, and loopback
 //!   copies anyway) and kept until it completes; the frame's payload slices are handed
-//!   back then. Received records are copied from the provided-buffer ring into the
-//!   session's buffer and opened there; raw pages are placed from the opened records
-//!   (no direct receive into destination memory: ciphertext must be authenticated
-//!   before a byte is placed).
+//!   back then, and the records buffer is kept (up to 4 of at most 2 MiB each) to seal
+//!   a later frame into, so a steady stream of frames allocates no new buffers.
+//!   Received records are copied from the provided-buffer ring into the session's
+//!   buffer and opened there; raw pages are placed from the opened records (no direct
+//!   receive into destination memory: ciphertext must be authenticated before a byte
+//!   is placed).
 //! - **Drop**: cancels what is in the kernel, shuts the socket and waits (bounded) for
 //!   every completion; memory the kernel still holds after that is leaked, never freed.
 
@@ -99,6 +101,12 @@ const MAX_FIXED: usize = 1 << 30;
 const SEND_ZC_REPORT_USAGE: u16 = 1 << 3;
 /// `IORING_NOTIF_USAGE_ZC_COPIED`, in a notification's `res`.
 const NOTIF_USAGE_ZC_COPIED: u32 = 1 << 31;
+/// TLS: how many records buffers whose sends completed a channel keeps for later
+/// frames (more frames in flight than this allocate).
+const SPARE_RECORD_BUFFERS: usize = 4;
+/// TLS: a records buffer larger than this is freed rather than kept (a rare large
+/// frame does not pin its memory).
+const MAX_SPARE_RECORD_BUFFER: usize = 2 << 20;
 const IO_URING_DISABLED: &str = "/proc/sys/kernel/io_uring_disabled";
 
 /// Settings of an io_uring channel.
@@ -293,8 +301,10 @@ struct Fixed {
 #[derive(Debug)]
 struct InFlight {
     id: SendId,
-    /// Kept alive for the header send.
-    _header: Vec<u8>,
+    /// Kept alive for the header send (with TLS: the sealed records).
+    header: Vec<u8>,
+    /// `header` holds sealed records: recycled once the send completed.
+    sealed: bool,
     /// Kept alive for a vectored send of the whole frame.
     _msg: Option<Box<MsgHdr>>,
     payload: Vec<Payload>,
@@ -357,6 +367,8 @@ struct Core {
     /// Zero-copy sends allowed before their notifications have answered whether the
     /// kernel copies ([`ZeroCopy::Auto`]); `u32::MAX` once one came back in place.
     zc_budget: u32,
+    /// TLS: records buffers whose sends completed, to seal the next frames into.
+    spare_records: Vec<Vec<u8>>,
     stats: ChannelStats,
 }
 

@@ -11,8 +11,8 @@ use io_uring::types::{CancelBuilder, Fd, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue};
 
 use super::{
-    BGID, BufRing, CANCEL_TAG, Core, DIRECT_TAG, NOTIF_USAGE_ZC_COPIED, RECV_TAG, ZC_AUTO_COPIED,
-    ZC_AUTO_PAUSE,
+    BGID, BufRing, CANCEL_TAG, Core, DIRECT_TAG, MAX_SPARE_RECORD_BUFFER, NOTIF_USAGE_ZC_COPIED,
+    RECV_TAG, SPARE_RECORD_BUFFERS, ZC_AUTO_COPIED, ZC_AUTO_PAUSE,
 };
 use crate::buf::{Mapping, Payload};
 use crate::channel::{ChannelError, Completed};
@@ -226,6 +226,7 @@ impl Core {
             && let Some(f) = self.inflight.remove(&seq)
         {
             self.in_flight_bytes -= f.bytes;
+            self.keep_records(f.header, f.sealed);
             self.stats.zc_sends += u64::from(f.zc);
             self.stats.zc_copied += u64::from(f.copied);
             self.done.push(Completed {
@@ -331,9 +332,21 @@ impl Core {
 }
 
 impl Core {
+    /// Keeps a records buffer whose send completed for a later frame, within
+    /// [`SPARE_RECORD_BUFFERS`] and [`MAX_SPARE_RECORD_BUFFER`].
+    fn keep_records(&mut self, buf: Vec<u8>, sealed: bool) {
+        if sealed
+            && self.spare_records.len() < SPARE_RECORD_BUFFERS
+            && buf.capacity() <= MAX_SPARE_RECORD_BUFFER
+        {
+            self.spare_records.push(buf);
+        }
+    }
+
     pub(super) fn on_send_empty(&mut self, seq: u64) {
         if let Some(f) = self.inflight.remove(&seq) {
             self.in_flight_bytes -= f.bytes;
+            self.keep_records(f.header, f.sealed);
             self.done.push(Completed {
                 id: f.id,
                 payload: f.payload,
