@@ -8,9 +8,13 @@
 //!   a caller bug and is refused too);
 //! - `engines` worker threads that take descriptors from the queue and execute them
 //!   with the device's semantics, so completions come back out of order from
-//!   another thread: compress (0x43) with a 4 KiB history and the fixed Huffman code,
-//!   output capped at the maximum destination size (status `OUTPUT_OVERFLOW` when it
-//!   does not fit); decompress (0x42) of one complete stream into at most the maximum
+//!   another thread: compress (0x43) with a 4 KiB history, output capped at the
+//!   maximum destination size (status `OUTPUT_OVERFLOW` when it does not fit), either
+//!   with the fixed Huffman code (no AECS), in statistics mode (the histogram of the
+//!   tokens written to the destination), or with the Huffman table and output
+//!   accumulator of a compress AECS read from source 2 ([`super::aecs`]; a symbol
+//!   without a code in the table is an `ANALYTICS_ERROR`); decompress (0x42) of one
+//!   complete stream into at most the maximum
 //!   destination size, refusing streams that reach back more than 4 KiB as an IAA
 //!   does (`ANALYTICS_ERROR`); any other opcode gets `BAD_OPCODE`;
 //! - memory access like a device with shared virtual addressing: it reads the source
@@ -30,9 +34,15 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded};
 
-use super::desc::{Completed, CompletionRecord, Descriptor, Status, opcode};
+use super::aecs::{self, AECS_SIZE, Aecs, HISTOGRAM_SIZE, Histogram};
+use super::desc::{
+    Completed, CompletionRecord, Descriptor, Status, compress_flags, op_flags, opcode,
+};
 use super::portal::{Enqueue, Portal, WqMode};
-use crate::codec::deflate::{Inflater, WINDOW_4K, compress_fixed_window, inflate_max_distance};
+use crate::codec::deflate::{
+    BitWriter, Inflater, Token, WINDOW_4K, compress_fixed_window, distance_code,
+    inflate_max_distance, length_symbol, lz77_window, put_code,
+};
 use crate::engine::{ModelFault, ModelFaults};
 
 /// Refusals in one injected queue-full burst: more than any submitter retries.
@@ -328,7 +338,44 @@ fn execute(
     };
     out.resize(max_dst, 0);
     let produced = if op == opcode::COMPRESS {
-        match compress_fixed_window(src, out) {
+        let r = if desc.is_statistics() {
+            let h = statistics(src).to_bytes();
+            out.get_mut(..HISTOGRAM_SIZE).map(|o| {
+                o.copy_from_slice(&h);
+                HISTOGRAM_SIZE
+            })
+        } else if desc.flags() & op_flags::READ_SRC2_AECS != 0 {
+            if (desc.src2_size() as usize) < AECS_SIZE || desc.src2_addr() == 0 {
+                return fail(Status::INVALID_SIZE);
+            }
+            if !desc.src2_addr().is_multiple_of(32) {
+                return fail(Status::ADDR_ALIGN);
+            }
+            let mut state = Aecs::default();
+            // SAFETY: the submitter's contract makes source 2 readable for its size
+            // (at least `AECS_SIZE`, checked above) until the record is written.
+            unsafe {
+                core::ptr::copy_nonoverlapping(
+                    desc.src2_addr() as *const u8,
+                    state.bytes_mut().as_mut_ptr(),
+                    AECS_SIZE,
+                )
+            };
+            let eob = desc.op_specific_flags() & compress_flags::APPEND_EOB != 0;
+            match compress_with_aecs(src, &state, eob, out) {
+                Ok(r) => r,
+                Err(status) => {
+                    return Completed {
+                        status: status.0,
+                        error_code: 2,
+                        ..Default::default()
+                    };
+                }
+            }
+        } else {
+            compress_fixed_window(src, out)
+        };
+        match r {
             Some(n) => n,
             None => {
                 return Completed {
@@ -370,4 +417,76 @@ fn execute(
         output_size: produced as u32,
         ..Default::default()
     }
+}
+
+/// Statistics mode: the histogram of the tokens the compressor would write for
+/// `src` (the end-of-block code is not counted; the host adds it).
+fn statistics(src: &[u8]) -> Histogram {
+    let mut h = Histogram::default();
+    let _ = lz77_window(src, |t| {
+        match t {
+            Token::Literal(b) => h.ll[usize::from(b)] += 1,
+            Token::Match { len, dist } => {
+                let (sym, _, _) = length_symbol(usize::from(len))?;
+                let (code, _, _) = distance_code(usize::from(dist))?;
+                h.ll[sym as usize] += 1;
+                h.d[code as usize] += 1;
+            }
+        }
+        Some(())
+    });
+    h
+}
+
+/// Compression with a compress AECS: the accumulator's valid bits, then the tokens
+/// coded with the AECS's table, then (with `eob`) the table's end-of-block code,
+/// flushed to a whole byte. `Ok(None)` when the output does not fit `out`;
+/// `Err(ANALYTICS_ERROR)` for an invalid accumulator or a symbol without a code.
+fn compress_with_aecs(
+    src: &[u8],
+    state: &Aecs,
+    eob: bool,
+    out: &mut [u8],
+) -> Result<Option<usize>, Status> {
+    let bits = state.accum_bits() as usize;
+    if bits > aecs::ACCUM_SIZE * 8 {
+        return Err(Status::ANALYTICS_ERROR);
+    }
+    let accum = &state.bytes()[aecs::ACCUM_OFFSET..aecs::ACCUM_OFFSET + aecs::ACCUM_SIZE];
+    let mut w = BitWriter::new(out);
+    let mut bad = false;
+    let mut code = |w: &mut BitWriter<'_>, e: u32, extra: u32, v: u32| {
+        let (len, c) = aecs::entry_parts(e);
+        if len == 0 {
+            bad = true;
+            return None;
+        }
+        put_code(w, u32::from(c), u32::from(len))?;
+        w.put(v, extra)
+    };
+    let written = (|| {
+        for &byte in &accum[..bits / 8] {
+            w.put(u32::from(byte), 8)?;
+        }
+        if !bits.is_multiple_of(8) {
+            w.put(u32::from(accum[bits / 8]), (bits % 8) as u32)?;
+        }
+        lz77_window(src, |t| match t {
+            Token::Literal(b) => code(&mut w, state.ll_entry(usize::from(b)), 0, 0),
+            Token::Match { len, dist } => {
+                let (sym, lx, lv) = length_symbol(usize::from(len))?;
+                code(&mut w, state.ll_entry(sym as usize), lx, lv)?;
+                let (dc, dx, dv) = distance_code(usize::from(dist))?;
+                code(&mut w, state.d_entry(dc as usize), dx, dv)
+            }
+        })?;
+        if eob {
+            code(&mut w, state.ll_entry(256), 0, 0)?;
+        }
+        Some(())
+    })();
+    if bad {
+        return Err(Status::ANALYTICS_ERROR);
+    }
+    Ok(written.and_then(|()| w.finish()))
 }
