@@ -490,3 +490,115 @@ fn compress_with_aecs(
     }
     Ok(written.and_then(|()| w.finish()))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::iaa::portal::{CpuFeatures, wait_record};
+
+    /// Submits `d` to `model` and waits for its record.
+    fn execute_on(model: &mut DeviceModel, d: &Descriptor, rec: &CompletionRecord) -> Completed {
+        rec.reset();
+        // SAFETY: every address in `d` points at live buffers of the caller's that
+        // outlive the wait below, which returns once the record is written.
+        assert_eq!(unsafe { model.submit(d) }, Enqueue::Accepted);
+        let until = Instant::now() + Duration::from_secs(10);
+        wait_record(rec, until, CpuFeatures::detect());
+        assert!(rec.is_done());
+        rec.read()
+    }
+
+    #[test]
+    fn statistics_then_aecs_compression_make_a_dynamic_stream_and_a_missing_code_fails() {
+        let mut model = DeviceModel::new(ModelConfig::default()).expect("model");
+        let rec = CompletionRecord::default();
+        // Words in a pseudo-random order: repeats for LZ77, skewed bytes for Huffman.
+        let words = ["dirty ", "guest ", "page ", "0x7f3a ", "frame\n", "round "];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut page = Vec::new();
+        while page.len() < 4096 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            page.extend_from_slice(words[(x % 6) as usize].as_bytes());
+        }
+        page.truncate(4096);
+        let mut aecs = Box::new(Aecs::default());
+        let mut out = vec![0u8; 4095];
+        let src = page.as_ptr() as u64;
+
+        // Pass 1: the histogram lands in the AECS table region.
+        let d = Descriptor::statistics(src, 4096, aecs.histogram_addr(), rec.addr());
+        let c = execute_on(&mut model, &d, &rec);
+        assert_eq!((c.status(), c.output_size), (Status::SUCCESS, 1280));
+        let h = aecs.histogram();
+        assert_eq!(h, statistics(&page));
+        assert!(h.ll[usize::from(b'd')] > 0 && h.ll[257..].iter().any(|&n| n > 0));
+        assert_eq!(h.ll[256], 0, "end of block is the host's to add");
+
+        // A table without codes for the page's symbols: the device refuses.
+        let empty = Box::new(Aecs::default());
+        let aecs_arg = Some((empty.addr(), AECS_SIZE as u32));
+        let d = Descriptor::compress(
+            src,
+            4096,
+            out.as_mut_ptr() as u64,
+            4095,
+            rec.addr(),
+            aecs_arg,
+        );
+        assert_eq!(
+            execute_on(&mut model, &d, &rec).status(),
+            Status::ANALYTICS_ERROR
+        );
+        // An AECS shorter than its layout is an invalid size.
+        let short = Some((aecs.addr(), 1024));
+        let d = Descriptor::compress(src, 4096, out.as_mut_ptr() as u64, 4095, rec.addr(), short);
+        assert_eq!(
+            execute_on(&mut model, &d, &rec).status(),
+            Status::INVALID_SIZE
+        );
+
+        // Pass 2 with the host's code: a final dynamic block libdeflate inflates.
+        assert!(aecs.load_dynamic());
+        let aecs_arg = Some((aecs.addr(), AECS_SIZE as u32));
+        let d = Descriptor::compress(
+            src,
+            4096,
+            out.as_mut_ptr() as u64,
+            4095,
+            rec.addr(),
+            aecs_arg,
+        );
+        let c = execute_on(&mut model, &d, &rec);
+        assert_eq!(c.status(), Status::SUCCESS);
+        let n = c.output_size as usize;
+        assert_eq!(out[0] & 0b111, 0b101, "BFINAL, dynamic");
+        let mut back = vec![0u8; 4096];
+        assert!(
+            Inflater::new()
+                .expect("inflater")
+                .inflate_exact(&out[..n], &mut back)
+        );
+        assert_eq!(back, page);
+        let mut fixed = vec![0u8; 4096];
+        let f = compress_fixed_window(&page, &mut fixed).expect("fits");
+        assert!(n < f, "dynamic {n} bytes vs fixed {f}");
+
+        // The output cap: one byte short of the stream is an overflow.
+        let d = Descriptor::compress(
+            src,
+            4096,
+            out.as_mut_ptr() as u64,
+            n as u32 - 1,
+            rec.addr(),
+            aecs_arg,
+        );
+        assert_eq!(
+            execute_on(&mut model, &d, &rec).status(),
+            Status::OUTPUT_OVERFLOW
+        );
+    }
+}
