@@ -15,8 +15,8 @@
 //!   executes descriptors with the device's semantics and injects its faults.
 //! - [`backend`]: the engine [`Backend`](crate::Backend) over any portal.
 //!
-//! What ran where: the descriptor layer, the backend and its fallbacks ran against
-//! the device model only; the kernel work-queue and VFIO portals were built (and
+//! What ran where: the descriptor layer, the backend (fixed and dynamic Huffman) and
+//! its fallbacks ran against the device model only; the kernel work-queue and VFIO portals were built (and
 //! their discovery and probing run) on a machine without IAA. No code here has met
 //! IAA hardware.
 
