@@ -538,40 +538,24 @@ mod tests {
         assert!(h.ll[usize::from(b'd')] > 0 && h.ll[257..].iter().any(|&n| n > 0));
         assert_eq!(h.ll[256], 0, "end of block is the host's to add");
 
+        // Compress descriptors of the page into `out`, capped at `max` bytes.
+        let dst = out.as_mut_ptr() as u64;
+        let compress = |aecs, max| Descriptor::compress(src, 4096, dst, max, rec.addr(), aecs);
+
         // A table without codes for the page's symbols: the device refuses.
         let empty = Box::new(Aecs::default());
-        let aecs_arg = Some((empty.addr(), AECS_SIZE as u32));
-        let d = Descriptor::compress(
-            src,
-            4096,
-            out.as_mut_ptr() as u64,
-            4095,
-            rec.addr(),
-            aecs_arg,
-        );
-        assert_eq!(
-            execute_on(&mut model, &d, &rec).status(),
-            Status::ANALYTICS_ERROR
-        );
+        let d = compress(Some((empty.addr(), AECS_SIZE as u32)), 4095);
+        let c = execute_on(&mut model, &d, &rec);
+        assert_eq!(c.status(), Status::ANALYTICS_ERROR);
         // An AECS shorter than its layout is an invalid size.
-        let short = Some((aecs.addr(), 1024));
-        let d = Descriptor::compress(src, 4096, out.as_mut_ptr() as u64, 4095, rec.addr(), short);
-        assert_eq!(
-            execute_on(&mut model, &d, &rec).status(),
-            Status::INVALID_SIZE
-        );
+        let d = compress(Some((aecs.addr(), 1024)), 4095);
+        let c = execute_on(&mut model, &d, &rec);
+        assert_eq!(c.status(), Status::INVALID_SIZE);
 
         // Pass 2 with the host's code: a final dynamic block libdeflate inflates.
         assert!(aecs.load_dynamic());
         let aecs_arg = Some((aecs.addr(), AECS_SIZE as u32));
-        let d = Descriptor::compress(
-            src,
-            4096,
-            out.as_mut_ptr() as u64,
-            4095,
-            rec.addr(),
-            aecs_arg,
-        );
+        let d = compress(aecs_arg, 4095);
         let c = execute_on(&mut model, &d, &rec);
         assert_eq!(c.status(), Status::SUCCESS);
         let n = c.output_size as usize;
@@ -588,14 +572,7 @@ mod tests {
         assert!(n < f, "dynamic {n} bytes vs fixed {f}");
 
         // The output cap: one byte short of the stream is an overflow.
-        let d = Descriptor::compress(
-            src,
-            4096,
-            out.as_mut_ptr() as u64,
-            n as u32 - 1,
-            rec.addr(),
-            aecs_arg,
-        );
+        let d = compress(aecs_arg, n as u32 - 1);
         assert_eq!(
             execute_on(&mut model, &d, &rec).status(),
             Status::OUTPUT_OVERFLOW
