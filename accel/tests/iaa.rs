@@ -8,7 +8,9 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use common::{Kind, PS, content};
-use pagewire_accel::iaa::{DeviceModel, IaaBackend, IaaConfig, IaaCounters, ModelConfig, WqMode};
+use pagewire_accel::iaa::{
+    DeviceModel, Huffman, IaaBackend, IaaConfig, IaaCounters, ModelConfig, WqMode,
+};
 use pagewire_accel::{
     BackendChoice, BackendKind, Codecs, Completion, EncodeParams, Engine, EngineConfig,
     FallbackCause, IaaPortal, Job, Level, ModelFault, ModelFaults, PageKey, PageSize, PoolBuf,
@@ -18,8 +20,10 @@ use pagewire_protocol::CodecId;
 
 const PAGES: usize = 8;
 
+/// An engine on the model compressing with the fixed code: one descriptor per page,
+/// which the fault tests' arithmetic (every n-th descriptor) assumes.
 fn model_engine(faults: ModelFaults, mode: WqMode, size: usize, timeout: Duration) -> Engine {
-    model_engine_counted(faults, mode, size, timeout).0
+    model_engine_counted(faults, mode, size, timeout, Huffman::Fixed).0
 }
 
 fn model_engine_counted(
@@ -27,6 +31,7 @@ fn model_engine_counted(
     mode: WqMode,
     size: usize,
     timeout: Duration,
+    huffman: Huffman,
 ) -> (Engine, std::sync::Arc<IaaCounters>) {
     let portal = DeviceModel::new(ModelConfig {
         mode,
@@ -41,6 +46,7 @@ fn model_engine_counted(
             slots: 8,
             retries: 16,
             timeout,
+            huffman,
             ..IaaConfig::new(PageSize::KIB4, 16)
         },
     )
@@ -87,6 +93,15 @@ fn inputs(n: usize) -> Vec<Vec<u8>> {
 /// input, then decodes the frames on `engine` and checks the pages; returns the
 /// completions' fallback causes.
 fn encode_decode(engine: &mut Engine, codec: CodecId) -> Vec<Option<FallbackCause>> {
+    encode_decode_at(engine, codec, Level::DEFAULT)
+}
+
+/// [`encode_decode`] at `level`.
+fn encode_decode_at(
+    engine: &mut Engine,
+    codec: CodecId,
+    level: Level,
+) -> Vec<Option<FallbackCause>> {
     let inputs = inputs(12);
     let batch = inputs
         .iter()
@@ -95,7 +110,7 @@ fn encode_decode(engine: &mut Engine, codec: CodecId) -> Vec<Option<FallbackCaus
             let mut job = engine.job().expect("request");
             job.encode_buf(
                 Tag(i as u64),
-                EncodeParams::new(codec, Level::DEFAULT),
+                EncodeParams::new(codec, level),
                 PoolBuf::from_vec(p.clone()),
                 PageKey(0),
             )
@@ -181,6 +196,143 @@ fn without_faults_every_job_runs_on_the_model_and_round_trips() {
     }
 }
 
+fn relaxed(a: &std::sync::atomic::AtomicU64) -> u64 {
+    a.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[test]
+fn dynamic_huffman_runs_both_passes_on_the_model_and_beats_the_fixed_code() {
+    for (mode, size) in [(WqMode::Shared, 128), (WqMode::Dedicated, 4)] {
+        let mut ratios = Vec::new();
+        for huffman in [Huffman::Fixed, Huffman::Dynamic] {
+            let (mut engine, counters) = model_engine_counted(
+                ModelFaults::default(),
+                mode,
+                size,
+                Duration::from_secs(30),
+                huffman,
+            );
+            // Byte-for-byte through the software inflater and the model's decoder.
+            let causes = encode_decode(&mut engine, CodecId::DEFLATE_4K);
+            assert!(
+                causes.iter().all(Option::is_none),
+                "{huffman:?}: {causes:?}"
+            );
+            let stats = relaxed(&counters.statistics_passes);
+            let dynamic = relaxed(&counters.dynamic_pages);
+            if huffman == Huffman::Dynamic {
+                // Every page of the 12 frames had a statistics pass and, as no
+                // header outgrew the accumulator, a dynamic code.
+                assert_eq!(stats, 12 * PAGES as u64);
+                assert_eq!(dynamic, stats);
+                assert_eq!(relaxed(&counters.fixed_instead), 0);
+            } else {
+                assert_eq!((stats, dynamic), (0, 0));
+            }
+            let e = engine.stats();
+            let e = e.encode_of(CodecId::DEFLATE_4K).expect("stats");
+            ratios.push(e.ratio().expect("ratio"));
+        }
+        assert!(
+            ratios[1] > ratios[0] * 1.05,
+            "{mode:?}: dynamic {} vs fixed {}",
+            ratios[1],
+            ratios[0]
+        );
+    }
+}
+
+#[test]
+fn dynamic_pages_are_final_dynamic_blocks_that_software_inflates() {
+    let (mut engine, _) = model_engine_counted(
+        ModelFaults::default(),
+        WqMode::Shared,
+        64,
+        Duration::from_secs(30),
+        Huffman::Dynamic,
+    );
+    let input = content(Kind::Text, PAGES, 7);
+    let mut job = engine.job().expect("request");
+    job.encode_buf(
+        Tag(0),
+        EncodeParams::new(CodecId::DEFLATE_4K, Level::DEFAULT),
+        PoolBuf::from_vec(input.clone()),
+        PageKey(0),
+    )
+    .expect("pages");
+    let mut c = run(&mut engine, VecDeque::from([job])).remove(0);
+    assert!(c.fallback().is_none());
+    let lengths = c.lengths().to_vec();
+    let payload = c.take_payload().expect("payload");
+    let mut pos = 0;
+    for (i, &len) in lengths.iter().enumerate() {
+        let len = len as usize;
+        assert!(len < PS, "text page {i} compressed");
+        let page = &payload[pos..pos + len];
+        // BFINAL = 1, BTYPE = 10 (dynamic Huffman) in the first three bits.
+        assert_eq!(page[0] & 0b111, 0b101, "page {i}");
+        let mut back = vec![0u8; PS];
+        let n = miniz_oxide::inflate::decompress_slice_iter_to_slice(
+            &mut back,
+            std::iter::once(page),
+            false,
+            false,
+        )
+        .expect("a second inflater decodes it");
+        assert_eq!(n, PS);
+        assert!(back[..] == input[i * PS..(i + 1) * PS], "page {i}");
+        pos += len;
+    }
+}
+
+#[test]
+fn the_default_huffman_choice_is_fixed_at_level_1_and_dynamic_above() {
+    for (level, dynamic) in [(Level(1), false), (Level::DEFAULT, true), (Level(6), true)] {
+        let (mut engine, counters) = model_engine_counted(
+            ModelFaults::default(),
+            WqMode::Shared,
+            64,
+            Duration::from_secs(30),
+            Huffman::ByLevel,
+        );
+        let causes = encode_decode_at(&mut engine, CodecId::DEFLATE_4K, level);
+        assert!(causes.iter().all(Option::is_none), "{causes:?}");
+        assert_eq!(relaxed(&counters.dynamic_pages) > 0, dynamic, "{level:?}");
+    }
+}
+
+#[test]
+fn dynamic_huffman_under_each_fault_stays_byte_for_byte_with_fallbacks_counted() {
+    for (fault, every, cause) in [
+        (ModelFault::QueueFull, 10, FallbackCause::QueueFull),
+        (ModelFault::PageFault, 7, FallbackCause::PageFault),
+        (ModelFault::OutputOverflow, 5, FallbackCause::OutputOverflow),
+    ] {
+        let faults = ModelFaults {
+            fault: Some(fault),
+            every,
+        };
+        let (mut engine, counters) = model_engine_counted(
+            faults,
+            WqMode::Shared,
+            64,
+            Duration::from_secs(30),
+            Huffman::Dynamic,
+        );
+        let causes = encode_decode(&mut engine, CodecId::DEFLATE_4K);
+        assert!(
+            causes.iter().all(|c| c.is_none() || *c == Some(cause)),
+            "{fault:?}: {causes:?}"
+        );
+        let s = engine.stats();
+        assert_eq!(s.hw_fallbacks, s.fallback_causes.of(cause), "{fault:?}");
+        assert!(relaxed(&counters.dynamic_pages) > 0, "{fault:?}");
+        if fault == ModelFault::PageFault {
+            assert!(relaxed(&counters.faults_resolved) >= 5);
+        }
+    }
+}
+
 #[test]
 fn queue_full_sends_the_frame_to_software_at_once() {
     let faults = ModelFaults {
@@ -212,8 +364,13 @@ fn a_page_fault_is_touched_and_resubmitted_once_then_software() {
         fault: Some(ModelFault::PageFault),
         every: 7,
     };
-    let (mut engine, counters) =
-        model_engine_counted(faults, WqMode::Shared, 128, Duration::from_secs(30));
+    let (mut engine, counters) = model_engine_counted(
+        faults,
+        WqMode::Shared,
+        128,
+        Duration::from_secs(30),
+        Huffman::Fixed,
+    );
     let causes = encode_decode(&mut engine, CodecId::DEFLATE_4K);
     let resolved = counters
         .faults_resolved

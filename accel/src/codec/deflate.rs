@@ -59,22 +59,28 @@ impl Drop for Inflater {
 /// Intel IAA keeps.
 pub const WINDOW_4K: usize = 4096;
 
-/// Compresses `input` into one complete raw deflate stream (a single final block
-/// with the fixed Huffman code, RFC 1951 §3.2.6) whose back-references reach at most
-/// [`WINDOW_4K`] bytes back, into `out`. Returns the stream's length, or `None` when
-/// it does not fit `out` (the caller sends the input raw).
-///
-/// This is the software writer of `deflate-4k` for inputs longer than the window,
-/// and the device model's fixed-Huffman compressor; a greedy LZ77 over a hash chain
-/// limited to the window.
-pub(crate) fn compress_fixed_window(input: &[u8], out: &mut [u8]) -> Option<usize> {
+/// One LZ77 token of a deflate stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Token {
+    /// A literal byte.
+    Literal(u8),
+    /// A back-reference: `len` (3..=258) bytes from `dist` (1..=[`WINDOW_4K`]) back.
+    Match {
+        /// Match length.
+        len: u16,
+        /// Distance back.
+        dist: u16,
+    },
+}
+
+/// Parses `input` into LZ77 tokens whose back-references reach at most
+/// [`WINDOW_4K`] bytes back (a greedy matcher over a hash chain limited to the
+/// window), handing each to `emit`; stops at the first `None` from `emit`.
+pub(crate) fn lz77_window(input: &[u8], mut emit: impl FnMut(Token) -> Option<()>) -> Option<()> {
     const HASH_BITS: u32 = 12;
     const NIL: u32 = u32::MAX;
     const MAX_CHAIN: usize = 32;
     const MAX_MATCH: usize = 258;
-    let mut w = BitWriter::new(out);
-    w.put(1, 1)?; // BFINAL
-    w.put(1, 2)?; // BTYPE 01: fixed Huffman
     let n = input.len();
     let mut head = [NIL; 1 << HASH_BITS];
     let mut prev = vec![NIL; n];
@@ -119,24 +125,69 @@ pub(crate) fn compress_fixed_window(input: &[u8], out: &mut [u8]) -> Option<usiz
             }
         }
         if best_len >= 3 {
-            put_length(&mut w, best_len)?;
-            put_distance(&mut w, best_dist)?;
+            emit(Token::Match {
+                len: best_len as u16,
+                dist: best_dist as u16,
+            })?;
             for k in i..i + best_len {
                 insert(k, &mut head, &mut prev);
             }
             i += best_len;
         } else {
-            put_literal(&mut w, input[i])?;
+            emit(Token::Literal(input[i]))?;
             insert(i, &mut head, &mut prev);
             i += 1;
         }
     }
+    Some(())
+}
+
+/// Compresses `input` into one complete raw deflate stream (a single final block
+/// with the fixed Huffman code, RFC 1951 §3.2.6) whose back-references reach at most
+/// [`WINDOW_4K`] bytes back, into `out`. Returns the stream's length, or `None` when
+/// it does not fit `out` (the caller sends the input raw).
+///
+/// This is the software writer of `deflate-4k` for inputs longer than the window,
+/// and the device model's fixed-Huffman compressor (tokens from [`lz77_window`]).
+pub(crate) fn compress_fixed_window(input: &[u8], out: &mut [u8]) -> Option<usize> {
+    let mut w = BitWriter::new(out);
+    w.put(1, 1)?; // BFINAL
+    w.put(1, 2)?; // BTYPE 01: fixed Huffman
+    lz77_window(input, |t| match t {
+        Token::Literal(b) => put_literal(&mut w, b),
+        Token::Match { len, dist } => {
+            put_length(&mut w, usize::from(len))?;
+            put_distance(&mut w, usize::from(dist))
+        }
+    })?;
     put_code(&mut w, 0, 7)?; // end of block (256): 7 zero bits
     w.finish()
 }
 
+/// The literal/length symbol of match length `len` (3..=258), with its extra bits:
+/// `(symbol, extra bit count, extra value)`.
+pub(crate) fn length_symbol(len: usize) -> Option<(u32, u32, u32)> {
+    let i = LEN_BASE.iter().rposition(|&b| usize::from(b) <= len)?;
+    Some((
+        257 + i as u32,
+        u32::from(LEN_EXTRA[i]),
+        (len - usize::from(LEN_BASE[i])) as u32,
+    ))
+}
+
+/// The distance code of distance `dist` (1..=32768), with its extra bits:
+/// `(code, extra bit count, extra value)`.
+pub(crate) fn distance_code(dist: usize) -> Option<(u32, u32, u32)> {
+    let i = DIST_BASE.iter().rposition(|&b| usize::from(b) <= dist)?;
+    Some((
+        i as u32,
+        u32::from(DIST_EXTRA[i]),
+        (dist - usize::from(DIST_BASE[i])) as u32,
+    ))
+}
+
 /// LSB-first bit writer into a bounded buffer.
-struct BitWriter<'a> {
+pub(crate) struct BitWriter<'a> {
     out: &'a mut [u8],
     pos: usize,
     acc: u64,
@@ -144,7 +195,7 @@ struct BitWriter<'a> {
 }
 
 impl<'a> BitWriter<'a> {
-    fn new(out: &'a mut [u8]) -> Self {
+    pub(crate) fn new(out: &'a mut [u8]) -> Self {
         BitWriter {
             out,
             pos: 0,
@@ -154,7 +205,7 @@ impl<'a> BitWriter<'a> {
     }
 
     /// Appends the `n` low bits of `v`, least significant first.
-    fn put(&mut self, v: u32, n: u32) -> Option<()> {
+    pub(crate) fn put(&mut self, v: u32, n: u32) -> Option<()> {
         self.acc |= u64::from(v & ((1u32 << n) - 1)) << self.bits;
         self.bits += n;
         while self.bits >= 8 {
@@ -166,7 +217,13 @@ impl<'a> BitWriter<'a> {
         Some(())
     }
 
-    fn finish(mut self) -> Option<usize> {
+    /// Bits written so far.
+    pub(crate) fn bits_written(&self) -> usize {
+        self.pos * 8 + self.bits as usize
+    }
+
+    /// Pads the last byte with zero bits and returns the bytes written.
+    pub(crate) fn finish(mut self) -> Option<usize> {
         if self.bits > 0 {
             *self.out.get_mut(self.pos)? = self.acc as u8;
             self.pos += 1;
@@ -176,7 +233,7 @@ impl<'a> BitWriter<'a> {
 }
 
 /// Writes a Huffman code (given most significant bit first, as RFC 1951 defines it).
-fn put_code(w: &mut BitWriter<'_>, code: u32, len: u32) -> Option<()> {
+pub(crate) fn put_code(w: &mut BitWriter<'_>, code: u32, len: u32) -> Option<()> {
     w.put(code.reverse_bits() >> (32 - len), len)
 }
 
@@ -213,23 +270,15 @@ const DIST_EXTRA: [u8; 30] = [
 ];
 
 fn put_length(w: &mut BitWriter<'_>, len: usize) -> Option<()> {
-    let i = LEN_BASE.iter().rposition(|&b| usize::from(b) <= len)?;
-    put_symbol(w, 257 + i as u32)?;
-    let extra = u32::from(LEN_EXTRA[i]);
-    if extra > 0 {
-        w.put((len - usize::from(LEN_BASE[i])) as u32, extra)?;
-    }
-    Some(())
+    let (sym, extra, v) = length_symbol(len)?;
+    put_symbol(w, sym)?;
+    w.put(v, extra)
 }
 
 fn put_distance(w: &mut BitWriter<'_>, dist: usize) -> Option<()> {
-    let i = DIST_BASE.iter().rposition(|&b| usize::from(b) <= dist)?;
-    put_code(w, i as u32, 5)?;
-    let extra = u32::from(DIST_EXTRA[i]);
-    if extra > 0 {
-        w.put((dist - usize::from(DIST_BASE[i])) as u32, extra)?;
-    }
-    Some(())
+    let (code, extra, v) = distance_code(dist)?;
+    put_code(w, code, 5)?;
+    w.put(v, extra)
 }
 
 /// Inflates one complete raw deflate stream into `out` (which it must fill

@@ -5,6 +5,15 @@
 //!   page-sized slot of the backend's output area, capped at `page_size - 1` bytes so
 //!   an incompressible page fails fast (`OUTPUT_OVERFLOW`) and goes raw; the finished
 //!   streams are packed into the job's payload with their length table.
+//! - Huffman code ([`Huffman`], by default from the job's level): level 1 uses the
+//!   device's fixed code, one descriptor per page; every other level (the default
+//!   included) uses a dynamic code per page, two descriptors: a statistics pass whose
+//!   histogram the device writes into the table region of the page's AECS, then, once
+//!   the host has built the code and the block header into that AECS
+//!   ([`super::aecs`]), the compression with it. Level 1 is "fastest": the dynamic
+//!   path costs a second descriptor, a second device round trip and the host's table
+//!   build per page, for (on text-like pages) a markedly better ratio. A page whose
+//!   header would not fit the AECS accumulator is compressed with the fixed code.
 //! - Decode: each compressed page is inflated by the device from the payload straight
 //!   into its destination guest page; raw pages are copied by the CPU.
 //! - Submission: the backend never has more of its own descriptors on the device
@@ -34,6 +43,7 @@ use std::time::Instant;
 
 use pagewire_protocol::CodecId;
 
+use super::aecs::{AECS_SIZE, Aecs};
 use super::desc::{CompletionRecord, Descriptor, Status};
 use super::portal::{CpuFeatures, Enqueue, Portal, wait_record};
 use crate::codec::{CodecError, Level, check_table, per_page_done};
@@ -57,6 +67,31 @@ pub struct IaaConfig {
     /// How long a submitted descriptor may take before the job goes to software and
     /// the device is given up.
     pub timeout: Duration,
+    /// Which Huffman code compression uses.
+    pub huffman: Huffman,
+}
+
+/// Which Huffman code the device compresses with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Huffman {
+    /// Level 1: fixed; any other level: dynamic.
+    #[default]
+    ByLevel,
+    /// Always the fixed code (one descriptor per page).
+    Fixed,
+    /// Always a dynamic code per page (statistics pass, then compression).
+    Dynamic,
+}
+
+impl Huffman {
+    /// Whether a job at `level` uses a dynamic code.
+    pub fn dynamic(self, level: Level) -> bool {
+        match self {
+            Huffman::ByLevel => level != Level(1),
+            Huffman::Fixed => false,
+            Huffman::Dynamic => true,
+        }
+    }
 }
 
 impl IaaConfig {
@@ -68,6 +103,7 @@ impl IaaConfig {
             slots: 16,
             retries: 64,
             timeout: Duration::from_secs(2),
+            huffman: Huffman::ByLevel,
         }
     }
 }
@@ -83,6 +119,13 @@ pub struct IaaCounters {
     pub faults_resolved: AtomicU64,
     /// Pages the device could not shrink (output overflow), sent raw.
     pub raw_pages: AtomicU64,
+    /// Statistics passes completed (dynamic Huffman's first descriptor).
+    pub statistics_passes: AtomicU64,
+    /// Pages compressed with a host-built dynamic code from the AECS.
+    pub dynamic_pages: AtomicU64,
+    /// Dynamic pages whose header did not fit the AECS, compressed with the fixed
+    /// code instead.
+    pub fixed_instead: AtomicU64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,6 +146,8 @@ struct Slot {
     job: Option<Job>,
     records: Box<[CompletionRecord]>,
     out: Box<[u8]>,
+    /// One compress AECS per page (dynamic Huffman).
+    aecs: Box<[Aecs]>,
     /// Decode input staged in DMA-mapped memory (VFIO only; empty otherwise).
     staged: Box<[u8]>,
     descs: Vec<Descriptor>,
@@ -168,6 +213,7 @@ impl IaaBackend {
                     .map(|_| CompletionRecord::default())
                     .collect(),
                 out: vec![0u8; config.max_pages * ps].into_boxed_slice(),
+                aecs: (0..config.max_pages).map(|_| Aecs::default()).collect(),
                 staged: vec![0u8; if stage { config.max_pages * ps } else { 0 }].into_boxed_slice(),
                 descs: Vec::with_capacity(config.max_pages),
                 state: Vec::with_capacity(config.max_pages),
@@ -184,6 +230,7 @@ impl IaaBackend {
                 let ranges = [
                     (slot.records.as_ptr() as u64, slot.records.len() * 64),
                     (slot.out.as_mut_ptr() as u64, slot.out.len()),
+                    (slot.aecs.as_ptr() as u64, slot.aecs.len() * AECS_SIZE),
                     (slot.staged.as_mut_ptr() as u64, slot.staged.len()),
                 ];
                 for (addr, len) in ranges {
@@ -235,6 +282,7 @@ impl IaaBackend {
         slot.cause = None;
         slot.deadline = Instant::now() + self.config.timeout;
         let out_base = slot.out.as_mut_ptr();
+        let huffman = self.config.huffman;
         let stage_base = slot.staged.as_mut_ptr();
         let stage = !slot.staged.is_empty();
         let Some(job) = slot.job.as_mut() else {
@@ -252,14 +300,16 @@ impl IaaBackend {
                     let rec = slot.records[i].addr();
                     slot.records[i].reset();
                     let dst = out_base.wrapping_add(i * ps) as u64;
-                    slot.descs.push(Descriptor::compress(
-                        ptr as u64,
-                        ps as u32,
-                        dst,
-                        ps as u32 - 1,
-                        rec,
-                        None,
-                    ));
+                    slot.descs.push(if huffman.dynamic(p.level) {
+                        Descriptor::statistics(
+                            ptr as u64,
+                            ps as u32,
+                            slot.aecs[i].histogram_addr(),
+                            rec,
+                        )
+                    } else {
+                        Descriptor::compress(ptr as u64, ps as u32, dst, ps as u32 - 1, rec, None)
+                    });
                     slot.state.push(PageState::Ready);
                     slot.retried.push(false);
                 }
@@ -420,6 +470,39 @@ impl IaaBackend {
             let status = rec.status();
             let slot = &mut self.slots[s];
             match status {
+                Status::SUCCESS if slot.descs[i].is_statistics() => {
+                    // Second pass: the code from the histogram, then compression.
+                    self.counters
+                        .statistics_passes
+                        .fetch_add(1, Ordering::Relaxed);
+                    let d = slot.descs[i];
+                    let dst = slot
+                        .out
+                        .as_mut_ptr()
+                        .wrapping_add(i * self.config.page_size.bytes());
+                    let aecs = if slot.aecs[i].load_dynamic() {
+                        self.counters.dynamic_pages.fetch_add(1, Ordering::Relaxed);
+                        Some((slot.aecs[i].addr(), AECS_SIZE as u32))
+                    } else {
+                        self.counters.fixed_instead.fetch_add(1, Ordering::Relaxed);
+                        None
+                    };
+                    slot.descs[i] = Descriptor::compress(
+                        d.src1_addr(),
+                        d.src1_size(),
+                        dst as u64,
+                        self.config.page_size.bytes() as u32 - 1,
+                        d.completion_addr(),
+                        aecs,
+                    );
+                    slot.records[i].reset();
+                    slot.retried[i] = false;
+                    slot.state[i] = PageState::Ready;
+                    if !self.enqueue(s, i) {
+                        self.slots[s].state[i] = PageState::Raw;
+                        self.slots[s].cause.get_or_insert(FallbackCause::QueueFull);
+                    }
+                }
                 Status::SUCCESS
                     if encode
                         && rec.output_size > 0

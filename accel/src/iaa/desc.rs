@@ -302,9 +302,15 @@ impl Descriptor {
 
     /// A compress descriptor: deflate `src_len` bytes at `src` into at most `max_dst`
     /// bytes at `dst`, one complete raw deflate stream (final block, end of block),
-    /// the completion written to `record`. With `aecs`, the Huffman tables come from
-    /// that AECS (dynamic Huffman, tables from a first statistics pass); without, the
-    /// device uses the fixed Huffman code. History is the device's: 4 KiB.
+    /// the completion written to `record`. History is the device's: 4 KiB.
+    ///
+    /// Without `aecs` the device uses the fixed Huffman code and generates the final
+    /// block's header itself (header generation `3`), and ends the stream with an
+    /// end-of-block code and a final empty stored block. With `aecs` (address, size)
+    /// the device reads that compress AECS ([`super::aecs`]): it emits the AECS's
+    /// output accumulator (where the host wrote the dynamic block's header, BFINAL
+    /// set) and codes the tokens with the AECS's Huffman table, appending that
+    /// table's end-of-block code (end processing `1`); no header generation.
     pub fn compress(
         src: u64,
         src_len: u32,
@@ -326,15 +332,44 @@ impl Descriptor {
             .set_src1_size(src_len)
             .set_dst_addr(dst)
             .set_max_dst_size(max_dst)
-            .set_op_specific_flags(
-                compress_flags::FLUSH_OUTPUT
-                    | compress_flags::APPEND_EOB_FINAL
-                    | compress_flags::HEADER_GEN_FINAL,
-            );
+            .set_op_specific_flags(match aecs {
+                None => {
+                    compress_flags::FLUSH_OUTPUT
+                        | compress_flags::APPEND_EOB_FINAL
+                        | compress_flags::HEADER_GEN_FINAL
+                }
+                Some(_) => compress_flags::FLUSH_OUTPUT | compress_flags::APPEND_EOB,
+            });
         if let Some((addr, len)) = aecs {
             d.set_src2_addr(addr).set_src2_size(len);
         }
         d
+    }
+
+    /// A compress descriptor in statistics mode, the first pass of dynamic Huffman:
+    /// the device parses `src_len` bytes at `src` as it would compress them and
+    /// writes the literal/length and distance histogram (1280 bytes, see
+    /// [`super::aecs::Histogram`]) to `histogram`, the completion to `record`. No
+    /// AECS is read.
+    pub fn statistics(src: u64, src_len: u32, histogram: u64, record: u64) -> Descriptor {
+        let mut d = Descriptor::default();
+        d.set_op(
+            opcode::COMPRESS,
+            op_flags::COMPLETION_ADDR_VALID | op_flags::REQUEST_COMPLETION,
+        )
+        .set_completion_addr(record)
+        .set_src1_addr(src)
+        .set_src1_size(src_len)
+        .set_dst_addr(histogram)
+        .set_max_dst_size(super::aecs::HISTOGRAM_SIZE as u32)
+        .set_op_specific_flags(compress_flags::STATS_MODE);
+        d
+    }
+
+    /// Whether this is a statistics-mode compress descriptor.
+    pub fn is_statistics(&self) -> bool {
+        self.opcode() == opcode::COMPRESS
+            && self.op_specific_flags() & compress_flags::STATS_MODE != 0
     }
 
     /// A decompress descriptor: inflate the complete raw deflate stream of `src_len`
@@ -555,9 +590,9 @@ mod tests {
         assert_eq!(&b[24..32], &0x5555_6666_7777_8880u64.to_le_bytes());
         assert_eq!(&b[32..36], &4096u32.to_le_bytes());
         assert_eq!(&b[36..38], &[0, 0], "no interrupt handle");
-        // Flush output (bit 1), end with EOB + final block (bits 2-3 = 3), 1-pass
-        // final header generation (bits 12-14 = 3): 0x300e.
-        assert_eq!(&b[38..40], &[0x0e, 0x30]);
+        // With an AECS: flush output (bit 1), end processing 1 = append the table's
+        // EOB (bits 2-3), no header generation (the header is in the AECS): 0x0006.
+        assert_eq!(&b[38..40], &[0x06, 0x00]);
         assert_eq!(&b[40..48], &0xdddd_0000u64.to_le_bytes());
         assert_eq!(&b[48..52], &4095u32.to_le_bytes());
         assert_eq!(&b[52..56], &1568u32.to_le_bytes());
@@ -565,6 +600,28 @@ mod tests {
         let fixed = Descriptor::compress(1, 2, 3, 4, 64, None);
         assert_eq!(fixed.flags() & op_flags::READ_SRC2_AECS, 0);
         assert_eq!((fixed.src2_addr(), fixed.src2_size()), (0, 0));
+        // Fixed: flush output (bit 1), EOB + final block (bits 2-3 = 3), 1-pass
+        // final header generation (bits 12-14 = 3): 0x300e.
+        assert_eq!(&fixed.0[38..40], &[0x0e, 0x30]);
+        assert!(!fixed.is_statistics() && !d.is_statistics());
+    }
+
+    #[test]
+    fn statistics_descriptor_fields_sit_at_the_specified_offsets() {
+        let d = Descriptor::statistics(0x1000, 4096, 0x2120, 0x3040);
+        let b = &d.0;
+        // CRAV | RCR, no AECS read, opcode 0x43.
+        assert_eq!(&b[4..8], &[0x0c, 0x00, 0x00, 0x43]);
+        assert_eq!(&b[8..16], &0x3040u64.to_le_bytes());
+        assert_eq!(&b[16..24], &0x1000u64.to_le_bytes());
+        assert_eq!(&b[24..32], &0x2120u64.to_le_bytes());
+        assert_eq!(&b[32..36], &4096u32.to_le_bytes());
+        // Statistics mode only (bit 0).
+        assert_eq!(&b[38..40], &[0x01, 0x00]);
+        assert_eq!(&b[40..48], &[0; 8], "no AECS");
+        assert_eq!(&b[48..52], &1280u32.to_le_bytes(), "histogram size");
+        assert_eq!(&b[52..64], &[0; 12]);
+        assert!(d.is_statistics());
     }
 
     #[test]

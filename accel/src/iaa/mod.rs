@@ -1,6 +1,9 @@
 //! Intel In-Memory Analytics Accelerator (IAA) behind the codec engine.
 //!
 //! Layers, bottom up:
+//! - [`aecs`]: the compress AECS (Huffman table, output accumulator) and the host
+//!   side of dynamic Huffman: histogram in, length-limited canonical code and block
+//!   header out.
 //! - [`desc`]: 64-byte descriptors and 64-byte completion records, exactly as the
 //!   IAA specification and Linux's idxd uapi header lay them out.
 //! - [`portal`]: where descriptors go in ([`Portal`]): `ENQCMD`/`MOVDIR64B` and
@@ -12,11 +15,12 @@
 //!   executes descriptors with the device's semantics and injects its faults.
 //! - [`backend`]: the engine [`Backend`](crate::Backend) over any portal.
 //!
-//! What ran where: the descriptor layer, the backend and its fallbacks ran against
-//! the device model only; the kernel work-queue and VFIO portals were built (and
+//! What ran where: the descriptor layer, the backend (fixed and dynamic Huffman) and
+//! its fallbacks ran against the device model only; the kernel work-queue and VFIO portals were built (and
 //! their discovery and probing run) on a machine without IAA. No code here has met
 //! IAA hardware.
 
+pub mod aecs;
 pub mod backend;
 pub mod desc;
 pub mod model;
@@ -26,7 +30,8 @@ pub mod regs;
 pub mod vfio;
 pub mod wq;
 
-pub use backend::{IaaBackend, IaaConfig, IaaCounters};
+pub use aecs::{Aecs, Histogram};
+pub use backend::{Huffman, IaaBackend, IaaConfig, IaaCounters};
 pub use desc::{Completed, CompletionRecord, Descriptor, Status};
 pub use model::{DeviceModel, ModelConfig};
 pub use portal::{CpuFeatures, Enqueue, Portal, WqMode};

@@ -8,9 +8,13 @@
 //!   a caller bug and is refused too);
 //! - `engines` worker threads that take descriptors from the queue and execute them
 //!   with the device's semantics, so completions come back out of order from
-//!   another thread: compress (0x43) with a 4 KiB history and the fixed Huffman code,
-//!   output capped at the maximum destination size (status `OUTPUT_OVERFLOW` when it
-//!   does not fit); decompress (0x42) of one complete stream into at most the maximum
+//!   another thread: compress (0x43) with a 4 KiB history, output capped at the
+//!   maximum destination size (status `OUTPUT_OVERFLOW` when it does not fit), either
+//!   with the fixed Huffman code (no AECS), in statistics mode (the histogram of the
+//!   tokens written to the destination), or with the Huffman table and output
+//!   accumulator of a compress AECS read from source 2 ([`super::aecs`]; a symbol
+//!   without a code in the table is an `ANALYTICS_ERROR`); decompress (0x42) of one
+//!   complete stream into at most the maximum
 //!   destination size, refusing streams that reach back more than 4 KiB as an IAA
 //!   does (`ANALYTICS_ERROR`); any other opcode gets `BAD_OPCODE`;
 //! - memory access like a device with shared virtual addressing: it reads the source
@@ -30,9 +34,15 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded};
 
-use super::desc::{Completed, CompletionRecord, Descriptor, Status, opcode};
+use super::aecs::{self, AECS_SIZE, Aecs, HISTOGRAM_SIZE, Histogram};
+use super::desc::{
+    Completed, CompletionRecord, Descriptor, Status, compress_flags, op_flags, opcode,
+};
 use super::portal::{Enqueue, Portal, WqMode};
-use crate::codec::deflate::{Inflater, WINDOW_4K, compress_fixed_window, inflate_max_distance};
+use crate::codec::deflate::{
+    BitWriter, Inflater, Token, WINDOW_4K, compress_fixed_window, distance_code,
+    inflate_max_distance, length_symbol, lz77_window, put_code,
+};
 use crate::engine::{ModelFault, ModelFaults};
 
 /// Refusals in one injected queue-full burst: more than any submitter retries.
@@ -328,7 +338,44 @@ fn execute(
     };
     out.resize(max_dst, 0);
     let produced = if op == opcode::COMPRESS {
-        match compress_fixed_window(src, out) {
+        let r = if desc.is_statistics() {
+            let h = statistics(src).to_bytes();
+            out.get_mut(..HISTOGRAM_SIZE).map(|o| {
+                o.copy_from_slice(&h);
+                HISTOGRAM_SIZE
+            })
+        } else if desc.flags() & op_flags::READ_SRC2_AECS != 0 {
+            if (desc.src2_size() as usize) < AECS_SIZE || desc.src2_addr() == 0 {
+                return fail(Status::INVALID_SIZE);
+            }
+            if !desc.src2_addr().is_multiple_of(32) {
+                return fail(Status::ADDR_ALIGN);
+            }
+            let mut state = Aecs::default();
+            // SAFETY: the submitter's contract makes source 2 readable for its size
+            // (at least `AECS_SIZE`, checked above) until the record is written.
+            unsafe {
+                core::ptr::copy_nonoverlapping(
+                    desc.src2_addr() as *const u8,
+                    state.bytes_mut().as_mut_ptr(),
+                    AECS_SIZE,
+                )
+            };
+            let eob = desc.op_specific_flags() & compress_flags::APPEND_EOB != 0;
+            match compress_with_aecs(src, &state, eob, out) {
+                Ok(r) => r,
+                Err(status) => {
+                    return Completed {
+                        status: status.0,
+                        error_code: 2,
+                        ..Default::default()
+                    };
+                }
+            }
+        } else {
+            compress_fixed_window(src, out)
+        };
+        match r {
             Some(n) => n,
             None => {
                 return Completed {
@@ -369,5 +416,203 @@ fn execute(
         bytes_completed: src_len as u32,
         output_size: produced as u32,
         ..Default::default()
+    }
+}
+
+/// Statistics mode: the histogram of the tokens the compressor would write for
+/// `src` (the end-of-block code is not counted; the host adds it).
+fn statistics(src: &[u8]) -> Histogram {
+    let mut h = Histogram::default();
+    let _ = lz77_window(src, |t| {
+        match t {
+            Token::Literal(b) => h.ll[usize::from(b)] += 1,
+            Token::Match { len, dist } => {
+                let (sym, _, _) = length_symbol(usize::from(len))?;
+                let (code, _, _) = distance_code(usize::from(dist))?;
+                h.ll[sym as usize] += 1;
+                h.d[code as usize] += 1;
+            }
+        }
+        Some(())
+    });
+    h
+}
+
+/// Compression with a compress AECS: the accumulator's valid bits, then the tokens
+/// coded with the AECS's table, then (with `eob`) the table's end-of-block code,
+/// flushed to a whole byte. `Ok(None)` when the output does not fit `out`;
+/// `Err(ANALYTICS_ERROR)` for an invalid accumulator or a symbol without a code.
+fn compress_with_aecs(
+    src: &[u8],
+    state: &Aecs,
+    eob: bool,
+    out: &mut [u8],
+) -> Result<Option<usize>, Status> {
+    let bits = state.accum_bits() as usize;
+    if bits > aecs::ACCUM_SIZE * 8 {
+        return Err(Status::ANALYTICS_ERROR);
+    }
+    let accum = &state.bytes()[aecs::ACCUM_OFFSET..aecs::ACCUM_OFFSET + aecs::ACCUM_SIZE];
+    let mut w = BitWriter::new(out);
+    let mut bad = false;
+    let mut code = |w: &mut BitWriter<'_>, e: u32, extra: u32, v: u32| {
+        let (len, c) = aecs::entry_parts(e);
+        if len == 0 {
+            bad = true;
+            return None;
+        }
+        put_code(w, u32::from(c), u32::from(len))?;
+        w.put(v, extra)
+    };
+    let written = (|| {
+        for &byte in &accum[..bits / 8] {
+            w.put(u32::from(byte), 8)?;
+        }
+        if !bits.is_multiple_of(8) {
+            w.put(u32::from(accum[bits / 8]), (bits % 8) as u32)?;
+        }
+        lz77_window(src, |t| match t {
+            Token::Literal(b) => code(&mut w, state.ll_entry(usize::from(b)), 0, 0),
+            Token::Match { len, dist } => {
+                let (sym, lx, lv) = length_symbol(usize::from(len))?;
+                code(&mut w, state.ll_entry(sym as usize), lx, lv)?;
+                let (dc, dx, dv) = distance_code(usize::from(dist))?;
+                code(&mut w, state.d_entry(dc as usize), dx, dv)
+            }
+        })?;
+        if eob {
+            code(&mut w, state.ll_entry(256), 0, 0)?;
+        }
+        Some(())
+    })();
+    if bad {
+        return Err(Status::ANALYTICS_ERROR);
+    }
+    Ok(written.and_then(|()| w.finish()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::iaa::portal::{CpuFeatures, wait_record};
+
+    /// Submits `d` to `model` and waits for its record.
+    fn execute_on(model: &mut DeviceModel, d: &Descriptor, rec: &CompletionRecord) -> Completed {
+        rec.reset();
+        // SAFETY: every address in `d` points at live buffers of the caller's that
+        // outlive the wait below, which returns once the record is written.
+        assert_eq!(unsafe { model.submit(d) }, Enqueue::Accepted);
+        let until = Instant::now() + Duration::from_secs(10);
+        wait_record(rec, until, CpuFeatures::detect());
+        assert!(rec.is_done());
+        rec.read()
+    }
+
+    #[test]
+    fn statistics_then_aecs_compression_make_a_dynamic_stream_and_a_missing_code_fails() {
+        let mut model = DeviceModel::new(ModelConfig::default()).expect("model");
+        let rec = CompletionRecord::default();
+        // Words in a pseudo-random order: repeats for LZ77, skewed bytes for Huffman.
+        let words = ["dirty ", "guest ", "page ", "0x7f3a ", "frame\n", "round "];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut page = Vec::new();
+        while page.len() < 4096 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            page.extend_from_slice(words[(x % 6) as usize].as_bytes());
+        }
+        page.truncate(4096);
+        let mut aecs = Box::new(Aecs::default());
+        let mut out = vec![0u8; 4095];
+        let src = page.as_ptr() as u64;
+
+        // Pass 1: the histogram lands in the AECS table region.
+        let d = Descriptor::statistics(src, 4096, aecs.histogram_addr(), rec.addr());
+        let c = execute_on(&mut model, &d, &rec);
+        assert_eq!((c.status(), c.output_size), (Status::SUCCESS, 1280));
+        let h = aecs.histogram();
+        assert_eq!(h, statistics(&page));
+        assert!(h.ll[usize::from(b'd')] > 0 && h.ll[257..].iter().any(|&n| n > 0));
+        assert_eq!(h.ll[256], 0, "end of block is the host's to add");
+
+        // Compress descriptors of the page into `out`, capped at `max` bytes.
+        let dst = out.as_mut_ptr() as u64;
+        let compress = |aecs, max| Descriptor::compress(src, 4096, dst, max, rec.addr(), aecs);
+
+        // A table without codes for the page's symbols: the device refuses.
+        let empty = Box::new(Aecs::default());
+        let d = compress(Some((empty.addr(), AECS_SIZE as u32)), 4095);
+        let c = execute_on(&mut model, &d, &rec);
+        assert_eq!(c.status(), Status::ANALYTICS_ERROR);
+        // An AECS shorter than its layout is an invalid size.
+        let d = compress(Some((aecs.addr(), 1024)), 4095);
+        let c = execute_on(&mut model, &d, &rec);
+        assert_eq!(c.status(), Status::INVALID_SIZE);
+
+        // Pass 2 with the host's code: a final dynamic block libdeflate inflates.
+        assert!(aecs.load_dynamic());
+        let aecs_arg = Some((aecs.addr(), AECS_SIZE as u32));
+        let d = compress(aecs_arg, 4095);
+        let c = execute_on(&mut model, &d, &rec);
+        assert_eq!(c.status(), Status::SUCCESS);
+        let n = c.output_size as usize;
+        assert_eq!(out[0] & 0b111, 0b101, "BFINAL, dynamic");
+        let mut back = vec![0u8; 4096];
+        assert!(
+            Inflater::new()
+                .expect("inflater")
+                .inflate_exact(&out[..n], &mut back)
+        );
+        assert_eq!(back, page);
+        let mut fixed = vec![0u8; 4096];
+        let f = compress_fixed_window(&page, &mut fixed).expect("fits");
+        assert!(n < f, "dynamic {n} bytes vs fixed {f}");
+
+        // The output cap: one byte short of the stream is an overflow.
+        let d = compress(aecs_arg, n as u32 - 1);
+        assert_eq!(
+            execute_on(&mut model, &d, &rec).status(),
+            Status::OUTPUT_OVERFLOW
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(96))]
+
+        /// Any page, through statistics, the host's code and compression with the
+        /// AECS, is one stream libdeflate inflates back to the page (or does not
+        /// fit the cap): headers and tables hold for every histogram shape.
+        #[test]
+        fn every_page_round_trips_through_the_dynamic_path(
+            alphabet in 1u8..=255,
+            runs in 0usize..64,
+            seed in proptest::prelude::any::<u64>(),
+            len in 1usize..=4096,
+        ) {
+            let mut x = seed | 1;
+            let mut page = Vec::with_capacity(len);
+            while page.len() < len {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let b = (x % u64::from(alphabet)) as u8;
+                let n = if runs > 0 && x % 7 == 0 { (x as usize >> 8) % runs } else { 1 };
+                page.extend(std::iter::repeat_n(b, n.max(1)));
+            }
+            page.truncate(len);
+            let mut aecs = Aecs::default();
+            aecs.bytes_mut()[aecs::TABLE_OFFSET..].copy_from_slice(&statistics(&page).to_bytes());
+            proptest::prop_assert!(aecs.load_dynamic());
+            let mut out = vec![0u8; len + 1024];
+            let n = compress_with_aecs(&page, &aecs, true, &mut out)
+                .expect("every symbol has a code")
+                .expect("fits");
+            let mut back = vec![0u8; len];
+            proptest::prop_assert!(Inflater::new().expect("inflater").inflate_exact(&out[..n], &mut back));
+            proptest::prop_assert_eq!(back, page);
+        }
     }
 }
