@@ -21,9 +21,16 @@
 //!
 //! The guest bytes per second of `c` are
 //! `1 / (max(cost(c) / cores, ratio(c) / link) + ratio(c) * copy)`: encoding overlaps
-//! the link, the copy does not. What a candidate's frames really moved lately (encode
-//! plus hand-over, on this thread) bounds its figure, since where the link is the same
-//! cores (loopback) compression saves less than the model thinks. The best candidate
+//! the link, the copy does not. What the channel really moved while a candidate was the
+//! choice (guest bytes per second of wall time between frames handed over, over a
+//! window: encode, send, and whatever the receiver's work on the same cores slowed
+//! them by) bounds its figure, since where the link is the same cores (loopback, a
+//! veth pair) compression saves less than the model thinks; for a candidate that
+//! compresses less than the current one it replaces the figure, since what the channel
+//! accepts under a compressor says little of what it accepts raw when the receiver's
+//! CPU is what limits it. That measurement holds 2 s, twice as long after each trial
+//! the candidate lost within a second (up to 8 s), then the model may try it again.
+//! The best candidate
 //! is taken when it beats the current one by 5 % (or, on a busy link, moves as much
 //! for a fifth less core time), reconsidered at most once per 100 ms window. At most
 //! one frame in `explore_every`, and no more than 3 % of the encode time, goes to the
@@ -75,8 +82,14 @@ const WINDOW: Duration = Duration::from_millis(100);
 /// A window whose seconds per byte handed to the channel exceed the plain copy's by
 /// this factor found the link busy.
 const BLOCKED: f64 = 2.0;
-/// How long a candidate's realized rate bounds its model.
-const REALIZED_FOR: Duration = Duration::from_millis(500);
+/// How long a candidate's realized rate bounds its model, at first: doubled each time
+/// a trial of it lost right away (at most [`MAX_LOSSES`] times).
+const REALIZED_FOR: Duration = Duration::from_secs(2);
+/// Trials lost in a row that lengthen how long a realized rate holds.
+const MAX_LOSSES: u32 = 2;
+/// A candidate that was the choice for less than this before another replaced it lost
+/// its trial.
+const TRIAL: Duration = Duration::from_secs(1);
 /// The slowest copy assumed, seconds per byte (1 GB/s: slower than any memory copy
 /// and any loopback send here).
 const COPY_MAX: f64 = 1e-9;
@@ -105,9 +118,15 @@ struct Arm {
     ratio: f64,
     /// Frame number of the last measurement (0: a prior only).
     measured: u64,
-    /// Guest bytes per second its frames actually moved on this thread (encode plus
-    /// handing the frame over), when measured, and when.
+    /// Guest bytes per second the channel actually moved while it was the choice
+    /// (wall time between frames handed over: encode, send, and whatever the
+    /// destination or other work on the same cores slowed them by), and when.
     realized: Option<(f64, Instant)>,
+    /// Guest bytes and wall seconds of the window being measured for `realized`.
+    win_bytes: f64,
+    win_secs: f64,
+    /// Trials lost in a row (see [`REALIZED_FOR`]).
+    losses: u32,
     stats: ChoiceStats,
 }
 
@@ -196,6 +215,10 @@ pub(crate) struct Selector {
     explore_budget: f64,
     /// Guest bytes of a recent frame, to price an exploration.
     frame_bytes: f64,
+    /// When the last frame was handed over.
+    frame_end: Option<Instant>,
+    /// When the current choice was made.
+    chosen_at: Instant,
 }
 
 impl Selector {
@@ -234,6 +257,9 @@ impl Selector {
                 ratio,
                 measured: 0,
                 realized: None,
+                win_bytes: 0.0,
+                win_secs: 0.0,
+                losses: 0,
             });
         }
         if arms.is_empty() {
@@ -261,6 +287,8 @@ impl Selector {
             explored: 0,
             explore_budget: 0.0,
             frame_bytes: 0.0,
+            frame_end: None,
+            chosen_at: now,
         };
         s.current = s.best();
         Some(s)
@@ -283,11 +311,22 @@ impl Selector {
         let ratio = a.ratio.max(1e-6);
         let period = (1.0 / cpu).max(ratio / link) + ratio * self.copy.unwrap_or(0.0);
         let model = 1.0 / period.max(1e-15);
-        // What its frames really moved lately bounds the model: where the link is the
-        // same cores (loopback), a compressor saves less than the model thinks.
+        // What the channel really moved lately while it was the choice bounds the
+        // model: where the link is the same cores (loopback, a veth pair), the
+        // destination's decoding and the kernel's copy take the cores the encoder
+        // needs, and a compressor saves less than the model thinks. For a candidate
+        // that compresses less than the current one it replaces the model: the bytes
+        // the channel accepts under a compressor say little of what it accepts raw
+        // when the receiver's work is what limits it.
         match a.realized {
-            Some((r, at)) if self.now.saturating_duration_since(at) < REALIZED_FOR => {
-                model.min(r * NEAR)
+            Some((r, at))
+                if self.now.saturating_duration_since(at) < REALIZED_FOR * (1 << a.losses) =>
+            {
+                if a.ratio > self.arms[self.current].ratio * NEAR {
+                    r
+                } else {
+                    model.min(r * NEAR)
+                }
             }
             _ => model,
         }
@@ -317,7 +356,13 @@ impl Selector {
                 .filter(|&i| i != self.current)
                 .min_by_key(|&i| self.arms[i].measured)
                 .unwrap_or(self.current);
-            let price = self.arms[i].cost * self.frame_bytes;
+            // Its encode, or its time on the link if that is longer (a raw frame on a
+            // slow link costs the link, not the core).
+            let a = &self.arms[i];
+            let wire = self
+                .link
+                .map_or(0.0, |l| a.ratio * self.frame_bytes / l.max(1.0));
+            let price = (a.cost * self.frame_bytes).max(wire);
             if price <= self.explore_budget {
                 self.explore_budget -= price;
                 self.explored += 1;
@@ -366,6 +411,16 @@ impl Selector {
             self.arms[to].ratio,
         );
         let (from_l, to_l) = (a.label.clone(), self.arms[to].label.clone());
+        let lost = now.saturating_duration_since(self.chosen_at) < TRIAL;
+        let a = &mut self.arms[from];
+        a.losses = if lost {
+            (a.losses + 1).min(MAX_LOSSES)
+        } else {
+            0
+        };
+        let b = &mut self.arms[to];
+        (b.win_bytes, b.win_secs) = (0.0, 0.0);
+        self.chosen_at = now;
         match self
             .switches
             .iter_mut()
@@ -423,25 +478,28 @@ impl Selector {
         a.measured = frame.max(1);
     }
 
-    /// A frame of candidate `i` moved `guest` bytes in `took` (its encode) plus `sent`
-    /// (handing it to the channel). Only frames of the current choice count: a lone
-    /// exploring frame queues behind the others and would look slower than it is.
-    pub(crate) fn observe_frame(&mut self, i: usize, guest: u64, took: Duration, sent: Duration) {
-        if i != self.current {
-            return;
-        }
-        let now = self.now;
-        let Some(a) = self.arms.get_mut(i) else {
+    /// A frame of `guest` bytes was handed to the channel at `now`. The wall time since
+    /// the previous one counts for the current choice (an exploring frame in between
+    /// is a small share of it): over a window, the guest bytes per second the channel
+    /// moved with it, end to end.
+    pub(crate) fn observe_frame(&mut self, guest: u64, now: Instant) {
+        let Some(prev) = self.frame_end.replace(now) else {
             return;
         };
-        let t = (took + sent).as_secs_f64();
-        if guest == 0 || t <= 0.0 {
+        self.now = self.now.max(now);
+        let a = &mut self.arms[self.current];
+        a.win_bytes += guest as f64;
+        a.win_secs += now.saturating_duration_since(prev).as_secs_f64();
+        if a.win_secs < WINDOW.as_secs_f64() || a.win_bytes <= 0.0 {
             return;
         }
-        let r = self.cores * guest as f64 / t;
+        let r = a.win_bytes / a.win_secs;
+        (a.win_bytes, a.win_secs) = (0.0, 0.0);
         a.realized = Some(match a.realized {
-            Some((old, _)) => (old + ALPHA * (r - old), now),
-            None => (r, now),
+            Some((old, at)) if now.saturating_duration_since(at) < 2 * WINDOW => {
+                (old + 0.5 * (r - old), now)
+            }
+            _ => (r, now),
         });
     }
 
@@ -539,7 +597,7 @@ mod tests {
                 send.saturating_sub(took) + Duration::from_secs_f64(payload as f64 * copy);
             *now += took + blocked;
             s.observe_send(payload, blocked, *now);
-            s.observe_frame(i, guest, took, blocked);
+            s.observe_frame(guest, *now);
             chosen.push(label);
         }
         chosen
@@ -609,6 +667,149 @@ mod tests {
         // 0.4 ns a byte to send: raw 0.1 + 0.4 ns/B, lz4 0.83 + 0.45 × 0.4 ns/B.
         let chosen = drive_copying(&mut s, &mut now, 2000, &text, 1e12, 0.4e-9);
         assert!(tail_share(&chosen, "raw") > 0.8, "{chosen:?}");
+    }
+
+    /// A channel whose destination shares the machine: each frame's period is the
+    /// slowest of the source's encode plus its copy into the socket, the link, and the
+    /// destination's work on it (`dest`, seconds per guest byte, which a compressed
+    /// frame adds its decode to), varied by a fixed pseudo-random load of ±`jitter`
+    /// that changes every 200 frames, so some windows block and some do not, as on a
+    /// loaded machine.
+    /// Returns the choices and the guest bytes per second of the second half.
+    struct Machine<'a> {
+        speeds: &'a dyn Fn(&str) -> (f64, f64),
+        dest: &'a dyn Fn(&str) -> f64,
+        copy: f64,
+        link: f64,
+        jitter: f64,
+    }
+
+    impl Machine<'_> {
+        fn period(&self, label: &str, guest: f64, noise: f64) -> (Duration, Duration) {
+            let (speed, ratio) = (self.speeds)(label);
+            let payload = guest * ratio;
+            let took = guest / speed;
+            let src = took + payload * self.copy;
+            let dst = guest * (self.dest)(label) * (1.0 + self.jitter * noise);
+            let period = src.max(dst).max(payload / self.link);
+            (
+                Duration::from_secs_f64(took),
+                Duration::from_secs_f64(period - took),
+            )
+        }
+
+        /// Guest bytes per second of a static codec over the second half of `frames`
+        /// frames, under the same load as [`Machine::run`].
+        fn static_rate(&self, label: &str, frames: usize) -> f64 {
+            let guest = 512.0 * 1024.0;
+            let (mut bytes, mut secs) = (0.0, 0.0);
+            for (f, noise) in Self::load(frames).enumerate() {
+                if f >= frames / 2 {
+                    let (took, blocked) = self.period(label, guest, noise);
+                    bytes += guest;
+                    secs += (took + blocked).as_secs_f64();
+                }
+            }
+            bytes / secs
+        }
+
+        /// The load of each frame, in [-1, 1]: it changes every 200 frames (other work
+        /// comes and goes).
+        fn load(frames: usize) -> impl Iterator<Item = f64> {
+            let mut seed = 0x2545_f491_u64;
+            (0..frames).map(move |f| {
+                if f % 200 == 0 {
+                    seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                }
+                ((seed >> 33) as f64 / (1u64 << 31) as f64) * 2.0 - 1.0
+            })
+        }
+
+        fn run(&self, s: &mut Selector, now: &mut Instant, frames: usize) -> (Vec<String>, f64) {
+            let guest = 512 * 1024u64;
+            let mut chosen = Vec::new();
+            let (mut tail_bytes, mut tail_secs) = (0.0, 0.0);
+            for (f, noise) in Self::load(frames).enumerate() {
+                let (i, _) = s.choose(*now);
+                let label = s.arms[i].label.clone();
+                let (took, blocked) = self.period(&label, guest as f64, noise);
+                let ratio = (self.speeds)(&label).1;
+                let payload = (guest as f64 * ratio) as u64;
+                s.observe_encode(i, guest, payload, took);
+                *now += took + blocked;
+                s.observe_send(payload, blocked, *now);
+                s.observe_frame(guest, *now);
+                if f >= frames / 2 {
+                    tail_bytes += guest as f64;
+                    tail_secs += (took + blocked).as_secs_f64();
+                }
+                chosen.push(label);
+            }
+            (chosen, tail_bytes / tail_secs)
+        }
+    }
+
+    /// Fresh destination memory at 1 GB/s, plus each codec's decode.
+    fn fresh_dest(label: &str) -> f64 {
+        1e-9 + match label {
+            "raw" => 0.0,
+            "lz4" => 0.3e-9,
+            "zstd:-5" | "zstd:1" | "zstd:3" => 1.0e-9,
+            _ => 3e-9,
+        }
+    }
+
+    fn best_static(m: &Machine<'_>, frames: usize) -> (String, f64) {
+        ["raw", "lz4", "zstd:-5", "zstd:1", "zstd:3", "deflate:1"]
+            .iter()
+            .map(|l| (l.to_string(), m.static_rate(l, frames)))
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .unwrap()
+    }
+
+    #[test]
+    fn on_loopback_with_a_busy_destination_auto_matches_the_best_static_codec() {
+        // The link is the same cores: the destination's page faults are what blocks
+        // the channel, and its decode makes every compressor slower end to end.
+        let m = Machine {
+            speeds: &text,
+            dest: &fresh_dest,
+            copy: 0.1e-9,
+            link: 1e12,
+            jitter: 0.5,
+        };
+        let (best, best_rate) = best_static(&m, 6000);
+        assert_eq!(best, "raw");
+        let mut now = Instant::now();
+        let mut s = selector(now);
+        let (chosen, rate) = m.run(&mut s, &mut now, 6000);
+        assert!(
+            rate >= 0.95 * best_rate,
+            "auto {rate:.3e} B/s vs raw {best_rate:.3e}: {:?}",
+            s.stats()
+        );
+        assert!(tail_share(&chosen, "raw") > 0.85, "{:?}", s.stats());
+    }
+
+    #[test]
+    fn on_a_slow_link_with_a_busy_destination_auto_matches_the_best_static_codec() {
+        let m = Machine {
+            speeds: &text,
+            dest: &fresh_dest,
+            copy: 0.1e-9,
+            link: 125e6,
+            jitter: 0.5,
+        };
+        let (best, best_rate) = best_static(&m, 3000);
+        assert!(best.starts_with("zstd"), "{best}");
+        let mut now = Instant::now();
+        let mut s = selector(now);
+        let (_, rate) = m.run(&mut s, &mut now, 3000);
+        assert!(
+            rate >= 0.95 * best_rate,
+            "auto {rate:.3e} B/s vs {best} {best_rate:.3e}: {:?}",
+            s.stats()
+        );
     }
 
     #[test]
