@@ -28,8 +28,13 @@
 //! veth pair) compression saves less than the model thinks; for a candidate that
 //! compresses less than the current one it replaces the figure, since what the channel
 //! accepts under a compressor says little of what it accepts raw when the receiver's
-//! CPU is what limits it. That measurement holds 2 s, twice as long after each trial
-//! the candidate lost within a second (up to 8 s), then the model may try it again.
+//! CPU is what limits it, as long as the channel is busy (while it has room, the link
+//! may have got faster: such a figure bounds for a second only). That measurement
+//! holds 2 s, twice as long after each trial the candidate lost within a second (up
+//! to 8 s), then the model may try it again. A new choice is kept until a window
+//! measured it, and after a switch to a candidate that compresses less the first
+//! 50 ms are not measured (the socket's and the link's buffers, which the compressor
+//! left empty, absorb them).
 //! The best candidate
 //! is taken when it beats the current one by 5 % (or, on a busy link, moves as much
 //! for a fifth less core time), reconsidered at most once per 100 ms window. At most
