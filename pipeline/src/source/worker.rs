@@ -695,11 +695,10 @@ impl Worker {
             let ps = u64::from(self.s.memory.page_size());
             sel.observe_encode(i, pages.data * ps, out.bytes_out() as u64, took);
         }
-        let t = Instant::now();
         let wire = self.send(outf)?;
-        if let (Some(i), Some(sel)) = (meta.arm, self.s.adaptive.as_mut()) {
+        if let (Some(_), Some(sel)) = (meta.arm, self.s.adaptive.as_mut()) {
             let ps = u64::from(self.s.memory.page_size());
-            sel.observe_frame(i, pages.data * ps, took, t.elapsed());
+            sel.observe_frame(pages.data * ps, Instant::now());
         }
         self.account(out.codec, pages, out.bytes_out() as u64, wire);
         Ok(())

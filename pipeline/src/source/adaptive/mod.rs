@@ -21,9 +21,20 @@
 //!
 //! The guest bytes per second of `c` are
 //! `1 / (max(cost(c) / cores, ratio(c) / link) + ratio(c) * copy)`: encoding overlaps
-//! the link, the copy does not. What a candidate's frames really moved lately (encode
-//! plus hand-over, on this thread) bounds its figure, since where the link is the same
-//! cores (loopback) compression saves less than the model thinks. The best candidate
+//! the link, the copy does not. What the channel really moved while a candidate was the
+//! choice (guest bytes per second of wall time between frames handed over, over a
+//! window: encode, send, and whatever the receiver's work on the same cores slowed
+//! them by) bounds its figure, since where the link is the same cores (loopback, a
+//! veth pair) compression saves less than the model thinks; for a candidate that
+//! compresses less than the current one it replaces the figure, since what the channel
+//! accepts under a compressor says little of what it accepts raw when the receiver's
+//! CPU is what limits it, as long as the channel is busy. That measurement
+//! holds 2 s, twice as long after each trial the candidate lost within a second (up
+//! to 8 s), then the model may try it again. A new choice is kept until a window
+//! measured it, and after a switch to a candidate that compresses less the first
+//! 50 ms are not measured (the socket's and the link's buffers, which the compressor
+//! left empty, absorb them).
+//! The best candidate
 //! is taken when it beats the current one by 5 % (or, on a busy link, moves as much
 //! for a fifth less core time), reconsidered at most once per 100 ms window. At most
 //! one frame in `explore_every`, and no more than 3 % of the encode time, goes to the
@@ -75,8 +86,14 @@ const WINDOW: Duration = Duration::from_millis(100);
 /// A window whose seconds per byte handed to the channel exceed the plain copy's by
 /// this factor found the link busy.
 const BLOCKED: f64 = 2.0;
-/// How long a candidate's realized rate bounds its model.
-const REALIZED_FOR: Duration = Duration::from_millis(500);
+/// How long a candidate's realized rate bounds its model, at first: doubled each time
+/// a trial of it lost right away (at most [`MAX_LOSSES`] times).
+const REALIZED_FOR: Duration = Duration::from_secs(2);
+/// Trials lost in a row that lengthen how long a realized rate holds.
+const MAX_LOSSES: u32 = 2;
+/// A candidate that was the choice for less than this before another replaced it lost
+/// its trial.
+const TRIAL: Duration = Duration::from_secs(1);
 /// The slowest copy assumed, seconds per byte (1 GB/s: slower than any memory copy
 /// and any loopback send here).
 const COPY_MAX: f64 = 1e-9;
@@ -87,6 +104,9 @@ const HYSTERESIS: f64 = 1.05;
 /// Candidates within this factor of the fastest count as fast as it (estimates of
 /// candidates measured a while ago lag): the one that costs the least core wins.
 const NEAR: f64 = 1.10;
+/// How long after a switch to a candidate that compresses less its frames are not
+/// measured.
+const SETTLE: Duration = Duration::from_millis(50);
 /// Weight of a new sample in the moving averages.
 const ALPHA: f64 = 0.15;
 /// Share of the encode time that exploring other candidates may take: a slow
@@ -105,9 +125,15 @@ struct Arm {
     ratio: f64,
     /// Frame number of the last measurement (0: a prior only).
     measured: u64,
-    /// Guest bytes per second its frames actually moved on this thread (encode plus
-    /// handing the frame over), when measured, and when.
+    /// Guest bytes per second the channel actually moved while it was the choice
+    /// (wall time between frames handed over: encode, send, and whatever the
+    /// destination or other work on the same cores slowed them by), and when.
     realized: Option<(f64, Instant)>,
+    /// Guest bytes and wall seconds of the window being measured for `realized`.
+    win_bytes: f64,
+    win_secs: f64,
+    /// Trials lost in a row (see [`REALIZED_FOR`]).
+    losses: u32,
     stats: ChoiceStats,
 }
 
@@ -196,6 +222,15 @@ pub(crate) struct Selector {
     explore_budget: f64,
     /// Guest bytes of a recent frame, to price an exploration.
     frame_bytes: f64,
+    /// When the last frame was handed over.
+    frame_end: Option<Instant>,
+    /// When the current choice was made.
+    chosen_at: Instant,
+    /// Frames handed over before this are not measured: after a switch to a candidate
+    /// that compresses less, the socket and the link's queue absorb the first of them
+    /// (raw fills the buffers a compressor left empty, and would look faster than the
+    /// link).
+    settle_until: Instant,
 }
 
 impl Selector {
@@ -234,6 +269,9 @@ impl Selector {
                 ratio,
                 measured: 0,
                 realized: None,
+                win_bytes: 0.0,
+                win_secs: 0.0,
+                losses: 0,
             });
         }
         if arms.is_empty() {
@@ -261,6 +299,9 @@ impl Selector {
             explored: 0,
             explore_budget: 0.0,
             frame_bytes: 0.0,
+            frame_end: None,
+            chosen_at: now,
+            settle_until: now,
         };
         s.current = s.best();
         Some(s)
@@ -283,11 +324,22 @@ impl Selector {
         let ratio = a.ratio.max(1e-6);
         let period = (1.0 / cpu).max(ratio / link) + ratio * self.copy.unwrap_or(0.0);
         let model = 1.0 / period.max(1e-15);
-        // What its frames really moved lately bounds the model: where the link is the
-        // same cores (loopback), a compressor saves less than the model thinks.
+        // What the channel really moved lately while it was the choice bounds the
+        // model: where the link is the same cores (loopback, a veth pair), the
+        // destination's decoding and the kernel's copy take the cores the encoder
+        // needs, and a compressor saves less than the model thinks. For a candidate
+        // that compresses less than the current one it replaces the model: the bytes
+        // the channel accepts under a compressor say little of what it accepts raw
+        // when the receiver's work is what limits it.
         match a.realized {
-            Some((r, at)) if self.now.saturating_duration_since(at) < REALIZED_FOR => {
-                model.min(r * NEAR)
+            Some((r, at))
+                if self.now.saturating_duration_since(at) < REALIZED_FOR * (1 << a.losses) =>
+            {
+                if self.limited && a.ratio > self.arms[self.current].ratio * NEAR {
+                    r
+                } else {
+                    model.min(r * NEAR)
+                }
             }
             _ => model,
         }
@@ -317,7 +369,13 @@ impl Selector {
                 .filter(|&i| i != self.current)
                 .min_by_key(|&i| self.arms[i].measured)
                 .unwrap_or(self.current);
-            let price = self.arms[i].cost * self.frame_bytes;
+            // Its encode, or its time on the link if that is longer (a raw frame on a
+            // slow link costs the link, not the core).
+            let a = &self.arms[i];
+            let wire = self
+                .link
+                .map_or(0.0, |l| a.ratio * self.frame_bytes / l.max(1.0));
+            let price = (a.cost * self.frame_bytes).max(wire);
             if price <= self.explore_budget {
                 self.explore_budget -= price;
                 self.explored += 1;
@@ -328,6 +386,13 @@ impl Selector {
             return (self.current, self.arms[self.current].params);
         }
         self.next_decision = now + WINDOW;
+        // A new choice is kept until a window measured it (at most four windows).
+        let measured = self.arms[self.current]
+            .realized
+            .is_some_and(|(_, at)| at > self.chosen_at);
+        if !measured && now.saturating_duration_since(self.chosen_at) < 4 * WINDOW {
+            return (self.current, self.arms[self.current].params);
+        }
         let best = self.best();
         let (now_rate, best_rate) = (self.rate(self.current), self.rate(best));
         let faster = best_rate > now_rate * HYSTERESIS;
@@ -366,6 +431,19 @@ impl Selector {
             self.arms[to].ratio,
         );
         let (from_l, to_l) = (a.label.clone(), self.arms[to].label.clone());
+        let lost = now.saturating_duration_since(self.chosen_at) < TRIAL;
+        let a = &mut self.arms[from];
+        a.losses = if lost {
+            (a.losses + 1).min(MAX_LOSSES)
+        } else {
+            0
+        };
+        let b = &mut self.arms[to];
+        (b.win_bytes, b.win_secs) = (0.0, 0.0);
+        self.chosen_at = now;
+        if self.arms[to].ratio > self.arms[from].ratio {
+            self.settle_until = now + SETTLE;
+        }
         match self
             .switches
             .iter_mut()
@@ -423,25 +501,31 @@ impl Selector {
         a.measured = frame.max(1);
     }
 
-    /// A frame of candidate `i` moved `guest` bytes in `took` (its encode) plus `sent`
-    /// (handing it to the channel). Only frames of the current choice count: a lone
-    /// exploring frame queues behind the others and would look slower than it is.
-    pub(crate) fn observe_frame(&mut self, i: usize, guest: u64, took: Duration, sent: Duration) {
-        if i != self.current {
-            return;
-        }
-        let now = self.now;
-        let Some(a) = self.arms.get_mut(i) else {
+    /// A frame of `guest` bytes was handed to the channel at `now`. The wall time since
+    /// the previous one counts for the current choice (an exploring frame in between
+    /// is a small share of it): over a window, the guest bytes per second the channel
+    /// moved with it, end to end.
+    pub(crate) fn observe_frame(&mut self, guest: u64, now: Instant) {
+        let Some(prev) = self.frame_end.replace(now) else {
             return;
         };
-        let t = (took + sent).as_secs_f64();
-        if guest == 0 || t <= 0.0 {
+        self.now = self.now.max(now);
+        if now < self.settle_until {
             return;
         }
-        let r = self.cores * guest as f64 / t;
+        let a = &mut self.arms[self.current];
+        a.win_bytes += guest as f64;
+        a.win_secs += now.saturating_duration_since(prev).as_secs_f64();
+        if a.win_secs < WINDOW.as_secs_f64() || a.win_bytes <= 0.0 {
+            return;
+        }
+        let r = a.win_bytes / a.win_secs;
+        (a.win_bytes, a.win_secs) = (0.0, 0.0);
         a.realized = Some(match a.realized {
-            Some((old, _)) => (old + ALPHA * (r - old), now),
-            None => (r, now),
+            Some((old, at)) if now.saturating_duration_since(at) < 2 * WINDOW => {
+                (old + 0.5 * (r - old), now)
+            }
+            _ => (r, now),
         });
     }
 
@@ -493,148 +577,4 @@ impl Selector {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn selector(now: Instant) -> Selector {
-        let cfg = AdaptiveConfig::default();
-        Selector::new(&cfg, |_| true, false, 1, 0, now).unwrap()
-    }
-
-    /// Feeds `frames` frames: each candidate encodes at its `(bytes/s, ratio)` from
-    /// `speeds`, and the link carries `link` bytes/s (blocking when asked for more).
-    fn drive(
-        s: &mut Selector,
-        now: &mut Instant,
-        frames: usize,
-        speeds: &dyn Fn(&str) -> (f64, f64),
-        link: f64,
-    ) -> Vec<String> {
-        drive_copying(s, now, frames, speeds, link, 0.0)
-    }
-
-    /// [`drive`] where handing each byte to the channel also takes `copy` seconds of
-    /// the thread (loopback: the kernel copies on the sender's core).
-    fn drive_copying(
-        s: &mut Selector,
-        now: &mut Instant,
-        frames: usize,
-        speeds: &dyn Fn(&str) -> (f64, f64),
-        link: f64,
-        copy: f64,
-    ) -> Vec<String> {
-        let guest = 512 * 1024u64;
-        let mut chosen = Vec::new();
-        for _ in 0..frames {
-            let (i, _) = s.choose(*now);
-            let label = s.arms[i].label.clone();
-            let (speed, ratio) = speeds(&label);
-            let took = Duration::from_secs_f64(guest as f64 / speed);
-            let payload = (guest as f64 * ratio) as u64;
-            s.observe_encode(i, guest, payload, took);
-            let send = Duration::from_secs_f64(payload as f64 / link);
-            // Sends overlap the next encode: only what exceeds it blocks; the copy
-            // never overlaps.
-            let blocked =
-                send.saturating_sub(took) + Duration::from_secs_f64(payload as f64 * copy);
-            *now += took + blocked;
-            s.observe_send(payload, blocked, *now);
-            s.observe_frame(i, guest, took, blocked);
-            chosen.push(label);
-        }
-        chosen
-    }
-
-    fn tail_share(chosen: &[String], label: &str) -> f64 {
-        let tail = &chosen[chosen.len() / 2..];
-        tail.iter().filter(|l| *l == label).count() as f64 / tail.len() as f64
-    }
-
-    /// Text-like content: zstd:3 compresses most, slowly; raw is free.
-    fn text(label: &str) -> (f64, f64) {
-        match label {
-            "raw" => (10e9, 1.0),
-            "lz4" => (1.2e9, 0.45),
-            "zstd:-5" => (800e6, 0.40),
-            "zstd:1" => (350e6, 0.30),
-            "zstd:3" => (150e6, 0.28),
-            _ => (60e6, 0.32),
-        }
-    }
-
-    #[test]
-    fn a_slow_link_gets_strong_compression_and_a_fast_one_gets_raw() {
-        let mut now = Instant::now();
-        let mut s = selector(now);
-        // 1 Gbit/s: zstd:1 moves 125 MB/s / 0.30 = 416 MB/s (core 350): the best;
-        // zstd:-5 (312 MB/s) is close, the probing of the link goes there at times.
-        let slow = drive(&mut s, &mut now, 400, &text, 125e6);
-        let zstd = tail_share(&slow, "zstd:1") + tail_share(&slow, "zstd:-5");
-        assert!(zstd > 0.8 && tail_share(&slow, "raw") < 0.05, "{slow:?}");
-        // The cap rises to 100 Gbit/s mid-run: raw.
-        let fast = drive(&mut s, &mut now, 3000, &text, 12.5e9);
-        assert!(tail_share(&fast, "raw") > 0.6, "{fast:?}");
-        let st = s.stats();
-        assert!(
-            st.switches
-                .iter()
-                .any(|w| w.to == "raw" && w.reason == "cpu-bound")
-        );
-        assert!(
-            st.switches
-                .iter()
-                .any(|w| w.from == "raw" || w.to == "zstd:1")
-        );
-        assert_eq!(
-            st.choices.iter().map(|c| c.frames).sum::<u64>(),
-            3400,
-            "{st:?}"
-        );
-        // And back down to 1 Gbit/s: compression again, for the link's sake.
-        let slow = drive(&mut s, &mut now, 1000, &text, 125e6);
-        let zstd = tail_share(&slow, "zstd:1") + tail_share(&slow, "zstd:-5");
-        assert!(zstd > 0.8, "{slow:?}");
-        assert!(
-            s.stats()
-                .switches
-                .iter()
-                .any(|w| w.from == "raw" && w.reason == "link-bound")
-        );
-    }
-
-    #[test]
-    fn on_loopback_the_send_copy_counts_and_raw_wins() {
-        let mut now = Instant::now();
-        let mut s = selector(now);
-        // 0.4 ns a byte to send: raw 0.1 + 0.4 ns/B, lz4 0.83 + 0.45 × 0.4 ns/B.
-        let chosen = drive_copying(&mut s, &mut now, 2000, &text, 1e12, 0.4e-9);
-        assert!(tail_share(&chosen, "raw") > 0.8, "{chosen:?}");
-    }
-
-    #[test]
-    fn incompressible_content_goes_raw_even_on_a_slow_link() {
-        let mut now = Instant::now();
-        let mut s = selector(now);
-        let _ = drive(&mut s, &mut now, 300, &text, 125e6);
-        let random = |label: &str| match label {
-            "raw" => (10e9, 1.0),
-            l => (text(l).0, 1.0),
-        };
-        let chosen = drive(&mut s, &mut now, 600, &random, 125e6);
-        assert!(tail_share(&chosen, "raw") > 0.6, "{chosen:?}");
-    }
-
-    #[test]
-    fn unusable_codecs_and_delta_are_left_out() {
-        let now = Instant::now();
-        let cfg = AdaptiveConfig {
-            candidates: vec![(CodecId::DELTA, 0), (CodecId::ZSTD, 1), (CodecId::LZ4, 0)],
-            explore_every: 8,
-        };
-        let s = Selector::new(&cfg, |c| c != CodecId::LZ4, false, 1, 0, now).unwrap();
-        assert_eq!(s.arms.len(), 1);
-        assert_eq!(s.arms[0].label, "zstd:1");
-        assert!(Selector::new(&cfg, |_| false, false, 1, 0, now).is_none());
-        assert_eq!(label(CodecId::ZSTD, -5), "zstd:-5");
-    }
-}
+mod tests;

@@ -1,0 +1,309 @@
+//! The selector's tests: simulated links and machines, no wall clock.
+
+use super::*;
+
+fn selector(now: Instant) -> Selector {
+    let cfg = AdaptiveConfig::default();
+    Selector::new(&cfg, |_| true, false, 1, 0, now).unwrap()
+}
+
+/// Feeds `frames` frames: each candidate encodes at its `(bytes/s, ratio)` from
+/// `speeds`, and the link carries `link` bytes/s (blocking when asked for more).
+fn drive(
+    s: &mut Selector,
+    now: &mut Instant,
+    frames: usize,
+    speeds: &dyn Fn(&str) -> (f64, f64),
+    link: f64,
+) -> Vec<String> {
+    drive_copying(s, now, frames, speeds, link, 0.0)
+}
+
+/// [`drive`] where handing each byte to the channel also takes `copy` seconds of
+/// the thread (loopback: the kernel copies on the sender's core).
+fn drive_copying(
+    s: &mut Selector,
+    now: &mut Instant,
+    frames: usize,
+    speeds: &dyn Fn(&str) -> (f64, f64),
+    link: f64,
+    copy: f64,
+) -> Vec<String> {
+    let guest = 512 * 1024u64;
+    let mut chosen = Vec::new();
+    for _ in 0..frames {
+        let (i, _) = s.choose(*now);
+        let label = s.arms[i].label.clone();
+        let (speed, ratio) = speeds(&label);
+        let took = Duration::from_secs_f64(guest as f64 / speed);
+        let payload = (guest as f64 * ratio) as u64;
+        s.observe_encode(i, guest, payload, took);
+        let send = Duration::from_secs_f64(payload as f64 / link);
+        // Sends overlap the next encode: only what exceeds it blocks; the copy
+        // never overlaps.
+        let blocked = send.saturating_sub(took) + Duration::from_secs_f64(payload as f64 * copy);
+        *now += took + blocked;
+        s.observe_send(payload, blocked, *now);
+        s.observe_frame(guest, *now);
+        chosen.push(label);
+    }
+    chosen
+}
+
+fn tail_share(chosen: &[String], label: &str) -> f64 {
+    let tail = &chosen[chosen.len() / 2..];
+    tail.iter().filter(|l| *l == label).count() as f64 / tail.len() as f64
+}
+
+/// Text-like content: zstd:3 compresses most, slowly; raw is free.
+fn text(label: &str) -> (f64, f64) {
+    match label {
+        "raw" => (10e9, 1.0),
+        "lz4" => (1.2e9, 0.45),
+        "zstd:-5" => (800e6, 0.40),
+        "zstd:1" => (350e6, 0.30),
+        "zstd:3" => (150e6, 0.28),
+        _ => (60e6, 0.32),
+    }
+}
+
+#[test]
+fn a_slow_link_gets_strong_compression_and_a_fast_one_gets_raw() {
+    let mut now = Instant::now();
+    let mut s = selector(now);
+    // 1 Gbit/s: zstd:1 moves 125 MB/s / 0.30 = 416 MB/s (core 350): the best;
+    // zstd:-5 (312 MB/s) is close, the probing of the link goes there at times.
+    let slow = drive(&mut s, &mut now, 400, &text, 125e6);
+    let zstd = tail_share(&slow, "zstd:1") + tail_share(&slow, "zstd:-5");
+    assert!(zstd > 0.8 && tail_share(&slow, "raw") < 0.05, "{slow:?}");
+    // The cap rises to 100 Gbit/s mid-run: raw.
+    // (raw's rate measured at 1 Gbit/s holds a few seconds: then it is tried again)
+    let fast = drive(&mut s, &mut now, 12000, &text, 12.5e9);
+    assert!(tail_share(&fast, "raw") > 0.6, "{fast:?}");
+    let st = s.stats();
+    assert!(
+        st.switches
+            .iter()
+            .any(|w| w.to == "raw" && w.reason == "cpu-bound")
+    );
+    assert!(
+        st.switches
+            .iter()
+            .any(|w| w.from == "raw" || w.to == "zstd:1")
+    );
+    assert_eq!(
+        st.choices.iter().map(|c| c.frames).sum::<u64>(),
+        12400,
+        "{st:?}"
+    );
+    // And back down to 1 Gbit/s: compression again, for the link's sake.
+    let slow = drive(&mut s, &mut now, 1000, &text, 125e6);
+    let zstd = tail_share(&slow, "zstd:1") + tail_share(&slow, "zstd:-5");
+    assert!(zstd > 0.8, "{slow:?}");
+    assert!(
+        s.stats()
+            .switches
+            .iter()
+            .any(|w| w.from == "raw" && w.reason == "link-bound")
+    );
+}
+
+#[test]
+fn on_loopback_the_send_copy_counts_and_raw_wins() {
+    let mut now = Instant::now();
+    let mut s = selector(now);
+    // 0.4 ns a byte to send: raw 0.1 + 0.4 ns/B, lz4 0.83 + 0.45 × 0.4 ns/B.
+    let chosen = drive_copying(&mut s, &mut now, 2000, &text, 1e12, 0.4e-9);
+    assert!(tail_share(&chosen, "raw") > 0.8, "{chosen:?}");
+}
+
+/// A channel whose destination shares the machine: each frame's period is the
+/// slowest of the source's encode plus its copy into the socket, the link, and the
+/// destination's work on it (`dest`, seconds per guest byte, which a compressed
+/// frame adds its decode to), varied by a fixed pseudo-random load of ±`jitter`
+/// that changes every 200 frames, so some windows block and some do not, as on a
+/// loaded machine.
+/// Returns the choices and the guest bytes per second of the second half.
+struct Machine<'a> {
+    speeds: &'a dyn Fn(&str) -> (f64, f64),
+    dest: &'a dyn Fn(&str) -> f64,
+    copy: f64,
+    link: f64,
+    jitter: f64,
+}
+
+impl Machine<'_> {
+    fn period(&self, label: &str, guest: f64, noise: f64) -> (Duration, Duration) {
+        let (speed, ratio) = (self.speeds)(label);
+        let payload = guest * ratio;
+        let took = guest / speed;
+        let src = took + payload * self.copy;
+        let dst = guest * (self.dest)(label) * (1.0 + self.jitter * noise);
+        let period = src.max(dst).max(payload / self.link);
+        (
+            Duration::from_secs_f64(took),
+            Duration::from_secs_f64(period - took),
+        )
+    }
+
+    /// Guest bytes per second of a static codec over the second half of `frames`
+    /// frames, under the same load as [`Machine::run`].
+    fn static_rate(&self, label: &str, frames: usize) -> f64 {
+        let guest = 512.0 * 1024.0;
+        let (mut bytes, mut secs) = (0.0, 0.0);
+        for (f, noise) in Self::load(frames).enumerate() {
+            if f >= frames / 2 {
+                let (took, blocked) = self.period(label, guest, noise);
+                bytes += guest;
+                secs += (took + blocked).as_secs_f64();
+            }
+        }
+        bytes / secs
+    }
+
+    /// The load of each frame, in [-1, 1]: it changes every 200 frames (other work
+    /// comes and goes).
+    fn load(frames: usize) -> impl Iterator<Item = f64> {
+        let mut seed = 0x2545_f491_u64;
+        (0..frames).map(move |f| {
+            if f % 200 == 0 {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            }
+            ((seed >> 33) as f64 / (1u64 << 31) as f64) * 2.0 - 1.0
+        })
+    }
+
+    fn run(&self, s: &mut Selector, now: &mut Instant, frames: usize) -> (Vec<String>, f64) {
+        let guest = 512 * 1024u64;
+        let mut chosen = Vec::new();
+        let (mut tail_bytes, mut tail_secs) = (0.0, 0.0);
+        for (f, noise) in Self::load(frames).enumerate() {
+            let (i, _) = s.choose(*now);
+            let label = s.arms[i].label.clone();
+            let (took, blocked) = self.period(&label, guest as f64, noise);
+            let ratio = (self.speeds)(&label).1;
+            let payload = (guest as f64 * ratio) as u64;
+            s.observe_encode(i, guest, payload, took);
+            *now += took + blocked;
+            s.observe_send(payload, blocked, *now);
+            s.observe_frame(guest, *now);
+            if f >= frames / 2 {
+                tail_bytes += guest as f64;
+                tail_secs += (took + blocked).as_secs_f64();
+            }
+            chosen.push(label);
+        }
+        (chosen, tail_bytes / tail_secs)
+    }
+}
+
+/// Fresh destination memory at 1 GB/s, plus each codec's decode.
+fn fresh_dest(label: &str) -> f64 {
+    1e-9 + match label {
+        "raw" => 0.0,
+        "lz4" => 0.3e-9,
+        "zstd:-5" | "zstd:1" | "zstd:3" => 1.0e-9,
+        _ => 3e-9,
+    }
+}
+
+fn best_static(m: &Machine<'_>, frames: usize) -> (String, f64) {
+    ["raw", "lz4", "zstd:-5", "zstd:1", "zstd:3", "deflate:1"]
+        .iter()
+        .map(|l| (l.to_string(), m.static_rate(l, frames)))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap()
+}
+
+#[test]
+fn on_loopback_with_a_busy_destination_auto_matches_the_best_static_codec() {
+    // The link is the same cores: the destination's page faults are what blocks
+    // the channel, and its decode makes every compressor slower end to end.
+    let m = Machine {
+        speeds: &text,
+        dest: &fresh_dest,
+        copy: 0.1e-9,
+        link: 1e12,
+        jitter: 0.5,
+    };
+    let (best, best_rate) = best_static(&m, 6000);
+    assert_eq!(best, "raw");
+    let mut now = Instant::now();
+    let mut s = selector(now);
+    let (chosen, rate) = m.run(&mut s, &mut now, 6000);
+    assert!(
+        rate >= 0.95 * best_rate,
+        "auto {rate:.3e} B/s vs raw {best_rate:.3e}: {:?}",
+        s.stats()
+    );
+    assert!(tail_share(&chosen, "raw") > 0.85, "{:?}", s.stats());
+}
+
+#[test]
+fn on_a_slow_link_with_a_busy_destination_auto_matches_the_best_static_codec() {
+    let m = Machine {
+        speeds: &text,
+        dest: &fresh_dest,
+        copy: 0.1e-9,
+        link: 125e6,
+        jitter: 0.5,
+    };
+    let (best, best_rate) = best_static(&m, 3000);
+    assert!(best.starts_with("zstd"), "{best}");
+    let mut now = Instant::now();
+    let mut s = selector(now);
+    let (_, rate) = m.run(&mut s, &mut now, 3000);
+    // zstd:1 and zstd:-5 are within 10 % of each other here and the load swings:
+    // trials of the other cost a little (0.93-0.96x in this simulation).
+    assert!(
+        rate >= 0.9 * best_rate,
+        "auto {rate:.3e} B/s vs {best} {best_rate:.3e}: {:?}",
+        s.stats()
+    );
+}
+
+#[test]
+fn incompressible_content_goes_raw_even_on_a_slow_link() {
+    let mut now = Instant::now();
+    let mut s = selector(now);
+    let _ = drive(&mut s, &mut now, 300, &text, 125e6);
+    let random = |label: &str| match label {
+        "raw" => (10e9, 1.0),
+        l => (text(l).0, 1.0),
+    };
+    let chosen = drive(&mut s, &mut now, 600, &random, 125e6);
+    assert!(tail_share(&chosen, "raw") > 0.6, "{chosen:?}");
+}
+
+#[test]
+fn the_first_frames_after_a_switch_to_less_compression_are_not_measured() {
+    let mut now = Instant::now();
+    let mut s = selector(now);
+    let (raw, zstd) = (0, 2);
+    assert_eq!(s.arms[raw].label, "raw");
+    s.current = zstd;
+    s.observe_frame(0, now);
+    s.switch_to(raw, now, true);
+    // A burst into empty buffers, then the steady rate: only the latter counts.
+    for (bytes, ms) in [(50_000_000u64, 40u64), (1_000_000, 10), (10_000_000, 100)] {
+        now += Duration::from_millis(ms);
+        s.observe_frame(bytes, now);
+    }
+    let r = s.arms[raw].realized.expect("measured").0;
+    assert!((r - 100e6).abs() < 1.0, "{r}");
+    assert!(s.arms[zstd].realized.is_none());
+}
+
+#[test]
+fn unusable_codecs_and_delta_are_left_out() {
+    let now = Instant::now();
+    let cfg = AdaptiveConfig {
+        candidates: vec![(CodecId::DELTA, 0), (CodecId::ZSTD, 1), (CodecId::LZ4, 0)],
+        explore_every: 8,
+    };
+    let s = Selector::new(&cfg, |c| c != CodecId::LZ4, false, 1, 0, now).unwrap();
+    assert_eq!(s.arms.len(), 1);
+    assert_eq!(s.arms[0].label, "zstd:1");
+    assert!(Selector::new(&cfg, |_| false, false, 1, 0, now).is_none());
+    assert_eq!(label(CodecId::ZSTD, -5), "zstd:-5");
+}
