@@ -5,7 +5,7 @@
 //! into populated memory over the same link.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -132,18 +132,7 @@ pub fn socket_into_memory(
     std::thread::scope(|s| -> anyhow::Result<f64> {
         let (tx, rx) = std::sync::mpsc::channel::<anyhow::Result<SocketAddr>>();
         let readers = s.spawn(move || -> anyhow::Result<Instant> {
-            let listener = (|| -> anyhow::Result<TcpListener> {
-                link.enter_destination()?;
-                Ok(TcpListener::bind(link.destination_addr(0))?)
-            })();
-            let listener = match listener {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = tx.send(Err(anyhow::anyhow!("{e:#}")));
-                    return Err(e);
-                }
-            };
-            let _ = tx.send(listener.local_addr().map_err(Into::into));
+            let listener = crate::sweep::listen_in_destination(link, &tx)?;
             std::thread::scope(|s2| -> anyhow::Result<()> {
                 for i in 0..usize::from(channels) {
                     let (mut c, _) = listener.accept()?;

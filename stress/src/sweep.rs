@@ -306,6 +306,28 @@ impl Runner for RemoteRunner {
     }
 }
 
+/// Binds a listener for the destination end inside the link's destination namespace
+/// and reports its address, or why it could not, to the connecting side through `tx`.
+pub(crate) fn listen_in_destination(
+    link: &Link,
+    tx: &std::sync::mpsc::Sender<anyhow::Result<SocketAddr>>,
+) -> anyhow::Result<TcpListener> {
+    let listener = (|| -> anyhow::Result<TcpListener> {
+        link.enter_destination()?;
+        Ok(TcpListener::bind(link.destination_addr(0))?)
+    })();
+    match listener {
+        Ok(l) => {
+            let _ = tx.send(l.local_addr().map_err(Into::into));
+            Ok(l)
+        }
+        Err(e) => {
+            let _ = tx.send(Err(anyhow::anyhow!("{e:#}")));
+            Err(e)
+        }
+    }
+}
+
 /// Plain blocking-socket copy loop over `link` with `channels` connections (the
 /// readers in the destination's namespace, the writers in the source's): the
 /// link's ceiling, Gbit/s.
@@ -316,18 +338,7 @@ pub fn socket_ceiling(link: &Link, channels: u16, for_how_long: Duration) -> any
     std::thread::scope(|s| -> anyhow::Result<f64> {
         let (tx, rx) = std::sync::mpsc::channel::<anyhow::Result<SocketAddr>>();
         let readers = s.spawn(move || -> anyhow::Result<u64> {
-            let listener = (|| -> anyhow::Result<TcpListener> {
-                link.enter_destination()?;
-                Ok(TcpListener::bind(link.destination_addr(0))?)
-            })();
-            let listener = match listener {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = tx.send(Err(anyhow::anyhow!("{e:#}")));
-                    return Err(e);
-                }
-            };
-            let _ = tx.send(listener.local_addr().map_err(Into::into));
+            let listener = crate::sweep::listen_in_destination(link, &tx)?;
             let total = std::thread::scope(|s2| -> anyhow::Result<u64> {
                 let mut handles = Vec::new();
                 for _ in 0..channels {

@@ -634,37 +634,13 @@ fn splicing_relay(p: &Pki, to: SocketAddr) -> (SocketAddr, std::thread::JoinHand
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut buf = [0u8; 4096];
         while Instant::now() < deadline {
-            let mut moved = false;
-            match sa.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    moved = true;
-                    if sb.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(_) => break,
-            }
-            match sb.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    moved = true;
-                    if sa.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(_) => break,
-            }
+            let Some(a) = pump(&mut sa, &mut sb, &mut buf) else {
+                break;
+            };
+            let Some(b) = pump(&mut sb, &mut sa, &mut buf) else {
+                break;
+            };
+            let moved = a || b;
             if !moved && sb.conn.is_handshaking() {
                 // Drive the outgoing handshake even while the source is quiet.
                 let _ = sb.conn.complete_io(&mut sb.sock);
@@ -706,4 +682,22 @@ fn a_relay_splicing_two_tls_sessions_fails_authentication() {
     );
     assert!(matches!(acc, Err(SessionError::Incomplete { have: 0, .. })));
     relay_t.join().unwrap();
+}
+
+/// Moves what `from` has to `to`: `Some(true)` when bytes moved, `Some(false)` when
+/// nothing was ready, `None` when either side is closed or failed.
+fn pump(from: &mut impl Read, to: &mut impl Write, buf: &mut [u8]) -> Option<bool> {
+    match from.read(buf) {
+        Ok(0) => None,
+        Ok(n) => to.write_all(&buf[..n]).ok().map(|()| true),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Some(false)
+        }
+        Err(_) => None,
+    }
 }

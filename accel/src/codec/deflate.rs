@@ -462,20 +462,9 @@ fn dynamic_tables(r: &mut BitReader<'_>) -> Option<(Huffman, Huffman)> {
 mod tests {
     use super::*;
 
+    /// Text-like with repeats far apart (beyond 4 KiB) and near.
     fn sample(n: usize) -> Vec<u8> {
-        // Text-like with repeats far apart (beyond 4 KiB) and near.
-        let words = [
-            "page", "guest", "memory", "frame", "deflate", "window", "iaa", "\n",
-        ];
-        let mut v = Vec::with_capacity(n);
-        let mut x = 12345u32;
-        while v.len() < n {
-            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
-            v.extend_from_slice(words[(x >> 16) as usize % words.len()].as_bytes());
-            v.push(b' ');
-        }
-        v.truncate(n);
-        v
+        super::window_tests::tests_sample(n, 0)
     }
 
     #[test]
@@ -544,7 +533,7 @@ mod window_tests {
 
     /// deflate-4k at 64 KiB pages: every page's stream stays within 4 KiB of history
     /// and round-trips through the software decoder; plain deflate reaches further.
-    fn tests_sample(n: usize, seed: u32) -> Vec<u8> {
+    pub(super) fn tests_sample(n: usize, seed: u32) -> Vec<u8> {
         let words = [
             "page", "guest", "memory", "frame", "deflate", "window", "iaa", "\n",
         ];
