@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <stdio.h>
+#include <pthread.h>
 
 /* The stand-in has no codec of its own (so it builds with any C compiler and no
  * library, whatever sanitizer flags the build uses): the process that loads it gives it
@@ -136,6 +137,23 @@ static uint64_t g_every_count;
  * retries answered, instances started. */
 static uint64_t g_live_allocs, g_submitted, g_completed, g_live_sessions, g_verified,
     g_retries, g_starts;
+/* Instances are shared between threads (each instance is used under its caller's lock,
+ * as qatlib asks), but these globals are shared between instances: the counters move
+ * atomically and the allocation list and fault budgets sit behind one mutex, as in
+ * the real libusdm and qatlib. */
+#define BUMP(x) __atomic_add_fetch(&(x), 1, __ATOMIC_RELAXED)
+#define DROP(x) __atomic_sub_fetch(&(x), 1, __ATOMIC_RELAXED)
+#define READ(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
+static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* Takes one from a fault budget if any is left. */
+static int take(int *budget) {
+    pthread_mutex_lock(&g_lock);
+    int hit = *budget > 0;
+    if (hit) (*budget)--;
+    pthread_mutex_unlock(&g_lock);
+    return hit;
+}
 
 EXPORT void pagewire_standin_set_codec(standin_deflate_fn d, standin_inflate_fn i) {
     g_deflate = d;
@@ -152,18 +170,21 @@ EXPORT void pagewire_standin_configure(int instances, int contiguous) {
  * requests in flight complete with CPA_STATUS_FAIL), 4 verify failure (the next n
  * compressions with compressAndVerify report CPA_DC_VERIFY_ERROR). */
 EXPORT void pagewire_standin_inject(int kind, int n) {
+    pthread_mutex_lock(&g_lock);
     switch (kind) {
     case 1: g_busy = n; break;
     case 2: g_restarting = n; break;
-    case 3: g_lost = 1; break;
+    case 3: __atomic_store_n(&g_lost, 1, __ATOMIC_RELAXED); break;
     case 4: g_verify_fail = n; break;
     default: break;
     }
+    pthread_mutex_unlock(&g_lock);
 }
 
 EXPORT void pagewire_standin_counters(uint64_t out[7]) {
-    out[0] = g_live_allocs; out[1] = g_submitted; out[2] = g_completed;
-    out[3] = g_live_sessions; out[4] = g_verified; out[5] = g_retries; out[6] = g_starts;
+    out[0] = READ(g_live_allocs); out[1] = READ(g_submitted); out[2] = READ(g_completed);
+    out[3] = READ(g_live_sessions); out[4] = READ(g_verified); out[5] = READ(g_retries);
+    out[6] = READ(g_starts);
 }
 
 /* sizeof of the structs as this library sees them, for the layout test. */
@@ -183,24 +204,29 @@ EXPORT void *qaeMemAllocNUMA(size_t size, int node, size_t align) {
         return NULL;
     struct alloc *a = malloc(sizeof *a);
     if (!a) { free(p); return NULL; }
+    pthread_mutex_lock(&g_lock);
     a->p = p; a->len = size; a->next = g_allocs; g_allocs = a;
-    g_live_allocs++;
+    pthread_mutex_unlock(&g_lock);
+    BUMP(g_live_allocs);
     return p;
 }
 
 EXPORT void qaeMemFreeNUMA(void **ptr) {
     if (!ptr || !*ptr) return;
+    pthread_mutex_lock(&g_lock);
     for (struct alloc **a = &g_allocs; *a; a = &(*a)->next) {
         if ((*a)->p == *ptr) {
             struct alloc *dead = *a;
             *a = dead->next;
+            pthread_mutex_unlock(&g_lock);
             free(dead->p);
             free(dead);
-            g_live_allocs--;
+            DROP(g_live_allocs);
             *ptr = NULL;
             return;
         }
     }
+    pthread_mutex_unlock(&g_lock);
     /* Not ours: a real libusdm would corrupt its state; count it as a leak-like error
      * by leaving the counter untouched and aborting loudly. */
     fprintf(stderr, "qat stand-in: qaeMemFreeNUMA of memory it did not allocate\n");
@@ -210,11 +236,14 @@ EXPORT void qaeMemFreeNUMA(void **ptr) {
 /* Whether [p, p+len) lies inside one qaeMemAllocNUMA allocation. */
 static int pinned(const void *p, size_t len) {
     const uint8_t *b = p;
-    for (struct alloc *a = g_allocs; a; a = a->next) {
+    int inside = 0;
+    pthread_mutex_lock(&g_lock);
+    for (struct alloc *a = g_allocs; a && !inside; a = a->next) {
         const uint8_t *s = a->p;
-        if (b >= s && b + len <= s + a->len) return 1;
+        inside = b >= s && b + len <= s + a->len;
     }
-    return 0;
+    pthread_mutex_unlock(&g_lock);
+    return inside;
 }
 
 EXPORT uint64_t qaeVirtToPhysNUMA(void *p) {
@@ -298,7 +327,7 @@ EXPORT CpaStatus cpaDcStartInstance(void *h, uint16_t nbuf, CpaBufferList **bufs
     if (!i->v2p) return CPA_STATUS_FAIL; /* qatlib needs the translation first */
     if (i->started) return CPA_STATUS_SUCCESS;
     i->started = 1;
-    g_starts++;
+    BUMP(g_starts);
     return CPA_STATUS_SUCCESS;
 }
 
@@ -352,7 +381,7 @@ EXPORT CpaStatus cpaDcInitSession(void *h, void *mem, CpaDcSessionSetupData *d,
     ss->level = (int)d->compLevel;
     ss->cb = cb;
     ss->pending = 0;
-    g_live_sessions++;
+    BUMP(g_live_sessions);
     return CPA_STATUS_SUCCESS;
 }
 
@@ -361,7 +390,7 @@ EXPORT CpaStatus cpaDcRemoveSession(void *h, void *mem) {
     if (!instance(h) || !s || s->magic != SESSION_MAGIC) return CPA_STATUS_INVALID_PARAM;
     if (s->pending > 0) return CPA_STATUS_RETRY;
     s->magic = 0;
-    g_live_sessions--;
+    DROP(g_live_sessions);
     return CPA_STATUS_SUCCESS;
 }
 
@@ -384,17 +413,17 @@ static CpaStatus submit(int decompress, void *h, void *mem, CpaBufferList *src,
     if (!i || !s || s->magic != SESSION_MAGIC || s->inst != (int)(i - g_inst) || !op || !res)
         return CPA_STATUS_INVALID_PARAM;
     if (!i->started) return CPA_STATUS_FAIL;
-    if (g_lost) return CPA_STATUS_FAIL;
-    if (g_restarting > 0) { g_restarting--; return CPA_STATUS_RESTARTING; }
-    if (g_every_n > 0 && ++g_every_count % (uint64_t)g_every_n == 0) {
+    if (READ(g_lost)) return CPA_STATUS_FAIL;
+    if (take(&g_restarting)) return CPA_STATUS_RESTARTING;
+    if (g_every_n > 0 && BUMP(g_every_count) % (uint64_t)g_every_n == 0) {
         if (g_every_kind == 2) return CPA_STATUS_RESTARTING;
-        g_retries++;
+        BUMP(g_retries);
         return CPA_STATUS_RETRY;
     }
-    if (g_busy > 0) { g_busy--; g_retries++; return CPA_STATUS_RETRY; }
+    if (take(&g_busy)) { BUMP(g_retries); return CPA_STATUS_RETRY; }
     if (op->flushFlag != CPA_DC_FLUSH_FINAL) return CPA_STATUS_INVALID_PARAM;
     if (!good_list(i, src) || !good_list(i, dst)) return CPA_STATUS_INVALID_PARAM;
-    if (i->len == STANDIN_RING) { g_retries++; return CPA_STATUS_RETRY; }
+    if (i->len == STANDIN_RING) { BUMP(g_retries); return CPA_STATUS_RETRY; }
     struct req *r = &i->ring[(i->head + i->len) % STANDIN_RING];
     r->decompress = decompress;
     r->s = s;
@@ -405,7 +434,7 @@ static CpaStatus submit(int decompress, void *h, void *mem, CpaBufferList *src,
     r->tag = tag;
     i->len++;
     s->pending++;
-    g_submitted++;
+    BUMP(g_submitted);
     return CPA_STATUS_SUCCESS;
 }
 
@@ -426,7 +455,7 @@ static CpaStatus run(struct inst *i, struct req *r) {
     CpaDcRqResults *res = r->res;
     (void)i;
     memset(res, 0, sizeof *res);
-    if (g_lost || !g_deflate || !g_inflate) return CPA_STATUS_FAIL;
+    if (READ(g_lost) || !g_deflate || !g_inflate) return CPA_STATUS_FAIL;
     if (r->decompress) {
         size_t used = 0, made = 0;
         int e = g_inflate(in->pData, in->dataLenInBytes, out->pData, out->dataLenInBytes,
@@ -452,9 +481,8 @@ static CpaStatus run(struct inst *i, struct req *r) {
     res->produced = (uint32_t)n;
     res->endOfLastBlock = 1;
     if (r->verify) {
-        g_verified++;
-        if (g_verify_fail > 0) {
-            g_verify_fail--;
+        BUMP(g_verified);
+        if (take(&g_verify_fail)) {
             res->status = CPA_DC_VERIFY_ERROR;
             res->produced = 0;
         }
@@ -474,7 +502,7 @@ EXPORT CpaStatus icp_sal_DcPollInstance(void *h, uint32_t quota) {
         i->len--;
         CpaStatus st = run(i, &r);
         r.s->pending--;
-        g_completed++;
+        BUMP(g_completed);
         done++;
         r.s->cb(r.tag, st);
     }
