@@ -7,7 +7,9 @@
 //! - `cost(c)`: seconds of the channel's encode per guest byte, measured on recent
 //!   frames of this guest in wall time on the thread that encodes (so CPU taken by other
 //!   work on the same cores, the machine's headroom, is in it);
-//! - `ratio(c)`: payload bytes per guest byte on those frames;
+//! - `ratio(c)`: payload bytes per guest byte on those frames; before the first, a
+//!   prior whose savings shrink as much as the compressor measured most recently
+//!   found the content less compressible than its own prior said;
 //! - `copy`: seconds per byte that handing a frame to an idle channel takes (the
 //!   least seen lately, at most 1 ns): the thread's own cost of sending, on top of
 //!   encoding;
@@ -15,7 +17,7 @@
 //!   (handing bytes over took more than twice the copy, for a tenth of the window or
 //!   more: time waiting on the channel or on the bandwidth cap); while the channel
 //!   does not block, the link is at least that, and the longer it goes without
-//!   blocking the more the model credits it (twice as much after half a second), so a
+//!   blocking the more the model credits it (twice as much after two seconds), so a
 //!   cheaper codec gets tried and a link that got faster is found; the first window
 //!   that blocks measures it again.
 //!
@@ -37,8 +39,8 @@
 //! The best candidate
 //! is taken when it beats the current one by 5 % (or, on a busy link, moves as much
 //! for a fifth less core time), reconsidered at most once per 100 ms window. At most
-//! one frame in `explore_every`, and no more than 3 % of the encode time, goes to the
-//! candidate measured longest ago, so every estimate follows the content as it
+//! one frame in `explore_every`, and no more than 3 % of the time spent encoding or
+//! waiting on the channel, goes to the candidate measured longest ago, so every estimate follows the content as it
 //! changes class while a slow candidate is tried seldom. A destination slower than
 //! the link shows as a slower link (it accepts less), which is what matters to the
 //! source.
@@ -60,7 +62,7 @@ pub struct AdaptiveConfig {
     /// clamped into each codec's range.
     pub candidates: Vec<(CodecId, i32)>,
     /// At most one frame in this many goes to the candidate measured longest ago (at
-    /// least 2), within 3 % of the encode time.
+    /// least 2), within 3 % of the time spent encoding or waiting on the channel.
     pub explore_every: u32,
 }
 
@@ -98,7 +100,7 @@ const TRIAL: Duration = Duration::from_secs(1);
 /// and any loopback send here).
 const COPY_MAX: f64 = 1e-9;
 /// How fast the credit of a link that does not block grows, per second unblocked.
-const PROBE_PER_S: f64 = 2.0;
+const PROBE_PER_S: f64 = 0.5;
 /// A new best must beat the current candidate by this factor.
 const HYSTERESIS: f64 = 1.05;
 /// Candidates within this factor of the fastest count as fast as it (estimates of
@@ -123,6 +125,8 @@ struct Arm {
     cost: f64,
     /// Payload bytes per guest byte.
     ratio: f64,
+    /// The starting guess of `ratio` (see [`prior`]).
+    prior_ratio: f64,
     /// Frame number of the last measurement (0: a prior only).
     measured: u64,
     /// Guest bytes per second the channel actually moved while it was the choice
@@ -267,6 +271,7 @@ impl Selector {
                 label,
                 cost,
                 ratio,
+                prior_ratio: ratio,
                 measured: 0,
                 realized: None,
                 win_bytes: 0.0,
@@ -307,6 +312,27 @@ impl Selector {
         Some(s)
     }
 
+    /// Payload bytes per guest byte expected of arm `i`: what its frames measured, or,
+    /// for a compressor not measured yet, its prior made no more hopeful than the
+    /// content allows. The share of bytes the compressor measured most recently saved,
+    /// over the share its own prior expected, scales (never up) the share this one's
+    /// prior expects to save: on content that one compressor found incompressible the
+    /// others are not each tried in turn on the strength of their priors.
+    fn ratio(&self, i: usize) -> f64 {
+        let a = &self.arms[i];
+        if a.measured > 0 || a.params.codec == CodecId::RAW {
+            return a.ratio;
+        }
+        let latest = (0..self.arms.len())
+            .filter(|&j| self.arms[j].measured > 0 && self.arms[j].params.codec != CodecId::RAW)
+            .max_by_key(|&j| self.arms[j].measured);
+        let Some(m) = latest.map(|j| &self.arms[j]) else {
+            return a.ratio;
+        };
+        let found = ((1.0 - m.ratio) / (1.0 - m.prior_ratio).max(1e-6)).clamp(0.0, 1.0);
+        1.0 - (1.0 - a.ratio) * found
+    }
+
     /// Guest bytes per second the model expects of arm `i`.
     fn rate(&self, i: usize) -> f64 {
         let a = &self.arms[i];
@@ -321,7 +347,7 @@ impl Selector {
         };
         // Encoding overlaps the link (the socket buffers the previous frame), handing
         // a frame to the channel does not: its copy is the thread's own time.
-        let ratio = a.ratio.max(1e-6);
+        let ratio = self.ratio(i).max(1e-6);
         let period = (1.0 / cpu).max(ratio / link) + ratio * self.copy.unwrap_or(0.0);
         let model = 1.0 / period.max(1e-15);
         // What the channel really moved lately while it was the choice bounds the
@@ -335,7 +361,7 @@ impl Selector {
             Some((r, at))
                 if self.now.saturating_duration_since(at) < REALIZED_FOR * (1 << a.losses) =>
             {
-                if self.limited && a.ratio > self.arms[self.current].ratio * NEAR {
+                if self.limited && ratio > self.ratio(self.current) * NEAR {
                     r
                 } else {
                     model.min(r * NEAR)
@@ -371,11 +397,10 @@ impl Selector {
                 .unwrap_or(self.current);
             // Its encode, or its time on the link if that is longer (a raw frame on a
             // slow link costs the link, not the core).
-            let a = &self.arms[i];
             let wire = self
                 .link
-                .map_or(0.0, |l| a.ratio * self.frame_bytes / l.max(1.0));
-            let price = (a.cost * self.frame_bytes).max(wire);
+                .map_or(0.0, |l| self.ratio(i) * self.frame_bytes / l.max(1.0));
+            let price = (self.arms[i].cost * self.frame_bytes).max(wire);
             if price <= self.explore_budget {
                 self.explore_budget -= price;
                 self.explored += 1;
@@ -425,10 +450,10 @@ impl Selector {
             if self.limited { " (busy)" } else { "" },
             a.label,
             cpu / 1e6,
-            a.ratio,
+            self.ratio(from),
             self.arms[to].label,
             self.cores / self.arms[to].cost.max(1e-12) / 1e6,
-            self.arms[to].ratio,
+            self.ratio(to),
         );
         let (from_l, to_l) = (a.label.clone(), self.arms[to].label.clone());
         let lost = now.saturating_duration_since(self.chosen_at) < TRIAL;
@@ -441,7 +466,7 @@ impl Selector {
         let b = &mut self.arms[to];
         (b.win_bytes, b.win_secs) = (0.0, 0.0);
         self.chosen_at = now;
-        if self.arms[to].ratio > self.arms[from].ratio {
+        if self.ratio(to) > self.ratio(from) {
             self.settle_until = now + SETTLE;
         }
         match self
@@ -534,6 +559,11 @@ impl Selector {
     pub(crate) fn observe_send(&mut self, bytes: u64, blocked: Duration, now: Instant) {
         self.window_bytes += bytes;
         self.window_blocked += blocked;
+        // Time spent waiting on the channel pays for exploring as encode time does: a
+        // channel sending raw frames to a slow link, whose encode time is next to
+        // nothing, still measures the compressors now and then, and finds content
+        // that became compressible again.
+        self.explore_budget += EXPLORE_SHARE * blocked.as_secs_f64();
         let span = now.saturating_duration_since(self.window_start);
         if span < WINDOW {
             return;

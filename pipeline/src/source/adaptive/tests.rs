@@ -307,3 +307,51 @@ fn unusable_codecs_and_delta_are_left_out() {
     assert!(Selector::new(&cfg, |_| false, false, 1, 0, now).is_none());
     assert_eq!(label(CodecId::ZSTD, -5), "zstd:-5");
 }
+
+#[test]
+fn one_compressor_that_finds_nothing_to_compress_speaks_for_the_others() {
+    // Incompressible from the first frame on a slow link: once a compressor measured
+    // it, the candidates not yet measured are not trusted to find what it did not, so
+    // raw follows without a trial of every compressor in turn.
+    let mut now = Instant::now();
+    let mut s = selector(now);
+    let random = |label: &str| match label {
+        "raw" => (10e9, 1.0),
+        l => (text(l).0, 0.99),
+    };
+    let chosen = drive(&mut s, &mut now, 400, &random, 125e6);
+    let st = s.stats();
+    let to_compressors = st.switches.iter().filter(|w| w.to != "raw");
+    assert!(to_compressors.map(|w| w.count).sum::<u64>() <= 1, "{st:?}");
+    assert!(tail_share(&chosen, "raw") > 0.9, "{chosen:?}");
+}
+
+#[test]
+fn compressible_content_after_incompressible_finds_compression_again() {
+    // Raw for random bytes on a slow link, then text again: raw's encode time is
+    // tiny, but the time its frames wait on the link pays for exploring.
+    let mut now = Instant::now();
+    let mut s = selector(now);
+    let random = |label: &str| match label {
+        "raw" => (10e9, 1.0),
+        l => (text(l).0, 1.0),
+    };
+    let _ = drive(&mut s, &mut now, 400, &random, 125e6);
+    let chosen = drive(&mut s, &mut now, 1500, &text, 125e6);
+    assert!(tail_share(&chosen, "raw") < 0.2, "{:?}", s.stats());
+}
+
+#[test]
+fn on_a_slow_link_probing_for_a_faster_one_costs_little() {
+    // 1 Gbit/s, text: zstd:1 is the best (350 MB/s of core, 105 MB/s on the wire, so
+    // the link never blocks and is probed with a cheaper codec now and then); each
+    // probe that finds the link as slow as before costs its trial.
+    let mut now = Instant::now();
+    let mut s = selector(now);
+    let _ = drive(&mut s, &mut now, 500, &text, 125e6);
+    let start = now;
+    let chosen = drive(&mut s, &mut now, 4000, &text, 125e6);
+    let rate = chosen.len() as f64 * 512.0 * 1024.0 / (now - start).as_secs_f64();
+    assert!(rate > 0.95 * 350e6, "{rate:.3e}: {:?}", s.stats());
+    assert!(tail_share(&chosen, "zstd:1") > 0.85, "{:?}", s.stats());
+}
