@@ -297,17 +297,32 @@ struct Bench {
     engine: Engine,
     batch: VecDeque<pagewire_accel::Job>,
     done: Vec<Completion>,
+    /// Most jobs in flight: jobs are submitted (and their completions polled) in
+    /// batches of this many.
+    depth: usize,
+}
+
+/// Jobs the bench engine keeps in flight: `PAGEWIRE_DEPTH`, or every frame of the
+/// buffer at once (256 one-page frames) when unset. `PAGEWIRE_DEPTH=16` sizes it like
+/// the pipeline's default `queue_depth`.
+fn depth_for(frames: usize) -> usize {
+    std::env::var("PAGEWIRE_DEPTH")
+        .ok()
+        .and_then(|d| d.parse::<usize>().ok())
+        .filter(|&d| d > 0)
+        .map_or(frames, |d| d.min(frames))
 }
 
 impl Bench {
-    /// An engine for frames of `n` pages with room for one buffer's worth of frames
-    /// in flight and as many waiting for the transport, as a pipeline would size it.
+    /// An engine for frames of `n` pages with room for [`depth_for`] frames in flight
+    /// and as many more waiting for the transport (at the default, one buffer's worth
+    /// of frames), as a pipeline would size it.
     fn new(cache: Option<std::sync::Arc<DeltaCache>>, n: usize) -> Bench {
-        let frames = PAGES / n;
+        let depth = depth_for(PAGES / n);
         let config = EngineConfig {
             max_pages: n,
-            requests: frames + 2,
-            buffers: 2 * frames + 2,
+            requests: depth + 2,
+            buffers: 2 * depth + 2,
             delta: cache,
             ..Default::default()
         };
@@ -315,19 +330,30 @@ impl Bench {
             config,
             SoftwareConfig {
                 threads: 0,
-                queue_depth: frames + 2,
+                queue_depth: depth + 2,
             },
         )
         .unwrap();
         Bench {
             engine,
-            batch: VecDeque::with_capacity(frames + 2),
-            done: Vec::with_capacity(frames + 2),
+            batch: VecDeque::with_capacity(depth + 2),
+            done: Vec::with_capacity(depth + 2),
+            depth,
         }
+    }
+
+    /// Submits the batch and polls every completion into `done`.
+    fn flush(&mut self) {
+        let jobs = self.batch.len();
+        self.engine.submit(&mut self.batch).unwrap();
+        self.engine.poll(&mut self.done, usize::MAX, None).unwrap();
+        assert_eq!(self.done.len(), jobs);
     }
 
     /// Encodes `buf` as frames of `n` pages; returns payload bytes.
     fn compress(&mut self, case: Case, buf: &[u8], n: usize) -> usize {
+        let mut bytes = 0;
+        let frames = buf.len() / (n * PS);
         for (i, frame) in buf.chunks(n * PS).enumerate() {
             let mut job = self.engine.job().unwrap();
             let list = job.encode(Tag(i as u64), EncodeParams::new(case.codec, case.level));
@@ -342,17 +368,16 @@ impl Bench {
                 .unwrap()
             };
             self.batch.push_back(job);
+            if self.batch.len() == self.depth || i + 1 == frames {
+                self.flush();
+                bytes += self
+                    .done
+                    .iter()
+                    .map(|c| c.encoded().unwrap().bytes_out())
+                    .sum::<usize>();
+                self.done.clear();
+            }
         }
-        let frames = self.batch.len();
-        self.engine.submit(&mut self.batch).unwrap();
-        self.engine.poll(&mut self.done, usize::MAX, None).unwrap();
-        assert_eq!(self.done.len(), frames);
-        let bytes = self
-            .done
-            .iter()
-            .map(|c| c.encoded().unwrap().bytes_out())
-            .sum();
-        self.done.clear();
         bytes
     }
 
@@ -367,12 +392,12 @@ impl Bench {
                     .unwrap()
             };
             self.batch.push_back(job);
+            if self.batch.len() == self.depth || i + 1 == frames.len() {
+                self.flush();
+                assert!(self.done.iter().all(|c| c.status().is_ok()));
+                self.done.clear();
+            }
         }
-        self.engine.submit(&mut self.batch).unwrap();
-        self.engine.poll(&mut self.done, usize::MAX, None).unwrap();
-        assert_eq!(self.done.len(), frames.len());
-        assert!(self.done.iter().all(|c| c.status().is_ok()));
-        self.done.clear();
     }
 }
 
@@ -651,20 +676,17 @@ fn fixed_cost() {
             // SAFETY: `a` outlives the jobs: every completion is polled below.
             unsafe { list.push_raw(page.as_ptr(), 1, PageKey(i as u64)).unwrap() };
             engine.batch.push_back(job);
+            if engine.batch.len() == engine.depth || i + 1 == JOBS {
+                engine.flush();
+                assert!(
+                    engine
+                        .done
+                        .iter()
+                        .all(|c| c.encoded().is_some_and(|e| e.in_place))
+                );
+                engine.done.clear();
+            }
         }
-        engine.engine.submit(&mut engine.batch).unwrap();
-        engine
-            .engine
-            .poll(&mut engine.done, usize::MAX, None)
-            .unwrap();
-        assert_eq!(engine.done.len(), JOBS);
-        assert!(
-            engine
-                .done
-                .iter()
-                .all(|c| c.encoded().is_some_and(|e| e.in_place))
-        );
-        engine.done.clear();
     };
     // `PAGEWIRE_FIXED_RUNS=100000` repeats it long enough to profile.
     let rounds = std::env::var("PAGEWIRE_FIXED_RUNS")
@@ -700,14 +722,12 @@ fn fixed_cost() {
                 // polled before the closure returns; the pages are disjoint.
                 unsafe { list.push_raw(page.as_mut_ptr(), 1, PageKey(0)).unwrap() };
                 engine.batch.push_back(job);
+                if engine.batch.len() == engine.depth || i + 1 == JOBS {
+                    engine.flush();
+                    assert!(engine.done.iter().all(|c| c.status().is_ok()));
+                    engine.done.clear();
+                }
             }
-            engine.engine.submit(&mut engine.batch).unwrap();
-            engine
-                .engine
-                .poll(&mut engine.done, usize::MAX, None)
-                .unwrap();
-            assert!(engine.done.iter().all(|c| c.status().is_ok()));
-            engine.done.clear();
         },
     );
     let ns = |t: f64| t * 1e9 / JOBS as f64;
