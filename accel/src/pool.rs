@@ -5,7 +5,9 @@
 //! holds the only handle, then clones of the handle go to whoever still needs the
 //! bytes (the transport until its send completes, a retransmit queue...). When the
 //! last handle is dropped the buffer goes back to the pool. Taking and returning are a
-//! lock-free stack operation and an atomic count; nothing is allocated. The free list
+//! lock-free stack operation and an atomic count; nothing is allocated. All the handles
+//! of one taken buffer share one strong count of the pool, so cloning a handle, or
+//! dropping one that is not the last, is one atomic operation. The free list
 //! is a stack, so the buffer taken next is the one returned last, still warm in the
 //! cache. Every buffer is touched once when the pool is built, so no page fault is
 //! left for the hot path.
@@ -174,7 +176,9 @@ impl BufPool {
         Some(buf)
     }
 
-    /// Buffers not in use.
+    /// Buffers not in use, counted by walking the free list (up to the pool's size):
+    /// exact when no other thread takes or returns a buffer meanwhile, an estimate
+    /// otherwise. For statistics and tests, not for the per-frame path.
     pub fn available(&self) -> usize {
         self.shared.free.len()
     }
