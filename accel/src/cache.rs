@@ -45,7 +45,8 @@ pub enum CacheError {
 pub struct DeltaConfig {
     /// Page size of the session.
     pub page_size: PageSize,
-    /// Most pages the cache holds (the memory is `pages × page_size`).
+    /// Most pages the cache holds (the memory is `(pages + shards) × page_size`: each
+    /// shard keeps one spare page for the next snapshot).
     pub pages: usize,
     /// Largest delta, in bytes, worth sending; a larger one is an overflow and the page
     /// goes raw. Must be in `1..page_size`.
