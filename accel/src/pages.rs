@@ -17,8 +17,9 @@
 //!   place and keeps only a yes/no answer;
 //! - everything else copies the pages with one raw-pointer `memcpy`
 //!   (`core::ptr::copy_nonoverlapping`) into memory the codec owns: the raw codec into
-//!   the payload, zstd and lz4 into the frame's scratch buffer, deflate and delta one
-//!   page at a time into a page of scratch. The compression libraries and the delta
+//!   the payload, zstd and lz4 into the frame's scratch buffer, deflate one page at a
+//!   time into a page of scratch, delta one page at a time into the delta cache's spare
+//!   page (which becomes the cached version). The compression libraries and the delta
 //!   cache only ever see that private copy, which no other thread can change, so the
 //!   payload, the delta cache and the length table all describe the same bytes.
 //!

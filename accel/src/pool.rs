@@ -5,7 +5,9 @@
 //! holds the only handle, then clones of the handle go to whoever still needs the
 //! bytes (the transport until its send completes, a retransmit queue...). When the
 //! last handle is dropped the buffer goes back to the pool. Taking and returning are a
-//! lock-free stack operation and an atomic count; nothing is allocated. The free list
+//! lock-free stack operation and an atomic count; nothing is allocated. All the handles
+//! of one taken buffer share one strong count of the pool, so cloning a handle, or
+//! dropping one that is not the last, is one atomic operation. The free list
 //! is a stack, so the buffer taken next is the one returned last, still warm in the
 //! cache. Every buffer is touched once when the pool is built, so no page fault is
 //! left for the hot path.
@@ -13,6 +15,7 @@
 use core::cell::UnsafeCell;
 use core::fmt;
 use core::ops::Deref;
+use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::Arc;
 
@@ -27,11 +30,11 @@ struct Slot {
 /// A lock-free LIFO of slot indices (a Treiber stack over a fixed array). The head
 /// packs a generation tag with the top index, so a pop that raced with a pop and a
 /// push of the same index fails its compare-and-swap instead of corrupting the list.
+/// A push or a pop is one compare-and-swap; the length is counted only when asked.
 struct IndexStack {
     /// `tag << 32 | (index + 1)`; index part 0 means empty.
     head: AtomicU64,
     next: Box<[AtomicU32]>,
-    len: AtomicUsize,
 }
 
 impl IndexStack {
@@ -39,7 +42,6 @@ impl IndexStack {
         IndexStack {
             head: AtomicU64::new(0),
             next: (0..capacity).map(|_| AtomicU32::new(0)).collect(),
-            len: AtomicUsize::new(0),
         }
     }
 
@@ -56,7 +58,6 @@ impl IndexStack {
                 Err(h) => head = h,
             }
         }
-        self.len.fetch_add(1, Ordering::Relaxed);
     }
 
     fn pop(&self) -> Option<u32> {
@@ -73,17 +74,22 @@ impl IndexStack {
                 .head
                 .compare_exchange_weak(head, new, Ordering::Acquire, Ordering::Acquire)
             {
-                Ok(_) => {
-                    self.len.fetch_sub(1, Ordering::Relaxed);
-                    return Some(idx);
-                }
+                Ok(_) => return Some(idx),
                 Err(h) => head = h,
             }
         }
     }
 
+    /// The indices on the stack, counted by walking it: exact when no other thread
+    /// pushes or pops meanwhile, a bounded estimate otherwise (diagnostics only).
     fn len(&self) -> usize {
-        self.len.load(Ordering::Relaxed)
+        let mut top = self.head.load(Ordering::Acquire) as u32;
+        let mut n = 0;
+        while top != 0 && n < self.next.len() {
+            n += 1;
+            top = self.next[(top - 1) as usize].load(Ordering::Relaxed);
+        }
+        n
     }
 }
 
@@ -163,14 +169,16 @@ impl BufPool {
         let slot = &self.shared.slots[idx as usize];
         slot.refs.store(1, Ordering::Relaxed);
         let mut buf = PoolBuf {
-            shared: self.shared.clone(),
+            shared: PoolRef::new(self.shared.clone()),
             idx,
         };
         buf.set_len_unique(0);
         Some(buf)
     }
 
-    /// Buffers not in use.
+    /// Buffers not in use, counted by walking the free list (up to the pool's size):
+    /// exact when no other thread takes or returns a buffer meanwhile, an estimate
+    /// otherwise. For statistics and tests, not for the per-frame path.
     pub fn available(&self) -> usize {
         self.shared.free.len()
     }
@@ -186,12 +194,53 @@ impl BufPool {
     }
 }
 
+/// One strong count of a pool's [`Shared`], owned together by every handle to one
+/// taken buffer: taken with the buffer, released by the last of its handles to drop.
+/// So cloning or dropping a handle that is not the last touches one atomic (the
+/// buffer's count), not two.
+#[derive(Clone, Copy)]
+struct PoolRef(NonNull<Shared>);
+
+impl PoolRef {
+    fn new(shared: Arc<Shared>) -> PoolRef {
+        let ptr = Arc::into_raw(shared).cast_mut();
+        // SAFETY: `Arc::into_raw` never returns null.
+        PoolRef(unsafe { NonNull::new_unchecked(ptr) })
+    }
+
+    /// The pool.
+    ///
+    /// # Safety
+    /// The strong count this reference stands for must not have been released: a
+    /// live [`PoolBuf`] holding it guarantees that.
+    unsafe fn get<'a>(self) -> &'a Shared {
+        // SAFETY: the count the caller vouches for keeps the allocation alive.
+        unsafe { self.0.as_ref() }
+    }
+
+    /// Releases the strong count.
+    ///
+    /// # Safety
+    /// Called once per count, by the last handle of the buffer, which does not use the
+    /// reference afterwards.
+    unsafe fn release(self) {
+        // SAFETY: the count was taken by `Arc::into_raw` in `new` and is released once.
+        unsafe { Arc::decrement_strong_count(self.0.as_ptr()) }
+    }
+}
+
 /// A shared handle to a pool buffer: derefs to its valid bytes; the buffer returns
 /// to its pool when the last handle drops.
 pub struct PoolBuf {
-    shared: Arc<Shared>,
+    shared: PoolRef,
     idx: u32,
 }
+
+// SAFETY: a handle is an `Arc<Shared>` shared by the buffer's handles (see `PoolRef`);
+// `Shared` is `Send + Sync`, and the handle's own accesses follow the slot rules.
+unsafe impl Send for PoolBuf {}
+// SAFETY: as above; `&PoolBuf` only reads the slot.
+unsafe impl Sync for PoolBuf {}
 
 impl PoolBuf {
     /// A buffer holding `bytes`, in a pool of its own. This allocates: it is for
@@ -207,16 +256,25 @@ impl PoolBuf {
             free: IndexStack::new(1),
             buf_len: len,
         });
-        PoolBuf { shared, idx: 0 }
+        PoolBuf {
+            shared: PoolRef::new(shared),
+            idx: 0,
+        }
+    }
+
+    fn pool(&self) -> &Shared {
+        // SAFETY: this handle is alive, so the last handle of its buffer has not
+        // dropped and the shared strong count is held.
+        unsafe { self.shared.get() }
     }
 
     fn slot(&self) -> &Slot {
-        &self.shared.slots[self.idx as usize]
+        &self.pool().slots[self.idx as usize]
     }
 
     /// The buffer's full size.
     pub fn capacity(&self) -> usize {
-        self.shared.buf_len
+        self.pool().buf_len
     }
 
     /// Whether this is the only handle, so the buffer may be written.
@@ -271,7 +329,7 @@ impl Clone for PoolBuf {
     fn clone(&self) -> PoolBuf {
         self.slot().refs.fetch_add(1, Ordering::Relaxed);
         PoolBuf {
-            shared: self.shared.clone(),
+            shared: self.shared,
             idx: self.idx,
         }
     }
@@ -281,7 +339,9 @@ impl Drop for PoolBuf {
     fn drop(&mut self) {
         if self.slot().refs.fetch_sub(1, Ordering::Release) == 1 {
             fence(Ordering::Acquire);
-            self.shared.free.push(self.idx);
+            self.pool().free.push(self.idx);
+            // SAFETY: this is the buffer's last handle, and it is gone after this.
+            unsafe { self.shared.release() };
         }
     }
 }
@@ -378,6 +438,32 @@ mod tests {
         idx.sort_unstable();
         assert_eq!(idx, (0..8).collect::<Vec<_>>());
         assert!(pool.take().is_none());
+    }
+
+    /// Every handle of a taken buffer shares one strong count of the pool: the pool
+    /// outlives its owner while a handle lives, and is freed with the last one.
+    #[test]
+    fn buffers_keep_their_pool_alive_until_the_last_handle() {
+        let pool = BufPool::new(2, 8);
+        let weak = Arc::downgrade(&pool.shared);
+        let mut a = pool.take().unwrap();
+        a.get_mut().unwrap().fill(5);
+        assert!(a.set_len(8));
+        let b = a.clone();
+        let c = pool.take().unwrap();
+        assert_eq!(weak.strong_count(), 3, "the pool and one per taken buffer");
+        drop(pool);
+        drop(c);
+        assert_eq!(weak.strong_count(), 1);
+        drop(a);
+        assert_eq!(&b[..], &[5; 8]);
+        assert_eq!(weak.strong_count(), 1);
+        drop(b);
+        assert_eq!(weak.strong_count(), 0, "freed with the last handle");
+        let solo = PoolBuf::from_vec(vec![1; 4]);
+        let solo2 = solo.clone();
+        drop(solo);
+        assert_eq!(&solo2[..], &[1; 4]);
     }
 
     #[test]

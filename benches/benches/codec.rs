@@ -7,7 +7,10 @@
 //! 8 frames of 32 pages, ...), so the figures compare directly. After the criterion
 //! groups, an interleaved A/B run prints the engine's overhead over the direct call
 //! for each case (`engine-overhead` lines: best MB/s of each, and the median of the
-//! per-run time ratios) and the compression ratios (`ratio` lines).
+//! per-run time ratios, and that excess in ns per job) and the compression ratios
+//! (`ratio` lines). The `engine-fixed` line then gives the engine's own cost per job
+//! with no codec work to hide it: one-page encodes that end raw in place, and one-page
+//! decodes of `zero` frames against the same zero fill done directly.
 //!
 //! Last, the `copy-cost` lines: what copying guest pages before a codec sees them costs
 //! each codec. [`Codecs::encode`] runs interleaved on the same frames built two ways: from
@@ -294,17 +297,32 @@ struct Bench {
     engine: Engine,
     batch: VecDeque<pagewire_accel::Job>,
     done: Vec<Completion>,
+    /// Most jobs in flight: jobs are submitted (and their completions polled) in
+    /// batches of this many.
+    depth: usize,
+}
+
+/// Jobs the bench engine keeps in flight: `PAGEWIRE_DEPTH`, or every frame of the
+/// buffer at once (256 one-page frames) when unset. `PAGEWIRE_DEPTH=16` sizes it like
+/// the pipeline's default `queue_depth`.
+fn depth_for(frames: usize) -> usize {
+    std::env::var("PAGEWIRE_DEPTH")
+        .ok()
+        .and_then(|d| d.parse::<usize>().ok())
+        .filter(|&d| d > 0)
+        .map_or(frames, |d| d.min(frames))
 }
 
 impl Bench {
-    /// An engine for frames of `n` pages with room for one buffer's worth of frames
-    /// in flight and as many waiting for the transport, as a pipeline would size it.
+    /// An engine for frames of `n` pages with room for [`depth_for`] frames in flight
+    /// and as many more waiting for the transport (at the default, one buffer's worth
+    /// of frames), as a pipeline would size it.
     fn new(cache: Option<std::sync::Arc<DeltaCache>>, n: usize) -> Bench {
-        let frames = PAGES / n;
+        let depth = depth_for(PAGES / n);
         let config = EngineConfig {
             max_pages: n,
-            requests: frames + 2,
-            buffers: 2 * frames + 2,
+            requests: depth + 2,
+            buffers: 2 * depth + 2,
             delta: cache,
             ..Default::default()
         };
@@ -312,19 +330,30 @@ impl Bench {
             config,
             SoftwareConfig {
                 threads: 0,
-                queue_depth: frames + 2,
+                queue_depth: depth + 2,
             },
         )
         .unwrap();
         Bench {
             engine,
-            batch: VecDeque::with_capacity(frames + 2),
-            done: Vec::with_capacity(frames + 2),
+            batch: VecDeque::with_capacity(depth + 2),
+            done: Vec::with_capacity(depth + 2),
+            depth,
         }
+    }
+
+    /// Submits the batch and polls every completion into `done`.
+    fn flush(&mut self) {
+        let jobs = self.batch.len();
+        self.engine.submit(&mut self.batch).unwrap();
+        self.engine.poll(&mut self.done, usize::MAX, None).unwrap();
+        assert_eq!(self.done.len(), jobs);
     }
 
     /// Encodes `buf` as frames of `n` pages; returns payload bytes.
     fn compress(&mut self, case: Case, buf: &[u8], n: usize) -> usize {
+        let mut bytes = 0;
+        let frames = buf.len() / (n * PS);
         for (i, frame) in buf.chunks(n * PS).enumerate() {
             let mut job = self.engine.job().unwrap();
             let list = job.encode(Tag(i as u64), EncodeParams::new(case.codec, case.level));
@@ -339,17 +368,16 @@ impl Bench {
                 .unwrap()
             };
             self.batch.push_back(job);
+            if self.batch.len() == self.depth || i + 1 == frames {
+                self.flush();
+                bytes += self
+                    .done
+                    .iter()
+                    .map(|c| c.encoded().unwrap().bytes_out())
+                    .sum::<usize>();
+                self.done.clear();
+            }
         }
-        let frames = self.batch.len();
-        self.engine.submit(&mut self.batch).unwrap();
-        self.engine.poll(&mut self.done, usize::MAX, None).unwrap();
-        assert_eq!(self.done.len(), frames);
-        let bytes = self
-            .done
-            .iter()
-            .map(|c| c.encoded().unwrap().bytes_out())
-            .sum();
-        self.done.clear();
         bytes
     }
 
@@ -364,12 +392,12 @@ impl Bench {
                     .unwrap()
             };
             self.batch.push_back(job);
+            if self.batch.len() == self.depth || i + 1 == frames.len() {
+                self.flush();
+                assert!(self.done.iter().all(|c| c.status().is_ok()));
+                self.done.clear();
+            }
         }
-        self.engine.submit(&mut self.batch).unwrap();
-        self.engine.poll(&mut self.done, usize::MAX, None).unwrap();
-        assert_eq!(self.done.len(), frames.len());
-        assert!(self.done.iter().all(|c| c.status().is_ok()));
-        self.done.clear();
     }
 }
 
@@ -600,16 +628,21 @@ fn summary() {
                 },
                 || engine.decompress(&frames, &mut dst2, n),
             );
+            // The overhead per job in ns: the median ratio's excess over the best
+            // direct time, spread over the frames.
+            let per_job = |best: f64, ratio: f64| (ratio - 1.0) * best * 1e9 / frames.len() as f64;
             println!(
-                "engine-overhead {:<10} frame {:>3} pages: compress {:>7.0} MB/s direct {:>7.0} MB/s engine ({:+5.1}%) | decompress {:>7.0} MB/s direct {:>7.0} MB/s engine ({:+5.1}%)",
+                "engine-overhead {:<10} frame {:>3} pages: compress {:>7.0} MB/s direct {:>7.0} MB/s engine ({:+5.1}%, {:+5.0} ns/job) | decompress {:>7.0} MB/s direct {:>7.0} MB/s engine ({:+5.1}%, {:+5.0} ns/job)",
                 case.name,
                 n,
                 mb / cd,
                 mb / ce,
                 (cr - 1.0) * 100.0,
+                per_job(cd, cr),
                 mb / dd,
                 mb / de,
                 (dr - 1.0) * 100.0,
+                per_job(dd, dr),
             );
             println!(
                 "ratio {:<10} frame {:>3} pages: {:.2} ({} bytes of {}; {} of {} frames raw)",
@@ -625,6 +658,89 @@ fn summary() {
     }
 }
 
+/// The engine's own cost per job, with no codec work to hide it: 256 one-page encode
+/// jobs that end raw in place (the codec only notes that the pages go as they are), and
+/// 256 one-page decodes of `zero` frames against the same zero fill done directly.
+fn fixed_cost() {
+    const JOBS: usize = PAGES;
+    let a = mixed(PAGES, 42);
+    let mut engine = Bench::new(None, 1);
+    let params = EncodeParams {
+        raw_in_place: true,
+        ..EncodeParams::new(CodecId::RAW, Level::DEFAULT)
+    };
+    let mut encode = || {
+        for (i, page) in a.chunks(PS).enumerate() {
+            let mut job = engine.engine.job().unwrap();
+            let list = job.encode(Tag(i as u64), params);
+            // SAFETY: `a` outlives the jobs: every completion is polled below.
+            unsafe { list.push_raw(page.as_ptr(), 1, PageKey(i as u64)).unwrap() };
+            engine.batch.push_back(job);
+            if engine.batch.len() == engine.depth || i + 1 == JOBS {
+                engine.flush();
+                assert!(
+                    engine
+                        .done
+                        .iter()
+                        .all(|c| c.encoded().is_some_and(|e| e.in_place))
+                );
+                engine.done.clear();
+            }
+        }
+    };
+    // `PAGEWIRE_FIXED_RUNS=100000` repeats it long enough to profile.
+    let rounds = std::env::var("PAGEWIRE_FIXED_RUNS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(31usize)
+        | 1;
+    let mut runs: Vec<f64> = (0..rounds)
+        .map(|_| {
+            let t = Instant::now();
+            encode();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    runs.sort_by(f64::total_cmp);
+    let (enc_best, enc_median) = (runs[0], runs[runs.len() / 2]);
+    let empty = PoolBuf::from_vec(Vec::new());
+    let mut dst = vec![1u8; PAGES * PS];
+    let mut dst2 = dst.clone();
+    let (fill, eng, ratio) = ab(
+        rounds,
+        || {
+            for page in dst.chunks_mut(PS) {
+                page.fill(0);
+            }
+            black_box(&mut dst);
+        },
+        || {
+            for (i, page) in dst2.chunks_mut(PS).enumerate() {
+                let mut job = engine.engine.job().unwrap();
+                let list = job.decode(Tag(i as u64), CodecId::ZERO, empty.clone(), &[]);
+                // SAFETY: `dst2` is exclusively borrowed here and every completion is
+                // polled before the closure returns; the pages are disjoint.
+                unsafe { list.push_raw(page.as_mut_ptr(), 1, PageKey(0)).unwrap() };
+                engine.batch.push_back(job);
+                if engine.batch.len() == engine.depth || i + 1 == JOBS {
+                    engine.flush();
+                    assert!(engine.done.iter().all(|c| c.status().is_ok()));
+                    engine.done.clear();
+                }
+            }
+        },
+    );
+    let ns = |t: f64| t * 1e9 / JOBS as f64;
+    println!(
+        "engine-fixed 1-page jobs: encode ending raw in place (no codec work) {:.0} ns/job best, {:.0} median | decode of a zero frame {:.0} ns/job best vs {:.0} direct 4 KiB zero fill, median overhead {:+.0} ns/job",
+        ns(enc_best),
+        ns(enc_median),
+        ns(eng),
+        ns(fill),
+        (ratio - 1.0) * ns(fill),
+    );
+}
+
 fn main() {
     let mut c = Criterion::default()
         .measurement_time(Duration::from_millis(1200))
@@ -634,6 +750,7 @@ fn main() {
     bench_codecs(&mut c);
     c.final_summary();
     summary();
+    fixed_cost();
     copy_cost();
 }
 

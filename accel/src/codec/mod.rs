@@ -16,9 +16,11 @@
 //! No codec library borrows guest memory: the pages of a list built with
 //! [`PageList::push_raw`] are copied with a raw-pointer `memcpy` into the contexts'
 //! scratch buffer first (the whole frame for zstd and lz4, one page at a time for
-//! deflate and delta; raw copies straight into the payload), and the library compresses
-//! that private copy (see [`crate::pages`], "Guest memory"). The scratch buffer is
-//! reused, so the copy allocates nothing once warm.
+//! deflate; raw copies straight into the payload), and the library compresses that
+//! private copy (see [`crate::pages`], "Guest memory"). The scratch buffer is reused,
+//! so the copy allocates nothing once warm. Delta copies each guest page straight into
+//! the delta cache's spare page, which becomes the cached version once the delta
+//! against the old one is written: one copy, as with a borrowed slice.
 //!
 //! ```
 //! use pagewire_accel::{Codecs, EncodeParams, Level, PageKey, PageList, PageListMut, PageSize};
@@ -536,16 +538,27 @@ impl Codecs {
                 }
                 let mut pos = 0;
                 for i in 0..n {
-                    // One stable snapshot of the page: the cache must hold exactly the
-                    // bytes sent.
-                    let (snap, key) = page_input(src, i, &mut self.scratch)
-                        .ok_or(CodecError::NoPages { codec })?;
-                    let len = match cache.encode(key, snap, &mut payload[pos..pos + ps - 1]) {
+                    // A borrowed page is compared in place; guest memory is read
+                    // once, into a stable snapshot taken straight into the cache
+                    // (which must hold exactly the bytes sent). Either goes into the
+                    // payload only when the page goes raw.
+                    let out = &mut payload[pos..pos + ps];
+                    let outcome = if let Some((page, key)) = src.page_slice(i) {
+                        cache.encode(key, page, out)
+                    } else {
+                        let (_, key) = src.page(i).ok_or(CodecError::NoPages { codec })?;
+                        let mut copied = false;
+                        let outcome = cache.encode_with(
+                            key,
+                            |snap| copied = src.copy_page(i, snap).is_some(),
+                            out,
+                        );
+                        debug_assert!(copied, "page {i} of {n} is one whole page");
+                        outcome
+                    };
+                    let len = match outcome {
                         DeltaOutcome::Delta(len) => len,
-                        DeltaOutcome::Raw => {
-                            payload[pos..pos + ps].copy_from_slice(snap);
-                            ps
-                        }
+                        DeltaOutcome::Raw => ps,
                     };
                     lengths.push(len as u32);
                     pos += len;

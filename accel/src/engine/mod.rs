@@ -948,8 +948,11 @@ impl Engine {
             self.stats.partial_submits += 1;
         }
         self.stats.submitted += accepted as u64;
-        self.in_flight += accepted;
-        self.stats.set_depth(Instant::now(), self.in_flight);
+        if accepted > 0 {
+            // The clock is read only when the depth changes.
+            self.in_flight += accepted;
+            self.stats.set_depth(Instant::now(), self.in_flight);
+        }
         result?;
         Ok(start - batch.len())
     }
@@ -1019,7 +1022,9 @@ impl Engine {
                 fallback,
             );
         }
-        self.stats.set_depth(Instant::now(), self.in_flight);
+        if got > 0 {
+            self.stats.set_depth(Instant::now(), self.in_flight);
+        }
         Ok(done.len() - first)
     }
 
