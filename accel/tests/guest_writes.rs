@@ -41,7 +41,8 @@ impl Guest {
     }
 
     /// Writes a few bytes of pseudo-random pages until `stop`, like a running guest.
-    fn write_until(&self, stop: &AtomicBool, seed: u64) -> u64 {
+    /// Writes random bytes until `stop`; sets `running` after the first write.
+    fn write_until(&self, stop: &AtomicBool, running: &AtomicBool, seed: u64) -> u64 {
         let mut rng = Rng::new(seed);
         let mut writes = 0;
         while !stop.load(Ordering::Relaxed) {
@@ -50,6 +51,7 @@ impl Guest {
             // encoder only copies the block through raw pointers meanwhile.
             unsafe { self.ptr.add(at).write_volatile(rng.next() as u8) };
             writes += 1;
+            running.store(true, Ordering::Relaxed);
         }
         writes
     }
@@ -135,11 +137,22 @@ fn encoding_tolerates_concurrent_guest_writes() {
         let mut codecs = Codecs::new();
         let mut dst = vec![0u8; PAGES * PS];
         let stop = Arc::new(AtomicBool::new(false));
+        let running = AtomicBool::new(false);
         let (mut passes, mut kept) = (0, 0);
         let writes = std::thread::scope(|s| {
-            let writer = s.spawn(|| guest.write_until(&stop, k as u64 + 1));
+            let writer = s.spawn(|| guest.write_until(&stop, &running, k as u64 + 1));
             let start = Instant::now();
-            while passes < 3 || start.elapsed() < Duration::from_millis(100) {
+            // At least 100 ms beside the writer once it runs (on a loaded machine it
+            // may wait to be scheduled), 10 s at most.
+            let mut since: Option<Instant> = None;
+            loop {
+                if since.is_none() && running.load(Ordering::Relaxed) {
+                    since = Some(Instant::now());
+                }
+                let beside = since.is_some_and(|t| t.elapsed() >= Duration::from_millis(100));
+                if passes >= 3 && (beside || start.elapsed() >= Duration::from_secs(10)) {
+                    break;
+                }
                 kept += pass(&mut codecs, &cache, params, &guest, &mut dst);
                 passes += 1;
             }
