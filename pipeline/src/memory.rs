@@ -39,7 +39,7 @@ use std::io;
 use std::num::NonZeroUsize;
 use std::ptr::NonNull;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use nix::errno::Errno;
 use nix::sys::mman::{self, MapFlags, MmapAdvise, ProtFlags};
@@ -47,6 +47,7 @@ use pagewire_protocol::{GuestAddr, MemoryLayout, RegionDesc, RegionId};
 
 use crate::dirty::DirtyLogError;
 use crate::fresh::FreshPages;
+use crate::install::{InstallCounters, InstallError, Installer};
 
 /// Errors describing guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +107,8 @@ pub struct GuestMemory {
     owned: Vec<(NonNull<u8>, usize)>,
     /// What keeps the VMM's mappings alive ([`GuestMemory::keeping`]).
     owner: Option<Box<dyn std::any::Any + Send + Sync>>,
+    /// The userfaultfd registration of the owned mappings ([`GuestMemory::install_pages`]).
+    installer: OnceLock<Installer>,
 }
 
 impl std::fmt::Debug for GuestMemory {
@@ -115,6 +118,7 @@ impl std::fmt::Debug for GuestMemory {
             .field("layout", &self.layout)
             .field("owns_mappings", &!self.owned.is_empty())
             .field("has_owner", &self.owner.is_some())
+            .field("installing", &self.installer.get().is_some_and(Installer::is_active))
             .finish()
     }
 }
@@ -178,6 +182,7 @@ impl GuestMemory {
             layout,
             owned: Vec::new(),
             owner: None,
+            installer: OnceLock::new(),
         })
     }
 
@@ -373,10 +378,30 @@ impl GuestMemory {
         let Some((dst, len)) = self.span(region, page, (src.len() / ps) as u64) else {
             return false;
         };
-        // SAFETY: `span` checked the destination range lies inside a mapped region, and
-        // `src` is a separate buffer of exactly `len` bytes.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_ptr(), len) };
-        self.note_written(region, page, (src.len() / ps) as u64);
+        let pages = (src.len() / ps) as u64;
+        match self.installing(region) {
+            Some((installer, fresh)) => {
+                for (start, count, is_fresh) in fresh.runs(page, pages) {
+                    // Inside `page..page + pages`, which `span` checked.
+                    let off = (start - page) as usize * ps;
+                    let n = count as usize * ps;
+                    // SAFETY: `off + n <= len`, inside the range `span` checked; `src`
+                    // is a separate buffer; one writer per page (channel affinity).
+                    unsafe {
+                        let (d, s) = (dst.as_ptr().add(off), src.as_ptr().add(off));
+                        if is_fresh {
+                            installer.copy(d, s, n);
+                        } else {
+                            std::ptr::copy_nonoverlapping(s, d, n);
+                        }
+                    }
+                }
+            }
+            // SAFETY: `span` checked the destination range lies inside a mapped region,
+            // and `src` is a separate buffer of exactly `len` bytes.
+            None => unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_ptr(), len) },
+        }
+        self.note_written(region, page, pages);
         true
     }
 
@@ -413,10 +438,102 @@ impl GuestMemory {
         let Some((dst, len)) = self.span(region, page, pages) else {
             return false;
         };
-        // SAFETY: `span` checked the range lies inside a mapped region.
-        unsafe { std::ptr::write_bytes(dst.as_ptr(), byte, len) };
+        match self.installing(region) {
+            // Pages still missing are installed from a buffer of that byte, as
+            // `write_pages` installs them.
+            Some((_, fresh)) if fresh.any_fresh(page, pages) => {
+                const CHUNK: u64 = 32;
+                let ps = self.page_size as usize;
+                let buf = vec![byte; CHUNK.min(pages) as usize * ps];
+                let mut p = page;
+                while p < page + pages {
+                    let n = CHUNK.min(page + pages - p);
+                    self.write_pages(region, p, &buf[..n as usize * ps]);
+                    p += n;
+                }
+            }
+            // SAFETY: `span` checked the range lies inside a mapped region.
+            _ => unsafe { std::ptr::write_bytes(dst.as_ptr(), byte, len) },
+        }
         self.note_written(region, page, pages);
         true
+    }
+
+    /// Registers the mappings this value owns ([`GuestMemory::anonymous`]) with a
+    /// userfaultfd, so that pages never written since are installed with `UFFDIO_COPY`
+    /// (allocated and filled in one step, without being zeroed first) by
+    /// [`GuestMemory::write_pages`] and [`GuestMemory::fill_pages`]
+    /// ([`Prefault::Install`](crate::Prefault::Install)). A handler thread resolves
+    /// every other access to a missing page with zeros, so writing or reading through
+    /// [`GuestMemory::span`] still works. Call [`GuestMemory::finish_install`] before
+    /// anyone else uses the memory; dropping the value does it too.
+    ///
+    /// # Errors
+    /// [`InstallError`] when userfaultfd is unavailable or refuses the memory, or the
+    /// memory is not this value's own; the memory is then used as before.
+    pub fn install_pages(&self) -> Result<(), InstallError> {
+        self.install_pages_with(crate::install::open_userfaultfd)
+    }
+
+    /// [`GuestMemory::install_pages`] with the userfaultfd from `open` (tests inject
+    /// a refusal here).
+    pub(crate) fn install_pages_with(
+        &self,
+        open: fn() -> io::Result<std::os::fd::OwnedFd>,
+    ) -> Result<(), InstallError> {
+        if self.owned.is_empty() || self.installer.get().is_some() {
+            return Err(InstallError::NotOwned);
+        }
+        let installer = Installer::register(&self.owned, self.page_size as usize, open)?;
+        self.installer
+            .set(installer)
+            .map_err(|_| InstallError::NotOwned)
+    }
+
+    /// Ends [`GuestMemory::install_pages`]: unregisters the memory (anything waiting on
+    /// a missing page wakes and faults normally) and stops the handler thread. Does
+    /// nothing when the memory was never registered.
+    pub fn finish_install(&self) {
+        if let Some(i) = self.installer.get() {
+            i.finish();
+        }
+    }
+
+    /// The counters of the userfaultfd registration, if there is one.
+    pub(crate) fn install_counters(&self) -> Option<Arc<InstallCounters>> {
+        self.installer.get().map(Installer::counters)
+    }
+
+    /// The registration and the fresh pages of `region`, while pages are installed.
+    fn installing(&self, region: RegionId) -> Option<(&Installer, &FreshPages)> {
+        let i = self.installer.get().filter(|i| i.is_active())?;
+        Some((i, self.region(region)?.fresh.as_ref()?))
+    }
+
+    /// Copies the pages of `page..page + pages` that were written into the matching
+    /// pages of `dst` (pages never written are left as they are in `dst`): a delta
+    /// decoder's base without touching pages still missing.
+    pub(crate) fn read_written(&self, region: RegionId, page: u64, pages: u64, dst: &mut [u8]) {
+        let ps = self.page_size as usize;
+        let Some(fresh) = self.region(region).and_then(|r| r.fresh.as_ref()) else {
+            self.read_pages(region, page, pages, dst);
+            return;
+        };
+        for (start, count) in fresh.touched_runs(page, pages) {
+            let off = (start - page) as usize * ps;
+            let n = count as usize * ps;
+            if let Some(d) = dst.get_mut(off..off + n) {
+                self.read_pages(region, start, count, d);
+            }
+        }
+    }
+
+    /// Whether writing pages `page..page + pages` would install any of them (pages
+    /// are being installed and one of them was never written): a decoder then decodes
+    /// into a scratch buffer and hands it to [`GuestMemory::write_pages`].
+    pub(crate) fn installs(&self, region: RegionId, page: u64, pages: u64) -> bool {
+        self.installing(region)
+            .is_some_and(|(_, fresh)| fresh.any_fresh(page, pages))
     }
 
     /// Records that pages were written by other means (a codec decoding into
@@ -498,6 +615,8 @@ fn free_mappings(owned: &[(NonNull<u8>, usize)]) {
 
 impl Drop for GuestMemory {
     fn drop(&mut self) {
+        // Unregistered (and its handler joined) while the mappings still exist.
+        self.finish_install();
         free_mappings(&self.owned);
         // `owner` (the VMM's mappings) drops after the last use of the pointers.
     }
