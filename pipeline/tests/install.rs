@@ -1,0 +1,123 @@
+//! Whole migrations into destination memory whose pages are installed with userfaultfd
+//! ([`Prefault::Install`]): memory equal byte for byte while a writer keeps dirtying
+//! the source (so pages sent zero or uniform in one round come back as data in a later
+//! one), for every codec's decode path and both transports.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use pagewire::{DestinationConfig, DestinationListener, Prefault, Source, SourceConfig};
+use pagewire_protocol::{Authentication, CodecId, MemoryLayout, RegionDesc, RegionId};
+use pagewire_transport::session::Backend;
+
+/// Whether userfaultfd can be had here; says so visibly when not.
+fn userfaultfd_available() -> bool {
+    let layout = MemoryLayout::new(
+        PAGE as u32,
+        [RegionDesc {
+            id: RegionId(0),
+            backing_page_size: PAGE as u32,
+            guest_addr: pagewire::GuestAddr(0),
+            length: PAGE as u64,
+        }],
+    )
+    .unwrap();
+    let m = pagewire::GuestMemory::anonymous(&layout).unwrap();
+    match m.install_pages() {
+        Ok(()) => true,
+        Err(e) => {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "skipped: userfaultfd unavailable: {e}: {:?}",
+                std::error::Error::source(&e)
+            );
+            false
+        }
+    }
+}
+
+fn run(codec: CodecId, backend: Backend) {
+    let available = userfaultfd_available();
+    let src_mem = memory(32);
+    fill(&src_mem, 11);
+    let mut dcfg = DestinationConfig::new(session(9), Authentication::None);
+    dcfg.prefault = Prefault::Install;
+    dcfg.backend = backend;
+    let listener = DestinationListener::bind(loopback(), dcfg).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dst = std::thread::spawn(move || listener.accept(None).and_then(|d| d.wait()));
+
+    let mut guest = guest(src_mem.clone(), 20_000, 5);
+    let mut cfg = SourceConfig::new(session(9), Authentication::None);
+    cfg.codec = codec;
+    cfg.channels = 2;
+    cfg.backend = backend;
+    cfg.precopy.downtime_limit = Duration::from_millis(50);
+    cfg.precopy.max_rounds = 8;
+    let stats = within(Duration::from_secs(120), "the migration", move || {
+        let mut source = Source::connect(addr, src_mem.clone(), cfg).unwrap();
+        let stats = migrate_sim(&mut source, &guest).unwrap();
+        guest.stop();
+        drop(source);
+        let migrated = dst.join().unwrap().unwrap();
+        assert_eq!(first_difference(&src_mem, &migrated.memory), None);
+        (stats, migrated.stats)
+    });
+    let (src, dst) = stats;
+    assert!(src.rounds >= 2, "{src}");
+    assert!(src.pages.uniform > 0, "{src}");
+    if available {
+        assert_eq!(dst.install_unavailable, None);
+        // Most data pages land on memory never written: installed.
+        assert!(
+            dst.installed_pages > dst.data_pages / 4,
+            "{} installed of {} data pages",
+            dst.installed_pages,
+            dst.data_pages
+        );
+    } else {
+        assert!(dst.install_unavailable.is_some());
+        assert_eq!(dst.installed_pages, 0);
+    }
+}
+
+#[test]
+fn raw_pages_over_tcp_are_installed() {
+    run(CodecId::RAW, Backend::Tcp);
+}
+
+#[test]
+fn raw_pages_over_io_uring_are_installed() {
+    if !uring_available() {
+        return;
+    }
+    run(
+        CodecId::RAW,
+        Backend::Uring {
+            fallback_to_tcp: false,
+        },
+    );
+}
+
+#[test]
+fn zstd_pages_are_decoded_then_installed() {
+    run(CodecId::ZSTD, Backend::Tcp);
+}
+
+#[test]
+fn lz4_pages_are_decoded_then_installed() {
+    run(CodecId::LZ4, Backend::Tcp);
+}
+
+#[test]
+fn deflate_pages_are_decoded_then_installed() {
+    run(CodecId::DEFLATE, Backend::Tcp);
+}
+
+#[test]
+fn delta_pages_decode_against_what_the_page_holds() {
+    run(CodecId::DELTA, Backend::Tcp);
+}
