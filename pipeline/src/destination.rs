@@ -1253,7 +1253,7 @@ impl Receiver {
                 // decode below has finished with `dst`; parts of different runs are
                 // disjoint.
                 unsafe { dst.push_raw(buf.as_mut_ptr(), run.count, PageKey(run.start.0)) }
-                    .map_err(|_| no_pages.clone())?;
+                    .map_err(|_| no_pages)?;
                 scratch_off += n;
                 continue;
             }

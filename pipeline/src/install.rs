@@ -139,12 +139,7 @@ pub(crate) struct InstallCounters {
 /// Opens a userfaultfd: the system call, non-blocking and close-on-exec.
 pub(crate) fn open_userfaultfd() -> io::Result<OwnedFd> {
     // SAFETY: the system call takes flags only and returns a new descriptor or -1.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_userfaultfd,
-            libc::O_CLOEXEC | libc::O_NONBLOCK,
-        )
-    };
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -199,11 +194,9 @@ impl Installer {
             features: 0,
             ioctls: 0,
         };
-        ioctl(uffd.as_raw_fd(), UFFDIO_API, &mut api).map_err(|source| {
-            InstallError::Register {
-                what: "API handshake",
-                source,
-            }
+        ioctl(uffd.as_raw_fd(), UFFDIO_API, &mut api).map_err(|source| InstallError::Register {
+            what: "API handshake",
+            source,
         })?;
         let ranges: Vec<UffdRange> = ranges
             .iter()

@@ -118,7 +118,10 @@ impl std::fmt::Debug for GuestMemory {
             .field("layout", &self.layout)
             .field("owns_mappings", &!self.owned.is_empty())
             .field("has_owner", &self.owner.is_some())
-            .field("installing", &self.installer.get().is_some_and(Installer::is_active))
+            .field(
+                "installing",
+                &self.installer.get().is_some_and(Installer::is_active),
+            )
             .finish()
     }
 }
