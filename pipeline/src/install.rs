@@ -34,6 +34,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 use nix::libc;
+use pagewire_protocol::RegionId;
+
+use crate::GuestMemory;
+use crate::fresh::FreshPages;
 
 // From linux/userfaultfd.h (the ioctl numbers as _IOWR/_IOR of type 0xAA).
 const UFFD_API: u64 = 0xaa;
@@ -343,6 +347,86 @@ impl Installer {
     }
 }
 
+/// The userfaultfd side of [`GuestMemory`]: registration, and what the writers ask.
+impl GuestMemory {
+    /// Registers the mappings this value owns ([`GuestMemory::anonymous`]) with a
+    /// userfaultfd, so that pages never written since are installed with `UFFDIO_COPY`
+    /// (allocated and filled in one step, without being zeroed first) by
+    /// [`GuestMemory::write_pages`] and [`GuestMemory::fill_pages`]
+    /// ([`Prefault::Install`](crate::Prefault::Install)). A handler thread resolves
+    /// every other access to a missing page with zeros, so writing or reading through
+    /// [`GuestMemory::span`] still works. Call [`GuestMemory::finish_install`] before
+    /// anyone else uses the memory; dropping the value does it too.
+    ///
+    /// # Errors
+    /// [`InstallError`] when userfaultfd is unavailable or refuses the memory, or the
+    /// memory is not this value's own; the memory is then used as before.
+    pub fn install_pages(&self) -> Result<(), InstallError> {
+        self.install_pages_with(crate::install::open_userfaultfd)
+    }
+
+    /// [`GuestMemory::install_pages`] with the userfaultfd from `open` (tests inject
+    /// a refusal here).
+    pub(crate) fn install_pages_with(
+        &self,
+        open: fn() -> io::Result<std::os::fd::OwnedFd>,
+    ) -> Result<(), InstallError> {
+        if self.owned.is_empty() || self.installer.get().is_some() {
+            return Err(InstallError::NotOwned);
+        }
+        let installer = Installer::register(&self.owned, self.page_size() as usize, open)?;
+        self.installer
+            .set(installer)
+            .map_err(|_| InstallError::NotOwned)
+    }
+
+    /// Ends [`GuestMemory::install_pages`]: unregisters the memory (anything waiting on
+    /// a missing page wakes and faults normally) and stops the handler thread. Does
+    /// nothing when the memory was never registered.
+    pub fn finish_install(&self) {
+        if let Some(i) = self.installer.get() {
+            i.finish();
+        }
+    }
+
+    /// The counters of the userfaultfd registration, if there is one.
+    pub(crate) fn install_counters(&self) -> Option<Arc<InstallCounters>> {
+        self.installer.get().map(Installer::counters)
+    }
+
+    /// The registration and the fresh pages of `region`, while pages are installed.
+    pub(crate) fn installing(&self, region: RegionId) -> Option<(&Installer, &FreshPages)> {
+        let i = self.installer.get().filter(|i| i.is_active())?;
+        Some((i, self.region(region)?.fresh.as_ref()?))
+    }
+
+    /// Copies the pages of `page..page + pages` that were written into the matching
+    /// pages of `dst` (pages never written are left as they are in `dst`): a delta
+    /// decoder's base without touching pages still missing.
+    pub(crate) fn read_written(&self, region: RegionId, page: u64, pages: u64, dst: &mut [u8]) {
+        let ps = self.page_size() as usize;
+        let Some(fresh) = self.region(region).and_then(|r| r.fresh.as_ref()) else {
+            self.read_pages(region, page, pages, dst);
+            return;
+        };
+        for (start, count) in fresh.touched_runs(page, pages) {
+            let off = (start - page) as usize * ps;
+            let n = count as usize * ps;
+            if let Some(d) = dst.get_mut(off..off + n) {
+                self.read_pages(region, start, count, d);
+            }
+        }
+    }
+
+    /// Whether writing pages `page..page + pages` would install any of them (pages
+    /// are being installed and one of them was never written): a decoder then decodes
+    /// into a scratch buffer and hands it to [`GuestMemory::write_pages`].
+    pub(crate) fn installs(&self, region: RegionId, page: u64, pages: u64) -> bool {
+        self.installing(region)
+            .is_some_and(|(_, fresh)| fresh.any_fresh(page, pages))
+    }
+}
+
 impl Drop for Installer {
     fn drop(&mut self) {
         self.finish();
@@ -438,8 +522,7 @@ fn resolve_faults(uffd: &OwnedFd, stop: &OwnedFd, page_size: usize, counters: &I
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::GuestMemory;
-    use pagewire_protocol::{GuestAddr, MemoryLayout, RegionDesc, RegionId};
+    use pagewire_protocol::{GuestAddr, MemoryLayout, RegionDesc};
     use std::time::Duration;
 
     const PS: usize = 4096;

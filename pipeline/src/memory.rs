@@ -33,7 +33,10 @@
 //! and lz4 decompress straight into a contiguous run, deflate and delta into each page).
 //! Zero pages and raw payloads are written with raw-pointer copies
 //! ([`GuestMemory::zero_pages`], [`GuestMemory::write_pages`]); [`GuestMemory::prefault`]
-//! only asks the kernel to back pages and changes no byte.
+//! only asks the kernel to back pages and changes no byte. With
+//! [`GuestMemory::install_pages`] (userfaultfd), pages never written are placed with
+//! `UFFDIO_COPY` instead of a copy, and a handler thread resolves any other access to a
+//! missing page with zeros (`crate::install`).
 
 use std::io;
 use std::num::NonZeroUsize;
@@ -47,7 +50,7 @@ use pagewire_protocol::{GuestAddr, MemoryLayout, RegionDesc, RegionId};
 
 use crate::dirty::DirtyLogError;
 use crate::fresh::FreshPages;
-use crate::install::{InstallCounters, InstallError, Installer};
+use crate::install::Installer;
 
 /// Errors describing guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -90,12 +93,12 @@ pub struct RegionSpec {
 }
 
 #[derive(Debug)]
-struct Region {
+pub(crate) struct Region {
     desc: RegionDesc,
     host: NonNull<u8>,
     /// For memory this value mapped itself: the pages never written since, which
     /// still read as zeros.
-    fresh: Option<FreshPages>,
+    pub(crate) fresh: Option<FreshPages>,
 }
 
 /// The guest memory a migration reads (source) or writes (destination).
@@ -104,11 +107,11 @@ pub struct GuestMemory {
     regions: Vec<Region>,
     layout: MemoryLayout,
     /// Mappings this value owns and unmaps on drop.
-    owned: Vec<(NonNull<u8>, usize)>,
+    pub(crate) owned: Vec<(NonNull<u8>, usize)>,
     /// What keeps the VMM's mappings alive ([`GuestMemory::keeping`]).
     owner: Option<Box<dyn std::any::Any + Send + Sync>>,
     /// The userfaultfd registration of the owned mappings ([`GuestMemory::install_pages`]).
-    installer: OnceLock<Installer>,
+    pub(crate) installer: OnceLock<Installer>,
 }
 
 impl std::fmt::Debug for GuestMemory {
@@ -331,7 +334,7 @@ impl GuestMemory {
         self.layout.pages(region)
     }
 
-    fn region(&self, id: RegionId) -> Option<&Region> {
+    pub(crate) fn region(&self, id: RegionId) -> Option<&Region> {
         self.regions
             .binary_search_by_key(&id, |r| r.desc.id)
             .ok()
@@ -460,83 +463,6 @@ impl GuestMemory {
         }
         self.note_written(region, page, pages);
         true
-    }
-
-    /// Registers the mappings this value owns ([`GuestMemory::anonymous`]) with a
-    /// userfaultfd, so that pages never written since are installed with `UFFDIO_COPY`
-    /// (allocated and filled in one step, without being zeroed first) by
-    /// [`GuestMemory::write_pages`] and [`GuestMemory::fill_pages`]
-    /// ([`Prefault::Install`](crate::Prefault::Install)). A handler thread resolves
-    /// every other access to a missing page with zeros, so writing or reading through
-    /// [`GuestMemory::span`] still works. Call [`GuestMemory::finish_install`] before
-    /// anyone else uses the memory; dropping the value does it too.
-    ///
-    /// # Errors
-    /// [`InstallError`] when userfaultfd is unavailable or refuses the memory, or the
-    /// memory is not this value's own; the memory is then used as before.
-    pub fn install_pages(&self) -> Result<(), InstallError> {
-        self.install_pages_with(crate::install::open_userfaultfd)
-    }
-
-    /// [`GuestMemory::install_pages`] with the userfaultfd from `open` (tests inject
-    /// a refusal here).
-    pub(crate) fn install_pages_with(
-        &self,
-        open: fn() -> io::Result<std::os::fd::OwnedFd>,
-    ) -> Result<(), InstallError> {
-        if self.owned.is_empty() || self.installer.get().is_some() {
-            return Err(InstallError::NotOwned);
-        }
-        let installer = Installer::register(&self.owned, self.page_size as usize, open)?;
-        self.installer
-            .set(installer)
-            .map_err(|_| InstallError::NotOwned)
-    }
-
-    /// Ends [`GuestMemory::install_pages`]: unregisters the memory (anything waiting on
-    /// a missing page wakes and faults normally) and stops the handler thread. Does
-    /// nothing when the memory was never registered.
-    pub fn finish_install(&self) {
-        if let Some(i) = self.installer.get() {
-            i.finish();
-        }
-    }
-
-    /// The counters of the userfaultfd registration, if there is one.
-    pub(crate) fn install_counters(&self) -> Option<Arc<InstallCounters>> {
-        self.installer.get().map(Installer::counters)
-    }
-
-    /// The registration and the fresh pages of `region`, while pages are installed.
-    fn installing(&self, region: RegionId) -> Option<(&Installer, &FreshPages)> {
-        let i = self.installer.get().filter(|i| i.is_active())?;
-        Some((i, self.region(region)?.fresh.as_ref()?))
-    }
-
-    /// Copies the pages of `page..page + pages` that were written into the matching
-    /// pages of `dst` (pages never written are left as they are in `dst`): a delta
-    /// decoder's base without touching pages still missing.
-    pub(crate) fn read_written(&self, region: RegionId, page: u64, pages: u64, dst: &mut [u8]) {
-        let ps = self.page_size as usize;
-        let Some(fresh) = self.region(region).and_then(|r| r.fresh.as_ref()) else {
-            self.read_pages(region, page, pages, dst);
-            return;
-        };
-        for (start, count) in fresh.touched_runs(page, pages) {
-            let off = (start - page) as usize * ps;
-            let n = count as usize * ps;
-            if let Some(d) = dst.get_mut(off..off + n) {
-                self.read_pages(region, start, count, d);
-            }
-        }
-    }
-
-    /// Whether writing pages `page..page + pages` would install any of them (pages
-    /// are being installed and one of them was never written): a decoder then decodes
-    /// into a scratch buffer and hands it to [`GuestMemory::write_pages`].
-    pub(crate) fn installs(&self, region: RegionId, page: u64, pages: u64) -> bool {
-        self.installing(region)
-            .is_some_and(|(_, fresh)| fresh.any_fresh(page, pages))
     }
 
     /// Records that pages were written by other means (a codec decoding into
