@@ -230,8 +230,10 @@ pub enum Prefault {
     /// `clear_page` first. Raw frames are received whole and installed from the
     /// payload, compressed ones decoded into a scratch buffer and installed; pages
     /// already present are written in place as before. A handler thread resolves any
-    /// other access to a missing page with zeros, and the memory is unregistered before
-    /// the migration hands it over. Where userfaultfd is unavailable (no
+    /// other access to a missing page with zeros (frames a hardware decoder takes,
+    /// [`DestinationConfig::accel`], are still decoded in place: their faults go to the
+    /// handler, tested with the IAA device model only), and the memory is unregistered
+    /// before the migration hands it over. Where userfaultfd is unavailable (no
     /// `CAP_SYS_PTRACE` and `vm.unprivileged_userfaultfd=0`, seccomp, an old kernel)
     /// the destination behaves as with `None` and says why in
     /// [`DestinationStats::install_unavailable`](crate::DestinationStats::install_unavailable).
