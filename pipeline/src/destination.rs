@@ -1227,10 +1227,14 @@ impl Receiver {
                 .filter(|r| installs(r))
                 .map(|r| r.count as usize * page_bytes)
                 .sum();
-            scratch.clear();
-            scratch.resize(total, 0);
+            // Grown only: every codec but delta writes each byte of its pages or fails,
+            // so what a previous frame left here is never installed.
+            if scratch.len() < total {
+                scratch.resize(total, 0);
+            }
             if p.codec == pagewire_protocol::CodecId::DELTA {
                 // The delta's base: what the pages hold (zeros where never written).
+                scratch[..total].fill(0);
                 let mut off = 0;
                 for run in p.data_runs.iter().filter(|r| installs(r)) {
                     let n = run.count as usize * page_bytes;
