@@ -453,15 +453,19 @@ fn resolve_faults(uffd: &OwnedFd, stop: &OwnedFd, page_size: usize, counters: &I
         // SAFETY: `fds` is an array of two valid pollfd entries.
         let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
         if rc < 0 {
-            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                continue;
+            // Interrupted, or out of memory for a moment: returning would leave every
+            // later fault unresolved, so try again.
+            if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                std::thread::sleep(std::time::Duration::from_millis(1));
             }
-            return;
+            continue;
         }
         if fds[1].revents != 0 {
             return;
         }
         if fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            // The userfaultfd is no longer usable (it reports this once released); no
+            // fault can arrive through it.
             return;
         }
         loop {
