@@ -81,8 +81,9 @@ pub struct DestinationStats {
     pub prefault_ms: f64,
     /// Frame apply latency.
     pub apply_latency: LatencySummary,
-    /// CPU the destination's threads used (receivers and the pre-fault thread; the
-    /// receivers' share is counted when each ends).
+    /// CPU the destination's threads used (receivers, the pre-fault thread and the
+    /// userfaultfd handler of [`Prefault::Install`]; the receivers' share is counted
+    /// when each ends, the handler's when the memory is handed over).
     pub cpu: crate::stats::CpuSummary,
     /// Frames given to a hardware codec engine ([`DestinationConfig::accel`]).
     ///
@@ -1213,7 +1214,8 @@ impl Receiver {
             let mut off = 0;
             for run in p.data_runs.iter() {
                 let n = run.count as usize * page_bytes;
-                if !memory.write_pages(p.region, run.start.0, &p.payload[off..off + n]) {
+                let part = p.payload.get(off..off + n).ok_or(no_pages)?;
+                if !memory.write_pages(p.region, run.start.0, part) {
                     return Err(no_pages);
                 }
                 off += n;
@@ -1286,7 +1288,8 @@ impl Receiver {
             let mut off = 0;
             for run in p.data_runs.iter().filter(|r| installs(r)) {
                 let n = run.count as usize * page_bytes;
-                if !memory.write_pages(p.region, run.start.0, &scratch[off..off + n]) {
+                let part = scratch.get(off..off + n).ok_or(no_pages)?;
+                if !memory.write_pages(p.region, run.start.0, part) {
                     return Err(no_pages);
                 }
                 off += n;
