@@ -140,3 +140,81 @@ fn a_hardware_decoder_writing_in_place_has_its_faults_resolved() {
         assert!(d.install_faults > 0, "{d:?}");
     }
 }
+
+/// Makes `userfaultfd(2)` fail with EPERM on this thread and the threads it starts
+/// from now on (a seccomp filter, as a VMM's sandbox would install).
+#[cfg(target_arch = "x86_64")]
+fn refuse_userfaultfd_here() {
+    use nix::libc;
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    let stmt = |code: u16, k: u32| libc::sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jeq = |k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: 0x15, // BPF_JMP | BPF_JEQ | BPF_K
+        jt,
+        jf,
+        k,
+    };
+    let mut prog = [
+        stmt(0x20, 4), // BPF_LD | BPF_W | BPF_ABS: seccomp_data.arch
+        jeq(AUDIT_ARCH_X86_64, 0, 3),
+        stmt(0x20, 0), // seccomp_data.nr
+        jeq(libc::SYS_userfaultfd as u32, 0, 1),
+        stmt(0x06, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32), // BPF_RET
+        stmt(0x06, libc::SECCOMP_RET_ALLOW),
+    ];
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_mut_ptr(),
+    };
+    // SAFETY: plain prctl calls; `fprog` points at a valid filter program for the call.
+    unsafe {
+        assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
+        assert_eq!(
+            libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &fprog as *const libc::sock_fprog
+            ),
+            0
+        );
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn a_refused_userfaultfd_falls_back_with_the_reason_in_the_statistics() {
+    let src_mem = memory(8);
+    fill(&src_mem, 3);
+    let mut dcfg = DestinationConfig::new(session(4), Authentication::None);
+    dcfg.prefault = Prefault::Install;
+    let listener = DestinationListener::bind(loopback(), dcfg).unwrap();
+    let addr = listener.local_addr().unwrap();
+    // The receivers start from this thread, under its filter.
+    let dst = std::thread::spawn(move || {
+        refuse_userfaultfd_here();
+        listener.accept(None).and_then(|d| d.wait())
+    });
+    let mut cfg = SourceConfig::new(session(4), Authentication::None);
+    cfg.codec = CodecId::ZSTD;
+    cfg.channels = 2;
+    let migrated = within(Duration::from_secs(60), "the migration", move || {
+        let mut source = Source::connect(addr, src_mem.clone(), cfg).unwrap();
+        let mut g = guest(src_mem.clone(), 0, 1);
+        migrate_sim(&mut source, &g).unwrap();
+        g.stop();
+        drop(source);
+        let migrated = dst.join().unwrap().unwrap();
+        assert_eq!(first_difference(&src_mem, &migrated.memory), None);
+        migrated
+    });
+    let why = migrated.stats.install_unavailable.as_deref().unwrap_or("");
+    assert!(why.starts_with("userfaultfd unavailable"), "{why:?}");
+    assert!(why.contains("Operation not permitted"), "{why:?}");
+    assert_eq!(migrated.stats.installed_pages, 0);
+    assert!(migrated.stats.data_pages > 0);
+}
