@@ -224,6 +224,21 @@ pub enum Prefault {
     /// Each receiver populates (`MADV_POPULATE_WRITE`) the data pages of a frame right
     /// before it writes them: one system call per frame instead of a fault per page.
     Ahead,
+    /// The memory is registered with a userfaultfd (MISSING mode) and pages never
+    /// written are installed with `UFFDIO_COPY`, a run of contiguous pages per call:
+    /// the kernel allocates each page and copies into it, with no fault and no
+    /// `clear_page` first. Raw frames are received whole and installed from the
+    /// payload, compressed ones decoded into a scratch buffer and installed; pages
+    /// already present are written in place as before. A handler thread resolves any
+    /// other access to a missing page with zeros (frames a hardware decoder takes,
+    /// [`DestinationConfig::accel`], are still decoded in place: their faults go to the
+    /// handler, tested with the IAA device model only), and the memory is unregistered
+    /// before the migration hands it over. Where userfaultfd is unavailable (no
+    /// `CAP_SYS_PTRACE` and `vm.unprivileged_userfaultfd=0`, seccomp, an old kernel)
+    /// the destination behaves as with `None` and says why in
+    /// [`DestinationStats::install_unavailable`](crate::DestinationStats::install_unavailable).
+    /// Measured in BENCHMARKS.md ("Destination memory: installing pages").
+    Install,
 }
 
 impl DestinationConfig {

@@ -22,7 +22,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -81,8 +81,9 @@ pub struct DestinationStats {
     pub prefault_ms: f64,
     /// Frame apply latency.
     pub apply_latency: LatencySummary,
-    /// CPU the destination's threads used (receivers and the pre-fault thread; the
-    /// receivers' share is counted when each ends).
+    /// CPU the destination's threads used (receivers, the pre-fault thread and the
+    /// userfaultfd handler of [`Prefault::Install`]; the receivers' share is counted
+    /// when each ends, the handler's when the memory is handed over).
     pub cpu: crate::stats::CpuSummary,
     /// Frames given to a hardware codec engine ([`DestinationConfig::accel`]).
     ///
@@ -92,6 +93,17 @@ pub struct DestinationStats {
     pub hw_fallbacks: u64,
     /// Those per cause.
     pub hw_fallback_causes: crate::stats::FallbackSummary,
+    /// Pages installed with `UFFDIO_COPY` ([`Prefault::Install`]).
+    pub installed_pages: u64,
+    /// Pages that were already present when they were to be installed (copied
+    /// normally instead).
+    pub install_present: u64,
+    /// Accesses to pages not yet installed that the userfaultfd handler resolved with
+    /// zeros (a decoder or transport writing in place, a read).
+    pub install_faults: u64,
+    /// Why [`Prefault::Install`] was asked for but not used (userfaultfd unavailable);
+    /// the memory was then faulted in as with [`Prefault::None`].
+    pub install_unavailable: Option<String>,
 }
 
 /// A migration that completed: the memory, the device state and the statistics.
@@ -372,6 +384,8 @@ impl DestinationListener {
             tls_opened: AtomicU64::new(0),
             tls_copied: AtomicU64::new(0),
             prefault_ns: Arc::new(AtomicU64::new(0)),
+            install: OnceLock::new(),
+            install_unavailable: OnceLock::new(),
             cpu_ns: Arc::new(AtomicU64::new(0)),
             hw_decodes: AtomicU64::new(0),
             hw_fallbacks: Mutex::new(pagewire_accel::FallbackCounts::default()),
@@ -431,6 +445,7 @@ impl DestinationListener {
                         lengths: Vec::new(),
                         hw,
                         runs: Vec::new(),
+                        scratch: Vec::new(),
                     };
                     let cpu = pagewire_accel::thread_cpu_time();
                     let res = r.run(&mut channel);
@@ -603,6 +618,8 @@ impl Destination {
                         if let Some(p) = prefault {
                             let _ = p.join();
                         }
+                        // Nobody waits on a missing page once the VMM has the memory.
+                        m.finish_install();
                         m
                     })
                     .ok_or(MigrationError::Worker(0))?;
@@ -662,6 +679,10 @@ struct Shared {
     tls_copied: AtomicU64,
     prefault: Prefault,
     prefault_ns: Arc<AtomicU64>,
+    /// The userfaultfd counters ([`Prefault::Install`]), once the memory is registered.
+    install: OnceLock<Arc<crate::install::InstallCounters>>,
+    /// Why registering failed ([`Prefault::Install`]).
+    install_unavailable: OnceLock<String>,
     /// CPU nanoseconds of the receiver and pre-fault threads.
     cpu_ns: Arc<AtomicU64>,
     /// Frames decoded on hardware, and those handed to software.
@@ -683,9 +704,19 @@ impl Shared {
         let pages = self.data_pages.load(Ordering::Relaxed)
             + self.zero_pages.load(Ordering::Relaxed)
             + self.uniform_pages.load(Ordering::Relaxed);
+        let install = self.install.get();
+        let counted = |f: fn(&crate::install::InstallCounters) -> &AtomicU64| {
+            install.map_or(0, |c| f(c).load(Ordering::Relaxed))
+        };
         DestinationStats {
+            installed_pages: counted(|c| &c.installed),
+            install_present: counted(|c| &c.present),
+            install_faults: counted(|c| &c.faults),
+            install_unavailable: self.install_unavailable.get().cloned(),
             cpu: crate::stats::CpuSummary::new(
-                Duration::from_nanos(self.cpu_ns.load(Ordering::Relaxed)),
+                Duration::from_nanos(
+                    self.cpu_ns.load(Ordering::Relaxed) + counted(|c| &c.handler_cpu_ns),
+                ),
                 self.started.elapsed(),
                 pages * u64::from(self.page_size),
             ),
@@ -760,6 +791,21 @@ impl Shared {
                 *slot = Some((m.clone(), None));
                 return Ok(m);
             }
+            Prefault::Install => {
+                match m.install_pages() {
+                    Ok(()) => {
+                        if let Some(c) = m.install_counters() {
+                            let _ = self.install.set(c);
+                        }
+                    }
+                    // Not an error: the pages are faulted in as without a policy.
+                    Err(e) => {
+                        let _ = self.install_unavailable.set(error_chain(&e));
+                    }
+                }
+                *slot = Some((m.clone(), None));
+                return Ok(m);
+            }
             _ => {
                 *slot = Some((m.clone(), None));
                 return Ok(m);
@@ -787,6 +833,18 @@ impl Shared {
     }
 }
 
+/// An error and its sources, one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// A page sink that asks the channel's rules before the transport places a byte: a
 /// frame the rules refuse is received whole instead, and refused there.
 struct CheckedSink<'a> {
@@ -794,12 +852,24 @@ struct CheckedSink<'a> {
     inner: &'a mut RegionSink,
     /// With [`Prefault::Ahead`]: the memory whose pages are populated before placing.
     ahead: Option<&'a GuestMemory>,
+    /// With [`Prefault::Install`]: the memory whose missing pages are installed, so a
+    /// frame with such pages is received whole and installed from its payload.
+    install: Option<&'a GuestMemory>,
 }
 
 impl PageSink for CheckedSink<'_> {
     fn place(&mut self, frame: &PageFrame<'_>, dest: &mut Vec<GuestSlice>) -> bool {
         if self.rules.check_pages(frame).is_err() {
             return false;
+        }
+        if let Some(m) = self.install {
+            let installs = frame
+                .data_runs
+                .iter()
+                .any(|r| m.installs(frame.region, r.start.0, u64::from(r.count)));
+            if installs {
+                return false;
+            }
         }
         if let Some(m) = self.ahead {
             populate_data(m, frame);
@@ -826,6 +896,8 @@ struct Receiver {
     hw: Option<crate::hwdecode::Decoder>,
     /// Scratch: the frame's destination runs for the hardware decoder.
     runs: Vec<(*mut u8, u32, u64)>,
+    /// Scratch: pages decoded here before they are installed ([`Prefault::Install`]).
+    scratch: Vec<u8>,
 }
 
 /// What to do after a frame, once the channel's receive buffer is released.
@@ -904,10 +976,14 @@ impl Receiver {
                 let ahead = memory
                     .as_deref()
                     .filter(|_| self.shared.prefault == Prefault::Ahead);
+                let install = memory
+                    .as_deref()
+                    .filter(|_| self.shared.install.get().is_some());
                 let mut checked = sink.as_mut().map(|inner| CheckedSink {
                     rules: &self.rules,
                     inner,
                     ahead,
+                    install,
                 });
                 let incoming = channel
                     .recv(checked.as_mut().map(|s| s as &mut dyn PageSink))
@@ -979,9 +1055,13 @@ impl Receiver {
                                             }
                                         })
                                     }
-                                    _ => {
-                                        Self::decode(&mut self.codecs, &mut self.lengths, memory, p)
-                                    }
+                                    _ => Self::decode(
+                                        &mut self.codecs,
+                                        &mut self.lengths,
+                                        &mut self.scratch,
+                                        memory,
+                                        p,
+                                    ),
                                 };
                                 decoded.map_err(|source| MigrationError::Codec {
                                     channel: ch,
@@ -1110,16 +1190,79 @@ impl Receiver {
         }
     }
 
-    /// Decodes a frame's payload by its codec id straight into the guest pages.
+    /// Decodes a frame's payload by its codec id straight into the guest pages; with
+    /// [`Prefault::Install`], runs with pages still missing are decoded into `scratch`
+    /// and installed from there (a raw frame's straight from its payload).
     fn decode(
         codecs: &mut Codecs,
         lengths: &mut Vec<u32>,
+        scratch: &mut Vec<u8>,
         memory: &GuestMemory,
         p: &PageFrame<'_>,
     ) -> Result<(), pagewire_accel::CodecError> {
+        let no_pages = pagewire_accel::CodecError::NoPages { codec: p.codec };
+        let page_bytes = memory.page_size() as usize;
+        let installs = |run: &pagewire_protocol::PageRun| {
+            memory.installs(p.region, run.start.0, u64::from(run.count))
+        };
+        let installing = p.data_runs.iter().any(|r| installs(&r));
+        if installing
+            && p.codec == pagewire_protocol::CodecId::RAW
+            && p.lengths.is_none()
+            && p.payload.len() as u64 == p.data_pages() * page_bytes as u64
+        {
+            let mut off = 0;
+            for run in p.data_runs.iter() {
+                let n = run.count as usize * page_bytes;
+                let part = p.payload.get(off..off + n).ok_or(no_pages)?;
+                if !memory.write_pages(p.region, run.start.0, part) {
+                    return Err(no_pages);
+                }
+                off += n;
+            }
+            return Ok(());
+        }
+        if installing {
+            let total = p
+                .data_runs
+                .iter()
+                .filter(|r| installs(r))
+                .map(|r| r.count as usize * page_bytes)
+                .sum();
+            // Grown only: every codec but delta writes each byte of its pages or fails,
+            // so what a previous frame left here is never installed.
+            if scratch.len() < total {
+                scratch.resize(total, 0);
+            }
+            if p.codec == pagewire_protocol::CodecId::DELTA {
+                // The delta's base: what the pages hold (zeros where never written).
+                scratch[..total].fill(0);
+                let mut off = 0;
+                for run in p.data_runs.iter().filter(|r| installs(r)) {
+                    let n = run.count as usize * page_bytes;
+                    let d = &mut scratch[off..off + n];
+                    memory.read_written(p.region, run.start.0, u64::from(run.count), d);
+                    off += n;
+                }
+            }
+        }
         let ps = PageSize::new(memory.page_size()).unwrap_or_default();
         let mut dst = PageListMut::with_capacity(ps, p.data_runs.len());
+        let mut scratch_off = 0;
         for run in p.data_runs.iter() {
+            if installing && installs(&run) {
+                let n = run.count as usize * page_bytes;
+                let Some(buf) = scratch.get_mut(scratch_off..scratch_off + n) else {
+                    return Err(no_pages);
+                };
+                // SAFETY: `buf` is a part of `scratch`, which is not resized until the
+                // decode below has finished with `dst`; parts of different runs are
+                // disjoint.
+                unsafe { dst.push_raw(buf.as_mut_ptr(), run.count, PageKey(run.start.0)) }
+                    .map_err(|_| no_pages)?;
+                scratch_off += n;
+                continue;
+            }
             let Some((ptr, _)) = memory.span(p.region, run.start.0, u64::from(run.count)) else {
                 return Err(pagewire_accel::CodecError::NoPages { codec: p.codec });
             };
@@ -1139,7 +1282,20 @@ impl Receiver {
         if p.data_runs.is_empty() {
             return Ok(());
         }
-        codecs.decode(p.codec, p.payload, lengths, &mut dst)
+        codecs.decode(p.codec, p.payload, lengths, &mut dst)?;
+        drop(dst);
+        if installing {
+            let mut off = 0;
+            for run in p.data_runs.iter().filter(|r| installs(r)) {
+                let n = run.count as usize * page_bytes;
+                let part = scratch.get(off..off + n).ok_or(no_pages)?;
+                if !memory.write_pages(p.region, run.start.0, part) {
+                    return Err(no_pages);
+                }
+                off += n;
+            }
+        }
+        Ok(())
     }
 
     /// Decodes a frame on the hardware decoder, straight into the guest pages;

@@ -57,21 +57,39 @@ impl FreshPages {
         start: u64,
         count: u64,
     ) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.runs(start, count)
+            .filter(|&(_, _, fresh)| !fresh)
+            .map(|(s, n, _)| (s, n))
+    }
+
+    /// `start..start + count` cut into maximal runs of pages that are all fresh or all
+    /// touched, as `(start, count, fresh)`, in order: with [`Prefault::Install`], the
+    /// fresh runs are installed and the others copied.
+    ///
+    /// [`Prefault::Install`]: crate::Prefault::Install
+    pub(crate) fn runs(
+        &self,
+        start: u64,
+        count: u64,
+    ) -> impl Iterator<Item = (u64, u64, bool)> + '_ {
         let end = start.saturating_add(count);
         let mut p = start;
         std::iter::from_fn(move || {
-            while p < end && self.is_fresh(p) {
-                p += 1;
-            }
             if p >= end {
                 return None;
             }
             let s = p;
-            while p < end && !self.is_fresh(p) {
+            let fresh = self.is_fresh(p);
+            while p < end && self.is_fresh(p) == fresh {
                 p += 1;
             }
-            Some((s, p - s))
+            Some((s, p - s, fresh))
         })
+    }
+
+    /// Whether any page of `start..start + count` is still fresh.
+    pub(crate) fn any_fresh(&self, start: u64, count: u64) -> bool {
+        (start..start.saturating_add(count)).any(|p| self.is_fresh(p))
     }
 }
 
@@ -97,5 +115,10 @@ mod tests {
         );
         assert!(f.is_fresh(59) && !f.is_fresh(60) && !f.is_fresh(69) && f.is_fresh(70));
         assert!(f.is_fresh(127) && !f.is_fresh(191) && f.is_fresh(192));
+        assert_eq!(
+            f.runs(58, 14).collect::<Vec<_>>(),
+            [(58, 2, true), (60, 10, false), (70, 2, true)]
+        );
+        assert!(f.any_fresh(65, 10) && !f.any_fresh(60, 10) && !f.any_fresh(0, 0));
     }
 }

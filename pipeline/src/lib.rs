@@ -21,6 +21,7 @@ pub mod dirty;
 pub mod error;
 mod fresh;
 mod hwdecode;
+mod install;
 pub mod limit;
 pub mod memory;
 pub mod migrate;
@@ -39,6 +40,7 @@ pub use destination::{
 pub use device::{DeviceState, DeviceStateWriter, NoDeviceState, SectionWriter};
 pub use dirty::{DirtyBitmap, DirtyLog, DirtyLogError, VcpuControl};
 pub use error::{Failed, MigrationError};
+pub use install::InstallError;
 pub use memory::{DestinationMemory, GuestMemory, MemoryError, MemoryProvider, RegionSpec};
 pub use migrate::{Migration, migrate};
 pub use pagewire_protocol::{Authentication, RegionId, SessionId, SessionKey};

@@ -33,13 +33,16 @@
 //! and lz4 decompress straight into a contiguous run, deflate and delta into each page).
 //! Zero pages and raw payloads are written with raw-pointer copies
 //! ([`GuestMemory::zero_pages`], [`GuestMemory::write_pages`]); [`GuestMemory::prefault`]
-//! only asks the kernel to back pages and changes no byte.
+//! only asks the kernel to back pages and changes no byte. With
+//! [`GuestMemory::install_pages`] (userfaultfd), pages never written are placed with
+//! `UFFDIO_COPY` instead of a copy, and a handler thread resolves any other access to a
+//! missing page with zeros (`crate::install`).
 
 use std::io;
 use std::num::NonZeroUsize;
 use std::ptr::NonNull;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use nix::errno::Errno;
 use nix::sys::mman::{self, MapFlags, MmapAdvise, ProtFlags};
@@ -47,6 +50,7 @@ use pagewire_protocol::{GuestAddr, MemoryLayout, RegionDesc, RegionId};
 
 use crate::dirty::DirtyLogError;
 use crate::fresh::FreshPages;
+use crate::install::Installer;
 
 /// Errors describing guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -89,12 +93,12 @@ pub struct RegionSpec {
 }
 
 #[derive(Debug)]
-struct Region {
+pub(crate) struct Region {
     desc: RegionDesc,
     host: NonNull<u8>,
     /// For memory this value mapped itself: the pages never written since, which
     /// still read as zeros.
-    fresh: Option<FreshPages>,
+    pub(crate) fresh: Option<FreshPages>,
 }
 
 /// The guest memory a migration reads (source) or writes (destination).
@@ -103,9 +107,11 @@ pub struct GuestMemory {
     regions: Vec<Region>,
     layout: MemoryLayout,
     /// Mappings this value owns and unmaps on drop.
-    owned: Vec<(NonNull<u8>, usize)>,
+    pub(crate) owned: Vec<(NonNull<u8>, usize)>,
     /// What keeps the VMM's mappings alive ([`GuestMemory::keeping`]).
     owner: Option<Box<dyn std::any::Any + Send + Sync>>,
+    /// The userfaultfd registration of the owned mappings ([`GuestMemory::install_pages`]).
+    pub(crate) installer: OnceLock<Installer>,
 }
 
 impl std::fmt::Debug for GuestMemory {
@@ -115,6 +121,10 @@ impl std::fmt::Debug for GuestMemory {
             .field("layout", &self.layout)
             .field("owns_mappings", &!self.owned.is_empty())
             .field("has_owner", &self.owner.is_some())
+            .field(
+                "installing",
+                &self.installer.get().is_some_and(Installer::is_active),
+            )
             .finish()
     }
 }
@@ -178,6 +188,7 @@ impl GuestMemory {
             layout,
             owned: Vec::new(),
             owner: None,
+            installer: OnceLock::new(),
         })
     }
 
@@ -323,7 +334,7 @@ impl GuestMemory {
         self.layout.pages(region)
     }
 
-    fn region(&self, id: RegionId) -> Option<&Region> {
+    pub(crate) fn region(&self, id: RegionId) -> Option<&Region> {
         self.regions
             .binary_search_by_key(&id, |r| r.desc.id)
             .ok()
@@ -373,10 +384,30 @@ impl GuestMemory {
         let Some((dst, len)) = self.span(region, page, (src.len() / ps) as u64) else {
             return false;
         };
-        // SAFETY: `span` checked the destination range lies inside a mapped region, and
-        // `src` is a separate buffer of exactly `len` bytes.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_ptr(), len) };
-        self.note_written(region, page, (src.len() / ps) as u64);
+        let pages = (src.len() / ps) as u64;
+        match self.installing(region) {
+            Some((installer, fresh)) => {
+                for (start, count, is_fresh) in fresh.runs(page, pages) {
+                    // Inside `page..page + pages`, which `span` checked.
+                    let off = (start - page) as usize * ps;
+                    let n = count as usize * ps;
+                    // SAFETY: `off + n <= len`, inside the range `span` checked; `src`
+                    // is a separate buffer; one writer per page (channel affinity).
+                    unsafe {
+                        let (d, s) = (dst.as_ptr().add(off), src.as_ptr().add(off));
+                        if is_fresh {
+                            installer.copy(d, s, n);
+                        } else {
+                            std::ptr::copy_nonoverlapping(s, d, n);
+                        }
+                    }
+                }
+            }
+            // SAFETY: `span` checked the destination range lies inside a mapped region,
+            // and `src` is a separate buffer of exactly `len` bytes.
+            None => unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_ptr(), len) },
+        }
+        self.note_written(region, page, pages);
         true
     }
 
@@ -413,8 +444,23 @@ impl GuestMemory {
         let Some((dst, len)) = self.span(region, page, pages) else {
             return false;
         };
-        // SAFETY: `span` checked the range lies inside a mapped region.
-        unsafe { std::ptr::write_bytes(dst.as_ptr(), byte, len) };
+        match self.installing(region) {
+            // Pages still missing are installed from a buffer of that byte, as
+            // `write_pages` installs them.
+            Some((_, fresh)) if fresh.any_fresh(page, pages) => {
+                const CHUNK: u64 = 32;
+                let ps = self.page_size as usize;
+                let buf = vec![byte; CHUNK.min(pages) as usize * ps];
+                let mut p = page;
+                while p < page + pages {
+                    let n = CHUNK.min(page + pages - p);
+                    self.write_pages(region, p, &buf[..n as usize * ps]);
+                    p += n;
+                }
+            }
+            // SAFETY: `span` checked the range lies inside a mapped region.
+            _ => unsafe { std::ptr::write_bytes(dst.as_ptr(), byte, len) },
+        }
         self.note_written(region, page, pages);
         true
     }
@@ -498,6 +544,8 @@ fn free_mappings(owned: &[(NonNull<u8>, usize)]) {
 
 impl Drop for GuestMemory {
     fn drop(&mut self) {
+        // Unregistered (and its handler joined) while the mappings still exist.
+        self.finish_install();
         free_mappings(&self.owned);
         // `owner` (the VMM's mappings) drops after the last use of the pointers.
     }

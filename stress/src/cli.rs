@@ -136,8 +136,8 @@ pub struct RunArgs {
     /// populated (written beforehand and given to it).
     #[arg(long)]
     pub dest_memory: Option<crate::destmem::DestMemory>,
-    /// How the destination prepares fresh memory: none, thread, hugepages, ahead
-    /// (default: the library's).
+    /// How the destination prepares fresh memory: none, thread, hugepages, ahead,
+    /// install (userfaultfd UFFDIO_COPY; default: the library's).
     #[arg(long, value_parser = crate::destmem::parse_prefault)]
     pub prefault: Option<pagewire::Prefault>,
     /// Also measure a plain-socket loop copying the guest's size into fresh and into

@@ -48,7 +48,8 @@ pub fn parse_prefault(s: &str) -> anyhow::Result<Prefault> {
         "thread" => Prefault::Thread,
         "hugepages" | "thp" => Prefault::HugePages,
         "ahead" => Prefault::Ahead,
-        o => bail!("unknown pre-fault policy {o:?}: none, thread, hugepages, ahead"),
+        "install" | "uffd" => Prefault::Install,
+        o => bail!("unknown pre-fault policy {o:?}: none, thread, hugepages, ahead, install"),
     })
 }
 
@@ -59,6 +60,7 @@ pub fn prefault_name(p: Prefault) -> &'static str {
         Prefault::Thread => "thread",
         Prefault::HugePages => "hugepages",
         Prefault::Ahead => "ahead",
+        Prefault::Install => "install",
         _ => "other",
     }
 }
