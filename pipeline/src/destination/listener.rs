@@ -1,0 +1,385 @@
+//! [`DestinationListener`]: binds, accepts a session's channels and starts a receiver
+//! thread per channel.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::Instant;
+
+use pagewire_protocol::{Capabilities, ChannelId, CodecSet, DestinationSession};
+use pagewire_transport::session::{Listener, SessionConfig};
+use pagewire_transport::{Channel, Endpoint, StreamListener};
+
+use crate::config::{DestinationConfig, Prefault};
+use crate::error::MigrationError;
+use crate::memory::{DestinationMemory, GuestMemory};
+use crate::source::frame_bytes;
+use crate::stats::Latency;
+
+use super::receiver::Receiver;
+use super::{Destination, DestinationControl, Shared, State};
+
+/// A bound destination, waiting for the source's channels.
+#[derive(Debug)]
+pub struct DestinationListener {
+    listener: Listener,
+    config: DestinationConfig,
+    scfg: SessionConfig,
+    /// The RDMA listener, for `Backend::Rdma`, bound with the socket.
+    rdma: Option<Arc<pagewire_transport::rdma::RdmaAcceptor>>,
+}
+
+/// The RDMA listener a `Backend::Rdma` configuration asks for (bound now, so a build
+/// without RDMA or a host without a device fails here, saying which).
+fn rdma_acceptor(
+    config: &DestinationConfig,
+) -> Result<Option<Arc<pagewire_transport::rdma::RdmaAcceptor>>, MigrationError> {
+    match config.backend {
+        pagewire_transport::session::Backend::Rdma { addr } => {
+            pagewire_transport::rdma::RdmaAcceptor::bind(addr)
+                .map(|a| Some(Arc::new(a)))
+                .map_err(|e| {
+                    MigrationError::Session(pagewire_transport::session::SessionError::Rdma(
+                        Box::new(e),
+                    ))
+                })
+        }
+        _ => Ok(None),
+    }
+}
+
+impl DestinationListener {
+    /// Listens on the TCP address `addr`.
+    ///
+    /// # Errors
+    /// [`MigrationError::Session`] when the socket cannot be bound or a listener
+    /// setting (`max_pending`, `max_sessions`, `limits.max_channels`) is zero.
+    pub fn bind(addr: SocketAddr, config: DestinationConfig) -> Result<Self, MigrationError> {
+        Self::bind_endpoint(&Endpoint::Tcp(addr), config)
+    }
+
+    /// Listens on `endpoint`: a TCP address, or a Unix socket path (local migrations;
+    /// the path must not exist, and is not removed when the listener is dropped).
+    ///
+    /// # Errors
+    /// As [`Self::bind`].
+    pub fn bind_endpoint(
+        endpoint: &Endpoint,
+        config: DestinationConfig,
+    ) -> Result<Self, MigrationError> {
+        let scfg = session_config(&config);
+        let rdma = rdma_acceptor(&config)?;
+        let listener = Listener::bind_endpoint(endpoint, &scfg)?;
+        Ok(Self {
+            listener,
+            config,
+            scfg,
+            rdma,
+        })
+    }
+
+    /// Accepts on a listening socket the caller bound (e.g. handed over by a
+    /// management layer): a `std::net::TcpListener` or a
+    /// `std::os::unix::net::UnixListener`, blocking or not. Every setting of `config`
+    /// applies as with [`Self::bind`] (the backlog is set on the socket again).
+    ///
+    /// # Errors
+    /// As [`Self::bind`].
+    pub fn from_listener(
+        listener: impl Into<StreamListener>,
+        config: DestinationConfig,
+    ) -> Result<Self, MigrationError> {
+        let scfg = session_config(&config);
+        let rdma = rdma_acceptor(&config)?;
+        let listener = Listener::from_listener(listener, &scfg)?;
+        Ok(Self {
+            listener,
+            config,
+            scfg,
+            rdma,
+        })
+    }
+
+    /// The TCP address to give the source.
+    ///
+    /// # Errors
+    /// The socket's error; `InvalidInput` on a Unix socket (see
+    /// [`Self::local_endpoint`]).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The endpoint to give the source: the TCP address or the Unix socket's path.
+    ///
+    /// # Errors
+    /// The socket's error.
+    pub fn local_endpoint(&self) -> std::io::Result<Endpoint> {
+        self.listener.local_endpoint()
+    }
+
+    /// What the listener did with the connections it saw (refusals, timeouts, accept
+    /// errors); readable while [`Self::accept`] runs on another thread.
+    pub fn stats(&self) -> pagewire_transport::session::ListenerStats {
+        self.listener.stats()
+    }
+
+    /// How many sessions are being accepted right now ([`Self::accept`] and
+    /// [`Self::accept_with`] calls in progress).
+    pub fn accepting(&self) -> usize {
+        self.listener.accepting()
+    }
+
+    /// Accepts the session's channels and starts applying frames. With `memory`, the
+    /// source's layout must match it; without, the destination allocates guest memory
+    /// when the layout arrives and pre-faults it in the background. The listener stays
+    /// bound: after a failed or hostile attempt, call `accept` again.
+    ///
+    /// # Errors
+    /// [`MigrationError::Session`] when the channels do not all arrive in time, or when
+    /// this session is already being accepted or `max_sessions` sessions are.
+    pub fn accept(&self, memory: Option<Arc<GuestMemory>>) -> Result<Destination, MigrationError> {
+        self.accept_session(
+            &self.config,
+            &self.scfg,
+            memory.into(),
+            &DestinationControl::new(),
+        )
+    }
+
+    /// As [`Self::accept`], with the guest memory chosen by `memory`: anonymous, given,
+    /// or asked of the VMM's [`MemoryProvider`](crate::MemoryProvider) once the layout
+    /// arrived.
+    ///
+    /// # Errors
+    /// As [`Self::accept`].
+    pub fn accept_into(&self, memory: DestinationMemory) -> Result<Destination, MigrationError> {
+        self.accept_session(&self.config, &self.scfg, memory, &DestinationControl::new())
+    }
+
+    /// Accepts the channels of the session `config` describes (its own session id,
+    /// authentication, page size, limits, timeouts and backend) on this bound listener,
+    /// like [`Self::accept`]. Share the listener (e.g. in an `Arc`) and call this from
+    /// one thread per incoming migration to accept several at once, up to the
+    /// `max_sessions` the listener was bound with; each connection goes to the session
+    /// its handshake names. `config.max_sessions` is not used here.
+    ///
+    /// # Errors
+    /// As [`Self::accept`]; [`MigrationError::Session`] also for a `config` whose
+    /// listener settings are zero.
+    pub fn accept_with(
+        &self,
+        config: &DestinationConfig,
+        memory: Option<Arc<GuestMemory>>,
+    ) -> Result<Destination, MigrationError> {
+        self.accept_session(
+            config,
+            &session_config(config),
+            memory.into(),
+            &DestinationControl::new(),
+        )
+    }
+
+    /// [`Self::accept_with`] with the memory chosen as in [`Self::accept_into`].
+    ///
+    /// # Errors
+    /// As [`Self::accept_with`].
+    pub fn accept_with_into(
+        &self,
+        config: &DestinationConfig,
+        memory: DestinationMemory,
+    ) -> Result<Destination, MigrationError> {
+        self.accept_session(
+            config,
+            &session_config(config),
+            memory,
+            &DestinationControl::new(),
+        )
+    }
+
+    /// The most general accept: the session `config` describes, the memory `memory`
+    /// chooses, and a `control` made beforehand ([`DestinationControl::new`]) that can
+    /// cancel the migration from another thread at any point, while the channels are
+    /// still being accepted (this call then returns [`MigrationError::Cancelled`]) or
+    /// afterwards (as [`Destination::control`]).
+    ///
+    /// # Errors
+    /// As [`Self::accept_with`], and [`MigrationError::Cancelled`].
+    pub fn accept_controlled(
+        &self,
+        config: &DestinationConfig,
+        memory: DestinationMemory,
+        control: &DestinationControl,
+    ) -> Result<Destination, MigrationError> {
+        self.accept_session(config, &session_config(config), memory, control)
+    }
+
+    fn accept_session(
+        &self,
+        config: &DestinationConfig,
+        scfg: &SessionConfig,
+        memory: DestinationMemory,
+        control: &DestinationControl,
+    ) -> Result<Destination, MigrationError> {
+        let mut scfg = scfg.clone();
+        if let pagewire_transport::session::Backend::Rdma { .. } = config.backend {
+            // The session's registration: the given memory, registered once for all
+            // its channels (a fresh registration per session).
+            let DestinationMemory::Given(m) = &memory else {
+                return Err(MigrationError::Config(
+                    "the RDMA backend needs the destination's guest memory up front (accept with Some(memory) or DestinationMemory::Given)".into(),
+                ));
+            };
+            let Some(acceptor) = self.rdma.clone() else {
+                return Err(MigrationError::Config(
+                    "the RDMA backend must be chosen when the listener is bound".into(),
+                ));
+            };
+            scfg.rdma =
+                pagewire_transport::rdma::RdmaConfig::new(crate::source::transport_views(m));
+            scfg.rdma.recv_timeout = Some(config.idle_timeout);
+            scfg.rdma_acceptor = Some(acceptor);
+        }
+        let scfg = &scfg;
+        let accepted = self
+            .listener
+            .accept_session_until(scfg, config.accept_timeout, &|| control.is_cancelled())
+            .map_err(|e| match e {
+                pagewire_transport::session::SessionError::Cancelled => MigrationError::Cancelled,
+                e => MigrationError::Session(e),
+            })?;
+        let n = accepted.channels.len() as u16;
+        let rules = DestinationSession::new(n, config.page_size, config.limits)
+            .map_err(|source| MigrationError::Rule { channel: 0, source })?;
+        let shared = Arc::new(Shared {
+            page_size: config.page_size,
+            wait: config.idle_timeout,
+            // Memory the VMM gives or provides is used as it is.
+            prefault: match &memory {
+                DestinationMemory::Anonymous => config.prefault,
+                _ => Prefault::None,
+            },
+            provider: match &memory {
+                DestinationMemory::Provider(_) => memory.clone(),
+                _ => DestinationMemory::Anonymous,
+            },
+            sockets: Mutex::new(Vec::new()),
+            cancelled: AtomicBool::new(false),
+            memory: Mutex::new(match memory {
+                DestinationMemory::Given(m) => Some((m, None)),
+                _ => None,
+            }),
+            state: Mutex::new(State {
+                rules,
+                failed: None,
+                sections: Vec::new(),
+            }),
+            cv: Condvar::new(),
+            apply: Latency::default(),
+            frames: AtomicU64::new(0),
+            data_pages: AtomicU64::new(0),
+            zero_pages: AtomicU64::new(0),
+            uniform_pages: AtomicU64::new(0),
+            placed: AtomicU64::new(0),
+            tls_opened: AtomicU64::new(0),
+            tls_copied: AtomicU64::new(0),
+            prefault_ns: Arc::new(AtomicU64::new(0)),
+            install: OnceLock::new(),
+            install_unavailable: OnceLock::new(),
+            cpu_ns: Arc::new(AtomicU64::new(0)),
+            hw_decodes: AtomicU64::new(0),
+            hw_fallbacks: Mutex::new(pagewire_accel::FallbackCounts::default()),
+            started: Instant::now(),
+        });
+        let mut threads = Vec::new();
+        for est in accepted.channels {
+            let ch = est.negotiated.channel.0;
+            if let (Ok(mut sockets), Ok(dup)) = (shared.sockets.lock(), est.stream.try_clone()) {
+                sockets.push(dup);
+            }
+            let shared2 = shared.clone();
+            let backend = config.backend;
+            let accel = config.accel.clone();
+            let max_pages = config.max_pages;
+            let scfg = scfg.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("pagewire-dst-{ch}"))
+                .spawn(move || {
+                    // Opened here: an io_uring ring accepts submissions only from the
+                    // thread that created it.
+                    let mut channel = match est.open(&backend, &scfg) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let e = MigrationError::from(e);
+                            shared2.fail(e.to_string());
+                            return Err(e);
+                        }
+                    };
+                    let rules = match shared2.state(ch).and_then(|s| {
+                        s.rules
+                            .channel(ChannelId(ch))
+                            .map_err(|source| MigrationError::Rule {
+                                channel: ch,
+                                source,
+                            })
+                    }) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            shared2.fail(e.to_string());
+                            return Err(e);
+                        }
+                    };
+                    let hw =
+                        match crate::hwdecode::Decoder::new(&accel, shared2.page_size, max_pages) {
+                            Ok(d) => d,
+                            Err(e) => {
+                                shared2.fail(e.to_string());
+                                return Err(e);
+                            }
+                        };
+                    let mut r = Receiver::new(ch, shared2.clone(), rules, hw);
+                    let cpu = pagewire_accel::thread_cpu_time();
+                    let res = r.run(&mut channel);
+                    shared2.add_cpu(pagewire_accel::thread_cpu_time().saturating_sub(cpu));
+                    let st = channel.stats();
+                    shared2
+                        .tls_opened
+                        .fetch_add(st.tls_bytes_opened, Ordering::Relaxed);
+                    shared2
+                        .tls_copied
+                        .fetch_add(st.tls_bytes_copied, Ordering::Relaxed);
+                    if let Err(e) = &res {
+                        r.abort(&mut channel, e);
+                        shared2.fail(e.to_string());
+                    }
+                    res
+                })
+                .map_err(|_| MigrationError::Worker(ch))?;
+            threads.push(t);
+        }
+        control.attach(&shared);
+        Ok(Destination {
+            threads,
+            shared,
+            control: control.clone(),
+            started: Instant::now(),
+        })
+    }
+}
+
+/// The transport's settings for the session `config` describes.
+fn session_config(config: &DestinationConfig) -> SessionConfig {
+    let mut caps = Capabilities::new(config.page_size);
+    caps.max_pages = config.max_pages;
+    caps.max_frame_bytes = frame_bytes(config.page_size, config.max_pages);
+    caps.checksum = config.checksum;
+    caps.codecs = CodecSet::all_known();
+    let mut scfg = SessionConfig::new(caps, config.session, 1, config.auth.clone());
+    scfg.tcp.recv_timeout = Some(config.idle_timeout);
+    scfg.uring.recv_timeout = Some(config.idle_timeout);
+    scfg.handshake_timeout = config.handshake_timeout;
+    scfg.listener.max_pending = config.max_pending;
+    scfg.listener.max_channels = config.limits.max_channels;
+    scfg.listener.max_sessions = config.max_sessions;
+    scfg.encryption = config.encryption.clone();
+    scfg
+}

@@ -1,0 +1,471 @@
+//! The destination side: accepts the session's channels, learns the layout, and applies
+//! every frame straight into guest memory, one receiver thread per channel.
+//!
+//! Raw pages are placed into guest memory by the transport itself (no bounce buffer);
+//! compressed frames are decoded by the frame's codec id directly into the guest pages.
+//! Each channel applies its frames in arrival order, and page-to-channel affinity keeps
+//! every version of a page on one channel, so an older version never overwrites a newer
+//! one (see [`crate::plan`]). Every rule of the session lives in the protocol crate's
+//! state machines ([`DestinationSession`], [`DestinationChannel`]), which this module
+//! drives: a PAGES frame is checked against the layout, the open round and the affinity
+//! carried in LAYOUT **before** a byte of it is placed or decoded, so two receiver
+//! threads never write the same page; the layout is checked against
+//! [`DestinationConfig::limits`] before any memory is mapped. Completion is verified
+//! only when every channel has ended the final round with the frame and page counts the
+//! source announced, and every device-state section has arrived whole; success is
+//! reported only after that, once the source's COMMIT hands the guest over.
+//!
+//! One bound [`DestinationListener`] serves one session after another, and, shared
+//! between threads, up to [`DestinationConfig::max_sessions`] at once:
+//! [`DestinationListener::accept`] for the session it was bound with,
+//! [`DestinationListener::accept_with`] for any other id and key.
+//!
+//! [`DestinationChannel`]: pagewire_protocol::DestinationChannel
+//! [`DestinationConfig::limits`]: crate::DestinationConfig::limits
+//! [`DestinationConfig::max_sessions`]: crate::DestinationConfig::max_sessions
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use pagewire_protocol::{DestinationSession, MemoryLayout};
+use pagewire_transport::Stream;
+
+use crate::config::Prefault;
+use crate::error::MigrationError;
+use crate::memory::{DestinationMemory, GuestMemory};
+use crate::stats::{Latency, LatencySummary};
+
+/// A device-state section as received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceSection {
+    /// Its name.
+    pub name: String,
+    /// Its instance number.
+    pub instance: u32,
+    /// Its bytes.
+    pub data: Vec<u8>,
+}
+
+/// What the destination measured.
+#[non_exhaustive]
+#[derive(Clone, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct DestinationStats {
+    /// PAGES frames applied.
+    pub frames: u64,
+    /// Data pages applied.
+    pub data_pages: u64,
+    /// Zero pages applied.
+    pub zero_pages: u64,
+    /// Uniform pages (one byte repeated) applied.
+    pub uniform_pages: u64,
+    /// Raw payload bytes the transport placed straight into guest memory.
+    pub placed_bytes: u64,
+    /// TLS: plaintext bytes opened from records (0 in clear), counted as each
+    /// channel ends.
+    pub tls_opened_bytes: u64,
+    /// TLS: bytes copied in user space on the TLS receive path (0 in clear); over
+    /// `data_pages`, the copies TLS costs per page. Counted as each channel ends.
+    pub tls_copied_bytes: u64,
+    /// Time the background pre-fault thread took ([`Prefault::Thread`] only; 0
+    /// otherwise), ms.
+    pub prefault_ms: f64,
+    /// Frame apply latency.
+    pub apply_latency: LatencySummary,
+    /// CPU the destination's threads used (receivers, the pre-fault thread and the
+    /// userfaultfd handler of [`Prefault::Install`]; the receivers' share is counted
+    /// when each ends, the handler's when the memory is handed over).
+    pub cpu: crate::stats::CpuSummary,
+    /// Frames given to a hardware codec engine ([`DestinationConfig::accel`]).
+    ///
+    /// [`DestinationConfig::accel`]: crate::DestinationConfig::accel
+    pub hw_decodes: u64,
+    /// Of those, frames the hardware handed to software.
+    pub hw_fallbacks: u64,
+    /// Those per cause.
+    pub hw_fallback_causes: crate::stats::FallbackSummary,
+    /// Pages installed with `UFFDIO_COPY` ([`Prefault::Install`]).
+    pub installed_pages: u64,
+    /// Pages that were already present when they were to be installed (copied
+    /// normally instead).
+    pub install_present: u64,
+    /// Accesses to pages not yet installed that the userfaultfd handler resolved with
+    /// zeros (a decoder or transport writing in place, a read).
+    pub install_faults: u64,
+    /// Why [`Prefault::Install`] was asked for but not used (userfaultfd unavailable);
+    /// the memory was then faulted in as with [`Prefault::None`].
+    pub install_unavailable: Option<String>,
+}
+
+/// A migration that completed: the memory, the device state and the statistics.
+#[non_exhaustive]
+#[derive(Debug)]
+pub struct Migrated {
+    /// Guest memory as migrated.
+    pub memory: Arc<GuestMemory>,
+    /// Device-state sections, in arrival order.
+    pub device_state: Vec<DeviceSection>,
+    /// The final round.
+    pub final_round: u32,
+    /// Statistics.
+    pub stats: DestinationStats,
+}
+
+/// Cancels an incoming migration from any thread: [`Destination::wait`] (or an
+/// [`accept_controlled`](DestinationListener::accept_controlled) still waiting for the
+/// channels) then returns [`MigrationError::Cancelled`] and never reports success, and
+/// the guest must not be started. Every blocked wait wakes: the channels' sockets are
+/// shut down (so the source sees them close), the wait for other channels at COMPLETE
+/// is woken, and an accept in progress stops within 50 ms.
+#[derive(Clone, Default)]
+pub struct DestinationControl(Arc<ControlInner>);
+
+#[derive(Default)]
+struct ControlInner {
+    cancelled: AtomicBool,
+    session: Mutex<Option<std::sync::Weak<Shared>>>,
+}
+
+impl std::fmt::Debug for DestinationControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DestinationControl")
+            .field("cancelled", &self.is_cancelled())
+            .finish()
+    }
+}
+
+impl DestinationControl {
+    /// A control for a migration not accepted yet
+    /// ([`DestinationListener::accept_controlled`]).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Cancels the migration (idempotent).
+    pub fn cancel(&self) {
+        self.0.cancelled.store(true, Ordering::SeqCst);
+        let session = self.0.session.lock().ok().and_then(|s| s.clone());
+        if let Some(shared) = session.and_then(|w| w.upgrade()) {
+            shared.cancel();
+        }
+    }
+
+    /// Whether [`Self::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// Binds the accepted session; a cancel that came meanwhile applies at once.
+    fn attach(&self, shared: &Arc<Shared>) {
+        if let Ok(mut s) = self.0.session.lock() {
+            *s = Some(Arc::downgrade(shared));
+        }
+        if self.is_cancelled() {
+            shared.cancel();
+        }
+    }
+}
+
+/// A destination receiving a migration.
+#[derive(Debug)]
+pub struct Destination {
+    threads: Vec<JoinHandle<Result<(), MigrationError>>>,
+    shared: Arc<Shared>,
+    control: DestinationControl,
+    started: Instant,
+}
+
+impl Destination {
+    /// Statistics so far.
+    pub fn stats(&self) -> DestinationStats {
+        self.shared.stats()
+    }
+
+    /// A handle that cancels this migration from any thread.
+    pub fn control(&self) -> DestinationControl {
+        self.control.clone()
+    }
+
+    /// Since the channels were accepted.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Waits for the migration to end. Succeeds only when the source's COMPLETE was
+    /// verified (every round on every channel, every device-state section) and
+    /// acknowledged, **and** the source's COMMIT then arrived: only then is the guest
+    /// this side's to run (PROTOCOL.md, Switchover). Start its vCPUs after this returns
+    /// `Ok`, never before.
+    ///
+    /// # Errors
+    /// The first channel's error ([`MigrationError::NoCommit`] when COMMIT did not
+    /// follow ACK COMPLETE), or `Protocol` when the source went away before completing.
+    pub fn wait(self) -> Result<Migrated, MigrationError> {
+        let mut first = None;
+        for t in self.threads {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    first.get_or_insert(e);
+                }
+                Err(_) => {
+                    first.get_or_insert(MigrationError::Worker(u16::MAX));
+                }
+            }
+        }
+        if self.shared.cancelled.load(Ordering::SeqCst) {
+            return Err(MigrationError::Cancelled);
+        }
+        let committed = self
+            .shared
+            .state
+            .lock()
+            .ok()
+            .and_then(|s| s.rules.committed())
+            .map(|r| r.0);
+        match (committed, first) {
+            (Some(final_round), _) => {
+                let memory = self
+                    .shared
+                    .memory
+                    .lock()
+                    .ok()
+                    .and_then(|mut m| m.take())
+                    .map(|(m, prefault)| {
+                        if let Some(p) = prefault {
+                            let _ = p.join();
+                        }
+                        // Nobody waits on a missing page once the VMM has the memory.
+                        m.finish_install();
+                        m
+                    })
+                    .ok_or(MigrationError::Worker(0))?;
+                let device_state = self
+                    .shared
+                    .state
+                    .lock()
+                    .map(|mut s| std::mem::take(&mut s.sections))
+                    .unwrap_or_default();
+                Ok(Migrated {
+                    memory,
+                    device_state,
+                    final_round,
+                    stats: self.shared.stats(),
+                })
+            }
+            (None, Some(e)) => Err(e),
+            (None, None) => Err(MigrationError::Protocol {
+                channel: 0,
+                what: "the source closed every channel without committing".into(),
+            }),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    /// The session's rules (layout, rounds ended, device state, completion).
+    rules: DestinationSession,
+    failed: Option<String>,
+    sections: Vec<DeviceSection>,
+}
+
+type MemorySlot = Option<(Arc<GuestMemory>, Option<JoinHandle<()>>)>;
+
+#[derive(Debug)]
+struct Shared {
+    page_size: u32,
+    wait: Duration,
+    memory: Mutex<MemorySlot>,
+    /// `Provider` when the VMM chooses the memory, `Anonymous` otherwise.
+    provider: DestinationMemory,
+    /// Second handles on the channels' sockets, shut down by
+    /// [`DestinationControl::cancel`] to wake receivers blocked on them.
+    sockets: Mutex<Vec<Stream>>,
+    cancelled: AtomicBool,
+    state: Mutex<State>,
+    cv: Condvar,
+    apply: Latency,
+    frames: AtomicU64,
+    data_pages: AtomicU64,
+    zero_pages: AtomicU64,
+    uniform_pages: AtomicU64,
+    placed: AtomicU64,
+    /// TLS bytes opened and copied, added as each channel ends.
+    tls_opened: AtomicU64,
+    tls_copied: AtomicU64,
+    prefault: Prefault,
+    prefault_ns: Arc<AtomicU64>,
+    /// The userfaultfd counters ([`Prefault::Install`]), once the memory is registered.
+    install: OnceLock<Arc<crate::install::InstallCounters>>,
+    /// Why registering failed ([`Prefault::Install`]).
+    install_unavailable: OnceLock<String>,
+    /// CPU nanoseconds of the receiver and pre-fault threads.
+    cpu_ns: Arc<AtomicU64>,
+    /// Frames decoded on hardware, and those handed to software.
+    hw_decodes: AtomicU64,
+    hw_fallbacks: Mutex<pagewire_accel::FallbackCounts>,
+    /// When the channels were accepted.
+    started: Instant,
+}
+
+impl Shared {
+    fn add_cpu(&self, d: Duration) {
+        self.cpu_ns.fetch_add(
+            u64::try_from(d.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    fn stats(&self) -> DestinationStats {
+        let pages = self.data_pages.load(Ordering::Relaxed)
+            + self.zero_pages.load(Ordering::Relaxed)
+            + self.uniform_pages.load(Ordering::Relaxed);
+        let install = self.install.get();
+        let counted = |f: fn(&crate::install::InstallCounters) -> &AtomicU64| {
+            install.map_or(0, |c| f(c).load(Ordering::Relaxed))
+        };
+        DestinationStats {
+            installed_pages: counted(|c| &c.installed),
+            install_present: counted(|c| &c.present),
+            install_faults: counted(|c| &c.faults),
+            install_unavailable: self.install_unavailable.get().cloned(),
+            cpu: crate::stats::CpuSummary::new(
+                Duration::from_nanos(
+                    self.cpu_ns.load(Ordering::Relaxed) + counted(|c| &c.handler_cpu_ns),
+                ),
+                self.started.elapsed(),
+                pages * u64::from(self.page_size),
+            ),
+            frames: self.frames.load(Ordering::Relaxed),
+            data_pages: self.data_pages.load(Ordering::Relaxed),
+            zero_pages: self.zero_pages.load(Ordering::Relaxed),
+            uniform_pages: self.uniform_pages.load(Ordering::Relaxed),
+            placed_bytes: self.placed.load(Ordering::Relaxed),
+            tls_opened_bytes: self.tls_opened.load(Ordering::Relaxed),
+            tls_copied_bytes: self.tls_copied.load(Ordering::Relaxed),
+            prefault_ms: self.prefault_ns.load(Ordering::Relaxed) as f64 / 1e6,
+            apply_latency: self.apply.summary(),
+            hw_decodes: self.hw_decodes.load(Ordering::Relaxed),
+            hw_fallbacks: self.hw_fallbacks.lock().map_or(0, |c| c.total()),
+            hw_fallback_causes: {
+                let mut s = crate::stats::FallbackSummary::default();
+                if let Ok(c) = self.hw_fallbacks.lock() {
+                    s.add(&c);
+                }
+                s
+            },
+        }
+    }
+
+    fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+        self.fail("cancelled by the destination's VMM".into());
+        if let Ok(sockets) = self.sockets.lock() {
+            for s in sockets.iter() {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
+    fn fail(&self, why: String) {
+        if let Ok(mut s) = self.state.lock() {
+            s.failed.get_or_insert(why);
+        }
+        self.cv.notify_all();
+    }
+
+    fn state(&self, ch: u16) -> Result<std::sync::MutexGuard<'_, State>, MigrationError> {
+        self.state.lock().map_err(|_| MigrationError::Worker(ch))
+    }
+
+    /// The guest memory for `layout`: the one given at accept (which must match), the
+    /// one an earlier channel created, or a new one, pre-faulted in the background. The
+    /// layout has passed the session's limits.
+    fn memory_for(&self, layout: &MemoryLayout) -> Result<Arc<GuestMemory>, String> {
+        let mut slot = self.memory.lock().map_err(|_| "poisoned".to_string())?;
+        if let Some((m, _)) = slot.as_ref() {
+            if m.layout() != layout {
+                return Err("the layout differs from the guest memory already set up".into());
+            }
+            return Ok(m.clone());
+        }
+        if let DestinationMemory::Provider(p) = &self.provider {
+            let m = p
+                .memory_for(layout)
+                .map_err(|e| format!("the VMM's memory provider refused the layout: {e}"))?;
+            if m.layout() != layout {
+                return Err("the VMM's memory provider returned memory of another layout".into());
+            }
+            *slot = Some((m.clone(), None));
+            return Ok(m);
+        }
+        let m = Arc::new(GuestMemory::anonymous(layout).map_err(|e| e.to_string())?);
+        match self.prefault {
+            Prefault::Thread => {}
+            Prefault::HugePages => {
+                m.advise_huge_pages();
+                *slot = Some((m.clone(), None));
+                return Ok(m);
+            }
+            Prefault::Install => {
+                match m.install_pages() {
+                    Ok(()) => {
+                        if let Some(c) = m.install_counters() {
+                            let _ = self.install.set(c);
+                        }
+                    }
+                    // Not an error: the pages are faulted in as without a policy.
+                    Err(e) => {
+                        let _ = self.install_unavailable.set(error_chain(&e));
+                    }
+                }
+                *slot = Some((m.clone(), None));
+                return Ok(m);
+            }
+            _ => {
+                *slot = Some((m.clone(), None));
+                return Ok(m);
+            }
+        }
+        let m2 = m.clone();
+        let ns = self.prefault_ns.clone();
+        let shared_cpu = self.cpu_ns.clone();
+        let prefault = std::thread::Builder::new()
+            .name("pagewire-prefault".into())
+            .spawn(move || {
+                let t = Instant::now();
+                let cpu = pagewire_accel::thread_cpu_time();
+                m2.prefault();
+                ns.store(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                let used = pagewire_accel::thread_cpu_time().saturating_sub(cpu);
+                shared_cpu.fetch_add(
+                    u64::try_from(used.as_nanos()).unwrap_or(u64::MAX),
+                    Ordering::Relaxed,
+                );
+            })
+            .ok();
+        *slot = Some((m.clone(), prefault));
+        Ok(m)
+    }
+}
+
+/// An error and its sources, one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// A page sink that asks the channel's rules before the transport places a byte: a
+mod listener;
+mod receiver;
+
+pub use listener::DestinationListener;

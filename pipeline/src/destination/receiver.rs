@@ -1,0 +1,572 @@
+//! One channel's receiver thread: checks every frame against the channel's rules, then
+//! places, decodes or installs its pages and answers the control frames.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use pagewire_accel::{Codecs, PageKey, PageListMut, PageSize};
+use pagewire_protocol::session::CompleteProgress;
+use pagewire_protocol::{
+    Abort, AbortReason, Ack, AckKind, ChannelId, Commit, Complete, DestinationChannel,
+    DestinationEvent, Frame, PageFrame, Round, SessionError,
+};
+use pagewire_transport::session::AnyChannel;
+use pagewire_transport::{Channel, GuestSlice, Incoming, OutFrame, PageSink, RegionSink};
+
+use crate::config::Prefault;
+use crate::error::MigrationError;
+use crate::memory::GuestMemory;
+use crate::source::transport_views;
+
+use super::{DeviceSection, Shared};
+
+/// frame the rules refuse is received whole instead, and refused there.
+struct CheckedSink<'a> {
+    rules: &'a DestinationChannel,
+    inner: &'a mut RegionSink,
+    /// With [`Prefault::Ahead`]: the memory whose pages are populated before placing.
+    ahead: Option<&'a GuestMemory>,
+    /// With [`Prefault::Install`]: the memory whose missing pages are installed, so a
+    /// frame with such pages is received whole and installed from its payload.
+    install: Option<&'a GuestMemory>,
+}
+
+impl PageSink for CheckedSink<'_> {
+    fn place(&mut self, frame: &PageFrame<'_>, dest: &mut Vec<GuestSlice>) -> bool {
+        if self.rules.check_pages(frame).is_err() {
+            return false;
+        }
+        if let Some(m) = self.install {
+            let installs = frame
+                .data_runs
+                .iter()
+                .any(|r| m.installs(frame.region, r.start.0, u64::from(r.count)));
+            if installs {
+                return false;
+            }
+        }
+        if let Some(m) = self.ahead {
+            populate_data(m, frame);
+        }
+        self.inner.place(frame, dest)
+    }
+}
+
+/// Backs a frame's data pages in one call each run, before they are written
+/// ([`Prefault::Ahead`]).
+fn populate_data(memory: &GuestMemory, p: &PageFrame<'_>) {
+    for run in p.data_runs.iter() {
+        memory.populate(p.region, run.start.0, u64::from(run.count));
+    }
+}
+
+pub(super) struct Receiver {
+    ch: u16,
+    shared: Arc<Shared>,
+    rules: DestinationChannel,
+    codecs: Codecs,
+    lengths: Vec<u32>,
+    /// The hardware decoder, when [`DestinationConfig::accel`] chose one.
+    hw: Option<crate::hwdecode::Decoder>,
+    /// Scratch: the frame's destination runs for the hardware decoder.
+    runs: Vec<(*mut u8, u32, u64)>,
+    /// Scratch: pages decoded here before they are installed ([`Prefault::Install`]).
+    scratch: Vec<u8>,
+}
+
+/// What to do after a frame, once the channel's receive buffer is released.
+enum After {
+    Nothing,
+    AckRound(Round),
+    Complete(Complete),
+    Commit(Commit),
+    Closed,
+}
+
+impl Receiver {
+    /// Channel `ch`'s receiver, checking frames with `rules`, decoding on `hw` when a
+    /// hardware decoder was chosen.
+    pub(super) fn new(
+        ch: u16,
+        shared: Arc<Shared>,
+        rules: DestinationChannel,
+        hw: Option<crate::hwdecode::Decoder>,
+    ) -> Self {
+        Self {
+            ch,
+            shared,
+            rules,
+            codecs: Codecs::new(),
+            lengths: Vec::new(),
+            hw,
+            runs: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    fn err(&self, what: impl Into<String>) -> MigrationError {
+        MigrationError::Protocol {
+            channel: self.ch,
+            what: what.into(),
+        }
+    }
+
+    fn rule(&self, source: SessionError) -> MigrationError {
+        MigrationError::Rule {
+            channel: self.ch,
+            source,
+        }
+    }
+
+    pub(super) fn abort(&mut self, channel: &mut AnyChannel, e: &MigrationError) {
+        let e = match e {
+            MigrationError::NoCommit { source, .. } => source,
+            e => e,
+        };
+        if matches!(
+            e,
+            MigrationError::Channel { .. } | MigrationError::PeerAborted { .. }
+        ) {
+            return;
+        }
+        let message = e.to_string();
+        let mut end = message.len().min(200);
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        if let Ok(f) = OutFrame::whole(&Frame::Abort(Abort {
+            reason: AbortReason::BAD_FRAME,
+            message: &message[..end],
+        })) {
+            let mut done = Vec::new();
+            let _ = channel.send(f);
+            let _ = channel.flush(&mut done);
+        }
+    }
+
+    /// Receives until the source closes the channel. A failure while channel 0 waits
+    /// for COMMIT after its ACK COMPLETE is [`MigrationError::NoCommit`].
+    pub(super) fn run(&mut self, channel: &mut AnyChannel) -> Result<(), MigrationError> {
+        self.receive(channel)
+            .map_err(|e| match self.rules.awaiting_commit() {
+                Some(round) => MigrationError::NoCommit {
+                    final_round: round.0,
+                    source: Box::new(e),
+                },
+                None => e,
+            })
+    }
+
+    fn receive(&mut self, channel: &mut AnyChannel) -> Result<(), MigrationError> {
+        let ch = self.ch;
+        let chan = |source| MigrationError::Channel {
+            channel: ch,
+            source,
+        };
+        let mut memory: Option<Arc<GuestMemory>> = None;
+        let mut sink: Option<RegionSink> = None;
+        loop {
+            let after = {
+                let ahead = memory
+                    .as_deref()
+                    .filter(|_| self.shared.prefault == Prefault::Ahead);
+                let install = memory
+                    .as_deref()
+                    .filter(|_| self.shared.install.get().is_some());
+                let mut checked = sink.as_mut().map(|inner| CheckedSink {
+                    rules: &self.rules,
+                    inner,
+                    ahead,
+                    install,
+                });
+                let incoming = channel
+                    .recv(checked.as_mut().map(|s| s as &mut dyn PageSink))
+                    .map_err(chan)?;
+                match incoming {
+                    None => After::Closed,
+                    Some(Incoming::Placed(p)) => {
+                        let t = Instant::now();
+                        self.rules.on_placed(&p).map_err(|e| self.rule(e))?;
+                        self.round_opened()?;
+                        let memory = memory.as_ref().ok_or(MigrationError::Worker(ch))?;
+                        let data = p.data_pages();
+                        self.shared
+                            .placed
+                            .fetch_add(data * u64::from(self.shared.page_size), Ordering::Relaxed);
+                        Self::apply_runs(memory, &p);
+                        self.count(&p);
+                        self.shared.apply.record(t.elapsed());
+                        After::Nothing
+                    }
+                    Some(Incoming::Frame(Frame::Abort(a))) => {
+                        return Err(MigrationError::PeerAborted {
+                            reason: a.reason,
+                            message: a.message.to_owned(),
+                        });
+                    }
+                    Some(Incoming::Frame(f)) => {
+                        let t = Instant::now();
+                        match self.rules.on_frame(&f).map_err(|e| self.rule(e))? {
+                            DestinationEvent::Layout(l) => {
+                                let mut s = self.shared.state(ch)?;
+                                s.rules.on_layout(l).map_err(|e| self.rule(e))?;
+                                self.rules.set_layout(&s.rules).map_err(|e| self.rule(e))?;
+                                drop(s);
+                                if memory.is_none() {
+                                    let layout =
+                                        self.rules.layout().ok_or(MigrationError::Worker(ch))?;
+                                    let m =
+                                        self.shared.memory_for(layout).map_err(|e| self.err(e))?;
+                                    sink = Some(RegionSink::new(
+                                        self.shared.page_size,
+                                        transport_views(&m),
+                                    ));
+                                    memory = Some(m);
+                                }
+                                After::Nothing
+                            }
+                            DestinationEvent::Apply(p) => {
+                                self.round_opened()?;
+                                let memory = memory.as_ref().ok_or(MigrationError::Worker(ch))?;
+                                if self.shared.prefault == Prefault::Ahead {
+                                    populate_data(memory, p);
+                                }
+                                let decoded = match &mut self.hw {
+                                    Some(hw) if hw.takes(p.codec) && !p.data_runs.is_empty() => {
+                                        Self::decode_hw(
+                                            hw,
+                                            &mut self.runs,
+                                            &mut self.lengths,
+                                            memory,
+                                            p,
+                                        )
+                                        .map(|fell| {
+                                            self.shared.hw_decodes.fetch_add(1, Ordering::Relaxed);
+                                            if let (Some(cause), Ok(mut c)) =
+                                                (fell, self.shared.hw_fallbacks.lock())
+                                            {
+                                                c.add(cause);
+                                            }
+                                        })
+                                    }
+                                    _ => Self::decode(
+                                        &mut self.codecs,
+                                        &mut self.lengths,
+                                        &mut self.scratch,
+                                        memory,
+                                        p,
+                                    ),
+                                };
+                                decoded.map_err(|source| MigrationError::Codec {
+                                    channel: ch,
+                                    source,
+                                })?;
+                                Self::apply_runs(memory, p);
+                                self.count(p);
+                                self.shared.apply.record(t.elapsed());
+                                After::Nothing
+                            }
+                            DestinationEvent::AckRound(round) => After::AckRound(round),
+                            DestinationEvent::DeviceState(d) => {
+                                let mut s = self.shared.state(ch)?;
+                                if let Some(section) = s
+                                    .rules
+                                    .on_device_state(ChannelId(ch), d)
+                                    .map_err(|e| self.rule(e))?
+                                {
+                                    s.sections.push(DeviceSection {
+                                        name: section.name,
+                                        instance: section.instance,
+                                        data: section.data,
+                                    });
+                                }
+                                drop(s);
+                                // A COMPLETE may have been waiting for this section.
+                                self.shared.cv.notify_all();
+                                After::Nothing
+                            }
+                            DestinationEvent::Complete(c) => After::Complete(*c),
+                            DestinationEvent::Commit(c) => After::Commit(*c),
+                            _ => After::Nothing,
+                        }
+                    }
+                }
+            };
+            match after {
+                After::Nothing => {}
+                After::AckRound(round) => {
+                    let ack = Ack {
+                        kind: AckKind::ROUND,
+                        value: round.0.into(),
+                    };
+                    self.send_ack(channel, ack)?;
+                    let mut s = self.shared.state(ch)?;
+                    let r = s.rules.on_round_ended(ChannelId(ch), round);
+                    drop(s);
+                    self.shared.cv.notify_all();
+                    r.map_err(|e| self.rule(e))?;
+                }
+                After::Complete(c) => {
+                    self.complete(c)?;
+                    let s = self.shared.state(ch)?;
+                    let ack = self.rules.ack_complete(&s.rules).map_err(|e| self.rule(e));
+                    drop(s);
+                    // Still not this side's guest: channel 0 now waits for COMMIT.
+                    self.send_ack(channel, ack?)?;
+                }
+                After::Commit(c) => {
+                    let mut s = self.shared.state(ch)?;
+                    let ack = s.rules.on_commit(&c).map_err(|e| self.rule(e));
+                    drop(s);
+                    self.shared.cv.notify_all();
+                    // The guest is this side's now; ACK COMMITTED is best effort: a source
+                    // that misses it reports the outcome unknown and keeps the guest
+                    // paused (PROTOCOL.md, Switchover).
+                    let _ = self.send_ack(channel, ack?);
+                }
+                After::Closed => {
+                    let s = self.shared.state(ch)?;
+                    let done = match ch {
+                        0 => s.rules.committed(),
+                        _ => s.rules.completed(),
+                    };
+                    return match (done, s.rules.completed()) {
+                        (Some(_), _) => Ok(()),
+                        (None, Some(_)) => {
+                            Err(self.err("the source closed the channel without COMMIT"))
+                        }
+                        (None, None) => {
+                            Err(self.err("the source closed the channel before completing"))
+                        }
+                    };
+                }
+            }
+        }
+    }
+
+    /// Tells the session when this channel opened a round (once per round).
+    fn round_opened(&mut self) -> Result<(), MigrationError> {
+        if let Some(round) = self.rules.take_opened() {
+            let mut s = self.shared.state(self.ch)?;
+            let r = s.rules.on_round_opened(ChannelId(self.ch), round);
+            drop(s);
+            self.shared.cv.notify_all();
+            r.map_err(|e| self.rule(e))?;
+        }
+        Ok(())
+    }
+
+    fn count(&self, p: &PageFrame<'_>) {
+        self.shared.frames.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .data_pages
+            .fetch_add(p.data_pages(), Ordering::Relaxed);
+        self.shared
+            .zero_pages
+            .fetch_add(p.zero_pages(), Ordering::Relaxed);
+        self.shared
+            .uniform_pages
+            .fetch_add(p.uniform_pages(), Ordering::Relaxed);
+    }
+
+    /// After the data pages are in place: records them as written, and sets the zero
+    /// and uniform pages.
+    fn apply_runs(memory: &GuestMemory, p: &PageFrame<'_>) {
+        // Bounds were checked against the layout.
+        for run in p.data_runs.iter() {
+            memory.note_written(p.region, run.start.0, u64::from(run.count));
+        }
+        for run in p.zero_runs.iter() {
+            memory.zero_pages(p.region, run.start.0, u64::from(run.count));
+        }
+        for u in p.uniform_runs.iter() {
+            memory.fill_pages(p.region, u.run.start.0, u64::from(u.run.count), u.byte);
+        }
+    }
+
+    /// Decodes a frame's payload by its codec id straight into the guest pages; with
+    /// [`Prefault::Install`], runs with pages still missing are decoded into `scratch`
+    /// and installed from there (a raw frame's straight from its payload).
+    fn decode(
+        codecs: &mut Codecs,
+        lengths: &mut Vec<u32>,
+        scratch: &mut Vec<u8>,
+        memory: &GuestMemory,
+        p: &PageFrame<'_>,
+    ) -> Result<(), pagewire_accel::CodecError> {
+        let no_pages = pagewire_accel::CodecError::NoPages { codec: p.codec };
+        let page_bytes = memory.page_size() as usize;
+        let installs = |run: &pagewire_protocol::PageRun| {
+            memory.installs(p.region, run.start.0, u64::from(run.count))
+        };
+        let installing = p.data_runs.iter().any(|r| installs(&r));
+        if installing
+            && p.codec == pagewire_protocol::CodecId::RAW
+            && p.lengths.is_none()
+            && p.payload.len() as u64 == p.data_pages() * page_bytes as u64
+        {
+            let mut off = 0;
+            for run in p.data_runs.iter() {
+                let n = run.count as usize * page_bytes;
+                let part = p.payload.get(off..off + n).ok_or(no_pages)?;
+                if !memory.write_pages(p.region, run.start.0, part) {
+                    return Err(no_pages);
+                }
+                off += n;
+            }
+            return Ok(());
+        }
+        if installing {
+            let total = p
+                .data_runs
+                .iter()
+                .filter(|r| installs(r))
+                .map(|r| r.count as usize * page_bytes)
+                .sum();
+            // Grown only: every codec but delta writes each byte of its pages or fails,
+            // so what a previous frame left here is never installed.
+            if scratch.len() < total {
+                scratch.resize(total, 0);
+            }
+            if p.codec == pagewire_protocol::CodecId::DELTA {
+                // The delta's base: what the pages hold (zeros where never written).
+                scratch[..total].fill(0);
+                let mut off = 0;
+                for run in p.data_runs.iter().filter(|r| installs(r)) {
+                    let n = run.count as usize * page_bytes;
+                    let d = &mut scratch[off..off + n];
+                    memory.read_written(p.region, run.start.0, u64::from(run.count), d);
+                    off += n;
+                }
+            }
+        }
+        let ps = PageSize::new(memory.page_size()).unwrap_or_default();
+        let mut dst = PageListMut::with_capacity(ps, p.data_runs.len());
+        let mut scratch_off = 0;
+        for run in p.data_runs.iter() {
+            if installing && installs(&run) {
+                let n = run.count as usize * page_bytes;
+                let Some(buf) = scratch.get_mut(scratch_off..scratch_off + n) else {
+                    return Err(no_pages);
+                };
+                // SAFETY: `buf` is a part of `scratch`, which is not resized until the
+                // decode below has finished with `dst`; parts of different runs are
+                // disjoint.
+                unsafe { dst.push_raw(buf.as_mut_ptr(), run.count, PageKey(run.start.0)) }
+                    .map_err(|_| no_pages)?;
+                scratch_off += n;
+                continue;
+            }
+            let Some((ptr, _)) = memory.span(p.region, run.start.0, u64::from(run.count)) else {
+                return Err(pagewire_accel::CodecError::NoPages { codec: p.codec });
+            };
+            // SAFETY: the run lies inside a region of `memory` (checked against the
+            // layout and again by `span`), which outlives `dst`; runs of a decoded frame
+            // are disjoint; the guest is not running on the destination; and the
+            // session's rules refused the frame unless every page belongs to this
+            // channel by the affinity carried in LAYOUT, so no other receiver thread
+            // writes these pages.
+            unsafe { dst.push_raw(ptr.as_ptr(), run.count, PageKey(run.start.0)) }
+                .map_err(|_| pagewire_accel::CodecError::NoPages { codec: p.codec })?;
+        }
+        lengths.clear();
+        if let Some(l) = &p.lengths {
+            lengths.extend(l.iter());
+        }
+        if p.data_runs.is_empty() {
+            return Ok(());
+        }
+        codecs.decode(p.codec, p.payload, lengths, &mut dst)?;
+        drop(dst);
+        if installing {
+            let mut off = 0;
+            for run in p.data_runs.iter().filter(|r| installs(r)) {
+                let n = run.count as usize * page_bytes;
+                let part = scratch.get(off..off + n).ok_or(no_pages)?;
+                if !memory.write_pages(p.region, run.start.0, part) {
+                    return Err(no_pages);
+                }
+                off += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes a frame on the hardware decoder, straight into the guest pages;
+    /// returns why the hardware handed it to software, if it did.
+    fn decode_hw(
+        hw: &mut crate::hwdecode::Decoder,
+        runs: &mut Vec<(*mut u8, u32, u64)>,
+        lengths: &mut Vec<u32>,
+        memory: &GuestMemory,
+        p: &PageFrame<'_>,
+    ) -> Result<Option<pagewire_accel::FallbackCause>, pagewire_accel::CodecError> {
+        hw.map(memory)?;
+        runs.clear();
+        for run in p.data_runs.iter() {
+            let Some((ptr, _)) = memory.span(p.region, run.start.0, u64::from(run.count)) else {
+                return Err(pagewire_accel::CodecError::NoPages { codec: p.codec });
+            };
+            runs.push((ptr.as_ptr(), run.count, run.start.0));
+        }
+        lengths.clear();
+        if let Some(l) = &p.lengths {
+            lengths.extend(l.iter());
+        }
+        // SAFETY: as in `decode`: the runs lie inside a region of `memory`, which
+        // outlives the call; they are disjoint; the guest is not running here; and
+        // channel affinity keeps every other receiver away from these pages.
+        unsafe { hw.decode(p.codec, p.payload, lengths, runs) }
+    }
+
+    /// Waits until every channel ended the final round (the session's rules decide),
+    /// within the idle timeout.
+    fn complete(&mut self, c: Complete) -> Result<u32, MigrationError> {
+        let ch = self.ch;
+        let deadline = Instant::now() + self.shared.wait;
+        let mut s = self.shared.state(ch)?;
+        let mut progress = s.rules.on_complete(&c).map_err(|e| self.rule(e))?;
+        loop {
+            if let CompleteProgress::Done(r) = progress {
+                return Ok(r.0);
+            }
+            if let Some(f) = &s.failed {
+                return Err(self.err(format!("another channel failed: {f}")));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let (ended, sections, partial) = s.rules.waiting_for();
+                return Err(self.err(format!(
+                    "COMPLETE for round {} not satisfied within {:?}: {ended} of {} channels \
+                     ended it, {sections} of {} device-state sections arrived, {partial} \
+                     unfinished",
+                    c.final_round,
+                    self.shared.wait,
+                    s.rules.channels(),
+                    c.sections
+                )));
+            }
+            s = self
+                .shared
+                .cv
+                .wait_timeout(s, deadline - now)
+                .map_err(|_| MigrationError::Worker(ch))?
+                .0;
+            progress = s.rules.complete_progress();
+        }
+    }
+
+    fn send_ack(&mut self, channel: &mut AnyChannel, ack: Ack) -> Result<(), MigrationError> {
+        let f = OutFrame::whole(&Frame::Ack(ack)).map_err(|e| self.err(e.to_string()))?;
+        let ch = self.ch;
+        let mut done = Vec::new();
+        channel
+            .send(f)
+            .and_then(|_| channel.flush(&mut done))
+            .map_err(|source| MigrationError::Channel {
+                channel: ch,
+                source,
+            })
+    }
+}
