@@ -7,9 +7,12 @@
 //! - `cost(c)`: seconds of the channel's encode per guest byte, measured on recent
 //!   frames of this guest in wall time on the thread that encodes (so CPU taken by other
 //!   work on the same cores, the machine's headroom, is in it);
-//! - `ratio(c)`: payload bytes per guest byte on those frames; before the first, a
-//!   prior whose savings shrink as much as the compressor measured most recently
-//!   found the content less compressible than its own prior said;
+//! - `ratio(c)`: payload bytes per guest byte on the content of now: the share of
+//!   bytes `c` saves on a reference content (a prior until a frame measures it), times
+//!   a content factor that the current compressor's frames keep up to date (its
+//!   savings now over its savings on the reference). Candidates measured at different
+//!   times, on parts of the guest that compress differently, are so compared on the
+//!   same content; explored frames of the others update their share;
 //! - `copy`: seconds per byte that handing a frame to an idle channel takes (the
 //!   least seen lately, at most 1 ns): the thread's own cost of sending, on top of
 //!   encoding;
@@ -30,17 +33,19 @@
 //! veth pair) compression saves less than the model thinks; for a candidate that
 //! compresses less than the current one it replaces the figure, since what the channel
 //! accepts under a compressor says little of what it accepts raw when the receiver's
-//! CPU is what limits it, as long as the channel is busy. That measurement
-//! holds 2 s, twice as long after each trial the candidate lost within a second (up
+//! CPU is what limits it, as long as the channel is busy; it is scaled by how much the
+//! candidate's ratio changed since (content that compresses worse moves fewer guest
+//! bytes over the same link). That measurement holds 2 s, twice as long after each trial the candidate lost within a second (up
 //! to 8 s), then the model may try it again. A new choice is kept until a window
 //! measured it, and after a switch to a candidate that compresses less the first
 //! 50 ms are not measured (the socket's and the link's buffers, which the compressor
 //! left empty, absorb them).
-//! The best candidate
-//! is taken when it beats the current one by 5 % (or, on a busy link, moves as much
-//! for a fifth less core time), reconsidered at most once per 100 ms window. At most
-//! one frame in `explore_every`, and no more than 3 % of the time spent encoding or
-//! waiting on the channel, goes to the candidate measured longest ago, so every estimate follows the content as it
+//! The best candidate is taken when it beats the current one by 5 % (or, on a busy
+//! link, moves within 2 % as much for a fifth less core time), reconsidered at most
+//! once per 100 ms window. At most one frame in `explore_every`, and no more than 3 %
+//! of the time spent encoding or waiting on the channel, goes to the compressor
+//! measured longest ago (raw, whose ratio and cost do not depend on the content, is
+//! never explored), so every estimate follows the content as it
 //! changes class while a slow candidate is tried seldom. A destination slower than
 //! the link shows as a slower link (it accepts less), which is what matters to the
 //! source.
@@ -61,7 +66,7 @@ pub struct AdaptiveConfig {
     /// Codecs and levels; those the destination cannot decode are left out. Levels are
     /// clamped into each codec's range.
     pub candidates: Vec<(CodecId, i32)>,
-    /// At most one frame in this many goes to the candidate measured longest ago (at
+    /// At most one frame in this many goes to the compressor measured longest ago (at
     /// least 2), within 3 % of the time spent encoding or waiting on the channel.
     pub explore_every: u32,
 }
@@ -106,11 +111,28 @@ const HYSTERESIS: f64 = 1.05;
 /// Candidates within this factor of the fastest count as fast as it (estimates of
 /// candidates measured a while ago lag): the one that costs the least core wins.
 const NEAR: f64 = 1.10;
+/// On a busy link a cheaper candidate replaces the current one only if it moves this
+/// close to as much: the core it saves idles, while the pages it loses are lost (with
+/// [`NEAR`], lz4 replaced zstd:1 on poorly compressible stretches at 1 Gbit/s for 8 %
+/// fewer pages).
+const CHEAP_NEAR: f64 = 1.02;
 /// How long after a switch to a candidate that compresses less its frames are not
 /// measured.
 const SETTLE: Duration = Duration::from_millis(50);
 /// Weight of a new sample in the moving averages.
 const ALPHA: f64 = 0.15;
+/// Weight of a new frame of the current compressor in the content factor: it follows
+/// the content within a few frames.
+const CONTENT_ALPHA: f64 = 0.3;
+/// Below this content factor (content next to incompressible) a frame cannot tell
+/// one compressor from another: the others' savings are not updated from it.
+const MIN_CONTENT: f64 = 0.1;
+/// The content factor's bound: content at most this much more compressible than the
+/// reference (a compressor whose reference savings are small would otherwise scale
+/// every other one's without bound).
+const MAX_CONTENT: f64 = 2.0;
+/// The least payload per guest byte the model expects of any candidate.
+const MIN_RATIO: f64 = 0.01;
 /// Share of the encode time that exploring other candidates may take: a slow
 /// candidate is tried less often than a fast one.
 const EXPLORE_SHARE: f64 = 0.03;
@@ -123,16 +145,21 @@ struct Arm {
     label: String,
     /// Seconds per guest byte.
     cost: f64,
-    /// Payload bytes per guest byte.
+    /// Payload bytes per guest byte on its recent frames, as measured (shown in the
+    /// statistics; the model uses `saves`).
     ratio: f64,
-    /// The starting guess of `ratio` (see [`prior`]).
-    prior_ratio: f64,
+    /// The share of bytes it saves on content of the kind the selector takes as its
+    /// reference (see [`Selector::content`]): its frames' savings over the content
+    /// factor when they were measured. A prior (see [`prior`]) until one is.
+    saves: f64,
     /// Frame number of the last measurement (0: a prior only).
     measured: u64,
     /// Guest bytes per second the channel actually moved while it was the choice
     /// (wall time between frames handed over: encode, send, and whatever the
-    /// destination or other work on the same cores slowed them by), and when.
-    realized: Option<(f64, Instant)>,
+    /// destination or other work on the same cores slowed them by), when, and its
+    /// ratio then (on content that compresses differently now, the rate is scaled by
+    /// the change of its ratio, as on a busy link).
+    realized: Option<(f64, Instant, f64)>,
     /// Guest bytes and wall seconds of the window being measured for `realized`.
     win_bytes: f64,
     win_secs: f64,
@@ -204,6 +231,11 @@ pub(crate) struct Selector {
     cores: f64,
     /// Measured link bytes per second, once known.
     link: Option<f64>,
+    /// How compressible the content is now, relative to the reference: the current
+    /// compressor's recent savings over its `saves`. Every candidate's ratio moves with
+    /// it, so candidates measured at different times, on different parts of the guest,
+    /// are compared on the content of now.
+    content: f64,
     /// Seconds per byte that handing bytes to an idle channel takes (its copy): the
     /// least seen, creeping up 2 % a window so it follows a machine that got slower.
     copy: Option<f64>,
@@ -271,7 +303,7 @@ impl Selector {
                 label,
                 cost,
                 ratio,
-                prior_ratio: ratio,
+                saves: 1.0 - ratio,
                 measured: 0,
                 realized: None,
                 win_bytes: 0.0,
@@ -289,6 +321,7 @@ impl Selector {
             explore_every: u64::from(config.explore_every.max(2)),
             cores: cores.max(1) as f64,
             link: None,
+            content: 1.0,
             copy: None,
             limited: false,
             last_limited: now,
@@ -312,25 +345,15 @@ impl Selector {
         Some(s)
     }
 
-    /// Payload bytes per guest byte expected of arm `i`: what its frames measured, or,
-    /// for a compressor not measured yet, its prior made no more hopeful than the
-    /// content allows. The share of bytes the compressor measured most recently saved,
-    /// over the share its own prior expected, scales (never up) the share this one's
-    /// prior expects to save: on content that one compressor found incompressible the
-    /// others are not each tried in turn on the strength of their priors.
+    /// Payload bytes per guest byte expected of arm `i` on the content of now: the
+    /// share it saves on the reference content, times how compressible the content is
+    /// now. Before its first frame, a compressor's share is its prior's.
     fn ratio(&self, i: usize) -> f64 {
         let a = &self.arms[i];
-        if a.measured > 0 || a.params.codec == CodecId::RAW {
-            return a.ratio;
+        if a.params.codec == CodecId::RAW {
+            return 1.0;
         }
-        let latest = (0..self.arms.len())
-            .filter(|&j| self.arms[j].measured > 0 && self.arms[j].params.codec != CodecId::RAW)
-            .max_by_key(|&j| self.arms[j].measured);
-        let Some(m) = latest.map(|j| &self.arms[j]) else {
-            return a.ratio;
-        };
-        let found = ((1.0 - m.ratio) / (1.0 - m.prior_ratio).max(1e-6)).clamp(0.0, 1.0);
-        1.0 - (1.0 - a.ratio) * found
+        (1.0 - a.saves * self.content).clamp(MIN_RATIO, 1.0)
     }
 
     /// Guest bytes per second the model expects of arm `i`.
@@ -358,9 +381,10 @@ impl Selector {
         // the channel accepts under a compressor say little of what it accepts raw
         // when the receiver's work is what limits it.
         match a.realized {
-            Some((r, at))
+            Some((r, at, then))
                 if self.now.saturating_duration_since(at) < REALIZED_FOR * (1 << a.losses) =>
             {
+                let r = r * (then / ratio).clamp(0.5, 2.0);
                 if self.limited && ratio > self.ratio(self.current) * NEAR {
                     r
                 } else {
@@ -389,19 +413,21 @@ impl Selector {
         self.frame += 1;
         self.now = self.now.max(now);
         if self.frame.is_multiple_of(self.explore_every) && self.arms.len() > 1 {
-            // The candidate measured longest ago, other than the current one, if the
-            // budget affords a frame of it.
+            // The compressor measured longest ago, other than the current one, if the
+            // budget affords a frame of it. Raw is never explored: its ratio is 1 and
+            // its cost next to nothing whatever the content, and on a slow link a raw
+            // frame costs several compressed ones.
             let i = (0..self.arms.len())
-                .filter(|&i| i != self.current)
+                .filter(|&i| i != self.current && self.arms[i].params.codec != CodecId::RAW)
                 .min_by_key(|&i| self.arms[i].measured)
                 .unwrap_or(self.current);
-            // Its encode, or its time on the link if that is longer (a raw frame on a
-            // slow link costs the link, not the core).
+            // Its encode, or its time on the link if that is longer (a frame that
+            // compresses little costs a slow link more than the core).
             let wire = self
                 .link
                 .map_or(0.0, |l| self.ratio(i) * self.frame_bytes / l.max(1.0));
             let price = (self.arms[i].cost * self.frame_bytes).max(wire);
-            if price <= self.explore_budget {
+            if i != self.current && price <= self.explore_budget {
                 self.explore_budget -= price;
                 self.explored += 1;
                 return (i, self.arms[i].params);
@@ -414,7 +440,7 @@ impl Selector {
         // A new choice is kept until a window measured it (at most four windows).
         let measured = self.arms[self.current]
             .realized
-            .is_some_and(|(_, at)| at > self.chosen_at);
+            .is_some_and(|(_, at, _)| at > self.chosen_at);
         if !measured && now.saturating_duration_since(self.chosen_at) < 4 * WINDOW {
             return (self.current, self.arms[self.current].params);
         }
@@ -424,7 +450,7 @@ impl Selector {
         // As fast on a busy link (whose figure is measured, not credited), for a fifth
         // less core time at least.
         let cheaper = self.limited
-            && best_rate * NEAR >= now_rate
+            && best_rate * CHEAP_NEAR >= now_rate
             && self.arms[best].cost < 0.8 * self.arms[self.current].cost;
         if best != self.current && (faster || cheaper) {
             self.switch_to(best, now, faster);
@@ -517,12 +543,34 @@ impl Selector {
         }
         let cost = took.as_secs_f64() / guest as f64;
         let ratio = payload as f64 / guest as f64;
-        if a.measured == 0 {
+        let first = a.measured == 0;
+        if first {
             (a.cost, a.ratio) = (cost, ratio);
         } else {
             a.cost += ALPHA * (cost - a.cost);
             a.ratio += ALPHA * (ratio - a.ratio);
         }
+        let saved = (1.0 - ratio).max(0.0);
+        if a.params.codec != CodecId::RAW {
+            // The current compressor's frames (any compressor's while the current
+            // choice is raw, which says nothing of the content) say how compressible
+            // the content is now, against what they save on the reference; the frames
+            // of the others, explored meanwhile, say how much they save on it.
+            let anchor = self.current == i || self.arms[self.current].params.codec == CodecId::RAW;
+            let a = &mut self.arms[i];
+            if anchor {
+                let c = (saved / a.saves.max(1e-3)).min(MAX_CONTENT);
+                self.content += CONTENT_ALPHA * (c - self.content);
+            } else if self.content >= MIN_CONTENT {
+                let seen = saved / self.content.max(1e-3);
+                a.saves = if first {
+                    seen
+                } else {
+                    a.saves + ALPHA * (seen - a.saves)
+                };
+            }
+        }
+        let a = &mut self.arms[i];
         a.measured = frame.max(1);
     }
 
@@ -538,6 +586,7 @@ impl Selector {
         if now < self.settle_until {
             return;
         }
+        let ratio = self.ratio(self.current);
         let a = &mut self.arms[self.current];
         a.win_bytes += guest as f64;
         a.win_secs += now.saturating_duration_since(prev).as_secs_f64();
@@ -547,10 +596,11 @@ impl Selector {
         let r = a.win_bytes / a.win_secs;
         (a.win_bytes, a.win_secs) = (0.0, 0.0);
         a.realized = Some(match a.realized {
-            Some((old, at)) if now.saturating_duration_since(at) < 2 * WINDOW => {
-                (old + 0.5 * (r - old), now)
+            Some((old, at, then)) if now.saturating_duration_since(at) < 2 * WINDOW => {
+                let old = old * then / ratio;
+                (old + 0.5 * (r - old), now, ratio)
             }
-            _ => (r, now),
+            _ => (r, now, ratio),
         });
     }
 
