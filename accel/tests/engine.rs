@@ -379,13 +379,7 @@ impl Backend for ReversingQueue {
     fn probe(&self) -> Probe {
         Probe {
             backend: BackendKind::Qat,
-            formats: vec![FormatCaps {
-                codec: CodecId::DEFLATE,
-                encode: true,
-                decode: true,
-                min_level: Level(0),
-                max_level: Level(9),
-            }],
+            formats: vec![FormatCaps::both(CodecId::DEFLATE, Level(0), Level(9))],
             max_job_pages: 8,
             max_job_bytes: 8 * PS,
             queue_depth: 3,

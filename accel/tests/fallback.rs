@@ -38,13 +38,7 @@ impl Backend for GivingUp {
     fn probe(&self) -> Probe {
         Probe {
             backend: BackendKind::Iaa,
-            formats: vec![FormatCaps {
-                codec: CodecId::DEFLATE,
-                encode: true,
-                decode: true,
-                min_level: Level(0),
-                max_level: Level(12),
-            }],
+            formats: vec![FormatCaps::both(CodecId::DEFLATE, Level(0), Level(12))],
             max_job_pages: 64,
             max_job_bytes: 64 * PS,
             queue_depth: 8,

@@ -116,6 +116,19 @@ pub struct FormatCaps {
     pub max_level: Level,
 }
 
+impl FormatCaps {
+    /// A format encoded (at `min_level..=max_level`) and decoded.
+    pub fn both(codec: CodecId, min_level: Level, max_level: Level) -> FormatCaps {
+        FormatCaps {
+            codec,
+            encode: true,
+            decode: true,
+            min_level,
+            max_level,
+        }
+    }
+}
+
 /// What a backend supports, asked before use.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Probe {

@@ -152,13 +152,7 @@ pub(crate) fn probe(max_pages: usize, queue_depth: usize, delta_cache: bool) -> 
         .iter()
         .filter_map(|&codec| {
             let (min_level, max_level) = level_range(codec)?;
-            Some(FormatCaps {
-                codec,
-                encode: true,
-                decode: true,
-                min_level,
-                max_level,
-            })
+            Some(FormatCaps::both(codec, min_level, max_level))
         })
         .collect();
     Probe {

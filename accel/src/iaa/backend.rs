@@ -714,13 +714,7 @@ impl Backend for IaaBackend {
     }
 
     fn probe(&self) -> Probe {
-        let caps = |codec| FormatCaps {
-            codec,
-            encode: true,
-            decode: true,
-            min_level: Level(0),
-            max_level: Level(12),
-        };
+        let caps = |codec| FormatCaps::both(codec, Level(0), Level(12));
         let mut formats = vec![caps(CodecId::DEFLATE_4K)];
         if self.config.page_size.bytes() <= crate::codec::deflate::WINDOW_4K {
             // At 4 KiB pages deflate and deflate-4k are the same streams.

@@ -633,13 +633,7 @@ impl Backend for QatBackend {
     fn probe(&self) -> Probe {
         Probe {
             backend: BackendKind::Qat,
-            formats: vec![FormatCaps {
-                codec: CodecId::DEFLATE,
-                encode: true,
-                decode: true,
-                min_level: Level(0),
-                max_level: Level(12),
-            }],
+            formats: vec![FormatCaps::both(CodecId::DEFLATE, Level(0), Level(12))],
             max_job_pages: self.max_pages,
             max_job_bytes: usize::MAX,
             queue_depth: self.config.queue_depth,
