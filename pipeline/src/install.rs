@@ -552,6 +552,10 @@ mod tests {
         match m.install_pages() {
             Ok(()) => Some(m),
             Err(e) => {
+                assert!(
+                    std::env::var("PAGEWIRE_REQUIRE_USERFAULTFD").as_deref() != Ok("1"),
+                    "PAGEWIRE_REQUIRE_USERFAULTFD=1 but userfaultfd is unavailable: {e}"
+                );
                 use std::io::Write;
                 let _ = writeln!(
                     std::io::stderr(),

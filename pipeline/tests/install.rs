@@ -28,6 +28,10 @@ fn userfaultfd_available() -> bool {
     match m.install_pages() {
         Ok(()) => true,
         Err(e) => {
+            assert!(
+                std::env::var("PAGEWIRE_REQUIRE_USERFAULTFD").as_deref() != Ok("1"),
+                "PAGEWIRE_REQUIRE_USERFAULTFD=1 but userfaultfd is unavailable: {e}"
+            );
             use std::io::Write;
             let _ = writeln!(
                 std::io::stderr(),
