@@ -369,6 +369,7 @@ impl Source {
                 bytes_sent: bytes_sent.clone(),
                 engine_stats: estats,
                 adaptive: selector,
+                inline_encode: threads == 0,
                 adaptive_stats: astats,
                 send_timeout: config.send_timeout,
                 ack_timeout: config.ack_timeout,

@@ -52,6 +52,9 @@ struct FrameMeta {
     /// The adaptive candidate that encoded it.
     arm: Option<usize>,
     submitted: Instant,
+    /// This thread's CPU time encoding it, when measured (see
+    /// [`WorkerSetup::inline_encode`]).
+    cpu: Option<Duration>,
 }
 
 /// Everything a worker needs but its channel, which it opens on its own thread.
@@ -74,6 +77,10 @@ pub(super) struct WorkerSetup {
     pub(super) engine_stats: Arc<std::sync::Mutex<pagewire_accel::EngineStats>>,
     /// The per-frame codec choice, when adaptive.
     pub(super) adaptive: Option<Selector>,
+    /// The engine encodes on this thread, at submit (no codec threads): the choice
+    /// is then told each frame's encode in this thread's CPU time, which other work
+    /// on the same cores does not stretch, instead of in wall time.
+    pub(super) inline_encode: bool,
     /// Its statistics, copied out at the end of each round.
     pub(super) adaptive_stats: Arc<std::sync::Mutex<crate::stats::AdaptiveStats>>,
     pub(super) send_timeout: Duration,
@@ -503,9 +510,21 @@ impl Worker {
                 uniform_runs: split.uniform.clone(),
                 arm,
                 submitted: Instant::now(),
+                cpu: None,
             },
         );
         self.batch.push_back(job);
+        if arm.is_some() && self.s.inline_encode {
+            let t0 = pagewire_accel::thread_cpu_time();
+            self.s.engine.submit(&mut self.batch)?;
+            // Measured only when that call ran the job: a full engine makes the loop
+            // below wait, and send other frames, on this thread.
+            if self.batch.is_empty()
+                && let Some(m) = self.pending.get_mut(&tag)
+            {
+                m.cpu = Some(pagewire_accel::thread_cpu_time().saturating_sub(t0));
+            }
+        }
         loop {
             self.s.engine.submit(&mut self.batch)?;
             if self.batch.is_empty() {
@@ -693,6 +712,7 @@ impl Worker {
         };
         if let (Some(i), Some(sel)) = (meta.arm, self.s.adaptive.as_mut()) {
             let ps = u64::from(self.s.memory.page_size());
+            let took = meta.cpu.unwrap_or(took);
             sel.observe_encode(i, pages.data * ps, out.bytes_out() as u64, took);
         }
         let wire = self.send(outf)?;

@@ -90,6 +90,9 @@ impl Default for AdaptiveConfig {
 
 /// How long the link is observed before its estimate changes.
 const WINDOW: Duration = Duration::from_millis(100);
+/// Before the link is known, a window this long that was mostly spent waiting on the
+/// channel is enough to measure it.
+const FIRST_WINDOW: Duration = Duration::from_millis(20);
 /// A window whose seconds per byte handed to the channel exceed the plain copy's by
 /// this factor found the link busy.
 const BLOCKED: f64 = 2.0;
@@ -116,6 +119,10 @@ const NEAR: f64 = 1.10;
 /// [`NEAR`], lz4 replaced zstd:1 on poorly compressible stretches at 1 Gbit/s for 8 %
 /// fewer pages).
 const CHEAP_NEAR: f64 = 1.02;
+/// A candidate under which the channel accepted this many times the bytes per second
+/// it accepts under the current one shows a link that depends on the codec (the
+/// receiver's work on the same cores), not a fixed pipe.
+const WIRE_DIFFERS: f64 = 1.25;
 /// How long after a switch to a candidate that compresses less its frames are not
 /// measured.
 const SETTLE: Duration = Duration::from_millis(50);
@@ -165,6 +172,11 @@ struct Arm {
     win_secs: f64,
     /// Trials lost in a row (see [`REALIZED_FOR`]).
     losses: u32,
+    /// Bytes per second the channel accepted in busy windows while it was the choice.
+    /// Over a real link every candidate sees the same figure; where the link is the
+    /// receiver's work on the same cores, a candidate that compresses less sees more
+    /// (raw costs the receiver less per byte than a decoder does).
+    wire: Option<f64>,
     stats: ChoiceStats,
 }
 
@@ -240,6 +252,9 @@ pub(crate) struct Selector {
     /// least seen, creeping up 2 % a window so it follows a machine that got slower.
     copy: Option<f64>,
     limited: bool,
+    /// A window closed early found a slow link before anything else was measured:
+    /// the blind first choice is reconsidered at once.
+    blind: bool,
     /// When a window last found the link busy.
     last_limited: Instant,
     /// The latest time given.
@@ -309,6 +324,7 @@ impl Selector {
                 win_bytes: 0.0,
                 win_secs: 0.0,
                 losses: 0,
+                wire: None,
             });
         }
         if arms.is_empty() {
@@ -324,6 +340,7 @@ impl Selector {
             content: 1.0,
             copy: None,
             limited: false,
+            blind: false,
             last_limited: now,
             now,
             next_decision: now,
@@ -339,7 +356,9 @@ impl Selector {
             frame_bytes: 0.0,
             frame_end: None,
             chosen_at: now,
-            settle_until: now,
+            // The first frames fill the socket's and the link's empty buffers: not
+            // measured, as after a switch to less compression.
+            settle_until: now + SETTLE,
         };
         s.current = s.best();
         Some(s)
@@ -385,7 +404,14 @@ impl Selector {
                 if self.now.saturating_duration_since(at) < REALIZED_FOR * (1 << a.losses) =>
             {
                 let r = r * (then / ratio).clamp(0.5, 2.0);
-                if self.limited && ratio > self.ratio(self.current) * NEAR {
+                // Only where the channel accepted clearly more bytes under it than
+                // under the current choice: over a real link, whose rate does not
+                // depend on the codec, the model prices it as well, with less noise.
+                let receiver_bound = a
+                    .wire
+                    .zip(self.arms[self.current].wire)
+                    .is_none_or(|(w, c)| w > c * WIRE_DIFFERS);
+                if self.limited && receiver_bound && ratio > self.ratio(self.current) * NEAR {
                     r
                 } else {
                     model.min(r * NEAR)
@@ -433,15 +459,21 @@ impl Selector {
                 return (i, self.arms[i].params);
             }
         }
-        if now < self.next_decision {
+        // A blind first choice found wrong by an early window is reconsidered at once,
+        // without moving the schedule of the others.
+        let blind = std::mem::take(&mut self.blind);
+        if now < self.next_decision && !blind {
             return (self.current, self.arms[self.current].params);
         }
-        self.next_decision = now + WINDOW;
-        // A new choice is kept until a window measured it (at most four windows).
+        if !blind {
+            self.next_decision = now + WINDOW;
+        }
+        // A new choice is kept until a window measured it (at most four windows);
+        // the first choice, made before anything was measured, is not.
         let measured = self.arms[self.current]
             .realized
             .is_some_and(|(_, at, _)| at > self.chosen_at);
-        if !measured && now.saturating_duration_since(self.chosen_at) < 4 * WINDOW {
+        if !measured && !blind && now.saturating_duration_since(self.chosen_at) < 4 * WINDOW {
             return (self.current, self.arms[self.current].params);
         }
         let best = self.best();
@@ -615,10 +647,26 @@ impl Selector {
         // that became compressible again.
         self.explore_budget += EXPLORE_SHARE * blocked.as_secs_f64();
         let span = now.saturating_duration_since(self.window_start);
-        if span < WINDOW {
+        // Until the link is known, a window that spent 95 % of its time waiting on
+        // the channel closes early: the first choice is made blind (raw, on no
+        // evidence), and on a slow link each of its frames costs several compressed
+        // ones.
+        let early =
+            self.link.is_none() && span >= FIRST_WINDOW && self.window_blocked > span.mul_f64(0.95);
+        if span < WINDOW && !early {
             return;
         }
         let rate = self.window_bytes as f64 / span.as_secs_f64();
+        if early {
+            // The link, busy; not the copy, which a window spent waiting cannot show.
+            self.now = self.now.max(now);
+            (self.link, self.limited, self.last_limited) = (Some(rate), true, now);
+            self.blind = true;
+            self.window_start = now;
+            self.window_bytes = 0;
+            self.window_blocked = Duration::ZERO;
+            return;
+        }
         let per_byte = self.window_blocked.as_secs_f64() / self.window_bytes.max(1) as f64;
         self.now = self.now.max(now);
         // A link busy in every window never shows the copy alone: no copy is taken to
@@ -631,6 +679,10 @@ impl Selector {
         self.limited = per_byte > BLOCKED * copy && self.window_blocked > span / 10;
         if self.limited {
             self.last_limited = now;
+        }
+        if self.limited {
+            let w = &mut self.arms[self.current].wire;
+            *w = Some(w.map_or(rate, |w| w + 0.5 * (rate - w)));
         }
         self.link = Some(match (self.link, self.limited) {
             // A busy link carries what it can: a drop is taken at once.

@@ -414,3 +414,32 @@ fn content_that_varies_along_the_guest_does_not_mislead_the_comparison() {
         s.stats()
     );
 }
+
+#[test]
+fn a_slow_link_is_found_within_the_first_window() {
+    // 1 Gbit/s from the start: the first choice (raw, on no evidence) costs a slow
+    // link several compressed frames each; a window spent waiting on the channel
+    // closes after 20 ms, not 100 ms, and the choice changes at once.
+    let mut now = Instant::now();
+    let start = now;
+    let mut s = selector(now);
+    let chosen = drive(&mut s, &mut now, 200, &text, 125e6);
+    let first_raw = chosen.iter().take_while(|l| *l == "raw").count();
+    // A raw frame of 512 KiB holds a 1 Gbit/s link for 4.2 ms.
+    assert!(
+        (4..=7).contains(&first_raw),
+        "{first_raw} raw frames: {chosen:?}"
+    );
+    let first = &s.stats().recent[0];
+    assert!(first.from == "raw" && first.at_ms < 35.0, "{first:?}");
+    assert!(now.duration_since(start) > Duration::from_millis(300));
+    // Without it, the same start sends 100 ms of raw frames.
+    let mut now = Instant::now();
+    let mut s = selector(now);
+    s.link = Some(1e12); // as if the link had been measured fast: no early window
+    let chosen = drive(&mut s, &mut now, 60, &text, 125e6);
+    assert!(
+        chosen.iter().filter(|l| *l == "raw").count() > 15,
+        "{chosen:?}"
+    );
+}
