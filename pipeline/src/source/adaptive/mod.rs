@@ -5,8 +5,9 @@
 //!
 //! The model, per candidate `c` (a codec at a level):
 //! - `cost(c)`: seconds of the channel's encode per guest byte, measured on recent
-//!   frames of this guest in wall time on the thread that encodes (so CPU taken by other
-//!   work on the same cores, the machine's headroom, is in it);
+//!   frames of this guest: in the channel thread's CPU time when it encodes itself (no
+//!   codec threads; wall time there swings 3x with the other threads on the same
+//!   cores), otherwise in wall time from submit to completion;
 //! - `ratio(c)`: payload bytes per guest byte on the content of now: the share of
 //!   bytes `c` saves on a reference content (a prior until a frame measures it), times
 //!   a content factor that the current compressor's frames keep up to date (its
@@ -22,7 +23,10 @@
 //!   does not block, the link is at least that, and the longer it goes without
 //!   blocking the more the model credits it (twice as much after two seconds), so a
 //!   cheaper codec gets tried and a link that got faster is found; the first window
-//!   that blocks measures it again.
+//!   that blocks measures it again. Until the link is known, a window of 20 ms spent
+//!   95 % waiting on the channel measures it and the first choice (made on no
+//!   evidence) is reconsidered at once; the first 50 ms, which fill empty buffers, are
+//!   not measured.
 //!
 //! The guest bytes per second of `c` are
 //! `1 / (max(cost(c) / cores, ratio(c) / link) + ratio(c) * copy)`: encoding overlaps
@@ -33,7 +37,10 @@
 //! veth pair) compression saves less than the model thinks; for a candidate that
 //! compresses less than the current one it replaces the figure, since what the channel
 //! accepts under a compressor says little of what it accepts raw when the receiver's
-//! CPU is what limits it, as long as the channel is busy; it is scaled by how much the
+//! CPU is what limits it, as long as the channel is busy and accepted clearly more
+//! bytes per second under that candidate than under the current one (over a real
+//! link, whose rate does not depend on the codec, the model is the better figure);
+//! it is scaled by how much the
 //! candidate's ratio changed since (content that compresses worse moves fewer guest
 //! bytes over the same link). That measurement holds 2 s, twice as long after each trial the candidate lost within a second (up
 //! to 8 s), then the model may try it again. A new choice is kept until a window
