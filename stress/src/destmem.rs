@@ -103,15 +103,19 @@ fn touch(m: &GuestMemory) {
 /// A plain-socket loop that moves `bytes` over `link` with `channels` connections,
 /// each reader `read`ing straight into its share of one anonymous mapping, fresh or
 /// populated beforehand: what pagewire's raw path is compared with. Gbit/s of the
-/// copy (the mapping is set up before the clock starts).
+/// copy (the mappings are set up before the clock starts). The writers send one hot
+/// 1 MiB buffer over and over, or, with `from_memory`, their share of a second
+/// mapping of `bytes`, written beforehand: a source reads guest memory, which a hot
+/// buffer leaves out.
 ///
 /// # Errors
-/// The sockets, the namespaces, the mapping.
+/// The sockets, the namespaces, the mappings.
 pub fn socket_into_memory(
     link: &Link,
     channels: u16,
     bytes: u64,
     kind: DestMemory,
+    from_memory: bool,
 ) -> anyhow::Result<f64> {
     let share = (bytes / u64::from(channels)) as usize & !4095;
     let layout = MemoryLayout::new(
@@ -131,21 +135,35 @@ pub fn socket_into_memory(
         .span(pagewire::RegionId(0), 0, 1)
         .context("the baseline's memory")?;
     let base = base.as_ptr() as usize;
+    let source = if from_memory {
+        let m = GuestMemory::anonymous(&layout)?;
+        touch(&m);
+        Some(m)
+    } else {
+        None
+    };
+    let source = source.as_ref();
     std::thread::scope(|s| -> anyhow::Result<f64> {
         let (tx, rx) = std::sync::mpsc::channel::<anyhow::Result<SocketAddr>>();
         let readers = s.spawn(move || -> anyhow::Result<Instant> {
             let listener = crate::sweep::listen_in_destination(link, &tx)?;
             std::thread::scope(|s2| -> anyhow::Result<()> {
+                let mut readers = Vec::new();
                 for i in 0..usize::from(channels) {
                     let (mut c, _) = listener.accept()?;
-                    s2.spawn(move || {
+                    readers.push(s2.spawn(move || {
                         // SAFETY: connection `i` alone writes bytes `i * share ..
                         // (i + 1) * share` of the mapping, which outlives this scope.
                         let dst = unsafe {
                             std::slice::from_raw_parts_mut((base + i * share) as *mut u8, share)
                         };
-                        let _ = c.read_exact(dst);
-                    });
+                        c.read_exact(dst)
+                    }));
+                }
+                for r in readers {
+                    r.join()
+                        .map_err(|_| anyhow::anyhow!("reader panicked"))?
+                        .context("the baseline's reader")?;
                 }
                 Ok(())
             })?;
@@ -155,12 +173,27 @@ pub fn socket_into_memory(
             .recv_timeout(Duration::from_secs(10))
             .context("the baseline's reader did not bind")??;
         let start = Instant::now();
-        let writers: Vec<_> = (0..channels)
-            .map(|_| {
+        let writers: Vec<_> = (0..usize::from(channels))
+            .map(|i| {
                 s.spawn(move || -> anyhow::Result<()> {
                     link.enter_source()?;
                     let mut c = TcpStream::connect(addr)?;
                     c.set_nodelay(true)?;
+                    if let Some(m) = source {
+                        let mut page = (i * share / 4096) as u64;
+                        let end = ((i + 1) * share / 4096) as u64;
+                        while page < end {
+                            let n = (end - page).min(256);
+                            let (p, len) = m
+                                .span(pagewire::RegionId(0), page, n)
+                                .context("the baseline's source memory")?;
+                            // SAFETY: the span lies inside `m`, which outlives this
+                            // scope, and nothing writes it while the loop runs.
+                            c.write_all(unsafe { std::slice::from_raw_parts(p.as_ptr(), len) })?;
+                            page += n;
+                        }
+                        return Ok(());
+                    }
                     let buf = vec![0x5au8; 1 << 20];
                     let mut left = share;
                     while left > 0 {
@@ -181,4 +214,26 @@ pub fn socket_into_memory(
         let secs = end.duration_since(start).as_secs_f64();
         Ok((share * usize::from(channels)) as f64 * 8.0 / secs / 1e9)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::link::LinkSpec;
+
+    #[test]
+    fn the_memory_baselines_move_their_bytes_on_loopback() {
+        let link = Link::up(&LinkSpec::Loopback).unwrap();
+        for (kind, from_memory) in [
+            (DestMemory::Fresh, false),
+            (DestMemory::Populated, false),
+            (DestMemory::Populated, true),
+        ] {
+            let gbit = socket_into_memory(&link, 2, 8 << 20, kind, from_memory).unwrap();
+            assert!(
+                gbit.is_finite() && gbit > 0.0,
+                "{kind:?} {from_memory}: {gbit}"
+            );
+        }
+    }
 }

@@ -39,6 +39,9 @@ pub struct IntoMemory {
     pub fresh_gbit_per_s: f64,
     /// Into memory written beforehand.
     pub populated_gbit_per_s: f64,
+    /// Into memory written beforehand, the writers sending from a mapping of the
+    /// guest's size (as a source reads guest memory) instead of one hot buffer.
+    pub populated_from_memory_gbit_per_s: f64,
 }
 
 /// A cell and its repetitions.
@@ -246,9 +249,13 @@ impl Runner for LocalRunner {
     ) -> anyhow::Result<IntoMemory> {
         use crate::destmem::{DestMemory, socket_into_memory};
         let link = self.link(link)?;
+        let populated = DestMemory::Populated;
         Ok(IntoMemory {
-            fresh_gbit_per_s: socket_into_memory(link, channels, bytes, DestMemory::Fresh)?,
-            populated_gbit_per_s: socket_into_memory(link, channels, bytes, DestMemory::Populated)?,
+            fresh_gbit_per_s: socket_into_memory(link, channels, bytes, DestMemory::Fresh, false)?,
+            populated_gbit_per_s: socket_into_memory(link, channels, bytes, populated, false)?,
+            populated_from_memory_gbit_per_s: socket_into_memory(
+                link, channels, bytes, populated, true,
+            )?,
         })
     }
 
