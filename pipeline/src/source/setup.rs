@@ -1,0 +1,301 @@
+//! Setting up a source: opening the session's channels, then, for each one, its codec
+//! engine, its adaptive codec choice and its worker thread, which opens the channel and
+//! sends the layout.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, mpsc};
+use std::time::Instant;
+
+use pagewire_accel::{
+    DeltaCache, DeltaConfig, EncodeParams, Engine, EngineConfig, Level, PageSize, SoftwareConfig,
+};
+use pagewire_protocol::{Capabilities, CodecId, CodecSet, Frame};
+use pagewire_transport::session::{self, Established, SessionConfig};
+
+use crate::config::{Control, SourceConfig};
+use crate::error::{MigrationError, Wait};
+use crate::memory::GuestMemory;
+use crate::plan::Affinity;
+use crate::progress::Progress;
+
+use super::worker::WorkerSetup;
+use super::{
+    ChannelTransport, Counters, Reply, Source, SourceLatency, WorkerHandle, adaptive, frame_bytes,
+    transport_views,
+};
+
+impl Source {
+    /// Opens the channels with `open`, then starts a worker per channel and sends the
+    /// layout.
+    pub(super) fn open(
+        memory: Arc<GuestMemory>,
+        config: SourceConfig,
+        open: impl FnOnce(&SessionConfig) -> Result<Vec<Established>, session::SessionError>,
+    ) -> Result<Source, MigrationError> {
+        let started = Instant::now();
+        config.validate()?;
+        let page_size = memory.page_size();
+        let mut caps = Capabilities::new(page_size);
+        caps.max_pages = config.max_pages;
+        caps.max_frame_bytes = frame_bytes(page_size, config.max_pages);
+        // Delta truncated at a record boundary is undetectable without a checksum
+        // (PROTOCOL.md), so delta always asks for one.
+        caps.checksum = config.checksum || config.codec == CodecId::DELTA;
+        caps.codecs = CodecSet::all_known();
+        let mut scfg =
+            SessionConfig::new(caps, config.session, config.channels, config.auth.clone());
+        scfg.tcp.recv_timeout = Some(config.ack_timeout);
+        scfg.tcp.send_timeout = config.send_timeout;
+        scfg.tcp.connect_timeout = config.connect_timeout;
+        scfg.tcp.connect_attempts = config.connect_attempts;
+        scfg.tcp.retry_delay = config.connect_retry_delay;
+        scfg.uring.recv_timeout = Some(config.ack_timeout);
+        scfg.uring.send_timeout = config.send_timeout;
+        scfg.handshake_timeout = config.handshake_timeout;
+        scfg.encryption = config.encryption.clone();
+        let views = transport_views(&memory);
+        scfg.uring.guest = views.iter().map(|(_, v)| v.clone()).collect();
+        // RDMA (`Backend::Rdma`): the guest memory, registered once for all channels.
+        scfg.rdma = pagewire_transport::rdma::RdmaConfig::new(views.clone());
+        scfg.rdma.send_timeout = config.send_timeout;
+        scfg.rdma.recv_timeout = Some(config.ack_timeout);
+        let established = open(&scfg).map_err(|e| session_error(e, &config))?;
+        let control = Control::new(config.bandwidth_limit, config.precopy.downtime_limit);
+        let affinity = Affinity {
+            channels: config.channels,
+            chunk_pages: config.max_pages,
+        };
+        let latency = Arc::new(SourceLatency::default());
+        let mut workers = Vec::new();
+        let mut engine_stats = Vec::new();
+        let mut adaptive_stats = Vec::new();
+        let mut transport = String::new();
+        let mut transports = Vec::new();
+        for est in established {
+            let ch = est.negotiated.channel.0;
+            let negotiated = est.negotiated;
+            if config.adaptive.is_none() && !negotiated.codecs.contains(config.codec) {
+                return Err(MigrationError::Config(format!(
+                    "the destination cannot decode {:?}",
+                    config.codec
+                )));
+            }
+            let delta = if config.codec == CodecId::DELTA {
+                let ps = PageSize::new(page_size)
+                    .ok_or_else(|| MigrationError::Config("page size".into()))?;
+                Some(Arc::new(
+                    DeltaCache::new(DeltaConfig::new(ps, config.delta_cache_pages))
+                        .map_err(|e| MigrationError::Config(e.to_string()))?,
+                ))
+            } else {
+                None
+            };
+            let engine_config = EngineConfig {
+                page_size: PageSize::new(page_size)
+                    .ok_or_else(|| MigrationError::Config("page size".into()))?,
+                max_pages: negotiated.max_pages as usize,
+                requests: config.queue_depth,
+                buffers: config.queue_depth * 2,
+                delta: delta.clone(),
+            };
+            let software = SoftwareConfig {
+                threads: config
+                    .codec_threads
+                    .unwrap_or_else(|| crate::config::codec_threads_for(config.channels)),
+                queue_depth: config.queue_depth,
+            };
+            let mut engine = Engine::build(&config.accel, engine_config.clone(), software)?;
+            // `auto` takes an accelerator only for a codec it runs itself; otherwise
+            // every frame would go through it to the software fallback.
+            if config.accel == pagewire_accel::BackendChoice::Auto
+                && engine.probe().backend != pagewire_accel::BackendKind::Software
+                && !engine.probe().can_encode(config.codec, Level::DEFAULT)
+            {
+                engine = Engine::software(engine_config, software)?;
+            }
+            // A device that reaches memory through an IOMMU mapping (IAA over VFIO)
+            // gets guest memory mapped once per migration; a no-op for the others.
+            for region in memory.region_ids() {
+                let pages = memory.pages(region).unwrap_or(0);
+                if let Some((ptr, len)) = memory.span(region, 0, pages) {
+                    // SAFETY: the region stays mapped as long as `memory`, which the
+                    // workers (and so the engine) hold; the engine's backends touch it
+                    // through raw pointers only.
+                    unsafe { engine.map_memory(ptr.as_ptr(), len) }?;
+                }
+            }
+            let counters = Arc::new(Counters::default());
+            let bytes_sent = Arc::new(AtomicU64::new(0));
+            let estats = Arc::new(std::sync::Mutex::new(engine.stats()));
+            engine_stats.push(estats.clone());
+            let threads = config
+                .codec_threads
+                .unwrap_or_else(|| crate::config::codec_threads_for(config.channels));
+            let selector = match &config.adaptive {
+                Some(a) => Some(
+                    adaptive::Selector::new(
+                        a,
+                        |c| negotiated.codecs.contains(c),
+                        negotiated.checksum.is_none(),
+                        threads.max(1),
+                        ch,
+                        Instant::now(),
+                    )
+                    .ok_or_else(|| {
+                        MigrationError::Config(
+                            "the destination decodes none of the adaptive codec's candidates"
+                                .into(),
+                        )
+                    })?,
+                ),
+                None => None,
+            };
+            let astats = Arc::new(std::sync::Mutex::new(crate::stats::AdaptiveStats::default()));
+            adaptive_stats.push(astats.clone());
+            let setup = WorkerSetup {
+                ch,
+                engine,
+                delta,
+                views: views.clone(),
+                memory: memory.clone(),
+                affinity,
+                params: EncodeParams {
+                    codec: config.codec,
+                    level: pagewire_accel::level_range(config.codec)
+                        .map_or(Level(0), |(min, max)| {
+                            Level(config.level.clamp(min.0, max.0))
+                        }),
+                    raw_in_place: negotiated.checksum.is_none(),
+                },
+                checksum: negotiated.checksum,
+                max_pages: negotiated.max_pages,
+                control: control.clone(),
+                latency: latency.clone(),
+                counters: counters.clone(),
+                bytes_sent: bytes_sent.clone(),
+                engine_stats: estats,
+                adaptive: selector,
+                inline_encode: threads == 0,
+                adaptive_stats: astats,
+                send_timeout: config.send_timeout,
+                ack_timeout: config.ack_timeout,
+            };
+            let (tx, rx_cmd) = mpsc::channel();
+            let (tx_reply, rx) = mpsc::channel();
+            let backend = config.backend;
+            let scfg2 = scfg.clone();
+            // The channel is opened on its worker thread: an io_uring ring set up with
+            // SINGLE_ISSUER accepts submissions only from the thread that created it.
+            let thread = std::thread::Builder::new()
+                .name(format!("pagewire-src-{ch}"))
+                .spawn(move || {
+                    let channel = match est.open(&backend, &scfg2) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let _ = tx_reply.send(Reply::Failed(e.into()));
+                            return;
+                        }
+                    };
+                    let name = ChannelTransport::of(&channel);
+                    let mut w = match setup.into_worker(channel) {
+                        Ok(w) => w,
+                        Err(e) => {
+                            let _ = tx_reply.send(Reply::Failed(e));
+                            return;
+                        }
+                    };
+                    // LAYOUT first on every channel.
+                    let memory = w.s.memory.clone();
+                    let layout = Frame::Layout(memory.layout().frame(w.s.affinity.chunk_pages));
+                    w.rules.on_send_layout();
+                    match w.send_whole(&layout) {
+                        Ok(()) => {
+                            if tx_reply.send(Reply::Ready(name)).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            let _ = tx_reply.send(Reply::Failed(e));
+                            return;
+                        }
+                    }
+                    w.run(rx_cmd, tx_reply);
+                })
+                .map_err(|_| MigrationError::Worker(ch))?;
+            match rx.recv() {
+                Ok(Reply::Ready(kind)) => {
+                    if transport.is_empty() {
+                        transport = kind.to_string();
+                    }
+                    transports.push(kind);
+                }
+                Ok(Reply::Failed(e)) => {
+                    let _ = thread.join();
+                    return Err(e);
+                }
+                _ => {
+                    let _ = thread.join();
+                    return Err(MigrationError::Worker(ch));
+                }
+            }
+            workers.push(WorkerHandle {
+                tx,
+                rx,
+                thread: Some(thread),
+                counters,
+                bytes_sent,
+            });
+        }
+        let progress = Progress::new(
+            started,
+            workers.iter().map(|w| w.counters.clone()).collect(),
+        );
+        Ok(Source {
+            progress,
+            workers,
+            memory,
+            affinity,
+            control,
+            latency,
+            rounds: Vec::new(),
+            next_round: 0,
+            sections: 0,
+            started,
+            setup: started.elapsed(),
+            transport,
+            transports,
+            engine_stats,
+            adaptive_stats,
+            config,
+        })
+    }
+}
+
+/// A session error, or [`MigrationError::Timeout`] when a connect or handshake wait
+/// ran out.
+fn session_error(e: session::SessionError, config: &SourceConfig) -> MigrationError {
+    use pagewire_transport::tcp::TcpError;
+    use session::SessionError;
+    let timed_out = |e: &std::io::Error| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+        )
+    };
+    match &e {
+        SessionError::HandshakeIo { source, .. } if timed_out(source) => MigrationError::Timeout {
+            channel: None,
+            what: Wait::Handshake,
+            after: config.handshake_timeout,
+        },
+        SessionError::Tcp(TcpError::Connect {
+            source, attempts, ..
+        }) if timed_out(source) => MigrationError::Timeout {
+            channel: None,
+            what: Wait::Connect,
+            after: config.connect_timeout * *attempts
+                + config.connect_retry_delay * attempts.saturating_sub(1),
+        },
+        _ => MigrationError::Session(e),
+    }
+}

@@ -1,0 +1,171 @@
+//! Feeding the codec engine: submitting a frame's data pages as a job, sending the
+//! jobs that finish, and waiting for the engine or the channel to free a buffer.
+
+use std::time::{Duration, Instant};
+
+use pagewire_accel::Tag;
+use pagewire_protocol::RegionId;
+
+use crate::error::{MigrationError, Wait};
+use crate::source::split::PageSplit;
+
+use super::{FrameMeta, Worker, page_key};
+
+impl Worker {
+    pub(super) fn submit(
+        &mut self,
+        region: RegionId,
+        split: &PageSplit,
+    ) -> Result<(), MigrationError> {
+        let mut progress = Instant::now();
+        let mut job = loop {
+            if let Some(j) = self.s.engine.job() {
+                break j;
+            }
+            self.wait_engine(&mut progress)?;
+        };
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        let (arm, params) = match &mut self.s.adaptive {
+            Some(sel) => {
+                let (i, p) = sel.choose(Instant::now());
+                (Some(i), p)
+            }
+            None => (None, self.s.params),
+        };
+        let list = job.encode(Tag(tag), params);
+        for run in &split.data {
+            let (ptr, _) = self
+                .s
+                .memory
+                .span(region, run.start.0, u64::from(run.count))
+                .ok_or_else(|| MigrationError::Protocol {
+                    channel: self.s.ch,
+                    what: format!("run {run:?} outside region {region:?}"),
+                })?;
+            let key = page_key(region, run.start.0);
+            // SAFETY: the run lies inside a region of `self.s.memory`, which this worker
+            // keeps alive (an `Arc`) beyond the job's completion; nothing holds a `&mut`
+            // to guest memory, and accel reads these pages only through raw-pointer
+            // copies into its scratch and the zero scan, never as a `&[u8]`. Guest
+            // writes meanwhile make the encoded content stale or torn, and re-dirty the
+            // page, so its next round sends it again.
+            unsafe { list.push_raw(ptr.as_ptr(), run.count, key) }.map_err(|e| {
+                MigrationError::Protocol {
+                    channel: self.s.ch,
+                    what: e.to_string(),
+                }
+            })?;
+        }
+        self.pending.insert(
+            tag,
+            FrameMeta {
+                region,
+                data_runs: split.data.clone(),
+                zero_runs: split.zero.clone(),
+                uniform_runs: split.uniform.clone(),
+                arm,
+                submitted: Instant::now(),
+                cpu: None,
+            },
+        );
+        self.batch.push_back(job);
+        if arm.is_some() && self.s.inline_encode {
+            let t0 = pagewire_accel::thread_cpu_time();
+            self.s.engine.submit(&mut self.batch)?;
+            // Measured only when that call ran the job: a full engine makes the loop
+            // below wait, and send other frames, on this thread.
+            if self.batch.is_empty()
+                && let Some(m) = self.pending.get_mut(&tag)
+            {
+                m.cpu = Some(pagewire_accel::thread_cpu_time().saturating_sub(t0));
+            }
+        }
+        loop {
+            self.s.engine.submit(&mut self.batch)?;
+            if self.batch.is_empty() {
+                break;
+            }
+            self.wait_engine(&mut progress)?;
+        }
+        // Send whatever is ready without waiting.
+        self.drain_some(None).map(drop)
+    }
+
+    /// Sends the engine's finished jobs, waiting up to `wait` for the first; returns
+    /// how many.
+    fn drain_some(&mut self, wait: Option<Duration>) -> Result<usize, MigrationError> {
+        let mut comps = std::mem::take(&mut self.completions);
+        let res = (|| {
+            let n = self.s.engine.poll(&mut comps, 64, wait)?;
+            for c in comps.drain(..) {
+                self.send_completion(c)?;
+            }
+            Ok(n)
+        })();
+        comps.clear();
+        self.completions = comps;
+        res
+    }
+
+    /// Waits for what frees an engine request or output buffer: a finished job (sent
+    /// at once) or a finished send (whose payload buffer goes back to the engine's
+    /// pool). Buffers held by sends come back only through the channel's completions,
+    /// so those are reaped here too, and waited for when nothing else can happen
+    /// (io_uring completes sends only when asked). `progress` is when something last
+    /// came back; with nothing for `send_timeout` since, fails with
+    /// [`MigrationError::Timeout`].
+    fn wait_engine(&mut self, progress: &mut Instant) -> Result<(), MigrationError> {
+        let timeout = self.s.send_timeout;
+        let left = timeout.saturating_sub(progress.elapsed());
+        if left.is_zero() {
+            return Err(MigrationError::Timeout {
+                channel: Some(self.s.ch),
+                what: if self.s.engine.in_flight() > 0 {
+                    Wait::Engine
+                } else {
+                    Wait::Send
+                },
+                after: timeout,
+            });
+        }
+        let sends = self.sends.len();
+        let mut got = if self.s.engine.in_flight() > 0 {
+            self.drain_some(Some(left.min(Duration::from_millis(50))))?
+        } else {
+            0
+        };
+        if self.s.engine.in_flight() == 0 && got == 0 && !self.sends.is_empty() {
+            // Every buffer not in the pool is with the channel: wait for its sends
+            // (bounded by the channel's send timeout, which is `send_timeout`).
+            self.reap(true)?;
+        } else {
+            self.reap(false)?;
+        }
+        got += sends.saturating_sub(self.sends.len());
+        if got > 0 {
+            *progress = Instant::now();
+        } else if self.s.engine.in_flight() == 0 && self.sends.is_empty() {
+            // Nothing is out, yet nothing is free: the engine lost track of a buffer.
+            return Err(MigrationError::Protocol {
+                channel: self.s.ch,
+                what: format!(
+                    "the codec engine has no free request or buffer and nothing in flight ({:?})",
+                    self.s.engine
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    pub(super) fn drain(&mut self) -> Result<(), MigrationError> {
+        let mut progress = Instant::now();
+        while !self.batch.is_empty() || self.s.engine.in_flight() > 0 {
+            if !self.batch.is_empty() {
+                self.s.engine.submit(&mut self.batch)?;
+            }
+            self.wait_engine(&mut progress)?;
+        }
+        Ok(())
+    }
+}

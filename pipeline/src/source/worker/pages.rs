@@ -1,0 +1,265 @@
+//! Building and sending PAGES frames: classifying a frame's pages, the frame of zero
+//! and uniform pages only, the frame of an engine completion, and their accounting.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use bytes::Bytes;
+use pagewire_accel::{Completion, Layout};
+use pagewire_protocol::{CodecId, Frame, PageFrame, PageRun, RegionId, Round, WireList};
+use pagewire_transport::{OutFrame, Payload};
+
+use crate::error::MigrationError;
+use crate::source::split::PageSplit;
+use crate::stats::CodecStats;
+
+use super::Worker;
+
+/// The engine's output buffer, carried to the transport without a copy (as the owner
+/// of a [`Bytes`]). Its bytes neither move nor change while the handle lives: the pool
+/// hands a slot out again only after its last handle drops, and shared handles never
+/// write.
+struct EngineBuf(pagewire_accel::PoolBuf);
+
+impl AsRef<[u8]> for EngineBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+/// Pages of one frame, by how they travel.
+#[derive(Clone, Copy)]
+struct Sent {
+    data: u64,
+    zero: u64,
+    uniform: u64,
+}
+
+impl Worker {
+    /// Splits a frame's pages into data, zero and uniform runs (canonical: merged,
+    /// ascending), with one scan of each page.
+    pub(super) fn classify(
+        &self,
+        region: RegionId,
+        runs: &[PageRun],
+        split: &mut PageSplit,
+        ps: u64,
+    ) -> Result<(), MigrationError> {
+        for run in runs {
+            for p in run.start.0..run.start.0 + u64::from(run.count) {
+                let ptr =
+                    self.s
+                        .memory
+                        .page_ptr(region, p)
+                        .ok_or_else(|| MigrationError::Protocol {
+                            channel: self.s.ch,
+                            what: format!("page {p} outside region {region:?}"),
+                        })?;
+                // SAFETY: `page_ptr` returned a pointer to a whole page inside a mapped
+                // region; the scan only reads it (a concurrent guest write makes the
+                // answer stale, and also re-dirties the page).
+                let class = unsafe { pagewire_accel::classify_raw(ptr.as_ptr(), ps as usize) };
+                split.push(p, class);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a frame of zero and uniform pages only.
+    pub(super) fn send_zero(
+        &mut self,
+        region: RegionId,
+        split: &PageSplit,
+    ) -> Result<(), MigrationError> {
+        let (zero, uniform) = split.counts();
+        let mut frame = PageFrame {
+            codec: CodecId::ZERO,
+            region,
+            round: Round(self.round_no),
+            data_runs: WireList::Slice(&[]),
+            zero_runs: WireList::Slice(&split.zero),
+            uniform_runs: WireList::Slice(&split.uniform),
+            lengths: None,
+            crc: None,
+            payload: &[],
+        };
+        if self.s.checksum.is_some() {
+            frame = frame.with_crc(&[]).map_err(|e| MigrationError::Protocol {
+                channel: self.s.ch,
+                what: e.to_string(),
+            })?;
+        }
+        self.rules.on_send_pages(&frame).map_err(|e| self.rule(e))?;
+        let frame = Frame::Pages(frame);
+        self.send_whole(&frame)?;
+        let pages = Sent {
+            data: 0,
+            zero,
+            uniform,
+        };
+        self.account(CodecId::ZERO, pages, 0, frame_len(&frame));
+        Ok(())
+    }
+
+    pub(super) fn send_completion(&mut self, mut c: Completion) -> Result<(), MigrationError> {
+        let meta = self
+            .pending
+            .remove(&c.tag().0)
+            .ok_or_else(|| MigrationError::Protocol {
+                channel: self.s.ch,
+                what: "completion for an unknown job".into(),
+            })?;
+        c.status().map_err(|source| MigrationError::Codec {
+            channel: self.s.ch,
+            source,
+        })?;
+        let out = c.encoded().ok_or_else(|| MigrationError::Protocol {
+            channel: self.s.ch,
+            what: "encode job without an outcome".into(),
+        })?;
+        let took = meta.submitted.elapsed();
+        self.s.latency.encode.record(took);
+        let per_page = pagewire_accel::layout(out.codec) == Some(Layout::PerPage);
+        let lengths: Vec<u32> = if per_page {
+            c.lengths().to_vec()
+        } else {
+            Vec::new()
+        };
+        let payload: Vec<Payload> = if out.in_place {
+            let view = self
+                .s
+                .views
+                .iter()
+                .find(|(id, _)| *id == meta.region)
+                .map(|(_, v)| v.clone())
+                .ok_or(MigrationError::Worker(self.s.ch))?;
+            let ps = self.s.memory.page_size() as usize;
+            meta.data_runs
+                .iter()
+                .map(|r| {
+                    view.slice(r.start.0 as usize * ps, r.count as usize * ps)
+                        .map(Payload::Guest)
+                        .ok_or(MigrationError::Worker(self.s.ch))
+                })
+                .collect::<Result<_, _>>()?
+        } else {
+            let buf = c.take_payload().ok_or_else(|| MigrationError::Protocol {
+                channel: self.s.ch,
+                what: "encode job without a payload buffer".into(),
+            })?;
+            if buf.len() != out.payload_len {
+                return Err(MigrationError::Protocol {
+                    channel: self.s.ch,
+                    what: "payload buffer length differs from the encode outcome".into(),
+                });
+            }
+            vec![Payload::Foreign(Bytes::from_owner(EngineBuf(buf)))]
+        };
+        drop(c);
+        let mut frame = PageFrame {
+            codec: out.codec,
+            region: meta.region,
+            round: Round(self.round_no),
+            data_runs: WireList::Slice(&meta.data_runs),
+            zero_runs: WireList::Slice(&meta.zero_runs),
+            uniform_runs: WireList::Slice(&meta.uniform_runs),
+            lengths: per_page.then_some(WireList::Slice(&lengths)),
+            crc: None,
+            payload: &[],
+        };
+        frame.crc = match self.s.checksum {
+            Some(_) => {
+                // The checksum covers the envelope and header too (PROTOCOL.md, PAGES).
+                let payload_len = payload.iter().map(Payload::len).sum();
+                let mut crc =
+                    frame
+                        .crc_seed(payload_len)
+                        .map_err(|e| MigrationError::Protocol {
+                            channel: self.s.ch,
+                            what: e.to_string(),
+                        })?;
+                for p in &payload {
+                    if let Payload::Foreign(bytes) = p {
+                        crc = crc32c::crc32c_append(crc, bytes);
+                    }
+                }
+                Some(crc)
+            }
+            None => None,
+        };
+        self.rules.on_send_pages(&frame).map_err(|e| self.rule(e))?;
+        let outf = OutFrame::pages(&frame, payload).map_err(|e| MigrationError::Protocol {
+            channel: self.s.ch,
+            what: e.to_string(),
+        })?;
+        let sum = |it: &mut dyn Iterator<Item = u32>| it.map(u64::from).sum();
+        let pages = Sent {
+            data: sum(&mut meta.data_runs.iter().map(|r| r.count)),
+            zero: sum(&mut meta.zero_runs.iter().map(|r| r.count)),
+            uniform: sum(&mut meta.uniform_runs.iter().map(|u| u.run.count)),
+        };
+        if let (Some(i), Some(sel)) = (meta.arm, self.s.adaptive.as_mut()) {
+            let ps = u64::from(self.s.memory.page_size());
+            let took = meta.cpu.unwrap_or(took);
+            sel.observe_encode(i, pages.data * ps, out.bytes_out() as u64, took);
+        }
+        let wire = self.send(outf)?;
+        if let (Some(_), Some(sel)) = (meta.arm, self.s.adaptive.as_mut()) {
+            let ps = u64::from(self.s.memory.page_size());
+            sel.observe_frame(pages.data * ps, Instant::now());
+        }
+        self.account(out.codec, pages, out.bytes_out() as u64, wire);
+        Ok(())
+    }
+
+    fn account(&mut self, codec: CodecId, pages: Sent, payload: u64, wire: u64) {
+        let Sent {
+            data,
+            zero,
+            uniform,
+        } = pages;
+        let ps = u64::from(self.s.memory.page_size());
+        let all = data + zero + uniform;
+        let r = &mut self.round;
+        r.frames += 1;
+        r.wire_bytes += wire;
+        r.guest_bytes += all * ps;
+        r.pages.zero += zero;
+        r.pages.uniform += uniform;
+        let c = &self.s.counters;
+        c.frames.fetch_add(1, Ordering::Relaxed);
+        c.wire_bytes.fetch_add(wire, Ordering::Relaxed);
+        c.guest_bytes.fetch_add(all * ps, Ordering::Relaxed);
+        c.zero.fetch_add(zero, Ordering::Relaxed);
+        c.uniform.fetch_add(uniform, Ordering::Relaxed);
+        let slot = match codec {
+            CodecId::RAW => {
+                r.pages.raw += data;
+                &c.raw
+            }
+            CodecId::DELTA => {
+                r.pages.delta += data;
+                &c.delta
+            }
+            _ => {
+                r.pages.compressed += data;
+                &c.compressed
+            }
+        };
+        slot.fetch_add(data, Ordering::Relaxed);
+        let e = r.codecs.entry(codec).or_insert_with(|| CodecStats {
+            codec: format!("{codec:?}"),
+            ..Default::default()
+        });
+        e.frames += 1;
+        e.pages += all;
+        e.guest_bytes += data * ps;
+        e.payload_bytes += payload;
+    }
+}
+
+fn frame_len(f: &Frame<'_>) -> u64 {
+    match f {
+        Frame::Pages(p) => (p.header_len() + p.payload.len()) as u64,
+        _ => 0,
+    }
+}
