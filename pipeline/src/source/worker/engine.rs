@@ -78,7 +78,9 @@ impl Worker {
             if self.batch.is_empty()
                 && let Some(m) = self.pending.get_mut(&tag)
             {
-                m.cpu = Some(pagewire_accel::thread_cpu_time().saturating_sub(t0));
+                // Zero when the clock cannot be read: wall time then.
+                m.cpu = Some(pagewire_accel::thread_cpu_time().saturating_sub(t0))
+                    .filter(|d| !d.is_zero());
             }
         }
         loop {
