@@ -67,7 +67,7 @@ pub(super) struct Receiver {
     rules: DestinationChannel,
     codecs: Codecs,
     lengths: Vec<u32>,
-    /// The hardware decoder, when [`DestinationConfig::accel`] chose one.
+    /// The hardware decoder, when [`DestinationConfig::accel`](crate::DestinationConfig::accel) chose one.
     hw: Option<crate::hwdecode::Decoder>,
     /// Scratch: the frame's destination runs for the hardware decoder.
     runs: Vec<(*mut u8, u32, u64)>,
