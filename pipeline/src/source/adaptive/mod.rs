@@ -47,9 +47,12 @@
 //! measured it, and after a switch to a candidate that compresses less the first
 //! 50 ms are not measured (the socket's and the link's buffers, which the compressor
 //! left empty, absorb them).
-//! The best candidate is taken when it beats the current one by 5 % (or, on a busy
-//! link, moves within 2 % as much for a fifth less core time), reconsidered at most
-//! once per 100 ms window. At most one frame in `explore_every`, and no more than 3 %
+//! The best candidate is the cheapest in core time among those within 10 % of the
+//! fastest (within 2 % on a busy link that is a fixed pipe: the channel accepted about
+//! as many bytes per second under each candidate it measured there, so a core saved
+//! idles while pages lost are lost). It is taken when it beats the current one by
+//! 5 % (or, on a busy link, moves within 2 % as much for a fifth less core time),
+//! reconsidered at most once per 100 ms window. At most one frame in `explore_every`, and no more than 3 %
 //! of the time spent encoding or waiting on the channel, goes to the compressor
 //! measured longest ago (raw, whose ratio and cost do not depend on the content, is
 //! never explored), so every estimate follows the content as it
