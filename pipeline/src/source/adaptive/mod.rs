@@ -185,8 +185,10 @@ struct Arm {
     /// Bytes per second the channel accepted in busy windows while it was the choice.
     /// Over a real link every candidate sees the same figure; where the link is the
     /// receiver's work on the same cores, a candidate that compresses less sees more
-    /// (raw costs the receiver less per byte than a decoder does).
-    wire: Option<f64>,
+    /// (raw costs the receiver less per byte than a decoder does). With when it was
+    /// last measured: a figure older than the longest a realized rate holds (8 s) may
+    /// be of another link.
+    wire: Option<(f64, Instant)>,
     stats: ChoiceStats,
 }
 
@@ -420,7 +422,7 @@ impl Selector {
                 let receiver_bound = a
                     .wire
                     .zip(self.arms[self.current].wire)
-                    .is_none_or(|(w, c)| w > c * WIRE_DIFFERS);
+                    .is_none_or(|((w, _), (c, _))| w > c * WIRE_DIFFERS);
                 if self.limited && receiver_bound && ratio > self.ratio(self.current) * NEAR {
                     r
                 } else {
@@ -432,18 +434,21 @@ impl Selector {
     }
 
     /// Whether the busy link is a fixed pipe: at least one other candidate has been the
-    /// choice in a busy window, and the channel accepted about as many bytes per second
+    /// choice in a busy window lately, and the channel accepted about as many bytes per second
     /// under each as under the current one (not the receiver's work on the same cores,
     /// which accepts more bytes of a codec that costs it less).
     fn fixed_link(&self) -> bool {
-        let Some(cur) = self.arms[self.current].wire else {
+        let Some((cur, _)) = self.arms[self.current].wire else {
             return false;
         };
+        let fresh =
+            |at: Instant| self.now.saturating_duration_since(at) < REALIZED_FOR * (1 << MAX_LOSSES);
         let others = self
             .arms
             .iter()
             .enumerate()
-            .filter_map(|(i, a)| a.wire.filter(|_| i != self.current));
+            .filter(|&(i, _)| i != self.current)
+            .filter_map(|(_, a)| a.wire.filter(|&(_, at)| fresh(at)).map(|(w, _)| w));
         let mut any = false;
         for w in others {
             if w > cur * WIRE_DIFFERS || cur > w * WIRE_DIFFERS {
@@ -723,7 +728,7 @@ impl Selector {
         }
         if self.limited {
             let w = &mut self.arms[self.current].wire;
-            *w = Some(w.map_or(rate, |w| w + 0.5 * (rate - w)));
+            *w = Some((w.map_or(rate, |(w, _)| w + 0.5 * (rate - w)), now));
         }
         self.link = Some(match (self.link, self.limited) {
             // A busy link carries what it can: a drop is taken at once.
