@@ -40,25 +40,24 @@
 //! CPU is what limits it, as long as the channel is busy and accepted clearly more
 //! bytes per second under that candidate than under the current one (over a real
 //! link, whose rate does not depend on the codec, the model is the better figure);
-//! it is scaled by how much the
-//! candidate's ratio changed since (content that compresses worse moves fewer guest
-//! bytes over the same link). That measurement holds 2 s, twice as long after each trial the candidate lost within a second (up
-//! to 8 s), then the model may try it again. A new choice is kept until a window
-//! measured it, and after a switch to a candidate that compresses less the first
-//! 50 ms are not measured (the socket's and the link's buffers, which the compressor
-//! left empty, absorb them).
+//! it is scaled by how much the candidate's ratio changed since (content that
+//! compresses worse moves fewer guest bytes over the same link). That measurement holds
+//! 2 s, twice as long after each trial the candidate lost within a second (up to 8 s),
+//! then the model may try it again. A new choice is kept until a window measured it,
+//! and after a switch to a candidate that compresses less the first 50 ms are not
+//! measured (the socket's and the link's buffers, which the compressor left empty,
+//! absorb them).
 //! The best candidate is the cheapest in core time among those within 10 % of the
 //! fastest (within 2 % on a busy link that is a fixed pipe: the channel accepted about
 //! as many bytes per second under each candidate it measured there, so a core saved
-//! idles while pages lost are lost). It is taken when it beats the current one by
-//! 5 % (or, on a busy link, moves within 2 % as much for a fifth less core time),
-//! reconsidered at most once per 100 ms window. At most one frame in `explore_every`, and no more than 3 %
-//! of the time spent encoding or waiting on the channel, goes to the compressor
-//! measured longest ago (raw, whose ratio and cost do not depend on the content, is
-//! never explored), so every estimate follows the content as it
-//! changes class while a slow candidate is tried seldom. A destination slower than
-//! the link shows as a slower link (it accepts less), which is what matters to the
-//! source.
+//! idles while pages lost are lost). It is taken when it beats the current one by 5 %
+//! (or, on a busy link, moves within 2 % as much for a fifth less core time),
+//! reconsidered at most once per 100 ms window. At most one frame in `explore_every`,
+//! and no more than 3 % of the time spent encoding or waiting on the channel, goes to
+//! the compressor measured longest ago (raw, whose ratio and cost do not depend on the
+//! content, is never explored), so every estimate follows the content as it changes
+//! class while a slow candidate is tried seldom. A destination slower than the link
+//! shows as a slower link (it accepts less), which is what matters to the source.
 //!
 //! Pure logic: time comes in as arguments, nothing here does IO.
 
@@ -434,8 +433,8 @@ impl Selector {
     }
 
     /// Whether the busy link is a fixed pipe: at least one other candidate has been the
-    /// choice in a busy window lately, and the channel accepted about as many bytes per second
-    /// under each as under the current one (not the receiver's work on the same cores,
+    /// choice in a busy window lately, and the channel accepted about as many bytes
+    /// per second under each as under the current one (not the receiver's work on the same cores,
     /// which accepts more bytes of a codec that costs it less).
     fn fixed_link(&self) -> bool {
         let Some((cur, _)) = self.arms[self.current].wire else {
@@ -708,9 +707,7 @@ impl Selector {
             self.now = self.now.max(now);
             (self.link, self.limited, self.last_limited) = (Some(rate), true, now);
             self.blind = true;
-            self.window_start = now;
-            self.window_bytes = 0;
-            self.window_blocked = Duration::ZERO;
+            self.next_window(now);
             return;
         }
         let per_byte = self.window_blocked.as_secs_f64() / self.window_bytes.max(1) as f64;
@@ -725,8 +722,6 @@ impl Selector {
         self.limited = per_byte > BLOCKED * copy && self.window_blocked > span / 10;
         if self.limited {
             self.last_limited = now;
-        }
-        if self.limited {
             let w = &mut self.arms[self.current].wire;
             *w = Some((w.map_or(rate, |(w, _)| w + 0.5 * (rate - w)), now));
         }
@@ -737,6 +732,11 @@ impl Selector {
             (Some(l), false) => l.max(rate),
             (None, _) => rate,
         });
+        self.next_window(now);
+    }
+
+    /// Starts the next window of [`Selector::observe_send`] at `now`.
+    fn next_window(&mut self, now: Instant) {
         self.window_start = now;
         self.window_bytes = 0;
         self.window_blocked = Duration::ZERO;
