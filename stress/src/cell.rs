@@ -291,8 +291,7 @@ impl SourceGuest {
             }],
         )?;
         let memory = Arc::new(GuestMemory::anonymous(&layout).context("mapping guest memory")?);
-        let budget = ((mem_mib << 20) as usize).min(128 << 20);
-        let filler = Filler::new(workload, budget)?;
+        let filler = Filler::new(workload, crate::workload::idle_corpus_budget(mem_mib << 20))?;
         filler.fill(&memory, 42);
         Ok(SourceGuest {
             memory,

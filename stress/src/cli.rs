@@ -28,6 +28,23 @@ pub enum Command {
     Serve(ServeArgs),
     /// Be the source (`--to ADDR`), or both ends in this process (`--local`).
     Run(Box<RunArgs>),
+    /// Write a workload's guest memory to a file, to migrate the same bytes with
+    /// another system (or another build: `run --workload fill-from:FILE`).
+    Image(ImageArgs),
+}
+
+/// `pagewire-stress image`.
+#[derive(Debug, Args)]
+pub struct ImageArgs {
+    /// Guest memory content (as `run --workload`).
+    #[arg(long, default_value = "idle")]
+    pub workload: Workload,
+    /// Guest memory size in MiB.
+    #[arg(long, default_value_t = 2048)]
+    pub mem_mib: u64,
+    /// The file to write (replaced if it exists).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
 }
 
 /// How the handshake is authenticated.

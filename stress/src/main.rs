@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Parser;
 use pagewire_stress::cli::{Cli, Command, Mode};
 use pagewire_stress::serve::Server;
@@ -31,6 +32,34 @@ fn real_main() -> anyhow::Result<ExitCode> {
             );
             let n = server.serve(a.count, &mut std::io::stderr())?;
             eprintln!("served {n} migration(s)");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Image(a) => {
+            let guest = pagewire_stress::cell::SourceGuest::new(&a.workload, a.mem_mib)?;
+            let pages = guest.pages();
+            let mut f = std::io::BufWriter::new(
+                std::fs::File::create(&a.out)
+                    .with_context(|| format!("creating {}", a.out.display()))?,
+            );
+            let mut page = vec![0u8; 4096];
+            for p in 0..pages {
+                if !guest
+                    .memory
+                    .read_pages(pagewire::RegionId(0), p, 1, &mut page)
+                {
+                    anyhow::bail!("page {p} outside the guest memory");
+                }
+                std::io::Write::write_all(&mut f, &page)
+                    .with_context(|| format!("writing {}", a.out.display()))?;
+            }
+            std::io::Write::flush(&mut f)
+                .with_context(|| format!("writing {}", a.out.display()))?;
+            eprintln!(
+                "wrote {} MiB of workload {} to {}",
+                a.mem_mib,
+                a.workload,
+                a.out.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Run(a) => {

@@ -16,7 +16,11 @@ pub const PAGE: usize = 4096;
 pub enum Workload {
     /// An idle Linux guest: most pages from real files of this machine (page cache,
     /// binaries), about 30 % pages of one repeated byte 0xCC (freed memory poisoned
-    /// with `init_on_free`/slub debugging, int3 padding), a few % zero pages.
+    /// with `init_on_free`/slub debugging, int3 padding), a few % zero pages. The file
+    /// pages are two copies of a corpus (as a guest holds a file in its page cache and
+    /// again in a process), laid in order: the first copy fills the first half of the
+    /// file pages, the second the rest (more copies only when the machine has too few
+    /// files; see [`idle_corpus_budget`]).
     Idle,
     /// A memory dump (or any file), repeated to fill memory.
     FillFrom(PathBuf),
@@ -140,6 +144,13 @@ impl Workload {
             _ => Content::Mixed,
         }
     }
+}
+
+/// The corpus bytes that make the `idle` workload's file pages (66 % of the memory)
+/// two copies of it: a third of `mem_bytes`, in whole pages.
+pub fn idle_corpus_budget(mem_bytes: u64) -> usize {
+    let pages = (mem_bytes / PAGE as u64 * 33).div_ceil(100);
+    pages as usize * PAGE
 }
 
 /// Source pages for the `idle` workload: 4 KiB pages of real files of this machine.
@@ -329,9 +340,11 @@ impl Filler {
                 let mut rng = Rng::new(seed);
                 let mut page = vec![0u8; PAGE];
                 let mut n = 0u64;
+                // File pages laid so far: the corpus is laid in order, again and again.
+                let mut files = 0u64;
                 for id in memory.region_ids().collect::<Vec<_>>() {
                     for p in 0..memory.pages(id).unwrap_or(0) {
-                        self.page(w, n, &mut rng, &mut page);
+                        self.page(w, n, &mut files, &mut rng, &mut page);
                         memory.write_pages(id, p, &page);
                         n += 1;
                     }
@@ -340,7 +353,7 @@ impl Filler {
         }
     }
 
-    fn page(&self, w: &Workload, n: u64, rng: &mut Rng, page: &mut [u8]) {
+    fn page(&self, w: &Workload, n: u64, files: &mut u64, rng: &mut Rng, page: &mut [u8]) {
         match w {
             Workload::Ones => page.fill((n % 255) as u8 + 1),
             Workload::Sequence => {
@@ -355,7 +368,8 @@ impl Filler {
                 } else if r < 34 {
                     page.fill(0);
                 } else if let Some(c) = &self.corpus {
-                    let i = (n as usize) % c.pages();
+                    let i = (*files as usize) % c.pages();
+                    *files += 1;
                     page.copy_from_slice(&c.pages[i * PAGE..(i + 1) * PAGE]);
                 }
             }
@@ -431,6 +445,36 @@ mod tests {
         assert!((0.02..=0.06).contains(&c.zero_share()), "{c:?}");
         // The rest are file pages, never one repeated byte.
         assert_eq!(c.other_uniform, 0, "{c:?}");
+    }
+
+    #[test]
+    fn idle_holds_its_corpus_twice_at_most() {
+        let pages = 8192u64;
+        let mem = memory(pages);
+        let f = Filler::new(&Workload::Idle, idle_corpus_budget(pages * 4096)).unwrap();
+        let corpus = f.corpus.as_ref().unwrap();
+        f.fill(&mem, 1);
+        let mut seen = std::collections::HashMap::<Vec<u8>, u32>::new();
+        let mut page = vec![0u8; PAGE];
+        for p in 0..pages {
+            assert!(mem.read_pages(RegionId(0), p, 1, &mut page));
+            if !uniform(&page) {
+                *seen.entry(page.clone()).or_default() += 1;
+            }
+        }
+        let most = seen.values().copied().max().unwrap();
+        // A file can hold the same page twice itself: a corpus page is there twice,
+        // and the few repeats within the files add to that.
+        let twice = seen.values().filter(|&&n| n == 2).count();
+        assert!(most <= 6, "a page {most} times");
+        assert!(
+            twice as f64 >= 0.8 * corpus.pages() as f64,
+            "{twice} of {} corpus pages twice",
+            corpus.pages()
+        );
+        // Every file page is in the corpus's first or second copy, none in a third.
+        let file_pages: u32 = seen.values().sum();
+        assert!(u64::from(file_pages) <= 2 * corpus.pages() as u64);
     }
 
     #[test]
