@@ -573,8 +573,18 @@ mod tests {
         v.extend_from_slice(args);
         match Cli::try_parse_from(v)?.command {
             Command::Run(r) => r.plan(),
-            Command::Serve(_) => bail!("not run"),
+            Command::Serve(_) | Command::Image(_) => bail!("not run"),
         }
+    }
+
+    #[test]
+    fn image_takes_a_workload_size_and_file() {
+        let c = Cli::try_parse_from(["pagewire-stress", "image", "--out", "/tmp/x"]).unwrap();
+        let Command::Image(a) = c.command else {
+            panic!("not image")
+        };
+        assert_eq!((a.workload, a.mem_mib), (Workload::Idle, 2048));
+        assert!(Cli::try_parse_from(["pagewire-stress", "image"]).is_err());
     }
 
     #[test]
