@@ -17,7 +17,7 @@ fn plan(args: &[&str]) -> (Plan, KeyArgs) {
     v.extend_from_slice(args);
     match Cli::try_parse_from(v).unwrap().command {
         Command::Run(r) => (r.plan().unwrap(), r.key.clone()),
-        Command::Serve(_) => unreachable!("a run"),
+        Command::Serve(_) | Command::Image(_) => unreachable!("a run"),
     }
 }
 
