@@ -63,6 +63,15 @@ pub struct SourceConfig {
     pub queue_depth: usize,
     /// Pages kept by the sender's delta cache per channel (delta codec only).
     pub delta_cache_pages: usize,
+    /// Send a data page equal to one its channel already sent, and unchanged since, as a
+    /// COPY reference to it instead of its bytes (PROTOCOL.md, COPY). Content is
+    /// compared by a BLAKE3 hash keyed with a secret of this source, over a copy of the
+    /// pages that the codec then encodes. Only frames whose codec compresses: raw pages
+    /// go out without a copy; and only with the software codec engine (a hardware
+    /// engine reads guest memory by DMA, not the copy). Costs per data page a copy and
+    /// a hash, and per channel 4 bytes per guest page it carries and a table of at most
+    /// 32 MiB. Default: on.
+    pub dedup: bool,
     /// How long to wait for the destination's acknowledgement of a round (or of
     /// COMPLETE) once every frame of it was handed over; one deadline for the whole
     /// wait, however many frames arrive meanwhile.
@@ -102,6 +111,7 @@ impl SourceConfig {
             codec_threads: None,
             queue_depth: 16,
             delta_cache_pages: 64 * 1024,
+            dedup: true,
             ack_timeout: Duration::from_secs(30),
             send_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),

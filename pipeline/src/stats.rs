@@ -18,6 +18,9 @@ pub struct PageCounts {
     pub zero: u64,
     /// Sent as uniform runs only: one byte repeated over the page.
     pub uniform: u64,
+    /// Sent as COPY references to an equal page the channel sent before
+    /// ([`SourceConfig::dedup`](crate::SourceConfig::dedup)).
+    pub copied: u64,
     /// Sent as a delta against the previous version.
     pub delta: u64,
     /// Sent raw because compression did not shrink them (or raw was chosen).
@@ -27,7 +30,7 @@ pub struct PageCounts {
 impl PageCounts {
     /// All pages.
     pub fn total(&self) -> u64 {
-        self.compressed + self.zero + self.uniform + self.delta + self.raw
+        self.compressed + self.zero + self.uniform + self.copied + self.delta + self.raw
     }
 
     /// Adds another count.
@@ -35,6 +38,7 @@ impl PageCounts {
         self.compressed += o.compressed;
         self.zero += o.zero;
         self.uniform += o.uniform;
+        self.copied += o.copied;
         self.delta += o.delta;
         self.raw += o.raw;
     }
@@ -502,11 +506,12 @@ impl fmt::Display for MigrationStats {
         )?;
         writeln!(
             f,
-            "pages:                 {} total: {} compressed, {} zero, {} uniform, {} delta, {} raw",
+            "pages:                 {} total: {} compressed, {} zero, {} uniform, {} copied, {} delta, {} raw",
             self.pages.total(),
             self.pages.compressed,
             self.pages.zero,
             self.pages.uniform,
+            self.pages.copied,
             self.pages.delta,
             self.pages.raw
         )?;

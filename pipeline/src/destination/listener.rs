@@ -279,6 +279,7 @@ impl DestinationListener {
             data_pages: AtomicU64::new(0),
             zero_pages: AtomicU64::new(0),
             uniform_pages: AtomicU64::new(0),
+            copied_pages: AtomicU64::new(0),
             placed: AtomicU64::new(0),
             tls_opened: AtomicU64::new(0),
             tls_copied: AtomicU64::new(0),

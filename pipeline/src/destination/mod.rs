@@ -53,7 +53,7 @@ pub struct DeviceSection {
 #[derive(Clone, Debug, Default, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct DestinationStats {
-    /// PAGES frames applied.
+    /// PAGES and COPY frames applied.
     pub frames: u64,
     /// Data pages applied.
     pub data_pages: u64,
@@ -61,6 +61,8 @@ pub struct DestinationStats {
     pub zero_pages: u64,
     /// Uniform pages (one byte repeated) applied.
     pub uniform_pages: u64,
+    /// Pages set from another page of the same channel by COPY frames.
+    pub copied_pages: u64,
     /// Raw payload bytes the transport placed straight into guest memory.
     pub placed_bytes: u64,
     /// TLS: plaintext bytes opened from records (0 in clear), counted as each
@@ -292,6 +294,7 @@ struct Shared {
     data_pages: AtomicU64,
     zero_pages: AtomicU64,
     uniform_pages: AtomicU64,
+    copied_pages: AtomicU64,
     placed: AtomicU64,
     /// TLS bytes opened and copied, added as each channel ends.
     tls_opened: AtomicU64,
@@ -322,7 +325,8 @@ impl Shared {
     fn stats(&self) -> DestinationStats {
         let pages = self.data_pages.load(Ordering::Relaxed)
             + self.zero_pages.load(Ordering::Relaxed)
-            + self.uniform_pages.load(Ordering::Relaxed);
+            + self.uniform_pages.load(Ordering::Relaxed)
+            + self.copied_pages.load(Ordering::Relaxed);
         let install = self.install.get();
         let counted = |f: fn(&crate::install::InstallCounters) -> &AtomicU64| {
             install.map_or(0, |c| f(c).load(Ordering::Relaxed))
@@ -343,6 +347,7 @@ impl Shared {
             data_pages: self.data_pages.load(Ordering::Relaxed),
             zero_pages: self.zero_pages.load(Ordering::Relaxed),
             uniform_pages: self.uniform_pages.load(Ordering::Relaxed),
+            copied_pages: self.copied_pages.load(Ordering::Relaxed),
             placed_bytes: self.placed.load(Ordering::Relaxed),
             tls_opened_bytes: self.tls_opened.load(Ordering::Relaxed),
             tls_copied_bytes: self.tls_copied.load(Ordering::Relaxed),

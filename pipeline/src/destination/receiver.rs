@@ -267,6 +267,18 @@ impl Receiver {
                                 self.shared.apply.record(t.elapsed());
                                 After::Nothing
                             }
+                            DestinationEvent::Copy(c) => {
+                                self.round_opened()?;
+                                let memory = memory.as_ref().ok_or(MigrationError::Worker(ch))?;
+                                Self::copy(memory, &mut self.scratch, c)
+                                    .map_err(|what| self.err(what))?;
+                                self.shared.frames.fetch_add(1, Ordering::Relaxed);
+                                self.shared
+                                    .copied_pages
+                                    .fetch_add(c.pages(), Ordering::Relaxed);
+                                self.shared.apply.record(t.elapsed());
+                                After::Nothing
+                            }
                             DestinationEvent::AckRound(round) => After::AckRound(round),
                             DestinationEvent::DeviceState(d) => {
                                 let mut s = self.shared.state(ch)?;
@@ -368,6 +380,34 @@ impl Receiver {
         self.shared
             .uniform_pages
             .fetch_add(p.uniform_pages(), Ordering::Relaxed);
+    }
+
+    /// Applies a COPY: each target page gets what its source page holds now (after
+    /// every earlier frame of this channel, all applied on this thread). The session's
+    /// rules checked every target and source page against the layout and this channel.
+    fn copy(
+        memory: &GuestMemory,
+        scratch: &mut Vec<u8>,
+        c: &pagewire_protocol::CopyFrame<'_>,
+    ) -> Result<(), String> {
+        const CHUNK: u64 = 32;
+        let ps = memory.page_size() as usize;
+        if scratch.len() < CHUNK as usize * ps {
+            scratch.resize(CHUNK as usize * ps, 0);
+        }
+        for run in c.runs.iter() {
+            let mut done = 0u64;
+            while done < u64::from(run.count) {
+                let n = CHUNK.min(u64::from(run.count) - done);
+                let buf = &mut scratch[..n as usize * ps];
+                memory.read_written(c.region, run.from.0 + done, n, buf);
+                if !memory.write_pages(c.region, run.start.0 + done, buf) {
+                    return Err(format!("COPY {run:?} outside region {:?}", c.region));
+                }
+                done += n;
+            }
+        }
+        Ok(())
     }
 
     /// After the data pages are in place: records them as written, and sets the zero

@@ -40,6 +40,7 @@ use crate::stats::{CodecStats, Latency, MigrationStats, PageCounts, RoundStats};
 use crate::switchover::Switchover;
 
 pub mod adaptive;
+mod dedup;
 mod setup;
 mod split;
 mod worker;
@@ -53,6 +54,7 @@ pub(crate) struct Counters {
     pub(crate) compressed: AtomicU64,
     pub(crate) zero: AtomicU64,
     pub(crate) uniform: AtomicU64,
+    pub(crate) copied: AtomicU64,
     pub(crate) delta: AtomicU64,
     pub(crate) raw: AtomicU64,
     pub(crate) zc: AtomicU64,
@@ -70,6 +72,7 @@ impl Counters {
             compressed: self.compressed.load(Ordering::Relaxed),
             zero: self.zero.load(Ordering::Relaxed),
             uniform: self.uniform.load(Ordering::Relaxed),
+            copied: self.copied.load(Ordering::Relaxed),
             delta: self.delta.load(Ordering::Relaxed),
             raw: self.raw.load(Ordering::Relaxed),
         }

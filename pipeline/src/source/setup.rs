@@ -13,11 +13,12 @@ use pagewire_protocol::{Capabilities, CodecId, CodecSet, Frame};
 use pagewire_transport::session::{self, Established, SessionConfig};
 
 use crate::config::{Control, SourceConfig};
-use crate::error::{MigrationError, Wait};
+use crate::error::{MigrationError, SessionError, Wait};
 use crate::memory::GuestMemory;
 use crate::plan::Affinity;
 use crate::progress::Progress;
 
+use super::dedup::Dedup;
 use super::worker::WorkerSetup;
 use super::{
     ChannelTransport, Counters, Reply, Source, SourceLatency, WorkerHandle, adaptive, frame_bytes,
@@ -124,6 +125,7 @@ impl Source {
                     unsafe { engine.map_memory(ptr.as_ptr(), len) }?;
                 }
             }
+            let software_engine = engine.probe().backend == pagewire_accel::BackendKind::Software;
             let counters = Arc::new(Counters::default());
             let bytes_sent = Arc::new(AtomicU64::new(0));
             let estats = Arc::new(std::sync::Mutex::new(engine.stats()));
@@ -175,6 +177,15 @@ impl Source {
                 bytes_sent: bytes_sent.clone(),
                 engine_stats: estats,
                 adaptive: selector,
+                // A hardware engine reads the pages by DMA, from guest memory mapped
+                // for it, not from the buffer dedup hashes and encodes from.
+                dedup: match config.dedup && software_engine {
+                    true => Some(
+                        Dedup::new(&memory, affinity, ch)
+                            .map_err(|e| MigrationError::Session(SessionError::Random(e)))?,
+                    ),
+                    false => None,
+                },
                 inline_encode: threads == 0,
                 adaptive_stats: astats,
                 send_timeout: config.send_timeout,
@@ -209,7 +220,7 @@ impl Source {
                     let layout = Frame::Layout(memory.layout().frame(w.s.affinity.chunk_pages));
                     w.rules.on_send_layout();
                     match w.send_whole(&layout) {
-                        Ok(()) => {
+                        Ok(_) => {
                             if tx_reply.send(Reply::Ready(name)).is_err() {
                                 return;
                             }

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use pagewire_accel::Tag;
-use pagewire_protocol::RegionId;
+use pagewire_protocol::{CodecId, RegionId};
 
 use crate::error::{MigrationError, Wait};
 use crate::source::split::PageSplit;
@@ -33,44 +33,101 @@ impl Worker {
             }
             None => (None, self.s.params),
         };
-        let list = job.encode(Tag(tag), params);
-        for run in &split.data {
-            let (ptr, _) = self
-                .s
-                .memory
-                .span(region, run.start.0, u64::from(run.count))
-                .ok_or_else(|| MigrationError::Protocol {
-                    channel: self.s.ch,
-                    what: format!("run {run:?} outside region {region:?}"),
-                })?;
-            let key = page_key(region, run.start.0);
-            // SAFETY: the run lies inside a region of `self.s.memory`, which this worker
-            // keeps alive (an `Arc`) beyond the job's completion; nothing holds a `&mut`
-            // to guest memory, and accel reads these pages only through raw-pointer
-            // copies into its scratch and the zero scan, never as a `&[u8]`. Guest
-            // writes meanwhile make the encoded content stale or torn, and re-dirty the
-            // page, so its next round sends it again.
-            unsafe { list.push_raw(ptr.as_ptr(), run.count, key) }.map_err(|e| {
-                MigrationError::Protocol {
-                    channel: self.s.ch,
-                    what: e.to_string(),
+        let started = Instant::now();
+        let measure = arm.is_some() && self.s.inline_encode;
+        let cpu0 = measure.then(pagewire_accel::thread_cpu_time);
+        let staged = match self.s.dedup.is_some() && params.codec != CodecId::RAW {
+            true => Some(self.dedupe(region, split)?),
+            false => None,
+        };
+        // The copy and the hashes are part of this candidate's cost.
+        let dedup_cpu = cpu0.map(|t0| pagewire_accel::thread_cpu_time().saturating_sub(t0));
+        let (mut copied, mut copy_wire) = (0, 0);
+        if let Some(st) = &staged {
+            (copied, copy_wire) = self.send_copies(region, &st.copies)?;
+            if st.data.is_empty() {
+                // Every data page went as a copy: what is left has no payload.
+                drop(job);
+                if split.zero.is_empty() && split.uniform.is_empty() {
+                    return Ok(());
                 }
-            })?;
+                return self.send_zero(region, split);
+            }
         }
+        let list = job.encode(Tag(tag), params);
+        let ps = self.s.memory.page_size() as usize;
+        match &staged {
+            Some(st) => {
+                let mut off = 0;
+                for run in &st.data {
+                    let n = run.count as usize * ps;
+                    let part = st
+                        .buf
+                        .get(off..off + n)
+                        .ok_or(MigrationError::Worker(self.s.ch))?;
+                    let key = page_key(region, run.start.0);
+                    // SAFETY: `part` lies in the buffer that moves into this frame's
+                    // `FrameMeta` below, whose heap allocation neither moves nor changes
+                    // until the job's completion is handled (then it goes back to the
+                    // pool); accel reads it only through raw-pointer copies.
+                    unsafe { list.push_raw(part.as_ptr(), run.count, key) }.map_err(|e| {
+                        MigrationError::Protocol {
+                            channel: self.s.ch,
+                            what: e.to_string(),
+                        }
+                    })?;
+                    off += n;
+                }
+            }
+            None => {
+                for run in &split.data {
+                    let (ptr, _) = self
+                        .s
+                        .memory
+                        .span(region, run.start.0, u64::from(run.count))
+                        .ok_or_else(|| MigrationError::Protocol {
+                            channel: self.s.ch,
+                            what: format!("run {run:?} outside region {region:?}"),
+                        })?;
+                    let key = page_key(region, run.start.0);
+                    // SAFETY: the run lies inside a region of `self.s.memory`, which this
+                    // worker keeps alive (an `Arc`) beyond the job's completion; nothing
+                    // holds a `&mut` to guest memory, and accel reads these pages only
+                    // through raw-pointer copies into its scratch and the zero scan,
+                    // never as a `&[u8]`. Guest writes meanwhile make the encoded content
+                    // stale or torn, and re-dirty the page, so its next round sends it
+                    // again.
+                    unsafe { list.push_raw(ptr.as_ptr(), run.count, key) }.map_err(|e| {
+                        MigrationError::Protocol {
+                            channel: self.s.ch,
+                            what: e.to_string(),
+                        }
+                    })?;
+                }
+            }
+        }
+        let (data_runs, staged, hashes) = match staged {
+            Some(st) => (st.data, Some(st.buf), st.hashes),
+            None => (split.data.clone(), None, Vec::new()),
+        };
         self.pending.insert(
             tag,
             FrameMeta {
                 region,
-                data_runs: split.data.clone(),
+                data_runs,
                 zero_runs: split.zero.clone(),
                 uniform_runs: split.uniform.clone(),
                 arm,
-                submitted: Instant::now(),
+                submitted: started,
                 cpu: None,
+                staged,
+                hashes,
+                copied,
+                copy_wire,
             },
         );
         self.batch.push_back(job);
-        if arm.is_some() && self.s.inline_encode {
+        if measure {
             let t0 = pagewire_accel::thread_cpu_time();
             self.s.engine.submit(&mut self.batch)?;
             // Measured only when that call ran the job: a full engine makes the loop
@@ -79,8 +136,8 @@ impl Worker {
                 && let Some(m) = self.pending.get_mut(&tag)
             {
                 // Zero when the clock cannot be read: wall time then.
-                m.cpu = Some(pagewire_accel::thread_cpu_time().saturating_sub(t0))
-                    .filter(|d| !d.is_zero());
+                let encode = pagewire_accel::thread_cpu_time().saturating_sub(t0);
+                m.cpu = Some(encode + dedup_cpu.unwrap_or_default()).filter(|d| !d.is_zero());
             }
         }
         loop {

@@ -20,9 +20,11 @@ use crate::memory::GuestMemory;
 use crate::plan::Affinity;
 
 use super::adaptive::Selector;
+use super::dedup::{Dedup, PageHash};
 use super::split::PageSplit;
 use super::{ChannelRound, Cmd, Counters, Reply, SourceLatency};
 
+mod copies;
 mod engine;
 mod pages;
 
@@ -37,6 +39,15 @@ struct FrameMeta {
     /// This thread's CPU time encoding it, when measured (see
     /// [`WorkerSetup::inline_encode`]).
     cpu: Option<Duration>,
+    /// The copy of the data pages the engine encodes, when dedup took one (kept until
+    /// the job is done), and each data page's hash, entered into the table once the
+    /// frame is on the channel.
+    staged: Option<Vec<u8>>,
+    hashes: Vec<(u64, PageHash)>,
+    /// Pages of the frame that went as copies, and the COPY frames' bytes: the
+    /// adaptive choice counts them with the frame.
+    copied: u64,
+    copy_wire: u64,
 }
 
 /// Everything a worker needs but its channel, which it opens on its own thread.
@@ -59,6 +70,9 @@ pub(super) struct WorkerSetup {
     pub(super) engine_stats: Arc<std::sync::Mutex<pagewire_accel::EngineStats>>,
     /// The per-frame codec choice, when adaptive.
     pub(super) adaptive: Option<Selector>,
+    /// Pages this channel sent, by content, when data pages equal to them go as COPY
+    /// references.
+    pub(super) dedup: Option<Dedup>,
     /// The engine encodes on this thread, at submit (no codec threads): the choice
     /// is then told each frame's encode in this thread's CPU time, which other work
     /// on the same cores does not stretch, instead of in wall time.
@@ -265,13 +279,13 @@ impl Worker {
         }
     }
 
-    pub(super) fn send_whole(&mut self, frame: &Frame<'_>) -> Result<(), MigrationError> {
+    /// Sends a frame from its own bytes; returns its length on the wire.
+    pub(super) fn send_whole(&mut self, frame: &Frame<'_>) -> Result<u64, MigrationError> {
         let out = OutFrame::whole(frame).map_err(|e| MigrationError::Protocol {
             channel: self.s.ch,
             what: e.to_string(),
         })?;
-        self.send(out)?;
-        Ok(())
+        self.send(out)
     }
 
     fn send(&mut self, out: OutFrame) -> Result<u64, MigrationError> {
@@ -352,6 +366,14 @@ impl Worker {
                     for run in split.runs_only() {
                         for p in run.start.0..run.start.0 + u64::from(run.count) {
                             cache.invalidate(page_key(*region, p));
+                        }
+                    }
+                }
+                if let Some(d) = &mut self.s.dedup {
+                    // Whatever the destination holds for these pages is about to change.
+                    for run in &runs {
+                        for p in run.start.0..run.start.0 + u64::from(run.count) {
+                            d.forget(*region, p);
                         }
                     }
                 }

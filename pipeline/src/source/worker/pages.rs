@@ -101,7 +101,7 @@ impl Worker {
     }
 
     pub(super) fn send_completion(&mut self, mut c: Completion) -> Result<(), MigrationError> {
-        let meta = self
+        let mut meta = self
             .pending
             .remove(&c.tag().0)
             .ok_or_else(|| MigrationError::Protocol {
@@ -200,12 +200,31 @@ impl Worker {
         if let (Some(i), Some(sel)) = (meta.arm, self.s.adaptive.as_mut()) {
             let ps = u64::from(self.s.memory.page_size());
             let took = meta.cpu.unwrap_or(took);
-            sel.observe_encode(i, pages.data * ps, out.bytes_out() as u64, took);
+            // Pages sent as copies count as this candidate's: it found them.
+            sel.observe_encode(
+                i,
+                (pages.data + meta.copied) * ps,
+                out.bytes_out() as u64 + meta.copy_wire,
+                took,
+            );
         }
         let wire = self.send(outf)?;
+        if let Some(d) = self.s.dedup.as_mut() {
+            // On the channel now: later frames may copy these pages. Not when the
+            // engine sent them raw from guest memory, which may differ from the hashed
+            // copy.
+            if !out.in_place {
+                for &(p, h) in &meta.hashes {
+                    d.insert(meta.region, p, h);
+                }
+            }
+            if let Some(buf) = meta.staged.take() {
+                d.give_back(buf);
+            }
+        }
         if let (Some(_), Some(sel)) = (meta.arm, self.s.adaptive.as_mut()) {
             let ps = u64::from(self.s.memory.page_size());
-            sel.observe_frame(pages.data * ps, Instant::now());
+            sel.observe_frame((pages.data + meta.copied) * ps, Instant::now());
         }
         self.account(out.codec, pages, out.bytes_out() as u64, wire);
         Ok(())

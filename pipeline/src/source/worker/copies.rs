@@ -1,0 +1,186 @@
+//! Dedup on the channel thread: a frame's data pages copied out and hashed, those
+//! the destination already holds under another page sent as COPY frames, the rest
+//! left for the codec (see `source/dedup.rs` for why this order is safe).
+
+use std::sync::atomic::Ordering;
+
+use pagewire_protocol::{CopyFrame, CopyRun, Frame, PageIndex, PageRun, RegionId, Round, WireList};
+
+use crate::error::MigrationError;
+use crate::source::dedup::PageHash;
+use crate::source::split::PageSplit;
+
+use super::{Worker, page_key};
+
+/// A frame's data pages after dedup.
+pub(super) struct Staged {
+    /// The data pages left, in payload order, and their bytes, back to back.
+    pub(super) data: Vec<PageRun>,
+    pub(super) buf: Vec<u8>,
+    /// Their hashes.
+    pub(super) hashes: Vec<(u64, PageHash)>,
+    /// The pages that go as copies, canonical (ascending, merged where the sources
+    /// continue).
+    pub(super) copies: Vec<CopyRun>,
+}
+
+impl Worker {
+    /// Copies the frame's data pages out of guest memory, hashes each copy and splits
+    /// them into copies of pages sent before and data pages for the codec.
+    pub(super) fn dedupe(
+        &mut self,
+        region: RegionId,
+        split: &PageSplit,
+    ) -> Result<Staged, MigrationError> {
+        let ch = self.s.ch;
+        let ps = self.s.memory.page_size() as usize;
+        let d = self.s.dedup.as_mut().ok_or(MigrationError::Worker(ch))?;
+        let pages: usize = split.data.iter().map(|r| r.count as usize).sum();
+        let mut buf = d.buffer(pages * ps);
+        let mut off = 0;
+        for run in &split.data {
+            let n = run.count as usize * ps;
+            let part = buf
+                .get_mut(off..off + n)
+                .ok_or(MigrationError::Worker(ch))?;
+            if !self
+                .s
+                .memory
+                .read_pages(region, run.start.0, u64::from(run.count), part)
+            {
+                return Err(MigrationError::Protocol {
+                    channel: ch,
+                    what: format!("run {run:?} outside region {region:?}"),
+                });
+            }
+            off += n;
+        }
+        let mut st = Staged {
+            data: Vec::with_capacity(split.data.len()),
+            buf: Vec::new(),
+            hashes: Vec::with_capacity(pages),
+            copies: Vec::new(),
+        };
+        let (mut i, mut kept) = (0usize, 0usize);
+        for run in &split.data {
+            for p in run.start.0..run.start.0 + u64::from(run.count) {
+                let h = d.hash(&buf[i * ps..(i + 1) * ps]);
+                match d.find(region, h) {
+                    Some(from) => push_copy(&mut st.copies, p, from),
+                    None => {
+                        if kept != i {
+                            buf.copy_within(i * ps..(i + 1) * ps, kept * ps);
+                        }
+                        kept += 1;
+                        push_page(&mut st.data, p);
+                        st.hashes.push((p, h));
+                    }
+                }
+                i += 1;
+            }
+        }
+        buf.truncate(kept * ps);
+        st.buf = buf;
+        if let Some(cache) = &self.s.delta {
+            // Sent another way: the next delta must not be against the cached version.
+            for c in &st.copies {
+                for p in c.start.0..c.start.0 + u64::from(c.count) {
+                    cache.invalidate(page_key(region, p));
+                }
+            }
+        }
+        Ok(st)
+    }
+
+    /// Sends `copies` (of one frame, so at most `max_pages` pages) as COPY frames;
+    /// returns the pages and the bytes on the wire.
+    pub(super) fn send_copies(
+        &mut self,
+        region: RegionId,
+        copies: &[CopyRun],
+    ) -> Result<(u64, u64), MigrationError> {
+        let (mut all, mut bytes) = (0, 0);
+        for runs in copies.chunks(usize::from(u16::MAX)) {
+            let mut frame = CopyFrame {
+                region,
+                round: Round(self.round_no),
+                runs: WireList::Slice(runs),
+                crc: None,
+            };
+            if self.s.checksum.is_some() {
+                frame = frame.with_crc().map_err(|e| MigrationError::Protocol {
+                    channel: self.s.ch,
+                    what: e.to_string(),
+                })?;
+            }
+            self.rules.on_send_copy(&frame).map_err(|e| self.rule(e))?;
+            let pages = frame.pages();
+            let wire = self.send_whole(&Frame::Copy(frame))?;
+            let ps = u64::from(self.s.memory.page_size());
+            let r = &mut self.round;
+            r.frames += 1;
+            r.wire_bytes += wire;
+            r.guest_bytes += pages * ps;
+            r.pages.copied += pages;
+            let c = &self.s.counters;
+            c.frames.fetch_add(1, Ordering::Relaxed);
+            c.wire_bytes.fetch_add(wire, Ordering::Relaxed);
+            c.guest_bytes.fetch_add(pages * ps, Ordering::Relaxed);
+            c.copied.fetch_add(pages, Ordering::Relaxed);
+            all += pages;
+            bytes += wire;
+        }
+        Ok((all, bytes))
+    }
+}
+
+/// Adds page `p`, after every page added so far, to canonical runs.
+fn push_page(runs: &mut Vec<PageRun>, p: u64) {
+    match runs.last_mut() {
+        Some(last) if last.end() == Some(p) => last.count += 1,
+        _ => runs.push(PageRun {
+            start: PageIndex(p),
+            count: 1,
+        }),
+    }
+}
+
+/// Adds the copy of page `from` into page `p`, after every copy added so far; runs
+/// merge only where both the targets and the sources continue (COPY's canonical form).
+fn push_copy(runs: &mut Vec<CopyRun>, p: u64, from: u64) {
+    match runs.last_mut() {
+        Some(last)
+            if last.start.0 + u64::from(last.count) == p
+                && last.from.0 + u64::from(last.count) == from
+                && last.count < u32::MAX =>
+        {
+            last.count += 1
+        }
+        _ => runs.push(CopyRun {
+            start: PageIndex(p),
+            count: 1,
+            from: PageIndex(from),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copies_merge_only_where_targets_and_sources_continue() {
+        let mut c = Vec::new();
+        for (p, from) in [(10, 100), (11, 101), (12, 50), (14, 51), (15, 52)] {
+            push_copy(&mut c, p, from);
+        }
+        let got: Vec<_> = c.iter().map(|r| (r.start.0, r.count, r.from.0)).collect();
+        assert_eq!(got, [(10, 2, 100), (12, 1, 50), (14, 2, 51)]);
+        let mut d = Vec::new();
+        for p in [3, 4, 6] {
+            push_page(&mut d, p);
+        }
+        let got: Vec<_> = d.iter().map(|r| (r.start.0, r.count)).collect();
+        assert_eq!(got, [(3, 2), (6, 1)]);
+    }
+}
