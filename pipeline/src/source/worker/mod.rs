@@ -329,14 +329,13 @@ impl Worker {
                 .counters
                 .zc_copied
                 .fetch_add(u64::from(c.zero_copy.1), Ordering::Relaxed);
-            while let Some(&(id, at)) = self.sends.front() {
-                if id > c.id {
-                    break;
-                }
-                self.sends.pop_front();
-                if id == c.id {
-                    self.s.latency.send.record(at.elapsed());
-                }
+            // Sends may complete out of order (a small frame copied at once, before a
+            // zero-copy send's notification): each completion names exactly one send,
+            // whose payload buffers come back with it.
+            if let Some(i) = self.sends.iter().position(|&(id, _)| id == c.id)
+                && let Some((_, at)) = self.sends.remove(i)
+            {
+                self.s.latency.send.record(at.elapsed());
             }
         }
         Ok(())
