@@ -576,3 +576,144 @@ fn bad_uniform_runs_are_refused_and_write_nothing() {
         drop(c);
     }
 }
+
+fn copy(start: u64, count: u32, from: u64) -> CopyRun {
+    CopyRun {
+        start: PageIndex(start),
+        count,
+        from: PageIndex(from),
+    }
+}
+
+/// Bad COPY frames: a source page of another channel, a source outside the region, a
+/// source that is also a target. Each fails the session with its error, and the given
+/// guest memory keeps every byte it had.
+#[test]
+fn bad_copies_are_refused_and_write_nothing() {
+    let wrong_channel = [copy(0, 1, 8)];
+    let outside = [copy(0, 2, 63)];
+    let overlapping = [copy(4, 2, 5)];
+    let cases: [&[CopyRun]; 3] = [&wrong_channel, &outside, &overlapping];
+    for (i, runs) in cases.into_iter().enumerate() {
+        let dest = Dest::new(40 + i as u8, None);
+        let mem = memory(64 * u64::from(PS));
+        mem.write_pages(RegionId(0), 0, &vec![0x11; 64 * PS as usize]);
+        let t = dest.accept(Some(mem.clone()));
+        let mut c0 = dest.connect(0, 2, false);
+        let mut c1 = dest.connect(1, 2, false);
+        let regions = regions(64 * u64::from(PS));
+        let layout = LayoutFrame {
+            chunk_pages: 8,
+            regions: WireList::Slice(&regions),
+        };
+        c0.send(Frame::Layout(layout));
+        c1.send(Frame::Layout(layout));
+        // Pages 0..8 and 56..64 are channel 0's, 8..16 channel 1's.
+        c0.send(Frame::Copy(CopyFrame {
+            region: RegionId(0),
+            round: Round(0),
+            runs: WireList::Slice(runs),
+            crc: None,
+        }));
+        // The destination says why on channel 0 when a rule refused the frame (a frame
+        // that does not decode just ends the channel); channel 1 then closes, so the
+        // session ends without waiting for channel 1's idle timeout.
+        let said = c0.recv().map(|(t, _)| t);
+        assert_eq!(said, (i < 2).then_some(FrameType::ABORT), "case {i}");
+        drop(c1);
+        let r = t.join().unwrap();
+        match i {
+            0 => assert_eq!(
+                rule(r),
+                SessionError::WrongChannel {
+                    region: RegionId(0),
+                    page: 8,
+                    channel: ChannelId(0),
+                    owner: ChannelId(1),
+                },
+                "case {i}"
+            ),
+            1 => assert!(
+                matches!(
+                    rule(r),
+                    SessionError::PagesOutsideLayout(DecodeError::PageOutOfRange { .. })
+                ),
+                "case {i}"
+            ),
+            _ => assert!(
+                matches!(
+                    r,
+                    Err(MigrationError::Channel {
+                        source: pagewire_transport::ChannelError::Decode(
+                            DecodeError::RunsNotCanonical
+                        ),
+                        ..
+                    })
+                ),
+                "case {i}: {r:?}"
+            ),
+        }
+        let mut page = vec![0u8; PS as usize];
+        for p in 0..64 {
+            assert!(mem.read_pages(RegionId(0), p, 1, &mut page));
+            assert!(
+                page.iter().all(|&b| b == 0x11),
+                "case {i}: page {p} changed"
+            );
+        }
+        drop(c0);
+        legitimate(&dest, 2);
+    }
+}
+
+/// A client that follows PROTOCOL.md: a page sent, then a COPY of it into two others
+/// (one of them across a chunk boundary of the same channel), counted by END_OF_ROUND;
+/// the destination holds the copied content.
+#[test]
+fn a_copy_of_a_page_sent_before_sets_its_targets() {
+    let dest = Dest::new(50, None);
+    let t = dest.accept(None);
+    let mut c = dest.connect(0, 1, true);
+    let regions = regions(64 * u64::from(PS));
+    c.send(Frame::Layout(LayoutFrame {
+        chunk_pages: 4,
+        regions: WireList::Slice(&regions),
+    }));
+    let runs = [run(1, 1)];
+    let payload = vec![0x77; PS as usize];
+    c.send(Frame::Pages(raw_pages(&runs, &payload, 0, true)));
+    let copies = [copy(2, 1, 1), copy(40, 1, 1)];
+    c.send(Frame::Copy(
+        CopyFrame {
+            region: RegionId(0),
+            round: Round(0),
+            runs: WireList::Slice(&copies),
+            crc: None,
+        }
+        .with_crc()
+        .unwrap(),
+    ));
+    c.send(Frame::EndOfRound(EndOfRound {
+        round: Round(0),
+        frames: 2,
+        pages: 3,
+    }));
+    assert_eq!(c.recv(), Some((FrameType::ACK, 0)));
+    c.send(Frame::Complete(Complete {
+        final_round: Round(0),
+        sections: 0,
+    }));
+    assert_eq!(c.recv(), Some((FrameType::ACK, 0)));
+    c.send(Frame::Commit(Commit {
+        final_round: Round(0),
+    }));
+    assert_eq!(c.recv(), Some((FrameType::ACK, 0)));
+    drop(c);
+    let m = t.join().unwrap().expect("the session completes");
+    assert_eq!(m.stats.copied_pages, 2);
+    let mut page = vec![0u8; PS as usize];
+    for (p, byte) in [(1, 0x77), (2, 0x77), (40, 0x77), (3, 0), (41, 0)] {
+        assert!(m.memory.read_pages(RegionId(0), p, 1, &mut page));
+        assert!(page.iter().all(|&b| b == byte), "page {p}");
+    }
+}
