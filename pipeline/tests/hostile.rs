@@ -258,8 +258,8 @@ fn garbage_and_a_hello_with_65535_channels_leave_the_listener_serving() {
     junk.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
     let mut hello = Vec::new();
     Frame::Hello(Hello {
-        version_min: Version(4),
-        version_max: Version(4),
+        version_min: Version(5),
+        version_max: Version(5),
         session: common::session(9),
         channel: ChannelId(0),
         channel_count: 65535,

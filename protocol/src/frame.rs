@@ -3,6 +3,7 @@
 //! Decoding borrows from the bytes it is given (lists, names and payloads are slices of
 //! the frame); encoding appends to a caller-owned `Vec<u8>`.
 
+use crate::copy::{CopyFrame, decode_copy};
 use crate::error::DecodeError;
 use crate::ids::{
     AbortReason, AckKind, AuthMethod, ChannelId, ChecksumId, CodecId, FrameType, RegionId,
@@ -87,7 +88,7 @@ impl Envelope {
         Self::LEN + self.length as usize
     }
 
-    fn write(&self, out: &mut Vec<u8>) {
+    pub(crate) fn write(&self, out: &mut Vec<u8>) {
         let mut b = [0u8; Self::LEN];
         self.write_into(&mut b);
         out.extend_from_slice(&b);
@@ -104,7 +105,8 @@ impl Envelope {
 
 /// PAGES flag: the payload has a per-page length table.
 pub const FLAG_PER_PAGE: u8 = 0x01;
-/// PAGES flag: the frame carries a CRC32C of its envelope, header and payload.
+/// PAGES and COPY flag: the frame carries a CRC32C of the frame (its crc field left
+/// out).
 pub const FLAG_CRC32C: u8 = 0x02;
 
 /// The size of a HELLO/WELCOME/CONFIRM nonce or proof.
@@ -315,6 +317,8 @@ pub enum Frame<'a> {
     Abort(Abort<'a>),
     /// COMMIT.
     Commit(Commit),
+    /// COPY.
+    Copy(CopyFrame<'a>),
     /// An extension frame (type `0x80..=0xff`) this version does not know: skip it.
     Extension {
         /// Its type.
@@ -348,7 +352,7 @@ pub fn payload_layout(codec: CodecId) -> Option<PayloadLayout> {
     }
 }
 
-fn flags_only(frame: FrameType, flags: u8, allowed: u8) -> Result<(), DecodeError> {
+pub(crate) fn flags_only(frame: FrameType, flags: u8, allowed: u8) -> Result<(), DecodeError> {
     if flags & !allowed != 0 {
         return Err(DecodeError::UnknownFlags { frame, flags });
     }
@@ -479,6 +483,7 @@ impl<'a> Frame<'a> {
                 })
             }
             FrameType::PAGES => Frame::Pages(decode_pages(env, &mut r, limits)?),
+            FrameType::COPY => Frame::Copy(decode_copy(env, &mut r, limits)?),
             FrameType::END_OF_ROUND => {
                 flags_only(ty, env.flags, 0)?;
                 Frame::EndOfRound(EndOfRound {
@@ -575,6 +580,7 @@ impl<'a> Frame<'a> {
             Frame::Complete(_) => FrameType::COMPLETE,
             Frame::Abort(_) => FrameType::ABORT,
             Frame::Commit(_) => FrameType::COMMIT,
+            Frame::Copy(_) => FrameType::COPY,
             Frame::Extension { frame_type, .. } => *frame_type,
         }
     }
@@ -582,6 +588,7 @@ impl<'a> Frame<'a> {
     fn flags(&self) -> u8 {
         match self {
             Frame::Pages(p) => p.flags(),
+            Frame::Copy(c) => c.flags(),
             Frame::Extension { flags, .. } => *flags,
             _ => 0,
         }
@@ -680,6 +687,7 @@ impl<'a> Frame<'a> {
                 put_bytes_u8(out, "abort message", a.message.as_bytes())?;
             }
             Frame::Commit(c) => put_u32(out, c.final_round.0),
+            Frame::Copy(c) => c.encode_body(out)?,
             Frame::Extension { body, .. } => out.extend_from_slice(body),
         }
         Ok(())

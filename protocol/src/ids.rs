@@ -87,6 +87,8 @@ code_point! {
         ABORT = 0x16 => "ABORT",
         /// The source hands the guest over: the destination may run it.
         COMMIT = 0x17 => "COMMIT",
+        /// Pages whose content equals pages sent earlier on the channel, by reference.
+        COPY = 0x18 => "COPY",
     }
 }
 

@@ -2,6 +2,7 @@
 //! decoded without any I/O. `PROTOCOL.md` beside this crate is the specification.
 #![forbid(unsafe_code)]
 
+pub mod copy;
 pub mod error;
 pub mod frame;
 #[doc(hidden)]
@@ -15,6 +16,7 @@ pub mod session;
 pub mod stream;
 pub mod wire;
 
+pub use copy::{CopyFrame, CopyRun};
 pub use error::DecodeError;
 pub use frame::{
     Abort, Ack, Commit, Complete, Confirm, DeviceState, EndOfRound, Envelope, Frame, Hello,

@@ -16,10 +16,13 @@ pub const VERSION_2: Version = Version(2);
 /// Protocol version 3: COMMIT hands the guest over. No longer spoken (version 4 changed
 /// frames; the project had not been released under version 3).
 pub const VERSION_3: Version = Version(3);
-/// Protocol version 4, the one `PROTOCOL.md` describes.
+/// Protocol version 4: uniform runs, TLS, the RDMA binding. No longer spoken (version
+/// 5 added COPY; the project had not been released under version 4).
 pub const VERSION_4: Version = Version(4);
+/// Protocol version 5, the one `PROTOCOL.md` describes.
+pub const VERSION_5: Version = Version(5);
 /// The versions this implementation speaks.
-pub const SUPPORTED_VERSIONS: (Version, Version) = (VERSION_4, VERSION_4);
+pub const SUPPORTED_VERSIONS: (Version, Version) = (VERSION_5, VERSION_5);
 /// The frame limit while the handshake runs.
 pub const HANDSHAKE_MAX_FRAME: u32 = 4096;
 /// Smallest transfer page size.

@@ -204,7 +204,7 @@ pub trait WireItem: Copy {
     fn write(self, out: &mut Vec<u8>);
 }
 
-fn le<const N: usize>(bytes: &[u8]) -> [u8; N] {
+pub(crate) fn le<const N: usize>(bytes: &[u8]) -> [u8; N] {
     let mut a = [0u8; N];
     a.copy_from_slice(&bytes[..N]);
     a

@@ -18,6 +18,14 @@ fn run(start: u64, count: u32) -> PageRun {
     }
 }
 
+fn copy_run(start: u64, count: u32, from: u64) -> CopyRun {
+    CopyRun {
+        start: PageIndex(start),
+        count,
+        from: PageIndex(from),
+    }
+}
+
 struct Sample {
     name: &'static str,
     bytes: Vec<u8>,
@@ -91,6 +99,16 @@ fn samples() -> Vec<Sample> {
     }
     .with_crc(&[&deflate_payload[..]])
     .unwrap();
+    let copy_runs = [copy_run(12, 2, 9), copy_run(14, 1, 9)];
+    let copy_crc_runs = [copy_run(100, 4, 0), copy_run(200, 1, 50)];
+    let copy_crc = CopyFrame {
+        region: RegionId(2),
+        round: Round(7),
+        runs: WireList::Slice(&copy_crc_runs),
+        crc: None,
+    }
+    .with_crc()
+    .unwrap();
     let hs = |name, f| Sample {
         name,
         bytes: encode(f),
@@ -113,8 +131,8 @@ fn samples() -> Vec<Sample> {
         hs(
             "hello",
             Frame::Hello(Hello {
-                version_min: Version(4),
-                version_max: Version(4),
+                version_min: Version(5),
+                version_max: Version(5),
                 session: SessionId(*b"0123456789abcdef"),
                 channel: ChannelId(1),
                 channel_count: 2,
@@ -130,7 +148,7 @@ fn samples() -> Vec<Sample> {
         hs(
             "welcome_authenticated",
             Frame::Welcome(Welcome {
-                version: Version(4),
+                version: Version(5),
                 page_size: 4096,
                 max_pages: 64,
                 max_frame_bytes: 1 << 20,
@@ -144,7 +162,7 @@ fn samples() -> Vec<Sample> {
         hs(
             "welcome_plain",
             Frame::Welcome(Welcome {
-                version: Version(4),
+                version: Version(5),
                 page_size: 65536,
                 max_pages: 128,
                 max_frame_bytes: 4 << 20,
@@ -159,8 +177,8 @@ fn samples() -> Vec<Sample> {
             "reject",
             Frame::Reject(Reject {
                 reason: RejectReason::UNSUPPORTED_VERSION,
-                version_min: Version(4),
-                version_max: Version(4),
+                version_min: Version(5),
+                version_max: Version(5),
                 page_size: 4096,
                 codecs: WireList::Slice(&codecs),
                 checksums: WireList::Slice(&[]),
@@ -171,8 +189,8 @@ fn samples() -> Vec<Sample> {
         hs(
             "hello_tls_bound",
             Frame::Hello(Hello {
-                version_min: Version(4),
-                version_max: Version(4),
+                version_min: Version(5),
+                version_max: Version(5),
                 session: SessionId(*b"0123456789abcdef"),
                 channel: ChannelId(0),
                 channel_count: 1,
@@ -188,7 +206,7 @@ fn samples() -> Vec<Sample> {
         hs(
             "welcome_tls_bound",
             Frame::Welcome(Welcome {
-                version: Version(4),
+                version: Version(5),
                 page_size: 4096,
                 max_pages: 128,
                 max_frame_bytes: 4 << 20,
@@ -203,8 +221,8 @@ fn samples() -> Vec<Sample> {
             "reject_encryption_required",
             Frame::Reject(Reject {
                 reason: RejectReason::ENCRYPTION_REQUIRED,
-                version_min: Version(4),
-                version_max: Version(4),
+                version_min: Version(5),
+                version_max: Version(5),
                 page_size: 4096,
                 codecs: WireList::Slice(&codecs),
                 checksums: WireList::Slice(&[]),
@@ -216,8 +234,8 @@ fn samples() -> Vec<Sample> {
             "reject_encryption_unsupported",
             Frame::Reject(Reject {
                 reason: RejectReason::ENCRYPTION_UNSUPPORTED,
-                version_min: Version(4),
-                version_max: Version(4),
+                version_min: Version(5),
+                version_max: Version(5),
                 page_size: 4096,
                 codecs: WireList::Slice(&codecs),
                 checksums: WireList::Slice(&[]),
@@ -389,6 +407,23 @@ fn samples() -> Vec<Sample> {
             }),
             &delta_pages,
         ),
+        // Pages 12..14 from 9..11, and page 14 from 9 again: the targets touch, the
+        // sources do not continue, so these are two runs.
+        ss(
+            "copy",
+            Frame::Copy(CopyFrame {
+                region: RegionId(0),
+                round: Round(2),
+                runs: WireList::Slice(&copy_runs),
+                crc: None,
+            }),
+        ),
+        Sample {
+            name: "copy_crc",
+            bytes: encode(Frame::Copy(copy_crc)),
+            selector: 2,
+            pages: None,
+        },
         ss(
             "end_of_round",
             Frame::EndOfRound(EndOfRound {
@@ -589,6 +624,13 @@ fn golden_samples_match_the_encoder_and_decode_back() {
                 const { &Vec::new() }
             });
             assert_eq!(decode_payload(&p), *want, "payload of {} decodes", s.name);
+        }
+        // A COPY's checksum, computed apart from the crate: the frame but its last 4
+        // bytes.
+        if let Frame::Copy(c) = frame
+            && let Some(crc) = c.crc
+        {
+            assert_eq!(crc, crc32c::crc32c(&bytes[..bytes.len() - 4]), "{}", s.name);
         }
     }
     if bless {

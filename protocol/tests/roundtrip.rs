@@ -50,6 +50,12 @@ enum Owned {
         crc: bool,
         payload: Vec<u8>,
     },
+    Copy {
+        region: u32,
+        round: u32,
+        runs: Vec<CopyRun>,
+        crc: bool,
+    },
     EndOfRound(u32, u32, u64),
     Ack(u8, u64),
     DeviceState {
@@ -164,6 +170,27 @@ impl Owned {
                 }
                 Frame::Pages(f)
             }
+            Owned::Copy {
+                region,
+                round,
+                runs,
+                crc,
+            } => {
+                let mut f = CopyFrame {
+                    region: RegionId(*region),
+                    round: Round(*round),
+                    runs: WireList::Slice(runs),
+                    crc: crc.then_some(0),
+                };
+                if *crc {
+                    // The whole frame but the crc field, its last 4 bytes.
+                    let mut bytes = Vec::new();
+                    Frame::Copy(f).encode(&mut bytes).unwrap();
+                    f.crc = Some(crc32c_of(&bytes[..bytes.len() - 4]));
+                    assert_eq!(f.with_crc().unwrap(), f);
+                }
+                Frame::Copy(f)
+            }
             Owned::EndOfRound(r, f, p) => Frame::EndOfRound(EndOfRound {
                 round: Round(*r),
                 frames: *f,
@@ -214,8 +241,14 @@ impl Owned {
                 | Owned::Confirm(_)
                 | Owned::Ready
         );
-        let crc = matches!(self, Owned::Pages { crc: true, .. });
-        pagewire_protocol::fuzzing::limits(u8::from(handshake) | (u8::from(crc) << 1))
+        pagewire_protocol::fuzzing::limits(u8::from(handshake) | (u8::from(self.crc()) << 1))
+    }
+
+    fn crc(&self) -> bool {
+        matches!(
+            self,
+            Owned::Pages { crc: true, .. } | Owned::Copy { crc: true, .. }
+        )
     }
 }
 
@@ -406,10 +439,53 @@ fn pages_frame() -> impl Strategy<Value = Owned> {
         })
 }
 
+/// A canonical COPY frame: targets ascending with gaps (or touching where the sources do
+/// not continue), sources below the first target or past the last one, so no source page
+/// is a target page; within the fuzz limits' 256 pages.
+fn copy_frame() -> impl Strategy<Value = Owned> {
+    (
+        vec((0u64..1000, 1u32..20, any::<bool>(), 0u64..1 << 20), 1..12),
+        0u64..1 << 50,
+        any::<(u32, u32, bool)>(),
+    )
+        .prop_map(|(spec, base, (region, round, crc))| {
+            let mut next = base + (1 << 21);
+            let mut runs: Vec<CopyRun> = Vec::new();
+            for (gap, count, low, offset) in spec {
+                let start = next + gap;
+                next = start + u64::from(count);
+                // Low sources lie below `base + 2^21`, the first target; high ones past
+                // 2^51 + 2^22, beyond the last.
+                let mut from = match low {
+                    true => base + offset,
+                    false => (1 << 51) + (1 << 22) + offset,
+                };
+                if let Some(p) = runs.last()
+                    && p.start.0 + u64::from(p.count) == start
+                    && p.from.0 + u64::from(p.count) == from
+                {
+                    from += 1;
+                }
+                runs.push(CopyRun {
+                    start: PageIndex(start),
+                    count,
+                    from: PageIndex(from),
+                });
+            }
+            Owned::Copy {
+                region,
+                round,
+                runs,
+                crc,
+            }
+        })
+}
+
 fn session_frames() -> impl Strategy<Value = Owned> {
     prop_oneof![
         (1u32.., vec(region(), 0..20)).prop_map(|(c, r)| Owned::Layout(c, r)),
         pages_frame(),
+        copy_frame(),
         any::<(u32, u32, u64)>().prop_map(|(r, f, p)| Owned::EndOfRound(r, f, p)),
         any::<(u8, u64)>().prop_map(|(k, v)| Owned::Ack(k, v)),
         (
@@ -520,7 +596,7 @@ proptest! {
             let n = bytes.len();
             bytes[at % n] ^= x;
         }
-        let crc = u8::from(matches!(owned, Owned::Pages { crc: true, .. })) << 1;
+        let crc = u8::from(owned.crc()) << 1;
         let mut input = vec![crc];
         input.extend_from_slice(&bytes);
         fuzzing::frame_roundtrip(&input);
