@@ -232,9 +232,10 @@ pub struct PageFrame<'a> {
 pub struct EndOfRound {
     /// The round that ended.
     pub round: Round,
-    /// PAGES frames this channel sent in the round.
+    /// PAGES and COPY frames this channel sent in the round.
     pub frames: u32,
-    /// Pages (data and zero) in those frames.
+    /// Pages in those frames: data, zero and uniform pages of PAGES, target pages of
+    /// COPY.
     pub pages: u64,
 }
 

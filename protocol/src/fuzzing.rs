@@ -4,6 +4,7 @@
 //! Every input starts with a selector byte that picks the limits; the rest is peer
 //! bytes, so a frame's encoding prefixed with a selector is a valid seed.
 
+use crate::copy::{CopyFrame, CopyRun};
 use crate::frame::{
     Ack, Commit, Complete, DeviceState, EndOfRound, Envelope, Frame, LayoutFrame, NONCE_LEN,
     PageFrame,
@@ -289,8 +290,10 @@ pub struct SessionOutcome {
     pub source_commit_sent: Option<Round>,
     /// The final round the source's channel 0 saw acknowledged by ACK COMMITTED.
     pub source_committed: Option<Round>,
-    /// PAGES frames the destination applied, per channel.
+    /// PAGES and COPY frames the destination applied, per channel.
     pub applied: Vec<u64>,
+    /// The COPY frames among them, per channel.
+    pub copied: Vec<u64>,
     /// Channels that failed (an error from the state machines, or an undecodable frame).
     pub dead: Vec<bool>,
     /// Why each channel failed, in order: the state machines' error, or `None` for a
@@ -312,6 +315,7 @@ struct FuzzDestination {
     /// The last round each channel ended, by the AckRound events seen here.
     ended: Vec<Option<Round>>,
     applied: Vec<u64>,
+    copied: Vec<u64>,
     /// Bytes of the device-state sections handed out whole.
     device_bytes: u64,
     /// ACKs to send back, per channel.
@@ -336,6 +340,7 @@ impl FuzzDestination {
             layout: None,
             ended: vec![None; n],
             applied: vec![0; n],
+            copied: vec![0; n],
             device_bytes: 0,
             acks: vec![Vec::new(); n],
             ack_complete_sent: false,
@@ -370,18 +375,14 @@ impl FuzzDestination {
                 self.channels[c].set_layout(&self.session)
             }),
             DestinationEvent::Apply(p) => {
-                self.check_apply(c, p);
-                if let Some(round) = self.channels[c].take_opened()
-                    && let Err(e) = self.session.on_round_opened(id, round)
-                {
-                    return self.kill(c, Some(e));
-                }
-                self.applied[c] += 1;
-                self.acks[c].push(Ack {
-                    kind: AckKind::FRAMES,
-                    value: self.applied[c],
-                });
-                Ok(())
+                self.check_apply(c, p.region, p.round, p.all_runs());
+                return self.applied(c);
+            }
+            DestinationEvent::Copy(copy) => {
+                self.check_apply(c, copy.region, copy.round, copy.all_runs());
+                check_copy_runs(copy);
+                self.copied[c] += 1;
+                return self.applied(c);
             }
             DestinationEvent::AckRound(round) => {
                 assert!(
@@ -439,6 +440,21 @@ impl FuzzDestination {
         }
     }
 
+    /// A PAGES or COPY frame applied on channel `c`: its round may have opened, and it
+    /// counts for ACK FRAMES.
+    fn applied(&mut self, c: usize) {
+        if let Some(round) = self.channels[c].take_opened()
+            && let Err(e) = self.session.on_round_opened(ChannelId(c as u16), round)
+        {
+            return self.kill(c, Some(e));
+        }
+        self.applied[c] += 1;
+        self.acks[c].push(Ack {
+            kind: AckKind::FRAMES,
+            value: self.applied[c],
+        });
+    }
+
     /// On completion: every channel ended the final round (by the events seen here),
     /// every channel is finished, and channel 0 answers ACK COMPLETE.
     fn progress(&mut self, p: Option<CompleteProgress>) {
@@ -471,10 +487,17 @@ impl FuzzDestination {
         self.acks[0].push(ack);
     }
 
-    /// The invariant of every applied frame, recomputed without the session module: its
-    /// pages lie inside a region of the LAYOUT, each belongs to channel `c` by
-    /// `(page / chunk + region) % channels`, and its round is still open on `c`.
-    fn check_apply(&self, c: usize, p: &PageFrame<'_>) {
+    /// The invariant of every applied frame (PAGES, or COPY with its targets and sources),
+    /// recomputed without the session module: its pages lie inside a region of the
+    /// LAYOUT, each belongs to channel `c` by `(page / chunk + region) % channels`, and
+    /// its round is still open on `c`.
+    fn check_apply(
+        &self,
+        c: usize,
+        region: RegionId,
+        round: Round,
+        runs: impl Iterator<Item = PageRun>,
+    ) {
         assert!(
             self.session.completed().is_none(),
             "pages applied after completion"
@@ -482,31 +505,28 @@ impl FuzzDestination {
         let Some((regions, chunk)) = &self.layout else {
             panic!("pages applied on channel {c} before any LAYOUT was accepted");
         };
-        let Some(&(_, pages)) = regions.iter().find(|(id, _)| *id == p.region.0) else {
-            panic!("pages applied for region {} outside the LAYOUT", p.region);
+        let Some(&(_, pages)) = regions.iter().find(|(id, _)| *id == region.0) else {
+            panic!("pages applied for region {region} outside the LAYOUT");
         };
         let channels = self.channels.len() as u128;
-        for run in p.all_runs() {
+        for run in runs {
             let start = u128::from(run.start.0);
             let end = start + u128::from(run.count);
             assert!(
                 end <= u128::from(pages),
-                "run {run:?} past region {} of {pages} pages",
-                p.region
+                "run {run:?} past region {region} of {pages} pages"
             );
             for page in start..end {
-                let owner = (page / u128::from(*chunk) + u128::from(p.region.0)) % channels;
+                let owner = (page / u128::from(*chunk) + u128::from(region.0)) % channels;
                 assert_eq!(
                     owner, c as u128,
-                    "page {page} of region {} applied on channel {c}, owner {owner}",
-                    p.region
+                    "page {page} of region {region} applied on channel {c}, owner {owner}"
                 );
             }
         }
         assert!(
-            self.ended[c].is_none_or(|e| p.round > e),
-            "pages of round {} applied on channel {c}, which ended {:?}",
-            p.round,
+            self.ended[c].is_none_or(|e| round > e),
+            "pages of round {round} applied on channel {c}, which ended {:?}",
             self.ended[c]
         );
     }
@@ -524,10 +544,32 @@ impl FuzzDestination {
             source_commit_sent: source.and_then(SourceChannel::commit_sent),
             source_committed: source.and_then(SourceChannel::committed),
             applied: self.applied.clone(),
+            copied: self.copied.clone(),
             dead: self.dead.clone(),
             errors: self.errors.clone(),
             faults,
         }
+    }
+}
+
+/// The decoder's rules of an applied COPY, recomputed page by page (its pages lie inside a
+/// region of at most [`session_limits`]' guest bytes, checked before): at least one run,
+/// targets ascending and disjoint, no source page among the targets.
+fn check_copy_runs(copy: &CopyFrame<'_>) {
+    assert!(!copy.runs.is_empty(), "a COPY without runs applied");
+    let mut targets: Vec<u64> = Vec::new();
+    for t in copy.targets() {
+        assert!(
+            targets.last().is_none_or(|&l| l < t.start.0) && t.count > 0,
+            "COPY targets not ascending: {copy:?}"
+        );
+        targets.extend(t.start.0..t.start.0 + u64::from(t.count));
+    }
+    for s in copy.sources() {
+        assert!(
+            (s.start.0..s.start.0 + u64::from(s.count)).all(|p| !targets.contains(&p)),
+            "a COPY source page is one of its targets: {copy:?}"
+        );
     }
 }
 
@@ -556,16 +598,17 @@ impl Params<'_> {
 ///   set, to a [`SourceChannel`] that sent nothing yet, which must accept no ACK but
 ///   FRAMES 0.
 /// - generated mode: parameters of a legitimate session (channels, chunk size, regions,
-///   rounds, dirty pages, device-state sections, extension frames) that a
+///   rounds, dirty pages, device-state sections, extension frames, COPY frames) that a
 ///   [`SourceChannel`] per channel produces, a fault list (drop, duplicate, move to
-///   another channel, alter a run, flip a byte) and a delivery schedule (which channel's
+///   another channel, alter a run of a PAGES or COPY frame, flip a byte) and a delivery schedule (which channel's
 ///   next frame the destination reads). The destination's ACKs go back to the source,
 ///   which sends COMMIT once ACK COMPLETE arrived. A session with faults may also lose
 ///   COMMIT or ACK COMMITTED, or send a COMMIT too early (bits 3 and 4 of its
 ///   extension byte).
 ///
 /// Invariants: nothing panics; every frame the destination applies names pages inside
-/// the LAYOUT, all on the channel that owns them by `(page / chunk + region) % channels`
+/// the LAYOUT (a COPY's sources too, none of them among its targets), all on the channel
+/// that owns them by `(page / chunk + region) % channels`
 /// recomputed here, in a round that channel has not ended; a channel that failed gets
 /// no more frames; the destination takes COMMIT only on channel 0 after it sent ACK
 /// COMPLETE, and unless frames were altered or COMMIT sent early, it never owns the
@@ -707,6 +750,7 @@ fn session_generated(limits: &Limits, crc: bool, data: &[u8]) -> SessionOutcome 
     let rounds = 1 + r.u8() % 4;
     let per_frame = 1 + usize::from(r.u8() % 16);
     let ext = r.u8();
+    let copies = ext & 0x20 != 0;
     // Device-state sections: (channel, total, chunk, round index).
     let sections: Vec<(usize, usize, usize, u8)> = (0..r.u8() % 3)
         .map(|_| {
@@ -771,12 +815,20 @@ fn session_generated(limits: &Limits, crc: bool, data: &[u8]) -> SessionOutcome 
                 for group in mine.chunks(per_frame) {
                     // Which pages of the group carry data (raw) and which are zero.
                     // Of the others, every third page is uniform (0xcc), the rest zero.
+                    // With COPY frames (bit 5 of `ext`), data pages after the first of
+                    // the group, at odd positions or all (bit 7 of the mask), are copies
+                    // of the group's first page, which the PAGES frame just sent: they
+                    // travel in a COPY right after it.
                     let mask = r.u8();
                     let (mut data, mut zero, mut uniform) = (Vec::new(), Vec::new(), Vec::new());
+                    let mut copied = Vec::new();
                     for (i, &p) in group.iter().enumerate() {
                         match (mask >> (i % 8) & 1, p % 3) {
                             (0, 0) => uniform.push(p),
                             (0, _) => zero.push(p),
+                            _ if copies && i > 0 && (i % 2 == 1 || mask & 0x80 != 0) => {
+                                copied.push(p)
+                            }
                             _ => data.push(p),
                         }
                     }
@@ -810,6 +862,33 @@ fn session_generated(limits: &Limits, crc: bool, data: &[u8]) -> SessionOutcome 
                         .on_send_pages(&frame)
                         .expect("the source accepts pages routed by the affinity");
                     w.push(encoded(&Frame::Pages(frame)));
+                    sent[c] += 1;
+                    if copied.is_empty() {
+                        continue;
+                    }
+                    // One run per page, all from the group's first page: runs that touch
+                    // are canonical, as their sources do not continue.
+                    let runs: Vec<CopyRun> = copied
+                        .iter()
+                        .map(|&p| CopyRun {
+                            start: PageIndex(p),
+                            count: 1,
+                            from: PageIndex(group[0]),
+                        })
+                        .collect();
+                    let mut copy = CopyFrame {
+                        region: region.id,
+                        round,
+                        runs: WireList::Slice(&runs),
+                        crc: None,
+                    };
+                    if crc {
+                        copy = copy.with_crc().expect("a generated frame fits its fields");
+                    }
+                    source[c]
+                        .on_send_copy(&copy)
+                        .expect("the source accepts copies routed by the affinity");
+                    w.push(encoded(&Frame::Copy(copy)));
                     sent[c] += 1;
                 }
             }
@@ -886,26 +965,43 @@ fn session_generated(limits: &Limits, crc: bool, data: &[u8]) -> SessionOutcome 
                 wire[to].insert(at, f);
             }
             3 => {
-                // Alter a run of a PAGES frame: move its start or grow its count. An
+                // Alter a run of a PAGES frame (move its start or grow its count) or of
+                // a COPY frame (move its start or its source, or grow its count). An
                 // earlier fault may have flipped the type or the run counts: the bytes
                 // are only trusted as far as they reach.
                 let f = &mut wire[c][i];
-                if let (Some(&ty), Some(counts)) = (f.first(), f.get(20..24)) {
-                    let runs = usize::from(u16::from_le_bytes([counts[0], counts[1]]))
-                        + usize::from(u16::from_le_bytes([counts[2], counts[3]]));
-                    if ty == FrameType::PAGES.0 && runs > 0 {
-                        let at = 24 + 12 * (usize::from(arg) % runs);
-                        let (field, width) = match arg & 0x80 {
+                let u16_at = |f: &[u8], at: usize| {
+                    f.get(at..at + 2)
+                        .map_or(0, |b| usize::from(u16::from_le_bytes([b[0], b[1]])))
+                };
+                // The first run's offset, the runs and the field to alter.
+                let target = match f.first().map(|&t| FrameType(t)) {
+                    Some(FrameType::PAGES) => {
+                        let runs = u16_at(f, 20) + u16_at(f, 22);
+                        let at = 24 + 12 * (usize::from(arg) % runs.max(1));
+                        (runs > 0).then_some(match arg & 0x80 {
                             0 => (at, 8),
                             _ => (at + 8, 4),
-                        };
-                        if let Some(bytes) = f.get_mut(field..field + width) {
-                            let mut v = [0u8; 8];
-                            v[..width].copy_from_slice(bytes);
-                            let bumped = u64::from_le_bytes(v).wrapping_add(1 + u64::from(arg & 7));
-                            bytes.copy_from_slice(&bumped.to_le_bytes()[..width]);
-                        }
+                        })
                     }
+                    Some(FrameType::COPY) => {
+                        let runs = u16_at(f, 16);
+                        let at = 20 + 20 * (usize::from(arg) % runs.max(1));
+                        (runs > 0).then_some(match arg >> 6 {
+                            0 | 1 => (at, 8),
+                            2 => (at + 8, 4),
+                            _ => (at + 12, 8),
+                        })
+                    }
+                    _ => None,
+                };
+                if let Some((field, width)) = target
+                    && let Some(bytes) = f.get_mut(field..field + width)
+                {
+                    let mut v = [0u8; 8];
+                    v[..width].copy_from_slice(bytes);
+                    let bumped = u64::from_le_bytes(v).wrapping_add(1 + u64::from(arg & 7));
+                    bytes.copy_from_slice(&bumped.to_le_bytes()[..width]);
                 }
             }
             _ => {
@@ -1166,6 +1262,64 @@ pub fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
     record(&mut wrong, 0, &zero(0, &ch0_zero[..]));
     record(&mut wrong, 0, &end(1, 3));
 
+    // COPY frames: channel 0 copies its zero pages 1..4 of region 0 to 8..11; channel 1
+    // its data page 5 to pages 4, 12 and 13 (two touching runs whose sources do not
+    // continue). Then the same COPYs with a source (channel 0) or a target (channel 1)
+    // of the other channel.
+    let copy = |runs| {
+        Frame::Copy(CopyFrame {
+            region: RegionId(0),
+            round: Round(0),
+            runs: WireList::Slice(runs),
+            crc: None,
+        })
+    };
+    let copy_run = |start, count, from| CopyRun {
+        start: PageIndex(start),
+        count,
+        from: PageIndex(from),
+    };
+    let ch0_copy = [copy_run(8, 3, 1)];
+    let ch1_copy = [copy_run(4, 1, 5), copy_run(12, 1, 5), copy_run(13, 1, 5)];
+    let mut copies = vec![0, 1];
+    record(&mut copies, 0, &layout);
+    record(&mut copies, 1, &layout);
+    record(&mut copies, 0, &zero(0, &ch0_zero[..]));
+    record(&mut copies, 0, &copy(&ch0_copy[..]));
+    record(
+        &mut copies,
+        1,
+        &Frame::Pages(PageFrame {
+            codec: CodecId::RAW,
+            region: RegionId(0),
+            round: Round(0),
+            data_runs: WireList::Slice(&data_run),
+            zero_runs: WireList::Slice(&[]),
+            uniform_runs: WireList::Slice(&[]),
+            lengths: None,
+            crc: None,
+            payload: &data_page,
+        }),
+    );
+    record(&mut copies, 1, &copy(&ch1_copy[..]));
+    record(&mut copies, 0, &end(2, 6));
+    record(&mut copies, 1, &end(2, 4));
+    record(
+        &mut copies,
+        0,
+        &Frame::Complete(Complete {
+            final_round: Round(0),
+            sections: 0,
+        }),
+    );
+    record(&mut copies, 0, &commit);
+    let mut copies_wrong = vec![0, 1];
+    record(&mut copies_wrong, 0, &layout);
+    record(&mut copies_wrong, 1, &layout);
+    let across = [copy_run(8, 1, 5)];
+    record(&mut copies_wrong, 0, &copy(&across[..]));
+    record(&mut copies_wrong, 1, &copy(&across[..]));
+
     // ACKs and an extension frame for sources that sent nothing (bit 7 of the channel
     // byte), then a LAYOUT for the destination.
     let mut acks = vec![0, 1];
@@ -1193,6 +1347,8 @@ pub fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("seed-frames-complete", complete),
         ("seed-frames-commit-early", early),
         ("seed-frames-wrong-channel", wrong),
+        ("seed-frames-copy", copies),
+        ("seed-frames-copy-wrong-channel", copies_wrong),
         ("seed-frames-acks-to-idle-source", acks),
         // 2 channels, chunks of 2, two regions of 8 and 4 pages, 2 rounds, up to 4
         // pages a frame, extension frames everywhere; no sections, no faults.
@@ -1230,6 +1386,15 @@ pub fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
             vec![
                 3, 2, 0, 3, 1, 0, 15, 1, 2, 5, 3, 1, 0, 20, 8, 1, 0xff, 0xff, 0x33, 0x0f, 0xf0,
                 0x55, 0xaa, 0x0f, 0x3c, 0xc3,
+            ],
+        ),
+        // 2 channels with CRC32C, chunks of 2, one region of 16 pages, 2 rounds, up to 8
+        // pages a frame, COPY frames (ext bit 5); no sections, no faults.
+        (
+            "seed-generated-copy",
+            vec![
+                3, 1, 0, 1, 0, 0, 15, 0, 1, 7, 0x27, 0, 0xff, 0xff, 0xff, 0x7f, 0x8f, 0xf5, 0xff,
+                0xff, 0xff, 0xff, 0xff, 0xff,
             ],
         ),
         // 4 channels, chunks of 1, one region of 32 pages all dirty in 2 rounds: a
@@ -1287,6 +1452,36 @@ mod tests {
         assert_eq!(out.applied, [1, 3]);
         assert_eq!(out.completed, Some(Round(0)));
         assert_eq!(out.committed, Some(Round(0)));
+    }
+
+    #[test]
+    fn copy_frames_are_applied_counted_and_kept_to_their_channel() {
+        let out = session_run(&seed("seed-frames-copy"));
+        assert_eq!(out.errors, []);
+        assert_eq!(out.applied, [2, 2]);
+        assert_eq!(out.copied, [1, 1]);
+        assert_eq!(out.committed, Some(Round(0)));
+
+        let out = session_run(&seed("seed-frames-copy-wrong-channel"));
+        assert_eq!(out.applied, [0, 0]);
+        let wrong = |page, channel, owner| SessionError::WrongChannel {
+            region: RegionId(0),
+            page,
+            channel: ChannelId(channel),
+            owner: ChannelId(owner),
+        };
+        // Channel 0: the source page 5 is channel 1's. Channel 1: the target page 8 is
+        // channel 0's.
+        assert_eq!(
+            out.errors,
+            [(0, Some(wrong(5, 0, 1))), (1, Some(wrong(8, 1, 0)))]
+        );
+
+        // A generated session with COPY frames and CRC32C completes with every frame.
+        let out = session_run(&seed("seed-generated-copy"));
+        assert_eq!(out.errors, []);
+        assert_eq!(out.committed, Some(Round(2)));
+        assert!(out.copied.iter().all(|&c| c > 0), "{out:?}");
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! The guest memory layout, validated as a whole.
 
+use crate::copy::CopyFrame;
 use crate::error::DecodeError;
 use crate::frame::{LayoutFrame, PageFrame, check_region};
 use crate::ids::RegionId;
-use crate::wire::{RegionDesc, WireList};
+use crate::wire::{PageRun, RegionDesc, WireList};
 
 /// A validated set of guest memory regions: each region well-formed, ids unique, no two
 /// regions overlapping in guest physical space. Built by the source from its regions and
@@ -96,19 +97,36 @@ impl MemoryLayout {
     /// # Errors
     /// `UnknownRegion` or `PageOutOfRange`.
     pub fn check_pages(&self, frame: &PageFrame<'_>) -> Result<(), DecodeError> {
+        self.check_runs(frame.region, frame.all_runs())
+    }
+
+    /// Checks that every target and every source page of a COPY frame lies inside its
+    /// region.
+    ///
+    /// # Errors
+    /// `UnknownRegion` or `PageOutOfRange`.
+    pub fn check_copy(&self, frame: &CopyFrame<'_>) -> Result<(), DecodeError> {
+        self.check_runs(frame.region, frame.all_runs())
+    }
+
+    /// Checks that every page of `runs` lies inside region `region`.
+    ///
+    /// # Errors
+    /// `UnknownRegion` or `PageOutOfRange`.
+    pub fn check_runs(
+        &self,
+        region: RegionId,
+        runs: impl IntoIterator<Item = PageRun>,
+    ) -> Result<(), DecodeError> {
         let pages = self
-            .pages(frame.region)
-            .ok_or(DecodeError::UnknownRegion(frame.region))?;
+            .pages(region)
+            .ok_or(DecodeError::UnknownRegion(region))?;
         // Runs are ascending in a decoded frame, but check every run: the frame may come
-        // from a caller rather than the decoder.
-        for run in frame.all_runs() {
+        // from a caller rather than the decoder, and a COPY's sources are in no order.
+        for run in runs {
             let end = run.end().unwrap_or(u64::MAX);
             if end > pages {
-                return Err(DecodeError::PageOutOfRange {
-                    region: frame.region,
-                    end,
-                    pages,
-                });
+                return Err(DecodeError::PageOutOfRange { region, end, pages });
             }
         }
         Ok(())

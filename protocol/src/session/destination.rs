@@ -1,9 +1,11 @@
 //! The destination's side of a session.
 
+use crate::copy::CopyFrame;
 use crate::frame::{Ack, Commit, Complete, DeviceState, EndOfRound, Frame, LayoutFrame, PageFrame};
-use crate::ids::{AckKind, ChannelId, FrameType, Round};
+use crate::ids::{AckKind, ChannelId, FrameType, RegionId, Round};
 use crate::layout::MemoryLayout;
 use crate::session::{Affinity, Limit, SessionError};
+use crate::wire::PageRun;
 
 /// What the destination accepts from an authenticated peer. Every value bounds memory
 /// or work the peer can make the destination spend; a frame that asks for more fails
@@ -462,6 +464,10 @@ pub enum DestinationEvent<'f, 'a> {
     /// A PAGES frame whose pages passed every rule: decode it into the pages it names
     /// and zero its zero runs.
     Apply(&'f PageFrame<'a>),
+    /// A COPY frame whose target and source pages passed every rule: give each target
+    /// page the content its source page holds now (after this channel's earlier frames),
+    /// then count it like an applied PAGES frame (ACK FRAMES).
+    Copy(&'f CopyFrame<'a>),
     /// The channel ended a round: send ACK ROUND for it, and tell
     /// [`DestinationSession::on_round_ended`].
     AckRound(Round),
@@ -551,28 +557,44 @@ impl DestinationChannel {
     /// `LayoutMissing`, `PagesOutsideLayout`, `WrongChannel`, `RoundEnded`,
     /// `RoundMismatch`, `AfterComplete`.
     pub fn check_pages(&self, p: &PageFrame<'_>) -> Result<(), SessionError> {
+        self.check_frame(FrameType::PAGES, p.region, p.round, || p.all_runs())
+    }
+
+    /// Checks a COPY frame **before** any page is copied, exactly as
+    /// [`DestinationChannel::check_pages`] checks PAGES, with its sources as well as its
+    /// targets: every one inside the region and owned by this channel. Does not count
+    /// the frame.
+    ///
+    /// # Errors
+    /// As `check_pages`.
+    pub fn check_copy(&self, c: &CopyFrame<'_>) -> Result<(), SessionError> {
+        self.check_frame(FrameType::COPY, c.region, c.round, || c.all_runs())
+    }
+
+    /// The rules of a page frame (PAGES or COPY) of `ty` naming `runs` of `region`.
+    fn check_frame<I: Iterator<Item = PageRun>>(
+        &self,
+        ty: FrameType,
+        region: RegionId,
+        round: Round,
+        runs: impl Fn() -> I,
+    ) -> Result<(), SessionError> {
         if self.completed {
-            return Err(SessionError::AfterComplete(FrameType::PAGES));
+            return Err(SessionError::AfterComplete(ty));
         }
-        let rules = self
-            .rules
-            .as_ref()
-            .ok_or(SessionError::LayoutMissing(FrameType::PAGES))?;
+        let rules = self.rules.as_ref().ok_or(SessionError::LayoutMissing(ty))?;
         rules
             .layout
-            .check_pages(p)
+            .check_runs(region, runs())
             .map_err(SessionError::PagesOutsideLayout)?;
-        for run in p.all_runs() {
-            rules.affinity.check_run(p.region, self.channel, run)?;
+        for run in runs() {
+            rules.affinity.check_run(region, self.channel, run)?;
         }
-        if self.last_ended.is_some_and(|l| p.round <= l) {
-            return Err(SessionError::RoundEnded { round: p.round });
+        if self.last_ended.is_some_and(|l| round <= l) {
+            return Err(SessionError::RoundEnded { round });
         }
         match self.open_round {
-            Some(open) if open != p.round => Err(SessionError::RoundMismatch {
-                round: p.round,
-                open,
-            }),
+            Some(open) if open != round => Err(SessionError::RoundMismatch { round, open }),
             _ => Ok(()),
         }
     }
@@ -584,17 +606,18 @@ impl DestinationChannel {
     /// As `check_pages`.
     pub fn on_placed(&mut self, p: &PageFrame<'_>) -> Result<(), SessionError> {
         self.check_pages(p)?;
-        self.count(p);
+        self.count(p.round, p.pages());
         Ok(())
     }
 
-    fn count(&mut self, p: &PageFrame<'_>) {
+    /// Counts an accepted PAGES or COPY frame of `round` with `pages` pages.
+    fn count(&mut self, round: Round, pages: u64) {
         if self.open_round.is_none() {
-            self.opened = Some(p.round);
+            self.opened = Some(round);
         }
-        self.open_round = Some(p.round);
+        self.open_round = Some(round);
         self.frames = self.frames.saturating_add(1);
-        self.pages = self.pages.saturating_add(p.pages());
+        self.pages = self.pages.saturating_add(pages);
     }
 
     /// The round this channel opened with the frame just accepted, once: hand it to
@@ -627,8 +650,13 @@ impl DestinationChannel {
         match frame {
             Frame::Pages(p) => {
                 self.check_pages(p)?;
-                self.count(p);
+                self.count(p.round, p.pages());
                 Ok(DestinationEvent::Apply(p))
+            }
+            Frame::Copy(c) => {
+                self.check_copy(c)?;
+                self.count(c.round, c.pages());
+                Ok(DestinationEvent::Copy(c))
             }
             Frame::EndOfRound(e) => self.end_round(e).map(DestinationEvent::AckRound),
             Frame::DeviceState(d) => Ok(DestinationEvent::DeviceState(d)),

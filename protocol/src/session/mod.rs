@@ -11,7 +11,9 @@
 //! [`DestinationChannel`] per channel (its rounds and counts, and the pages it may
 //! carry). The per-channel part is what the hot path touches: a PAGES frame is checked
 //! by [`DestinationChannel::check_pages`] **before** a byte of it is decoded or placed,
-//! against the layout's regions, the open round and the channel affinity.
+//! against the layout's regions, the open round and the channel affinity, and a COPY
+//! frame by [`DestinationChannel::check_copy`] the same way, its source pages as well as
+//! its targets.
 //!
 //! On the source a [`SourceChannel`] checks the frames the source sends (so a bug on our
 //! side is caught before a peer sees it) and the ACKs it receives, and on channel 0 runs

@@ -1,16 +1,18 @@
 //! The source's side of a session, one channel at a time.
 
+use crate::copy::CopyFrame;
 use crate::frame::{Commit, Complete, EndOfRound, Frame, PageFrame};
-use crate::ids::{AckKind, ChannelId, FrameType, Round};
+use crate::ids::{AckKind, ChannelId, FrameType, RegionId, Round};
 use crate::session::{Affinity, SessionError};
+use crate::wire::PageRun;
 
 /// What the source learned from a frame the destination sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SourceEvent {
-    /// Every page frame of rounds up to this one is applied on this channel.
+    /// Every PAGES and COPY frame of rounds up to this one is applied on this channel.
     RoundApplied(Round),
-    /// This many page frames of this channel are applied (cumulative).
+    /// This many PAGES and COPY frames of this channel are applied (cumulative).
     FramesApplied(u64),
     /// The destination applied the whole migration up to this final round. It does not
     /// run the guest until COMMIT ([`SourceChannel::commit`]).
@@ -22,8 +24,9 @@ pub enum SourceEvent {
 }
 
 /// One channel of the source: checks what the source sends (LAYOUT first, rounds in
-/// order, pages on their own channel) and counts it for END_OF_ROUND, and checks the
-/// ACKs that come back against what was sent.
+/// order, pages on their own channel, a COPY's sources included) and counts it for
+/// END_OF_ROUND, and checks the ACKs that come back against what was sent (ACK FRAMES
+/// against the PAGES and COPY frames sent).
 #[derive(Clone, Debug)]
 pub struct SourceChannel {
     channel: ChannelId,
@@ -84,24 +87,55 @@ impl SourceChannel {
     /// already ended or while another is open; `WrongChannel` for a page of another
     /// channel.
     pub fn on_send_pages(&mut self, p: &PageFrame<'_>) -> Result<(), SessionError> {
+        self.on_send(FrameType::PAGES, p.region, p.round, p.all_runs(), p.pages())
+    }
+
+    /// Checks and counts a COPY frame about to be sent, as [`SourceChannel::on_send_pages`]
+    /// does a PAGES frame: its target and its source pages must all belong to this
+    /// channel, and it counts as one frame of its target pages (END_OF_ROUND, ACK FRAMES).
+    ///
+    /// # Errors
+    /// As `on_send_pages`.
+    pub fn on_send_copy(&mut self, c: &CopyFrame<'_>) -> Result<(), SessionError> {
+        self.on_send(FrameType::COPY, c.region, c.round, c.all_runs(), c.pages())
+    }
+
+    fn on_send(
+        &mut self,
+        ty: FrameType,
+        region: RegionId,
+        round: Round,
+        runs: impl Iterator<Item = PageRun>,
+        pages: u64,
+    ) -> Result<(), SessionError> {
+        let copy = ty == FrameType::COPY;
         if !self.layout_sent {
-            return Err(SessionError::Local("PAGES before LAYOUT"));
+            return Err(SessionError::Local(match copy {
+                true => "COPY before LAYOUT",
+                false => "PAGES before LAYOUT",
+            }));
         }
         if self.complete_sent.is_some() {
-            return Err(SessionError::Local("PAGES after COMPLETE"));
+            return Err(SessionError::Local(match copy {
+                true => "COPY after COMPLETE",
+                false => "PAGES after COMPLETE",
+            }));
         }
-        if self.last_ended.is_some_and(|l| p.round <= l)
-            || self.open_round.is_some_and(|o| o != p.round)
+        if self.last_ended.is_some_and(|l| round <= l)
+            || self.open_round.is_some_and(|o| o != round)
         {
-            return Err(SessionError::Local("PAGES of a round that is not open"));
+            return Err(SessionError::Local(match copy {
+                true => "COPY of a round that is not open",
+                false => "PAGES of a round that is not open",
+            }));
         }
-        for run in p.all_runs() {
-            self.affinity.check_run(p.region, self.channel, run)?;
+        for run in runs {
+            self.affinity.check_run(region, self.channel, run)?;
         }
-        self.open_round = Some(p.round);
+        self.open_round = Some(round);
         self.frames = self.frames.saturating_add(1);
         self.frames_total = self.frames_total.saturating_add(1);
-        self.pages = self.pages.saturating_add(p.pages());
+        self.pages = self.pages.saturating_add(pages);
         Ok(())
     }
 
@@ -255,6 +289,7 @@ impl SourceChannel {
             frame_type,
             FrameType::LAYOUT
                 | FrameType::PAGES
+                | FrameType::COPY
                 | FrameType::END_OF_ROUND
                 | FrameType::DEVICE_STATE
                 | FrameType::COMPLETE

@@ -1,4 +1,5 @@
 use super::*;
+use crate::copy::{CopyFrame, CopyRun};
 use crate::frame::{
     Abort, Ack, Commit, Complete, DeviceState, EndOfRound, Frame, LayoutFrame, PageFrame,
 };
@@ -44,6 +45,23 @@ fn zero_frame<'a>(region: u32, round: u32, runs: &'a [PageRun]) -> Frame<'a> {
         lengths: None,
         crc: None,
         payload: &[],
+    })
+}
+
+fn cr(start: u64, count: u32, from: u64) -> CopyRun {
+    CopyRun {
+        start: PageIndex(start),
+        count,
+        from: PageIndex(from),
+    }
+}
+
+fn copy_frame<'a>(region: u32, round: u32, runs: &'a [CopyRun]) -> Frame<'a> {
+    Frame::Copy(CopyFrame {
+        region: RegionId(region),
+        round: Round(round),
+        runs: WireList::Slice(runs),
+        crc: None,
     })
 }
 
@@ -730,4 +748,243 @@ fn the_source_commits_after_ack_complete_and_checks_ack_committed() {
         Err(SessionError::BadAck { .. })
     ));
     assert!(SourceChannel::sends(FrameType::COMMIT));
+}
+
+/// Two channels, chunks of 8: channel 0 owns pages 0..8 and 16..24 of region 0, channel
+/// 1 pages 8..16 and 24..32; region 0 has 1024 pages, region 1 256.
+#[test]
+fn a_copy_with_a_source_or_target_of_another_channel_is_refused_before_it_is_applied() {
+    let (_, mut ch) = open(2, 8);
+    let wrong = |page, channel, owner| SessionError::WrongChannel {
+        region: RegionId(0),
+        page,
+        channel: ChannelId(channel),
+        owner: ChannelId(owner),
+    };
+    // Targets 8..10 and 24 from 12..14 and 30: all channel 1's.
+    let good = [cr(8, 2, 12), cr(24, 1, 30)];
+    let f = copy_frame(0, 0, &good);
+    let Frame::Copy(c) = &f else { unreachable!() };
+    assert_eq!(ch[1].check_copy(c), Ok(()));
+    assert_eq!(ch[0].check_copy(c), Err(wrong(8, 0, 1)));
+    // The source page 17 is channel 0's, although every target is channel 1's.
+    let source_elsewhere = [cr(8, 2, 12), cr(24, 1, 17)];
+    // The target page 16 is channel 0's, although every source is channel 1's.
+    let target_elsewhere = [cr(8, 2, 12), cr(16, 1, 30)];
+    // A source run that starts on channel 1's chunk and crosses into channel 0's.
+    let source_across = [cr(24, 4, 14)];
+    for (runs, err) in [
+        (&source_elsewhere[..], wrong(17, 1, 0)),
+        (&target_elsewhere[..], wrong(16, 1, 0)),
+        (&source_across[..], wrong(16, 1, 0)),
+    ] {
+        let mut c1 = ch[1].clone();
+        assert_eq!(c1.on_frame(&copy_frame(0, 0, runs)).err(), Some(err));
+        // Refused before anything: no round opened, nothing counted.
+        assert_eq!(c1.take_opened(), None);
+        let nothing = Frame::EndOfRound(EndOfRound {
+            round: Round(0),
+            frames: 0,
+            pages: 0,
+        });
+        assert!(matches!(
+            c1.on_frame(&nothing),
+            Ok(DestinationEvent::AckRound(_))
+        ));
+    }
+    assert!(matches!(ch[1].on_frame(&f), Ok(DestinationEvent::Copy(_))));
+}
+
+#[test]
+fn copy_sources_and_targets_must_lie_inside_the_region() {
+    let (_, ch) = open(1, 8);
+    let check = |region, runs: &[CopyRun]| {
+        let f = copy_frame(region, 0, runs);
+        let Frame::Copy(c) = f else { unreachable!() };
+        ch[0].check_copy(&c)
+    };
+    assert_eq!(check(0, &[cr(1020, 4, 0)]), Ok(()));
+    assert_eq!(check(0, &[cr(0, 4, 1020)]), Ok(()));
+    // A source past region 0's 1024 pages; a target past them.
+    for runs in [&[cr(0, 1, 1024)][..], &[cr(0, 5, 1020)], &[cr(1021, 4, 0)]] {
+        assert!(
+            matches!(
+                check(0, runs),
+                Err(SessionError::PagesOutsideLayout(
+                    crate::DecodeError::PageOutOfRange { pages: 1024, .. }
+                ))
+            ),
+            "{runs:?}"
+        );
+    }
+    // Region 1 is shorter: a source that fits region 0 does not fit it.
+    assert!(matches!(
+        check(1, &[cr(0, 1, 300)]),
+        Err(SessionError::PagesOutsideLayout(
+            crate::DecodeError::PageOutOfRange {
+                end: 301,
+                pages: 256,
+                ..
+            }
+        ))
+    ));
+    assert_eq!(
+        check(7, &[cr(0, 1, 3)]),
+        Err(SessionError::PagesOutsideLayout(
+            crate::DecodeError::UnknownRegion(RegionId(7))
+        ))
+    );
+    // Before LAYOUT.
+    let s = DestinationSession::new(1, PS, DestinationLimits::default()).unwrap();
+    let mut fresh = s.channel(ChannelId(0)).unwrap();
+    let runs = [cr(0, 1, 3)];
+    assert_eq!(
+        fresh.on_frame(&copy_frame(0, 0, &runs)).err(),
+        Some(SessionError::LayoutMissing(FrameType::COPY))
+    );
+}
+
+#[test]
+fn copy_frames_follow_the_round_rules_and_end_of_round_counts_them() {
+    let (_, mut ch) = open(1, 8);
+    let c = &mut ch[0];
+    let zeros = [run(0, 3)];
+    let copies = [cr(10, 2, 0), cr(12, 1, 0)];
+    // A COPY opens a round as PAGES does.
+    assert!(matches!(
+        c.on_frame(&copy_frame(0, 1, &copies)),
+        Ok(DestinationEvent::Copy(_))
+    ));
+    assert_eq!(c.take_opened(), Some(Round(1)));
+    c.on_frame(&zero_frame(0, 1, &zeros)).unwrap();
+    assert_eq!(c.take_opened(), None);
+    // Another round while round 1 is open.
+    assert_eq!(
+        c.clone().on_frame(&copy_frame(0, 2, &copies)).err(),
+        Some(SessionError::RoundMismatch {
+            round: Round(2),
+            open: Round(1)
+        })
+    );
+    c.on_frame(&copy_frame(1, 1, &copies)).unwrap();
+    // Counts without the COPY frames fail: 3 frames of 3 + 3 + 3 pages.
+    for (frames, pages) in [(1, 3), (3, 6), (2, 9)] {
+        let short = Frame::EndOfRound(EndOfRound {
+            round: Round(1),
+            frames,
+            pages,
+        });
+        assert!(matches!(
+            c.clone().on_frame(&short),
+            Err(SessionError::CountMismatch {
+                got_frames: 3,
+                got_pages: 9,
+                ..
+            })
+        ));
+    }
+    let end = Frame::EndOfRound(EndOfRound {
+        round: Round(1),
+        frames: 3,
+        pages: 9,
+    });
+    assert!(matches!(
+        c.on_frame(&end),
+        Ok(DestinationEvent::AckRound(Round(1)))
+    ));
+    assert_eq!(
+        c.on_frame(&copy_frame(0, 1, &copies)).err(),
+        Some(SessionError::RoundEnded { round: Round(1) })
+    );
+}
+
+#[test]
+fn copy_frames_are_refused_after_complete_and_after_commit() {
+    let (s, mut ch) = completed_session(2);
+    let runs = [cr(0, 1, 3)];
+    // Another channel, once told the session completed.
+    ch[1].finish();
+    assert_eq!(
+        ch[1].on_frame(&copy_frame(0, 4, &runs)).err(),
+        Some(SessionError::AfterComplete(FrameType::COPY))
+    );
+    assert_eq!(
+        ch[0].clone().on_frame(&copy_frame(0, 4, &runs)).err(),
+        Some(SessionError::AfterComplete(FrameType::COPY))
+    );
+    ch[0].ack_complete(&s).unwrap();
+    ch[0].on_frame(&commit(3)).unwrap();
+    assert_eq!(
+        ch[0].on_frame(&copy_frame(0, 4, &runs)).err(),
+        Some(SessionError::AfterCommit(FrameType::COPY))
+    );
+}
+
+#[test]
+fn the_source_checks_and_counts_its_copy_frames_and_their_acks() {
+    let a = Affinity::new(2, 8).unwrap();
+    let mut src = SourceChannel::new(ChannelId(0), a).unwrap();
+    assert!(SourceChannel::sends(FrameType::COPY));
+    let copies = [cr(4, 2, 0), cr(16, 4, 0)];
+    let Frame::Copy(c) = copy_frame(0, 0, &copies) else {
+        unreachable!()
+    };
+    assert!(matches!(src.on_send_copy(&c), Err(SessionError::Local(_))));
+    src.on_send_layout();
+    // A source page and a target page of channel 1.
+    for runs in [&[cr(1, 2, 8)][..], &[cr(8, 1, 0)]] {
+        let Frame::Copy(bad) = copy_frame(0, 0, runs) else {
+            unreachable!()
+        };
+        assert!(matches!(
+            src.clone().on_send_copy(&bad),
+            Err(SessionError::WrongChannel {
+                page: 8,
+                owner: ChannelId(1),
+                ..
+            })
+        ));
+    }
+    let zeros = [run(0, 1)];
+    let Frame::Pages(p) = zero_frame(0, 0, &zeros) else {
+        unreachable!()
+    };
+    src.on_send_pages(&p).unwrap();
+    src.on_send_copy(&c).unwrap();
+    // Another round while round 0 is open.
+    let Frame::Copy(later) = copy_frame(0, 1, &copies) else {
+        unreachable!()
+    };
+    assert!(matches!(
+        src.clone().on_send_copy(&later),
+        Err(SessionError::Local(_))
+    ));
+    // ACK FRAMES counts the COPY frame: 2 frames sent.
+    let ack = |kind, value| Frame::Ack(Ack { kind, value });
+    assert_eq!(
+        src.on_frame(&ack(AckKind::FRAMES, 2)),
+        Ok(SourceEvent::FramesApplied(2))
+    );
+    assert!(matches!(
+        src.clone().on_frame(&ack(AckKind::FRAMES, 3)),
+        Err(SessionError::BadAck { .. })
+    ));
+    let e = src.end_round(Round(0)).unwrap();
+    assert_eq!((e.frames, e.pages), (2, 7));
+    // A COPY of an ended round, and after COMPLETE.
+    assert!(matches!(src.on_send_copy(&c), Err(SessionError::Local(_))));
+    src.on_send_copy(&later).unwrap();
+    assert!(matches!(
+        src.on_frame(&ack(AckKind::FRAMES, 3)),
+        Ok(SourceEvent::FramesApplied(3))
+    ));
+    assert_eq!(src.end_round(Round(1)).unwrap().frames, 1);
+    src.complete(Round(1), 0).unwrap();
+    let Frame::Copy(after) = copy_frame(0, 2, &copies) else {
+        unreachable!()
+    };
+    assert!(matches!(
+        src.on_send_copy(&after),
+        Err(SessionError::Local(_))
+    ));
 }
