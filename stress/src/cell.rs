@@ -65,6 +65,8 @@ pub struct CellSpec {
     pub fail_on_cap: bool,
     /// Source timeouts, s.
     pub timeout_s: u64,
+    /// Repeated pages as COPY references (`SourceConfig::dedup`).
+    pub dedup: bool,
 }
 
 fn display<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -116,6 +118,7 @@ impl CellSpec {
             cfg.level = l;
         }
         cfg.max_pages = self.frame_pages;
+        cfg.dedup = self.dedup;
         cfg.backend = self.transport.backend();
         cfg.precopy.downtime_limit = Duration::from_millis(self.downtime_ms);
         cfg.precopy.max_rounds = self.max_rounds;

@@ -161,6 +161,10 @@ pub struct RunArgs {
     /// populated memory (local runs).
     #[arg(long)]
     pub memory_baseline: bool,
+    /// Send every data page's bytes, even one equal to a page its channel already sent
+    /// (`SourceConfig::dedup` off; it is on by default).
+    #[arg(long)]
+    pub no_dedup: bool,
     /// Source send/ACK timeout, seconds.
     #[arg(long)]
     pub timeout_s: Option<u64>,
@@ -443,6 +447,8 @@ pub struct Plan {
     pub prefault: Option<pagewire::Prefault>,
     /// Measure the copy-into-memory baselines.
     pub memory_baseline: bool,
+    /// Send repeated pages as COPY references (`SourceConfig::dedup`).
+    pub dedup: bool,
     /// Source timeouts, s.
     pub timeout_s: u64,
     /// Outputs.
@@ -552,6 +558,7 @@ impl RunArgs {
             prefault: self.prefault,
             memory_baseline: self.memory_baseline,
             timeout_s: self.timeout_s.unwrap_or(30).max(1),
+            dedup: !self.no_dedup,
             json: self.json.clone(),
             csv: self.csv.clone(),
             charts: self.charts.clone(),

@@ -566,6 +566,7 @@ mod tests {
             max_rounds: 30,
             fail_on_cap: false,
             timeout_s: 30,
+            dedup: true,
         }
     }
 

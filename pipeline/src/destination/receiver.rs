@@ -400,6 +400,9 @@ impl Receiver {
             while done < u64::from(run.count) {
                 let n = CHUNK.min(u64::from(run.count) - done);
                 let buf = &mut scratch[..n as usize * ps];
+                // Pages never written read as zeros (fresh memory), not as what an
+                // earlier copy left in the buffer.
+                buf.fill(0);
                 memory.read_written(c.region, run.from.0 + done, n, buf);
                 if !memory.write_pages(c.region, run.start.0 + done, buf) {
                     return Err(format!("COPY {run:?} outside region {:?}", c.region));
