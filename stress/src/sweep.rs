@@ -155,7 +155,7 @@ pub fn cells(plan: &Plan) -> Vec<CellSpec> {
                                     max_rounds: plan.max_rounds,
                                     fail_on_cap: false,
                                     timeout_s: plan.timeout_s,
-                dedup: plan.dedup,
+                                    dedup: plan.dedup,
                                 });
                             }
                         }
