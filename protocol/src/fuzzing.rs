@@ -1172,6 +1172,18 @@ pub fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let ch1_region1 = [run(0, 4)];
     let data_page = [0u8; 4096];
     let data_run = [run(5, 1)];
+    // Page 5 of region 0, raw (channel 1's).
+    let raw_page = Frame::Pages(PageFrame {
+        codec: CodecId::RAW,
+        region: RegionId(0),
+        round: Round(0),
+        data_runs: WireList::Slice(&data_run),
+        zero_runs: WireList::Slice(&[]),
+        uniform_runs: WireList::Slice(&[]),
+        lengths: None,
+        crc: None,
+        payload: &data_page,
+    });
     let zero = |region, runs| {
         Frame::Pages(PageFrame {
             codec: CodecId::ZERO,
@@ -1207,21 +1219,7 @@ pub fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
     record(&mut complete, 0, &zero(0, &ch0_zero[..]));
     record(&mut complete, 1, &zero(0, &ch1_zero[..]));
     record(&mut complete, 1, &zero(1, &ch1_region1[..]));
-    record(
-        &mut complete,
-        1,
-        &Frame::Pages(PageFrame {
-            codec: CodecId::RAW,
-            region: RegionId(0),
-            round: Round(0),
-            data_runs: WireList::Slice(&data_run),
-            zero_runs: WireList::Slice(&[]),
-            uniform_runs: WireList::Slice(&[]),
-            lengths: None,
-            crc: None,
-            payload: &data_page,
-        }),
-    );
+    record(&mut complete, 1, &raw_page);
     record(
         &mut complete,
         0,
@@ -1286,21 +1284,7 @@ pub fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
     record(&mut copies, 1, &layout);
     record(&mut copies, 0, &zero(0, &ch0_zero[..]));
     record(&mut copies, 0, &copy(&ch0_copy[..]));
-    record(
-        &mut copies,
-        1,
-        &Frame::Pages(PageFrame {
-            codec: CodecId::RAW,
-            region: RegionId(0),
-            round: Round(0),
-            data_runs: WireList::Slice(&data_run),
-            zero_runs: WireList::Slice(&[]),
-            uniform_runs: WireList::Slice(&[]),
-            lengths: None,
-            crc: None,
-            payload: &data_page,
-        }),
-    );
+    record(&mut copies, 1, &raw_page);
     record(&mut copies, 1, &copy(&ch1_copy[..]));
     record(&mut copies, 0, &end(2, 6));
     record(&mut copies, 1, &end(2, 4));

@@ -116,17 +116,9 @@ impl Worker {
             self.rules.on_send_copy(&frame).map_err(|e| self.rule(e))?;
             let pages = frame.pages();
             let wire = self.send_whole(&Frame::Copy(frame))?;
-            let ps = u64::from(self.s.memory.page_size());
-            let r = &mut self.round;
-            r.frames += 1;
-            r.wire_bytes += wire;
-            r.guest_bytes += pages * ps;
-            r.pages.copied += pages;
-            let c = &self.s.counters;
-            c.frames.fetch_add(1, Ordering::Relaxed);
-            c.wire_bytes.fetch_add(wire, Ordering::Relaxed);
-            c.guest_bytes.fetch_add(pages * ps, Ordering::Relaxed);
-            c.copied.fetch_add(pages, Ordering::Relaxed);
+            self.count_frame(pages, wire);
+            self.round.pages.copied += pages;
+            self.s.counters.copied.fetch_add(pages, Ordering::Relaxed);
             all += pages;
             bytes += wire;
         }

@@ -230,6 +230,20 @@ impl Worker {
         Ok(())
     }
 
+    /// Counts a frame of `pages` pages (of every kind) and `wire` bytes, in the round
+    /// and in the live counters.
+    pub(super) fn count_frame(&mut self, pages: u64, wire: u64) {
+        let bytes = pages * u64::from(self.s.memory.page_size());
+        let r = &mut self.round;
+        r.frames += 1;
+        r.wire_bytes += wire;
+        r.guest_bytes += bytes;
+        let c = &self.s.counters;
+        c.frames.fetch_add(1, Ordering::Relaxed);
+        c.wire_bytes.fetch_add(wire, Ordering::Relaxed);
+        c.guest_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     fn account(&mut self, codec: CodecId, pages: Sent, payload: u64, wire: u64) {
         let Sent {
             data,
@@ -238,16 +252,11 @@ impl Worker {
         } = pages;
         let ps = u64::from(self.s.memory.page_size());
         let all = data + zero + uniform;
+        self.count_frame(all, wire);
         let r = &mut self.round;
-        r.frames += 1;
-        r.wire_bytes += wire;
-        r.guest_bytes += all * ps;
         r.pages.zero += zero;
         r.pages.uniform += uniform;
         let c = &self.s.counters;
-        c.frames.fetch_add(1, Ordering::Relaxed);
-        c.wire_bytes.fetch_add(wire, Ordering::Relaxed);
-        c.guest_bytes.fetch_add(all * ps, Ordering::Relaxed);
         c.zero.fetch_add(zero, Ordering::Relaxed);
         c.uniform.fetch_add(uniform, Ordering::Relaxed);
         let slot = match codec {
