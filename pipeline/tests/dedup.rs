@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use pagewire::{DestinationConfig, DestinationListener, Source, SourceConfig};
+use pagewire::{DestinationConfig, DestinationListener, Prefault, Source, SourceConfig};
 use pagewire_protocol::{Authentication, CodecId, RegionId, SessionKey};
 
 fn key() -> Authentication {
@@ -34,10 +34,23 @@ fn twice(mem: &pagewire::GuestMemory) -> u64 {
 /// pages rewritten per second meanwhile; returns the source's and the destination's
 /// copied pages and the data pages of a half.
 fn migrate(codec: CodecId, dedup: bool, checksum: bool, writes_per_s: u64) -> (u64, u64) {
+    migrate_into(codec, dedup, checksum, writes_per_s, Prefault::None).0
+}
+
+/// [`migrate`] into destination memory prepared with `prefault`; also returns the
+/// destination's statistics.
+fn migrate_into(
+    codec: CodecId,
+    dedup: bool,
+    checksum: bool,
+    writes_per_s: u64,
+    prefault: Prefault,
+) -> ((u64, u64), pagewire::DestinationStats) {
     let src_mem = memory(16);
     let data = twice(&src_mem);
     let mut dcfg = DestinationConfig::new(session(9), key());
     dcfg.checksum = checksum;
+    dcfg.prefault = prefault;
     let listener = DestinationListener::bind(loopback(), dcfg).unwrap();
     let addr = listener.local_addr().unwrap();
     let dst = std::thread::spawn(move || listener.accept(None).and_then(|d| d.wait()));
@@ -60,7 +73,7 @@ fn migrate(codec: CodecId, dedup: bool, checksum: bool, writes_per_s: u64) -> (u
         "{stats}"
     );
     assert_eq!(migrated.stats.copied_pages, stats.pages.copied, "{stats}");
-    (stats.pages.copied, data)
+    ((stats.pages.copied, data), migrated.stats)
 }
 
 #[test]
@@ -86,4 +99,23 @@ fn copies_stay_right_while_the_guest_writes() {
 fn no_copies_without_dedup_or_with_raw_pages() {
     assert_eq!(migrate(CodecId::ZSTD, false, true, 0).0, 0);
     assert_eq!(migrate(CodecId::RAW, true, false, 0).0, 0);
+}
+
+/// Copies into memory whose pages are installed with userfaultfd: a copy's target
+/// never written before is installed from the copied bytes, a source is read as the
+/// destination holds it.
+#[test]
+fn copies_into_memory_installed_with_userfaultfd() {
+    let ((copied, data), dst) = migrate_into(CodecId::ZSTD, true, false, 20_000, Prefault::Install);
+    assert!(copied >= data / 2, "{copied} pages copied of {data}");
+    match &dst.install_unavailable {
+        None => assert!(dst.installed_pages > 0, "{dst:?}"),
+        Some(why) => {
+            assert!(
+                std::env::var("PAGEWIRE_REQUIRE_USERFAULTFD").as_deref() != Ok("1"),
+                "PAGEWIRE_REQUIRE_USERFAULTFD=1 but userfaultfd is unavailable: {why}"
+            );
+            eprintln!("skipped the install part: userfaultfd unavailable: {why}");
+        }
+    }
 }
