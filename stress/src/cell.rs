@@ -67,6 +67,8 @@ pub struct CellSpec {
     pub timeout_s: u64,
     /// Repeated pages as COPY references (`SourceConfig::dedup`).
     pub dedup: bool,
+    /// Codec threads per channel (`None`: the library's choice).
+    pub codec_threads: Option<usize>,
 }
 
 fn display<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -119,6 +121,9 @@ impl CellSpec {
         }
         cfg.max_pages = self.frame_pages;
         cfg.dedup = self.dedup;
+        if self.codec_threads.is_some() {
+            cfg.codec_threads = self.codec_threads;
+        }
         cfg.backend = self.transport.backend();
         cfg.precopy.downtime_limit = Duration::from_millis(self.downtime_ms);
         cfg.precopy.max_rounds = self.max_rounds;

@@ -165,6 +165,10 @@ pub struct RunArgs {
     /// (`SourceConfig::dedup` off; it is on by default).
     #[arg(long)]
     pub no_dedup: bool,
+    /// Codec threads per channel (`SourceConfig::codec_threads`; default: the
+    /// library's choice from the machine, `codec_threads_for`).
+    #[arg(long)]
+    pub codec_threads: Option<usize>,
     /// Source send/ACK timeout, seconds.
     #[arg(long)]
     pub timeout_s: Option<u64>,
@@ -449,6 +453,8 @@ pub struct Plan {
     pub memory_baseline: bool,
     /// Send repeated pages as COPY references (`SourceConfig::dedup`).
     pub dedup: bool,
+    /// Codec threads per channel (`None`: the library's choice).
+    pub codec_threads: Option<usize>,
     /// Source timeouts, s.
     pub timeout_s: u64,
     /// Outputs.
@@ -559,6 +565,7 @@ impl RunArgs {
             memory_baseline: self.memory_baseline,
             timeout_s: self.timeout_s.unwrap_or(30).max(1),
             dedup: !self.no_dedup,
+            codec_threads: self.codec_threads,
             json: self.json.clone(),
             csv: self.csv.clone(),
             charts: self.charts.clone(),

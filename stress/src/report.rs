@@ -567,6 +567,7 @@ mod tests {
             fail_on_cap: false,
             timeout_s: 30,
             dedup: true,
+            codec_threads: None,
         }
     }
 

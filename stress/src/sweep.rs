@@ -156,6 +156,7 @@ pub fn cells(plan: &Plan) -> Vec<CellSpec> {
                                     fail_on_cap: false,
                                     timeout_s: plan.timeout_s,
                                     dedup: plan.dedup,
+                                    codec_threads: plan.codec_threads,
                                 });
                             }
                         }
@@ -572,6 +573,7 @@ pub fn bisection_cells(plan: &Plan) -> Vec<CellSpec> {
                 fail_on_cap: true,
                 timeout_s: plan.timeout_s,
                 dedup: plan.dedup,
+                codec_threads: plan.codec_threads,
             });
         }
     }
