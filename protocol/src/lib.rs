@@ -11,6 +11,7 @@ pub mod handshake;
 pub mod ids;
 pub mod layout;
 pub mod limits;
+mod pages;
 pub mod rdma;
 pub mod session;
 pub mod stream;
