@@ -727,21 +727,24 @@ pub(crate) fn check_region(region: &RegionDesc, page_size: u32) -> Result<(), De
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::ids::{GuestAddr, RegionId};
     use crate::limits::CodecSet;
 
-    fn limits() -> Limits {
+    pub(crate) fn limits() -> Limits {
         Limits::session(4096, 128, 1 << 20, CodecSet::all_known(), None).unwrap()
     }
 
-    fn decode_one<'a>(bytes: &'a [u8], limits: &Limits) -> Result<Frame<'a>, DecodeError> {
+    pub(crate) fn decode_one<'a>(
+        bytes: &'a [u8],
+        limits: &Limits,
+    ) -> Result<Frame<'a>, DecodeError> {
         let env = Envelope::parse(bytes[..8].try_into().unwrap(), limits)?;
         Frame::decode(env, &bytes[8..], limits)
     }
 
-    fn encode(frame: &Frame<'_>) -> Vec<u8> {
+    pub(crate) fn encode(frame: &Frame<'_>) -> Vec<u8> {
         let mut out = Vec::new();
         frame.encode(&mut out).unwrap();
         out

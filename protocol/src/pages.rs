@@ -454,29 +454,14 @@ impl PageFrame<'_> {
 mod tests {
     use super::*;
     use crate::frame::Frame;
+    use crate::frame::tests::{decode_one, encode, limits};
     use crate::ids::PageIndex;
-    use crate::limits::CodecSet;
-
-    fn limits() -> Limits {
-        Limits::session(4096, 128, 1 << 20, CodecSet::all_known(), None).unwrap()
-    }
 
     fn run(start: u64, count: u32) -> PageRun {
         PageRun {
             start: PageIndex(start),
             count,
         }
-    }
-
-    fn decode_one<'a>(bytes: &'a [u8], limits: &Limits) -> Result<Frame<'a>, DecodeError> {
-        let env = Envelope::parse(bytes[..8].try_into().unwrap(), limits)?;
-        Frame::decode(env, &bytes[8..], limits)
-    }
-
-    fn encode(frame: &Frame<'_>) -> Vec<u8> {
-        let mut out = Vec::new();
-        frame.encode(&mut out).unwrap();
-        out
     }
 
     #[test]
