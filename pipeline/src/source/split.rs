@@ -59,7 +59,9 @@ impl PageSplit {
     }
 }
 
-fn extend(list: &mut Vec<PageRun>, p: u64) {
+/// Adds page `p`, after every page of `list`, to canonical runs (merged where they
+/// touch).
+pub(crate) fn extend(list: &mut Vec<PageRun>, p: u64) {
     match list.last_mut() {
         Some(last) if last.end() == Some(p) => last.count += 1,
         _ => list.push(PageRun {

@@ -8,7 +8,7 @@ use pagewire_protocol::{CopyFrame, CopyRun, Frame, PageIndex, PageRun, RegionId,
 
 use crate::error::MigrationError;
 use crate::source::dedup::PageHash;
-use crate::source::split::PageSplit;
+use crate::source::split::{PageSplit, extend};
 
 use super::{Worker, page_key};
 
@@ -72,7 +72,7 @@ impl Worker {
                             buf.copy_within(i * ps..(i + 1) * ps, kept * ps);
                         }
                         kept += 1;
-                        push_page(&mut st.data, p);
+                        extend(&mut st.data, p);
                         st.hashes.push((p, h));
                     }
                 }
@@ -126,17 +126,6 @@ impl Worker {
     }
 }
 
-/// Adds page `p`, after every page added so far, to canonical runs.
-fn push_page(runs: &mut Vec<PageRun>, p: u64) {
-    match runs.last_mut() {
-        Some(last) if last.end() == Some(p) => last.count += 1,
-        _ => runs.push(PageRun {
-            start: PageIndex(p),
-            count: 1,
-        }),
-    }
-}
-
 /// Adds the copy of page `from` into page `p`, after every copy added so far; runs
 /// merge only where both the targets and the sources continue (COPY's canonical form).
 fn push_copy(runs: &mut Vec<CopyRun>, p: u64, from: u64) {
@@ -168,11 +157,5 @@ mod tests {
         }
         let got: Vec<_> = c.iter().map(|r| (r.start.0, r.count, r.from.0)).collect();
         assert_eq!(got, [(10, 2, 100), (12, 1, 50), (14, 2, 51)]);
-        let mut d = Vec::new();
-        for p in [3, 4, 6] {
-            push_page(&mut d, p);
-        }
-        let got: Vec<_> = d.iter().map(|r| (r.start.0, r.count)).collect();
-        assert_eq!(got, [(3, 2), (6, 1)]);
     }
 }

@@ -36,18 +36,21 @@ impl Worker {
         let started = Instant::now();
         let measure = arm.is_some() && self.s.inline_encode;
         let cpu0 = measure.then(pagewire_accel::thread_cpu_time);
-        let staged = match self.s.dedup.is_some() && params.codec != CodecId::RAW {
+        let mut staged = match self.s.dedup.is_some() && params.codec != CodecId::RAW {
             true => Some(self.dedupe(region, split)?),
             false => None,
         };
         // The copy and the hashes are part of this candidate's cost.
         let dedup_cpu = cpu0.map(|t0| pagewire_accel::thread_cpu_time().saturating_sub(t0));
         let (mut copied, mut copy_wire) = (0, 0);
-        if let Some(st) = &staged {
+        if let Some(st) = &mut staged {
             (copied, copy_wire) = self.send_copies(region, &st.copies)?;
             if st.data.is_empty() {
                 // Every data page went as a copy: what is left has no payload.
                 drop(job);
+                if let Some(d) = self.s.dedup.as_mut() {
+                    d.give_back(std::mem::take(&mut st.buf));
+                }
                 if split.zero.is_empty() && split.uniform.is_empty() {
                     return Ok(());
                 }
