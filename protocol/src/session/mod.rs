@@ -40,15 +40,14 @@
 //! ```
 
 mod affinity;
+mod channel;
 mod destination;
 mod error;
 mod source;
 
 pub use affinity::Affinity;
-pub use destination::{
-    CompleteProgress, DestinationChannel, DestinationEvent, DestinationLimits, DestinationSession,
-    Section,
-};
+pub use channel::{DestinationChannel, DestinationEvent};
+pub use destination::{CompleteProgress, DestinationLimits, DestinationSession, Section};
 pub use error::{Limit, SessionError};
 pub use source::{SourceChannel, SourceEvent};
 
