@@ -4,7 +4,7 @@ use crate::copy::CopyFrame;
 use crate::frame::{Ack, Commit, Complete, DeviceState, EndOfRound, Frame, LayoutFrame, PageFrame};
 use crate::ids::{AckKind, ChannelId, FrameType, RegionId, Round};
 use crate::layout::MemoryLayout;
-use crate::session::{Affinity, DestinationSession, SessionError};
+use crate::session::{Affinity, DestinationLimits, DestinationSession, Limit, SessionError};
 use crate::wire::PageRun;
 
 /// What the caller does after a frame was accepted on a channel.
@@ -17,12 +17,21 @@ pub enum DestinationEvent<'f, 'a> {
     /// A PAGES frame whose pages passed every rule: decode it into the pages it names
     /// and zero its zero runs.
     Apply(&'f PageFrame<'a>),
-    /// A COPY frame whose target and source pages passed every rule: give each target
-    /// page the content its source page holds now (after this channel's earlier frames),
-    /// then count it like an applied PAGES frame (ACK FRAMES).
+    /// A COPY frame (without ROUND_END) whose target and source pages passed every rule:
+    /// give each target page the content its source page holds now (after this
+    /// channel's earlier frames), then count it like an applied PAGES frame (ACK FRAMES).
     Copy(&'f CopyFrame<'a>),
-    /// The channel ended a round: send ACK ROUND for it, and tell
-    /// [`DestinationSession::on_round_ended`].
+    /// A ROUND_END COPY frame whose targets (this channel's) and sources (any channel's)
+    /// passed every rule: record its runs (bounded: at most the layout's pages in a
+    /// round on a channel) and count it for ACK FRAMES now. Apply it once
+    /// [`DestinationSession::ended_everywhere`] reaches its round, while no other frame
+    /// writes pages (exclusively) and after those of earlier rounds: each target gets
+    /// what its source holds then. Hold this channel's ACK ROUND for its round, or a
+    /// later one, until it is applied.
+    RoundEndCopy(&'f CopyFrame<'a>),
+    /// The channel ended a round: tell [`DestinationSession::on_round_ended`], and send
+    /// ACK ROUND for it once this channel's ROUND_END copies of rounds up to it are
+    /// applied ([`DestinationEvent::RoundEndCopy`]): at once when there are none.
     AckRound(Round),
     /// A device-state chunk: hand it to [`DestinationSession::on_device_state`].
     DeviceState(&'f DeviceState<'a>),
@@ -57,6 +66,8 @@ enum Handover {
 struct Rules {
     layout: MemoryLayout,
     affinity: Affinity,
+    /// The layout's pages: what a channel's ROUND_END copies may target in a round.
+    pages: u64,
 }
 
 /// One channel of the destination: its rounds, its counts, and which pages it may
@@ -71,6 +82,8 @@ pub struct DestinationChannel {
     last_ended: Option<Round>,
     frames: u32,
     pages: u64,
+    /// Target pages of the ROUND_END copies accepted in the open round.
+    round_end_pages: u64,
     completed: bool,
     handover: Handover,
 }
@@ -87,6 +100,7 @@ impl DestinationChannel {
             last_ended: None,
             frames: 0,
             pages: 0,
+            round_end_pages: 0,
             completed: false,
             handover: Handover::Open,
         }
@@ -110,6 +124,7 @@ impl DestinationChannel {
             self.rules = Some(Rules {
                 layout: layout.clone(),
                 affinity,
+                pages: layout.total_pages(),
             });
         }
         Ok(())
@@ -128,28 +143,55 @@ impl DestinationChannel {
     /// `LayoutMissing`, `PagesOutsideLayout`, `WrongChannel`, `RoundEnded`,
     /// `RoundMismatch`, `AfterComplete`.
     pub fn check_pages(&self, p: &PageFrame<'_>) -> Result<(), SessionError> {
-        self.check_frame(FrameType::PAGES, p.region, p.round, || p.all_runs())
+        self.check_frame(
+            FrameType::PAGES,
+            p.region,
+            p.round,
+            || p.all_runs(),
+            || p.all_runs(),
+        )
+        .map(|_| ())
     }
 
     /// Checks a COPY frame **before** any page is copied, exactly as
     /// [`DestinationChannel::check_pages`] checks PAGES, with its sources as well as its
-    /// targets: every one inside the region and owned by this channel. Does not count
-    /// the frame.
+    /// targets: every one inside the region and, without ROUND_END, owned by this
+    /// channel. A ROUND_END copy's sources may belong to any channel; its targets, with
+    /// those of the round's earlier ROUND_END copies on this channel, may number at most
+    /// the layout's pages. Does not count the frame.
     ///
     /// # Errors
-    /// As `check_pages`.
+    /// As `check_pages`; `LimitExceeded` ([`Limit::RoundEndPages`]) for ROUND_END
+    /// targets past the bound.
     pub fn check_copy(&self, c: &CopyFrame<'_>) -> Result<(), SessionError> {
-        self.check_frame(FrameType::COPY, c.region, c.round, || c.all_runs())
+        let rules = self.check_frame(
+            FrameType::COPY,
+            c.region,
+            c.round,
+            || c.all_runs(),
+            || c.affine_runs(),
+        )?;
+        if c.round_end {
+            // A new round starts from 0: the counter is reset when a round ends.
+            DestinationLimits::check(
+                Limit::RoundEndPages,
+                self.round_end_pages.saturating_add(c.pages()),
+                rules.pages,
+            )?;
+        }
+        Ok(())
     }
 
-    /// The rules of a page frame (PAGES or COPY) of `ty` naming `runs` of `region`.
-    fn check_frame<I: Iterator<Item = PageRun>>(
+    /// The rules of a page frame (PAGES or COPY) of `ty` naming `runs` of `region`, of
+    /// which `affine` must belong to this channel. Returns the rules in force.
+    fn check_frame<I: Iterator<Item = PageRun>, J: Iterator<Item = PageRun>>(
         &self,
         ty: FrameType,
         region: RegionId,
         round: Round,
         runs: impl Fn() -> I,
-    ) -> Result<(), SessionError> {
+        affine: impl Fn() -> J,
+    ) -> Result<&Rules, SessionError> {
         if self.completed {
             return Err(SessionError::AfterComplete(ty));
         }
@@ -158,7 +200,7 @@ impl DestinationChannel {
             .layout
             .check_runs(region, runs())
             .map_err(SessionError::PagesOutsideLayout)?;
-        for run in runs() {
+        for run in affine() {
             rules.affinity.check_run(region, self.channel, run)?;
         }
         if self.last_ended.is_some_and(|l| round <= l) {
@@ -166,7 +208,7 @@ impl DestinationChannel {
         }
         match self.open_round {
             Some(open) if open != round => Err(SessionError::RoundMismatch { round, open }),
-            _ => Ok(()),
+            _ => Ok(rules),
         }
     }
 
@@ -227,6 +269,10 @@ impl DestinationChannel {
             Frame::Copy(c) => {
                 self.check_copy(c)?;
                 self.count(c.round, c.pages());
+                if c.round_end {
+                    self.round_end_pages = self.round_end_pages.saturating_add(c.pages());
+                    return Ok(DestinationEvent::RoundEndCopy(c));
+                }
                 Ok(DestinationEvent::Copy(c))
             }
             Frame::EndOfRound(e) => self.end_round(e).map(DestinationEvent::AckRound),
@@ -337,6 +383,7 @@ impl DestinationChannel {
         }
         self.frames = 0;
         self.pages = 0;
+        self.round_end_pages = 0;
         self.open_round = None;
         self.last_ended = Some(round);
         Ok(round)

@@ -39,7 +39,7 @@ impl Default for DestinationLimits {
 }
 
 impl DestinationLimits {
-    fn check(limit: Limit, value: u64, max: u64) -> Result<(), SessionError> {
+    pub(super) fn check(limit: Limit, value: u64, max: u64) -> Result<(), SessionError> {
         if value > max {
             return Err(SessionError::LimitExceeded { limit, value, max });
         }
@@ -443,5 +443,15 @@ impl DestinationSession {
     /// The last round each channel ended.
     pub fn ended(&self) -> &[Option<Round>] {
         &self.ended
+    }
+
+    /// The last round every channel has ended (that round or a later one), `None` while
+    /// a channel has ended none. The ROUND_END copies of rounds up to it may be applied
+    /// now ([`DestinationEvent::RoundEndCopy`]).
+    ///
+    /// [`DestinationEvent::RoundEndCopy`]: super::DestinationEvent::RoundEndCopy
+    pub fn ended_everywhere(&self) -> Option<Round> {
+        // `None` orders before every `Some`: one channel without a round gives `None`.
+        self.ended.iter().copied().min().flatten()
     }
 }
