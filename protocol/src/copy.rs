@@ -1,5 +1,7 @@
 //! COPY (0x18): pages whose content equals pages the source sent earlier on the same
-//! channel, sent as references instead of bytes (`PROTOCOL.md`, "COPY").
+//! channel, sent as references instead of bytes (`PROTOCOL.md`, "COPY"); with
+//! [`COPY_ROUND_END`], pages whose content equals what other pages of the region, on any
+//! channel, hold at the end of the frame's round.
 //!
 //! Like PAGES, a decoded COPY frame borrows its runs from the wire ([`WireList`]); the
 //! decoder checks every rule of the frame itself (canonical runs, no source page that
@@ -67,14 +69,24 @@ impl WireItem for CopyRun {
     }
 }
 
-/// COPY: pages of one region set to the content of other pages of that region, which
-/// this channel sent (PAGES or COPY) earlier.
+/// `copy_flags` bit 0: the copy applies at the end of its round, once every channel
+/// ended it, and its sources may be pages of any channel (`PROTOCOL.md`, "COPY").
+pub const COPY_ROUND_END: u16 = 0x0001;
+
+/// COPY: pages of one region set to the content of other pages of that region: pages this
+/// channel sent (PAGES or COPY) earlier, or with [`CopyFrame::round_end`], the content
+/// pages of any channel hold at the end of the round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CopyFrame<'a> {
     /// Region of the target and source pages.
     pub region: RegionId,
     /// Round the target pages belong to.
     pub round: Round,
+    /// `ROUND_END` ([`COPY_ROUND_END`]): the destination records the frame and applies it
+    /// once every channel ended `round` (or a later round), exclusively; its sources may
+    /// belong to any channel. Without it the frame applies in channel order and its
+    /// sources are this channel's pages.
+    pub round_end: bool,
     /// The copy runs, ascending by target page.
     pub runs: WireList<'a, CopyRun>,
     /// CRC32C of the envelope and the body up to this field (see
@@ -82,7 +94,7 @@ pub struct CopyFrame<'a> {
     pub crc: Option<u32>,
 }
 
-/// Bytes of COPY body before the runs: `region`, `round`, `runs`, `reserved`.
+/// Bytes of COPY body before the runs: `region`, `round`, `runs`, `copy_flags`.
 pub const COPY_FIXED_LEN: usize = 12;
 
 impl CopyFrame<'_> {
@@ -91,6 +103,14 @@ impl CopyFrame<'_> {
         match self.crc {
             Some(_) => FLAG_CRC32C,
             None => 0,
+        }
+    }
+
+    /// The `copy_flags` field this frame is encoded with.
+    pub fn copy_flags(&self) -> u16 {
+        match self.round_end {
+            true => COPY_ROUND_END,
+            false => 0,
         }
     }
 
@@ -109,10 +129,21 @@ impl CopyFrame<'_> {
         self.runs.iter().map(|r| r.source())
     }
 
-    /// Every run a region-bounds or channel-affinity check walks: the targets, then the
-    /// sources.
+    /// Every run a region-bounds check walks: the targets, then the sources. (A channel
+    /// affinity check walks these without `round_end`, the targets only with it.)
     pub fn all_runs(&self) -> impl Iterator<Item = PageRun> + '_ {
         self.targets().chain(self.sources())
+    }
+
+    /// Every run a channel affinity check walks: the targets and the sources, or with
+    /// `round_end` the targets only (the sources of a ROUND_END copy may belong to any
+    /// channel).
+    pub fn affine_runs(&self) -> impl Iterator<Item = PageRun> + '_ {
+        let n = match self.round_end {
+            true => self.runs.len(),
+            false => 2 * self.runs.len(),
+        };
+        self.all_runs().take(n)
     }
 
     /// Bytes of the whole frame, envelope included.
@@ -164,7 +195,7 @@ impl CopyFrame<'_> {
         put_u32(out, self.region.0);
         put_u32(out, self.round.0);
         put_count_u16(out, "copy runs", self.runs.len())?;
-        put_u16(out, 0);
+        put_u16(out, self.copy_flags());
         Ok(())
     }
 
@@ -191,7 +222,13 @@ pub(crate) fn decode_copy<'a>(
     let region = RegionId(r.u32()?);
     let round = Round(r.u32()?);
     let n = r.u16()?;
-    r.reserved_u16("copy reserved")?;
+    let copy_flags = r.u16()?;
+    if copy_flags & !COPY_ROUND_END != 0 {
+        return Err(DecodeError::InvalidField {
+            field: "copy flags",
+            value: copy_flags.into(),
+        });
+    }
     let runs: WireList<'a, CopyRun> = r.list(n.into())?;
     let pages = check_runs(&runs)?;
     if pages > u64::from(limits.max_pages) {
@@ -218,6 +255,7 @@ pub(crate) fn decode_copy<'a>(
     Ok(CopyFrame {
         region,
         round,
+        round_end: copy_flags & COPY_ROUND_END != 0,
         runs,
         crc,
     })
@@ -295,6 +333,7 @@ mod tests {
         CopyFrame {
             region: RegionId(3),
             round: Round(7),
+            round_end: false,
             runs: WireList::Slice(runs),
             crc: None,
         }
@@ -342,6 +381,60 @@ mod tests {
             [run(0, 2), run(5, 1), run(0, 3)]
         );
         assert_eq!(c.all_runs().count(), 6);
+        assert!(c.affine_runs().eq(c.all_runs()));
+        let late = CopyFrame {
+            round_end: true,
+            ..c
+        };
+        assert!(late.affine_runs().eq(c.targets()));
+    }
+
+    #[test]
+    fn round_end_is_bit_0_of_copy_flags_and_round_trips() {
+        let runs = [cr(10, 2, 0), cr(40, 1, 900)];
+        let plain = frame(&runs);
+        let late = CopyFrame {
+            round_end: true,
+            ..plain
+        };
+        assert_eq!((plain.copy_flags(), late.copy_flags()), (0, COPY_ROUND_END));
+        let (plain_bytes, bytes) = (encode(plain), encode(late));
+        // Only the copy_flags field differs; the envelope flags do not carry it.
+        assert_eq!(&bytes[18..20], &[1, 0]);
+        assert_eq!(&plain_bytes[18..20], &[0, 0]);
+        assert_eq!(bytes[..18], plain_bytes[..18]);
+        assert_eq!(bytes[20..], plain_bytes[20..]);
+        assert_eq!(bytes.len(), late.frame_len());
+        assert_eq!(decode(&bytes, &limits(false)), Ok(Frame::Copy(late)));
+        assert_eq!(decode(&plain_bytes, &limits(false)), Ok(Frame::Copy(plain)));
+        // With a CRC, whose value differs from the plain frame's: it covers the flag.
+        let l = limits(true);
+        let (late_crc, plain_crc) = (late.with_crc().unwrap(), plain.with_crc().unwrap());
+        assert_ne!(late_crc.crc, plain_crc.crc);
+        let bytes = encode(late_crc);
+        assert_eq!(decode(&bytes, &l), Ok(Frame::Copy(late_crc)));
+        // Clearing ROUND_END (bit 0) under the CRC fails the check, and so does setting
+        // it on a plain frame.
+        for (mut bad, crc) in [(bytes, late_crc.crc), (encode(plain_crc), plain_crc.crc)] {
+            bad[18] ^= 1;
+            assert!(
+                matches!(
+                    decode(&bad, &l),
+                    Err(DecodeError::ChecksumMismatch { expected, .. }) if Some(expected) == crc
+                ),
+                "{bad:?}"
+            );
+        }
+        // The decoder's run rules are those of a plain COPY: a source among the targets.
+        let bad = [cr(10, 2, 11)];
+        let f = CopyFrame {
+            round_end: true,
+            ..frame(&bad)
+        };
+        assert_eq!(
+            decode(&encode(f), &limits(false)),
+            Err(DecodeError::RunsNotCanonical)
+        );
     }
 
     #[test]
@@ -366,8 +459,9 @@ mod tests {
         // A decoded frame's CRC recomputes from its wire runs to the same value.
         assert_eq!(back.with_crc().unwrap(), back);
         // Any altered byte outside the envelope's length fails the check: region,
-        // round, a run's start, count and source, the crc itself.
-        for at in [8, 12, 20, 28, 32, 40, n - 1] {
+        // round, copy_flags (ROUND_END set), a run's start, count and source, the crc
+        // itself.
+        for at in [8, 12, 18, 20, 28, 32, 40, n - 1] {
             let mut bad = bytes.clone();
             bad[at] ^= 1;
             assert!(
@@ -451,15 +545,20 @@ mod tests {
         let l = limits(false);
         let runs = [cr(10, 2, 0)];
         let good = encode(frame(&runs));
-        // Reserved field, unknown flags (PER_PAGE is PAGES' only).
-        let mut bad = good.clone();
-        bad[18] = 1;
-        assert_eq!(
-            decode(&bad, &l),
-            Err(DecodeError::ReservedNotZero {
-                field: "copy reserved"
-            })
-        );
+        // Undefined copy_flags bits (only bit 0, ROUND_END, is defined), alone or beside
+        // ROUND_END; unknown envelope flags (PER_PAGE is PAGES' only).
+        for copy_flags in [0x0002u16, 0x0003, 0x0100, 0x8001, 0xffff] {
+            let mut bad = good.clone();
+            bad[18..20].copy_from_slice(&copy_flags.to_le_bytes());
+            assert_eq!(
+                decode(&bad, &l),
+                Err(DecodeError::InvalidField {
+                    field: "copy flags",
+                    value: copy_flags.into()
+                }),
+                "{copy_flags:#06x}"
+            );
+        }
         for flags in [0x01, 0x04, 0x80] {
             let mut bad = good.clone();
             bad[1] = flags;

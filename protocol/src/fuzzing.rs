@@ -25,6 +25,9 @@ use crate::session::{
 use crate::stream::FrameDecoder;
 use crate::wire::{PageRun, RegionDesc, UniformRun, WireList};
 
+mod round_end;
+use round_end::RoundEnd;
+
 /// A private codec id the fuzz limits accept, to reach the "unknown layout" paths.
 pub const PRIVATE_CODEC: CodecId = CodecId(0xf001);
 
@@ -292,8 +295,10 @@ pub struct SessionOutcome {
     pub source_committed: Option<Round>,
     /// PAGES and COPY frames the destination applied, per channel.
     pub applied: Vec<u64>,
-    /// The COPY frames among them, per channel.
+    /// The COPY frames among them, per channel (ROUND_END ones when recorded).
     pub copied: Vec<u64>,
+    /// ROUND_END COPY frames applied at the end of their round, per channel.
+    pub round_end: Vec<u64>,
     /// Channels that failed (an error from the state machines, or an undecodable frame).
     pub dead: Vec<bool>,
     /// Why each channel failed, in order: the state machines' error, or `None` for a
@@ -322,6 +327,8 @@ struct FuzzDestination {
     acks: Vec<Vec<Ack>>,
     /// Whether channel 0 sent ACK COMPLETE (by the events seen here).
     ack_complete_sent: bool,
+    /// ROUND_END copies recorded and applied, and the ACK ROUNDs they hold back.
+    round_end: RoundEnd,
 }
 
 impl FuzzDestination {
@@ -344,6 +351,7 @@ impl FuzzDestination {
             device_bytes: 0,
             acks: vec![Vec::new(); n],
             ack_complete_sent: false,
+            round_end: RoundEnd::new(n),
         })
     }
 
@@ -375,14 +383,32 @@ impl FuzzDestination {
                 self.channels[c].set_layout(&self.session)
             }),
             DestinationEvent::Apply(p) => {
-                self.check_apply(c, p.region, p.round, p.all_runs());
+                self.check_apply(c, p.region, p.round, p.all_runs(), [].into_iter());
                 return self.applied(c);
             }
             DestinationEvent::Copy(copy) => {
-                self.check_apply(c, copy.region, copy.round, copy.all_runs());
+                assert!(!copy.round_end, "a ROUND_END copy applied at once");
+                self.check_apply(c, copy.region, copy.round, copy.all_runs(), [].into_iter());
                 check_copy_runs(copy);
                 self.copied[c] += 1;
                 return self.applied(c);
+            }
+            DestinationEvent::RoundEndCopy(copy) => {
+                // Targets of this channel, sources of any channel inside the region.
+                assert!(copy.round_end, "a plain COPY deferred");
+                self.check_apply(c, copy.region, copy.round, copy.targets(), copy.sources());
+                check_copy_runs(copy);
+                let layout_pages = self
+                    .layout
+                    .as_ref()
+                    .map_or(0, |(regions, _)| regions.iter().map(|(_, p)| p).sum());
+                self.applied(c);
+                if !self.dead[c] {
+                    self.copied[c] += 1;
+                    self.round_end
+                        .record(c, copy.round, copy.pages(), layout_pages);
+                }
+                return;
             }
             DestinationEvent::AckRound(round) => {
                 assert!(
@@ -391,13 +417,17 @@ impl FuzzDestination {
                     self.ended[c]
                 );
                 self.ended[c] = Some(round);
-                self.acks[c].push(Ack {
-                    kind: AckKind::ROUND,
-                    value: round.0.into(),
-                });
-                self.session
-                    .on_round_ended(id, round)
-                    .map(|p| self.progress(p))
+                self.round_end.ended(c, round);
+                let result = self.session.on_round_ended(id, round);
+                // ACK ROUND once the channel's ROUND_END copies of its rounds are applied.
+                let released = self.round_end.release(self.session.ended_everywhere());
+                for (ch, r) in released.into_iter().filter(|&(ch, _)| !self.dead[ch]) {
+                    self.acks[ch].push(Ack {
+                        kind: AckKind::ROUND,
+                        value: r.0.into(),
+                    });
+                }
+                result.map(|p| self.progress(p))
             }
             DestinationEvent::DeviceState(d) => {
                 self.session.on_device_state(id, d).map(|section| {
@@ -467,6 +497,11 @@ impl FuzzDestination {
             "complete at round {last} but channels ended {:?}",
             self.ended
         );
+        assert!(
+            self.round_end.idle(),
+            "complete at round {last} with ROUND_END copies not applied: {:?}",
+            self.round_end
+        );
         for ch in &mut self.channels {
             ch.finish();
         }
@@ -489,14 +524,16 @@ impl FuzzDestination {
 
     /// The invariant of every applied frame (PAGES, or COPY with its targets and sources),
     /// recomputed without the session module: its pages lie inside a region of the
-    /// LAYOUT, each belongs to channel `c` by `(page / chunk + region) % channels`, and
-    /// its round is still open on `c`.
+    /// LAYOUT, each of `runs` belongs to channel `c` by `(page / chunk + region) %
+    /// channels` (`foreign`, a ROUND_END copy's sources, may belong to any), and its
+    /// round is still open on `c`.
     fn check_apply(
         &self,
         c: usize,
         region: RegionId,
         round: Round,
         runs: impl Iterator<Item = PageRun>,
+        foreign: impl Iterator<Item = PageRun>,
     ) {
         assert!(
             self.session.completed().is_none(),
@@ -509,14 +546,15 @@ impl FuzzDestination {
             panic!("pages applied for region {region} outside the LAYOUT");
         };
         let channels = self.channels.len() as u128;
-        for run in runs {
+        let runs = runs.map(|r| (r, true)).chain(foreign.map(|r| (r, false)));
+        for (run, own) in runs {
             let start = u128::from(run.start.0);
             let end = start + u128::from(run.count);
             assert!(
                 end <= u128::from(pages),
                 "run {run:?} past region {region} of {pages} pages"
             );
-            for page in start..end {
+            for page in (start..end).filter(|_| own) {
                 let owner = (page / u128::from(*chunk) + u128::from(region.0)) % channels;
                 assert_eq!(
                     owner, c as u128,
@@ -545,6 +583,7 @@ impl FuzzDestination {
             source_committed: source.and_then(SourceChannel::committed),
             applied: self.applied.clone(),
             copied: self.copied.clone(),
+            round_end: self.round_end.applied.clone(),
             dead: self.dead.clone(),
             errors: self.errors.clone(),
             faults,
@@ -598,7 +637,8 @@ impl Params<'_> {
 ///   set, to a [`SourceChannel`] that sent nothing yet, which must accept no ACK but
 ///   FRAMES 0.
 /// - generated mode: parameters of a legitimate session (channels, chunk size, regions,
-///   rounds, dirty pages, device-state sections, extension frames, COPY frames) that a
+///   rounds, dirty pages, device-state sections, extension frames, COPY frames, ROUND_END
+///   ones among them with sources of other channels) that a
 ///   [`SourceChannel`] per channel produces, a fault list (drop, duplicate, move to
 ///   another channel, alter a run of a PAGES or COPY frame, flip a byte) and a delivery schedule (which channel's
 ///   next frame the destination reads). The destination's ACKs go back to the source,
@@ -609,7 +649,10 @@ impl Params<'_> {
 /// Invariants: nothing panics; every frame the destination applies names pages inside
 /// the LAYOUT (a COPY's sources too, none of them among its targets), all on the channel
 /// that owns them by `(page / chunk + region) % channels`
-/// recomputed here, in a round that channel has not ended; a channel that failed gets
+/// recomputed here (but a ROUND_END copy's sources), in a round that channel has not
+/// ended; a channel's ROUND_END copies of a round target at most the layout's pages, are
+/// applied once every channel ended their round, and hold back the channel's ACK ROUND
+/// until then, and none is left unapplied when the session completes; a channel that failed gets
 /// no more frames; the destination takes COMMIT only on channel 0 after it sent ACK
 /// COMPLETE, and unless frames were altered or COMMIT sent early, it never owns the
 /// guest while the source may still resume it (has not sent COMMIT). Without faults a
@@ -751,6 +794,8 @@ fn session_generated(limits: &Limits, crc: bool, data: &[u8]) -> SessionOutcome 
     let per_frame = 1 + usize::from(r.u8() % 16);
     let ext = r.u8();
     let copies = ext & 0x20 != 0;
+    // With COPY frames, ROUND_END ones too (bit 6 of `ext`).
+    let late = copies && ext & 0x40 != 0;
     // Device-state sections: (channel, total, chunk, round index).
     let sections: Vec<(usize, usize, usize, u8)> = (0..r.u8() % 3)
         .map(|_| {
@@ -806,6 +851,9 @@ fn session_generated(limits: &Limits, crc: bool, data: &[u8]) -> SessionOutcome 
                     dirty.push(p);
                 }
             }
+            // ROUND_END copy targets per channel, and the pages every PAGES frame of the
+            // region starts with (never a target): their sources.
+            let (mut targets, mut firsts) = (vec![Vec::new(); n], Vec::new());
             for (c, w) in wire.iter_mut().enumerate() {
                 let mine: Vec<u64> = dirty
                     .iter()
@@ -818,8 +866,11 @@ fn session_generated(limits: &Limits, crc: bool, data: &[u8]) -> SessionOutcome 
                     // With COPY frames (bit 5 of `ext`), data pages after the first of
                     // the group, at odd positions or all (bit 7 of the mask), are copies
                     // of the group's first page, which the PAGES frame just sent: they
-                    // travel in a COPY right after it.
+                    // travel in a COPY right after it; with ROUND_END copies (bit 6),
+                    // the even ones among them go in one at the region's end instead,
+                    // from first pages of any channel's groups.
                     let mask = r.u8();
+                    firsts.push(group[0]);
                     let (mut data, mut zero, mut uniform) = (Vec::new(), Vec::new(), Vec::new());
                     let mut copied = Vec::new();
                     for (i, &p) in group.iter().enumerate() {
@@ -827,7 +878,10 @@ fn session_generated(limits: &Limits, crc: bool, data: &[u8]) -> SessionOutcome 
                             (0, 0) => uniform.push(p),
                             (0, _) => zero.push(p),
                             _ if copies && i > 0 && (i % 2 == 1 || mask & 0x80 != 0) => {
-                                copied.push(p)
+                                match late && p % 2 == 0 {
+                                    true => targets[c].push(p),
+                                    false => copied.push(p),
+                                }
                             }
                             _ => data.push(p),
                         }
@@ -879,6 +933,7 @@ fn session_generated(limits: &Limits, crc: bool, data: &[u8]) -> SessionOutcome 
                     let mut copy = CopyFrame {
                         region: region.id,
                         round,
+                        round_end: false,
                         runs: WireList::Slice(&runs),
                         crc: None,
                     };
@@ -891,6 +946,24 @@ fn session_generated(limits: &Limits, crc: bool, data: &[u8]) -> SessionOutcome 
                     w.push(encoded(&Frame::Copy(copy)));
                     sent[c] += 1;
                 }
+            }
+            for (c, pages) in targets.iter().enumerate().filter(|(_, t)| !t.is_empty()) {
+                let runs = round_end::late_runs(c, pages, &firsts, |p| owner(region.id.0, p));
+                let mut copy = CopyFrame {
+                    region: region.id,
+                    round,
+                    round_end: true,
+                    runs: WireList::Slice(&runs),
+                    crc: None,
+                };
+                if crc {
+                    copy = copy.with_crc().expect("a generated frame fits its fields");
+                }
+                source[c]
+                    .on_send_copy(&copy)
+                    .expect("the source accepts ROUND_END copies of its own targets");
+                wire[c].push(encoded(&Frame::Copy(copy)));
+                sent[c] += 1;
             }
         }
         for (i, &(c, total, chunk, at)) in sections.iter().enumerate() {
@@ -1264,14 +1337,16 @@ pub fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
     // its data page 5 to pages 4, 12 and 13 (two touching runs whose sources do not
     // continue). Then the same COPYs with a source (channel 0) or a target (channel 1)
     // of the other channel.
-    let copy = |runs| {
+    let copy_of = |round_end, runs| {
         Frame::Copy(CopyFrame {
             region: RegionId(0),
             round: Round(0),
+            round_end,
             runs: WireList::Slice(runs),
             crc: None,
         })
     };
+    let copy = |runs| copy_of(false, runs);
     let copy_run = |start, count, from| CopyRun {
         start: PageIndex(start),
         count,
@@ -1304,6 +1379,31 @@ pub fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
     record(&mut copies_wrong, 0, &copy(&across[..]));
     record(&mut copies_wrong, 1, &copy(&across[..]));
 
+    // ROUND_END copies with sources of the other channel: channel 1 sets its pages 12
+    // and 13 to channel 0's zero pages 1 and 2, channel 0 its page 8 to channel 1's data
+    // page 5. Channel 1 ends the round first: its copy waits for channel 0's
+    // END_OF_ROUND.
+    let ch1_late = [copy_run(12, 2, 1)];
+    let ch0_late = [copy_run(8, 1, 5)];
+    let mut late = vec![0, 1];
+    record(&mut late, 0, &layout);
+    record(&mut late, 1, &layout);
+    record(&mut late, 1, &copy_of(true, &ch1_late[..]));
+    record(&mut late, 0, &zero(0, &ch0_zero[..]));
+    record(&mut late, 1, &raw_page);
+    record(&mut late, 0, &copy_of(true, &ch0_late[..]));
+    record(&mut late, 1, &end(2, 3));
+    record(&mut late, 0, &end(2, 4));
+    record(
+        &mut late,
+        0,
+        &Frame::Complete(Complete {
+            final_round: Round(0),
+            sections: 0,
+        }),
+    );
+    record(&mut late, 0, &commit);
+
     // ACKs and an extension frame for sources that sent nothing (bit 7 of the channel
     // byte), then a LAYOUT for the destination.
     let mut acks = vec![0, 1];
@@ -1333,6 +1433,7 @@ pub fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("seed-frames-wrong-channel", wrong),
         ("seed-frames-copy", copies),
         ("seed-frames-copy-wrong-channel", copies_wrong),
+        ("seed-frames-round-end-copy", late),
         ("seed-frames-acks-to-idle-source", acks),
         // 2 channels, chunks of 2, two regions of 8 and 4 pages, 2 rounds, up to 4
         // pages a frame, extension frames everywhere; no sections, no faults.
@@ -1379,6 +1480,16 @@ pub fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
             vec![
                 3, 1, 0, 1, 0, 0, 15, 0, 1, 7, 0x27, 0, 0xff, 0xff, 0xff, 0x7f, 0x8f, 0xf5, 0xff,
                 0xff, 0xff, 0xff, 0xff, 0xff,
+            ],
+        ),
+        // 3 channels with CRC32C, chunks of 2, one region of 16 pages, rounds 0 and 2, up to 8
+        // pages a frame, COPY frames and ROUND_END ones (ext bits 5 and 6); no sections,
+        // no faults.
+        (
+            "seed-generated-round-end-copy",
+            vec![
+                3, 2, 0, 1, 0, 0, 15, 0, 1, 7, 0x67, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+                0xff, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
             ],
         ),
         // 4 channels, chunks of 1, one region of 32 pages all dirty in 2 rounds: a
@@ -1466,6 +1577,24 @@ mod tests {
         assert_eq!(out.errors, []);
         assert_eq!(out.committed, Some(Round(2)));
         assert!(out.copied.iter().all(|&c| c > 0), "{out:?}");
+        assert_eq!(out.round_end, [0, 0]);
+    }
+
+    #[test]
+    fn round_end_copies_read_other_channels_and_apply_when_every_channel_ended() {
+        let out = session_run(&seed("seed-frames-round-end-copy"));
+        assert_eq!(out.errors, []);
+        assert_eq!(out.applied, [2, 2]);
+        assert_eq!(out.copied, [1, 1]);
+        assert_eq!(out.round_end, [1, 1]);
+        assert_eq!(out.committed, Some(Round(0)));
+
+        // A generated session of three channels with ROUND_END copies completes with
+        // every frame, each copy applied at its round's end.
+        let out = session_run(&seed("seed-generated-round-end-copy"));
+        assert_eq!(out.errors, []);
+        assert_eq!(out.committed, Some(Round(2)));
+        assert!(out.round_end.iter().all(|&c| c > 0), "{out:?}");
     }
 
     #[test]

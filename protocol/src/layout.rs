@@ -68,6 +68,13 @@ impl MemoryLayout {
             .fold(0u64, |t, r| t.saturating_add(r.length))
     }
 
+    /// Session pages over all regions (saturating).
+    pub fn total_pages(&self) -> u64 {
+        self.regions.iter().fold(0u64, |t, r| {
+            t.saturating_add(r.length / u64::from(self.page_size))
+        })
+    }
+
     /// The session page size.
     pub fn page_size(&self) -> u32 {
         self.page_size

@@ -19,10 +19,13 @@ pub const VERSION_3: Version = Version(3);
 /// Protocol version 4: uniform runs, TLS, the RDMA binding. No longer spoken (version
 /// 5 added COPY; the project had not been released under version 4).
 pub const VERSION_4: Version = Version(4);
-/// Protocol version 5, the one `PROTOCOL.md` describes.
+/// Protocol version 5: COPY. No longer spoken (version 6 gave COPY its `copy_flags` and
+/// ROUND_END; the project had not been released under version 5).
 pub const VERSION_5: Version = Version(5);
+/// Protocol version 6, the one `PROTOCOL.md` describes.
+pub const VERSION_6: Version = Version(6);
 /// The versions this implementation speaks.
-pub const SUPPORTED_VERSIONS: (Version, Version) = (VERSION_5, VERSION_5);
+pub const SUPPORTED_VERSIONS: (Version, Version) = (VERSION_6, VERSION_6);
 /// The frame limit while the handshake runs.
 pub const HANDSHAKE_MAX_FRAME: u32 = 4096;
 /// Smallest transfer page size.

@@ -104,7 +104,21 @@ fn samples() -> Vec<Sample> {
     let copy_crc = CopyFrame {
         region: RegionId(2),
         round: Round(7),
+        round_end: false,
         runs: WireList::Slice(&copy_crc_runs),
+        crc: None,
+    }
+    .with_crc()
+    .unwrap();
+    // ROUND_END copies (copy_flags bit 0): pages 20..23 from 40..43 and page 30 from
+    // 1; with a CRC, pages 64..66 from 0..2 and page 70 from 2.
+    let round_end_runs = [copy_run(20, 3, 40), copy_run(30, 1, 1)];
+    let round_end_crc_runs = [copy_run(64, 2, 0), copy_run(70, 1, 2)];
+    let round_end_crc = CopyFrame {
+        region: RegionId(1),
+        round: Round(9),
+        round_end: true,
+        runs: WireList::Slice(&round_end_crc_runs),
         crc: None,
     }
     .with_crc()
@@ -131,8 +145,8 @@ fn samples() -> Vec<Sample> {
         hs(
             "hello",
             Frame::Hello(Hello {
-                version_min: Version(5),
-                version_max: Version(5),
+                version_min: Version(6),
+                version_max: Version(6),
                 session: SessionId(*b"0123456789abcdef"),
                 channel: ChannelId(1),
                 channel_count: 2,
@@ -148,7 +162,7 @@ fn samples() -> Vec<Sample> {
         hs(
             "welcome_authenticated",
             Frame::Welcome(Welcome {
-                version: Version(5),
+                version: Version(6),
                 page_size: 4096,
                 max_pages: 64,
                 max_frame_bytes: 1 << 20,
@@ -162,7 +176,7 @@ fn samples() -> Vec<Sample> {
         hs(
             "welcome_plain",
             Frame::Welcome(Welcome {
-                version: Version(5),
+                version: Version(6),
                 page_size: 65536,
                 max_pages: 128,
                 max_frame_bytes: 4 << 20,
@@ -177,8 +191,8 @@ fn samples() -> Vec<Sample> {
             "reject",
             Frame::Reject(Reject {
                 reason: RejectReason::UNSUPPORTED_VERSION,
-                version_min: Version(5),
-                version_max: Version(5),
+                version_min: Version(6),
+                version_max: Version(6),
                 page_size: 4096,
                 codecs: WireList::Slice(&codecs),
                 checksums: WireList::Slice(&[]),
@@ -189,8 +203,8 @@ fn samples() -> Vec<Sample> {
         hs(
             "hello_tls_bound",
             Frame::Hello(Hello {
-                version_min: Version(5),
-                version_max: Version(5),
+                version_min: Version(6),
+                version_max: Version(6),
                 session: SessionId(*b"0123456789abcdef"),
                 channel: ChannelId(0),
                 channel_count: 1,
@@ -206,7 +220,7 @@ fn samples() -> Vec<Sample> {
         hs(
             "welcome_tls_bound",
             Frame::Welcome(Welcome {
-                version: Version(5),
+                version: Version(6),
                 page_size: 4096,
                 max_pages: 128,
                 max_frame_bytes: 4 << 20,
@@ -221,8 +235,8 @@ fn samples() -> Vec<Sample> {
             "reject_encryption_required",
             Frame::Reject(Reject {
                 reason: RejectReason::ENCRYPTION_REQUIRED,
-                version_min: Version(5),
-                version_max: Version(5),
+                version_min: Version(6),
+                version_max: Version(6),
                 page_size: 4096,
                 codecs: WireList::Slice(&codecs),
                 checksums: WireList::Slice(&[]),
@@ -234,8 +248,8 @@ fn samples() -> Vec<Sample> {
             "reject_encryption_unsupported",
             Frame::Reject(Reject {
                 reason: RejectReason::ENCRYPTION_UNSUPPORTED,
-                version_min: Version(5),
-                version_max: Version(5),
+                version_min: Version(6),
+                version_max: Version(6),
                 page_size: 4096,
                 codecs: WireList::Slice(&codecs),
                 checksums: WireList::Slice(&[]),
@@ -414,6 +428,7 @@ fn samples() -> Vec<Sample> {
             Frame::Copy(CopyFrame {
                 region: RegionId(0),
                 round: Round(2),
+                round_end: false,
                 runs: WireList::Slice(&copy_runs),
                 crc: None,
             }),
@@ -421,6 +436,22 @@ fn samples() -> Vec<Sample> {
         Sample {
             name: "copy_crc",
             bytes: encode(Frame::Copy(copy_crc)),
+            selector: 2,
+            pages: None,
+        },
+        ss(
+            "copy_round_end",
+            Frame::Copy(CopyFrame {
+                region: RegionId(0),
+                round: Round(3),
+                round_end: true,
+                runs: WireList::Slice(&round_end_runs),
+                crc: None,
+            }),
+        ),
+        Sample {
+            name: "copy_round_end_crc",
+            bytes: encode(Frame::Copy(round_end_crc)),
             selector: 2,
             pages: None,
         },
@@ -631,6 +662,13 @@ fn golden_samples_match_the_encoder_and_decode_back() {
             && let Some(crc) = c.crc
         {
             assert_eq!(crc, crc32c::crc32c(&bytes[..bytes.len() - 4]), "{}", s.name);
+        }
+        // A COPY's ROUND_END is bit 0 of copy_flags, the u16 at frame bytes 18..20, and
+        // only the samples named so have it.
+        if let Frame::Copy(c) = frame {
+            let round_end = s.name.starts_with("copy_round_end");
+            assert_eq!(c.round_end, round_end, "{}", s.name);
+            assert_eq!(bytes[18..20], [u8::from(round_end), 0], "{}", s.name);
         }
     }
     if bless {

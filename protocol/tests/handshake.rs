@@ -114,7 +114,7 @@ fn equal_versions_without_keys() {
     assert_eq!((cr, sr), (Ok(()), Ok(())));
     let n = *c.negotiated().unwrap();
     assert_eq!(Some(&n), s.negotiated());
-    assert_eq!(n.version, Version(5));
+    assert_eq!(n.version, Version(6));
     assert_eq!(n.channel, ChannelId(1));
     assert_eq!(n.channel_count, 2);
     assert_eq!(n.auth, None);
@@ -149,7 +149,7 @@ fn one_byte_at_a_time() {
 
 #[test]
 fn overlapping_ranges_pick_the_highest_common_version() {
-    // A future source speaking 1..=9 meets this destination (5..=5).
+    // A future source speaking 1..=9 meets this destination (6..=6).
     let mut s = server_with(caps(), Authentication::None);
     let hello = hello_bytes(1, 9, &[CodecId::RAW, CodecId::ZERO, CodecId(0xf00d)]);
     assert_eq!(s.receive(&hello), Ok(hello.len()));
@@ -158,7 +158,7 @@ fn overlapping_ranges_pick_the_highest_common_version() {
     let Frame::Welcome(w) = only_frame(&out) else {
         panic!("expected WELCOME")
     };
-    assert_eq!(w.version, Version(5));
+    assert_eq!(w.version, Version(6));
     // Unknown private codec dropped from the intersection.
     assert_eq!(w.codecs.to_vec(), [CodecId::RAW, CodecId::ZERO]);
 }
@@ -171,8 +171,8 @@ fn disjoint_ranges_fail_clearly_on_both_sides() {
     assert_eq!(
         err,
         Err(HandshakeError::VersionMismatch {
-            ours_min: Version(5),
-            ours_max: Version(5),
+            ours_min: Version(6),
+            ours_max: Version(6),
             theirs_min: Version(1),
             theirs_max: Version(1)
         })
@@ -183,22 +183,33 @@ fn disjoint_ranges_fail_clearly_on_both_sides() {
         panic!("expected REJECT")
     };
     assert_eq!(r.reason, RejectReason::UNSUPPORTED_VERSION);
-    assert_eq!((r.version_min, r.version_max), (Version(5), Version(5)));
+    assert_eq!((r.version_min, r.version_max), (Version(6), Version(6)));
     assert!(r.message.contains("version"), "{}", r.message);
     // The failure is sticky.
     assert!(s.receive(&[0]).is_err());
 
     // A version-2 source (no COMMIT: a lost ACK COMPLETE lets both hosts run the guest)
     // is refused the same way, whether it speaks 2 only or 1..=2.
-    // Versions 3 and 4 were never released: refused too.
-    for (min, max) in [(2, 2), (1, 2), (3, 3), (1, 3), (4, 4), (1, 4), (3, 4)] {
+    // Versions 3, 4 and 5 were never released: refused too.
+    for (min, max) in [
+        (2, 2),
+        (1, 2),
+        (3, 3),
+        (1, 3),
+        (4, 4),
+        (1, 4),
+        (3, 4),
+        (5, 5),
+        (1, 5),
+        (4, 5),
+    ] {
         let mut s = server_with(caps(), Authentication::None);
         let err = s.receive(&hello_bytes(min, max, &[CodecId::RAW, CodecId::ZERO]));
         assert_eq!(
             err,
             Err(HandshakeError::VersionMismatch {
-                ours_min: Version(5),
-                ours_max: Version(5),
+                ours_min: Version(6),
+                ours_max: Version(6),
                 theirs_min: Version(min),
                 theirs_max: Version(max)
             })
@@ -210,13 +221,13 @@ fn disjoint_ranges_fail_clearly_on_both_sides() {
     let mut reject = Vec::new();
     Frame::Reject(Reject {
         reason: RejectReason::UNSUPPORTED_VERSION,
-        version_min: Version(6),
-        version_max: Version(7),
+        version_min: Version(7),
+        version_max: Version(8),
         page_size: 4096,
         codecs: WireList::Slice(&[CodecId::RAW, CodecId::ZERO]),
         checksums: WireList::Slice(&[]),
         auth: WireList::Slice(&[]),
-        message: "speaks 6..=7",
+        message: "speaks 7..=8",
     })
     .encode(&mut reject)
     .unwrap();
@@ -225,13 +236,13 @@ fn disjoint_ranges_fail_clearly_on_both_sides() {
         e,
         HandshakeError::Rejected {
             reason: RejectReason::UNSUPPORTED_VERSION,
-            version_min: Version(6),
-            version_max: Version(7),
+            version_min: Version(7),
+            version_max: Version(8),
             page_size: 4096
         }
     );
-    assert!(e.to_string().contains("6..=7"), "{e}");
-    assert_eq!(c.peer_message(), Some("speaks 6..=7"));
+    assert!(e.to_string().contains("7..=8"), "{e}");
+    assert_eq!(c.peer_message(), Some("speaks 7..=8"));
 }
 
 #[test]
@@ -299,7 +310,7 @@ fn codecs_missing_on_one_side_are_not_negotiated() {
 fn no_raw_in_common_is_rejected() {
     let mut s = server_with(caps(), Authentication::None);
     assert_eq!(
-        s.receive(&hello_bytes(5, 5, &[CodecId::ZSTD])),
+        s.receive(&hello_bytes(6, 6, &[CodecId::ZSTD])),
         Err(HandshakeError::NoCommonCodec)
     );
     let mut out = Vec::new();
@@ -411,11 +422,11 @@ fn page_size_session_and_channel_mismatches() {
     )
     .unwrap();
     assert_eq!(
-        s.receive(&hello_bytes(5, 5, &[CodecId::RAW, CodecId::ZERO])),
+        s.receive(&hello_bytes(6, 6, &[CodecId::RAW, CodecId::ZERO])),
         Err(HandshakeError::UnknownSession(SESSION))
     );
 
-    let mut bad = hello_bytes(5, 5, &[CodecId::RAW, CodecId::ZERO]);
+    let mut bad = hello_bytes(6, 6, &[CodecId::RAW, CodecId::ZERO]);
     // channel (offset 8 + 8 + 4 + 16) = 5 of channel_count 1.
     bad[36] = 5;
     let mut s = server_with(caps(), Authentication::None);

@@ -53,6 +53,7 @@ enum Owned {
     Copy {
         region: u32,
         round: u32,
+        round_end: bool,
         runs: Vec<CopyRun>,
         crc: bool,
     },
@@ -173,12 +174,14 @@ impl Owned {
             Owned::Copy {
                 region,
                 round,
+                round_end,
                 runs,
                 crc,
             } => {
                 let mut f = CopyFrame {
                     region: RegionId(*region),
                     round: Round(*round),
+                    round_end: *round_end,
                     runs: WireList::Slice(runs),
                     crc: crc.then_some(0),
                 };
@@ -441,14 +444,14 @@ fn pages_frame() -> impl Strategy<Value = Owned> {
 
 /// A canonical COPY frame: targets ascending with gaps (or touching where the sources do
 /// not continue), sources below the first target or past the last one, so no source page
-/// is a target page; within the fuzz limits' 256 pages.
+/// is a target page; within the fuzz limits' 256 pages; with or without ROUND_END.
 fn copy_frame() -> impl Strategy<Value = Owned> {
     (
         vec((0u64..1000, 1u32..20, any::<bool>(), 0u64..1 << 20), 1..12),
         0u64..1 << 50,
-        any::<(u32, u32, bool)>(),
+        any::<(u32, u32, bool, bool)>(),
     )
-        .prop_map(|(spec, base, (region, round, crc))| {
+        .prop_map(|(spec, base, (region, round, round_end, crc))| {
             let mut next = base + (1 << 21);
             let mut runs: Vec<CopyRun> = Vec::new();
             for (gap, count, low, offset) in spec {
@@ -475,6 +478,7 @@ fn copy_frame() -> impl Strategy<Value = Owned> {
             Owned::Copy {
                 region,
                 round,
+                round_end,
                 runs,
                 crc,
             }

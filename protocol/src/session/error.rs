@@ -18,6 +18,9 @@ pub enum Limit {
     DeviceSections,
     /// Device-state bytes over all sections.
     DeviceBytes,
+    /// Target pages of ROUND_END COPY frames in one round on one channel: at most the
+    /// layout's pages (a rule of the protocol, not a configured limit).
+    RoundEndPages,
 }
 
 impl fmt::Display for Limit {
@@ -28,6 +31,7 @@ impl fmt::Display for Limit {
             Limit::Channels => "channels",
             Limit::DeviceSections => "device-state sections",
             Limit::DeviceBytes => "device-state bytes",
+            Limit::RoundEndPages => "ROUND_END copy pages in a round on one channel",
         })
     }
 }

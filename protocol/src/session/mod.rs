@@ -13,7 +13,8 @@
 //! by [`DestinationChannel::check_pages`] **before** a byte of it is decoded or placed,
 //! against the layout's regions, the open round and the channel affinity, and a COPY
 //! frame by [`DestinationChannel::check_copy`] the same way, its source pages as well as
-//! its targets.
+//! its targets (a ROUND_END copy's sources may belong to any channel; the destination
+//! applies it at its round's end, [`DestinationEvent::RoundEndCopy`]).
 //!
 //! On the source a [`SourceChannel`] checks the frames the source sends (so a bug on our
 //! side is caught before a peer sees it) and the ACKs it receives, and on channel 0 runs
@@ -40,15 +41,14 @@
 //! ```
 
 mod affinity;
+mod channel;
 mod destination;
 mod error;
 mod source;
 
 pub use affinity::Affinity;
-pub use destination::{
-    CompleteProgress, DestinationChannel, DestinationEvent, DestinationLimits, DestinationSession,
-    Section,
-};
+pub use channel::{DestinationChannel, DestinationEvent};
+pub use destination::{CompleteProgress, DestinationLimits, DestinationSession, Section};
 pub use error::{Limit, SessionError};
 pub use source::{SourceChannel, SourceEvent};
 

@@ -24,7 +24,8 @@ pub enum SourceEvent {
 }
 
 /// One channel of the source: checks what the source sends (LAYOUT first, rounds in
-/// order, pages on their own channel, a COPY's sources included) and counts it for
+/// order, pages on their own channel, a COPY's sources included unless it is a ROUND_END
+/// copy) and counts it for
 /// END_OF_ROUND, and checks the ACKs that come back against what was sent (ACK FRAMES
 /// against the PAGES and COPY frames sent).
 #[derive(Clone, Debug)]
@@ -91,13 +92,22 @@ impl SourceChannel {
     }
 
     /// Checks and counts a COPY frame about to be sent, as [`SourceChannel::on_send_pages`]
-    /// does a PAGES frame: its target and its source pages must all belong to this
-    /// channel, and it counts as one frame of its target pages (END_OF_ROUND, ACK FRAMES).
+    /// does a PAGES frame: its target pages, and without ROUND_END its source pages, must
+    /// belong to this channel (a ROUND_END copy's sources may be any channel's), and it
+    /// counts as one frame of its target pages (END_OF_ROUND, ACK FRAMES). This side
+    /// does not know the layout: the destination checks region bounds and the bound on a
+    /// round's ROUND_END pages.
     ///
     /// # Errors
     /// As `on_send_pages`.
     pub fn on_send_copy(&mut self, c: &CopyFrame<'_>) -> Result<(), SessionError> {
-        self.on_send(FrameType::COPY, c.region, c.round, c.all_runs(), c.pages())
+        self.on_send(
+            FrameType::COPY,
+            c.region,
+            c.round,
+            c.affine_runs(),
+            c.pages(),
+        )
     }
 
     fn on_send(

@@ -8,6 +8,8 @@ use crate::ids::{
 };
 use crate::wire::{PageRun, RegionDesc, UniformRun, WireList};
 
+mod round_end;
+
 const PS: u32 = 4096;
 
 fn regions() -> [RegionDesc; 2] {
@@ -60,6 +62,7 @@ fn copy_frame<'a>(region: u32, round: u32, runs: &'a [CopyRun]) -> Frame<'a> {
     Frame::Copy(CopyFrame {
         region: RegionId(region),
         round: Round(round),
+        round_end: false,
         runs: WireList::Slice(runs),
         crc: None,
     })
