@@ -14,27 +14,41 @@ fn key() -> Authentication {
     Authentication::PreSharedKey(SessionKey::new(*b"dedup test key, 32 bytes........").unwrap())
 }
 
-/// Fills region 0 with mixed content, then copies its first half over its second;
-/// returns the data pages (neither zero nor one byte repeated) of a half.
-fn twice(mem: &pagewire::GuestMemory) -> u64 {
+/// Pages between a page and its twin: 16 chunks of the two channels' affinity (128
+/// pages, `max_pages`), so both are on the same channel.
+const SAME_CHANNEL: u64 = 2048;
+/// 17 chunks: a page and its twin are on different channels.
+const OTHER_CHANNEL: u64 = 2048 + 128;
+
+/// Fills region 0 with mixed content, then copies each page `gap` pages further on
+/// (as many as fit); returns the data pages (neither zero nor one byte repeated)
+/// copied.
+fn twice(mem: &pagewire::GuestMemory, gap: u64) -> u64 {
     fill(mem, 11);
     let pages = mem.pages(RegionId(0)).unwrap();
-    let half = pages / 2;
     let mut page = vec![0u8; PAGE];
     let mut data = 0;
-    for p in 0..half {
+    for p in 0..(pages - gap).min(gap) {
         assert!(mem.read_pages(RegionId(0), p, 1, &mut page));
-        assert!(mem.write_pages(RegionId(0), half + p, &page));
+        assert!(mem.write_pages(RegionId(0), gap + p, &page));
         data += u64::from(page.iter().any(|b| *b != page[0]));
     }
     data
 }
 
-/// Migrates a guest whose memory is twice the same content, with `writes_per_s`
-/// pages rewritten per second meanwhile; returns the source's and the destination's
-/// copied pages and the data pages of a half.
+/// Migrates a guest whose memory holds its content twice, `gap` pages apart, with
+/// `writes_per_s` pages rewritten per second meanwhile; returns the copied pages (the
+/// source's, equal to the destination's) and the data pages repeated.
 fn migrate(codec: CodecId, dedup: bool, checksum: bool, writes_per_s: u64) -> (u64, u64) {
-    migrate_into(codec, dedup, checksum, writes_per_s, Prefault::None).0
+    migrate_into(
+        codec,
+        dedup,
+        checksum,
+        writes_per_s,
+        Prefault::None,
+        SAME_CHANNEL,
+    )
+    .0
 }
 
 /// [`migrate`] into destination memory prepared with `prefault`; also returns the
@@ -45,9 +59,10 @@ fn migrate_into(
     checksum: bool,
     writes_per_s: u64,
     prefault: Prefault,
+    gap: u64,
 ) -> ((u64, u64), pagewire::DestinationStats) {
     let src_mem = memory(16);
-    let data = twice(&src_mem);
+    let data = twice(&src_mem, gap);
     let mut dcfg = DestinationConfig::new(session(9), key());
     dcfg.checksum = checksum;
     dcfg.prefault = prefault;
@@ -78,13 +93,35 @@ fn migrate_into(
 
 #[test]
 fn the_second_copy_of_the_memory_travels_as_references() {
-    let (copied, data) = migrate(CodecId::ZSTD, true, true, 0);
-    // The second half of region 0 repeats the first; each page and its twin are 2048
-    // pages apart, a whole number of chunks of the two channels' affinity (128
-    // pages, `max_pages`) that is even, so on the same channel. Every data page of the
-    // second half goes as a copy (and the mixed content repeats a few pages itself).
-    assert!(copied >= data, "{copied} pages copied of {data}");
-    assert!(copied < data * 12 / 10, "{copied} pages copied of {data}");
+    // Every repeated data page goes as a copy (and the mixed content repeats a few
+    // pages itself), whether its twin is on its channel (an ordinary COPY) or on the
+    // other one (a ROUND_END COPY).
+    for gap in [SAME_CHANNEL, OTHER_CHANNEL] {
+        let ((copied, data), _) = migrate_into(CodecId::ZSTD, true, true, 0, Prefault::None, gap);
+        // A twin on the other channel is found only once that channel sent it, which
+        // it does in the same order, about as fast.
+        let want = match gap {
+            SAME_CHANNEL => data,
+            _ => data * 9 / 10,
+        };
+        assert!(copied >= want, "gap {gap}: {copied} pages copied of {data}");
+        assert!(
+            copied < data * 12 / 10,
+            "gap {gap}: {copied} pages copied of {data}"
+        );
+    }
+}
+
+#[test]
+fn copies_of_other_channels_pages_stay_right_while_the_guest_writes() {
+    for codec in [CodecId::LZ4, CodecId::ZSTD] {
+        let ((copied, data), _) =
+            migrate_into(codec, true, false, 30_000, Prefault::None, OTHER_CHANNEL);
+        assert!(
+            copied >= data / 2,
+            "{codec:?}: {copied} pages copied of {data}"
+        );
+    }
 }
 
 #[test]
@@ -106,8 +143,18 @@ fn no_copies_without_dedup_or_with_raw_pages() {
 /// destination holds it.
 #[test]
 fn copies_into_memory_installed_with_userfaultfd() {
-    let ((copied, data), dst) = migrate_into(CodecId::ZSTD, true, false, 20_000, Prefault::Install);
-    assert!(copied >= data / 2, "{copied} pages copied of {data}");
+    for gap in [SAME_CHANNEL, OTHER_CHANNEL] {
+        let ((copied, data), dst) =
+            migrate_into(CodecId::ZSTD, true, false, 20_000, Prefault::Install, gap);
+        assert!(
+            copied >= data / 2,
+            "gap {gap}: {copied} pages copied of {data}"
+        );
+        installed(&dst);
+    }
+}
+
+fn installed(dst: &pagewire::DestinationStats) {
     match &dst.install_unavailable {
         None => assert!(dst.installed_pages > 0, "{dst:?}"),
         Some(why) => {

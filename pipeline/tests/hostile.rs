@@ -585,16 +585,24 @@ fn copy(start: u64, count: u32, from: u64) -> CopyRun {
     }
 }
 
-/// Bad COPY frames: a source page of another channel, a source outside the region, a
-/// source that is also a target. Each fails the session with its error, and the given
-/// guest memory keeps every byte it had.
+/// Bad COPY frames: a source page of another channel (allowed only at the round's
+/// end), a target page of another channel and a source outside the region (at the
+/// round's end too), a source that is also a target. Each fails the session with its
+/// error, and the given guest memory keeps every byte it had.
 #[test]
 fn bad_copies_are_refused_and_write_nothing() {
     let wrong_channel = [copy(0, 1, 8)];
     let outside = [copy(0, 2, 63)];
     let overlapping = [copy(4, 2, 5)];
-    let cases: [&[CopyRun]; 3] = [&wrong_channel, &outside, &overlapping];
-    for (i, runs) in cases.into_iter().enumerate() {
+    let wrong_target = [copy(8, 1, 0)];
+    let cases: [(&[CopyRun], bool); 5] = [
+        (&wrong_channel, false),
+        (&outside, true),
+        (&overlapping, false),
+        (&wrong_target, true),
+        (&outside, false),
+    ];
+    for (i, (runs, round_end)) in cases.into_iter().enumerate() {
         let dest = Dest::new(40 + i as u8, None);
         let mem = memory(64 * u64::from(PS));
         mem.write_pages(RegionId(0), 0, &vec![0x11; 64 * PS as usize]);
@@ -613,16 +621,27 @@ fn bad_copies_are_refused_and_write_nothing() {
             region: RegionId(0),
             round: Round(0),
             runs: WireList::Slice(runs),
+            round_end,
             crc: None,
         }));
         // The destination says why on channel 0 when a rule refused the frame (a frame
         // that does not decode just ends the channel); channel 1 then closes, so the
         // session ends without waiting for channel 1's idle timeout.
         let said = c0.recv().map(|(t, _)| t);
-        assert_eq!(said, (i < 2).then_some(FrameType::ABORT), "case {i}");
+        assert_eq!(said, (i != 2).then_some(FrameType::ABORT), "case {i}");
         drop(c1);
         let r = t.join().unwrap();
         match i {
+            3 => assert_eq!(
+                rule(r),
+                SessionError::WrongChannel {
+                    region: RegionId(0),
+                    page: 8,
+                    channel: ChannelId(0),
+                    owner: ChannelId(1),
+                },
+                "case {i}"
+            ),
             0 => assert_eq!(
                 rule(r),
                 SessionError::WrongChannel {
@@ -633,7 +652,7 @@ fn bad_copies_are_refused_and_write_nothing() {
                 },
                 "case {i}"
             ),
-            1 => assert!(
+            1 | 4 => assert!(
                 matches!(
                     rule(r),
                     SessionError::PagesOutsideLayout(DecodeError::PageOutOfRange { .. })
@@ -688,6 +707,7 @@ fn a_copy_of_a_page_sent_before_sets_its_targets() {
             region: RegionId(0),
             round: Round(0),
             runs: WireList::Slice(&copies),
+            round_end: false,
             crc: None,
         }
         .with_crc()
@@ -713,6 +733,73 @@ fn a_copy_of_a_page_sent_before_sets_its_targets() {
     assert_eq!(m.stats.copied_pages, 2);
     let mut page = vec![0u8; PS as usize];
     for (p, byte) in [(1, 0x77), (2, 0x77), (40, 0x77), (3, 0), (41, 0)] {
+        assert!(m.memory.read_pages(RegionId(0), p, 1, &mut page));
+        assert!(page.iter().all(|&b| b == byte), "page {p}");
+    }
+}
+
+/// A client that follows PROTOCOL.md, on two channels: channel 0 sends a `ROUND_END`
+/// COPY of a page of channel 1 before channel 1 has sent that page, and ends the
+/// round; channel 1 sends the page afterwards and ends the round. The copy is applied
+/// once both ended it, so its target holds the page channel 1 sent.
+#[test]
+fn a_round_end_copy_of_another_channels_page_sets_its_target_at_the_rounds_end() {
+    let dest = Dest::new(51, None);
+    let t = dest.accept(None);
+    let mut c0 = dest.connect(0, 2, true);
+    let mut c1 = dest.connect(1, 2, true);
+    let regions = regions(64 * u64::from(PS));
+    let layout = LayoutFrame {
+        chunk_pages: 8,
+        regions: WireList::Slice(&regions),
+    };
+    c0.send(Frame::Layout(layout));
+    c1.send(Frame::Layout(layout));
+    // Pages 0..8 are channel 0's, 8..16 channel 1's.
+    let copies = [copy(0, 2, 8)];
+    c0.send(Frame::Copy(
+        CopyFrame {
+            region: RegionId(0),
+            round: Round(0),
+            runs: WireList::Slice(&copies),
+            round_end: true,
+            crc: None,
+        }
+        .with_crc()
+        .unwrap(),
+    ));
+    c0.send(Frame::EndOfRound(EndOfRound {
+        round: Round(0),
+        frames: 1,
+        pages: 2,
+    }));
+    // Channel 0's frames are taken before channel 1 sends the page (a wait helps the
+    // test tell "at the round's end" from "on arrival"; it does not decide the result).
+    std::thread::sleep(Duration::from_millis(200));
+    let runs = [run(8, 2)];
+    let payload = [vec![0x5a; PS as usize], vec![0xa5; PS as usize]].concat();
+    c1.send(Frame::Pages(raw_pages(&runs, &payload, 0, true)));
+    c1.send(Frame::EndOfRound(EndOfRound {
+        round: Round(0),
+        frames: 1,
+        pages: 2,
+    }));
+    assert_eq!(c1.recv(), Some((FrameType::ACK, 0)));
+    assert_eq!(c0.recv(), Some((FrameType::ACK, 0)));
+    c0.send(Frame::Complete(Complete {
+        final_round: Round(0),
+        sections: 0,
+    }));
+    assert_eq!(c0.recv(), Some((FrameType::ACK, 0)));
+    c0.send(Frame::Commit(Commit {
+        final_round: Round(0),
+    }));
+    assert_eq!(c0.recv(), Some((FrameType::ACK, 0)));
+    drop((c0, c1));
+    let m = t.join().unwrap().expect("the session completes");
+    assert_eq!(m.stats.copied_pages, 2);
+    let mut page = vec![0u8; PS as usize];
+    for (p, byte) in [(0, 0x5a), (1, 0xa5), (8, 0x5a), (9, 0xa5), (2, 0)] {
         assert!(m.memory.read_pages(RegionId(0), p, 1, &mut page));
         assert!(page.iter().all(|&b| b == byte), "page {p}");
     }

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::time::Instant;
 
 use pagewire_protocol::{Capabilities, ChannelId, CodecSet, DestinationSession};
@@ -272,8 +272,10 @@ impl DestinationListener {
                 rules,
                 failed: None,
                 sections: Vec::new(),
+                copy_ended: Vec::new(),
             }),
             cv: Condvar::new(),
+            gate: RwLock::new(()),
             apply: Latency::default(),
             frames: AtomicU64::new(0),
             data_pages: AtomicU64::new(0),

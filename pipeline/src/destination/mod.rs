@@ -25,11 +25,11 @@
 //! [`DestinationConfig::max_sessions`]: crate::DestinationConfig::max_sessions
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use pagewire_protocol::{DestinationSession, MemoryLayout};
+use pagewire_protocol::{DestinationSession, MemoryLayout, Round};
 use pagewire_transport::Stream;
 
 use crate::config::Prefault;
@@ -272,6 +272,9 @@ struct State {
     rules: DestinationSession,
     failed: Option<String>,
     sections: Vec<DeviceSection>,
+    /// The last round each channel ended, for `ROUND_END` copies: recorded before that
+    /// channel applies its own, which wait for every channel (see `receiver.rs`).
+    copy_ended: Vec<Option<Round>>,
 }
 
 type MemorySlot = Option<(Arc<GuestMemory>, Option<JoinHandle<()>>)>;
@@ -289,6 +292,11 @@ struct Shared {
     cancelled: AtomicBool,
     state: Mutex<State>,
     cv: Condvar,
+    /// Held shared by every receiver while it writes or reads guest pages for a frame,
+    /// and exclusively while one applies its `ROUND_END` copies, which read pages of
+    /// every channel: no page is then written by two receivers at once, nor read by one
+    /// while another writes it, whatever a source sends.
+    gate: RwLock<()>,
     apply: Latency,
     frames: AtomicU64,
     data_pages: AtomicU64,

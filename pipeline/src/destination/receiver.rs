@@ -1,15 +1,15 @@
 //! One channel's receiver thread: checks every frame against the channel's rules, then
 //! places, decodes or installs its pages and answers the control frames.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 use std::time::Instant;
 
 use pagewire_accel::{Codecs, PageKey, PageListMut, PageSize};
 use pagewire_protocol::session::CompleteProgress;
 use pagewire_protocol::{
-    Abort, AbortReason, Ack, AckKind, ChannelId, Commit, Complete, DestinationChannel,
-    DestinationEvent, Frame, PageFrame, Round, SessionError,
+    Abort, AbortReason, Ack, AckKind, ChannelId, Commit, Complete, CopyRun, DestinationChannel,
+    DestinationEvent, Frame, PageFrame, RegionId, Round, SessionError,
 };
 use pagewire_transport::session::AnyChannel;
 use pagewire_transport::{Channel, GuestSlice, Incoming, OutFrame, PageSink, RegionSink};
@@ -22,8 +22,12 @@ use crate::source::transport_views;
 use super::{DeviceSection, Shared};
 
 /// frame the rules refuse is received whole instead, and refused there.
-struct CheckedSink<'a> {
+struct CheckedSink<'a, 'g> {
     rules: &'a DestinationChannel,
+    /// The copy gate, held shared from the moment a frame is allowed until its pages
+    /// are in place (in `held`, which outlives the sink).
+    gate: &'g RwLock<()>,
+    held: &'a mut Option<RwLockReadGuard<'g, ()>>,
     inner: &'a mut RegionSink,
     /// With [`Prefault::Ahead`]: the memory whose pages are populated before placing.
     ahead: Option<&'a GuestMemory>,
@@ -32,10 +36,13 @@ struct CheckedSink<'a> {
     install: Option<&'a GuestMemory>,
 }
 
-impl PageSink for CheckedSink<'_> {
+impl PageSink for CheckedSink<'_, '_> {
     fn place(&mut self, frame: &PageFrame<'_>, dest: &mut Vec<GuestSlice>) -> bool {
         if self.rules.check_pages(frame).is_err() {
             return false;
+        }
+        if self.held.is_none() {
+            *self.held = Some(shared_gate(self.gate));
         }
         if let Some(m) = self.install {
             let installs = frame
@@ -51,6 +58,12 @@ impl PageSink for CheckedSink<'_> {
         }
         self.inner.place(frame, dest)
     }
+}
+
+/// The copy gate held shared: this receiver writes or reads pages of its own channel.
+fn shared_gate(gate: &RwLock<()>) -> RwLockReadGuard<'_, ()> {
+    // The gate guards no data: a panic while it was held leaves nothing half done.
+    gate.read().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Backs a frame's data pages in one call each run, before they are written
@@ -73,6 +86,9 @@ pub(super) struct Receiver {
     runs: Vec<(*mut u8, u32, u64)>,
     /// Scratch: pages decoded here before they are installed ([`Prefault::Install`]).
     scratch: Vec<u8>,
+    /// The `ROUND_END` copy runs of the open round, applied once every channel ended
+    /// it. The session's rules bound their pages per round by the layout's.
+    round_end: Vec<(RegionId, CopyRun)>,
 }
 
 /// What to do after a frame, once the channel's receive buffer is released.
@@ -102,6 +118,7 @@ impl Receiver {
             hw,
             runs: Vec::new(),
             scratch: Vec::new(),
+            round_end: Vec::new(),
         }
     }
 
@@ -166,8 +183,11 @@ impl Receiver {
         };
         let mut memory: Option<Arc<GuestMemory>> = None;
         let mut sink: Option<RegionSink> = None;
+        let shared = self.shared.clone();
         loop {
             let after = {
+                // Dropped with this block, before anything waits for the gate.
+                let mut held = None;
                 let ahead = memory
                     .as_deref()
                     .filter(|_| self.shared.prefault == Prefault::Ahead);
@@ -176,6 +196,8 @@ impl Receiver {
                     .filter(|_| self.shared.install.get().is_some());
                 let mut checked = sink.as_mut().map(|inner| CheckedSink {
                     rules: &self.rules,
+                    gate: &shared.gate,
+                    held: &mut held,
                     inner,
                     ahead,
                     install,
@@ -187,6 +209,8 @@ impl Receiver {
                     None => After::Closed,
                     Some(Incoming::Placed(p)) => {
                         let t = Instant::now();
+                        // Held since `place` allowed the frame, or taken now.
+                        let _gate = held.is_none().then(|| shared_gate(&shared.gate));
                         self.rules.on_placed(&p).map_err(|e| self.rule(e))?;
                         self.round_opened()?;
                         let memory = memory.as_ref().ok_or(MigrationError::Worker(ch))?;
@@ -229,6 +253,7 @@ impl Receiver {
                             DestinationEvent::Apply(p) => {
                                 self.round_opened()?;
                                 let memory = memory.as_ref().ok_or(MigrationError::Worker(ch))?;
+                                let _gate = shared_gate(&shared.gate);
                                 if self.shared.prefault == Prefault::Ahead {
                                     populate_data(memory, p);
                                 }
@@ -267,10 +292,21 @@ impl Receiver {
                                 self.shared.apply.record(t.elapsed());
                                 After::Nothing
                             }
+                            DestinationEvent::RoundEndCopy(c) => {
+                                self.round_opened()?;
+                                // Applied once every channel ended the round.
+                                self.round_end.extend(c.runs.iter().map(|r| (c.region, r)));
+                                self.shared.frames.fetch_add(1, Ordering::Relaxed);
+                                self.shared
+                                    .copied_pages
+                                    .fetch_add(c.pages(), Ordering::Relaxed);
+                                After::Nothing
+                            }
                             DestinationEvent::Copy(c) => {
                                 self.round_opened()?;
                                 let memory = memory.as_ref().ok_or(MigrationError::Worker(ch))?;
-                                Self::copy(memory, &mut self.scratch, c)
+                                let _gate = shared_gate(&shared.gate);
+                                Self::copy(memory, &mut self.scratch, c.region, c.runs.iter())
                                     .map_err(|what| self.err(what))?;
                                 self.shared.frames.fetch_add(1, Ordering::Relaxed);
                                 self.shared
@@ -308,6 +344,7 @@ impl Receiver {
             match after {
                 After::Nothing => {}
                 After::AckRound(round) => {
+                    self.round_end_copies(round, memory.as_deref())?;
                     let ack = Ack {
                         kind: AckKind::ROUND,
                         value: round.0.into(),
@@ -382,20 +419,84 @@ impl Receiver {
             .fetch_add(p.uniform_pages(), Ordering::Relaxed);
     }
 
-    /// Applies a COPY: each target page gets what its source page holds now (after
-    /// every earlier frame of this channel, all applied on this thread). The session's
-    /// rules checked every target and source page against the layout and this channel.
+    /// Channel `ch` ended `round`: records it, and when this channel holds `ROUND_END`
+    /// copies, waits until every channel ended that round or a later one, then applies
+    /// them with the copy gate held exclusively (PROTOCOL.md, COPY).
+    fn round_end_copies(
+        &mut self,
+        round: Round,
+        memory: Option<&GuestMemory>,
+    ) -> Result<(), MigrationError> {
+        let ch = self.ch;
+        let mut s = self.shared.state(ch)?;
+        let n = usize::from(s.rules.channels());
+        s.copy_ended.resize(n, None);
+        if let Some(slot) = s.copy_ended.get_mut(usize::from(ch)) {
+            *slot = Some(round);
+        }
+        self.shared.cv.notify_all();
+        if self.round_end.is_empty() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.shared.wait;
+        while !s.copy_ended.iter().all(|e| e.is_some_and(|e| e >= round)) {
+            if let Some(f) = &s.failed {
+                return Err(self.err(format!("another channel failed: {f}")));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let ended = s
+                    .copy_ended
+                    .iter()
+                    .filter(|e| e.is_some_and(|e| e >= round))
+                    .count();
+                return Err(self.err(format!(
+                    "ROUND_END copies of round {}: {ended} of {n} channels ended the round \
+                     within {:?}",
+                    round.0, self.shared.wait
+                )));
+            }
+            s = self
+                .shared
+                .cv
+                .wait_timeout(s, deadline - now)
+                .map_err(|_| MigrationError::Worker(ch))?
+                .0;
+        }
+        drop(s);
+        let memory = memory.ok_or(MigrationError::Worker(ch))?;
+        let runs = std::mem::take(&mut self.round_end);
+        let _gate = self
+            .shared
+            .gate
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (region, run) in &runs {
+            Self::copy(memory, &mut self.scratch, *region, std::iter::once(*run))
+                .map_err(|what| self.err(what))?;
+        }
+        // Its allocation is kept for the next round.
+        self.round_end = runs;
+        self.round_end.clear();
+        Ok(())
+    }
+
+    /// Applies copy runs of `region`: each target page gets what its source page holds
+    /// now. The session's rules checked every target and source page against the
+    /// layout, and the caller holds the copy gate (shared for a COPY of this channel's
+    /// pages, exclusive for `ROUND_END` copies).
     fn copy(
         memory: &GuestMemory,
         scratch: &mut Vec<u8>,
-        c: &pagewire_protocol::CopyFrame<'_>,
+        region: RegionId,
+        runs: impl Iterator<Item = CopyRun>,
     ) -> Result<(), String> {
         const CHUNK: u64 = 32;
         let ps = memory.page_size() as usize;
         if scratch.len() < CHUNK as usize * ps {
             scratch.resize(CHUNK as usize * ps, 0);
         }
-        for run in c.runs.iter() {
+        for run in runs {
             let mut done = 0u64;
             while done < u64::from(run.count) {
                 let n = CHUNK.min(u64::from(run.count) - done);
@@ -403,9 +504,9 @@ impl Receiver {
                 // Pages never written read as zeros (fresh memory), not as what an
                 // earlier copy left in the buffer.
                 buf.fill(0);
-                memory.read_written(c.region, run.from.0 + done, n, buf);
-                if !memory.write_pages(c.region, run.start.0 + done, buf) {
-                    return Err(format!("COPY {run:?} outside region {:?}", c.region));
+                memory.read_written(region, run.from.0 + done, n, buf);
+                if !memory.write_pages(region, run.start.0 + done, buf) {
+                    return Err(format!("COPY {run:?} outside region {region:?}"));
                 }
                 done += n;
             }

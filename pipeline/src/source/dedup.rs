@@ -1,6 +1,6 @@
-//! Pages this channel already sent, found again by their content: a data page equal to
-//! one the channel sent before, and unchanged since, travels as a COPY reference to it
-//! instead of its bytes (PROTOCOL.md, COPY).
+//! Pages the source already sent, found again by their content: a data page equal to
+//! one sent before, and unchanged on the destination since, travels as a COPY
+//! reference to it instead of its bytes (PROTOCOL.md, COPY).
 //!
 //! **Content is compared by a keyed hash**, BLAKE3 keyed with 32 bytes drawn for each
 //! source and never sent, 128 bits of it kept. The guest writes the pages, so it could
@@ -14,26 +14,39 @@
 //! write re-dirties the page, which is sent again, but a page already sent as a copy of
 //! it would not be).
 //!
-//! **Ordering.** A page enters the table when its frame is handed to the channel
-//! ([`Dedup::insert`]), and leaves it when a later frame carrying that page is built
-//! ([`Dedup::forget`]), before anything of that frame is looked up. COPY frames go to the
-//! channel as they are built. So a COPY names as sources only pages whose frames went on
-//! the channel before it, and no frame that changes a source can be on the channel
-//! between the two, whatever order the codec engine finishes its jobs in. Every page
-//! of this table belongs to this channel, so the destination applies both in order.
+//! **One table for every channel** ([`DedupTable`]), so a page finds its twin whichever
+//! channel carried it. A page enters the table when its frame is handed to its channel
+//! ([`Table::insert`]). It leaves it when a round that sends it again starts
+//! ([`DedupTable::forget_dirty`], before any channel of that round looks anything up)
+//! and when a frame carrying it is built ([`Table::forget`]). So while a round runs,
+//! every page in the table holds, on the destination once the round's frames are
+//! applied, the content it was entered with: either it is not sent in this round, or
+//! its frame of this round was already handed to its channel and it is not sent again.
+//! Pages that went as copies are never entered, so no page is both a copy's target and
+//! a copy's source within a round.
 //!
-//! **Memory**: 4 bytes per guest page this channel carries (where each page's entry
-//! is), and a table of 32-byte entries, twice the channel's pages rounded up to a power
-//! of two and at most [`MAX_ENTRIES`]. A new entry replaces the one in its slot: the
-//! table forgets, it never answers wrong.
+//! - A source page on the **same channel** as the target goes in an ordinary COPY: its
+//!   frame is on the channel before the COPY (COPY frames go to the channel as they are
+//!   built), and the destination applies a channel's frames in order.
+//! - A source page on **another channel** goes in a `ROUND_END` COPY, which the
+//!   destination applies once every channel has ended the round, when every PAGES frame
+//!   of the round is applied.
+//!
+//! **Memory**: 4 bytes per guest page (where each page's entry is), and a table of
+//! 32-byte entries, twice the guest's pages rounded up to a power of two and at most
+//! [`MAX_ENTRIES`]. A new entry replaces the one in its slot: the table forgets, it
+//! never answers wrong.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use pagewire_protocol::RegionId;
 
+use crate::dirty::DirtyBitmap;
 use crate::memory::GuestMemory;
 use crate::plan::Affinity;
 
-/// Most entries of one channel's table (32 MiB).
-pub(crate) const MAX_ENTRIES: usize = 1 << 20;
+/// Most entries of the table (64 MiB).
+pub(crate) const MAX_ENTRIES: usize = 1 << 21;
 
 /// A keyed hash of a page's bytes (128 bits of BLAKE3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,70 +60,64 @@ struct Entry {
     region: u32,
 }
 
-/// Where each of this channel's pages of one region has its entry.
+/// Where each page of one region has its entry.
 struct Slots {
     region: RegionId,
-    /// Entry index + 1 per page of this channel (0: none), by [`Dedup::local`].
+    /// Entry index + 1 per page (0: none).
     at: Vec<u32>,
 }
 
-/// One channel's table of pages sent, by content.
-pub(crate) struct Dedup {
-    key: [u8; 32],
+/// The pages sent, by content: entries and where each page's entry is.
+pub(crate) struct Table {
     entries: Vec<Entry>,
     slots: Vec<Slots>,
-    affinity: Affinity,
-    ch: u16,
-    /// Buffers of frames given back, kept for the next ones.
-    pool: Vec<Vec<u8>>,
 }
 
-impl std::fmt::Debug for Dedup {
+/// The source's table of pages sent, by content, shared by its channels.
+pub(crate) struct DedupTable {
+    key: [u8; 32],
+    affinity: Affinity,
+    table: Mutex<Table>,
+}
+
+impl std::fmt::Debug for DedupTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The key stays out of logs.
-        f.debug_struct("Dedup")
-            .field("entries", &self.entries.len())
-            .field("ch", &self.ch)
+        f.debug_struct("DedupTable")
+            .field("affinity", &self.affinity)
             .finish_non_exhaustive()
     }
 }
 
-impl Dedup {
-    /// An empty table for channel `ch` of `memory`, with a fresh random key.
+impl DedupTable {
+    /// An empty table for `memory`, with a fresh random key.
     ///
     /// # Errors
     /// The system's random source failed.
-    pub(crate) fn new(
-        memory: &GuestMemory,
-        affinity: Affinity,
-        ch: u16,
-    ) -> Result<Self, getrandom::Error> {
+    pub(crate) fn new(memory: &GuestMemory, affinity: Affinity) -> Result<Self, getrandom::Error> {
         let mut key = [0u8; 32];
         getrandom::fill(&mut key)?;
-        let n = u64::from(affinity.channels.max(1));
-        let chunk = u64::from(affinity.chunk_pages.max(1));
         let mut pages = 0u64;
         let slots = memory
             .region_ids()
             .map(|region| {
-                let chunks = memory.pages(region).unwrap_or(0).div_ceil(chunk);
-                let mine = chunks.div_ceil(n) * chunk;
-                pages += mine;
+                let n = memory.pages(region).unwrap_or(0);
+                pages += n;
                 Slots {
                     region,
-                    at: vec![0; usize::try_from(mine).unwrap_or(0)],
+                    at: vec![0; usize::try_from(n).unwrap_or(0)],
                 }
             })
             .collect();
         let want = usize::try_from(pages.saturating_mul(2)).unwrap_or(MAX_ENTRIES);
         let len = want.next_power_of_two().clamp(1024, MAX_ENTRIES);
-        Ok(Dedup {
+        Ok(DedupTable {
             key,
-            entries: vec![Entry::default(); len],
-            slots,
             affinity,
-            ch,
-            pool: Vec::new(),
+            table: Mutex::new(Table {
+                entries: vec![Entry::default(); len],
+                slots,
+            }),
         })
     }
 
@@ -122,14 +129,40 @@ impl Dedup {
         PageHash(u128::from_le_bytes(b))
     }
 
-    /// A page of this channel in `region` holding `hash` on the destination, if one is
-    /// known.
+    /// The channel that carries `page` of `region`.
+    pub(crate) fn channel(&self, region: RegionId, page: u64) -> u16 {
+        self.affinity.channel(region, page)
+    }
+
+    /// The table, for a frame's lookups or entries at once.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Table> {
+        // The table holds no invariant a panic elsewhere could break halfway: a
+        // poisoned lock still holds entries that never answer wrong.
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Forgets every page of a round about to start: whatever the destination holds
+    /// for them may change in it. Called before any channel of the round looks up.
+    pub(crate) fn forget_dirty(&self, dirty: &[(RegionId, DirtyBitmap)]) {
+        let mut t = self.lock();
+        for (region, bits) in dirty {
+            for (start, count) in bits.runs() {
+                for p in start..start + count {
+                    t.forget(*region, p);
+                }
+            }
+        }
+    }
+}
+
+impl Table {
+    /// A page of `region` holding `hash` on the destination, if one is known.
     pub(crate) fn find(&self, region: RegionId, hash: PageHash) -> Option<u64> {
         let e = self.entries[self.index(hash)];
         (e.page != 0 && e.hash == hash.0 && e.region == region.0).then(|| e.page - 1)
     }
 
-    /// Records that the frame carrying `page` with content `hash` went to the channel.
+    /// Records that the frame carrying `page` with content `hash` went to its channel.
     pub(crate) fn insert(&mut self, region: RegionId, page: u64, hash: PageHash) {
         let Some((s, l)) = self.slot(region, page) else {
             return;
@@ -151,10 +184,54 @@ impl Dedup {
         self.slots[s].at[l] = i as u32 + 1;
     }
 
-    /// Forgets what `page` holds: a frame that changes it is being built.
+    /// Forgets what `page` holds: it is about to change.
     pub(crate) fn forget(&mut self, region: RegionId, page: u64) {
         if let Some((s, l)) = self.slot(region, page) {
             self.forget_at(s, l);
+        }
+    }
+
+    fn forget_at(&mut self, s: usize, l: usize) {
+        let at = std::mem::take(&mut self.slots[s].at[l]);
+        if at != 0 {
+            self.entries[at as usize - 1] = Entry::default();
+        }
+    }
+
+    fn index(&self, hash: PageHash) -> usize {
+        // A power of two long.
+        (hash.0 as usize) & (self.entries.len() - 1)
+    }
+
+    /// The slot list and index of `page` of `region`; `None` outside the regions.
+    fn slot(&self, region: RegionId, page: u64) -> Option<(usize, usize)> {
+        let s = self.slots.iter().position(|s| s.region == region)?;
+        let l = usize::try_from(page).ok()?;
+        (l < self.slots[s].at.len()).then_some((s, l))
+    }
+}
+
+/// One channel's side of dedup: the shared table and the buffers of its frames.
+pub(crate) struct Dedup {
+    pub(crate) table: Arc<DedupTable>,
+    /// Buffers of frames given back, kept for the next ones.
+    pool: Vec<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Dedup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dedup")
+            .field("table", &self.table)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Dedup {
+    /// A channel's side of `table`.
+    pub(crate) fn new(table: Arc<DedupTable>) -> Self {
+        Dedup {
+            table,
+            pool: Vec::new(),
         }
     }
 
@@ -171,33 +248,6 @@ impl Dedup {
         if self.pool.len() < 64 {
             self.pool.push(b);
         }
-    }
-
-    fn forget_at(&mut self, s: usize, l: usize) {
-        let at = std::mem::take(&mut self.slots[s].at[l]);
-        if at != 0 {
-            self.entries[at as usize - 1] = Entry::default();
-        }
-    }
-
-    fn index(&self, hash: PageHash) -> usize {
-        // A power of two long.
-        (hash.0 as usize) & (self.entries.len() - 1)
-    }
-
-    /// The slot list and index of `page` of `region`; `None` for a page of another
-    /// channel or outside the regions.
-    fn slot(&self, region: RegionId, page: u64) -> Option<(usize, usize)> {
-        if self.affinity.channel(region, page) != self.ch {
-            return None;
-        }
-        let s = self.slots.iter().position(|s| s.region == region)?;
-        let chunk = u64::from(self.affinity.chunk_pages.max(1));
-        let n = u64::from(self.affinity.channels.max(1));
-        // Chunks of this channel are `n` apart: chunk / n numbers them.
-        let local = (page / chunk / n) * chunk + page % chunk;
-        let l = usize::try_from(local).ok()?;
-        (l < self.slots[s].at.len()).then_some((s, l))
     }
 }
 
@@ -233,81 +283,88 @@ mod tests {
         chunk_pages: 4,
     };
 
-    /// Pages of `region` that channel `ch` carries.
-    fn mine(region: RegionId, ch: u16, pages: u64) -> Vec<u64> {
-        (0..pages)
-            .filter(|&p| AFF.channel(region, p) == ch)
-            .collect()
+    fn table(pages: u64) -> DedupTable {
+        DedupTable::new(&memory(pages), AFF).unwrap()
     }
 
     #[test]
     fn a_page_sent_is_found_by_its_content_and_forgotten_when_it_changes() {
-        let m = memory(64);
-        let mut d = Dedup::new(&m, AFF, 1).unwrap();
+        let d = table(64);
+        let mut t = d.lock();
         let r = RegionId(0);
-        let [a, b, ..] = mine(r, 1, 64)[..] else {
-            panic!("no pages")
-        };
+        let (a, b) = (3, 9);
         let h = d.hash(&[7u8; 4096]);
-        assert_eq!(d.find(r, h), None);
-        d.insert(r, a, h);
-        assert_eq!(d.find(r, h), Some(a));
+        assert_eq!(t.find(r, h), None);
+        t.insert(r, a, h);
+        assert_eq!(t.find(r, h), Some(a));
         // Not in another region, and not by other content.
-        assert_eq!(d.find(RegionId(7), h), None);
-        assert_eq!(d.find(r, d.hash(&[8u8; 4096])), None);
+        assert_eq!(t.find(RegionId(7), h), None);
+        assert_eq!(t.find(r, d.hash(&[8u8; 4096])), None);
         // The page changes: forgotten.
-        d.forget(r, a);
-        assert_eq!(d.find(r, h), None);
+        t.forget(r, a);
+        assert_eq!(t.find(r, h), None);
         // Inserted again under other content: the old content is gone.
-        d.insert(r, a, h);
-        d.insert(r, a, d.hash(&[9u8; 4096]));
-        assert_eq!(d.find(r, h), None);
+        t.insert(r, a, h);
+        t.insert(r, a, d.hash(&[9u8; 4096]));
+        assert_eq!(t.find(r, h), None);
         // Another page with the same content takes its place.
-        d.insert(r, b, h);
-        assert_eq!(d.find(r, h), Some(b));
+        t.insert(r, b, h);
+        assert_eq!(t.find(r, h), Some(b));
     }
 
     #[test]
-    fn pages_of_other_channels_are_never_entered() {
-        let m = memory(64);
-        let mut d = Dedup::new(&m, AFF, 0).unwrap();
+    fn pages_of_every_channel_are_found_and_a_round_forgets_the_pages_it_sends() {
+        let d = table(64);
         let r = RegionId(7);
-        let theirs = mine(r, 1, 64)[0];
-        let h = d.hash(&[1u8; 4096]);
-        d.insert(r, theirs, h);
-        assert_eq!(d.find(r, h), None);
-        // Outside the region too.
-        d.insert(r, 1 << 40, h);
-        assert_eq!(d.find(r, h), None);
+        // Pages 0..4 are one channel's, 4..8 the other's.
+        assert_ne!(d.channel(r, 1), d.channel(r, 5));
+        let (h1, h5, h9) = (
+            d.hash(&[1u8; 4096]),
+            d.hash(&[5u8; 4096]),
+            d.hash(&[9u8; 4096]),
+        );
+        {
+            let mut t = d.lock();
+            t.insert(r, 1, h1);
+            t.insert(r, 5, h5);
+            t.insert(r, 9, h9);
+            t.insert(RegionId(0), 5, h1);
+        }
+        let dirty = DirtyBitmap::new(64);
+        dirty.set(5);
+        dirty.set(9);
+        d.forget_dirty(&[(r, dirty)]);
+        let t = d.lock();
+        assert_eq!(t.find(r, h1), Some(1));
+        assert_eq!(t.find(r, h5), None);
+        assert_eq!(t.find(r, h9), None);
+        // Only that region's pages.
+        assert_eq!(t.find(RegionId(0), h1), Some(5));
     }
 
     #[test]
-    fn every_page_of_the_channel_has_its_own_slot() {
-        let m = memory(61);
-        for ch in 0..2 {
-            let d = Dedup::new(&m, AFF, ch).unwrap();
-            for r in [RegionId(0), RegionId(7)] {
-                let mut seen = std::collections::HashSet::new();
-                for p in mine(r, ch, 61) {
-                    let slot = d.slot(r, p).expect("a slot");
-                    assert!(seen.insert(slot), "page {p} shares slot {slot:?}");
-                }
-            }
-        }
+    fn pages_outside_the_regions_are_never_entered() {
+        let d = table(64);
+        let mut t = d.lock();
+        let h = d.hash(&[1u8; 4096]);
+        t.insert(RegionId(7), 64, h);
+        t.insert(RegionId(7), 1 << 40, h);
+        t.insert(RegionId(3), 0, h);
+        assert_eq!(t.find(RegionId(7), h), None);
+        assert_eq!(t.find(RegionId(3), h), None);
     }
 
     #[test]
     fn an_entry_replaced_in_its_slot_is_forgotten_not_misattributed() {
-        let m = memory(4096);
-        let mut d = Dedup::new(&m, AFF, 0).unwrap();
+        let d = table(4096);
+        let mut t = d.lock();
         let r = RegionId(0);
-        let pages = mine(r, 0, 4096);
         // More contents than entries: later ones replace earlier ones.
-        let n = d.entries.len() * 2;
+        let n = t.entries.len() * 2;
         let mut kept = Vec::new();
-        for (i, &p) in pages.iter().cycle().take(n).enumerate() {
+        for (i, p) in (0..4096u64).cycle().take(n).enumerate() {
             let h = d.hash(&(i as u64).to_le_bytes().repeat(512));
-            d.insert(r, p, h);
+            t.insert(r, p, h);
             kept.push((p, h));
         }
         // Every answer names the page last inserted with that content, and that page
@@ -317,7 +374,7 @@ mod tests {
             last.insert(p, h);
         }
         for &(_, h) in &kept {
-            if let Some(p) = d.find(r, h) {
+            if let Some(p) = t.find(r, h) {
                 assert_eq!(last[&p], h);
             }
         }
@@ -325,11 +382,7 @@ mod tests {
 
     #[test]
     fn the_key_differs_between_tables() {
-        let m = memory(8);
-        let (a, b) = (
-            Dedup::new(&m, AFF, 0).unwrap(),
-            Dedup::new(&m, AFF, 0).unwrap(),
-        );
+        let (a, b) = (table(8), table(8));
         let page = [3u8; 4096];
         assert_ne!(a.hash(&page), b.hash(&page));
         assert_eq!(a.hash(&page), a.hash(&page));

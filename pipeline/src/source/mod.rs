@@ -149,6 +149,9 @@ pub struct Source {
     transports: Vec<ChannelTransport>,
     engine_stats: Vec<Arc<std::sync::Mutex<pagewire_accel::EngineStats>>>,
     adaptive_stats: Vec<Arc<std::sync::Mutex<crate::stats::AdaptiveStats>>>,
+    /// The pages sent, by content, when dedup is on: each round forgets its pages
+    /// before its channels start.
+    dedup: Option<Arc<dedup::DedupTable>>,
     progress: Progress,
 }
 
@@ -273,6 +276,9 @@ impl Source {
             self.progress.set_phase(Phase::Precopy);
         }
         let dirty_pages: u64 = dirty.iter().map(|(_, b)| b.count()).sum();
+        if let Some(table) = &self.dedup {
+            table.forget_dirty(&dirty);
+        }
         let dirty = Arc::new(dirty);
         let replies = self.broadcast(|| Cmd::Round {
             round,

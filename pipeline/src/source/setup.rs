@@ -18,7 +18,7 @@ use crate::memory::GuestMemory;
 use crate::plan::Affinity;
 use crate::progress::Progress;
 
-use super::dedup::Dedup;
+use super::dedup::{Dedup, DedupTable};
 use super::worker::WorkerSetup;
 use super::{
     ChannelTransport, Counters, Reply, Source, SourceLatency, WorkerHandle, adaptive, frame_bytes,
@@ -72,6 +72,8 @@ impl Source {
         let mut adaptive_stats = Vec::new();
         let mut transport = String::new();
         let mut transports = Vec::new();
+        // One table for every channel with a software engine (see `dedup.rs`).
+        let mut dedup: Option<Arc<DedupTable>> = None;
         for est in established {
             let ch = est.negotiated.channel.0;
             let negotiated = est.negotiated;
@@ -179,12 +181,17 @@ impl Source {
                 adaptive: selector,
                 // A hardware engine reads the pages by DMA, from guest memory mapped
                 // for it, not from the buffer dedup hashes and encodes from.
-                dedup: match config.dedup && software_engine {
-                    true => Some(
-                        Dedup::new(&memory, affinity, ch)
-                            .map_err(|e| MigrationError::Session(SessionError::Random(e)))?,
-                    ),
-                    false => None,
+                dedup: match (config.dedup && software_engine, &dedup) {
+                    (false, _) => None,
+                    (true, Some(table)) => Some(Dedup::new(table.clone())),
+                    (true, None) => {
+                        let table = Arc::new(
+                            DedupTable::new(&memory, affinity)
+                                .map_err(|e| MigrationError::Session(SessionError::Random(e)))?,
+                        );
+                        dedup = Some(table.clone());
+                        Some(Dedup::new(table))
+                    }
                 },
                 inline_encode: threads == 0,
                 adaptive_stats: astats,
@@ -277,6 +284,7 @@ impl Source {
             transports,
             engine_stats,
             adaptive_stats,
+            dedup,
             config,
         })
     }

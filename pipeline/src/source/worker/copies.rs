@@ -19,9 +19,11 @@ pub(super) struct Staged {
     pub(super) buf: Vec<u8>,
     /// Their hashes.
     pub(super) hashes: Vec<(u64, PageHash)>,
-    /// The pages that go as copies, canonical (ascending, merged where the sources
-    /// continue).
+    /// The pages that go as copies of pages of this channel, canonical (ascending,
+    /// merged where the sources continue).
     pub(super) copies: Vec<CopyRun>,
+    /// The pages that go as copies of other channels' pages (`ROUND_END`), the same.
+    pub(super) round_end: Vec<CopyRun>,
 }
 
 impl Worker {
@@ -60,20 +62,32 @@ impl Worker {
             buf: Vec::new(),
             hashes: Vec::with_capacity(pages),
             copies: Vec::new(),
+            round_end: Vec::new(),
+        };
+        // Hashed without the table, looked up with it held once for the frame.
+        let table = d.table.clone();
+        let hashes: Vec<PageHash> = buf.chunks_exact(ps).map(|p| table.hash(p)).collect();
+        let found: Vec<Option<u64>> = {
+            let t = table.lock();
+            hashes.iter().map(|&h| t.find(region, h)).collect()
         };
         let (mut i, mut kept) = (0usize, 0usize);
         for run in &split.data {
             for p in run.start.0..run.start.0 + u64::from(run.count) {
-                let h = d.hash(&buf[i * ps..(i + 1) * ps]);
-                match d.find(region, h) {
-                    Some(from) => push_copy(&mut st.copies, p, from),
+                match found.get(i).copied().flatten() {
+                    // Its frame is on this channel before the COPY.
+                    Some(from) if table.channel(region, from) == ch => {
+                        push_copy(&mut st.copies, p, from)
+                    }
+                    // On another channel: applied once every channel ended the round.
+                    Some(from) => push_copy(&mut st.round_end, p, from),
                     None => {
                         if kept != i {
                             buf.copy_within(i * ps..(i + 1) * ps, kept * ps);
                         }
                         kept += 1;
                         extend(&mut st.data, p);
-                        st.hashes.push((p, h));
+                        st.hashes.push((p, hashes[i]));
                     }
                 }
                 i += 1;
@@ -83,7 +97,7 @@ impl Worker {
         st.buf = buf;
         if let Some(cache) = &self.s.delta {
             // Sent another way: the next delta must not be against the cached version.
-            for c in &st.copies {
+            for c in st.copies.iter().chain(&st.round_end) {
                 for p in c.start.0..c.start.0 + u64::from(c.count) {
                     cache.invalidate(page_key(region, p));
                 }
@@ -92,12 +106,14 @@ impl Worker {
         Ok(st)
     }
 
-    /// Sends `copies` (of one frame, so at most `max_pages` pages) as COPY frames;
-    /// returns the pages and the bytes on the wire.
+    /// Sends `copies` (of one frame, so at most `max_pages` pages) as COPY frames,
+    /// applied at the round's end with `round_end`; returns the pages and the bytes on
+    /// the wire.
     pub(super) fn send_copies(
         &mut self,
         region: RegionId,
         copies: &[CopyRun],
+        round_end: bool,
     ) -> Result<(u64, u64), MigrationError> {
         let (mut all, mut bytes) = (0, 0);
         for runs in copies.chunks(usize::from(u16::MAX)) {
@@ -105,6 +121,7 @@ impl Worker {
                 region,
                 round: Round(self.round_no),
                 runs: WireList::Slice(runs),
+                round_end,
                 crc: None,
             };
             if self.s.checksum.is_some() {

@@ -44,7 +44,13 @@ impl Worker {
         let dedup_cpu = cpu0.map(|t0| pagewire_accel::thread_cpu_time().saturating_sub(t0));
         let (mut copied, mut copy_wire) = (0, 0);
         if let Some(st) = &mut staged {
-            (copied, copy_wire) = self.send_copies(region, &st.copies)?;
+            for (runs, round_end) in [(&st.copies, false), (&st.round_end, true)] {
+                if !runs.is_empty() {
+                    let (pages, wire) = self.send_copies(region, runs, round_end)?;
+                    copied += pages;
+                    copy_wire += wire;
+                }
+            }
             if st.data.is_empty() {
                 // Every data page went as a copy: what is left has no payload.
                 drop(job);

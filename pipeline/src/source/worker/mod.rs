@@ -368,11 +368,12 @@ impl Worker {
                         }
                     }
                 }
-                if let Some(d) = &mut self.s.dedup {
+                if let Some(d) = &self.s.dedup {
                     // Whatever the destination holds for these pages is about to change.
+                    let mut t = d.table.lock();
                     for run in &runs {
                         for p in run.start.0..run.start.0 + u64::from(run.count) {
-                            d.forget(*region, p);
+                            t.forget(*region, p);
                         }
                     }
                 }

@@ -213,9 +213,10 @@ impl Worker {
             // On the channel now: later frames may copy these pages. Not when the
             // engine sent them raw from guest memory, which may differ from the hashed
             // copy.
-            if !out.in_place {
+            if !out.in_place && !meta.hashes.is_empty() {
+                let mut t = d.table.lock();
                 for &(p, h) in &meta.hashes {
-                    d.insert(meta.region, p, h);
+                    t.insert(meta.region, p, h);
                 }
             }
             if let Some(buf) = meta.staged.take() {
