@@ -30,7 +30,9 @@
 //!   built), and the destination applies a channel's frames in order.
 //! - A source page on **another channel** goes in a `ROUND_END` COPY, which the
 //!   destination applies once every channel has ended the round, when every PAGES frame
-//!   of the round is applied.
+//!   of the round is applied. The next round, which may send its source again, starts
+//!   only once every channel's ACK ROUND arrived ([`super::Source::send_round`]), and
+//!   the destination acknowledges a round only after applying its copies.
 //!
 //! **Memory**: 4 bytes per guest page (where each page's entry is), and a table of
 //! 32-byte entries, twice the guest's pages rounded up to a power of two and at most
@@ -318,17 +320,28 @@ mod tests {
         let r = RegionId(7);
         // Pages 0..4 are one channel's, 4..8 the other's.
         assert_ne!(d.channel(r, 1), d.channel(r, 5));
-        let (h1, h5, h9) = (
-            d.hash(&[1u8; 4096]),
-            d.hash(&[5u8; 4096]),
-            d.hash(&[9u8; 4096]),
-        );
+        // Three contents in three different slots of the table (one entry a slot).
+        let mut hs: Vec<PageHash> = Vec::new();
+        for b in 0..=255u8 {
+            let h = d.hash(&[b; 4096]);
+            let t = d.lock();
+            if hs.iter().all(|o| t.index(*o) != t.index(h)) {
+                hs.push(h);
+            }
+            if hs.len() == 3 {
+                break;
+            }
+        }
+        let [h1, h5, h9] = hs[..] else {
+            panic!("no three slots")
+        };
         {
             let mut t = d.lock();
             t.insert(r, 1, h1);
             t.insert(r, 5, h5);
             t.insert(r, 9, h9);
-            t.insert(RegionId(0), 5, h1);
+            // The same content in another region takes the slot: one entry a content.
+            t.insert(RegionId(0), 5, h9);
         }
         let dirty = DirtyBitmap::new(64);
         dirty.set(5);
@@ -339,7 +352,7 @@ mod tests {
         assert_eq!(t.find(r, h5), None);
         assert_eq!(t.find(r, h9), None);
         // Only that region's pages.
-        assert_eq!(t.find(RegionId(0), h1), Some(5));
+        assert_eq!(t.find(RegionId(0), h9), Some(5));
     }
 
     #[test]
