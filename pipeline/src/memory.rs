@@ -392,7 +392,8 @@ impl GuestMemory {
                     let off = (start - page) as usize * ps;
                     let n = count as usize * ps;
                     // SAFETY: `off + n <= len`, inside the range `span` checked; `src`
-                    // is a separate buffer; one writer per page (channel affinity).
+                    // is a separate buffer; one writer per page (channel affinity, and
+                    // the copy gate for ROUND_END copies).
                     unsafe {
                         let (d, s) = (dst.as_ptr().add(off), src.as_ptr().add(off));
                         if is_fresh {

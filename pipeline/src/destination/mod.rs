@@ -478,6 +478,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// A page sink that asks the channel's rules before the transport places a byte: a
+mod copies;
 mod listener;
 mod receiver;
 

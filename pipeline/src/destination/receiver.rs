@@ -306,8 +306,13 @@ impl Receiver {
                                 self.round_opened()?;
                                 let memory = memory.as_ref().ok_or(MigrationError::Worker(ch))?;
                                 let _gate = shared_gate(&shared.gate);
-                                Self::copy(memory, &mut self.scratch, c.region, c.runs.iter())
-                                    .map_err(|what| self.err(what))?;
+                                super::copies::copy(
+                                    memory,
+                                    &mut self.scratch,
+                                    c.region,
+                                    c.runs.iter(),
+                                )
+                                .map_err(|what| self.err(what))?;
                                 self.shared.frames.fetch_add(1, Ordering::Relaxed);
                                 self.shared
                                     .copied_pages
@@ -471,46 +476,13 @@ impl Receiver {
             .gate
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        for (region, run) in &runs {
-            Self::copy(memory, &mut self.scratch, *region, std::iter::once(*run))
-                .map_err(|what| self.err(what))?;
-        }
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let helpers = super::copies::apply_round_end(memory, &mut self.scratch, &runs, threads)
+            .map_err(|what| self.err(what))?;
+        self.shared.add_cpu(helpers);
         // Its allocation is kept for the next round.
         self.round_end = runs;
         self.round_end.clear();
-        Ok(())
-    }
-
-    /// Applies copy runs of `region`: each target page gets what its source page holds
-    /// now. The session's rules checked every target and source page against the
-    /// layout, and the caller holds the copy gate (shared for a COPY of this channel's
-    /// pages, exclusive for `ROUND_END` copies).
-    fn copy(
-        memory: &GuestMemory,
-        scratch: &mut Vec<u8>,
-        region: RegionId,
-        runs: impl Iterator<Item = CopyRun>,
-    ) -> Result<(), String> {
-        const CHUNK: u64 = 32;
-        let ps = memory.page_size() as usize;
-        if scratch.len() < CHUNK as usize * ps {
-            scratch.resize(CHUNK as usize * ps, 0);
-        }
-        for run in runs {
-            let mut done = 0u64;
-            while done < u64::from(run.count) {
-                let n = CHUNK.min(u64::from(run.count) - done);
-                let buf = &mut scratch[..n as usize * ps];
-                // Pages never written read as zeros (fresh memory), not as what an
-                // earlier copy left in the buffer.
-                buf.fill(0);
-                memory.read_written(region, run.from.0 + done, n, buf);
-                if !memory.write_pages(region, run.start.0 + done, buf) {
-                    return Err(format!("COPY {run:?} outside region {region:?}"));
-                }
-                done += n;
-            }
-        }
         Ok(())
     }
 
