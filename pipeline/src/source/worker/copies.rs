@@ -107,15 +107,14 @@ impl Worker {
     }
 
     /// Sends `copies` (of one frame, so at most `max_pages` pages) as COPY frames,
-    /// applied at the round's end with `round_end`; returns the pages and the bytes on
-    /// the wire.
+    /// applied at the round's end with `round_end`; returns the pages.
     pub(super) fn send_copies(
         &mut self,
         region: RegionId,
         copies: &[CopyRun],
         round_end: bool,
-    ) -> Result<(u64, u64), MigrationError> {
-        let (mut all, mut bytes) = (0, 0);
+    ) -> Result<u64, MigrationError> {
+        let mut all = 0;
         for runs in copies.chunks(usize::from(u16::MAX)) {
             let mut frame = CopyFrame {
                 region,
@@ -137,9 +136,8 @@ impl Worker {
             self.round.pages.copied += pages;
             self.s.counters.copied.fetch_add(pages, Ordering::Relaxed);
             all += pages;
-            bytes += wire;
         }
-        Ok((all, bytes))
+        Ok(all)
     }
 }
 

@@ -42,13 +42,11 @@ impl Worker {
         };
         // The copy and the hashes are part of this candidate's cost.
         let dedup_cpu = cpu0.map(|t0| pagewire_accel::thread_cpu_time().saturating_sub(t0));
-        let (mut copied, mut copy_wire) = (0, 0);
+        let mut copied = 0;
         if let Some(st) = &mut staged {
             for (runs, round_end) in [(&st.copies, false), (&st.round_end, true)] {
                 if !runs.is_empty() {
-                    let (pages, wire) = self.send_copies(region, runs, round_end)?;
-                    copied += pages;
-                    copy_wire += wire;
+                    copied += self.send_copies(region, runs, round_end)?;
                 }
             }
             if st.data.is_empty() {
@@ -132,7 +130,6 @@ impl Worker {
                 staged,
                 hashes,
                 copied,
-                copy_wire,
             },
         );
         self.batch.push_back(job);

@@ -44,10 +44,9 @@ struct FrameMeta {
     /// frame is on the channel.
     staged: Option<Vec<u8>>,
     hashes: Vec<(u64, PageHash)>,
-    /// Pages of the frame that went as copies, and the COPY frames' bytes: the
-    /// adaptive choice counts them with the frame.
+    /// Pages of the frame that went as copies: the adaptive choice counts them in the
+    /// guest bytes the channel moved (not in the codec's ratio).
     copied: u64,
-    copy_wire: u64,
 }
 
 /// Everything a worker needs but its channel, which it opens on its own thread.

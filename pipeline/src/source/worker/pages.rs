@@ -200,13 +200,10 @@ impl Worker {
         if let (Some(i), Some(sel)) = (meta.arm, self.s.adaptive.as_mut()) {
             let ps = u64::from(self.s.memory.page_size());
             let took = meta.cpu.unwrap_or(took);
-            // Pages sent as copies count as this candidate's: it found them.
-            sel.observe_encode(
-                i,
-                (pages.data + meta.copied) * ps,
-                out.bytes_out() as u64 + meta.copy_wire,
-                took,
-            );
+            // Pages sent as copies are left out: any compressor would have found them
+            // (dedup runs before the codec), and frames differ in how many they hold,
+            // so counting them would credit the candidate that happened to meet them.
+            sel.observe_encode(i, pages.data * ps, out.bytes_out() as u64, took);
         }
         let wire = self.send(outf)?;
         if let Some(d) = self.s.dedup.as_mut() {
