@@ -750,6 +750,27 @@ fn runs_of(pages: &[u64]) -> Vec<PageRun> {
     runs
 }
 
+/// A generated COPY frame, with its CRC when `crc`.
+fn copy_frame(
+    region: RegionId,
+    round: Round,
+    round_end: bool,
+    runs: &[CopyRun],
+    crc: bool,
+) -> CopyFrame<'_> {
+    let copy = CopyFrame {
+        region,
+        round,
+        round_end,
+        runs: WireList::Slice(runs),
+        crc: None,
+    };
+    match crc {
+        true => copy.with_crc().expect("a generated frame fits its fields"),
+        false => copy,
+    }
+}
+
 fn encoded(frame: &Frame<'_>) -> Vec<u8> {
     let mut out = Vec::new();
     frame
@@ -930,16 +951,7 @@ fn session_generated(limits: &Limits, crc: bool, data: &[u8]) -> SessionOutcome 
                             from: PageIndex(group[0]),
                         })
                         .collect();
-                    let mut copy = CopyFrame {
-                        region: region.id,
-                        round,
-                        round_end: false,
-                        runs: WireList::Slice(&runs),
-                        crc: None,
-                    };
-                    if crc {
-                        copy = copy.with_crc().expect("a generated frame fits its fields");
-                    }
+                    let copy = copy_frame(region.id, round, false, &runs, crc);
                     source[c]
                         .on_send_copy(&copy)
                         .expect("the source accepts copies routed by the affinity");
@@ -949,16 +961,7 @@ fn session_generated(limits: &Limits, crc: bool, data: &[u8]) -> SessionOutcome 
             }
             for (c, pages) in targets.iter().enumerate().filter(|(_, t)| !t.is_empty()) {
                 let runs = round_end::late_runs(c, pages, &firsts, |p| owner(region.id.0, p));
-                let mut copy = CopyFrame {
-                    region: region.id,
-                    round,
-                    round_end: true,
-                    runs: WireList::Slice(&runs),
-                    crc: None,
-                };
-                if crc {
-                    copy = copy.with_crc().expect("a generated frame fits its fields");
-                }
+                let copy = copy_frame(region.id, round, true, &runs, crc);
                 source[c]
                     .on_send_copy(&copy)
                     .expect("the source accepts ROUND_END copies of its own targets");
