@@ -2,7 +2,7 @@
 //! places, decodes or installs its pages and answers the control frames.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
+use std::sync::{Arc, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 use std::time::Instant;
 
 use pagewire_accel::{Codecs, PageKey, PageListMut, PageSize};
@@ -19,7 +19,7 @@ use crate::error::MigrationError;
 use crate::memory::GuestMemory;
 use crate::source::transport_views;
 
-use super::{DeviceSection, Shared};
+use super::{DeviceSection, Shared, State};
 
 /// frame the rules refuse is received whole instead, and refused there.
 struct CheckedSink<'a, 'g> {
@@ -445,28 +445,21 @@ impl Receiver {
         }
         let deadline = Instant::now() + self.shared.wait;
         while !s.copy_ended.iter().all(|e| e.is_some_and(|e| e >= round)) {
-            if let Some(f) = &s.failed {
-                return Err(self.err(format!("another channel failed: {f}")));
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                let ended = s
-                    .copy_ended
-                    .iter()
-                    .filter(|e| e.is_some_and(|e| e >= round))
-                    .count();
-                return Err(self.err(format!(
-                    "ROUND_END copies of round {}: {ended} of {n} channels ended the round \
-                     within {:?}",
-                    round.0, self.shared.wait
-                )));
-            }
-            s = self
-                .shared
-                .cv
-                .wait_timeout(s, deadline - now)
-                .map_err(|_| MigrationError::Worker(ch))?
-                .0;
+            s = match self.wait_state(s, deadline)? {
+                Ok(s) => s,
+                Err(s) => {
+                    let ended = s
+                        .copy_ended
+                        .iter()
+                        .filter(|e| e.is_some_and(|e| e >= round))
+                        .count();
+                    return Err(self.err(format!(
+                        "ROUND_END copies of round {}: {ended} of {n} channels ended the \
+                         round within {:?}",
+                        round.0, self.shared.wait
+                    )));
+                }
+            };
         }
         drop(s);
         let memory = memory.ok_or(MigrationError::Worker(ch))?;
@@ -647,30 +640,47 @@ impl Receiver {
             if let CompleteProgress::Done(r) = progress {
                 return Ok(r.0);
             }
-            if let Some(f) = &s.failed {
-                return Err(self.err(format!("another channel failed: {f}")));
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                let (ended, sections, partial) = s.rules.waiting_for();
-                return Err(self.err(format!(
-                    "COMPLETE for round {} not satisfied within {:?}: {ended} of {} channels \
-                     ended it, {sections} of {} device-state sections arrived, {partial} \
-                     unfinished",
-                    c.final_round,
-                    self.shared.wait,
-                    s.rules.channels(),
-                    c.sections
-                )));
-            }
-            s = self
-                .shared
-                .cv
-                .wait_timeout(s, deadline - now)
-                .map_err(|_| MigrationError::Worker(ch))?
-                .0;
+            s = match self.wait_state(s, deadline)? {
+                Ok(s) => s,
+                Err(s) => {
+                    let (ended, sections, partial) = s.rules.waiting_for();
+                    return Err(self.err(format!(
+                        "COMPLETE for round {} not satisfied within {:?}: {ended} of {} \
+                         channels ended it, {sections} of {} device-state sections arrived, \
+                         {partial} unfinished",
+                        c.final_round,
+                        self.shared.wait,
+                        s.rules.channels(),
+                        c.sections
+                    )));
+                }
+            };
             progress = s.rules.complete_progress();
         }
+    }
+
+    /// One wait on the session's condition variable, at most until `deadline`: `Ok`
+    /// with the state after the wait, `Err` with it once the deadline has passed.
+    ///
+    /// # Errors
+    /// Another channel failed the session.
+    fn wait_state<'s>(
+        &self,
+        s: MutexGuard<'s, State>,
+        deadline: Instant,
+    ) -> Result<Result<MutexGuard<'s, State>, MutexGuard<'s, State>>, MigrationError> {
+        if let Some(f) = &s.failed {
+            return Err(self.err(format!("another channel failed: {f}")));
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Ok(Err(s));
+        }
+        self.shared
+            .cv
+            .wait_timeout(s, deadline - now)
+            .map(|(s, _)| Ok(s))
+            .map_err(|_| MigrationError::Worker(self.ch))
     }
 
     fn send_ack(&mut self, channel: &mut AnyChannel, ack: Ack) -> Result<(), MigrationError> {
