@@ -41,9 +41,6 @@ impl PageSink for CheckedSink<'_, '_> {
         if self.rules.check_pages(frame).is_err() {
             return false;
         }
-        if self.held.is_none() {
-            *self.held = Some(shared_gate(self.gate));
-        }
         if let Some(m) = self.install {
             let installs = frame
                 .data_runs
@@ -56,7 +53,14 @@ impl PageSink for CheckedSink<'_, '_> {
         if let Some(m) = self.ahead {
             populate_data(m, frame);
         }
-        self.inner.place(frame, dest)
+        let placed = self.inner.place(frame, dest);
+        // Taken only for a frame placed here (the transport writes its pages once this
+        // returns): a frame received whole takes it where it is applied, and a thread
+        // asking twice while an exclusive holder waits would wait for itself.
+        if placed && self.held.is_none() {
+            *self.held = Some(shared_gate(self.gate));
+        }
+        placed
     }
 }
 
@@ -253,7 +257,7 @@ impl Receiver {
                             DestinationEvent::Apply(p) => {
                                 self.round_opened()?;
                                 let memory = memory.as_ref().ok_or(MigrationError::Worker(ch))?;
-                                let _gate = shared_gate(&shared.gate);
+                                let _gate = held.is_none().then(|| shared_gate(&shared.gate));
                                 if self.shared.prefault == Prefault::Ahead {
                                     populate_data(memory, p);
                                 }
@@ -305,7 +309,7 @@ impl Receiver {
                             DestinationEvent::Copy(c) => {
                                 self.round_opened()?;
                                 let memory = memory.as_ref().ok_or(MigrationError::Worker(ch))?;
-                                let _gate = shared_gate(&shared.gate);
+                                let _gate = held.is_none().then(|| shared_gate(&shared.gate));
                                 super::copies::copy(
                                     memory,
                                     &mut self.scratch,
