@@ -478,12 +478,14 @@ fn main() -> anyhow::Result<()> {
     } else {
         print!("{stats}");
         println!(
-            "destination:           {} frames, {} data + {} zero + {} uniform + {} copied pages applied, {:.1} MiB placed raw, pre-fault {:.0} ms",
+            "destination:           {} frames, {} data + {} zero + {} uniform + {} copied ({} at rounds' ends, {:.0} ms) pages applied, {:.1} MiB placed raw, pre-fault {:.0} ms",
             migrated.stats.frames,
             migrated.stats.data_pages,
             migrated.stats.zero_pages,
             migrated.stats.uniform_pages,
             migrated.stats.copied_pages,
+            migrated.stats.round_end_pages,
+            migrated.stats.round_end_ms,
             migrated.stats.placed_bytes as f64 / (1 << 20) as f64,
             migrated.stats.prefault_ms
         );

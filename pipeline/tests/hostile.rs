@@ -797,7 +797,7 @@ fn a_round_end_copy_of_another_channels_page_sets_its_target_at_the_rounds_end()
     assert_eq!(c0.recv(), Some((FrameType::ACK, 0)));
     drop((c0, c1));
     let m = t.join().unwrap().expect("the session completes");
-    assert_eq!(m.stats.copied_pages, 2);
+    assert_eq!((m.stats.copied_pages, m.stats.round_end_pages), (2, 2));
     let mut page = vec![0u8; PS as usize];
     for (p, byte) in [(0, 0x5a), (1, 0xa5), (8, 0x5a), (9, 0xa5), (2, 0)] {
         assert!(m.memory.read_pages(RegionId(0), p, 1, &mut page));

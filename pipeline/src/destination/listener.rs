@@ -282,6 +282,8 @@ impl DestinationListener {
             zero_pages: AtomicU64::new(0),
             uniform_pages: AtomicU64::new(0),
             copied_pages: AtomicU64::new(0),
+            round_end_pages: AtomicU64::new(0),
+            round_end_ns: AtomicU64::new(0),
             placed: AtomicU64::new(0),
             tls_opened: AtomicU64::new(0),
             tls_copied: AtomicU64::new(0),

@@ -61,8 +61,13 @@ pub struct DestinationStats {
     pub zero_pages: u64,
     /// Uniform pages (one byte repeated) applied.
     pub uniform_pages: u64,
-    /// Pages set from another page of the same channel by COPY frames.
+    /// Pages set from another page by COPY frames (`ROUND_END` copies included).
     pub copied_pages: u64,
+    /// Of those, the pages of `ROUND_END` copies, applied at the ends of rounds.
+    pub round_end_pages: u64,
+    /// Wall time the receivers spent applying `ROUND_END` copies with the copy gate
+    /// held exclusively, summed over channels, ms: while it runs no frame is applied.
+    pub round_end_ms: f64,
     /// Raw payload bytes the transport placed straight into guest memory.
     pub placed_bytes: u64,
     /// TLS: plaintext bytes opened from records (0 in clear), counted as each
@@ -303,6 +308,8 @@ struct Shared {
     zero_pages: AtomicU64,
     uniform_pages: AtomicU64,
     copied_pages: AtomicU64,
+    round_end_pages: AtomicU64,
+    round_end_ns: AtomicU64,
     placed: AtomicU64,
     /// TLS bytes opened and copied, added as each channel ends.
     tls_opened: AtomicU64,
@@ -356,6 +363,8 @@ impl Shared {
             zero_pages: self.zero_pages.load(Ordering::Relaxed),
             uniform_pages: self.uniform_pages.load(Ordering::Relaxed),
             copied_pages: self.copied_pages.load(Ordering::Relaxed),
+            round_end_pages: self.round_end_pages.load(Ordering::Relaxed),
+            round_end_ms: self.round_end_ns.load(Ordering::Relaxed) as f64 / 1e6,
             placed_bytes: self.placed.load(Ordering::Relaxed),
             tls_opened_bytes: self.tls_opened.load(Ordering::Relaxed),
             tls_copied_bytes: self.tls_copied.load(Ordering::Relaxed),

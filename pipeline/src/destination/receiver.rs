@@ -304,6 +304,9 @@ impl Receiver {
                                 self.shared
                                     .copied_pages
                                     .fetch_add(c.pages(), Ordering::Relaxed);
+                                self.shared
+                                    .round_end_pages
+                                    .fetch_add(c.pages(), Ordering::Relaxed);
                                 After::Nothing
                             }
                             DestinationEvent::Copy(c) => {
@@ -468,6 +471,7 @@ impl Receiver {
         drop(s);
         let memory = memory.ok_or(MigrationError::Worker(ch))?;
         let runs = std::mem::take(&mut self.round_end);
+        let started = Instant::now();
         let _gate = self
             .shared
             .gate
@@ -477,6 +481,10 @@ impl Receiver {
         let helpers = super::copies::apply_round_end(memory, &mut self.scratch, &runs, threads)
             .map_err(|what| self.err(what))?;
         self.shared.add_cpu(helpers);
+        self.shared.round_end_ns.fetch_add(
+            u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         // Its allocation is kept for the next round.
         self.round_end = runs;
         self.round_end.clear();
