@@ -411,12 +411,12 @@ impl VcpuControl for Vcpus {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use pagewire_protocol::{GuestAddr, MemoryLayout, RegionDesc};
 
     /// A layout of one region of `pages` 4 KiB pages.
-    fn one_region(pages: u64) -> MemoryLayout {
+    pub(crate) fn one_region(pages: u64) -> MemoryLayout {
         MemoryLayout::new(
             4096,
             [RegionDesc {

@@ -585,6 +585,34 @@ fn copy(start: u64, count: u32, from: u64) -> CopyRun {
     }
 }
 
+/// A COPY frame of region 0, round 0.
+fn copy_frame(runs: &[CopyRun], round_end: bool, crc: bool) -> Frame<'_> {
+    let f = CopyFrame {
+        region: RegionId(0),
+        round: Round(0),
+        runs: WireList::Slice(runs),
+        round_end,
+        crc: None,
+    };
+    Frame::Copy(match crc {
+        true => f.with_crc().unwrap(),
+        false => f,
+    })
+}
+
+/// Round 0 is the final round: COMPLETE and COMMIT on channel 0, each acknowledged.
+fn complete_and_commit(c: &mut Raw) {
+    c.send(Frame::Complete(Complete {
+        final_round: Round(0),
+        sections: 0,
+    }));
+    assert_eq!(c.recv(), Some((FrameType::ACK, 0)));
+    c.send(Frame::Commit(Commit {
+        final_round: Round(0),
+    }));
+    assert_eq!(c.recv(), Some((FrameType::ACK, 0)));
+}
+
 /// Bad COPY frames: a source page of another channel (allowed only at the round's
 /// end), a target page of another channel and a source outside the region (at the
 /// round's end too), a source that is also a target. Each fails the session with its
@@ -617,13 +645,7 @@ fn bad_copies_are_refused_and_write_nothing() {
         c0.send(Frame::Layout(layout));
         c1.send(Frame::Layout(layout));
         // Pages 0..8 and 56..64 are channel 0's, 8..16 channel 1's.
-        c0.send(Frame::Copy(CopyFrame {
-            region: RegionId(0),
-            round: Round(0),
-            runs: WireList::Slice(runs),
-            round_end,
-            crc: None,
-        }));
+        c0.send(copy_frame(runs, round_end, false));
         // The destination says why on channel 0 when a rule refused the frame (a frame
         // that does not decode just ends the channel); channel 1 then closes, so the
         // session ends without waiting for channel 1's idle timeout.
@@ -702,32 +724,14 @@ fn a_copy_of_a_page_sent_before_sets_its_targets() {
     let payload = vec![0x77; PS as usize];
     c.send(Frame::Pages(raw_pages(&runs, &payload, 0, true)));
     let copies = [copy(2, 1, 1), copy(40, 1, 1)];
-    c.send(Frame::Copy(
-        CopyFrame {
-            region: RegionId(0),
-            round: Round(0),
-            runs: WireList::Slice(&copies),
-            round_end: false,
-            crc: None,
-        }
-        .with_crc()
-        .unwrap(),
-    ));
+    c.send(copy_frame(&copies, false, true));
     c.send(Frame::EndOfRound(EndOfRound {
         round: Round(0),
         frames: 2,
         pages: 3,
     }));
     assert_eq!(c.recv(), Some((FrameType::ACK, 0)));
-    c.send(Frame::Complete(Complete {
-        final_round: Round(0),
-        sections: 0,
-    }));
-    assert_eq!(c.recv(), Some((FrameType::ACK, 0)));
-    c.send(Frame::Commit(Commit {
-        final_round: Round(0),
-    }));
-    assert_eq!(c.recv(), Some((FrameType::ACK, 0)));
+    complete_and_commit(&mut c);
     drop(c);
     let m = t.join().unwrap().expect("the session completes");
     assert_eq!(m.stats.copied_pages, 2);
@@ -757,17 +761,7 @@ fn a_round_end_copy_of_another_channels_page_sets_its_target_at_the_rounds_end()
     c1.send(Frame::Layout(layout));
     // Pages 0..8 are channel 0's, 8..16 channel 1's.
     let copies = [copy(0, 2, 8)];
-    c0.send(Frame::Copy(
-        CopyFrame {
-            region: RegionId(0),
-            round: Round(0),
-            runs: WireList::Slice(&copies),
-            round_end: true,
-            crc: None,
-        }
-        .with_crc()
-        .unwrap(),
-    ));
+    c0.send(copy_frame(&copies, true, true));
     c0.send(Frame::EndOfRound(EndOfRound {
         round: Round(0),
         frames: 1,
@@ -786,15 +780,7 @@ fn a_round_end_copy_of_another_channels_page_sets_its_target_at_the_rounds_end()
     }));
     assert_eq!(c1.recv(), Some((FrameType::ACK, 0)));
     assert_eq!(c0.recv(), Some((FrameType::ACK, 0)));
-    c0.send(Frame::Complete(Complete {
-        final_round: Round(0),
-        sections: 0,
-    }));
-    assert_eq!(c0.recv(), Some((FrameType::ACK, 0)));
-    c0.send(Frame::Commit(Commit {
-        final_round: Round(0),
-    }));
-    assert_eq!(c0.recv(), Some((FrameType::ACK, 0)));
+    complete_and_commit(&mut c0);
     drop((c0, c1));
     let m = t.join().unwrap().expect("the session completes");
     assert_eq!((m.stats.copied_pages, m.stats.round_end_pages), (2, 2));

@@ -46,6 +46,16 @@ pub(super) fn copy(
     Ok(())
 }
 
+/// Applies `runs`, each of its own region, in order.
+fn apply(
+    memory: &GuestMemory,
+    scratch: &mut Vec<u8>,
+    runs: &[(RegionId, CopyRun)],
+) -> Result<(), String> {
+    runs.iter()
+        .try_for_each(|(region, run)| copy(memory, scratch, *region, std::iter::once(*run)))
+}
+
 /// Applies a channel's `ROUND_END` copy runs, with the copy gate held exclusively (no
 /// other receiver touches guest pages meanwhile). When no run writes a page another
 /// one writes or reads, the runs are split over up to `threads` threads, each
@@ -57,12 +67,8 @@ pub(super) fn apply_round_end(
     runs: &[(RegionId, CopyRun)],
     threads: usize,
 ) -> Result<Duration, String> {
-    let serial = |scratch: &mut Vec<u8>| {
-        runs.iter()
-            .try_for_each(|(region, run)| copy(memory, scratch, *region, std::iter::once(*run)))
-    };
     if threads < 2 || runs.len() < PARALLEL_RUNS || !independent(runs) {
-        return serial(scratch).map(|()| Duration::ZERO);
+        return apply(memory, scratch, runs).map(|()| Duration::ZERO);
     }
     // Balanced by pages, in order.
     let pages: u64 = runs.iter().map(|(_, r)| u64::from(r.count)).sum();
@@ -87,18 +93,13 @@ pub(super) fn apply_round_end(
                     .name("pagewire-copy".into())
                     .spawn_scoped(s, move || {
                         let cpu = pagewire_accel::thread_cpu_time();
-                        let mut scratch = Vec::new();
-                        let r = part.iter().try_for_each(|(region, run)| {
-                            copy(memory, &mut scratch, *region, std::iter::once(*run))
-                        });
+                        let r = apply(memory, &mut Vec::new(), part);
                         (r, pagewire_accel::thread_cpu_time().saturating_sub(cpu))
                     })
                     .map_err(|_| part)
             })
             .collect();
-        let mut result = mine
-            .iter()
-            .try_for_each(|(region, run)| copy(memory, scratch, *region, std::iter::once(*run)));
+        let mut result = apply(memory, scratch, mine);
         let mut cpu = Duration::ZERO;
         for h in helpers {
             let (r, used) = match h {
@@ -106,12 +107,7 @@ pub(super) fn apply_round_end(
                     .join()
                     .unwrap_or_else(|_| (Err("a copy thread panicked".into()), Duration::ZERO)),
                 // No thread: this one applies that part.
-                Err(part) => (
-                    part.iter().try_for_each(|(region, run)| {
-                        copy(memory, scratch, *region, std::iter::once(*run))
-                    }),
-                    Duration::ZERO,
-                ),
+                Err(part) => (apply(memory, scratch, part), Duration::ZERO),
             };
             cpu += used;
             if result.is_ok() {
@@ -150,7 +146,7 @@ fn independent(runs: &[(RegionId, CopyRun)]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pagewire_protocol::{GuestAddr, MemoryLayout, PageIndex, RegionDesc};
+    use pagewire_protocol::PageIndex;
 
     fn cr(start: u64, count: u32, from: u64) -> (RegionId, CopyRun) {
         (
@@ -179,16 +175,7 @@ mod tests {
     #[test]
     fn copies_applied_on_several_threads_equal_copies_applied_in_order() {
         let pages = 4096u64;
-        let layout = MemoryLayout::new(
-            4096,
-            [RegionDesc {
-                id: RegionId(0),
-                backing_page_size: 4096,
-                guest_addr: GuestAddr(0),
-                length: pages * 4096,
-            }],
-        )
-        .unwrap();
+        let layout = crate::sim::tests::one_region(pages);
         // Sources in the first half, targets in the second, runs of 1 to 3 pages.
         let mut runs = Vec::new();
         let mut t = pages / 2;
