@@ -62,6 +62,30 @@ struct Entry {
     region: u32,
 }
 
+/// An [`Entry`] as the table stores it: plain words, so that a table of empty entries
+/// is a zeroed allocation that the kernel maps as pages are first used, not 32 bytes
+/// written per entry before the migration starts (tens of milliseconds at 2 GiB).
+type Stored = [u64; 4];
+
+impl Entry {
+    fn load(w: Stored) -> Entry {
+        Entry {
+            hash: u128::from(w[0]) | (u128::from(w[1]) << 64),
+            page: w[2],
+            region: w[3] as u32,
+        }
+    }
+
+    fn store(self) -> Stored {
+        [
+            self.hash as u64,
+            (self.hash >> 64) as u64,
+            self.page,
+            u64::from(self.region),
+        ]
+    }
+}
+
 /// Where each page of one region has its entry.
 struct Slots {
     region: RegionId,
@@ -71,7 +95,7 @@ struct Slots {
 
 /// The pages sent, by content: entries and where each page's entry is.
 pub(crate) struct Table {
-    entries: Vec<Entry>,
+    entries: Vec<Stored>,
     slots: Vec<Slots>,
 }
 
@@ -117,7 +141,7 @@ impl DedupTable {
             key,
             affinity,
             table: Mutex::new(Table {
-                entries: vec![Entry::default(); len],
+                entries: vec![[0; 4]; len],
                 slots,
             }),
         })
@@ -160,7 +184,7 @@ impl DedupTable {
 impl Table {
     /// A page of `region` holding `hash` on the destination, if one is known.
     pub(crate) fn find(&self, region: RegionId, hash: PageHash) -> Option<u64> {
-        let e = self.entries[self.index(hash)];
+        let e = Entry::load(self.entries[self.index(hash)]);
         (e.page != 0 && e.hash == hash.0 && e.region == region.0).then(|| e.page - 1)
     }
 
@@ -171,7 +195,7 @@ impl Table {
         };
         self.forget_at(s, l);
         let i = self.index(hash);
-        let old = self.entries[i];
+        let old = Entry::load(self.entries[i]);
         if old.page != 0
             && let Some((os, ol)) = self.slot(RegionId(old.region), old.page - 1)
         {
@@ -181,7 +205,8 @@ impl Table {
             hash: hash.0,
             page: page + 1,
             region: region.0,
-        };
+        }
+        .store();
         // `index` is below `entries.len() <= MAX_ENTRIES`.
         self.slots[s].at[l] = i as u32 + 1;
     }
@@ -196,7 +221,7 @@ impl Table {
     fn forget_at(&mut self, s: usize, l: usize) {
         let at = std::mem::take(&mut self.slots[s].at[l]);
         if at != 0 {
-            self.entries[at as usize - 1] = Entry::default();
+            self.entries[at as usize - 1] = [0; 4];
         }
     }
 
