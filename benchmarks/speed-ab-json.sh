@@ -13,6 +13,13 @@ d=json.load(open('/tmp/abj.json'))
 for c in d['cells']:
   for r in c['runs']:
     s=r.get('stats') or {}
-    print('$tag | $v | setup %.1f | total %.0f | %.0f pages/s | cpu %.2f/%.2f | ratio %.2f' % (r['setup_ms'], r['total_ms'], r['pages_per_s'], r['cpu_source_s'], r['cpu_destination_s'], r['guest_bytes']/max(1,r['wire_bytes'])))
+    a=s.get('adaptive') or []
+    a=a if isinstance(a,list) else [a]
+    tot={}
+    for ch in a:
+      for c in ch.get('choices',[]): tot[c['choice']]=tot.get(c['choice'],0)+c['guest_bytes']
+    g=sum(tot.values()) or 1
+    shares=' '.join('%s %.0f%%' % (k,100*v/g) for k,v in tot.items() if v)
+    print('$tag | $v | setup %.1f | total %.0f | %.0f pages/s | cpu %.2f/%.2f | ratio %.2f | %s' % (r['setup_ms'], r['total_ms'], r['pages_per_s'], r['cpu_source_s'], r['cpu_destination_s'], r['guest_bytes']/max(1,r['wire_bytes']), shares))
 "
 done; done

@@ -301,6 +301,15 @@ pub trait Channel {
     /// Counters.
     fn stats(&self) -> ChannelStats;
 
+    /// Bytes handed to the channel that the peer has not acknowledged yet, when the
+    /// backend can tell (TCP: `SIOCOUTQ`, what is still in the socket's send queue or
+    /// on the wire unacknowledged); `None` otherwise. With the bytes handed over it
+    /// gives the rate the link really drains at, which the time `send` blocks
+    /// overstates while the socket's and the link's buffers fill.
+    fn unacked_bytes(&self) -> Option<u64> {
+        None
+    }
+
     /// Flushes every send and closes the sending direction, so the peer's `recv`
     /// returns `Ok(None)` after the last frame. Frames may still be received.
     ///

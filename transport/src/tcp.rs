@@ -202,6 +202,16 @@ pub(crate) fn frame_iovecs(frame: &OutFrame) -> Vec<libc::iovec> {
 }
 
 /// Sets `SO_SNDTIMEO` of `stream` (at least 1 ms: zero would mean no timeout).
+/// Bytes the socket `fd` holds that the peer has not acknowledged (`SIOCOUTQ`); `None`
+/// when the kernel does not say.
+pub(crate) fn unacked(fd: std::os::fd::RawFd) -> Option<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int through the pointer, which points at
+    // `n`, alive for the call; a bad descriptor only makes the call fail.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) };
+    (rc == 0).then(|| u64::try_from(n).ok()).flatten()
+}
+
 fn set_send_timeout(stream: &Stream, t: Duration) -> io::Result<()> {
     stream.set_write_timeout(Some(t.max(Duration::from_millis(1))))
 }
@@ -528,6 +538,10 @@ impl Channel for TcpChannel {
         }
     }
 
+    fn unacked_bytes(&self) -> Option<u64> {
+        unacked(self.stream.as_raw_fd())
+    }
+
     fn stats(&self) -> ChannelStats {
         let tls = self.tls.as_ref().map(|t| t.counters).unwrap_or_default();
         ChannelStats {
@@ -582,6 +596,44 @@ mod tests {
         assert!(matches!(err, TcpError::Connect { attempts: 3, .. }));
         assert!(matches!(&err, TcpError::Connect { addr, .. } if *addr == Endpoint::Tcp(port)));
         assert!(err.to_string().contains(&port.to_string()));
+    }
+
+    #[test]
+    fn unacked_counts_what_the_peer_has_not_taken_and_drops_once_it_has() {
+        use std::io::Write;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut tx = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut rx, _) = l.accept().unwrap();
+        socket2::SockRef::from(&rx)
+            .set_recv_buffer_size(64 << 10)
+            .unwrap();
+        assert_eq!(unacked(tx.as_raw_fd()), Some(0));
+        // Fill the peer's receive buffer and our send queue.
+        tx.set_nonblocking(true).unwrap();
+        let chunk = vec![7u8; 64 << 10];
+        let mut sent = 0usize;
+        for _ in 0..1024 {
+            match tx.write(&chunk) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let held = unacked(tx.as_raw_fd()).unwrap();
+        assert!(held > 0 && held as usize <= sent, "{held} of {sent}");
+        // The peer reads everything: nothing is left unacknowledged.
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0usize;
+        rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        while got < sent {
+            got += rx.read(&mut buf).unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while unacked(tx.as_raw_fd()) != Some(0) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(unacked(tx.as_raw_fd()), Some(0));
+        assert_eq!(unacked(-1), None);
     }
 
     #[test]

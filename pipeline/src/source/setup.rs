@@ -74,6 +74,8 @@ impl Source {
         let mut transports = Vec::new();
         // One table for every channel with a software engine (see `dedup.rs`).
         let mut dedup: Option<Arc<DedupTable>> = None;
+        // What the first channel to find the link slow measured, for the others.
+        let start = Arc::new(adaptive::SharedStart::default());
         for est in established {
             let ch = est.negotiated.channel.0;
             let negotiated = est.negotiated;
@@ -145,6 +147,7 @@ impl Source {
                         ch,
                         Instant::now(),
                     )
+                    .map(|s| s.with_shared(start.clone()))
                     .ok_or_else(|| {
                         MigrationError::Config(
                             "the destination decodes none of the adaptive codec's candidates"

@@ -418,6 +418,9 @@ impl Channel for AnyChannel {
     fn stats(&self) -> ChannelStats {
         self.inner_ref().stats()
     }
+    fn unacked_bytes(&self) -> Option<u64> {
+        self.inner_ref().unacked_bytes()
+    }
     fn close(&mut self, out: &mut Vec<Completed>) -> Result<(), ChannelError> {
         self.inner().close(out)
     }

@@ -393,6 +393,10 @@ impl Channel for UringChannel {
         }
     }
 
+    fn unacked_bytes(&self) -> Option<u64> {
+        crate::tcp::unacked(self.core.stream.as_raw_fd())
+    }
+
     fn stats(&self) -> ChannelStats {
         let tls = self.tls.as_ref().map(|t| t.counters).unwrap_or_default();
         ChannelStats {

@@ -471,3 +471,72 @@ fn on_a_fixed_slow_link_the_candidate_that_moves_most_wins_over_a_cheaper_one() 
     let shared = drive(&mut s, &mut now, 800, &text, 40e6);
     assert!(tail_share(&shared, "zstd:1") > 0.6, "{:?}", s.stats());
 }
+
+#[test]
+fn a_channel_that_does_not_find_the_slow_link_itself_learns_it_from_another() {
+    // Two channels on one 1 Gbit/s link: the first finds it slow within its first
+    // window. The second, whose sends the first's frames keep from blocking much
+    // (modelled as a link that never blocks it), would go on sending raw frames; told
+    // by the first, it compresses from its next frame on.
+    let shared = Arc::new(SharedStart::default());
+    let mut now = Instant::now();
+    let mut a = selector(now).with_shared(shared.clone());
+    let mut b = selector(now).with_shared(shared.clone());
+    let mut alone = selector(now);
+    drive(&mut a, &mut now, 20, &text, 125e6);
+    assert!(shared.get().is_some());
+    let told = drive(&mut b, &mut now, 60, &text, 1e12);
+    assert!(!told.iter().any(|l| l == "raw"), "{told:?}");
+    let not_told = drive(&mut alone, &mut now, 60, &text, 1e12);
+    assert!(tail_share(&not_told, "raw") > 0.9, "{not_told:?}");
+}
+
+/// A channel over a link of `link` bytes/s behind a socket buffer of `cap` bytes,
+/// whose thread spends `cpu` seconds per frame besides encoding (scanning, hashing):
+/// returns when the choice first changed and the link the selector had measured then.
+/// `tell` says whether the channel reports what it holds unacknowledged.
+fn first_switch_behind_a_buffer(link: f64, cap: f64, cpu: f64, tell: bool) -> (Duration, f64) {
+    let guest = 512 * 1024u64;
+    let start = Instant::now();
+    let mut now = start;
+    let mut s = selector(now);
+    let mut queue: f64 = 0.0;
+    for _ in 0..400 {
+        let (i, _) = s.choose(now);
+        if !s.switches.is_empty() {
+            return (now.duration_since(start), s.link.unwrap_or(0.0));
+        }
+        let (speed, ratio) = text(&s.arms[i].label);
+        let took = guest as f64 / speed + cpu;
+        let payload = guest as f64 * ratio;
+        s.observe_encode(i, guest, payload as u64, Duration::from_secs_f64(took));
+        // The link drains the buffer while the thread works; a frame that does not
+        // fit waits until it does.
+        queue = (queue - link * took).max(0.0) + payload;
+        let blocked = ((queue - cap) / link).max(0.0);
+        queue = queue.min(cap);
+        now += Duration::from_secs_f64(took + blocked);
+        let unacked = tell.then_some(queue as u64);
+        s.observe_send_unacked(
+            payload as u64,
+            Duration::from_secs_f64(blocked),
+            unacked,
+            now,
+        );
+        s.observe_frame(guest, now);
+    }
+    panic!("no switch in 400 frames: {:?}", s.stats());
+}
+
+#[test]
+fn what_the_channel_holds_finds_a_slow_link_early_and_at_its_true_rate() {
+    // 60 MB/s (a channel's share of 1 Gbit/s) behind 4 MiB of socket buffer, and 1 ms
+    // of the thread per frame besides encoding: raw frames wait on the channel 85 % of
+    // the time, never the 95 % that closes the first window early on blocking alone.
+    let (at, link) = first_switch_behind_a_buffer(60e6, 4.0 * 1048576.0, 1e-3, true);
+    assert!(at < Duration::from_millis(120), "{at:?}");
+    assert!((45e6..80e6).contains(&link), "{link:.3e}");
+    // Without it, the first full window decides, twice as late or more.
+    let (at_blind, _) = first_switch_behind_a_buffer(60e6, 4.0 * 1048576.0, 1e-3, false);
+    assert!(at_blind > 2 * at, "{at_blind:?} vs {at:?}");
+}

@@ -297,8 +297,10 @@ impl Worker {
         self.s.bytes_sent.fetch_add(len, Ordering::Relaxed);
         self.reap(false)?;
         if let Some(sel) = self.s.adaptive.as_mut() {
-            // Time on the cap and in the channel: the link's share of the frame.
-            sel.observe_send(len, now - t, Instant::now());
+            // Time on the cap and in the channel: the link's share of the frame; and
+            // what the channel still holds, for what really left it.
+            let unacked = self.channel.unacked_bytes();
+            sel.observe_send_unacked(len, now - t, unacked, Instant::now());
         }
         Ok(len)
     }
