@@ -68,7 +68,6 @@
 //! Pure logic: time comes in as arguments, nothing here does IO.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use pagewire_accel::{EncodeParams, Level};
@@ -247,33 +246,6 @@ impl Reason {
             Reason::LinkBound => "link-bound",
             Reason::CpuBound => "cpu-bound",
             Reason::Cheaper => "cheaper",
-        }
-    }
-}
-
-/// What the first channel to find the link slow tells the others of one source: the
-/// bytes per second its early window measured (`f64` bits; 0 until then). The channels
-/// share the link, and a channel whose neighbour's frames keep it from waiting 95 % of
-/// a window would otherwise send raw frames for its first 100–250 ms: at 1 Gbit/s on a
-/// compressible guest, a few percent of the guest's bytes sent raw cost a tenth of the
-/// migration's time on the wire.
-#[derive(Debug, Default)]
-pub(crate) struct SharedStart(AtomicU64);
-
-impl SharedStart {
-    fn publish(&self, rate: f64) {
-        let _ = self.0.compare_exchange(
-            0,
-            rate.max(1.0).to_bits(),
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
-    }
-
-    fn get(&self) -> Option<f64> {
-        match self.0.load(Ordering::Relaxed) {
-            0 => None,
-            bits => Some(f64::from_bits(bits)),
         }
     }
 }
@@ -675,178 +647,6 @@ impl Selector {
         self.current = to;
     }
 
-    /// What encoding frame `i`'s `guest` bytes into `payload` bytes took.
-    pub(crate) fn observe_encode(&mut self, i: usize, guest: u64, payload: u64, took: Duration) {
-        let frame = self.frame;
-        if i >= self.arms.len() {
-            return;
-        }
-        if guest > 0 {
-            self.explore_budget += EXPLORE_SHARE * took.as_secs_f64();
-            self.frame_bytes += 0.2 * (guest as f64 - self.frame_bytes);
-        }
-        let a = &mut self.arms[i];
-        a.stats.frames += 1;
-        a.stats.guest_bytes += guest;
-        a.stats.payload_bytes += payload;
-        if guest == 0 {
-            return;
-        }
-        let cost = took.as_secs_f64() / guest as f64;
-        let ratio = payload as f64 / guest as f64;
-        let first = a.measured == 0;
-        if first {
-            (a.cost, a.ratio) = (cost, ratio);
-        } else {
-            a.cost += ALPHA * (cost - a.cost);
-            a.ratio += ALPHA * (ratio - a.ratio);
-        }
-        let saved = (1.0 - ratio).max(0.0);
-        if a.params.codec != CodecId::RAW {
-            // The current compressor's frames (any compressor's while the current
-            // choice is raw, which says nothing of the content) say how compressible
-            // the content is now, against what they save on the reference; the frames
-            // of the others, explored meanwhile, say how much they save on it.
-            let anchor = self.current == i || self.arms[self.current].params.codec == CodecId::RAW;
-            let a = &mut self.arms[i];
-            if anchor {
-                let c = (saved / a.saves.max(1e-3)).min(MAX_CONTENT);
-                self.content += CONTENT_ALPHA * (c - self.content);
-            } else if self.content >= MIN_CONTENT {
-                let seen = saved / self.content.max(1e-3);
-                a.saves = if first {
-                    seen
-                } else {
-                    a.saves + ALPHA * (seen - a.saves)
-                };
-            }
-        }
-        let a = &mut self.arms[i];
-        a.measured = frame.max(1);
-    }
-
-    /// A frame of `guest` bytes was handed to the channel at `now`. The wall time since
-    /// the previous one counts for the current choice (an exploring frame in between
-    /// is a small share of it): over a window, the guest bytes per second the channel
-    /// moved with it, end to end.
-    pub(crate) fn observe_frame(&mut self, guest: u64, now: Instant) {
-        let Some(prev) = self.frame_end.replace(now) else {
-            return;
-        };
-        self.now = self.now.max(now);
-        if now < self.settle_until {
-            return;
-        }
-        let ratio = self.ratio(self.current);
-        let a = &mut self.arms[self.current];
-        a.win_bytes += guest as f64;
-        a.win_secs += now.saturating_duration_since(prev).as_secs_f64();
-        if a.win_secs < WINDOW.as_secs_f64() || a.win_bytes <= 0.0 {
-            return;
-        }
-        let r = a.win_bytes / a.win_secs;
-        (a.win_bytes, a.win_secs) = (0.0, 0.0);
-        a.realized = Some(match a.realized {
-            Some((old, at, then)) if now.saturating_duration_since(at) < 2 * WINDOW => {
-                let old = old * then / ratio;
-                (old + 0.5 * (r - old), now, ratio)
-            }
-            _ => (r, now, ratio),
-        });
-    }
-
-    /// `bytes` handed to the channel, of which `blocked` was spent waiting on it (or on
-    /// the bandwidth cap).
-    #[cfg(test)]
-    pub(crate) fn observe_send(&mut self, bytes: u64, blocked: Duration, now: Instant) {
-        self.observe_send_unacked(bytes, blocked, None, now);
-    }
-
-    /// [`Selector::observe_send`], with what the channel still held unacknowledged
-    /// right after (`Channel::unacked_bytes`, when it can tell): the link's rate is
-    /// then the bytes that left it, not the bytes it took in. While the socket's and
-    /// the link's buffers fill (the first 100 ms of a migration at 1 Gbit/s) the two
-    /// differ by 2–3x.
-    pub(crate) fn observe_send_unacked(
-        &mut self,
-        bytes: u64,
-        blocked: Duration,
-        unacked: Option<u64>,
-        now: Instant,
-    ) {
-        self.window_bytes += bytes;
-        self.window_blocked += blocked;
-        self.unacked = unacked;
-        // Time spent waiting on the channel pays for exploring as encode time does: a
-        // channel sending raw frames to a slow link, whose encode time is next to
-        // nothing, still measures the compressors now and then, and finds content
-        // that became compressible again.
-        self.explore_budget += EXPLORE_SHARE * blocked.as_secs_f64();
-        let span = now.saturating_duration_since(self.window_start);
-        // Until the link is known, a window that spent 95 % of its time waiting on
-        // the channel closes early: the first choice is made blind (raw, on no
-        // evidence), and on a slow link each of its frames costs several compressed
-        // ones.
-        // Where the channel tells what it holds, a window that spent half its time
-        // waiting while what the channel holds grew by half of what it took in says
-        // the same: the link drains far slower than the channel is fed.
-        let grew = match (self.window_unacked, unacked) {
-            (Some(a), Some(b)) => b.saturating_sub(a) >= self.window_bytes / 2,
-            _ => false,
-        };
-        let early = self.link.is_none()
-            && span >= FIRST_WINDOW
-            && (self.window_blocked > span.mul_f64(0.95)
-                || (grew && self.window_blocked > span / 2));
-        if span < WINDOW && !early {
-            return;
-        }
-        // What left the channel over the window, where it tells.
-        let drained = match (self.window_unacked, unacked) {
-            (Some(a), Some(b)) => (self.window_bytes + a).saturating_sub(b),
-            _ => self.window_bytes,
-        };
-        let rate = drained as f64 / span.as_secs_f64();
-        if early {
-            // The link, busy; not the copy, which a window spent waiting cannot show.
-            self.now = self.now.max(now);
-            self.shared.publish(rate);
-            self.found_slow(rate, now);
-            return;
-        }
-        let per_byte = self.window_blocked.as_secs_f64() / self.window_bytes.max(1) as f64;
-        self.now = self.now.max(now);
-        // A link busy in every window never shows the copy alone: no copy is taken to
-        // be slower than COPY_MAX.
-        let copy = self
-            .copy
-            .map_or(per_byte, |c| (c * 1.02).min(per_byte))
-            .min(COPY_MAX);
-        self.copy = Some(copy);
-        self.limited = per_byte > BLOCKED * copy && self.window_blocked > span / 10;
-        if self.limited {
-            self.last_limited = now;
-            let w = &mut self.arms[self.current].wire;
-            *w = Some((w.map_or(rate, |(w, _)| w + 0.5 * (rate - w)), now));
-        }
-        self.link = Some(match (self.link, self.limited) {
-            // A busy link carries what it can: a drop is taken at once.
-            (Some(l), true) if rate < l => rate,
-            (Some(l), true) => l + 0.5 * (rate - l),
-            (Some(l), false) => l.max(rate),
-            (None, _) => rate,
-        });
-        self.next_window(now);
-    }
-
-    /// Starts the next window of [`Selector::observe_send`] at `now`.
-    fn next_window(&mut self, now: Instant) {
-        self.window_start = now;
-        self.window_unacked = self.unacked;
-        self.window_bytes = 0;
-        self.window_blocked = Duration::ZERO;
-    }
-
     /// The statistics so far.
     pub(crate) fn stats(&self) -> AdaptiveStats {
         AdaptiveStats {
@@ -858,6 +658,10 @@ impl Selector {
         }
     }
 }
+
+mod observe;
+
+pub(crate) use observe::SharedStart;
 
 #[cfg(test)]
 mod tests;

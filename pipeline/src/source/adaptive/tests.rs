@@ -540,3 +540,25 @@ fn what_the_channel_holds_finds_a_slow_link_early_and_at_its_true_rate() {
     let (at_blind, _) = first_switch_behind_a_buffer(60e6, 4.0 * 1048576.0, 1e-3, false);
     assert!(at_blind > 2 * at, "{at_blind:?} vs {at:?}");
 }
+
+#[test]
+fn a_candidate_left_in_a_stretch_where_the_core_limits_is_taken_back_soon_after() {
+    // 60 MB/s. For 600 frames zstd:1 costs 150 MB/s of core (content it compresses
+    // slowly): lz4 moves as much for a third of the core. Then zstd:1 costs 350 MB/s
+    // again: it moves 200 MB/s of guest to lz4's 150, and is measured only when explored.
+    let slow = std::cell::Cell::new(true);
+    let speeds = |l: &str| match l {
+        "zstd:1" if slow.get() => (150e6, 0.30),
+        "lz4" => (1.2e9, 0.40),
+        other => text(other),
+    };
+    let mut now = Instant::now();
+    let mut s = selector(now);
+    let first = drive(&mut s, &mut now, 600, &speeds, 60e6);
+    let lz4_then = tail_share(&first, "lz4") + tail_share(&first, "zstd:-5");
+    slow.set(false);
+    let after = drive(&mut s, &mut now, 300, &speeds, 60e6);
+    assert!(lz4_then > 0.8, "{first:?}");
+    let zstd1 = after.iter().filter(|l| *l == "zstd:1").count();
+    assert!(zstd1 > 200, "{after:?}");
+}
