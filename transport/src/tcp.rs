@@ -201,7 +201,6 @@ pub(crate) fn frame_iovecs(frame: &OutFrame) -> Vec<libc::iovec> {
         .collect()
 }
 
-/// Sets `SO_SNDTIMEO` of `stream` (at least 1 ms: zero would mean no timeout).
 /// Bytes the socket `fd` holds that the peer has not acknowledged (`SIOCOUTQ`); `None`
 /// when the kernel does not say.
 pub(crate) fn unacked(fd: std::os::fd::RawFd) -> Option<u64> {
@@ -212,6 +211,7 @@ pub(crate) fn unacked(fd: std::os::fd::RawFd) -> Option<u64> {
     (rc == 0).then(|| u64::try_from(n).ok()).flatten()
 }
 
+/// Sets `SO_SNDTIMEO` of `stream` (at least 1 ms: zero would mean no timeout).
 fn set_send_timeout(stream: &Stream, t: Duration) -> io::Result<()> {
     stream.set_write_timeout(Some(t.max(Duration::from_millis(1))))
 }
