@@ -72,6 +72,7 @@ pub mod buf;
 pub mod channel;
 pub mod endpoint;
 mod recv;
+mod sendq;
 pub mod session;
 pub mod tcp;
 pub mod tls;

@@ -64,6 +64,7 @@ fn a_peer_that_stops_reading_makes_the_sender_time_out_with_bounded_memory() {
         cfg.tcp.send_timeout = Duration::from_millis(300);
         cfg.uring.send_timeout = Duration::from_millis(300);
         cfg.uring.max_in_flight_bytes = 4 << 20;
+        cfg.tcp.send_queue = 4 << 20;
         let (mut src, dst) = pair(&cfg);
         let mem = patterned(128, 5);
         let mut ch = src.remove(0).open(&backend, &cfg).unwrap();
@@ -87,11 +88,14 @@ fn a_peer_that_stops_reading_makes_the_sender_time_out_with_bounded_memory() {
             other => panic!("{backend:?}: expected SendTimeout, got {other:?} after {frames}"),
         }
         assert!(frames < 1000);
+        // The sends went past what the socket holds before they blocked.
+        assert!(
+            frames as u64 * 128 * PAGE as u64 >= 4 << 20,
+            "{backend:?}: {frames}"
+        );
         let frame = 128 * PAGE as u64;
-        let bound = match backend {
-            Backend::Tcp => frame,
-            _ => (4 << 20) + frame,
-        };
+        // Each backend holds at most its budget and the frame that went past it.
+        let bound = (4 << 20) + frame;
         assert!(
             stats.peak_in_flight_bytes <= bound,
             "{backend:?}: {} bytes in flight",
@@ -362,4 +366,60 @@ fn a_receive_timeout_between_frames_leaves_the_channel_usable() {
         ));
         assert!(rx.recv(None).unwrap().is_none());
     }
+}
+
+#[test]
+fn a_tcp_channel_queues_behind_a_slow_peer_and_sends_its_queue_before_awaiting_a_reply() {
+    use pagewire_protocol::{Ack, AckKind, Frame};
+    let mut cfg = config(23, 1);
+    cfg.tcp.send_buffer = Some(64 << 10);
+    cfg.tcp.recv_buffer = Some(64 << 10);
+    cfg.tcp.recv_timeout = Some(Duration::from_secs(20));
+    let (mut src, mut dst) = pair(&cfg);
+    let mem = patterned(128, 11);
+    let mut ch = src.remove(0).open(&Backend::Tcp, &cfg).unwrap();
+    // 16 frames of the 128 pages, 8 MiB, while the peer reads nothing: every send
+    // returns (the queue's budget is 16 MiB), and the channel holds what the socket
+    // could not take.
+    for _ in 0..16 {
+        ch.send(raw_frame(&mem, 0, 128)).unwrap();
+    }
+    let held = ch.unacked_bytes().expect("TCP tells what it holds");
+    assert!(held > 4 << 20, "held {held}");
+    // The peer takes all 16, then replies.
+    let dst_mem = pagewire_transport::GuestMemory::anonymous(128 * PAGE).unwrap();
+    let m = dst_mem.clone();
+    let c = cfg.clone();
+    let peer = std::thread::spawn(move || {
+        let mut ch: AnyChannel = dst.remove(0).open(&Backend::Tcp, &c).unwrap();
+        let mut sink = RegionSink::new(PAGE as u32, vec![(RegionId(0), m)]);
+        for _ in 0..16 {
+            match ch.recv(Some(&mut sink)).unwrap() {
+                Some(Incoming::Placed(_)) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        let ack = Frame::Ack(Ack {
+            kind: AckKind::FRAMES,
+            value: 16,
+        });
+        ch.send(OutFrame::whole(&ack).unwrap()).unwrap();
+        ch.flush(&mut Vec::new()).unwrap();
+        // Until the source closes.
+        assert!(ch.recv(Some(&mut sink)).unwrap().is_none());
+    });
+    // Waiting for the reply sends what is queued first: without that, the peer would
+    // never see its 16 frames, and this receive would time out.
+    match ch.recv(None).unwrap() {
+        Some(Incoming::Frame(Frame::Ack(a))) => {
+            assert_eq!((a.kind, a.value), (AckKind::FRAMES, 16))
+        }
+        other => panic!("{other:?}"),
+    }
+    // The peer read every byte before it replied, and the reply acknowledged them.
+    assert_eq!(ch.unacked_bytes(), Some(0));
+    let mut done = Vec::new();
+    ch.close(&mut done).unwrap();
+    peer.join().unwrap();
+    assert_eq!(first_difference(&mem, &dst_mem), None);
 }
