@@ -75,6 +75,17 @@ pub enum MigrationError {
         /// Its message.
         message: String,
     },
+    /// A destination channel was ended because another channel had already failed the
+    /// session (the destination woke it and sent it ABORT `CHANNEL_FAILED`).
+    /// [`Destination::wait`](crate::Destination::wait) returns the first channel's own
+    /// error instead of this.
+    #[error("channel {channel} was ended because the session failed: {cause}")]
+    SessionFailed {
+        /// The channel.
+        channel: u16,
+        /// The first failure, as it was reported.
+        cause: String,
+    },
     /// The VMM's dirty log failed.
     #[error("the VMM's dirty log failed: {0}")]
     DirtyLog(#[source] DirtyLogError),

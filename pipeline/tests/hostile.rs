@@ -5,243 +5,17 @@
 //! legitimate session must still complete.
 
 mod common;
+mod raw_peer;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::sync::Arc;
+use std::net::TcpStream;
 use std::time::Duration;
 
-use pagewire::{DestinationConfig, DestinationListener, GuestMemory, MigrationError};
+use pagewire::MigrationError;
 use pagewire_protocol::frame::Hello;
 use pagewire_protocol::session::Limit;
 use pagewire_protocol::*;
-
-const PS: u32 = 4096;
-
-/// One channel of a hand-driven source.
-struct Raw {
-    stream: TcpStream,
-    limits: Limits,
-    buf: Vec<u8>,
-}
-
-impl Raw {
-    fn connect(addr: SocketAddr, session: SessionId, channel: u16, count: u16, crc: bool) -> Raw {
-        let mut stream = TcpStream::connect(addr).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        let mut caps = Capabilities::new(PS);
-        caps.checksum = crc;
-        let mut hs = ClientHandshake::new(
-            ClientConfig {
-                caps,
-                session,
-                channel: ChannelId(channel),
-                channel_count: count,
-                auth: Authentication::None,
-            },
-            [channel as u8 + 1; 32],
-        )
-        .unwrap();
-        let mut out = Vec::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            out.clear();
-            hs.take_output(&mut out);
-            stream.write_all(&out).unwrap();
-            if hs.is_done() {
-                break;
-            }
-            let n = stream.read(&mut buf).unwrap();
-            assert!(n > 0, "destination closed during the handshake");
-            hs.receive(&buf[..n]).unwrap();
-        }
-        out.clear();
-        hs.take_output(&mut out);
-        stream.write_all(&out).unwrap();
-        let limits = hs.negotiated().unwrap().limits();
-        Raw {
-            stream,
-            limits,
-            buf: Vec::new(),
-        }
-    }
-
-    fn send(&mut self, f: Frame<'_>) {
-        let mut out = Vec::new();
-        f.encode(&mut out).unwrap();
-        self.send_bytes(&out);
-    }
-
-    fn send_bytes(&mut self, b: &[u8]) {
-        // The destination may already have closed: its verdict is what the test reads.
-        let _ = self.stream.write_all(b);
-    }
-
-    /// The next frame type and, for ACK and ABORT, its value or reason.
-    fn recv(&mut self) -> Option<(FrameType, u64)> {
-        let mut dec = FrameDecoder::new(self.limits);
-        let mut chunk = [0u8; 4096];
-        loop {
-            if !self.buf.is_empty() {
-                let (used, f) = dec.decode(&self.buf).ok()?;
-                let got = f.map(|f| match f {
-                    Frame::Ack(a) => (FrameType::ACK, a.value),
-                    Frame::Abort(a) => (FrameType::ABORT, u64::from(a.reason.0)),
-                    f => (f.frame_type(), 0),
-                });
-                self.buf.drain(..used);
-                if got.is_some() {
-                    return got;
-                }
-            }
-            let n = self.stream.read(&mut chunk).ok()?;
-            if n == 0 {
-                return None;
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-}
-
-fn regions(bytes: u64) -> [RegionDesc; 1] {
-    [RegionDesc {
-        id: RegionId(0),
-        backing_page_size: PS,
-        guest_addr: GuestAddr(0),
-        length: bytes,
-    }]
-}
-
-fn memory(bytes: u64) -> Arc<GuestMemory> {
-    let layout = MemoryLayout::new(PS, regions(bytes)).unwrap();
-    Arc::new(GuestMemory::anonymous(&layout).unwrap())
-}
-
-fn run(start: u64, count: u32) -> PageRun {
-    PageRun {
-        start: PageIndex(start),
-        count,
-    }
-}
-
-fn raw_pages<'a>(runs: &'a [PageRun], payload: &'a [u8], round: u32, crc: bool) -> PageFrame<'a> {
-    let f = PageFrame {
-        codec: CodecId::RAW,
-        region: RegionId(0),
-        round: Round(round),
-        data_runs: WireList::Slice(runs),
-        zero_runs: WireList::Slice(&[]),
-        uniform_runs: WireList::Slice(&[]),
-        lengths: None,
-        crc: None,
-        payload,
-    };
-    if crc {
-        f.with_crc(&[payload]).unwrap()
-    } else {
-        f
-    }
-}
-
-/// A destination on loopback for session `n`; each [`Dest::accept`] serves one session
-/// on the same listener.
-struct Dest {
-    n: u8,
-    listener: Arc<DestinationListener>,
-    addr: SocketAddr,
-}
-
-type Verdict = std::thread::JoinHandle<Result<pagewire::Migrated, MigrationError>>;
-
-impl Dest {
-    fn new(n: u8, limits: Option<DestinationLimits>) -> Dest {
-        let mut cfg = DestinationConfig::new(common::session(n), Authentication::None);
-        cfg.idle_timeout = Duration::from_secs(10);
-        cfg.accept_timeout = Duration::from_secs(10);
-        cfg.handshake_timeout = Duration::from_secs(5);
-        if let Some(l) = limits {
-            cfg.limits = l;
-        }
-        let listener = Arc::new(DestinationListener::bind(common::loopback(), cfg).unwrap());
-        let addr = listener.local_addr().unwrap();
-        Dest { n, listener, addr }
-    }
-
-    /// Accepts one session (optionally into `memory`) and waits for its end.
-    fn accept(&self, memory: Option<Arc<GuestMemory>>) -> Verdict {
-        let l = self.listener.clone();
-        std::thread::spawn(move || l.accept(memory)?.wait())
-    }
-
-    fn connect(&self, channel: u16, count: u16, crc: bool) -> Raw {
-        Raw::connect(self.addr, common::session(self.n), channel, count, crc)
-    }
-}
-
-fn rule(r: Result<pagewire::Migrated, MigrationError>) -> SessionError {
-    match r {
-        Err(MigrationError::Rule { source, .. }) => source,
-        other => panic!("expected a session rule error, got {other:?}"),
-    }
-}
-
-/// A whole legitimate session over `count` raw channels on `dest`'s listener: LAYOUT
-/// (after an extension frame), one page per channel, END_OF_ROUND, COMPLETE, COMMIT;
-/// the destination's memory is checked byte for byte.
-fn legitimate(dest: &Dest, count: u16) {
-    let t = dest.accept(None);
-    let mut chans: Vec<Raw> = (0..count).map(|c| dest.connect(c, count, true)).collect();
-    let regions = regions(64 * u64::from(PS));
-    let aff = Affinity::new(count, 4).unwrap();
-    for (c, raw) in chans.iter_mut().enumerate() {
-        raw.send(Frame::Extension {
-            frame_type: FrameType(0x90),
-            flags: 0,
-            body: b"before layout",
-        });
-        raw.send(Frame::Layout(LayoutFrame {
-            chunk_pages: 4,
-            regions: WireList::Slice(&regions),
-        }));
-        let page = aff.next_on(RegionId(0), ChannelId(c as u16), 0);
-        let runs = [run(page, 1)];
-        let payload = vec![c as u8 + 1; PS as usize];
-        raw.send(Frame::Pages(raw_pages(&runs, &payload, 0, true)));
-        raw.send(Frame::Extension {
-            frame_type: FrameType(0xfe),
-            flags: 3,
-            body: &[0; 100],
-        });
-        raw.send(Frame::EndOfRound(EndOfRound {
-            round: Round(0),
-            frames: 1,
-            pages: 1,
-        }));
-        assert_eq!(raw.recv(), Some((FrameType::ACK, 0)));
-    }
-    chans[0].send(Frame::Complete(Complete {
-        final_round: Round(0),
-        sections: 0,
-    }));
-    assert_eq!(chans[0].recv(), Some((FrameType::ACK, 0)));
-    chans[0].send(Frame::Commit(Commit {
-        final_round: Round(0),
-    }));
-    assert_eq!(chans[0].recv(), Some((FrameType::ACK, 0)));
-    drop(chans);
-    let m = t.join().unwrap().expect("the legitimate session completes");
-    assert_eq!(m.final_round, 0);
-    let mut want = vec![0u8; 64 * PS as usize];
-    for c in 0..count {
-        let page = aff.next_on(RegionId(0), ChannelId(c), 0) as usize;
-        want[page * PS as usize..(page + 1) * PS as usize].fill(c as u8 + 1);
-    }
-    let mut got = vec![0u8; want.len()];
-    assert!(m.memory.read_pages(RegionId(0), 0, 64, &mut got));
-    assert!(got == want, "the destination's memory differs");
-}
+use raw_peer::*;
 
 #[test]
 fn extension_frames_are_skipped_and_a_legitimate_session_completes() {
@@ -646,11 +420,13 @@ fn bad_copies_are_refused_and_write_nothing() {
         c1.send(Frame::Layout(layout));
         // Pages 0..8 and 56..64 are channel 0's, 8..16 channel 1's.
         c0.send(copy_frame(runs, round_end, false));
-        // The destination says why on channel 0 when a rule refused the frame (a frame
-        // that does not decode just ends the channel); channel 1 then closes, so the
-        // session ends without waiting for channel 1's idle timeout.
-        let said = c0.recv().map(|(t, _)| t);
-        assert_eq!(said, (i != 2).then_some(FrameType::ABORT), "case {i}");
+        // The destination says why on channel 0, whether a rule refused the frame or it
+        // did not decode, and ends channel 1 with it.
+        assert_eq!(
+            c0.recv(),
+            Some((FrameType::ABORT, u64::from(AbortReason::BAD_FRAME.0))),
+            "case {i}"
+        );
         drop(c1);
         let r = t.join().unwrap();
         match i {

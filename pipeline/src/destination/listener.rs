@@ -6,8 +6,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::time::Instant;
 
+use pagewire_accel::BackendChoice;
 use pagewire_protocol::{Capabilities, ChannelId, CodecSet, DestinationSession};
-use pagewire_transport::session::{Listener, SessionConfig};
+use pagewire_transport::session::{Backend, Established, Listener, SessionConfig};
 use pagewire_transport::{Channel, Endpoint, StreamListener};
 
 use crate::config::{DestinationConfig, Prefault};
@@ -271,6 +272,7 @@ impl DestinationListener {
             state: Mutex::new(State {
                 rules,
                 failed: None,
+                failed_channel: None,
                 sections: Vec::new(),
                 copy_ended: Vec::new(),
             }),
@@ -299,7 +301,7 @@ impl DestinationListener {
         for est in accepted.channels {
             let ch = est.negotiated.channel.0;
             if let (Ok(mut sockets), Ok(dup)) = (shared.sockets.lock(), est.stream.try_clone()) {
-                sockets.push(dup);
+                sockets.push((ch, dup));
             }
             let shared2 = shared.clone();
             let backend = config.backend;
@@ -309,57 +311,19 @@ impl DestinationListener {
             let t = std::thread::Builder::new()
                 .name(format!("pagewire-dst-{ch}"))
                 .spawn(move || {
-                    // Opened here: an io_uring ring accepts submissions only from the
-                    // thread that created it.
-                    let mut channel = match est.open(&backend, &scfg) {
-                        Ok(c) => c,
-                        Err(e) => {
-                            let e = MigrationError::from(e);
-                            shared2.fail(e.to_string());
-                            return Err(e);
-                        }
-                    };
-                    let rules = match shared2.state(ch).and_then(|s| {
-                        s.rules
-                            .channel(ChannelId(ch))
-                            .map_err(|source| MigrationError::Rule {
-                                channel: ch,
-                                source,
-                            })
-                    }) {
-                        Ok(r) => r,
-                        Err(e) => {
-                            shared2.fail(e.to_string());
-                            return Err(e);
-                        }
-                    };
-                    let hw =
-                        match crate::hwdecode::Decoder::new(&accel, shared2.page_size, max_pages) {
-                            Ok(d) => d,
-                            Err(e) => {
-                                shared2.fail(e.to_string());
-                                return Err(e);
-                            }
-                        };
-                    let mut r = Receiver::new(ch, shared2.clone(), rules, hw);
-                    let cpu = pagewire_accel::thread_cpu_time();
-                    let res = r.run(&mut channel);
-                    shared2.add_cpu(pagewire_accel::thread_cpu_time().saturating_sub(cpu));
-                    let st = channel.stats();
-                    shared2
-                        .tls_opened
-                        .fetch_add(st.tls_bytes_opened, Ordering::Relaxed);
-                    shared2
-                        .tls_copied
-                        .fetch_add(st.tls_bytes_copied, Ordering::Relaxed);
-                    if let Err(e) = &res {
-                        r.abort(&mut channel, e);
-                        shared2.fail(e.to_string());
-                    }
+                    let res = receive(est, &shared2, &backend, &scfg, &accel, max_pages);
+                    // Its connection closes now (the socket's second handle would keep
+                    // it open until the session ends).
+                    shared2.release(ch);
                     res
                 })
-                .map_err(|_| MigrationError::Worker(ch))?;
-            threads.push(t);
+                .map_err(|_| {
+                    // The receivers started already end now, not at the idle timeout.
+                    shared.fail(Some(ch), "no receiver thread could be started".into());
+                    shared.end_receivers();
+                    MigrationError::Worker(ch)
+                })?;
+            threads.push((ch, t));
         }
         control.attach(&shared);
         Ok(Destination {
@@ -369,6 +333,58 @@ impl DestinationListener {
             started: Instant::now(),
         })
     }
+}
+
+/// Channel `est`'s receiver: opens the channel on this thread (an io_uring ring accepts
+/// submissions only from the thread that created it) and applies its frames until it
+/// ends. A failure fails the session, ends its other receivers and is told to the
+/// source (ABORT) where it can be.
+fn receive(
+    est: Established,
+    shared: &Arc<Shared>,
+    backend: &Backend,
+    scfg: &SessionConfig,
+    accel: &BackendChoice,
+    max_pages: u32,
+) -> Result<(), MigrationError> {
+    let ch = est.negotiated.channel.0;
+    let failed = |e: MigrationError| {
+        shared.channel_failed(ch, &e);
+        e
+    };
+    let mut channel = est
+        .open(backend, scfg)
+        .map_err(|e| failed(MigrationError::from(e)))?;
+    let rules = shared
+        .state(ch)
+        .and_then(|s| {
+            s.rules
+                .channel(ChannelId(ch))
+                .map_err(|source| MigrationError::Rule {
+                    channel: ch,
+                    source,
+                })
+        })
+        .map_err(failed)?;
+    let hw = crate::hwdecode::Decoder::new(accel, shared.page_size, max_pages).map_err(failed)?;
+    let mut r = Receiver::new(ch, shared.clone(), rules, hw);
+    let cpu = pagewire_accel::thread_cpu_time();
+    let res = r.run(&mut channel);
+    shared.add_cpu(pagewire_accel::thread_cpu_time().saturating_sub(cpu));
+    let st = channel.stats();
+    shared
+        .tls_opened
+        .fetch_add(st.tls_bytes_opened, Ordering::Relaxed);
+    shared
+        .tls_copied
+        .fetch_add(st.tls_bytes_copied, Ordering::Relaxed);
+    if let Err(e) = &res {
+        // The other receivers first: this channel's ABORT may block up to the send
+        // timeout on a peer that reads nothing.
+        shared.channel_failed(ch, e);
+        super::abort::send(&mut channel, e);
+    }
+    res
 }
 
 /// The transport's settings for the session `config` describes.

@@ -178,7 +178,8 @@ impl DestinationControl {
 /// A destination receiving a migration.
 #[derive(Debug)]
 pub struct Destination {
-    threads: Vec<JoinHandle<Result<(), MigrationError>>>,
+    /// Each channel's receiver thread, by channel.
+    threads: Vec<(u16, JoinHandle<Result<(), MigrationError>>)>,
     shared: Arc<Shared>,
     control: DestinationControl,
     started: Instant,
@@ -206,22 +207,32 @@ impl Destination {
     /// this side's to run (PROTOCOL.md, Switchover). Start its vCPUs after this returns
     /// `Ok`, never before.
     ///
+    /// A channel that fails (a bad frame, the source's ABORT, a decode error) fails
+    /// the session and ends the other channels at once, each told so with ABORT
+    /// `CHANNEL_FAILED`: this returns then, not after the idle timeout.
+    ///
     /// # Errors
-    /// The first channel's error ([`MigrationError::NoCommit`] when COMMIT did not
-    /// follow ACK COMPLETE), or `Protocol` when the source went away before completing.
+    /// [`MigrationError::NoCommit`] when COMMIT did not follow ACK COMPLETE; else the
+    /// error of the channel that failed first, or `Protocol` when the source went away
+    /// before completing.
     pub fn wait(self) -> Result<Migrated, MigrationError> {
-        let mut first = None;
-        for t in self.threads {
+        let mut errors = Vec::new();
+        for (ch, t) in self.threads {
             match t.join() {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    first.get_or_insert(e);
-                }
-                Err(_) => {
-                    first.get_or_insert(MigrationError::Worker(u16::MAX));
-                }
+                Ok(Err(e)) => errors.push((ch, e)),
+                Err(_) => errors.push((ch, MigrationError::Worker(ch))),
             }
         }
+        // Channel 0's verdict on the switchover when it had acknowledged COMPLETE; else
+        // the channel that failed the session, not those it ended.
+        let failed_first = self.shared.state.lock().ok().and_then(|s| s.failed_channel);
+        let at = errors
+            .iter()
+            .position(|(_, e)| matches!(e, MigrationError::NoCommit { .. }))
+            .or_else(|| errors.iter().position(|(ch, _)| Some(*ch) == failed_first))
+            .unwrap_or(0);
+        let first = (at < errors.len()).then(|| errors.swap_remove(at).1);
         if self.shared.cancelled.load(Ordering::SeqCst) {
             return Err(MigrationError::Cancelled);
         }
@@ -276,6 +287,8 @@ struct State {
     /// The session's rules (layout, rounds ended, device state, completion).
     rules: DestinationSession,
     failed: Option<String>,
+    /// The channel whose failure came first, when a channel's did.
+    failed_channel: Option<u16>,
     sections: Vec<DeviceSection>,
     /// The last round each channel ended, for `ROUND_END` copies: recorded before that
     /// channel applies its own, which wait for every channel (see `receiver.rs`).
@@ -291,9 +304,10 @@ struct Shared {
     memory: Mutex<MemorySlot>,
     /// `Provider` when the VMM chooses the memory, `Anonymous` otherwise.
     provider: DestinationMemory,
-    /// Second handles on the channels' sockets, shut down by
-    /// [`DestinationControl::cancel`] to wake receivers blocked on them.
-    sockets: Mutex<Vec<Stream>>,
+    /// Second handles on the channels' sockets (by channel, while its receiver runs),
+    /// shut down by [`DestinationControl::cancel`] and when a channel fails the session,
+    /// to wake receivers blocked on them.
+    sockets: Mutex<Vec<(u16, Stream)>>,
     cancelled: AtomicBool,
     state: Mutex<State>,
     cv: Condvar,
@@ -382,21 +396,88 @@ impl Shared {
         }
     }
 
+    /// Cancels the session: it fails, and every channel's socket is shut down both
+    /// ways, so a receiver blocked in a send wakes too.
     fn cancel(&self) {
         self.cancelled.store(true, Ordering::SeqCst);
-        self.fail("cancelled by the destination's VMM".into());
+        self.fail(None, "cancelled by the destination's VMM".into());
+        self.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Channel `ch` failed with `e`: the session fails ([`Self::fail`]) and its other
+    /// receivers end at once ([`Self::end_receivers`]), so that a peer cannot hold a
+    /// failed session's threads and memory until their idle timeout. Not after `ch`'s
+    /// own idle timeout, though: a channel that ended the final round has nothing more
+    /// to send and may idle out while channel 0 still moves the device state, COMPLETE
+    /// and COMMIT; the others have their own idle timeout.
+    fn channel_failed(&self, ch: u16, e: &MigrationError) {
+        self.fail(Some(ch), e.to_string());
+        let idle = matches!(
+            e,
+            MigrationError::Channel {
+                source: pagewire_transport::ChannelError::RecvTimeout(_),
+                ..
+            }
+        );
+        if !idle {
+            self.end_receivers();
+        }
+    }
+
+    /// Fails the session (with channel `ch`'s failure, or none's) unless it failed
+    /// already, and wakes the receivers waiting for other channels.
+    fn fail(&self, ch: Option<u16>, why: String) {
+        if let Ok(mut s) = self.state.lock()
+            && s.failed.is_none()
+        {
+            s.failed = Some(why);
+            s.failed_channel = ch;
+        }
+        self.cv.notify_all();
+    }
+
+    /// Ends every receiver of the failed session: those blocked in `recv` see their
+    /// socket's receiving side shut down and end, sending ABORT `CHANNEL_FAILED` on the
+    /// sending side, which stays open.
+    fn end_receivers(&self) {
+        self.shutdown(std::net::Shutdown::Read);
+    }
+
+    fn shutdown(&self, how: std::net::Shutdown) {
         if let Ok(sockets) = self.sockets.lock() {
-            for s in sockets.iter() {
-                let _ = s.shutdown(std::net::Shutdown::Both);
+            for (_, s) in sockets.iter() {
+                let _ = s.shutdown(how);
             }
         }
     }
 
-    fn fail(&self, why: String) {
-        if let Ok(mut s) = self.state.lock() {
-            s.failed.get_or_insert(why);
+    /// Closes the second handle on channel `ch`'s socket once its receiver ended, so
+    /// the connection closes with the channel instead of with the session.
+    fn release(&self, ch: u16) {
+        if let Ok(mut sockets) = self.sockets.lock() {
+            sockets.retain(|(c, _)| *c != ch);
         }
-        self.cv.notify_all();
+    }
+
+    /// The error of receiver `ch` ending because the session failed before it
+    /// ([`MigrationError::Cancelled`] when the VMM cancelled it), given the session's
+    /// `state`; `None` while the session has not failed.
+    fn failure(&self, ch: u16, state: &State) -> Option<MigrationError> {
+        if self.cancelled.load(Ordering::SeqCst) {
+            return Some(MigrationError::Cancelled);
+        }
+        state
+            .failed
+            .as_ref()
+            .map(|cause| MigrationError::SessionFailed {
+                channel: ch,
+                cause: cause.clone(),
+            })
+    }
+
+    /// [`Self::failure`] with the state locked here.
+    fn failed_before(&self, ch: u16) -> Option<MigrationError> {
+        self.failure(ch, &*self.state.lock().ok()?)
     }
 
     fn state(&self, ch: u16) -> Result<std::sync::MutexGuard<'_, State>, MigrationError> {
@@ -487,6 +568,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// A page sink that asks the channel's rules before the transport places a byte: a
+mod abort;
 mod copies;
 mod listener;
 mod receiver;

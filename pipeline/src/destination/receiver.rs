@@ -8,17 +8,20 @@ use std::time::Instant;
 use pagewire_accel::{Codecs, PageKey, PageListMut, PageSize};
 use pagewire_protocol::session::CompleteProgress;
 use pagewire_protocol::{
-    Abort, AbortReason, Ack, AckKind, ChannelId, Commit, Complete, CopyRun, DestinationChannel,
-    DestinationEvent, Frame, PageFrame, RegionId, Round, SessionError,
+    Ack, AckKind, ChannelId, Commit, Complete, CopyRun, DestinationChannel, DestinationEvent,
+    Frame, PageFrame, RegionId, Round, SessionError,
 };
 use pagewire_transport::session::AnyChannel;
-use pagewire_transport::{Channel, GuestSlice, Incoming, OutFrame, PageSink, RegionSink};
+use pagewire_transport::{
+    Channel, ChannelError, GuestSlice, Incoming, OutFrame, PageSink, RegionSink,
+};
 
 use crate::config::Prefault;
 use crate::error::MigrationError;
 use crate::memory::GuestMemory;
 use crate::source::transport_views;
 
+use super::abort::peer_fault;
 use super::{DeviceSection, Shared, State};
 
 /// frame the rules refuse is received whole instead, and refused there.
@@ -140,32 +143,6 @@ impl Receiver {
         }
     }
 
-    pub(super) fn abort(&mut self, channel: &mut AnyChannel, e: &MigrationError) {
-        let e = match e {
-            MigrationError::NoCommit { source, .. } => source,
-            e => e,
-        };
-        if matches!(
-            e,
-            MigrationError::Channel { .. } | MigrationError::PeerAborted { .. }
-        ) {
-            return;
-        }
-        let message = e.to_string();
-        let mut end = message.len().min(200);
-        while !message.is_char_boundary(end) {
-            end -= 1;
-        }
-        if let Ok(f) = OutFrame::whole(&Frame::Abort(Abort {
-            reason: AbortReason::BAD_FRAME,
-            message: &message[..end],
-        })) {
-            let mut done = Vec::new();
-            let _ = channel.send(f);
-            let _ = channel.flush(&mut done);
-        }
-    }
-
     /// Receives until the source closes the channel. A failure while channel 0 waits
     /// for COMMIT after its ACK COMPLETE is [`MigrationError::NoCommit`].
     pub(super) fn run(&mut self, channel: &mut AnyChannel) -> Result<(), MigrationError> {
@@ -181,13 +158,24 @@ impl Receiver {
 
     fn receive(&mut self, channel: &mut AnyChannel) -> Result<(), MigrationError> {
         let ch = self.ch;
-        let chan = |source| MigrationError::Channel {
-            channel: ch,
-            source,
+        let shared = self.shared.clone();
+        // A receive that ended because another channel failed the session (which shut
+        // this socket's receiving side down) is that failure, not this channel's; a
+        // frame that does not decode and an idle timeout are this channel's.
+        let chan = |source: ChannelError| match peer_fault(&source)
+            || matches!(source, ChannelError::RecvTimeout(_))
+        {
+            true => MigrationError::Channel {
+                channel: ch,
+                source,
+            },
+            false => shared.failed_before(ch).unwrap_or(MigrationError::Channel {
+                channel: ch,
+                source,
+            }),
         };
         let mut memory: Option<Arc<GuestMemory>> = None;
         let mut sink: Option<RegionSink> = None;
-        let shared = self.shared.clone();
         loop {
             let after = {
                 // Dropped with this block, before anything waits for the gate.
@@ -392,6 +380,12 @@ impl Receiver {
                         0 => s.rules.committed(),
                         _ => s.rules.completed(),
                     };
+                    if done.is_none()
+                        && let Some(e) = self.shared.failure(ch, &s)
+                    {
+                        // Woken by the failure of another channel.
+                        return Err(e);
+                    }
                     return match (done, s.rules.completed()) {
                         (Some(_), _) => Ok(()),
                         (None, Some(_)) => {
@@ -681,8 +675,8 @@ impl Receiver {
         s: MutexGuard<'s, State>,
         deadline: Instant,
     ) -> Result<Result<MutexGuard<'s, State>, MutexGuard<'s, State>>, MigrationError> {
-        if let Some(f) = &s.failed {
-            return Err(self.err(format!("another channel failed: {f}")));
+        if let Some(e) = self.shared.failure(self.ch, &s) {
+            return Err(e);
         }
         let now = Instant::now();
         if now >= deadline {
