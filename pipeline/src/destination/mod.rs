@@ -567,7 +567,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// A page sink that asks the channel's rules before the transport places a byte: a
 mod abort;
 mod copies;
 mod listener;
