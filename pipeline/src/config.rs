@@ -80,6 +80,12 @@ pub struct SourceConfig {
     /// completing) before the destination counts as gone; also bounds waits for the
     /// codec engine (a free buffer, a finished job).
     pub send_timeout: Duration,
+    /// Bytes each TCP channel may queue in user space beyond what its socket takes
+    /// before a send waits (`TcpConfig::send_queue`; frames outside TLS): on a link
+    /// slower than the cores, the channel goes on encoding while the link drains what
+    /// it encoded before. 0: a send waits as soon as the socket is full. Default:
+    /// 16 MiB ([`pagewire_transport::tcp::DEFAULT_SEND_QUEUE`]).
+    pub send_queue: usize,
     /// Time allowed for one TCP connection attempt.
     pub connect_timeout: Duration,
     /// Connection attempts per channel (at least 1).
@@ -114,6 +120,7 @@ impl SourceConfig {
             dedup: true,
             ack_timeout: Duration::from_secs(30),
             send_timeout: Duration::from_secs(30),
+            send_queue: pagewire_transport::tcp::DEFAULT_SEND_QUEUE,
             connect_timeout: Duration::from_secs(5),
             connect_attempts: 5,
             connect_retry_delay: Duration::from_millis(200),

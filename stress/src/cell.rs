@@ -69,6 +69,9 @@ pub struct CellSpec {
     pub dedup: bool,
     /// Codec threads per channel (`None`: the library's choice).
     pub codec_threads: Option<usize>,
+    /// Each TCP channel's send queue, bytes (`None`: the library's default).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub send_queue: Option<usize>,
 }
 
 fn display<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -123,6 +126,9 @@ impl CellSpec {
         cfg.dedup = self.dedup;
         if self.codec_threads.is_some() {
             cfg.codec_threads = self.codec_threads;
+        }
+        if let Some(q) = self.send_queue {
+            cfg.send_queue = q;
         }
         cfg.backend = self.transport.backend();
         cfg.precopy.downtime_limit = Duration::from_millis(self.downtime_ms);

@@ -169,6 +169,10 @@ pub struct RunArgs {
     /// library's choice from the machine, `codec_threads_for`).
     #[arg(long)]
     pub codec_threads: Option<usize>,
+    /// Each TCP channel's send queue, MiB (`SourceConfig::send_queue`; default: the
+    /// library's, 16 MiB; 0: `send` blocks once the socket is full).
+    #[arg(long)]
+    pub send_queue_mib: Option<usize>,
     /// Source send/ACK timeout, seconds.
     #[arg(long)]
     pub timeout_s: Option<u64>,
@@ -455,6 +459,8 @@ pub struct Plan {
     pub dedup: bool,
     /// Codec threads per channel (`None`: the library's choice).
     pub codec_threads: Option<usize>,
+    /// Each TCP channel's send queue, bytes (`None`: the library's default).
+    pub send_queue: Option<usize>,
     /// Source timeouts, s.
     pub timeout_s: u64,
     /// Outputs.
@@ -566,6 +572,7 @@ impl RunArgs {
             timeout_s: self.timeout_s.unwrap_or(30).max(1),
             dedup: !self.no_dedup,
             codec_threads: self.codec_threads,
+            send_queue: self.send_queue_mib.map(|m| m << 20),
             json: self.json.clone(),
             csv: self.csv.clone(),
             charts: self.charts.clone(),

@@ -568,6 +568,7 @@ mod tests {
             timeout_s: 30,
             dedup: true,
             codec_threads: None,
+            send_queue: None,
         }
     }
 

@@ -157,6 +157,7 @@ pub fn cells(plan: &Plan) -> Vec<CellSpec> {
                                     timeout_s: plan.timeout_s,
                                     dedup: plan.dedup,
                                     codec_threads: plan.codec_threads,
+                                    send_queue: plan.send_queue,
                                 });
                             }
                         }
@@ -574,6 +575,7 @@ pub fn bisection_cells(plan: &Plan) -> Vec<CellSpec> {
                 timeout_s: plan.timeout_s,
                 dedup: plan.dedup,
                 codec_threads: plan.codec_threads,
+                send_queue: plan.send_queue,
             });
         }
     }

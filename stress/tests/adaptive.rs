@@ -71,6 +71,7 @@ fn auto_follows_a_cap_changed_mid_run_and_content_that_changes_class() {
         // would send as copies, leaving the codec choice nothing to compress.
         dedup: false,
         codec_threads: None,
+        send_queue: None,
     };
     let mut guest = SourceGuest::new(&spec.workload, MIB).unwrap();
     let link = Link::up(&spec.link).unwrap();

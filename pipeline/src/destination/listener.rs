@@ -396,6 +396,9 @@ fn session_config(config: &DestinationConfig) -> SessionConfig {
     caps.codecs = CodecSet::all_known();
     let mut scfg = SessionConfig::new(caps, config.session, 1, config.auth.clone());
     scfg.tcp.recv_timeout = Some(config.idle_timeout);
+    // The destination sends only small replies: no send queue, so a source that stops
+    // reading them holds no more than the socket buffer here.
+    scfg.tcp.send_queue = 0;
     scfg.uring.recv_timeout = Some(config.idle_timeout);
     scfg.handshake_timeout = config.handshake_timeout;
     scfg.listener.max_pending = config.max_pending;

@@ -47,6 +47,7 @@ impl Source {
             SessionConfig::new(caps, config.session, config.channels, config.auth.clone());
         scfg.tcp.recv_timeout = Some(config.ack_timeout);
         scfg.tcp.send_timeout = config.send_timeout;
+        scfg.tcp.send_queue = config.send_queue;
         scfg.tcp.connect_timeout = config.connect_timeout;
         scfg.tcp.connect_attempts = config.connect_attempts;
         scfg.tcp.retry_delay = config.connect_retry_delay;
