@@ -1,0 +1,120 @@
+//! The engine as the pipeline drives it: inline on this core, raw-pointer jobs in
+//! batches.
+
+use std::collections::VecDeque;
+
+use pagewire_accel::{
+    Completion, DeltaCache, EncodeParams, Engine, EngineConfig, PageKey, SoftwareConfig, Tag,
+};
+
+use crate::data::Encoded;
+use crate::{Case, PAGES, PS};
+
+/// The engine, inline on this core, with raw-pointer jobs as the pipeline builds them.
+pub(crate) struct Bench {
+    pub(crate) engine: Engine,
+    pub(crate) batch: VecDeque<pagewire_accel::Job>,
+    pub(crate) done: Vec<Completion>,
+    /// Most jobs in flight: jobs are submitted (and their completions polled) in
+    /// batches of this many.
+    pub(crate) depth: usize,
+}
+
+/// Jobs the bench engine keeps in flight: `PAGEWIRE_DEPTH`, or every frame of the
+/// buffer at once (256 one-page frames) when unset. `PAGEWIRE_DEPTH=16` sizes it like
+/// the pipeline's default `queue_depth`.
+pub(crate) fn depth_for(frames: usize) -> usize {
+    std::env::var("PAGEWIRE_DEPTH")
+        .ok()
+        .and_then(|d| d.parse::<usize>().ok())
+        .filter(|&d| d > 0)
+        .map_or(frames, |d| d.min(frames))
+}
+
+impl Bench {
+    /// An engine for frames of `n` pages with room for [`depth_for`] frames in flight
+    /// and as many more waiting for the transport (at the default, one buffer's worth
+    /// of frames), as a pipeline would size it.
+    pub(crate) fn new(cache: Option<std::sync::Arc<DeltaCache>>, n: usize) -> Bench {
+        let depth = depth_for(PAGES / n);
+        let config = EngineConfig {
+            max_pages: n,
+            requests: depth + 2,
+            buffers: 2 * depth + 2,
+            delta: cache,
+            ..Default::default()
+        };
+        let engine = Engine::software(
+            config,
+            SoftwareConfig {
+                threads: 0,
+                queue_depth: depth + 2,
+            },
+        )
+        .unwrap();
+        Bench {
+            engine,
+            batch: VecDeque::with_capacity(depth + 2),
+            done: Vec::with_capacity(depth + 2),
+            depth,
+        }
+    }
+
+    /// Submits the batch and polls every completion into `done`.
+    pub(crate) fn flush(&mut self) {
+        let jobs = self.batch.len();
+        self.engine.submit(&mut self.batch).unwrap();
+        self.engine.poll(&mut self.done, usize::MAX, None).unwrap();
+        assert_eq!(self.done.len(), jobs);
+    }
+
+    /// Encodes `buf` as frames of `n` pages; returns payload bytes.
+    pub(crate) fn compress(&mut self, case: Case, buf: &[u8], n: usize) -> usize {
+        let mut bytes = 0;
+        let frames = buf.len() / (n * PS);
+        for (i, frame) in buf.chunks(n * PS).enumerate() {
+            let mut job = self.engine.job().unwrap();
+            let list = job.encode(Tag(i as u64), EncodeParams::new(case.codec, case.level));
+            // SAFETY: `buf` outlives the jobs: every completion is polled below before
+            // this function returns.
+            unsafe {
+                list.push_raw(
+                    frame.as_ptr(),
+                    (frame.len() / PS) as u32,
+                    PageKey((i * n) as u64),
+                )
+                .unwrap()
+            };
+            self.batch.push_back(job);
+            if self.batch.len() == self.depth || i + 1 == frames {
+                self.flush();
+                bytes += self
+                    .done
+                    .iter()
+                    .map(|c| c.encoded().unwrap().bytes_out())
+                    .sum::<usize>();
+                self.done.clear();
+            }
+        }
+        bytes
+    }
+
+    pub(crate) fn decompress(&mut self, frames: &[Encoded], dst: &mut [u8], n: usize) {
+        for (i, (enc, out)) in frames.iter().zip(dst.chunks_mut(n * PS)).enumerate() {
+            let mut job = self.engine.job().unwrap();
+            let list = job.decode(Tag(i as u64), enc.codec, enc.payload.clone(), &enc.lengths);
+            // SAFETY: `dst` is exclusively borrowed for this call and every completion
+            // is polled before it returns; the chunks are disjoint.
+            unsafe {
+                list.push_raw(out.as_mut_ptr(), (out.len() / PS) as u32, PageKey(0))
+                    .unwrap()
+            };
+            self.batch.push_back(job);
+            if self.batch.len() == self.depth || i + 1 == frames.len() {
+                self.flush();
+                assert!(self.done.iter().all(|c| c.status().is_ok()));
+                self.done.clear();
+            }
+        }
+    }
+}
