@@ -351,17 +351,7 @@ fn write_direct(
             Sent::Bytes(n) => n,
         };
         written += n;
-        let mut n = n;
-        while n > 0 && idx < iov.len() {
-            if n >= iov[idx].iov_len {
-                n -= iov[idx].iov_len;
-                idx += 1;
-            } else {
-                iov[idx].iov_base = iov[idx].iov_base.cast::<u8>().wrapping_add(n).cast();
-                iov[idx].iov_len -= n;
-                n = 0;
-            }
-        }
+        idx = crate::tcp::advance_iovecs(&mut iov, idx, n);
     }
     Ok(written)
 }

@@ -288,21 +288,27 @@ fn send_all_until(
             }
             return Err(ChannelError::from_send_io("sendmsg", e, timeout));
         }
-        let mut n = n as usize;
-        while n > 0 && idx < iov.len() {
-            if n >= iov[idx].iov_len {
-                n -= iov[idx].iov_len;
-                idx += 1;
-            } else {
-                iov[idx].iov_base = iov[idx].iov_base.cast::<u8>().wrapping_add(n).cast();
-                iov[idx].iov_len -= n;
-                n = 0;
-            }
-        }
+        idx = advance_iovecs(iov, idx, n as usize);
         // A short write: the rest of the frame gets only the time left.
         *shortened |= idx < iov.len();
     }
     Ok(())
+}
+
+/// Drops the first `n` bytes of `iov[idx..]` (a write's count); returns the index of
+/// the first iovec with bytes left.
+pub(crate) fn advance_iovecs(iov: &mut [libc::iovec], mut idx: usize, mut n: usize) -> usize {
+    while n > 0 && idx < iov.len() {
+        if n >= iov[idx].iov_len {
+            n -= iov[idx].iov_len;
+            idx += 1;
+        } else {
+            iov[idx].iov_base = iov[idx].iov_base.cast::<u8>().wrapping_add(n).cast();
+            iov[idx].iov_len -= n;
+            n = 0;
+        }
+    }
+    idx
 }
 
 /// `io::Write` over [`send_all`], for rustls to write sealed records straight from its
