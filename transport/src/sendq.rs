@@ -18,15 +18,17 @@
 //!   send does, and the frame's payload (which keeps the memory mapped) completes only
 //!   once its last byte is written.
 //!
-//! Bytes go out with `sendmsg(MSG_DONTWAIT)` whenever the channel is used; the queue
-//! blocks (in `poll`) only while it holds more than its budget, and on `flush`, each
-//! wait bounded by the send timeout without progress.
+//! Bytes go out with `sendmsg(MSG_DONTWAIT)` whenever the channel is used. Only while
+//! the queue holds more than its budget (and on `flush`) are its first frames sent
+//! whole with a blocking `sendmsg`, within the send timeout each, as a channel without
+//! a queue sends every frame: waiting for room and writing what fits cost about 10 %
+//! of raw pages/s on loopback in more system calls.
 
 use std::collections::VecDeque;
 use std::io;
 use std::ops::Range;
 use std::os::fd::AsRawFd;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::buf::Payload;
 use crate::channel::{ChannelError, Completed, OutFrame, SendId};
@@ -125,33 +127,6 @@ fn send_nb(stream: &Stream, iov: &[libc::iovec]) -> Result<Sent, ChannelError> {
     }
 }
 
-/// Waits up to `timeout` for the socket to take bytes; `false` when it did not.
-fn wait_writable(stream: &Stream, timeout: Duration) -> Result<bool, ChannelError> {
-    let mut pfd = libc::pollfd {
-        fd: stream.as_raw_fd(),
-        events: libc::POLLOUT,
-        revents: 0,
-    };
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
-        // SAFETY: one pollfd, alive for the call.
-        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if rc > 0 {
-            // Writable, or an error or hang-up the next sendmsg reports.
-            return Ok(true);
-        }
-        if rc == 0 {
-            return Ok(false);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(ChannelError::io("poll", e));
-        }
-    }
-}
-
 impl SendQueue {
     /// Bytes queued and not yet written.
     pub(crate) fn bytes(&self) -> usize {
@@ -178,12 +153,10 @@ impl SendQueue {
         timeout: Duration,
         done: &mut Vec<Completed>,
     ) -> Result<(), ChannelError> {
-        self.push(stream, done)?;
-        let mut written = 0;
         if self.frames.is_empty() {
             let iov = crate::tcp::frame_iovecs(&frame);
             let total = frame.wire_len();
-            written = write_direct(stream, iov, total)?;
+            let written = write_direct(stream, iov, total)?;
             if written == total {
                 done.push(Completed {
                     id,
@@ -192,9 +165,16 @@ impl SendQueue {
                 });
                 return Ok(());
             }
+            // The socket is full: the rest waits.
+            self.enqueue(frame, id, written, done);
+            return self.drain_to(stream, budget, timeout, done);
         }
-        self.enqueue(frame, id, written, done);
-        self.drain_to(stream, budget, timeout, done)
+        self.enqueue(frame, id, 0, done);
+        if self.bytes > budget {
+            self.drain_to(stream, budget, timeout, done)
+        } else {
+            self.push(stream, done).map(drop)
+        }
     }
 
     /// Writes what the socket takes now, without waiting.
@@ -238,11 +218,14 @@ impl SendQueue {
         Ok(total)
     }
 
-    /// Waits until the queue holds at most `budget` bytes (0: until it is empty).
+    /// Waits until the queue holds at most `budget` bytes (0: until it is empty): sends
+    /// its first frames whole with blocking `sendmsg` calls (as a channel without a
+    /// queue sends every frame), fewer system calls than waiting for room and writing
+    /// what fits.
     ///
     /// # Errors
-    /// [`ChannelError::SendTimeout`] when the socket takes nothing for `timeout`, or the
-    /// socket's error.
+    /// [`ChannelError::SendTimeout`] when a frame does not go out within `timeout`, or
+    /// the socket's error.
     pub(crate) fn drain_to(
         &mut self,
         stream: &Stream,
@@ -250,18 +233,30 @@ impl SendQueue {
         timeout: Duration,
         done: &mut Vec<Completed>,
     ) -> Result<(), ChannelError> {
-        let mut progress = Instant::now();
-        while !self.frames.is_empty() && self.bytes > budget {
-            if self.push(stream, done)? > 0 {
-                progress = Instant::now();
-                continue;
-            }
-            // Nothing taken: wait for room, within the time left since the last
-            // progress (a socket that says it is writable yet takes nothing cannot
-            // make this spin for longer than that).
-            let left = timeout.saturating_sub(progress.elapsed());
-            if left.is_zero() || !wait_writable(stream, left)? {
-                return Err(ChannelError::SendTimeout(timeout));
+        let mut iov = Vec::new();
+        while self.bytes > budget {
+            let Some(front) = self.frames.front() else {
+                break;
+            };
+            iov.clear();
+            iov.extend(front.segs.iter().map(|s| {
+                let (ptr, len) = front.seg_bytes(s);
+                libc::iovec {
+                    iov_base: ptr.cast_mut().cast(),
+                    iov_len: len,
+                }
+            }));
+            let n: usize = iov.iter().map(|v| v.iov_len).sum();
+            crate::tcp::send_all(stream, &mut iov, timeout)?;
+            self.bytes -= n;
+            if let Some(f) = self.frames.pop_front()
+                && !f.payload.is_empty()
+            {
+                done.push(Completed {
+                    id: f.id,
+                    payload: f.payload,
+                    zero_copy: (0, 0),
+                });
             }
         }
         Ok(())

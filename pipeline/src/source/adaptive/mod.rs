@@ -112,6 +112,10 @@ const FIRST_WINDOW: Duration = Duration::from_millis(20);
 /// A window whose seconds per byte handed to the channel exceed the plain copy's by
 /// this factor found the link busy.
 const BLOCKED: f64 = 2.0;
+/// What the channel holds unacknowledged (socket and send queue) at both ends of a
+/// window for the window to count as link-bound whatever its sends waited: the link
+/// had bytes to carry all along. A TCP channel queues megabytes before `send` waits.
+const BACKLOG: u64 = 1 << 20;
 /// How long a candidate's realized rate bounds its model, at first: doubled each time
 /// a trial of it lost right away (at most [`MAX_LOSSES`] times).
 const REALIZED_FOR: Duration = Duration::from_secs(2);
@@ -389,6 +393,11 @@ impl Selector {
         };
         s.current = s.best();
         Some(s)
+    }
+
+    /// Whether the link's rate was measured (or told by another channel) yet.
+    pub(crate) fn link_known(&self) -> bool {
+        self.link.is_some() || self.shared.get().is_some()
     }
 
     /// The selector, sharing what the first channel to find the link slow measured

@@ -187,7 +187,11 @@ impl Selector {
             .map_or(per_byte, |c| (c * 1.02).min(per_byte))
             .min(COPY_MAX);
         self.copy = Some(copy);
-        self.limited = per_byte > BLOCKED * copy && self.window_blocked > span / 10;
+        let backlog = matches!(
+            (self.window_unacked, unacked),
+            (Some(a), Some(b)) if a.min(b) >= BACKLOG
+        );
+        self.limited = backlog || (per_byte > BLOCKED * copy && self.window_blocked > span / 10);
         if self.limited {
             self.last_limited = now;
             let w = &mut self.arms[self.current].wire;

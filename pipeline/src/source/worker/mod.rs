@@ -28,6 +28,11 @@ mod copies;
 mod engine;
 mod pages;
 
+/// What a channel may hold unacknowledged while the adaptive choice does not know the
+/// link yet ([`Worker::hold_while_blind`]): about what a socket held before channels
+/// had a send queue.
+const BLIND_HOLD: u64 = 2 << 20;
+
 struct FrameMeta {
     region: RegionId,
     data_runs: Vec<PageRun>,
@@ -296,13 +301,37 @@ impl Worker {
         self.sends.push_back((id, now));
         self.s.bytes_sent.fetch_add(len, Ordering::Relaxed);
         self.reap(false)?;
+        let mut blocked = now - t;
+        if self.s.adaptive.as_ref().is_some_and(|s| !s.link_known()) {
+            blocked += self.hold_while_blind()?;
+        }
         if let Some(sel) = self.s.adaptive.as_mut() {
             // Time on the cap and in the channel: the link's share of the frame; and
             // what the channel still holds, for what really left it.
             let unacked = self.channel.unacked_bytes();
-            sel.observe_send_unacked(len, now - t, unacked, Instant::now());
+            sel.observe_send_unacked(len, blocked, unacked, Instant::now());
         }
         Ok(len)
+    }
+
+    /// While the adaptive choice does not know the link yet, waits until the channel
+    /// holds at most [`BLIND_HOLD`] bytes (within the send timeout) and returns how
+    /// long: its first choice is made blind (raw), and a channel with a send queue
+    /// would otherwise take megabytes of raw frames at once, each worth several
+    /// compressed ones on a slow link. The wait is the channel's: the selector counts
+    /// it as time waiting on the link, which is how it finds a slow link early.
+    fn hold_while_blind(&mut self) -> Result<Duration, MigrationError> {
+        let start = Instant::now();
+        while self
+            .channel
+            .unacked_bytes()
+            .is_some_and(|u| u > BLIND_HOLD)
+            && start.elapsed() < self.s.send_timeout
+        {
+            std::thread::sleep(Duration::from_micros(200));
+            self.reap(false)?;
+        }
+        Ok(start.elapsed())
     }
 
     /// Collects finished sends (their buffers go back to their pools on drop).
