@@ -423,6 +423,8 @@ mod tests {
     fn past_its_budget_send_blocks_and_a_peer_that_never_reads_times_it_out() {
         let (a, _peer) = UnixStream::pair().unwrap();
         let s = Stream::Unix(a);
+        // As a channel sets it: the blocking sends past the budget wait this long.
+        crate::tcp::set_send_timeout(&s, Duration::from_millis(100)).unwrap();
         let mut q = SendQueue::default();
         let mut done = Vec::new();
         let budget = 256 << 10;

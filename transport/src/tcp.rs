@@ -229,7 +229,7 @@ pub(crate) fn unacked(fd: std::os::fd::RawFd) -> Option<u64> {
 }
 
 /// Sets `SO_SNDTIMEO` of `stream` (at least 1 ms: zero would mean no timeout).
-fn set_send_timeout(stream: &Stream, t: Duration) -> io::Result<()> {
+pub(crate) fn set_send_timeout(stream: &Stream, t: Duration) -> io::Result<()> {
     stream.set_write_timeout(Some(t.max(Duration::from_millis(1))))
 }
 
