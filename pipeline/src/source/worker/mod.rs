@@ -322,10 +322,7 @@ impl Worker {
     /// it as time waiting on the link, which is how it finds a slow link early.
     fn hold_while_blind(&mut self) -> Result<Duration, MigrationError> {
         let start = Instant::now();
-        while self
-            .channel
-            .unacked_bytes()
-            .is_some_and(|u| u > BLIND_HOLD)
+        while self.channel.unacked_bytes().is_some_and(|u| u > BLIND_HOLD)
             && start.elapsed() < self.s.send_timeout
         {
             std::thread::sleep(Duration::from_micros(200));
