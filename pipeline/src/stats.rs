@@ -58,6 +58,9 @@ pub struct AdaptiveStats {
     pub recent: Vec<CodecSwitch>,
     /// Frames sent with another candidate to refresh its measurements.
     pub explored_frames: u64,
+    /// Explored frames whose first pages were also encoded, off the wire, by the
+    /// explored compressor and the current choice, compared on the same bytes.
+    pub paired_samples: u64,
     /// The last link rate measured, bytes/s, summed over channels.
     pub link_bytes_per_s: f64,
 }
@@ -88,6 +91,7 @@ impl AdaptiveStats {
         self.recent.extend(o.recent.iter().cloned());
         self.recent.sort_by(|a, b| a.at_ms.total_cmp(&b.at_ms));
         self.explored_frames += o.explored_frames;
+        self.paired_samples += o.paired_samples;
         self.link_bytes_per_s += o.link_bytes_per_s;
     }
 

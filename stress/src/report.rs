@@ -171,9 +171,10 @@ fn adaptive_line(a: &pagewire::AdaptiveStats) -> String {
         .map(|w| format!("{}→{} ({}) ×{}", w.from, w.to, w.reason, w.count))
         .collect();
     format!(
-        "auto chose {} of the guest bytes; {} frames explored; switches: {}",
+        "auto chose {} of the guest bytes; {} frames explored ({} paired); switches: {}",
         shares.join(", "),
         a.explored_frames,
+        a.paired_samples,
         if switches.is_empty() {
             "none".to_string()
         } else {

@@ -105,6 +105,9 @@ fn auto_follows_a_cap_changed_mid_run_and_content_that_changes_class() {
     let compressed = 1.0 - a.share("raw");
     assert!(a.share("raw") > 0.1, "raw for random bytes: {a:?}");
     assert!(compressed > 0.2, "a compressor for text: {a:?}");
+    // Compressors explored while another was the choice were compared with it on the
+    // same bytes.
+    assert!(a.paired_samples > 0, "{a:?}");
     // It switched for the link (towards compression) and for the core (towards raw).
     assert!(a.switches.iter().any(|w| w.reason == "link-bound"), "{a:?}");
     assert!(

@@ -76,7 +76,7 @@ impl Selector {
             if anchor {
                 let c = (saved / a.saves.max(1e-3)).min(MAX_CONTENT);
                 self.content += CONTENT_ALPHA * (c - self.content);
-            } else if self.content >= MIN_CONTENT {
+            } else if self.content >= MIN_CONTENT && a.pairs == 0 {
                 let seen = saved / self.content.max(1e-3);
                 a.saves = if first {
                     seen
@@ -87,6 +87,26 @@ impl Selector {
         }
         let a = &mut self.arms[i];
         a.measured = frame.max(1);
+    }
+
+    /// On the same sample of an explored frame, arm `i` saved `saved` of its bytes and
+    /// the current choice `saved_current`: `i` saves that much more or less than the
+    /// current one does on the reference content. Once paired, an arm's savings follow
+    /// its pairs only, not its explored frames, which are other content than the
+    /// current choice's frames they would be compared with.
+    pub(crate) fn observe_pair(&mut self, i: usize, saved: f64, saved_current: f64) {
+        // A sample the current choice hardly compresses tells nothing of the others.
+        if i >= self.arms.len() || i == self.current || saved_current < PAIR_MIN_SAVED {
+            return;
+        }
+        let seen = self.arms[self.current].saves * saved / saved_current;
+        let a = &mut self.arms[i];
+        a.saves = if a.pairs == 0 {
+            seen
+        } else {
+            a.saves + PAIR_ALPHA * (seen - a.saves)
+        };
+        a.pairs += 1;
     }
 
     /// A frame of `guest` bytes was handed to the channel at `now`. The wall time since

@@ -61,6 +61,20 @@ impl Worker {
                 return self.send_zero(region, split);
             }
         }
+        if let Some(i) = arm {
+            let runs = if staged.is_some() {
+                &[][..]
+            } else {
+                &split.data[..]
+            };
+            self.pair_sample(
+                region,
+                i,
+                &params,
+                staged.as_ref().map(|s| &s.buf[..]),
+                runs,
+            );
+        }
         let list = job.encode(Tag(tag), params);
         let ps = self.s.memory.page_size() as usize;
         match &staged {

@@ -27,6 +27,7 @@ use super::{ChannelRound, Cmd, Counters, Reply, SourceLatency};
 mod copies;
 mod engine;
 mod pages;
+mod pair;
 
 /// What a channel may hold unacknowledged while the adaptive choice does not know the
 /// link yet ([`Worker::hold_while_blind`]): about what a socket held before channels
@@ -112,6 +113,7 @@ impl WorkerSetup {
             next_tag: 0,
             round: ChannelRound::default(),
             round_no: 0,
+            pairing: None,
         })
     }
 }
@@ -131,6 +133,8 @@ pub(super) struct Worker {
     next_tag: u64,
     round: ChannelRound,
     round_no: u32,
+    /// Codec contexts and buffers for the adaptive choice's paired samples.
+    pairing: Option<Box<pair::Pairing>>,
 }
 
 impl Worker {
