@@ -113,6 +113,8 @@ impl UringChannel {
             pending: VecDeque::new(),
             chain_left: 0,
             in_flight_bytes: 0,
+            copied_bytes: 0,
+            unsent_bytes: 0,
             done: Vec::new(),
             send_error: None,
             br,
@@ -221,7 +223,7 @@ impl Channel for UringChannel {
                 max: self.negotiated.max_frame_bytes,
             });
         }
-        let (frame, held) = match self.seal(frame) {
+        let (mut frame, held) = match self.seal(frame) {
             Ok(f) => f,
             Err(e) => {
                 self.failed = true;
@@ -232,12 +234,15 @@ impl Channel for UringChannel {
         let seq = core.next_seq;
         core.next_seq += 1;
         let id = SendId(seq);
+        let early = held.is_empty() && core.copy_behind(&mut frame, id);
+        let wire = frame.wire_len() as u64;
         let fd = Fd(core.stream.as_raw_fd());
         let wait_all = libc::MSG_WAITALL | libc::MSG_NOSIGNAL;
         let payload_bytes = frame.wire_len() - frame.header.len();
         let more = if payload_bytes > 0 { libc::MSG_MORE } else { 0 };
         let mut ops = 0;
         let want_zc = payload_bytes > 0
+            && !early
             && match core.cfg.zero_copy {
                 ZeroCopy::Always => true,
                 ZeroCopy::Never => false,
@@ -331,9 +336,14 @@ impl Channel for UringChannel {
                 zc: 0,
                 copied: copied_anyway,
                 bytes: held_bytes,
+                early,
             },
         );
         core.in_flight_bytes += held_bytes;
+        core.unsent_bytes += wire;
+        if early {
+            core.copied_bytes += held_bytes;
+        }
         core.stats.peak_in_flight_bytes = core
             .stats
             .peak_in_flight_bytes
@@ -394,7 +404,11 @@ impl Channel for UringChannel {
     }
 
     fn unacked_bytes(&self) -> Option<u64> {
-        crate::tcp::unacked(self.core.stream.as_raw_fd())
+        // The socket's queue and what the ring holds for it: a channel that takes
+        // frames in far faster than the link drains them holds the difference here.
+        // The part of a send under way that is in the socket already counts twice
+        // (at most one send's bytes).
+        crate::tcp::unacked(self.core.stream.as_raw_fd()).map(|n| n + self.core.unsent_bytes)
     }
 
     fn stats(&self) -> ChannelStats {

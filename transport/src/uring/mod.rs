@@ -39,7 +39,10 @@
 //! - **Backpressure**: `send` queues and returns at once while the payload bytes owned
 //!   by the channel are under `max_in_flight_bytes`; above that it waits for
 //!   completions and fails with [`ChannelError::SendTimeout`](crate::ChannelError::SendTimeout) when none comes within
-//!   `send_timeout`.
+//!   `send_timeout`. Behind a backlog (more than [`COPY_FROM`] in flight), a frame
+//!   whose payload is all buffers is copied and completes at once, up to
+//!   [`UringConfig::copy_backlog`] of copies: its buffer goes back to the codec's pool,
+//!   so the sender runs ahead of a slow link by more than its pool holds.
 //! - **Receive**: one multishot `IORING_OP_RECV` fills buffers of a provided-buffer
 //!   ring (`IORING_REGISTER_PBUF_RING`); each buffer goes back to the ring as soon as
 //!   its bytes are consumed, and the receive is re-armed when it ends (ring empty).
@@ -107,6 +110,9 @@ const SPARE_RECORD_BUFFERS: usize = 4;
 /// TLS: a records buffer larger than this is freed rather than kept (a rare large
 /// frame does not pin its memory).
 const MAX_SPARE_RECORD_BUFFER: usize = 2 << 20;
+/// What a channel holds in flight before it copies buffer payloads (see
+/// [`UringConfig::copy_backlog`]): about the socket's buffer, 30 ms at 1 Gbit/s.
+pub const COPY_FROM: usize = 2 << 20;
 const IO_URING_DISABLED: &str = "/proc/sys/kernel/io_uring_disabled";
 
 /// Settings of an io_uring channel.
@@ -116,6 +122,15 @@ pub struct UringConfig {
     pub entries: u32,
     /// Payload bytes the channel may own before `send` waits.
     pub max_in_flight_bytes: usize,
+    /// Behind a backlog (more than [`COPY_FROM`] bytes in flight), a frame whose
+    /// payload is all buffers (no guest pages) is copied into memory of the channel
+    /// and completes at once, so its buffer goes back to its pool while the link is
+    /// what limits; at most this many bytes of such copies at a time (0: never). The
+    /// codec's pool otherwise bounds what a channel can send ahead of a slow link (32
+    /// compressed frames, about 70 ms at 1 Gbit/s), and stretches where the cores
+    /// limit leave the link idle. Not inside TLS (the sealed records are a copy
+    /// already).
+    pub copy_backlog: usize,
     /// Buffers in the provided-buffer ring (a power of two, at most 32768).
     pub recv_buffers: u16,
     /// Size of each receive buffer (see the module docs for the trade-off).
@@ -137,6 +152,7 @@ impl Default for UringConfig {
         Self {
             entries: 256,
             max_in_flight_bytes: 64 << 20,
+            copy_backlog: 16 << 20,
             recv_buffers: 16,
             recv_buffer_size: 8 << 10,
             send_timeout: Duration::from_secs(30),
@@ -313,6 +329,9 @@ struct InFlight {
     zc: u32,
     copied: u32,
     bytes: usize,
+    /// Its payload is a copy and its frame completed when sent (`copy_backlog`): no
+    /// completion is due when the kernel is done with it.
+    early: bool,
 }
 
 /// A `msghdr` and its `iovec`s, at a stable address while the kernel reads them.
@@ -349,6 +368,11 @@ struct Core {
     pending: VecDeque<squeue::Entry>,
     chain_left: u32,
     in_flight_bytes: usize,
+    /// Bytes of in-flight frames whose payload is a copy (`copy_backlog`).
+    copied_bytes: usize,
+    /// Bytes queued on the ring that no send has handed to the socket yet: with the
+    /// socket's own queue, what the channel holds unacknowledged.
+    unsent_bytes: u64,
     done: Vec<Completed>,
     send_error: Option<io::Error>,
     br: BufRing,

@@ -11,11 +11,11 @@ use io_uring::types::{CancelBuilder, Fd, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue};
 
 use super::{
-    BGID, BufRing, CANCEL_TAG, Core, DIRECT_TAG, MAX_SPARE_RECORD_BUFFER, NOTIF_USAGE_ZC_COPIED,
-    RECV_TAG, SPARE_RECORD_BUFFERS, ZC_AUTO_COPIED, ZC_AUTO_PAUSE,
+    BGID, BufRing, CANCEL_TAG, COPY_FROM, Core, DIRECT_TAG, MAX_SPARE_RECORD_BUFFER,
+    NOTIF_USAGE_ZC_COPIED, RECV_TAG, SPARE_RECORD_BUFFERS, ZC_AUTO_COPIED, ZC_AUTO_PAUSE,
 };
 use crate::buf::{Mapping, Payload};
-use crate::channel::{ChannelError, Completed};
+use crate::channel::{ChannelError, Completed, OutFrame, SendId};
 
 impl BufRing {
     pub(super) fn new(entries: u16, size: u32) -> io::Result<Self> {
@@ -218,6 +218,9 @@ impl Core {
             if cqueue::more(flags) {
                 f.ops += 1;
             }
+            if res > 0 {
+                self.unsent_bytes = self.unsent_bytes.saturating_sub(res as u64);
+            }
             if res < 0 && self.send_error.is_none() {
                 self.send_error = Some(io::Error::from_raw_os_error(-res));
             }
@@ -229,11 +232,16 @@ impl Core {
             self.keep_records(f.header, f.sealed);
             self.stats.zc_sends += u64::from(f.zc);
             self.stats.zc_copied += u64::from(f.copied);
-            self.done.push(Completed {
-                id: f.id,
-                payload: f.payload,
-                zero_copy: (f.zc, f.copied),
-            });
+            if f.early {
+                // Completed when sent: only the copy goes.
+                self.copied_bytes -= f.bytes;
+            } else {
+                self.done.push(Completed {
+                    id: f.id,
+                    payload: f.payload,
+                    zero_copy: (f.zc, f.copied),
+                });
+            }
         }
         Ok(())
     }
@@ -347,12 +355,48 @@ impl Core {
         if let Some(f) = self.inflight.remove(&seq) {
             self.in_flight_bytes -= f.bytes;
             self.keep_records(f.header, f.sealed);
-            self.done.push(Completed {
-                id: f.id,
-                payload: f.payload,
-                zero_copy: (0, 0),
-            });
+            if f.early {
+                self.copied_bytes -= f.bytes;
+            } else {
+                self.done.push(Completed {
+                    id: f.id,
+                    payload: f.payload,
+                    zero_copy: (0, 0),
+                });
+            }
         }
+    }
+
+    /// Behind a backlog, copies a frame whose payload is all buffers into one vector
+    /// of the channel's and completes the frame now, handing its buffers back (see
+    /// [`UringConfig::copy_backlog`]); `true` when it did.
+    pub(super) fn copy_behind(&mut self, frame: &mut OutFrame, id: SendId) -> bool {
+        let bytes = frame.wire_len() - frame.header.len();
+        if bytes == 0
+            || self.in_flight_bytes < COPY_FROM
+            || self.copied_bytes + bytes > self.cfg.copy_backlog
+            || frame
+                .payload
+                .iter()
+                .any(|p| matches!(p, Payload::Guest(_) | Payload::Bytes(_)))
+        {
+            return false;
+        }
+        let mut copy = Vec::with_capacity(bytes);
+        for p in &frame.payload {
+            match p {
+                Payload::Pool(b) => copy.extend_from_slice(b.as_slice()),
+                Payload::Foreign(b) => copy.extend_from_slice(b),
+                Payload::Guest(_) | Payload::Bytes(_) => {}
+            }
+        }
+        let originals = std::mem::replace(&mut frame.payload, vec![Payload::Bytes(copy)]);
+        self.done.push(Completed {
+            id,
+            payload: originals,
+            zero_copy: (0, 0),
+        });
+        true
     }
 }
 
