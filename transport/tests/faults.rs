@@ -7,7 +7,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use common::*;
-use pagewire_protocol::{CodecId, PageFrame, PageIndex, PageRun, RegionId, Round, WireList};
+use pagewire_protocol::RegionId;
 use pagewire_transport::session::{AnyChannel, Backend, SessionError};
 use pagewire_transport::uring::{UringError, ZeroCopy};
 use pagewire_transport::{
@@ -191,23 +191,8 @@ fn uring_zero_copy_buffer_is_not_released_before_its_notification() {
     let content = patterned(512, 77);
     content.read(0, buf.spare_mut());
     buf.set_len(2 << 20);
-    let runs = [PageRun {
-        start: PageIndex(0),
-        count: 512,
-    }];
-    let header = PageFrame {
-        codec: CodecId::RAW,
-        region: RegionId(0),
-        round: Round(1),
-        data_runs: WireList::Slice(&runs),
-        zero_runs: WireList::Slice(&[]),
-        uniform_runs: WireList::Slice(&[]),
-        lengths: None,
-        crc: None,
-        payload: &[],
-    };
     let id = ch
-        .send(OutFrame::pages(&header, vec![Payload::Pool(buf)]).unwrap())
+        .send(raw_pages(0, 512, vec![Payload::Pool(buf)]))
         .unwrap();
     let mut done = Vec::new();
     for _ in 0..10 {
@@ -438,21 +423,6 @@ fn a_uring_channel_behind_a_backlog_copies_buffer_frames_and_hands_their_buffers
     let pool = BufferPool::new(6, 512 << 10).unwrap();
     let (mut src, mut dst) = pair(&cfg);
     let mut ch = src.remove(0).open(&URING, &cfg).unwrap();
-    let runs = [PageRun {
-        start: PageIndex(0),
-        count: 128,
-    }];
-    let header = PageFrame {
-        codec: CodecId::RAW,
-        region: RegionId(0),
-        round: Round(1),
-        data_runs: WireList::Slice(&runs),
-        zero_runs: WireList::Slice(&[]),
-        uniform_runs: WireList::Slice(&[]),
-        lengths: None,
-        crc: None,
-        payload: &[],
-    };
     let mut sent = Vec::new();
     let mut done = Vec::new();
     // 18 frames, 9 MiB, while the peer reads nothing.
@@ -462,7 +432,7 @@ fn a_uring_channel_behind_a_backlog_copies_buffer_frames_and_hands_their_buffers
             .unwrap_or_else(|| panic!("no buffer back for frame {i}"));
         buf.spare_mut().fill(i);
         buf.set_len(512 << 10);
-        ch.send(OutFrame::pages(&header, vec![Payload::Pool(buf)]).unwrap())
+        ch.send(raw_pages(0, 128, vec![Payload::Pool(buf)]))
             .unwrap();
         sent.push(i);
         ch.poll_completions(&mut done).unwrap();

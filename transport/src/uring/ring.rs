@@ -11,7 +11,7 @@ use io_uring::types::{CancelBuilder, Fd, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue};
 
 use super::{
-    BGID, BufRing, CANCEL_TAG, COPY_FROM, Core, DIRECT_TAG, MAX_SPARE_RECORD_BUFFER,
+    BGID, BufRing, CANCEL_TAG, COPY_FROM, Core, DIRECT_TAG, InFlight, MAX_SPARE_RECORD_BUFFER,
     NOTIF_USAGE_ZC_COPIED, RECV_TAG, SPARE_RECORD_BUFFERS, ZC_AUTO_COPIED, ZC_AUTO_PAUSE,
 };
 use crate::buf::{Mapping, Payload};
@@ -228,20 +228,7 @@ impl Core {
         if f.ops == 0
             && let Some(f) = self.inflight.remove(&seq)
         {
-            self.in_flight_bytes -= f.bytes;
-            self.keep_records(f.header, f.sealed);
-            self.stats.zc_sends += u64::from(f.zc);
-            self.stats.zc_copied += u64::from(f.copied);
-            if f.early {
-                // Completed when sent: only the copy goes.
-                self.copied_bytes -= f.bytes;
-            } else {
-                self.done.push(Completed {
-                    id: f.id,
-                    payload: f.payload,
-                    zero_copy: (f.zc, f.copied),
-                });
-            }
+            self.finish(f);
         }
         Ok(())
     }
@@ -353,17 +340,25 @@ impl Core {
 
     pub(super) fn on_send_empty(&mut self, seq: u64) {
         if let Some(f) = self.inflight.remove(&seq) {
-            self.in_flight_bytes -= f.bytes;
-            self.keep_records(f.header, f.sealed);
-            if f.early {
-                self.copied_bytes -= f.bytes;
-            } else {
-                self.done.push(Completed {
-                    id: f.id,
-                    payload: f.payload,
-                    zero_copy: (0, 0),
-                });
-            }
+            self.finish(f);
+        }
+    }
+
+    /// The kernel is done with frame `f`: its bytes leave the budget, and its payload
+    /// goes back to the caller, unless it went back when sent (a copy, `early`).
+    fn finish(&mut self, f: InFlight) {
+        self.in_flight_bytes -= f.bytes;
+        self.keep_records(f.header, f.sealed);
+        self.stats.zc_sends += u64::from(f.zc);
+        self.stats.zc_copied += u64::from(f.copied);
+        if f.early {
+            self.copied_bytes -= f.bytes;
+        } else {
+            self.done.push(Completed {
+                id: f.id,
+                payload: f.payload,
+                zero_copy: (f.zc, f.copied),
+            });
         }
     }
 

@@ -163,6 +163,15 @@ pub fn first_difference(a: &GuestMemory, b: &GuestMemory) -> Option<usize> {
 
 /// A raw PAGES frame of pages `start..start + count` of `mem`, sent from guest memory.
 pub fn raw_frame(mem: &GuestMemory, start: u64, count: u32) -> OutFrame {
+    let slice = mem
+        .slice(start as usize * PAGE, count as usize * PAGE)
+        .unwrap();
+    raw_pages(start, count, vec![Payload::Guest(slice)])
+}
+
+/// A raw PAGES frame of pages `start..start + count` (region 0, round 1) carrying
+/// `payload`.
+pub fn raw_pages(start: u64, count: u32, payload: Vec<Payload>) -> OutFrame {
     let runs = [PageRun {
         start: PageIndex(start),
         count,
@@ -178,10 +187,7 @@ pub fn raw_frame(mem: &GuestMemory, start: u64, count: u32) -> OutFrame {
         crc: None,
         payload: &[],
     };
-    let slice = mem
-        .slice(start as usize * PAGE, count as usize * PAGE)
-        .unwrap();
-    OutFrame::pages(&header, vec![Payload::Guest(slice)]).unwrap()
+    OutFrame::pages(&header, payload).unwrap()
 }
 
 /// io_uring without fallback.
