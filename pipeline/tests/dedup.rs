@@ -93,12 +93,16 @@ fn migrate_into(
     let d = &migrated.stats;
     if dedup && codec != CodecId::RAW && writes_per_s == 0 {
         let (ordinary, round_end) = (d.copied_pages - d.round_end_pages, d.round_end_pages);
-        let twins = match gap {
-            SAME_CHANNEL => ordinary,
-            _ => round_end,
+        // Across channels, which channel sends a page first is a race: a twin the
+        // other channel has not sent yet goes as data, and the content's own repeats
+        // then go as ordinary copies (round-end copies were 80–100 % of the data in
+        // 28 runs; the copies in all stay above 90 %, checked by the callers).
+        let (twins, share) = match gap {
+            SAME_CHANNEL => (ordinary, 9),
+            _ => (round_end, 7),
         };
         assert!(
-            twins * 10 >= data * 9,
+            twins * 10 >= data * share,
             "gap {gap}: {twins} of {data}: {d:?}"
         );
     }

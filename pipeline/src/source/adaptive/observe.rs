@@ -207,9 +207,14 @@ impl Selector {
             .map_or(per_byte, |c| (c * 1.02).min(per_byte))
             .min(COPY_MAX);
         self.copy = Some(copy);
+        // A backlog that shrank over the window says the cores limited it: the link
+        // drained faster than the channel was fed, and a deep queue (the TCP send
+        // queue, the io_uring ring) carries the link through such a stretch. Pricing
+        // it as link-bound had auto spend the cores on zstd while they were what
+        // limited.
         let backlog = matches!(
             (self.window_unacked, unacked),
-            (Some(a), Some(b)) if a.min(b) >= BACKLOG
+            (Some(a), Some(b)) if a.min(b) >= BACKLOG && b >= a
         );
         self.limited = backlog || (per_byte > BLOCKED * copy && self.window_blocked > span / 10);
         if self.limited {
