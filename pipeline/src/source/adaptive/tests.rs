@@ -614,3 +614,24 @@ fn paired_samples_compare_an_explored_compressor_on_the_same_content() {
     let (s, _) = explored_on_other_content(false);
     assert!(err(&s, "deflate:1") > 0.1, "{:?}", s.arms);
 }
+
+#[test]
+fn a_backlog_that_shrank_over_a_window_is_not_link_bound() {
+    // Windows of 110 ms in which the channel took 2 MiB and never made `send` wait:
+    // what it held at their ends alone says whether the link limited.
+    let mut now = Instant::now();
+    let mut s = selector(now);
+    s.choose(now);
+    let mib = 1u64 << 20;
+    for (held, busy) in [
+        (4 * mib, false), // from nothing: no backlog at the start
+        (5 * mib, true),  // grew: the link drains slower than the channel is fed
+        (3 * mib, false), // shrank: the cores limited, the queue kept the link busy
+        (3 * mib, true),  // held: the link carried all the channel took
+        (mib / 2, false), // next to nothing held at the end
+    ] {
+        now += Duration::from_millis(110);
+        s.observe_send_unacked(2 * mib, Duration::ZERO, Some(held), now);
+        assert_eq!(s.limited, busy, "held {held} after {:?}", s.window_unacked);
+    }
+}
