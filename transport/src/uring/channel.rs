@@ -235,10 +235,10 @@ impl Channel for UringChannel {
         core.next_seq += 1;
         let id = SendId(seq);
         let early = held.is_empty() && core.copy_behind(&mut frame, id);
-        let wire = frame.wire_len() as u64;
+        let wire = frame.wire_len();
         let fd = Fd(core.stream.as_raw_fd());
         let wait_all = libc::MSG_WAITALL | libc::MSG_NOSIGNAL;
-        let payload_bytes = frame.wire_len() - frame.header.len();
+        let payload_bytes = wire - frame.header.len();
         let more = if payload_bytes > 0 { libc::MSG_MORE } else { 0 };
         let mut ops = 0;
         let want_zc = payload_bytes > 0
@@ -340,7 +340,7 @@ impl Channel for UringChannel {
             },
         );
         core.in_flight_bytes += held_bytes;
-        core.unsent_bytes += wire;
+        core.unsent_bytes += wire as u64;
         if early {
             core.copied_bytes += held_bytes;
         }
