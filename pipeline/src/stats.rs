@@ -380,6 +380,9 @@ pub struct ZeroCopySummary {
     pub zero_copy: u64,
     /// Sends the kernel had to copy.
     pub copied: u64,
+    /// io_uring: memory registered as fixed buffers, all channels (0 until a zero-copy
+    /// send went in place, unless zero-copy was forced on).
+    pub registered_bytes: u64,
 }
 
 /// TLS on the source's channels.
@@ -613,8 +616,10 @@ impl fmt::Display for MigrationStats {
         )?;
         writeln!(
             f,
-            "zero-copy sends:       {} zero-copy, {} copied",
-            self.zero_copy.zero_copy, self.zero_copy.copied
+            "zero-copy sends:       {} zero-copy, {} copied, {} MiB registered",
+            self.zero_copy.zero_copy,
+            self.zero_copy.copied,
+            self.zero_copy.registered_bytes >> 20
         )?;
         if self.tls.encrypted {
             writeln!(

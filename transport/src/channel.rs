@@ -152,6 +152,13 @@ pub struct ChannelStats {
     pub zc_sends: u64,
     /// Zero-copy sends the kernel fell back to copying (always so on loopback).
     pub zc_copied: u64,
+    /// io_uring: bytes of guest memory and buffer pools registered as fixed buffers
+    /// (pinned), 0 until a zero-copy send went in place with `ZeroCopy::Auto` (see the
+    /// `uring` module).
+    pub registered_bytes: u64,
+    /// io_uring: registrations the kernel refused (e.g. `RLIMIT_MEMLOCK`); the sends
+    /// stayed zero-copy from unregistered memory.
+    pub register_failures: u64,
     /// Highest number of payload bytes owned by the channel at once.
     pub peak_in_flight_bytes: u64,
     /// TLS: plaintext bytes sealed into records (frames sent, handshake included).

@@ -16,6 +16,8 @@ struct Outcome {
     copied: u64,
     payload_sends: u64,
     placed: u64,
+    /// Bytes the senders registered as fixed buffers.
+    registered: u64,
 }
 
 /// Sends `pages` pages in frames of `frame_pages`, frame `i` on channel `i % n`, and
@@ -107,6 +109,7 @@ fn transfer_over(
         copied: 0,
         payload_sends: 0,
         placed: 0,
+        registered: 0,
     };
     let mut sent_frames = 0;
     for s in senders {
@@ -115,6 +118,7 @@ fn transfer_over(
         out.zc += stats.zc_sends;
         out.copied += stats.zc_copied;
         out.payload_sends += sent;
+        out.registered += stats.registered_bytes;
     }
     let mut recv_frames = 0;
     for r in receivers {
@@ -148,6 +152,56 @@ fn uring_to_uring_32_mib_over_2_channels() {
     assert_eq!(o.placed, 8192 * PAGE as u64);
     // Every payload send got its notification, counted as in place or copied.
     assert_eq!(o.zc + o.copied, o.payload_sends);
+    // `Always`: each channel registered the guest memory when it opened.
+    assert_eq!(o.registered, 2 * 8192 * PAGE as u64);
+}
+
+/// Pages of `mem` the kernel has in memory.
+fn resident_pages(mem: &pagewire_transport::GuestMemory) -> usize {
+    let mut vec = vec![0u8; mem.len().div_ceil(PAGE)];
+    // SAFETY: `mem` is a page-aligned mapping of `mem.len()` bytes, and `vec` has a
+    // byte for each of its pages.
+    let rc = unsafe { libc::mincore(mem.as_ptr().cast(), mem.len(), vec.as_mut_ptr()) };
+    assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+    vec.iter().filter(|&&b| b & 1 == 1).count()
+}
+
+#[test]
+fn an_auto_uring_channel_over_loopback_pins_no_guest_memory() {
+    if !uring_available() {
+        return;
+    }
+    // 64 MiB of guest memory never touched but for the 64 pages sent: registering it
+    // as fixed buffers would pin, and so fault in, all of it.
+    let total = 64 << 20;
+    for zero_copy in [ZeroCopy::Auto, ZeroCopy::Always] {
+        let mem = pagewire_transport::GuestMemory::anonymous(total).unwrap();
+        mem.write(0, &vec![0x5a; 64 * PAGE]);
+        let mut cfg = config(11, 1);
+        cfg.uring.guest = vec![mem.clone()];
+        cfg.uring.zero_copy = zero_copy;
+        let (mut src, mut dst) = pair(&cfg);
+        let reader = count_frames(dst.remove(0), &cfg);
+        let mut ch = src.remove(0).open(&URING, &cfg).unwrap();
+        for _ in 0..2 * ZC_AUTO_COPIED {
+            ch.send(raw_frame(&mem, 0, 64)).unwrap();
+            ch.flush(&mut Vec::new()).unwrap();
+        }
+        let stats = ch.stats();
+        ch.close(&mut Vec::new()).unwrap();
+        assert_eq!(reader.join().unwrap(), 2 * ZC_AUTO_COPIED);
+        let resident = resident_pages(&mem);
+        if zero_copy == ZeroCopy::Auto {
+            // Loopback copies every zero-copy send: nothing was registered.
+            assert_eq!(stats.registered_bytes, 0, "{stats:?}");
+            assert!(resident < total / PAGE / 4, "{resident} pages resident");
+        } else {
+            // Asked for: registered at open, every page pinned (the check above sees
+            // it).
+            assert_eq!(stats.registered_bytes, total as u64, "{stats:?}");
+            assert_eq!(resident, total / PAGE);
+        }
+    }
 }
 
 #[test]
@@ -181,7 +235,9 @@ fn uring_sender_to_tcp_receiver_and_back() {
     if !uring_available() {
         return;
     }
-    transfer(URING, Backend::Tcp, 2, 2048, 100, ZeroCopy::Auto);
+    // Over loopback every zero-copy send is copied: `Auto` registers nothing.
+    let o = transfer(URING, Backend::Tcp, 2, 2048, 100, ZeroCopy::Auto);
+    assert_eq!(o.registered, 0);
     transfer(Backend::Tcp, URING, 2, 2048, 100, ZeroCopy::Auto);
 }
 

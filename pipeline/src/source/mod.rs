@@ -59,6 +59,8 @@ pub(crate) struct Counters {
     pub(crate) raw: AtomicU64,
     pub(crate) zc: AtomicU64,
     pub(crate) zc_copied: AtomicU64,
+    /// The channel's registered bytes so far.
+    pub(crate) registered: AtomicU64,
     /// The channel's TLS byte counters so far (sealed, copied; 0 in clear).
     pub(crate) tls_sealed: AtomicU64,
     pub(crate) tls_copied: AtomicU64,
@@ -508,6 +510,7 @@ impl Source {
             s.guest_bytes += c.guest_bytes.load(Ordering::Relaxed);
             s.zero_copy.zero_copy += c.zc.load(Ordering::Relaxed);
             s.zero_copy.copied += c.zc_copied.load(Ordering::Relaxed);
+            s.zero_copy.registered_bytes += c.registered.load(Ordering::Relaxed);
             s.tls.sealed_bytes += c.tls_sealed.load(Ordering::Relaxed);
             s.tls.copied_bytes += c.tls_copied.load(Ordering::Relaxed);
             s.channel_bytes.push(w.bytes_sent.load(Ordering::Relaxed));

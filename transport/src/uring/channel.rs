@@ -12,8 +12,8 @@ use io_uring::types::Fd;
 use pagewire_protocol::Negotiated;
 
 use super::{
-    BGID, BufRing, Core, Fixed, InFlight, MAX_FIXED, MsgHdr, SEND_ZC_REPORT_USAGE, UringChannel,
-    UringConfig, UringError, ZC_AUTO_COPIED, ZeroCopy, build_ring,
+    BGID, BufRing, Core, Fixed, FixedState, InFlight, MAX_FIXED, MsgHdr, SEND_ZC_REPORT_USAGE,
+    UringChannel, UringConfig, UringError, ZC_AUTO_COPIED, ZeroCopy, build_ring,
 };
 use crate::buf::Payload;
 use crate::channel::{
@@ -43,7 +43,6 @@ impl UringChannel {
             })?;
         }
         let zc_capable = stream.is_tcp();
-        let mut iovecs = Vec::new();
         let mut fixed = Vec::new();
         let regions = cfg
             .guest
@@ -57,10 +56,6 @@ impl UringChannel {
             let mut off = 0;
             while off < len {
                 let n = (len - off).min(MAX_FIXED);
-                iovecs.push(libc::iovec {
-                    iov_base: ptr.wrapping_add(off).cast(),
-                    iov_len: n,
-                });
                 fixed.push(Fixed {
                     memory,
                     base: ptr as usize + off,
@@ -72,17 +67,17 @@ impl UringChannel {
         if fixed.len() > usize::from(u16::MAX) {
             return Err(UringError::Config("too many fixed buffers"));
         }
-        if !iovecs.is_empty() {
-            // SAFETY: each iovec covers memory owned by a GuestMemory or BufferPool
-            // kept in `cfg`, which the channel holds (in `Core::cfg`) for as long as the
-            // ring lives; the ring is dropped first.
-            unsafe { ring.submitter().register_buffers(&iovecs) }.map_err(|source| {
-                UringError::Register {
-                    what: "guest memory and buffer pools",
-                    source,
-                }
-            })?;
-        }
+        // Registering pins (and so faults in) every page of the memory: done at once
+        // only when every payload goes zero-copy; with `Auto`, once a send went in
+        // place (see `FixedState`).
+        let fixed_state = if fixed.is_empty() || cfg.zero_copy == ZeroCopy::Never {
+            FixedState::Never
+        } else if cfg.zero_copy == ZeroCopy::Always {
+            register_fixed(&ring, &fixed)?;
+            FixedState::Registered
+        } else {
+            FixedState::Deferred
+        };
         let mut br = BufRing::new(cfg.recv_buffers, cfg.recv_buffer_size)
             .map_err(|source| UringError::Io { op: "mmap", source })?;
         // SAFETY: the ring mapping is page-aligned, `recv_buffers` entries long, and
@@ -108,6 +103,7 @@ impl UringChannel {
             zc_capable,
             cfg: cfg.clone(),
             fixed,
+            fixed_state,
             inflight: HashMap::new(),
             next_seq: 0,
             pending: VecDeque::new(),
@@ -130,6 +126,9 @@ impl UringChannel {
             spare_records: Vec::new(),
             stats: ChannelStats::default(),
         };
+        if fixed_state == FixedState::Registered {
+            core.stats.registered_bytes = core.fixed.iter().map(|f| f.len as u64).sum();
+        }
         core.arm().map_err(|source| UringError::Io {
             op: "arming the multishot receive",
             source,
@@ -209,6 +208,45 @@ impl UringChannel {
     }
 }
 
+/// Registers `fixed` as the ring's fixed buffers, in order (a piece's index is its
+/// `buf_index`).
+fn register_fixed(ring: &io_uring::IoUring, fixed: &[Fixed]) -> Result<(), UringError> {
+    let iovecs: Vec<libc::iovec> = fixed
+        .iter()
+        .map(|f| libc::iovec {
+            iov_base: f.base as *mut libc::c_void,
+            iov_len: f.len,
+        })
+        .collect();
+    // SAFETY: each iovec covers memory owned by a GuestMemory or BufferPool kept in
+    // `Core::cfg` for as long as the ring lives; the ring is dropped first.
+    unsafe { ring.submitter().register_buffers(&iovecs) }.map_err(|source| UringError::Register {
+        what: "guest memory and buffer pools",
+        source,
+    })
+}
+
+impl Core {
+    /// [`ZeroCopy::Auto`]: registers the fixed buffers once a zero-copy send went in
+    /// place (the link can use them); a failure (`RLIMIT_MEMLOCK`) leaves the sends
+    /// zero-copy from unregistered memory, which the kernel pins per send.
+    pub(super) fn register_when_due(&mut self) {
+        if self.fixed_state != FixedState::Deferred || self.zc_budget != u32::MAX {
+            return;
+        }
+        self.fixed_state = match register_fixed(&self.ring, &self.fixed) {
+            Ok(()) => {
+                self.stats.registered_bytes = self.fixed.iter().map(|f| f.len as u64).sum();
+                FixedState::Registered
+            }
+            Err(_) => {
+                self.stats.register_failures += 1;
+                FixedState::Failed
+            }
+        };
+    }
+}
+
 impl Channel for UringChannel {
     fn negotiated(&self) -> &Negotiated {
         &self.negotiated
@@ -231,6 +269,7 @@ impl Channel for UringChannel {
             }
         };
         let core = &mut self.core;
+        core.register_when_due();
         let seq = core.next_seq;
         core.next_seq += 1;
         let id = SendId(seq);

@@ -9,10 +9,17 @@
 //! - **Copying sends**: a frame sent without zero-copy goes as one vectored
 //!   `IORING_OP_SENDMSG` of its header and payload.
 //! - **Registration**: the guest memory regions and buffer pools named in
-//!   [`UringConfig`] are registered once, when the channel opens, as fixed buffers (in
-//!   pieces of at most 1 GiB). A payload slice inside one of them is sent with
-//!   `IORING_OP_SEND_ZC` and `IORING_RECVSEND_FIXED_BUF`; any other slice with
-//!   `SEND_ZC` on unregistered memory (the kernel pins it per send). The header goes
+//!   [`UringConfig`] are registered once as fixed buffers (in pieces of at most 1 GiB):
+//!   when the channel opens with [`ZeroCopy::Always`]; with [`ZeroCopy::Auto`] only
+//!   once a zero-copy send went in place, since registering pins, and so faults in,
+//!   every page of the memory (about 30-60 ms per GiB here, and all of a sparse
+//!   guest's memory), which a link that always copies (loopback, veth, a Unix socket)
+//!   never repays; never with [`ZeroCopy::Never`]. If the kernel refuses a deferred
+//!   registration (`RLIMIT_MEMLOCK`), the sends stay zero-copy from unregistered
+//!   memory ([`ChannelStats::register_failures`]). Once registered, a payload slice
+//!   inside that memory is sent with `IORING_OP_SEND_ZC` and
+//!   `IORING_RECVSEND_FIXED_BUF`; any other slice with `SEND_ZC` on unregistered
+//!   memory (the kernel pins it per send). The header goes
 //!   with a plain `IORING_OP_SEND` (`MSG_MORE`), since copying a few bytes is cheaper
 //!   than a notification.
 //! - **Ordering**: a frame's sends are linked (`IOSQE_IO_LINK`) and sent with
@@ -141,9 +148,9 @@ pub struct UringConfig {
     pub recv_timeout: Option<Duration>,
     /// When payloads go with `SEND_ZC`.
     pub zero_copy: ZeroCopy,
-    /// Guest memory to register as fixed buffers.
+    /// Guest memory to register as fixed buffers (when, see the module docs).
     pub guest: Vec<GuestMemory>,
-    /// Buffer pools to register as fixed buffers.
+    /// Buffer pools to register as fixed buffers (with `guest`).
     pub pools: Vec<BufferPool>,
 }
 
@@ -305,12 +312,28 @@ pub fn probe(cfg: &UringConfig) -> Result<(), UringError> {
     build_ring(cfg).map(drop)
 }
 
-/// A registered fixed buffer.
+/// A piece of memory to register as a fixed buffer.
 #[derive(Debug)]
 struct Fixed {
     memory: u64,
     base: usize,
     len: usize,
+}
+
+/// Whether [`Core::fixed`] is registered with the ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FixedState {
+    /// Nothing to register, or [`ZeroCopy::Never`].
+    Never,
+    /// [`ZeroCopy::Auto`] until a zero-copy send goes in place: pinning the memory
+    /// costs time at open (about 30-60 ms per GiB here) and faults in every page of
+    /// it, which a link that copies (loopback, veth, a Unix socket) never repays.
+    Deferred,
+    /// Registered: payloads inside it are sent with `IORING_RECVSEND_FIXED_BUF`.
+    Registered,
+    /// Registering failed (e.g. `RLIMIT_MEMLOCK`); sends stay zero-copy from
+    /// unregistered memory.
+    Failed,
 }
 
 /// One frame in the kernel.
@@ -363,6 +386,7 @@ struct Core {
     zc_capable: bool,
     cfg: UringConfig,
     fixed: Vec<Fixed>,
+    fixed_state: FixedState,
     inflight: HashMap<u64, InFlight>,
     next_seq: u64,
     pending: VecDeque<squeue::Entry>,
@@ -451,6 +475,53 @@ mod tests {
         assert!(matches!(e, UringError::NotSupported { .. }));
         let e = classify_setup_error(io::Error::from_raw_os_error(libc::EINVAL), Some(0));
         assert!(e.to_string().contains("6.1"));
+    }
+
+    #[test]
+    fn auto_registers_the_memory_once_a_send_went_in_place() {
+        // Loopback never sends in place; the notification that would is fed by hand.
+        if let Err(e) = probe(&UringConfig::default()) {
+            assert!(
+                std::env::var("PAGEWIRE_REQUIRE_URING").as_deref() != Ok("1"),
+                "PAGEWIRE_REQUIRE_URING=1 but io_uring is unavailable: {e}"
+            );
+            eprintln!("skipped: io_uring unavailable: {e}");
+            return;
+        }
+        let mem = GuestMemory::anonymous(2 << 20).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let _peer = listener.accept().unwrap();
+        let negotiated = Negotiated {
+            version: pagewire_protocol::limits::VERSION_6,
+            session: pagewire_protocol::SessionId([1; 16]),
+            channel: pagewire_protocol::ChannelId(0),
+            channel_count: 1,
+            page_size: 4096,
+            max_pages: 64,
+            max_frame_bytes: 1 << 20,
+            codecs: pagewire_protocol::CodecSet::all_known(),
+            checksum: None,
+            auth: None,
+        };
+        let cfg = UringConfig {
+            guest: vec![mem.clone()],
+            ..UringConfig::default()
+        };
+        let mut ch = UringChannel::new(stream, negotiated, &[], &cfg).unwrap();
+        let page = Payload::Guest(mem.slice(4096, 4096).unwrap());
+        assert_eq!(ch.core.fixed_state, FixedState::Deferred);
+        assert_eq!(ch.core.fixed_index(&page), None);
+        // Copied notifications change nothing.
+        ch.core.note_zc_usage(true);
+        ch.core.register_when_due();
+        assert_eq!(ch.core.fixed_state, FixedState::Deferred);
+        // One in place: the next send registers, and guest slices go as fixed buffers.
+        ch.core.note_zc_usage(false);
+        ch.core.register_when_due();
+        assert_eq!(ch.core.fixed_state, FixedState::Registered);
+        assert_eq!(ch.core.fixed_index(&page), Some(0));
+        assert_eq!(ch.core.stats.registered_bytes, 2 << 20);
     }
 
     #[test]

@@ -64,6 +64,9 @@ impl BufRing {
 
 impl Core {
     pub(super) fn fixed_index(&self, p: &Payload) -> Option<u16> {
+        if self.fixed_state != super::FixedState::Registered {
+            return None;
+        }
         let id = p.memory_id()?;
         let start = p.as_ptr() as usize;
         let end = start + p.len();

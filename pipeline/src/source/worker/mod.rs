@@ -346,6 +346,9 @@ impl Worker {
         let st = self.channel.stats();
         let counters = &self.s.counters;
         counters
+            .registered
+            .store(st.registered_bytes, Ordering::Relaxed);
+        counters
             .tls_sealed
             .store(st.tls_bytes_sealed, Ordering::Relaxed);
         counters
