@@ -152,6 +152,9 @@ const WIRE_DIFFERS: f64 = 1.25;
 const SETTLE: Duration = Duration::from_millis(50);
 /// Weight of a new sample in the moving averages.
 const ALPHA: f64 = 0.15;
+/// Raw's ratio is at most 1 over this (with 95 % of pages copies, raw sends 20 times the
+/// bytes).
+const MIN_RAW_SHARE: f64 = 0.05;
 /// Weight of a new paired sample in an arm's savings (see
 /// [`Selector::observe_pair`]).
 const PAIR_ALPHA: f64 = 0.3;
@@ -292,6 +295,8 @@ pub(crate) struct Selector {
     /// it, so candidates measured at different times, on different parts of the guest,
     /// are compared on the content of now.
     content: f64,
+    /// The share of data pages dedup found sent before, lately (0 without dedup).
+    copy_share: f64,
     /// Seconds per byte that handing bytes to an idle channel takes (its copy): the
     /// least seen, creeping up 2 % a window so it follows a machine that got slower.
     copy: Option<f64>,
@@ -389,6 +394,7 @@ impl Selector {
             cores: cores.max(1) as f64,
             link: None,
             content: 1.0,
+            copy_share: 0.0,
             copy: None,
             limited: false,
             blind: false,
@@ -449,7 +455,9 @@ impl Selector {
     fn ratio(&self, i: usize) -> f64 {
         let a = &self.arms[i];
         if a.params.codec == CodecId::RAW {
-            return 1.0;
+            // Raw skips dedup: for each page the others encode, it sends the pages they
+            // send as copies too.
+            return 1.0 / (1.0 - self.copy_share).max(MIN_RAW_SHARE);
         }
         let own = |a: &Arm| (1.0 - a.saves * self.content).clamp(MIN_RATIO, 1.0);
         // No candidate compresses better than one that compresses at least as well on

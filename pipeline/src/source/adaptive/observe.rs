@@ -89,6 +89,23 @@ impl Selector {
         a.measured = frame.max(1);
     }
 
+    /// Dedup found `copies` of a frame's pages sent before and left `data` pages for
+    /// arm `i` to encode: raw, which skips dedup, would send them all (see
+    /// [`Selector::ratio`]).
+    pub(crate) fn observe_dedup(&mut self, i: usize, data: u64, copies: u64) {
+        let all = data + copies;
+        if all == 0
+            || self
+                .arms
+                .get(i)
+                .is_none_or(|a| a.params.codec == CodecId::RAW)
+        {
+            return;
+        }
+        let share = copies as f64 / all as f64;
+        self.copy_share += ALPHA * (share - self.copy_share);
+    }
+
     /// On the same sample of an explored frame, arm `i` saved `saved` of its bytes and
     /// the current choice `saved_current`: `i` saves that much more or less than the
     /// current one does on the reference content. Once paired, an arm's savings follow

@@ -635,3 +635,31 @@ fn a_backlog_that_shrank_over_a_window_is_not_link_bound() {
         assert_eq!(s.limited, busy, "held {held} after {:?}", s.window_unacked);
     }
 }
+
+#[test]
+fn where_dedup_finds_most_pages_sent_before_raw_is_not_chosen() {
+    let mut now = Instant::now();
+    let mut s = selector(now);
+    let _ = drive(&mut s, &mut now, 300, &text, 125e6);
+    // The guest's second copy of its files: dedup finds 80 % of each frame's pages sent
+    // before, and the pages left do not compress. Raw skips dedup and sends them all.
+    let guest = 512 * 1024u64;
+    let mut chosen = Vec::new();
+    for _ in 0..600 {
+        let (i, _) = s.choose(now);
+        let label = s.arms[i].label.clone();
+        let raw = label == "raw";
+        let data = if raw { guest } else { guest / 5 };
+        if !raw {
+            s.observe_dedup(i, data / 4096, (guest - data) / 4096);
+        }
+        let took = Duration::from_secs_f64(data as f64 / text(&label).0);
+        s.observe_encode(i, data, data, took);
+        let blocked = Duration::from_secs_f64(data as f64 / 125e6).saturating_sub(took);
+        now += took + blocked;
+        s.observe_send(data, blocked, now);
+        s.observe_frame(guest, now);
+        chosen.push(label);
+    }
+    assert!(tail_share(&chosen, "raw") < 0.05, "{chosen:?}");
+}

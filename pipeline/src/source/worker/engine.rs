@@ -40,9 +40,25 @@ impl Worker {
             true => Some(self.dedupe(region, split)?),
             false => None,
         };
-        // The copy and the hashes are part of this candidate's cost.
-        let dedup_cpu = cpu0.map(|t0| pagewire_accel::thread_cpu_time().saturating_sub(t0));
+        // The copy and the hashes are part of this candidate's cost, spread over every
+        // page they scanned (below): charged to the few pages left after the copies,
+        // they made lz4 look 6 MB/s of core where most pages were copies, and raw, which
+        // skips dedup (and so sends those pages whole), look better.
+        let mut dedup_cpu = cpu0.map(|t0| pagewire_accel::thread_cpu_time().saturating_sub(t0));
         let mut copied = 0;
+        if let Some(st) = &staged {
+            let data: u64 = st.data.iter().map(|r| u64::from(r.count)).sum();
+            let copies: u64 = st
+                .copies
+                .iter()
+                .chain(&st.round_end)
+                .map(|c| u64::from(c.count))
+                .sum();
+            if let (Some(sel), Some(i)) = (self.s.adaptive.as_mut(), arm) {
+                sel.observe_dedup(i, data, copies);
+            }
+            dedup_cpu = dedup_cpu.map(|d| d.mul_f64(data as f64 / (data + copies).max(1) as f64));
+        }
         if let Some(st) = &mut staged {
             for (runs, round_end) in [(&st.copies, false), (&st.round_end, true)] {
                 if !runs.is_empty() {
