@@ -127,7 +127,7 @@ impl UringChannel {
             stats: ChannelStats::default(),
         };
         if fixed_state == FixedState::Registered {
-            core.stats.registered_bytes = core.fixed.iter().map(|f| f.len as u64).sum();
+            core.stats.registered_bytes = core.fixed_bytes();
         }
         core.arm().map_err(|source| UringError::Io {
             op: "arming the multishot receive",
@@ -227,6 +227,11 @@ fn register_fixed(ring: &io_uring::IoUring, fixed: &[Fixed]) -> Result<(), Uring
 }
 
 impl Core {
+    /// Bytes of the pieces to register.
+    fn fixed_bytes(&self) -> u64 {
+        self.fixed.iter().map(|f| f.len as u64).sum()
+    }
+
     /// [`ZeroCopy::Auto`]: registers the fixed buffers once a zero-copy send went in
     /// place (the link can use them); a failure (`RLIMIT_MEMLOCK`) leaves the sends
     /// zero-copy from unregistered memory, which the kernel pins per send.
@@ -236,7 +241,7 @@ impl Core {
         }
         self.fixed_state = match register_fixed(&self.ring, &self.fixed) {
             Ok(()) => {
-                self.stats.registered_bytes = self.fixed.iter().map(|f| f.len as u64).sum();
+                self.stats.registered_bytes = self.fixed_bytes();
                 FixedState::Registered
             }
             Err(_) => {
