@@ -63,6 +63,10 @@ pub struct AdaptiveStats {
     pub paired_samples: u64,
     /// The last link rate measured, bytes/s, summed over channels.
     pub link_bytes_per_s: f64,
+    /// The most any channel held unacknowledged (socket and send queue) after a send,
+    /// where the channel tells: the choice holds it to 4 MiB once it knows the link,
+    /// so that a choice reaches the wire within a few hundred milliseconds.
+    pub peak_unacked_bytes: u64,
 }
 
 impl AdaptiveStats {
@@ -93,6 +97,7 @@ impl AdaptiveStats {
         self.explored_frames += o.explored_frames;
         self.paired_samples += o.paired_samples;
         self.link_bytes_per_s += o.link_bytes_per_s;
+        self.peak_unacked_bytes = self.peak_unacked_bytes.max(o.peak_unacked_bytes);
     }
 
     /// Share of the guest bytes encoded by `choice`, 0..=1.

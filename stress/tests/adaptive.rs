@@ -108,6 +108,12 @@ fn auto_follows_a_cap_changed_mid_run_and_content_that_changes_class() {
     // Compressors explored while another was the choice were compared with it on the
     // same bytes.
     assert!(a.paired_samples > 0, "{a:?}");
+    // No channel held more than the choice allows once it knows the link (4 MiB; the
+    // TCP channel's own queue and socket take 20): a choice reaches the wire soon.
+    assert!(
+        a.peak_unacked_bytes > 0 && a.peak_unacked_bytes <= 4 << 20,
+        "{a:?}"
+    );
     // It switched for the link (towards compression) and for the core (towards raw).
     assert!(a.switches.iter().any(|w| w.reason == "link-bound"), "{a:?}");
     assert!(

@@ -7,7 +7,9 @@
 //! - `cost(c)`: seconds of the channel's encode per guest byte, measured on recent
 //!   frames of this guest: in the channel thread's CPU time when it encodes itself (no
 //!   codec threads; wall time there swings 3x with the other threads on the same
-//!   cores), otherwise in wall time from submit to completion;
+//!   cores), otherwise in wall time from submit to completion; a candidate's first
+//!   frame, which creates and faults in its codec's context, counts no slower than
+//!   the prior, and the frame after it sets the cost;
 //! - `ratio(c)`: payload bytes per guest byte on the content of now: the share of
 //!   bytes `c` saves on a reference content (a prior until a frame measures it), times
 //!   a content factor that the current compressor's frames keep up to date (its
@@ -26,7 +28,8 @@
 //!   more: time waiting on the channel or on the bandwidth cap). Where the channel
 //!   tells what it holds unacknowledged (`Channel::unacked_bytes`: TCP's `SIOCOUTQ`),
 //!   that is the bytes handed over less what the channel's holding grew by, the rate
-//!   the link really drains at; otherwise the bytes handed over, which overstate it
+//!   the link really drains at (a holding of 1 MiB or more all window, even one that
+//!   shrank, kept the link busy: it is measured so, and credited nothing); otherwise the bytes handed over, which overstate it
 //!   while the socket's and the link's buffers fill. While the channel does not block,
 //!   the link is at least that, and the longer it goes without
 //!   blocking the more the model credits it (twice as much after two seconds), so a
@@ -60,11 +63,14 @@
 //! The best candidate is the cheapest in core time among those within 10 % of the
 //! fastest (within 2 % on a busy link that is a fixed pipe: the channel accepted about
 //! as many bytes per second under each candidate it measured there, so a core saved
-//! idles while pages lost are lost). It is taken when it beats the current one by 5 %
-//! (or, on a busy link, moves within 2 % as much for a fifth less core time),
-//! reconsidered at most once per 100 ms window. At most one frame in `explore_every`,
-//! and no more than 3 % of the time spent encoding or waiting on the channel, goes to
-//! the compressor measured longest ago (raw, whose ratio and cost do not depend on the
+//! idles while pages lost are lost; and on a busy link not one whose ratio was raised
+//! to that of a candidate that compresses at least as well, among those). It is taken
+//! when it beats the current one by 5 % (2 % on a busy fixed pipe, where the
+//! candidates differ by their ratios alone), or, on a busy link, moves within 2 % as
+//! much for a fifth less core time. The choice is reconsidered at most once per
+//! 100 ms window. At most one frame in `explore_every`, and no more than 3 % of the
+//! time spent encoding or waiting on the channel, goes to the compressor measured
+//! longest ago, one measured fewer than twice first (raw, whose ratio and cost do not depend on the
 //! content, is never explored), so every estimate follows the content as it changes
 //! class while a slow candidate is tried seldom. A destination slower than the link
 //! shows as a slower link (it accepts less), which is what matters to the source.
@@ -113,6 +119,12 @@ const WINDOW: Duration = Duration::from_millis(100);
 /// Before the link is known, a window this long that was mostly spent waiting on the
 /// channel is enough to measure it.
 const FIRST_WINDOW: Duration = Duration::from_millis(20);
+/// Before the link is known, a window this long is enough where the channel's holding
+/// reached [`BACKLOG`], grew by half of what it took in, and half the window was spent
+/// waiting: the link drains far slower than raw frames come. At 1 Gbit/s the blind
+/// raw start put 3.5 MB into each channel's socket in 20 ms, 2-3 % of a compressed
+/// migration's bytes on the wire.
+const EARLY_SPAN: Duration = Duration::from_millis(4);
 /// A window whose seconds per byte handed to the channel exceed the plain copy's by
 /// this factor found the link busy.
 const BLOCKED: f64 = 2.0;
@@ -193,6 +205,9 @@ struct Arm {
     saves: f64,
     /// Frame number of the last measurement (0: a prior only).
     measured: u64,
+    /// Frames measured (the first only warms the codec's context: see
+    /// [`Selector::observe_encode`]).
+    samples: u32,
     /// Guest bytes per second the channel actually moved while it was the choice
     /// (wall time between frames handed over: encode, send, and whatever the
     /// destination or other work on the same cores slowed them by), when, and its
@@ -240,9 +255,9 @@ fn prior(codec: CodecId, level: i32) -> (f64, f64) {
         CodecId::RAW => (4e9, 1.0),
         CodecId::LZ4 => (5e8, 0.5),
         CodecId::ZSTD if level < 0 => (4e8, 0.45),
-        CodecId::ZSTD if level <= 1 => (1.5e8, 0.35),
-        CodecId::ZSTD => (8e7, 0.33),
-        _ => (4e7, 0.37),
+        CodecId::ZSTD if level <= 1 => (3e8, 0.35),
+        CodecId::ZSTD => (1.5e8, 0.33),
+        _ => (1e8, 0.37),
     };
     (1.0 / bytes_per_s, ratio)
 }
@@ -319,6 +334,8 @@ pub(crate) struct Selector {
     /// started (see [`Selector::observe_send_unacked`]).
     unacked: Option<u64>,
     window_unacked: Option<u64>,
+    /// The most `unacked` was.
+    peak_unacked: u64,
     started: Instant,
     channel: u16,
     switches: Vec<CodecSwitch>,
@@ -375,6 +392,7 @@ impl Selector {
                 ratio,
                 saves: 1.0 - ratio,
                 measured: 0,
+                samples: 0,
                 realized: None,
                 win_bytes: 0.0,
                 win_secs: 0.0,
@@ -407,6 +425,7 @@ impl Selector {
             window_blocked: Duration::ZERO,
             unacked: None,
             window_unacked: None,
+            peak_unacked: 0,
             started: now,
             channel,
             switches: Vec::new(),
@@ -565,8 +584,21 @@ impl Selector {
         } else {
             NEAR
         };
+        let near_top = |i: usize| self.rate(i) * near >= top;
+        // On a busy link, not one whose estimate was raised to that of a candidate that
+        // compresses at least as well (its own said it compresses more, which it
+        // cannot): the two tie on paper, and the cheaper one, lz4 or zstd:-5, sent
+        // 10-20 % more bytes than zstd:1 in its stead.
+        let tied_up = |i: usize| {
+            self.limited
+                && (0..self.arms.len()).any(|b| {
+                    near_top(b)
+                        && compresses_as_well(self.arms[b].params, self.arms[i].params)
+                        && self.ratio(i) <= self.ratio(b)
+                })
+        };
         (0..self.arms.len())
-            .filter(|&i| self.rate(i) * near >= top)
+            .filter(|&i| near_top(i) && !tied_up(i))
             .min_by(|&a, &b| self.arms[a].cost.total_cmp(&self.arms[b].cost))
             .unwrap_or(0)
     }
@@ -593,12 +625,13 @@ impl Selector {
         }
         if self.frame.is_multiple_of(self.explore_every) && self.arms.len() > 1 {
             // The compressor measured longest ago, other than the current one, if the
-            // budget affords a frame of it. Raw is never explored: its ratio is 1 and
-            // its cost next to nothing whatever the content, and on a slow link a raw
-            // frame costs several compressed ones.
+            // budget affords a frame of it; first one measured fewer than twice (its
+            // first frame only warms its context: see `Selector::observe_encode`). Raw
+            // is never explored: its ratio is 1 and its cost next to nothing whatever
+            // the content, and on a slow link a raw frame costs several compressed ones.
             let i = (0..self.arms.len())
                 .filter(|&i| i != self.current && self.arms[i].params.codec != CodecId::RAW)
-                .min_by_key(|&i| self.arms[i].measured)
+                .min_by_key(|&i| (self.arms[i].samples >= 2, self.arms[i].measured))
                 .unwrap_or(self.current);
             // Its encode, or its time on the link if that is longer (a frame that
             // compresses little costs a slow link more than the core).
@@ -631,7 +664,16 @@ impl Selector {
         }
         let best = self.best();
         let (now_rate, best_rate) = (self.rate(self.current), self.rate(best));
-        let faster = best_rate > now_rate * HYSTERESIS;
+        // On a busy link that is a fixed pipe the candidates differ by their ratios
+        // alone, which paired samples measure on the same pages: a smaller margin
+        // keeps the one that compresses more (zstd:3 moved 5 % more pages than zstd:1
+        // at 1 Gbit/s, right at the margin, and the choice hovered between them).
+        let margin = if self.limited && self.fixed_link() {
+            CHEAP_NEAR
+        } else {
+            HYSTERESIS
+        };
+        let faster = best_rate > now_rate * margin;
         // As fast on a busy link (whose figure is measured, not credited), for a fifth
         // less core time at least.
         let cheaper = self.limited
@@ -718,6 +760,7 @@ impl Selector {
             explored_frames: self.explored,
             paired_samples: self.arms.iter().map(|a| u64::from(a.pairs)).sum(),
             link_bytes_per_s: self.link.unwrap_or(0.0),
+            peak_unacked_bytes: self.peak_unacked,
         }
     }
 }

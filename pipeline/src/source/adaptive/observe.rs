@@ -39,14 +39,22 @@ impl SharedStart {
 }
 
 impl Selector {
-    /// What encoding frame `i`'s `guest` bytes into `payload` bytes took.
-    pub(crate) fn observe_encode(&mut self, i: usize, guest: u64, payload: u64, took: Duration) {
+    /// What encoding frame `i`'s `guest` bytes into `payload` bytes took (`None`: not
+    /// known, the ratio only counts).
+    pub(crate) fn observe_encode(
+        &mut self,
+        i: usize,
+        guest: u64,
+        payload: u64,
+        took: Option<Duration>,
+    ) {
         let frame = self.frame;
         if i >= self.arms.len() {
             return;
         }
         if guest > 0 {
-            self.explore_budget += EXPLORE_SHARE * took.as_secs_f64();
+            let spent = took.map_or(self.arms[i].cost * guest as f64, |t| t.as_secs_f64());
+            self.explore_budget += EXPLORE_SHARE * spent;
             self.frame_bytes += 0.2 * (guest as f64 - self.frame_bytes);
         }
         let a = &mut self.arms[i];
@@ -56,14 +64,25 @@ impl Selector {
         if guest == 0 {
             return;
         }
-        let cost = took.as_secs_f64() / guest as f64;
         let ratio = payload as f64 / guest as f64;
         let first = a.measured == 0;
         if first {
-            (a.cost, a.ratio) = (cost, ratio);
+            a.ratio = ratio;
         } else {
-            a.cost += ALPHA * (cost - a.cost);
             a.ratio += ALPHA * (ratio - a.ratio);
+        }
+        if let Some(took) = took {
+            let cost = took.as_secs_f64() / guest as f64;
+            a.cost = match a.samples {
+                // A candidate's first frame creates and faults in its codec's context
+                // (zstd's workspace, deflate's compressor): here 3-5x slower than the
+                // frames after it (zstd:1 96 MB/s against 300-700). It counts for no
+                // slower than the prior; the next frame sets the cost.
+                0 => cost.min(a.cost),
+                1 => cost,
+                _ => a.cost + ALPHA * (cost - a.cost),
+            };
+            a.samples = a.samples.saturating_add(1);
         }
         let saved = (1.0 - ratio).max(0.0);
         if a.params.codec != CodecId::RAW {
@@ -178,6 +197,7 @@ impl Selector {
         self.window_bytes += bytes;
         self.window_blocked += blocked;
         self.unacked = unacked;
+        self.peak_unacked = self.peak_unacked.max(unacked.unwrap_or(0));
         // Time spent waiting on the channel pays for exploring as encode time does: a
         // channel sending raw frames to a slow link, whose encode time is next to
         // nothing, still measures the compressors now and then, and finds content
@@ -190,15 +210,18 @@ impl Selector {
         // ones.
         // Where the channel tells what it holds, a window that spent half its time
         // waiting while what the channel holds grew by half of what it took in says
-        // the same: the link drains far slower than the channel is fed.
+        // the same: the link drains far slower than the channel is fed; once what
+        // it holds reached a megabyte, after a few milliseconds already.
         let grew = match (self.window_unacked, unacked) {
             (Some(a), Some(b)) => b.saturating_sub(a) >= self.window_bytes / 2,
             _ => false,
         };
+        let deep = grew && unacked.is_some_and(|b| b >= BACKLOG);
+        let half = self.window_blocked > span / 2;
         let early = self.link.is_none()
-            && span >= FIRST_WINDOW
-            && (self.window_blocked > span.mul_f64(0.95)
-                || (grew && self.window_blocked > span / 2));
+            && ((span >= FIRST_WINDOW
+                && (self.window_blocked > span.mul_f64(0.95) || (grew && half)))
+                || (span >= EARLY_SPAN && deep && half));
         if span < WINDOW && !early {
             return;
         }
@@ -229,17 +252,27 @@ impl Selector {
         // queue, the io_uring ring) carries the link through such a stretch. Pricing
         // it as link-bound had auto spend the cores on zstd while they were what
         // limited.
-        let backlog = matches!(
+        let deep = matches!(
             (self.window_unacked, unacked),
-            (Some(a), Some(b)) if a.min(b) >= BACKLOG && b >= a
+            (Some(a), Some(b)) if a.min(b) >= BACKLOG
         );
+        let backlog = deep && unacked >= self.window_unacked;
         self.limited = backlog || (per_byte > BLOCKED * copy && self.window_blocked > span / 10);
         if self.limited {
-            self.last_limited = now;
             let w = &mut self.arms[self.current].wire;
             *w = Some((w.map_or(rate, |(w, _)| w + 0.5 * (rate - w)), now));
         }
-        self.link = Some(match (self.link, self.limited) {
+        // A backlog deep all window, even one that shrank, kept the link busy all
+        // along: what left is the link's rate, and a link that carried all it could is
+        // credited nothing for not blocking. After a switch from raw to a compressor,
+        // the raw bytes left in the socket drain for a few hundred milliseconds at
+        // 1 Gbit/s without a send waiting: taken as a link that did not block, its
+        // credit grew and moved the choice to lz4 or zstd:-5 for as long.
+        let busy = self.limited || deep;
+        if busy {
+            self.last_limited = now;
+        }
+        self.link = Some(match (self.link, busy) {
             // A busy link carries what it can: a drop is taken at once.
             (Some(l), true) if rate < l => rate,
             (Some(l), true) => l + 0.5 * (rate - l),

@@ -157,6 +157,7 @@ impl Worker {
                 arm,
                 submitted: started,
                 cpu: None,
+                late: measure,
                 staged,
                 hashes,
                 copied,
@@ -174,6 +175,7 @@ impl Worker {
                 // Zero when the clock cannot be read: wall time then.
                 let encode = pagewire_accel::thread_cpu_time().saturating_sub(t0);
                 m.cpu = Some(encode + dedup_cpu.unwrap_or_default()).filter(|d| !d.is_zero());
+                m.late = false;
             }
         }
         loop {

@@ -30,9 +30,17 @@ mod pages;
 mod pair;
 
 /// What a channel may hold unacknowledged while the adaptive choice does not know the
-/// link yet ([`Worker::hold_while_blind`]): about what a socket held before channels
-/// had a send queue.
+/// link yet ([`Worker::hold`]): about what a socket held before channels had a send
+/// queue.
 const BLIND_HOLD: u64 = 2 << 20;
+/// What a channel may hold unacknowledged under the adaptive choice once it knows the
+/// link ([`Worker::hold`]): 70 ms of a 1 Gbit/s link shared by two channels, 7 ms of
+/// 10 Gbit/s. The channels' own queues hold far more (io_uring 64 MiB, a second of
+/// that link; TCP 16 MiB and the socket's 4): a choice then reached the wire that
+/// much later, and raw frames taken in at memory speed on an incompressible stretch
+/// filled it, 10 % of a migration's guest bytes sent raw over io_uring. At 1 Gbit/s
+/// auto moved 1-3 % more pages holding 4 MiB than 8 or 16.
+const ADAPTIVE_HOLD: u64 = 4 << 20;
 
 struct FrameMeta {
     region: RegionId,
@@ -45,6 +53,9 @@ struct FrameMeta {
     /// This thread's CPU time encoding it, when measured (see
     /// [`WorkerSetup::inline_encode`]).
     cpu: Option<Duration>,
+    /// Measured, but the engine was full and the job ran later, while this thread
+    /// waited on the channel: its cost is not known.
+    late: bool,
     /// The copy of the data pages the engine encodes, when dedup took one (kept until
     /// the job is done), and each data page's hash, entered into the table once the
     /// frame is on the channel.
@@ -306,8 +317,13 @@ impl Worker {
         self.s.bytes_sent.fetch_add(len, Ordering::Relaxed);
         self.reap(false)?;
         let mut blocked = now - t;
-        if self.s.adaptive.as_ref().is_some_and(|s| !s.link_known()) {
-            blocked += self.hold_while_blind()?;
+        if let Some(sel) = &self.s.adaptive {
+            let limit = if sel.link_known() {
+                ADAPTIVE_HOLD
+            } else {
+                BLIND_HOLD
+            };
+            blocked += self.hold(limit)?;
         }
         if let Some(sel) = self.s.adaptive.as_mut() {
             // Time on the cap and in the channel: the link's share of the frame; and
@@ -318,15 +334,16 @@ impl Worker {
         Ok(len)
     }
 
-    /// While the adaptive choice does not know the link yet, waits until the channel
-    /// holds at most [`BLIND_HOLD`] bytes (within the send timeout) and returns how
-    /// long: its first choice is made blind (raw), and a channel with a send queue
-    /// would otherwise take megabytes of raw frames at once, each worth several
-    /// compressed ones on a slow link. The wait is the channel's: the selector counts
-    /// it as time waiting on the link, which is how it finds a slow link early.
-    fn hold_while_blind(&mut self) -> Result<Duration, MigrationError> {
+    /// Under the adaptive choice, waits until the channel holds at most `limit` bytes
+    /// (within the send timeout) and returns how long: [`BLIND_HOLD`] while the
+    /// choice does not know the link yet (its first choice is made blind, raw, and a
+    /// channel with a send queue would otherwise take megabytes of raw frames at once,
+    /// each worth several compressed ones on a slow link), [`ADAPTIVE_HOLD`] after.
+    /// The wait is the channel's: the selector counts it as time waiting on the link,
+    /// which is how it finds a slow link early and a busy one later.
+    fn hold(&mut self, limit: u64) -> Result<Duration, MigrationError> {
         let start = Instant::now();
-        while self.channel.unacked_bytes().is_some_and(|u| u > BLIND_HOLD)
+        while self.channel.unacked_bytes().is_some_and(|u| u > limit)
             && start.elapsed() < self.s.send_timeout
         {
             std::thread::sleep(Duration::from_micros(200));

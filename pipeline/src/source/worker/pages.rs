@@ -199,7 +199,15 @@ impl Worker {
         };
         if let (Some(i), Some(sel)) = (meta.arm, self.s.adaptive.as_mut()) {
             let ps = u64::from(self.s.memory.page_size());
-            let took = meta.cpu.unwrap_or(took);
+            // Where this thread encodes, its CPU time; none when the engine was full
+            // and the job ran later, while this thread waited on the channel: its wall
+            // time then (340-400 ms for 90 pages over io_uring at 1 Gbit/s) is the
+            // link's, and made zstd:1 look 1 MB/s of core. With codec threads (or a
+            // clock that cannot be read), the wall time from submit to completion.
+            let took = match (meta.late, meta.cpu) {
+                (true, _) => None,
+                (false, cpu) => Some(cpu.unwrap_or(took)),
+            };
             // Pages sent as copies are left out: any compressor would have found them
             // (dedup runs before the codec), and frames differ in how many they hold,
             // so counting them would credit the candidate that happened to meet them.
