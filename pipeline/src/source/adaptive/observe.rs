@@ -216,12 +216,12 @@ impl Selector {
             (Some(a), Some(b)) => b.saturating_sub(a) >= self.window_bytes / 2,
             _ => false,
         };
-        let deep = grew && unacked.is_some_and(|b| b >= BACKLOG);
+        let filling = grew && unacked.is_some_and(|b| b >= BACKLOG);
         let half = self.window_blocked > span / 2;
         let early = self.link.is_none()
             && ((span >= FIRST_WINDOW
                 && (self.window_blocked > span.mul_f64(0.95) || (grew && half)))
-                || (span >= EARLY_SPAN && deep && half));
+                || (span >= EARLY_SPAN && filling && half));
         if span < WINDOW && !early {
             return;
         }

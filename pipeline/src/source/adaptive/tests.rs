@@ -745,3 +745,28 @@ fn a_candidate_whose_estimate_ties_one_that_compresses_more_is_not_taken_for_it(
     s.last_limited = now;
     assert_eq!(s.best(), lz4);
 }
+
+#[test]
+fn a_channel_filling_faster_than_the_link_drains_measures_it_within_milliseconds() {
+    // The blind raw start at 1 Gbit/s: every 0.5 ms a 350 KB frame goes in, 0.4 ms of
+    // it waiting, and the channel's holding grows by 290 KB (60 KB left). Once it
+    // holds 1 MiB, 4 ms are enough; 20 ms put 3.5 MB of raw frames into the socket.
+    let mut now = Instant::now();
+    let mut s = selector(now);
+    let _ = s.choose(now);
+    let mut unacked = 0u64;
+    let mut known_at = None;
+    for step in 1..=40u32 {
+        now += Duration::from_micros(500);
+        unacked += 290_000;
+        s.observe_send_unacked(350_000, Duration::from_micros(400), Some(unacked), now);
+        if s.link_known() {
+            known_at = Some(step);
+            break;
+        }
+    }
+    let step = known_at.expect("the link was measured");
+    assert!(step <= 10, "after {} ms", f64::from(step) / 2.0);
+    let link = s.link.unwrap();
+    assert!((link / 120e6 - 1.0).abs() < 0.1, "{link:.3e}");
+}
