@@ -700,7 +700,11 @@ impl Selector {
         let detail = format!(
             "link {} MB/s{}, {}: {:.0} MB/s of core, ratio {:.2}; {}: {:.0} MB/s of core, ratio {:.2}",
             self.link.map_or("?".into(), |l| format!("{:.0}", l / 1e6)),
-            if self.limited { " (busy)" } else { "" },
+            match (self.limited, self.fixed_link()) {
+                (true, true) => " (busy, a fixed pipe)",
+                (true, false) => " (busy)",
+                _ => "",
+            },
             a.label,
             cpu / 1e6,
             self.ratio(from),
