@@ -29,8 +29,9 @@
 //!   tells what it holds unacknowledged (`Channel::unacked_bytes`: TCP's `SIOCOUTQ`),
 //!   that is the bytes handed over less what the channel's holding grew by, the rate
 //!   the link really drains at (a holding of 1 MiB or more all window, even one that
-//!   shrank, kept the link busy: it is measured so, and credited nothing); otherwise the bytes handed over, which overstate it
-//!   while the socket's and the link's buffers fill. While the channel does not block,
+//!   shrank, kept the link busy: it is measured so, and credited nothing); otherwise
+//!   the bytes handed over, which overstate it while the socket's and the link's
+//!   buffers fill. While the channel does not block,
 //!   the link is at least that, and the longer it goes without
 //!   blocking the more the model credits it (twice as much after two seconds), so a
 //!   cheaper codec gets tried and a link that got faster is found; the first window
@@ -70,8 +71,8 @@
 //! much for a fifth less core time. The choice is reconsidered at most once per
 //! 100 ms window. At most one frame in `explore_every`, and no more than 3 % of the
 //! time spent encoding or waiting on the channel, goes to the compressor measured
-//! longest ago, one measured fewer than twice first (raw, whose ratio and cost do not depend on the
-//! content, is never explored), so every estimate follows the content as it changes
+//! longest ago, one measured fewer than twice first (raw, whose ratio and cost do not
+//! depend on the content, is never explored), so every estimate follows the content as it changes
 //! class while a slow candidate is tried seldom. A destination slower than the link
 //! shows as a slower link (it accepts less), which is what matters to the source.
 //!
