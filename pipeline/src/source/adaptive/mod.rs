@@ -51,8 +51,9 @@
 //! veth pair) compression saves less than the model thinks; for a candidate that
 //! compresses less than the current one it replaces the figure, since what the channel
 //! accepts under a compressor says little of what it accepts raw when the receiver's
-//! CPU is what limits it, as long as the channel is busy and accepted clearly more
-//! bytes per second under that candidate than under the current one (over a real
+//! CPU is what limits it, as long as the channel is busy and the source's channels
+//! together accepted clearly more bytes per second while this channel had that
+//! candidate than while it has the current one (over a real
 //! link, whose rate does not depend on the codec, the model is the better figure);
 //! it is scaled by how much the candidate's ratio changed since (content that
 //! compresses worse moves fewer guest bytes over the same link). That measurement holds
@@ -62,8 +63,9 @@
 //! measured (the socket's and the link's buffers, which the compressor left empty,
 //! absorb them).
 //! The best candidate is the cheapest in core time among those within 10 % of the
-//! fastest (within 2 % on a busy link that is a fixed pipe: the channel accepted about
-//! as many bytes per second under each candidate it measured there, so a core saved
+//! fastest (within 2 % on a busy link that is a fixed pipe: the source's channels
+//! together accepted about as many bytes per second while this one had each candidate
+//! it measured there, whatever each channel's share of the link, so a core saved
 //! idles while pages lost are lost; and on a busy link not one whose ratio was raised
 //! to that of a candidate that compresses at least as well, among those). It is taken
 //! when it beats the current one by 5 % (2 % on a busy fixed pipe, where the
@@ -222,7 +224,9 @@ struct Arm {
     losses: u32,
     /// Paired samples taken of it (see [`Selector::observe_pair`]).
     pairs: u32,
-    /// Bytes per second the channel accepted in busy windows while it was the choice.
+    /// Bytes per second the source's channels together accepted in busy windows of
+    /// this channel while it was the choice (one channel's share of a link swings with
+    /// what the others send; see [`SharedStart`]).
     /// Over a real link every candidate sees the same figure; where the link is the
     /// receiver's work on the same cores, a candidate that compresses less sees more
     /// (raw costs the receiver less per byte than a decoder does). With when it was
@@ -528,9 +532,11 @@ impl Selector {
                 if self.now.saturating_duration_since(at) < REALIZED_FOR * (1 << a.losses) =>
             {
                 let r = r * (then / ratio).clamp(0.5, 2.0);
-                // Only where the channel accepted clearly more bytes under it than
+                // Only where the source accepted clearly more bytes under it than
                 // under the current choice: over a real link, whose rate does not
                 // depend on the codec, the model prices it as well, with less noise.
+                // (Per channel, the share of a 1 Gbit/s link swung 43-66 MB/s, and
+                // zstd:-5 replaced zstd:1 at ratio 0.35 against 0.23.)
                 let receiver_bound = a
                     .wire
                     .zip(self.arms[self.current].wire)
@@ -546,9 +552,10 @@ impl Selector {
     }
 
     /// Whether the busy link is a fixed pipe: at least one other candidate has been the
-    /// choice in a busy window lately, and the channel accepted about as many bytes
-    /// per second under each as under the current one (not the receiver's work on the same cores,
-    /// which accepts more bytes of a codec that costs it less).
+    /// choice in a busy window lately, and the source's channels together accepted
+    /// about as many bytes per second under each as under the current one (not the
+    /// receiver's work on the same cores, which accepts more bytes of a codec that costs
+    /// it less).
     fn fixed_link(&self) -> bool {
         let Some((cur, _)) = self.arms[self.current].wire else {
             return false;

@@ -4,6 +4,7 @@
 //! channel tells, what it still holds unacknowledged. The choice itself is in the
 //! parent module.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -17,12 +18,26 @@ use super::*;
 /// a window would otherwise send raw frames for its first 100–250 ms: at 1 Gbit/s on a
 /// compressible guest, a few percent of the guest's bytes sent raw cost a tenth of the
 /// migration's time on the wire.
+///
+/// It also keeps what left each channel in its latest window. The channels share the
+/// link, and one channel's share of a fixed pipe swings with its neighbours' demand
+/// (43-66 MB/s for one of two channels on a 1 Gbit/s link: 1.5x, more than
+/// [`WIRE_DIFFERS`]), while their sum stays at the link's rate: a busy window measures
+/// the wire of the current choice by that sum (see [`Selector::fixed_link`]).
 #[derive(Debug, Default)]
-pub(crate) struct SharedStart(AtomicU64);
+pub(crate) struct SharedStart {
+    start: AtomicU64,
+    /// Per channel: bytes per second that left it in its latest window, and when.
+    drained: Mutex<Vec<Option<(f64, Instant)>>>,
+}
+
+/// How long a channel's latest window counts in the source's total: three windows
+/// (a channel that finished or stalls drops out of it).
+const DRAINED_FOR: Duration = Duration::from_millis(300);
 
 impl SharedStart {
     fn publish(&self, rate: f64) {
-        let _ = self.0.compare_exchange(
+        let _ = self.start.compare_exchange(
             0,
             rate.max(1.0).to_bits(),
             Ordering::Relaxed,
@@ -31,10 +46,29 @@ impl SharedStart {
     }
 
     pub(super) fn get(&self) -> Option<f64> {
-        match self.0.load(Ordering::Relaxed) {
+        match self.start.load(Ordering::Relaxed) {
             0 => None,
             bits => Some(f64::from_bits(bits)),
         }
+    }
+
+    /// Records that `rate` bytes per second left `channel` in the window that ended at
+    /// `now`; returns the sum over the channels whose latest window ended within
+    /// [`DRAINED_FOR`] of `now` (this one's included): what left the source per
+    /// second. Called once per window and channel (every 100 ms), so a lock is cheap.
+    fn drained(&self, channel: u16, rate: f64, now: Instant) -> f64 {
+        // A poisoned lock (a channel thread panicked) still holds valid figures.
+        let mut all = self.drained.lock().unwrap_or_else(|e| e.into_inner());
+        let ch = usize::from(channel);
+        if all.len() <= ch {
+            all.resize(ch + 1, None);
+        }
+        all[ch] = Some((rate, now));
+        all.iter()
+            .flatten()
+            .filter(|&&(_, at)| now.saturating_duration_since(at) < DRAINED_FOR)
+            .map(|&(r, _)| r)
+            .sum()
     }
 }
 
@@ -258,9 +292,12 @@ impl Selector {
         );
         let backlog = deep && unacked >= self.window_unacked;
         self.limited = backlog || (per_byte > BLOCKED * copy && self.window_blocked > span / 10);
+        // The wire is what left all the channels of the source: one channel's share of
+        // a fixed pipe swings with its neighbours' demand, their sum does not.
+        let source = self.shared.drained(self.channel, rate, now);
         if self.limited {
             let w = &mut self.arms[self.current].wire;
-            *w = Some((w.map_or(rate, |(w, _)| w + 0.5 * (rate - w)), now));
+            *w = Some((w.map_or(source, |(w, _)| w + 0.5 * (source - w)), now));
         }
         // A backlog deep all window, even one that shrank, kept the link busy all
         // along: what left is the link's rate, and a link that carried all it could is
