@@ -33,24 +33,43 @@ fn auto_follows_a_cap_changed_mid_run_and_content_that_changes_class() {
         return;
     }
     const MIB: u64 = 512;
-    // The guest: three quarters English-like text, the last quarter random bytes.
+    // The guest: text (a quarter), random bytes (a quarter), then text again (half).
+    // The text is words of a small vocabulary in pseudo-random order: zstd makes it
+    // about a third of its size, so on the slow link it takes a while to cross, long
+    // enough for the compressors to be explored and paired (a sentence repeated, which
+    // compresses 25x, crossed in 60-100 ms and one run in five explored nothing while
+    // a compressor was the choice).
     let path = std::env::temp_dir().join(format!("pagewire-adaptive-{}", std::process::id()));
     {
         let mut f = std::fs::File::create(&path).unwrap();
-        let text = b"live migration moves guest memory while the guest keeps running; ";
-        let quarter = (MIB << 20) as usize / 4;
-        let mut buf: Vec<u8> = text.iter().copied().cycle().take(quarter).collect();
-        for _ in 0..3 {
-            f.write_all(&buf).unwrap();
-        }
+        let vocabulary: Vec<&[u8]> = b"live migration moves guest memory while the guest \
+            keeps running pages dirty rounds converge link codec frame channel destination \
+            source switchover downtime compress decode encode zero uniform copy ratio"
+            .split(|&c| c == b' ')
+            .filter(|w| !w.is_empty())
+            .collect();
+        let next = |x: &mut u64| {
+            *x ^= *x << 13;
+            *x ^= *x >> 7;
+            *x ^= *x << 17;
+            *x
+        };
+        let eighth = (MIB << 20) as usize / 8;
+        let mut order = 0x2545_f491_4f6c_dd1du64;
+        let mut words = |len: usize| {
+            let mut out = Vec::with_capacity(len + 16);
+            while out.len() < len {
+                out.extend_from_slice(vocabulary[next(&mut order) as usize % vocabulary.len()]);
+                out.push(b' ');
+            }
+            out.truncate(len);
+            out
+        };
+        f.write_all(&words(2 * eighth)).unwrap();
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        for b in buf.iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x as u8;
-        }
-        f.write_all(&buf).unwrap();
+        let random: Vec<u8> = (0..2 * eighth).map(|_| next(&mut x) as u8).collect();
+        f.write_all(&random).unwrap();
+        f.write_all(&words(4 * eighth)).unwrap();
     }
     let spec = CellSpec {
         workload: Workload::FillFrom(path.clone()),

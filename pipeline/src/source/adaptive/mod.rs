@@ -560,9 +560,12 @@ impl Selector {
         let a = &self.arms[from];
         let cpu = self.cores / a.cost.max(1e-12);
         let link_guest = self.rate(from);
+        // The link can only be the reason for more compression: a faster candidate
+        // that compresses no more (raw after zstd:-5 on random bytes) is faster for
+        // the core.
         let reason = if !faster {
             Reason::Cheaper
-        } else if link_guest < cpu {
+        } else if link_guest < cpu && self.ratio(to) < self.ratio(from) {
             Reason::LinkBound
         } else {
             Reason::CpuBound
