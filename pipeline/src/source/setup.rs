@@ -75,8 +75,8 @@ impl Source {
         let mut transports = Vec::new();
         // One table for every channel with a software engine (see `dedup.rs`).
         let mut dedup: Option<Arc<DedupTable>> = None;
-        // What the first channel to find the link slow measured, for the others.
-        let start = Arc::new(adaptive::SharedStart::default());
+        // What the channels measure of the link they share, for each other.
+        let start = Arc::new(adaptive::SharedLink::default());
         for est in established {
             let ch = est.negotiated.channel.0;
             let negotiated = est.negotiated;

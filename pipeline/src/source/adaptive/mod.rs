@@ -39,7 +39,7 @@
 //!   the first frame) spent 95 % waiting on the channel, or half waiting while what
 //!   the channel holds grew by half of what it took in, measures it, and the first
 //!   choice (made on no evidence) is reconsidered at once, on this channel and on the
-//!   other channels of the source, which share the link (`SharedStart`); the first
+//!   other channels of the source, which share the link (`SharedLink`); the first
 //!   50 ms, which fill empty buffers, are not measured.
 //!
 //! The guest bytes per second of `c` are
@@ -226,7 +226,7 @@ struct Arm {
     pairs: u32,
     /// Bytes per second the source's channels together accepted in busy windows of
     /// this channel while it was the choice (one channel's share of a link swings with
-    /// what the others send; see [`SharedStart`]).
+    /// what the others send; see [`SharedLink`]).
     /// Over a real link every candidate sees the same figure; where the link is the
     /// receiver's work on the same cores, a candidate that compresses less sees more
     /// (raw costs the receiver less per byte than a decoder does). With when it was
@@ -325,7 +325,7 @@ pub(crate) struct Selector {
     /// the blind first choice is reconsidered at once.
     blind: bool,
     /// What this source's channels found of the link at the start.
-    shared: Arc<SharedStart>,
+    shared: Arc<SharedLink>,
     /// When a window last found the link busy.
     last_limited: Instant,
     /// The latest time given.
@@ -460,7 +460,7 @@ impl Selector {
 
     /// The selector, sharing what the first channel to find the link slow measured
     /// with the other channels of its source.
-    pub(crate) fn with_shared(mut self, shared: Arc<SharedStart>) -> Selector {
+    pub(crate) fn with_shared(mut self, shared: Arc<SharedLink>) -> Selector {
         self.shared = shared;
         self
     }
@@ -645,7 +645,7 @@ impl Selector {
 mod model;
 mod observe;
 
-pub(crate) use observe::SharedStart;
+pub(crate) use observe::SharedLink;
 
 #[cfg(test)]
 mod tests;

@@ -12,8 +12,10 @@ use pagewire_protocol::CodecId;
 
 use super::*;
 
-/// What the first channel to find the link slow tells the others of one source: the
-/// bytes per second its early window measured (`f64` bits; 0 until then). The channels
+/// What the channels of one source, which share the link, tell each other of it.
+///
+/// First, what the first channel to find the link slow measured in its early window:
+/// bytes per second (`f64` bits; 0 until then). The channels
 /// share the link, and a channel whose neighbour's frames keep it from waiting 95 % of
 /// a window would otherwise send raw frames for its first 100–250 ms: at 1 Gbit/s on a
 /// compressible guest, a few percent of the guest's bytes sent raw cost a tenth of the
@@ -25,7 +27,8 @@ use super::*;
 /// [`WIRE_DIFFERS`]), while their sum stays at the link's rate: a busy window measures
 /// the wire of the current choice by that sum (see [`Selector::fixed_link`]).
 #[derive(Debug, Default)]
-pub(crate) struct SharedStart {
+pub(crate) struct SharedLink {
+    /// The early window's figure (see above).
     start: AtomicU64,
     /// Per channel: bytes per second that left it in its latest window, and when.
     drained: Mutex<Vec<Option<(f64, Instant)>>>,
@@ -35,7 +38,7 @@ pub(crate) struct SharedStart {
 /// (a channel that finished or stalls drops out of it).
 const DRAINED_FOR: Duration = Duration::from_millis(300);
 
-impl SharedStart {
+impl SharedLink {
     fn publish(&self, rate: f64) {
         let _ = self.start.compare_exchange(
             0,

@@ -38,7 +38,7 @@ fn a_channel_that_does_not_find_the_slow_link_itself_learns_it_from_another() {
     // window. The second, whose sends the first's frames keep from blocking much
     // (modelled as a link that never blocks it), would go on sending raw frames; told
     // by the first, it compresses from its next frame on.
-    let shared = Arc::new(SharedStart::default());
+    let shared = Arc::new(SharedLink::default());
     let mut now = Instant::now();
     let mut a = selector(now).with_shared(shared.clone());
     let mut b = selector(now).with_shared(shared.clone());

@@ -58,6 +58,14 @@ fn tail_share(chosen: &[String], label: &str) -> f64 {
     tail.iter().filter(|l| *l == label).count() as f64 / tail.len() as f64
 }
 
+/// Random bytes: every compressor at its speed on text, leaving `ratio` of them.
+fn random(ratio: f64) -> impl Fn(&str) -> (f64, f64) {
+    move |label: &str| match label {
+        "raw" => (10e9, 1.0),
+        l => (text(l).0, ratio),
+    }
+}
+
 /// Text-like content: zstd:3 compresses most, slowly; raw is free.
 fn text(label: &str) -> (f64, f64) {
     match label {
@@ -270,11 +278,7 @@ fn incompressible_content_goes_raw_even_on_a_slow_link() {
     let mut now = Instant::now();
     let mut s = selector(now);
     let _ = drive(&mut s, &mut now, 300, &text, 125e6);
-    let random = |label: &str| match label {
-        "raw" => (10e9, 1.0),
-        l => (text(l).0, 1.0),
-    };
-    let chosen = drive(&mut s, &mut now, 600, &random, 125e6);
+    let chosen = drive(&mut s, &mut now, 600, &random(1.0), 125e6);
     assert!(tail_share(&chosen, "raw") > 0.6, "{chosen:?}");
 }
 
@@ -318,11 +322,7 @@ fn one_compressor_that_finds_nothing_to_compress_speaks_for_the_others() {
     // raw follows without a trial of every compressor in turn.
     let mut now = Instant::now();
     let mut s = selector(now);
-    let random = |label: &str| match label {
-        "raw" => (10e9, 1.0),
-        l => (text(l).0, 0.99),
-    };
-    let chosen = drive(&mut s, &mut now, 400, &random, 125e6);
+    let chosen = drive(&mut s, &mut now, 400, &random(0.99), 125e6);
     let st = s.stats();
     let to_compressors = st.switches.iter().filter(|w| w.to != "raw");
     assert!(to_compressors.map(|w| w.count).sum::<u64>() <= 1, "{st:?}");
@@ -335,11 +335,7 @@ fn compressible_content_after_incompressible_finds_compression_again() {
     // tiny, but the time its frames wait on the link pays for exploring.
     let mut now = Instant::now();
     let mut s = selector(now);
-    let random = |label: &str| match label {
-        "raw" => (10e9, 1.0),
-        l => (text(l).0, 1.0),
-    };
-    let _ = drive(&mut s, &mut now, 400, &random, 125e6);
+    let _ = drive(&mut s, &mut now, 400, &random(1.0), 125e6);
     let chosen = drive(&mut s, &mut now, 1500, &text, 125e6);
     assert!(tail_share(&chosen, "raw") < 0.2, "{:?}", s.stats());
 }
@@ -456,7 +452,7 @@ fn fixed_under_swinging_shares(shared: bool) -> bool {
     let mut b = selector(start);
     b.channel = 1;
     if shared {
-        let both = Arc::new(SharedStart::default());
+        let both = Arc::new(SharedLink::default());
         a = a.with_shared(both.clone());
         b = b.with_shared(both);
     }
