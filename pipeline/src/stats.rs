@@ -67,6 +67,13 @@ pub struct AdaptiveStats {
     /// where the channel tells: the choice holds it to 4 MiB once it knows the link,
     /// so that a choice reaches the wire within a few hundred milliseconds.
     pub peak_unacked_bytes: u64,
+    /// Windows (100 ms of a channel) in which the choice measured the channel.
+    pub windows: u64,
+    /// Of those, the windows whose sends waited on the destination's receive window
+    /// more than half the time, where the channel tells (TCP, io_uring): the receiver,
+    /// not the link, limited them, and no candidate was expected to move more guest
+    /// bytes than the current one did.
+    pub receiver_windows: u64,
 }
 
 impl AdaptiveStats {
@@ -98,6 +105,8 @@ impl AdaptiveStats {
         self.paired_samples += o.paired_samples;
         self.link_bytes_per_s += o.link_bytes_per_s;
         self.peak_unacked_bytes = self.peak_unacked_bytes.max(o.peak_unacked_bytes);
+        self.windows += o.windows;
+        self.receiver_windows += o.receiver_windows;
     }
 
     /// Share of the guest bytes encoded by `choice`, 0..=1.
@@ -575,9 +584,11 @@ impl fmt::Display for MigrationStats {
                 .collect();
             writeln!(
                 f,
-                "adaptive codec:        {} ({} frames explored)",
+                "adaptive codec:        {} ({} frames explored, receiver-bound in {} of {} windows)",
                 shares.join(", "),
-                a.explored_frames
+                a.explored_frames,
+                a.receiver_windows,
+                a.windows
             )?;
             for w in &a.switches {
                 writeln!(

@@ -171,10 +171,12 @@ fn adaptive_line(a: &pagewire::AdaptiveStats) -> String {
         .map(|w| format!("{}→{} ({}) ×{}", w.from, w.to, w.reason, w.count))
         .collect();
     format!(
-        "auto chose {} of the guest bytes; {} frames explored ({} paired); switches: {}",
+        "auto chose {} of the guest bytes; {} frames explored ({} paired); the receiver limited {} of {} windows; switches: {}",
         shares.join(", "),
         a.explored_frames,
         a.paired_samples,
+        a.receiver_windows,
+        a.windows,
         if switches.is_empty() {
             "none".to_string()
         } else {

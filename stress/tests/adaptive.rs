@@ -133,6 +133,14 @@ fn auto_follows_a_cap_changed_mid_run_and_content_that_changes_class() {
         a.peak_unacked_bytes > 0 && a.peak_unacked_bytes <= 4 << 20,
         "{a:?}"
     );
+    // The channels told how long their sends waited on the receiver's window, and
+    // the capped link, not the receiver, held back most windows (2-4 of 41-45 here).
+    assert!(
+        a.windows > 0 && a.receiver_windows * 4 < a.windows,
+        "{} of {} windows receiver-bound: {a:?}",
+        a.receiver_windows,
+        a.windows
+    );
     // It switched for the link (towards compression) and for the core (towards raw).
     assert!(a.switches.iter().any(|w| w.reason == "link-bound"), "{a:?}");
     assert!(

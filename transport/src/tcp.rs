@@ -228,6 +228,40 @@ pub(crate) fn unacked(fd: std::os::fd::RawFd) -> Option<u64> {
     (rc == 0).then(|| u64::try_from(n).ok()).flatten()
 }
 
+/// `TCP_INFO`'s `tcpi_rwnd_limited`: microseconds, since the socket connected, that
+/// its sends were stalled by the peer's receive window (`include/uapi/linux/tcp.h`;
+/// the field is at this offset since Linux 4.10, whatever fields later kernels add
+/// after it).
+const RWND_LIMITED_AT: usize = 176;
+
+/// How long the sends of socket `fd` waited on the peer's receive window in all
+/// (`TCP_INFO`'s `tcpi_rwnd_limited`); `None` when the kernel does not say (older than
+/// 4.10, or not a TCP socket).
+pub(crate) fn rwnd_limited(fd: std::os::fd::RawFd) -> Option<Duration> {
+    // `struct tcp_info` up to and including the field; the kernel copies at most
+    // `len` bytes and says how many it wrote.
+    #[repr(C, align(8))]
+    struct Info([u8; RWND_LIMITED_AT + 8]);
+    let mut info = Info([0; RWND_LIMITED_AT + 8]);
+    let mut len = libc::socklen_t::try_from(info.0.len()).ok()?;
+    // SAFETY: the kernel writes at most `len` bytes into `info`, which is that long
+    // and alive for the call, and stores the count written in `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.0.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 || (len as usize) < info.0.len() {
+        return None;
+    }
+    let us = u64::from_ne_bytes(info.0[RWND_LIMITED_AT..].try_into().ok()?);
+    Some(Duration::from_micros(us))
+}
+
 /// Sets `SO_SNDTIMEO` of `stream` (at least 1 ms: zero would mean no timeout).
 pub(crate) fn set_send_timeout(stream: &Stream, t: Duration) -> io::Result<()> {
     stream.set_write_timeout(Some(t.max(Duration::from_millis(1))))
@@ -614,6 +648,10 @@ impl Channel for TcpChannel {
         unacked(self.stream.as_raw_fd()).map(|n| n + self.queue.bytes() as u64)
     }
 
+    fn peer_limited(&self) -> Option<Duration> {
+        rwnd_limited(self.stream.as_raw_fd())
+    }
+
     fn stats(&self) -> ChannelStats {
         let tls = self.tls.as_ref().map(|t| t.counters).unwrap_or_default();
         ChannelStats {
@@ -706,6 +744,53 @@ mod tests {
         }
         assert_eq!(unacked(tx.as_raw_fd()), Some(0));
         assert_eq!(unacked(-1), None);
+    }
+
+    #[test]
+    fn a_peer_that_stops_reading_shows_as_time_limited_by_its_window() {
+        use std::io::Write;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut tx = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut rx, _) = l.accept().unwrap();
+        socket2::SockRef::from(&rx)
+            .set_recv_buffer_size(64 << 10)
+            .unwrap();
+        assert_eq!(rwnd_limited(tx.as_raw_fd()), Some(Duration::ZERO));
+        // Fill the peer's receive buffer and our send queue; the peer reads nothing
+        // for 200 ms.
+        tx.set_nonblocking(true).unwrap();
+        let chunk = vec![7u8; 64 << 10];
+        let mut sent = 0usize;
+        for _ in 0..1024 {
+            match tx.write(&chunk) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let start = Instant::now();
+        std::thread::sleep(Duration::from_millis(200));
+        let waited = rwnd_limited(tx.as_raw_fd()).unwrap();
+        assert!(
+            waited >= Duration::from_millis(100)
+                && waited <= start.elapsed() + Duration::from_millis(50),
+            "{waited:?}"
+        );
+        // Once the peer reads everything the count stops growing.
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0usize;
+        rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        while got < sent {
+            got += rx.read(&mut buf).unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while unacked(tx.as_raw_fd()) != Some(0) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let after = rwnd_limited(tx.as_raw_fd()).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(rwnd_limited(tx.as_raw_fd()), Some(after));
+        assert_eq!(rwnd_limited(-1), None);
     }
 
     #[test]

@@ -421,6 +421,9 @@ impl Channel for AnyChannel {
     fn unacked_bytes(&self) -> Option<u64> {
         self.inner_ref().unacked_bytes()
     }
+    fn peer_limited(&self) -> Option<std::time::Duration> {
+        self.inner_ref().peer_limited()
+    }
     fn close(&mut self, out: &mut Vec<Completed>) -> Result<(), ChannelError> {
         self.inner().close(out)
     }

@@ -455,6 +455,10 @@ impl Channel for UringChannel {
         crate::tcp::unacked(self.core.stream.as_raw_fd()).map(|n| n + self.core.unsent_bytes)
     }
 
+    fn peer_limited(&self) -> Option<std::time::Duration> {
+        crate::tcp::rwnd_limited(self.core.stream.as_raw_fd())
+    }
+
     fn stats(&self) -> ChannelStats {
         let tls = self.tls.as_ref().map(|t| t.counters).unwrap_or_default();
         ChannelStats {

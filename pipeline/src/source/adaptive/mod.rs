@@ -76,7 +76,14 @@
 //! longest ago, one measured fewer than twice first (raw, whose ratio and cost do not
 //! depend on the content, is never explored), so every estimate follows the content as it changes
 //! class while a slow candidate is tried seldom. A destination slower than the link
-//! shows as a slower link (it accepts less), which is what matters to the source.
+//! shows as a slower link (it accepts less), unless the channel tells how long its
+//! sends waited on the receiver's window (`Channel::peer_limited`: TCP's
+//! `tcpi_rwnd_limited`): a window that waited so for more than half its length
+//! measured the receiver, not the link. It measures no link figure; for 300 ms after
+//! it, the current choice is priced at what it moved and no other candidate above
+//! that (the receiver's work per guest page does not shrink with compression, and a
+//! decoder adds to it), so the cheapest that reaches it is taken, raw where the link
+//! figure allows; and time spent waiting on the receiver does not pay for exploring.
 //!
 //! Pure logic: time comes in as arguments, nothing here does IO.
 
@@ -192,6 +199,11 @@ const MIN_RATIO: f64 = 0.01;
 const EXPLORE_SHARE: f64 = 0.03;
 /// Switches kept in the statistics' log, per channel.
 const LOG: usize = 32;
+/// A window whose sends waited on the peer's receive window (`Channel::peer_limited`)
+/// for more than this share of it measured the receiver, not the link.
+const PEER_BOUND: f64 = 0.5;
+/// How long after such a window the receiver's rate bounds every candidate.
+const PEER_HOLDS: Duration = Duration::from_millis(300);
 
 #[derive(Debug)]
 struct Arm {
@@ -341,6 +353,18 @@ pub(crate) struct Selector {
     window_unacked: Option<u64>,
     /// The most `unacked` was.
     peak_unacked: u64,
+    /// Bytes per second that left the channel in the latest window (see
+    /// [`Selector::drain_rate`]).
+    drained: Option<f64>,
+    /// How long the channel's sends had waited on the peer's receive window in all
+    /// when the window started (`Channel::peer_limited`; zero where it cannot tell).
+    window_peer: Duration,
+    /// When a window last found the receiver, not the link, the limit (see
+    /// [`Selector::receiver_cap`]).
+    peer_bound: Option<Instant>,
+    /// Windows measured, and those the receiver limited.
+    windows: u64,
+    receiver_windows: u64,
     started: Instant,
     channel: u16,
     switches: Vec<CodecSwitch>,
@@ -431,6 +455,11 @@ impl Selector {
             unacked: None,
             window_unacked: None,
             peak_unacked: 0,
+            drained: None,
+            window_peer: Duration::ZERO,
+            peer_bound: None,
+            windows: 0,
+            receiver_windows: 0,
             started: now,
             channel,
             switches: Vec::new(),
@@ -451,6 +480,12 @@ impl Selector {
     /// The current choice: its index and parameters.
     pub(crate) fn current(&self) -> (usize, EncodeParams) {
         (self.current, self.arms[self.current].params)
+    }
+
+    /// Bytes per second that left the channel in its latest window, link-bound or
+    /// not: how fast what it holds drains now.
+    pub(crate) fn drain_rate(&self) -> Option<f64> {
+        self.drained
     }
 
     /// Whether the link's rate was measured (or told by another channel) yet.
@@ -546,7 +581,7 @@ impl Selector {
         let faster = best_rate > now_rate * margin;
         // As fast on a busy link (whose figure is measured, not credited), for a fifth
         // less core time at least.
-        let cheaper = self.limited
+        let cheaper = (self.limited || self.receiver_cap().is_some())
             && best_rate * CHEAP_NEAR >= now_rate
             && self.arms[best].cost < 0.8 * self.arms[self.current].cost;
         if best != self.current && (faster || cheaper) {
@@ -573,9 +608,14 @@ impl Selector {
         let detail = format!(
             "link {} MB/s{}, {}: {:.0} MB/s of core, ratio {:.2}; {}: {:.0} MB/s of core, ratio {:.2}",
             self.link.map_or("?".into(), |l| format!("{:.0}", l / 1e6)),
-            match (self.limited, self.fixed_link()) {
-                (true, true) => " (busy, a fixed pipe)",
-                (true, false) => " (busy)",
+            match (
+                self.limited,
+                self.fixed_link(),
+                self.receiver_cap().is_some()
+            ) {
+                (_, _, true) => " (the receiver limits)",
+                (true, true, _) => " (busy, a fixed pipe)",
+                (true, false, _) => " (busy)",
                 _ => "",
             },
             a.label,
@@ -638,6 +678,8 @@ impl Selector {
             paired_samples: self.arms.iter().map(|a| u64::from(a.pairs)).sum(),
             link_bytes_per_s: self.link.unwrap_or(0.0),
             peak_unacked_bytes: self.peak_unacked,
+            windows: self.windows,
+            receiver_windows: self.receiver_windows,
         }
     }
 }

@@ -60,7 +60,16 @@ impl Selector {
         // that compresses less than the current one it replaces the model: the bytes
         // the channel accepts under a compressor say little of what it accepts raw
         // when the receiver's work is what limits it.
-        match a.realized {
+        let cap = self.receiver_cap();
+        if i == self.current
+            && let Some(cap) = cap
+        {
+            // What it moved while the receiver held it back: the link carried all of
+            // it, and a figure priced from the link, which measured the receiver
+            // then, would say less.
+            return cap;
+        }
+        let figure = match a.realized {
             Some((r, at, then))
                 if self.now.saturating_duration_since(at) < REALIZED_FOR * (1 << a.losses) =>
             {
@@ -81,7 +90,31 @@ impl Selector {
                 }
             }
             _ => model,
+        };
+        figure.min(cap.unwrap_or(f64::INFINITY))
+    }
+
+    /// Where a window lately found the receiver, not the link, the limit (its sends
+    /// waited on the receiver's window most of the time): the guest bytes per second
+    /// the current choice moved, which no candidate is expected to beat. The
+    /// receiver's work per guest byte (placing the page, its page fault on fresh
+    /// memory) does not shrink with compression, and a decoder adds to it; so among
+    /// candidates that all reach it, the cheapest is taken (see
+    /// [`Selector::best`]), which is raw where the link allows it.
+    pub(super) fn receiver_cap(&self) -> Option<f64> {
+        if !self.receiver_lately(self.now) {
+            return None;
         }
+        self.arms[self.current]
+            .realized
+            .filter(|&(_, at, _)| self.now.saturating_duration_since(at) < REALIZED_FOR)
+            .map(|(r, _, _)| r)
+    }
+
+    /// Whether a window found the receiver the limit within [`PEER_HOLDS`] of `now`.
+    pub(super) fn receiver_lately(&self, now: Instant) -> bool {
+        self.peer_bound
+            .is_some_and(|at| now.saturating_duration_since(at) < PEER_HOLDS)
     }
 
     /// Whether the busy link is a fixed pipe: at least one other candidate has been the

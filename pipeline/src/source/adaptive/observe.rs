@@ -216,7 +216,7 @@ impl Selector {
     /// the bandwidth cap).
     #[cfg(test)]
     pub(crate) fn observe_send(&mut self, bytes: u64, blocked: Duration, now: Instant) {
-        self.observe_send_unacked(bytes, blocked, None, now);
+        self.observe_send_unacked(bytes, blocked, None, || None, now);
     }
 
     /// [`Selector::observe_send`], with what the channel still held unacknowledged
@@ -224,11 +224,17 @@ impl Selector {
     /// then the bytes that left it, not the bytes it took in. While the socket's and
     /// the link's buffers fill (the first 100 ms of a migration at 1 Gbit/s) the two
     /// differ by 2–3x.
+    ///
+    /// `peer_limited` tells, when a window closes, how long the channel's sends have
+    /// waited on the peer's receive window in all (`Channel::peer_limited`; `None`
+    /// where the channel cannot tell): a window that waited so more than half its time
+    /// measured the receiver, not the link (see [`Selector::receiver_cap`]).
     pub(crate) fn observe_send_unacked(
         &mut self,
         bytes: u64,
         blocked: Duration,
         unacked: Option<u64>,
+        peer_limited: impl FnOnce() -> Option<Duration>,
         now: Instant,
     ) {
         self.window_bytes += bytes;
@@ -238,8 +244,14 @@ impl Selector {
         // Time spent waiting on the channel pays for exploring as encode time does: a
         // channel sending raw frames to a slow link, whose encode time is next to
         // nothing, still measures the compressors now and then, and finds content
-        // that became compressible again.
-        self.explore_budget += EXPLORE_SHARE * blocked.as_secs_f64();
+        // that became compressible again. Not time waiting on the receiver: no
+        // compressor would move more there (see [`Selector::receiver_cap`]), and on
+        // cores it shares with the source each explored frame takes the receiver's
+        // time (into fresh memory on loopback, a raw migration's explored frames
+        // doubled its source's CPU).
+        if !self.receiver_lately(now) {
+            self.explore_budget += EXPLORE_SHARE * blocked.as_secs_f64();
+        }
         let span = now.saturating_duration_since(self.window_start);
         // Until the link is known, a window that spent 95 % of its time waiting on
         // the channel closes early: the first choice is made blind (raw, on no
@@ -262,12 +274,27 @@ impl Selector {
         if span < WINDOW && !early {
             return;
         }
+        // A window whose sends waited on the receiver's window most of the time found
+        // the receiver slow, not the link: into fresh destination memory on loopback,
+        // raw frames wait so 85 % of the time, and pricing that as a slow link had
+        // auto compress, which only took the receiver's cores.
+        let peer = peer_limited();
+        let receiver =
+            peer.is_some_and(|p| p.saturating_sub(self.window_peer) > span.mul_f64(PEER_BOUND));
+        let early = early && !receiver;
+        if span < WINDOW && !early {
+            return;
+        }
+        if let Some(p) = peer {
+            self.window_peer = p;
+        }
         // What left the channel over the window, where it tells.
         let drained = match (self.window_unacked, unacked) {
             (Some(a), Some(b)) => (self.window_bytes + a).saturating_sub(b),
             _ => self.window_bytes,
         };
         let rate = drained as f64 / span.as_secs_f64();
+        self.drained = Some(rate).filter(|&r| r > 0.0);
         if early {
             // The link, busy; not the copy, which a window spent waiting cannot show.
             self.now = self.now.max(now);
@@ -294,7 +321,13 @@ impl Selector {
             (Some(a), Some(b)) if a.min(b) >= BACKLOG
         );
         let backlog = deep && unacked >= self.window_unacked;
-        self.limited = backlog || (per_byte > BLOCKED * copy && self.window_blocked > span / 10);
+        self.limited = !receiver
+            && (backlog || (per_byte > BLOCKED * copy && self.window_blocked > span / 10));
+        self.windows += 1;
+        if receiver {
+            self.receiver_windows += 1;
+            self.peer_bound = Some(now);
+        }
         // The wire is what left all the channels of the source: one channel's share of
         // a fixed pipe swings with its neighbours' demand, their sum does not.
         let source = self.shared.drained(self.channel, rate, now);
@@ -308,7 +341,7 @@ impl Selector {
         // the raw bytes left in the socket drain for a few hundred milliseconds at
         // 1 Gbit/s without a send waiting: taken as a link that did not block, its
         // credit grew and moved the choice to lz4 or zstd:-5 for as long.
-        let busy = self.limited || deep;
+        let busy = self.limited || (deep && !receiver);
         if busy {
             self.last_limited = now;
         }

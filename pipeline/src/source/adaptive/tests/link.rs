@@ -86,6 +86,7 @@ fn first_switch_behind_a_buffer(link: f64, cap: f64, cpu: f64, tell: bool) -> (D
             payload as u64,
             Duration::from_secs_f64(blocked),
             unacked,
+            || None,
             now,
         );
         s.observe_frame(guest, now);
@@ -122,7 +123,7 @@ fn a_backlog_that_shrank_over_a_window_is_not_link_bound() {
         (mib / 2, false), // next to nothing held at the end
     ] {
         now += Duration::from_millis(110);
-        s.observe_send_unacked(2 * mib, Duration::ZERO, Some(held), now);
+        s.observe_send_unacked(2 * mib, Duration::ZERO, Some(held), || None, now);
         assert_eq!(s.limited, busy, "held {held} after {:?}", s.window_unacked);
     }
 }
@@ -136,13 +137,13 @@ fn a_deep_backlog_that_drains_keeps_the_link_busy() {
     let mut s = selector(now);
     let _ = s.choose(now);
     let mut unacked: u64 = 40 << 20;
-    s.observe_send_unacked(0, Duration::ZERO, Some(unacked), now);
+    s.observe_send_unacked(0, Duration::ZERO, Some(unacked), || None, now);
     s.next_window(now);
     for _ in 0..60 {
         // 10 ms: 200 KB handed over, 600 KB drained.
         now += Duration::from_millis(10);
         unacked = unacked + 200_000 - 600_000;
-        s.observe_send_unacked(200_000, Duration::ZERO, Some(unacked), now);
+        s.observe_send_unacked(200_000, Duration::ZERO, Some(unacked), || None, now);
     }
     assert!(unacked >= BACKLOG);
     let link = s.link.expect("measured");
@@ -165,7 +166,13 @@ fn a_channel_filling_faster_than_the_link_drains_measures_it_within_milliseconds
     for step in 1..=40u32 {
         now += Duration::from_micros(500);
         unacked += 290_000;
-        s.observe_send_unacked(350_000, Duration::from_micros(400), Some(unacked), now);
+        s.observe_send_unacked(
+            350_000,
+            Duration::from_micros(400),
+            Some(unacked),
+            || None,
+            now,
+        );
         if s.link_known() {
             known_at = Some(step);
             break;

@@ -4,6 +4,7 @@
 use super::*;
 
 mod link;
+mod receiver;
 
 fn selector(now: Instant) -> Selector {
     let cfg = AdaptiveConfig::default();
@@ -133,7 +134,9 @@ fn on_loopback_the_send_copy_counts_and_raw_wins() {
 /// destination's work on it (`dest`, seconds per guest byte, which a compressed
 /// frame adds its decode to), varied by a fixed pseudo-random load of ±`jitter`
 /// that changes every 200 frames, so some windows block and some do not, as on a
-/// loaded machine.
+/// loaded machine. With `peer`, the channel tells how long its sends waited on the
+/// destination (`Channel::peer_limited`: TCP's receive window): all of a frame's wait
+/// where the destination's work is the slowest of the three.
 /// Returns the choices and the guest bytes per second of the second half.
 struct Machine<'a> {
     speeds: &'a dyn Fn(&str) -> (f64, f64),
@@ -141,10 +144,13 @@ struct Machine<'a> {
     copy: f64,
     link: f64,
     jitter: f64,
+    peer: bool,
 }
 
 impl Machine<'_> {
-    fn period(&self, label: &str, guest: f64, noise: f64) -> (Duration, Duration) {
+    /// A frame's encode, its wait on the channel, and whether the destination is
+    /// what it waited on.
+    fn period(&self, label: &str, guest: f64, noise: f64) -> (Duration, Duration, bool) {
         let (speed, ratio) = (self.speeds)(label);
         let payload = guest * ratio;
         let took = guest / speed;
@@ -154,6 +160,7 @@ impl Machine<'_> {
         (
             Duration::from_secs_f64(took),
             Duration::from_secs_f64(period - took),
+            dst > src && dst > payload / self.link,
         )
     }
 
@@ -164,7 +171,7 @@ impl Machine<'_> {
         let (mut bytes, mut secs) = (0.0, 0.0);
         for (f, noise) in Self::load(frames).enumerate() {
             if f >= frames / 2 {
-                let (took, blocked) = self.period(label, guest, noise);
+                let (took, blocked, _) = self.period(label, guest, noise);
                 bytes += guest;
                 secs += (took + blocked).as_secs_f64();
             }
@@ -188,15 +195,19 @@ impl Machine<'_> {
         let guest = 512 * 1024u64;
         let mut chosen = Vec::new();
         let (mut tail_bytes, mut tail_secs) = (0.0, 0.0);
+        let mut waited = Duration::ZERO;
         for (f, noise) in Self::load(frames).enumerate() {
             let (i, _) = s.choose(*now);
             let label = s.arms[i].label.clone();
-            let (took, blocked) = self.period(&label, guest as f64, noise);
+            let (took, blocked, receiver) = self.period(&label, guest as f64, noise);
             let ratio = (self.speeds)(&label).1;
             let payload = (guest as f64 * ratio) as u64;
             s.observe_encode(i, guest, payload, Some(took));
             *now += took + blocked;
-            s.observe_send(payload, blocked, *now);
+            if receiver {
+                waited += blocked;
+            }
+            s.observe_send_unacked(payload, blocked, None, || self.peer.then_some(waited), *now);
             s.observe_frame(guest, *now);
             if f >= frames / 2 {
                 tail_bytes += guest as f64;
@@ -236,6 +247,7 @@ fn on_loopback_with_a_busy_destination_auto_matches_the_best_static_codec() {
         copy: 0.1e-9,
         link: 1e12,
         jitter: 0.5,
+        peer: false,
     };
     let (best, best_rate) = best_static(&m, 6000);
     assert_eq!(best, "raw");
@@ -258,6 +270,7 @@ fn on_a_slow_link_with_a_busy_destination_auto_matches_the_best_static_codec() {
         copy: 0.1e-9,
         link: 125e6,
         jitter: 0.5,
+        peer: false,
     };
     let (best, best_rate) = best_static(&m, 3000);
     assert!(best.starts_with("zstd"), "{best}");
@@ -467,8 +480,8 @@ fn fixed_under_swinging_shares(shared: bool) -> bool {
             now += WINDOW;
             // Half of each window spent waiting, 2 MiB held all along: both busy.
             let sent = |share: f64| (120e6 * share * WINDOW.as_secs_f64()) as u64;
-            b.observe_send_unacked(sent(1.0 - share), WINDOW / 2, held, now);
-            a.observe_send_unacked(sent(share), WINDOW / 2, held, now);
+            b.observe_send_unacked(sent(1.0 - share), WINDOW / 2, held, || None, now);
+            a.observe_send_unacked(sent(share), WINDOW / 2, held, || None, now);
         }
     }
     assert!(a.limited);
