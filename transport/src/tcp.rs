@@ -708,56 +708,21 @@ mod tests {
         assert!(err.to_string().contains(&port.to_string()));
     }
 
-    #[test]
-    fn unacked_counts_what_the_peer_has_not_taken_and_drops_once_it_has() {
-        use std::io::Write;
+    /// A connected pair on loopback whose receiving end has a 64 KiB buffer.
+    fn small_window_pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut tx = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (mut rx, _) = l.accept().unwrap();
+        let tx = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (rx, _) = l.accept().unwrap();
         socket2::SockRef::from(&rx)
             .set_recv_buffer_size(64 << 10)
             .unwrap();
-        assert_eq!(unacked(tx.as_raw_fd()), Some(0));
-        // Fill the peer's receive buffer and our send queue.
-        tx.set_nonblocking(true).unwrap();
-        let chunk = vec![7u8; 64 << 10];
-        let mut sent = 0usize;
-        for _ in 0..1024 {
-            match tx.write(&chunk) {
-                Ok(n) => sent += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => panic!("{e}"),
-            }
-        }
-        let held = unacked(tx.as_raw_fd()).unwrap();
-        assert!(held > 0 && held as usize <= sent, "{held} of {sent}");
-        // The peer reads everything: nothing is left unacknowledged.
-        let mut buf = vec![0u8; 1 << 20];
-        let mut got = 0usize;
-        rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        while got < sent {
-            got += rx.read(&mut buf).unwrap();
-        }
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while unacked(tx.as_raw_fd()) != Some(0) && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        assert_eq!(unacked(tx.as_raw_fd()), Some(0));
-        assert_eq!(unacked(-1), None);
+        (tx, rx)
     }
 
-    #[test]
-    fn a_peer_that_stops_reading_shows_as_time_limited_by_its_window() {
+    /// Writes into `tx` until it would block (the peer's receive buffer and our send
+    /// queue full); returns the bytes written.
+    fn fill(tx: &mut TcpStream) -> usize {
         use std::io::Write;
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut tx = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (mut rx, _) = l.accept().unwrap();
-        socket2::SockRef::from(&rx)
-            .set_recv_buffer_size(64 << 10)
-            .unwrap();
-        assert_eq!(rwnd_limited(tx.as_raw_fd()), Some(Duration::ZERO));
-        // Fill the peer's receive buffer and our send queue; the peer reads nothing
-        // for 200 ms.
         tx.set_nonblocking(true).unwrap();
         let chunk = vec![7u8; 64 << 10];
         let mut sent = 0usize;
@@ -768,15 +733,12 @@ mod tests {
                 Err(e) => panic!("{e}"),
             }
         }
-        let start = Instant::now();
-        std::thread::sleep(Duration::from_millis(200));
-        let waited = rwnd_limited(tx.as_raw_fd()).unwrap();
-        assert!(
-            waited >= Duration::from_millis(100)
-                && waited <= start.elapsed() + Duration::from_millis(50),
-            "{waited:?}"
-        );
-        // Once the peer reads everything the count stops growing.
+        sent
+    }
+
+    /// Reads `sent` bytes from `rx`, then waits (5 s at most) until `tx` holds nothing
+    /// unacknowledged.
+    fn drain(tx: &TcpStream, rx: &mut TcpStream, sent: usize) {
         let mut buf = vec![0u8; 1 << 20];
         let mut got = 0usize;
         rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -787,6 +749,37 @@ mod tests {
         while unacked(tx.as_raw_fd()) != Some(0) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    #[test]
+    fn unacked_counts_what_the_peer_has_not_taken_and_drops_once_it_has() {
+        let (mut tx, mut rx) = small_window_pair();
+        assert_eq!(unacked(tx.as_raw_fd()), Some(0));
+        let sent = fill(&mut tx);
+        let held = unacked(tx.as_raw_fd()).unwrap();
+        assert!(held > 0 && held as usize <= sent, "{held} of {sent}");
+        // The peer reads everything: nothing is left unacknowledged.
+        drain(&tx, &mut rx, sent);
+        assert_eq!(unacked(tx.as_raw_fd()), Some(0));
+        assert_eq!(unacked(-1), None);
+    }
+
+    #[test]
+    fn a_peer_that_stops_reading_shows_as_time_limited_by_its_window() {
+        let (mut tx, mut rx) = small_window_pair();
+        assert_eq!(rwnd_limited(tx.as_raw_fd()), Some(Duration::ZERO));
+        // The peer reads nothing for 200 ms.
+        let sent = fill(&mut tx);
+        let start = Instant::now();
+        std::thread::sleep(Duration::from_millis(200));
+        let waited = rwnd_limited(tx.as_raw_fd()).unwrap();
+        assert!(
+            waited >= Duration::from_millis(100)
+                && waited <= start.elapsed() + Duration::from_millis(50),
+            "{waited:?}"
+        );
+        // Once the peer has read everything the count stops growing.
+        drain(&tx, &mut rx, sent);
         let after = rwnd_limited(tx.as_raw_fd()).unwrap();
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(rwnd_limited(tx.as_raw_fd()), Some(after));

@@ -353,9 +353,6 @@ pub(crate) struct Selector {
     window_unacked: Option<u64>,
     /// The most `unacked` was.
     peak_unacked: u64,
-    /// Bytes per second that left the channel in the latest window (see
-    /// [`Selector::drain_rate`]).
-    drained: Option<f64>,
     /// How long the channel's sends had waited on the peer's receive window in all
     /// when the window started (`Channel::peer_limited`; zero where it cannot tell).
     window_peer: Duration,
@@ -455,7 +452,6 @@ impl Selector {
             unacked: None,
             window_unacked: None,
             peak_unacked: 0,
-            drained: None,
             window_peer: Duration::ZERO,
             peer_bound: None,
             windows: 0,
@@ -480,12 +476,6 @@ impl Selector {
     /// The current choice: its index and parameters.
     pub(crate) fn current(&self) -> (usize, EncodeParams) {
         (self.current, self.arms[self.current].params)
-    }
-
-    /// Bytes per second that left the channel in its latest window, link-bound or
-    /// not: how fast what it holds drains now.
-    pub(crate) fn drain_rate(&self) -> Option<f64> {
-        self.drained
     }
 
     /// Whether the link's rate was measured (or told by another channel) yet.

@@ -294,7 +294,6 @@ impl Selector {
             _ => self.window_bytes,
         };
         let rate = drained as f64 / span.as_secs_f64();
-        self.drained = Some(rate).filter(|&r| r > 0.0);
         if early {
             // The link, busy; not the copy, which a window spent waiting cannot show.
             self.now = self.now.max(now);

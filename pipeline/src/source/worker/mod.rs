@@ -29,11 +29,6 @@ mod engine;
 mod pages;
 mod pair;
 
-/// A nap of [`Worker::hold`] before the channel's drain rate is known.
-const FIRST_NAP: Duration = Duration::from_micros(200);
-/// The shortest and longest nap of [`Worker::hold`] once it is.
-const MIN_NAP: Duration = Duration::from_millis(1);
-const MAX_NAP: Duration = Duration::from_millis(10);
 /// What a channel may hold unacknowledged while the adaptive choice does not know the
 /// link yet ([`Worker::hold`]): about what a socket held before channels had a send
 /// queue.
@@ -353,24 +348,12 @@ impl Worker {
     /// each worth several compressed ones on a slow link), [`ADAPTIVE_HOLD`] after.
     /// The wait is the channel's: the selector counts it as time waiting on the link,
     /// which is how it finds a slow link early and a busy one later.
-    ///
-    /// Each nap lasts until what the channel holds would be down to half the limit at
-    /// the rate it drained in the selector's latest window (1 to 10 ms; 200 µs until
-    /// a window measured it): the socket keeps half the limit to send meanwhile. A
-    /// channel held back by a slow receiver waits here most of the migration, and a
-    /// nap costs about 34 µs of CPU on this machine's virtual cores whatever its
-    /// length: with 200 µs naps two channels took 1.2-1.7 CPU-seconds a migration of
-    /// 2 GiB, where `send` blocking in the kernel took 0.3.
     fn hold(&mut self, limit: u64) -> Result<Duration, MigrationError> {
         let start = Instant::now();
-        let rate = self.s.adaptive.as_ref().and_then(Selector::drain_rate);
-        while let Some(u) = self.channel.unacked_bytes().filter(|&u| u > limit)
+        while self.channel.unacked_bytes().is_some_and(|u| u > limit)
             && start.elapsed() < self.s.send_timeout
         {
-            let nap = rate.map_or(FIRST_NAP, |r| {
-                Duration::from_secs_f64((u - limit / 2) as f64 / r).clamp(MIN_NAP, MAX_NAP)
-            });
-            std::thread::sleep(nap);
+            std::thread::sleep(Duration::from_micros(200));
             self.reap(false)?;
         }
         Ok(start.elapsed())
