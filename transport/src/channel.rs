@@ -328,6 +328,21 @@ pub trait Channel {
         None
     }
 
+    /// Waits, `timeout` at most, for the sends to move on: where the backend can wait
+    /// in the kernel (TCP: room in the socket for what its send queue holds; io_uring:
+    /// a completion), until they did; otherwise 200 µs (or `timeout`, if shorter).
+    /// [`poll_completions`](Self::poll_completions) then takes up what moved. A
+    /// sender that waits for what the channel holds to drain calls it instead of
+    /// sleeping: each wake-up costs CPU (about 34 µs on this project's test machine,
+    /// whatever the sleep's length).
+    ///
+    /// # Errors
+    /// [`ChannelError`] when the wait itself fails.
+    fn wait_sends(&mut self, timeout: Duration) -> Result<(), ChannelError> {
+        std::thread::sleep(timeout.min(Duration::from_micros(200)));
+        Ok(())
+    }
+
     /// Flushes every send and closes the sending direction, so the peer's `recv`
     /// returns `Ok(None)` after the last frame. Frames may still be received.
     ///

@@ -652,6 +652,28 @@ impl Channel for TcpChannel {
         rwnd_limited(self.stream.as_raw_fd())
     }
 
+    fn wait_sends(&mut self, timeout: Duration) -> Result<(), ChannelError> {
+        if self.queue.is_empty() || self.failed {
+            // All of it is in the socket already, which tells nothing of it draining.
+            std::thread::sleep(timeout.min(Duration::from_micros(200)));
+            return Ok(());
+        }
+        let mut fd = libc::pollfd {
+            fd: self.stream.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(timeout.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one pollfd, alive for the call.
+        if unsafe { libc::poll(&mut fd, 1, ms) } < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(ChannelError::io("poll", e));
+            }
+        }
+        Ok(())
+    }
+
     fn stats(&self) -> ChannelStats {
         let tls = self.tls.as_ref().map(|t| t.counters).unwrap_or_default();
         ChannelStats {

@@ -480,3 +480,61 @@ fn a_uring_channel_behind_a_backlog_copies_buffer_frames_and_hands_their_buffers
     drop(done);
     assert_eq!(pool.available(), 6);
 }
+
+#[test]
+fn wait_sends_waits_in_the_kernel_and_what_it_waited_for_drains() {
+    for backend in backends() {
+        let mut cfg = config(25, 1);
+        cfg.tcp.send_buffer = Some(64 << 10);
+        cfg.tcp.recv_buffer = Some(64 << 10);
+        cfg.tcp.recv_timeout = Some(Duration::from_secs(20));
+        let (mut src, mut dst) = pair(&cfg);
+        let mem = patterned(128, 12);
+        let mut ch = src.remove(0).open(&backend, &cfg).unwrap();
+        let (est, c) = (dst.remove(0), cfg.clone());
+        // The peer reads nothing for 300 ms, then all 16 frames.
+        let go = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let g = go.clone();
+        let peer = std::thread::spawn(move || {
+            let mut rx = est.open(&Backend::Tcp, &c).unwrap();
+            g.wait();
+            std::thread::sleep(Duration::from_millis(300));
+            let mut frames = 0;
+            while let Some(i) = rx.recv(None).unwrap() {
+                assert!(matches!(i, Incoming::Frame(_)), "{i:?}");
+                frames += 1;
+            }
+            frames
+        });
+        let mut done = Vec::new();
+        if backend == Backend::Tcp {
+            // What the socket cannot take waits in the channel's queue; with the
+            // socket full and the peer not reading, the wait lasts until the kernel
+            // finds room (41 ms in one run: the peer's kernel makes some) or its
+            // timeout, where a nap would have ended after 200 µs.
+            for _ in 0..16 {
+                ch.send(raw_frame(&mem, 0, 128)).unwrap();
+            }
+            ch.poll_completions(&mut done).unwrap();
+            let t = std::time::Instant::now();
+            ch.wait_sends(Duration::from_millis(100)).unwrap();
+            assert!(t.elapsed() >= Duration::from_millis(2), "{:?}", t.elapsed());
+            go.wait();
+        } else {
+            go.wait();
+            for _ in 0..16 {
+                ch.send(raw_frame(&mem, 0, 128)).unwrap();
+            }
+        }
+        // Waiting and taking up completions alone, without a flush, moves everything
+        // to the peer.
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while ch.unacked_bytes() != Some(0) && std::time::Instant::now() < deadline {
+            ch.wait_sends(Duration::from_millis(5)).unwrap();
+            ch.poll_completions(&mut done).unwrap();
+        }
+        assert_eq!(ch.unacked_bytes(), Some(0), "{backend:?}");
+        ch.close(&mut done).unwrap();
+        assert_eq!(peer.join().unwrap(), 16, "{backend:?}");
+    }
+}

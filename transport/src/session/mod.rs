@@ -424,6 +424,9 @@ impl Channel for AnyChannel {
     fn peer_limited(&self) -> Option<std::time::Duration> {
         self.inner_ref().peer_limited()
     }
+    fn wait_sends(&mut self, timeout: std::time::Duration) -> Result<(), ChannelError> {
+        self.inner().wait_sends(timeout)
+    }
     fn close(&mut self, out: &mut Vec<Completed>) -> Result<(), ChannelError> {
         self.inner().close(out)
     }

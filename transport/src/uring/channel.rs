@@ -459,6 +459,19 @@ impl Channel for UringChannel {
         crate::tcp::rwnd_limited(self.core.stream.as_raw_fd())
     }
 
+    fn wait_sends(&mut self, timeout: std::time::Duration) -> Result<(), ChannelError> {
+        self.check()?;
+        if self.core.inflight.is_empty() {
+            std::thread::sleep(timeout.min(std::time::Duration::from_micros(200)));
+            return Ok(());
+        }
+        // Entries that did not fit the ring go in as room frees; one completion (or
+        // the timeout) ends the wait.
+        self.core.pump();
+        self.core.enter(1, Some(timeout))?;
+        self.core.reap()
+    }
+
     fn stats(&self) -> ChannelStats {
         let tls = self.tls.as_ref().map(|t| t.counters).unwrap_or_default();
         ChannelStats {
