@@ -8,11 +8,20 @@ use std::time::Duration;
 
 use common::*;
 use pagewire_protocol::RegionId;
-use pagewire_transport::session::{AnyChannel, Backend, SessionError};
+use pagewire_transport::session::{AnyChannel, Backend, SessionConfig, SessionError};
 use pagewire_transport::uring::{UringError, ZeroCopy};
 use pagewire_transport::{
     BufferPool, Channel, ChannelError, Completed, Incoming, OutFrame, Payload, RegionSink,
 };
+
+/// [`config`] with 64 KiB socket buffers both ways: a peer that does not read fills
+/// them at once.
+fn small_buffers(session: u8, channels: u16) -> SessionConfig {
+    let mut cfg = config(session, channels);
+    cfg.tcp.send_buffer = Some(64 << 10);
+    cfg.tcp.recv_buffer = Some(64 << 10);
+    cfg
+}
 
 fn encoded(frame: OutFrame, mem: &pagewire_transport::GuestMemory) -> Vec<u8> {
     // The bytes a frame of `mem`'s first pages puts on the wire: its header, then its
@@ -58,9 +67,7 @@ fn peer_closing_mid_frame_is_reported() {
 #[test]
 fn a_peer_that_stops_reading_makes_the_sender_time_out_with_bounded_memory() {
     for backend in backends() {
-        let mut cfg = config(21, 1);
-        cfg.tcp.send_buffer = Some(64 << 10);
-        cfg.tcp.recv_buffer = Some(64 << 10);
+        let mut cfg = small_buffers(21, 1);
         cfg.tcp.send_timeout = Duration::from_millis(300);
         cfg.uring.send_timeout = Duration::from_millis(300);
         cfg.uring.max_in_flight_bytes = 4 << 20;
@@ -177,10 +184,8 @@ fn uring_zero_copy_buffer_is_not_released_before_its_notification() {
     if !uring_available() {
         return;
     }
-    let mut cfg = config(23, 1);
     // Small socket buffers, so a 2 MiB send cannot finish while nobody reads.
-    cfg.tcp.send_buffer = Some(64 << 10);
-    cfg.tcp.recv_buffer = Some(64 << 10);
+    let mut cfg = small_buffers(23, 1);
     let pool = BufferPool::new(1, 2 << 20).unwrap();
     cfg.uring.pools = vec![pool.clone()];
     cfg.uring.zero_copy = ZeroCopy::Always;
@@ -356,9 +361,7 @@ fn a_receive_timeout_between_frames_leaves_the_channel_usable() {
 #[test]
 fn a_tcp_channel_queues_behind_a_slow_peer_and_sends_its_queue_before_awaiting_a_reply() {
     use pagewire_protocol::{Ack, AckKind, Frame};
-    let mut cfg = config(23, 1);
-    cfg.tcp.send_buffer = Some(64 << 10);
-    cfg.tcp.recv_buffer = Some(64 << 10);
+    let mut cfg = small_buffers(23, 1);
     cfg.tcp.recv_timeout = Some(Duration::from_secs(20));
     let (mut src, mut dst) = pair(&cfg);
     let mem = patterned(128, 11);
@@ -414,9 +417,7 @@ fn a_uring_channel_behind_a_backlog_copies_buffer_frames_and_hands_their_buffers
     if !uring_available() {
         return;
     }
-    let mut cfg = config(24, 1);
-    cfg.tcp.send_buffer = Some(64 << 10);
-    cfg.tcp.recv_buffer = Some(64 << 10);
+    let mut cfg = small_buffers(24, 1);
     cfg.uring.zero_copy = ZeroCopy::Never;
     cfg.uring.copy_backlog = 8 << 20;
     // 6 buffers of 512 KiB: without the copies, the seventh frame would find none.
@@ -484,9 +485,7 @@ fn a_uring_channel_behind_a_backlog_copies_buffer_frames_and_hands_their_buffers
 #[test]
 fn wait_sends_waits_in_the_kernel_and_what_it_waited_for_drains() {
     for backend in backends() {
-        let mut cfg = config(25, 1);
-        cfg.tcp.send_buffer = Some(64 << 10);
-        cfg.tcp.recv_buffer = Some(64 << 10);
+        let mut cfg = small_buffers(25, 1);
         cfg.tcp.recv_timeout = Some(Duration::from_secs(20));
         let (mut src, mut dst) = pair(&cfg);
         let mem = patterned(128, 12);
