@@ -263,11 +263,20 @@ impl Stream {
     }
 }
 
+/// Reads retry a call interrupted before any byte came (`EINTR`): with a receive
+/// timeout set, a signal handler or io_uring task work for this thread (a ring closed
+/// on it) fails the read rather than restarting it, and neither says the peer is gone.
 impl Read for &Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match *self {
-            Stream::Tcp(s) => (&*s).read(buf),
-            Stream::Unix(s) => (&*s).read(buf),
+        loop {
+            let r = match *self {
+                Stream::Tcp(s) => (&*s).read(buf),
+                Stream::Unix(s) => (&*s).read(buf),
+            };
+            match r {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                r => return r,
+            }
         }
     }
 }
@@ -368,6 +377,36 @@ impl AsFd for StreamListener {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A ring closed on this thread interrupts its next blocking read with a timeout
+    /// (`EINTR`, task work and no signal): the read goes on, and times out as it
+    /// should. Where io_uring cannot be set up there is nothing to interrupt it.
+    #[test]
+    fn a_read_interrupted_by_task_work_goes_on() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = Stream::Tcp(TcpStream::connect(l.local_addr().unwrap()).unwrap());
+        let (mut peer, _) = l.accept().unwrap();
+        let Stream::Tcp(t) = &s else { unreachable!() };
+        t.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut buf = [0u8; 8];
+        for _ in 0..3 {
+            match io_uring::IoUring::new(8) {
+                Ok(ring) => drop(ring),
+                Err(e) => {
+                    assert!(
+                        std::env::var("PAGEWIRE_REQUIRE_URING").as_deref() != Ok("1"),
+                        "PAGEWIRE_REQUIRE_URING=1 but io_uring is unavailable: {e}"
+                    );
+                    eprintln!("io_uring unavailable ({e}): the read is not interrupted");
+                }
+            }
+            let e = (&s).read(&mut buf).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
+        }
+        peer.write_all(b"after").unwrap();
+        assert_eq!((&s).read(&mut buf).unwrap(), 5);
+    }
 
     #[test]
     fn endpoints_print_their_family() {

@@ -537,3 +537,34 @@ fn wait_sends_waits_in_the_kernel_and_what_it_waited_for_drains() {
         assert_eq!(peer.join().unwrap(), 16, "{backend:?}");
     }
 }
+
+/// Closing a ring sends task work to the thread that set it up, which interrupts a
+/// blocking socket call with a timeout (`EINTR`, no signal involved). `uring::probe`
+/// is what a VMM calls on its own thread before choosing a backend: the thread's next
+/// blocking reads must not fail for it.
+#[test]
+fn probing_io_uring_leaves_the_calling_thread_s_blocking_reads_alone() {
+    use std::io::Read;
+    let handle = std::thread::spawn(|| {
+        let probed = pagewire_transport::uring::probe(&Default::default());
+        if let Err(e) = probed {
+            assert!(
+                std::env::var("PAGEWIRE_REQUIRE_URING").as_deref() != Ok("1"),
+                "PAGEWIRE_REQUIRE_URING=1 but io_uring is unavailable: {e}"
+            );
+            eprintln!("skipped: io_uring unavailable: {e}");
+            return;
+        }
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut s = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let _peer = l.accept().unwrap();
+        for _ in 0..3 {
+            s.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            let e = s.read(&mut [0u8; 16]).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}");
+            pagewire_transport::uring::probe(&Default::default()).unwrap();
+        }
+    });
+    handle.join().unwrap();
+}

@@ -111,7 +111,10 @@ impl Raw {
                 }
                 self.buf.drain(..used);
             }
-            let n = self.stream.read(&mut chunk)?;
+            let n = match self.stream.read(&mut chunk) {
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                r => r?,
+            };
             if n == 0 {
                 return Err(ErrorKind::UnexpectedEof.into());
             }

@@ -306,10 +306,25 @@ fn build_ring(cfg: &UringConfig) -> Result<IoUring, UringError> {
 /// Checks that this process can open io_uring channels with `cfg` (ring flags and
 /// opcodes), without opening one.
 ///
+/// The trial ring is set up and closed on a thread of its own: closing a ring sends
+/// task work to the thread that set it up, and that interrupts the thread's next
+/// blocking socket call that has a timeout (`EINTR` without any signal), which the
+/// caller of a probe, about to open its channels, should not see.
+///
 /// # Errors
 /// [`UringError`] saying what is missing.
 pub fn probe(cfg: &UringConfig) -> Result<(), UringError> {
-    build_ring(cfg).map(drop)
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("pagewire-uring-probe".into())
+            .spawn_scoped(s, || build_ring(cfg).map(drop))
+            .map_err(|source| UringError::Io {
+                op: "spawning the probe's thread",
+                source,
+            })?
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
 }
 
 /// A piece of memory to register as a fixed buffer.
@@ -429,6 +444,10 @@ struct Core {
 /// fn is_send<T: Send>() {}
 /// is_send::<pagewire_transport::uring::UringChannel>();
 /// ```
+///
+/// Dropping it closes its ring, which queues task work for this thread: the thread's
+/// next blocking socket call that has a timeout may fail with `EINTR` (no signal is
+/// involved), to be retried. pagewire's own blocking reads retry it.
 #[derive(Debug)]
 pub struct UringChannel {
     core: Core,
