@@ -9,9 +9,13 @@ use pagewire_protocol::{CodecId, PageRun, RegionId};
 
 use super::Worker;
 
-/// Pages a paired sample encodes at most: 64 KiB of 4 KiB pages, a few percent of
-/// an explored frame's encode for both compressors.
-const SAMPLE_PAGES: usize = 16;
+/// Pages a paired sample encodes at most: 256 KiB of 4 KiB pages, half a default
+/// frame, for each of the two compressors, on explored frames only (one in 16 at
+/// most). zstd finds matches across a frame's pages, and a higher level more of
+/// them: on the two-copy image zstd:3 sends 5.4 % fewer bytes than zstd:1 on whole
+/// 128-page frames, 4.4 % fewer on their first 64 pages, 3.4 % on their first 16
+/// (which had auto take the two for equal).
+const SAMPLE_PAGES: usize = 64;
 
 /// What pairing keeps between frames: its own codec contexts and buffers.
 #[derive(Default)]
