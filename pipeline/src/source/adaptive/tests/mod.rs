@@ -609,6 +609,18 @@ fn arm(s: &Selector, label: &str) -> usize {
     s.arms.iter().position(|a| a.label == label).unwrap()
 }
 
+/// A selector on a busy 60 MB/s link whose candidates save and encode as `arms` says:
+/// (label, share saved on the reference content, guest bytes per second of core).
+fn on_a_busy_link(now: Instant, arms: &[(&str, f64, f64)]) -> Selector {
+    let mut s = selector(now);
+    (s.link, s.limited, s.content) = (Some(60e6), true, 1.0);
+    for &(label, saves, bytes_per_s) in arms {
+        let i = arm(&s, label);
+        (s.arms[i].saves, s.arms[i].cost) = (saves, 1.0 / bytes_per_s);
+    }
+    s
+}
+
 #[test]
 fn a_candidates_first_frame_counts_no_slower_than_its_prior() {
     // The first frame creates the codec's context and faults in its workspace: zstd:1
@@ -636,18 +648,16 @@ fn a_candidate_whose_estimate_ties_one_that_compresses_more_is_not_taken_for_it(
     // raised to zstd:1's, and on a busy link the two tie on paper. The cheaper one
     // would send more bytes in its stead.
     let now = Instant::now();
-    let mut s = selector(now);
-    (s.link, s.limited, s.content) = (Some(60e6), true, 1.0);
-    for (label, saves, bytes_per_s) in [
-        ("lz4", 0.8, 5e8),
-        ("zstd:-5", 0.5, 6e8),
-        ("zstd:1", 0.7, 4e8),
-        ("zstd:3", 0.72, 1e8),
-        ("deflate:1", 0.6, 1e8),
-    ] {
-        let i = arm(&s, label);
-        (s.arms[i].saves, s.arms[i].cost) = (saves, 1.0 / bytes_per_s);
-    }
+    let mut s = on_a_busy_link(
+        now,
+        &[
+            ("lz4", 0.8, 5e8),
+            ("zstd:-5", 0.5, 6e8),
+            ("zstd:1", 0.7, 4e8),
+            ("zstd:3", 0.72, 1e8),
+            ("deflate:1", 0.6, 1e8),
+        ],
+    );
     let (lz4, zstd) = (arm(&s, "lz4"), arm(&s, "zstd:1"));
     assert_eq!(s.ratio(lz4), s.ratio(zstd));
     assert_eq!(s.best(), zstd, "{:?}", s.arms);
@@ -664,18 +674,16 @@ fn on_a_busy_link_a_cheaper_candidate_that_sends_more_is_not_taken_for_being_che
     // byte, is priced at 146 MB/s for half the core time. The link carries as many
     // bytes of either, so lz4 moves fewer pages: not taken for being cheaper.
     let now = Instant::now();
-    let mut s = selector(now);
-    (s.link, s.limited, s.content) = (Some(60e6), true, 1.0);
-    for (label, saves, bytes_per_s) in [
-        ("lz4", 0.59, 5e8),
-        ("zstd:-5", 0.5, 1e8),
-        ("zstd:1", 0.7, 1e8),
-        ("zstd:3", 0.74, 2.3e8),
-        ("deflate:1", 0.6, 1e8),
-    ] {
-        let i = arm(&s, label);
-        (s.arms[i].saves, s.arms[i].cost) = (saves, 1.0 / bytes_per_s);
-    }
+    let mut s = on_a_busy_link(
+        now,
+        &[
+            ("lz4", 0.59, 5e8),
+            ("zstd:-5", 0.5, 1e8),
+            ("zstd:1", 0.7, 1e8),
+            ("zstd:3", 0.74, 2.3e8),
+            ("deflate:1", 0.6, 1e8),
+        ],
+    );
     let (lz4, z3) = (arm(&s, "lz4"), arm(&s, "zstd:3"));
     s.current = z3;
     s.arms[z3].realized = Some((130e6, now, s.ratio(z3)));
