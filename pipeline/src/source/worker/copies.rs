@@ -67,6 +67,7 @@ impl Worker {
         // Hashed without the table, looked up with it held once for the frame.
         let table = d.table.clone();
         let hashes: Vec<PageHash> = buf.chunks_exact(ps).map(|p| table.hash(p)).collect();
+        table.prepare(&hashes);
         let found: Vec<Option<u64>> = {
             let t = table.lock();
             hashes.iter().map(|&h| t.find(region, h)).collect()
