@@ -421,10 +421,22 @@ mod tests {
             .map(|b| d.hash(&[b; 4096]))
             .find(|&f| at(h).abs_diff(at(f)) > 2 * PREPARE_CHUNK)
             .expect("one of 248 contents lands away from one chunk");
-        assert!(!resident(at(h)) && !resident(at(far)));
+        // An allocator that writes what it zeroes (ThreadSanitizer's `calloc`, under
+        // `.ci/tsan`, which sets TSAN_OPTIONS) leaves nothing to observe; the
+        // contents are still checked. glibc's does not.
+        let observable = !resident(at(h)) && !resident(at(far));
+        if !observable {
+            assert!(
+                std::env::var_os("TSAN_OPTIONS").is_some(),
+                "the table's pages were backed before any write"
+            );
+            eprintln!("the table's pages were backed before any write: not checking backing");
+        }
         d.prepare(&[h]);
-        assert!(resident(at(h)), "the entry's page is backed");
-        assert!(!resident(at(far)), "only the chunks the hashes land on");
+        if observable {
+            assert!(resident(at(h)), "the entry's page is backed");
+            assert!(!resident(at(far)), "only the chunks the hashes land on");
+        }
         // Once backed, a chunk is not advised again.
         let chunk = (at(h) - d.entries_at / PAGE * PAGE) / PREPARE_CHUNK;
         assert_ne!(
