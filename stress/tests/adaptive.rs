@@ -107,7 +107,14 @@ fn auto_follows_a_cap_changed_mid_run_and_content_that_changes_class() {
             &mut guest,
             link,
             &Authentication::None,
-            DestPrep::default(),
+            // Memory populated beforehand: the test is about the source's choice. Into
+            // fresh memory the destination's first writes (up to 48 µs a page on this
+            // machine's virtual memory, some hours) held the sends back in 38 of 77
+            // windows, and auto rightly stayed raw where the receiver was the limit.
+            DestPrep {
+                memory: pagewire_stress::destmem::DestMemory::Populated,
+                prefault: None,
+            },
         )
         .unwrap()
     });
