@@ -190,9 +190,11 @@ impl DedupTable {
     /// 2 GiB migration spent 0.39 s of its channel threads in such faults under the
     /// lock, the other channel waiting meanwhile. A chunk is backed once (one
     /// `MADV_POPULATE_WRITE` of 64 KiB, which changes no contents); after that this is
-    /// one atomic load per hash.
-    pub(crate) fn prepare(&self, hashes: &[PageHash]) {
+    /// one atomic load per hash. Returns how many chunks it backed (a one-time cost
+    /// of the table's, not of the frame's codec).
+    pub(crate) fn prepare(&self, hashes: &[PageHash]) -> usize {
         let len = self.entries_bytes / size_of::<Stored>();
+        let mut backed = 0;
         // Chunks of whole pages, from the page holding the first entry.
         let base = self.entries_at / PAGE * PAGE;
         let end = (self.entries_at + self.entries_bytes).next_multiple_of(PAGE);
@@ -204,6 +206,7 @@ impl DedupTable {
                 continue;
             }
             word.fetch_or(bit, Ordering::Relaxed);
+            backed += 1;
             let from = base + chunk * PREPARE_CHUNK;
             let to = (from + PREPARE_CHUNK).min(end);
             if let Some(ptr) = NonNull::new(from as *mut c_void) {
@@ -215,6 +218,7 @@ impl DedupTable {
                 let _ = unsafe { madvise(ptr, to - from, MmapAdvise::MADV_POPULATE_WRITE) };
             }
         }
+        backed
     }
 
     /// The table, for a frame's lookups or entries at once.
@@ -320,11 +324,15 @@ impl Dedup {
     }
 
     /// A buffer of `len` bytes for a frame's pages (contents unspecified), from those
-    /// given back when there is one.
-    pub(crate) fn buffer(&mut self, len: usize) -> Vec<u8> {
-        let mut b = self.pool.pop().unwrap_or_default();
+    /// given back when there is one; and whether it is new (its pages were first
+    /// written now).
+    pub(crate) fn buffer(&mut self, len: usize) -> (Vec<u8>, bool) {
+        let (mut b, new) = match self.pool.pop() {
+            Some(b) => (b, false),
+            None => (Vec::new(), true),
+        };
         b.resize(len, 0);
-        b
+        (b, new)
     }
 
     /// Gives a frame's buffer back once its job is done.
@@ -432,7 +440,7 @@ mod tests {
             );
             eprintln!("the table's pages were backed before any write: not checking backing");
         }
-        d.prepare(&[h]);
+        assert_eq!(d.prepare(&[h]), 1, "one chunk backed");
         if observable {
             assert!(resident(at(h)), "the entry's page is backed");
             assert!(!resident(at(far)), "only the chunks the hashes land on");
@@ -448,7 +456,7 @@ mod tests {
         assert_eq!(t.find(r, h), None);
         t.insert(r, 5, h);
         drop(t);
-        d.prepare(&[h, far]);
+        assert_eq!(d.prepare(&[h, far]), 1, "only the chunk not backed before");
         assert_eq!(d.lock().find(r, h), Some(5));
         assert!(resident(at(far)));
     }

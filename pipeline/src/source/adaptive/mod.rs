@@ -9,7 +9,11 @@
 //!   codec threads; wall time there swings 3x with the other threads on the same
 //!   cores), otherwise in wall time from submit to completion; a candidate's first
 //!   frame, which creates and faults in its codec's context, counts no slower than
-//!   the prior, and the frame after it sets the cost;
+//!   the prior, and the frame after it sets the cost (at most twice the estimate);
+//!   after that a frame slower than the estimate counts as the median of its cost and
+//!   the two before it, so one frame slowed by what is not its codec's moves nothing;
+//!   the CPU the kernel takes to back memory for the first time (a new buffer, the
+//!   dedup table's entries) is not counted;
 //! - `ratio(c)`: payload bytes per guest byte on the content of now: the share of
 //!   bytes `c` saves on a reference content (a prior until a frame measures it), times
 //!   a content factor that the current compressor's frames keep up to date (its
@@ -47,7 +51,8 @@
 //! the link, the copy does not. What the channel really moved while a candidate was the
 //! choice (guest bytes per second of wall time between frames handed over, over a
 //! window: encode, send, and whatever the receiver's work on the same cores slowed
-//! them by) bounds its figure, since where the link is the same cores (loopback, a
+//! them by; a window that spent more than a tenth of its time having memory backed
+//! for the first time is not counted) bounds its figure, since where the link is the same cores (loopback, a
 //! veth pair) compression saves less than the model thinks; for a candidate that
 //! compresses less than the current one it replaces the figure, since what the channel
 //! accepts under a compressor says little of what it accepts raw when the receiver's
@@ -176,6 +181,12 @@ const WIRE_DIFFERS: f64 = 1.25;
 const SETTLE: Duration = Duration::from_millis(50);
 /// Weight of a new sample in the moving averages.
 const ALPHA: f64 = 0.15;
+/// A window of what the channel moved that spent more than this share of its time
+/// having memory backed for the first time is not counted.
+const SETUP_SHARE: f64 = 0.1;
+/// A candidate's first frame after the warm-up one sets its cost, up to this many
+/// times the estimate (a cost that really is higher follows within two more frames).
+const SPIKE: f64 = 2.0;
 /// Raw's ratio is at most 1 over this (with 95 % of pages copies, raw sends 20 times the
 /// bytes).
 const MIN_RAW_SHARE: f64 = 0.05;
@@ -225,6 +236,9 @@ struct Arm {
     /// Frames measured (the first only warms the codec's context: see
     /// [`Selector::observe_encode`]).
     samples: u32,
+    /// Seconds per guest byte of the latest two frames measured after the first, the
+    /// latest first.
+    costs: [Option<f64>; 2],
     /// Guest bytes per second the channel actually moved while it was the choice
     /// (wall time between frames handed over: encode, send, and whatever the
     /// destination or other work on the same cores slowed them by), when, and its
@@ -234,6 +248,8 @@ struct Arm {
     /// Guest bytes and wall seconds of the window being measured for `realized`.
     win_bytes: f64,
     win_secs: f64,
+    /// Of which spent having memory backed for the first time.
+    win_setup: f64,
     /// Trials lost in a row (see [`REALIZED_FOR`]).
     losses: u32,
     /// Paired samples taken of it (see [`Selector::observe_pair`]).
@@ -421,9 +437,11 @@ impl Selector {
                 saves: 1.0 - ratio,
                 measured: 0,
                 samples: 0,
+                costs: [None; 2],
                 realized: None,
                 win_bytes: 0.0,
                 win_secs: 0.0,
+                win_setup: 0.0,
                 losses: 0,
                 pairs: 0,
                 wire: None,
@@ -633,7 +651,7 @@ impl Selector {
             0
         };
         let b = &mut self.arms[to];
-        (b.win_bytes, b.win_secs) = (0.0, 0.0);
+        (b.win_bytes, b.win_secs, b.win_setup) = (0.0, 0.0, 0.0);
         self.chosen_at = now;
         if self.ratio(to) > self.ratio(from) {
             self.settle_until = now + SETTLE;

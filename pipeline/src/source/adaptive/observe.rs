@@ -114,11 +114,29 @@ impl Selector {
                 // A candidate's first frame creates and faults in its codec's context
                 // (zstd's workspace, deflate's compressor): here 3-5x slower than the
                 // frames after it (zstd:1 96 MB/s against 300-700). It counts for no
-                // slower than the prior; the next frame sets the cost.
+                // slower than the prior; the next frame sets the cost, up to
+                // [`SPIKE`] times the estimate.
                 0 => cost.min(a.cost),
-                1 => cost,
-                _ => a.cost + ALPHA * (cost - a.cost),
+                1 => cost.min(SPIKE * a.cost),
+                // A frame slower than the estimate counts as the median of its cost
+                // and the two before it (the lesser of two): one frame slowed by what
+                // is not its codec's (memory backed for the first time, the other
+                // threads on the core) does not move the estimate, a codec that got
+                // slower does from its second slow frame. Nothing makes a frame
+                // faster than its codec: a faster one counts at once.
+                _ => {
+                    let seen = match a.costs {
+                        _ if cost <= a.cost => cost,
+                        [Some(p), Some(q)] => cost.max(p.min(q)).min(p.max(q)),
+                        [Some(p), None] | [None, Some(p)] => cost.min(p),
+                        [None, None] => cost,
+                    };
+                    a.cost + ALPHA * (seen - a.cost)
+                }
             };
+            if a.samples > 0 {
+                a.costs = [Some(cost), a.costs[0]];
+            }
             a.samples = a.samples.saturating_add(1);
         }
         let saved = (1.0 - ratio).max(0.0);
@@ -185,8 +203,13 @@ impl Selector {
     /// A frame of `guest` bytes was handed to the channel at `now`. The wall time since
     /// the previous one counts for the current choice (an exploring frame in between
     /// is a small share of it): over a window, the guest bytes per second the channel
-    /// moved with it, end to end.
-    pub(crate) fn observe_frame(&mut self, guest: u64, now: Instant) {
+    /// moved with it, end to end. `setup` is the wall time the frame spent having
+    /// memory backed for the first time: a window that spent more than
+    /// [`SETUP_SHARE`] of its time so measured the memory, not the codec, and is not
+    /// counted (the dedup table, 32 MiB at 2 GiB, took the first frames 30-70 ms
+    /// each on this machine, and the figures the first candidates realized then, 5-15
+    /// MB/s, kept them out of the choice for the whole migration).
+    pub(crate) fn observe_frame(&mut self, guest: u64, setup: Duration, now: Instant) {
         let Some(prev) = self.frame_end.replace(now) else {
             return;
         };
@@ -198,11 +221,16 @@ impl Selector {
         let a = &mut self.arms[self.current];
         a.win_bytes += guest as f64;
         a.win_secs += now.saturating_duration_since(prev).as_secs_f64();
+        a.win_setup += setup.as_secs_f64();
         if a.win_secs < WINDOW.as_secs_f64() || a.win_bytes <= 0.0 {
             return;
         }
         let r = a.win_bytes / a.win_secs;
-        (a.win_bytes, a.win_secs) = (0.0, 0.0);
+        let setup = a.win_setup / a.win_secs;
+        (a.win_bytes, a.win_secs, a.win_setup) = (0.0, 0.0, 0.0);
+        if setup > SETUP_SHARE {
+            return;
+        }
         a.realized = Some(match a.realized {
             Some((old, at, then)) if now.saturating_duration_since(at) < 2 * WINDOW => {
                 let old = old * then / ratio;

@@ -3,6 +3,7 @@
 //! left for the codec (see `source/dedup.rs` for why this order is safe).
 
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use pagewire_protocol::{CopyFrame, CopyRun, Frame, PageIndex, PageRun, RegionId, Round, WireList};
 
@@ -24,6 +25,13 @@ pub(super) struct Staged {
     pub(super) copies: Vec<CopyRun>,
     /// The pages that go as copies of other channels' pages (`ROUND_END`), the same.
     pub(super) round_end: Vec<CopyRun>,
+    /// Thread CPU time spent having the kernel back memory for the first time (a new
+    /// buffer, the table's chunks): a cost of the migration's first frames, not of the
+    /// frame's codec, which the adaptive choice must not charge to it (on this
+    /// machine's virtual memory it made zstd:1 look 15 MB/s of core for a second).
+    pub(super) setup: Duration,
+    /// The wall time that took (the thread also waits for a core meanwhile).
+    pub(super) setup_wall: Duration,
 }
 
 impl Worker {
@@ -38,7 +46,13 @@ impl Worker {
         let ps = self.s.memory.page_size() as usize;
         let d = self.s.dedup.as_mut().ok_or(MigrationError::Worker(ch))?;
         let pages: usize = split.data.iter().map(|r| r.count as usize).sum();
-        let mut buf = d.buffer(pages * ps);
+        let (mut setup, mut setup_wall) = (Duration::ZERO, Duration::ZERO);
+        let (t0, w0) = (pagewire_accel::thread_cpu_time(), Instant::now());
+        let (mut buf, new) = d.buffer(pages * ps);
+        if new {
+            setup += pagewire_accel::thread_cpu_time().saturating_sub(t0);
+            setup_wall += w0.elapsed();
+        }
         let mut off = 0;
         for run in &split.data {
             let n = run.count as usize * ps;
@@ -63,11 +77,18 @@ impl Worker {
             hashes: Vec::with_capacity(pages),
             copies: Vec::new(),
             round_end: Vec::new(),
+            setup: Duration::ZERO,
+            setup_wall,
         };
         // Hashed without the table, looked up with it held once for the frame.
         let table = d.table.clone();
         let hashes: Vec<PageHash> = buf.chunks_exact(ps).map(|p| table.hash(p)).collect();
-        table.prepare(&hashes);
+        let (t0, w0) = (pagewire_accel::thread_cpu_time(), Instant::now());
+        if table.prepare(&hashes) > 0 {
+            setup += pagewire_accel::thread_cpu_time().saturating_sub(t0);
+            st.setup_wall += w0.elapsed();
+        }
+        st.setup = setup;
         let found: Vec<Option<u64>> = {
             let t = table.lock();
             hashes.iter().map(|&h| t.find(region, h)).collect()

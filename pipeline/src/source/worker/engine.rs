@@ -44,7 +44,17 @@ impl Worker {
         // page they scanned (below): charged to the few pages left after the copies,
         // they made lz4 look 6 MB/s of core where most pages were copies, and raw, which
         // skips dedup (and so sends those pages whole), look better.
-        let mut dedup_cpu = cpu0.map(|t0| pagewire_accel::thread_cpu_time().saturating_sub(t0));
+        // What backing memory for the first time took is not (see `Staged::setup`).
+        let (setup, setup_wall) = staged
+            .as_ref()
+            .map_or((Duration::ZERO, Duration::ZERO), |st| {
+                (st.setup, st.setup_wall)
+            });
+        let mut dedup_cpu = cpu0.map(|t0| {
+            pagewire_accel::thread_cpu_time()
+                .saturating_sub(t0)
+                .saturating_sub(setup)
+        });
         let mut copied = 0;
         if let Some(st) = &staged {
             let data: u64 = st.data.iter().map(|r| u64::from(r.count)).sum();
@@ -161,6 +171,7 @@ impl Worker {
                 staged,
                 hashes,
                 copied,
+                setup: setup_wall,
             },
         );
         self.batch.push_back(job);

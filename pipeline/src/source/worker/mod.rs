@@ -66,6 +66,10 @@ struct FrameMeta {
     /// Pages of the frame that went as copies: the adaptive choice counts them in the
     /// guest bytes the channel moved (not in the codec's ratio).
     copied: u64,
+    /// Wall time it spent having memory backed for the first time
+    /// (`Staged::setup_wall`): a window of the adaptive choice that spent much of its
+    /// time so measured the memory, not the codec.
+    setup: Duration,
 }
 
 /// Everything a worker needs but its channel, which it opens on its own thread.

@@ -230,7 +230,7 @@ impl Worker {
         }
         if let (Some(_), Some(sel)) = (meta.arm, self.s.adaptive.as_mut()) {
             let ps = u64::from(self.s.memory.page_size());
-            sel.observe_frame((pages.data + meta.copied) * ps, Instant::now());
+            sel.observe_frame((pages.data + meta.copied) * ps, meta.setup, Instant::now());
         }
         self.account(out.codec, pages, out.bytes_out() as u64, wire);
         Ok(())
