@@ -193,13 +193,12 @@ impl DedupTable {
     /// one atomic load per hash. Returns how many chunks it backed (a one-time cost
     /// of the table's, not of the frame's codec).
     pub(crate) fn prepare(&self, hashes: &[PageHash]) -> usize {
-        let len = self.entries_bytes / size_of::<Stored>();
         let mut backed = 0;
         // Chunks of whole pages, from the page holding the first entry.
         let base = self.entries_at / PAGE * PAGE;
         let end = (self.entries_at + self.entries_bytes).next_multiple_of(PAGE);
         for h in hashes {
-            let at = self.entries_at + ((h.0 as usize) & (len - 1)) * size_of::<Stored>();
+            let at = self.entry_addr(*h);
             let chunk = (at - base) / PREPARE_CHUNK;
             let (word, bit) = (&self.backed[chunk / 64], 1u64 << (chunk % 64));
             if word.load(Ordering::Relaxed) & bit != 0 {
@@ -219,6 +218,12 @@ impl DedupTable {
             }
         }
         backed
+    }
+
+    /// The address of the entry `h` lands on.
+    fn entry_addr(&self, h: PageHash) -> usize {
+        let len = self.entries_bytes / size_of::<Stored>();
+        self.entries_at + slot_of(h, len) * size_of::<Stored>()
     }
 
     /// The table, for a frame's lookups or entries at once.
@@ -287,8 +292,7 @@ impl Table {
     }
 
     fn index(&self, hash: PageHash) -> usize {
-        // A power of two long.
-        (hash.0 as usize) & (self.entries.len() - 1)
+        slot_of(hash, self.entries.len())
     }
 
     /// The slot list and index of `page` of `region`; `None` outside the regions.
@@ -297,6 +301,11 @@ impl Table {
         let l = usize::try_from(page).ok()?;
         (l < self.slots[s].at.len()).then_some((s, l))
     }
+}
+
+/// The entry `hash` lands on in a table of `len` entries (a power of two).
+fn slot_of(hash: PageHash, len: usize) -> usize {
+    (hash.0 as usize) & (len - 1)
 }
 
 /// One channel's side of dedup: the shared table and the buffers of its frames.
@@ -422,8 +431,7 @@ mod tests {
         let d = table(1 << 19);
         let r = RegionId(0);
         let h = d.hash(&[7u8; 4096]);
-        let at =
-            |h: PageHash| d.entries_at + ((h.0 as usize) & (MAX_ENTRIES - 1)) * size_of::<Stored>();
+        let at = |h: PageHash| d.entry_addr(h);
         // Content whose entry is in a chunk well away from `h`'s (the key is random).
         let far = (8..=255u8)
             .map(|b| d.hash(&[b; 4096]))
