@@ -120,8 +120,11 @@ pub(crate) struct DedupTable {
     backed: Vec<AtomicU64>,
 }
 
-/// The bytes of entries [`DedupTable::prepare`] backs at a time.
-const PREPARE_CHUNK: usize = 64 << 10;
+/// The bytes of entries [`DedupTable::prepare`] backs at a time: a page. With 64 KiB,
+/// the few frames a raw migration explores compressors on backed 16 pages for each of
+/// their hashes, most of the table: 0.39 s of a 1.3 s migration's CPU at 10 Gbit/s on
+/// this machine, where a page's first write takes about 48 µs.
+const PREPARE_CHUNK: usize = PAGE;
 
 impl std::fmt::Debug for DedupTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -188,9 +191,9 @@ impl DedupTable {
     /// fault taken with the lock held holds up every channel. On this machine's
     /// virtual memory a first write to a page took about 48 µs; the first 800 ms of a
     /// 2 GiB migration spent 0.39 s of its channel threads in such faults under the
-    /// lock, the other channel waiting meanwhile. A chunk is backed once (one
-    /// `MADV_POPULATE_WRITE` of 64 KiB, which changes no contents); after that this is
-    /// one atomic load per hash. Returns how many chunks it backed (a one-time cost
+    /// lock, the other channel waiting meanwhile. A page is backed once (one
+    /// `MADV_POPULATE_WRITE`, which changes no contents); after that this is one
+    /// atomic load per hash. Returns how many pages it backed (a one-time cost
     /// of the table's, not of the frame's codec).
     pub(crate) fn prepare(&self, hashes: &[PageHash]) -> usize {
         let mut backed = 0;
