@@ -335,16 +335,18 @@ impl Dedup {
         }
     }
 
+    /// Whether a buffer given back is there for [`Dedup::buffer`] (else it allocates
+    /// one, whose pages are first written then).
+    pub(crate) fn has_spare(&self) -> bool {
+        !self.pool.is_empty()
+    }
+
     /// A buffer of `len` bytes for a frame's pages (contents unspecified), from those
-    /// given back when there is one; and whether it is new (its pages were first
-    /// written now).
-    pub(crate) fn buffer(&mut self, len: usize) -> (Vec<u8>, bool) {
-        let (mut b, new) = match self.pool.pop() {
-            Some(b) => (b, false),
-            None => (Vec::new(), true),
-        };
+    /// given back when there is one.
+    pub(crate) fn buffer(&mut self, len: usize) -> Vec<u8> {
+        let mut b = self.pool.pop().unwrap_or_default();
         b.resize(len, 0);
-        (b, new)
+        b
     }
 
     /// Gives a frame's buffer back once its job is done.

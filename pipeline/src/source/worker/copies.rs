@@ -26,7 +26,7 @@ pub(super) struct Staged {
     /// The pages that go as copies of other channels' pages (`ROUND_END`), the same.
     pub(super) round_end: Vec<CopyRun>,
     /// Thread CPU time spent having the kernel back memory for the first time (a new
-    /// buffer, the table's chunks): a cost of the migration's first frames, not of the
+    /// buffer, the table's pages): a cost of the migration's first frames, not of the
     /// frame's codec, which the adaptive choice must not charge to it (on this
     /// machine's virtual memory it made zstd:1 look 15 MB/s of core for a second).
     pub(super) setup: Duration,
@@ -47,12 +47,16 @@ impl Worker {
         let d = self.s.dedup.as_mut().ok_or(MigrationError::Worker(ch))?;
         let pages: usize = split.data.iter().map(|r| r.count as usize).sum();
         let (mut setup, mut setup_wall) = (Duration::ZERO, Duration::ZERO);
-        let (t0, w0) = (pagewire_accel::thread_cpu_time(), Instant::now());
-        let (mut buf, new) = d.buffer(pages * ps);
-        if new {
+        // Timed only when the buffer is new: a clock read per frame is a system call.
+        let mut buf = if d.has_spare() {
+            d.buffer(pages * ps)
+        } else {
+            let (t0, w0) = (pagewire_accel::thread_cpu_time(), Instant::now());
+            let b = d.buffer(pages * ps);
             setup += pagewire_accel::thread_cpu_time().saturating_sub(t0);
             setup_wall += w0.elapsed();
-        }
+            b
+        };
         let mut off = 0;
         for run in &split.data {
             let n = run.count as usize * ps;
@@ -78,7 +82,7 @@ impl Worker {
             copies: Vec::new(),
             round_end: Vec::new(),
             setup: Duration::ZERO,
-            setup_wall,
+            setup_wall: Duration::ZERO,
         };
         // Hashed without the table, looked up with it held once for the frame.
         let table = d.table.clone();
@@ -86,9 +90,9 @@ impl Worker {
         let (t0, w0) = (pagewire_accel::thread_cpu_time(), Instant::now());
         if table.prepare(&hashes) > 0 {
             setup += pagewire_accel::thread_cpu_time().saturating_sub(t0);
-            st.setup_wall += w0.elapsed();
+            setup_wall += w0.elapsed();
         }
-        st.setup = setup;
+        (st.setup, st.setup_wall) = (setup, setup_wall);
         let found: Vec<Option<u64>> = {
             let t = table.lock();
             hashes.iter().map(|&h| t.find(region, h)).collect()
