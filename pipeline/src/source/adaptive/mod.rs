@@ -25,8 +25,8 @@
 //!   estimate has a candidate compress less than one it cannot beat (zstd at a lower
 //!   level, lz4 against zstd at level 1 or above);
 //! - `copy`: seconds per byte that handing a frame to an idle channel takes (the
-//!   least seen lately, at most 1 ns): the thread's own cost of sending, on top of
-//!   encoding;
+//!   least seen lately, at most 0.3 ns: a link busy in every window never shows it
+//!   alone): the thread's own cost of sending, on top of encoding;
 //! - `link`: the bytes per second that left the channel while it was the bottleneck
 //!   (handing bytes over took more than twice the copy, for a tenth of the window or
 //!   more: time waiting on the channel or on the bandwidth cap). Where the channel
@@ -47,8 +47,10 @@
 //!   50 ms, which fill empty buffers, are not measured.
 //!
 //! The guest bytes per second of `c` are
-//! `1 / (max(cost(c) / cores, ratio(c) / link) + ratio(c) * copy)`: encoding overlaps
-//! the link, the copy does not. What the channel really moved while a candidate was the
+//! `1 / max(cost(c) / cores + ratio(c) * copy, ratio(c) / link)`: the thread encodes
+//! and hands frames over while the link carries the frames before them, and the
+//! link's figure, what left the channel while it was busy, already holds the copy
+//! where the copy is the link (loopback). What the channel really moved while a candidate was the
 //! choice (guest bytes per second of wall time between frames handed over, over a
 //! window: encode, send, and whatever the receiver's work on the same cores slowed
 //! them by; a window that spent more than a tenth of its time having memory backed
@@ -63,7 +65,11 @@
 //! it is scaled by how much the candidate's ratio changed since (content that
 //! compresses worse moves fewer guest bytes over the same link). That measurement holds
 //! 2 s, twice as long after each trial the candidate lost within a second (up to 8 s),
-//! then the model may try it again. A new choice is kept until a window measured it,
+//! then the model may try it again. A candidate that would replace the current one
+//! while its cost is still its prior is first measured on up to three frames, and the
+//! choice made again at once (not at the start, where the first choice, made blind,
+//! is found wrong by an early window: there every frame counts). A new choice is kept
+//! until a window measured it,
 //! and after a switch to a candidate that compresses less the first 50 ms are not
 //! measured (the socket's and the link's buffers, which the compressor left empty,
 //! absorb them).
@@ -157,9 +163,11 @@ const MAX_LOSSES: u32 = 2;
 /// A candidate that was the choice for less than this before another replaced it lost
 /// its trial.
 const TRIAL: Duration = Duration::from_secs(1);
-/// The slowest copy assumed, seconds per byte (1 GB/s: slower than any memory copy
-/// and any loopback send here).
-const COPY_MAX: f64 = 1e-9;
+/// The slowest copy assumed, seconds per byte (3.3 GB/s: slower than any memory
+/// copy and any loopback send here; at 1 ns, where the link was busy in every window
+/// and so never showed the copy alone, it took a third of a nanosecond per guest byte
+/// from zstd:1 against zstd:-5, and at 10 Gbit/s a nanosecond from raw against lz4).
+const COPY_MAX: f64 = 0.3e-9;
 /// How fast the credit of a link that does not block grows, per second unblocked.
 const PROBE_PER_S: f64 = 0.5;
 /// A new best must beat the current candidate by this factor.
@@ -210,6 +218,12 @@ const MIN_RATIO: f64 = 0.01;
 /// Share of the encode time that exploring other candidates may take: a slow
 /// candidate is tried less often than a fast one.
 const EXPLORE_SHARE: f64 = 0.03;
+/// A candidate whose cost is still its prior (a guess on the slow side, but not for
+/// every machine: lz4's 500 MB/s was 400-446 on cores shared with the receivers) is
+/// measured on up to this many frames before it replaces the current choice, unless
+/// the choice was made blind: at 10 Gbit/s raw went to lz4 on its prior for 500 ms,
+/// 3-13 % of the guest, and the migration moved 0.73-0.91x static raw.
+const PROBE_FRAMES: u32 = 3;
 /// Switches kept in the statistics' log, per channel.
 const LOG: usize = 32;
 /// A window whose sends waited on the peer's receive window (`Channel::peer_limited`)
@@ -385,6 +399,9 @@ pub(crate) struct Selector {
     switches: Vec<CodecSwitch>,
     log: Vec<CodecSwitch>,
     explored: u64,
+    /// A candidate that would replace the current one on its prior alone, measured
+    /// first (see [`PROBE_FRAMES`]), and the frames of it taken so far.
+    probe: Option<(usize, u32)>,
     /// Encode seconds exploring may still spend (grows with every frame).
     explore_budget: f64,
     /// Guest bytes of a recent frame, to price an exploration.
@@ -481,6 +498,7 @@ impl Selector {
             switches: Vec::new(),
             log: Vec::new(),
             explored: 0,
+            probe: None,
             explore_budget: 0.0,
             frame_bytes: 0.0,
             frame_end: None,
@@ -560,10 +578,22 @@ impl Selector {
                 return (i, self.arms[i].params);
             }
         }
+        // A candidate about to replace the current one on its prior is measured first,
+        // then the choice is made again at once.
+        let mut probed = false;
+        if let Some((i, taken)) = self.probe {
+            if self.arms[i].samples < 2 && taken < PROBE_FRAMES {
+                self.probe = Some((i, taken + 1));
+                self.explored += 1;
+                return (i, self.arms[i].params);
+            }
+            self.probe = None;
+            probed = true;
+        }
         // A blind first choice found wrong by an early window is reconsidered at once,
         // without moving the schedule of the others.
         let blind = std::mem::take(&mut self.blind);
-        if now < self.next_decision && !blind {
+        if now < self.next_decision && !blind && !probed {
             return (self.current, self.arms[self.current].params);
         }
         if !blind {
@@ -602,6 +632,11 @@ impl Selector {
             && best_rate * CHEAP_NEAR >= now_rate
             && self.arms[best].cost < 0.8 * self.arms[self.current].cost;
         if best != self.current && (faster || cheaper) {
+            if !blind && !probed && self.arms[best].samples < 2 {
+                self.probe = Some((best, 1));
+                self.explored += 1;
+                return (best, self.arms[best].params);
+            }
             self.switch_to(best, now, faster);
         }
         (self.current, self.arms[self.current].params)

@@ -40,18 +40,21 @@ impl Selector {
                 l * (1.0 + PROBE_PER_S * free.as_secs_f64())
             }
         };
-        // Encoding overlaps the link (the socket buffers the previous frame), handing
-        // a frame to the channel does not: its copy is the thread's own time.
+        // The thread encodes and hands the frame over (its copy); the link carries the
+        // previous frames meanwhile (the socket and the send queue hold them). The
+        // link's figure is what left the channel while it was busy, copy included
+        // where the copy is the link (loopback): the copy is not added to it again.
         let ratio = self.ratio(i).max(1e-6);
-        // The current choice keeps a busy link busy: its core outpaces the link,
+        let thread = 1.0 / cpu + ratio * self.copy.unwrap_or(0.0);
+        // The current choice keeps a busy link busy: its thread outpaces the link,
         // whatever its measured cost says (the encode's time swings with the other
         // work on the same cores), and it moves what the link carries.
-        let cpu = if i == self.current && self.limited && link.is_finite() {
-            cpu.max(link / ratio)
+        let thread = if i == self.current && self.limited && link.is_finite() {
+            thread.min(ratio / link)
         } else {
-            cpu
+            thread
         };
-        let period = (1.0 / cpu).max(ratio / link) + ratio * self.copy.unwrap_or(0.0);
+        let period = thread.max(ratio / link);
         let model = 1.0 / period.max(1e-15);
         // What the channel really moved lately while it was the choice bounds the
         // model: where the link is the same cores (loopback, a veth pair), the
