@@ -46,57 +46,54 @@
 //!   other channels of the source, which share the link (`SharedLink`); the first
 //!   50 ms, which fill empty buffers, are not measured.
 //!
-//! The guest bytes per second of `c` are
-//! `1 / max(cost(c) / cores + ratio(c) * copy, ratio(c) / link)`: the thread encodes
-//! and hands frames over while the link carries the frames before them, and the
-//! link's figure, what left the channel while it was busy, already holds the copy
-//! where the copy is the link (loopback). What the channel really moved while a candidate was the
-//! choice (guest bytes per second of wall time between frames handed over, over a
-//! window: encode, send, and whatever the receiver's work on the same cores slowed
-//! them by; a window that spent more than a tenth of its time having memory backed
-//! for the first time is not counted) bounds its figure, since where the link is the same cores (loopback, a
-//! veth pair) compression saves less than the model thinks; for a candidate that
-//! compresses less than the current one it replaces the figure, since what the channel
-//! accepts under a compressor says little of what it accepts raw when the receiver's
-//! CPU is what limits it, as long as the channel is busy and the source's channels
-//! together accepted clearly more bytes per second while this channel had that
-//! candidate than while it has the current one (over a real
-//! link, whose rate does not depend on the codec, the model is the better figure);
-//! it is scaled by how much the candidate's ratio changed since (content that
+//! The guest bytes per second of `c` are `1 / max(cost(c) / cores + ratio(c) * copy,
+//! ratio(c) / link)`: the thread encodes and hands frames over while the link carries
+//! the frames before them, and the link's figure, what left the channel while it was
+//! busy, already holds the copy where the copy is the link (loopback). What the channel
+//! really moved while a candidate was the choice (guest bytes per second of wall time
+//! between frames handed over, over a window: encode, send, and whatever the receiver's
+//! work on the same cores slowed them by; a window that spent more than a tenth of its
+//! time having memory backed for the first time is not counted) bounds its figure,
+//! since where the link is the same cores (loopback, a veth pair) compression saves
+//! less than the model thinks; for a candidate that compresses less than the current
+//! one it replaces the figure, since what the channel accepts under a compressor says
+//! little of what it accepts raw when the receiver's CPU is what limits it, as long as
+//! the channel is busy and the source's channels together accepted clearly more bytes
+//! per second while this channel had that candidate than while it has the current one
+//! (over a real link, whose rate does not depend on the codec, the model is the better
+//! figure); it is scaled by how much the candidate's ratio changed since (content that
 //! compresses worse moves fewer guest bytes over the same link). That measurement holds
 //! 2 s, twice as long after each trial the candidate lost within a second (up to 8 s),
 //! then the model may try it again. A candidate that would replace the current one
 //! while its cost is still its prior is first measured on up to three frames, and the
-//! choice made again at once (not at the start, where the first choice, made blind,
-//! is found wrong by an early window: there every frame counts). A new choice is kept
-//! until a window measured it,
-//! and after a switch to a candidate that compresses less the first 50 ms are not
-//! measured (the socket's and the link's buffers, which the compressor left empty,
-//! absorb them).
-//! The best candidate is the cheapest in core time among those within 10 % of the
-//! fastest (within 2 % on a busy link that is a fixed pipe: the source's channels
-//! together accepted about as many bytes per second while this one had each candidate
-//! it measured there, whatever each channel's share of the link, so a core saved
-//! idles while pages lost are lost; and on a busy link not one whose ratio was raised
-//! to that of a candidate that compresses at least as well, among those). It is taken
-//! when it beats the current one by 5 % (2 % on a busy fixed pipe, where the
-//! candidates differ by their ratios alone), or, on a busy link, moves within 2 % as
-//! much for a fifth less core time while sending no more bytes per guest byte
-//! (within 2 %; where the receiver limits, whatever it sends). The choice is
+//! choice made again at once (not at the start, where the first choice, made blind, is
+//! found wrong by an early window: there every frame counts). A new choice is kept
+//! until a window measured it, and after a switch to a candidate that compresses less
+//! the first 50 ms are not measured (the socket's and the link's buffers, which the
+//! compressor left empty, absorb them). The best candidate is the cheapest in core time
+//! among those within 10 % of the fastest (within 2 % on a busy link that is a fixed
+//! pipe: the source's channels together accepted about as many bytes per second while
+//! this one had each candidate it measured there, whatever each channel's share of the
+//! link, so a core saved idles while pages lost are lost; and on a busy link not one
+//! whose ratio was raised to that of a candidate that compresses at least as well,
+//! among those). It is taken when it beats the current one by 5 % (2 % on a busy fixed
+//! pipe, where the candidates differ by their ratios alone), or, on a busy link, moves
+//! within 2 % as much for a fifth less core time while sending no more bytes per guest
+//! byte (within 2 %; where the receiver limits, whatever it sends). The choice is
 //! reconsidered at most once per 100 ms window. At most one frame in `explore_every`,
 //! and no more than 3 % of the time spent encoding or waiting on the channel, goes to
-//! the compressor measured longest ago, one measured fewer than twice first (raw,
-//! whose ratio and cost do not depend on the content, is never explored), so every
-//! estimate follows the content as it changes class while a slow candidate is tried
-//! seldom. A destination slower than the link
-//! shows as a slower link (it accepts less), unless the channel tells how long its
-//! sends waited on the receiver's window (`Channel::peer_limited`: TCP's
-//! `tcpi_rwnd_limited`): a window that waited so for more than half its length
-//! measured the receiver, not the link. It measures no link figure; for 300 ms after
-//! it, the current choice is priced at what it moved and no other candidate above
-//! that (the receiver's work per guest page does not shrink with compression, and a
-//! decoder adds to it), so the cheapest that reaches it is taken, raw where the link
-//! figure allows; and time spent waiting on the receiver does not pay for exploring.
+//! the compressor measured longest ago, one measured fewer than twice first (raw, whose
+//! ratio and cost do not depend on the content, is never explored), so every estimate
+//! follows the content as it changes class while a slow candidate is tried seldom. A
+//! destination slower than the link shows as a slower link (it accepts less), unless
+//! the channel tells how long its sends waited on the receiver's window
+//! (`Channel::peer_limited`: TCP's `tcpi_rwnd_limited`): a window that waited so for
+//! more than half its length measured the receiver, not the link. It measures no link
+//! figure; for 300 ms after it, the current choice is priced at what it moved and no
+//! other candidate above that (the receiver's work per guest page does not shrink with
+//! compression, and a decoder adds to it), so the cheapest that reaches it is taken,
+//! raw where the link figure allows; and time spent waiting on the receiver does not
+//! pay for exploring.
 //!
 //! Pure logic: time comes in as arguments, nothing here does IO.
 
@@ -581,13 +578,10 @@ impl Selector {
         // A candidate about to replace the current one on its prior is measured first,
         // then the choice is made again at once.
         let mut probed = false;
-        if let Some((i, taken)) = self.probe {
+        if let Some((i, taken)) = self.probe.take() {
             if self.arms[i].samples < 2 && taken < PROBE_FRAMES {
-                self.probe = Some((i, taken + 1));
-                self.explored += 1;
-                return (i, self.arms[i].params);
+                return self.probe_frame(i, taken + 1);
             }
-            self.probe = None;
             probed = true;
         }
         // A blind first choice found wrong by an early window is reconsidered at once,
@@ -633,13 +627,18 @@ impl Selector {
             && self.arms[best].cost < 0.8 * self.arms[self.current].cost;
         if best != self.current && (faster || cheaper) {
             if !blind && !probed && self.arms[best].samples < 2 {
-                self.probe = Some((best, 1));
-                self.explored += 1;
-                return (best, self.arms[best].params);
+                return self.probe_frame(best, 1);
             }
             self.switch_to(best, now, faster);
         }
         (self.current, self.arms[self.current].params)
+    }
+
+    /// Frame `taken` of the probe of arm `i` (see [`PROBE_FRAMES`]).
+    fn probe_frame(&mut self, i: usize, taken: u32) -> (usize, EncodeParams) {
+        self.probe = Some((i, taken));
+        self.explored += 1;
+        (i, self.arms[i].params)
     }
 
     fn switch_to(&mut self, to: usize, now: Instant, faster: bool) {
