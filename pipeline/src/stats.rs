@@ -155,7 +155,9 @@ pub struct CodecSwitch {
     pub at_ms: f64,
     /// The channel (log entries).
     pub channel: u16,
-    /// The figures that decided it (log entries).
+    /// The figures that decided it (log entries): the link's rate per channel (and
+    /// whether it was busy), and for both candidates the encode speed per core, the
+    /// expected ratio and the guest bytes per second the model expected of it.
     pub detail: String,
 }
 

@@ -657,7 +657,7 @@ impl Selector {
             Reason::CpuBound
         };
         let detail = format!(
-            "link {} MB/s{}, {}: {:.0} MB/s of core, ratio {:.2}; {}: {:.0} MB/s of core, ratio {:.2}",
+            "link {} MB/s{}, {}: {:.0} MB/s of core, ratio {:.2}, expects {:.0} MB/s; {}: {:.0} MB/s of core, ratio {:.2}, expects {:.0} MB/s",
             self.link.map_or("?".into(), |l| format!("{:.0}", l / 1e6)),
             match (
                 self.limited,
@@ -672,9 +672,11 @@ impl Selector {
             a.label,
             cpu / 1e6,
             self.ratio(from),
+            link_guest / 1e6,
             self.arms[to].label,
             self.cores / self.arms[to].cost.max(1e-12) / 1e6,
             self.ratio(to),
+            self.rate(to) / 1e6,
         );
         let (from_l, to_l) = (a.label.clone(), self.arms[to].label.clone());
         let lost = now.saturating_duration_since(self.chosen_at) < TRIAL;
