@@ -645,13 +645,15 @@ impl Selector {
         let from = self.current;
         let a = &self.arms[from];
         let cpu = self.cores / a.cost.max(1e-12);
-        let link_guest = self.rate(from);
+        // What the model expects of the current choice; below its core's rate, the
+        // link bounds it.
+        let from_rate = self.rate(from);
         // The link can only be the reason for more compression: a faster candidate
         // that compresses no more (raw after zstd:-5 on random bytes) is faster for
         // the core.
         let reason = if !faster {
             Reason::Cheaper
-        } else if link_guest < cpu && self.ratio(to) < self.ratio(from) {
+        } else if from_rate < cpu && self.ratio(to) < self.ratio(from) {
             Reason::LinkBound
         } else {
             Reason::CpuBound
@@ -672,7 +674,7 @@ impl Selector {
             a.label,
             cpu / 1e6,
             self.ratio(from),
-            link_guest / 1e6,
+            from_rate / 1e6,
             self.arms[to].label,
             self.cores / self.arms[to].cost.max(1e-12) / 1e6,
             self.ratio(to),
