@@ -299,7 +299,9 @@ impl Selector {
             && ((span >= FIRST_WINDOW
                 && (self.window_blocked > span.mul_f64(0.95) || (grew && half)))
                 || (span >= EARLY_SPAN && filling && half));
-        if span < WINDOW && !early {
+        // The window after an early one confirms its figure soon.
+        let short = self.confirm && span >= FIRST_WINDOW;
+        if span < WINDOW && !early && !short {
             return;
         }
         // A window whose sends waited on the receiver's window most of the time found
@@ -310,7 +312,7 @@ impl Selector {
         let receiver =
             peer.is_some_and(|p| p.saturating_sub(self.window_peer) > span.mul_f64(PEER_BOUND));
         let early = early && !receiver;
-        if span < WINDOW && !early {
+        if span < WINDOW && !early && !short {
             return;
         }
         if let Some(p) = peer {
@@ -329,6 +331,7 @@ impl Selector {
             self.found_slow(rate, now);
             return;
         }
+        self.confirm = false;
         let per_byte = self.window_blocked.as_secs_f64() / self.window_bytes.max(1) as f64;
         self.now = self.now.max(now);
         // A link busy in every window never shows the copy alone: no copy is taken to

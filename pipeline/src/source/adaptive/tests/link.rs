@@ -220,3 +220,48 @@ fn a_candidate_priced_on_its_prior_is_measured_before_it_replaces_the_choice() {
     let taken = lz4_frames_on_a_fast_link(false);
     assert!(taken > 20, "{taken} lz4 frames without probing");
 }
+
+/// An early window that measured a burst (200 MB/s where the link carries 60) picks a
+/// cheap compressor; the frames after it back memory for the first time, so no window
+/// measures what the choice moved. Returns how long the choice made on the burst
+/// lasted; `premise` false forgets the figure each choice was made on.
+fn choice_made_on_a_burst_lasts(premise: bool) -> Duration {
+    let guest = 512 * 1024u64;
+    let start = Instant::now();
+    let mut now = start;
+    let mut s = selector(now);
+    let _ = s.choose(now);
+    s.found_slow(200e6, now);
+    let (first, _) = s.choose(now);
+    let first_ratio = text(&s.arms[first].label).1;
+    assert!(first_ratio >= 0.40, "{}", s.arms[first].label);
+    for _ in 0..2000 {
+        if !premise {
+            s.blind_on = None;
+        }
+        let (i, _) = s.choose(now);
+        if i == s.current && text(&s.arms[i].label).1 < first_ratio {
+            return now.duration_since(start);
+        }
+        let (speed, ratio) = text(&s.arms[i].label);
+        let took = Duration::from_secs_f64(guest as f64 / speed);
+        let payload = (guest as f64 * ratio) as u64;
+        s.observe_encode(i, guest, payload, Some(took));
+        let blocked = Duration::from_secs_f64(payload as f64 / 60e6).saturating_sub(took);
+        now += took + blocked;
+        s.observe_send(payload, blocked, now);
+        // Most of each frame's time went to backing memory: no window of what the
+        // channel moved counts.
+        s.observe_frame(guest, (took + blocked).mul_f64(0.5), now);
+    }
+    panic!("the choice made on the burst was kept: {:?}", s.stats());
+}
+
+#[test]
+fn a_choice_made_on_a_burst_is_made_again_once_the_link_is_found_slower() {
+    let again = choice_made_on_a_burst_lasts(true);
+    assert!(again < Duration::from_millis(50), "{again:?}");
+    // Without it, the choice waits for a window of what it moved, up to four windows.
+    let kept = choice_made_on_a_burst_lasts(false);
+    assert!(kept >= 4 * WINDOW, "{kept:?}");
+}
