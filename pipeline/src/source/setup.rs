@@ -76,7 +76,13 @@ impl Source {
         // One table for every channel with a software engine (see `dedup.rs`).
         let mut dedup: Option<Arc<DedupTable>> = None;
         // What the channels measure of the link they share, for each other.
-        let start = Arc::new(adaptive::SharedLink::default());
+        // And the machine's idle CPU, which a compressor replacing raw takes its cores
+        // from.
+        let start = Arc::new(adaptive::SharedLink::with_cpu(
+            adaptive::proc_stat,
+            std::thread::available_parallelism().map_or(1, usize::from),
+            config.channels,
+        ));
         for est in established {
             let ch = est.negotiated.channel.0;
             let negotiated = est.negotiated;

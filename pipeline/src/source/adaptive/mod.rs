@@ -361,6 +361,9 @@ pub(crate) struct Selector {
     explore_every: u64,
     /// Cores that encode this channel's frames.
     cores: f64,
+    /// The machine's idle cores, per channel of the source, in the latest window
+    /// (`None`: not known).
+    idle: Option<f64>,
     /// Measured link bytes per second, once known.
     link: Option<f64>,
     /// How compressible the content is now, relative to the reference: the current
@@ -489,6 +492,7 @@ impl Selector {
             frame: 0,
             explore_every: u64::from(config.explore_every.max(2)),
             cores: cores.max(1) as f64,
+            idle: None,
             link: None,
             content: 1.0,
             copy_share: 0.0,
@@ -692,7 +696,7 @@ impl Selector {
             Reason::CpuBound
         };
         let detail = format!(
-            "link {} MB/s{}, {}: {:.0} MB/s of core, ratio {:.2}, expects {:.0} MB/s; {}: {:.0} MB/s of core, ratio {:.2}, expects {:.0} MB/s",
+            "link {} MB/s{}{}, {}: {:.0} MB/s of core, ratio {:.2}, expects {:.0} MB/s; {}: {:.0} MB/s of core, ratio {:.2}, expects {:.0} MB/s",
             self.link.map_or("?".into(), |l| format!("{:.0}", l / 1e6)),
             match (
                 self.limited,
@@ -704,6 +708,8 @@ impl Selector {
                 (true, false, _) => " (busy)",
                 _ => "",
             },
+            self.idle
+                .map_or(String::new(), |c| format!(", {c:.2} core idle")),
             a.label,
             cpu / 1e6,
             self.ratio(from),
@@ -775,7 +781,7 @@ impl Selector {
 mod model;
 mod observe;
 
-pub(crate) use observe::SharedLink;
+pub(crate) use observe::{SharedLink, proc_stat};
 
 #[cfg(test)]
 mod tests;

@@ -26,12 +26,51 @@ use super::*;
 /// (43-66 MB/s for one of two channels on a 1 Gbit/s link: 1.5x, more than
 /// [`WIRE_DIFFERS`]), while their sum stays at the link's rate: a busy window measures
 /// the wire of the current choice by that sum (see [`Selector::fixed_link`]).
+///
+/// And, where it can read it, the machine's idle CPU time (see [`Selector::rate`]).
 #[derive(Debug, Default)]
 pub(crate) struct SharedLink {
     /// The early window's figure (see above).
     start: AtomicU64,
     /// Per channel: bytes per second that left it in its latest window, and when.
     drained: Mutex<Vec<Option<(f64, Instant)>>>,
+    /// Reads the machine's idle and total CPU time (`/proc/stat`); `None`: not known.
+    cpu: Option<CpuReader>,
+    /// Cores the source may use, and its channels: idle cores are shared among them.
+    cores: f64,
+    channels: f64,
+    idle: Mutex<Idle>,
+}
+
+/// Idle and total CPU time of the machine, in any one unit.
+pub(crate) type CpuReader = fn() -> Option<(u64, u64)>;
+
+/// The latest reading of [`CpuReader`], and the idle cores found since the one before.
+#[derive(Debug, Default)]
+struct Idle {
+    last: Option<(u64, u64, Instant)>,
+    cores: Option<f64>,
+}
+
+/// How often the machine's idle time is read at most (a channel's window closes every
+/// 100 ms, and the channels share the reading).
+pub(super) const IDLE_EVERY: Duration = Duration::from_millis(50);
+
+/// The machine's idle (idle and iowait) and total CPU time from `/proc/stat`, in
+/// clock ticks; `None` where it cannot be read.
+pub(crate) fn proc_stat() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    // user nice system idle iowait irq softirq steal (guest time is in user's).
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .take(8)
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    let [_, _, _, idle, iowait, ..] = f[..] else {
+        return None;
+    };
+    Some((idle + iowait, f.iter().sum()))
 }
 
 /// How long a channel's latest window counts in the source's total: three windows
@@ -39,6 +78,39 @@ pub(crate) struct SharedLink {
 const DRAINED_FOR: Duration = Duration::from_millis(300);
 
 impl SharedLink {
+    /// Also reads the machine's idle CPU with `cpu`, for a source that may use `cores`
+    /// cores over `channels` channels.
+    pub(crate) fn with_cpu(cpu: CpuReader, cores: usize, channels: u16) -> SharedLink {
+        SharedLink {
+            cpu: Some(cpu),
+            cores: cores.max(1) as f64,
+            channels: f64::from(channels.max(1)),
+            ..SharedLink::default()
+        }
+    }
+
+    /// Idle cores per channel between the latest two readings of the machine's CPU
+    /// time, read again if the latest is [`IDLE_EVERY`] old; `None` until two were
+    /// taken, or where it cannot be read.
+    pub(super) fn idle_per_channel(&self, now: Instant) -> Option<f64> {
+        let read = self.cpu?;
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle
+            .last
+            .is_none_or(|(_, _, at)| now.saturating_duration_since(at) >= IDLE_EVERY)
+            && let Some((i, t)) = read()
+        {
+            if let Some((pi, pt, _)) = idle.last
+                && t > pt
+            {
+                let share = (i.saturating_sub(pi) as f64 / (t - pt) as f64).clamp(0.0, 1.0);
+                idle.cores = Some(share * self.cores);
+            }
+            idle.last = Some((i, t, now));
+        }
+        idle.cores.map(|c| c / self.channels)
+    }
+
     fn publish(&self, rate: f64) {
         let _ = self.start.compare_exchange(
             0,
@@ -332,6 +404,7 @@ impl Selector {
             return;
         }
         self.confirm = false;
+        self.idle = self.shared.idle_per_channel(now);
         let per_byte = self.window_blocked.as_secs_f64() / self.window_bytes.max(1) as f64;
         self.now = self.now.max(now);
         // A link busy in every window never shows the copy alone: no copy is taken to

@@ -3,6 +3,7 @@
 
 use super::*;
 
+mod cpu;
 mod link;
 mod receiver;
 
