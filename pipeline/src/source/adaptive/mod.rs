@@ -240,6 +240,9 @@ const PEER_HOLDS: Duration = Duration::from_millis(300);
 /// [`FIRST_WINDOW`] for the same reason.) Later choices wait as before: at 10 Gbit/s
 /// over veth single windows measured 117 MB/s.
 const LINK_MOVED: f64 = 1.5;
+/// The least share of its cores a compressor replacing raw is priced on, however few
+/// the machine has idle (see [`Selector::cores_for`]).
+const IDLE_FLOOR: f64 = 0.5;
 
 #[derive(Debug)]
 struct Arm {

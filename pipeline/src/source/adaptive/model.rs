@@ -104,12 +104,15 @@ impl Selector {
     /// source and the destination, 0.6 of a core was idle under raw; a channel's busy
     /// window measured the link at 600 MB/s, zstd:-5 priced on a whole core (700-900
     /// MB/s) looked faster, and compressed 8-16 % of the guest in 3-4 runs of 8.
+    /// But never less than [`IDLE_FLOOR`] of its cores: on a machine with no core
+    /// idle the scheduler still shares the cores with a thread that wants one, and a
+    /// slow link must not be left to raw because other work keeps the cores busy.
     pub(super) fn cores_for(&self, i: usize) -> f64 {
         let cur = &self.arms[self.current];
         match self.idle {
             Some(idle) if cur.params.codec == CodecId::RAW && i != self.current => {
                 let used = cur.realized.map_or(0.0, |(r, _, _)| r * cur.cost);
-                self.cores.min(idle + used)
+                self.cores.min((idle + used).max(IDLE_FLOOR * self.cores))
             }
             _ => self.cores,
         }
