@@ -79,7 +79,7 @@ impl Source {
         // And the machine's idle CPU, which a compressor replacing raw takes its cores
         // from.
         let start = Arc::new(adaptive::SharedLink::with_cpu(
-            adaptive::proc_stat,
+            proc_stat,
             std::thread::available_parallelism().map_or(1, usize::from),
             config.channels,
         ));
@@ -327,4 +327,22 @@ fn session_error(e: session::SessionError, config: &SourceConfig) -> MigrationEr
         },
         _ => MigrationError::Session(e),
     }
+}
+
+/// The machine's idle (idle and iowait) and total CPU time from `/proc/stat`, in
+/// clock ticks; `None` where it cannot be read. The adaptive choice's reader of idle
+/// cores (`adaptive::SharedLink::with_cpu`).
+pub(crate) fn proc_stat() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    // user nice system idle iowait irq softirq steal (guest time is in user's).
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .take(8)
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    let [_, _, _, idle, iowait, ..] = f[..] else {
+        return None;
+    };
+    Some((idle + iowait, f.iter().sum()))
 }

@@ -48,7 +48,9 @@
 //!
 //! The guest bytes per second of `c` are `1 / max(cost(c) / cores + ratio(c) * copy,
 //! ratio(c) / link)`: the thread encodes and hands frames over while the link carries
-//! the frames before them, and the link's figure, what left the channel while it was
+//! the frames before them (where the current choice is raw, a compressor's `cores` is
+//! at most the channel's share of the machine's idle cores plus what raw uses, and at
+//! least half a core: `Selector::cores_for`), and the link's figure, what left the channel while it was
 //! busy, already holds the copy where the copy is the link (loopback). What the channel
 //! really moved while a candidate was the choice (guest bytes per second of wall time
 //! between frames handed over, over a window: encode, send, and whatever the receiver's
@@ -70,9 +72,9 @@
 //! found wrong by an early window: there every frame counts). A new choice is kept
 //! until a window measured it (or, for a choice made on an early window's figure, the
 //! link was found at less than two thirds of it: an early window can measure a burst,
-//! and the window after it closes after 20 ms to confirm it), and after a switch to a candidate that compresses less
-//! the first 50 ms are not measured (the socket's and the link's buffers, which the
-//! compressor left empty, absorb them). The best candidate is the cheapest in core time
+//! and the window after it closes after 20 ms to confirm it), and after a switch to a
+//! candidate that compresses less the first 50 ms are not measured (the socket's and
+//! the link's buffers, which the compressor left empty, absorb them). The best candidate is the cheapest in core time
 //! among those within 10 % of the fastest (within 2 % on a busy link that is a fixed
 //! pipe: the source's channels together accepted about as many bytes per second while
 //! this one had each candidate it measured there, whatever each channel's share of the
@@ -97,7 +99,8 @@
 //! raw where the link figure allows; and time spent waiting on the receiver does not
 //! pay for exploring.
 //!
-//! Pure logic: time comes in as arguments, nothing here does IO.
+//! Pure logic: time comes in as arguments, nothing here does IO (the machine's idle
+//! time comes from a reader the source gives, `SharedLink::with_cpu`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -784,7 +787,7 @@ impl Selector {
 mod model;
 mod observe;
 
-pub(crate) use observe::{SharedLink, proc_stat};
+pub(crate) use observe::SharedLink;
 
 #[cfg(test)]
 mod tests;

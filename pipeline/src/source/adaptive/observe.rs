@@ -27,7 +27,8 @@ use super::*;
 /// [`WIRE_DIFFERS`]), while their sum stays at the link's rate: a busy window measures
 /// the wire of the current choice by that sum (see [`Selector::fixed_link`]).
 ///
-/// And, where it can read it, the machine's idle CPU time (see [`Selector::rate`]).
+/// And, where the source gives a reader for it, the machine's idle CPU time (see
+/// [`Selector::cores_for`]).
 #[derive(Debug, Default)]
 pub(crate) struct SharedLink {
     /// The early window's figure (see above).
@@ -42,7 +43,8 @@ pub(crate) struct SharedLink {
     idle: Mutex<Idle>,
 }
 
-/// Idle and total CPU time of the machine, in any one unit.
+/// Idle and total CPU time of the machine, in any one unit (the source reads
+/// `/proc/stat`: `source::setup::proc_stat`).
 pub(crate) type CpuReader = fn() -> Option<(u64, u64)>;
 
 /// The latest reading of [`CpuReader`], and the idle cores found since the one before.
@@ -55,23 +57,6 @@ struct Idle {
 /// How often the machine's idle time is read at most (a channel's window closes every
 /// 100 ms, and the channels share the reading).
 pub(super) const IDLE_EVERY: Duration = Duration::from_millis(50);
-
-/// The machine's idle (idle and iowait) and total CPU time from `/proc/stat`, in
-/// clock ticks; `None` where it cannot be read.
-pub(crate) fn proc_stat() -> Option<(u64, u64)> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = stat.lines().next()?.strip_prefix("cpu ")?;
-    // user nice system idle iowait irq softirq steal (guest time is in user's).
-    let f: Vec<u64> = line
-        .split_whitespace()
-        .take(8)
-        .map(|x| x.parse().ok())
-        .collect::<Option<_>>()?;
-    let [_, _, _, idle, iowait, ..] = f[..] else {
-        return None;
-    };
-    Some((idle + iowait, f.iter().sum()))
-}
 
 /// How long a channel's latest window counts in the source's total: three windows
 /// (a channel that finished or stalls drops out of it).

@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::*;
 use crate::source::adaptive::observe::{CpuReader, IDLE_EVERY};
+use crate::source::setup::proc_stat;
 
 /// A machine 30 % idle: of every 100 ticks, 30 idle.
 fn idle_30() -> Option<(u64, u64)> {
