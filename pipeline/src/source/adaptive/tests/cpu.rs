@@ -6,26 +6,17 @@ use super::*;
 use crate::source::adaptive::observe::{CpuReader, IDLE_EVERY};
 use crate::source::setup::proc_stat;
 
-/// A machine 30 % idle: of every 100 ticks, 30 idle.
-fn idle_30() -> Option<(u64, u64)> {
+/// A machine `percent` % idle: a clock of 100 ticks a reading, its share idle.
+fn machine(percent: u64) -> Option<(u64, u64)> {
     static T: AtomicU64 = AtomicU64::new(0);
     let t = T.fetch_add(100, Ordering::Relaxed) + 100;
-    Some((t * 3 / 10, t))
+    Some((t * percent / 100, t))
 }
 
-/// A machine with no core idle.
-fn idle_none() -> Option<(u64, u64)> {
-    static T: AtomicU64 = AtomicU64::new(0);
-    let t = T.fetch_add(100, Ordering::Relaxed) + 100;
-    Some((0, t))
-}
-
-/// A machine all idle.
-fn idle_all() -> Option<(u64, u64)> {
-    static T: AtomicU64 = AtomicU64::new(0);
-    let t = T.fetch_add(100, Ordering::Relaxed) + 100;
-    Some((t, t))
-}
+/// A machine 30 % idle, one with no core idle, one all idle.
+const IDLE_30: CpuReader = || machine(30);
+const IDLE_NONE: CpuReader = || machine(0);
+const IDLE_ALL: CpuReader = || machine(100);
 
 /// Frames of 400 not sent raw on a link that carries 600 MB/s per channel (a share of
 /// 10 Gbit/s), where lz4 encodes 1 GB/s on a whole core at 0.45 and zstd:-5 0.9 GB/s
@@ -52,10 +43,10 @@ fn compressed_frames_on_a_fast_link(cpu: Option<CpuReader>) -> usize {
 fn a_compressor_does_not_replace_raw_on_cores_the_machine_does_not_have_idle() {
     // 0.3 of a core idle per channel: lz4 is priced on half a core (the least
     // assumed), 500 MB/s, less than raw.
-    let busy = compressed_frames_on_a_fast_link(Some(idle_30));
+    let busy = compressed_frames_on_a_fast_link(Some(IDLE_30));
     assert!(busy < 40, "{busy} compressed frames with 0.3 core idle");
     // Where the machine has the cores, or cannot tell, the compressor wins.
-    let idle = compressed_frames_on_a_fast_link(Some(idle_all));
+    let idle = compressed_frames_on_a_fast_link(Some(IDLE_ALL));
     assert!(idle > 200, "{idle} compressed frames on an idle machine");
     let unknown = compressed_frames_on_a_fast_link(None);
     assert!(
@@ -83,7 +74,7 @@ fn on_a_slow_link_a_machine_with_no_core_idle_still_compresses() {
     // 60 MB/s, raw the choice, other work keeping both cores busy: a compressor still
     // gets half a core from the scheduler, and moves several times raw's pages.
     let mut now = Instant::now();
-    let shared = SharedLink::with_cpu(idle_none, 2, 2);
+    let shared = SharedLink::with_cpu(IDLE_NONE, 2, 2);
     let mut s = selector(now).with_shared(Arc::new(shared));
     s.link = Some(6e7);
     let chosen = drive(&mut s, &mut now, 400, &text, 6e7);
