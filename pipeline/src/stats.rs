@@ -64,8 +64,8 @@ pub struct AdaptiveStats {
     /// The last link rate measured, bytes/s, summed over channels.
     pub link_bytes_per_s: f64,
     /// The most any channel held unacknowledged (socket and send queue) after a send,
-    /// where the channel tells: the choice holds it to 4 MiB once it knows the link,
-    /// so that a choice reaches the wire within a few hundred milliseconds.
+    /// where the channel tells: the choice holds it to 16 MiB once it knows the link,
+    /// so that a choice reaches the wire within a few hundred milliseconds at 1 Gbit/s.
     pub peak_unacked_bytes: u64,
     /// Windows (100 ms of a channel) in which the choice measured the channel.
     pub windows: u64,

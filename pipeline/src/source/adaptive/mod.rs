@@ -72,7 +72,9 @@
 //! found wrong by an early window: there every frame counts). A new choice is kept
 //! until a window measured it (or, for a choice made on an early window's figure, the
 //! link was found at less than two thirds of it: an early window can measure a burst,
-//! and the window after it closes after 20 ms to confirm it), and after a switch to a
+//! and the window after it closes after 20 ms to confirm it; or a busy window found the
+//! link below a quarter of its figure: another link, on which what each candidate moved
+//! and what the source accepted under it before are forgotten), and after a switch to a
 //! candidate that compresses less the first 50 ms are not measured (the socket's and
 //! the link's buffers, which the compressor left empty, absorb them). The best candidate is the cheapest in core time
 //! among those within 10 % of the fastest (within 2 % on a busy link that is a fixed
@@ -243,6 +245,16 @@ const PEER_HOLDS: Duration = Duration::from_millis(300);
 /// [`FIRST_WINDOW`] for the same reason.) Later choices wait as before: at 10 Gbit/s
 /// over veth single windows measured 117 MB/s.
 const LINK_MOVED: f64 = 1.5;
+/// A busy window that measured the link at less than this fraction of its figure found
+/// another link (a cap lowered mid-run): the figures of what each candidate moved and
+/// what the source accepted under it, measured on the link before, are dropped. A
+/// channel's share of a fixed pipe swings by up to 1.5x, and a destination on the same
+/// cores under other work that comes and goes by up to 3x (where the choice needs
+/// what raw moved to come back to it). With 20 Gbit/s lowered to 1 Gbit/s, raw's 700
+/// MB/s, moved on the fast link, still counted as what the channel accepts raw when
+/// the receiver limits (see [`Selector::rate`]): the choice went from zstd:1 back to
+/// raw for 200 ms over the slow link.
+const LINK_CHANGED: f64 = 4.0;
 /// The least share of its cores a compressor replacing raw is priced on, however few
 /// the machine has idle (see [`Selector::cores_for`]).
 const IDLE_FLOOR: f64 = 0.5;
@@ -433,7 +445,8 @@ pub(crate) struct Selector {
     /// When the current choice was made.
     chosen_at: Instant,
     /// The early link figure the current choice was made on, until the choice is
-    /// made again (see [`LINK_MOVED`]).
+    /// made again (see [`LINK_MOVED`]); or the figure of a link that changed since
+    /// the choice was made (see [`LINK_CHANGED`]).
     blind_on: Option<f64>,
     /// Frames handed over before this are not measured: after a switch to a candidate
     /// that compresses less, the socket and the link's queue absorb the first of them

@@ -419,9 +419,23 @@ impl Selector {
         // The wire is what left all the channels of the source: one channel's share of
         // a fixed pipe swings with its neighbours' demand, their sum does not.
         let source = self.shared.drained(self.channel, rate, now);
+        // A link that fell to a fraction of its figure is another link: what the
+        // candidates moved and what the source accepted under them were measured on
+        // the one before (see [`LINK_CHANGED`]), and so was the choice, which is made
+        // again at once, as one made on an early figure that the link refuted.
+        let changed = self.limited && self.link.is_some_and(|l| rate * LINK_CHANGED < l);
+        if changed {
+            for a in &mut self.arms {
+                (a.realized, a.wire) = (None, None);
+            }
+            self.blind_on = self.link;
+        }
         if self.limited {
             let w = &mut self.arms[self.current].wire;
-            *w = Some((w.map_or(source, |(w, _)| w + 0.5 * (source - w)), now));
+            *w = Some(match *w {
+                Some((w, _)) if !changed => (w + 0.5 * (source - w), now),
+                _ => (source, now),
+            });
         }
         // A backlog deep all window, even one that shrank, kept the link busy all
         // along: what left is the link's rate, and a link that carried all it could is

@@ -36,13 +36,19 @@ const HOLD_WAIT: Duration = Duration::from_millis(5);
 /// queue.
 const BLIND_HOLD: u64 = 2 << 20;
 /// What a channel may hold unacknowledged under the adaptive choice once it knows the
-/// link ([`Worker::hold`]): 70 ms of a 1 Gbit/s link shared by two channels, 7 ms of
-/// 10 Gbit/s. The channels' own queues hold far more (io_uring 64 MiB, a second of
-/// that link; TCP 16 MiB and the socket's 4): a choice then reached the wire that
-/// much later, and raw frames taken in at memory speed on an incompressible stretch
-/// filled it, 10 % of a migration's guest bytes sent raw over io_uring. At 1 Gbit/s
-/// auto moved 1-3 % more pages holding 4 MiB than 8 or 16.
-const ADAPTIVE_HOLD: u64 = 4 << 20;
+/// link ([`Worker::hold`]): 280 ms of a 1 Gbit/s link shared by two channels, 28 ms of
+/// 10 Gbit/s. A migration alternates between stretches where the cores limit and
+/// stretches where the link does (0.2-0.6 s on the two-copy test image), and what the
+/// channel holds carries the link through the first while the cores ran ahead in the
+/// second (the TCP send queue's reason to be). With 4 MiB (70 ms at 1 Gbit/s) the link
+/// idled there: auto moved 2.5 % fewer pages than static zstd:1 with zstd:1 as its only
+/// candidate, none fewer with 16 MiB, and with every candidate 1.03x the pages of 4
+/// MiB (medians of 4 rounds, over TCP; 1.10x over io_uring, 3 rounds). The channels'
+/// own queues hold more (io_uring 64 MiB, a second of that link; TCP 16 MiB and the
+/// socket's 4): a choice would reach the wire that much later, and raw frames taken in
+/// at memory speed on an incompressible stretch fill it (10 % of a migration's guest
+/// bytes went raw over io_uring's 64 MiB).
+const ADAPTIVE_HOLD: u64 = 16 << 20;
 
 struct FrameMeta {
     region: RegionId,

@@ -265,3 +265,29 @@ fn a_choice_made_on_a_burst_is_made_again_once_the_link_is_found_slower() {
     let kept = choice_made_on_a_burst_lasts(false);
     assert!(kept >= 4 * WINDOW, "{kept:?}");
 }
+
+#[test]
+fn what_raw_moved_on_a_link_that_fell_does_not_bring_it_back() {
+    // 2 GB/s, where raw is the choice and moves about that; then a cap lowered to 60
+    // MB/s. Once a compressor is the choice, what raw moved on the fast link is not
+    // taken for what the channel accepts raw now, though that figure would hold 2 s:
+    // raw stays out (without it, raw came back within a few frames).
+    let mut now = Instant::now();
+    let mut s = selector(now);
+    let fast = drive(&mut s, &mut now, 400, &text, 2e9);
+    assert!(tail_share(&fast, "raw") > 0.9, "{fast:?}");
+    let slow = drive(&mut s, &mut now, 120, &text, 60e6);
+    // The switch (not a frame explored before it).
+    let compressed = slow
+        .windows(3)
+        .position(|w| w.iter().all(|l| l != "raw"))
+        .unwrap();
+    let after = &slow[compressed..];
+    assert!(
+        !after.iter().any(|l| l == "raw"),
+        "raw came back: {slow:?}, {:?}",
+        s.stats().recent
+    );
+    // The slow link was found within a few frames.
+    assert!(after.len() > 80, "{slow:?}");
+}

@@ -109,10 +109,16 @@ fn a_slow_link_gets_strong_compression_and_a_fast_one_gets_raw() {
         12400,
         "{st:?}"
     );
-    // And back down to 1 Gbit/s: compression again, for the link's sake.
+    // And back down to 1 Gbit/s: compression again, for the link's sake (zstd:1, whose
+    // core is a little slower than the link, probes lz4 and zstd:-5 now and then, 200
+    // ms each: a link that does not block is credited more).
     let slow = drive(&mut s, &mut now, 1000, &text, 125e6);
     let zstd = tail_share(&slow, "zstd:1") + tail_share(&slow, "zstd:-5");
-    assert!(zstd > 0.8, "{slow:?}");
+    assert!(
+        zstd > 0.6 && tail_share(&slow, "raw") < 0.05,
+        "{:#?}",
+        s.stats().recent
+    );
     assert!(
         s.stats()
             .switches
