@@ -432,10 +432,7 @@ impl Selector {
         }
         if self.limited {
             let w = &mut self.arms[self.current].wire;
-            *w = Some(match *w {
-                Some((w, _)) if !changed => (w + 0.5 * (source - w), now),
-                _ => (source, now),
-            });
+            *w = Some((w.map_or(source, |(w, _)| w + 0.5 * (source - w)), now));
         }
         // A backlog deep all window, even one that shrank, kept the link busy all
         // along: what left is the link's rate, and a link that carried all it could is

@@ -2,8 +2,6 @@
 //! the figures that decided it), and the statistics. The choice itself is in the
 //! parent module.
 
-use std::time::Instant;
-
 use super::*;
 
 impl Selector {
