@@ -98,8 +98,12 @@
 //! figure; for 300 ms after it, the current choice is priced at what it moved and no
 //! other candidate above that (the receiver's work per guest page does not shrink with
 //! compression, and a decoder adds to it), so the cheapest that reaches it is taken,
-//! raw where the link figure allows; and time spent waiting on the receiver does not
-//! pay for exploring.
+//! raw where the link figure allows: one that sends more bytes per guest byte than the
+//! current one reaches it only where the link carries twice that of it, since the
+//! receiver's rate swings by more than that (into fresh memory, between stretches of
+//! first writes and stretches without); such a window does not credit the link for
+//! not blocking (its sends waited on the receiver); and time spent waiting on the
+//! receiver does not pay for exploring.
 //!
 //! Pure logic: time comes in as arguments, nothing here does IO (the machine's idle
 //! time comes from a reader the source gives, `SharedLink::with_cpu`).
@@ -235,6 +239,12 @@ const LOG: usize = 32;
 const PEER_BOUND: f64 = 0.5;
 /// How long after such a window the receiver's rate bounds every candidate.
 const PEER_HOLDS: Duration = Duration::from_millis(300);
+/// While the receiver limits, a candidate that sends more bytes per guest byte than the
+/// current one is priced at no more than this fraction of what the link carries of it:
+/// the receiver's rate swings by this much and more between stretches of first writes
+/// and stretches without (78 against 201 MB/s per channel at 1 Gbit/s into fresh
+/// memory).
+const RECEIVER_SWING: f64 = 2.0;
 /// A link figure this many times below the early one the current choice was made on
 /// refutes it: the choice is made again without waiting for a window of what it
 /// moved. At 1 Gbit/s an early window measured 132-217 MB/s for one channel (a

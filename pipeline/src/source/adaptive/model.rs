@@ -94,7 +94,21 @@ impl Selector {
             }
             _ => model,
         };
-        figure.min(cap.unwrap_or(f64::INFINITY))
+        let Some(cap) = cap else {
+            return figure;
+        };
+        // One that sends more bytes per guest byte must leave the link room for the
+        // receiver's rate to swing back up: into fresh destination memory the receiver
+        // alternates between stretches of first writes (page faults) and stretches at
+        // several times their rate. Priced on the slow stretch alone, raw reached it at
+        // 1 Gbit/s and kept the choice until a busy window refuted it, hundreds of
+        // milliseconds later: 10-16 % of the guest went raw, at a third of zstd:1's
+        // pages per second on that link.
+        if ratio > self.ratio(self.current) {
+            figure.min(cap).min(link / ratio / RECEIVER_SWING)
+        } else {
+            figure.min(cap)
+        }
     }
 
     /// The cores arm `i` may encode on. Where the current choice is raw, which takes

@@ -779,8 +779,14 @@ fn on_a_busy_link_a_cheaper_candidate_that_sends_more_is_not_taken_for_being_che
     assert!(s.rate(lz4) * CHEAP_NEAR >= s.rate(z3));
     assert_eq!(s.choose(now).0, z3, "{:?}", s.stats());
     // Where the receiver, not the link, limits, every candidate is priced at what
-    // the current one moved, and the cheapest is right.
+    // the current one moved, and the cheapest that reaches it is right; but lz4 must
+    // leave the link room for the receiver to speed up again, and at 60 MB/s it
+    // would carry lz4's frames at 1.1x what the receiver takes now.
     s.peer_bound = Some(now);
+    s.next_decision = now;
+    assert_eq!(s.choose(now).0, z3, "{:?}", s.stats());
+    // On a link that carries 3.7x that, it is.
+    s.link = Some(200e6);
     s.next_decision = now;
     assert_eq!(s.choose(now).0, lz4, "{:?}", s.stats());
 }
