@@ -35,8 +35,8 @@ USAGE: demo [OPTIONS]
   --dirty-pattern P     random | sequential | hot:N (default random)
   --channels N          channels (default 2)
   --codec C             zstd | lz4 | deflate | deflate-4k | delta | raw | none | auto
-                        (default zstd, deflate-4k with an IAA --accel; auto: chosen
-                        per frame from the measured link and codecs)
+                        (default auto: chosen per frame from the measured link,
+                        codecs and receiver; deflate-4k with an IAA --accel)
   --level N             codec level (zstd default 1, deflate 1)
   --accel A             codec engine backend on both sides: auto | software | iaa |
                         iaa:/dev/iax/wqX.Y | vfio:PCI_ADDRESS | model |
@@ -153,10 +153,12 @@ fn parse() -> anyhow::Result<Args> {
                     "raw" | "none" => CodecId::RAW,
                     "auto" => {
                         a.auto = true;
-                        CodecId::ZSTD
+                        a.codec = None;
+                        continue;
                     }
                     o => bail!("unknown codec {o}"),
-                })
+                });
+                a.auto = false;
             }
             "--level" => a.level = Some(val()?.parse()?),
             "--transport" => {
@@ -330,10 +332,13 @@ fn main() -> anyhow::Result<()> {
         }],
     )?;
     let memory = Arc::new(GuestMemory::anonymous(&layout)?);
-    let codec = args.codec.unwrap_or(match args.accel {
-        pagewire::BackendChoice::Iaa(_) => CodecId::DEFLATE_4K,
-        _ => CodecId::ZSTD,
-    });
+    // `None`: the adaptive choice (the default), but deflate-4k for an IAA engine,
+    // the one codec the device runs.
+    let codec = match (args.codec, &args.accel) {
+        (Some(c), _) => Some(c),
+        (None, pagewire::BackendChoice::Iaa(_)) if !args.auto => Some(CodecId::DEFLATE_4K),
+        (None, _) => None,
+    };
     let t = Instant::now();
     match &args.fill_from {
         Some(path) => {
@@ -353,11 +358,7 @@ fn main() -> anyhow::Result<()> {
             args.memory_mib,
             t.elapsed().as_secs_f64(),
             args.channels,
-            if args.auto {
-                "auto".to_string()
-            } else {
-                format!("{codec:?}")
-            },
+            codec.map_or("auto".to_string(), |c| format!("{c:?}")),
             args.accel,
             args.unix
                 .as_ref()
@@ -413,13 +414,10 @@ fn main() -> anyhow::Result<()> {
     );
     let mut cfg = SourceConfig::new(session, auth);
     cfg.channels = args.channels;
-    cfg.codec = codec;
-    if args.auto {
-        cfg.adaptive = Some(pagewire::AdaptiveConfig::default());
-    }
-    if let Some(l) = args.level {
-        cfg.level = l;
-    }
+    cfg.codec = match codec {
+        Some(codec) => pagewire::CodecPolicy::fixed(codec, args.level.unwrap_or(1)),
+        None => pagewire::CodecPolicy::auto(),
+    };
     cfg.backend = backend;
     cfg.accel = args.accel.clone();
     cfg.checksum = args.checksum;

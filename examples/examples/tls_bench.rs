@@ -56,7 +56,7 @@ fn migrate(
             seed: 1,
         },
     );
-    cfg.codec = codec;
+    cfg.codec = codec.into();
     cfg.channels = 2;
     let mut source = Source::connect(addr, memory.clone(), cfg)?;
     let mut log = guest.log();

@@ -31,7 +31,7 @@ MIGRATION:
   --after SECS         source: migrate after this long (or on SIGUSR1) (default 5)
   --run-after SECS     keep running this long after migrating, or after a failed
                        migration on the source (default 2)
-  --codec C            zstd | lz4 | none (default zstd)
+  --codec C            auto | zstd | lz4 | none (default auto: chosen per frame)
   --channels N         (default 2)
   --key-file PATH      pre-shared key for the handshake (default: a built-in test key)
   --bandwidth-mbit N   cap the wire at N Mbit/s (default: none)
@@ -64,6 +64,8 @@ pub enum Role {
 /// Codec choice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Codec {
+    /// Per frame (`CodecPolicy::Auto`).
+    Auto,
     Zstd,
     Lz4,
     None,
@@ -111,7 +113,7 @@ pub fn parse() -> anyhow::Result<Args> {
         dirty: DirtyMode::Bitmap,
         after: Duration::from_secs(5),
         run_after: Duration::from_secs(2),
-        codec: Codec::Zstd,
+        codec: Codec::Auto,
         channels: 2,
         key_file: None,
         bandwidth_mbit: 0,
@@ -156,10 +158,11 @@ pub fn parse() -> anyhow::Result<Args> {
             "--run-after" => a.run_after = secs(&val()?)?,
             "--codec" => {
                 a.codec = match val()?.as_str() {
+                    "auto" => Codec::Auto,
                     "zstd" => Codec::Zstd,
                     "lz4" => Codec::Lz4,
                     "none" | "raw" => Codec::None,
-                    o => bail!("unknown codec {o} (zstd | lz4 | none)"),
+                    o => bail!("unknown codec {o} (auto | zstd | lz4 | none)"),
                 }
             }
             "--channels" => a.channels = val()?.parse()?,

@@ -196,9 +196,10 @@ pub fn migrate_out(
     }
     cfg.channels = args.channels;
     cfg.codec = match args.codec {
-        Codec::Zstd => CodecId::ZSTD,
-        Codec::Lz4 => CodecId::LZ4,
-        Codec::None => CodecId::RAW,
+        Codec::Auto => pagewire::CodecPolicy::auto(),
+        Codec::Zstd => CodecId::ZSTD.into(),
+        Codec::Lz4 => CodecId::LZ4.into(),
+        Codec::None => CodecId::RAW.into(),
     };
     cfg.bandwidth_limit = args.bandwidth_mbit * 1_000_000 / 8;
     cfg.precopy.downtime_limit = Duration::from_millis(args.downtime_ms);

@@ -12,6 +12,55 @@ use pagewire_transport::session::Backend;
 use crate::error::MigrationError;
 use crate::limit::RateLimiter;
 use crate::precopy::PrecopyConfig;
+use crate::source::adaptive::AdaptiveConfig;
+
+/// How the source encodes data pages ([`SourceConfig::codec`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CodecPolicy {
+    /// Every frame with `codec` at `level` (zstd: -7..=22, deflate: 1..=12, clamped
+    /// into the range; ignored by the codecs without levels). `raw` sends pages as
+    /// they are. The destination must decode it, or the migration fails at set-up.
+    Fixed {
+        /// The codec.
+        codec: CodecId,
+        /// Its level.
+        level: i32,
+    },
+    /// Per frame, the candidate that moves the most guest bytes per second, from the
+    /// measured link rate, each candidate's measured speed and ratio on recent frames,
+    /// the machine's idle CPU and the receiver's window (`--codec auto`; the rules are
+    /// in the documentation of [`AdaptiveConfig`]'s module). Candidates the destination
+    /// cannot decode are left out.
+    Auto(AdaptiveConfig),
+}
+
+impl CodecPolicy {
+    /// `codec` at `level` on every frame.
+    pub fn fixed(codec: CodecId, level: i32) -> Self {
+        Self::Fixed { codec, level }
+    }
+
+    /// The adaptive choice over [`AdaptiveConfig::default`]'s candidates.
+    pub fn auto() -> Self {
+        Self::Auto(AdaptiveConfig::default())
+    }
+
+    /// The fixed codec, or `None` for the adaptive choice.
+    pub fn fixed_codec(&self) -> Option<CodecId> {
+        match self {
+            Self::Fixed { codec, .. } => Some(*codec),
+            Self::Auto(_) => None,
+        }
+    }
+}
+
+impl From<CodecId> for CodecPolicy {
+    /// `codec` at level 1 (zstd's and deflate's fastest entropy-coded level) on every
+    /// frame.
+    fn from(codec: CodecId) -> Self {
+        Self::fixed(codec, 1)
+    }
+}
 
 /// Source settings.
 #[non_exhaustive]
@@ -21,10 +70,10 @@ pub struct SourceConfig {
     pub session: SessionId,
     /// Channels to open.
     pub channels: u16,
-    /// Codec for data pages (`raw` sends pages as they are).
-    pub codec: CodecId,
-    /// Codec level (zstd: -7..=22, deflate: 1..=12; ignored by the others).
-    pub level: i32,
+    /// How data pages are encoded: per frame by the adaptive choice
+    /// ([`CodecPolicy::Auto`], the default), or every frame with one codec at one level
+    /// ([`CodecPolicy::Fixed`]).
+    pub codec: CodecPolicy,
     /// Most pages per frame.
     pub max_pages: u32,
     /// Transport backend. `Backend::Rdma { addr }` (feature `rdma`) moves each
@@ -51,10 +100,6 @@ pub struct SourceConfig {
     /// QAT. Jobs a hardware backend gives up on run on software, counted in
     /// [`EngineSummary::hw_fallbacks`](crate::stats::EngineSummary::hw_fallbacks).
     pub accel: BackendChoice,
-    /// Choose the codec per frame (`--codec auto`) among these candidates, from the
-    /// measured link rate and codec speeds and ratios; `codec` and `level` are then
-    /// unused. `None` (the default): every frame uses `codec`.
-    pub adaptive: Option<crate::source::adaptive::AdaptiveConfig>,
     /// Codec worker threads per channel; `Some(0)` compresses on the channel's own
     /// thread. `None` (the default) chooses from the machine: see
     /// [`codec_threads_for`].
@@ -97,14 +142,14 @@ pub struct SourceConfig {
 }
 
 impl SourceConfig {
-    /// Defaults: 2 channels, zstd level 1, 128 pages per frame, TCP, no checksum, no
-    /// bandwidth cap, 300 ms downtime.
+    /// Defaults: 2 channels, the adaptive codec choice over its default candidates
+    /// ([`CodecPolicy::auto`]), 128 pages per frame, TCP, no checksum, no bandwidth
+    /// cap, 300 ms downtime.
     pub fn new(session: SessionId, auth: Authentication) -> Self {
         Self {
             session,
             channels: 2,
-            codec: CodecId::ZSTD,
-            level: 1,
+            codec: CodecPolicy::auto(),
             max_pages: 128,
             backend: Backend::Tcp,
             auth,
@@ -113,7 +158,6 @@ impl SourceConfig {
             bandwidth_limit: 0,
             precopy: PrecopyConfig::default(),
             accel: BackendChoice::Auto,
-            adaptive: None,
             codec_threads: None,
             queue_depth: 16,
             delta_cache_pages: 64 * 1024,

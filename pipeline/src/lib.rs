@@ -33,7 +33,9 @@ pub mod source;
 pub mod stats;
 pub mod switchover;
 
-pub use config::{Control, DestinationConfig, Prefault, SourceConfig, codec_threads_for};
+pub use config::{
+    CodecPolicy, Control, DestinationConfig, Prefault, SourceConfig, codec_threads_for,
+};
 pub use destination::{
     Destination, DestinationControl, DestinationListener, DestinationStats, DeviceSection, Migrated,
 };

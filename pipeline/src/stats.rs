@@ -44,8 +44,8 @@ impl PageCounts {
     }
 }
 
-/// The adaptive codec choice of a migration (`SourceConfig::adaptive`), over all
-/// channels.
+/// The adaptive codec choice of a migration (`CodecPolicy::Auto`, the default), over
+/// all channels.
 #[non_exhaustive]
 #[derive(Clone, Debug, Default, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]

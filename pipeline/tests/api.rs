@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use common::*;
 use pagewire::{
-    CapPolicy, DestinationConfig, DestinationListener, DeviceState, DeviceStateWriter, DirtyBitmap,
-    DirtyLog, DirtyLogError, Failed, GuestMemory, Migrated, Migration, MigrationError,
+    CapPolicy, CodecPolicy, DestinationConfig, DestinationListener, DeviceState, DeviceStateWriter,
+    DirtyBitmap, DirtyLog, DirtyLogError, Failed, GuestMemory, Migrated, Migration, MigrationError,
     NoDeviceState, Phase, RegionId, RoundAction, Source, SourceConfig, StopReason,
 };
 use pagewire_protocol::{Authentication, CodecId};
@@ -31,7 +31,7 @@ fn pair(
     let addr = l.local_addr().unwrap();
     let dst = std::thread::spawn(move || l.accept(None)?.wait());
     let mut cfg = SourceConfig::new(session(n), Authentication::None);
-    cfg.codec = CodecId::LZ4;
+    cfg.codec = CodecId::LZ4.into();
     cfg.ack_timeout = Duration::from_secs(10);
     cfg.precopy.max_rounds = 6;
     tune(&mut cfg);
@@ -521,7 +521,7 @@ fn both_sides_count_their_cpu_time() {
     let mem = memory(16);
     fill(&mem, 12);
     let g = guest(mem.clone(), 2_000, 12);
-    let (mut src, dst) = pair(&mem, 55, |c| c.codec = CodecId::ZSTD);
+    let (mut src, dst) = pair(&mem, 55, |c| c.codec = CodecId::ZSTD.into());
     let stats = migrate_sim(&mut src, &g).unwrap();
     drop(src);
     let m = dst.join().unwrap().unwrap();
@@ -533,4 +533,49 @@ fn both_sides_count_their_cpu_time() {
     assert!(total > 0.0 && total <= stats.cpu.seconds + 1e-9, "{stats}");
     let gib = stats.guest_bytes as f64 / f64::from(1u32 << 30);
     assert!((stats.cpu.seconds_per_gib - stats.cpu.seconds / gib).abs() < 1e-9);
+}
+
+#[test]
+fn the_codec_is_chosen_per_frame_unless_the_caller_fixes_one() {
+    let cfg = SourceConfig::new(session(57), Authentication::None);
+    assert_eq!(cfg.codec, CodecPolicy::auto());
+    assert_eq!(
+        CodecPolicy::from(CodecId::LZ4),
+        CodecPolicy::fixed(CodecId::LZ4, 1)
+    );
+    let mem = memory(16);
+    fill(&mem, 13);
+    // The default: every frame's codec chosen, and the choices in the statistics.
+    let g = guest(mem.clone(), 2_000, 13);
+    let (mut src, dst) = pair(&mem, 57, |c| {
+        c.codec = SourceConfig::new(session(57), Authentication::None).codec;
+    });
+    let stats = migrate_sim(&mut src, &g).unwrap();
+    drop(src);
+    dst.join().unwrap().unwrap();
+    assert_eq!(stats.codec, "auto");
+    let a = stats.adaptive.as_ref().expect("the adaptive statistics");
+    let frames: u64 = a.choices.iter().map(|c| c.frames).sum();
+    assert!(frames > 0, "{stats}");
+    // A fixed codec: every data frame in it, no adaptive statistics.
+    let g = guest(mem.clone(), 2_000, 14);
+    let (mut src, dst) = pair(&mem, 58, |c| c.codec = CodecPolicy::fixed(CodecId::ZSTD, 3));
+    let stats = migrate_sim(&mut src, &g).unwrap();
+    drop(src);
+    dst.join().unwrap().unwrap();
+    assert!(stats.adaptive.is_none(), "{stats}");
+    assert!(
+        stats
+            .codecs
+            .iter()
+            .any(|c| c.frames > 0 && c.codec == "zstd"),
+        "{stats}"
+    );
+    assert!(
+        stats
+            .codecs
+            .iter()
+            .all(|c| c.frames == 0 || c.codec == "zstd"),
+        "{stats}"
+    );
 }

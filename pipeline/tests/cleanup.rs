@@ -34,7 +34,7 @@ fn migrate_once(fault: Option<Fault>) -> bool {
     let target = proxy.as_ref().map_or(addr, |p| p.addr);
     let mut g = guest(mem.clone(), 5_000, 1);
     let mut cfg = SourceConfig::new(session(9), Authentication::None);
-    cfg.codec = CodecId::LZ4;
+    cfg.codec = CodecId::LZ4.into();
     cfg.ack_timeout = Duration::from_secs(5);
     let mut src = Source::connect(target, mem, cfg).unwrap();
     let mut log = g.log();

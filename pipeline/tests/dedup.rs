@@ -71,7 +71,7 @@ fn migrate_into(
     let dst = std::thread::spawn(move || listener.accept(None).and_then(|d| d.wait()));
     let mut g = guest(src_mem.clone(), writes_per_s, 5);
     let mut cfg = SourceConfig::new(session(9), key());
-    cfg.codec = codec;
+    cfg.codec = codec.into();
     cfg.channels = 2;
     cfg.checksum = checksum;
     cfg.dedup = dedup;

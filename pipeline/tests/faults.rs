@@ -32,7 +32,7 @@ fn destination(
 
 fn source_config(codec: CodecId, checksum: bool) -> SourceConfig {
     let mut cfg = SourceConfig::new(session(2), Authentication::None);
-    cfg.codec = codec;
+    cfg.codec = codec.into();
     cfg.checksum = checksum;
     cfg.ack_timeout = Duration::from_secs(5);
     cfg.precopy.downtime_limit = Duration::from_millis(20);
@@ -238,7 +238,7 @@ fn a_stalled_destination_times_out(backend: Backend, codec: CodecId) {
     let proxy = Proxy::start(addr, Fault::Stall { bytes: 1 << 20 });
     let mut cfg = SourceConfig::new(session(7), Authentication::None);
     cfg.backend = backend;
-    cfg.codec = codec;
+    cfg.codec = codec.into();
     cfg.ack_timeout = timeout;
     cfg.send_timeout = timeout;
     cfg.precopy.max_rounds = 4;

@@ -29,7 +29,7 @@ fn migrate_both(
     let dst = std::thread::spawn(move || listener.accept(None).and_then(|d| d.wait()));
     let mut guest = guest(src_mem.clone(), 5_000, 4);
     let mut cfg = SourceConfig::new(session(9), Authentication::None);
-    cfg.codec = CodecId::DEFLATE_4K;
+    cfg.codec = CodecId::DEFLATE_4K.into();
     cfg.channels = 1;
     cfg.accel = accel.parse::<BackendChoice>().unwrap();
     cfg.precopy.downtime_limit = Duration::from_millis(50);

@@ -63,7 +63,7 @@ fn run_with(codec: CodecId, backend: Backend, dst_accel: &str) -> pagewire::Dest
 
     let mut guest = guest(src_mem.clone(), 20_000, 5);
     let mut cfg = SourceConfig::new(session(9), Authentication::None);
-    cfg.codec = codec;
+    cfg.codec = codec.into();
     cfg.channels = 2;
     cfg.backend = backend;
     cfg.precopy.downtime_limit = Duration::from_millis(50);
@@ -204,7 +204,7 @@ fn a_refused_userfaultfd_falls_back_with_the_reason_in_the_statistics() {
         listener.accept(None).and_then(|d| d.wait())
     });
     let mut cfg = SourceConfig::new(session(4), Authentication::None);
-    cfg.codec = CodecId::ZSTD;
+    cfg.codec = CodecId::ZSTD.into();
     cfg.channels = 2;
     let migrated = within(Duration::from_secs(60), "the migration", move || {
         let mut source = Source::connect(addr, src_mem.clone(), cfg).unwrap();

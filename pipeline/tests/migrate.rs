@@ -53,7 +53,7 @@ fn run_tls(
 
     let mut guest = guest(src_mem.clone(), 20_000, 3);
     let mut cfg = SourceConfig::new(session(1), auth);
-    cfg.codec = codec;
+    cfg.codec = codec.into();
     cfg.channels = channels;
     cfg.checksum = checksum;
     cfg.backend = backend;
@@ -204,7 +204,7 @@ fn io_uring_zstd_with_a_small_engine_pool_completes() {
         let addr = listener.local_addr().unwrap();
         let dst = std::thread::spawn(move || listener.accept(None).and_then(|d| d.wait()));
         let mut cfg = SourceConfig::new(session(4), Authentication::None);
-        cfg.codec = CodecId::ZSTD;
+        cfg.codec = CodecId::ZSTD.into();
         cfg.backend = uring;
         cfg.queue_depth = 1;
         cfg.ack_timeout = Duration::from_secs(20);

@@ -26,7 +26,7 @@ fn a_migration_on_qat_is_byte_for_byte_equal_and_counts_its_fallbacks() {
     let dst = std::thread::spawn(move || listener.accept(None).and_then(|d| d.wait()));
     let mut guest = guest(src_mem.clone(), 20_000, 5);
     let mut cfg = SourceConfig::new(session(1), Authentication::None);
-    cfg.codec = CodecId::DEFLATE;
+    cfg.codec = CodecId::DEFLATE.into();
     cfg.channels = 2;
     cfg.accel = BackendChoice::Qat;
     cfg.precopy.downtime_limit = Duration::from_millis(50);

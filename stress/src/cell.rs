@@ -42,7 +42,7 @@ pub struct CellSpec {
     pub pattern: WritePattern,
     /// Codec.
     pub codec: CodecChoice,
-    /// Codec level (the library's default when `None`).
+    /// Codec level (1 when `None`).
     pub level: Option<i32>,
     /// Channels.
     pub channels: u16,
@@ -115,13 +115,10 @@ impl CellSpec {
     ) -> anyhow::Result<SourceConfig> {
         let mut cfg = SourceConfig::new(session, auth);
         cfg.channels = self.channels;
-        match self.codec.id() {
-            Some(codec) => cfg.codec = codec,
-            None => cfg.adaptive = Some(pagewire::AdaptiveConfig::default()),
-        }
-        if let Some(l) = self.level {
-            cfg.level = l;
-        }
+        cfg.codec = match self.codec.id() {
+            Some(codec) => pagewire::CodecPolicy::fixed(codec, self.level.unwrap_or(1)),
+            None => pagewire::CodecPolicy::auto(),
+        };
         cfg.max_pages = self.frame_pages;
         cfg.dedup = self.dedup;
         if self.codec_threads.is_some() {

@@ -233,7 +233,7 @@ pub enum CodecChoice {
     Deflate,
     /// XOR delta against the page's previous version.
     Delta,
-    /// Choose the codec and level per frame (`SourceConfig::adaptive`).
+    /// Choose the codec and level per frame (`CodecPolicy::Auto`).
     Auto,
 }
 
@@ -498,7 +498,7 @@ impl RunArgs {
             if q {
                 vec![CodecChoice::None, CodecChoice::Zstd]
             } else {
-                vec![CodecChoice::Zstd]
+                vec![CodecChoice::Auto]
             },
         );
         let channels = list(self.channels.as_ref(), vec![2]);

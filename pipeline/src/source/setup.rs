@@ -12,7 +12,7 @@ use pagewire_accel::{
 use pagewire_protocol::{Capabilities, CodecId, CodecSet, Frame};
 use pagewire_transport::session::{self, Established, SessionConfig};
 
-use crate::config::{Control, SourceConfig};
+use crate::config::{CodecPolicy, Control, SourceConfig};
 use crate::error::{MigrationError, SessionError, Wait};
 use crate::memory::GuestMemory;
 use crate::plan::Affinity;
@@ -41,7 +41,8 @@ impl Source {
         caps.max_frame_bytes = frame_bytes(page_size, config.max_pages);
         // Delta truncated at a record boundary is undetectable without a checksum
         // (PROTOCOL.md), so delta always asks for one.
-        caps.checksum = config.checksum || config.codec == CodecId::DELTA;
+        let fixed = config.codec.fixed_codec();
+        caps.checksum = config.checksum || fixed == Some(CodecId::DELTA);
         caps.codecs = CodecSet::all_known();
         let mut scfg =
             SessionConfig::new(caps, config.session, config.channels, config.auth.clone());
@@ -86,13 +87,14 @@ impl Source {
         for est in established {
             let ch = est.negotiated.channel.0;
             let negotiated = est.negotiated;
-            if config.adaptive.is_none() && !negotiated.codecs.contains(config.codec) {
+            if let Some(codec) = fixed
+                && !negotiated.codecs.contains(codec)
+            {
                 return Err(MigrationError::Config(format!(
-                    "the destination cannot decode {:?}",
-                    config.codec
+                    "the destination cannot decode {codec:?}"
                 )));
             }
-            let delta = if config.codec == CodecId::DELTA {
+            let delta = if fixed == Some(CodecId::DELTA) {
                 let ps = PageSize::new(page_size)
                     .ok_or_else(|| MigrationError::Config("page size".into()))?;
                 Some(Arc::new(
@@ -117,11 +119,17 @@ impl Source {
                 queue_depth: config.queue_depth,
             };
             let mut engine = Engine::build(&config.accel, engine_config.clone(), software)?;
-            // `auto` takes an accelerator only for a codec it runs itself; otherwise
-            // every frame would go through it to the software fallback.
+            // `auto` takes an accelerator only for a codec it runs itself (for the
+            // adaptive choice, one of its candidates); otherwise every frame would go
+            // through it to the software fallback.
+            let runs_itself = |codec| engine.probe().can_encode(codec, Level::DEFAULT);
+            let accelerated = match &config.codec {
+                CodecPolicy::Fixed { codec, .. } => runs_itself(*codec),
+                CodecPolicy::Auto(a) => a.candidates.iter().any(|&(c, _)| runs_itself(c)),
+            };
             if config.accel == pagewire_accel::BackendChoice::Auto
                 && engine.probe().backend != pagewire_accel::BackendKind::Software
-                && !engine.probe().can_encode(config.codec, Level::DEFAULT)
+                && !accelerated
             {
                 engine = Engine::software(engine_config, software)?;
             }
@@ -144,8 +152,8 @@ impl Source {
             let threads = config
                 .codec_threads
                 .unwrap_or_else(|| crate::config::codec_threads_for(config.channels));
-            let selector = match &config.adaptive {
-                Some(a) => Some(
+            let selector = match &config.codec {
+                CodecPolicy::Auto(a) => Some(
                     adaptive::Selector::new(
                         a,
                         |c| negotiated.codecs.contains(c),
@@ -162,7 +170,7 @@ impl Source {
                         )
                     })?,
                 ),
-                None => None,
+                CodecPolicy::Fixed { .. } => None,
             };
             let astats = Arc::new(std::sync::Mutex::new(crate::stats::AdaptiveStats::default()));
             adaptive_stats.push(astats.clone());
@@ -173,13 +181,18 @@ impl Source {
                 views: views.clone(),
                 memory: memory.clone(),
                 affinity,
-                params: EncodeParams {
-                    codec: config.codec,
-                    level: pagewire_accel::level_range(config.codec)
-                        .map_or(Level(0), |(min, max)| {
-                            Level(config.level.clamp(min.0, max.0))
-                        }),
-                    raw_in_place: negotiated.checksum.is_none(),
+                // Under the adaptive choice, the selector's on every frame.
+                params: {
+                    let (codec, level) = match config.codec {
+                        CodecPolicy::Fixed { codec, level } => (codec, level),
+                        CodecPolicy::Auto(_) => (CodecId::RAW, 0),
+                    };
+                    EncodeParams {
+                        codec,
+                        level: pagewire_accel::level_range(codec)
+                            .map_or(Level(0), |(min, max)| Level(level.clamp(min.0, max.0))),
+                        raw_in_place: negotiated.checksum.is_none(),
+                    }
                 },
                 checksum: negotiated.checksum,
                 max_pages: negotiated.max_pages,

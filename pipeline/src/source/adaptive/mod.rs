@@ -1,7 +1,7 @@
-//! Per-frame codec choice (`SourceConfig::adaptive`, `--codec auto`): each channel
-//! picks, for every frame, the codec and level that moves the most guest bytes per
-//! second given what it measured, so that neither the link nor the channel's core
-//! idles while the other is the bottleneck.
+//! Per-frame codec choice (`CodecPolicy::Auto`, the default of `SourceConfig::codec`;
+//! `--codec auto`): each channel picks, for every frame, the codec and level that
+//! moves the most guest bytes per second given what it measured, so that neither the
+//! link nor the channel's core idles while the other is the bottleneck.
 //!
 //! The model, per candidate `c` (a codec at a level):
 //! - `cost(c)`: seconds of the channel's encode per guest byte, measured on recent
