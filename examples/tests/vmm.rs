@@ -215,9 +215,11 @@ fn migrates_a_running_guest_bitmap_one_vcpu_memfd_zstd() {
 }
 
 #[test]
-fn migrates_a_running_guest_inside_tls_with_certificates_made_for_the_run() {
+fn migrates_a_running_guest_inside_tls_with_certificates_made_for_the_run_and_the_default_codec() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !kvm_or_skip("migrates_a_running_guest_inside_tls_with_certificates_made_for_the_run") {
+    if !kvm_or_skip(
+        "migrates_a_running_guest_inside_tls_with_certificates_made_for_the_run_and_the_default_codec",
+    ) {
         return;
     }
     let dir = std::env::temp_dir().join(format!("pagewire-vmm-tls-test-{}", std::process::id()));
@@ -233,9 +235,18 @@ fn migrates_a_running_guest_inside_tls_with_certificates_made_for_the_run() {
             "--tls-dir",
             &dir_s,
         ],
-        &["--codec", "zstd", "--channels", "2"],
+        // No --codec: the default, chosen per frame.
+        &["--channels", "2"],
     );
     assert_eq!(summary["pagewire"]["tls"]["encrypted"], true, "{summary}");
+    assert_eq!(summary["pagewire"]["codec"], "auto", "{summary}");
+    let choices = summary["pagewire"]["adaptive"]["choices"]
+        .as_array()
+        .unwrap();
+    assert!(
+        choices.iter().any(|c| c["frames"].as_u64().unwrap() > 0),
+        "{summary}"
+    );
     assert!(summary["pagewire"]["tls"]["sealed_bytes"].as_u64().unwrap() > 0);
     let _ = std::fs::remove_dir_all(&dir);
 }
