@@ -100,7 +100,8 @@ pub struct RunArgs {
     /// Which pages the writer dirties: random, sequential, hot.
     #[arg(long)]
     pub pattern: Option<WritePattern>,
-    /// Codecs: none, lz4, zstd, deflate, delta, auto.
+    /// Codecs: none, lz4, zstd, deflate, delta, auto (default auto; `--quick`: none,
+    /// zstd).
     #[arg(long, value_parser = List::<CodecChoice>::parse)]
     pub codec: Option<List<CodecChoice>>,
     /// Codec levels (zstd: -7..=22, deflate: 1..=12), e.g. -3,1,3; codecs without
