@@ -52,6 +52,14 @@ impl CodecPolicy {
             Self::Auto(_) => None,
         }
     }
+
+    /// The name [`crate::MigrationStats::codec`] reports: the fixed codec's, or `auto`.
+    pub(crate) fn label(&self) -> String {
+        match self.fixed_codec() {
+            Some(codec) => format!("{codec:?}"),
+            None => "auto".into(),
+        }
+    }
 }
 
 impl From<CodecId> for CodecPolicy {

@@ -15,6 +15,22 @@ use pagewire::{DestinationMemory, GuestMemory, MemoryLayout, Prefault};
 
 use crate::Link;
 
+/// The order of Linux's free page reporting when this machine returns freed memory to
+/// its host (a virtual machine whose balloon device reports free pages): blocks of
+/// 2^order free pages go back to the host, so memory freed here and mapped fresh again
+/// is faulted in twice on first touch, by this kernel and by the host. Figures into
+/// fresh memory then measure the host as much as the migration. `None` when the kernel
+/// has no free page reporting or no balloon device takes the reports.
+pub fn free_page_reporting() -> Option<u32> {
+    let order = "/sys/module/page_reporting/parameters/page_reporting_order";
+    let order = std::fs::read_to_string(order).ok()?.trim().parse().ok()?;
+    let balloon = std::fs::read_dir("/sys/bus/virtio/drivers/virtio_balloon").ok()?;
+    let mut devices = balloon.flatten();
+    devices
+        .any(|e| e.file_name().to_string_lossy().starts_with("virtio"))
+        .then_some(order)
+}
+
 /// What memory the destination writes into.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]

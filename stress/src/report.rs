@@ -121,6 +121,12 @@ pub fn markdown(r: &Report) -> String {
             );
         }
     }
+    if let Some(order) = r.free_page_reporting {
+        let _ = writeln!(
+            out,
+            "This machine returns freed memory to its host (free page reporting, blocks of 2^{order} pages): fresh memory is faulted in by the host again on first touch, and figures into fresh memory measure that too.\n"
+        );
+    }
     let remote = (r.mode != "local").then(|| format!("to {}", r.mode));
     out.push_str(&matrix_table(&r.cells, remote.as_deref()));
     for c in &r.cells {
@@ -613,6 +619,7 @@ mod tests {
                 error: None,
                 into_memory: None,
             }],
+            free_page_reporting: Some(9),
             cells: vec![
                 CellReport {
                     spec: spec(CodecChoice::Zstd, 2),
@@ -672,6 +679,15 @@ mod tests {
         let g = 8.0 * 1.073741824 / 1.1;
         assert!(row.contains(&format!("{:.2}x", g / 20.0)), "{row}");
         assert!(md.contains("loopback x2: 20.00 Gbit/s"), "{md}");
+        assert!(
+            md.contains("free page reporting, blocks of 2^9 pages"),
+            "{md}"
+        );
+        let quiet = Report {
+            free_page_reporting: None,
+            ..report()
+        };
+        assert!(!markdown(&quiet).contains("free page reporting"));
         let auto = md.lines().find(|l| l.starts_with("| auto")).unwrap();
         assert!(auto.contains("**FAILED 1/1**"), "{auto}");
         assert!(md.contains("the destination closed the channel"), "{md}");

@@ -87,6 +87,9 @@ pub struct Report {
     pub repeat: u32,
     /// Baselines.
     pub baselines: Vec<Baseline>,
+    /// The order of free page reporting when this machine returns freed memory to its
+    /// host ([`crate::destmem::free_page_reporting`]).
+    pub free_page_reporting: Option<u32>,
     /// Matrix cells.
     pub cells: Vec<CellReport>,
     /// Bisections.
@@ -540,6 +543,7 @@ pub fn run(plan: &Plan, runner: &mut dyn Runner) -> anyhow::Result<Report> {
         mem_mib: plan.mem_mib,
         repeat: plan.repeat,
         baselines,
+        free_page_reporting: crate::destmem::free_page_reporting(),
         cells: reports,
         bisections,
     })

@@ -496,10 +496,7 @@ impl Source {
             status: "active".into(),
             transport: self.transport.clone(),
             channels: self.config.channels,
-            codec: match &self.config.codec {
-                crate::config::CodecPolicy::Fixed { codec, .. } => format!("{codec:?}"),
-                crate::config::CodecPolicy::Auto(_) => "auto".into(),
-            },
+            codec: self.config.codec.label(),
             total_ms: self.started.elapsed().as_secs_f64() * 1e3,
             setup_ms: self.setup.as_secs_f64() * 1e3,
             rounds: self.rounds.len() as u32,
@@ -571,7 +568,7 @@ impl Source {
         s.engine.busy_rate = busy / n;
         s.engine.mean_queue_depth = depth / n;
         s.codecs = codecs.into_values().collect();
-        if matches!(self.config.codec, crate::config::CodecPolicy::Auto(_)) {
+        if self.config.codec.fixed_codec().is_none() {
             let mut a = crate::stats::AdaptiveStats::default();
             for w in &self.adaptive_stats {
                 if let Ok(w) = w.lock() {
