@@ -380,6 +380,58 @@ fn destination_killed_mid_round_leaves_the_source_guest_running() {
     assert!(j["heartbeats_after_failure"].as_u64().unwrap() > 0);
 }
 
+/// A source configured for another machine (2 vCPUs against the destination's 1): the
+/// destination checks the device state before it acknowledges COMPLETE, answers ABORT
+/// `APPLY_FAILED`, and the source, which never sent COMMIT, resumes its guest. Before
+/// the check, the mismatch was found only after COMMIT and neither host ran the guest.
+#[test]
+fn a_source_with_another_vcpu_count_keeps_its_guest() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kvm_or_skip("a_source_with_another_vcpu_count_keeps_its_guest") {
+        return;
+    }
+    let (mut dst, addr) = listen(&["--mem-mib", "128", "--vcpus", "1"]);
+    let mut src = Vmm::spawn(
+        "source",
+        &[
+            "--migrate-to",
+            &addr,
+            "--mem-mib",
+            "128",
+            "--vcpus",
+            "2",
+            "--after",
+            "0.5",
+            "--run-after",
+            "600",
+        ],
+    );
+    let failed = src.wait_line(|l| l.starts_with("migration failed"));
+    assert!(
+        failed.contains("apply failed") && failed.contains("device state has 2 vCPUs"),
+        "{failed}"
+    );
+    // The guest keeps heartbeating on the source.
+    let first = src.wait_line(|l| l.starts_with("heartbeat:"));
+    let second = src.wait_line(|l| l.starts_with("heartbeat:"));
+    assert_ne!(first, second);
+    src.signal(libc::SIGTERM);
+    let s = src.wait_exit();
+    assert_eq!(s.code(), Some(3), "{:#?}", src.all());
+    let j = src.summary();
+    assert_eq!(j["status"], "failed");
+    assert_eq!(j["guest_kept_running"], true, "{j}");
+    let s = dst.wait_exit();
+    assert_eq!(s.code(), Some(1), "{:#?}", dst.all());
+    assert!(
+        dst.all()
+            .iter()
+            .any(|l| l.contains("device state has 2 vCPUs, this machine 1")),
+        "{:#?}",
+        dst.all()
+    );
+}
+
 #[test]
 fn source_killed_mid_migration_the_destination_never_starts_the_guest() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

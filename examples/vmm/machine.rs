@@ -113,6 +113,38 @@ impl Machine {
         Ok(())
     }
 
+    /// Checks, without KVM, what [`Machine::restore`] and the resume need of the
+    /// sections a source sent (`(name, instance, data)`): one `vm` section that decodes,
+    /// exactly `vcpus` `vcpu` sections numbered from 0 that decode, and a `vmm` section
+    /// of JSON. The destination runs it before it acknowledges COMPLETE
+    /// (`DestinationConfig::check_device_state`), so a source configured for another
+    /// machine keeps its guest instead of losing it after COMMIT.
+    ///
+    /// # Errors
+    /// What is missing or does not decode.
+    pub fn check_sections<'a>(
+        vcpus: u32,
+        sections: impl Iterator<Item = (&'a str, u32, &'a [u8])> + Clone,
+    ) -> anyhow::Result<()> {
+        let find = |name: &str, instance: u32| {
+            sections
+                .clone()
+                .find(|&(n, i, _)| n == name && i == instance)
+                .map(|(_, _, d)| d)
+                .ok_or_else(|| anyhow!("device state has no {name}/{instance}"))
+        };
+        let sent = sections.clone().filter(|&(n, _, _)| n == "vcpu").count();
+        if sent != vcpus as usize {
+            bail!("device state has {sent} vCPUs, this machine {vcpus}");
+        }
+        VmState::decode(find("vm", 0)?).context("vm state")?;
+        for id in 0..vcpus {
+            VcpuState::decode(find("vcpu", id)?).with_context(|| format!("vcpu {id} state"))?;
+        }
+        serde_json::from_slice::<serde_json::Value>(find("vmm", 0)?).context("the vmm section")?;
+        Ok(())
+    }
+
     /// Loads VM and vCPU state from `sections` (from [`Machine::save`]).
     ///
     /// # Errors

@@ -283,6 +283,15 @@ impl Incoming {
         }
         cfg.accept_timeout = args.accept_timeout;
         cfg.idle_timeout = args.timeout;
+        // The device state is checked before ACK COMPLETE, while the source still owns
+        // the guest: a source with another vCPU count keeps it (PROTOCOL.md, COMPLETE).
+        let vcpus = args.vcpus;
+        cfg.check_device_state = Some(pagewire::DeviceStateCheck::new(move |sections| {
+            let it = sections
+                .iter()
+                .map(|s| (s.name.as_str(), s.instance, s.data.as_slice()));
+            crate::machine::Machine::check_sections(vcpus, it).map_err(|e| format!("{e:#}"))
+        }));
         let listener = DestinationListener::bind(addr, cfg.clone())?;
         Ok(Self {
             listener,

@@ -271,6 +271,42 @@ pub struct DestinationConfig {
     /// How the destination prepares the anonymous guest memory it maps itself (memory
     /// the VMM gives or provides is used as it is, never pre-faulted).
     pub prefault: Prefault,
+    /// The VMM's check of the device state, run once every section has arrived and
+    /// before the destination acknowledges COMPLETE: a VMM that could not restore what
+    /// the source sent (another vCPU count, a section it does not know, one that does
+    /// not decode) says so here, while the source still owns the guest. An `Err`
+    /// fails the migration with [`MigrationError::DeviceStateRefused`] and ABORT
+    /// `APPLY_FAILED`, and the source resumes its guest. Without a check (the default)
+    /// the sections are the VMM's to check after COMMIT, when the guest is already this
+    /// side's (PROTOCOL.md, COMPLETE).
+    pub check_device_state: Option<DeviceStateCheck>,
+}
+
+/// A check of the device state before COMPLETE is acknowledged
+/// ([`DestinationConfig::check_device_state`]).
+#[derive(Clone)]
+pub struct DeviceStateCheck(Arc<CheckFn>);
+
+type CheckFn = dyn Fn(&[crate::DeviceSection]) -> Result<(), String> + Send + Sync;
+
+impl DeviceStateCheck {
+    /// `check` gets every section, in arrival order, and returns why it refuses them.
+    pub fn new(
+        check: impl Fn(&[crate::DeviceSection]) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
+        Self(Arc::new(check))
+    }
+
+    /// Runs the check.
+    pub(crate) fn check(&self, sections: &[crate::DeviceSection]) -> Result<(), String> {
+        (self.0)(sections)
+    }
+}
+
+impl std::fmt::Debug for DeviceStateCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeviceStateCheck(..)")
+    }
 }
 
 /// How a destination prepares the anonymous guest memory it maps for the source's
@@ -331,6 +367,7 @@ impl DestinationConfig {
             max_sessions: 8,
             idle_timeout: Duration::from_secs(60),
             prefault: Prefault::default(),
+            check_device_state: None,
         }
     }
 }

@@ -67,6 +67,15 @@ pub enum MigrationError {
         #[source]
         source: DecodeError,
     },
+    /// The destination VMM's check refused the device state the source sent
+    /// ([`DestinationConfig::check_device_state`](crate::DestinationConfig::check_device_state)),
+    /// before COMPLETE was acknowledged: the destination sent ABORT `APPLY_FAILED`, and
+    /// the source keeps its guest.
+    #[error("the device state was refused before COMPLETE was acknowledged: {what}")]
+    DeviceStateRefused {
+        /// Why, as the check said.
+        what: String,
+    },
     /// The peer aborted the migration.
     #[error("the peer aborted the migration: {reason} ({message})")]
     PeerAborted {

@@ -34,7 +34,8 @@ pub mod stats;
 pub mod switchover;
 
 pub use config::{
-    CodecPolicy, Control, DestinationConfig, Prefault, SourceConfig, codec_threads_for,
+    CodecPolicy, Control, DestinationConfig, DeviceStateCheck, Prefault, SourceConfig,
+    codec_threads_for,
 };
 pub use destination::{
     Destination, DestinationControl, DestinationListener, DestinationStats, DeviceSection, Migrated,

@@ -18,10 +18,10 @@ use std::time::Duration;
 
 use common::*;
 use pagewire::{
-    DestinationConfig, DestinationListener, DirtyBitmap, Failed, Migrated, MigrationError, Source,
-    SourceConfig, Switchover,
+    DestinationConfig, DestinationListener, DeviceStateCheck, DirtyBitmap, Failed, Migrated,
+    MigrationError, Source, SourceConfig, Switchover,
 };
-use pagewire_protocol::{AckKind, Authentication, Envelope, Frame, FrameType, Limits};
+use pagewire_protocol::{AbortReason, AckKind, Authentication, Envelope, Frame, FrameType, Limits};
 
 /// One of the last four frames on channel 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -481,5 +481,78 @@ fn complete_returns_the_switchover() {
             }
         }
         drop(relay);
+    }
+}
+
+/// A destination VMM that could not restore the device state says so before ACK
+/// COMPLETE (`DestinationConfig::check_device_state`): the destination answers ABORT
+/// `APPLY_FAILED`, the source resumes its guest, and neither side reports success. A
+/// check that accepts sees the sections and changes nothing.
+#[test]
+fn device_state_the_vmm_refuses_fails_the_migration_before_the_handover() {
+    for refuse in [true, false] {
+        let mem = memory(1);
+        fill(&mem, 5);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mut cfg = DestinationConfig::new(session(SESSION), Authentication::None);
+        cfg.idle_timeout = Duration::from_secs(2);
+        cfg.accept_timeout = Duration::from_secs(10);
+        let s = seen.clone();
+        cfg.check_device_state = Some(DeviceStateCheck::new(move |sections| {
+            let mut s = s.lock().unwrap();
+            s.extend(
+                sections
+                    .iter()
+                    .map(|d| (d.name.clone(), d.instance, d.data.len())),
+            );
+            match refuse {
+                true => Err("device state has 1 vCPUs, this machine 2".into()),
+                false => Ok(()),
+            }
+        }));
+        let l = DestinationListener::bind(loopback(), cfg).unwrap();
+        let addr = l.local_addr().unwrap();
+        let dst = std::thread::spawn(move || l.accept(None)?.wait());
+        let guest = guest(mem.clone(), 2_000, 3);
+        let mut log = guest.log();
+        let mut vcpus = guest.vcpus();
+        let src = Source::connect(addr, mem, source_config()).unwrap();
+        let (source, src) = within(Duration::from_secs(60), "the migration", move || {
+            let mut src = src;
+            let mut device =
+                |out: &mut pagewire::DeviceStateWriter<'_>| -> Result<(), pagewire::DirtyLogError> {
+                    out.write_section("cpu", 0, &[0x5a; 300])?;
+                    Ok(())
+                };
+            let r = pagewire::migrate(&mut src, &mut log, &mut vcpus, &mut device).map(drop);
+            (r, src)
+        });
+        drop(src);
+        let destination = within(Duration::from_secs(60), "the destination", move || {
+            dst.join().unwrap()
+        });
+        assert_eq!(*seen.lock().unwrap(), [("cpu".to_string(), 0, 300)]);
+        if refuse {
+            let e = destination.expect_err("a refused device state never hands over");
+            assert!(
+                matches!(e, MigrationError::DeviceStateRefused { ref what } if what.contains("vCPUs")),
+                "{e}"
+            );
+            let f = source.expect_err("the destination aborted before ACK COMPLETE");
+            assert!(
+                matches!(
+                    *f.error,
+                    MigrationError::PeerAborted { reason, .. } if reason == AbortReason::APPLY_FAILED
+                ),
+                "{}",
+                f.error
+            );
+            assert!(f.may_resume_source());
+            assert!(guest.is_running(), "the source resumed its guest");
+        } else {
+            assert!(destination.is_ok(), "{destination:?}");
+            assert!(source.is_ok(), "{source:?}");
+            assert!(!guest.is_running(), "the guest was handed over");
+        }
     }
 }

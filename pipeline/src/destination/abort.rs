@@ -58,6 +58,7 @@ fn abort_reason(e: &MigrationError) -> Option<AbortReason> {
         },
         MigrationError::SessionFailed { .. } => Some(AbortReason::CHANNEL_FAILED),
         MigrationError::Cancelled => Some(AbortReason::CANCELLED),
+        MigrationError::DeviceStateRefused { .. } => Some(AbortReason::APPLY_FAILED),
         MigrationError::Worker(_) | MigrationError::Memory(_) | MigrationError::Engine(_) => {
             Some(AbortReason::INTERNAL)
         }

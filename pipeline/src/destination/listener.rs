@@ -254,6 +254,7 @@ impl DestinationListener {
         let shared = Arc::new(Shared {
             page_size: config.page_size,
             wait: config.idle_timeout,
+            check: config.check_device_state.clone(),
             // Memory the VMM gives or provides is used as it is.
             prefault: match &memory {
                 DestinationMemory::Anonymous => config.prefault,

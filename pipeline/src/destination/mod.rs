@@ -301,6 +301,8 @@ type MemorySlot = Option<(Arc<GuestMemory>, Option<JoinHandle<()>>)>;
 struct Shared {
     page_size: u32,
     wait: Duration,
+    /// The VMM's check of the device state before ACK COMPLETE.
+    check: Option<crate::config::DeviceStateCheck>,
     memory: Mutex<MemorySlot>,
     /// `Provider` when the VMM chooses the memory, `Anonymous` otherwise.
     provider: DestinationMemory,

@@ -358,6 +358,7 @@ impl Receiver {
                 }
                 After::Complete(c) => {
                     self.complete(c)?;
+                    self.check_device_state()?;
                     let s = self.shared.state(ch)?;
                     let ack = self.rules.ack_complete(&s.rules).map_err(|e| self.rule(e));
                     drop(s);
@@ -633,6 +634,20 @@ impl Receiver {
         // outlives the call; they are disjoint; the guest is not running here; and
         // channel affinity keeps every other receiver away from these pages.
         unsafe { hw.decode(p.codec, p.payload, lengths, runs) }
+    }
+
+    /// The VMM's check of the device state, once it has all arrived and before ACK
+    /// COMPLETE ([`DestinationConfig::check_device_state`]).
+    ///
+    /// [`DestinationConfig::check_device_state`]: crate::DestinationConfig::check_device_state
+    fn check_device_state(&self) -> Result<(), MigrationError> {
+        let Some(check) = &self.shared.check else {
+            return Ok(());
+        };
+        let s = self.shared.state(self.ch)?;
+        check
+            .check(&s.sections)
+            .map_err(|what| MigrationError::DeviceStateRefused { what })
     }
 
     /// Waits until every channel ended the final round (the session's rules decide),
