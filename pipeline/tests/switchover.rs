@@ -287,21 +287,8 @@ fn run(last: Last, loss: Loss) -> Ended {
     let (addr, dst) = destination();
     let relay = Relay::start(addr, last, loss);
     let guest = guest(mem.clone(), 2_000, 3);
-    let mut log = guest.log();
-    let mut vcpus = guest.vcpus();
     let src = Source::connect(relay.addr, mem, source_config()).unwrap();
-    let (source, src) = within(Duration::from_secs(60), "the migration", move || {
-        let mut src = src;
-        let mut device =
-            |out: &mut pagewire::DeviceStateWriter<'_>| -> Result<(), pagewire::DirtyLogError> {
-                out.write_section("cpu", 0, &[0x5a; 300])?;
-                Ok(())
-            };
-        let r = pagewire::migrate(&mut src, &mut log, &mut vcpus, &mut device).map(drop);
-        (r, src)
-    });
-    // The source closes its channels: a destination still waiting learns it now.
-    drop(src);
+    let source = migrate_with_a_section(src, guest.log(), guest.vcpus());
     let destination = within(Duration::from_secs(60), "the destination", move || {
         dst.join().unwrap()
     });
@@ -316,6 +303,25 @@ fn run(last: Last, loss: Loss) -> Ended {
     assert_eq!(resumes, u64::from(ended.running_on_source));
     drop(relay);
     ended
+}
+
+/// `pagewire::migrate` with one device-state section (`cpu`/0, 300 bytes), bounded;
+/// the source's channels are closed when it returns, so a destination still waiting
+/// learns it then.
+fn migrate_with_a_section(
+    src: Source,
+    log: impl pagewire::DirtyLog + 'static,
+    vcpus: impl pagewire::VcpuControl + 'static,
+) -> Result<(), Failed> {
+    within(Duration::from_secs(60), "the migration", move || {
+        let (mut src, mut log, mut vcpus) = (src, log, vcpus);
+        let mut device =
+            |out: &mut pagewire::DeviceStateWriter<'_>| -> Result<(), pagewire::DirtyLogError> {
+                out.write_section("cpu", 0, &[0x5a; 300])?;
+                Ok(())
+            };
+        pagewire::migrate(&mut src, &mut log, &mut vcpus, &mut device).map(drop)
+    })
 }
 
 fn is_unknown(source: &Result<(), Failed>) -> bool {
@@ -514,20 +520,8 @@ fn device_state_the_vmm_refuses_fails_the_migration_before_the_handover() {
         let addr = l.local_addr().unwrap();
         let dst = std::thread::spawn(move || l.accept(None)?.wait());
         let guest = guest(mem.clone(), 2_000, 3);
-        let mut log = guest.log();
-        let mut vcpus = guest.vcpus();
         let src = Source::connect(addr, mem, source_config()).unwrap();
-        let (source, src) = within(Duration::from_secs(60), "the migration", move || {
-            let mut src = src;
-            let mut device =
-                |out: &mut pagewire::DeviceStateWriter<'_>| -> Result<(), pagewire::DirtyLogError> {
-                    out.write_section("cpu", 0, &[0x5a; 300])?;
-                    Ok(())
-                };
-            let r = pagewire::migrate(&mut src, &mut log, &mut vcpus, &mut device).map(drop);
-            (r, src)
-        });
-        drop(src);
+        let source = migrate_with_a_section(src, guest.log(), guest.vcpus());
         let destination = within(Duration::from_secs(60), "the destination", move || {
             dst.join().unwrap()
         });

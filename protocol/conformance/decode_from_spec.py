@@ -160,6 +160,17 @@ def check_flags(name, flags, allowed):
 
 
 # ---------------------------------------------------------------- handshake bodies
+def read_limits(r, out):
+    """page_size, max_pages, max_frame_bytes and nonce: the same in HELLO and WELCOME."""
+    out["page_size"] = ps = r.u32()
+    need(pow2(ps) and 4096 <= ps <= 2097152, "InvalidField", f"page_size {ps}")
+    out["max_pages"] = mp = r.u32()
+    need(1 <= mp <= 65536, "InvalidField", f"max_pages {mp}")
+    out["max_frame_bytes"] = mf = r.u32()
+    need(ps + 1024 <= mf <= 64 << 20, "InvalidField", f"max_frame_bytes {mf}")
+    out["nonce"] = r.take(32).hex()[:8] + ".."
+
+
 def d_hello(r, flags, env):
     check_flags("HELLO", flags, 0)
     out = {}
@@ -174,13 +185,7 @@ def d_hello(r, flags, env):
     out["channel_count"] = cc = r.u16()
     need(cc >= 1, "InvalidField", "channel_count 0")
     need(ch < cc, "InvalidField", f"channel {ch} >= channel_count {cc}")
-    out["page_size"] = ps = r.u32()
-    need(pow2(ps) and 4096 <= ps <= 2097152, "InvalidField", f"page_size {ps}")
-    out["max_pages"] = mp = r.u32()
-    need(1 <= mp <= 65536, "InvalidField", f"max_pages {mp}")
-    out["max_frame_bytes"] = mf = r.u32()
-    need(ps + 1024 <= mf <= 64 << 20, "InvalidField", f"max_frame_bytes {mf}")
-    out["nonce"] = r.take(32).hex()[:8] + ".."
+    read_limits(r, out)
     out["codecs"] = r.list_(lambda w: r.u16(w), "codecs")
     out["checksums"] = r.list_(lambda w: r.u8(w), "checksums")
     out["auth"] = r.list_(lambda w: r.u8(w), "auth")
@@ -194,13 +199,7 @@ def d_welcome(r, flags, env):
     check_flags("WELCOME", flags, 0)
     out = {}
     out["version"] = r.u16()
-    out["page_size"] = ps = r.u32()
-    need(pow2(ps) and 4096 <= ps <= 2097152, "InvalidField", f"page_size {ps}")
-    out["max_pages"] = mp = r.u32()
-    need(1 <= mp <= 65536, "InvalidField", f"max_pages {mp}")
-    out["max_frame_bytes"] = mf = r.u32()
-    need(ps + 1024 <= mf <= 64 << 20, "InvalidField", f"max_frame_bytes {mf}")
-    out["nonce"] = r.take(32).hex()[:8] + ".."
+    read_limits(r, out)
     out["codecs"] = r.list_(lambda w: r.u16(w), "codecs")
     need(1 in out["codecs"], "ProtocolError", "WELCOME codecs lack raw")
     out["checksum"] = cs = r.u8()
