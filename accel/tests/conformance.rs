@@ -455,6 +455,14 @@ fn corrupt_payloads_are_rejected() {
             let r = s.decode(CodecId::ZSTD, &two, &[], &mut dst, false);
             assert!(r.is_err(), "{}: two zstd frames accepted as one", s.name());
         }
+        // A skippable frame (magic 0x184D2A5?, 4-byte length, then its bytes) before
+        // the frame of pages.
+        let mut skip = vec![0x53, 0x2a, 0x4d, 0x18, 3, 0, 0, 0, 1, 2, 3];
+        skip.extend_from_slice(&h.payload);
+        let mut one = half.clone();
+        let r = s.decode(CodecId::ZSTD, &skip, &[], &mut one, false);
+        let e = r.expect_err("skippable frame accepted").to_string();
+        assert!(e.contains("skippable"), "{}: {e}", s.name());
     }
 }
 

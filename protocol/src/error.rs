@@ -66,7 +66,8 @@ pub enum DecodeError {
         /// The length found.
         actual: u64,
     },
-    /// Page runs are not ascending, overlap, touch, or a page is both data and zero.
+    /// Page runs of one list are not ascending, overlap or touch, or a page is in two
+    /// lists.
     RunsNotCanonical,
     /// The frame carries more pages than negotiated (or none).
     PageCount {
@@ -75,7 +76,8 @@ pub enum DecodeError {
         /// The negotiated maximum.
         max: u32,
     },
-    /// The payload layout flag does not fit the codec.
+    /// The per-page flag does not fit the codec, or the frame has data runs for a
+    /// codec without a payload or none for a codec with one.
     LayoutMismatch(CodecId),
     /// The codec is not one both sides negotiated.
     CodecNotNegotiated(CodecId),
@@ -118,7 +120,10 @@ impl fmt::Display for DecodeError {
             Self::UnknownFrameType(t) => write!(f, "unknown frame type {t}"),
             Self::UnexpectedFrame(t) => write!(f, "frame {t} not allowed here"),
             Self::UnknownFlags { frame, flags } => {
-                write!(f, "undefined flag bits {flags:#04x} on {frame}")
+                write!(
+                    f,
+                    "flags {flags:#04x} on {frame} set bits this frame type does not define"
+                )
             }
             Self::ReservedNotZero { field } => write!(f, "reserved field {field} is not zero"),
             Self::TrailingBytes { frame, extra } => {
@@ -131,12 +136,15 @@ impl fmt::Display for DecodeError {
                 actual,
             } => write!(f, "{field}: expected {expected} bytes, found {actual}"),
             Self::RunsNotCanonical => f.write_str(
-                "page runs are not ascending and disjoint, or a page is both data and zero",
+                "page runs out of order: within a list they must ascend without overlapping or touching, and no page may be in two lists",
             ),
             Self::PageCount { pages, max } => {
                 write!(f, "frame carries {pages} pages, allowed 1..={max}")
             }
-            Self::LayoutMismatch(c) => write!(f, "payload layout flag does not fit codec {c}"),
+            Self::LayoutMismatch(c) => write!(
+                f,
+                "frame does not fit codec {c}: its per-page flag is wrong for the codec, or it has data runs where the codec takes none or none where it needs them"
+            ),
             Self::CodecNotNegotiated(c) => write!(f, "codec {c} was not negotiated"),
             Self::ChecksumMissing => f.write_str("checksum negotiated but frame carries none"),
             Self::ChecksumNotNegotiated => {

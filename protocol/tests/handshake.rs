@@ -633,3 +633,68 @@ fn encryption_rejects_decode_with_their_reason() {
         ));
     }
 }
+
+#[test]
+fn a_held_ready_waits_for_admission_and_a_refusal_reaches_the_source() {
+    for admit in [true, false] {
+        let mut c = client_with(caps(), key(7));
+        let mut s = server_with(caps(), key(7)).hold_ready();
+        let (cr, sr) = pump(&mut c, &mut s, usize::MAX);
+        assert_eq!((cr, sr), (Ok(()), Ok(())));
+        // CONFIRM verified, READY not sent: neither side is done.
+        assert!(!s.is_done() && !c.is_done() && !s.has_output());
+        let n = *s.confirmed().expect("confirmed, READY held");
+        assert_eq!((n.channel, n.channel_count), (ChannelId(1), 2));
+        assert_eq!(s.receive(b"pages after CONFIRM").unwrap(), 0);
+        if admit {
+            s.admit();
+            assert!(s.is_done() && s.confirmed().is_none());
+            assert_eq!(s.negotiated(), Some(&n));
+            assert_eq!(pump(&mut c, &mut s, 1), (Ok(()), Ok(())));
+            assert!(c.is_done());
+            assert_eq!(c.negotiated(), Some(&n));
+        } else {
+            let e = s.refuse(HandshakeError::ChannelRefused {
+                channel: 1,
+                count: 2,
+                why: "another channel of the session holds that index",
+            });
+            assert!(!s.is_done() && s.confirmed().is_none() && s.negotiated().is_none());
+            assert_eq!(s.receive(&[]), Err(e));
+            let (cr, _) = pump(&mut c, &mut s, 3);
+            assert!(
+                matches!(
+                    cr,
+                    Err(HandshakeError::Rejected {
+                        reason: RejectReason::BAD_CHANNEL,
+                        ..
+                    })
+                ),
+                "{cr:?}"
+            );
+            assert!(!c.is_done() && c.negotiated().is_none());
+            let m = c.peer_message().unwrap();
+            assert!(m.contains("channel 1 of 2 refused: another channel"), "{m}");
+        }
+    }
+}
+
+#[test]
+fn admit_and_refuse_do_nothing_before_confirm() {
+    let mut s = server_with(caps(), Authentication::None).hold_ready();
+    s.admit();
+    assert!(!s.is_done() && !s.has_output());
+    let e = HandshakeError::ChannelRefused {
+        channel: 0,
+        count: 1,
+        why: "test",
+    };
+    assert_eq!(s.refuse(e), e);
+    assert!(!s.has_output());
+    // Unchanged: the handshake still completes.
+    let mut c = client_with(caps(), Authentication::None);
+    assert_eq!(pump(&mut c, &mut s, 5), (Ok(()), Ok(())));
+    s.admit();
+    assert_eq!(pump(&mut c, &mut s, 5), (Ok(()), Ok(())));
+    assert!(c.is_done() && s.is_done());
+}

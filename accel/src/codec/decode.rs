@@ -190,6 +190,15 @@ fn scatter(bytes: &[u8], dst: &PageListMut<'_>) {
 /// the expected one.
 fn check_zstd_frame(payload: &[u8], expected: usize) -> Result<(), CodecError> {
     let codec = CodecId::ZSTD;
+    // Skippable frames (magic 0x184D2A50..=0x184D2A5F) carry no pages.
+    if let Some(m) = payload.first_chunk::<4>()
+        && u32::from_le_bytes(*m) & !0xf == 0x184D_2A50
+    {
+        return Err(CodecError::Corrupt {
+            codec,
+            detail: "a skippable zstd frame, not a zstd frame of pages",
+        });
+    }
     match zstd_safe::find_frame_compressed_size(payload) {
         Ok(len) if len == payload.len() => {}
         Ok(_) => {

@@ -11,7 +11,9 @@ use crate::ids::{ChannelId, CodecId, SessionId};
 /// Drives a handshake state machine with arbitrary peer bytes.
 ///
 /// Input: selector (bit 0: play the destination, else the source; bit 1: this side has a
-/// key), chunk size, then the peer's bytes. Nothing may panic, the state machine must
+/// key; bit 2: CRC32C offered; bit 3: bound to TLS; bit 4: the destination holds READY
+/// and then admits the channel, or refuses it with bit 5), chunk size, then the peer's
+/// bytes. Nothing may panic, the state machine must
 /// stay within its frame limit, and a side with a key must never finish: the fuzzer
 /// cannot know the key, so finishing would mean authentication was bypassed.
 ///
@@ -47,9 +49,27 @@ pub fn handshake(data: &[u8]) {
         ) else {
             return;
         };
+        let hold = selector & 16 != 0;
+        if hold {
+            s = s.hold_ready();
+        }
         for piece in peer.chunks(chunk) {
             let Ok(used) = s.receive(piece) else { break };
             assert!(used <= piece.len());
+            if s.confirmed().is_some() {
+                assert!(!keyed, "destination confirmed a peer without the key");
+                if selector & 32 != 0 {
+                    let _ = s.refuse(crate::HandshakeError::ChannelRefused {
+                        channel: 0,
+                        count: 1,
+                        why: "fuzzing",
+                    });
+                    assert!(s.receive(piece).is_err() && s.confirmed().is_none());
+                } else {
+                    s.admit();
+                }
+            }
+            assert!(hold || s.confirmed().is_none());
             s.take_output(&mut out);
             if s.is_done() {
                 assert!(!keyed, "destination authenticated a peer without the key");
@@ -141,6 +161,13 @@ pub fn handshake_seeds() -> Vec<(&'static str, Vec<u8>)> {
         };
         seeds.push((dn, [&[sel | 1, 64][..], &to_server].concat()));
         seeds.push((sn, [&[sel, 255][..], &to_client].concat()));
+        if !keyed {
+            // The destination that holds READY, then admits (bit 4) or refuses (bit 5).
+            let admit = [&[0x11, 64][..], &to_server].concat();
+            let refuse = [&[0x31, 64][..], &to_server].concat();
+            seeds.push(("seed-destination-held-admit", admit));
+            seeds.push(("seed-destination-held-refuse", refuse));
+        }
     }
     seeds
 }

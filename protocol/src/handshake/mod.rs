@@ -392,6 +392,16 @@ pub enum HandshakeError {
         /// The count.
         count: u16,
     },
+    /// A channel valid on its own that its session refuses (sent as `BAD_CHANNEL`).
+    #[error("channel {channel} of {count} refused: {why}")]
+    ChannelRefused {
+        /// The index.
+        channel: u16,
+        /// The count.
+        count: u16,
+        /// Why: another channel holds the index, or the session's count differs.
+        why: &'static str,
+    },
     /// A handshake value is out of range.
     #[error("bad handshake parameter: {0}")]
     BadParameters(&'static str),
@@ -416,7 +426,7 @@ impl HandshakeError {
             Self::PeerNotAuthenticated => RejectReason::PEER_NOT_AUTHENTICATED,
             Self::AuthFailed => RejectReason::AUTH_FAILED,
             Self::UnknownSession(_) => RejectReason::UNKNOWN_SESSION,
-            Self::BadChannel { .. } => RejectReason::BAD_CHANNEL,
+            Self::BadChannel { .. } | Self::ChannelRefused { .. } => RejectReason::BAD_CHANNEL,
             Self::BadParameters(_) => RejectReason::BAD_PARAMETERS,
         })
     }

@@ -20,6 +20,9 @@ use super::{
 enum ServerState {
     AwaitHello,
     AwaitConfirm,
+    /// CONFIRM verified; READY waits for [`ServerHandshake::admit`] (only with
+    /// [`ServerHandshake::hold_ready`]).
+    Confirmed,
     Done,
 }
 
@@ -34,6 +37,8 @@ pub struct ServerHandshake {
     state: ServerState,
     pending: Option<Negotiated>,
     negotiated: Option<Negotiated>,
+    /// Whether READY waits for [`Self::admit`].
+    hold: bool,
 }
 
 impl ServerHandshake {
@@ -66,7 +71,53 @@ impl ServerHandshake {
             state: ServerState::AwaitHello,
             pending: None,
             negotiated: None,
+            hold: false,
         })
+    }
+
+    /// Holds READY back after a valid CONFIRM: the handshake then stops with
+    /// [`Self::confirmed`] set, and the caller either admits the channel
+    /// ([`Self::admit`], which queues READY) or refuses it ([`Self::refuse`], which
+    /// queues a REJECT). A destination uses it to check what one channel cannot know
+    /// alone, such as another channel of the session holding the same index, before
+    /// it answers READY.
+    #[must_use]
+    pub fn hold_ready(mut self) -> Self {
+        self.hold = true;
+        self
+    }
+
+    /// The parameters of a channel whose CONFIRM verified and whose READY is held
+    /// ([`Self::hold_ready`]); `None` before, and once admitted or refused.
+    pub fn confirmed(&self) -> Option<&Negotiated> {
+        match self.state {
+            ServerState::Confirmed => self.pending.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// Queues READY for a [`Self::confirmed`] channel: the handshake is done. Does
+    /// nothing in any other state.
+    pub fn admit(&mut self) {
+        if self.state != ServerState::Confirmed {
+            return;
+        }
+        self.common.send(&Frame::Ready);
+        self.negotiated = self.pending.take();
+        self.state = ServerState::Done;
+    }
+
+    /// Refuses a [`Self::confirmed`] channel for `e`: queues a REJECT with its reason
+    /// code (a [`HandshakeError::ChannelRefused`] is sent as `BAD_CHANNEL`) and fails
+    /// the handshake. Returns `e`. In any other state than confirmed it only returns
+    /// `e`, and the handshake is unchanged.
+    pub fn refuse(&mut self, e: HandshakeError) -> HandshakeError {
+        if self.state != ServerState::Confirmed {
+            return e;
+        }
+        self.pending = None;
+        self.state = ServerState::AwaitHello;
+        self.common.fail(e)
     }
 
     /// Appends the bytes to send to `out`.
@@ -100,7 +151,7 @@ impl ServerHandshake {
     /// Any [`HandshakeError`]; the handshake then stays failed. Send the pending output
     /// (a REJECT) before closing.
     pub fn receive(&mut self, input: &[u8]) -> Result<usize, HandshakeError> {
-        if self.state == ServerState::Done {
+        if matches!(self.state, ServerState::Done | ServerState::Confirmed) {
             return Ok(0);
         }
         let Self {
@@ -111,6 +162,7 @@ impl ServerHandshake {
             state,
             pending,
             negotiated,
+            hold,
         } = self;
         drive(decoder, common, input, |common, frame| {
             match (*state, frame) {
@@ -124,6 +176,7 @@ impl ServerHandshake {
                     let n = pending
                         .take()
                         .ok_or(HandshakeError::ProtocolError("CONFIRM before WELCOME"))?;
+                    let held = *hold;
                     match (common.auth.key(), c.proof) {
                         (None, None) => {}
                         (None, Some(_)) => {
@@ -143,9 +196,14 @@ impl ServerHandshake {
                             }
                         }
                     }
-                    common.send(&Frame::Ready);
-                    *negotiated = Some(n);
-                    *state = ServerState::Done;
+                    if held {
+                        *pending = Some(n);
+                        *state = ServerState::Confirmed;
+                    } else {
+                        common.send(&Frame::Ready);
+                        *negotiated = Some(n);
+                        *state = ServerState::Done;
+                    }
                     Ok(true)
                 }
                 (_, f) => Err(DecodeError::UnexpectedFrame(f.frame_type()).into()),

@@ -368,6 +368,7 @@ impl Listener {
                 server: server.clone(),
                 max_channels: cfg.listener.max_channels,
                 slots: Vec::new(),
+                claimed: Vec::new(),
                 count: None,
                 refused: VecDeque::new(),
                 peak: 0,
@@ -451,7 +452,9 @@ mod tests {
     use crate::session::connect;
     use crate::session::connect_channel;
     use pagewire_protocol::SessionKey;
-    use pagewire_protocol::{Authentication, Capabilities, HandshakeError, SessionId};
+    use pagewire_protocol::{
+        Authentication, Capabilities, HandshakeError, RejectReason, SessionId,
+    };
     use std::io::Write;
     use std::net::TcpStream;
 
@@ -517,25 +520,48 @@ mod tests {
     }
 
     #[test]
-    fn a_duplicate_channel_is_refused() {
+    fn a_duplicate_channel_or_another_count_is_refused_before_ready() {
         let dst = cfg(3, 2, None);
         let l = Listener::bind("127.0.0.1:0".parse().unwrap(), &dst).unwrap();
         let addr = l.local_addr().unwrap();
         let t = std::thread::spawn(move || {
             let src = cfg(3, 2, None);
             let a = connect_channel(addr, &src, 0).unwrap();
-            let dup = connect_channel(addr, &src, 0).unwrap();
+            let dup = connect_channel(addr, &src, 0).unwrap_err();
+            let three = connect_channel(addr, &cfg(3, 3, None), 2).unwrap_err();
             let b = connect_channel(addr, &src, 1).unwrap();
-            (a, dup, b)
+            (a, dup, three, b)
         });
         let acc = l.accept_session(&dst, Duration::from_secs(20)).unwrap();
-        let _keep = t.join().unwrap();
+        let (_a, dup, three, _b) = t.join().unwrap();
         assert_eq!(acc.channels.len(), 2);
-        assert!(
-            acc.refused
-                .iter()
-                .any(|e| matches!(e, SessionError::BadChannel { channel: 0, .. }))
-        );
+        for (e, want) in [(&dup, "holds that index"), (&three, "count differs")] {
+            assert!(
+                matches!(
+                    e,
+                    SessionError::Handshake {
+                        source: HandshakeError::Rejected {
+                            reason: RejectReason::BAD_CHANNEL,
+                            ..
+                        },
+                        peer_message: Some(m),
+                        ..
+                    } if m.contains(want)
+                ),
+                "{e}"
+            );
+        }
+        let bad: Vec<_> = acc
+            .refused
+            .iter()
+            .filter_map(|e| match e {
+                SessionError::BadChannel { channel, count, .. } => Some((*channel, *count)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(bad, [(0, 2), (2, 3)], "{:?}", acc.refused);
+        assert_eq!(acc.stats.refused_channel, 2);
+        assert_eq!(acc.stats.established, 2);
     }
 
     #[test]

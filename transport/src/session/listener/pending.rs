@@ -5,8 +5,8 @@ use std::io::{self, Read, Write};
 use std::time::Instant;
 
 use pagewire_protocol::{
-    ChannelBinding, Frame, FrameDecoder, RejectReason, ServerConfig, ServerHandshake, SessionId,
-    encode_reject,
+    ChannelBinding, Frame, FrameDecoder, HandshakeError, RejectReason, ServerConfig,
+    ServerHandshake, SessionId, encode_reject,
 };
 
 use super::shared::Entry;
@@ -53,6 +53,8 @@ pub(super) struct Pending {
     pub(super) tls: Option<Box<TlsSession>>,
     /// The TLS exporter value, once the TLS handshake is done.
     pub(super) binding: Option<ChannelBinding>,
+    /// The session and index reserved for it when it was admitted (READY queued).
+    pub(super) claim: Option<(SessionId, u16)>,
 }
 
 impl Pending {
@@ -145,6 +147,8 @@ impl Pending {
 pub(super) enum Outcome {
     /// It waits for the socket.
     Wait,
+    /// Its CONFIRM verified: [`admit`] decides between READY and a REJECT.
+    Confirmed,
     /// Its handshake completed and its last output was written.
     Established,
     /// It is refused (the reason) and to be closed.
@@ -232,14 +236,14 @@ pub(super) fn drive_one(
             }
             let binding = c.binding;
             match nonce().and_then(|n| {
-                ServerHandshake::with_binding(server.clone(), n, binding).map_err(|source| {
-                    SessionError::Handshake {
+                ServerHandshake::with_binding(server.clone(), n, binding)
+                    .map(ServerHandshake::hold_ready)
+                    .map_err(|source| SessionError::Handshake {
                         channel: None,
                         peer: peer.clone(),
                         peer_message: None,
                         source,
-                    }
-                })
+                    })
             }) {
                 Ok(hs) => c.hs = Some(hs),
                 Err(e) => return Outcome::Refused(e),
@@ -253,6 +257,11 @@ pub(super) fn drive_one(
             continue;
         };
         match hs.receive(input) {
+            Ok(used) if hs.confirmed().is_some() => {
+                c.leftover = input[used..].to_vec();
+                c.hs = Some(hs);
+                return Outcome::Confirmed;
+            }
             Ok(used) if hs.is_done() => {
                 c.emit_from(|o| hs.take_output(o));
                 c.leftover = input[used..].to_vec();
@@ -272,6 +281,60 @@ pub(super) fn drive_one(
         }
         c.hs = Some(hs);
     }
+}
+
+/// Answers a [`Outcome::Confirmed`] connection: READY when its session admits its
+/// index, else a REJECT (`BAD_CHANNEL` for an index another channel holds or a count
+/// that differs from the session's, `UNKNOWN_SESSION` when its session is no longer
+/// being accepted). The caller then drives it again to send the answer.
+pub(super) fn admit(c: &mut Pending, sessions: &mut [Entry]) {
+    let Some(mut hs) = c.hs.take() else {
+        return;
+    };
+    let Some(n) = hs.confirmed().copied() else {
+        c.hs = Some(hs);
+        return;
+    };
+    let entry = sessions
+        .iter_mut()
+        .find(|s| s.server.session == Some(n.session));
+    let verdict = match entry {
+        None => Err(HandshakeError::UnknownSession(n.session)),
+        Some(e) => {
+            e.claim(n.channel.0, n.channel_count)
+                .map_err(|why| HandshakeError::ChannelRefused {
+                    channel: n.channel.0,
+                    count: n.channel_count,
+                    why,
+                })
+        }
+    };
+    match verdict {
+        Ok(()) => {
+            hs.admit();
+            c.claim = Some((n.session, n.channel.0));
+            c.phase = Phase::Done;
+        }
+        Err(e) => {
+            let source = hs.refuse(e);
+            c.phase = Phase::Failing(match source {
+                HandshakeError::ChannelRefused { why, .. } => SessionError::BadChannel {
+                    channel: n.channel.0,
+                    count: n.channel_count,
+                    peer: c.peer.clone(),
+                    why,
+                },
+                source => SessionError::Handshake {
+                    channel: Some(n.channel.0),
+                    peer: c.peer.clone(),
+                    peer_message: None,
+                    source,
+                },
+            });
+        }
+    }
+    c.emit_from(|o| hs.take_output(o));
+    c.hs = Some(hs);
 }
 
 /// What the first frame of a connection is.

@@ -9,7 +9,7 @@ use std::time::Instant;
 use mio::{Events, Interest, Poll, Token};
 use pagewire_protocol::{FrameDecoder, HandshakeError, Limits, ServerConfig, SessionId};
 
-use super::pending::{Outcome, Pending, Phase, drive_one};
+use super::pending::{Outcome, Pending, Phase, admit, drive_one};
 use super::socket::{Conn, Socket};
 use super::stats::{Counters, bump};
 use super::{LISTENER, MAX_REFUSALS_KEPT, Turn};
@@ -23,6 +23,8 @@ pub(super) struct Entry {
     pub(super) server: ServerConfig,
     pub(super) max_channels: u16,
     pub(super) slots: Vec<Option<Established>>,
+    /// Indices admitted (READY queued) whose channel is not in `slots` yet.
+    pub(super) claimed: Vec<bool>,
     pub(super) count: Option<u16>,
     pub(super) refused: VecDeque<SessionError>,
     pub(super) peak: u64,
@@ -31,6 +33,57 @@ pub(super) struct Entry {
 impl Entry {
     pub(super) fn is_complete(&self) -> bool {
         self.count.is_some() && self.slots.iter().all(Option::is_some)
+    }
+
+    /// Reserves index `channel` of `count` for a channel about to be answered READY;
+    /// `Err` says why the session refuses it (the first channel admitted sets the
+    /// count).
+    pub(super) fn claim(&mut self, channel: u16, count: u16) -> Result<(), &'static str> {
+        match self.count {
+            None => {
+                self.count = Some(count);
+                self.slots.resize_with(usize::from(count), || None);
+                self.claimed = vec![false; usize::from(count)];
+            }
+            Some(c) if c != count => return Err("its channel count differs from the session's"),
+            Some(_) => {}
+        }
+        let i = usize::from(channel);
+        match (self.claimed.get(i), self.slots.get(i)) {
+            (Some(false), Some(None)) => {
+                self.claimed[i] = true;
+                Ok(())
+            }
+            (Some(_), Some(_)) => Err("another channel of the session holds that index"),
+            _ => Err("index out of range"),
+        }
+    }
+
+    /// Puts an admitted channel into the slot it claimed; false (and the channel is
+    /// dropped) when it holds no claim.
+    fn fill(&mut self, est: Established) -> bool {
+        let i = usize::from(est.negotiated.channel.0);
+        match (self.claimed.get_mut(i), self.slots.get_mut(i)) {
+            (Some(claim @ true), Some(slot @ None)) => {
+                *claim = false;
+                *slot = Some(est);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Frees index `channel` of a channel admitted that never joined; the count is
+    /// forgotten when no channel holds or claims an index.
+    pub(super) fn release(&mut self, channel: u16) {
+        if let Some(c) = self.claimed.get_mut(usize::from(channel)) {
+            *c = false;
+        }
+        if !self.claimed.contains(&true) && self.slots.iter().all(Option::is_none) {
+            self.count = None;
+            self.slots.clear();
+            self.claimed.clear();
+        }
     }
 
     /// Keeps the reason, dropping the oldest beyond [`MAX_REFUSALS_KEPT`].
@@ -213,6 +266,7 @@ impl Shared {
             mode_checked: false,
             tls: None,
             binding: None,
+            claim: None,
         };
         if i == self.conns.len() {
             self.conns.push(Some(c));
@@ -233,19 +287,31 @@ impl Shared {
             return;
         };
         let fallback = (lim.server, lim.listener.max_channels);
-        let outcome = drive_one(
+        let mut outcome = drive_one(
             c,
             &mut self.scratch,
             &self.sessions,
             fallback,
             self.tls.as_ref(),
         );
+        if let Outcome::Confirmed = outcome {
+            // READY (or a REJECT) is queued now: send it.
+            admit(c, &mut self.sessions);
+            outcome = drive_one(
+                c,
+                &mut self.scratch,
+                &self.sessions,
+                fallback,
+                self.tls.as_ref(),
+            );
+        }
         match outcome {
-            Outcome::Wait => {}
+            Outcome::Wait | Outcome::Confirmed => {}
             Outcome::Established => self.establish(counters, i),
             Outcome::Refused(e) => {
                 let counter = match &e {
                     SessionError::TooManyChannels { .. } => &counters.refused_too_many_channels,
+                    SessionError::BadChannel { .. } => &counters.refused_channel,
                     SessionError::Handshake { .. }
                     | SessionError::Encryption { .. }
                     | SessionError::Tls { .. } => &counters.refused_handshake,
@@ -257,7 +323,7 @@ impl Shared {
         }
     }
 
-    /// Hands a handshaken connection to its slot in its session.
+    /// Hands a handshaken connection to the slot it was admitted to.
     fn establish(&mut self, counters: &Counters, i: usize) {
         let Some(mut c) = self.conns.get_mut(i).and_then(Option::take) else {
             return;
@@ -265,7 +331,11 @@ impl Shared {
         self.free.push(i);
         self.pending -= 1;
         let _ = self.poll.registry().deregister(&mut c.stream);
-        let Some(negotiated) = c.hs.as_ref().and_then(|hs| hs.negotiated().copied()) else {
+        let claim = c.claim.take();
+        let negotiated = c.hs.as_ref().and_then(|hs| hs.negotiated().copied());
+        let Some(negotiated) = negotiated.filter(|n| claim == Some((n.session, n.channel.0)))
+        else {
+            self.release(claim);
             bump(&counters.refused_handshake);
             self.refuse(
                 c.session,
@@ -273,7 +343,7 @@ impl Shared {
                     channel: None,
                     peer: c.peer,
                     peer_message: None,
-                    source: HandshakeError::ProtocolError("handshake done without an agreement"),
+                    source: HandshakeError::ProtocolError("handshake done without admission"),
                 },
             );
             return;
@@ -283,19 +353,10 @@ impl Shared {
             bump(&counters.abandoned);
             return;
         };
-        let max = entry.max_channels;
-        if negotiated.channel_count > max {
-            bump(&counters.refused_too_many_channels);
-            entry.refuse(SessionError::TooManyChannels {
-                peer: c.peer,
-                count: negotiated.channel_count,
-                max,
-            });
-            return;
-        }
         let stream = match c.stream.into_stream() {
             Ok(s) => s,
             Err(source) => {
+                entry.release(negotiated.channel.0);
                 bump(&counters.closed);
                 entry.refuse(SessionError::HandshakeIo {
                     peer: c.peer,
@@ -310,12 +371,10 @@ impl Shared {
             leftover: c.leftover,
             tls: c.tls,
         };
-        match place(&mut entry.slots, &mut entry.count, est, c.peer) {
-            Ok(()) => bump(&counters.established),
-            Err(e) => {
-                bump(&counters.refused_channel);
-                entry.refuse(e);
-            }
+        if entry.fill(est) {
+            bump(&counters.established);
+        } else {
+            bump(&counters.refused_channel);
         }
     }
 
@@ -327,9 +386,19 @@ impl Shared {
             self.free.push(i);
             self.pending -= 1;
             session = c.session;
+            self.release(c.claim);
         }
         if let Some(e) = why {
             self.refuse(session, e);
+        }
+    }
+
+    /// Frees the index a connection claimed, if any.
+    fn release(&mut self, claim: Option<(SessionId, u16)>) {
+        if let Some((id, channel)) = claim
+            && let Some(entry) = self.entry_mut(id)
+        {
+            entry.release(channel);
         }
     }
 
@@ -421,36 +490,4 @@ fn is_fatal(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EBADF | libc::EINVAL | libc::ENOTSOCK | libc::EOPNOTSUPP | libc::EFAULT)
     )
-}
-
-/// Puts a handshaken channel into its slot, refusing duplicates and disagreeing counts.
-fn place(
-    slots: &mut Vec<Option<Established>>,
-    count: &mut Option<u16>,
-    est: Established,
-    peer: Endpoint,
-) -> Result<(), SessionError> {
-    let n = est.negotiated;
-    let bad = |why| SessionError::BadChannel {
-        channel: n.channel.0,
-        count: n.channel_count,
-        peer: peer.clone(),
-        why,
-    };
-    match *count {
-        None => {
-            *count = Some(n.channel_count);
-            slots.resize_with(usize::from(n.channel_count), || None);
-        }
-        Some(c) if c != n.channel_count => return Err(bad("its channel count differs")),
-        Some(_) => {}
-    }
-    let slot = slots
-        .get_mut(usize::from(n.channel.0))
-        .ok_or_else(|| bad("index out of range"))?;
-    if slot.is_some() {
-        return Err(bad("that index is already open"));
-    }
-    *slot = Some(est);
-    Ok(())
 }

@@ -19,8 +19,9 @@ pub struct ListenerStats {
     pub refused_handshake: u64,
     /// HELLOs asking for more channels than [`ListenerConfig::max_channels`].
     pub refused_too_many_channels: u64,
-    /// Completed handshakes that did not fit the session (an index already open, out
-    /// of range, or a channel count that differs).
+    /// Handshakes refused (REJECT `BAD_CHANNEL`, before READY) because the channel
+    /// does not fit its session: another channel holds its index, or its channel count
+    /// differs from the session's.
     pub refused_channel: u64,
     /// Connections the peer closed, or whose socket failed, during the handshake.
     pub closed: u64,
