@@ -428,6 +428,49 @@ fn a_source_with_another_vcpu_count_keeps_its_guest() {
     );
 }
 
+/// A destination started with `--channels 1` refuses a source that opens 2 with REJECT
+/// `BAD_CHANNEL` naming its limit; the source keeps its guest.
+#[test]
+fn a_destination_limited_to_one_channel_refuses_two_and_the_source_keeps_its_guest() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kvm_or_skip(
+        "a_destination_limited_to_one_channel_refuses_two_and_the_source_keeps_its_guest",
+    ) {
+        return;
+    }
+    let (mut dst, addr) = listen(&[
+        "--mem-mib",
+        "64",
+        "--channels",
+        "1",
+        "--accept-timeout",
+        "3",
+    ]);
+    let mut src = Vmm::spawn(
+        "source",
+        &[
+            "--migrate-to",
+            &addr,
+            "--mem-mib",
+            "64",
+            "--channels",
+            "2",
+            "--after",
+            "0.5",
+            "--run-after",
+            "600",
+        ],
+    );
+    let failed = src.wait_line(|l| l.starts_with("migration failed"));
+    assert!(
+        failed.contains("bad channel") && failed.contains("accepts at most 1"),
+        "{failed}"
+    );
+    the_source_keeps_its_guest(&mut src);
+    let s = dst.wait_exit();
+    assert_eq!(s.code(), Some(1), "{:#?}", dst.all());
+}
+
 #[test]
 fn source_killed_mid_migration_the_destination_never_starts_the_guest() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

@@ -32,7 +32,8 @@ MIGRATION:
   --run-after SECS     keep running this long after migrating, or after a failed
                        migration on the source (default 2)
   --codec C            auto | zstd | lz4 | none (default auto: chosen per frame)
-  --channels N         (default 2)
+  --channels N         source: channels to open (default 2); destination: the most it
+                       accepts, refusing a source that asks for more (default 64)
   --key-file PATH      pre-shared key for the handshake (default: a built-in test key)
   --bandwidth-mbit N   cap the wire at N Mbit/s (default: none)
   --downtime-ms N      pre-copy stops once the expected downtime is below (default 20)
@@ -84,6 +85,8 @@ pub struct Args {
     pub run_after: Duration,
     pub codec: Codec,
     pub channels: u16,
+    /// `--channels` was given (on the destination it is then a limit).
+    pub channels_given: bool,
     pub key_file: Option<PathBuf>,
     pub bandwidth_mbit: u64,
     pub downtime_ms: u64,
@@ -115,6 +118,7 @@ pub fn parse() -> anyhow::Result<Args> {
         run_after: Duration::from_secs(2),
         codec: Codec::Auto,
         channels: 2,
+        channels_given: false,
         key_file: None,
         bandwidth_mbit: 0,
         downtime_ms: 20,
@@ -165,7 +169,10 @@ pub fn parse() -> anyhow::Result<Args> {
                     o => bail!("unknown codec {o} (auto | zstd | lz4 | none)"),
                 }
             }
-            "--channels" => a.channels = val()?.parse()?,
+            "--channels" => {
+                a.channels = val()?.parse()?;
+                a.channels_given = true;
+            }
             "--key-file" => a.key_file = Some(val()?.into()),
             "--bandwidth-mbit" => a.bandwidth_mbit = val()?.parse()?,
             "--downtime-ms" => a.downtime_ms = val()?.parse()?,

@@ -283,6 +283,9 @@ impl Incoming {
         }
         cfg.accept_timeout = args.accept_timeout;
         cfg.idle_timeout = args.timeout;
+        if args.channels_given {
+            cfg.limits.max_channels = args.channels;
+        }
         // The device state is checked before ACK COMPLETE, while the source still owns
         // the guest: a source with another vCPU count keeps it (PROTOCOL.md, COMPLETE).
         let vcpus = args.vcpus;
