@@ -385,6 +385,19 @@ fn the_source_keeps_its_guest(src: &mut Vmm) {
     assert!(j["heartbeats_after_failure"].as_u64().unwrap() > 0);
 }
 
+/// Runs a source with `guest` against `addr` whose migration fails with a message
+/// holding every one of `why`; it keeps its guest, and the destination exits with 1.
+fn refused_source_keeps_its_guest(dst: &mut Vmm, addr: &str, guest: &[&str], why: &[&str]) {
+    let mut args = vec!["--migrate-to", addr, "--after", "0.5", "--run-after", "600"];
+    args.extend_from_slice(guest);
+    let mut src = Vmm::spawn("source", &args);
+    let failed = src.wait_line(|l| l.starts_with("migration failed"));
+    assert!(why.iter().all(|w| failed.contains(w)), "{failed}");
+    the_source_keeps_its_guest(&mut src);
+    let s = dst.wait_exit();
+    assert_eq!(s.code(), Some(1), "{:#?}", dst.all());
+}
+
 /// A source configured for another machine (2 vCPUs against the destination's 1): the
 /// destination checks the device state before it acknowledges COMPLETE, answers ABORT
 /// `APPLY_FAILED`, and the source, which never sent COMMIT, resumes its guest. Before
@@ -396,29 +409,12 @@ fn a_source_with_another_vcpu_count_keeps_its_guest() {
         return;
     }
     let (mut dst, addr) = listen(&["--mem-mib", "128", "--vcpus", "1"]);
-    let mut src = Vmm::spawn(
-        "source",
-        &[
-            "--migrate-to",
-            &addr,
-            "--mem-mib",
-            "128",
-            "--vcpus",
-            "2",
-            "--after",
-            "0.5",
-            "--run-after",
-            "600",
-        ],
+    refused_source_keeps_its_guest(
+        &mut dst,
+        &addr,
+        &["--mem-mib", "128", "--vcpus", "2"],
+        &["apply failed", "device state has 2 vCPUs"],
     );
-    let failed = src.wait_line(|l| l.starts_with("migration failed"));
-    assert!(
-        failed.contains("apply failed") && failed.contains("device state has 2 vCPUs"),
-        "{failed}"
-    );
-    the_source_keeps_its_guest(&mut src);
-    let s = dst.wait_exit();
-    assert_eq!(s.code(), Some(1), "{:#?}", dst.all());
     assert!(
         dst.all()
             .iter()
@@ -446,29 +442,12 @@ fn a_destination_limited_to_one_channel_refuses_two_and_the_source_keeps_its_gue
         "--accept-timeout",
         "3",
     ]);
-    let mut src = Vmm::spawn(
-        "source",
-        &[
-            "--migrate-to",
-            &addr,
-            "--mem-mib",
-            "64",
-            "--channels",
-            "2",
-            "--after",
-            "0.5",
-            "--run-after",
-            "600",
-        ],
+    refused_source_keeps_its_guest(
+        &mut dst,
+        &addr,
+        &["--mem-mib", "64", "--channels", "2"],
+        &["bad channel", "accepts at most 1"],
     );
-    let failed = src.wait_line(|l| l.starts_with("migration failed"));
-    assert!(
-        failed.contains("bad channel") && failed.contains("accepts at most 1"),
-        "{failed}"
-    );
-    the_source_keeps_its_guest(&mut src);
-    let s = dst.wait_exit();
-    assert_eq!(s.code(), Some(1), "{:#?}", dst.all());
 }
 
 #[test]
