@@ -33,6 +33,12 @@ pub mod source;
 pub mod stats;
 pub mod switchover;
 
+/// Not part of the API: what `benches/` measures directly.
+#[doc(hidden)]
+pub mod bench {
+    pub use crate::source::pagehash::{PageHash, PageHasher};
+}
+
 pub use config::{
     CodecPolicy, Control, DestinationConfig, DeviceStateCheck, Prefault, SourceConfig,
     codec_threads_for,

@@ -52,15 +52,14 @@ use crate::dirty::DirtyBitmap;
 use crate::memory::GuestMemory;
 use crate::plan::Affinity;
 
+pub(crate) use super::pagehash::PageHash;
+use super::pagehash::PageHasher;
+
 /// Most entries of the table (64 MiB).
 pub(crate) const MAX_ENTRIES: usize = 1 << 21;
 
 /// The smallest page the kernel maps.
 const PAGE: usize = 4096;
-
-/// A keyed hash of a page's bytes (128 bits of BLAKE3).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct PageHash(u128);
 
 #[derive(Clone, Copy, Default)]
 struct Entry {
@@ -109,7 +108,7 @@ pub(crate) struct Table {
 
 /// The source's table of pages sent, by content, shared by its channels.
 pub(crate) struct DedupTable {
-    key: [u8; 32],
+    hasher: PageHasher,
     affinity: Affinity,
     table: Mutex<Table>,
     /// Where the table's entries are (their allocation never moves) and how long, and
@@ -162,7 +161,7 @@ impl DedupTable {
         // Chunks of whole pages from the one holding the first entry (see `prepare`).
         let chunks = (entries_bytes + PAGE).div_ceil(PREPARE_CHUNK);
         Ok(DedupTable {
-            key,
+            hasher: PageHasher::new(key),
             affinity,
             table: Mutex::new(Table { entries, slots }),
             entries_at,
@@ -174,11 +173,17 @@ impl DedupTable {
     }
 
     /// The keyed hash of one page's bytes.
+    #[cfg(test)]
     pub(crate) fn hash(&self, page: &[u8]) -> PageHash {
-        let h = blake3::keyed_hash(&self.key, page);
-        let mut b = [0u8; 16];
-        b.copy_from_slice(&h.as_bytes()[..16]);
-        PageHash(u128::from_le_bytes(b))
+        self.hasher.hash(page)
+    }
+
+    /// The keyed hash of each `page_size` piece of `pages`, in order, many pages per
+    /// SIMD pass (see `pagehash.rs`).
+    pub(crate) fn hash_pages(&self, pages: &[u8], page_size: usize) -> Vec<PageHash> {
+        let mut out = Vec::with_capacity(pages.len() / page_size.max(1) + 1);
+        self.hasher.hash_pages(pages, page_size, &mut out);
+        out
     }
 
     /// The channel that carries `page` of `region`.

@@ -41,6 +41,7 @@ use crate::switchover::Switchover;
 
 pub mod adaptive;
 mod dedup;
+pub(crate) mod pagehash;
 mod setup;
 mod split;
 mod worker;

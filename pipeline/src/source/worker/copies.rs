@@ -86,7 +86,7 @@ impl Worker {
         };
         // Hashed without the table, looked up with it held once for the frame.
         let table = d.table.clone();
-        let hashes: Vec<PageHash> = buf.chunks_exact(ps).map(|p| table.hash(p)).collect();
+        let hashes: Vec<PageHash> = table.hash_pages(&buf, ps);
         let (t0, w0) = (pagewire_accel::thread_cpu_time(), Instant::now());
         if table.prepare(&hashes) > 0 {
             setup += pagewire_accel::thread_cpu_time().saturating_sub(t0);
