@@ -44,6 +44,7 @@ const LANES: usize = 16;
 /// The largest page hashed side by side with others: from 16 KiB a page's own chunks
 /// fill the 16 lanes, and `blake3::keyed_hash` of the page is as fast.
 const MAX_BATCHED_PAGE: usize = 8192;
+const MAX_CHUNKS: usize = MAX_BATCHED_PAGE / CHUNK;
 
 /// A BLAKE3 key and the SIMD implementation this machine runs.
 pub struct PageHasher {
@@ -94,76 +95,73 @@ impl PageHasher {
     /// [`MAX_BATCHED_PAGE`]), in the tree BLAKE3 builds over a message of that length:
     /// its chunks are the leaves, and each parent joins two subtrees of equal size.
     fn hash_group(&self, pages: &[u8], page_size: usize, out: &mut Vec<PageHash>) {
-        let n = pages.len() / page_size;
-        let chunks = page_size / CHUNK;
-        // Chaining values of every page's nodes at the current level, page after page.
-        let mut cvs = vec![[0u8; 32]; n * chunks];
-        let mut pass = vec![0u8; 32 * n];
+        let n = (pages.len() / page_size).min(LANES);
+        let chunks = (page_size / CHUNK).min(MAX_CHUNKS);
+        // The chaining values of every page's nodes at the current level, page after
+        // page: two neighbours are their parent's 64-byte block as they lie.
+        let mut level = [0u8; 32 * LANES * MAX_CHUNKS];
+        let mut pass = [0u8; 32 * LANES];
+        // A page of one chunk is its own root.
+        let end = if chunks == 1 {
+            CHUNK_END | ROOT
+        } else {
+            CHUNK_END
+        };
         for j in 0..chunks {
-            let inputs: Vec<&[u8; CHUNK]> = pages
-                .chunks_exact(page_size)
-                .filter_map(|p| p[j * CHUNK..(j + 1) * CHUNK].try_into().ok())
-                .collect();
-            // A page of one chunk is its own root.
-            let end = if chunks == 1 {
-                CHUNK_END | ROOT
-            } else {
-                CHUNK_END
-            };
-            let counter = j as u64;
+            let mut inputs: [&[u8; CHUNK]; LANES] = [&[0; CHUNK]; LANES];
+            for (slot, page) in inputs.iter_mut().zip(pages.chunks_exact(page_size)) {
+                if let Ok(c) = page[j * CHUNK..(j + 1) * CHUNK].try_into() {
+                    *slot = c;
+                }
+            }
             self.platform.hash_many(
-                &inputs,
+                &inputs[..n],
                 &self.words,
-                counter,
+                j as u64,
                 IncrementCounter::No,
                 KEYED_HASH,
                 CHUNK_START,
                 end,
-                &mut pass,
+                &mut pass[..32 * n],
             );
-            for (i, cv) in pass.chunks_exact(32).enumerate() {
-                cvs[i * chunks + j].copy_from_slice(cv);
+            for (i, cv) in pass[..32 * n].chunks_exact(32).enumerate() {
+                let at = (i * chunks + j) * 32;
+                level[at..at + 32].copy_from_slice(cv);
             }
         }
+        let mut next = [0u8; 32 * LANES * MAX_CHUNKS / 2];
         let mut width = chunks;
         while width > 1 {
-            let blocks: Vec<[u8; 64]> = cvs
-                .chunks_exact(2)
-                .map(|pair| {
-                    let mut b = [0u8; 64];
-                    b[..32].copy_from_slice(&pair[0]);
-                    b[32..].copy_from_slice(&pair[1]);
-                    b
-                })
-                .collect();
+            let parents = n * width / 2;
             let flags = if width == 2 {
                 KEYED_HASH | PARENT | ROOT
             } else {
                 KEYED_HASH | PARENT
             };
-            let inputs: Vec<&[u8; 64]> = blocks.iter().collect();
-            let mut next = vec![0u8; 32 * blocks.len()];
+            let mut inputs: [&[u8; 64]; LANES * MAX_CHUNKS / 2] =
+                [&[0; 64]; LANES * MAX_CHUNKS / 2];
+            for (slot, block) in inputs
+                .iter_mut()
+                .zip(level[..64 * parents].chunks_exact(64))
+            {
+                if let Ok(b) = block.try_into() {
+                    *slot = b;
+                }
+            }
             self.platform.hash_many(
-                &inputs,
+                &inputs[..parents],
                 &self.words,
                 0,
                 IncrementCounter::No,
                 flags,
                 0,
                 0,
-                &mut next,
+                &mut next[..32 * parents],
             );
-            cvs = next
-                .chunks_exact(32)
-                .map(|c| {
-                    let mut cv = [0u8; 32];
-                    cv.copy_from_slice(c);
-                    cv
-                })
-                .collect();
+            level[..32 * parents].copy_from_slice(&next[..32 * parents]);
             width /= 2;
         }
-        out.extend(cvs.iter().map(|cv| PageHash::from_bytes(cv)));
+        out.extend(level[..32 * n].chunks_exact(32).map(PageHash::from_bytes));
     }
 }
 
