@@ -266,6 +266,45 @@ fn an_abort_instead_of_commit_never_lets_the_destination_succeed() {
     legitimate(&dest, 1);
 }
 
+/// A source need not close its channels after ACK COMMITTED: the destination reports
+/// success once it took COMMIT (PROTOCOL.md, COMMIT) and closes every channel itself,
+/// rather than waiting for the source to close them or for them to idle out (the guest
+/// would wait that long to start).
+#[test]
+fn success_is_reported_at_commit_while_the_source_keeps_its_channels_open() {
+    let dest = Dest::with(12, |cfg| cfg.idle_timeout = Duration::from_secs(300));
+    let t = dest.accept(None);
+    let mut chans = [dest.connect(0, 2, false), dest.connect(1, 2, false)];
+    let regions = regions(64 * u64::from(PS));
+    for c in &mut chans {
+        c.send(Frame::Layout(LayoutFrame {
+            chunk_pages: 4,
+            regions: WireList::Slice(&regions),
+        }));
+        c.send(Frame::EndOfRound(EndOfRound {
+            round: Round(0),
+            frames: 0,
+            pages: 0,
+        }));
+        assert_eq!(c.recv(), Some((FrameType::ACK, 0)));
+    }
+    complete_and_commit(&mut chans[0]);
+    // Both channels stay open here; the verdict must come anyway, long before the
+    // 300 s idle timeout.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(t.join().unwrap());
+    });
+    let verdict = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("success is reported while the source's channels are open");
+    assert_eq!(verdict.expect("the session completes").final_round, 0);
+    // And the destination closed both channels: each reads to its end.
+    for c in &mut chans {
+        assert_eq!(c.recv(), None);
+    }
+}
+
 /// Bad uniform runs: each fails the session with its error, and the given guest memory
 /// keeps every byte it had.
 #[test]

@@ -438,9 +438,9 @@ impl Shared {
         self.cv.notify_all();
     }
 
-    /// Ends every receiver of the failed session: those blocked in `recv` see their
-    /// socket's receiving side shut down and end, sending ABORT `CHANNEL_FAILED` on the
-    /// sending side, which stays open.
+    /// Ends every receiver of the session: those blocked in `recv` see their socket's
+    /// receiving side shut down and end; after a failure they send ABORT
+    /// `CHANNEL_FAILED` on the sending side, which stays open, after COMMIT nothing.
     fn end_receivers(&self) {
         self.shutdown(std::net::Shutdown::Read);
     }

@@ -374,6 +374,11 @@ impl Receiver {
                     // that misses it reports the outcome unknown and keeps the guest
                     // paused (PROTOCOL.md, Switchover).
                     let _ = self.send_ack(channel, ack?);
+                    // Nothing the channels carry now changes the outcome: every receiver
+                    // ends here, so `Destination::wait` reports success now, not when
+                    // the source gets round to closing its channels (or they idle out).
+                    self.shared.end_receivers();
+                    return Ok(());
                 }
                 After::Closed => {
                     let s = self.shared.state(ch)?;

@@ -1,0 +1,135 @@
+//! A destination that receives one migration into memory of its own and writes that
+//! memory to a file: the other end of `protocol/conformance/source_from_spec.py`, a
+//! source written from PROTOCOL.md alone, which compares the file with the memory it
+//! meant to send.
+//!
+//! ```sh
+//! cargo run --release --example receive -- --listen 127.0.0.1:0 --key-file KEY \
+//!     --session pagewire-spec-01 --out MEMORY [--channels N]
+//! ```
+//!
+//! Prints `listening on ADDR` once bound, then one JSON line: `{"status":"completed",
+//! "final_round", "regions": [{"id", "bytes"}], "device_state": [{"name", "instance",
+//! "len", "crc32c"}], "stats"}` (exit 0) or `{"status":"failed","error"}` (exit 1). The
+//! memory file holds every region's bytes in region-id order.
+
+use std::io::Write;
+use std::net::SocketAddr;
+
+use anyhow::{Context, bail};
+use pagewire::{
+    Authentication, DestinationConfig, DestinationListener, Migrated, SessionId, SessionKey,
+};
+
+struct Args {
+    listen: SocketAddr,
+    key_file: String,
+    session: SessionId,
+    out: String,
+    channels: Option<u16>,
+}
+
+fn args() -> anyhow::Result<Args> {
+    let mut a = std::env::args().skip(1);
+    let (mut listen, mut key_file, mut session, mut out, mut channels) =
+        (None, None, None, None, None);
+    while let Some(flag) = a.next() {
+        let mut value = || a.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--listen" => listen = Some(value()?.parse().context("--listen")?),
+            "--key-file" => key_file = Some(value()?),
+            "--session" => {
+                let s = value()?;
+                let id: [u8; 16] = s
+                    .as_bytes()
+                    .try_into()
+                    .with_context(|| format!("--session {s:?}: 16 bytes"))?;
+                session = Some(SessionId(id));
+            }
+            "--out" => out = Some(value()?),
+            "--channels" => channels = Some(value()?.parse().context("--channels")?),
+            o => bail!("unknown argument {o:?}"),
+        }
+    }
+    Ok(Args {
+        listen: listen.context("--listen ADDR")?,
+        key_file: key_file.context("--key-file FILE")?,
+        session: session.context("--session ID (16 bytes)")?,
+        out: out.context("--out FILE")?,
+        channels,
+    })
+}
+
+/// Writes every region of the migrated memory to `path`, in region-id order.
+fn dump(m: &Migrated, path: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let memory = &m.memory;
+    let ps = u64::from(memory.page_size());
+    let mut regions = Vec::new();
+    let mut ids: Vec<_> = memory.region_ids().collect();
+    ids.sort_by_key(|r| r.0);
+    let mut buf = vec![0u8; 256 * ps as usize];
+    for r in ids {
+        let pages = memory.pages(r).unwrap_or(0);
+        let mut p = 0;
+        while p < pages {
+            let n = (pages - p).min(256);
+            let part = &mut buf[..(n * ps) as usize];
+            if !memory.read_pages(r, p, n, part) {
+                bail!("region {} pages {p}..{} unreadable", r.0, p + n);
+            }
+            file.write_all(part)?;
+            p += n;
+        }
+        regions.push(serde_json::json!({ "id": r.0, "bytes": pages * ps }));
+    }
+    file.flush()?;
+    Ok(regions)
+}
+
+fn run(a: &Args) -> anyhow::Result<serde_json::Value> {
+    let key = std::fs::read(&a.key_file).with_context(|| format!("reading {}", a.key_file))?;
+    let auth = Authentication::PreSharedKey(SessionKey::new(key)?);
+    let mut cfg = DestinationConfig::new(a.session, auth);
+    if let Some(n) = a.channels {
+        cfg.limits.max_channels = n;
+    }
+    let listener = DestinationListener::bind(a.listen, cfg)?;
+    println!("listening on {}", listener.local_addr()?);
+    std::io::stdout().flush()?;
+    let migrated = listener.accept(None)?.wait()?;
+    let regions = dump(&migrated, &a.out)?;
+    let sections: Vec<_> = migrated
+        .device_state
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "name": s.name,
+                "instance": s.instance,
+                "len": s.data.len(),
+                "crc32c": crc32c::crc32c(&s.data),
+            })
+        })
+        .collect();
+    Ok(serde_json::json!({
+        "status": "completed",
+        "final_round": migrated.final_round,
+        "regions": regions,
+        "device_state": sections,
+        "stats": serde_json::to_value(&migrated.stats)?,
+    }))
+}
+
+fn main() {
+    let result = args().and_then(|a| run(&a));
+    match result {
+        Ok(v) => println!("{v}"),
+        Err(e) => {
+            println!(
+                "{}",
+                serde_json::json!({ "status": "failed", "error": format!("{e:#}") })
+            );
+            std::process::exit(1);
+        }
+    }
+}
