@@ -203,6 +203,12 @@ fn pages_before_layout_are_refused() {
 /// One channel through LAYOUT and an empty round 0, acknowledged.
 fn up_to_the_final_round(dest: &Dest) -> Raw {
     let mut c = dest.connect(0, 1, false);
+    through_an_empty_round_0(&mut c);
+    c
+}
+
+/// LAYOUT and an empty round 0 on channel `c`, acknowledged.
+fn through_an_empty_round_0(c: &mut Raw) {
     let regions = regions(64 * u64::from(PS));
     c.send(Frame::Layout(LayoutFrame {
         chunk_pages: 4,
@@ -214,7 +220,6 @@ fn up_to_the_final_round(dest: &Dest) -> Raw {
         pages: 0,
     }));
     assert_eq!(c.recv(), Some((FrameType::ACK, 0)));
-    c
 }
 
 #[test]
@@ -275,18 +280,8 @@ fn success_is_reported_at_commit_while_the_source_keeps_its_channels_open() {
     let dest = Dest::with(12, |cfg| cfg.idle_timeout = Duration::from_secs(300));
     let t = dest.accept(None);
     let mut chans = [dest.connect(0, 2, false), dest.connect(1, 2, false)];
-    let regions = regions(64 * u64::from(PS));
     for c in &mut chans {
-        c.send(Frame::Layout(LayoutFrame {
-            chunk_pages: 4,
-            regions: WireList::Slice(&regions),
-        }));
-        c.send(Frame::EndOfRound(EndOfRound {
-            round: Round(0),
-            frames: 0,
-            pages: 0,
-        }));
-        assert_eq!(c.recv(), Some((FrameType::ACK, 0)));
+        through_an_empty_round_0(c);
     }
     complete_and_commit(&mut chans[0]);
     // Both channels stay open here; the verdict must come anyway, long before the

@@ -294,6 +294,16 @@ def migrate(receiver, channels, regions_n, crc, mem_mib=16, chunk=64):
                     seen += 1
                 first += chunk
 
+        def deflated(first, count, gen, wbits):
+            """Pages `first..first + count` of region 0, each one raw deflate stream."""
+            payload, lengths = b"", []
+            for p in range(first, first + count):
+                put(0, p, page_bytes(p, gen))
+                d = raw_deflate(page_bytes(p, gen), wbits)
+                payload += d
+                lengths.append(len(d))
+            return payload, lengths
+
         # Round 1: every codec, on the first chunk region 0 gives each channel.
         zc = zstandard.ZstdCompressor(level=3)
         rnd = 1
@@ -313,19 +323,9 @@ def migrate(receiver, channels, regions_n, crc, mem_mib=16, chunk=64):
             put(0, s + 32, data)
             c.send(pages_frame(c, LZ4, 0, rnd, [(s + 32, 8)], [], [],
                                lz4.block.compress(data, store_size=False)), 8)
-            payload, lengths = b"", []
-            for p in range(s + 48, s + 52):
-                put(0, p, page_bytes(p, 3))
-                d = raw_deflate(page_bytes(p, 3), -15)
-                payload += d
-                lengths.append(len(d))
+            payload, lengths = deflated(s + 48, 4, 3, -15)
             c.send(pages_frame(c, DEFLATE, 0, rnd, [(s + 48, 4)], [], [], payload, lengths), 4)
-            payload, lengths = b"", []
-            for p in range(s + 56, s + 58):
-                put(0, p, page_bytes(p, 4))
-                d = raw_deflate(page_bytes(p, 4), -12)
-                payload += d
-                lengths.append(len(d))
+            payload, lengths = deflated(s + 56, 2, 4, -12)
             # A length of exactly one page: the page is stored as it is.
             put(0, s + 58, page_bytes(s + 58, 4))
             payload += page_bytes(s + 58, 4)
