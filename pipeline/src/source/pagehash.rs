@@ -95,6 +95,10 @@ impl PageHasher {
     /// [`MAX_BATCHED_PAGE`]), in the tree BLAKE3 builds over a message of that length:
     /// its chunks are the leaves, and each parent joins two subtrees of equal size.
     fn hash_group(&self, pages: &[u8], page_size: usize, out: &mut Vec<PageHash>) {
+        debug_assert!(
+            pages.len() / page_size <= LANES,
+            "at most {LANES} pages a group"
+        );
         let n = (pages.len() / page_size).min(LANES);
         let chunks = (page_size / CHUNK).min(MAX_CHUNKS);
         // The chaining values of every page's nodes at the current level, page after
@@ -193,7 +197,9 @@ mod tests {
     fn pages_hashed_side_by_side_are_blake3_keyed_of_each_page() {
         let key: [u8; 32] = bytes(32, 1).try_into().unwrap();
         let h = PageHasher::new(key);
-        for ps in [4096usize, 8192, 16384] {
+        // 1 and 2 KiB (one chunk, its own root; two chunks under the root) are below
+        // the protocol's pages but inside what this hashes side by side.
+        for ps in [1024usize, 2048, 4096, 8192, 16384] {
             // Whole groups, a short group, one page, and none.
             for n in [0usize, 1, 5, 16, 17, 40] {
                 let pages = bytes(n * ps, (ps + n) as u64);
