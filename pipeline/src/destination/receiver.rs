@@ -143,7 +143,8 @@ impl Receiver {
         }
     }
 
-    /// Receives until the source closes the channel. A failure while channel 0 waits
+    /// Receives until the source closes the channel, or until the session is over (channel 0
+    /// took COMMIT, which ends every receiver). A failure while channel 0 waits
     /// for COMMIT after its ACK COMPLETE is [`MigrationError::NoCommit`].
     pub(super) fn run(&mut self, channel: &mut AnyChannel) -> Result<(), MigrationError> {
         self.receive(channel)
