@@ -20,8 +20,8 @@ channel (LAYOUT: page p of region r belongs to channel ((p // chunk) + r) % coun
 
 It keeps its own image of what the destination's memory must hold and compares it
 byte for byte with the receiver's file, and the sections' lengths and CRC32C with the
-receiver's report. Two runs: 2 channels, 2 regions, CRC32C on every frame; 1 channel, 1
-region, no checksum.
+receiver's report. Three runs: 2 channels, 2 regions, CRC32C on every frame; 1 channel,
+1 region, no checksum; 4 channels, 4 regions, CRC32C.
 
 Run: python3 protocol/conformance/source_from_spec.py RECEIVE_BINARY
 (needs the zstandard and lz4 modules: Debian python3-zstandard python3-lz4).
@@ -414,7 +414,8 @@ def main():
         print(__doc__)
         return 2
     failed = 0
-    for channels, regions, crc in ((2, 2, True), (1, 1, False)):
+    runs = ((2, 2, True), (1, 1, False), (4, 4, True))
+    for channels, regions, crc in runs:
         what = f"{channels} channel(s), {regions} region(s), {'CRC32C' if crc else 'no checksum'}"
         try:
             written, frames = migrate(sys.argv[1], channels, regions, crc)
@@ -423,7 +424,7 @@ def main():
         except (Failure, OSError, EOFError, ValueError, subprocess.TimeoutExpired) as e:
             failed += 1
             print(f"FAILED  {what}: {e}")
-    print(f"{2 - failed} ok, {failed} failed, of 2")
+    print(f"{len(runs) - failed} ok, {failed} failed, of {len(runs)}")
     return 1 if failed else 0
 
 
