@@ -35,9 +35,17 @@
 //!   the destination acknowledges a round only after applying its copies.
 //!
 //! **Memory**: 4 bytes per guest page (where each page's entry is), and a table of
-//! 32-byte entries, twice the guest's pages rounded up to a power of two and at most
-//! [`MAX_ENTRIES`]. A new entry replaces the one in its slot: the table forgets, it
-//! never answers wrong.
+//! 16-byte entries, twice the guest's pages rounded up to a power of two and at most
+//! [`MAX_ENTRIES`] (32 bytes per guest page, 64 MiB at most). A new entry replaces the
+//! one in its slot: the table forgets, it never answers wrong. An entry keeps 96 of
+//! the hash's 128 bits (bits 32 to 127) and the page as its position among all the
+//! guest's pages in 32 bits; its slot is chosen by the hash's low bits, so a lookup
+//! matches at least 106 bits of the keyed hash (a table has at least 2^10 entries).
+//! Pages beyond the first 2^32 - 1 of the guest (16 TiB of 4 KiB pages) are never
+//! entered. Fewer bytes per entry are fewer of the table's pages first written during
+//! the migration: on this machine's virtual memory a page's first write costs about
+//! 48 µs, and the 32 MiB of a 2 GiB guest's table were 14 % of the source's CPU time
+//! under zstd:1 (BENCHMARKS.md, "Dedup: 16-byte entries").
 
 use std::ffi::c_void;
 use std::ptr::NonNull;
@@ -56,39 +64,43 @@ pub(crate) use super::pagehash::PageHash;
 use super::pagehash::PageHasher;
 
 /// Most entries of the table (64 MiB).
-pub(crate) const MAX_ENTRIES: usize = 1 << 21;
+pub(crate) const MAX_ENTRIES: usize = 1 << 22;
 
 /// The smallest page the kernel maps.
 const PAGE: usize = 4096;
 
 #[derive(Clone, Copy, Default)]
 struct Entry {
-    hash: u128,
-    /// Page index + 1 in `region`; 0: empty.
-    page: u64,
-    region: u32,
+    /// Bits 32 to 127 of the page's hash (the slot stands for the low bits).
+    tag: (u64, u32),
+    /// The page's position among the guest's pages + 1 ([`Slots::base`]); 0: empty.
+    at: u32,
 }
 
 /// An [`Entry`] as the table stores it: plain words, so that a table of empty entries
-/// is a zeroed allocation that the kernel maps as pages are first used, not 32 bytes
+/// is a zeroed allocation that the kernel maps as pages are first used, not 16 bytes
 /// written per entry before the migration starts (tens of milliseconds at 2 GiB).
-type Stored = [u64; 4];
+type Stored = [u64; 2];
 
 impl Entry {
+    fn of(hash: PageHash, at: u32) -> Entry {
+        Entry {
+            tag: ((hash.0 >> 64) as u64, (hash.0 >> 32) as u32),
+            at,
+        }
+    }
+
     fn load(w: Stored) -> Entry {
         Entry {
-            hash: u128::from(w[0]) | (u128::from(w[1]) << 64),
-            page: w[2],
-            region: w[3] as u32,
+            tag: (w[0], (w[1] >> 32) as u32),
+            at: w[1] as u32,
         }
     }
 
     fn store(self) -> Stored {
         [
-            self.hash as u64,
-            (self.hash >> 64) as u64,
-            self.page,
-            u64::from(self.region),
+            self.tag.0,
+            (u64::from(self.tag.1) << 32) | u64::from(self.at),
         ]
     }
 }
@@ -96,6 +108,8 @@ impl Entry {
 /// Where each page of one region has its entry.
 struct Slots {
     region: RegionId,
+    /// The position of the region's first page among the guest's pages.
+    base: u32,
     /// Entry index + 1 per page (0: none).
     at: Vec<u32>,
 }
@@ -143,20 +157,25 @@ impl DedupTable {
         let mut key = [0u8; 32];
         getrandom::fill(&mut key)?;
         let mut pages = 0u64;
+        // Positions + 1 fit an entry's 32 bits: regions past the first 2^32 - 1 pages
+        // get no slots (their pages are never entered), the last one may get fewer.
         let slots = memory
             .region_ids()
-            .map(|region| {
-                let n = memory.pages(region).unwrap_or(0);
+            .filter_map(|region| {
+                let base = u32::try_from(pages).ok()?;
+                let room = u64::from(u32::MAX - base);
+                let n = memory.pages(region).unwrap_or(0).min(room);
                 pages += n;
-                Slots {
+                Some(Slots {
                     region,
+                    base,
                     at: vec![0; usize::try_from(n).unwrap_or(0)],
-                }
+                })
             })
             .collect();
         let want = usize::try_from(pages.saturating_mul(2)).unwrap_or(MAX_ENTRIES);
         let len = want.next_power_of_two().clamp(1024, MAX_ENTRIES);
-        let entries: Vec<Stored> = vec![[0; 4]; len];
+        let entries: Vec<Stored> = vec![[0; 2]; len];
         let (entries_at, entries_bytes) = (entries.as_ptr() as usize, size_of_val(&entries[..]));
         // Chunks of whole pages from the one holding the first entry (see `prepare`).
         let chunks = (entries_bytes + PAGE).div_ceil(PREPARE_CHUNK);
@@ -259,7 +278,11 @@ impl Table {
     /// A page of `region` holding `hash` on the destination, if one is known.
     pub(crate) fn find(&self, region: RegionId, hash: PageHash) -> Option<u64> {
         let e = Entry::load(self.entries[self.index(hash)]);
-        (e.page != 0 && e.hash == hash.0 && e.region == region.0).then(|| e.page - 1)
+        if e.at == 0 || e.tag != Entry::of(hash, 0).tag {
+            return None;
+        }
+        let (s, l) = self.position(e.at - 1)?;
+        (self.slots[s].region == region).then_some(l as u64)
     }
 
     /// Records that the frame carrying `page` with content `hash` went to its channel.
@@ -270,17 +293,14 @@ impl Table {
         self.forget_at(s, l);
         let i = self.index(hash);
         let old = Entry::load(self.entries[i]);
-        if old.page != 0
-            && let Some((os, ol)) = self.slot(RegionId(old.region), old.page - 1)
+        if old.at != 0
+            && let Some((os, ol)) = self.position(old.at - 1)
         {
             self.slots[os].at[ol] = 0;
         }
-        self.entries[i] = Entry {
-            hash: hash.0,
-            page: page + 1,
-            region: region.0,
-        }
-        .store();
+        // `slot` keeps `base + l` below `u32::MAX`.
+        let at = self.slots[s].base + l as u32 + 1;
+        self.entries[i] = Entry::of(hash, at).store();
         // `index` is below `entries.len() <= MAX_ENTRIES`.
         self.slots[s].at[l] = i as u32 + 1;
     }
@@ -295,7 +315,7 @@ impl Table {
     fn forget_at(&mut self, s: usize, l: usize) {
         let at = std::mem::take(&mut self.slots[s].at[l]);
         if at != 0 {
-            self.entries[at as usize - 1] = [0; 4];
+            self.entries[at as usize - 1] = [0; 2];
         }
     }
 
@@ -308,6 +328,14 @@ impl Table {
         let s = self.slots.iter().position(|s| s.region == region)?;
         let l = usize::try_from(page).ok()?;
         (l < self.slots[s].at.len()).then_some((s, l))
+    }
+
+    /// The slot list and index of the page at `pos` among the guest's pages.
+    fn position(&self, pos: u32) -> Option<(usize, usize)> {
+        self.slots.iter().enumerate().find_map(|(s, slots)| {
+            let l = pos.checked_sub(slots.base)? as usize;
+            (l < slots.at.len()).then_some((s, l))
+        })
     }
 }
 
@@ -436,9 +464,9 @@ mod tests {
 
     #[test]
     fn preparing_backs_the_entries_a_frame_lands_on_before_the_lock_and_changes_nothing() {
-        // 2^20 guest pages: the largest table, 64 MiB, beyond any heap reuse, so its
+        // 2^21 guest pages: the largest table, 64 MiB, beyond any heap reuse, so its
         // pages are mapped only as they are first written.
-        let d = table(1 << 19);
+        let d = table(1 << 20);
         let r = RegionId(0);
         let h = d.hash(&[7u8; 4096]);
         let at = |h: PageHash| d.entry_addr(h);
@@ -556,6 +584,27 @@ mod tests {
                 assert_eq!(last[&p], h);
             }
         }
+    }
+
+    #[test]
+    fn an_entry_matches_on_its_slot_and_every_stored_bit_of_the_hash() {
+        let d = table(64);
+        let mut t = d.lock();
+        let r = RegionId(7);
+        let h = PageHash(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210);
+        t.insert(r, 63, h);
+        assert_eq!(t.find(r, h), Some(63));
+        // The same slot, a hash differing in any one stored bit: not found.
+        for bit in 32..128 {
+            assert_eq!(t.find(r, PageHash(h.0 ^ (1 << bit))), None, "bit {bit}");
+        }
+        // Another slot.
+        assert_eq!(t.find(r, PageHash(h.0 ^ 1)), None);
+        // The last page of the second region is told apart from the first region's.
+        assert_eq!(t.find(RegionId(0), h), None);
+        t.insert(RegionId(0), 63, h);
+        assert_eq!(t.find(RegionId(0), h), Some(63));
+        assert_eq!(t.find(r, h), None);
     }
 
     #[test]
