@@ -35,17 +35,18 @@
 //!   the destination acknowledges a round only after applying its copies.
 //!
 //! **Memory**: 4 bytes per guest page (where each page's entry is), and a table of
-//! 16-byte entries, twice the guest's pages rounded up to a power of two and at most
-//! [`MAX_ENTRIES`] (32 bytes per guest page, 64 MiB at most). A new entry replaces the
-//! one in its slot: the table forgets, it never answers wrong. An entry keeps 96 of
-//! the hash's 128 bits (bits 32 to 127) and the page as its position among all the
-//! guest's pages in 32 bits; its slot is chosen by the hash's low bits, so a lookup
-//! matches at least 106 bits of the keyed hash (a table has at least 2^10 entries).
-//! Pages beyond the first 2^32 - 1 of the guest (16 TiB of 4 KiB pages) are never
-//! entered. Fewer bytes per entry are fewer of the table's pages first written during
-//! the migration: on this machine's virtual memory a page's first write costs about
-//! 48 µs, and the 32 MiB of a 2 GiB guest's table were 14 % of the source's CPU time
-//! under zstd:1 (BENCHMARKS.md, "Dedup: 16-byte entries").
+//! 16-byte entries, as many as the guest's pages rounded up to a power of two and at
+//! most [`MAX_ENTRIES`] (64 MiB), in buckets of two chosen by the hash's low bits. A
+//! new entry goes first in its bucket, the one there moves second and the second is
+//! dropped: the table forgets, it never answers wrong. An entry keeps bits 32 to 127 of
+//! the hash and the page's position among all the guest's pages in 32 bits, so a
+//! lookup matches at least 105 bits of the keyed hash with the bucket (a table has at
+//! least 2^10 entries); pages beyond the guest's first 2^32 - 1 (16 TiB of 4 KiB pages)
+//! are never entered. The table's pages are first written during the migration, and
+//! on this machine's virtual memory a first write costs about 48 µs a page: the 32 MiB
+//! of a 2 GiB guest's table when entries were 32 bytes, twice the pages, one a slot,
+//! were 14 % of the source's CPU under zstd:1; these 8 MiB keep more pages findable
+//! (BENCHMARKS.md, "Dedup: 16-byte entries, two a bucket").
 
 use std::ffi::c_void;
 use std::ptr::NonNull;
@@ -173,7 +174,7 @@ impl DedupTable {
                 })
             })
             .collect();
-        let want = usize::try_from(pages.saturating_mul(2)).unwrap_or(MAX_ENTRIES);
+        let want = usize::try_from(pages).unwrap_or(MAX_ENTRIES);
         let len = want.next_power_of_two().clamp(1024, MAX_ENTRIES);
         let entries: Vec<Stored> = vec![[0; 2]; len];
         let (entries_at, entries_bytes) = (entries.as_ptr() as usize, size_of_val(&entries[..]));
@@ -224,8 +225,14 @@ impl DedupTable {
         // Chunks of whole pages, from the page holding the first entry.
         let base = self.entries_at / PAGE * PAGE;
         let end = (self.entries_at + self.entries_bytes).next_multiple_of(PAGE);
-        for h in hashes {
+        // A bucket's first and last byte: the allocation is only 8-byte aligned, so
+        // a bucket may straddle two pages.
+        let last = WAYS * size_of::<Stored>() - 1;
+        let ends = hashes.iter().flat_map(|h| {
             let at = self.entry_addr(*h);
+            [at, at + last]
+        });
+        for at in ends {
             let chunk = (at - base) / PREPARE_CHUNK;
             let (word, bit) = (&self.backed[chunk / 64], 1u64 << (chunk % 64));
             if word.load(Ordering::Relaxed) & bit != 0 {
@@ -247,10 +254,10 @@ impl DedupTable {
         backed
     }
 
-    /// The address of the entry `h` lands on.
+    /// The address of the bucket `h` lands on (its two entries share a page).
     fn entry_addr(&self, h: PageHash) -> usize {
         let len = self.entries_bytes / size_of::<Stored>();
-        self.entries_at + slot_of(h, len) * size_of::<Stored>()
+        self.entries_at + bucket_of(h, len) * size_of::<Stored>()
     }
 
     /// The table, for a frame's lookups or entries at once.
@@ -277,12 +284,19 @@ impl DedupTable {
 impl Table {
     /// A page of `region` holding `hash` on the destination, if one is known.
     pub(crate) fn find(&self, region: RegionId, hash: PageHash) -> Option<u64> {
-        let e = Entry::load(self.entries[self.index(hash)]);
-        if e.at == 0 || e.tag != Entry::of(hash, 0).tag {
-            return None;
-        }
+        let e = Entry::load(self.entries[self.matching(hash)?]);
         let (s, l) = self.position(e.at - 1)?;
         (self.slots[s].region == region).then_some(l as u64)
+    }
+
+    /// The entry of `hash`'s bucket that holds it, if one does.
+    fn matching(&self, hash: PageHash) -> Option<usize> {
+        let b = self.bucket(hash);
+        let tag = Entry::of(hash, 0).tag;
+        (b..b + WAYS).find(|&i| {
+            let e = Entry::load(self.entries[i]);
+            e.at != 0 && e.tag == tag
+        })
     }
 
     /// Records that the frame carrying `page` with content `hash` went to its channel.
@@ -291,18 +305,43 @@ impl Table {
             return;
         };
         self.forget_at(s, l);
-        let i = self.index(hash);
-        let old = Entry::load(self.entries[i]);
-        if old.at != 0
-            && let Some((os, ol)) = self.position(old.at - 1)
-        {
-            self.slots[os].at[ol] = 0;
+        // Another page with this content gives its entry up: one entry a content.
+        if let Some(i) = self.matching(hash) {
+            self.drop_entry(i);
+        }
+        let b = self.bucket(hash);
+        // The first entry moves second (dropping what was there), unless it is empty.
+        if Entry::load(self.entries[b]).at != 0 {
+            self.drop_entry(b + 1);
+            self.move_entry(b, b + 1);
         }
         // `slot` keeps `base + l` below `u32::MAX`.
         let at = self.slots[s].base + l as u32 + 1;
-        self.entries[i] = Entry::of(hash, at).store();
-        // `index` is below `entries.len() <= MAX_ENTRIES`.
-        self.slots[s].at[l] = i as u32 + 1;
+        self.entries[b] = Entry::of(hash, at).store();
+        // `b` is below `entries.len() <= MAX_ENTRIES`.
+        self.slots[s].at[l] = b as u32 + 1;
+    }
+
+    /// Empties entry `i`, and its page's record of it.
+    fn drop_entry(&mut self, i: usize) {
+        let e = Entry::load(std::mem::take(&mut self.entries[i]));
+        if e.at != 0
+            && let Some((s, l)) = self.position(e.at - 1)
+        {
+            self.slots[s].at[l] = 0;
+        }
+    }
+
+    /// Moves entry `from` to the empty entry `to`, and its page's record of it.
+    fn move_entry(&mut self, from: usize, to: usize) {
+        let e = Entry::load(std::mem::take(&mut self.entries[from]));
+        self.entries[to] = e.store();
+        if e.at != 0
+            && let Some((s, l)) = self.position(e.at - 1)
+        {
+            // `to` is below `entries.len() <= MAX_ENTRIES`.
+            self.slots[s].at[l] = to as u32 + 1;
+        }
     }
 
     /// Forgets what `page` holds: it is about to change.
@@ -319,8 +358,9 @@ impl Table {
         }
     }
 
-    fn index(&self, hash: PageHash) -> usize {
-        slot_of(hash, self.entries.len())
+    /// The first entry of `hash`'s bucket.
+    fn bucket(&self, hash: PageHash) -> usize {
+        bucket_of(hash, self.entries.len())
     }
 
     /// The slot list and index of `page` of `region`; `None` outside the regions.
@@ -339,9 +379,13 @@ impl Table {
     }
 }
 
-/// The entry `hash` lands on in a table of `len` entries (a power of two).
-fn slot_of(hash: PageHash, len: usize) -> usize {
-    (hash.0 as usize) & (len - 1)
+/// Entries a bucket.
+const WAYS: usize = 2;
+
+/// The first entry of the bucket `hash` lands on in a table of `len` entries (a power
+/// of two, at least [`WAYS`]).
+fn bucket_of(hash: PageHash, len: usize) -> usize {
+    ((hash.0 as usize) & (len / WAYS - 1)) * WAYS
 }
 
 /// One channel's side of dedup: the shared table and the buffers of its frames.
@@ -464,12 +508,17 @@ mod tests {
 
     #[test]
     fn preparing_backs_the_entries_a_frame_lands_on_before_the_lock_and_changes_nothing() {
-        // 2^21 guest pages: the largest table, 64 MiB, beyond any heap reuse, so its
-        // pages are mapped only as they are first written.
+        // 2^21 guest pages: a table of 32 MiB, beyond any heap reuse, so its pages are
+        // mapped only as they are first written.
         let d = table(1 << 20);
         let r = RegionId(0);
         let h = d.hash(&[7u8; 4096]);
         let at = |h: PageHash| d.entry_addr(h);
+        // The pages a bucket spans: one, or two where it straddles a page boundary.
+        let span = |h: PageHash| {
+            let last = at(h) + WAYS * size_of::<Stored>() - 1;
+            1 + usize::from(last / PAGE != at(h) / PAGE)
+        };
         // Content whose entry is in a chunk well away from `h`'s (the key is random).
         let far = (8..=255u8)
             .map(|b| d.hash(&[b; 4096]))
@@ -486,7 +535,7 @@ mod tests {
             );
             eprintln!("the table's pages were backed before any write: not checking backing");
         }
-        assert_eq!(d.prepare(&[h]), 1, "one chunk backed");
+        assert_eq!(d.prepare(&[h]), span(h), "the bucket's chunks backed");
         if observable {
             assert!(resident(at(h)), "the entry's page is backed");
             assert!(!resident(at(far)), "only the chunks the hashes land on");
@@ -502,7 +551,11 @@ mod tests {
         assert_eq!(t.find(r, h), None);
         t.insert(r, 5, h);
         drop(t);
-        assert_eq!(d.prepare(&[h, far]), 1, "only the chunk not backed before");
+        assert_eq!(
+            d.prepare(&[h, far]),
+            span(far),
+            "only the chunks not backed before"
+        );
         assert_eq!(d.lock().find(r, h), Some(5));
         assert!(resident(at(far)));
     }
@@ -513,12 +566,12 @@ mod tests {
         let r = RegionId(7);
         // Pages 0..4 are one channel's, 4..8 the other's.
         assert_ne!(d.channel(r, 1), d.channel(r, 5));
-        // Three contents in three different slots of the table (one entry a slot).
+        // Three contents in three different buckets of the table.
         let mut hs: Vec<PageHash> = Vec::new();
         for b in 0..=255u8 {
             let h = d.hash(&[b; 4096]);
             let t = d.lock();
-            if hs.iter().all(|o| t.index(*o) != t.index(h)) {
+            if hs.iter().all(|o| t.bucket(*o) != t.bucket(h)) {
                 hs.push(h);
             }
             if hs.len() == 3 {
@@ -561,7 +614,7 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_replaced_in_its_slot_is_forgotten_not_misattributed() {
+    fn an_entry_replaced_in_its_bucket_is_forgotten_not_misattributed() {
         let d = table(4096);
         let mut t = d.lock();
         let r = RegionId(0);
@@ -587,7 +640,7 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_matches_on_its_slot_and_every_stored_bit_of_the_hash() {
+    fn an_entry_matches_on_its_bucket_and_every_stored_bit_of_the_hash() {
         let d = table(64);
         let mut t = d.lock();
         let r = RegionId(7);
@@ -605,6 +658,36 @@ mod tests {
         t.insert(RegionId(0), 63, h);
         assert_eq!(t.find(RegionId(0), h), Some(63));
         assert_eq!(t.find(r, h), None);
+    }
+
+    #[test]
+    fn a_bucket_keeps_its_two_newest_contents_and_where_each_page_is() {
+        let d = table(64);
+        let mut t = d.lock();
+        let r = RegionId(0);
+        // Four contents in one bucket (the same low bits).
+        let h = |k: u128| PageHash((k << 64) | 0x2a);
+        assert!((1..=4).all(|k| t.bucket(h(k)) == t.bucket(h(1))));
+        t.insert(r, 1, h(1));
+        t.insert(r, 2, h(2));
+        assert_eq!((t.find(r, h(1)), t.find(r, h(2))), (Some(1), Some(2)));
+        // A third drops the oldest.
+        t.insert(r, 3, h(3));
+        assert_eq!(t.find(r, h(1)), None);
+        assert_eq!((t.find(r, h(2)), t.find(r, h(3))), (Some(2), Some(3)));
+        // Page 2 (moved to the second entry) changes: its entry, not page 3's, goes.
+        t.forget(r, 2);
+        assert_eq!((t.find(r, h(2)), t.find(r, h(3))), (None, Some(3)));
+        // Page 3 moves to the second entry; forgetting it still finds its entry.
+        t.insert(r, 4, h(4));
+        t.forget(r, 3);
+        assert_eq!((t.find(r, h(3)), t.find(r, h(4))), (None, Some(4)));
+        // The same content again on another page: one entry, the newest page.
+        t.insert(r, 5, h(4));
+        assert_eq!(t.find(r, h(4)), Some(5));
+        t.forget(r, 5);
+        assert_eq!(t.find(r, h(4)), None);
+        assert!(t.entries.iter().all(|e| Entry::load(*e).at == 0));
     }
 
     #[test]
