@@ -72,7 +72,7 @@ const PAGE: usize = 4096;
 
 #[derive(Clone, Copy, Default)]
 struct Entry {
-    /// Bits 32 to 127 of the page's hash (the slot stands for the low bits).
+    /// Bits 32 to 127 of the page's hash (the bucket stands for the low bits).
     tag: (u64, u32),
     /// The page's position among the guest's pages + 1 ([`Slots::base`]); 0: empty.
     at: u32,
@@ -586,7 +586,7 @@ mod tests {
             t.insert(r, 1, h1);
             t.insert(r, 5, h5);
             t.insert(r, 9, h9);
-            // The same content in another region takes the slot: one entry a content.
+            // The same content in another region takes the entry: one entry a content.
             t.insert(RegionId(0), 5, h9);
         }
         let dirty = DirtyBitmap::new(64);
@@ -647,11 +647,11 @@ mod tests {
         let h = PageHash(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210);
         t.insert(r, 63, h);
         assert_eq!(t.find(r, h), Some(63));
-        // The same slot, a hash differing in any one stored bit: not found.
+        // The same bucket, a hash differing in any one stored bit: not found.
         for bit in 32..128 {
             assert_eq!(t.find(r, PageHash(h.0 ^ (1 << bit))), None, "bit {bit}");
         }
-        // Another slot.
+        // Another bucket.
         assert_eq!(t.find(r, PageHash(h.0 ^ 1)), None);
         // The last page of the second region is told apart from the first region's.
         assert_eq!(t.find(RegionId(0), h), None);
