@@ -158,20 +158,23 @@ impl DedupTable {
         let mut key = [0u8; 32];
         getrandom::fill(&mut key)?;
         let mut pages = 0u64;
-        // Positions + 1 fit an entry's 32 bits: regions past the first 2^32 - 1 pages
-        // get no slots (their pages are never entered), the last one may get fewer.
+        // Positions + 1 fit an entry's 32 bits: each region takes at most the room
+        // left below 2^32 - 1 pages (so `pages` never passes `u32::MAX`); pages past
+        // it have no slot and are never entered.
         let slots = memory
             .region_ids()
-            .filter_map(|region| {
-                let base = u32::try_from(pages).ok()?;
-                let room = u64::from(u32::MAX - base);
-                let n = memory.pages(region).unwrap_or(0).min(room);
+            .map(|region| {
+                let base = u32::try_from(pages).unwrap_or(u32::MAX);
+                let n = memory
+                    .pages(region)
+                    .unwrap_or(0)
+                    .min(u64::from(u32::MAX - base));
                 pages += n;
-                Some(Slots {
+                Slots {
                     region,
                     base,
                     at: vec![0; usize::try_from(n).unwrap_or(0)],
-                })
+                }
             })
             .collect();
         let want = usize::try_from(pages).unwrap_or(MAX_ENTRIES);
