@@ -32,8 +32,10 @@
 //! the compiler could assume stable, and the bytes are used only after they are copied.
 //!
 //! A list built only from slices ([`PageList::push_slice`]) is a shared borrow nobody
-//! can write meanwhile, so a single-run list of slices is handed to the codecs in place,
-//! without the copy.
+//! can write meanwhile, and so is a private copy the caller keeps unwritten for the
+//! list's life ([`PageList::push_stable`]: a source's dedup staging buffer, which holds
+//! the pages it hashed): such a list whose runs follow each other in memory is handed
+//! to the codecs in place, without a second copy.
 //!
 //! Raw frames that the transport sends straight from guest memory (an encode with
 //! [`EncodeParams::raw_in_place`](crate::EncodeParams::raw_in_place)) stay raw pointers
@@ -250,24 +252,52 @@ impl<'a> PageList<'a> {
         Ok(())
     }
 
-    /// The whole list as one slice, when it may be borrowed in place: one run, pushed
-    /// with [`PageList::push_slice`]. `None` for guest memory or several runs, which
-    /// the caller copies with [`PageList::copy_to`].
+    /// Appends `pages` pages starting at `ptr`, the first with key `key`, from memory
+    /// that nobody writes while the list lives (a copy the caller took and keeps, such
+    /// as a source's dedup staging buffer): the codecs may borrow it in place, as
+    /// memory pushed with [`PageList::push_slice`].
+    ///
+    /// # Errors
+    /// [`PagesError::BadRunLength`] when `pages` is 0 or the list would pass
+    /// `u32::MAX` pages.
+    ///
+    /// # Safety
+    /// `ptr .. ptr + pages × page_size` must stay mapped and readable from any thread,
+    /// and be written by nobody (through any pointer or reference), until the list is
+    /// dropped or reset, or, for a list inside an engine job, until the job's completion
+    /// has been received.
+    pub unsafe fn push_stable(
+        &mut self,
+        ptr: *const u8,
+        pages: u32,
+        key: PageKey,
+    ) -> Result<(), PagesError> {
+        self.push_run(ptr, pages, key)
+    }
+
+    /// The whole list as one slice, when it may be borrowed in place: runs pushed with
+    /// [`PageList::push_slice`] or [`PageList::push_stable`] that follow each other in
+    /// memory (whatever their keys). `None` for guest memory or runs apart, which the
+    /// caller copies with [`PageList::copy_to`].
     pub(crate) fn as_slice(&self) -> Option<&[u8]> {
-        match self.runs.as_slice() {
-            [run] if !self.volatile => {
-                // SAFETY: without a `push_raw` run, the run came from `push_slice`: a
-                // `&'a [u8]` of `run.pages` whole pages, which nobody may write for `'a`,
-                // and `'a` outlives this borrow of the list.
-                Some(unsafe {
-                    core::slice::from_raw_parts(
-                        run.ptr,
-                        run.pages as usize * self.page_size.bytes(),
-                    )
-                })
-            }
-            _ => None,
+        if self.volatile {
+            return None;
         }
+        let ps = self.page_size.bytes();
+        let first = self.runs.first()?;
+        let mut end = first.ptr;
+        for run in &self.runs {
+            if run.ptr != end {
+                return None;
+            }
+            end = run.ptr.wrapping_add(run.pages as usize * ps);
+        }
+        // SAFETY: without a `push_raw` run, every run came from `push_slice` (a
+        // `&'a [u8]` of whole pages nobody may write for `'a`, which outlives this
+        // borrow of the list) or `push_stable` (memory nobody writes while the list
+        // lives); each run starts where the one before ends, so together they are one
+        // readable range of `self.pages` pages.
+        Some(unsafe { core::slice::from_raw_parts(first.ptr, self.pages * ps) })
     }
 
     /// Page `i` as a slice, when it may be borrowed in place (a list built only with
@@ -442,6 +472,34 @@ mod tests {
             Some(&buf[..4096]),
             "reset forgets raw runs"
         );
+    }
+
+    #[test]
+    fn stable_runs_that_follow_in_memory_are_borrowed_whatever_their_keys() {
+        let buf: Vec<u8> = (0..4 * 4096).map(|i| (i / 4096) as u8 + 1).collect();
+        let stable = |list: &mut PageList<'_>, page: usize, pages: u32, key: u64| {
+            let ptr = buf[page * 4096..].as_ptr();
+            // SAFETY: `buf` outlives every list below and nothing writes it.
+            unsafe { list.push_stable(ptr, pages, PageKey(key)) }.unwrap();
+        };
+        let mut list = PageList::new(PageSize::KIB4);
+        stable(&mut list, 0, 1, 7);
+        stable(&mut list, 1, 2, 30);
+        assert_eq!(list.runs().len(), 2, "keys apart: two runs");
+        assert_eq!(list.as_slice(), Some(&buf[..3 * 4096]));
+        assert_eq!(list.page_slice(1), Some((&buf[4096..8192], PageKey(30))));
+        // A run apart in memory: copied, not borrowed.
+        list.reset(PageSize::KIB4);
+        stable(&mut list, 0, 1, 0);
+        stable(&mut list, 2, 1, 1);
+        assert_eq!(list.as_slice(), None);
+        // Guest memory anywhere in the list: never borrowed.
+        list.reset(PageSize::KIB4);
+        stable(&mut list, 0, 1, 0);
+        // SAFETY: as above.
+        unsafe { list.push_raw(buf[4096..].as_ptr(), 1, PageKey(9)) }.unwrap();
+        assert_eq!(list.as_slice(), None);
+        assert_eq!(list.page_slice(0), None);
     }
 
     #[test]

@@ -116,8 +116,9 @@ impl Worker {
                     // SAFETY: `part` lies in the buffer that moves into this frame's
                     // `FrameMeta` below, whose heap allocation neither moves nor changes
                     // until the job's completion is handled (then it goes back to the
-                    // pool); accel reads it only through raw-pointer copies.
-                    unsafe { list.push_raw(part.as_ptr(), run.count, key) }.map_err(|e| {
+                    // pool), and nothing writes it meanwhile. The runs follow each other
+                    // in the buffer, so the codecs read the whole buffer in place.
+                    unsafe { list.push_stable(part.as_ptr(), run.count, key) }.map_err(|e| {
                         MigrationError::Protocol {
                             channel: self.s.ch,
                             what: e.to_string(),
