@@ -57,6 +57,8 @@ pub(crate) struct Run {
     pub(crate) ptr: *const u8,
     pub(crate) pages: u32,
     pub(crate) key: PageKey,
+    /// Pushed by a constructor whose contract lets a following run join it.
+    pub(crate) merges: bool,
 }
 
 /// Why a page list refused a run.
@@ -161,11 +163,15 @@ macro_rules! page_list_common {
                 None
             }
 
+            /// `merge`: the run may join the last one when it continues it in memory
+            /// and keys; only for pointers whose contracts put adjacent runs in one
+            /// allocated object (a slice is a borrow of its own range only).
             fn push_run(
                 &mut self,
                 ptr: *const u8,
                 pages: u32,
                 key: PageKey,
+                merge: bool,
             ) -> Result<(), PagesError> {
                 if pages == 0 {
                     return Err(PagesError::BadRunLength { pages: 0 });
@@ -175,7 +181,7 @@ macro_rules! page_list_common {
                     return Err(PagesError::BadRunLength { pages: total });
                 }
                 // Merge with the previous run when it continues it in memory and keys.
-                if let Some(last) = self.runs.last_mut() {
+                if let Some(last) = self.runs.last_mut().filter(|l| merge && l.merges) {
                     let end = last
                         .ptr
                         .wrapping_add(last.pages as usize * self.page_size.bytes());
@@ -185,7 +191,12 @@ macro_rules! page_list_common {
                         return Ok(());
                     }
                 }
-                self.runs.push(Run { ptr, pages, key });
+                self.runs.push(Run {
+                    ptr,
+                    pages,
+                    key,
+                    merges: merge,
+                });
                 self.pages = total;
                 Ok(())
             }
@@ -224,7 +235,7 @@ impl<'a> PageList<'a> {
     /// [`PagesError`] when the slice is empty or not a whole number of pages.
     pub fn push_slice(&mut self, pages: &'a [u8], key: PageKey) -> Result<(), PagesError> {
         let n = whole_pages(pages.len(), self.page_size)?;
-        self.push_run(pages.as_ptr(), n, key)
+        self.push_run(pages.as_ptr(), n, key, false)
     }
 
     /// Appends `pages` pages starting at `ptr`, the first with key `key`.
@@ -240,14 +251,16 @@ impl<'a> PageList<'a> {
     /// meanwhile. The guest, vCPU threads and other threads may write the memory
     /// through raw pointers meanwhile: this crate reads it only through raw-pointer
     /// copies (see the module documentation), so a concurrent write can make a payload
-    /// stale or torn, never invalid.
+    /// stale or torn, never invalid. A run that starts where the list's last raw run
+    /// ends joins it: the two pointers must then come from one pointer to one mapping
+    /// (a region of guest memory).
     pub unsafe fn push_raw(
         &mut self,
         ptr: *const u8,
         pages: u32,
         key: PageKey,
     ) -> Result<(), PagesError> {
-        self.push_run(ptr, pages, key)?;
+        self.push_run(ptr, pages, key, true)?;
         self.volatile = true;
         Ok(())
     }
@@ -265,22 +278,25 @@ impl<'a> PageList<'a> {
     /// `ptr .. ptr + pages × page_size` must stay mapped and readable from any thread,
     /// and be written by nobody (through any pointer or reference), until the list is
     /// dropped or reset, or, for a list inside an engine job, until the job's completion
-    /// has been received.
+    /// has been received. When `ptr` is where the list's last run ends, the two
+    /// pointers must come from one pointer to one allocated object (one buffer, not
+    /// slices of its parts), since the list may then be read as one slice.
     pub unsafe fn push_stable(
         &mut self,
         ptr: *const u8,
         pages: u32,
         key: PageKey,
     ) -> Result<(), PagesError> {
-        self.push_run(ptr, pages, key)
+        self.push_run(ptr, pages, key, true)
     }
 
-    /// The whole list as one slice, when it may be borrowed in place: runs pushed with
-    /// [`PageList::push_slice`] or [`PageList::push_stable`] that follow each other in
-    /// memory (whatever their keys). `None` for guest memory or runs apart, which the
-    /// caller copies with [`PageList::copy_to`].
+    /// The whole list as one slice, when it may be borrowed in place: one run pushed
+    /// with [`PageList::push_slice`] or [`PageList::push_stable`], or runs all pushed
+    /// with `push_stable` that follow each other in memory, whatever their keys. `None`
+    /// for guest memory or runs apart, which the caller copies with
+    /// [`PageList::copy_to`].
     pub(crate) fn as_slice(&self) -> Option<&[u8]> {
-        if self.volatile {
+        if self.volatile || (self.runs.len() > 1 && self.runs.iter().any(|r| !r.merges)) {
             return None;
         }
         let ps = self.page_size.bytes();
@@ -295,8 +311,10 @@ impl<'a> PageList<'a> {
         // SAFETY: without a `push_raw` run, every run came from `push_slice` (a
         // `&'a [u8]` of whole pages nobody may write for `'a`, which outlives this
         // borrow of the list) or `push_stable` (memory nobody writes while the list
-        // lives); each run starts where the one before ends, so together they are one
-        // readable range of `self.pages` pages.
+        // lives). Each run starts where the one before ends, and when there are several
+        // every one came from `push_stable`, whose contract derives adjacent runs'
+        // pointers from one pointer to one object: together they are one readable range
+        // of `self.pages` pages in one object, reachable from the first run's pointer.
         Some(unsafe { core::slice::from_raw_parts(first.ptr, self.pages * ps) })
     }
 
@@ -387,7 +405,7 @@ impl<'a> PageListMut<'a> {
     /// [`PagesError`] when the slice is empty or not a whole number of pages.
     pub fn push_slice(&mut self, pages: &'a mut [u8], key: PageKey) -> Result<(), PagesError> {
         let n = whole_pages(pages.len(), self.page_size)?;
-        self.push_run(pages.as_mut_ptr(), n, key)
+        self.push_run(pages.as_mut_ptr(), n, key, false)
     }
 
     /// Appends `pages` pages starting at `ptr`, the first with key `key`.
@@ -403,14 +421,16 @@ impl<'a> PageListMut<'a> {
     /// may read or write it meanwhile: the decoders borrow it as `&mut [u8]`. On a
     /// destination that holds because the guest is not running yet and page-to-channel
     /// affinity, checked by the receiver, keeps other channels' threads off the pages
-    /// (see the module documentation).
+    /// (see the module documentation). A run that starts where the list's last raw
+    /// run ends joins it: the two pointers must then come from one pointer to one
+    /// mapping (a region of guest memory).
     pub unsafe fn push_raw(
         &mut self,
         ptr: *mut u8,
         pages: u32,
         key: PageKey,
     ) -> Result<(), PagesError> {
-        self.push_run(ptr, pages, key)
+        self.push_run(ptr, pages, key, true)
     }
 
     /// The writable pointer to page `i` of the list.
@@ -426,11 +446,17 @@ mod tests {
     #[test]
     fn runs_merge_when_contiguous_and_keys_follow() {
         let buf = vec![0u8; 4 * 4096];
+        let base = buf.as_ptr();
         let mut list = PageList::new(PageSize::KIB4);
-        list.push_slice(&buf[..4096], PageKey(10)).unwrap();
-        list.push_slice(&buf[4096..8192], PageKey(11)).unwrap();
+        let raw = |list: &mut PageList<'_>, page: usize, pages: u32, key: u64| {
+            // SAFETY: `buf` outlives the list and nothing writes it; the pointers all
+            // come from `base`, one pointer to the whole buffer.
+            unsafe { list.push_raw(base.wrapping_add(page * 4096), pages, PageKey(key)) }.unwrap();
+        };
+        raw(&mut list, 0, 1, 10);
+        raw(&mut list, 1, 1, 11);
         assert_eq!(list.runs().len(), 1);
-        list.push_slice(&buf[8192..], PageKey(40)).unwrap();
+        raw(&mut list, 2, 2, 40);
         assert_eq!(list.runs().len(), 2);
         assert_eq!(list.pages(), 4);
         assert_eq!(list.page(2).map(|p| p.1), Some(PageKey(40)));
@@ -439,6 +465,10 @@ mod tests {
         assert!(list.page(4).is_none());
         list.reset(PageSize::KIB4);
         assert!(list.is_empty());
+        // Slices are borrows of their own ranges only: never joined.
+        list.push_slice(&buf[..4096], PageKey(10)).unwrap();
+        list.push_slice(&buf[4096..8192], PageKey(11)).unwrap();
+        assert_eq!(list.runs().len(), 2);
     }
 
     #[test]
@@ -450,7 +480,7 @@ mod tests {
         assert_eq!(list.page_slice(1), Some((&buf[4096..8192], PageKey(1))));
         // SAFETY: `buf` outlives the list and nothing writes it.
         unsafe { list.push_raw(buf[8192..].as_ptr(), 1, PageKey(2)).unwrap() };
-        assert_eq!(list.runs().len(), 1, "the raw run continues the slice");
+        assert_eq!(list.runs().len(), 2, "a raw run never joins a slice");
         assert_eq!(list.as_slice(), None);
         assert_eq!(list.page_slice(0), None);
 
@@ -478,8 +508,9 @@ mod tests {
     fn stable_runs_that_follow_in_memory_are_borrowed_whatever_their_keys() {
         let buf: Vec<u8> = (0..4 * 4096).map(|i| (i / 4096) as u8 + 1).collect();
         let stable = |list: &mut PageList<'_>, page: usize, pages: u32, key: u64| {
-            let ptr = buf[page * 4096..].as_ptr();
-            // SAFETY: `buf` outlives every list below and nothing writes it.
+            let ptr = buf.as_ptr().wrapping_add(page * 4096);
+            // SAFETY: `buf` outlives every list below and nothing writes it; every
+            // pointer comes from one pointer to the whole buffer.
             unsafe { list.push_stable(ptr, pages, PageKey(key)) }.unwrap();
         };
         let mut list = PageList::new(PageSize::KIB4);
@@ -500,6 +531,16 @@ mod tests {
         unsafe { list.push_raw(buf[4096..].as_ptr(), 1, PageKey(9)) }.unwrap();
         assert_eq!(list.as_slice(), None);
         assert_eq!(list.page_slice(0), None);
+        // Slices are borrows of their own ranges only: never read as one.
+        list.reset(PageSize::KIB4);
+        list.push_slice(&buf[..4096], PageKey(0)).unwrap();
+        list.push_slice(&buf[4096..8192], PageKey(5)).unwrap();
+        assert_eq!(list.as_slice(), None);
+        list.reset(PageSize::KIB4);
+        list.push_slice(&buf[..4096], PageKey(0)).unwrap();
+        stable(&mut list, 1, 1, 1);
+        assert_eq!(list.runs().len(), 2, "a stable run never joins a slice");
+        assert_eq!(list.as_slice(), None);
     }
 
     #[test]

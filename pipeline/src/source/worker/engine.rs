@@ -105,25 +105,26 @@ impl Worker {
         let ps = self.s.memory.page_size() as usize;
         match &staged {
             Some(st) => {
+                // One pointer to the whole buffer: the runs may be read as one slice.
+                let base = st.buf.as_ptr();
                 let mut off = 0;
                 for run in &st.data {
                     let n = run.count as usize * ps;
-                    let part = st
-                        .buf
-                        .get(off..off + n)
-                        .ok_or(MigrationError::Worker(self.s.ch))?;
+                    if off + n > st.buf.len() {
+                        return Err(MigrationError::Worker(self.s.ch));
+                    }
                     let key = page_key(region, run.start.0);
-                    // SAFETY: `part` lies in the buffer that moves into this frame's
+                    // SAFETY: `off..off + n` lies in the buffer that moves into this frame's
                     // `FrameMeta` below, whose heap allocation neither moves nor changes
                     // until the job's completion is handled (then it goes back to the
                     // pool), and nothing writes it meanwhile. The runs follow each other
                     // in the buffer, so the codecs read the whole buffer in place.
-                    unsafe { list.push_stable(part.as_ptr(), run.count, key) }.map_err(|e| {
-                        MigrationError::Protocol {
+                    unsafe { list.push_stable(base.wrapping_add(off), run.count, key) }.map_err(
+                        |e| MigrationError::Protocol {
                             channel: self.s.ch,
                             what: e.to_string(),
-                        }
-                    })?;
+                        },
+                    )?;
                     off += n;
                 }
             }
