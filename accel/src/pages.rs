@@ -57,8 +57,20 @@ pub(crate) struct Run {
     pub(crate) ptr: *const u8,
     pub(crate) pages: u32,
     pub(crate) key: PageKey,
-    /// Pushed by a constructor whose contract lets a following run join it.
-    pub(crate) merges: bool,
+    /// Which runs may join this one: only runs pushed the same way, by a constructor
+    /// whose contract derives adjacent runs' pointers from one pointer.
+    pub(crate) join: Join,
+}
+
+/// How a run was pushed, for joining runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Join {
+    /// A slice: a borrow of its own range only, never joined.
+    Never,
+    /// `push_raw`: guest memory, joined with raw runs of the same mapping.
+    Raw,
+    /// `PageList::push_stable`: a private copy, joined with stable runs of one buffer.
+    Stable,
 }
 
 /// Why a page list refused a run.
@@ -163,15 +175,14 @@ macro_rules! page_list_common {
                 None
             }
 
-            /// `merge`: the run may join the last one when it continues it in memory
-            /// and keys; only for pointers whose contracts put adjacent runs in one
-            /// allocated object (a slice is a borrow of its own range only).
+            /// The run joins the last one when it continues it in memory and keys and
+            /// both were pushed the same joinable way (`join`).
             fn push_run(
                 &mut self,
                 ptr: *const u8,
                 pages: u32,
                 key: PageKey,
-                merge: bool,
+                join: Join,
             ) -> Result<(), PagesError> {
                 if pages == 0 {
                     return Err(PagesError::BadRunLength { pages: 0 });
@@ -181,7 +192,7 @@ macro_rules! page_list_common {
                     return Err(PagesError::BadRunLength { pages: total });
                 }
                 // Merge with the previous run when it continues it in memory and keys.
-                if let Some(last) = self.runs.last_mut().filter(|l| merge && l.merges) {
+                if let Some(last) = self.runs.last_mut().filter(|l| join != Join::Never && l.join == join) {
                     let end = last
                         .ptr
                         .wrapping_add(last.pages as usize * self.page_size.bytes());
@@ -195,7 +206,7 @@ macro_rules! page_list_common {
                     ptr,
                     pages,
                     key,
-                    merges: merge,
+                    join,
                 });
                 self.pages = total;
                 Ok(())
@@ -235,7 +246,7 @@ impl<'a> PageList<'a> {
     /// [`PagesError`] when the slice is empty or not a whole number of pages.
     pub fn push_slice(&mut self, pages: &'a [u8], key: PageKey) -> Result<(), PagesError> {
         let n = whole_pages(pages.len(), self.page_size)?;
-        self.push_run(pages.as_ptr(), n, key, false)
+        self.push_run(pages.as_ptr(), n, key, Join::Never)
     }
 
     /// Appends `pages` pages starting at `ptr`, the first with key `key`.
@@ -260,7 +271,7 @@ impl<'a> PageList<'a> {
         pages: u32,
         key: PageKey,
     ) -> Result<(), PagesError> {
-        self.push_run(ptr, pages, key, true)?;
+        self.push_run(ptr, pages, key, Join::Raw)?;
         self.volatile = true;
         Ok(())
     }
@@ -287,7 +298,7 @@ impl<'a> PageList<'a> {
         pages: u32,
         key: PageKey,
     ) -> Result<(), PagesError> {
-        self.push_run(ptr, pages, key, true)
+        self.push_run(ptr, pages, key, Join::Stable)
     }
 
     /// The whole list as one slice, when it may be borrowed in place: one run pushed
@@ -296,7 +307,9 @@ impl<'a> PageList<'a> {
     /// for guest memory or runs apart, which the caller copies with
     /// [`PageList::copy_to`].
     pub(crate) fn as_slice(&self) -> Option<&[u8]> {
-        if self.volatile || (self.runs.len() > 1 && self.runs.iter().any(|r| !r.merges)) {
+        if self.volatile
+            || (self.runs.len() > 1 && self.runs.iter().any(|r| r.join != Join::Stable))
+        {
             return None;
         }
         let ps = self.page_size.bytes();
@@ -405,7 +418,7 @@ impl<'a> PageListMut<'a> {
     /// [`PagesError`] when the slice is empty or not a whole number of pages.
     pub fn push_slice(&mut self, pages: &'a mut [u8], key: PageKey) -> Result<(), PagesError> {
         let n = whole_pages(pages.len(), self.page_size)?;
-        self.push_run(pages.as_mut_ptr(), n, key, false)
+        self.push_run(pages.as_mut_ptr(), n, key, Join::Never)
     }
 
     /// Appends `pages` pages starting at `ptr`, the first with key `key`.
@@ -430,7 +443,7 @@ impl<'a> PageListMut<'a> {
         pages: u32,
         key: PageKey,
     ) -> Result<(), PagesError> {
-        self.push_run(ptr, pages, key, true)
+        self.push_run(ptr, pages, key, Join::Raw)
     }
 
     /// The writable pointer to page `i` of the list.
@@ -528,7 +541,8 @@ mod tests {
         list.reset(PageSize::KIB4);
         stable(&mut list, 0, 1, 0);
         // SAFETY: as above.
-        unsafe { list.push_raw(buf[4096..].as_ptr(), 1, PageKey(9)) }.unwrap();
+        unsafe { list.push_raw(buf[4096..].as_ptr(), 1, PageKey(1)) }.unwrap();
+        assert_eq!(list.runs().len(), 2, "guest memory never joins a copy");
         assert_eq!(list.as_slice(), None);
         assert_eq!(list.page_slice(0), None);
         // Slices are borrows of their own ranges only: never read as one.
