@@ -566,16 +566,20 @@ impl Receiver {
         let ps = PageSize::new(memory.page_size()).unwrap_or_default();
         let mut dst = PageListMut::with_capacity(ps, p.data_runs.len());
         let mut scratch_off = 0;
+        // One pointer to the whole buffer for every run in it (runs pushed raw may join).
+        let scratch_base = scratch.as_mut_ptr();
         for run in p.data_runs.iter() {
             if installing && installs(&run) {
                 let n = run.count as usize * page_bytes;
-                let Some(buf) = scratch.get_mut(scratch_off..scratch_off + n) else {
+                if scratch_off + n > scratch.len() {
                     return Err(no_pages);
-                };
-                // SAFETY: `buf` is a part of `scratch`, which is not resized until the
-                // decode below has finished with `dst`; parts of different runs are
-                // disjoint.
-                unsafe { dst.push_raw(buf.as_mut_ptr(), run.count, PageKey(run.start.0)) }
+                }
+                let part = scratch_base.wrapping_add(scratch_off);
+                // SAFETY: `part .. part + n` is a part of `scratch` (checked above), which
+                // is not resized or otherwise touched until the decode below has finished
+                // with `dst`; parts of different runs are disjoint; every part's pointer
+                // comes from `scratch_base`.
+                unsafe { dst.push_raw(part, run.count, PageKey(run.start.0)) }
                     .map_err(|_| no_pages)?;
                 scratch_off += n;
                 continue;
