@@ -192,7 +192,8 @@ macro_rules! page_list_common {
                     return Err(PagesError::BadRunLength { pages: total });
                 }
                 // Merge with the previous run when it continues it in memory and keys.
-                if let Some(last) = self.runs.last_mut().filter(|l| join != Join::Never && l.join == join) {
+                let joins = |l: &&mut Run| join != Join::Never && l.join == join;
+                if let Some(last) = self.runs.last_mut().filter(joins) {
                     let end = last
                         .ptr
                         .wrapping_add(last.pages as usize * self.page_size.bytes());
