@@ -263,7 +263,10 @@ const SESSION: u8 = 31;
 
 fn destination() -> (SocketAddr, JoinHandle<Result<Migrated, MigrationError>>) {
     let mut cfg = DestinationConfig::new(session(SESSION), Authentication::None);
-    cfg.idle_timeout = Duration::from_secs(2);
+    // Well above the source's 2 s timeouts: a channel idle for 2 s before the first
+    // pause happened under ThreadSanitizer on a slow machine (two migrations at once
+    // on 2 cores), and the migration failed before the case it tests.
+    cfg.idle_timeout = Duration::from_secs(6);
     cfg.accept_timeout = Duration::from_secs(10);
     let l = DestinationListener::bind(loopback(), cfg).unwrap();
     let addr = l.local_addr().unwrap();
@@ -293,7 +296,11 @@ fn run(last: Last, loss: Loss) -> Ended {
         dst.join().unwrap()
     });
     let (pauses, resumes) = guest.pauses_and_resumes();
-    assert_eq!(pauses, 1, "the guest was paused once, for the final round");
+    assert_eq!(
+        pauses, 1,
+        "the guest was paused once, for the final round (source: {source:?}; destination: \
+         {destination:?})"
+    );
     let ended = Ended {
         destination,
         source,
