@@ -59,16 +59,11 @@ pub struct PageHasher {
 impl PageHasher {
     /// A hasher keyed with `key`, on the fastest SIMD this machine has.
     pub fn new(key: [u8; 32]) -> Self {
-        PageHasher {
-            key,
-            words: words_from_le_bytes_32(&key),
-            platform: Platform::detect(),
-        }
+        Self::on(key, Platform::detect())
     }
 
-    /// A hasher on a given SIMD implementation, for the tests of every one this
-    /// machine has.
-    #[cfg(test)]
+    /// A hasher on a given SIMD implementation (the tests run every one this machine
+    /// has).
     fn on(key: [u8; 32], platform: Platform) -> Self {
         PageHasher {
             key,
