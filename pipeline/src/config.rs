@@ -254,8 +254,11 @@ pub struct DestinationConfig {
     /// How long one connection may take over its handshake, counted from its accept
     /// (a slow or silent peer is closed after this, whatever the accept window).
     pub handshake_timeout: Duration,
-    /// Most connections whose handshake is in progress at once; more wait in the
-    /// kernel's backlog.
+    /// Most connections whose handshake is in progress at once. While they are all
+    /// taken, a new connection takes the place of the oldest one that has not named a
+    /// session being accepted within 500 ms of its accept (the transport's
+    /// `ListenerConfig::evict_after`); when there is none, more wait in the kernel's
+    /// backlog.
     pub max_pending: usize,
     /// Most sessions accepted at once on one [`DestinationListener`]
     /// ([`DestinationListener::accept`]/[`DestinationListener::accept_with`] calls

@@ -347,7 +347,7 @@ fn idle_connections_add_no_threads() {
     assert!(s.peak_pending <= max_pending, "{s:?}");
     assert!(s.cap_reached >= 1, "{s:?}");
     assert_eq!(s.accepted, IDLE as u64 + u64::from(CHANNELS), "{s:?}");
-    assert_eq!(s.timed_out + s.abandoned, IDLE as u64, "{s:?}");
+    assert_eq!(s.timed_out + s.abandoned + s.evicted, IDLE as u64, "{s:?}");
 }
 
 #[test]
@@ -615,4 +615,78 @@ fn a_hello_of_a_session_nobody_accepts_is_refused_while_two_are_accepted() {
             }
         )));
     });
+}
+
+#[test]
+fn connections_that_name_no_session_give_their_places_up() {
+    const IDLE: usize = 20;
+    const PARTIAL: usize = 8;
+    // Each handshake's deadline is far beyond the accept window: before the
+    // replacement, the first four idle connections held every place until the window
+    // ran out and the source, queued behind them, never got in.
+    let mut d = dst(Duration::from_secs(600));
+    d.listener.max_pending = 4;
+    d.listener.evict_after = Duration::from_millis(200);
+    let (l, addr) = bind(&d);
+    let hello = hello_bytes();
+    // Queued in the backlog ahead of the source: connections that send nothing, and
+    // connections that send part of a HELLO and stop.
+    let idle: Vec<TcpStream> = (0..IDLE)
+        .map(|_| TcpStream::connect(addr).unwrap())
+        .collect();
+    let partial: Vec<TcpStream> = (0..PARTIAL)
+        .map(|_| {
+            let mut c = TcpStream::connect(addr).unwrap();
+            c.write_all(&hello[..hello.len() / 2]).unwrap();
+            c
+        })
+        .collect();
+    let (acc, src) = std::thread::scope(|s| {
+        let c = s.spawn(|| legit(addr));
+        let acc = l.accept_session(&d, Duration::from_secs(60));
+        (acc, c.join().unwrap())
+    });
+    let acc = acc.expect("the source got in while the queue ahead of it idled");
+    assert_session(&acc, &src);
+    let s = acc.stats;
+    println!("FIGURE {IDLE} idle and {PARTIAL} half-HELLO connections ahead of the source: {s:?}");
+    assert!(s.evicted >= (IDLE + PARTIAL - 4) as u64, "{s:?}");
+    assert!(s.peak_pending <= 4, "{s:?}");
+    drop((idle, partial));
+}
+
+#[test]
+fn an_honest_session_wider_than_the_places_loses_none_of_its_channels() {
+    // 16 channels connecting at once through 2 places, replaced at any age: each
+    // channel's HELLO is read as soon as its connection is accepted, so none is ever
+    // the one given up (reading it only at the next poll, the first two would be).
+    let channels = 16;
+    let mut d = cfg(channels, KEY, Duration::from_secs(30));
+    d.listener.max_pending = 2;
+    d.listener.evict_after = Duration::ZERO;
+    let (l, addr) = bind(&d);
+    let src_cfg = cfg(channels, KEY, Duration::from_secs(60));
+    let (acc, src) = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..channels)
+            .map(|i| {
+                let src_cfg = &src_cfg;
+                s.spawn(move || session::connect_channel(addr, src_cfg, i))
+            })
+            .collect();
+        // Not a threshold: time for every channel to connect and send its HELLO
+        // before the listener accepts, so that all of them wait in the backlog.
+        std::thread::sleep(Duration::from_secs(2));
+        let acc = l.accept_session(&d, WINDOW);
+        let src: Vec<Established> = clients
+            .into_iter()
+            .map(|c| c.join().unwrap().unwrap())
+            .collect();
+        (acc, src)
+    });
+    let acc = acc.unwrap();
+    assert_eq!(acc.channels.len(), usize::from(channels));
+    assert_eq!(src.len(), usize::from(channels));
+    assert_eq!(acc.stats.evicted, 0, "{:?}", acc.stats);
+    assert_eq!(acc.stats.established, u64::from(channels));
+    assert_eq!(acc.stats.peak_pending, 2, "{:?}", acc.stats);
 }

@@ -9,9 +9,21 @@
 //!   accept window,
 //! - at most one handshake frame of buffered input (the protocol's 4096-byte handshake
 //!   frame limit) and the few frames of its own replies,
-//! - a place among at most [`ListenerConfig::max_pending`] pending connections; while
-//!   they are all taken, new connections wait in the kernel's backlog
-//!   ([`ListenerConfig::backlog`]) and are accepted as places free up.
+//! - a place among at most [`ListenerConfig::max_pending`] pending connections. While
+//!   they are all taken, a new connection takes the place of the one accepted first
+//!   among those that named no session being accepted within
+//!   [`ListenerConfig::evict_after`] of their accept (closed, counted in
+//!   [`ListenerStats::evicted`]); when there is none, new connections wait in the
+//!   kernel's backlog ([`ListenerConfig::backlog`]) and are accepted as places free up.
+//!
+//! So connections that send nothing, or never a HELLO of a session being accepted,
+//! cannot keep a source out: before the replacement, 64 such connections renewed every
+//! 10 s (the default deadline) did, and a queue of them in the backlog made a source
+//! that came after them wait until its own handshake timed out. A connection's first
+//! bytes are read as soon as it is accepted, so a source's plaintext HELLO names its
+//! session at once; over TLS it does after the TLS handshake (one round trip). A peer
+//! that knows the session id can still hold places until the deadline (its HELLO names
+//! the session); on an untrusted path, TLS keeps the id from it.
 //!
 //! A HELLO that asks for more than [`ListenerConfig::max_channels`] channels is refused
 //! with a REJECT (`BAD_CHANNEL`) as soon as it arrives. A failing `accept` (out of file
@@ -90,20 +102,27 @@ pub struct ListenerConfig {
     /// Pause before retrying an `accept` that failed for lack of resources
     /// (file descriptors, memory). More than zero.
     pub accept_backoff: Duration,
+    /// How long after its accept a pending connection that has named no session being
+    /// accepted keeps its place against a new connection while every place is taken
+    /// (see the module's documentation). An honest source's HELLO comes right after
+    /// its connection (after the TLS handshake with TLS), so this needs to cover a
+    /// round trip or two, not the handshake deadline.
+    pub evict_after: Duration,
     /// Most sessions accepted at once ([`Listener::accept_session`] calls running
     /// together on different threads); taken when the listener is bound. At least 1.
     pub max_sessions: usize,
 }
 
 impl Default for ListenerConfig {
-    /// 64 pending handshakes, 64 channels, a backlog of 1024, 50 ms back-off, 8
-    /// sessions at once.
+    /// 64 pending handshakes, 64 channels, a backlog of 1024, 50 ms back-off, a new
+    /// connection replaces one that named no session within 500 ms, 8 sessions at once.
     fn default() -> Self {
         Self {
             max_pending: 64,
             max_channels: 64,
             backlog: 1024,
             accept_backoff: Duration::from_millis(50),
+            evict_after: Duration::from_millis(500),
             max_sessions: 8,
         }
     }

@@ -45,6 +45,8 @@ pub(super) struct Pending {
     pub(super) out: Vec<u8>,
     /// Bytes received after the handshake's last frame.
     pub(super) leftover: Vec<u8>,
+    /// When it was accepted.
+    pub(super) since: Instant,
     pub(super) deadline: Instant,
     pub(super) phase: Phase,
     /// The first bytes were seen and matched the listener's encryption.

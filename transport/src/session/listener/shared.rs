@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token};
 use pagewire_protocol::{FrameDecoder, HandshakeError, Limits, ServerConfig, SessionId};
@@ -161,18 +161,32 @@ impl Shared {
         if self.listener_ready && self.retry_at.is_none_or(|t| now >= t) {
             self.retry_at = None;
             loop {
+                let mut evict = None;
                 if self.pending >= limits.max_pending {
                     if !self.at_cap {
                         self.at_cap = true;
                         bump(&counters.cap_reached);
                     }
-                    break;
+                    evict = self.idlest(now, limits.evict_after);
+                    if evict.is_none() {
+                        break;
+                    }
                 }
                 match socket.accept() {
                     Ok((stream, peer)) => {
-                        self.at_cap = false;
+                        if let Some(v) = evict {
+                            bump(&counters.evicted);
+                            self.close(v, None);
+                        } else {
+                            self.at_cap = false;
+                        }
                         bump(&counters.accepted);
-                        self.start(counters, stream, peer, now + lim.handshake_timeout);
+                        let deadline = now + lim.handshake_timeout;
+                        if let Some(i) = self.start(counters, stream, peer, now, deadline) {
+                            // What came with the connection (an honest source's HELLO)
+                            // is read now, before another accept weighs its place.
+                            self.drive(counters, lim, i);
+                        }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         self.listener_ready = false;
@@ -214,6 +228,13 @@ impl Shared {
         }
         if self.listener_ready && self.pending < limits.max_pending {
             wake = wake.min(self.retry_at.unwrap_or(now));
+        } else if self.listener_ready
+            && let Some(v) = self.idlest(now, Duration::ZERO)
+            && let Some(c) = &self.conns[v]
+        {
+            // A connection waits and every place is taken: look again when the oldest
+            // that named no session may give its place up.
+            wake = wake.min(c.since + limits.evict_after);
         }
         match self
             .poll
@@ -238,8 +259,33 @@ impl Shared {
         Ok(())
     }
 
-    /// Takes a new connection into a free place and registers it.
-    fn start(&mut self, counters: &Counters, mut stream: Conn, peer: Endpoint, deadline: Instant) {
+    /// The pending connection a new one replaces while every place is taken: the one
+    /// accepted first among those accepted at least `grace` before `now` that named no
+    /// session being accepted and hold no admission. `None` when there is none.
+    fn idlest(&self, now: Instant, grace: Duration) -> Option<usize> {
+        self.conns
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| c.as_ref().map(|c| (i, c)))
+            .filter(|(_, c)| {
+                c.session.is_none()
+                    && c.claim.is_none()
+                    && now.saturating_duration_since(c.since) >= grace
+            })
+            .min_by_key(|(_, c)| c.since)
+            .map(|(i, _)| i)
+    }
+
+    /// Takes a new connection, accepted at `since`, into a free place and registers
+    /// it; returns its place (`None`: refused).
+    fn start(
+        &mut self,
+        counters: &Counters,
+        mut stream: Conn,
+        peer: Endpoint,
+        since: Instant,
+        deadline: Instant,
+    ) -> Option<usize> {
         let i = self.free.pop().unwrap_or(self.conns.len());
         if let Err(source) = self.poll.registry().register(
             &mut stream,
@@ -250,7 +296,7 @@ impl Shared {
             bump(&counters.closed);
             self.free.push(i);
             self.refuse(None, SessionError::HandshakeIo { peer, source });
-            return;
+            return None;
         }
         let c = Pending {
             stream,
@@ -261,6 +307,7 @@ impl Shared {
             early: Vec::new(),
             out: Vec::new(),
             leftover: Vec::new(),
+            since,
             deadline,
             phase: Phase::Running,
             mode_checked: false,
@@ -279,6 +326,7 @@ impl Shared {
             s.peak = s.peak.max(pending);
         }
         counters.peak_pending.fetch_max(pending, Ordering::Relaxed);
+        Some(i)
     }
 
     /// Moves a connection's handshake on after its socket became ready.

@@ -29,9 +29,12 @@ pub struct ListenerStats {
     pub timed_out: u64,
     /// Handshakes still in progress when a call returned; they were closed.
     pub abandoned: u64,
-    /// Times `max_pending` handshakes were in progress and new connections were left
-    /// in the backlog.
+    /// Times `max_pending` handshakes were in progress when a new connection waited.
     pub cap_reached: u64,
+    /// Pending connections closed for a new one while `max_pending` were in progress:
+    /// they had named no session being accepted within
+    /// [`ListenerConfig::evict_after`] of their accept.
+    pub evicted: u64,
     /// `accept` calls that failed (out of file descriptors, memory, ...); each was
     /// retried after the back-off.
     pub accept_errors: u64,
@@ -52,6 +55,7 @@ impl ListenerStats {
             timed_out: self.timed_out - before.timed_out,
             abandoned: self.abandoned - before.abandoned,
             cap_reached: self.cap_reached - before.cap_reached,
+            evicted: self.evicted - before.evicted,
             accept_errors: self.accept_errors - before.accept_errors,
             peak_pending: peak,
         }
@@ -70,6 +74,7 @@ pub(super) struct Counters {
     pub(super) timed_out: AtomicU64,
     pub(super) abandoned: AtomicU64,
     pub(super) cap_reached: AtomicU64,
+    pub(super) evicted: AtomicU64,
     pub(super) accept_errors: AtomicU64,
     pub(super) peak_pending: AtomicU64,
 }
@@ -91,6 +96,7 @@ impl Counters {
             timed_out: l(&self.timed_out),
             abandoned: l(&self.abandoned),
             cap_reached: l(&self.cap_reached),
+            evicted: l(&self.evicted),
             accept_errors: l(&self.accept_errors),
             peak_pending: l(&self.peak_pending),
         }
