@@ -256,9 +256,9 @@ pub struct DestinationConfig {
     pub handshake_timeout: Duration,
     /// Most connections whose handshake is in progress at once. While they are all
     /// taken, a new connection takes the place of the oldest one that has not named a
-    /// session being accepted within 500 ms of its accept (the transport's
-    /// `ListenerConfig::evict_after`); when there is none, more wait in the kernel's
-    /// backlog.
+    /// session being accepted within 500 ms of its accept, or else that was not
+    /// admitted within 2 s (the transport's `ListenerConfig::evict_after` and
+    /// `evict_named_after`); when there is none, more wait in the kernel's backlog.
     pub max_pending: usize,
     /// Most sessions accepted at once on one [`DestinationListener`]
     /// ([`DestinationListener::accept`]/[`DestinationListener::accept_with`] calls

@@ -6,9 +6,11 @@ destination's listener with hostile connections before the source may connect.
         python3 protocol/conformance/source_from_spec.py protocol/conformance/flood_receive.py
 
 It starts the real receiver with the arguments it was given, reads its "listening on
-ADDR" line, and opens, from four threads: 300 connections that send nothing, 50 that
+ADDR" line, and opens, from five threads: 300 connections that send nothing, 50 that
 send 64 KiB of random bytes, 50 that send one byte every half second (never a whole
-frame) and 50 that send a frame header claiming a huge length. Only once all of them
+frame), 50 that send a frame header claiming a huge length and 50 that send a whole
+HELLO naming the session being accepted (its id is in the receiver's arguments, and
+travels in clear without TLS) and then never CONFIRM. Only once all of them
 were opened (then 2 s later) does it pass the "listening on" line on, so the source
 connects behind the whole flood, as it would behind an attacker who got there first.
 Then it relays the receiver's output and exit status. It fails (exit 3) if the flood
@@ -16,12 +18,25 @@ could not be opened. Everything stays on loopback and stops within 30 s.
 """
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 
-IDLE, GARBAGE, SLOW, BIG = 300, 50, 50, 50
+PAGE, VERSION = 4096, 6
+
+
+def env(t, flags, body):
+    """A frame: PROTOCOL.md's 8-byte envelope, then the body."""
+    return struct.pack("<BBHI", t, flags, 0, len(body)) + body
+
+
+def lst(fmt, items):
+    """A list: a one-byte count, then the items."""
+    return bytes([len(items)]) + b"".join(struct.pack("<" + fmt, i) for i in items)
+
+IDLE, GARBAGE, SLOW, BIG, NAMED = 300, 50, 50, 50, 50
 
 
 def main():
@@ -34,7 +49,12 @@ def main():
     host, port = line.split()[-1].rsplit(":", 1)
     addr = (host, int(port))
     held, lock = [], threading.Lock()
-    opened = {"idle": 0, "garbage": 0, "slow": 0, "big": 0}
+    opened = {"idle": 0, "garbage": 0, "slow": 0, "big": 0, "named": 0}
+    session = sys.argv[sys.argv.index("--session") + 1].encode()
+    # HELLO as PROTOCOL.md writes it: channel 0 of 1, raw and zero, no checksum.
+    hello = env(1, 0, b"PAGEWIRE" + struct.pack("<HH", VERSION, VERSION) + session
+                + struct.pack("<HHIII", 0, 1, PAGE, 256, 4 << 20) + os.urandom(32)
+                + lst("H", [1, 2]) + lst("B", []) + lst("B", [1]))
     stop = time.time() + 30
 
     def conn(kind, first=b""):
@@ -64,11 +84,12 @@ def main():
         lambda: [conn("garbage", os.urandom(65536)) for _ in range(GARBAGE)],
         slow,
         lambda: [conn("big", bytes([1, 0, 0, 0]) + b"\xff" * 60) for _ in range(BIG)],
+        lambda: [conn("named", hello) for _ in range(NAMED)],
     ]
     threads = [threading.Thread(target=j, daemon=True) for j in jobs]
     for t in threads:
         t.start()
-    want = IDLE + GARBAGE + SLOW + BIG
+    want = IDLE + GARBAGE + SLOW + BIG + NAMED
     while sum(opened.values()) < want and time.time() < stop:
         time.sleep(0.05)
     time.sleep(2)

@@ -618,28 +618,31 @@ fn a_hello_of_a_session_nobody_accepts_is_refused_while_two_are_accepted() {
 }
 
 #[test]
-fn connections_that_name_no_session_give_their_places_up() {
+fn connections_that_name_no_session_or_never_confirm_give_their_places_up() {
     const IDLE: usize = 20;
     const PARTIAL: usize = 8;
+    const NAMED: usize = 6;
     // Each handshake's deadline is far beyond the accept window: before the
-    // replacement, the first four idle connections held every place until the window
-    // ran out and the source, queued behind them, never got in.
+    // replacement, the first four connections held every place until the window ran
+    // out and the source, queued behind them, never got in.
     let mut d = dst(Duration::from_secs(600));
     d.listener.max_pending = 4;
     d.listener.evict_after = Duration::from_millis(200);
+    d.listener.evict_named_after = Duration::from_millis(500);
     let (l, addr) = bind(&d);
     let hello = hello_bytes();
-    // Queued in the backlog ahead of the source: connections that send nothing, and
-    // connections that send part of a HELLO and stop.
-    let idle: Vec<TcpStream> = (0..IDLE)
-        .map(|_| TcpStream::connect(addr).unwrap())
-        .collect();
-    let partial: Vec<TcpStream> = (0..PARTIAL)
-        .map(|_| {
-            let mut c = TcpStream::connect(addr).unwrap();
-            c.write_all(&hello[..hello.len() / 2]).unwrap();
-            c
-        })
+    let open = |first: &[u8]| {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.write_all(first).unwrap();
+        c
+    };
+    // Queued in the backlog ahead of the source: connections that send nothing, part
+    // of a HELLO, or a whole HELLO of the session (its id is no secret without TLS)
+    // and then no CONFIRM.
+    let hostile: Vec<TcpStream> = (0..IDLE)
+        .map(|_| open(&[]))
+        .chain((0..PARTIAL).map(|_| open(&hello[..hello.len() / 2])))
+        .chain((0..NAMED).map(|_| open(&hello)))
         .collect();
     let (acc, src) = std::thread::scope(|s| {
         let c = s.spawn(|| legit(addr));
@@ -649,10 +652,15 @@ fn connections_that_name_no_session_give_their_places_up() {
     let acc = acc.expect("the source got in while the queue ahead of it idled");
     assert_session(&acc, &src);
     let s = acc.stats;
-    println!("FIGURE {IDLE} idle and {PARTIAL} half-HELLO connections ahead of the source: {s:?}");
-    assert!(s.evicted >= (IDLE + PARTIAL - 4) as u64, "{s:?}");
+    println!(
+        "FIGURE {IDLE} silent, {PARTIAL} half-HELLO and {NAMED} HELLO-only connections \
+         ahead of the source: {s:?}"
+    );
+    let n = (IDLE + PARTIAL + NAMED) as u64;
+    assert!(s.evicted >= n - 4, "{s:?}");
+    assert_eq!(s.evicted + s.abandoned, n, "{s:?}");
     assert!(s.peak_pending <= 4, "{s:?}");
-    drop((idle, partial));
+    drop(hostile);
 }
 
 #[test]
@@ -664,6 +672,7 @@ fn an_honest_session_wider_than_the_places_loses_none_of_its_channels() {
     let mut d = cfg(channels, KEY, Duration::from_secs(30));
     d.listener.max_pending = 2;
     d.listener.evict_after = Duration::ZERO;
+    d.listener.evict_named_after = WINDOW;
     let (l, addr) = bind(&d);
     let src_cfg = cfg(channels, KEY, Duration::from_secs(60));
     let (acc, src) = std::thread::scope(|s| {

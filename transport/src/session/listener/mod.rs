@@ -12,18 +12,18 @@
 //! - a place among at most [`ListenerConfig::max_pending`] pending connections. While
 //!   they are all taken, a new connection takes the place of the one accepted first
 //!   among those that named no session being accepted within
-//!   [`ListenerConfig::evict_after`] of their accept (closed, counted in
+//!   [`ListenerConfig::evict_after`] of their accept, else among those not admitted
+//!   within [`ListenerConfig::evict_named_after`] (closed, counted in
 //!   [`ListenerStats::evicted`]); when there is none, new connections wait in the
 //!   kernel's backlog ([`ListenerConfig::backlog`]) and are accepted as places free up.
 //!
-//! So connections that send nothing, or never a HELLO of a session being accepted,
-//! cannot keep a source out: before the replacement, 64 such connections renewed every
-//! 10 s (the default deadline) did, and a queue of them in the backlog made a source
-//! that came after them wait until its own handshake timed out. A connection's first
-//! bytes are read as soon as it is accepted, so a source's plaintext HELLO names its
-//! session at once; over TLS it does after the TLS handshake (one round trip). A peer
-//! that knows the session id can still hold places until the deadline (its HELLO names
-//! the session); on an untrusted path, TLS keeps the id from it.
+//! So connections that send nothing, never a HELLO of a session being accepted, or
+//! never a CONFIRM that verifies, cannot keep a source out: before the replacement, 64
+//! such connections renewed every 10 s (the default deadline) did, and a queue of them
+//! in the backlog made a source that came after them wait until its own handshake timed
+//! out. A connection's first bytes are read as soon as it is accepted, so a source's
+//! plaintext HELLO names its session at once (over TLS, after the TLS handshake), and
+//! an honest handshake is admitted within a few round trips.
 //!
 //! A HELLO that asks for more than [`ListenerConfig::max_channels`] channels is refused
 //! with a REJECT (`BAD_CHANNEL`) as soon as it arrives. A failing `accept` (out of file
@@ -108,6 +108,12 @@ pub struct ListenerConfig {
     /// its connection (after the TLS handshake with TLS), so this needs to cover a
     /// round trip or two, not the handshake deadline.
     pub evict_after: Duration,
+    /// The same for a pending connection whose HELLO named a session being accepted
+    /// but that is not admitted yet (its CONFIRM not verified): it covers an honest
+    /// source's whole handshake, two round trips (three with TLS) and its key
+    /// derivation, and keeps a peer that knows the session id but not its key from
+    /// holding a place for the whole handshake deadline.
+    pub evict_named_after: Duration,
     /// Most sessions accepted at once ([`Listener::accept_session`] calls running
     /// together on different threads); taken when the listener is bound. At least 1.
     pub max_sessions: usize,
@@ -115,7 +121,8 @@ pub struct ListenerConfig {
 
 impl Default for ListenerConfig {
     /// 64 pending handshakes, 64 channels, a backlog of 1024, 50 ms back-off, a new
-    /// connection replaces one that named no session within 500 ms, 8 sessions at once.
+    /// connection replaces one that named no session within 500 ms or was not admitted
+    /// within 2 s, 8 sessions at once.
     fn default() -> Self {
         Self {
             max_pending: 64,
@@ -123,6 +130,7 @@ impl Default for ListenerConfig {
             backlog: 1024,
             accept_backoff: Duration::from_millis(50),
             evict_after: Duration::from_millis(500),
+            evict_named_after: Duration::from_secs(2),
             max_sessions: 8,
         }
     }

@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use mio::{Events, Interest, Poll, Token};
 use pagewire_protocol::{FrameDecoder, HandshakeError, Limits, ServerConfig, SessionId};
@@ -12,7 +12,7 @@ use pagewire_protocol::{FrameDecoder, HandshakeError, Limits, ServerConfig, Sess
 use super::pending::{Outcome, Pending, Phase, admit, drive_one};
 use super::socket::{Conn, Socket};
 use super::stats::{Counters, bump};
-use super::{LISTENER, MAX_REFUSALS_KEPT, Turn};
+use super::{LISTENER, ListenerConfig, MAX_REFUSALS_KEPT, Turn};
 use crate::endpoint::Endpoint;
 use crate::session::{Established, SessionError};
 
@@ -167,7 +167,7 @@ impl Shared {
                         self.at_cap = true;
                         bump(&counters.cap_reached);
                     }
-                    evict = self.idlest(now, limits.evict_after);
+                    evict = self.idlest(now, &limits);
                     if evict.is_none() {
                         break;
                     }
@@ -229,12 +229,10 @@ impl Shared {
         if self.listener_ready && self.pending < limits.max_pending {
             wake = wake.min(self.retry_at.unwrap_or(now));
         } else if self.listener_ready
-            && let Some(v) = self.idlest(now, Duration::ZERO)
-            && let Some(c) = &self.conns[v]
+            && let Some(t) = self.next_open(&limits)
         {
-            // A connection waits and every place is taken: look again when the oldest
-            // that named no session may give its place up.
-            wake = wake.min(c.since + limits.evict_after);
+            // A connection waits and every place is taken: look again when one opens.
+            wake = wake.min(t);
         }
         match self
             .poll
@@ -259,21 +257,27 @@ impl Shared {
         Ok(())
     }
 
-    /// The pending connection a new one replaces while every place is taken: the one
-    /// accepted first among those accepted at least `grace` before `now` that named no
-    /// session being accepted and hold no admission. `None` when there is none.
-    fn idlest(&self, now: Instant, grace: Duration) -> Option<usize> {
+    /// The pending connection a new one replaces while every place is taken, among
+    /// those whose place is open by `now` ([`open_at`]): the one accepted first that
+    /// named no session being accepted, else the one accepted first that did. `None`
+    /// when there is none.
+    fn idlest(&self, now: Instant, limits: &ListenerConfig) -> Option<usize> {
         self.conns
             .iter()
             .enumerate()
             .filter_map(|(i, c)| c.as_ref().map(|c| (i, c)))
-            .filter(|(_, c)| {
-                c.session.is_none()
-                    && c.claim.is_none()
-                    && now.saturating_duration_since(c.since) >= grace
-            })
-            .min_by_key(|(_, c)| c.since)
+            .filter(|(_, c)| open_at(c, limits).is_some_and(|t| t <= now))
+            .min_by_key(|(_, c)| (c.session.is_some(), c.since))
             .map(|(i, _)| i)
+    }
+
+    /// When the first place held by a pending connection opens to a new one.
+    fn next_open(&self, limits: &ListenerConfig) -> Option<Instant> {
+        self.conns
+            .iter()
+            .flatten()
+            .filter_map(|c| open_at(c, limits))
+            .min()
     }
 
     /// Takes a new connection, accepted at `since`, into a free place and registers
@@ -464,6 +468,18 @@ impl Shared {
             s.refuse(copy_refusal(&e));
         }
         last.refuse(e);
+    }
+}
+
+/// When a pending connection's place opens to a new connection if every place is
+/// taken: [`ListenerConfig::evict_after`] after its accept while it has named no
+/// session being accepted, [`ListenerConfig::evict_named_after`] once it has and is
+/// not admitted yet; never once admitted (its READY is on its way).
+fn open_at(c: &Pending, limits: &ListenerConfig) -> Option<Instant> {
+    match (c.claim, c.session) {
+        (Some(_), _) => None,
+        (None, None) => Some(c.since + limits.evict_after),
+        (None, Some(_)) => Some(c.since + limits.evict_named_after),
     }
 }
 

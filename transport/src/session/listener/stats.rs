@@ -33,7 +33,8 @@ pub struct ListenerStats {
     pub cap_reached: u64,
     /// Pending connections closed for a new one while `max_pending` were in progress:
     /// they had named no session being accepted within
-    /// [`ListenerConfig::evict_after`] of their accept.
+    /// [`ListenerConfig::evict_after`] of their accept, or were not admitted within
+    /// [`ListenerConfig::evict_named_after`].
     pub evicted: u64,
     /// `accept` calls that failed (out of file descriptors, memory, ...); each was
     /// retried after the back-off.
