@@ -256,10 +256,17 @@ pub struct DestinationConfig {
     pub handshake_timeout: Duration,
     /// Most connections whose handshake is in progress at once. While they are all
     /// taken, a new connection takes the place of the oldest one that has not named a
-    /// session being accepted within 500 ms of its accept, or else that was not
-    /// admitted within 2 s (the transport's `ListenerConfig::evict_after` and
-    /// `evict_named_after`); when there is none, more wait in the kernel's backlog.
+    /// session being accepted within [`Self::evict_after`] of its accept, or else that
+    /// was not admitted within [`Self::evict_named_after`]; when there is none, more
+    /// wait in the kernel's backlog.
     pub max_pending: usize,
+    /// See [`Self::max_pending`]: an honest source's HELLO follows its connection at
+    /// once (over TLS, after the TLS handshake), so this covers a round trip or two.
+    pub evict_after: Duration,
+    /// See [`Self::max_pending`]: covers an honest source's whole handshake (two round
+    /// trips, three with TLS), and bounds how long a peer that knows the session id
+    /// but not the key holds a place while others wait.
+    pub evict_named_after: Duration,
     /// Most sessions accepted at once on one [`DestinationListener`]
     /// ([`DestinationListener::accept`]/[`DestinationListener::accept_with`] calls
     /// running together on different threads); taken when the listener is bound. At
@@ -352,7 +359,8 @@ pub enum Prefault {
 impl DestinationConfig {
     /// Defaults: 4 KiB pages, 256 pages per frame, TCP, [`DestinationLimits`]' defaults
     /// (16 GiB of guest memory, 64 channels, 256 MiB of device state), 10 s per
-    /// handshake, 64 pending handshakes, 8 sessions at once.
+    /// handshake, 64 pending handshakes (a new connection replaces one that named no
+    /// session within 500 ms or was not admitted within 2 s), 8 sessions at once.
     pub fn new(session: SessionId, auth: Authentication) -> Self {
         Self {
             session,
@@ -367,6 +375,8 @@ impl DestinationConfig {
             accept_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             max_pending: 64,
+            evict_after: Duration::from_millis(500),
+            evict_named_after: Duration::from_secs(2),
             max_sessions: 8,
             idle_timeout: Duration::from_secs(60),
             prefault: Prefault::default(),

@@ -403,6 +403,8 @@ fn session_config(config: &DestinationConfig) -> SessionConfig {
     scfg.uring.recv_timeout = Some(config.idle_timeout);
     scfg.handshake_timeout = config.handshake_timeout;
     scfg.listener.max_pending = config.max_pending;
+    scfg.listener.evict_after = config.evict_after;
+    scfg.listener.evict_named_after = config.evict_named_after;
     scfg.listener.max_channels = config.limits.max_channels;
     scfg.listener.max_sessions = config.max_sessions;
     scfg.encryption = config.encryption.clone();
