@@ -226,13 +226,17 @@ impl Shared {
                 wake = wake.min(c.deadline);
             }
         }
-        if self.listener_ready && self.pending < limits.max_pending {
-            wake = wake.min(self.retry_at.unwrap_or(now));
-        } else if self.listener_ready
-            && let Some(t) = self.next_open(&limits)
-        {
-            // A connection waits and every place is taken: look again when one opens.
-            wake = wake.min(t);
+        if self.listener_ready {
+            // A connection waits: accept it now if a place is free, else when the first
+            // place opens to it; after the back-off of a failed accept in any case.
+            let open = if self.pending < limits.max_pending {
+                Some(now)
+            } else {
+                self.next_open(&limits)
+            };
+            if let Some(t) = open {
+                wake = wake.min(self.retry_at.map_or(t, |r| r.max(t)));
+            }
         }
         match self
             .poll
@@ -478,8 +482,9 @@ impl Shared {
 fn open_at(c: &Pending, limits: &ListenerConfig) -> Option<Instant> {
     match (c.claim, c.session) {
         (Some(_), _) => None,
-        (None, None) => Some(c.since + limits.evict_after),
-        (None, Some(_)) => Some(c.since + limits.evict_named_after),
+        // Beyond what an `Instant` holds: never.
+        (None, None) => c.since.checked_add(limits.evict_after),
+        (None, Some(_)) => c.since.checked_add(limits.evict_named_after),
     }
 }
 
