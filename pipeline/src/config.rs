@@ -262,10 +262,11 @@ pub struct DestinationConfig {
     pub max_pending: usize,
     /// See [`Self::max_pending`]: an honest source's HELLO follows its connection at
     /// once (over TLS, after the TLS handshake), so this covers a round trip or two.
+    /// `Duration::MAX`: never.
     pub evict_after: Duration,
     /// See [`Self::max_pending`]: covers an honest source's whole handshake (two round
     /// trips, three with TLS), and bounds how long a peer that knows the session id
-    /// but not the key holds a place while others wait.
+    /// but not the key holds a place while others wait. `Duration::MAX`: never.
     pub evict_named_after: Duration,
     /// Most sessions accepted at once on one [`DestinationListener`]
     /// ([`DestinationListener::accept`]/[`DestinationListener::accept_with`] calls

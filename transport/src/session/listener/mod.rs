@@ -106,13 +106,13 @@ pub struct ListenerConfig {
     /// accepted keeps its place against a new connection while every place is taken
     /// (see the module's documentation). An honest source's HELLO comes right after
     /// its connection (after the TLS handshake with TLS), so this needs to cover a
-    /// round trip or two, not the handshake deadline.
+    /// round trip or two, not the handshake deadline. `Duration::MAX`: never.
     pub evict_after: Duration,
     /// The same for a pending connection whose HELLO named a session being accepted
     /// but that is not admitted yet (its CONFIRM not verified): it covers an honest
     /// source's whole handshake, two round trips (three with TLS) and its key
     /// derivation, and keeps a peer that knows the session id but not its key from
-    /// holding a place for the whole handshake deadline.
+    /// holding a place for the whole handshake deadline. `Duration::MAX`: never.
     pub evict_named_after: Duration,
     /// Most sessions accepted at once ([`Listener::accept_session`] calls running
     /// together on different threads); taken when the listener is bound. At least 1.
