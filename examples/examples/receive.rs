@@ -5,8 +5,11 @@
 //!
 //! ```sh
 //! cargo run --release --example receive -- --listen 127.0.0.1:0 --key-file KEY \
-//!     --session pagewire-spec-01 --out MEMORY [--channels N]
+//!     --session pagewire-spec-01 --out MEMORY [--channels N] [--max-memory BYTES]
 //! ```
+//!
+//! `--channels` and `--max-memory` set the destination's limits on the channels of the
+//! session and the guest memory a LAYOUT may ask for (default 16 GiB).
 //!
 //! Prints `listening on ADDR` once bound, then one JSON line: `{"status":"completed",
 //! "final_round", "regions": [{"id", "bytes"}], "device_state": [{"name", "instance",
@@ -27,12 +30,13 @@ struct Args {
     session: SessionId,
     out: String,
     channels: Option<u16>,
+    max_memory: Option<u64>,
 }
 
 fn args() -> anyhow::Result<Args> {
     let mut a = std::env::args().skip(1);
-    let (mut listen, mut key_file, mut session, mut out, mut channels) =
-        (None, None, None, None, None);
+    let (mut listen, mut key_file, mut session, mut out, mut channels, mut max_memory) =
+        (None, None, None, None, None, None);
     while let Some(flag) = a.next() {
         let mut value = || a.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
@@ -48,6 +52,7 @@ fn args() -> anyhow::Result<Args> {
             }
             "--out" => out = Some(value()?),
             "--channels" => channels = Some(value()?.parse().context("--channels")?),
+            "--max-memory" => max_memory = Some(value()?.parse().context("--max-memory")?),
             o => bail!("unknown argument {o:?}"),
         }
     }
@@ -57,6 +62,7 @@ fn args() -> anyhow::Result<Args> {
         session: session.context("--session ID (16 bytes)")?,
         out: out.context("--out FILE")?,
         channels,
+        max_memory,
     })
 }
 
@@ -93,6 +99,9 @@ fn run(a: &Args) -> anyhow::Result<serde_json::Value> {
     let mut cfg = DestinationConfig::new(a.session, auth);
     if let Some(n) = a.channels {
         cfg.limits.max_channels = n;
+    }
+    if let Some(n) = a.max_memory {
+        cfg.limits.max_guest_bytes = n;
     }
     let listener = DestinationListener::bind(a.listen, cfg)?;
     println!("listening on {}", listener.local_addr()?);

@@ -600,3 +600,69 @@ fn a_round_end_copy_of_another_channels_page_sets_its_target_at_the_rounds_end()
         assert!(page.iter().all(|&b| b == byte), "page {p}");
     }
 }
+
+/// Channel 1 sends a raw PAGES frame of round 1, after the final round 0, whose pages
+/// the transport places as they arrive, all but its last byte; channel 0 sends COMPLETE
+/// before (`complete_first` false) or after it. The session must fail either way, and
+/// when COMPLETE came first no byte of the frame may reach memory.
+fn pages_after_the_final_round(n: u8, complete_first: bool) {
+    let mem = memory(64 * u64::from(PS));
+    let dest = Dest::new(n, None);
+    let t = dest.accept(Some(mem.clone()));
+    let mut chans = [dest.connect(0, 2, true), dest.connect(1, 2, true)];
+    for c in &mut chans {
+        through_an_empty_round_0(c);
+    }
+    let [c0, c1] = &mut chans;
+    let complete = Frame::Complete(Complete {
+        final_round: Round(0),
+        sections: 0,
+    });
+    if complete_first {
+        c0.send(complete);
+        assert_eq!(c0.recv(), Some((FrameType::ACK, 0)), "ACK COMPLETE");
+    }
+    // Page 4 is channel 1's (chunks of 4 pages).
+    let payload = vec![0xEE; PS as usize];
+    let mut bytes = Vec::new();
+    Frame::Pages(raw_pages(&[run(4, 1)], &payload, 1, true))
+        .encode(&mut bytes)
+        .unwrap();
+    c1.send_bytes(&bytes[..bytes.len() - 1]);
+    std::thread::sleep(Duration::from_millis(300));
+    if !complete_first {
+        c0.send(complete);
+    }
+    let first = c0.recv();
+    if first == Some((FrameType::ACK, 0)) && !complete_first {
+        // Before the fix: ACK COMPLETE, then COMMIT made it a success.
+        c0.send(Frame::Commit(Commit {
+            final_round: Round(0),
+        }));
+    }
+    let verdict = t.join().unwrap();
+    assert!(
+        verdict.is_err(),
+        "pages of a round after the final one, complete first {complete_first}: \
+         the destination reported success (channel 0 got {first:?})"
+    );
+    let err = verdict.err().unwrap().to_string();
+    assert!(
+        err.contains("after the final round") || err.contains("after COMPLETE"),
+        "{err}"
+    );
+    if complete_first {
+        let mut got = vec![0u8; PS as usize];
+        assert!(mem.read_pages(RegionId(0), 4, 1, &mut got));
+        assert!(
+            got.iter().all(|b| *b == 0),
+            "a page of the refused frame was written"
+        );
+    }
+}
+
+#[test]
+fn pages_of_a_round_after_the_final_one_fail_the_session_before_they_are_placed() {
+    pages_after_the_final_round(57, false);
+    pages_after_the_final_round(58, true);
+}

@@ -55,6 +55,7 @@ RAW, ZERO, ZSTD, LZ4, DEFLATE, DELTA, DEFLATE4K = 1, 2, 3, 4, 5, 6, 7
 F_PER_PAGE, F_CRC = 1, 2
 ACK_ROUND, ACK_FRAMES, ACK_COMPLETE, ACK_COMMITTED = 1, 2, 3, 4
 SESSION = b"pagewire-spec-01"
+ACK_TIMEOUT = 30  # seconds a source waits for an ACK
 
 
 class Failure(Exception):
@@ -106,6 +107,9 @@ class Channel:
         self.s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.acks = queue.Queue()
         self.round_frames = self.round_pages = 0
+        # A hook that may change the frames sent after READY (mutate_receive.py):
+        # called as tamper(channel, frame), it returns the frames to send instead.
+        self.tamper = None
 
     def handshake(self, codecs, max_pages=256, max_frame=4 << 20):
         hello = (b"PAGEWIRE" + struct.pack("<HH", VERSION, VERSION) + SESSION
@@ -163,7 +167,8 @@ class Channel:
             self.acks.put(("EOF", repr(e)))
 
     def send(self, frame, pages=None):
-        self.s.sendall(frame)
+        for f in (self.tamper(self, frame) if self.tamper else [frame]):
+            self.s.sendall(f)
         if pages is not None:
             self.round_frames += 1
             self.round_pages += pages
@@ -172,8 +177,8 @@ class Channel:
         self.send(env(T_EOR, 0, struct.pack("<IIQ", rnd, self.round_frames, self.round_pages)))
         self.round_frames = self.round_pages = 0
 
-    def wait_ack(self, kind, value, timeout=30):
-        end = time.time() + timeout
+    def wait_ack(self, kind, value):
+        end = time.time() + ACK_TIMEOUT
         while time.time() < end:
             try:
                 k, v = self.acks.get(timeout=max(0.01, end - time.time()))
@@ -183,7 +188,7 @@ class Channel:
                 return
             if k in ("ABORT", "EOF", "UNEXPECTED"):
                 raise Failure(f"channel {self.idx}: waiting for ACK {kind} {value}: {k} {v}")
-        raise Failure(f"channel {self.idx}: no ACK {kind} {value} within {timeout} s")
+        raise Failure(f"channel {self.idx}: no ACK {kind} {value} within {ACK_TIMEOUT} s")
 
 
 def runs_bytes(runs):
@@ -219,17 +224,26 @@ def raw_deflate(data, wbits):
     return c.compress(data) + c.flush()
 
 
-def migrate(receiver, channels, regions_n, crc, mem_mib=16, chunk=64):
-    """One migration into a fresh `receive` process; raises Failure on any mismatch."""
+def migrate(receiver, channels, regions_n, crc, mem_mib=16, chunk=64, tamper=None, end=None):
+    """One migration into a fresh `receive` process; raises Failure on any mismatch.
+
+    `receiver` is the receive binary, or a list: the binary and arguments of its own.
+    `tamper` is installed on every channel (Channel.tamper). With `end` (a dict), the
+    receiver's stderr goes to the file end["stderr"]; whatever happened, the source
+    then closes its connections and gives the receiver end["grace"] seconds to exit
+    by itself, and end gets "exit" (its status, None if it had to be killed) and
+    "stdout" (what it printed after "listening on")."""
     tmp = tempfile.mkdtemp(prefix="pagewire-spec-")
     key_file, out_file = os.path.join(tmp, "key"), os.path.join(tmp, "memory")
     key = os.urandom(32)
     with open(key_file, "wb") as f:
         f.write(key)
+    cmd = receiver if isinstance(receiver, list) else [receiver]
     proc = subprocess.Popen(
-        [receiver, "--listen", "127.0.0.1:0", "--key-file", key_file,
-         "--session", SESSION.decode(), "--out", out_file, "--channels", str(channels)],
-        stdout=subprocess.PIPE, text=True)
+        cmd + ["--listen", "127.0.0.1:0", "--key-file", key_file,
+               "--session", SESSION.decode(), "--out", out_file, "--channels", str(channels)],
+        stdout=subprocess.PIPE, stderr=end["stderr"] if end else None, text=True)
+    chans = []
     try:
         line = proc.stdout.readline()
         if not line.startswith("listening on "):
@@ -248,8 +262,10 @@ def migrate(receiver, channels, regions_n, crc, mem_mib=16, chunk=64):
             at = regions[region][1] + page * PAGE
             return bytes(image[at:at + count * PAGE])
 
-        chans = [Channel(port, i, channels, key, crc) for i in range(channels)]
+        for i in range(channels):
+            chans.append(Channel(port, i, channels, key, crc))
         for c in chans:
+            c.tamper = tamper
             c.handshake([RAW, ZERO, ZSTD, LZ4, DEFLATE, DELTA, DEFLATE4K])
             missing = {ZSTD, LZ4, DEFLATE, DELTA, DEFLATE4K} - set(c.codecs)
             if missing:
@@ -380,7 +396,10 @@ def migrate(receiver, channels, regions_n, crc, mem_mib=16, chunk=64):
         chans[0].wait_ack(ACK_COMMITTED, rnd)
         committed = time.time()
         out, _ = proc.communicate(timeout=60)
-        print(f"  receiver exited {time.time() - committed:.2f} s after ACK COMMITTED")
+        if end is not None:
+            end["stdout"] = out
+        if end is None:
+            print(f"  receiver exited {time.time() - committed:.2f} s after ACK COMMITTED")
         report = json.loads(out.strip().splitlines()[-1])
         if report.get("status") != "completed":
             raise Failure(f"receiver: {report}")
@@ -400,6 +419,19 @@ def migrate(receiver, channels, regions_n, crc, mem_mib=16, chunk=64):
         written = sum(1 for p in range(mem // PAGE) if any(image[p * PAGE:(p + 1) * PAGE]))
         return written, report["stats"].get("frames")
     finally:
+        for c in chans:
+            try:
+                c.s.shutdown(socket.SHUT_RDWR)  # wakes its reader; close alone would not
+            except OSError:
+                pass
+            c.s.close()
+        if end is not None:
+            try:
+                end["exit"] = proc.wait(end["grace"])
+                if not proc.stdout.closed:
+                    end["stdout"] = proc.stdout.read()
+            except subprocess.TimeoutExpired:
+                end["exit"], end["stdout"] = None, ""
         if proc.poll() is None:
             proc.kill()
             proc.wait()

@@ -27,6 +27,8 @@ use super::{DeviceSection, Shared, State};
 /// frame the rules refuse is received whole instead, and refused there.
 struct CheckedSink<'a, 'g> {
     rules: &'a DestinationChannel,
+    /// The session, told of a round this frame opens before its pages are placed.
+    shared: &'a Shared,
     /// The copy gate, held shared from the moment a frame is allowed until its pages
     /// are in place (in `held`, which outlives the sink).
     gate: &'g RwLock<()>,
@@ -43,6 +45,28 @@ impl PageSink for CheckedSink<'_, '_> {
     fn place(&mut self, frame: &PageFrame<'_>, dest: &mut Vec<GuestSlice>) -> bool {
         if self.rules.check_pages(frame).is_err() {
             return false;
+        }
+        // A frame that opens a round is the session's to allow before a page of it is
+        // written: not after COMPLETE's final round nor once the session completed, and
+        // a COMPLETE waiting now sees the round open.
+        if let Some(round) = self.rules.opens_round(frame.round) {
+            let ch = self.rules.id();
+            let Ok(mut s) = self.shared.state(ch.0) else {
+                return false;
+            };
+            let r = s.rules.on_round_opened(ch, round);
+            drop(s);
+            self.shared.cv.notify_all();
+            if let Err(source) = r {
+                // Received whole and refused where it is applied; the session fails
+                // now, not once the peer sends the rest of the frame.
+                let e = MigrationError::Rule {
+                    channel: ch.0,
+                    source,
+                };
+                self.shared.channel_failed(ch.0, &e);
+                return false;
+            }
         }
         if let Some(m) = self.install {
             let installs = frame
@@ -189,6 +213,7 @@ impl Receiver {
                     .filter(|_| self.shared.install.get().is_some());
                 let mut checked = sink.as_mut().map(|inner| CheckedSink {
                     rules: &self.rules,
+                    shared: &shared,
                     gate: &shared.gate,
                     held: &mut held,
                     inner,
@@ -346,16 +371,18 @@ impl Receiver {
                 After::Nothing => {}
                 After::AckRound(round) => {
                     self.round_end_copies(round, memory.as_deref())?;
-                    let ack = Ack {
-                        kind: AckKind::ROUND,
-                        value: round.0.into(),
-                    };
-                    self.send_ack(channel, ack)?;
+                    // The session's rules before the ACK: a round after the final one
+                    // is refused, not acknowledged first.
                     let mut s = self.shared.state(ch)?;
                     let r = s.rules.on_round_ended(ChannelId(ch), round);
                     drop(s);
                     self.shared.cv.notify_all();
                     r.map_err(|e| self.rule(e))?;
+                    let ack = Ack {
+                        kind: AckKind::ROUND,
+                        value: round.0.into(),
+                    };
+                    self.send_ack(channel, ack)?;
                 }
                 After::Complete(c) => {
                     self.complete(c)?;

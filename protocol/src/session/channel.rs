@@ -233,6 +233,14 @@ impl DestinationChannel {
         self.pages = self.pages.saturating_add(pages);
     }
 
+    /// Whether a page frame of `round` would open a round on this channel (none is
+    /// open): a transport that places its pages before the frame is counted tells the
+    /// session first ([`DestinationSession::on_round_opened`]), so that no page of a
+    /// round after the final one, or after the session completed, reaches memory.
+    pub fn opens_round(&self, round: Round) -> Option<Round> {
+        self.open_round.is_none().then_some(round)
+    }
+
     /// The round this channel opened with the frame just accepted, once: hand it to
     /// [`DestinationSession::on_round_opened`].
     pub fn take_opened(&mut self) -> Option<Round> {

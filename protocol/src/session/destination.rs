@@ -338,8 +338,13 @@ impl DestinationSession {
     /// whole: other channels are independent streams, so their last rounds and
     /// sections may still be on their way.
     ///
+    /// Channel 0 carries nothing but COMMIT after COMPLETE, so what only channel 0
+    /// could still send is refused at once rather than waited for: a section left
+    /// unfinished on channel 0, and in a session of one channel any missing section.
+    ///
     /// # Errors
-    /// `SectionCount` (more sections than announced), `RoundAfterFinal`.
+    /// `SectionCount` (more sections than announced), `RoundAfterFinal`,
+    /// `CompleteEarly` (what only channel 0 could still send is missing).
     ///
     /// [`DestinationEvent::Complete`]: super::DestinationEvent::Complete
     pub fn on_complete(&mut self, c: &Complete) -> Result<CompleteProgress, SessionError> {
@@ -347,7 +352,22 @@ impl DestinationSession {
             return Err(SessionError::AfterComplete(FrameType::COMPLETE));
         }
         self.complete = Some((c.final_round, c.sections));
-        self.progress()
+        let progress = self.progress()?;
+        if progress == CompleteProgress::Waiting {
+            let early = |what| SessionError::CompleteEarly {
+                final_round: c.final_round,
+                what,
+            };
+            if self.partial.iter().any(|p| p.channel == ChannelId(0)) {
+                return Err(early("a device-state section is unfinished on channel 0"));
+            }
+            if self.channels == 1 {
+                return Err(early(
+                    "device-state sections are missing, on the only channel",
+                ));
+            }
+        }
+        Ok(progress)
     }
 
     fn progress(&mut self) -> Result<CompleteProgress, SessionError> {

@@ -406,8 +406,9 @@ fn complete_waits_for_every_channel_and_checks_sections() {
     };
     let bad = Complete { sections: 1, ..*c };
     // A section announced but not yet arrived (another channel's stream) is waited for.
-    let mut s2 = DestinationSession::new(1, PS, DestinationLimits::default()).unwrap();
+    let mut s2 = DestinationSession::new(2, PS, DestinationLimits::default()).unwrap();
     s2.on_round_ended(ChannelId(0), Round(0)).unwrap();
+    s2.on_round_ended(ChannelId(1), Round(0)).unwrap();
     assert_eq!(s2.on_complete(&bad), Ok(CompleteProgress::Waiting));
     let section = DeviceState {
         instance: 1,
@@ -416,8 +417,30 @@ fn complete_waits_for_every_channel_and_checks_sections() {
         offset: 0,
         data: b"x",
     };
-    s2.on_device_state(ChannelId(0), &section).unwrap();
+    s2.on_device_state(ChannelId(1), &section).unwrap();
     assert_eq!(s2.completed(), Some(Round(0)));
+    // What only channel 0 could still send is refused at once: channel 0 carries
+    // nothing but COMMIT after COMPLETE.
+    let mut alone = DestinationSession::new(1, PS, DestinationLimits::default()).unwrap();
+    alone.on_round_ended(ChannelId(0), Round(0)).unwrap();
+    assert!(matches!(
+        alone.on_complete(&bad),
+        Err(SessionError::CompleteEarly { .. })
+    ));
+    let mut unfinished = DestinationSession::new(2, PS, DestinationLimits::default()).unwrap();
+    unfinished.on_round_ended(ChannelId(0), Round(0)).unwrap();
+    let first_half = DeviceState {
+        total: 2,
+        ..section
+    };
+    assert_eq!(
+        unfinished.on_device_state(ChannelId(0), &first_half),
+        Ok(None)
+    );
+    assert!(matches!(
+        unfinished.on_complete(&bad),
+        Err(SessionError::CompleteEarly { .. })
+    ));
     // More sections than announced fail.
     let mut s3 = DestinationSession::new(1, PS, DestinationLimits::default()).unwrap();
     s3.on_device_state(ChannelId(0), &section).unwrap();
