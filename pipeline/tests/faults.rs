@@ -357,3 +357,95 @@ fn a_stalled_destination_times_out_over_io_uring_with_sends_in_flight() {
         CodecId::RAW,
     );
 }
+
+/// A destination that never ACKs the round but sends a frame a byte at a time, each
+/// byte well within the read timeout: the source's wait for its ACK still ends at
+/// `ack_timeout` (at most one read timeout late), not once the whole frame arrived.
+fn a_trickled_frame_cannot_stretch_the_ack_wait(backend: Backend) {
+    use pagewire_protocol::{Capabilities, ServerConfig, ServerHandshake};
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    // 40 bytes, 150 ms apart: 6 s to trickle, against an ACK timeout of 1 s.
+    const LEN: usize = 40;
+    let listener = std::net::TcpListener::bind(loopback()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let sent = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sent2, stop2) = (sent.clone(), stop.clone());
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let cfg = ServerConfig {
+            caps: Capabilities::new(4096),
+            session: Some(session(8)),
+            auth: Authentication::None,
+        };
+        let mut hs = ServerHandshake::new(cfg, [9; 32]).unwrap();
+        let (mut out, mut buf) = (Vec::new(), [0u8; 4096]);
+        while !hs.is_done() {
+            out.clear();
+            hs.take_output(&mut out);
+            s.write_all(&out).unwrap();
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "the source closed during the handshake");
+            hs.receive(&buf[..n]).unwrap();
+        }
+        out.clear();
+        hs.take_output(&mut out);
+        s.write_all(&out).unwrap();
+        // An extension frame's envelope, then its body a byte at a time.
+        s.write_all(&[0x80, 0, 0, 0]).unwrap();
+        s.write_all(&(LEN as u32).to_le_bytes()).unwrap();
+        for _ in 0..LEN {
+            std::thread::sleep(Duration::from_millis(150));
+            if stop2.load(Ordering::SeqCst) || s.write_all(&[0]).is_err() {
+                break;
+            }
+            sent2.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let mut cfg = SourceConfig::new(session(8), Authentication::None);
+    cfg.backend = backend;
+    cfg.channels = 1;
+    cfg.codec = CodecId::RAW.into();
+    cfg.ack_timeout = Duration::from_secs(1);
+    cfg.send_timeout = Duration::from_secs(1);
+    let mut src = Source::connect(addr, memory(1), cfg).unwrap();
+    let r = src.send_round(vec![(RegionId(0), DirtyBitmap::full(16))], false);
+    let at = sent.load(Ordering::SeqCst);
+    stop.store(true, Ordering::SeqCst);
+    let err = r.unwrap_err();
+    eprintln!("{backend:?}: {err} with {at} of {LEN} bytes trickled");
+    assert!(
+        matches!(
+            *err.error,
+            MigrationError::Timeout {
+                what: Wait::Ack,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        at < LEN,
+        "the source waited for the whole trickled frame ({at} of {LEN} bytes)"
+    );
+    drop(src);
+    fake.join().unwrap();
+}
+
+#[test]
+fn a_trickled_frame_cannot_stretch_the_ack_wait_over_tcp() {
+    a_trickled_frame_cannot_stretch_the_ack_wait(Backend::Tcp);
+}
+
+#[test]
+fn a_trickled_frame_cannot_stretch_the_ack_wait_over_io_uring() {
+    if !uring_available() {
+        return;
+    }
+    a_trickled_frame_cannot_stretch_the_ack_wait(Backend::Uring {
+        fallback_to_tcp: false,
+    });
+}

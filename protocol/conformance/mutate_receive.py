@@ -7,8 +7,9 @@ checks how the `receive` example takes them.
     python3 protocol/conformance/mutate_receive.py RECEIVE_BINARY \\
         [--iterations N] [--seconds S] [--seed SEED] [--iteration I]
 
-Each iteration starts a fresh receiver and runs one of source_from_spec.py's three
-migrations (2 channels with CRC32C, 1 without a checksum, 4 with CRC32C), with one to
+Each iteration starts a fresh receiver and runs one of source_from_spec.py's
+migrations (2 channels with CRC32C, 1 without a checksum, 4 with CRC32C, and 2 without
+a checksum, whose changed frames reach the rules across channels), with one to
 three of its frames changed at random: bits flipped anywhere (envelope included), a
 field of 1, 2, 4 or 8 bytes overwritten with a boundary value, the frame cut short,
 dropped, sent twice, held back behind the next one, sent on another channel, given
@@ -40,7 +41,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import source_from_spec as spec  # noqa: E402
 
-RUNS = ((2, 2, True), (1, 1, False), (4, 4, True))
+RUNS = ((2, 2, True), (1, 1, False), (4, 4, True), (2, 2, False))
 OPS = ("flip", "field", "truncate", "drop", "dup", "hold", "other-channel", "retype", "inject")
 BOUNDARY = (0, 1, 2, 0x7F, 0x80, 0xFF, 0x100, 0xFFFF, 0x10000, 4096, 65536, 0x7FFFFFFF,
             0x80000000, 0xFFFFFFFF, 1 << 32, 1 << 63, (1 << 64) - 1)

@@ -12,6 +12,8 @@ use pagewire_protocol::{
     frame::{FLAG_PER_PAGE, PAGES_FIXED_LEN as PAGES_FIXED},
 };
 
+use std::time::{Duration, Instant};
+
 use crate::buf::GuestSlice;
 use crate::channel::{ChannelError, Incoming, PageSink, placed_len};
 
@@ -30,6 +32,43 @@ pub(crate) trait ByteSource {
     /// Reads into the concatenation of `dst`, starting `skip` bytes into it; `Ok(0)` is
     /// end of stream.
     fn read_guest(&mut self, dst: &[GuestSlice], skip: usize) -> Result<usize, ChannelError>;
+}
+
+/// A [`ByteSource`] that reads nothing once its deadline has passed
+/// ([`ChannelError::RecvTimeout`]): a receive that must end by then, like a source's
+/// wait for an ACK, cannot be stretched by a peer that sends a frame a byte at a time,
+/// each byte within the per-read timeout. Below TLS, so records that carry no
+/// plaintext cannot stretch it either. Without a deadline it only passes reads on.
+pub(crate) struct Until<'s, S> {
+    pub(crate) inner: &'s mut S,
+    /// The deadline and the wait it ends (reported in the error).
+    pub(crate) deadline: Option<(Instant, Duration)>,
+}
+
+impl<S: ByteSource> Until<'_, S> {
+    fn check(&self) -> Result<(), ChannelError> {
+        match self.deadline {
+            Some((at, after)) if Instant::now() >= at => Err(ChannelError::RecvTimeout(after)),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl<S: ByteSource> ByteSource for Until<'_, S> {
+    fn read(&mut self, dst: &mut [u8]) -> Result<usize, ChannelError> {
+        self.check()?;
+        self.inner.read(dst)
+    }
+
+    fn read_guest(&mut self, dst: &[GuestSlice], skip: usize) -> Result<usize, ChannelError> {
+        self.check()?;
+        self.inner.read_guest(dst, skip)
+    }
+}
+
+/// A deadline for [`Until`]: `deadline` and the wait from now to it.
+pub(crate) fn until(deadline: Option<Instant>) -> Option<(Instant, Duration)> {
+    deadline.map(|d| (d, d.saturating_duration_since(Instant::now())))
 }
 
 /// Copies `src` into the concatenation of `dst` starting at byte `skip`.
@@ -447,6 +486,58 @@ mod tests {
         .encode(&mut out)
         .unwrap();
         out
+    }
+
+    /// A peer that sends a frame a byte at a time, each within any per-read timeout,
+    /// cannot stretch a receive past its deadline; the bytes so far stay buffered and a
+    /// receive without a deadline finishes the frame.
+    #[test]
+    fn a_deadline_cuts_a_trickled_frame_off_and_the_frame_resumes() {
+        struct Slow(Bytes);
+        impl ByteSource for Slow {
+            fn read(&mut self, dst: &mut [u8]) -> Result<usize, ChannelError> {
+                std::thread::sleep(Duration::from_millis(20));
+                self.0.read(dst)
+            }
+            fn read_guest(&mut self, d: &[GuestSlice], skip: usize) -> Result<usize, ChannelError> {
+                self.0.read_guest(d, skip)
+            }
+        }
+        let frame = ack();
+        let mut src = Slow(Bytes {
+            data: frame.clone(),
+            pos: 0,
+            chunk: 1,
+        });
+        let mut rx = RxState::new(limits(false), &[]);
+        let mut past = Until {
+            inner: &mut src,
+            deadline: until(Some(Instant::now())),
+        };
+        assert!(matches!(
+            rx.recv(&mut past, None),
+            Err(ChannelError::RecvTimeout(_))
+        ));
+        assert_eq!(src.0.pos, 0, "nothing is read past the deadline");
+        // 20 ms a byte: the whole frame would take 400 ms.
+        let mut soon = Until {
+            inner: &mut src,
+            deadline: until(Some(Instant::now() + Duration::from_millis(50))),
+        };
+        assert!(matches!(
+            rx.recv(&mut soon, None),
+            Err(ChannelError::RecvTimeout(_))
+        ));
+        let read = src.0.pos;
+        assert!(read < frame.len(), "{read} of {} bytes", frame.len());
+        let mut free = Until {
+            inner: &mut src,
+            deadline: None,
+        };
+        assert!(matches!(
+            rx.recv(&mut free, None),
+            Ok(Some(Incoming::Frame(Frame::Ack(a)))) if a.value == 9
+        ));
     }
 
     #[test]

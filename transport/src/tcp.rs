@@ -49,7 +49,7 @@ use crate::channel::{
     Channel, ChannelError, ChannelStats, Completed, Incoming, OutFrame, PageSink, SendId,
 };
 use crate::endpoint::{self, Endpoint, Stream};
-use crate::recv::{ByteSource, RxState, guest_iovecs};
+use crate::recv::{ByteSource, RxState, Until, guest_iovecs, until};
 use crate::sendq::SendQueue;
 use crate::tls::{TlsSession, TlsSource};
 
@@ -456,6 +456,8 @@ pub struct TcpChannel {
     failed: bool,
     tls: Option<Box<TlsSession>>,
     queue: SendQueue,
+    /// When `recv` must have returned by ([`TcpChannel::set_recv_deadline`]).
+    deadline: Option<(Instant, Duration)>,
 }
 
 impl TcpChannel {
@@ -483,6 +485,7 @@ impl TcpChannel {
             failed: false,
             tls: None,
             queue: SendQueue::default(),
+            deadline: None,
         })
     }
 
@@ -514,6 +517,15 @@ impl TcpChannel {
     /// The socket (for `shutdown` from another thread, or inspection).
     pub fn stream(&self) -> &Stream {
         &self.stream
+    }
+
+    /// Sets when every later `recv` must have returned by (`None`: no deadline): it
+    /// fails with [`ChannelError::RecvTimeout`] then, even with a frame half received,
+    /// at most one read timeout ([`TcpChannel::set_recv_timeout`]) late, however slowly
+    /// the peer sends. A frame cut short so stays buffered (unless its pages were being
+    /// placed), and a later `recv` continues it.
+    pub fn set_recv_deadline(&mut self, deadline: Option<Instant>) {
+        self.deadline = until(deadline);
     }
 
     /// Changes how long `recv` waits for bytes (`None`: for ever), e.g. to the time
@@ -631,6 +643,10 @@ impl Channel for TcpChannel {
         let mut src = TcpSource {
             stream: &self.stream,
             timeout: self.cfg.recv_timeout,
+        };
+        let mut src = Until {
+            inner: &mut src,
+            deadline: self.deadline,
         };
         match self.tls.as_deref_mut() {
             Some(tls) => {

@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::mem::ManuallyDrop;
 use std::os::fd::AsRawFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use io_uring::opcode;
 use io_uring::types::Fd;
@@ -20,7 +20,7 @@ use crate::channel::{
     Channel, ChannelError, ChannelStats, Completed, Incoming, OutFrame, PageSink, SendId,
 };
 use crate::endpoint::Stream;
-use crate::recv::RxState;
+use crate::recv::{RxState, Until, until};
 
 impl UringChannel {
     /// Takes a connected socket after its handshake (`leftover`: bytes received after
@@ -139,6 +139,7 @@ impl UringChannel {
             negotiated,
             failed: false,
             tls: None,
+            deadline: None,
         })
     }
 
@@ -168,6 +169,12 @@ impl UringChannel {
             payload: Vec::new(),
         };
         Ok((wire, frame.payload))
+    }
+
+    /// Sets when every later `recv` must have returned by (`None`: no deadline), as
+    /// [`TcpChannel::set_recv_deadline`](crate::tcp::TcpChannel::set_recv_deadline) does.
+    pub fn set_recv_deadline(&mut self, deadline: Option<Instant>) {
+        self.deadline = until(deadline);
     }
 
     /// Changes how long `recv` waits for bytes (`None`: for ever), e.g. to the time
@@ -435,15 +442,19 @@ impl Channel for UringChannel {
         &'a mut self,
         sink: Option<&mut dyn PageSink>,
     ) -> Result<Option<Incoming<'a>>, ChannelError> {
+        let mut src = Until {
+            inner: &mut self.core,
+            deadline: self.deadline,
+        };
         match self.tls.as_deref_mut() {
             Some(tls) => {
                 let mut src = crate::tls::TlsSource {
-                    inner: &mut self.core,
+                    inner: &mut src,
                     tls,
                 };
                 self.rx.recv(&mut src, sink)
             }
-            None => self.rx.recv(&mut self.core, sink),
+            None => self.rx.recv(&mut src, sink),
         }
     }
 

@@ -455,6 +455,8 @@ pub struct UringChannel {
     negotiated: Negotiated,
     failed: bool,
     tls: Option<Box<crate::tls::TlsSession>>,
+    /// When `recv` must have returned by ([`UringChannel::set_recv_deadline`]).
+    deadline: Option<(std::time::Instant, Duration)>,
 }
 
 impl std::fmt::Debug for Core {

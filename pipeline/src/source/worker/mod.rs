@@ -230,20 +230,28 @@ impl Worker {
         {
             return e;
         }
-        // Bounded: a few frames (ACKs may precede the ABORT), each within the timeout.
+        // Bounded: a few frames (ACKs may precede the ABORT), each within the timeout,
+        // all within a second however slowly they arrive.
+        set_recv_deadline(
+            &mut self.channel,
+            Some(Instant::now() + Duration::from_secs(1)),
+        );
+        let mut found = e;
         for _ in 0..16 {
             match self.channel.recv(None) {
                 Ok(Some(Incoming::Frame(Frame::Abort(a)))) => {
-                    return MigrationError::PeerAborted {
+                    found = MigrationError::PeerAborted {
                         reason: a.reason,
                         message: a.message.to_owned(),
                     };
+                    break;
                 }
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => break,
             }
         }
-        e
+        set_recv_deadline(&mut self.channel, None);
+        found
     }
 
     /// A channel error; a send or receive timeout becomes [`MigrationError::Timeout`]
@@ -483,11 +491,14 @@ impl Worker {
     }
 
     /// Waits for the ACK, within `ack_timeout` of the call in all: each receive gets
-    /// only the time left, however many other frames arrive meanwhile.
+    /// only the time left, however many other frames arrive meanwhile, and a frame
+    /// that arrives a byte at a time is cut off at the deadline too (at most one read
+    /// timeout late).
     fn await_ack(&mut self, kind: AckKind, value: u64) -> Result<(), MigrationError> {
         let ch = self.s.ch;
         let timeout = self.s.ack_timeout;
         let deadline = Instant::now() + timeout;
+        set_recv_deadline(&mut self.channel, Some(deadline));
         let timed_out = MigrationError::Timeout {
             channel: Some(ch),
             what: Wait::Ack,
@@ -510,6 +521,7 @@ impl Worker {
         // Back to the whole timeout for the next wait (best effort: the next one sets
         // its own).
         let _ = set_recv_timeout(&mut self.channel, Some(timeout));
+        set_recv_deadline(&mut self.channel, None);
         result
     }
 
@@ -651,6 +663,17 @@ fn set_recv_timeout(
         }
         #[allow(unreachable_patterns)]
         _ => Ok(()),
+    }
+}
+
+/// Sets when the channel's receives must have returned by (RDMA: not yet; its
+/// receive timeout is not set by the source either).
+fn set_recv_deadline(ch: &mut AnyChannel, deadline: Option<Instant>) {
+    match ch {
+        AnyChannel::Tcp(c) | AnyChannel::Fallback(c, _) => c.set_recv_deadline(deadline),
+        AnyChannel::Uring(c) => c.set_recv_deadline(deadline),
+        #[allow(unreachable_patterns)]
+        _ => {}
     }
 }
 
