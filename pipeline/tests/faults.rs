@@ -449,3 +449,88 @@ fn a_trickled_frame_cannot_stretch_the_ack_wait_over_io_uring() {
         fallback_to_tcp: false,
     });
 }
+
+/// A destination written from PROTOCOL.md may choose any frame limit from a page and
+/// 1024 bytes, whatever `max_pages` it keeps: the source then sends frames of fewer
+/// pages, each within the limit, and the round completes.
+#[test]
+fn the_smallest_frame_limit_a_destination_may_choose_is_kept() {
+    use pagewire_protocol::{
+        Ack, AckKind, Capabilities, Envelope, FrameType, ServerConfig, ServerHandshake,
+    };
+    use std::io::{Read, Write};
+    let limit = 4096 + 1024;
+    let listener = std::net::TcpListener::bind(loopback()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fake = std::thread::spawn(move || -> (usize, usize) {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut caps = Capabilities::new(4096);
+        caps.max_frame_bytes = limit;
+        let cfg = ServerConfig {
+            caps,
+            session: Some(session(9)),
+            auth: Authentication::None,
+        };
+        let mut hs = ServerHandshake::new(cfg, [9; 32]).unwrap();
+        let mut out = Vec::new();
+        let mut stream = Vec::new();
+        while !hs.is_done() {
+            out.clear();
+            hs.take_output(&mut out);
+            s.write_all(&out).unwrap();
+            let mut buf = [0u8; 4096];
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "the source closed during the handshake");
+            let used = hs.receive(&buf[..n]).unwrap();
+            stream.extend_from_slice(&buf[used..n]);
+        }
+        out.clear();
+        hs.take_output(&mut out);
+        s.write_all(&out).unwrap();
+        // Frames by their envelopes alone, each within the limit, until END_OF_ROUND.
+        let (mut frames, mut largest) = (0, 0);
+        loop {
+            while stream.len() >= Envelope::LEN {
+                let len = u32::from_le_bytes(stream[4..8].try_into().unwrap()) as usize;
+                let whole = Envelope::LEN + len;
+                assert!(
+                    whole <= limit as usize,
+                    "a frame of {whole} bytes, limit {limit}"
+                );
+                if stream.len() < whole {
+                    break;
+                }
+                let ty = FrameType(stream[0]);
+                stream.drain(..whole);
+                frames += 1;
+                largest = largest.max(whole);
+                if ty == FrameType::END_OF_ROUND {
+                    out.clear();
+                    Frame::Ack(Ack {
+                        kind: AckKind::ROUND,
+                        value: 0,
+                    })
+                    .encode(&mut out)
+                    .unwrap();
+                    s.write_all(&out).unwrap();
+                    return (frames, largest);
+                }
+            }
+            let mut buf = vec![0u8; 1 << 16];
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "the source closed before END_OF_ROUND");
+            stream.extend_from_slice(&buf[..n]);
+        }
+    });
+    let mut cfg = SourceConfig::new(session(9), Authentication::None);
+    cfg.channels = 1;
+    cfg.codec = CodecId::RAW.into();
+    let mem = memory(1);
+    fill(&mem, 5);
+    let mut src = Source::connect(addr, mem, cfg).unwrap();
+    let r = src.send_round(vec![(RegionId(0), DirtyBitmap::full(256))], false);
+    let (frames, largest) = fake.join().unwrap();
+    eprintln!("{frames} frames, the largest {largest} bytes (limit {limit}): {r:?}");
+    r.unwrap();
+}

@@ -661,6 +661,15 @@ pub(crate) fn frame_bytes(page_size: u32, max_pages: u32) -> u32 {
     ) as u32
 }
 
+/// The most pages whose frame, raw with its headers, fits `max_frame_bytes` (the
+/// inverse of [`frame_bytes`]); at least 1, as every frame limit a peer may choose
+/// holds a page and 1024 bytes.
+pub(crate) fn pages_per_frame(page_size: u32, max_frame_bytes: u32) -> u32 {
+    let per_page = u64::from(page_size) + 16;
+    let pages = u64::from(max_frame_bytes).saturating_sub(64) / per_page;
+    u32::try_from(pages).unwrap_or(u32::MAX).max(1)
+}
+
 /// Transport views of every region, for zero-copy sends and io_uring registration.
 pub(crate) fn transport_views(
     memory: &Arc<GuestMemory>,

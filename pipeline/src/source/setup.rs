@@ -87,6 +87,13 @@ impl Source {
         for est in established {
             let ch = est.negotiated.channel.0;
             let negotiated = est.negotiated;
+            // A destination may choose a frame limit below what its `max_pages` raw
+            // pages need (PROTOCOL.md allows any from a page and 1024 bytes): frames
+            // then carry fewer pages, never more bytes.
+            let max_pages = negotiated.max_pages.min(super::pages_per_frame(
+                page_size,
+                negotiated.max_frame_bytes,
+            ));
             if let Some(codec) = fixed
                 && !negotiated.codecs.contains(codec)
             {
@@ -107,7 +114,7 @@ impl Source {
             let engine_config = EngineConfig {
                 page_size: PageSize::new(page_size)
                     .ok_or_else(|| MigrationError::Config("page size".into()))?,
-                max_pages: negotiated.max_pages as usize,
+                max_pages: max_pages as usize,
                 requests: config.queue_depth,
                 buffers: config.queue_depth * 2,
                 delta: delta.clone(),
@@ -195,7 +202,7 @@ impl Source {
                     }
                 },
                 checksum: negotiated.checksum,
-                max_pages: negotiated.max_pages,
+                max_pages,
                 control: control.clone(),
                 latency: latency.clone(),
                 counters: counters.clone(),
