@@ -508,7 +508,7 @@ fn run_handshake(
         stream
             .set_read_timeout(Some(left.max(Duration::from_millis(1))))
             .map_err(io_err)?;
-        let n = match hs_read(stream, tls.as_deref_mut(), &mut buf) {
+        let n = match hs_read(stream, tls.as_deref_mut(), &mut buf, deadline) {
             Ok(n) => n,
             Err(HsReadError::Io(e)) => return Err(io_err(e)),
             Err(HsReadError::Tls(source)) => {

@@ -32,11 +32,15 @@ pub(super) enum HsReadError {
     Tls(TlsError),
 }
 
-/// Reads handshake input: in clear, or the plaintext of TLS records.
+/// Reads handshake input: in clear, or the plaintext of TLS records. Each read waits
+/// only the time left before `deadline` (the caller set the socket's read timeout to it
+/// for the first), so records without plaintext, or a record trickled a byte at a time,
+/// cannot hold the handshake past it.
 pub(super) fn hs_read(
     stream: &mut Stream,
     tls: Option<&mut TlsSession>,
     buf: &mut [u8],
+    deadline: Instant,
 ) -> Result<usize, HsReadError> {
     let Some(tls) = tls else {
         return stream.read(buf).map_err(HsReadError::Io);
@@ -48,6 +52,13 @@ pub(super) fn hs_read(
             Ok(None) => {}
             Err(e) => return Err(HsReadError::Tls(e)),
         }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(HsReadError::Io(io::ErrorKind::TimedOut.into()));
+        }
+        stream
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .map_err(HsReadError::Io)?;
         let n = stream.read(&mut raw).map_err(HsReadError::Io)?;
         if n == 0 {
             return Ok(0);
