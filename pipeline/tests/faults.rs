@@ -358,12 +358,45 @@ fn a_stalled_destination_times_out_over_io_uring_with_sends_in_flight() {
     );
 }
 
+/// Accepts one connection on `listener` and answers its handshake as a destination
+/// built from the protocol crate alone would, with `caps`; returns the socket and the
+/// bytes the source sent after the handshake.
+fn fake_destination(
+    listener: std::net::TcpListener,
+    caps: pagewire_protocol::Capabilities,
+    session: pagewire::SessionId,
+) -> (std::net::TcpStream, Vec<u8>) {
+    use pagewire_protocol::{ServerConfig, ServerHandshake};
+    use std::io::{Read, Write};
+    let (mut s, _) = listener.accept().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let cfg = ServerConfig {
+        caps,
+        session: Some(session),
+        auth: Authentication::None,
+    };
+    let mut hs = ServerHandshake::new(cfg, [9; 32]).unwrap();
+    let (mut out, mut buf, mut rest) = (Vec::new(), [0u8; 4096], Vec::new());
+    while !hs.is_done() {
+        out.clear();
+        hs.take_output(&mut out);
+        s.write_all(&out).unwrap();
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the source closed during the handshake");
+        let used = hs.receive(&buf[..n]).unwrap();
+        rest.extend_from_slice(&buf[used..n]);
+    }
+    out.clear();
+    hs.take_output(&mut out);
+    s.write_all(&out).unwrap();
+    (s, rest)
+}
+
 /// A destination that never ACKs the round but sends a frame a byte at a time, each
 /// byte well within the read timeout: the source's wait for its ACK still ends at
 /// `ack_timeout` (at most one read timeout late), not once the whole frame arrived.
 fn a_trickled_frame_cannot_stretch_the_ack_wait(backend: Backend) {
-    use pagewire_protocol::{Capabilities, ServerConfig, ServerHandshake};
-    use std::io::{Read, Write};
+    use std::io::Write;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     // 40 bytes, 150 ms apart: 6 s to trickle, against an ACK timeout of 1 s.
@@ -374,26 +407,8 @@ fn a_trickled_frame_cannot_stretch_the_ack_wait(backend: Backend) {
     let stop = Arc::new(AtomicBool::new(false));
     let (sent2, stop2) = (sent.clone(), stop.clone());
     let fake = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let cfg = ServerConfig {
-            caps: Capabilities::new(4096),
-            session: Some(session(8)),
-            auth: Authentication::None,
-        };
-        let mut hs = ServerHandshake::new(cfg, [9; 32]).unwrap();
-        let (mut out, mut buf) = (Vec::new(), [0u8; 4096]);
-        while !hs.is_done() {
-            out.clear();
-            hs.take_output(&mut out);
-            s.write_all(&out).unwrap();
-            let n = s.read(&mut buf).unwrap();
-            assert!(n > 0, "the source closed during the handshake");
-            hs.receive(&buf[..n]).unwrap();
-        }
-        out.clear();
-        hs.take_output(&mut out);
-        s.write_all(&out).unwrap();
+        let caps = pagewire_protocol::Capabilities::new(4096);
+        let (mut s, _) = fake_destination(listener, caps, session(8));
         // An extension frame's envelope, then its body a byte at a time.
         s.write_all(&[0x80, 0, 0, 0]).unwrap();
         s.write_all(&(LEN as u32).to_le_bytes()).unwrap();
@@ -455,39 +470,16 @@ fn a_trickled_frame_cannot_stretch_the_ack_wait_over_io_uring() {
 /// pages, each within the limit, and the round completes.
 #[test]
 fn the_smallest_frame_limit_a_destination_may_choose_is_kept() {
-    use pagewire_protocol::{
-        Ack, AckKind, Capabilities, Envelope, FrameType, ServerConfig, ServerHandshake,
-    };
+    use pagewire_protocol::{Ack, AckKind, Capabilities, Envelope, FrameType};
     use std::io::{Read, Write};
     let limit = 4096 + 1024;
     let listener = std::net::TcpListener::bind(loopback()).unwrap();
     let addr = listener.local_addr().unwrap();
     let fake = std::thread::spawn(move || -> (usize, usize) {
-        let (mut s, _) = listener.accept().unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut caps = Capabilities::new(4096);
         caps.max_frame_bytes = limit;
-        let cfg = ServerConfig {
-            caps,
-            session: Some(session(9)),
-            auth: Authentication::None,
-        };
-        let mut hs = ServerHandshake::new(cfg, [9; 32]).unwrap();
+        let (mut s, mut stream) = fake_destination(listener, caps, session(9));
         let mut out = Vec::new();
-        let mut stream = Vec::new();
-        while !hs.is_done() {
-            out.clear();
-            hs.take_output(&mut out);
-            s.write_all(&out).unwrap();
-            let mut buf = [0u8; 4096];
-            let n = s.read(&mut buf).unwrap();
-            assert!(n > 0, "the source closed during the handshake");
-            let used = hs.receive(&buf[..n]).unwrap();
-            stream.extend_from_slice(&buf[used..n]);
-        }
-        out.clear();
-        hs.take_output(&mut out);
-        s.write_all(&out).unwrap();
         // Frames by their envelopes alone, each within the limit, until END_OF_ROUND.
         let (mut frames, mut largest) = (0, 0);
         loop {
