@@ -144,6 +144,14 @@ pub enum MigrationError {
         #[source]
         source: Box<MigrationError>,
     },
+    /// A call on a [`Source`](crate::Source) whose switchover already handed the guest
+    /// over, or may have ([`Source::complete`](crate::Source::complete) returned `Ok`):
+    /// it sends nothing more, and the guest must not be resumed here on its account.
+    #[error(
+        "the switchover already ran (COMMIT was sent): this source sends nothing more, and \
+         the guest must not be resumed here unless the destination reports it failed"
+    )]
+    HandedOver,
     /// The destination verified the migration and sent ACK COMPLETE, but no COMMIT
     /// followed (the channel closed or failed, the source aborted, or the idle timeout
     /// ran out): the guest was not handed over and must not run on the destination.
@@ -248,9 +256,12 @@ impl Failed {
     /// Whether the guest may be resumed on the source: `true` unless the outcome of the
     /// switchover is unknown ([`MigrationError::OutcomeUnknown`]), when the destination
     /// may already run it and only the management layer can tell (PROTOCOL.md,
-    /// Switchover).
+    /// Switchover), or a call came after the switchover ([`MigrationError::HandedOver`]).
     pub fn may_resume_source(&self) -> bool {
-        !matches!(*self.error, MigrationError::OutcomeUnknown { .. })
+        !matches!(
+            *self.error,
+            MigrationError::OutcomeUnknown { .. } | MigrationError::HandedOver
+        )
     }
 
     /// Pages outstanding in total.

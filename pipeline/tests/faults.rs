@@ -112,6 +112,16 @@ fn extension_frames_in_both_directions_are_skipped() {
         src.send_round(dirty, round == 3).unwrap();
     }
     assert!(src.complete().unwrap().is_committed());
+    // After the switchover nothing is sent, and no error lets the guest resume here.
+    let again = [
+        src.complete().map(drop).unwrap_err(),
+        src.send_round(Vec::new(), true).map(drop).unwrap_err(),
+        src.send_device_state("cpu", 0, b"x".to_vec()).unwrap_err(),
+    ];
+    for e in again {
+        assert!(matches!(*e.error, MigrationError::HandedOver), "{e:?}");
+        assert!(!e.may_resume_source(), "{e:?}");
+    }
     drop(src);
     let migrated = dst.join().unwrap().unwrap();
     assert_eq!(migrated.final_round, 3);

@@ -156,6 +156,10 @@ pub struct Source {
     /// before its channels start.
     dedup: Option<Arc<dedup::DedupTable>>,
     progress: Progress,
+    /// COMMIT was sent, or may have been ([`Source::complete`] returned `Ok`): every
+    /// later call fails with [`MigrationError::HandedOver`], never with an error that
+    /// lets the guest be resumed here.
+    handed_over: bool,
 }
 
 impl std::fmt::Debug for Source {
@@ -271,6 +275,7 @@ impl Source {
         dirty: Vec<(RegionId, DirtyBitmap)>,
         paused: bool,
     ) -> Result<RoundStats, Failed> {
+        self.not_handed_over()?;
         let started = Instant::now();
         let cpu_before = self.cpu_time();
         let round = self.next_round;
@@ -414,6 +419,7 @@ impl Source {
     /// [`Failed`] when the migration failed before COMMIT: the destination did not
     /// confirm COMPLETE (or no round was sent).
     pub fn complete(&mut self) -> Result<Switchover, Failed> {
+        self.not_handed_over()?;
         let final_round = self
             .next_round
             .checked_sub(1)
@@ -436,12 +442,22 @@ impl Source {
                 error: Box::new(MigrationError::Worker(0)),
             },
         };
+        self.handed_over = true;
         // Closing cannot change who owns the guest; its errors are not the migration's.
         let _ = self.broadcast(|| Cmd::Close);
         Ok(switchover)
     }
 
+    /// `Err` with [`MigrationError::HandedOver`] once the switchover ran.
+    fn not_handed_over(&self) -> Result<(), Failed> {
+        match self.handed_over {
+            true => Err(Failed::bare(MigrationError::HandedOver)),
+            false => Ok(()),
+        }
+    }
+
     fn one(&mut self, ch: usize, cmd: Cmd) -> Result<(), Failed> {
+        self.not_handed_over()?;
         let w = &self.workers[ch];
         if w.tx.send(cmd).is_err() {
             return Err(Failed::bare(MigrationError::Worker(ch as u16)));

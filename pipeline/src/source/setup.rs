@@ -308,6 +308,7 @@ impl Source {
             rounds: Vec::new(),
             next_round: 0,
             sections: 0,
+            handed_over: false,
             started,
             setup: started.elapsed(),
             transport,
