@@ -29,6 +29,10 @@ struct CheckedSink<'a, 'g> {
     rules: &'a DestinationChannel,
     /// The session, told of a round this frame opens before its pages are placed.
     shared: &'a Shared,
+    /// Why the session refused the frame's round, when it did: the receive that
+    /// follows ends with this, not with what the transport saw after the session
+    /// failed.
+    refused: &'a mut Option<MigrationError>,
     /// The copy gate, held shared from the moment a frame is allowed until its pages
     /// are in place (in `held`, which outlives the sink).
     gate: &'g RwLock<()>,
@@ -65,6 +69,7 @@ impl PageSink for CheckedSink<'_, '_> {
                     source,
                 };
                 self.shared.channel_failed(ch.0, &e);
+                *self.refused = Some(e);
                 return false;
             }
         }
@@ -205,6 +210,7 @@ impl Receiver {
             let after = {
                 // Dropped with this block, before anything waits for the gate.
                 let mut held = None;
+                let mut refused = None;
                 let ahead = memory
                     .as_deref()
                     .filter(|_| self.shared.prefault == Prefault::Ahead);
@@ -214,15 +220,18 @@ impl Receiver {
                 let mut checked = sink.as_mut().map(|inner| CheckedSink {
                     rules: &self.rules,
                     shared: &shared,
+                    refused: &mut refused,
                     gate: &shared.gate,
                     held: &mut held,
                     inner,
                     ahead,
                     install,
                 });
-                let incoming = channel
-                    .recv(checked.as_mut().map(|s| s as &mut dyn PageSink))
-                    .map_err(chan)?;
+                let incoming = channel.recv(checked.as_mut().map(|s| s as &mut dyn PageSink));
+                if let Some(e) = refused.take() {
+                    return Err(e);
+                }
+                let incoming = incoming.map_err(chan)?;
                 match incoming {
                     None => After::Closed,
                     Some(Incoming::Placed(p)) => {
