@@ -303,6 +303,19 @@ fn restores_a_saved_guest_within_one_process() {
     let j = v.summary();
     assert_eq!(j["digest_equal"], true);
     assert_eq!(j["self_check"]["wrong"], 0);
+    // The destination's device-state check, on VM B before it ran: what only KVM
+    // refuses (an MSR it does not know) is refused there, not after COMMIT.
+    let lines = v.all();
+    for what in [
+        "the check refuses an unknown MSR: ",
+        "the check refuses a section named foo: ",
+        "the check refuses a vmm section of 32 KiB: ",
+    ] {
+        assert!(
+            lines.iter().any(|l| l.starts_with(what)),
+            "no line {what:?}: {lines:#?}"
+        );
+    }
 }
 
 #[test]

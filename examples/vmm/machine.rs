@@ -2,7 +2,7 @@
 //! put together; its state as device sections; the two ways it starts (boot, or
 //! restore from sections).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{Context, anyhow, bail};
 use kvm_ioctls::VcpuFd;
@@ -54,8 +54,24 @@ pub struct Machine {
     /// Heartbeats and self-check reports.
     pub monitor: Arc<Monitor>,
     msrs: Vec<u32>,
-    fds: Vec<VcpuFd>,
+    /// The vCPUs until they start; shared with the device-state check
+    /// ([`Machine::restorer`]), which restores into them before ACK COMPLETE.
+    fds: Arc<Mutex<Vec<VcpuFd>>>,
 }
+
+/// Loads sections into a machine's VM and vCPUs before they run: the destination's
+/// device-state check does (before ACK COMPLETE, so whatever KVM refuses is refused
+/// while the source still owns the guest), and so does [`Machine::restore`].
+#[derive(Clone)]
+pub struct Restorer {
+    vm: Arc<Vm>,
+    fds: Arc<Mutex<Vec<VcpuFd>>>,
+}
+
+/// The largest `vm` or `vcpu` section (each is a few KiB), and the largest `vmm`
+/// section (a JSON object of a few numbers): the bytes come from the source.
+const MAX_STATE: usize = 64 << 10;
+const MAX_VMM: usize = 16 << 10;
 
 impl Machine {
     /// Allocates RAM, creates the VM with its memslots and the vCPUs (CPUID set).
@@ -92,7 +108,7 @@ impl Machine {
             dirty: Arc::new(dirty),
             monitor: Arc::new(Monitor::default()),
             msrs,
-            fds,
+            fds: Arc::new(Mutex::new(fds)),
         })
     }
 
@@ -102,7 +118,8 @@ impl Machine {
     /// Loading or a KVM register set failed.
     pub fn boot(&self) -> anyhow::Result<()> {
         memory::load_guest(&self.ram, self.shape.mem_bytes)?;
-        for (id, fd) in self.fds.iter().enumerate() {
+        let fds = self.fds.lock().unwrap_or_else(PoisonError::into_inner);
+        for (id, fd) in fds.iter().enumerate() {
             boot_vcpu(
                 fd,
                 self.shape.mem_bytes,
@@ -115,28 +132,42 @@ impl Machine {
 
     /// Checks, without KVM, what [`Machine::restore`] and the resume need of the
     /// sections a source sent (`(name, instance, data)`): one `vm` section that decodes,
-    /// exactly `vcpus` `vcpu` sections numbered from 0 that decode, and a `vmm` section
-    /// of JSON. The destination runs it before it acknowledges COMPLETE
-    /// (`DestinationConfig::check_device_state`), so a source configured for another
-    /// machine keeps its guest instead of losing it after COMMIT.
+    /// exactly `vcpus` `vcpu` sections numbered from 0 that decode, a `vmm` section of
+    /// JSON, nothing else, and none larger than this VMM ever writes. The destination
+    /// runs it before it acknowledges COMPLETE (`DestinationConfig::check_device_state`),
+    /// then [`Restorer::restore`], so a source configured for another machine keeps its
+    /// guest instead of losing it after COMMIT.
     ///
     /// # Errors
-    /// What is missing or does not decode.
+    /// What is missing, unknown, too large or does not decode.
     pub fn check_sections<'a>(
         vcpus: u32,
         sections: impl Iterator<Item = (&'a str, u32, &'a [u8])> + Clone,
     ) -> anyhow::Result<()> {
-        let find = |name: &str, instance: u32| {
-            sections
-                .clone()
-                .find(|&(n, i, _)| n == name && i == instance)
-                .map(|(_, _, d)| d)
-                .ok_or_else(|| anyhow!("device state has no {name}/{instance}"))
-        };
         let sent = sections.clone().filter(|&(n, _, _)| n == "vcpu").count();
         if sent != vcpus as usize {
             bail!("device state has {sent} vCPUs, this machine {vcpus}");
         }
+        for (name, instance, data) in sections.clone() {
+            let (known, max) = match name {
+                "vm" | "vmm" => (
+                    instance == 0,
+                    if name == "vm" { MAX_STATE } else { MAX_VMM },
+                ),
+                "vcpu" => (instance < vcpus, MAX_STATE),
+                _ => (false, 0),
+            };
+            if !known {
+                bail!("device state has {name}/{instance}, which this machine does not know");
+            }
+            if data.len() > max {
+                bail!(
+                    "device state {name}/{instance} of {} bytes (at most {max})",
+                    data.len()
+                );
+            }
+        }
+        let find = |name: &str, instance: u32| section(sections.clone(), name, instance);
         VmState::decode(find("vm", 0)?).context("vm state")?;
         for id in 0..vcpus {
             VcpuState::decode(find("vcpu", id)?).with_context(|| format!("vcpu {id} state"))?;
@@ -150,27 +181,19 @@ impl Machine {
     /// # Errors
     /// A section is missing or malformed, or KVM refused it.
     pub fn restore(&self, sections: &[Section]) -> anyhow::Result<()> {
-        let find = |name: &str, instance: u32| {
+        self.restorer().restore(
             sections
                 .iter()
-                .find(|s| s.name == name && s.instance == instance)
-                .ok_or_else(|| anyhow!("device state has no {name}/{instance}"))
-        };
-        let vcpus = sections.iter().filter(|s| s.name == "vcpu").count();
-        if vcpus != self.fds.len() {
-            bail!(
-                "device state has {vcpus} vCPUs, this machine {}",
-                self.fds.len()
-            );
+                .map(|s| (s.name.as_str(), s.instance, s.data.as_slice())),
+        )
+    }
+
+    /// What restores sections into this machine, for the device-state check.
+    pub fn restorer(&self) -> Restorer {
+        Restorer {
+            vm: self.vm.clone(),
+            fds: self.fds.clone(),
         }
-        VmState::decode(&find("vm", 0)?.data)?.restore(&self.vm.fd)?;
-        for (id, fd) in self.fds.iter().enumerate() {
-            VcpuState::decode(&find("vcpu", id as u32)?.data)
-                .with_context(|| format!("vcpu {id} state"))?
-                .restore(fd)
-                .with_context(|| format!("restoring vcpu {id}"))?;
-        }
-        Ok(())
     }
 
     /// Starts the vCPU threads.
@@ -186,7 +209,8 @@ impl Machine {
                 / crate::guest::PAGE as f64
                 / f64::from(self.shape.vcpus),
         });
-        Vcpus::start(std::mem::take(&mut self.fds), ctx)
+        let fds = std::mem::take(&mut *self.fds.lock().unwrap_or_else(PoisonError::into_inner));
+        Vcpus::start(fds, ctx)
     }
 
     /// The VM's and every vCPU's state, as sections; `vcpus` must be paused.
@@ -220,4 +244,44 @@ impl Machine {
         // SAFETY: the slots' memory is `self.ram`, alive as long as `self`.
         unsafe { self.vm.set_logging(on) }
     }
+}
+
+impl Restorer {
+    /// Loads the `vm` and `vcpu` sections into the VM and its vCPUs, which have not
+    /// run: every KVM set ioctl the resume needs, so whatever this host's KVM refuses
+    /// (an MSR it lacks, a register value it rejects) fails here.
+    ///
+    /// # Errors
+    /// A section is missing or malformed, the vCPUs already started, or KVM refused it.
+    pub fn restore<'a>(
+        &self,
+        sections: impl Iterator<Item = (&'a str, u32, &'a [u8])> + Clone,
+    ) -> anyhow::Result<()> {
+        let find = |name: &str, instance: u32| section(sections.clone(), name, instance);
+        let fds = self.fds.lock().unwrap_or_else(PoisonError::into_inner);
+        let vcpus = sections.clone().filter(|&(n, _, _)| n == "vcpu").count();
+        if vcpus != fds.len() {
+            bail!("device state has {vcpus} vCPUs, this machine {}", fds.len());
+        }
+        VmState::decode(find("vm", 0)?)?.restore(&self.vm.fd)?;
+        for (id, fd) in fds.iter().enumerate() {
+            VcpuState::decode(find("vcpu", id as u32)?)
+                .with_context(|| format!("vcpu {id} state"))?
+                .restore(fd)
+                .with_context(|| format!("restoring vcpu {id}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// The bytes of section `name`/`instance` among `sections`.
+fn section<'a>(
+    mut sections: impl Iterator<Item = (&'a str, u32, &'a [u8])>,
+    name: &str,
+    instance: u32,
+) -> anyhow::Result<&'a [u8]> {
+    sections
+        .find(|&(n, i, _)| n == name && i == instance)
+        .map(|(_, _, d)| d)
+        .ok_or_else(|| anyhow!("device state has no {name}/{instance}"))
 }

@@ -216,6 +216,64 @@ fn copy_ram(from: &memory::Ram, to: &memory::Ram) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The destination's device-state check (as `Incoming` runs it) on `m`, which has not
+/// run: it passes `sections`, and refuses altered copies that only this host's KVM
+/// can refuse, or that the VMM does not know; prints one line per refusal.
+fn refusals(m: &Machine, saved: &[Section], vcpus: u32) -> anyhow::Result<()> {
+    // As a migration sends them: the machine's sections and the VMM's own.
+    let mut sections = saved.to_vec();
+    sections.push(Section {
+        name: "vmm".into(),
+        instance: 0,
+        data: b"{}".to_vec(),
+    });
+    let sections = &sections[..];
+    let check = |s: &[Section]| {
+        let it = s
+            .iter()
+            .map(|s| (s.name.as_str(), s.instance, s.data.as_slice()));
+        Machine::check_sections(vcpus, it.clone()).and_then(|()| m.restorer().restore(it))
+    };
+    check(sections).context("the check refused the saved state")?;
+    // vcpu/0 with its first MSR's index changed to one no KVM knows.
+    let mut msr = sections.to_vec();
+    let v = msr
+        .iter_mut()
+        .find(|s| s.name == "vcpu" && s.instance == 0)
+        .ok_or_else(|| anyhow!("no vcpu/0"))?;
+    let mut at = 0;
+    while at + 8 <= v.data.len() {
+        let tag = u32::from_le_bytes(v.data[at..at + 4].try_into()?);
+        let len = u32::from_le_bytes(v.data[at + 4..at + 8].try_into()?) as usize;
+        if tag == 5 && len >= 16 {
+            v.data[at + 8..at + 12].copy_from_slice(&0xdead_0000u32.to_le_bytes());
+            break;
+        }
+        at += 8 + len;
+    }
+    let mut unknown = sections.to_vec();
+    unknown.push(Section {
+        name: "foo".into(),
+        instance: 0,
+        data: Vec::new(),
+    });
+    let mut big = sections.to_vec();
+    if let Some(s) = big.iter_mut().find(|s| s.name == "vmm") {
+        s.data = format!("[{}0]", "0,".repeat(16 << 10)).into_bytes();
+    }
+    for (what, altered) in [("an unknown MSR", msr), ("a section named foo", unknown)]
+        .into_iter()
+        .chain([("a vmm section of 32 KiB", big)])
+    {
+        match check(&altered) {
+            Ok(()) => bail!("the check passed {what}"),
+            Err(e) => say(format!("the check refuses {what}: {e:#}")),
+        }
+    }
+    // Refusals leave the machine as restore finds it: the saved state still passes.
+    check(sections).context("the check refused the saved state after the altered ones")
+}
+
 /// Pauses the guest, saves it, restores it into a second VM of this process with a
 /// copy of its memory, and runs the copy.
 fn restore_test(args: &Args) -> anyhow::Result<ExitCode> {
@@ -238,6 +296,7 @@ fn restore_test(args: &Args) -> anyhow::Result<ExitCode> {
             .context("corrupting a page")?;
         say(format!("corrupted guest page {first} in VM B"));
     }
+    refusals(&b, &sections, args.vcpus)?;
     b.restore(&sections)?;
     let db = digest_line("VM B (restored)", &b.ram)?;
     va.stop()?;
@@ -424,7 +483,7 @@ fn source(args: &Args, to: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
 
 fn destination(args: &Args, addr: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
     let mut m = Machine::build(shape(args))?;
-    let incoming = migration::Incoming::bind(args, addr)?;
+    let incoming = migration::Incoming::bind(args, addr, m.restorer())?;
     say(format!("listening on {}", incoming.local_addr()?));
     // SIGTERM/SIGINT cancel the incoming migration at any point (pagewire's
     // DestinationControl wakes every wait); the guest is then never started.
@@ -483,7 +542,7 @@ fn destination(args: &Args, addr: std::net::SocketAddr) -> anyhow::Result<ExitCo
     let vmm: serde_json::Value = received
         .sections
         .iter()
-        .find(|s| s.name == "vmm")
+        .find(|s| s.name == "vmm" && s.instance == 0)
         .map(|s| serde_json::from_slice(&s.data))
         .transpose()
         .context("the source's vmm section")?

@@ -272,11 +272,15 @@ pub struct Received {
 }
 
 impl Incoming {
-    /// Listens on `addr`.
+    /// Listens on `addr`, for a migration into the machine `restorer` loads state into.
     ///
     /// # Errors
     /// Binding failed.
-    pub fn bind(args: &Args, addr: SocketAddr) -> anyhow::Result<Self> {
+    pub fn bind(
+        args: &Args,
+        addr: SocketAddr,
+        restorer: crate::machine::Restorer,
+    ) -> anyhow::Result<Self> {
         let mut cfg = DestinationConfig::new(SESSION, auth(args)?);
         if args.tls.enabled {
             cfg.encryption = pagewire::Encryption::Tls(args.tls.side(false)?);
@@ -288,12 +292,17 @@ impl Incoming {
         }
         // The device state is checked before ACK COMPLETE, while the source still owns
         // the guest: a source with another vCPU count keeps it (PROTOCOL.md, COMPLETE).
+        // The check loads it into this machine's VM and vCPUs, which have not run, so
+        // whatever this host's KVM refuses is refused here, not after COMMIT; the
+        // resume loads the same bytes again.
         let vcpus = args.vcpus;
         cfg.check_device_state = Some(pagewire::DeviceStateCheck::new(move |sections| {
             let it = sections
                 .iter()
                 .map(|s| (s.name.as_str(), s.instance, s.data.as_slice()));
-            crate::machine::Machine::check_sections(vcpus, it).map_err(|e| format!("{e:#}"))
+            crate::machine::Machine::check_sections(vcpus, it.clone())
+                .and_then(|()| restorer.restore(it))
+                .map_err(|e| format!("{e:#}"))
         }));
         let listener = DestinationListener::bind(addr, cfg.clone())?;
         Ok(Self {

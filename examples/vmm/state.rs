@@ -153,8 +153,24 @@ impl VcpuState {
     /// A record is missing, truncated or of the wrong size.
     pub fn decode(b: &[u8]) -> anyhow::Result<Self> {
         let r = records(b)?;
+        only(
+            &r,
+            &[
+                tag::REGS,
+                tag::SREGS,
+                tag::XSAVE,
+                tag::XCRS,
+                tag::MSRS,
+                tag::LAPIC,
+                tag::EVENTS,
+                tag::MP_STATE,
+                tag::DEBUGREGS,
+            ],
+        )?;
         let msr_bytes = find(&r, tag::MSRS)?;
-        if !msr_bytes.len().is_multiple_of(size_of::<kvm_msr_entry>()) {
+        if !msr_bytes.len().is_multiple_of(size_of::<kvm_msr_entry>())
+            || msr_bytes.len() > MSRS.len() * size_of::<kvm_msr_entry>()
+        {
             bail!("MSR record of {} bytes", msr_bytes.len());
         }
         let msrs = msr_bytes
@@ -239,12 +255,23 @@ impl VmState {
     /// A record is missing, truncated or of the wrong size.
     pub fn decode(b: &[u8]) -> anyhow::Result<Self> {
         let r = records(b)?;
+        only(
+            &r,
+            &[tag::PIC_MASTER, tag::PIC_SLAVE, tag::IOAPIC, tag::CLOCK],
+        )?;
+        let chips: [kvm_irqchip; 3] = [
+            get(&r, tag::PIC_MASTER)?,
+            get(&r, tag::PIC_SLAVE)?,
+            get(&r, tag::IOAPIC)?,
+        ];
+        // Each chip's id names the chip its record is for, or KVM would set another.
+        for (c, id) in chips.iter().zip(CHIPS) {
+            if c.chip_id != id {
+                bail!("an irqchip record of chip {} holds chip {}", id, c.chip_id);
+            }
+        }
         Ok(Self {
-            chips: [
-                get(&r, tag::PIC_MASTER)?,
-                get(&r, tag::PIC_SLAVE)?,
-                get(&r, tag::IOAPIC)?,
-            ],
+            chips,
             clock: get(&r, tag::CLOCK)?,
         })
     }
@@ -256,10 +283,19 @@ fn put(w: &mut Vec<u8>, tag: u32, bytes: &[u8]) {
     w.extend_from_slice(bytes);
 }
 
+/// The most records a section may hold: a vCPU's are 9, a VM's 4.
+const MAX_RECORDS: usize = 16;
+
+/// The records of a section: each tag at most once, at most [`MAX_RECORDS`] of them
+/// (the bytes come from the source).
 fn records(mut b: &[u8]) -> anyhow::Result<Vec<(u32, &[u8])>> {
-    let mut out = Vec::new();
-    // Bounded: every record consumes at least its 8-byte header.
+    let mut out: Vec<(u32, &[u8])> = Vec::new();
+    // Bounded: every record consumes at least its 8-byte header, and there are at most
+    // MAX_RECORDS.
     while !b.is_empty() {
+        if out.len() == MAX_RECORDS {
+            bail!("more than {MAX_RECORDS} state records");
+        }
         if b.len() < 8 {
             bail!("truncated record header");
         }
@@ -269,10 +305,21 @@ fn records(mut b: &[u8]) -> anyhow::Result<Vec<(u32, &[u8])>> {
         if rest.len() < len {
             bail!("record {tag} needs {len} bytes, {} left", rest.len());
         }
+        if out.iter().any(|(t, _)| *t == tag) {
+            bail!("state record {tag} twice");
+        }
         out.push((tag, &rest[..len]));
         b = &rest[len..];
     }
     Ok(out)
+}
+
+/// Refuses a record whose tag is not one of `known`: what restore would ignore.
+fn only(r: &[(u32, &[u8])], known: &[u32]) -> anyhow::Result<()> {
+    match r.iter().find(|(t, _)| !known.contains(t)) {
+        Some((t, _)) => bail!("unknown state record {t}"),
+        None => Ok(()),
+    }
 }
 
 fn find<'a>(r: &[(u32, &'a [u8])], tag: u32) -> anyhow::Result<&'a [u8]> {
@@ -307,5 +354,13 @@ mod tests {
         assert!(records(&w[..w.len() - 9]).is_err());
         assert!(get::<u64>(&r, 1).is_err());
         assert!(find(&r, 9).is_err());
+        // A tag twice, or more records than any state has, is refused.
+        put(&mut w, 1, &[4]);
+        assert!(records(&w).is_err());
+        let mut many = Vec::new();
+        for t in 0..=MAX_RECORDS as u32 {
+            put(&mut many, t, &[]);
+        }
+        assert!(records(&many).is_err());
     }
 }
