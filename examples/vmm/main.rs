@@ -241,16 +241,13 @@ fn refusals(m: &Machine, saved: &[Section], vcpus: u32) -> anyhow::Result<()> {
         .iter_mut()
         .find(|s| s.name == "vcpu" && s.instance == 0)
         .ok_or_else(|| anyhow!("no vcpu/0"))?;
-    let mut at = 0;
-    while at + 8 <= v.data.len() {
-        let tag = u32::from_le_bytes(v.data[at..at + 4].try_into()?);
-        let len = u32::from_le_bytes(v.data[at + 4..at + 8].try_into()?) as usize;
-        if tag == 5 && len >= 16 {
-            v.data[at + 8..at + 12].copy_from_slice(&0xdead_0000u32.to_le_bytes());
-            break;
-        }
-        at += 8 + len;
-    }
+    let mut state = crate::state::VcpuState::decode(&v.data)?;
+    let first = state
+        .msrs_mut()
+        .first_mut()
+        .ok_or_else(|| anyhow!("vcpu/0 saved no MSR"))?;
+    first.index = 0xdead_0000;
+    v.data = state.encode();
     let mut unknown = sections.to_vec();
     unknown.push(Section {
         name: "foo".into(),

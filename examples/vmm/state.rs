@@ -105,6 +105,11 @@ impl VcpuState {
         })
     }
 
+    /// The saved MSRs (the restore test alters one, to see the check refuse it).
+    pub fn msrs_mut(&mut self) -> &mut [kvm_msr_entry] {
+        &mut self.msrs
+    }
+
     /// Loads this state into a vCPU that has not run yet (CPUID already set), in
     /// Firecracker's order.
     ///
