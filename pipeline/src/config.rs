@@ -118,7 +118,8 @@ pub struct SourceConfig {
     pub delta_cache_pages: usize,
     /// Send a data page equal to one its channel already sent, and unchanged since, as a
     /// COPY reference to it instead of its bytes (PROTOCOL.md, COPY). Content is
-    /// compared by a BLAKE3 hash keyed with a secret of this source, over a copy of the
+    /// compared by a hash keyed with a secret of this source (AES-128 of the page's
+    /// POLYVAL, `source/pagehash.rs`), over a copy of the
     /// pages that the codec then encodes. Only frames whose codec compresses: raw pages
     /// go out without a copy; and only with the software codec engine (a hardware
     /// engine reads guest memory by DMA, not the copy). Costs per data page a copy and

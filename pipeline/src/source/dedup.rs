@@ -2,10 +2,11 @@
 //! one sent before, and unchanged on the destination since, travels as a COPY
 //! reference to it instead of its bytes (PROTOCOL.md, COPY).
 //!
-//! **Content is compared by a keyed hash**, BLAKE3 keyed with 32 bytes drawn for each
-//! source and never sent, 128 bits of it kept. The guest writes the pages, so it could
-//! make two different pages collide under a known hash function; under a key it never
-//! sees it would have to find a BLAKE3 collision blind.
+//! **Content is compared by a keyed hash**, AES-128 of the page's POLYVAL under 32
+//! bytes drawn for each source and never sent, 128 bits (`pagehash.rs`). The guest
+//! writes the pages, so it could make two different pages collide under a known hash
+//! function; under this one, whose key it never sees, any two different pages collide
+//! for at most 257 of the 2^128 POLYVAL keys.
 //!
 //! **The hash is of the bytes that travel**, never of live guest memory: the worker
 //! copies a frame's data pages into a buffer ([`Dedup::buffer`]), hashes them there and
@@ -201,8 +202,8 @@ impl DedupTable {
         self.hasher.hash(page)
     }
 
-    /// The keyed hash of each `page_size` piece of `pages`, in order, many pages per
-    /// SIMD pass (see `pagehash.rs`).
+    /// The keyed hash of each `page_size` piece of `pages`, in order (see
+    /// `pagehash.rs`).
     pub(crate) fn hash_pages(&self, pages: &[u8], page_size: usize) -> Vec<PageHash> {
         let mut out = Vec::with_capacity(pages.len() / page_size.max(1) + 1);
         self.hasher.hash_pages(pages, page_size, &mut out);
