@@ -7,7 +7,12 @@
 //!   running guest live-migrates between two processes; see the README, "A real guest"
 //!   (`cargo run --release -p pagewire-examples --bin pagewire-vmm -- --help`).
 //!
-//! Both take `--tls` (see [`tls`]): TLS 1.3 around every channel, with certificates
+//! - `receive` and `send` (`examples/examples/`): pagewire's destination and source as
+//!   processes of their own, one migration each, for peers written from PROTOCOL.md
+//!   alone (`protocol/conformance/`).
+//!
+//! The first two take `--tls` (see [`tls`]): TLS 1.3 around every channel, with certificates
 //! made for the run unless PEM files are given.
 
+pub mod cli;
 pub mod tls;

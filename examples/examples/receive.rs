@@ -20,9 +20,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 
 use anyhow::{Context, bail};
-use pagewire::{
-    Authentication, DestinationConfig, DestinationListener, Migrated, SessionId, SessionKey,
-};
+use pagewire::{Authentication, DestinationConfig, DestinationListener, Migrated, SessionId};
 
 struct Args {
     listen: SocketAddr,
@@ -42,14 +40,7 @@ fn args() -> anyhow::Result<Args> {
         match flag.as_str() {
             "--listen" => listen = Some(value()?.parse().context("--listen")?),
             "--key-file" => key_file = Some(value()?),
-            "--session" => {
-                let s = value()?;
-                let id: [u8; 16] = s
-                    .as_bytes()
-                    .try_into()
-                    .with_context(|| format!("--session {s:?}: 16 bytes"))?;
-                session = Some(SessionId(id));
-            }
+            "--session" => session = Some(pagewire_examples::cli::session_id(&value()?)?),
             "--out" => out = Some(value()?),
             "--channels" => channels = Some(value()?.parse().context("--channels")?),
             "--max-memory" => max_memory = Some(value()?.parse().context("--max-memory")?),
@@ -94,8 +85,8 @@ fn dump(m: &Migrated, path: &str) -> anyhow::Result<Vec<serde_json::Value>> {
 }
 
 fn run(a: &Args) -> anyhow::Result<serde_json::Value> {
-    let key = std::fs::read(&a.key_file).with_context(|| format!("reading {}", a.key_file))?;
-    let auth = Authentication::PreSharedKey(SessionKey::new(key)?);
+    let key = pagewire::key_from_file(&a.key_file)?;
+    let auth = Authentication::PreSharedKey(key);
     let mut cfg = DestinationConfig::new(a.session, auth);
     if let Some(n) = a.channels {
         cfg.limits.max_channels = n;

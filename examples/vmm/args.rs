@@ -34,7 +34,8 @@ MIGRATION:
   --codec C            auto | zstd | lz4 | none (default auto: chosen per frame)
   --channels N         source: channels to open (default 2); destination: the most it
                        accepts, refusing a source that asks for more (default 64)
-  --key-file PATH      pre-shared key for the handshake (default: a built-in test key)
+  --key-file PATH      pre-shared key for the handshake: the file's bytes, one trailing
+                       newline removed (default: a built-in test key)
   --bandwidth-mbit N   cap the wire at N Mbit/s (default: none)
   --downtime-ms N      pre-copy stops once the expected downtime is below (default 20)
   --max-rounds N       pre-copy round cap (default 30)

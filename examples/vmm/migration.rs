@@ -35,20 +35,12 @@ const SESSION: SessionId = SessionId(*b"pagewire-vmm-v01");
 const DEFAULT_KEY: &[u8] = b"pagewire-vmm built-in test key; use --key-file";
 
 fn auth(args: &Args) -> anyhow::Result<Authentication> {
-    let key = match &args.key_file {
-        Some(p) => {
-            let mut k = std::fs::read(p)
-                .with_context(|| format!("reading the key file {}", p.display()))?;
-            while k.last().is_some_and(|b| b.is_ascii_whitespace()) {
-                k.pop();
-            }
-            k
-        }
-        None => DEFAULT_KEY.to_vec(),
-    };
-    Ok(Authentication::PreSharedKey(
-        SessionKey::new(key).context("the key (at least 16 bytes)")?,
-    ))
+    // The key file by the rule every pagewire tool follows (its bytes, one trailing
+    // newline removed).
+    Ok(Authentication::PreSharedKey(match &args.key_file {
+        Some(p) => pagewire::key_from_file(p)?,
+        None => SessionKey::new(DEFAULT_KEY).context("the built-in key")?,
+    }))
 }
 
 fn describe(ram: &Arc<Ram>) -> anyhow::Result<Arc<GuestMemory>> {

@@ -536,3 +536,63 @@ fn the_smallest_frame_limit_a_destination_may_choose_is_kept() {
     eprintln!("{frames} frames, the largest {largest} bytes (limit {limit}): {r:?}");
     r.unwrap();
 }
+
+/// A source configured to send zstd only, against a destination that does not decode
+/// it: the source refuses the WELCOME with REJECT `NO_COMMON_CODEC` naming zstd, in
+/// place of CONFIRM, rather than confirming a session and closing it after READY.
+#[test]
+fn a_source_of_one_codec_refuses_a_welcome_without_it() {
+    use pagewire_protocol::{
+        Capabilities, CodecSet, HandshakeError, RejectReason, ServerConfig, ServerHandshake,
+    };
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind(loopback()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fake = std::thread::spawn(move || -> (Result<usize, HandshakeError>, String) {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut caps = Capabilities::new(4096);
+        caps.codecs = CodecSet::from_ids([CodecId::RAW, CodecId::ZERO, CodecId::LZ4]).unwrap();
+        let cfg = ServerConfig {
+            caps,
+            session: Some(session(10)),
+            auth: Authentication::None,
+        };
+        let mut hs = ServerHandshake::new(cfg, [9; 32]).unwrap();
+        let (mut out, mut buf) = (Vec::new(), [0u8; 4096]);
+        let r = loop {
+            out.clear();
+            hs.take_output(&mut out);
+            s.write_all(&out).unwrap();
+            if hs.is_done() {
+                break Ok(0);
+            }
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "the source closed without a word");
+            if let Err(e) = hs.receive(&buf[..n]) {
+                break Err(e);
+            }
+        };
+        (r, hs.peer_message().unwrap_or_default().to_owned())
+    });
+    let mut cfg = SourceConfig::new(session(10), Authentication::None);
+    cfg.channels = 1;
+    cfg.codec = CodecId::ZSTD.into();
+    let Err(err) = Source::connect(addr, memory(1), cfg) else {
+        panic!("the source connected to a destination without zstd");
+    };
+    let (heard, message) = fake.join().unwrap();
+    eprintln!("source: {err}; destination: {heard:?}, {message:?}");
+    assert!(
+        matches!(
+            heard,
+            Err(HandshakeError::Rejected {
+                reason: RejectReason::NO_COMMON_CODEC,
+                ..
+            })
+        ),
+        "the destination heard {heard:?}"
+    );
+    assert!(message.contains("zstd"), "{message:?}");
+    assert!(err.to_string().contains("zstd"), "{err}");
+}

@@ -235,7 +235,9 @@ def migrate(receiver, channels, regions_n, crc, mem_mib=16, chunk=64, tamper=Non
     "stdout" (what it printed after "listening on")."""
     tmp = tempfile.mkdtemp(prefix="pagewire-spec-")
     key_file, out_file = os.path.join(tmp, "key"), os.path.join(tmp, "memory")
-    key = os.urandom(32)
+    # The tools read a key file's bytes with one trailing newline removed, so the key
+    # itself never ends in one.
+    key = os.urandom(31) + b"."
     with open(key_file, "wb") as f:
         f.write(key)
     cmd = receiver if isinstance(receiver, list) else [receiver]

@@ -17,6 +17,7 @@ fn client_with(caps: Capabilities, auth: Authentication) -> ClientHandshake {
             channel: ChannelId(1),
             channel_count: 2,
             auth,
+            require: CodecSet::empty(),
         },
         [0xc1; NONCE_LEN],
     )
@@ -389,6 +390,55 @@ fn key_on_the_source_only() {
     assert!(!s.is_done(), "the destination never opened the channel");
 }
 
+/// A source configured to send one codec only (`ClientConfig::require`) refuses a
+/// WELCOME without it in place of CONFIRM, and the destination learns why; with it,
+/// the handshake completes as usual.
+#[test]
+fn a_source_that_sends_one_codec_refuses_a_welcome_without_it() {
+    let client = |require| {
+        ClientHandshake::new(
+            ClientConfig {
+                caps: caps(),
+                session: SESSION,
+                channel: ChannelId(0),
+                channel_count: 1,
+                auth: key(1),
+                require,
+            },
+            [0xc1; NONCE_LEN],
+        )
+        .unwrap()
+    };
+    let zstd = CodecSet::from_ids([CodecId::ZSTD]).unwrap();
+    let mut lacking = caps();
+    lacking.codecs = CodecSet::from_ids([CodecId::RAW, CodecId::ZERO, CodecId::LZ4]).unwrap();
+    let mut c = client(zstd);
+    let mut s = server_with(lacking, key(1));
+    let (cr, sr) = pump(&mut c, &mut s, usize::MAX);
+    assert_eq!(cr, Err(HandshakeError::CodecRequired(CodecId::ZSTD)));
+    assert!(
+        matches!(
+            sr,
+            Err(HandshakeError::Rejected {
+                reason: RejectReason::NO_COMMON_CODEC,
+                ..
+            })
+        ),
+        "{sr:?}"
+    );
+    let told = s.peer_message().unwrap_or_default();
+    assert!(
+        told.contains("zstd"),
+        "the REJECT says which codec: {told:?}"
+    );
+    assert!(!s.is_done() && !c.is_done());
+
+    let mut c = client(zstd);
+    let mut s = server_with(caps(), key(1));
+    assert_eq!(pump(&mut c, &mut s, usize::MAX), (Ok(()), Ok(())));
+    assert!(c.negotiated().unwrap().codecs.contains(CodecId::ZSTD));
+}
+
 #[test]
 fn page_size_session_and_channel_mismatches() {
     let (_, _, (cr, sr)) = handshake(
@@ -525,6 +575,7 @@ fn bound_pair(
             channel: ChannelId(0),
             channel_count: 1,
             auth: auth_c,
+            require: CodecSet::empty(),
         },
         [0xc1; NONCE_LEN],
         bind_c,

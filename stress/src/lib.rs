@@ -50,23 +50,9 @@ pub fn authentication(
     key: &cli::KeyArgs,
     generate: bool,
 ) -> anyhow::Result<pagewire::Authentication> {
-    use anyhow::Context;
     use pagewire::{Authentication, SessionKey};
     if let Some(path) = &key.key_file {
-        let mut k = std::fs::read(path)
-            .with_context(|| format!("reading the key file {}", path.display()))?;
-        if k.ends_with(b"\n") {
-            k.pop();
-            if k.ends_with(b"\r") {
-                k.pop();
-            }
-        }
-        let k = SessionKey::new(k).with_context(|| {
-            format!(
-                "the key in {} is unusable (16 bytes or more)",
-                path.display()
-            )
-        })?;
+        let k = pagewire::key_from_file(path)?;
         return Ok(Authentication::PreSharedKey(k));
     }
     if key.insecure_no_key {

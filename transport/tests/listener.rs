@@ -11,8 +11,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use pagewire_protocol::{
-    Authentication, Capabilities, ChannelId, ClientConfig, ClientHandshake, HandshakeError,
-    RejectReason, SessionId, SessionKey,
+    Authentication, Capabilities, ChannelId, ClientConfig, ClientHandshake, CodecSet,
+    HandshakeError, RejectReason, SessionId, SessionKey,
 };
 use pagewire_transport::session::{
     self, Accepted, Established, Listener, ListenerStats, SessionConfig, SessionError,
@@ -95,6 +95,7 @@ fn hello_bytes() -> Vec<u8> {
             channel: ChannelId(0),
             channel_count: CHANNELS,
             auth: c.auth,
+            require: CodecSet::empty(),
         },
         [3; 32],
     )

@@ -46,6 +46,12 @@ impl Source {
         caps.codecs = CodecSet::all_known();
         let mut scfg =
             SessionConfig::new(caps, config.session, config.channels, config.auth.clone());
+        // A fixed codec is the only one this source sends: a WELCOME without it is
+        // refused in place of CONFIRM (REJECT NO_COMMON_CODEC), so the destination
+        // hears why rather than a session that closes after READY.
+        scfg.require = fixed
+            .and_then(|c| CodecSet::from_ids([c]))
+            .unwrap_or_default();
         scfg.tcp.recv_timeout = Some(config.ack_timeout);
         scfg.tcp.send_timeout = config.send_timeout;
         scfg.tcp.send_queue = config.send_queue;

@@ -43,6 +43,7 @@ impl Raw {
                 channel: ChannelId(channel),
                 channel_count: count,
                 auth: Authentication::None,
+                require: CodecSet::empty(),
             },
             [channel as u8 + 1; 32],
         )

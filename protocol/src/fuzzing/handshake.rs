@@ -7,6 +7,7 @@ use crate::handshake::{
     ServerHandshake, SessionKey,
 };
 use crate::ids::{ChannelId, CodecId, SessionId};
+use crate::limits::CodecSet;
 
 /// Drives a handshake state machine with arbitrary peer bytes.
 ///
@@ -79,6 +80,12 @@ pub fn handshake(data: &[u8]) {
             }
         }
     } else {
+        // Bit 4: the source sends zstd and nothing else, so a WELCOME must list it.
+        let require = if selector & 16 != 0 {
+            CodecSet::from_ids([CodecId::ZSTD]).unwrap_or_default()
+        } else {
+            CodecSet::empty()
+        };
         let Ok(mut c) = ClientHandshake::with_binding(
             ClientConfig {
                 caps,
@@ -86,6 +93,7 @@ pub fn handshake(data: &[u8]) {
                 channel: ChannelId(0),
                 channel_count: 1,
                 auth,
+                require,
             },
             [4; NONCE_LEN],
             binding,
@@ -101,6 +109,7 @@ pub fn handshake(data: &[u8]) {
                 assert!(!keyed, "source accepted a destination without the key");
                 let n = c.negotiated().expect("done means negotiated");
                 assert!(n.codecs.contains(CodecId::RAW) && n.page_size == 4096);
+                assert!(require.as_slice().iter().all(|&r| n.codecs.contains(r)));
                 break;
             }
         }
@@ -129,6 +138,7 @@ pub fn handshake_seeds() -> Vec<(&'static str, Vec<u8>)> {
                     channel: ChannelId(0),
                     channel_count: 1,
                     auth: auth(),
+                    require: CodecSet::empty(),
                 },
                 [4; NONCE_LEN],
             ),

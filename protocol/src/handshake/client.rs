@@ -29,6 +29,7 @@ pub struct ClientHandshake {
     session: SessionId,
     channel: ChannelId,
     channel_count: u16,
+    require: CodecSet,
     hello: Vec<u8>,
     state: ClientState,
     negotiated: Option<Negotiated>,
@@ -85,6 +86,7 @@ impl ClientHandshake {
             session: config.session,
             channel: config.channel,
             channel_count: config.channel_count,
+            require: config.require,
             hello: body,
             state: ClientState::AwaitWelcome,
             negotiated: None,
@@ -132,6 +134,7 @@ impl ClientHandshake {
             session,
             channel,
             channel_count,
+            require,
             hello,
             state,
             negotiated,
@@ -140,7 +143,8 @@ impl ClientHandshake {
             match (*state, frame) {
                 (_, Frame::Reject(r)) => Err(common.rejected(&r)),
                 (ClientState::AwaitWelcome, Frame::Welcome(w)) => {
-                    let n = check_welcome(common, &w, hello, *session, *channel, *channel_count)?;
+                    let ids = (*session, *channel, *channel_count);
+                    let n = check_welcome(common, &w, hello, ids, require)?;
                     *negotiated = Some(n);
                     *state = ClientState::AwaitReady;
                     Ok(false)
@@ -160,9 +164,8 @@ fn check_welcome(
     common: &mut Common,
     w: &Welcome<'_>,
     hello: &[u8],
-    session: SessionId,
-    channel: ChannelId,
-    channel_count: u16,
+    (session, channel, channel_count): (SessionId, ChannelId, u16),
+    require: &CodecSet,
 ) -> Result<Negotiated, HandshakeError> {
     let caps = common.caps;
     let proto = |what| Err(HandshakeError::ProtocolError(what));
@@ -192,6 +195,9 @@ fn check_welcome(
     }
     if !codecs.contains(CodecId::RAW) || !codecs.contains(CodecId::ZERO) {
         return Err(HandshakeError::NoCommonCodec);
+    }
+    if let Some(&c) = require.as_slice().iter().find(|&&c| !codecs.contains(c)) {
+        return Err(HandshakeError::CodecRequired(c));
     }
     match w.checksum {
         None => {}

@@ -8,14 +8,15 @@
 //!
 //! ```
 //! use pagewire_protocol::handshake::*;
-//! use pagewire_protocol::{ChannelId, SessionId};
+//! use pagewire_protocol::{ChannelId, CodecSet, SessionId};
 //!
 //! let key = SessionKey::new(*b"a pre-shared key of 32 bytes....").unwrap();
 //! let caps = Capabilities::new(4096);
 //! let session = SessionId([7; 16]);
 //! let mut client = ClientHandshake::new(
 //!     ClientConfig { caps, session, channel: ChannelId(0), channel_count: 1,
-//!                    auth: Authentication::PreSharedKey(key.clone()) },
+//!                    auth: Authentication::PreSharedKey(key.clone()),
+//!                    require: CodecSet::empty() },
 //!     [1; 32],
 //! ).unwrap();
 //! let mut server = ServerHandshake::new(
@@ -273,6 +274,12 @@ pub struct ClientConfig {
     pub channel_count: u16,
     /// Authentication.
     pub auth: Authentication,
+    /// Codecs the WELCOME must list besides `raw` and `zero`: those the source is
+    /// configured to send with no other choice. A WELCOME without one of them is
+    /// refused with REJECT `NO_COMMON_CODEC` instead of CONFIRM
+    /// ([`HandshakeError::CodecRequired`]), so the destination learns why before the
+    /// session starts. Empty: any WELCOME list with `raw` and `zero` will do.
+    pub require: CodecSet,
 }
 
 /// The destination's side of a channel.
@@ -372,6 +379,12 @@ pub enum HandshakeError {
     /// The codec intersection lacks raw or zero.
     #[error("no common codec: both sides must decode raw and zero")]
     NoCommonCodec,
+    /// The WELCOME lacks a codec this source is configured to send with no other
+    /// choice ([`ClientConfig::require`]).
+    #[error(
+        "the destination does not decode {0:?}, the only codec this source is configured to send"
+    )]
+    CodecRequired(CodecId),
     /// This side requires authentication and the peer offered none.
     #[error("the peer offers no authentication and this side requires a pre-shared key")]
     AuthRequired,
@@ -421,7 +434,7 @@ impl HandshakeError {
             Self::Decode(_) | Self::ProtocolError(_) => RejectReason::PROTOCOL_ERROR,
             Self::VersionMismatch { .. } => RejectReason::UNSUPPORTED_VERSION,
             Self::PageSizeMismatch { .. } => RejectReason::PAGE_SIZE_MISMATCH,
-            Self::NoCommonCodec => RejectReason::NO_COMMON_CODEC,
+            Self::NoCommonCodec | Self::CodecRequired(_) => RejectReason::NO_COMMON_CODEC,
             Self::AuthRequired => RejectReason::AUTH_REQUIRED,
             Self::PeerNotAuthenticated => RejectReason::PEER_NOT_AUTHENTICATED,
             Self::AuthFailed => RejectReason::AUTH_FAILED,

@@ -197,6 +197,7 @@ pub fn connect(
             channel: ChannelId(index),
             channel_count: session.channels,
             auth: session.auth.clone(),
+            require: session.require,
         },
         nonce()?,
     )

@@ -28,8 +28,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use pagewire_protocol::{
-    Authentication, Capabilities, ChannelId, ClientConfig, ClientHandshake, HandshakeError,
-    Negotiated, ServerHandshake, SessionId,
+    Authentication, Capabilities, ChannelId, ClientConfig, ClientHandshake, CodecSet,
+    HandshakeError, Negotiated, ServerHandshake, SessionId,
 };
 
 use crate::channel::{
@@ -80,6 +80,9 @@ pub struct SessionConfig {
     pub channels: u16,
     /// Authentication.
     pub auth: Authentication,
+    /// A source's codecs that the destination's WELCOME must list (see
+    /// `ClientConfig::require`); ignored by a destination. Empty in [`Self::new`].
+    pub require: CodecSet,
     /// Socket settings.
     pub tcp: TcpConfig,
     /// io_uring settings, for [`Backend::Uring`].
@@ -113,6 +116,7 @@ impl SessionConfig {
             session,
             channels,
             auth,
+            require: CodecSet::empty(),
             tcp: TcpConfig::default(),
             uring: UringConfig::default(),
             handshake_timeout: Duration::from_secs(10),
@@ -677,6 +681,7 @@ fn handshake(
             channel: ChannelId(index),
             channel_count: cfg.channels,
             auth: cfg.auth.clone(),
+            require: cfg.require,
         },
         nonce()?,
         binding,
