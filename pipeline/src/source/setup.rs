@@ -100,13 +100,6 @@ impl Source {
                 page_size,
                 negotiated.max_frame_bytes,
             ));
-            if let Some(codec) = fixed
-                && !negotiated.codecs.contains(codec)
-            {
-                return Err(MigrationError::Config(format!(
-                    "the destination cannot decode {codec:?}"
-                )));
-            }
             let delta = if fixed == Some(CodecId::DELTA) {
                 let ps = PageSize::new(page_size)
                     .ok_or_else(|| MigrationError::Config("page size".into()))?;
