@@ -336,7 +336,9 @@ pub enum Prefault {
     Thread,
     /// Transparent huge pages (`MADV_HUGEPAGE`) on the mapping: a fault backs 2 MiB at
     /// once (where the kernel allows THP for `madvise`), no thread. Measured 3-4x
-    /// slower than `None` here (each fault zeroes and may compact 2 MiB).
+    /// slower than `None` on one machine (each fault zeroes and may compact 2 MiB) and
+    /// half `None`'s destination CPU at 1.2-1.4x its pages/s on another
+    /// (BENCHMARKS.md, "Destination memory on transparent huge pages, again").
     HugePages,
     /// Each receiver populates (`MADV_POPULATE_WRITE`) the data pages of a frame right
     /// before it writes them: one system call per frame instead of a fault per page.
