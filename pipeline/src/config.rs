@@ -323,12 +323,15 @@ impl std::fmt::Debug for DeviceStateCheck {
 
 /// How a destination prepares the anonymous guest memory it maps for the source's
 /// layout. Measured with `pagewire-stress --prefault` (BENCHMARKS.md, "Destination
-/// memory"); the default is the fastest there.
+/// memory"); the default was the fastest there, and `HugePages` has since measured
+/// faster on another machine (BENCHMARKS.md, "Destination memory on transparent huge
+/// pages, again").
 #[non_exhaustive]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Prefault {
     /// Nothing ahead: the receivers fault pages in as they write them. Zero pages on
-    /// memory never written are not touched at all. The fastest measured here.
+    /// memory never written are not touched at all. The fastest in the first
+    /// measurement; see [`Prefault::HugePages`] for a later one.
     #[default]
     None,
     /// A background thread populates every page (`MADV_POPULATE_WRITE`) while the
