@@ -1,7 +1,8 @@
 #!/bin/bash
 # usage: speed-ab-json.sh TAG ROUNDS "NAME|args"...  runs /tmp/pw-NAME (a pagewire-stress build) on the image
 # /tmp/idle2g.img (pagewire-stress image --workload idle --mem-mib 2048 --out /tmp/idle2g.img),
-# alternating, and prints setup ms, total ms, pages/s, CPU s, compression and wire bytes per second per run
+# alternating, and prints setup ms, total ms, pages/s, CPU s, the destination's resident MiB (0 where the
+# build does not report it), compression and wire bytes per second per run
 tag=$1; rounds=$2; shift 2
 for r in $(seq 1 $rounds); do for v in "$@"; do
   bin=/tmp/pw-${v%%|*}; args=${v#*|}
@@ -20,6 +21,6 @@ for c in d['cells']:
       for c in ch.get('choices',[]): tot[c['choice']]=tot.get(c['choice'],0)+c['guest_bytes']
     g=sum(tot.values()) or 1
     shares=' '.join('%s %.0f%%' % (k,100*v/g) for k,v in tot.items() if v)
-    print('$tag | $v | setup %.1f | total %.0f | %.0f pages/s | cpu %.2f/%.2f | ratio %.2f | wire %.1f MB/s | %s' % (r['setup_ms'], r['total_ms'], r['pages_per_s'], r['cpu_source_s'], r['cpu_destination_s'], r['guest_bytes']/max(1,r['wire_bytes']), r['wire_bytes']/max(1e-9,r['total_ms']/1e3)/1e6, shares))
+    print('$tag | $v | setup %.1f | total %.0f | %.0f pages/s | cpu %.2f/%.2f | res %.0f MiB | ratio %.2f | wire %.1f MB/s | %s' % (r['setup_ms'], r['total_ms'], r['pages_per_s'], r['cpu_source_s'], r['cpu_destination_s'], r.get('dst_resident_bytes', 0)/2**20, r['guest_bytes']/max(1,r['wire_bytes']), r['wire_bytes']/max(1e-9,r['total_ms']/1e3)/1e6, shares))
 "
 done; done

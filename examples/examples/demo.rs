@@ -476,7 +476,7 @@ fn main() -> anyhow::Result<()> {
     } else {
         print!("{stats}");
         println!(
-            "destination:           {} frames, {} data + {} zero + {} uniform + {} copied ({} at rounds' ends, {:.0} ms) pages applied, {:.1} MiB placed raw, pre-fault {:.0} ms",
+            "destination:           {} frames, {} data + {} zero + {} uniform + {} copied ({} at rounds' ends, {:.0} ms) pages applied, {:.1} MiB placed raw, pre-fault {:.0} ms, {} blocks of 2 MiB advised for huge pages",
             migrated.stats.frames,
             migrated.stats.data_pages,
             migrated.stats.zero_pages,
@@ -485,7 +485,8 @@ fn main() -> anyhow::Result<()> {
             migrated.stats.round_end_pages,
             migrated.stats.round_end_ms,
             migrated.stats.placed_bytes as f64 / (1 << 20) as f64,
-            migrated.stats.prefault_ms
+            migrated.stats.prefault_ms,
+            migrated.stats.huge_blocks
         );
         if args.tls.enabled {
             println!(

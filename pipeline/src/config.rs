@@ -323,26 +323,40 @@ impl std::fmt::Debug for DeviceStateCheck {
 
 /// How a destination prepares the anonymous guest memory it maps for the source's
 /// layout. Measured with `pagewire-stress --prefault` (BENCHMARKS.md, "Destination
-/// memory"); the default was the fastest there, and `HugePages` has since measured
-/// faster on another machine (BENCHMARKS.md, "Destination memory on transparent huge
-/// pages, again").
+/// memory", "Destination memory on transparent huge pages, again" and "Huge pages
+/// where frames are dense").
 #[non_exhaustive]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Prefault {
-    /// Nothing ahead: the receivers fault pages in as they write them. Zero pages on
-    /// memory never written are not touched at all. The fastest in the first
-    /// measurement; see [`Prefault::HugePages`] for a later one.
-    #[default]
+    /// Nothing ahead: the receivers fault pages in as they write them, 4 KiB at a
+    /// time. Zero pages on memory never written are not touched at all. The default
+    /// until [`Prefault::HugeWhereDense`] took half its CPU on dense guests.
     None,
     /// A background thread populates every page (`MADV_POPULATE_WRITE`) while the
     /// first round arrives: it competes with the receivers for the cores.
     Thread,
-    /// Transparent huge pages (`MADV_HUGEPAGE`) on the mapping: a fault backs 2 MiB at
-    /// once (where the kernel allows THP for `madvise`), no thread. Measured 3-4x
-    /// slower than `None` on one machine (each fault zeroes and may compact 2 MiB) and
-    /// half `None`'s destination CPU at 1.2-1.4x its pages/s on another
-    /// (BENCHMARKS.md, "Destination memory on transparent huge pages, again").
+    /// Transparent huge pages (`MADV_HUGEPAGE`) on the whole mapping: a fault backs 2
+    /// MiB at once (where the kernel allows THP for `madvise`), no thread, whatever the
+    /// rest of the block holds: one written page in a block of zero pages backs all of
+    /// it (a guest with one page written per 2 MiB took 2 GiB of 2 GiB against 4 MiB,
+    /// at 10x the destination CPU). Measured 3-4x slower than `None` on one machine
+    /// (each fault zeroes and may compact 2 MiB) and half `None`'s destination CPU on
+    /// another (BENCHMARKS.md, "Destination memory on transparent huge pages, again").
     HugePages,
+    /// The default. Transparent huge pages only for the 2 MiB blocks that the first
+    /// frame writing into each shows to be dense: a PAGES frame that writes at least
+    /// 256 KiB there with at most an eighth of its span in the block zero pages, a COPY
+    /// that writes at least 256 KiB and half its span (or, where the PAGES frames so
+    /// far found at least 7/8 of their blocks dense, any COPY). That block is advised
+    /// `MADV_HUGEPAGE` just before the frame is written, so the write backs all of it
+    /// in one fault; every other block is faulted in 4 KiB at a time as with `None`,
+    /// and pages never written stay unbacked. Where THP is off for `madvise` it
+    /// behaves as `None`; where the kernel compacts memory for `madvise` faults
+    /// (`defrag`), a fault on fragmented memory may wait for that. How many blocks it
+    /// advised: [`DestinationStats::huge_blocks`](crate::DestinationStats::huge_blocks).
+    /// Measured in BENCHMARKS.md ("Huge pages where frames are dense").
+    #[default]
+    HugeWhereDense,
     /// Each receiver populates (`MADV_POPULATE_WRITE`) the data pages of a frame right
     /// before it writes them: one system call per frame instead of a fault per page.
     Ahead,

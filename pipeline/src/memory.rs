@@ -499,6 +499,21 @@ impl GuestMemory {
         }
     }
 
+    /// Asks for transparent huge pages (MADV_HUGEPAGE) on `len` bytes from host
+    /// address `start` where they lie inside one mapping this value owns; anything else
+    /// is left alone. Errors are ignored, as in [`GuestMemory::advise_huge_pages`].
+    pub(crate) fn advise_huge_range(&self, start: usize, len: usize) {
+        let inside = self.owned.iter().any(|&(p, l)| {
+            let p = p.as_ptr() as usize;
+            start >= p && start.checked_add(len).is_some_and(|end| end <= p + l)
+        });
+        if let (true, Some(ptr)) = (inside, NonNull::new(start as *mut std::ffi::c_void)) {
+            // SAFETY: the range lies inside a mapping this value owns; MADV_HUGEPAGE
+            // changes how the kernel backs it, never its contents.
+            let _ = unsafe { mman::madvise(ptr, len, MmapAdvise::MADV_HUGEPAGE) };
+        }
+    }
+
     /// Asks the kernel to back `pages` pages from `page` now (MADV_POPULATE_WRITE), in
     /// one call; out-of-range requests and errors are ignored (an optimisation).
     pub fn populate(&self, region: RegionId, page: u64, pages: u64) {

@@ -211,6 +211,9 @@ pub struct RunResult {
     pub cpu_source_s: f64,
     /// CPU seconds of the destination threads.
     pub cpu_destination_s: f64,
+    /// Bytes of the destination's guest memory backed right after the migration
+    /// (`mincore`; local runs only, 0 otherwise).
+    pub dst_resident_bytes: u64,
     /// Transport of each channel as opened.
     pub transports: Vec<String>,
     /// The library's full statistics (source), when the migration got that far.
@@ -242,6 +245,7 @@ impl RunResult {
             dirty_mbps_achieved: 0.0,
             cpu_source_s: 0.0,
             cpu_destination_s: 0.0,
+            dst_resident_bytes: 0,
             transports: Vec::new(),
             stats: None,
             destination_stats: None,
@@ -588,23 +592,27 @@ pub fn run_local(
                 "the source completed but the destination failed: {e:#}"
             ));
         }
-        Ok(m) => match verify_local(spec, &guest.memory, &m) {
-            Ok(()) => {
-                r.verified = true;
-                if let Some(s) = r.stats.as_mut() {
-                    s.apply_latency = m.stats.apply_latency;
-                    s.destination_cpu = Some(m.stats.cpu);
+        Ok(m) => {
+            // Before verifying: reading pages never written would map them.
+            r.dst_resident_bytes = crate::destmem::resident_bytes(&m.memory);
+            match verify_local(spec, &guest.memory, &m) {
+                Ok(()) => {
+                    r.verified = true;
+                    if let Some(s) = r.stats.as_mut() {
+                        s.apply_latency = m.stats.apply_latency;
+                        s.destination_cpu = Some(m.stats.cpu);
+                    }
+                    if m.stats.cpu.seconds > 0.0 {
+                        r.cpu_destination_s = m.stats.cpu.seconds;
+                    }
+                    r.destination_stats = serde_json::to_value(&m.stats).ok();
                 }
-                if m.stats.cpu.seconds > 0.0 {
-                    r.cpu_destination_s = m.stats.cpu.seconds;
+                Err(e) => {
+                    r.outcome = Outcome::Failed;
+                    r.error = Some(format!("verification failed: {e:#}"));
                 }
-                r.destination_stats = serde_json::to_value(&m.stats).ok();
             }
-            Err(e) => {
-                r.outcome = Outcome::Failed;
-                r.error = Some(format!("verification failed: {e:#}"));
-            }
-        },
+        }
     }
     Ok(r)
 }

@@ -293,6 +293,7 @@ impl DestinationListener {
             prefault_ns: Arc::new(AtomicU64::new(0)),
             install: OnceLock::new(),
             install_unavailable: OnceLock::new(),
+            dense: OnceLock::new(),
             cpu_ns: Arc::new(AtomicU64::new(0)),
             hw_decodes: AtomicU64::new(0),
             hw_fallbacks: Mutex::new(pagewire_accel::FallbackCounts::default()),

@@ -104,6 +104,10 @@ pub struct DestinationStats {
     /// Why [`Prefault::Install`] was asked for but not used (userfaultfd unavailable);
     /// the memory was then faulted in as with [`Prefault::None`].
     pub install_unavailable: Option<String>,
+    /// 2 MiB blocks advised for transparent huge pages ([`Prefault::HugeWhereDense`]);
+    /// the kernel backs each with a huge page where THP is on for `madvise` and it
+    /// finds one free.
+    pub huge_blocks: u64,
 }
 
 /// A migration that completed: the memory, the device state and the statistics.
@@ -336,6 +340,9 @@ struct Shared {
     install: OnceLock<Arc<crate::install::InstallCounters>>,
     /// Why registering failed ([`Prefault::Install`]).
     install_unavailable: OnceLock<String>,
+    /// The blocks decided so far ([`Prefault::HugeWhereDense`]), once the memory is set
+    /// up.
+    dense: OnceLock<dense::DenseBlocks>,
     /// CPU nanoseconds of the receiver and pre-fault threads.
     cpu_ns: Arc<AtomicU64>,
     /// Frames decoded on hardware, and those handed to software.
@@ -367,6 +374,7 @@ impl Shared {
             install_present: counted(|c| &c.present),
             install_faults: counted(|c| &c.faults),
             install_unavailable: self.install_unavailable.get().cloned(),
+            huge_blocks: self.dense.get().map_or(0, dense::DenseBlocks::advised),
             cpu: crate::stats::CpuSummary::new(
                 Duration::from_nanos(
                     self.cpu_ns.load(Ordering::Relaxed) + counted(|c| &c.handler_cpu_ns),
@@ -515,6 +523,13 @@ impl Shared {
                 *slot = Some((m.clone(), None));
                 return Ok(m);
             }
+            Prefault::HugeWhereDense => {
+                if let Some(d) = dense::DenseBlocks::new(&m) {
+                    let _ = self.dense.set(d);
+                }
+                *slot = Some((m.clone(), None));
+                return Ok(m);
+            }
             Prefault::Install => {
                 match m.install_pages() {
                     Ok(()) => {
@@ -571,6 +586,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 mod abort;
 mod copies;
+mod dense;
 mod listener;
 mod receiver;
 

@@ -22,6 +22,7 @@ use crate::memory::GuestMemory;
 use crate::source::transport_views;
 
 use super::abort::peer_fault;
+use super::dense::DenseBlocks;
 use super::{DeviceSection, Shared, State};
 
 /// frame the rules refuse is received whole instead, and refused there.
@@ -43,6 +44,8 @@ struct CheckedSink<'a, 'g> {
     /// With [`Prefault::Install`]: the memory whose missing pages are installed, so a
     /// frame with such pages is received whole and installed from its payload.
     install: Option<&'a GuestMemory>,
+    /// With [`Prefault::HugeWhereDense`]: the blocks to decide before placing.
+    dense: Option<(&'a DenseBlocks, &'a GuestMemory)>,
 }
 
 impl PageSink for CheckedSink<'_, '_> {
@@ -84,6 +87,9 @@ impl PageSink for CheckedSink<'_, '_> {
         }
         if let Some(m) = self.ahead {
             populate_data(m, frame);
+        }
+        if let Some((d, m)) = self.dense {
+            d.before_pages(m, frame);
         }
         let placed = self.inner.place(frame, dest);
         // Taken only for a frame placed here (the transport writes its pages once this
@@ -217,6 +223,9 @@ impl Receiver {
                 let install = memory
                     .as_deref()
                     .filter(|_| self.shared.install.get().is_some());
+                let dense = memory
+                    .as_deref()
+                    .and_then(|m| self.shared.dense.get().map(|d| (d, m)));
                 let mut checked = sink.as_mut().map(|inner| CheckedSink {
                     rules: &self.rules,
                     shared: &shared,
@@ -226,6 +235,7 @@ impl Receiver {
                     inner,
                     ahead,
                     install,
+                    dense,
                 });
                 let incoming = channel.recv(checked.as_mut().map(|s| s as &mut dyn PageSink));
                 if let Some(e) = refused.take() {
@@ -284,6 +294,9 @@ impl Receiver {
                                 if self.shared.prefault == Prefault::Ahead {
                                     populate_data(memory, p);
                                 }
+                                if let Some(d) = self.shared.dense.get() {
+                                    d.before_pages(memory, p);
+                                }
                                 let decoded = match &mut self.hw {
                                     Some(hw) if hw.takes(p.codec) && !p.data_runs.is_empty() => {
                                         Self::decode_hw(
@@ -336,6 +349,9 @@ impl Receiver {
                                 self.round_opened()?;
                                 let memory = memory.as_ref().ok_or(MigrationError::Worker(ch))?;
                                 let _gate = held.is_none().then(|| shared_gate(&shared.gate));
+                                if let Some(d) = self.shared.dense.get() {
+                                    d.before_copies(memory, c.region, c.runs.iter());
+                                }
                                 super::copies::copy(
                                     memory,
                                     &mut self.scratch,
@@ -514,6 +530,11 @@ impl Receiver {
             .gate
             .write()
             .unwrap_or_else(PoisonError::into_inner);
+        if let Some(d) = self.shared.dense.get() {
+            for group in runs.chunk_by(|a, b| a.0 == b.0) {
+                d.before_copies(memory, group[0].0, group.iter().map(|r| r.1));
+            }
+        }
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let helpers = super::copies::apply_round_end(memory, &mut self.scratch, &runs, threads)
             .map_err(|what| self.err(what))?;

@@ -1,0 +1,386 @@
+//! [`Prefault::HugeWhereDense`]: transparent huge pages for the 2 MiB blocks of the
+//! destination's fresh memory that the first frame writing into them shows to be
+//! dense, and 4 KiB faults everywhere else, so that memory the source leaves mostly
+//! zero stays unbacked.
+//!
+//! A block is decided once, by the first frame that writes into it. A PAGES frame
+//! counts its data and uniform pages in the block (written) and its zero pages; pages
+//! of its span it does not list are another frame's (a COPY, say), not known zero. The
+//! block is advised `MADV_HUGEPAGE` when the frame writes at least [`MIN_BYTES`] there
+//! and at most an eighth of the span it covers in the block is zero. A COPY (or a
+//! channel's `ROUND_END` copies) knows no zero pages: the block is advised when the
+//! copies write at least [`MIN_BYTES`] and half their span in it, or else when at least
+//! 7/8 of the blocks PAGES frames decided so far (and [`EVIDENCE`] of them at least)
+//! were dense: a source sends a frame's copies before its other pages, so a block's
+//! first writer is often a COPY of a few pages. The write that follows an advice
+//! faults the whole block in at once. Any other first write decides the block against:
+//! its 4 KiB fault gives the block a page table, after which the kernel no longer backs
+//! it with a huge page at fault time.
+//!
+//! [`Prefault::HugeWhereDense`]: crate::Prefault::HugeWhereDense
+
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+
+use pagewire_protocol::{CopyRun, PageFrame, RegionId};
+
+use crate::memory::GuestMemory;
+
+/// A transparent huge page on x86-64 and on arm64 with 4 KiB base pages.
+const BLOCK: usize = 2 << 20;
+
+/// Fewest bytes one frame must write into a block for it to be advised on its own
+/// evidence: a write of a few pages alone does not bring a whole block in.
+const MIN_BYTES: usize = 256 << 10;
+
+/// No frame has written into the block yet.
+const UNDECIDED: u8 = 0;
+/// A receiver is advising the block: no page of it may be written until it is done, or
+/// a 4 KiB fault would come first.
+const ADVISING: u8 = 1;
+/// Advised or not, for good.
+const DECIDED: u8 = 2;
+
+/// Blocks PAGES frames must have decided before their share of dense ones decides
+/// blocks a COPY writes first.
+const EVIDENCE: u64 = 8;
+
+/// The blocks of every region of one destination's own anonymous memory.
+#[derive(Debug)]
+pub(super) struct DenseBlocks {
+    page_size: usize,
+    regions: Vec<Blocks>,
+    /// Blocks PAGES frames decided so far, dense and not: the guest's density, which
+    /// decides a block that a COPY writes first and shows too little of.
+    pages_dense: AtomicU64,
+    pages_sparse: AtomicU64,
+    /// Blocks advised.
+    advised: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Blocks {
+    id: RegionId,
+    /// Host address of the region's first page.
+    host: usize,
+    /// Host address of its first whole block.
+    first: usize,
+    /// Per whole block of the region: [`UNDECIDED`], [`ADVISING`] or [`DECIDED`].
+    state: Vec<AtomicU8>,
+}
+
+impl DenseBlocks {
+    /// The blocks of `memory`'s regions: only the whole, aligned 2 MiB blocks inside
+    /// each; `None` for pages of 2 MiB or more, or sizes that do not divide a block.
+    pub(super) fn new(memory: &GuestMemory) -> Option<Self> {
+        let page_size = memory.page_size() as usize;
+        if page_size == 0 || page_size >= BLOCK || !BLOCK.is_multiple_of(page_size) {
+            return None;
+        }
+        let regions = memory
+            .region_ids()
+            .filter_map(|id| {
+                let (ptr, len) = memory.span(id, 0, memory.pages(id)?)?;
+                let host = ptr.as_ptr() as usize;
+                let first = host.checked_next_multiple_of(BLOCK)?;
+                let blocks = host.checked_add(len)?.saturating_sub(first) / BLOCK;
+                Some(Blocks {
+                    id,
+                    host,
+                    first,
+                    state: (0..blocks).map(|_| AtomicU8::new(UNDECIDED)).collect(),
+                })
+            })
+            .collect();
+        Some(Self {
+            page_size,
+            regions,
+            pages_dense: AtomicU64::new(0),
+            pages_sparse: AtomicU64::new(0),
+            advised: AtomicU64::new(0),
+        })
+    }
+
+    /// Decides the blocks a frame is about to write into, before any of its pages is
+    /// written: `written` and `zero` are `(first page, pages)` runs of `region`,
+    /// checked against the layout; `copies` when the frame is a COPY (no zero runs,
+    /// pages it leaves out unknown).
+    pub(super) fn before_write(
+        &self,
+        memory: &GuestMemory,
+        region: RegionId,
+        written: impl Iterator<Item = (u64, u64)>,
+        zero: impl Iterator<Item = (u64, u64)>,
+        copies: bool,
+    ) {
+        let Some(b) = self.regions.iter().find(|b| b.id == region) else {
+            return;
+        };
+        let per_block = (BLOCK / self.page_size) as u64;
+        // The region's page at its first whole block.
+        let base = ((b.first - b.host) / self.page_size) as u64;
+        // Per undecided block and run: (block, pages written, zero pages, first page,
+        // end); merged per block below.
+        let mut seen: Vec<(usize, u64, u64, u64, u64)> = Vec::new();
+        let runs = written.map(|r| (r, true)).chain(zero.map(|r| (r, false)));
+        for ((start, count), writes) in runs {
+            let end = start.saturating_add(count);
+            let mut p = start.max(base);
+            while p < end {
+                let k = ((p - base) / per_block) as usize;
+                let Some(state) = b.state.get(k) else {
+                    break;
+                };
+                let upto = end.min(base + (k as u64 + 1) * per_block);
+                if state.load(Ordering::Acquire) != DECIDED {
+                    let n = upto - p;
+                    let (w, z) = if writes { (n, 0) } else { (0, n) };
+                    seen.push((k, w, z, p, upto));
+                }
+                p = upto;
+            }
+        }
+        seen.sort_unstable_by_key(|e| e.0);
+        let min_pages = (MIN_BYTES / self.page_size) as u64;
+        for group in seen.chunk_by(|a, c| a.0 == c.0) {
+            let written: u64 = group.iter().map(|e| e.1).sum();
+            if written == 0 {
+                // Zero pages alone write nothing on memory never written.
+                continue;
+            }
+            let zero: u64 = group.iter().map(|e| e.2).sum();
+            let lo = group.iter().map(|e| e.3).min().unwrap_or(0);
+            let span = group.iter().map(|e| e.4).max().unwrap_or(0) - lo;
+            let dense = match copies {
+                false => written >= min_pages && zero * 8 <= span,
+                true => (written >= min_pages && written * 2 >= span) || self.mostly_dense(),
+            };
+            let state = &b.state[group[0].0];
+            let next = if dense { ADVISING } else { DECIDED };
+            match state.compare_exchange(UNDECIDED, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    if dense {
+                        memory.advise_huge_range(b.first + group[0].0 * BLOCK, BLOCK);
+                        state.store(DECIDED, Ordering::Release);
+                        self.advised.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if !copies {
+                        let n = if dense {
+                            &self.pages_dense
+                        } else {
+                            &self.pages_sparse
+                        };
+                        n.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                // Another receiver's advice is under way: its one system call.
+                Err(ADVISING) => {
+                    while state.load(Ordering::Acquire) == ADVISING {
+                        std::thread::yield_now();
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+impl DenseBlocks {
+    /// Blocks advised so far.
+    pub(super) fn advised(&self) -> u64 {
+        self.advised.load(Ordering::Relaxed)
+    }
+
+    /// At least [`EVIDENCE`] blocks decided by PAGES frames so far, and at least 7/8 of
+    /// them dense.
+    fn mostly_dense(&self) -> bool {
+        let dense = self.pages_dense.load(Ordering::Relaxed);
+        let sparse = self.pages_sparse.load(Ordering::Relaxed);
+        dense >= EVIDENCE && sparse * 7 <= dense
+    }
+
+    /// [`DenseBlocks::before_write`] for a PAGES frame: its data and uniform pages are
+    /// written, its zero pages known zero.
+    pub(super) fn before_pages(&self, memory: &GuestMemory, p: &PageFrame<'_>) {
+        let data = p.data_runs.iter().map(|r| (r.start.0, u64::from(r.count)));
+        let uniform = p
+            .uniform_runs
+            .iter()
+            .map(|u| (u.run.start.0, u64::from(u.run.count)));
+        let zero = p.zero_runs.iter().map(|r| (r.start.0, u64::from(r.count)));
+        self.before_write(memory, p.region, data.chain(uniform), zero, false);
+    }
+
+    /// [`DenseBlocks::before_write`] for copy runs of `region` (a COPY frame's, or
+    /// those of a channel's `ROUND_END` copies).
+    pub(super) fn before_copies(
+        &self,
+        memory: &GuestMemory,
+        region: RegionId,
+        runs: impl Iterator<Item = CopyRun>,
+    ) {
+        let targets = runs.map(|r| (r.start.0, u64::from(r.count)));
+        self.before_write(memory, region, targets, std::iter::empty(), true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pagewire_protocol::{GuestAddr, MemoryLayout, RegionDesc};
+
+    /// 16 MiB of fresh memory in one region: at least 7 whole blocks wherever the
+    /// kernel places it.
+    fn memory() -> GuestMemory {
+        let layout = MemoryLayout::new(
+            4096,
+            [RegionDesc {
+                id: RegionId(3),
+                backing_page_size: 4096,
+                guest_addr: GuestAddr(0),
+                length: 16 << 20,
+            }],
+        )
+        .unwrap();
+        GuestMemory::anonymous(&layout).unwrap()
+    }
+
+    /// The region's page that starts whole block `k`.
+    fn block(d: &DenseBlocks, k: u64) -> u64 {
+        let b = &d.regions[0];
+        ((b.first - b.host) / d.page_size) as u64 + k * 512
+    }
+
+    fn state(d: &DenseBlocks, k: usize) -> u8 {
+        d.regions[0].state[k].load(Ordering::Relaxed)
+    }
+
+    fn pages(d: &DenseBlocks, m: &GuestMemory, written: &[(u64, u64)], zero: &[(u64, u64)]) {
+        let (w, z) = (written.iter().copied(), zero.iter().copied());
+        d.before_write(m, RegionId(3), w, z, false);
+    }
+
+    fn copies(d: &DenseBlocks, m: &GuestMemory, written: &[(u64, u64)]) {
+        d.before_write(
+            m,
+            RegionId(3),
+            written.iter().copied(),
+            std::iter::empty(),
+            true,
+        );
+    }
+
+    #[test]
+    fn a_dense_frame_advises_its_block_and_a_sparse_one_decides_against() {
+        let m = memory();
+        let d = DenseBlocks::new(&m).unwrap();
+        assert!(d.regions[0].state.len() >= 7);
+        // 246 pages written, 10 zero among them: dense.
+        let b0 = block(&d, 0);
+        pages(&d, &m, &[(b0, 100), (b0 + 110, 146)], &[(b0 + 100, 10)]);
+        assert_eq!((d.advised(), state(&d, 0)), (1, DECIDED));
+        // 20 written among 236 zero pages: not dense, decided for good.
+        let b1 = block(&d, 1);
+        pages(&d, &m, &[(b1 + 236, 20)], &[(b1, 236)]);
+        assert_eq!((d.advised(), state(&d, 1)), (1, DECIDED));
+        pages(&d, &m, &[(b1 + 256, 256)], &[]);
+        assert_eq!(d.advised(), 1, "a block is decided once");
+        // Too few pages written to bring a block in, however dense.
+        let b2 = block(&d, 2);
+        pages(&d, &m, &[(b2, 63)], &[]);
+        assert_eq!((d.advised(), state(&d, 2)), (1, DECIDED));
+    }
+
+    #[test]
+    fn zero_pages_alone_leave_a_block_undecided() {
+        let m = memory();
+        let d = DenseBlocks::new(&m).unwrap();
+        let b0 = block(&d, 0);
+        pages(&d, &m, &[], &[(b0, 512)]);
+        assert_eq!((d.advised(), state(&d, 0)), (0, UNDECIDED));
+        pages(&d, &m, &[(b0, 256)], &[]);
+        assert_eq!(d.advised(), 1);
+    }
+
+    #[test]
+    fn a_run_across_blocks_counts_in_each() {
+        let m = memory();
+        let d = DenseBlocks::new(&m).unwrap();
+        // 100 pages at the end of block 3, 412 at the start of block 4.
+        pages(&d, &m, &[(block(&d, 3) + 412, 512)], &[]);
+        assert_eq!((state(&d, 3), state(&d, 4)), (DECIDED, DECIDED));
+        assert_eq!(d.advised(), 2);
+        // Pages before the first whole block or past the last are no block's.
+        let last = d.regions[0].state.len() as u64;
+        pages(&d, &m, &[(block(&d, last), 1 << 20)], &[]);
+        assert_eq!(d.advised(), 2);
+    }
+
+    #[test]
+    fn a_copy_decides_on_its_span_or_on_the_guest_so_far() {
+        let m = memory();
+        let d = DenseBlocks::new(&m).unwrap();
+        // A few copied pages, nothing known yet of the guest: not advised.
+        copies(&d, &m, &[(block(&d, 0), 5)]);
+        assert_eq!((d.advised(), state(&d, 0)), (0, DECIDED));
+        // Half the span and enough pages: advised.
+        let b1 = block(&d, 1);
+        copies(&d, &m, &[(b1, 64), (b1 + 120, 10)]);
+        assert_eq!(d.advised(), 1);
+        // Once PAGES frames showed most blocks dense, a few copies are enough.
+        let d = DenseBlocks::new(&m).unwrap();
+        d.pages_dense.store(EVIDENCE, Ordering::Relaxed);
+        copies(&d, &m, &[(block(&d, 0), 1)]);
+        assert_eq!(d.advised(), 1);
+        d.pages_sparse.store(EVIDENCE, Ordering::Relaxed);
+        copies(&d, &m, &[(block(&d, 1), 1)]);
+        assert_eq!(d.advised(), 1, "a sparse guest so far");
+    }
+
+    #[test]
+    fn pages_frames_count_toward_the_guest_and_copies_do_not() {
+        let m = memory();
+        let d = DenseBlocks::new(&m).unwrap();
+        pages(&d, &m, &[(block(&d, 0), 256)], &[]);
+        pages(&d, &m, &[(block(&d, 1), 1)], &[(block(&d, 1) + 1, 255)]);
+        copies(&d, &m, &[(block(&d, 2), 256)]);
+        let counts = |d: &DenseBlocks| {
+            (
+                d.pages_dense.load(Ordering::Relaxed),
+                d.pages_sparse.load(Ordering::Relaxed),
+            )
+        };
+        assert_eq!(counts(&d), (1, 1));
+    }
+
+    #[test]
+    fn pages_of_a_block_or_more_have_no_blocks() {
+        let layout = MemoryLayout::new(
+            2 << 20,
+            [RegionDesc {
+                id: RegionId(0),
+                backing_page_size: 2 << 20,
+                guest_addr: GuestAddr(0),
+                length: 4 << 20,
+            }],
+        )
+        .unwrap();
+        let m = GuestMemory::anonymous(&layout).unwrap();
+        assert!(DenseBlocks::new(&m).is_none());
+    }
+
+    #[test]
+    fn another_region_or_wild_runs_change_nothing() {
+        let m = memory();
+        let d = DenseBlocks::new(&m).unwrap();
+        d.before_write(
+            &m,
+            RegionId(9),
+            [(0, 512)].into_iter(),
+            std::iter::empty(),
+            false,
+        );
+        pages(&d, &m, &[(u64::MAX - 10, 100), (u64::MAX, u64::MAX)], &[]);
+        assert_eq!(d.advised(), 0);
+        assert!((0..d.regions[0].state.len()).all(|k| state(&d, k) == UNDECIDED));
+    }
+}
