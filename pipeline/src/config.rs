@@ -339,7 +339,7 @@ pub enum Prefault {
     /// MiB at once (where the kernel allows THP for `madvise`), no thread, whatever the
     /// rest of the block holds: one written page in a block of zero pages backs all of
     /// it (a guest with one page written per 2 MiB took 2 GiB of 2 GiB against 4 MiB,
-    /// at 10x the destination CPU). Measured 3-4x slower than `None` on one machine
+    /// at 5x the destination CPU). Measured 3-4x slower than `None` on one machine
     /// (each fault zeroes and may compact 2 MiB) and half `None`'s destination CPU on
     /// another (BENCHMARKS.md, "Destination memory on transparent huge pages, again").
     HugePages,
@@ -349,11 +349,15 @@ pub enum Prefault {
     /// that writes at least 256 KiB and half its span (or, where the PAGES frames so
     /// far found at least 7/8 of their blocks dense, any COPY). That block is advised
     /// `MADV_HUGEPAGE` just before the frame is written, so the write backs all of it
-    /// in one fault; every other block is faulted in 4 KiB at a time as with `None`,
-    /// and pages never written stay unbacked. Where THP is off for `madvise` it
-    /// behaves as `None`; where the kernel compacts memory for `madvise` faults
-    /// (`defrag`), a fault on fragmented memory may wait for that. How many blocks it
-    /// advised: [`DestinationStats::huge_blocks`](crate::DestinationStats::huge_blocks).
+    /// in one fault; every other block is faulted in 4 KiB at a time as with `None`
+    /// (the mapping is advised `MADV_NOHUGEPAGE` first, so this holds where THP is on
+    /// for every mapping too), and pages never written stay unbacked. Where THP is off
+    /// or its huge pages are not 2 MiB it behaves as `None`; where the kernel compacts
+    /// memory for `madvise` faults (`defrag`), a fault on fragmented memory may wait
+    /// for that. At most 1,024 advised blocks without an advised neighbour (each
+    /// splits the mapping; a process has `vm.max_map_count` mappings), and none after
+    /// the kernel refused one. How many blocks it advised:
+    /// [`DestinationStats::huge_blocks`](crate::DestinationStats::huge_blocks).
     /// Measured in BENCHMARKS.md ("Huge pages where frames are dense").
     #[default]
     HugeWhereDense,

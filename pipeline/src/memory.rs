@@ -501,16 +501,30 @@ impl GuestMemory {
 
     /// Asks for transparent huge pages (MADV_HUGEPAGE) on `len` bytes from host
     /// address `start` where they lie inside one mapping this value owns; anything else
-    /// is left alone. Errors are ignored, as in [`GuestMemory::advise_huge_pages`].
-    pub(crate) fn advise_huge_range(&self, start: usize, len: usize) {
+    /// is left alone. Whether the kernel took the advice (a range outside the owned
+    /// mappings is refused here; the kernel refuses, for one, once the process has
+    /// `vm.max_map_count` mappings, as advising part of a mapping splits it).
+    pub(crate) fn advise_huge_range(&self, start: usize, len: usize) -> bool {
         let inside = self.owned.iter().any(|&(p, l)| {
             let p = p.as_ptr() as usize;
             start >= p && start.checked_add(len).is_some_and(|end| end <= p + l)
         });
-        if let (true, Some(ptr)) = (inside, NonNull::new(start as *mut std::ffi::c_void)) {
-            // SAFETY: the range lies inside a mapping this value owns; MADV_HUGEPAGE
-            // changes how the kernel backs it, never its contents.
-            let _ = unsafe { mman::madvise(ptr, len, MmapAdvise::MADV_HUGEPAGE) };
+        let Some(ptr) = NonNull::new(start as *mut std::ffi::c_void).filter(|_| inside) else {
+            return false;
+        };
+        // SAFETY: the range lies inside a mapping this value owns; MADV_HUGEPAGE changes
+        // how the kernel backs it, never its contents.
+        unsafe { mman::madvise(ptr, len, MmapAdvise::MADV_HUGEPAGE) }.is_ok()
+    }
+
+    /// Asks for no transparent huge pages (MADV_NOHUGEPAGE) on the mappings this value
+    /// owns, so that where THP is on for every mapping (`enabled` = `always`) only
+    /// the ranges advised later get them. Errors are ignored (a kernel without THP).
+    pub(crate) fn advise_no_huge_pages(&self) {
+        for &(p, len) in &self.owned {
+            // SAFETY: advising over a mapping this value owns; MADV_NOHUGEPAGE changes
+            // how the kernel backs it, never its contents.
+            let _ = unsafe { mman::madvise(p.cast(), len, MmapAdvise::MADV_NOHUGEPAGE) };
         }
     }
 

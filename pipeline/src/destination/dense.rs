@@ -17,6 +17,12 @@
 //! its 4 KiB fault gives the block a page table, after which the kernel no longer backs
 //! it with a huge page at fault time.
 //!
+//! The destination advises its whole mapping `MADV_NOHUGEPAGE` first, so that where
+//! THP is on for every mapping only the advised blocks get huge pages. Each advice
+//! splits the mapping (the kernel merges neighbours advised alike), so at most
+//! [`MAX_ISLANDS`] advised blocks without an advised neighbour are asked for, and none
+//! once the kernel refused one.
+//!
 //! [`Prefault::HugeWhereDense`]: crate::Prefault::HugeWhereDense
 
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -25,8 +31,15 @@ use pagewire_protocol::{CopyRun, PageFrame, RegionId};
 
 use crate::memory::GuestMemory;
 
-/// A transparent huge page on x86-64 and on arm64 with 4 KiB base pages.
+/// A transparent huge page on x86-64 and on arm64 with 4 KiB base pages; elsewhere
+/// (the kernel's `hpage_pmd_size` differs) the policy does nothing.
 const BLOCK: usize = 2 << 20;
+
+/// Advised runs of blocks with no advised neighbour, at most, per destination: each
+/// splits its mapping in up to three, and a process has `vm.max_map_count` (65,530 by
+/// default) mappings in all, its threads' stacks and its allocator's among them. Past
+/// this, blocks are decided against.
+const MAX_ISLANDS: u64 = 1024;
 
 /// Fewest bytes one frame must write into a block for it to be advised on its own
 /// evidence: a write of a few pages alone does not bring a whole block in.
@@ -37,12 +50,16 @@ const UNDECIDED: u8 = 0;
 /// A receiver is advising the block: no page of it may be written until it is done, or
 /// a 4 KiB fault would come first.
 const ADVISING: u8 = 1;
-/// Advised or not, for good.
+/// Not advised, for good.
 const DECIDED: u8 = 2;
+/// Advised, for good.
+const HUGE: u8 = 3;
 
 /// Blocks PAGES frames must have decided before their share of dense ones decides
-/// blocks a COPY writes first.
-const EVIDENCE: u64 = 8;
+/// blocks a COPY writes first: one, as copies come first from the second frame of a
+/// guest on (a guest whose text repeats left 18 of its 32 blocks on small pages with
+/// eight); a sparse guest's next sparse block stops it again.
+const EVIDENCE: u64 = 1;
 
 /// The blocks of every region of one destination's own anonymous memory.
 #[derive(Debug)]
@@ -53,8 +70,12 @@ pub(super) struct DenseBlocks {
     /// decides a block that a COPY writes first and shows too little of.
     pages_dense: AtomicU64,
     pages_sparse: AtomicU64,
-    /// Blocks advised.
+    /// Blocks advised (the kernel took the advice).
     advised: AtomicU64,
+    /// Advised blocks with no advised neighbour when advised ([`MAX_ISLANDS`]).
+    islands: AtomicU64,
+    /// The kernel refused an advice: no more are asked for.
+    refused: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
@@ -64,16 +85,23 @@ struct Blocks {
     host: usize,
     /// Host address of its first whole block.
     first: usize,
-    /// Per whole block of the region: [`UNDECIDED`], [`ADVISING`] or [`DECIDED`].
+    /// Per whole block of the region: [`UNDECIDED`], [`ADVISING`], [`DECIDED`] or
+    /// [`HUGE`].
     state: Vec<AtomicU8>,
 }
 
 impl DenseBlocks {
     /// The blocks of `memory`'s regions: only the whole, aligned 2 MiB blocks inside
-    /// each; `None` for pages of 2 MiB or more, or sizes that do not divide a block.
+    /// each. `None` where the kernel's huge pages are not 2 MiB (or it has none), for
+    /// pages of 2 MiB or more, or sizes that do not divide a block.
     pub(super) fn new(memory: &GuestMemory) -> Option<Self> {
+        Self::with_huge_page(memory, huge_page_size()?)
+    }
+
+    fn with_huge_page(memory: &GuestMemory, huge: usize) -> Option<Self> {
         let page_size = memory.page_size() as usize;
-        if page_size == 0 || page_size >= BLOCK || !BLOCK.is_multiple_of(page_size) {
+        if huge != BLOCK || page_size == 0 || page_size >= BLOCK || !BLOCK.is_multiple_of(page_size)
+        {
             return None;
         }
         let regions = memory
@@ -82,6 +110,10 @@ impl DenseBlocks {
                 let (ptr, len) = memory.span(id, 0, memory.pages(id)?)?;
                 let host = ptr.as_ptr() as usize;
                 let first = host.checked_next_multiple_of(BLOCK)?;
+                // The first whole block starts at a page of the region.
+                if !(first - host).is_multiple_of(page_size) {
+                    return None;
+                }
                 let blocks = host.checked_add(len)?.saturating_sub(first) / BLOCK;
                 Some(Blocks {
                     id,
@@ -97,6 +129,8 @@ impl DenseBlocks {
             pages_dense: AtomicU64::new(0),
             pages_sparse: AtomicU64::new(0),
             advised: AtomicU64::new(0),
+            islands: AtomicU64::new(0),
+            refused: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -131,10 +165,20 @@ impl DenseBlocks {
                     break;
                 };
                 let upto = end.min(base + (k as u64 + 1) * per_block);
-                if state.load(Ordering::Acquire) != DECIDED {
+                if state.load(Ordering::Acquire) < DECIDED {
                     let n = upto - p;
                     let (w, z) = if writes { (n, 0) } else { (0, n) };
-                    seen.push((k, w, z, p, upto));
+                    match seen.last_mut() {
+                        // Runs come in order: most of a frame's runs in a block merge
+                        // here, and the list stays one entry per block.
+                        Some(e) if e.0 == k => {
+                            e.1 += w;
+                            e.2 += z;
+                            e.3 = e.3.min(p);
+                            e.4 = e.4.max(upto);
+                        }
+                        _ => seen.push((k, w, z, p, upto)),
+                    }
                 }
                 p = upto;
             }
@@ -154,14 +198,14 @@ impl DenseBlocks {
                 false => written >= min_pages && zero * 8 <= span,
                 true => (written >= min_pages && written * 2 >= span) || self.mostly_dense(),
             };
-            let state = &b.state[group[0].0];
+            let k = group[0].0;
+            let state = &b.state[k];
             let next = if dense { ADVISING } else { DECIDED };
             match state.compare_exchange(UNDECIDED, next, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => {
                     if dense {
-                        memory.advise_huge_range(b.first + group[0].0 * BLOCK, BLOCK);
-                        state.store(DECIDED, Ordering::Release);
-                        self.advised.fetch_add(1, Ordering::Relaxed);
+                        let huge = self.advise(memory, b, k);
+                        state.store(if huge { HUGE } else { DECIDED }, Ordering::Release);
                     }
                     if !copies {
                         let n = if dense {
@@ -185,6 +229,29 @@ impl DenseBlocks {
 }
 
 impl DenseBlocks {
+    /// Advises block `k` of `b` (marked [`ADVISING`] by this thread), unless the
+    /// kernel refused an advice before or it would start an island past
+    /// [`MAX_ISLANDS`]. Whether the kernel took it.
+    fn advise(&self, memory: &GuestMemory, b: &Blocks, k: usize) -> bool {
+        if self.refused.load(Ordering::Relaxed) {
+            return false;
+        }
+        let huge = |i: Option<usize>| {
+            i.and_then(|i| b.state.get(i))
+                .is_some_and(|s| matches!(s.load(Ordering::Acquire), ADVISING | HUGE))
+        };
+        let island = !huge(k.checked_sub(1)) && !huge(k.checked_add(1));
+        if island && self.islands.fetch_add(1, Ordering::Relaxed) >= MAX_ISLANDS {
+            return false;
+        }
+        if !memory.advise_huge_range(b.first + k * BLOCK, BLOCK) {
+            self.refused.store(true, Ordering::Relaxed);
+            return false;
+        }
+        self.advised.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
     /// Blocks advised so far.
     pub(super) fn advised(&self) -> u64 {
         self.advised.load(Ordering::Relaxed)
@@ -221,6 +288,12 @@ impl DenseBlocks {
         let targets = runs.map(|r| (r.start.0, u64::from(r.count)));
         self.before_write(memory, region, targets, std::iter::empty(), true);
     }
+}
+
+/// The kernel's transparent huge page size (`hpage_pmd_size`), where it has THP.
+fn huge_page_size() -> Option<usize> {
+    let s = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size").ok()?;
+    s.trim().parse().ok()
 }
 
 #[cfg(test)]
@@ -269,15 +342,27 @@ mod tests {
         );
     }
 
+    /// Whether this kernel has THP, so that an advice can be taken.
+    fn thp() -> bool {
+        let on = huge_page_size().is_some();
+        if !on {
+            eprintln!("skipped: this kernel has no transparent huge pages");
+        }
+        on
+    }
+
     #[test]
     fn a_dense_frame_advises_its_block_and_a_sparse_one_decides_against() {
+        if !thp() {
+            return;
+        }
         let m = memory();
-        let d = DenseBlocks::new(&m).unwrap();
+        let d = DenseBlocks::with_huge_page(&m, BLOCK).unwrap();
         assert!(d.regions[0].state.len() >= 7);
         // 246 pages written, 10 zero among them: dense.
         let b0 = block(&d, 0);
         pages(&d, &m, &[(b0, 100), (b0 + 110, 146)], &[(b0 + 100, 10)]);
-        assert_eq!((d.advised(), state(&d, 0)), (1, DECIDED));
+        assert_eq!((d.advised(), state(&d, 0)), (1, HUGE));
         // 20 written among 236 zero pages: not dense, decided for good.
         let b1 = block(&d, 1);
         pages(&d, &m, &[(b1 + 236, 20)], &[(b1, 236)]);
@@ -292,8 +377,11 @@ mod tests {
 
     #[test]
     fn zero_pages_alone_leave_a_block_undecided() {
+        if !thp() {
+            return;
+        }
         let m = memory();
-        let d = DenseBlocks::new(&m).unwrap();
+        let d = DenseBlocks::with_huge_page(&m, BLOCK).unwrap();
         let b0 = block(&d, 0);
         pages(&d, &m, &[], &[(b0, 512)]);
         assert_eq!((d.advised(), state(&d, 0)), (0, UNDECIDED));
@@ -303,11 +391,14 @@ mod tests {
 
     #[test]
     fn a_run_across_blocks_counts_in_each() {
+        if !thp() {
+            return;
+        }
         let m = memory();
-        let d = DenseBlocks::new(&m).unwrap();
+        let d = DenseBlocks::with_huge_page(&m, BLOCK).unwrap();
         // 100 pages at the end of block 3, 412 at the start of block 4.
         pages(&d, &m, &[(block(&d, 3) + 412, 512)], &[]);
-        assert_eq!((state(&d, 3), state(&d, 4)), (DECIDED, DECIDED));
+        assert_eq!((state(&d, 3), state(&d, 4)), (HUGE, HUGE));
         assert_eq!(d.advised(), 2);
         // Pages before the first whole block or past the last are no block's.
         let last = d.regions[0].state.len() as u64;
@@ -317,8 +408,11 @@ mod tests {
 
     #[test]
     fn a_copy_decides_on_its_span_or_on_the_guest_so_far() {
+        if !thp() {
+            return;
+        }
         let m = memory();
-        let d = DenseBlocks::new(&m).unwrap();
+        let d = DenseBlocks::with_huge_page(&m, BLOCK).unwrap();
         // A few copied pages, nothing known yet of the guest: not advised.
         copies(&d, &m, &[(block(&d, 0), 5)]);
         assert_eq!((d.advised(), state(&d, 0)), (0, DECIDED));
@@ -327,7 +421,7 @@ mod tests {
         copies(&d, &m, &[(b1, 64), (b1 + 120, 10)]);
         assert_eq!(d.advised(), 1);
         // Once PAGES frames showed most blocks dense, a few copies are enough.
-        let d = DenseBlocks::new(&m).unwrap();
+        let d = DenseBlocks::with_huge_page(&m, BLOCK).unwrap();
         d.pages_dense.store(EVIDENCE, Ordering::Relaxed);
         copies(&d, &m, &[(block(&d, 0), 1)]);
         assert_eq!(d.advised(), 1);
@@ -339,7 +433,7 @@ mod tests {
     #[test]
     fn pages_frames_count_toward_the_guest_and_copies_do_not() {
         let m = memory();
-        let d = DenseBlocks::new(&m).unwrap();
+        let d = DenseBlocks::with_huge_page(&m, BLOCK).unwrap();
         pages(&d, &m, &[(block(&d, 0), 256)], &[]);
         pages(&d, &m, &[(block(&d, 1), 1)], &[(block(&d, 1) + 1, 255)]);
         copies(&d, &m, &[(block(&d, 2), 256)]);
@@ -365,13 +459,33 @@ mod tests {
         )
         .unwrap();
         let m = GuestMemory::anonymous(&layout).unwrap();
-        assert!(DenseBlocks::new(&m).is_none());
+        assert!(DenseBlocks::with_huge_page(&m, BLOCK).is_none());
+        // Nor where the kernel's huge pages are not 2 MiB.
+        assert!(DenseBlocks::with_huge_page(&memory(), 32 << 20).is_none());
+    }
+
+    #[test]
+    fn islands_past_the_budget_are_decided_against_and_neighbours_not() {
+        if !thp() {
+            return;
+        }
+        let m = memory();
+        let d = DenseBlocks::with_huge_page(&m, BLOCK).unwrap();
+        pages(&d, &m, &[(block(&d, 1), 512)], &[]);
+        assert_eq!(state(&d, 1), HUGE);
+        d.islands.store(MAX_ISLANDS, Ordering::Relaxed);
+        // A neighbour of an advised block splits no mapping further: advised.
+        pages(&d, &m, &[(block(&d, 2), 512)], &[]);
+        assert_eq!(state(&d, 2), HUGE);
+        // A block of its own would: decided against.
+        pages(&d, &m, &[(block(&d, 5), 512)], &[]);
+        assert_eq!((state(&d, 5), d.advised()), (DECIDED, 2));
     }
 
     #[test]
     fn another_region_or_wild_runs_change_nothing() {
         let m = memory();
-        let d = DenseBlocks::new(&m).unwrap();
+        let d = DenseBlocks::with_huge_page(&m, BLOCK).unwrap();
         d.before_write(
             &m,
             RegionId(9),

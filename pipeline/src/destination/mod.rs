@@ -525,6 +525,8 @@ impl Shared {
             }
             Prefault::HugeWhereDense => {
                 if let Some(d) = dense::DenseBlocks::new(&m) {
+                    // Where THP is on for every mapping, only the blocks advised.
+                    m.advise_no_huge_pages();
                     let _ = self.dense.set(d);
                 }
                 *slot = Some((m.clone(), None));
