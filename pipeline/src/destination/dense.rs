@@ -351,13 +351,21 @@ mod tests {
         on
     }
 
-    #[test]
-    fn a_dense_frame_advises_its_block_and_a_sparse_one_decides_against() {
+    /// [`memory`] and its blocks, where this kernel has THP.
+    fn fresh() -> Option<(GuestMemory, DenseBlocks)> {
         if !thp() {
-            return;
+            return None;
         }
         let m = memory();
-        let d = DenseBlocks::with_huge_page(&m, BLOCK).unwrap();
+        let d = DenseBlocks::with_huge_page(&m, BLOCK)?;
+        Some((m, d))
+    }
+
+    #[test]
+    fn a_dense_frame_advises_its_block_and_a_sparse_one_decides_against() {
+        let Some((m, d)) = fresh() else {
+            return;
+        };
         assert!(d.regions[0].state.len() >= 7);
         // 246 pages written, 10 zero among them: dense.
         let b0 = block(&d, 0);
@@ -377,11 +385,9 @@ mod tests {
 
     #[test]
     fn zero_pages_alone_leave_a_block_undecided() {
-        if !thp() {
+        let Some((m, d)) = fresh() else {
             return;
-        }
-        let m = memory();
-        let d = DenseBlocks::with_huge_page(&m, BLOCK).unwrap();
+        };
         let b0 = block(&d, 0);
         pages(&d, &m, &[], &[(b0, 512)]);
         assert_eq!((d.advised(), state(&d, 0)), (0, UNDECIDED));
@@ -391,11 +397,9 @@ mod tests {
 
     #[test]
     fn a_run_across_blocks_counts_in_each() {
-        if !thp() {
+        let Some((m, d)) = fresh() else {
             return;
-        }
-        let m = memory();
-        let d = DenseBlocks::with_huge_page(&m, BLOCK).unwrap();
+        };
         // 100 pages at the end of block 3, 412 at the start of block 4.
         pages(&d, &m, &[(block(&d, 3) + 412, 512)], &[]);
         assert_eq!((state(&d, 3), state(&d, 4)), (HUGE, HUGE));
@@ -408,11 +412,9 @@ mod tests {
 
     #[test]
     fn a_copy_decides_on_its_span_or_on_the_guest_so_far() {
-        if !thp() {
+        let Some((m, d)) = fresh() else {
             return;
-        }
-        let m = memory();
-        let d = DenseBlocks::with_huge_page(&m, BLOCK).unwrap();
+        };
         // A few copied pages, nothing known yet of the guest: not advised.
         copies(&d, &m, &[(block(&d, 0), 5)]);
         assert_eq!((d.advised(), state(&d, 0)), (0, DECIDED));
@@ -466,11 +468,9 @@ mod tests {
 
     #[test]
     fn islands_past_the_budget_are_decided_against_and_neighbours_not() {
-        if !thp() {
+        let Some((m, d)) = fresh() else {
             return;
-        }
-        let m = memory();
-        let d = DenseBlocks::with_huge_page(&m, BLOCK).unwrap();
+        };
         pages(&d, &m, &[(block(&d, 1), 512)], &[]);
         assert_eq!(state(&d, 1), HUGE);
         d.islands.store(MAX_ISLANDS, Ordering::Relaxed);
