@@ -346,8 +346,10 @@ pub enum Prefault {
     /// The default. Transparent huge pages only for the 2 MiB blocks that the first
     /// frame writing into each shows to be dense: a PAGES frame that writes at least
     /// 256 KiB there with at most an eighth of its span in the block zero pages, a COPY
-    /// that writes at least 256 KiB and half its span (or, where the PAGES frames so
-    /// far found at least 7/8 of their blocks dense, any COPY). That block is advised
+    /// that writes at least 256 KiB and half its span; a frame that shows too little
+    /// either way (a COPY of a few pages, a PAGES frame whose other pages went as
+    /// copies) counts as dense unless more than an eighth of the blocks PAGES frames
+    /// showed so far were sparse (more than an eighth zero pages). That block is advised
     /// `MADV_HUGEPAGE` just before the frame is written, so the write backs all of it
     /// in one fault; every other block is faulted in 4 KiB at a time as with `None`
     /// (the mapping is advised `MADV_NOHUGEPAGE` first, so this holds where THP is on

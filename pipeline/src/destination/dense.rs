@@ -6,13 +6,14 @@
 //! A block is decided once, by the first frame that writes into it. A PAGES frame
 //! counts its data and uniform pages in the block (written) and its zero pages; pages
 //! of its span it does not list are another frame's (a COPY, say), not known zero. The
-//! block is advised `MADV_HUGEPAGE` when the frame writes at least [`MIN_BYTES`] there
-//! and at most an eighth of the span it covers in the block is zero. A COPY (or a
-//! channel's `ROUND_END` copies) knows no zero pages: the block is advised when the
-//! copies write at least [`MIN_BYTES`] and half their span in it, or else when at least
-//! 7/8 of the blocks PAGES frames decided so far (and [`EVIDENCE`] of them at least)
-//! were dense: a source sends a frame's copies before its other pages, so a block's
-//! first writer is often a COPY of a few pages. The write that follows an advice
+//! block is sparse when more than an eighth of the span the frame covers in it is zero,
+//! dense when it is not and the frame writes at least [`MIN_BYTES`] there. A COPY (or
+//! a channel's `ROUND_END` copies) knows no zero pages: dense when the copies write at
+//! least [`MIN_BYTES`] and half their span in it. A frame that shows neither (a COPY
+//! of a few pages, a PAGES frame whose other pages went as copies) follows the guest
+//! so far: dense unless more than an eighth of the blocks PAGES frames showed were
+//! sparse. A source sends a frame's copies before its other pages, so a block's first
+//! writer is often a COPY of a few pages. Dense blocks are advised `MADV_HUGEPAGE`. The write that follows an advice
 //! faults the whole block in at once. Any other first write decides the block against:
 //! its 4 KiB fault gives the block a page table, after which the kernel no longer backs
 //! it with a huge page at fault time.
@@ -54,12 +55,6 @@ const ADVISING: u8 = 1;
 const DECIDED: u8 = 2;
 /// Advised, for good.
 const HUGE: u8 = 3;
-
-/// Blocks PAGES frames must have decided before their share of dense ones decides
-/// blocks a COPY writes first: one, as copies come first from the second frame of a
-/// guest on (a guest whose text repeats left 18 of its 32 blocks on small pages with
-/// eight); a sparse guest's next sparse block stops it again.
-const EVIDENCE: u64 = 1;
 
 /// The blocks of every region of one destination's own anonymous memory.
 #[derive(Debug)]
@@ -194,10 +189,15 @@ impl DenseBlocks {
             let zero: u64 = group.iter().map(|e| e.2).sum();
             let lo = group.iter().map(|e| e.3).min().unwrap_or(0);
             let span = group.iter().map(|e| e.4).max().unwrap_or(0) - lo;
-            let dense = match copies {
-                false => written >= min_pages && zero * 8 <= span,
-                true => (written >= min_pages && written * 2 >= span) || self.mostly_dense(),
+            // What the frame shows of the block: sparse, dense, or too little either
+            // way (a COPY of a few pages, a PAGES frame whose other pages went as
+            // copies), which follows the guest so far.
+            let shown = match copies {
+                false if zero * 8 > span => Some(false),
+                false => (written >= min_pages).then_some(true),
+                true => (written >= min_pages && written * 2 >= span).then_some(true),
             };
+            let dense = shown.unwrap_or_else(|| self.mostly_dense());
             let k = group[0].0;
             let state = &b.state[k];
             let next = if dense { ADVISING } else { DECIDED };
@@ -207,7 +207,7 @@ impl DenseBlocks {
                         let huge = self.advise(memory, b, k);
                         state.store(if huge { HUGE } else { DECIDED }, Ordering::Release);
                     }
-                    if !copies {
+                    if let Some(dense) = shown.filter(|_| !copies) {
                         let n = if dense {
                             &self.pages_dense
                         } else {
@@ -257,12 +257,13 @@ impl DenseBlocks {
         self.advised.load(Ordering::Relaxed)
     }
 
-    /// At least [`EVIDENCE`] blocks decided by PAGES frames so far, and at least 7/8 of
-    /// them dense.
+    /// At most an eighth of the blocks PAGES frames showed sparse or dense so far were
+    /// sparse (none shown yet counts as dense: a source's copies come first from its
+    /// second frame on, and a sparse guest shows its zero pages from the first).
     fn mostly_dense(&self) -> bool {
         let dense = self.pages_dense.load(Ordering::Relaxed);
         let sparse = self.pages_sparse.load(Ordering::Relaxed);
-        dense >= EVIDENCE && sparse * 7 <= dense
+        sparse * 7 <= dense
     }
 
     /// [`DenseBlocks::before_write`] for a PAGES frame: its data and uniform pages are
@@ -377,7 +378,8 @@ mod tests {
         assert_eq!((d.advised(), state(&d, 1)), (1, DECIDED));
         pages(&d, &m, &[(b1 + 256, 256)], &[]);
         assert_eq!(d.advised(), 1, "a block is decided once");
-        // Too few pages written to bring a block in, however dense.
+        // Too few pages written to show the block dense, and half the guest so far
+        // sparse: decided against.
         let b2 = block(&d, 2);
         pages(&d, &m, &[(b2, 63)], &[]);
         assert_eq!((d.advised(), state(&d, 2)), (1, DECIDED));
@@ -415,21 +417,28 @@ mod tests {
         let Some((m, d)) = fresh() else {
             return;
         };
-        // A few copied pages, nothing known yet of the guest: not advised.
+        // A few copied pages, nothing shown yet of the guest: as a dense one.
         copies(&d, &m, &[(block(&d, 0), 5)]);
-        assert_eq!((d.advised(), state(&d, 0)), (0, DECIDED));
-        // Half the span and enough pages: advised.
-        let b1 = block(&d, 1);
-        copies(&d, &m, &[(b1, 64), (b1 + 120, 10)]);
-        assert_eq!(d.advised(), 1);
-        // Once PAGES frames showed most blocks dense, a few copies are enough.
+        assert_eq!((d.advised(), state(&d, 0)), (1, HUGE));
+        // Once a PAGES frame showed a sparse block, a few copies are not enough; half
+        // the span and enough pages are.
+        pages(&d, &m, &[(block(&d, 1), 1)], &[(block(&d, 1) + 1, 255)]);
+        copies(&d, &m, &[(block(&d, 2), 5)]);
+        assert_eq!((d.advised(), state(&d, 2)), (1, DECIDED));
+        let b3 = block(&d, 3);
+        copies(&d, &m, &[(b3, 64), (b3 + 120, 10)]);
+        assert_eq!(d.advised(), 2);
+        // Seven dense blocks for one sparse one: a few copies are enough again, and a
+        // PAGES frame that shows too little follows too.
         let d = DenseBlocks::with_huge_page(&m, BLOCK).unwrap();
-        d.pages_dense.store(EVIDENCE, Ordering::Relaxed);
+        d.pages_dense.store(7, Ordering::Relaxed);
+        d.pages_sparse.store(1, Ordering::Relaxed);
         copies(&d, &m, &[(block(&d, 0), 1)]);
-        assert_eq!(d.advised(), 1);
-        d.pages_sparse.store(EVIDENCE, Ordering::Relaxed);
-        copies(&d, &m, &[(block(&d, 1), 1)]);
-        assert_eq!(d.advised(), 1, "a sparse guest so far");
+        pages(&d, &m, &[(block(&d, 1), 10)], &[]);
+        assert_eq!(d.advised(), 2);
+        d.pages_sparse.store(2, Ordering::Relaxed);
+        copies(&d, &m, &[(block(&d, 2), 1)]);
+        assert_eq!(d.advised(), 2, "a sparse guest so far");
     }
 
     #[test]
