@@ -701,3 +701,74 @@ fn an_honest_session_wider_than_the_places_loses_none_of_its_channels() {
     assert_eq!(acc.stats.established, u64::from(channels));
     assert_eq!(acc.stats.peak_pending, 2, "{:?}", acc.stats);
 }
+
+#[test]
+fn a_flood_of_silent_connections_does_not_keep_a_source_out() {
+    // A peer opening silent connections as fast as it can and holding them. Before
+    // silent places were replaced at any age, only a place older than `evict_after`
+    // (500 ms) opened to a new connection: the backlog drained at 64 connections per
+    // 500 ms, stayed full of the flood's connections, and the source's channels waited
+    // behind them (or their SYNs were dropped) until the accept window ran out.
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain system calls on a local struct.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+    lim.rlim_cur = lim.rlim_max.min(16384);
+    // SAFETY: as above; raising the soft limit up to the hard one.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
+    // Each connection takes a descriptor on both ends here; some for the rest.
+    let flood = (lim.rlim_cur as usize).saturating_sub(1024) / 2;
+    let flood = flood.min(4000);
+    assert!(
+        flood >= 1500,
+        "RLIMIT_NOFILE {} too low for the flood",
+        lim.rlim_max
+    );
+    let d = dst(Duration::from_secs(30));
+    let (l, addr) = bind(&d);
+    let stop = AtomicBool::new(false);
+    let opened = AtomicU64::new(0);
+    let acc = std::thread::scope(|s| {
+        let flooder = s.spawn(|| {
+            let mut open = Vec::with_capacity(flood);
+            let t = std::time::Instant::now();
+            // Bounded: it stops when the accept returns, or after 60 s.
+            while !stop.load(Relaxed) && t.elapsed() < Duration::from_secs(60) {
+                if open.len() == flood {
+                    std::thread::sleep(Duration::from_millis(10));
+                } else if let Ok(c) = TcpStream::connect_timeout(&addr, Duration::from_millis(100))
+                {
+                    open.push(c);
+                    opened.fetch_add(1, Relaxed);
+                }
+            }
+        });
+        let src = s.spawn(|| {
+            // Until the flood has filled every place and the backlog behind them.
+            for _ in 0..6000 {
+                if opened.load(Relaxed) >= 1500 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            session::connect(addr, &cfg(CHANNELS, KEY, Duration::from_secs(30)))
+        });
+        let acc = l.accept_session(&d, Duration::from_secs(10));
+        let src = src.join().unwrap();
+        stop.store(true, Relaxed);
+        flooder.join().unwrap();
+        let acc = acc.expect("the source got in during the flood");
+        assert_session(&acc, &src.expect("the source's handshake"));
+        acc
+    });
+    let s = acc.stats;
+    println!(
+        "FIGURE {} silent connections opened and held during the accept: {s:?}",
+        opened.load(Relaxed)
+    );
+    assert!(s.cap_reached >= 1 && s.evicted >= 1000, "{s:?}");
+    assert!(s.peak_pending <= d.listener.max_pending as u64, "{s:?}");
+}

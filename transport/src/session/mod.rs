@@ -639,6 +639,12 @@ pub fn connect_channel(
 
 /// Opens channel `index` of the session to `endpoint`, as [`connect_to`] does for each.
 ///
+/// A connection the destination closes before the handshake completed, without a
+/// REJECT, is opened again, up to [`TcpConfig::connect_attempts`] times in all,
+/// [`TcpConfig::retry_delay`] apart: a destination whose pending places are all
+/// taken may turn away a connection whose HELLO it has not read yet (see
+/// [`Listener`]).
+///
 /// # Errors
 /// [`SessionError`].
 pub fn connect_channel_to(
@@ -646,8 +652,28 @@ pub fn connect_channel_to(
     cfg: &SessionConfig,
     index: u16,
 ) -> Result<Established, SessionError> {
-    let stream = endpoint.connect(&cfg.tcp)?;
-    handshake(stream, endpoint.clone(), cfg, index)
+    let attempts = cfg.tcp.connect_attempts.max(1);
+    let mut attempt = 1;
+    loop {
+        let stream = endpoint.connect(&cfg.tcp)?;
+        match handshake(stream, endpoint.clone(), cfg, index) {
+            Err(SessionError::HandshakeIo { source, .. })
+                if attempt < attempts && turned_away(&source) =>
+            {
+                attempt += 1;
+                std::thread::sleep(cfg.tcp.retry_delay);
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Whether a handshake's I/O error says the peer closed the connection.
+fn turned_away(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+    )
 }
 
 /// Runs the source's handshake for channel `index` on a connected stream.

@@ -9,21 +9,31 @@
 //!   accept window,
 //! - at most one handshake frame of buffered input (the protocol's 4096-byte handshake
 //!   frame limit) and the few frames of its own replies,
-//! - a place among at most [`ListenerConfig::max_pending`] pending connections. While
-//!   they are all taken, a new connection takes the place of the one accepted first
-//!   among those that named no session being accepted within
-//!   [`ListenerConfig::evict_after`] of their accept, else among those not admitted
-//!   within [`ListenerConfig::evict_named_after`] (closed, counted in
-//!   [`ListenerStats::evicted`]); when there is none, new connections wait in the
-//!   kernel's backlog ([`ListenerConfig::backlog`]) and are accepted as places free up.
+//! - a place among at most [`ListenerConfig::max_pending`] pending connections.
+//!
+//! While every place is taken, a new connection is still accepted and what came with
+//! it read at once (an honest source's plaintext HELLO, or its TLS ClientHello); then
+//! one connection is closed (counted in [`ListenerStats::evicted`]): the one accepted
+//! first among those whose place is open, that is those that named no session being
+//! accepted within [`ListenerConfig::evict_after`] of their accept or were not
+//! admitted within [`ListenerConfig::evict_named_after`]; else the one accepted first
+//! among those that got less far than the newcomer (sent nothing, sent bytes but named
+//! no session being accepted, named one), or among those that sent nothing when the
+//! newcomer sent nothing either; else the newcomer itself. A connection admitted
+//! (READY queued) is never closed so. Only while every place is held by a connection
+//! that named a session being accepted and is not past `evict_named_after` do new
+//! connections wait in the kernel's backlog ([`ListenerConfig::backlog`]).
 //!
 //! So connections that send nothing, never a HELLO of a session being accepted, or
-//! never a CONFIRM that verifies, cannot keep a source out: before the replacement, 64
-//! such connections renewed every 10 s (the default deadline) did, and a queue of them
-//! in the backlog made a source that came after them wait until its own handshake timed
-//! out. A connection's first bytes are read as soon as it is accepted, so a source's
-//! plaintext HELLO names its session at once (over TLS, after the TLS handshake), and
-//! an honest handshake is admitted within a few round trips.
+//! never a CONFIRM that verifies, cannot keep a source out, however many and however
+//! fast they come: the backlog drains as fast as connections are accepted. (Before,
+//! 64 such connections renewed every 10 s, the default deadline, did; later, when only
+//! places older than `evict_after` opened, a flood of silent connections held every
+//! place and a backlog of a thousand more, and a source behind them never got in.) A
+//! source's connection turned away before its HELLO was read is opened again by the
+//! source ([`connect_channel_to`](super::connect_channel_to)). A peer that knows the
+//! session id (no secret without TLS) can still hold places with HELLOs for up to
+//! `evict_named_after` each. An honest handshake is admitted within a few round trips.
 //!
 //! A HELLO that asks for more than [`ListenerConfig::max_channels`] channels is refused
 //! with a REJECT (`BAD_CHANNEL`) as soon as it arrives. A failing `accept` (out of file
@@ -90,8 +100,9 @@ const LISTENER: Token = Token(usize::MAX);
 #[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ListenerConfig {
-    /// Most connections whose handshake is in progress at once; further connections
-    /// wait in the kernel's backlog. At least 1.
+    /// Most connections whose handshake is in progress at once; a further connection
+    /// replaces one of them or is closed, or waits in the kernel's backlog (see the
+    /// module's documentation). At least 1.
     pub max_pending: usize,
     /// Most channels a session may have; a HELLO asking for more is refused at once.
     /// At least 1.
@@ -103,8 +114,9 @@ pub struct ListenerConfig {
     /// (file descriptors, memory). More than zero.
     pub accept_backoff: Duration,
     /// How long after its accept a pending connection that has named no session being
-    /// accepted keeps its place against a new connection while every place is taken
-    /// (see the module's documentation). An honest source's HELLO comes right after
+    /// accepted keeps its place against a new connection that got no further while
+    /// every place is taken (see the module's documentation; one that sent nothing
+    /// yields its place to any connection that sent bytes, and to a silent one too). An honest source's HELLO comes right after
     /// its connection (after the TLS handshake with TLS), so this needs to cover a
     /// round trip or two, not the handshake deadline. `Duration::MAX`: never.
     pub evict_after: Duration,

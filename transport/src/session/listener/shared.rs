@@ -160,33 +160,37 @@ impl Shared {
         let now = Instant::now();
         if self.listener_ready && self.retry_at.is_none_or(|t| now >= t) {
             self.retry_at = None;
-            loop {
-                let mut evict = None;
-                if self.pending >= limits.max_pending {
+            // Bounded, so that a flood of connections cannot keep the deadlines and
+            // the other connections waiting: the rest is accepted on the next turn.
+            for _ in 0..limits.max_pending.max(64) {
+                let full = self.pending >= limits.max_pending;
+                if full {
                     if !self.at_cap {
                         self.at_cap = true;
                         bump(&counters.cap_reached);
                     }
-                    evict = self.idlest(now, &limits);
-                    if evict.is_none() {
+                    if !self.may_replace(now, &limits) {
+                        // Every place is held by a connection a new one may not
+                        // replace yet: new connections wait in the backlog.
                         break;
                     }
                 }
                 match socket.accept() {
                     Ok((stream, peer)) => {
-                        if let Some(v) = evict {
-                            bump(&counters.evicted);
-                            self.close(v, None);
-                        } else {
+                        if !full {
                             self.at_cap = false;
                         }
                         bump(&counters.accepted);
                         let deadline = now + lim.handshake_timeout;
                         if let Some(i) = self.start(counters, stream, peer, now, deadline) {
                             // What came with the connection (an honest source's HELLO)
-                            // is read now, before another accept weighs its place.
+                            // is read now, before its place is weighed.
                             self.drive(counters, lim, i);
+                            if self.pending > limits.max_pending {
+                                self.make_room(counters, now, &limits, i);
+                            }
                         }
+                        self.note_peak(counters);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         self.listener_ready = false;
@@ -229,7 +233,7 @@ impl Shared {
         if self.listener_ready {
             // A connection waits: accept it now if a place is free, else when the first
             // place opens to it; after the back-off of a failed accept in any case.
-            let open = if self.pending < limits.max_pending {
+            let open = if self.pending < limits.max_pending || self.may_replace(now, &limits) {
                 Some(now)
             } else {
                 self.next_open(&limits)
@@ -261,18 +265,56 @@ impl Shared {
         Ok(())
     }
 
-    /// The pending connection a new one replaces while every place is taken, among
-    /// those whose place is open by `now` ([`open_at`]): the one accepted first that
-    /// named no session being accepted, else the one accepted first that did. `None`
-    /// when there is none.
-    fn idlest(&self, now: Instant, limits: &ListenerConfig) -> Option<usize> {
+    /// Whether a new connection may take a place while every place is taken: some
+    /// place is open by `now` ([`open_at`]), or held by a connection that has not named
+    /// a session being accepted (a newcomer that did, or that sent more, replaces it).
+    fn may_replace(&self, now: Instant, limits: &ListenerConfig) -> bool {
         self.conns
             .iter()
+            .flatten()
+            .any(|c| rank(c) < Rank::Named || open_at(c, limits).is_some_and(|t| t <= now))
+    }
+
+    /// Brings the pending connections back to `max_pending` after the newcomer at
+    /// place `new` took one too many (see the module's documentation): closes the
+    /// place open by `now` ([`open_at`]) of the lowest rank accepted first, else the
+    /// one of a lower rank than the newcomer's, or of its rank when neither sent a
+    /// byte, accepted first; else the newcomer itself. Each counts as evicted.
+    fn make_room(
+        &mut self,
+        counters: &Counters,
+        now: Instant,
+        limits: &ListenerConfig,
+        new: usize,
+    ) {
+        let Some(Some(newcomer)) = self.conns.get(new) else {
+            return;
+        };
+        let r = rank(newcomer);
+        let victim = self
+            .conns
+            .iter()
             .enumerate()
+            .filter(|&(i, _)| i != new)
             .filter_map(|(i, c)| c.as_ref().map(|c| (i, c)))
-            .filter(|(_, c)| open_at(c, limits).is_some_and(|t| t <= now))
-            .min_by_key(|(_, c)| (c.session.is_some(), c.since))
-            .map(|(i, _)| i)
+            .filter(|(_, c)| {
+                let k = rank(c);
+                open_at(c, limits).is_some_and(|t| t <= now)
+                    || (k != Rank::Admitted && (k < r || (k == Rank::Silent && r == Rank::Silent)))
+            })
+            .min_by_key(|(_, c)| (open_at(c, limits).is_none_or(|t| t > now), rank(c), c.since))
+            .map_or(new, |(i, _)| i);
+        bump(&counters.evicted);
+        self.close(victim, None);
+    }
+
+    /// Records the number of pending connections in the peaks.
+    fn note_peak(&mut self, counters: &Counters) {
+        let pending = self.pending as u64;
+        for s in &mut self.sessions {
+            s.peak = s.peak.max(pending);
+        }
+        counters.peak_pending.fetch_max(pending, Ordering::Relaxed);
     }
 
     /// When the first place held by a pending connection opens to a new one.
@@ -329,11 +371,6 @@ impl Shared {
             self.conns[i] = Some(c);
         }
         self.pending += 1;
-        let pending = self.pending as u64;
-        for s in &mut self.sessions {
-            s.peak = s.peak.max(pending);
-        }
-        counters.peak_pending.fetch_max(pending, Ordering::Relaxed);
         Some(i)
     }
 
@@ -472,6 +509,29 @@ impl Shared {
             s.refuse(copy_refusal(&e));
         }
         last.refuse(e);
+    }
+}
+
+/// How far a pending connection got, for choosing which one a newcomer replaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Rank {
+    /// It has sent nothing.
+    Silent,
+    /// It has sent bytes but named no session being accepted (a TLS handshake, part of
+    /// a HELLO, a HELLO of another session).
+    Spoke,
+    /// Its HELLO named a session being accepted.
+    Named,
+    /// It was admitted (READY queued): never replaced.
+    Admitted,
+}
+
+fn rank(c: &Pending) -> Rank {
+    match (c.claim, c.session, c.mode_checked) {
+        (Some(_), _, _) => Rank::Admitted,
+        (None, Some(_), _) => Rank::Named,
+        (None, None, true) => Rank::Spoke,
+        (None, None, false) => Rank::Silent,
     }
 }
 

@@ -31,10 +31,10 @@ pub struct ListenerStats {
     pub abandoned: u64,
     /// Times `max_pending` handshakes were in progress when a new connection waited.
     pub cap_reached: u64,
-    /// Pending connections closed for a new one while `max_pending` were in progress:
-    /// they had named no session being accepted within
-    /// [`ListenerConfig::evict_after`] of their accept, or were not admitted within
-    /// [`ListenerConfig::evict_named_after`].
+    /// Pending connections closed to keep `max_pending` places while a new connection
+    /// came: one whose place was open ([`ListenerConfig::evict_after`],
+    /// [`ListenerConfig::evict_named_after`]), one that got less far than the new
+    /// connection, or the new connection itself (see [`Listener`](super::Listener)).
     pub evicted: u64,
     /// `accept` calls that failed (out of file descriptors, memory, ...); each was
     /// retried after the back-off.
