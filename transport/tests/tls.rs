@@ -701,3 +701,51 @@ fn pump(from: &mut impl Read, to: &mut impl Write, buf: &mut [u8]) -> Option<boo
         Err(_) => None,
     }
 }
+
+#[test]
+fn an_oversized_tls_record_before_the_handshake_is_refused_at_once() {
+    // A record header declaring 65,535 bytes, more than a TLS 1.3 record holds, then a
+    // stream of bytes. Before, the listener kept what fitted its buffer, dropped the
+    // rest unread and held the connection until its handshake deadline, reading
+    // whatever the peer sent on the thread that runs every pending handshake.
+    let p = pki();
+    let (src, mut dst) = tls_configs(
+        41,
+        1,
+        p.source_config("localhost").unwrap(),
+        p.destination_config().unwrap(),
+    );
+    dst.handshake_timeout = Duration::from_secs(120);
+    let l = Listener::bind("127.0.0.1:0".parse().unwrap(), &dst).unwrap();
+    let addr = l.local_addr().unwrap();
+    let (acc, (closed, legit)) = std::thread::scope(|s| {
+        let clients = s.spawn(|| {
+            let mut c = TcpStream::connect(addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            c.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+            let mut junk = vec![0x16, 0x03, 0x01, 0xff, 0xff];
+            junk.resize(256 << 10, 0x41);
+            // It may fail part-way: the listener closes the connection.
+            let _ = c.write_all(&junk);
+            let mut b = [0u8; 1024];
+            let closed = loop {
+                match c.read(&mut b) {
+                    Ok(0) => break true,
+                    Ok(_) => {}
+                    Err(e) => break e.kind() == std::io::ErrorKind::ConnectionReset,
+                }
+            };
+            (closed, session::connect(addr, &src))
+        });
+        let acc = l.accept_session(&dst, Duration::from_secs(60));
+        (acc, clients.join().unwrap())
+    });
+    assert!(
+        closed,
+        "the listener kept the connection until its deadline"
+    );
+    let acc = acc.unwrap();
+    assert_eq!(legit.unwrap().len(), 1);
+    assert_eq!(acc.channels.len(), 1);
+    assert!(acc.stats.refused_handshake >= 1, "{:?}", acc.stats);
+}

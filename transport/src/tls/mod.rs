@@ -294,7 +294,15 @@ impl TlsSession {
             let Some(&[_, _, _, hi, lo]) = self.cbuf.get(self.cstart..self.cstart + HEADER) else {
                 break;
             };
-            let end = self.cstart + HEADER + usize::from(u16::from_be_bytes([hi, lo]));
+            let len = usize::from(u16::from_be_bytes([hi, lo]));
+            if len > MAX_RECORD - HEADER {
+                // Longer than any TLS 1.3 record (RFC 8446, 5.1 and 5.2): it would
+                // never fit the buffer, and the bytes after it would be dropped.
+                return Err(TlsError::Protocol(rustls::Error::General(format!(
+                    "a TLS record of {len} bytes, more than a record may hold"
+                ))));
+            }
+            let end = self.cstart + HEADER + len;
             if end > self.cend {
                 break;
             }

@@ -57,7 +57,15 @@ pub(super) struct Pending {
     pub(super) binding: Option<ChannelBinding>,
     /// The session and index reserved for it when it was admitted (READY queued).
     pub(super) claim: Option<(SessionId, u16)>,
+    /// Bytes read from it so far (at most [`MAX_HANDSHAKE_INPUT`]).
+    pub(super) received: usize,
 }
+
+/// Most bytes a connection may send before its handshake completes: an honest one
+/// sends a few KiB (a TLS ClientHello and Finished, a HELLO and a CONFIRM of at most
+/// the protocol's 4096-byte handshake frame limit each). More is refused, so that one
+/// connection cannot keep the listener's thread reading.
+pub(super) const MAX_HANDSHAKE_INPUT: usize = 64 << 10;
 
 impl Pending {
     /// Queues handshake output: in clear, or sealed into TLS records.
@@ -198,7 +206,16 @@ pub(super) fn drive_one(
         }
         let n = match c.stream.read(scratch) {
             Ok(0) => return Outcome::Refused(io_err(io::ErrorKind::UnexpectedEof.into())),
-            Ok(n) => n,
+            Ok(n) if c.received + n > MAX_HANDSHAKE_INPUT => {
+                return Outcome::Refused(io_err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "sent more than a handshake before its handshake completed",
+                )));
+            }
+            Ok(n) => {
+                c.received += n;
+                n
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Outcome::Wait,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Outcome::Refused(io_err(e)),

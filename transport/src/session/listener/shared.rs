@@ -364,6 +364,7 @@ impl Shared {
             tls: None,
             binding: None,
             claim: None,
+            received: 0,
         };
         if i == self.conns.len() {
             self.conns.push(Some(c));
