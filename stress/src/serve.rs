@@ -19,8 +19,10 @@
 //! reads the given number of connections to their end and answers `sink_bytes`.
 //!
 //! The control connection is not authenticated; the migrations are (the pre-shared
-//! key). A stranger on the control port can only make the serve end wait for a
-//! session that it cannot authenticate.
+//! key). A stranger on the control port can only make the serve end wait: 10 s for a
+//! hello, up to 30 s for a baseline's connections (at most 64, each read on a thread
+//! of its own), or for a session that it cannot authenticate. Control connections are
+//! served one after another.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -241,7 +243,8 @@ impl Server {
         count: Option<u64>,
         log: &mut dyn Write,
     ) -> anyhow::Result<()> {
-        let mut conn = Conn::new(s, Duration::from_secs(600))?;
+        // A stranger that sends no hello holds the serve end for 10 s, not 600.
+        let mut conn = Conn::new(s, Duration::from_secs(10))?;
         match conn.recv::<Request>()? {
             Some(Request::Hello { version }) if version == CONTROL_VERSION => {}
             Some(Request::Hello { version }) => {
@@ -254,6 +257,9 @@ impl Server {
             }
             other => bail!("expected hello, got {other:?}"),
         }
+        conn.reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_secs(600)))?;
         conn.send(&Reply::Hello {
             version: CONTROL_VERSION,
             data_port: self.listener.local_addr()?.port(),
@@ -305,6 +311,16 @@ impl Server {
                         );
                     }
                     conn.send(&reply)?;
+                }
+                Request::Baseline { connections }
+                    if !(1..=MAX_SINK_CONNECTIONS).contains(&connections) =>
+                {
+                    conn.send(&Reply::Error {
+                        message: format!(
+                            "a baseline of {connections} connections; this end takes 1 to {MAX_SINK_CONNECTIONS}"
+                        ),
+                    })?;
+                    bail!("a baseline of {connections} connections");
                 }
                 Request::Baseline { connections } => sink(&mut conn, connections)?,
                 other => bail!("unexpected {other:?}"),
@@ -389,6 +405,9 @@ impl Server {
     }
 }
 
+/// Most connections of one plain-socket baseline (a thread and 1 MiB each).
+const MAX_SINK_CONNECTIONS: u16 = 64;
+
 /// Reads `connections` plain-socket connections to their end on a fresh port.
 fn sink(conn: &mut Conn, connections: u16) -> anyhow::Result<()> {
     let ip: IpAddr = conn.writer.local_addr()?.ip();
@@ -405,17 +424,21 @@ fn sink(conn: &mut Conn, connections: u16) -> anyhow::Result<()> {
                 Ok((mut c, _)) => {
                     c.set_nonblocking(false)?;
                     c.set_read_timeout(Some(Duration::from_secs(60)))?;
-                    handles.push(s.spawn(move || {
-                        let mut buf = vec![0u8; 1 << 20];
-                        let mut total = 0u64;
-                        while let Ok(n) = c.read(&mut buf) {
-                            if n == 0 {
-                                break;
+                    let reader = std::thread::Builder::new()
+                        .name("sink".into())
+                        .spawn_scoped(s, move || {
+                            let mut buf = vec![0u8; 1 << 20];
+                            let mut total = 0u64;
+                            while let Ok(n) = c.read(&mut buf) {
+                                if n == 0 {
+                                    break;
+                                }
+                                total += n as u64;
                             }
-                            total += n as u64;
-                        }
-                        total
-                    }));
+                            total
+                        })
+                        .context("starting a baseline reader thread")?;
+                    handles.push(reader);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if Instant::now() > deadline {

@@ -244,3 +244,57 @@ fn the_binary_prints_a_verified_table() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("empty item 2"));
 }
+
+#[test]
+fn the_serve_end_refuses_a_baseline_of_too_many_connections_and_serves_on() {
+    use std::io::{BufRead, BufReader};
+    let key = key_file("cap", b"the cap test's pre-shared key\n");
+    let keys = KeyArgs {
+        key_file: Some(key.clone()),
+        insecure_no_key: false,
+    };
+    let server = Server::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        0,
+        authentication(&keys, false).unwrap(),
+    )
+    .unwrap();
+    let addr = server.local_addr().unwrap();
+    let serve = std::thread::spawn(move || server.serve(Some(1), &mut std::io::sink()));
+    // A stranger on the control port: a hello, then a baseline of 65,535 connections
+    // (before, a thread and 1 MiB each, and a panic when the threads ran out).
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    let mut line = String::new();
+    c.write_all(b"{\"type\":\"hello\",\"version\":1}\n")
+        .unwrap();
+    r.read_line(&mut line).unwrap();
+    assert!(line.contains("\"hello\""), "{line}");
+    line.clear();
+    c.write_all(b"{\"type\":\"baseline\",\"connections\":65535}\n")
+        .unwrap();
+    r.read_line(&mut line).unwrap();
+    assert!(
+        line.contains("\"error\"") && line.contains("65535"),
+        "{line}"
+    );
+    drop((c, r));
+    let (one, _) = plan(&[
+        "--to",
+        &addr.to_string(),
+        "--mem-mib",
+        "8",
+        "--codec",
+        "none",
+        "--no-progress",
+    ]);
+    let mut runner = RemoteRunner::new(&one, addr, authentication(&keys, false).unwrap()).unwrap();
+    let run = runner_run(&mut runner, &sweep::cells(&one)[0]);
+    assert_eq!(run.outcome, Outcome::Completed, "{:?}", run.error);
+    assert!(run.verified);
+    drop(runner);
+    assert_eq!(serve.join().unwrap().unwrap(), 1);
+    let _ = std::fs::remove_file(key);
+}
