@@ -219,7 +219,12 @@ pub struct RdmaAcceptor {
 #[cfg(feature = "rdma")]
 struct AcceptorState {
     listener: RdmaListener,
-    ready: std::collections::HashMap<u16, RdmaChannel>,
+    /// Channels accepted for another call than the one that accepted them, by session
+    /// and index, with the time they were accepted.
+    ready: std::collections::HashMap<
+        (pagewire_protocol::SessionId, u16),
+        (std::time::Instant, RdmaChannel),
+    >,
 }
 
 impl std::fmt::Debug for RdmaAcceptor {
@@ -251,12 +256,16 @@ impl RdmaAcceptor {
         }
     }
 
-    /// The RDMA channel of session channel `index`: one accepted earlier for it, or
-    /// the next ones accepted until it comes.
+    /// The RDMA channel of channel `index` of session `cfg.session`: one accepted
+    /// earlier for it, or the next ones accepted until it comes. A connection that
+    /// fails its handshake (another session's, a wrong key, garbage) or its setup is
+    /// refused and the wait goes on; a channel accepted for another index of the
+    /// session is kept for the call that takes it, for as long as this call's
+    /// deadline spans at most.
     ///
     /// # Errors
-    /// Accept and handshake failures; `TimedOut` when it does not come within the
-    /// connect and handshake timeouts.
+    /// `TimedOut` when it does not come within the connect and handshake timeouts
+    /// (the last refused connection's error instead, if any).
     #[cfg(feature = "rdma")]
     pub fn take(
         &self,
@@ -264,24 +273,39 @@ impl RdmaAcceptor {
         cfg: &crate::session::SessionConfig,
     ) -> Result<RdmaChannel, RdmaError> {
         use crate::channel::Channel as _;
-        let deadline = std::time::Instant::now() + cfg.rdma.connect_timeout + cfg.handshake_timeout;
+        let window = cfg.rdma.connect_timeout + cfg.handshake_timeout;
+        let deadline = std::time::Instant::now() + window;
+        let mut last = None;
         loop {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(c) = st.ready.remove(&index) {
+            // A channel whose call never came (its session failed) is closed.
+            st.ready.retain(|_, (t, _)| t.elapsed() < window);
+            if let Some((_, c)) = st.ready.remove(&(cfg.session, index)) {
                 return Ok(c);
             }
             if std::time::Instant::now() >= deadline {
-                return Err(RdmaError::Cm {
+                return Err(last.unwrap_or(RdmaError::Cm {
                     op: "rdma_get_cm_event (the channel's RDMA connection never came)",
                     source: io::ErrorKind::TimedOut.into(),
-                });
+                }));
             }
-            let ch = st.listener.accept(cfg, &cfg.rdma)?;
-            let got = ch.negotiated().channel.0;
-            if got == index {
-                return Ok(ch);
+            match st.listener.accept(cfg, &cfg.rdma) {
+                Ok(ch) => {
+                    let n = ch.negotiated();
+                    let key = (n.session, n.channel.0);
+                    if key == (cfg.session, index) {
+                        return Ok(ch);
+                    }
+                    st.ready.insert(key, (std::time::Instant::now(), ch));
+                }
+                Err(e) => {
+                    // Not the caller's failure: a peer's. Keep waiting for the
+                    // channel, a little apart so that a failing listener does not spin.
+                    drop(st);
+                    last = Some(e);
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
             }
-            st.ready.insert(got, ch);
         }
     }
 }
