@@ -426,17 +426,7 @@ fn sink(conn: &mut Conn, connections: u16) -> anyhow::Result<()> {
                     c.set_read_timeout(Some(Duration::from_secs(60)))?;
                     let reader = std::thread::Builder::new()
                         .name("sink".into())
-                        .spawn_scoped(s, move || {
-                            let mut buf = vec![0u8; 1 << 20];
-                            let mut total = 0u64;
-                            while let Ok(n) = c.read(&mut buf) {
-                                if n == 0 {
-                                    break;
-                                }
-                                total += n as u64;
-                            }
-                            total
-                        })
+                        .spawn_scoped(s, move || crate::sweep::drain(&mut c))
                         .context("starting a baseline reader thread")?;
                     handles.push(reader);
                 }

@@ -341,6 +341,20 @@ pub(crate) fn listen_in_destination(
     }
 }
 
+/// Reads `c` to its end (or its first error) through a 1 MiB buffer; returns the
+/// bytes read.
+pub(crate) fn drain(c: &mut impl Read) -> u64 {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    while let Ok(n) = c.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    total
+}
+
 /// Plain blocking-socket copy loop over `link` with `channels` connections (the
 /// readers in the destination's namespace, the writers in the source's): the
 /// link's ceiling, Gbit/s.
@@ -356,17 +370,7 @@ pub fn socket_ceiling(link: &Link, channels: u16, for_how_long: Duration) -> any
                 let mut handles = Vec::new();
                 for _ in 0..channels {
                     let (mut c, _) = listener.accept()?;
-                    handles.push(s2.spawn(move || {
-                        let mut buf = vec![0u8; 1 << 20];
-                        let mut total = 0u64;
-                        while let Ok(n) = c.read(&mut buf) {
-                            if n == 0 {
-                                break;
-                            }
-                            total += n as u64;
-                        }
-                        total
-                    }));
+                    handles.push(s2.spawn(move || drain(&mut c)));
                 }
                 Ok(handles.into_iter().map(|h| h.join().unwrap_or(0)).sum())
             })?;

@@ -21,6 +21,23 @@ fn plan(args: &[&str]) -> (Plan, KeyArgs) {
     }
 }
 
+/// A serve end on 127.0.0.1 with the key `key` (written to a file named after `name`),
+/// the source's key arguments and that file.
+fn serve_end(name: &str, key: &[u8]) -> (Server, KeyArgs, PathBuf) {
+    let file = key_file(name, key);
+    let keys = KeyArgs {
+        key_file: Some(file.clone()),
+        insecure_no_key: false,
+    };
+    let server = Server::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        0,
+        authentication(&keys, false).unwrap(),
+    )
+    .unwrap();
+    (server, keys, file)
+}
+
 fn key_file(name: &str, key: &[u8]) -> PathBuf {
     let p = std::env::temp_dir().join(format!("pagewire-stress-{name}-{}", std::process::id()));
     let mut f = std::fs::File::create(&p).unwrap();
@@ -91,17 +108,7 @@ fn a_tiny_local_run_migrates_verifies_and_bisects() {
 
 #[test]
 fn serve_and_run_over_loopback_verify_each_migration() {
-    let key = key_file("key", b"a pre-shared key of this test\n");
-    let keys = KeyArgs {
-        key_file: Some(key.clone()),
-        insecure_no_key: false,
-    };
-    let server = Server::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        0,
-        authentication(&keys, false).unwrap(),
-    )
-    .unwrap();
+    let (server, keys, key) = serve_end("key", b"a pre-shared key of this test\n");
     let addr = server.local_addr().unwrap().to_string();
     // Three migrations: two good ones, then one with the wrong key.
     let serve = std::thread::spawn(move || server.serve(Some(3), &mut std::io::sink()));
@@ -248,17 +255,7 @@ fn the_binary_prints_a_verified_table() {
 #[test]
 fn the_serve_end_refuses_a_baseline_of_too_many_connections_and_serves_on() {
     use std::io::{BufRead, BufReader};
-    let key = key_file("cap", b"the cap test's pre-shared key\n");
-    let keys = KeyArgs {
-        key_file: Some(key.clone()),
-        insecure_no_key: false,
-    };
-    let server = Server::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        0,
-        authentication(&keys, false).unwrap(),
-    )
-    .unwrap();
+    let (server, keys, key) = serve_end("cap", b"the cap test's pre-shared key\n");
     let addr = server.local_addr().unwrap();
     let serve = std::thread::spawn(move || server.serve(Some(1), &mut std::io::sink()));
     // A stranger on the control port: a hello, then a baseline of 65,535 connections
