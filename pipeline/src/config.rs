@@ -256,18 +256,19 @@ pub struct DestinationConfig {
     /// (a slow or silent peer is closed after this, whatever the accept window).
     pub handshake_timeout: Duration,
     /// Most connections whose handshake is in progress at once. While they are all
-    /// taken, a new connection is accepted and read, then takes the place of the
-    /// oldest one that has not named a session being accepted within
-    /// [`Self::evict_after`] of its accept, or else that was not admitted within
-    /// [`Self::evict_named_after`], or else that got less far than it (sent nothing,
-    /// named no session being accepted), or of the oldest silent one when it is silent
-    /// too; when there is none it is closed. Only while every place is held by a
-    /// connection that named a session being accepted do more wait in the kernel's
-    /// backlog (the transport's `ListenerConfig` has the details).
+    /// taken, a new connection is accepted and read, then takes the place of one that
+    /// has not named a session being accepted within [`Self::evict_after`] of its
+    /// accept, or else that was not admitted within [`Self::evict_named_after`], or
+    /// else that got less far than it (sent nothing; sent bytes short of a finished
+    /// TLS handshake; finished one but named no session being accepted), or as far
+    /// when neither got past a finished TLS handshake's first bytes; when there is
+    /// none it is closed. Only while every place is held by a connection that finished
+    /// its TLS handshake or named a session being accepted do more wait in the
+    /// kernel's backlog (the transport's `ListenerConfig` has the details).
     pub max_pending: usize,
     /// See [`Self::max_pending`]: an honest source's HELLO follows its connection at
     /// once (over TLS, after the TLS handshake), so this covers a round trip or two.
-    /// `Duration::MAX`: never.
+    /// `Duration::MAX`: never by age.
     pub evict_after: Duration,
     /// See [`Self::max_pending`]: covers an honest source's whole handshake (two round
     /// trips, three with TLS), and bounds how long a peer that knows the session id

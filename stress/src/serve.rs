@@ -315,12 +315,12 @@ impl Server {
                 Request::Baseline { connections }
                     if !(1..=MAX_SINK_CONNECTIONS).contains(&connections) =>
                 {
+                    // Refused; the connection goes on (the source's other cells).
                     conn.send(&Reply::Error {
                         message: format!(
                             "a baseline of {connections} connections; this end takes 1 to {MAX_SINK_CONNECTIONS}"
                         ),
                     })?;
-                    bail!("a baseline of {connections} connections");
                 }
                 Request::Baseline { connections } => sink(&mut conn, connections)?,
                 other => bail!("unexpected {other:?}"),

@@ -710,23 +710,32 @@ fn a_flood_of_silent_connections_does_not_keep_a_source_out() {
     // 500 ms, stayed full of the flood's connections, and the source's channels waited
     // behind them (or their SYNs were dropped) until the accept window ran out.
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    const NAME: &str = "a_flood_of_silent_connections_does_not_keep_a_source_out";
+    if !is_child(NAME) {
+        // Alone in a child process: it raises the descriptor limit and keeps both
+        // cores busy, which the other tests of this binary should not see.
+        let mut child = spawn_child(NAME);
+        let out = child.stdout.take().unwrap();
+        return finish_child(child, out);
+    }
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: plain system calls on a local struct.
     assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
-    lim.rlim_cur = lim.rlim_max.min(16384);
-    // SAFETY: as above; raising the soft limit up to the hard one.
+    lim.rlim_cur = lim.rlim_cur.max(lim.rlim_max.min(16384));
+    // SAFETY: as above; raising the soft limit, at most up to the hard one.
     assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
     // Each connection takes a descriptor on both ends here; some for the rest.
-    let flood = (lim.rlim_cur as usize).saturating_sub(1024) / 2;
-    let flood = flood.min(4000);
-    assert!(
-        flood >= 1500,
-        "RLIMIT_NOFILE {} too low for the flood",
-        lim.rlim_max
-    );
+    let flood = ((lim.rlim_cur as usize).saturating_sub(1024) / 2).min(4000);
+    if flood < 1500 {
+        println!(
+            "SKIPPED: RLIMIT_NOFILE's hard limit {} leaves too few descriptors for the flood",
+            lim.rlim_max
+        );
+        return;
+    }
     let d = dst(Duration::from_secs(30));
     let (l, addr) = bind(&d);
     let stop = AtomicBool::new(false);

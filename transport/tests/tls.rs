@@ -749,3 +749,65 @@ fn an_oversized_tls_record_before_the_handshake_is_refused_at_once() {
     assert_eq!(acc.channels.len(), 1);
     assert!(acc.stats.refused_handshake >= 1, "{:?}", acc.stats);
 }
+
+#[test]
+fn a_tls_source_gets_in_through_a_flood_of_begun_handshakes() {
+    // Connections that send the first two bytes of a TLS record and stop, opened as
+    // fast as possible and held. They rank with a TLS source's connection until its
+    // TLS handshake completes (both sent bytes short of it), so the source's place is
+    // only as safe as the time `max_pending` newcomers take: a short flood-free window
+    // is not needed, but the source may be turned away and connect again.
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    let p = pki();
+    let (src, mut dst) = tls_configs(
+        42,
+        2,
+        p.source_config("localhost").unwrap(),
+        p.destination_config().unwrap(),
+    );
+    dst.handshake_timeout = Duration::from_secs(30);
+    let l = Listener::bind("127.0.0.1:0".parse().unwrap(), &dst).unwrap();
+    let addr = l.local_addr().unwrap();
+    let stop = AtomicBool::new(false);
+    let opened = AtomicU64::new(0);
+    let acc = std::thread::scope(|s| {
+        let flooder = s.spawn(|| {
+            let mut open = Vec::new();
+            let t = Instant::now();
+            // Bounded: it stops when the accept returns, or after 60 s, and holds at
+            // most 600 connections (the oldest are closed).
+            while !stop.load(Relaxed) && t.elapsed() < Duration::from_secs(60) {
+                if let Ok(mut c) = TcpStream::connect_timeout(&addr, Duration::from_millis(100)) {
+                    let _ = c.write_all(&[0x16, 0x03]);
+                    open.push(c);
+                    if open.len() > 600 {
+                        open.remove(0);
+                    }
+                    opened.fetch_add(1, Relaxed);
+                }
+            }
+        });
+        let source = s.spawn(|| {
+            for _ in 0..6000 {
+                if opened.load(Relaxed) >= 300 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            session::connect(addr, &src)
+        });
+        let acc = l.accept_session(&dst, Duration::from_secs(30));
+        let source = source.join().unwrap();
+        stop.store(true, Relaxed);
+        flooder.join().unwrap();
+        assert_eq!(source.expect("the TLS source's handshake").len(), 2);
+        acc.expect("the TLS source got in during the flood")
+    });
+    println!(
+        "FIGURE {} connections that began a TLS record, during the accept: {:?}",
+        opened.load(Relaxed),
+        acc.stats
+    );
+    assert_eq!(acc.channels.len(), 2);
+    assert!(acc.stats.evicted >= 100, "{:?}", acc.stats);
+}

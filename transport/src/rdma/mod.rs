@@ -265,7 +265,8 @@ impl RdmaAcceptor {
     ///
     /// # Errors
     /// `TimedOut` when it does not come within the connect and handshake timeouts
-    /// (the last refused connection's error instead, if any).
+    /// (the last refused connection's error instead, if any); a configuration error,
+    /// a missing device or a session failure at once.
     #[cfg(feature = "rdma")]
     pub fn take(
         &self,
@@ -298,11 +299,27 @@ impl RdmaAcceptor {
                     }
                     st.ready.insert(key, (std::time::Instant::now(), ch));
                 }
+                // The caller's own: a bad configuration, no device, a session
+                // failure (no randomness), channels on two devices.
+                Err(
+                    e @ (RdmaError::Config(_)
+                    | RdmaError::NotBuilt
+                    | RdmaError::NoDevice
+                    | RdmaError::Session(_)
+                    | RdmaError::DeviceMismatch),
+                ) => return Err(e),
                 Err(e) => {
-                    // Not the caller's failure: a peer's. Keep waiting for the
+                    // A peer's failure (a connection that failed its setup or its
+                    // handshake) or no connection request yet: keep waiting for the
                     // channel, a little apart so that a failing listener does not spin.
                     drop(st);
-                    last = Some(e);
+                    let waited = matches!(
+                        &e,
+                        RdmaError::Cm { source, .. } if source.kind() == io::ErrorKind::TimedOut
+                    );
+                    if !waited || last.is_none() {
+                        last = Some(e);
+                    }
                     std::thread::sleep(std::time::Duration::from_millis(10));
                 }
             }

@@ -497,10 +497,13 @@ fn run_handshake(
     let deadline = Instant::now() + timeout;
     let mut out = Vec::new();
     let mut buf = vec![0u8; 4096];
+    // Until the peer's first bytes, a close is the peer turning the connection away.
+    let mut heard = false;
+    let closed = |heard: bool, e: io::Error| if heard { e } else { turned_away(e) };
     loop {
         out.clear();
         hs.take_output(&mut out);
-        hs_write(stream, tls.as_deref_mut(), &out).map_err(io_err)?;
+        hs_write(stream, tls.as_deref_mut(), &out).map_err(|e| io_err(closed(heard, e)))?;
         if let Some(n) = hs.negotiated().filter(|_| hs.is_done()) {
             return Ok((n, Vec::new()));
         }
@@ -514,7 +517,7 @@ fn run_handshake(
             .map_err(io_err)?;
         let n = match hs_read(stream, tls.as_deref_mut(), &mut buf, deadline) {
             Ok(n) => n,
-            Err(HsReadError::Io(e)) => return Err(io_err(e)),
+            Err(HsReadError::Io(e)) => return Err(io_err(closed(heard, e))),
             Err(HsReadError::Tls(source)) => {
                 return Err(SessionError::Tls {
                     peer: peer.clone(),
@@ -523,8 +526,9 @@ fn run_handshake(
             }
         };
         if n == 0 {
-            return Err(io_err(io::ErrorKind::UnexpectedEof.into()));
+            return Err(io_err(closed(heard, io::ErrorKind::UnexpectedEof.into())));
         }
+        heard = true;
         match hs.receive(&buf[..n]) {
             Ok(used) if hs.is_done() => {
                 out.clear();
@@ -653,12 +657,15 @@ pub fn connect_channel_to(
     index: u16,
 ) -> Result<Established, SessionError> {
     let attempts = cfg.tcp.connect_attempts.max(1);
+    let started = Instant::now();
     let mut attempt = 1;
     loop {
         let stream = endpoint.connect(&cfg.tcp)?;
         match handshake(stream, endpoint.clone(), cfg, index) {
             Err(SessionError::HandshakeIo { source, .. })
-                if attempt < attempts && turned_away(&source) =>
+                if attempt < attempts
+                    && is_turned_away(&source)
+                    && started.elapsed() < cfg.handshake_timeout =>
             {
                 attempt += 1;
                 std::thread::sleep(cfg.tcp.retry_delay);
@@ -668,12 +675,37 @@ pub fn connect_channel_to(
     }
 }
 
-/// Whether a handshake's I/O error says the peer closed the connection.
-fn turned_away(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
-    )
+/// The mark of a handshake's I/O error when the peer closed the connection before any
+/// handshake frame of its own arrived (with TLS: before the TLS handshake completed),
+/// as a destination whose pending places are all taken may do.
+#[derive(Debug)]
+struct TurnedAway(io::ErrorKind);
+
+impl std::fmt::Display for TurnedAway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the peer closed the connection before answering the handshake ({})",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for TurnedAway {}
+
+/// `e`, marked [`TurnedAway`] when it says the peer closed the connection.
+pub(crate) fn turned_away(e: io::Error) -> io::Error {
+    let kind = e.kind();
+    match kind {
+        io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::BrokenPipe => io::Error::new(kind, TurnedAway(kind)),
+        _ => e,
+    }
+}
+
+fn is_turned_away(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|r| r.is::<TurnedAway>())
 }
 
 /// Runs the source's handshake for channel `index` on a connected stream.

@@ -91,9 +91,11 @@ pub(super) fn tls_client_handshake(
         peer: peer.clone(),
         source,
     };
+    // The pagewire handshake has not begun: a close is the peer turning the
+    // connection away.
     let io_err = |source| SessionError::HandshakeIo {
         peer: peer.clone(),
-        source,
+        source: super::turned_away(source),
     };
     let mut tls = Box::new(TlsSession::client(cfg).map_err(tls_err)?);
     let deadline = Instant::now() + timeout;

@@ -13,26 +13,37 @@
 //!
 //! While every place is taken, a new connection is still accepted and what came with
 //! it read at once (an honest source's plaintext HELLO, or its TLS ClientHello); then
-//! one connection is closed (counted in [`ListenerStats::evicted`]): the one accepted
-//! first among those whose place is open, that is those that named no session being
-//! accepted within [`ListenerConfig::evict_after`] of their accept or were not
-//! admitted within [`ListenerConfig::evict_named_after`]; else the one accepted first
-//! among those that got less far than the newcomer (sent nothing, sent bytes but named
-//! no session being accepted, named one), or among those that sent nothing when the
-//! newcomer sent nothing either; else the newcomer itself. A connection admitted
-//! (READY queued) is never closed so. Only while every place is held by a connection
-//! that named a session being accepted and is not past `evict_named_after` do new
-//! connections wait in the kernel's backlog ([`ListenerConfig::backlog`]).
+//! one connection is closed (counted in [`ListenerStats::evicted`]). Connections rank
+//! by how far they got: sent nothing; sent bytes (a TLS handshake in progress, part of
+//! a HELLO, a HELLO of a session not being accepted); finished the TLS handshake;
+//! named a session being accepted; admitted (READY queued: never closed so). The one
+//! closed is, lowest rank first and among equals the one accepted first: one whose
+//! place is open (it named no session being accepted within
+//! [`ListenerConfig::evict_after`] of its accept, or was not admitted within
+//! [`ListenerConfig::evict_named_after`]); else one of a lower rank than the newcomer,
+//! or of its rank when neither got past the first bytes (nothing, or bytes short of a
+//! finished TLS handshake); else the newcomer itself. Only while every place is held
+//! by a connection that finished its TLS handshake or named a session being accepted
+//! and is not past its time do new connections wait in the kernel's backlog
+//! ([`ListenerConfig::backlog`]); then the accepts between two polls are at most
+//! `max_pending`, so a connection whose first bytes were not there at its accept is
+//! read before as many newcomers could have replaced it.
 //!
 //! So connections that send nothing, never a HELLO of a session being accepted, or
 //! never a CONFIRM that verifies, cannot keep a source out, however many and however
-//! fast they come: the backlog drains as fast as connections are accepted. (Before,
-//! 64 such connections renewed every 10 s, the default deadline, did; later, when only
-//! places older than `evict_after` opened, a flood of silent connections held every
-//! place and a backlog of a thousand more, and a source behind them never got in.) A
-//! source's connection turned away before its HELLO was read is opened again by the
-//! source ([`connect_channel_to`](super::connect_channel_to)). A peer that knows the
-//! session id (no secret without TLS) can still hold places with HELLOs for up to
+//! fast they come: the backlog drains as fast as connections are accepted, and a
+//! source's plaintext HELLO, read at its accept, outranks them. (Before, 64 such
+//! connections renewed every 10 s, the default deadline, did; later, when only places
+//! older than `evict_after` opened, a flood of silent connections held every place and
+//! a backlog of a thousand more, and a source behind them never got in.) Over TLS a
+//! source's connection ranks with the flood's until its TLS handshake completes: it
+//! keeps its place while `max_pending` newcomers that sent as much are accepted, which
+//! covers a TLS handshake unless the flood comes faster than `max_pending` per round
+//! trip; and each newcomer that sends a ClientHello costs the listener's thread a TLS
+//! server flight before its place is weighed. A source's connection turned away
+//! before its handshake was answered is opened again by the source
+//! ([`connect_channel_to`](super::connect_channel_to)). A peer that knows the session
+//! id (no secret without TLS) can still hold places with HELLOs for up to
 //! `evict_named_after` each. An honest handshake is admitted within a few round trips.
 //!
 //! A HELLO that asks for more than [`ListenerConfig::max_channels`] channels is refused
@@ -115,10 +126,11 @@ pub struct ListenerConfig {
     pub accept_backoff: Duration,
     /// How long after its accept a pending connection that has named no session being
     /// accepted keeps its place against a new connection that got no further while
-    /// every place is taken (see the module's documentation; one that sent nothing
-    /// yields its place to any connection that sent bytes, and to a silent one too). An honest source's HELLO comes right after
+    /// every place is taken (see the module's documentation: one that has not finished
+    /// a TLS handshake yields its place to a newcomer of its rank or above at any age,
+    /// whatever this says). An honest source's HELLO comes right after
     /// its connection (after the TLS handshake with TLS), so this needs to cover a
-    /// round trip or two, not the handshake deadline. `Duration::MAX`: never.
+    /// round trip or two, not the handshake deadline. `Duration::MAX`: never by age.
     pub evict_after: Duration,
     /// The same for a pending connection whose HELLO named a session being accepted
     /// but that is not admitted yet (its CONFIRM not verified): it covers an honest

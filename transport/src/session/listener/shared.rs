@@ -161,8 +161,11 @@ impl Shared {
         if self.listener_ready && self.retry_at.is_none_or(|t| now >= t) {
             self.retry_at = None;
             // Bounded, so that a flood of connections cannot keep the deadlines and
-            // the other connections waiting: the rest is accepted on the next turn.
-            for _ in 0..limits.max_pending.max(64) {
+            // the other connections waiting: the rest is accepted on the next turn,
+            // after a poll. At most `max_pending` between polls, so that a connection
+            // whose first bytes were not there yet at its accept is read before as
+            // many newcomers as there are places could have replaced it.
+            for _ in 0..limits.max_pending {
                 let full = self.pending >= limits.max_pending;
                 if full {
                     if !self.at_cap {
@@ -278,8 +281,10 @@ impl Shared {
     /// Brings the pending connections back to `max_pending` after the newcomer at
     /// place `new` took one too many (see the module's documentation): closes the
     /// place open by `now` ([`open_at`]) of the lowest rank accepted first, else the
-    /// one of a lower rank than the newcomer's, or of its rank when neither sent a
-    /// byte, accepted first; else the newcomer itself. Each counts as evicted.
+    /// one of the lowest rank below the newcomer's accepted first, or, when the
+    /// newcomer has not got past the first bytes of a TLS handshake (`Silent` or
+    /// `Spoke`), the one of its rank accepted first; else the newcomer itself. Each
+    /// counts as evicted.
     fn make_room(
         &mut self,
         counters: &Counters,
@@ -300,7 +305,7 @@ impl Shared {
             .filter(|(_, c)| {
                 let k = rank(c);
                 open_at(c, limits).is_some_and(|t| t <= now)
-                    || (k != Rank::Admitted && (k < r || (k == Rank::Silent && r == Rank::Silent)))
+                    || (k != Rank::Admitted && (k < r || (k == r && k <= Rank::Spoke)))
             })
             .min_by_key(|(_, c)| (open_at(c, limits).is_none_or(|t| t > now), rank(c), c.since))
             .map_or(new, |(i, _)| i);
@@ -518,9 +523,12 @@ impl Shared {
 enum Rank {
     /// It has sent nothing.
     Silent,
-    /// It has sent bytes but named no session being accepted (a TLS handshake, part of
-    /// a HELLO, a HELLO of another session).
+    /// It has sent bytes but named no session being accepted (a TLS handshake in
+    /// progress, part of a HELLO, a HELLO of another session).
     Spoke,
+    /// Its TLS handshake completed; its HELLO has not named a session being accepted
+    /// yet.
+    Secured,
     /// Its HELLO named a session being accepted.
     Named,
     /// It was admitted (READY queued): never replaced.
@@ -528,11 +536,12 @@ enum Rank {
 }
 
 fn rank(c: &Pending) -> Rank {
-    match (c.claim, c.session, c.mode_checked) {
-        (Some(_), _, _) => Rank::Admitted,
-        (None, Some(_), _) => Rank::Named,
-        (None, None, true) => Rank::Spoke,
-        (None, None, false) => Rank::Silent,
+    match (c.claim, c.session, c.binding, c.mode_checked) {
+        (Some(_), ..) => Rank::Admitted,
+        (None, Some(_), ..) => Rank::Named,
+        (None, None, Some(_), _) => Rank::Secured,
+        (None, None, None, true) => Rank::Spoke,
+        (None, None, None, false) => Rank::Silent,
     }
 }
 
