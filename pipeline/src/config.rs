@@ -260,9 +260,9 @@ pub struct DestinationConfig {
     /// has not named a session being accepted within [`Self::evict_after`] of its
     /// accept, or else that was not admitted within [`Self::evict_named_after`], or
     /// else that got less far than it (sent nothing; sent bytes short of a finished
-    /// TLS handshake; finished one but named no session being accepted), or as far
-    /// when neither got past a finished TLS handshake's first bytes; when there is
-    /// none it is closed. Only while every place is held by a connection that finished
+    /// TLS handshake; finished one but named no session being accepted), or, when
+    /// neither got past such first bytes, any that did not; when there is none it is
+    /// closed. Only while every place is held by a connection that finished
     /// its TLS handshake or named a session being accepted do more wait in the
     /// kernel's backlog (the transport's `ListenerConfig` has the details).
     pub max_pending: usize,

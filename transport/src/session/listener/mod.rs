@@ -21,8 +21,8 @@
 //! place is open (it named no session being accepted within
 //! [`ListenerConfig::evict_after`] of its accept, or was not admitted within
 //! [`ListenerConfig::evict_named_after`]); else one of a lower rank than the newcomer,
-//! or of its rank when neither got past the first bytes (nothing, or bytes short of a
-//! finished TLS handshake); else the newcomer itself. Only while every place is held
+//! or, when neither got past the first bytes (nothing, or bytes short of a finished
+//! TLS handshake), any such one; else the newcomer itself. Only while every place is held
 //! by a connection that finished its TLS handshake or named a session being accepted
 //! and is not past its time do new connections wait in the kernel's backlog
 //! ([`ListenerConfig::backlog`]); then the accepts between two polls are at most

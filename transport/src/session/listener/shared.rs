@@ -283,8 +283,8 @@ impl Shared {
     /// place open by `now` ([`open_at`]) of the lowest rank accepted first, else the
     /// one of the lowest rank below the newcomer's accepted first, or, when the
     /// newcomer has not got past the first bytes of a TLS handshake (`Silent` or
-    /// `Spoke`), the one of its rank accepted first; else the newcomer itself. Each
-    /// counts as evicted.
+    /// `Spoke`), the one of the lowest rank accepted first among those that have not
+    /// either; else the newcomer itself. Each counts as evicted.
     fn make_room(
         &mut self,
         counters: &Counters,
@@ -305,7 +305,7 @@ impl Shared {
             .filter(|(_, c)| {
                 let k = rank(c);
                 open_at(c, limits).is_some_and(|t| t <= now)
-                    || (k != Rank::Admitted && (k < r || (k == r && k <= Rank::Spoke)))
+                    || (k != Rank::Admitted && (k < r || (k <= Rank::Spoke && r <= Rank::Spoke)))
             })
             .min_by_key(|(_, c)| (open_at(c, limits).is_none_or(|t| t > now), rank(c), c.since))
             .map_or(new, |(i, _)| i);
