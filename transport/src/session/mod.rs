@@ -643,11 +643,12 @@ pub fn connect_channel(
 
 /// Opens channel `index` of the session to `endpoint`, as [`connect_to`] does for each.
 ///
-/// A connection the destination closes before the handshake completed, without a
-/// REJECT, is opened again, up to [`TcpConfig::connect_attempts`] times in all,
-/// [`TcpConfig::retry_delay`] apart: a destination whose pending places are all
-/// taken may turn away a connection whose HELLO it has not read yet (see
-/// [`Listener`]).
+/// A connection the destination closes before any answer to the handshake (no
+/// WELCOME or REJECT; with TLS, before the TLS handshake completed) is opened again,
+/// up to [`TcpConfig::connect_attempts`] times in all, [`TcpConfig::retry_delay`]
+/// apart, while less than [`SessionConfig::handshake_timeout`] has passed since the
+/// first attempt: a destination whose pending places are all taken may turn away a
+/// connection whose HELLO it has not read yet (see [`Listener`]).
 ///
 /// # Errors
 /// [`SessionError`].
