@@ -333,8 +333,20 @@ impl Clone for PoolBuf {
 
 impl Drop for PoolBuf {
     fn drop(&mut self) {
-        if self.slot().refs.fetch_sub(1, Ordering::Release) == 1 {
+        let refs = &self.slot().refs;
+        // The only handle needs no read-modify-write: no other can appear (a clone
+        // needs a handle), and the acquiring load orders every other handle's use
+        // before its decrement (release) ahead of the buffer's return.
+        let last = if refs.load(Ordering::Acquire) == 1 {
+            refs.store(0, Ordering::Relaxed);
+            true
+        } else if refs.fetch_sub(1, Ordering::Release) == 1 {
             fence(Ordering::Acquire);
+            true
+        } else {
+            false
+        };
+        if last {
             self.pool().free.push(self.idx);
             // SAFETY: this is the buffer's last handle, and it is gone after this.
             unsafe { self.shared.release() };

@@ -2,9 +2,6 @@
 //! completion that hands back the payload or the decoded pages.
 
 use core::fmt;
-use std::sync::Arc;
-
-use crossbeam_queue::ArrayQueue;
 use pagewire_protocol::CodecId;
 
 use crate::cache::DeltaCache;
@@ -27,7 +24,7 @@ pub enum JobOp {
     Decode(CodecId),
 }
 
-/// A request's state; boxed once, recycled forever.
+/// A request's state; allocated once with the engine, recycled forever.
 pub(crate) struct Request {
     pub(super) tag: Tag,
     pub(super) op: JobOp,
@@ -110,33 +107,7 @@ impl Request {
     }
 }
 
-pub(super) type Home = Arc<ArrayQueue<Box<Request>>>;
-
-/// Owns a request and sends it home when dropped.
-pub(super) struct Handle {
-    pub(super) req: Option<Box<Request>>,
-    pub(super) home: Home,
-}
-
-impl Handle {
-    pub(super) fn req(&self) -> &Request {
-        // Present from construction until drop.
-        self.req.as_deref().expect("request present until drop")
-    }
-    pub(super) fn req_mut(&mut self) -> &mut Request {
-        self.req.as_deref_mut().expect("request present until drop")
-    }
-}
-
-impl Drop for Handle {
-    fn drop(&mut self) {
-        if let Some(mut req) = self.req.take() {
-            req.reset();
-            // The queue has room for every request of the engine.
-            let _ = self.home.push(req);
-        }
-    }
-}
+pub(super) use super::home::Handle;
 
 /// A request being set up or in flight (see the module documentation).
 pub struct Job {

@@ -43,6 +43,7 @@ pub mod fallback;
 pub mod select;
 pub mod software;
 
+mod home;
 mod job;
 
 use core::fmt;
@@ -51,7 +52,6 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crossbeam_queue::ArrayQueue;
 use pagewire_protocol::CodecId;
 
 use crate::cache::DeltaCache;
@@ -65,8 +65,9 @@ pub use fallback::{FallbackCause, FallbackCounts};
 pub use select::{BackendChoice, BadChoice, IaaPortal, ModelFault, ModelFaults};
 pub use software::{SoftwareBackend, SoftwareConfig};
 
+use home::Requests;
 pub use job::{Completion, Job, JobOp, JobParts};
-use job::{Handle, Home, Request, run_fallback};
+use job::{Request, run_fallback};
 
 /// The caller's name for a job, returned with its completion.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -270,7 +271,7 @@ pub struct EngineConfig {
     pub page_size: PageSize,
     /// Most pages per job (a frame).
     pub max_pages: usize,
-    /// Requests in the pool: most jobs being set up or in flight at once.
+    /// Requests in the pool: most jobs being set up or in flight at once (1 to 2^24).
     pub requests: usize,
     /// Output buffers in the pool (each `max_payload_len(max_pages)` bytes); more than
     /// `requests` lets payloads wait for the transport while new jobs run.
@@ -300,7 +301,7 @@ pub struct Engine {
     /// The software codecs that run jobs a hardware backend handed back.
     fallback: Box<Codecs>,
     config: EngineConfig,
-    requests: Home,
+    requests: Requests,
     bufs: BufPool,
     staging: VecDeque<Job>,
     ready: VecDeque<Completion>,
@@ -313,7 +314,7 @@ impl fmt::Debug for Engine {
         f.debug_struct("Engine")
             .field("backend", &self.probe.backend)
             .field("in_flight", &self.in_flight)
-            .field("free_requests", &self.requests.len())
+            .field("free_requests", &self.requests.available())
             .field("bufs", &self.bufs)
             .finish()
     }
@@ -342,6 +343,9 @@ impl Engine {
                 "requests and buffers must be at least 1",
             ));
         }
+        if config.requests > home::MAX_REQUESTS {
+            return Err(EngineError::Config("requests must be at most 2^24"));
+        }
         if let Some(cache) = &config.delta
             && cache.page_bytes() != config.page_size.bytes()
         {
@@ -349,10 +353,9 @@ impl Engine {
                 "the delta cache's page size differs from the engine's",
             ));
         }
-        let requests = Arc::new(ArrayQueue::new(config.requests));
-        for _ in 0..config.requests {
-            let _ = requests.push(Box::new(Request::new(config.page_size, config.max_pages)));
-        }
+        let requests = Requests::new(config.requests, || {
+            Request::new(config.page_size, config.max_pages)
+        });
         let bufs = BufPool::new(
             config.buffers,
             max_payload_len(config.max_pages, config.page_size),
@@ -387,12 +390,8 @@ impl Engine {
     /// A free request, or `None` when every request is in use (poll and drop
     /// completions to free some).
     pub fn job(&self) -> Option<Job> {
-        let req = self.requests.pop()?;
         Some(Job {
-            h: Handle {
-                req: Some(req),
-                home: self.requests.clone(),
-            },
+            h: self.requests.take()?,
         })
     }
 

@@ -39,7 +39,7 @@ mod summary;
 
 use copy::copy_cost;
 use groups::bench_codecs;
-use summary::{fixed_cost, summary};
+use summary::{fixed_cost, fixed_phases, summary};
 
 const PS: usize = 4096;
 const PAGES: usize = 256;
@@ -86,6 +86,12 @@ const CASES: [Case; 6] = [
 ];
 
 fn main() {
+    // `PAGEWIRE_FIXED_ONLY=1`: the fixed cost alone, with its phases (to profile it).
+    if std::env::var_os("PAGEWIRE_FIXED_ONLY").is_some() {
+        fixed_phases();
+        fixed_cost();
+        return;
+    }
     let mut c = Criterion::default()
         .measurement_time(Duration::from_millis(1200))
         .warm_up_time(Duration::from_millis(300))

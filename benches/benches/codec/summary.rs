@@ -5,7 +5,8 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use pagewire_accel::{
-    DeltaCache, DeltaConfig, EncodeParams, Level, PageKey, PageSize, PoolBuf, Tag,
+    Codecs, DeltaCache, DeltaConfig, EncodeParams, Level, PageKey, PageList, PageSize, PoolBuf,
+    Tag, max_payload_len,
 };
 use pagewire_protocol::CodecId;
 
@@ -224,5 +225,80 @@ pub(crate) fn fixed_cost() {
         ns(eng),
         ns(fill),
         (ratio - 1.0) * ns(fill),
+    );
+}
+
+/// Where the fixed cost of a one-page encode goes, each phase timed alone (best of 31
+/// runs): taking a request and dropping it; that plus describing the job (an encode of
+/// one page); the whole job as [`fixed_cost`] runs it; and the codec's own raw-in-place
+/// path called directly, which the whole job includes. `PAGEWIRE_FIXED_ONLY=1` runs
+/// this and [`fixed_cost`] alone (`PAGEWIRE_PHASE_REPS` sets the passes per run).
+pub(crate) fn fixed_phases() {
+    let a = mixed(PAGES, 42);
+    let mut engine = Bench::new(None, 1);
+    let params = EncodeParams {
+        raw_in_place: true,
+        ..EncodeParams::new(CodecId::RAW, Level::DEFAULT)
+    };
+    let reps: usize = std::env::var("PAGEWIRE_PHASE_REPS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(400);
+    let time = |f: &mut dyn FnMut()| {
+        let mut best = f64::MAX;
+        for _ in 0..31 {
+            let t = Instant::now();
+            for _ in 0..reps {
+                f();
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        best * 1e9 / (reps * PAGES) as f64
+    };
+    let take = time(&mut || {
+        for _ in 0..PAGES {
+            black_box(engine.engine.job().unwrap());
+        }
+    });
+    let describe = time(&mut || {
+        for (i, page) in a.chunks(PS).enumerate() {
+            let mut job = engine.engine.job().unwrap();
+            let list = job.encode(Tag(i as u64), params);
+            // SAFETY: `a` outlives the job, dropped right below.
+            unsafe { list.push_raw(page.as_ptr(), 1, PageKey(i as u64)).unwrap() };
+            black_box(job);
+        }
+    });
+    let whole = time(&mut || {
+        for (i, page) in a.chunks(PS).enumerate() {
+            let mut job = engine.engine.job().unwrap();
+            let list = job.encode(Tag(i as u64), params);
+            // SAFETY: `a` outlives the jobs: every completion is polled below.
+            unsafe { list.push_raw(page.as_ptr(), 1, PageKey(i as u64)).unwrap() };
+            engine.batch.push_back(job);
+            if engine.batch.len() == engine.depth || i + 1 == PAGES {
+                engine.flush();
+                engine.done.clear();
+            }
+        }
+    });
+    let mut codecs = Codecs::new();
+    let mut out = vec![0u8; max_payload_len(1, PageSize::KIB4)];
+    let mut lengths = Vec::new();
+    let mut list = PageList::with_capacity(PageSize::KIB4, 1);
+    let codec = time(&mut || {
+        for (i, page) in a.chunks(PS).enumerate() {
+            list.reset(PageSize::KIB4);
+            // SAFETY: `a` outlives the list's use in this iteration.
+            unsafe { list.push_raw(page.as_ptr(), 1, PageKey(i as u64)).unwrap() };
+            black_box(
+                codecs
+                    .encode(&params, &list, None, &mut out, &mut lengths)
+                    .unwrap(),
+            );
+        }
+    });
+    println!(
+        "engine-fixed phases, one-page encode ending raw in place: take and drop a request {take:.1} ns | and describe the job {describe:.1} ns | the whole job {whole:.1} ns, of which the codec's raw path called directly {codec:.1} ns"
     );
 }
