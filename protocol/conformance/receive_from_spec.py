@@ -444,6 +444,18 @@ def check_affinity(S, ch, rid, s, c):
                 rid, max(s, k * cp), k, owner, ch.idx))
 
 
+def own_pages(S, idx):
+    """The pages of the layout that channel idx carries (Channel affinity)."""
+    cc, cp, ps = S.channel_count, S.layout['chunk_pages'], S.page_size
+    n = 0
+    for rid, (_, _, length) in S.layout['regions'].items():
+        pages = length // ps
+        chunks = -(-pages // cp)
+        for k in range((idx - rid) % cc, chunks, cc):
+            n += min(cp, pages - k * cp)
+    return n
+
+
 def check_round(S, ch, rnd):
     if S.complete is not None and rnd > S.complete[0]:
         raise Fail('RoundAfterFinal', 'round %d > final %d' % (rnd, S.complete[0]))
@@ -758,8 +770,9 @@ def on_copy(S, ch, fl, env, body):
         check_round(S, ch, rnd)
         if round_end:
             k = (ch.idx, rnd)
-            if S.re_pages[k] + tp > S.layout_pages:
-                raise Fail('LimitExceeded', 'RoundEndPages %d > %d' % (S.re_pages[k] + tp, S.layout_pages))
+            own = own_pages(S, ch.idx)
+            if S.re_pages[k] + tp > own:
+                raise Fail('LimitExceeded', 'RoundEndPages %d > %d' % (S.re_pages[k] + tp, own))
             S.re_pages[k] += tp
             S.pending_re.setdefault(rnd, []).append((ch.idx, rid, runs))
             S.stats['COPY ROUND_END%s' % (' +crc' if has_crc else '')] += 1

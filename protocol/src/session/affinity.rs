@@ -53,6 +53,28 @@ impl Affinity {
         }
     }
 
+    /// How many of the `pages` pages of `region` `channel` carries.
+    pub fn pages_on(&self, region: RegionId, pages: u64, channel: ChannelId) -> u64 {
+        let chunk = u128::from(self.chunk_pages);
+        let channels = u128::from(self.channels);
+        let pages = u128::from(pages);
+        let chunks = pages.div_ceil(chunk);
+        // Chunk `c` is the channel's when `c ≡ channel − region (mod channels)`.
+        let first = (u128::from(channel.0) % channels + channels - u128::from(region.0) % channels)
+            % channels;
+        if first >= chunks {
+            return 0;
+        }
+        let owned = 1 + (chunks - 1 - first) / channels;
+        let mut total = owned * chunk;
+        // The last chunk may be short.
+        if (chunks - 1) % channels == first {
+            total -= chunks * chunk - pages;
+        }
+        // At most `pages`, which is a u64.
+        total as u64
+    }
+
     /// Checks that every page of `run` in `region` belongs to `channel`. The work is
     /// bounded by the run's chunks (at most `count / chunk_pages + 2`).
     ///
@@ -100,5 +122,44 @@ impl Affinity {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_on_counts_what_channel_says_page_by_page() {
+        for channels in 1..=5u16 {
+            for chunk in 1..=4u32 {
+                let a = Affinity::new(channels, chunk).unwrap();
+                for region in [0u32, 1, 3, 7, u32::MAX] {
+                    for pages in 0..=23u64 {
+                        let mut sum = 0;
+                        for c in 0..channels {
+                            let want = (0..pages)
+                                .filter(|&p| a.channel(RegionId(region), p) == ChannelId(c))
+                                .count() as u64;
+                            let got = a.pages_on(RegionId(region), pages, ChannelId(c));
+                            assert_eq!(
+                                got, want,
+                                "{channels} channels, chunk {chunk}, region {region}, {pages} pages, channel {c}"
+                            );
+                            sum += got;
+                        }
+                        assert_eq!(sum, pages);
+                    }
+                }
+            }
+        }
+        // No overflow at the ends of the ranges.
+        let a = Affinity::new(64, u32::MAX).unwrap();
+        let all: u128 = (0..64)
+            .map(|c| u128::from(a.pages_on(RegionId(9), u64::MAX, ChannelId(c))))
+            .sum();
+        assert_eq!(all, u128::from(u64::MAX));
+        let one = Affinity::new(1, 1).unwrap();
+        assert_eq!(one.pages_on(RegionId(5), u64::MAX, ChannelId(0)), u64::MAX);
     }
 }

@@ -66,7 +66,8 @@ enum Handover {
 struct Rules {
     layout: MemoryLayout,
     affinity: Affinity,
-    /// The layout's pages: what a channel's ROUND_END copies may target in a round.
+    /// The layout's pages this channel carries: what its ROUND_END copies may target
+    /// in a round.
     pages: u64,
 }
 
@@ -121,10 +122,14 @@ impl DestinationChannel {
             .layout()
             .ok_or(SessionError::LayoutMissing(FrameType::LAYOUT))?;
         if self.rules.is_none() {
+            let page_size = u64::from(layout.page_size());
+            let pages = layout.regions().iter().fold(0u64, |t, r| {
+                t.saturating_add(affinity.pages_on(r.id, r.length / page_size, self.channel))
+            });
             self.rules = Some(Rules {
                 layout: layout.clone(),
                 affinity,
-                pages: layout.total_pages(),
+                pages,
             });
         }
         Ok(())
@@ -158,7 +163,8 @@ impl DestinationChannel {
     /// targets: every one inside the region and, without ROUND_END, owned by this
     /// channel. A ROUND_END copy's sources may belong to any channel; its targets, with
     /// those of the round's earlier ROUND_END copies on this channel, may number at most
-    /// the layout's pages. Does not count the frame.
+    /// the layout's pages this channel carries (a page named twice counted twice; a
+    /// source names none twice). Does not count the frame.
     ///
     /// # Errors
     /// As `check_pages`; `LimitExceeded` ([`Limit::RoundEndPages`]) for ROUND_END

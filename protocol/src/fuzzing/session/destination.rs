@@ -103,15 +103,27 @@ impl FuzzDestination {
                 assert!(copy.round_end, "a plain COPY deferred");
                 self.check_apply(c, copy.region, copy.round, copy.targets(), copy.sources());
                 check_copy_runs(copy);
-                let layout_pages = self
-                    .layout
-                    .as_ref()
-                    .map_or(0, |(regions, _)| regions.iter().map(|(_, p)| p).sum());
+                // The bound: the layout's pages this channel carries, counted by whole
+                // cycles of `channels` chunks and the rest (not as the session does).
+                let channels = self.channels.len() as u128;
+                let own_pages = self.layout.as_ref().map_or(0, |(regions, chunk)| {
+                    let chunk = u128::from(*chunk);
+                    let cycle = chunk * channels;
+                    regions
+                        .iter()
+                        .map(|&(id, pages)| {
+                            let pages = u128::from(pages);
+                            let k = (c as u128 + channels - u128::from(id) % channels) % channels;
+                            let rest = (pages % cycle).saturating_sub(k * chunk).min(chunk);
+                            pages / cycle * chunk + rest
+                        })
+                        .sum::<u128>()
+                });
                 self.applied(c);
                 if !self.dead[c] {
                     self.copied[c] += 1;
                     self.round_end
-                        .record(c, copy.round, copy.pages(), layout_pages);
+                        .record(c, copy.round, copy.pages(), own_pages);
                 }
                 return;
             }

@@ -28,13 +28,14 @@ impl RoundEnd {
         }
     }
 
-    /// A ROUND_END copy of `round` with `pages` targets, accepted on channel `c` of a
-    /// layout of `layout_pages` pages: the channel's round stays within the bound.
-    pub(super) fn record(&mut self, c: usize, round: Round, pages: u64, layout_pages: u64) {
+    /// A ROUND_END copy of `round` with `pages` targets, accepted on channel `c`, which
+    /// carries `own_pages` pages of the layout: the channel's round stays within the
+    /// bound.
+    pub(super) fn record(&mut self, c: usize, round: Round, pages: u64, own_pages: u128) {
         self.pages[c] += pages;
         assert!(
-            self.pages[c] <= layout_pages,
-            "channel {c} recorded {} ROUND_END pages in round {round}, the layout has {layout_pages}",
+            u128::from(self.pages[c]) <= own_pages,
+            "channel {c} recorded {} ROUND_END pages in round {round}, it carries {own_pages} pages of the layout",
             self.pages[c]
         );
         self.pending[c].push(round);
@@ -129,7 +130,7 @@ mod tests {
 
     #[test]
     #[should_panic(expected = "ROUND_END pages")]
-    fn the_bound_is_the_layout_pages() {
+    fn the_bound_is_the_pages_the_channel_carries() {
         let mut re = RoundEnd::new(1);
         re.record(0, Round(0), 5, 8);
         re.record(0, Round(0), 4, 8);

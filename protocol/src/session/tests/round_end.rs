@@ -1,5 +1,6 @@
 //! ROUND_END COPY frames (`PROTOCOL.md`, "COPY"): sources of any channel, targets of the
-//! receiving one, at most the layout's pages of targets in a round on a channel.
+//! receiving one, at most the layout's pages that channel carries as targets in a round
+//! on a channel.
 
 use super::*;
 
@@ -131,8 +132,8 @@ fn round_end_sources_must_lie_inside_the_region() {
     );
 }
 
-/// The layout has 1024 + 256 = 1280 pages: a channel's ROUND_END targets in one round
-/// may total that much, not one page more; plain COPY frames do not count.
+/// The layout has 1024 + 256 = 1280 pages, all on the one channel: its ROUND_END targets
+/// in one round may total that much, not one page more; plain COPY frames do not count.
 #[test]
 fn round_end_targets_of_a_round_are_bounded_by_the_layout_pages() {
     let (_, mut ch) = open(1, 8);
@@ -165,6 +166,35 @@ fn round_end_targets_of_a_round_are_bounded_by_the_layout_pages() {
         ));
     }
     assert!(over.to_string().contains("1280"), "{over}");
+}
+
+/// Two channels, chunks of 8, regions of 1024 and 256 pages: each channel carries 512 +
+/// 128 = 640 pages, so its ROUND_END targets in a round may total 640 (a source that
+/// names no target twice never needs more), not the layout's 1280.
+#[test]
+fn round_end_targets_of_a_round_are_bounded_by_the_pages_the_channel_carries() {
+    let (_, mut ch) = open(2, 8);
+    for (c, own) in [(0usize, 0u64), (1, 8)] {
+        // Pages own..own + 8 of region 0 are this channel's; the sources are the other
+        // channel's, which a ROUND_END copy may read.
+        let eight = [cr(own, 8, 8 - own)];
+        for _ in 0..80 {
+            assert!(matches!(
+                ch[c].on_frame(&late_frame(0, 0, &eight)),
+                Ok(DestinationEvent::RoundEndCopy(_))
+            ));
+        }
+        let one = [cr(own, 1, 8 - own)];
+        assert_eq!(
+            ch[c].on_frame(&late_frame(0, 0, &one)).err(),
+            Some(SessionError::LimitExceeded {
+                limit: Limit::RoundEndPages,
+                value: 641,
+                max: 640,
+            }),
+            "channel {c}"
+        );
+    }
 }
 
 #[test]
