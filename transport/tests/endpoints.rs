@@ -129,3 +129,44 @@ fn a_given_blocking_listener_is_made_non_blocking() {
     assert_eq!(t.join().unwrap().len(), 2);
     assert!(acc.channels.iter().all(|e| e.stream.is_tcp()));
 }
+
+/// A destination that turns each connection away just before the handshake timeout
+/// cannot stretch the source's handshake past it: the reopened connection's handshake
+/// gets what is left of the timeout (0.2 s here), not a whole one again (2 s, ending
+/// about 3.6 s after the start when this peer turns it away too).
+#[test]
+fn a_reopened_connection_gets_only_what_is_left_of_the_handshake_timeout() {
+    let mut cfg = config(23, 1);
+    cfg.handshake_timeout = Duration::from_secs(2);
+    cfg.tcp.connect_attempts = 5;
+    cfg.tcp.retry_delay = Duration::from_millis(1);
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    l.set_nonblocking(true).unwrap();
+    let peer = std::thread::spawn(move || {
+        // Each connection is held 1.8 s without a word, then closed; at most two,
+        // and no new one after 6 s.
+        let start = std::time::Instant::now();
+        let mut seen = 0;
+        while seen < 2 && start.elapsed() < Duration::from_secs(6) {
+            match l.accept() {
+                Ok((s, _)) => {
+                    seen += 1;
+                    std::thread::sleep(Duration::from_millis(1800));
+                    drop(s);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        seen
+    });
+    let start = std::time::Instant::now();
+    let err = session::connect_channel_to(&Endpoint::Tcp(addr), &cfg, 0).unwrap_err();
+    let took = start.elapsed();
+    assert_eq!(peer.join().unwrap(), 2, "the source did not reopen: {err}");
+    println!("FIGURE gave up after {took:.2?} (handshake timeout 2 s): {err}");
+    assert!(
+        took < Duration::from_millis(3000),
+        "the handshakes took {took:?} in all, past the 2 s timeout: {err}"
+    );
+}

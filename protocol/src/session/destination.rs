@@ -316,7 +316,14 @@ impl DestinationSession {
         };
         let p = &mut self.partial[i];
         // Bounded: offset + len ≤ total (checked by the decoder and above), and totals
-        // count against the byte limit.
+        // count against the byte limit. The whole section is reserved with its first
+        // chunk, so what is allocated is the announced total, not up to twice it as
+        // growth by doubling would (a large reservation is mapped as it is written).
+        if p.data.capacity() == 0
+            && let Ok(total) = usize::try_from(p.total)
+        {
+            p.data.reserve_exact(total);
+        }
         p.data.extend_from_slice(d.data);
         self.device_bytes = self.device_bytes.saturating_add(d.data.len() as u64);
         if p.data.len() as u64 == p.total {

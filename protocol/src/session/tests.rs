@@ -377,6 +377,28 @@ fn device_state_is_reassembled_within_bounds() {
     ));
 }
 
+/// A section arriving in chunks is held in exactly its announced total: growth by
+/// doubling would have allocated 4000 bytes for these 3000 (and up to twice the limit).
+#[test]
+fn a_device_state_section_is_allocated_at_its_announced_total() {
+    let mut s = DestinationSession::new(1, PS, DestinationLimits::default()).unwrap();
+    let bytes = vec![7u8; 3000];
+    let mut done = None;
+    for (i, part) in bytes.chunks(1000).enumerate() {
+        let d = DeviceState {
+            instance: 0,
+            name: "ram-adjacent",
+            total: 3000,
+            offset: 1000 * i as u64,
+            data: part,
+        };
+        done = s.on_device_state(ChannelId(0), &d).unwrap();
+    }
+    let done = done.expect("the section completed");
+    assert_eq!(done.data, bytes);
+    assert_eq!(done.data.capacity(), 3000);
+}
+
 #[test]
 fn complete_waits_for_every_channel_and_checks_sections() {
     let (mut s, mut ch) = open(2, 8);

@@ -55,6 +55,9 @@ pub struct RdmaChannel {
     /// next `recv`.
     held: Option<u32>,
     failed: bool,
+    /// When receives must have returned by ([`RdmaChannel::set_recv_deadline`]), and
+    /// the wait it ends.
+    deadline: Option<(Instant, Duration)>,
 }
 
 impl std::fmt::Debug for RdmaChannel {
@@ -232,6 +235,7 @@ pub fn connect(
         negotiated,
         held: None,
         failed: false,
+        deadline: None,
     })
 }
 
@@ -356,6 +360,7 @@ impl RdmaListener {
             negotiated,
             held: None,
             failed: false,
+            deadline: None,
         })
     }
 }
@@ -364,6 +369,28 @@ impl RdmaChannel {
     /// The regions the source advertised (empty on the source's side).
     pub fn remote_regions(&self) -> &[AdvertRegion] {
         &self.core.remote
+    }
+
+    /// Sets when `recv` must have returned by (`None`: no deadline, each wait for a
+    /// message bounded by the receive timeout alone): a peer that keeps a frame coming
+    /// a byte at a time, each message within the receive timeout, is cut off at the
+    /// deadline plus at most one receive timeout.
+    pub fn set_recv_deadline(&mut self, deadline: Option<Instant>) {
+        self.deadline = crate::recv::until(deadline);
+    }
+
+    /// How long to wait for the next message: the receive timeout, or less when the
+    /// deadline comes first; its error when the deadline has passed.
+    fn wait(&self) -> Result<Option<Duration>, ChannelError> {
+        let timeout = self.core.cfg.recv_timeout;
+        let Some((at, after)) = self.deadline else {
+            return Ok(timeout);
+        };
+        let left = at.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ChannelError::RecvTimeout(after));
+        }
+        Ok(Some(timeout.map_or(left, |t| t.min(left))))
     }
 
     fn check(&mut self) -> Result<(), ChannelError> {
@@ -460,7 +487,9 @@ impl Channel for RdmaChannel {
                 if let Some(e) = self.core.error.take() {
                     return Err(e);
                 }
-                if !self.core.poll(Some(self.core.cfg.recv_timeout))? && self.core.msgs.is_empty() {
+                let wait = self.wait()?;
+                if !self.core.poll(Some(wait))? && self.core.msgs.is_empty() {
+                    self.wait()?;
                     return Err(ChannelError::RecvTimeout(
                         self.core.cfg.recv_timeout.unwrap_or_default(),
                     ));
@@ -484,7 +513,11 @@ impl Channel for RdmaChannel {
                 return r.map(Some);
             }
         }
-        self.rx.recv(&mut self.core, sink)
+        let mut src = crate::recv::Until {
+            inner: &mut self.core,
+            deadline: self.deadline,
+        };
+        self.rx.recv(&mut src, sink)
     }
 
     fn stats(&self) -> ChannelStats {

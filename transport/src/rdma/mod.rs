@@ -199,6 +199,10 @@ pub enum RdmaError {
     /// The configuration is invalid.
     #[error("invalid RDMA configuration: {0}")]
     Config(&'static str),
+    /// An authenticated RDMA connection was refused: it does not fit the session the
+    /// destination is accepting it for.
+    #[error("RDMA connection refused: {0}")]
+    Refused(&'static str),
 }
 
 impl From<SessionError> for RdmaError {
@@ -256,12 +260,15 @@ impl RdmaAcceptor {
         }
     }
 
-    /// The RDMA channel of channel `index` of session `cfg.session`: one accepted
-    /// earlier for it, or the next ones accepted until it comes. A connection that
-    /// fails its handshake (another session's, a wrong key, garbage) or its setup is
-    /// refused and the wait goes on; a channel accepted for another index of the
-    /// session is kept for the call that takes it, for as long as this call's
-    /// deadline spans at most.
+    /// The RDMA channel of channel `index` of session `cfg.session`, which has `count`
+    /// channels (as its plain connections negotiated): one accepted earlier for it, or
+    /// the next ones accepted until it comes. A connection that fails its handshake
+    /// (another session's, a wrong key, garbage) or its setup, or that names another
+    /// channel count or an index not below it, is refused and the wait goes on; a
+    /// channel accepted for another index of the session is kept for the call that
+    /// takes it, for as long as this call's deadline spans at most. So a session keeps
+    /// at most `count - 1` channels waiting (each holds registered, pinned message
+    /// buffers), and a second one for the same index replaces the first.
     ///
     /// # Errors
     /// `TimedOut` when it does not come within the connect and handshake timeouts
@@ -271,6 +278,7 @@ impl RdmaAcceptor {
     pub fn take(
         &self,
         index: u16,
+        count: u16,
         cfg: &crate::session::SessionConfig,
     ) -> Result<RdmaChannel, RdmaError> {
         use crate::channel::Channel as _;
@@ -293,6 +301,13 @@ impl RdmaAcceptor {
             match st.listener.accept(cfg, &cfg.rdma) {
                 Ok(ch) => {
                     let n = ch.negotiated();
+                    if n.channel_count != count || n.channel.0 >= count {
+                        // Dropped here, closed: not a channel of this session's shape.
+                        last = Some(RdmaError::Refused(
+                            "its channel count differs from the session's plain connections'",
+                        ));
+                        continue;
+                    }
                     let key = (n.session, n.channel.0);
                     if key == (cfg.session, index) {
                         return Ok(ch);

@@ -339,8 +339,9 @@ impl Established {
     fn into_rdma(self, addr: SocketAddr, cfg: &SessionConfig) -> Result<AnyChannel, SessionError> {
         let rdma = |e| SessionError::Rdma(Box::new(e));
         let index = self.negotiated.channel.0;
+        let count = self.negotiated.channel_count;
         let channel = match &cfg.rdma_acceptor {
-            Some(acceptor) => acceptor.take(index, cfg).map_err(rdma)?,
+            Some(acceptor) => acceptor.take(index, count, cfg).map_err(rdma)?,
             None => crate::rdma::connect_retrying(addr, cfg, index).map_err(rdma)?,
         };
         // The stream stays open beside the queue pair (it carried the first
@@ -648,7 +649,9 @@ pub fn connect_channel(
 /// up to [`TcpConfig::connect_attempts`] times in all, [`TcpConfig::retry_delay`]
 /// apart, while less than [`SessionConfig::handshake_timeout`] has passed since the
 /// first attempt: a destination whose pending places are all taken may turn away a
-/// connection whose HELLO it has not read yet (see [`Listener`]).
+/// connection whose HELLO it has not read yet (see [`Listener`]). A reopened
+/// connection's handshake gets what is left of that timeout, so the handshakes of all
+/// attempts together take at most the timeout (connects and delays apart).
 ///
 /// # Errors
 /// [`SessionError`].
@@ -660,9 +663,23 @@ pub fn connect_channel_to(
     let attempts = cfg.tcp.connect_attempts.max(1);
     let started = Instant::now();
     let mut attempt = 1;
+    let mut again;
     loop {
         let stream = endpoint.connect(&cfg.tcp)?;
-        match handshake(stream, endpoint.clone(), cfg, index) {
+        let this = if attempt == 1 {
+            cfg
+        } else {
+            again = SessionConfig {
+                // Never zero, which a socket timeout refuses: at worst a quick timeout.
+                handshake_timeout: cfg
+                    .handshake_timeout
+                    .saturating_sub(started.elapsed())
+                    .max(Duration::from_millis(1)),
+                ..cfg.clone()
+            };
+            &again
+        };
+        match handshake(stream, endpoint.clone(), this, index) {
             Err(SessionError::HandshakeIo { source, .. })
                 if attempt < attempts
                     && is_turned_away(&source)

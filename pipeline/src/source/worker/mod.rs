@@ -666,14 +666,14 @@ fn set_recv_timeout(
     }
 }
 
-/// Sets when the channel's receives must have returned by (RDMA: not yet; its
-/// receive timeout is not set by the source either).
+/// Sets when the channel's receives must have returned by (RDMA: checked between
+/// messages, each wait for one bounded by the receive timeout set at setup).
 fn set_recv_deadline(ch: &mut AnyChannel, deadline: Option<Instant>) {
     match ch {
         AnyChannel::Tcp(c) | AnyChannel::Fallback(c, _) => c.set_recv_deadline(deadline),
         AnyChannel::Uring(c) => c.set_recv_deadline(deadline),
-        #[allow(unreachable_patterns)]
-        _ => {}
+        #[cfg(feature = "rdma")]
+        AnyChannel::Rdma(c, _) => c.set_recv_deadline(deadline),
     }
 }
 
