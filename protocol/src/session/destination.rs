@@ -319,10 +319,12 @@ impl DestinationSession {
         // count against the byte limit. The whole section is reserved with its first
         // chunk, so what is allocated is the announced total, not up to twice it as
         // growth by doubling would (a large reservation is mapped as it is written).
+        // A reservation the allocator refuses (a limit set past what the host can
+        // commit) is not an error: the section then grows as its bytes arrive.
         if p.data.capacity() == 0
             && let Ok(total) = usize::try_from(p.total)
         {
-            p.data.reserve_exact(total);
+            let _ = p.data.try_reserve_exact(total);
         }
         p.data.extend_from_slice(d.data);
         self.device_bytes = self.device_bytes.saturating_add(d.data.len() as u64);

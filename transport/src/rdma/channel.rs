@@ -390,6 +390,9 @@ impl RdmaChannel {
         if left.is_zero() {
             return Err(ChannelError::RecvTimeout(after));
         }
+        // At least a millisecond, the poll's resolution: a shorter wait would return
+        // at once, before the deadline.
+        let left = left.max(Duration::from_millis(1));
         Ok(Some(timeout.map_or(left, |t| t.min(left))))
     }
 

@@ -304,7 +304,7 @@ impl RdmaAcceptor {
                     if n.channel_count != count || n.channel.0 >= count {
                         // Dropped here, closed: not a channel of this session's shape.
                         last = Some(RdmaError::Refused(
-                            "its channel count differs from the session's plain connections'",
+                            "its channel count or index does not fit the session's plain connections'",
                         ));
                         continue;
                     }

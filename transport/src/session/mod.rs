@@ -650,8 +650,9 @@ pub fn connect_channel(
 /// apart, while less than [`SessionConfig::handshake_timeout`] has passed since the
 /// first attempt: a destination whose pending places are all taken may turn away a
 /// connection whose HELLO it has not read yet (see [`Listener`]). A reopened
-/// connection's handshake gets what is left of that timeout, so the handshakes of all
-/// attempts together take at most the timeout (connects and delays apart).
+/// connection's handshake gets what is left of that timeout, not a whole one again
+/// (with TLS, as on a first attempt, the TLS handshake and the pagewire handshake each
+/// get that time).
 ///
 /// # Errors
 /// [`SessionError`].
