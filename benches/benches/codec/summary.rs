@@ -156,25 +156,7 @@ pub(crate) fn fixed_cost() {
         raw_in_place: true,
         ..EncodeParams::new(CodecId::RAW, Level::DEFAULT)
     };
-    let mut encode = || {
-        for (i, page) in a.chunks(PS).enumerate() {
-            let mut job = engine.engine.job().unwrap();
-            let list = job.encode(Tag(i as u64), params);
-            // SAFETY: `a` outlives the jobs: every completion is polled below.
-            unsafe { list.push_raw(page.as_ptr(), 1, PageKey(i as u64)).unwrap() };
-            engine.batch.push_back(job);
-            if engine.batch.len() == engine.depth || i + 1 == JOBS {
-                engine.flush();
-                assert!(
-                    engine
-                        .done
-                        .iter()
-                        .all(|c| c.encoded().is_some_and(|e| e.in_place))
-                );
-                engine.done.clear();
-            }
-        }
-    };
+    let mut encode = || raw_in_place_jobs(&mut engine, &a, params, true);
     // `PAGEWIRE_FIXED_RUNS=100000` repeats it long enough to profile.
     let rounds = std::env::var("PAGEWIRE_FIXED_RUNS")
         .ok()
@@ -228,6 +210,31 @@ pub(crate) fn fixed_cost() {
     );
 }
 
+/// One-page encode jobs over every page of `a` that end raw in place, in batches of the
+/// engine's depth; with `check`, each completion is checked to have ended so.
+fn raw_in_place_jobs(engine: &mut Bench, a: &[u8], params: EncodeParams, check: bool) {
+    let jobs = a.len() / PS;
+    for (i, page) in a.chunks(PS).enumerate() {
+        let mut job = engine.engine.job().unwrap();
+        let list = job.encode(Tag(i as u64), params);
+        // SAFETY: `a` outlives the jobs: every completion is polled below.
+        unsafe { list.push_raw(page.as_ptr(), 1, PageKey(i as u64)).unwrap() };
+        engine.batch.push_back(job);
+        if engine.batch.len() == engine.depth || i + 1 == jobs {
+            engine.flush();
+            if check {
+                assert!(
+                    engine
+                        .done
+                        .iter()
+                        .all(|c| c.encoded().is_some_and(|e| e.in_place))
+                );
+            }
+            engine.done.clear();
+        }
+    }
+}
+
 /// Where the fixed cost of a one-page encode goes, each phase timed alone (best of 31
 /// runs): taking a request and dropping it; that plus describing the job (an encode of
 /// one page); the whole job as [`fixed_cost`] runs it; and the codec's own raw-in-place
@@ -269,19 +276,7 @@ pub(crate) fn fixed_phases() {
             black_box(job);
         }
     });
-    let whole = time(&mut || {
-        for (i, page) in a.chunks(PS).enumerate() {
-            let mut job = engine.engine.job().unwrap();
-            let list = job.encode(Tag(i as u64), params);
-            // SAFETY: `a` outlives the jobs: every completion is polled below.
-            unsafe { list.push_raw(page.as_ptr(), 1, PageKey(i as u64)).unwrap() };
-            engine.batch.push_back(job);
-            if engine.batch.len() == engine.depth || i + 1 == PAGES {
-                engine.flush();
-                engine.done.clear();
-            }
-        }
-    });
+    let whole = time(&mut || raw_in_place_jobs(&mut engine, &a, params, false));
     let mut codecs = Codecs::new();
     let mut out = vec![0u8; max_payload_len(1, PageSize::KIB4)];
     let mut lengths = Vec::new();
