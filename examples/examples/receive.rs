@@ -127,7 +127,7 @@ fn main() {
         Err(e) => {
             println!(
                 "{}",
-                serde_json::json!({ "status": "failed", "error": format!("{e:#}") })
+                serde_json::json!({ "status": "failed", "error": pagewire_examples::cli::error_text(&e) })
             );
             std::process::exit(1);
         }

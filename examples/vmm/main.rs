@@ -49,7 +49,10 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("pagewire-vmm: {e:#}");
-            println!("{}", json!({"status": "error", "error": format!("{e:#}")}));
+            println!(
+                "{}",
+                json!({"status": "error", "error": pagewire_examples::cli::error_text(&e)})
+            );
             ExitCode::from(1)
         }
     }
@@ -513,7 +516,7 @@ fn destination(args: &Args, addr: std::net::SocketAddr) -> anyhow::Result<ExitCo
                 "migration failed: {e:#}; the guest was not started"
             ));
             say(
-                json!({"role": "destination", "status": "failed", "error": format!("{e:#}"),
+                json!({"role": "destination", "status": "failed", "error": pagewire_examples::cli::error_text(&e),
                 "vcpus_started": false})
                 .to_string(),
             );
@@ -529,7 +532,7 @@ fn destination(args: &Args, addr: std::net::SocketAddr) -> anyhow::Result<ExitCo
             "restoring the guest failed: {e:#}; the guest was not started"
         ));
         say(
-            json!({"role": "destination", "status": "failed", "error": format!("{e:#}"),
+            json!({"role": "destination", "status": "failed", "error": pagewire_examples::cli::error_text(&e),
             "vcpus_started": false})
             .to_string(),
         );

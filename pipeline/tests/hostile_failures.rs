@@ -418,3 +418,126 @@ fn an_idle_channel_after_the_final_round_leaves_the_session_running() {
     let m = t.join().unwrap().expect("the session completes");
     assert_eq!(m.final_round, 0);
 }
+
+/// Two channels that ended round 0, with the session's failure in between COMPLETE's
+/// conditions being met and the ACK: the source's ABORT on channel 1 arrives while the
+/// destination's VMM checks the device state (held here until channel 1 has closed).
+/// The session failed, so channel 0 must not answer ACK COMPLETE: a source that got one
+/// would send COMMIT and, were that taken too, both hosts could think they owned the
+/// guest. Found by a hostile client written from PROTOCOL.md alone, which saw an ACK
+/// COMPLETE in 6 to 8 of 60 to 80 runs of that race (and, for COMMIT, ACK COMMITTED and
+/// a completed session in 1 to 5 %).
+#[test]
+fn a_session_failed_while_the_vmm_checks_the_device_state_gets_no_ack_complete() {
+    use std::sync::{Mutex, mpsc};
+    let (checking, checking_rx) = mpsc::channel::<()>();
+    let (release, release_rx) = mpsc::channel::<()>();
+    let (checking, release_rx) = (Mutex::new(checking), Mutex::new(release_rx));
+    let dest = Dest::with(57, move |cfg| {
+        cfg.check_device_state = Some(pagewire::DeviceStateCheck::new(move |_| {
+            let _ = checking.lock().unwrap().send(());
+            let _ = release_rx
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(20));
+            Ok(())
+        }));
+    });
+    let t = dest.accept(None);
+    let mut chans = [dest.connect(0, 2, false), dest.connect(1, 2, false)];
+    let regions = regions(64 * u64::from(PS));
+    for c in &mut chans {
+        c.send(layout(&regions));
+        c.send(Frame::EndOfRound(EndOfRound {
+            round: Round(0),
+            frames: 0,
+            pages: 0,
+        }));
+        assert_eq!(c.recv(), Some((FrameType::ACK, 0)));
+    }
+    let [c0, c1] = &mut chans;
+    c0.send(Frame::Complete(Complete {
+        final_round: Round(0),
+        sections: 0,
+    }));
+    checking_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the VMM's check runs once COMPLETE's conditions are met");
+    c1.send(Frame::Abort(Abort {
+        reason: AbortReason::CANCELLED,
+        message: "giving up",
+    }));
+    // The destination records the failure before it closes channel 1.
+    assert_eq!(c1.until_end().unwrap(), vec![]);
+    release.send(()).unwrap();
+    assert_eq!(
+        c0.until_end().unwrap(),
+        vec![(FrameType::ABORT, u64::from(AbortReason::CHANNEL_FAILED.0))],
+        "channel 0 hears that the session failed, and no ACK COMPLETE"
+    );
+    let r = t.join().unwrap();
+    assert!(
+        matches!(
+            r,
+            Err(MigrationError::PeerAborted {
+                reason: AbortReason::CANCELLED,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    drop(chans);
+    legitimate(&dest, 2);
+}
+
+/// A channel that idles out before it ended the final round: no failure by itself
+/// (see the test above), but COMPLETE, which would wait for that round on it, fails at
+/// once, naming the idle channel, rather than at the end of its wait.
+#[test]
+fn an_idle_channel_short_of_the_final_round_fails_complete_at_once() {
+    let dest = Dest::with(58, |cfg| cfg.idle_timeout = Duration::from_millis(500));
+    let t = dest.accept(None);
+    let mut chans = [dest.connect(0, 2, false), dest.connect(1, 2, false)];
+    let regions = regions(64 * u64::from(PS));
+    for c in &mut chans {
+        c.send(layout(&regions));
+        c.send(Frame::EndOfRound(EndOfRound {
+            round: Round(0),
+            frames: 0,
+            pages: 0,
+        }));
+        assert_eq!(c.recv(), Some((FrameType::ACK, 0)));
+    }
+    // Channel 1 idles out meanwhile.
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(150));
+        chans[0].send(Frame::Extension {
+            frame_type: FrameType(0x90),
+            flags: 0,
+            body: b"still here",
+        });
+    }
+    let [c0, c1] = &mut chans;
+    assert_eq!(c1.until_end().unwrap(), vec![]);
+    c0.send(Frame::EndOfRound(EndOfRound {
+        round: Round(1),
+        frames: 0,
+        pages: 0,
+    }));
+    assert_eq!(c0.recv(), Some((FrameType::ACK, 1)));
+    c0.send(Frame::Complete(Complete {
+        final_round: Round(1),
+        sections: 0,
+    }));
+    assert_eq!(
+        c0.until_end().unwrap(),
+        vec![(FrameType::ABORT, u64::from(AbortReason::CHANNEL_FAILED.0))]
+    );
+    let r = t.join().unwrap();
+    match &r {
+        Err(MigrationError::SessionFailed { channel: 0, cause }) => {
+            assert!(cause.contains("channel 1"), "{cause}")
+        }
+        _ => panic!("expected COMPLETE to fail on the idle channel, got {r:?}"),
+    }
+}

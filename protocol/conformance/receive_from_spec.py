@@ -1087,7 +1087,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--port', type=int, default=0)
     ap.add_argument('--port-file', help='write the chosen port here')
-    ap.add_argument('--key-file', help='pre-shared key file (one trailing newline ignored)')
+    ap.add_argument('--key-file', help='pre-shared key file (one trailing \\n or \\r\\n ignored)')
     ap.add_argument('--image', help='image to compare guest memory with after COMMIT')
     ap.add_argument('--codecs', default='raw,zero,zstd,lz4,deflate,delta,deflate-4k',
                     help='codecs this destination lists (raw and zero always)')
@@ -1118,6 +1118,8 @@ def main():
         key = open(a.key_file, 'rb').read()
         if key.endswith(b'\n'):
             key = key[:-1]
+            if key.endswith(b'\r'):
+                key = key[:-1]
         if len(key) < 16:
             sys.exit('key shorter than 16 bytes')
     S = Session(a, key)

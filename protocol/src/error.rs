@@ -136,7 +136,7 @@ impl fmt::Display for DecodeError {
                 actual,
             } => write!(f, "{field}: expected {expected} bytes, found {actual}"),
             Self::RunsNotCanonical => f.write_str(
-                "page runs out of order: within a list they must ascend without overlapping or touching, and no page may be in two lists",
+                "page runs not canonical: a run of no pages or past the last page index, or runs of a list that do not ascend, overlap or touch where they must be merged, or a page in two lists (PROTOCOL.md, PAGES and COPY)",
             ),
             Self::PageCount { pages, max } => {
                 write!(f, "frame carries {pages} pages, allowed 1..={max}")

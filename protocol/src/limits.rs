@@ -124,6 +124,24 @@ impl CodecSet {
         &self.ids[..usize::from(self.len)]
     }
 
+    /// The id under which frames a sender writes as `codec` go to a receiver that
+    /// decodes this set, at `page_size`: `codec` itself when the set holds it; for
+    /// `deflate` at 4 KiB pages, `deflate-4k` when the set holds only that (PROTOCOL.md,
+    /// Codecs: at 4 KiB pages no page stream reaches back more than 4096 bytes, so
+    /// every `deflate` stream is also a `deflate-4k` one); `None` otherwise.
+    pub fn sendable_as(&self, codec: CodecId, page_size: u32) -> Option<CodecId> {
+        if self.contains(codec) {
+            Some(codec)
+        } else if codec == CodecId::DEFLATE
+            && page_size == 4096
+            && self.contains(CodecId::DEFLATE_4K)
+        {
+            Some(CodecId::DEFLATE_4K)
+        } else {
+            None
+        }
+    }
+
     /// Number of ids.
     pub fn len(&self) -> usize {
         usize::from(self.len)

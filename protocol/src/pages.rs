@@ -254,7 +254,11 @@ fn check_payload(
     };
     if !ok {
         return Err(DecodeError::LengthMismatch {
-            field: "payload",
+            field: match codec {
+                CodecId::RAW => "payload (raw: exactly the data pages' bytes)",
+                CodecId::ZERO => "payload (zero: none)",
+                _ => "payload (one compressed block: 1 byte up to the data pages' bytes)",
+            },
             expected: data_bytes,
             actual: payload_len,
         });

@@ -439,6 +439,53 @@ fn a_source_that_sends_one_codec_refuses_a_welcome_without_it() {
     assert!(c.negotiated().unwrap().codecs.contains(CodecId::ZSTD));
 }
 
+/// A source configured to send deflate takes a WELCOME that lists deflate-4k but not
+/// deflate at 4 KiB pages, where every deflate stream is a deflate-4k one (PROTOCOL.md,
+/// Codecs), and refuses it at larger pages, where a stream may reach back further.
+#[test]
+fn a_deflate_source_takes_a_deflate_4k_destination_at_4k_pages_only() {
+    let deflate = CodecSet::from_ids([CodecId::DEFLATE]).unwrap();
+    let only_4k = [CodecId::RAW, CodecId::ZERO, CodecId::DEFLATE_4K];
+    for page_size in [4096, 8192] {
+        let client_caps = Capabilities::new(page_size);
+        let mut server_caps = client_caps;
+        server_caps.codecs = CodecSet::from_ids(only_4k).unwrap();
+        let mut c = ClientHandshake::new(
+            ClientConfig {
+                caps: client_caps,
+                session: SESSION,
+                channel: ChannelId(0),
+                channel_count: 1,
+                auth: key(1),
+                require: deflate,
+            },
+            [0xc1; NONCE_LEN],
+        )
+        .unwrap();
+        let mut s = server_with(server_caps, key(1));
+        let (cr, _) = pump(&mut c, &mut s, usize::MAX);
+        if page_size == 4096 {
+            assert_eq!(cr, Ok(()));
+            let codecs = c.negotiated().unwrap().codecs;
+            assert_eq!(
+                codecs.sendable_as(CodecId::DEFLATE, page_size),
+                Some(CodecId::DEFLATE_4K)
+            );
+        } else {
+            assert_eq!(cr, Err(HandshakeError::CodecRequired(CodecId::DEFLATE)));
+            let codecs = CodecSet::from_ids(only_4k).unwrap();
+            assert_eq!(codecs.sendable_as(CodecId::DEFLATE, page_size), None);
+        }
+    }
+    // A destination that decodes deflate gets deflate.
+    let both = CodecSet::from_ids([CodecId::DEFLATE, CodecId::DEFLATE_4K]).unwrap();
+    assert_eq!(
+        both.sendable_as(CodecId::DEFLATE, 4096),
+        Some(CodecId::DEFLATE)
+    );
+    assert_eq!(both.sendable_as(CodecId::LZ4, 4096), None);
+}
+
 #[test]
 fn page_size_session_and_channel_mismatches() {
     let (_, _, (cr, sr)) = handshake(

@@ -207,6 +207,14 @@ fn check_zstd_frame(payload: &[u8], expected: usize) -> Result<(), CodecError> {
                 detail: "bytes after the zstd frame",
             });
         }
+        Err(_) if zstd_window_log(payload).is_some_and(|log| log > 31) => {
+            return Err(CodecError::Corrupt {
+                codec,
+                detail: "the zstd frame declares a window above 2^31 bytes (Window_Log over \
+                         31), more than the zstd library decodes; RFC 8878 lets a decoder \
+                         refuse it and no compressor writes one (PROTOCOL.md, Codecs)",
+            });
+        }
         Err(_) => {
             return Err(CodecError::Corrupt {
                 codec,
@@ -224,6 +232,15 @@ fn check_zstd_frame(payload: &[u8], expected: usize) -> Result<(), CodecError> {
             detail: "bad zstd frame header",
         }),
     }
+}
+
+/// The Window_Log a zstd frame header declares (RFC 8878, Window_Descriptor: 10 plus
+/// its exponent), when it has a Window_Descriptor (no Single_Segment_flag).
+fn zstd_window_log(payload: &[u8]) -> Option<u32> {
+    let &[_, _, _, _, descriptor, window, ..] = payload else {
+        return None;
+    };
+    (descriptor & 0x20 == 0).then_some(10 + u32::from(window >> 3))
 }
 
 /// Checks a per-page length table against the format, the page count and the payload.

@@ -276,6 +276,7 @@ impl DestinationListener {
                 failed_channel: None,
                 sections: Vec::new(),
                 copy_ended: Vec::new(),
+                idled: Vec::new(),
             }),
             cv: Condvar::new(),
             gate: RwLock::new(()),

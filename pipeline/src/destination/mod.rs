@@ -297,6 +297,10 @@ struct State {
     /// The last round each channel ended, for `ROUND_END` copies: recorded before that
     /// channel applies its own, which wait for every channel (see `receiver.rs`).
     copy_ended: Vec<Option<Round>>,
+    /// Channels other than 0 that idled out, with why: no failure of the session by
+    /// itself (PROTOCOL.md, Idle timeout), but a wait for a round such a channel had
+    /// not ended fails ([`Shared::idle_blocks`]).
+    idled: Vec<(u16, String)>,
 }
 
 type MemorySlot = Option<(Arc<GuestMemory>, Option<JoinHandle<()>>)>;
@@ -420,8 +424,11 @@ impl Shared {
     /// own idle timeout, though: a channel that ended the final round has nothing more
     /// to send and may idle out while channel 0 still moves the device state, COMPLETE
     /// and COMMIT; the others have their own idle timeout.
+    ///
+    /// An idle-out of a channel other than 0 is recorded ([`Self::idle_blocks`]), not a
+    /// failure: the session still completes if every channel ended the final round,
+    /// and a session that failed refuses COMPLETE and COMMIT ([`Self::failure`]).
     fn channel_failed(&self, ch: u16, e: &MigrationError) {
-        self.fail(Some(ch), e.to_string());
         let idle = matches!(
             e,
             MigrationError::Channel {
@@ -429,9 +436,33 @@ impl Shared {
                 ..
             }
         );
-        if !idle {
-            self.end_receivers();
+        if idle && ch != 0 {
+            if let Ok(mut s) = self.state.lock() {
+                s.idled.push((ch, e.to_string()));
+            }
+            self.cv.notify_all();
+            return;
         }
+        self.fail(Some(ch), e.to_string());
+        self.end_receivers();
+    }
+
+    /// A wait of channel `ch` for every channel to end `round` that cannot end well:
+    /// a channel that idled out before it ended that round.
+    fn idle_blocks(&self, ch: u16, state: &State, round: Round) -> Option<MigrationError> {
+        state
+            .idled
+            .iter()
+            .find(|(c, _)| {
+                !state
+                    .copy_ended
+                    .get(usize::from(*c))
+                    .is_some_and(|e| e.is_some_and(|e| e >= round))
+            })
+            .map(|(_, why)| MigrationError::SessionFailed {
+                channel: ch,
+                cause: why.clone(),
+            })
     }
 
     /// Fails the session (with channel `ch`'s failure, or none's) unless it failed

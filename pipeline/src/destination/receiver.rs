@@ -399,6 +399,10 @@ impl Receiver {
                     // The session's rules before the ACK: a round after the final one
                     // is refused, not acknowledged first.
                     let mut s = self.shared.state(ch)?;
+                    // A session another channel failed acknowledges nothing more.
+                    if let Some(e) = self.shared.failure(ch, &s) {
+                        return Err(e);
+                    }
                     let r = s.rules.on_round_ended(ChannelId(ch), round);
                     drop(s);
                     self.shared.cv.notify_all();
@@ -413,6 +417,14 @@ impl Receiver {
                     self.complete(c)?;
                     self.check_device_state()?;
                     let s = self.shared.state(ch)?;
+                    // A channel may have failed the session since COMPLETE's conditions
+                    // were met (a frame refused, the source's ABORT), while the VMM
+                    // checked the device state: no ACK COMPLETE then. Checked under the
+                    // lock that records a failure, so one recorded before this point
+                    // is seen, and one after it is after the ACK.
+                    if let Some(e) = self.shared.failure(ch, &s) {
+                        return Err(e);
+                    }
                     let ack = self.rules.ack_complete(&s.rules).map_err(|e| self.rule(e));
                     drop(s);
                     // Still not this side's guest: channel 0 now waits for COMMIT.
@@ -420,6 +432,13 @@ impl Receiver {
                 }
                 After::Commit(c) => {
                     let mut s = self.shared.state(ch)?;
+                    // A session that failed before COMMIT was taken never becomes this
+                    // side's: another channel's refused frame or ABORT may reach the
+                    // session before this receiver sees its socket shut down, and the
+                    // source may have sent COMMIT meanwhile (ABORT, PROTOCOL.md).
+                    if let Some(e) = self.shared.failure(ch, &s) {
+                        return Err(e);
+                    }
                     let ack = s.rules.on_commit(&c).map_err(|e| self.rule(e));
                     drop(s);
                     self.shared.cv.notify_all();
@@ -505,7 +524,7 @@ impl Receiver {
         }
         let deadline = Instant::now() + self.shared.wait;
         while !s.copy_ended.iter().all(|e| e.is_some_and(|e| e >= round)) {
-            s = match self.wait_state(s, deadline)? {
+            s = match self.wait_state(s, deadline, round)? {
                 Ok(s) => s,
                 Err(s) => {
                     let ended = s
@@ -711,10 +730,14 @@ impl Receiver {
         let Some(check) = &self.shared.check else {
             return Ok(());
         };
-        let s = self.shared.state(self.ch)?;
-        check
-            .check(&s.sections)
-            .map_err(|what| MigrationError::DeviceStateRefused { what })
+        // Out of the session's state while the VMM checks them, which may take long
+        // (pagewire-vmm loads them into its VM): no lock is held meanwhile, so another
+        // channel's failure or a cancel is recorded at once. Every section has arrived
+        // (COMPLETE's conditions are met) and the rules refuse any further one.
+        let sections = std::mem::take(&mut self.shared.state(self.ch)?.sections);
+        let checked = check.check(&sections);
+        self.shared.state(self.ch)?.sections = sections;
+        checked.map_err(|what| MigrationError::DeviceStateRefused { what })
     }
 
     /// Waits until every channel ended the final round (the session's rules decide),
@@ -728,7 +751,7 @@ impl Receiver {
             if let CompleteProgress::Done(r) = progress {
                 return Ok(r.0);
             }
-            s = match self.wait_state(s, deadline)? {
+            s = match self.wait_state(s, deadline, c.final_round)? {
                 Ok(s) => s,
                 Err(s) => {
                     let (ended, sections, partial) = s.rules.waiting_for();
@@ -747,17 +770,22 @@ impl Receiver {
         }
     }
 
-    /// One wait on the session's condition variable, at most until `deadline`: `Ok`
-    /// with the state after the wait, `Err` with it once the deadline has passed.
+    /// One wait on the session's condition variable, for every channel to end `round`,
+    /// at most until `deadline`: `Ok` with the state after the wait, `Err` with it once
+    /// the deadline has passed.
     ///
     /// # Errors
-    /// Another channel failed the session.
+    /// Another channel failed the session, or idled out before it ended `round`.
     fn wait_state<'s>(
         &self,
         s: MutexGuard<'s, State>,
         deadline: Instant,
+        round: Round,
     ) -> Result<Result<MutexGuard<'s, State>, MutexGuard<'s, State>>, MigrationError> {
         if let Some(e) = self.shared.failure(self.ch, &s) {
+            return Err(e);
+        }
+        if let Some(e) = self.shared.idle_blocks(self.ch, &s, round) {
             return Err(e);
         }
         let now = Instant::now();

@@ -158,10 +158,20 @@ impl Source {
             let threads = config
                 .codec_threads
                 .unwrap_or_else(|| crate::config::codec_threads_for(config.channels));
+            // deflate goes as deflate-4k to a destination that decodes only that, at
+            // 4 KiB pages (PROTOCOL.md, Codecs): the same streams.
+            let sendable = |c: CodecId| negotiated.codecs.sendable_as(c, page_size).unwrap_or(c);
             let selector = match &config.codec {
                 CodecPolicy::Auto(a) => Some(
                     adaptive::Selector::new(
-                        a,
+                        &adaptive::AdaptiveConfig {
+                            candidates: a
+                                .candidates
+                                .iter()
+                                .map(|&(c, l)| (sendable(c), l))
+                                .collect(),
+                            ..a.clone()
+                        },
                         |c| negotiated.codecs.contains(c),
                         negotiated.checksum.is_none(),
                         threads.max(1),
@@ -190,7 +200,7 @@ impl Source {
                 // Under the adaptive choice, the selector's on every frame.
                 params: {
                     let (codec, level) = match config.codec {
-                        CodecPolicy::Fixed { codec, level } => (codec, level),
+                        CodecPolicy::Fixed { codec, level } => (sendable(codec), level),
                         CodecPolicy::Auto(_) => (CodecId::RAW, 0),
                     };
                     EncodeParams {

@@ -164,7 +164,7 @@ impl<'a> Frame<'a> {
             FrameType::DEVICE_STATE => {
                 flags_only(ty, env.flags, 0)?;
                 let instance = r.u32()?;
-                let name = utf8(r.bytes_u8()?, "device state name")?;
+                let name = utf8(r.bytes_u8()?, "device state name (UTF-8 valid up to byte)")?;
                 if name.is_empty() {
                     return Err(DecodeError::InvalidField {
                         field: "device state name length",
@@ -177,7 +177,7 @@ impl<'a> Frame<'a> {
                 let end = offset.checked_add(data.len() as u64);
                 if end.is_none_or(|end| end > total) {
                     return Err(DecodeError::InvalidField {
-                        field: "device state offset",
+                        field: "device state offset (its data would end past the section's total)",
                         value: offset,
                     });
                 }
@@ -200,7 +200,7 @@ impl<'a> Frame<'a> {
                 flags_only(ty, env.flags, 0)?;
                 Frame::Abort(Abort {
                     reason: AbortReason(r.u16()?),
-                    message: utf8(r.bytes_u8()?, "abort message")?,
+                    message: utf8(r.bytes_u8()?, "abort message (UTF-8 valid up to byte)")?,
                 })
             }
             FrameType::COMMIT => {

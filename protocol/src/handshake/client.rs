@@ -196,7 +196,11 @@ fn check_welcome(
     if !codecs.contains(CodecId::RAW) || !codecs.contains(CodecId::ZERO) {
         return Err(HandshakeError::NoCommonCodec);
     }
-    if let Some(&c) = require.as_slice().iter().find(|&&c| !codecs.contains(c)) {
+    if let Some(&c) = require
+        .as_slice()
+        .iter()
+        .find(|&&c| codecs.sendable_as(c, caps.page_size).is_none())
+    {
         return Err(HandshakeError::CodecRequired(c));
     }
     match w.checksum {

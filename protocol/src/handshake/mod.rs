@@ -278,7 +278,9 @@ pub struct ClientConfig {
     /// configured to send with no other choice. A WELCOME without one of them is
     /// refused with REJECT `NO_COMMON_CODEC` instead of CONFIRM
     /// ([`HandshakeError::CodecRequired`]), so the destination learns why before the
-    /// session starts. Empty: any WELCOME list with `raw` and `zero` will do.
+    /// session starts. `deflate` at 4 KiB pages is satisfied by `deflate-4k` too
+    /// ([`CodecSet::sendable_as`]). Empty: any WELCOME list with `raw` and `zero` will
+    /// do.
     pub require: CodecSet,
 }
 
@@ -386,7 +388,11 @@ pub enum HandshakeError {
     )]
     CodecRequired(CodecId),
     /// This side requires authentication and the peer offered none.
-    #[error("the peer offers no authentication and this side requires a pre-shared key")]
+    #[error(
+        "the peer offers no authentication method this side can do, and this side requires \
+         a pre-shared key (hmac-sha256 on a plaintext channel, hmac-sha256-tls-exporter \
+         inside TLS)"
+    )]
     AuthRequired,
     /// This side has a key and the peer did not authenticate.
     #[error("the peer does not authenticate; configure the same pre-shared key on both sides")]

@@ -154,8 +154,8 @@ pub enum SessionError {
         /// Received whole.
         received: u32,
     },
-    /// A channel ended a round after the final one.
-    #[error("a channel ended round {round}, after the final round {final_round}")]
+    /// A channel opened (sent pages of) or ended a round after the final one.
+    #[error("a channel opened or ended round {round}, after the final round {final_round}")]
     RoundAfterFinal {
         /// The later round.
         round: Round,

@@ -228,7 +228,7 @@ pub enum SessionError {
         channels: u16,
     },
     /// Not every channel arrived in time.
-    #[error("only {have} of {need} channels arrived within {timeout:?}; is the source running?")]
+    #[error("{}", incomplete(*have, *need, *timeout))]
     Incomplete {
         /// Channels established.
         have: usize,
@@ -799,5 +799,19 @@ pub(crate) fn wait_readable(
         Ok(n) => Ok(n > 0),
         Err(nix::errno::Errno::EINTR) => Ok(false),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// [`SessionError::Incomplete`]'s message: with no channel established the count is
+/// unknown (no handshake named it).
+fn incomplete(have: usize, need: usize, timeout: Duration) -> String {
+    match need {
+        0 => format!(
+            "no channel of the session completed its handshake within {timeout:?}; is the \
+             source running, with this session's id and key?"
+        ),
+        _ => format!(
+            "only {have} of {need} channels arrived within {timeout:?}; is the source running?"
+        ),
     }
 }

@@ -324,11 +324,12 @@ pub fn label(codec: CodecId, level: i32) -> String {
         CodecId::LZ4 => "lz4",
         CodecId::ZSTD => "zstd",
         CodecId::DEFLATE => "deflate",
+        CodecId::DEFLATE_4K => "deflate-4k",
         CodecId::DELTA => "delta",
         _ => return format!("{codec:?}"),
     };
     match codec {
-        CodecId::ZSTD | CodecId::DEFLATE => format!("{name}:{level}"),
+        CodecId::ZSTD | CodecId::DEFLATE | CodecId::DEFLATE_4K => format!("{name}:{level}"),
         _ => name.to_string(),
     }
 }
