@@ -22,7 +22,8 @@ pub fn error_text(e: &anyhow::Error) -> String {
     let mut text = String::new();
     for cause in e.chain() {
         let said = cause.to_string();
-        if text.contains(&said) {
+        // Said already when the message so far ends with it ("...: {source}").
+        if text.ends_with(&said) {
             continue;
         }
         if !text.is_empty() {

@@ -490,12 +490,12 @@ fn a_session_failed_while_the_vmm_checks_the_device_state_gets_no_ack_complete()
     legitimate(&dest, 2);
 }
 
-/// A channel that idles out before it ended the final round: no failure by itself
-/// (see the test above), but COMPLETE, which would wait for that round on it, fails at
-/// once, naming the idle channel, rather than at the end of its wait.
-#[test]
-fn an_idle_channel_short_of_the_final_round_fails_complete_at_once() {
-    let dest = Dest::with(58, |cfg| cfg.idle_timeout = Duration::from_millis(500));
+/// A channel that idles out before it ended the final round, or with a device-state
+/// section unfinished (its rest may come only on that channel): no failure by itself
+/// (see the test above), but COMPLETE, which would wait for it, fails at once, naming
+/// the idle channel, rather than at the end of its wait.
+fn an_idle_channel_short_of_the_end_fails_complete_at_once(n: u8, unfinished_section: bool) {
+    let dest = Dest::with(n, |cfg| cfg.idle_timeout = Duration::from_millis(500));
     let t = dest.accept(None);
     let mut chans = [dest.connect(0, 2, false), dest.connect(1, 2, false)];
     let regions = regions(64 * u64::from(PS));
@@ -508,6 +508,15 @@ fn an_idle_channel_short_of_the_final_round_fails_complete_at_once() {
         }));
         assert_eq!(c.recv(), Some((FrameType::ACK, 0)));
     }
+    if unfinished_section {
+        chans[1].send(Frame::DeviceState(DeviceState {
+            instance: 0,
+            name: "half",
+            total: 100,
+            offset: 0,
+            data: &[7; 50],
+        }));
+    }
     // Channel 1 idles out meanwhile.
     for _ in 0..10 {
         std::thread::sleep(Duration::from_millis(150));
@@ -519,15 +528,21 @@ fn an_idle_channel_short_of_the_final_round_fails_complete_at_once() {
     }
     let [c0, c1] = &mut chans;
     assert_eq!(c1.until_end().unwrap(), vec![]);
-    c0.send(Frame::EndOfRound(EndOfRound {
-        round: Round(1),
-        frames: 0,
-        pages: 0,
-    }));
-    assert_eq!(c0.recv(), Some((FrameType::ACK, 1)));
+    let final_round = match unfinished_section {
+        true => 0,
+        false => {
+            c0.send(Frame::EndOfRound(EndOfRound {
+                round: Round(1),
+                frames: 0,
+                pages: 0,
+            }));
+            assert_eq!(c0.recv(), Some((FrameType::ACK, 1)));
+            1
+        }
+    };
     c0.send(Frame::Complete(Complete {
-        final_round: Round(1),
-        sections: 0,
+        final_round: Round(final_round),
+        sections: u32::from(unfinished_section),
     }));
     assert_eq!(
         c0.until_end().unwrap(),
@@ -540,4 +555,59 @@ fn an_idle_channel_short_of_the_final_round_fails_complete_at_once() {
         }
         _ => panic!("expected COMPLETE to fail on the idle channel, got {r:?}"),
     }
+}
+
+#[test]
+fn an_idle_channel_short_of_the_final_round_fails_complete_at_once() {
+    an_idle_channel_short_of_the_end_fails_complete_at_once(58, false);
+}
+
+#[test]
+fn an_idle_channel_with_a_section_unfinished_fails_complete_at_once() {
+    an_idle_channel_short_of_the_end_fails_complete_at_once(59, true);
+}
+
+/// The destination's VMM cancels after COMMIT was taken (ACK COMMITTED already sent):
+/// too late, the source has given the guest up, so the migration is reported as
+/// committed and the guest is this side's to start. `wait` reported `Cancelled`, which
+/// left the guest running on neither host.
+#[test]
+fn a_cancel_after_commit_changes_nothing() {
+    use std::sync::mpsc;
+    let dest = Dest::new(60, None);
+    let l = dest.listener.clone();
+    let (control_tx, control_rx) = mpsc::channel();
+    let (go, go_rx) = mpsc::channel::<()>();
+    let t = std::thread::spawn(move || {
+        let d = l.accept(None)?;
+        control_tx.send(d.control()).unwrap();
+        let _ = go_rx.recv_timeout(Duration::from_secs(20));
+        d.wait()
+    });
+    let mut c = dest.connect(0, 1, false);
+    let regions = regions(64 * u64::from(PS));
+    c.send(layout(&regions));
+    c.send(Frame::EndOfRound(EndOfRound {
+        round: Round(0),
+        frames: 0,
+        pages: 0,
+    }));
+    assert_eq!(c.recv(), Some((FrameType::ACK, 0)));
+    let control = control_rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    c.send(Frame::Complete(Complete {
+        final_round: Round(0),
+        sections: 0,
+    }));
+    assert_eq!(c.recv(), Some((FrameType::ACK, 0)));
+    c.send(Frame::Commit(Commit {
+        final_round: Round(0),
+    }));
+    assert_eq!(c.recv(), Some((FrameType::ACK, 0)), "ACK COMMITTED");
+    control.cancel();
+    go.send(()).unwrap();
+    let m = t
+        .join()
+        .unwrap()
+        .expect("a cancel after COMMIT changes nothing");
+    assert_eq!(m.final_round, 0);
 }

@@ -207,12 +207,12 @@ fn check_zstd_frame(payload: &[u8], expected: usize) -> Result<(), CodecError> {
                 detail: "bytes after the zstd frame",
             });
         }
-        Err(_) if zstd_window_log(payload).is_some_and(|log| log > 31) => {
+        Err(_) if zstd_window_log(payload).is_some_and(|log| log > ZSTD_WINDOW_LOG_MAX) => {
             return Err(CodecError::Corrupt {
                 codec,
-                detail: "the zstd frame declares a window above 2^31 bytes (Window_Log over \
-                         31), more than the zstd library decodes; RFC 8878 lets a decoder \
-                         refuse it and no compressor writes one (PROTOCOL.md, Codecs)",
+                detail: "the zstd frame declares a Window_Log above 31, more than the zstd \
+                         library decodes (30 on 32-bit hosts); RFC 8878 lets a decoder refuse \
+                         it and no compressor writes one (PROTOCOL.md, Codecs)",
             });
         }
         Err(_) => {
@@ -234,10 +234,19 @@ fn check_zstd_frame(payload: &[u8], expected: usize) -> Result<(), CodecError> {
     }
 }
 
-/// The Window_Log a zstd frame header declares (RFC 8878, Window_Descriptor: 10 plus
-/// its exponent), when it has a Window_Descriptor (no Single_Segment_flag).
+/// The largest Window_Log the zstd library decodes (its `ZSTD_WINDOWLOG_MAX`, which
+/// zstd-safe exposes only with its experimental feature).
+const ZSTD_WINDOW_LOG_MAX: u32 = if cfg!(target_pointer_width = "64") {
+    31
+} else {
+    30
+};
+
+/// The Window_Log a zstd frame's header declares (RFC 8878, Window_Descriptor: 10 plus
+/// its exponent), when the payload starts with a zstd frame's magic and the header has
+/// a Window_Descriptor (no Single_Segment_flag).
 fn zstd_window_log(payload: &[u8]) -> Option<u32> {
-    let &[_, _, _, _, descriptor, window, ..] = payload else {
+    let &[0x28, 0xb5, 0x2f, 0xfd, descriptor, window, ..] = payload else {
         return None;
     };
     (descriptor & 0x20 == 0).then_some(10 + u32::from(window >> 3))

@@ -29,7 +29,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use pagewire_protocol::{DestinationSession, MemoryLayout, Round};
+use pagewire_protocol::{ChannelId, DestinationSession, MemoryLayout, Round};
 use pagewire_transport::Stream;
 
 use crate::config::Prefault;
@@ -127,7 +127,9 @@ pub struct Migrated {
 /// Cancels an incoming migration from any thread: [`Destination::wait`] (or an
 /// [`accept_controlled`](DestinationListener::accept_controlled) still waiting for the
 /// channels) then returns [`MigrationError::Cancelled`] and never reports success, and
-/// the guest must not be started. Every blocked wait wakes: the channels' sockets are
+/// the guest must not be started; unless COMMIT was already taken, when the guest is
+/// this side's and the cancel changes nothing (`wait` reports success: the source has
+/// given the guest up). Every blocked wait wakes: the channels' sockets are
 /// shut down (so the source sees them close), the wait for other channels at COMPLETE
 /// is woken, and an accept in progress stops within 50 ms.
 #[derive(Clone, Default)]
@@ -412,8 +414,15 @@ impl Shared {
 
     /// Cancels the session: it fails, and every channel's socket is shut down both
     /// ways, so a receiver blocked in a send wakes too.
+    ///
+    /// Too late once COMMIT was taken: the guest is this side's then (PROTOCOL.md,
+    /// COMMIT), and the source has given it up. Decided under the lock COMMIT is taken
+    /// under, which checks for a cancel ([`Self::failure`]).
     fn cancel(&self) {
-        self.cancelled.store(true, Ordering::SeqCst);
+        match self.state.lock() {
+            Ok(s) if s.rules.committed().is_some() => return,
+            _ => self.cancelled.store(true, Ordering::SeqCst),
+        }
         self.fail(None, "cancelled by the destination's VMM".into());
         self.shutdown(std::net::Shutdown::Both);
     }
@@ -448,7 +457,9 @@ impl Shared {
     }
 
     /// A wait of channel `ch` for every channel to end `round` that cannot end well:
-    /// a channel that idled out before it ended that round.
+    /// a channel that idled out before it ended that round, or with a device-state
+    /// section unfinished (only that channel may carry its rest, so the session cannot
+    /// complete).
     fn idle_blocks(&self, ch: u16, state: &State, round: Round) -> Option<MigrationError> {
         state
             .idled
@@ -458,6 +469,7 @@ impl Shared {
                     .copy_ended
                     .get(usize::from(*c))
                     .is_some_and(|e| e.is_some_and(|e| e >= round))
+                    || state.rules.unfinished_on(ChannelId(*c))
             })
             .map(|(_, why)| MigrationError::SessionFailed {
                 channel: ch,

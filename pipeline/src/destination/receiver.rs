@@ -421,7 +421,8 @@ impl Receiver {
                     // were met (a frame refused, the source's ABORT), while the VMM
                     // checked the device state: no ACK COMPLETE then. Checked under the
                     // lock that records a failure, so one recorded before this point
-                    // is seen, and one after it is after the ACK.
+                    // is seen; one recorded after it may still see this ACK sent, and
+                    // COMMIT then checks again.
                     if let Some(e) = self.shared.failure(ch, &s) {
                         return Err(e);
                     }

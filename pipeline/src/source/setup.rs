@@ -128,7 +128,10 @@ impl Source {
             // `auto` takes an accelerator only for a codec it runs itself (for the
             // adaptive choice, one of its candidates); otherwise every frame would go
             // through it to the software fallback.
-            let runs_itself = |codec| engine.probe().can_encode(codec, Level::DEFAULT);
+            // deflate goes as deflate-4k to a destination that decodes only that, at
+            // 4 KiB pages (PROTOCOL.md, Codecs): the same streams.
+            let sendable = |c: CodecId| negotiated.codecs.sendable_as(c, page_size).unwrap_or(c);
+            let runs_itself = |codec| engine.probe().can_encode(sendable(codec), Level::DEFAULT);
             let accelerated = match &config.codec {
                 CodecPolicy::Fixed { codec, .. } => runs_itself(*codec),
                 CodecPolicy::Auto(a) => a.candidates.iter().any(|&(c, _)| runs_itself(c)),
@@ -158,9 +161,6 @@ impl Source {
             let threads = config
                 .codec_threads
                 .unwrap_or_else(|| crate::config::codec_threads_for(config.channels));
-            // deflate goes as deflate-4k to a destination that decodes only that, at
-            // 4 KiB pages (PROTOCOL.md, Codecs): the same streams.
-            let sendable = |c: CodecId| negotiated.codecs.sendable_as(c, page_size).unwrap_or(c);
             let selector = match &config.codec {
                 CodecPolicy::Auto(a) => Some(
                     adaptive::Selector::new(

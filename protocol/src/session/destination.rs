@@ -407,6 +407,12 @@ impl DestinationSession {
         Ok(CompleteProgress::Waiting)
     }
 
+    /// Whether a device-state section begun on `channel` is unfinished: its other
+    /// chunks may come only on that channel (`SectionChannel`).
+    pub fn unfinished_on(&self, channel: ChannelId) -> bool {
+        self.partial.iter().any(|p| p.channel == channel)
+    }
+
     /// What a COMPLETE still waits for, for an error message.
     pub fn waiting_for(&self) -> (usize, u32, usize) {
         let ended = self
