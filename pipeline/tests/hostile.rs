@@ -207,21 +207,6 @@ fn up_to_the_final_round(dest: &Dest) -> Raw {
     c
 }
 
-/// LAYOUT and an empty round 0 on channel `c`, acknowledged.
-fn through_an_empty_round_0(c: &mut Raw) {
-    let regions = regions(64 * u64::from(PS));
-    c.send(Frame::Layout(LayoutFrame {
-        chunk_pages: 4,
-        regions: WireList::Slice(&regions),
-    }));
-    c.send(Frame::EndOfRound(EndOfRound {
-        round: Round(0),
-        frames: 0,
-        pages: 0,
-    }));
-    assert_eq!(c.recv(), Some((FrameType::ACK, 0)));
-}
-
 #[test]
 fn a_commit_before_ack_complete_is_refused() {
     let dest = Dest::new(10, None);
@@ -406,19 +391,6 @@ fn copy_frame(runs: &[CopyRun], round_end: bool, crc: bool) -> Frame<'_> {
         true => f.with_crc().unwrap(),
         false => f,
     })
-}
-
-/// Round 0 is the final round: COMPLETE and COMMIT on channel 0, each acknowledged.
-fn complete_and_commit(c: &mut Raw) {
-    c.send(Frame::Complete(Complete {
-        final_round: Round(0),
-        sections: 0,
-    }));
-    assert_eq!(c.recv(), Some((FrameType::ACK, 0)));
-    c.send(Frame::Commit(Commit {
-        final_round: Round(0),
-    }));
-    assert_eq!(c.recv(), Some((FrameType::ACK, 0)));
 }
 
 /// Bad COPY frames: a source page of another channel (allowed only at the round's

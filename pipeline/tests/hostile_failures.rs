@@ -380,40 +380,18 @@ fn an_idle_channel_after_the_final_round_leaves_the_session_running() {
     let dest = Dest::with(56, |cfg| cfg.idle_timeout = Duration::from_millis(500));
     let t = dest.accept(None);
     let mut chans = [dest.connect(0, 2, false), dest.connect(1, 2, false)];
-    let regions = regions(64 * u64::from(PS));
     for c in &mut chans {
-        c.send(layout(&regions));
-        c.send(Frame::EndOfRound(EndOfRound {
-            round: Round(0),
-            frames: 0,
-            pages: 0,
-        }));
-        assert_eq!(c.recv(), Some((FrameType::ACK, 0)));
+        through_an_empty_round_0(c);
     }
     // Channel 1 idles out meanwhile.
-    for _ in 0..10 {
-        std::thread::sleep(Duration::from_millis(150));
-        chans[0].send(Frame::Extension {
-            frame_type: FrameType(0x90),
-            flags: 0,
-            body: b"still here",
-        });
-    }
+    keep_alive_for_1500_ms(&mut chans[0]);
     let [c0, c1] = &mut chans;
     assert_eq!(
         c1.until_end().unwrap(),
         vec![],
         "no ABORT for an idle channel"
     );
-    c0.send(Frame::Complete(Complete {
-        final_round: Round(0),
-        sections: 0,
-    }));
-    assert_eq!(c0.recv(), Some((FrameType::ACK, 0)));
-    c0.send(Frame::Commit(Commit {
-        final_round: Round(0),
-    }));
-    assert_eq!(c0.recv(), Some((FrameType::ACK, 0)));
+    complete_and_commit(c0);
     drop(chans);
     let m = t.join().unwrap().expect("the session completes");
     assert_eq!(m.final_round, 0);
@@ -445,15 +423,8 @@ fn a_session_failed_while_the_vmm_checks_the_device_state_gets_no_ack_complete()
     });
     let t = dest.accept(None);
     let mut chans = [dest.connect(0, 2, false), dest.connect(1, 2, false)];
-    let regions = regions(64 * u64::from(PS));
     for c in &mut chans {
-        c.send(layout(&regions));
-        c.send(Frame::EndOfRound(EndOfRound {
-            round: Round(0),
-            frames: 0,
-            pages: 0,
-        }));
-        assert_eq!(c.recv(), Some((FrameType::ACK, 0)));
+        through_an_empty_round_0(c);
     }
     let [c0, c1] = &mut chans;
     c0.send(Frame::Complete(Complete {
@@ -498,15 +469,8 @@ fn an_idle_channel_short_of_the_end_fails_complete_at_once(n: u8, unfinished_sec
     let dest = Dest::with(n, |cfg| cfg.idle_timeout = Duration::from_millis(500));
     let t = dest.accept(None);
     let mut chans = [dest.connect(0, 2, false), dest.connect(1, 2, false)];
-    let regions = regions(64 * u64::from(PS));
     for c in &mut chans {
-        c.send(layout(&regions));
-        c.send(Frame::EndOfRound(EndOfRound {
-            round: Round(0),
-            frames: 0,
-            pages: 0,
-        }));
-        assert_eq!(c.recv(), Some((FrameType::ACK, 0)));
+        through_an_empty_round_0(c);
     }
     if unfinished_section {
         chans[1].send(Frame::DeviceState(DeviceState {
@@ -518,14 +482,7 @@ fn an_idle_channel_short_of_the_end_fails_complete_at_once(n: u8, unfinished_sec
         }));
     }
     // Channel 1 idles out meanwhile.
-    for _ in 0..10 {
-        std::thread::sleep(Duration::from_millis(150));
-        chans[0].send(Frame::Extension {
-            frame_type: FrameType(0x90),
-            flags: 0,
-            body: b"still here",
-        });
-    }
+    keep_alive_for_1500_ms(&mut chans[0]);
     let [c0, c1] = &mut chans;
     assert_eq!(c1.until_end().unwrap(), vec![]);
     let final_round = match unfinished_section {
@@ -585,24 +542,10 @@ fn a_cancel_after_commit_changes_nothing() {
         d.wait()
     });
     let mut c = dest.connect(0, 1, false);
-    let regions = regions(64 * u64::from(PS));
-    c.send(layout(&regions));
-    c.send(Frame::EndOfRound(EndOfRound {
-        round: Round(0),
-        frames: 0,
-        pages: 0,
-    }));
-    assert_eq!(c.recv(), Some((FrameType::ACK, 0)));
+    through_an_empty_round_0(&mut c);
     let control = control_rx.recv_timeout(Duration::from_secs(20)).unwrap();
-    c.send(Frame::Complete(Complete {
-        final_round: Round(0),
-        sections: 0,
-    }));
-    assert_eq!(c.recv(), Some((FrameType::ACK, 0)));
-    c.send(Frame::Commit(Commit {
-        final_round: Round(0),
-    }));
-    assert_eq!(c.recv(), Some((FrameType::ACK, 0)), "ACK COMMITTED");
+    // ACK COMMITTED has arrived once this returns.
+    complete_and_commit(&mut c);
     control.cancel();
     go.send(()).unwrap();
     let m = t
@@ -610,4 +553,17 @@ fn a_cancel_after_commit_changes_nothing() {
         .unwrap()
         .expect("a cancel after COMMIT changes nothing");
     assert_eq!(m.final_round, 0);
+}
+
+/// Extension frames on `c` every 150 ms for 1.5 s, so it does not idle out while
+/// another channel (of a 500 ms idle timeout) does.
+fn keep_alive_for_1500_ms(c: &mut Raw) {
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(150));
+        c.send(Frame::Extension {
+            frame_type: FrameType(0x90),
+            flags: 0,
+            body: b"still here",
+        });
+    }
 }

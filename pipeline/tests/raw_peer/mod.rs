@@ -308,3 +308,31 @@ pub fn legitimate(dest: &Dest, count: u16) {
     assert!(m.memory.read_pages(RegionId(0), 0, 64, &mut got));
     assert!(got == want, "the destination's memory differs");
 }
+
+/// LAYOUT (64 pages, chunks of 4) and an empty round 0 on channel `c`, acknowledged.
+pub fn through_an_empty_round_0(c: &mut Raw) {
+    let regions = regions(64 * u64::from(PS));
+    c.send(Frame::Layout(LayoutFrame {
+        chunk_pages: 4,
+        regions: WireList::Slice(&regions),
+    }));
+    c.send(Frame::EndOfRound(EndOfRound {
+        round: Round(0),
+        frames: 0,
+        pages: 0,
+    }));
+    assert_eq!(c.recv(), Some((FrameType::ACK, 0)));
+}
+
+/// Round 0 is the final round: COMPLETE and COMMIT on channel 0, each acknowledged.
+pub fn complete_and_commit(c: &mut Raw) {
+    c.send(Frame::Complete(Complete {
+        final_round: Round(0),
+        sections: 0,
+    }));
+    assert_eq!(c.recv(), Some((FrameType::ACK, 0)));
+    c.send(Frame::Commit(Commit {
+        final_round: Round(0),
+    }));
+    assert_eq!(c.recv(), Some((FrameType::ACK, 0)));
+}
