@@ -485,8 +485,9 @@ fn destination(args: &Args, addr: std::net::SocketAddr) -> anyhow::Result<ExitCo
     let mut m = Machine::build(shape(args))?;
     let incoming = migration::Incoming::bind(args, addr, m.restorer())?;
     say(format!("listening on {}", incoming.local_addr()?));
-    // SIGTERM/SIGINT cancel the incoming migration at any point (pagewire's
-    // DestinationControl wakes every wait); the guest is then never started.
+    // SIGTERM/SIGINT cancel the incoming migration at any point before COMMIT
+    // (pagewire's DestinationControl wakes every wait); the guest is then never started.
+    // After COMMIT the guest is this side's and a cancel changes nothing.
     let control = incoming.control();
     let receiving = Arc::new(AtomicBool::new(true));
     let watcher = {

@@ -165,7 +165,8 @@ impl DestinationControl {
         }
     }
 
-    /// Whether [`Self::cancel`] was called.
+    /// Whether [`Self::cancel`] was called (also when it came after COMMIT and so
+    /// changed nothing).
     pub fn is_cancelled(&self) -> bool {
         self.0.cancelled.load(Ordering::SeqCst)
     }
