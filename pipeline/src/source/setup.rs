@@ -125,17 +125,10 @@ impl Source {
                 queue_depth: config.queue_depth,
             };
             let mut engine = Engine::build(&config.accel, engine_config.clone(), software)?;
-            // `auto` takes an accelerator only for a codec it runs itself (for the
-            // adaptive choice, one of its candidates); otherwise every frame would go
-            // through it to the software fallback.
-            // deflate goes as deflate-4k to a destination that decodes only that, at
-            // 4 KiB pages (PROTOCOL.md, Codecs): the same streams.
             let sendable = |c: CodecId| negotiated.codecs.sendable_as(c, page_size).unwrap_or(c);
-            let runs_itself = |codec| engine.probe().can_encode(sendable(codec), Level::DEFAULT);
-            let accelerated = match &config.codec {
-                CodecPolicy::Fixed { codec, .. } => runs_itself(*codec),
-                CodecPolicy::Auto(a) => a.candidates.iter().any(|&(c, _)| runs_itself(c)),
-            };
+            // `auto` takes an accelerator only for a codec it runs itself.
+            let accelerated =
+                runs_itself(&config.codec, engine.probe(), &negotiated.codecs, page_size);
             if config.accel == pagewire_accel::BackendChoice::Auto
                 && engine.probe().backend != pagewire_accel::BackendKind::Software
                 && !accelerated
@@ -332,6 +325,29 @@ impl Source {
 
 /// A session error, or [`MigrationError::Timeout`] when a connect or handshake wait
 /// ran out.
+/// Whether the engine's backend (under `auto`, an accelerator it found) encodes a codec
+/// this source will send: the fixed codec, or one of the adaptive choice's candidates,
+/// as it goes to a destination that decodes `codecs` at `page_size` (deflate as
+/// deflate-4k, [`CodecSet::sendable_as`]). A codec the destination cannot decode is
+/// never sent, so it does not count: otherwise every frame would go through the
+/// accelerator to its software fallback.
+fn runs_itself(
+    policy: &CodecPolicy,
+    probe: &pagewire_accel::Probe,
+    codecs: &CodecSet,
+    page_size: u32,
+) -> bool {
+    let runs = |codec| {
+        codecs
+            .sendable_as(codec, page_size)
+            .is_some_and(|c| probe.can_encode(c, Level::DEFAULT))
+    };
+    match policy {
+        CodecPolicy::Fixed { codec, .. } => runs(*codec),
+        CodecPolicy::Auto(a) => a.candidates.iter().any(|&(c, _)| runs(c)),
+    }
+}
+
 fn session_error(e: session::SessionError, config: &SourceConfig) -> MigrationError {
     use pagewire_transport::tcp::TcpError;
     use session::SessionError;
@@ -375,4 +391,55 @@ pub(crate) fn proc_stat() -> Option<(u64, u64)> {
         return None;
     };
     Some((idle + iowait, f.iter().sum()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pagewire_accel::{BackendKind, FormatCaps, Probe};
+
+    /// A device that writes deflate-4k streams, as IAA does at 4 KiB pages (listed as
+    /// deflate too, the same streams there).
+    fn deflate_4k_device() -> Probe {
+        let caps = |codec| FormatCaps::both(codec, Level(0), Level(12));
+        Probe {
+            backend: BackendKind::Iaa,
+            formats: vec![caps(CodecId::DEFLATE_4K), caps(CodecId::DEFLATE)],
+            max_job_pages: 64,
+            max_job_bytes: 1 << 20,
+            queue_depth: 16,
+            delta_cache: false,
+        }
+    }
+
+    fn set(ids: &[CodecId]) -> CodecSet {
+        let mut s = CodecSet::empty();
+        for &id in ids {
+            assert!(s.insert(id));
+        }
+        s
+    }
+
+    #[test]
+    fn an_accelerator_is_kept_only_for_a_codec_the_destination_takes() {
+        let device = deflate_4k_device();
+        let base = [CodecId::RAW, CodecId::ZERO, CodecId::LZ4, CodecId::ZSTD];
+        let without = set(&base);
+        let with_4k = set(&[&base[..], &[CodecId::DEFLATE_4K]].concat());
+        let deflate = CodecPolicy::fixed(CodecId::DEFLATE, 1);
+        // deflate goes as deflate-4k at 4 KiB pages, which the device writes.
+        assert!(runs_itself(&deflate, &device, &with_4k, 4096));
+        assert!(!runs_itself(&deflate, &device, &with_4k, 8192));
+        assert!(!runs_itself(&deflate, &device, &without, 4096));
+        assert!(!runs_itself(
+            &CodecPolicy::fixed(CodecId::LZ4, 0),
+            &device,
+            &with_4k,
+            4096
+        ));
+        // `auto`'s deflate candidate counts only when the destination decodes it.
+        let auto = CodecPolicy::auto();
+        assert!(runs_itself(&auto, &device, &with_4k, 4096));
+        assert!(!runs_itself(&auto, &device, &without, 4096));
+    }
 }
