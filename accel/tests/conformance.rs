@@ -463,6 +463,24 @@ fn corrupt_payloads_are_rejected() {
         let r = s.decode(CodecId::ZSTD, &skip, &[], &mut one, false);
         let e = r.expect_err("skippable frame accepted").to_string();
         assert!(e.contains("skippable"), "{}: {e}", s.name());
+        // A frame with its optional Content_Checksum decodes; with the checksum
+        // altered it is refused (PROTOCOL.md, Codecs).
+        let mut cctx = zstd::zstd_safe::CCtx::create();
+        cctx.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
+            .unwrap();
+        let mut sum = vec![0u8; 2 * PS];
+        let n = cctx.compress2(&mut sum[..], &half[..]).unwrap();
+        sum.truncate(n);
+        let mut one = vec![0u8; half.len()];
+        s.decode(CodecId::ZSTD, &sum, &[], &mut one, false)
+            .unwrap_or_else(|e| panic!("{}: a Content_Checksum refused: {e}", s.name()));
+        assert_eq!(one, half, "{}", s.name());
+        *sum.last_mut().unwrap() ^= 1;
+        assert!(
+            s.decode(CodecId::ZSTD, &sum, &[], &mut one, false).is_err(),
+            "{}: a wrong Content_Checksum accepted",
+            s.name()
+        );
         // A frame (one RLE block of a page) declaring Window_Log 31 with the largest
         // mantissa (3.75 GiB), the most the zstd library decodes (on 64-bit hosts),
         // decodes into the page alone; 32 is refused, saying why (PROTOCOL.md, Codecs).

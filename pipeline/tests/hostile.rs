@@ -352,7 +352,9 @@ fn bad_uniform_runs_are_refused_and_write_nothing() {
                     ),
                     _ => matches!(
                         source,
-                        pagewire_transport::ChannelError::Decode(DecodeError::RunsNotCanonical)
+                        pagewire_transport::ChannelError::Decode(
+                            DecodeError::RunsNotCanonical { .. }
+                        )
                     ),
                 };
                 assert!(want, "case {i}: {source:?}");
@@ -468,7 +470,7 @@ fn bad_copies_are_refused_and_write_nothing() {
                     r,
                     Err(MigrationError::Channel {
                         source: pagewire_transport::ChannelError::Decode(
-                            DecodeError::RunsNotCanonical
+                            DecodeError::RunsNotCanonical { .. }
                         ),
                         ..
                     })

@@ -266,28 +266,43 @@ pub(crate) fn decode_copy<'a>(
 /// do not continue (one encoding per copy); no source page among the targets. Returns
 /// the number of target pages.
 fn check_runs(runs: &WireList<'_, CopyRun>) -> Result<u64, DecodeError> {
+    let bad = |rule| DecodeError::RunsNotCanonical {
+        list: "copy runs",
+        rule,
+    };
     if runs.is_empty() {
-        return Err(DecodeError::RunsNotCanonical);
+        return Err(bad("none (a COPY frame has at least one run)"));
     }
     let mut pages = 0u64;
     // The previous run's target end and source end.
     let mut prev: Option<(u64, u64)> = None;
     for run in runs.iter() {
         let (Some(end), Some(from_end)) = (run.target().end(), run.source().end()) else {
-            return Err(DecodeError::RunsNotCanonical);
+            return Err(bad(
+                "a target or source run past the last page index (start + count overflows u64)",
+            ));
         };
-        let bad_order = prev.is_some_and(|(p_end, p_from_end)| {
-            run.start.0 < p_end || (run.start.0 == p_end && run.from.0 == p_from_end)
-        });
-        if run.count == 0 || bad_order {
-            return Err(DecodeError::RunsNotCanonical);
+        if run.count == 0 {
+            return Err(bad(crate::pages::EMPTY_RUN));
+        }
+        if let Some((p_end, p_from_end)) = prev {
+            if run.start.0 < p_end {
+                return Err(bad(
+                    "a target run that starts before the previous one's end (targets ascend without overlapping)",
+                ));
+            }
+            if run.start.0 == p_end && run.from.0 == p_from_end {
+                return Err(bad(
+                    "a run that continues the previous one in both target and source (they must be one run)",
+                ));
+            }
         }
         prev = Some((end, from_end));
         // At most 65535 runs of u32 pages: the sum cannot overflow.
         pages += u64::from(run.count);
     }
     if runs.iter().any(|run| hits_a_target(runs, run.source())) {
-        return Err(DecodeError::RunsNotCanonical);
+        return Err(bad("a source page that is also a target page"));
     }
     Ok(pages)
 }
@@ -433,7 +448,10 @@ mod tests {
         };
         assert_eq!(
             decode(&encode(f), &limits(false)),
-            Err(DecodeError::RunsNotCanonical)
+            Err(DecodeError::RunsNotCanonical {
+                list: "copy runs",
+                rule: "a source page that is also a target page"
+            })
         );
     }
 
@@ -520,7 +538,10 @@ mod tests {
             &[cr(10, 2, 0), cr(20, 2, 21), cr(30, 1, 0)],
             &[cr(10, 1, 0), cr(20, 1, 0), cr(30, 1, 0), cr(40, 5, 28)],
         ] {
-            assert_eq!(check(bad), Err(DecodeError::RunsNotCanonical), "{bad:?}");
+            assert!(
+                matches!(check(bad), Err(DecodeError::RunsNotCanonical { .. })),
+                "{bad:?}"
+            );
         }
     }
 

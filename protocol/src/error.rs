@@ -68,7 +68,13 @@ pub enum DecodeError {
     },
     /// Page runs of one list are not ascending, overlap or touch, or a page is in two
     /// lists.
-    RunsNotCanonical,
+    RunsNotCanonical {
+        /// Which list: `data runs`, `zero runs`, `uniform runs`, `copy runs`, or the
+        /// lists together.
+        list: &'static str,
+        /// The rule it breaks.
+        rule: &'static str,
+    },
     /// The frame carries more pages than negotiated (or none).
     PageCount {
         /// Pages in the frame.
@@ -78,7 +84,12 @@ pub enum DecodeError {
     },
     /// The per-page flag does not fit the codec, or the frame has data runs for a
     /// codec without a payload or none for a codec with one.
-    LayoutMismatch(CodecId),
+    LayoutMismatch {
+        /// The frame's codec.
+        codec: CodecId,
+        /// The rule it breaks.
+        rule: &'static str,
+    },
     /// The codec is not one both sides negotiated.
     CodecNotNegotiated(CodecId),
     /// Checksums were negotiated and the frame carries none.
@@ -135,16 +146,15 @@ impl fmt::Display for DecodeError {
                 expected,
                 actual,
             } => write!(f, "{field}: expected {expected} bytes, found {actual}"),
-            Self::RunsNotCanonical => f.write_str(
-                "page runs not canonical: a run of no pages or past the last page index, or runs of a list that do not ascend, overlap or touch where they must be merged, or a page in two lists (PROTOCOL.md, PAGES and COPY)",
-            ),
+            Self::RunsNotCanonical { list, rule } => {
+                write!(f, "page runs not canonical: {list}: {rule}")
+            }
             Self::PageCount { pages, max } => {
                 write!(f, "frame carries {pages} pages, allowed 1..={max}")
             }
-            Self::LayoutMismatch(c) => write!(
-                f,
-                "frame does not fit codec {c}: its per-page flag is wrong for the codec, or it has data runs where the codec takes none or none where it needs them"
-            ),
+            Self::LayoutMismatch { codec, rule } => {
+                write!(f, "frame does not fit codec {codec}: {rule}")
+            }
             Self::CodecNotNegotiated(c) => write!(f, "codec {c} was not negotiated"),
             Self::ChecksumMissing => f.write_str("checksum negotiated but frame carries none"),
             Self::ChecksumNotNegotiated => {
@@ -152,7 +162,7 @@ impl fmt::Display for DecodeError {
             }
             Self::ChecksumMismatch { expected, actual } => write!(
                 f,
-                "payload CRC32C mismatch: frame says {expected:#010x}, payload has {actual:#010x}"
+                "frame CRC32C mismatch: frame says {expected:#010x}, its bytes have {actual:#010x}"
             ),
             Self::LayoutConflict => {
                 f.write_str("memory layout has a duplicate region id or overlapping regions")

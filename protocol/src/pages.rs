@@ -45,15 +45,26 @@ pub struct PageFrame<'a> {
 /// Bytes of PAGES body before the run lists.
 pub const PAGES_FIXED_LEN: usize = 16;
 
+/// A run whose `start + count` passes the last page index.
+pub(crate) const PAST_LAST: &str = "a run past the last page index (start + count overflows u64)";
+/// A run of no pages.
+pub(crate) const EMPTY_RUN: &str = "a run of 0 pages";
+
 /// Checks one run list: non-empty runs, ascending, neither overlapping nor touching.
 /// Returns the number of pages.
-fn check_runs(runs: &WireList<'_, PageRun>) -> Result<u64, DecodeError> {
+fn check_runs(runs: &WireList<'_, PageRun>, list: &'static str) -> Result<u64, DecodeError> {
+    let bad = |rule| DecodeError::RunsNotCanonical { list, rule };
     let mut pages = 0u64;
     let mut prev_end: Option<u64> = None;
     for run in runs.iter() {
-        let end = run.end().ok_or(DecodeError::RunsNotCanonical)?;
-        if run.count == 0 || prev_end.is_some_and(|p| run.start.0 <= p) {
-            return Err(DecodeError::RunsNotCanonical);
+        let end = run.end().ok_or(bad(PAST_LAST))?;
+        if run.count == 0 {
+            return Err(bad(EMPTY_RUN));
+        }
+        if prev_end.is_some_and(|p| run.start.0 <= p) {
+            return Err(bad(
+                "a run that does not start past the previous one's end (runs ascend, neither overlapping nor touching)",
+            ));
         }
         prev_end = Some(end);
         pages += u64::from(run.count);
@@ -74,12 +85,25 @@ fn check_uniform_runs(runs: &WireList<'_, UniformRun>) -> Result<u64, DecodeErro
                 value: 0,
             });
         }
-        let end = u.run.end().ok_or(DecodeError::RunsNotCanonical)?;
-        let bad_order = prev.is_some_and(|(p_end, p_byte)| {
-            u.run.start.0 < p_end || (u.run.start.0 == p_end && u.byte == p_byte)
-        });
-        if u.run.count == 0 || bad_order {
-            return Err(DecodeError::RunsNotCanonical);
+        let bad = |rule| DecodeError::RunsNotCanonical {
+            list: "uniform runs",
+            rule,
+        };
+        let end = u.run.end().ok_or(bad(PAST_LAST))?;
+        if u.run.count == 0 {
+            return Err(bad(EMPTY_RUN));
+        }
+        if let Some((p_end, p_byte)) = prev {
+            if u.run.start.0 < p_end {
+                return Err(bad(
+                    "a run that starts before the previous one's end (runs ascend without overlapping)",
+                ));
+            }
+            if u.run.start.0 == p_end && u.byte == p_byte {
+                return Err(bad(
+                    "a run that touches the previous one with the same byte (they must be one run)",
+                ));
+            }
         }
         prev = Some((end, u.byte));
         pages += u64::from(u.run.count);
@@ -158,15 +182,18 @@ fn pages_header<'a>(
     let data_runs: WireList<'a, PageRun> = r.list(n_data.into())?;
     let zero_runs: WireList<'a, PageRun> = r.list(n_zero.into())?;
     let uniform_runs: WireList<'a, UniformRun> = r.list(n_uniform.into())?;
-    let data_pages = check_runs(&data_runs)?;
-    let zero_pages = check_runs(&zero_runs)?;
+    let data_pages = check_runs(&data_runs, "data runs")?;
+    let zero_pages = check_runs(&zero_runs, "zero runs")?;
     let uniform_pages = check_uniform_runs(&uniform_runs)?;
     let uniform = || uniform_runs.iter().map(|u| u.run);
     if runs_intersect(data_runs.iter(), zero_runs.iter())
         || runs_intersect(data_runs.iter(), uniform())
         || runs_intersect(zero_runs.iter(), uniform())
     {
-        return Err(DecodeError::RunsNotCanonical);
+        return Err(DecodeError::RunsNotCanonical {
+            list: "data, zero and uniform runs",
+            rule: "a page in two lists",
+        });
     }
     // Each count is at most 65535 runs of u32 pages: the sum cannot overflow.
     let pages = data_pages + zero_pages + uniform_pages;
@@ -180,14 +207,24 @@ fn pages_header<'a>(
         return Err(DecodeError::CodecNotNegotiated(codec));
     }
     let per_page = flags & FLAG_PER_PAGE != 0;
-    let layout_ok = match payload_layout(codec) {
-        Some(PayloadLayout::Empty) => !per_page && data_pages == 0,
-        Some(PayloadLayout::Block) => !per_page && data_pages > 0,
-        Some(PayloadLayout::PerPage) => per_page && data_pages > 0,
-        None => data_pages > 0,
+    let layout = payload_layout(codec);
+    let rule = match layout {
+        Some(PayloadLayout::Empty) if data_pages > 0 => {
+            Some("it has data runs, and the codec carries no page data")
+        }
+        Some(PayloadLayout::Empty | PayloadLayout::Block) if per_page => {
+            Some("the per-page flag is set, and the codec's payload has no per-page length table")
+        }
+        Some(PayloadLayout::PerPage) if !per_page => Some(
+            "the per-page flag is clear, and the codec's payload needs a per-page length table",
+        ),
+        Some(PayloadLayout::Block | PayloadLayout::PerPage) | None if data_pages == 0 => Some(
+            "it has no data runs, and the codec needs page data (zero and uniform pages go in frames of codec zero or beside data runs)",
+        ),
+        _ => None,
     };
-    if !layout_ok {
-        return Err(DecodeError::LayoutMismatch(codec));
+    if let Some(rule) = rule {
+        return Err(DecodeError::LayoutMismatch { codec, rule });
     }
     // data_pages <= max_pages <= 65536: the table length cannot overflow.
     let lengths = if per_page {
@@ -532,7 +569,10 @@ mod tests {
             payload: &two,
             ..base
         };
-        assert_eq!(check(p), Err(DecodeError::RunsNotCanonical));
+        assert!(matches!(
+            check(p),
+            Err(DecodeError::RunsNotCanonical { .. })
+        ));
         // A page both data and zero.
         let p = PageFrame {
             data_runs: (&one).into(),
@@ -540,7 +580,13 @@ mod tests {
             uniform_runs: WireList::Slice(&[]),
             ..base
         };
-        assert_eq!(check(p), Err(DecodeError::RunsNotCanonical));
+        assert_eq!(
+            check(p),
+            Err(DecodeError::RunsNotCanonical {
+                list: "data, zero and uniform runs",
+                rule: "a page in two lists"
+            })
+        );
         // Raw payload of the wrong size.
         let p = PageFrame {
             data_runs: (&one).into(),
@@ -565,7 +611,13 @@ mod tests {
             payload: &payload[..100],
             ..base
         };
-        assert_eq!(check(p), Err(DecodeError::LayoutMismatch(CodecId::DEFLATE)));
+        assert!(matches!(
+            check(p),
+            Err(DecodeError::LayoutMismatch {
+                codec: CodecId::DEFLATE,
+                ..
+            })
+        ));
         // A codec that was not negotiated.
         let p = PageFrame {
             codec: CodecId(0x2a),
@@ -654,7 +706,10 @@ mod tests {
             &[uniform(8, 0, 0xcc)],
             &[uniform(u64::MAX, 2, 0xcc)],
         ] {
-            assert_eq!(check(bad), Err(DecodeError::RunsNotCanonical), "{bad:?}");
+            assert!(
+                matches!(check(bad), Err(DecodeError::RunsNotCanonical { .. })),
+                "{bad:?}"
+            );
         }
         // They count against max_pages.
         assert!(matches!(

@@ -227,10 +227,17 @@ pub(crate) fn check_region(region: &RegionDesc, page_size: u32) -> Result<(), De
     if region.length == 0 || !region.length.is_multiple_of(ps) {
         return bad("region length", region.length);
     }
-    if !region.guest_addr.0.is_multiple_of(ps)
-        || region.guest_addr.0.checked_add(region.length).is_none()
-    {
-        return bad("region guest address", region.guest_addr.0);
+    if !region.guest_addr.0.is_multiple_of(ps) {
+        return bad(
+            "region guest address (not a multiple of the page size)",
+            region.guest_addr.0,
+        );
+    }
+    if region.guest_addr.0.checked_add(region.length).is_none() {
+        return bad(
+            "region guest address (guest_addr + length passes 2^64)",
+            region.guest_addr.0,
+        );
     }
     if !region.backing_page_size.is_power_of_two() || region.backing_page_size < page_size {
         return bad("region backing page size", region.backing_page_size.into());

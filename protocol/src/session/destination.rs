@@ -238,7 +238,8 @@ impl DestinationSession {
     /// finished it.
     ///
     /// # Errors
-    /// `LimitExceeded` (sections, bytes), `DeviceStateOutOfOrder`, `SectionChannel`,
+    /// `LimitExceeded` (sections, bytes), `DeviceStateOutOfOrder`,
+    /// `DeviceStateTotalChanged`, `SectionChannel`,
     /// `DuplicateSection`, `AfterComplete`.
     pub fn on_device_state(
         &mut self,
@@ -262,9 +263,18 @@ impl DestinationSession {
                         began: p.channel,
                     });
                 }
-                if p.total != d.total || p.data.len() as u64 != d.offset {
+                if p.total != d.total {
+                    return Err(SessionError::DeviceStateTotalChanged {
+                        instance: d.instance,
+                        total: d.total,
+                        first: p.total,
+                    });
+                }
+                if p.data.len() as u64 != d.offset {
                     return Err(SessionError::DeviceStateOutOfOrder {
                         instance: d.instance,
+                        offset: d.offset,
+                        have: p.data.len() as u64,
                     });
                 }
                 i
@@ -273,6 +283,8 @@ impl DestinationSession {
                 if d.offset != 0 {
                     return Err(SessionError::DeviceStateOutOfOrder {
                         instance: d.instance,
+                        offset: d.offset,
+                        have: 0,
                     });
                 }
                 if self

@@ -113,20 +113,41 @@ pub enum SessionError {
         /// Pages that arrived.
         got_pages: u64,
     },
-    /// A device-state chunk does not continue its section.
-    #[error("device-state section #{instance}: chunk out of order")]
+    /// A device-state chunk does not continue its section: it starts elsewhere than
+    /// where the section's bytes so far end.
+    #[error(
+        "device-state section of instance {instance}: a chunk at offset {offset}, but its bytes so far end at {have} (chunks follow each other from offset 0)"
+    )]
     DeviceStateOutOfOrder {
         /// The section's instance number.
         instance: u32,
+        /// The chunk's offset.
+        offset: u64,
+        /// The section's bytes so far (0 for a section not begun).
+        have: u64,
+    },
+    /// A device-state chunk states another total than its section's first chunk.
+    #[error(
+        "device-state section of instance {instance}: a chunk states a total of {total} bytes, its first chunk {first}"
+    )]
+    DeviceStateTotalChanged {
+        /// The section's instance number.
+        instance: u32,
+        /// The chunk's total.
+        total: u64,
+        /// The first chunk's total.
+        first: u64,
     },
     /// A device-state section (name, instance) was sent twice.
-    #[error("device-state section #{instance} sent twice")]
+    #[error("device-state section of instance {instance} sent twice (same name and instance)")]
     DuplicateSection {
         /// The section's instance number.
         instance: u32,
     },
     /// A device-state section continues on another channel than it started on.
-    #[error("device-state section #{instance} continues on channel {channel}, began on {began}")]
+    #[error(
+        "device-state section of instance {instance} continues on channel {channel}, began on {began}"
+    )]
     SectionChannel {
         /// The section's instance number.
         instance: u32,

@@ -342,10 +342,30 @@ fn device_state_is_reassembled_within_bounds() {
         s.on_device_state(ChannelId(1), &chunk("a", 4, 2, b"cd")),
         Err(SessionError::SectionChannel { .. })
     ));
-    assert!(matches!(
+    assert_eq!(
         s.on_device_state(ChannelId(0), &chunk("a", 4, 3, b"d")),
-        Err(SessionError::DeviceStateOutOfOrder { .. })
-    ));
+        Err(SessionError::DeviceStateOutOfOrder {
+            instance: 0,
+            offset: 3,
+            have: 2
+        })
+    );
+    assert_eq!(
+        s.on_device_state(ChannelId(0), &chunk("a", 5, 2, b"cd")),
+        Err(SessionError::DeviceStateTotalChanged {
+            instance: 0,
+            total: 5,
+            first: 4
+        })
+    );
+    assert_eq!(
+        s.on_device_state(ChannelId(0), &chunk("b", 4, 1, b"d")),
+        Err(SessionError::DeviceStateOutOfOrder {
+            instance: 0,
+            offset: 1,
+            have: 0
+        })
+    );
     let done = s
         .on_device_state(ChannelId(0), &chunk("a", 4, 2, b"cd"))
         .unwrap()
