@@ -8,7 +8,10 @@
 //! groups, an interleaved A/B run prints the engine's overhead over the direct call
 //! for each case (`engine-overhead` lines: best MB/s of each, and the median of the
 //! per-run time ratios, and that excess in ns per job) and the compression ratios
-//! (`ratio` lines). The `engine-fixed` line then gives the engine's own cost per job
+//! (`ratio` lines). Each case's `receiver-decode` line times, against the same direct
+//! call, the decode path a destination's receivers run for software codecs: no engine
+//! job, the codec called on a page list of raw pointers into the pages (only a
+//! hardware decoder goes through engine jobs there). The `engine-fixed` line then gives the engine's own cost per job
 //! with no codec work to hide it: one-page encodes that end raw in place, and one-page
 //! decodes of `zero` frames against the same zero fill done directly.
 //!

@@ -5,8 +5,8 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use pagewire_accel::{
-    Codecs, DeltaCache, DeltaConfig, EncodeParams, Level, PageKey, PageList, PageSize, PoolBuf,
-    Tag, max_payload_len,
+    Codecs, DeltaCache, DeltaConfig, EncodeParams, Level, PageKey, PageList, PageListMut, PageSize,
+    PoolBuf, Tag, max_payload_len,
 };
 use pagewire_protocol::CodecId;
 
@@ -115,6 +115,20 @@ pub(crate) fn summary() {
                 },
                 || engine.decompress(&frames, &mut dst2, n),
             );
+            // The destination's own decode path: no engine job, the codec called on
+            // a page list of raw pointers into guest memory, as its receivers do.
+            let mut dst3 = dst.clone();
+            let mut codecs = Codecs::new();
+            let mut lengths = Vec::new();
+            let (pd, pe, pr) = ab(
+                31,
+                || {
+                    for (enc, out) in frames.iter().zip(dst.chunks_mut(n * PS)) {
+                        direct.decompress(case, enc, out);
+                    }
+                },
+                || receiver_decode(&mut codecs, &mut lengths, &frames, &mut dst3, n),
+            );
             // The overhead per job in ns: the median ratio's excess over the best
             // direct time, spread over the frames.
             let per_job = |best: f64, ratio: f64| (ratio - 1.0) * best * 1e9 / frames.len() as f64;
@@ -132,6 +146,15 @@ pub(crate) fn summary() {
                 per_job(dd, dr),
             );
             println!(
+                "receiver-decode {:<10} frame {:>3} pages: {:>7.0} MB/s direct {:>7.0} MB/s the destination's path ({:+5.1}%, {:+5.0} ns/frame)",
+                case.name,
+                n,
+                mb / pd,
+                mb / pe,
+                (pr - 1.0) * 100.0,
+                per_job(pd, pr),
+            );
+            println!(
                 "ratio {:<10} frame {:>3} pages: {:.2} ({} bytes of {}; {} of {} frames raw)",
                 case.name,
                 n,
@@ -142,6 +165,29 @@ pub(crate) fn summary() {
                 frames.len()
             );
         }
+    }
+}
+
+/// Decodes `frames` into `dst` (frames of `n` pages) as a destination's receiver
+/// does: per frame, a page list of raw pointers into the pages and one call of the
+/// codec, no engine job (`pipeline/src/destination/receiver.rs`, `decode`).
+fn receiver_decode(
+    codecs: &mut Codecs,
+    lengths: &mut Vec<u32>,
+    frames: &[crate::data::Encoded],
+    dst: &mut [u8],
+    n: usize,
+) {
+    for (enc, out) in frames.iter().zip(dst.chunks_mut(n * PS)) {
+        let mut list = PageListMut::with_capacity(PageSize::KIB4, 1);
+        // SAFETY: `out` is exclusively borrowed for this iteration, which ends with
+        // the list's last use.
+        unsafe { list.push_raw(out.as_mut_ptr(), (out.len() / PS) as u32, PageKey(0)) }.unwrap();
+        lengths.clear();
+        lengths.extend_from_slice(&enc.lengths);
+        codecs
+            .decode(enc.codec, &enc.payload, lengths, &mut list)
+            .unwrap();
     }
 }
 
