@@ -31,12 +31,29 @@ pub fn error_text(e: &anyhow::Error) -> String {
         }
         text.push_str(&said);
     }
-    text
+    // A peer's message is in there: characters that reorder or hide text on a
+    // terminal (bidirectional controls) are shown as escapes.
+    let mut shown = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' => {
+                shown.extend(c.escape_unicode())
+            }
+            _ => shown.push(c),
+        }
+    }
+    shown
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bidirectional_controls_from_a_peer_are_escaped() {
+        let e = anyhow::anyhow!("peer says: abc\u{202e}fed");
+        assert_eq!(error_text(&e), "peer says: abc\\u{202e}fed");
+    }
 
     #[test]
     fn a_cause_already_in_the_message_is_said_once() {

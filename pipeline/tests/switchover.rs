@@ -65,6 +65,10 @@ enum Loss {
     /// connection stays open and silent until the relay drops (its idle timeout ends
     /// the wait).
     SwallowAndHold,
+    /// The frame (an ACK) goes through with a forged ACK COMMITTED of the same value
+    /// right behind it, in the same write: a destination that answers COMMIT before
+    /// COMMIT was sent.
+    ForgedCommittedAfter,
 }
 
 /// A frame-aware TCP relay: forwards whole frames both ways, and on channel 0 loses
@@ -205,6 +209,12 @@ fn pump(
                         Loss::None => out.extend_from_slice(frame),
                         Loss::Swallow => {}
                         Loss::SwallowAndHold => hold = true,
+                        Loss::ForgedCommittedAfter => {
+                            out.extend_from_slice(frame);
+                            let mut forged = frame.to_vec();
+                            forged[8] = AckKind::COMMITTED.0;
+                            out.extend_from_slice(&forged);
+                        }
                         Loss::CutBefore | Loss::CutInside => {
                             if loss == Loss::CutInside {
                                 out.extend_from_slice(&frame[..frame.len() / 2]);
@@ -451,6 +461,33 @@ fn ack_committed_lost() {
     for loss in [Loss::Swallow, Loss::CutBefore, Loss::CutInside] {
         case(Last::AckCommitted, loss);
     }
+}
+
+/// A destination that sends ACK COMMITTED before COMMIT was sent (glued to ACK
+/// COMPLETE): the source reads it before it sends COMMIT and refuses it, and fails
+/// with the guest its own; the destination never gets COMMIT. Before the source read
+/// what had arrived ahead of COMMIT, it took that ACK as the answer to its COMMIT and
+/// reported the guest handed over.
+#[test]
+fn an_ack_committed_sent_before_commit_is_refused() {
+    let e = run(Last::AckComplete, Loss::ForgedCommittedAfter);
+    assert!(e.lost, "the relay saw ACK COMPLETE");
+    e.check_invariant("forged ACK COMMITTED");
+    let Err(f) = &e.source else {
+        panic!("the source took the forged ACK COMMITTED")
+    };
+    assert!(f.may_resume_source(), "{f}");
+    let text = f.to_string();
+    assert!(
+        text.contains("ACK COMMITTED") && text.contains("before the frame it answers was sent"),
+        "{f}"
+    );
+    assert!(e.running_on_source);
+    assert!(
+        matches!(e.destination, Err(MigrationError::NoCommit { .. })),
+        "{:?}",
+        e.destination.err()
+    );
 }
 
 /// The source's own API, without `migrate`: `complete()` tells the three outcomes apart

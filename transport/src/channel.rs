@@ -328,6 +328,15 @@ pub trait Channel {
         None
     }
 
+    /// Whether something from the peer is waiting to be received, without waiting for
+    /// it: bytes the channel holds of an unfinished frame, or a socket readable now
+    /// (data, or the peer's close or reset). `false` when the backend cannot tell. A
+    /// sender checks it before a frame that the peer must answer, so that an answer
+    /// the peer sent before that frame was sent is read, and refused, then.
+    fn has_input(&self) -> bool {
+        false
+    }
+
     /// Waits, `timeout` at most, for the sends to move on: where the backend can wait
     /// in the kernel (TCP: room in the socket for what its send queue holds; io_uring:
     /// a completion), until they did; otherwise 200 µs (or `timeout`, if shorter).

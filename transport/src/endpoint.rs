@@ -250,6 +250,17 @@ impl Stream {
         }
     }
 
+    /// The socket's pending error (`SO_ERROR`), which reading clears.
+    ///
+    /// # Errors
+    /// `getsockopt`'s error.
+    pub fn take_error(&self) -> io::Result<Option<io::Error>> {
+        match self {
+            Self::Tcp(s) => s.take_error(),
+            Self::Unix(s) => s.take_error(),
+        }
+    }
+
     /// A second handle on the same socket (`dup(2)`), e.g. to shut it down from
     /// another thread while a channel blocks on it.
     ///

@@ -187,7 +187,6 @@ impl RxState {
     }
 
     /// Bytes of an unfinished frame held.
-    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
     pub(crate) fn buffered(&self) -> usize {
         self.end - self.start
     }

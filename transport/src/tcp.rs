@@ -218,6 +218,40 @@ pub(crate) fn frame_iovecs(frame: &OutFrame) -> Vec<libc::iovec> {
         .collect()
 }
 
+/// An error when the socket has failed (the peer reset it, or an earlier send's error
+/// is pending): `poll` says `POLLERR` or `POLLHUP` at once. Its send queue's count
+/// (`SIOCOUTQ`) then no longer drains, so a sender waiting on it must stop.
+pub(crate) fn socket_failed(stream: &Stream) -> Result<(), ChannelError> {
+    let mut p = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one pollfd, alive for the call; a zero timeout never blocks.
+    let rc = unsafe { libc::poll(&mut p, 1, 0) };
+    if rc > 0 && p.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+        let e = match stream.take_error() {
+            Ok(Some(e)) => e,
+            _ => io::Error::from(io::ErrorKind::ConnectionReset),
+        };
+        return Err(ChannelError::io("send", e));
+    }
+    Ok(())
+}
+
+/// Whether the socket `fd` is readable now (data, or the peer's close or reset),
+/// without waiting.
+pub(crate) fn readable_now(fd: std::os::fd::RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd, alive for the call; a zero timeout never blocks.
+    let rc = unsafe { libc::poll(&mut p, 1, 0) };
+    rc > 0 && p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
+}
+
 /// Bytes the socket `fd` holds that the peer has not acknowledged (`SIOCOUTQ`); `None`
 /// when the kernel does not say.
 pub(crate) fn unacked(fd: std::os::fd::RawFd) -> Option<u64> {
@@ -664,13 +698,26 @@ impl Channel for TcpChannel {
         unacked(self.stream.as_raw_fd()).map(|n| n + self.queue.bytes() as u64)
     }
 
+    fn has_input(&self) -> bool {
+        self.rx.buffered() > 0 || readable_now(self.stream.as_raw_fd())
+    }
+
     fn peer_limited(&self) -> Option<Duration> {
         rwnd_limited(self.stream.as_raw_fd())
     }
 
     fn wait_sends(&mut self, timeout: Duration) -> Result<(), ChannelError> {
-        if self.queue.is_empty() || self.failed {
-            // All of it is in the socket already, which tells nothing of it draining.
+        if self.failed {
+            return Err(ChannelError::Failed);
+        }
+        if self.queue.is_empty() {
+            // All of it is in the socket already, which tells nothing of it draining;
+            // but a socket the peer reset keeps the count it had (`SIOCOUTQ`), so
+            // look for that first.
+            if let Err(e) = socket_failed(&self.stream) {
+                self.failed = true;
+                return Err(e);
+            }
             std::thread::sleep(timeout.min(Duration::from_micros(200)));
             return Ok(());
         }

@@ -96,15 +96,22 @@ impl<'a> Frame<'a> {
             }
             FrameType::REJECT => {
                 flags_only(ty, env.flags, 0)?;
+                let reason = RejectReason(r.u16()?);
                 Frame::Reject(Reject {
-                    reason: RejectReason(r.u16()?),
+                    reason,
                     version_min: Version(r.u16()?),
                     version_max: Version(r.u16()?),
                     page_size: r.u32()?,
                     codecs: r.list_u8()?,
                     checksums: r.list_u8()?,
                     auth: r.list_u8()?,
-                    message: utf8(r.bytes_u8()?, "reject message")?,
+                    // Refused, but naming the reason it carried, which is then not lost.
+                    message: core::str::from_utf8(r.bytes_u8()?).map_err(|_| {
+                        DecodeError::InvalidField {
+                            field: "REJECT message (not UTF-8), whose reason is",
+                            value: reason.0.into(),
+                        }
+                    })?,
                 })
             }
             FrameType::CONFIRM => {
@@ -198,9 +205,16 @@ impl<'a> Frame<'a> {
             }
             FrameType::ABORT => {
                 flags_only(ty, env.flags, 0)?;
+                let reason = AbortReason(r.u16()?);
                 Frame::Abort(Abort {
-                    reason: AbortReason(r.u16()?),
-                    message: utf8(r.bytes_u8()?, "abort message (UTF-8 valid up to byte)")?,
+                    reason,
+                    // Refused, but naming the reason it carried, which is then not lost.
+                    message: core::str::from_utf8(r.bytes_u8()?).map_err(|_| {
+                        DecodeError::InvalidField {
+                            field: "ABORT message (not UTF-8), whose reason is",
+                            value: reason.0.into(),
+                        }
+                    })?,
                 })
             }
             FrameType::COMMIT => {

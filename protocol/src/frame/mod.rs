@@ -287,6 +287,52 @@ pub(crate) mod tests {
         out
     }
 
+    /// A REJECT or ABORT whose message is not UTF-8 is refused, and the error names
+    /// the reason code it carried.
+    #[test]
+    fn a_message_not_utf8_is_refused_naming_the_reason() {
+        let l = limits();
+        let mut abort = encode(&Frame::Abort(Abort {
+            reason: AbortReason::BAD_FRAME,
+            message: "ab",
+        }));
+        *abort.last_mut().unwrap() = 0xff;
+        assert_eq!(
+            decode_one(&abort, &l),
+            Err(DecodeError::InvalidField {
+                field: "ABORT message (not UTF-8), whose reason is",
+                value: AbortReason::BAD_FRAME.0.into(),
+            })
+        );
+        let hs = Limits::handshake();
+        let mut reject = encode(&Frame::Reject(Reject {
+            reason: RejectReason::AUTH_FAILED,
+            version_min: crate::ids::Version(6),
+            version_max: crate::ids::Version(6),
+            page_size: 4096,
+            codecs: WireList::Slice(&[]),
+            checksums: WireList::Slice(&[]),
+            auth: WireList::Slice(&[]),
+            message: "ab",
+        }));
+        *reject.last_mut().unwrap() = 0xc3;
+        let e = decode_one(&reject, &hs).unwrap_err();
+        assert_eq!(
+            e,
+            DecodeError::InvalidField {
+                field: "REJECT message (not UTF-8), whose reason is",
+                value: RejectReason::AUTH_FAILED.0.into(),
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "invalid REJECT message (not UTF-8), whose reason is: {}",
+                RejectReason::AUTH_FAILED.0
+            )
+        );
+    }
+
     #[test]
     fn phase_and_unknown_types() {
         let l = limits();

@@ -149,7 +149,11 @@ pub enum SessionError {
     #[error(transparent)]
     Rdma(Box<crate::rdma::RdmaError>),
     /// The handshake failed.
-    #[error("handshake of channel {channel:?} with {peer} failed: {source}{}", peer_message.as_deref().map(|m| format!(" (peer says: {m})")).unwrap_or_default())]
+    #[error(
+        "handshake of {} with {peer} failed{}: {source}",
+        channel.map_or_else(|| "a channel".to_owned(), |c| format!("channel {c}")),
+        peer_message.as_deref().map(|m| format!(" (peer says: {m})")).unwrap_or_default()
+    )]
     Handshake {
         /// The channel index, when known.
         channel: Option<u16>,
@@ -428,6 +432,9 @@ impl Channel for AnyChannel {
     }
     fn peer_limited(&self) -> Option<std::time::Duration> {
         self.inner_ref().peer_limited()
+    }
+    fn has_input(&self) -> bool {
+        self.inner_ref().has_input()
     }
     fn wait_sends(&mut self, timeout: std::time::Duration) -> Result<(), ChannelError> {
         self.inner().wait_sends(timeout)

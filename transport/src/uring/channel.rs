@@ -470,9 +470,15 @@ impl Channel for UringChannel {
         crate::tcp::rwnd_limited(self.core.stream.as_raw_fd())
     }
 
+    fn has_input(&self) -> bool {
+        self.rx.buffered() > 0 || crate::tcp::readable_now(self.core.stream.as_raw_fd())
+    }
+
     fn wait_sends(&mut self, timeout: std::time::Duration) -> Result<(), ChannelError> {
         self.check()?;
         if self.core.inflight.is_empty() {
+            // As for TCP: a socket the peer reset keeps its `SIOCOUTQ` count.
+            crate::tcp::socket_failed(&self.core.stream)?;
             std::thread::sleep(timeout.min(std::time::Duration::from_micros(200)));
             return Ok(());
         }

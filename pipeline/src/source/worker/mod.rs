@@ -343,7 +343,7 @@ impl Worker {
             } else {
                 BLIND_HOLD
             };
-            blocked += self.hold(limit)?;
+            blocked += self.hold(limit, len)?;
         }
         if let Some(sel) = self.s.adaptive.as_mut() {
             // Time on the cap and in the channel: the link's share of the frame; and
@@ -375,11 +375,31 @@ impl Worker {
     /// and with 200 µs naps, about 34 µs of CPU each on this machine, two channels
     /// took 1.1-1.8 CPU-seconds over a 2 GiB migration where `send` blocking in the
     /// kernel took 0.3.
-    fn hold(&mut self, limit: u64) -> Result<Duration, MigrationError> {
+    ///
+    /// While it waits the channel must drain a whole frame's bytes (`frame`, the one
+    /// just sent) every `send_timeout`: a destination that stops reading, or reads a
+    /// byte at a time, fails the channel with [`MigrationError::Timeout`] (PROTOCOL.md,
+    /// END_OF_ROUND: `send_timeout` without the destination taking a whole frame).
+    /// (It used to give up waiting after `send_timeout` and send the next frame, so a
+    /// destination that stopped reading held the source for `send_timeout` a frame.)
+    fn hold(&mut self, limit: u64, frame: u64) -> Result<Duration, MigrationError> {
         let start = Instant::now();
-        while self.channel.unacked_bytes().is_some_and(|u| u > limit)
-            && start.elapsed() < self.s.send_timeout
-        {
+        // When the channel last drained a frame's bytes, and what it held then.
+        let mut progress: Option<(Instant, u64)> = None;
+        while let Some(u) = self.channel.unacked_bytes().filter(|&u| u > limit) {
+            let now = Instant::now();
+            match progress {
+                Some((_, low)) if u.saturating_add(frame) <= low => progress = Some((now, u)),
+                Some((since, _)) if now.duration_since(since) >= self.s.send_timeout => {
+                    return Err(MigrationError::Timeout {
+                        channel: Some(self.s.ch),
+                        what: Wait::Send,
+                        after: self.s.send_timeout,
+                    });
+                }
+                Some(_) => {}
+                None => progress = Some((now, u)),
+            }
             self.channel
                 .wait_sends(HOLD_WAIT)
                 .map_err(|e| self.chan_err(e))?;
@@ -484,6 +504,7 @@ impl Worker {
         if let (Some(sel), Ok(mut st)) = (&self.s.adaptive, self.s.adaptive_stats.lock()) {
             *st = sel.stats();
         }
+        self.early_answers()?;
         self.send_whole(&Frame::EndOfRound(eor))?;
         self.reap(true)?;
         self.await_ack(AckKind::ROUND, u64::from(round))?;
@@ -521,6 +542,59 @@ impl Worker {
         // Back to the whole timeout for the next wait (best effort: the next one sets
         // its own).
         let _ = set_recv_timeout(&mut self.channel, Some(timeout));
+        set_recv_deadline(&mut self.channel, None);
+        result
+    }
+
+    /// Reads what the destination already sent, without waiting for more, before a
+    /// frame it must answer (END_OF_ROUND, COMPLETE, COMMIT) is sent: an answer that is
+    /// already here was sent before that frame, and the session's rules refuse it now,
+    /// as an ACK that does not fit what was sent (`BadAck`). Without this a destination
+    /// could queue ACK COMPLETE and ACK COMMITTED ahead and stop reading, and the
+    /// source, reading them only once it waits, would report the guest committed to a
+    /// destination that never took COMMIT. An answer that crosses the frame in flight
+    /// cannot be told apart here (PROTOCOL.md, ACK). An ABORT or a close found here
+    /// fails the channel at once.
+    fn early_answers(&mut self) -> Result<(), MigrationError> {
+        if !self.channel.has_input() {
+            return Ok(());
+        }
+        // A frame begun but not whole within the deadline stays buffered for the next
+        // wait; bounded in count too, however fast the peer sends.
+        let brief = Duration::from_millis(20);
+        set_recv_deadline(&mut self.channel, Some(Instant::now() + brief));
+        if let Err(e) = set_recv_timeout(&mut self.channel, Some(brief)) {
+            set_recv_deadline(&mut self.channel, None);
+            return Err(self.chan_err(e));
+        }
+        let mut result = Ok(());
+        for _ in 0..64 {
+            if !self.channel.has_input() {
+                break;
+            }
+            match self.next_ack(AckKind::FRAMES, u64::MAX) {
+                Ok(_) => {}
+                Err(MigrationError::Timeout { .. }) => break,
+                Err(MigrationError::Rule {
+                    channel,
+                    source: SessionError::BadAck { kind, value },
+                }) => {
+                    result = Err(MigrationError::Protocol {
+                        channel,
+                        what: format!(
+                            "the destination sent ACK {} {value} before the frame it answers was sent (an ACK answers a frame it received)",
+                            format!("{kind:?}").to_uppercase()
+                        ),
+                    });
+                    break;
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        let _ = set_recv_timeout(&mut self.channel, Some(self.s.ack_timeout));
         set_recv_deadline(&mut self.channel, None);
         result
     }
@@ -620,9 +694,11 @@ impl Worker {
             .rules
             .complete(Round(final_round), sections)
             .map_err(|e| self.rule(e))?;
+        self.early_answers()?;
         self.send_whole(&Frame::Complete(c))?;
         self.reap(true)?;
         self.await_ack(AckKind::COMPLETE, u64::from(final_round))?;
+        self.early_answers()?;
         let commit = self.rules.commit().map_err(|e| self.rule(e))?;
         let out =
             OutFrame::whole(&Frame::Commit(commit)).map_err(|e| MigrationError::Protocol {

@@ -1,0 +1,163 @@
+//! A destination that completes the handshake and then stops taking data, or resets
+//! the connection, against the real source: the source must fail within its
+//! `send_timeout` of the stall (PROTOCOL.md, END_OF_ROUND: `send_timeout` without the
+//! destination taking a whole frame), not `send_timeout` a frame, and must see a reset
+//! at once. The destination here is the transport's own listener: its channels are
+//! held and never read.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::*;
+use pagewire::{NoDeviceState, Source, SourceConfig};
+use pagewire_protocol::{Authentication, Capabilities, CodecId};
+use pagewire_transport::session::{Established, Listener, SessionConfig};
+
+const SESSION: u8 = 71;
+
+/// A destination that answers the handshake of `channels` channels and hands them
+/// back unread.
+fn silent_destination(channels: u16) -> (SocketAddr, JoinHandle<Vec<Established>>) {
+    let cfg = SessionConfig::new(
+        Capabilities::new(PAGE as u32),
+        session(SESSION),
+        channels,
+        Authentication::None,
+    );
+    let l = Listener::bind(loopback(), &cfg).unwrap();
+    let addr = l.local_addr().unwrap();
+    let t = std::thread::spawn(move || {
+        l.accept_session(&cfg, Duration::from_secs(20))
+            .unwrap()
+            .channels
+    });
+    (addr, t)
+}
+
+/// SO_LINGER with a zero time: closing `s` resets the connection.
+fn reset_on_close(s: &std::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let l = nix::libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `l` is a valid `linger`, alive for the call, of the size passed.
+    let rc = unsafe {
+        nix::libc::setsockopt(
+            s.as_raw_fd(),
+            nix::libc::SOL_SOCKET,
+            nix::libc::SO_LINGER,
+            (&l as *const nix::libc::linger).cast(),
+            std::mem::size_of::<nix::libc::linger>() as nix::libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "setsockopt(SO_LINGER)");
+}
+
+/// 48 MiB of random pages: more than loopback's socket buffers hold both ways, and
+/// nothing a codec shrinks.
+fn incompressible() -> std::sync::Arc<pagewire::GuestMemory> {
+    let mem = memory(48);
+    pagewire::sim::fill(&mem, Content::Random, 9);
+    mem
+}
+
+fn config(codec: pagewire::CodecPolicy, send_timeout: Duration) -> SourceConfig {
+    let mut cfg = SourceConfig::new(session(SESSION), Authentication::None);
+    cfg.channels = 1;
+    cfg.codec = codec;
+    cfg.send_timeout = send_timeout;
+    cfg.ack_timeout = send_timeout;
+    cfg
+}
+
+/// Migrates `mem` into the silent destination; returns the source's error text and
+/// how long the migration took.
+fn against_a_silent_destination(
+    mem: std::sync::Arc<pagewire::GuestMemory>,
+    cfg: SourceConfig,
+    reset_after: Option<Duration>,
+) -> (String, Duration) {
+    let (addr, dst) = silent_destination(1);
+    let g = guest(mem.clone(), 0, 1);
+    let mut src = Source::connect(addr, mem, cfg).unwrap();
+    let mut channels = Some(dst.join().unwrap());
+    let resetter = reset_after.map(|after| {
+        let channels = channels.take().unwrap();
+        std::thread::spawn(move || {
+            std::thread::sleep(after);
+            for c in &channels {
+                if let pagewire::Stream::Tcp(s) = &c.stream {
+                    reset_on_close(s);
+                }
+            }
+            drop(channels);
+        })
+    });
+    let (mut log, mut vcpus) = (g.log(), g.vcpus());
+    let started = Instant::now();
+    let r = within(Duration::from_secs(120), "the migration", move || {
+        pagewire::migrate(&mut src, &mut log, &mut vcpus, &mut NoDeviceState)
+            .map(drop)
+            .map_err(|f| f.to_string())
+    });
+    let took = started.elapsed();
+    // Held unread until the source gave up (unless reset).
+    drop(channels);
+    if let Some(t) = resetter {
+        t.join().unwrap();
+    }
+    (
+        r.expect_err("the migration succeeded without a destination"),
+        took,
+    )
+}
+
+/// Under the adaptive codec (the default) the source held each frame back for
+/// `send_timeout` and then sent the next: a destination that stopped reading kept
+/// it for `send_timeout` a frame, until the channel's own send gave up (about ten
+/// timeouts here; minutes for a large guest in `send`, found by a hostile
+/// destination written from PROTOCOL.md). Also with a fixed codec.
+#[test]
+fn a_destination_that_stops_reading_fails_the_source_within_its_send_timeout() {
+    for codec in [
+        pagewire::CodecPolicy::auto(),
+        pagewire::CodecPolicy::fixed(CodecId::RAW, 0),
+    ] {
+        let name = format!("{codec:?}");
+        let timeout = Duration::from_secs(2);
+        let (e, took) =
+            against_a_silent_destination(incompressible(), config(codec, timeout), None);
+        eprintln!("{name}: failed after {took:?}: {e}");
+        assert!(
+            e.contains("waiting for the destination to take data"),
+            "{name}: {e}"
+        );
+        // Loose: the stall starts once the socket buffers are full (milliseconds),
+        // then one `send_timeout`. Before the fix the adaptive codec took about ten
+        // (the next frames each waited it out until the channel's own send failed).
+        assert!(took < 4 * timeout, "{name}: {took:?}");
+    }
+}
+
+/// A connection the destination resets while the source waits for its send queue
+/// to drain: the kernel keeps the reset socket's unsent count, and the source used to
+/// wait for it for its whole `send_timeout` before reporting the reset.
+#[test]
+fn a_reset_is_seen_at_once_not_after_the_send_timeout() {
+    let timeout = Duration::from_secs(40);
+    let (e, took) = against_a_silent_destination(
+        incompressible(),
+        config(pagewire::CodecPolicy::auto(), timeout),
+        Some(Duration::from_millis(500)),
+    );
+    eprintln!("failed after {took:?}: {e}");
+    assert!(
+        e.contains("reset") || e.contains("Broken pipe") || e.contains("closed"),
+        "{e}"
+    );
+    assert!(took < timeout, "the reset was seen only after {took:?}");
+}
