@@ -31,14 +31,18 @@ pub fn error_text(e: &anyhow::Error) -> String {
         }
         text.push_str(&said);
     }
-    // A peer's message is in there: characters that reorder or hide text on a
-    // terminal (bidirectional controls) are shown as escapes.
+    // A peer's message is in there: characters that reorder, hide or rewrite text on
+    // a terminal (control characters, C0 and C1, and bidirectional controls) are
+    // shown as escapes.
     let mut shown = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
-            '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' => {
-                shown.extend(c.escape_unicode())
-            }
+            '\u{061c}'
+            | '\u{200e}'
+            | '\u{200f}'
+            | '\u{202a}'..='\u{202e}'
+            | '\u{2066}'..='\u{2069}' => shown.extend(c.escape_unicode()),
+            c if c.is_control() => shown.extend(c.escape_unicode()),
             _ => shown.push(c),
         }
     }
@@ -51,8 +55,11 @@ mod tests {
 
     #[test]
     fn bidirectional_controls_from_a_peer_are_escaped() {
-        let e = anyhow::anyhow!("peer says: abc\u{202e}fed");
-        assert_eq!(error_text(&e), "peer says: abc\\u{202e}fed");
+        let e = anyhow::anyhow!("peer says: abc\u{202e}fed\u{1b}[2J\u{9b}");
+        assert_eq!(
+            error_text(&e),
+            "peer says: abc\\u{202e}fed\\u{1b}[2J\\u{9b}"
+        );
     }
 
     #[test]

@@ -69,6 +69,9 @@ enum Loss {
     /// right behind it, in the same write: a destination that answers COMMIT before
     /// COMMIT was sent.
     ForgedCommittedAfter,
+    /// As `ForgedCommittedAfter`, with 100 empty extension frames between the two, so
+    /// a source that reads only a few frames ahead misses it.
+    ForgedCommittedBehindPadding,
 }
 
 /// A frame-aware TCP relay: forwards whole frames both ways, and on channel 0 loses
@@ -209,8 +212,14 @@ fn pump(
                         Loss::None => out.extend_from_slice(frame),
                         Loss::Swallow => {}
                         Loss::SwallowAndHold => hold = true,
-                        Loss::ForgedCommittedAfter => {
+                        Loss::ForgedCommittedAfter | Loss::ForgedCommittedBehindPadding => {
                             out.extend_from_slice(frame);
+                            if loss == Loss::ForgedCommittedBehindPadding {
+                                for _ in 0..100 {
+                                    // An extension frame (type 0x80) with an empty body.
+                                    out.extend_from_slice(&[0x80, 0, 0, 0, 0, 0, 0, 0]);
+                                }
+                            }
                             let mut forged = frame.to_vec();
                             forged[8] = AckKind::COMMITTED.0;
                             out.extend_from_slice(&forged);
@@ -470,18 +479,23 @@ fn ack_committed_lost() {
 /// reported the guest handed over.
 #[test]
 fn an_ack_committed_sent_before_commit_is_refused() {
-    let e = run(Last::AckComplete, Loss::ForgedCommittedAfter);
+    forged_ack_committed(Loss::ForgedCommittedAfter, "before this source sent COMMIT");
+    // Behind more frames than the source reads ahead: refused for them.
+    forged_ack_committed(
+        Loss::ForgedCommittedBehindPadding,
+        "frames unasked before this source sent COMMIT",
+    );
+}
+
+fn forged_ack_committed(loss: Loss, said: &str) {
+    let e = run(Last::AckComplete, loss);
     assert!(e.lost, "the relay saw ACK COMPLETE");
     e.check_invariant("forged ACK COMMITTED");
     let Err(f) = &e.source else {
         panic!("the source took the forged ACK COMMITTED")
     };
     assert!(f.may_resume_source(), "{f}");
-    let text = f.to_string();
-    assert!(
-        text.contains("ACK COMMITTED") && text.contains("before the frame it answers was sent"),
-        "{f}"
-    );
+    assert!(f.to_string().contains(said), "{loss:?}: {f}");
     assert!(e.running_on_source);
     assert!(
         matches!(e.destination, Err(MigrationError::NoCommit { .. })),

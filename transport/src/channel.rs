@@ -329,12 +329,16 @@ pub trait Channel {
     }
 
     /// Whether something from the peer is waiting to be received, without waiting for
-    /// it: bytes the channel holds of an unfinished frame, or a socket readable now
-    /// (data, or the peer's close or reset). `false` when the backend cannot tell. A
-    /// sender checks it before a frame that the peer must answer, so that an answer
-    /// the peer sent before that frame was sent is read, and refused, then.
-    fn has_input(&self) -> bool {
-        false
+    /// it: bytes the channel (or its TLS layer, or its io_uring receive) holds, or a
+    /// socket readable now (data, or the peer's close or reset). `false` when the
+    /// backend cannot tell (RDMA). A sender checks it before a frame that the peer
+    /// must answer, so that an answer the peer sent before that frame was sent is
+    /// read, and refused, then.
+    ///
+    /// # Errors
+    /// [`ChannelError`] when looking fails (io_uring: entering the ring).
+    fn has_input(&mut self) -> Result<bool, ChannelError> {
+        Ok(false)
     }
 
     /// Waits, `timeout` at most, for the sends to move on: where the backend can wait

@@ -698,8 +698,10 @@ impl Channel for TcpChannel {
         unacked(self.stream.as_raw_fd()).map(|n| n + self.queue.bytes() as u64)
     }
 
-    fn has_input(&self) -> bool {
-        self.rx.buffered() > 0 || readable_now(self.stream.as_raw_fd())
+    fn has_input(&mut self) -> Result<bool, ChannelError> {
+        Ok(self.rx.buffered() > 0
+            || self.tls.as_ref().is_some_and(|t| t.has_pending())
+            || readable_now(self.stream.as_raw_fd()))
     }
 
     fn peer_limited(&self) -> Option<Duration> {

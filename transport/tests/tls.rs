@@ -811,3 +811,89 @@ fn a_tls_source_gets_in_through_a_flood_of_begun_handshakes() {
     assert_eq!(acc.channels.len(), 2);
     assert!(acc.stats.evicted >= 100, "{:?}", acc.stats);
 }
+
+/// `Channel::has_input` sees a frame the peer sent that waits anywhere on the way in:
+/// in the channel's buffer, in the TLS layer (records read from the socket together
+/// but opened one at a time), in io_uring's receive buffers, or in the socket; and
+/// nothing once it was read. A source relies on it to read, before it sends a frame
+/// that must be answered, the answers the destination sent ahead.
+#[test]
+fn has_input_sees_a_frame_waiting_on_every_backend_with_and_without_tls() {
+    use pagewire_protocol::{Ack, AckKind, Frame};
+    use pagewire_transport::OutFrame;
+    let p = pki();
+    for backend in backends() {
+        for tls in [false, true] {
+            let (mut src, mut dst) = if tls {
+                tls_configs(
+                    41,
+                    1,
+                    p.source_config("localhost").unwrap(),
+                    p.destination_config().unwrap(),
+                )
+            } else {
+                (config(41, 1), config(41, 1))
+            };
+            src.uring.guest = Vec::new();
+            dst.uring.guest = Vec::new();
+            let l = Listener::bind("127.0.0.1:0".parse().unwrap(), &dst).unwrap();
+            let addr = l.local_addr().unwrap();
+            let c = src.clone();
+            let t = std::thread::spawn(move || session::connect(addr, &c).unwrap());
+            let mut d = l
+                .accept_session(&dst, Duration::from_secs(20))
+                .unwrap()
+                .channels;
+            let mut s = t.join().unwrap();
+            let mut sender = d.remove(0).open(&backend, &dst).unwrap();
+            let mut receiver = s.remove(0).open(&backend, &src).unwrap();
+            let ctx = format!("{backend:?} tls {tls}");
+            assert!(!receiver.has_input().unwrap(), "{ctx}: nothing sent yet");
+            // Two frames, each in its own write (and TLS record), before the receiver
+            // reads anything.
+            let mut done = Vec::new();
+            for value in [1, 2] {
+                let ack = Frame::Ack(Ack {
+                    kind: AckKind::ROUND,
+                    value,
+                });
+                sender.send(OutFrame::whole(&ack).unwrap()).unwrap();
+                sender.flush(&mut done).unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            for value in [1, 2] {
+                assert!(receiver.has_input().unwrap(), "{ctx}: frame {value} waits");
+                match receiver.recv(None).unwrap() {
+                    Some(Incoming::Frame(Frame::Ack(a))) => assert_eq!(a.value, value, "{ctx}"),
+                    other => panic!("{ctx}: {other:?}"),
+                }
+            }
+            assert!(!receiver.has_input().unwrap(), "{ctx}: all read");
+            // A frame that arrives while the receiver is busy sending: io_uring's
+            // multishot receive takes it into its buffers when the send enters the
+            // ring, and the socket no longer looks readable.
+            let ack = |value| {
+                OutFrame::whole(&Frame::Ack(Ack {
+                    kind: AckKind::ROUND,
+                    value,
+                }))
+                .unwrap()
+            };
+            sender.send(ack(3)).unwrap();
+            sender.flush(&mut done).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            receiver.send(ack(9)).unwrap();
+            receiver.flush(&mut done).unwrap();
+            assert!(receiver.has_input().unwrap(), "{ctx}: frame 3 waits");
+            assert!(matches!(
+                receiver.recv(None).unwrap(),
+                Some(Incoming::Frame(Frame::Ack(Ack { value: 3, .. })))
+            ));
+            // The peer's close is input too (a receive would end the channel).
+            sender.close(&mut done).unwrap();
+            drop(sender);
+            std::thread::sleep(Duration::from_millis(100));
+            assert!(receiver.has_input().unwrap(), "{ctx}: the close waits");
+        }
+    }
+}

@@ -323,8 +323,6 @@ impl Source {
     }
 }
 
-/// A session error, or [`MigrationError::Timeout`] when a connect or handshake wait
-/// ran out.
 /// Whether the engine's backend (under `auto`, an accelerator it found) encodes a codec
 /// this source will send: the fixed codec, or one of the adaptive choice's candidates,
 /// as it goes to a destination that decodes `codecs` at `page_size` (deflate as
@@ -348,6 +346,8 @@ fn runs_itself(
     }
 }
 
+/// A session error, or [`MigrationError::Timeout`] when a connect or handshake wait
+/// ran out.
 fn session_error(e: session::SessionError, config: &SourceConfig) -> MigrationError {
     use pagewire_transport::tcp::TcpError;
     use session::SessionError;

@@ -433,8 +433,8 @@ impl Channel for AnyChannel {
     fn peer_limited(&self) -> Option<std::time::Duration> {
         self.inner_ref().peer_limited()
     }
-    fn has_input(&self) -> bool {
-        self.inner_ref().has_input()
+    fn has_input(&mut self) -> Result<bool, ChannelError> {
+        self.inner().has_input()
     }
     fn wait_sends(&mut self, timeout: std::time::Duration) -> Result<(), ChannelError> {
         self.inner().wait_sends(timeout)

@@ -470,8 +470,16 @@ impl Channel for UringChannel {
         crate::tcp::rwnd_limited(self.core.stream.as_raw_fd())
     }
 
-    fn has_input(&self) -> bool {
-        self.rx.buffered() > 0 || crate::tcp::readable_now(self.core.stream.as_raw_fd())
+    fn has_input(&mut self) -> Result<bool, ChannelError> {
+        if self.rx.buffered() > 0 || self.tls.as_ref().is_some_and(|t| t.has_pending()) {
+            return Ok(true);
+        }
+        // The multishot receive takes what arrives into the ring's buffers, so the
+        // socket itself may not look readable: take up its completions first (entering
+        // without waiting runs the kernel's deferred work).
+        self.core.enter(0, None)?;
+        self.core.reap()?;
+        Ok(self.core.has_received() || crate::tcp::readable_now(self.core.stream.as_raw_fd()))
     }
 
     fn wait_sends(&mut self, timeout: std::time::Duration) -> Result<(), ChannelError> {

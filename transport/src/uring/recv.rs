@@ -13,6 +13,12 @@ use crate::channel::ChannelError;
 use crate::recv::{ByteSource, copy_to_guest, guest_iovecs};
 
 impl Core {
+    /// Whether the multishot receive took bytes not read yet, or saw the end of the
+    /// stream or an error (after [`Core::reap`]).
+    pub(super) fn has_received(&self) -> bool {
+        !self.chunks.is_empty() || self.eof || self.recv_error.is_some()
+    }
+
     /// Receives payload bytes straight into `dst` (from byte `skip`): stops the
     /// multishot receive so it takes no more of the stream, then `recvmsg` with
     /// `MSG_WAITALL` into the destination. `None` when bytes arrived through the ring

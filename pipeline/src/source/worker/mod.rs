@@ -141,6 +141,40 @@ impl WorkerSetup {
     }
 }
 
+/// The most frames [`Worker::early_answers`] reads before it gives up on the channel.
+const EARLY_FRAMES: usize = 64;
+
+/// The frame a worker is about to send that the destination must answer.
+#[derive(Clone, Copy, Debug)]
+enum Next {
+    EndOfRound(u32),
+    Complete,
+    Commit,
+}
+
+impl Next {
+    /// Whether an ACK of `kind` and `value` would answer this frame (or a later
+    /// one): refused now, it was sent ahead of it.
+    fn answered_by(self, kind: AckKind, value: u64) -> bool {
+        match (self, kind) {
+            (Next::EndOfRound(r), AckKind::ROUND) => value >= u64::from(r),
+            (Next::EndOfRound(_), AckKind::COMPLETE) | (Next::Complete, AckKind::COMPLETE) => true,
+            (_, AckKind::COMMITTED) => true,
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Next {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Next::EndOfRound(r) => write!(f, "END_OF_ROUND {r}"),
+            Next::Complete => f.write_str("COMPLETE"),
+            Next::Commit => f.write_str("COMMIT"),
+        }
+    }
+}
+
 pub(super) struct Worker {
     /// Declared first: dropped before the memory its sends may point into (held by
     /// `s`).
@@ -287,6 +321,7 @@ impl Worker {
         if matches!(
             e,
             MigrationError::Channel { .. }
+                | MigrationError::PeerAborted { .. }
                 | MigrationError::Timeout {
                     what: Wait::Send | Wait::Ack,
                     ..
@@ -343,7 +378,7 @@ impl Worker {
             } else {
                 BLIND_HOLD
             };
-            blocked += self.hold(limit, len)?;
+            blocked += self.hold(limit)?;
         }
         if let Some(sel) = self.s.adaptive.as_mut() {
             // Time on the cap and in the channel: the link's share of the frame; and
@@ -376,14 +411,17 @@ impl Worker {
     /// took 1.1-1.8 CPU-seconds over a 2 GiB migration where `send` blocking in the
     /// kernel took 0.3.
     ///
-    /// While it waits the channel must drain a whole frame's bytes (`frame`, the one
-    /// just sent) every `send_timeout`: a destination that stops reading, or reads a
+    /// While it waits the channel must drain a whole frame's bytes (the largest frame
+    /// the session allows) every `send_timeout`: a destination that stops reading, or reads a
     /// byte at a time, fails the channel with [`MigrationError::Timeout`] (PROTOCOL.md,
     /// END_OF_ROUND: `send_timeout` without the destination taking a whole frame).
     /// (It used to give up waiting after `send_timeout` and send the next frame, so a
     /// destination that stopped reading held the source for `send_timeout` a frame.)
-    fn hold(&mut self, limit: u64, frame: u64) -> Result<Duration, MigrationError> {
+    fn hold(&mut self, limit: u64) -> Result<Duration, MigrationError> {
         let start = Instant::now();
+        // A whole frame: the largest this channel may send (a small frame's bytes would
+        // let a destination reading a few bytes a second pass).
+        let frame = u64::from(self.channel.negotiated().max_frame_bytes);
         // When the channel last drained a frame's bytes, and what it held then.
         let mut progress: Option<(Instant, u64)> = None;
         while let Some(u) = self.channel.unacked_bytes().filter(|&u| u > limit) {
@@ -492,6 +530,9 @@ impl Worker {
             }
         }
         self.drain()?;
+        // Before the rules take the round as ended: an ACK of it already here was sent
+        // ahead.
+        self.early_answers(Next::EndOfRound(round))?;
         // The rules count what this channel sent in the round.
         let eor = self
             .rules
@@ -504,7 +545,6 @@ impl Worker {
         if let (Some(sel), Ok(mut st)) = (&self.s.adaptive, self.s.adaptive_stats.lock()) {
             *st = sel.stats();
         }
-        self.early_answers()?;
         self.send_whole(&Frame::EndOfRound(eor))?;
         self.reap(true)?;
         self.await_ack(AckKind::ROUND, u64::from(round))?;
@@ -555,48 +595,63 @@ impl Worker {
     /// destination that never took COMMIT. An answer that crosses the frame in flight
     /// cannot be told apart here (PROTOCOL.md, ACK). An ABORT or a close found here
     /// fails the channel at once.
-    fn early_answers(&mut self) -> Result<(), MigrationError> {
-        if !self.channel.has_input() {
+    fn early_answers(&mut self, next: Next) -> Result<(), MigrationError> {
+        if !self.has_input()? {
             return Ok(());
         }
         // A frame begun but not whole within the deadline stays buffered for the next
-        // wait; bounded in count too, however fast the peer sends.
+        // wait (it had not arrived whole before the frame was sent).
         let brief = Duration::from_millis(20);
         set_recv_deadline(&mut self.channel, Some(Instant::now() + brief));
         if let Err(e) = set_recv_timeout(&mut self.channel, Some(brief)) {
             set_recv_deadline(&mut self.channel, None);
             return Err(self.chan_err(e));
         }
-        let mut result = Ok(());
-        for _ in 0..64 {
-            if !self.channel.has_input() {
-                break;
-            }
-            match self.next_ack(AckKind::FRAMES, u64::MAX) {
-                Ok(_) => {}
-                Err(MigrationError::Timeout { .. }) => break,
-                Err(MigrationError::Rule {
-                    channel,
-                    source: SessionError::BadAck { kind, value },
-                }) => {
-                    result = Err(MigrationError::Protocol {
-                        channel,
-                        what: format!(
-                            "the destination sent ACK {} {value} before the frame it answers was sent (an ACK answers a frame it received)",
-                            format!("{kind:?}").to_uppercase()
-                        ),
-                    });
-                    break;
-                }
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
-            }
-        }
+        let result = self.read_early(next);
         let _ = set_recv_timeout(&mut self.channel, Some(self.s.ack_timeout));
         set_recv_deadline(&mut self.channel, None);
         result
+    }
+
+    /// [`Worker::early_answers`]' reads. More than [`EARLY_FRAMES`] whole frames
+    /// waiting fail the channel: a destination has nothing that many to say before a
+    /// frame it must answer, and an ACK could otherwise hide behind them.
+    fn read_early(&mut self, next: Next) -> Result<(), MigrationError> {
+        for _ in 0..EARLY_FRAMES {
+            if !self.has_input()? {
+                return Ok(());
+            }
+            match self.next_ack(AckKind::FRAMES, u64::MAX) {
+                Ok(_) => {}
+                Err(MigrationError::Timeout { .. }) => return Ok(()),
+                Err(MigrationError::Rule {
+                    channel,
+                    source: SessionError::BadAck { kind, value },
+                }) if next.answered_by(kind, value) => {
+                    return Err(MigrationError::Protocol {
+                        channel,
+                        what: format!(
+                            "the destination sent ACK {} {value} before this source sent {next} (an ACK answers a frame it received)",
+                            format!("{kind:?}").to_uppercase()
+                        ),
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if self.has_input()? {
+            return Err(MigrationError::Protocol {
+                channel: self.s.ch,
+                what: format!(
+                    "the destination sent more than {EARLY_FRAMES} frames unasked before this source sent {next}"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn has_input(&mut self) -> Result<bool, MigrationError> {
+        self.channel.has_input().map_err(|e| self.chan_err(e))
     }
 
     /// Receives one frame; `true` when it is the ACK waited for, `false` for a FRAMES
@@ -690,15 +745,15 @@ impl Worker {
     /// destination may own the guest: ACK COMMITTED gives [`Reply::Done`], anything else
     /// [`Reply::Unknown`], and no ABORT is sent.
     fn complete(&mut self, final_round: u32, sections: u32) -> Result<Reply, MigrationError> {
+        self.early_answers(Next::Complete)?;
         let c = self
             .rules
             .complete(Round(final_round), sections)
             .map_err(|e| self.rule(e))?;
-        self.early_answers()?;
         self.send_whole(&Frame::Complete(c))?;
         self.reap(true)?;
         self.await_ack(AckKind::COMPLETE, u64::from(final_round))?;
-        self.early_answers()?;
+        self.early_answers(Next::Commit)?;
         let commit = self.rules.commit().map_err(|e| self.rule(e))?;
         let out =
             OutFrame::whole(&Frame::Commit(commit)).map_err(|e| MigrationError::Protocol {
