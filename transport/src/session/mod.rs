@@ -485,17 +485,18 @@ impl_handshake!(ServerHandshake);
 
 /// Runs a handshake over a blocking socket (inside `tls` when given) until it is
 /// done; returns the agreement and the bytes that followed it.
+///
+/// `peer` names the peer in errors: the address connected to, not asked of the socket,
+/// whose `getpeername` fails once the peer reset the connection (a destination that
+/// turned the connection away, which is then tried again, not a hard error).
 fn run_handshake(
     stream: &mut Stream,
+    peer: Endpoint,
     hs: &mut dyn Handshake,
     timeout: Duration,
     channel: Option<u16>,
     mut tls: Option<&mut TlsSession>,
 ) -> Result<(Negotiated, Vec<u8>), SessionError> {
-    let peer = stream.peer().map_err(|source| SessionError::Io {
-        op: "getpeername",
-        source,
-    })?;
     let io_err = |source| SessionError::HandshakeIo {
         peer: peer.clone(),
         source,
@@ -772,12 +773,13 @@ fn handshake(
     )
     .map_err(|source| SessionError::Handshake {
         channel: Some(index),
-        peer,
+        peer: peer.clone(),
         peer_message: None,
         source,
     })?;
     let (negotiated, leftover) = run_handshake(
         &mut stream,
+        peer,
         &mut hs,
         cfg.handshake_timeout,
         Some(index),
