@@ -161,3 +161,57 @@ fn a_reset_is_seen_at_once_not_after_the_send_timeout() {
     );
     assert!(took < timeout, "the reset was seen only after {took:?}");
 }
+
+/// A destination that sends frames without end (legal extension frames, which a
+/// receiver skips) keeps the source from checking, before it sends END_OF_ROUND,
+/// whether an ACK hides among them: after 500 ms of it the source fails the channel
+/// (before COMMIT, so the guest stays its own). Not a hang, and not a silent skip.
+#[test]
+fn a_destination_sending_without_end_fails_the_check_before_end_of_round() {
+    use std::io::Write;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (addr, dst) = silent_destination(1);
+    let mem = memory(1);
+    let g = guest(mem.clone(), 0, 1);
+    let mut src = Source::connect(
+        addr,
+        mem,
+        config(pagewire::CodecPolicy::auto(), Duration::from_secs(20)),
+    )
+    .unwrap();
+    let channels = dst.join().unwrap();
+    let pagewire::Stream::Tcp(s) = &channels[0].stream else {
+        panic!("a TCP channel")
+    };
+    let mut out = s.try_clone().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            // Empty extension frames (type 0x80), 64 KiB at a time; bounded in time.
+            let batch = [0x80u8, 0, 0, 0, 0, 0, 0, 0].repeat(8192);
+            let start = Instant::now();
+            while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(60) {
+                if out.write_all(&batch).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let (mut log, mut vcpus) = (g.log(), g.vcpus());
+    let r = within(Duration::from_secs(120), "the migration", move || {
+        pagewire::migrate(&mut src, &mut log, &mut vcpus, &mut NoDeviceState)
+            .map(drop)
+            .map_err(|f| (f.may_resume_source(), f.to_string()))
+    });
+    stop.store(true, Ordering::Relaxed);
+    drop(channels);
+    flood.join().unwrap();
+    let (may_resume, e) = r.expect_err("the migration succeeded without a destination");
+    assert!(may_resume, "{e}");
+    assert!(
+        e.contains("kept sending frames unasked") && e.contains("END_OF_ROUND 0"),
+        "{e}"
+    );
+}

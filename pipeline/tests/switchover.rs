@@ -69,8 +69,9 @@ enum Loss {
     /// right behind it, in the same write: a destination that answers COMMIT before
     /// COMMIT was sent.
     ForgedCommittedAfter,
-    /// As `ForgedCommittedAfter`, with 10,000 empty extension frames between the two,
-    /// so a source that reads only a few frames ahead misses it.
+    /// As `ForgedCommittedAfter`, with 5,000 empty extension frames between the two
+    /// (40 KB, one segment within loopback's first window), so a source that reads
+    /// only a few frames ahead misses it.
     ForgedCommittedBehindPadding,
 }
 
@@ -215,7 +216,7 @@ fn pump(
                         Loss::ForgedCommittedAfter | Loss::ForgedCommittedBehindPadding => {
                             out.extend_from_slice(frame);
                             if loss == Loss::ForgedCommittedBehindPadding {
-                                for _ in 0..10_000 {
+                                for _ in 0..5_000 {
                                     // An extension frame (type 0x80) with an empty body.
                                     out.extend_from_slice(&[0x80, 0, 0, 0, 0, 0, 0, 0]);
                                 }
@@ -479,7 +480,7 @@ fn ack_committed_lost() {
 /// reported the guest handed over.
 #[test]
 fn an_ack_committed_sent_before_commit_is_refused() {
-    // Glued to ACK COMPLETE, and behind 10,000 extension frames (a source that read
+    // Glued to ACK COMPLETE, and behind 5,000 extension frames (a source that read
     // only 64 frames ahead took it).
     for loss in [
         Loss::ForgedCommittedAfter,

@@ -232,13 +232,13 @@ impl TlsSession {
         }
     }
 
-    /// Whether the TLS handshake is still running.
     /// Whether bytes received wait here: plaintext not handed out yet, ciphertext not
     /// opened yet, or the peer's close.
     pub(crate) fn has_pending(&self) -> bool {
         self.pstart < self.pend || self.cstart < self.cend || self.closed
     }
 
+    /// Whether the TLS handshake is still running.
     pub(crate) fn is_handshaking(&self) -> bool {
         self.records.is_none()
     }

@@ -602,6 +602,9 @@ impl Worker {
         if !self.has_input()? {
             return Ok(());
         }
+        // A receive first sends what the channel's queue holds (TCP), which may take
+        // longer than the budget on a slow link: send it now, outside the budget.
+        self.reap(true)?;
         // A frame begun but not whole within a read timeout stays buffered for the next
         // wait (it had not arrived whole before the frame was sent).
         let until = Instant::now() + EARLY_BUDGET;
@@ -629,7 +632,10 @@ impl Worker {
             }
             match self.next_ack(AckKind::FRAMES, u64::MAX) {
                 Ok(_) => {}
-                Err(MigrationError::Timeout { .. }) => return Ok(()),
+                // A frame not whole within the read timeout: it had not arrived. But
+                // at the budget's end (the receive's deadline), frames still coming.
+                Err(MigrationError::Timeout { .. }) if Instant::now() < until => return Ok(()),
+                Err(MigrationError::Timeout { .. }) => break,
                 Err(MigrationError::Rule {
                     channel,
                     source: SessionError::BadAck { kind, value },
