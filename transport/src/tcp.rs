@@ -222,14 +222,7 @@ pub(crate) fn frame_iovecs(frame: &OutFrame) -> Vec<libc::iovec> {
 /// is pending): `poll` says `POLLERR` or `POLLHUP` at once. Its send queue's count
 /// (`SIOCOUTQ`) then no longer drains, so a sender waiting on it must stop.
 pub(crate) fn socket_failed(stream: &Stream) -> Result<(), ChannelError> {
-    let mut p = libc::pollfd {
-        fd: stream.as_raw_fd(),
-        events: libc::POLLOUT,
-        revents: 0,
-    };
-    // SAFETY: one pollfd, alive for the call; a zero timeout never blocks.
-    let rc = unsafe { libc::poll(&mut p, 1, 0) };
-    if rc > 0 && p.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+    if poll_now(stream.as_raw_fd(), libc::POLLOUT) & (libc::POLLERR | libc::POLLHUP) != 0 {
         let e = match stream.take_error() {
             Ok(Some(e)) => e,
             _ => io::Error::from(io::ErrorKind::ConnectionReset),
@@ -242,14 +235,20 @@ pub(crate) fn socket_failed(stream: &Stream) -> Result<(), ChannelError> {
 /// Whether the socket `fd` is readable now (data, or the peer's close or reset),
 /// without waiting.
 pub(crate) fn readable_now(fd: std::os::fd::RawFd) -> bool {
+    poll_now(fd, libc::POLLIN) & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
+}
+
+/// `poll`'s `revents` for `events` on `fd`, without waiting (0 when nothing is ready or
+/// the call fails).
+fn poll_now(fd: std::os::fd::RawFd, events: libc::c_short) -> libc::c_short {
     let mut p = libc::pollfd {
         fd,
-        events: libc::POLLIN,
+        events,
         revents: 0,
     };
     // SAFETY: one pollfd, alive for the call; a zero timeout never blocks.
     let rc = unsafe { libc::poll(&mut p, 1, 0) };
-    rc > 0 && p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
+    if rc > 0 { p.revents } else { 0 }
 }
 
 /// Bytes the socket `fd` holds that the peer has not acknowledged (`SIOCOUTQ`); `None`

@@ -161,8 +161,9 @@ impl Next {
     fn answered_by(self, kind: AckKind, value: u64) -> bool {
         match (self, kind) {
             (Next::EndOfRound(r), AckKind::ROUND) => value >= u64::from(r),
-            (Next::EndOfRound(_), AckKind::COMPLETE) | (Next::Complete, AckKind::COMPLETE) => true,
-            (_, AckKind::COMMITTED) => true,
+            (Next::EndOfRound(_) | Next::Complete, AckKind::COMPLETE) | (_, AckKind::COMMITTED) => {
+                true
+            }
             _ => false,
         }
     }
