@@ -45,8 +45,7 @@ pub enum CacheError {
 pub struct DeltaConfig {
     /// Page size of the session.
     pub page_size: PageSize,
-    /// Most pages the cache holds (the memory is `(pages + shards) × page_size`: each
-    /// shard keeps one spare page for the next snapshot).
+    /// Most pages the cache holds (the memory is `pages × page_size`).
     pub pages: usize,
     /// Largest delta, in bytes, worth sending; a larger one is an overflow and the page
     /// goes raw. Must be in `1..page_size`.
@@ -122,12 +121,8 @@ impl Hasher for KeyHasher {
 struct Shard {
     map: HashMap<u64, u32, BuildHasherDefault<KeyHasher>>,
     slots: Vec<Slot>,
-    /// `capacity + 1` pages: one per slot and a spare that takes the next snapshot.
+    /// `capacity` pages, one per slot: slot `s`'s version is page `s`.
     data: Vec<u8>,
-    /// The page of `data` each slot's version lives in.
-    page_of: Vec<u32>,
-    /// The page of `data` not owned by any slot.
-    spare: u32,
     head: u32, // most recently used
     tail: u32, // least recently used
     used: u32,
@@ -147,9 +142,7 @@ impl Shard {
                 };
                 capacity as usize
             ],
-            data: vec![0; (capacity as usize + 1) * page],
-            page_of: (0..capacity).collect(),
-            spare: capacity,
+            data: vec![0; capacity as usize * page],
             head: NIL,
             tail: NIL,
             used: 0,
@@ -281,100 +274,77 @@ impl DeltaCache {
         self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Encodes `page`, a slice nobody writes meanwhile, as a delta of at most
-    /// `threshold` bytes against the cached version into `out` (at least one page
-    /// long), and stores it as the new cached version. When the page must go raw (a
-    /// miss, or a delta over the threshold), it is copied into `out[..page_bytes]` and
-    /// [`DeltaOutcome::Raw`] is returned. The page is compared in place, then copied
-    /// over the old version (whose lines the comparison just brought into the cache).
+    /// Encodes `page` as a delta of at most `threshold` bytes against the cached
+    /// version into `out` (at least one page long), and stores it as the new cached
+    /// version; see [`DeltaCache::encode_raw`].
+    #[cfg(test)]
     pub(crate) fn encode(&self, key: PageKey, page: &[u8], out: &mut [u8]) -> DeltaOutcome {
-        debug_assert_eq!(page.len(), self.page);
-        let mut guard = self.shard(key);
-        let shard = &mut *guard;
-        let ps = self.page;
-        if let Some(&s) = shard.map.get(&key.0) {
-            shard.unlink(s);
-            shard.push_front(s);
-            let at = shard.page_of[s as usize] as usize * ps;
-            let old = &mut shard.data[at..at + ps];
-            let outcome = self.delta(old, page, out);
-            old.copy_from_slice(page);
-            outcome
-        } else {
-            self.miss(shard, key, |snap| snap.copy_from_slice(page), out)
-        }
+        assert_eq!(page.len(), self.page);
+        // SAFETY: `page` is a live slice of one page, which `out`, an exclusive borrow,
+        // cannot overlap, nor can the cache's own memory.
+        unsafe { self.encode_raw(key, page.as_ptr(), out) }
     }
 
-    /// Takes a snapshot of a page with `fill` (which copies the page's `page_bytes`
-    /// into the buffer it gets, the one read of the page) straight into the cache,
-    /// encodes it as a delta of at most `threshold` bytes against the cached version
-    /// into `out`, and keeps the snapshot as the new cached version. When the page
-    /// must go raw (a miss, or a delta over the threshold), the snapshot is copied into
-    /// `out[..page_bytes]` (`out` must be at least a page long) and
-    /// [`DeltaOutcome::Raw`] is returned.
+    /// Encodes the page at `src` as a delta of at most `threshold` bytes against the
+    /// cached version into `out` (at least one page long), and stores the page as the
+    /// new cached version. When the page must go raw (a miss, or a delta over the
+    /// threshold), it is copied into `out[..page_bytes]` and [`DeltaOutcome::Raw`] is
+    /// returned.
     ///
-    /// The snapshot goes into the shard's spare page, which then swaps roles with the
-    /// old version's page: the page is read once and copied once, as with a borrowed
-    /// slice, and what the cache holds is exactly what was encoded.
-    pub(crate) fn encode_with(
+    /// The page is read once: on a hit, in place by the one-pass delta encoder, which
+    /// writes the words that changed over the old version; on a miss, with one
+    /// raw-pointer `memcpy` into the cache. What the cache then holds is exactly what
+    /// was encoded, even if the page was written meanwhile.
+    ///
+    /// # Safety
+    /// `src .. src + page_bytes` must be readable for the call and must not overlap
+    /// `out` (guest memory behind a [`PageList`](crate::PageList) run qualifies: see
+    /// [`crate::pages`], "Guest memory").
+    pub(crate) unsafe fn encode_raw(
         &self,
         key: PageKey,
-        fill: impl FnOnce(&mut [u8]),
+        src: *const u8,
         out: &mut [u8],
     ) -> DeltaOutcome {
         let mut guard = self.shard(key);
         let shard = &mut *guard;
         let ps = self.page;
-        if let Some(&s) = shard.map.get(&key.0) {
-            shard.unlink(s);
-            shard.push_front(s);
-            let old_page = shard.page_of[s as usize] as usize;
-            let new_page = shard.spare as usize;
-            let (old, new) = two_pages(&mut shard.data, ps, old_page, new_page);
-            fill(new);
-            let outcome = self.delta(old, new, out);
-            shard.page_of[s as usize] = new_page as u32;
-            shard.spare = old_page as u32;
-            outcome
-        } else {
-            self.miss(shard, key, fill, out)
+        let (s, hit) = match shard.map.get(&key.0) {
+            Some(&s) => {
+                shard.unlink(s);
+                shard.push_front(s);
+                (s, true)
+            }
+            None => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                let (s, evicted) = shard.take_slot(key.0);
+                if evicted {
+                    self.evictions.fetch_add(1, Ordering::Relaxed);
+                }
+                (s, false)
+            }
+        };
+        let at = s as usize * ps;
+        let version = &mut shard.data[at..at + ps];
+        if !hit {
+            // SAFETY: `src` is readable for a page (this function's contract) and
+            // `version`, the cache's own memory, is an exclusive borrow of one page.
+            unsafe { core::ptr::copy_nonoverlapping(src, version.as_mut_ptr(), ps) };
+            return raw_page(out, version);
         }
-    }
-
-    /// The delta from `old` to `new` into `out`, counted; on an overflow `new` is
-    /// copied into `out` as the raw page.
-    fn delta(&self, old: &[u8], new: &[u8], out: &mut [u8]) -> DeltaOutcome {
-        let limit = self.threshold.min(self.page - 1).min(out.len());
-        match super::codec::delta::encode(old, new, &mut out[..limit]) {
+        let limit = self.threshold.min(ps - 1).min(out.len());
+        // SAFETY: `src` is readable for a page and overlaps neither `out` (this
+        // function's contract) nor the cache's memory.
+        match unsafe { super::codec::delta::encode_over(version, src, &mut out[..limit]) } {
             Some(n) => {
                 self.hits.fetch_add(1, Ordering::Relaxed);
                 DeltaOutcome::Delta(n)
             }
             None => {
                 self.overflows.fetch_add(1, Ordering::Relaxed);
-                raw_page(out, new)
+                raw_page(out, version)
             }
         }
-    }
-
-    /// A page not in the cache: a slot for it (evicting the least recently used),
-    /// filled by `fill`, and the page copied into `out` to go raw.
-    fn miss(
-        &self,
-        shard: &mut Shard,
-        key: PageKey,
-        fill: impl FnOnce(&mut [u8]),
-        out: &mut [u8],
-    ) -> DeltaOutcome {
-        self.misses.fetch_add(1, Ordering::Relaxed);
-        let (s, evicted) = shard.take_slot(key.0);
-        if evicted {
-            self.evictions.fetch_add(1, Ordering::Relaxed);
-        }
-        let at = shard.page_of[s as usize] as usize * self.page;
-        let snap = &mut shard.data[at..at + self.page];
-        fill(snap);
-        raw_page(out, snap)
     }
 
     /// Forgets a page, so its next version goes without delta.
@@ -439,18 +409,6 @@ fn raw_page(out: &mut [u8], snap: &[u8]) -> DeltaOutcome {
     DeltaOutcome::Raw
 }
 
-/// Pages `a` and `b` (distinct) of `data`, `a` shared and `b` writable.
-fn two_pages(data: &mut [u8], ps: usize, a: usize, b: usize) -> (&[u8], &mut [u8]) {
-    debug_assert_ne!(a, b);
-    if a < b {
-        let (lo, hi) = data.split_at_mut(b * ps);
-        (&lo[a * ps..a * ps + ps], &mut hi[..ps])
-    } else {
-        let (lo, hi) = data.split_at_mut(a * ps);
-        (&hi[..ps], &mut lo[b * ps..b * ps + ps])
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -491,44 +449,36 @@ mod tests {
         );
     }
 
-    /// The spare page swaps with the cached version on every hit: each delta is
-    /// against exactly the previous version, and a raw page comes back in `out`.
+    /// Each delta is against exactly the previous version, which a hit updates in
+    /// place, and a raw page comes back in `out`.
     #[test]
     fn successive_versions_delta_against_the_last_one() {
-        // Both ways in: a borrowed slice compared in place, and a snapshot taken into
-        // the spare page that then swaps with the old version.
-        for via_fill in [false, true] {
-            let c = cache(2, 1);
-            let enc = |page: &[u8], out: &mut [u8]| {
-                if via_fill {
-                    c.encode_with(PageKey(7), |snap| snap.copy_from_slice(page), out)
-                } else {
-                    c.encode(PageKey(7), page, out)
-                }
+        let c = cache(2, 1);
+        let mut out = vec![0u8; 4096];
+        let mut page: Vec<u8> = (0..4096).map(|i| (i % 13) as u8).collect();
+        assert_eq!(c.encode(PageKey(7), &page, &mut out), DeltaOutcome::Raw);
+        assert_eq!(out, page, "a miss returns the page read as the raw page");
+        let mut dest = page.clone();
+        for v in 1..6u8 {
+            page[usize::from(v) * 100] = v;
+            page[4000] = v;
+            let n = match c.encode(PageKey(7), &page, &mut out) {
+                DeltaOutcome::Delta(n) => n,
+                DeltaOutcome::Raw => panic!("version {v} went raw"),
             };
-            let mut out = vec![0u8; 4096];
-            let mut page: Vec<u8> = (0..4096).map(|i| (i % 13) as u8).collect();
-            assert_eq!(enc(&page, &mut out), DeltaOutcome::Raw);
-            assert_eq!(out, page, "a miss returns the snapshot as the raw page");
-            let mut dest = page.clone();
-            for v in 1..6u8 {
-                page[usize::from(v) * 100] = v;
-                page[4000] = v;
-                let n = match enc(&page, &mut out) {
-                    DeltaOutcome::Delta(n) => n,
-                    DeltaOutcome::Raw => panic!("version {v} went raw"),
-                };
-                crate::codec::delta::apply(&out[..n], &mut dest).unwrap();
-                assert_eq!(dest, page, "version {v}, via_fill {via_fill}");
-            }
-            page.iter_mut().for_each(|b| *b = b.wrapping_mul(7) ^ 0x5a);
-            assert_eq!(enc(&page, &mut out), DeltaOutcome::Raw);
-            assert_eq!(
-                out, page,
-                "an overflow returns the snapshot as the raw page"
-            );
-            assert_eq!(enc(&page, &mut out), DeltaOutcome::Delta(0));
+            crate::codec::delta::apply(&out[..n], &mut dest).unwrap();
+            assert_eq!(dest, page, "version {v}");
         }
+        page.iter_mut().for_each(|b| *b = b.wrapping_mul(7) ^ 0x5a);
+        assert_eq!(c.encode(PageKey(7), &page, &mut out), DeltaOutcome::Raw);
+        assert_eq!(
+            out, page,
+            "an overflow returns the page read as the raw page"
+        );
+        assert_eq!(
+            c.encode(PageKey(7), &page, &mut out),
+            DeltaOutcome::Delta(0)
+        );
     }
 
     #[test]

@@ -12,16 +12,19 @@
 //! A source's guest keeps running while its pages are compressed, so the bytes behind
 //! a [`PageList`] built with [`PageList::push_raw`] may change during a job. Following
 //! vm-memory's volatile-memory rules, nothing in this crate builds a `&[u8]` over such
-//! memory: every read goes through a raw pointer, and there are exactly two kinds:
+//! memory: every read goes through a raw pointer, and there are exactly three kinds:
 //! - the zero scan ([`is_zero_raw`](crate::zero::is_zero_raw)) reads the pages in
 //!   place and keeps only a yes/no answer;
+//! - the delta encoder reads a page the delta cache holds a version of in place, 16
+//!   bytes at a time, and keeps exactly what each read returned: lanes that differ are
+//!   written over the cached version, and the delta's literals are copied from it;
 //! - everything else copies the pages with one raw-pointer `memcpy`
 //!   (`core::ptr::copy_nonoverlapping`) into memory the codec owns: the raw codec into
 //!   the payload, zstd and lz4 into the frame's scratch buffer, deflate one page at a
-//!   time into a page of scratch, delta one page at a time into the delta cache's spare
-//!   page (which becomes the cached version). The compression libraries and the delta
-//!   cache only ever see that private copy, which no other thread can change, so the
-//!   payload, the delta cache and the length table all describe the same bytes.
+//!   time into a page of scratch, delta a page the cache lacks into its slot in the
+//!   cache. The compression libraries and the delta cache only ever see that private
+//!   copy, which no other thread can change, so the payload, the delta cache and the
+//!   length table all describe the same bytes.
 //!
 //! A page written during the copy may be copied torn (part old, part new). That is
 //! harmless: the write also dirtied the page, so the caller's dirty tracking sends it
@@ -382,8 +385,9 @@ impl<'a> PageList<'a> {
 }
 
 /// Copies `out.len()` bytes at `src` into `out` with one raw-pointer `memcpy`: the
-/// single way this crate reads the bytes behind a [`PageList`] (the zero scan aside),
-/// safe against concurrent writers as the module documentation explains.
+/// single way this crate copies the bytes behind a [`PageList`] (the zero scan and the
+/// delta encoder read them in place), safe against concurrent writers as the module
+/// documentation explains.
 ///
 /// # Safety
 /// `src .. src + out.len()` must be readable: part of a run of a live list, whose

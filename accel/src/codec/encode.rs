@@ -194,24 +194,16 @@ impl Codecs {
                 }
                 let mut pos = 0;
                 for i in 0..n {
-                    // A borrowed page is compared in place; guest memory is read
-                    // once, into a stable snapshot taken straight into the cache
-                    // (which must hold exactly the bytes sent). Either goes into the
-                    // payload only when the page goes raw.
+                    // Every page is read once, in place, by the one-pass delta
+                    // encoder (or one `memcpy` into the cache on a miss), which keeps
+                    // exactly the bytes it read as the cached version; it goes into
+                    // the payload only when the page goes raw.
                     let out = &mut payload[pos..pos + ps];
-                    let outcome = if let Some((page, key)) = src.page_slice(i) {
-                        cache.encode(key, page, out)
-                    } else {
-                        let (_, key) = src.page(i).ok_or(CodecError::NoPages { codec })?;
-                        let mut copied = false;
-                        let outcome = cache.encode_with(
-                            key,
-                            |snap| copied = src.copy_page(i, snap).is_some(),
-                            out,
-                        );
-                        debug_assert!(copied, "page {i} of {n} is one whole page");
-                        outcome
-                    };
+                    let (ptr, key) = src.page(i).ok_or(CodecError::NoPages { codec })?;
+                    // SAFETY: `page` points at a whole page of a run of the list,
+                    // readable for the list's life (its constructors' contracts), and
+                    // `out`, this call's exclusive payload, cannot overlap it.
+                    let outcome = unsafe { cache.encode_raw(key, ptr, out) };
                     let len = match outcome {
                         DeltaOutcome::Delta(len) => len,
                         DeltaOutcome::Raw => ps,

@@ -135,7 +135,7 @@ pub(crate) fn copy_cost() {
                 (r - 1.0) * 100.0,
                 rounds,
                 match codec {
-                    CodecId::DELTA => "; delta copied each page before this change too",
+                    CodecId::DELTA => "; delta reads both in place, one way (control)",
                     CodecId::RAW => "; raw copies into the payload either way (control)",
                     _ => "",
                 }
