@@ -270,7 +270,9 @@ impl DeltaCache {
         // contiguous working set fills every shard evenly.
         let i = ((key.0 ^ (key.0 >> 40)) % self.shards.len() as u64) as usize;
         // A panic while a shard was locked leaves it consistent (no update is
-        // half-done across an unwinding point), so a poisoned lock is still usable.
+        // half-done across an unwinding point: the delta encoder has no panicking
+        // path, its indices being in bounds by construction), so a poisoned lock is
+        // still usable.
         self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -291,9 +293,9 @@ impl DeltaCache {
     /// threshold), it is copied into `out[..page_bytes]` and [`DeltaOutcome::Raw`] is
     /// returned.
     ///
-    /// The page is read once: on a hit, in place by the one-pass delta encoder, which
-    /// writes the words that changed over the old version; on a miss, with one
-    /// raw-pointer `memcpy` into the cache. What the cache then holds is exactly what
+    /// On a hit the one-pass delta encoder reads the page in place and writes the
+    /// lanes that changed over the old version; on a miss one raw-pointer `memcpy`
+    /// copies it into the cache. What the cache then holds is exactly what
     /// was encoded, even if the page was written meanwhile.
     ///
     /// # Safety

@@ -15,16 +15,19 @@
 //! memory: every read goes through a raw pointer, and there are exactly three kinds:
 //! - the zero scan ([`is_zero_raw`](crate::zero::is_zero_raw)) reads the pages in
 //!   place and keeps only a yes/no answer;
-//! - the delta encoder reads a page the delta cache holds a version of in place, 16
-//!   bytes at a time, and keeps exactly what each read returned: lanes that differ are
-//!   written over the cached version, and the delta's literals are copied from it;
+//! - the delta encoder, for a page the delta cache holds a version of, compares each
+//!   64-byte line with that version in place and, like the zero scan, keeps only a
+//!   yes/no answer; a line that differs is read again, 16 bytes (two words in the
+//!   portable kernel) at a time, and each value loaded is used once, for both the
+//!   comparison and the store: lanes that changed are written over the cached version,
+//!   and the delta's literals are copied from it;
 //! - everything else copies the pages with one raw-pointer `memcpy`
 //!   (`core::ptr::copy_nonoverlapping`) into memory the codec owns: the raw codec into
 //!   the payload, zstd and lz4 into the frame's scratch buffer, deflate one page at a
 //!   time into a page of scratch, delta a page the cache lacks into its slot in the
-//!   cache. The compression libraries and the delta cache only ever see that private
-//!   copy, which no other thread can change, so the payload, the delta cache and the
-//!   length table all describe the same bytes.
+//!   cache. The compression libraries only ever see that private copy, which no other
+//!   thread can change, so the payload, the delta cache and the length table all
+//!   describe the same bytes.
 //!
 //! A page written during the copy may be copied torn (part old, part new). That is
 //! harmless: the write also dirtied the page, so the caller's dirty tracking sends it
@@ -33,6 +36,10 @@
 //! `VolatileSlice` copies of more than a word are a plain `memcpy`) and every VMM, this
 //! crate accepts a raw-pointer `memcpy` as that read, because no reference exists that
 //! the compiler could assume stable, and the bytes are used only after they are copied.
+//! The two scans read with raw-pointer loads to the same standard: the zero scan keeps
+//! only its answer, and the delta encoder uses each loaded value once, for the
+//! comparison and for what it keeps, so the cached version and the delta agree on
+//! whatever mix of old and new bytes a load returned.
 //!
 //! A list built only from slices ([`PageList::push_slice`]) is a shared borrow nobody
 //! can write meanwhile, and so is a private copy the caller keeps unwritten for the
@@ -229,7 +236,8 @@ pub struct PageList<'a> {
     pages: usize,
     page_size: PageSize,
     /// Some run came from [`PageList::push_raw`]: memory that others may write while
-    /// the list lives, read only through [`copy_out`].
+    /// the list lives, read only through raw pointers (the module documentation's
+    /// three kinds of read), never as a slice.
     volatile: bool,
     _borrow: PhantomData<&'a [u8]>,
 }
@@ -264,9 +272,9 @@ impl<'a> PageList<'a> {
     /// until the list is dropped or reset, or, for a list inside an engine job, until
     /// the job's completion has been received, and no `&mut` reference to it may exist
     /// meanwhile. The guest, vCPU threads and other threads may write the memory
-    /// through raw pointers meanwhile: this crate reads it only through raw-pointer
-    /// copies (see the module documentation), so a concurrent write can make a payload
-    /// stale or torn, never invalid. A run that starts where the list's last raw run
+    /// through raw pointers meanwhile: this crate reads it only through raw pointers
+    /// (see the module documentation), so a concurrent write can make a payload stale
+    /// or torn, never invalid. A run that starts where the list's last raw run
     /// ends joins it: the two pointers must then come from one pointer to one mapping
     /// (a region of guest memory).
     pub unsafe fn push_raw(

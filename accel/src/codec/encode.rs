@@ -200,7 +200,7 @@ impl Codecs {
                     // the payload only when the page goes raw.
                     let out = &mut payload[pos..pos + ps];
                     let (ptr, key) = src.page(i).ok_or(CodecError::NoPages { codec })?;
-                    // SAFETY: `page` points at a whole page of a run of the list,
+                    // SAFETY: `ptr` points at a whole page of a run of the list,
                     // readable for the list's life (its constructors' contracts), and
                     // `out`, this call's exclusive payload, cannot overlap it.
                     let outcome = unsafe { cache.encode_raw(key, ptr, out) };

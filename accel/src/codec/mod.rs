@@ -18,8 +18,8 @@
 //! scratch buffer first (the whole frame for zstd and lz4, one page at a time for
 //! deflate; raw copies straight into the payload), and the library compresses that
 //! private copy (see [`crate::pages`], "Guest memory"). The scratch buffer is reused,
-//! so the copy allocates nothing once warm. Delta reads each page once, in place, and
-//! writes what changed over the cached version as it writes the delta (a page the
+//! so the copy allocates nothing once warm. Delta reads each page in place and writes
+//! what changed over the cached version as it writes the delta (a page the
 //! cache lacks is copied into it): a borrowed slice and guest memory take the same
 //! path.
 //!
