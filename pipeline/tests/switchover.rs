@@ -21,7 +21,9 @@ use pagewire::{
     DestinationConfig, DestinationListener, DeviceStateCheck, DirtyBitmap, Failed, Migrated,
     MigrationError, Source, SourceConfig, Switchover,
 };
-use pagewire_protocol::{AbortReason, AckKind, Authentication, Envelope, Frame, FrameType, Limits};
+use pagewire_protocol::{
+    Abort, AbortReason, AckKind, Authentication, Envelope, Frame, FrameType, Limits,
+};
 
 /// One of the last four frames on channel 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,6 +75,10 @@ enum Loss {
     /// (40 KB, one segment within loopback's first window), so a source that reads
     /// only a few frames ahead misses it.
     ForgedCommittedBehindPadding,
+    /// The frame is dropped, and the source gets ABORT `CHANNEL_FAILED` on channel 1,
+    /// whose final round it has already seen acknowledged: a destination that failed
+    /// there and keeps channel 0 open and silent.
+    AbortOnChannel1,
 }
 
 /// A frame-aware TCP relay: forwards whole frames both ways, and on channel 0 loses
@@ -85,6 +91,9 @@ struct Relay {
     thread: Option<JoinHandle<()>>,
 }
 
+/// The relay's connection to the source on channel 1, once its HELLO passed.
+type Channel1 = Arc<Mutex<Option<TcpStream>>>;
+
 impl Relay {
     fn start(upstream: SocketAddr, last: Last, loss: Loss) -> Relay {
         let listener = TcpListener::bind(loopback()).unwrap();
@@ -93,6 +102,7 @@ impl Relay {
         let stop = Arc::new(AtomicBool::new(false));
         let lost = Arc::new(AtomicBool::new(false));
         let (stop2, lost2) = (stop.clone(), lost.clone());
+        let channel1: Channel1 = Arc::default();
         let thread = std::thread::spawn(move || {
             let mut pumps = Vec::new();
             while !stop2.load(Ordering::Relaxed) {
@@ -117,8 +127,18 @@ impl Relay {
                 ] {
                     let lose = (last.sent_by_source() == from_source).then_some((last, loss));
                     let (stop, lost, channel) = (stop2.clone(), lost2.clone(), channel.clone());
+                    let channel1 = channel1.clone();
                     pumps.push(std::thread::spawn(move || {
-                        pump(from, to, from_source, lose, &channel, &stop, &lost)
+                        pump(
+                            from,
+                            to,
+                            from_source,
+                            lose,
+                            &channel,
+                            &channel1,
+                            &stop,
+                            &lost,
+                        )
                     }));
                 }
             }
@@ -150,12 +170,14 @@ impl Drop for Relay {
 
 /// Forwards whole frames from `from` to `to`; on channel 0 loses the frame `lose`
 /// names (once).
+#[allow(clippy::too_many_arguments)]
 fn pump(
     mut from: TcpStream,
     mut to: TcpStream,
     from_source: bool,
     lose: Option<(Last, Loss)>,
     channel: &Mutex<Option<u16>>,
+    channel1: &Channel1,
     stop: &AtomicBool,
     lost: &AtomicBool,
 ) {
@@ -201,6 +223,9 @@ fn pump(
                     env.and_then(|e| Frame::decode(e, &frame[8..], &Limits::handshake()))
                 {
                     *channel.lock().unwrap() = Some(h.channel.0);
+                    if h.channel.0 == 1 {
+                        *channel1.lock().unwrap() = from.try_clone().ok();
+                    }
                 }
             }
             let on_channel_0 = *channel.lock().unwrap() == Some(0);
@@ -213,6 +238,18 @@ fn pump(
                         Loss::None => out.extend_from_slice(frame),
                         Loss::Swallow => {}
                         Loss::SwallowAndHold => hold = true,
+                        Loss::AbortOnChannel1 => {
+                            let mut abort = Vec::new();
+                            Frame::Abort(Abort {
+                                reason: AbortReason::CHANNEL_FAILED,
+                                message: "the relay's channel 1 failed",
+                            })
+                            .encode(&mut abort)
+                            .unwrap();
+                            let to_source = channel1.lock().unwrap();
+                            let mut s = to_source.as_ref().expect("channel 1 is open");
+                            s.write_all(&abort).unwrap();
+                        }
                         Loss::ForgedCommittedAfter | Loss::ForgedCommittedBehindPadding => {
                             out.extend_from_slice(frame);
                             if loss == Loss::ForgedCommittedBehindPadding {
@@ -470,6 +507,48 @@ fn commit_lost() {
 fn ack_committed_lost() {
     for loss in [Loss::Swallow, Loss::CutBefore, Loss::CutInside] {
         case(Last::AckCommitted, loss);
+    }
+}
+
+/// A destination that fails on channel 1 once that channel's final round is
+/// acknowledged, says so with ABORT there only, and keeps channel 0 open and silent:
+/// the source learns it from channel 1 while it waits on channel 0. Before COMMIT it
+/// fails with that ABORT and keeps the guest; after COMMIT the outcome is unknown, and
+/// names it. Before channel 1 was read during the switchover, the source waited out
+/// its `ack_timeout` on channel 0 and failed with a timeout.
+#[test]
+fn an_abort_on_another_channel_ends_the_switchover_wait() {
+    let aborted = |e: &MigrationError| {
+        matches!(e, MigrationError::PeerAborted { reason, message }
+            if *reason == AbortReason::CHANNEL_FAILED && message.contains("relay"))
+    };
+    for last in [Last::Complete, Last::AckComplete, Last::Commit] {
+        let name = format!("{last:?} with an ABORT on channel 1");
+        let e = run(last, Loss::AbortOnChannel1);
+        eprintln!(
+            "{name}: destination {:?}; source {:?}",
+            e.destination.as_ref().map(|m| m.final_round),
+            e.source.as_ref().map_err(|f| f.to_string())
+        );
+        assert!(e.lost, "{name}: the relay saw the frame");
+        e.check_invariant(&name);
+        assert!(e.destination.is_err(), "{name}");
+        let Err(f) = &e.source else {
+            panic!("{name}: the source succeeded")
+        };
+        match last {
+            Last::Commit => match &*f.error {
+                MigrationError::OutcomeUnknown { source } => {
+                    assert!(aborted(source), "{name}: {f}")
+                }
+                other => panic!("{name}: not an unknown outcome: {other}"),
+            },
+            _ => {
+                assert!(f.may_resume_source(), "{name}: {f}");
+                assert!(e.running_on_source, "{name}");
+                assert!(aborted(&f.error), "{name}: {f}");
+            }
+        }
     }
 }
 

@@ -114,8 +114,38 @@ enum Cmd {
     Complete {
         final_round: u32,
         sections: u32,
+        watch: Arc<Watch>,
     },
+    /// Read the channel for an ABORT while channel 0 hands the guest over, until the
+    /// next command (no reply).
+    Watch(Arc<Watch>),
     Close,
+}
+
+/// What the other channels saw while channel 0 hands the guest over: the first ABORT
+/// (or frame the session's rules refuse) the destination sent on one of them. Channel
+/// 0 checks it while it waits for ACK COMPLETE and ACK COMMITTED, and before it sends
+/// COMMIT, so a destination that fails on another channel after that channel's final
+/// round does not leave channel 0 waiting for its `ack_timeout` (PROTOCOL.md, ABORT).
+#[derive(Default)]
+pub(crate) struct Watch {
+    tripped: std::sync::Mutex<Option<MigrationError>>,
+}
+
+impl Watch {
+    /// Records `e`, unless an earlier one is recorded.
+    pub(crate) fn trip(&self, e: MigrationError) {
+        let mut t = self.tripped.lock().unwrap_or_else(|p| p.into_inner());
+        t.get_or_insert(e);
+    }
+
+    /// The error recorded, once.
+    pub(crate) fn take(&self) -> Option<MigrationError> {
+        self.tripped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
 }
 
 enum Reply {
@@ -424,10 +454,17 @@ impl Source {
             .next_round
             .checked_sub(1)
             .ok_or_else(|| Failed::bare(MigrationError::Config("no round was sent".into())))?;
+        // The other channels are read for an ABORT meanwhile; their next command ends
+        // the watch.
+        let watch = Arc::new(Watch::default());
+        for w in &self.workers[1..] {
+            let _ = w.tx.send(Cmd::Watch(watch.clone()));
+        }
         let w = &self.workers[0];
         let cmd = Cmd::Complete {
             final_round,
             sections: self.sections,
+            watch,
         };
         if w.tx.send(cmd).is_err() {
             // The worker was gone before it got the command: nothing was sent.

@@ -22,7 +22,7 @@ use crate::plan::Affinity;
 use super::adaptive::Selector;
 use super::dedup::{Dedup, PageHash};
 use super::split::PageSplit;
-use super::{ChannelRound, Cmd, Counters, Reply, SourceLatency};
+use super::{ChannelRound, Cmd, Counters, Reply, SourceLatency, Watch};
 
 mod copies;
 mod engine;
@@ -146,6 +146,10 @@ impl WorkerSetup {
 /// COMMITTED (8 MB, more than loopback's socket buffers hold at once) took under a
 /// tenth of that to read on this project's test machine (the whole migration 0.11 s).
 const EARLY_BUDGET: Duration = Duration::from_millis(500);
+/// How often a channel watched during the switchover ([`Worker::watch`]) looks for
+/// input, and how long channel 0's waits for the switchover's ACKs go without looking
+/// at what the watch found.
+const WATCH_POLL: Duration = Duration::from_millis(20);
 
 /// The frame a worker is about to send that the destination must answer.
 #[derive(Clone, Copy, Debug)]
@@ -200,9 +204,21 @@ pub(super) struct Worker {
 
 impl Worker {
     pub(super) fn run(mut self, rx: mpsc::Receiver<Cmd>, tx: mpsc::Sender<Reply>) {
-        while let Ok(cmd) = rx.recv() {
+        let mut next = None;
+        loop {
+            let cmd = match next.take() {
+                Some(cmd) => cmd,
+                None => match rx.recv() {
+                    Ok(cmd) => cmd,
+                    Err(_) => return,
+                },
+            };
             let cpu = pagewire_accel::thread_cpu_time();
             let res = match cmd {
+                Cmd::Watch(watch) => {
+                    next = self.watch(&watch, &rx);
+                    continue;
+                }
                 Cmd::Round { round, dirty } => self.send_round(round, &dirty).map(Reply::Round),
                 Cmd::DeviceState {
                     name,
@@ -216,7 +232,8 @@ impl Worker {
                 Cmd::Complete {
                     final_round,
                     sections,
-                } => self.complete(final_round, sections),
+                    watch,
+                } => self.complete(final_round, sections, &watch),
                 Cmd::Close => {
                     let r = self.close().map(|()| Reply::Done);
                     let _ = tx.send(r.unwrap_or_else(Reply::Failed));
@@ -551,7 +568,7 @@ impl Worker {
         }
         self.send_whole(&Frame::EndOfRound(eor))?;
         self.reap(true)?;
-        self.await_ack(AckKind::ROUND, u64::from(round))?;
+        self.await_ack(AckKind::ROUND, u64::from(round), None)?;
         Ok(std::mem::take(&mut self.round))
     }
 
@@ -559,7 +576,15 @@ impl Worker {
     /// only the time left, however many other frames arrive meanwhile, and a frame
     /// that arrives a byte at a time is cut off at the deadline too (at most one read
     /// timeout late).
-    fn await_ack(&mut self, kind: AckKind, value: u64) -> Result<(), MigrationError> {
+    ///
+    /// With a `watch`, the wait also ends as soon as another channel saw an ABORT
+    /// ([`Worker::watch`]), with that error.
+    fn await_ack(
+        &mut self,
+        kind: AckKind,
+        value: u64,
+        watch: Option<&Watch>,
+    ) -> Result<(), MigrationError> {
         let ch = self.s.ch;
         let timeout = self.s.ack_timeout;
         let deadline = Instant::now() + timeout;
@@ -570,16 +595,27 @@ impl Worker {
             after: timeout,
         };
         let result = loop {
+            if let Some(e) = watch.and_then(Watch::take) {
+                break Err(e);
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break Err(timed_out);
             }
-            if let Err(e) = set_recv_timeout(&mut self.channel, Some(left)) {
+            // Watched, the receive returns in time to look at the watch; a frame begun
+            // stays buffered for the next receive.
+            let slice = match watch {
+                Some(_) => left.min(WATCH_POLL),
+                None => left,
+            };
+            if let Err(e) = set_recv_timeout(&mut self.channel, Some(slice)) {
                 break Err(self.chan_err(e));
             }
             match self.next_ack(kind, value) {
                 Ok(true) => break Ok(()),
                 Ok(false) => {}
+                Err(MigrationError::Timeout { .. })
+                    if watch.is_some() && Instant::now() < deadline => {}
                 Err(e) => break Err(e),
             }
         };
@@ -757,7 +793,15 @@ impl Worker {
     /// destination cannot run the guest; the source may resume it). From then on the
     /// destination may own the guest: ACK COMMITTED gives [`Reply::Done`], anything else
     /// [`Reply::Unknown`], and no ABORT is sent.
-    fn complete(&mut self, final_round: u32, sections: u32) -> Result<Reply, MigrationError> {
+    ///
+    /// An ABORT another channel reads meanwhile (`watch`) ends the wait for ACK
+    /// COMPLETE as a failure, and the wait for ACK COMMITTED as [`Reply::Unknown`].
+    fn complete(
+        &mut self,
+        final_round: u32,
+        sections: u32,
+        watch: &Watch,
+    ) -> Result<Reply, MigrationError> {
         self.early_answers(Next::Complete)?;
         let c = self
             .rules
@@ -765,8 +809,11 @@ impl Worker {
             .map_err(|e| self.rule(e))?;
         self.send_whole(&Frame::Complete(c))?;
         self.reap(true)?;
-        self.await_ack(AckKind::COMPLETE, u64::from(final_round))?;
+        self.await_ack(AckKind::COMPLETE, u64::from(final_round), Some(watch))?;
         self.early_answers(Next::Commit)?;
+        if let Some(e) = watch.take() {
+            return Err(e);
+        }
         let commit = self.rules.commit().map_err(|e| self.rule(e))?;
         let out =
             OutFrame::whole(&Frame::Commit(commit)).map_err(|e| MigrationError::Protocol {
@@ -778,11 +825,83 @@ impl Worker {
         let committed = self
             .send(out)
             .and_then(|_| self.reap(true))
-            .and_then(|()| self.await_ack(AckKind::COMMITTED, u64::from(final_round)));
+            .and_then(|()| self.await_ack(AckKind::COMMITTED, u64::from(final_round), Some(watch)));
         Ok(match committed {
             Ok(()) => Reply::Done,
             Err(e) => Reply::Unknown(e),
         })
+    }
+
+    /// Reads this channel, whose final round is acknowledged, while channel 0 hands
+    /// the guest over, until the next command arrives (returned; `None` when the
+    /// source is gone): an ABORT the destination sends here, or a frame the session's
+    /// rules refuse, is recorded in `watch` for channel 0. A close or a failed
+    /// connection ends the watch without a word: a destination may idle a channel out
+    /// once its final round ended (PROTOCOL.md, ABORT).
+    fn watch(&mut self, watch: &Watch, rx: &mpsc::Receiver<Cmd>) -> Option<Cmd> {
+        loop {
+            if let Err(found) = self.watched_input() {
+                if let Some(e) = found {
+                    watch.trip(e);
+                }
+                return rx.recv().ok();
+            }
+            match rx.recv_timeout(WATCH_POLL) {
+                Ok(cmd) => return Some(cmd),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    }
+
+    /// [`Worker::watch`]'s reads: every frame waiting, each whole within a short read
+    /// timeout, for at most [`EARLY_BUDGET`] (a frame begun stays buffered for the
+    /// next look). `Err(Some(_))` for an ABORT or a refused frame, `Err(None)` when the
+    /// channel ended.
+    fn watched_input(&mut self) -> Result<(), Option<MigrationError>> {
+        if !self.channel.has_input().map_err(|_| None)? {
+            return Ok(());
+        }
+        let until = Instant::now() + EARLY_BUDGET;
+        set_recv_deadline(&mut self.channel, Some(until));
+        let result = match set_recv_timeout(&mut self.channel, Some(WATCH_POLL)) {
+            Ok(()) => self.read_watched(until),
+            Err(_) => Err(None),
+        };
+        let _ = set_recv_timeout(&mut self.channel, Some(self.s.ack_timeout));
+        set_recv_deadline(&mut self.channel, None);
+        result
+    }
+
+    fn read_watched(&mut self, until: Instant) -> Result<(), Option<MigrationError>> {
+        let ch = self.s.ch;
+        while Instant::now() < until && self.channel.has_input().map_err(|_| None)? {
+            match self.channel.recv(None) {
+                Ok(Some(Incoming::Frame(Frame::Abort(a)))) => {
+                    return Err(Some(MigrationError::PeerAborted {
+                        reason: a.reason,
+                        message: a.message.to_owned(),
+                    }));
+                }
+                Ok(Some(Incoming::Frame(f))) => {
+                    if let Err(source) = self.rules.on_frame(&f) {
+                        return Err(Some(MigrationError::Rule {
+                            channel: ch,
+                            source,
+                        }));
+                    }
+                }
+                Ok(Some(Incoming::Placed(_))) => {
+                    return Err(Some(MigrationError::Protocol {
+                        channel: ch,
+                        what: "the destination sent pages".into(),
+                    }));
+                }
+                Err(pagewire_transport::ChannelError::RecvTimeout(_)) => return Ok(()),
+                Ok(None) | Err(_) => return Err(None),
+            }
+        }
+        Ok(())
     }
 
     fn close(&mut self) -> Result<(), MigrationError> {
