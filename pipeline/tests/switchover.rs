@@ -22,7 +22,7 @@ use pagewire::{
     MigrationError, Source, SourceConfig, Switchover,
 };
 use pagewire_protocol::{
-    Abort, AbortReason, AckKind, Authentication, Envelope, Frame, FrameType, Limits,
+    Abort, AbortReason, Ack, AckKind, Authentication, Envelope, Frame, FrameType, Limits,
 };
 
 /// One of the last four frames on channel 0.
@@ -79,6 +79,9 @@ enum Loss {
     /// whose final round it has already seen acknowledged: a destination that failed
     /// there and keeps channel 0 open and silent.
     AbortOnChannel1,
+    /// As `AbortOnChannel1`, with an ACK COMMITTED on channel 1 instead, a frame the
+    /// session's rules refuse there.
+    BadAckOnChannel1,
 }
 
 /// A frame-aware TCP relay: forwards whole frames both ways, and on channel 0 loses
@@ -238,17 +241,23 @@ fn pump(
                         Loss::None => out.extend_from_slice(frame),
                         Loss::Swallow => {}
                         Loss::SwallowAndHold => hold = true,
-                        Loss::AbortOnChannel1 => {
-                            let mut abort = Vec::new();
-                            Frame::Abort(Abort {
-                                reason: AbortReason::CHANNEL_FAILED,
-                                message: "the relay's channel 1 failed",
-                            })
-                            .encode(&mut abort)
+                        Loss::AbortOnChannel1 | Loss::BadAckOnChannel1 => {
+                            let mut injected = Vec::new();
+                            match loss {
+                                Loss::AbortOnChannel1 => Frame::Abort(Abort {
+                                    reason: AbortReason::CHANNEL_FAILED,
+                                    message: "the relay's channel 1 failed",
+                                }),
+                                _ => Frame::Ack(Ack {
+                                    kind: AckKind::COMMITTED,
+                                    value: 1,
+                                }),
+                            }
+                            .encode(&mut injected)
                             .unwrap();
                             let to_source = channel1.lock().unwrap();
                             let mut s = to_source.as_ref().expect("channel 1 is open");
-                            s.write_all(&abort).unwrap();
+                            s.write_all(&injected).unwrap();
                         }
                         Loss::ForgedCommittedAfter | Loss::ForgedCommittedBehindPadding => {
                             out.extend_from_slice(frame);
@@ -514,17 +523,26 @@ fn ack_committed_lost() {
 /// acknowledged, says so with ABORT there only, and keeps channel 0 open and silent:
 /// the source learns it from channel 1 while it waits on channel 0. Before COMMIT it
 /// fails with that ABORT and keeps the guest; after COMMIT the outcome is unknown, and
-/// names it. Before channel 1 was read during the switchover, the source waited out
-/// its `ack_timeout` on channel 0 and failed with a timeout.
+/// names it. An ACK COMMITTED on channel 1, which the session's rules refuse there,
+/// fails the wait the same way. Before channel 1 was read during the switchover, the
+/// source waited out its `ack_timeout` on channel 0 and failed with a timeout.
 #[test]
 fn an_abort_on_another_channel_ends_the_switchover_wait() {
-    let aborted = |e: &MigrationError| {
-        matches!(e, MigrationError::PeerAborted { reason, message }
-            if *reason == AbortReason::CHANNEL_FAILED && message.contains("relay"))
+    let aborted = |e: &MigrationError| match e {
+        MigrationError::PeerAborted { reason, message } => {
+            *reason == AbortReason::CHANNEL_FAILED && message.contains("relay")
+        }
+        // The refused ACK on channel 1.
+        MigrationError::Rule { channel: 1, .. } => true,
+        _ => false,
     };
-    for last in [Last::Complete, Last::AckComplete, Last::Commit] {
-        let name = format!("{last:?} with an ABORT on channel 1");
-        let e = run(last, Loss::AbortOnChannel1);
+    let cases = [Last::Complete, Last::AckComplete, Last::Commit]
+        .into_iter()
+        .map(|last| (last, Loss::AbortOnChannel1))
+        .chain([(Last::AckComplete, Loss::BadAckOnChannel1)]);
+    for (last, loss) in cases {
+        let name = format!("{last:?} with {loss:?}");
+        let e = run(last, loss);
         eprintln!(
             "{name}: destination {:?}; source {:?}",
             e.destination.as_ref().map(|m| m.final_round),

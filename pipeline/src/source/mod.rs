@@ -130,9 +130,20 @@ enum Cmd {
 #[derive(Default)]
 pub(crate) struct Watch {
     tripped: std::sync::Mutex<Option<MigrationError>>,
+    /// Channel 0's switchover ended: the other channels stop reading.
+    ended: std::sync::atomic::AtomicBool,
 }
 
 impl Watch {
+    /// Whether channel 0's switchover ended (the watchers stop).
+    pub(crate) fn ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
+    }
+
+    fn end(&self) {
+        self.ended.store(true, Ordering::Release);
+    }
+
     /// Records `e`, unless an earlier one is recorded.
     pub(crate) fn trip(&self, e: MigrationError) {
         let mut t = self.tripped.lock().unwrap_or_else(|p| p.into_inner());
@@ -464,13 +475,16 @@ impl Source {
         let cmd = Cmd::Complete {
             final_round,
             sections: self.sections,
-            watch,
+            watch: watch.clone(),
         };
         if w.tx.send(cmd).is_err() {
             // The worker was gone before it got the command: nothing was sent.
+            watch.end();
             return Err(Failed::bare(MigrationError::Worker(0)));
         }
-        let switchover = match w.rx.recv() {
+        let reply = w.rx.recv();
+        watch.end();
+        let switchover = match reply {
             Ok(Reply::Done) => Switchover::Committed,
             Ok(Reply::Unknown(e)) => Switchover::Unknown { error: Box::new(e) },
             Ok(Reply::Failed(e)) => return Err(Failed::bare(e)),

@@ -148,7 +148,7 @@ impl WorkerSetup {
 const EARLY_BUDGET: Duration = Duration::from_millis(500);
 /// How often a channel watched during the switchover ([`Worker::watch`]) looks for
 /// input, and how long channel 0's waits for the switchover's ACKs go without looking
-/// at what the watch found.
+/// at what the watch found (each receive's deadline: a frame begun stays buffered).
 const WATCH_POLL: Duration = Duration::from_millis(20);
 
 /// The frame a worker is about to send that the destination must answer.
@@ -578,7 +578,8 @@ impl Worker {
     /// timeout late).
     ///
     /// With a `watch`, the wait also ends as soon as another channel saw an ABORT
-    /// ([`Worker::watch`]), with that error.
+    /// ([`Worker::watch`]), with that error; for ACK COMMITTED, once what channel 0
+    /// already holds is read (the answer may be there: it then counts).
     fn await_ack(
         &mut self,
         kind: AckKind,
@@ -596,16 +597,24 @@ impl Worker {
         };
         let result = loop {
             if let Some(e) = watch.and_then(Watch::take) {
-                break Err(e);
+                let answered = kind == AckKind::COMMITTED
+                    && matches!(self.answer_waiting(kind, value), Ok(true));
+                break if answered { Ok(()) } else { Err(e) };
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break Err(timed_out);
             }
-            // Watched, the receive returns in time to look at the watch; a frame begun
-            // stays buffered for the next receive.
+            // Watched, the receive returns in time to look at the watch, however its
+            // bytes trickle in; a frame begun stays buffered for the next receive.
             let slice = match watch {
-                Some(_) => left.min(WATCH_POLL),
+                Some(_) => {
+                    set_recv_deadline(
+                        &mut self.channel,
+                        Some(deadline.min(Instant::now() + WATCH_POLL)),
+                    );
+                    left.min(WATCH_POLL)
+                }
                 None => left,
             };
             if let Err(e) = set_recv_timeout(&mut self.channel, Some(slice)) {
@@ -614,8 +623,9 @@ impl Worker {
             match self.next_ack(kind, value) {
                 Ok(true) => break Ok(()),
                 Ok(false) => {}
-                Err(MigrationError::Timeout { .. })
-                    if watch.is_some() && Instant::now() < deadline => {}
+                Err(MigrationError::Timeout {
+                    what: Wait::Ack, ..
+                }) if watch.is_some() && Instant::now() < deadline => {}
                 Err(e) => break Err(e),
             }
         };
@@ -832,6 +842,26 @@ impl Worker {
         })
     }
 
+    /// What channel 0 already holds, read without waiting for more (each frame whole
+    /// within a short read timeout, all within [`EARLY_BUDGET`]): `true` when the ACK
+    /// waited for is among it.
+    fn answer_waiting(&mut self, kind: AckKind, value: u64) -> Result<bool, MigrationError> {
+        let until = Instant::now() + EARLY_BUDGET;
+        set_recv_deadline(&mut self.channel, Some(until));
+        if let Err(e) = set_recv_timeout(&mut self.channel, Some(WATCH_POLL)) {
+            return Err(self.chan_err(e));
+        }
+        while Instant::now() < until && self.has_input()? {
+            match self.next_ack(kind, value) {
+                Ok(true) => return Ok(true),
+                Ok(false) => {}
+                Err(MigrationError::Timeout { .. }) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(false)
+    }
+
     /// Reads this channel, whose final round is acknowledged, while channel 0 hands
     /// the guest over, until the next command arrives (returned; `None` when the
     /// source is gone): an ABORT the destination sends here, or a frame the session's
@@ -840,7 +870,10 @@ impl Worker {
     /// once its final round ended (PROTOCOL.md, ABORT).
     fn watch(&mut self, watch: &Watch, rx: &mpsc::Receiver<Cmd>) -> Option<Cmd> {
         loop {
-            if let Err(found) = self.watched_input() {
+            if watch.ended() {
+                return rx.recv().ok();
+            }
+            if let Err(found) = self.watched_input(watch) {
                 if let Some(e) = found {
                     watch.trip(e);
                 }
@@ -855,17 +888,17 @@ impl Worker {
     }
 
     /// [`Worker::watch`]'s reads: every frame waiting, each whole within a short read
-    /// timeout, for at most [`EARLY_BUDGET`] (a frame begun stays buffered for the
-    /// next look). `Err(Some(_))` for an ABORT or a refused frame, `Err(None)` when the
-    /// channel ended.
-    fn watched_input(&mut self) -> Result<(), Option<MigrationError>> {
+    /// timeout, for at most [`EARLY_BUDGET`] or until the switchover ends (a frame
+    /// begun stays buffered for the next look). `Err(Some(_))` for an ABORT or a
+    /// refused frame, `Err(None)` when the channel ended.
+    fn watched_input(&mut self, watch: &Watch) -> Result<(), Option<MigrationError>> {
         if !self.channel.has_input().map_err(|_| None)? {
             return Ok(());
         }
         let until = Instant::now() + EARLY_BUDGET;
         set_recv_deadline(&mut self.channel, Some(until));
         let result = match set_recv_timeout(&mut self.channel, Some(WATCH_POLL)) {
-            Ok(()) => self.read_watched(until),
+            Ok(()) => self.read_watched(until, watch),
             Err(_) => Err(None),
         };
         let _ = set_recv_timeout(&mut self.channel, Some(self.s.ack_timeout));
@@ -873,9 +906,17 @@ impl Worker {
         result
     }
 
-    fn read_watched(&mut self, until: Instant) -> Result<(), Option<MigrationError>> {
+    fn read_watched(
+        &mut self,
+        until: Instant,
+        watch: &Watch,
+    ) -> Result<(), Option<MigrationError>> {
+        use pagewire_transport::ChannelError;
         let ch = self.s.ch;
-        while Instant::now() < until && self.channel.has_input().map_err(|_| None)? {
+        while Instant::now() < until
+            && !watch.ended()
+            && self.channel.has_input().map_err(|_| None)?
+        {
             match self.channel.recv(None) {
                 Ok(Some(Incoming::Frame(Frame::Abort(a)))) => {
                     return Err(Some(MigrationError::PeerAborted {
@@ -897,7 +938,18 @@ impl Worker {
                         what: "the destination sent pages".into(),
                     }));
                 }
-                Err(pagewire_transport::ChannelError::RecvTimeout(_)) => return Ok(()),
+                Err(ChannelError::RecvTimeout(_)) => return Ok(()),
+                // Bytes that are no frame this document allows: refused, as on channel 0.
+                Err(
+                    source @ (ChannelError::Decode(_)
+                    | ChannelError::FrameTooLarge { .. }
+                    | ChannelError::Framing(_)),
+                ) => {
+                    return Err(Some(MigrationError::Channel {
+                        channel: ch,
+                        source,
+                    }));
+                }
                 Ok(None) | Err(_) => return Err(None),
             }
         }
