@@ -12,6 +12,18 @@ use pagewire_protocol::RegionId;
 use crate::dirty::{DirtyBitmap, DirtyLogError};
 use crate::memory::MemoryError;
 
+/// Whether a receive failed because of what the peer sent (frame bytes that do not
+/// decode, a frame over the limit, broken transport framing), rather than because the
+/// connection failed or ended.
+pub(crate) fn peer_fault(e: &pagewire_transport::ChannelError) -> bool {
+    matches!(
+        e,
+        pagewire_transport::ChannelError::Decode(_)
+            | pagewire_transport::ChannelError::FrameTooLarge { .. }
+            | pagewire_transport::ChannelError::Framing(_)
+    )
+}
+
 /// Why a migration failed.
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]

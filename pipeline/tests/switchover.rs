@@ -303,6 +303,15 @@ struct Ended {
 }
 
 impl Ended {
+    /// Prints how the case ended on both sides.
+    fn report(&self, name: &str) {
+        eprintln!(
+            "{name}: destination {:?}; source {:?}",
+            self.destination.as_ref().map(|m| m.final_round),
+            self.source.as_ref().map_err(|f| f.to_string())
+        );
+    }
+
     /// The invariant: the destination's success and a guest the source may run never
     /// come together.
     fn check_invariant(&self, case: &str) {
@@ -405,11 +414,7 @@ fn is_unknown(source: &Result<(), Failed>) -> bool {
 fn case(last: Last, loss: Loss) {
     let name = format!("{last:?} {loss:?}");
     let e = run(last, loss);
-    eprintln!(
-        "{name}: destination {:?}; source {:?}",
-        e.destination.as_ref().map(|m| m.final_round),
-        e.source.as_ref().map_err(|f| f.to_string())
-    );
+    e.report(&name);
     assert!(
         e.lost || loss == Loss::None,
         "{name}: the relay saw the frame"
@@ -543,11 +548,7 @@ fn an_abort_on_another_channel_ends_the_switchover_wait() {
     for (last, loss) in cases {
         let name = format!("{last:?} with {loss:?}");
         let e = run(last, loss);
-        eprintln!(
-            "{name}: destination {:?}; source {:?}",
-            e.destination.as_ref().map(|m| m.final_round),
-            e.source.as_ref().map_err(|f| f.to_string())
-        );
+        e.report(&name);
         assert!(e.lost, "{name}: the relay saw the frame");
         e.check_invariant(&name);
         assert!(e.destination.is_err(), "{name}");

@@ -5,7 +5,7 @@ use pagewire_protocol::{Abort, AbortReason, Frame};
 use pagewire_transport::session::AnyChannel;
 use pagewire_transport::{Channel, ChannelError, OutFrame};
 
-use crate::error::MigrationError;
+use crate::error::{MigrationError, peer_fault};
 
 /// Tells the source why the channel ends: ABORT with the reason for `e`
 /// ([`abort_reason`]) and its message, best effort, unless the channel's I/O failed or
@@ -27,16 +27,6 @@ pub(super) fn send(channel: &mut AnyChannel, e: &MigrationError) {
         let _ = channel.send(f);
         let _ = channel.flush(&mut done);
     }
-}
-
-/// Whether a receive failed because of what the peer sent (frame bytes that do not
-/// decode, a frame over the limit, broken transport framing), rather than because the
-/// connection failed or ended.
-pub(super) fn peer_fault(e: &ChannelError) -> bool {
-    matches!(
-        e,
-        ChannelError::Decode(_) | ChannelError::FrameTooLarge { .. } | ChannelError::Framing(_)
-    )
 }
 
 /// The ABORT reason a receiver ending with `e` sends (PROTOCOL.md, ABORT), or `None`

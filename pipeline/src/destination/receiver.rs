@@ -21,9 +21,9 @@ use crate::error::MigrationError;
 use crate::memory::GuestMemory;
 use crate::source::transport_views;
 
-use super::abort::peer_fault;
 use super::dense::DenseBlocks;
 use super::{DeviceSection, Shared, State};
+use crate::error::peer_fault;
 
 /// frame the rules refuse is received whole instead, and refused there.
 struct CheckedSink<'a, 'g> {

@@ -940,11 +940,7 @@ impl Worker {
                 }
                 Err(ChannelError::RecvTimeout(_)) => return Ok(()),
                 // Bytes that are no frame this document allows: refused, as on channel 0.
-                Err(
-                    source @ (ChannelError::Decode(_)
-                    | ChannelError::FrameTooLarge { .. }
-                    | ChannelError::Framing(_)),
-                ) => {
+                Err(source) if crate::error::peer_fault(&source) => {
                     return Err(Some(MigrationError::Channel {
                         channel: ch,
                         source,
