@@ -2,9 +2,12 @@
 //!
 //! A bounded LRU of page copies, keyed by [`PageKey`], split into shards (each behind
 //! its own mutex, chosen by key hash) so worker threads encoding different pages
-//! rarely meet; there is no global lock. All memory is allocated when the cache is
-//! built. Hits, misses, overflows (deltas above the threshold) and evictions are
-//! counted.
+//! rarely meet; there is no global lock. The page memory is allocated in chunks of
+//! 256 pages (`CHUNK`) as slots are first used, up to the configured size, and touched
+//! when allocated (the time that takes is [`DeltaCache::setup_time`], not a codec's):
+//! a cache that is never filled costs no memory, and a large allocation made at once
+//! could come from a heap that must clear it. Hits, misses, overflows (deltas above
+//! the threshold) and evictions are counted.
 //!
 //! # Contract with the caller
 //! The cache holds what the destination *will* hold once the frames are applied, so:
@@ -17,6 +20,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::page::{PageKey, PageSize};
 
@@ -77,6 +81,9 @@ pub struct DeltaStats {
     pub overflows: u64,
     /// Pages evicted to make room.
     pub evictions: u64,
+    /// Pages kept from frames of other codecs
+    /// ([`EncodeParams::remember`](crate::EncodeParams::remember)).
+    pub stored: u64,
     /// Pages the cache holds now.
     pub resident: u64,
 }
@@ -91,6 +98,9 @@ pub(crate) enum DeltaOutcome {
 }
 
 const NIL: u32 = u32::MAX;
+
+/// Pages per chunk of cache memory (1 MiB of 4 KiB pages).
+pub(crate) const CHUNK: usize = 256;
 
 #[derive(Clone, Copy)]
 struct Slot {
@@ -121,8 +131,12 @@ impl Hasher for KeyHasher {
 struct Shard {
     map: HashMap<u64, u32, BuildHasherDefault<KeyHasher>>,
     slots: Vec<Slot>,
-    /// `capacity` pages, one per slot: slot `s`'s version is page `s`.
-    data: Vec<u8>,
+    /// The versions, one page per slot: slot `s`'s is page `s % CHUNK` of chunk
+    /// `s / CHUNK`; a chunk is allocated when its first slot is first used.
+    chunks: Vec<Box<[u8]>>,
+    page: usize,
+    /// Time spent allocating chunks since the cache last took it.
+    setup: Duration,
     head: u32, // most recently used
     tail: u32, // least recently used
     used: u32,
@@ -142,7 +156,9 @@ impl Shard {
                 };
                 capacity as usize
             ],
-            data: vec![0; capacity as usize * page],
+            chunks: Vec::new(),
+            page,
+            setup: Duration::ZERO,
             head: NIL,
             tail: NIL,
             used: 0,
@@ -176,10 +192,37 @@ impl Shard {
         }
     }
 
+    /// Slot `s`'s version.
+    fn version(&mut self, s: u32) -> &mut [u8] {
+        let (c, i) = (s as usize / CHUNK, s as usize % CHUNK);
+        // In bounds: a slot is used only after `grow` allocated its chunk.
+        &mut self.chunks[c][i * self.page..(i + 1) * self.page]
+    }
+
+    /// Allocates the chunk of never-used slot `s` if it has none yet, and writes a
+    /// byte of each of its 4 KiB pages, so the faults that back it are taken here,
+    /// timed into `setup`, not inside the copy or the encode that follows.
+    fn grow(&mut self, s: u32) {
+        if (s as usize) < self.chunks.len() * CHUNK {
+            return;
+        }
+        let t = Instant::now();
+        let slots = CHUNK.min(self.capacity as usize - self.chunks.len() * CHUNK);
+        let mut chunk = vec![0u8; slots * self.page].into_boxed_slice();
+        for b in chunk.iter_mut().step_by(4096) {
+            // SAFETY: `b` is a valid, exclusive byte of `chunk`. Volatile, so the store
+            // of the zero that is already there is not elided.
+            unsafe { core::ptr::write_volatile(b, 0) };
+        }
+        self.chunks.push(chunk);
+        self.setup += t.elapsed();
+    }
+
     /// A slot for a new key: a never-used one, or the LRU one (evicted).
     fn take_slot(&mut self, key: u64) -> (u32, bool) {
         let (s, evicted) = if self.used < self.capacity {
             self.used += 1;
+            self.grow(self.used - 1);
             (self.used - 1, false)
         } else {
             let s = self.tail;
@@ -207,6 +250,9 @@ pub struct DeltaCache {
     misses: AtomicU64,
     overflows: AtomicU64,
     evictions: AtomicU64,
+    stored: AtomicU64,
+    /// Nanoseconds spent allocating and first touching cache memory.
+    setup: AtomicU64,
 }
 
 impl core::fmt::Debug for DeltaCache {
@@ -252,6 +298,8 @@ impl DeltaCache {
             misses: AtomicU64::new(0),
             overflows: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
+            stored: AtomicU64::new(0),
+            setup: AtomicU64::new(0),
         })
     }
 
@@ -263,6 +311,22 @@ impl DeltaCache {
     /// The largest delta worth sending.
     pub fn threshold(&self) -> usize {
         self.threshold
+    }
+
+    /// The time spent so far allocating cache memory and having the kernel back it
+    /// (by any thread): a cost of the cache's first use, not of the codec whose frame
+    /// filled it.
+    pub fn setup_time(&self) -> Duration {
+        Duration::from_nanos(self.setup.load(Ordering::Relaxed))
+    }
+
+    /// Takes shard's chunk allocation time into [`DeltaCache::setup_time`].
+    fn took_setup(&self, shard: &mut Shard) {
+        let t = std::mem::take(&mut shard.setup);
+        if !t.is_zero() {
+            let ns = u64::try_from(t.as_nanos()).unwrap_or(u64::MAX);
+            self.setup.fetch_add(ns, Ordering::Relaxed);
+        }
     }
 
     fn shard(&self, key: PageKey) -> std::sync::MutexGuard<'_, Shard> {
@@ -323,11 +387,11 @@ impl DeltaCache {
                 if evicted {
                     self.evictions.fetch_add(1, Ordering::Relaxed);
                 }
+                self.took_setup(shard);
                 (s, false)
             }
         };
-        let at = s as usize * ps;
-        let version = &mut shard.data[at..at + ps];
+        let version = shard.version(s);
         if !hit {
             // SAFETY: `src` is readable for a page (this function's contract) and
             // `version`, the cache's own memory, is an exclusive borrow of one page.
@@ -347,6 +411,36 @@ impl DeltaCache {
                 raw_page(out, version)
             }
         }
+    }
+
+    /// Keeps `page` (one page long) as the version of `key` the destination will hold:
+    /// what a frame of another codec sent for it
+    /// ([`EncodeParams::remember`](crate::EncodeParams::remember)), so its next
+    /// version may go as a delta against it. A page of another length is forgotten.
+    pub(crate) fn store(&self, key: PageKey, page: &[u8]) {
+        if page.len() != self.page {
+            self.invalidate(key);
+            return;
+        }
+        let mut guard = self.shard(key);
+        let shard = &mut *guard;
+        let s = match shard.map.get(&key.0) {
+            Some(&s) => {
+                shard.unlink(s);
+                shard.push_front(s);
+                s
+            }
+            None => {
+                let (s, evicted) = shard.take_slot(key.0);
+                if evicted {
+                    self.evictions.fetch_add(1, Ordering::Relaxed);
+                }
+                self.took_setup(shard);
+                s
+            }
+        };
+        shard.version(s).copy_from_slice(page);
+        self.stored.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Forgets a page, so its next version goes without delta.
@@ -397,6 +491,7 @@ impl DeltaCache {
             misses: self.misses.load(Ordering::Relaxed),
             overflows: self.overflows.load(Ordering::Relaxed),
             evictions: self.evictions.load(Ordering::Relaxed),
+            stored: self.stored.load(Ordering::Relaxed),
             resident,
         }
     }
@@ -419,6 +514,46 @@ mod tests {
         let mut config = DeltaConfig::new(PageSize::KIB4, pages);
         config.shards = shards;
         DeltaCache::new(config).unwrap()
+    }
+
+    /// Memory comes in chunks as slots are first used (the last chunk holds the
+    /// rest), every slot keeps its own page across the chunk boundary, and the
+    /// allocation time is counted.
+    #[test]
+    fn chunks_are_allocated_as_slots_are_first_used() {
+        let n = CHUNK + 44;
+        let c = cache(n, 1);
+        let chunks = |c: &DeltaCache| {
+            let s = c.shards[0].lock().unwrap();
+            s.chunks.iter().map(|b| b.len() / 4096).collect::<Vec<_>>()
+        };
+        assert_eq!(chunks(&c), Vec::<usize>::new());
+        let page = |k: usize| vec![(k % 251) as u8 + 1; 4096];
+        c.store(PageKey(0), &page(0));
+        assert_eq!(chunks(&c), [CHUNK]);
+        assert!(!c.setup_time().is_zero());
+        for k in 1..n {
+            c.store(PageKey(k as u64), &page(k));
+        }
+        assert_eq!(chunks(&c), [CHUNK, 44]);
+        {
+            let mut shard = c.shards[0].lock().unwrap();
+            for k in 0..n {
+                let s = shard.map[&(k as u64)];
+                assert_eq!(shard.version(s), &page(k)[..], "page {k}");
+            }
+        }
+        // Across the chunk boundary, through the encoder too.
+        let mut out = vec![0u8; 4096];
+        for k in [0, CHUNK - 1, CHUNK, n - 1] {
+            let outcome = c.encode(PageKey(k as u64), &page(k), &mut out);
+            assert_eq!(outcome, DeltaOutcome::Delta(0), "page {k}");
+        }
+        // Full: a new page evicts, and no chunk is added.
+        c.store(PageKey(n as u64), &page(n));
+        assert_eq!(chunks(&c), [CHUNK, 44]);
+        assert_eq!(c.stats().evictions, 1);
+        assert_eq!(c.stats().stored, n as u64 + 1);
     }
 
     #[test]

@@ -241,8 +241,11 @@ pub fn roundtrip(codec: u8, level: i8, data: &[u8]) {
 /// each hold 6 pages; the sender's cache holds only 3 (so pages are evicted), and
 /// every 4 bytes of `ops` are one operation: change bytes of a page, rewrite a page
 /// with noise, clear it back to zeros, invalidate it in the cache, or send a frame of
-/// 1 to 3 pages as delta and apply it on the receiver. After every frame the receiver's copy of the sent pages must
-/// equal the sender's.
+/// 1 to 3 pages and apply it on the receiver: as delta, or with raw, lz4, zstd or
+/// deflate keeping what they send in the cache (`EncodeParams::remember`, as the
+/// adaptive choice with delta does). After every frame the receiver's copy of the sent
+/// pages must equal the sender's: a delta is never computed against content the
+/// receiver lacks.
 pub fn delta_sequence(ops: &[u8]) {
     const N: usize = 6;
     let mut config = DeltaConfig::new(PageSize::KIB4, 3);
@@ -279,10 +282,21 @@ pub fn delta_sequence(ops: &[u8]) {
                 let mut src = PageList::new(PageSize::KIB4);
                 src.push_slice(frame, PageKey(page as u64))
                     .expect("whole pages");
-                let params = EncodeParams::new(CodecId::DELTA, Level::DEFAULT);
+                let codec = [
+                    CodecId::DELTA,
+                    CodecId::DELTA,
+                    CodecId::LZ4,
+                    CodecId::ZSTD,
+                    CodecId::DEFLATE,
+                    CodecId::RAW,
+                ][usize::from(op[3] / 3) % 6];
+                let params = EncodeParams {
+                    remember: true,
+                    ..EncodeParams::new(codec, Level::DEFAULT)
+                };
                 let out = codecs
                     .encode(&params, &src, Some(&cache), &mut payload, &mut lengths)
-                    .expect("delta encode");
+                    .expect("encode");
                 // Apply to the receiver's pages `page..page + count`.
                 let mut dst = PageListMut::new(PageSize::KIB4);
                 let split = receiver.split;
@@ -303,14 +317,14 @@ pub fn delta_sequence(ops: &[u8]) {
                 }
                 codecs
                     .decode(out.codec, &payload[..out.payload_len], &lengths, &mut dst)
-                    .expect("decode of our own delta");
+                    .expect("decode of our own frame");
                 drop(dst);
                 receiver.check_guards();
                 for p in page..page + count {
                     assert_eq!(
                         receiver.page(p),
                         &sender[p * PS..(p + 1) * PS],
-                        "page {p} differs after a delta frame"
+                        "page {p} differs after a {codec} frame"
                     );
                 }
             }

@@ -34,9 +34,10 @@ USAGE: demo [OPTIONS]
   --dirty-rate N        pages the guest rewrites per second (default 20000)
   --dirty-pattern P     random | sequential | hot:N (default random)
   --channels N          channels (default 2)
-  --codec C             zstd | lz4 | deflate | deflate-4k | delta | raw | none | auto
-                        (default auto: chosen per frame from the measured link,
-                        codecs and receiver; deflate-4k with an IAA --accel)
+  --codec C             zstd | lz4 | deflate | deflate-4k | delta | raw | none | auto |
+                        auto+delta (default auto: chosen per frame from the measured
+                        link, codecs and receiver; auto+delta also sends delta for
+                        cached pages; deflate-4k with an IAA --accel)
   --level N             codec level (zstd default 1, deflate 1)
   --accel A             codec engine backend on both sides: auto | software | iaa |
                         iaa:/dev/iax/wqX.Y | vfio:PCI_ADDRESS | model |
@@ -74,6 +75,8 @@ struct Args {
     codec: Option<CodecId>,
     /// `--codec auto`.
     auto: bool,
+    /// `--codec auto+delta`.
+    auto_delta: bool,
     level: Option<i32>,
     uring: bool,
     accel: pagewire::BackendChoice,
@@ -99,6 +102,7 @@ fn parse() -> anyhow::Result<Args> {
         channels: 2,
         codec: None,
         auto: false,
+        auto_delta: false,
         level: None,
         uring: false,
         accel: pagewire::BackendChoice::Auto,
@@ -144,14 +148,16 @@ fn parse() -> anyhow::Result<Args> {
             }
             "--channels" => a.channels = val()?.parse()?,
             "--codec" => {
-                a.codec = Some(match val()?.as_str() {
+                let name = val()?;
+                a.auto_delta = name == "auto+delta";
+                a.codec = Some(match name.as_str() {
                     "zstd" => CodecId::ZSTD,
                     "lz4" => CodecId::LZ4,
                     "deflate" => CodecId::DEFLATE,
                     "deflate-4k" => CodecId::DEFLATE_4K,
                     "delta" => CodecId::DELTA,
                     "raw" | "none" => CodecId::RAW,
-                    "auto" => {
+                    "auto" | "auto+delta" => {
                         a.auto = true;
                         a.codec = None;
                         continue;
@@ -358,7 +364,15 @@ fn main() -> anyhow::Result<()> {
             args.memory_mib,
             t.elapsed().as_secs_f64(),
             args.channels,
-            codec.map_or("auto".to_string(), |c| format!("{c:?}")),
+            codec.map_or(
+                if args.auto_delta {
+                    "auto+delta"
+                } else {
+                    "auto"
+                }
+                .to_string(),
+                |c| format!("{c:?}")
+            ),
             args.accel,
             args.unix
                 .as_ref()
@@ -410,12 +424,14 @@ fn main() -> anyhow::Result<()> {
             pattern: args.pattern,
             content: args.fill,
             seed: 7,
+            edit_bytes: 0,
         },
     );
     let mut cfg = SourceConfig::new(session, auth);
     cfg.channels = args.channels;
     cfg.codec = match codec {
         Some(codec) => pagewire::CodecPolicy::fixed(codec, args.level.unwrap_or(1)),
+        None if args.auto_delta => pagewire::CodecPolicy::auto_with_delta(),
         None => pagewire::CodecPolicy::auto(),
     };
     cfg.backend = backend;

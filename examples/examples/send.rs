@@ -48,12 +48,13 @@ struct Args {
 fn codec(name: &str, level: i32) -> anyhow::Result<CodecPolicy> {
     let id = match name {
         "auto" => return Ok(CodecPolicy::auto()),
+        "auto+delta" => return Ok(CodecPolicy::auto_with_delta()),
         "none" | "raw" => CodecId::RAW,
         "lz4" => CodecId::LZ4,
         "zstd" => CodecId::ZSTD,
         "deflate" => CodecId::DEFLATE,
         "delta" => CodecId::DELTA,
-        o => bail!("--codec {o:?}: auto, none, lz4, zstd, deflate or delta"),
+        o => bail!("--codec {o:?}: auto, auto+delta, none, lz4, zstd, deflate or delta"),
     };
     Ok(CodecPolicy::fixed(id, level))
 }

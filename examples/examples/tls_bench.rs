@@ -54,6 +54,7 @@ fn migrate(
             pattern: Pattern::Random,
             content: Content::Mixed,
             seed: 1,
+            edit_bytes: 0,
         },
     );
     cfg.codec = codec.into();

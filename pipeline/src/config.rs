@@ -45,6 +45,12 @@ impl CodecPolicy {
         Self::Auto(AdaptiveConfig::default())
     }
 
+    /// The adaptive choice over [`AdaptiveConfig::default`]'s candidates and delta
+    /// for cached pages ([`AdaptiveConfig::with_delta`]; `--codec auto+delta`).
+    pub fn auto_with_delta() -> Self {
+        Self::Auto(AdaptiveConfig::default().with_delta())
+    }
+
     /// The fixed codec, or `None` for the adaptive choice.
     pub fn fixed_codec(&self) -> Option<CodecId> {
         match self {
@@ -53,11 +59,13 @@ impl CodecPolicy {
         }
     }
 
-    /// The name [`crate::MigrationStats::codec`] reports: the fixed codec's, or `auto`.
+    /// The name [`crate::MigrationStats::codec`] reports: the fixed codec's, `auto`,
+    /// or `auto+delta` (delta among the candidates).
     pub(crate) fn label(&self) -> String {
-        match self.fixed_codec() {
-            Some(codec) => format!("{codec:?}"),
-            None => "auto".into(),
+        match self {
+            Self::Fixed { codec, .. } => format!("{codec:?}"),
+            Self::Auto(a) if a.has_delta() => "auto+delta".into(),
+            Self::Auto(_) => "auto".into(),
         }
     }
 }
@@ -97,7 +105,8 @@ pub struct SourceConfig {
     /// be configured alike, or it refuses the channels (`ENCRYPTION_REQUIRED`,
     /// `ENCRYPTION_UNSUPPORTED`).
     pub encryption: Encryption,
-    /// Ask for CRC32C on every page frame (always asked with the delta codec).
+    /// Ask for CRC32C on every page frame (always asked with the delta codec, and with
+    /// delta among the adaptive candidates).
     pub checksum: bool,
     /// Wire bandwidth cap in bytes/s (0 = none); changeable through [`Control`].
     pub bandwidth_limit: u64,
@@ -114,7 +123,9 @@ pub struct SourceConfig {
     pub codec_threads: Option<usize>,
     /// Frames in flight in the codec engine per channel.
     pub queue_depth: usize,
-    /// Pages kept by the sender's delta cache per channel (delta codec only).
+    /// Pages kept by the sender's delta cache per channel (the delta codec, or delta
+    /// among the adaptive candidates: [`AdaptiveConfig::with_delta`]). Its memory is
+    /// allocated at set-up and backed as pages are kept.
     pub delta_cache_pages: usize,
     /// Send a data page equal to one its channel already sent, and unchanged since, as a
     /// COPY reference to it instead of its bytes (PROTOCOL.md, COPY). Content is

@@ -183,6 +183,11 @@ pub struct WriterConfig {
     pub content: Content,
     /// Seed.
     pub seed: u64,
+    /// 0: each write rewrites its page whole with `content`. Otherwise each write
+    /// changes this many bytes of its page in place (at an offset that is a multiple
+    /// of it, the rest of the page as it was), as a guest updates one item of a
+    /// slab: the bytes come from `content`.
+    pub edit_bytes: u32,
 }
 
 /// A simulated running guest (see the module docs).
@@ -293,6 +298,7 @@ fn write_loop(
 ) {
     let mut rng = Rng::new(cfg.seed);
     let mut page = vec![0u8; memory.page_size() as usize];
+    let mut edit = vec![0u8; page.len()];
     let total: u64 = marks.iter().map(|(_, b)| b.pages()).sum();
     let started = Instant::now();
     let mut done = 0u64;
@@ -333,7 +339,14 @@ fn write_loop(
                 idx += 1;
             }
             let (id, bits) = &marks[idx];
-            page_content(&mut rng, cfg.content, &mut page);
+            let n = (cfg.edit_bytes as usize).min(page.len());
+            if n > 0 && memory.read_pages(*id, p, 1, &mut page) {
+                let at = rng.below((page.len() / n) as u64) as usize * n;
+                page_content(&mut rng, cfg.content, &mut edit);
+                page[at..at + n].copy_from_slice(&edit[..n]);
+            } else {
+                page_content(&mut rng, cfg.content, &mut page);
+            }
             if memory.write_pages(*id, p, &page) {
                 bits.set(p);
             }
@@ -443,6 +456,7 @@ pub(crate) mod tests {
                 },
                 content: Content::Random,
                 seed: 3,
+                edit_bytes: 0,
             },
         );
         let mut log = g.log();
@@ -473,6 +487,7 @@ pub(crate) mod tests {
                 pattern: Pattern::Random,
                 content: Content::Random,
                 seed: 1,
+                edit_bytes: 0,
             },
         );
         let mut log = g.log();
@@ -500,5 +515,46 @@ pub(crate) mod tests {
             }
         }
         g.stop();
+    }
+
+    /// With `edit_bytes`, a write changes one aligned slot of that many bytes of its
+    /// page and leaves the rest as it was.
+    #[test]
+    fn an_editing_writer_changes_one_slot_of_a_page() {
+        let layout = one_region(4);
+        let mem = Arc::new(GuestMemory::anonymous(&layout).unwrap());
+        fill(&mem, Content::Random, 5);
+        let mut before = vec![0u8; 4 * 4096];
+        assert!(mem.read_pages(RegionId(0), 0, 4, &mut before));
+        let mut g = Guest::start(
+            mem.clone(),
+            WriterConfig {
+                pages_per_s: 20,
+                pattern: Pattern::Random,
+                content: Content::Zero,
+                seed: 2,
+                edit_bytes: 128,
+            },
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while g.writes() < 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        g.vcpus().pause().unwrap();
+        g.stop();
+        // Fewer writes than a page has slots: a whole page rewritten would show.
+        assert!(g.writes() >= 1 && g.writes() < 32, "{} writes", g.writes());
+        let mut after = vec![0u8; 4 * 4096];
+        assert!(mem.read_pages(RegionId(0), 0, 4, &mut after));
+        let slots: Vec<usize> = (0..4 * 32)
+            .filter(|&s| before[s * 128..(s + 1) * 128] != after[s * 128..(s + 1) * 128])
+            .collect();
+        assert!(
+            !slots.is_empty() && slots.len() as u64 <= g.writes(),
+            "{slots:?}"
+        );
+        for &s in &slots {
+            assert!(after[s * 128..(s + 1) * 128].iter().all(|&b| b == 0));
+        }
     }
 }

@@ -147,7 +147,10 @@ pub struct CodecSwitch {
     /// To this one.
     pub to: String,
     /// `link-bound` (more compression moves more), `cpu-bound` (a cheaper codec
-    /// moves more) or `cheaper` (another moves as much for less core time).
+    /// moves more) or `cheaper` (another moves as much for less core time); with
+    /// delta among the candidates, `cached` (to `delta`: frames whose pages are all
+    /// cached go as delta) and `delta-larger` (from `delta`: its frames sent more bytes
+    /// per guest byte than the current choice is expected to).
     pub reason: String,
     /// How many times (in [`AdaptiveStats::switches`]; 1 in the log).
     pub count: u64,
@@ -334,6 +337,50 @@ pub struct EngineSummary {
     /// The backend of the channels' engines (`software`, `iaa`, `qat`; `mixed`
     /// when channels differ; empty before any engine ran).
     pub backend: &'static str,
+    /// The source's delta caches, summed over channels, where it keeps them (the
+    /// delta codec, or delta among the adaptive candidates).
+    pub delta: Option<DeltaCacheSummary>,
+}
+
+/// What the source's delta caches did (see
+/// [`DeltaStats`](pagewire_accel::DeltaStats)).
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct DeltaCacheSummary {
+    /// Pages a delta frame found cached.
+    pub hits: u64,
+    /// Pages a delta frame did not find (sent raw in it, then kept).
+    pub misses: u64,
+    /// Pages found whose delta was too large (sent raw in the delta frame).
+    pub overflows: u64,
+    /// Pages evicted to make room.
+    pub evictions: u64,
+    /// Pages kept from frames of other codecs (the adaptive choice's delta).
+    pub stored: u64,
+    /// Pages the caches hold now.
+    pub resident: u64,
+}
+
+impl DeltaCacheSummary {
+    fn add(&mut self, d: &pagewire_accel::DeltaStats) {
+        self.hits += d.hits;
+        self.misses += d.misses;
+        self.overflows += d.overflows;
+        self.evictions += d.evictions;
+        self.stored += d.stored;
+        self.resident += d.resident;
+    }
+
+    /// Adds a channel's cache.
+    pub(crate) fn merge(
+        into: &mut Option<DeltaCacheSummary>,
+        d: Option<&pagewire_accel::DeltaStats>,
+    ) {
+        if let Some(d) = d {
+            into.get_or_insert_with(Default::default).add(d);
+        }
+    }
 }
 
 /// Jobs a hardware backend handed to software, per cause (see
@@ -632,6 +679,13 @@ impl fmt::Display for MigrationStats {
                 }
             }
         )?;
+        if let Some(d) = &self.engine.delta {
+            writeln!(
+                f,
+                "delta cache:           {} hits, {} misses, {} overflows, {} kept from other codecs, {} evicted, {} resident",
+                d.hits, d.misses, d.overflows, d.stored, d.evictions, d.resident
+            )?;
+        }
         writeln!(
             f,
             "zero-copy sends:       {} zero-copy, {} copied, {} MiB registered",

@@ -184,3 +184,83 @@ fn installed(dst: &pagewire::DestinationStats) {
         }
     }
 }
+
+/// A page the delta cache holds that then goes as a COPY (its content became another
+/// page's) must not be diffed against the cached version in the next round: the
+/// destination holds the copy, not that version. With the delta codec, and with the
+/// adaptive choice sending delta for cached pages (which keeps pages from the second
+/// round on, so page 3 is sent once more first).
+#[test]
+fn a_page_sent_as_a_copy_leaves_the_delta_cache() {
+    let mut auto = pagewire::AdaptiveConfig::default();
+    auto.candidates = vec![(CodecId::LZ4, 0)];
+    for (policy, before) in [
+        (pagewire::CodecPolicy::from(CodecId::DELTA), 0),
+        (pagewire::CodecPolicy::Auto(auto.with_delta()), 1),
+    ] {
+        copy_then_delta(policy, before);
+    }
+}
+
+fn copy_then_delta(policy: pagewire::CodecPolicy, before: u32) {
+    use pagewire::DirtyBitmap;
+    let mem = memory(1);
+    let pages = mem.pages(RegionId(0)).unwrap();
+    let mut rng = Rng::new(77);
+    let (mut v, mut x) = (vec![0u8; PAGE], vec![0u8; PAGE]);
+    page_content(&mut rng, &mut x);
+    v.fill(0x11);
+    v[..PAGE / 2].copy_from_slice(&x[PAGE / 2..]);
+    x[..8].copy_from_slice(b"page x  ");
+    for p in 0..pages {
+        let mut page = vec![0u8; PAGE];
+        page_content(&mut rng, &mut page);
+        assert!(mem.write_pages(RegionId(0), p, &page));
+    }
+    // Page 3 holds `v`, page 9 holds `x`.
+    assert!(mem.write_pages(RegionId(0), 3, &v));
+    assert!(mem.write_pages(RegionId(0), 9, &x));
+    let dcfg = DestinationConfig::new(session(12), key());
+    let listener = DestinationListener::bind(loopback(), dcfg).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dst = std::thread::spawn(move || listener.accept(None).and_then(|d| d.wait()));
+    let mut cfg = SourceConfig::new(session(12), key());
+    cfg.codec = policy.clone();
+    cfg.channels = 1;
+    cfg.dedup = true;
+    let mut src = Source::connect(addr, mem.clone(), cfg).unwrap();
+    src.send_round(vec![(RegionId(0), DirtyBitmap::full(pages))], false)
+        .unwrap();
+    let page3 = |src: &mut Source| {
+        let bits = DirtyBitmap::new(pages);
+        bits.set(3);
+        src.send_round(vec![(RegionId(0), bits)], false).unwrap()
+    };
+    for _ in 0..before {
+        v[200] ^= 0x0f;
+        assert!(mem.write_pages(RegionId(0), 3, &v));
+        page3(&mut src);
+    }
+    // Page 3 becomes a copy of page 9.
+    assert!(mem.write_pages(RegionId(0), 3, &x));
+    let r = page3(&mut src);
+    assert_eq!(
+        r.pages.copied, 1,
+        "{policy:?}: page 3 did not go as a copy: {r:?}"
+    );
+    // Then `v` with one byte changed: a one-byte delta against `v`.
+    v[100] ^= 0xff;
+    assert!(mem.write_pages(RegionId(0), 3, &v));
+    page3(&mut src);
+    src.send_round(Vec::new(), true).unwrap();
+    assert!(src.complete().unwrap().is_committed());
+    let stats = src.stats();
+    // Page 3's version was kept (by delta, or by lz4 in the round before the copy).
+    assert!(stats.engine.delta.unwrap().stored + stats.engine.delta.unwrap().misses >= 1);
+    let migrated = dst.join().unwrap().unwrap();
+    assert_eq!(
+        first_difference(&mem, &migrated.memory),
+        None,
+        "{policy:?}: {stats}"
+    );
+}

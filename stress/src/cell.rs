@@ -117,6 +117,9 @@ impl CellSpec {
         cfg.channels = self.channels;
         cfg.codec = match self.codec.id() {
             Some(codec) => pagewire::CodecPolicy::fixed(codec, self.level.unwrap_or(1)),
+            None if self.codec == crate::cli::CodecChoice::AutoDelta => {
+                pagewire::CodecPolicy::auto_with_delta()
+            }
             None => pagewire::CodecPolicy::auto(),
         };
         cfg.max_pages = self.frame_pages;
@@ -373,6 +376,7 @@ pub fn source_side(
             pattern: spec.pattern.sim(pages),
             content: spec.workload.writer_content(),
             seed: 7,
+            edit_bytes: spec.workload.writer_edit_bytes(),
         },
     );
     let mut source = match Source::connect(addr, memory, cfg) {

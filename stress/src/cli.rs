@@ -94,14 +94,14 @@ pub struct RunArgs {
     #[command(flatten)]
     pub key: KeyArgs,
     /// Guest memory content: idle, zero, ones, sequence, random, text, mixed, hot,
-    /// fill-from:FILE.
+    /// edits, fill-from:FILE.
     #[arg(long)]
     pub workload: Option<Workload>,
     /// Which pages the writer dirties: random, sequential, hot.
     #[arg(long)]
     pub pattern: Option<WritePattern>,
-    /// Codecs: none, lz4, zstd, deflate, delta, auto (default auto; `--quick`: none,
-    /// zstd).
+    /// Codecs: none, lz4, zstd, deflate, delta, auto, auto+delta (default auto;
+    /// `--quick`: none, zstd).
     #[arg(long, value_parser = List::<CodecChoice>::parse)]
     pub codec: Option<List<CodecChoice>>,
     /// Codec levels (zstd: -7..=22, deflate: 1..=12), e.g. -3,1,3; codecs without
@@ -236,6 +236,9 @@ pub enum CodecChoice {
     Delta,
     /// Choose the codec and level per frame (`CodecPolicy::Auto`).
     Auto,
+    /// The same, with delta for cached pages (`CodecPolicy::auto_with_delta`).
+    #[serde(rename = "auto+delta")]
+    AutoDelta,
 }
 
 impl CodecChoice {
@@ -247,7 +250,7 @@ impl CodecChoice {
             CodecChoice::Zstd => CodecId::ZSTD,
             CodecChoice::Deflate => CodecId::DEFLATE,
             CodecChoice::Delta => CodecId::DELTA,
-            CodecChoice::Auto => return None,
+            CodecChoice::Auto | CodecChoice::AutoDelta => return None,
         })
     }
 
@@ -274,6 +277,7 @@ impl CodecChoice {
             CodecChoice::Deflate => "deflate",
             CodecChoice::Delta => "delta",
             CodecChoice::Auto => "auto",
+            CodecChoice::AutoDelta => "auto+delta",
         }
     }
 }
@@ -288,7 +292,8 @@ impl FromStr for CodecChoice {
             "deflate" => CodecChoice::Deflate,
             "delta" => CodecChoice::Delta,
             "auto" => CodecChoice::Auto,
-            o => bail!("unknown codec {o:?}: none, lz4, zstd, deflate, delta, auto"),
+            "auto+delta" => CodecChoice::AutoDelta,
+            o => bail!("unknown codec {o:?}: none, lz4, zstd, deflate, delta, auto, auto+delta"),
         })
     }
 }
@@ -489,11 +494,13 @@ impl RunArgs {
             (false, None) => bail!("say where to migrate: --to ADDR, or --local"),
         };
         let workload = self.workload.clone().unwrap_or(Workload::Idle);
-        let pattern = self.pattern.unwrap_or(if workload == Workload::Hot {
-            WritePattern::Hot
-        } else {
-            WritePattern::Random
-        });
+        let pattern =
+            self.pattern
+                .unwrap_or(if matches!(workload, Workload::Hot | Workload::Edits) {
+                    WritePattern::Hot
+                } else {
+                    WritePattern::Random
+                });
         let codecs = list(
             self.codec.as_ref(),
             if q {

@@ -39,6 +39,9 @@ pub enum Workload {
     /// A key-value cache (memcached-like slabs of items); written with a skewed
     /// pattern (see [`WritePattern::Hot`]).
     Hot,
+    /// The same cache with its items updated in place: each write changes one
+    /// 128-byte item of its page, the rest of the page as it was.
+    Edits,
 }
 
 impl FromStr for Workload {
@@ -59,9 +62,10 @@ impl FromStr for Workload {
             "text" => Workload::Text,
             "mixed" => Workload::Mixed,
             "hot" => Workload::Hot,
+            "edits" => Workload::Edits,
             o => bail!(
                 "unknown workload {o:?}: idle, zero, ones, sequence, random, text, mixed, hot, \
-                 fill-from:FILE"
+                 edits, fill-from:FILE"
             ),
         })
     }
@@ -79,6 +83,7 @@ impl std::fmt::Display for Workload {
             Workload::Text => f.write_str("text"),
             Workload::Mixed => f.write_str("mixed"),
             Workload::Hot => f.write_str("hot"),
+            Workload::Edits => f.write_str("edits"),
         }
     }
 }
@@ -140,8 +145,16 @@ impl Workload {
         match self {
             Workload::Zero => Content::Zero,
             Workload::Random => Content::Random,
-            Workload::Text | Workload::Hot => Content::Text,
+            Workload::Text | Workload::Hot | Workload::Edits => Content::Text,
             _ => Content::Mixed,
+        }
+    }
+
+    /// Bytes each write changes in place (0: the whole page is rewritten).
+    pub fn writer_edit_bytes(&self) -> u32 {
+        match self {
+            Workload::Edits => 128,
+            _ => 0,
         }
     }
 }

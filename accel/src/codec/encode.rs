@@ -74,6 +74,20 @@ impl Codecs {
                 have: payload.len(),
             });
         }
+        // The cache that keeps what this frame sends (`EncodeParams::remember`).
+        let keep = match (params.remember, codec) {
+            (false, _) | (true, CodecId::DELTA) => None,
+            (true, _) => {
+                let cache = delta.ok_or(CodecError::NoDeltaCache)?;
+                if cache.page_bytes() != ps {
+                    return Err(CodecError::DeltaPageSize {
+                        cache: cache.page_bytes(),
+                        job: ps,
+                    });
+                }
+                Some(cache)
+            }
+        };
         let done = |codec, payload_len| EncodeOutcome {
             codec,
             payload_len,
@@ -81,7 +95,7 @@ impl Codecs {
             bytes_in,
         };
         match codec {
-            CodecId::RAW => Ok(self.raw(params, src, payload)),
+            CodecId::RAW => Ok(kept(keep, src, None, self.raw(params, src, payload))),
             CodecId::ZERO => {
                 let all_zero = src.runs().iter().all(|run| {
                     (0..run.pages as usize).all(|i| {
@@ -92,11 +106,12 @@ impl Codecs {
                         unsafe { zero::is_zero_raw(run.ptr.wrapping_add(i * ps), ps) }
                     })
                 });
-                if all_zero {
-                    Ok(done(CodecId::ZERO, 0))
+                let out = if all_zero {
+                    done(CodecId::ZERO, 0)
                 } else {
-                    Ok(self.raw(params, src, payload))
-                }
+                    self.raw(params, src, payload)
+                };
+                Ok(kept(keep, src, None, out))
             }
             CodecId::ZSTD => {
                 let level = if params.level == Level::DEFAULT {
@@ -126,20 +141,22 @@ impl Codecs {
                     self.zstd_level = Some(level);
                 }
                 // Capped below the input: a frame that does not shrink fails to fit.
-                match cctx.compress2(&mut payload[..bytes_in - 1], input) {
-                    Ok(len) => Ok(done(CodecId::ZSTD, len)),
-                    Err(_) => Ok(raw_from(params, input, payload, bytes_in)),
-                }
+                let out = match cctx.compress2(&mut payload[..bytes_in - 1], input) {
+                    Ok(len) => done(CodecId::ZSTD, len),
+                    Err(_) => raw_from(params, input, payload, bytes_in),
+                };
+                Ok(kept(keep, src, Some(input), out))
             }
             CodecId::LZ4 => {
                 let input = frame_input(src, &mut self.scratch);
                 let table = self
                     .lz4_table
                     .get_or_insert_with(lz4_flex::block::CompressTable::large);
-                match lz4_flex::block::compress_into_with_table(input, payload, table) {
-                    Ok(len) if len < bytes_in => Ok(done(CodecId::LZ4, len)),
-                    _ => Ok(raw_from(params, input, payload, bytes_in)),
-                }
+                let out = match lz4_flex::block::compress_into_with_table(input, payload, table) {
+                    Ok(len) if len < bytes_in => done(CodecId::LZ4, len),
+                    _ => raw_from(params, input, payload, bytes_in),
+                };
+                Ok(kept(keep, src, Some(input), out))
             }
             CodecId::DEFLATE | CodecId::DEFLATE_4K => {
                 let lvl = if params.level == Level::DEFAULT {
@@ -162,8 +179,12 @@ impl Codecs {
                 let comp = slot.as_mut().ok_or(CodecError::OutOfMemory { codec })?;
                 let mut pos = 0;
                 for i in 0..n {
-                    let (page, _) = page_input(src, i, &mut self.scratch)
+                    let (page, key) = page_input(src, i, &mut self.scratch)
                         .ok_or(CodecError::NoPages { codec })?;
+                    if let Some(cache) = keep {
+                        // Compressed or stored raw from this copy: what goes out.
+                        cache.store(key, page);
+                    }
                     let out = &mut payload[pos..pos + ps - 1];
                     // deflate-4k: libdeflate's 32 KiB window only matters on pages
                     // longer than 4 KiB; those get the window-limited writer.
@@ -243,6 +264,37 @@ impl Codecs {
             bytes_in,
         }
     }
+}
+
+/// `out` after the delta cache `keep` (if any) kept what the frame sends: `input`'s
+/// pages, what the codec encoded or copied into the payload; nothing where the pages
+/// go from their memory in place or no `input` is given (raw and zero frames), whose
+/// pages it forgets (`EncodeParams::remember`).
+fn kept(
+    keep: Option<&DeltaCache>,
+    src: &PageList<'_>,
+    input: Option<&[u8]>,
+    out: EncodeOutcome,
+) -> EncodeOutcome {
+    let Some(cache) = keep else {
+        return out;
+    };
+    let ps = src.page_size().bytes();
+    let mut at = 0;
+    for run in src.runs() {
+        for j in 0..u64::from(run.pages) {
+            let key = crate::PageKey(run.key.0.wrapping_add(j));
+            match input.filter(|_| !out.in_place) {
+                Some(bytes) => match bytes.get(at..at + ps) {
+                    Some(page) => cache.store(key, page),
+                    None => cache.invalidate(key),
+                },
+                None => cache.invalidate(key),
+            }
+            at += ps;
+        }
+    }
+    out
 }
 
 /// The raw fallback for a block format whose input is already one slice.

@@ -154,15 +154,24 @@ pub struct EncodeParams {
     /// [`EncodeOutcome::in_place`], so the caller sends the pages straight from their
     /// memory (zero-copy). Per-page formats that stored some pages raw never do this.
     pub raw_in_place: bool,
+    /// Keep what the frame sends for each page in the engine's delta cache, so the
+    /// page's next version may go as a delta against it: the bytes a compressor
+    /// encoded (or copied into a raw payload) are stored; pages sent from their
+    /// memory in place, or as raw or zero frames, are forgotten. Needs a delta cache
+    /// and the software codecs (a job with it goes to them); ignored by delta, which
+    /// always keeps what it encodes.
+    pub remember: bool,
 }
 
 impl EncodeParams {
-    /// `codec` at `level`, raw fallbacks copied into the payload.
+    /// `codec` at `level`, raw fallbacks copied into the payload, the delta cache left
+    /// alone.
     pub fn new(codec: CodecId, level: Level) -> Self {
         Self {
             codec,
             level,
             raw_in_place: false,
+            remember: false,
         }
     }
 }
@@ -261,6 +270,113 @@ mod tests {
     use crate::cache::DeltaConfig;
     use crate::page::PageKey;
     use crate::pages::PageList;
+
+    /// Codecs and a length table for [`Enc::run`].
+    struct Enc {
+        codecs: Codecs,
+        lengths: Vec<u32>,
+    }
+
+    impl Enc {
+        /// Encodes the 8 pages at `pages` (keys 100..108 in two runs, read as guest
+        /// memory) with `params`, remembering into `cache`.
+        fn run(
+            &mut self,
+            params: EncodeParams,
+            pages: &[u8],
+            cache: Option<&DeltaCache>,
+        ) -> Result<EncodeOutcome, CodecError> {
+            let ps = PageSize::KIB4;
+            assert_eq!(pages.len(), 8 * 4096);
+            let mut payload = vec![0u8; max_payload_len(8, ps)];
+            let mut src = PageList::new(ps);
+            // SAFETY: `pages` (8 pages) outlives `src` and nothing writes it meanwhile.
+            unsafe { src.push_raw(pages.as_ptr(), 4, PageKey(100)).unwrap() };
+            // SAFETY: as above; a second run, so keys are followed across runs.
+            unsafe {
+                src.push_raw(pages.as_ptr().add(4 * 4096), 4, PageKey(104))
+                    .unwrap()
+            };
+            self.codecs
+                .encode(&params, &src, cache, &mut payload, &mut self.lengths)
+        }
+    }
+
+    /// A frame of another codec sent with `remember` leaves exactly the bytes it sent
+    /// in the delta cache: the next delta of an unchanged page is empty and that of a
+    /// page with one byte changed is one record; raw and zero frames, and a raw
+    /// fallback sent in place, forget their pages; without `remember` the cache is
+    /// left alone, and `remember` without a cache is an error.
+    #[test]
+    fn remembered_frames_keep_what_they_sent_in_the_delta_cache() {
+        let ps = PageSize::KIB4;
+        let mut e = Enc {
+            codecs: Codecs::new(),
+            lengths: Vec::new(),
+        };
+        let keys = || (100..108).map(PageKey);
+        let remember = |codec| EncodeParams {
+            remember: true,
+            ..EncodeParams::new(codec, Level::DEFAULT)
+        };
+        let delta = EncodeParams::new(CodecId::DELTA, Level::DEFAULT);
+        let mut x = 0x9e37_79b9_u32;
+        let random: Vec<u8> = (0..8 * 4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect();
+        for codec in [
+            CodecId::ZSTD,
+            CodecId::LZ4,
+            CodecId::DEFLATE,
+            CodecId::DEFLATE_4K,
+        ] {
+            let mut pages: Vec<u8> = (0..8 * 4096).map(|i| (i / 7 % 13) as u8).collect();
+            let cache = DeltaCache::new(DeltaConfig::new(ps, 64)).unwrap();
+            let c = Some(&cache);
+            e.run(EncodeParams::new(codec, Level::DEFAULT), &pages, c)
+                .unwrap();
+            assert_eq!(cache.stats().resident, 0, "{codec}: remembered unasked");
+            assert_eq!(e.run(remember(codec), &pages, c).unwrap().codec, codec);
+            assert_eq!(cache.stats().stored, 8, "{codec}");
+            assert!(keys().all(|k| cache.contains(k)), "{codec}");
+            pages[5 * 4096 + 300] ^= 0x5a;
+            assert_eq!(e.run(delta, &pages, c).unwrap().codec, CodecId::DELTA);
+            // skip 300 (two bytes), len 1, the byte.
+            assert_eq!(e.lengths, [0, 0, 0, 0, 0, 4, 0, 0], "{codec}");
+            assert_eq!(cache.stats().hits, 8, "{codec}");
+            // Raw and zero frames forget what the cache held.
+            for forgetting in [CodecId::RAW, CodecId::ZERO] {
+                e.run(remember(codec), &pages, c).unwrap();
+                e.run(remember(forgetting), &pages, c).unwrap();
+                assert!(keys().all(|k| !cache.contains(k)), "{codec} {forgetting}");
+            }
+            // A frame that does not compress, sent from its memory in place, too.
+            e.run(remember(codec), &pages, c).unwrap();
+            let in_place = EncodeParams {
+                raw_in_place: true,
+                ..remember(codec)
+            };
+            let out = e.run(in_place, &random, c).unwrap();
+            assert_eq!(out.codec, CodecId::RAW, "{codec}");
+            if out.in_place {
+                assert!(keys().all(|k| !cache.contains(k)), "{codec}");
+            } else {
+                // Per-page formats copy raw pages into the payload: those are kept,
+                // and the next delta is against them.
+                e.run(delta, &random, c).unwrap();
+                assert_eq!(e.lengths, [0; 8], "{codec}");
+            }
+            assert_eq!(
+                e.run(remember(codec), &pages, None),
+                Err(CodecError::NoDeltaCache)
+            );
+        }
+    }
 
     /// Guest-memory lists are copied into the scratch buffer, which is allocated once
     /// and then reused by every format, frame after frame.

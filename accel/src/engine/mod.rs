@@ -419,6 +419,13 @@ impl Engine {
                 if n > max || r.input.bytes() > probe.max_job_bytes {
                     return Err(CodecError::TooManyPages { pages: n, max });
                 }
+                // Only the software codecs keep the delta cache.
+                if p.remember && p.codec != CodecId::DELTA && !probe.delta_cache {
+                    return Err(match self.config.delta {
+                        None => CodecError::NoDeltaCache,
+                        Some(_) => CodecError::Unsupported(p.codec),
+                    });
+                }
                 if !probe.can_encode(p.codec, p.level) {
                     return match crate::codec::level_range(p.codec) {
                         Some((min, max))

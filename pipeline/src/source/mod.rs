@@ -102,6 +102,8 @@ struct ChannelRound {
 enum Cmd {
     Round {
         round: u32,
+        /// The guest is paused: no round follows but another paused one.
+        paused: bool,
         dirty: Arc<Vec<(RegionId, DirtyBitmap)>>,
     },
     DeviceState {
@@ -331,6 +333,7 @@ impl Source {
         let dirty = Arc::new(dirty);
         let replies = self.broadcast(|| Cmd::Round {
             round,
+            paused,
             dirty: dirty.clone(),
         });
         let mut stats = RoundStats {
@@ -618,6 +621,7 @@ impl Source {
                 _ => "mixed",
             };
             s.engine.hw_fallback_causes.add(&e.fallback_causes);
+            crate::stats::DeltaCacheSummary::merge(&mut s.engine.delta, e.delta.as_ref());
             for c in &e.encode {
                 if c.jobs == 0 {
                     continue;

@@ -42,7 +42,9 @@ impl Source {
         // Delta truncated at a record boundary is undetectable without a checksum
         // (PROTOCOL.md), so delta always asks for one.
         let fixed = config.codec.fixed_codec();
-        caps.checksum = config.checksum || fixed == Some(CodecId::DELTA);
+        // The adaptive choice may send delta for cached pages.
+        let auto_delta = matches!(&config.codec, CodecPolicy::Auto(a) if a.has_delta());
+        caps.checksum = config.checksum || fixed == Some(CodecId::DELTA) || auto_delta;
         caps.codecs = CodecSet::all_known();
         let mut scfg =
             SessionConfig::new(caps, config.session, config.channels, config.auth.clone());
@@ -100,7 +102,9 @@ impl Source {
                 page_size,
                 negotiated.max_frame_bytes,
             ));
-            let delta = if fixed == Some(CodecId::DELTA) {
+            let delta = if fixed == Some(CodecId::DELTA)
+                || (auto_delta && negotiated.codecs.contains(CodecId::DELTA))
+            {
                 let ps = PageSize::new(page_size)
                     .ok_or_else(|| MigrationError::Config("page size".into()))?;
                 Some(Arc::new(
@@ -165,7 +169,12 @@ impl Source {
                                 .collect(),
                             ..a.clone()
                         },
-                        |c| negotiated.codecs.contains(c),
+                        // Only the software codecs keep the delta cache: under a
+                        // hardware engine, remembering would send every frame to them.
+                        |c| {
+                            negotiated.codecs.contains(c)
+                                && (c != CodecId::DELTA || (software_engine && delta.is_some()))
+                        },
                         negotiated.checksum.is_none(),
                         threads.max(1),
                         ch,
@@ -201,6 +210,7 @@ impl Source {
                         level: pagewire_accel::level_range(codec)
                             .map_or(Level(0), |(min, max)| Level(level.clamp(min.0, max.0))),
                         raw_in_place: negotiated.checksum.is_none(),
+                        remember: false,
                     }
                 },
                 checksum: negotiated.checksum,

@@ -30,6 +30,7 @@ pub fn guest(memory: Arc<GuestMemory>, pages_per_s: u64, seed: u64) -> Guest {
             pattern: Pattern::Random,
             content: Content::Mixed,
             seed,
+            edit_bytes: 0,
         },
     )
 }

@@ -128,6 +128,26 @@ pub struct AdaptiveConfig {
     pub explore_every: u32,
 }
 
+impl AdaptiveConfig {
+    /// These candidates and delta for pages whose previous version is cached (see
+    /// `source/adaptive/delta.rs`): from the second round on, the source keeps what
+    /// it sends of each page in its delta cache (`SourceConfig::delta_cache_pages`
+    /// per channel), and a frame whose pages are all there goes as delta when that
+    /// sends no more than the current compressor. It asks for CRC32C, as delta does
+    /// (PROTOCOL.md, Delta format), and needs the software codecs.
+    pub fn with_delta(mut self) -> Self {
+        if !self.candidates.iter().any(|&(c, _)| c == CodecId::DELTA) {
+            self.candidates.push((CodecId::DELTA, 0));
+        }
+        self
+    }
+
+    /// Whether delta is among the candidates.
+    pub fn has_delta(&self) -> bool {
+        self.candidates.iter().any(|&(c, _)| c == CodecId::DELTA)
+    }
+}
+
 impl Default for AdaptiveConfig {
     /// raw, lz4, zstd at -5, 1 and 3, deflate at 1; one frame in 16 explores.
     fn default() -> Self {
@@ -464,10 +484,13 @@ pub(crate) struct Selector {
     /// (raw fills the buffers a compressor left empty, and would look faster than the
     /// link).
     settle_until: Instant,
+    /// Delta for cached pages, when among the candidates.
+    delta: Option<DeltaGate>,
 }
 
 impl Selector {
-    /// A selector over the candidates `usable` allows; `None` when none is.
+    /// A selector over the candidates `usable` allows; `None` when none is. Delta
+    /// among them (and usable) enables delta for cached pages (`delta.rs`).
     pub(crate) fn new(
         config: &AdaptiveConfig,
         usable: impl Fn(CodecId) -> bool,
@@ -492,6 +515,7 @@ impl Selector {
                     codec,
                     level: Level(level),
                     raw_in_place,
+                    remember: false,
                 },
                 stats: ChoiceStats {
                     choice: label.clone(),
@@ -516,8 +540,10 @@ impl Selector {
         if arms.is_empty() {
             return None;
         }
+        let delta = (config.has_delta() && usable(CodecId::DELTA)).then(DeltaGate::new);
         let mut s = Selector {
             arms,
+            delta,
             current: 0,
             frame: 0,
             explore_every: u64::from(config.explore_every.max(2)),
@@ -709,10 +735,12 @@ impl Selector {
     }
 }
 
+mod delta;
 mod model;
 mod observe;
 mod switch;
 
+use delta::DeltaGate;
 pub(crate) use observe::SharedLink;
 
 #[cfg(test)]

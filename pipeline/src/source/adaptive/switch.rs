@@ -62,16 +62,29 @@ impl Selector {
         if self.ratio(to) > self.ratio(from) {
             self.settle_until = now + SETTLE;
         }
+        self.log_switch(from_l, to_l, reason.as_str(), now, detail);
+        self.current = to;
+    }
+
+    /// Counts a switch `from` → `to` for `reason` and logs it with its figures.
+    pub(super) fn log_switch(
+        &mut self,
+        from: String,
+        to: String,
+        reason: &str,
+        now: Instant,
+        detail: String,
+    ) {
         match self
             .switches
             .iter_mut()
-            .find(|s| s.from == from_l && s.to == to_l && s.reason == reason.as_str())
+            .find(|s| s.from == from && s.to == to && s.reason == reason)
         {
             Some(s) => s.count += 1,
             None => self.switches.push(CodecSwitch {
-                from: from_l.clone(),
-                to: to_l.clone(),
-                reason: reason.as_str().into(),
+                from: from.clone(),
+                to: to.clone(),
+                reason: reason.into(),
                 count: 1,
                 ..Default::default()
             }),
@@ -80,21 +93,25 @@ impl Selector {
             self.log.remove(0);
         }
         self.log.push(CodecSwitch {
-            from: from_l,
-            to: to_l,
-            reason: reason.as_str().into(),
+            from,
+            to,
+            reason: reason.into(),
             count: 1,
             at_ms: now.saturating_duration_since(self.started).as_secs_f64() * 1e3,
             channel: self.channel,
             detail,
         });
-        self.current = to;
     }
 
     /// The statistics so far.
     pub(crate) fn stats(&self) -> AdaptiveStats {
         AdaptiveStats {
-            choices: self.arms.iter().map(|a| a.stats.clone()).collect(),
+            choices: self
+                .arms
+                .iter()
+                .map(|a| a.stats.clone())
+                .chain(self.delta.as_ref().and_then(|g| g.stats()))
+                .collect(),
             switches: self.switches.clone(),
             recent: self.log.clone(),
             explored_frames: self.explored,

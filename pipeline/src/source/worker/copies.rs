@@ -121,7 +121,7 @@ impl Worker {
         }
         buf.truncate(kept * ps);
         st.buf = buf;
-        if let Some(cache) = &self.s.delta {
+        if let Some(cache) = self.delta_cache() {
             // Sent another way: the next delta must not be against the cached version.
             for c in st.copies.iter().chain(&st.round_end) {
                 for p in c.start.0..c.start.0 + u64::from(c.count) {

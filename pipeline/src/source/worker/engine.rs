@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use pagewire_accel::Tag;
+use pagewire_accel::{EncodeParams, Level, Tag};
 use pagewire_protocol::{CodecId, RegionId};
 
 use crate::error::{MigrationError, Wait};
@@ -26,13 +26,14 @@ impl Worker {
         };
         let tag = self.next_tag;
         self.next_tag += 1;
-        let (arm, params) = match &mut self.s.adaptive {
+        let (arm, chosen) = match &mut self.s.adaptive {
             Some(sel) => {
                 let (i, p) = sel.choose(Instant::now());
                 (Some(i), p)
             }
             None => (None, self.s.params),
         };
+        let (params, delta) = self.delta_or(region, split, arm, chosen);
         let started = Instant::now();
         let measure = arm.is_some() && self.s.inline_encode;
         let cpu0 = measure.then(pagewire_accel::thread_cpu_time);
@@ -96,7 +97,7 @@ impl Worker {
             self.pair_sample(
                 region,
                 i,
-                &params,
+                &chosen,
                 staged.as_ref().map(|s| &s.buf[..]),
                 runs,
             );
@@ -155,6 +156,7 @@ impl Worker {
                 }
             }
         }
+        let cache_setup = self.cache_setup_time();
         let (data_runs, staged, hashes) = match staged {
             Some(st) => (st.data, Some(st.buf), st.hashes),
             None => (split.data.clone(), None, Vec::new()),
@@ -174,6 +176,8 @@ impl Worker {
                 hashes,
                 copied,
                 setup: setup_wall,
+                delta,
+                cache_setup,
             },
         );
         self.batch.push_back(job);
@@ -182,11 +186,16 @@ impl Worker {
             self.s.engine.submit(&mut self.batch)?;
             // Measured only when that call ran the job: a full engine makes the loop
             // below wait, and send other frames, on this thread.
+            // Less what backing the delta cache's new memory took
+            // (`DeltaCache::setup_time`).
+            let grown = self.cache_setup_time().saturating_sub(cache_setup);
             if self.batch.is_empty()
                 && let Some(m) = self.pending.get_mut(&tag)
             {
                 // Zero when the clock cannot be read: wall time then.
-                let encode = pagewire_accel::thread_cpu_time().saturating_sub(t0);
+                let encode = pagewire_accel::thread_cpu_time()
+                    .saturating_sub(t0)
+                    .saturating_sub(grown);
                 m.cpu = Some(encode + dedup_cpu.unwrap_or_default()).filter(|d| !d.is_zero());
                 m.late = false;
             }
@@ -200,6 +209,54 @@ impl Worker {
         }
         // Send whatever is ready without waiting.
         self.drain_some(None).map(drop)
+    }
+
+    /// The parameters of a frame the adaptive choice encodes as arm `arm` with
+    /// `chosen`, and whether it goes as delta instead (see `adaptive/delta.rs`): from
+    /// the second round on, with delta among the candidates, the frame keeps what it
+    /// sends in the delta cache (raw frames forget theirs once anything was kept), and
+    /// from the third, one whose data pages are all cached may go as delta. A paused
+    /// round keeps nothing: no round that could use it follows, and a page's first
+    /// copy into the cache costs a fault on its memory (3-6 µs a page here, where the
+    /// host takes freed memory back) inside the downtime; the pages it sends are
+    /// forgotten instead, in case another paused round follows.
+    fn delta_or(
+        &mut self,
+        region: RegionId,
+        split: &PageSplit,
+        arm: Option<usize>,
+        chosen: EncodeParams,
+    ) -> (EncodeParams, bool) {
+        let (Some(i), Some(sel), Some(cache)) =
+            (arm, self.s.adaptive.as_mut(), self.s.delta.as_deref())
+        else {
+            return (chosen, false);
+        };
+        if !sel.delta_enabled() || self.round_no < 1 {
+            return (chosen, false);
+        }
+        let compressor = chosen.codec != CodecId::RAW;
+        let cached = || {
+            split.data.iter().all(|run| {
+                (run.start.0..run.start.0 + u64::from(run.count))
+                    .all(|p| cache.contains(page_key(region, p)))
+            })
+        };
+        if self.round_no >= 2 && compressor && sel.delta_for(i, Instant::now(), cached) {
+            return (EncodeParams::new(CodecId::DELTA, Level::DEFAULT), true);
+        }
+        let mut params = chosen;
+        if !self.paused {
+            params.remember = compressor || self.remembered;
+            self.remembered |= compressor;
+        } else if self.remembered {
+            for run in &split.data {
+                for p in run.start.0..run.start.0 + u64::from(run.count) {
+                    cache.invalidate(page_key(region, p));
+                }
+            }
+        }
+        (params, false)
     }
 
     /// Sends the engine's finished jobs, waiting up to `wait` for the first; returns

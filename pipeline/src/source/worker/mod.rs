@@ -76,14 +76,21 @@ struct FrameMeta {
     /// (`Staged::setup_wall`): a window of the adaptive choice that spent much of its
     /// time so measured the memory, not the codec.
     setup: Duration,
+    /// Sent as delta in place of `arm`, its pages all cached (`adaptive/delta.rs`).
+    delta: bool,
+    /// The delta cache's setup time when the job was submitted: what it grew by until
+    /// the completion backed cache memory, not the codec's cost.
+    cache_setup: Duration,
 }
 
 /// Everything a worker needs but its channel, which it opens on its own thread.
 pub(super) struct WorkerSetup {
     pub(super) ch: u16,
     pub(super) engine: Engine,
-    /// The delta cache, when the codec is delta: pages sent another way are evicted,
-    /// so the next delta is never computed against content the destination lacks.
+    /// The delta cache, when the codec is delta or among the adaptive candidates:
+    /// pages sent another way are evicted (or, under the adaptive choice, what a
+    /// compressor sent of them kept), so the next delta is never computed against
+    /// content the destination lacks.
     pub(super) delta: Option<Arc<DeltaCache>>,
     pub(super) views: Vec<(RegionId, pagewire_transport::GuestMemory)>,
     pub(super) memory: Arc<GuestMemory>,
@@ -137,6 +144,8 @@ impl WorkerSetup {
             round: ChannelRound::default(),
             round_no: 0,
             pairing: None,
+            remembered: false,
+            paused: false,
         })
     }
 }
@@ -200,9 +209,31 @@ pub(super) struct Worker {
     round_no: u32,
     /// Codec contexts and buffers for the adaptive choice's paired samples.
     pairing: Option<Box<pair::Pairing>>,
+    /// Whether a frame kept pages in the delta cache under the adaptive choice: from
+    /// then on raw frames forget theirs (before, the cache holds none of them).
+    remembered: bool,
+    /// The round being sent is a paused one.
+    paused: bool,
 }
 
 impl Worker {
+    /// The delta cache when it may hold pages: under the adaptive choice, only once a
+    /// frame kept some (zero and uniform pages, and copies, then forget theirs).
+    pub(super) fn delta_cache(&self) -> Option<&DeltaCache> {
+        self.s
+            .delta
+            .as_deref()
+            .filter(|_| self.s.adaptive.is_none() || self.remembered)
+    }
+
+    /// The time the delta cache spent allocating memory so far (zero without one).
+    pub(super) fn cache_setup_time(&self) -> Duration {
+        self.s
+            .delta
+            .as_ref()
+            .map_or(Duration::ZERO, |c| c.setup_time())
+    }
+
     pub(super) fn run(mut self, rx: mpsc::Receiver<Cmd>, tx: mpsc::Sender<Reply>) {
         let mut next = None;
         loop {
@@ -219,7 +250,14 @@ impl Worker {
                     next = self.watch(&watch, &rx);
                     continue;
                 }
-                Cmd::Round { round, dirty } => self.send_round(round, &dirty).map(Reply::Round),
+                Cmd::Round {
+                    round,
+                    paused,
+                    dirty,
+                } => {
+                    self.paused = paused;
+                    self.send_round(round, &dirty).map(Reply::Round)
+                }
                 Cmd::DeviceState {
                     name,
                     instance,
@@ -527,7 +565,7 @@ impl Worker {
                 }
                 split.clear();
                 self.classify(*region, &runs, &mut split, ps)?;
-                if let Some(cache) = &self.s.delta {
+                if let Some(cache) = self.delta_cache() {
                     for run in split.runs_only() {
                         for p in run.start.0..run.start.0 + u64::from(run.count) {
                             cache.invalidate(page_key(*region, p));

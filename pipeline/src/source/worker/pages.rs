@@ -118,6 +118,8 @@ impl Worker {
         })?;
         let took = meta.submitted.elapsed();
         self.s.latency.encode.record(took);
+        // Backing the delta cache's new memory is not the codec's cost (`Staged::setup`).
+        let grown = self.cache_setup_time().saturating_sub(meta.cache_setup);
         let per_page = pagewire_accel::layout(out.codec) == Some(Layout::PerPage);
         let lengths: Vec<u32> = if per_page {
             c.lengths().to_vec()
@@ -206,12 +208,17 @@ impl Worker {
             // clock that cannot be read), the wall time from submit to completion.
             let took = match (meta.late, meta.cpu) {
                 (true, _) => None,
-                (false, cpu) => Some(cpu.unwrap_or(took)),
+                (false, cpu) => Some(cpu.unwrap_or(took.saturating_sub(grown))),
             };
             // Pages sent as copies are left out: any compressor would have found them
             // (dedup runs before the codec), and frames differ in how many they hold,
             // so counting them would credit the candidate that happened to meet them.
-            sel.observe_encode(i, pages.data * ps, out.bytes_out() as u64, took);
+            if meta.delta {
+                // Not the arm's figures: delta has its own (`adaptive/delta.rs`).
+                sel.observe_delta(i, pages.data * ps, out.bytes_out() as u64, Instant::now());
+            } else {
+                sel.observe_encode(i, pages.data * ps, out.bytes_out() as u64, took);
+            }
         }
         let wire = self.send(outf)?;
         if let Some(d) = self.s.dedup.as_mut() {
@@ -230,7 +237,11 @@ impl Worker {
         }
         if let (Some(_), Some(sel)) = (meta.arm, self.s.adaptive.as_mut()) {
             let ps = u64::from(self.s.memory.page_size());
-            sel.observe_frame((pages.data + meta.copied) * ps, meta.setup, Instant::now());
+            sel.observe_frame(
+                (pages.data + meta.copied) * ps,
+                meta.setup + grown,
+                Instant::now(),
+            );
         }
         self.account(out.codec, pages, out.bytes_out() as u64, wire);
         Ok(())
