@@ -3,10 +3,12 @@
 //! A bounded LRU of page copies, keyed by [`PageKey`], split into shards (each behind
 //! its own mutex, chosen by key hash) so worker threads encoding different pages
 //! rarely meet; there is no global lock. The page memory is allocated in chunks of
-//! 256 pages (`CHUNK`) as slots are first used, up to the configured size, and touched
-//! when allocated (the time that takes is [`DeltaCache::setup_time`], not a codec's):
-//! a cache that is never filled costs no memory, and a large allocation made at once
-//! could come from a heap that must clear it. Hits, misses, overflows (deltas above
+//! 1 MiB (`CHUNK_BYTES`; one page where a page is larger) as slots are first used, up
+//! to the configured size, and touched when allocated (the time that takes is
+//! [`DeltaCache::setup_time`], not a codec's): a cache that is never filled costs no
+//! page memory (its slot table and index, about 40 bytes a page, are allocated when it
+//! is built), and a large allocation made at once could come from a heap that must
+//! clear it. Hits, misses, overflows (deltas above
 //! the threshold) and evictions are counted.
 //!
 //! # Contract with the caller
@@ -49,7 +51,7 @@ pub enum CacheError {
 pub struct DeltaConfig {
     /// Page size of the session.
     pub page_size: PageSize,
-    /// Most pages the cache holds (the memory is `pages × page_size`).
+    /// Most pages the cache holds (its page memory grows up to `pages × page_size`).
     pub pages: usize,
     /// Largest delta, in bytes, worth sending; a larger one is an overflow and the page
     /// goes raw. Must be in `1..page_size`.
@@ -99,8 +101,8 @@ pub(crate) enum DeltaOutcome {
 
 const NIL: u32 = u32::MAX;
 
-/// Pages per chunk of cache memory (1 MiB of 4 KiB pages).
-pub(crate) const CHUNK: usize = 256;
+/// Bytes per chunk of cache memory (at least one page).
+pub(crate) const CHUNK_BYTES: usize = 1 << 20;
 
 #[derive(Clone, Copy)]
 struct Slot {
@@ -131,9 +133,11 @@ impl Hasher for KeyHasher {
 struct Shard {
     map: HashMap<u64, u32, BuildHasherDefault<KeyHasher>>,
     slots: Vec<Slot>,
-    /// The versions, one page per slot: slot `s`'s is page `s % CHUNK` of chunk
-    /// `s / CHUNK`; a chunk is allocated when its first slot is first used.
+    /// The versions, one page per slot: slot `s`'s is page `s % chunk` of chunk
+    /// `s / chunk`; a chunk is allocated when its first slot is first used.
     chunks: Vec<Box<[u8]>>,
+    /// Slots per chunk.
+    chunk: usize,
     page: usize,
     /// Time spent allocating chunks since the cache last took it.
     setup: Duration,
@@ -157,6 +161,7 @@ impl Shard {
                 capacity as usize
             ],
             chunks: Vec::new(),
+            chunk: (CHUNK_BYTES / page).max(1),
             page,
             setup: Duration::ZERO,
             head: NIL,
@@ -194,7 +199,7 @@ impl Shard {
 
     /// Slot `s`'s version.
     fn version(&mut self, s: u32) -> &mut [u8] {
-        let (c, i) = (s as usize / CHUNK, s as usize % CHUNK);
+        let (c, i) = (s as usize / self.chunk, s as usize % self.chunk);
         // In bounds: a slot is used only after `grow` allocated its chunk.
         &mut self.chunks[c][i * self.page..(i + 1) * self.page]
     }
@@ -203,16 +208,21 @@ impl Shard {
     /// byte of each of its 4 KiB pages, so the faults that back it are taken here,
     /// timed into `setup`, not inside the copy or the encode that follows.
     fn grow(&mut self, s: u32) {
-        if (s as usize) < self.chunks.len() * CHUNK {
+        if (s as usize) < self.chunks.len() * self.chunk {
             return;
         }
         let t = Instant::now();
-        let slots = CHUNK.min(self.capacity as usize - self.chunks.len() * CHUNK);
+        let slots = self
+            .chunk
+            .min(self.capacity as usize - self.chunks.len() * self.chunk);
         let mut chunk = vec![0u8; slots * self.page].into_boxed_slice();
-        for b in chunk.iter_mut().step_by(4096) {
-            // SAFETY: `b` is a valid, exclusive byte of `chunk`. Volatile, so the store
-            // of the zero that is already there is not elided.
-            unsafe { core::ptr::write_volatile(b, 0) };
+        let last = chunk.len().saturating_sub(1);
+        for i in (0..chunk.len()).step_by(4096).chain([last]) {
+            if let Some(b) = chunk.get_mut(i) {
+                // SAFETY: `b` is a valid, exclusive byte of `chunk`. Volatile, so the
+                // store of the zero that is already there is not elided.
+                unsafe { core::ptr::write_volatile(b, 0) };
+            }
         }
         self.chunks.push(chunk);
         self.setup += t.elapsed();
@@ -267,7 +277,7 @@ impl core::fmt::Debug for DeltaCache {
 }
 
 impl DeltaCache {
-    /// Builds a cache and allocates all its memory.
+    /// Builds a cache: its slot table and index now, its page memory as it fills.
     ///
     /// # Errors
     /// [`CacheError`] when the threshold or size is out of range.
@@ -521,6 +531,7 @@ mod tests {
     /// allocation time is counted.
     #[test]
     fn chunks_are_allocated_as_slots_are_first_used() {
+        const CHUNK: usize = CHUNK_BYTES / 4096;
         let n = CHUNK + 44;
         let c = cache(n, 1);
         let chunks = |c: &DeltaCache| {
@@ -554,6 +565,14 @@ mod tests {
         assert_eq!(chunks(&c), [CHUNK, 44]);
         assert_eq!(c.stats().evictions, 1);
         assert_eq!(c.stats().stored, n as u64 + 1);
+        // Pages larger than a chunk come one a chunk.
+        let big = PageSize::new(2 << 20).unwrap();
+        let mut config = DeltaConfig::new(big, 3);
+        config.shards = 1;
+        let c = DeltaCache::new(config).unwrap();
+        c.store(PageKey(1), &vec![9u8; 2 << 20]);
+        assert_eq!(c.shards[0].lock().unwrap().chunks.len(), 1);
+        assert_eq!(c.shards[0].lock().unwrap().chunks[0].len(), 2 << 20);
     }
 
     #[test]

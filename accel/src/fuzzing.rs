@@ -241,9 +241,11 @@ pub fn roundtrip(codec: u8, level: i8, data: &[u8]) {
 /// each hold 6 pages; the sender's cache holds only 3 (so pages are evicted), and
 /// every 4 bytes of `ops` are one operation: change bytes of a page, rewrite a page
 /// with noise, clear it back to zeros, invalidate it in the cache, or send a frame of
-/// 1 to 3 pages and apply it on the receiver: as delta, or with raw, lz4, zstd or
-/// deflate keeping what they send in the cache (`EncodeParams::remember`, as the
-/// adaptive choice with delta does). After every frame the receiver's copy of the sent
+/// 1 to 3 pages and apply it on the receiver: as delta, or with raw, zero, lz4, zstd,
+/// deflate or deflate-4k keeping what they send in the cache
+/// (`EncodeParams::remember`, as the adaptive choice with delta does), the pages read
+/// as a borrowed slice or as guest memory, in one run or two, raw fallbacks copied or
+/// sent in place. After every frame the receiver's copy of the sent
 /// pages must equal the sender's: a delta is never computed against content the
 /// receiver lacks.
 pub fn delta_sequence(ops: &[u8]) {
@@ -278,25 +280,45 @@ pub fn delta_sequence(ops: &[u8]) {
             3 => sender[page * PS..(page + 1) * PS].fill(0),
             _ => {
                 let count = (usize::from(op[3]) % 3 + 1).min(N - page);
-                let frame = &sender[page * PS..(page + count) * PS];
+                // `op[2]`: bit 0 reads the pages as guest memory (copied into the
+                // codecs' scratch) rather than as a borrowed slice, bit 1 makes the
+                // frame two runs, bit 2 lets a raw fallback go from memory in place.
+                let (guest, two_runs, in_place) = (op[2] & 1 != 0, op[2] & 2 != 0, op[2] & 4 != 0);
+                let first = if two_runs && count > 1 { 1 } else { count };
                 let mut src = PageList::new(PageSize::KIB4);
-                src.push_slice(frame, PageKey(page as u64))
-                    .expect("whole pages");
+                for (from, n) in [(page, first), (page + first, count - first)] {
+                    if n == 0 {
+                        continue;
+                    }
+                    let run = &sender[from * PS..(from + n) * PS];
+                    let key = PageKey(from as u64);
+                    if guest {
+                        // SAFETY: `sender` outlives `src` and is not written while
+                        // `src` lives (until this frame is applied).
+                        unsafe { src.push_raw(run.as_ptr(), n as u32, key) }.expect("pages");
+                    } else {
+                        src.push_slice(run, key).expect("whole pages");
+                    }
+                }
                 let codec = [
                     CodecId::DELTA,
                     CodecId::DELTA,
                     CodecId::LZ4,
                     CodecId::ZSTD,
                     CodecId::DEFLATE,
+                    CodecId::DEFLATE_4K,
                     CodecId::RAW,
-                ][usize::from(op[3] / 3) % 6];
+                    CodecId::ZERO,
+                ][usize::from(op[3] / 3) % 8];
                 let params = EncodeParams {
                     remember: true,
+                    raw_in_place: in_place,
                     ..EncodeParams::new(codec, Level::DEFAULT)
                 };
                 let out = codecs
                     .encode(&params, &src, Some(&cache), &mut payload, &mut lengths)
                     .expect("encode");
+                drop(src);
                 // Apply to the receiver's pages `page..page + count`.
                 let mut dst = PageListMut::new(PageSize::KIB4);
                 let split = receiver.split;
@@ -315,9 +337,20 @@ pub fn delta_sequence(ops: &[u8]) {
                             .expect("one page")
                     };
                 }
-                codecs
-                    .decode(out.codec, &payload[..out.payload_len], &lengths, &mut dst)
-                    .expect("decode of our own frame");
+                if out.in_place {
+                    // Sent from the sender's memory as it is.
+                    for (i, p) in (page..page + count).enumerate() {
+                        let bytes = &sender[p * PS..(p + 1) * PS];
+                        let to = dst.page_mut(i).expect("a page of the frame");
+                        // SAFETY: `to` is page `i` of `dst`, a whole page of
+                        // `receiver.buf` that nothing else references meanwhile.
+                        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), to, PS) };
+                    }
+                } else {
+                    codecs
+                        .decode(out.codec, &payload[..out.payload_len], &lengths, &mut dst)
+                        .expect("decode of our own frame");
+                }
                 drop(dst);
                 receiver.check_guards();
                 for p in page..page + count {

@@ -124,8 +124,8 @@ pub struct SourceConfig {
     /// Frames in flight in the codec engine per channel.
     pub queue_depth: usize,
     /// Pages kept by the sender's delta cache per channel (the delta codec, or delta
-    /// among the adaptive candidates: [`AdaptiveConfig::with_delta`]). Its memory is
-    /// allocated at set-up and backed as pages are kept.
+    /// among the adaptive candidates: [`AdaptiveConfig::with_delta`]). Its page memory
+    /// is allocated as pages are kept, 1 MiB at a time.
     pub delta_cache_pages: usize,
     /// Send a data page equal to one its channel already sent, and unchanged since, as a
     /// COPY reference to it instead of its bytes (PROTOCOL.md, COPY). Content is

@@ -231,16 +231,20 @@ fn copy_then_delta(policy: pagewire::CodecPolicy, before: u32) {
     let mut src = Source::connect(addr, mem.clone(), cfg).unwrap();
     src.send_round(vec![(RegionId(0), DirtyBitmap::full(pages))], false)
         .unwrap();
-    let page3 = |src: &mut Source| {
+    let send = |src: &mut Source, p: u64| {
         let bits = DirtyBitmap::new(pages);
-        bits.set(3);
+        bits.set(p);
         src.send_round(vec![(RegionId(0), bits)], false).unwrap()
     };
+    let page3 = |src: &mut Source| send(src, 3);
     for _ in 0..before {
         v[200] ^= 0x0f;
         assert!(mem.write_pages(RegionId(0), 3, &v));
         page3(&mut src);
     }
+    // Page 9 sent again, alone: the dedup table's newest entry, so no later page can
+    // have pushed it out of its bucket (two entries a bucket, keyed by a random key).
+    send(&mut src, 9);
     // Page 3 becomes a copy of page 9.
     assert!(mem.write_pages(RegionId(0), 3, &x));
     let r = page3(&mut src);

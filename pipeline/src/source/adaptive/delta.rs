@@ -6,10 +6,14 @@
 //! compressor on both sides (a compare at memory speed on the source, a patch on the
 //! destination). So the rule is simpler than the model's:
 //! - From the second round on, every frame keeps in the source's delta cache what it
-//!   sends for each page (`EncodeParams::remember`: the bytes a compressor encoded;
-//!   pages sent raw or zero, or as copies, are forgotten). The first round does not:
+//!   sends for each page (`EncodeParams::remember`: the bytes a compressor encoded or
+//!   copied raw; pages of raw frames, raw fallbacks sent in place, zero and uniform
+//!   pages and copies are forgotten). The first round does not:
 //!   a page sent again is likely to be sent again, while the first round's pages, the
 //!   whole guest, would only push those out of the bounded cache and cost a copy each.
+//! - A paused round keeps nothing but through its delta frames and forgets the other
+//!   pages it sends: no round that could use them follows, and a page's first copy
+//!   into the cache costs a fault on its memory inside the downtime.
 //! - A frame whose data pages are all in the cache goes as delta instead of the
 //!   current choice when that choice is a compressor (not raw: raw is chosen where
 //!   the core or the receiver limits, and raw frames sent in place keep nothing) and

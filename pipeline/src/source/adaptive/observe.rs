@@ -257,6 +257,13 @@ impl Selector {
         a.pairs += 1;
     }
 
+    /// A frame handed over at `now` that the current choice did not encode (delta in
+    /// its place): the time since the frame before is not counted in its window.
+    pub(crate) fn skip_frame(&mut self, now: Instant) {
+        self.frame_end = Some(now);
+        self.now = self.now.max(now);
+    }
+
     /// A frame of `guest` bytes was handed to the channel at `now`. The wall time since
     /// the previous one counts for the current choice (an exploring frame in between
     /// is a small share of it): over a window, the guest bytes per second the channel

@@ -216,7 +216,8 @@ impl Worker {
     /// the second round on, with delta among the candidates, the frame keeps what it
     /// sends in the delta cache (raw frames forget theirs once anything was kept), and
     /// from the third, one whose data pages are all cached may go as delta. A paused
-    /// round keeps nothing: no round that could use it follows, and a page's first
+    /// round keeps nothing but through its delta frames (which update the pages they
+    /// carry): no round that could use it follows, and a page's first
     /// copy into the cache costs a fault on its memory (3-6 µs a page here, where the
     /// host takes freed memory back) inside the downtime; the pages it sends are
     /// forgotten instead, in case another paused round follows.

@@ -146,6 +146,7 @@ impl WorkerSetup {
             pairing: None,
             remembered: false,
             paused: false,
+            cache_setup_seen: Duration::ZERO,
         })
     }
 }
@@ -214,6 +215,8 @@ pub(super) struct Worker {
     remembered: bool,
     /// The round being sent is a paused one.
     paused: bool,
+    /// The delta cache's setup time as the last completion saw it.
+    cache_setup_seen: Duration,
 }
 
 impl Worker {

@@ -119,7 +119,13 @@ impl Worker {
         let took = meta.submitted.elapsed();
         self.s.latency.encode.record(took);
         // Backing the delta cache's new memory is not the codec's cost (`Staged::setup`).
-        let grown = self.cache_setup_time().saturating_sub(meta.cache_setup);
+        // The counter is the channel's: with codec threads it grew by other jobs' too,
+        // so a frame in flight while it grew counts for its ratio only, and each growth
+        // counts once for the window, when first seen.
+        let now_setup = self.cache_setup_time();
+        let grown = now_setup.saturating_sub(meta.cache_setup);
+        let fresh = now_setup.saturating_sub(self.cache_setup_seen);
+        self.cache_setup_seen = now_setup;
         let per_page = pagewire_accel::layout(out.codec) == Some(Layout::PerPage);
         let lengths: Vec<u32> = if per_page {
             c.lengths().to_vec()
@@ -206,9 +212,11 @@ impl Worker {
             // time then (340-400 ms for 90 pages over io_uring at 1 Gbit/s) is the
             // link's, and made zstd:1 look 1 MB/s of core. With codec threads (or a
             // clock that cannot be read), the wall time from submit to completion.
+            // (`meta.cpu`, this thread's own, already leaves the cache's growth out.)
             let took = match (meta.late, meta.cpu) {
                 (true, _) => None,
-                (false, cpu) => Some(cpu.unwrap_or(took.saturating_sub(grown))),
+                (false, Some(cpu)) => Some(cpu),
+                (false, None) => Some(took).filter(|_| grown.is_zero()),
             };
             // Pages sent as copies are left out: any compressor would have found them
             // (dedup runs before the codec), and frames differ in how many they hold,
@@ -237,11 +245,16 @@ impl Worker {
         }
         if let (Some(_), Some(sel)) = (meta.arm, self.s.adaptive.as_mut()) {
             let ps = u64::from(self.s.memory.page_size());
-            sel.observe_frame(
-                (pages.data + meta.copied) * ps,
-                meta.setup + grown,
-                Instant::now(),
-            );
+            if meta.delta {
+                // Not what the current choice moves: its window skips the frame.
+                sel.skip_frame(Instant::now());
+            } else {
+                sel.observe_frame(
+                    (pages.data + meta.copied) * ps,
+                    meta.setup + fresh,
+                    Instant::now(),
+                );
+            }
         }
         self.account(out.codec, pages, out.bytes_out() as u64, wire);
         Ok(())
