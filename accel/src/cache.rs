@@ -330,6 +330,23 @@ impl DeltaCache {
         Duration::from_nanos(self.setup.load(Ordering::Relaxed))
     }
 
+    /// `key`'s slot in `shard`, made the most recently used, and whether it was there
+    /// already (a hit); otherwise a new or evicted slot (counted), its memory
+    /// allocated if new.
+    fn slot(&self, shard: &mut Shard, key: PageKey) -> (u32, bool) {
+        if let Some(&s) = shard.map.get(&key.0) {
+            shard.unlink(s);
+            shard.push_front(s);
+            return (s, true);
+        }
+        let (s, evicted) = shard.take_slot(key.0);
+        if evicted {
+            self.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+        self.took_setup(shard);
+        (s, false)
+    }
+
     /// Takes shard's chunk allocation time into [`DeltaCache::setup_time`].
     fn took_setup(&self, shard: &mut Shard) {
         let t = std::mem::take(&mut shard.setup);
@@ -385,22 +402,10 @@ impl DeltaCache {
         let mut guard = self.shard(key);
         let shard = &mut *guard;
         let ps = self.page;
-        let (s, hit) = match shard.map.get(&key.0) {
-            Some(&s) => {
-                shard.unlink(s);
-                shard.push_front(s);
-                (s, true)
-            }
-            None => {
-                self.misses.fetch_add(1, Ordering::Relaxed);
-                let (s, evicted) = shard.take_slot(key.0);
-                if evicted {
-                    self.evictions.fetch_add(1, Ordering::Relaxed);
-                }
-                self.took_setup(shard);
-                (s, false)
-            }
-        };
+        let (s, hit) = self.slot(shard, key);
+        if !hit {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+        }
         let version = shard.version(s);
         if !hit {
             // SAFETY: `src` is readable for a page (this function's contract) and
@@ -434,21 +439,7 @@ impl DeltaCache {
         }
         let mut guard = self.shard(key);
         let shard = &mut *guard;
-        let s = match shard.map.get(&key.0) {
-            Some(&s) => {
-                shard.unlink(s);
-                shard.push_front(s);
-                s
-            }
-            None => {
-                let (s, evicted) = shard.take_slot(key.0);
-                if evicted {
-                    self.evictions.fetch_add(1, Ordering::Relaxed);
-                }
-                self.took_setup(shard);
-                s
-            }
-        };
+        let (s, _) = self.slot(shard, key);
         shard.version(s).copy_from_slice(page);
         self.stored.fetch_add(1, Ordering::Relaxed);
     }

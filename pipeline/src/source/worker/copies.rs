@@ -11,7 +11,7 @@ use crate::error::MigrationError;
 use crate::source::dedup::PageHash;
 use crate::source::split::{PageSplit, extend};
 
-use super::{Worker, page_key};
+use super::{Worker, run_keys};
 
 /// A frame's data pages after dedup.
 pub(super) struct Staged {
@@ -123,11 +123,8 @@ impl Worker {
         st.buf = buf;
         if let Some(cache) = self.delta_cache() {
             // Sent another way: the next delta must not be against the cached version.
-            for c in st.copies.iter().chain(&st.round_end) {
-                for p in c.start.0..c.start.0 + u64::from(c.count) {
-                    cache.invalidate(page_key(region, p));
-                }
-            }
+            let runs = st.copies.iter().chain(&st.round_end);
+            run_keys(region, runs.map(|c| (c.start.0, c.count))).for_each(|k| cache.invalidate(k));
         }
         Ok(st)
     }

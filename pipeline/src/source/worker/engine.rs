@@ -9,7 +9,7 @@ use pagewire_protocol::{CodecId, RegionId};
 use crate::error::{MigrationError, Wait};
 use crate::source::split::PageSplit;
 
-use super::{FrameMeta, Worker, page_key};
+use super::{FrameMeta, Worker, page_key, run_keys};
 
 impl Worker {
     pub(super) fn submit(
@@ -237,12 +237,8 @@ impl Worker {
             return (chosen, false);
         }
         let compressor = chosen.codec != CodecId::RAW;
-        let cached = || {
-            split.data.iter().all(|run| {
-                (run.start.0..run.start.0 + u64::from(run.count))
-                    .all(|p| cache.contains(page_key(region, p)))
-            })
-        };
+        let keys = || run_keys(region, split.data.iter().map(|r| (r.start.0, r.count)));
+        let cached = || keys().all(|k| cache.contains(k));
         if self.round_no >= 2 && compressor && sel.delta_for(i, Instant::now(), cached) {
             return (EncodeParams::new(CodecId::DELTA, Level::DEFAULT), true);
         }
@@ -251,11 +247,7 @@ impl Worker {
             params.remember = compressor || self.remembered;
             self.remembered |= compressor;
         } else if self.remembered {
-            for run in &split.data {
-                for p in run.start.0..run.start.0 + u64::from(run.count) {
-                    cache.invalidate(page_key(region, p));
-                }
-            }
+            keys().for_each(|k| cache.invalidate(k));
         }
         (params, false)
     }

@@ -569,11 +569,8 @@ impl Worker {
                 split.clear();
                 self.classify(*region, &runs, &mut split, ps)?;
                 if let Some(cache) = self.delta_cache() {
-                    for run in split.runs_only() {
-                        for p in run.start.0..run.start.0 + u64::from(run.count) {
-                            cache.invalidate(page_key(*region, p));
-                        }
-                    }
+                    let runs = split.runs_only().map(|r| (r.start.0, r.count));
+                    run_keys(*region, runs).for_each(|k| cache.invalidate(k));
                 }
                 if let Some(d) = &self.s.dedup {
                     // Whatever the destination holds for these pages is about to change.
@@ -1038,4 +1035,14 @@ const DEVICE_STATE_OVERHEAD: usize = 8 + 4 + 1 + 8 + 8;
 /// The delta cache key of a page: region id above page index.
 fn page_key(region: RegionId, page: u64) -> PageKey {
     PageKey((u64::from(region.0) << 40) | page)
+}
+
+/// The delta cache keys of the pages of `runs` (first page, count) of `region`.
+fn run_keys(
+    region: RegionId,
+    runs: impl IntoIterator<Item = (u64, u32)>,
+) -> impl Iterator<Item = PageKey> {
+    runs.into_iter().flat_map(move |(start, count)| {
+        (start..start + u64::from(count)).map(move |p| page_key(region, p))
+    })
 }
