@@ -179,6 +179,11 @@ impl BufPool {
         self.shared.free.len()
     }
 
+    /// Whether `buf` is one of this pool's buffers.
+    pub fn owns(&self, buf: &PoolBuf) -> bool {
+        core::ptr::eq(Arc::as_ptr(&self.shared), buf.shared.0.as_ptr())
+    }
+
     /// All buffers of the pool.
     pub fn buffers(&self) -> usize {
         self.shared.slots.len()

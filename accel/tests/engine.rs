@@ -221,6 +221,177 @@ fn requests_are_recycled() {
     drop((j1, j2));
 }
 
+/// Submits `job`, polls its completion and checks that it succeeded.
+fn run_one(engine: &mut Engine, job: Job) -> Completion {
+    let mut batch = VecDeque::from([job]);
+    assert_eq!(engine.submit(&mut batch).expect("submit"), 1);
+    let c = drain(engine, 1).pop().expect("completion");
+    c.status().expect("job succeeded");
+    c
+}
+
+#[test]
+fn recycled_completions_keep_their_request_and_unused_buffer_with_the_engine() {
+    let config = EngineConfig {
+        max_pages: 4,
+        requests: 1,
+        buffers: 2,
+        ..Default::default()
+    };
+    let mut engine = Engine::software(config, SoftwareConfig::default()).expect("engine");
+    let pool = engine.buffers().clone();
+    let page = content(Kind::Text, 1, 0);
+    let decoded = |c: &Completion| {
+        let mut out = vec![0u8; PS];
+        let mut codecs = Codecs::new();
+        let mut list = pagewire_accel::PageListMut::new(pagewire_accel::PageSize::KIB4);
+        list.push_slice(&mut out, PageKey(0)).expect("one page");
+        codecs
+            .decode(
+                CodecId::LZ4,
+                c.payload().expect("payload"),
+                c.lengths(),
+                &mut list,
+            )
+            .expect("decodes");
+        out
+    };
+    for round in 0..4u64 {
+        let c = {
+            let job = encode_job(&engine, round, CodecId::LZ4, &page);
+            run_one(&mut engine, job)
+        };
+        assert_eq!(c.encoded().map(|e| e.codec), Some(CodecId::LZ4));
+        assert_eq!(
+            decoded(&c),
+            page,
+            "round {round}: a reused buffer holds this frame"
+        );
+        assert_eq!(pool.available(), 1, "one buffer out, with the job");
+        engine.recycle(c);
+        // The only request is free again, and the buffer stays with the engine.
+        assert_eq!(
+            pool.available(),
+            1,
+            "round {round}: the buffer is the engine's spare"
+        );
+        drop(engine.job().expect("the recycled request"));
+    }
+    // A payload the caller took is the caller's; its buffer goes back to the pool only
+    // when the caller's handles drop.
+    let mut c = {
+        let job = encode_job(&engine, 9, CodecId::LZ4, &page);
+        run_one(&mut engine, job)
+    };
+    let sent = c.take_payload().expect("payload");
+    engine.recycle(c);
+    assert_eq!(
+        pool.available(),
+        1,
+        "the engine keeps no buffer of a taken payload"
+    );
+    drop(sent);
+    assert_eq!(pool.available(), 2);
+    // A payload still shared is not kept either.
+    let c = {
+        let job = encode_job(&engine, 10, CodecId::LZ4, &page);
+        run_one(&mut engine, job)
+    };
+    let copy = c.payload().expect("payload").clone();
+    engine.recycle(c);
+    assert_eq!(pool.available(), 1, "the copy holds it");
+    drop(copy);
+    assert_eq!(pool.available(), 2, "back to the pool, not to the engine");
+    // A decode's payload is the caller's, even when it is one of the engine's buffers.
+    let mut encoded = {
+        let job = encode_job(&engine, 11, CodecId::LZ4, &page);
+        run_one(&mut engine, job)
+    };
+    let payload = encoded.take_payload().expect("payload");
+    let lengths = encoded.lengths().to_vec();
+    engine.recycle(encoded);
+    let mut job = engine.job().expect("request");
+    job.decode_buf(
+        Tag(12),
+        CodecId::LZ4,
+        payload,
+        &lengths,
+        PoolBuf::from_vec(vec![0u8; PS]),
+        PageKey(0),
+    )
+    .expect("decode job");
+    let mut c = run_one(&mut engine, job);
+    assert_eq!(&c.take_dest().expect("dest")[..], &page[..]);
+    engine.recycle(c);
+    assert_eq!(
+        pool.available(),
+        2,
+        "a decode's payload went back to the pool"
+    );
+    // The input an encode kept alive is released when it is recycled.
+    let input = PoolBuf::from_vec(page.clone());
+    let mut job = engine.job().expect("request");
+    job.encode_buf(
+        Tag(13),
+        EncodeParams::new(CodecId::LZ4, Level::DEFAULT),
+        input.clone(),
+        PageKey(0),
+    )
+    .expect("job");
+    let c = run_one(&mut engine, job);
+    assert!(!input.is_unique(), "the job holds its input");
+    engine.recycle(c);
+    assert!(input.is_unique(), "recycling released it");
+    // Spare buffers go back to the pool with the engine.
+    assert_eq!(pool.available(), 1);
+    drop(engine);
+    assert_eq!(pool.available(), 2);
+}
+
+#[test]
+fn recycled_requests_and_buffers_serve_the_next_jobs_of_a_full_engine() {
+    // Every request and buffer goes through `recycle` many times over: none is lost
+    // or handed out twice.
+    let config = EngineConfig {
+        max_pages: 2,
+        requests: 3,
+        buffers: 3,
+        ..Default::default()
+    };
+    let mut engine = Engine::software(
+        config,
+        SoftwareConfig {
+            threads: 1,
+            queue_depth: 3,
+        },
+    )
+    .expect("engine");
+    let pool = engine.buffers().clone();
+    let page = content(Kind::Code, 2, 0);
+    let mut seen = HashSet::new();
+    for round in 0..50u64 {
+        let mut batch: VecDeque<Job> = (0..3)
+            .map(|i| encode_job(&engine, round * 3 + i, CodecId::DEFLATE, &page))
+            .collect();
+        assert!(
+            engine.job().is_none(),
+            "round {round}: all three requests in use"
+        );
+        assert_eq!(engine.submit(&mut batch).expect("submit"), 3);
+        for c in drain(&mut engine, 3) {
+            assert!(seen.insert(c.tag()), "a tag completed twice");
+            assert!(c.encoded().is_some_and(|e| e.bytes_in == 2 * PS));
+            engine.recycle(c);
+        }
+        assert_eq!(
+            pool.available(),
+            0,
+            "round {round}: all three spare with the engine"
+        );
+    }
+    assert_eq!(seen.len(), 150);
+}
+
 #[test]
 fn jobs_the_backend_cannot_run_complete_with_errors() {
     let mut engine = Engine::software(

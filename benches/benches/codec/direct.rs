@@ -21,6 +21,10 @@ pub(crate) struct Direct {
     pub(crate) cache: DeltaCache,
     out: Vec<u8>,
     lengths: Vec<u32>,
+    /// Delta's page lists, kept across calls so that no call allocates (the engine's
+    /// requests keep theirs too); empty between calls.
+    src: PageList<'static>,
+    dst: PageListMut<'static>,
 }
 
 impl Direct {
@@ -37,6 +41,8 @@ impl Direct {
             cache: DeltaCache::new(DeltaConfig::new(PageSize::KIB4, PAGES)).unwrap(),
             out: vec![0; max_payload_len(PAGES, PageSize::KIB4)],
             lengths: Vec::with_capacity(PAGES),
+            src: PageList::with_capacity(PageSize::KIB4, 1),
+            dst: PageListMut::with_capacity(PageSize::KIB4, 1),
         }
     }
 
@@ -68,20 +74,23 @@ impl Direct {
                 pos
             }
             _ => {
-                // Delta has no outside library: the codec called directly is the baseline.
-                let mut src = PageList::new(PageSize::KIB4);
-                src.push_slice(frame, PageKey(key)).unwrap();
-                let o = self
-                    .codecs
-                    .encode(
-                        &EncodeParams::new(case.codec, case.level),
-                        &src,
-                        Some(&self.cache),
-                        &mut self.out,
-                        &mut self.lengths,
-                    )
-                    .unwrap();
-                o.payload_len
+                // Delta has no outside library: the codec called directly is the baseline,
+                // over a raw-pointer list as the engine's jobs (and guest memory) have.
+                // SAFETY: `frame` outlives the list's use: it is reset before returning.
+                unsafe {
+                    self.src
+                        .push_raw(frame.as_ptr(), (n / PS) as u32, PageKey(key))
+                        .unwrap()
+                };
+                let o = self.codecs.encode(
+                    &EncodeParams::new(case.codec, case.level),
+                    &self.src,
+                    Some(&self.cache),
+                    &mut self.out,
+                    &mut self.lengths,
+                );
+                self.src.reset(PageSize::KIB4);
+                o.unwrap().payload_len
             }
         }
     }
@@ -110,11 +119,18 @@ impl Direct {
                 }
             }
             _ => {
-                let mut d = PageListMut::new(PageSize::KIB4);
-                d.push_slice(dst, PageKey(0)).unwrap();
-                self.codecs
-                    .decode(enc.codec, &enc.payload, &enc.lengths, &mut d)
-                    .unwrap();
+                // SAFETY: `dst` is exclusively borrowed for this call, and the list is
+                // reset before returning.
+                unsafe {
+                    self.dst
+                        .push_raw(dst.as_mut_ptr(), (dst.len() / PS) as u32, PageKey(0))
+                        .unwrap()
+                };
+                let r = self
+                    .codecs
+                    .decode(enc.codec, &enc.payload, &enc.lengths, &mut self.dst);
+                self.dst.reset(PageSize::KIB4);
+                r.unwrap();
                 let _ = case;
             }
         }

@@ -18,6 +18,10 @@ pub(crate) struct Bench {
     /// Most jobs in flight: jobs are submitted (and their completions polled) in
     /// batches of this many.
     pub(crate) depth: usize,
+    /// Whether completions go back through [`Engine::recycle`], as the pipeline's
+    /// source gives them back; `PAGEWIRE_RECYCLE=0` drops them instead (what the
+    /// pipeline did before), to compare both in one build.
+    recycle: bool,
 }
 
 /// Jobs the bench engine keeps in flight: `PAGEWIRE_DEPTH`, or every frame of the
@@ -57,6 +61,7 @@ impl Bench {
             batch: VecDeque::with_capacity(depth + 2),
             done: Vec::with_capacity(depth + 2),
             depth,
+            recycle: std::env::var_os("PAGEWIRE_RECYCLE").is_none_or(|v| v != "0"),
         }
     }
 
@@ -66,6 +71,18 @@ impl Bench {
         self.engine.submit(&mut self.batch).unwrap();
         self.engine.poll(&mut self.done, usize::MAX, None).unwrap();
         assert_eq!(self.done.len(), jobs);
+    }
+
+    /// Gives the polled completions back to the engine, as the pipeline's source does
+    /// once it has taken a frame's payload ([`Engine::recycle`]).
+    pub(crate) fn recycle_done(&mut self) {
+        if !self.recycle {
+            self.done.clear();
+            return;
+        }
+        for c in self.done.drain(..) {
+            self.engine.recycle(c);
+        }
     }
 
     /// Encodes `buf` as frames of `n` pages; returns payload bytes.
@@ -93,7 +110,7 @@ impl Bench {
                     .iter()
                     .map(|c| c.encoded().unwrap().bytes_out())
                     .sum::<usize>();
-                self.done.clear();
+                self.recycle_done();
             }
         }
         bytes
@@ -113,7 +130,7 @@ impl Bench {
             if self.batch.len() == self.depth || i + 1 == frames.len() {
                 self.flush();
                 assert!(self.done.iter().all(|c| c.status().is_ok()));
-                self.done.clear();
+                self.recycle_done();
             }
         }
     }

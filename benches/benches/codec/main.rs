@@ -15,6 +15,11 @@
 //! with no codec work to hide it: one-page encodes that end raw in place, and one-page
 //! decodes of `zero` frames against the same zero fill done directly.
 //!
+//! The engine side gives its completions back with `Engine::recycle`, as the pipeline's
+//! source does (`PAGEWIRE_RECYCLE=0` drops them instead). Delta's direct calls, like the
+//! engine's requests and the receivers, keep their page lists across calls, so neither
+//! side allocates per frame.
+//!
 //! Last, the `copy-cost` lines: what copying guest pages before a codec sees them costs
 //! each codec. [`Codecs::encode`] runs interleaved on the same frames built two ways: from
 //! a borrowed slice (`push_slice`), which the codecs compress in place, exactly as every

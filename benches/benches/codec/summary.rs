@@ -120,6 +120,7 @@ pub(crate) fn summary() {
             let mut dst3 = dst.clone();
             let mut codecs = Codecs::new();
             let mut lengths = Vec::new();
+            let mut list = PageListMut::new(PageSize::KIB4);
             let (pd, pe, pr) = ab(
                 31,
                 || {
@@ -127,7 +128,7 @@ pub(crate) fn summary() {
                         direct.decompress(case, enc, out);
                     }
                 },
-                || receiver_decode(&mut codecs, &mut lengths, &frames, &mut dst3, n),
+                || receiver_decode(&mut codecs, &mut lengths, &mut list, &frames, &mut dst3, n),
             );
             // The overhead per job in ns: the median ratio's excess over the best
             // direct time, spread over the frames.
@@ -169,26 +170,28 @@ pub(crate) fn summary() {
 }
 
 /// Decodes `frames` into `dst` (frames of `n` pages) as a destination's receiver
-/// does: per frame, a page list of raw pointers into the pages and one call of the
-/// codec, no engine job (`pipeline/src/destination/receiver.rs`, `decode`).
+/// does: per frame, its kept page list filled with raw pointers into the pages and one
+/// call of the codec, no engine job (`pipeline/src/destination/receiver.rs`, `decode`).
 fn receiver_decode(
     codecs: &mut Codecs,
     lengths: &mut Vec<u32>,
+    list: &mut PageListMut<'static>,
     frames: &[crate::data::Encoded],
     dst: &mut [u8],
     n: usize,
 ) {
     for (enc, out) in frames.iter().zip(dst.chunks_mut(n * PS)) {
-        let mut list = PageListMut::with_capacity(PageSize::KIB4, 1);
-        // SAFETY: `out` is exclusively borrowed for this iteration, which ends with
-        // the list's last use.
+        list.reset(PageSize::KIB4);
+        // SAFETY: `out` is exclusively borrowed for this iteration, and the list is
+        // reset before the next one and after the loop.
         unsafe { list.push_raw(out.as_mut_ptr(), (out.len() / PS) as u32, PageKey(0)) }.unwrap();
         lengths.clear();
         lengths.extend_from_slice(&enc.lengths);
         codecs
-            .decode(enc.codec, &enc.payload, lengths, &mut list)
+            .decode(enc.codec, &enc.payload, lengths, list)
             .unwrap();
     }
+    list.reset(PageSize::KIB4);
 }
 
 /// The engine's own cost per job, with no codec work to hide it: 256 one-page encode
@@ -240,7 +243,7 @@ pub(crate) fn fixed_cost() {
                 if engine.batch.len() == engine.depth || i + 1 == JOBS {
                     engine.flush();
                     assert!(engine.done.iter().all(|c| c.status().is_ok()));
-                    engine.done.clear();
+                    engine.recycle_done();
                 }
             }
         },
@@ -276,7 +279,7 @@ fn raw_in_place_jobs(engine: &mut Bench, a: &[u8], params: EncodeParams, check: 
                         .all(|c| c.encoded().is_some_and(|e| e.in_place))
                 );
             }
-            engine.done.clear();
+            engine.recycle_done();
         }
     }
 }

@@ -128,6 +128,9 @@ pub(super) struct Receiver {
     runs: Vec<(*mut u8, u32, u64)>,
     /// Scratch: pages decoded here before they are installed ([`Prefault::Install`]).
     scratch: Vec<u8>,
+    /// Scratch: the frame's destination pages for the software codecs, empty between
+    /// frames (kept so that a frame allocates nothing).
+    dst: PageListMut<'static>,
     /// The `ROUND_END` copy runs of the open round, applied once every channel ended
     /// it. The session's rules bound their pages per round by the layout's.
     round_end: Vec<(RegionId, CopyRun)>,
@@ -160,6 +163,7 @@ impl Receiver {
             hw,
             runs: Vec::new(),
             scratch: Vec::new(),
+            dst: PageListMut::new(PageSize::KIB4),
             round_end: Vec::new(),
         }
     }
@@ -319,6 +323,7 @@ impl Receiver {
                                         &mut self.codecs,
                                         &mut self.lengths,
                                         &mut self.scratch,
+                                        &mut self.dst,
                                         memory,
                                         p,
                                     ),
@@ -591,6 +596,24 @@ impl Receiver {
         codecs: &mut Codecs,
         lengths: &mut Vec<u32>,
         scratch: &mut Vec<u8>,
+        dst: &mut PageListMut<'static>,
+        memory: &GuestMemory,
+        p: &PageFrame<'_>,
+    ) -> Result<(), pagewire_accel::CodecError> {
+        let ps = PageSize::new(memory.page_size()).unwrap_or_default();
+        dst.reset(ps);
+        let r = Self::decode_into(codecs, lengths, scratch, dst, memory, p);
+        // Its pointers are not kept past the frame.
+        dst.reset(ps);
+        r
+    }
+
+    /// [`Receiver::decode`] with `dst` empty.
+    fn decode_into(
+        codecs: &mut Codecs,
+        lengths: &mut Vec<u32>,
+        scratch: &mut Vec<u8>,
+        dst: &mut PageListMut<'static>,
         memory: &GuestMemory,
         p: &PageFrame<'_>,
     ) -> Result<(), pagewire_accel::CodecError> {
@@ -640,8 +663,6 @@ impl Receiver {
                 }
             }
         }
-        let ps = PageSize::new(memory.page_size()).unwrap_or_default();
-        let mut dst = PageListMut::with_capacity(ps, p.data_runs.len());
         let mut scratch_off = 0;
         // One pointer to the whole buffer for every run in it (runs pushed raw may join).
         let scratch_base = scratch.as_mut_ptr();
@@ -680,8 +701,8 @@ impl Receiver {
         if p.data_runs.is_empty() {
             return Ok(());
         }
-        codecs.decode(p.codec, p.payload, lengths, &mut dst)?;
-        drop(dst);
+        codecs.decode(p.codec, p.payload, lengths, dst)?;
+        dst.reset(dst.page_size());
         if installing {
             let mut off = 0;
             for run in p.data_runs.iter().filter(|r| installs(r)) {

@@ -162,7 +162,8 @@ impl Worker {
             }
             vec![Payload::Foreign(Bytes::from_owner(EngineBuf(buf)))]
         };
-        drop(c);
+        // Its request and an unused output buffer stay with the engine (no atomics).
+        self.s.engine.recycle(c);
         let mut frame = PageFrame {
             codec: out.codec,
             region: meta.region,
