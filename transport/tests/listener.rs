@@ -401,6 +401,63 @@ fn running_out_of_file_descriptors_does_not_end_the_listener() {
     assert!(s.peak_pending < 256, "{s:?}");
 }
 
+#[test]
+fn silent_connections_holding_every_descriptor_do_not_keep_a_source_out() {
+    // Under a descriptor limit below `max_pending`, silent connections can hold every
+    // descriptor the listener may have: `accept` then fails with EMFILE, and before
+    // the listener closed a silent connection for it, nothing changed until their
+    // handshake deadlines (60 s here) ran out: the source, behind them in the backlog,
+    // stayed out of a 10 s accept window.
+    const NAME: &str = "silent_connections_holding_every_descriptor_do_not_keep_a_source_out";
+    const IDLE: usize = 150;
+    if !is_child(NAME) {
+        let mut child = spawn_child(NAME);
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let addr = child_addr(&mut out).expect("the child printed its address");
+        let idle: Vec<TcpStream> = (0..IDLE)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        let src = legit(addr);
+        assert_eq!(src.len(), usize::from(CHANNELS));
+        drop(idle);
+        return finish_child(child, out);
+    }
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `old` is a valid rlimit to write into.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut old) }, 0);
+    let low = libc::rlimit {
+        rlim_cur: 48,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: `low` is a valid rlimit; only the soft limit of this (child) process drops.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &low) }, 0);
+
+    // The default `max_pending` (64), above the limit; no handshake deadline in sight.
+    let d = dst(Duration::from_secs(60));
+    let (l, addr) = bind(&d);
+    println!("ADDR {addr}");
+    std::io::stdout().flush().unwrap();
+    let started = std::time::Instant::now();
+    let acc = l.accept_session(&d, Duration::from_secs(10));
+    let took = started.elapsed();
+
+    // SAFETY: `old` is the limit read above.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &old) }, 0);
+    let acc = acc.expect("the source got in while silent connections held the descriptors");
+    let s = acc.stats;
+    println!(
+        "FIGURE under RLIMIT_NOFILE=48 with {IDLE} silent connections: in after {took:?}, {s:?}"
+    );
+    assert_eq!(acc.channels.len(), usize::from(CHANNELS));
+    assert_eq!(s.established, u64::from(CHANNELS));
+    assert!(s.accept_errors >= 1, "the limit was never reached: {s:?}");
+    assert!(s.evicted >= 1, "{s:?}");
+    assert_eq!(s.timed_out, 0, "{s:?}");
+}
+
 /// A writable pids cgroup directory for this test, if the machine has one (cgroup v1's
 /// `pids` hierarchy, or cgroup v2 with the pids controller enabled at the root).
 fn pids_cgroup() -> Option<std::path::PathBuf> {

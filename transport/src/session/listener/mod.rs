@@ -48,8 +48,12 @@
 //!
 //! A HELLO that asks for more than [`ListenerConfig::max_channels`] channels is refused
 //! with a REJECT (`BAD_CHANNEL`) as soon as it arrives. A failing `accept` (out of file
-//! descriptors, memory or socket buffers) is counted and retried after
-//! [`ListenerConfig::accept_backoff`]; it ends neither the call nor the listener.
+//! descriptors, memory or socket buffers) is counted and ends neither the call nor the
+//! listener. Out of file descriptors (`EMFILE`, `ENFILE`), the listener closes the
+//! pending connection a new silent one would replace when every place is taken (so
+//! connections that say nothing cannot hold the descriptors under a limit below
+//! `max_pending`) and accepts again at once; with none to close, and for the other
+//! failures, it retries after [`ListenerConfig::accept_backoff`].
 //! Refusals are counted in [`ListenerStats`]; only the last few reasons are kept.
 //!
 //! A listener bound with [`Encryption::Tls`](crate::Encryption::Tls) runs the TLS
@@ -121,8 +125,9 @@ pub struct ListenerConfig {
     /// The `listen(2)` backlog: connections the kernel holds while `max_pending` are
     /// in progress (the kernel caps it at `net.core.somaxconn`). At least 1.
     pub backlog: u32,
-    /// Pause before retrying an `accept` that failed for lack of resources
-    /// (file descriptors, memory). More than zero.
+    /// Pause before retrying an `accept` that failed for lack of resources (memory, or
+    /// file descriptors when no pending connection may be closed for one). More than
+    /// zero.
     pub accept_backoff: Duration,
     /// How long after its accept a pending connection that has named no session being
     /// accepted keeps its place against a new connection that got no further while

@@ -206,9 +206,27 @@ impl Shared {
                             source: e,
                         });
                     }
+                    Err(e) if is_out_of_descriptors(&e) => {
+                        bump(&counters.accept_errors);
+                        // The pending connections may be what holds the descriptors (a
+                        // flood of silent connections under a low limit): close the
+                        // one a new silent connection would replace, as when every
+                        // place is taken, and accept again at once. Without one, the
+                        // connection stays in the backlog; try again after a pause.
+                        match self.victim(now, &limits, Rank::Silent, None) {
+                            Some(v) => {
+                                bump(&counters.evicted);
+                                self.close(v, None);
+                            }
+                            None => {
+                                self.retry_at = Some(now + limits.accept_backoff);
+                                break;
+                            }
+                        }
+                    }
                     Err(_) => {
-                        // Out of descriptors, memory or buffers: the connection stays
-                        // in the backlog; try again after a pause.
+                        // Out of memory or buffers: the connection stays in the
+                        // backlog; try again after a pause.
                         bump(&counters.accept_errors);
                         self.retry_at = Some(now + limits.accept_backoff);
                         break;
@@ -295,12 +313,26 @@ impl Shared {
         let Some(Some(newcomer)) = self.conns.get(new) else {
             return;
         };
-        let r = rank(newcomer);
         let victim = self
-            .conns
+            .victim(now, limits, rank(newcomer), Some(new))
+            .unwrap_or(new);
+        bump(&counters.evicted);
+        self.close(victim, None);
+    }
+
+    /// The pending connection a newcomer of rank `r` replaces (see
+    /// `make_room`), other than place `except`; `None` when there is none.
+    fn victim(
+        &self,
+        now: Instant,
+        limits: &ListenerConfig,
+        r: Rank,
+        except: Option<usize>,
+    ) -> Option<usize> {
+        self.conns
             .iter()
             .enumerate()
-            .filter(|&(i, _)| i != new)
+            .filter(|&(i, _)| Some(i) != except)
             .filter_map(|(i, c)| c.as_ref().map(|c| (i, c)))
             .filter(|(_, c)| {
                 let k = rank(c);
@@ -308,9 +340,7 @@ impl Shared {
                     || (k != Rank::Admitted && (k < r || (k <= Rank::Spoke && r <= Rank::Spoke)))
             })
             .min_by_key(|(_, c)| (open_at(c, limits).is_none_or(|t| t > now), rank(c), c.since))
-            .map_or(new, |(i, _)| i);
-        bump(&counters.evicted);
-        self.close(victim, None);
+            .map(|(i, _)| i)
     }
 
     /// Records the number of pending connections in the peaks.
@@ -621,6 +651,12 @@ fn is_transient(e: &io::Error) -> bool {
                 | libc::ENETUNREACH
         )
     )
+}
+
+/// An `accept` error that says this process (`EMFILE`) or the system (`ENFILE`) has
+/// no descriptor left for the connection.
+fn is_out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
 /// An `accept` error that waiting will not cure: the socket itself is unusable.
