@@ -90,11 +90,12 @@ use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token};
 use pagewire_protocol::limits::HANDSHAKE_MAX_FRAME;
-use pagewire_protocol::{ServerConfig, ServerHandshake};
+use pagewire_protocol::{Abort, AbortReason, Frame, ServerConfig, ServerHandshake};
 
 use super::{Established, SessionConfig, SessionError};
+use crate::channel::{Channel, OutFrame};
 use crate::endpoint::{Endpoint, StreamListener};
-use crate::tcp::TcpError;
+use crate::tcp::{TcpConfig, TcpError};
 
 mod pending;
 mod shared;
@@ -358,7 +359,8 @@ impl Listener {
     /// [`SessionError::TooManySessions`] at once when `max_sessions` calls are already
     /// accepting; [`SessionError::SessionInUse`] at once when another call is accepting
     /// the same session id; [`SessionError::Incomplete`] when the channels do not all
-    /// arrive in time; [`SessionError::Config`] or [`SessionError::Handshake`] for an
+    /// arrive in time (those that did are sent ABORT `TIMEOUT`, naming the missing
+    /// ones, and closed); [`SessionError::Config`] or [`SessionError::Handshake`] for an
     /// invalid `cfg`; [`SessionError::Io`] when epoll fails or `accept` fails for a
     /// reason other than a lack of resources.
     pub fn accept_session(
@@ -466,6 +468,13 @@ impl Listener {
             if let Some(result) = result {
                 let entry = sh.unregister(id, &self.counters);
                 drop(sh);
+                let missing: Vec<u16> = entry.as_ref().map_or_else(Vec::new, |e| {
+                    (0u16..)
+                        .zip(&e.slots)
+                        .filter(|(_, s)| s.is_none())
+                        .map(|(i, _)| i)
+                        .collect()
+                });
                 let (channels, refused, peak) = entry.map_or_else(Default::default, |e| {
                     (
                         e.slots.into_iter().flatten().collect(),
@@ -473,6 +482,10 @@ impl Listener {
                         e.peak,
                     )
                 });
+                if let Err(e @ SessionError::Incomplete { need, timeout, .. }) = result {
+                    abort_incomplete(channels, &missing, need, timeout, &cfg.tcp);
+                    return Err(e);
+                }
                 let stats = self.counters.snapshot().since(&before, peak);
                 return result.map(|()| Accepted {
                     channels,
@@ -491,6 +504,45 @@ impl Listener {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
         self.shared.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Tells the source, on each channel of a session that completed its handshake, why
+/// the session ends when the accept window closed with channels `missing` (of
+/// `count`): ABORT `TIMEOUT` naming them (PROTOCOL.md, ABORT), best effort, each send
+/// bounded by a second; then the channels close.
+fn abort_incomplete(
+    channels: Vec<Established>,
+    missing: &[u16],
+    count: usize,
+    window: Duration,
+    tcp: &TcpConfig,
+) {
+    if channels.is_empty() {
+        return;
+    }
+    let mut names: Vec<String> = missing.iter().take(8).map(u16::to_string).collect();
+    if missing.len() > 8 {
+        names.push(format!("and {} more", missing.len() - 8));
+    }
+    let message = format!(
+        "the destination's accept window ({window:?}) ended without channel {} of {count}",
+        names.join(", ")
+    );
+    let frame = Frame::Abort(Abort {
+        reason: AbortReason::TIMEOUT,
+        message: &message,
+    });
+    let tcp = TcpConfig {
+        send_timeout: Duration::from_secs(1),
+        ..tcp.clone()
+    };
+    for e in channels {
+        if let (Ok(mut ch), Ok(f)) = (e.into_tcp(&tcp), OutFrame::whole(&frame)) {
+            let mut done = Vec::new();
+            let _ = ch.send(f);
+            let _ = ch.flush(&mut done);
+        }
     }
 }
 
@@ -629,7 +681,7 @@ mod tests {
         let e = l
             .accept_session(&dst, Duration::from_millis(1500))
             .unwrap_err();
-        let _keep = t.join().unwrap();
+        let mut keep = t.join().unwrap();
         assert!(
             matches!(
                 e,
@@ -641,6 +693,33 @@ mod tests {
             ),
             "{e}"
         );
+        // The channel that arrived is told why it ends, then closed.
+        let mut got = std::mem::take(&mut keep.leftover);
+        keep.stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        std::io::Read::read_to_end(&mut keep.stream, &mut got).unwrap();
+        let limits = pagewire_protocol::Limits::session(
+            4096,
+            64,
+            1 << 20,
+            pagewire_protocol::CodecSet::all_known(),
+            None,
+        )
+        .unwrap();
+        let env = pagewire_protocol::Envelope::parse(got[..8].try_into().unwrap(), &limits)
+            .expect("an envelope");
+        match Frame::decode(env, &got[8..], &limits).expect("a whole frame, alone") {
+            Frame::Abort(a) => {
+                assert_eq!(a.reason, AbortReason::TIMEOUT);
+                assert!(
+                    a.message.contains("without channel 0 of 2"),
+                    "{}",
+                    a.message
+                );
+            }
+            f => panic!("not an ABORT: {f:?}"),
+        }
     }
 
     #[test]
