@@ -349,6 +349,32 @@ fn recycled_completions_keep_their_request_and_unused_buffer_with_the_engine() {
 }
 
 #[test]
+fn a_completion_recycled_into_another_engine_goes_back_to_its_own() {
+    let config = EngineConfig {
+        max_pages: 4,
+        requests: 1,
+        buffers: 1,
+        ..Default::default()
+    };
+    let mut a = Engine::software(config.clone(), SoftwareConfig::default()).expect("engine");
+    let mut b = Engine::software(config, SoftwareConfig::default()).expect("engine");
+    let page = content(Kind::Text, 1, 0);
+    let job = encode_job(&a, 1, CodecId::LZ4, &page);
+    let c = run_one(&mut a, job);
+    assert!(a.job().is_none(), "a's only request is out");
+    b.recycle(c);
+    assert_eq!(
+        a.buffers().available(),
+        1,
+        "its buffer went back to a's pool"
+    );
+    let mine = a.job().expect("its request went back to a");
+    let theirs = b.job().expect("b's own request");
+    assert!(b.job().is_none(), "b kept nothing of a's");
+    drop((mine, theirs));
+}
+
+#[test]
 fn recycled_requests_and_buffers_serve_the_next_jobs_of_a_full_engine() {
     // Every request and buffer goes through `recycle` many times over: none is lost
     // or handed out twice.

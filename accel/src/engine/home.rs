@@ -116,6 +116,11 @@ impl Requests {
     pub(super) fn available(&self) -> usize {
         count(self.home().head.load(Ordering::Relaxed)) as usize
     }
+
+    /// Whether `h` is one of this set's requests.
+    pub(super) fn owns(&self, h: &Handle) -> bool {
+        self.home == h.home
+    }
 }
 
 impl Drop for Requests {

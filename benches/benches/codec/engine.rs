@@ -10,6 +10,14 @@ use pagewire_accel::{
 use crate::data::Encoded;
 use crate::{Case, PAGES, PS};
 
+/// How the bench gives completions back (see [`Bench`]'s `recycle`).
+#[derive(Clone, Copy)]
+enum Recycle {
+    Drop,
+    Keep,
+    TakePayload,
+}
+
 /// The engine, inline on this core, with raw-pointer jobs as the pipeline builds them.
 pub(crate) struct Bench {
     pub(crate) engine: Engine,
@@ -18,10 +26,12 @@ pub(crate) struct Bench {
     /// Most jobs in flight: jobs are submitted (and their completions polled) in
     /// batches of this many.
     pub(crate) depth: usize,
-    /// Whether completions go back through [`Engine::recycle`], as the pipeline's
-    /// source gives them back; `PAGEWIRE_RECYCLE=0` drops them instead (what the
-    /// pipeline did before), to compare both in one build.
-    recycle: bool,
+    /// How completions are given back: through [`Engine::recycle`] (the default);
+    /// `PAGEWIRE_RECYCLE=0` drops them instead (what the pipeline did before);
+    /// `PAGEWIRE_RECYCLE=payload` takes and drops each payload first, then recycles,
+    /// as the pipeline's source does with a compressed frame's payload (which goes to
+    /// the transport and back to the pool): to compare them in one build.
+    recycle: Recycle,
 }
 
 /// Jobs the bench engine keeps in flight: `PAGEWIRE_DEPTH`, or every frame of the
@@ -61,7 +71,11 @@ impl Bench {
             batch: VecDeque::with_capacity(depth + 2),
             done: Vec::with_capacity(depth + 2),
             depth,
-            recycle: std::env::var_os("PAGEWIRE_RECYCLE").is_none_or(|v| v != "0"),
+            recycle: match std::env::var("PAGEWIRE_RECYCLE").as_deref() {
+                Ok("0") => Recycle::Drop,
+                Ok("payload") => Recycle::TakePayload,
+                _ => Recycle::Keep,
+            },
         }
     }
 
@@ -76,12 +90,19 @@ impl Bench {
     /// Gives the polled completions back to the engine, as the pipeline's source does
     /// once it has taken a frame's payload ([`Engine::recycle`]).
     pub(crate) fn recycle_done(&mut self) {
-        if !self.recycle {
-            self.done.clear();
-            return;
-        }
-        for c in self.done.drain(..) {
-            self.engine.recycle(c);
+        match self.recycle {
+            Recycle::Drop => self.done.clear(),
+            Recycle::Keep => {
+                for c in self.done.drain(..) {
+                    self.engine.recycle(c);
+                }
+            }
+            Recycle::TakePayload => {
+                for mut c in self.done.drain(..) {
+                    drop(c.take_payload());
+                    self.engine.recycle(c);
+                }
+            }
         }
     }
 

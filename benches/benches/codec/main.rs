@@ -16,7 +16,8 @@
 //! decodes of `zero` frames against the same zero fill done directly.
 //!
 //! The engine side gives its completions back with `Engine::recycle`, as the pipeline's
-//! source does (`PAGEWIRE_RECYCLE=0` drops them instead). Delta's direct calls, like the
+//! source does (`PAGEWIRE_RECYCLE=0` drops them instead; `PAGEWIRE_RECYCLE=payload` takes
+//! and drops each payload first, as the source does with a compressed frame's). Delta's direct calls, like the
 //! engine's requests and the receivers, keep their page lists across calls, so neither
 //! side allocates per frame.
 //!

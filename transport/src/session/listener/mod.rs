@@ -49,11 +49,15 @@
 //! A HELLO that asks for more than [`ListenerConfig::max_channels`] channels is refused
 //! with a REJECT (`BAD_CHANNEL`) as soon as it arrives. A failing `accept` (out of file
 //! descriptors, memory or socket buffers) is counted and ends neither the call nor the
-//! listener. Out of file descriptors (`EMFILE`, `ENFILE`), the listener closes the
-//! pending connection a new silent one would replace when every place is taken (so
-//! connections that say nothing cannot hold the descriptors under a limit below
-//! `max_pending`) and accepts again at once; with none to close, and for the other
-//! failures, it retries after [`ListenerConfig::accept_backoff`].
+//! listener. The listener keeps one descriptor open in reserve: out of file descriptors
+//! (`EMFILE`, `ENFILE`), it closes it, accepts the waiting connection with it, reads
+//! its first bytes, and closes the pending connection it replaces by the rule for a
+//! full set of places (only one accepted in an earlier turn), taking the reserve again
+//! with that descriptor; so connections that say nothing cannot hold the descriptors
+//! under a limit below `max_pending`. With nothing older to replace, the newcomer keeps
+//! the reserve's descriptor until the next turn takes it back. Without a reserve, with
+//! nothing waiting, and for the other failures, it retries after
+//! [`ListenerConfig::accept_backoff`].
 //! Refusals are counted in [`ListenerStats`]; only the last few reasons are kept.
 //!
 //! A listener bound with [`Encryption::Tls`](crate::Encryption::Tls) runs the TLS
@@ -127,8 +131,8 @@ pub struct ListenerConfig {
     /// in progress (the kernel caps it at `net.core.somaxconn`). At least 1.
     pub backlog: u32,
     /// Pause before retrying an `accept` that failed for lack of resources (memory, or
-    /// file descriptors when no pending connection may be closed for one). More than
-    /// zero.
+    /// file descriptors when the reserve descriptor is gone or nothing waited). More
+    /// than zero.
     pub accept_backoff: Duration,
     /// How long after its accept a pending connection that has named no session being
     /// accepted keeps its place against a new connection that got no further while
@@ -302,6 +306,7 @@ impl Listener {
                 sessions: Vec::new(),
                 scratch: vec![0u8; HANDSHAKE_MAX_FRAME as usize],
                 tls: cfg.encryption.tls().cloned(),
+                reserve: shared::reserve_descriptor(),
             }),
             counters: Counters::default(),
             max_sessions: cfg.listener.max_sessions,
@@ -509,8 +514,11 @@ impl Listener {
 
 /// Tells the source, on each channel of a session that completed its handshake, why
 /// the session ends when the accept window closed with channels `missing` (of
-/// `count`): ABORT `TIMEOUT` naming them (PROTOCOL.md, ABORT), best effort, each send
-/// bounded by a second; then the channels close.
+/// `count`): ABORT `TIMEOUT` naming them (PROTOCOL.md, ABORT), best effort. Each channel
+/// then closes its sending side (TLS `close_notify` first), and what the source sent
+/// meanwhile is read and dropped until it closes or 250 ms pass in all, so that the
+/// close does not reset the connection with the ABORT still unread. Each send is
+/// bounded by a second.
 fn abort_incomplete(
     channels: Vec<Established>,
     missing: &[u16],
@@ -537,11 +545,31 @@ fn abort_incomplete(
         send_timeout: Duration::from_secs(1),
         ..tcp.clone()
     };
+    // Each channel's frame goes out before any is closed, and the reads to drain come
+    // from a second handle to the socket (none when descriptors have run out).
+    let mut open = Vec::with_capacity(channels.len());
     for e in channels {
+        let drain = e.stream.try_clone().ok();
         if let (Ok(mut ch), Ok(f)) = (e.into_tcp(&tcp), OutFrame::whole(&frame)) {
-            let mut done = Vec::new();
             let _ = ch.send(f);
-            let _ = ch.flush(&mut done);
+            open.push((ch, drain));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_millis(250);
+    let mut done = Vec::new();
+    for (mut ch, drain) in open {
+        let _ = ch.close(&mut done);
+        let Some(mut s) = drain else { continue };
+        let mut sink = [0u8; 4096];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
+                break;
+            }
+            match std::io::Read::read(&mut s, &mut sink) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
         }
     }
 }
@@ -677,7 +705,13 @@ mod tests {
         let dst = cfg(4, 2, None);
         let l = Listener::bind("127.0.0.1:0".parse().unwrap(), &dst).unwrap();
         let addr = l.local_addr().unwrap();
-        let t = std::thread::spawn(move || connect_channel(addr, &cfg(4, 2, None), 1).unwrap());
+        let t = std::thread::spawn(move || {
+            let mut c = connect_channel(addr, &cfg(4, 2, None), 1).unwrap();
+            // A source may send once READY arrived: bytes the destination never reads,
+            // which a plain close would answer with a reset that loses the ABORT.
+            c.stream.write_all(&[0x5a; 32 * 1024]).unwrap();
+            c
+        });
         let e = l
             .accept_session(&dst, Duration::from_millis(1500))
             .unwrap_err();

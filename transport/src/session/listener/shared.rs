@@ -111,6 +111,10 @@ pub(super) struct Shared {
     /// TLS settings of a TLS listener (taken from the configuration it was bound
     /// with); `None` for a plaintext listener.
     pub(super) tls: Option<crate::tls::TlsConfig>,
+    /// A descriptor kept open to be closed when `accept` runs out of them, so that the
+    /// connection waiting can be accepted and weighed against the pending ones
+    /// ([`reserve_descriptor`]).
+    pub(super) reserve: Option<std::fs::File>,
 }
 
 impl Shared {
@@ -209,19 +213,18 @@ impl Shared {
                     Err(e) if is_out_of_descriptors(&e) => {
                         bump(&counters.accept_errors);
                         // The pending connections may be what holds the descriptors (a
-                        // flood of silent connections under a low limit): close the
-                        // one a new silent connection would replace, as when every
-                        // place is taken, and accept again at once. Without one, the
-                        // connection stays in the backlog; try again after a pause.
-                        match self.victim(now, &limits, Rank::Silent, None) {
-                            Some(v) => {
-                                bump(&counters.evicted);
-                                self.close(v, None);
-                            }
-                            None => {
+                        // flood of silent connections under a low limit). A descriptor
+                        // kept in reserve for this is freed to accept the connection
+                        // waiting, if one is (`accept` fails so even with none waiting);
+                        // then the pending connection it replaces, as when every place
+                        // is taken, or else itself, is closed, and the reserve taken
+                        // again. Without the reserve (its descriptor went elsewhere),
+                        // or with nothing waiting, try again after a pause.
+                        if !self.accept_in_reserve(socket, counters, lim, now) {
+                            if self.listener_ready {
                                 self.retry_at = Some(now + limits.accept_backoff);
-                                break;
                             }
+                            break;
                         }
                     }
                     Err(_) => {
@@ -314,26 +317,86 @@ impl Shared {
             return;
         };
         let victim = self
-            .victim(now, limits, rank(newcomer), Some(new))
+            .victim(now, limits, rank(newcomer), Some(new), false)
             .unwrap_or(new);
         bump(&counters.evicted);
         self.close(victim, None);
     }
 
+    /// Accepts one connection with the descriptor held in reserve ([`Shared::reserve`]),
+    /// then closes the pending connection it replaces, as when every place is taken,
+    /// and takes the reserve again with the descriptor that frees. Only connections
+    /// accepted before `now` are closed, so that none of this turn is closed before its
+    /// first bytes were read: with none to close, the newcomer keeps the reserve's
+    /// descriptor, and the next call first takes it back from the connection a new
+    /// silent one would replace (by then of an earlier turn). `false` when no
+    /// connection waited, or no reserve could be had: the caller pauses.
+    fn accept_in_reserve(
+        &mut self,
+        socket: &Socket,
+        counters: &Counters,
+        lim: &Turn<'_>,
+        now: Instant,
+    ) -> bool {
+        if self.reserve.is_none() {
+            if let Some(v) = self.victim(now, &lim.listener, Rank::Silent, None, true) {
+                bump(&counters.evicted);
+                self.close(v, None);
+            }
+            self.reserve = reserve_descriptor();
+        }
+        let Some(reserve) = self.reserve.take() else {
+            return false;
+        };
+        drop(reserve);
+        match socket.accept() {
+            Ok((stream, peer)) => {
+                bump(&counters.accepted);
+                let deadline = now + lim.handshake_timeout;
+                if let Some(i) = self.start(counters, stream, peer, now, deadline) {
+                    self.drive(counters, lim, i);
+                    let r = self.conns.get(i).and_then(Option::as_ref).map(rank);
+                    if let Some(v) =
+                        r.and_then(|r| self.victim(now, &lim.listener, r, Some(i), true))
+                    {
+                        bump(&counters.evicted);
+                        self.close(v, None);
+                        self.reserve = reserve_descriptor();
+                    }
+                } else {
+                    self.reserve = reserve_descriptor();
+                }
+                self.note_peak(counters);
+                // Without the reserve, wait for the next turn to take it back.
+                self.reserve.is_some()
+            }
+            Err(e) => {
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    self.listener_ready = false;
+                }
+                self.reserve = reserve_descriptor();
+                false
+            }
+        }
+    }
+
     /// The pending connection a newcomer of rank `r` replaces (see
-    /// `make_room`), other than place `except`; `None` when there is none.
+    /// `make_room`), other than place `except` and, with `older`, than those accepted
+    /// at `now`; `None` when there is none.
     fn victim(
         &self,
         now: Instant,
         limits: &ListenerConfig,
         r: Rank,
         except: Option<usize>,
+        older: bool,
     ) -> Option<usize> {
         self.conns
             .iter()
             .enumerate()
             .filter(|&(i, _)| Some(i) != except)
             .filter_map(|(i, c)| c.as_ref().map(|c| (i, c)))
+            .filter(|(_, c)| !older || c.since < now)
             .filter(|(_, c)| {
                 let k = rank(c);
                 open_at(c, limits).is_some_and(|t| t <= now)
@@ -651,6 +714,12 @@ fn is_transient(e: &io::Error) -> bool {
                 | libc::ENETUNREACH
         )
     )
+}
+
+/// A descriptor held in reserve for when `accept` runs out of them (`/dev/null`, read
+/// only); `None` when none can be opened.
+pub(super) fn reserve_descriptor() -> Option<std::fs::File> {
+    std::fs::File::open("/dev/null").ok()
 }
 
 /// An `accept` error that says this process (`EMFILE`) or the system (`ENFILE`) has
