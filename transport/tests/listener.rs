@@ -351,24 +351,30 @@ fn idle_connections_add_no_threads() {
     assert_eq!(s.timed_out + s.abandoned + s.evicted, IDLE as u64, "{s:?}");
 }
 
-#[test]
-fn running_out_of_file_descriptors_does_not_end_the_listener() {
-    const NAME: &str = "running_out_of_file_descriptors_does_not_end_the_listener";
-    const IDLE: usize = 300;
-    if !is_child(NAME) {
-        // The connections come from this process; the listener lives in the child,
-        // under RLIMIT_NOFILE = 256.
-        let mut child = spawn_child(NAME);
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let addr = child_addr(&mut out).expect("the child printed its address");
-        let idle: Vec<TcpStream> = (0..IDLE)
-            .map(|_| TcpStream::connect(addr).unwrap())
-            .collect();
-        let src = legit(addr);
-        assert_eq!(src.len(), usize::from(CHANNELS));
-        drop(idle);
-        return finish_child(child, out);
-    }
+/// The parent's side of a test whose listener lives in a child process under a low
+/// descriptor limit: `idle` silent connections opened and held, then the legitimate
+/// source, then the child's verdict.
+fn silent_connections_then_source(name: &str, idle: usize) {
+    let mut child = spawn_child(name);
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let addr = child_addr(&mut out).expect("the child printed its address");
+    let held: Vec<TcpStream> = (0..idle)
+        .map(|_| TcpStream::connect(addr).unwrap())
+        .collect();
+    let src = legit(addr);
+    assert_eq!(src.len(), usize::from(CHANNELS));
+    drop(held);
+    finish_child(child, out);
+}
+
+/// In the child: lowers this process's soft descriptor limit to `soft`, binds a
+/// listener with `d`, prints its address for the parent, accepts within `window`, puts
+/// the limit back, and returns the outcome with the time the accept took.
+fn accept_under_descriptor_limit(
+    soft: u64,
+    d: &SessionConfig,
+    window: Duration,
+) -> (Result<Accepted, SessionError>, Duration) {
     let mut old = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -376,22 +382,35 @@ fn running_out_of_file_descriptors_does_not_end_the_listener() {
     // SAFETY: `old` is a valid rlimit to write into.
     assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut old) }, 0);
     let low = libc::rlimit {
-        rlim_cur: 256,
+        rlim_cur: soft,
         rlim_max: old.rlim_max,
     };
     // SAFETY: `low` is a valid rlimit; only the soft limit of this (child) process drops.
     assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &low) }, 0);
+    let (l, addr) = bind(d);
+    println!("ADDR {addr}");
+    std::io::stdout().flush().unwrap();
+    let started = std::time::Instant::now();
+    let acc = l.accept_session(d, window);
+    let took = started.elapsed();
+    // SAFETY: `old` is the limit read above.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &old) }, 0);
+    (acc, took)
+}
 
+#[test]
+fn running_out_of_file_descriptors_does_not_end_the_listener() {
+    const NAME: &str = "running_out_of_file_descriptors_does_not_end_the_listener";
+    const IDLE: usize = 300;
+    if !is_child(NAME) {
+        // The connections come from this process; the listener lives in the child,
+        // under RLIMIT_NOFILE = 256.
+        return silent_connections_then_source(NAME, IDLE);
+    }
     let mut d = dst(Duration::from_secs(3));
     // Above the descriptor limit, so that `accept` runs out of descriptors.
     d.listener.max_pending = 1024;
-    let (l, addr) = bind(&d);
-    println!("ADDR {addr}");
-    std::io::stdout().flush().unwrap();
-    let acc = l.accept_session(&d, WINDOW);
-
-    // SAFETY: `old` is the limit read above.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &old) }, 0);
+    let (acc, _) = accept_under_descriptor_limit(256, &d, WINDOW);
     let acc = acc.unwrap();
     let s = acc.stats;
     println!("FIGURE under RLIMIT_NOFILE=256 with {IDLE} idle connections: {s:?}");
@@ -405,47 +424,18 @@ fn running_out_of_file_descriptors_does_not_end_the_listener() {
 fn silent_connections_holding_every_descriptor_do_not_keep_a_source_out() {
     // Under a descriptor limit below `max_pending`, silent connections can hold every
     // descriptor the listener may have: `accept` then fails with EMFILE, and before
-    // the listener closed a silent connection for it, nothing changed until their
-    // handshake deadlines (60 s here) ran out: the source, behind them in the backlog,
-    // stayed out of a 10 s accept window.
+    // the listener accepted with a descriptor kept in reserve and closed a silent
+    // connection for the newcomer, nothing changed until their handshake deadlines
+    // (60 s here) ran out: the source, behind them in the backlog, stayed out of a
+    // 10 s accept window.
     const NAME: &str = "silent_connections_holding_every_descriptor_do_not_keep_a_source_out";
     const IDLE: usize = 150;
     if !is_child(NAME) {
-        let mut child = spawn_child(NAME);
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let addr = child_addr(&mut out).expect("the child printed its address");
-        let idle: Vec<TcpStream> = (0..IDLE)
-            .map(|_| TcpStream::connect(addr).unwrap())
-            .collect();
-        let src = legit(addr);
-        assert_eq!(src.len(), usize::from(CHANNELS));
-        drop(idle);
-        return finish_child(child, out);
+        return silent_connections_then_source(NAME, IDLE);
     }
-    let mut old = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `old` is a valid rlimit to write into.
-    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut old) }, 0);
-    let low = libc::rlimit {
-        rlim_cur: 48,
-        rlim_max: old.rlim_max,
-    };
-    // SAFETY: `low` is a valid rlimit; only the soft limit of this (child) process drops.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &low) }, 0);
-
     // The default `max_pending` (64), above the limit; no handshake deadline in sight.
     let d = dst(Duration::from_secs(60));
-    let (l, addr) = bind(&d);
-    println!("ADDR {addr}");
-    std::io::stdout().flush().unwrap();
-    let started = std::time::Instant::now();
-    let acc = l.accept_session(&d, Duration::from_secs(10));
-    let took = started.elapsed();
-
-    // SAFETY: `old` is the limit read above.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &old) }, 0);
+    let (acc, took) = accept_under_descriptor_limit(48, &d, Duration::from_secs(10));
     let acc = acc.expect("the source got in while silent connections held the descriptors");
     let s = acc.stats;
     println!(
