@@ -430,11 +430,10 @@ impl Engine {
         }
         let r = h.req_mut();
         if let JobOp::Encode(_) = r.op
-            && let Some(buf) = r.payload.take()
+            && let Some(mut buf) = r.payload.take()
             && buf.is_unique()
             && self.bufs.owns(&buf)
         {
-            let mut buf = buf;
             buf.set_len(0);
             self.spare_bufs.push(buf);
         }

@@ -702,7 +702,6 @@ impl Receiver {
             return Ok(());
         }
         codecs.decode(p.codec, p.payload, lengths, dst)?;
-        dst.reset(dst.page_size());
         if installing {
             let mut off = 0;
             for run in p.data_runs.iter().filter(|r| installs(r)) {

@@ -187,15 +187,10 @@ impl Shared {
                         if !full {
                             self.at_cap = false;
                         }
-                        bump(&counters.accepted);
-                        let deadline = now + lim.handshake_timeout;
-                        if let Some(i) = self.start(counters, stream, peer, now, deadline) {
-                            // What came with the connection (an honest source's HELLO)
-                            // is read now, before its place is weighed.
-                            self.drive(counters, lim, i);
-                            if self.pending > limits.max_pending {
-                                self.make_room(counters, now, &limits, i);
-                            }
+                        if let Some(i) = self.take_new(counters, lim, stream, peer, now)
+                            && self.pending > limits.max_pending
+                        {
+                            self.make_room(counters, now, &limits, i);
                         }
                         self.note_peak(counters);
                     }
@@ -323,6 +318,23 @@ impl Shared {
         self.close(victim, None);
     }
 
+    /// Counts a connection just accepted at `now`, takes it into a free place and reads
+    /// what came with it (an honest source's HELLO), before its place is weighed;
+    /// returns its place (`None`: refused).
+    fn take_new(
+        &mut self,
+        counters: &Counters,
+        lim: &Turn<'_>,
+        stream: Conn,
+        peer: Endpoint,
+        now: Instant,
+    ) -> Option<usize> {
+        bump(&counters.accepted);
+        let i = self.start(counters, stream, peer, now, now + lim.handshake_timeout)?;
+        self.drive(counters, lim, i);
+        Some(i)
+    }
+
     /// Accepts one connection with the descriptor held in reserve ([`Shared::reserve`]),
     /// then closes the pending connection it replaces, as when every place is taken,
     /// and takes the reserve again with the descriptor that frees. Only connections
@@ -351,10 +363,7 @@ impl Shared {
         drop(reserve);
         match socket.accept() {
             Ok((stream, peer)) => {
-                bump(&counters.accepted);
-                let deadline = now + lim.handshake_timeout;
-                if let Some(i) = self.start(counters, stream, peer, now, deadline) {
-                    self.drive(counters, lim, i);
+                if let Some(i) = self.take_new(counters, lim, stream, peer, now) {
                     let r = self.conns.get(i).and_then(Option::as_ref).map(rank);
                     if let Some(v) =
                         r.and_then(|r| self.victim(now, &lim.listener, r, Some(i), true))
