@@ -88,9 +88,11 @@ pub enum MigrationError {
         /// Why, as the check said.
         what: String,
     },
-    /// The peer aborted the migration.
-    #[error("the peer aborted the migration: {reason} ({message})")]
+    /// The peer aborted the migration: it sent ABORT on `channel`.
+    #[error("channel {channel}: the peer aborted the migration: {reason} ({message})")]
     PeerAborted {
+        /// The channel the ABORT came on.
+        channel: u16,
         /// Its reason.
         reason: AbortReason,
         /// Its message.

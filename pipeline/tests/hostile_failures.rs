@@ -239,8 +239,13 @@ fn a_failed_channel_ends_its_idle_sibling(n: u8, backend: Backend, peer_abort: b
     let c0_took = started.elapsed();
     eprintln!("{backend:?}: the verdict after {took:?}, channel 0 ended after {c0_took:?}: {r:?}");
     match (peer_abort, &r) {
-        (true, Err(MigrationError::PeerAborted { reason, .. })) => {
-            assert_eq!(*reason, AbortReason::CANCELLED)
+        (
+            true,
+            Err(MigrationError::PeerAborted {
+                channel, reason, ..
+            }),
+        ) => {
+            assert_eq!((*channel, *reason), (1, AbortReason::CANCELLED))
         }
         (
             false,
@@ -451,6 +456,7 @@ fn a_session_failed_while_the_vmm_checks_the_device_state_gets_no_ack_complete()
         matches!(
             r,
             Err(MigrationError::PeerAborted {
+                channel: 1,
                 reason: AbortReason::CANCELLED,
                 ..
             })

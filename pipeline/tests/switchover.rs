@@ -534,9 +534,12 @@ fn ack_committed_lost() {
 #[test]
 fn an_abort_on_another_channel_ends_the_switchover_wait() {
     let aborted = |e: &MigrationError| match e {
-        MigrationError::PeerAborted { reason, message } => {
-            *reason == AbortReason::CHANNEL_FAILED && message.contains("relay")
-        }
+        // The error names the channel the ABORT came on.
+        MigrationError::PeerAborted {
+            channel: 1,
+            reason,
+            message,
+        } => *reason == AbortReason::CHANNEL_FAILED && message.contains("relay"),
         // The refused ACK on channel 1.
         MigrationError::Rule { channel: 1, .. } => true,
         _ => false,

@@ -111,6 +111,7 @@ mod tests {
                 source: std::io::ErrorKind::ConnectionReset.into(),
             }),
             MigrationError::PeerAborted {
+                channel: 0,
                 reason: AbortReason::CANCELLED,
                 message: String::new(),
             },

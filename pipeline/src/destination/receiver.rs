@@ -266,6 +266,7 @@ impl Receiver {
                     }
                     Some(Incoming::Frame(Frame::Abort(a))) => {
                         return Err(MigrationError::PeerAborted {
+                            channel: self.ch,
                             reason: a.reason,
                             message: a.message.to_owned(),
                         });

@@ -337,6 +337,7 @@ impl Worker {
             match self.channel.recv(None) {
                 Ok(Some(Incoming::Frame(Frame::Abort(a)))) => {
                     found = MigrationError::PeerAborted {
+                        channel: self.s.ch,
                         reason: a.reason,
                         message: a.message.to_owned(),
                     };
@@ -777,6 +778,7 @@ impl Worker {
                 what: "the destination closed the channel".into(),
             }),
             Some(Incoming::Frame(Frame::Abort(a))) => Err(MigrationError::PeerAborted {
+                channel: ch,
                 reason: a.reason,
                 message: a.message.to_owned(),
             }),
@@ -958,6 +960,7 @@ impl Worker {
             match self.channel.recv(None) {
                 Ok(Some(Incoming::Frame(Frame::Abort(a)))) => {
                     return Err(Some(MigrationError::PeerAborted {
+                        channel: ch,
                         reason: a.reason,
                         message: a.message.to_owned(),
                     }));
