@@ -10,8 +10,8 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use pagewire_accel::{
-    BackendChoice, BackendKind, CodecError, Engine, EngineConfig, FallbackCause, PageKey, PageSize,
-    PoolBuf, SoftwareConfig, Tag,
+    BackendChoice, BackendKind, CodecError, Completion, Engine, EngineConfig, FallbackCause, Job,
+    PageKey, PageSize, PoolBuf, SoftwareConfig, Tag,
 };
 use pagewire_protocol::CodecId;
 
@@ -22,6 +22,13 @@ pub(crate) struct Decoder {
     engine: Engine,
     /// Whether guest memory was mapped for the device (once per migration).
     mapped: bool,
+    /// The job being submitted and its completion: kept, so that a decode allocates
+    /// nothing.
+    batch: VecDeque<Job>,
+    done: Vec<Completion>,
+    /// The tag of the current decode; a completion with another (of a decode that
+    /// gave up on its deadline) is given back unread.
+    tag: u64,
 }
 
 /// The most a decode may take on the device before the receiver gives up on it.
@@ -55,6 +62,9 @@ impl Decoder {
             (engine.probe().backend != BackendKind::Software).then_some(Decoder {
                 engine,
                 mapped: false,
+                batch: VecDeque::with_capacity(1),
+                done: Vec::with_capacity(1),
+                tag: 0,
             }),
         )
     }
@@ -104,6 +114,13 @@ impl Decoder {
             codec,
             detail: "the destination's codec engine has no free request",
         };
+        // What a decode that gave up on its deadline left behind.
+        self.batch.clear();
+        for c in self.done.drain(..) {
+            self.engine.recycle(c);
+        }
+        self.tag = self.tag.wrapping_add(1);
+        let tag = Tag(self.tag);
         let mut job = self.engine.job().ok_or(busy)?;
         let buf = match self.engine.buffers().take() {
             Some(mut b) if b.capacity() >= payload.len() => {
@@ -115,32 +132,37 @@ impl Decoder {
             }
             _ => PoolBuf::from_vec(payload.to_vec()),
         };
-        let dst = job.decode(Tag(0), codec, buf, lengths);
+        let dst = job.decode(tag, codec, buf, lengths);
         for &(ptr, pages, key) in runs {
             // SAFETY: forwarded from this function's contract; the job ends (its
-            // completion is dropped) before this function returns.
+            // completion is given back) before this function returns.
             unsafe { dst.push_raw(ptr, pages, PageKey(key)) }
                 .map_err(|_| CodecError::NoPages { codec })?;
         }
-        let mut batch = VecDeque::from([job]);
+        self.batch.push_back(job);
         let deadline = Instant::now() + DECODE_DEADLINE;
-        let mut done = Vec::with_capacity(1);
-        while done.is_empty() {
+        loop {
+            if let Some(i) = self.done.iter().position(|c| c.tag() == tag) {
+                let c = self.done.swap_remove(i);
+                let result = c.status().map(|()| c.fallback());
+                self.engine.recycle(c);
+                return result;
+            }
+            for c in self.done.drain(..) {
+                self.engine.recycle(c);
+            }
             if Instant::now() > deadline {
                 return Err(CodecError::Corrupt {
                     codec,
                     detail: "the destination's codec engine did not complete a decode",
                 });
             }
-            if !batch.is_empty() {
-                let _ = self.engine.submit(&mut batch);
+            if !self.batch.is_empty() {
+                let _ = self.engine.submit(&mut self.batch);
             }
             let _ = self
                 .engine
-                .poll(&mut done, 1, Some(Duration::from_millis(10)));
+                .poll(&mut self.done, 1, Some(Duration::from_millis(10)));
         }
-        let c = done.pop().ok_or(CodecError::NoPages { codec })?;
-        c.status()?;
-        Ok(c.fallback())
     }
 }
