@@ -71,6 +71,7 @@
 pub mod cache;
 pub mod codec;
 pub mod cpu;
+mod deadline;
 pub mod engine;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -196,34 +196,38 @@ impl SourceConfig {
     ///
     /// # Errors
     /// [`MigrationError::Config`] naming the first unusable setting: no channel, a
-    /// zero timeout or attempt count, a zero queue depth or frame size.
+    /// zero timeout or attempt count, a frame size out of `1..=65536` pages, a queue
+    /// depth out of `1..=`[`MAX_QUEUE_DEPTH`], more than [`MAX_CODEC_THREADS`] codec
+    /// threads, or `precopy.max_rounds` of 0. Timeouts may be as long as
+    /// `Duration::MAX` (no deadline in practice).
     pub fn validate(&self) -> Result<(), MigrationError> {
         let bad = |what: &str| Err(MigrationError::Config(what.into()));
         if self.channels == 0 {
             return bad("at least one channel");
         }
-        if self.max_pages == 0 {
-            return bad("max_pages must be at least 1");
+        if self.max_pages == 0 || self.max_pages > MAX_PAGES_PER_FRAME {
+            return bad("max_pages must be in 1..=65536");
         }
-        if self.queue_depth == 0 {
-            return bad("queue_depth must be at least 1");
+        if self.queue_depth == 0 || self.queue_depth > MAX_QUEUE_DEPTH {
+            return bad("queue_depth must be in 1..=1024");
+        }
+        if self.codec_threads.is_some_and(|n| n > MAX_CODEC_THREADS) {
+            return bad("codec_threads must be at most 256");
+        }
+        if self.precopy.max_rounds == 0 {
+            return bad(
+                "precopy.max_rounds must be at least 1 (round 0, the first pass over memory, runs with the guest running)",
+            );
         }
         if self.connect_attempts == 0 {
             return bad("connect_attempts must be at least 1");
         }
-        for (name, t) in [
+        nonzero([
             ("ack_timeout", self.ack_timeout),
             ("send_timeout", self.send_timeout),
             ("connect_timeout", self.connect_timeout),
             ("handshake_timeout", self.handshake_timeout),
-        ] {
-            if t.is_zero() {
-                return Err(MigrationError::Config(format!(
-                    "{name} must be longer than zero"
-                )));
-            }
-        }
-        Ok(())
+        ])
     }
 }
 
@@ -425,6 +429,53 @@ impl DestinationConfig {
             prefault: Prefault::default(),
             check_device_state: None,
         }
+    }
+
+    /// Checks the settings; [`DestinationListener`](crate::DestinationListener) calls it
+    /// when it is bound and for every accept.
+    ///
+    /// # Errors
+    /// [`MigrationError::Config`] naming the first unusable setting: a page size that
+    /// is not a power of two from 4 KiB to 2 MiB, a frame size out of `1..=65536`
+    /// pages, a zero timeout (accept, handshake, idle), or no place for a pending
+    /// connection, a session or a channel. Timeouts may be as long as `Duration::MAX`
+    /// (no deadline in practice).
+    pub fn validate(&self) -> Result<(), MigrationError> {
+        let bad = |what: &str| Err(MigrationError::Config(what.into()));
+        if !pagewire_protocol::limits::valid_page_size(self.page_size) {
+            return bad("page_size must be a power of two from 4096 to 2 MiB");
+        }
+        if self.max_pages == 0 || self.max_pages > MAX_PAGES_PER_FRAME {
+            return bad("max_pages must be in 1..=65536");
+        }
+        if self.max_pending == 0 || self.max_sessions == 0 || self.limits.max_channels == 0 {
+            return bad("max_pending, max_sessions and limits.max_channels must be at least 1");
+        }
+        nonzero([
+            ("accept_timeout", self.accept_timeout),
+            ("handshake_timeout", self.handshake_timeout),
+            ("idle_timeout", self.idle_timeout),
+        ])
+    }
+}
+
+/// Most pages per frame either side may configure (the protocol's bound).
+const MAX_PAGES_PER_FRAME: u32 = pagewire_protocol::limits::MAX_PAGES_PER_FRAME;
+
+/// Most frames in flight in a source channel's codec engine
+/// ([`SourceConfig::queue_depth`]): each holds two output buffers of a whole frame.
+pub const MAX_QUEUE_DEPTH: usize = 1024;
+
+/// Most codec worker threads per source channel ([`SourceConfig::codec_threads`]).
+pub const MAX_CODEC_THREADS: usize = 256;
+
+/// `Err` naming the first of `timeouts` that is zero.
+fn nonzero<const N: usize>(timeouts: [(&str, Duration); N]) -> Result<(), MigrationError> {
+    match timeouts.iter().find(|(_, t)| t.is_zero()) {
+        Some((name, _)) => Err(MigrationError::Config(format!(
+            "{name} must be longer than zero"
+        ))),
+        None => Ok(()),
     }
 }
 

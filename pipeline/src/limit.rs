@@ -7,27 +7,60 @@ use std::time::{Duration, Instant};
 
 /// A token bucket shared by every channel of a migration. It limits the bytes written
 /// to the wire, so a compressing migration moves more guest memory through the same cap.
+///
+/// A reservation that overdraws the bucket waits until the bytes refilled since cover
+/// the debt it left: refilled at the rate in force while it waits, so raising (or
+/// removing) the cap shortens a wait already begun, and the wait checks the caller's
+/// cancellation every [`RateLimiter::SLICE`].
 #[derive(Debug)]
 pub struct RateLimiter {
     /// Bytes per second; 0 = unlimited.
     rate: AtomicU64,
-    /// (last refill, tokens available; negative = debt).
-    bucket: Mutex<(Instant, f64)>,
+    bucket: Mutex<Bucket>,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    /// Last refill.
+    at: Instant,
+    /// Bytes available; negative = debt.
+    tokens: f64,
+    /// Bytes refilled since the start: a reservation waits until this passes the
+    /// value it leaves as its target.
+    refilled: f64,
+}
+
+impl Bucket {
+    /// Refills up to `now` at `rate`.
+    fn refill(&mut self, now: Instant, rate: f64) {
+        let add = now.saturating_duration_since(self.at).as_secs_f64() * rate;
+        let burst = rate * RateLimiter::BURST.as_secs_f64();
+        self.tokens = (self.tokens + add).min(burst);
+        self.refilled += add;
+        self.at = now;
+    }
 }
 
 impl RateLimiter {
     /// Bursts are capped at this much time's worth of bytes.
     const BURST: Duration = Duration::from_millis(20);
+    /// A wait sleeps at most this long at once before it looks at the rate and the
+    /// caller's cancellation again.
+    pub const SLICE: Duration = Duration::from_millis(50);
 
     /// A limiter at `bytes_per_s` (0 = unlimited).
     pub fn new(bytes_per_s: u64) -> Self {
         Self {
             rate: AtomicU64::new(bytes_per_s),
-            bucket: Mutex::new((Instant::now(), 0.0)),
+            bucket: Mutex::new(Bucket {
+                at: Instant::now(),
+                tokens: 0.0,
+                refilled: 0.0,
+            }),
         }
     }
 
-    /// Changes the rate; takes effect for the next bytes.
+    /// Changes the rate; takes effect for the next bytes, and for the waits in progress.
     pub fn set_rate(&self, bytes_per_s: u64) {
         self.rate.store(bytes_per_s, Ordering::Relaxed);
     }
@@ -37,34 +70,59 @@ impl RateLimiter {
         self.rate.load(Ordering::Relaxed)
     }
 
-    /// How long the caller must wait before sending `bytes` (it reserves them now).
-    pub fn reserve(&self, bytes: u64, now: Instant) -> Duration {
+    /// Reserves `bytes` at `now`: the refill target to wait for, `None` when they may
+    /// go at once.
+    fn take(&self, bytes: u64, now: Instant) -> Option<f64> {
+        let rate = self.rate();
+        let mut b = self.bucket.lock().ok()?;
+        if rate == 0 {
+            (b.at, b.tokens) = (now, 0.0);
+            return None;
+        }
+        b.refill(now, rate as f64);
+        b.tokens -= bytes as f64;
+        (b.tokens < 0.0).then(|| b.refilled - b.tokens)
+    }
+
+    /// How long until the refill passes `target`, at the rate in force at `now`.
+    fn left(&self, target: f64, now: Instant) -> Duration {
         let rate = self.rate();
         let Ok(mut b) = self.bucket.lock() else {
             return Duration::ZERO;
         };
         if rate == 0 {
-            *b = (now, 0.0);
+            // The cap was removed: nothing waits, and no debt is kept.
+            (b.at, b.tokens) = (now, 0.0);
             return Duration::ZERO;
         }
-        let rate = rate as f64;
-        let elapsed = now.saturating_duration_since(b.0).as_secs_f64();
-        let burst = rate * Self::BURST.as_secs_f64();
-        b.1 = (b.1 + elapsed * rate).min(burst);
-        b.0 = now;
-        b.1 -= bytes as f64;
-        if b.1 >= 0.0 {
-            Duration::ZERO
+        b.refill(now, rate as f64);
+        let short = target - b.refilled;
+        if short > 0.0 {
+            Duration::try_from_secs_f64(short / rate as f64).unwrap_or(Duration::MAX)
         } else {
-            Duration::from_secs_f64(-b.1 / rate)
+            Duration::ZERO
         }
     }
 
-    /// Waits until `bytes` may be sent.
-    pub fn acquire(&self, bytes: u64) {
-        let wait = self.reserve(bytes, Instant::now());
-        if !wait.is_zero() {
-            std::thread::sleep(wait);
+    /// How long the caller must wait before sending `bytes` (it reserves them now), at
+    /// the current rate.
+    pub fn reserve(&self, bytes: u64, now: Instant) -> Duration {
+        self.take(bytes, now)
+            .map_or(Duration::ZERO, |target| self.left(target, now))
+    }
+
+    /// Waits until `bytes` may be sent, or until `cancelled` says so (checked every
+    /// [`Self::SLICE`]).
+    pub fn acquire(&self, bytes: u64, cancelled: impl Fn() -> bool) {
+        let Some(target) = self.take(bytes, Instant::now()) else {
+            return;
+        };
+        loop {
+            let wait = self.left(target, Instant::now());
+            if wait.is_zero() || cancelled() {
+                return;
+            }
+            std::thread::sleep(wait.min(Self::SLICE));
         }
     }
 }
@@ -86,5 +144,32 @@ mod tests {
         assert!((9.9..=10.1).contains(&secs), "{secs}");
         l.set_rate(0);
         assert_eq!(l.reserve(1 << 30, t0), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_wait_shortens_when_the_rate_rises_and_ends_when_the_cap_goes() {
+        let l = RateLimiter::new(1_000);
+        let t0 = Instant::now();
+        // 10 s of debt at 1 kB/s; after 1 s, 9 kB are left: 9 s at this rate, 90 ms
+        // once it rises a hundredfold.
+        let target = l.take(10_000, t0).unwrap();
+        let t1 = t0 + Duration::from_secs(1);
+        let left = l.left(target, t1).as_secs_f64();
+        assert!((8.95..=9.05).contains(&left), "{left}");
+        l.set_rate(100_000);
+        let left = l.left(target, t1).as_secs_f64();
+        assert!((0.085..=0.095).contains(&left), "{left}");
+        l.set_rate(0);
+        assert_eq!(l.left(target, t0 + Duration::from_secs(1)), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_wait_of_days_ends_at_once_when_cancelled() {
+        let l = RateLimiter::new(1);
+        let t = Instant::now();
+        l.acquire(1 << 20, || t.elapsed() > Duration::from_millis(30));
+        let took = t.elapsed();
+        // One slice after the cancellation at the latest, not the 12 days of the debt.
+        assert!(took < Duration::from_secs(5), "{took:?}");
     }
 }

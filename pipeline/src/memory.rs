@@ -66,6 +66,13 @@ pub enum MemoryError {
     /// The regions do not form a valid layout (duplicate ids or overlap).
     #[error("invalid memory layout: {0}")]
     Layout(#[from] pagewire_protocol::DecodeError),
+    /// The transfer page size is not one the protocol carries: a power of two from 4
+    /// KiB to 2 MiB. Memory backed by larger pages (1 GiB hugetlbfs) is described with
+    /// a smaller transfer page size and `backing_page_size`.
+    #[error(
+        "transfer page size {0} is not a power of two from 4096 to 2 MiB (describe larger backing pages with backing_page_size)"
+    )]
+    PageSize(u32),
     /// Mapping anonymous memory failed.
     #[error("mmap of {len} bytes failed")]
     Map {
@@ -153,9 +160,13 @@ impl GuestMemory {
     /// pagewire's decoders borrow the pages they place (see the module docs).
     ///
     /// # Errors
-    /// `BadRegion` for a null, unaligned or empty region; `Layout` for duplicate ids or
-    /// overlapping guest ranges.
+    /// `PageSize` for a transfer page size the protocol does not carry; `BadRegion` for
+    /// a null, unaligned or empty region; `Layout` for duplicate ids or overlapping
+    /// guest ranges.
     pub unsafe fn new(page_size: u32, specs: &[RegionSpec]) -> Result<Self, MemoryError> {
+        if !pagewire_protocol::limits::valid_page_size(page_size) {
+            return Err(MemoryError::PageSize(page_size));
+        }
         let mut regions = Vec::with_capacity(specs.len());
         for s in specs {
             let bad = |what| MemoryError::BadRegion { id: s.id, what };

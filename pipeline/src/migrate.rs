@@ -195,6 +195,12 @@ impl Run<'_, '_> {
         Failed::new(error, pages).with_resumed(true)
     }
 
+    /// [`Self::running`] for a failure that already is a [`Failed`].
+    fn failed_running(&self, f: Failed) -> Failed {
+        self.source.set_phase(Phase::Failed);
+        f.with_resumed(true)
+    }
+
     /// A failure after the pause, while the destination cannot run the guest: resume it
     /// here.
     fn paused(&mut self, mut f: Failed) -> Failed {
@@ -253,7 +259,7 @@ impl Run<'_, '_> {
             let t = Instant::now();
             let stats = match self.source.send_round(dirty, false) {
                 Ok(s) => s,
-                Err(f) => return Err(f.with_resumed(true)),
+                Err(f) => return Err(self.failed_running(f)),
             };
             let took = t.elapsed();
             est.round_done(stats.wire_bytes, stats.pages.total(), took);
@@ -266,7 +272,7 @@ impl Run<'_, '_> {
                 return Err(self.running(e, dirty));
             }
             if let Err(f) = self.device_step(false) {
-                return Err(f.with_resumed(true));
+                return Err(self.failed_running(f));
             }
             let left: u64 = dirty.iter().map(|(_, b)| b.count()).sum();
             est.dirty_found(left, took);

@@ -22,7 +22,8 @@ pub enum Phase {
     Switchover,
     /// The destination owns the guest.
     Completed,
-    /// The migration failed; the guest runs on the source.
+    /// The migration failed; the guest runs on the source, unless resuming it failed
+    /// too ([`Failed::running_on_source`](crate::Failed::running_on_source) says).
     Failed,
     /// The hand-over began but its end is unknown: the guest runs on neither side
     /// until the management layer asks the destination.

@@ -468,7 +468,9 @@ pub struct TlsSummary {
 #[derive(Clone, Debug, Default, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct MigrationStats {
-    /// `active`, `completed` or `failed`.
+    /// `active`, `completed`, `failed` (the guest was not handed over), or `unknown`
+    /// (COMMIT went out unacknowledged: [`Phase::OutcomeUnknown`](crate::Phase::OutcomeUnknown)),
+    /// as the migration's [`Phase`](crate::Phase) says.
     pub status: String,
     /// Transport backend.
     pub transport: String,
@@ -520,7 +522,10 @@ pub struct MigrationStats {
     pub encode_latency: LatencySummary,
     /// Send-completion latency.
     pub send_latency: LatencySummary,
-    /// Destination apply latency.
+    /// Destination apply latency, when the caller has the destination's statistics
+    /// (same process) and copies them in
+    /// ([`DestinationStats::apply_latency`](crate::DestinationStats::apply_latency));
+    /// empty (`count` 0, and not printed) otherwise: the source does not measure it.
     pub apply_latency: LatencySummary,
     /// Per round.
     pub per_round: Vec<RoundStats>,
@@ -709,6 +714,10 @@ impl fmt::Display for MigrationStats {
             ("send", &self.send_latency),
             ("apply", &self.apply_latency),
         ] {
+            // The destination's apply latency is there only when copied in.
+            if name == "apply" && l.count == 0 {
+                continue;
+            }
             writeln!(
                 f,
                 "latency {:<7}        n={} p50 {} us  p99 {} us  max {} us",

@@ -304,6 +304,38 @@ fn device_state_errors_fail_cleanly_and_resume_the_guest() {
     assert!(g.is_running());
 }
 
+/// A device whose pre-copy step fails after the first round.
+struct FailsInPrecopy;
+
+impl DeviceState for FailsInPrecopy {
+    fn precopy(&mut self, _: &mut DeviceStateWriter<'_>) -> Result<(), DirtyLogError> {
+        Err("the device's dirty tracking overflowed".into())
+    }
+    fn save(&mut self, _: &mut DeviceStateWriter<'_>) -> Result<(), DirtyLogError> {
+        Ok(())
+    }
+}
+
+/// A failure during pre-copy leaves the progress phase `Failed` and the statistics'
+/// status `failed`, as a management thread polling them expects. They stayed
+/// `Precopy` and `active` when a round or a device's pre-copy step failed.
+#[test]
+fn a_failure_during_precopy_shows_in_the_phase_and_the_status() {
+    let mem = memory(4);
+    fill(&mem, 9);
+    let g = guest(mem.clone(), 5_000, 9);
+    let (mut src, dst) = pair(&mem, 49, |_| {});
+    let progress = src.progress();
+    let (mut log, mut vcpus) = (g.log(), g.vcpus());
+    let f = pagewire::migrate(&mut src, &mut log, &mut vcpus, &mut FailsInPrecopy).unwrap_err();
+    assert!(matches!(*f.error, MigrationError::DeviceState(_)), "{f:?}");
+    assert!(f.running_on_source && g.is_running());
+    assert_eq!(progress.phase(), Phase::Failed);
+    assert_eq!(src.stats().status, "failed");
+    drop(src);
+    assert!(dst.join().unwrap().is_err());
+}
+
 /// A dirty log that refuses to start.
 struct Broken;
 

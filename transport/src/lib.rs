@@ -70,6 +70,7 @@
 
 pub mod buf;
 pub mod channel;
+pub mod deadline;
 pub mod endpoint;
 mod recv;
 mod sendq;

@@ -309,7 +309,7 @@ pub(crate) fn send_all(
     iov: &mut [libc::iovec],
     timeout: Duration,
 ) -> Result<(), ChannelError> {
-    let deadline = Instant::now() + timeout;
+    let deadline = crate::deadline::from_now(timeout);
     let mut shortened = false;
     let r = send_all_until(stream, iov, timeout, deadline, &mut shortened);
     if shortened {

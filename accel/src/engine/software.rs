@@ -22,11 +22,15 @@ use crate::codec::{Codecs, SOFTWARE_FORMATS, level_range};
 /// How the software backend runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SoftwareConfig {
-    /// Worker threads; 0 runs every job inline, on the thread that submits it.
+    /// Worker threads; 0 runs every job inline, on the thread that submits it. At
+    /// most 1024.
     pub threads: usize,
-    /// Most jobs in flight (queued, running, or done and not yet polled).
+    /// Most jobs in flight (queued, running, or done and not yet polled), 1 to 2^24.
     pub queue_depth: usize,
 }
+
+/// Most worker threads of one software backend.
+const MAX_THREADS: usize = 1024;
 
 impl Default for SoftwareConfig {
     fn default() -> Self {
@@ -73,17 +77,20 @@ impl SoftwareBackend {
     /// Starts the backend for jobs of at most `max_pages` pages.
     ///
     /// # Errors
-    /// [`EngineError::Config`] for a zero queue depth; [`EngineError::Spawn`] when a
-    /// worker thread cannot start.
+    /// [`EngineError::Config`] for a queue depth or thread count out of range;
+    /// [`EngineError::Spawn`] when a worker thread cannot start.
     pub fn new(
         config: SoftwareConfig,
         max_pages: usize,
         delta: Option<Arc<DeltaCache>>,
     ) -> Result<Self, EngineError> {
-        if config.queue_depth == 0 {
+        if config.queue_depth == 0 || config.queue_depth > super::home::MAX_REQUESTS {
             return Err(EngineError::Config(
-                "software queue_depth must be at least 1",
+                "software queue_depth must be in 1..=2^24",
             ));
+        }
+        if config.threads > MAX_THREADS {
+            return Err(EngineError::Config("software threads must be at most 1024"));
         }
         let cpu_ns = Arc::new(AtomicU64::new(0));
         let mode = if config.threads == 0 {

@@ -669,7 +669,7 @@ impl Backend for QatBackend {
         max: usize,
         timeout: Option<Duration>,
     ) -> Result<usize, EngineError> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = timeout.map(crate::deadline::from_now);
         let mut got = 0;
         loop {
             if self.in_flight() > self.ready.len() {
@@ -705,7 +705,7 @@ impl Backend for QatBackend {
 impl Drop for QatBackend {
     fn drop(&mut self) {
         // Let the device finish what it holds before its memory is freed.
-        let give_up = Instant::now() + self.config.device_timeout;
+        let give_up = crate::deadline::from_now(self.config.device_timeout);
         loop {
             if !self.outstanding() {
                 break;

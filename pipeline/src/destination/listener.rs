@@ -53,8 +53,9 @@ impl DestinationListener {
     /// Listens on the TCP address `addr`.
     ///
     /// # Errors
-    /// [`MigrationError::Session`] when the socket cannot be bound or a listener
-    /// setting (`max_pending`, `max_sessions`, `limits.max_channels`) is zero.
+    /// [`MigrationError::Config`] for an unusable setting
+    /// ([`DestinationConfig::validate`]); [`MigrationError::Session`] when the socket
+    /// cannot be bound.
     pub fn bind(addr: SocketAddr, config: DestinationConfig) -> Result<Self, MigrationError> {
         Self::bind_endpoint(&Endpoint::Tcp(addr), config)
     }
@@ -68,6 +69,7 @@ impl DestinationListener {
         endpoint: &Endpoint,
         config: DestinationConfig,
     ) -> Result<Self, MigrationError> {
+        config.validate()?;
         let scfg = session_config(&config);
         let rdma = rdma_acceptor(&config)?;
         let listener = Listener::bind_endpoint(endpoint, &scfg)?;
@@ -90,6 +92,7 @@ impl DestinationListener {
         listener: impl Into<StreamListener>,
         config: DestinationConfig,
     ) -> Result<Self, MigrationError> {
+        config.validate()?;
         let scfg = session_config(&config);
         let rdma = rdma_acceptor(&config)?;
         let listener = Listener::from_listener(listener, &scfg)?;
@@ -132,7 +135,8 @@ impl DestinationListener {
 
     /// Accepts the session's channels and starts applying frames. With `memory`, the
     /// source's layout must match it; without, the destination allocates guest memory
-    /// when the layout arrives and pre-faults it in the background. The listener stays
+    /// when the layout arrives and prepares it as [`DestinationConfig::prefault`] says
+    /// (by default huge pages where frames are dense, no pre-faulting). The listener stays
     /// bound: after a failed or hostile attempt, call `accept` again.
     ///
     /// # Errors
@@ -221,6 +225,7 @@ impl DestinationListener {
         memory: DestinationMemory,
         control: &DestinationControl,
     ) -> Result<Destination, MigrationError> {
+        config.validate()?;
         let mut scfg = scfg.clone();
         if let pagewire_transport::session::Backend::Rdma { .. } = config.backend {
             // The session's registration: the given memory, registered once for all

@@ -529,7 +529,7 @@ impl Receiver {
         if self.round_end.is_empty() {
             return Ok(());
         }
-        let deadline = Instant::now() + self.shared.wait;
+        let deadline = pagewire_transport::deadline::from_now(self.shared.wait);
         while !s.copy_ended.iter().all(|e| e.is_some_and(|e| e >= round)) {
             s = match self.wait_state(s, deadline, round)? {
                 Ok(s) => s,
@@ -766,7 +766,7 @@ impl Receiver {
     /// within the idle timeout.
     fn complete(&mut self, c: Complete) -> Result<u32, MigrationError> {
         let ch = self.ch;
-        let deadline = Instant::now() + self.shared.wait;
+        let deadline = pagewire_transport::deadline::from_now(self.shared.wait);
         let mut s = self.shared.state(ch)?;
         let mut progress = s.rules.on_complete(&c).map_err(|e| self.rule(e))?;
         loop {

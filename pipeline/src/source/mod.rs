@@ -313,12 +313,17 @@ impl Source {
     ///
     /// # Errors
     /// [`Failed`] with the pages of this round that were not acknowledged.
+    /// [`MigrationError::Config`], before anything is sent, for a region this source's
+    /// memory lacks or a bitmap with a page set past its region's end.
     pub fn send_round(
         &mut self,
         dirty: Vec<(RegionId, DirtyBitmap)>,
         paused: bool,
     ) -> Result<RoundStats, Failed> {
         self.not_handed_over()?;
+        if let Some(what) = self.bad_bitmap(&dirty) {
+            return Err(Failed::new(MigrationError::Config(what), dirty));
+        }
         let started = Instant::now();
         let cpu_before = self.cpu_time();
         let round = self.next_round;
@@ -503,6 +508,23 @@ impl Source {
     }
 
     /// `Err` with [`MigrationError::HandedOver`] once the switchover ran.
+    /// Why `dirty` cannot be a round of this source's memory, if it cannot: a region
+    /// it lacks, or a page set past a region's end.
+    fn bad_bitmap(&self, dirty: &[(RegionId, DirtyBitmap)]) -> Option<String> {
+        dirty.iter().find_map(|(id, bitmap)| {
+            let Some(pages) = self.memory.pages(*id) else {
+                return Some(format!(
+                    "send_round: region {id:?} is not in the source's guest memory"
+                ));
+            };
+            let past = (pages..bitmap.pages()).find(|&p| bitmap.is_set(p))?;
+            Some(format!(
+                "send_round: the dirty bitmap of region {id:?} sets page {past}, past the \
+                 region's {pages} pages"
+            ))
+        })
+    }
+
     fn not_handed_over(&self) -> Result<(), Failed> {
         match self.handed_over {
             true => Err(Failed::bare(MigrationError::HandedOver)),
@@ -564,7 +586,13 @@ impl Source {
     /// A snapshot of the statistics so far (totals are live; rounds appear as they end).
     pub fn stats(&self) -> MigrationStats {
         let mut s = MigrationStats {
-            status: "active".into(),
+            status: match self.progress.phase() {
+                Phase::Completed => "completed",
+                Phase::Failed => "failed",
+                Phase::OutcomeUnknown => "unknown",
+                _ => "active",
+            }
+            .into(),
             transport: self.transport.clone(),
             channels: self.config.channels,
             codec: self.config.codec.label(),
@@ -726,10 +754,13 @@ pub(crate) fn frame_bytes(page_size: u32, max_pages: u32) -> u32 {
     let pages = u64::from(page_size) * u64::from(max_pages);
     // Envelope, header, one run per page at worst, a length per page, CRC.
     let overhead = 64 + 16 * u64::from(max_pages);
-    (pages + overhead).clamp(
-        u64::from(pagewire_protocol::limits::min_frame_bytes(page_size)),
-        u64::from(pagewire_protocol::limits::MAX_FRAME_BYTES),
-    ) as u32
+    // `min` then `max`, not `clamp`: a page size past the frame limit (refused by
+    // the configurations' checks) gets the larger bound instead of a panic.
+    (pages + overhead)
+        .min(u64::from(pagewire_protocol::limits::MAX_FRAME_BYTES))
+        .max(u64::from(pagewire_protocol::limits::min_frame_bytes(
+            page_size,
+        ))) as u32
 }
 
 /// The most pages whose frame, raw with its headers, fits `max_frame_bytes` (the

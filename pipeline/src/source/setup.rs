@@ -378,8 +378,14 @@ fn session_error(e: session::SessionError, config: &SourceConfig) -> MigrationEr
         }) if timed_out(source) => MigrationError::Timeout {
             channel: None,
             what: Wait::Connect,
-            after: config.connect_timeout * *attempts
-                + config.connect_retry_delay * attempts.saturating_sub(1),
+            after: config
+                .connect_timeout
+                .saturating_mul(*attempts)
+                .saturating_add(
+                    config
+                        .connect_retry_delay
+                        .saturating_mul(attempts.saturating_sub(1)),
+                ),
         },
         _ => MigrationError::Session(e),
     }

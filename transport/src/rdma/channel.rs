@@ -76,7 +76,7 @@ fn handshake(
     hs: &mut dyn Handshake,
     timeout: Duration,
 ) -> Result<(Negotiated, Vec<u8>), RdmaError> {
-    let deadline = Instant::now() + timeout;
+    let deadline = crate::deadline::from_now(timeout);
     let mut buf = vec![0u8; 4096];
     let saved = core.cfg.recv_timeout;
     let flush = |core: &mut Core, hs: &mut dyn Handshake| {
@@ -460,7 +460,7 @@ impl Channel for RdmaChannel {
     }
 
     fn flush(&mut self, out: &mut Vec<Completed>) -> Result<(), ChannelError> {
-        let deadline = Instant::now() + self.core.cfg.send_timeout;
+        let deadline = crate::deadline::from_now(self.core.cfg.send_timeout);
         while !self.core.pending.is_empty() {
             self.check()?;
             let left = deadline.saturating_duration_since(Instant::now());

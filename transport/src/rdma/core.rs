@@ -283,7 +283,7 @@ impl Core {
     }
 
     fn wait_slot(&mut self) -> Result<u32, ChannelError> {
-        let deadline = Instant::now() + self.cfg.send_timeout;
+        let deadline = crate::deadline::from_now(self.cfg.send_timeout);
         loop {
             if let Some(e) = self.error.take() {
                 return Err(e);
@@ -301,7 +301,7 @@ impl Core {
 
     /// Waits until `n` more send work requests fit the send queue.
     fn reserve(&mut self, n: u32) -> Result<(), ChannelError> {
-        let deadline = Instant::now() + self.cfg.send_timeout;
+        let deadline = crate::deadline::from_now(self.cfg.send_timeout);
         while self.outstanding + n > self.cfg.send_depth {
             if let Some(e) = self.error.take() {
                 return Err(e);
@@ -503,7 +503,7 @@ impl Core {
             self.reads += wrs.len() as u32;
             self.post_batch(READ_BIT, &mut wrs)?;
         }
-        let deadline = Instant::now() + self.cfg.send_timeout;
+        let deadline = crate::deadline::from_now(self.cfg.send_timeout);
         while self.reads > 0 {
             if let Some(e) = self.error.take() {
                 return Err(e);
@@ -605,7 +605,7 @@ impl Core {
 
     /// Waits for a whole message of kind `imm` and returns its bytes (copied).
     pub(super) fn control(&mut self, imm: u32, timeout: Duration) -> Result<Vec<u8>, ChannelError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::deadline::from_now(timeout);
         loop {
             if let Some(m) = self.msgs.front().copied() {
                 if m.imm != imm {

@@ -282,8 +282,11 @@ impl RdmaAcceptor {
         cfg: &crate::session::SessionConfig,
     ) -> Result<RdmaChannel, RdmaError> {
         use crate::channel::Channel as _;
-        let window = cfg.rdma.connect_timeout + cfg.handshake_timeout;
-        let deadline = std::time::Instant::now() + window;
+        let window = cfg
+            .rdma
+            .connect_timeout
+            .saturating_add(cfg.handshake_timeout);
+        let deadline = crate::deadline::from_now(window);
         let mut last = None;
         loop {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -353,7 +356,7 @@ pub fn connect_retrying(
     cfg: &crate::session::SessionConfig,
     index: u16,
 ) -> Result<RdmaChannel, RdmaError> {
-    let deadline = std::time::Instant::now() + cfg.rdma.connect_timeout;
+    let deadline = crate::deadline::from_now(cfg.rdma.connect_timeout);
     loop {
         match connect(addr, cfg, index, &cfg.rdma) {
             Ok(c) => return Ok(c),

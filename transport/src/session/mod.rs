@@ -503,7 +503,7 @@ fn run_handshake(
     };
     stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
     stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
-    let deadline = Instant::now() + timeout;
+    let deadline = crate::deadline::from_now(timeout);
     let mut out = Vec::new();
     let mut buf = vec![0u8; 4096];
     // Until the peer's first bytes, a close is the peer turning the connection away.

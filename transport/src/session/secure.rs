@@ -98,7 +98,7 @@ pub(super) fn tls_client_handshake(
         source: super::turned_away(source),
     };
     let mut tls = Box::new(TlsSession::client(cfg).map_err(tls_err)?);
-    let deadline = Instant::now() + timeout;
+    let deadline = crate::deadline::from_now(timeout);
     let mut buf = vec![0u8; 16 << 10];
     let mut first = true;
     loop {

@@ -256,7 +256,7 @@ impl Core {
     /// from the last completion.
     pub(super) fn wait_in_flight(&mut self, limit: usize) -> Result<(), ChannelError> {
         let timeout = self.cfg.send_timeout;
-        let mut deadline = Instant::now() + timeout;
+        let mut deadline = crate::deadline::from_now(timeout);
         while self.in_flight_bytes > limit || (limit == 0 && !self.inflight.is_empty()) {
             if self.send_error.is_some() {
                 return Ok(());
@@ -270,7 +270,7 @@ impl Core {
             self.enter(1, Some(left))?;
             self.reap()?;
             if self.done.len() + usize::from(self.chain_left > 0) != before {
-                deadline = Instant::now() + timeout;
+                deadline = crate::deadline::from_now(timeout);
             }
         }
         Ok(())
@@ -284,7 +284,7 @@ impl Core {
     /// The receive timeout runs from the call, whatever other completions (sends,
     /// notifications) arrive meanwhile.
     pub(super) fn front(&mut self) -> Result<Option<(u16, u32, u32)>, ChannelError> {
-        let deadline = self.cfg.recv_timeout.map(|t| Instant::now() + t);
+        let deadline = self.cfg.recv_timeout.map(crate::deadline::from_now);
         loop {
             if let Some(&c) = self.chunks.front() {
                 return Ok(Some(c));

@@ -279,7 +279,7 @@ impl Drop for IaaBackend {
         // Descriptors still on the device write their records and outputs into the
         // slots: wait for them (bounded by the timeout), and if any may still come,
         // leak the slots rather than free memory a device could write.
-        let until = Instant::now() + self.config.timeout;
+        let until = crate::deadline::from_now(self.config.timeout);
         while self.on_device > 0 && self.portal.enabled() && Instant::now() < until {
             self.reap();
             match self.oldest_pending() {
@@ -363,7 +363,7 @@ impl Backend for IaaBackend {
         if self.done.is_empty()
             && let (Some(t), Some(&s)) = (timeout, self.active.front())
         {
-            let until = (Instant::now() + t).min(self.slots[s].deadline);
+            let until = crate::deadline::from_now(t).min(self.slots[s].deadline);
             if let Some(i) = self.slots[s]
                 .state
                 .iter()

@@ -26,7 +26,7 @@ impl IaaBackend {
         slot.retried.clear();
         slot.outstanding = 0;
         slot.cause = None;
-        slot.deadline = Instant::now() + self.config.timeout;
+        slot.deadline = crate::deadline::from_now(self.config.timeout);
         let out_base = slot.out.as_mut_ptr();
         let huffman = self.config.huffman;
         let stage_base = slot.staged.as_mut_ptr();
@@ -125,7 +125,7 @@ impl IaaBackend {
             // get more; a shared one would only refuse them): wait for the oldest to
             // complete (bounded by the timeout), then count again. Refusals of a
             // shared queue then come from other submitters only.
-            let until = Instant::now() + self.config.timeout;
+            let until = crate::deadline::from_now(self.config.timeout);
             while self.on_device >= self.portal.size() && Instant::now() < until {
                 self.reap();
                 if let Some(rec) = self.oldest_pending() {

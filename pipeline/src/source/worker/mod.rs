@@ -428,7 +428,10 @@ impl Worker {
     fn send(&mut self, out: OutFrame) -> Result<u64, MigrationError> {
         let len = out.wire_len() as u64;
         let t = Instant::now();
-        self.s.control.limiter().acquire(len);
+        // A cancelled migration stops waiting for the cap: this frame goes, and the
+        // round ends at its next check of the cancellation.
+        let control = &self.s.control;
+        control.limiter().acquire(len, || control.is_cancelled());
         let id = self.channel.send(out).map_err(|e| self.chan_err(e))?;
         let now = Instant::now();
         self.sends.push_back((id, now));
@@ -627,7 +630,7 @@ impl Worker {
     ) -> Result<(), MigrationError> {
         let ch = self.s.ch;
         let timeout = self.s.ack_timeout;
-        let deadline = Instant::now() + timeout;
+        let deadline = pagewire_transport::deadline::from_now(timeout);
         set_recv_deadline(&mut self.channel, Some(deadline));
         let timed_out = MigrationError::Timeout {
             channel: Some(ch),

@@ -404,7 +404,7 @@ impl Listener {
                 source,
             }
         })?;
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::deadline::from_now(timeout);
         let before = self.counters.snapshot();
         {
             let mut sh = self.lock();

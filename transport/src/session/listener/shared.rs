@@ -217,7 +217,8 @@ impl Shared {
                         // or with nothing waiting, try again after a pause.
                         if !self.accept_in_reserve(socket, counters, lim, now) {
                             if self.listener_ready {
-                                self.retry_at = Some(now + limits.accept_backoff);
+                                self.retry_at =
+                                    Some(crate::deadline::after(now, limits.accept_backoff));
                             }
                             break;
                         }
@@ -226,7 +227,7 @@ impl Shared {
                         // Out of memory or buffers: the connection stays in the
                         // backlog; try again after a pause.
                         bump(&counters.accept_errors);
-                        self.retry_at = Some(now + limits.accept_backoff);
+                        self.retry_at = Some(crate::deadline::after(now, limits.accept_backoff));
                         break;
                     }
                 }
@@ -330,7 +331,13 @@ impl Shared {
         now: Instant,
     ) -> Option<usize> {
         bump(&counters.accepted);
-        let i = self.start(counters, stream, peer, now, now + lim.handshake_timeout)?;
+        let i = self.start(
+            counters,
+            stream,
+            peer,
+            now,
+            crate::deadline::after(now, lim.handshake_timeout),
+        )?;
         self.drive(counters, lim, i);
         Some(i)
     }
