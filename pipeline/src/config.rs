@@ -517,7 +517,10 @@ impl Control {
         Duration::from_nanos(self.0.downtime_ns.load(Ordering::Relaxed))
     }
 
-    /// Asks the migration to stop; it fails with `Cancelled` at the next frame.
+    /// Asks the migration to stop; it fails with `Cancelled` at the next frame, or
+    /// within a few tens of milliseconds while it waits for the bandwidth cap or for
+    /// an acknowledgement (of a round, or of COMPLETE). Once COMMIT was sent it no
+    /// longer can: the wait for ACK COMMITTED goes on.
     pub fn cancel(&self) {
         self.0.cancelled.store(true, Ordering::Relaxed);
     }

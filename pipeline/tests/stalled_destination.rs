@@ -215,3 +215,70 @@ fn a_destination_sending_without_end_fails_the_check_before_end_of_round() {
         "{e}"
     );
 }
+
+/// A destination that reads everything but never answers, against a source with no
+/// ACK deadline (`ack_timeout` `Duration::MAX`): `Control::cancel` must end the wait
+/// for ACK ROUND, which before waited out the whole timeout, deaf to the cancel.
+#[test]
+fn a_cancel_ends_a_wait_for_an_ack_that_never_comes() {
+    let (addr, dst) = silent_destination(1);
+    let mem = memory(2);
+    let g = guest(mem.clone(), 0, 2);
+    let mut cfg = config(CodecId::LZ4.into(), Duration::MAX);
+    cfg.ack_timeout = Duration::MAX;
+    let mut src = Source::connect(addr, mem, cfg).unwrap();
+    let readers: Vec<_> = dst
+        .join()
+        .unwrap()
+        .into_iter()
+        .map(|c| {
+            std::thread::spawn(move || {
+                let pagewire::Stream::Tcp(mut s) = c.stream else {
+                    return;
+                };
+                let _ = std::io::copy(&mut s, &mut std::io::sink());
+            })
+        })
+        .collect();
+    let control = src.control();
+    let progress = src.progress();
+    let (mut log, mut vcpus) = (g.log(), g.vcpus());
+    let run = std::thread::spawn(move || {
+        let r = pagewire::migrate(&mut src, &mut log, &mut vcpus, &mut NoDeviceState);
+        (r.map(drop), src)
+    });
+    // Round 0's frames are out and its END_OF_ROUND unanswered.
+    let wait_from = Instant::now();
+    while progress.snapshot().pages < mem_pages(2) {
+        assert!(
+            wait_from.elapsed() < Duration::from_secs(30),
+            "round 0 never went out"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let cancelled = Instant::now();
+    control.cancel();
+    let (r, src) = within(
+        Duration::from_secs(20),
+        "the cancelled migration",
+        move || run.join().unwrap(),
+    );
+    let took = cancelled.elapsed();
+    let f = r.expect_err("the migration succeeded without a single ACK");
+    assert!(
+        matches!(*f.error, pagewire::MigrationError::Cancelled),
+        "{f}"
+    );
+    assert!(f.running_on_source);
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    drop(src);
+    for r in readers {
+        r.join().unwrap();
+    }
+}
+
+/// Pages of `memory(mib)`'s two regions.
+fn mem_pages(mib: u64) -> u64 {
+    (mib << 20) / PAGE as u64 + (1 << 20) / PAGE as u64
+}

@@ -637,7 +637,13 @@ impl Worker {
             what: Wait::Ack,
             after: timeout,
         };
+        // Before COMMIT, `Control::cancel` ends the wait too (a slice at a time); after
+        // it, cancelling could not take the guest back.
+        let cancellable = kind != AckKind::COMMITTED;
         let result = loop {
+            if cancellable && self.s.control.is_cancelled() {
+                break Err(MigrationError::Cancelled);
+            }
             if let Some(e) = watch.and_then(Watch::take) {
                 let answered = kind == AckKind::COMMITTED
                     && matches!(self.answer_waiting(kind, value), Ok(true));
@@ -647,17 +653,18 @@ impl Worker {
             if left.is_zero() {
                 break Err(timed_out);
             }
-            // Watched, the receive returns in time to look at the watch, however its
-            // bytes trickle in; a frame begun stays buffered for the next receive.
-            let slice = match watch {
-                Some(_) => {
-                    set_recv_deadline(
-                        &mut self.channel,
-                        Some(deadline.min(Instant::now() + WATCH_POLL)),
-                    );
-                    left.min(WATCH_POLL)
-                }
-                None => left,
+            // Watched or cancellable, the receive returns in time to look at the watch
+            // and the cancellation, however its bytes trickle in; a frame begun stays
+            // buffered for the next receive.
+            let sliced = watch.is_some() || cancellable;
+            let slice = if sliced {
+                set_recv_deadline(
+                    &mut self.channel,
+                    Some(deadline.min(Instant::now() + WATCH_POLL)),
+                );
+                left.min(WATCH_POLL)
+            } else {
+                left
             };
             if let Err(e) = set_recv_timeout(&mut self.channel, Some(slice)) {
                 break Err(self.chan_err(e));
@@ -667,7 +674,7 @@ impl Worker {
                 Ok(false) => {}
                 Err(MigrationError::Timeout {
                     what: Wait::Ack, ..
-                }) if watch.is_some() && Instant::now() < deadline => {}
+                }) if sliced && Instant::now() < deadline => {}
                 Err(e) => break Err(e),
             }
         };
