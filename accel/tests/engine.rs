@@ -807,3 +807,67 @@ fn encode_job_keyed(engine: &Engine, tag: u64, pages: &[u8], key: u64) -> Job {
     .expect("whole pages");
     job
 }
+
+/// Sizes a VMM could pass that cannot work are refused with `EngineError::Config`
+/// before anything is allocated or opened: `buffers` of `usize::MAX` panicked in the
+/// pool, and a hardware backend (here the IAA device model) sized its rings and
+/// buffers from `max_pages` before the engine checked it (2^40 pages: an allocation
+/// of tens of TiB, which aborts).
+#[test]
+fn sizes_that_cannot_work_are_refused_before_anything_is_allocated() {
+    let refused = |r: Result<Engine, EngineError>, says: &str| match r {
+        Err(EngineError::Config(what)) => assert!(what.contains(says), "{what}"),
+        Err(e) => panic!("not a configuration error: {e}"),
+        Ok(_) => panic!("an engine was built"),
+    };
+    let sw = SoftwareConfig::default();
+    let cfg = |change: fn(&mut EngineConfig)| {
+        let mut c = EngineConfig::default();
+        change(&mut c);
+        c
+    };
+    refused(
+        Engine::software(cfg(|c| c.buffers = usize::MAX), sw),
+        "buffers",
+    );
+    refused(
+        Engine::software(cfg(|c| c.max_pages = 1 << 40), sw),
+        "max_pages",
+    );
+    // 2 MiB pages: 65536 of them are 128 GiB a job.
+    refused(
+        Engine::software(
+            cfg(|c| {
+                c.page_size = pagewire_accel::PageSize::new(2 << 20).unwrap();
+                c.max_pages = 65536;
+            }),
+            sw,
+        ),
+        "256 MiB",
+    );
+    let model = "model".parse::<pagewire_accel::BackendChoice>().unwrap();
+    refused(
+        Engine::build(&model, cfg(|c| c.max_pages = 1 << 40), sw),
+        "max_pages",
+    );
+    refused(
+        Engine::software(
+            EngineConfig::default(),
+            SoftwareConfig {
+                threads: 0,
+                queue_depth: usize::MAX,
+            },
+        ),
+        "queue_depth",
+    );
+    refused(
+        Engine::software(
+            EngineConfig::default(),
+            SoftwareConfig {
+                threads: usize::MAX,
+                queue_depth: 16,
+            },
+        ),
+        "threads",
+    );
+}

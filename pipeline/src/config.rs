@@ -198,8 +198,9 @@ impl SourceConfig {
     /// [`MigrationError::Config`] naming the first unusable setting: no channel, a
     /// zero timeout or attempt count, a frame size out of `1..=65536` pages, a queue
     /// depth out of `1..=`[`MAX_QUEUE_DEPTH`], more than [`MAX_CODEC_THREADS`] codec
-    /// threads, or `precopy.max_rounds` of 0. Timeouts may be as long as
-    /// `Duration::MAX` (no deadline in practice).
+    /// threads, a delta cache out of `1..=`[`MAX_DELTA_CACHE_PAGES`] pages, a send
+    /// queue over [`MAX_SEND_QUEUE`], or `precopy.max_rounds` of 0. Timeouts may be as
+    /// long as `Duration::MAX` (no deadline in practice).
     pub fn validate(&self) -> Result<(), MigrationError> {
         let bad = |what: &str| Err(MigrationError::Config(what.into()));
         if self.channels == 0 {
@@ -213,6 +214,12 @@ impl SourceConfig {
         }
         if self.codec_threads.is_some_and(|n| n > MAX_CODEC_THREADS) {
             return bad("codec_threads must be at most 256");
+        }
+        if self.delta_cache_pages == 0 || self.delta_cache_pages > MAX_DELTA_CACHE_PAGES {
+            return bad("delta_cache_pages must be in 1..=2^24");
+        }
+        if self.send_queue > MAX_SEND_QUEUE {
+            return bad("send_queue must be at most 1 GiB");
         }
         if self.precopy.max_rounds == 0 {
             return bad(
@@ -437,9 +444,9 @@ impl DestinationConfig {
     /// # Errors
     /// [`MigrationError::Config`] naming the first unusable setting: a page size that
     /// is not a power of two from 4 KiB to 2 MiB, a frame size out of `1..=65536`
-    /// pages, a zero timeout (accept, handshake, idle), or no place for a pending
-    /// connection, a session or a channel. Timeouts may be as long as `Duration::MAX`
-    /// (no deadline in practice).
+    /// pages, a zero timeout (accept, handshake, idle), `max_pending` out of
+    /// `1..=65536`, or no place for a session or a channel. Timeouts may be as long as
+    /// `Duration::MAX` (no deadline in practice).
     pub fn validate(&self) -> Result<(), MigrationError> {
         let bad = |what: &str| Err(MigrationError::Config(what.into()));
         if !pagewire_protocol::limits::valid_page_size(self.page_size) {
@@ -448,8 +455,14 @@ impl DestinationConfig {
         if self.max_pages == 0 || self.max_pages > MAX_PAGES_PER_FRAME {
             return bad("max_pages must be in 1..=65536");
         }
-        if self.max_pending == 0 || self.max_sessions == 0 || self.limits.max_channels == 0 {
-            return bad("max_pending, max_sessions and limits.max_channels must be at least 1");
+        if self.max_pending == 0
+            || self.max_pending > pagewire_transport::session::MAX_PENDING
+            || self.max_sessions == 0
+            || self.limits.max_channels == 0
+        {
+            return bad(
+                "max_pending must be in 1..=65536, max_sessions and limits.max_channels at least 1",
+            );
         }
         nonzero([
             ("accept_timeout", self.accept_timeout),
@@ -468,6 +481,14 @@ pub const MAX_QUEUE_DEPTH: usize = 1024;
 
 /// Most codec worker threads per source channel ([`SourceConfig::codec_threads`]).
 pub const MAX_CODEC_THREADS: usize = 256;
+
+/// Most pages of a channel's delta cache ([`SourceConfig::delta_cache_pages`]): 64 GiB
+/// of 4 KiB pages, whose index alone (allocated when the channel's engine is built)
+/// takes a few hundred MiB.
+pub const MAX_DELTA_CACHE_PAGES: usize = 1 << 24;
+
+/// Most bytes a TCP channel may queue in user space ([`SourceConfig::send_queue`]).
+pub const MAX_SEND_QUEUE: usize = 1 << 30;
 
 /// `Err` naming the first of `timeouts` that is zero.
 fn nonzero<const N: usize>(timeouts: [(&str, Duration); N]) -> Result<(), MigrationError> {

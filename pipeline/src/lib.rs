@@ -41,8 +41,9 @@ pub mod bench {
 }
 
 pub use config::{
-    CodecPolicy, Control, DestinationConfig, DeviceStateCheck, MAX_CODEC_THREADS, MAX_QUEUE_DEPTH,
-    Prefault, SourceConfig, codec_threads_for,
+    CodecPolicy, Control, DestinationConfig, DeviceStateCheck, MAX_CODEC_THREADS,
+    MAX_DELTA_CACHE_PAGES, MAX_QUEUE_DEPTH, MAX_SEND_QUEUE, Prefault, SourceConfig,
+    codec_threads_for,
 };
 pub use destination::{
     Destination, DestinationControl, DestinationListener, DestinationStats, DeviceSection, Migrated,

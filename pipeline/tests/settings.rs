@@ -15,14 +15,14 @@ use pagewire::{
 };
 use pagewire_protocol::{Authentication, CodecId};
 
-/// A migration of 8 MiB with a guest writing, every timeout of both sides at
+/// A migration of 8 MiB in `codec` with a guest writing, every timeout of both sides at
 /// `Duration::MAX`, the source's send queue off (so a full socket waits on the send
 /// timeout at once), optionally inside TLS, and a silent connection to the listener
 /// before the source's (which the handshake timeout covers). `Instant + Duration::MAX`
 /// panics, so before every deadline was bounded this panicked: in the listener as soon
 /// as a connection arrived, in the source's handshake and sends, at the source's first
 /// ACK wait, and in the destination's receivers at COMPLETE.
-fn forever(n: u8, backend: Backend, tls: bool) {
+fn forever(n: u8, backend: Backend, tls: bool, codec: CodecId) {
     let mem = memory(8);
     fill(&mem, u64::from(n));
     let pki = tls.then(|| pagewire::tls::generate::pki("test CA", &["localhost"]).unwrap());
@@ -44,7 +44,7 @@ fn forever(n: u8, backend: Backend, tls: bool) {
 
     let g = guest(mem.clone(), 2_000, u64::from(n));
     let mut cfg = SourceConfig::new(session(n), Authentication::None);
-    cfg.codec = CodecId::LZ4.into();
+    cfg.codec = codec.into();
     cfg.backend = backend;
     cfg.send_queue = 0;
     cfg.ack_timeout = Duration::MAX;
@@ -73,12 +73,12 @@ fn forever(n: u8, backend: Backend, tls: bool) {
 
 #[test]
 fn every_timeout_may_be_duration_max_over_tcp() {
-    forever(1, Backend::Tcp, false);
+    forever(1, Backend::Tcp, false, CodecId::RAW);
 }
 
 #[test]
 fn every_timeout_may_be_duration_max_over_tls() {
-    forever(2, Backend::Tcp, true);
+    forever(2, Backend::Tcp, true, CodecId::LZ4);
 }
 
 #[test]
@@ -86,13 +86,18 @@ fn every_timeout_may_be_duration_max_over_io_uring() {
     if !uring_available() {
         return;
     }
-    forever(
-        3,
-        Backend::Uring {
-            fallback_to_tcp: false,
-        },
-        false,
-    );
+    // Raw frames: the destination receives their pages straight into guest memory,
+    // with a wait of its own (which took `Duration::MAX` as an expired timespec).
+    for (n, codec) in [(3, CodecId::RAW), (4, CodecId::LZ4)] {
+        forever(
+            n,
+            Backend::Uring {
+                fallback_to_tcp: false,
+            },
+            false,
+            codec,
+        );
+    }
 }
 
 /// Changes one setting.
@@ -110,8 +115,12 @@ fn unusable_settings_are_refused_before_anything_connects() {
     // Nothing listens here: a setting refused before connecting never learns that.
     let nowhere = loopback();
     let mem = memory(1);
-    let cases: [(&str, Set<SourceConfig>); 6] = [
+    let cases: [(&str, Set<SourceConfig>); 9] = [
         ("queue_depth", |c| c.queue_depth = usize::MAX),
+        ("delta_cache_pages", |c| c.delta_cache_pages = 0),
+        // Its index alone would take tens of GiB, allocated after the channels opened.
+        ("delta_cache_pages", |c| c.delta_cache_pages = 1 << 31),
+        ("send_queue", |c| c.send_queue = usize::MAX),
         ("queue_depth", |c| c.queue_depth = 1 << 20),
         ("codec_threads", |c| c.codec_threads = Some(usize::MAX)),
         ("max_pages", |c| c.max_pages = 65537),
@@ -125,7 +134,9 @@ fn unusable_settings_are_refused_before_anything_connects() {
         config_error(e, says);
     }
 
-    let dest_cases: [(&str, Set<DestinationConfig>); 5] = [
+    let dest_cases: [(&str, Set<DestinationConfig>); 6] = [
+        // The listener accepts up to `max_pending` connections between two polls.
+        ("max_pending", |c| c.max_pending = usize::MAX),
         // 1 GiB pages: the transfer page size is at most 2 MiB.
         ("page_size", |c| c.page_size = 1 << 30),
         ("page_size", |c| c.page_size = 12288),
@@ -206,6 +217,43 @@ fn a_bitmap_past_its_region_is_refused_before_anything_of_its_round_is_sent() {
         source.complete().unwrap(),
         pagewire::Switchover::Committed
     ));
+    drop(source);
+    let migrated = dst.join().unwrap().unwrap();
+    assert_eq!(first_difference(&mem, &migrated.memory), None);
+}
+
+/// A destination on 2 MiB transfer pages that accepts the most pages per frame
+/// (65536) and decodes on a hardware engine (the IAA device model): the engine's
+/// buffers are sized for the frames that can arrive (a frame is at most 64 MiB: 31
+/// pages here), not for 65536 pages of 2 MiB (two buffers of 128 GiB each), whose
+/// allocation failed and aborted the process when the source connected.
+#[test]
+fn a_hardware_decoder_on_2_mib_pages_is_sized_by_the_frame_limit() {
+    let layout = pagewire_protocol::MemoryLayout::new(
+        2 << 20,
+        [pagewire_protocol::RegionDesc {
+            id: RegionId(0),
+            backing_page_size: 2 << 20,
+            guest_addr: pagewire_protocol::GuestAddr(0),
+            length: 64 << 20,
+        }],
+    )
+    .unwrap();
+    let mem = std::sync::Arc::new(GuestMemory::anonymous(&layout).unwrap());
+    fill(&mem, 12);
+    let mut dcfg = DestinationConfig::new(session(11), Authentication::None);
+    dcfg.page_size = 2 << 20;
+    dcfg.max_pages = 65536;
+    dcfg.accel = "model".parse().unwrap();
+    let listener = DestinationListener::bind(loopback(), dcfg).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dst = std::thread::spawn(move || listener.accept(None).and_then(|d| d.wait()));
+    let mut cfg = SourceConfig::new(session(11), Authentication::None);
+    cfg.codec = CodecId::LZ4.into();
+    cfg.max_pages = 16;
+    let g = guest(mem.clone(), 0, 12);
+    let mut source = Source::connect(addr, mem.clone(), cfg).unwrap();
+    migrate_sim(&mut source, &g).unwrap();
     drop(source);
     let migrated = dst.join().unwrap().unwrap();
     assert_eq!(first_difference(&mem, &migrated.memory), None);

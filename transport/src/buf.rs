@@ -235,11 +235,11 @@ impl BufferPool {
     /// `slots` buffers of `slot_size` bytes each.
     ///
     /// # Errors
-    /// `mmap`'s error, or `InvalidInput` when the sizes overflow.
+    /// `mmap`'s error, or `InvalidInput` when a size is zero or they overflow.
     pub fn new(slots: usize, slot_size: usize) -> std::io::Result<Self> {
         let total = slots
             .checked_mul(slot_size)
-            .filter(|_| u32::try_from(slots).is_ok())
+            .filter(|&t| t > 0 && u32::try_from(slots).is_ok())
             .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
         let map = Mapping::new(total)?;
         Ok(Self {
@@ -410,6 +410,14 @@ impl Payload {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pool_of_empty_buffers_is_refused() {
+        for (slots, size) in [(1 << 31, 0), (0, 4096), (1, 0)] {
+            let e = BufferPool::new(slots, size).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{slots} {size}");
+        }
+    }
 
     #[test]
     fn pool_buffers_return_on_drop_and_are_disjoint() {

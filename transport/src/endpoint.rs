@@ -145,11 +145,11 @@ pub(crate) fn set_buffers(stream: &Stream, cfg: &TcpConfig) -> Result<(), TcpErr
     let sock = socket2::SockRef::from(s);
     let err = |op| move |source| TcpError::Socket { op, source };
     if let Some(n) = cfg.send_buffer {
-        sock.set_send_buffer_size(n)
+        sock.set_send_buffer_size(crate::tcp::socket_buffer(n))
             .map_err(err("setsockopt(SO_SNDBUF)"))?;
     }
     if let Some(n) = cfg.recv_buffer {
-        sock.set_recv_buffer_size(n)
+        sock.set_recv_buffer_size(crate::tcp::socket_buffer(n))
             .map_err(err("setsockopt(SO_RCVBUF)"))?;
     }
     Ok(())

@@ -60,9 +60,11 @@ const IOV_MAX: usize = 1024;
 /// the buffer sizes (and `TCP_NODELAY`) only to TCP.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TcpConfig {
-    /// `SO_SNDBUF`, or the kernel's autotuning when `None`.
+    /// `SO_SNDBUF`, or the kernel's autotuning when `None` (sizes past `i32::MAX / 2`
+    /// are taken as that; the kernel caps them at `net.core.wmem_max` in any case).
     pub send_buffer: Option<usize>,
-    /// `SO_RCVBUF`, or the kernel's autotuning when `None`.
+    /// `SO_RCVBUF`, or the kernel's autotuning when `None` (capped likewise,
+    /// `net.core.rmem_max`).
     pub recv_buffer: Option<usize>,
     /// Timeout of one connection attempt.
     pub connect_timeout: Duration,
@@ -138,14 +140,21 @@ fn new_socket(addr: &SocketAddr, cfg: &TcpConfig) -> Result<Socket, TcpError> {
     )
     .map_err(sock_err("socket"))?;
     if let Some(n) = cfg.send_buffer {
-        s.set_send_buffer_size(n)
+        s.set_send_buffer_size(socket_buffer(n))
             .map_err(sock_err("setsockopt(SO_SNDBUF)"))?;
     }
     if let Some(n) = cfg.recv_buffer {
-        s.set_recv_buffer_size(n)
+        s.set_recv_buffer_size(socket_buffer(n))
             .map_err(sock_err("setsockopt(SO_RCVBUF)"))?;
     }
     Ok(s)
+}
+
+/// A socket buffer size as `setsockopt` takes it (a C `int`, which the kernel doubles):
+/// larger sizes are taken as the largest, where a plain cast wrapped 4 GiB to 0, the
+/// kernel's smallest buffer.
+pub(crate) fn socket_buffer(n: usize) -> usize {
+    n.min(libc::c_int::MAX as usize / 2)
 }
 
 /// Connects to `addr`, retrying refused or timed-out attempts.
@@ -774,6 +783,23 @@ impl Channel for TcpChannel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_socket_buffer_of_4_gib_is_the_largest_not_the_smallest() {
+        let s = new_socket(
+            &"127.0.0.1:0".parse().unwrap(),
+            &TcpConfig {
+                send_buffer: Some(4 << 30),
+                recv_buffer: Some(4 << 30),
+                ..TcpConfig::default()
+            },
+        )
+        .unwrap();
+        // A plain cast made 4 GiB a 0, which the kernel raises to its minimum (4608
+        // and 2304 bytes); capped at `[wr]mem_max`, the largest is far above that.
+        assert!(s.send_buffer_size().unwrap() > 64 << 10);
+        assert!(s.recv_buffer_size().unwrap() > 64 << 10);
+    }
 
     #[test]
     fn connect_retries_then_names_the_address() {

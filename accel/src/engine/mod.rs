@@ -283,6 +283,48 @@ pub struct EngineConfig {
     pub delta: Option<Arc<DeltaCache>>,
 }
 
+impl EngineConfig {
+    /// Checks the sizes: what [`Engine::new`] and [`Engine::build`] refuse (the
+    /// latter before it opens a device).
+    ///
+    /// # Errors
+    /// [`EngineError::Config`]: `max_pages` out of `1..=65536` or a job of more than
+    /// [`MAX_JOB_BYTES`], `requests` or `buffers` out of `1..=2^24`, a delta cache of
+    /// another page size.
+    pub fn check(&self) -> Result<(), EngineError> {
+        if self.max_pages == 0 || self.max_pages > 65536 {
+            return Err(EngineError::Config("max_pages must be in 1..=65536"));
+        }
+        if self.max_pages.saturating_mul(self.page_size.bytes()) > MAX_JOB_BYTES {
+            return Err(EngineError::Config(
+                "max_pages pages must be at most 256 MiB (MAX_JOB_BYTES)",
+            ));
+        }
+        if self.requests == 0 || self.buffers == 0 {
+            return Err(EngineError::Config(
+                "requests and buffers must be at least 1",
+            ));
+        }
+        if self.requests > home::MAX_REQUESTS || self.buffers > home::MAX_REQUESTS {
+            return Err(EngineError::Config(
+                "requests and buffers must be at most 2^24",
+            ));
+        }
+        if let Some(cache) = &self.delta
+            && cache.page_bytes() != self.page_size.bytes()
+        {
+            return Err(EngineError::Config(
+                "the delta cache's page size differs from the engine's",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Most input bytes of one job an engine may be sized for: 65536 pages of 4 KiB (a
+/// frame is at most 64 MiB on the wire).
+pub const MAX_JOB_BYTES: usize = 256 << 20;
+
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
@@ -337,6 +379,7 @@ impl Engine {
     /// # Errors
     /// [`EngineError`] for a bad configuration or a thread that failed to start.
     pub fn software(config: EngineConfig, software: SoftwareConfig) -> Result<Engine, EngineError> {
+        config.check()?;
         let backend = SoftwareBackend::new(software, config.max_pages, config.delta.clone())?;
         Engine::new(config, Box::new(backend))
     }
@@ -346,24 +389,7 @@ impl Engine {
     /// # Errors
     /// [`EngineError::Config`] for a size out of range.
     pub fn new(config: EngineConfig, backend: Box<dyn Backend>) -> Result<Engine, EngineError> {
-        if config.max_pages == 0 || config.max_pages > 65536 {
-            return Err(EngineError::Config("max_pages must be in 1..=65536"));
-        }
-        if config.requests == 0 || config.buffers == 0 {
-            return Err(EngineError::Config(
-                "requests and buffers must be at least 1",
-            ));
-        }
-        if config.requests > home::MAX_REQUESTS {
-            return Err(EngineError::Config("requests must be at most 2^24"));
-        }
-        if let Some(cache) = &config.delta
-            && cache.page_bytes() != config.page_size.bytes()
-        {
-            return Err(EngineError::Config(
-                "the delta cache's page size differs from the engine's",
-            ));
-        }
+        config.check()?;
         let requests = Requests::new(config.requests, || {
             Request::new(config.page_size, config.max_pages)
         });

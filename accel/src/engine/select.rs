@@ -173,6 +173,8 @@ impl Engine {
         config: EngineConfig,
         software: SoftwareConfig,
     ) -> Result<Engine, EngineError> {
+        // Before a device is opened: a backend sizes its rings and buffers from these.
+        config.check()?;
         match choice {
             BackendChoice::Software => Engine::software(config, software),
             BackendChoice::Auto => match iaa_auto(&config).or_else(|| qat_auto(&config)) {

@@ -314,7 +314,14 @@ impl DestinationListener {
             let shared2 = shared.clone();
             let backend = config.backend;
             let accel = config.accel.clone();
-            let max_pages = config.max_pages;
+            // A frame holds at most what its negotiated limit fits: the hardware
+            // decoder's buffers are sized for that, not for `max_pages` pages, which at
+            // 2 MiB pages may be far more than any frame carries.
+            let n = &est.negotiated;
+            let max_pages = n.max_pages.min(crate::source::pages_per_frame(
+                n.page_size,
+                n.max_frame_bytes,
+            ));
             let scfg = scfg.clone();
             let t = std::thread::Builder::new()
                 .name(format!("pagewire-dst-{ch}"))

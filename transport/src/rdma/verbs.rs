@@ -337,7 +337,11 @@ impl Verbs {
         v.send_bufs = map(cfg.send_depth)?;
         v.recv_bufs = map(cfg.recv_depth)?;
         let local = ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0 as i32;
-        let depth = (cfg.send_depth + cfg.recv_depth) as i32;
+        let depth = cfg
+            .send_depth
+            .checked_add(cfg.recv_depth)
+            .and_then(|d| i32::try_from(d).ok())
+            .ok_or(RdmaError::Config("send_depth + recv_depth must fit an i32"))?;
         // SAFETY: `id` is a live rdma_cm id with a device context (`verbs`) after
         // address resolution or a connect request; every object created here is
         // stored in `v` at once, so `Verbs::drop` frees it on any later error; the

@@ -45,7 +45,9 @@ mod secure;
 
 use secure::{HsReadError, hs_read, hs_write, tls_client_handshake};
 
-pub use listener::{Accepted, Listener, ListenerConfig, ListenerStats, MAX_REFUSALS_KEPT};
+pub use listener::{
+    Accepted, Listener, ListenerConfig, ListenerStats, MAX_PENDING, MAX_REFUSALS_KEPT,
+};
 
 /// Which backend a channel uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -326,7 +328,11 @@ impl Established {
             Backend::Tcp => Ok(AnyChannel::Tcp(self.into_tcp(&cfg.tcp)?)),
             Backend::Uring { fallback_to_tcp } => match uring::probe(&cfg.uring) {
                 Ok(()) => Ok(AnyChannel::Uring(Box::new(self.into_uring(&cfg.uring)?))),
-                Err(e) if fallback_to_tcp => Ok(AnyChannel::Fallback(self.into_tcp(&cfg.tcp)?, e)),
+                // A setting that cannot work is the caller's to fix, not a missing
+                // io_uring: no fallback then.
+                Err(e) if fallback_to_tcp && !matches!(e, uring::UringError::Config(_)) => {
+                    Ok(AnyChannel::Fallback(self.into_tcp(&cfg.tcp)?, e))
+                }
                 Err(e) => Err(e.into()),
             },
             // RDMA READs move pages outside the stream, so TLS would protect only the

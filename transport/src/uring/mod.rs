@@ -125,7 +125,8 @@ const IO_URING_DISABLED: &str = "/proc/sys/kernel/io_uring_disabled";
 /// Settings of an io_uring channel.
 #[derive(Clone, Debug)]
 pub struct UringConfig {
-    /// Submission queue entries (the completion queue has four times as many).
+    /// Submission queue entries, 1 to 16384 (the completion queue has four times as
+    /// many, at most the kernel's 65536).
     pub entries: u32,
     /// Payload bytes the channel may own before `send` waits.
     pub max_in_flight_bytes: usize,
@@ -269,9 +270,16 @@ fn classify_setup_error(e: io::Error, disabled: Option<u8>) -> UringError {
 }
 
 fn build_ring(cfg: &UringConfig) -> Result<IoUring, UringError> {
-    if cfg.entries == 0 || !cfg.recv_buffers.is_power_of_two() || cfg.recv_buffers > 32768 {
+    // The completion queue has four times the entries, at most the kernel's 65536
+    // (more fails the setup with EINVAL, which would read as an old kernel).
+    if cfg.entries == 0
+        || cfg.entries > 16384
+        || !cfg.recv_buffers.is_power_of_two()
+        || cfg.recv_buffers > 32768
+        || cfg.recv_buffer_size == 0
+    {
         return Err(UringError::Config(
-            "entries must be > 0 and recv_buffers a power of two up to 32768",
+            "entries must be in 1..=16384, recv_buffers a power of two up to 32768 and recv_buffer_size more than 0",
         ));
     }
     let ring = IoUring::builder()
@@ -482,6 +490,24 @@ struct Direct {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ring_too_large_for_the_kernel_is_a_setting_not_an_old_kernel() {
+        // 20000 entries ask for a completion queue of 80000, past the kernel's 65536:
+        // `io_uring_setup` says EINVAL, which read as a kernel without DEFER_TASKRUN
+        // (and made a channel that may fall back use TCP without a word).
+        for (entries, recv_buffer_size) in [(20000, 8192), (0, 8192), (64, 0)] {
+            let cfg = UringConfig {
+                entries,
+                recv_buffer_size,
+                ..UringConfig::default()
+            };
+            assert!(
+                matches!(probe(&cfg), Err(UringError::Config(_))),
+                "{entries} {recv_buffer_size}"
+            );
+        }
+    }
 
     #[test]
     fn setup_errors_say_what_to_do() {

@@ -29,6 +29,9 @@ impl Core {
         skip: usize,
     ) -> Result<Option<usize>, ChannelError> {
         let timeout = self.cfg.recv_timeout;
+        // The whole receive is bounded by the timeout, however many waits it takes.
+        let deadline = timeout.map(crate::deadline::from_now);
+        let left = || deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
         if self.armed {
             let cancel = opcode::AsyncCancel::new(RECV_TAG)
                 .build()
@@ -36,7 +39,10 @@ impl Core {
             self.push_now(&cancel)
                 .map_err(|e| ChannelError::io("io_uring cancel", e))?;
             while self.armed {
-                if !self.enter(1, timeout)? && self.ring.completion().is_empty() {
+                if !self.enter(1, left())?
+                    && self.ring.completion().is_empty()
+                    && left().is_some_and(|l| l.is_zero())
+                {
                     return Err(ChannelError::RecvTimeout(timeout.unwrap_or_default()));
                 }
                 self.reap()?;
@@ -82,7 +88,10 @@ impl Core {
                     )),
                 };
             }
-            if !self.enter(1, timeout)? && self.ring.completion().is_empty() {
+            if !self.enter(1, left())?
+                && self.ring.completion().is_empty()
+                && left().is_some_and(|l| l.is_zero())
+            {
                 // Leave the receive with the kernel; `Drop` cancels and waits for it.
                 return Err(ChannelError::RecvTimeout(timeout.unwrap_or_default()));
             }

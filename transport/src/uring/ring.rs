@@ -132,7 +132,9 @@ impl Core {
     ) -> Result<bool, ChannelError> {
         let r = match timeout {
             Some(t) => {
-                let ts = Timespec::from(t);
+                // A timespec's seconds are signed: `Duration::MAX` would wrap to -1 s,
+                // which the kernel takes as already expired.
+                let ts = Timespec::from(t.min(crate::deadline::FAR));
                 let args = SubmitArgs::new().timespec(&ts);
                 self.ring.submitter().submit_with_args(want, &args)
             }

@@ -122,7 +122,7 @@ const LISTENER: Token = Token(usize::MAX);
 pub struct ListenerConfig {
     /// Most connections whose handshake is in progress at once; a further connection
     /// replaces one of them or is closed, or waits in the kernel's backlog (see the
-    /// module's documentation). At least 1.
+    /// module's documentation). 1 to [`MAX_PENDING`].
     pub max_pending: usize,
     /// Most channels a session may have; a HELLO asking for more is refused at once.
     /// At least 1.
@@ -173,8 +173,8 @@ impl Default for ListenerConfig {
 impl ListenerConfig {
     fn validate(&self) -> Result<(), SessionError> {
         let bad = SessionError::Config;
-        if self.max_pending == 0 {
-            return Err(bad("ListenerConfig::max_pending must be at least 1"));
+        if self.max_pending == 0 || self.max_pending > MAX_PENDING {
+            return Err(bad("ListenerConfig::max_pending must be in 1..=65536"));
         }
         if self.max_channels == 0 {
             return Err(bad("ListenerConfig::max_channels must be at least 1"));
@@ -191,6 +191,11 @@ impl ListenerConfig {
         Ok(())
     }
 }
+
+/// Most pending connections a listener may be configured for
+/// ([`ListenerConfig::max_pending`]): each holds a descriptor and up to 64 KiB of
+/// handshake input, and as many are accepted between two polls.
+pub const MAX_PENDING: usize = 65536;
 
 /// The channels of one session, and what was refused while waiting for them.
 #[derive(Debug)]
@@ -263,11 +268,11 @@ impl Listener {
             let sock = socket2::SockRef::from(l);
             let err = |op| move |source| TcpError::Socket { op, source };
             if let Some(n) = cfg.tcp.send_buffer {
-                sock.set_send_buffer_size(n)
+                sock.set_send_buffer_size(crate::tcp::socket_buffer(n))
                     .map_err(err("setsockopt(SO_SNDBUF)"))?;
             }
             if let Some(n) = cfg.tcp.recv_buffer {
-                sock.set_recv_buffer_size(n)
+                sock.set_recv_buffer_size(crate::tcp::socket_buffer(n))
                     .map_err(err("setsockopt(SO_RCVBUF)"))?;
             }
         }
