@@ -92,7 +92,7 @@ pub use cpu::thread_cpu_time;
 pub use engine::{
     Backend, BackendChoice, BackendKind, BadChoice, Completion, Engine, EngineConfig, EngineError,
     FallbackCause, FallbackCounts, FormatCaps, IaaPortal, Job, JobOp, JobParts, ModelFault,
-    ModelFaults, Probe, SoftwareBackend, SoftwareConfig, Tag,
+    ModelFaults, Probe, RunNow, SoftwareBackend, SoftwareConfig, Tag,
 };
 pub use page::{PageKey, PageSize};
 pub use pages::{PageList, PageListMut, PagesError};

@@ -65,7 +65,9 @@ pub struct EngineStats {
     pub decode: Vec<CodecStats>,
     /// Completions per backend that ran them.
     pub by_backend: Vec<(BackendKind, u64)>,
-    /// Time with at least one job in flight.
+    /// Time with at least one job in flight. Jobs the inline software backend runs
+    /// within `submit` are never in flight (the caller's thread ran them): such an
+    /// engine stays at zero here and in the depths below.
     pub busy: Duration,
     /// Time since the engine started (or its statistics were reset).
     pub wall: Duration,
@@ -179,9 +181,11 @@ impl StatsCounter {
     }
 
     fn slot(list: &mut [CodecStats], codec: CodecId) -> &mut CodecStats {
-        let i = list
-            .iter()
-            .position(|s| s.codec == codec)
+        // The slots are in id order from 1 (`SOFTWARE_FORMATS`), "other" last.
+        let i = usize::from(codec.0)
+            .checked_sub(1)
+            .filter(|&i| list.get(i).is_some_and(|s| s.codec == codec))
+            .or_else(|| list.iter().position(|s| s.codec == codec))
             .unwrap_or(list.len() - 1);
         &mut list[i]
     }

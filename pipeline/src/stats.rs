@@ -337,6 +337,10 @@ pub struct EngineSummary {
     /// The backend of the channels' engines (`software`, `iaa`, `qat`; `mixed`
     /// when channels differ; empty before any engine ran).
     pub backend: &'static str,
+    /// Software codec threads per channel; 0: each channel runs its codec jobs on its
+    /// own thread, within the engine's submit, so nothing is ever queued and the busy
+    /// rate and depths stay 0.
+    pub codec_threads: usize,
     /// The source's delta caches, summed over channels, where it keeps them (the
     /// delta codec, or delta among the adaptive candidates).
     pub delta: Option<DeltaCacheSummary>,
@@ -658,17 +662,24 @@ impl fmt::Display for MigrationStats {
             .map(|b| format!("{:.1}", mib(*b)))
             .collect();
         writeln!(f, "per channel MiB:       [{}]", per_channel.join(", "))?;
+        let queued = if self.engine.backend == "software" && self.engine.codec_threads == 0 {
+            "inline on the channels' threads".to_string()
+        } else {
+            format!(
+                "busy {:.0}%, queue depth mean {:.1} max {}",
+                self.engine.busy_rate * 100.0,
+                self.engine.mean_queue_depth,
+                self.engine.max_queue_depth
+            )
+        };
         writeln!(
             f,
-            "codec engine:          {}busy {:.0}%, queue depth mean {:.1} max {}, hw fallbacks {}{}",
+            "codec engine:          {}{queued}, hw fallbacks {}{}",
             if self.engine.backend.is_empty() {
                 String::new()
             } else {
                 format!("{}, ", self.engine.backend)
             },
-            self.engine.busy_rate * 100.0,
-            self.engine.mean_queue_depth,
-            self.engine.max_queue_depth,
             self.engine.hw_fallbacks,
             {
                 let causes: Vec<String> = self

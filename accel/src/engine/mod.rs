@@ -152,7 +152,13 @@ pub struct Probe {
 
 impl Probe {
     fn caps(&self, codec: CodecId) -> Option<&FormatCaps> {
-        self.formats.iter().find(|f| f.codec == codec)
+        // Formats listed in id order from 1 (as the software codecs' are) are found
+        // with one comparison.
+        usize::from(codec.0)
+            .checked_sub(1)
+            .and_then(|i| self.formats.get(i))
+            .filter(|f| f.codec == codec)
+            .or_else(|| self.formats.iter().find(|f| f.codec == codec))
     }
 
     /// Whether the backend can encode `codec` at `level`.
@@ -251,6 +257,16 @@ pub trait Backend: Send {
     /// Jobs accepted and not yet returned.
     fn in_flight(&self) -> usize;
 
+    /// Runs `job` at once on the caller's thread, when this backend runs its jobs so
+    /// (the inline software backend) and has room: `unpolled` completions wait for
+    /// the caller's poll. [`RunNow::Queue`] (the default) leaves the job to
+    /// [`Backend::submit`]. A job run so is never in flight: the engine hands its
+    /// completion out at the next poll without queueing it here.
+    fn run_now(&mut self, job: &mut Job, unpolled: usize) -> RunNow {
+        let _ = (job, unpolled);
+        RunNow::Queue
+    }
+
     /// Makes `len` bytes at `addr` (guest memory, once per migration) reachable by
     /// the backend's device; nothing to do for most backends. A VFIO device maps
     /// them into its IOMMU container.
@@ -265,6 +281,18 @@ pub trait Backend: Send {
         let _ = (addr, len);
         Ok(())
     }
+}
+
+/// What [`Backend::run_now`] did with a job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunNow {
+    /// It ran: the job is complete.
+    Ran,
+    /// It runs jobs at once, but as many completions as it allows wait to be polled:
+    /// the job stays with the caller.
+    Full,
+    /// It does not run jobs at once: submit it.
+    Queue,
 }
 
 /// How an engine is sized.
@@ -572,6 +600,21 @@ impl Engine {
                         batch.push_front(job);
                         break;
                     }
+                }
+            }
+            if !unsupported {
+                match self.backend.run_now(&mut job, self.ready.len()) {
+                    RunNow::Ran => {
+                        // Inline: done already, never in flight (no clock, no queue).
+                        self.ready.push_back(job.complete(self.probe.backend));
+                        self.stats.submitted += 1;
+                        continue;
+                    }
+                    RunNow::Full => {
+                        batch.push_front(job);
+                        break;
+                    }
+                    RunNow::Queue => {}
                 }
             }
             if unsupported {

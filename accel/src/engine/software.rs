@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError, bounded};
 
-use super::{Backend, BackendKind, Completion, EngineError, FormatCaps, Job, Probe};
+use super::{Backend, BackendKind, Completion, EngineError, FormatCaps, Job, Probe, RunNow};
 use crate::cache::DeltaCache;
 use crate::codec::{Codecs, SOFTWARE_FORMATS, level_range};
 
@@ -270,6 +270,19 @@ impl Backend for SoftwareBackend {
 
     fn in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    fn run_now(&mut self, job: &mut Job, unpolled: usize) -> RunNow {
+        match &mut self.mode {
+            // Done and not yet polled counts against the queue depth, as it does
+            // for jobs submitted.
+            Mode::Inline { .. } if unpolled + self.in_flight >= self.queue_depth => RunNow::Full,
+            Mode::Inline { codecs, .. } => {
+                job.run_software(codecs, self.delta.as_deref());
+                RunNow::Ran
+            }
+            Mode::Threads { .. } => RunNow::Queue,
+        }
     }
 }
 

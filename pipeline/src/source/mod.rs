@@ -632,6 +632,10 @@ impl Source {
         if let Some(r) = self.rounds.iter().rev().find(|r| !r.paused) {
             s.dirty_rate_pages_per_s = r.dirty_rate_pages_per_s;
         }
+        s.engine.codec_threads = self
+            .config
+            .codec_threads
+            .unwrap_or_else(|| crate::config::codec_threads_for(self.config.channels));
         // Engine: per codec, busy rate and queue depth, summed over channels.
         let mut codecs: HashMap<CodecId, CodecStats> = HashMap::new();
         let mut busy = 0.0;
