@@ -871,3 +871,43 @@ fn sizes_that_cannot_work_are_refused_before_anything_is_allocated() {
         "threads",
     );
 }
+
+/// Jobs an inline engine ran at once count as in flight until polled, so the loop the
+/// crate documents (`while !batch.is_empty() || engine.in_flight() > 0`) collects
+/// every completion even when more are ready than one poll takes.
+#[test]
+fn inline_completions_count_in_flight_until_polled() {
+    let mut engine = Engine::software(
+        EngineConfig {
+            requests: 200,
+            buffers: 200,
+            ..Default::default()
+        },
+        SoftwareConfig {
+            threads: 0,
+            queue_depth: 256,
+        },
+    )
+    .expect("engine");
+    let page = content(Kind::Text, 1, 0);
+    let mut batch: VecDeque<Job> = (0..150)
+        .map(|i| encode_job(&engine, i, CodecId::LZ4, &page))
+        .collect();
+    let mut done = Vec::new();
+    for _ in 0..1000 {
+        if batch.is_empty() && engine.in_flight() == 0 {
+            break;
+        }
+        engine.submit(&mut batch).expect("submit");
+        assert!(engine.in_flight() <= 150);
+        engine
+            .poll(&mut done, 64, Some(Duration::from_millis(10)))
+            .expect("poll");
+    }
+    assert_eq!(done.len(), 150);
+    assert_eq!(engine.in_flight(), 0);
+    let stats = engine.stats();
+    assert_eq!((stats.submitted, stats.completed), (150, 150));
+    // Run on the caller's thread, never queued: no depth, no busy time.
+    assert_eq!((stats.max_queue_depth, stats.busy), (0, Duration::ZERO));
+}

@@ -500,9 +500,11 @@ impl Engine {
         &self.bufs
     }
 
-    /// Jobs submitted whose completion has not been polled.
+    /// Jobs submitted whose completion has not been polled: those the backend holds,
+    /// and those that completed at once (run inline, refused, or run on software in
+    /// place of the hardware) and wait for the next poll.
     pub fn in_flight(&self) -> usize {
-        self.in_flight
+        self.in_flight + self.ready.len()
     }
 
     /// Checks a job against a probe and the configuration.
