@@ -65,9 +65,9 @@ pub struct EngineStats {
     pub decode: Vec<CodecStats>,
     /// Completions per backend that ran them.
     pub by_backend: Vec<(BackendKind, u64)>,
-    /// Time with at least one job in flight. Jobs the inline software backend runs
-    /// within `submit` are never in flight (the caller's thread ran them): such an
-    /// engine stays at zero here and in the depths below.
+    /// Time with at least one job queued in the backend. Jobs the inline software
+    /// backend runs within `submit` are never queued (the caller's thread ran them):
+    /// such an engine stays at zero here and in the depths below.
     pub busy: Duration,
     /// Time since the engine started (or its statistics were reset).
     pub wall: Duration,

@@ -198,7 +198,8 @@ impl SourceConfig {
     /// [`MigrationError::Config`] naming the first unusable setting: no channel, a
     /// zero timeout or attempt count, a frame size out of `1..=65536` pages, a queue
     /// depth out of `1..=`[`MAX_QUEUE_DEPTH`], more than [`MAX_CODEC_THREADS`] codec
-    /// threads, a delta cache out of `1..=`[`MAX_DELTA_CACHE_PAGES`] pages, a send
+    /// threads, a delta cache over [`MAX_DELTA_CACHE_PAGES`] pages (or of none with
+    /// delta among the codecs), a send
     /// queue over [`MAX_SEND_QUEUE`], or `precopy.max_rounds` of 0. Timeouts may be as
     /// long as `Duration::MAX` (no deadline in practice).
     pub fn validate(&self) -> Result<(), MigrationError> {
@@ -215,8 +216,11 @@ impl SourceConfig {
         if self.codec_threads.is_some_and(|n| n > MAX_CODEC_THREADS) {
             return bad("codec_threads must be at most 256");
         }
-        if self.delta_cache_pages == 0 || self.delta_cache_pages > MAX_DELTA_CACHE_PAGES {
-            return bad("delta_cache_pages must be in 1..=2^24");
+        let delta = self.codec.fixed_codec() == Some(CodecId::DELTA)
+            || matches!(&self.codec, CodecPolicy::Auto(a) if a.has_delta());
+        if self.delta_cache_pages > MAX_DELTA_CACHE_PAGES || (delta && self.delta_cache_pages == 0)
+        {
+            return bad("delta_cache_pages must be in 1..=2^24 (with delta)");
         }
         if self.send_queue > MAX_SEND_QUEUE {
             return bad("send_queue must be at most 1 GiB");

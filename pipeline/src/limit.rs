@@ -37,7 +37,15 @@ impl Bucket {
         let burst = rate * RateLimiter::BURST.as_secs_f64();
         self.tokens = (self.tokens + add).min(burst);
         self.refilled += add;
-        self.at = now;
+        // `now` was read before the lock: a later caller may hold an earlier one.
+        self.at = self.at.max(now);
+    }
+
+    /// With no cap: the debt is forgiven, and every reservation waiting is met.
+    fn clear(&mut self, now: Instant) {
+        self.refilled += (-self.tokens).max(0.0);
+        self.tokens = 0.0;
+        self.at = self.at.max(now);
     }
 }
 
@@ -62,7 +70,17 @@ impl RateLimiter {
 
     /// Changes the rate; takes effect for the next bytes, and for the waits in progress.
     pub fn set_rate(&self, bytes_per_s: u64) {
-        self.rate.store(bytes_per_s, Ordering::Relaxed);
+        // The time until now refills at the rate that was in force.
+        if let Ok(mut b) = self.bucket.lock() {
+            let now = Instant::now();
+            match self.rate() {
+                0 => b.clear(now),
+                old => b.refill(now, old as f64),
+            }
+            self.rate.store(bytes_per_s, Ordering::Relaxed);
+        } else {
+            self.rate.store(bytes_per_s, Ordering::Relaxed);
+        }
     }
 
     /// The rate, bytes per second (0 = unlimited).
@@ -76,7 +94,7 @@ impl RateLimiter {
         let rate = self.rate();
         let mut b = self.bucket.lock().ok()?;
         if rate == 0 {
-            (b.at, b.tokens) = (now, 0.0);
+            b.clear(now);
             return None;
         }
         b.refill(now, rate as f64);
@@ -92,7 +110,7 @@ impl RateLimiter {
         };
         if rate == 0 {
             // The cap was removed: nothing waits, and no debt is kept.
-            (b.at, b.tokens) = (now, 0.0);
+            b.clear(now);
             return Duration::ZERO;
         }
         b.refill(now, rate as f64);
@@ -161,6 +179,18 @@ mod tests {
         assert!((0.085..=0.095).contains(&left), "{left}");
         l.set_rate(0);
         assert_eq!(l.left(target, t0 + Duration::from_secs(1)), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_wait_begun_before_the_cap_was_lifted_is_met_when_it_returns() {
+        let l = RateLimiter::new(1_000);
+        let t0 = Instant::now();
+        let target = l.take(10_000, t0).unwrap();
+        // Lifted, then back before the waiter looked again: the debt was forgiven,
+        // so the waiter does not wait for it still.
+        l.set_rate(0);
+        l.set_rate(1_000);
+        assert_eq!(l.left(target, Instant::now()), Duration::ZERO);
     }
 
     #[test]

@@ -197,7 +197,10 @@ impl Run<'_, '_> {
 
     /// [`Self::running`] for a failure that already is a [`Failed`].
     fn failed_running(&self, f: Failed) -> Failed {
-        self.source.set_phase(Phase::Failed);
+        // A source that already handed the guest over keeps its phase.
+        if !matches!(*f.error, MigrationError::HandedOver) {
+            self.source.set_phase(Phase::Failed);
+        }
         f.with_resumed(true)
     }
 

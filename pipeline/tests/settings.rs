@@ -117,7 +117,10 @@ fn unusable_settings_are_refused_before_anything_connects() {
     let mem = memory(1);
     let cases: [(&str, Set<SourceConfig>); 9] = [
         ("queue_depth", |c| c.queue_depth = usize::MAX),
-        ("delta_cache_pages", |c| c.delta_cache_pages = 0),
+        ("delta_cache_pages", |c| {
+            c.codec = CodecId::DELTA.into();
+            c.delta_cache_pages = 0;
+        }),
         // Its index alone would take tens of GiB, allocated after the channels opened.
         ("delta_cache_pages", |c| c.delta_cache_pages = 1 << 31),
         ("send_queue", |c| c.send_queue = usize::MAX),
@@ -194,6 +197,14 @@ fn a_bitmap_past_its_region_is_refused_before_anything_of_its_round_is_sent() {
         *f.error,
         &format!("sets page {}, past the region's {pages} pages", pages + 3),
     );
+    // The pages handed back are those within the memory: none here.
+    assert!(
+        f.unacknowledged
+            .iter()
+            .all(|(id, b)| *id == RegionId(0) && b.pages() == pages && b.count() == 0),
+        "{:?}",
+        f.unacknowledged
+    );
     let f = source
         .send_round(vec![(RegionId(7), DirtyBitmap::full(8))], false)
         .unwrap_err();
@@ -250,7 +261,9 @@ fn a_hardware_decoder_on_2_mib_pages_is_sized_by_the_frame_limit() {
     let dst = std::thread::spawn(move || listener.accept(None).and_then(|d| d.wait()));
     let mut cfg = SourceConfig::new(session(11), Authentication::None);
     cfg.codec = CodecId::LZ4.into();
-    cfg.max_pages = 16;
+    // As many as the destination: the negotiated 65536 pages are clamped by the
+    // frame limit alone.
+    cfg.max_pages = 65536;
     let g = guest(mem.clone(), 0, 12);
     let mut source = Source::connect(addr, mem.clone(), cfg).unwrap();
     migrate_sim(&mut source, &g).unwrap();

@@ -260,8 +260,9 @@ pub trait Backend: Send {
     /// Runs `job` at once on the caller's thread, when this backend runs its jobs so
     /// (the inline software backend) and has room: `unpolled` completions wait for
     /// the caller's poll. [`RunNow::Queue`] (the default) leaves the job to
-    /// [`Backend::submit`]. A job run so is never in flight: the engine hands its
-    /// completion out at the next poll without queueing it here.
+    /// [`Backend::submit`]. A job run so is never queued here, nor counted in the
+    /// engine's busy time or queue depths: the engine hands its completion out at the
+    /// next poll (until then [`Engine::in_flight`] counts it).
     fn run_now(&mut self, job: &mut Job, unpolled: usize) -> RunNow {
         let _ = (job, unpolled);
         RunNow::Queue
@@ -607,7 +608,7 @@ impl Engine {
             if !unsupported {
                 match self.backend.run_now(&mut job, self.ready.len()) {
                     RunNow::Ran => {
-                        // Inline: done already, never in flight (no clock, no queue).
+                        // Inline: done already, never queued (no clock, no depth).
                         self.ready.push_back(job.complete(self.probe.backend));
                         self.stats.submitted += 1;
                         continue;

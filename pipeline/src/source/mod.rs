@@ -313,8 +313,9 @@ impl Source {
     ///
     /// # Errors
     /// [`Failed`] with the pages of this round that were not acknowledged.
-    /// [`MigrationError::Config`], before anything is sent, for a region this source's
-    /// memory lacks or a bitmap with a page set past its region's end.
+    /// [`MigrationError::Config`], before anything is sent, for a page set in a region
+    /// this source's memory lacks or past its region's end (the pages of the round
+    /// within its memory come back in [`Failed`]).
     pub fn send_round(
         &mut self,
         dirty: Vec<(RegionId, DirtyBitmap)>,
@@ -322,7 +323,8 @@ impl Source {
     ) -> Result<RoundStats, Failed> {
         self.not_handed_over()?;
         if let Some(what) = self.bad_bitmap(&dirty) {
-            return Err(Failed::new(MigrationError::Config(what), dirty));
+            let pages = self.within_memory(dirty);
+            return Err(Failed::new(MigrationError::Config(what), pages));
         }
         let started = Instant::now();
         let cpu_before = self.cpu_time();
@@ -507,15 +509,14 @@ impl Source {
         Ok(switchover)
     }
 
-    /// `Err` with [`MigrationError::HandedOver`] once the switchover ran.
-    /// Why `dirty` cannot be a round of this source's memory, if it cannot: a region
-    /// it lacks, or a page set past a region's end.
+    /// Why `dirty` cannot be a round of this source's memory, if it cannot: a page set
+    /// in a region it lacks, or past a region's end.
     fn bad_bitmap(&self, dirty: &[(RegionId, DirtyBitmap)]) -> Option<String> {
         dirty.iter().find_map(|(id, bitmap)| {
             let Some(pages) = self.memory.pages(*id) else {
-                return Some(format!(
-                    "send_round: region {id:?} is not in the source's guest memory"
-                ));
+                return (bitmap.count() > 0).then(|| {
+                    format!("send_round: region {id:?} is not in the source's guest memory")
+                });
             };
             let past = (pages..bitmap.pages()).find(|&p| bitmap.is_set(p))?;
             Some(format!(
@@ -525,6 +526,26 @@ impl Source {
         })
     }
 
+    /// `dirty` cut to this source's memory: the pages of it a VMM may mark dirty again
+    /// after a refused round.
+    fn within_memory(&self, dirty: Vec<(RegionId, DirtyBitmap)>) -> Vec<(RegionId, DirtyBitmap)> {
+        dirty
+            .into_iter()
+            .filter_map(|(id, bitmap)| {
+                let pages = self.memory.pages(id)?;
+                if bitmap.pages() <= pages {
+                    return Some((id, bitmap));
+                }
+                let cut = DirtyBitmap::new(pages);
+                for (start, count) in bitmap.runs().take_while(|&(s, _)| s < pages) {
+                    cut.set_range(start, count.min(pages - start));
+                }
+                Some((id, cut))
+            })
+            .collect()
+    }
+
+    /// `Err` with [`MigrationError::HandedOver`] once the switchover ran.
     fn not_handed_over(&self) -> Result<(), Failed> {
         match self.handed_over {
             true => Err(Failed::bare(MigrationError::HandedOver)),
