@@ -543,9 +543,11 @@ impl Control {
     }
 
     /// Asks the migration to stop; it fails with `Cancelled` at the next frame, or
-    /// within a few tens of milliseconds while it waits for the bandwidth cap or for
-    /// an acknowledgement (of a round, or of COMPLETE). Once COMMIT was sent it no
-    /// longer can: the wait for ACK COMMITTED goes on.
+    /// within a few tens of milliseconds while it waits for the bandwidth cap, for an
+    /// acknowledgement (of a round, or of COMPLETE) or for a link that does not drain
+    /// (the adaptive codec's wait). A send blocked on a full socket waits for
+    /// `send_timeout` first. Once COMMIT was sent it no longer can: the wait for ACK
+    /// COMMITTED goes on.
     pub fn cancel(&self) {
         self.0.cancelled.store(true, Ordering::Relaxed);
     }

@@ -282,3 +282,46 @@ fn a_cancel_ends_a_wait_for_an_ack_that_never_comes() {
 fn mem_pages(mib: u64) -> u64 {
     (mib << 20) / PAGE as u64 + (1 << 20) / PAGE as u64
 }
+
+/// A destination that stops reading, against a source with the adaptive codec and no
+/// send deadline (`send_timeout` `Duration::MAX`): the channel holds its frames back
+/// while the link does not drain, and `Control::cancel` must end that wait, which
+/// before went on for ever.
+#[test]
+fn a_cancel_ends_a_wait_on_a_destination_that_stopped_reading() {
+    let (addr, dst) = silent_destination(1);
+    let mem = incompressible();
+    let g = guest(mem.clone(), 0, 1);
+    let mut src = Source::connect(
+        addr,
+        mem,
+        config(pagewire::CodecPolicy::auto(), Duration::MAX),
+    )
+    .unwrap();
+    // Held open and unread until the source gave up.
+    let channels = dst.join().unwrap();
+    let control = src.control();
+    let (mut log, mut vcpus) = (g.log(), g.vcpus());
+    let run = std::thread::spawn(move || {
+        let r = pagewire::migrate(&mut src, &mut log, &mut vcpus, &mut NoDeviceState);
+        (r.map(drop), src)
+    });
+    // The socket buffers fill within milliseconds; then the channel waits.
+    std::thread::sleep(Duration::from_secs(1));
+    let cancelled = Instant::now();
+    control.cancel();
+    let (r, src) = within(
+        Duration::from_secs(20),
+        "the cancelled migration",
+        move || run.join().unwrap(),
+    );
+    let took = cancelled.elapsed();
+    let f = r.expect_err("the migration succeeded without a destination");
+    assert!(
+        matches!(*f.error, pagewire::MigrationError::Cancelled),
+        "{f}"
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    drop(src);
+    drop(channels);
+}

@@ -491,6 +491,10 @@ impl Worker {
         // When the channel last drained a frame's bytes, and what it held then.
         let mut progress: Option<(Instant, u64)> = None;
         while let Some(u) = self.channel.unacked_bytes().filter(|&u| u > limit) {
+            // Before COMMIT, a cancel ends the wait (it is 5 ms at a time).
+            if self.s.control.is_cancelled() && self.rules.commit_sent().is_none() {
+                return Err(MigrationError::Cancelled);
+            }
             let now = Instant::now();
             match progress {
                 Some((_, low)) if u.saturating_add(frame) <= low => progress = Some((now, u)),
