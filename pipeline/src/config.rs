@@ -1,13 +1,13 @@
 //! Settings of a migration, and the handle that changes them while it runs.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use pagewire_accel::BackendChoice;
 use pagewire_protocol::{Authentication, CodecId, DestinationLimits, SessionId};
-use pagewire_transport::Encryption;
 use pagewire_transport::session::Backend;
+use pagewire_transport::{Encryption, Interrupt};
 
 use crate::error::MigrationError;
 use crate::limit::RateLimiter;
@@ -513,15 +513,24 @@ pub struct Control(Arc<ControlInner>);
 struct ControlInner {
     limiter: RateLimiter,
     downtime_ns: AtomicU64,
-    cancelled: AtomicBool,
+    /// [`CANCELLED`] and [`SEALED`].
+    state: AtomicU8,
+    /// Raised by a cancel before the seal: ends the channels' blocked sends.
+    interrupt: Interrupt,
 }
+
+/// `Control::cancel` was called.
+const CANCELLED: u8 = 1;
+/// COMMIT is about to be sent (`Control::seal`): a cancel no longer interrupts.
+const SEALED: u8 = 2;
 
 impl Control {
     pub(crate) fn new(bandwidth: u64, downtime: Duration) -> Self {
         Self(Arc::new(ControlInner {
             limiter: RateLimiter::new(bandwidth),
             downtime_ns: AtomicU64::new(downtime.as_nanos() as u64),
-            cancelled: AtomicBool::new(false),
+            state: AtomicU8::new(0),
+            interrupt: Interrupt::new(),
         }))
     }
 
@@ -544,17 +553,34 @@ impl Control {
 
     /// Asks the migration to stop; it fails with `Cancelled` at the next frame, or
     /// within a few tens of milliseconds while it waits for the bandwidth cap, for an
-    /// acknowledgement (of a round, or of COMPLETE) or for a link that does not drain
-    /// (the adaptive codec's wait). A send blocked on a full socket waits for
-    /// `send_timeout` first. Once COMMIT was sent it no longer can: the wait for ACK
-    /// COMMITTED goes on.
+    /// acknowledgement (of a round, or of COMPLETE), for a link that does not drain
+    /// (the adaptive codec's wait) or, over TCP, TLS and io_uring, for a socket that
+    /// takes nothing (a send blocked on a destination that stopped reading; that
+    /// channel is closed without an ABORT, the others try to send ABORT `CANCELLED`,
+    /// which goes where a socket has room). RDMA's
+    /// sends wait for their `send_timeout`. Once COMMIT was about to be sent it no
+    /// longer can: the wait for ACK COMMITTED goes on.
     pub fn cancel(&self) {
-        self.0.cancelled.store(true, Ordering::Relaxed);
+        let before = self.0.state.fetch_or(CANCELLED, Ordering::AcqRel);
+        if before & SEALED == 0 {
+            self.0.interrupt.raise();
+        }
     }
 
     /// Whether cancellation was asked.
     pub fn is_cancelled(&self) -> bool {
-        self.0.cancelled.load(Ordering::Relaxed)
+        self.0.state.load(Ordering::Acquire) & CANCELLED != 0
+    }
+
+    /// Called just before COMMIT is sent: from then on a cancel interrupts nothing.
+    /// `false` when a cancel came first (COMMIT must not be sent).
+    pub(crate) fn seal(&self) -> bool {
+        self.0.state.fetch_or(SEALED, Ordering::AcqRel) & CANCELLED == 0
+    }
+
+    /// The flag the source's channels end their blocked sends on.
+    pub(crate) fn interrupt(&self) -> &Interrupt {
+        &self.0.interrupt
     }
 
     pub(crate) fn limiter(&self) -> &RateLimiter {
@@ -575,6 +601,46 @@ pub fn codec_threads_for(channels: u16) -> usize {
 
 fn threads_per_channel(cores: usize, channels: usize) -> usize {
     cores.saturating_sub(channels).div_ceil(channels)
+}
+
+#[cfg(test)]
+mod control_tests {
+    use super::*;
+
+    #[test]
+    fn a_cancel_before_the_seal_interrupts_and_keeps_commit_back() {
+        let c = Control::new(0, Duration::from_millis(300));
+        assert!(!c.interrupt().is_raised());
+        c.cancel();
+        assert!(c.is_cancelled());
+        assert!(c.interrupt().is_raised());
+        assert!(!c.seal(), "COMMIT must not follow a cancel");
+    }
+
+    #[test]
+    fn a_cancel_after_the_seal_interrupts_nothing() {
+        let c = Control::new(0, Duration::from_millis(300));
+        assert!(c.seal());
+        c.cancel();
+        assert!(c.is_cancelled());
+        assert!(
+            !c.interrupt().is_raised(),
+            "a send after COMMIT was interrupted"
+        );
+    }
+
+    #[test]
+    fn cancel_and_seal_racing_end_one_way_or_the_other() {
+        for _ in 0..200 {
+            let c = Control::new(0, Duration::from_millis(300));
+            let c2 = c.clone();
+            let t = std::thread::spawn(move || c2.cancel());
+            let sealed = c.seal();
+            t.join().unwrap();
+            // Sealed first: nothing interrupted. Cancelled first: no COMMIT.
+            assert_eq!(sealed, !c.interrupt().is_raised());
+        }
+    }
 }
 
 #[cfg(test)]

@@ -141,9 +141,18 @@ pub enum MigrationError {
     /// The migration was cancelled through its control handle.
     #[error("cancelled")]
     Cancelled,
-    /// A worker thread died.
+    /// A worker thread died, or lost track of its own state.
     #[error("worker thread for channel {0} died")]
     Worker(u16),
+    /// A worker thread panicked (a bug in pagewire or in a callback it ran): the
+    /// panic's message.
+    #[error("worker thread for channel {channel} panicked: {message}")]
+    WorkerPanicked {
+        /// The worker's channel.
+        channel: u16,
+        /// What the panic said (its `&str` or `String` payload).
+        message: String,
+    },
     /// The source handed COMMIT to channel 0 (whole or in part) but ACK COMMITTED did
     /// not arrive: the destination may be running the guest. The guest must stay paused
     /// on the source, neither resumed nor discarded, until the management layer asks the
@@ -281,5 +290,55 @@ impl Failed {
     /// Pages outstanding in total.
     pub fn unacknowledged_pages(&self) -> u64 {
         self.unacknowledged.iter().map(|(_, b)| b.count()).sum()
+    }
+}
+
+/// The error for worker `channel` whose thread ended with `joined`: the panic's
+/// message when it panicked.
+pub(crate) fn worker_ended(channel: u16, joined: std::thread::Result<()>) -> MigrationError {
+    match joined {
+        Ok(()) => MigrationError::Worker(channel),
+        Err(payload) => MigrationError::WorkerPanicked {
+            channel,
+            message: panic_message(payload.as_ref()),
+        },
+    }
+}
+
+/// The text of a panic's payload (`panic!`'s `&str` or `String`).
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    match (
+        payload.downcast_ref::<&str>(),
+        payload.downcast_ref::<String>(),
+    ) {
+        (Some(s), _) => (*s).to_owned(),
+        (None, Some(s)) => s.clone(),
+        (None, None) => "(a payload that is not text)".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_that_panicked_is_reported_with_its_message() {
+        let joined = std::thread::spawn(|| {
+            let n = 3;
+            panic!("page {n} vanished");
+        })
+        .join();
+        let e = worker_ended(2, joined);
+        assert!(
+            matches!(&e, MigrationError::WorkerPanicked { channel: 2, message } if message == "page 3 vanished"),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "worker thread for channel 2 panicked: page 3 vanished"
+        );
+        let plain = std::thread::spawn(|| panic!("static")).join();
+        assert!(worker_ended(0, plain).to_string().ends_with(": static"));
+        assert!(matches!(worker_ended(1, Ok(())), MigrationError::Worker(1)));
     }
 }

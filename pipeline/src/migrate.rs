@@ -146,8 +146,11 @@ impl<'a> Migration<'a> {
             devices,
             on_round,
             sections: HashSet::new(),
+            cpu_at_start: Some(pagewire_accel::thread_cpu_time()),
         };
         let result = run.run();
+        // A failed run's CPU counts too (it is in the source's statistics now).
+        run.count_driver_cpu();
         let stopped = log.stop();
         match result {
             Ok(mut stats) => {
@@ -186,9 +189,21 @@ struct Run<'a, 'b> {
     devices: &'b mut dyn DeviceState,
     on_round: Option<RoundCallback<'a>>,
     sections: HashSet<(String, u32)>,
+    /// This thread's CPU clock when the run began: its own CPU (dirty-log syncs,
+    /// pausing, the device state, the round callbacks) counts as the source's
+    /// ([`Run::count_driver_cpu`]; `None` once counted).
+    cpu_at_start: Option<Duration>,
 }
 
 impl Run<'_, '_> {
+    /// Adds this thread's CPU since the run began to the source's, once.
+    fn count_driver_cpu(&mut self) {
+        if let Some(start) = self.cpu_at_start.take() {
+            let cpu = pagewire_accel::thread_cpu_time().saturating_sub(start);
+            self.source.add_driver_cpu(cpu);
+        }
+    }
+
     /// A failure while the guest runs on the source (before the pause).
     fn running(&self, error: MigrationError, pages: Vec<(RegionId, DirtyBitmap)>) -> Failed {
         self.source.set_phase(Phase::Failed);
@@ -353,11 +368,14 @@ impl Run<'_, '_> {
                 return Err(Failed::bare(e).with_resumed(false));
             }
         }
-        self.source.set_phase(Phase::Completed);
-        let completion_ms = ms(t.elapsed());
+        // Up to ACK COMMITTED: the channels' closes after it are not the guest's
+        // downtime.
+        let handed_over = self.source.handed_over_at().unwrap_or_else(Instant::now);
+        let completion_ms = ms(handed_over.saturating_duration_since(t));
+        self.count_driver_cpu();
         let mut stats = self.source.stats();
         stats.status = "completed".into();
-        stats.downtime_ms = ms(pause_at.elapsed());
+        stats.downtime_ms = ms(handed_over.saturating_duration_since(pause_at));
         stats.downtime = DowntimeBreakdown {
             pause_ms,
             last_pages_ms,

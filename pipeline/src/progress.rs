@@ -85,7 +85,7 @@ pub struct ProgressSnapshot {
     pub pages: u64,
     /// Guest bytes those pages hold.
     pub guest_bytes: u64,
-    /// Bytes written to the channels.
+    /// Bytes of the page-carrying frames (PAGES and COPY) written to the channels.
     pub wire_bytes: u64,
     /// Pages per second since the start.
     pub pages_per_s: f64,

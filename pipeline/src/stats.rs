@@ -209,9 +209,11 @@ pub struct RoundStats {
     pub pages: PageCounts,
     /// PAGES frames sent.
     pub frames: u64,
-    /// Guest memory bytes covered.
+    /// Guest memory bytes covered: every page sent, zero, uniform and copied pages
+    /// included.
     pub guest_bytes: u64,
-    /// Bytes written to the channels (frames and headers).
+    /// Bytes of the round's page-carrying frames (PAGES and COPY, headers included)
+    /// written to the channels, before TLS.
     pub wire_bytes: u64,
     /// Pages dirtied per second during the round, as measured at its end.
     pub dirty_rate_pages_per_s: f64,
@@ -315,7 +317,9 @@ pub struct DowntimeBreakdown {
     pub last_pages_ms: f64,
     /// Sending device state, ms.
     pub device_state_ms: f64,
-    /// Waiting for the destination to confirm everything is applied, ms.
+    /// COMPLETE until ACK COMMITTED: waiting for the destination to confirm everything
+    /// is applied, then handing the guest over, ms. Closing the channels afterwards is
+    /// not included.
     pub completion_ms: f64,
 }
 
@@ -482,11 +486,16 @@ pub struct MigrationStats {
     pub channels: u16,
     /// Codec asked for.
     pub codec: String,
-    /// Since the start, ms.
+    /// Since `Source::connect` began (setup included) until these statistics were
+    /// taken, ms.
     pub total_ms: f64,
-    /// Connecting and handshaking, ms.
+    /// `Source::connect`: connecting, handshaking, starting the channels' threads and
+    /// codec engines, and sending the memory layout, ms.
     pub setup_ms: f64,
-    /// Guest paused, ms.
+    /// Guest paused, as the source sees it: from pausing the vCPUs until ACK COMMITTED
+    /// (the destination's own restore and start of the guest, the VMM's, not
+    /// included), ms. 0 when the caller drove the rounds itself instead of
+    /// [`migrate`](crate::migrate).
     pub downtime_ms: f64,
     /// Where the downtime went.
     pub downtime: DowntimeBreakdown,
@@ -500,21 +509,26 @@ pub struct MigrationStats {
     pub dirty_rate_pages_per_s: f64,
     /// Pages sent, by kind.
     pub pages: PageCounts,
-    /// Guest memory bytes transferred (pages × page size).
+    /// Guest memory bytes transferred (pages × page size): every page sent, zero,
+    /// uniform and copied pages included, which travel with no payload.
     pub guest_bytes: u64,
-    /// Bytes written to the channels.
+    /// Bytes of the page-carrying frames (PAGES and COPY, headers included) written
+    /// to the channels, before TLS. Every frame's bytes (device state and control
+    /// frames too) are in `channel_bytes`.
     pub wire_bytes: u64,
-    /// Guest bytes over wire bytes.
+    /// Guest bytes over wire bytes: the effective ratio, pages that went without
+    /// payload (zero, uniform, copies) included, not a codec's alone (see `codecs`).
     pub compression_ratio: f64,
     /// Per codec.
     pub codecs: Vec<CodecStats>,
     /// The adaptive codec choice, when it was on.
     pub adaptive: Option<AdaptiveStats>,
-    /// Wire throughput over the total time, Mbit/s.
+    /// Throughput of `wire_bytes` over the total time, Mbit/s.
     pub mbit_per_s: f64,
-    /// Guest pages per second over the total time.
+    /// Guest pages per second over the total time (every page, as `guest_bytes`).
     pub pages_per_s: f64,
-    /// Bytes written per channel.
+    /// Bytes written per channel: every frame after the handshake (pages, device
+    /// state, control frames), before TLS.
     pub channel_bytes: Vec<u64>,
     /// Codec engine.
     pub engine: EngineSummary,
@@ -533,7 +547,9 @@ pub struct MigrationStats {
     pub apply_latency: LatencySummary,
     /// Per round.
     pub per_round: Vec<RoundStats>,
-    /// CPU the source's threads used.
+    /// CPU the source's threads used: the channels' workers, the codec threads, and
+    /// the caller's thread in `Source::connect` (the handshake) and `Migration::run`
+    /// (dirty-log syncs, pausing, the device state, the round callbacks).
     pub cpu: CpuSummary,
     /// CPU the destination's threads used, when the caller has the destination's
     /// statistics (same process) and copies them in

@@ -21,12 +21,21 @@ const SESSION: u8 = 71;
 /// A destination that answers the handshake of `channels` channels and hands them
 /// back unread.
 fn silent_destination(channels: u16) -> (SocketAddr, JoinHandle<Vec<Established>>) {
-    let cfg = SessionConfig::new(
+    silent_destination_in(channels, pagewire::Encryption::Plaintext)
+}
+
+/// [`silent_destination`] with `encryption`.
+fn silent_destination_in(
+    channels: u16,
+    encryption: pagewire::Encryption,
+) -> (SocketAddr, JoinHandle<Vec<Established>>) {
+    let mut cfg = SessionConfig::new(
         Capabilities::new(PAGE as u32),
         session(SESSION),
         channels,
         Authentication::None,
     );
+    cfg.encryption = encryption;
     let l = Listener::bind(loopback(), &cfg).unwrap();
     let addr = l.local_addr().unwrap();
     let t = std::thread::spawn(move || {
@@ -297,6 +306,86 @@ fn a_cancel_ends_a_wait_on_a_destination_that_stopped_reading() {
     let src = cancelled_within_seconds(&control, run);
     drop(src);
     drop(channels);
+}
+
+/// A destination that stops reading, against a source with a fixed codec and no send
+/// deadline (`send_timeout` `Duration::MAX`): the channel's send blocks on a full
+/// socket, and `Control::cancel` must end it (the channel's interrupt), which before
+/// waited out the send timeout: for ever. Over TCP with and without the send queue,
+/// inside TLS, and over io_uring.
+fn a_cancel_ends_a_send_blocked_on_a_full_socket(
+    backend: pagewire::Backend,
+    tls: bool,
+    send_queue: usize,
+) {
+    let pki = tls.then(|| pagewire::tls::generate::pki("test CA", &["localhost"]).unwrap());
+    let (addr, dst) = silent_destination_in(
+        1,
+        match &pki {
+            Some(p) => pagewire::Encryption::Tls(p.destination_config().unwrap()),
+            None => pagewire::Encryption::Plaintext,
+        },
+    );
+    let mem = incompressible();
+    let g = guest(mem.clone(), 0, 1);
+    let mut cfg = config(CodecId::RAW.into(), Duration::MAX);
+    cfg.backend = backend;
+    cfg.send_queue = send_queue;
+    if let Some(p) = &pki {
+        cfg.encryption = pagewire::Encryption::Tls(p.source_config("localhost").unwrap());
+    }
+    let control = {
+        let mut src = Source::connect(addr, mem.clone(), cfg).unwrap();
+        let control = src.control();
+        // Held open and unread until the source gave up.
+        let channels = dst.join().unwrap();
+        let (mut log, mut vcpus) = (g.log(), g.vcpus());
+        let run = std::thread::spawn(move || {
+            let r = pagewire::migrate(&mut src, &mut log, &mut vcpus, &mut NoDeviceState);
+            (r.map(drop), src)
+        });
+        // The socket buffers fill within milliseconds; then the send blocks (io_uring:
+        // the whole round is handed to the ring, and the wait for its sends blocks).
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(
+            !run.is_finished(),
+            "the migration ended against a silent destination"
+        );
+        let src = cancelled_within_seconds(&control, run);
+        drop(src);
+        drop(channels);
+        control
+    };
+    assert!(control.is_cancelled());
+}
+
+#[test]
+fn a_cancel_ends_a_send_blocked_on_a_full_socket_over_tcp() {
+    a_cancel_ends_a_send_blocked_on_a_full_socket(pagewire::Backend::Tcp, false, 0);
+}
+
+#[test]
+fn a_cancel_ends_a_send_blocked_on_a_full_socket_over_tcp_with_its_send_queue() {
+    a_cancel_ends_a_send_blocked_on_a_full_socket(pagewire::Backend::Tcp, false, 1 << 20);
+}
+
+#[test]
+fn a_cancel_ends_a_send_blocked_on_a_full_socket_over_tls() {
+    a_cancel_ends_a_send_blocked_on_a_full_socket(pagewire::Backend::Tcp, true, 0);
+}
+
+#[test]
+fn a_cancel_ends_a_send_blocked_on_a_full_socket_over_io_uring() {
+    if !uring_available() {
+        return;
+    }
+    a_cancel_ends_a_send_blocked_on_a_full_socket(
+        pagewire::Backend::Uring {
+            fallback_to_tcp: false,
+        },
+        false,
+        0,
+    );
 }
 
 /// A migration running on `run`, with its result and source.

@@ -214,8 +214,9 @@ pub fn matrix_table(cells: &[CellReport], remote: Option<&str>) -> String {
         "total time",
         "downtime",
         "pages/s",
-        "Gbit/s",
+        "guest Gbit/s",
         "vs baseline",
+        "wire Gbit/s",
         "compression",
         "CPU % src / dst",
         "CPU-s/GiB src / dst",
@@ -254,6 +255,7 @@ pub fn matrix_table(cells: &[CellReport], remote: Option<&str>) -> String {
             (Some(g), Some(b)) if b > 0.0 => format!("{:.2}x", g.median / b),
             _ => "—".into(),
         });
+        row.push(show(spread(&g, |r| r.wire_gbit_per_s), 2));
         row.push(
             spread(&g, |r| r.compression_ratio)
                 .map_or_else(|| "—".into(), |s| format!("{:.2}x", s.median)),
@@ -288,8 +290,9 @@ pub fn matrix_table(cells: &[CellReport], remote: Option<&str>) -> String {
 fn bisection_table(r: &Report) -> String {
     let mut out = String::new();
     out.push_str(
-        "Largest dirty rate that still converges (bisection; the guest writer's rate, \
-         CapPolicy::Fail):\n\n",
+        "Largest dirty rate that still converges with the measured downtime within its \
+         limit (bisection; the guest writer's rate, repeated writes to a page included, \
+         CapPolicy::Fail; a step that completed over the limit says so):\n\n",
     );
     out.push_str("| codec | link | channels | downtime limit | round cap | converges at | fails at | steps (MB/s) |\n");
     out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- |\n");
@@ -314,7 +317,12 @@ fn bisection_table(r: &Report) -> String {
                     .map(|r| r.dirty_mbps_achieved)
                     .filter(|a| *x > 0.0 && *a < 0.9 * x)
                     .map_or(String::new(), |a| format!(" (got {a:.0})"));
-                format!("{x:.0}{got} {}", if *ok { "ok" } else { "no" })
+                let over = run
+                    .filter(|r| !ok && r.outcome == Outcome::Completed)
+                    .map_or(String::new(), |r| {
+                        format!(" (downtime {:.0} ms)", r.downtime_ms)
+                    });
+                format!("{x:.0}{got} {}{over}", if *ok { "ok" } else { "no" })
             })
             .collect();
         let _ = writeln!(
@@ -658,8 +666,9 @@ mod tests {
             "total time",
             "downtime",
             "pages/s",
-            "Gbit/s",
+            "guest Gbit/s",
             "vs baseline",
+            "wire Gbit/s",
             "compression",
             "CPU % src / dst",
             "CPU-s/GiB src / dst",

@@ -505,9 +505,11 @@ pub fn run(plan: &Plan, runner: &mut dyn Runner) -> anyhow::Result<Report> {
                 bar.inc(1);
                 let outcome = r.outcome;
                 let err = r.error.clone();
+                // Converged by the estimate, and the pause it took kept the limit.
+                let kept = r.downtime_ms <= s.downtime_ms as f64;
                 runs.push(r);
                 match outcome {
-                    Outcome::Completed => Ok(true),
+                    Outcome::Completed => Ok(kept),
                     Outcome::NotConverged => Ok(false),
                     Outcome::Failed => Err(anyhow::anyhow!(
                         "at {rate} MB/s: {}",

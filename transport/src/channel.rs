@@ -228,6 +228,12 @@ pub enum ChannelError {
     /// An earlier error left the channel unusable.
     #[error("the channel failed earlier and is closed")]
     Failed,
+    /// A send was waiting for the peer when the channel's [`Interrupt`] was raised; the
+    /// channel is closed (part of a frame may have gone).
+    ///
+    /// [`Interrupt`]: crate::Interrupt
+    #[error("a send waiting for the peer was interrupted; the channel is closed")]
+    Interrupted,
     /// The peer broke the backend's own framing (RDMA message kinds).
     #[error("the peer broke the transport's framing: {0}")]
     Framing(&'static str),

@@ -72,6 +72,7 @@ pub mod buf;
 pub mod channel;
 pub mod deadline;
 pub mod endpoint;
+pub mod interrupt;
 mod recv;
 mod sendq;
 pub mod session;
@@ -87,4 +88,5 @@ pub use channel::{
     SendId,
 };
 pub use endpoint::{Endpoint, Stream, StreamListener};
+pub use interrupt::Interrupt;
 pub use tls::{Encryption, PemFiles, PinnedPemFiles, TlsConfig, TlsError};

@@ -28,11 +28,11 @@ use std::collections::VecDeque;
 use std::io;
 use std::ops::Range;
 use std::os::fd::AsRawFd;
-use std::time::Duration;
 
 use crate::buf::Payload;
 use crate::channel::{ChannelError, Completed, OutFrame, SendId};
 use crate::endpoint::Stream;
+use crate::interrupt::SendWait;
 
 /// Most `iovec`s handed to one `sendmsg` (`IOV_MAX` on Linux).
 const IOV_MAX: usize = 1024;
@@ -150,7 +150,7 @@ impl SendQueue {
         frame: OutFrame,
         id: SendId,
         budget: usize,
-        timeout: Duration,
+        wait: SendWait<'_>,
         done: &mut Vec<Completed>,
     ) -> Result<(), ChannelError> {
         if self.frames.is_empty() {
@@ -167,11 +167,11 @@ impl SendQueue {
             }
             // The socket is full: the rest waits.
             self.enqueue(frame, id, written, done);
-            return self.drain_to(stream, budget, timeout, done);
+            return self.drain_to(stream, budget, wait, done);
         }
         self.enqueue(frame, id, 0, done);
         if self.bytes > budget {
-            self.drain_to(stream, budget, timeout, done)
+            self.drain_to(stream, budget, wait, done)
         } else {
             self.push(stream, done).map(drop)
         }
@@ -230,7 +230,7 @@ impl SendQueue {
         &mut self,
         stream: &Stream,
         budget: usize,
-        timeout: Duration,
+        wait: SendWait<'_>,
         done: &mut Vec<Completed>,
     ) -> Result<(), ChannelError> {
         let mut iov = Vec::new();
@@ -247,7 +247,7 @@ impl SendQueue {
                 }
             }));
             let n: usize = iov.iter().map(|v| v.iov_len).sum();
-            crate::tcp::send_all(stream, &mut iov, timeout)?;
+            crate::tcp::send_all(stream, &mut iov, wait.timeout, wait.interrupt)?;
             self.bytes -= n;
             if let Some(f) = self.frames.pop_front()
                 && !f.payload.is_empty()
@@ -356,10 +356,21 @@ mod tests {
     use std::io::Read;
     use std::os::unix::net::UnixStream;
 
+    use std::time::Duration;
+
     use super::*;
+    use crate::Interrupt;
     use crate::buf::GuestMemory;
 
     const T: Duration = Duration::from_secs(5);
+
+    /// Waits of `timeout`, with no interrupt.
+    fn wait(timeout: Duration) -> SendWait<'static> {
+        SendWait {
+            timeout,
+            interrupt: None,
+        }
+    }
 
     fn bytes_frame(tag: u8, n: usize) -> OutFrame {
         OutFrame {
@@ -401,7 +412,7 @@ mod tests {
         for i in 0..64u8 {
             let f = bytes_frame(i, 64 << 10);
             expect.extend(wire(&f));
-            q.send(&s, f, SendId(u64::from(i)), 16 << 20, T, &mut done)
+            q.send(&s, f, SendId(u64::from(i)), 16 << 20, wait(T), &mut done)
                 .unwrap();
         }
         // Every frame completed at once (written, or copied into the queue) ...
@@ -410,7 +421,7 @@ mod tests {
         // ... and most of them wait in the queue.
         assert!(q.bytes() > 2 << 20, "queued {}", q.bytes());
         let reader = read_all(peer);
-        q.drain_to(&s, 0, T, &mut done).unwrap();
+        q.drain_to(&s, 0, wait(T), &mut done).unwrap();
         assert!(q.is_empty());
         assert_eq!(q.bytes(), 0);
         drop(s);
@@ -436,7 +447,7 @@ mod tests {
                 bytes_frame(1, frame),
                 SendId(sent),
                 budget,
-                Duration::from_millis(100),
+                wait(Duration::from_millis(100)),
                 &mut done,
             ) {
                 Ok(()) => sent += 1,
@@ -448,6 +459,53 @@ mod tests {
         // The queue never held more than its budget and one frame.
         assert!(q.bytes() <= budget + frame + 16, "queued {}", q.bytes());
         assert!(q.bytes() > budget, "queued {}", q.bytes());
+    }
+
+    #[test]
+    fn a_raised_interrupt_ends_a_send_that_waits_for_a_peer_that_never_reads() {
+        let (a, _peer) = UnixStream::pair().unwrap();
+        let s = Stream::Unix(a);
+        let interrupt = Interrupt::new();
+        // As a channel with an interrupt sets it: one slice at a time.
+        let long = Duration::from_secs(3600);
+        crate::tcp::set_send_timeout(&s, crate::interrupt::slice(long, Some(&interrupt))).unwrap();
+        let raiser = {
+            let i = interrupt.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                i.raise();
+            })
+        };
+        let mut q = SendQueue::default();
+        let mut done = Vec::new();
+        let start = std::time::Instant::now();
+        let mut sent = 0;
+        let err = loop {
+            match q.send(
+                &s,
+                bytes_frame(1, 64 << 10),
+                SendId(sent),
+                256 << 10,
+                SendWait {
+                    timeout: long,
+                    interrupt: Some(&interrupt),
+                },
+                &mut done,
+            ) {
+                Ok(()) => sent += 1,
+                Err(e) => break e,
+            }
+            assert!(sent < 1000, "the queue never filled");
+        };
+        raiser.join().unwrap();
+        assert!(matches!(err, ChannelError::Interrupted), "{err:?}");
+        // Not the hour of the send timeout (a bound for a loaded machine, not a
+        // measurement).
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{:?}",
+            start.elapsed()
+        );
     }
 
     #[test]
@@ -467,7 +525,8 @@ mod tests {
                 payload: vec![Payload::Guest(mem.slice(0, 1 << 20).unwrap())],
             };
             expect.push(wire(&f));
-            q.send(&s, f, SendId(id), 16 << 20, T, &mut done).unwrap();
+            q.send(&s, f, SendId(id), 16 << 20, wait(T), &mut done)
+                .unwrap();
             id += 1;
             assert!(id < 64, "the socket never filled");
         }
@@ -478,7 +537,7 @@ mod tests {
         // when it is written.
         mem.write(0, &vec![8; 1 << 20]);
         let reader = read_all(peer);
-        q.drain_to(&s, 0, T, &mut done).unwrap();
+        q.drain_to(&s, 0, wait(T), &mut done).unwrap();
         assert!(done.iter().any(|c| c.id.0 == last));
         drop(s);
         let got = reader.join().unwrap();

@@ -49,6 +49,7 @@ use crate::channel::{
     Channel, ChannelError, ChannelStats, Completed, Incoming, OutFrame, PageSink, SendId,
 };
 use crate::endpoint::{self, Endpoint, Stream};
+use crate::interrupt::{self, Interrupt, SendWait};
 use crate::recv::{ByteSource, RxState, Until, guest_iovecs, until};
 use crate::sendq::SendQueue;
 use crate::tls::{TlsSession, TlsSource};
@@ -310,19 +311,28 @@ pub(crate) fn set_send_timeout(stream: &Stream, t: Duration) -> io::Result<()> {
 }
 
 /// Sends every byte of `iov` with `sendmsg(MSG_NOSIGNAL)`, advancing over short writes,
-/// within `timeout` of the call in all (`SO_SNDTIMEO` bounds each `sendmsg`, and a
-/// `sendmsg` that times out after taking some bytes returns a short count, so the
-/// remaining time is set again after a short write; restored before returning).
+/// within `timeout` of the call in all. `SO_SNDTIMEO` bounds each `sendmsg`: the
+/// socket's is [`interrupt::slice`] of `timeout` (all of it, or with an `interrupt` at
+/// most [`interrupt::SLICE`]); a `sendmsg` that waits that long takes what the socket
+/// took meanwhile (or nothing), and the next one gets the time left, if less
+/// (restored before returning). Between waits, a raised `interrupt` ends the send with
+/// [`ChannelError::Interrupted`].
 pub(crate) fn send_all(
     stream: &Stream,
     iov: &mut [libc::iovec],
     timeout: Duration,
+    interrupt: Option<&Interrupt>,
 ) -> Result<(), ChannelError> {
-    let deadline = crate::deadline::from_now(timeout);
-    let mut shortened = false;
-    let r = send_all_until(stream, iov, timeout, deadline, &mut shortened);
-    if shortened {
-        let restored = set_send_timeout(stream, timeout);
+    let wait = Wait {
+        timeout,
+        deadline: crate::deadline::from_now(timeout),
+        slice: interrupt::slice(timeout, interrupt),
+        interrupt,
+    };
+    let mut set = wait.slice;
+    let r = send_all_until(stream, iov, &wait, &mut set);
+    if set != wait.slice {
+        let restored = set_send_timeout(stream, wait.slice);
         if r.is_ok() {
             restored.map_err(|e| ChannelError::io("setsockopt(SO_SNDTIMEO)", e))?;
         }
@@ -330,22 +340,39 @@ pub(crate) fn send_all(
     r
 }
 
+/// How a [`send_all`] waits.
+struct Wait<'a> {
+    timeout: Duration,
+    deadline: Instant,
+    /// The socket's `SO_SNDTIMEO` between calls.
+    slice: Duration,
+    interrupt: Option<&'a Interrupt>,
+}
+
 fn send_all_until(
     stream: &Stream,
     iov: &mut [libc::iovec],
-    timeout: Duration,
-    deadline: Instant,
-    shortened: &mut bool,
+    wait: &Wait<'_>,
+    set: &mut Duration,
 ) -> Result<(), ChannelError> {
     let mut idx = 0;
+    let mut waited = false;
     while idx < iov.len() {
-        if *shortened {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(ChannelError::SendTimeout(timeout));
+        if waited {
+            if wait.interrupt.is_some_and(Interrupt::is_raised) {
+                return Err(ChannelError::Interrupted);
             }
-            set_send_timeout(stream, left)
-                .map_err(|e| ChannelError::io("setsockopt(SO_SNDTIMEO)", e))?;
+            let left = wait.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ChannelError::SendTimeout(wait.timeout));
+            }
+            // The rest of the frame gets only the time left.
+            let next = left.min(wait.slice);
+            if next != *set {
+                set_send_timeout(stream, next)
+                    .map_err(|e| ChannelError::io("setsockopt(SO_SNDTIMEO)", e))?;
+                *set = next;
+            }
         }
         let count = (iov.len() - idx).min(IOV_MAX);
         // Raw sendmsg, not nix's or std's: payload iovecs cover guest memory, not Rust slices.
@@ -353,22 +380,47 @@ fn send_all_until(
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_iov = iov[idx..].as_mut_ptr();
         msg.msg_iovlen = count;
+        let called = Instant::now();
         // SAFETY: every iovec points into memory the caller keeps alive and readable for
         // the duration of the call (an `OutFrame`'s header and payload, which it owns);
         // `msg` points at `count` of them.
         let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
         if n < 0 {
             let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                // `SO_SNDTIMEO` passed with nothing taken; or the socket is in
+                // non-blocking mode (a caller's), which returns at once: then wait for
+                // room here, so that the loop never spins.
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                    let rest = set.saturating_sub(called.elapsed());
+                    if rest > *set / 2 {
+                        wait_writable(stream, rest);
+                    }
+                    waited = true;
+                    continue;
+                }
+                _ => return Err(ChannelError::from_send_io("sendmsg", e, wait.timeout)),
             }
-            return Err(ChannelError::from_send_io("sendmsg", e, timeout));
         }
         idx = advance_iovecs(iov, idx, n as usize);
-        // A short write: the rest of the frame gets only the time left.
-        *shortened |= idx < iov.len();
+        // A short write: `SO_SNDTIMEO` passed with part of it taken.
+        waited = idx < iov.len();
     }
     Ok(())
+}
+
+/// Waits until `stream` has room to write, `timeout` at most (errors end the wait: the
+/// next write reports them).
+fn wait_writable(stream: &Stream, timeout: Duration) {
+    let mut p = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one pollfd, alive for the call.
+    unsafe { libc::poll(&mut p, 1, ms) };
 }
 
 /// Drops the first `n` bytes of `iov[idx..]` (a write's count); returns the index of
@@ -392,13 +444,14 @@ pub(crate) fn advance_iovecs(iov: &mut [libc::iovec], mut idx: usize, mut n: usi
 pub(crate) struct SockWriter<'a> {
     pub(crate) stream: &'a Stream,
     pub(crate) timeout: Duration,
+    pub(crate) interrupt: Option<&'a Interrupt>,
     pub(crate) err: Option<ChannelError>,
 }
 
 impl SockWriter<'_> {
     fn send(&mut self, iov: &mut [libc::iovec]) -> io::Result<usize> {
         let total = iov.iter().map(|v| v.iov_len).sum();
-        send_all(self.stream, iov, self.timeout).map_err(|e| {
+        send_all(self.stream, iov, self.timeout, self.interrupt).map_err(|e| {
             self.err = Some(e);
             io::Error::other("channel send failed")
         })?;
@@ -500,6 +553,8 @@ pub struct TcpChannel {
     queue: SendQueue,
     /// When `recv` must have returned by ([`TcpChannel::set_recv_deadline`]).
     deadline: Option<(Instant, Duration)>,
+    /// What ends a blocked send early ([`TcpChannel::set_interrupt`]).
+    interrupt: Option<Interrupt>,
 }
 
 impl TcpChannel {
@@ -528,7 +583,24 @@ impl TcpChannel {
             tls: None,
             queue: SendQueue::default(),
             deadline: None,
+            interrupt: None,
         })
+    }
+
+    /// Gives the channel an [`Interrupt`] that ends its blocked sends early (see
+    /// [`crate::interrupt`]), or takes it away (`None`): from then on a send waits in
+    /// slices of at most [`interrupt::SLICE`].
+    ///
+    /// # Errors
+    /// [`ChannelError::Io`] when the socket's send timeout cannot be set.
+    pub fn set_interrupt(&mut self, interrupt: Option<Interrupt>) -> Result<(), ChannelError> {
+        set_send_timeout(
+            &self.stream,
+            interrupt::slice(self.cfg.send_timeout, interrupt.as_ref()),
+        )
+        .map_err(|e| ChannelError::io("setsockopt(SO_SNDTIMEO)", e))?;
+        self.interrupt = interrupt;
+        Ok(())
     }
 
     /// Runs the channel inside the TLS session its handshake ran in.
@@ -545,12 +617,18 @@ impl TcpChannel {
     fn send_tls(&mut self, frame: &OutFrame) -> Result<(), ChannelError> {
         let Some(tls) = self.tls.as_deref_mut() else {
             let mut iov = frame_iovecs(frame);
-            return send_all(&self.stream, &mut iov, self.cfg.send_timeout);
+            return send_all(
+                &self.stream,
+                &mut iov,
+                self.cfg.send_timeout,
+                self.interrupt.as_ref(),
+            );
         };
         tls.seal_frame(frame)?;
         let mut w = SockWriter {
             stream: &self.stream,
             timeout: self.cfg.send_timeout,
+            interrupt: self.interrupt.as_ref(),
             err: None,
         };
         tls.write_to(&mut w).map_err(|e| w.error(e))
@@ -596,9 +674,13 @@ impl TcpChannel {
             return Err(ChannelError::Failed);
         }
         let res = match all {
-            true => self
-                .queue
-                .drain_to(&self.stream, 0, self.cfg.send_timeout, &mut self.done),
+            true => {
+                let wait = SendWait {
+                    timeout: self.cfg.send_timeout,
+                    interrupt: self.interrupt.as_ref(),
+                };
+                self.queue.drain_to(&self.stream, 0, wait, &mut self.done)
+            }
             false => self.queue.push(&self.stream, &mut self.done).map(drop),
         };
         if res.is_err() {
@@ -633,7 +715,10 @@ impl Channel for TcpChannel {
                 frame,
                 id,
                 self.cfg.send_queue,
-                self.cfg.send_timeout,
+                SendWait {
+                    timeout: self.cfg.send_timeout,
+                    interrupt: self.interrupt.as_ref(),
+                },
                 &mut self.done,
             )
         } else {
@@ -768,6 +853,7 @@ impl Channel for TcpChannel {
             let mut w = SockWriter {
                 stream: &self.stream,
                 timeout: self.cfg.send_timeout,
+                interrupt: self.interrupt.as_ref(),
                 err: None,
             };
             tls.write_to(&mut w).map_err(|e| w.error(e))?;
@@ -783,6 +869,44 @@ impl Channel for TcpChannel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// This thread's CPU time.
+    fn thread_cpu() -> Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid timespec, alive for the call.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+
+    /// A socket a caller put in non-blocking mode returns `EAGAIN` at once: the send
+    /// waits for room in `poll`, not in a loop of `sendmsg` calls, and still ends at
+    /// its timeout (or at once on a raised interrupt).
+    #[test]
+    fn a_full_non_blocking_socket_waits_without_spinning() {
+        let (a, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let s = Stream::Unix(a);
+        s.set_nonblocking(true).unwrap();
+        let chunk = vec![7u8; 1 << 20];
+        let mut iov = [libc::iovec {
+            iov_base: chunk.as_ptr().cast_mut().cast(),
+            iov_len: chunk.len(),
+        }];
+        let (wall, cpu) = (Instant::now(), thread_cpu());
+        let timeout = Duration::from_millis(400);
+        let r = send_all(&s, &mut iov, timeout, None);
+        assert!(matches!(r, Err(ChannelError::SendTimeout(_))), "{r:?}");
+        assert!(wall.elapsed() >= timeout);
+        // A spinning loop would burn the whole 400 ms.
+        let burnt = thread_cpu() - cpu;
+        assert!(burnt < Duration::from_millis(200), "{burnt:?} of CPU");
+        let raised = Interrupt::new();
+        raised.raise();
+        let r = send_all(&s, &mut iov, Duration::from_secs(3600), Some(&raised));
+        assert!(matches!(r, Err(ChannelError::Interrupted)), "{r:?}");
+    }
 
     #[test]
     fn a_socket_buffer_of_4_gib_is_the_largest_not_the_smallest() {

@@ -49,9 +49,10 @@ fn abort_reason(e: &MigrationError) -> Option<AbortReason> {
         MigrationError::SessionFailed { .. } => Some(AbortReason::CHANNEL_FAILED),
         MigrationError::Cancelled => Some(AbortReason::CANCELLED),
         MigrationError::DeviceStateRefused { .. } => Some(AbortReason::APPLY_FAILED),
-        MigrationError::Worker(_) | MigrationError::Memory(_) | MigrationError::Engine(_) => {
-            Some(AbortReason::INTERNAL)
-        }
+        MigrationError::Worker(_)
+        | MigrationError::WorkerPanicked { .. }
+        | MigrationError::Memory(_)
+        | MigrationError::Engine(_) => Some(AbortReason::INTERNAL),
         // The rules, the frame decoder, the payload's codec, and the protocol checks
         // made here: a frame the destination refuses.
         _ => Some(AbortReason::BAD_FRAME),

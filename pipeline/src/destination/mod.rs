@@ -228,7 +228,7 @@ impl Destination {
             match t.join() {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => errors.push((ch, e)),
-                Err(_) => errors.push((ch, MigrationError::Worker(ch))),
+                Err(payload) => errors.push((ch, crate::error::worker_ended(ch, Err(payload)))),
             }
         }
         // Channel 0's verdict on the switchover when it had acknowledged COMPLETE; else

@@ -203,6 +203,10 @@ pub struct Source {
     /// later call fails with [`MigrationError::HandedOver`], never with an error that
     /// lets the guest be resumed here.
     handed_over: bool,
+    /// When [`Source::complete`] had the destination's answer (or gave up on it).
+    handed_over_at: Option<Instant>,
+    /// CPU the caller's thread spent in `Source::connect` and `Migration::run`.
+    driver_cpu: Duration,
 }
 
 impl std::fmt::Debug for Source {
@@ -490,19 +494,34 @@ impl Source {
         if w.tx.send(cmd).is_err() {
             // The worker was gone before it got the command: nothing was sent.
             watch.end();
-            return Err(Failed::bare(MigrationError::Worker(0)));
+            self.set_phase(Phase::Failed);
+            return Err(Failed::bare(self.died(0)));
         }
         let reply = w.rx.recv();
+        let answered = Instant::now();
         watch.end();
         let switchover = match reply {
             Ok(Reply::Done) => Switchover::Committed,
             Ok(Reply::Unknown(e)) => Switchover::Unknown { error: Box::new(e) },
-            Ok(Reply::Failed(e)) => return Err(Failed::bare(e)),
+            Ok(Reply::Failed(e)) => {
+                self.set_phase(Phase::Failed);
+                return Err(Failed::bare(e));
+            }
             // The worker died without a word: it may have sent COMMIT.
-            _ => Switchover::Unknown {
+            Err(_) => Switchover::Unknown {
+                error: Box::new(self.died(0)),
+            },
+            Ok(_) => Switchover::Unknown {
                 error: Box::new(MigrationError::Worker(0)),
             },
         };
+        self.set_phase(match switchover {
+            Switchover::Committed => Phase::Completed,
+            Switchover::Unknown { .. } => Phase::OutcomeUnknown,
+        });
+        // The guest's downtime ends with channel 0's answer (ACK COMMITTED, or the end
+        // of its wait), not after the channels' closes below.
+        self.handed_over_at = Some(answered);
         self.handed_over = true;
         // Closing cannot change who owns the guest; its errors are not the migration's.
         let _ = self.broadcast(|| Cmd::Close);
@@ -546,6 +565,12 @@ impl Source {
     }
 
     /// `Err` with [`MigrationError::HandedOver`] once the switchover ran.
+    /// When [`Source::complete`] had the destination's answer to COMMIT, or gave up
+    /// waiting for it: the end of the guest's downtime as the source sees it.
+    pub(crate) fn handed_over_at(&self) -> Option<Instant> {
+        self.handed_over_at
+    }
+
     fn not_handed_over(&self) -> Result<(), Failed> {
         match self.handed_over {
             true => Err(Failed::bare(MigrationError::HandedOver)),
@@ -556,13 +581,25 @@ impl Source {
     fn one(&mut self, ch: usize, cmd: Cmd) -> Result<(), Failed> {
         self.not_handed_over()?;
         let w = &self.workers[ch];
-        if w.tx.send(cmd).is_err() {
-            return Err(Failed::bare(MigrationError::Worker(ch as u16)));
+        let reply = match w.tx.send(cmd) {
+            Ok(()) => w.rx.recv().ok(),
+            Err(_) => None,
+        };
+        match reply {
+            Some(Reply::Done) => Ok(()),
+            Some(Reply::Failed(e)) => Err(Failed::bare(e)),
+            Some(_) => Err(Failed::bare(MigrationError::Worker(ch as u16))),
+            None => Err(Failed::bare(self.died(ch))),
         }
-        match w.rx.recv() {
-            Ok(Reply::Done) => Ok(()),
-            Ok(Reply::Failed(e)) => Err(Failed::bare(e)),
-            _ => Err(Failed::bare(MigrationError::Worker(ch as u16))),
+    }
+
+    /// The error for worker `ch`, whose thread is gone (its channel to us closed):
+    /// with the panic's message when it panicked.
+    fn died(&mut self, ch: usize) -> MigrationError {
+        match self.workers[ch].thread.take() {
+            // It dropped its end of the channel: it is ending, if not ended.
+            Some(t) => crate::error::worker_ended(ch as u16, t.join()),
+            None => MigrationError::Worker(ch as u16),
         }
     }
 
@@ -572,24 +609,30 @@ impl Source {
             .iter()
             .map(|w| w.tx.send(cmd()).is_ok())
             .collect();
-        self.workers
+        let replies: Vec<Option<Reply>> = self
+            .workers
             .iter()
             .zip(sent)
+            .map(|(w, ok)| ok.then(|| w.rx.recv().ok()).flatten())
+            .collect();
+        replies
+            .into_iter()
             .enumerate()
-            .map(|(ch, (w, ok))| {
-                if !ok {
-                    return Err(MigrationError::Worker(ch as u16));
-                }
-                match w.rx.recv() {
-                    Ok(Reply::Failed(e)) => Err(e),
-                    Ok(r) => Ok(r),
-                    Err(_) => Err(MigrationError::Worker(ch as u16)),
-                }
+            .map(|(ch, reply)| match reply {
+                Some(Reply::Failed(e)) => Err(e),
+                Some(r) => Ok(r),
+                None => Err(self.died(ch)),
             })
             .collect()
     }
 
-    /// CPU time of the source's threads so far: channel workers and codec threads.
+    /// Adds CPU the caller's thread spent driving the migration (`Migration::run`).
+    pub(crate) fn add_driver_cpu(&mut self, cpu: Duration) {
+        self.driver_cpu += cpu;
+    }
+
+    /// CPU time of the source's threads so far: channel workers, codec threads, and the
+    /// caller's thread in `Source::connect` and `Migration::run`.
     fn cpu_time(&self) -> Duration {
         let workers: u64 = self
             .workers
@@ -601,7 +644,7 @@ impl Source {
             .iter()
             .filter_map(|e| e.lock().ok().map(|e| e.worker_cpu))
             .sum();
-        Duration::from_nanos(workers) + codecs
+        Duration::from_nanos(workers) + codecs + self.driver_cpu
     }
 
     /// A snapshot of the statistics so far (totals are live; rounds appear as they end).

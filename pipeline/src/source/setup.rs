@@ -34,6 +34,7 @@ impl Source {
         open: impl FnOnce(&SessionConfig) -> Result<Vec<Established>, session::SessionError>,
     ) -> Result<Source, MigrationError> {
         let started = Instant::now();
+        let cpu_at_start = pagewire_accel::thread_cpu_time();
         config.validate()?;
         let page_size = memory.page_size();
         let mut caps = Capabilities::new(page_size);
@@ -270,6 +271,7 @@ impl Source {
                     w.rules.on_send_layout();
                     match w.send_whole(&layout) {
                         Ok(_) => {
+                            w.note_cpu();
                             if tx_reply.send(Reply::Ready(name)).is_err() {
                                 return;
                             }
@@ -321,6 +323,8 @@ impl Source {
             next_round: 0,
             sections: 0,
             handed_over: false,
+            handed_over_at: None,
+            driver_cpu: pagewire_accel::thread_cpu_time().saturating_sub(cpu_at_start),
             started,
             setup: started.elapsed(),
             transport,

@@ -125,6 +125,7 @@ impl UringChannel {
             zc_budget: ZC_AUTO_COPIED,
             spare_records: Vec::new(),
             stats: ChannelStats::default(),
+            interrupt: None,
         };
         if fixed_state == FixedState::Registered {
             core.stats.registered_bytes = core.fixed_bytes();
@@ -181,6 +182,22 @@ impl UringChannel {
     /// left before a deadline.
     pub fn set_recv_timeout(&mut self, timeout: Option<Duration>) {
         self.core.cfg.recv_timeout = timeout;
+    }
+
+    /// Gives the channel an [`Interrupt`](crate::Interrupt) that ends its waits for
+    /// sends early (see [`crate::interrupt`]), or takes it away (`None`): from then on
+    /// they wait in slices of at most [`crate::interrupt::SLICE`]. The socket's own
+    /// send timeout stays as it is (the kernel's sends use it) until TLS's
+    /// `close_notify`, written directly, needs the slice.
+    ///
+    /// # Errors
+    /// None yet; the `Result` matches [`TcpChannel::set_interrupt`](crate::tcp::TcpChannel::set_interrupt).
+    pub fn set_interrupt(
+        &mut self,
+        interrupt: Option<crate::Interrupt>,
+    ) -> Result<(), ChannelError> {
+        self.core.interrupt = interrupt;
+        Ok(())
     }
 
     /// Frames whose payload is still owned by the channel.
@@ -516,9 +533,16 @@ impl Channel for UringChannel {
         if let Some(tls) = self.tls.as_deref_mut() {
             // Every send has completed: close_notify goes last, written directly.
             tls.close().map_err(ChannelError::Tls)?;
+            if let Some(i) = self.core.interrupt.as_ref() {
+                // `send_all` waits a slice at a time on this socket's send timeout.
+                let slice = crate::interrupt::slice(self.core.cfg.send_timeout, Some(i));
+                crate::tcp::set_send_timeout(&self.core.stream, slice)
+                    .map_err(|e| ChannelError::io("setsockopt(SO_SNDTIMEO)", e))?;
+            }
             let mut w = crate::tcp::SockWriter {
                 stream: &self.core.stream,
                 timeout: self.core.cfg.send_timeout,
+                interrupt: self.core.interrupt.as_ref(),
                 err: None,
             };
             tls.write_to(&mut w).map_err(|e| w.error(e))?;

@@ -441,6 +441,8 @@ struct Core {
     /// TLS: records buffers whose sends completed, to seal the next frames into.
     spare_records: Vec<Vec<u8>>,
     stats: ChannelStats,
+    /// What ends a wait for sends early ([`UringChannel::set_interrupt`]).
+    interrupt: Option<crate::Interrupt>,
 }
 
 /// A channel over a TCP or Unix stream socket driven by io_uring.

@@ -255,7 +255,9 @@ impl Core {
     }
 
     /// Waits until at most `limit` payload bytes are in flight; the send timeout runs
-    /// from the last completion.
+    /// from the last completion. With an interrupt, it waits a slice at a time, and a
+    /// slice that ends with the interrupt raised ends the wait with
+    /// [`ChannelError::Interrupted`].
     pub(super) fn wait_in_flight(&mut self, limit: usize) -> Result<(), ChannelError> {
         let timeout = self.cfg.send_timeout;
         let mut deadline = crate::deadline::from_now(timeout);
@@ -269,10 +271,20 @@ impl Core {
             if left.is_zero() {
                 return Err(ChannelError::SendTimeout(timeout));
             }
-            self.enter(1, Some(left))?;
+            let slice = crate::interrupt::slice(left, self.interrupt.as_ref());
+            self.enter(1, Some(slice))?;
             self.reap()?;
             if self.done.len() + usize::from(self.chain_left > 0) != before {
                 deadline = crate::deadline::from_now(timeout);
+            }
+            // Also while sends still trickle out: a cancel must not wait for a slow
+            // destination to drain what is in flight.
+            if self
+                .interrupt
+                .as_ref()
+                .is_some_and(crate::Interrupt::is_raised)
+            {
+                return Err(ChannelError::Interrupted);
             }
         }
         Ok(())

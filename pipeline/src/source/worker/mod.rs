@@ -122,11 +122,19 @@ impl WorkerSetup {
     /// The worker for `channel`, with the session's source rules for its index.
     ///
     /// # Errors
-    /// [`MigrationError::Rule`] when the channel index is outside the session.
-    pub(super) fn into_worker(self, channel: AnyChannel) -> Result<Worker, MigrationError> {
+    /// [`MigrationError::Rule`] when the channel index is outside the session;
+    /// [`MigrationError::Channel`] when the channel cannot take the control's interrupt.
+    pub(super) fn into_worker(self, mut channel: AnyChannel) -> Result<Worker, MigrationError> {
         let ch = self.ch;
         let rules = SourceChannel::new(ChannelId(ch), self.affinity.wire()).map_err(|source| {
             MigrationError::Rule {
+                channel: ch,
+                source,
+            }
+        })?;
+        // A cancel ends a send blocked on a destination that stopped reading.
+        set_interrupt(&mut channel, Some(self.control.interrupt().clone())).map_err(|source| {
+            MigrationError::Channel {
                 channel: ch,
                 source,
             }
@@ -247,7 +255,6 @@ impl Worker {
                     Err(_) => return,
                 },
             };
-            let cpu = pagewire_accel::thread_cpu_time();
             let res = match cmd {
                 Cmd::Watch(watch) => {
                     next = self.watch(&watch, &rx);
@@ -277,6 +284,7 @@ impl Worker {
                 } => self.complete(final_round, sections, &watch),
                 Cmd::Close => {
                     let r = self.close().map(|()| Reply::Done);
+                    self.note_cpu();
                     let _ = tx.send(r.unwrap_or_else(Reply::Failed));
                     return;
                 }
@@ -284,15 +292,7 @@ impl Worker {
             if let Ok(mut s) = self.s.engine_stats.lock() {
                 *s = self.s.engine.stats();
             }
-            self.s.counters.cpu_ns.fetch_add(
-                u64::try_from(
-                    pagewire_accel::thread_cpu_time()
-                        .saturating_sub(cpu)
-                        .as_nanos(),
-                )
-                .unwrap_or(u64::MAX),
-                Ordering::Relaxed,
-            );
+            self.note_cpu();
             match res {
                 Ok(r) => {
                     if tx.send(r).is_err() {
@@ -367,6 +367,8 @@ impl Worker {
                 what: Wait::Ack,
                 after: self.s.ack_timeout,
             },
+            // The control's interrupt: a cancel ended a blocked send.
+            ChannelError::Interrupted => MigrationError::Cancelled,
             source => MigrationError::Channel {
                 channel: self.s.ch,
                 source,
@@ -878,6 +880,11 @@ impl Worker {
         if let Some(e) = watch.take() {
             return Err(e);
         }
+        // A cancel that came first keeps COMMIT back; one that comes later no longer
+        // interrupts this channel's sends.
+        if !self.s.control.seal() {
+            return Err(MigrationError::Cancelled);
+        }
         let commit = self.rules.commit().map_err(|e| self.rule(e))?;
         let out =
             OutFrame::whole(&Frame::Commit(commit)).map_err(|e| MigrationError::Protocol {
@@ -1007,6 +1014,13 @@ impl Worker {
         Ok(())
     }
 
+    /// Publishes this thread's CPU time since it began: opening its channel, the
+    /// layout, watches and every command so far.
+    pub(super) fn note_cpu(&self) {
+        let ns = u64::try_from(pagewire_accel::thread_cpu_time().as_nanos()).unwrap_or(u64::MAX);
+        self.s.counters.cpu_ns.store(ns, Ordering::Relaxed);
+    }
+
     fn close(&mut self) -> Result<(), MigrationError> {
         self.channel
             .close(&mut self.done)
@@ -1027,6 +1041,19 @@ fn set_recv_timeout(
             c.set_recv_timeout(timeout);
             Ok(())
         }
+        #[allow(unreachable_patterns)]
+        _ => Ok(()),
+    }
+}
+
+/// Gives the channel the interrupt that ends its blocked sends (RDMA: none).
+fn set_interrupt(
+    ch: &mut AnyChannel,
+    interrupt: Option<pagewire_transport::Interrupt>,
+) -> Result<(), pagewire_transport::ChannelError> {
+    match ch {
+        AnyChannel::Tcp(c) | AnyChannel::Fallback(c, _) => c.set_interrupt(interrupt),
+        AnyChannel::Uring(c) => c.set_interrupt(interrupt),
         #[allow(unreachable_patterns)]
         _ => Ok(()),
     }
