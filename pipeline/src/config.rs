@@ -390,7 +390,13 @@ pub enum Prefault {
     /// for that. At most 1,024 advised blocks without an advised neighbour (each
     /// splits the mapping; a process has `vm.max_map_count` mappings), and none after
     /// the kernel refused one. How many blocks it advised:
-    /// [`DestinationStats::huge_blocks`](crate::DestinationStats::huge_blocks).
+    /// [`DestinationStats::huge_blocks`](crate::DestinationStats::huge_blocks). The
+    /// advice outlives the migration: the memory handed over
+    /// ([`Migrated::memory`](crate::Migrated::memory)) keeps `MADV_NOHUGEPAGE` outside
+    /// the dense blocks, so neither a fault nor khugepaged backs a sparse guest's
+    /// free memory with huge pages. A VMM that wants its guest on huge pages
+    /// everywhere (and accepts what khugepaged may then back) calls
+    /// [`GuestMemory::advise_huge_pages`](crate::GuestMemory::advise_huge_pages) on it.
     /// Measured in BENCHMARKS.md ("Huge pages where frames are dense").
     #[default]
     HugeWhereDense,

@@ -82,6 +82,10 @@ pub enum MemoryError {
         #[source]
         source: io::Error,
     },
+    /// The VMM's [`MemoryProvider`] refused the layout (its error's text follows),
+    /// panicked, or returned memory of another layout.
+    #[error("the VMM's memory provider {0}")]
+    Provider(String),
 }
 
 /// One region as the VMM describes it.

@@ -495,7 +495,7 @@ pub struct MigrationStats {
     /// Guest paused, as the source sees it: from pausing the vCPUs until ACK COMMITTED
     /// (the destination's own restore and start of the guest, the VMM's, not
     /// included), ms. 0 when the caller drove the rounds itself instead of
-    /// [`migrate`](crate::migrate).
+    /// [`migrate`](fn@crate::migrate).
     pub downtime_ms: f64,
     /// Where the downtime went.
     pub downtime: DowntimeBreakdown,

@@ -450,6 +450,81 @@ fn the_vmm_provides_destination_memory_for_the_layout() {
     assert!(f.running_on_source && g.is_running());
 }
 
+/// A memory provider that panics (the VMM's bug) fails the session as a refusal does,
+/// with ABORT `INTERNAL` saying so: it poisoned the memory lock before, so the other
+/// channel reported "poisoned" to the source as the source's bad frame.
+#[test]
+fn a_memory_provider_that_panics_fails_the_session_and_says_so() {
+    use pagewire::{DestinationMemory, MemoryError};
+    use pagewire_protocol::MemoryLayout;
+    let mem = memory(4);
+    fill(&mem, 12);
+    let mut dcfg = DestinationConfig::new(session(55), Authentication::None);
+    dcfg.idle_timeout = Duration::from_secs(10);
+    let l = DestinationListener::bind(loopback(), dcfg).unwrap();
+    let addr = l.local_addr().unwrap();
+    let panics = |_: &MemoryLayout| -> Result<Arc<GuestMemory>, DirtyLogError> {
+        panic!("the VMM's memory map is corrupt")
+    };
+    let dst = std::thread::spawn(move || {
+        l.accept_into(DestinationMemory::Provider(Arc::new(panics)))?
+            .wait()
+    });
+    let mut cfg = SourceConfig::new(session(55), Authentication::None);
+    cfg.channels = 2;
+    cfg.precopy.max_rounds = 2;
+    let mut src = Source::connect(addr, mem.clone(), cfg).unwrap();
+    let g = guest(mem.clone(), 2_000, 12);
+    let (mut log, mut vcpus) = (g.log(), g.vcpus());
+    let f = pagewire::migrate(&mut src, &mut log, &mut vcpus, &mut NoDeviceState).unwrap_err();
+    drop(src);
+    let e = within(Duration::from_secs(60), "the destination", move || {
+        dst.join().unwrap()
+    })
+    .unwrap_err();
+    assert!(
+        matches!(&e, MigrationError::Memory(MemoryError::Provider(what)) if what.contains("panicked: the VMM's memory map is corrupt")),
+        "{e}"
+    );
+    assert!(
+        f.to_string().contains("the VMM's memory map is corrupt"),
+        "the source hears why: {f}"
+    );
+    assert!(f.running_on_source && g.is_running());
+}
+
+/// A `Destination` dropped without `wait` (the VMM's setup failed meanwhile) cancels:
+/// the source keeps its guest. Before, the receivers went on alone, took COMMIT, and
+/// the source gave the guest up to a destination where nobody would ever start it.
+#[test]
+fn a_destination_dropped_without_wait_keeps_the_guest_on_the_source() {
+    let mem = memory(8);
+    fill(&mem, 13);
+    let mut dcfg = DestinationConfig::new(session(56), Authentication::None);
+    dcfg.idle_timeout = Duration::from_secs(120);
+    let l = DestinationListener::bind(loopback(), dcfg).unwrap();
+    let addr = l.local_addr().unwrap();
+    let dst = std::thread::spawn(move || {
+        let d = l.accept(None).unwrap();
+        // The VMM's own setup fails here, and `d` is dropped.
+        std::thread::sleep(Duration::from_millis(200));
+        drop(d);
+    });
+    let mut cfg = SourceConfig::new(session(56), Authentication::None);
+    cfg.bandwidth_limit = 8 << 20; // 8 MiB take a second: the drop lands mid-round
+    cfg.ack_timeout = Duration::from_secs(120);
+    cfg.send_timeout = Duration::from_secs(120);
+    let mut src = Source::connect(addr, mem.clone(), cfg).unwrap();
+    let g = guest(mem.clone(), 1_000, 13);
+    let (mut log, mut vcpus) = (g.log(), g.vcpus());
+    let f = within(Duration::from_secs(60), "the migration", move || {
+        pagewire::migrate(&mut src, &mut log, &mut vcpus, &mut NoDeviceState).unwrap_err()
+    });
+    dst.join().unwrap();
+    assert!(f.may_resume_source(), "{f}");
+    assert!(g.is_running(), "the source keeps its guest");
+}
+
 #[test]
 fn the_destination_cancels_and_its_waits_wake() {
     let mem = memory(16);

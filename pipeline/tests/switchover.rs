@@ -659,10 +659,13 @@ fn complete_returns_the_switchover() {
 /// A destination VMM that could not restore the device state says so before ACK
 /// COMPLETE (`DestinationConfig::check_device_state`): the destination answers ABORT
 /// `APPLY_FAILED`, the source resumes its guest, and neither side reports success. A
-/// check that accepts sees the sections and changes nothing.
+/// check that panics refuses the same way (its thread ended before, without a word to
+/// the source, which waited out its ACK timeout). A check that accepts sees the
+/// sections and changes nothing.
 #[test]
 fn device_state_the_vmm_refuses_fails_the_migration_before_the_handover() {
-    for refuse in [true, false] {
+    for how in ["refuse", "panic", "accept"] {
+        let refuse = how != "accept";
         let mem = memory(1);
         fill(&mem, 5);
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -671,15 +674,15 @@ fn device_state_the_vmm_refuses_fails_the_migration_before_the_handover() {
         cfg.accept_timeout = Duration::from_secs(10);
         let s = seen.clone();
         cfg.check_device_state = Some(DeviceStateCheck::new(move |sections| {
-            let mut s = s.lock().unwrap();
-            s.extend(
+            s.lock().unwrap().extend(
                 sections
                     .iter()
                     .map(|d| (d.name.clone(), d.instance, d.data.len())),
             );
-            match refuse {
-                true => Err("device state has 1 vCPUs, this machine 2".into()),
-                false => Ok(()),
+            match how {
+                "refuse" => Err("device state has 1 vCPUs, this machine 2".into()),
+                "panic" => panic!("the vCPUs' state did not load"),
+                _ => Ok(()),
             }
         }));
         let l = DestinationListener::bind(loopback(), cfg).unwrap();
@@ -694,8 +697,12 @@ fn device_state_the_vmm_refuses_fails_the_migration_before_the_handover() {
         assert_eq!(*seen.lock().unwrap(), [("cpu".to_string(), 0, 300)]);
         if refuse {
             let e = destination.expect_err("a refused device state never hands over");
+            let said = match how {
+                "panic" => "panicked: the vCPUs' state did not load",
+                _ => "vCPUs",
+            };
             assert!(
-                matches!(e, MigrationError::DeviceStateRefused { ref what } if what.contains("vCPUs")),
+                matches!(e, MigrationError::DeviceStateRefused { ref what } if what.contains(said)),
                 "{e}"
             );
             let f = source.expect_err("the destination aborted before ACK COMPLETE");

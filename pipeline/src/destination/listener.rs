@@ -326,7 +326,16 @@ impl DestinationListener {
             let t = std::thread::Builder::new()
                 .name(format!("pagewire-dst-{ch}"))
                 .spawn(move || {
-                    let res = receive(est, &shared2, &backend, &scfg, &accel, max_pages);
+                    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        receive(est, &shared2, &backend, &scfg, &accel, max_pages)
+                    }))
+                    .unwrap_or_else(|panic| {
+                        // A bug: the session fails at once (the other channels tell the
+                        // source), not when they idle out.
+                        let e = crate::error::worker_ended(ch, Err(panic));
+                        shared2.channel_failed(ch, &e);
+                        Err(e)
+                    });
                     // Its connection closes now (the socket's second handle would keep
                     // it open until the session ends).
                     shared2.release(ch);

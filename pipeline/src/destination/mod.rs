@@ -132,6 +132,13 @@ pub struct Migrated {
 /// given the guest up). Every blocked wait wakes: the channels' sockets are
 /// shut down (so the source sees them close), the wait for other channels at COMPLETE
 /// is woken, and an accept in progress stops within 50 ms.
+///
+/// One control per migration: a cancel is not undone, so every later accept given the
+/// same control returns `Cancelled` at once; and a control given to two accepts
+/// cancels the later one's session only. pagewire calls the VMM's callbacks
+/// ([`DeviceStateCheck`](crate::DeviceStateCheck), a
+/// [`MemoryProvider`](crate::MemoryProvider)) on a receiver's thread, where a cancel
+/// does not interrupt them: they must not block for long.
 #[derive(Clone, Default)]
 pub struct DestinationControl(Arc<ControlInner>);
 
@@ -183,13 +190,28 @@ impl DestinationControl {
 }
 
 /// A destination receiving a migration.
+///
+/// Dropped without [`Destination::wait`], it cancels the migration as
+/// [`DestinationControl::cancel`] does: COMMIT is refused from then on, so the source
+/// keeps its guest. (Dropped after COMMIT was taken, the guest is lost: the source gave
+/// it up; call `wait`.)
 #[derive(Debug)]
+#[must_use = "dropping a Destination cancels the migration; call wait()"]
 pub struct Destination {
     /// Each channel's receiver thread, by channel.
     threads: Vec<(u16, JoinHandle<Result<(), MigrationError>>)>,
     shared: Arc<Shared>,
     control: DestinationControl,
     started: Instant,
+}
+
+impl Drop for Destination {
+    fn drop(&mut self) {
+        // Not waited for: nobody takes the guest, so the source must keep it.
+        if !self.threads.is_empty() {
+            self.shared.cancel();
+        }
+    }
 }
 
 impl Destination {
@@ -222,9 +244,9 @@ impl Destination {
     /// [`MigrationError::NoCommit`] when COMMIT did not follow ACK COMPLETE; else the
     /// error of the channel that failed first, or `Protocol` when the source went away
     /// before completing.
-    pub fn wait(self) -> Result<Migrated, MigrationError> {
+    pub fn wait(mut self) -> Result<Migrated, MigrationError> {
         let mut errors = Vec::new();
-        for (ch, t) in self.threads {
+        for (ch, t) in std::mem::take(&mut self.threads) {
             match t.join() {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => errors.push((ch, e)),
@@ -541,25 +563,45 @@ impl Shared {
     /// The guest memory for `layout`: the one given at accept (which must match), the
     /// one an earlier channel created, or a new one, pre-faulted in the background. The
     /// layout has passed the session's limits.
-    fn memory_for(&self, layout: &MemoryLayout) -> Result<Arc<GuestMemory>, String> {
-        let mut slot = self.memory.lock().map_err(|_| "poisoned".to_string())?;
+    ///
+    /// # Errors
+    /// [`MigrationError::Protocol`] when the source's layout differs from the memory
+    /// given at accept; [`MigrationError::Memory`] (ABORT `INTERNAL`, this side's
+    /// failure) when the VMM's provider refuses, panics or returns memory of another
+    /// layout, or anonymous memory cannot be mapped.
+    fn memory_for(
+        &self,
+        ch: u16,
+        layout: &MemoryLayout,
+    ) -> Result<Arc<GuestMemory>, MigrationError> {
+        let mut slot = self.memory.lock().map_err(|_| MigrationError::Worker(ch))?;
         if let Some((m, _)) = slot.as_ref() {
             if m.layout() != layout {
-                return Err("the layout differs from the guest memory already set up".into());
+                return Err(MigrationError::Protocol {
+                    channel: ch,
+                    what: "the layout differs from the guest memory already set up".into(),
+                });
             }
             return Ok(m.clone());
         }
         if let DestinationMemory::Provider(p) = &self.provider {
-            let m = p
-                .memory_for(layout)
-                .map_err(|e| format!("the VMM's memory provider refused the layout: {e}"))?;
+            let provider =
+                |what: String| MigrationError::Memory(crate::MemoryError::Provider(what));
+            // A panic in the VMM's code fails this session, not the lock every channel
+            // takes.
+            let m = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.memory_for(layout)))
+                .map_err(|panic| {
+                    let message = crate::error::panic_message(panic.as_ref());
+                    provider(format!("panicked: {message}"))
+                })?
+                .map_err(|e| provider(format!("refused the layout: {e}")))?;
             if m.layout() != layout {
-                return Err("the VMM's memory provider returned memory of another layout".into());
+                return Err(provider("returned memory of another layout".into()));
             }
             *slot = Some((m.clone(), None));
             return Ok(m);
         }
-        let m = Arc::new(GuestMemory::anonymous(layout).map_err(|e| e.to_string())?);
+        let m = Arc::new(GuestMemory::anonymous(layout)?);
         match self.prefault {
             Prefault::Thread => {}
             Prefault::HugePages => {

@@ -282,8 +282,7 @@ impl Receiver {
                                 if memory.is_none() {
                                     let layout =
                                         self.rules.layout().ok_or(MigrationError::Worker(ch))?;
-                                    let m =
-                                        self.shared.memory_for(layout).map_err(|e| self.err(e))?;
+                                    let m = self.shared.memory_for(ch, layout)?;
                                     sink = Some(RegionSink::new(
                                         self.shared.page_size,
                                         transport_views(&m),
@@ -757,7 +756,16 @@ impl Receiver {
         // channel's failure or a cancel is recorded at once. Every section has arrived
         // (COMPLETE's conditions are met) and the rules refuse any further one.
         let sections = std::mem::take(&mut self.shared.state(self.ch)?.sections);
-        let checked = check.check(&sections);
+        // A panic in the VMM's check refuses the state (ABORT `APPLY_FAILED`) rather
+        // than end this thread without a word to the source or the other channels.
+        let checked =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check.check(&sections)))
+                .unwrap_or_else(|panic| {
+                    Err(format!(
+                        "the check panicked: {}",
+                        crate::error::panic_message(panic.as_ref())
+                    ))
+                });
         self.shared.state(self.ch)?.sections = sections;
         checked.map_err(|what| MigrationError::DeviceStateRefused { what })
     }
