@@ -159,6 +159,13 @@ pub struct SourceConfig {
     pub connect_retry_delay: Duration,
     /// Time allowed for one channel's handshake.
     pub handshake_timeout: Duration,
+    /// How long a channel waiting for its next command (the VMM's dirty-log sync, its
+    /// round callback, its device state, a pause) goes without sending before it
+    /// sends an empty extension frame (type `0xFF`, to which pagewire gives no
+    /// meaning), so that the destination's idle timeout does not take a source that
+    /// is only slow for a dead one (PROTOCOL.md, END_OF_ROUND: keeping channels
+    /// alive). Default 5 s; `Duration::MAX`: never.
+    pub keepalive: Duration,
 }
 
 impl SourceConfig {
@@ -189,6 +196,7 @@ impl SourceConfig {
             connect_attempts: 5,
             connect_retry_delay: Duration::from_millis(200),
             handshake_timeout: Duration::from_secs(10),
+            keepalive: Duration::from_secs(5),
         }
     }
 
@@ -238,6 +246,7 @@ impl SourceConfig {
             ("send_timeout", self.send_timeout),
             ("connect_timeout", self.connect_timeout),
             ("handshake_timeout", self.handshake_timeout),
+            ("keepalive", self.keepalive),
         ])
     }
 }

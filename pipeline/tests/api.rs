@@ -86,6 +86,41 @@ fn progress_is_readable_while_the_migration_runs() {
     assert!(rounds[0].3.is_some(), "an estimate after the first round");
 }
 
+/// A VMM slower between rounds than the destination's idle timeout (here its round
+/// callback; a dirty-log sync of a large guest, a pause, device state alike): the
+/// source's channels send keepalives meanwhile (`SourceConfig::keepalive`), so the
+/// destination does not take it for dead. Before, every channel was silent and the
+/// destination failed the session after its idle timeout.
+#[test]
+fn a_vmm_slower_than_the_idle_timeout_between_rounds_keeps_its_channels_alive() {
+    let mem = memory(4);
+    fill(&mem, 14);
+    let mut dcfg = DestinationConfig::new(session(58), Authentication::None);
+    dcfg.idle_timeout = Duration::from_millis(800);
+    let l = DestinationListener::bind(loopback(), dcfg).unwrap();
+    let addr = l.local_addr().unwrap();
+    let dst = std::thread::spawn(move || l.accept(None)?.wait());
+    let mut cfg = SourceConfig::new(session(58), Authentication::None);
+    cfg.keepalive = Duration::from_millis(100);
+    cfg.precopy.max_rounds = 3;
+    let mut src = Source::connect(addr, mem.clone(), cfg).unwrap();
+    let g = guest(mem.clone(), 2_000, 14);
+    let (mut log, mut vcpus) = (g.log(), g.vcpus());
+    let stats = Migration::new(&mut src, &mut log, &mut vcpus)
+        .on_round(|p| {
+            if p.round == 0 {
+                std::thread::sleep(Duration::from_millis(2_500));
+            }
+            RoundAction::Continue
+        })
+        .run()
+        .unwrap();
+    drop(src);
+    let migrated = dst.join().unwrap().unwrap();
+    assert_eq!(first_difference(&mem, &migrated.memory), None);
+    assert!(stats.rounds >= 2, "{stats}");
+}
+
 #[test]
 fn the_round_callback_can_switch_over_or_cancel() {
     let mem = memory(8);

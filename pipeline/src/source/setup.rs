@@ -240,6 +240,7 @@ impl Source {
                 adaptive_stats: astats,
                 send_timeout: config.send_timeout,
                 ack_timeout: config.ack_timeout,
+                keepalive: config.keepalive,
             };
             let (tx, rx_cmd) = mpsc::channel();
             let (tx_reply, rx) = mpsc::channel();

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use pagewire_accel::{Completion, DeltaCache, EncodeParams, Engine, PageKey};
 use pagewire_protocol::{
-    Abort, AbortReason, AckKind, ChannelId, ChecksumId, DeviceState, Frame, PageRun, RegionId,
-    Round, SessionError, SourceChannel, SourceEvent, UniformRun,
+    Abort, AbortReason, AckKind, ChannelId, ChecksumId, DeviceState, Frame, FrameType, PageRun,
+    RegionId, Round, SessionError, SourceChannel, SourceEvent, UniformRun,
 };
 use pagewire_transport::session::AnyChannel;
 use pagewire_transport::{Channel, Completed, Incoming, OutFrame};
@@ -116,6 +116,8 @@ pub(super) struct WorkerSetup {
     pub(super) adaptive_stats: Arc<std::sync::Mutex<crate::stats::AdaptiveStats>>,
     pub(super) send_timeout: Duration,
     pub(super) ack_timeout: Duration,
+    /// [`SourceConfig::keepalive`](crate::SourceConfig::keepalive).
+    pub(super) keepalive: Duration,
 }
 
 impl WorkerSetup {
@@ -155,6 +157,7 @@ impl WorkerSetup {
             remembered: false,
             paused: false,
             cache_setup_seen: Duration::ZERO,
+            broken: None,
         })
     }
 }
@@ -225,6 +228,8 @@ pub(super) struct Worker {
     paused: bool,
     /// The delta cache's setup time as the last completion saw it.
     cache_setup_seen: Duration,
+    /// A keepalive's failure, the answer to the next command.
+    broken: Option<MigrationError>,
 }
 
 impl Worker {
@@ -250,11 +255,21 @@ impl Worker {
         loop {
             let cmd = match next.take() {
                 Some(cmd) => cmd,
-                None => match rx.recv() {
+                None => match rx.recv_timeout(self.s.keepalive) {
                     Ok(cmd) => cmd,
-                    Err(_) => return,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.keepalive();
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 },
             };
+            if let Some(e) = self.broken.take()
+                && !matches!(cmd, Cmd::Watch(_))
+            {
+                let _ = tx.send(Reply::Failed(self.peer_reason(e)));
+                return;
+            }
             let res = match cmd {
                 Cmd::Watch(watch) => {
                     next = self.watch(&watch, &rx);
@@ -1012,6 +1027,24 @@ impl Worker {
             }
         }
         Ok(())
+    }
+
+    /// Sends an empty extension frame (type `0xFF`), which the destination skips, so
+    /// that a channel waiting for the VMM does not idle out. A failure is the answer
+    /// to the next command. Never after COMMIT (the source sends nothing more that
+    /// matters, and may have closed), nor once broken.
+    fn keepalive(&mut self) {
+        if self.rules.commit_sent().is_some() || self.broken.is_some() {
+            return;
+        }
+        let frame = Frame::Extension {
+            frame_type: FrameType(0xFF),
+            flags: 0,
+            body: &[],
+        };
+        if let Err(e) = self.send_whole(&frame).and_then(|_| self.reap(false)) {
+            self.broken = Some(e);
+        }
     }
 
     /// Publishes this thread's CPU time since it began: opening its channel, the
