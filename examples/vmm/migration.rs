@@ -198,6 +198,8 @@ pub fn migrate_out(
     cfg.precopy.max_rounds = args.max_rounds;
     cfg.send_timeout = args.timeout;
     cfg.ack_timeout = args.timeout;
+    // The destination's idle timeout is the same `--timeout`: keepalives well within.
+    cfg.keepalive = (args.timeout / 3).clamp(Duration::from_millis(100), Duration::from_secs(5));
     let memory = match describe(ram) {
         Ok(m) => m,
         Err(e) => return fail(format!("{e:#}")),

@@ -163,8 +163,10 @@ pub struct SourceConfig {
     /// round callback, its device state, a pause) goes without sending before it
     /// sends an empty extension frame (type `0xFF`, to which pagewire gives no
     /// meaning), so that the destination's idle timeout does not take a source that
-    /// is only slow for a dead one (PROTOCOL.md, END_OF_ROUND: keeping channels
-    /// alive). Default 5 s; `Duration::MAX`: never.
+    /// is only slow for a dead one (PROTOCOL.md, "Idle timeout" and END_OF_ROUND).
+    /// Until COMPLETE: channels then wait for the switchover without sending. Keep it
+    /// well under the destination's idle timeout (pagewire's default there is 60 s).
+    /// Default 5 s; `Duration::MAX`: never.
     pub keepalive: Duration,
 }
 

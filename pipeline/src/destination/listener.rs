@@ -271,6 +271,7 @@ impl DestinationListener {
             },
             sockets: Mutex::new(Vec::new()),
             cancelled: AtomicBool::new(false),
+            provider_failed: OnceLock::new(),
             memory: Mutex::new(match memory {
                 DestinationMemory::Given(m) => Some((m, None)),
                 _ => None,

@@ -138,7 +138,8 @@ pub struct Migrated {
 /// cancels the later one's session only. pagewire calls the VMM's callbacks
 /// ([`DeviceStateCheck`](crate::DeviceStateCheck), a
 /// [`MemoryProvider`](crate::MemoryProvider)) on a receiver's thread, where a cancel
-/// does not interrupt them: they must not block for long.
+/// does not interrupt them: a cancel takes effect when they return (and the source
+/// waits for them within its ACK timeout).
 #[derive(Clone, Default)]
 pub struct DestinationControl(Arc<ControlInner>);
 
@@ -192,9 +193,12 @@ impl DestinationControl {
 /// A destination receiving a migration.
 ///
 /// Dropped without [`Destination::wait`], it cancels the migration as
-/// [`DestinationControl::cancel`] does: COMMIT is refused from then on, so the source
-/// keeps its guest. (Dropped after COMMIT was taken, the guest is lost: the source gave
-/// it up; call `wait`.)
+/// [`DestinationControl::cancel`] does (the control itself is not marked, so a control
+/// meant for later accepts stays usable): COMMIT is refused from then on, so the source
+/// keeps its guest; the drop returns once every receiver has ended (within tens of
+/// milliseconds over TCP, TLS and io_uring, whose sockets the cancel shuts down; up to
+/// the idle timeout over RDMA), so that none writes the memory afterwards. (Dropped
+/// after COMMIT was taken, the guest is lost: the source gave it up; call `wait`.)
 #[derive(Debug)]
 #[must_use = "dropping a Destination cancels the migration; call wait()"]
 pub struct Destination {
@@ -207,9 +211,14 @@ pub struct Destination {
 
 impl Drop for Destination {
     fn drop(&mut self) {
-        // Not waited for: nobody takes the guest, so the source must keep it.
+        // Not waited for: nobody takes the guest, so the source must keep it. The
+        // receivers are joined: once this returns none writes the memory any more
+        // (the VMM's, with `Given` or a provider, may be unmapped or reused).
         if !self.threads.is_empty() {
             self.shared.cancel();
+            for (_, t) in self.threads.drain(..) {
+                let _ = t.join();
+            }
         }
     }
 }
@@ -337,6 +346,9 @@ struct Shared {
     /// The VMM's check of the device state before ACK COMPLETE.
     check: Option<crate::config::DeviceStateCheck>,
     memory: Mutex<MemorySlot>,
+    /// What the VMM's provider did wrong on one channel (refused, panicked): the
+    /// others report the same without calling it again.
+    provider_failed: OnceLock<String>,
     /// `Provider` when the VMM chooses the memory, `Anonymous` otherwise.
     provider: DestinationMemory,
     /// Second handles on the channels' sockets (by channel, while its receiver runs),
@@ -587,17 +599,27 @@ impl Shared {
         if let DestinationMemory::Provider(p) = &self.provider {
             let provider =
                 |what: String| MigrationError::Memory(crate::MemoryError::Provider(what));
+            if let Some(what) = self.provider_failed.get() {
+                return Err(provider(what.clone()));
+            }
             // A panic in the VMM's code fails this session, not the lock every channel
             // takes.
-            let m = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.memory_for(layout)))
-                .map_err(|panic| {
-                    let message = crate::error::panic_message(panic.as_ref());
-                    provider(format!("panicked: {message}"))
-                })?
-                .map_err(|e| provider(format!("refused the layout: {e}")))?;
-            if m.layout() != layout {
-                return Err(provider("returned memory of another layout".into()));
-            }
+            let asked =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.memory_for(layout)));
+            let m = match asked {
+                Ok(Ok(m)) if m.layout() == layout => m,
+                failed => {
+                    let what = match failed {
+                        Err(panic) => {
+                            format!("panicked: {}", crate::error::panic_message(panic.as_ref()))
+                        }
+                        Ok(Err(e)) => format!("refused the layout: {e}"),
+                        Ok(Ok(_)) => "returned memory of another layout".into(),
+                    };
+                    let _ = self.provider_failed.set(what.clone());
+                    return Err(provider(what));
+                }
+            };
             *slot = Some((m.clone(), None));
             return Ok(m);
         }

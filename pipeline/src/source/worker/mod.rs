@@ -264,8 +264,8 @@ impl Worker {
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 },
             };
-            if let Some(e) = self.broken.take()
-                && !matches!(cmd, Cmd::Watch(_))
+            if !matches!(cmd, Cmd::Watch(_))
+                && let Some(e) = self.broken.take()
             {
                 let _ = tx.send(Reply::Failed(self.peer_reason(e)));
                 return;
