@@ -305,6 +305,14 @@ pub(crate) fn worker_ended(channel: u16, joined: std::thread::Result<()>) -> Mig
     }
 }
 
+/// Runs `f`, the VMM's code (a callback), on this thread: a panic in it becomes `Err`
+/// with the panic's message, for the caller to fail the session with, rather than end
+/// this thread without a word to the source.
+pub(crate) fn vmm_call<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .map_err(|panic| panic_message(panic.as_ref()))
+}
+
 /// The text of a panic's payload (`panic!`'s `&str` or `String`).
 pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     match (

@@ -456,60 +456,39 @@ fn the_vmm_provides_destination_memory_for_the_layout() {
     );
 
     // A provider that refuses: both sides fail, the source says why.
-    let mut dcfg = DestinationConfig::new(session(51), Authentication::None);
-    dcfg.idle_timeout = Duration::from_secs(10);
-    let l = DestinationListener::bind(loopback(), dcfg).unwrap();
-    let addr = l.local_addr().unwrap();
+    drop(g);
     let refuse = |_: &MemoryLayout| -> Result<Arc<GuestMemory>, DirtyLogError> {
         Err("no hugetlbfs pages left".into())
     };
-    let dst = std::thread::spawn(move || {
-        l.accept_into(DestinationMemory::Provider(Arc::new(refuse)))?
-            .wait()
-    });
-    let mut cfg = SourceConfig::new(session(51), Authentication::None);
-    cfg.precopy.max_rounds = 2;
-    let mut src = Source::connect(addr, mem.clone(), cfg).unwrap();
-    drop(g);
-    let g = guest(mem.clone(), 2_000, 9);
-    let (mut log, mut vcpus) = (g.log(), g.vcpus());
-    let f = pagewire::migrate(&mut src, &mut log, &mut vcpus, &mut NoDeviceState).unwrap_err();
-    drop(src);
-    let e = dst.join().unwrap().unwrap_err();
+    let (e, f) = into_a_failing_provider(51, &mem, Arc::new(refuse));
     assert!(e.to_string().contains("no hugetlbfs pages left"), "{e}");
     // The source hears why: the destination's ABORT, read after the broken pipe.
     assert!(
         f.to_string().contains("no hugetlbfs pages left"),
         "the source hears why: {f}"
     );
-    assert!(f.running_on_source && g.is_running());
 }
 
-/// A memory provider that panics (the VMM's bug) fails the session as a refusal does,
-/// with ABORT `INTERNAL` saying so: it poisoned the memory lock before, so the other
-/// channel reported "poisoned" to the source as the source's bad frame.
-#[test]
-fn a_memory_provider_that_panics_fails_the_session_and_says_so() {
-    use pagewire::{DestinationMemory, MemoryError};
-    use pagewire_protocol::MemoryLayout;
-    let mem = memory(4);
-    fill(&mem, 12);
-    let mut dcfg = DestinationConfig::new(session(55), Authentication::None);
+/// Migrates `mem` (2 channels) into a destination whose memory provider fails; the
+/// destination's error and the source's failure, the guest checked running on the
+/// source.
+fn into_a_failing_provider(
+    n: u8,
+    mem: &Arc<GuestMemory>,
+    provider: Arc<dyn pagewire::MemoryProvider>,
+) -> (MigrationError, Failed) {
+    use pagewire::DestinationMemory;
+    let mut dcfg = DestinationConfig::new(session(n), Authentication::None);
     dcfg.idle_timeout = Duration::from_secs(10);
     let l = DestinationListener::bind(loopback(), dcfg).unwrap();
     let addr = l.local_addr().unwrap();
-    let panics = |_: &MemoryLayout| -> Result<Arc<GuestMemory>, DirtyLogError> {
-        panic!("the VMM's memory map is corrupt")
-    };
-    let dst = std::thread::spawn(move || {
-        l.accept_into(DestinationMemory::Provider(Arc::new(panics)))?
-            .wait()
-    });
-    let mut cfg = SourceConfig::new(session(55), Authentication::None);
+    let dst =
+        std::thread::spawn(move || l.accept_into(DestinationMemory::Provider(provider))?.wait());
+    let mut cfg = SourceConfig::new(session(n), Authentication::None);
     cfg.channels = 2;
     cfg.precopy.max_rounds = 2;
     let mut src = Source::connect(addr, mem.clone(), cfg).unwrap();
-    let g = guest(mem.clone(), 2_000, 12);
+    let g = guest(mem.clone(), 2_000, u64::from(n));
     let (mut log, mut vcpus) = (g.log(), g.vcpus());
     let f = pagewire::migrate(&mut src, &mut log, &mut vcpus, &mut NoDeviceState).unwrap_err();
     drop(src);
@@ -517,6 +496,23 @@ fn a_memory_provider_that_panics_fails_the_session_and_says_so() {
         dst.join().unwrap()
     })
     .unwrap_err();
+    assert!(f.running_on_source && g.is_running());
+    (e, f)
+}
+
+/// A memory provider that panics (the VMM's bug) fails the session as a refusal does,
+/// with ABORT `INTERNAL` saying so: it poisoned the memory lock before, so the other
+/// channel reported "poisoned" to the source as the source's bad frame.
+#[test]
+fn a_memory_provider_that_panics_fails_the_session_and_says_so() {
+    use pagewire::MemoryError;
+    use pagewire_protocol::MemoryLayout;
+    let mem = memory(4);
+    fill(&mem, 12);
+    let panics = |_: &MemoryLayout| -> Result<Arc<GuestMemory>, DirtyLogError> {
+        panic!("the VMM's memory map is corrupt")
+    };
+    let (e, f) = into_a_failing_provider(55, &mem, Arc::new(panics));
     assert!(
         matches!(&e, MigrationError::Memory(MemoryError::Provider(what)) if what.contains("panicked: the VMM's memory map is corrupt")),
         "{e}"
@@ -525,7 +521,6 @@ fn a_memory_provider_that_panics_fails_the_session_and_says_so() {
         f.to_string().contains("the VMM's memory map is corrupt"),
         "the source hears why: {f}"
     );
-    assert!(f.running_on_source && g.is_running());
 }
 
 /// A `Destination` dropped without `wait` (the VMM's setup failed meanwhile) cancels:

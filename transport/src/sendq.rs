@@ -247,7 +247,7 @@ impl SendQueue {
                 }
             }));
             let n: usize = iov.iter().map(|v| v.iov_len).sum();
-            crate::tcp::send_all(stream, &mut iov, wait.timeout, wait.interrupt)?;
+            crate::tcp::send_all(stream, &mut iov, wait)?;
             self.bytes -= n;
             if let Some(f) = self.frames.pop_front()
                 && !f.payload.is_empty()

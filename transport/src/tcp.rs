@@ -251,14 +251,29 @@ pub(crate) fn readable_now(fd: std::os::fd::RawFd) -> bool {
 /// `poll`'s `revents` for `events` on `fd`, without waiting (0 when nothing is ready or
 /// the call fails).
 fn poll_now(fd: std::os::fd::RawFd, events: libc::c_short) -> libc::c_short {
+    poll_for(fd, events, Duration::ZERO).unwrap_or(0)
+}
+
+/// Waits `timeout` at most (rounded up to whole milliseconds) for `events` on `fd`;
+/// `poll`'s `revents` (0 when the time passed).
+fn poll_for(
+    fd: std::os::fd::RawFd,
+    events: libc::c_short,
+    timeout: Duration,
+) -> io::Result<libc::c_short> {
     let mut p = libc::pollfd {
         fd,
         events,
         revents: 0,
     };
-    // SAFETY: one pollfd, alive for the call; a zero timeout never blocks.
-    let rc = unsafe { libc::poll(&mut p, 1, 0) };
-    if rc > 0 { p.revents } else { 0 }
+    let ms = timeout.as_nanos().div_ceil(1_000_000);
+    let ms = libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one pollfd, alive for the call.
+    match unsafe { libc::poll(&mut p, 1, ms) } {
+        rc if rc < 0 => Err(io::Error::last_os_error()),
+        0 => Ok(0),
+        _ => Ok(p.revents),
+    }
 }
 
 /// Bytes the socket `fd` holds that the peer has not acknowledged (`SIOCOUTQ`); `None`
@@ -311,23 +326,22 @@ pub(crate) fn set_send_timeout(stream: &Stream, t: Duration) -> io::Result<()> {
 }
 
 /// Sends every byte of `iov` with `sendmsg(MSG_NOSIGNAL)`, advancing over short writes,
-/// within `timeout` of the call in all. `SO_SNDTIMEO` bounds each `sendmsg`: the
-/// socket's is [`interrupt::slice`] of `timeout` (all of it, or with an `interrupt` at
+/// within `send.timeout` of the call in all. `SO_SNDTIMEO` bounds each `sendmsg`: the
+/// socket's is [`interrupt::slice`] of the timeout (all of it, or with an interrupt at
 /// most [`interrupt::SLICE`]); a `sendmsg` that waits that long takes what the socket
 /// took meanwhile (or nothing), and the next one gets the time left, if less
-/// (restored before returning). Between waits, a raised `interrupt` ends the send with
+/// (restored before returning). Between waits, a raised interrupt ends the send with
 /// [`ChannelError::Interrupted`].
 pub(crate) fn send_all(
     stream: &Stream,
     iov: &mut [libc::iovec],
-    timeout: Duration,
-    interrupt: Option<&Interrupt>,
+    send: SendWait<'_>,
 ) -> Result<(), ChannelError> {
     let wait = Wait {
-        timeout,
-        deadline: crate::deadline::from_now(timeout),
-        slice: interrupt::slice(timeout, interrupt),
-        interrupt,
+        timeout: send.timeout,
+        deadline: crate::deadline::from_now(send.timeout),
+        slice: interrupt::slice(send.timeout, send.interrupt),
+        interrupt: send.interrupt,
     };
     let mut set = wait.slice;
     let r = send_all_until(stream, iov, &wait, &mut set);
@@ -413,14 +427,7 @@ fn send_all_until(
 /// Waits until `stream` has room to write, `timeout` at most (errors end the wait: the
 /// next write reports them).
 fn wait_writable(stream: &Stream, timeout: Duration) {
-    let mut p = libc::pollfd {
-        fd: stream.as_raw_fd(),
-        events: libc::POLLOUT,
-        revents: 0,
-    };
-    let ms = libc::c_int::try_from(timeout.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
-    // SAFETY: one pollfd, alive for the call.
-    unsafe { libc::poll(&mut p, 1, ms) };
+    let _ = poll_for(stream.as_raw_fd(), libc::POLLOUT, timeout);
 }
 
 /// Drops the first `n` bytes of `iov[idx..]` (a write's count); returns the index of
@@ -443,15 +450,14 @@ pub(crate) fn advance_iovecs(iov: &mut [libc::iovec], mut idx: usize, mut n: usi
 /// buffers with one `sendmsg` per batch; keeps the channel error.
 pub(crate) struct SockWriter<'a> {
     pub(crate) stream: &'a Stream,
-    pub(crate) timeout: Duration,
-    pub(crate) interrupt: Option<&'a Interrupt>,
+    pub(crate) wait: SendWait<'a>,
     pub(crate) err: Option<ChannelError>,
 }
 
 impl SockWriter<'_> {
     fn send(&mut self, iov: &mut [libc::iovec]) -> io::Result<usize> {
         let total = iov.iter().map(|v| v.iov_len).sum();
-        send_all(self.stream, iov, self.timeout, self.interrupt).map_err(|e| {
+        send_all(self.stream, iov, self.wait).map_err(|e| {
             self.err = Some(e);
             io::Error::other("channel send failed")
         })?;
@@ -615,20 +621,18 @@ impl TcpChannel {
     }
 
     fn send_tls(&mut self, frame: &OutFrame) -> Result<(), ChannelError> {
+        let wait = SendWait {
+            timeout: self.cfg.send_timeout,
+            interrupt: self.interrupt.as_ref(),
+        };
         let Some(tls) = self.tls.as_deref_mut() else {
             let mut iov = frame_iovecs(frame);
-            return send_all(
-                &self.stream,
-                &mut iov,
-                self.cfg.send_timeout,
-                self.interrupt.as_ref(),
-            );
+            return send_all(&self.stream, &mut iov, wait);
         };
         tls.seal_frame(frame)?;
         let mut w = SockWriter {
             stream: &self.stream,
-            timeout: self.cfg.send_timeout,
-            interrupt: self.interrupt.as_ref(),
+            wait,
             err: None,
         };
         tls.write_to(&mut w).map_err(|e| w.error(e))
@@ -816,20 +820,10 @@ impl Channel for TcpChannel {
             std::thread::sleep(timeout.min(Duration::from_micros(200)));
             return Ok(());
         }
-        let mut fd = libc::pollfd {
-            fd: self.stream.as_raw_fd(),
-            events: libc::POLLOUT,
-            revents: 0,
-        };
-        let ms = libc::c_int::try_from(timeout.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
-        // SAFETY: one pollfd, alive for the call.
-        if unsafe { libc::poll(&mut fd, 1, ms) } < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(ChannelError::io("poll", e));
-            }
+        match poll_for(self.stream.as_raw_fd(), libc::POLLOUT, timeout) {
+            Err(e) if e.kind() != io::ErrorKind::Interrupted => Err(ChannelError::io("poll", e)),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     fn stats(&self) -> ChannelStats {
@@ -852,8 +846,10 @@ impl Channel for TcpChannel {
             tls.close().map_err(ChannelError::Tls)?;
             let mut w = SockWriter {
                 stream: &self.stream,
-                timeout: self.cfg.send_timeout,
-                interrupt: self.interrupt.as_ref(),
+                wait: SendWait {
+                    timeout: self.cfg.send_timeout,
+                    interrupt: self.interrupt.as_ref(),
+                },
                 err: None,
             };
             tls.write_to(&mut w).map_err(|e| w.error(e))?;
@@ -896,7 +892,14 @@ mod tests {
         }];
         let (wall, cpu) = (Instant::now(), thread_cpu());
         let timeout = Duration::from_millis(400);
-        let r = send_all(&s, &mut iov, timeout, None);
+        let r = send_all(
+            &s,
+            &mut iov,
+            SendWait {
+                timeout,
+                interrupt: None,
+            },
+        );
         assert!(matches!(r, Err(ChannelError::SendTimeout(_))), "{r:?}");
         assert!(wall.elapsed() >= timeout);
         // A spinning loop would burn the whole 400 ms.
@@ -904,7 +907,14 @@ mod tests {
         assert!(burnt < Duration::from_millis(200), "{burnt:?} of CPU");
         let raised = Interrupt::new();
         raised.raise();
-        let r = send_all(&s, &mut iov, Duration::from_secs(3600), Some(&raised));
+        let r = send_all(
+            &s,
+            &mut iov,
+            SendWait {
+                timeout: Duration::from_secs(3600),
+                interrupt: Some(&raised),
+            },
+        );
         assert!(matches!(r, Err(ChannelError::Interrupted)), "{r:?}");
     }
 

@@ -604,15 +604,11 @@ impl Shared {
             }
             // A panic in the VMM's code fails this session, not the lock every channel
             // takes.
-            let asked =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.memory_for(layout)));
-            let m = match asked {
+            let m = match crate::error::vmm_call(|| p.memory_for(layout)) {
                 Ok(Ok(m)) if m.layout() == layout => m,
                 failed => {
                     let what = match failed {
-                        Err(panic) => {
-                            format!("panicked: {}", crate::error::panic_message(panic.as_ref()))
-                        }
+                        Err(panic) => format!("panicked: {panic}"),
                         Ok(Err(e)) => format!("refused the layout: {e}"),
                         Ok(Ok(_)) => "returned memory of another layout".into(),
                     };

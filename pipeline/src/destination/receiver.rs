@@ -758,14 +758,8 @@ impl Receiver {
         let sections = std::mem::take(&mut self.shared.state(self.ch)?.sections);
         // A panic in the VMM's check refuses the state (ABORT `APPLY_FAILED`) rather
         // than end this thread without a word to the source or the other channels.
-        let checked =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check.check(&sections)))
-                .unwrap_or_else(|panic| {
-                    Err(format!(
-                        "the check panicked: {}",
-                        crate::error::panic_message(panic.as_ref())
-                    ))
-                });
+        let checked = crate::error::vmm_call(|| check.check(&sections))
+            .unwrap_or_else(|panic| Err(format!("the check panicked: {panic}")));
         self.shared.state(self.ch)?.sections = sections;
         checked.map_err(|what| MigrationError::DeviceStateRefused { what })
     }

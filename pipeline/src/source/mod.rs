@@ -564,13 +564,13 @@ impl Source {
             .collect()
     }
 
-    /// `Err` with [`MigrationError::HandedOver`] once the switchover ran.
     /// When [`Source::complete`] had the destination's answer to COMMIT, or gave up
     /// waiting for it: the end of the guest's downtime as the source sees it.
     pub(crate) fn handed_over_at(&self) -> Option<Instant> {
         self.handed_over_at
     }
 
+    /// `Err` with [`MigrationError::HandedOver`] once the switchover ran.
     fn not_handed_over(&self) -> Result<(), Failed> {
         match self.handed_over {
             true => Err(Failed::bare(MigrationError::HandedOver)),

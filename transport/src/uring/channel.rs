@@ -541,8 +541,10 @@ impl Channel for UringChannel {
             }
             let mut w = crate::tcp::SockWriter {
                 stream: &self.core.stream,
-                timeout: self.core.cfg.send_timeout,
-                interrupt: self.core.interrupt.as_ref(),
+                wait: crate::interrupt::SendWait {
+                    timeout: self.core.cfg.send_timeout,
+                    interrupt: self.core.interrupt.as_ref(),
+                },
                 err: None,
             };
             tls.write_to(&mut w).map_err(|e| w.error(e))?;
