@@ -375,7 +375,10 @@ pub enum Prefault {
     /// until [`Prefault::HugeWhereDense`] took half its CPU on dense guests.
     None,
     /// A background thread populates every page (`MADV_POPULATE_WRITE`) while the
-    /// first round arrives: it competes with the receivers for the cores.
+    /// first round arrives: it competes with the receivers for the cores. It stops
+    /// once the receivers have ended (in [`Destination::wait`](crate::Destination::wait)
+    /// or a drop), so it never lengthens the downtime: pages it had not reached yet
+    /// are faulted in as the guest touches them.
     Thread,
     /// Transparent huge pages (`MADV_HUGEPAGE`) on the whole mapping: a fault backs 2
     /// MiB at once (where the kernel allows THP for `madvise`), no thread, whatever the

@@ -42,6 +42,7 @@ use std::io;
 use std::num::NonZeroUsize;
 use std::ptr::NonNull;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use nix::errno::Errno;
@@ -558,11 +559,21 @@ impl GuestMemory {
     /// threads applying frames meanwhile are never held up for long. Errors are ignored
     /// (older kernels lack the advice): it is an optimisation.
     pub fn prefault(&self) {
+        self.prefault_until(&AtomicBool::new(false));
+    }
+
+    /// [`Self::prefault`], stopping before the next 2 MiB step once `stop` is set.
+    /// Returns whether it went through every region (`false` when stopped, or when the
+    /// kernel refused the advice).
+    pub fn prefault_until(&self, stop: &AtomicBool) -> bool {
         const STEP: usize = 2 << 20;
         for r in &self.regions {
             let len = r.desc.length as usize;
             let mut off = 0;
             while off < len {
+                if stop.load(Ordering::Relaxed) {
+                    return false;
+                }
                 let n = STEP.min(len - off);
                 // SAFETY: advising over a range inside our own mapped region;
                 // POPULATE_WRITE only faults pages in, it does not change contents.
@@ -570,11 +581,12 @@ impl GuestMemory {
                     mman::madvise(r.host.add(off).cast(), n, MmapAdvise::MADV_POPULATE_WRITE)
                 };
                 if rc.is_err() {
-                    return;
+                    return false;
                 }
                 off += n;
             }
         }
+        true
     }
 }
 
@@ -701,6 +713,20 @@ mod tests {
         let rc = unsafe { nix::libc::mincore(ptr.as_ptr().cast(), 4096, vec.as_mut_ptr()) };
         assert_eq!(rc, 0);
         vec[0] & 1 != 0
+    }
+
+    #[test]
+    fn prefault_populates_every_page_unless_stopped() {
+        let m = GuestMemory::anonymous(&layout()).unwrap();
+        let r = RegionId(0);
+        let last = m.pages(r).unwrap() - 1;
+        // Stopped before it began: nothing backed.
+        assert!(!m.prefault_until(&AtomicBool::new(true)));
+        assert!(!resident(m.page_ptr(r, 0).unwrap()));
+        assert!(!resident(m.page_ptr(r, last).unwrap()));
+        assert!(m.prefault_until(&AtomicBool::new(false)));
+        assert!(resident(m.page_ptr(r, 0).unwrap()));
+        assert!(resident(m.page_ptr(r, last).unwrap()));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use common::*;
 use pagewire::{
     CapPolicy, CodecPolicy, DestinationConfig, DestinationListener, DeviceState, DeviceStateWriter,
     DirtyBitmap, DirtyLog, DirtyLogError, Failed, GuestMemory, Migrated, Migration, MigrationError,
-    NoDeviceState, Phase, RegionId, RoundAction, Source, SourceConfig, StopReason,
+    NoDeviceState, Phase, Prefault, RegionId, RoundAction, Source, SourceConfig, StopReason,
 };
 use pagewire_protocol::{Authentication, CodecId};
 
@@ -651,6 +651,30 @@ fn a_cancel_ends_an_accept_that_waits_for_channels() {
         first_difference(&mem, &dst.join().unwrap().unwrap().memory),
         None
     );
+}
+
+#[test]
+fn the_prefault_thread_has_ended_when_wait_returns() {
+    // 256 MiB mostly never written: the pre-fault thread may still be populating it
+    // when the last frame arrives; `wait` stops it (it does not hold the downtime
+    // for pages no frame writes) and joins it, so its time is in the statistics.
+    let mem = memory(256);
+    for p in [0, 1, 4096, 65535] {
+        assert!(mem.write_pages(RegionId(0), p, &[p as u8 | 1; 4096]));
+    }
+    let mut dcfg = DestinationConfig::new(session(59), Authentication::None);
+    dcfg.prefault = Prefault::Thread;
+    let l = DestinationListener::bind(loopback(), dcfg).unwrap();
+    let addr = l.local_addr().unwrap();
+    let dst = std::thread::spawn(move || l.accept(None)?.wait());
+    let cfg = SourceConfig::new(session(59), Authentication::None);
+    let mut src = Source::connect(addr, mem.clone(), cfg).unwrap();
+    let g = guest(mem.clone(), 0, 14);
+    migrate_sim(&mut src, &g).unwrap();
+    drop(src);
+    let m = dst.join().unwrap().unwrap();
+    assert_eq!(first_difference(&mem, &m.memory), None);
+    assert!(m.stats.prefault_ms > 0.0, "{:?}", m.stats);
 }
 
 #[test]

@@ -298,6 +298,7 @@ impl DestinationListener {
             tls_opened: AtomicU64::new(0),
             tls_copied: AtomicU64::new(0),
             prefault_ns: Arc::new(AtomicU64::new(0)),
+            prefault_stop: Arc::new(AtomicBool::new(false)),
             install: OnceLock::new(),
             install_unavailable: OnceLock::new(),
             dense: OnceLock::new(),

@@ -77,7 +77,8 @@ pub struct DestinationStats {
     /// `data_pages`, the copies TLS costs per page. Counted as each channel ends.
     pub tls_copied_bytes: u64,
     /// Time the background pre-fault thread took ([`Prefault::Thread`] only; 0
-    /// otherwise), ms.
+    /// otherwise), ms: until it populated every page, or until it stopped because the
+    /// receivers had ended (0 while it still runs).
     pub prefault_ms: f64,
     /// Frame apply latency.
     pub apply_latency: LatencySummary,
@@ -219,6 +220,7 @@ impl Drop for Destination {
             for (_, t) in self.threads.drain(..) {
                 let _ = t.join();
             }
+            self.shared.stop_prefault();
         }
     }
 }
@@ -262,6 +264,10 @@ impl Destination {
                 Err(payload) => errors.push((ch, crate::error::worker_ended(ch, Err(payload)))),
             }
         }
+        // No frame comes any more: what the pre-fault thread has not populated yet is
+        // faulted in by the guest as it runs, not inside the downtime (or at all, for a
+        // failed session). Joined below, within one 2 MiB step.
+        self.shared.stop_prefault();
         // Channel 0's verdict on the switchover when it had acknowledged COMPLETE; else
         // the channel that failed the session, not those it ended.
         let failed_first = self.shared.state.lock().ok().and_then(|s| s.failed_channel);
@@ -289,10 +295,7 @@ impl Destination {
                     .lock()
                     .ok()
                     .and_then(|mut m| m.take())
-                    .map(|(m, prefault)| {
-                        if let Some(p) = prefault {
-                            let _ = p.join();
-                        }
+                    .map(|(m, _)| {
                         // Nobody waits on a missing page once the VMM has the memory.
                         m.finish_install();
                         m
@@ -377,6 +380,10 @@ struct Shared {
     tls_copied: AtomicU64,
     prefault: Prefault,
     prefault_ns: Arc<AtomicU64>,
+    /// Set once the receivers ended ([`Destination::wait`], or a drop): the
+    /// [`Prefault::Thread`] stops before its next step rather than populating, inside
+    /// the downtime or for a failed session, pages no frame will write.
+    prefault_stop: Arc<AtomicBool>,
     /// The userfaultfd counters ([`Prefault::Install`]), once the memory is registered.
     install: OnceLock<Arc<crate::install::InstallCounters>>,
     /// Why registering failed ([`Prefault::Install`]).
@@ -453,6 +460,19 @@ impl Shared {
     /// Too late once COMMIT was taken: the guest is this side's then (PROTOCOL.md,
     /// COMMIT), and the source has given it up. Decided under the lock COMMIT is taken
     /// under, which checks for a cancel ([`Self::failure`]).
+    /// Stops the [`Prefault::Thread`] (see `prefault_stop`) and joins it.
+    fn stop_prefault(&self) {
+        self.prefault_stop.store(true, Ordering::Relaxed);
+        let thread = self
+            .memory
+            .lock()
+            .ok()
+            .and_then(|mut m| m.as_mut().and_then(|(_, t)| t.take()));
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+
     fn cancel(&self) {
         match self.state.lock() {
             Ok(s) if s.rules.committed().is_some() => return,
@@ -658,13 +678,14 @@ impl Shared {
         }
         let m2 = m.clone();
         let ns = self.prefault_ns.clone();
+        let stop = self.prefault_stop.clone();
         let shared_cpu = self.cpu_ns.clone();
         let prefault = std::thread::Builder::new()
             .name("pagewire-prefault".into())
             .spawn(move || {
                 let t = Instant::now();
                 let cpu = pagewire_accel::thread_cpu_time();
-                m2.prefault();
+                m2.prefault_until(&stop);
                 ns.store(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 let used = pagewire_accel::thread_cpu_time().saturating_sub(cpu);
                 shared_cpu.fetch_add(
