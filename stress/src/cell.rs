@@ -255,6 +255,14 @@ impl RunResult {
         }
     }
 
+    /// Distinct pages dirtied per second in the last pre-copy round (the library's
+    /// `dirty_rate_pages_per_s`), MB/s; `None` without the source's statistics.
+    pub fn dirty_mbps_distinct(&self) -> Option<f64> {
+        self.stats
+            .as_ref()
+            .map(|s| s.dirty_rate_pages_per_s * PAGE as f64 / 1e6)
+    }
+
     /// Source CPU as a share of one core over the total time, %.
     pub fn cpu_source_pct(&self) -> f64 {
         pct(self.cpu_source_s, self.total_ms)

@@ -245,6 +245,14 @@ pub fn matrix_table(cells: &[CellReport], remote: Option<&str>) -> String {
                 dirty = format!("{} MB/s (got {:.0})", s.dirty_mbps, a.median);
             }
         }
+        // What the migration had to resend: distinct pages dirtied per second in the
+        // last pre-copy round (the writer's rate counts a page rewritten twice twice).
+        let distinct: Vec<f64> = g.iter().filter_map(|r| r.dirty_mbps_distinct()).collect();
+        if s.dirty_mbps > 0.0 && !distinct.is_empty() {
+            let mut d = distinct;
+            d.sort_by(f64::total_cmp);
+            dirty = format!("{dirty}, {:.0} distinct", d[d.len() / 2]);
+        }
         row.push(dirty);
         row.push(show(spread(&g, |r| r.total_ms), 0) + " ms");
         row.push(show(spread(&g, |r| r.downtime_ms), 1) + " ms");
@@ -354,7 +362,7 @@ pub fn csv(r: &Report) -> String {
          downtime_limit_ms,max_rounds,repetition,outcome,verified,total_ms,setup_ms,downtime_ms,\
          rounds,pages_per_s,guest_bytes,wire_bytes,guest_gbit_per_s,wire_gbit_per_s,\
          baseline_gbit_per_s,ratio_vs_baseline,compression_ratio,dirty_mbps_achieved,\
-         cpu_source_s,cpu_destination_s,cpu_source_pct,cpu_destination_pct,\
+         dirty_mbps_distinct,cpu_source_s,cpu_destination_s,cpu_source_pct,cpu_destination_pct,\
          cpu_source_s_per_gib,cpu_destination_s_per_gib,error\n",
     );
     let rows = r
@@ -408,6 +416,8 @@ pub fn csv(r: &Report) -> String {
             }),
             format!("{:.4}", run.compression_ratio),
             format!("{:.2}", run.dirty_mbps_achieved),
+            run.dirty_mbps_distinct()
+                .map_or(String::new(), |d| format!("{d:.2}")),
             format!("{:.4}", run.cpu_source_s),
             format!("{:.4}", run.cpu_destination_s),
             format!("{:.1}", run.cpu_source_pct()),
@@ -604,6 +614,9 @@ mod tests {
         r.cpu_source_s = total_ms / 1e3; // one full core
         r.cpu_destination_s = total_ms / 2e3;
         r.dirty_mbps_achieved = 50.0;
+        let mut stats = pagewire::MigrationStats::default();
+        stats.dirty_rate_pages_per_s = 5_000.0; // 20.48 MB/s of distinct pages
+        r.stats = Some(stats);
         r
     }
 
@@ -683,6 +696,7 @@ mod tests {
         // One core on the source, half a core on the destination; 1 GiB migrated.
         assert!(row.contains("100 / 50"), "{row}");
         assert!(row.contains("yes (3/3)"), "{row}");
+        assert!(row.contains("| 50 MB/s, 20 distinct |"), "{row}");
         assert_eq!(cols.len(), header.split(" | ").count());
         // Ratio: median Gbit/s over the 20 Gbit/s baseline.
         let g = 8.0 * 1.073741824 / 1.1;
