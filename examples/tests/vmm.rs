@@ -676,3 +676,17 @@ fn the_final_frames_lost_one_by_one_never_leave_two_running_guests() {
         lose_at_switchover(cut);
     }
 }
+
+#[test]
+fn the_built_in_key_is_refused_beyond_loopback() {
+    // Refused while parsing the options, before KVM is opened: no KVM needed.
+    for role in ["--listen", "--migrate-to"] {
+        let out = Command::new(VMM)
+            .args([role, "0.0.0.0:7100"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{role}: {err}");
+        assert!(err.contains("give --key-file"), "{role}: {err}");
+    }
+}

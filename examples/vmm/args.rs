@@ -35,7 +35,8 @@ MIGRATION:
   --channels N         source: channels to open (default 2); destination: the most it
                        accepts, refusing a source that asks for more (default 64)
   --key-file PATH      pre-shared key for the handshake: the file's bytes, one trailing
-                       newline removed (default: a built-in test key)
+                       newline removed (default: a built-in test key, public, so
+                       refused for an address other than loopback)
   --bandwidth-mbit N   cap the wire at N Mbit/s (default: none)
   --downtime-ms N      pre-copy stops once the expected downtime is below (default 20)
   --max-rounds N       pre-copy round cap (default 30)
@@ -188,6 +189,21 @@ pub fn parse() -> anyhow::Result<Args> {
     }
     if a.channels == 0 {
         bail!("--channels must be at least 1");
+    }
+    // The built-in key is in the source code: beyond this machine anyone who can
+    // reach the port could write into the guest, or stand in for the destination.
+    let addr = match &a.role {
+        Role::Listen(addr) | Role::MigrateTo(addr) => Some(addr),
+        _ => None,
+    };
+    if let Some(addr) = addr
+        && a.key_file.is_none()
+        && !addr.ip().is_loopback()
+    {
+        bail!(
+            "{addr} is not a loopback address: give --key-file (the built-in test key is \
+             public, fine on one machine only)"
+        );
     }
     Ok(a)
 }
