@@ -796,3 +796,50 @@ fn admit_and_refuse_do_nothing_before_confirm() {
     assert_eq!(pump(&mut c, &mut s, 5), (Ok(()), Ok(())));
     assert!(c.is_done() && s.is_done());
 }
+
+#[test]
+fn a_source_with_a_key_tags_its_hello_nonce() {
+    // The test vector of PROTOCOL.md ("HELLO key tag").
+    let k = SessionKey::new(*b"a pre-shared key of 32 bytes....").unwrap();
+    let random: [u8; 16] = core::array::from_fn(|i| i as u8);
+    let mut nonce = [0xee; NONCE_LEN];
+    nonce[..16].copy_from_slice(&random);
+    let session = SessionId(*b"pagewire-vmm-v01");
+    let tagged = k.tag_hello_nonce(session, ChannelId(1), 2, nonce);
+    assert_eq!(tagged[..16], random);
+    let hex: String = tagged[16..].iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(hex, "d02015fa1b89b5bff1b9542527430b64");
+
+    // ClientHandshake tags its HELLO with its key; the tag verifies with that key
+    // only, for that session, channel and count only; a source without a key sends
+    // its nonce as it was given.
+    for (auth, tagged) in [(key(7), true), (Authentication::None, false)] {
+        let mut c = client_with(caps(), auth);
+        let mut wire = Vec::new();
+        c.take_output(&mut wire);
+        let Frame::Hello(h) = only_frame(&wire) else {
+            panic!("not a HELLO");
+        };
+        let Authentication::PreSharedKey(k7) = key(7) else {
+            unreachable!()
+        };
+        let Authentication::PreSharedKey(k8) = key(8) else {
+            unreachable!()
+        };
+        assert_eq!(k7.tags_hello(&h), tagged);
+        assert!(!k8.tags_hello(&h));
+        if tagged {
+            assert_eq!(h.nonce[..16], [0xc1; 16]);
+            let other = Hello {
+                channel: ChannelId(0),
+                ..h
+            };
+            assert!(!k7.tags_hello(&other));
+        } else {
+            assert_eq!(h.nonce, [0xc1; NONCE_LEN]);
+        }
+    }
+    // And the handshake still completes with it.
+    let (c, s, (cr, sr)) = handshake(caps(), key(7), caps(), key(7));
+    assert!(cr.is_ok() && sr.is_ok() && c.is_done() && s.is_done());
+}

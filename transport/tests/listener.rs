@@ -828,3 +828,100 @@ fn a_flood_of_silent_connections_does_not_keep_a_source_out() {
     assert!(s.cap_reached >= 1 && s.evicted >= 1000, "{s:?}");
     assert!(s.peak_pending <= d.listener.max_pending as u64, "{s:?}");
 }
+
+/// A HELLO of the session naming channel 0, from a peer with another key (it knows the
+/// session id, which is no secret without TLS, but not the key): it offers
+/// `hmac-sha256`, so the listener answers WELCOME and waits for its CONFIRM.
+fn hello_without_the_key(n: u64) -> Vec<u8> {
+    let c = cfg(
+        CHANNELS,
+        b"not the listener's key, a guess.",
+        Duration::from_secs(1),
+    );
+    let mut nonce = [0; 32];
+    nonce[..8].copy_from_slice(&n.to_le_bytes());
+    let mut hs = ClientHandshake::new(
+        ClientConfig {
+            caps: c.caps,
+            session: c.session,
+            channel: ChannelId(0),
+            channel_count: CHANNELS,
+            auth: c.auth,
+            require: CodecSet::empty(),
+        },
+        nonce,
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    hs.take_output(&mut out);
+    out
+}
+
+#[test]
+fn a_stream_of_hellos_from_a_peer_without_the_key_does_not_keep_a_source_out() {
+    // A peer that knows the session id but not the key opens 150 connections a second,
+    // each sending a HELLO of the session and never a CONFIRM, and holds each for 3 s.
+    // Every place soon holds one younger than `evict_named_after` (2 s); before HELLOs
+    // carried a key tag, the listener then stopped accepting, places opened at 32 a
+    // second, and the source's connections waited behind the stream in the backlog
+    // until their 10 s ran out. Now, with a session that has a key, the listener keeps
+    // accepting: the stream's HELLOs (untagged) cannot replace each other, the
+    // source's (tagged) replace them.
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    let d = dst(Duration::from_secs(30));
+    let (l, addr) = bind(&d);
+    let stop = AtomicBool::new(false);
+    let opened = AtomicU64::new(0);
+    let acc = std::thread::scope(|s| {
+        let stream = s.spawn(|| {
+            let mut open = std::collections::VecDeque::new();
+            let t = std::time::Instant::now();
+            // Bounded: it stops when the accept returns, or after 60 s.
+            while !stop.load(Relaxed) && t.elapsed() < Duration::from_secs(60) {
+                let n = opened.load(Relaxed);
+                let due = t.elapsed().as_secs_f64() * 150.0;
+                if (n as f64) < due {
+                    if let Ok(mut c) = TcpStream::connect_timeout(&addr, Duration::from_millis(100))
+                    {
+                        let _ = c.write_all(&hello_without_the_key(n));
+                        open.push_back((std::time::Instant::now(), c));
+                        opened.fetch_add(1, Relaxed);
+                    }
+                } else {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                while open
+                    .front()
+                    .is_some_and(|(at, _)| at.elapsed() > Duration::from_secs(3))
+                {
+                    open.pop_front();
+                }
+            }
+        });
+        let src = s.spawn(|| {
+            // Once the stream has run for 4 s: every place held, renewed since.
+            for _ in 0..6000 {
+                if opened.load(Relaxed) >= 600 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let t = std::time::Instant::now();
+            let src = session::connect(addr, &cfg(CHANNELS, KEY, Duration::from_secs(10)));
+            (src, t.elapsed())
+        });
+        let acc = l.accept_session(&d, Duration::from_secs(40));
+        let (src, took) = src.join().unwrap();
+        stop.store(true, Relaxed);
+        stream.join().unwrap();
+        let acc = acc.expect("the source got in during the stream of HELLOs");
+        assert_session(&acc, &src.expect("the source's handshake"));
+        println!(
+            "FIGURE the source's handshake took {took:?} during a stream of {} keyless HELLOs: {:?}",
+            opened.load(Relaxed),
+            acc.stats
+        );
+        acc
+    });
+    assert!(acc.stats.evicted >= 100, "{:?}", acc.stats);
+}

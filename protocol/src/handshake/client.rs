@@ -10,8 +10,8 @@ use crate::stream::FrameDecoder;
 use crate::wire::WireList;
 
 use super::{
-    ChannelBinding, ClientConfig, Common, DESTINATION_LABEL, HandshakeError, Negotiated,
-    SOURCE_LABEL, auth_methods, drive, keyed_method,
+    Authentication, ChannelBinding, ClientConfig, Common, DESTINATION_LABEL, HandshakeError,
+    Negotiated, SOURCE_LABEL, auth_methods, drive, keyed_method,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,6 +58,13 @@ impl ClientHandshake {
         if config.channel_count == 0 || config.channel.0 >= config.channel_count {
             return Err(HandshakeError::Config("channel must be < channel_count"));
         }
+        // With a key, the nonce's second half is its HELLO key tag.
+        let nonce = match &config.auth {
+            Authentication::PreSharedKey(key) => {
+                key.tag_hello_nonce(config.session, config.channel, config.channel_count, nonce)
+            }
+            Authentication::None => nonce,
+        };
         let mut common = Common::new(config.caps, config.auth, nonce)?;
         common.binding = binding;
         let caps = common.caps;

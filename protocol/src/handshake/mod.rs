@@ -43,7 +43,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::error::DecodeError;
-use crate::frame::{Frame, NONCE_LEN, Reject};
+use crate::frame::{Frame, Hello, NONCE_LEN, Reject};
 use crate::ids::{AuthMethod, ChannelId, ChecksumId, CodecId, RejectReason, SessionId, Version};
 use crate::limits::{
     CodecSet, Limits, MAX_FRAME_BYTES, MAX_PAGES_PER_FRAME, SUPPORTED_VERSIONS, min_frame_bytes,
@@ -56,6 +56,13 @@ type HmacSha256 = Hmac<Sha256>;
 
 const DESTINATION_LABEL: &[u8] = b"pagewire v1 destination proof";
 const SOURCE_LABEL: &[u8] = b"pagewire v1 source proof";
+const HELLO_TAG_LABEL: &[u8] = b"pagewire v1 hello tag";
+
+/// Bytes of a HELLO nonce that are random when it carries a key tag; the tag fills
+/// the rest ([`SessionKey::tag_hello_nonce`]).
+pub const HELLO_TAG_RANDOM: usize = NONCE_LEN - HELLO_TAG_LEN;
+/// Bytes of a HELLO key tag: the last of the nonce.
+pub const HELLO_TAG_LEN: usize = 16;
 
 /// A pre-shared session key. Its bytes never appear in `Debug` output.
 #[derive(Clone, PartialEq, Eq)]
@@ -98,6 +105,56 @@ impl SessionKey {
         mac.update(hello);
         mac.update(welcome);
         mac
+    }
+}
+
+impl SessionKey {
+    /// The HELLO key tag (PROTOCOL.md, "HELLO key tag"): the first 16 bytes of
+    /// `HMAC(key, "pagewire v1 hello tag" || session || channel || channel_count ||
+    /// random)`, the integers little-endian, `random` the nonce's first 16 bytes.
+    fn hello_tag(
+        &self,
+        session: SessionId,
+        channel: ChannelId,
+        channel_count: u16,
+        random: &[u8],
+    ) -> HmacSha256 {
+        // HMAC takes keys of any length, so this cannot fail.
+        let mut mac = HmacSha256::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!());
+        mac.update(HELLO_TAG_LABEL);
+        mac.update(&session.0);
+        mac.update(&channel.0.to_le_bytes());
+        mac.update(&channel_count.to_le_bytes());
+        mac.update(random);
+        mac
+    }
+
+    /// `nonce` with its last [`HELLO_TAG_LEN`] bytes replaced by the HELLO key tag of
+    /// its first [`HELLO_TAG_RANDOM`] (which stay random): what a source with this key
+    /// sends in HELLO, so that a destination with the key can tell, before any round
+    /// trip, a HELLO from a holder of the key from one of a peer that only knows the
+    /// session id ([`Self::tags_hello`]). [`ClientHandshake`] does this itself.
+    pub fn tag_hello_nonce(
+        &self,
+        session: SessionId,
+        channel: ChannelId,
+        channel_count: u16,
+        mut nonce: [u8; NONCE_LEN],
+    ) -> [u8; NONCE_LEN] {
+        let (random, tag) = nonce.split_at_mut(HELLO_TAG_RANDOM);
+        let mac = self.hello_tag(session, channel, channel_count, random);
+        tag.copy_from_slice(&mac.finalize().into_bytes()[..HELLO_TAG_LEN]);
+        nonce
+    }
+
+    /// Whether `hello`'s nonce carries this key's HELLO key tag (compared in constant
+    /// time). Only a hint for admitting connections: a HELLO is authenticated by the
+    /// proofs that follow, and a tag seen on the wire can be replayed.
+    pub fn tags_hello(&self, hello: &Hello<'_>) -> bool {
+        let (random, tag) = hello.nonce.split_at(HELLO_TAG_RANDOM);
+        self.hello_tag(hello.session, hello.channel, hello.channel_count, random)
+            .verify_truncated_left(tag)
+            .is_ok()
     }
 }
 

@@ -4,9 +4,10 @@
 use std::io::{self, Read, Write};
 use std::time::Instant;
 
+use pagewire_protocol::handshake::HELLO_TAG_RANDOM;
 use pagewire_protocol::{
-    ChannelBinding, Frame, FrameDecoder, HandshakeError, RejectReason, ServerConfig,
-    ServerHandshake, SessionId, encode_reject,
+    Authentication, ChannelBinding, Frame, FrameDecoder, HandshakeError, RejectReason,
+    ServerConfig, ServerHandshake, SessionId, encode_reject,
 };
 
 use super::shared::Entry;
@@ -59,6 +60,20 @@ pub(super) struct Pending {
     pub(super) claim: Option<(SessionId, u16)>,
     /// Bytes read from it so far (at most [`MAX_HANDSHAKE_INPUT`]).
     pub(super) received: usize,
+    /// Whether its HELLO carried the HELLO key tag of the session it named.
+    pub(super) tag: Tag,
+}
+
+/// A pending connection's HELLO key tag (PROTOCOL.md, "HELLO key tag").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Tag {
+    /// None, or one seen before (a replay).
+    None,
+    /// A tag that verifies, with the random half of its nonce, not yet checked
+    /// against those seen before.
+    Unchecked([u8; HELLO_TAG_RANDOM]),
+    /// A tag that verifies, first seen on this connection.
+    Keyed,
 }
 
 /// Most bytes a connection may send before its handshake completes: an honest one
@@ -239,9 +254,16 @@ pub(super) fn drive_one(
         let early;
         let input: &[u8] = if c.hs.is_none() {
             c.early.extend_from_slice(&plain);
-            let first = match first_frame(c, &plain) {
+            let first = match first_frame(c, &plain, sessions) {
                 First::Incomplete => continue,
-                First::Hello { session, count } => Some((session, count)),
+                First::Hello {
+                    session,
+                    count,
+                    tag,
+                } => {
+                    c.tag = tag.map_or(Tag::None, Tag::Unchecked);
+                    Some((session, count))
+                }
                 First::Other => None,
             };
             let known = first.and_then(|(session, _)| {
@@ -360,14 +382,20 @@ pub(super) fn admit(c: &mut Pending, sessions: &mut [Entry]) {
 enum First {
     /// Not complete yet.
     Incomplete,
-    /// A HELLO for `session` asking for `count` channels.
-    Hello { session: SessionId, count: u16 },
+    /// A HELLO for `session` asking for `count` channels; `tag`: the random half of
+    /// its nonce when the other half is the HELLO key tag of the key of the session
+    /// being accepted under that id.
+    Hello {
+        session: SessionId,
+        count: u16,
+        tag: Option<[u8; HELLO_TAG_RANDOM]>,
+    },
     /// Another frame, or garbage: the handshake itself refuses it.
     Other,
 }
 
 /// Reads `input` with the first-frame decoder.
-fn first_frame(c: &mut Pending, input: &[u8]) -> First {
+fn first_frame(c: &mut Pending, input: &[u8], sessions: &[Entry]) -> First {
     let Some(dec) = c.hello.as_mut() else {
         return First::Other;
     };
@@ -376,9 +404,22 @@ fn first_frame(c: &mut Pending, input: &[u8]) -> First {
     while !rest.is_empty() {
         match dec.decode(rest) {
             Ok((_, Some(Frame::Hello(h)))) => {
+                let key = sessions
+                    .iter()
+                    .find(|s| s.server.session == Some(h.session))
+                    .and_then(|s| match &s.server.auth {
+                        Authentication::PreSharedKey(k) => Some(k),
+                        Authentication::None => None,
+                    });
+                let tag = key.filter(|k| k.tags_hello(&h)).map(|_| {
+                    let mut random = [0; HELLO_TAG_RANDOM];
+                    random.copy_from_slice(&h.nonce[..HELLO_TAG_RANDOM]);
+                    random
+                });
                 first = First::Hello {
                     session: h.session,
                     count: h.channel_count,
+                    tag,
                 };
                 break;
             }

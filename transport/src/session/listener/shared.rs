@@ -7,9 +7,12 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use mio::{Events, Interest, Poll, Token};
-use pagewire_protocol::{FrameDecoder, HandshakeError, Limits, ServerConfig, SessionId};
+use pagewire_protocol::handshake::HELLO_TAG_RANDOM;
+use pagewire_protocol::{
+    Authentication, FrameDecoder, HandshakeError, Limits, ServerConfig, SessionId,
+};
 
-use super::pending::{Outcome, Pending, Phase, admit, drive_one};
+use super::pending::{Outcome, Pending, Phase, Tag, admit, drive_one};
 use super::socket::{Conn, Socket};
 use super::stats::{Counters, bump};
 use super::{LISTENER, ListenerConfig, MAX_REFUSALS_KEPT, Turn};
@@ -115,6 +118,35 @@ pub(super) struct Shared {
     /// connection waiting can be accepted and weighed against the pending ones
     /// ([`reserve_descriptor`]).
     pub(super) reserve: Option<std::fs::File>,
+    /// The HELLO key tags seen ([`Tag`]), by the random half of their nonce.
+    pub(super) seen_tags: SeenTags,
+}
+
+/// The most HELLO key tags a listener remembers: the oldest is forgotten beyond.
+const SEEN_TAGS: usize = 4096;
+
+/// HELLO key tags seen, the last [`SEEN_TAGS`] of them (a source sends a fresh one on
+/// every connection; a second of the same is a replay).
+#[derive(Debug, Default)]
+pub(super) struct SeenTags {
+    set: std::collections::HashSet<[u8; HELLO_TAG_RANDOM]>,
+    order: VecDeque<[u8; HELLO_TAG_RANDOM]>,
+}
+
+impl SeenTags {
+    /// Records `random`; `false` when it was seen before.
+    fn insert(&mut self, random: [u8; HELLO_TAG_RANDOM]) -> bool {
+        if !self.set.insert(random) {
+            return false;
+        }
+        if self.order.len() == SEEN_TAGS
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+        self.order.push_back(random);
+        true
+    }
 }
 
 impl Shared {
@@ -289,10 +321,17 @@ impl Shared {
     /// place is open by `now` ([`open_at`]), or held by a connection that has not named
     /// a session being accepted (a newcomer that did, or that sent more, replaces it).
     fn may_replace(&self, now: Instant, limits: &ListenerConfig) -> bool {
+        // A newcomer's HELLO may carry a key tag (and outrank an untagged one) only
+        // for a session with a key.
+        let tags = self
+            .sessions
+            .iter()
+            .any(|s| matches!(s.server.auth, Authentication::PreSharedKey(_)));
+        let below = if tags { Rank::Keyed } else { Rank::Named };
         self.conns
             .iter()
             .flatten()
-            .any(|c| rank(c) < Rank::Named || open_at(c, limits).is_some_and(|t| t <= now))
+            .any(|c| rank(c) < below || open_at(c, limits).is_some_and(|t| t <= now))
     }
 
     /// Brings the pending connections back to `max_pending` after the newcomer at
@@ -479,6 +518,7 @@ impl Shared {
             binding: None,
             claim: None,
             received: 0,
+            tag: Tag::None,
         };
         if i == self.conns.len() {
             self.conns.push(Some(c));
@@ -502,6 +542,14 @@ impl Shared {
             fallback,
             self.tls.as_ref(),
         );
+        if let Tag::Unchecked(random) = c.tag {
+            // A tag seen before is a replay (of a HELLO seen on the wire): it ranks as
+            // an untagged HELLO.
+            c.tag = match self.seen_tags.insert(random) {
+                true => Tag::Keyed,
+                false => Tag::None,
+            };
+        }
         if let Outcome::Confirmed = outcome {
             // READY (or a REJECT) is queued now: send it.
             admit(c, &mut self.sessions);
@@ -640,6 +688,9 @@ enum Rank {
     Secured,
     /// Its HELLO named a session being accepted.
     Named,
+    /// Its HELLO named a session being accepted and carried that session's HELLO key
+    /// tag, first seen on this connection.
+    Keyed,
     /// It was admitted (READY queued): never replaced.
     Admitted,
 }
@@ -647,6 +698,7 @@ enum Rank {
 fn rank(c: &Pending) -> Rank {
     match (c.claim, c.session, c.binding, c.mode_checked) {
         (Some(_), ..) => Rank::Admitted,
+        (None, Some(_), ..) if c.tag == Tag::Keyed => Rank::Keyed,
         (None, Some(_), ..) => Rank::Named,
         (None, None, Some(_), _) => Rank::Secured,
         (None, None, None, true) => Rank::Spoke,
@@ -750,4 +802,29 @@ fn is_fatal(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EBADF | libc::EINVAL | libc::ENOTSOCK | libc::EOPNOTSUPP | libc::EFAULT)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tag_counts_once_and_the_oldest_are_forgotten() {
+        let mut seen = SeenTags::default();
+        let tag = |n: usize| {
+            let mut r = [0; HELLO_TAG_RANDOM];
+            r[..8].copy_from_slice(&(n as u64).to_le_bytes());
+            r
+        };
+        assert!(seen.insert(tag(0)));
+        // A replay of a HELLO seen on the wire.
+        assert!(!seen.insert(tag(0)));
+        for n in 1..=SEEN_TAGS {
+            assert!(seen.insert(tag(n)));
+        }
+        // Bounded: the first was forgotten, the others are still known.
+        assert_eq!(seen.set.len(), SEEN_TAGS);
+        assert!(!seen.insert(tag(SEEN_TAGS)));
+        assert!(seen.insert(tag(0)));
+    }
 }
