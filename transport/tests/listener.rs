@@ -87,7 +87,12 @@ fn assert_session(acc: &Accepted, src: &[Established]) {
 
 /// A whole HELLO as the legitimate source would send it.
 fn hello_bytes() -> Vec<u8> {
-    let c = cfg(CHANNELS, KEY, Duration::from_secs(1));
+    hello_with(KEY, [3; 32])
+}
+
+/// A whole HELLO of the session for channel 0, from a source with `key`.
+fn hello_with(key: &[u8], nonce: [u8; 32]) -> Vec<u8> {
+    let c = cfg(CHANNELS, key, Duration::from_secs(1));
     let mut hs = ClientHandshake::new(
         ClientConfig {
             caps: c.caps,
@@ -97,7 +102,7 @@ fn hello_bytes() -> Vec<u8> {
             auth: c.auth,
             require: CodecSet::empty(),
         },
-        [3; 32],
+        nonce,
     )
     .unwrap();
     let mut out = Vec::new();
@@ -833,28 +838,9 @@ fn a_flood_of_silent_connections_does_not_keep_a_source_out() {
 /// session id, which is no secret without TLS, but not the key): it offers
 /// `hmac-sha256`, so the listener answers WELCOME and waits for its CONFIRM.
 fn hello_without_the_key(n: u64) -> Vec<u8> {
-    let c = cfg(
-        CHANNELS,
-        b"not the listener's key, a guess.",
-        Duration::from_secs(1),
-    );
     let mut nonce = [0; 32];
     nonce[..8].copy_from_slice(&n.to_le_bytes());
-    let mut hs = ClientHandshake::new(
-        ClientConfig {
-            caps: c.caps,
-            session: c.session,
-            channel: ChannelId(0),
-            channel_count: CHANNELS,
-            auth: c.auth,
-            require: CodecSet::empty(),
-        },
-        nonce,
-    )
-    .unwrap();
-    let mut out = Vec::new();
-    hs.take_output(&mut out);
-    out
+    hello_with(b"not the listener's key, a guess.", nonce)
 }
 
 #[test]
