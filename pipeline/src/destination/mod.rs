@@ -266,7 +266,7 @@ impl Destination {
         }
         // No frame comes any more: what the pre-fault thread has not populated yet is
         // faulted in by the guest as it runs, not inside the downtime (or at all, for a
-        // failed session). Joined below, within one 2 MiB step.
+        // failed session). It ends within one 2 MiB step and is joined here.
         self.shared.stop_prefault();
         // Channel 0's verdict on the switchover when it had acknowledged COMPLETE; else
         // the channel that failed the session, not those it ended.
@@ -454,13 +454,8 @@ impl Shared {
         }
     }
 
-    /// Cancels the session: it fails, and every channel's socket is shut down both
-    /// ways, so a receiver blocked in a send wakes too.
-    ///
-    /// Too late once COMMIT was taken: the guest is this side's then (PROTOCOL.md,
-    /// COMMIT), and the source has given it up. Decided under the lock COMMIT is taken
-    /// under, which checks for a cancel ([`Self::failure`]).
-    /// Stops the [`Prefault::Thread`] (see `prefault_stop`) and joins it.
+    /// Stops the [`Prefault::Thread`] (see `prefault_stop`) and joins it (the memory
+    /// lock is not held while it is joined).
     fn stop_prefault(&self) {
         self.prefault_stop.store(true, Ordering::Relaxed);
         let thread = self
@@ -473,6 +468,12 @@ impl Shared {
         }
     }
 
+    /// Cancels the session: it fails, and every channel's socket is shut down both
+    /// ways, so a receiver blocked in a send wakes too.
+    ///
+    /// Too late once COMMIT was taken: the guest is this side's then (PROTOCOL.md,
+    /// COMMIT), and the source has given it up. Decided under the lock COMMIT is taken
+    /// under, which checks for a cancel ([`Self::failure`]).
     fn cancel(&self) {
         match self.state.lock() {
             Ok(s) if s.rules.committed().is_some() => return,

@@ -26,9 +26,9 @@
 //! or, when neither got past the first bytes (nothing, or bytes short of a finished
 //! TLS handshake), any such one; else the newcomer itself. Only while every place is held
 //! by a connection that finished its TLS handshake or named a session being accepted
-//! (with its tag, once any session being accepted has a key: a newcomer's tag would
-//! outrank an untagged HELLO) and is not past its time do new connections wait in the
-//! kernel's backlog
+//! (with its tag, for a session with a key on a plaintext listener, where a newcomer's
+//! tagged HELLO would outrank an untagged one) and is not past its time do new
+//! connections wait in the kernel's backlog
 //! ([`ListenerConfig::backlog`]); then the accepts between two polls are at most
 //! `max_pending`, so a connection whose first bytes were not there at its accept is
 //! read before as many newcomers could have replaced it.
@@ -47,13 +47,19 @@
 //! server flight before its place is weighed. A source's connection turned away
 //! before its handshake was answered is opened again by the source
 //! ([`connect_channel_to`](super::connect_channel_to)). A peer that knows the session
-//! id (no secret without TLS) but not the key sends HELLOs without the tag: a source's
-//! tagged HELLO replaces one of them, and while they hold every place the listener
-//! keeps accepting, closing each new one at once, so they cannot keep a source out
-//! either (a stream of 150 a second, each held 3 s, did before: places opened at 32 a
-//! second and the source waited in the backlog behind the stream). For a session
-//! without a key such a peer can still hold places with HELLOs for up to
-//! `evict_named_after` each. An honest handshake is admitted within a few round trips.
+//! id (no secret without TLS) but not the key sends HELLOs without the tag: on a
+//! plaintext listener a source's tagged HELLO replaces one of them, and while they hold
+//! every place the listener keeps accepting, closing each new one that cannot replace
+//! any, so they cannot keep a source out either (a stream of 150 a second, each held
+//! 3 s, did before: places opened at 32 a second and the source waited in the backlog
+//! behind the stream). A tag counts once per listener (the last 4096 seen): tagged
+//! HELLOs recorded on the wire from an earlier migration with the same session id and
+//! key count again on a new listener, so a fresh session id per migration (or TLS)
+//! keeps them out. For a session without a key, and over TLS (where a connection's
+//! HELLO comes only after its TLS handshake, so a source ranks below a finished one
+//! until then; client certificates keep such a peer from finishing one), such a peer
+//! can still hold places with HELLOs for up to `evict_named_after` each. An honest
+//! handshake is admitted within a few round trips.
 //!
 //! A HELLO that asks for more than [`ListenerConfig::max_channels`] channels is refused
 //! with a REJECT (`BAD_CHANNEL`) as soon as it arrives. A failing `accept` (out of file

@@ -321,17 +321,22 @@ impl Shared {
     /// place is open by `now` ([`open_at`]), or held by a connection that has not named
     /// a session being accepted (a newcomer that did, or that sent more, replaces it).
     fn may_replace(&self, now: Instant, limits: &ListenerConfig) -> bool {
-        // A newcomer's HELLO may carry a key tag (and outrank an untagged one) only
-        // for a session with a key.
-        let tags = self
-            .sessions
-            .iter()
-            .any(|s| matches!(s.server.auth, Authentication::PreSharedKey(_)));
-        let below = if tags { Rank::Keyed } else { Rank::Named };
-        self.conns
-            .iter()
-            .flatten()
-            .any(|c| rank(c) < below || open_at(c, limits).is_some_and(|t| t <= now))
+        // An untagged HELLO of a session with a key may be replaced by a newcomer whose
+        // HELLO carries the tag. Not on a TLS listener: there a newcomer's HELLO comes
+        // only after its TLS handshake, so at its accept it ranks below any HELLO and
+        // would be closed at once, where in the backlog it waits.
+        let replaceable_hello = |c: &Pending| {
+            self.tls.is_none()
+                && c.session
+                    .and_then(|id| self.entry(id))
+                    .is_some_and(|e| matches!(e.server.auth, Authentication::PreSharedKey(_)))
+        };
+        self.conns.iter().flatten().any(|c| {
+            let r = rank(c);
+            r < Rank::Named
+                || (r == Rank::Named && replaceable_hello(c))
+                || open_at(c, limits).is_some_and(|t| t <= now)
+        })
     }
 
     /// Brings the pending connections back to `max_pending` after the newcomer at
