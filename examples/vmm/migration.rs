@@ -100,7 +100,7 @@ impl DirtyLog for KvmLog<'_> {
         into: &DirtyBitmap,
     ) -> Result<(), DirtyLogError> {
         let words = self.0.take_dirty(region.0 as usize).map_err(vmm_error)?;
-        into.merge_words(&words);
+        into.merge_words(&words)?;
         Ok(())
     }
 }

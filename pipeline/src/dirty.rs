@@ -84,7 +84,29 @@ impl DirtyBitmap {
 
     /// ORs a KVM-style bitmap (little-endian u64 words, bit n = page n) into this one.
     /// Bits past the last page are dropped.
-    pub fn merge_words(&self, words: &[u64]) {
+    ///
+    /// # Errors
+    /// A bitmap of another number of words than this one's (one per 64 pages, the
+    /// last partly used), which is merged nowhere: a log of another page size or of
+    /// another region, whose marks would land on the wrong pages or be lost.
+    pub fn merge_words(&self, words: &[u64]) -> Result<(), DirtyLogError> {
+        if words.len() != self.words.len() {
+            return Err(format!(
+                "a dirty bitmap of {} words for a region of {} pages ({} words): the log's \
+                 page size or region differs from the guest memory's",
+                words.len(),
+                self.pages,
+                self.words.len()
+            )
+            .into());
+        }
+        self.merge_words_lenient(words);
+        Ok(())
+    }
+
+    /// [`Self::merge_words`] without the size check: words past this bitmap's are
+    /// ignored, missing ones are no marks.
+    fn merge_words_lenient(&self, words: &[u64]) {
         for (w, &bits) in self.words.iter().zip(words) {
             if bits != 0 {
                 w.fetch_or(bits, Ordering::Relaxed);
@@ -186,8 +208,11 @@ pub trait DirtyLog: Send {
     /// Whatever the VMM reports; the migration fails before anything is sent.
     fn start(&mut self) -> Result<(), DirtyLogError>;
 
-    /// Turns logging off again. Called once per [`start`](Self::start), whatever the
-    /// outcome; an error here is reported in the statistics, not as a failure.
+    /// Turns logging off again. Called once after every [`start`](Self::start),
+    /// whatever the outcome, a failed `start` included (which may have turned logging
+    /// on for part of the memory); an error or a panic here is reported as a warning
+    /// (in the statistics, or in [`Failed::warnings`](crate::Failed::warnings)), not as
+    /// a failure.
     ///
     /// # Errors
     /// Whatever the VMM reports.
@@ -222,6 +247,9 @@ pub trait VcpuControl: Send {
 
     /// Slows the guest to `percent` of its CPU time (100 = unthrottled), when a
     /// migration does not converge and auto-converge is on. Optional.
+    /// [`Migration`](crate::Migration) calls it with 100 on every way out but a
+    /// commit once it throttled, so a guest that stays here runs at full speed again
+    /// (a failure there is a warning in [`Failed::warnings`](crate::Failed::warnings)).
     ///
     /// # Errors
     /// The VMM could not throttle.
@@ -239,7 +267,7 @@ impl DirtyBitmap {
     /// size as this bitmap (one bit per transfer page); marks past this bitmap's end
     /// are ignored.
     pub fn merge_vm_memory(&self, bitmap: &vm_memory::bitmap::AtomicBitmap) {
-        self.merge_words(&bitmap.get_and_reset());
+        self.merge_words_lenient(&bitmap.get_and_reset());
         self.clear_tail();
     }
 }
@@ -283,8 +311,14 @@ mod tests {
         a.drain_into(&b);
         assert_eq!(a.count(), 0);
         assert_eq!(b.runs().collect::<Vec<_>>(), [(5, 1), (7, 1)]);
-        b.merge_words(&[1 << 9]);
-        assert!(b.is_set(9));
+        b.merge_words(&[1 << 9, 1 << 35]).unwrap();
+        assert!(b.is_set(9) && b.is_set(99));
+        // A log of another size (another page size or region): refused, nothing merged.
+        for words in [&[1u64 << 3][..], &[1 << 3, 0, 0][..]] {
+            let e = b.merge_words(words).unwrap_err().to_string();
+            assert!(e.contains("100 pages (2 words)"), "{e}");
+            assert!(!b.is_set(3));
+        }
     }
 
     #[cfg(feature = "vm-memory")]

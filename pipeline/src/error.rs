@@ -141,6 +141,16 @@ pub enum MigrationError {
     /// The migration was cancelled through its control handle.
     #[error("cancelled")]
     Cancelled,
+    /// A callback of the VMM panicked (`callback` names it: "the dirty log's
+    /// sync_and_clear", "the round callback", ...); the migration failed as if it had
+    /// returned an error there.
+    #[error("{callback} panicked: {message}")]
+    CallbackPanicked {
+        /// Which callback.
+        callback: &'static str,
+        /// The panic's message.
+        message: String,
+    },
     /// A worker thread died, or lost track of its own state.
     #[error("worker thread for channel {0} died")]
     Worker(u16),
@@ -253,6 +263,9 @@ pub struct Failed {
     pub running_on_source: bool,
     /// Why resuming the vCPUs failed, when it did.
     pub resume_error: Option<String>,
+    /// What went wrong on the way out besides the error: stopping the dirty log,
+    /// lifting the auto-converge throttle.
+    pub warnings: Vec<String>,
 }
 
 impl Failed {
@@ -268,6 +281,7 @@ impl Failed {
             unacknowledged,
             running_on_source: false,
             resume_error: None,
+            warnings: Vec::new(),
         }
     }
 

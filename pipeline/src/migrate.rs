@@ -47,7 +47,7 @@ use pagewire_protocol::RegionId;
 
 use crate::device::{DeviceState, DeviceStateWriter, NoDeviceState};
 use crate::dirty::{DirtyBitmap, DirtyLog, VcpuControl};
-use crate::error::{Failed, MigrationError};
+use crate::error::{Failed, MigrationError, vmm_call};
 use crate::precopy::{CapPolicy, Decision, Estimator, StopReason};
 use crate::progress::{Phase, ProgressSnapshot, RoundAction};
 use crate::source::Source;
@@ -135,9 +135,17 @@ impl<'a> Migration<'a> {
             Some(d) => d,
             None => &mut none,
         };
-        if let Err(e) = log.start() {
+        if let Err(e) = call(
+            "the dirty log's start",
+            || log.start(),
+            MigrationError::DirtyLog,
+        ) {
             source.set_phase(Phase::Failed);
-            return Err(Failed::bare(MigrationError::DirtyLog(e)).with_resumed(true));
+            source.abort_session(&e);
+            let mut f = Failed::bare(e).with_resumed(true);
+            // It may have turned logging on for part of the memory.
+            f.warnings.extend(stop_log(log));
+            return Err(f);
         }
         let mut run = Run {
             source,
@@ -147,21 +155,21 @@ impl<'a> Migration<'a> {
             on_round,
             sections: HashSet::new(),
             cpu_at_start: Some(pagewire_accel::thread_cpu_time()),
+            throttled: false,
         };
         let result = run.run();
         // A failed run's CPU counts too (it is in the source's statistics now).
         run.count_driver_cpu();
-        let stopped = log.stop();
+        let stopped = stop_log(log);
         match result {
             Ok(mut stats) => {
-                if let Err(e) = stopped {
-                    stats
-                        .warnings
-                        .push(format!("stopping the dirty log failed: {e}"));
-                }
+                stats.warnings.extend(stopped);
                 Ok(stats)
             }
-            Err(f) => Err(f),
+            Err(mut f) => {
+                f.warnings.extend(stopped);
+                Err(f)
+            }
         }
     }
 }
@@ -182,6 +190,30 @@ pub fn migrate(
         .run()
 }
 
+/// Runs `f`, a callback of the VMM named `callback`: its error becomes `wrap`'s
+/// [`MigrationError`], its panic [`MigrationError::CallbackPanicked`].
+fn call<T>(
+    callback: &'static str,
+    f: impl FnOnce() -> Result<T, crate::DirtyLogError>,
+    wrap: fn(crate::DirtyLogError) -> MigrationError,
+) -> Result<T, MigrationError> {
+    match vmm_call(f) {
+        Ok(r) => r.map_err(wrap),
+        Err(message) => Err(MigrationError::CallbackPanicked { callback, message }),
+    }
+}
+
+/// Stops the dirty log; what went wrong, as a warning.
+fn stop_log(log: &mut dyn DirtyLog) -> Option<String> {
+    call(
+        "the dirty log's stop",
+        || log.stop(),
+        MigrationError::DirtyLog,
+    )
+    .err()
+    .map(|e| format!("stopping the dirty log failed: {e}"))
+}
+
 struct Run<'a, 'b> {
     source: &'b mut Source,
     log: &'b mut dyn DirtyLog,
@@ -193,6 +225,8 @@ struct Run<'a, 'b> {
     /// pausing, the device state, the round callbacks) counts as the source's
     /// ([`Run::count_driver_cpu`]; `None` once counted).
     cpu_at_start: Option<Duration>,
+    /// Auto-converge throttled the guest: lifted again on every way out but a commit.
+    throttled: bool,
 }
 
 impl Run<'_, '_> {
@@ -205,25 +239,32 @@ impl Run<'_, '_> {
     }
 
     /// A failure while the guest runs on the source (before the pause).
-    fn running(&self, error: MigrationError, pages: Vec<(RegionId, DirtyBitmap)>) -> Failed {
-        self.source.set_phase(Phase::Failed);
-        Failed::new(error, pages).with_resumed(true)
+    fn running(&mut self, error: MigrationError, pages: Vec<(RegionId, DirtyBitmap)>) -> Failed {
+        self.failed_running(Failed::new(error, pages))
     }
 
-    /// [`Self::running`] for a failure that already is a [`Failed`].
-    fn failed_running(&self, f: Failed) -> Failed {
-        // A source that already handed the guest over keeps its phase.
-        if !matches!(*f.error, MigrationError::HandedOver) {
-            self.source.set_phase(Phase::Failed);
+    /// [`Self::running`] for a failure that already is a [`Failed`]: the destination
+    /// is told (ABORT), the throttle lifted.
+    fn failed_running(&mut self, mut f: Failed) -> Failed {
+        // A source that already handed the guest over keeps its phase, and the guest
+        // is not its to run.
+        if matches!(*f.error, MigrationError::HandedOver) {
+            return f.with_resumed(false);
         }
+        self.source.set_phase(Phase::Failed);
+        self.source.abort_session(&f.error);
+        f.warnings.extend(self.unthrottle());
         f.with_resumed(true)
     }
 
-    /// A failure after the pause, while the destination cannot run the guest: resume it
-    /// here.
+    /// A failure after the pause, while the destination cannot run the guest: tell it
+    /// (ABORT), lift the throttle and resume the guest here.
     fn paused(&mut self, mut f: Failed) -> Failed {
         self.source.set_phase(Phase::Failed);
-        match self.vcpus.resume() {
+        self.source.abort_session(&f.error);
+        f.warnings.extend(self.unthrottle());
+        let vcpus = &mut *self.vcpus;
+        match call("the vCPUs' resume", || vcpus.resume(), MigrationError::Vcpu) {
             Ok(()) => f.with_resumed(true),
             Err(e) => {
                 f.resume_error = Some(e.to_string());
@@ -232,18 +273,43 @@ impl Run<'_, '_> {
         }
     }
 
+    /// Runs the guest at full speed again if auto-converge throttled it; what went
+    /// wrong, as a warning.
+    fn unthrottle(&mut self) -> Option<String> {
+        if !std::mem::take(&mut self.throttled) {
+            return None;
+        }
+        let vcpus = &mut *self.vcpus;
+        call(
+            "the vCPUs' throttle",
+            || vcpus.throttle(100),
+            MigrationError::Vcpu,
+        )
+        .err()
+        .map(|e| format!("lifting the auto-converge throttle failed: {e}"))
+    }
+
     fn device_step(&mut self, save: bool) -> Result<(), Failed> {
         let mut w = DeviceStateWriter::new(self.source, &mut self.sections);
+        let devices = &mut *self.devices;
         let res = if save {
-            self.devices.save(&mut w)
+            call(
+                "the device state's save",
+                || devices.save(&mut w),
+                MigrationError::DeviceState,
+            )
         } else {
-            self.devices.precopy(&mut w)
+            call(
+                "the device state's precopy",
+                || devices.precopy(&mut w),
+                MigrationError::DeviceState,
+            )
         };
         // A failed send fails the migration whatever the VMM made of it.
         if let Some(f) = w.into_failure() {
             return Err(f);
         }
-        res.map_err(|e| Failed::bare(MigrationError::DeviceState(e)))
+        res.map_err(Failed::bare)
     }
 
     fn run(&mut self) -> Result<MigrationStats, Failed> {
@@ -289,19 +355,41 @@ impl Run<'_, '_> {
             if let Err(e) = sync_into(self.log, &regions, &bitmaps) {
                 return Err(self.running(e, dirty));
             }
-            if let Err(f) = self.device_step(false) {
+            if let Err(mut f) = self.device_step(false) {
+                // The pages just synced are dirty too.
+                f.unacknowledged.append(&mut dirty);
                 return Err(self.failed_running(f));
             }
             let left: u64 = dirty.iter().map(|(_, b)| b.count()).sum();
             est.dirty_found(left, took);
-            est.set_extra_bytes(self.devices.pending_bytes());
+            let devices = &*self.devices;
+            let pending = match vmm_call(|| devices.pending_bytes()) {
+                Ok(n) => n,
+                Err(message) => {
+                    let e = MigrationError::CallbackPanicked {
+                        callback: "the device state's pending_bytes",
+                        message,
+                    };
+                    return Err(self.running(e, dirty));
+                }
+            };
+            est.set_extra_bytes(pending);
             self.source.note_dirty_rate(est.dirty_rate());
             let expected = est.expected_downtime(left);
             progress.set_dirty(left, est.dirty_rate(), expected);
             let mut cfg = config;
             cfg.downtime_limit = control.downtime_limit();
             let asked = match self.on_round.as_mut() {
-                Some(f) => f(&progress.snapshot()),
+                Some(f) => match vmm_call(|| f(&progress.snapshot())) {
+                    Ok(a) => a,
+                    Err(message) => {
+                        let e = MigrationError::CallbackPanicked {
+                            callback: "the round callback",
+                            message,
+                        };
+                        return Err(self.running(e, dirty));
+                    }
+                },
                 None => RoundAction::Continue,
             };
             let decision = match asked {
@@ -313,10 +401,16 @@ impl Run<'_, '_> {
             };
             match decision {
                 Decision::Continue { throttle } => {
-                    if let Some(pct) = throttle
-                        && let Err(e) = self.vcpus.throttle(pct)
-                    {
-                        return Err(self.running(MigrationError::Vcpu(e), dirty));
+                    if let Some(pct) = throttle {
+                        self.throttled = true;
+                        let vcpus = &mut *self.vcpus;
+                        if let Err(e) = call(
+                            "the vCPUs' throttle",
+                            || vcpus.throttle(pct),
+                            MigrationError::Vcpu,
+                        ) {
+                            return Err(self.running(e, dirty));
+                        }
                     }
                 }
                 Decision::Stop(r @ (StopReason::RoundCap | StopReason::TimeCap))
@@ -335,9 +429,10 @@ impl Run<'_, '_> {
         };
         // Stop and copy.
         let pause_at = Instant::now();
-        if let Err(e) = self.vcpus.pause() {
+        let vcpus = &mut *self.vcpus;
+        if let Err(e) = call("the vCPUs' pause", || vcpus.pause(), MigrationError::Vcpu) {
             // Some vCPUs may have stopped: resume them all.
-            return Err(self.paused(Failed::new(MigrationError::Vcpu(e), dirty)));
+            return Err(self.paused(Failed::new(e, dirty)));
         }
         self.source.set_phase(Phase::StopAndCopy);
         let bitmaps: Vec<&DirtyBitmap> = dirty.iter().map(|(_, b)| b).collect();
@@ -365,7 +460,11 @@ impl Run<'_, '_> {
             Ok(Switchover::Unknown { error }) => {
                 self.source.set_phase(Phase::OutcomeUnknown);
                 let e = MigrationError::OutcomeUnknown { source: error };
-                return Err(Failed::bare(e).with_resumed(false));
+                let mut f = Failed::bare(e).with_resumed(false);
+                // Paused, it may yet run here (the management layer decides): at full
+                // speed then.
+                f.warnings.extend(self.unthrottle());
+                return Err(f);
             }
         }
         // Up to ACK COMMITTED: the channels' closes after it are not the guest's
@@ -402,8 +501,11 @@ fn sync_into(
     into: &[&DirtyBitmap],
 ) -> Result<(), MigrationError> {
     for ((id, _), b) in regions.iter().zip(into) {
-        log.sync_and_clear(*id, b)
-            .map_err(MigrationError::DirtyLog)?;
+        call(
+            "the dirty log's sync_and_clear",
+            || log.sync_and_clear(*id, b),
+            MigrationError::DirtyLog,
+        )?;
     }
     Ok(())
 }

@@ -398,6 +398,15 @@ fn a_dirty_log_that_cannot_start_fails_before_anything_is_sent() {
         "the cause is printed: {f}"
     );
     assert!(f.running_on_source);
+    // `stop` follows a failed `start` too (logging may be on for part of the memory);
+    // this log's panics there, reported as a warning.
+    assert!(
+        f.warnings
+            .iter()
+            .any(|w| w.contains("panicked: stop without start")),
+        "{:?}",
+        f.warnings
+    );
     assert_eq!(src.progress().snapshot().pages, 0);
     drop(src);
     assert!(dst.join().unwrap().is_err());
@@ -773,4 +782,216 @@ fn other_channels_wait_past_their_idle_timeout_while_channel_0_moves_the_device_
     let m = dst.join().unwrap().unwrap();
     assert_eq!(first_difference(&mem, &m.memory), None, "{stats}");
     assert_eq!(m.device_state.len(), 16);
+}
+
+/// The simulated guest's dirty log, panicking at its `panic_at`-th sync, or marking
+/// every page dirty at each (a guest that never converges).
+struct OddLog {
+    inner: pagewire::sim::Log,
+    syncs: usize,
+    panic_at: usize,
+    all_dirty: bool,
+}
+
+impl OddLog {
+    fn new(g: &Guest, panic_at: usize, all_dirty: bool) -> Self {
+        OddLog {
+            inner: g.log(),
+            syncs: 0,
+            panic_at,
+            all_dirty,
+        }
+    }
+}
+
+impl DirtyLog for OddLog {
+    fn start(&mut self) -> Result<(), DirtyLogError> {
+        self.inner.start()
+    }
+    fn stop(&mut self) -> Result<(), DirtyLogError> {
+        self.inner.stop()
+    }
+    fn sync_and_clear(&mut self, r: RegionId, into: &DirtyBitmap) -> Result<(), DirtyLogError> {
+        self.syncs += 1;
+        if self.syncs == self.panic_at {
+            panic!("the dirty ring overflowed");
+        }
+        self.inner.sync_and_clear(r, into)?;
+        if self.all_dirty {
+            into.set_range(0, into.pages());
+        }
+        Ok(())
+    }
+}
+
+/// The destination's error, within 8 s (it waits for its idle timeout, 10 s, when the
+/// source does not tell it).
+fn destination_error(dst: DestinationThread) -> MigrationError {
+    within(Duration::from_secs(8), "the destination", move || {
+        dst.join().unwrap().unwrap_err()
+    })
+}
+
+#[test]
+fn a_vmm_callback_that_panics_fails_the_migration_and_the_destination_is_told() {
+    // The dirty log's sync panics after round 0 (two regions: syncs 1-2 clean the
+    // log, 3-4 end round 0). The panic used to unwind through `Migration::run`:
+    // logging stayed on, the phase `Precopy`, and the destination waited.
+    let mem = memory(4);
+    fill(&mem, 15);
+    let g = guest(mem.clone(), 2_000, 15);
+    let (mut src, dst) = pair(&mem, 60, |_| {});
+    let mut log = OddLog::new(&g, 3, false);
+    let mut vcpus = g.vcpus();
+    let f = pagewire::migrate(&mut src, &mut log, &mut vcpus, &mut NoDeviceState).unwrap_err();
+    assert!(
+        matches!(&*f.error, MigrationError::CallbackPanicked { callback, message }
+            if *callback == "the dirty log's sync_and_clear" && message == "the dirty ring overflowed"),
+        "{f:?}"
+    );
+    assert!(
+        f.running_on_source && g.is_running() && !g.is_logging(),
+        "{f:?}"
+    );
+    assert_eq!(src.progress().phase(), Phase::Failed);
+    // Told at once with ABORT, while the source still exists.
+    let e = destination_error(dst);
+    assert!(
+        matches!(e, MigrationError::PeerAborted { .. }) && e.to_string().contains("overflowed"),
+        "{e}"
+    );
+    // The session is over: a retry on this source is refused.
+    let again = src.send_round(Vec::new(), false).unwrap_err();
+    assert!(again.to_string().contains("aborted"), "{again}");
+    drop(src);
+
+    // The device state's save panics with the guest paused: resumed here.
+    let mut dev = |_: &mut DeviceStateWriter<'_>| -> Result<(), DirtyLogError> {
+        panic!("a device model bug");
+    };
+    let (f, dst, g) = failing_device(62, &mut dev);
+    assert!(
+        matches!(&*f.error, MigrationError::CallbackPanicked { callback, .. }
+            if *callback == "the device state's save"),
+        "{f:?}"
+    );
+    assert!(f.running_on_source && g.is_running() && !g.is_logging());
+    assert_eq!(g.pauses_and_resumes(), (1, 1));
+    let e = dst.unwrap_err();
+    assert!(e.to_string().contains("a device model bug"), "{e}");
+
+    // The round callback panics.
+    let mem = memory(4);
+    fill(&mem, 16);
+    let g = guest(mem.clone(), 2_000, 16);
+    let (mut src, dst) = pair(&mem, 63, |_| {});
+    let (mut log, mut vcpus) = (g.log(), g.vcpus());
+    let f = Migration::new(&mut src, &mut log, &mut vcpus)
+        .on_round(|_| panic!("the management thread's bug"))
+        .run()
+        .unwrap_err();
+    assert!(f.to_string().contains("the round callback panicked"), "{f}");
+    assert!(f.running_on_source && g.is_running() && !g.is_logging());
+    assert!(matches!(
+        destination_error(dst),
+        MigrationError::PeerAborted { .. }
+    ));
+}
+
+#[test]
+fn a_cancel_while_the_vmm_is_busy_reaches_the_destination_at_once() {
+    // The VMM's thread is in its round callback (a slow management call) when another
+    // thread cancels: the channels, idle meanwhile, send ABORT CANCELLED themselves.
+    // They used to wait for the VMM's thread, and only keepalives went out.
+    let mem = memory(4);
+    fill(&mem, 17);
+    let g = guest(mem.clone(), 2_000, 17);
+    let (mut src, dst) = pair(&mem, 64, |_| {});
+    let control = src.control();
+    let finished = Arc::new(AtomicBool::new(false));
+    let done = finished.clone();
+    let dst = std::thread::spawn(move || {
+        let r = dst.join().unwrap();
+        done.store(true, Ordering::SeqCst);
+        r
+    });
+    let mut told_while_busy = false;
+    let (mut log, mut vcpus) = (g.log(), g.vcpus());
+    let f = Migration::new(&mut src, &mut log, &mut vcpus)
+        .on_round(|_| {
+            control.cancel();
+            // Bounded: 5 s at most, half the destination's idle timeout.
+            for _ in 0..500 {
+                if finished.load(Ordering::SeqCst) {
+                    told_while_busy = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            RoundAction::Continue
+        })
+        .run()
+        .unwrap_err();
+    assert!(matches!(*f.error, MigrationError::Cancelled), "{f:?}");
+    assert!(
+        told_while_busy,
+        "the destination ended only after the callback returned"
+    );
+    let e = dst.join().unwrap().unwrap_err();
+    assert!(
+        matches!(&e, MigrationError::PeerAborted { reason, .. } if *reason == pagewire_protocol::AbortReason::CANCELLED),
+        "{e}"
+    );
+}
+
+/// The simulated vCPUs, recording every throttle asked.
+struct Throttles {
+    inner: pagewire::sim::Vcpus,
+    asked: Vec<u8>,
+}
+
+impl pagewire::VcpuControl for Throttles {
+    fn pause(&mut self) -> Result<(), DirtyLogError> {
+        self.inner.pause()
+    }
+    fn resume(&mut self) -> Result<(), DirtyLogError> {
+        self.inner.resume()
+    }
+    fn throttle(&mut self, percent: u8) -> Result<(), DirtyLogError> {
+        self.asked.push(percent);
+        Ok(())
+    }
+}
+
+#[test]
+fn a_migration_that_does_not_converge_lifts_the_auto_converge_throttle() {
+    // Every page dirty at every sync: auto-converge throttles harder each round, the
+    // round cap fails the migration (CapPolicy::Fail), the guest keeps running here,
+    // and used to keep running at the last throttle (as little as 1 %).
+    let mem = memory(4);
+    fill(&mem, 18);
+    let g = guest(mem.clone(), 0, 18);
+    let (mut src, dst) = pair(&mem, 65, |c| {
+        c.precopy.auto_converge = true;
+        c.precopy.on_cap = CapPolicy::Fail;
+        c.precopy.max_rounds = 4;
+        c.precopy.downtime_limit = Duration::from_micros(1);
+    });
+    let mut log = OddLog::new(&g, 0, true);
+    let mut vcpus = Throttles {
+        inner: g.vcpus(),
+        asked: Vec::new(),
+    };
+    let f = pagewire::migrate(&mut src, &mut log, &mut vcpus, &mut NoDeviceState).unwrap_err();
+    assert!(
+        matches!(*f.error, MigrationError::NotConverged { .. }),
+        "{f:?}"
+    );
+    assert!(vcpus.asked.iter().any(|&p| p < 100), "{:?}", vcpus.asked);
+    assert_eq!(vcpus.asked.last(), Some(&100), "{:?}", vcpus.asked);
+    assert!(f.running_on_source && f.warnings.is_empty(), "{f:?}");
+    assert!(matches!(
+        destination_error(dst),
+        MigrationError::PeerAborted { .. }
+    ));
 }

@@ -121,6 +121,11 @@ enum Cmd {
     /// Read the channel for an ABORT while channel 0 hands the guest over, until the
     /// next command (no reply).
     Watch(Arc<Watch>),
+    /// Send ABORT with this reason and message (the VMM's side failed), then end.
+    Abort {
+        reason: pagewire_protocol::AbortReason,
+        message: String,
+    },
     Close,
 }
 
@@ -207,6 +212,8 @@ pub struct Source {
     handed_over_at: Option<Instant>,
     /// CPU the caller's thread spent in `Source::connect` and `Migration::run`.
     driver_cpu: Duration,
+    /// Why the session was aborted ([`Source::abort_session`]): every later call fails.
+    aborted: Option<String>,
 }
 
 impl std::fmt::Debug for Source {
@@ -572,9 +579,45 @@ impl Source {
 
     /// `Err` with [`MigrationError::HandedOver`] once the switchover ran.
     fn not_handed_over(&self) -> Result<(), Failed> {
-        match self.handed_over {
-            true => Err(Failed::bare(MigrationError::HandedOver)),
-            false => Ok(()),
+        if self.handed_over {
+            return Err(Failed::bare(MigrationError::HandedOver));
+        }
+        match &self.aborted {
+            Some(why) => Err(Failed::bare(MigrationError::Config(format!(
+                "this source's session was aborted after a failure ({why}); a new \
+                 migration needs a new Source"
+            )))),
+            None => Ok(()),
+        }
+    }
+
+    /// Tells the destination on every channel that the migration failed on this side
+    /// (ABORT `CANCELLED` for a cancel, else `INTERNAL`, with `error` as its message),
+    /// so it frees the session at once rather than after its idle timeout, and ends
+    /// the channels. A send that would wait for a full socket does not: the control's
+    /// interrupt is raised first. Never after the switchover ran (an ABORT cannot take
+    /// the guest back). Every later call fails.
+    pub(crate) fn abort_session(&mut self, error: &MigrationError) {
+        if self.handed_over || self.aborted.is_some() {
+            return;
+        }
+        self.aborted = Some(error.to_string());
+        self.control.interrupt().raise();
+        let reason = match error {
+            MigrationError::Cancelled => pagewire_protocol::AbortReason::CANCELLED,
+            _ => pagewire_protocol::AbortReason::INTERNAL,
+        };
+        let message = error.to_string();
+        for w in &self.workers {
+            if w.tx
+                .send(Cmd::Abort {
+                    reason,
+                    message: message.clone(),
+                })
+                .is_ok()
+            {
+                let _ = w.rx.recv();
+            }
         }
     }
 
@@ -756,6 +799,11 @@ impl Source {
 
 impl Drop for Source {
     fn drop(&mut self) {
+        if !self.handed_over {
+            // A close that would wait for a destination that stopped reading does not
+            // hold the drop (up to `send_timeout`): the session is over.
+            self.control.interrupt().raise();
+        }
         for w in &self.workers {
             let _ = w.tx.send(Cmd::Close);
         }

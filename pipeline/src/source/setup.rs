@@ -324,6 +324,7 @@ impl Source {
             next_round: 0,
             sections: 0,
             handed_over: false,
+            aborted: None,
             handed_over_at: None,
             driver_cpu: pagewire_accel::thread_cpu_time().saturating_sub(cpu_at_start),
             started,

@@ -232,6 +232,10 @@ pub(super) struct Worker {
     broken: Option<MigrationError>,
 }
 
+/// How long a channel waiting for its next command sleeps between looks at the
+/// control (a cancel) and the time since it last sent (a keepalive).
+const IDLE_SLICE: Duration = Duration::from_millis(100);
+
 impl Worker {
     /// The delta cache when it may hold pages: under the adaptive choice, only once a
     /// frame kept some (zero and uniform pages, and copies, then forget theirs).
@@ -252,18 +256,28 @@ impl Worker {
 
     pub(super) fn run(mut self, rx: mpsc::Receiver<Cmd>, tx: mpsc::Sender<Reply>) {
         let mut next = None;
+        // Waiting for the VMM, the channel wakes every `IDLE_SLICE` to see a cancel
+        // (and tell the destination at once), and sends a keepalive once it has been
+        // quiet for `keepalive`.
+        let mut quiet_since = Instant::now();
         loop {
             let cmd = match next.take() {
                 Some(cmd) => cmd,
-                None => match rx.recv_timeout(self.s.keepalive) {
+                None => match rx.recv_timeout(self.s.keepalive.min(IDLE_SLICE)) {
                     Ok(cmd) => cmd,
                     Err(mpsc::RecvTimeoutError::Timeout) => {
-                        self.keepalive();
+                        if self.s.control.is_cancelled() {
+                            self.cancelled_while_idle();
+                        } else if quiet_since.elapsed() >= self.s.keepalive {
+                            self.keepalive();
+                            quiet_since = Instant::now();
+                        }
                         continue;
                     }
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 },
             };
+            quiet_since = Instant::now();
             if !matches!(cmd, Cmd::Watch(_))
                 && let Some(e) = self.broken.take()
             {
@@ -301,6 +315,12 @@ impl Worker {
                     let r = self.close().map(|()| Reply::Done);
                     self.note_cpu();
                     let _ = tx.send(r.unwrap_or_else(Reply::Failed));
+                    return;
+                }
+                Cmd::Abort { reason, message } => {
+                    self.abort_with(reason, &message);
+                    self.note_cpu();
+                    let _ = tx.send(Reply::Done);
                     return;
                 }
             };
@@ -413,7 +433,15 @@ impl Worker {
             MigrationError::Cancelled => AbortReason::CANCELLED,
             _ => AbortReason::INTERNAL,
         };
-        let message = e.to_string();
+        self.abort_with(reason, &e.to_string());
+    }
+
+    /// Sends ABORT with `reason` and (the first 200 bytes of) `message`, best effort;
+    /// never after COMMIT.
+    fn abort_with(&mut self, reason: AbortReason, message: &str) {
+        if self.rules.commit_sent().is_some() {
+            return;
+        }
         let mut end = message.len().min(200);
         while !message.is_char_boundary(end) {
             end -= 1;
@@ -1027,6 +1055,17 @@ impl Worker {
             }
         }
         Ok(())
+    }
+
+    /// The control was cancelled while this channel waited for its next command (the
+    /// VMM's thread may be busy in a callback): tell the destination now, before
+    /// COMMIT only, and answer the next command with `Cancelled`.
+    fn cancelled_while_idle(&mut self) {
+        if self.rules.commit_sent().is_some() || self.broken.is_some() {
+            return;
+        }
+        self.abort_with(AbortReason::CANCELLED, "cancelled by the source's VMM");
+        self.broken = Some(MigrationError::Cancelled);
     }
 
     /// Sends an empty extension frame (type `0xFF`), which the destination skips, so
