@@ -199,8 +199,8 @@ pub enum MigrationError {
         #[source]
         source: Box<MigrationError>,
     },
-    /// A bounded wait of the source ran out: the setting that bounds it is named by
-    /// `what` (see [`Wait`]).
+    /// A bounded wait of the source (or the destination's wait for COMMIT) ran out: the
+    /// setting that bounds it is named by `what` (see [`Wait`]).
     #[error("{}timed out after {after:?} waiting for {what}", channel.map(|c| format!("channel {c}: ")).unwrap_or_default())]
     Timeout {
         /// The channel, when the wait belonged to one.
@@ -213,7 +213,8 @@ pub enum MigrationError {
 }
 
 /// What a source waited for when a [`MigrationError::Timeout`] expired, and the
-/// [`SourceConfig`](crate::SourceConfig) setting that bounds that wait.
+/// [`SourceConfig`](crate::SourceConfig) setting that bounds that wait (or, for
+/// [`Wait::Commit`], what the destination waited for and its setting).
 #[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Wait {
@@ -229,6 +230,10 @@ pub enum Wait {
     Engine,
     /// The destination's acknowledgement of a round or of COMPLETE (`ack_timeout`).
     Ack,
+    /// On the destination: COMMIT, which must arrive within the idle timeout
+    /// ([`DestinationConfig::idle_timeout`](crate::DestinationConfig::idle_timeout)) of
+    /// ACK COMPLETE; frames arriving meanwhile do not extend it.
+    Commit,
 }
 
 impl std::fmt::Display for Wait {
@@ -239,6 +244,7 @@ impl std::fmt::Display for Wait {
             Wait::Send => "the destination to take data (send_timeout): it stopped reading or the link is down",
             Wait::Engine => "the codec engine to free a buffer or finish a job (send_timeout)",
             Wait::Ack => "the destination's acknowledgement (ack_timeout): it stopped or the link is down",
+            Wait::Commit => "COMMIT after ACK COMPLETE (the destination's idle_timeout, which other frames do not extend): the source stopped or the link is down",
         })
     }
 }

@@ -463,12 +463,20 @@ fn case(last: Last, loss: Loss) {
                 e.destination.err()
             );
             if loss == Loss::SwallowAndHold {
-                // Nothing closed channel 0: the idle timeout ended the wait.
+                // Nothing closed channel 0: the idle timeout after ACK COMPLETE ended
+                // the wait.
                 assert!(
                     matches!(
                         &e.destination,
                         Err(MigrationError::NoCommit { source, .. })
-                            if matches!(**source, MigrationError::Channel { .. })
+                            if matches!(
+                                **source,
+                                MigrationError::Timeout {
+                                    channel: Some(0),
+                                    what: pagewire::error::Wait::Commit,
+                                    ..
+                                }
+                            )
                     ),
                     "{name}: {:?}",
                     e.destination.err()

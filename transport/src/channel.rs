@@ -198,6 +198,20 @@ pub enum ChannelError {
     /// Nothing arrived within the receive timeout.
     #[error("nothing received for {0:?} (receive timeout)")]
     RecvTimeout(Duration),
+    /// A frame did not arrive whole within the frame timeout of its first byte (the
+    /// peer sent it too slowly, or stopped inside it); the channel is closed.
+    #[error(
+        "a frame did not arrive whole within {after:?} of its first byte ({have} of {need} \
+         bytes): the peer sends too slowly or stopped inside it"
+    )]
+    FrameTimeout {
+        /// Bytes of the frame received.
+        have: usize,
+        /// Bytes of the frame expected (8 while the envelope is incomplete).
+        need: usize,
+        /// The frame timeout.
+        after: Duration,
+    },
     /// The peer closed the connection inside a frame.
     #[error("the peer closed the connection in the middle of a frame ({have} of {need} bytes)")]
     PeerClosedMidFrame {
@@ -256,6 +270,15 @@ pub enum ChannelError {
 impl ChannelError {
     pub(crate) fn io(op: &'static str, source: io::Error) -> Self {
         Self::Io { op, source }
+    }
+
+    /// A [`ChannelError::FrameTimeout`] with the frame's progress; any other error as
+    /// it is.
+    pub(crate) fn in_frame(self, have: usize, need: usize) -> Self {
+        match self {
+            Self::FrameTimeout { after, .. } => Self::FrameTimeout { have, need, after },
+            e => e,
+        }
     }
 
     pub(crate) fn from_send_io(op: &'static str, e: io::Error, timeout: Duration) -> Self {

@@ -39,30 +39,101 @@ pub(crate) trait ByteSource {
 /// wait for an ACK, cannot be stretched by a peer that sends a frame a byte at a time,
 /// each byte within the per-read timeout. Below TLS, so records that carry no
 /// plaintext cannot stretch it either. Without a deadline it only passes reads on.
+///
+/// It also keeps the [`FrameClock`]: once a frame has begun, nothing is read past its
+/// frame timeout ([`ChannelError::FrameTimeout`]).
 pub(crate) struct Until<'s, S> {
     pub(crate) inner: &'s mut S,
     /// The deadline and the wait it ends (reported in the error).
     pub(crate) deadline: Option<(Instant, Duration)>,
+    /// When the frame being received must have arrived whole by.
+    pub(crate) frame: FrameClock,
 }
 
 impl<S: ByteSource> Until<'_, S> {
     fn check(&self) -> Result<(), ChannelError> {
         match self.deadline {
             Some((at, after)) if Instant::now() >= at => Err(ChannelError::RecvTimeout(after)),
-            _ => Ok(()),
+            _ => self.frame.check(),
         }
+    }
+
+    fn read_some(&mut self, n: usize) -> usize {
+        if n > 0 {
+            self.frame.begin();
+        }
+        n
     }
 }
 
 impl<S: ByteSource> ByteSource for Until<'_, S> {
     fn read(&mut self, dst: &mut [u8]) -> Result<usize, ChannelError> {
         self.check()?;
-        self.inner.read(dst)
+        let n = self.inner.read(dst)?;
+        Ok(self.read_some(n))
     }
 
     fn read_guest(&mut self, dst: &[GuestSlice], skip: usize) -> Result<usize, ChannelError> {
         self.check()?;
-        self.inner.read_guest(dst, skip)
+        let n = self.inner.read_guest(dst, skip)?;
+        Ok(self.read_some(n))
+    }
+}
+
+/// A channel's frame timeout (`set_frame_timeout`): each frame must arrive whole within
+/// it of its first byte, however its bytes trickle in, each within the per-read
+/// timeout. Its first byte is the first the socket gives once the previous frame was
+/// received (below TLS: a record's first byte); for bytes that came with the previous
+/// frame, the moment the next receive starts, so that time the receiver spent on its
+/// own work does not count against the peer. Checked before each read, so a receive
+/// fails at most one read timeout late.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct FrameClock {
+    timeout: Option<Duration>,
+    /// When the frame being received began, once it has.
+    began: Option<Instant>,
+}
+
+impl FrameClock {
+    pub(crate) fn set_timeout(&mut self, timeout: Option<Duration>) {
+        self.timeout = timeout;
+    }
+
+    /// Before a receive: `held` when bytes of the next frame are already held (a frame
+    /// begun and cut short, or bytes that came with the last one).
+    pub(crate) fn resume(&mut self, held: bool) {
+        if !held {
+            self.began = None;
+        } else if self.began.is_none() {
+            self.began = Some(Instant::now());
+        }
+    }
+
+    /// After a receive: a frame that arrived ends the clock; an error leaves it
+    /// running for the rest of the frame.
+    pub(crate) fn received(&mut self, frame: bool) {
+        if frame {
+            self.began = None;
+        }
+    }
+
+    fn begin(&mut self) {
+        if self.timeout.is_some() && self.began.is_none() {
+            self.began = Some(Instant::now());
+        }
+    }
+
+    fn check(&self) -> Result<(), ChannelError> {
+        match (self.timeout, self.began) {
+            (Some(t), Some(b)) if Instant::now() >= crate::deadline::after(b, t) => {
+                Err(ChannelError::FrameTimeout {
+                    have: 0,
+                    need: 0,
+                    after: t,
+                })
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -285,14 +356,15 @@ impl RxState {
                 self.declined = false;
                 return Ok(Some(Ready::Whole { at, env }));
             }
-            if !self.fill(src, want, bounded)? {
+            let need = frame_len.unwrap_or(Envelope::LEN);
+            if !self
+                .fill(src, want, bounded)
+                .map_err(|e| e.in_frame(avail, need))?
+            {
                 if avail == 0 {
                     return Ok(None);
                 }
-                return Err(ChannelError::PeerClosedMidFrame {
-                    have: avail,
-                    need: frame_len.unwrap_or(Envelope::LEN),
-                });
+                return Err(ChannelError::PeerClosedMidFrame { have: avail, need });
             }
         }
     }
@@ -340,7 +412,9 @@ impl RxState {
         copy_to_guest(&self.dest, 0, &self.buf[at + hlen..at + hlen + buffered]);
         let mut done = buffered;
         while done < payload_len {
-            let n = src.read_guest(&self.dest, done)?;
+            let n = src
+                .read_guest(&self.dest, done)
+                .map_err(|e| e.in_frame(hlen + done, flen))?;
             if n == 0 {
                 return Err(ChannelError::PeerClosedMidFrame {
                     have: hlen + done,
@@ -512,6 +586,7 @@ mod tests {
         let mut past = Until {
             inner: &mut src,
             deadline: until(Some(Instant::now())),
+            frame: FrameClock::default(),
         };
         assert!(matches!(
             rx.recv(&mut past, None),
@@ -522,6 +597,7 @@ mod tests {
         let mut soon = Until {
             inner: &mut src,
             deadline: until(Some(Instant::now() + Duration::from_millis(50))),
+            frame: FrameClock::default(),
         };
         assert!(matches!(
             rx.recv(&mut soon, None),
@@ -532,10 +608,84 @@ mod tests {
         let mut free = Until {
             inner: &mut src,
             deadline: None,
+            frame: FrameClock::default(),
         };
         assert!(matches!(
             rx.recv(&mut free, None),
             Ok(Some(Incoming::Frame(Frame::Ack(a)))) if a.value == 9
+        ));
+    }
+
+    /// A frame trickled a byte at a time fails once its frame timeout from its first
+    /// byte has passed, naming how much of it arrived; the wait before the first byte
+    /// does not count, and a frame that arrives in time ends the clock.
+    #[test]
+    fn a_frame_timeout_counts_from_the_first_byte_and_names_the_progress() {
+        struct Slow(Bytes, Duration);
+        impl ByteSource for Slow {
+            fn read(&mut self, dst: &mut [u8]) -> Result<usize, ChannelError> {
+                std::thread::sleep(self.1);
+                self.0.read(dst)
+            }
+            fn read_guest(&mut self, d: &[GuestSlice], skip: usize) -> Result<usize, ChannelError> {
+                self.0.read_guest(d, skip)
+            }
+        }
+        let frame = ack();
+        let mut two = frame.clone();
+        two.extend(ack());
+        // 60 ms before the first byte, whole frames at once: within a 40 ms timeout.
+        let mut src = Slow(
+            Bytes {
+                data: two,
+                pos: 0,
+                chunk: frame.len() + 3,
+            },
+            Duration::from_millis(60),
+        );
+        let mut rx = RxState::new(limits(false), &[]);
+        let mut clock = FrameClock::default();
+        clock.set_timeout(Some(Duration::from_millis(40)));
+        for _ in 0..2 {
+            clock.resume(rx.buffered() > 0);
+            let mut until = Until {
+                inner: &mut src,
+                deadline: None,
+                frame: clock,
+            };
+            let r = rx.recv(&mut until, None);
+            clock = until.frame;
+            assert!(matches!(r, Ok(Some(Incoming::Frame(Frame::Ack(_))))));
+            clock.received(true);
+        }
+        // 20 ms a byte against a 50 ms timeout.
+        let mut src = Slow(
+            Bytes {
+                data: frame.clone(),
+                pos: 0,
+                chunk: 1,
+            },
+            Duration::from_millis(20),
+        );
+        let mut rx = RxState::new(limits(false), &[]);
+        clock.set_timeout(Some(Duration::from_millis(50)));
+        clock.resume(false);
+        let mut until = Until {
+            inner: &mut src,
+            deadline: None,
+            frame: clock,
+        };
+        match rx.recv(&mut until, None) {
+            Err(ChannelError::FrameTimeout { have, need, after }) => {
+                assert!((2..6).contains(&have), "{have} bytes");
+                assert_eq!(need, if have < 8 { 8 } else { frame.len() });
+                assert_eq!(after, Duration::from_millis(50));
+            }
+            other => panic!("expected a frame timeout, got {other:?}"),
+        }
+        assert!(matches!(
+            rx.recv(&mut until, None),
+            Err(ChannelError::Failed)
         ));
     }
 

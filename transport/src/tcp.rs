@@ -50,7 +50,7 @@ use crate::channel::{
 };
 use crate::endpoint::{self, Endpoint, Stream};
 use crate::interrupt::{self, Interrupt, SendWait};
-use crate::recv::{ByteSource, RxState, Until, guest_iovecs, until};
+use crate::recv::{ByteSource, FrameClock, RxState, Until, guest_iovecs, until};
 use crate::sendq::SendQueue;
 use crate::tls::{TlsSession, TlsSource};
 
@@ -559,6 +559,9 @@ pub struct TcpChannel {
     queue: SendQueue,
     /// When `recv` must have returned by ([`TcpChannel::set_recv_deadline`]).
     deadline: Option<(Instant, Duration)>,
+    /// When the frame being received must have arrived whole by
+    /// ([`TcpChannel::set_frame_timeout`]).
+    frame: FrameClock,
     /// What ends a blocked send early ([`TcpChannel::set_interrupt`]).
     interrupt: Option<Interrupt>,
 }
@@ -589,6 +592,7 @@ impl TcpChannel {
             tls: None,
             queue: SendQueue::default(),
             deadline: None,
+            frame: FrameClock::default(),
             interrupt: None,
         })
     }
@@ -650,6 +654,17 @@ impl TcpChannel {
     /// placed), and a later `recv` continues it.
     pub fn set_recv_deadline(&mut self, deadline: Option<Instant>) {
         self.deadline = until(deadline);
+    }
+
+    /// Sets how long a frame may take to arrive whole from its first byte (`None`: no
+    /// bound, the default): `recv` fails with [`ChannelError::FrameTimeout`] then,
+    /// however slowly the peer sends, at most one read timeout
+    /// ([`TcpChannel::set_recv_timeout`]) late; the channel is unusable afterwards. A
+    /// frame's first byte is the first the socket gives once the previous frame was
+    /// received (below TLS, a record's), or, for bytes that came with the previous
+    /// frame, the start of the next `recv`.
+    pub fn set_frame_timeout(&mut self, timeout: Option<Duration>) {
+        self.frame.set_timeout(timeout);
     }
 
     /// Changes how long `recv` waits for bytes (`None`: for ever), e.g. to the time
@@ -775,11 +790,14 @@ impl Channel for TcpChannel {
             stream: &self.stream,
             timeout: self.cfg.recv_timeout,
         };
+        let held = self.rx.buffered() > 0 || self.tls.as_ref().is_some_and(|t| t.has_pending());
+        self.frame.resume(held);
         let mut src = Until {
             inner: &mut src,
             deadline: self.deadline,
+            frame: self.frame,
         };
-        match self.tls.as_deref_mut() {
+        let res = match self.tls.as_deref_mut() {
             Some(tls) => {
                 let mut src = TlsSource {
                     inner: &mut src,
@@ -788,7 +806,10 @@ impl Channel for TcpChannel {
                 self.rx.recv(&mut src, sink)
             }
             None => self.rx.recv(&mut src, sink),
-        }
+        };
+        self.frame = src.frame;
+        self.frame.received(res.is_ok());
+        res
     }
 
     fn unacked_bytes(&self) -> Option<u64> {

@@ -33,8 +33,9 @@ pub(super) fn send(channel: &mut AnyChannel, e: &MigrationError) {
 /// when it sends none: the source ended the channel (its ABORT, a close inside a
 /// frame), the channel's I/O failed (a socket error, a send timeout, TLS records that
 /// do not authenticate), so nothing more can usefully be sent on it, or the channel
-/// idled out (which a channel that ended the final round may do while channel 0 still
-/// works: the source learns of it only if the session fails).
+/// timed out: it idled out (which a channel that ended the final round may do while
+/// channel 0 still works: the source learns of it only if the session fails), a frame
+/// did not arrive whole within the idle timeout, or COMMIT did not come within it.
 fn abort_reason(e: &MigrationError) -> Option<AbortReason> {
     match e {
         MigrationError::NoCommit { source, .. } => abort_reason(source),
@@ -47,6 +48,9 @@ fn abort_reason(e: &MigrationError) -> Option<AbortReason> {
             _ => None,
         },
         MigrationError::SessionFailed { .. } => Some(AbortReason::CHANNEL_FAILED),
+        // A timeout closes the channel without an ABORT, as an idle-out does
+        // (PROTOCOL.md, ABORT `TIMEOUT`): the wait for COMMIT.
+        MigrationError::Timeout { .. } => None,
         MigrationError::Cancelled => Some(AbortReason::CANCELLED),
         MigrationError::DeviceStateRefused { .. } => Some(AbortReason::APPLY_FAILED),
         MigrationError::Worker(_)
@@ -107,6 +111,19 @@ mod tests {
             channel(ChannelError::TlsTruncated),
             channel(ChannelError::SendTimeout(Duration::from_secs(1))),
             channel(ChannelError::RecvTimeout(Duration::from_secs(1))),
+            channel(ChannelError::FrameTimeout {
+                have: 9,
+                need: 4096,
+                after: Duration::from_secs(1),
+            }),
+            MigrationError::NoCommit {
+                final_round: 0,
+                source: Box::new(MigrationError::Timeout {
+                    channel: Some(0),
+                    what: crate::error::Wait::Commit,
+                    after: Duration::from_secs(1),
+                }),
+            },
             channel(ChannelError::Io {
                 op: "recv",
                 source: std::io::ErrorKind::ConnectionReset.into(),

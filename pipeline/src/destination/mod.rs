@@ -490,14 +490,18 @@ impl Shared {
     /// to send and may idle out while channel 0 still moves the device state, COMPLETE
     /// and COMMIT; the others have their own idle timeout.
     ///
-    /// An idle-out of a channel other than 0 is recorded ([`Self::idle_blocks`]), not a
+    /// An idle-out of a channel other than 0 (nothing within the idle timeout, or a
+    /// frame not whole within it of its first byte) is recorded ([`Self::idle_blocks`]), not a
     /// failure: the session still completes if every channel ended the final round,
     /// and a session that failed refuses COMPLETE and COMMIT ([`Self::failure`]).
     fn channel_failed(&self, ch: u16, e: &MigrationError) {
+        // A frame that did not arrive whole in time counts as an idle-out too: the
+        // source stopped sending on that channel, as far as this side can tell.
         let idle = matches!(
             e,
             MigrationError::Channel {
-                source: pagewire_transport::ChannelError::RecvTimeout(_),
+                source: pagewire_transport::ChannelError::RecvTimeout(_)
+                    | pagewire_transport::ChannelError::FrameTimeout { .. },
                 ..
             }
         );
@@ -713,6 +717,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 mod abort;
+mod bounds;
 mod copies;
 mod dense;
 mod listener;

@@ -21,6 +21,7 @@ use crate::error::MigrationError;
 use crate::memory::GuestMemory;
 use crate::source::transport_views;
 
+use super::bounds::{self, CommitWait};
 use super::dense::DenseBlocks;
 use super::{DeviceSection, Shared, State};
 use crate::error::peer_fault;
@@ -134,6 +135,8 @@ pub(super) struct Receiver {
     /// The `ROUND_END` copy runs of the open round, applied once every channel ended
     /// it. The session's rules bound their pages per round by the layout's.
     round_end: Vec<(RegionId, CopyRun)>,
+    /// Channel 0's wait for COMMIT, once it sent ACK COMPLETE.
+    commit: Option<CommitWait>,
 }
 
 /// What to do after a frame, once the channel's receive buffer is released.
@@ -165,6 +168,7 @@ impl Receiver {
             scratch: Vec::new(),
             dst: PageListMut::new(PageSize::KIB4),
             round_end: Vec::new(),
+            commit: None,
         }
     }
 
@@ -186,6 +190,9 @@ impl Receiver {
     /// took COMMIT, which ends every receiver). A failure while channel 0 waits
     /// for COMMIT after its ACK COMPLETE is [`MigrationError::NoCommit`].
     pub(super) fn run(&mut self, channel: &mut AnyChannel) -> Result<(), MigrationError> {
+        // Each frame whole within the idle timeout of its first byte: a source that
+        // trickles one cannot hold this thread, its buffers and the session.
+        bounds::set_frame_timeout(channel, self.shared.wait);
         self.receive(channel)
             .map_err(|e| match self.rules.awaiting_commit() {
                 Some(round) => MigrationError::NoCommit {
@@ -201,10 +208,13 @@ impl Receiver {
         let shared = self.shared.clone();
         // A receive that ended because another channel failed the session (which shut
         // this socket's receiving side down) is that failure, not this channel's; a
-        // frame that does not decode and an idle timeout are this channel's.
+        // frame that does not decode, an idle timeout and a frame not whole in time are
+        // this channel's.
         let chan = |source: ChannelError| match peer_fault(&source)
-            || matches!(source, ChannelError::RecvTimeout(_))
-        {
+            || matches!(
+                source,
+                ChannelError::RecvTimeout(_) | ChannelError::FrameTimeout { .. }
+            ) {
             true => MigrationError::Channel {
                 channel: ch,
                 source,
@@ -217,6 +227,11 @@ impl Receiver {
         let mut memory: Option<Arc<GuestMemory>> = None;
         let mut sink: Option<RegionSink> = None;
         loop {
+            // After ACK COMPLETE, COMMIT within the idle timeout of it: what arrives
+            // meanwhile does not move that bound.
+            if let Some(w) = &self.commit {
+                w.before_recv(channel)?;
+            }
             let after = {
                 // Dropped with this block, before anything waits for the gate.
                 let mut held = None;
@@ -245,7 +260,11 @@ impl Receiver {
                 if let Some(e) = refused.take() {
                     return Err(e);
                 }
-                let incoming = incoming.map_err(chan)?;
+                let incoming = match (incoming, self.commit) {
+                    (Err(e), Some(w)) if w.retry(&e) => continue,
+                    (Err(ChannelError::RecvTimeout(_)), Some(w)) => return Err(w.timed_out()),
+                    (incoming, _) => incoming.map_err(chan)?,
+                };
                 match incoming {
                     None => After::Closed,
                     Some(Incoming::Placed(p)) => {
@@ -433,10 +452,17 @@ impl Receiver {
                     }
                     let ack = self.rules.ack_complete(&s.rules).map_err(|e| self.rule(e));
                     drop(s);
-                    // Still not this side's guest: channel 0 now waits for COMMIT.
+                    // Still not this side's guest: channel 0 now waits for COMMIT, for
+                    // the idle timeout from here at most.
                     self.send_ack(channel, ack?)?;
+                    self.commit = Some(CommitWait::from_now(self.shared.wait));
                 }
                 After::Commit(c) => {
+                    // A COMMIT read once the wait ended is not taken: past that bound
+                    // this side reports failure (PROTOCOL.md, Outcome unknown).
+                    if let Some(w) = self.commit.filter(CommitWait::expired) {
+                        return Err(w.timed_out());
+                    }
                     let mut s = self.shared.state(ch)?;
                     // A session that failed before COMMIT was taken never becomes this
                     // side's: another channel's refused frame or ABORT may reach the

@@ -20,7 +20,7 @@ use crate::channel::{
     Channel, ChannelError, ChannelStats, Completed, Incoming, OutFrame, PageSink, SendId,
 };
 use crate::endpoint::Stream;
-use crate::recv::{RxState, Until, until};
+use crate::recv::{FrameClock, RxState, Until, until};
 
 impl UringChannel {
     /// Takes a connected socket after its handshake (`leftover`: bytes received after
@@ -141,6 +141,7 @@ impl UringChannel {
             failed: false,
             tls: None,
             deadline: None,
+            frame: FrameClock::default(),
         })
     }
 
@@ -176,6 +177,14 @@ impl UringChannel {
     /// [`TcpChannel::set_recv_deadline`](crate::tcp::TcpChannel::set_recv_deadline) does.
     pub fn set_recv_deadline(&mut self, deadline: Option<Instant>) {
         self.deadline = until(deadline);
+    }
+
+    /// Sets how long a frame may take to arrive whole from its first byte (`None`: no
+    /// bound, the default), as
+    /// [`TcpChannel::set_frame_timeout`](crate::tcp::TcpChannel::set_frame_timeout)
+    /// does.
+    pub fn set_frame_timeout(&mut self, timeout: Option<Duration>) {
+        self.frame.set_timeout(timeout);
     }
 
     /// Changes how long `recv` waits for bytes (`None`: for ever), e.g. to the time
@@ -459,11 +468,14 @@ impl Channel for UringChannel {
         &'a mut self,
         sink: Option<&mut dyn PageSink>,
     ) -> Result<Option<Incoming<'a>>, ChannelError> {
+        let held = self.rx.buffered() > 0 || self.tls.as_ref().is_some_and(|t| t.has_pending());
+        self.frame.resume(held);
         let mut src = Until {
             inner: &mut self.core,
             deadline: self.deadline,
+            frame: self.frame,
         };
-        match self.tls.as_deref_mut() {
+        let res = match self.tls.as_deref_mut() {
             Some(tls) => {
                 let mut src = crate::tls::TlsSource {
                     inner: &mut src,
@@ -472,7 +484,10 @@ impl Channel for UringChannel {
                 self.rx.recv(&mut src, sink)
             }
             None => self.rx.recv(&mut src, sink),
-        }
+        };
+        self.frame = src.frame;
+        self.frame.received(res.is_ok());
+        res
     }
 
     fn unacked_bytes(&self) -> Option<u64> {

@@ -467,6 +467,9 @@ pub struct UringChannel {
     tls: Option<Box<crate::tls::TlsSession>>,
     /// When `recv` must have returned by ([`UringChannel::set_recv_deadline`]).
     deadline: Option<(std::time::Instant, Duration)>,
+    /// When the frame being received must have arrived whole by
+    /// ([`UringChannel::set_frame_timeout`]).
+    frame: crate::recv::FrameClock,
 }
 
 impl std::fmt::Debug for Core {
