@@ -320,7 +320,10 @@ pub struct DestinationConfig {
     /// [`DestinationListener::accept`]: crate::DestinationListener::accept
     /// [`DestinationListener::accept_with`]: crate::DestinationListener::accept_with
     pub max_sessions: usize,
-    /// How long a channel may stay silent before the source counts as gone.
+    /// How long a channel may stay silent before the source counts as gone; also how
+    /// long a frame may take to arrive whole from its first byte (plus its length at
+    /// `pagewire_transport::FRAME_MIN_RATE`, 128 KiB/s), and COMMIT from ACK COMPLETE
+    /// (PROTOCOL.md, Idle timeout).
     pub idle_timeout: Duration,
     /// How the destination prepares the anonymous guest memory it maps itself (memory
     /// the VMM gives or provides is used as it is, never pre-faulted).

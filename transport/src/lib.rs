@@ -89,4 +89,5 @@ pub use channel::{
 };
 pub use endpoint::{Endpoint, Stream, StreamListener};
 pub use interrupt::Interrupt;
+pub use recv::FRAME_MIN_RATE;
 pub use tls::{Encryption, PemFiles, PinnedPemFiles, TlsConfig, TlsError};

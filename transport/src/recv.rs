@@ -32,6 +32,12 @@ pub(crate) trait ByteSource {
     /// Reads into the concatenation of `dst`, starting `skip` bytes into it; `Ok(0)` is
     /// end of stream.
     fn read_guest(&mut self, dst: &[GuestSlice], skip: usize) -> Result<usize, ChannelError>;
+
+    /// The frame being received is `len` bytes long (its envelope has arrived): a
+    /// [`FrameClock`] below gives it time in proportion.
+    fn frame_len(&mut self, len: usize) {
+        let _ = len;
+    }
 }
 
 /// A [`ByteSource`] that reads nothing once its deadline has passed
@@ -78,7 +84,18 @@ impl<S: ByteSource> ByteSource for Until<'_, S> {
         let n = self.inner.read_guest(dst, skip)?;
         Ok(self.read_some(n))
     }
+
+    fn frame_len(&mut self, len: usize) {
+        self.frame.len = len;
+    }
 }
+
+/// The slowest a frame may arrive once begun, beyond its frame timeout: 128 KiB/s
+/// (about 1 Mbit/s). A large frame on a slow link gets its frame timeout plus its
+/// length at this rate (a 64 MiB frame, the protocol's largest, 60 s + 512 s), so
+/// that a link slower than the frame timeout allows for one frame is not taken for a
+/// peer trickling bytes, whose frames still end in bounded time.
+pub const FRAME_MIN_RATE: u64 = 128 << 10;
 
 /// A channel's frame timeout (`set_frame_timeout`): each frame must arrive whole within
 /// it of its first byte, however its bytes trickle in, each within the per-read
@@ -92,6 +109,8 @@ pub(crate) struct FrameClock {
     timeout: Option<Duration>,
     /// When the frame being received began, once it has.
     began: Option<Instant>,
+    /// Its length, once its envelope arrived (0 before).
+    len: usize,
 }
 
 impl FrameClock {
@@ -104,6 +123,7 @@ impl FrameClock {
     pub(crate) fn resume(&mut self, held: bool) {
         if !held {
             self.began = None;
+            self.len = 0;
         } else if self.began.is_none() {
             self.began = Some(Instant::now());
         }
@@ -114,7 +134,16 @@ impl FrameClock {
     pub(crate) fn received(&mut self, frame: bool) {
         if frame {
             self.began = None;
+            self.len = 0;
         }
+    }
+
+    /// The time the frame being received has: the frame timeout, plus its length at
+    /// [`FRAME_MIN_RATE`].
+    fn budget(&self, timeout: Duration) -> Duration {
+        timeout.saturating_add(Duration::from_secs_f64(
+            self.len as f64 / FRAME_MIN_RATE as f64,
+        ))
     }
 
     fn begin(&mut self) {
@@ -125,11 +154,11 @@ impl FrameClock {
 
     fn check(&self) -> Result<(), ChannelError> {
         match (self.timeout, self.began) {
-            (Some(t), Some(b)) if Instant::now() >= crate::deadline::after(b, t) => {
+            (Some(t), Some(b)) if Instant::now() >= crate::deadline::after(b, self.budget(t)) => {
                 Err(ChannelError::FrameTimeout {
                     have: 0,
                     need: 0,
-                    after: t,
+                    after: self.budget(t),
                 })
             }
             _ => Ok(()),
@@ -318,6 +347,7 @@ impl RxState {
                 let env = Envelope::parse(&head, &self.limits).map_err(ChannelError::Decode)?;
                 let flen = env.frame_len();
                 frame_len = Some(flen);
+                src.frame_len(flen);
                 let placeable = sink.is_some()
                     && !self.declined
                     && env.frame_type == FrameType::PAGES
@@ -687,6 +717,43 @@ mod tests {
             rx.recv(&mut until, None),
             Err(ChannelError::Failed)
         ));
+
+        // A 32 KiB frame in 4 KiB reads 15 ms apart (about 270 KiB/s, above
+        // FRAME_MIN_RATE): past its 50 ms frame timeout, within that plus its length at
+        // the minimum rate (250 ms), so a slow link is not taken for a trickle.
+        let mut big = Vec::new();
+        Frame::Extension {
+            frame_type: FrameType(0x90),
+            flags: 0,
+            body: &[7; 32 << 10],
+        }
+        .encode(&mut big)
+        .unwrap();
+        let mut src = Slow(
+            Bytes {
+                data: big.clone(),
+                pos: 0,
+                chunk: 4096,
+            },
+            Duration::from_millis(15),
+        );
+        let mut rx = RxState::new(limits(false), &[]);
+        clock.resume(false);
+        let mut until = Until {
+            inner: &mut src,
+            deadline: None,
+            frame: clock,
+        };
+        let t = std::time::Instant::now();
+        let r = rx.recv(&mut until, None);
+        assert!(
+            matches!(r, Ok(Some(Incoming::Frame(Frame::Extension { .. })))),
+            "{r:?}"
+        );
+        assert!(
+            t.elapsed() > Duration::from_millis(50),
+            "it took longer than the timeout"
+        );
     }
 
     #[test]

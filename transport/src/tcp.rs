@@ -657,7 +657,8 @@ impl TcpChannel {
     }
 
     /// Sets how long a frame may take to arrive whole from its first byte (`None`: no
-    /// bound, the default): `recv` fails with [`ChannelError::FrameTimeout`] then,
+    /// bound, the default), plus its length at [`FRAME_MIN_RATE`](crate::FRAME_MIN_RATE)
+    /// once its envelope has arrived: `recv` fails with [`ChannelError::FrameTimeout`] then,
     /// however slowly the peer sends, at most one read timeout
     /// ([`TcpChannel::set_recv_timeout`]) late; the channel is unusable afterwards. A
     /// frame's first byte is the first the socket gives once the previous frame was

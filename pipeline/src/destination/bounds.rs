@@ -15,7 +15,8 @@ use crate::error::{MigrationError, Wait};
 const COMMIT_SLICE: Duration = Duration::from_millis(50);
 
 /// Gives the channel its frame timeout: each frame must arrive whole within `timeout`
-/// of its first byte (RDMA: not bounded this way; its messages arrive whole).
+/// of its first byte, plus its length at `pagewire_transport::FRAME_MIN_RATE` (RDMA:
+/// not bounded this way; its messages arrive whole).
 pub(super) fn set_frame_timeout(channel: &mut AnyChannel, timeout: Duration) {
     match channel {
         AnyChannel::Tcp(c) | AnyChannel::Fallback(c, _) => c.set_frame_timeout(Some(timeout)),

@@ -546,4 +546,8 @@ impl<S: ByteSource> ByteSource for TlsSource<'_, S> {
         }
         Ok(self.tls.copy_plain_guest(dst, skip))
     }
+
+    fn frame_len(&mut self, len: usize) {
+        self.inner.frame_len(len);
+    }
 }
