@@ -595,6 +595,13 @@ impl Control {
         self.0.state.load(Ordering::Acquire) & CANCELLED != 0
     }
 
+    /// Whether a cancel came before the seal: then COMMIT is never sent, and a channel
+    /// may tell the destination (one load, so it cannot race with [`Self::seal`]: if
+    /// this sees a cancel unsealed, the seal sees the cancel).
+    pub(crate) fn cancelled_unsealed(&self) -> bool {
+        self.0.state.load(Ordering::Acquire) & (CANCELLED | SEALED) == CANCELLED
+    }
+
     /// Called just before COMMIT is sent: from then on a cancel interrupts nothing.
     /// `false` when a cancel came first (COMMIT must not be sent).
     pub(crate) fn seal(&self) -> bool {

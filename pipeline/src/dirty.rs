@@ -247,9 +247,12 @@ pub trait VcpuControl: Send {
 
     /// Slows the guest to `percent` of its CPU time (100 = unthrottled), when a
     /// migration does not converge and auto-converge is on. Optional.
-    /// [`Migration`](crate::Migration) calls it with 100 on every way out but a
-    /// commit once it throttled, so a guest that stays here runs at full speed again
-    /// (a failure there is a warning in [`Failed::warnings`](crate::Failed::warnings)).
+    /// [`Migration`](crate::Migration) calls it with 100 once it throttled, on every
+    /// failure that leaves the guest running here (or resumed), so it runs at full
+    /// speed again (a failure there is a warning in
+    /// [`Failed::warnings`](crate::Failed::warnings)); not after a commit, nor when the
+    /// outcome is unknown (the guest stays paused: whoever resumes it lifts the
+    /// throttle). It must not resume a paused guest.
     ///
     /// # Errors
     /// The VMM could not throttle.

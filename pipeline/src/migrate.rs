@@ -261,16 +261,19 @@ impl Run<'_, '_> {
     /// (ABORT), lift the throttle and resume the guest here.
     fn paused(&mut self, mut f: Failed) -> Failed {
         self.source.set_phase(Phase::Failed);
-        self.source.abort_session(&f.error);
+        // The guest first (COMMIT never left, so it is this side's), then the
+        // destination: the ABORTs must not lengthen the guest's pause.
         f.warnings.extend(self.unthrottle());
         let vcpus = &mut *self.vcpus;
-        match call("the vCPUs' resume", || vcpus.resume(), MigrationError::Vcpu) {
+        let f = match call("the vCPUs' resume", || vcpus.resume(), MigrationError::Vcpu) {
             Ok(()) => f.with_resumed(true),
             Err(e) => {
                 f.resume_error = Some(e.to_string());
                 f.with_resumed(false)
             }
-        }
+        };
+        self.source.abort_session(&f.error);
+        f
     }
 
     /// Runs the guest at full speed again if auto-converge throttled it; what went
@@ -305,11 +308,15 @@ impl Run<'_, '_> {
                 MigrationError::DeviceState,
             )
         };
-        // A failed send fails the migration whatever the VMM made of it.
-        if let Some(f) = w.into_failure() {
-            return Err(f);
+        // A failed send fails the migration whatever the VMM made of it; but a panic
+        // is what went wrong when there was one (it may have left a section open,
+        // which the writer reports).
+        let failure = w.into_failure();
+        match (res, failure) {
+            (Err(e @ MigrationError::CallbackPanicked { .. }), _) => Err(Failed::bare(e)),
+            (_, Some(f)) => Err(f),
+            (res, None) => res.map_err(Failed::bare),
         }
-        res.map_err(Failed::bare)
     }
 
     fn run(&mut self) -> Result<MigrationStats, Failed> {
@@ -460,11 +467,8 @@ impl Run<'_, '_> {
             Ok(Switchover::Unknown { error }) => {
                 self.source.set_phase(Phase::OutcomeUnknown);
                 let e = MigrationError::OutcomeUnknown { source: error };
-                let mut f = Failed::bare(e).with_resumed(false);
-                // Paused, it may yet run here (the management layer decides): at full
-                // speed then.
-                f.warnings.extend(self.unthrottle());
-                return Err(f);
+                // The throttle stays: whoever resumes the guest here lifts it.
+                return Err(Failed::bare(e).with_resumed(false));
             }
         }
         // Up to ACK COMMITTED: the channels' closes after it are not the guest's

@@ -879,6 +879,20 @@ fn a_vmm_callback_that_panics_fails_the_migration_and_the_destination_is_told() 
     assert_eq!(g.pauses_and_resumes(), (1, 1));
     let e = dst.unwrap_err();
     assert!(e.to_string().contains("a device model bug"), "{e}");
+    // Inside an open section: the panic is what is reported, not the section the
+    // unwinding dropped unfinished.
+    let mut dev = |out: &mut DeviceStateWriter<'_>| -> Result<(), DirtyLogError> {
+        let mut s = out.section("cpu", 0, 100)?;
+        s.write_all(&[1; 10])?;
+        panic!("a device model bug mid-section");
+    };
+    let (f, _, g) = failing_device(66, &mut dev);
+    assert!(
+        matches!(&*f.error, MigrationError::CallbackPanicked { message, .. }
+            if message == "a device model bug mid-section"),
+        "{f:?}"
+    );
+    assert!(f.running_on_source && g.is_running());
 
     // The round callback panics.
     let mem = memory(4);

@@ -16,7 +16,7 @@ const COMMIT_SLICE: Duration = Duration::from_millis(50);
 
 /// Gives the channel its frame timeout: each frame must arrive whole within `timeout`
 /// of its first byte, plus its length at `pagewire_transport::FRAME_MIN_RATE` (RDMA:
-/// not bounded this way; its messages arrive whole).
+/// not bounded this way, see PROTOCOL.md, Idle timeout).
 pub(super) fn set_frame_timeout(channel: &mut AnyChannel, timeout: Duration) {
     match channel {
         AnyChannel::Tcp(c) | AnyChannel::Fallback(c, _) => c.set_frame_timeout(Some(timeout)),

@@ -608,14 +608,20 @@ impl Source {
             _ => pagewire_protocol::AbortReason::INTERNAL,
         };
         let message = error.to_string();
-        for w in &self.workers {
-            if w.tx
-                .send(Cmd::Abort {
+        // All at once, then the replies: the channels send in parallel.
+        let sent: Vec<bool> = self
+            .workers
+            .iter()
+            .map(|w| {
+                w.tx.send(Cmd::Abort {
                     reason,
                     message: message.clone(),
                 })
                 .is_ok()
-            {
+            })
+            .collect();
+        for (w, sent) in self.workers.iter().zip(sent) {
+            if sent {
                 let _ = w.rx.recv();
             }
         }

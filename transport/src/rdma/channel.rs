@@ -516,9 +516,11 @@ impl Channel for RdmaChannel {
                 return r.map(Some);
             }
         }
+        // No frame clock: a frame's deadline is not applied over RDMA (only built here).
         let mut src = crate::recv::Until {
             inner: &mut self.core,
             deadline: self.deadline,
+            frame: crate::recv::FrameClock::default(),
         };
         self.rx.recv(&mut src, sink)
     }

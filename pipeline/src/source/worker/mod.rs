@@ -266,7 +266,9 @@ impl Worker {
                 None => match rx.recv_timeout(self.s.keepalive.min(IDLE_SLICE)) {
                     Ok(cmd) => cmd,
                     Err(mpsc::RecvTimeoutError::Timeout) => {
-                        if self.s.control.is_cancelled() {
+                        // Not a cancel after the seal: COMMIT may be on its way on
+                        // channel 0, and no channel sends ABORT after it.
+                        if self.s.control.cancelled_unsealed() {
                             self.cancelled_while_idle();
                         } else if quiet_since.elapsed() >= self.s.keepalive {
                             self.keepalive();
