@@ -834,19 +834,32 @@ fn a_flood_of_silent_connections_does_not_keep_a_source_out() {
     assert!(s.peak_pending <= d.listener.max_pending as u64, "{s:?}");
 }
 
-/// A HELLO of the session naming channel 0, from a peer with another key (it knows the
-/// session id, which is no secret without TLS, but not the key): it offers
-/// `hmac-sha256`, so the listener answers WELCOME and waits for its CONFIRM.
+/// A HELLO of the session naming channel 0 that waits for its CONFIRM (it offers
+/// `hmac-sha256`) and never sends one: from a peer with another key (it knows the
+/// session id, which is no secret without TLS, but not the key) for even `n`; for odd
+/// `n`, one recorded from an earlier migration with the key, a distinct one each time
+/// (tagged, with its source's clock of an hour ago).
 fn hello_without_the_key(n: u64) -> Vec<u8> {
     let mut nonce = [0; 32];
-    nonce[..8].copy_from_slice(&n.to_le_bytes());
-    hello_with(b"not the listener's key, a guess.", nonce)
+    nonce[8..16].copy_from_slice(&n.to_le_bytes());
+    if n.is_multiple_of(2) {
+        return hello_with(b"not the listener's key, a guess.", nonce);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    nonce[..8].copy_from_slice(&(now - 3600).to_le_bytes());
+    hello_with(KEY, nonce)
 }
 
 #[test]
 fn a_stream_of_hellos_from_a_peer_without_the_key_does_not_keep_a_source_out() {
     // A peer that knows the session id but not the key opens 150 connections a second,
-    // each sending a HELLO of the session and never a CONFIRM, and holds each for 3 s.
+    // each sending a HELLO of the session and never a CONFIRM, and holds each for 3 s;
+    // half of them are tagged HELLOs recorded from an earlier migration with the key,
+    // each distinct (they counted as tagged before tags carried the source's clock,
+    // held every place and kept the source out again).
     // Every place soon holds one younger than `evict_named_after` (2 s); before HELLOs
     // carried a key tag, the listener then stopped accepting, places opened at 32 a
     // second, and the source's connections waited behind the stream in the backlog
@@ -910,4 +923,6 @@ fn a_stream_of_hellos_from_a_peer_without_the_key_does_not_keep_a_source_out() {
         acc
     });
     assert!(acc.stats.evicted >= 100, "{:?}", acc.stats);
+    // The source's two channels, none of the recorded HELLOs.
+    assert_eq!(acc.stats.tagged, u64::from(CHANNELS), "{:?}", acc.stats);
 }

@@ -202,7 +202,7 @@ pub fn connect(
             auth: session.auth.clone(),
             require: session.require,
         },
-        nonce()?,
+        crate::session::hello_nonce()?,
     )
     .map_err(RdmaError::Handshake)?;
     let (negotiated, leftover) = handshake(&mut core, &mut hs, session.handshake_timeout)?;

@@ -456,6 +456,22 @@ pub(crate) fn nonce() -> Result<[u8; 32], SessionError> {
     Ok(n)
 }
 
+/// A source's HELLO nonce: random bytes, the first 8 this host's clock (seconds since
+/// the Unix epoch, little-endian), which a HELLO key tag covers so that a destination
+/// honours the tag only near its own clock (PROTOCOL.md, HELLO key tag).
+pub(crate) fn hello_nonce() -> Result<[u8; 32], SessionError> {
+    let mut n = nonce()?;
+    n[..8].copy_from_slice(&unix_seconds().to_le_bytes());
+    Ok(n)
+}
+
+/// This host's clock, seconds since the Unix epoch (0 before it).
+pub(crate) fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// The two handshake machines behind one face.
 pub(crate) trait Handshake {
     fn take_output(&mut self, out: &mut Vec<u8>);
@@ -774,7 +790,7 @@ fn handshake(
             auth: cfg.auth.clone(),
             require: cfg.require,
         },
-        nonce()?,
+        hello_nonce()?,
         binding,
     )
     .map_err(|source| SessionError::Handshake {

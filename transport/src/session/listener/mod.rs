@@ -52,10 +52,10 @@
 //! every place the listener keeps accepting, closing each new one that cannot replace
 //! any, so they cannot keep a source out either (a stream of 150 a second, each held
 //! 3 s, did before: places opened at 32 a second and the source waited in the backlog
-//! behind the stream). A tag counts once per listener (the last 4096 seen): tagged
-//! HELLOs recorded on the wire from an earlier migration with the same session id and
-//! key count again on a new listener, so a fresh session id per migration (or TLS)
-//! keeps them out. For a session without a key, and over TLS (where a connection's
+//! behind the stream). A tag counts once per listener (the last 4096 seen) and only
+//! within 120 s of this host's clock (the tag covers the source's clock): tagged HELLOs
+//! recorded from an earlier migration, each distinct, held every place before that and
+//! kept a source out again. For a session without a key, and over TLS (where a connection's
 //! HELLO comes only after its TLS handshake, so a source ranks below a finished one
 //! until then; client certificates keep such a peer from finishing one), such a peer
 //! can still hold places with HELLOs for up to `evict_named_after` each. An honest

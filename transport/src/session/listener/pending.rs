@@ -64,6 +64,10 @@ pub(super) struct Pending {
     pub(super) tag: Tag,
 }
 
+/// How far a HELLO key tag's clock (its nonce's first 8 bytes) may be from this host's,
+/// in seconds, for the tag to count.
+pub(super) const HELLO_TAG_WINDOW_S: u64 = 120;
+
 /// A pending connection's HELLO key tag (PROTOCOL.md, "HELLO key tag").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Tag {
@@ -411,7 +415,11 @@ fn first_frame(c: &mut Pending, input: &[u8], sessions: &[Entry]) -> First {
                         Authentication::PreSharedKey(k) => Some(k),
                         Authentication::None => None,
                     });
-                let tag = key.filter(|k| k.tags_hello(&h)).map(|_| {
+                // Only near this host's clock: a tag recorded from an earlier
+                // migration does not count.
+                let sent = u64::from_le_bytes(h.nonce[..8].try_into().unwrap_or_default());
+                let fresh = crate::session::unix_seconds().abs_diff(sent) <= HELLO_TAG_WINDOW_S;
+                let tag = key.filter(|k| fresh && k.tags_hello(&h)).map(|_| {
                     let mut random = [0; HELLO_TAG_RANDOM];
                     random.copy_from_slice(&h.nonce[..HELLO_TAG_RANDOM]);
                     random

@@ -551,7 +551,10 @@ impl Shared {
             // A tag seen before is a replay (of a HELLO seen on the wire): it ranks as
             // an untagged HELLO.
             c.tag = match self.seen_tags.insert(random) {
-                true => Tag::Keyed,
+                true => {
+                    bump(&counters.tagged);
+                    Tag::Keyed
+                }
                 false => Tag::None,
             };
         }

@@ -41,6 +41,9 @@ pub struct ListenerStats {
     pub accept_errors: u64,
     /// The most handshakes in progress at once.
     pub peak_pending: u64,
+    /// HELLOs that carried their session's HELLO key tag, near this host's clock and
+    /// not seen before (PROTOCOL.md, "HELLO key tag"): ranked above untagged ones.
+    pub tagged: u64,
 }
 
 impl ListenerStats {
@@ -59,6 +62,7 @@ impl ListenerStats {
             evicted: self.evicted - before.evicted,
             accept_errors: self.accept_errors - before.accept_errors,
             peak_pending: peak,
+            tagged: self.tagged - before.tagged,
         }
     }
 }
@@ -78,6 +82,7 @@ pub(super) struct Counters {
     pub(super) evicted: AtomicU64,
     pub(super) accept_errors: AtomicU64,
     pub(super) peak_pending: AtomicU64,
+    pub(super) tagged: AtomicU64,
 }
 
 pub(super) fn bump(c: &AtomicU64) {
@@ -100,6 +105,7 @@ impl Counters {
             evicted: l(&self.evicted),
             accept_errors: l(&self.accept_errors),
             peak_pending: l(&self.peak_pending),
+            tagged: l(&self.tagged),
         }
     }
 }
