@@ -197,10 +197,12 @@ fn call<T>(
     f: impl FnOnce() -> Result<T, crate::DirtyLogError>,
     wrap: fn(crate::DirtyLogError) -> MigrationError,
 ) -> Result<T, MigrationError> {
-    match vmm_call(f) {
-        Ok(r) => r.map_err(wrap),
-        Err(message) => Err(MigrationError::CallbackPanicked { callback, message }),
-    }
+    call_infallible(callback, f)?.map_err(wrap)
+}
+
+/// [`call`] for a callback that cannot fail but may panic.
+fn call_infallible<T>(callback: &'static str, f: impl FnOnce() -> T) -> Result<T, MigrationError> {
+    vmm_call(f).map_err(|message| MigrationError::CallbackPanicked { callback, message })
 }
 
 /// Stops the dirty log; what went wrong, as a warning.
@@ -370,15 +372,11 @@ impl Run<'_, '_> {
             let left: u64 = dirty.iter().map(|(_, b)| b.count()).sum();
             est.dirty_found(left, took);
             let devices = &*self.devices;
-            let pending = match vmm_call(|| devices.pending_bytes()) {
+            let pending = match call_infallible("the device state's pending_bytes", || {
+                devices.pending_bytes()
+            }) {
                 Ok(n) => n,
-                Err(message) => {
-                    let e = MigrationError::CallbackPanicked {
-                        callback: "the device state's pending_bytes",
-                        message,
-                    };
-                    return Err(self.running(e, dirty));
-                }
+                Err(e) => return Err(self.running(e, dirty)),
             };
             est.set_extra_bytes(pending);
             self.source.note_dirty_rate(est.dirty_rate());
@@ -387,16 +385,12 @@ impl Run<'_, '_> {
             let mut cfg = config;
             cfg.downtime_limit = control.downtime_limit();
             let asked = match self.on_round.as_mut() {
-                Some(f) => match vmm_call(|| f(&progress.snapshot())) {
-                    Ok(a) => a,
-                    Err(message) => {
-                        let e = MigrationError::CallbackPanicked {
-                            callback: "the round callback",
-                            message,
-                        };
-                        return Err(self.running(e, dirty));
+                Some(f) => {
+                    match call_infallible("the round callback", || f(&progress.snapshot())) {
+                        Ok(a) => a,
+                        Err(e) => return Err(self.running(e, dirty)),
                     }
-                },
+                }
                 None => RoundAction::Continue,
             };
             let decision = match asked {

@@ -661,18 +661,22 @@ mod tests {
                 self.0.read_guest(d, skip)
             }
         }
+        // `data` in reads of `chunk` bytes, each after `ms` ms.
+        let slow = |data: Vec<u8>, chunk: usize, ms: u64| {
+            Slow(
+                Bytes {
+                    data,
+                    pos: 0,
+                    chunk,
+                },
+                Duration::from_millis(ms),
+            )
+        };
         let frame = ack();
         let mut two = frame.clone();
         two.extend(ack());
         // 60 ms before the first byte, whole frames at once: within a 40 ms timeout.
-        let mut src = Slow(
-            Bytes {
-                data: two,
-                pos: 0,
-                chunk: frame.len() + 3,
-            },
-            Duration::from_millis(60),
-        );
+        let mut src = slow(two, frame.len() + 3, 60);
         let mut rx = RxState::new(limits(false), &[]);
         let mut clock = FrameClock::default();
         clock.set_timeout(Some(Duration::from_millis(40)));
@@ -689,14 +693,7 @@ mod tests {
             clock.received(true);
         }
         // 20 ms a byte against a 50 ms timeout.
-        let mut src = Slow(
-            Bytes {
-                data: frame.clone(),
-                pos: 0,
-                chunk: 1,
-            },
-            Duration::from_millis(20),
-        );
+        let mut src = slow(frame.clone(), 1, 20);
         let mut rx = RxState::new(limits(false), &[]);
         clock.set_timeout(Some(Duration::from_millis(50)));
         clock.resume(false);
@@ -729,14 +726,7 @@ mod tests {
         }
         .encode(&mut big)
         .unwrap();
-        let mut src = Slow(
-            Bytes {
-                data: big.clone(),
-                pos: 0,
-                chunk: 4096,
-            },
-            Duration::from_millis(15),
-        );
+        let mut src = slow(big, 4096, 15);
         let mut rx = RxState::new(limits(false), &[]);
         clock.resume(false);
         let mut until = Until {
