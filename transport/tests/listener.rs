@@ -711,7 +711,11 @@ fn connections_that_name_no_session_or_never_confirm_give_their_places_up() {
     );
     let n = (IDLE + PARTIAL + NAMED) as u64;
     assert!(s.evicted >= n - 4, "{s:?}");
-    assert_eq!(s.evicted + s.abandoned, n, "{s:?}");
+    // Every connection not established gave its place up. A source's connection may
+    // be among them: accepted before its HELLO arrived (a slow machine), it cannot
+    // replace the HELLOs of a session with a key, is closed, and opens again.
+    assert!(s.accepted >= n + u64::from(CHANNELS), "{s:?}");
+    assert_eq!(s.evicted + s.abandoned, s.accepted - s.established, "{s:?}");
     assert!(s.peak_pending <= 4, "{s:?}");
     drop(hostile);
 }
