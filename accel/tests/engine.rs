@@ -911,3 +911,108 @@ fn inline_completions_count_in_flight_until_polled() {
     // Run on the caller's thread, never queued: no depth, no busy time.
     assert_eq!((stats.max_queue_depth, stats.busy), (0, Duration::ZERO));
 }
+
+#[test]
+fn encode_now_encodes_at_once_on_an_inline_engine_and_declines_otherwise() {
+    let inline = SoftwareConfig {
+        threads: 0,
+        queue_depth: 8,
+    };
+    let config = EngineConfig {
+        max_pages: 4,
+        requests: 8,
+        buffers: 2,
+        ..Default::default()
+    };
+    let mut engine = Engine::software(config.clone(), inline).expect("engine");
+    let pages = content(Kind::Text, 2, 0);
+    let mut list = pagewire_accel::PageList::new(pagewire_accel::PageSize::KIB4);
+    list.push_slice(&pages, PageKey(0)).expect("pages");
+    let lz4 = EncodeParams::new(CodecId::LZ4, Level::DEFAULT);
+    let mut lengths = vec![7];
+    let mut codecs = Codecs::new();
+    // Twice with the same parameters: the second finds them checked already.
+    for _ in 0..2 {
+        let (out, payload) = engine
+            .encode_now(lz4, &list, &mut lengths)
+            .expect("at once")
+            .expect("encoded");
+        assert_eq!(out.codec, CodecId::LZ4);
+        assert_eq!(payload.len(), out.payload_len);
+        let mut back = vec![0u8; pages.len()];
+        let mut dst = pagewire_accel::PageListMut::new(pagewire_accel::PageSize::KIB4);
+        dst.push_slice(&mut back, PageKey(0)).expect("pages");
+        codecs
+            .decode(CodecId::LZ4, &payload, &lengths, &mut dst)
+            .expect("decodes");
+        drop(dst);
+        assert!(back == pages, "the pages round-trip");
+        engine.recycle_buf(payload);
+    }
+    // Per-page formats fill the length table.
+    let (out, payload) = engine
+        .encode_now(
+            EncodeParams::new(CodecId::DEFLATE, Level(1)),
+            &list,
+            &mut lengths,
+        )
+        .expect("at once")
+        .expect("encoded");
+    assert_eq!(lengths.len(), 2);
+    assert_eq!(
+        lengths.iter().map(|&l| l as usize).sum::<usize>(),
+        out.payload_len
+    );
+    engine.recycle_buf(payload);
+    // Checked parameters do not spare the page count its check.
+    let five = content(Kind::Text, 5, 0);
+    let mut big = pagewire_accel::PageList::new(pagewire_accel::PageSize::KIB4);
+    big.push_slice(&five, PageKey(0)).expect("pages");
+    assert!(matches!(
+        engine.encode_now(lz4, &big, &mut lengths),
+        Some(Err(CodecError::TooManyPages { pages: 5, max: 4 }))
+    ));
+    assert!(matches!(
+        engine.encode_now(
+            EncodeParams::new(CodecId::ZSTD, Level(99)),
+            &list,
+            &mut lengths
+        ),
+        Some(Err(CodecError::BadLevel { .. }))
+    ));
+    let stats = engine.stats();
+    assert_eq!(
+        (stats.submitted, stats.completed, stats.rejected),
+        (3, 5, 2)
+    );
+    assert_eq!(engine.in_flight(), 0);
+    assert_eq!(stats.encode.iter().map(|c| c.jobs).sum::<u64>(), 3);
+
+    // A completion waiting to be polled is not overtaken.
+    let mut batch = VecDeque::from([encode_job(&engine, 5, CodecId::LZ4, &pages)]);
+    assert_eq!(engine.submit(&mut batch).expect("submit"), 1);
+    assert!(engine.encode_now(lz4, &list, &mut lengths).is_none());
+    let mut first = drain(&mut engine, 1).pop().expect("one");
+    // Both output buffers held by payloads on their way: declined.
+    let held = first.take_payload().expect("payload");
+    drop(first);
+    let (_, held2) = engine
+        .encode_now(lz4, &list, &mut lengths)
+        .expect("a buffer is free")
+        .expect("encoded");
+    assert!(engine.encode_now(lz4, &list, &mut lengths).is_none());
+    drop((held, held2));
+    assert!(engine.encode_now(lz4, &list, &mut lengths).is_some());
+
+    // Worker threads: never on the caller's thread.
+    let mut threaded = Engine::software(
+        config,
+        SoftwareConfig {
+            threads: 1,
+            ..inline
+        },
+    )
+    .expect("engine");
+    assert!(threaded.encode_now(lz4, &list, &mut lengths).is_none());
+    assert_eq!(threaded.stats().submitted, 0);
+}

@@ -58,9 +58,9 @@ use std::time::Instant;
 use pagewire_protocol::CodecId;
 
 use crate::cache::DeltaCache;
-use crate::codec::{CodecError, Codecs, Level, max_payload_len};
+use crate::codec::{CodecError, Codecs, EncodeOutcome, EncodeParams, Level, max_payload_len};
 use crate::page::PageSize;
-use crate::pages::PagesError;
+use crate::pages::{PageList, PagesError};
 use crate::pool::{BufPool, PoolBuf};
 use crate::stats::{EngineStats, StatsCounter};
 
@@ -268,6 +268,13 @@ pub trait Backend: Send {
         RunNow::Queue
     }
 
+    /// The codecs this backend runs its jobs with on the caller's thread, when it runs
+    /// them so (the inline software backend): [`Engine::encode_now`] calls them
+    /// itself. `None` (the default) for a backend with queues or a device.
+    fn inline_codecs(&mut self) -> Option<&mut Codecs> {
+        None
+    }
+
     /// Makes `len` bytes at `addr` (guest memory, once per migration) reachable by
     /// the backend's device; nothing to do for most backends. A VFIO device maps
     /// them into its IOMMU container.
@@ -386,6 +393,13 @@ pub struct Engine {
     ready: VecDeque<Completion>,
     in_flight: usize,
     stats: StatsCounter,
+    /// The encode parameters [`Engine::encode_now`] last checked and found good.
+    now_checked: Option<EncodeParams>,
+    /// Most pages in one job: the backend's limit and the configuration's.
+    max_job_pages: usize,
+    /// Whether the backend runs jobs on the caller's thread
+    /// ([`Backend::inline_codecs`]): what [`Engine::encode_now`] needs.
+    inline: bool,
 }
 
 impl fmt::Debug for Engine {
@@ -426,7 +440,10 @@ impl Engine {
             config.buffers,
             max_payload_len(config.max_pages, config.page_size),
         );
+        let mut backend = backend;
+        let inline = backend.inline_codecs().is_some();
         let probe = backend.probe();
+        let max_job_pages = probe.max_job_pages.min(config.max_pages);
         let software_probe = software::probe(config.max_pages, usize::MAX, config.delta.is_some());
         Ok(Engine {
             backend,
@@ -442,6 +459,9 @@ impl Engine {
             bufs,
             in_flight: 0,
             stats: StatsCounter::new(Instant::now()),
+            now_checked: None,
+            max_job_pages,
+            inline,
         })
     }
 
@@ -508,48 +528,57 @@ impl Engine {
         self.in_flight + self.ready.len()
     }
 
+    /// Checks an encode of `input` with `p` against a probe and the configuration.
+    fn check_encode(
+        &self,
+        probe: &Probe,
+        p: EncodeParams,
+        input: &PageList<'_>,
+    ) -> Result<(), CodecError> {
+        let n = input.pages();
+        let max = probe.max_job_pages.min(self.config.max_pages);
+        if n == 0 {
+            return Err(CodecError::NoPages { codec: p.codec });
+        }
+        if n > max || input.bytes() > probe.max_job_bytes {
+            return Err(CodecError::TooManyPages { pages: n, max });
+        }
+        // Only the software codecs keep the delta cache.
+        if p.remember && p.codec != CodecId::DELTA && !probe.delta_cache {
+            return Err(match self.config.delta {
+                None => CodecError::NoDeltaCache,
+                Some(_) => CodecError::Unsupported(p.codec),
+            });
+        }
+        if !probe.can_encode(p.codec, p.level) {
+            return match crate::codec::level_range(p.codec) {
+                Some((min, max))
+                    if p.codec != CodecId::DELTA
+                        && probe.caps(p.codec).is_some_and(|c| c.encode) =>
+                {
+                    Err(CodecError::BadLevel {
+                        codec: p.codec,
+                        level: p.level,
+                        min,
+                        max,
+                    })
+                }
+                _ if p.codec == CodecId::DELTA && self.config.delta.is_none() => {
+                    Err(CodecError::NoDeltaCache)
+                }
+                _ => Err(CodecError::Unsupported(p.codec)),
+            };
+        }
+        Ok(())
+    }
+
     /// Checks a job against a probe and the configuration.
     fn check(&self, probe: &Probe, job: &Job) -> Result<(), CodecError> {
         let r = job.h.req();
         let max = probe.max_job_pages.min(self.config.max_pages);
         match r.op {
             JobOp::Idle => Err(CodecError::Unsupported(CodecId(0))),
-            JobOp::Encode(p) => {
-                let n = r.input.pages();
-                if n == 0 {
-                    return Err(CodecError::NoPages { codec: p.codec });
-                }
-                if n > max || r.input.bytes() > probe.max_job_bytes {
-                    return Err(CodecError::TooManyPages { pages: n, max });
-                }
-                // Only the software codecs keep the delta cache.
-                if p.remember && p.codec != CodecId::DELTA && !probe.delta_cache {
-                    return Err(match self.config.delta {
-                        None => CodecError::NoDeltaCache,
-                        Some(_) => CodecError::Unsupported(p.codec),
-                    });
-                }
-                if !probe.can_encode(p.codec, p.level) {
-                    return match crate::codec::level_range(p.codec) {
-                        Some((min, max))
-                            if p.codec != CodecId::DELTA
-                                && probe.caps(p.codec).is_some_and(|c| c.encode) =>
-                        {
-                            Err(CodecError::BadLevel {
-                                codec: p.codec,
-                                level: p.level,
-                                min,
-                                max,
-                            })
-                        }
-                        _ if p.codec == CodecId::DELTA && self.config.delta.is_none() => {
-                            Err(CodecError::NoDeltaCache)
-                        }
-                        _ => Err(CodecError::Unsupported(p.codec)),
-                    };
-                }
-                Ok(())
-            }
+            JobOp::Encode(p) => self.check_encode(probe, p, &r.input),
             JobOp::Decode(codec) => {
                 if !probe.can_decode(codec) {
                     return Err(CodecError::Unsupported(codec));
@@ -694,36 +723,100 @@ impl Engine {
             );
         }
         for c in &done[first..] {
-            let r = c.h.req();
-            let (encode, codec) = match r.op {
-                JobOp::Encode(p) => (true, p.codec),
-                JobOp::Decode(codec) => (false, codec),
-                JobOp::Idle => (false, CodecId(0)),
-            };
-            let (bytes_in, bytes_out, fallback) = match (&r.result, r.op) {
-                (Ok(Some(o)), _) => (o.bytes_in, o.bytes_out(), o.codec != codec),
-                (_, JobOp::Decode(_)) => (
-                    r.dest.bytes(),
-                    r.payload.as_ref().map_or(0, |p| p.len()),
-                    false,
-                ),
-                _ => (0, 0, false),
-            };
-            self.stats.record(
-                encode,
-                codec,
-                c.backend(),
-                r.result.is_ok(),
-                c.pages(),
-                bytes_in,
-                bytes_out,
-                fallback,
-            );
+            record(&mut self.stats, c);
         }
         if got > 0 {
             self.stats.set_depth(Instant::now(), self.in_flight);
         }
         Ok(done.len() - first)
+    }
+
+    /// Encodes `input` at once on this thread, when the backend runs its jobs so (the
+    /// inline software backend, [`Backend::inline_codecs`]): the engine's shortest
+    /// path, with no request, no batch and no poll, for a caller that would wait for
+    /// the job anyway. The input is checked, an output buffer attached, and the frame
+    /// counted, as for a job; `lengths` receives the per-page length table.
+    ///
+    /// Returns `None`, and the caller submits a job instead, whenever that path does
+    /// not apply: a backend with queues or a device, no free output buffer, or earlier
+    /// jobs not yet polled (this frame would overtake them). Otherwise the payload
+    /// (its length set; unused when the outcome is `in_place`), or the job's error.
+    /// Give the buffer back with [`Engine::recycle_buf`], or let the transport drop it.
+    pub fn encode_now(
+        &mut self,
+        params: EncodeParams,
+        input: &PageList<'_>,
+        lengths: &mut Vec<u32>,
+    ) -> Option<Result<(EncodeOutcome, PoolBuf), CodecError>> {
+        if !self.inline || self.in_flight > 0 || !self.ready.is_empty() {
+            return None;
+        }
+        let n = input.pages();
+        // What depends on the parameters alone was checked for the last frame.
+        let checked = self.now_checked == Some(params)
+            && n != 0
+            && n <= self.max_job_pages
+            && input.bytes() <= self.probe.max_job_bytes;
+        let result = match checked {
+            true => Ok(()),
+            false => self.check_encode(&self.probe, params, input),
+        };
+        let result = match result {
+            Err(e) => {
+                self.stats.rejected += 1;
+                Err(e)
+            }
+            Ok(()) => {
+                self.now_checked = Some(params);
+                let mut buf = self.spare_bufs.pop().or_else(|| self.bufs.take())?;
+                let codecs = self.backend.inline_codecs()?;
+                let out = match buf.get_mut() {
+                    Some(out) => {
+                        codecs.encode(&params, input, self.config.delta.as_deref(), out, lengths)
+                    }
+                    None => Err(CodecError::OutputTooSmall {
+                        need: max_payload_len(n, input.page_size()),
+                        have: 0,
+                    }),
+                };
+                self.stats.submitted += 1;
+                match out {
+                    Ok(out) => {
+                        buf.set_len(out.payload_len);
+                        Ok((out, buf))
+                    }
+                    Err(e) => {
+                        self.recycle_buf(buf);
+                        Err(e)
+                    }
+                }
+            }
+        };
+        let (bytes_in, bytes_out, raw) = match &result {
+            Ok((out, _)) => (out.bytes_in, out.bytes_out(), out.codec != params.codec),
+            Err(_) => (0, 0, false),
+        };
+        self.stats.record(
+            true,
+            params.codec,
+            self.probe.backend,
+            result.is_ok(),
+            n,
+            bytes_in,
+            bytes_out,
+            raw,
+        );
+        Some(result)
+    }
+
+    /// Gives an output buffer back for reuse, as [`Engine::recycle`] does a
+    /// completion's: to this engine's own spare buffers when it is this engine's and
+    /// held only here, with no atomic operation; dropped otherwise.
+    pub fn recycle_buf(&mut self, mut buf: PoolBuf) {
+        if buf.is_unique() && self.bufs.owns(&buf) {
+            buf.set_len(0);
+            self.spare_bufs.push(buf);
+        }
     }
 
     /// Makes guest memory reachable by the backend's device (see
@@ -756,4 +849,33 @@ impl Engine {
         self.stats = StatsCounter::new(now);
         self.stats.set_depth(now, self.in_flight);
     }
+}
+
+/// Counts one completion in the statistics.
+fn record(stats: &mut StatsCounter, c: &Completion) {
+    let r = c.h.req();
+    let (encode, codec) = match r.op {
+        JobOp::Encode(p) => (true, p.codec),
+        JobOp::Decode(codec) => (false, codec),
+        JobOp::Idle => (false, CodecId(0)),
+    };
+    let (bytes_in, bytes_out, fallback) = match (&r.result, r.op) {
+        (Ok(Some(o)), _) => (o.bytes_in, o.bytes_out(), o.codec != codec),
+        (_, JobOp::Decode(_)) => (
+            r.dest.bytes(),
+            r.payload.as_ref().map_or(0, |p| p.len()),
+            false,
+        ),
+        _ => (0, 0, false),
+    };
+    stats.record(
+        encode,
+        codec,
+        c.backend(),
+        r.result.is_ok(),
+        c.pages(),
+        bytes_in,
+        bytes_out,
+        fallback,
+    );
 }

@@ -272,6 +272,13 @@ impl Backend for SoftwareBackend {
         self.in_flight
     }
 
+    fn inline_codecs(&mut self) -> Option<&mut Codecs> {
+        match &mut self.mode {
+            Mode::Inline { codecs, .. } => Some(codecs),
+            Mode::Threads { .. } => None,
+        }
+    }
+
     fn run_now(&mut self, job: &mut Job, unpolled: usize) -> RunNow {
         match &mut self.mode {
             // Done and not yet polled counts against the queue depth, as it does

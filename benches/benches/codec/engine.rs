@@ -4,7 +4,8 @@
 use std::collections::VecDeque;
 
 use pagewire_accel::{
-    Completion, DeltaCache, EncodeParams, Engine, EngineConfig, PageKey, SoftwareConfig, Tag,
+    Completion, DeltaCache, EncodeOutcome, EncodeParams, Engine, EngineConfig, PageKey, PageList,
+    PageSize, PoolBuf, SoftwareConfig, Tag,
 };
 
 use crate::data::Encoded;
@@ -32,6 +33,15 @@ pub(crate) struct Bench {
     /// as the pipeline's source does with a compressed frame's payload (which goes to
     /// the transport and back to the pool): to compare them in one build.
     recycle: Recycle,
+    /// Whether encodes go through [`Engine::encode_now`], as the pipeline's source
+    /// runs them on an inline engine (the default); `PAGEWIRE_NOW=0` submits jobs and
+    /// polls them in batches instead.
+    pub(crate) now: bool,
+    /// The page list and length table [`Bench::encode_now`] keeps across frames.
+    list: PageList<'static>,
+    lengths: Vec<u32>,
+    /// Payloads of [`Bench::encode_now`] not yet given back.
+    held: Vec<PoolBuf>,
 }
 
 /// Jobs the bench engine keeps in flight: `PAGEWIRE_DEPTH`, or every frame of the
@@ -76,6 +86,10 @@ impl Bench {
                 Ok("payload") => Recycle::TakePayload,
                 _ => Recycle::Keep,
             },
+            now: std::env::var("PAGEWIRE_NOW").as_deref() != Ok("0"),
+            list: PageList::with_capacity(PageSize::KIB4, 1),
+            lengths: Vec::with_capacity(n),
+            held: Vec::with_capacity(depth + 2),
         }
     }
 
@@ -106,11 +120,52 @@ impl Bench {
         }
     }
 
+    /// Encodes `frame` through [`Engine::encode_now`], as the pipeline's source does on
+    /// an inline engine; its payload is given back as [`Bench::recycle_done`] gives
+    /// completions back, once `depth` are held or at the `last` frame.
+    pub(crate) fn encode_now(
+        &mut self,
+        params: EncodeParams,
+        frame: &[u8],
+        key: PageKey,
+        last: bool,
+    ) -> EncodeOutcome {
+        // SAFETY: `frame` outlives the list's use: it is reset before returning.
+        unsafe {
+            self.list
+                .push_raw(frame.as_ptr(), (frame.len() / PS) as u32, key)
+                .unwrap()
+        };
+        let done = self
+            .engine
+            .encode_now(params, &self.list, &mut self.lengths);
+        self.list.reset(PageSize::KIB4);
+        let (out, payload) = done.expect("an inline engine with a free buffer").unwrap();
+        self.held.push(payload);
+        if self.held.len() == self.depth || last {
+            for buf in self.held.drain(..) {
+                match self.recycle {
+                    Recycle::Keep => self.engine.recycle_buf(buf),
+                    Recycle::Drop | Recycle::TakePayload => drop(buf),
+                }
+            }
+        }
+        out
+    }
+
     /// Encodes `buf` as frames of `n` pages; returns payload bytes.
     pub(crate) fn compress(&mut self, case: Case, buf: &[u8], n: usize) -> usize {
         let mut bytes = 0;
         let frames = buf.len() / (n * PS);
         for (i, frame) in buf.chunks(n * PS).enumerate() {
+            if self.now {
+                let params = EncodeParams::new(case.codec, case.level);
+                let key = PageKey((i * n) as u64);
+                bytes += self
+                    .encode_now(params, frame, key, i + 1 == frames)
+                    .bytes_out();
+                continue;
+            }
             let mut job = self.engine.job().unwrap();
             let list = job.encode(Tag(i as u64), EncodeParams::new(case.codec, case.level));
             // SAFETY: `buf` outlives the jobs: every completion is polled below before

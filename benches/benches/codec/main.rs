@@ -15,9 +15,14 @@
 //! with no codec work to hide it: one-page encodes that end raw in place, and one-page
 //! decodes of `zero` frames against the same zero fill done directly.
 //!
-//! The engine side gives its completions back with `Engine::recycle`, as the pipeline's
-//! source does (`PAGEWIRE_RECYCLE=0` drops them instead; `PAGEWIRE_RECYCLE=payload` takes
-//! and drops each payload first, as the source does with a compressed frame's). Delta's direct calls, like the
+//! The engine side encodes as the pipeline's source does on an inline engine (codec
+//! threads 0): each frame at once through `Engine::encode_now`, no job
+//! (`PAGEWIRE_NOW=0` submits jobs and polls them in batches instead, what the source does
+//! with codec threads or a hardware backend). It gives its payloads back with
+//! `Engine::recycle_buf` and its completions with `Engine::recycle`, as the source does
+//! with what it does not send (`PAGEWIRE_RECYCLE=0` drops them instead;
+//! `PAGEWIRE_RECYCLE=payload` drops each payload, and with jobs takes it first, as the
+//! source does with a compressed frame's, which goes to the transport). Delta's direct calls, like the
 //! engine's requests and the receivers, keep their page lists across calls, so neither
 //! side allocates per frame.
 //!

@@ -264,6 +264,11 @@ pub(crate) fn fixed_cost() {
 fn raw_in_place_jobs(engine: &mut Bench, a: &[u8], params: EncodeParams, check: bool) {
     let jobs = a.len() / PS;
     for (i, page) in a.chunks(PS).enumerate() {
+        if engine.now {
+            let out = engine.encode_now(params, page, PageKey(i as u64), i + 1 == jobs);
+            assert!(!check || out.in_place);
+            continue;
+        }
         let mut job = engine.engine.job().unwrap();
         let list = job.encode(Tag(i as u64), params);
         // SAFETY: `a` outlives the jobs: every completion is polled below.

@@ -3,12 +3,13 @@
 
 use std::time::{Duration, Instant};
 
-use pagewire_accel::{EncodeParams, Level, Tag};
+use pagewire_accel::{EncodeParams, Job, Level, PageList, Tag};
 use pagewire_protocol::{CodecId, RegionId};
 
 use crate::error::{MigrationError, Wait};
 use crate::source::split::PageSplit;
 
+use super::pages::frame_lengths;
 use super::{FrameMeta, Worker, page_key, run_keys};
 
 impl Worker {
@@ -18,11 +19,11 @@ impl Worker {
         split: &PageSplit,
     ) -> Result<(), MigrationError> {
         let mut progress = Instant::now();
-        let mut job = loop {
-            if let Some(j) = self.s.engine.job() {
-                break j;
-            }
-            self.wait_engine(&mut progress)?;
+        // An inline engine encodes the frame at once, its shortest path (no request,
+        // no poll: `Engine::encode_now`), unless it cannot (a job then).
+        let job = match self.s.inline_encode {
+            true => None,
+            false => Some(self.take_job(&mut progress)?),
         };
         let tag = self.next_tag;
         self.next_tag += 1;
@@ -102,102 +103,80 @@ impl Worker {
                 runs,
             );
         }
-        let list = job.encode(Tag(tag), params);
-        let ps = self.s.memory.page_size() as usize;
-        match &staged {
-            Some(st) => {
-                // One pointer to the whole buffer: the runs may be read as one slice.
-                let base = st.buf.as_ptr();
-                let mut off = 0;
-                for run in &st.data {
-                    let n = run.count as usize * ps;
-                    if off + n > st.buf.len() {
-                        return Err(MigrationError::Worker(self.s.ch));
-                    }
-                    let key = page_key(region, run.start.0);
-                    // SAFETY: `off..off + n` lies in the buffer that moves into this frame's
-                    // `FrameMeta` below, whose heap allocation neither moves nor changes
-                    // until the job's completion is handled (then it goes back to the
-                    // pool), and nothing writes it meanwhile. The runs follow each other
-                    // in the buffer, so the codecs read the whole buffer in place.
-                    unsafe { list.push_stable(base.wrapping_add(off), run.count, key) }.map_err(
-                        |e| MigrationError::Protocol {
-                            channel: self.s.ch,
-                            what: e.to_string(),
-                        },
-                    )?;
-                    off += n;
-                }
-            }
-            None => {
-                for run in &split.data {
-                    let (ptr, _) = self
-                        .s
-                        .memory
-                        .span(region, run.start.0, u64::from(run.count))
-                        .ok_or_else(|| MigrationError::Protocol {
-                            channel: self.s.ch,
-                            what: format!("run {run:?} outside region {region:?}"),
-                        })?;
-                    let key = page_key(region, run.start.0);
-                    // SAFETY: the run lies inside a region of `self.s.memory`, which this
-                    // worker keeps alive (an `Arc`) beyond the job's completion; nothing
-                    // holds a `&mut` to guest memory, and accel reads these pages only
-                    // through raw-pointer copies into its scratch and the zero scan,
-                    // never as a `&[u8]`. Guest writes meanwhile make the encoded content
-                    // stale or torn, and re-dirty the page, so its next round sends it
-                    // again.
-                    unsafe { list.push_raw(ptr.as_ptr(), run.count, key) }.map_err(|e| {
-                        MigrationError::Protocol {
-                            channel: self.s.ch,
-                            what: e.to_string(),
-                        }
-                    })?;
-                }
-            }
-        }
         let cache_setup = self.cache_setup_time();
         let (data_runs, staged, hashes) = match staged {
             Some(st) => (st.data, Some(st.buf), st.hashes),
             None => (split.data.clone(), None, Vec::new()),
         };
-        self.pending.insert(
-            tag,
-            FrameMeta {
-                region,
-                data_runs,
-                zero_runs: split.zero.clone(),
-                uniform_runs: split.uniform.clone(),
-                arm,
-                submitted: started,
-                cpu: None,
-                late: measure,
-                staged,
-                hashes,
-                copied,
-                setup: setup_wall,
-                delta,
-                cache_setup,
-            },
-        );
+        let mut meta = FrameMeta {
+            region,
+            data_runs,
+            zero_runs: split.zero.clone(),
+            uniform_runs: split.uniform.clone(),
+            arm,
+            submitted: started,
+            cpu: None,
+            late: measure,
+            staged,
+            hashes,
+            copied,
+            setup: setup_wall,
+            delta,
+            cache_setup,
+        };
+        let mut job = match job {
+            Some(job) => job,
+            None => {
+                let t0 = measure.then(pagewire_accel::thread_cpu_time);
+                let page_size = self.s.engine.config().page_size;
+                let mut list = std::mem::replace(&mut self.list, PageList::new(page_size));
+                let done = self
+                    .fill_list(&mut list, &meta)
+                    .map(|()| self.s.engine.encode_now(params, &list, &mut self.lengths));
+                // No pointer into the frame's pages outlives the encode.
+                list.reset(page_size);
+                self.list = list;
+                match done? {
+                    Some(Ok((out, buf))) => {
+                        if let Some(t0) = t0 {
+                            meta.cpu = self.encode_cpu(t0, cache_setup, dedup_cpu);
+                            meta.late = false;
+                        }
+                        let payload = match out.in_place {
+                            true => {
+                                self.s.engine.recycle_buf(buf);
+                                None
+                            }
+                            false => Some(buf),
+                        };
+                        let lengths = frame_lengths(out.codec, &self.lengths);
+                        return self.send_encoded(meta, out, payload, lengths);
+                    }
+                    Some(Err(source)) => {
+                        return Err(MigrationError::Codec {
+                            channel: self.s.ch,
+                            source,
+                        });
+                    }
+                    // Earlier jobs wait, or no buffer is free: a job.
+                    None => self.take_job(&mut progress)?,
+                }
+            }
+        };
+        self.fill_list(job.encode(Tag(tag), params), &meta)?;
+        self.pending.insert(tag, meta);
         self.batch.push_back(job);
         if measure {
             let t0 = pagewire_accel::thread_cpu_time();
             self.s.engine.submit(&mut self.batch)?;
             // Measured only when that call ran the job: a full engine makes the loop
             // below wait, and send other frames, on this thread.
-            // Less what backing the delta cache's new memory took
-            // (`DeltaCache::setup_time`).
-            let grown = self.cache_setup_time().saturating_sub(cache_setup);
-            if self.batch.is_empty()
-                && let Some(m) = self.pending.get_mut(&tag)
-            {
-                // Zero when the clock cannot be read: wall time then.
-                let encode = pagewire_accel::thread_cpu_time()
-                    .saturating_sub(t0)
-                    .saturating_sub(grown);
-                m.cpu = Some(encode + dedup_cpu.unwrap_or_default()).filter(|d| !d.is_zero());
-                m.late = false;
+            if self.batch.is_empty() {
+                let cpu = self.encode_cpu(t0, cache_setup, dedup_cpu);
+                if let Some(m) = self.pending.get_mut(&tag) {
+                    m.cpu = cpu;
+                    m.late = false;
+                }
             }
         }
         loop {
@@ -209,6 +188,91 @@ impl Worker {
         }
         // Send whatever is ready without waiting.
         self.drain_some(None).map(drop)
+    }
+
+    /// The CPU time a frame took to encode on this thread since `t0`, plus its
+    /// dedup's `dedup_cpu`, less what backing the delta cache's new memory took since
+    /// `cache_setup` (`DeltaCache::setup_time`); `None` when the clock cannot be read
+    /// (wall time then).
+    fn encode_cpu(
+        &self,
+        t0: Duration,
+        cache_setup: Duration,
+        dedup_cpu: Option<Duration>,
+    ) -> Option<Duration> {
+        let grown = self.cache_setup_time().saturating_sub(cache_setup);
+        let encode = pagewire_accel::thread_cpu_time()
+            .saturating_sub(t0)
+            .saturating_sub(grown);
+        Some(encode + dedup_cpu.unwrap_or_default()).filter(|d| !d.is_zero())
+    }
+
+    /// A free request, waiting (as [`Worker::wait_engine`]) while none is.
+    fn take_job(&mut self, progress: &mut Instant) -> Result<Job, MigrationError> {
+        loop {
+            if let Some(j) = self.s.engine.job() {
+                return Ok(j);
+            }
+            self.wait_engine(progress)?;
+        }
+    }
+
+    /// Fills `list` with the data pages of the frame `meta` describes: its copy of
+    /// them when dedup staged one, else their guest memory.
+    fn fill_list(
+        &self,
+        list: &mut PageList<'static>,
+        meta: &FrameMeta,
+    ) -> Result<(), MigrationError> {
+        let ps = self.s.memory.page_size() as usize;
+        let region = meta.region;
+        let bad = |e: pagewire_accel::PagesError| MigrationError::Protocol {
+            channel: self.s.ch,
+            what: e.to_string(),
+        };
+        match &meta.staged {
+            Some(buf) => {
+                // One pointer to the whole buffer: the runs may be read as one slice.
+                let base = buf.as_ptr();
+                let mut off = 0;
+                for run in &meta.data_runs {
+                    let n = run.count as usize * ps;
+                    if off + n > buf.len() {
+                        return Err(MigrationError::Worker(self.s.ch));
+                    }
+                    let key = page_key(region, run.start.0);
+                    // SAFETY: `off..off + n` lies in the frame's copy of its pages, a
+                    // heap allocation that `meta` holds and that neither moves nor
+                    // changes until the frame is sent (then it goes back to the pool),
+                    // after its encode; nothing writes it meanwhile. The runs follow
+                    // each other in the buffer, so the codecs read it in place.
+                    unsafe { list.push_stable(base.wrapping_add(off), run.count, key) }
+                        .map_err(bad)?;
+                    off += n;
+                }
+            }
+            None => {
+                for run in &meta.data_runs {
+                    let (ptr, _) = self
+                        .s
+                        .memory
+                        .span(region, run.start.0, u64::from(run.count))
+                        .ok_or_else(|| MigrationError::Protocol {
+                            channel: self.s.ch,
+                            what: format!("run {run:?} outside region {region:?}"),
+                        })?;
+                    let key = page_key(region, run.start.0);
+                    // SAFETY: the run lies inside a region of `self.s.memory`, which this
+                    // worker keeps alive (an `Arc`) beyond the encode; nothing holds a
+                    // `&mut` to guest memory, and accel reads these pages only through
+                    // raw-pointer copies into its scratch and the zero scan, never as a
+                    // `&[u8]`. Guest writes meanwhile make the encoded content stale or
+                    // torn, and re-dirty the page, so its next round sends it again.
+                    unsafe { list.push_raw(ptr.as_ptr(), run.count, key) }.map_err(bad)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The parameters of a frame the adaptive choice encodes as arm `arm` with

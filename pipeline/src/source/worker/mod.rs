@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use pagewire_accel::{Completion, DeltaCache, EncodeParams, Engine, PageKey};
+use pagewire_accel::{Completion, DeltaCache, EncodeParams, Engine, PageKey, PageList};
 use pagewire_protocol::{
     Abort, AbortReason, AckKind, ChannelId, ChecksumId, DeviceState, Frame, FrameType, PageRun,
     RegionId, Round, SessionError, SourceChannel, SourceEvent, UniformRun,
@@ -141,12 +141,15 @@ impl WorkerSetup {
                 source,
             }
         })?;
+        let page_size = self.engine.config().page_size;
         Ok(Worker {
             rules,
             channel,
             s: self,
             batch: VecDeque::new(),
             completions: Vec::new(),
+            list: PageList::new(page_size),
+            lengths: Vec::new(),
             done: Vec::new(),
             pending: HashMap::new(),
             sends: VecDeque::new(),
@@ -213,6 +216,10 @@ pub(super) struct Worker {
     pub(super) rules: SourceChannel,
     batch: VecDeque<pagewire_accel::Job>,
     completions: Vec<Completion>,
+    /// The page list and length table of the frames encoded at once
+    /// (`Engine::encode_now`), kept across frames; the list is empty between them.
+    list: PageList<'static>,
+    lengths: Vec<u32>,
     done: Vec<Completed>,
     pending: HashMap<u64, FrameMeta>,
     sends: VecDeque<(pagewire_transport::SendId, Instant)>,

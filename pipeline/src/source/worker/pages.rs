@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::Bytes;
-use pagewire_accel::{Completion, Layout};
+use pagewire_accel::{Completion, EncodeOutcome, Layout, PoolBuf};
 use pagewire_protocol::{CodecId, Frame, PageFrame, PageRun, RegionId, Round, WireList};
 use pagewire_transport::{OutFrame, Payload};
 
@@ -13,7 +13,7 @@ use crate::error::MigrationError;
 use crate::source::split::PageSplit;
 use crate::stats::CodecStats;
 
-use super::Worker;
+use super::{FrameMeta, Worker};
 
 /// The engine's output buffer, carried to the transport without a copy (as the owner
 /// of a [`Bytes`]). Its bytes neither move nor change while the handle lives: the pool
@@ -101,7 +101,7 @@ impl Worker {
     }
 
     pub(super) fn send_completion(&mut self, mut c: Completion) -> Result<(), MigrationError> {
-        let mut meta = self
+        let meta = self
             .pending
             .remove(&c.tag().0)
             .ok_or_else(|| MigrationError::Protocol {
@@ -116,6 +116,29 @@ impl Worker {
             channel: self.s.ch,
             what: "encode job without an outcome".into(),
         })?;
+        let payload = match out.in_place {
+            true => None,
+            false => Some(c.take_payload().ok_or_else(|| MigrationError::Protocol {
+                channel: self.s.ch,
+                what: "encode job without a payload buffer".into(),
+            })?),
+        };
+        let lengths = frame_lengths(out.codec, c.lengths());
+        // Its request and an unused output buffer stay with the engine (no atomics).
+        self.s.engine.recycle(c);
+        self.send_encoded(meta, out, payload, lengths)
+    }
+
+    /// Sends the frame `meta` describes, whose data pages the engine encoded as `out`
+    /// into `payload` (`None` when they go from guest memory in place), with its
+    /// per-page length table `lengths` (empty for a block format).
+    pub(super) fn send_encoded(
+        &mut self,
+        mut meta: FrameMeta,
+        out: EncodeOutcome,
+        payload: Option<PoolBuf>,
+        lengths: Vec<u32>,
+    ) -> Result<(), MigrationError> {
         let took = meta.submitted.elapsed();
         self.s.latency.encode.record(took);
         // Backing the delta cache's new memory is not the codec's cost (`Staged::setup`).
@@ -127,11 +150,6 @@ impl Worker {
         let fresh = now_setup.saturating_sub(self.cache_setup_seen);
         self.cache_setup_seen = now_setup;
         let per_page = pagewire_accel::layout(out.codec) == Some(Layout::PerPage);
-        let lengths: Vec<u32> = if per_page {
-            c.lengths().to_vec()
-        } else {
-            Vec::new()
-        };
         let payload: Vec<Payload> = if out.in_place {
             let view = self
                 .s
@@ -150,7 +168,7 @@ impl Worker {
                 })
                 .collect::<Result<_, _>>()?
         } else {
-            let buf = c.take_payload().ok_or_else(|| MigrationError::Protocol {
+            let buf = payload.ok_or_else(|| MigrationError::Protocol {
                 channel: self.s.ch,
                 what: "encode job without a payload buffer".into(),
             })?;
@@ -162,8 +180,6 @@ impl Worker {
             }
             vec![Payload::Foreign(Bytes::from_owner(EngineBuf(buf)))]
         };
-        // Its request and an unused output buffer stay with the engine (no atomics).
-        self.s.engine.recycle(c);
         let mut frame = PageFrame {
             codec: out.codec,
             region: meta.region,
@@ -313,6 +329,15 @@ impl Worker {
         e.pages += all;
         e.guest_bytes += data * ps;
         e.payload_bytes += payload;
+    }
+}
+
+/// The length table a frame of `codec` carries: `lengths` for a per-page format, none
+/// for a block format.
+pub(super) fn frame_lengths(codec: CodecId, lengths: &[u32]) -> Vec<u32> {
+    match pagewire_accel::layout(codec) == Some(Layout::PerPage) {
+        true => lengths.to_vec(),
+        false => Vec::new(),
     }
 }
 
