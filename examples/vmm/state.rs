@@ -178,10 +178,20 @@ impl VcpuState {
         {
             bail!("MSR record of {} bytes", msr_bytes.len());
         }
-        let msrs = msr_bytes
+        let msrs: Vec<kvm_msr_entry> = msr_bytes
             .chunks(size_of::<kvm_msr_entry>())
             .map(|c| kvm_msr_entry::read_from_bytes(c).map_err(|_| anyhow!("bad MSR entry")))
             .collect::<Result<_, _>>()?;
+        // Only the MSRs this VMM saves, each once: a peer's state sets nothing else in
+        // the guest's vCPU.
+        for (i, m) in msrs.iter().enumerate() {
+            if !MSRS.contains(&m.index) {
+                bail!("MSR {:#x} is not one this VMM saves", m.index);
+            }
+            if msrs[..i].iter().any(|o| o.index == m.index) {
+                bail!("MSR {:#x} saved twice", m.index);
+            }
+        }
         Ok(Self {
             regs: get(&r, tag::REGS)?,
             sregs: get(&r, tag::SREGS)?,
@@ -367,5 +377,32 @@ mod tests {
             put(&mut many, t, &[]);
         }
         assert!(records(&many).is_err());
+    }
+
+    #[test]
+    fn only_the_msrs_this_vmm_saves_are_taken_each_once() {
+        let state = |indices: &[u32]| VcpuState {
+            regs: Default::default(),
+            sregs: Default::default(),
+            xsave: Default::default(),
+            xcrs: Default::default(),
+            msrs: indices
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect(),
+            lapic: Default::default(),
+            events: Default::default(),
+            mp_state: Default::default(),
+            debugregs: Default::default(),
+        };
+        let good = VcpuState::decode(&state(&[0x174, 0x10, 0x6e0]).encode()).expect("decodes");
+        assert_eq!(good.msrs.len(), 3);
+        let e = VcpuState::decode(&state(&[0x174, 0xc000_0080]).encode()).err();
+        assert!(format!("{e:?}").contains("0xc0000080 is not one"), "{e:?}");
+        let e = VcpuState::decode(&state(&[0x10, 0x174, 0x10]).encode()).err();
+        assert!(format!("{e:?}").contains("0x10 saved twice"), "{e:?}");
     }
 }
