@@ -53,6 +53,10 @@ impl CodecStats {
 pub struct EngineStats {
     /// Jobs handed to the backend.
     pub submitted: u64,
+    /// Of those, frames encoded at once with no job ([`Engine::encode_now`]).
+    ///
+    /// [`Engine::encode_now`]: crate::Engine::encode_now
+    pub at_once: u64,
     /// Completions returned to the caller (including errors).
     pub completed: u64,
     /// Jobs refused before reaching the backend (unsupported format, level, size).
@@ -116,6 +120,7 @@ impl EngineStats {
 #[derive(Debug)]
 pub(crate) struct StatsCounter {
     pub(crate) submitted: u64,
+    pub(crate) at_once: u64,
     pub(crate) completed: u64,
     pub(crate) rejected: u64,
     pub(crate) partial_submits: u64,
@@ -145,6 +150,7 @@ impl StatsCounter {
         };
         StatsCounter {
             submitted: 0,
+            at_once: 0,
             completed: 0,
             rejected: 0,
             partial_submits: 0,
@@ -242,6 +248,7 @@ impl StatsCounter {
         let integral = self.depth_integral + dt.as_secs_f64() * self.depth as f64;
         EngineStats {
             submitted: self.submitted,
+            at_once: self.at_once,
             completed: self.completed,
             rejected: self.rejected,
             partial_submits: self.partial_submits,

@@ -980,11 +980,26 @@ fn encode_now_encodes_at_once_on_an_inline_engine_and_declines_otherwise() {
         ),
         Some(Err(CodecError::BadLevel { .. }))
     ));
+    // A frame of another page size than the engine's, with parameters checked already.
+    let mut huge = pagewire_accel::PageList::new(pagewire_accel::PageSize::MAX);
+    let two_mib = vec![1u8; 2 << 20];
+    huge.push_slice(&two_mib, PageKey(0)).expect("a page");
+    assert!(matches!(
+        engine.encode_now(lz4, &huge, &mut lengths),
+        Some(Err(CodecError::PageSize {
+            page_size: 2097152,
+            expected: 4096,
+            ..
+        }))
+    ));
+    // A buffer of no pool, given back, is only dropped.
+    engine.recycle_buf(PoolBuf::from_vec(vec![0u8; 64]));
     let stats = engine.stats();
     assert_eq!(
         (stats.submitted, stats.completed, stats.rejected),
-        (3, 5, 2)
+        (3, 6, 3)
     );
+    assert_eq!(stats.at_once, 3);
     assert_eq!(engine.in_flight(), 0);
     assert_eq!(stats.encode.iter().map(|c| c.jobs).sum::<u64>(), 3);
 

@@ -236,6 +236,17 @@ pub enum Wait {
     Commit,
 }
 
+impl MigrationError {
+    /// The reason the source gives the destination in ABORT for this failure of its
+    /// own: `CANCELLED` for a cancel, else `INTERNAL`.
+    pub(crate) fn abort_reason(&self) -> AbortReason {
+        match self {
+            MigrationError::Cancelled => AbortReason::CANCELLED,
+            _ => AbortReason::INTERNAL,
+        }
+    }
+}
+
 impl std::fmt::Display for Wait {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {

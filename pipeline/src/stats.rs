@@ -334,6 +334,11 @@ pub struct EngineSummary {
     pub mean_queue_depth: f64,
     /// Most jobs queued at once.
     pub max_queue_depth: u64,
+    /// Frames encoded at once on the channels' threads, with no job
+    /// ([`Engine::encode_now`](pagewire_accel::Engine::encode_now)).
+    pub at_once: u64,
+    /// Frames encoded as engine jobs.
+    pub jobs: u64,
     /// Jobs a hardware backend handed back to software.
     pub hw_fallbacks: u64,
     /// Those jobs per cause.
@@ -679,7 +684,10 @@ impl fmt::Display for MigrationStats {
             .collect();
         writeln!(f, "per channel MiB:       [{}]", per_channel.join(", "))?;
         let queued = if self.engine.backend == "software" && self.engine.codec_threads == 0 {
-            "inline on the channels' threads".to_string()
+            format!(
+                "inline on the channels' threads ({} frames at once, {} as jobs)",
+                self.engine.at_once, self.engine.jobs
+            )
         } else {
             format!(
                 "busy {:.0}%, queue depth mean {:.1} max {}",

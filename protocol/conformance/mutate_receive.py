@@ -5,7 +5,7 @@ with the key, then alters a few of the frames it sends after READY, and this scr
 checks how the `receive` example takes them.
 
     python3 protocol/conformance/mutate_receive.py RECEIVE_BINARY \\
-        [--iterations N] [--seconds S] [--seed SEED] [--iteration I]
+        [--iterations N] [--seconds S] [--seed SEED] [--iteration I] [--transport uring]
 
 Each iteration starts a fresh receiver and runs one of source_from_spec.py's
 migrations (2 channels with CRC32C, 1 without a checksum, 4 with CRC32C, and 2 without
@@ -26,6 +26,7 @@ What the receiver must do, whatever it is sent (else this script fails):
 
 A receiver may complete a run whose changes it cannot see (frames reordered within a
 round, a changed payload without a checksum); that is not a failure.
+`--transport uring` runs the receiver with its channels read through io_uring.
 Prints the seed; `--seed SEED --iteration I` replays one iteration. Loopback only;
 every iteration ends within about 20 s.
 """
@@ -161,11 +162,14 @@ def main():
         return conv(args[args.index(name) + 1]) if name in args else default
 
     receiver = [args[0], "--max-memory", str(64 << 20)]
+    transport = opt("--transport", None, str)
+    if transport is not None:
+        receiver += ["--transport", transport]
     seed = opt("--seed", random.randrange(1 << 32))
     iterations, seconds = opt("--iterations", 150), opt("--seconds", 240.0, float)
     only = opt("--iteration", None)
     spec.ACK_TIMEOUT = 3
-    print(f"seed {seed}")
+    print(f"seed {seed}" + (f", transport {transport}" if transport else ""))
     # The honest runs first: they must complete, and give how many frames each sends.
     frames = {}
     for run in RUNS:

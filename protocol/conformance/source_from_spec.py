@@ -23,7 +23,8 @@ byte for byte with the receiver's file, and the sections' lengths and CRC32C wit
 receiver's report. Three runs: 2 channels, 2 regions, CRC32C on every frame; 1 channel,
 1 region, no checksum; 4 channels, 4 regions, CRC32C.
 
-Run: python3 protocol/conformance/source_from_spec.py RECEIVE_BINARY
+Run: python3 protocol/conformance/source_from_spec.py RECEIVE_BINARY [RECEIVER ARGS...]
+(e.g. `--transport uring`: the receiver's channels read through io_uring)
 (needs the zstandard and lz4 modules: Debian python3-zstandard python3-lz4).
 Exit status 0 only if every run completes and every byte matches.
 """
@@ -444,15 +445,17 @@ def migrate(receiver, channels, regions_n, crc, mem_mib=16, chunk=64, tamper=Non
 
 
 def main():
-    if len(sys.argv) != 2:
+    if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
         print(__doc__)
         return 2
+    # Anything after the binary goes to it (e.g. `--transport uring`).
+    receiver = sys.argv[1:]
     failed = 0
     runs = ((2, 2, True), (1, 1, False), (4, 4, True))
     for channels, regions, crc in runs:
         what = f"{channels} channel(s), {regions} region(s), {'CRC32C' if crc else 'no checksum'}"
         try:
-            written, frames = migrate(sys.argv[1], channels, regions, crc)
+            written, frames = migrate(receiver, channels, regions, crc)
             print(f"ok      {what}: memory and device state match ({written} non-zero pages, "
                   f"{frames} PAGES frames applied)")
         except (Failure, OSError, EOFError, ValueError, subprocess.TimeoutExpired) as e:

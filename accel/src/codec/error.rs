@@ -47,6 +47,16 @@ pub enum CodecError {
         /// The limit.
         max: usize,
     },
+    /// Pages of another size than the engine's.
+    #[error("{codec} frame of {page_size}-byte pages for an engine of {expected}-byte pages")]
+    PageSize {
+        /// The format.
+        codec: CodecId,
+        /// The frame's page size.
+        page_size: usize,
+        /// The engine's page size.
+        expected: usize,
+    },
     /// Delta encoding without a delta cache.
     #[error("delta encoding needs a delta cache; configure one for the engine")]
     NoDeltaCache,

@@ -268,10 +268,11 @@ pub trait Backend: Send {
         RunNow::Queue
     }
 
-    /// The codecs this backend runs its jobs with on the caller's thread, when it runs
-    /// them so (the inline software backend): [`Engine::encode_now`] calls them
-    /// itself. `None` (the default) for a backend with queues or a device.
-    fn inline_codecs(&mut self) -> Option<&mut Codecs> {
+    /// The codecs this backend runs its jobs with on the caller's thread, and the delta
+    /// cache it gives them, when it runs jobs so (the inline software backend):
+    /// [`Engine::encode_now`] calls them itself. `None` (the default) for a backend
+    /// with queues or a device.
+    fn inline_codecs(&mut self) -> Option<(&mut Codecs, Option<&DeltaCache>)> {
         None
     }
 
@@ -540,6 +541,13 @@ impl Engine {
         if n == 0 {
             return Err(CodecError::NoPages { codec: p.codec });
         }
+        if input.page_size() != self.config.page_size {
+            return Err(CodecError::PageSize {
+                codec: p.codec,
+                page_size: input.page_size().bytes(),
+                expected: self.config.page_size.bytes(),
+            });
+        }
         if n > max || input.bytes() > probe.max_job_bytes {
             return Err(CodecError::TooManyPages { pages: n, max });
         }
@@ -756,7 +764,8 @@ impl Engine {
         let checked = self.now_checked == Some(params)
             && n != 0
             && n <= self.max_job_pages
-            && input.bytes() <= self.probe.max_job_bytes;
+            && input.bytes() <= self.probe.max_job_bytes
+            && input.page_size() == self.config.page_size;
         let result = match checked {
             true => Ok(()),
             false => self.check_encode(&self.probe, params, input),
@@ -769,17 +778,16 @@ impl Engine {
             Ok(()) => {
                 self.now_checked = Some(params);
                 let mut buf = self.spare_bufs.pop().or_else(|| self.bufs.take())?;
-                let codecs = self.backend.inline_codecs()?;
+                let (codecs, delta) = self.backend.inline_codecs()?;
                 let out = match buf.get_mut() {
-                    Some(out) => {
-                        codecs.encode(&params, input, self.config.delta.as_deref(), out, lengths)
-                    }
+                    Some(out) => codecs.encode(&params, input, delta, out, lengths),
                     None => Err(CodecError::OutputTooSmall {
                         need: max_payload_len(n, input.page_size()),
                         have: 0,
                     }),
                 };
                 self.stats.submitted += 1;
+                self.stats.at_once += 1;
                 match out {
                     Ok(out) => {
                         buf.set_len(out.payload_len);
@@ -807,6 +815,12 @@ impl Engine {
             raw,
         );
         Some(result)
+    }
+
+    /// Whether the backend runs jobs on the caller's thread, so that
+    /// [`Engine::encode_now`] may encode frames at once.
+    pub fn is_inline(&self) -> bool {
+        self.inline
     }
 
     /// Gives an output buffer back for reuse, as [`Engine::recycle`] does a

@@ -272,9 +272,9 @@ impl Backend for SoftwareBackend {
         self.in_flight
     }
 
-    fn inline_codecs(&mut self) -> Option<&mut Codecs> {
+    fn inline_codecs(&mut self) -> Option<(&mut Codecs, Option<&DeltaCache>)> {
         match &mut self.mode {
-            Mode::Inline { codecs, .. } => Some(codecs),
+            Mode::Inline { codecs, .. } => Some((codecs, self.delta.as_deref())),
             Mode::Threads { .. } => None,
         }
     }

@@ -250,7 +250,8 @@ pub(crate) fn fixed_cost() {
     );
     let ns = |t: f64| t * 1e9 / JOBS as f64;
     println!(
-        "engine-fixed 1-page jobs: encode ending raw in place (no codec work) {:.0} ns/job best, {:.0} median | decode of a zero frame {:.0} ns/job best vs {:.0} direct 4 KiB zero fill, median overhead {:+.0} ns/job",
+        "engine-fixed 1-page frames: encode ending raw in place (no codec work{}) {:.0} ns/frame best, {:.0} median | decode job of a zero frame {:.0} ns/job best vs {:.0} direct 4 KiB zero fill, median overhead {:+.0} ns/job",
+        if engine.now { ", encode_now" } else { ", jobs" },
         ns(enc_best),
         ns(enc_median),
         ns(eng),
@@ -347,7 +348,11 @@ pub(crate) fn fixed_phases() {
             );
         }
     });
+    let whole_what = match engine.now {
+        true => "the whole frame at once (encode_now, no job)",
+        false => "the whole job",
+    };
     println!(
-        "engine-fixed phases, one-page encode ending raw in place: take and drop a request {take:.1} ns | and describe the job {describe:.1} ns | the whole job {whole:.1} ns, of which the codec's raw path called directly {codec:.1} ns"
+        "engine-fixed phases, one-page encode ending raw in place: take and drop a request {take:.1} ns | and describe the job {describe:.1} ns | {whole_what} {whole:.1} ns, of which the codec's raw path called directly {codec:.1} ns"
     );
 }

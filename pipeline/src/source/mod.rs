@@ -603,10 +603,7 @@ impl Source {
         }
         self.aborted = Some(error.to_string());
         self.control.interrupt().raise();
-        let reason = match error {
-            MigrationError::Cancelled => pagewire_protocol::AbortReason::CANCELLED,
-            _ => pagewire_protocol::AbortReason::INTERNAL,
-        };
+        let reason = error.abort_reason();
         let message = error.to_string();
         // All at once, then the replies: the channels send in parallel.
         let sent: Vec<bool> = self
@@ -759,6 +756,8 @@ impl Source {
             depth += e.mean_queue_depth;
             s.engine.max_queue_depth = s.engine.max_queue_depth.max(e.max_queue_depth as u64);
             s.engine.hw_fallbacks += e.hw_fallbacks;
+            s.engine.at_once += e.at_once;
+            s.engine.jobs += e.submitted.saturating_sub(e.at_once);
             let name = e.backend.name();
             s.engine.backend = match s.engine.backend {
                 "" => name,

@@ -21,7 +21,7 @@ impl Worker {
         let mut progress = Instant::now();
         // An inline engine encodes the frame at once, its shortest path (no request,
         // no poll: `Engine::encode_now`), unless it cannot (a job then).
-        let job = match self.s.inline_encode {
+        let job = match self.s.engine.is_inline() {
             true => None,
             false => Some(self.take_job(&mut progress)?),
         };

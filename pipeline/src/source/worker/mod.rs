@@ -423,10 +423,6 @@ impl Worker {
     /// Tells the destination why, best effort, unless the channel itself broke or
     /// stalled (an ABORT would wait behind the stalled bytes for another timeout).
     fn abort(&mut self, e: &MigrationError) {
-        // After COMMIT an ABORT could not take the guest back (PROTOCOL.md, COMMIT).
-        if self.rules.commit_sent().is_some() {
-            return;
-        }
         if matches!(
             e,
             MigrationError::Channel { .. }
@@ -438,15 +434,11 @@ impl Worker {
         ) {
             return;
         }
-        let reason = match e {
-            MigrationError::Cancelled => AbortReason::CANCELLED,
-            _ => AbortReason::INTERNAL,
-        };
-        self.abort_with(reason, &e.to_string());
+        self.abort_with(e.abort_reason(), &e.to_string());
     }
 
     /// Sends ABORT with `reason` and (the first 200 bytes of) `message`, best effort;
-    /// never after COMMIT.
+    /// never after COMMIT, when it could not take the guest back (PROTOCOL.md, COMMIT).
     fn abort_with(&mut self, reason: AbortReason, message: &str) {
         if self.rules.commit_sent().is_some() {
             return;
