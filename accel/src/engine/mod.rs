@@ -766,55 +766,58 @@ impl Engine {
             && n <= self.max_job_pages
             && input.bytes() <= self.probe.max_job_bytes
             && input.page_size() == self.config.page_size;
-        let result = match checked {
+        let checked = match checked {
             true => Ok(()),
             false => self.check_encode(&self.probe, params, input),
         };
-        let result = match result {
+        if let Err(e) = checked {
+            self.stats.rejected += 1;
+            self.record_now(params, n, None);
+            return Some(Err(e));
+        }
+        self.now_checked = Some(params);
+        let mut buf = self.spare_bufs.pop().or_else(|| self.bufs.take())?;
+        let (codecs, delta) = self.backend.inline_codecs()?;
+        let out = match buf.get_mut() {
+            Some(out) => codecs.encode(&params, input, delta, out, lengths),
+            None => Err(CodecError::OutputTooSmall {
+                need: max_payload_len(n, input.page_size()),
+                have: 0,
+            }),
+        };
+        self.stats.submitted += 1;
+        self.stats.at_once += 1;
+        // Each arm returns what it has: no outcome moved through a common exit.
+        match out {
+            Ok(out) => {
+                buf.set_len(out.payload_len);
+                self.record_now(params, n, Some(&out));
+                Some(Ok((out, buf)))
+            }
             Err(e) => {
-                self.stats.rejected += 1;
-                Err(e)
+                self.recycle_buf(buf);
+                self.record_now(params, n, None);
+                Some(Err(e))
             }
-            Ok(()) => {
-                self.now_checked = Some(params);
-                let mut buf = self.spare_bufs.pop().or_else(|| self.bufs.take())?;
-                let (codecs, delta) = self.backend.inline_codecs()?;
-                let out = match buf.get_mut() {
-                    Some(out) => codecs.encode(&params, input, delta, out, lengths),
-                    None => Err(CodecError::OutputTooSmall {
-                        need: max_payload_len(n, input.page_size()),
-                        have: 0,
-                    }),
-                };
-                self.stats.submitted += 1;
-                self.stats.at_once += 1;
-                match out {
-                    Ok(out) => {
-                        buf.set_len(out.payload_len);
-                        Ok((out, buf))
-                    }
-                    Err(e) => {
-                        self.recycle_buf(buf);
-                        Err(e)
-                    }
-                }
-            }
-        };
-        let (bytes_in, bytes_out, raw) = match &result {
-            Ok((out, _)) => (out.bytes_in, out.bytes_out(), out.codec != params.codec),
-            Err(_) => (0, 0, false),
-        };
+        }
+    }
+
+    /// Counts a frame of `n` pages that [`Engine::encode_now`] encoded with `params`
+    /// as `out` (`None`: it failed).
+    fn record_now(&mut self, params: EncodeParams, n: usize, out: Option<&EncodeOutcome>) {
+        let (bytes_in, bytes_out, raw) = out.map_or((0, 0, false), |o| {
+            (o.bytes_in, o.bytes_out(), o.codec != params.codec)
+        });
         self.stats.record(
             true,
             params.codec,
             self.probe.backend,
-            result.is_ok(),
+            out.is_some(),
             n,
             bytes_in,
             bytes_out,
             raw,
         );
-        Some(result)
     }
 
     /// Whether the backend runs jobs on the caller's thread, so that
