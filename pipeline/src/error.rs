@@ -110,14 +110,32 @@ pub enum MigrationError {
         cause: String,
     },
     /// The VMM's dirty log failed.
-    #[error("the VMM's dirty log failed: {0}")]
-    DirtyLog(#[source] DirtyLogError),
+    #[error("the VMM's dirty log failed in {call}: {source}")]
+    DirtyLog {
+        /// Which call: "the dirty log's start", "... sync_and_clear" or "... stop".
+        call: &'static str,
+        /// The VMM's error.
+        #[source]
+        source: DirtyLogError,
+    },
     /// The VMM's vCPU control (pause, resume, throttle) failed.
-    #[error("the VMM's vCPU control failed: {0}")]
-    Vcpu(#[source] DirtyLogError),
+    #[error("the VMM's vCPU control failed in {call}: {source}")]
+    Vcpu {
+        /// Which call: "the vCPUs' pause", "... resume" or "... throttle".
+        call: &'static str,
+        /// The VMM's error.
+        #[source]
+        source: DirtyLogError,
+    },
     /// The VMM's device state failed to save (or a section it wrote was malformed).
-    #[error("the VMM's device state failed: {0}")]
-    DeviceState(#[source] DirtyLogError),
+    #[error("the VMM's device state failed in {call}: {source}")]
+    DeviceState {
+        /// Which call: "the device state's save" or "... precopy".
+        call: &'static str,
+        /// The VMM's error.
+        #[source]
+        source: DirtyLogError,
+    },
     /// Pre-copy hit its round or time cap before the expected downtime fit the limit,
     /// and [`CapPolicy::Fail`](crate::CapPolicy::Fail) was asked: the guest was never
     /// paused.

@@ -135,11 +135,7 @@ impl<'a> Migration<'a> {
             Some(d) => d,
             None => &mut none,
         };
-        if let Err(e) = call(
-            "the dirty log's start",
-            || log.start(),
-            MigrationError::DirtyLog,
-        ) {
+        if let Err(e) = call("the dirty log's start", || log.start(), dirty_log) {
             source.set_phase(Phase::Failed);
             source.abort_session(&e);
             let mut f = Failed::bare(e).with_resumed(true);
@@ -195,9 +191,24 @@ pub fn migrate(
 fn call<T>(
     callback: &'static str,
     f: impl FnOnce() -> Result<T, crate::DirtyLogError>,
-    wrap: fn(crate::DirtyLogError) -> MigrationError,
+    wrap: fn(&'static str, crate::DirtyLogError) -> MigrationError,
 ) -> Result<T, MigrationError> {
-    call_infallible(callback, f)?.map_err(wrap)
+    call_infallible(callback, f)?.map_err(|e| wrap(callback, e))
+}
+
+/// [`MigrationError::DirtyLog`] for [`call`].
+fn dirty_log(call: &'static str, source: crate::DirtyLogError) -> MigrationError {
+    MigrationError::DirtyLog { call, source }
+}
+
+/// [`MigrationError::Vcpu`] for [`call`].
+fn vcpu(call: &'static str, source: crate::DirtyLogError) -> MigrationError {
+    MigrationError::Vcpu { call, source }
+}
+
+/// [`MigrationError::DeviceState`] for [`call`].
+fn device_state(call: &'static str, source: crate::DirtyLogError) -> MigrationError {
+    MigrationError::DeviceState { call, source }
 }
 
 /// [`call`] for a callback that cannot fail but may panic.
@@ -207,13 +218,9 @@ fn call_infallible<T>(callback: &'static str, f: impl FnOnce() -> T) -> Result<T
 
 /// Stops the dirty log; what went wrong, as a warning.
 fn stop_log(log: &mut dyn DirtyLog) -> Option<String> {
-    call(
-        "the dirty log's stop",
-        || log.stop(),
-        MigrationError::DirtyLog,
-    )
-    .err()
-    .map(|e| format!("stopping the dirty log failed: {e}"))
+    call("the dirty log's stop", || log.stop(), dirty_log)
+        .err()
+        .map(|e| format!("stopping the dirty log failed: {e}"))
 }
 
 struct Run<'a, 'b> {
@@ -267,7 +274,7 @@ impl Run<'_, '_> {
         // destination: the ABORTs must not lengthen the guest's pause.
         f.warnings.extend(self.unthrottle());
         let vcpus = &mut *self.vcpus;
-        let f = match call("the vCPUs' resume", || vcpus.resume(), MigrationError::Vcpu) {
+        let f = match call("the vCPUs' resume", || vcpus.resume(), vcpu) {
             Ok(()) => f.with_resumed(true),
             Err(e) => {
                 f.resume_error = Some(e.to_string());
@@ -285,13 +292,9 @@ impl Run<'_, '_> {
             return None;
         }
         let vcpus = &mut *self.vcpus;
-        call(
-            "the vCPUs' throttle",
-            || vcpus.throttle(100),
-            MigrationError::Vcpu,
-        )
-        .err()
-        .map(|e| format!("lifting the auto-converge throttle failed: {e}"))
+        call("the vCPUs' throttle", || vcpus.throttle(100), vcpu)
+            .err()
+            .map(|e| format!("lifting the auto-converge throttle failed: {e}"))
     }
 
     fn device_step(&mut self, save: bool) -> Result<(), Failed> {
@@ -301,13 +304,13 @@ impl Run<'_, '_> {
             call(
                 "the device state's save",
                 || devices.save(&mut w),
-                MigrationError::DeviceState,
+                device_state,
             )
         } else {
             call(
                 "the device state's precopy",
                 || devices.precopy(&mut w),
-                MigrationError::DeviceState,
+                device_state,
             )
         };
         // A failed send fails the migration whatever the VMM made of it; but a panic
@@ -405,11 +408,7 @@ impl Run<'_, '_> {
                     if let Some(pct) = throttle {
                         self.throttled = true;
                         let vcpus = &mut *self.vcpus;
-                        if let Err(e) = call(
-                            "the vCPUs' throttle",
-                            || vcpus.throttle(pct),
-                            MigrationError::Vcpu,
-                        ) {
+                        if let Err(e) = call("the vCPUs' throttle", || vcpus.throttle(pct), vcpu) {
                             return Err(self.running(e, dirty));
                         }
                     }
@@ -431,7 +430,7 @@ impl Run<'_, '_> {
         // Stop and copy.
         let pause_at = Instant::now();
         let vcpus = &mut *self.vcpus;
-        if let Err(e) = call("the vCPUs' pause", || vcpus.pause(), MigrationError::Vcpu) {
+        if let Err(e) = call("the vCPUs' pause", || vcpus.pause(), vcpu) {
             // Some vCPUs may have stopped: resume them all.
             return Err(self.paused(Failed::new(e, dirty)));
         }
@@ -502,7 +501,7 @@ fn sync_into(
         call(
             "the dirty log's sync_and_clear",
             || log.sync_and_clear(*id, b),
-            MigrationError::DirtyLog,
+            dirty_log,
         )?;
     }
     Ok(())

@@ -302,7 +302,17 @@ fn device_state_errors_fail_cleanly_and_resume_the_guest() {
         fail_save: true,
     };
     let (f, dst, g) = failing_device(45, &mut dev);
-    assert!(matches!(*f.error, MigrationError::DeviceState(_)), "{f:?}");
+    assert!(
+        matches!(
+            *f.error,
+            MigrationError::DeviceState {
+                call: "the device state's save",
+                ..
+            }
+        ),
+        "{f:?}"
+    );
+    assert!(f.to_string().contains("in the device state's save"), "{f}");
     assert!(f.to_string().contains("would not quiesce"), "{f}");
     assert!(f.running_on_source && g.is_running() && !g.is_logging());
     assert_eq!(g.pauses_and_resumes(), (1, 1));
@@ -363,7 +373,16 @@ fn a_failure_during_precopy_shows_in_the_phase_and_the_status() {
     let progress = src.progress();
     let (mut log, mut vcpus) = (g.log(), g.vcpus());
     let f = pagewire::migrate(&mut src, &mut log, &mut vcpus, &mut FailsInPrecopy).unwrap_err();
-    assert!(matches!(*f.error, MigrationError::DeviceState(_)), "{f:?}");
+    assert!(
+        matches!(
+            *f.error,
+            MigrationError::DeviceState {
+                call: "the device state's precopy",
+                ..
+            }
+        ),
+        "{f:?}"
+    );
     assert!(f.running_on_source && g.is_running());
     assert_eq!(progress.phase(), Phase::Failed);
     assert_eq!(src.stats().status, "failed");
