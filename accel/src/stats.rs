@@ -57,6 +57,14 @@ pub struct EngineStats {
     ///
     /// [`Engine::encode_now`]: crate::Engine::encode_now
     pub at_once: u64,
+    /// Output buffers taken from the pool, through its lock: a buffer given back with
+    /// [`Engine::recycle`] or [`Engine::recycle_buf`] is taken again from the engine's
+    /// own spare buffers instead, so while every sent payload comes back this stays
+    /// at most the pool's size.
+    ///
+    /// [`Engine::recycle`]: crate::Engine::recycle
+    /// [`Engine::recycle_buf`]: crate::Engine::recycle_buf
+    pub pool_takes: u64,
     /// Completions returned to the caller (including errors).
     pub completed: u64,
     /// Jobs refused before reaching the backend (unsupported format, level, size).
@@ -121,6 +129,7 @@ impl EngineStats {
 pub(crate) struct StatsCounter {
     pub(crate) submitted: u64,
     pub(crate) at_once: u64,
+    pub(crate) pool_takes: u64,
     pub(crate) completed: u64,
     pub(crate) rejected: u64,
     pub(crate) partial_submits: u64,
@@ -151,6 +160,7 @@ impl StatsCounter {
         StatsCounter {
             submitted: 0,
             at_once: 0,
+            pool_takes: 0,
             completed: 0,
             rejected: 0,
             partial_submits: 0,
@@ -249,6 +259,7 @@ impl StatsCounter {
         EngineStats {
             submitted: self.submitted,
             at_once: self.at_once,
+            pool_takes: self.pool_takes,
             completed: self.completed,
             rejected: self.rejected,
             partial_submits: self.partial_submits,

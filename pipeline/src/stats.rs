@@ -339,6 +339,11 @@ pub struct EngineSummary {
     pub at_once: u64,
     /// Frames encoded as engine jobs.
     pub jobs: u64,
+    /// Output buffers the engines took from their pools, through the pool's lock
+    /// ([`EngineStats::pool_takes`](pagewire_accel::EngineStats::pool_takes)): the
+    /// others were payloads the transport handed back, reused with no atomic
+    /// operation. At most the pools' size while every payload comes back.
+    pub pool_takes: u64,
     /// Jobs a hardware backend handed back to software.
     pub hw_fallbacks: u64,
     /// Those jobs per cause.

@@ -18,7 +18,11 @@ fn key() -> Authentication {
 
 /// Migrates 16 MiB whose second half repeats its first (dedup's copies) while a
 /// writer changes 3000 pages a second; returns the source's statistics.
-fn migrate(codec: CodecId, codec_threads: usize) -> pagewire::MigrationStats {
+fn migrate(
+    codec: CodecId,
+    codec_threads: usize,
+    queue_depth: Option<usize>,
+) -> pagewire::MigrationStats {
     let mem = memory(16);
     let pages = mem.pages(RegionId(0)).unwrap();
     let mut page = vec![0u8; PAGE];
@@ -38,6 +42,11 @@ fn migrate(codec: CodecId, codec_threads: usize) -> pagewire::MigrationStats {
     cfg.checksum = true;
     cfg.dedup = true;
     cfg.codec_threads = Some(codec_threads);
+    if let Some(d) = queue_depth {
+        // Small frames too: many more frames than buffers.
+        cfg.queue_depth = d;
+        cfg.max_pages = 8;
+    }
     cfg.precopy.downtime_limit = Duration::from_millis(50);
     cfg.precopy.max_rounds = 6;
     let mut source = Source::connect(addr, mem.clone(), cfg).unwrap();
@@ -53,7 +62,7 @@ fn migrate(codec: CodecId, codec_threads: usize) -> pagewire::MigrationStats {
 fn frames_encoded_at_once_arrive_as_jobs_do() {
     within(Duration::from_secs(120), "inline encode", || {
         for codec in [CodecId::LZ4, CodecId::RAW, CodecId::DEFLATE] {
-            let inline = migrate(codec, 0);
+            let inline = migrate(codec, 0, None);
             let e = &inline.engine;
             assert!(e.at_once > 0, "{codec}: no frame encoded at once: {e:?}");
             // Jobs only when every output buffer waited for the channel.
@@ -61,10 +70,33 @@ fn frames_encoded_at_once_arrive_as_jobs_do() {
             if codec != CodecId::RAW {
                 assert!(inline.pages.copied > 0, "{codec}: no copies: {inline}");
             }
-            let threaded = migrate(codec, 1);
+            let threaded = migrate(codec, 1, None);
             let e = &threaded.engine;
             assert_eq!(e.at_once, 0, "{codec}: codec threads never encode at once");
             assert!(e.jobs > 0, "{codec}: {e:?}");
+        }
+    });
+}
+
+/// Compressed payloads go to the transport and come back to the engine that wrote
+/// them (`Payload::Owned`), which reuses them with no lock: the engines take from
+/// their pools only the buffers they hold, however many frames they encode.
+#[test]
+fn sent_payloads_come_back_to_their_engine() {
+    within(Duration::from_secs(120), "payloads back", || {
+        let depth = 2;
+        for (codec, threads) in [(CodecId::LZ4, 0), (CodecId::LZ4, 1), (CodecId::DEFLATE, 0)] {
+            let stats = migrate(codec, threads, Some(depth));
+            let e = &stats.engine;
+            let frames = e.at_once + e.jobs;
+            // Two channels, each with an engine of 2 × depth buffers.
+            let pools = 2 * 2 * depth as u64;
+            assert!(frames > 4 * pools, "{codec}: too few frames to tell: {e:?}");
+            assert!(
+                e.pool_takes <= pools,
+                "{codec} ({threads} codec threads): {} buffers taken from the pools for {frames} frames: {e:?}",
+                e.pool_takes
+            );
         }
     });
 }

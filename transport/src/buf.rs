@@ -369,6 +369,11 @@ pub enum Payload {
     /// the kernel may read them until then. Never registered with io_uring, so sent
     /// with a plain (unregistered) zero-copy or copying send.
     Foreign(bytes::Bytes),
+    /// A buffer owned by another crate, kept in place with no allocation and handed
+    /// back as its own type ([`Owned::take`](crate::Owned::take)) in the
+    /// send's [`Completed`](crate::Completed), so its owner can reuse it at once. Sent
+    /// like [`Payload::Foreign`].
+    Owned(crate::Owned),
 }
 
 impl Payload {
@@ -379,6 +384,7 @@ impl Payload {
             Self::Guest(s) => s.len(),
             Self::Bytes(v) => v.len(),
             Self::Foreign(f) => f.len(),
+            Self::Owned(o) => o.len(),
         }
     }
 
@@ -394,6 +400,7 @@ impl Payload {
             Self::Guest(s) => s.as_ptr(),
             Self::Bytes(v) => v.as_ptr(),
             Self::Foreign(f) => f.as_ptr(),
+            Self::Owned(o) => o.as_ptr(),
         }
     }
 
@@ -402,7 +409,7 @@ impl Payload {
         match self {
             Self::Pool(b) => Some(b.pool_id()),
             Self::Guest(s) => Some(s.memory().id()),
-            Self::Bytes(_) | Self::Foreign(_) => None,
+            Self::Bytes(_) | Self::Foreign(_) | Self::Owned(_) => None,
         }
     }
 }

@@ -73,6 +73,7 @@ pub mod channel;
 pub mod deadline;
 pub mod endpoint;
 pub mod interrupt;
+mod owned;
 mod recv;
 mod sendq;
 pub mod session;
@@ -89,5 +90,6 @@ pub use channel::{
 };
 pub use endpoint::{Endpoint, Stream, StreamListener};
 pub use interrupt::Interrupt;
+pub use owned::{Owned, StableBytes};
 pub use recv::FRAME_MIN_RATE;
 pub use tls::{Encryption, PemFiles, PinnedPemFiles, TlsConfig, TlsError};

@@ -285,6 +285,7 @@ impl SendQueue {
                 Payload::Pool(b) => copy_rest(b.as_slice(), &mut skip, &mut own, &mut segs),
                 Payload::Bytes(b) => copy_rest(b, &mut skip, &mut own, &mut segs),
                 Payload::Foreign(b) => copy_rest(b, &mut skip, &mut own, &mut segs),
+                Payload::Owned(b) => copy_rest(b.as_slice(), &mut skip, &mut own, &mut segs),
             }
         }
         let payload = if guest {

@@ -634,7 +634,7 @@ impl Engine {
             if let JobOp::Encode(_) = job.op()
                 && job.h.req().payload.is_none()
             {
-                match self.spare_bufs.pop().or_else(|| self.bufs.take()) {
+                match self.spare_bufs.pop().or_else(|| self.take_pool_buf()) {
                     Some(buf) => job.h.req_mut().payload = Some(buf),
                     None => {
                         batch.push_front(job);
@@ -776,7 +776,7 @@ impl Engine {
             return Some(Err(e));
         }
         self.now_checked = Some(params);
-        let mut buf = self.spare_bufs.pop().or_else(|| self.bufs.take())?;
+        let mut buf = self.spare_bufs.pop().or_else(|| self.take_pool_buf())?;
         let (codecs, delta) = self.backend.inline_codecs()?;
         let out = match buf.get_mut() {
             Some(out) => codecs.encode(&params, input, delta, out, lengths),
@@ -824,6 +824,13 @@ impl Engine {
     /// [`Engine::encode_now`] may encode frames at once.
     pub fn is_inline(&self) -> bool {
         self.inline
+    }
+
+    /// An output buffer from the pool, through its lock (none spare), counted.
+    fn take_pool_buf(&mut self) -> Option<PoolBuf> {
+        let buf = self.bufs.take()?;
+        self.stats.pool_takes += 1;
+        Some(buf)
     }
 
     /// Gives an output buffer back for reuse, as [`Engine::recycle`] does a

@@ -7,6 +7,7 @@ use pagewire_accel::{
     Completion, DeltaCache, EncodeOutcome, EncodeParams, Engine, EngineConfig, PageKey, PageList,
     PageSize, PoolBuf, SoftwareConfig, Tag,
 };
+use pagewire_transport::{Owned, Payload, StableBytes};
 
 use crate::data::Encoded;
 use crate::{Case, PAGES, PS};
@@ -17,6 +18,45 @@ enum Recycle {
     Drop,
     Keep,
     TakePayload,
+    /// Each payload handed off as the source hands it to the transport, and back.
+    Transport,
+    /// Each payload handed off as the source did before `Payload::Owned`, and dropped.
+    Bytes,
+}
+
+/// A payload as the source hands it to the transport (`pipeline`'s own `EngineBuf`).
+struct EngineBuf(PoolBuf);
+
+impl AsRef<[u8]> for EngineBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+// SAFETY: as the pipeline's: the bytes are in the pool's mapping, kept mapped by the
+// handle, and neither move nor change while it lives.
+unsafe impl StableBytes for EngineBuf {}
+
+impl Recycle {
+    /// `buf` as a send holds it in this mode, or `buf` itself when the mode gives it
+    /// back without one.
+    fn hand_off(self, buf: PoolBuf) -> Result<Payload, PoolBuf> {
+        match self {
+            Recycle::Transport => Ok(Payload::Owned(Owned::new(EngineBuf(buf)))),
+            Recycle::Bytes => Ok(Payload::Foreign(bytes::Bytes::from_owner(EngineBuf(buf)))),
+            Recycle::Keep | Recycle::Drop | Recycle::TakePayload => Err(buf),
+        }
+    }
+
+    /// Takes back a payload [`Recycle::hand_off`] gave, as the source does from the
+    /// send's completion (a `Bytes` owner cannot come back: it is dropped).
+    fn take_back(engine: &mut Engine, payload: &mut Payload) {
+        if let Payload::Owned(o) = payload
+            && let Some(EngineBuf(buf)) = o.take::<EngineBuf>()
+        {
+            engine.recycle_buf(buf);
+        }
+    }
 }
 
 /// The engine, inline on this core, with raw-pointer jobs as the pipeline builds them.
@@ -30,8 +70,11 @@ pub(crate) struct Bench {
     /// How completions are given back: through [`Engine::recycle`] (the default);
     /// `PAGEWIRE_RECYCLE=0` drops them instead (what the pipeline did before);
     /// `PAGEWIRE_RECYCLE=payload` takes and drops each payload first, then recycles,
-    /// as the pipeline's source does with a compressed frame's payload (which goes to
-    /// the transport and back to the pool): to compare them in one build.
+    /// as the pipeline's source did with a compressed frame's payload before it came
+    /// back from the transport; `PAGEWIRE_RECYCLE=transport` hands each payload off
+    /// as the source now sends it (`Payload::Owned`) and takes it back from there,
+    /// and `PAGEWIRE_RECYCLE=bytes` as the source did before (a `Bytes` owner,
+    /// dropped): to compare them in one build.
     recycle: Recycle,
     /// Whether encodes go through [`Engine::encode_now`], as the pipeline's source
     /// runs them on an inline engine (the default); `PAGEWIRE_NOW=0` submits jobs and
@@ -40,8 +83,10 @@ pub(crate) struct Bench {
     /// The page list and length table [`Bench::encode_now`] keeps across frames.
     list: PageList<'static>,
     lengths: Vec<u32>,
-    /// Payloads of [`Bench::encode_now`] not yet given back.
-    held: Vec<PoolBuf>,
+    /// Payloads not yet given back: as a send holds them (`transport`, `bytes`), or
+    /// as buffers (the other modes).
+    held: Vec<Payload>,
+    kept: Vec<PoolBuf>,
 }
 
 /// Jobs the bench engine keeps in flight: `PAGEWIRE_DEPTH`, or every frame of the
@@ -84,12 +129,15 @@ impl Bench {
             recycle: match std::env::var("PAGEWIRE_RECYCLE").as_deref() {
                 Ok("0") => Recycle::Drop,
                 Ok("payload") => Recycle::TakePayload,
+                Ok("transport") => Recycle::Transport,
+                Ok("bytes") => Recycle::Bytes,
                 _ => Recycle::Keep,
             },
             now: std::env::var("PAGEWIRE_NOW").as_deref() != Ok("0"),
             list: PageList::with_capacity(PageSize::KIB4, 1),
             lengths: Vec::with_capacity(n),
             held: Vec::with_capacity(depth + 2),
+            kept: Vec::with_capacity(depth + 2),
         }
     }
 
@@ -117,6 +165,21 @@ impl Bench {
                     self.engine.recycle(c);
                 }
             }
+            Recycle::Transport | Recycle::Bytes => {
+                for mut c in self.done.drain(..) {
+                    // An encode's output, sent; a decode's input stays with its job.
+                    if c.encoded().is_some()
+                        && let Some(buf) = c.take_payload()
+                    {
+                        self.held.extend(self.recycle.hand_off(buf).ok());
+                    }
+                    self.engine.recycle(c);
+                }
+                for p in &mut self.held {
+                    Recycle::take_back(&mut self.engine, p);
+                }
+                self.held.clear();
+            }
         }
     }
 
@@ -141,14 +204,21 @@ impl Bench {
             .encode_now(params, &self.list, &mut self.lengths);
         self.list.reset(PageSize::KIB4);
         let (out, payload) = done.expect("an inline engine with a free buffer").unwrap();
-        self.held.push(payload);
-        if self.held.len() == self.depth || last {
-            for buf in self.held.drain(..) {
+        match self.recycle.hand_off(payload) {
+            Ok(p) => self.held.push(p),
+            Err(buf) => self.kept.push(buf),
+        }
+        if self.held.len() + self.kept.len() == self.depth || last {
+            for buf in self.kept.drain(..) {
                 match self.recycle {
                     Recycle::Keep => self.engine.recycle_buf(buf),
-                    Recycle::Drop | Recycle::TakePayload => drop(buf),
+                    _ => drop(buf),
                 }
             }
+            for p in &mut self.held {
+                Recycle::take_back(&mut self.engine, p);
+            }
+            self.held.clear();
         }
         out
     }

@@ -758,6 +758,7 @@ impl Source {
             s.engine.hw_fallbacks += e.hw_fallbacks;
             s.engine.at_once += e.at_once;
             s.engine.jobs += e.submitted.saturating_sub(e.at_once);
+            s.engine.pool_takes += e.pool_takes;
             let name = e.backend.name();
             s.engine.backend = match s.engine.backend {
                 "" => name,

@@ -399,6 +399,7 @@ impl Core {
             match p {
                 Payload::Pool(b) => copy.extend_from_slice(b.as_slice()),
                 Payload::Foreign(b) => copy.extend_from_slice(b),
+                Payload::Owned(b) => copy.extend_from_slice(b.as_slice()),
                 Payload::Guest(_) | Payload::Bytes(_) => {}
             }
         }

@@ -11,7 +11,7 @@ use pagewire_protocol::{
     RegionId, Round, SessionError, SourceChannel, SourceEvent, UniformRun,
 };
 use pagewire_transport::session::AnyChannel;
-use pagewire_transport::{Channel, Completed, Incoming, OutFrame};
+use pagewire_transport::{Channel, Completed, Incoming, OutFrame, Payload};
 
 use crate::config::Control;
 use crate::dirty::DirtyBitmap;
@@ -562,7 +562,8 @@ impl Worker {
         Ok(start.elapsed())
     }
 
-    /// Collects finished sends (their buffers go back to their pools on drop).
+    /// Collects finished sends: the engine's output buffers go back to its spare
+    /// ones, others to their pools on drop.
     fn reap(&mut self, all: bool) -> Result<(), MigrationError> {
         let res = if all {
             self.channel.flush(&mut self.done)
@@ -581,7 +582,7 @@ impl Worker {
         counters
             .tls_copied
             .store(st.tls_bytes_copied, Ordering::Relaxed);
-        for c in self.done.drain(..) {
+        for mut c in self.done.drain(..) {
             self.s
                 .counters
                 .zc
@@ -597,6 +598,15 @@ impl Worker {
                 && let Some((_, at)) = self.sends.remove(i)
             {
                 self.s.latency.send.record(at.elapsed());
+            }
+            // The engine's buffers go back to its spare ones, with no atomic operation
+            // (dropped, they would go back to its pool through a lock).
+            for p in &mut c.payload {
+                if let Payload::Owned(o) = p
+                    && let Some(pages::EngineBuf(buf)) = o.take::<pages::EngineBuf>()
+                {
+                    self.s.engine.recycle_buf(buf);
+                }
             }
         }
         Ok(())

@@ -4,10 +4,9 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use bytes::Bytes;
 use pagewire_accel::{Completion, EncodeOutcome, Layout, PoolBuf};
 use pagewire_protocol::{CodecId, Frame, PageFrame, PageRun, RegionId, Round, WireList};
-use pagewire_transport::{OutFrame, Payload};
+use pagewire_transport::{OutFrame, Owned, Payload, StableBytes};
 
 use crate::error::MigrationError;
 use crate::source::split::PageSplit;
@@ -15,17 +14,21 @@ use crate::stats::CodecStats;
 
 use super::{FrameMeta, Worker};
 
-/// The engine's output buffer, carried to the transport without a copy (as the owner
-/// of a [`Bytes`]). Its bytes neither move nor change while the handle lives: the pool
-/// hands a slot out again only after its last handle drops, and shared handles never
-/// write.
-struct EngineBuf(pagewire_accel::PoolBuf);
+/// The engine's output buffer, carried to the transport without a copy or an
+/// allocation ([`Payload::Owned`]), and back to the engine's spare buffers once sent
+/// ([`Worker::reap`](super::Worker)).
+pub(super) struct EngineBuf(pub(super) PoolBuf);
 
 impl AsRef<[u8]> for EngineBuf {
     fn as_ref(&self) -> &[u8] {
         &self.0
     }
 }
+
+// SAFETY: the bytes are in the pool's mapping, which the handle keeps mapped: they do
+// not move with the handle, and neither move nor change while it lives (the pool hands
+// a slot out again only after its last handle drops, and shared handles never write).
+unsafe impl StableBytes for EngineBuf {}
 /// Pages of one frame, by how they travel.
 #[derive(Clone, Copy)]
 struct Sent {
@@ -178,7 +181,7 @@ impl Worker {
                     what: "payload buffer length differs from the encode outcome".into(),
                 });
             }
-            vec![Payload::Foreign(Bytes::from_owner(EngineBuf(buf)))]
+            vec![Payload::Owned(Owned::new(EngineBuf(buf)))]
         };
         let mut frame = PageFrame {
             codec: out.codec,
@@ -203,8 +206,8 @@ impl Worker {
                             what: e.to_string(),
                         })?;
                 for p in &payload {
-                    if let Payload::Foreign(bytes) = p {
-                        crc = crc32c::crc32c_append(crc, bytes);
+                    if let Payload::Owned(bytes) = p {
+                        crc = crc32c::crc32c_append(crc, bytes.as_slice());
                     }
                 }
                 Some(crc)
