@@ -263,12 +263,14 @@ impl PoolBuf {
         }
     }
 
+    #[inline]
     fn pool(&self) -> &Shared {
         // SAFETY: this handle is alive, so the last handle of its buffer has not
         // dropped and the shared strong count is held.
         unsafe { self.shared.get() }
     }
 
+    #[inline]
     fn slot(&self) -> &Slot {
         &self.pool().slots[self.idx as usize]
     }
@@ -314,6 +316,7 @@ impl PoolBuf {
 impl Deref for PoolBuf {
     type Target = [u8];
 
+    #[inline]
     fn deref(&self) -> &[u8] {
         let slot = self.slot();
         // SAFETY: writes happen only through a unique handle; while `self` is borrowed

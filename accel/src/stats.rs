@@ -57,10 +57,10 @@ pub struct EngineStats {
     ///
     /// [`Engine::encode_now`]: crate::Engine::encode_now
     pub at_once: u64,
-    /// Output buffers taken from the pool, through its lock: a buffer given back with
-    /// [`Engine::recycle`] or [`Engine::recycle_buf`] is taken again from the engine's
-    /// own spare buffers instead, so while every sent payload comes back this stays
-    /// at most the pool's size.
+    /// Output buffers taken from the pool, with its atomic operations: a buffer given
+    /// back with [`Engine::recycle`] or [`Engine::recycle_buf`] is taken again from the
+    /// engine's own spare buffers instead, so while every sent payload comes back this
+    /// stays at most the pool's size.
     ///
     /// [`Engine::recycle`]: crate::Engine::recycle
     /// [`Engine::recycle_buf`]: crate::Engine::recycle_buf

@@ -339,10 +339,10 @@ pub struct EngineSummary {
     pub at_once: u64,
     /// Frames encoded as engine jobs.
     pub jobs: u64,
-    /// Output buffers the engines took from their pools, through the pool's lock
-    /// ([`EngineStats::pool_takes`](pagewire_accel::EngineStats::pool_takes)): the
-    /// others were payloads the transport handed back, reused with no atomic
-    /// operation. At most the pools' size while every payload comes back.
+    /// Output buffers the engines took from their pools, with the pools' atomic
+    /// operations ([`EngineStats::pool_takes`](pagewire_accel::EngineStats::pool_takes)):
+    /// the others were payloads the transport handed back, reused with no atomic
+    /// read-modify-write. At most the pools' size while every payload comes back.
     pub pool_takes: u64,
     /// Jobs a hardware backend handed back to software.
     pub hw_fallbacks: u64,
@@ -690,8 +690,8 @@ impl fmt::Display for MigrationStats {
         writeln!(f, "per channel MiB:       [{}]", per_channel.join(", "))?;
         let queued = if self.engine.backend == "software" && self.engine.codec_threads == 0 {
             format!(
-                "inline on the channels' threads ({} frames at once, {} as jobs)",
-                self.engine.at_once, self.engine.jobs
+                "inline on the channels' threads ({} frames at once, {} as jobs, {} buffers from the pools)",
+                self.engine.at_once, self.engine.jobs, self.engine.pool_takes
             )
         } else {
             format!(

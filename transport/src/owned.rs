@@ -4,18 +4,24 @@
 use std::any::TypeId;
 use std::mem::MaybeUninit;
 
-/// An owner whose bytes stay where they are, unchanged, for as long as it lives.
+/// An owner whose bytes stay where they are, unchanged and readable, while an
+/// [`Owned`] holds it.
 ///
 /// # Safety
-/// For an implementor's whole life, wherever the value moves:
-/// - [`AsRef::as_ref`] returns the same bytes, at the same address and length (so not
-///   bytes stored inside the value itself, which move with it);
-/// - nothing writes those bytes (another handle to the same memory included), and the
-///   memory stays mapped.
+/// From [`Owned::new`] until [`Owned::take`] gives the value back or the `Owned` drops
+/// it, however often the `Owned` moves:
+/// - [`AsRef::as_ref`] returns the same bytes, at the same address and length: not
+///   bytes stored inside the value itself, which move with it;
+/// - nothing writes those bytes (no other handle to the same memory either), and they
+///   stay readable.
 ///
-/// A channel reads them asynchronously (the kernel, with a zero-copy send, until it
-/// reports the memory released) through the pointer taken when the value was wrapped.
-pub unsafe trait StableBytes: AsRef<[u8]> + Send + Sync + 'static {}
+/// A channel reads them asynchronously through the pointer taken when the value was
+/// wrapped (with a zero-copy send, the kernel does, until it reports the memory
+/// released). A channel that cannot learn that the kernel is done leaks the `Owned`
+/// (the io_uring channel's drop, when the kernel never answers): the bytes must then
+/// stay readable for the rest of the process, so the owner must keep its memory alive
+/// itself, not borrow a mapping that someone else may unmap.
+pub unsafe trait StableBytes: AsRef<[u8]> + Send + 'static {}
 
 /// Room for an owner kept in place in an [`Owned`]: four words, word-aligned.
 type Room = MaybeUninit<[usize; 4]>;
@@ -37,10 +43,7 @@ unsafe fn drop_owner<T>(room: *mut Room) {
 }
 
 /// Drops nothing: the owner was taken ([`Owned::take`]).
-///
-/// # Safety
-/// None needed: the room is not read.
-unsafe fn drop_none(_: *mut Room) {}
+fn drop_none(_: *mut Room) {}
 
 /// The type of no owner: held once the owner was taken.
 enum Taken {}
@@ -77,11 +80,12 @@ pub struct Owned {
     vtable: &'static Vtable,
 }
 
-// SAFETY: the owner kept in the room is `Send + Sync` (`StableBytes`); `ptr` points
-// into its bytes, which nothing writes while it lives, so reading them from any thread
-// is sound.
+// SAFETY: the owner kept in the room is `Send` (`StableBytes`); `ptr` points into its
+// bytes, which nothing writes while it is held, so reading them from any thread is
+// sound.
 unsafe impl Send for Owned {}
-// SAFETY: as above; `&Owned` only reads.
+// SAFETY: `&Owned` gives access to the bytes only, never to the owner, and nothing
+// writes the bytes while it is held (`StableBytes`).
 unsafe impl Sync for Owned {}
 
 impl Owned {
@@ -100,8 +104,10 @@ impl Owned {
         // The bytes' pointer is taken from the owner where it now stays: the room
         // moves with the `Owned` as plain bytes, which invalidates no pointer derived
         // from it (moving the owner itself, a `Box` for one, would).
-        // SAFETY: the room holds an initialised `T`, just written.
-        let bytes = unsafe { (*room.as_ptr().cast::<T>()).as_ref() };
+        // SAFETY: the room holds an initialised `T`, just written. Through the
+        // room's mutable pointer: a `T` with a cell or an atomic inline may write
+        // it behind `&T`.
+        let bytes = unsafe { (*room.as_mut_ptr().cast::<T>()).as_ref() };
         let (ptr, len) = (bytes.as_ptr(), bytes.len());
         Owned {
             room,
@@ -200,6 +206,31 @@ mod tests {
 
     // SAFETY: as `Counted`.
     unsafe impl StableBytes for Vec<u8> {}
+
+    /// An owner with an atomic inline, which its `as_ref` writes (as a `Bytes` may).
+    struct Counting(Box<[u8]>, AtomicUsize);
+
+    impl AsRef<[u8]> for Counting {
+        fn as_ref(&self) -> &[u8] {
+            self.1.fetch_add(1, Ordering::Relaxed);
+            &self.0
+        }
+    }
+
+    // SAFETY: as `Counted`; the atomic is not among the bytes.
+    unsafe impl StableBytes for Counting {}
+
+    #[test]
+    fn an_owner_with_an_atomic_inline_is_kept_soundly() {
+        let mut owned = Owned::new(Counting(vec![3u8; 10].into(), AtomicUsize::new(0)));
+        let moved = vec![owned];
+        owned = moved.into_iter().next().unwrap();
+        assert_eq!(owned.as_slice(), &[3u8; 10][..]);
+        let back = owned.take::<Counting>().unwrap();
+        // `new` asked for the bytes once; `as_slice` never asks the owner.
+        assert_eq!(back.1.load(Ordering::Relaxed), 1);
+        assert_eq!(back.as_ref(), &[3u8; 10][..]);
+    }
 
     #[test]
     fn the_owner_comes_back_as_itself_or_is_dropped_once() {

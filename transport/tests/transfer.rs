@@ -402,8 +402,10 @@ unsafe impl pagewire_transport::StableBytes for Numbered {}
 
 /// Frames whose payload is an `Owned` buffer arrive intact and every buffer comes back
 /// in its send's completion as its own type, over TCP and io_uring (with zero-copy
-/// sends, whose buffers the kernel holds until it notifies, and without), and
-/// through the send queue of a channel whose peer reads slowly.
+/// sends, whose buffers the kernel holds until it notifies, and without). The sockets'
+/// buffers are small and the reader slow, so TCP's sends queue in the channel and
+/// io_uring's wait on the socket. Each buffer is overwritten as soon as it comes back:
+/// one handed back before its bytes were sent would arrive changed.
 #[test]
 fn owned_payloads_arrive_and_come_back_as_themselves() {
     use pagewire_transport::{Owned, Payload};
@@ -415,6 +417,9 @@ fn owned_payloads_arrive_and_come_back_as_themselves() {
     for (backend, zero_copy) in runs {
         let mut cfg = config(9, 1);
         cfg.uring.zero_copy = zero_copy;
+        cfg.tcp.send_buffer = Some(32 << 10);
+        cfg.tcp.recv_buffer = Some(32 << 10);
+        cfg.tcp.send_queue = 4 << 20;
         let (mut src, mut dst) = pair(&cfg);
         let (s, d) = (src.remove(0), dst.remove(0));
         const FRAMES: u32 = 300;
@@ -424,31 +429,33 @@ fn owned_payloads_arrive_and_come_back_as_themselves() {
         let sender = std::thread::spawn(move || {
             let mut ch = s.open(&backend, &c2).unwrap();
             let mut done: Vec<Completed> = Vec::new();
+            let mut back = Vec::new();
+            let mut take_back = |done: &mut Vec<Completed>| {
+                for mut c in done.drain(..) {
+                    for p in &mut c.payload {
+                        let Payload::Owned(o) = p else {
+                            panic!("a payload came back as another kind: {p:?}")
+                        };
+                        let mut n = o.take::<Numbered>().expect("the buffer's own type");
+                        n.0.fill(0xEE);
+                        back.push(n.1);
+                    }
+                }
+            };
             for i in 0..FRAMES {
                 let buf = Numbered(vec![fill(i); PAGES as usize * PAGE].into(), i);
                 let payload = vec![Payload::Owned(Owned::new(buf))];
                 ch.send(raw_pages(u64::from(i * PAGES), PAGES, payload))
                     .unwrap();
                 ch.poll_completions(&mut done).unwrap();
+                take_back(&mut done);
             }
+            // Past one frame's payload: frames waited in the channel together.
+            let queued = ch.stats().peak_in_flight_bytes;
             ch.close(&mut done).unwrap();
-            let mut back = Vec::new();
-            for mut c in done {
-                for p in &mut c.payload {
-                    let Payload::Owned(o) = p else {
-                        panic!("a payload came back as another kind: {p:?}")
-                    };
-                    let n = o.take::<Numbered>().expect("the buffer's own type");
-                    assert!(
-                        n.0.iter().all(|&b| b == fill(n.1)),
-                        "buffer {} changed",
-                        n.1
-                    );
-                    back.push(n.1);
-                }
-            }
+            take_back(&mut done);
             back.sort_unstable();
-            back
+            (back, queued)
         });
         let mut ch = d.open(&backend, &cfg).unwrap();
         let mut got = 0;
@@ -461,20 +468,26 @@ fn owned_payloads_arrive_and_come_back_as_themselves() {
             assert!(p.payload.len() == PAGES as usize * PAGE);
             assert!(
                 p.payload.iter().all(|&b| b == fill(i)),
-                "{backend:?} frame {i}"
+                "{backend:?} {zero_copy:?}: frame {i} changed before it was sent"
             );
             got += 1;
-            if got % 50 == 0 {
-                // A slow reader: sends queue behind a full socket.
-                std::thread::sleep(Duration::from_millis(20));
+            if got % 25 == 0 {
+                // A slow reader: sends wait behind a full socket.
+                std::thread::sleep(Duration::from_millis(10));
             }
         }
-        let back = sender.join().unwrap();
+        let (back, queued) = sender.join().unwrap();
         assert_eq!(got, FRAMES, "{backend:?} {zero_copy:?}");
         assert_eq!(
             back,
             (0..FRAMES).collect::<Vec<_>>(),
             "{backend:?} {zero_copy:?}"
         );
+        if backend == Backend::Tcp {
+            assert!(
+                queued > u64::from(PAGES) * PAGE as u64,
+                "no frame queued in the TCP channel (at most {queued} bytes held)"
+            );
+        }
     }
 }

@@ -826,7 +826,7 @@ impl Engine {
         self.inline
     }
 
-    /// An output buffer from the pool, through its lock (none spare), counted.
+    /// An output buffer from the pool, with its atomic operations (none spare), counted.
     fn take_pool_buf(&mut self) -> Option<PoolBuf> {
         let buf = self.bufs.take()?;
         self.stats.pool_takes += 1;
@@ -835,7 +835,7 @@ impl Engine {
 
     /// Gives an output buffer back for reuse, as [`Engine::recycle`] does a
     /// completion's: to this engine's own spare buffers when it is this engine's and
-    /// held only here, with no atomic operation; dropped otherwise.
+    /// held only here, with no atomic read-modify-write; dropped otherwise.
     pub fn recycle_buf(&mut self, mut buf: PoolBuf) {
         if buf.is_unique() && self.bufs.owns(&buf) {
             buf.set_len(0);

@@ -204,9 +204,15 @@ impl Bench {
             .encode_now(params, &self.list, &mut self.lengths);
         self.list.reset(PageSize::KIB4);
         let (out, payload) = done.expect("an inline engine with a free buffer").unwrap();
-        match self.recycle.hand_off(payload) {
-            Ok(p) => self.held.push(p),
-            Err(buf) => self.kept.push(buf),
+        // Handed off as the source hands it (`Payload::Owned` built into its place).
+        match self.recycle {
+            Recycle::Transport => self
+                .held
+                .push(Payload::Owned(Owned::new(EngineBuf(payload)))),
+            _ => match self.recycle.hand_off(payload) {
+                Ok(p) => self.held.push(p),
+                Err(buf) => self.kept.push(buf),
+            },
         }
         if self.held.len() + self.kept.len() == self.depth || last {
             for buf in self.kept.drain(..) {

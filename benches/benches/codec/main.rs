@@ -21,8 +21,11 @@
 //! with codec threads or a hardware backend). It gives its payloads back with
 //! `Engine::recycle_buf` and its completions with `Engine::recycle`, as the source does
 //! with what it does not send (`PAGEWIRE_RECYCLE=0` drops them instead;
-//! `PAGEWIRE_RECYCLE=payload` drops each payload, and with jobs takes it first, as the
-//! source does with a compressed frame's, which goes to the transport). Delta's direct calls, like the
+//! `PAGEWIRE_RECYCLE=payload` drops each payload, and with jobs takes it first;
+//! `PAGEWIRE_RECYCLE=transport` hands each payload off as the source sends a compressed
+//! frame's, a `Payload::Owned` held until its send would complete and then taken back
+//! to `Engine::recycle_buf`; `PAGEWIRE_RECYCLE=bytes` as the source did before, a
+//! `Bytes` owner dropped back to the pool). Delta's direct calls, like the
 //! engine's requests and the receivers, keep their page lists across calls, so neither
 //! side allocates per frame.
 //!

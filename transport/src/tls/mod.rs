@@ -496,8 +496,8 @@ impl TlsSession {
 /// The bytes of a payload slice, to be sealed.
 fn payload_bytes(p: &Payload) -> &[u8] {
     // SAFETY: the payload owns or borrows memory that stays mapped and readable while
-    // the frame is being sent (a pool buffer, a vector, a `Bytes`, or guest memory
-    // under `GuestMemory::new`'s contract). Guest pages may change under a running
+    // the frame is being sent (a pool buffer, a vector, a `Bytes`, an `Owned` under
+    // `StableBytes`'s contract, or guest memory under `GuestMemory::new`'s contract). Guest pages may change under a running
     // guest while they are copied into the record; each byte is read once, like the
     // kernel's copy of a plaintext send, and a page changed meanwhile is dirty and
     // sent again.

@@ -151,6 +151,7 @@ impl WorkerSetup {
             list: PageList::new(page_size),
             lengths: Vec::new(),
             done: Vec::new(),
+            spare_payloads: Vec::new(),
             pending: HashMap::new(),
             sends: VecDeque::new(),
             next_tag: 0,
@@ -164,6 +165,9 @@ impl WorkerSetup {
         })
     }
 }
+
+/// Most payload vectors a worker keeps for its next frames.
+const SPARE_PAYLOADS: usize = 32;
 
 /// How long [`Worker::early_answers`] reads what the destination sent ahead before it
 /// gives up on the channel. A million 8-byte extension frames sent ahead of an ACK
@@ -221,6 +225,8 @@ pub(super) struct Worker {
     list: PageList<'static>,
     lengths: Vec<u32>,
     done: Vec<Completed>,
+    /// Payload vectors the transport handed back, emptied, for the next frames.
+    spare_payloads: Vec<Vec<Payload>>,
     pending: HashMap<u64, FrameMeta>,
     sends: VecDeque<(pagewire_transport::SendId, Instant)>,
     next_tag: u64,
@@ -599,14 +605,20 @@ impl Worker {
             {
                 self.s.latency.send.record(at.elapsed());
             }
-            // The engine's buffers go back to its spare ones, with no atomic operation
-            // (dropped, they would go back to its pool through a lock).
+            // The engine's buffers go back to its spare ones, with no atomic
+            // read-modify-write (dropped, they would go back to its pool, and out again,
+            // through the pool's atomic operations).
             for p in &mut c.payload {
                 if let Payload::Owned(o) = p
                     && let Some(pages::EngineBuf(buf)) = o.take::<pages::EngineBuf>()
                 {
                     self.s.engine.recycle_buf(buf);
                 }
+            }
+            // The vector carries the next frame's payload.
+            if c.payload.capacity() > 0 && self.spare_payloads.len() < SPARE_PAYLOADS {
+                c.payload.clear();
+                self.spare_payloads.push(c.payload);
             }
         }
         Ok(())

@@ -16,7 +16,7 @@ use super::{FrameMeta, Worker};
 
 /// The engine's output buffer, carried to the transport without a copy or an
 /// allocation ([`Payload::Owned`]), and back to the engine's spare buffers once sent
-/// ([`Worker::reap`](super::Worker)).
+/// (in the worker's `reap`).
 pub(super) struct EngineBuf(pub(super) PoolBuf);
 
 impl AsRef<[u8]> for EngineBuf {
@@ -25,9 +25,12 @@ impl AsRef<[u8]> for EngineBuf {
     }
 }
 
-// SAFETY: the bytes are in the pool's mapping, which the handle keeps mapped: they do
-// not move with the handle, and neither move nor change while it lives (the pool hands
-// a slot out again only after its last handle drops, and shared handles never write).
+// SAFETY: the bytes are the slot's own heap buffer, not inside the handle, so they do
+// not move with it; the pool's strong count the handle holds keeps them allocated (a
+// leaked handle keeps them for good). Nothing writes them while the handle is held:
+// writing needs `&mut PoolBuf` and the only handle (`PoolBuf::get_mut`), an `Owned`
+// never gives out `&mut`, and while this handle lives no other is the only one; the
+// pool hands the slot out again only after its last handle drops.
 unsafe impl StableBytes for EngineBuf {}
 /// Pages of one frame, by how they travel.
 #[derive(Clone, Copy)]
@@ -181,7 +184,10 @@ impl Worker {
                     what: "payload buffer length differs from the encode outcome".into(),
                 });
             }
-            vec![Payload::Owned(Owned::new(EngineBuf(buf)))]
+            // A vector a completion handed back, when there is one: no allocation.
+            let mut v = self.spare_payloads.pop().unwrap_or_default();
+            v.push(Payload::Owned(Owned::new(EngineBuf(buf))));
+            v
         };
         let mut frame = PageFrame {
             codec: out.codec,
