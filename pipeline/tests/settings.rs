@@ -173,6 +173,9 @@ fn unusable_settings_are_refused_before_anything_connects() {
     assert!(matches!(e, MemoryError::PageSize(1073741824)), "{e}");
 }
 
+/// Misuse of the source's own API is refused before anything of it is sent, and the
+/// session goes on: a bitmap past its region, a region the memory lacks, and
+/// `complete()` after a round not sent paused.
 #[test]
 fn a_bitmap_past_its_region_is_refused_before_anything_of_its_round_is_sent() {
     let mem = memory(2);
@@ -216,6 +219,10 @@ fn a_bitmap_past_its_region_is_refused_before_anything_of_its_round_is_sent() {
         .map(|id| (id, DirtyBitmap::full(mem.pages(id).unwrap())))
         .collect();
     source.send_round(all, false).unwrap();
+    // The guest was not paused for that round: what it dirtied since would be lost.
+    let f = source.complete().unwrap_err();
+    assert!(f.may_resume_source(), "{f:?}");
+    config_error(*f.error, "a last round sent paused");
     source
         .send_round(
             mem.region_ids()

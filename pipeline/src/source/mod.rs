@@ -479,13 +479,23 @@ impl Source {
     ///
     /// # Errors
     /// [`Failed`] when the migration failed before COMMIT: the destination did not
-    /// confirm COMPLETE (or no round was sent).
+    /// confirm COMPLETE. [`MigrationError::Config`], before anything is sent (the
+    /// session goes on), when no round was sent or the last one was not sent paused
+    /// (`send_round(.., true)`): the pages the guest dirtied after that round would
+    /// never reach the destination.
     pub fn complete(&mut self) -> Result<Switchover, Failed> {
         self.not_handed_over()?;
         let final_round = self
             .next_round
             .checked_sub(1)
             .ok_or_else(|| Failed::bare(MigrationError::Config("no round was sent".into())))?;
+        if !self.rounds.last().is_some_and(|r| r.paused) {
+            return Err(Failed::bare(MigrationError::Config(
+                "complete() needs a last round sent paused (send_round(.., true), with the \
+                 guest paused): the pages dirtied after the last round would be lost"
+                    .into(),
+            )));
+        }
         // The other channels are read for an ABORT meanwhile; their next command ends
         // the watch.
         let watch = Arc::new(Watch::default());
