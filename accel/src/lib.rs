@@ -18,7 +18,7 @@
 //!   shrink is sent raw. Decoders check every size and write only into the
 //!   destination.
 //! - [`cache`]: the sender's bounded LRU [`DeltaCache`] of pages last sent.
-//! - [`pool`]: pre-allocated, reference-counted buffers ([`PoolBuf`]) that return to
+//! - [`pool`]: pre-allocated, reference-counted buffers ([`EngineBuf`]) that return to
 //!   their [`BufPool`] when the last user (codec, then transport) drops them.
 //! - [`engine`]: the accelerator request model: [`Engine::job`] from a pre-allocated
 //!   request pool, [`Engine::submit`] a batch (a backend may take only part of it),
@@ -96,6 +96,6 @@ pub use engine::{
 };
 pub use page::{PageKey, PageSize};
 pub use pages::{PageList, PageListMut, PagesError};
-pub use pool::{BufPool, PoolBuf};
+pub use pool::{BufPool, EngineBuf};
 pub use stats::{CodecStats, EngineStats};
 pub use zero::{PageClass, ZeroKernel, classify, classify_raw, is_zero, is_zero_raw};

@@ -1,7 +1,7 @@
 //! Pre-allocated, recycled byte buffers with shared ownership.
 //!
 //! A [`BufPool`] allocates all its buffers when it is built. [`BufPool::take`] hands
-//! out a [`PoolBuf`], a reference-counted handle: the codec writes the buffer while it
+//! out a [`EngineBuf`], a reference-counted handle: the codec writes the buffer while it
 //! holds the only handle, then clones of the handle go to whoever still needs the
 //! bytes (the transport until its send completes, a retransmit queue...). When the
 //! last handle is dropped the buffer goes back to the pool. Taking and returning are a
@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 struct Slot {
     refs: AtomicUsize,
-    /// Written only through the unique handle (`refs == 1` and `&mut PoolBuf`).
+    /// Written only through the unique handle (`refs == 1` and `&mut EngineBuf`).
     data: UnsafeCell<Box<[u8]>>,
     /// Valid bytes; written only through the unique handle.
     len: UnsafeCell<usize>,
@@ -102,7 +102,7 @@ struct Shared {
 }
 
 // SAFETY: a slot's `UnsafeCell`s are written only by the holder of its unique handle
-// (`refs == 1`, through `&mut PoolBuf`) and read through shared handles otherwise; the
+// (`refs == 1`, through `&mut EngineBuf`) and read through shared handles otherwise; the
 // reference count's acquire/release ordering and the free queue's synchronisation
 // order those accesses across threads.
 unsafe impl Sync for Shared {}
@@ -160,11 +160,11 @@ impl BufPool {
 
     /// A free buffer, empty (`len() == 0`) and uniquely owned, or `None` when all are
     /// in use.
-    pub fn take(&self) -> Option<PoolBuf> {
+    pub fn take(&self) -> Option<EngineBuf> {
         let idx = self.shared.free.pop()?;
         let slot = &self.shared.slots[idx as usize];
         slot.refs.store(1, Ordering::Relaxed);
-        let mut buf = PoolBuf {
+        let mut buf = EngineBuf {
             shared: PoolRef::new(self.shared.clone()),
             idx,
         };
@@ -180,7 +180,7 @@ impl BufPool {
     }
 
     /// Whether `buf` is one of this pool's buffers.
-    pub fn owns(&self, buf: &PoolBuf) -> bool {
+    pub fn owns(&self, buf: &EngineBuf) -> bool {
         core::ptr::eq(Arc::as_ptr(&self.shared), buf.shared.0.as_ptr())
     }
 
@@ -213,7 +213,7 @@ impl PoolRef {
     ///
     /// # Safety
     /// The strong count this reference stands for must not have been released: a
-    /// live [`PoolBuf`] holding it guarantees that.
+    /// live [`EngineBuf`] holding it guarantees that.
     unsafe fn get<'a>(self) -> &'a Shared {
         // SAFETY: the count the caller vouches for keeps the allocation alive.
         unsafe { self.0.as_ref() }
@@ -232,21 +232,21 @@ impl PoolRef {
 
 /// A shared handle to a pool buffer: derefs to its valid bytes; the buffer returns
 /// to its pool when the last handle drops.
-pub struct PoolBuf {
+pub struct EngineBuf {
     shared: PoolRef,
     idx: u32,
 }
 
 // SAFETY: a handle is an `Arc<Shared>` shared by the buffer's handles (see `PoolRef`);
 // `Shared` is `Send + Sync`, and the handle's own accesses follow the slot rules.
-unsafe impl Send for PoolBuf {}
-// SAFETY: as above; `&PoolBuf` only reads the slot.
-unsafe impl Sync for PoolBuf {}
+unsafe impl Send for EngineBuf {}
+// SAFETY: as above; `&EngineBuf` only reads the slot.
+unsafe impl Sync for EngineBuf {}
 
-impl PoolBuf {
+impl EngineBuf {
     /// A buffer holding `bytes`, in a pool of its own. This allocates: it is for
     /// tests, tools and cold paths, not for the per-frame path.
-    pub fn from_vec(bytes: Vec<u8>) -> PoolBuf {
+    pub fn from_vec(bytes: Vec<u8>) -> EngineBuf {
         let len = bytes.len();
         let shared = Arc::new(Shared {
             slots: Box::new([Slot {
@@ -257,7 +257,7 @@ impl PoolBuf {
             free: IndexStack::new(1),
             buf_len: len,
         });
-        PoolBuf {
+        EngineBuf {
             shared: PoolRef::new(shared),
             idx: 0,
         }
@@ -313,7 +313,7 @@ impl PoolBuf {
     }
 }
 
-impl Deref for PoolBuf {
+impl Deref for EngineBuf {
     type Target = [u8];
 
     #[inline]
@@ -329,17 +329,17 @@ impl Deref for PoolBuf {
     }
 }
 
-impl Clone for PoolBuf {
-    fn clone(&self) -> PoolBuf {
+impl Clone for EngineBuf {
+    fn clone(&self) -> EngineBuf {
         self.slot().refs.fetch_add(1, Ordering::Relaxed);
-        PoolBuf {
+        EngineBuf {
             shared: self.shared,
             idx: self.idx,
         }
     }
 }
 
-impl Drop for PoolBuf {
+impl Drop for EngineBuf {
     fn drop(&mut self) {
         let refs = &self.slot().refs;
         // The only handle needs no read-modify-write: no other can appear (a clone
@@ -362,9 +362,9 @@ impl Drop for PoolBuf {
     }
 }
 
-impl fmt::Debug for PoolBuf {
+impl fmt::Debug for EngineBuf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PoolBuf")
+        f.debug_struct("EngineBuf")
             .field("idx", &self.idx)
             .field("len", &self.len())
             .field("capacity", &self.capacity())
@@ -476,7 +476,7 @@ mod tests {
         assert_eq!(weak.strong_count(), 1);
         drop(b);
         assert_eq!(weak.strong_count(), 0, "freed with the last handle");
-        let solo = PoolBuf::from_vec(vec![1; 4]);
+        let solo = EngineBuf::from_vec(vec![1; 4]);
         let solo2 = solo.clone();
         drop(solo);
         assert_eq!(&solo2[..], &[1; 4]);
@@ -484,7 +484,7 @@ mod tests {
 
     #[test]
     fn from_vec_is_standalone() {
-        let mut b = PoolBuf::from_vec(vec![1, 2, 3]);
+        let mut b = EngineBuf::from_vec(vec![1, 2, 3]);
         assert_eq!(&b[..], &[1, 2, 3]);
         assert!(b.set_len(2));
         assert_eq!(&b[..], &[1, 2]);

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use common::{Kind, PS, content};
 use pagewire_accel::{
-    Backend, BackendKind, CodecError, Codecs, Completion, EncodeParams, Engine, EngineConfig,
-    EngineError, FallbackCause, FormatCaps, Job, Level, PageKey, PoolBuf, Probe, SoftwareConfig,
-    Tag,
+    Backend, BackendKind, CodecError, Codecs, Completion, EncodeParams, Engine, EngineBuf,
+    EngineConfig, EngineError, FallbackCause, FormatCaps, Job, Level, PageKey, Probe,
+    SoftwareConfig, Tag,
 };
 use pagewire_protocol::CodecId;
 
@@ -21,7 +21,7 @@ fn encode_job(engine: &Engine, tag: u64, codec: CodecId, pages: &[u8]) -> Job {
     job.encode_buf(
         Tag(tag),
         EncodeParams::new(codec, Level::DEFAULT),
-        PoolBuf::from_vec(pages.to_vec()),
+        EngineBuf::from_vec(pages.to_vec()),
         PageKey(tag * 64),
     )
     .expect("whole pages");
@@ -316,7 +316,7 @@ fn recycled_completions_keep_their_request_and_unused_buffer_with_the_engine() {
         CodecId::LZ4,
         payload,
         &lengths,
-        PoolBuf::from_vec(vec![0u8; PS]),
+        EngineBuf::from_vec(vec![0u8; PS]),
         PageKey(0),
     )
     .expect("decode job");
@@ -329,7 +329,7 @@ fn recycled_completions_keep_their_request_and_unused_buffer_with_the_engine() {
         "a decode's payload went back to the pool"
     );
     // The input an encode kept alive is released when it is recycled.
-    let input = PoolBuf::from_vec(page.clone());
+    let input = EngineBuf::from_vec(page.clone());
     let mut job = engine.job().expect("request");
     job.encode_buf(
         Tag(13),
@@ -458,7 +458,7 @@ fn jobs_the_backend_cannot_run_complete_with_errors() {
     j.encode_buf(
         Tag(3),
         EncodeParams::new(CodecId::ZSTD, Level(99)),
-        PoolBuf::from_vec(page.clone()),
+        EngineBuf::from_vec(page.clone()),
         PageKey(0),
     )
     .expect("pages");
@@ -513,7 +513,7 @@ fn decode_jobs_write_the_destination_and_count_bytes() {
         out.codec,
         payload,
         &lengths,
-        PoolBuf::from_vec(vec![0; input.len()]),
+        EngineBuf::from_vec(vec![0; input.len()]),
         PageKey(0),
     )
     .expect("dest");
@@ -528,7 +528,7 @@ fn decode_jobs_write_the_destination_and_count_bytes() {
     assert!(dest.set_len(input.len()));
     let shared = dest.clone();
     let mut job = engine.job().expect("job");
-    let payload = PoolBuf::from_vec(input.clone());
+    let payload = EngineBuf::from_vec(input.clone());
     assert!(matches!(
         job.decode_buf(
             Tag(3),
@@ -540,7 +540,7 @@ fn decode_jobs_write_the_destination_and_count_bytes() {
         ),
         Err(EngineError::Job(_))
     ));
-    let mut odd = PoolBuf::from_vec(vec![0; PS + 1]);
+    let mut odd = EngineBuf::from_vec(vec![0; PS + 1]);
     assert!(odd.set_len(PS + 1));
     assert!(matches!(
         job.decode_buf(Tag(3), CodecId::RAW, payload.clone(), &[], odd, PageKey(0)),
@@ -801,7 +801,7 @@ fn encode_job_keyed(engine: &Engine, tag: u64, pages: &[u8], key: u64) -> Job {
     job.encode_buf(
         Tag(tag),
         EncodeParams::new(CodecId::DELTA, Level::DEFAULT),
-        PoolBuf::from_vec(pages.to_vec()),
+        EngineBuf::from_vec(pages.to_vec()),
         PageKey(key),
     )
     .expect("whole pages");
@@ -993,7 +993,7 @@ fn encode_now_encodes_at_once_on_an_inline_engine_and_declines_otherwise() {
         }))
     ));
     // A buffer of no pool, given back, is only dropped.
-    engine.recycle_buf(PoolBuf::from_vec(vec![0u8; 64]));
+    engine.recycle_buf(EngineBuf::from_vec(vec![0u8; 64]));
     let stats = engine.stats();
     assert_eq!(
         (stats.submitted, stats.completed, stats.rejected),

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use common::{Kind, PS, content};
 use pagewire_accel::{
-    Backend, BackendKind, Codecs, Completion, EncodeParams, Engine, EngineConfig, EngineError,
-    FallbackCause, FormatCaps, Job, JobOp, Level, PageKey, PageList, PageListMut, PoolBuf, Probe,
-    Tag,
+    Backend, BackendKind, Codecs, Completion, EncodeParams, Engine, EngineBuf, EngineConfig,
+    EngineError, FallbackCause, FormatCaps, Job, JobOp, Level, PageKey, PageList, PageListMut,
+    Probe, Tag,
 };
 use pagewire_protocol::CodecId;
 
@@ -154,7 +154,7 @@ fn jobs_handed_back_run_on_software_byte_for_byte_and_are_counted_per_cause() {
             job.encode_buf(
                 Tag(i as u64),
                 EncodeParams::new(CodecId::DEFLATE, Level(6)),
-                PoolBuf::from_vec(p.clone()),
+                EngineBuf::from_vec(p.clone()),
                 PageKey(0),
             )
             .expect("pages");
@@ -219,9 +219,9 @@ fn decodes_handed_back_fill_every_destination_page() {
             job.decode_buf(
                 Tag(tag),
                 out.codec,
-                PoolBuf::from_vec(payload.clone()),
+                EngineBuf::from_vec(payload.clone()),
                 &lengths,
-                PoolBuf::from_vec(vec![0xAB; input.len()]),
+                EngineBuf::from_vec(vec![0xAB; input.len()]),
                 PageKey(0),
             )
             .expect("dest");

@@ -12,8 +12,8 @@ use pagewire_accel::iaa::{
     DeviceModel, Huffman, IaaBackend, IaaConfig, IaaCounters, ModelConfig, WqMode,
 };
 use pagewire_accel::{
-    BackendChoice, BackendKind, Codecs, Completion, EncodeParams, Engine, EngineConfig,
-    FallbackCause, IaaPortal, Job, Level, ModelFault, ModelFaults, PageKey, PageSize, PoolBuf,
+    BackendChoice, BackendKind, Codecs, Completion, EncodeParams, Engine, EngineBuf, EngineConfig,
+    FallbackCause, IaaPortal, Job, Level, ModelFault, ModelFaults, PageKey, PageSize,
     SoftwareConfig, Tag,
 };
 use pagewire_protocol::CodecId;
@@ -111,7 +111,7 @@ fn encode_decode_at(
             job.encode_buf(
                 Tag(i as u64),
                 EncodeParams::new(codec, level),
-                PoolBuf::from_vec(p.clone()),
+                EngineBuf::from_vec(p.clone()),
                 PageKey(0),
             )
             .expect("pages");
@@ -153,9 +153,9 @@ fn encode_decode_at(
             job.decode_buf(
                 Tag(*tag),
                 *codec,
-                PoolBuf::from_vec(payload.clone()),
+                EngineBuf::from_vec(payload.clone()),
                 lengths,
-                PoolBuf::from_vec(vec![0x5a; PAGES * PS]),
+                EngineBuf::from_vec(vec![0x5a; PAGES * PS]),
                 PageKey(0),
             )
             .expect("dest");
@@ -256,7 +256,7 @@ fn dynamic_pages_are_final_dynamic_blocks_that_software_inflates() {
     job.encode_buf(
         Tag(0),
         EncodeParams::new(CodecId::DEFLATE_4K, Level::DEFAULT),
-        PoolBuf::from_vec(input.clone()),
+        EngineBuf::from_vec(input.clone()),
         PageKey(0),
     )
     .expect("pages");
@@ -511,7 +511,7 @@ fn the_model_refuses_history_beyond_4k_so_plain_deflate_at_large_pages_falls_bac
         job.encode_buf(
             Tag(tag),
             EncodeParams::new(codec, Level::DEFAULT),
-            PoolBuf::from_vec(page.clone()),
+            EngineBuf::from_vec(page.clone()),
             PageKey(0),
         )
         .expect("pages");

@@ -15,8 +15,8 @@ use common::{Kind, PS, content};
 use pagewire_accel::qat::standin::{Inject, StandIn};
 use pagewire_accel::qat::{self, QatBackend, QatConfig, ffi};
 use pagewire_accel::{
-    BackendKind, Codecs, Completion, EncodeParams, Engine, EngineConfig, EngineError,
-    FallbackCause, Job, Level, PageKey, PageList, PageListMut, PageSize, PoolBuf, Tag,
+    BackendKind, Codecs, Completion, EncodeParams, Engine, EngineBuf, EngineConfig, EngineError,
+    FallbackCause, Job, Level, PageKey, PageList, PageListMut, PageSize, Tag,
 };
 use pagewire_protocol::CodecId;
 
@@ -61,7 +61,7 @@ fn encode_jobs(engine: &Engine, frames: &[Vec<u8>], level: Level) -> VecDeque<Jo
             job.encode_buf(
                 Tag(i as u64),
                 EncodeParams::new(CodecId::DEFLATE, level),
-                PoolBuf::from_vec(f.clone()),
+                EngineBuf::from_vec(f.clone()),
                 PageKey(0),
             )
             .expect("pages");
@@ -212,9 +212,9 @@ fn decode(
     job.decode_buf(
         Tag(1),
         codec,
-        PoolBuf::from_vec(payload.to_vec()),
+        EngineBuf::from_vec(payload.to_vec()),
         lengths,
-        PoolBuf::from_vec(vec![0xee; pages * PS]),
+        EngineBuf::from_vec(vec![0xee; pages * PS]),
         PageKey(0),
     )
     .expect("dest");

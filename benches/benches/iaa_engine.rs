@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use pagewire_accel::iaa::{DeviceModel, IaaBackend, IaaConfig, ModelConfig};
 use pagewire_accel::{
-    EncodeParams, Engine, EngineConfig, Level, PageKey, PageSize, PoolBuf, SoftwareConfig, Tag,
+    EncodeParams, Engine, EngineBuf, EngineConfig, Level, PageKey, PageSize, SoftwareConfig, Tag,
     thread_cpu_time,
 };
 use pagewire_protocol::CodecId;
@@ -74,7 +74,7 @@ fn run(engine: &mut Engine, frames: &[Vec<u8>], level: Level) -> Figures {
             job.encode_buf(
                 Tag(next as u64),
                 EncodeParams::new(CodecId::DEFLATE_4K, level),
-                PoolBuf::from_vec(frames[next].clone()),
+                EngineBuf::from_vec(frames[next].clone()),
                 PageKey(0),
             )
             .expect("pages");
@@ -120,7 +120,7 @@ fn encode_all(engine: &mut Engine, frames: &[Vec<u8>]) -> Vec<Encoded> {
         job.encode_buf(
             Tag(i as u64),
             EncodeParams::new(CodecId::DEFLATE_4K, Level::DEFAULT),
-            PoolBuf::from_vec(f.clone()),
+            EngineBuf::from_vec(f.clone()),
             PageKey(0),
         )
         .expect("pages");
@@ -156,9 +156,9 @@ fn run_decode(engine: &mut Engine, encoded: &[Encoded], frames: &[Vec<u8>]) -> f
             job.decode_buf(
                 Tag(next as u64),
                 CodecId::DEFLATE_4K,
-                PoolBuf::from_vec(e.payload.clone()),
+                EngineBuf::from_vec(e.payload.clone()),
                 &e.lengths,
-                PoolBuf::from_vec(vec![0u8; PAGES * 4096]),
+                EngineBuf::from_vec(vec![0u8; PAGES * 4096]),
                 PageKey(0),
             )
             .expect("dest");

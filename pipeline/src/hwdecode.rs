@@ -10,8 +10,8 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use pagewire_accel::{
-    BackendChoice, BackendKind, CodecError, Completion, Engine, EngineConfig, FallbackCause, Job,
-    PageKey, PageSize, PoolBuf, SoftwareConfig, Tag,
+    BackendChoice, BackendKind, CodecError, Completion, Engine, EngineBuf, EngineConfig,
+    FallbackCause, Job, PageKey, PageSize, SoftwareConfig, Tag,
 };
 use pagewire_protocol::CodecId;
 
@@ -130,7 +130,7 @@ impl Decoder {
                 b.set_len(payload.len());
                 b
             }
-            _ => PoolBuf::from_vec(payload.to_vec()),
+            _ => EngineBuf::from_vec(payload.to_vec()),
         };
         let dst = job.decode(tag, codec, buf, lengths);
         for &(ptr, pages, key) in runs {

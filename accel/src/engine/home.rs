@@ -218,7 +218,7 @@ mod tests {
 
     use super::*;
     use crate::page::PageSize;
-    use crate::pool::PoolBuf;
+    use crate::pool::EngineBuf;
 
     fn set(n: usize) -> Requests {
         Requests::new(n, || Request::new(PageSize::KIB4, 4))
@@ -247,7 +247,7 @@ mod tests {
     fn a_returned_request_is_reset() {
         let r = set(1);
         let mut h = r.take().unwrap();
-        h.req_mut().payload = Some(PoolBuf::from_vec(vec![7; 16]));
+        h.req_mut().payload = Some(EngineBuf::from_vec(vec![7; 16]));
         h.req_mut().lengths.push(3);
         drop(h);
         let h = r.take().unwrap();

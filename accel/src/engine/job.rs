@@ -8,7 +8,7 @@ use crate::cache::DeltaCache;
 use crate::codec::{CodecError, Codecs, EncodeOutcome, EncodeParams, max_payload_len};
 use crate::page::{PageKey, PageSize};
 use crate::pages::{PageList, PageListMut, PagesError};
-use crate::pool::PoolBuf;
+use crate::pool::EngineBuf;
 use crate::stats::StatsCounter;
 
 use super::{BackendKind, EngineError, FallbackCause, Tag};
@@ -29,10 +29,10 @@ pub(crate) struct Request {
     pub(super) tag: Tag,
     pub(super) op: JobOp,
     pub(super) input: PageList<'static>,
-    pub(super) input_keep: Option<PoolBuf>,
+    pub(super) input_keep: Option<EngineBuf>,
     pub(super) dest: PageListMut<'static>,
-    pub(super) dest_keep: Option<PoolBuf>,
-    pub(super) payload: Option<PoolBuf>,
+    pub(super) dest_keep: Option<EngineBuf>,
+    pub(super) payload: Option<EngineBuf>,
     pub(super) lengths: Vec<u32>,
     pub(super) result: Result<Option<EncodeOutcome>, CodecError>,
     pub(super) backend: BackendKind,
@@ -79,7 +79,7 @@ impl Request {
         let r = self;
         r.result = match r.op {
             JobOp::Idle => Err(CodecError::Unsupported(CodecId(0))),
-            JobOp::Encode(params) => match r.payload.as_mut().and_then(PoolBuf::get_mut) {
+            JobOp::Encode(params) => match r.payload.as_mut().and_then(EngineBuf::get_mut) {
                 None => Err(CodecError::OutputTooSmall {
                     need: max_payload_len(r.input.pages(), r.input.page_size()),
                     have: 0,
@@ -157,7 +157,7 @@ impl Job {
         &mut self,
         tag: Tag,
         params: EncodeParams,
-        pages: PoolBuf,
+        pages: EngineBuf,
         key: PageKey,
     ) -> Result<(), EngineError> {
         let input = self.encode(tag, params);
@@ -176,7 +176,7 @@ impl Job {
         &mut self,
         tag: Tag,
         codec: CodecId,
-        payload: PoolBuf,
+        payload: EngineBuf,
         lengths: &[u32],
     ) -> &mut PageListMut<'static> {
         let r = self.h.req_mut();
@@ -191,7 +191,7 @@ impl Job {
     }
 
     /// Makes this a decode job into `dest`, a uniquely held buffer whose valid bytes
-    /// (`len()`, set with [`PoolBuf::set_len`] for a pool buffer) are whole pages; it
+    /// (`len()`, set with [`EngineBuf::set_len`] for a pool buffer) are whole pages; it
     /// comes back with [`Completion::take_dest`].
     ///
     /// # Errors
@@ -201,9 +201,9 @@ impl Job {
         &mut self,
         tag: Tag,
         codec: CodecId,
-        payload: PoolBuf,
+        payload: EngineBuf,
         lengths: &[u32],
-        mut dest: PoolBuf,
+        mut dest: EngineBuf,
         key: PageKey,
     ) -> Result<(), EngineError> {
         let list = self.decode(tag, codec, payload, lengths);
@@ -303,7 +303,7 @@ pub struct JobParts<'a> {
     pub dest: &'a mut PageListMut<'static>,
     /// An encode's output buffer (attached by the engine, held uniquely), or a
     /// decode's input payload.
-    pub payload: Option<&'a mut PoolBuf>,
+    pub payload: Option<&'a mut EngineBuf>,
     /// The per-page length table: an encode fills it, a decode reads it.
     pub lengths: &'a mut Vec<u32>,
 }
@@ -312,7 +312,7 @@ pub struct JobParts<'a> {
 /// The buffer must stay alive and unwritten while the list is used.
 unsafe fn push_buf(
     list: &mut PageList<'static>,
-    buf: &PoolBuf,
+    buf: &EngineBuf,
     key: PageKey,
 ) -> Result<(), PagesError> {
     let ps = list.page_size().bytes();
@@ -403,13 +403,13 @@ impl Completion {
 
     /// The payload: for an encode, the output (its length is the payload length);
     /// for a decode, the input.
-    pub fn payload(&self) -> Option<&PoolBuf> {
+    pub fn payload(&self) -> Option<&EngineBuf> {
         self.h.req().payload.as_ref()
     }
 
     /// Takes the payload handle (to give to the transport); the buffer returns to its
     /// pool when that handle, and every clone, is dropped.
-    pub fn take_payload(&mut self) -> Option<PoolBuf> {
+    pub fn take_payload(&mut self) -> Option<EngineBuf> {
         self.h.req_mut().payload.take()
     }
 
@@ -424,7 +424,7 @@ impl Completion {
     }
 
     /// Takes back the destination buffer given to [`Job::decode_buf`].
-    pub fn take_dest(&mut self) -> Option<PoolBuf> {
+    pub fn take_dest(&mut self) -> Option<EngineBuf> {
         self.h.req_mut().dest_keep.take()
     }
 

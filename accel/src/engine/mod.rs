@@ -9,7 +9,7 @@
 //!   in order, for the caller to retry.
 //! - [`Engine::poll`] returns [`Completion`]s, matched to jobs by [`Tag`], possibly
 //!   out of order. Each records the backend that ran it. Dropping a completion
-//!   recycles its request; its payload buffer ([`PoolBuf`]) goes back to its pool only
+//!   recycles its request; its payload buffer ([`EngineBuf`]) goes back to its pool only
 //!   when every handle (codec output, then the transport's pending send) is dropped.
 //!   [`Engine::recycle`] gives a completion back to the engine itself instead, which
 //!   keeps its request and unused buffer for the next jobs with no atomic operation.
@@ -20,12 +20,12 @@
 //!
 //! ```
 //! use std::collections::VecDeque;
-//! use pagewire_accel::{Engine, EngineConfig, EncodeParams, Level, PageKey, PoolBuf, SoftwareConfig, Tag};
+//! use pagewire_accel::{Engine, EngineConfig, EncodeParams, Level, PageKey, EngineBuf, SoftwareConfig, Tag};
 //! use pagewire_protocol::CodecId;
 //!
 //! let mut engine = Engine::software(EngineConfig::default(), SoftwareConfig { threads: 1, ..Default::default() })?;
 //! let mut job = engine.job().expect("a free request");
-//! job.encode_buf(Tag(7), EncodeParams::new(CodecId::LZ4, Level::DEFAULT), PoolBuf::from_vec(vec![1u8; 4096]), PageKey(0))?;
+//! job.encode_buf(Tag(7), EncodeParams::new(CodecId::LZ4, Level::DEFAULT), EngineBuf::from_vec(vec![1u8; 4096]), PageKey(0))?;
 //! let mut batch = VecDeque::from([job]);
 //! engine.submit(&mut batch)?;
 //! let mut done = Vec::new();
@@ -39,7 +39,7 @@
 //!
 //! [`PageList`]: crate::PageList
 //! [`PageListMut`]: crate::PageListMut
-//! [`PoolBuf`]: crate::PoolBuf
+//! [`EngineBuf`]: crate::EngineBuf
 
 pub mod fallback;
 pub mod select;
@@ -62,7 +62,7 @@ use crate::cache::DeltaCache;
 use crate::codec::{CodecError, Codecs, EncodeOutcome, EncodeParams, max_payload_len};
 use crate::page::PageSize;
 use crate::pages::{PageList, PagesError};
-use crate::pool::{BufPool, PoolBuf};
+use crate::pool::{BufPool, EngineBuf};
 use crate::stats::{EngineStats, StatsCounter};
 
 pub use backend::{Backend, BackendKind, FormatCaps, Probe, RunNow};
@@ -208,7 +208,7 @@ pub struct Engine {
     bufs: BufPool,
     /// Output buffers of the pool given back through [`Engine::recycle`], attached
     /// first.
-    spare_bufs: Vec<PoolBuf>,
+    spare_bufs: Vec<EngineBuf>,
     staging: VecDeque<Job>,
     ready: VecDeque<Completion>,
     in_flight: usize,
@@ -574,7 +574,7 @@ impl Engine {
         params: EncodeParams,
         input: &PageList<'_>,
         lengths: &mut Vec<u32>,
-    ) -> Option<Result<(EncodeOutcome, PoolBuf), CodecError>> {
+    ) -> Option<Result<(EncodeOutcome, EngineBuf), CodecError>> {
         if !self.inline || self.in_flight > 0 || !self.ready.is_empty() {
             return None;
         }
@@ -646,7 +646,7 @@ impl Engine {
     }
 
     /// An output buffer from the pool, with its atomic operations (none spare), counted.
-    fn take_pool_buf(&mut self) -> Option<PoolBuf> {
+    fn take_pool_buf(&mut self) -> Option<EngineBuf> {
         let buf = self.bufs.take()?;
         self.stats.pool_takes += 1;
         Some(buf)
@@ -655,7 +655,7 @@ impl Engine {
     /// Gives an output buffer back for reuse, as [`Engine::recycle`] does a
     /// completion's: to this engine's own spare buffers when it is this engine's and
     /// held only here, with no atomic read-modify-write; dropped otherwise.
-    pub fn recycle_buf(&mut self, mut buf: PoolBuf) {
+    pub fn recycle_buf(&mut self, mut buf: EngineBuf) {
         if buf.is_unique() && self.bufs.owns(&buf) {
             buf.set_len(0);
             self.spare_bufs.push(buf);

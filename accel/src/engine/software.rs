@@ -321,14 +321,14 @@ mod tests {
     use crate::codec::{EncodeParams, Level};
     use crate::engine::{Engine, EngineConfig, Tag};
     use crate::page::PageKey;
-    use crate::pool::PoolBuf;
+    use crate::pool::EngineBuf;
     use pagewire_protocol::CodecId;
 
     fn jobs(engine: &Engine, n: u64) -> VecDeque<Job> {
         (0..n)
             .map(|i| {
                 let mut job = engine.job().expect("free request");
-                let pages = PoolBuf::from_vec(vec![i as u8; 8 * 4096]);
+                let pages = EngineBuf::from_vec(vec![i as u8; 8 * 4096]);
                 job.encode_buf(
                     Tag(i),
                     EncodeParams::new(CodecId::DEFLATE, Level(9)),

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pagewire_accel::{
-    CodecError, Codecs, DeltaCache, DeltaConfig, EncodeParams, Engine, EngineConfig, PageKey,
-    PageList, PageListMut, PageSize, PoolBuf, SoftwareConfig, Tag,
+    CodecError, Codecs, DeltaCache, DeltaConfig, EncodeParams, Engine, EngineBuf, EngineConfig,
+    PageKey, PageList, PageListMut, PageSize, SoftwareConfig, Tag,
 };
 use pagewire_protocol::CodecId;
 
@@ -475,8 +475,13 @@ impl Subject for EngineSubject {
                 .expect("pages");
             }
         } else {
-            job.encode_buf(tag, params, PoolBuf::from_vec(input.to_vec()), PageKey(key))
-                .expect("pages");
+            job.encode_buf(
+                tag,
+                params,
+                EngineBuf::from_vec(input.to_vec()),
+                PageKey(key),
+            )
+            .expect("pages");
         }
         let mut c = self.run(job);
         if c.status().is_ok() {
@@ -511,7 +516,7 @@ impl Subject for EngineSubject {
         let mut job = self.engine.job().expect("free request");
         let tag = Tag(self.next_tag);
         self.next_tag += 1;
-        let payload = PoolBuf::from_vec(payload.to_vec());
+        let payload = EngineBuf::from_vec(payload.to_vec());
         if split && pages >= 2 || pages == 0 {
             let list = job.decode(tag, codec, payload, lengths);
             let (mut buf, first, second) = split_copy(dst);
@@ -544,7 +549,7 @@ impl Subject for EngineSubject {
             codec,
             payload,
             lengths,
-            PoolBuf::from_vec(dst.to_vec()),
+            EngineBuf::from_vec(dst.to_vec()),
             PageKey(0),
         )
         .expect("dest");

@@ -2,7 +2,7 @@
 //! frames encoded once by the codecs.
 
 use pagewire_accel::{
-    Codecs, DeltaCache, DeltaConfig, EncodeParams, PageKey, PageList, PageSize, PoolBuf,
+    Codecs, DeltaCache, DeltaConfig, EncodeParams, EngineBuf, PageKey, PageList, PageSize,
     max_payload_len,
 };
 use pagewire_protocol::CodecId;
@@ -107,7 +107,7 @@ pub(crate) fn touched(buf: &[u8], seed: u64) -> Vec<u8> {
 }
 pub(crate) struct Encoded {
     pub(crate) codec: CodecId,
-    pub(crate) payload: PoolBuf,
+    pub(crate) payload: EngineBuf,
     pub(crate) lengths: Vec<u32>,
 }
 
@@ -138,7 +138,7 @@ pub(crate) fn encode_frames(
             out.truncate(o.payload_len);
             Encoded {
                 codec: o.codec,
-                payload: PoolBuf::from_vec(out),
+                payload: EngineBuf::from_vec(out),
                 lengths,
             }
         })

@@ -4,8 +4,8 @@
 use std::collections::VecDeque;
 
 use pagewire_accel::{
-    Completion, DeltaCache, EncodeOutcome, EncodeParams, Engine, EngineConfig, PageKey, PageList,
-    PageSize, PoolBuf, SoftwareConfig, Tag,
+    Completion, DeltaCache, EncodeOutcome, EncodeParams, Engine, EngineBuf, EngineConfig, PageKey,
+    PageList, PageSize, SoftwareConfig, Tag,
 };
 use pagewire_transport::{Owned, Payload, StableBytes};
 
@@ -24,10 +24,10 @@ enum Recycle {
     Bytes,
 }
 
-/// A payload as the source hands it to the transport (`pipeline`'s own `EngineBuf`).
-struct EngineBuf(PoolBuf);
+/// A payload as the source hands it to the transport (`pipeline`'s own `EnginePayload`).
+struct EnginePayload(EngineBuf);
 
-impl AsRef<[u8]> for EngineBuf {
+impl AsRef<[u8]> for EnginePayload {
     fn as_ref(&self) -> &[u8] {
         &self.0
     }
@@ -35,15 +35,17 @@ impl AsRef<[u8]> for EngineBuf {
 
 // SAFETY: as the pipeline's: the bytes are in the pool's mapping, kept mapped by the
 // handle, and neither move nor change while it lives.
-unsafe impl StableBytes for EngineBuf {}
+unsafe impl StableBytes for EnginePayload {}
 
 impl Recycle {
     /// `buf` as a send holds it in this mode, or `buf` itself when the mode gives it
     /// back without one.
-    fn hand_off(self, buf: PoolBuf) -> Result<Payload, PoolBuf> {
+    fn hand_off(self, buf: EngineBuf) -> Result<Payload, EngineBuf> {
         match self {
-            Recycle::Transport => Ok(Payload::Owned(Owned::new(EngineBuf(buf)))),
-            Recycle::Bytes => Ok(Payload::Foreign(bytes::Bytes::from_owner(EngineBuf(buf)))),
+            Recycle::Transport => Ok(Payload::Owned(Owned::new(EnginePayload(buf)))),
+            Recycle::Bytes => Ok(Payload::Foreign(bytes::Bytes::from_owner(EnginePayload(
+                buf,
+            )))),
             Recycle::Keep | Recycle::Drop | Recycle::TakePayload => Err(buf),
         }
     }
@@ -52,7 +54,7 @@ impl Recycle {
     /// send's completion (a `Bytes` owner cannot come back: it is dropped).
     fn take_back(engine: &mut Engine, payload: &mut Payload) {
         if let Payload::Owned(o) = payload
-            && let Some(EngineBuf(buf)) = o.take::<EngineBuf>()
+            && let Some(EnginePayload(buf)) = o.take::<EnginePayload>()
         {
             engine.recycle_buf(buf);
         }
@@ -86,7 +88,7 @@ pub(crate) struct Bench {
     /// Payloads not yet given back: as a send holds them (`transport`, `bytes`), or
     /// as buffers (the other modes).
     held: Vec<Payload>,
-    kept: Vec<PoolBuf>,
+    kept: Vec<EngineBuf>,
 }
 
 /// Jobs the bench engine keeps in flight: `PAGEWIRE_DEPTH`, or every frame of the
@@ -208,7 +210,7 @@ impl Bench {
         match self.recycle {
             Recycle::Transport => self
                 .held
-                .push(Payload::Owned(Owned::new(EngineBuf(payload)))),
+                .push(Payload::Owned(Owned::new(EnginePayload(payload)))),
             _ => match self.recycle.hand_off(payload) {
                 Ok(p) => self.held.push(p),
                 Err(buf) => self.kept.push(buf),

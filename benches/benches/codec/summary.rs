@@ -5,8 +5,8 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use pagewire_accel::{
-    Codecs, DeltaCache, DeltaConfig, EncodeParams, Level, PageKey, PageList, PageListMut, PageSize,
-    PoolBuf, Tag, max_payload_len,
+    Codecs, DeltaCache, DeltaConfig, EncodeParams, EngineBuf, Level, PageKey, PageList,
+    PageListMut, PageSize, Tag, max_payload_len,
 };
 use pagewire_protocol::CodecId;
 
@@ -221,7 +221,7 @@ pub(crate) fn fixed_cost() {
         .collect();
     runs.sort_by(f64::total_cmp);
     let (enc_best, enc_median) = (runs[0], runs[runs.len() / 2]);
-    let empty = PoolBuf::from_vec(Vec::new());
+    let empty = EngineBuf::from_vec(Vec::new());
     let mut dst = vec![1u8; PAGES * PS];
     let mut dst2 = dst.clone();
     let (fill, eng, ratio) = ab(

@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use pagewire_accel::{Completion, EncodeOutcome, Layout, PoolBuf};
+use pagewire_accel::{Completion, EncodeOutcome, EngineBuf, Layout};
 use pagewire_protocol::{CodecId, Frame, PageFrame, PageRun, RegionId, Round, WireList};
 use pagewire_transport::{OutFrame, Owned, Payload, StableBytes};
 
@@ -17,9 +17,9 @@ use super::{FrameMeta, Worker};
 /// The engine's output buffer, carried to the transport without a copy or an
 /// allocation ([`Payload::Owned`]), and back to the engine's spare buffers once sent
 /// (in the worker's `reap`).
-pub(super) struct EngineBuf(pub(super) PoolBuf);
+pub(super) struct EnginePayload(pub(super) EngineBuf);
 
-impl AsRef<[u8]> for EngineBuf {
+impl AsRef<[u8]> for EnginePayload {
     fn as_ref(&self) -> &[u8] {
         &self.0
     }
@@ -28,10 +28,10 @@ impl AsRef<[u8]> for EngineBuf {
 // SAFETY: the bytes are the slot's own heap buffer, not inside the handle, so they do
 // not move with it; the pool's strong count the handle holds keeps them allocated (a
 // leaked handle keeps them for good). Nothing writes them while the handle is held:
-// writing needs `&mut PoolBuf` and the only handle (`PoolBuf::get_mut`), an `Owned`
+// writing needs `&mut EngineBuf` and the only handle (`EngineBuf::get_mut`), an `Owned`
 // never gives out `&mut`, and while this handle lives no other is the only one; the
 // pool hands the slot out again only after its last handle drops.
-unsafe impl StableBytes for EngineBuf {}
+unsafe impl StableBytes for EnginePayload {}
 /// Pages of one frame, by how they travel.
 #[derive(Clone, Copy)]
 struct Sent {
@@ -142,7 +142,7 @@ impl Worker {
         &mut self,
         mut meta: FrameMeta,
         out: EncodeOutcome,
-        payload: Option<PoolBuf>,
+        payload: Option<EngineBuf>,
         lengths: Vec<u32>,
     ) -> Result<(), MigrationError> {
         let took = meta.submitted.elapsed();
@@ -186,7 +186,7 @@ impl Worker {
             }
             // A vector a completion handed back, when there is one: no allocation.
             let mut v = self.spare_payloads.pop().unwrap_or_default();
-            v.push(Payload::Owned(Owned::new(EngineBuf(buf))));
+            v.push(Payload::Owned(Owned::new(EnginePayload(buf))));
             v
         };
         let mut frame = PageFrame {

@@ -183,7 +183,7 @@ impl Worker {
             // through the pool's atomic operations).
             for p in &mut c.payload {
                 if let Payload::Owned(o) = p
-                    && let Some(pages::EngineBuf(buf)) = o.take::<pages::EngineBuf>()
+                    && let Some(pages::EnginePayload(buf)) = o.take::<pages::EnginePayload>()
                 {
                     self.s.engine.recycle_buf(buf);
                 }
