@@ -49,6 +49,7 @@ impl CodecStats {
 }
 
 /// A snapshot of an engine's statistics.
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq)]
 pub struct EngineStats {
     /// Jobs handed to the backend.
