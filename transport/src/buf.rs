@@ -356,6 +356,7 @@ impl Drop for PoolBuf {
 /// completed (for zero-copy sends: until the kernel or NIC has released the memory)
 /// and then hands it back in a [`Completed`](crate::Completed).
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Payload {
     /// A buffer from a pool (compressed pages, for example).
     Pool(PoolBuf),
