@@ -1,7 +1,7 @@
 //! Pre-allocated, recycled byte buffers with shared ownership.
 //!
 //! A [`BufPool`] allocates all its buffers when it is built. [`BufPool::take`] hands
-//! out a [`EngineBuf`], a reference-counted handle: the codec writes the buffer while it
+//! out an [`EngineBuf`], a reference-counted handle: the codec writes the buffer while it
 //! holds the only handle, then clones of the handle go to whoever still needs the
 //! bytes (the transport until its send completes, a retransmit queue...). When the
 //! last handle is dropped the buffer goes back to the pool. Taking and returning are a

@@ -143,7 +143,8 @@ fn run(a: &Args) -> anyhow::Result<serde_json::Value> {
     cfg.codec = a.codec.clone();
     cfg.channels = a.channels;
     let mut source = Source::connect(a.to, memory.clone(), cfg)?;
-    source.send_round(vec![(RegionId(0), DirtyBitmap::full(pages))], false)?;
+    // With one round, that round is the paused one.
+    source.send_round(vec![(RegionId(0), DirtyBitmap::full(pages))], a.rounds == 1)?;
     for round in 1..a.rounds {
         let changed = dirty(&memory, pages, round)?;
         let last = round + 1 == a.rounds;

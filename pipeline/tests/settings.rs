@@ -223,6 +223,16 @@ fn a_bitmap_past_its_region_is_refused_before_anything_of_its_round_is_sent() {
     let f = source.complete().unwrap_err();
     assert!(f.may_resume_source(), "{f:?}");
     config_error(*f.error, "a last round sent paused");
+    // Nor after a paused round that was refused, even with an earlier one sent paused.
+    source
+        .send_round(vec![(RegionId(0), DirtyBitmap::new(pages))], true)
+        .unwrap();
+    let f = source
+        .send_round(vec![(RegionId(7), DirtyBitmap::full(8))], true)
+        .unwrap_err();
+    config_error(*f.error, "RegionId(7)");
+    let f = source.complete().unwrap_err();
+    config_error(*f.error, "a last round sent paused");
     source
         .send_round(
             mem.region_ids()

@@ -134,8 +134,8 @@ impl Owned {
 
     /// The owner's bytes.
     pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: `ptr..ptr + len` are the owner's bytes, mapped and unchanged while
-        // it lives (`StableBytes`), and it lives as long as `self`; after `take`, no
+        // SAFETY: `ptr..ptr + len` are the owner's bytes, readable and unchanged while
+        // it is held (`StableBytes`), and it is held as long as `self`; after `take`, no
         // bytes at a dangling, aligned, non-null pointer.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }

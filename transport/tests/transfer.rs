@@ -437,7 +437,8 @@ fn owned_payloads_arrive_and_come_back_as_themselves() {
                             panic!("a payload came back as another kind: {p:?}")
                         };
                         let mut n = o.take::<Numbered>().expect("the buffer's own type");
-                        n.0.fill(0xEE);
+                        // A byte `fill` never writes.
+                        n.0.fill(0xFF);
                         back.push(n.1);
                     }
                 }
@@ -450,7 +451,8 @@ fn owned_payloads_arrive_and_come_back_as_themselves() {
                 ch.poll_completions(&mut done).unwrap();
                 take_back(&mut done);
             }
-            // Past one frame's payload: frames waited in the channel together.
+            // Past one frame (payload and header): more than one frame's bytes waited
+            // in the channel at once.
             let queued = ch.stats().peak_in_flight_bytes;
             ch.close(&mut done).unwrap();
             take_back(&mut done);
@@ -485,7 +487,7 @@ fn owned_payloads_arrive_and_come_back_as_themselves() {
         );
         if backend == Backend::Tcp {
             assert!(
-                queued > u64::from(PAGES) * PAGE as u64,
+                queued > 2 * u64::from(PAGES) * PAGE as u64,
                 "no frame queued in the TCP channel (at most {queued} bytes held)"
             );
         }

@@ -193,6 +193,9 @@ pub struct Source {
     affinity: Affinity,
     latency: Arc<SourceLatency>,
     rounds: Vec<RoundStats>,
+    /// Whether the last `send_round` call was a paused round and succeeded: only
+    /// then may `complete` hand the guest over.
+    last_round_paused: bool,
     next_round: u32,
     sections: u32,
     started: Instant,
@@ -334,6 +337,9 @@ impl Source {
         paused: bool,
     ) -> Result<RoundStats, Failed> {
         self.not_handed_over()?;
+        // Set again only when this round succeeds: a round refused or failed leaves
+        // pages `complete` must not hand over without.
+        self.last_round_paused = false;
         if let Some(what) = self.bad_bitmap(&dirty) {
             let pages = self.within_memory(dirty);
             return Err(Failed::new(MigrationError::Config(what), pages));
@@ -409,6 +415,7 @@ impl Source {
         stats.cpu_s = self.cpu_time().saturating_sub(cpu_before).as_secs_f64();
         self.progress.round_done(stats.mbit_per_s);
         self.rounds.push(stats.clone());
+        self.last_round_paused = paused;
         Ok(stats)
     }
 
@@ -481,8 +488,9 @@ impl Source {
     /// # Errors
     /// [`Failed`] when the migration failed before COMMIT: the destination did not
     /// confirm COMPLETE. [`MigrationError::Config`], before anything is sent (the
-    /// session goes on), when no round was sent or the last one was not sent paused
-    /// (`send_round(.., true)`): the pages the guest dirtied after that round would
+    /// session goes on), when no round was sent, or the last `send_round` call was not
+    /// a paused one (`send_round(.., true)`) that succeeded: the pages the guest
+    /// dirtied after the last round sent, or those of a round refused or failed, would
     /// never reach the destination.
     pub fn complete(&mut self) -> Result<Switchover, Failed> {
         self.not_handed_over()?;
@@ -490,10 +498,11 @@ impl Source {
             .next_round
             .checked_sub(1)
             .ok_or_else(|| Failed::bare(MigrationError::Config("no round was sent".into())))?;
-        if !self.rounds.last().is_some_and(|r| r.paused) {
+        if !self.last_round_paused {
             return Err(Failed::bare(MigrationError::Config(
-                "complete() needs a last round sent paused (send_round(.., true), with the \
-                 guest paused): the pages dirtied after the last round would be lost"
+                "complete() needs a last round sent paused that succeeded (send_round(.., \
+                 true), with the guest paused): the pages dirtied or left unsent after the \
+                 last round sent would be lost"
                     .into(),
             )));
         }

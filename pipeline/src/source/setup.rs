@@ -321,6 +321,7 @@ impl Source {
             control,
             latency,
             rounds: Vec::new(),
+            last_round_paused: false,
             next_round: 0,
             sections: 0,
             handed_over: false,
