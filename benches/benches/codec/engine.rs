@@ -33,8 +33,9 @@ impl AsRef<[u8]> for EnginePayload {
     }
 }
 
-// SAFETY: as the pipeline's: the bytes are in the pool's mapping, kept mapped by the
-// handle, and neither move nor change while it lives.
+// SAFETY: as the pipeline's: the bytes are the slot's own heap buffer, kept allocated
+// by the handle's count on the pool; writing needs `&mut EngineBuf` and the only handle,
+// which an `Owned` never gives out, so nothing moves or writes them while it holds it.
 unsafe impl StableBytes for EnginePayload {}
 
 impl Recycle {

@@ -32,6 +32,7 @@ impl AsRef<[u8]> for EnginePayload {
 // never gives out `&mut`, and while this handle lives no other is the only one; the
 // pool hands the slot out again only after its last handle drops.
 unsafe impl StableBytes for EnginePayload {}
+
 /// Pages of one frame, by how they travel.
 #[derive(Clone, Copy)]
 struct Sent {
